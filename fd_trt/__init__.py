@@ -1,0 +1,56 @@
+"""fd_trt: Faster Diffusion (encoder propagation) on compiled graphs.
+
+``import fd_trt`` is light: torch-heavy modules load on first use, and TensorRT / CUDA /
+onnxruntime only when their backend is asked for.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    BackendUnavailableError,
+    EngineMismatchError,
+    FdTrtError,
+    InputError,
+    ScheduleError,
+    UnsupportedModelError,
+)
+from .schedule import PAPER_KEY_STEPS, KeySchedule, NoiseInjection, parse_schedule
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .pipeline import FasterDiffusionOutput, FasterDiffusionPipeline, PipelineStats
+
+_LAZY = {
+    "FasterDiffusionPipeline": "pipeline",
+    "FasterDiffusionOutput": "pipeline",
+    "PipelineStats": "pipeline",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'fd_trt' has no attribute {name!r}")
+
+
+__all__ = [
+    "BackendUnavailableError",
+    "EngineMismatchError",
+    "FasterDiffusionOutput",
+    "FasterDiffusionPipeline",
+    "FdTrtError",
+    "InputError",
+    "KeySchedule",
+    "NoiseInjection",
+    "PAPER_KEY_STEPS",
+    "PipelineStats",
+    "ScheduleError",
+    "UnsupportedModelError",
+    "parse_schedule",
+    "__version__",
+]

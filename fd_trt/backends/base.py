@@ -1,0 +1,122 @@
+"""The runner protocol shared by every backend (DESIGN.md section 5).
+
+A runner is constructed cheaply, then activated (allocate, load, warm up), used, and closed.
+It is also a context manager. Its two calls:
+
+* ``encode(sample [N,C,h,w], timestep [N], text [N,L,D]) -> Features`` (N rows)
+* ``decode(features, timesteps [S], text [N,L,D]) -> noise_pred [S*N,C,h,w]``: the features of
+  one key step are expanded to the S steps asked for. Rows are step-major: rows ``j*N .. j*N+N-1``
+  belong to ``timesteps[j]``, in the same order as the encoder's rows.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import torch
+
+from ..errors import FdTrtError, InputError
+from ..split import Features
+
+
+class Runner(abc.ABC):
+    """Base class of the backends' runners.
+
+    Attributes:
+        name: the backend name (``"torch"``, ``"onnxruntime"``, ``"tensorrt"``).
+        device: where ``encode`` / ``decode`` take and return tensors.
+        dtype: the dtype of the graphs' float tensors; inputs are cast to it, outputs are float32.
+    """
+
+    name: str = "base"
+
+    def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.is_active = False
+
+    # lifecycle -----------------------------------------------------------------------------
+    def activate(self) -> "Runner":
+        """Allocates and loads what the runner needs. Calling it twice is harmless."""
+        if not self.is_active:
+            self._activate()
+            self.is_active = True
+        return self
+
+    def deactivate(self) -> None:
+        """Frees what :meth:`activate` allocated."""
+        if self.is_active:
+            self._deactivate()
+            self.is_active = False
+
+    def __enter__(self) -> "Runner":
+        return self.activate()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.deactivate()
+
+    def _activate(self) -> None:  # pragma: no cover - trivial default
+        pass
+
+    def _deactivate(self) -> None:  # pragma: no cover - trivial default
+        pass
+
+    def _check_active(self) -> None:
+        if not self.is_active:
+            raise FdTrtError(f"{type(self).__name__} is not active: call activate() or use it in a `with` block")
+
+    def synchronize(self) -> None:
+        """Waits for queued device work, so that host timers measure it."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # inference -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> Features:
+        """Runs the encoder graph.
+
+        Args:
+            sample: ``[N,C,h,w]`` scaled model input.
+            timestep: ``[N]`` float timesteps.
+            text: ``[N,L,D]`` encoder hidden states.
+
+        Returns:
+            The mid and skip features, N rows each.
+        """
+
+    @abc.abstractmethod
+    def decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Runs the decoder graph for S steps that share the features of one key step.
+
+        Args:
+            features: encoder output with N rows.
+            timesteps: ``[S]`` timesteps, one per step.
+            text: ``[N,L,D]`` encoder hidden states of the encoder's rows.
+
+        Returns:
+            ``[S*N,C,h,w]`` float32 noise predictions, step-major.
+        """
+
+
+def expand_for_steps(
+    features: Features, timesteps: torch.Tensor, text: torch.Tensor
+) -> tuple[Features, torch.Tensor, torch.Tensor]:
+    """Tiles the features and text to ``S*N`` step-major rows and gives each row its timestep.
+
+    Args:
+        features: N rows.
+        timesteps: ``[S]``.
+        text: ``[N,L,D]``.
+
+    Returns:
+        ``(features, timestep [S*N], text [S*N,L,D])``.
+    """
+    n = features.rows
+    if text.shape[0] != n:
+        raise InputError(f"text has {text.shape[0]} rows but the features have {n}: pass the encoder's text")
+    if timesteps.ndim != 1 or timesteps.shape[0] < 1:
+        raise InputError(f"timesteps must be a non-empty 1-D tensor, got shape {tuple(timesteps.shape)}")
+    s = int(timesteps.shape[0])
+    rows_t = timesteps.repeat_interleave(n)
+    return features.repeat(s), rows_t, (text.repeat(s, 1, 1) if s > 1 else text)

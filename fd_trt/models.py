@@ -1,0 +1,225 @@
+"""Model factories and local loading: tiny SD pipelines built in code, and diffusers folders.
+
+Nothing here touches a network: diffusers folders load with ``local_files_only=True`` and
+safetensors only, and the tiny models are built from configs with seeded random weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from .errors import InputError
+
+logger = logging.getLogger(__name__)
+
+#: Words the tiny tokenizer knows as whole tokens; anything else is spelled out byte by byte.
+TINY_WORDS: tuple[str, ...] = (
+    "a an the and on of in with at to small large big tiny",
+    "red orange yellow green cyan blue purple magenta pink white black gray brown",
+    "circle square triangle star diamond cross ring shape shapes",
+    "left right top bottom middle center background plain textured striped dotted",
+    "photo picture image drawing of cat dog house tree car sky",
+)
+
+SCHEDULERS = ("ddim", "dpmpp", "pndm", "euler", "ddpm")
+
+
+def _bytes_to_unicode() -> list[str]:
+    # The printable-byte alphabet of byte-level BPE (as in CLIP / GPT-2): 256 symbols, one per byte.
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes, extra = list(keep), 0
+    for b in range(256):
+        if b not in keep:
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def make_word_tokenizer(words: Iterable[str] = TINY_WORDS, max_length: int = 16) -> Any:
+    """Builds a CLIP tokenizer whose vocabulary is the byte alphabet plus whole-word tokens.
+
+    Args:
+        words: strings of space-separated words that become single tokens.
+        max_length: the tokenizer's ``model_max_length`` (the text encoder's sequence length).
+
+    Returns:
+        A ``transformers.CLIPTokenizer``.
+    """
+    from transformers import CLIPTokenizer
+
+    alphabet = _bytes_to_unicode()
+    vocab: dict[str, int] = {}
+    for c in alphabet:
+        vocab.setdefault(c, len(vocab))
+    for c in alphabet:
+        vocab.setdefault(c + "</w>", len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in sorted({w for line in words for w in line.split()}):
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        cur = parts[0]
+        for p in parts[1:]:
+            if (cur + p) not in vocab:
+                merges.append((cur, p))
+                vocab[cur + p] = len(vocab)
+            cur = cur + p
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def sd_scheduler_config() -> dict[str, Any]:
+    """Stable Diffusion 1.x's scheduler settings."""
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def make_scheduler(name: str, config: dict[str, Any] | Any | None = None) -> Any:
+    """Creates a diffusers scheduler by short name, from another scheduler's config.
+
+    Args:
+        name: ``ddim``, ``dpmpp`` (DPM-Solver++ multistep), ``pndm``, ``euler`` or ``ddpm``.
+        config: a scheduler config (dict or FrozenDict); SD 1.x settings when omitted.
+
+    Raises:
+        InputError: for an unknown name.
+    """
+    import diffusers
+
+    classes = {
+        "ddim": (diffusers.DDIMScheduler, {}),
+        "dpmpp": (diffusers.DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+        "pndm": (diffusers.PNDMScheduler, {"skip_prk_steps": True}),
+        "euler": (diffusers.EulerDiscreteScheduler, {}),
+        "ddpm": (diffusers.DDPMScheduler, {}),
+    }
+    key = str(name).lower()
+    if key not in classes:
+        raise InputError(f"unsupported scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
+    cls, overrides = classes[key]
+    cfg = dict(config) if config is not None else sd_scheduler_config()
+    return cls.from_config({**cfg, **overrides})
+
+
+def tiny_sd_pipeline(seed: int = 0, *, cross_attention_dim: int = 32, sample_size: int = 8) -> Any:
+    """A tiny Stable Diffusion pipeline with seeded random weights, built in code (no download).
+
+    The structure is SD's: CLIP text encoder + tokenizer, AutoencoderKL with a downsampling factor
+    of 8, UNet2DConditionModel with cross-attention, DDIM scheduler. Images are
+    ``8 * sample_size`` pixels square by default (64x64).
+
+    Args:
+        seed: seeds the weights; the same seed gives the same model.
+        cross_attention_dim: width of the text encoder and of the UNet's cross-attention.
+        sample_size: the UNet's default latent size.
+
+    Returns:
+        A ``diffusers.StableDiffusionPipeline`` in float32 on the CPU.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = make_word_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=sample_size,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=cross_attention_dim,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 16, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=sample_size * 8,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=cross_attention_dim,
+                intermediate_size=2 * cross_attention_dim,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=tokenizer.model_max_length,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    scheduler = DDIMScheduler(**sd_scheduler_config())
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def default_model_dir() -> Path | None:
+    """The shipped trained default model folder, if this installation has one."""
+    path = Path(__file__).parent / "assets" / "default_model"
+    return path if (path / "model_index.json").is_file() else None
+
+
+def load_diffusers_pipeline(source: str | os.PathLike[str]) -> tuple[Any, str]:
+    """Loads a Stable Diffusion pipeline from a local folder, or the built-in default.
+
+    Args:
+        source: ``"default"`` or the path of a local diffusers folder (``model_index.json``,
+            safetensors weights).
+
+    Returns:
+        ``(pipeline, description)``.
+
+    Raises:
+        InputError: when the folder does not exist or is not a diffusers pipeline folder.
+    """
+    if str(source) == "default":
+        shipped = default_model_dir()
+        if shipped is not None:
+            return load_diffusers_pipeline(shipped)[0], f"default model ({shipped})"
+        return tiny_sd_pipeline(), "default: tiny random-weight SD (no trained default model is installed yet)"
+    path = Path(source)
+    if not path.is_dir():
+        raise InputError(
+            f"model {str(source)!r} is not a local folder; fd_trt never downloads. Pass 'default' or the path "
+            "of a diffusers Stable Diffusion folder (with model_index.json)"
+        )
+    if not (path / "model_index.json").is_file():
+        raise InputError(f"{path} has no model_index.json: it is not a diffusers pipeline folder")
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        path, local_files_only=True, use_safetensors=True, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, str(path)

@@ -1,0 +1,414 @@
+"""FasterDiffusionPipeline: text encoding, latents, the sampler, VAE decode, images.
+
+It wraps a diffusers ``StableDiffusionPipeline`` for the text encoder, tokenizer, VAE and image
+post-processing, and replaces the UNet loop with :func:`fd_trt.sampler.run_sampler` on a backend
+runner. ``__call__`` takes the arguments of diffusers' ``StableDiffusionPipeline`` plus
+``schedule``, ``noise_injection``, ``parallel`` and ``max_decoder_rows``.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .backends import get_runner_class
+from .backends.base import Runner
+from .errors import InputError
+from .models import load_diffusers_pipeline, make_scheduler
+from .sampler import SamplerStats, run_sampler
+from .schedule import KeySchedule, NoiseInjection, ScheduleSpec, parse_schedule
+from .split import Features, split_unet
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+@dataclass
+class PipelineStats:
+    """What one call did and where its time went.
+
+    Attributes:
+        num_steps: scheduler steps.
+        key_steps: the steps at which the encoder ran.
+        encoder_calls, encoder_rows, decoder_calls, decoder_rows: work done by the runner.
+        unet_gflops: UNet GFLOPs for the run (2 x multiply-adds), counted with
+            ``torch.utils.flop_counter`` on the split modules.
+        seconds: wall seconds per stage: ``text_encoder``, ``encoder``, ``decoder``,
+            ``scheduler``, ``vae``, ``total``.
+        backend: the runner's backend name.
+    """
+
+    num_steps: int
+    key_steps: list[int]
+    encoder_calls: int
+    encoder_rows: int
+    decoder_calls: int
+    decoder_rows: int
+    unet_gflops: float
+    seconds: dict[str, float]
+    backend: str
+    nonfinite: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class FasterDiffusionOutput:
+    """Output of :class:`FasterDiffusionPipeline`.
+
+    Attributes:
+        images: a list of PIL images (``pil``), a ``[B,H,W,3]`` numpy array (``np``), or the
+            ``[B,C,h,w]`` latents tensor (``latent``), as in diffusers.
+        stats: counters and timings of the call.
+    """
+
+    images: Any
+    stats: PipelineStats
+
+
+@dataclass
+class _FlopCounter:
+    """UNet FLOPs per row of the encoder and the decoder, counted once per latent/text shape."""
+
+    cache: dict[tuple[int, ...], tuple[float, float]] = field(default_factory=dict)
+
+    def per_row(self, unet: torch.nn.Module, latent_shape: tuple[int, int, int], text_shape: tuple[int, int]) -> tuple[float, float]:
+        key = (*latent_shape, *text_shape)
+        if key not in self.cache:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            split = split_unet(unet)
+            p = next(unet.parameters())
+            x = torch.zeros((1, *latent_shape), device=p.device, dtype=p.dtype)
+            t = torch.full((1,), 500.0, device=p.device)
+            e = torch.zeros((1, *text_shape), device=p.device, dtype=p.dtype)
+            with torch.inference_mode():
+                with FlopCounterMode(display=False) as enc:
+                    feats = split.run_encoder(x, t, e)
+                with FlopCounterMode(display=False) as dec:
+                    split.run_decoder(feats, t, e)
+            self.cache[key] = (float(enc.get_total_flops()), float(dec.get_total_flops()))
+        return self.cache[key]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class FasterDiffusionPipeline:
+    """Stable Diffusion with Faster Diffusion's encoder propagation on a chosen backend.
+
+    Args:
+        sd_pipeline: a diffusers ``StableDiffusionPipeline`` (its components are used, not copied).
+        backend: ``"torch"`` or a ready :class:`~fd_trt.backends.base.Runner`.
+        device: ``"cpu"`` or ``"cuda[:i]"``; CUDA when available by default.
+        precision: the runner's precision, ``fp32``, ``fp16`` or ``bf16``.
+        progress: show progress bars.
+        source: a description of where the model came from, for messages.
+    """
+
+    def __init__(
+        self,
+        sd_pipeline: Any,
+        backend: str | Runner = "torch",
+        device: str | torch.device | None = None,
+        precision: str = "fp32",
+        progress: bool = True,
+        source: str = "diffusers pipeline",
+    ) -> None:
+        self.sd = sd_pipeline
+        self.source = source
+        self.device = torch.device(device or default_device())
+        self.progress = progress
+        self.sd.to(self.device)
+        self.sd.set_progress_bar_config(disable=True)
+        split_unet(self.sd.unet)  # fail early on an unsupported UNet
+        if isinstance(backend, Runner):
+            self.runner = backend
+        else:
+            cls = get_runner_class(backend)
+            self.runner = cls(self.sd.unet, device=self.device, dtype=precision)
+        self.runner.activate()
+        self._flops = _FlopCounter()
+
+    # construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike[str] = "default",
+        backend: str = "torch",
+        device: str | torch.device | None = None,
+        precision: str = "fp32",
+        scheduler: str | None = None,
+        progress: bool = True,
+    ) -> "FasterDiffusionPipeline":
+        """Loads a local diffusers Stable Diffusion folder, or ``"default"``.
+
+        Args:
+            model: a local folder, or ``"default"`` (the shipped model).
+            backend: ``"torch"``.
+            device: ``"cpu"`` or ``"cuda"``; CUDA when available by default.
+            precision: ``fp32``, ``fp16`` or ``bf16``.
+            scheduler: ``ddim``, ``dpmpp``, ``pndm``, ``euler`` or ``ddpm``; the folder's own when omitted.
+            progress: show progress bars.
+        """
+        sd, source = load_diffusers_pipeline(model)
+        pipe = cls(sd, backend=backend, device=device, precision=precision, progress=progress, source=source)
+        if scheduler is not None:
+            pipe.set_scheduler(scheduler)
+        return pipe
+
+    @classmethod
+    def from_diffusers(
+        cls,
+        sd_pipeline: Any,
+        backend: str = "torch",
+        device: str | torch.device | None = None,
+        precision: str = "fp32",
+        progress: bool = True,
+    ) -> "FasterDiffusionPipeline":
+        """Wraps an existing diffusers ``StableDiffusionPipeline``, sharing its components."""
+        return cls(sd_pipeline, backend=backend, device=device, precision=precision, progress=progress)
+
+    def set_scheduler(self, name: str) -> None:
+        """Swaps the scheduler for ``ddim``, ``dpmpp``, ``pndm``, ``euler`` or ``ddpm``, keeping the betas."""
+        self.sd.scheduler = make_scheduler(name, self.sd.scheduler.config)
+
+    @property
+    def scheduler(self) -> Any:
+        return self.sd.scheduler
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(self.sd.vae_scale_factor)
+
+    def close(self) -> None:
+        self.runner.deactivate()
+
+    def __enter__(self) -> "FasterDiffusionPipeline":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # call -------------------------------------------------------------------------------------
+    def check_inputs(
+        self,
+        prompt: Any,
+        negative_prompt: Any,
+        height: Any,
+        width: Any,
+        num_inference_steps: Any,
+        guidance_scale: Any,
+        num_images_per_prompt: Any,
+        output_type: Any,
+    ) -> list[str]:
+        """Validates the call's arguments and returns the prompts as a list.
+
+        Raises:
+            InputError: naming the bad value and what is expected.
+        """
+        if isinstance(prompt, str):
+            prompts = [prompt]
+        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+            prompts = list(prompt)
+        else:
+            raise InputError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        if negative_prompt is not None:
+            if isinstance(negative_prompt, (list, tuple)):
+                if len(negative_prompt) != len(prompts):
+                    raise InputError(
+                        f"{len(negative_prompt)} negative prompts for {len(prompts)} prompts: give one negative "
+                        "prompt per prompt, or a single string for all"
+                    )
+                if not all(isinstance(p, str) for p in negative_prompt):
+                    raise InputError(f"negative prompts must be strings, got {negative_prompt!r}")
+            elif not isinstance(negative_prompt, str):
+                raise InputError(f"negative_prompt must be a string or a list of strings, got {negative_prompt!r}")
+        f = self.vae_scale_factor
+        for name, v in (("height", height), ("width", width)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise InputError(f"{name} must be a positive integer, got {v!r}")
+            if v % f != 0:
+                raise InputError(
+                    f"{name}={v} is not divisible by the VAE factor {f}: use a multiple of {f}, e.g. {max(f, v // f * f)}"
+                )
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps <= 0:
+            raise InputError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+            raise InputError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt <= 0:
+            raise InputError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise InputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        return prompts
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        schedule: ScheduleSpec = "paper",
+        noise_injection: bool | NoiseInjection | None = None,
+        parallel: bool = True,
+        max_decoder_rows: int | None = None,
+        callback_on_step_end: Callable[[Any, int, Any, dict[str, Any]], dict[str, Any] | None] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ) -> FasterDiffusionOutput:
+        """Generates images.
+
+        Args:
+            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
+            num_images_per_prompt, eta, generator, latents, output_type: as in diffusers'
+                ``StableDiffusionPipeline``.
+            schedule: key steps: ``"paper"``, ``"all"``, ``"uniform:N"`` or a list of step indices.
+            noise_injection: prior noise injection on (``True``), off (``False``), a
+                :class:`NoiseInjection`, or ``None`` for on exactly when the schedule propagates
+                features (so ``schedule="all"`` reproduces plain diffusers).
+            parallel: decode the steps of a segment in one batched call.
+            max_decoder_rows: cap on rows per decoder call (a memory cap).
+            callback_on_step_end: ``f(pipe, step, timestep, callback_kwargs) -> dict``, called after
+                every scheduler step, including the steps inside a batched segment. A ``"latents"``
+                entry in the returned dict replaces the latents.
+            callback_on_step_end_tensor_inputs: keys passed in ``callback_kwargs``; only ``"latents"``.
+
+        Returns:
+            :class:`FasterDiffusionOutput` with ``images`` and ``stats``.
+        """
+        t_start = time.perf_counter()
+        sd = self.sd
+        height = height if height is not None else int(sd.unet.config.sample_size) * self.vae_scale_factor
+        width = width if width is not None else int(sd.unet.config.sample_size) * self.vae_scale_factor
+        prompts = self.check_inputs(
+            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, output_type
+        )
+        bad_keys = [k for k in callback_on_step_end_tensor_inputs if k != "latents"]
+        if bad_keys:
+            raise InputError(f"callback_on_step_end_tensor_inputs supports only 'latents', got {bad_keys}")
+        batch = len(prompts) * num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != batch:
+            raise InputError(f"{len(generator)} generators for {batch} images: pass one generator per image, or one")
+        cfg = guidance_scale > 1.0
+        # Each call owns its scheduler: concurrent calls never share solver state.
+        scheduler = copy.deepcopy(sd.scheduler)
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        num_steps = len(scheduler.timesteps)
+        key_schedule: KeySchedule = parse_schedule(schedule, num_steps)
+        if isinstance(noise_injection, NoiseInjection):
+            noise = noise_injection
+        else:
+            enabled = key_schedule.propagates if noise_injection is None else bool(noise_injection)
+            noise = NoiseInjection(enabled=enabled)
+        seconds = {"text_encoder": 0.0, "encoder": 0.0, "decoder": 0.0, "scheduler": 0.0, "vae": 0.0, "total": 0.0}
+
+        # 1. Encode the prompts (negative rows first, as diffusers does).
+        t0 = time.perf_counter()
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+        pos, neg = sd.encode_prompt(prompts, self.device, num_images_per_prompt, cfg, negatives)
+        text = torch.cat([neg, pos]) if cfg else pos
+        seconds["text_encoder"] = time.perf_counter() - t0
+
+        # 2. Prepare the latents x_T.
+        latent_shape = (batch, int(sd.unet.config.in_channels), height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            from diffusers.utils.torch_utils import randn_tensor
+
+            latents = randn_tensor(latent_shape, generator=generator, device=self.device, dtype=torch.float32)
+        else:
+            if tuple(latents.shape) != latent_shape:
+                raise InputError(
+                    f"latents have shape {tuple(latents.shape)}, expected {latent_shape} for {batch} images of "
+                    f"{height}x{width}"
+                )
+            latents = latents.to(self.device, torch.float32)
+        latents = latents * scheduler.init_noise_sigma
+        extra = {}
+        step_params = set(inspect.signature(scheduler.step).parameters)
+        if "eta" in step_params:
+            extra["eta"] = eta
+        if "generator" in step_params:
+            extra["generator"] = generator
+
+        # 3. Denoise with encoder propagation.
+        cb = None
+        if callback_on_step_end is not None:
+
+            def cb(i: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+                out = callback_on_step_end(self, i, t, {"latents": x})
+                return out.get("latents") if isinstance(out, dict) else None
+
+        sstats = SamplerStats()
+        x0 = run_sampler(
+            self.runner,
+            scheduler,
+            latents,
+            text,
+            key_schedule,
+            guidance_scale=float(guidance_scale),
+            noise=noise,
+            parallel=parallel,
+            max_decoder_rows=max_decoder_rows,
+            extra_step_kwargs=extra,
+            callback=cb,
+            stats=sstats,
+            progress=self.progress,
+        )
+        seconds.update(sstats.seconds)
+        nonfinite = not bool(torch.isfinite(x0).all())
+        if nonfinite:
+            msg = (
+                f"the final latents contain NaN or Inf (backend {self.runner.name}, precision {self.runner.dtype}); "
+                "the images are invalid. Try fp32, or bf16 instead of fp16."
+            )
+            logger.warning(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+
+        # 4. Decode with the VAE.
+        t0 = time.perf_counter()
+        if output_type == "latent":
+            images: Any = x0
+        else:
+            vae = sd.vae
+            z = (x0 / vae.config.scaling_factor).to(next(vae.parameters()).dtype)
+            image = vae.decode(z, return_dict=False)[0]
+            images = sd.image_processor.postprocess(image.float(), output_type=output_type, do_denormalize=[True] * batch)
+        seconds["vae"] = time.perf_counter() - t0
+        seconds["total"] = time.perf_counter() - t_start
+
+        enc_f, dec_f = self._flops.per_row(sd.unet, tuple(latent_shape[1:]), (int(text.shape[1]), int(text.shape[2])))
+        stats = PipelineStats(
+            num_steps=num_steps,
+            key_steps=list(key_schedule.key_steps),
+            encoder_calls=sstats.encoder_calls,
+            encoder_rows=sstats.encoder_rows,
+            decoder_calls=sstats.decoder_calls,
+            decoder_rows=sstats.decoder_rows,
+            unet_gflops=(sstats.encoder_rows * enc_f + sstats.decoder_rows * dec_f) / 1e9,
+            seconds=seconds,
+            backend=self.runner.name,
+            nonfinite=nonfinite,
+        )
+        return FasterDiffusionOutput(images=images, stats=stats)
+
+
+__all__ = ["FasterDiffusionPipeline", "FasterDiffusionOutput", "PipelineStats", "Features"]

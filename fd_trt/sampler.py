@@ -1,0 +1,161 @@
+"""The Faster Diffusion sampling loop (DESIGN.md section 1), independent of any backend.
+
+For each segment: run the encoder once at the key step, decode the segment's steps in one batched
+call (or one call per step, or in chunks under a row cap), then apply CFG, noise injection and the
+scheduler steps in order, so that multistep solvers keep their state.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .backends.base import Runner
+from .errors import InputError
+from .schedule import KeySchedule, NoiseInjection
+
+#: ``callback(step_index, timestep, latents) -> latents or None``; called after every scheduler step.
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+
+@dataclass
+class SamplerStats:
+    """Counters and timers of one sampler run.
+
+    Attributes:
+        encoder_calls / encoder_rows: encoder invocations and the rows they processed.
+        decoder_calls / decoder_rows: decoder invocations and the rows they processed.
+        seconds: wall seconds spent in ``encoder``, ``decoder`` and ``scheduler``.
+    """
+
+    encoder_calls: int = 0
+    encoder_rows: int = 0
+    decoder_calls: int = 0
+    decoder_rows: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: {"encoder": 0.0, "decoder": 0.0, "scheduler": 0.0})
+
+
+def steps_per_call(segment_len: int, rows_per_step: int, parallel: bool, max_decoder_rows: int | None) -> int:
+    """How many steps of a segment one decoder call covers.
+
+    Args:
+        segment_len: steps in the segment.
+        rows_per_step: decoder rows per step (2B with CFG, B without).
+        parallel: batch the segment's steps; ``False`` decodes one step per call.
+        max_decoder_rows: a cap on rows per call, or ``None``.
+    """
+    if not parallel:
+        return 1
+    if max_decoder_rows is None:
+        return segment_len
+    if max_decoder_rows < rows_per_step:
+        raise InputError(
+            f"max_decoder_rows={max_decoder_rows} is below the {rows_per_step} rows of a single step "
+            f"(2 x batch with CFG): raise it to at least {rows_per_step}"
+        )
+    return max(1, min(segment_len, max_decoder_rows // rows_per_step))
+
+
+def run_sampler(
+    runner: Runner,
+    scheduler: Any,
+    latents: torch.Tensor,
+    text: torch.Tensor,
+    schedule: KeySchedule,
+    *,
+    guidance_scale: float = 7.5,
+    noise: NoiseInjection = NoiseInjection(),
+    parallel: bool = True,
+    max_decoder_rows: int | None = None,
+    extra_step_kwargs: dict[str, Any] | None = None,
+    callback: StepCallback | None = None,
+    stats: SamplerStats | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Denoises ``latents`` with encoder propagation.
+
+    Args:
+        runner: an active backend runner.
+        scheduler: a diffusers scheduler whose ``set_timesteps`` has been called.
+        latents: ``[B,C,h,w]`` initial latents x_T (already scaled by ``init_noise_sigma``).
+        text: ``[2B,L,D]`` (negative rows first) with CFG, ``[B,L,D]`` without.
+        schedule: the key steps, for ``len(scheduler.timesteps)`` steps.
+        guidance_scale: CFG weight; CFG is off when it is ``<= 1``.
+        noise: the prior noise-injection policy.
+        parallel: decode all steps of a segment in one call; ``False`` makes one call per step.
+        max_decoder_rows: cap on rows per decoder call; larger segments are decoded in chunks.
+        extra_step_kwargs: passed to ``scheduler.step`` (``eta``, ``generator``).
+        callback: called after every scheduler step with ``(i, timestep, latents)``; a tensor it
+            returns replaces the latents.
+        stats: filled in place when given.
+        progress: show a progress bar.
+
+    Returns:
+        The final latents, float32.
+    """
+    timesteps = scheduler.timesteps
+    if schedule.num_steps != len(timesteps):
+        raise InputError(
+            f"schedule is for {schedule.num_steps} steps but the scheduler has {len(timesteps)} timesteps"
+        )
+    stats = stats if stats is not None else SamplerStats()
+    secs = stats.seconds
+    extra = extra_step_kwargs or {}
+    cfg = guidance_scale > 1.0
+    x = latents.float()
+    x_T = x.clone()
+    rows = x.shape[0] * (2 if cfg else 1)
+    if text.shape[0] != rows:
+        raise InputError(f"text has {text.shape[0]} rows, expected {rows} for {x.shape[0]} latents (CFG={cfg})")
+    n_train = int(scheduler.config.num_train_timesteps)
+    t_dev = timesteps.to(runner.device, torch.float32)
+
+    def tick() -> float:
+        runner.synchronize()
+        return time.perf_counter()
+
+    bar = tqdm(total=len(timesteps), disable=not progress, desc="denoise", leave=False)
+    try:
+        for seg in schedule.segments:
+            # 1. Encoder at the key step.
+            t0 = tick()
+            x_in = torch.cat([x, x]) if cfg else x
+            x_in = scheduler.scale_model_input(x_in, timesteps[seg.start])
+            feats = runner.encode(x_in, t_dev[seg.start].expand(rows), text)
+            t1 = tick()
+            secs["encoder"] += t1 - t0
+            stats.encoder_calls += 1
+            stats.encoder_rows += rows
+
+            chunk = steps_per_call(len(seg), rows, parallel, max_decoder_rows)
+            for c0 in range(seg.start, seg.stop, chunk):
+                steps = range(c0, min(c0 + chunk, seg.stop))
+                # 2. Decoder for every step of the chunk, in one call.
+                t0 = tick()
+                eps_rows = runner.decode(feats, t_dev[steps.start : steps.stop], text)
+                t1 = tick()
+                secs["decoder"] += t1 - t0
+                stats.decoder_calls += 1
+                stats.decoder_rows += rows * len(steps)
+                # 3-4. CFG, noise injection and the scheduler, step by step in order.
+                for j, eps in zip(steps, eps_rows.to(x.device).split(rows)):
+                    tau = timesteps[j]
+                    if cfg:
+                        eps_u, eps_c = eps.chunk(2)
+                        eps = eps_u + guidance_scale * (eps_c - eps_u)
+                    if noise.applies(tau, n_train):
+                        x = x + noise.alpha * x_T
+                    x = scheduler.step(eps, tau, x, **extra, return_dict=False)[0]
+                    if callback is not None:
+                        out = callback(j, tau, x)
+                        if out is not None:
+                            x = out
+                    bar.update(1)
+                secs["scheduler"] += tick() - t1
+    finally:
+        bar.close()
+    return x

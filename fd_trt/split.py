@@ -1,0 +1,216 @@
+"""UNet -> encoder / decoder torch modules. The one place in fd_trt that knows UNet internals.
+
+The encoder is conv_in, the time embedding, the down blocks and the mid block. It returns the
+mid-block output and the skip features (conv_in output first), which is everything the up path
+needs. The decoder is the up blocks, the output norm and conv_out; it recomputes the time
+embedding from its own per-row timesteps, so that one decoder call can mix the steps of a
+segment (DESIGN.md section 3).
+
+Both modules share the UNet's parameters: nothing is copied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .errors import InputError, UnsupportedModelError
+
+
+@dataclass
+class Features:
+    """Encoder output at one key step: the mid-block output and the skips, all with N rows."""
+
+    mid: torch.Tensor
+    skips: tuple[torch.Tensor, ...]
+
+    @property
+    def rows(self) -> int:
+        return int(self.mid.shape[0])
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.mid, *self.skips)
+
+    def repeat(self, times: int) -> "Features":
+        """Tiles every tensor ``times`` times along axis 0 (step-major rows)."""
+        if times == 1:
+            return self
+        return Features(self.mid.repeat(times, 1, 1, 1), tuple(s.repeat(times, 1, 1, 1) for s in self.skips))
+
+    @staticmethod
+    def names(num_skips: int) -> list[str]:
+        """Graph names of the feature tensors: ``mid, skip_00 .. skip_NN``."""
+        return ["mid"] + [f"skip_{i:02d}" for i in range(num_skips)]
+
+
+def check_supported(unet: nn.Module) -> None:
+    """Raises :class:`UnsupportedModelError` when the UNet uses a feature the split does not carry.
+
+    Args:
+        unet: a diffusers ``UNet2DConditionModel``.
+    """
+    cfg = unet.config
+    problems = []
+    for key in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim"):
+        if getattr(cfg, key, None) is not None:
+            problems.append(f"{key}={getattr(cfg, key)!r}")
+    if getattr(cfg, "num_class_embeds", None) is not None:
+        problems.append(f"num_class_embeds={cfg.num_class_embeds!r}")
+    if getattr(unet, "mid_block", None) is None:
+        problems.append("mid_block_type=None")
+    if problems:
+        raise UnsupportedModelError(
+            "fd_trt splits SD 1.x/2.x-style UNets (text cross-attention, no extra embeddings); this UNet has "
+            + ", ".join(problems)
+            + ". Use a UNet2DConditionModel without these options."
+        )
+
+
+def _time_embedding(unet: nn.Module, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Same arithmetic as UNet2DConditionModel.get_time_embed + time_embedding, but one timestep per row.
+    t_emb = unet.time_proj(timestep).to(dtype=dtype)
+    emb = unet.time_embedding(t_emb, None)
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+    return emb
+
+
+class UNetEncoder(nn.Module):
+    """conv_in + time embedding + down blocks + mid block.
+
+    ``forward(sample [N,C,h,w], timestep [N], encoder_hidden_states [N,L,D]) -> (mid, skip_00, ..)``
+    """
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        check_supported(unet)
+        self.unet_config = unet.config
+        self.time_proj = unet.time_proj
+        self.time_embedding = unet.time_embedding
+        self.time_embed_act = unet.time_embed_act
+        self.conv_in = unet.conv_in
+        self.down_blocks = unet.down_blocks
+        self.mid_block = unet.mid_block
+
+    @property
+    def num_skips(self) -> int:
+        return 1 + sum(len(b.resnets) + (len(b.downsamplers) if b.downsamplers else 0) for b in self.down_blocks)
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        if self.unet_config.center_input_sample:
+            sample = 2 * sample - 1.0
+        emb = _time_embedding(self, timestep, sample.dtype)
+        sample = self.conv_in(sample)
+        skips: tuple[torch.Tensor, ...] = (sample,)
+        for block in self.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                sample, res = block(hidden_states=sample, temb=emb, encoder_hidden_states=encoder_hidden_states)
+            else:
+                sample, res = block(hidden_states=sample, temb=emb)
+            skips += tuple(res)
+        if getattr(self.mid_block, "has_cross_attention", False):
+            sample = self.mid_block(sample, emb, encoder_hidden_states=encoder_hidden_states)
+        else:
+            sample = self.mid_block(sample, emb)
+        return (sample, *skips)
+
+
+class UNetDecoder(nn.Module):
+    """Up blocks + output norm + conv_out, with the time embedding recomputed per row.
+
+    ``forward(mid [M,..], skips (M rows each), timestep [M], encoder_hidden_states [M,L,D]) -> noise_pred``
+
+    The decoder takes features already expanded to M rows: the graph contract (DESIGN.md section 3)
+    wants every input to carry the row axis, and the expansion is a cheap tile done by the runner.
+    """
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        check_supported(unet)
+        self.time_proj = unet.time_proj
+        self.time_embedding = unet.time_embedding
+        self.time_embed_act = unet.time_embed_act
+        self.up_blocks = unet.up_blocks
+        self.conv_norm_out = unet.conv_norm_out
+        self.conv_act = unet.conv_act
+        self.conv_out = unet.conv_out
+        self.up_factor = 2 ** int(unet.num_upsamplers)
+
+    def forward(
+        self,
+        mid: torch.Tensor,
+        skips: Sequence[torch.Tensor],
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+    ) -> torch.Tensor:
+        emb = _time_embedding(self, timestep, mid.dtype)
+        res_all = tuple(skips)
+        forward_upsample_size = any(int(d) % self.up_factor != 0 for d in res_all[0].shape[-2:])
+        upsample_size = None
+        sample = mid
+        for i, block in enumerate(self.up_blocks):
+            n = len(block.resnets)
+            res, res_all = res_all[-n:], res_all[:-n]
+            if i < len(self.up_blocks) - 1 and forward_upsample_size:
+                upsample_size = res_all[-1].shape[2:]
+            if getattr(block, "has_cross_attention", False):
+                sample = block(
+                    hidden_states=sample,
+                    temb=emb,
+                    res_hidden_states_tuple=res,
+                    encoder_hidden_states=encoder_hidden_states,
+                    upsample_size=upsample_size,
+                )
+            else:
+                sample = block(hidden_states=sample, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size)
+        if self.conv_norm_out is not None:
+            sample = self.conv_norm_out(sample)
+            sample = self.conv_act(sample)
+        return self.conv_out(sample)
+
+
+@dataclass
+class SplitUNet:
+    """The two halves of one UNet, sharing its parameters."""
+
+    encoder: UNetEncoder
+    decoder: UNetDecoder
+
+    @property
+    def num_skips(self) -> int:
+        return self.encoder.num_skips
+
+    def run_encoder(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> Features:
+        out = self.encoder(sample, timestep, text)
+        return Features(out[0], tuple(out[1:]))
+
+    def run_decoder(self, features: Features, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        if not (features.rows == timestep.shape[0] == text.shape[0]):
+            raise InputError(
+                f"decoder rows disagree: features {features.rows}, timestep {tuple(timestep.shape)}, "
+                f"text {tuple(text.shape)}; expand the features with Features.repeat first"
+            )
+        return self.decoder(features.mid, features.skips, timestep, text)
+
+
+def split_unet(unet: nn.Module) -> SplitUNet:
+    """Splits a diffusers ``UNet2DConditionModel`` into encoder and decoder modules.
+
+    Args:
+        unet: an SD 1.x/2.x-style ``UNet2DConditionModel`` (any block count, layers per block,
+            head configuration, with or without cross-attention and linear projections).
+
+    Returns:
+        A :class:`SplitUNet` whose modules share the UNet's weights. ``decoder(encoder(x, t), t)``
+        equals ``unet(x, t)``.
+
+    Raises:
+        UnsupportedModelError: for class/addition embeddings, hidden-state projections or
+            guidance embeddings, which the split graphs do not carry.
+    """
+    return SplitUNet(UNetEncoder(unet).eval(), UNetDecoder(unet).eval())
