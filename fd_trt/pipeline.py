@@ -71,10 +71,12 @@ class FasterDiffusionOutput:
         images: a list of PIL images (``pil``), a ``[B,H,W,3]`` numpy array (``np``), or the
             ``[B,C,h,w]`` latents tensor (``latent``), as in diffusers.
         stats: counters and timings of the call.
+        latents: the final ``[B,C,h,w]`` float32 latents, whatever the output type.
     """
 
     images: Any
     stats: PipelineStats
+    latents: torch.Tensor | None = None
 
 
 @dataclass
@@ -408,7 +410,7 @@ class FasterDiffusionPipeline:
             backend=self.runner.name,
             nonfinite=nonfinite,
         )
-        return FasterDiffusionOutput(images=images, stats=stats)
+        return FasterDiffusionOutput(images=images, stats=stats, latents=x0)
 
 
 __all__ = ["FasterDiffusionPipeline", "FasterDiffusionOutput", "PipelineStats", "Features"]

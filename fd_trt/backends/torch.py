@@ -54,7 +54,9 @@ class TorchRunner(Runner):
         self.split: SplitUNet = split_unet(unet)
 
     def _activate(self) -> None:
-        self.unet.to(device=self.device, dtype=self.dtype)
+        self.unet.to(device=self.device)
+        if next(self.unet.parameters()).dtype != self.dtype:
+            self.unet.to(dtype=self.dtype)
 
     @torch.inference_mode()
     def encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> Features:

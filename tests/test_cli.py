@@ -1,0 +1,45 @@
+import json
+import subprocess
+import sys
+
+import PIL.Image
+import pytest
+
+from fd_trt.cli import main
+
+
+def test_generate_compare_writes_image_and_json(tmp_path, capsys):
+    out, js = tmp_path / "img.png", tmp_path / "stats.json"
+    rc = main(["generate", "a red circle", "--steps", "12", "--compare", "--quiet", "--out", str(out), "--json", str(js)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "speedup" in printed and "relative L2" in printed and "tiny random-weight" in printed
+    assert PIL.Image.open(out).size == (64, 64)
+    report = json.loads(js.read_text())
+    assert report["stats"]["encoder_calls"] == 6  # paper cut below 12 steps: 0,1,2,3,5,10
+    assert report["compare"]["all_stats"]["encoder_calls"] == 12
+    assert report["compare"]["rel_l2_latents_vs_all"] > 0
+    assert 0 < report["compare"]["unet_flops_reduction"] < 1
+
+
+def test_generate_reports_bad_input_without_a_traceback(tmp_path, capsys):
+    rc = main(["generate", "x", "--height", "60", "--quiet", "--out", str(tmp_path / "a.png")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "height=60 is not divisible" in err and "Traceback" not in err
+
+
+def test_bad_schedule_from_the_cli(tmp_path, capsys):
+    rc = main(["generate", "x", "--schedule", "2,3", "--quiet", "--out", str(tmp_path / "a.png")])
+    assert rc == 2
+    assert "no step 0" in capsys.readouterr().err
+
+
+def test_import_fd_trt_loads_no_gpu_or_graph_runtime():
+    code = (
+        "import sys, fd_trt, fd_trt.backends, fd_trt.pipeline, fd_trt.cli; "
+        "bad = [m for m in ('tensorrt', 'onnxruntime', 'cuda', 'onnx', 'polygraphy') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr

@@ -1,0 +1,58 @@
+import pytest
+
+from fd_trt.errors import ScheduleError
+from fd_trt.schedule import NoiseInjection, parse_schedule
+
+
+def test_paper_schedule_segments_match_the_paper_for_ddim50():
+    s = parse_schedule("paper", 50)
+    assert s.key_steps == (0, 1, 2, 3, 5, 10, 15, 25, 35)
+    assert [len(seg) for seg in s.segments] == [1, 1, 1, 2, 5, 5, 10, 10, 15]
+    assert sum(len(seg) for seg in s.segments) == 50
+    assert s.max_segment_len == 15
+    assert s.propagates
+
+
+def test_paper_schedule_is_cut_below_t_for_dpm_solver_20():
+    assert parse_schedule("paper", 20).key_steps == (0, 1, 2, 3, 5, 10, 15)
+
+
+def test_all_uniform_and_explicit_lists():
+    assert parse_schedule("all", 4).key_steps == (0, 1, 2, 3)
+    assert not parse_schedule("all", 4).propagates
+    assert parse_schedule("uniform:5", 12).key_steps == (0, 5, 10)
+    assert parse_schedule("0,3,7", 10).key_steps == (0, 3, 7)
+    assert parse_schedule([0, 4], 6).segments[1].steps == range(4, 6)
+
+
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        ("1,2,3", "no step 0"),
+        ([1, 5], "no step 0"),
+        ("0,50", "out of range"),
+        ([0, -1], "out of range"),
+        ("0,5,3", "not sorted"),
+        ("0,3,3", "repeats"),
+        ("fast", "unknown schedule"),
+        ("uniform:0", "positive integer"),
+        ("uniform:x", "positive integer"),
+        ([0, 1.5], "integers"),
+    ],
+)
+def test_bad_schedules_get_a_clear_error(spec, fragment):
+    with pytest.raises(ScheduleError, match=fragment):
+        parse_schedule(spec, 50)
+
+
+@pytest.mark.parametrize("steps", [0, -3])
+def test_non_positive_step_counts_are_rejected(steps):
+    with pytest.raises(ScheduleError, match="positive integer"):
+        parse_schedule("paper", steps)
+
+
+def test_noise_injection_threshold_is_half_the_training_steps():
+    n = NoiseInjection()
+    assert n.alpha == 0.003
+    assert n.applies(499, 1000) and not n.applies(500, 1000) and not n.applies(981, 1000)
+    assert not NoiseInjection(enabled=False).applies(1, 1000)

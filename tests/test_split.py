@@ -1,0 +1,92 @@
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from fd_trt.errors import UnsupportedModelError
+from fd_trt.split import Features, split_unet
+
+from conftest import rel_l2
+
+CONFIGS = {
+    "sd_like_2_levels": dict(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+    ),
+    "3_levels_linear_proj_per_block_heads": dict(
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=24,
+        attention_head_dim=(2, 4, 4),
+        use_linear_projection=True,
+        norm_num_groups=8,
+    ),
+    "no_cross_attention": dict(
+        block_out_channels=(16, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2D",
+        cross_attention_dim=24,
+        norm_num_groups=8,
+    ),
+    "sd2_style_4_levels": dict(
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=24,
+        attention_head_dim=(2, 4, 8, 8),
+        use_linear_projection=True,
+        norm_num_groups=8,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("hw", [(16, 16), (24, 20)])
+def test_decoder_of_encoder_equals_the_unet(name, hw):
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=16, **CONFIGS[name]).eval()
+    split = split_unet(unet)
+    x = torch.randn(3, 4, *hw)
+    t = torch.tensor([999.0, 501.0, 1.0])  # one timestep per row
+    text = torch.randn(3, 7, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        ref = unet(x, t, text).sample
+        feats = split.run_encoder(x, t, text)
+        out = split.run_decoder(feats, t, text)
+    assert len(feats.skips) == split.num_skips
+    assert feats.mid.shape[0] == 3
+    assert rel_l2(out, ref) < 1e-5
+
+
+def test_decoder_rows_use_their_own_timesteps():
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, **CONFIGS["sd_like_2_levels"]).eval()
+    split = split_unet(unet)
+    x = torch.randn(1, 4, 8, 8)
+    text = torch.randn(1, 5, 32)
+    with torch.no_grad():
+        feats = split.run_encoder(x, torch.tensor([900.0]), text)
+        t = torch.tensor([900.0, 800.0, 700.0])
+        batched = split.run_decoder(feats.repeat(3), t, text.repeat(3, 1, 1))
+        for i in range(3):
+            single = split.run_decoder(feats, t[i : i + 1], text)
+            assert rel_l2(batched[i : i + 1], single) < 1e-5
+    assert rel_l2(batched[0], batched[1]) > 1e-4  # the timestep matters
+
+
+def test_unsupported_unet_options_are_named():
+    unet = UNet2DConditionModel(sample_size=8, time_cond_proj_dim=8, **CONFIGS["sd_like_2_levels"])
+    with pytest.raises(UnsupportedModelError, match="time_cond_proj_dim=8"):
+        split_unet(unet)
+
+
+def test_feature_names_follow_the_graph_contract():
+    assert Features.names(3) == ["mid", "skip_00", "skip_01", "skip_02"]
