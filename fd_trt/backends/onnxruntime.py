@@ -1,0 +1,401 @@
+"""The ONNX Runtime runner: the encoder and decoder graphs of :mod:`fd_trt.export` on ONNX Runtime.
+
+The CPU execution provider is the default, and fd_trt's default backend on machines without a
+GPU. With onnxruntime-gpu installed, the CUDA and TensorRT execution providers can be asked for.
+
+Inputs and outputs are bound with IOBinding straight to torch tensors' memory: ONNX Runtime reads
+the inputs in place and writes the outputs into tensors allocated here, so no numpy round trip
+or copy happens between the graphs and the scheduler.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import BackendUnavailableError, EngineMismatchError, FdTrtError, InputError
+from ..split import Features
+from .base import Runner, expand_for_steps
+
+logger = logging.getLogger(__name__)
+
+_INSTALL_HINT = (
+    "install it with `pip install .[onnx]` (or `pip install .[gpu]` for onnxruntime-gpu), or use backend='torch'"
+)
+if importlib.util.find_spec("onnxruntime") is None:
+    # Fail when the backend is chosen (get_runner_class), not at the first call; nothing is imported here.
+    raise BackendUnavailableError(f"the onnxruntime backend needs the onnxruntime package: {_INSTALL_HINT}")
+
+ENCODER_FILE = "encoder.onnx"
+DECODER_FILE = "decoder.onnx"
+MANIFEST_FILE = "manifest.json"
+
+#: Short provider names accepted by :class:`OrtRunner`, mapped to ONNX Runtime's names.
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+}
+_ONNX_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
+
+ProviderSpec = str | tuple[str, dict[str, Any]]
+
+
+def _import_ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise BackendUnavailableError(f"the onnxruntime backend cannot import onnxruntime ({exc}): {_INSTALL_HINT}") from exc
+    return onnxruntime
+
+
+def _resolve_providers(providers: Sequence[ProviderSpec] | None, device: torch.device, available: Sequence[str]) -> list[ProviderSpec]:
+    if providers is None:
+        providers = ["CUDAExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+    resolved: list[ProviderSpec] = []
+    for spec in providers:
+        name, opts = (spec, None) if isinstance(spec, str) else (spec[0], spec[1])
+        name = PROVIDER_ALIASES.get(name.lower(), name)
+        if name not in available:
+            hint = (
+                "install onnxruntime-gpu with `pip install .[gpu]` (and uninstall the CPU-only onnxruntime)"
+                if name in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+                else "choose one of the available providers"
+            )
+            raise BackendUnavailableError(
+                f"execution provider {name!r} is not available in this onnxruntime (available: {', '.join(available)}): {hint}"
+            )
+        if name != "CPUExecutionProvider" and device.type != "cuda":
+            raise InputError(
+                f"execution provider {name!r} runs on a GPU but the runner's device is {device}: pass device='cuda'"
+            )
+        resolved.append(name if opts is None else (name, dict(opts)))
+    # The CPU provider takes the few nodes a GPU provider rejects, instead of failing the session.
+    if not any((p if isinstance(p, str) else p[0]) == "CPUExecutionProvider" for p in resolved):
+        resolved.append("CPUExecutionProvider")
+    return resolved
+
+
+def _graph_paths(
+    engines: str | os.PathLike[str] | None,
+    encoder_path: str | os.PathLike[str] | None,
+    decoder_path: str | os.PathLike[str] | None,
+) -> tuple[Path, Path]:
+    if engines is not None:
+        folder = Path(engines)
+        if not folder.is_dir():
+            raise InputError(
+                f"engine directory {folder} does not exist: build it first (fd-trt build --backend onnxruntime --out {folder})"
+            )
+        enc = Path(encoder_path) if encoder_path is not None else folder / ENCODER_FILE
+        dec = Path(decoder_path) if decoder_path is not None else folder / DECODER_FILE
+        return enc, dec
+    if encoder_path is None or decoder_path is None:
+        raise InputError(
+            "OrtRunner needs an engine directory, or both encoder_path and decoder_path; got "
+            f"engines=None, encoder_path={encoder_path!r}, decoder_path={decoder_path!r}"
+        )
+    return Path(encoder_path), Path(decoder_path)
+
+
+class _Graph:
+    """One inference session and what is needed to bind its inputs and outputs."""
+
+    def __init__(self, session: Any, path: Path) -> None:
+        self.session = session
+        self.path = path
+        self.inputs = {i.name: i for i in session.get_inputs()}
+        self.outputs = list(session.get_outputs())
+        for o in self.outputs:
+            if o.type not in _ONNX_TO_TORCH:
+                raise EngineMismatchError(f"{path}: output {o.name!r} has type {o.type}, expected float or float16")
+        self.input_names = [i.name for i in session.get_inputs()]
+        self.output_names = [o.name for o in self.outputs]
+
+    def input_dtype(self, name: str) -> torch.dtype:
+        return _ONNX_TO_TORCH[self.inputs[name].type]
+
+    def static_shape(self, index: int, rows: int) -> tuple[int, ...] | None:
+        """The output shape at ``rows`` rows, or ``None`` when a non-row axis is symbolic."""
+        dims = self.outputs[index].shape
+        tail = dims[1:]
+        if any(not isinstance(d, int) for d in tail):
+            return None
+        return (rows, *tail)
+
+
+class OrtRunner(Runner):
+    """Runs ``encoder.onnx`` and ``decoder.onnx`` on ONNX Runtime.
+
+    Args:
+        engines: a folder with ``encoder.onnx`` and ``decoder.onnx`` (an engine directory).
+        encoder_path: the encoder graph, when not ``<engines>/encoder.onnx``.
+        decoder_path: the decoder graph, when not ``<engines>/decoder.onnx``.
+        device: ``"cpu"``, or ``"cuda[:i]"`` with the CUDA / TensorRT providers.
+        providers: execution providers by ONNX Runtime name or alias (``"cpu"``, ``"cuda"``,
+            ``"tensorrt"``), optionally as ``(name, options)``; the CPU provider on a CPU device
+            and the CUDA provider on a CUDA device when omitted.
+        intra_op_threads: threads per operator; ONNX Runtime's default (one per physical core)
+            when ``None``.
+        inter_op_threads: threads across independent operators (only used by parallel execution).
+        warmup: run both graphs once on activation, so that the first real call is not slow.
+        warmup_rows: rows of the warm-up calls.
+        session_options: extra ``onnxruntime.SessionOptions`` attributes, set as given.
+        dtype: the precision the caller expects (``fp32`` / ``fp16``); activation fails with
+            :class:`EngineMismatchError` when the graphs have another. ``None`` takes the graphs'.
+
+    The graphs' float precision (fp32 or fp16) is read from the graphs on activation and becomes
+    :attr:`dtype`. Constructing the runner reads nothing.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        engines: str | os.PathLike[str] | None = None,
+        *,
+        encoder_path: str | os.PathLike[str] | None = None,
+        decoder_path: str | os.PathLike[str] | None = None,
+        device: torch.device | str = "cpu",
+        providers: Sequence[ProviderSpec] | None = None,
+        intra_op_threads: int | None = None,
+        inter_op_threads: int | None = None,
+        warmup: bool = True,
+        warmup_rows: int = 2,
+        session_options: dict[str, Any] | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> None:
+        super().__init__(device, torch.float32)
+        if isinstance(engines, torch.nn.Module):
+            raise InputError(
+                "OrtRunner takes an engine directory, not a UNet: export the graphs first "
+                "(fd_trt.engines.build_engines or fd-trt build --backend onnxruntime) and pass the folder"
+            )
+        if self.device.type not in ("cpu", "cuda"):
+            raise InputError(f"device {device!r} is not supported by the onnxruntime runner: use 'cpu' or 'cuda'")
+        for name, value in (("intra_op_threads", intra_op_threads), ("inter_op_threads", inter_op_threads)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InputError(f"{name} must be a positive integer or None, got {value!r}")
+        if isinstance(warmup_rows, bool) or not isinstance(warmup_rows, int) or warmup_rows < 1:
+            raise InputError(f"warmup_rows must be a positive integer, got {warmup_rows!r}")
+        expected = {"fp32": torch.float32, "fp16": torch.float16}.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        if expected not in (None, torch.float32, torch.float16):
+            raise InputError(f"onnxruntime graphs are fp32 or fp16, got dtype={dtype!r}: build the graphs at one of those")
+        self.expected_dtype: torch.dtype | None = expected
+        self.engine_dir = Path(engines) if engines is not None else None
+        self.encoder_path, self.decoder_path = _graph_paths(engines, encoder_path, decoder_path)
+        self.providers = providers
+        self.intra_op_threads = intra_op_threads
+        self.inter_op_threads = inter_op_threads
+        self.warmup = warmup
+        self.warmup_rows = warmup_rows
+        self.session_options = dict(session_options or {})
+        self._enc: _Graph | None = None
+        self._dec: _Graph | None = None
+
+    # lifecycle -----------------------------------------------------------------------------
+    def _make_options(self, ort: Any) -> Any:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.log_severity_level = 3
+        if self.intra_op_threads is not None:
+            opts.intra_op_num_threads = self.intra_op_threads
+        if self.inter_op_threads is not None:
+            opts.inter_op_num_threads = self.inter_op_threads
+        for key, value in self.session_options.items():
+            if not hasattr(opts, key):
+                raise InputError(f"session_options has {key!r}, which onnxruntime.SessionOptions does not know")
+            setattr(opts, key, value)
+        return opts
+
+    def _load(self, ort: Any, path: Path, providers: list[ProviderSpec], parse_first: bool) -> _Graph:
+        from ..export import check_graph_file
+
+        if parse_first:
+            check_graph_file(path)
+        try:
+            session = ort.InferenceSession(str(path), self._make_options(ort), providers=providers)
+        except Exception as exc:  # onnxruntime raises its own pybind types, with no public base
+            raise EngineMismatchError(
+                f"onnxruntime could not load {path} ({type(exc).__name__}: {exc}); the graph is corrupt or was built "
+                "by an incompatible exporter: rebuild it (fd-trt build --backend onnxruntime)"
+            ) from exc
+        return _Graph(session, path)
+
+    def _activate(self) -> None:
+        ort = _import_ort()
+        # With a manifest, comparing file sizes catches truncation for free; without one, each
+        # graph is parsed in Python first, because onnxruntime reports a broken protobuf poorly.
+        verified = False
+        if self.engine_dir is not None and (self.engine_dir / MANIFEST_FILE).is_file():
+            from ..engines import check_graph_files
+
+            manifest = check_graph_files(self.engine_dir)
+            names = {rec.file for rec in manifest.graphs.values()}
+            verified = self.encoder_path.parent == self.engine_dir and self.decoder_path.parent == self.engine_dir and {
+                self.encoder_path.name,
+                self.decoder_path.name,
+            } <= names
+        providers = _resolve_providers(self.providers, self.device, ort.get_available_providers())
+        enc = self._load(ort, self.encoder_path, providers, parse_first=not verified)
+        dec = self._load(ort, self.decoder_path, providers, parse_first=not verified)
+        self._check_contract(enc, dec)
+        graph_dtype = enc.input_dtype("sample")
+        if self.expected_dtype is not None and graph_dtype != self.expected_dtype:
+            raise EngineMismatchError(
+                f"{enc.path} holds {graph_dtype} graphs but {self.expected_dtype} was asked for: rebuild with "
+                f"--precision {'fp16' if self.expected_dtype == torch.float16 else 'fp32'}, or pass dtype=None"
+            )
+        self._enc, self._dec = enc, dec
+        self.dtype = graph_dtype
+        logger.info(
+            "onnxruntime %s: %s graphs on %s (%s), %s intra-op threads",
+            ort.__version__,
+            "fp16" if self.dtype == torch.float16 else "fp32",
+            self.device,
+            ", ".join(p if isinstance(p, str) else p[0] for p in enc.session.get_providers()),
+            self.intra_op_threads or "default",
+        )
+        if self.warmup:
+            self._warm_up()
+
+    def _deactivate(self) -> None:
+        self._enc = self._dec = None
+
+    def _check_contract(self, enc: _Graph, dec: _Graph) -> None:
+        from ..export import DECODER_OUTPUT, ENCODER_INPUTS
+
+        if sorted(enc.input_names) != sorted(ENCODER_INPUTS):
+            raise EngineMismatchError(
+                f"{enc.path} has inputs {enc.input_names}, expected {list(ENCODER_INPUTS)}: it is not an fd_trt encoder graph"
+            )
+        feature_names = enc.output_names
+        expected_dec = [*feature_names, "timestep", "encoder_hidden_states"]
+        if sorted(dec.input_names) != sorted(expected_dec) or dec.output_names != [DECODER_OUTPUT]:
+            raise EngineMismatchError(
+                f"{dec.path} (inputs {dec.input_names}, outputs {dec.output_names}) does not fit {enc.path} "
+                f"(outputs {feature_names}): the graphs come from different exports; rebuild both"
+            )
+        if enc.input_dtype("sample") != dec.input_dtype("mid"):
+            raise EngineMismatchError(
+                f"{enc.path} is {enc.inputs['sample'].type} but {dec.path} is {dec.inputs['mid'].type}: "
+                "rebuild both graphs at one precision"
+            )
+
+    def _warm_up(self) -> None:
+        enc = self._enc
+        assert enc is not None
+        n = self.warmup_rows
+        shapes = {name: enc.inputs[name].shape for name in ("sample", "encoder_hidden_states")}
+        if any(not isinstance(d, int) for s in shapes.values() for d in s[1:]):
+            logger.debug("skipping warm-up: the encoder's input shapes are not static")
+            return
+        sample = torch.zeros((n, *shapes["sample"][1:]), device=self.device)
+        text = torch.zeros((n, *shapes["encoder_hidden_states"][1:]), device=self.device)
+        t = torch.full((n,), 500.0, device=self.device)
+        feats = self._encode(sample, t, text)
+        self._decode(feats, t[:1], text)
+
+    # inference -----------------------------------------------------------------------------
+    def _bind_input(self, binding: Any, name: str, tensor: torch.Tensor) -> None:
+        import numpy as np
+
+        elem = np.float16 if tensor.dtype == torch.float16 else np.float32
+        binding.bind_input(
+            name,
+            self.device.type,
+            self.device.index or 0,
+            elem,
+            tuple(tensor.shape),
+            tensor.data_ptr(),
+        )
+
+    def _run(self, graph: _Graph, feeds: dict[str, torch.Tensor], rows: int) -> list[torch.Tensor]:
+        import numpy as np
+
+        binding = graph.session.io_binding()
+        # Keep every bound tensor referenced until the run is over: ONNX Runtime holds raw pointers.
+        held: dict[str, torch.Tensor] = {}
+        for name in graph.input_names:
+            value = feeds[name].to(self.device, graph.input_dtype(name)).contiguous()
+            held[name] = value
+            self._bind_input(binding, name, value)
+        outputs: list[torch.Tensor | None] = []
+        for i, out in enumerate(graph.outputs):
+            shape = graph.static_shape(i, rows)
+            if shape is None:
+                binding.bind_output(out.name, self.device.type, self.device.index or 0)
+                outputs.append(None)
+                continue
+            buf = torch.empty(shape, device=self.device, dtype=_ONNX_TO_TORCH[out.type])
+            elem = np.float16 if buf.dtype == torch.float16 else np.float32
+            binding.bind_output(out.name, self.device.type, self.device.index or 0, elem, shape, buf.data_ptr())
+            outputs.append(buf)
+        if self.device.type == "cuda":
+            # ONNX Runtime computes on its own stream; the inputs must be ready before it starts.
+            torch.cuda.current_stream(self.device).synchronize()
+        try:
+            graph.session.run_with_iobinding(binding)
+        except Exception as exc:
+            raise FdTrtError(
+                f"onnxruntime failed running {graph.path.name} with input shapes "
+                f"{ {k: tuple(v.shape) for k, v in held.items()} }: {exc}"
+            ) from exc
+        if any(o is None for o in outputs):
+            ort_values = binding.get_outputs()
+            outputs = [
+                o if o is not None else torch.from_numpy(ort_values[i].numpy()).to(self.device)
+                for i, o in enumerate(outputs)
+            ]
+        return [o for o in outputs if o is not None]
+
+    def _check_rows(self, what: str, **tensors: torch.Tensor) -> int:
+        rows = {k: int(v.shape[0]) for k, v in tensors.items()}
+        if len(set(rows.values())) != 1:
+            raise InputError(f"{what} inputs disagree on rows: {rows}; give every input the same axis 0")
+        return next(iter(rows.values()))
+
+    def encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> Features:
+        self._check_active()
+        return self._encode(sample, timestep, text)
+
+    def decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        self._check_active()
+        return self._decode(features, timesteps, text)
+
+    def _encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> Features:
+        assert self._enc is not None
+        rows = self._check_rows("encoder", sample=sample, timestep=timestep, text=text)
+        out = self._run(
+            self._enc,
+            {"sample": sample, "timestep": timestep.float(), "encoder_hidden_states": text},
+            rows,
+        )
+        by_name = dict(zip(self._enc.output_names, out))
+        mid = by_name["mid"]
+        skips = tuple(by_name[n] for n in self._enc.output_names if n != "mid")
+        return Features(mid, skips)
+
+    def _decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        assert self._dec is not None and self._enc is not None
+        feats, t_rows, text_rows = expand_for_steps(features, timesteps.to(self.device, torch.float32), text.to(self.device))
+        names = self._enc.output_names
+        if len(feats.skips) + 1 != len(names):
+            raise InputError(
+                f"features have {len(feats.skips)} skips but the graphs carry {len(names) - 1}: pass the features "
+                "this runner's encode() returned"
+            )
+        feeds: dict[str, torch.Tensor] = {"mid": feats.mid, "timestep": t_rows, "encoder_hidden_states": text_rows}
+        feeds.update({n: s for n, s in zip([n for n in names if n != "mid"], feats.skips)})
+        (noise,) = self._run(self._dec, feeds, int(t_rows.shape[0]))
+        return noise.float()
+
+
+__all__ = ["OrtRunner", "PROVIDER_ALIASES"]

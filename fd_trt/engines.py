@@ -1,0 +1,613 @@
+"""Engine directories (DESIGN.md section 4): manifest, hashing, staleness and build orchestration.
+
+An engine directory ``engines/<name>/`` holds ``manifest.json``, ``encoder.onnx`` and
+``decoder.onnx`` (with ``.data`` files when large), and later TensorRT plans. The manifest says
+what the graphs were built from; building compares it with the model at hand and rebuilds only
+when something differs, and loading refuses graphs that do not match.
+
+What makes graphs stale:
+
+* the UNet's weights (sha256 over every tensor's name, dtype, shape and bytes), its config,
+* the latent and text shapes, the precision, the opset, the decoder row range,
+* the exporting toolchain: the release line (major.minor) of torch, diffusers and onnx. Patch
+  releases do not change exported graphs, and rebuilding a 3 GB export on every patch upgrade
+  would be all cost.
+
+onnxruntime's and TensorRT's versions are recorded; they matter to plans, not to ONNX graphs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .errors import EngineMismatchError, InputError
+from .export import (
+    DECODER_FILE,
+    DEFAULT_OPSET,
+    ENCODER_FILE,
+    EXTERNAL_DATA_THRESHOLD,
+    CorruptGraphError,
+    check_graph_file,
+    export_unet,
+    remove_graphs,
+)
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+#: Packages whose versions the manifest records; the first three decide staleness.
+TOOLCHAIN_PACKAGES = ("torch", "diffusers", "onnx")
+RECORDED_PACKAGES = (*TOOLCHAIN_PACKAGES, "onnxruntime", "onnxruntime-gpu", "tensorrt", "fd_trt")
+_HASH_CHUNK = 16 << 20
+
+
+def unet_weights_sha256(unet: nn.Module) -> str:
+    """sha256 over the UNet's state dict: each tensor's name, dtype, shape and bytes, in name order.
+
+    Args:
+        unet: any torch module.
+
+    Returns:
+        The hex digest.
+    """
+    h = hashlib.sha256()
+    state = unet.state_dict()
+    for name in sorted(state):
+        t = state[name].detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        # A byte view works for every dtype (bf16 included), unlike .numpy().
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def unet_config_dict(unet: nn.Module) -> dict[str, Any]:
+    """The UNet's config as plain JSON values, without diffusers' bookkeeping keys.
+
+    Keys starting with ``_`` (``_name_or_path``, ``_diffusers_version``, ...) say where the model
+    was loaded from, not what it computes, so they do not make graphs stale.
+
+    Args:
+        unet: a diffusers model with a ``config``.
+
+    Returns:
+        A dict that round-trips through JSON unchanged.
+    """
+    return {k: _jsonable(v) for k, v in dict(unet.config).items() if not str(k).startswith("_")}
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file, read in chunks.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The hex digest.
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def package_versions(names: Iterable[str] = RECORDED_PACKAGES) -> dict[str, str | None]:
+    """Installed versions of packages, ``None`` for those missing.
+
+    Args:
+        names: distribution names.
+
+    Returns:
+        ``{name: version or None}``.
+    """
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _release_line(version: str | None) -> str | None:
+    if version is None:
+        return None
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+@dataclass
+class GraphRecord:
+    """One graph file in the manifest.
+
+    Attributes:
+        file: the ``.onnx`` name inside the engine directory.
+        sha256: digest of the ``.onnx`` file.
+        bytes: size of the ``.onnx`` file.
+        data_file: the external weights file, or ``None``.
+        data_sha256: digest of the external weights file.
+        data_bytes: size of the external weights file.
+    """
+
+    file: str
+    sha256: str
+    bytes: int
+    data_file: str | None = None
+    data_sha256: str | None = None
+    data_bytes: int | None = None
+
+
+@dataclass
+class Manifest:
+    """The content of ``manifest.json``.
+
+    Attributes:
+        format_version: layout version of the manifest.
+        model_source: where the model came from (a folder, ``default``, ...), for messages.
+        unet_sha256: see :func:`unet_weights_sha256`.
+        unet_config: see :func:`unet_config_dict`.
+        latent_shape: ``[C, h, w]``.
+        text_shape: ``[L, D]``.
+        precision: ``fp32`` or ``fp16``.
+        opset: ONNX opset of the graphs.
+        num_skips: skip features between the graphs.
+        encoder_rows: ``[min, max]`` rows of the encoder (TensorRT profiles).
+        decoder_rows: ``[min, max]`` rows of the decoder (TensorRT profiles).
+        versions: package versions at build time.
+        graphs: ``{"encoder": GraphRecord, "decoder": GraphRecord}``.
+        built_at: build time, seconds since the epoch.
+        build_seconds: how long the build took.
+    """
+
+    format_version: int
+    model_source: str
+    unet_sha256: str
+    unet_config: dict[str, Any]
+    latent_shape: list[int]
+    text_shape: list[int]
+    precision: str
+    opset: int
+    num_skips: int
+    encoder_rows: list[int]
+    decoder_rows: list[int]
+    versions: dict[str, str | None]
+    graphs: dict[str, GraphRecord] = field(default_factory=dict)
+    built_at: float = 0.0
+    build_seconds: float = 0.0
+
+    def to_json(self) -> str:
+        """The manifest as indented JSON."""
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, path: Path | None = None) -> "Manifest":
+        """Parses ``manifest.json``.
+
+        Args:
+            text: the file's content.
+            path: the file, for messages.
+
+        Raises:
+            EngineMismatchError: for unparsable JSON, another format version or missing fields.
+        """
+        where = path or MANIFEST_FILE
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CorruptGraphError(f"{where} is not valid JSON ({exc}): rebuild the engine directory") from exc
+        if not isinstance(raw, dict):
+            raise CorruptGraphError(f"{where} holds {type(raw).__name__}, not a manifest object: rebuild the engine directory")
+        version = raw.get("format_version")
+        if version != FORMAT_VERSION:
+            raise EngineMismatchError(
+                f"{where} has format_version {version!r}, this fd_trt reads {FORMAT_VERSION}: rebuild the engine directory"
+            )
+        try:
+            graphs = {k: GraphRecord(**v) for k, v in raw.pop("graphs", {}).items()}
+            return cls(**raw, graphs=graphs)
+        except TypeError as exc:
+            raise CorruptGraphError(f"{where} is missing or has unknown fields ({exc}): rebuild the engine directory") from exc
+
+
+def rebuild_command(engine_dir: str | os.PathLike[str], manifest: Manifest | None = None, **spec: Any) -> str:
+    """The shell command that rebuilds an engine directory.
+
+    Args:
+        engine_dir: the engine directory.
+        manifest: the expected manifest, for the model source, precision and image size.
+        **spec: overrides (``model``, ``precision``, ``height``, ``width``).
+
+    Returns:
+        A ``fd-trt build ...`` command line.
+    """
+    model = spec.get("model") or (manifest.model_source if manifest else None) or "PATH"
+    precision = spec.get("precision") or (manifest.precision if manifest else "fp32")
+    height = spec.get("height") or (manifest.latent_shape[1] * 8 if manifest else "H")
+    width = spec.get("width") or (manifest.latent_shape[2] * 8 if manifest else "W")
+    backend = "tensorrt" if precision == "fp16" else "onnxruntime"
+    return (
+        f"fd-trt build --model {model} --out {engine_dir} --backend {backend} --precision {precision} "
+        f"--height {height} --width {width}"
+    )
+
+
+def load_manifest(engine_dir: str | os.PathLike[str]) -> Manifest:
+    """Reads ``<engine_dir>/manifest.json``.
+
+    Args:
+        engine_dir: the engine directory.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        EngineMismatchError: when the manifest is missing or unreadable.
+    """
+    path = Path(engine_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise EngineMismatchError(
+            f"{engine_dir} has no {MANIFEST_FILE}: it is not a built engine directory; build it with "
+            f"{rebuild_command(engine_dir)}"
+        )
+    return Manifest.from_json(path.read_text(), path)
+
+
+def _diff(expected: Manifest, found: Manifest, fields: Iterable[str]) -> list[str]:
+    differences = []
+    for name in fields:
+        want, have = getattr(expected, name), getattr(found, name)
+        if name == "versions":
+            for pkg in TOOLCHAIN_PACKAGES:
+                if _release_line(want.get(pkg)) != _release_line(have.get(pkg)):
+                    differences.append(f"versions.{pkg} (built with {have.get(pkg)}, running {want.get(pkg)})")
+        elif name == "unet_config" and want != have:
+            keys = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+            shown = ", ".join(f"{k}: {have.get(k)!r} -> {want.get(k)!r}" for k in keys[:4])
+            differences.append(f"unet_config ({shown}{', ...' if len(keys) > 4 else ''})")
+        elif name == "unet_sha256" and want != have:
+            differences.append(f"unet_sha256 (the UNet weights changed: built {have[:12]}.., now {want[:12]}..)")
+        elif want != have:
+            differences.append(f"{name} (built {have!r}, wanted {want!r})")
+    return differences
+
+
+_COMPARED_FIELDS = (
+    "unet_sha256",
+    "unet_config",
+    "latent_shape",
+    "text_shape",
+    "precision",
+    "opset",
+    "encoder_rows",
+    "decoder_rows",
+    "versions",
+)
+
+
+def check_graph_files(engine_dir: str | os.PathLike[str], full_hash: bool = False, manifest: Manifest | None = None) -> Manifest:
+    """Checks that the graph files are the ones the manifest recorded.
+
+    Sizes are always compared (this catches truncation at no cost); with ``full_hash`` the
+    sha256 of every file is compared too.
+
+    Args:
+        engine_dir: the engine directory.
+        full_hash: also compare sha256 digests (reads every byte).
+        manifest: the manifest, when already loaded.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        CorruptGraphError: for a missing, truncated or altered graph file.
+    """
+    folder = Path(engine_dir)
+    manifest = manifest or load_manifest(folder)
+    for role, rec in manifest.graphs.items():
+        files = [(rec.file, rec.bytes, rec.sha256)]
+        if rec.data_file:
+            files.append((rec.data_file, rec.data_bytes, rec.data_sha256))
+        for name, size, digest in files:
+            path = folder / name
+            fix = f"delete it and rebuild: {rebuild_command(folder, manifest)}"
+            if not path.is_file():
+                raise CorruptGraphError(f"the {role} graph file {path} is missing; {fix}")
+            actual = path.stat().st_size
+            if actual != size:
+                raise CorruptGraphError(
+                    f"the {role} graph file {path} has {actual} bytes but the manifest recorded {size}: it is "
+                    f"truncated or was replaced; {fix}"
+                )
+            if full_hash and file_sha256(path) != digest:
+                raise CorruptGraphError(f"the {role} graph file {path} does not match its sha256 in the manifest; {fix}")
+    return manifest
+
+
+def expected_manifest(
+    unet: nn.Module,
+    *,
+    latent_size: tuple[int, int],
+    text_shape: tuple[int, int] | None = None,
+    precision: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    batch: int = 1,
+    max_segment_steps: int = 15,
+    model_source: str = "",
+    unet_sha256: str | None = None,
+) -> Manifest:
+    """The manifest that graphs built now from this UNet would have (without graph records).
+
+    Args:
+        unet: the UNet.
+        latent_size: ``(h, w)``.
+        text_shape: ``(L, D)``; ``(77, cross_attention_dim)`` when omitted.
+        precision: ``fp32`` or ``fp16``.
+        opset: ONNX opset.
+        batch: images per call; with CFG the encoder runs ``2*batch`` rows.
+        max_segment_steps: the longest segment decoded in one call.
+        model_source: where the model came from.
+        unet_sha256: the weights digest, when already computed.
+
+    Returns:
+        The manifest.
+    """
+    for name, v in (("batch", batch), ("max_segment_steps", max_segment_steps)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise InputError(f"{name} must be a positive integer, got {v!r}")
+    if text_shape is None:
+        text_shape = (77, int(unet.config.cross_attention_dim))
+    from .split import split_unet
+
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        model_source=str(model_source),
+        unet_sha256=unet_sha256 or unet_weights_sha256(unet),
+        unet_config=unet_config_dict(unet),
+        latent_shape=[int(unet.config.in_channels), int(latent_size[0]), int(latent_size[1])],
+        text_shape=[int(text_shape[0]), int(text_shape[1])],
+        precision=precision,
+        opset=int(opset),
+        num_skips=split_unet(unet).num_skips,
+        encoder_rows=[1, 2 * batch],
+        decoder_rows=[1, 2 * batch * max_segment_steps],
+        versions=package_versions(),
+    )
+
+
+def check_engine_dir(
+    engine_dir: str | os.PathLike[str],
+    unet: nn.Module | None = None,
+    *,
+    latent_size: tuple[int, int] | None = None,
+    text_shape: tuple[int, int] | None = None,
+    precision: str | None = None,
+    full_hash: bool = False,
+) -> Manifest:
+    """Refuses an engine directory that was built for another model, shape, precision or toolchain.
+
+    Args:
+        engine_dir: the engine directory.
+        unet: the UNet the graphs must come from; weights and config are checked when given.
+        latent_size: ``(h, w)`` the caller will run at.
+        text_shape: ``(L, D)`` the caller will feed.
+        precision: the precision the caller expects.
+        full_hash: also hash the graph files (see :func:`check_graph_files`).
+
+    Returns:
+        The manifest.
+
+    Raises:
+        EngineMismatchError: naming the first differing field and the command that rebuilds.
+    """
+    folder = Path(engine_dir)
+    found = load_manifest(folder)
+    problems: list[str] = []
+    if unet is not None:
+        if unet_config_dict(unet) != found.unet_config:
+            problems += _diff(_with(found, unet_config=unet_config_dict(unet)), found, ["unet_config"])
+        digest = unet_weights_sha256(unet)
+        if digest != found.unet_sha256:
+            problems += _diff(_with(found, unet_sha256=digest), found, ["unet_sha256"])
+    if latent_size is not None and list(latent_size) != found.latent_shape[1:]:
+        problems.append(f"latent_shape (built for {found.latent_shape[1:]}, asked for {list(latent_size)})")
+    if text_shape is not None and list(text_shape) != found.text_shape:
+        problems.append(f"text_shape (built for {found.text_shape}, asked for {list(text_shape)})")
+    if precision is not None and precision != found.precision:
+        problems.append(f"precision (built {found.precision}, asked for {precision})")
+    problems += _diff(_with(found, versions=package_versions()), found, ["versions"])
+    if problems:
+        spec: dict[str, Any] = {"precision": precision}
+        if latent_size is not None:
+            spec.update(height=latent_size[0] * 8, width=latent_size[1] * 8)
+        raise EngineMismatchError(
+            f"engine directory {folder} does not match: {'; '.join(problems)}. Rebuild it with "
+            f"{rebuild_command(folder, found, **spec)}"
+        )
+    check_graph_files(folder, full_hash=full_hash, manifest=found)
+    return found
+
+
+def _with(manifest: Manifest, **changes: Any) -> Manifest:
+    data = asdict(manifest)
+    data.update(changes)
+    data["graphs"] = manifest.graphs
+    return Manifest(**data)
+
+
+@dataclass
+class BuildResult:
+    """What :func:`build_engines` did.
+
+    Attributes:
+        engine_dir: the engine directory.
+        manifest: its manifest after the build.
+        built: ``False`` when everything was up to date and nothing was written.
+        reason: why it was (re)built, or ``"up to date"``.
+        seconds: wall seconds of this call.
+    """
+
+    engine_dir: Path
+    manifest: Manifest
+    built: bool
+    reason: str
+    seconds: float
+
+
+def _graph_record(folder: Path, name: str) -> GraphRecord:
+    path = folder / name
+    data = folder / (name + ".data")
+    rec = GraphRecord(file=name, sha256=file_sha256(path), bytes=path.stat().st_size)
+    if data.is_file():
+        rec.data_file, rec.data_sha256, rec.data_bytes = data.name, file_sha256(data), data.stat().st_size
+    return rec
+
+
+def build_engines(
+    unet: nn.Module,
+    engine_dir: str | os.PathLike[str],
+    *,
+    latent_size: tuple[int, int],
+    text_shape: tuple[int, int] | None = None,
+    precision: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    batch: int = 1,
+    max_segment_steps: int = 15,
+    model_source: str = "",
+    force: bool = False,
+    progress: bool = True,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> BuildResult:
+    """Builds (or keeps) the ONNX graphs of an engine directory.
+
+    A second call with an unchanged model and settings reads the manifest and the files' hashes,
+    writes nothing and reports ``built=False``.
+
+    Args:
+        unet: the UNet to export.
+        engine_dir: the engine directory; created when missing.
+        latent_size: ``(h, w)`` of the latents.
+        text_shape: ``(L, D)``; ``(77, cross_attention_dim)`` when omitted.
+        precision: ``fp32`` (CPU) or ``fp16`` (TensorRT).
+        opset: ONNX opset, 17 or later.
+        batch: images per call (sets the row ranges).
+        max_segment_steps: the longest segment decoded in one call (sets the decoder row range).
+        model_source: where the model came from, recorded for messages and rebuild commands.
+        force: rebuild even when up to date.
+        progress: show progress bars.
+        external_data_threshold: see :func:`fd_trt.export.export_unet`.
+
+    Returns:
+        A :class:`BuildResult`.
+    """
+    t0 = time.perf_counter()
+    folder = Path(engine_dir)
+    expected = expected_manifest(
+        unet,
+        latent_size=latent_size,
+        text_shape=text_shape,
+        precision=precision,
+        opset=opset,
+        batch=batch,
+        max_segment_steps=max_segment_steps,
+        model_source=model_source,
+    )
+    reason = "forced" if force else "no manifest"
+    manifest_path = folder / MANIFEST_FILE
+    if not force and manifest_path.is_file():
+        try:
+            found = load_manifest(folder)
+            problems = _diff(expected, found, _COMPARED_FIELDS)
+            if not problems:
+                check_graph_files(folder, full_hash=True, manifest=found)
+                logger.info("%s is up to date (%s %s graphs); nothing to build", folder, found.precision, found.latent_shape)
+                return BuildResult(folder, found, False, "up to date", time.perf_counter() - t0)
+            reason = "stale: " + "; ".join(problems)
+        except EngineMismatchError as exc:
+            reason = f"unusable: {exc}"
+    logger.info("building %s (%s)", folder, reason)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    # No manifest while the graphs are half-written, so an interrupted build is never taken as valid.
+    if manifest_path.exists():
+        manifest_path.unlink()
+    remove_graphs(folder)
+    result = export_unet(
+        unet,
+        folder,
+        latent_size=latent_size,
+        text_shape=tuple(expected.text_shape),  # type: ignore[arg-type]
+        precision=precision,
+        opset=opset,
+        example_rows=2,
+        external_data_threshold=external_data_threshold,
+        progress=progress,
+    )
+    expected.graphs = {"encoder": _graph_record(folder, ENCODER_FILE), "decoder": _graph_record(folder, DECODER_FILE)}
+    expected.num_skips = result.num_skips
+    expected.built_at = time.time()
+    expected.build_seconds = time.perf_counter() - t0
+    tmp = manifest_path.with_name(MANIFEST_FILE + ".tmp")
+    tmp.write_text(expected.to_json())
+    os.replace(tmp, manifest_path)
+    logger.info(
+        "built %s in %.1f s: encoder %.1f MB, decoder %.1f MB",
+        folder,
+        expected.build_seconds,
+        result.encoder.bytes / 1e6,
+        result.decoder.bytes / 1e6,
+    )
+    return BuildResult(folder, expected, True, reason, time.perf_counter() - t0)
+
+
+def verify_graphs_parse(engine_dir: str | os.PathLike[str]) -> None:
+    """Parses both graph files (without weights), to fail with a clear error before native code.
+
+    Args:
+        engine_dir: the engine directory.
+
+    Raises:
+        CorruptGraphError: for a truncated or corrupt file.
+    """
+    for name in (ENCODER_FILE, DECODER_FILE):
+        check_graph_file(Path(engine_dir) / name)
+
+
+__all__ = [
+    "BuildResult",
+    "FORMAT_VERSION",
+    "GraphRecord",
+    "MANIFEST_FILE",
+    "Manifest",
+    "build_engines",
+    "check_engine_dir",
+    "check_graph_files",
+    "expected_manifest",
+    "file_sha256",
+    "load_manifest",
+    "package_versions",
+    "rebuild_command",
+    "unet_config_dict",
+    "unet_weights_sha256",
+    "verify_graphs_parse",
+]

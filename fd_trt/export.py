@@ -1,0 +1,655 @@
+"""ONNX export of the split UNet: the encoder and decoder graphs of DESIGN.md section 3.
+
+Each graph goes through the same stages: trace with the TorchScript exporter, clean up with
+onnx-graphsurgeon (dead nodes, topological order), fold constants with polygraphy, infer shapes,
+save (one external ``.data`` file when the model is over 2 GB) and check with ``onnx.checker``
+on the saved path.
+
+Graph names (the contract every backend relies on):
+
+* encoder: ``sample [N,C,h,w]``, ``timestep [N]`` (float32), ``encoder_hidden_states [N,L,D]``
+  -> ``mid``, ``skip_00`` .. ``skip_NN``
+* decoder: ``mid``, ``skip_00`` .. ``skip_NN``, ``timestep [M]``, ``encoder_hidden_states [M,L,D]``
+  -> ``noise_pred [M,C,h,w]``
+
+Axis 0 is dynamic on every input and output; height, width and the text shape are fixed per
+export.
+
+The TorchScript exporter (``dynamo=False``) is used on purpose: on the tiny test UNet it exports
+the encoder in about 1 s against about 5 s for the torch.export-based exporter, and its graphs are
+what the ONNX Runtime numbers of DESIGN.md section 7 were measured on.
+
+onnx, onnx-graphsurgeon, polygraphy and onnxruntime are imported inside the functions, so that
+``import fd_trt`` stays light.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .errors import BackendUnavailableError, EngineMismatchError, InputError
+from .split import Features, split_unet
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
+
+logger = logging.getLogger(__name__)
+
+#: Lowest ONNX opset the graphs may use (LayerNormalization and friends need 17).
+MIN_OPSET = 17
+DEFAULT_OPSET = 17
+#: Protobuf cannot serialise a message of 2 GiB or more; above this the weights go to a .data file.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 1
+PRECISIONS = ("fp32", "fp16")
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+ENCODER_INPUTS = ("sample", "timestep", "encoder_hidden_states")
+DECODER_OUTPUT = "noise_pred"
+ENCODER_FILE = "encoder.onnx"
+DECODER_FILE = "decoder.onnx"
+
+
+class CorruptGraphError(EngineMismatchError):
+    """A graph file is truncated, corrupt, or not the ONNX graph fd_trt wrote."""
+
+
+def _require_onnx() -> Any:
+    try:
+        import onnx
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise BackendUnavailableError(
+            f"ONNX export needs the onnx package ({exc}); install the extra with `pip install .[onnx]`"
+        ) from exc
+    return onnx
+
+
+def _require_toolchain() -> tuple[Any, Any, Any]:
+    onnx = _require_onnx()
+    try:
+        import onnx_graphsurgeon as gs
+        from polygraphy.backend import onnx as pg_onnx
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise BackendUnavailableError(
+            f"ONNX export needs onnx-graphsurgeon and polygraphy ({exc}); install them with `pip install .[onnx]`"
+        ) from exc
+    return onnx, gs, pg_onnx
+
+
+def encoder_output_names(num_skips: int) -> list[str]:
+    """The encoder graph's output names, ``mid, skip_00 .. skip_NN``.
+
+    Args:
+        num_skips: number of skip features (12 for SD 1.x).
+
+    Returns:
+        The names, in output order.
+    """
+    return Features.names(num_skips)
+
+
+def decoder_input_names(num_skips: int) -> list[str]:
+    """The decoder graph's input names: ``mid, skip_00 .. skip_NN, timestep, encoder_hidden_states``.
+
+    Args:
+        num_skips: number of skip features.
+
+    Returns:
+        The names, in input order.
+    """
+    return [*Features.names(num_skips), "timestep", "encoder_hidden_states"]
+
+
+class DecoderForExport(nn.Module):
+    """Flattens the decoder's inputs to ``(mid, *skips, timestep, encoder_hidden_states)``.
+
+    The exporter names graph inputs positionally, and the split decoder takes the skips as one
+    sequence argument; this wrapper gives each skip its own named graph input.
+
+    Args:
+        decoder: the ``UNetDecoder`` of :func:`fd_trt.split.split_unet`.
+        num_skips: number of skip features the encoder produces.
+    """
+
+    def __init__(self, decoder: nn.Module, num_skips: int) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.num_skips = num_skips
+
+    def forward(self, mid: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        skips = rest[: self.num_skips]
+        timestep, encoder_hidden_states = rest[self.num_skips], rest[self.num_skips + 1]
+        return self.decoder(mid, skips, timestep, encoder_hidden_states)
+
+
+@dataclass
+class GraphInfo:
+    """One exported graph.
+
+    Attributes:
+        path: the ``.onnx`` file.
+        data_path: the external weights file, or ``None`` when the weights are inside ``path``.
+        bytes: total size on disk (graph + external data).
+        seconds: wall seconds per stage (``export``, ``cleanup``, ``fold``, ``shapes``, ``save``, ``check``).
+    """
+
+    path: Path
+    data_path: Path | None
+    bytes: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_unet` wrote.
+
+    Attributes:
+        encoder, decoder: the two graphs.
+        precision: ``fp32`` or ``fp16``.
+        opset: the ONNX opset.
+        num_skips: number of skip features between the graphs.
+        latent_shape: ``(C, h, w)`` of the sample.
+        text_shape: ``(L, D)`` of the encoder hidden states.
+        seconds: total wall seconds.
+    """
+
+    encoder: GraphInfo
+    decoder: GraphInfo
+    precision: str
+    opset: int
+    num_skips: int
+    latent_shape: tuple[int, int, int]
+    text_shape: tuple[int, int]
+    seconds: float
+
+
+def _check_export_args(
+    latent_size: tuple[int, int], text_shape: tuple[int, int], precision: str, opset: int, example_rows: int
+) -> None:
+    if precision not in PRECISIONS:
+        raise InputError(f"precision {precision!r} cannot be exported: use one of {', '.join(PRECISIONS)}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
+        raise InputError(f"opset {opset!r} is too old for the graphs: use {MIN_OPSET} or later")
+    for name, pair in (("latent_size", latent_size), ("text_shape", text_shape)):
+        if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in pair):
+            raise InputError(f"{name} must be two positive integers, got {pair!r}")
+    if isinstance(example_rows, bool) or not isinstance(example_rows, int) or example_rows < 2:
+        # One row would let the tracer specialise size-1 broadcasts into the graph.
+        raise InputError(f"example_rows must be an integer >= 2, got {example_rows!r}")
+
+
+def _unet_for_precision(unet: nn.Module, precision: str) -> nn.Module:
+    dtype = _TORCH_DTYPES[precision]
+    param = next(unet.parameters())
+    if param.dtype == dtype:
+        return unet
+    # A copy, so the caller's UNet keeps its dtype; fp16 graphs must come from fp16 weights.
+    # nn.Module.to, not diffusers' override, which warns about keep-in-fp32 modules SD UNets lack.
+    return nn.Module.to(copy.deepcopy(unet), dtype=dtype).eval()
+
+
+def example_inputs(
+    unet: nn.Module,
+    latent_size: tuple[int, int],
+    text_shape: tuple[int, int],
+    rows: int = 2,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded encoder inputs: latents, per-row timesteps and text states.
+
+    Args:
+        unet: the UNet (for its channel count and device).
+        latent_size: ``(h, w)``.
+        text_shape: ``(L, D)``.
+        rows: N.
+        dtype: dtype of the sample and text (the timestep is always float32).
+        seed: seed of the CPU generator.
+
+    Returns:
+        ``(sample [N,C,h,w], timestep [N], encoder_hidden_states [N,L,D])``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    device = next(unet.parameters()).device
+    channels = int(unet.config.in_channels)
+    sample = torch.randn((rows, channels, *latent_size), generator=gen).to(device, dtype)
+    # Distinct timesteps per row, so nothing in the trace can assume they are equal.
+    timestep = torch.linspace(999.0, 1.0, rows).to(device, torch.float32)
+    text = torch.randn((rows, *text_shape), generator=gen).to(device, dtype)
+    return sample, timestep, text
+
+
+@contextmanager
+def _quiet_exporters() -> Iterator[None]:
+    # The tracer warns about every Python-side shape assert in diffusers; they are expected here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx.*")
+        ort = None
+        try:
+            import onnxruntime as ort
+
+            # polygraphy folds constants through onnxruntime, whose graph optimizer warns about
+            # every Unsqueeze it cannot remove; 2 (warning) is onnxruntime's default to restore.
+            ort.set_default_logger_severity(3)
+        except ImportError:  # pragma: no cover - folding then fails with its own message
+            pass
+        try:
+            from polygraphy.logger import G_LOGGER
+
+            with G_LOGGER.verbosity(G_LOGGER.ERROR):
+                yield
+        finally:
+            if ort is not None:
+                ort.set_default_logger_severity(2)
+
+
+def initializer_bytes(model: "onnx.ModelProto") -> int:
+    """Bytes of the model's weights, without serialising it (protobuf cannot above 2 GB).
+
+    Args:
+        model: an ONNX model with its weights loaded.
+
+    Returns:
+        The summed byte size of all initializers, including those in subgraphs' constants.
+    """
+    import numpy as np
+    import onnx
+
+    total = 0
+    for init in model.graph.initializer:
+        if init.HasField("raw_data"):
+            total += len(init.raw_data)
+        else:
+            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+            total += math.prod(init.dims) * itemsize
+    return total
+
+
+def save_onnx(
+    model: "onnx.ModelProto", path: str | os.PathLike[str], external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
+) -> Path | None:
+    """Saves a model, moving its weights to ``<name>.data`` when they exceed the threshold.
+
+    The file is written under a temporary name and renamed, so that an interrupted save never
+    leaves a truncated graph under the final name.
+
+    Args:
+        model: the model (weights loaded).
+        path: the target ``.onnx`` path.
+        external_data_threshold: weights above this many bytes go to one external file.
+
+    Returns:
+        The external data path, or ``None`` when the weights stay inside the graph file.
+    """
+    onnx = _require_onnx()
+    path = Path(path)
+    data_path = path.with_name(path.name + ".data")
+    tmp = path.with_name(path.name + ".tmp")
+    external = initializer_bytes(model) > external_data_threshold
+    for stale in (data_path, tmp):
+        if stale.exists():
+            stale.unlink()
+    if external:
+        # The location recorded in the graph is the final name; the data file is written in place.
+        onnx.save_model(
+            model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data_path.name, size_threshold=1024
+        )
+    else:
+        onnx.save_model(model, tmp)
+    os.replace(tmp, path)
+    return data_path if external else None
+
+
+def optimize_onnx(model: "onnx.ModelProto") -> "onnx.ModelProto":
+    """Cleans up, folds constants and infers shapes.
+
+    Args:
+        model: a freshly exported model with its weights loaded.
+
+    Returns:
+        The optimized model.
+    """
+    _, gs, pg_onnx = _require_toolchain()
+    graph = gs.import_onnx(model)
+    graph.cleanup().toposort()
+    model = gs.export_onnx(graph)
+    model = pg_onnx.fold_constants(model, num_passes=2, error_ok=False, allow_onnxruntime_shape_inference=False)
+    model = pg_onnx.infer_shapes(model, error_ok=False, allow_onnxruntime=False)
+    # Folding can orphan nodes and initializers; one more cleanup keeps the files minimal.
+    graph = gs.import_onnx(model)
+    graph.cleanup().toposort()
+    return gs.export_onnx(graph)
+
+
+def _export_graph(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: Path,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    opset: int,
+    external_data_threshold: int,
+    bar: Any,
+) -> GraphInfo:
+    onnx = _require_onnx()
+    seconds: dict[str, float] = {}
+    dynamic = {name: {0: "rows"} for name in (*input_names, *output_names)}
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=path.parent) as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        t0 = time.perf_counter()
+        bar.set_postfix_str(f"{path.stem}: trace")
+        with torch.no_grad(), _quiet_exporters():
+            torch.onnx.export(
+                module,
+                args,
+                str(raw),
+                dynamo=False,
+                opset_version=opset,
+                input_names=list(input_names),
+                output_names=list(output_names),
+                dynamic_axes=dynamic,
+                do_constant_folding=True,
+            )
+        # Large models come back with one file per tensor next to raw.onnx; onnx.load gathers them.
+        model = onnx.load(str(raw), load_external_data=True)
+        seconds["export"] = time.perf_counter() - t0
+        bar.update(1)
+
+    t0 = time.perf_counter()
+    bar.set_postfix_str(f"{path.stem}: optimize")
+    with _quiet_exporters():
+        model = optimize_onnx(model)
+    seconds["optimize"] = time.perf_counter() - t0
+    bar.update(1)
+
+    t0 = time.perf_counter()
+    bar.set_postfix_str(f"{path.stem}: save + check")
+    data_path = save_onnx(model, path, external_data_threshold)
+    del model
+    # The path form of the checker reads external data itself and works above 2 GB.
+    onnx.checker.check_model(str(path))
+    seconds["save"] = time.perf_counter() - t0
+    bar.update(1)
+    size = path.stat().st_size + (data_path.stat().st_size if data_path else 0)
+    return GraphInfo(path=path, data_path=data_path, bytes=size, seconds=seconds)
+
+
+def export_unet(
+    unet: nn.Module,
+    out_dir: str | os.PathLike[str],
+    *,
+    latent_size: tuple[int, int],
+    text_shape: tuple[int, int] | None = None,
+    precision: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    example_rows: int = 2,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    progress: bool = True,
+) -> ExportResult:
+    """Exports the encoder and decoder of a UNet as ``encoder.onnx`` and ``decoder.onnx``.
+
+    Args:
+        unet: a diffusers ``UNet2DConditionModel`` (left unchanged; an fp16 export works on a copy).
+        out_dir: folder for the two graphs; created when missing. Existing graphs are replaced.
+        latent_size: ``(h, w)`` of the latents (image size / 8 for SD).
+        text_shape: ``(L, D)`` of the text states; ``(77, cross_attention_dim)`` when omitted.
+        precision: ``fp32`` (CPU) or ``fp16`` (exported from a half-precision copy, for TensorRT).
+        opset: ONNX opset, 17 or later.
+        example_rows: rows of the tracing inputs (axis 0 stays dynamic whatever it is).
+        external_data_threshold: weights above this many bytes are saved to ``<graph>.onnx.data``.
+        progress: show a progress bar over the export stages.
+
+    Returns:
+        An :class:`ExportResult` with paths, sizes and timings.
+
+    Raises:
+        InputError: for a bad precision, opset or shape.
+        UnsupportedModelError: when the UNet cannot be split.
+        BackendUnavailableError: when onnx, onnx-graphsurgeon or polygraphy is missing.
+    """
+    from tqdm.auto import tqdm
+
+    if text_shape is None:
+        text_shape = (77, int(unet.config.cross_attention_dim))
+    latent_size, text_shape = tuple(latent_size), tuple(text_shape)  # type: ignore[assignment]
+    _check_export_args(latent_size, text_shape, precision, opset, example_rows)
+    _require_toolchain()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    t_start = time.perf_counter()
+    model = _unet_for_precision(unet, precision)
+    split = split_unet(model)
+    num_skips = split.num_skips
+    feature_names = encoder_output_names(num_skips)
+    sample, timestep, text = example_inputs(model, latent_size, text_shape, example_rows, _TORCH_DTYPES[precision])
+    with torch.no_grad():
+        feats = split.encoder(sample, timestep, text)
+
+    bar = tqdm(total=6, desc=f"export {precision}", disable=not progress, leave=False)
+    try:
+        encoder = _export_graph(
+            split.encoder,
+            (sample, timestep, text),
+            out / ENCODER_FILE,
+            ENCODER_INPUTS,
+            feature_names,
+            opset,
+            external_data_threshold,
+            bar,
+        )
+        decoder = _export_graph(
+            DecoderForExport(split.decoder, num_skips),
+            (*feats, timestep, text),
+            out / DECODER_FILE,
+            decoder_input_names(num_skips),
+            (DECODER_OUTPUT,),
+            opset,
+            external_data_threshold,
+            bar,
+        )
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t_start
+    logger.info(
+        "exported %s graphs to %s in %.1f s: encoder %.1f MB, decoder %.1f MB",
+        precision,
+        out,
+        seconds,
+        encoder.bytes / 1e6,
+        decoder.bytes / 1e6,
+    )
+    return ExportResult(
+        encoder=encoder,
+        decoder=decoder,
+        precision=precision,
+        opset=opset,
+        num_skips=num_skips,
+        latent_shape=(int(model.config.in_channels), *latent_size),
+        text_shape=text_shape,
+        seconds=seconds,
+    )
+
+
+def check_graph_file(path: str | os.PathLike[str]) -> "onnx.ModelProto":
+    """Parses a graph file without its external weights, turning corruption into a clear error.
+
+    Native runtimes report a truncated protobuf poorly (or crash); parsing it in Python first
+    gives a message that names the file and the fix.
+
+    Args:
+        path: an ``.onnx`` file.
+
+    Returns:
+        The model proto, without external weights loaded.
+
+    Raises:
+        CorruptGraphError: when the file is missing, truncated, or not an ONNX model.
+    """
+    onnx = _require_onnx()
+    path = Path(path)
+    if not path.is_file():
+        raise CorruptGraphError(f"graph file {path} does not exist: rebuild the engine directory (fd-trt build)")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and friends, with no common base
+        raise CorruptGraphError(
+            f"graph file {path} ({path.stat().st_size} bytes) is truncated or corrupt ({type(exc).__name__}: {exc}); "
+            "delete it and rebuild the engine directory (fd-trt build)"
+        ) from exc
+    if len(model.graph.node) == 0 or len(model.graph.output) == 0:
+        raise CorruptGraphError(
+            f"graph file {path} parses but holds no graph ({path.stat().st_size} bytes): it is truncated or not an "
+            "fd_trt graph; delete it and rebuild the engine directory (fd-trt build)"
+        )
+    locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    for location in sorted(locations):
+        data = path.parent / location
+        if not data.is_file():
+            raise CorruptGraphError(
+                f"graph file {path} keeps its weights in {data}, which is missing: rebuild the engine directory (fd-trt build)"
+            )
+    return model
+
+
+@dataclass
+class PrecisionReport:
+    """fp16 graph against fp32 graph on the same inputs (ONNX Runtime CPU).
+
+    Attributes:
+        max_abs_error: per output name, max |fp16 - fp32|.
+        max_abs_reference: per output name, max |fp32|, to judge the error against.
+        finite: ``False`` when an fp16 output holds NaN or Inf (fp16 overflow).
+    """
+
+    max_abs_error: dict[str, float]
+    max_abs_reference: dict[str, float]
+    finite: bool
+
+    @property
+    def worst_relative(self) -> float:
+        """The largest ``max_abs_error / max_abs_reference`` over the outputs."""
+        return max(e / max(self.max_abs_reference[k], 1e-12) for k, e in self.max_abs_error.items())
+
+
+def _ort_feed(session: Any, values: dict[str, torch.Tensor]) -> dict[str, Any]:
+    import numpy as np
+
+    feed = {}
+    for inp in session.get_inputs():
+        dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
+        feed[inp.name] = values[inp.name].detach().cpu().numpy().astype(dtype)
+    return feed
+
+
+def compare_precisions(
+    fp32_dir: str | os.PathLike[str],
+    fp16_dir: str | os.PathLike[str],
+    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    decoder_timesteps: torch.Tensor | None = None,
+) -> dict[str, PrecisionReport]:
+    """Runs the fp16 and fp32 graphs on the same real inputs and reports the fp16 error.
+
+    The decoder of each precision is fed its own encoder's features, so the decoder report is
+    the error of the whole fp16 UNet, overflow included.
+
+    Args:
+        fp32_dir: folder with the fp32 ``encoder.onnx`` / ``decoder.onnx``.
+        fp16_dir: folder with the fp16 graphs.
+        inputs: ``(sample [N,C,h,w], timestep [N], encoder_hidden_states [N,L,D])``, real values
+            where possible (latents and text states of an actual prompt).
+        decoder_timesteps: ``[S]`` timesteps to decode the features at (step-major rows); the
+            encoder's own timesteps when omitted.
+
+    Returns:
+        ``{"encoder": report, "decoder": report}``.
+    """
+    import numpy as np
+
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:  # pragma: no cover
+        raise BackendUnavailableError(f"the fp16 check runs on onnxruntime ({exc}); `pip install .[onnx]`") from exc
+    sample, timestep, text = inputs
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    results: dict[str, dict[str, np.ndarray]] = {}
+    for tag, folder in (("fp32", Path(fp32_dir)), ("fp16", Path(fp16_dir))):
+        for f in (ENCODER_FILE, DECODER_FILE):
+            check_graph_file(folder / f)
+        enc = ort.InferenceSession(str(folder / ENCODER_FILE), opts, providers=["CPUExecutionProvider"])
+        dec = ort.InferenceSession(str(folder / DECODER_FILE), opts, providers=["CPUExecutionProvider"])
+        names = [o.name for o in enc.get_outputs()]
+        enc_out = enc.run(None, _ort_feed(enc, {"sample": sample, "timestep": timestep, "encoder_hidden_states": text}))
+        as_f32 = [torch.from_numpy(a.astype(np.float32)) for a in enc_out]
+        feats = Features(as_f32[0], tuple(as_f32[1:]))
+        steps = decoder_timesteps if decoder_timesteps is not None else timestep[:1]
+        s = int(steps.shape[0])
+        feats = feats.repeat(s)
+        dec_values = {n: t for n, t in zip(names, feats.tensors())}
+        dec_values["timestep"] = steps.float().repeat_interleave(int(sample.shape[0]))
+        dec_values["encoder_hidden_states"] = text.float().repeat(s, 1, 1)
+        noise = dec.run(None, _ort_feed(dec, dec_values))[0]
+        results[tag] = {**{n: a.astype(np.float32) for n, a in zip(names, enc_out)}, DECODER_OUTPUT: noise.astype(np.float32)}
+
+    reports = {}
+    for graph, keys in (("encoder", [k for k in results["fp32"] if k != DECODER_OUTPUT]), ("decoder", [DECODER_OUTPUT])):
+        errs, refs, finite = {}, {}, True
+        for k in keys:
+            a, b = results["fp16"][k], results["fp32"][k]
+            finite = finite and bool(np.isfinite(a).all())
+            errs[k] = float(np.nanmax(np.abs(a - b))) if np.isfinite(a).any() else float("inf")
+            refs[k] = float(np.abs(b).max())
+        reports[graph] = PrecisionReport(errs, refs, finite)
+        if not finite:
+            logger.warning("fp16 %s graph produced NaN/Inf on real inputs: fp16 overflow; keep this model in fp32", graph)
+        else:
+            logger.info("fp16 %s graph: max |error| vs fp32 %.3g (relative %.3g)", graph, max(errs.values()), reports[graph].worst_relative)
+    return reports
+
+
+def remove_graphs(out_dir: str | os.PathLike[str]) -> None:
+    """Deletes the graph files (and their external data) in a folder.
+
+    Args:
+        out_dir: an export folder.
+    """
+    out = Path(out_dir)
+    for name in (ENCODER_FILE, DECODER_FILE):
+        for p in (out / name, out / (name + ".data"), out / (name + ".tmp")):
+            if p.exists():
+                p.unlink()
+    for p in out.glob(".export-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+__all__ = [
+    "CorruptGraphError",
+    "DecoderForExport",
+    "ExportResult",
+    "GraphInfo",
+    "PrecisionReport",
+    "check_graph_file",
+    "compare_precisions",
+    "decoder_input_names",
+    "encoder_output_names",
+    "example_inputs",
+    "export_unet",
+    "optimize_onnx",
+    "save_onnx",
+]

@@ -1,0 +1,259 @@
+"""ONNX export, engine directories and the ONNX Runtime runner, on a tiny random SD (CPU, no network)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnx_graphsurgeon")
+pytest.importorskip("polygraphy")
+
+from fd_trt.backends.onnxruntime import OrtRunner  # noqa: E402
+from fd_trt.engines import (  # noqa: E402
+    MANIFEST_FILE,
+    build_engines,
+    check_engine_dir,
+    load_manifest,
+)
+from fd_trt.errors import EngineMismatchError, FdTrtError  # noqa: E402
+from fd_trt.export import (  # noqa: E402
+    CorruptGraphError,
+    compare_precisions,
+    decoder_input_names,
+    encoder_output_names,
+    example_inputs,
+    export_unet,
+)
+from fd_trt.models import tiny_sd_pipeline  # noqa: E402
+from fd_trt.split import Features, split_unet  # noqa: E402
+
+LATENT = (8, 8)
+TEXT = (16, 32)  # the tiny tokenizer's length and the tiny text encoder's width
+REL_TOL = 1e-4
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return tiny_sd_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def engine_dir(sd, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("engines") / "tiny"
+    result = build_engines(sd.unet, out, latent_size=LATENT, text_shape=TEXT, model_source="tiny", progress=False)
+    assert result.built
+    return out
+
+
+@pytest.fixture(scope="module")
+def runner(engine_dir):
+    with OrtRunner(engine_dir, intra_op_threads=2) as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def split(sd):
+    return split_unet(sd.unet)
+
+
+def _inputs(rows: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn((rows, 4, *LATENT), generator=g),
+        torch.linspace(981.0, 1.0, rows),
+        torch.randn((rows, *TEXT), generator=g),
+    )
+
+
+def test_graphs_carry_the_contract_names_with_dynamic_rows(engine_dir, split):
+    enc = onnx.load(str(engine_dir / "encoder.onnx"))
+    dec = onnx.load(str(engine_dir / "decoder.onnx"))
+    names = encoder_output_names(split.num_skips)
+    assert [i.name for i in enc.graph.input] == ["sample", "timestep", "encoder_hidden_states"]
+    assert [o.name for o in enc.graph.output] == names
+    assert [i.name for i in dec.graph.input] == decoder_input_names(split.num_skips)
+    assert [o.name for o in dec.graph.output] == ["noise_pred"]
+    assert enc.opset_import[0].version >= 17
+    for value in [*enc.graph.input, *enc.graph.output, *dec.graph.input, *dec.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        assert dims[0].dim_param, f"{value.name} has a fixed axis 0"
+        assert all(d.dim_value > 0 for d in dims[1:]), f"{value.name} has a symbolic non-row axis"
+    ts = next(i for i in dec.graph.input if i.name == "timestep")
+    assert ts.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_ort_encoder_matches_torch_split(runner, split):
+    sample, t, text = _inputs(2)
+    feats = runner.encode(sample, t, text)
+    with torch.no_grad():
+        ref = split.run_encoder(sample, t, text)
+    assert len(feats.skips) == len(ref.skips)
+    for got, want in zip(feats.tensors(), ref.tensors()):
+        assert got.shape == want.shape
+        assert rel_err(got, want) < REL_TOL
+
+
+@pytest.mark.parametrize("rows", [2, 6, 30])
+def test_ort_decoder_matches_torch_split_with_mixed_timesteps(runner, split, rows):
+    sample, t, text = _inputs(2)
+    steps = torch.linspace(961.0, 21.0, rows // 2)  # a different timestep per step of the segment
+    feats = runner.encode(sample, t, text)
+    got = runner.decode(feats, steps, text)
+    with torch.no_grad():
+        ref_feats = split.run_encoder(sample, t, text)
+        expanded = ref_feats.repeat(rows // 2)
+        want = split.run_decoder(expanded, steps.repeat_interleave(2), text.repeat(rows // 2, 1, 1))
+    assert got.shape == (rows, 4, *LATENT)
+    assert got.dtype == torch.float32
+    assert rel_err(got, want) < REL_TOL
+
+
+def test_ort_decoder_graph_takes_independent_rows(runner, split, engine_dir):
+    # Every row with its own features, text and timestep: the graph must not mix rows.
+    rows = 6
+    g = torch.Generator().manual_seed(3)
+    sample, _, text = _inputs(rows, seed=4)
+    t = torch.rand(rows, generator=g) * 999
+    with torch.no_grad():
+        feats = split.run_encoder(sample, torch.full((rows,), 500.0), text)
+        want = split.run_decoder(feats, t, text)
+    sess = ort.InferenceSession(str(engine_dir / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    feed = {n: v.numpy() for n, v in zip(Features.names(len(feats.skips)), feats.tensors())}
+    feed.update(timestep=t.numpy(), encoder_hidden_states=text.numpy())
+    got = torch.from_numpy(sess.run(None, feed)[0])
+    assert rel_err(got, want) < REL_TOL
+
+
+def test_pipeline_latents_match_torch_backend(sd, engine_dir):
+    from fd_trt import FasterDiffusionPipeline
+
+    latents = torch.randn((1, 4, *LATENT), generator=torch.Generator().manual_seed(7))
+    pipe_t = FasterDiffusionPipeline(sd, backend="torch", device="cpu", progress=False)
+    pipe_o = FasterDiffusionPipeline(sd, backend=OrtRunner(engine_dir), device="cpu", progress=False)
+    for schedule in ("paper", "all"):
+        kw = dict(num_inference_steps=20, latents=latents, output_type="latent", schedule=schedule)
+        a = pipe_o("a red circle", **kw).images
+        b = pipe_t("a red circle", **kw).images
+        assert rel_err(a, b) < REL_TOL, schedule
+    pipe_o.close()
+
+
+def test_polygraphy_comparator_accepts_graphs_against_torch_reference(engine_dir, split):
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
+    from polygraphy.comparator.struct import IterationResult
+
+    sample, t, text = _inputs(2, seed=9)
+    feed = {"sample": sample.numpy(), "timestep": t.numpy(), "encoder_hidden_states": text.numpy()}
+    with torch.no_grad():
+        ref = split.encoder(sample, t, text)
+    names = encoder_output_names(split.num_skips)
+    reference = RunResults()
+    reference.append(("torch", [IterationResult({n: r.numpy() for n, r in zip(names, ref)}, runner_name="torch")]))
+    results = Comparator.run([OnnxrtRunner(SessionFromOnnx(str(engine_dir / "encoder.onnx")))], data_loader=[feed])
+    reference.extend(results)
+    ok = Comparator.compare_accuracy(reference, compare_func=SimpleCompareFunc(atol=1e-4, rtol=1e-4))
+    assert bool(ok)
+
+
+def test_truncated_decoder_gives_clear_error(engine_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(engine_dir, broken)
+    dec = broken / "decoder.onnx"
+    dec.write_bytes(dec.read_bytes()[: dec.stat().st_size // 3])
+    with pytest.raises(CorruptGraphError, match="decoder.onnx.*truncated"):
+        OrtRunner(broken).activate()
+    # Without the manifest the file is parsed before onnxruntime sees it.
+    (broken / MANIFEST_FILE).unlink()
+    with pytest.raises(FdTrtError, match="decoder.onnx.*truncated or corrupt"):
+        OrtRunner(broken).activate()
+    with pytest.raises(FdTrtError, match="decoder.onnx"):
+        OrtRunner(encoder_path=broken / "encoder.onnx", decoder_path=broken / "decoder.onnx").activate()
+
+
+def test_second_build_is_a_no_op(sd, engine_dir):
+    before = {p.name: p.stat().st_mtime_ns for p in engine_dir.iterdir()}
+    result = build_engines(sd.unet, engine_dir, latent_size=LATENT, text_shape=TEXT, model_source="tiny", progress=False)
+    assert not result.built and result.reason == "up to date"
+    assert {p.name: p.stat().st_mtime_ns for p in engine_dir.iterdir()} == before
+
+
+def test_changed_unet_weight_is_stale(sd, engine_dir, tmp_path):
+    check_engine_dir(engine_dir, sd.unet, latent_size=LATENT, text_shape=TEXT, precision="fp32")
+    changed = tiny_sd_pipeline(seed=0).unet
+    with torch.no_grad():
+        changed.conv_out.bias[0] += 1e-3
+    with pytest.raises(EngineMismatchError, match="unet_sha256.*fd-trt build"):
+        check_engine_dir(engine_dir, changed)
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(engine_dir, copy_dir)
+    result = build_engines(changed, copy_dir, latent_size=LATENT, text_shape=TEXT, progress=False)
+    assert result.built and "unet_sha256" in result.reason
+    check_engine_dir(copy_dir, changed)
+
+
+def test_engines_for_another_shape_are_refused(engine_dir):
+    with pytest.raises(EngineMismatchError, match=r"latent_shape \(built for \[8, 8\], asked for \[16, 16\]\).*--height 128"):
+        check_engine_dir(engine_dir, latent_size=(16, 16))
+    assert load_manifest(engine_dir).decoder_rows == [1, 30]
+
+
+def test_fp16_graphs_stay_close_to_fp32(sd, engine_dir, tmp_path):
+    result = export_unet(sd.unet, tmp_path / "fp16", latent_size=LATENT, text_shape=TEXT, precision="fp16", progress=False)
+    assert next(sd.unet.parameters()).dtype == torch.float32  # the caller's UNet is untouched
+    enc = onnx.load(str(result.encoder.path), load_external_data=False)
+    assert enc.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    reports = compare_precisions(engine_dir, tmp_path / "fp16", example_inputs(sd.unet, LATENT, TEXT), torch.tensor([900.0, 20.0]))
+    for report in reports.values():
+        assert report.finite
+        assert report.worst_relative < 1e-2
+    with pytest.raises(EngineMismatchError, match="float16.*--precision fp32"):
+        OrtRunner(tmp_path / "fp16", dtype="fp32").activate()
+    with OrtRunner(tmp_path / "fp16") as r:
+        assert r.dtype == torch.float16
+        sample, t, text = _inputs(2)
+        assert r.decode(r.encode(sample, t, text), t[:1], text).dtype == torch.float32
+
+
+def test_external_data_export_runs(sd, tmp_path, split):
+    result = export_unet(sd.unet, tmp_path / "ext", latent_size=LATENT, text_shape=TEXT, external_data_threshold=0, progress=False)
+    assert result.decoder.data_path is not None and result.decoder.data_path.is_file()
+    sample, t, text = _inputs(2)
+    with OrtRunner(tmp_path / "ext") as r:
+        got = r.decode(r.encode(sample, t, text), t[:1], text)
+    with torch.no_grad():
+        want = split.run_decoder(split.run_encoder(sample, t, text), t[:1].expand(2), text)
+    assert rel_err(got, want) < REL_TOL
+
+
+def test_import_fd_trt_loads_no_onnx():
+    code = (
+        "import sys, fd_trt, fd_trt.export, fd_trt.engines, fd_trt.backends.onnxruntime;"
+        "bad = [m for m in ('onnx', 'onnxruntime', 'onnx_graphsurgeon', 'polygraphy') if m in sys.modules];"
+        "assert not bad, bad"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_bad_arguments_name_the_value():
+    from fd_trt.errors import InputError
+
+    with pytest.raises(InputError, match="opset 11"):
+        export_unet(tiny_sd_pipeline().unet, "/nonexistent-never-created", latent_size=LATENT, opset=11)
+    with pytest.raises(InputError, match="does not exist"):
+        OrtRunner("/nonexistent-engine-dir")
+    with pytest.raises(FdTrtError, match="CUDAExecutionProvider|device"):
+        OrtRunner(encoder_path="a.onnx", decoder_path="b.onnx", providers=["cuda"]).activate()
