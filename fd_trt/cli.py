@@ -39,6 +39,55 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_bench(sub: Any) -> None:
+    p = sub.add_parser("bench", help="benchmark diffusers, fd_trt and DeepCache side by side")
+    p.add_argument("--model", default="sd15-arch", help="default | tiny | sd15-arch | a local diffusers folder")
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
+    p.add_argument("--backends", default="torch", help="comma-separated: torch,onnxruntime,tensorrt")
+    p.add_argument("--schedules", default="all,paper", help="comma-separated fd_trt schedules (';' separates lists)")
+    p.add_argument("--precisions", default="fp32", help="torch runner precisions, e.g. fp32,bf16")
+    p.add_argument("--repeat", type=int, default=1, help="timed runs per system (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per system first")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads")
+    p.add_argument("--no-deepcache", action="store_true", help="skip the DeepCache row")
+    p.add_argument("--json", default=None)
+    p.add_argument("--markdown", default=None)
+    p.add_argument("--plot", default=None, help="PNG bar chart")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, run_benchmark, to_markdown, write_outputs
+
+    split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
+    cfg = BenchConfig(
+        model=args.model,
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        guidance=args.guidance,
+        scheduler=args.scheduler,
+        backends=split(args.backends),
+        schedules=tuple(x.strip() for x in args.schedules.split(";" if ";" in args.schedules else ",") if x.strip()),
+        precisions=split(args.precisions),
+        repeat=args.repeat,
+        warmup=args.warmup,
+        deepcache=not args.no_deepcache,
+        threads=args.threads,
+    )
+    report = run_benchmark(cfg, progress=not args.quiet)
+    write_outputs(report, args.json, args.markdown, args.plot)
+    print(to_markdown(report))
+    for path in (args.json, args.markdown, args.plot):
+        if path:
+            print(f"wrote {path}")
+    return 0
+
+
 def _fmt_stats(label: str, st: Any) -> str:
     s = st.seconds
     return (
@@ -128,11 +177,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fd-trt", description="Faster Diffusion on compiled graphs")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_bench(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "bench":
+            return _bench(args)
     except FdTrtError as e:
         print(f"fd-trt: error: {e}", file=sys.stderr)
         return 2

@@ -223,3 +223,68 @@ def load_diffusers_pipeline(source: str | os.PathLike[str]) -> tuple[Any, str]:
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe, str(path)
+
+
+def sd15_arch_pipeline(seed: int = 0) -> Any:
+    """Stable Diffusion 1.5's UNet and a CLIP-L-width text encoder with random weights (no download).
+
+    The UNet has SD1.5's exact configuration (320/640/1280/1280 channels, two layers per block,
+    cross-attention width 768, 8 heads). The text encoder is CLIP-L shaped (12 layers, width 768,
+    77 tokens) over the word tokenizer. The VAE is tiny but keeps SD's downsampling factor of 8,
+    so 256x256 means 32x32 latents. Use it to measure speed and FLOPs, not images.
+
+    Args:
+        seed: seeds the weights.
+
+    Returns:
+        A float32 ``diffusers.StableDiffusionPipeline`` on the CPU.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = make_word_tokenizer(max_length=77)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+        )
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 16, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=512,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=DDIMScheduler(**sd_scheduler_config()),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

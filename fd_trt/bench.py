@@ -1,0 +1,455 @@
+"""Side-by-side benchmark: plain diffusers, fd_trt per backend and schedule, and DeepCache.
+
+All systems run in one process, interleaved repeat by repeat, with the same weights, prompt and
+initial latents. Each result row has the keys of :data:`ROW_KEYS`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .errors import InputError
+
+logger = logging.getLogger(__name__)
+
+ROW_KEYS = (
+    "system",
+    "backend",
+    "schedule",
+    "precision",
+    "s_per_image",
+    "s_min",
+    "s_max",
+    "unet_s_per_image",
+    "encoder_calls",
+    "decoder_calls",
+    "unet_gflops_per_image",
+    "peak_mem_mb",
+    "rel_l2_vs_diffusers",
+    "speedup_vs_diffusers",
+    "note",
+)
+
+MODELS = ("default", "tiny", "sd15-arch")
+
+
+@dataclass
+class BenchConfig:
+    """What to benchmark.
+
+    Attributes:
+        model: ``default``, ``tiny``, ``sd15-arch`` or a local diffusers folder.
+        height, width, steps, guidance: generation settings (CFG on when guidance > 1).
+        scheduler: ``ddim``, ``dpmpp``, ``pndm``, ``euler`` or ``ddpm``.
+        backends: fd_trt backends to run.
+        schedules: fd_trt schedules to run (``all`` and ``paper`` by default).
+        precisions: runner precisions for the torch backend (``fp32``, ``bf16``, ...).
+        repeat, warmup: timed and untimed runs per system.
+        deepcache: also run DeepCache when it is installed.
+        threads: torch / ORT intra-op threads (None: library default).
+        prompt, seed: the shared prompt and latent seed.
+    """
+
+    model: str = "sd15-arch"
+    height: int = 256
+    width: int = 256
+    steps: int = 50
+    guidance: float = 7.5
+    scheduler: str = "ddim"
+    backends: tuple[str, ...] = ("torch",)
+    schedules: tuple[str, ...] = ("all", "paper")
+    precisions: tuple[str, ...] = ("fp32",)
+    repeat: int = 1
+    warmup: int = 1
+    deepcache: bool = True
+    threads: int | None = None
+    prompt: str = "a red circle on the left and a blue square on the right"
+    seed: int = 0
+
+
+@dataclass
+class _System:
+    system: str
+    backend: str
+    schedule: str
+    precision: str
+    run: Callable[[], tuple[torch.Tensor, dict[str, Any]]]
+    note: str = ""
+    times: list[float] = field(default_factory=list)
+    unet_times: list[float] = field(default_factory=list)
+    peak_mb: float = 0.0
+    latents: torch.Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    gflops: float | None = None
+
+
+class _PeakRss:
+    """Samples this process's resident memory in a thread; CUDA peak comes from torch."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            self._stop.wait(0.01)
+
+    def __enter__(self) -> "_PeakRss":
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.peak = self._rss()
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.cuda:
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+
+    @property
+    def mb(self) -> float:
+        return self.peak / 2**20
+
+
+def load_model(name: str, seed: int = 0) -> tuple[Any, str]:
+    """Loads a benchmark model by name (see :data:`MODELS`) or local folder."""
+    from .models import load_diffusers_pipeline, sd15_arch_pipeline, tiny_sd_pipeline
+
+    if name == "tiny":
+        return tiny_sd_pipeline(seed), "tiny random-weight SD"
+    if name == "sd15-arch":
+        return sd15_arch_pipeline(seed), "SD1.5-shaped UNet, CLIP-L-width text encoder, random weights"
+    return load_diffusers_pipeline(name)
+
+
+def _unet_timer(unet: torch.nn.Module) -> tuple[list[float], Callable[[], None]]:
+    """Accumulates wall time inside ``unet.forward`` via hooks; returns (box, remove)."""
+    box = [0.0]
+    start: list[float] = []
+
+    def pre(*_: Any) -> None:
+        start.append(time.perf_counter())
+
+    def post(*_: Any) -> None:
+        box[0] += time.perf_counter() - start.pop()
+
+    h1 = unet.register_forward_pre_hook(pre)
+    h2 = unet.register_forward_hook(post)
+
+    def remove() -> None:
+        h1.remove()
+        h2.remove()
+
+    return box, remove
+
+
+def _count_unet_gflops(unet: torch.nn.Module, fn: Callable[[], Any]) -> float:
+    """Counts the FLOPs inside ``unet.forward`` calls while ``fn`` runs (text encoder and VAE excluded)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    total = [0]
+    active: list[Any] = []
+
+    def pre(*_: Any) -> None:
+        mode = FlopCounterMode(display=False)
+        mode.__enter__()
+        active.append(mode)
+
+    def post(*_: Any) -> None:
+        mode = active.pop()
+        mode.__exit__(None, None, None)
+        total[0] += mode.get_total_flops()
+
+    h1 = unet.register_forward_pre_hook(pre)
+    h2 = unet.register_forward_hook(post)
+    try:
+        fn()
+    finally:
+        h1.remove()
+        h2.remove()
+    return total[0] / 1e9
+
+
+def build_systems(cfg: BenchConfig, sd: Any, latents: torch.Tensor) -> list[_System]:
+    """Creates the callables of every system in the benchmark."""
+    from .models import make_scheduler
+    from .pipeline import FasterDiffusionPipeline
+
+    sd.scheduler = make_scheduler(cfg.scheduler, sd.scheduler.config)
+    common = dict(
+        num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, height=cfg.height, width=cfg.width
+    )
+    systems: list[_System] = []
+
+    def diffusers_run(pipe: Any) -> Callable[[], tuple[torch.Tensor, dict[str, Any]]]:
+        def run() -> tuple[torch.Tensor, dict[str, Any]]:
+            last: list[torch.Tensor] = []
+
+            def grab(p: Any, i: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
+                last[:] = [kw["latents"]]
+                return {}
+
+            box, remove = _unet_timer(pipe.unet)
+            try:
+                pipe(cfg.prompt, latents=latents.clone(), output_type="np", callback_on_step_end=grab, **common)
+            finally:
+                remove()
+            n = len(pipe.scheduler.timesteps)
+            return last[0].float(), {"unet_s": box[0], "encoder_calls": n, "decoder_calls": n}
+
+        return run
+
+    systems.append(_System("diffusers", "torch", "-", "fp32", diffusers_run(sd)))
+
+    for backend in cfg.backends:
+        precisions = cfg.precisions if backend == "torch" else ("fp32",)
+        for precision in precisions:
+            try:
+                pipe_sd = sd if precision == "fp32" else _clone_pipeline(sd)
+                fd = FasterDiffusionPipeline.from_diffusers(
+                    pipe_sd, backend=backend, device="cpu", precision=precision, progress=False
+                )
+            except Exception as e:  # a backend that cannot start still gets a row that says why
+                systems.append(_System("fd_trt", backend, ",".join(cfg.schedules), precision, _fail(e), note=f"unavailable: {e}"))
+                continue
+            for schedule in cfg.schedules:
+
+                def run(fd: Any = fd, schedule: str = schedule) -> tuple[torch.Tensor, dict[str, Any]]:
+                    out = fd(cfg.prompt, latents=latents.clone(), output_type="np", schedule=schedule, **common)
+                    s = out.stats
+                    return out.latents, {
+                        "unet_s": s.seconds["encoder"] + s.seconds["decoder"],
+                        "encoder_calls": s.encoder_calls,
+                        "decoder_calls": s.decoder_calls,
+                        "gflops": s.unet_gflops,
+                    }
+
+                systems.append(_System("fd_trt", backend, schedule, precision, run))
+
+    if cfg.deepcache:
+        systems.append(_deepcache_system(cfg, sd, latents, common, diffusers_run))
+    return systems
+
+
+def _clone_pipeline(sd: Any) -> Any:
+    clone = copy.copy(sd)
+    clone.unet = copy.deepcopy(sd.unet)
+    return clone
+
+
+def _fail(e: Exception) -> Callable[[], tuple[torch.Tensor, dict[str, Any]]]:
+    def run() -> tuple[torch.Tensor, dict[str, Any]]:
+        raise RuntimeError(str(e))
+
+    return run
+
+
+def _deepcache_system(cfg: BenchConfig, sd: Any, latents: torch.Tensor, common: dict[str, Any], diffusers_run: Any) -> _System:
+    try:
+        from DeepCache import DeepCacheSDHelper  # type: ignore[import-not-found]
+    except Exception as e:  # not installed, or broken against this diffusers
+        return _System("deepcache", "torch", "interval=3,branch=0", "fp32", _fail(e), note=f"not run: {type(e).__name__}: {e}")
+    try:
+        # DeepCache patches the pipeline in place, so it gets its own shallow copy sharing the weights.
+        dc_pipe = copy.copy(sd)
+        dc_pipe.unet = copy.copy(sd.unet)
+        helper = DeepCacheSDHelper(pipe=dc_pipe)
+        helper.set_params(cache_interval=3, cache_branch_id=0)
+    except Exception as e:
+        return _System("deepcache", "torch", "interval=3,branch=0", "fp32", _fail(e), note=f"not run: {type(e).__name__}: {e}")
+    inner = diffusers_run(dc_pipe)
+
+    def run() -> tuple[torch.Tensor, dict[str, Any]]:
+        helper.enable()
+        try:
+            return inner()
+        finally:
+            helper.disable()
+
+    return _System("deepcache", "torch", "interval=3,branch=0", "fp32", run)
+
+
+def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
+    """Runs every system ``warmup`` + ``repeat`` times, interleaved, and returns the report.
+
+    Returns:
+        ``{"config": {...}, "results": [row, ...]}`` with rows keyed by :data:`ROW_KEYS`.
+    """
+    from tqdm.auto import tqdm
+
+    if cfg.height % 8 or cfg.width % 8 or cfg.height <= 0 or cfg.width <= 0:
+        raise InputError(f"height and width must be positive multiples of 8, got {cfg.height}x{cfg.width}")
+    if cfg.repeat < 1 or cfg.warmup < 0:
+        raise InputError(f"repeat must be >= 1 and warmup >= 0, got repeat={cfg.repeat} warmup={cfg.warmup}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    sd, model_desc = load_model(cfg.model, cfg.seed)
+    load_s = time.perf_counter() - t0
+    f = sd.vae_scale_factor
+    shape = (1, int(sd.unet.config.in_channels), cfg.height // f, cfg.width // f)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(cfg.seed))
+    systems = build_systems(cfg, sd, latents)
+    live = [s for s in systems if not s.note]
+
+    bar = tqdm(total=len(live) * (cfg.warmup + cfg.repeat), disable=not progress, desc="benchmark")
+    for w in range(cfg.warmup):
+        for s in list(live):
+            try:
+                if w == 0 and s.system != "fd_trt":
+                    # diffusers and DeepCache FLOPs are counted on their own UNet calls, untimed
+                    s.gflops = _count_unet_gflops(sd.unet, s.run)
+                else:
+                    s.run()
+            except Exception as e:
+                s.note = f"failed: {type(e).__name__}: {e}"
+                live.remove(s)
+            bar.update(1)
+    for _ in range(cfg.repeat):
+        for s in list(live):
+            try:
+                with _PeakRss(cuda=False) as mem:
+                    t = time.perf_counter()
+                    lat, info = s.run()
+                    s.times.append(time.perf_counter() - t)
+                s.peak_mb = max(s.peak_mb, mem.mb)
+                s.unet_times.append(info["unet_s"])
+                s.latents, s.info = lat, info
+                if "gflops" in info:
+                    s.gflops = info["gflops"]
+            except Exception as e:
+                s.note = f"failed: {type(e).__name__}: {e}"
+                live.remove(s)
+            bar.update(1)
+    bar.close()
+
+    ref = systems[0]
+    rows = []
+    for s in systems:
+        row: dict[str, Any] = {k: None for k in ROW_KEYS}
+        row.update(system=s.system, backend=s.backend, schedule=s.schedule, precision=s.precision, note=s.note)
+        if s.times:
+            med = statistics.median(s.times)
+            row.update(
+                s_per_image=med,
+                s_min=min(s.times),
+                s_max=max(s.times),
+                unet_s_per_image=statistics.median(s.unet_times),
+                encoder_calls=s.info.get("encoder_calls"),
+                decoder_calls=s.info.get("decoder_calls"),
+                unet_gflops_per_image=s.gflops,
+                peak_mem_mb=round(s.peak_mb, 1),
+            )
+            if ref.latents is not None and s.latents is not None:
+                row["rel_l2_vs_diffusers"] = float((s.latents - ref.latents).norm() / ref.latents.norm())
+            if ref.times:
+                row["speedup_vs_diffusers"] = statistics.median(ref.times) / med
+        rows.append(row)
+    config = dataclasses.asdict(cfg)
+    config.update(
+        model_description=model_desc,
+        model_load_s=load_s,
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        cpu=_cpu_name(),
+        latent_shape=list(shape),
+    )
+    return {"config": config, "results": rows}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    """Renders the report as a markdown table."""
+    c = report["config"]
+    head = (
+        f"{c['model']} at {c['height']}x{c['width']}, {c['scheduler']}-{c['steps']}, guidance {c['guidance']}, "
+        f"{c['threads']} threads, {c['cpu']}; median of {c['repeat']} after {c['warmup']} warm-up\n\n"
+    )
+    cols = ["system", "backend", "schedule", "precision", "s/image", "min-max", "UNet s", "speedup",
+            "enc calls", "dec calls", "UNet GFLOP", "peak MB", "rel L2 vs diffusers"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in report["results"]:
+        if r["s_per_image"] is None:
+            lines.append(f"| {r['system']} | {r['backend']} | {r['schedule']} | {r['precision']} | {r['note']} |" + " |" * (len(cols) - 5))
+            continue
+        lines.append(
+            "| " + " | ".join([
+                r["system"], r["backend"], r["schedule"], r["precision"],
+                f"{r['s_per_image']:.3f}", f"{r['s_min']:.3f}-{r['s_max']:.3f}", f"{r['unet_s_per_image']:.3f}",
+                f"{r['speedup_vs_diffusers']:.2f}x" if r["speedup_vs_diffusers"] else "-",
+                str(r["encoder_calls"]), str(r["decoder_calls"]),
+                f"{r['unet_gflops_per_image']:.1f}" if r["unet_gflops_per_image"] is not None else "-",
+                f"{r['peak_mem_mb']:.0f}",
+                f"{r['rel_l2_vs_diffusers']:.2e}" if r["rel_l2_vs_diffusers"] is not None else "-",
+            ]) + " |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Writes a bar chart of s/image with the speedup on each bar and the UNet-FLOP cut beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["results"] if r["s_per_image"] is not None]
+    ref_flops = rows[0]["unet_gflops_per_image"] if rows else None
+    labels = [f"{r['system']}\n{r['backend']} {r['schedule']}\n{r['precision']}" for r in rows]
+    vals = [r["s_per_image"] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4.5))
+    bars = ax.bar(range(len(rows)), vals, color=["#888888"] + ["#3b7dd8"] * (len(rows) - 1))
+    for b, r in zip(bars, rows):
+        text = f"{r['speedup_vs_diffusers']:.2f}x" if r["speedup_vs_diffusers"] else ""
+        if ref_flops and r["unet_gflops_per_image"]:
+            text += f"\nFLOPs {100 * (r['unet_gflops_per_image'] / ref_flops - 1):+.0f}%"
+        ax.text(b.get_x() + b.get_width() / 2, b.get_height(), text, ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylabel("s / image")
+    c = report["config"]
+    ax.set_title(f"{c['model']} {c['height']}x{c['width']} {c['scheduler']}-{c['steps']} CFG {c['guidance']}")
+    ax.set_ylim(0, max(vals) * 1.25 if vals else 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(report: dict[str, Any], json_path: str | None, md_path: str | None, plot_path: str | None) -> None:
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2))
+    if md_path:
+        Path(md_path).write_text(to_markdown(report))
+    if plot_path:
+        plot(report, plot_path)
