@@ -19,7 +19,10 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("prompt", help="the text prompt")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--model", default="default", help="'default' or a local diffusers folder")
-    p.add_argument("--backend", default="torch", choices=["torch"], help="runner backend")
+    p.add_argument("--backend", default=None, choices=["torch", "onnxruntime", "tensorrt"],
+                   help="runner backend (default: onnxruntime on CPU, torch on CUDA)")
+    p.add_argument("--engines", default=None, help="a built engine directory (fd-trt build) for graph backends")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads of the runner")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--steps", type=int, default=50, help="inference steps")
@@ -98,6 +101,82 @@ def _fmt_stats(label: str, st: Any) -> str:
     )
 
 
+def _runner_options(args: argparse.Namespace) -> dict[str, Any]:
+    from .backends import default_backend
+
+    if args.threads is None:
+        return {}
+    if (args.backend or default_backend(args.device)) == "onnxruntime":
+        return {"intra_op_threads": args.threads}
+    import torch
+
+    torch.set_num_threads(args.threads)
+    return {}
+
+
+def _add_build(sub: Any) -> None:
+    p = sub.add_parser("build", help="export the encoder/decoder graphs (and engines) into an engine directory")
+    p.add_argument("--model", default="default", help="'default' or a local diffusers folder")
+    p.add_argument("--out", default=None, help="engine directory (default: engines/<model name>-<H>x<W>-<precision>)")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    p.add_argument("--precision", default=None, choices=["fp32", "fp16"],
+                   help="graph precision (default: fp32 for onnxruntime, fp16 for tensorrt)")
+    p.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
+    p.add_argument("--batch", type=int, default=1, help="images per call (sets the row ranges)")
+    p.add_argument("--max-segment-steps", type=int, default=15, help="longest segment decoded in one call")
+    p.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _build(args: argparse.Namespace) -> int:
+    from .engines import build_engines
+    from .errors import InputError
+    from .models import load_diffusers_pipeline
+
+    t0 = time.perf_counter()
+    sd, source = load_diffusers_pipeline(args.model)
+    f = int(sd.vae_scale_factor)
+    height = args.height or int(sd.unet.config.sample_size) * f
+    width = args.width or int(sd.unet.config.sample_size) * f
+    for name, v in (("height", height), ("width", width)):
+        if v <= 0 or v % f:
+            raise InputError(f"--{name} {v} is not a positive multiple of the VAE factor {f}")
+    precision = args.precision or ("fp16" if args.backend == "tensorrt" else "fp32")
+    name = Path(str(args.model).rstrip("/")).name or "model"
+    out = Path(args.out) if args.out else Path("engines") / f"{name}-{height}x{width}-{precision}"
+    text_shape = (int(sd.tokenizer.model_max_length), int(sd.unet.config.cross_attention_dim))
+    print(f"model: {source} (loaded in {time.perf_counter() - t0:.1f} s)")
+    res = build_engines(
+        sd.unet,
+        out,
+        latent_size=(height // f, width // f),
+        text_shape=text_shape,
+        precision=precision,
+        batch=args.batch,
+        max_segment_steps=args.max_segment_steps,
+        model_source=str(args.model),
+        force=args.force,
+        progress=not args.quiet,
+    )
+    m = res.manifest
+    state = "built" if res.built else "up to date, nothing rebuilt"
+    print(f"{out}: {state} ({res.reason}) in {res.seconds:.1f} s")
+    for role, rec in sorted(m.graphs.items(), key=lambda kv: kv[0] != "encoder"):
+        extra = f" + {rec.data_file} {rec.data_bytes / 1e6:.1f} MB" if getattr(rec, "data_file", None) else ""
+        print(f"  {role}: {rec.file} {rec.bytes / 1e6:.1f} MB{extra}, sha256 {rec.sha256[:12]}")
+    print(f"  {precision} graphs, opset {m.opset}, latents {m.latent_shape}, text {m.text_shape}, "
+          f"decoder rows {m.decoder_rows[0]}..{m.decoder_rows[1]}")
+    if args.backend == "tensorrt":
+        import importlib.util
+
+        if importlib.util.find_spec("tensorrt") is None:
+            print("  TensorRT plans: not built: tensorrt is not installed here (pip install '.[gpu]' on an NVIDIA GPU)")
+        else:
+            print("  TensorRT plans: not built: the TensorRT engine builder is not part of this version yet")
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -111,9 +190,11 @@ def _generate(args: argparse.Namespace) -> int:
         precision=args.precision,
         scheduler=args.scheduler,
         progress=not args.quiet,
+        engines=args.engines,
+        runner_options=_runner_options(args),
     )
     print(f"model: {pipe.source}")
-    print(f"backend: {pipe.runner.name} on {pipe.device} ({args.precision}), scheduler {args.scheduler}, load {time.perf_counter() - t0:.2f} s")
+    print(f"backend: {pipe.backend} on {pipe.device} ({args.precision}), scheduler {args.scheduler}, load {time.perf_counter() - t0:.2f} s")
 
     def run(schedule: str, noise: bool | None) -> Any:
         return pipe(
@@ -177,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fd-trt", description="Faster Diffusion on compiled graphs")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_build(sub)
     _add_bench(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
@@ -185,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _generate(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "build":
+            return _build(args)
     except FdTrtError as e:
         print(f"fd-trt: error: {e}", file=sys.stderr)
         return 2

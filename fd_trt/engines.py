@@ -497,6 +497,7 @@ def build_engines(
     force: bool = False,
     progress: bool = True,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    unet_sha256: str | None = None,
 ) -> BuildResult:
     """Builds (or keeps) the ONNX graphs of an engine directory.
 
@@ -516,6 +517,7 @@ def build_engines(
         force: rebuild even when up to date.
         progress: show progress bars.
         external_data_threshold: see :func:`fd_trt.export.export_unet`.
+        unet_sha256: the weights digest, when the caller already computed it.
 
     Returns:
         A :class:`BuildResult`.
@@ -531,6 +533,7 @@ def build_engines(
         batch=batch,
         max_segment_steps=max_segment_steps,
         model_source=model_source,
+        unet_sha256=unet_sha256,
     )
     reason = "forced" if force else "no manifest"
     manifest_path = folder / MANIFEST_FILE

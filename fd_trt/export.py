@@ -72,7 +72,7 @@ def _require_onnx() -> Any:
         import onnx
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise BackendUnavailableError(
-            f"ONNX export needs the onnx package ({exc}); install the extra with `pip install .[onnx]`"
+            f"ONNX export needs the onnx package ({exc}); reinstall fd_trt (`pip install -e .`), which requires it"
         ) from exc
     return onnx
 
@@ -84,7 +84,7 @@ def _require_toolchain() -> tuple[Any, Any, Any]:
         from polygraphy.backend import onnx as pg_onnx
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise BackendUnavailableError(
-            f"ONNX export needs onnx-graphsurgeon and polygraphy ({exc}); install them with `pip install .[onnx]`"
+            f"ONNX export needs onnx-graphsurgeon and polygraphy ({exc}); reinstall fd_trt (`pip install -e .`), which requires them"
         ) from exc
     return onnx, gs, pg_onnx
 
@@ -584,7 +584,7 @@ def compare_precisions(
     try:
         import onnxruntime as ort
     except ImportError as exc:  # pragma: no cover
-        raise BackendUnavailableError(f"the fp16 check runs on onnxruntime ({exc}); `pip install .[onnx]`") from exc
+        raise BackendUnavailableError(f"the fp16 check runs on onnxruntime ({exc}); `pip install onnxruntime`") from exc
     sample, timestep, text = inputs
     opts = ort.SessionOptions()
     opts.log_severity_level = 3

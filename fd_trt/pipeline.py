@@ -16,11 +16,12 @@ import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from .backends import get_runner_class
+from .backends import BACKENDS, default_backend, get_runner_class
 from .backends.base import Runner
 from .errors import InputError
 from .models import load_diffusers_pipeline, make_scheduler
@@ -108,6 +109,12 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def engine_cache_root() -> Path:
+    """Where graphs built on first use are kept: ``$FD_TRT_CACHE`` or ``~/.cache/fd_trt/engines``."""
+    env = os.environ.get("FD_TRT_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "fd_trt" / "engines"
+
+
 class FasterDiffusionPipeline:
     """Stable Diffusion with Faster Diffusion's encoder propagation on a chosen backend.
 
@@ -123,50 +130,117 @@ class FasterDiffusionPipeline:
     def __init__(
         self,
         sd_pipeline: Any,
-        backend: str | Runner = "torch",
+        backend: str | Runner | None = None,
         device: str | torch.device | None = None,
         precision: str = "fp32",
         progress: bool = True,
         source: str = "diffusers pipeline",
+        engines: str | os.PathLike[str] | None = None,
+        runner_options: dict[str, Any] | None = None,
     ) -> None:
         self.sd = sd_pipeline
         self.source = source
         self.device = torch.device(device or default_device())
         self.progress = progress
+        self.precision = precision
+        self.engines = Path(engines) if engines is not None else None
+        self.runner_options = dict(runner_options or {})
         self.sd.to(self.device)
         self.sd.set_progress_bar_config(disable=True)
         split_unet(self.sd.unet)  # fail early on an unsupported UNet
+        self._runners: dict[tuple[int, ...], Runner] = {}
+        self._unet_sha256: str | None = None
+        # A runner that serves every shape (torch, or one passed in); None for per-shape graph runners.
+        self._fixed_runner: Runner | None = None
         if isinstance(backend, Runner):
-            self.runner = backend
+            self.backend = backend.name
+            self._fixed_runner = backend.activate()
         else:
-            cls = get_runner_class(backend)
-            self.runner = cls(self.sd.unet, device=self.device, dtype=precision)
-        self.runner.activate()
+            self.backend = backend or default_backend(str(self.device))
+            if self.backend not in BACKENDS:
+                raise InputError(f"unknown backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
+            if self.backend == "torch":
+                cls = get_runner_class("torch")
+                self._fixed_runner = cls(self.sd.unet, device=self.device, dtype=precision, **self.runner_options).activate()
+            else:
+                # Graph backends are built per latent/text shape, on the first call that needs one.
+                get_runner_class(self.backend)
+                if self.backend == "onnxruntime" and precision not in ("fp32", "fp16"):
+                    raise InputError(f"the onnxruntime backend runs fp32 or fp16 graphs, got precision={precision!r}")
+        #: The runner of the latest call (the fixed one when there is one).
+        self.runner: Runner | None = self._fixed_runner
         self._flops = _FlopCounter()
+
+    def _runner_for(self, latent_hw: tuple[int, int], text_shape: tuple[int, int]) -> Runner:
+        """The runner for one latent size and text shape; builds or checks graphs on first use."""
+        if self._fixed_runner is not None:
+            return self._fixed_runner
+        key = (*latent_hw, *text_shape)
+        if key in self._runners:
+            self.runner = self._runners[key]
+            return self.runner
+        from .engines import build_engines, check_engine_dir, unet_weights_sha256
+
+        unet = self.sd.unet
+        if self.engines is not None:
+            check_engine_dir(self.engines, unet, latent_size=latent_hw, text_shape=text_shape, precision=self.precision)
+            folder = self.engines
+        else:
+            if self._unet_sha256 is None:
+                self._unet_sha256 = unet_weights_sha256(unet)
+            folder = engine_cache_root() / (
+                f"{self._unet_sha256[:16]}-{latent_hw[0]}x{latent_hw[1]}-t{text_shape[0]}x{text_shape[1]}-{self.precision}"
+            )
+            res = build_engines(
+                unet,
+                folder,
+                latent_size=latent_hw,
+                text_shape=text_shape,
+                precision=self.precision,
+                model_source=self.source,
+                progress=self.progress,
+                unet_sha256=self._unet_sha256,
+            )
+            if res.built:
+                logger.warning("built %s graphs for latents %s on first use into %s (%.1f s); they are reused from now on",
+                               self.backend, latent_hw, folder, res.seconds)
+        cls = get_runner_class(self.backend)
+        runner = cls(folder, device=self.device, dtype=self.precision, **self.runner_options).activate()
+        self._runners[key] = runner
+        self.runner = runner
+        return runner
 
     # construction ----------------------------------------------------------------------------
     @classmethod
     def from_pretrained(
         cls,
         model: str | os.PathLike[str] = "default",
-        backend: str = "torch",
+        backend: str | None = None,
         device: str | torch.device | None = None,
         precision: str = "fp32",
         scheduler: str | None = None,
         progress: bool = True,
+        engines: str | os.PathLike[str] | None = None,
+        runner_options: dict[str, Any] | None = None,
     ) -> "FasterDiffusionPipeline":
         """Loads a local diffusers Stable Diffusion folder, or ``"default"``.
 
         Args:
             model: a local folder, or ``"default"`` (the shipped model).
-            backend: ``"torch"``.
+            backend: ``"torch"``, ``"onnxruntime"`` or ``"tensorrt"``; by default ``onnxruntime``
+                on a CPU and ``torch`` on CUDA.
             device: ``"cpu"`` or ``"cuda"``; CUDA when available by default.
-            precision: ``fp32``, ``fp16`` or ``bf16``.
+            precision: ``fp32``, ``fp16`` or ``bf16`` (torch); ``fp32`` or ``fp16`` (graphs).
             scheduler: ``ddim``, ``dpmpp``, ``pndm``, ``euler`` or ``ddpm``; the folder's own when omitted.
             progress: show progress bars.
+            engines: a built engine directory (``fd-trt build``) for graph backends. Without one,
+                graphs are built on first use into ``$FD_TRT_CACHE`` (``~/.cache/fd_trt/engines``),
+                keyed by the UNet weights' hash and the shapes, and reused afterwards.
+            runner_options: extra keyword arguments for the runner (e.g. ``intra_op_threads``).
         """
         sd, source = load_diffusers_pipeline(model)
-        pipe = cls(sd, backend=backend, device=device, precision=precision, progress=progress, source=source)
+        pipe = cls(sd, backend=backend, device=device, precision=precision, progress=progress, source=source,
+                   engines=engines, runner_options=runner_options)
         if scheduler is not None:
             pipe.set_scheduler(scheduler)
         return pipe
@@ -175,13 +249,19 @@ class FasterDiffusionPipeline:
     def from_diffusers(
         cls,
         sd_pipeline: Any,
-        backend: str = "torch",
+        backend: str | Runner | None = None,
         device: str | torch.device | None = None,
         precision: str = "fp32",
         progress: bool = True,
+        engines: str | os.PathLike[str] | None = None,
+        runner_options: dict[str, Any] | None = None,
     ) -> "FasterDiffusionPipeline":
-        """Wraps an existing diffusers ``StableDiffusionPipeline``, sharing its components."""
-        return cls(sd_pipeline, backend=backend, device=device, precision=precision, progress=progress)
+        """Wraps an existing diffusers ``StableDiffusionPipeline``, sharing its components.
+
+        Args: as :meth:`from_pretrained`, with ``sd_pipeline`` in place of ``model``.
+        """
+        return cls(sd_pipeline, backend=backend, device=device, precision=precision, progress=progress,
+                   engines=engines, runner_options=runner_options)
 
     def set_scheduler(self, name: str) -> None:
         """Swaps the scheduler for ``ddim``, ``dpmpp``, ``pndm``, ``euler`` or ``ddpm``, keeping the betas."""
@@ -196,7 +276,10 @@ class FasterDiffusionPipeline:
         return int(self.sd.vae_scale_factor)
 
     def close(self) -> None:
-        self.runner.deactivate()
+        """Deactivates every runner this pipeline started."""
+        for r in [*self._runners.values(), *([self._fixed_runner] if self._fixed_runner else [])]:
+            r.deactivate()
+        self._runners.clear()
 
     def __enter__(self) -> "FasterDiffusionPipeline":
         return self
@@ -359,9 +442,10 @@ class FasterDiffusionPipeline:
                 out = callback_on_step_end(self, i, t, {"latents": x})
                 return out.get("latents") if isinstance(out, dict) else None
 
+        runner = self._runner_for((latent_shape[2], latent_shape[3]), (int(text.shape[1]), int(text.shape[2])))
         sstats = SamplerStats()
         x0 = run_sampler(
-            self.runner,
+            runner,
             scheduler,
             latents,
             text,
@@ -379,7 +463,7 @@ class FasterDiffusionPipeline:
         nonfinite = not bool(torch.isfinite(x0).all())
         if nonfinite:
             msg = (
-                f"the final latents contain NaN or Inf (backend {self.runner.name}, precision {self.runner.dtype}); "
+                f"the final latents contain NaN or Inf (backend {runner.name}, precision {runner.dtype}); "
                 "the images are invalid. Try fp32, or bf16 instead of fp16."
             )
             logger.warning(msg)
@@ -407,7 +491,7 @@ class FasterDiffusionPipeline:
             decoder_rows=sstats.decoder_rows,
             unet_gflops=(sstats.encoder_rows * enc_f + sstats.decoder_rows * dec_f) / 1e9,
             seconds=seconds,
-            backend=self.runner.name,
+            backend=runner.name,
             nonfinite=nonfinite,
         )
         return FasterDiffusionOutput(images=images, stats=stats, latents=x0)

@@ -2,6 +2,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+if "FD_TRT_CACHE" not in os.environ:  # graphs built on first use go to a throwaway folder, not ~/.cache
+    import tempfile
+
+    os.environ["FD_TRT_CACHE"] = tempfile.mkdtemp(prefix="fd_trt_test_cache_")
 
 import pytest
 import torch

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-ort = pytest.importorskip("onnxruntime")
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnx_graphsurgeon")
-pytest.importorskip("polygraphy")
+# onnx, onnxruntime, onnx-graphsurgeon and polygraphy are core dependencies: a missing one fails here.
+import onnx  # noqa: E402,F401
+import onnxruntime as ort  # noqa: E402,F401
 
 from fd_trt.backends.onnxruntime import OrtRunner  # noqa: E402
 from fd_trt.engines import (  # noqa: E402

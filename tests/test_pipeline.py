@@ -159,7 +159,7 @@ def test_nan_latents_warn(tiny_sd, latents):
     sd = tiny_sd_pipeline(seed=0)
     with torch.no_grad():
         sd.unet.conv_out.bias.fill_(float("nan"))
-    pipe = FasterDiffusionPipeline.from_diffusers(sd, progress=False)
+    pipe = FasterDiffusionPipeline.from_diffusers(sd, backend="torch", progress=False)
     with pytest.warns(RuntimeWarning, match="NaN"):
         out = pipe(PROMPT, num_inference_steps=3, latents=latents, output_type="latent")
     assert out.stats.nonfinite
@@ -169,7 +169,7 @@ def test_bf16_torch_runner_stays_close_to_fp32(tiny_sd, fd_pipe, latents):
     from fd_trt.models import tiny_sd_pipeline
     from fd_trt.pipeline import FasterDiffusionPipeline
 
-    pipe16 = FasterDiffusionPipeline.from_diffusers(tiny_sd_pipeline(seed=0), precision="bf16", progress=False)
+    pipe16 = FasterDiffusionPipeline.from_diffusers(tiny_sd_pipeline(seed=0), backend="torch", precision="bf16", progress=False)
     common = dict(num_inference_steps=20, latents=latents, output_type="latent", schedule="paper")
     assert rel_l2(pipe16(PROMPT, **common).images, fd_pipe(PROMPT, **common).images) < 5e-2
 
@@ -215,6 +215,6 @@ def test_from_pretrained_loads_a_saved_diffusers_folder_with_safetensors(tiny_sd
 
     tiny_sd.save_pretrained(tmp_path / "m", safe_serialization=True)
     assert not list((tmp_path / "m").rglob("*.bin"))
-    pipe = FasterDiffusionPipeline.from_pretrained(tmp_path / "m", progress=False)
+    pipe = FasterDiffusionPipeline.from_pretrained(tmp_path / "m", backend="torch", progress=False)
     common = dict(num_inference_steps=10, latents=latents, output_type="latent")
     assert rel_l2(pipe(PROMPT, **common).images, fd_pipe(PROMPT, **common).images) < 1e-6

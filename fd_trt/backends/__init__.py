@@ -5,7 +5,7 @@ Backends that need heavy or GPU-only packages are imported lazily by :func:`get_
 
 from __future__ import annotations
 
-from ..errors import InputError
+from ..errors import BackendUnavailableError, InputError
 from .base import Runner
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -30,10 +30,31 @@ def get_runner_class(name: str) -> type[Runner]:
 
         return OrtRunner
     if name == "tensorrt":
-        from .tensorrt import TrtRunner  # type: ignore[import-not-found]
-
+        try:
+            from .tensorrt import TrtRunner  # type: ignore[import-not-found]
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                f"the tensorrt backend is not available here ({exc}): on an NVIDIA GPU, pip install '.[gpu]'; "
+                "elsewhere use backend='onnxruntime' or 'torch'"
+            ) from exc
         return TrtRunner
     raise InputError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "Runner", "get_runner_class"]
+def default_backend(device: str | None = None) -> str:
+    """The backend a plain call gets: ``torch`` on CUDA, ``onnxruntime`` on CPU when it is installed.
+
+    Args:
+        device: the target device; CUDA when available if omitted.
+    """
+    import importlib.util
+
+    import torch
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if str(dev).startswith("cuda"):
+        return "torch"
+    return "onnxruntime" if importlib.util.find_spec("onnxruntime") is not None else "torch"
+
+
+__all__ = ["BACKENDS", "Runner", "default_backend", "get_runner_class"]

@@ -25,7 +25,7 @@ from .base import Runner, expand_for_steps
 logger = logging.getLogger(__name__)
 
 _INSTALL_HINT = (
-    "install it with `pip install .[onnx]` (or `pip install .[gpu]` for onnxruntime-gpu), or use backend='torch'"
+    "install it with `pip install onnxruntime` (or `pip install .[gpu]` for onnxruntime-gpu), or use backend='torch'"
 )
 if importlib.util.find_spec("onnxruntime") is None:
     # Fail when the backend is chosen (get_runner_class), not at the first call; nothing is imported here.
