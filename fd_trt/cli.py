@@ -127,6 +127,18 @@ def _add_build(sub: Any) -> None:
     p.add_argument("--max-segment-steps", type=int, default=15, help="longest segment decoded in one call")
     p.add_argument("--force", action="store_true", help="rebuild even when up to date")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    trt = p.add_argument_group("TensorRT plans (--backend tensorrt)")
+    trt.add_argument("--schedule", default="paper",
+                     help="schedule whose segments choose the decoder profile's opt rows (default: paper)")
+    trt.add_argument("--steps", type=int, default=50, help="step count the --schedule is read for (default: 50)")
+    trt.add_argument("--opt-segment-steps", type=int, default=None,
+                     help="tune the decoder for segments of this many steps (default: from --schedule)")
+    trt.add_argument("--opt-level", type=int, default=3, choices=range(6), metavar="0-5",
+                     help="TensorRT builder optimization level (default: 3, TensorRT's own)")
+    trt.add_argument("--workspace-gb", type=float, default=None,
+                     help="builder workspace limit in GiB (default: TensorRT's, the GPU's memory)")
+    trt.add_argument("--no-timing-cache", action="store_true", help="neither read nor update the timing cache")
+    trt.add_argument("--device", default="cuda", help="CUDA device to build the plans for (default: cuda)")
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -135,6 +147,10 @@ def _build(args: argparse.Namespace) -> int:
     from .models import load_diffusers_pipeline
 
     t0 = time.perf_counter()
+    if args.backend == "tensorrt":
+        from .schedule import parse_schedule
+
+        parse_schedule(args.schedule, args.steps)  # a bad --schedule fails now, not after the export
     sd, source = load_diffusers_pipeline(args.model)
     f = int(sd.vae_scale_factor)
     height = args.height or int(sd.unet.config.sample_size) * f
@@ -168,13 +184,35 @@ def _build(args: argparse.Namespace) -> int:
     print(f"  {precision} graphs, opset {m.opset}, latents {m.latent_shape}, text {m.text_shape}, "
           f"decoder rows {m.decoder_rows[0]}..{m.decoder_rows[1]}")
     if args.backend == "tensorrt":
-        import importlib.util
-
-        if importlib.util.find_spec("tensorrt") is None:
-            print("  TensorRT plans: not built: tensorrt is not installed here (pip install '.[gpu]' on an NVIDIA GPU)")
-        else:
-            print("  TensorRT plans: not built: the TensorRT engine builder is not part of this version yet")
+        _build_plans(args, out)
     return 0
+
+
+def _build_plans(args: argparse.Namespace, out: Path) -> None:
+    from .backends.tensorrt import build_plans, runtime_problem
+
+    problem = runtime_problem(args.device)
+    if problem is not None:
+        print(f"  TensorRT plans: not built: {problem}")
+        return
+    workspace = None if args.workspace_gb is None else int(args.workspace_gb * (1 << 30))
+    results = build_plans(
+        out,
+        device=args.device,
+        schedule=args.schedule,
+        num_steps=args.steps,
+        opt_segment_steps=args.opt_segment_steps,
+        builder_optimization_level=args.opt_level,
+        workspace_bytes=workspace,
+        timing_cache=not args.no_timing_cache,
+        force=args.force,
+    )
+    for res in results:
+        rec = res.record
+        state = f"built in {res.seconds:.1f} s" if res.built else "up to date"
+        print(f"  {rec.role} plan: {rec.file} {rec.bytes / 1e6:.1f} MB, TensorRT {rec.tensorrt_version}, {rec.gpu_name} "
+              f"(compute {'.'.join(map(str, rec.compute_capability))}), rows {rec.rows[0]}/{rec.rows[1]}/{rec.rows[2]} "
+              f"(min/opt/max), {state}")
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -1,7 +1,9 @@
 """Engine directories (DESIGN.md section 4): manifest, hashing, staleness and build orchestration.
 
 An engine directory ``engines/<name>/`` holds ``manifest.json``, ``encoder.onnx`` and
-``decoder.onnx`` (with ``.data`` files when large), and later TensorRT plans. The manifest says
+``decoder.onnx`` (with ``.data`` files when large), and TensorRT plans with their timing cache
+(:mod:`fd_trt.backends.tensorrt`). Each plan is recorded in the manifest with the TensorRT version,
+GPU name and compute capability it was built for, and the graph it was built from. The manifest says
 what the graphs were built from; building compares it with the model at hand and rebuilds only
 when something differs, and loading refuses graphs that do not match.
 
@@ -47,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+#: File suffix of TensorRT plans in an engine directory.
+PLAN_SUFFIX = ".plan"
 #: Packages whose versions the manifest records; the first three decide staleness.
 TOOLCHAIN_PACKAGES = ("torch", "diffusers", "onnx")
 RECORDED_PACKAGES = (*TOOLCHAIN_PACKAGES, "onnxruntime", "onnxruntime-gpu", "tensorrt", "fd_trt")
@@ -159,6 +163,44 @@ class GraphRecord:
 
 
 @dataclass
+class PlanRecord:
+    """One TensorRT plan in the manifest (see :mod:`fd_trt.backends.tensorrt`).
+
+    A plan runs only on the TensorRT version and GPU compute capability it was built with, and
+    only serves the graph it was built from; :func:`check_plan` enforces all three.
+
+    Attributes:
+        role: ``encoder`` or ``decoder``.
+        file: the plan's name inside the engine directory.
+        sha256: digest of the plan file.
+        bytes: size of the plan file.
+        tensorrt_version: ``tensorrt.__version__`` at build time.
+        gpu_name: the GPU it was built on (informational: plans follow the compute capability).
+        compute_capability: ``[major, minor]`` of that GPU.
+        rows: the optimization profile's ``[min, opt, max]`` rows.
+        graph_sha256: sha256 of the ONNX graph it was built from.
+        builder_optimization_level: TensorRT's builder optimization level (0-5).
+        workspace_bytes: the workspace pool limit, or ``None`` for TensorRT's default.
+        built_at: build time, seconds since the epoch.
+        build_seconds: how long the build took.
+    """
+
+    role: str
+    file: str
+    sha256: str
+    bytes: int
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: list[int]
+    rows: list[int]
+    graph_sha256: str
+    builder_optimization_level: int = 3
+    workspace_bytes: int | None = None
+    built_at: float = 0.0
+    build_seconds: float = 0.0
+
+
+@dataclass
 class Manifest:
     """The content of ``manifest.json``.
 
@@ -178,6 +220,8 @@ class Manifest:
         graphs: ``{"encoder": GraphRecord, "decoder": GraphRecord}``.
         built_at: build time, seconds since the epoch.
         build_seconds: how long the build took.
+        plans: TensorRT plans built from the graphs, by file name (empty in manifests written
+            before plans existed, which therefore still load).
     """
 
     format_version: int
@@ -195,6 +239,7 @@ class Manifest:
     graphs: dict[str, GraphRecord] = field(default_factory=dict)
     built_at: float = 0.0
     build_seconds: float = 0.0
+    plans: dict[str, PlanRecord] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """The manifest as indented JSON."""
@@ -225,7 +270,8 @@ class Manifest:
             )
         try:
             graphs = {k: GraphRecord(**v) for k, v in raw.pop("graphs", {}).items()}
-            return cls(**raw, graphs=graphs)
+            plans = {k: PlanRecord(**v) for k, v in raw.pop("plans", {}).items()}
+            return cls(**raw, graphs=graphs, plans=plans)
         except TypeError as exc:
             raise CorruptGraphError(f"{where} is missing or has unknown fields ({exc}): rebuild the engine directory") from exc
 
@@ -448,10 +494,107 @@ def check_engine_dir(
     return found
 
 
+def save_manifest(engine_dir: str | os.PathLike[str], manifest: Manifest) -> Path:
+    """Writes ``<engine_dir>/manifest.json`` atomically (a temporary file, then a rename).
+
+    Args:
+        engine_dir: the engine directory.
+        manifest: what to write.
+
+    Returns:
+        The manifest's path.
+    """
+    path = Path(engine_dir) / MANIFEST_FILE
+    tmp = path.with_name(MANIFEST_FILE + ".tmp")
+    tmp.write_text(manifest.to_json())
+    os.replace(tmp, path)
+    return path
+
+
+def check_plan(
+    record: PlanRecord,
+    *,
+    tensorrt_version: str,
+    compute_capability: tuple[int, int] | list[int],
+    graph_sha256: str | None = None,
+    engine_dir: str | os.PathLike[str] | None = None,
+) -> None:
+    """Refuses a plan built for another TensorRT version, another GPU generation or another graph.
+
+    Args:
+        record: the plan's manifest record.
+        tensorrt_version: the running ``tensorrt.__version__``.
+        compute_capability: ``(major, minor)`` of the GPU the plan would run on.
+        graph_sha256: the digest of the graph the plan must come from (the manifest's), if known.
+        engine_dir: the engine directory, for the rebuild command in the message.
+
+    Raises:
+        EngineMismatchError: naming what differs and how to rebuild.
+    """
+    where = Path(engine_dir) / record.file if engine_dir is not None else Path(record.file)
+    fix = (
+        f"rebuild the plans on this machine: fd-trt build --backend tensorrt --out {engine_dir}"
+        if engine_dir is not None
+        else "rebuild the plans on this machine with fd-trt build --backend tensorrt"
+    )
+    problems = []
+    if record.tensorrt_version != tensorrt_version:
+        problems.append(f"TensorRT {record.tensorrt_version}, but this machine runs TensorRT {tensorrt_version}")
+    cc = [int(v) for v in compute_capability]
+    if list(record.compute_capability) != cc:
+        have = ".".join(str(v) for v in record.compute_capability)
+        problems.append(
+            f"a GPU of compute capability {have} ({record.gpu_name}), but this GPU has {cc[0]}.{cc[1]}"
+        )
+    if graph_sha256 is not None and record.graph_sha256 != graph_sha256:
+        problems.append("an older version of the graph (its sha256 differs from the manifest's)")
+    if problems:
+        raise EngineMismatchError(f"the TensorRT plan {where} was built for {' and '.join(problems)}: {fix}")
+
+
+def find_plan(
+    manifest: Manifest,
+    role: str,
+    *,
+    tensorrt_version: str,
+    compute_capability: tuple[int, int] | list[int],
+    rows: tuple[int, int, int] | list[int] | None = None,
+) -> PlanRecord | None:
+    """The newest plan of a role that runs here, or ``None``.
+
+    Args:
+        manifest: the engine directory's manifest.
+        role: ``encoder`` or ``decoder``.
+        tensorrt_version: the running TensorRT version.
+        compute_capability: ``(major, minor)`` of the GPU.
+        rows: a required ``[min, opt, max]`` profile; any profile when ``None``.
+
+    Returns:
+        The matching record built most recently, or ``None`` when there is none.
+    """
+    graph = manifest.graphs.get(role)
+    matches = []
+    for rec in manifest.plans.values():
+        if rec.role != role or (rows is not None and list(rec.rows) != [int(r) for r in rows]):
+            continue
+        try:
+            check_plan(
+                rec,
+                tensorrt_version=tensorrt_version,
+                compute_capability=compute_capability,
+                graph_sha256=graph.sha256 if graph is not None else None,
+            )
+        except EngineMismatchError:
+            continue
+        matches.append(rec)
+    return max(matches, key=lambda r: r.built_at) if matches else None
+
+
 def _with(manifest: Manifest, **changes: Any) -> Manifest:
     data = asdict(manifest)
     data.update(changes)
     data["graphs"] = manifest.graphs
+    data["plans"] = manifest.plans
     return Manifest(**data)
 
 
@@ -555,6 +698,8 @@ def build_engines(
     if manifest_path.exists():
         manifest_path.unlink()
     remove_graphs(folder)
+    for stale_plan in folder.glob(f"*{PLAN_SUFFIX}"):  # plans of the old graphs would never run again
+        stale_plan.unlink()
     result = export_unet(
         unet,
         folder,
@@ -602,14 +747,19 @@ __all__ = [
     "GraphRecord",
     "MANIFEST_FILE",
     "Manifest",
+    "PLAN_SUFFIX",
+    "PlanRecord",
     "build_engines",
     "check_engine_dir",
     "check_graph_files",
+    "check_plan",
+    "find_plan",
     "expected_manifest",
     "file_sha256",
     "load_manifest",
     "package_versions",
     "rebuild_command",
+    "save_manifest",
     "unet_config_dict",
     "unet_weights_sha256",
     "verify_graphs_parse",

@@ -31,12 +31,16 @@ def get_runner_class(name: str) -> type[Runner]:
         return OrtRunner
     if name == "tensorrt":
         try:
-            from .tensorrt import TrtRunner  # type: ignore[import-not-found]
+            from .tensorrt import TrtRunner, runtime_problem
         except ImportError as exc:
             raise BackendUnavailableError(
                 f"the tensorrt backend is not available here ({exc}): on an NVIDIA GPU, pip install '.[gpu]'; "
                 "elsewhere use backend='onnxruntime' or 'torch'"
             ) from exc
+        # The module imports without TensorRT; fail here, before any graph is exported for nothing.
+        problem = runtime_problem()
+        if problem is not None:
+            raise BackendUnavailableError(problem)
         return TrtRunner
     raise InputError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
 

@@ -1,0 +1,1044 @@
+"""The TensorRT backend: plans built from the fp16 encoder/decoder graphs, and their runner.
+
+Build (DESIGN.md sections 3-4). Each ONNX graph of an engine directory is parsed with the
+TensorRT Python API into a strongly typed network, so the graph's own types (fp16 for
+``--backend tensorrt`` exports) decide the engine precision; this works on TensorRT 10 and 11
+(11 has no FP16 builder flag and is always strongly typed). One optimization profile per plan:
+
+* encoder: 1 .. 2B rows, opt at 2B (B images per call, x2 for CFG);
+* decoder: 1 .. 2B x ``max_segment_steps`` rows, opt at 2B x the segment length that covers the
+  most decoder steps of the schedule (``paper`` at 50 steps: 10 steps, 20 rows), configurable.
+
+The lower bound of 1 row keeps runs without CFG (``guidance_scale <= 1``) inside the profiles;
+TensorRT tunes its kernels at the opt shape. Plans are named by role, TensorRT version, GPU
+compute capability and profile (:func:`plan_file_name`) and recorded in the manifest
+(:class:`fd_trt.engines.PlanRecord`); a plan from another TensorRT version or GPU generation is
+never loaded (:func:`fd_trt.engines.check_plan`). A timing cache per TensorRT version and compute
+capability lives in the engine directory and makes rebuilds fast.
+
+Runtime (DESIGN.md section 5). Plans are deserialized once; every input and output is a torch
+CUDA tensor preallocated at the profile's maximum rows, and each call uses its first rows, so
+tensor addresses never change. Calls run with ``set_input_shape``, ``set_tensor_address`` and
+``execute_async_v3`` on a non-default stream that is ordered after the caller's stream. The two
+execution contexts share one scratch allocation (user-managed device memory) because they
+never run at the same time. With ``cuda_graphs=True`` every (graph, row count) pair is captured
+into a CUDA graph after one warm-up run, then replayed.
+
+``tensorrt`` is imported only inside functions: importing this module needs neither TensorRT
+nor CUDA, and what needs them raises :class:`~fd_trt.errors.BackendUnavailableError` with an
+install hint when they are missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import torch
+
+from ..errors import BackendUnavailableError, EngineMismatchError, FdTrtError, InputError
+from ..schedule import KeySchedule, ScheduleSpec, parse_schedule
+from ..split import Features
+from .base import Runner
+
+if TYPE_CHECKING:  # the stubs (tensorrt-stubs) type-check the calls; nothing is imported at run time
+    import tensorrt as trt
+
+    from ..engines import Manifest, PlanRecord
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = (
+    "on a machine with an NVIDIA GPU, pip install '.[gpu]' (TensorRT 10 or 11 with a CUDA build of torch); "
+    "elsewhere use backend='onnxruntime' or backend='torch'"
+)
+ROLES = ("encoder", "decoder")
+ENCODER_INPUTS = ("sample", "timestep", "encoder_hidden_states")
+DECODER_OUTPUT = "noise_pred"
+#: The schedule whose segments pick the decoder profile's opt shape when none is given.
+DEFAULT_PROFILE_SCHEDULE = "paper"
+DEFAULT_PROFILE_STEPS = 50
+DEFAULT_OPTIMIZATION_LEVEL = 3
+MAX_OPTIMIZATION_LEVEL = 5
+
+
+# --------------------------------------------------------------------------------------------
+# Availability
+# --------------------------------------------------------------------------------------------
+def require_tensorrt() -> ModuleType:
+    """Imports TensorRT, or explains how to install it.
+
+    Returns:
+        The ``tensorrt`` module (10.x or later).
+
+    Raises:
+        BackendUnavailableError: when TensorRT is missing, too old, or only its type stubs are
+            installed (``tensorrt-stubs`` alone makes ``import tensorrt`` succeed with an empty
+            namespace package).
+    """
+    try:
+        import tensorrt as trt_module
+    except (ImportError, OSError) as exc:  # OSError: the wheel is there but libnvinfer is not loadable
+        raise BackendUnavailableError(f"the tensorrt backend cannot import tensorrt ({exc}): {INSTALL_HINT}") from exc
+    if not hasattr(trt_module, "Builder"):
+        where = getattr(trt_module, "__path__", None) or getattr(trt_module, "__file__", None)
+        raise BackendUnavailableError(
+            f"the tensorrt module found at {where} is not TensorRT (only its type stubs are installed): {INSTALL_HINT}"
+        )
+    version = str(getattr(trt_module, "__version__", "0"))
+    major = version.split(".")[0]
+    if not major.isdigit() or int(major) < 10:
+        raise BackendUnavailableError(f"TensorRT {version} is too old: fd_trt needs TensorRT 10 or 11; {INSTALL_HINT}")
+    return trt_module
+
+
+def require_cuda(device: torch.device | str = "cuda") -> torch.device:
+    """Checks that ``device`` is a CUDA device that torch can use.
+
+    Args:
+        device: ``"cuda"`` or ``"cuda:i"``.
+
+    Returns:
+        The device, with its index filled in.
+
+    Raises:
+        InputError: for a non-CUDA device.
+        BackendUnavailableError: when torch sees no CUDA GPU.
+    """
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        raise InputError(f"the tensorrt backend runs on NVIDIA GPUs, got device={str(device)!r}: pass device='cuda'")
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError(
+            f"the tensorrt backend needs a CUDA GPU, but torch {torch.__version__} sees none "
+            f"(torch.version.cuda={torch.version.cuda}): {INSTALL_HINT}"
+        )
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise InputError(f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return torch.device("cuda", index)
+
+
+def runtime_problem(device: torch.device | str = "cuda") -> str | None:
+    """Why TensorRT plans cannot be built or run here, or ``None`` when they can.
+
+    Args:
+        device: the CUDA device to use.
+
+    Returns:
+        A message with an install hint, or ``None``.
+    """
+    try:
+        require_tensorrt()
+        require_cuda(device)
+    except (BackendUnavailableError, InputError) as exc:
+        return str(exc)
+    return None
+
+
+def tensorrt_available(device: torch.device | str = "cuda") -> bool:
+    """True when TensorRT imports (the real library, not stubs) and torch sees a CUDA GPU."""
+    return runtime_problem(device) is None
+
+
+# --------------------------------------------------------------------------------------------
+# Profiles and names: pure functions, testable without a GPU
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RowProfile:
+    """Axis-0 rows of one optimization profile.
+
+    Attributes:
+        min: the fewest rows a call may have.
+        opt: the rows TensorRT tunes its kernels for.
+        max: the most rows a call may have (buffers are allocated for this many).
+    """
+
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        values = (self.min, self.opt, self.max)
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in values) or not 1 <= self.min <= self.opt <= self.max:
+            raise InputError(f"profile rows must be integers with 1 <= min <= opt <= max, got {values}")
+
+    def as_list(self) -> list[int]:
+        """``[min, opt, max]``."""
+        return [self.min, self.opt, self.max]
+
+
+def most_common_segment_steps(schedule: KeySchedule) -> int:
+    """The segment length that covers the most decoder steps of a schedule.
+
+    Steps, not segments, are counted because the decoder's time is spent per step: DDIM-50
+    ``paper`` has three 1-step segments but twenty steps in its two 10-step segments. Ties go to
+    the longer segment.
+
+    Args:
+        schedule: a key-step schedule.
+
+    Returns:
+        A segment length in steps.
+    """
+    cover: Counter[int] = Counter()
+    for seg in schedule.segments:
+        cover[len(seg)] += len(seg)
+    return max(cover, key=lambda n: (cover[n], n))
+
+
+def profile_rows(
+    schedule: KeySchedule | None = None,
+    *,
+    batch: int = 1,
+    max_segment_steps: int | None = None,
+    opt_segment_steps: int | None = None,
+    min_rows: int = 1,
+) -> dict[str, RowProfile]:
+    """The encoder and decoder optimization profiles for a schedule.
+
+    Args:
+        schedule: the schedule the plans will mostly run; DDIM-50 ``paper`` when ``None``.
+        batch: images per call B; one step has 2B rows with CFG.
+        max_segment_steps: the longest segment decoded in one call; the schedule's longest
+            segment when ``None``.
+        opt_segment_steps: the segment length to tune for; :func:`most_common_segment_steps`
+            when ``None``. Clipped to ``max_segment_steps``.
+        min_rows: the fewest rows of either graph (1 lets runs without CFG fit).
+
+    Returns:
+        ``{"encoder": RowProfile(min, 2B, 2B), "decoder": RowProfile(min, 2B*opt, 2B*max)}``.
+
+    Raises:
+        InputError: for a non-positive batch, step count or minimum.
+    """
+    for name, value in (("batch", batch), ("max_segment_steps", max_segment_steps),
+                        ("opt_segment_steps", opt_segment_steps), ("min_rows", min_rows)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
+    if schedule is None:
+        schedule = parse_schedule(DEFAULT_PROFILE_SCHEDULE, DEFAULT_PROFILE_STEPS)
+    rows_per_step = 2 * batch
+    longest = max_segment_steps if max_segment_steps is not None else schedule.max_segment_len
+    opt_steps = min(opt_segment_steps if opt_segment_steps is not None else most_common_segment_steps(schedule), longest)
+    lo = min(min_rows, rows_per_step)
+    return {
+        "encoder": RowProfile(lo, rows_per_step, rows_per_step),
+        "decoder": RowProfile(lo, rows_per_step * opt_steps, rows_per_step * longest),
+    }
+
+
+def profiles_for_manifest(
+    encoder_rows: Sequence[int],
+    decoder_rows: Sequence[int],
+    schedule: KeySchedule | None = None,
+    opt_segment_steps: int | None = None,
+) -> dict[str, RowProfile]:
+    """The profiles of an engine directory, from the row ranges its manifest records.
+
+    Args:
+        encoder_rows: the manifest's ``[min, max]`` encoder rows (max = 2B).
+        decoder_rows: the manifest's ``[min, max]`` decoder rows (max = 2B x max segment steps).
+        schedule: picks the decoder's opt shape (see :func:`profile_rows`).
+        opt_segment_steps: overrides the schedule's choice.
+
+    Returns:
+        ``{"encoder": RowProfile, "decoder": RowProfile}``.
+
+    Raises:
+        EngineMismatchError: when the recorded ranges are not of fd_trt's form.
+    """
+    lo_e, hi_e = int(encoder_rows[0]), int(encoder_rows[1])
+    lo_d, hi_d = int(decoder_rows[0]), int(decoder_rows[1])
+    if hi_e < 2 or hi_e % 2 or hi_d % hi_e or lo_e < 1 or lo_d < 1:
+        raise EngineMismatchError(
+            f"the manifest's row ranges (encoder {list(encoder_rows)}, decoder {list(decoder_rows)}) are not "
+            "2B and 2B x steps: rebuild the engine directory with fd-trt build --backend tensorrt"
+        )
+    return profile_rows(
+        schedule,
+        batch=hi_e // 2,
+        max_segment_steps=hi_d // hi_e,
+        opt_segment_steps=opt_segment_steps,
+        min_rows=min(lo_e, lo_d),
+    )
+
+
+def input_profile_shapes(
+    rows: RowProfile, input_shapes: Mapping[str, Sequence[int]]
+) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """min / opt / max shapes of every graph input, from the profile rows.
+
+    Args:
+        rows: the profile.
+        input_shapes: each input's shape as the network reports it (axis 0 dynamic, ``-1``).
+
+    Returns:
+        ``{name: (min_shape, opt_shape, max_shape)}``.
+
+    Raises:
+        EngineMismatchError: when an input has a dynamic axis besides axis 0, or no axis at all.
+    """
+    out = {}
+    for name, shape in input_shapes.items():
+        dims = [int(d) for d in shape]
+        if not dims:
+            raise EngineMismatchError(f"graph input {name!r} is a scalar; fd_trt graphs have a row axis: re-export the graphs")
+        tail = tuple(dims[1:])
+        if any(d < 1 for d in tail):
+            raise EngineMismatchError(
+                f"graph input {name!r} has shape {dims}: only axis 0 may be dynamic (height and width are fixed per "
+                "build); re-export with fd-trt build --backend tensorrt --height H --width W"
+            )
+        out[name] = ((rows.min, *tail), (rows.opt, *tail), (rows.max, *tail))
+    return out
+
+
+def _version_tag(tensorrt_version: str) -> str:
+    tag = re.sub(r"[^0-9A-Za-z.]+", "_", str(tensorrt_version)).strip("._")
+    if not tag:
+        raise InputError(f"tensorrt_version {tensorrt_version!r} is empty: pass tensorrt.__version__")
+    return tag
+
+
+def _cc_tag(compute_capability: Sequence[int]) -> str:
+    cc = [int(v) for v in compute_capability]
+    if len(cc) != 2 or any(v < 0 for v in cc):
+        raise InputError(f"compute_capability must be (major, minor), got {tuple(compute_capability)!r}")
+    return f"sm{cc[0]}{cc[1]}"
+
+
+def plan_file_name(role: str, tensorrt_version: str, compute_capability: Sequence[int], rows: RowProfile) -> str:
+    """The file name of a plan: role, TensorRT version, compute capability and profile rows.
+
+    Args:
+        role: ``encoder`` or ``decoder``.
+        tensorrt_version: ``tensorrt.__version__``.
+        compute_capability: ``(major, minor)`` of the GPU.
+        rows: the profile.
+
+    Returns:
+        For example ``decoder.trt10.13.0.35.sm90.rows1-20-30.plan``.
+    """
+    if role not in ROLES:
+        raise InputError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    return (
+        f"{role}.trt{_version_tag(tensorrt_version)}.{_cc_tag(compute_capability)}."
+        f"rows{rows.min}-{rows.opt}-{rows.max}.plan"
+    )
+
+
+def timing_cache_file_name(tensorrt_version: str, compute_capability: Sequence[int]) -> str:
+    """The timing cache's file name; one per TensorRT version and compute capability.
+
+    Args:
+        tensorrt_version: ``tensorrt.__version__``.
+        compute_capability: ``(major, minor)``.
+
+    Returns:
+        For example ``timing.trt10.13.0.35.sm90.cache``.
+    """
+    return f"timing.trt{_version_tag(tensorrt_version)}.{_cc_tag(compute_capability)}.cache"
+
+
+def _as_schedule(schedule: ScheduleSpec | None, num_steps: int) -> KeySchedule | None:
+    if schedule is None or isinstance(schedule, KeySchedule):
+        return schedule
+    return parse_schedule(schedule, num_steps)
+
+
+# --------------------------------------------------------------------------------------------
+# Building plans
+# --------------------------------------------------------------------------------------------
+def _strongly_typed_flag() -> int:
+    """The ``create_network`` flags of a strongly typed network: probed, not assumed."""
+    import tensorrt as trt
+
+    flags_enum = getattr(trt, "NetworkDefinitionCreationFlag", None)
+    if flags_enum is not None and hasattr(flags_enum, "STRONGLY_TYPED"):
+        return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    return 0  # TensorRT 11 without the flag: every network is strongly typed
+
+
+def _write_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _gpu_identity(device: torch.device) -> tuple[str, tuple[int, int]]:
+    major, minor = torch.cuda.get_device_capability(device)
+    return torch.cuda.get_device_name(device), (int(major), int(minor))
+
+
+@dataclass
+class PlanBuild:
+    """What :func:`build_plans` did for one role.
+
+    Attributes:
+        record: the plan's manifest record.
+        built: ``False`` when an up-to-date plan was kept.
+        seconds: wall seconds spent on this role.
+    """
+
+    record: PlanRecord
+    built: bool
+    seconds: float
+
+
+def _check_level(level: int) -> None:
+    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= MAX_OPTIMIZATION_LEVEL:
+        raise InputError(
+            f"builder_optimization_level must be an integer from 0 to {MAX_OPTIMIZATION_LEVEL}, got {level!r} "
+            f"(TensorRT's default is {DEFAULT_OPTIMIZATION_LEVEL}; higher builds slower and may run faster)"
+        )
+
+
+def _check_workspace(workspace_bytes: int | None) -> None:
+    if workspace_bytes is not None and (
+        isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int) or workspace_bytes < 1 << 20
+    ):
+        raise InputError(
+            f"workspace_bytes must be None (TensorRT's default: the GPU's memory) or at least 1 MiB, got {workspace_bytes!r}"
+        )
+
+
+def _build_plan(
+    folder: Path,
+    manifest: Manifest,
+    role: str,
+    rows: RowProfile,
+    *,
+    device: torch.device,
+    builder_optimization_level: int,
+    workspace_bytes: int | None,
+    timing_cache: bool,
+) -> PlanRecord:
+    import tensorrt as trt
+
+    from ..engines import PlanRecord
+
+    t0 = time.perf_counter()
+    version = str(trt.__version__)
+    gpu_name, cc = _gpu_identity(device)
+    graph = manifest.graphs.get(role)
+    if graph is None:
+        raise EngineMismatchError(
+            f"{folder}/manifest.json records no {role} graph: rebuild with fd-trt build --backend tensorrt --force --out {folder}"
+        )
+    onnx_path = folder / graph.file
+    trt_logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(trt_logger)
+    flags = _strongly_typed_flag()
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, trt_logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise EngineMismatchError(
+            f"TensorRT {version} could not parse {onnx_path}: {'; '.join(errors[:3]) or 'no detail'}; re-export the graphs "
+            f"with fd-trt build --backend tensorrt --force --out {folder}"
+        )
+    config = builder.create_builder_config()
+    config.builder_optimization_level = builder_optimization_level
+    if workspace_bytes is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    if flags == 0 and manifest.precision == "fp16" and hasattr(trt.BuilderFlag, "FP16"):
+        # Only where strong typing cannot be asked for but the FP16 flag exists (never on 10.x/11.x
+        # as released): the graph's fp16 types then need the flag to keep fp16 kernels.
+        config.set_flag(trt.BuilderFlag.FP16)
+    shapes: dict[str, list[int]] = {}
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        dims = tensor.shape
+        shapes[tensor.name] = [int(dims[k]) for k in range(len(dims))]
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in input_profile_shapes(rows, shapes).items():
+        profile.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
+    config.add_optimization_profile(profile)
+    cache_path = folder / timing_cache_file_name(version, cc)
+    if timing_cache:
+        cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+        if not config.set_timing_cache(cache, False):
+            logger.warning("%s does not fit TensorRT %s on %s; starting a new timing cache", cache_path, version, gpu_name)
+            config.set_timing_cache(config.create_timing_cache(b""), False)
+    logger.info("building the TensorRT %s plan (rows %s, optimization level %d) on %s", role, rows.as_list(),
+                builder_optimization_level, gpu_name)
+    with torch.cuda.device(device):
+        plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise FdTrtError(
+            f"TensorRT {version} could not build the {role} plan from {onnx_path} for rows {rows.as_list()} (TensorRT's "
+            "own messages above say why); on a small GPU lower the decoder's rows (--max-segment-steps) or set "
+            "--workspace-gb"
+        )
+    data = memoryview(plan)
+    file = plan_file_name(role, version, cc, rows)
+    _write_atomic(folder / file, data)
+    if timing_cache:
+        _write_atomic(cache_path, memoryview(config.get_timing_cache().serialize()))
+    seconds = time.perf_counter() - t0
+    logger.info("built %s (%.1f MB) in %.1f s", file, data.nbytes / 1e6, seconds)
+    return PlanRecord(
+        role=role,
+        file=file,
+        sha256=hashlib.sha256(data).hexdigest(),
+        bytes=int(data.nbytes),
+        tensorrt_version=version,
+        gpu_name=gpu_name,
+        compute_capability=list(cc),
+        rows=rows.as_list(),
+        graph_sha256=graph.sha256,
+        builder_optimization_level=builder_optimization_level,
+        workspace_bytes=workspace_bytes,
+        built_at=time.time(),
+        build_seconds=seconds,
+    )
+
+
+def build_plans(
+    engine_dir: str | os.PathLike[str],
+    *,
+    device: torch.device | str = "cuda",
+    schedule: ScheduleSpec | None = None,
+    num_steps: int = DEFAULT_PROFILE_STEPS,
+    opt_segment_steps: int | None = None,
+    builder_optimization_level: int = DEFAULT_OPTIMIZATION_LEVEL,
+    workspace_bytes: int | None = None,
+    timing_cache: bool = True,
+    force: bool = False,
+    roles: Sequence[str] = ROLES,
+) -> list[PlanBuild]:
+    """Builds the TensorRT plans of an engine directory for this GPU and TensorRT version.
+
+    Plans that are already recorded for this TensorRT version, compute capability, graph and
+    profile are kept. Plans for other GPUs or versions stay in the directory and the manifest
+    (an engine directory can serve several machines); they are simply not used here.
+
+    Args:
+        engine_dir: an engine directory with ``encoder.onnx`` / ``decoder.onnx``
+            (``fd-trt build --backend tensorrt``).
+        device: the CUDA device to build for.
+        schedule: the schedule whose segments pick the decoder's opt rows (``paper`` by default).
+        num_steps: the step count the schedule is read for.
+        opt_segment_steps: the decoder's opt segment length, overriding the schedule's.
+        builder_optimization_level: 0 (fast build) .. 5 (slow build, maybe faster engine); 3 is
+            TensorRT's default.
+        workspace_bytes: the builder's workspace pool limit; TensorRT's default when ``None``.
+        timing_cache: read and update the timing cache file in the engine directory.
+        force: rebuild even when an up-to-date plan exists.
+        roles: which plans to build.
+
+    Returns:
+        One :class:`PlanBuild` per role.
+
+    Raises:
+        BackendUnavailableError: without TensorRT or a CUDA GPU.
+        EngineMismatchError: for a missing or corrupt engine directory, or a graph TensorRT cannot parse.
+        FdTrtError: when TensorRT fails to build.
+    """
+    from ..engines import check_graph_files, find_plan, save_manifest
+
+    _check_level(builder_optimization_level)
+    _check_workspace(workspace_bytes)
+    for role in roles:
+        if role not in ROLES:
+            raise InputError(f"roles must be among {', '.join(ROLES)}, got {role!r}")
+    trt_mod = require_tensorrt()
+    dev = require_cuda(device)
+    folder = Path(engine_dir)
+    manifest = check_graph_files(folder)
+    profiles = profiles_for_manifest(
+        manifest.encoder_rows, manifest.decoder_rows, _as_schedule(schedule, num_steps), opt_segment_steps
+    )
+    version = str(trt_mod.__version__)
+    gpu_name, cc = _gpu_identity(dev)
+    results = []
+    for role in roles:
+        t0 = time.perf_counter()
+        rows = profiles[role]
+        existing = find_plan(manifest, role, tensorrt_version=version, compute_capability=cc, rows=rows.as_list())
+        if existing is not None and not force:
+            path = folder / existing.file
+            if path.is_file() and path.stat().st_size == existing.bytes:
+                results.append(PlanBuild(existing, False, time.perf_counter() - t0))
+                continue
+        record = _build_plan(
+            folder,
+            manifest,
+            role,
+            rows,
+            device=dev,
+            builder_optimization_level=builder_optimization_level,
+            workspace_bytes=workspace_bytes,
+            timing_cache=timing_cache,
+        )
+        manifest.plans[record.file] = record
+        save_manifest(folder, manifest)
+        results.append(PlanBuild(record, True, time.perf_counter() - t0))
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Runtime
+# --------------------------------------------------------------------------------------------
+def _torch_dtype(trt_dtype: Any) -> torch.dtype:
+    import tensorrt as trt
+
+    table = {
+        trt.DataType.FLOAT: torch.float32,
+        trt.DataType.HALF: torch.float16,
+        trt.DataType.BF16: torch.bfloat16,
+        trt.DataType.INT32: torch.int32,
+        trt.DataType.INT64: torch.int64,
+    }
+    if trt_dtype not in table:
+        raise EngineMismatchError(f"a plan tensor has TensorRT type {trt_dtype}, which fd_trt does not bind: rebuild the plans")
+    return table[trt_dtype]
+
+
+def _device_memory_size(engine: trt.ICudaEngine) -> int:
+    if hasattr(engine, "device_memory_size_v2"):
+        return int(engine.device_memory_size_v2)
+    return int(engine.device_memory_size)  # TensorRT 10.0, before the _v2 property
+
+
+def _create_context(engine: trt.ICudaEngine, user_memory: bool) -> tuple[trt.IExecutionContext | None, bool]:
+    """An execution context, with user-managed scratch memory when asked and available.
+
+    Returns:
+        ``(context or None on failure, whether its scratch memory is user-managed)``.
+    """
+    import tensorrt as trt
+
+    if user_memory:
+        strategies = getattr(trt, "ExecutionContextAllocationStrategy", None)
+        if strategies is not None and hasattr(strategies, "USER_MANAGED"):
+            return engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED), True
+        if hasattr(engine, "create_execution_context_without_device_memory"):  # before the allocation strategies
+            return engine.create_execution_context_without_device_memory(), True
+        logger.info("this TensorRT cannot hand scratch memory to its contexts; each context allocates its own")
+    return engine.create_execution_context(), False
+
+
+def _set_device_memory(context: trt.IExecutionContext, address: int, size: int) -> None:
+    if hasattr(context, "set_device_memory"):
+        context.set_device_memory(address, size)
+    else:  # TensorRT 10.0: the property, before set_device_memory(address, size)
+        context.device_memory = address  # type: ignore[attr-defined]  # 10.0-only property, not in the 10.13 stubs
+
+
+@dataclass
+class _Engine:
+    """One deserialized plan, its context, buffers and captured CUDA graphs."""
+
+    role: str
+    path: Path
+    engine: trt.ICudaEngine
+    context: trt.IExecutionContext
+    user_managed: bool  # whether the context waits for scratch memory from us
+    inputs: list[str]
+    outputs: list[str]
+    tails: dict[str, tuple[int, ...]]
+    min_rows: int
+    max_rows: int
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    rows: int = 0  # the rows the context's input shapes are set for
+    graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)
+
+
+class TrtRunner(Runner):
+    """Runs an engine directory's TensorRT plans (built here on first use when missing).
+
+    Args:
+        engines: an engine directory built with ``fd-trt build --backend tensorrt``.
+        device: the CUDA device.
+        dtype: the graph precision the caller expects (``fp16`` or ``fp32``); activation fails
+            with :class:`EngineMismatchError` when the directory holds the other. ``None`` takes
+            the directory's.
+        schedule: the schedule whose segments pick the decoder profile's opt rows; with neither
+            this nor ``opt_segment_steps``, any plan recorded for this GPU is used.
+        num_steps: the step count ``schedule`` is read for.
+        opt_segment_steps: the decoder's opt segment length.
+        build: build missing plans on activation; ``False`` refuses instead.
+        builder_optimization_level: see :func:`build_plans`.
+        workspace_bytes: see :func:`build_plans`.
+        timing_cache: see :func:`build_plans`.
+        cuda_graphs: capture one CUDA graph per (graph, row count) after a warm-up run, and
+            replay it afterwards.
+        share_memory: give both execution contexts one user-managed scratch allocation.
+        warmup: run both plans once on activation.
+        full_hash: check the plans' sha256 on activation, not only their sizes.
+
+    Raises:
+        BackendUnavailableError: at construction, without TensorRT or a CUDA GPU.
+    """
+
+    name = "tensorrt"
+
+    def __init__(
+        self,
+        engines: str | os.PathLike[str],
+        *,
+        device: torch.device | str = "cuda",
+        dtype: str | torch.dtype | None = None,
+        schedule: ScheduleSpec | None = None,
+        num_steps: int = DEFAULT_PROFILE_STEPS,
+        opt_segment_steps: int | None = None,
+        build: bool = True,
+        builder_optimization_level: int = DEFAULT_OPTIMIZATION_LEVEL,
+        workspace_bytes: int | None = None,
+        timing_cache: bool = True,
+        cuda_graphs: bool = False,
+        share_memory: bool = True,
+        warmup: bool = True,
+        full_hash: bool = False,
+    ) -> None:
+        if isinstance(engines, torch.nn.Module):
+            raise InputError(
+                "TrtRunner takes an engine directory, not a UNet: build one first (fd-trt build --backend tensorrt) "
+                "and pass the folder"
+            )
+        require_tensorrt()
+        dev = require_cuda(device)
+        super().__init__(dev, torch.float16)
+        expected = {"fp32": torch.float32, "fp16": torch.float16}.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        if expected not in (None, torch.float32, torch.float16):
+            raise InputError(f"TensorRT plans are built from fp16 or fp32 graphs, got dtype={dtype!r}: use 'fp16'")
+        _check_level(builder_optimization_level)
+        _check_workspace(workspace_bytes)
+        self.expected_dtype: torch.dtype | None = expected
+        self.engine_dir = Path(engines)
+        if not self.engine_dir.is_dir():
+            raise InputError(
+                f"engine directory {self.engine_dir} does not exist: build it with "
+                f"fd-trt build --backend tensorrt --out {self.engine_dir}"
+            )
+        self.schedule = _as_schedule(schedule, num_steps)
+        self.opt_segment_steps = opt_segment_steps
+        self.build = build
+        self.builder_optimization_level = builder_optimization_level
+        self.workspace_bytes = workspace_bytes
+        self.timing_cache = timing_cache
+        self.cuda_graphs = bool(cuda_graphs)
+        self.share_memory = bool(share_memory)
+        self.warmup = warmup
+        self.full_hash = full_hash
+        self._enc: _Engine | None = None
+        self._dec: _Engine | None = None
+        self._runtime: trt.Runtime | None = None
+        self._trt_logger: trt.Logger | None = None
+        self._scratch: torch.Tensor | None = None
+        self._stream: torch.cuda.Stream | None = None
+        self._graph_pool: Any = None
+        #: The plan records in use, by role (after activation).
+        self.plans: dict[str, PlanRecord] = {}
+
+    # lifecycle -----------------------------------------------------------------------------
+    def _select_plan(self, manifest: Manifest, role: str, profiles: dict[str, RowProfile]) -> PlanRecord:
+        from ..engines import check_plan, find_plan
+
+        import tensorrt as trt
+
+        version = str(trt.__version__)
+        _, cc = _gpu_identity(self.device)
+        wanted = profiles[role].as_list() if (self.schedule is not None or self.opt_segment_steps is not None) else None
+        record = find_plan(manifest, role, tensorrt_version=version, compute_capability=cc, rows=wanted)
+        if record is not None:
+            return record
+        foreign = [r for r in manifest.plans.values() if r.role == role]
+        if not self.build:
+            graph = manifest.graphs.get(role)
+            for rec in foreign:  # raises, naming what differs
+                check_plan(rec, tensorrt_version=version, compute_capability=cc,
+                           graph_sha256=graph.sha256 if graph is not None else None, engine_dir=self.engine_dir)
+            raise EngineMismatchError(
+                f"{self.engine_dir} has no TensorRT {role} plan"
+                + (f" with rows {wanted}" if wanted else "")
+                + f" for TensorRT {version} on this GPU (sm{cc[0]}{cc[1]}): build it with fd-trt build --backend tensorrt "
+                f"--out {self.engine_dir}, or pass build=True"
+            )
+        if foreign:
+            logger.warning("%s: the recorded %s plans are for other GPUs, TensorRT versions, graphs or profiles; "
+                           "building one for this GPU", self.engine_dir, role)
+        (res,) = build_plans(
+            self.engine_dir,
+            device=self.device,
+            schedule=self.schedule,
+            opt_segment_steps=self.opt_segment_steps,
+            builder_optimization_level=self.builder_optimization_level,
+            workspace_bytes=self.workspace_bytes,
+            timing_cache=self.timing_cache,
+            roles=(role,),
+        )
+        manifest.plans[res.record.file] = res.record
+        return res.record
+
+    def _load(self, role: str, record: PlanRecord) -> _Engine:
+        import tensorrt as trt
+
+        from ..engines import file_sha256
+
+        path = self.engine_dir / record.file
+        fix = f"delete it and rebuild: fd-trt build --backend tensorrt --force --out {self.engine_dir}"
+        if not path.is_file():
+            raise EngineMismatchError(f"the TensorRT {role} plan {path} recorded in the manifest is missing; {fix}")
+        if path.stat().st_size != record.bytes or (self.full_hash and file_sha256(path) != record.sha256):
+            raise EngineMismatchError(f"the TensorRT {role} plan {path} does not match the manifest (truncated or replaced); {fix}")
+        assert self._runtime is not None
+        with torch.cuda.device(self.device):
+            engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise EngineMismatchError(
+                f"TensorRT {trt.__version__} could not deserialize {path} (built with TensorRT {record.tensorrt_version} "
+                f"on {record.gpu_name}); {fix}"
+            )
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        tails: dict[str, tuple[int, ...]] = {}
+        for n in names:
+            dims = engine.get_tensor_shape(n)
+            shape = [int(dims[k]) for k in range(len(dims))]
+            if len(shape) < 1 or any(d < 1 for d in shape[1:]):
+                raise EngineMismatchError(f"{path}: tensor {n!r} has shape {shape}; only axis 0 may be dynamic; {fix}")
+            tails[n] = tuple(shape[1:])
+        lo_dims, _, hi_dims = engine.get_tensor_profile_shape(inputs[0], 0)
+        context, user_managed = _create_context(engine, self.share_memory)
+        if context is None:
+            raise FdTrtError(f"TensorRT could not create an execution context for {path} (out of GPU memory?)")
+        entry = _Engine(role, path, engine, context, user_managed, inputs, outputs, tails, int(lo_dims[0]), int(hi_dims[0]))
+        for n in names:
+            entry.buffers[n] = torch.empty(
+                (entry.max_rows, *tails[n]), dtype=_torch_dtype(engine.get_tensor_dtype(n)), device=self.device
+            )
+        return entry
+
+    def _check_contract(self, enc: _Engine, dec: _Engine) -> None:
+        if sorted(enc.inputs) != sorted(ENCODER_INPUTS) or "mid" not in enc.outputs:
+            raise EngineMismatchError(
+                f"{enc.path} has inputs {enc.inputs} and outputs {enc.outputs}: it is not an fd_trt encoder plan; rebuild it"
+            )
+        expected = sorted([*enc.outputs, "timestep", "encoder_hidden_states"])
+        if sorted(dec.inputs) != expected or dec.outputs != [DECODER_OUTPUT]:
+            raise EngineMismatchError(
+                f"{dec.path} (inputs {dec.inputs}, outputs {dec.outputs}) does not fit {enc.path} (outputs {enc.outputs}): "
+                f"the plans come from different exports; rebuild both with fd-trt build --backend tensorrt --force"
+            )
+        for n in enc.outputs:
+            if enc.tails[n] != dec.tails[n] or enc.buffers[n].dtype != dec.buffers[n].dtype:
+                raise EngineMismatchError(f"{enc.path} and {dec.path} disagree on {n!r}: rebuild both plans")
+
+    def _activate(self) -> None:
+        import tensorrt as trt
+
+        from ..engines import check_graph_files
+
+        manifest = check_graph_files(self.engine_dir)
+        precision = {"fp16": torch.float16, "fp32": torch.float32}.get(manifest.precision)
+        if self.expected_dtype is not None and precision != self.expected_dtype:
+            raise EngineMismatchError(
+                f"{self.engine_dir} holds {manifest.precision} graphs but {self.expected_dtype} was asked for: rebuild with "
+                f"fd-trt build --backend tensorrt --precision {'fp16' if self.expected_dtype == torch.float16 else 'fp32'}, "
+                "or pass dtype=None"
+            )
+        profiles = profiles_for_manifest(manifest.encoder_rows, manifest.decoder_rows, self.schedule, self.opt_segment_steps)
+        self._trt_logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._trt_logger)
+        self._stream = torch.cuda.Stream(self.device)
+        records = {role: self._select_plan(manifest, role, profiles) for role in ROLES}
+        enc, dec = self._load("encoder", records["encoder"]), self._load("decoder", records["decoder"])
+        self._check_contract(enc, dec)
+        self._bind([enc, dec])
+        self._enc, self._dec, self.plans = enc, dec, records
+        self.dtype = enc.buffers["sample"].dtype
+        if self.cuda_graphs:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        logger.info("tensorrt %s: %s (rows %d..%d) and %s (rows %d..%d) on %s", trt.__version__, enc.path.name, enc.min_rows,
+                    enc.max_rows, dec.path.name, dec.min_rows, dec.max_rows, torch.cuda.get_device_name(self.device))
+        if self.warmup:
+            self._warm_up()
+
+    def _bind(self, entries: list[_Engine]) -> None:
+        managed = [e for e in entries if e.user_managed]
+        if managed:
+            size = max(_device_memory_size(e.engine) for e in managed)
+            # One allocation for both contexts: the encoder and the decoder never run at the same time.
+            self._scratch = torch.empty(max(size, 256), dtype=torch.uint8, device=self.device)
+            for e in managed:
+                _set_device_memory(e.context, self._scratch.data_ptr(), size)
+        for e in entries:
+            for n, buf in e.buffers.items():
+                # Addresses are set once: each call uses the buffers' first rows, whose address is the buffer's.
+                if not e.context.set_tensor_address(n, buf.data_ptr()):
+                    raise FdTrtError(f"TensorRT refused the address of {n!r} in {e.path}")
+
+    def _deactivate(self) -> None:
+        if self._stream is not None:
+            self._stream.synchronize()
+        for e in (self._enc, self._dec):
+            if e is not None:
+                e.graphs.clear()
+                e.buffers.clear()
+                del e.context  # a context before its engine
+                del e.engine
+        self._enc = self._dec = None
+        self._scratch = None
+        self._runtime = None
+        self._graph_pool = None
+
+    def _warm_up(self) -> None:
+        enc = self._enc
+        assert enc is not None
+        n = enc.max_rows
+        sample = torch.zeros((n, *enc.tails["sample"]), device=self.device)
+        text = torch.zeros((n, *enc.tails["encoder_hidden_states"]), device=self.device)
+        t = torch.full((n,), 500.0, device=self.device)
+        feats = self._encode(sample, t, text)
+        self._decode(feats, t[:1], text)
+        self.synchronize()
+
+    # execution -----------------------------------------------------------------------------
+    def _set_rows(self, e: _Engine, rows: int) -> None:
+        if e.rows == rows:
+            return
+        if not e.min_rows <= rows <= e.max_rows:
+            raise InputError(
+                f"{rows} rows are outside the {e.role} plan's profile ({e.min_rows}..{e.max_rows}): rebuild with a larger "
+                "--batch / --max-segment-steps, or pass max_decoder_rows"
+            )
+        for n in e.inputs:
+            if not e.context.set_input_shape(n, (rows, *e.tails[n])):
+                raise FdTrtError(f"TensorRT refused shape {(rows, *e.tails[n])} for {n!r} of {e.path}")
+        e.rows = rows
+
+    def _enqueue(self, e: _Engine, stream: torch.cuda.Stream) -> None:
+        if not e.context.execute_async_v3(stream.cuda_stream):
+            raise FdTrtError(f"TensorRT failed to enqueue {e.path} at {e.rows} rows (its messages above say why)")
+
+    def _execute(self, e: _Engine, rows: int) -> None:
+        """Runs one plan on its buffers' first ``rows`` rows, ordered after the caller's stream."""
+        stream = self._stream
+        assert stream is not None
+        self._set_rows(e, rows)
+        caller = torch.cuda.current_stream(self.device)
+        stream.wait_stream(caller)  # the inputs were written on the caller's stream
+        with torch.cuda.stream(stream):
+            if self.cuda_graphs:
+                graph = e.graphs.get(rows)
+                if graph is None:
+                    graph = self._capture(e, rows, stream)
+                graph.replay()
+            else:
+                self._enqueue(e, stream)
+        caller.wait_stream(stream)  # the outputs are read on the caller's stream
+
+    def _capture(self, e: _Engine, rows: int, stream: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
+        # A plain run first: TensorRT finishes its per-shape setup, which a capture cannot record.
+        self._enqueue(e, stream)
+        stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool, stream=stream, capture_error_mode="thread_local"):
+            self._enqueue(e, stream)
+        e.graphs[rows] = graph
+        logger.debug("captured a CUDA graph of %s at %d rows", e.path.name, rows)
+        return graph
+
+    def _check_rows(self, what: str, **tensors: torch.Tensor) -> int:
+        rows = {k: int(v.shape[0]) for k, v in tensors.items()}
+        if len(set(rows.values())) != 1:
+            raise InputError(f"{what} inputs disagree on rows: {rows}; give every input the same axis 0")
+        return next(iter(rows.values()))
+
+    def _copy_in(self, e: _Engine, name: str, value: torch.Tensor, steps: int = 1) -> None:
+        """Writes ``value`` (N rows) into the buffer, tiled ``steps`` times (step-major)."""
+        tail = e.tails[name]
+        if tuple(value.shape[1:]) != tail:
+            raise InputError(
+                f"{name} has shape {tuple(value.shape)}, but the {e.role} plan takes [rows, {', '.join(map(str, tail))}]: "
+                "pass inputs of the size the engine directory was built for"
+            )
+        n = int(value.shape[0])
+        dst = e.buffers[name][: steps * n]
+        if steps == 1:
+            dst.copy_(value)
+        else:
+            dst.view(steps, n, *tail).copy_(value.unsqueeze(0).expand(steps, *value.shape))
+
+    def encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> Features:
+        self._check_active()
+        return self._encode(sample, timestep, text)
+
+    def decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        self._check_active()
+        return self._decode(features, timesteps, text)
+
+    @torch.inference_mode()
+    def _encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> Features:
+        enc = self._enc
+        assert enc is not None
+        rows = self._check_rows("encoder", sample=sample, timestep=timestep, text=text)
+        self._copy_in(enc, "sample", sample)
+        self._copy_in(enc, "timestep", timestep.reshape(rows))
+        self._copy_in(enc, "encoder_hidden_states", text)
+        self._execute(enc, rows)
+        # Copies: the next encode reuses the buffers while the caller may still hold these features.
+        skips = sorted(n for n in enc.outputs if n != "mid")
+        return Features(enc.buffers["mid"][:rows].clone(), tuple(enc.buffers[n][:rows].clone() for n in skips))
+
+    @torch.inference_mode()
+    def _decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        dec = self._dec
+        assert dec is not None
+        n = features.rows
+        if text.shape[0] != n:
+            raise InputError(f"text has {text.shape[0]} rows but the features have {n}: pass the encoder's text")
+        if timesteps.ndim != 1 or timesteps.shape[0] < 1:
+            raise InputError(f"timesteps must be a non-empty 1-D tensor, got shape {tuple(timesteps.shape)}")
+        names = ["mid", *sorted(x for x in dec.inputs if x.startswith("skip_"))]
+        if len(features.skips) + 1 != len(names):
+            raise InputError(
+                f"features have {len(features.skips)} skips but the plans carry {len(names) - 1}: pass the features "
+                "this runner's encode() returned"
+            )
+        per_call = dec.max_rows // n
+        if per_call < 1:
+            raise InputError(f"{n} rows per step exceed the decoder plan's {dec.max_rows} rows: rebuild with a larger --batch")
+        outs = []
+        for c0 in range(0, int(timesteps.shape[0]), per_call):
+            steps = timesteps[c0 : c0 + per_call]
+            s = int(steps.shape[0])
+            for name, value in zip(names, features.tensors()):
+                self._copy_in(dec, name, value, s)
+            self._copy_in(dec, "timestep", steps.reshape(s, 1).expand(s, n).reshape(s * n))
+            self._copy_in(dec, "encoder_hidden_states", text, s)
+            self._execute(dec, s * n)
+            outs.append(dec.buffers[DECODER_OUTPUT][: s * n].to(torch.float32, copy=True))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+__all__ = [
+    "INSTALL_HINT",
+    "PlanBuild",
+    "RowProfile",
+    "TrtRunner",
+    "build_plans",
+    "input_profile_shapes",
+    "most_common_segment_steps",
+    "plan_file_name",
+    "profile_rows",
+    "profiles_for_manifest",
+    "require_cuda",
+    "require_tensorrt",
+    "runtime_problem",
+    "tensorrt_available",
+    "timing_cache_file_name",
+]

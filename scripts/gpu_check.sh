@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Every GPU check of fd_trt in one call, under 8 minutes on one H100/H200; no downloads.
+#
+#   scripts/gpu_check.sh [--budget-s 450] [--repeat 3] [--skip-tests] [--skip-sd15] ...
+#
+# 1. the GPU tests (pytest -m gpu tests/test_gpu.py tests/test_tensorrt.py);
+# 2. fp16 CUDA pipeline vs the fp32 CPU reference on the tiny model;
+# 3. SD1.5-shaped random UNet, 512x512, DDIM-50, CFG, fp16: schedules all vs paper on torch CUDA
+#    without and with CUDA graphs, and on TensorRT when it is importable (CUDA-event medians
+#    after warm-up, peak GPU memory).
+# The table is printed last; $OUT/gpu_check.json is written when OUT is set. Without a CUDA GPU it
+# says why it skips and exits 0. Uses $PYTHON, else .venv/bin/python, else python3.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1
+exec "$PY" scripts/gpu_check.py "$@"

@@ -1,0 +1,115 @@
+"""The torch backend on CUDA (fp16, bf16, channels_last, CUDA graphs), and gpu_check.sh on CPU.
+
+The CUDA tests skip without a GPU; ``scripts/gpu_check.sh`` runs them (with the TensorRT ones)
+where there is one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import rel_l2
+from fd_trt.backends.torch import TorchRunner
+from fd_trt.errors import InputError
+from fd_trt.models import tiny_sd_pipeline
+from fd_trt.pipeline import FasterDiffusionPipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+
+def test_cuda_graphs_need_a_cuda_device(tiny_sd):
+    with pytest.raises(InputError, match="cuda_graphs=True needs a CUDA device"):
+        TorchRunner(tiny_sd.unet, device="cpu", cuda_graphs=True)
+    with pytest.raises(InputError, match="graph_warmup_runs"):
+        TorchRunner(tiny_sd.unet, device="cpu", graph_warmup_runs=0)
+
+
+def test_channels_last_keeps_the_cpu_results():
+    unet = tiny_sd_pipeline(seed=0).unet
+    gen = torch.Generator().manual_seed(0)
+    sample, text = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 16, 32, generator=gen)
+    t = torch.tensor([900.0, 900.0])
+    outs = []
+    for channels_last in (False, True):
+        with TorchRunner(unet, device="cpu", channels_last=channels_last) as runner:
+            feats = runner.encode(sample, t, text)
+            outs.append(runner.decode(feats, torch.tensor([800.0, 700.0]), text))
+    assert outs[0].shape == (4, 4, 8, 8)
+    assert rel_l2(outs[1], outs[0]) < 1e-5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs every check instead of skipping")
+def test_gpu_check_skips_cleanly_without_a_gpu(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=os.environ.get("PYTHON", __import__("sys").executable))
+    res = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "gpu_check: SKIPPED: no CUDA GPU visible to torch" in res.stdout
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["skipped"] is True and "no CUDA GPU" in report["reason"]
+
+
+def _run(device: str, precision: str, latents: torch.Tensor, schedule: str = "paper", steps: int = 50, **options) -> torch.Tensor:
+    pipe = FasterDiffusionPipeline.from_diffusers(tiny_sd_pipeline(seed=0), backend="torch", device=device,
+                                                  precision=precision, progress=False, runner_options=options)
+    out = pipe("a red circle on the left", num_inference_steps=steps, output_type="latent", schedule=schedule,
+               latents=latents.clone())
+    assert not out.stats.nonfinite
+    pipe.close()
+    return out.latents.float().cpu()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("schedule", ["all", "paper"])
+def test_fp16_cuda_matches_the_fp32_cpu_reference(latents, schedule):
+    ref = _run("cpu", "fp32", latents, schedule)
+    got = _run("cuda", "fp16", latents, schedule)
+    assert rel_l2(got, ref) < 5e-2
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_bf16_and_channels_last_on_cuda(latents):
+    ref = _run("cuda", "fp32", latents, steps=20)
+    assert rel_l2(_run("cuda", "bf16", latents, steps=20), ref) < 1e-1
+    assert rel_l2(_run("cuda", "fp16", latents, steps=20, channels_last=True), ref) < 5e-2
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_torch_cuda_graph_replay_equals_eager():
+    sd = tiny_sd_pipeline(seed=0)
+    gen = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 8, 8, generator=gen).cuda()
+    text = torch.randn(2, 16, 32, generator=gen).cuda()
+    t = torch.tensor([900.0, 900.0], device="cuda")
+    steps = ([800.0], [700.0, 600.0, 500.0], [400.0])
+    results = []
+    for graphs in (False, True):
+        with TorchRunner(sd.unet, device="cuda", dtype="fp16", cuda_graphs=graphs) as runner:
+            feats = runner.encode(sample, t, text)
+            outs = [runner.decode(feats, torch.tensor(s, device="cuda"), text) for s in steps]
+            if graphs:
+                assert runner.num_graphs == 3  # encoder at 2 rows, decoder at 2 and 6 rows; the repeat reused one
+            results.append((feats, outs))
+    (f0, o0), (f1, o1) = results
+    for a, b in zip(f0.tensors(), f1.tensors()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-3)
+    for a, b in zip(o0, o1):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-3)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_pipeline_with_cuda_graphs_matches_eager(latents):
+    eager = _run("cuda", "fp16", latents)
+    graphs = _run("cuda", "fp16", latents, cuda_graphs=True)
+    assert rel_l2(graphs, eager) < 1e-3
