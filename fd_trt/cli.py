@@ -24,7 +24,8 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--engines", default=None, help="a built engine directory (fd-trt build) for graph backends")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads of the runner")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="runner precision (default: fp16 for tensorrt, fp32 otherwise)")
     p.add_argument("--steps", type=int, default=50, help="inference steps")
     p.add_argument("--schedule", default="paper", help="paper | all | uniform:N | comma-separated key steps")
     p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
@@ -232,7 +233,7 @@ def _generate(args: argparse.Namespace) -> int:
         runner_options=_runner_options(args),
     )
     print(f"model: {pipe.source}")
-    print(f"backend: {pipe.backend} on {pipe.device} ({args.precision}), scheduler {args.scheduler}, load {time.perf_counter() - t0:.2f} s")
+    print(f"backend: {pipe.backend} on {pipe.device} ({pipe.precision}), scheduler {args.scheduler}, load {time.perf_counter() - t0:.2f} s")
 
     def run(schedule: str, noise: bool | None) -> Any:
         return pipe(

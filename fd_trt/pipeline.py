@@ -132,7 +132,7 @@ class FasterDiffusionPipeline:
         sd_pipeline: Any,
         backend: str | Runner | None = None,
         device: str | torch.device | None = None,
-        precision: str = "fp32",
+        precision: str | None = None,
         progress: bool = True,
         source: str = "diffusers pipeline",
         engines: str | os.PathLike[str] | None = None,
@@ -142,7 +142,6 @@ class FasterDiffusionPipeline:
         self.source = source
         self.device = torch.device(device or default_device())
         self.progress = progress
-        self.precision = precision
         self.engines = Path(engines) if engines is not None else None
         self.runner_options = dict(runner_options or {})
         self.sd.to(self.device)
@@ -159,6 +158,8 @@ class FasterDiffusionPipeline:
             self.backend = backend or default_backend(str(self.device))
             if self.backend not in BACKENDS:
                 raise InputError(f"unknown backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
+            # TensorRT engines are fp16 unless asked otherwise; the others default to fp32.
+            precision = precision or ("fp16" if self.backend == "tensorrt" else "fp32")
             if self.backend == "torch":
                 cls = get_runner_class("torch")
                 self._fixed_runner = cls(self.sd.unet, device=self.device, dtype=precision, **self.runner_options).activate()
@@ -167,6 +168,7 @@ class FasterDiffusionPipeline:
                 get_runner_class(self.backend)
                 if self.backend == "onnxruntime" and precision not in ("fp32", "fp16"):
                     raise InputError(f"the onnxruntime backend runs fp32 or fp16 graphs, got precision={precision!r}")
+        self.precision: str = precision or "fp32"
         #: The runner of the latest call (the fixed one when there is one).
         self.runner: Runner | None = self._fixed_runner
         self._flops = _FlopCounter()
@@ -217,7 +219,7 @@ class FasterDiffusionPipeline:
         model: str | os.PathLike[str] = "default",
         backend: str | None = None,
         device: str | torch.device | None = None,
-        precision: str = "fp32",
+        precision: str | None = None,
         scheduler: str | None = None,
         progress: bool = True,
         engines: str | os.PathLike[str] | None = None,
@@ -230,7 +232,8 @@ class FasterDiffusionPipeline:
             backend: ``"torch"``, ``"onnxruntime"`` or ``"tensorrt"``; by default ``onnxruntime``
                 on a CPU and ``torch`` on CUDA.
             device: ``"cpu"`` or ``"cuda"``; CUDA when available by default.
-            precision: ``fp32``, ``fp16`` or ``bf16`` (torch); ``fp32`` or ``fp16`` (graphs).
+            precision: ``fp32``, ``fp16`` or ``bf16`` (torch); ``fp32`` or ``fp16`` (graphs). Default:
+                ``fp16`` for ``tensorrt``, ``fp32`` otherwise.
             scheduler: ``ddim``, ``dpmpp``, ``pndm``, ``euler`` or ``ddpm``; the folder's own when omitted.
             progress: show progress bars.
             engines: a built engine directory (``fd-trt build``) for graph backends. Without one,
@@ -251,7 +254,7 @@ class FasterDiffusionPipeline:
         sd_pipeline: Any,
         backend: str | Runner | None = None,
         device: str | torch.device | None = None,
-        precision: str = "fp32",
+        precision: str | None = None,
         progress: bool = True,
         engines: str | os.PathLike[str] | None = None,
         runner_options: dict[str, Any] | None = None,

@@ -13,7 +13,7 @@ def test_generate_compare_writes_image_and_json(tmp_path, capsys):
     rc = main(["generate", "a red circle", "--steps", "12", "--compare", "--quiet", "--out", str(out), "--json", str(js)])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "speedup" in printed and "relative L2" in printed and "tiny random-weight" in printed
+    assert "speedup" in printed and "relative L2" in printed and "model: default" in printed
     assert PIL.Image.open(out).size == (64, 64)
     report = json.loads(js.read_text())
     assert report["stats"]["encoder_calls"] == 6  # paper cut below 12 steps: 0,1,2,3,5,10

@@ -63,9 +63,13 @@ def test_cli_build_is_idempotent_and_generate_refuses_other_shapes(tmp_path, cap
     png = tmp_path / "a.png"
     assert main(["generate", "x", "--engines", str(out), "--steps", "3", "--quiet", "--out", str(png)]) == 0
     assert png.is_file()
-    rc = main(["generate", "x", "--engines", str(out), "--height", "128", "--quiet", "--out", str(png)])
+    import json
+
+    built_hw = json.loads((out / "manifest.json").read_text())["latent_shape"][1:]
+    rc = main(["generate", "x", "--engines", str(out), "--height", "128", "--width", "64", "--quiet", "--out", str(png)])
     err = capsys.readouterr().err
-    assert rc == 2 and "latent_shape (built for [8, 8], asked for [16, 8])" in err and "fd-trt build" in err
+    asked = [built_hw[0] * 2, built_hw[1]]  # 128x64 against graphs built for the model's 64x64
+    assert rc == 2 and f"latent_shape (built for {built_hw}, asked for {asked})" in err and "fd-trt build" in err
 
 
 def test_explicit_engine_dir_for_other_weights_is_refused(tmp_path, latents):

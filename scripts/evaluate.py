@@ -1,0 +1,684 @@
+#!/usr/bin/env python
+"""Evaluates a Stable Diffusion model on the procedural shapes task, with and without Faster Diffusion.
+
+Independent of the model under test, it measures:
+
+- **prompt adherence**: a small CNN checker, trained on the generator's ground-truth labels
+  (``fd_trt.shapes``) and validated on held-out real scenes, reads the colour and shape of the
+  object (single-object prompts) or of the left and right objects (two-object prompts);
+- **Fréchet distance** between generated and real scenes for the same prompts, in the checker's
+  128-d feature space (FID-style), with the real-vs-real distance as the floor;
+- **fidelity of Faster Diffusion**: PSNR and SSIM of ``paper`` images against ``all`` images with
+  the same seeds, and the relative L2 distance of the final latents;
+- **the paper's Figure 3**: per step, MSE between adjacent steps of the encoder features (mid +
+  skips of ``split_unet``'s encoder) and of the decoder features (output of the last up block),
+  and their Frobenius norms;
+- seconds per image (DDIM-50, CFG 7.5, batch 1) for ``all`` and ``paper``.
+
+It runs DDIM-50 and DPM-Solver++-20, each with ``all``, ``paper`` and ``paper`` without noise
+injection, on ``--num-prompts`` prompts (half single-object, half two-object) with fixed seeds.
+Outputs ``evaluation.json``, ``evaluation.md``, ``figure3.png`` and ``samples.png`` in ``--out-dir``.
+
+Usage::
+
+    python scripts/evaluate.py --model default --num-prompts 128 --out-dir out/eval
+    python scripts/evaluate.py --num-prompts 4 --out-dir /tmp/eval --no-timing   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fd_trt import shapes  # noqa: E402
+from fd_trt.shapes import COLOR_NAMES, SHAPES, pair_prompt, scene_from_labels, single_prompt  # noqa: E402
+
+DEFAULT_CACHE = REPO / "out" / "checker"  # /out/ is git-ignored
+#: Bump when the checker's architecture, augmentation or training loop changes: it keys the cache.
+CHECKER_VERSION = 1
+MODES = (("all", "all", None), ("paper", "paper", None), ("paper_no_injection", "paper", False))
+SCHEDULERS = (("ddim", 50), ("dpmpp", 20))
+
+
+# the checker ------------------------------------------------------------------------------------
+class Checker(nn.Module):
+    """A small CNN reading colour and shape of one object, or of the left and right objects.
+
+    ``forward(x [N,3,64,64] in [0,1]) -> (features [N,128], logits dict)``; logits keys are
+    ``one_color, one_shape, left_color, left_shape, right_color, right_shape``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+        self.body = nn.Sequential(
+            block(3, 32, 2),  # 32x32
+            block(32, 48),
+            nn.MaxPool2d(2),  # 16x16
+            block(48, 96),
+            nn.MaxPool2d(2),  # 8x8
+            block(96, 128),
+            nn.MaxPool2d(2),  # 4x4: keeps left/right layout for the position heads
+        )
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(128 * 16, 128), nn.ReLU(inplace=True))
+        self.heads = nn.ModuleDict(
+            {
+                f"{slot}_{attr}": nn.Linear(128, len(COLOR_NAMES) if attr == "color" else len(SHAPES))
+                for slot in ("one", "left", "right")
+                for attr in ("color", "shape")
+            }
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Returns ``(features [N,128], logits per head)`` for images in [0, 1]."""
+        f = self.fc(self.body(x * 2 - 1))
+        return f, {k: h(f) for k, h in self.heads.items()}
+
+
+def _images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N,H,W,3] or float [N,H,W,3] in [0,1] -> float [N,3,H,W] in [0,1]."""
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    return x.permute(0, 3, 1, 2).contiguous()
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    # Generated images are softer and noisier than the rasterised ones: blur and add noise so the
+    # checker reads colour and shape, not edge sharpness.
+    n = x.shape[0]
+    sigma = torch.rand(n, generator=gen) * 1.0
+    k = torch.arange(-2, 3, dtype=torch.float32)
+    w = torch.exp(-(k[None] ** 2) / (2 * sigma[:, None].clamp_min(1e-3) ** 2))
+    w = w / w.sum(1, keepdim=True)
+    xb = x.reshape(1, n * 3, *x.shape[2:])
+    kh = w.repeat_interleave(3, 0).view(n * 3, 1, 1, 5)
+    xb = F.conv2d(F.pad(xb, (2, 2, 0, 0), mode="replicate"), kh, groups=n * 3)
+    xb = F.conv2d(F.pad(xb, (0, 0, 2, 2), mode="replicate"), kh.transpose(2, 3), groups=n * 3)
+    x = xb.view_as(x)
+    x = x + torch.randn(x.shape, generator=gen) * (torch.rand(n, 1, 1, 1, generator=gen) * 0.04)
+    return x.clamp(0, 1)
+
+
+def _checker_loss(logits: dict[str, torch.Tensor], num: torch.Tensor, colors: torch.Tensor, shapes_: torch.Tensor) -> torch.Tensor:
+    one, two = num == 1, num == 2
+    loss = torch.zeros(())
+    if one.any():
+        loss = loss + F.cross_entropy(logits["one_color"][one], colors[one, 0]) + F.cross_entropy(logits["one_shape"][one], shapes_[one, 0])
+    if two.any():
+        for j, slot in enumerate(("left", "right")):
+            loss = loss + F.cross_entropy(logits[f"{slot}_color"][two], colors[two, j])
+            loss = loss + F.cross_entropy(logits[f"{slot}_shape"][two], shapes_[two, j])
+    return loss
+
+
+@dataclass
+class CheckerConfig:
+    """How the checker is trained (also its cache key)."""
+
+    num_images: int = 8000
+    steps: int = 1000
+    batch: int = 64
+    lr: float = 3e-3
+    seed: int = 1234
+
+    def key(self) -> str:
+        """A hash of the dataset code, :data:`CHECKER_VERSION` and this config: the cache file name."""
+        src = Path(shapes.__file__).read_bytes() + f"v{CHECKER_VERSION}".encode()
+        return hashlib.sha256(src + repr(self).encode()).hexdigest()[:16]
+
+
+def train_checker(cfg: CheckerConfig = CheckerConfig(), progress: bool = True) -> Checker:
+    """Trains the checker on freshly generated scenes, deterministically from ``cfg.seed``.
+
+    Args:
+        cfg: data size, steps, batch, learning rate and seed.
+        progress: show a tqdm bar.
+
+    Returns:
+        The trained :class:`Checker` in eval mode.
+    """
+    from tqdm.auto import tqdm
+
+    data = shapes.generate_dataset(cfg.num_images, seed=cfg.seed, p_two=0.5)
+    x_all = _images_to_tensor(data.images)
+    num = torch.from_numpy(data.num_objects)
+    colors = torch.from_numpy(data.colors)
+    shp = torch.from_numpy(data.shapes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = Checker()
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    model.train()
+    for step in tqdm(range(cfg.steps), desc="checker", disable=not progress, leave=False):
+        for g in opt.param_groups:
+            warm = min(1.0, (step + 1) / 50)
+            g["lr"] = cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        idx = torch.randint(0, cfg.num_images, (cfg.batch,), generator=gen)
+        _, logits = model(_augment(x_all[idx], gen))
+        loss = _checker_loss(logits, num[idx], colors[idx], shp[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def load_or_train_checker(cache_dir: str | os.PathLike[str] | None = DEFAULT_CACHE, cfg: CheckerConfig = CheckerConfig(), progress: bool = True) -> Checker:
+    """Returns the cached checker for ``cfg`` (keyed by the dataset code and config), training it if absent.
+
+    Args:
+        cache_dir: a git-ignored folder for the weights; ``None`` always retrains.
+        cfg: the training configuration.
+        progress: show a tqdm bar while training.
+
+    Returns:
+        The checker in eval mode.
+    """
+    path = Path(cache_dir) / f"checker_{cfg.key()}.pt" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        model = Checker()
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model.eval()
+    model = train_checker(cfg, progress=progress)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(model.state_dict(), tmp)
+        tmp.replace(path)
+    return model
+
+
+@torch.no_grad()
+def checker_read(model: Checker, images: np.ndarray, num_objects: Sequence[int], batch: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reads colours and shapes.
+
+    Args:
+        model: the checker.
+        images: ``[N,64,64,3]`` uint8, or float in [0, 1].
+        num_objects: per image, 1 (read the ``one`` heads) or 2 (``left`` and ``right``).
+
+    Returns:
+        ``(colors [N,2], shapes [N,2], features [N,128])``; column 1 is -1 for single objects.
+    """
+    feats, cols, shps = [], [], []
+    for i in range(0, len(images), batch):
+        f, lg = model(_images_to_tensor(images[i : i + batch]))
+        feats.append(f.numpy())
+        cols.append(torch.stack([lg["one_color"].argmax(1), lg["left_color"].argmax(1), lg["right_color"].argmax(1)], 1).numpy())
+        shps.append(torch.stack([lg["one_shape"].argmax(1), lg["left_shape"].argmax(1), lg["right_shape"].argmax(1)], 1).numpy())
+    c, s = np.concatenate(cols), np.concatenate(shps)
+    n = np.asarray(num_objects)
+    out_c = np.where(n[:, None] == 1, np.stack([c[:, 0], np.full(len(n), -1)], 1), c[:, 1:])
+    out_s = np.where(n[:, None] == 1, np.stack([s[:, 0], np.full(len(n), -1)], 1), s[:, 1:])
+    return out_c, out_s, np.concatenate(feats)
+
+
+def adherence(pred_c: np.ndarray, pred_s: np.ndarray, true_c: np.ndarray, true_s: np.ndarray, num: np.ndarray) -> dict[str, Any]:
+    """Accuracy per attribute for single- and two-object prompts.
+
+    Returns:
+        ``{"single": {color, shape, both, n}, "two": {color, shape, object_both, both_objects, n}}``:
+        ``single.both`` is colour and shape right; ``two.both_objects`` is all four attributes right.
+    """
+    num = np.asarray(num)
+    out: dict[str, Any] = {}
+    one = num == 1
+    if one.any():
+        c = pred_c[one, 0] == true_c[one, 0]
+        s = pred_s[one, 0] == true_s[one, 0]
+        out["single"] = {"color": float(c.mean()), "shape": float(s.mean()), "both": float((c & s).mean()), "n": int(one.sum())}
+    two = num == 2
+    if two.any():
+        c = pred_c[two] == true_c[two]
+        s = pred_s[two] == true_s[two]
+        out["two"] = {
+            "color": float(c.mean()),
+            "shape": float(s.mean()),
+            "object_both": float((c & s).mean()),
+            "both_objects": float((c & s).all(1).mean()),
+            "n": int(two.sum()),
+        }
+    return out
+
+
+def real_accuracy(model: Checker, n: int = 1000, seed: int = 98765) -> dict[str, Any]:
+    """The checker's accuracy on held-out real scenes (a seed the checker never saw)."""
+    data = shapes.generate_dataset(n, seed=seed, p_two=0.5)
+    c, s, _ = checker_read(model, data.images, data.num_objects)
+    return adherence(c, s, data.colors, data.shapes, data.num_objects)
+
+
+# metrics -----------------------------------------------------------------------------------------
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (as FID), without scipy.
+
+    Args:
+        a, b: ``[N, D]`` features.
+
+    Returns:
+        ``|mu_a - mu_b|^2 + tr(Sa) + tr(Sb) - 2 tr((Sa^1/2 Sb Sa^1/2)^1/2)``.
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(sa)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = root_a @ sb @ root_a
+    tr_sqrt = float(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum())
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * tr_sqrt)
+
+
+def psnr(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-image PSNR in dB of ``[N,H,W,C]`` images in [0, 1]."""
+    mse = ((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2).reshape(len(x), -1).mean(1)
+    return 10 * np.log10(1.0 / np.maximum(mse, 1e-12))
+
+
+def ssim(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-image SSIM (Gaussian window 11, sigma 1.5, per channel, averaged) of ``[N,H,W,C]`` images in [0, 1]."""
+    a, b = _images_to_tensor(np.asarray(x, np.float32)).double(), _images_to_tensor(np.asarray(y, np.float32)).double()
+    k = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5**2))
+    k = k / k.sum()
+    win = (k[:, None] * k[None, :]).expand(a.shape[1], 1, 11, 11)
+
+    def filt(z: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(z, win, groups=a.shape[1])
+
+    c1, c2 = 0.01**2, 0.03**2
+    mu_a, mu_b = filt(a), filt(b)
+    saa, sbb, sab = filt(a * a) - mu_a**2, filt(b * b) - mu_b**2, filt(a * b) - mu_a * mu_b
+    s = ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a**2 + mu_b**2 + c1) * (saa + sbb + c2))
+    return s.mean(dim=(1, 2, 3)).numpy()
+
+
+# prompts and generation ------------------------------------------------------------------------
+@dataclass
+class PromptSet:
+    """Evaluation prompts with their labels and seeds."""
+
+    prompts: list[str]
+    num_objects: np.ndarray
+    colors: np.ndarray
+    shapes: np.ndarray
+    seeds: list[int]
+
+
+def make_prompts(n: int, seed: int = 0) -> PromptSet:
+    """``n`` prompts: the first half single-object (every colour x shape once, then random), the rest left/right pairs.
+
+    Args:
+        n: number of prompts (at least 2).
+        seed: seeds the prompt choice and the per-prompt generation seeds.
+
+    Returns:
+        A :class:`PromptSet`.
+    """
+    rng = np.random.default_rng(seed)
+    n_single = n // 2
+    combos = [(c, s) for c in range(len(COLOR_NAMES)) for s in range(len(SHAPES))]
+    order = rng.permutation(len(combos))
+    prompts, num, cols, shps = [], [], [], []
+    for i in range(n_single):
+        c, s = combos[order[i % len(combos)]] if i < len(combos) else combos[int(rng.integers(len(combos)))]
+        prompts.append(single_prompt(COLOR_NAMES[c], SHAPES[s]))
+        num.append(1)
+        cols.append((c, -1))
+        shps.append((s, -1))
+    for _ in range(n - n_single):
+        while True:
+            c1, c2 = rng.integers(len(COLOR_NAMES), size=2)
+            s1, s2 = rng.integers(len(SHAPES), size=2)
+            if (c1, s1) != (c2, s2):
+                break
+        prompts.append(pair_prompt((COLOR_NAMES[c1], SHAPES[s1]), (COLOR_NAMES[c2], SHAPES[s2])))
+        num.append(2)
+        cols.append((int(c1), int(c2)))
+        shps.append((int(s1), int(s2)))
+    seeds = [int(x) for x in rng.integers(0, 2**31 - 1, size=n)]
+    return PromptSet(prompts, np.array(num), np.array(cols), np.array(shps), seeds)
+
+
+def real_images(ps: PromptSet, seed: int) -> np.ndarray:
+    """One real scene per prompt, drawn by the generator for the same labels."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(len(ps.prompts)):
+        objs = [(COLOR_NAMES[ps.colors[k, j]], SHAPES[ps.shapes[k, j]]) for j in range(int(ps.num_objects[k]))]
+        out.append(scene_from_labels(rng, objs).image)
+    return np.stack(out)
+
+
+def generate(pipe: Any, ps: PromptSet, steps: int, schedule: str, noise_injection: bool | None, batch: int, guidance: float = 7.5) -> tuple[np.ndarray, torch.Tensor, float]:
+    """Generates one image per prompt with its fixed seed.
+
+    Returns:
+        ``(images [N,64,64,3] float in [0,1], latents [N,4,h,w], seconds)``.
+    """
+    images, latents = [], []
+    t0 = time.perf_counter()
+    for i in range(0, len(ps.prompts), batch):
+        prompts = ps.prompts[i : i + batch]
+        gens = [torch.Generator().manual_seed(s) for s in ps.seeds[i : i + batch]]
+        out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="np",
+                   schedule=schedule, noise_injection=noise_injection)
+        images.append(np.asarray(out.images))
+        latents.append(out.latents.cpu())
+    return np.concatenate(images), torch.cat(latents), time.perf_counter() - t0
+
+
+@torch.no_grad()
+def figure3(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int = 50, guidance: float = 7.5) -> dict[str, list[float]]:
+    """The paper's Figure 3: how encoder and decoder features change between adjacent DDIM steps.
+
+    Runs plain DDIM with CFG (every step a key step) on the split UNet, and records for the
+    conditional rows the encoder features (mid + all skips, concatenated) and the decoder features
+    (the last up block's output).
+
+    Returns:
+        Per step (``steps - 1`` values for the MSEs): ``enc_mse``, ``dec_mse`` (mean squared change
+        from the previous step), ``enc_rel``, ``dec_rel`` (that change relative to the previous
+        norm), and ``enc_fnorm``, ``dec_fnorm`` (Frobenius norms per image), averaged over prompts.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from fd_trt.models import make_scheduler
+    from fd_trt.split import split_unet
+
+    sd = pipe.sd
+    split = split_unet(sd.unet)
+    captured: dict[str, torch.Tensor] = {}
+    hook = sd.unet.up_blocks[-1].register_forward_hook(lambda m, i, o: captured.__setitem__("dec", o))
+    try:
+        sched = make_scheduler("ddim", sd.scheduler.config)
+        sched.set_timesteps(steps)
+        b = len(prompts)
+        pos, neg = sd.encode_prompt(list(prompts), torch.device("cpu"), 1, True, None)
+        text = torch.cat([neg, pos])
+        shape = (b, int(sd.unet.config.in_channels), int(sd.unet.config.sample_size), int(sd.unet.config.sample_size))
+        x = randn_tensor(shape, generator=[torch.Generator().manual_seed(s) for s in seeds], dtype=torch.float32) * sched.init_noise_sigma
+        enc, dec = [], []
+        for t in sched.timesteps:
+            xin = sched.scale_model_input(torch.cat([x, x]), t)
+            tt = torch.full((2 * b,), float(t))
+            feats = split.run_encoder(xin, tt, text)
+            eps = split.run_decoder(feats, tt, text)
+            enc.append(torch.cat([f[b:].reshape(b, -1) for f in feats.tensors()], 1).clone())
+            dec.append(captured["dec"][b:].reshape(b, -1).clone())
+            e_u, e_c = eps.chunk(2)
+            x = sched.step(e_u + guidance * (e_c - e_u), t, x).prev_sample
+    finally:
+        hook.remove()
+
+    def stats(seq: list[torch.Tensor]) -> tuple[list[float], list[float], list[float]]:
+        mse = [float(((seq[i] - seq[i - 1]) ** 2).mean()) for i in range(1, len(seq))]
+        rel = [float(((seq[i] - seq[i - 1]).norm(dim=1) / seq[i - 1].norm(dim=1)).mean()) for i in range(1, len(seq))]
+        fn = [float(s.norm(dim=1).mean()) for s in seq]
+        return mse, rel, fn
+
+    e_mse, e_rel, e_fn = stats(enc)
+    d_mse, d_rel, d_fn = stats(dec)
+    return {"enc_mse": e_mse, "dec_mse": d_mse, "enc_rel": e_rel, "dec_rel": d_rel, "enc_fnorm": e_fn, "dec_fnorm": d_fn}
+
+
+def plot_figure3(fig3: dict[str, list[float]], path: Path) -> None:
+    """Plots :func:`figure3`'s per-step MSE, relative change and Frobenius norms to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    steps = np.arange(1, len(fig3["enc_mse"]) + 1)
+    ax[0].semilogy(steps, fig3["enc_mse"], label="encoder (mid + skips)")
+    ax[0].semilogy(steps, fig3["dec_mse"], label="decoder (last up block)")
+    ax[0].set(title="MSE between adjacent steps", xlabel="DDIM step", ylabel="MSE")
+    ax[1].plot(steps, fig3["enc_rel"], label="encoder")
+    ax[1].plot(steps, fig3["dec_rel"], label="decoder")
+    ax[1].set(title="relative change ||f_t - f_t-1|| / ||f_t-1||", xlabel="DDIM step")
+    s2 = np.arange(len(fig3["enc_fnorm"]))
+    ax[2].plot(s2, fig3["enc_fnorm"], label="encoder")
+    ax[2].plot(s2, fig3["dec_fnorm"], label="decoder")
+    ax[2].set(title="Frobenius norm", xlabel="DDIM step")
+    for a in ax:
+        a.legend()
+        a.grid(alpha=0.3)
+    fig.suptitle("Figure 3 of Faster Diffusion on the default model (DDIM-50, CFG 7.5, conditional rows)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def save_samples(rows: dict[str, np.ndarray], real: np.ndarray, path: Path, n: int = 8) -> None:
+    """A grid: one row per mode (first ``n`` prompts), plus the real scenes."""
+    from PIL import Image, ImageDraw
+
+    labels = ["real", *rows]
+    arrays = [real[:n].astype(np.float32) / 255.0, *[v[:n] for v in rows.values()]]
+    cols = min(n, len(real))
+    grid = Image.new("RGB", (110 + cols * 64, len(arrays) * 64), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (lab, arr) in enumerate(zip(labels, arrays)):
+        draw.text((2, r * 64 + 26), lab[:18], fill="black")
+        for c in range(cols):
+            grid.paste(Image.fromarray((np.clip(arr[c], 0, 1) * 255).round().astype(np.uint8)), (110 + c * 64, r * 64))
+    grid.save(path)
+
+
+def time_per_image(pipe: Any, schedule: str, repeats: int = 3) -> dict[str, float]:
+    """Median seconds for one 64x64 image, DDIM-50, CFG 7.5, batch 1 (after a warm-up run).
+
+    Returns:
+        ``{"wall": s, "cpu": s}``: wall seconds and process CPU seconds. On a shared CPU the CPU
+        seconds divided by the thread count estimate the wall time on an idle machine.
+    """
+    pipe.set_scheduler("ddim")
+    wall, cpu = [], []
+    for r in range(repeats + 1):
+        t0, c0 = time.perf_counter(), time.process_time()
+        pipe("a red circle on the left and a blue square on the right", num_inference_steps=50, guidance_scale=7.5,
+             generator=torch.Generator().manual_seed(r), output_type="np", schedule=schedule)
+        if r:
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    return {"wall": float(np.median(wall)), "cpu": float(np.median(cpu))}
+
+
+# report ----------------------------------------------------------------------------------------
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def write_markdown(res: dict[str, Any], path: Path) -> None:
+    """Writes the results table, the VAE bound, Figure 3 and timings of ``res`` as markdown to ``path``."""
+    lines = [
+        f"# Evaluation of `{res['model']}`",
+        "",
+        f"{res['num_prompts']} prompts ({res['num_single']} single-object, {res['num_two']} two-object), fixed seeds, "
+        f"CFG {res['guidance']}. Checker accuracy on held-out real scenes: single {_pct(res['checker_real']['single']['both'])}%, "
+        f"two-object {_pct(res['checker_real']['two']['both_objects'])}% (both objects right). "
+        f"Fréchet distance real vs real (floor): {res['fd_real_vs_real']:.2f}.",
+        "",
+        "| scheduler | mode | single: colour | shape | both | two: colour | shape | both objects | FD | PSNR vs all (dB) | SSIM vs all | rel. L2 latents | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in res["runs"].items():
+        sched, mode = name.split("/")
+        a = r["adherence"]
+        s, t = a.get("single", {}), a.get("two", {})
+        fid = r.get("fidelity_vs_all", {})
+        lines.append(
+            f"| {sched} | {mode} | {_pct(s.get('color'))} | {_pct(s.get('shape'))} | {_pct(s.get('both'))} | "
+            f"{_pct(t.get('color'))} | {_pct(t.get('shape'))} | {_pct(t.get('both_objects'))} | {r['frechet']:.2f} | "
+            + (f"{fid['psnr_mean']:.2f} | {fid['ssim_mean']:.4f} | {fid['rel_l2_latents_mean']:.4f}" if fid else "- | - | -")
+            + f" | {r['seconds']:.1f} |"
+        )
+    if "vae_reconstruction" in res:
+        a = res["vae_reconstruction"]
+        lines += ["", f"Upper bound from the VAE alone (checker on VAE reconstructions of the real scenes): single "
+                  f"{_pct(a['single']['both'])}%, two-object {_pct(a['two']['both_objects'])}%."]
+    f3 = res["figure3"]
+    lines += [
+        "",
+        "## Figure 3 (DDIM-50)",
+        "",
+        "| features | mean adjacent-step MSE | mean relative change | mean Frobenius norm |",
+        "|---|---|---|---|",
+        f"| encoder (mid + skips) | {f3['enc_mse_mean']:.4g} | {f3['enc_rel_mean']:.4f} | {f3['enc_fnorm_mean']:.4g} |",
+        f"| decoder (last up block) | {f3['dec_mse_mean']:.4g} | {f3['dec_rel_mean']:.4f} | {f3['dec_fnorm_mean']:.4g} |",
+        "",
+        f"Figure 3 holds (encoder MSE below decoder MSE): **{f3['holds_mse']}**; by relative change: **{f3['holds_rel']}**.",
+    ]
+    if res.get("timing"):
+        tm = res["timing"]
+        lines += ["", f"Seconds per 64x64 image (DDIM-50, CFG 7.5, batch 1, torch, {tm['threads']} threads), wall / process CPU: "
+                  f"all {tm['all']['wall']:.3f} / {tm['all']['cpu']:.3f}, paper {tm['paper']['wall']:.3f} / {tm['paper']['cpu']:.3f} "
+                  f"(speedup {tm['all']['wall'] / tm['paper']['wall']:.2f}x wall, {tm['all']['cpu'] / tm['paper']['cpu']:.2f}x CPU)."]
+    lines += ["", f"Command: `{res['command']}`", ""]
+    path.write_text("\n".join(lines))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parses the command line (``argv``, or ``sys.argv[1:]`` when ``None``)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default", help="'default' or a local diffusers folder")
+    p.add_argument("--num-prompts", type=int, default=128)
+    p.add_argument("--out-dir", default=str(REPO / "out" / "eval"))
+    p.add_argument("--seed", type=int, default=0, help="seeds prompts and generation")
+    p.add_argument("--batch", type=int, default=16, help="prompts per pipeline call")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--fig3-prompts", type=int, default=8, help="prompts averaged in Figure 3")
+    p.add_argument("--checker-cache", default=str(DEFAULT_CACHE), help="folder for the checker weights ('' to retrain)")
+    p.add_argument("--schedulers", default="ddim,dpmpp", help="comma-separated subset of ddim,dpmpp")
+    p.add_argument("--no-timing", action="store_true", help="skip the seconds-per-image measurement")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the evaluation and writes JSON, markdown and PNGs.
+
+    Args:
+        argv: command-line arguments; ``sys.argv[1:]`` when ``None``.
+
+    Returns:
+        The exit status, 0.
+    """
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from fd_trt.pipeline import FasterDiffusionPipeline
+
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    checker = load_or_train_checker(args.checker_cache or None, progress=not args.no_progress)
+    checker_real = real_accuracy(checker, n=1000 if args.num_prompts >= 32 else 200)
+    print(f"checker on held-out real scenes: single {checker_real['single']['both']:.3f}, two {checker_real['two']['both_objects']:.3f}", flush=True)
+
+    ps = make_prompts(args.num_prompts, seed=args.seed)
+    real = real_images(ps, seed=args.seed + 1)
+    real2 = real_images(ps, seed=args.seed + 2)
+    _, _, f_real = checker_read(checker, real, ps.num_objects)
+    _, _, f_real2 = checker_read(checker, real2, ps.num_objects)
+
+    pipe = FasterDiffusionPipeline.from_pretrained(args.model, backend="torch", device="cpu", progress=False)
+    res: dict[str, Any] = {
+        "model": pipe.source,
+        "command": "python scripts/evaluate.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "num_prompts": len(ps.prompts),
+        "num_single": int((ps.num_objects == 1).sum()),
+        "num_two": int((ps.num_objects == 2).sum()),
+        "guidance": args.guidance,
+        "threads": args.threads,
+        "checker_real": checker_real,
+        "fd_real_vs_real": frechet_distance(f_real, f_real2),
+        "runs": {},
+    }
+    # The VAE alone bounds what any UNet can reach through it.
+    with torch.no_grad():
+        vae = pipe.sd.vae
+        x = torch.from_numpy(real).permute(0, 3, 1, 2).float() / 127.5 - 1
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        rec_np = ((rec + 1) / 2).permute(0, 2, 3, 1).numpy()
+    rc, rs, _ = checker_read(checker, rec_np, ps.num_objects)
+    res["vae_reconstruction"] = adherence(rc, rs, ps.colors, ps.shapes, ps.num_objects)
+
+    sample_rows: dict[str, np.ndarray] = {}
+    for sched, steps in SCHEDULERS:
+        if sched not in args.schedulers.split(","):
+            continue
+        pipe.set_scheduler(sched)
+        base_imgs, base_lat = None, None
+        for mode, schedule, inj in MODES:
+            imgs, lat, secs = generate(pipe, ps, steps, schedule, inj, args.batch, args.guidance)
+            c, s, f = checker_read(checker, imgs, ps.num_objects)
+            run: dict[str, Any] = {
+                "steps": steps,
+                "schedule": schedule,
+                "noise_injection": inj,
+                "adherence": adherence(c, s, ps.colors, ps.shapes, ps.num_objects),
+                "frechet": frechet_distance(f, f_real),
+                "seconds": secs,
+                "nonfinite": bool(not np.isfinite(imgs).all()),
+            }
+            if mode == "all":
+                base_imgs, base_lat = imgs, lat
+            else:
+                p_ = psnr(imgs, base_imgs)
+                rel = ((lat - base_lat).flatten(1).norm(dim=1) / base_lat.flatten(1).norm(dim=1)).numpy()
+                run["fidelity_vs_all"] = {
+                    "psnr_mean": float(np.mean(np.minimum(p_, 100.0))),
+                    "psnr_median": float(np.median(p_)),
+                    "ssim_mean": float(ssim(imgs, base_imgs).mean()),
+                    "rel_l2_latents_mean": float(rel.mean()),
+                }
+            res["runs"][f"{sched}/{mode}"] = run
+            sample_rows[f"{sched}-{steps} {mode}"] = imgs
+            a = run["adherence"]
+            print(
+                f"{sched:>6} {mode:<19} single {a['single']['both']:.3f}  two {a.get('two', {}).get('both_objects', float('nan')):.3f}  "
+                f"FD {run['frechet']:.2f}  {secs:.0f} s",
+                flush=True,
+            )
+    pipe.set_scheduler("ddim")
+    n3 = max(1, min(args.fig3_prompts, len(ps.prompts)))
+    pick = np.linspace(0, len(ps.prompts) - 1, n3).round().astype(int)
+    fig3 = figure3(pipe, [ps.prompts[i] for i in pick], [ps.seeds[i] for i in pick], steps=50, guidance=args.guidance)
+    summary = {f"{k}_mean": float(np.mean(v)) for k, v in fig3.items()}
+    summary["holds_mse"] = bool(summary["enc_mse_mean"] < summary["dec_mse_mean"])
+    summary["holds_rel"] = bool(summary["enc_rel_mean"] < summary["dec_rel_mean"])
+    res["figure3"] = {**summary, "per_step": fig3, "num_prompts": int(n3)}
+    plot_figure3(fig3, out_dir / "figure3.png")
+    save_samples(sample_rows, real, out_dir / "samples.png")
+    if not args.no_timing:
+        res["timing"] = {"threads": args.threads, "all": time_per_image(pipe, "all"), "paper": time_per_image(pipe, "paper")}
+    res["total_seconds"] = time.perf_counter() - t_start
+    (out_dir / "evaluation.json").write_text(json.dumps(res, indent=1))
+    write_markdown(res, out_dir / "evaluation.md")
+    print((out_dir / "evaluation.md").read_text())
+    print(f"wrote {out_dir}/evaluation.json, evaluation.md, figure3.png, samples.png in {res['total_seconds']:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    raise SystemExit(main())

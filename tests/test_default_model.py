@@ -1,0 +1,107 @@
+"""The shipped default model, the shapes dataset and the evaluation script (CPU, offline)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fd_trt import shapes
+from fd_trt.models import default_model_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_evaluate():
+    spec = importlib.util.spec_from_file_location("fd_trt_evaluate", REPO / "scripts" / "evaluate.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def evaluate_mod():
+    return _load_evaluate()
+
+
+@pytest.fixture(scope="module")
+def checker(evaluate_mod):
+    # Deterministic from its seed; cached (keyed by the dataset code and config) in the git-ignored out/.
+    return evaluate_mod.load_or_train_checker(progress=False)
+
+
+needs_model = pytest.mark.skipif(default_model_dir() is None, reason="no trained default model in fd_trt/assets")
+
+
+def test_shapes_deterministic_and_vocabulary():
+    a = shapes.generate_dataset(16, seed=3)
+    b = shapes.generate_dataset(16, seed=3)
+    assert np.array_equal(a.images, b.images) and a.captions == b.captions
+    assert a.images.shape == (16, 64, 64, 3) and a.images.dtype == np.uint8
+    assert set(a.num_objects.tolist()) <= {1, 2}
+    from fd_trt.models import TINY_WORDS
+
+    known = {w for line in TINY_WORDS for w in line.split()}
+    assert shapes.vocabulary() <= known
+    assert shapes.pair_prompt(("red", "circle"), ("blue", "square")) == "a red circle on the left and a blue square on the right"
+
+
+@needs_model
+def test_default_model_loads_offline_and_generates():
+    from diffusers import StableDiffusionPipeline
+
+    from fd_trt.pipeline import FasterDiffusionPipeline
+
+    path = default_model_dir()
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size <= 20e6
+    sd = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, use_safetensors=True)
+    assert sd.unet.dtype == torch.float32
+    pipe = FasterDiffusionPipeline.from_pretrained("default", backend="torch", device="cpu", progress=False)
+    assert str(path) in pipe.source
+    out = pipe("a red circle", num_inference_steps=10, generator=torch.Generator().manual_seed(0), output_type="np")
+    img = np.asarray(out.images[0])
+    assert img.shape == (64, 64, 3)
+    assert np.isfinite(img).all()
+    assert img.std() > 0.02  # not constant
+
+
+def test_checker_on_real_samples(evaluate_mod, checker):
+    acc = evaluate_mod.real_accuracy(checker, n=400, seed=4242)
+    assert acc["single"]["both"] >= 0.98, acc
+    assert acc["two"]["object_both"] >= 0.98, acc
+
+
+def test_frechet_distance_basics(evaluate_mod):
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 8))
+    assert abs(evaluate_mod.frechet_distance(a, a)) < 1e-6
+    assert evaluate_mod.frechet_distance(a, a + 1.0) == pytest.approx(8.0, rel=1e-6)
+
+
+@needs_model
+def test_evaluate_end_to_end_four_prompts(evaluate_mod, checker, tmp_path):
+    threads = torch.get_num_threads()
+    t0 = time.perf_counter()
+    try:
+        # One thread: on a shared 2-core CPU, two threads can run many times slower than one.
+        rc = evaluate_mod.main(
+            ["--num-prompts", "4", "--out-dir", str(tmp_path), "--no-timing", "--no-progress", "--fig3-prompts", "2", "--threads", "1"]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    elapsed = time.perf_counter() - t0
+    assert rc == 0
+    res = json.loads((tmp_path / "evaluation.json").read_text())
+    assert set(res["runs"]) == {f"{s}/{m}" for s in ("ddim", "dpmpp") for m in ("all", "paper", "paper_no_injection")}
+    assert len(res["figure3"]["per_step"]["enc_mse"]) == 49
+    for name in ("evaluation.md", "figure3.png", "samples.png"):
+        assert (tmp_path / name).is_file()
+    assert elapsed < 60, f"evaluate on 4 prompts took {elapsed:.1f} s"
