@@ -23,10 +23,10 @@ def test_generate_compare_writes_image_and_json(tmp_path, capsys):
 
 
 def test_generate_reports_bad_input_without_a_traceback(tmp_path, capsys):
-    rc = main(["generate", "x", "--height", "60", "--quiet", "--out", str(tmp_path / "a.png")])
+    rc = main(["generate", "x", "--height", "62", "--quiet", "--out", str(tmp_path / "a.png")])
     assert rc == 2
     err = capsys.readouterr().err
-    assert "height=60 is not divisible" in err and "Traceback" not in err
+    assert "height=62 is not divisible by the VAE factor" in err and "Traceback" not in err
 
 
 def test_bad_schedule_from_the_cli(tmp_path, capsys):
