@@ -300,6 +300,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_build(sub)
     _add_bench(sub)
     args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bars
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # "Loading weights" bars
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
         if args.command == "generate":
