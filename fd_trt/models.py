@@ -112,6 +112,62 @@ def make_scheduler(name: str, config: dict[str, Any] | Any | None = None) -> Any
     return cls.from_config({**cfg, **overrides})
 
 
+def _random_sd_pipeline(
+    seed: int,
+    unet_config: dict[str, Any],
+    text_width: int,
+    text_intermediate: int,
+    text_layers: int,
+    text_heads: int,
+    max_length: int,
+) -> Any:
+    """A StableDiffusionPipeline of seeded random weights: the given UNet, a CLIP text encoder over
+    the word tokenizer, and a tiny VAE with SD's downsampling factor of 8."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = make_word_tokenizer(max_length=max_length)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**unet_config)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 16, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=int(unet_config["sample_size"]) * 8,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=text_width,
+                intermediate_size=text_intermediate,
+                num_hidden_layers=text_layers,
+                num_attention_heads=text_heads,
+                max_position_embeddings=max_length,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=DDIMScheduler(**sd_scheduler_config()),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_sd_pipeline(seed: int = 0, *, cross_attention_dim: int = 32, sample_size: int = 8) -> Any:
     """A tiny Stable Diffusion pipeline with seeded random weights, built in code (no download).
 
@@ -127,13 +183,9 @@ def tiny_sd_pipeline(seed: int = 0, *, cross_attention_dim: int = 32, sample_siz
     Returns:
         A ``diffusers.StableDiffusionPipeline`` in float32 on the CPU.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tokenizer = make_word_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
+    return _random_sd_pipeline(
+        seed,
+        dict(
             sample_size=sample_size,
             in_channels=4,
             out_channels=4,
@@ -144,44 +196,13 @@ def tiny_sd_pipeline(seed: int = 0, *, cross_attention_dim: int = 32, sample_siz
             cross_attention_dim=cross_attention_dim,
             attention_head_dim=8,
             norm_num_groups=32,
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 16, 16),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=sample_size * 8,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=cross_attention_dim,
-                intermediate_size=2 * cross_attention_dim,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                max_position_embeddings=tokenizer.model_max_length,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
-    scheduler = DDIMScheduler(**sd_scheduler_config())
-    pipe = StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        ),
+        text_width=cross_attention_dim,
+        text_intermediate=2 * cross_attention_dim,
+        text_layers=2,
+        text_heads=2,
+        max_length=16,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def default_model_dir() -> Path | None:
@@ -239,13 +260,9 @@ def sd15_arch_pipeline(seed: int = 0) -> Any:
     Returns:
         A float32 ``diffusers.StableDiffusionPipeline`` on the CPU.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tokenizer = make_word_tokenizer(max_length=77)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
+    return _random_sd_pipeline(
+        seed,
+        dict(
             sample_size=64,
             block_out_channels=(320, 640, 1280, 1280),
             layers_per_block=2,
@@ -253,38 +270,10 @@ def sd15_arch_pipeline(seed: int = 0) -> Any:
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
             cross_attention_dim=768,
             attention_head_dim=8,
-        )
-        vae = AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 16, 16),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=512,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                max_position_embeddings=77,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
-    pipe = StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=DDIMScheduler(**sd_scheduler_config()),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        ),
+        text_width=768,
+        text_intermediate=3072,
+        text_layers=12,
+        text_heads=12,
+        max_length=77,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe

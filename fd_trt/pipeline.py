@@ -27,7 +27,7 @@ from .errors import InputError
 from .models import load_diffusers_pipeline, make_scheduler
 from .sampler import SamplerStats, run_sampler
 from .schedule import KeySchedule, NoiseInjection, ScheduleSpec, parse_schedule
-from .split import Features, split_unet
+from .split import split_unet
 
 logger = logging.getLogger(__name__)
 
@@ -500,4 +500,4 @@ class FasterDiffusionPipeline:
         return FasterDiffusionOutput(images=images, stats=stats, latents=x0)
 
 
-__all__ = ["FasterDiffusionPipeline", "FasterDiffusionOutput", "PipelineStats", "Features"]
+__all__ = ["FasterDiffusionPipeline", "FasterDiffusionOutput", "PipelineStats"]
