@@ -115,6 +115,53 @@ def _runner_options(args: argparse.Namespace) -> dict[str, Any]:
     return {}
 
 
+def _add_serve(sub: Any) -> None:
+    p = sub.add_parser("serve", help="serve the HTTP API (POST /v1/generate, GET /healthz, GET /metrics)")
+    p.add_argument("--model", default="default", help="'default' or a local diffusers folder")
+    p.add_argument("--backend", default=None, choices=["torch", "onnxruntime", "tensorrt"],
+                   help="runner backend (default: onnxruntime on CPU, torch on CUDA)")
+    p.add_argument("--engines", default=None, help="a built engine directory (fd-trt build) for graph backends")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads of the runner")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=8, help="most requests per sampler call (1: no batching)")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch waits for company")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
+    p.add_argument("--timeout", type=float, default=120.0, help="default per-request deadline in seconds")
+    p.add_argument("--max-steps", type=int, default=200)
+    p.add_argument("--max-size", type=int, default=1024, help="largest height or width")
+    p.add_argument("--max-prompt-chars", type=int, default=1000)
+    p.add_argument("--log-level", default="info")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .http_api import create_app
+    except ImportError as e:
+        raise FdTrtError(f"fd-trt serve needs the [serve] extra ({e.name} is missing): pip install 'fd_trt[serve]'") from e
+    from .serve import Limits, ServingRuntime
+
+    options = _runner_options(args)
+    limits = Limits(max_steps=args.max_steps, max_size=args.max_size, max_prompt_chars=args.max_prompt_chars)
+
+    def factory() -> ServingRuntime:
+        rt = ServingRuntime.from_pretrained(
+            args.model, backend=args.backend, device=args.device, precision=args.precision, engines=args.engines,
+            runner_options=options, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+            default_timeout_s=args.timeout, limits=limits,
+        )
+        print(f"fd-trt serve: {rt.pipeline.source} on {rt.pipeline.backend}/{rt.pipeline.device}, "
+              f"max batch {rt.max_batch}, http://{args.host}:{args.port}", flush=True)
+        return rt
+
+    uvicorn.run(create_app(runtime_factory=factory), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def _add_build(sub: Any) -> None:
     p = sub.add_parser("build", help="export the encoder/decoder graphs (and engines) into an engine directory")
     p.add_argument("--model", default="default", help="'default' or a local diffusers folder")
@@ -299,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_generate(sub)
     _add_build(sub)
     _add_bench(sub)
+    _add_serve(sub)
     args = parser.parse_args(argv)
     if getattr(args, "quiet", False):
         from diffusers.utils import logging as diffusers_logging
@@ -315,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _bench(args)
         if args.command == "build":
             return _build(args)
+        if args.command == "serve":
+            return _serve(args)
     except FdTrtError as e:
         print(f"fd-trt: error: {e}", file=sys.stderr)
         return 2

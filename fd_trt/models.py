@@ -58,15 +58,25 @@ def make_word_tokenizer(words: Iterable[str] = TINY_WORDS, max_length: int = 16)
         vocab.setdefault(c, len(vocab))
     for c in alphabet:
         vocab.setdefault(c + "</w>", len(vocab))
+    # CLIP's BPE merges the lowest-ranked adjacent pair first, across the whole word, so a merge
+    # list built word by word can let one word's merge split another word (e.g. "an" inside
+    # "cyan"). Simulate BPE on each word and append merges until it is one token: an appended merge
+    # ranks last, so it never changes how an earlier word is merged.
     merges: list[tuple[str, str]] = []
+    rank: dict[tuple[str, str], int] = {}
     for word in sorted({w for line in words for w in line.split()}):
         parts = list(word[:-1]) + [word[-1] + "</w>"]
-        cur = parts[0]
-        for p in parts[1:]:
-            if (cur + p) not in vocab:
-                merges.append((cur, p))
-                vocab[cur + p] = len(vocab)
-            cur = cur + p
+        while len(parts) > 1:
+            pairs = [(rank.get((a, b)), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+            known = [(r, i) for r, i in pairs if r is not None]
+            if known:
+                i = min(known)[1]
+            else:
+                i = 0
+                rank[(parts[0], parts[1])] = len(merges)
+                merges.append((parts[0], parts[1]))
+                vocab.setdefault(parts[0] + parts[1], len(vocab))
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)

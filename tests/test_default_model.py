@@ -53,6 +53,21 @@ def test_shapes_deterministic_and_vocabulary():
     assert shapes.pair_prompt(("red", "circle"), ("blue", "square")) == "a red circle on the left and a blue square on the right"
 
 
+def test_word_tokenizer_keeps_every_word_whole():
+    # BPE merges the lowest-ranked pair anywhere in a word; a merge list built word by word used to
+    # split "cyan", "orange", "purple", "triangle" and others into several tokens.
+    from fd_trt.models import TINY_WORDS, make_word_tokenizer
+
+    for words in (TINY_WORDS, [" ".join(sorted(shapes.vocabulary()))]):
+        tok = make_word_tokenizer(words, max_length=32)
+        for w in {w for line in words for w in line.split()}:
+            assert len(tok(w, add_special_tokens=False).input_ids) == 1, w
+    tok = make_word_tokenizer(TINY_WORDS, max_length=32)
+    ids = tok("a cyan triangle on the left", add_special_tokens=False).input_ids
+    assert tok.convert_ids_to_tokens(ids) == ["a</w>", "cyan</w>", "triangle</w>", "on</w>", "the</w>", "left</w>"]
+    assert len(tok("zebra", add_special_tokens=False).input_ids) > 1  # unknown words are still spelled out
+
+
 @needs_model
 def test_default_model_loads_offline_and_generates():
     from diffusers import StableDiffusionPipeline

@@ -1,0 +1,175 @@
+"""HTTP API of the serving runtime (FastAPI): ``fd-trt serve`` and the Ray Serve replicas use it.
+
+Routes:
+
+- ``POST /v1/generate``: JSON body :class:`GenerateBody`; answers ``image/png`` or, with
+  ``"format": "base64"``, JSON ``{"image": <base64 PNG>, "seed": ..., ...}``. Bad fields get 422 with
+  the reason, a full queue or a shutting-down server gets 503 with ``Retry-After``, a request past
+  its deadline gets 504. Response headers ``X-Seed``, ``X-Batch-Size``, ``X-Queue-Seconds`` and
+  ``X-Latency-Seconds`` say how it was served; an image whose latents held NaN/Inf carries a
+  ``Warning`` header (and ``"nonfinite": true`` in JSON).
+- ``GET /healthz``: 200 ``{"status": "ok"}`` while serving, 503 while shutting down.
+- ``GET /metrics``: Prometheus text format (queue depth, batch sizes, latency quantiles and
+  histogram, requests by outcome).
+
+FastAPI and uvicorn come with the ``[serve]`` extra; this module imports them at import time, so
+import it only where they are installed (``fd_trt.serve`` does not need them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+from typing import Any, AsyncIterator, Callable, Literal
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import FdTrtError, InputError
+from .models import SCHEDULERS
+from .serve import MAX_SEED, GenerateRequest, QueueFullError, RequestTimeoutError, RuntimeClosedError, ServingRuntime
+
+logger = logging.getLogger(__name__)
+
+SchedulerName = Literal[SCHEDULERS]  # type: ignore[valid-type]
+
+
+class GenerateBody(BaseModel):
+    """The JSON body of ``POST /v1/generate``. Types are strict: ``"50"`` is not a number of steps.
+
+    Limits that depend on the server (steps, size, prompt length, guidance) are checked by
+    :meth:`ServingRuntime.check` and also answer 422.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(min_length=1)
+    negative_prompt: str = ""
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    steps: int = Field(default=50, ge=1)
+    guidance: float = Field(default=7.5, ge=0)
+    height: int | None = Field(default=None, gt=0)
+    width: int | None = Field(default=None, gt=0)
+    scheduler: SchedulerName = "ddim"  # type: ignore[valid-type]
+    schedule: str | list[int] = "paper"
+    noise_injection: bool | None = None
+    timeout_s: float | None = Field(default=None, gt=0)
+    format: Literal["png", "base64"] = "png"
+
+    def to_request(self) -> GenerateRequest:
+        return GenerateRequest(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            seed=self.seed,
+            steps=self.steps,
+            guidance=float(self.guidance),
+            height=self.height,
+            width=self.width,
+            scheduler=self.scheduler,
+            schedule=self.schedule,
+            noise_injection=self.noise_injection,
+            timeout_s=self.timeout_s,
+        )
+
+
+def _unavailable(message: str, retry_after_s: float) -> JSONResponse:
+    return JSONResponse(status_code=503, content={"detail": message}, headers={"Retry-After": str(int(max(1, retry_after_s)))})
+
+
+def create_app(
+    runtime: ServingRuntime | None = None,
+    runtime_factory: Callable[[], ServingRuntime] | None = None,
+    drain_on_shutdown: bool = True,
+) -> FastAPI:
+    """Builds the FastAPI app around a runtime.
+
+    Args:
+        runtime: a ready runtime (tests, Ray replicas), or
+        runtime_factory: builds the runtime at application start-up (``fd-trt serve``), so that
+            loading and warm-up happen before the server answers.
+        drain_on_shutdown: at application shutdown, finish every accepted request first.
+    """
+    if (runtime is None) == (runtime_factory is None):
+        raise InputError("create_app needs exactly one of runtime= or runtime_factory=")
+    state: dict[str, ServingRuntime] = {}
+    if runtime is not None:
+        state["rt"] = runtime
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if "rt" not in state and runtime_factory is not None:
+            state["rt"] = await asyncio.to_thread(runtime_factory)
+        yield
+        # Uvicorn has already waited for open requests; this drains anything still queued.
+        await asyncio.to_thread(state["rt"].shutdown, drain_on_shutdown)
+
+    app = FastAPI(title="fd_trt", version="1", lifespan=lifespan)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Any, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()
+        ]
+        return JSONResponse(status_code=422, content={"detail": errors})
+
+    @app.post("/v1/generate")
+    async def generate(body: GenerateBody) -> Response:
+        rt = state["rt"]
+        try:
+            future = rt.submit(body.to_request())
+        except InputError as e:
+            return JSONResponse(status_code=422, content={"detail": [{"loc": ["body"], "msg": str(e), "type": "value_error"}]})
+        except QueueFullError as e:
+            return _unavailable(str(e), e.retry_after_s)
+        except RuntimeClosedError as e:
+            return _unavailable(str(e), 5)
+        try:
+            res = await asyncio.wrap_future(future)
+        except RequestTimeoutError as e:
+            return JSONResponse(status_code=504, content={"detail": str(e)})
+        except FdTrtError as e:
+            return JSONResponse(status_code=500, content={"detail": str(e)})
+        headers = {
+            "X-Seed": str(res.seed),
+            "X-Batch-Size": str(res.batch_size),
+            "X-Queue-Seconds": f"{res.queue_seconds:.4f}",
+            "X-Latency-Seconds": f"{res.total_seconds:.4f}",
+        }
+        if res.nonfinite:
+            headers["Warning"] = '199 fd_trt "the latents held NaN or Inf: the image is invalid"'
+        png = await asyncio.to_thread(res.png_bytes)
+        if body.format == "png":
+            return Response(content=png, media_type="image/png", headers=headers)
+        return JSONResponse(
+            content={
+                "image": base64.b64encode(png).decode("ascii"),
+                "seed": res.seed,
+                "batch_size": res.batch_size,
+                "queue_seconds": res.queue_seconds,
+                "latency_seconds": res.total_seconds,
+                "nonfinite": res.nonfinite,
+            },
+            headers=headers,
+        )
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        rt = state.get("rt")
+        if rt is None or rt.closed:
+            return JSONResponse(status_code=503, content={"status": "shutting down" if rt else "starting"})
+        return JSONResponse(content={"status": "ok", "queue_depth": rt.queue_depth})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(content=state["rt"].prometheus(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+__all__ = ["GenerateBody", "create_app"]

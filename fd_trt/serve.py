@@ -1,0 +1,667 @@
+"""Low-latency serving runtime: a request queue, dynamic batching, limits and metrics.
+
+:class:`ServingRuntime` loads a :class:`~fd_trt.pipeline.FasterDiffusionPipeline` once, warms it
+up, and serves :class:`GenerateRequest` objects from any thread (:meth:`ServingRuntime.submit`
+returns a ``concurrent.futures.Future``) or from asyncio (:meth:`ServingRuntime.generate`).
+
+One worker thread owns the pipeline. It takes the oldest waiting request, then gathers the
+waiting requests that can share a sampler call with it (same size, steps, scheduler, key steps,
+guidance and noise injection) until it has ``max_batch`` of them or ``max_wait_ms`` has passed, and
+runs them as one call. Each request brings its own seed: its initial latents and any scheduler
+noise come from its own ``torch.Generator``, and the rows of a batch never mix, so a request's image
+is the image it gets when run alone (within float tolerance: batched matrix products may round
+differently).
+
+Nothing is dropped silently: a full queue raises :class:`QueueFullError` at submission; a request
+that passes its deadline fails with :class:`RequestTimeoutError`; a cancelled one reports
+cancellation; :meth:`ServingRuntime.shutdown` drains what was accepted (or fails it with
+:class:`RuntimeClosedError` when asked not to drain); an image with NaN/Inf comes back with
+``nonfinite=True`` and a logged warning.
+
+The HTTP server (``fd-trt serve``) is in :mod:`fd_trt.http_api`, the Ray Serve deployment in
+:mod:`fd_trt.serve_ray`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import math
+import secrets
+import threading
+import time
+from collections import Counter, deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+
+from .errors import FdTrtError, InputError
+from .models import SCHEDULERS
+from .schedule import parse_schedule
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .pipeline import FasterDiffusionPipeline
+
+logger = logging.getLogger(__name__)
+
+MAX_SEED = 2**63 - 1
+
+
+class QueueFullError(FdTrtError):
+    """The runtime's queue is full; retry after ``retry_after_s`` seconds."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RuntimeClosedError(FdTrtError):
+    """The runtime is shutting down or shut down and takes no new work."""
+
+
+class RequestTimeoutError(FdTrtError, TimeoutError):
+    """A request passed its deadline before its image was ready."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for.
+
+    Attributes:
+        max_steps: most inference steps.
+        max_size: largest height or width in pixels.
+        size_multiple: height and width must be multiples of this (and of the VAE factor).
+        max_prompt_chars: longest prompt or negative prompt, in characters.
+        max_guidance: largest CFG scale.
+    """
+
+    max_steps: int = 200
+    max_size: int = 1024
+    size_multiple: int = 8
+    max_prompt_chars: int = 1000
+    max_guidance: float = 50.0
+
+
+@dataclass
+class GenerateRequest:
+    """One image to generate.
+
+    Attributes:
+        prompt: the text prompt.
+        negative_prompt: the negative prompt (``""``: none).
+        seed: the seed of the request's own ``torch.Generator``; ``None`` picks a random one,
+            reported back in :attr:`GenerateResult.seed`.
+        steps: inference steps.
+        guidance: CFG scale; ``<= 1`` turns CFG off.
+        height, width: image size; ``None`` is the model's native size.
+        scheduler: ``ddim``, ``dpmpp``, ``pndm``, ``euler`` or ``ddpm``.
+        schedule: key steps: ``"paper"``, ``"all"``, ``"uniform:N"`` or a list of step indices.
+        noise_injection: prior noise injection; ``None`` is on exactly when the schedule propagates.
+        timeout_s: seconds from submission until the request fails with
+            :class:`RequestTimeoutError`; ``None`` uses the runtime's default.
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    seed: int | None = None
+    steps: int = 50
+    guidance: float = 7.5
+    height: int | None = None
+    width: int | None = None
+    scheduler: str = "ddim"
+    schedule: str | Sequence[int] = "paper"
+    noise_injection: bool | None = None
+    timeout_s: float | None = None
+
+
+@dataclass
+class GenerateResult:
+    """The answer to one :class:`GenerateRequest`.
+
+    Attributes:
+        image: the PIL image.
+        latents: the final ``[C,h,w]`` float32 latents.
+        seed: the seed used (the request's, or the one picked for it).
+        batch_size: how many requests shared the sampler call.
+        queue_seconds: from submission until its batch started.
+        run_seconds: the batch's sampler call, VAE included.
+        total_seconds: from submission until the result was ready.
+        nonfinite: the latents held NaN or Inf (a warning was logged; the image is invalid).
+    """
+
+    image: Any
+    latents: Any
+    seed: int
+    batch_size: int
+    queue_seconds: float
+    run_seconds: float
+    total_seconds: float
+    nonfinite: bool = False
+
+    def png_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        self.image.save(buf, format="PNG")
+        return buf.getvalue()
+
+
+@dataclass
+class _Job:
+    request: GenerateRequest
+    seed: int
+    height: int
+    width: int
+    key_steps: tuple[int, ...]
+    future: Future
+    submitted: float
+    deadline: float
+
+    @property
+    def batch_key(self) -> tuple[Any, ...]:
+        r = self.request
+        return (self.height, self.width, r.steps, r.scheduler, self.key_steps, float(r.guidance), r.noise_injection)
+
+
+class _BatchAborted(Exception):
+    """Raised from the step callback when no request of the batch still wants its image."""
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (``q`` in [0, 100]); NaN for no values."""
+    if not values:
+        return math.nan
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, math.ceil(q / 100.0 * len(s)) - 1))
+    return s[k]
+
+
+class Metrics:
+    """Thread-safe counters of a runtime: requests by outcome, batch sizes, latencies.
+
+    Latency percentiles are over the latest ``window`` completed requests.
+    """
+
+    LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+    def __init__(self, window: int = 2048) -> None:
+        self._lock = threading.Lock()
+        self.requests: Counter[str] = Counter()  # ok, timeout, cancelled, rejected, error, closed
+        self.batch_sizes: Counter[int] = Counter()
+        self.nonfinite_images = 0
+        self._latency: deque[float] = deque(maxlen=window)
+        self._queue_wait: deque[float] = deque(maxlen=window)
+        self._latency_buckets = [0] * (len(self.LATENCY_BUCKETS) + 1)
+        self._latency_sum = 0.0
+        self._latency_count = 0
+        self._batch_seconds: deque[float] = deque(maxlen=64)
+
+    def count(self, outcome: str, n: int = 1) -> None:
+        with self._lock:
+            self.requests[outcome] += n
+
+    def batch(self, size: int, seconds: float) -> None:
+        with self._lock:
+            self.batch_sizes[size] += 1
+            self._batch_seconds.append(seconds)
+
+    def done(self, total_s: float, queue_s: float, nonfinite: bool) -> None:
+        with self._lock:
+            self.requests["ok"] += 1
+            self.nonfinite_images += int(nonfinite)
+            self._latency.append(total_s)
+            self._queue_wait.append(queue_s)
+            self._latency_sum += total_s
+            self._latency_count += 1
+            i = next((i for i, b in enumerate(self.LATENCY_BUCKETS) if total_s <= b), len(self.LATENCY_BUCKETS))
+            self._latency_buckets[i] += 1
+
+    def mean_batch_seconds(self) -> float:
+        with self._lock:
+            return sum(self._batch_seconds) / len(self._batch_seconds) if self._batch_seconds else math.nan
+
+    def snapshot(self, queue_depth: int, in_flight: int) -> dict[str, Any]:
+        """A JSON-ready view: counters, batch-size histogram, latency and queue-wait percentiles."""
+        with self._lock:
+            lat, qw = list(self._latency), list(self._queue_wait)
+            batches = dict(sorted(self.batch_sizes.items()))
+            n_batches = sum(batches.values())
+            return {
+                "queue_depth": queue_depth,
+                "in_flight": in_flight,
+                "requests": dict(self.requests),
+                "nonfinite_images": self.nonfinite_images,
+                "batches": n_batches,
+                "batch_sizes": batches,
+                "mean_batch_size": (sum(k * v for k, v in batches.items()) / n_batches) if n_batches else math.nan,
+                "latency_s": {f"p{q}": _percentile(lat, q) for q in (50, 95, 99)} | {"count": len(lat)},
+                "queue_wait_s": {f"p{q}": _percentile(qw, q) for q in (50, 95, 99)},
+                "latency_histogram": {
+                    "buckets": list(self.LATENCY_BUCKETS),
+                    "counts": list(self._latency_buckets),
+                    "sum": self._latency_sum,
+                    "count": self._latency_count,
+                },
+            }
+
+
+def prometheus_text(snapshot: dict[str, Any], prefix: str = "fd_trt") -> bytes:
+    """Renders :meth:`Metrics.snapshot` in the Prometheus text format with ``prometheus_client``."""
+    try:
+        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+    except ImportError as e:  # pragma: no cover - the [serve] extra installs it
+        raise FdTrtError("metrics in Prometheus format need prometheus-client: pip install 'fd_trt[serve]'") from e
+
+    class _Collector:
+        def collect(self) -> Any:
+            yield GaugeMetricFamily(f"{prefix}_queue_depth", "Requests waiting in the queue.", value=snapshot["queue_depth"])
+            yield GaugeMetricFamily(f"{prefix}_in_flight", "Requests in the running batch.", value=snapshot["in_flight"])
+            c = CounterMetricFamily(f"{prefix}_requests", "Finished requests by outcome.", labels=["outcome"])
+            for outcome in ("ok", "timeout", "cancelled", "rejected", "error", "closed"):
+                c.add_metric([outcome], snapshot["requests"].get(outcome, 0))
+            yield c
+            yield CounterMetricFamily(f"{prefix}_nonfinite_images", "Images whose latents held NaN or Inf.",
+                                      value=snapshot["nonfinite_images"])
+            b = CounterMetricFamily(f"{prefix}_batches", "Sampler calls by batch size.", labels=["size"])
+            for size, n in snapshot["batch_sizes"].items():
+                b.add_metric([str(size)], n)
+            yield b
+            q = GaugeMetricFamily(f"{prefix}_request_latency_quantile_seconds",
+                                  "Latency from submission to result over the recent window.", labels=["quantile"])
+            for name, v in (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99")):
+                q.add_metric([name], snapshot["latency_s"][v])
+            yield q
+            h = snapshot["latency_histogram"]
+            cum, buckets = 0, []
+            for bound, n in zip([*map(str, h["buckets"]), "+Inf"], h["counts"]):
+                cum += n
+                buckets.append((bound, cum))
+            yield HistogramMetricFamily(f"{prefix}_request_latency_seconds", "Latency from submission to result.",
+                                        buckets=buckets, sum_value=h["sum"])
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector())  # type: ignore[arg-type]
+    return bytes(generate_latest(registry))
+
+
+@dataclass
+class _Batch:
+    jobs: list[_Job] = field(default_factory=list)
+
+
+class ServingRuntime:
+    """A thread-safe, dynamically batching front of one :class:`FasterDiffusionPipeline`.
+
+    Args:
+        pipeline: the pipeline to serve; the runtime owns it from now on (only its worker calls it).
+        max_batch: most requests per sampler call; 1 turns batching off.
+        max_wait_ms: how long the worker waits for more compatible requests after the first.
+        max_queue: most requests waiting; more are rejected with :class:`QueueFullError`.
+        default_timeout_s: deadline of requests that set none (``None``: no deadline).
+        limits: request limits (:class:`Limits`).
+        warmup: run warm-up batches (1 and ``max_batch`` rows) at the native size before serving,
+            so graph builds and allocations happen at start-up, not on the first request.
+        warmup_sizes: extra ``(height, width)`` to warm up.
+    """
+
+    def __init__(
+        self,
+        pipeline: "FasterDiffusionPipeline",
+        max_batch: int = 8,
+        max_wait_ms: float = 10.0,
+        max_queue: int = 64,
+        default_timeout_s: float | None = 120.0,
+        limits: Limits | None = None,
+        warmup: bool = True,
+        warmup_sizes: Sequence[tuple[int, int]] = (),
+    ) -> None:
+        for name, v in (("max_batch", max_batch), ("max_queue", max_queue)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"{name} must be a positive integer, got {v!r}")
+        if not (isinstance(max_wait_ms, (int, float)) and max_wait_ms >= 0):
+            raise InputError(f"max_wait_ms must be a number >= 0, got {max_wait_ms!r}")
+        if default_timeout_s is not None and not (isinstance(default_timeout_s, (int, float)) and default_timeout_s > 0):
+            raise InputError(f"default_timeout_s must be a positive number or None, got {default_timeout_s!r}")
+        self.pipeline = pipeline
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.default_timeout_s = default_timeout_s
+        self.limits = limits or Limits()
+        self.metrics = Metrics()
+        self.native_size = int(pipeline.sd.unet.config.sample_size) * pipeline.vae_scale_factor
+        self._queue: deque[_Job] = deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._in_flight = 0
+        self._schedulers: dict[str, Any] = {}
+        self._base_scheduler_config = pipeline.sd.scheduler.config
+        if warmup:
+            self._warmup([(self.native_size, self.native_size), *warmup_sizes])
+        self._worker = threading.Thread(target=self._run, name="fd_trt-serve-worker", daemon=True)
+        self._worker.start()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str = "default",
+        backend: str | None = None,
+        device: str | None = None,
+        precision: str | None = None,
+        engines: str | None = None,
+        runner_options: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> "ServingRuntime":
+        """Loads a model with :meth:`FasterDiffusionPipeline.from_pretrained` (no progress bars) and serves it."""
+        from .pipeline import FasterDiffusionPipeline
+
+        pipe = FasterDiffusionPipeline.from_pretrained(
+            model, backend=backend, device=device, precision=precision, progress=False, engines=engines,
+            runner_options=runner_options,
+        )
+        return cls(pipe, **kwargs)
+
+    # requests ---------------------------------------------------------------------------------
+    def check(self, request: GenerateRequest) -> tuple[int, int, tuple[int, ...]]:
+        """Validates a request against the limits and the model.
+
+        Returns:
+            ``(height, width, key_steps)`` with the defaults filled in.
+
+        Raises:
+            InputError: naming the bad field, its value and what is allowed.
+        """
+        lim = self.limits
+        if not isinstance(request, GenerateRequest):
+            raise InputError(f"expected a GenerateRequest, got {type(request).__name__}")
+        for name in ("prompt", "negative_prompt"):
+            v = getattr(request, name)
+            if not isinstance(v, str):
+                raise InputError(f"{name} must be a string, got {v!r}")
+            if len(v) > lim.max_prompt_chars:
+                raise InputError(f"{name} has {len(v)} characters; the limit is {lim.max_prompt_chars}")
+        if request.seed is not None and (
+            isinstance(request.seed, bool) or not isinstance(request.seed, int) or not 0 <= request.seed <= MAX_SEED
+        ):
+            raise InputError(f"seed must be an integer in [0, 2**63-1] or None, got {request.seed!r}")
+        s = request.steps
+        if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= lim.max_steps:
+            raise InputError(f"steps must be an integer in [1, {lim.max_steps}], got {s!r}")
+        g = request.guidance
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not (math.isfinite(g) and 0 <= g <= lim.max_guidance):
+            raise InputError(f"guidance must be a number in [0, {lim.max_guidance}], got {g!r}")
+        multiple = math.lcm(lim.size_multiple, self.pipeline.vae_scale_factor)
+        sizes = []
+        for name in ("height", "width"):
+            v = getattr(request, name)
+            v = self.native_size if v is None else v
+            if isinstance(v, bool) or not isinstance(v, int) or not multiple <= v <= lim.max_size:
+                raise InputError(f"{name} must be an integer in [{multiple}, {lim.max_size}], got {v!r}")
+            if v % multiple:
+                raise InputError(f"{name}={v} is not a multiple of {multiple}: use {max(multiple, v // multiple * multiple)}")
+            sizes.append(v)
+        if request.scheduler not in SCHEDULERS:
+            raise InputError(f"unknown scheduler {request.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        if request.noise_injection is not None and not isinstance(request.noise_injection, bool):
+            raise InputError(f"noise_injection must be true, false or null, got {request.noise_injection!r}")
+        if request.timeout_s is not None and (
+            isinstance(request.timeout_s, bool) or not isinstance(request.timeout_s, (int, float)) or not request.timeout_s > 0
+        ):
+            raise InputError(f"timeout_s must be a positive number or None, got {request.timeout_s!r}")
+        # The number of steps the scheduler really takes decides which key steps are valid.
+        num_steps = self._num_steps(request)
+        key_steps = tuple(parse_schedule(request.schedule, num_steps).key_steps)  # ScheduleError is an InputError
+        return sizes[0], sizes[1], key_steps
+
+    def submit(self, request: GenerateRequest) -> "Future[GenerateResult]":
+        """Queues a request; thread-safe.
+
+        Returns:
+            A ``concurrent.futures.Future`` of :class:`GenerateResult`. ``future.cancel()`` works while
+            the request waits in the queue.
+
+        Raises:
+            InputError: the request is invalid (nothing was queued).
+            QueueFullError: ``max_queue`` requests are already waiting.
+            RuntimeClosedError: the runtime is shutting down.
+        """
+        height, width, key_steps = self.check(request)
+        now = time.perf_counter()
+        timeout = request.timeout_s if request.timeout_s is not None else self.default_timeout_s
+        seed = request.seed if request.seed is not None else secrets.randbits(63)
+        job = _Job(request, seed, height, width, key_steps, Future(), now, now + timeout if timeout else math.inf)
+        with self._cv:
+            if self._closed:
+                self.metrics.count("rejected")
+                raise RuntimeClosedError("the serving runtime is shutting down and takes no new requests")
+            if len(self._queue) >= self.max_queue:
+                self.metrics.count("rejected")
+                retry = self.retry_after_s()
+                raise QueueFullError(
+                    f"the queue is full ({self.max_queue} requests waiting); retry in {retry:.0f} s or raise max_queue",
+                    retry_after_s=retry,
+                )
+            self._queue.append(job)
+            self._cv.notify_all()
+        return job.future
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        """``await``-able :meth:`submit`; cancelling the awaiting task cancels a still-queued request."""
+        return await asyncio.wrap_future(self.submit(request))
+
+    def __call__(self, request: GenerateRequest, timeout: float | None = None) -> GenerateResult:
+        """Submits and waits: ``runtime(request)`` is ``runtime.submit(request).result(timeout)``."""
+        return self.submit(request).result(timeout)
+
+    def retry_after_s(self) -> float:
+        """An estimate of when the queue will have room: the queue's batches times the mean batch time."""
+        per_batch = self.metrics.mean_batch_seconds()
+        per_batch = 1.0 if math.isnan(per_batch) else per_batch
+        return float(max(1, math.ceil(per_batch * math.ceil(max(1, len(self._queue)) / self.max_batch))))
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def stats(self) -> dict[str, Any]:
+        """:meth:`Metrics.snapshot` with the current queue depth and running rows."""
+        return self.metrics.snapshot(len(self._queue), self._in_flight)
+
+    def prometheus(self) -> bytes:
+        """The metrics in the Prometheus text format."""
+        return prometheus_text(self.stats())
+
+    # lifecycle --------------------------------------------------------------------------------
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stops taking requests and stops the worker.
+
+        Args:
+            drain: finish every accepted request first; otherwise waiting requests fail with
+                :class:`RuntimeClosedError` (the running batch still finishes).
+            timeout: seconds to wait for the worker; ``None`` waits as long as it takes.
+        """
+        with self._cv:
+            self._closed = True
+            if not drain:
+                while self._queue:
+                    job = self._queue.popleft()
+                    if job.future.set_running_or_notify_cancel():
+                        job.future.set_exception(RuntimeClosedError("the runtime shut down before this request ran"))
+                        self.metrics.count("closed")
+                    else:
+                        self.metrics.count("cancelled")
+            self._cv.notify_all()
+        self._worker.join(timeout)
+        if not self._worker.is_alive():
+            self.pipeline.close()
+
+    def __enter__(self) -> "ServingRuntime":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    # worker -----------------------------------------------------------------------------------
+    def _num_steps(self, request: GenerateRequest) -> int:
+        """Steps the scheduler really takes (PNDM adds some), on a private copy: submitters run in many threads."""
+        import copy
+
+        sched = copy.deepcopy(self._scheduler(request.scheduler))
+        sched.set_timesteps(request.steps)
+        return len(sched.timesteps)
+
+    def _scheduler(self, name: str) -> Any:
+        from .models import make_scheduler
+
+        with self._cv:
+            if name not in self._schedulers:
+                self._schedulers[name] = make_scheduler(name, self._base_scheduler_config)
+            return self._schedulers[name]
+
+    def _warmup(self, sizes: Sequence[tuple[int, int]]) -> None:
+        t0 = time.perf_counter()
+        for h, w in dict.fromkeys(sizes):
+            for n in dict.fromkeys((1, self.max_batch)):
+                jobs = []
+                for i in range(n):
+                    req = GenerateRequest(prompt="warm-up", seed=i, steps=10, height=h, width=w)
+                    hh, ww, ks = self.check(req)
+                    jobs.append(_Job(req, i, hh, ww, ks, Future(), t0, math.inf))
+                self._execute(jobs, record=False)
+        logger.info("fd_trt serve: warmed up %s at batch 1 and %d in %.1f s", list(sizes), self.max_batch, time.perf_counter() - t0)
+
+    def _next_batch(self) -> list[_Job] | None:
+        """Blocks for the oldest live job, then gathers compatible ones; None when closed and empty."""
+        with self._cv:
+            while True:
+                while not self._queue and not self._closed:
+                    self._cv.wait()
+                if not self._queue:
+                    return None
+                first = self._take(self._queue.popleft())
+                if first is not None:
+                    break
+            batch = [first]
+            key = first.batch_key
+            wait_until = time.perf_counter() + self.max_wait_s
+            while len(batch) < self.max_batch:
+                for job in list(self._queue):
+                    if len(batch) >= self.max_batch:
+                        break
+                    if job.batch_key == key:
+                        self._queue.remove(job)
+                        if self._take(job) is not None:
+                            batch.append(job)
+                remaining = wait_until - time.perf_counter()
+                if len(batch) >= self.max_batch or remaining <= 0 or self._closed:
+                    break
+                self._cv.wait(remaining)
+            self._in_flight = len(batch)
+            return batch
+
+    def _take(self, job: _Job) -> _Job | None:
+        """Marks a job running; None (and its outcome recorded) when it was cancelled or expired."""
+        if not job.future.set_running_or_notify_cancel():
+            self.metrics.count("cancelled")
+            return None
+        if time.perf_counter() > job.deadline:
+            job.future.set_exception(RequestTimeoutError(self._timeout_message(job, "in the queue")))
+            self.metrics.count("timeout")
+            return None
+        return job
+
+    def _timeout_message(self, job: _Job, where: str) -> str:
+        limit = job.deadline - job.submitted
+        return f"the request passed its {limit:.1f} s deadline {where}; raise timeout_s or lower the load"
+
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            try:
+                self._execute(batch)
+            except BaseException as e:  # noqa: BLE001 - every failure goes to the requests, none is lost
+                logger.exception("fd_trt serve: a batch of %d failed", len(batch))
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(e)
+                        self.metrics.count("error")
+            finally:
+                with self._cv:
+                    self._in_flight = 0
+
+    def _execute(self, jobs: list[_Job], record: bool = True) -> None:
+        import torch
+
+        req = jobs[0].request
+        pipe = self.pipeline
+        pipe.sd.scheduler = self._scheduler(req.scheduler)
+
+        def still_wanted(p: Any, i: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
+            now = time.perf_counter()
+            if record and all(now > j.deadline for j in jobs):
+                raise _BatchAborted
+            return {}
+
+        t0 = time.perf_counter()
+        try:
+            out = pipe(
+                prompt=[j.request.prompt for j in jobs],
+                negative_prompt=[j.request.negative_prompt for j in jobs],
+                height=jobs[0].height,
+                width=jobs[0].width,
+                num_inference_steps=req.steps,
+                guidance_scale=float(req.guidance),
+                generator=[torch.Generator().manual_seed(j.seed) for j in jobs],
+                schedule=list(jobs[0].key_steps),
+                noise_injection=req.noise_injection,
+                callback_on_step_end=still_wanted,
+            )
+        except _BatchAborted:
+            for job in jobs:
+                job.future.set_exception(RequestTimeoutError(self._timeout_message(job, "while running")))
+            self.metrics.count("timeout", len(jobs))
+            return
+        done = time.perf_counter()
+        if not record:
+            return
+        self.metrics.batch(len(jobs), done - t0)
+        lat = out.latents.float()
+        for i, job in enumerate(jobs):
+            nonfinite = not bool(torch.isfinite(lat[i]).all())
+            if nonfinite:
+                logger.warning("fd_trt serve: the image for seed %d has NaN/Inf latents and is invalid", job.seed)
+            if done > job.deadline:
+                job.future.set_exception(RequestTimeoutError(self._timeout_message(job, "while running")))
+                self.metrics.count("timeout")
+                continue
+            res = GenerateResult(
+                image=out.images[i],
+                latents=lat[i].clone(),
+                seed=job.seed,
+                batch_size=len(jobs),
+                queue_seconds=t0 - job.submitted,
+                run_seconds=done - t0,
+                total_seconds=done - job.submitted,
+                nonfinite=nonfinite,
+            )
+            self.metrics.done(res.total_seconds, res.queue_seconds, nonfinite)
+            job.future.set_result(res)
+
+
+__all__ = [
+    "GenerateRequest",
+    "GenerateResult",
+    "Limits",
+    "Metrics",
+    "QueueFullError",
+    "RequestTimeoutError",
+    "RuntimeClosedError",
+    "ServingRuntime",
+    "prometheus_text",
+]
