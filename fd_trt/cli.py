@@ -145,21 +145,41 @@ def _serve(args: argparse.Namespace) -> int:
         raise FdTrtError(f"fd-trt serve needs the [serve] extra ({e.name} is missing): pip install 'fd_trt[serve]'") from e
     from .serve import Limits, ServingRuntime
 
+    import signal
+    import threading
+
     options = _runner_options(args)
     limits = Limits(max_steps=args.max_steps, max_size=args.max_size, max_prompt_chars=args.max_prompt_chars)
+    # The runtime's worker runs on this (main) thread: PyTorch's OpenMP regions cost much more when a
+    # non-main thread starts them (see ServingRuntime's `start`). uvicorn runs in a thread instead,
+    # so this function handles SIGINT/SIGTERM itself.
+    rt = ServingRuntime.from_pretrained(
+        args.model, backend=args.backend, device=args.device, precision=args.precision, engines=args.engines,
+        runner_options=options, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        default_timeout_s=args.timeout, limits=limits, start=False,
+    )
+    server = uvicorn.Server(uvicorn.Config(create_app(runtime=rt), host=args.host, port=args.port, log_level=args.log_level))
+    http = threading.Thread(target=server.run, name="fd_trt-http", daemon=True)
 
-    def factory() -> ServingRuntime:
-        rt = ServingRuntime.from_pretrained(
-            args.model, backend=args.backend, device=args.device, precision=args.precision, engines=args.engines,
-            runner_options=options, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-            default_timeout_s=args.timeout, limits=limits,
-        )
-        print(f"fd-trt serve: {rt.pipeline.source} on {rt.pipeline.backend}/{rt.pipeline.device}, "
-              f"max batch {rt.max_batch}, http://{args.host}:{args.port}", flush=True)
-        return rt
+    def stop(signum: int, frame: Any) -> None:
+        # Graceful: uvicorn stops accepting and waits for open requests (the worker keeps serving
+        # them), then its lifespan shutdown drains the runtime, which ends rt.run() below.
+        server.should_exit = True
 
-    uvicorn.run(create_app(runtime_factory=factory), host=args.host, port=args.port, log_level=args.log_level)
-    return 0
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+    def supervise() -> None:
+        http.join()
+        rt.shutdown(drain=True)  # also when uvicorn failed to start (e.g. the port is taken)
+
+    http.start()
+    threading.Thread(target=supervise, name="fd_trt-supervisor", daemon=True).start()
+    print(f"fd-trt serve: {rt.pipeline.source} on {rt.pipeline.backend}/{rt.pipeline.device}, "
+          f"max batch {rt.max_batch}, http://{args.host}:{args.port}", flush=True)
+    rt.run()
+    http.join(30)
+    return 0 if server.started else 1
 
 
 def _add_build(sub: Any) -> None:

@@ -24,7 +24,7 @@ import contextlib
 import logging
 from typing import Any, AsyncIterator, Callable, Literal
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -76,6 +76,20 @@ class GenerateBody(BaseModel):
         )
 
 
+async def _wait_or_cancel(future: Any, request: Request, poll_s: float = 0.25) -> Any:
+    """Waits for the runtime's future; None if the client disconnected first (the request is then
+    cancelled if it is still queued; a running batch finishes and its result is dropped)."""
+    waiter = asyncio.wrap_future(future)
+    while True:
+        done, _ = await asyncio.wait({waiter}, timeout=poll_s)
+        if done:
+            return waiter.result()
+        if await request.is_disconnected():
+            if future.cancel():
+                logger.info("fd_trt serve: client disconnected; its queued request was cancelled")
+            return None
+
+
 def _unavailable(message: str, retry_after_s: float) -> JSONResponse:
     return JSONResponse(status_code=503, content={"detail": message}, headers={"Retry-After": str(int(max(1, retry_after_s)))})
 
@@ -117,7 +131,7 @@ def create_app(
         return JSONResponse(status_code=422, content={"detail": errors})
 
     @app.post("/v1/generate")
-    async def generate(body: GenerateBody) -> Response:
+    async def generate(body: GenerateBody, request: Request) -> Response:
         rt = state["rt"]
         try:
             future = rt.submit(body.to_request())
@@ -128,11 +142,16 @@ def create_app(
         except RuntimeClosedError as e:
             return _unavailable(str(e), 5)
         try:
-            res = await asyncio.wrap_future(future)
+            res = await _wait_or_cancel(future, request)
+        except asyncio.CancelledError:
+            future.cancel()  # the server is cancelling this handler: drop the request if still queued
+            raise
         except RequestTimeoutError as e:
             return JSONResponse(status_code=504, content={"detail": str(e)})
         except FdTrtError as e:
             return JSONResponse(status_code=500, content={"detail": str(e)})
+        if res is None:  # nobody is listening; 499 is nginx's "client closed request"
+            return Response(status_code=499)
         headers = {
             "X-Seed": str(res.seed),
             "X-Batch-Size": str(res.batch_size),

@@ -171,21 +171,33 @@ def main(argv: list[str] | None = None) -> int:
         max_batch = args.max_batch if mode == "on" else 1
         pipe = FasterDiffusionPipeline.from_pretrained(args.model, backend=args.backend, progress=False)
         pipe.set_scheduler(args.scheduler)
+        # As in fd-trt serve, the runtime's worker runs on the main thread (see ServingRuntime's
+        # `start`); the server and the load run in other threads.
         rt = ServingRuntime(pipe, max_batch=max_batch, max_wait_ms=args.max_wait_ms, max_queue=max(64, 2 * max(concurrencies)),
                             default_timeout_s=args.request_timeout, warmup=True,
-                            warmup_sizes=[(args.height, args.width)])
-        with LoopbackServer(rt) as server:
-            for c in concurrencies:
-                run = run_load(server.url, args, c, seed0=1000 * c)
-                run["batching"] = mode
-                run["max_batch"] = max_batch
-                run["server"] = {k: rt.stats()[k] for k in ("batch_sizes", "requests")}
-                report["runs"].append(run)
-                lat = run["latency_s"]
-                print(f"batching {mode:3s} (max batch {max_batch}) concurrency {c:2d}: {run['throughput_img_s']:.2f} img/s, "
-                      f"p50 {lat['p50']:.3f} s, p95 {lat['p95']:.3f} s, p99 {lat['p99']:.3f} s, "
-                      f"mean batch {run['mean_batch_size']:.2f}, failed {run['failed']}", flush=True)
-        rt.shutdown()
+                            warmup_sizes=[(args.height, args.width)], start=False)
+
+        def drive(mode: str = mode, max_batch: int = max_batch, rt: ServingRuntime = rt) -> None:
+            try:
+                with LoopbackServer(rt) as server:
+                    for c in concurrencies:
+                        run = run_load(server.url, args, c, seed0=1000 * c)
+                        run["batching"] = mode
+                        run["max_batch"] = max_batch
+                        run["server"] = {k: rt.stats()[k] for k in ("batch_sizes", "requests")}
+                        report["runs"].append(run)
+                        lat = run["latency_s"]
+                        print(f"batching {mode:3s} (max batch {max_batch}) concurrency {c:2d}: "
+                              f"{run['throughput_img_s']:.2f} img/s, p50 {lat['p50']:.3f} s, p95 {lat['p95']:.3f} s, "
+                              f"p99 {lat['p99']:.3f} s, mean batch {run['mean_batch_size']:.2f}, failed {run['failed']}",
+                              flush=True)
+            finally:
+                rt.shutdown()
+
+        driver = threading.Thread(target=drive, name="load-driver")
+        driver.start()
+        rt.run()
+        driver.join()
 
     def find(mode: str, c: int) -> dict[str, Any] | None:
         return next((r for r in report["runs"] if r["batching"] == mode and r["concurrency"] == c), None)

@@ -157,6 +157,20 @@ def test_full_queue_gets_503_with_retry_after():
     assert rt.stats()["requests"] == {"ok": 2, "rejected": 1}
 
 
+def test_client_disconnect_cancels_its_queued_request():
+    gate = Gate(load())
+    rt = ServingRuntime(gate, max_batch=1, max_queue=4, warmup=False)  # type: ignore[arg-type]
+    with Server(create_app(runtime=rt)) as s, ThreadPoolExecutor(1) as ex:
+        first = ex.submit(post, s.url, {"prompt": "a red circle", "steps": STEPS, "seed": 1})
+        assert gate.entered.wait(60)
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+            post(s.url, {"prompt": "a red circle", "steps": STEPS, "seed": 2}, timeout=0.5)
+        wait_for(lambda: rt.stats()["requests"].get("cancelled", 0) == 1 and rt.queue_depth == 0)
+        gate.event.set()
+        assert first.result().status_code == 200
+    assert gate.calls == [1]  # the abandoned request never ran
+
+
 def test_sigterm_with_requests_in_flight_loses_none(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -196,6 +196,7 @@ def test_timeout_and_cancellation_while_queued():
         late = rt.submit(GenerateRequest(prompt="a red circle", seed=2, steps=STEPS, timeout_s=0.2))
         cancelled = rt.submit(GenerateRequest(prompt="a red circle", seed=3, steps=STEPS))
         assert cancelled.cancel()
+        assert rt.queue_depth == 1 and rt.stats()["requests"] == {"cancelled": 1}  # it left the queue at once
         time.sleep(0.3)
         gate.event.set()
         assert first.result(timeout=60).seed == 1
@@ -311,3 +312,34 @@ def test_metrics_percentiles_and_prometheus_text():
     assert samples[("fd_trt_request_latency_seconds_bucket", (("le", "0.1"),))] == 10
     assert samples[("fd_trt_request_latency_seconds_bucket", (("le", "+Inf"),))] == 100
     assert samples[("fd_trt_request_latency_seconds_count", ())] == 100
+
+
+def test_worker_on_the_callers_thread(reference):
+    # start=False: the caller's thread (here the main thread) runs the worker loop until shutdown.
+    rt = make_runtime(max_batch=4, max_wait_ms=100, start=False)
+    reqs = [GenerateRequest(prompt=p, seed=50 + i, steps=STEPS) for i, p in enumerate(PROMPTS[:4])]
+    results: list[Any] = []
+
+    def client() -> None:
+        try:
+            results.extend(f.result(timeout=120) for f in [rt.submit(r) for r in reqs])
+        finally:
+            rt.shutdown()
+
+    t = threading.Thread(target=client)
+    t.start()
+    rt.run()  # returns once the client has shut the runtime down
+    t.join()
+    assert [r.seed for r in results] == [50, 51, 52, 53]
+    for req, res in zip(reqs, results):
+        assert rel_l2(res.latents, solo(reference, req)) < 1e-4
+    with pytest.raises(Exception, match="already running"):
+        rt.run()
+
+
+def test_shutdown_before_the_worker_started_fails_queued_requests():
+    rt = make_runtime(start=False)
+    fut = rt.submit(GenerateRequest(prompt="a red circle", seed=1, steps=STEPS))
+    rt.shutdown()
+    with pytest.raises(RuntimeClosedError, match="before its worker started"):
+        fut.result(timeout=1)
