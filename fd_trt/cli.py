@@ -14,10 +14,8 @@ from .errors import FdTrtError
 from .models import SCHEDULERS
 
 
-def _add_generate(sub: Any) -> None:
-    p = sub.add_parser("generate", help="generate an image with Faster Diffusion")
-    p.add_argument("prompt", help="the text prompt")
-    p.add_argument("--negative-prompt", default=None)
+def _add_model_args(p: Any) -> None:
+    """Model and runner options shared by ``generate`` and ``serve``."""
     p.add_argument("--model", default="default", help="'default' or a local diffusers folder")
     p.add_argument("--backend", default=None, choices=["torch", "onnxruntime", "tensorrt"],
                    help="runner backend (default: onnxruntime on CPU, torch on CUDA)")
@@ -26,6 +24,13 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
                    help="runner precision (default: fp16 for tensorrt, fp32 otherwise)")
+
+
+def _add_generate(sub: Any) -> None:
+    p = sub.add_parser("generate", help="generate an image with Faster Diffusion")
+    p.add_argument("prompt", help="the text prompt")
+    p.add_argument("--negative-prompt", default=None)
+    _add_model_args(p)
     p.add_argument("--steps", type=int, default=50, help="inference steps")
     p.add_argument("--schedule", default="paper", help="paper | all | uniform:N | comma-separated key steps")
     p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
@@ -117,13 +122,7 @@ def _runner_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _add_serve(sub: Any) -> None:
     p = sub.add_parser("serve", help="serve the HTTP API (POST /v1/generate, GET /healthz, GET /metrics)")
-    p.add_argument("--model", default="default", help="'default' or a local diffusers folder")
-    p.add_argument("--backend", default=None, choices=["torch", "onnxruntime", "tensorrt"],
-                   help="runner backend (default: onnxruntime on CPU, torch on CUDA)")
-    p.add_argument("--engines", default=None, help="a built engine directory (fd-trt build) for graph backends")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads of the runner")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"])
+    _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8, help="most requests per sampler call (1: no batching)")

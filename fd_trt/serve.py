@@ -33,7 +33,7 @@ import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .errors import FdTrtError, InputError
@@ -282,11 +282,6 @@ def prometheus_text(snapshot: dict[str, Any], prefix: str = "fd_trt") -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector())  # type: ignore[arg-type]
     return bytes(generate_latest(registry))
-
-
-@dataclass
-class _Batch:
-    jobs: list[_Job] = field(default_factory=list)
 
 
 class ServingRuntime:
