@@ -191,4 +191,47 @@ def create_app(
     return app
 
 
-__all__ = ["GenerateBody", "create_app"]
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class ThreadedServer:
+    """uvicorn serving ``app`` in a daemon thread on 127.0.0.1 and a free port (tests, load tests).
+
+    ``with ThreadedServer(app) as server: httpx.get(server.url + "/healthz")``; leaving the block asks
+    uvicorn to shut down gracefully and waits for it.
+    """
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", start_timeout_s: float = 60.0) -> None:
+        import threading
+
+        import uvicorn
+
+        self.port = free_port(host)
+        self.url = f"http://{host}:{self.port}"
+        self.start_timeout_s = start_timeout_s
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="fd_trt-http", daemon=True)
+
+    def __enter__(self) -> "ThreadedServer":
+        import time
+
+        self.thread.start()
+        t0 = time.monotonic()
+        while not self.server.started:
+            if time.monotonic() - t0 > self.start_timeout_s or not self.thread.is_alive():
+                raise FdTrtError(f"the HTTP server did not start on {self.url} within {self.start_timeout_s:.0f} s")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+
+
+__all__ = ["GenerateBody", "ThreadedServer", "create_app", "free_port"]

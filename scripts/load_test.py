@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import socket
 import sys
 import threading
 import time
@@ -58,40 +57,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--request-timeout", type=float, default=600.0, help="client timeout per request (s)")
     p.add_argument("--out-dir", default="out/load")
     return p.parse_args(argv)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class LoopbackServer:
-    """``create_app`` under uvicorn in a thread, bound to 127.0.0.1 only."""
-
-    def __init__(self, runtime: Any) -> None:
-        import uvicorn
-
-        from fd_trt.http_api import create_app
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(runtime=runtime), host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> "LoopbackServer":
-        self.thread.start()
-        t0 = time.monotonic()
-        while not self.server.started:
-            if time.monotonic() - t0 > 60:
-                raise RuntimeError("the server did not start within 60 s")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.server.should_exit = True
-        self.thread.join(60)
 
 
 def run_load(url: str, args: argparse.Namespace, concurrency: int, seed0: int) -> dict[str, Any]:
@@ -155,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
+    from fd_trt.http_api import ThreadedServer, create_app
     from fd_trt.pipeline import FasterDiffusionPipeline
     from fd_trt.serve import ServingRuntime
 
@@ -179,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def drive(mode: str = mode, max_batch: int = max_batch, rt: ServingRuntime = rt) -> None:
             try:
-                with LoopbackServer(rt) as server:
+                with ThreadedServer(create_app(runtime=rt)) as server:
                     for c in concurrencies:
                         run = run_load(server.url, args, c, seed0=1000 * c)
                         run["batching"] = mode

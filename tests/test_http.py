@@ -6,10 +6,8 @@ import base64
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
@@ -23,7 +21,7 @@ uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 from PIL import Image  # noqa: E402
 
-from fd_trt.http_api import create_app  # noqa: E402
+from fd_trt.http_api import ThreadedServer, create_app, free_port  # noqa: E402
 from fd_trt.pipeline import FasterDiffusionPipeline  # noqa: E402
 from fd_trt.serve import Limits, ServingRuntime  # noqa: E402
 
@@ -32,29 +30,7 @@ from test_serve import Gate, wait_for  # noqa: E402
 STEPS = 10
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """uvicorn in a thread on 127.0.0.1:<free port>."""
-
-    def __init__(self, app: Any) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> "Server":
-        self.thread.start()
-        wait_for(lambda: self.server.started, timeout=60)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.server.should_exit = True
-        self.thread.join(60)
+Server = ThreadedServer
 
 
 def load() -> FasterDiffusionPipeline:
