@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-full-steps", type=int, default=300, help="last VAE steps on full 64x64 images")
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--vae-lr", type=float, default=2e-3)
-    p.add_argument("--unet-steps", type=int, default=5000)
+    p.add_argument("--unet-steps", type=int, default=4000)
     p.add_argument("--unet-batch", type=int, default=64)
     p.add_argument("--unet-lr", type=float, default=8e-4)
     p.add_argument("--ema", type=float, default=0.995, help="EMA decay of the UNet and text encoder weights")
