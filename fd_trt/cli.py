@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import FdTrtError
+from .errors import FdTrtError, InputError
 from .models import SCHEDULERS
 
 
@@ -45,6 +45,8 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--out", default="fd_trt_out.png", help="output image (PNG); several images get _i suffixes")
     p.add_argument("--json", default=None, help="write stats as JSON here")
     p.add_argument("--compare", action="store_true", help="also run schedule 'all' and report speedup and error (after one untimed warm-up run)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="with --compare: timed runs per schedule, alternating; the run with the median total is reported")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -210,7 +212,6 @@ def _add_build(sub: Any) -> None:
 
 def _build(args: argparse.Namespace) -> int:
     from .engines import build_engines
-    from .errors import InputError
     from .models import load_diffusers_pipeline
 
     t0 = time.perf_counter()
@@ -282,11 +283,19 @@ def _build_plans(args: argparse.Namespace, out: Path) -> None:
               f"(min/opt/max), {state}")
 
 
+def _median_run(outputs: list[Any]) -> Any:
+    """The output whose total time is the median (the lower middle one for an even count)."""
+    ranked = sorted(outputs, key=lambda o: o.stats.seconds["total"])
+    return ranked[(len(ranked) - 1) // 2]
+
+
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from .pipeline import FasterDiffusionPipeline
 
+    if args.repeat < 1:
+        raise InputError(f"--repeat must be a positive integer, got {args.repeat}: pass --repeat 1 for a single timed run")
     t0 = time.perf_counter()
     pipe = FasterDiffusionPipeline.from_pretrained(
         args.model,
@@ -330,12 +339,25 @@ def _generate(args: argparse.Namespace) -> int:
              output_type="latent", schedule=args.schedule, noise_injection=noise, parallel=not args.sequential,
              max_decoder_rows=args.max_decoder_rows)
         pipe(args.prompt, num_inference_steps=2, height=args.height, width=args.width, output_type="latent", schedule="all")
-    out = run(args.schedule, noise)
+        # Alternating runs, so that a slow spell of a shared machine hits both schedules alike. Every
+        # run has the same seed and so the same result; only the timings differ.
+        runs: list[Any] = []
+        refs: list[Any] = []
+        for _ in range(args.repeat):
+            runs.append(run(args.schedule, noise))
+            refs.append(run("all", False))
+        out, ref = _median_run(runs), _median_run(refs)
+    else:
+        out = run(args.schedule, noise)
     print(_fmt_stats(args.schedule, out.stats))
     report: dict[str, Any] = {"schedule": args.schedule, "stats": out.stats.as_dict()}
     if args.compare:
-        ref = run("all", False)
         print(_fmt_stats("all", ref.stats))
+        if args.repeat > 1:
+            def totals(outputs: list[Any]) -> str:
+                return ", ".join(f"{o.stats.seconds['total']:.3f}" for o in outputs)
+
+            print(f"(median of {args.repeat} alternating runs each; totals {args.schedule}: {totals(runs)} s, all: {totals(refs)} s)")
         a, b = out.latents, ref.latents
         rel = float((a - b).norm() / b.norm())
         speed = ref.stats.seconds["total"] / out.stats.seconds["total"]
@@ -353,6 +375,9 @@ def _generate(args: argparse.Namespace) -> int:
             "speedup_unet": unet_speed,
             "unet_flops_reduction": flop_cut,
             "rel_l2_latents_vs_all": rel,
+            "repeat": args.repeat,
+            "totals_s": [r.stats.seconds["total"] for r in runs],
+            "all_totals_s": [r.stats.seconds["total"] for r in refs],
         }
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)

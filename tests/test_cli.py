@@ -10,7 +10,8 @@ from fd_trt.cli import main
 
 def test_generate_compare_writes_image_and_json(tmp_path, capsys):
     out, js = tmp_path / "img.png", tmp_path / "stats.json"
-    rc = main(["generate", "a red circle", "--steps", "12", "--compare", "--quiet", "--out", str(out), "--json", str(js)])
+    rc = main(["generate", "a red circle", "--steps", "12", "--compare", "--repeat", "2", "--quiet", "--out", str(out),
+               "--json", str(js)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "speedup" in printed and "relative L2" in printed and "model: default" in printed
@@ -20,6 +21,20 @@ def test_generate_compare_writes_image_and_json(tmp_path, capsys):
     assert report["compare"]["all_stats"]["encoder_calls"] == 12
     assert report["compare"]["rel_l2_latents_vs_all"] > 0
     assert 0 < report["compare"]["unet_flops_reduction"] < 1
+    # Two alternating timed runs per schedule; the reported one is the lower median, i.e. the faster.
+    cmp = report["compare"]
+    assert cmp["repeat"] == 2 and len(cmp["totals_s"]) == 2 and len(cmp["all_totals_s"]) == 2
+    assert report["stats"]["seconds"]["total"] == min(cmp["totals_s"])
+    assert cmp["all_stats"]["seconds"]["total"] == min(cmp["all_totals_s"])
+    assert cmp["speedup_total"] == pytest.approx(min(cmp["all_totals_s"]) / min(cmp["totals_s"]))
+    assert "median of 2 alternating runs" in printed
+
+
+def test_generate_rejects_a_bad_repeat(tmp_path, capsys):
+    rc = main(["generate", "x", "--compare", "--repeat", "0", "--quiet", "--out", str(tmp_path / "a.png")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--repeat must be a positive integer, got 0" in err and "Traceback" not in err
 
 
 def test_generate_reports_bad_input_without_a_traceback(tmp_path, capsys):
