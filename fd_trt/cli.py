@@ -310,7 +310,7 @@ def _generate(args: argparse.Namespace) -> int:
     print(f"model: {pipe.source}")
     print(f"backend: {pipe.backend} on {pipe.device} ({pipe.precision}), scheduler {args.scheduler}, load {time.perf_counter() - t0:.2f} s")
 
-    def run(schedule: str, noise: bool | None) -> Any:
+    def run(schedule: str, noise: bool | None, output_type: str = "pil") -> Any:
         return pipe(
             args.prompt,
             negative_prompt=args.negative_prompt,
@@ -320,7 +320,7 @@ def _generate(args: argparse.Namespace) -> int:
             guidance_scale=args.guidance,
             num_images_per_prompt=args.num_images,
             generator=torch.Generator(pipe.device).manual_seed(args.seed),
-            output_type="pil",
+            output_type=output_type,
             schedule=schedule,
             noise_injection=noise,
             parallel=not args.sequential,
@@ -334,10 +334,7 @@ def _generate(args: argparse.Namespace) -> int:
         # on the default model it made the first 'paper' run 1.15 s against 0.32 s warm).
         if not args.quiet:
             print("warm-up: one untimed run of the schedule")
-        pipe(args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-             num_inference_steps=args.steps, guidance_scale=args.guidance, num_images_per_prompt=args.num_images,
-             output_type="latent", schedule=args.schedule, noise_injection=noise, parallel=not args.sequential,
-             max_decoder_rows=args.max_decoder_rows)
+        run(args.schedule, noise, output_type="latent")
         pipe(args.prompt, num_inference_steps=2, height=args.height, width=args.width, output_type="latent", schedule="all")
         # Alternating runs, so that a slow spell of a shared machine hits both schedules alike. Every
         # run has the same seed and so the same result; only the timings differ.
