@@ -16,8 +16,15 @@ What it does, and why each step is there:
    ``def name(*args: typing.Any, **kwargs: typing.Any) -> typing.Any`` and is reported; every
    other TensorRT name keeps its stubbed signature.
 3. Runs ``mypy fd_trt/backends/tensorrt.py`` with ``MYPYPATH=DIR`` and the ``[tool.mypy]``
-   settings of pyproject.toml, and exits with mypy's status. A misspelled or removed TensorRT
-   call (``builder.create_netwrok``, ``trt.BuilderFlag.FP61``) fails here.
+   settings of pyproject.toml. A misspelled or removed TensorRT call
+   (``builder.create_netwrok``, ``trt.BuilderFlag.FP61``) fails here.
+4. Checks that the CPU stand-in the tests run instead of TensorRT (``tests/fake_tensorrt.py``)
+   has TensorRT's names: each of its public classes, methods, properties and enum members
+   exists in the stubs, and each method's parameter names are those of one of the stubbed
+   overloads. A stand-in that drifted from TensorRT would let the CPU tests pass on calls that
+   fail on a GPU.
+
+Exits non-zero when mypy or the stand-in check fails.
 """
 
 from __future__ import annotations
@@ -84,6 +91,79 @@ def repair_stub(path: Path, max_fixes: int = 100) -> list[str]:
     return fixed
 
 
+#: Classes of the stand-in that replace ``torch.cuda``, not TensorRT.
+FAKE = ROOT / "tests" / "fake_tensorrt.py"
+FAKE_TORCH_CLASSES = {"FakeStream", "FakeCUDAGraph"}
+
+
+def _stub_classes(stub: Path) -> dict[str, ast.ClassDef]:
+    tree = ast.parse(stub.read_text())
+    return {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+
+
+def _members(name: str, classes: dict[str, ast.ClassDef]) -> dict[str, list[list[str] | None]]:
+    """A stub class's members, its bases' included: ``{name: [parameter names per overload]}``.
+
+    Attributes and properties map to ``[None]``; a repaired ``(*args, **kwargs)`` signature to ``None``
+    too (any parameters pass).
+    """
+    out: dict[str, list[list[str] | None]] = {}
+    cls = classes.get(name)
+    if cls is None:
+        return out
+    for base in cls.bases:
+        if isinstance(base, ast.Name):
+            out.update(_members(base.id, classes))
+    for node in cls.body:
+        if isinstance(node, ast.FunctionDef):
+            is_property = any(isinstance(d, ast.Name) and d.id == "property" for d in node.decorator_list)
+            args = node.args
+            params = None if is_property or args.vararg else [a.arg for a in args.posonlyargs + args.args][1:]
+            out.setdefault(node.name, []).append(params)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            out.setdefault(node.target.id, []).append(None)
+        elif isinstance(node, ast.ClassDef):
+            out.setdefault(node.name, []).append(None)
+    return out
+
+
+def check_fake(stubs: Path, fake: Path = FAKE) -> list[str]:
+    """Names of the stand-in that TensorRT (as stubbed) does not have.
+
+    Args:
+        stubs: where ``tensorrt-stubs`` is installed.
+        fake: the stand-in module.
+
+    Returns:
+        One message per mismatch; empty when the stand-in matches.
+    """
+    classes = _stub_classes(stubs / "tensorrt_bindings" / "tensorrt.pyi")
+    problems = []
+    for node in ast.parse(fake.read_text()).body:
+        if not isinstance(node, ast.ClassDef) or node.name.startswith("_") or node.name in FAKE_TORCH_CLASSES:
+            continue
+        if node.name not in classes:
+            problems.append(f"{fake.name}: class {node.name} is not a TensorRT class")
+            continue
+        members = _members(node.name, classes)
+        for item in node.body:
+            if isinstance(item, ast.FunctionDef) and not item.name.startswith("_"):
+                if item.name not in members:
+                    problems.append(f"{fake.name}: {node.name}.{item.name} is not in TensorRT")
+                    continue
+                params = [a.arg for a in item.args.posonlyargs + item.args.args][1:]
+                is_property = any(isinstance(d, ast.Name) and d.id == "property" for d in item.decorator_list)
+                if not is_property and None not in members[item.name] and params not in members[item.name]:
+                    problems.append(f"{fake.name}: {node.name}.{item.name}({', '.join(params)}) differs from TensorRT's "
+                                    f"{' | '.join('(' + ', '.join(p or []) + ')' for p in members[item.name])}")
+            elif isinstance(item, ast.Assign):
+                names = [t.id for target in item.targets
+                         for t in (target.elts if isinstance(target, ast.Tuple) else [target]) if isinstance(t, ast.Name)]
+                problems += [f"{fake.name}: {node.name}.{n} is not in TensorRT" for n in names
+                             if n.isupper() and n not in members]
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns mypy's exit status."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -98,7 +178,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"typecheck: repaired unparsable stub signature {pyi.relative_to(stubs)} {entry}")
     env = dict(os.environ, MYPYPATH=str(stubs))
     cmd = [sys.executable, "-m", "mypy", *mypy_args, *TARGETS]
-    return subprocess.run(cmd, cwd=ROOT, env=env).returncode
+    status = subprocess.run(cmd, cwd=ROOT, env=env).returncode
+    problems = check_fake(stubs)
+    for problem in problems:
+        print(f"typecheck: {problem}")
+    print(f"typecheck: {FAKE.relative_to(ROOT)}: " + (f"{len(problems)} name(s) TensorRT does not have" if problems
+                                                      else "every class, method and enum member is TensorRT's"))
+    return status or int(bool(problems))
 
 
 if __name__ == "__main__":

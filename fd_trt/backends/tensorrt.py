@@ -642,17 +642,17 @@ class _Engine:
 
     role: str
     path: Path
-    engine: trt.ICudaEngine
-    context: trt.IExecutionContext
+    engine: trt.ICudaEngine = field(repr=False)  # deleted on deactivation: repr must not read it
+    context: trt.IExecutionContext = field(repr=False)
     user_managed: bool  # whether the context waits for scratch memory from us
     inputs: list[str]
     outputs: list[str]
     tails: dict[str, tuple[int, ...]]
     min_rows: int
     max_rows: int
-    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     rows: int = 0  # the rows the context's input shapes are set for
-    graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)
+    graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict, repr=False)
 
 
 class TrtRunner(Runner):
@@ -907,14 +907,18 @@ class TrtRunner(Runner):
         self.synchronize()
 
     # execution -----------------------------------------------------------------------------
-    def _set_rows(self, e: _Engine, rows: int) -> None:
-        if e.rows == rows:
-            return
+    @staticmethod
+    def _check_profile(e: _Engine, rows: int) -> None:
         if not e.min_rows <= rows <= e.max_rows:
             raise InputError(
                 f"{rows} rows are outside the {e.role} plan's profile ({e.min_rows}..{e.max_rows}): rebuild with a larger "
                 "--batch / --max-segment-steps, or pass max_decoder_rows"
             )
+
+    def _set_rows(self, e: _Engine, rows: int) -> None:
+        if e.rows == rows:
+            return
+        self._check_profile(e, rows)
         for n in e.inputs:
             if not e.context.set_input_shape(n, (rows, *e.tails[n])):
                 raise FdTrtError(f"TensorRT refused shape {(rows, *e.tails[n])} for {n!r} of {e.path}")
@@ -986,6 +990,7 @@ class TrtRunner(Runner):
         enc = self._enc
         assert enc is not None
         rows = self._check_rows("encoder", sample=sample, timestep=timestep, text=text)
+        self._check_profile(enc, rows)  # before the buffers are written
         self._copy_in(enc, "sample", sample)
         self._copy_in(enc, "timestep", timestep.reshape(rows))
         self._copy_in(enc, "encoder_hidden_states", text)

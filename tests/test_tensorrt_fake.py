@@ -1,0 +1,250 @@
+"""The TensorRT backend's own logic on a CPU, with ``tests/fake_tensorrt.py`` in place of TensorRT.
+
+The stand-in runs each plan's ONNX graph with ONNX Runtime at the addresses and shapes the
+backend binds, and simulates asynchronous streams and CUDA graphs, so these tests check what
+fd_trt does with TensorRT: plan building and selection, the manifest, buffers, row slicing, step
+tiling, decoder chunking, shared scratch memory, stream ordering and CUDA-graph replay. The
+numbers are compared with the onnxruntime and torch backends. TensorRT's kernels are only
+checked on a GPU (``tests/test_tensorrt.py``, ``scripts/gpu_check.sh``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from fd_trt.backends.onnxruntime import OrtRunner
+from fd_trt.backends.tensorrt import TrtRunner, build_plans
+from fd_trt.engines import build_engines, load_manifest
+from fd_trt.errors import EngineMismatchError, InputError
+from fd_trt.pipeline import FasterDiffusionPipeline
+
+import fake_tensorrt
+from conftest import rel_l2
+
+PROMPT = "a red circle on the left"
+MAX_SEGMENT_STEPS = 4  # rows 2..8 for the decoder: a 20-step `paper` run needs chunked decoder calls
+
+
+@pytest.fixture
+def trt(monkeypatch):
+    return fake_tensorrt.install(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory, tiny_sd):
+    """ONNX graphs of the tiny model, fp32 and fp16, with a short decoder profile."""
+    root = tmp_path_factory.mktemp("fake_trt")
+    for precision in ("fp32", "fp16"):
+        build_engines(tiny_sd.unet, root / precision, latent_size=(8, 8), text_shape=(16, 32), precision=precision,
+                      max_segment_steps=MAX_SEGMENT_STEPS, progress=False)
+    return root
+
+
+def _inputs(rows: int = 2):
+    gen = torch.Generator().manual_seed(0)
+    sample = torch.randn(rows, 4, 8, 8, generator=gen)
+    text = torch.randn(rows, 16, 32, generator=gen)
+    return sample, torch.full((rows,), 900.0), text
+
+
+def _plans(folder):
+    return {p.role: p for p in load_manifest(folder).plans.values()}
+
+
+def test_plans_are_built_into_the_manifest_with_the_asked_settings(trt, graphs, tmp_path):
+    import shutil
+
+    folder = tmp_path / "e"
+    shutil.copytree(graphs / "fp16", folder)
+    first = build_plans(folder, builder_optimization_level=1, workspace_bytes=1 << 30, opt_segment_steps=3)
+    assert [(r.record.role, r.built) for r in first] == [("encoder", True), ("decoder", True)]
+    plans = _plans(folder)
+    assert plans["encoder"].rows == [1, 2, 2] and plans["decoder"].rows == [1, 6, 8]
+    assert plans["decoder"].file == "decoder.trt10.13.0.fake.sm90.rows1-6-8.plan"
+    assert plans["decoder"].tensorrt_version == "10.13.0.fake" and plans["decoder"].compute_capability == [9, 0]
+    header = fake_tensorrt.plan_header(folder / plans["decoder"].file)
+    assert header["strongly_typed"] and header["level"] == 1
+    assert [shape[0] for shape in header["profile"]["mid"]] == [1, 6, 8]
+    dtypes = {name: dtype for name, _, dtype in header["inputs"]}
+    assert dtypes["mid"] == "HALF"  # the fp16 graph's own types decide the plan's precision
+    flags, config = fake_tensorrt.Builder.builds[-1]
+    assert config.pool_limits == {fake_tensorrt.MemoryPoolType.WORKSPACE: 1 << 30}
+    assert not config.flags  # strongly typed: no FP16 builder flag
+    cache = folder / "timing.trt10.13.0.fake.sm90.cache"
+    assert cache.read_bytes().endswith(b"2")  # the second build read the first one's timing cache
+    # A second call keeps both plans; another opt shape builds a new decoder plan beside the first.
+    again = build_plans(folder, builder_optimization_level=1, opt_segment_steps=3)
+    assert [r.built for r in again] == [False, False]
+    other = build_plans(folder, opt_segment_steps=4, roles=("decoder",))
+    assert other[0].built and other[0].record.rows == [1, 8, 8]
+    assert len(load_manifest(folder).plans) == 3
+
+
+@pytest.mark.parametrize("precision, tol", [("fp32", 1e-5), ("fp16", 2e-3)])
+def test_runner_matches_onnxruntime_on_every_call_shape(trt, graphs, precision, tol):
+    folder = graphs / precision
+    sample, t, text = _inputs()
+    with OrtRunner(folder) as ort, TrtRunner(folder, opt_segment_steps=2) as runner:
+        ref_feats, feats = ort.encode(sample, t, text), runner.encode(sample, t, text)
+        assert len(feats.skips) == len(ref_feats.skips)
+        for a, b in zip(feats.tensors(), ref_feats.tensors()):
+            assert rel_l2(a, b) < tol
+        # 1 step, a full profile (4 steps = 8 rows), and 7 steps: two calls of 4 and 3 steps.
+        for steps in ([800.0], [700.0, 600.0, 500.0, 400.0], [350.0, 300.0, 250.0, 200.0, 150.0, 100.0, 50.0]):
+            ts = torch.tensor(steps)
+            out, ref = runner.decode(feats, ts, text), ort.decode(ref_feats, ts, text)
+            assert out.dtype == torch.float32 and out.shape == (2 * len(steps), 4, 8, 8)
+            assert rel_l2(out, ref) < tol, steps
+        dec = runner._dec
+        assert dec is not None and dec.max_rows == 2 * MAX_SEGMENT_STEPS
+        assert dec.context.runs == 1 + 1 + 1 + 2  # warm-up, 1 step, 4 steps, 7 steps in two calls
+    # The features a caller holds survive the next encode (the runner copies them out of its buffers).
+    with TrtRunner(folder) as runner:
+        first = runner.encode(sample, t, text)
+        kept = first.mid.clone()
+        runner.encode(sample * 2, t, text)
+        assert torch.equal(first.mid, kept)
+
+
+def test_both_contexts_share_one_scratch_allocation(trt, graphs):
+    with TrtRunner(graphs / "fp32") as runner:
+        enc, dec = runner._enc, runner._dec
+        assert enc is not None and dec is not None and runner._scratch is not None
+        assert enc.user_managed and dec.user_managed
+        assert enc.context.device_memory is not None and dec.context.device_memory is not None
+        assert enc.context.device_memory[0] == dec.context.device_memory[0] == runner._scratch.data_ptr()
+        need = max(enc.engine.device_memory_size_v2, dec.engine.device_memory_size_v2)
+        assert runner._scratch.numel() >= need
+    with TrtRunner(graphs / "fp32", share_memory=False) as runner:
+        assert runner._scratch is None and runner._dec is not None and not runner._dec.user_managed
+        sample, t, text = _inputs()
+        assert torch.isfinite(runner.decode(runner.encode(sample, t, text), torch.tensor([500.0]), text)).all()
+
+
+def test_cuda_graph_replay_equals_a_plain_run(trt, graphs):
+    sample, t, text = _inputs()
+    calls = ([800.0], [700.0, 600.0, 500.0], [400.0], [300.0, 200.0, 100.0])
+    results = []
+    for cuda_graphs in (False, True):
+        with TrtRunner(graphs / "fp32", cuda_graphs=cuda_graphs) as runner:
+            feats = runner.encode(sample, t, text)
+            outs = [runner.decode(feats, torch.tensor(s), text) for s in calls]
+            feats2 = runner.encode(sample * 0.5, t * 0.5, text)  # a replayed encoder reads the new inputs
+            outs.append(runner.decode(feats2, torch.tensor([450.0]), text))
+            if cuda_graphs:
+                assert runner._dec is not None and runner._enc is not None
+                assert sorted(runner._dec.graphs) == [2, 6]  # one graph per decoder row count
+                assert sorted(runner._enc.graphs) == [2]
+                assert runner._dec.graphs[2].replays == 4 and runner._dec.graphs[6].replays == 2  # warm-up included
+            results.append((feats, feats2, outs))
+    for a, b in zip(results[0], results[1]):
+        if isinstance(a, list):
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, rtol=0, atol=0)
+        else:
+            for x, y in zip(a.tensors(), b.tensors()):
+                torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_the_stand_in_catches_a_missing_stream_wait(trt, graphs, monkeypatch):
+    """The fake's streams have teeth: without the caller's wait, decode returns stale outputs."""
+    sample, t, text = _inputs()
+    with TrtRunner(graphs / "fp32") as runner:
+        feats = runner.encode(sample, t, text)
+        good = [runner.decode(feats, torch.tensor([s]), text) for s in (800.0, 100.0)]
+
+        def no_wait(e, rows):
+            runner._set_rows(e, rows)
+            with torch.cuda.stream(runner._stream):
+                runner._enqueue(e, runner._stream)
+
+        monkeypatch.setattr(runner, "_execute", no_wait)
+        stale = runner.decode(feats, torch.tensor([800.0]), text)
+    assert torch.equal(stale, good[1]) and not torch.equal(stale, good[0])
+
+
+def test_rows_outside_the_profiles_are_refused(trt, graphs):
+    sample, t, text = _inputs(rows=4)
+    with TrtRunner(graphs / "fp32") as runner:
+        with pytest.raises(InputError, match=r"4 rows are outside the encoder plan's profile \(1\.\.2\)"):
+            runner.encode(sample, t, text)
+        with pytest.raises(InputError, match=r"sample has shape \(2, 4, 4, 4\)"):
+            runner.encode(torch.zeros(2, 4, 4, 4), t[:2], text[:2])
+
+
+@pytest.mark.parametrize("schedule", ["paper", "all"])
+def test_pipeline_matches_onnxruntime_and_torch(trt, graphs, tiny_sd, fd_pipe, latents, schedule):
+    common = dict(num_inference_steps=20, latents=latents, output_type="latent", schedule=schedule)
+    ort = FasterDiffusionPipeline.from_diffusers(tiny_sd, backend="onnxruntime", device="cpu", progress=False,
+                                                 engines=graphs / "fp32")
+    pipe = FasterDiffusionPipeline.from_diffusers(tiny_sd, backend="tensorrt", device="cpu", precision="fp32",
+                                                  progress=False, engines=graphs / "fp32")
+    out = pipe(PROMPT, **common)
+    ref = ort(PROMPT, **common)
+    assert out.stats.backend == "tensorrt" and not out.stats.nonfinite
+    assert rel_l2(out.latents, ref.latents) < 1e-5
+    assert rel_l2(out.latents, fd_pipe(PROMPT, **common).latents) < 1e-4
+    if schedule == "paper":
+        assert out.stats.decoder_rows == 40  # 20 steps x 2 CFG rows, decoded in calls of at most 8 rows
+    pipe.close()
+    ort.close()
+
+
+def test_fp16_pipeline_is_close_to_the_fp32_torch_reference(trt, graphs, tiny_sd, fd_pipe, latents):
+    common = dict(num_inference_steps=20, latents=latents, output_type="latent", schedule="paper")
+    pipe = FasterDiffusionPipeline.from_diffusers(tiny_sd, backend="tensorrt", device="cpu", progress=False,
+                                                  engines=graphs / "fp16")
+    assert pipe.precision == "fp16"
+    out = pipe(PROMPT, **common)
+    assert rel_l2(out.latents, fd_pipe(PROMPT, **common).latents) < 2e-2
+    pipe.close()
+
+
+def test_foreign_plans_are_refused_or_rebuilt(trt, graphs, tmp_path, caplog):
+    import shutil
+
+    from fd_trt.engines import save_manifest
+
+    folder = tmp_path / "e"
+    shutil.copytree(graphs / "fp32", folder)
+    build_plans(folder)
+    manifest = load_manifest(folder)
+    foreign = {}
+    for rec in manifest.plans.values():  # make them plans an A40 built
+        name = rec.file.replace(".sm90.", ".sm86.")
+        (folder / rec.file).rename(folder / name)
+        rec.file, rec.compute_capability, rec.gpu_name = name, [8, 6], "NVIDIA A40"
+        foreign[name] = rec
+    manifest.plans = foreign
+    save_manifest(folder, manifest)
+    with pytest.raises(EngineMismatchError, match=r"compute capability 8\.6 \(NVIDIA A40\), but this GPU has 9\.0"):
+        TrtRunner(folder, build=False).activate()
+    with caplog.at_level(logging.WARNING, logger="fd_trt.backends.tensorrt"):
+        with TrtRunner(folder) as runner:
+            assert runner.plans["decoder"].compute_capability == [9, 0]
+    assert any("other GPUs" in r.message for r in caplog.records)
+    after = load_manifest(folder).plans
+    assert set(foreign) <= set(after)  # the A40 plans stay, for the machines they fit
+    assert {tuple(r.compute_capability) for r in after.values()} == {(8, 6), (9, 0)}
+    # A plan file that does not match its record is refused, never run.
+    plan = folder / _plans(folder)["decoder"].file
+    plan.write_bytes(plan.read_bytes()[:-10])
+    with pytest.raises(EngineMismatchError, match="does not match the manifest"):
+        TrtRunner(folder, build=False).activate()
+
+
+def test_cli_build_makes_plans_and_generate_runs_them(trt, tmp_path, capsys):
+    from fd_trt.cli import main
+
+    out = tmp_path / "eng"
+    assert main(["build", "--backend", "tensorrt", "--precision", "fp32", "--out", str(out), "--quiet",
+                 "--max-segment-steps", "4", "--height", "64", "--width", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "decoder plan: decoder.trt10.13.0.fake.sm90.rows1-8-8.plan" in printed, printed
+    assert main(["generate", PROMPT, "--backend", "tensorrt", "--precision", "fp32", "--engines", str(out),
+                 "--device", "cpu", "--steps", "8", "--height", "64", "--width", "64", "--out", str(tmp_path / "x.png"),
+                 "--quiet"]) == 0
+    assert (tmp_path / "x.png").is_file()
