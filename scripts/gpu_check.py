@@ -14,8 +14,9 @@
 The table comes last; ``$OUT/gpu_check.json`` holds everything when ``OUT`` is set. A global
 deadline (``--budget-s``, default 450 s) skips what would not fit, saying so, so that one call
 stays under 8 minutes on one H100/H200. Without a CUDA GPU it prints why it skips and exits 0.
-Exit status: 1 when a GPU test or the accuracy check fails, else 0 (speed targets are reported,
-not enforced).
+Exit status: 2 when a package the checks need does not import (it says which, and that
+``scripts/gpu_wheels.sh`` makes the wheels to carry); 1 when a GPU test or the accuracy check
+fails; else 0 (speed targets are reported, not enforced).
 """
 
 from __future__ import annotations
@@ -64,6 +65,29 @@ def write_json(report: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, default=str))
     log(f"wrote {path}")
+
+
+#: What the checks import, and the package that provides it.
+NEEDED = {"diffusers": "diffusers", "transformers": "transformers", "onnx": "onnx", "onnxruntime": "onnxruntime",
+          "onnx_graphsurgeon": "onnx-graphsurgeon", "polygraphy": "polygraphy", "pytest": "pytest"}
+
+
+def missing_packages() -> list[str]:
+    """The packages of :data:`NEEDED` that do not import here, as ``"name (error)"``."""
+    import importlib
+
+    missing = []
+    for module, package in NEEDED.items():
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # ImportError, or a broken install
+            missing.append(f"{package} ({type(exc).__name__}: {exc})")
+    if not missing:
+        try:
+            import fd_trt.pipeline  # noqa: F401 - the whole package imports with what is installed
+        except Exception as exc:
+            missing.append(f"fd_trt ({type(exc).__name__}: {exc})")
+    return missing
 
 
 def run_gpu_tests(timeout_s: float) -> dict[str, Any]:
@@ -247,6 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     report: dict[str, Any] = {"torch": torch.__version__, "torch_cuda": torch.version.cuda}
+    missing = missing_packages()
+    if missing:  # before the GPU is used: on a lent machine, a missing package must not cost a run
+        reason = (f"cannot import {'; '.join(missing)}. On a machine without a package registry, run "
+                  "bash scripts/gpu_wheels.sh where pip works and carry .whl/ along; elsewhere pip install -e '.[test]'")
+        log(f"FAILED: {reason}")
+        report.update(skipped=True, ok=False, reason=reason)
+        write_json(report)
+        return 2
     if not torch.cuda.is_available():
         reason = (f"no CUDA GPU visible to torch {torch.__version__} (torch.version.cuda={torch.version.cuda}): "
                   "skipping the GPU tests, the fp16-vs-fp32 comparison and the SD1.5 timings")

@@ -9,7 +9,8 @@
 #    without and with CUDA graphs, and on TensorRT when it is importable (CUDA-event medians
 #    after warm-up, peak GPU memory).
 # The table is printed last; $OUT/gpu_check.json is written when OUT is set. Without a CUDA GPU it
-# says why it skips and exits 0. Uses $PYTHON, else .venv/bin/python, else python3.
+# says why it skips and exits 0. Uses $PYTHON, else .venv/bin/python, else python3. On a machine
+# without diffusers, onnx-graphsurgeon or polygraphy, carry the wheels of scripts/gpu_wheels.sh in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-}"
@@ -17,4 +18,13 @@ if [ -z "$PY" ]; then
     if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1
+# Wheels carried to a machine that cannot download (scripts/gpu_wheels.sh makes them): install them
+# into a scratch folder that comes first on the path, leaving the image's packages untouched.
+if compgen -G ".whl/*.whl" >/dev/null; then
+    SITE="${TMPDIR:-/tmp}/fd_trt_gpu_site"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+        || { echo "gpu_check: installing the wheels in .whl/ failed" >&2; exit 2; }
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    echo "gpu_check: installed $(ls .whl/*.whl | wc -l) carried wheel(s) from .whl/ into $SITE"
+fi
 exec "$PY" scripts/gpu_check.py "$@"

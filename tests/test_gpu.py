@@ -56,6 +56,22 @@ def test_gpu_check_skips_cleanly_without_a_gpu(tmp_path):
     assert report["skipped"] is True and "no CUDA GPU" in report["reason"]
 
 
+def test_gpu_check_names_a_missing_package_before_using_the_gpu(tmp_path):
+    """On a lent GPU machine without onnxruntime (say), the script stops at once and says how to carry it."""
+    shadow = tmp_path / "shadow" / "onnxruntime"  # not among the wheels gpu_wheels.sh fetches, which would win
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('No module named onnxruntime (shadowed by the test)')\n")
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=os.environ.get("PYTHON", __import__("sys").executable),
+               PYTHONPATH=str(shadow.parent))
+    res = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "gpu_check: FAILED: cannot import onnxruntime (ImportError" in res.stdout
+    assert "bash scripts/gpu_wheels.sh" in res.stdout
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert report["ok"] is False and "onnxruntime" in report["reason"]
+
+
 def _run(device: str, precision: str, latents: torch.Tensor, schedule: str = "paper", steps: int = 50, **options) -> torch.Tensor:
     pipe = FasterDiffusionPipeline.from_diffusers(tiny_sd_pipeline(seed=0), backend="torch", device=device,
                                                   precision=precision, progress=False, runner_options=options)
