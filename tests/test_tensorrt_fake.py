@@ -180,10 +180,18 @@ def test_the_stand_in_catches_a_missing_stream_wait(trt, graphs, monkeypatch):
 def test_rows_outside_the_profiles_are_refused(trt, graphs):
     sample, t, text = _inputs(rows=4)
     with TrtRunner(graphs / "fp32") as runner:
-        with pytest.raises(InputError, match=r"4 rows are outside the encoder plan's profile \(1\.\.2\)"):
+        with pytest.raises(InputError, match=r"4 rows are outside the encoder plan's profile \(1\.\.2\): .* --batch 2"):
             runner.encode(sample, t, text)
         with pytest.raises(InputError, match=r"sample has shape \(2, 4, 4, 4\)"):
             runner.encode(torch.zeros(2, 4, 4, 4), t[:2], text[:2])
+
+
+def test_more_images_than_the_plans_take_get_a_rebuild_hint(trt, graphs, tiny_sd):
+    pipe = FasterDiffusionPipeline.from_diffusers(tiny_sd, backend="tensorrt", device="cpu", precision="fp32",
+                                                  progress=False, engines=graphs / "fp32")
+    with pytest.raises(InputError, match=r"6 rows are outside the encoder plan's profile \(1\.\.2\).* --batch 3"):
+        pipe(PROMPT, num_images_per_prompt=3, num_inference_steps=4, output_type="latent")
+    pipe.close()
 
 
 @pytest.mark.parametrize("schedule", ["paper", "all"])

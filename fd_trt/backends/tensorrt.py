@@ -910,9 +910,11 @@ class TrtRunner(Runner):
     @staticmethod
     def _check_profile(e: _Engine, rows: int) -> None:
         if not e.min_rows <= rows <= e.max_rows:
+            fix = (f"--batch {-(-rows // 2)} (images per call; rows are 2 per image with CFG)" if e.role == "encoder"
+                   else "a larger --batch or --max-segment-steps")
             raise InputError(
-                f"{rows} rows are outside the {e.role} plan's profile ({e.min_rows}..{e.max_rows}): rebuild with a larger "
-                "--batch / --max-segment-steps, or pass max_decoder_rows"
+                f"{rows} rows are outside the {e.role} plan's profile ({e.min_rows}..{e.max_rows}): rebuild the engine "
+                f"directory with fd-trt build --backend tensorrt {fix}"
             )
 
     def _set_rows(self, e: _Engine, rows: int) -> None:
