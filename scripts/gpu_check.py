@@ -6,9 +6,10 @@
    final latents, DDIM-50, schedules ``all`` and ``paper``);
 3. an SD1.5-shaped UNet with random weights (:func:`fd_trt.models.sd15_arch_pipeline`) at
    512x512, DDIM-50, CFG 7.5, fp16: schedules ``all`` and ``paper`` on torch CUDA without and
-   with CUDA graphs, and on TensorRT when it is importable. Times are CUDA-event times of the
-   whole sampling call (text encoder, UNet loop, scheduler; no VAE) and the UNet loop alone
-   (the sampler's encoder + decoder seconds), the median of ``--repeat`` runs after
+   with CUDA graphs and with ``channels_last``, and on TensorRT when it is importable. Times
+   are CUDA-event times of the whole sampling call (text encoder, UNet loop, scheduler; no
+   VAE) and the UNet loop alone (the sampler's encoder + decoder seconds), the median of
+   ``--repeat`` runs after
    ``--warmup`` runs, with the peak GPU memory of each configuration.
 
 The table comes last; ``$OUT/gpu_check.json`` holds everything when ``OUT`` is set. A global
@@ -197,12 +198,14 @@ def sd15_timings(args: argparse.Namespace, deadline: Deadline, trt_problem: str 
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
 
-    def torch_pipe(graphs: bool) -> Callable[[], Any]:
+    def torch_pipe(**options: bool) -> Callable[[], Any]:
         return lambda: FasterDiffusionPipeline.from_diffusers(
-            sd, backend="torch", device="cuda", precision="fp16", progress=False, runner_options={"cuda_graphs": graphs}
+            sd, backend="torch", device="cuda", precision="fp16", progress=False, runner_options=options
         )
 
-    for label, make in (("torch fp16", torch_pipe(False)), ("torch fp16 + CUDA graphs", torch_pipe(True))):
+    # channels_last is timed to see whether it helps on this GPU (the torch backend's option).
+    for label, make in (("torch fp16", torch_pipe()), ("torch fp16 + CUDA graphs", torch_pipe(cuda_graphs=True)),
+                        ("torch fp16 channels_last", torch_pipe(channels_last=True))):
         if deadline.left() < 60:
             notes.append(f"{label}: skipped, out of time")
             continue

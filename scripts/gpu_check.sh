@@ -6,7 +6,7 @@
 # 1. the GPU tests (pytest -m gpu tests/test_gpu.py tests/test_tensorrt.py);
 # 2. fp16 CUDA pipeline vs the fp32 CPU reference on the tiny model;
 # 3. SD1.5-shaped random UNet, 512x512, DDIM-50, CFG, fp16: schedules all vs paper on torch CUDA
-#    without and with CUDA graphs, and on TensorRT when it is importable (CUDA-event medians
+#    without and with CUDA graphs, with channels_last, and on TensorRT when it is importable (CUDA-event medians
 #    after warm-up, peak GPU memory).
 # The table is printed last; $OUT/gpu_check.json is written when OUT is set. Without a CUDA GPU it
 # says why it skips and exits 0. Uses $PYTHON, else .venv/bin/python, else python3. On a machine
