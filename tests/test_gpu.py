@@ -56,6 +56,62 @@ def test_gpu_check_skips_cleanly_without_a_gpu(tmp_path):
     assert report["skipped"] is True and "no CUDA GPU" in report["reason"]
 
 
+def _gpu_check_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _HostEvent:
+    """torch.cuda.Event on a host clock, for timing a CPU run through gpu_check's code."""
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        self.t = 0.0
+
+    def record(self) -> None:
+        import time
+
+        self.t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end: "_HostEvent") -> float:
+        return (end.t - self.t) * 1000.0
+
+
+def test_gpu_check_timing_flow_on_cpu(monkeypatch, tiny_sd):
+    """gpu_check's timing, speedup, target and table code, run on the tiny model with host timers."""
+    gc = _gpu_check_module()
+    for name, value in {"Event": _HostEvent, "empty_cache": lambda: None, "reset_peak_memory_stats": lambda: None,
+                        "synchronize": lambda *a: None, "max_memory_allocated": lambda *a: 3 * 2**30}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+
+    def make():
+        return FasterDiffusionPipeline.from_diffusers(tiny_sd, backend="torch", device="cpu", progress=False)
+
+    rows = gc.time_config(make, ["all", "paper"], repeat=3, warmup=1, deadline=gc.Deadline(300), label="torch fp32",
+                          size=64, steps=20, device="cpu")
+    assert [(r["config"], r["schedule"], r["runs"]) for r in rows] == [("torch fp32", "all", 3), ("torch fp32", "paper", 3)]
+    assert all(r["total_s"] >= r["unet_loop_s"] > 0 and r["peak_mem_gib"] == 3.0 for r in rows)
+    gc.add_speedups(rows)
+    assert rows[0]["speedup_vs_all"] == 1.0
+    assert rows[1]["speedup_vs_all"] == pytest.approx(rows[0]["unet_loop_s"] / rows[1]["unet_loop_s"])
+    targets = gc.check_targets(rows + [{"config": "tensorrt", "schedule": "paper", "unet_loop_s": 0.3, "speedup_vs_all": 1.7}])
+    assert targets["tensorrt: paper >= 1.6x all"] and targets["tensorrt: paper UNet loop < 0.35 s"]
+    assert targets["torch fp32: paper >= 1.6x all"] == (rows[1]["speedup_vs_all"] >= 1.6)
+    lines = gc.table({"sd15": {"rows": rows}}).splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| torch fp32 | all |")
+    assert lines[3].split("|")[5].strip() == f"{rows[1]['speedup_vs_all']:.2f}x"
+    # Out of time: a schedule is skipped rather than run past the deadline.
+    assert gc.time_config(make, ["all"], repeat=3, warmup=1, deadline=gc.Deadline(0), label="late", size=64, steps=4,
+                          device="cpu") == []
+
+
 def test_gpu_check_names_a_missing_package_before_using_the_gpu(tmp_path):
     """On a lent GPU machine without onnxruntime (say), the script stops at once and says how to carry it."""
     shadow = tmp_path / "shadow" / "onnxruntime"  # not among the wheels gpu_wheels.sh fetches, which would win
