@@ -281,6 +281,8 @@ class ICudaEngine:
         opts.intra_op_num_threads = 1
         self.session = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
         self.contexts: list[IExecutionContext] = []
+        #: False makes execute_async_v3 fail during a CUDA-graph capture, as plans TensorRT cannot capture do.
+        self._capturable = True
 
     @property
     def num_io_tensors(self) -> int:
@@ -371,9 +373,14 @@ class IExecutionContext:
         if stream_handle == 0:
             log.error("execute_async_v3 on the default stream (fd_trt runs on its own stream)")
             return False
+        stream = _STREAMS[stream_handle]
+        if stream.capture is not None and not self.engine._capturable:
+            log.error("execute_async_v3: this engine cannot be captured into a CUDA graph")
+            stream.capture.failed = True
+            return False
         # What a CUDA graph freezes: the shapes and addresses of this moment.
         job = _Job(self, dict(self.shapes), dict(self.addresses), self._output_shapes(), self.device_memory)
-        _STREAMS[stream_handle].submit(job)
+        stream.submit(job)
         return True
 
 
@@ -442,8 +449,10 @@ class FakeCUDAGraph:
     def __init__(self) -> None:
         self.jobs: list[_Job] = []
         self.replays = 0
+        self.failed = False  # an invalidated capture cannot be replayed
 
     def replay(self) -> None:
+        assert not self.failed, "replay of a graph whose capture failed"
         stream = _current[-1]
         for job in self.jobs:
             stream.pending.append(job)
@@ -481,6 +490,8 @@ def graph_context(cuda_graph: FakeCUDAGraph, pool: Any = None, stream: FakeStrea
     finally:
         _current.pop()
         stream.capture = None
+    if cuda_graph.failed:  # as torch's capture_end does on an invalidated capture
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
 
 
 def install(monkeypatch: Any) -> Any:

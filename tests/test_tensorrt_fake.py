@@ -160,6 +160,23 @@ def test_cuda_graph_replay_equals_a_plain_run(trt, graphs):
                 torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
+def test_a_plan_that_cannot_be_captured_runs_with_plain_launches(trt, graphs, caplog):
+    sample, t, text = _inputs()
+    with TrtRunner(graphs / "fp32") as plain:
+        feats = plain.encode(sample, t, text)
+        ref = plain.decode(feats, torch.tensor([800.0, 700.0]), text)
+    with TrtRunner(graphs / "fp32", cuda_graphs=True, warmup=False) as runner:
+        assert runner._dec is not None
+        runner._dec.engine._capturable = False
+        with caplog.at_level(logging.WARNING, logger="fd_trt.backends.tensorrt"):
+            feats = runner.encode(sample, t, text)
+            outs = [runner.decode(feats, torch.tensor([800.0, 700.0]), text) for _ in range(2)]
+        assert runner._dec.graphs == {4: None} and runner._enc is not None and list(runner._enc.graphs) == [2]
+    assert sum("cannot be captured" in r.message for r in caplog.records if r.name == "fd_trt.backends.tensorrt") == 1
+    for out in outs:
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
 def test_the_stand_in_catches_a_missing_stream_wait(trt, graphs, monkeypatch):
     """The fake's streams have teeth: without the caller's wait, decode returns stale outputs."""
     sample, t, text = _inputs()

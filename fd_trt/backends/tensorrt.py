@@ -652,7 +652,8 @@ class _Engine:
     max_rows: int
     buffers: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     rows: int = 0  # the rows the context's input shapes are set for
-    graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict, repr=False)
+    # One captured graph per row count; None where TensorRT refused the capture (plain launches then).
+    graphs: dict[int, torch.cuda.CUDAGraph | None] = field(default_factory=dict, repr=False)
 
 
 class TrtRunner(Runner):
@@ -938,23 +939,34 @@ class TrtRunner(Runner):
         caller = torch.cuda.current_stream(self.device)
         stream.wait_stream(caller)  # the inputs were written on the caller's stream
         with torch.cuda.stream(stream):
-            if self.cuda_graphs:
-                graph = e.graphs.get(rows)
-                if graph is None:
-                    graph = self._capture(e, rows, stream)
+            if self.cuda_graphs and rows not in e.graphs:
+                e.graphs[rows] = self._capture(e, rows, stream)
+            graph = e.graphs.get(rows) if self.cuda_graphs else None
+            if graph is not None:
                 graph.replay()
             else:
                 self._enqueue(e, stream)
         caller.wait_stream(stream)  # the outputs are read on the caller's stream
 
-    def _capture(self, e: _Engine, rows: int, stream: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
+    def _capture(self, e: _Engine, rows: int, stream: torch.cuda.Stream) -> torch.cuda.CUDAGraph | None:
+        """A CUDA graph of one plan at ``rows`` rows, or ``None`` when TensorRT cannot be captured.
+
+        Some plans hold work that a capture cannot record (weight streaming, some plugins); then
+        ``execute_async_v3`` fails inside the capture. Such a plan runs with plain launches at that
+        row count, with one warning, as trtexec does.
+        """
         # A plain run first: TensorRT finishes its per-shape setup, which a capture cannot record.
         self._enqueue(e, stream)
         stream.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool, stream=stream, capture_error_mode="thread_local"):
-            self._enqueue(e, stream)
-        e.graphs[rows] = graph
+        try:
+            with torch.cuda.graph(graph, pool=self._graph_pool, stream=stream, capture_error_mode="thread_local"):
+                self._enqueue(e, stream)
+        except (FdTrtError, RuntimeError) as exc:
+            stream.synchronize()
+            logger.warning("%s cannot be captured into a CUDA graph at %d rows (%s); it runs with plain launches there",
+                           e.path.name, rows, exc)
+            return None
         logger.debug("captured a CUDA graph of %s at %d rows", e.path.name, rows)
         return graph
 
