@@ -12,13 +12,14 @@ type-checks the backend against) and is strict where TensorRT is:
 * a "plan" is the ONNX graph plus its optimization profile; engines run it with ONNX Runtime on
   host memory read from, and written to, the addresses given with ``set_tensor_address``;
 * ``execute_async_v3`` fails (returns ``False``) when an input shape or a tensor address is not
-  set, a shape is outside the profile, or a user-managed context has no scratch memory; each run
+  set, a user-managed context has no scratch memory, or the stream is the default one; each run
   fills the scratch memory with NaN bytes, so scratch that overlaps a live buffer shows;
 * ``set_input_shape`` refuses shapes outside the profile; ``set_device_memory`` refuses a size
-  below ``device_memory_size_v2``;
+  below ``device_memory_size_v2``; the builder refuses inputs without a profile shape;
 * streams are asynchronous: work queued with ``execute_async_v3`` runs only when its stream is
   synchronized or another stream waits for it, so a missing ``wait_stream`` reads stale outputs;
-* a captured CUDA graph replays the shapes and addresses it was captured with.
+* a captured CUDA graph replays the shapes and addresses it was captured with; an engine marked
+  not capturable fails inside a capture, which then raises as torch's does.
 
 Use :func:`install` (with pytest's ``monkeypatch``) to put it in place of ``tensorrt`` and of
 the ``torch.cuda`` calls, with the runner's device being the CPU.
