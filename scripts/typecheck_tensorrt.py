@@ -101,6 +101,10 @@ def _stub_classes(stub: Path) -> dict[str, ast.ClassDef]:
     return {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
 
 
+def _is_property(node: ast.FunctionDef) -> bool:
+    return any(isinstance(d, ast.Name) and d.id == "property" for d in node.decorator_list)
+
+
 def _members(name: str, classes: dict[str, ast.ClassDef]) -> dict[str, list[list[str] | None]]:
     """A stub class's members, its bases' included: ``{name: [parameter names per overload]}``.
 
@@ -116,9 +120,8 @@ def _members(name: str, classes: dict[str, ast.ClassDef]) -> dict[str, list[list
             out.update(_members(base.id, classes))
     for node in cls.body:
         if isinstance(node, ast.FunctionDef):
-            is_property = any(isinstance(d, ast.Name) and d.id == "property" for d in node.decorator_list)
             args = node.args
-            params = None if is_property or args.vararg else [a.arg for a in args.posonlyargs + args.args][1:]
+            params = None if _is_property(node) or args.vararg else [a.arg for a in args.posonlyargs + args.args][1:]
             out.setdefault(node.name, []).append(params)
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             out.setdefault(node.target.id, []).append(None)
@@ -152,8 +155,7 @@ def check_fake(stubs: Path, fake: Path = FAKE) -> list[str]:
                     problems.append(f"{fake.name}: {node.name}.{item.name} is not in TensorRT")
                     continue
                 params = [a.arg for a in item.args.posonlyargs + item.args.args][1:]
-                is_property = any(isinstance(d, ast.Name) and d.id == "property" for d in item.decorator_list)
-                if not is_property and None not in members[item.name] and params not in members[item.name]:
+                if not _is_property(item) and None not in members[item.name] and params not in members[item.name]:
                     problems.append(f"{fake.name}: {node.name}.{item.name}({', '.join(params)}) differs from TensorRT's "
                                     f"{' | '.join('(' + ', '.join(p or []) + ')' for p in members[item.name])}")
             elif isinstance(item, ast.Assign):

@@ -120,13 +120,6 @@ class INetworkDefinition:
     def get_input(self, index: int) -> _Tensor:
         return self._inputs[index]
 
-    @property
-    def num_outputs(self) -> int:
-        return len(self._outputs)
-
-    def get_output(self, index: int) -> _Tensor:
-        return self._outputs[index]
-
 
 class OnnxParser:
     def __init__(self, network: INetworkDefinition, logger: Logger) -> None:
@@ -352,9 +345,6 @@ class IExecutionContext:
         if size < self.engine.device_memory_size_v2:
             raise ValueError(f"device memory of {size} bytes < the {self.engine.device_memory_size_v2} the engine needs")
         self.device_memory = (int(memory), int(size))
-
-    def get_tensor_shape(self, name: str) -> Dims:
-        return self._output_shapes()[name] if self.engine.get_tensor_mode(name) == TensorIOMode.OUTPUT else self.shapes[name]
 
     def _output_shapes(self) -> dict[str, Dims]:
         rows = {s[0] for s in self.shapes.values()}

@@ -941,7 +941,7 @@ class TrtRunner(Runner):
         with torch.cuda.stream(stream):
             if self.cuda_graphs and rows not in e.graphs:
                 e.graphs[rows] = self._capture(e, rows, stream)
-            graph = e.graphs.get(rows) if self.cuda_graphs else None
+            graph = e.graphs.get(rows)  # always None without cuda_graphs: nothing is captured then
             if graph is not None:
                 graph.replay()
             else:
