@@ -13,6 +13,7 @@ from .errors import (
     EngineMismatchError,
     FdTrtError,
     InputError,
+    NotPreparedError,
     ScheduleError,
     UnsupportedModelError,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "InputError",
     "KeySchedule",
     "NoiseInjection",
+    "NotPreparedError",
     "PAPER_KEY_STEPS",
     "PipelineStats",
     "ScheduleError",

@@ -57,8 +57,43 @@ RECORDED_PACKAGES = (*TOOLCHAIN_PACKAGES, "onnxruntime", "onnxruntime-gpu", "ten
 _HASH_CHUNK = 16 << 20
 
 
+def adapter_state(unet: nn.Module) -> list[list[Any]]:
+    """What decides the output of the UNet's PEFT adapter layers besides their tensors.
+
+    For every adapter layer (``peft``'s ``BaseTunerLayer``, which diffusers' ``load_lora_weights``
+    injects): its active adapters, their scales (``set_adapters(names, weights)``), the adapters
+    merged into the base weights, and whether adapters are disabled. None of this is in the
+    state dict, yet it changes what the layer computes.
+
+    Args:
+        unet: any torch module.
+
+    Returns:
+        ``[[module name, active, scales, merged, disabled], ...]`` in module order; empty without
+        adapters.
+    """
+    out: list[list[Any]] = []
+    for name, m in unet.named_modules():
+        scaling = getattr(m, "scaling", None)
+        if not isinstance(scaling, dict) or not hasattr(m, "active_adapters"):
+            continue
+        active = getattr(m, "active_adapters", [])
+        out.append([
+            name,
+            sorted(active) if isinstance(active, (list, tuple, set)) else [str(active)],
+            sorted((str(k), float(v)) for k, v in scaling.items()),
+            sorted(getattr(m, "merged_adapters", []) or []),
+            bool(getattr(m, "disable_adapters", False)),
+        ])
+    return out
+
+
 def unet_weights_sha256(unet: nn.Module) -> str:
-    """sha256 over the UNet's state dict: each tensor's name, dtype, shape and bytes, in name order.
+    """sha256 of the UNet's effective weights.
+
+    Covers the state dict (each tensor's name, dtype, shape and bytes, in name order; a fused
+    LoRA and unfused adapter tensors are in it) and :func:`adapter_state` (which adapters are
+    active, at which scales).
 
     Args:
         unet: any torch module.
@@ -73,7 +108,52 @@ def unet_weights_sha256(unet: nn.Module) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         # A byte view works for every dtype (bf16 included), unlike .numpy().
         h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    adapters = adapter_state(unet)
+    if adapters:  # so that a UNet without adapters keeps the digest it always had
+        h.update(json.dumps(adapters).encode())
     return h.hexdigest()
+
+
+#: Elements sampled per tensor by :func:`weights_fingerprint`.
+FINGERPRINT_SAMPLES = 8
+
+
+def weights_fingerprint(unet: nn.Module) -> bytes:
+    """A cheap digest that changes when the UNet's weights change; compared on every call.
+
+    It covers each parameter and buffer's identity, address, dtype, shape and autograd version
+    counter (so ``load_state_dict``, in-place updates and ``param.data = ...`` swaps show), plus
+    :data:`FINGERPRINT_SAMPLES` evenly spaced elements of each tensor (so in-place updates through
+    ``.data``, which bypass the version counter, show too, as PEFT's merge does), plus
+    :func:`adapter_state`. A change that touches none of the sampled elements of any tensor and
+    bumps no counter is missed; :meth:`FasterDiffusionPipeline.refresh_weights` covers that case
+    with the full hash.
+
+    Args:
+        unet: any torch module.
+
+    Returns:
+        A short digest.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    samples = []
+    meta = []
+    for name, t in (*unet.named_parameters(), *unet.named_buffers()):
+        try:
+            version = t._version
+        except RuntimeError:  # inference tensors keep no version counter
+            version = -1
+        meta.append(f"{name}|{id(t)}|{t.data_ptr()}|{version}|{t.dtype}|{tuple(t.shape)}")
+        flat = t.detach().reshape(-1)
+        n = flat.numel()
+        if n:
+            idx = torch.linspace(0, n - 1, min(n, FINGERPRINT_SAMPLES), device=flat.device).long()
+            samples.append(flat[idx].float())
+    h.update("\n".join(meta).encode())
+    if samples:
+        h.update(torch.cat(samples).cpu().numpy().tobytes())
+    h.update(json.dumps(adapter_state(unet)).encode())
+    return h.digest()
 
 
 def _jsonable(value: Any) -> Any:
@@ -449,6 +529,7 @@ def check_engine_dir(
     text_shape: tuple[int, int] | None = None,
     precision: str | None = None,
     full_hash: bool = False,
+    unet_sha256: str | None = None,
 ) -> Manifest:
     """Refuses an engine directory that was built for another model, shape, precision or toolchain.
 
@@ -459,6 +540,7 @@ def check_engine_dir(
         text_shape: ``(L, D)`` the caller will feed.
         precision: the precision the caller expects.
         full_hash: also hash the graph files (see :func:`check_graph_files`).
+        unet_sha256: the UNet's :func:`unet_weights_sha256`, when the caller already has it.
 
     Returns:
         The manifest.
@@ -472,7 +554,7 @@ def check_engine_dir(
     if unet is not None:
         if unet_config_dict(unet) != found.unet_config:
             problems += _diff(_with(found, unet_config=unet_config_dict(unet)), found, ["unet_config"])
-        digest = unet_weights_sha256(unet)
+        digest = unet_sha256 or unet_weights_sha256(unet)
         if digest != found.unet_sha256:
             problems += _diff(_with(found, unet_sha256=digest), found, ["unet_sha256"])
     if latent_size is not None and list(latent_size) != found.latent_shape[1:]:
@@ -763,4 +845,6 @@ __all__ = [
     "unet_config_dict",
     "unet_weights_sha256",
     "verify_graphs_parse",
+    "weights_fingerprint",
+    "adapter_state",
 ]

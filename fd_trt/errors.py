@@ -28,3 +28,7 @@ class BackendUnavailableError(FdTrtError, ImportError):
 
 class EngineMismatchError(FdTrtError):
     """A built graph or engine does not match the model or runtime it is asked to serve."""
+
+
+class NotPreparedError(InputError):
+    """A call needs graphs for a shape that were not prepared, and building on demand is off."""

@@ -8,13 +8,16 @@ runner. ``__call__`` takes the arguments of diffusers' ``StableDiffusionPipeline
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
 import math
 import os
+import threading
 import time
 import warnings
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -23,7 +26,7 @@ import torch
 
 from .backends import BACKENDS, default_backend, get_runner_class
 from .backends.base import Runner
-from .errors import InputError
+from .errors import EngineMismatchError, InputError, NotPreparedError
 from .models import load_diffusers_pipeline, make_scheduler
 from .sampler import SamplerStats, run_sampler
 from .schedule import KeySchedule, NoiseInjection, ScheduleSpec, parse_schedule
@@ -109,6 +112,25 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _pipeline_device(sd: Any) -> torch.device:
+    """Where a diffusers pipeline's UNet lives."""
+    try:
+        return next(sd.unet.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are the same one (``cuda`` and ``cuda:0`` are, when 0 is current)."""
+    if a.type != b.type:
+        return False
+    if a.type == "cuda":
+        ia = a.index if a.index is not None else torch.cuda.current_device()
+        ib = b.index if b.index is not None else torch.cuda.current_device()
+        return ia == ib
+    return True
+
+
 def engine_cache_root() -> Path:
     """Where graphs built on first use are kept: ``$FD_TRT_CACHE`` or ``~/.cache/fd_trt/engines``."""
     env = os.environ.get("FD_TRT_CACHE")
@@ -125,6 +147,15 @@ class FasterDiffusionPipeline:
         precision: the runner's precision, ``fp32``, ``fp16`` or ``bf16``.
         progress: show progress bars.
         source: a description of where the model came from, for messages.
+        engines: a built engine directory for graph backends (see :meth:`from_pretrained`).
+        runner_options: extra keyword arguments for the runner.
+        max_cached_runners: graph runners kept loaded, one per latent/text shape; the least
+            recently used is closed past this count.
+        build_on_demand: build or load graphs for a new shape on the first call that needs it.
+            With ``False`` (serving), only shapes readied by :meth:`prepare` run; any other
+            raises :class:`~fd_trt.errors.NotPreparedError`.
+        owns_pipeline: whether ``sd_pipeline`` belongs to this object, which may then move it to
+            ``device``. A wrapped pipeline (:meth:`from_diffusers`) is never moved or cast.
     """
 
     def __init__(
@@ -137,18 +168,38 @@ class FasterDiffusionPipeline:
         source: str = "diffusers pipeline",
         engines: str | os.PathLike[str] | None = None,
         runner_options: dict[str, Any] | None = None,
+        max_cached_runners: int = 4,
+        build_on_demand: bool = True,
+        owns_pipeline: bool = False,
     ) -> None:
         self.sd = sd_pipeline
         self.source = source
-        self.device = torch.device(device or default_device())
+        if isinstance(max_cached_runners, bool) or not isinstance(max_cached_runners, int) or max_cached_runners < 1:
+            raise InputError(f"max_cached_runners must be a positive integer, got {max_cached_runners!r}")
+        self.max_cached_runners = max_cached_runners
+        self.build_on_demand = bool(build_on_demand)
         self.progress = progress
         self.engines = Path(engines) if engines is not None else None
         self.runner_options = dict(runner_options or {})
-        self.sd.to(self.device)
-        self.sd.set_progress_bar_config(disable=True)
+        here = _pipeline_device(sd_pipeline)
+        if owns_pipeline:
+            self.device = torch.device(device or default_device())
+            self.sd.to(self.device)
+        else:
+            # The caller's pipeline stays where it is: moving it would change their object.
+            self.device = torch.device(device) if device is not None else here
+            if not _same_device(self.device, here):
+                raise InputError(
+                    f"the diffusers pipeline is on {here} but device={str(device)!r} was asked for: move it first "
+                    f"(sd_pipeline.to({str(device)!r})) or leave device unset; fd_trt does not move a pipeline it wraps"
+                )
         split_unet(self.sd.unet)  # fail early on an unsupported UNet
-        self._runners: dict[tuple[int, ...], Runner] = {}
+        self._runners: OrderedDict[tuple[int, ...], Runner] = OrderedDict()
+        self._in_use: dict[int, int] = {}
+        self._retired: dict[int, Runner] = {}
+        self._cache_lock = threading.RLock()
         self._unet_sha256: str | None = None
+        self._weights_fp: bytes | None = None
         # A runner that serves every shape (torch, or one passed in); None for per-shape graph runners.
         self._fixed_runner: Runner | None = None
         if isinstance(backend, Runner):
@@ -174,24 +225,50 @@ class FasterDiffusionPipeline:
         self._flops = _FlopCounter()
 
     def _runner_for(self, latent_hw: tuple[int, int], text_shape: tuple[int, int]) -> Runner:
-        """The runner for one latent size and text shape; builds or checks graphs on first use."""
+        """The runner for one latent size and text shape; builds or checks graphs on first use.
+
+        Raises:
+            NotPreparedError: for a new shape when ``build_on_demand`` is off.
+        """
         if self._fixed_runner is not None:
             return self._fixed_runner
         key = (*latent_hw, *text_shape)
-        if key in self._runners:
-            self.runner = self._runners[key]
-            return self.runner
-        from .engines import build_engines, check_engine_dir, unet_weights_sha256
+        with self._cache_lock:
+            if key in self._runners:
+                self._runners.move_to_end(key)
+                self.runner = self._runners[key]
+                return self.runner
+            if not self.build_on_demand:
+                f = self.vae_scale_factor
+                ready = ", ".join(f"{k[0] * f}x{k[1] * f}" for k in self._runners) or "none"
+                raise NotPreparedError(
+                    f"no {self.backend} graphs are loaded for {latent_hw[0] * f}x{latent_hw[1] * f} images "
+                    f"(latents {latent_hw[0]}x{latent_hw[1]}, text {text_shape[0]}x{text_shape[1]}) and building on "
+                    f"demand is off; sizes ready: {ready}. Prepare the size first (pipe.prepare(height, width), "
+                    "fd-trt serve --sizes HxW,...)"
+                )
+            runner = self._load_runner(latent_hw, text_shape)
+            self._runners[key] = runner
+            self.runner = runner
+            while len(self._runners) > self.max_cached_runners:
+                old_key, old = self._runners.popitem(last=False)
+                logger.info("closing the %s runner of latents %s (least recently used; max_cached_runners=%d)",
+                            self.backend, old_key[:2], self.max_cached_runners)
+                self._retire(old)
+            return runner
+
+    def _load_runner(self, latent_hw: tuple[int, int], text_shape: tuple[int, int]) -> Runner:
+        from .engines import build_engines, check_engine_dir
 
         unet = self.sd.unet
         if self.engines is not None:
-            check_engine_dir(self.engines, unet, latent_size=latent_hw, text_shape=text_shape, precision=self.precision)
+            check_engine_dir(self.engines, unet, latent_size=latent_hw, text_shape=text_shape, precision=self.precision,
+                             unet_sha256=self.unet_sha256)
             folder = self.engines
         else:
-            if self._unet_sha256 is None:
-                self._unet_sha256 = unet_weights_sha256(unet)
+            digest = self.unet_sha256
             folder = engine_cache_root() / (
-                f"{self._unet_sha256[:16]}-{latent_hw[0]}x{latent_hw[1]}-t{text_shape[0]}x{text_shape[1]}-{self.precision}"
+                f"{digest[:16]}-{latent_hw[0]}x{latent_hw[1]}-t{text_shape[0]}x{text_shape[1]}-{self.precision}"
             )
             res = build_engines(
                 unet,
@@ -201,16 +278,123 @@ class FasterDiffusionPipeline:
                 precision=self.precision,
                 model_source=self.source,
                 progress=self.progress,
-                unet_sha256=self._unet_sha256,
+                unet_sha256=digest,
             )
             if res.built:
                 logger.warning("built %s graphs for latents %s on first use into %s (%.1f s); they are reused from now on",
                                self.backend, latent_hw, folder, res.seconds)
         cls = get_runner_class(self.backend)
-        runner = cls(folder, device=self.device, dtype=self.precision, **self.runner_options).activate()
-        self._runners[key] = runner
-        self.runner = runner
-        return runner
+        return cls(folder, device=self.device, dtype=self.precision, **self.runner_options).activate()
+
+    def _retire(self, runner: Runner) -> None:
+        """Closes a runner now, or when the last call that uses it ends."""
+        if self._in_use.get(id(runner), 0) > 0:
+            self._retired[id(runner)] = runner
+        else:
+            runner.deactivate()
+
+    @contextlib.contextmanager
+    def _using(self, runner: Runner) -> Any:
+        with self._cache_lock:
+            self._in_use[id(runner)] = self._in_use.get(id(runner), 0) + 1
+        try:
+            yield runner
+        finally:
+            with self._cache_lock:
+                self._in_use[id(runner)] -= 1
+                if self._in_use[id(runner)] == 0:
+                    del self._in_use[id(runner)]
+                    retired = self._retired.pop(id(runner), None)
+                    if retired is not None:
+                        retired.deactivate()
+
+    def text_shape(self) -> tuple[int, int]:
+        """``(L, D)`` of the prompt embeddings this pipeline's text encoder produces."""
+        return int(self.sd.tokenizer.model_max_length), int(self.sd.text_encoder.config.hidden_size)
+
+    def prepare(self, height: int | None = None, width: int | None = None) -> Runner:
+        """Builds or loads, and activates, the runner for one image size ahead of the first call.
+
+        Serving calls it at start-up for every size it serves, so that no request pays for (or
+        waits behind) an export or a plan build.
+
+        Args:
+            height, width: the image size; the model's default size when omitted.
+
+        Returns:
+            The active runner for that size.
+        """
+        f = self.vae_scale_factor
+        height = height if height is not None else int(self.sd.unet.config.sample_size) * f
+        width = width if width is not None else int(self.sd.unet.config.sample_size) * f
+        self.check_inputs("x", None, height, width, 1, 1.0, 1, "latent")
+        self._check_weights()
+        with self._cache_lock:
+            saved, self.build_on_demand = self.build_on_demand, True
+            try:
+                return self._runner_for((height // f, width // f), self.text_shape())
+            finally:
+                self.build_on_demand = saved
+
+    def prepared_sizes(self) -> list[tuple[int, int]]:
+        """Image sizes ``(height, width)`` with a loaded graph runner, least recently used first."""
+        f = self.vae_scale_factor
+        with self._cache_lock:
+            return [(k[0] * f, k[1] * f) for k in self._runners]
+
+    # weights ----------------------------------------------------------------------------------
+    @property
+    def unet_sha256(self) -> str:
+        """sha256 of the UNet's effective weights (parameters, fused LoRA, active adapters and scales)."""
+        from .engines import unet_weights_sha256
+
+        if self._unet_sha256 is None:
+            self._unet_sha256 = unet_weights_sha256(self.sd.unet)
+        return self._unet_sha256
+
+    def refresh_weights(self) -> None:
+        """Makes every runner take the UNet's weights now, whatever the cheap fingerprint says.
+
+        For changes that :func:`fd_trt.engines.weights_fingerprint` cannot see (a few elements
+        written through ``.data`` between its samples, with no counter bumped).
+        """
+        with self._cache_lock:
+            self._weights_fp = b"refresh"
+        self._check_weights()
+
+    def _check_weights(self) -> None:
+        """Notices a weight change since the last call and makes every runner follow it.
+
+        A cheap fingerprint (:func:`fd_trt.engines.weights_fingerprint`) is compared on every
+        call. On a change, runners that can take new weights in place (torch, refittable
+        TensorRT plans) are refit; graph runners that cannot are closed, so the next call
+        rebuilds them (or, with ``engines=``, refuses the directory naming the rebuild command).
+        """
+        from .engines import weights_fingerprint
+
+        unet = self.sd.unet
+        fp = weights_fingerprint(unet)
+        with self._cache_lock:
+            if fp == self._weights_fp:
+                return
+            first = self._weights_fp is None
+            self._weights_fp = fp
+            if first:
+                return
+            self._unet_sha256 = None
+            logger.warning("the UNet's weights changed since the last call (%s): updating the %s runners",
+                           self.source, self.backend)
+            if self._fixed_runner is not None:
+                if not self._fixed_runner.refit(unet):
+                    raise EngineMismatchError(
+                        f"the UNet's weights changed, and the {self._fixed_runner.name} runner passed to this pipeline "
+                        "cannot take new weights: create a new runner (or pass backend='torch')"
+                    )
+                return
+            for key, runner in list(self._runners.items()):
+                if not runner.refit(unet):
+                    del self._runners[key]
+                    self._retire(runner)
 
     # construction ----------------------------------------------------------------------------
     @classmethod
@@ -224,6 +408,7 @@ class FasterDiffusionPipeline:
         progress: bool = True,
         engines: str | os.PathLike[str] | None = None,
         runner_options: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> "FasterDiffusionPipeline":
         """Loads a local diffusers Stable Diffusion folder, or ``"default"``.
 
@@ -240,10 +425,11 @@ class FasterDiffusionPipeline:
                 graphs are built on first use into ``$FD_TRT_CACHE`` (``~/.cache/fd_trt/engines``),
                 keyed by the UNet weights' hash and the shapes, and reused afterwards.
             runner_options: extra keyword arguments for the runner (e.g. ``intra_op_threads``).
+            **kwargs: ``max_cached_runners``, ``build_on_demand`` (see the class).
         """
         sd, source = load_diffusers_pipeline(model)
         pipe = cls(sd, backend=backend, device=device, precision=precision, progress=progress, source=source,
-                   engines=engines, runner_options=runner_options)
+                   engines=engines, runner_options=runner_options, owns_pipeline=True, **kwargs)
         if scheduler is not None:
             pipe.set_scheduler(scheduler)
         return pipe
@@ -258,13 +444,18 @@ class FasterDiffusionPipeline:
         progress: bool = True,
         engines: str | os.PathLike[str] | None = None,
         runner_options: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> "FasterDiffusionPipeline":
         """Wraps an existing diffusers ``StableDiffusionPipeline``, sharing its components.
+
+        The wrapped pipeline is neither moved nor cast: ``device`` defaults to where it is, and a
+        runner that needs another dtype or device works on its own copy of the UNet. Weight changes
+        made to it later (``fuse_lora``, ``set_adapters``, ``load_state_dict``) are followed.
 
         Args: as :meth:`from_pretrained`, with ``sd_pipeline`` in place of ``model``.
         """
         return cls(sd_pipeline, backend=backend, device=device, precision=precision, progress=progress,
-                   engines=engines, runner_options=runner_options)
+                   engines=engines, runner_options=runner_options, **kwargs)
 
     def set_scheduler(self, name: str) -> None:
         """Swaps the scheduler for ``ddim``, ``dpmpp``, ``pndm``, ``euler`` or ``ddpm``, keeping the betas."""
@@ -280,9 +471,10 @@ class FasterDiffusionPipeline:
 
     def close(self) -> None:
         """Deactivates every runner this pipeline started."""
-        for r in [*self._runners.values(), *([self._fixed_runner] if self._fixed_runner else [])]:
-            r.deactivate()
-        self._runners.clear()
+        with self._cache_lock:
+            for r in [*self._runners.values(), *([self._fixed_runner] if self._fixed_runner else [])]:
+                r.deactivate()
+            self._runners.clear()
 
     def __enter__(self) -> "FasterDiffusionPipeline":
         return self
@@ -414,6 +606,8 @@ class FasterDiffusionPipeline:
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
         pos, neg = sd.encode_prompt(prompts, self.device, num_images_per_prompt, cfg, negatives)
         text = torch.cat([neg, pos]) if cfg else pos
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the text encoder's kernels are queued, not done
         seconds["text_encoder"] = time.perf_counter() - t0
 
         # 2. Prepare the latents x_T.
@@ -445,23 +639,25 @@ class FasterDiffusionPipeline:
                 out = callback_on_step_end(self, i, t, {"latents": x})
                 return out.get("latents") if isinstance(out, dict) else None
 
+        self._check_weights()
         runner = self._runner_for((latent_shape[2], latent_shape[3]), (int(text.shape[1]), int(text.shape[2])))
         sstats = SamplerStats()
-        x0 = run_sampler(
-            runner,
-            scheduler,
-            latents,
-            text,
-            key_schedule,
-            guidance_scale=float(guidance_scale),
-            noise=noise,
-            parallel=parallel,
-            max_decoder_rows=max_decoder_rows,
-            extra_step_kwargs=extra,
-            callback=cb,
-            stats=sstats,
-            progress=self.progress,
-        )
+        with self._using(runner):
+            x0 = run_sampler(
+                runner,
+                scheduler,
+                latents,
+                text,
+                key_schedule,
+                guidance_scale=float(guidance_scale),
+                noise=noise,
+                parallel=parallel,
+                max_decoder_rows=max_decoder_rows,
+                extra_step_kwargs=extra,
+                callback=cb,
+                stats=sstats,
+                progress=self.progress,
+            )
         seconds.update(sstats.seconds)
         nonfinite = not bool(torch.isfinite(x0).all())
         if nonfinite:

@@ -27,8 +27,10 @@ class SamplerStats:
     """Counters and timers of one sampler run.
 
     Attributes:
-        encoder_calls / encoder_rows: encoder invocations and the rows they processed.
-        decoder_calls / decoder_rows: decoder invocations and the rows they processed.
+        encoder_calls / encoder_rows: encoder graph executions and the rows they processed.
+        decoder_calls / decoder_rows: decoder graph executions and the rows they processed. A
+            ``decode`` that the runner splits (a TensorRT profile smaller than the segment)
+            counts as the executions it made (:attr:`Runner.launches`).
         seconds: wall seconds spent in ``encoder``, ``decoder`` and ``scheduler``.
     """
 
@@ -125,10 +127,11 @@ def run_sampler(
             t0 = tick()
             x_in = torch.cat([x, x]) if cfg else x
             x_in = scheduler.scale_model_input(x_in, timesteps[seg.start])
+            launched = runner.launches["encoder"]
             feats = runner.encode(x_in, t_dev[seg.start].expand(rows), text)
             t1 = tick()
             secs["encoder"] += t1 - t0
-            stats.encoder_calls += 1
+            stats.encoder_calls += runner.launches["encoder"] - launched
             stats.encoder_rows += rows
 
             chunk = steps_per_call(len(seg), rows, parallel, max_decoder_rows)
@@ -136,10 +139,11 @@ def run_sampler(
                 steps = range(c0, min(c0 + chunk, seg.stop))
                 # 2. Decoder for every step of the chunk, in one call.
                 t0 = tick()
+                launched = runner.launches["decoder"]
                 eps_rows = runner.decode(feats, t_dev[steps.start : steps.stop], text)
                 t1 = tick()
                 secs["decoder"] += t1 - t0
-                stats.decoder_calls += 1
+                stats.decoder_calls += runner.launches["decoder"] - launched
                 stats.decoder_rows += rows * len(steps)
                 # 3-4. CFG, noise injection and the scheduler, step by step in order.
                 for j, eps in zip(steps, eps_rows.to(x.device).split(rows)):

@@ -12,7 +12,9 @@ It is also a context manager. Its two calls:
 from __future__ import annotations
 
 import abc
-from typing import Any
+import contextlib
+import threading
+from typing import Any, ContextManager
 
 import torch
 
@@ -27,14 +29,30 @@ class Runner(abc.ABC):
         name: the backend name (``"torch"``, ``"onnxruntime"``, ``"tensorrt"``).
         device: where ``encode`` / ``decode`` take and return tensors.
         dtype: the dtype of the graphs' float tensors; inputs are cast to it, outputs are float32.
+        launches: graph executions so far, ``{"encoder": n, "decoder": n}``. A runner that splits
+            one ``decode`` call into several executions (a plan's profile, a row cap) counts each.
+        thread_safe: whether ``encode`` / ``decode`` may run from several threads at once. Runners
+            that own static buffers (TensorRT, CUDA graphs) set it to ``False`` and serialize their
+            calls with :meth:`exclusive`.
     """
 
     name: str = "base"
+    thread_safe: bool = True
 
     def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
         self.is_active = False
+        self.launches: dict[str, int] = {"encoder": 0, "decoder": 0}
+        self._lock = threading.RLock()
+
+    def exclusive(self) -> ContextManager[Any]:
+        """A lock held around one ``encode`` / ``decode`` of a runner that is not thread-safe.
+
+        Runners that return copies of their static buffers need no more than that: a call's inputs
+        are written, run and copied out before another thread's call may start.
+        """
+        return self._lock if not self.thread_safe else contextlib.nullcontext()
 
     # lifecycle -----------------------------------------------------------------------------
     def activate(self) -> "Runner":
@@ -65,6 +83,21 @@ class Runner(abc.ABC):
     def _check_active(self) -> None:
         if not self.is_active:
             raise FdTrtError(f"{type(self).__name__} is not active: call activate() or use it in a `with` block")
+
+    def refit(self, unet: Any) -> bool:
+        """Takes new weights from ``unet`` (same architecture) in place, if this runner can.
+
+        The pipeline calls it when it notices that the UNet's weights changed between calls
+        (a fused LoRA, other adapters or scales, a loaded state dict).
+
+        Args:
+            unet: the UNet with its new weights.
+
+        Returns:
+            ``True`` when the runner now computes with the new weights; ``False`` when it cannot
+            (its graphs must then be rebuilt), which is the default.
+        """
+        return False
 
     def synchronize(self) -> None:
         """Waits for queued device work, so that host timers measure it."""

@@ -364,10 +364,12 @@ class OrtRunner(Runner):
 
     def encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> Features:
         self._check_active()
+        self.launches["encoder"] += 1
         return self._encode(sample, timestep, text)
 
     def decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         self._check_active()
+        self.launches["decoder"] += 1
         return self._decode(features, timesteps, text)
 
     def _encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> Features:

@@ -684,6 +684,7 @@ class TrtRunner(Runner):
     """
 
     name = "tensorrt"
+    thread_safe = False
 
     def __init__(
         self,
@@ -936,6 +937,7 @@ class TrtRunner(Runner):
         stream = self._stream
         assert stream is not None
         self._set_rows(e, rows)
+        self.launches[e.role] += 1
         caller = torch.cuda.current_stream(self.device)
         stream.wait_stream(caller)  # the inputs were written on the caller's stream
         with torch.cuda.stream(stream):
@@ -993,11 +995,13 @@ class TrtRunner(Runner):
 
     def encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> Features:
         self._check_active()
-        return self._encode(sample, timestep, text)
+        with self.exclusive():  # the plans' buffers and contexts are shared by every call
+            return self._encode(sample, timestep, text)
 
     def decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         self._check_active()
-        return self._decode(features, timesteps, text)
+        with self.exclusive():
+            return self._decode(features, timesteps, text)
 
     @torch.inference_mode()
     def _encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> Features:

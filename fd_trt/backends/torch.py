@@ -8,6 +8,7 @@ input shape (one per distinct decoder row count) after a warm-up, then replays i
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any, Callable
 
@@ -47,7 +48,9 @@ class TorchRunner(Runner):
     """Runs the split UNet with PyTorch.
 
     Args:
-        unet: a diffusers ``UNet2DConditionModel``. It is moved to ``device`` / ``dtype`` on activation.
+        unet: a diffusers ``UNet2DConditionModel``. When it already has the runner's device, dtype
+            and memory format, the runner uses it as it is (its later weight changes show at
+            once); otherwise activation makes a converted copy and leaves the caller's UNet alone.
         device: ``"cpu"`` or ``"cuda[:i]"``.
         dtype: fp32, fp16 or bf16 (string or torch dtype).
         channels_last: store the UNet's weights and the latents channels-last (NHWC), which lets
@@ -85,6 +88,7 @@ class TorchRunner(Runner):
             raise InputError(f"graph_warmup_runs must be a positive integer, got {graph_warmup_runs!r}")
         if self.device.type == "cpu" and self.dtype == torch.float16:
             logger.warning("fp16 on CPU is slow and poorly supported; prefer bf16 or fp32")
+        self.source_unet = unet
         self.unet = unet
         self.split: SplitUNet = split_unet(unet)
         self.channels_last = bool(channels_last)
@@ -92,19 +96,49 @@ class TorchRunner(Runner):
         self.graph_warmup_runs = graph_warmup_runs
         self._graphs: dict[tuple[Any, ...], _Captured] = {}
         self._graph_pool: Any = None
+        # Captured graphs replay into static buffers: one call at a time.
+        self.thread_safe = not self.cuda_graphs
+
+    def _needs_copy(self, unet: nn.Module) -> bool:
+        p = next(unet.parameters())
+        if p.device.type != self.device.type or p.dtype != self.dtype or self.channels_last:
+            return True
+        return self.device.type == "cuda" and p.device.index not in (self.device.index, None) and self.device.index is not None
+
+    def _take(self, unet: nn.Module) -> None:
+        """Uses ``unet`` as it is, or a copy converted to the runner's device, dtype and layout."""
+        if self._needs_copy(unet):
+            # A deep copy: .to() would convert the caller's module in place.
+            unet = copy.deepcopy(unet).to(device=self.device, dtype=self.dtype)
+            if self.channels_last:
+                unet.to(memory_format=torch.channels_last)
+        self.unet = unet
+        self.split = split_unet(unet)
 
     def _activate(self) -> None:
-        self.unet.to(device=self.device)
-        if next(self.unet.parameters()).dtype != self.dtype:
-            self.unet.to(dtype=self.dtype)
-        if self.channels_last:
-            self.unet.to(memory_format=torch.channels_last)
+        self._take(self.source_unet)
         if self.cuda_graphs:
             self._graph_pool = torch.cuda.graph_pool_handle()
 
     def _deactivate(self) -> None:
         self._graphs.clear()
         self._graph_pool = None
+        self.unet = self.source_unet
+
+    def refit(self, unet: Any) -> bool:
+        """Follows new weights: a fresh converted copy when one is used, and new CUDA graphs.
+
+        Captured CUDA graphs read the parameters at the addresses of the capture, and a weight
+        swap (``param.data = ...``, as LoRA fusing does) moves them, so they are recaptured.
+        """
+        with self.exclusive():
+            self.source_unet = unet
+            if self.is_active:
+                self._graphs.clear()
+                self._take(unet)
+            else:
+                self.unet, self.split = unet, split_unet(unet)
+        return True
 
     @property
     def num_graphs(self) -> int:
@@ -120,15 +154,22 @@ class TorchRunner(Runner):
         self._check_active()
         dev, dt = self.device, self.dtype
         args = [self._sample(sample), timestep.to(dev, torch.float32), text.to(dev, dt)]
-        if self.cuda_graphs:
-            out = self._replay("encoder", self.split.encoder, args)
-            return Features(out[0].clone(), tuple(t.clone() for t in out[1:]))
-        return self.split.run_encoder(*args)
+        with self.exclusive():
+            self.launches["encoder"] += 1
+            if self.cuda_graphs:
+                out = self._replay("encoder", self.split.encoder, args)
+                return Features(out[0].clone(), tuple(t.clone() for t in out[1:]))
+            return self.split.run_encoder(*args)
 
     @torch.inference_mode()
     def decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         self._check_active()
         feats, t_rows, text_rows = expand_for_steps(features, timesteps.to(self.device, torch.float32), text.to(self.device, self.dtype))
+        with self.exclusive():
+            self.launches["decoder"] += 1
+            return self._decode_rows(feats, t_rows, text_rows)
+
+    def _decode_rows(self, feats: Features, t_rows: torch.Tensor, text_rows: torch.Tensor) -> torch.Tensor:
         if self.cuda_graphs:
             if not (feats.rows == t_rows.shape[0] == text_rows.shape[0]):
                 raise InputError(
