@@ -62,6 +62,19 @@ def steps_per_call(segment_len: int, rows_per_step: int, parallel: bool, max_dec
     return max(1, min(segment_len, max_decoder_rows // rows_per_step))
 
 
+def model_input_scale(scheduler: Any, timestep: torch.Tensor) -> float:
+    """``c_t`` in ``scheduler.scale_model_input(x, t) == c_t * x``: 1 for DDIM, DPM-Solver, PNDM and
+    DDPM; ``1 / sqrt(sigma_t^2 + 1)`` for Euler. It maps the scheduler's latents to the
+    variance-preserving space the UNet sees.
+
+    Args:
+        scheduler: a diffusers scheduler, at the step of ``timestep`` (before its ``step``).
+        timestep: the step's timestep.
+    """
+    probe = torch.ones(1, dtype=torch.float32)
+    return float(scheduler.scale_model_input(probe, timestep).reshape(-1)[0])
+
+
 def run_sampler(
     runner: Runner,
     scheduler: Any,
@@ -87,7 +100,8 @@ def run_sampler(
         text: ``[2B,L,D]`` (negative rows first) with CFG, ``[B,L,D]`` without.
         schedule: the key steps, for ``len(scheduler.timesteps)`` steps.
         guidance_scale: CFG weight; CFG is off when it is ``<= 1``.
-        noise: the prior noise-injection policy.
+        noise: the prior noise-injection policy: ``alpha`` times the unit initial noise, added in
+            the variance-preserving space (see :func:`model_input_scale`).
         parallel: decode all steps of a segment in one call; ``False`` makes one call per step.
         max_decoder_rows: cap on rows per decoder call; larger segments are decoded in chunks.
         extra_step_kwargs: passed to ``scheduler.step`` (``eta``, ``generator``).
@@ -109,7 +123,12 @@ def run_sampler(
     extra = extra_step_kwargs or {}
     cfg = guidance_scale > 1.0
     x = latents.float()
-    x_T = x.clone()
+    # The paper injects alpha * x_T with x_T the unit initial noise, in DDIM's variance-preserving
+    # latent space. Schedulers that keep latents in sigma space (Euler: x = x0 + sigma * eps, and
+    # x_T = init_noise_sigma * eps) map to that space through scale_model_input, x_vp = c_t * x.
+    # Adding alpha * eps / c_t in their space is the paper's injection; adding alpha * x_T there
+    # would be init_noise_sigma / c_t times too strong (about 14.6x at SD's first Euler step).
+    eps_T = x / float(scheduler.init_noise_sigma)
     rows = x.shape[0] * (2 if cfg else 1)
     if text.shape[0] != rows:
         raise InputError(f"text has {text.shape[0]} rows, expected {rows} for {x.shape[0]} latents (CFG={cfg})")
@@ -152,7 +171,7 @@ def run_sampler(
                         eps_u, eps_c = eps.chunk(2)
                         eps = eps_u + guidance_scale * (eps_c - eps_u)
                     if noise.applies(tau, n_train):
-                        x = x + noise.alpha * x_T
+                        x = x + (noise.alpha / model_input_scale(scheduler, tau)) * eps_T
                     x = scheduler.step(eps, tau, x, **extra, return_dict=False)[0]
                     if callback is not None:
                         out = callback(j, tau, x)
