@@ -118,42 +118,48 @@ def unet_weights_sha256(unet: nn.Module) -> str:
 FINGERPRINT_SAMPLES = 8
 
 
-def weights_fingerprint(unet: nn.Module) -> bytes:
-    """A cheap digest that changes when the UNet's weights change; compared on every call.
+def weights_fingerprint(unet: nn.Module) -> tuple[Any, ...]:
+    """A cheap value that changes when the UNet's weights change; compared on every call.
 
-    It covers each parameter and buffer's identity, address, dtype, shape and autograd version
-    counter (so ``load_state_dict``, in-place updates and ``param.data = ...`` swaps show), plus
+    It covers each parameter and buffer's identity, address and autograd version counter (so
+    ``load_state_dict``, in-place updates and ``param.data = ...`` swaps show), plus
     :data:`FINGERPRINT_SAMPLES` evenly spaced elements of each tensor (so in-place updates through
-    ``.data``, which bypass the version counter, show too, as PEFT's merge does), plus
-    :func:`adapter_state`. A change that touches none of the sampled elements of any tensor and
-    bumps no counter is missed; :meth:`FasterDiffusionPipeline.refresh_weights` covers that case
-    with the full hash.
+    ``.data``, which bypass the version counter, show too, as PEFT's merge does), plus the adapter
+    layers' state (:func:`adapter_state`). A change that touches none of the sampled elements of
+    any tensor and bumps no counter is missed; :meth:`FasterDiffusionPipeline.refresh_weights`
+    covers that case.
 
     Args:
         unet: any torch module.
 
     Returns:
-        A short digest.
+        A tuple to compare with ``==`` (not a digest: comparing is cheaper than hashing).
     """
-    h = hashlib.blake2b(digest_size=16)
     samples = []
-    meta = []
-    for name, t in (*unet.named_parameters(), *unet.named_buffers()):
-        try:
-            version = t._version
-        except RuntimeError:  # inference tensors keep no version counter
-            version = -1
-        meta.append(f"{name}|{id(t)}|{t.data_ptr()}|{version}|{t.dtype}|{tuple(t.shape)}")
-        flat = t.detach().reshape(-1)
-        n = flat.numel()
-        if n:
-            idx = torch.linspace(0, n - 1, min(n, FINGERPRINT_SAMPLES), device=flat.device).long()
-            samples.append(flat[idx].float())
-    h.update("\n".join(meta).encode())
-    if samples:
-        h.update(torch.cat(samples).cpu().numpy().tobytes())
-    h.update(json.dumps(adapter_state(unet)).encode())
-    return h.digest()
+    meta: list[Any] = []
+    # One walk over the modules (parameters, buffers and adapter layers together): the walk and
+    # the per-tensor Python work are what cost here, not the tensors.
+    for mod_name, m in unet.named_modules():
+        for kind in (m._parameters, m._buffers):
+            for name, t in kind.items():
+                if t is None:
+                    continue
+                try:
+                    version = t._version
+                except RuntimeError:  # inference tensors keep no version counter
+                    version = -1
+                meta.append((mod_name, name, id(t), t.data_ptr(), version))
+                flat = t.detach().reshape(-1)
+                n = flat.numel()
+                if n:
+                    # A strided view: no copy until the one cat below.
+                    samples.append(flat[:: max(1, n // FINGERPRINT_SAMPLES)][:FINGERPRINT_SAMPLES].float())
+        scaling = getattr(m, "scaling", None)
+        if isinstance(scaling, dict) and hasattr(m, "active_adapters"):
+            meta.append((mod_name, str(m.active_adapters), str(sorted(scaling.items())),
+                         str(getattr(m, "merged_adapters", None)), bool(getattr(m, "disable_adapters", False))))
+    values = torch.cat(samples).cpu().numpy().tobytes() if samples else b""
+    return (tuple(meta), values)
 
 
 def _jsonable(value: Any) -> Any:

@@ -199,7 +199,7 @@ class FasterDiffusionPipeline:
         self._retired: dict[int, Runner] = {}
         self._cache_lock = threading.RLock()
         self._unet_sha256: str | None = None
-        self._weights_fp: bytes | None = None
+        self._weights_fp: tuple[Any, ...] | None = None
         # A runner that serves every shape (torch, or one passed in); None for per-shape graph runners.
         self._fixed_runner: Runner | None = None
         if isinstance(backend, Runner):
@@ -359,7 +359,7 @@ class FasterDiffusionPipeline:
         written through ``.data`` between its samples, with no counter bumped).
         """
         with self._cache_lock:
-            self._weights_fp = b"refresh"
+            self._weights_fp = ("refresh",)
         self._check_weights()
 
     def _check_weights(self) -> None:
