@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,8 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("prompt", help="the text prompt")
     p.add_argument("--negative-prompt", default=None)
     _add_model_args(p)
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a local LoRA (diffusers or kohya safetensors), fused at SCALE (default 1); repeatable")
     p.add_argument("--steps", type=int, default=50, help="inference steps")
     p.add_argument("--schedule", default="paper", help="paper | all | uniform:N | comma-separated key steps")
     p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
@@ -289,6 +292,28 @@ def _median_run(outputs: list[Any]) -> Any:
     return ranked[(len(ranked) - 1) // 2]
 
 
+def _apply_loras(pipe: Any, specs: list[str]) -> None:
+    """Loads each ``PATH[:SCALE]`` LoRA as its own adapter and fuses them at their scales."""
+    if not specs:
+        return
+    names, scales = [], []
+    for i, spec in enumerate(specs):
+        path, _, scale_text = spec.rpartition(":") if ":" in spec and not os.path.exists(spec) else (spec, "", "")
+        try:
+            scale = float(scale_text) if scale_text else 1.0
+        except ValueError:
+            raise InputError(f"--lora {spec!r}: {scale_text!r} is not a number; write PATH or PATH:SCALE, e.g. style.safetensors:0.8") from None
+        if not os.path.exists(path):
+            raise InputError(f"--lora {spec!r}: {path} does not exist; give a local LoRA .safetensors file or folder")
+        name = f"lora{i}"
+        pipe.load_lora_weights(path, adapter_name=name)
+        names.append(name)
+        scales.append(scale)
+        print(f"lora: {path} at scale {scale}")
+    pipe.set_adapters(names, scales)
+    pipe.fuse_lora(lora_scale=1.0)
+
+
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -308,6 +333,7 @@ def _generate(args: argparse.Namespace) -> int:
         runner_options=_runner_options(args),
     )
     print(f"model: {pipe.source}")
+    _apply_loras(pipe, args.lora)
     print(f"backend: {pipe.backend} on {pipe.device} ({pipe.precision}), scheduler {args.scheduler}, load {time.perf_counter() - t0:.2f} s")
 
     def run(schedule: str, noise: bool | None, output_type: str = "pil") -> Any:

@@ -179,3 +179,27 @@ def test_runner_cache_is_bounded_and_prepare_readies_sizes(tmp_path, monkeypatch
     with pytest.raises(NotPreparedError, match="sizes ready: 32x32"):
         pipe(PROMPT, num_inference_steps=2, output_type="latent", height=64, width=64)
     pipe.close()
+
+
+def test_cli_generate_fuses_a_lora_like_the_python_api(tmp_path, capsys):
+    pytest.importorskip("peft")
+    import numpy as np
+    from PIL import Image
+
+    from fd_trt.cli import main
+
+    lora = _lora_dir(FasterDiffusionPipeline.from_pretrained("default", backend="torch", progress=False).sd, tmp_path)
+    args = ["generate", "a red circle", "--backend", "torch", "--steps", "4", "--seed", "3", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "plain.png")]) == 0
+    assert main([*args, "--out", str(tmp_path / "lora.png"), "--lora", f"{lora}:0.7"]) == 0
+    pipe = FasterDiffusionPipeline.from_pretrained("default", backend="torch", progress=False)
+    pipe.load_lora_weights(lora, adapter_name="x")
+    pipe.set_adapters(["x"], [0.7])
+    pipe.fuse_lora()
+    want = pipe("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(3), output_type="np").images[0]
+    got = np.asarray(Image.open(tmp_path / "lora.png"), dtype=np.float32) / 255
+    plain = np.asarray(Image.open(tmp_path / "plain.png"), dtype=np.float32) / 255
+    assert np.abs(got - want).max() <= 1.5 / 255
+    assert np.abs(plain - want).mean() > 5 * np.abs(got - want).mean()
+    assert main([*args, "--lora", f"{lora}:abc"]) == 2
+    assert "'abc' is not a number; write PATH or PATH:SCALE" in capsys.readouterr().err
