@@ -118,16 +118,37 @@ def test_noise_injection_defaults_off_for_all_and_on_for_paper(fd_pipe, latents)
                        fd_pipe(PROMPT, schedule="paper", noise_injection=True, **common).images)
 
 
-def test_callback_can_replace_the_latents(fd_pipe, latents):
-    def zero_at_10(pipe, i, t, kw):
-        return {"latents": torch.zeros_like(kw["latents"])} if i == 10 else {}
+def test_callback_can_replace_the_latents(tiny_sd, fd_pipe, latents):
+    """The tensor the callback returns at step k is where step k+1 starts: checked against a plain loop."""
+    k, steps = 10, 20
+    z = torch.randn(latents.shape, generator=_gen(99))
+    seen = {}
 
-    out = fd_pipe(PROMPT, num_inference_steps=20, latents=latents, output_type="latent", callback_on_step_end=zero_at_10)
-    ref = fd_pipe(PROMPT, num_inference_steps=20, latents=latents, output_type="latent")
-    assert rel_l2(out.images, ref.images) > 1e-2
+    def replace_at_k(pipe, i, t, kw):
+        seen[i] = kw["latents"].clone()
+        return {"latents": z.clone()} if i == k else {}
+
+    out = fd_pipe(PROMPT, num_inference_steps=steps, latents=latents, output_type="latent", schedule="all",
+                  callback_on_step_end=replace_at_k)
+    # independent: diffusers' UNet and a fresh DDIM scheduler run steps k+1 .. end from z
+    sched = make_scheduler("ddim", tiny_sd.scheduler.config)
+    sched.set_timesteps(steps)
+    pos, neg = tiny_sd.encode_prompt(PROMPT, "cpu", 1, True)
+    text = torch.cat([neg, pos])
+    x = z.clone()
+    with torch.no_grad():
+        for j, t in enumerate(sched.timesteps):
+            if j <= k:
+                continue
+            eps_u, eps_c = tiny_sd.unet(torch.cat([x, x]), t, text).sample.chunk(2)
+            x = sched.step(eps_u + 7.5 * (eps_c - eps_u), t, x).prev_sample
+            if j == k + 1:
+                assert rel_l2(seen[j], x) < 1e-5  # the first step after k already started from z
+    assert rel_l2(out.images, x) < 1e-5
+    assert not torch.equal(seen[k], z)  # the callback saw the run's own latents, not z
 
 
-def test_output_types(fd_pipe, latents):
+def test_output_types(tiny_sd, fd_pipe, latents):
     pil = fd_pipe(PROMPT, num_inference_steps=4, latents=latents, output_type="pil")
     arr = fd_pipe(PROMPT, num_inference_steps=4, latents=latents, output_type="np")
     lat = fd_pipe(PROMPT, num_inference_steps=4, latents=latents, output_type="latent")
@@ -135,7 +156,14 @@ def test_output_types(fd_pipe, latents):
     assert pil.images[0].size == (64, 64)
     assert isinstance(arr.images, np.ndarray) and arr.images.shape == (1, 64, 64, 3)
     assert np.array_equal(np.asarray(pil.images[0]), (arr.images[0] * 255).round().astype(np.uint8))
-    assert torch.equal(lat.images, lat.latents)
+    # latent: the final latents, against diffusers' own pipeline (4 steps: every `paper` step is a key step)
+    ref = tiny_sd(PROMPT, num_inference_steps=4, latents=latents, output_type="latent").images
+    assert rel_l2(lat.images, ref) < 1e-5
+    # np: the VAE decode of those latents, decoded and denormalized here without the pipeline's helpers
+    with torch.no_grad():
+        img = tiny_sd.vae.decode(ref / tiny_sd.vae.config.scaling_factor).sample
+    expected = (img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert np.abs(arr.images - expected).max() < 1e-4
 
 
 def test_gflops_are_counted_from_the_split_modules(fd_pipe, tiny_sd, latents):
