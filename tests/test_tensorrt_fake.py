@@ -82,7 +82,9 @@ def test_plans_are_built_into_the_manifest_with_the_asked_settings(trt, graphs, 
     assert dtypes["mid"] == "HALF"  # the fp16 graph's own types decide the plan's precision
     _, config = fake_tensorrt.Builder.builds[-1]
     assert config.pool_limits == {fake_tensorrt.MemoryPoolType.WORKSPACE: 1 << 30}
-    assert not config.flags  # strongly typed: no FP16 builder flag
+    # Strongly typed: no FP16 builder flag; REFIT, so that new weights can be refit in place.
+    assert config.flags == {fake_tensorrt.BuilderFlag.REFIT}
+    assert plans["decoder"].refittable and header["refit"]
     cache = folder / "timing.trt10.13.0.fake.sm90.cache"
     # Two entries: the decoder's build started from the cache the encoder's build wrote.
     assert cache.read_bytes() == fake_tensorrt.ITimingCache(2).serialize()
@@ -194,21 +196,96 @@ def test_the_stand_in_catches_a_missing_stream_wait(trt, graphs, monkeypatch):
     assert torch.equal(stale, good[1]) and not torch.equal(stale, good[0])
 
 
-def test_rows_outside_the_profiles_are_refused(trt, graphs):
-    sample, t, text = _inputs(rows=4)
+def test_encoder_rows_beyond_the_profile_run_in_chunks(trt, graphs):
+    """6 rows through a 2-row encoder plan: 3 executions, the features of one 6-row ONNX Runtime run."""
+    sample, t, text = _inputs(rows=6)
+    t = torch.linspace(900.0, 100.0, 6)  # distinct per row, so a chunk that read another's rows shows
+    with OrtRunner(graphs / "fp32") as ort, TrtRunner(graphs / "fp32", warmup=False) as runner:
+        assert runner._enc is not None and runner._enc.max_rows == 2
+        feats, ref = runner.encode(sample, t, text), ort.encode(sample, t, text)
+        assert runner.launches["encoder"] == 3
+        assert feats.rows == 6
+        for a, b in zip(feats.tensors(), ref.tensors()):
+            assert rel_l2(a, b) < 1e-5
+        # 6 rows per step are within the decoder's 8: one step per execution, two steps in two.
+        out = runner.decode(feats, torch.tensor([800.0, 700.0]), text)
+        assert runner.launches["decoder"] == 2
+        assert rel_l2(out, ort.decode(ref, torch.tensor([800.0, 700.0]), text)) < 1e-5
+        # 10 rows per step exceed the decoder's 8 too: each step runs in row chunks (8 + 2).
+        s10, t10, x10 = _inputs(rows=10)
+        f10 = runner.encode(s10, t10, x10)
+        out10 = runner.decode(f10, torch.tensor([600.0, 300.0]), x10)
+        assert runner.launches["encoder"] == 3 + 5 and runner.launches["decoder"] == 2 + 4
+        ref10 = ort.decode(ort.encode(s10, t10, x10), torch.tensor([600.0, 300.0]), x10)
+        assert out10.shape == (20, 4, 8, 8) and rel_l2(out10, ref10) < 1e-5
+
+
+def test_a_decode_split_in_two_executions_counts_two_launches(trt, graphs):
+    sample, t, text = _inputs()
+    with TrtRunner(graphs / "fp32", warmup=False) as runner:
+        feats = runner.encode(sample, t, text)
+        runner.decode(feats, torch.tensor([700.0, 600.0, 500.0, 400.0, 300.0]), text)  # 10 rows > the plan's 8
+        assert runner.launches == {"encoder": 1, "decoder": 2}
+
+
+def test_calls_from_two_threads_equal_sequential_calls(trt, graphs):
+    """The runner's exclusive lock: two threads sharing its buffers get what one thread gets."""
+    import threading
+
+    inputs = [_inputs() for _ in range(2)]
+    inputs[1] = (inputs[1][0] * -0.5, torch.full((2,), 300.0), inputs[1][2] * 2)
+    steps = [torch.tensor([800.0, 600.0, 400.0, 200.0, 100.0]), torch.tensor([500.0, 50.0])]
+    with TrtRunner(graphs / "fp32", warmup=False) as runner:
+        sequential = []
+        for (x, t, text), ts in zip(inputs, steps):
+            sequential.append(runner.decode(runner.encode(x, t, text), ts, text))
+        results: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+        barrier = threading.Barrier(2)
+
+        def work(i: int) -> None:
+            x, t, text = inputs[i]
+            barrier.wait()
+            for _ in range(3):
+                results[i].append(runner.decode(runner.encode(x, t, text), steps[i], text))
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    for i in range(2):
+        assert len(results[i]) == 3
+        for out in results[i]:
+            torch.testing.assert_close(out, sequential[i], rtol=0, atol=0)
+
+
+def test_rows_the_profiles_cannot_take_are_refused(trt, graphs):
+    sample, t, text = _inputs(rows=2)
     with TrtRunner(graphs / "fp32") as runner:
-        with pytest.raises(InputError, match=r"4 rows are outside the encoder plan's profile \(1\.\.2\): .* --batch 2"):
-            runner.encode(sample, t, text)
         with pytest.raises(InputError, match=r"sample has shape \(2, 4, 4, 4\)"):
             runner.encode(torch.zeros(2, 4, 4, 4), t[:2], text[:2])
+        enc = runner._enc
+        assert enc is not None
+        enc.min_rows = 2  # a plan built with a minimum of 2 rows cannot take 1, nor 5 split as 2+2+1 -> 3+2
+        with pytest.raises(InputError, match=r"1 rows are outside the encoder plan's profile \(2\.\.2\)"):
+            runner.encode(sample[:1], t[:1], text[:1])
+        s5, t5, x5 = _inputs(rows=5)
+        with pytest.raises(InputError, match=r"5 rows cannot be split into encoder plan calls of 2\.\.2 rows"):
+            runner.encode(s5, t5, x5)
 
 
-def test_more_images_than_the_plans_take_get_a_rebuild_hint(trt, graphs, tiny_sd):
+def test_more_images_than_the_plans_were_built_for_run_in_chunks(trt, graphs, tiny_sd):
+    common = dict(num_images_per_prompt=3, num_inference_steps=4, output_type="latent",
+                  generator=torch.Generator().manual_seed(3))
     pipe = FasterDiffusionPipeline.from_diffusers(tiny_sd, backend="tensorrt", device="cpu", precision="fp32",
                                                   progress=False, engines=graphs / "fp32")
-    with pytest.raises(InputError, match=r"6 rows are outside the encoder plan's profile \(1\.\.2\).* --batch 3"):
-        pipe(PROMPT, num_images_per_prompt=3, num_inference_steps=4, output_type="latent")
+    ort = FasterDiffusionPipeline.from_diffusers(tiny_sd, backend="onnxruntime", device="cpu", progress=False,
+                                                 engines=graphs / "fp32")
+    out = pipe(PROMPT, **common)
+    ref = ort(PROMPT, **{**common, "generator": torch.Generator().manual_seed(3)})
+    assert out.latents.shape[0] == 3 and rel_l2(out.latents, ref.latents) < 1e-5
     pipe.close()
+    ort.close()
 
 
 @pytest.mark.parametrize("schedule", ["paper", "all"])
