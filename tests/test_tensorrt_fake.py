@@ -358,3 +358,80 @@ def test_cli_build_makes_plans_and_generate_runs_them(trt, tmp_path, capsys):
                  "--device", "cpu", "--steps", "8", "--height", "64", "--width", "64", "--out", str(tmp_path / "x.png"),
                  "--quiet"]) == 0
     assert (tmp_path / "x.png").is_file()
+
+
+def _scale_up_block(unet, factor: float = 1.5) -> None:
+    """New weights in place, as a fused LoRA writes them: the up blocks' first attention projections."""
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if name.startswith("up_blocks.1.") and ("to_q" in name or "proj_in" in name or "conv1" in name):
+                param.mul_(factor)
+
+
+@pytest.fixture
+def own_sd(monkeypatch, tmp_path):
+    """A tiny SD of its own (the tests change its weights) and an empty graph cache."""
+    from fd_trt.models import tiny_sd_pipeline
+
+    monkeypatch.setenv("FD_TRT_CACHE", str(tmp_path / "cache"))
+    return tiny_sd_pipeline(seed=0)
+
+
+def test_a_weight_change_is_refit_into_the_plans_in_place(trt, own_sd, latents):
+    from fd_trt.engines import file_sha256, unet_weights_sha256
+
+    common = dict(num_inference_steps=6, latents=latents, output_type="latent", schedule="paper")
+    pipe = FasterDiffusionPipeline.from_diffusers(own_sd, backend="tensorrt", device="cpu", precision="fp32",
+                                                  progress=False)
+    before = pipe(PROMPT, **common).latents
+    runner = pipe.runner
+    assert isinstance(runner, TrtRunner)
+    folder = runner.engine_dir
+    old = {role: rec for role, rec in runner.plans.items()}
+    assert all(rec.refittable for rec in old.values())
+    builds = len(fake_tensorrt.Builder.builds)
+
+    _scale_up_block(own_sd.unet)
+    after = pipe(PROMPT, **common).latents
+    assert pipe.runner is runner  # refit in place: no new runner, no rebuilt plans
+    assert len(fake_tensorrt.Builder.builds) == builds
+    reference = FasterDiffusionPipeline.from_diffusers(own_sd, backend="torch", device="cpu", progress=False)
+    expected = reference(PROMPT, **common).latents
+    assert rel_l2(after, before) > 1e-2  # the change matters ...
+    assert rel_l2(after, expected) < 1e-4  # ... and the refitted plans compute with the new weights
+
+    manifest = load_manifest(folder)
+    assert manifest.unet_sha256 == unet_weights_sha256(own_sd.unet)
+    assert set(manifest.plans) == {rec.file for rec in old.values()}
+    for role, rec in old.items():
+        new = manifest.plans[rec.file]
+        assert new.refitted_at > 0 and new.sha256 == file_sha256(folder / rec.file)
+        # Only up-block (decoder) weights changed: the decoder plan's bytes change, the encoder's do not.
+        assert (new.sha256 != rec.sha256) == (role == "decoder")
+        assert new.graph_sha256 == manifest.graphs[role].sha256 == file_sha256(folder / manifest.graphs[role].file)
+    # Another process (here: a new runner, build=False) loads the refitted plans, not stale ones.
+    sample, t, text = _inputs()
+    with TrtRunner(folder, build=False, warmup=False) as fresh, OrtRunner(folder) as ort:
+        fresh_out = fresh.decode(fresh.encode(sample, t, text), torch.tensor([500.0]), text)
+        ort_out = ort.decode(ort.encode(sample, t, text), torch.tensor([500.0]), text)
+        assert rel_l2(fresh_out, ort_out) < 1e-5
+    assert len(fake_tensorrt.Builder.builds) == builds
+    pipe.close()
+
+
+def test_plans_that_are_not_refittable_are_rebuilt_for_new_weights(trt, own_sd, latents):
+    common = dict(num_inference_steps=6, latents=latents, output_type="latent", schedule="paper")
+    pipe = FasterDiffusionPipeline.from_diffusers(own_sd, backend="tensorrt", device="cpu", precision="fp32",
+                                                  progress=False, runner_options={"refittable": False})
+    pipe(PROMPT, **common)
+    first = pipe.runner
+    assert isinstance(first, TrtRunner) and not first.plans["decoder"].refittable
+    assert not first.refit(own_sd.unet)
+    _scale_up_block(own_sd.unet)
+    after = pipe(PROMPT, **common).latents
+    assert pipe.runner is not first and not first.is_active
+    assert isinstance(pipe.runner, TrtRunner) and pipe.runner.engine_dir != first.engine_dir
+    expected = FasterDiffusionPipeline.from_diffusers(own_sd, backend="torch", device="cpu", progress=False)(
+        PROMPT, **common).latents
+    assert rel_l2(after, expected) < 1e-4
+    pipe.close()
