@@ -435,3 +435,27 @@ def test_plans_that_are_not_refittable_are_rebuilt_for_new_weights(trt, own_sd, 
         PROMPT, **common).latents
     assert rel_l2(after, expected) < 1e-4
     pipe.close()
+
+
+def test_a_corrupt_plan_is_refused_and_a_truncated_one_rebuilt(trt, graphs, tmp_path, caplog):
+    folder = _copy_without_plans(graphs / "fp32", tmp_path / "e")
+    build_plans(folder, opt_segment_steps=2)
+    plan = folder / _plans(folder)["decoder"].file
+    good = plan.read_bytes()
+    plan.write_bytes(b"\0" * len(good))  # same size, garbage: only deserialization or the hash can tell
+    with pytest.raises(EngineMismatchError, match=r"could not deserialize .*decoder.*rebuild"):
+        TrtRunner(folder, build=False, warmup=False).activate()
+    with pytest.raises(EngineMismatchError, match=r"decoder plan .* does not match the manifest .*rebuild"):
+        TrtRunner(folder, build=False, warmup=False, full_hash=True).activate()
+    plan.write_bytes(good[: len(good) // 2])  # cut short, as by a writer killed before atomic writes
+    cache = next(folder.glob("timing.*.cache"))
+    cache.write_bytes(b"garbage")  # and an unreadable timing cache: it costs time, not the build
+    with caplog.at_level(logging.WARNING, logger="fd_trt.backends.tensorrt"):
+        again = build_plans(folder, opt_segment_steps=2)
+    assert {r.record.role: r.built for r in again} == {"encoder": False, "decoder": True}
+    assert any("unreadable" in r.message for r in caplog.records)
+    assert cache.read_bytes().startswith(b"FD_TRT_FAKE_TIMING")
+    sample, t, text = _inputs()
+    with TrtRunner(folder, build=False, warmup=False) as runner, OrtRunner(folder) as ort:
+        out = runner.decode(runner.encode(sample, t, text), torch.tensor([600.0]), text)
+        assert rel_l2(out, ort.decode(ort.encode(sample, t, text), torch.tensor([600.0]), text)) < 1e-5

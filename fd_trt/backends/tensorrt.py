@@ -467,8 +467,12 @@ def _build_plan(
     config.add_optimization_profile(profile)
     cache_path = folder / timing_cache_file_name(version, cc)
     if timing_cache:
-        cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-        if not config.set_timing_cache(cache, False):
+        try:
+            cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+        except Exception as exc:  # noqa: BLE001 - a corrupt cache (a killed writer before atomic writes) only costs time
+            logger.warning("%s is unreadable (%s); starting a new timing cache", cache_path, exc)
+            cache = config.create_timing_cache(b"")
+        if cache is None or not config.set_timing_cache(cache, False):
             logger.warning("%s does not fit TensorRT %s on %s; starting a new timing cache", cache_path, version, gpu_name)
             config.set_timing_cache(config.create_timing_cache(b""), False)
     logger.info("building the TensorRT %s plan (rows %s, optimization level %d) on %s", role, rows.as_list(),
