@@ -459,3 +459,33 @@ def test_a_corrupt_plan_is_refused_and_a_truncated_one_rebuilt(trt, graphs, tmp_
     with TrtRunner(folder, build=False, warmup=False) as runner, OrtRunner(folder) as ort:
         out = runner.decode(runner.encode(sample, t, text), torch.tensor([600.0]), text)
         assert rel_l2(out, ort.decode(ort.encode(sample, t, text), torch.tensor([600.0]), text)) < 1e-5
+
+
+def test_a_refused_refit_leaves_no_stale_plan(trt, graphs, tmp_path, monkeypatch, caplog):
+    """TensorRT refusing a refit: refit() says False, and the directory holds the new graphs and no old plan."""
+    from fd_trt.engines import check_engine_dir, unet_weights_sha256
+    from fd_trt.models import tiny_sd_pipeline
+
+    sd = tiny_sd_pipeline(seed=0)
+    folder = _copy_without_plans(graphs / "fp32", tmp_path / "e")
+    with TrtRunner(folder, warmup=False) as runner:
+        old_files = {rec.file for rec in runner.plans.values()}
+        _scale_up_block(sd.unet)
+
+        def refuse(self, model):
+            self._errors.append("weights 'x' changed shape")
+            return False
+
+        monkeypatch.setattr(fake_tensorrt.OnnxParserRefitter, "refit_from_file", refuse)
+        with caplog.at_level(logging.WARNING, logger="fd_trt.backends.tensorrt"):
+            assert runner.refit(sd.unet) is False
+    assert any("could not refit" in r.message and "changed shape" in r.message for r in caplog.records)
+    manifest = check_engine_dir(folder, sd.unet, full_hash=True)  # the new graphs, recorded
+    assert manifest.unet_sha256 == unet_weights_sha256(sd.unet) and manifest.plans == {}
+    assert not any((folder / f).exists() for f in old_files)
+    monkeypatch.undo()
+    fake_tensorrt.install(monkeypatch)
+    with TrtRunner(folder, warmup=False) as rebuilt, OrtRunner(folder) as ort:  # rebuilt from the new graphs
+        sample, t, text = _inputs()
+        out = rebuilt.decode(rebuilt.encode(sample, t, text), torch.tensor([400.0]), text)
+        assert rel_l2(out, ort.decode(ort.encode(sample, t, text), torch.tensor([400.0]), text)) < 1e-5
