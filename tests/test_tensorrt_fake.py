@@ -489,3 +489,27 @@ def test_a_refused_refit_leaves_no_stale_plan(trt, graphs, tmp_path, monkeypatch
         sample, t, text = _inputs()
         out = rebuilt.decode(rebuilt.encode(sample, t, text), torch.tensor([400.0]), text)
         assert rel_l2(out, ort.decode(ort.encode(sample, t, text), torch.tensor([400.0]), text)) < 1e-5
+
+
+def test_a_fused_lora_is_refit_into_the_plans(trt, own_sd, latents):
+    """diffusers + peft: a LoRA fused into the UNet (fuse_lora, unload_lora_weights) is refit, not rebuilt."""
+    from peft import LoraConfig
+
+    common = dict(num_inference_steps=6, latents=latents, output_type="latent", schedule="paper")
+    pipe = FasterDiffusionPipeline.from_diffusers(own_sd, backend="tensorrt", device="cpu", precision="fp32",
+                                                  progress=False)
+    before = pipe(PROMPT, **common).latents
+    runner, builds = pipe.runner, len(fake_tensorrt.Builder.builds)
+    torch.manual_seed(0)  # the LoRA's random (non-zero) initialization
+    own_sd.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                       init_lora_weights=False), adapter_name="style")
+    own_sd.fuse_lora(components=["unet"], lora_scale=0.7)
+    own_sd.unload_lora_weights()  # the fused weights stay; the module names are the plain UNet's again
+    after = pipe(PROMPT, **common).latents
+    assert pipe.runner is runner and len(fake_tensorrt.Builder.builds) == builds
+    assert isinstance(runner, TrtRunner) and runner.plans["decoder"].refitted_at > 0
+    expected = FasterDiffusionPipeline.from_diffusers(own_sd, backend="torch", device="cpu", progress=False)(
+        PROMPT, **common).latents
+    assert rel_l2(after, before) > 1e-3
+    assert rel_l2(after, expected) < 1e-4
+    pipe.close()
