@@ -451,6 +451,11 @@ def _build_plan(
         # as released): the graph's fp16 types then need the flag to keep fp16 kernels.
         config.set_flag(trt.BuilderFlag.FP16)
     if refittable:
+        # REFIT, not REFIT_IDENTICAL (refits only with the build's own weights: for weight-stripped
+        # plans, not for a LoRA) nor STRIP_PLAN (plans without weights, refit from the graph on
+        # every load). TensorRT 11.3 lists a known issue where a REFIT plan may drop a GEMM bias;
+        # tests/test_tensorrt.py compares refittable plans with ONNX Runtime on a GPU, and
+        # refittable=False builds plain plans.
         if hasattr(trt.BuilderFlag, "REFIT"):
             config.set_flag(trt.BuilderFlag.REFIT)
         else:  # not in any TensorRT 10/11 release; recorded as not refittable, so weight changes rebuild
