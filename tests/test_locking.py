@@ -199,3 +199,22 @@ def test_two_processes_building_plans_keep_both_records(tiny_sd, tmp_path):
     plans = load_manifest(folder).plans
     assert sorted(p.role for p in plans.values()) == ["decoder", "encoder"]
     assert not list(folder.glob(f"{TEMP_PREFIX}*"))
+
+
+def test_remove_graphs_leaves_a_live_process_temporaries(tmp_path):
+    from fd_trt.export import remove_graphs
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        live_tmp = tmp_path / f"{TEMP_PREFIX}{sleeper.pid}-decoder.onnx.abc"
+        dead_tmp = tmp_path / f"{TEMP_PREFIX}{dead.pid}-decoder.onnx.def"
+        live_tmp.mkdir()
+        dead_tmp.mkdir()
+        (tmp_path / "encoder.onnx").write_bytes(b"x")
+        remove_graphs(tmp_path)
+        assert live_tmp.is_dir() and not dead_tmp.exists() and not (tmp_path / "encoder.onnx").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()

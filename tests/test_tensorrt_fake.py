@@ -513,3 +513,25 @@ def test_a_fused_lora_is_refit_into_the_plans(trt, own_sd, latents):
     assert rel_l2(after, before) > 1e-3
     assert rel_l2(after, expected) < 1e-4
     pipe.close()
+
+
+def test_a_directory_another_runner_refit_is_refit_from_its_graphs(trt, graphs, tmp_path):
+    """Two replicas on one directory: the first refit exports the new graphs, the second only refits."""
+    from fd_trt.engines import file_sha256
+    from fd_trt.models import tiny_sd_pipeline
+
+    sd = tiny_sd_pipeline(seed=0)
+    folder = _copy_without_plans(graphs / "fp32", tmp_path / "e")
+    sample, t, text = _inputs()
+    with TrtRunner(folder, warmup=False) as a, TrtRunner(folder, warmup=False) as b:
+        _scale_up_block(sd.unet)
+        assert a.refit(sd.unet)
+        graph = folder / "decoder.onnx"
+        stamp = (graph.stat().st_mtime_ns, file_sha256(graph))
+        assert b.refit(sd.unet)
+        assert (graph.stat().st_mtime_ns, file_sha256(graph)) == stamp  # not exported again
+        with OrtRunner(folder) as ort:
+            ref = ort.decode(ort.encode(sample, t, text), torch.tensor([500.0]), text)
+        for runner in (a, b):
+            out = runner.decode(runner.encode(sample, t, text), torch.tensor([500.0]), text)
+            assert rel_l2(out, ref) < 1e-5
