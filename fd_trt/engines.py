@@ -16,6 +16,14 @@ What makes graphs stale:
   would be all cost.
 
 onnxruntime's and TensorRT's versions are recorded; they matter to plans, not to ONNX graphs.
+
+Concurrency and interruption. Every writer (graph export, plan builds, refits, manifest updates,
+the timing cache) holds the directory's inter-process lock, ``<engine_dir>/.build.lock``
+(:func:`engine_dir_lock`, an OS file lock the kernel releases when its holder dies), and
+re-reads the manifest after taking it. Files are written under unique temporary names
+(``.fdtmp-<pid>-...``) and renamed into place; a build removes the manifest before it replaces
+graphs and writes it last, so a build killed midway leaves no manifest and is redone, never
+loaded. Temporaries of dead processes are removed by the next build; a live one's are left alone.
 """
 
 from __future__ import annotations

@@ -24,6 +24,16 @@ execution contexts share one scratch allocation (user-managed device memory) bec
 never run at the same time. With ``cuda_graphs=True`` every (graph, row count) pair is captured
 into a CUDA graph after one warm-up run, then replayed.
 
+Encoder calls with more rows than the encoder profile's maximum run in chunks of that maximum
+(plans built for one image serve eight), and decoder calls in as many executions as the profile
+needs; ``launches`` counts each execution.
+
+Weight changes (a fused LoRA). Plans are built refittable (``BuilderFlag.REFIT``);
+:meth:`TrtRunner.refit` re-exports the graphs from the new weights and refits the loaded engines
+from them by initializer name, then writes the refitted plans and the manifest back, under the
+directory's lock, so that no process loads a plan with old weights. Non-refittable plans make
+``refit`` return ``False``, and the pipeline rebuilds.
+
 ``tensorrt`` is imported only inside functions: importing this module needs neither TensorRT
 nor CUDA, and what needs them raises :class:`~fd_trt.errors.BackendUnavailableError` with an
 install hint when they are missing.
