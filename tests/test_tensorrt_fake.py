@@ -479,6 +479,9 @@ def test_a_refused_refit_leaves_no_stale_plan(trt, graphs, tmp_path, monkeypatch
         monkeypatch.setattr(fake_tensorrt.OnnxParserRefitter, "refit_from_file", refuse)
         with caplog.at_level(logging.WARNING, logger="fd_trt.backends.tensorrt"):
             assert runner.refit(sd.unet) is False
+        sample, t, text = _inputs()
+        with pytest.raises(EngineMismatchError, match=r"failed to refit .* create a new runner"):
+            runner.encode(sample, t, text)  # its engines may hold a mix of old and new weights
     assert any("could not refit" in r.message and "changed shape" in r.message for r in caplog.records)
     manifest = check_engine_dir(folder, sd.unet, full_hash=True)  # the new graphs, recorded
     assert manifest.unet_sha256 == unet_weights_sha256(sd.unet) and manifest.plans == {}
@@ -530,6 +533,9 @@ def test_a_directory_another_runner_refit_is_refit_from_its_graphs(trt, graphs, 
         stamp = (graph.stat().st_mtime_ns, file_sha256(graph))
         assert b.refit(sd.unet)
         assert (graph.stat().st_mtime_ns, file_sha256(graph)) == stamp  # not exported again
+        plan = folder / b.plans["decoder"].file
+        plan_stamp = plan.stat().st_mtime_ns
+        assert b.refit(sd.unet) and plan.stat().st_mtime_ns == plan_stamp  # up to date: nothing rewritten
         with OrtRunner(folder) as ort:
             ref = ort.decode(ort.encode(sample, t, text), torch.tensor([500.0]), text)
         for runner in (a, b):

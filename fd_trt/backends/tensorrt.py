@@ -788,6 +788,7 @@ class TrtRunner(Runner):
         self.warmup = warmup
         self.full_hash = full_hash
         self.refittable = bool(refittable)
+        self._refit_failure: str | None = None  # why a refit failed; the runner then refuses to run
         self._enc: _Engine | None = None
         self._dec: _Engine | None = None
         self._runtime: trt.Runtime | None = None
@@ -1023,14 +1024,20 @@ class TrtRunner(Runner):
                     (self.engine_dir / stale).unlink(missing_ok=True)
                     logger.info("%s: removed %s (it holds the old weights; it is rebuilt where it is used)",
                                 self.engine_dir, stale)
-            else:  # another process already refit this directory to these weights: refit ours from its graphs
+            else:  # the directory holds these weights already (another process refit it, or nothing changed)
                 new = manifest
+                recorded = [new.plans.get(e.path.name) for e in entries]
+                if all(r is not None and r.sha256 == self.plans[e.role].sha256
+                       and r.graph_sha256 == new.graphs[e.role].sha256 for r, e in zip(recorded, entries)):
+                    return True  # our engines are the recorded plans of these very graphs: nothing to refit
             assert self._stream is not None
             self._stream.synchronize()  # TensorRT: refitting an engine with queued work is undefined
             try:
                 for e in entries:
                     self._refit_engine(trt, e, self.engine_dir / new.graphs[e.role].file)
             except FdTrtError as exc:
+                # A failed refit may have changed some weights: these engines must not run again.
+                self._refit_failure = str(exc)
                 save_manifest(self.engine_dir, new)  # new graphs, no plans: the next load rebuilds them
                 for e in entries:
                     (self.engine_dir / e.path.name).unlink(missing_ok=True)
@@ -1159,14 +1166,23 @@ class TrtRunner(Runner):
         else:
             dst.view(steps, n, *tail).copy_(value.unsqueeze(0).expand(steps, *value.shape))
 
+    def _check_usable(self) -> None:
+        if self._refit_failure is not None:
+            raise EngineMismatchError(
+                f"this TensorRT runner of {self.engine_dir} failed to refit new weights ({self._refit_failure}) and may "
+                "hold a mix of old and new weights: close it and create a new runner, which rebuilds the plans"
+            )
+
     def encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> Features:
         self._check_active()
         with self.exclusive():  # the plans' buffers and contexts are shared by every call
+            self._check_usable()
             return self._encode(sample, timestep, text)
 
     def decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         self._check_active()
         with self.exclusive():
+            self._check_usable()
             return self._decode(features, timesteps, text)
 
     @staticmethod
