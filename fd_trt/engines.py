@@ -16,19 +16,29 @@ What makes graphs stale:
   would be all cost.
 
 onnxruntime's and TensorRT's versions are recorded; they matter to plans, not to ONNX graphs.
+
+Concurrency and interruption. Every writer (graph export, plan builds, refits, manifest updates,
+the timing cache) holds the directory's inter-process lock, ``<engine_dir>/.build.lock``
+(:func:`engine_dir_lock`, an OS file lock the kernel releases when its holder dies), and
+re-reads the manifest after taking it. Files are written under unique temporary names
+(``.fdtmp-<pid>-...``) and renamed into place; a build removes the manifest before it replaces
+graphs and writes it last, so a build killed midway leaves no manifest and is redone, never
+loaded. Temporaries of dead processes are removed by the next build; a live one's are left alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -43,6 +53,7 @@ from .export import (
     check_graph_file,
     export_unet,
     remove_graphs,
+    write_atomic,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,6 +66,63 @@ PLAN_SUFFIX = ".plan"
 TOOLCHAIN_PACKAGES = ("torch", "diffusers", "onnx")
 RECORDED_PACKAGES = (*TOOLCHAIN_PACKAGES, "onnxruntime", "onnxruntime-gpu", "tensorrt", "fd_trt")
 _HASH_CHUNK = 16 << 20
+#: The inter-process lock of an engine directory, held around every build and manifest update.
+LOCK_FILE = ".build.lock"
+#: After this many seconds waiting for the lock, say who is waiting for what (then keep waiting).
+LOCK_NOTICE_SECONDS = 2.0
+_LOCKS: dict[str, Any] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _dir_lock(folder: Path) -> Any:
+    """One ``FileLock`` object per engine directory and process.
+
+    Two ``FileLock`` objects on one file in one process would each take an OS lock on their own
+    descriptor and block each other; one shared object is reentrant within a thread (nested
+    ``build_plans`` inside a runner's activation) and still excludes other threads.
+    """
+    from filelock import FileLock
+
+    key = os.path.realpath(folder)
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(key)
+        if lock is None:
+            lock = _LOCKS[key] = FileLock(str(folder / LOCK_FILE))
+        return lock
+
+
+@contextlib.contextmanager
+def engine_dir_lock(engine_dir: str | os.PathLike[str], what: str = "build") -> Iterator[None]:
+    """Holds the engine directory's build lock (``<engine_dir>/.build.lock``), across processes.
+
+    Every writer of an engine directory (graph export, plan builds, refits, manifest updates,
+    the timing cache) holds it, and re-reads the manifest once it has it: another process may
+    have just built what it came to build. The lock is an OS file lock (``flock``), which the
+    kernel drops when its holder dies, so a killed build never leaves a lock that blocks the next
+    one; the lock file itself stays, harmlessly. Reentrant within a thread.
+
+    Args:
+        engine_dir: the engine directory; created when missing.
+        what: what the caller is about to do, for the waiting message.
+
+    Yields:
+        Nothing; the lock is held inside the ``with`` block.
+    """
+    from filelock import Timeout
+
+    folder = Path(engine_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = _dir_lock(folder)
+    try:
+        lock.acquire(timeout=LOCK_NOTICE_SECONDS)
+    except Timeout:
+        logger.warning("waiting for another process (or thread) that holds %s to finish before the %s of %s",
+                       folder / LOCK_FILE, what, folder)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def adapter_state(unet: nn.Module) -> list[list[Any]]:
@@ -269,6 +337,9 @@ class PlanRecord:
         workspace_bytes: the workspace pool limit, or ``None`` for TensorRT's default.
         built_at: build time, seconds since the epoch.
         build_seconds: how long the build took.
+        refittable: built with ``BuilderFlag.REFIT`` (new weights can be refit in place);
+            ``False`` in manifests written before refits existed.
+        refitted_at: when new weights were last refit into the plan (0: never).
     """
 
     role: str
@@ -284,6 +355,8 @@ class PlanRecord:
     workspace_bytes: int | None = None
     built_at: float = 0.0
     build_seconds: float = 0.0
+    refittable: bool = False
+    refitted_at: float = 0.0
 
 
 @dataclass
@@ -583,7 +656,10 @@ def check_engine_dir(
 
 
 def save_manifest(engine_dir: str | os.PathLike[str], manifest: Manifest) -> Path:
-    """Writes ``<engine_dir>/manifest.json`` atomically (a temporary file, then a rename).
+    """Writes ``<engine_dir>/manifest.json`` atomically (a unique temporary file, then a rename).
+
+    Callers that read, change and rewrite a manifest hold :func:`engine_dir_lock` around all
+    three, so that two processes never overwrite each other's records.
 
     Args:
         engine_dir: the engine directory.
@@ -593,9 +669,7 @@ def save_manifest(engine_dir: str | os.PathLike[str], manifest: Manifest) -> Pat
         The manifest's path.
     """
     path = Path(engine_dir) / MANIFEST_FILE
-    tmp = path.with_name(MANIFEST_FILE + ".tmp")
-    tmp.write_text(manifest.to_json())
-    os.replace(tmp, path)
+    write_atomic(path, manifest.to_json().encode())
     return path
 
 
@@ -733,7 +807,9 @@ def build_engines(
     """Builds (or keeps) the ONNX graphs of an engine directory.
 
     A second call with an unchanged model and settings reads the manifest and the files' hashes,
-    writes nothing and reports ``built=False``.
+    writes nothing and reports ``built=False``. Concurrent calls on one directory (processes,
+    Ray replicas warming one cache) are serialized by :func:`engine_dir_lock`: one exports, the
+    others wait, find the graphs up to date and report ``built=False``.
 
     Args:
         unet: the UNet to export.
@@ -766,34 +842,73 @@ def build_engines(
         model_source=model_source,
         unet_sha256=unet_sha256,
     )
-    reason = "forced" if force else "no manifest"
-    manifest_path = folder / MANIFEST_FILE
-    if not force and manifest_path.is_file():
-        try:
-            found = load_manifest(folder)
-            problems = _diff(expected, found, _COMPARED_FIELDS)
-            if not problems:
-                check_graph_files(folder, full_hash=True, manifest=found)
-                logger.info("%s is up to date (%s %s graphs); nothing to build", folder, found.precision, found.latent_shape)
-                return BuildResult(folder, found, False, "up to date", time.perf_counter() - t0)
-            reason = "stale: " + "; ".join(problems)
-        except EngineMismatchError as exc:
-            reason = f"unusable: {exc}"
-    logger.info("building %s (%s)", folder, reason)
+    with engine_dir_lock(folder, "graph export"):
+        # Checked under the lock: another process may have built these graphs while we waited.
+        reason = "forced" if force else "no manifest"
+        found = _up_to_date(folder, expected) if not force else None
+        if isinstance(found, Manifest):
+            logger.info("%s is up to date (%s %s graphs); nothing to build", folder, found.precision, found.latent_shape)
+            return BuildResult(folder, found, False, "up to date", time.perf_counter() - t0)
+        reason = found or reason
+        logger.info("building %s (%s)", folder, reason)
+        result = _export_into(folder, unet, expected, latent_size=latent_size, opset=opset,
+                              external_data_threshold=external_data_threshold, progress=progress, t0=t0)
+    logger.info(
+        "built %s in %.1f s: encoder %.1f MB, decoder %.1f MB",
+        folder,
+        expected.build_seconds,
+        result.encoder.bytes / 1e6,
+        result.decoder.bytes / 1e6,
+    )
+    return BuildResult(folder, expected, True, reason, time.perf_counter() - t0)
 
-    folder.mkdir(parents=True, exist_ok=True)
-    # No manifest while the graphs are half-written, so an interrupted build is never taken as valid.
-    if manifest_path.exists():
-        manifest_path.unlink()
-    remove_graphs(folder)
-    for stale_plan in folder.glob(f"*{PLAN_SUFFIX}"):  # plans of the old graphs would never run again
-        stale_plan.unlink()
+
+def _up_to_date(folder: Path, expected: Manifest) -> Manifest | str | None:
+    """The manifest when the folder's graphs match ``expected``; else why not (``None``: no manifest)."""
+    if not (folder / MANIFEST_FILE).is_file():
+        return None
+    try:
+        found = load_manifest(folder)
+        problems = _diff(expected, found, _COMPARED_FIELDS)
+        if problems:
+            return "stale: " + "; ".join(problems)
+        check_graph_files(folder, full_hash=True, manifest=found)
+        return found
+    except EngineMismatchError as exc:
+        return f"unusable: {exc}"
+
+
+def _export_into(
+    folder: Path,
+    unet: nn.Module,
+    expected: Manifest,
+    *,
+    latent_size: tuple[int, int],
+    opset: int,
+    external_data_threshold: int,
+    progress: bool,
+    t0: float,
+    keep_plans: bool = False,
+) -> Any:
+    """Exports the graphs into ``folder`` and writes ``expected`` (with graph records) as its manifest.
+
+    The caller holds :func:`engine_dir_lock`. The manifest is removed first and written last, so
+    a build killed in between leaves no manifest, and nothing half-written is ever loaded (the
+    next build starts over). With ``keep_plans`` the plan files stay (a refit rewrites them
+    next); otherwise plans of the old graphs, which could never run again, are deleted.
+    """
+    manifest_path = folder / MANIFEST_FILE
+    manifest_path.unlink(missing_ok=True)
+    remove_graphs(folder)  # also removes temporaries that killed builds left
+    if not keep_plans:
+        for stale_plan in folder.glob(f"*{PLAN_SUFFIX}"):
+            stale_plan.unlink()
     result = export_unet(
         unet,
         folder,
         latent_size=latent_size,
         text_shape=tuple(expected.text_shape),  # type: ignore[arg-type]
-        precision=precision,
+        precision=expected.precision,
         opset=opset,
         example_rows=2,
         external_data_threshold=external_data_threshold,
@@ -803,17 +918,9 @@ def build_engines(
     expected.num_skips = result.num_skips
     expected.built_at = time.time()
     expected.build_seconds = time.perf_counter() - t0
-    tmp = manifest_path.with_name(MANIFEST_FILE + ".tmp")
-    tmp.write_text(expected.to_json())
-    os.replace(tmp, manifest_path)
-    logger.info(
-        "built %s in %.1f s: encoder %.1f MB, decoder %.1f MB",
-        folder,
-        expected.build_seconds,
-        result.encoder.bytes / 1e6,
-        result.decoder.bytes / 1e6,
-    )
-    return BuildResult(folder, expected, True, reason, time.perf_counter() - t0)
+    if not keep_plans:
+        save_manifest(folder, expected)
+    return result
 
 
 def verify_graphs_parse(engine_dir: str | os.PathLike[str]) -> None:
@@ -839,6 +946,8 @@ __all__ = [
     "PlanRecord",
     "build_engines",
     "check_engine_dir",
+    "engine_dir_lock",
+    "LOCK_FILE",
     "check_graph_files",
     "check_plan",
     "find_plan",

@@ -61,10 +61,86 @@ ENCODER_INPUTS = ("sample", "timestep", "encoder_hidden_states")
 DECODER_OUTPUT = "noise_pred"
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
+#: Every temporary file or folder fd_trt writes in an engine directory starts with this, then the
+#: writer's process id: ``.fdtmp-<pid>-...``. The pid lets a later build tell a dead process's
+#: leftovers (removed) from a live one's work in progress (left alone).
+TEMP_PREFIX = ".fdtmp-"
 
 
 class CorruptGraphError(EngineMismatchError):
     """A graph file is truncated, corrupt, or not the ONNX graph fd_trt wrote."""
+
+
+def temp_prefix(name: str = "") -> str:
+    """The prefix of this process's temporaries in an engine directory: ``.fdtmp-<pid>-<name>.``.
+
+    Args:
+        name: the final file's name, for people reading a folder listing.
+
+    Returns:
+        The prefix, for :mod:`tempfile`'s ``prefix``.
+    """
+    return f"{TEMP_PREFIX}{os.getpid()}-{name}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Deletes the temporaries that dead processes left in a folder (a build killed mid-write).
+
+    Only entries named ``.fdtmp-<pid>-...`` whose process no longer exists are removed; a live
+    process's temporaries (its build in progress), this process's own and anything else are kept.
+
+    Args:
+        folder: an engine directory.
+
+    Returns:
+        The removed paths.
+    """
+    removed = []
+    for p in Path(folder).glob(f"{TEMP_PREFIX}*"):
+        pid = p.name[len(TEMP_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    if removed:
+        logger.info("removed %d temporaries of dead processes in %s", len(removed), folder)
+    return removed
+
+
+def write_atomic(path: str | os.PathLike[str], data: Any) -> None:
+    """Writes bytes under a unique temporary name in the same folder, then renames it into place.
+
+    A reader (another process included) sees the old file or the whole new one, never a partial
+    one; two writers never share a temporary. The temporary is removed when the write fails.
+
+    Args:
+        path: the final file.
+        data: bytes, or any buffer (``memoryview``, TensorRT's ``IHostMemory``).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not reach the disk before the bytes do
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _require_onnx() -> Any:
@@ -285,8 +361,10 @@ def save_onnx(
 ) -> Path | None:
     """Saves a model, moving its weights to ``<name>.data`` when they exceed the threshold.
 
-    The file is written under a temporary name and renamed, so that an interrupted save never
-    leaves a truncated graph under the final name.
+    The graph (and its ``.data``) are written into a temporary folder of this process
+    (``.fdtmp-<pid>-...``) next to ``path`` and renamed into place, data first: an interrupted
+    save never leaves a truncated graph under the final name, and two processes never write the
+    same temporary.
 
     Args:
         model: the model (weights loaded).
@@ -299,19 +377,23 @@ def save_onnx(
     onnx = _require_onnx()
     path = Path(path)
     data_path = path.with_name(path.name + ".data")
-    tmp = path.with_name(path.name + ".tmp")
     external = initializer_bytes(model) > external_data_threshold
-    for stale in (data_path, tmp):
-        if stale.exists():
-            stale.unlink()
-    if external:
-        # The location recorded in the graph is the final name; the data file is written in place.
-        onnx.save_model(
-            model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data_path.name, size_threshold=1024
-        )
-    else:
-        onnx.save_model(model, tmp)
-    os.replace(tmp, path)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name), dir=path.parent))
+    try:
+        tmp = tmp_dir / path.name
+        if external:
+            # The graph records the data file by its relative name, the same in the temporary folder.
+            onnx.save_model(
+                model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data_path.name,
+                size_threshold=1024,
+            )
+            os.replace(tmp_dir / data_path.name, data_path)
+        else:
+            onnx.save_model(model, tmp)
+            data_path.unlink(missing_ok=True)  # an older export's weights would shadow nothing, but mislead
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     return data_path if external else None
 
 
@@ -349,7 +431,7 @@ def _export_graph(
     onnx = _require_onnx()
     seconds: dict[str, float] = {}
     dynamic = {name: {0: "rows"} for name in (*input_names, *output_names)}
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=path.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=temp_prefix(path.name), dir=path.parent) as tmp:
         raw = Path(tmp) / "raw.onnx"
         t0 = time.perf_counter()
         bar.set_postfix_str(f"{path.stem}: trace")
@@ -624,18 +706,19 @@ def compare_precisions(
 
 
 def remove_graphs(out_dir: str | os.PathLike[str]) -> None:
-    """Deletes the graph files (and their external data) in a folder.
+    """Deletes the graph files (and their external data) in a folder, and dead processes' temporaries.
+
+    Temporaries of live processes are left alone (see :func:`remove_stale_temporaries`): a
+    concurrent export's work is not this call's to delete.
 
     Args:
         out_dir: an export folder.
     """
     out = Path(out_dir)
     for name in (ENCODER_FILE, DECODER_FILE):
-        for p in (out / name, out / (name + ".data"), out / (name + ".tmp")):
-            if p.exists():
-                p.unlink()
-    for p in out.glob(".export-*"):
-        shutil.rmtree(p, ignore_errors=True)
+        for p in (out / name, out / (name + ".data")):
+            p.unlink(missing_ok=True)
+    remove_stale_temporaries(out)
 
 
 __all__ = [
@@ -651,5 +734,9 @@ __all__ = [
     "example_inputs",
     "export_unet",
     "optimize_onnx",
+    "remove_graphs",
+    "remove_stale_temporaries",
     "save_onnx",
+    "temp_prefix",
+    "write_atomic",
 ]

@@ -20,8 +20,8 @@ What it does, and why each step is there:
    (``builder.create_netwrok``, ``trt.BuilderFlag.FP61``) fails here.
 4. Checks that the CPU stand-in the tests run instead of TensorRT (``tests/fake_tensorrt.py``)
    has TensorRT's names: each of its public classes, methods, properties and enum members
-   exists in the stubs, and each method's parameter names are those of one of the stubbed
-   overloads. A stand-in that drifted from TensorRT would let the CPU tests pass on calls that
+   exists in the stubs, and each method's parameter names (constructors' included, for the
+   classes TensorRT lets users construct) are those of one of the stubbed overloads. A stand-in that drifted from TensorRT would let the CPU tests pass on calls that
    fail on a GPU.
 
 Exits non-zero when mypy or the stand-in check fails.
@@ -150,7 +150,11 @@ def check_fake(stubs: Path, fake: Path = FAKE) -> list[str]:
             continue
         members = _members(node.name, classes)
         for item in node.body:
-            if isinstance(item, ast.FunctionDef) and not item.name.startswith("_"):
+            # Constructors too, of the classes TensorRT lets users construct (Refitter(engine, logger),
+            # OnnxParser(network, logger), ...); the I* classes come from factory methods, and the
+            # stand-in's constructors of those are its own.
+            public_init = isinstance(item, ast.FunctionDef) and item.name == "__init__" and "__init__" in members
+            if isinstance(item, ast.FunctionDef) and (not item.name.startswith("_") or public_init):
                 if item.name not in members:
                     problems.append(f"{fake.name}: {node.name}.{item.name} is not in TensorRT")
                     continue

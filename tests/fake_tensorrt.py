@@ -76,6 +76,7 @@ class MemoryPoolType(enum.Enum):
 
 class BuilderFlag(enum.Enum):
     FP16 = 0
+    REFIT = 4
 
 
 class ExecutionContextAllocationStrategy(enum.Enum):
@@ -250,6 +251,7 @@ class Builder:
             "inputs": [[t.name, list(t.shape), t.dtype.name] for t in network._inputs],
             "outputs": [[t.name, list(t.shape), t.dtype.name] for t in network._outputs],
             "level": config.builder_optimization_level,
+            "refit": BuilderFlag.REFIT in config.flags,
         }
         return _PLAN_MAGIC + json.dumps(header).encode() + b"\n" + network.onnx_bytes
 
@@ -267,6 +269,7 @@ class ICudaEngine:
         import onnxruntime as ort
 
         self.header = header
+        self.onnx_bytes = onnx_bytes
         self._io = {name: (Dims(shape), DataType[dtype], TensorIOMode.INPUT) for name, shape, dtype in header["inputs"]}
         self._io.update({name: (Dims(shape), DataType[dtype], TensorIOMode.OUTPUT) for name, shape, dtype in header["outputs"]})
         self._names = list(self._io)
@@ -277,6 +280,14 @@ class ICudaEngine:
         self.contexts: list[IExecutionContext] = []
         #: False makes execute_async_v3 fail during a CUDA-graph capture, as plans TensorRT cannot capture do.
         self._capturable = True
+
+    @property
+    def refittable(self) -> bool:
+        return bool(self.header.get("refit", False))
+
+    def serialize(self) -> bytes:
+        """The plan, with the weights of the latest refit."""
+        return _PLAN_MAGIC + json.dumps(self.header).encode() + b"\n" + self.onnx_bytes
 
     @property
     def num_io_tensors(self) -> int:
@@ -404,6 +415,90 @@ class Runtime:
             return None
         header, onnx_bytes = data[len(_PLAN_MAGIC):].split(b"\n", 1)
         return ICudaEngine(json.loads(header), onnx_bytes)
+
+
+# ---- refit ---------------------------------------------------------------------------------------
+def _initializers(proto: Any) -> dict[str, Any]:
+    return {t.name: t for t in proto.graph.initializer}
+
+
+class Refitter:
+    """Stages new weights for an engine, by name, and swaps them in with ``refit_cuda_engine``.
+
+    Strict where TensorRT is: only a refittable engine (built with ``BuilderFlag.REFIT``) can be
+    refit; every weight of the engine must be given (``get_missing_weights``), with its count and
+    type unchanged; refitting while the engine has queued work fails (TensorRT: undefined).
+    """
+
+    def __init__(self, engine: ICudaEngine, logger: Logger) -> None:
+        import onnx
+
+        self.engine = engine
+        self.staged: dict[str, Any] = {}
+        self._proto = onnx.load_from_string(engine.onnx_bytes)
+        if not engine.refittable:
+            log.error("Refitter: the engine was not built with BuilderFlag.REFIT")
+
+    def get_missing_weights(self) -> list[str]:
+        return sorted(set(_initializers(self._proto)) - set(self.staged))
+
+    def refit_cuda_engine(self) -> bool:
+        import onnx
+        import onnxruntime as ort
+
+        if not self.engine.refittable:
+            log.error("refit_cuda_engine: the engine is not refittable")
+            return False
+        if self.get_missing_weights():
+            log.error("refit_cuda_engine: missing weights %s", self.get_missing_weights()[:5])
+            return False
+        busy = [h for h, st in _STREAMS.items() if any(job.ctx.engine is self.engine for job in st.pending)]
+        if busy:
+            log.error("refit_cuda_engine with work queued on streams %s (undefined in TensorRT)", busy)
+            return False
+        current = _initializers(self._proto)
+        for name, tensor in self.staged.items():
+            current[name].CopyFrom(tensor)
+        self.engine.onnx_bytes = self._proto.SerializeToString()
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        self.engine.session = ort.InferenceSession(self.engine.onnx_bytes, opts, providers=["CPUExecutionProvider"])
+        self._proto = onnx.load_from_string(self.engine.onnx_bytes)
+        return True
+
+
+class OnnxParserRefitter:
+    """Reads an ONNX file's initializers into a :class:`Refitter`, matched to the engine's by name."""
+
+    def __init__(self, refitter: Refitter, logger: Logger) -> None:
+        self.refitter = refitter
+        self._errors: list[str] = []
+
+    @property
+    def num_errors(self) -> int:
+        return len(self._errors)
+
+    def get_error(self, index: int) -> str:
+        return self._errors[index]
+
+    def refit_from_file(self, model: str) -> bool:
+        import onnx
+
+        try:
+            proto = onnx.load(model)
+        except Exception as exc:  # noqa: BLE001 - the parser reports, it does not raise
+            self._errors.append(f"cannot read {model}: {exc}")
+            return False
+        have = _initializers(self.refitter._proto)
+        for name, tensor in _initializers(proto).items():
+            old = have.get(name)
+            if old is None:
+                self._errors.append(f"weights {name!r} are not in the engine")
+            elif list(old.dims) != list(tensor.dims) or old.data_type != tensor.data_type:
+                self._errors.append(f"weights {name!r} changed shape or type: {list(old.dims)} -> {list(tensor.dims)}")
+            else:
+                self.refitter.staged[name] = tensor
+        return not self._errors and not self.refitter.get_missing_weights()
 
 
 # ---- torch.cuda stand-ins ------------------------------------------------------------------------

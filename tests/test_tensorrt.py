@@ -167,6 +167,12 @@ def test_manifest_round_trips_plans_and_reads_old_manifests():
     raw = json.loads(m.to_json())
     del raw["plans"]  # a manifest written before plans existed
     assert Manifest.from_json(json.dumps(raw)).plans == {}
+    # A plan record written before refits existed reads as not refittable (weight changes rebuild it).
+    raw = json.loads(m.to_json())
+    for rec in raw["plans"].values():
+        del rec["refittable"], rec["refitted_at"]
+    old = next(iter(Manifest.from_json(json.dumps(raw)).plans.values()))
+    assert old.refittable is False and old.refitted_at == 0.0
 
 
 # ---- availability -----------------------------------------------------------------------------
@@ -342,3 +348,56 @@ def test_plans_are_reused_and_foreign_plans_refused(trt_engine_dir):
         for rec in manifest.plans.values():
             rec.tensorrt_version = trt.__version__
         save_manifest(trt_engine_dir, manifest)
+
+
+@pytest.mark.gpu
+@needs_trt
+def test_encoder_calls_beyond_the_profile_run_in_chunks_on_the_gpu(trt_engine_dir):
+    """6 rows through the 2-row fp16 encoder plan: 3 launches, the features of 3 separate 2-row calls."""
+    gen = torch.Generator().manual_seed(0)
+    sample = torch.randn(6, 4, 8, 8, generator=gen).cuda()
+    text = torch.randn(6, 16, 32, generator=gen).cuda()
+    t = torch.linspace(900.0, 100.0, 6, device="cuda")
+    with TrtRunner(trt_engine_dir, warmup=False) as runner:
+        whole = runner.encode(sample, t, text)
+        assert runner.launches["encoder"] == 3
+        parts = [runner.encode(sample[i : i + 2], t[i : i + 2], text[i : i + 2]) for i in (0, 2, 4)]
+    for k, tensor in enumerate(whole.tensors()):
+        torch.testing.assert_close(tensor, torch.cat([p.tensors()[k] for p in parts]), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@needs_trt
+def test_refit_on_the_gpu_equals_a_rebuild(tmp_path):
+    """Refit plans with new weights against plans built from those weights (same TensorRT, same GPU).
+
+    Also guards TensorRT 11.3's known issue (a REFIT plan may drop a GEMM bias): the refittable
+    plan is compared with ONNX Runtime on the new graph.
+    """
+    from fd_trt.backends.onnxruntime import OrtRunner
+    from fd_trt.engines import build_engines, load_manifest
+    from fd_trt.models import tiny_sd_pipeline
+
+    sd = tiny_sd_pipeline(seed=0)
+    common = dict(latent_size=(8, 8), text_shape=(16, 32), precision="fp16", max_segment_steps=4, progress=False)
+    build_engines(sd.unet, tmp_path / "refit", **common)
+    with torch.no_grad():
+        for name, param in sd.unet.named_parameters():
+            if name.startswith("up_blocks.1."):
+                param.mul_(1.25)
+    build_engines(sd.unet, tmp_path / "rebuilt", **common)
+    gen = torch.Generator().manual_seed(0)
+    sample, text = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 16, 32, generator=gen)
+    t, steps = torch.tensor([900.0, 900.0]), torch.tensor([700.0, 300.0])
+    outs = {}
+    with TrtRunner(tmp_path / "refit", opt_segment_steps=2) as runner:
+        assert runner.refit(sd.unet)
+        outs["refit"] = runner.decode(runner.encode(sample.cuda(), t.cuda(), text.cuda()), steps.cuda(), text.cuda()).cpu()
+    assert all(r.refitted_at > 0 for r in load_manifest(tmp_path / "refit").plans.values())
+    with TrtRunner(tmp_path / "rebuilt", opt_segment_steps=2) as runner:
+        outs["rebuilt"] = runner.decode(runner.encode(sample.cuda(), t.cuda(), text.cuda()), steps.cuda(), text.cuda()).cpu()
+    with OrtRunner(tmp_path / "rebuilt") as ort:
+        ref = ort.decode(ort.encode(sample, t, text), steps, text)
+    for key, out in outs.items():
+        rel = float((out - ref).norm() / ref.norm())
+        assert rel < 2e-2, (key, rel)

@@ -82,7 +82,9 @@ def test_plans_are_built_into_the_manifest_with_the_asked_settings(trt, graphs, 
     assert dtypes["mid"] == "HALF"  # the fp16 graph's own types decide the plan's precision
     _, config = fake_tensorrt.Builder.builds[-1]
     assert config.pool_limits == {fake_tensorrt.MemoryPoolType.WORKSPACE: 1 << 30}
-    assert not config.flags  # strongly typed: no FP16 builder flag
+    # Strongly typed: no FP16 builder flag; REFIT, so that new weights can be refit in place.
+    assert config.flags == {fake_tensorrt.BuilderFlag.REFIT}
+    assert plans["decoder"].refittable and header["refit"]
     cache = folder / "timing.trt10.13.0.fake.sm90.cache"
     # Two entries: the decoder's build started from the cache the encoder's build wrote.
     assert cache.read_bytes() == fake_tensorrt.ITimingCache(2).serialize()
@@ -194,21 +196,96 @@ def test_the_stand_in_catches_a_missing_stream_wait(trt, graphs, monkeypatch):
     assert torch.equal(stale, good[1]) and not torch.equal(stale, good[0])
 
 
-def test_rows_outside_the_profiles_are_refused(trt, graphs):
-    sample, t, text = _inputs(rows=4)
+def test_encoder_rows_beyond_the_profile_run_in_chunks(trt, graphs):
+    """6 rows through a 2-row encoder plan: 3 executions, the features of one 6-row ONNX Runtime run."""
+    sample, t, text = _inputs(rows=6)
+    t = torch.linspace(900.0, 100.0, 6)  # distinct per row, so a chunk that read another's rows shows
+    with OrtRunner(graphs / "fp32") as ort, TrtRunner(graphs / "fp32", warmup=False) as runner:
+        assert runner._enc is not None and runner._enc.max_rows == 2
+        feats, ref = runner.encode(sample, t, text), ort.encode(sample, t, text)
+        assert runner.launches["encoder"] == 3
+        assert feats.rows == 6
+        for a, b in zip(feats.tensors(), ref.tensors()):
+            assert rel_l2(a, b) < 1e-5
+        # 6 rows per step are within the decoder's 8: one step per execution, two steps in two.
+        out = runner.decode(feats, torch.tensor([800.0, 700.0]), text)
+        assert runner.launches["decoder"] == 2
+        assert rel_l2(out, ort.decode(ref, torch.tensor([800.0, 700.0]), text)) < 1e-5
+        # 10 rows per step exceed the decoder's 8 too: each step runs in row chunks (8 + 2).
+        s10, t10, x10 = _inputs(rows=10)
+        f10 = runner.encode(s10, t10, x10)
+        out10 = runner.decode(f10, torch.tensor([600.0, 300.0]), x10)
+        assert runner.launches["encoder"] == 3 + 5 and runner.launches["decoder"] == 2 + 4
+        ref10 = ort.decode(ort.encode(s10, t10, x10), torch.tensor([600.0, 300.0]), x10)
+        assert out10.shape == (20, 4, 8, 8) and rel_l2(out10, ref10) < 1e-5
+
+
+def test_a_decode_split_in_two_executions_counts_two_launches(trt, graphs):
+    sample, t, text = _inputs()
+    with TrtRunner(graphs / "fp32", warmup=False) as runner:
+        feats = runner.encode(sample, t, text)
+        runner.decode(feats, torch.tensor([700.0, 600.0, 500.0, 400.0, 300.0]), text)  # 10 rows > the plan's 8
+        assert runner.launches == {"encoder": 1, "decoder": 2}
+
+
+def test_calls_from_two_threads_equal_sequential_calls(trt, graphs):
+    """The runner's exclusive lock: two threads sharing its buffers get what one thread gets."""
+    import threading
+
+    inputs = [_inputs() for _ in range(2)]
+    inputs[1] = (inputs[1][0] * -0.5, torch.full((2,), 300.0), inputs[1][2] * 2)
+    steps = [torch.tensor([800.0, 600.0, 400.0, 200.0, 100.0]), torch.tensor([500.0, 50.0])]
+    with TrtRunner(graphs / "fp32", warmup=False) as runner:
+        sequential = []
+        for (x, t, text), ts in zip(inputs, steps):
+            sequential.append(runner.decode(runner.encode(x, t, text), ts, text))
+        results: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+        barrier = threading.Barrier(2)
+
+        def work(i: int) -> None:
+            x, t, text = inputs[i]
+            barrier.wait()
+            for _ in range(3):
+                results[i].append(runner.decode(runner.encode(x, t, text), steps[i], text))
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    for i in range(2):
+        assert len(results[i]) == 3
+        for out in results[i]:
+            torch.testing.assert_close(out, sequential[i], rtol=0, atol=0)
+
+
+def test_rows_the_profiles_cannot_take_are_refused(trt, graphs):
+    sample, t, text = _inputs(rows=2)
     with TrtRunner(graphs / "fp32") as runner:
-        with pytest.raises(InputError, match=r"4 rows are outside the encoder plan's profile \(1\.\.2\): .* --batch 2"):
-            runner.encode(sample, t, text)
         with pytest.raises(InputError, match=r"sample has shape \(2, 4, 4, 4\)"):
             runner.encode(torch.zeros(2, 4, 4, 4), t[:2], text[:2])
+        enc = runner._enc
+        assert enc is not None
+        enc.min_rows = 2  # a plan built with a minimum of 2 rows cannot take 1, nor 5 split as 2+2+1 -> 3+2
+        with pytest.raises(InputError, match=r"1 rows are outside the encoder plan's profile \(2\.\.2\)"):
+            runner.encode(sample[:1], t[:1], text[:1])
+        s5, t5, x5 = _inputs(rows=5)
+        with pytest.raises(InputError, match=r"5 rows cannot be split into encoder plan calls of 2\.\.2 rows"):
+            runner.encode(s5, t5, x5)
 
 
-def test_more_images_than_the_plans_take_get_a_rebuild_hint(trt, graphs, tiny_sd):
+def test_more_images_than_the_plans_were_built_for_run_in_chunks(trt, graphs, tiny_sd):
+    common = dict(num_images_per_prompt=3, num_inference_steps=4, output_type="latent",
+                  generator=torch.Generator().manual_seed(3))
     pipe = FasterDiffusionPipeline.from_diffusers(tiny_sd, backend="tensorrt", device="cpu", precision="fp32",
                                                   progress=False, engines=graphs / "fp32")
-    with pytest.raises(InputError, match=r"6 rows are outside the encoder plan's profile \(1\.\.2\).* --batch 3"):
-        pipe(PROMPT, num_images_per_prompt=3, num_inference_steps=4, output_type="latent")
+    ort = FasterDiffusionPipeline.from_diffusers(tiny_sd, backend="onnxruntime", device="cpu", progress=False,
+                                                 engines=graphs / "fp32")
+    out = pipe(PROMPT, **common)
+    ref = ort(PROMPT, **{**common, "generator": torch.Generator().manual_seed(3)})
+    assert out.latents.shape[0] == 3 and rel_l2(out.latents, ref.latents) < 1e-5
     pipe.close()
+    ort.close()
 
 
 @pytest.mark.parametrize("schedule", ["paper", "all"])
@@ -269,6 +346,191 @@ def test_foreign_plans_are_refused_or_rebuilt(trt, graphs, tmp_path, caplog):
         TrtRunner(folder, build=False).activate()
 
 
+def _scale_up_block(unet, factor: float = 1.5) -> None:
+    """New weights in place, as a fused LoRA writes them: the up blocks' first attention projections."""
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if name.startswith("up_blocks.1.") and ("to_q" in name or "proj_in" in name or "conv1" in name):
+                param.mul_(factor)
+
+
+@pytest.fixture
+def own_sd(monkeypatch, tmp_path):
+    """A tiny SD of its own (the tests change its weights) and an empty graph cache."""
+    from fd_trt.models import tiny_sd_pipeline
+
+    monkeypatch.setenv("FD_TRT_CACHE", str(tmp_path / "cache"))
+    return tiny_sd_pipeline(seed=0)
+
+
+def test_a_weight_change_is_refit_into_the_plans_in_place(trt, own_sd, latents):
+    from fd_trt.engines import file_sha256, unet_weights_sha256
+
+    common = dict(num_inference_steps=6, latents=latents, output_type="latent", schedule="paper")
+    pipe = FasterDiffusionPipeline.from_diffusers(own_sd, backend="tensorrt", device="cpu", precision="fp32",
+                                                  progress=False)
+    before = pipe(PROMPT, **common).latents
+    runner = pipe.runner
+    assert isinstance(runner, TrtRunner)
+    folder = runner.engine_dir
+    old = {role: rec for role, rec in runner.plans.items()}
+    assert all(rec.refittable for rec in old.values())
+    builds = len(fake_tensorrt.Builder.builds)
+
+    _scale_up_block(own_sd.unet)
+    after = pipe(PROMPT, **common).latents
+    assert pipe.runner is runner  # refit in place: no new runner, no rebuilt plans
+    assert len(fake_tensorrt.Builder.builds) == builds
+    reference = FasterDiffusionPipeline.from_diffusers(own_sd, backend="torch", device="cpu", progress=False)
+    expected = reference(PROMPT, **common).latents
+    assert rel_l2(after, before) > 1e-2  # the change matters ...
+    assert rel_l2(after, expected) < 1e-4  # ... and the refitted plans compute with the new weights
+
+    manifest = load_manifest(folder)
+    assert manifest.unet_sha256 == unet_weights_sha256(own_sd.unet)
+    assert set(manifest.plans) == {rec.file for rec in old.values()}
+    for role, rec in old.items():
+        new = manifest.plans[rec.file]
+        assert new.refitted_at > 0 and new.sha256 == file_sha256(folder / rec.file)
+        # Only up-block (decoder) weights changed: the decoder plan's bytes change, the encoder's do not.
+        assert (new.sha256 != rec.sha256) == (role == "decoder")
+        assert new.graph_sha256 == manifest.graphs[role].sha256 == file_sha256(folder / manifest.graphs[role].file)
+    # Another process (here: a new runner, build=False) loads the refitted plans, not stale ones.
+    sample, t, text = _inputs()
+    with TrtRunner(folder, build=False, warmup=False) as fresh, OrtRunner(folder) as ort:
+        fresh_out = fresh.decode(fresh.encode(sample, t, text), torch.tensor([500.0]), text)
+        ort_out = ort.decode(ort.encode(sample, t, text), torch.tensor([500.0]), text)
+        assert rel_l2(fresh_out, ort_out) < 1e-5
+    assert len(fake_tensorrt.Builder.builds) == builds
+    pipe.close()
+
+
+def test_plans_that_are_not_refittable_are_rebuilt_for_new_weights(trt, own_sd, latents):
+    common = dict(num_inference_steps=6, latents=latents, output_type="latent", schedule="paper")
+    pipe = FasterDiffusionPipeline.from_diffusers(own_sd, backend="tensorrt", device="cpu", precision="fp32",
+                                                  progress=False, runner_options={"refittable": False})
+    pipe(PROMPT, **common)
+    first = pipe.runner
+    assert isinstance(first, TrtRunner) and not first.plans["decoder"].refittable
+    assert not first.refit(own_sd.unet)
+    _scale_up_block(own_sd.unet)
+    after = pipe(PROMPT, **common).latents
+    assert pipe.runner is not first and not first.is_active
+    assert isinstance(pipe.runner, TrtRunner) and pipe.runner.engine_dir != first.engine_dir
+    expected = FasterDiffusionPipeline.from_diffusers(own_sd, backend="torch", device="cpu", progress=False)(
+        PROMPT, **common).latents
+    assert rel_l2(after, expected) < 1e-4
+    pipe.close()
+
+
+def test_a_corrupt_plan_is_refused_and_a_truncated_one_rebuilt(trt, graphs, tmp_path, caplog):
+    folder = _copy_without_plans(graphs / "fp32", tmp_path / "e")
+    build_plans(folder, opt_segment_steps=2)
+    plan = folder / _plans(folder)["decoder"].file
+    good = plan.read_bytes()
+    plan.write_bytes(b"\0" * len(good))  # same size, garbage: only deserialization or the hash can tell
+    with pytest.raises(EngineMismatchError, match=r"could not deserialize .*decoder.*rebuild"):
+        TrtRunner(folder, build=False, warmup=False).activate()
+    with pytest.raises(EngineMismatchError, match=r"decoder plan .* does not match the manifest .*rebuild"):
+        TrtRunner(folder, build=False, warmup=False, full_hash=True).activate()
+    plan.write_bytes(good[: len(good) // 2])  # cut short, as by a writer killed before atomic writes
+    cache = next(folder.glob("timing.*.cache"))
+    cache.write_bytes(b"garbage")  # and an unreadable timing cache: it costs time, not the build
+    with caplog.at_level(logging.WARNING, logger="fd_trt.backends.tensorrt"):
+        again = build_plans(folder, opt_segment_steps=2)
+    assert {r.record.role: r.built for r in again} == {"encoder": False, "decoder": True}
+    assert any("unreadable" in r.message for r in caplog.records)
+    assert cache.read_bytes().startswith(b"FD_TRT_FAKE_TIMING")
+    sample, t, text = _inputs()
+    with TrtRunner(folder, build=False, warmup=False) as runner, OrtRunner(folder) as ort:
+        out = runner.decode(runner.encode(sample, t, text), torch.tensor([600.0]), text)
+        assert rel_l2(out, ort.decode(ort.encode(sample, t, text), torch.tensor([600.0]), text)) < 1e-5
+
+
+def test_a_refused_refit_leaves_no_stale_plan(trt, graphs, tmp_path, monkeypatch, caplog):
+    """TensorRT refusing a refit: refit() says False, and the directory holds the new graphs and no old plan."""
+    from fd_trt.engines import check_engine_dir, unet_weights_sha256
+    from fd_trt.models import tiny_sd_pipeline
+
+    sd = tiny_sd_pipeline(seed=0)
+    folder = _copy_without_plans(graphs / "fp32", tmp_path / "e")
+    with TrtRunner(folder, warmup=False) as runner:
+        old_files = {rec.file for rec in runner.plans.values()}
+        _scale_up_block(sd.unet)
+
+        def refuse(self, model):
+            self._errors.append("weights 'x' changed shape")
+            return False
+
+        monkeypatch.setattr(fake_tensorrt.OnnxParserRefitter, "refit_from_file", refuse)
+        with caplog.at_level(logging.WARNING, logger="fd_trt.backends.tensorrt"):
+            assert runner.refit(sd.unet) is False
+        sample, t, text = _inputs()
+        with pytest.raises(EngineMismatchError, match=r"failed to refit .* create a new runner"):
+            runner.encode(sample, t, text)  # its engines may hold a mix of old and new weights
+    assert any("could not refit" in r.message and "changed shape" in r.message for r in caplog.records)
+    manifest = check_engine_dir(folder, sd.unet, full_hash=True)  # the new graphs, recorded
+    assert manifest.unet_sha256 == unet_weights_sha256(sd.unet) and manifest.plans == {}
+    assert not any((folder / f).exists() for f in old_files)
+    monkeypatch.undo()
+    fake_tensorrt.install(monkeypatch)
+    with TrtRunner(folder, warmup=False) as rebuilt, OrtRunner(folder) as ort:  # rebuilt from the new graphs
+        sample, t, text = _inputs()
+        out = rebuilt.decode(rebuilt.encode(sample, t, text), torch.tensor([400.0]), text)
+        assert rel_l2(out, ort.decode(ort.encode(sample, t, text), torch.tensor([400.0]), text)) < 1e-5
+
+
+def test_a_fused_lora_is_refit_into_the_plans(trt, own_sd, latents):
+    """diffusers + peft: a LoRA fused into the UNet (fuse_lora, unload_lora_weights) is refit, not rebuilt."""
+    from peft import LoraConfig
+
+    common = dict(num_inference_steps=6, latents=latents, output_type="latent", schedule="paper")
+    pipe = FasterDiffusionPipeline.from_diffusers(own_sd, backend="tensorrt", device="cpu", precision="fp32",
+                                                  progress=False)
+    before = pipe(PROMPT, **common).latents
+    runner, builds = pipe.runner, len(fake_tensorrt.Builder.builds)
+    torch.manual_seed(0)  # the LoRA's random (non-zero) initialization
+    own_sd.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                       init_lora_weights=False), adapter_name="style")
+    own_sd.fuse_lora(components=["unet"], lora_scale=0.7)
+    own_sd.unload_lora_weights()  # the fused weights stay; the module names are the plain UNet's again
+    after = pipe(PROMPT, **common).latents
+    assert pipe.runner is runner and len(fake_tensorrt.Builder.builds) == builds
+    assert isinstance(runner, TrtRunner) and runner.plans["decoder"].refitted_at > 0
+    expected = FasterDiffusionPipeline.from_diffusers(own_sd, backend="torch", device="cpu", progress=False)(
+        PROMPT, **common).latents
+    assert rel_l2(after, before) > 1e-3
+    assert rel_l2(after, expected) < 1e-4
+    pipe.close()
+
+
+def test_a_directory_another_runner_refit_is_refit_from_its_graphs(trt, graphs, tmp_path):
+    """Two replicas on one directory: the first refit exports the new graphs, the second only refits."""
+    from fd_trt.engines import file_sha256
+    from fd_trt.models import tiny_sd_pipeline
+
+    sd = tiny_sd_pipeline(seed=0)
+    folder = _copy_without_plans(graphs / "fp32", tmp_path / "e")
+    sample, t, text = _inputs()
+    with TrtRunner(folder, warmup=False) as a, TrtRunner(folder, warmup=False) as b:
+        _scale_up_block(sd.unet)
+        assert a.refit(sd.unet)
+        graph = folder / "decoder.onnx"
+        stamp = (graph.stat().st_mtime_ns, file_sha256(graph))
+        assert b.refit(sd.unet)
+        assert (graph.stat().st_mtime_ns, file_sha256(graph)) == stamp  # not exported again
+        plan = folder / b.plans["decoder"].file
+        plan_stamp = plan.stat().st_mtime_ns
+        assert b.refit(sd.unet) and plan.stat().st_mtime_ns == plan_stamp  # up to date: nothing rewritten
+        with OrtRunner(folder) as ort:
+            ref = ort.decode(ort.encode(sample, t, text), torch.tensor([500.0]), text)
+        for runner in (a, b):
+            out = runner.decode(runner.encode(sample, t, text), torch.tensor([500.0]), text)
+            assert rel_l2(out, ref) < 1e-5
+
+
+# Last: fd-trt's CLI points logging at the captured stderr, which pytest closes after the test;
+# later tests' warnings would print 'Logging error' noise.
 def test_cli_build_makes_plans_and_generate_runs_them(trt, tmp_path, capsys):
     from fd_trt.cli import main
 

@@ -24,6 +24,16 @@ execution contexts share one scratch allocation (user-managed device memory) bec
 never run at the same time. With ``cuda_graphs=True`` every (graph, row count) pair is captured
 into a CUDA graph after one warm-up run, then replayed.
 
+Encoder calls with more rows than the encoder profile's maximum run in chunks of that maximum
+(plans built for one image serve eight), and decoder calls in as many executions as the profile
+needs; ``launches`` counts each execution.
+
+Weight changes (a fused LoRA). Plans are built refittable (``BuilderFlag.REFIT``);
+:meth:`TrtRunner.refit` re-exports the graphs from the new weights and refits the loaded engines
+from them by initializer name, then writes the refitted plans and the manifest back, under the
+directory's lock, so that no process loads a plan with old weights. Non-refittable plans make
+``refit`` return ``False``, and the pipeline rebuilds.
+
 ``tensorrt`` is imported only inside functions: importing this module needs neither TensorRT
 nor CUDA, and what needs them raises :class:`~fd_trt.errors.BackendUnavailableError` with an
 install hint when they are missing.
@@ -368,13 +378,6 @@ def _strongly_typed_flag() -> int:
     return 0  # TensorRT 11 without the flag: every network is strongly typed
 
 
-def _write_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _gpu_identity(device: torch.device) -> tuple[str, tuple[int, int]]:
     major, minor = torch.cuda.get_device_capability(device)
     return torch.cuda.get_device_name(device), (int(major), int(minor))
@@ -422,10 +425,12 @@ def _build_plan(
     builder_optimization_level: int,
     workspace_bytes: int | None,
     timing_cache: bool,
+    refittable: bool = False,
 ) -> PlanRecord:
     import tensorrt as trt
 
     from ..engines import PlanRecord
+    from ..export import write_atomic
 
     t0 = time.perf_counter()
     version = str(trt.__version__)
@@ -455,6 +460,17 @@ def _build_plan(
         # Only where strong typing cannot be asked for but the FP16 flag exists (never on 10.x/11.x
         # as released): the graph's fp16 types then need the flag to keep fp16 kernels.
         config.set_flag(trt.BuilderFlag.FP16)
+    if refittable:
+        # REFIT, not REFIT_IDENTICAL (refits only with the build's own weights: for weight-stripped
+        # plans, not for a LoRA) nor STRIP_PLAN (plans without weights, refit from the graph on
+        # every load). TensorRT 11.3 lists a known issue where a REFIT plan may drop a GEMM bias;
+        # tests/test_tensorrt.py compares refittable plans with ONNX Runtime on a GPU, and
+        # refittable=False builds plain plans.
+        if hasattr(trt.BuilderFlag, "REFIT"):
+            config.set_flag(trt.BuilderFlag.REFIT)
+        else:  # not in any TensorRT 10/11 release; recorded as not refittable, so weight changes rebuild
+            logger.warning("TensorRT %s has no BuilderFlag.REFIT: the plans cannot take new weights in place", version)
+            refittable = False
     shapes: dict[str, list[int]] = {}
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
@@ -466,8 +482,12 @@ def _build_plan(
     config.add_optimization_profile(profile)
     cache_path = folder / timing_cache_file_name(version, cc)
     if timing_cache:
-        cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-        if not config.set_timing_cache(cache, False):
+        try:
+            cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+        except Exception as exc:  # noqa: BLE001 - a corrupt cache (a killed writer before atomic writes) only costs time
+            logger.warning("%s is unreadable (%s); starting a new timing cache", cache_path, exc)
+            cache = config.create_timing_cache(b"")
+        if cache is None or not config.set_timing_cache(cache, False):
             logger.warning("%s does not fit TensorRT %s on %s; starting a new timing cache", cache_path, version, gpu_name)
             config.set_timing_cache(config.create_timing_cache(b""), False)
     logger.info("building the TensorRT %s plan (rows %s, optimization level %d) on %s", role, rows.as_list(),
@@ -482,9 +502,9 @@ def _build_plan(
         )
     data = memoryview(plan)
     file = plan_file_name(role, version, cc, rows)
-    _write_atomic(folder / file, data)
+    write_atomic(folder / file, data)
     if timing_cache:
-        _write_atomic(cache_path, memoryview(config.get_timing_cache().serialize()))
+        write_atomic(cache_path, memoryview(config.get_timing_cache().serialize()))
     seconds = time.perf_counter() - t0
     logger.info("built %s (%.1f MB) in %.1f s", file, data.nbytes / 1e6, seconds)
     return PlanRecord(
@@ -501,6 +521,7 @@ def _build_plan(
         workspace_bytes=workspace_bytes,
         built_at=time.time(),
         build_seconds=seconds,
+        refittable=refittable,
     )
 
 
@@ -516,6 +537,7 @@ def build_plans(
     timing_cache: bool = True,
     force: bool = False,
     roles: Sequence[str] = ROLES,
+    refittable: bool = True,
 ) -> list[PlanBuild]:
     """Builds the TensorRT plans of an engine directory for this GPU and TensorRT version.
 
@@ -536,6 +558,11 @@ def build_plans(
         timing_cache: read and update the timing cache file in the engine directory.
         force: rebuild even when an up-to-date plan exists.
         roles: which plans to build.
+        refittable: build with ``BuilderFlag.REFIT``, so that new weights (a fused LoRA) can be
+            refit into the plans in place (:meth:`TrtRunner.refit`) instead of rebuilding them.
+            ``REFIT``, not ``REFIT_IDENTICAL``: the latter only allows refitting the build's own
+            weights (it exists for weight-stripped plans), not a LoRA's. Plans kept from an
+            earlier build keep their own setting (recorded as ``refittable`` in the manifest).
 
     Returns:
         One :class:`PlanBuild` per role.
@@ -545,7 +572,7 @@ def build_plans(
         EngineMismatchError: for a missing or corrupt engine directory, or a graph TensorRT cannot parse.
         FdTrtError: when TensorRT fails to build.
     """
-    from ..engines import check_graph_files, find_plan, save_manifest
+    from ..engines import check_graph_files, engine_dir_lock, find_plan, save_manifest
 
     _check_level(builder_optimization_level)
     _check_workspace(workspace_bytes)
@@ -555,35 +582,41 @@ def build_plans(
     trt_mod = require_tensorrt()
     dev = require_cuda(device)
     folder = Path(engine_dir)
-    manifest = check_graph_files(folder)
-    profiles = profiles_for_manifest(
-        manifest.encoder_rows, manifest.decoder_rows, _as_schedule(schedule, num_steps), opt_segment_steps
-    )
-    version = str(trt_mod.__version__)
-    gpu_name, cc = _gpu_identity(dev)
-    results = []
-    for role in roles:
-        t0 = time.perf_counter()
-        rows = profiles[role]
-        existing = find_plan(manifest, role, tensorrt_version=version, compute_capability=cc, rows=rows.as_list())
-        if existing is not None and not force:
-            path = folder / existing.file
-            if path.is_file() and path.stat().st_size == existing.bytes:
-                results.append(PlanBuild(existing, False, time.perf_counter() - t0))
-                continue
-        record = _build_plan(
-            folder,
-            manifest,
-            role,
-            rows,
-            device=dev,
-            builder_optimization_level=builder_optimization_level,
-            workspace_bytes=workspace_bytes,
-            timing_cache=timing_cache,
+    if not (folder / "manifest.json").is_file():
+        check_graph_files(folder)  # raises, naming the build command; no lock file in a folder that is not one
+    # Read, build and rewrite under the lock: another process may be building the same plans, and
+    # each manifest update must start from the latest manifest, not from one read before a wait.
+    with engine_dir_lock(folder, "TensorRT plan build"):
+        manifest = check_graph_files(folder)
+        profiles = profiles_for_manifest(
+            manifest.encoder_rows, manifest.decoder_rows, _as_schedule(schedule, num_steps), opt_segment_steps
         )
-        manifest.plans[record.file] = record
-        save_manifest(folder, manifest)
-        results.append(PlanBuild(record, True, time.perf_counter() - t0))
+        version = str(trt_mod.__version__)
+        gpu_name, cc = _gpu_identity(dev)
+        results = []
+        for role in roles:
+            t0 = time.perf_counter()
+            rows = profiles[role]
+            existing = find_plan(manifest, role, tensorrt_version=version, compute_capability=cc, rows=rows.as_list())
+            if existing is not None and not force:
+                path = folder / existing.file
+                if path.is_file() and path.stat().st_size == existing.bytes:
+                    results.append(PlanBuild(existing, False, time.perf_counter() - t0))
+                    continue
+            record = _build_plan(
+                folder,
+                manifest,
+                role,
+                rows,
+                device=dev,
+                builder_optimization_level=builder_optimization_level,
+                workspace_bytes=workspace_bytes,
+                timing_cache=timing_cache,
+                refittable=refittable,
+            )
+            manifest.plans[record.file] = record
+            save_manifest(folder, manifest)
+            results.append(PlanBuild(record, True, time.perf_counter() - t0))
     return results
 
 
@@ -636,6 +669,20 @@ def _set_device_memory(context: trt.IExecutionContext, address: int, size: int) 
         context.device_memory = address  # type: ignore[attr-defined]  # 10.0-only property, not in the 10.13 stubs
 
 
+def _with_plan(record: PlanRecord, **changes: Any) -> PlanRecord:
+    from dataclasses import replace
+
+    return replace(record, **changes)
+
+
+def _external_threshold(manifest: Manifest) -> int:
+    """Keeps a refit's graphs in the layout of the build's (weights inside or in ``.data``)."""
+    from ..export import EXTERNAL_DATA_THRESHOLD
+
+    external = any(g.data_file for g in manifest.graphs.values())
+    return 0 if external else EXTERNAL_DATA_THRESHOLD
+
+
 @dataclass
 class _Engine:
     """One deserialized plan, its context, buffers and captured CUDA graphs."""
@@ -678,6 +725,11 @@ class TrtRunner(Runner):
         share_memory: give both execution contexts one user-managed scratch allocation.
         warmup: run both plans once on activation.
         full_hash: check the plans' sha256 on activation, not only their sizes.
+        refittable: build missing plans refittable (see :func:`build_plans`), so that
+            :meth:`refit` can take new weights in place.
+
+    Encoder calls with more rows than the encoder plan's profile run in chunks of the profile's
+    maximum (plans built for 1 image serve 8), as decoder calls do.
 
     Raises:
         BackendUnavailableError: at construction, without TensorRT or a CUDA GPU.
@@ -703,6 +755,7 @@ class TrtRunner(Runner):
         share_memory: bool = True,
         warmup: bool = True,
         full_hash: bool = False,
+        refittable: bool = True,
     ) -> None:
         if isinstance(engines, torch.nn.Module):
             raise InputError(
@@ -734,6 +787,8 @@ class TrtRunner(Runner):
         self.share_memory = bool(share_memory)
         self.warmup = warmup
         self.full_hash = full_hash
+        self.refittable = bool(refittable)
+        self._refit_failure: str | None = None  # why a refit failed; the runner then refuses to run
         self._enc: _Engine | None = None
         self._dec: _Engine | None = None
         self._runtime: trt.Runtime | None = None
@@ -780,6 +835,7 @@ class TrtRunner(Runner):
             workspace_bytes=self.workspace_bytes,
             timing_cache=self.timing_cache,
             roles=(role,),
+            refittable=self.refittable,
         )
         manifest.plans[res.record.file] = res.record
         return res.record
@@ -842,6 +898,16 @@ class TrtRunner(Runner):
     def _activate(self) -> None:
         import tensorrt as trt
 
+        from ..engines import engine_dir_lock
+
+        # Under the directory's lock: the manifest and the plans it names are read as one state,
+        # never halfway through another process's build or refit of this directory.
+        with engine_dir_lock(self.engine_dir, "loading of the TensorRT plans"):
+            self._activate_locked(trt)
+        if self.warmup:
+            self._warm_up()
+
+    def _activate_locked(self, trt: Any) -> None:
         from ..engines import check_graph_files
 
         manifest = check_graph_files(self.engine_dir)
@@ -866,8 +932,6 @@ class TrtRunner(Runner):
             self._graph_pool = torch.cuda.graph_pool_handle()
         logger.info("tensorrt %s: %s (rows %d..%d) and %s (rows %d..%d) on %s", trt.__version__, enc.path.name, enc.min_rows,
                     enc.max_rows, dec.path.name, dec.min_rows, dec.max_rows, torch.cuda.get_device_name(self.device))
-        if self.warmup:
-            self._warm_up()
 
     def _bind(self, entries: list[_Engine]) -> None:
         managed = [e for e in entries if e.user_managed]
@@ -896,6 +960,115 @@ class TrtRunner(Runner):
         self._scratch = None
         self._runtime = None
         self._graph_pool = None
+
+    # weights ------------------------------------------------------------------------------
+    def refit(self, unet: Any) -> bool:
+        """Takes new weights from ``unet`` (same architecture) into the loaded plans, in place.
+
+        Under the engine directory's lock: the graphs are re-exported from ``unet`` (unless the
+        directory already holds these weights, refit by another process), each loaded engine is
+        refit from its new graph, matching weights to graph initializers by name
+        (``OnnxParserRefitter.refit_from_file``, then ``Refitter.refit_cuda_engine``), the
+        refitted engines are serialized back to their plan files atomically, and the manifest is
+        rewritten with the new weights' digest, graph and plan records. A later process therefore
+        loads the refitted plans, never stale ones. Plans of other GPUs, TensorRT versions or
+        profiles cannot be refit here and are deleted with their records (they would hold the
+        old weights). CUDA graphs are recaptured on the next call.
+
+        Args:
+            unet: the UNet with its new weights.
+
+        Returns:
+            ``True`` when the plans now compute with ``unet``'s weights. ``False`` when the plans
+            were not built refittable (:func:`build_plans` with ``refittable=False``, or manifests
+            from before refits existed), the UNet's config differs, or TensorRT refused the refit;
+            the caller then rebuilds (the pipeline does).
+        """
+        import tensorrt as trt
+
+        from ..engines import (
+            _export_into,
+            _with,
+            engine_dir_lock,
+            file_sha256,
+            load_manifest,
+            package_versions,
+            save_manifest,
+            unet_config_dict,
+            unet_weights_sha256,
+        )
+        from ..export import write_atomic
+
+        if not self.is_active or self._enc is None or self._dec is None:
+            return False
+        entries = [self._enc, self._dec]
+        not_refittable = [e.path.name for e in entries if not (self.plans[e.role].refittable and e.engine.refittable)]
+        if not_refittable:
+            logger.warning("%s: the plans %s were not built refittable; their graphs and plans are rebuilt for the new "
+                           "weights", self.engine_dir, ", ".join(not_refittable))
+            return False
+        t0 = time.perf_counter()
+        digest = unet_weights_sha256(unet)
+        with self.exclusive(), engine_dir_lock(self.engine_dir, "TensorRT refit"):
+            manifest = load_manifest(self.engine_dir)
+            if unet_config_dict(unet) != manifest.unet_config:
+                logger.warning("%s: the new UNet has another config; its plans cannot be refit", self.engine_dir)
+                return False
+            if manifest.unet_sha256 != digest:
+                new = _with(manifest, unet_sha256=digest, versions=package_versions())
+                new.plans = {}
+                _export_into(self.engine_dir, unet, new, latent_size=(manifest.latent_shape[1], manifest.latent_shape[2]),
+                             opset=manifest.opset, external_data_threshold=_external_threshold(manifest),
+                             progress=False, t0=t0, keep_plans=True)
+                for stale in set(manifest.plans) - {e.path.name for e in entries}:
+                    (self.engine_dir / stale).unlink(missing_ok=True)
+                    logger.info("%s: removed %s (it holds the old weights; it is rebuilt where it is used)",
+                                self.engine_dir, stale)
+            else:  # the directory holds these weights already (another process refit it, or nothing changed)
+                new = manifest
+                recorded = [new.plans.get(e.path.name) for e in entries]
+                if all(r is not None and r.sha256 == self.plans[e.role].sha256
+                       and r.graph_sha256 == new.graphs[e.role].sha256 for r, e in zip(recorded, entries)):
+                    return True  # our engines are the recorded plans of these very graphs: nothing to refit
+            assert self._stream is not None
+            self._stream.synchronize()  # TensorRT: refitting an engine with queued work is undefined
+            try:
+                for e in entries:
+                    self._refit_engine(trt, e, self.engine_dir / new.graphs[e.role].file)
+            except FdTrtError as exc:
+                # A failed refit may have changed some weights: these engines must not run again.
+                self._refit_failure = str(exc)
+                save_manifest(self.engine_dir, new)  # new graphs, no plans: the next load rebuilds them
+                for e in entries:
+                    (self.engine_dir / e.path.name).unlink(missing_ok=True)
+                logger.warning("%s: %s; the plans are rebuilt", self.engine_dir, exc)
+                return False
+            for e in entries:
+                e.graphs.clear()  # captured with the old weights' memory: recaptured on the next call
+                data = e.engine.serialize()
+                write_atomic(e.path, memoryview(data))
+                record = _with_plan(self.plans[e.role], sha256=file_sha256(e.path), bytes=e.path.stat().st_size,
+                                    graph_sha256=new.graphs[e.role].sha256, refitted_at=time.time())
+                new.plans[record.file] = record
+                self.plans[e.role] = record
+            save_manifest(self.engine_dir, new)
+        logger.info("refit %s and %s with the new weights in %.1f s", self._enc.path.name, self._dec.path.name,
+                    time.perf_counter() - t0)
+        return True
+
+    def _refit_engine(self, trt: Any, e: _Engine, onnx_path: Path) -> None:
+        """Refits one engine from a graph's initializers (matched by name); raises FdTrtError."""
+        assert self._trt_logger is not None
+        refitter = trt.Refitter(e.engine, self._trt_logger)
+        parser = trt.OnnxParserRefitter(refitter, self._trt_logger)
+        if not parser.refit_from_file(str(onnx_path)):
+            errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+            raise FdTrtError(f"TensorRT could not refit {e.path.name} from {onnx_path.name}: {'; '.join(errors[:3]) or 'no detail'}")
+        missing = refitter.get_missing_weights()
+        if missing:
+            raise FdTrtError(f"{onnx_path.name} lacks weights that {e.path.name} needs: {', '.join(missing[:5])}")
+        if not refitter.refit_cuda_engine():
+            raise FdTrtError(f"TensorRT refused to refit {e.path.name} (its messages above say why)")
 
     def _warm_up(self) -> None:
         enc = self._enc
@@ -993,29 +1166,71 @@ class TrtRunner(Runner):
         else:
             dst.view(steps, n, *tail).copy_(value.unsqueeze(0).expand(steps, *value.shape))
 
+    def _check_usable(self) -> None:
+        if self._refit_failure is not None:
+            raise EngineMismatchError(
+                f"this TensorRT runner of {self.engine_dir} failed to refit new weights ({self._refit_failure}) and may "
+                "hold a mix of old and new weights: close it and create a new runner, which rebuilds the plans"
+            )
+
     def encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> Features:
         self._check_active()
         with self.exclusive():  # the plans' buffers and contexts are shared by every call
+            self._check_usable()
             return self._encode(sample, timestep, text)
 
     def decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         self._check_active()
         with self.exclusive():
+            self._check_usable()
             return self._decode(features, timesteps, text)
+
+    @staticmethod
+    def _chunks(e: _Engine, rows: int) -> list[tuple[int, int]]:
+        """``(start, rows)`` chunks of at most the plan's maximum rows, each at least its minimum.
+
+        Full chunks first, then the rest; a rest below the profile's minimum is balanced with the
+        chunk before it. Only where no split fits (fewer rows than the minimum) is it an error.
+        """
+        if rows < e.min_rows:
+            TrtRunner._check_profile(e, rows)  # raises, naming the rebuild
+        sizes = [e.max_rows] * (rows // e.max_rows)
+        rest = rows - sum(sizes)
+        if rest:
+            sizes.append(rest)
+        if len(sizes) > 1 and sizes[-1] < e.min_rows:
+            both = sizes[-2] + sizes[-1]
+            sizes[-2:] = [both - both // 2, both // 2]
+            if sizes[-1] < e.min_rows:
+                raise InputError(
+                    f"{rows} rows cannot be split into {e.role} plan calls of {e.min_rows}..{e.max_rows} rows: rebuild "
+                    "the engine directory with a lower minimum (fd-trt build --backend tensorrt)"
+                )
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return list(zip(starts, sizes))
 
     @torch.inference_mode()
     def _encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> Features:
         enc = self._enc
         assert enc is not None
         rows = self._check_rows("encoder", sample=sample, timestep=timestep, text=text)
-        self._check_profile(enc, rows)  # before the buffers are written
-        self._copy_in(enc, "sample", sample)
-        self._copy_in(enc, "timestep", timestep.reshape(rows))
-        self._copy_in(enc, "encoder_hidden_states", text)
-        self._execute(enc, rows)
-        # Copies: the next encode reuses the buffers while the caller may still hold these features.
+        chunks = self._chunks(enc, rows)  # before any buffer is written
+        for name, value in (("sample", sample), ("encoder_hidden_states", text)):
+            if tuple(value.shape[1:]) != enc.tails[name]:
+                self._copy_in(enc, name, value)  # raises, naming the shape the plan takes
+        timestep = timestep.reshape(rows)
         skips = sorted(n for n in enc.outputs if n != "mid")
-        return Features(enc.buffers["mid"][:rows].clone(), tuple(enc.buffers[n][:rows].clone() for n in skips))
+        names = ["mid", *skips]
+        # Outputs are copies: the next encode reuses the buffers while the caller may hold these features.
+        out = {n: torch.empty((rows, *enc.tails[n]), dtype=enc.buffers[n].dtype, device=self.device) for n in names}
+        for c0, c in chunks:
+            self._copy_in(enc, "sample", sample[c0 : c0 + c])
+            self._copy_in(enc, "timestep", timestep[c0 : c0 + c])
+            self._copy_in(enc, "encoder_hidden_states", text[c0 : c0 + c])
+            self._execute(enc, c)
+            for n in names:
+                out[n][c0 : c0 + c].copy_(enc.buffers[n][:c])
+        return Features(out["mid"], tuple(out[n] for n in skips))
 
     @torch.inference_mode()
     def _decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -1032,13 +1247,26 @@ class TrtRunner(Runner):
                 f"features have {len(features.skips)} skips but the plans carry {len(names) - 1}: pass the features "
                 "this runner's encode() returned"
             )
+        if n > dec.max_rows:
+            # More rows per step than the plan takes (a batch above the build's): each step in row chunks.
+            parts = []
+            for t in timesteps.reshape(-1, 1):
+                for r0, r in self._chunks(dec, n):
+                    sub = Features(features.mid[r0 : r0 + r], tuple(x[r0 : r0 + r] for x in features.skips))
+                    parts.append(self._decode_steps(dec, names, sub, t, text[r0 : r0 + r]))
+            return torch.cat(parts)
+        return self._decode_steps(dec, names, features, timesteps, text)
+
+    def _decode_steps(self, dec: _Engine, names: list[str], features: Features, timesteps: torch.Tensor,
+                      text: torch.Tensor) -> torch.Tensor:
+        """Decodes ``n <= max_rows`` rows per step, as many steps per execution as the profile takes."""
+        n = features.rows
         per_call = dec.max_rows // n
-        if per_call < 1:
-            raise InputError(f"{n} rows per step exceed the decoder plan's {dec.max_rows} rows: rebuild with a larger --batch")
         outs = []
         for c0 in range(0, int(timesteps.shape[0]), per_call):
             steps = timesteps[c0 : c0 + per_call]
             s = int(steps.shape[0])
+            self._check_profile(dec, s * n)
             for name, value in zip(names, features.tensors()):
                 self._copy_in(dec, name, value, s)
             self._copy_in(dec, "timestep", steps.reshape(s, 1).expand(s, n).reshape(s * n))
