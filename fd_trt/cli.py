@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from .errors import FdTrtError, InputError
 from .models import SCHEDULERS
+from .serve import DEFAULT_DECODER_MEMORY_MB
 
 
 def _add_model_args(p: Any) -> None:
@@ -137,6 +138,12 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--max-steps", type=int, default=200)
     p.add_argument("--max-size", type=int, default=1024, help="largest height or width")
     p.add_argument("--max-prompt-chars", type=int, default=1000)
+    p.add_argument("--sizes", default=None,
+                   help="image sizes served, HxW comma-separated (e.g. 64x64,128x128); graph backends build or load "
+                        "them at start-up and refuse other sizes (default: the model's size; torch: any size)")
+    p.add_argument("--decoder-memory-mb", type=float, default=DEFAULT_DECODER_MEMORY_MB,
+                   help="memory budget of one decoder call; caps rows per call and images per batch (0: no cap)")
+    p.add_argument("--max-body-kb", type=int, default=64, help="largest request body in KiB (413 beyond)")
     p.add_argument("--log-level", default="info")
 
 
@@ -147,7 +154,7 @@ def _serve(args: argparse.Namespace) -> int:
         from .http_api import create_app
     except ImportError as e:
         raise FdTrtError(f"fd-trt serve needs the [serve] extra ({e.name} is missing): pip install 'fd_trt[serve]'") from e
-    from .serve import Limits, ServingRuntime
+    from .serve import Limits, ServingRuntime, parse_sizes
 
     import signal
     import threading
@@ -161,8 +168,11 @@ def _serve(args: argparse.Namespace) -> int:
         args.model, backend=args.backend, device=args.device, precision=args.precision, engines=args.engines,
         runner_options=options, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         default_timeout_s=args.timeout, limits=limits, start=False,
+        sizes=parse_sizes(args.sizes) if args.sizes else None,
+        decoder_memory_mb=args.decoder_memory_mb if args.decoder_memory_mb > 0 else None,
     )
-    server = uvicorn.Server(uvicorn.Config(create_app(runtime=rt), host=args.host, port=args.port, log_level=args.log_level))
+    app = create_app(runtime=rt, max_body_bytes=args.max_body_kb * 1024)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
     http = threading.Thread(target=server.run, name="fd_trt-http", daemon=True)
 
     def stop(signum: int, frame: Any) -> None:
@@ -180,7 +190,8 @@ def _serve(args: argparse.Namespace) -> int:
     http.start()
     threading.Thread(target=supervise, name="fd_trt-supervisor", daemon=True).start()
     print(f"fd-trt serve: {rt.pipeline.source} on {rt.pipeline.backend}/{rt.pipeline.device}, "
-          f"max batch {rt.max_batch}, http://{args.host}:{args.port}", flush=True)
+          f"max batch {rt.max_batch}, sizes {', '.join(f'{h}x{w}' for h, w in rt.sizes) if rt.sizes else 'any'}, "
+          f"http://{args.host}:{args.port}", flush=True)
     rt.run()
     http.join(30)
     return 0 if server.started else 1

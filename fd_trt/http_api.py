@@ -8,6 +8,9 @@ Routes:
   its deadline gets 504. Response headers ``X-Seed``, ``X-Batch-Size``, ``X-Queue-Seconds`` and
   ``X-Latency-Seconds`` say how it was served; an image whose latents held NaN/Inf carries a
   ``Warning`` header (and ``"nonfinite": true`` in JSON).
+- Bodies over ``max_body_bytes`` (64 KiB by default) get 413 before any parsing; validation that
+  depends on the model runs in a worker thread, never on the event loop, so ``/healthz`` keeps
+  answering while large or hostile bodies arrive.
 - ``GET /healthz``: 200 ``{"status": "ok"}`` while serving, 503 while shutting down.
 - ``GET /metrics``: Prometheus text format (queue depth, batch sizes, latency quantiles and
   histogram, requests by outcome).
@@ -90,6 +93,75 @@ async def _wait_or_cancel(future: Any, request: Request, poll_s: float = 0.25) -
             return None
 
 
+DEFAULT_MAX_BODY_BYTES = 64 * 1024
+
+
+class BodyLimit:
+    """ASGI middleware: refuses a request body over ``max_bytes`` with 413, before the app parses it.
+
+    The declared ``Content-Length`` is checked first; a chunked body is counted as it arrives and
+    cut off at the limit, so a client cannot make the server buffer or parse more than that.
+
+    Args:
+        app: the ASGI app to protect.
+        max_bytes: the largest body accepted.
+    """
+
+    def __init__(self, app: Any, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def _refuse(self, send: Any, size: str) -> None:
+        body = (
+            '{"detail": "the request body is %s; the limit is %d bytes (fd-trt serve --max-body-kb). '
+            'A schedule needs at most one index per step; prompts are limited by --max-prompt-chars"}'
+            % (size, self.max_bytes)
+        ).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared > self.max_bytes:
+                    await self._refuse(send, f"{declared} bytes")
+                    return
+        # Read (at most the limit of) the body here, then replay it to the app.
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                chunks = []  # a disconnect: pass it on untouched
+                pending = [message]
+                break
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.max_bytes:
+                await self._refuse(send, f"over {self.max_bytes} bytes")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+                break
+
+        async def replay() -> Any:
+            if pending:
+                return pending.pop(0)
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
 def _unavailable(message: str, retry_after_s: float) -> JSONResponse:
     return JSONResponse(status_code=503, content={"detail": message}, headers={"Retry-After": str(int(max(1, retry_after_s)))})
 
@@ -98,6 +170,7 @@ def create_app(
     runtime: ServingRuntime | None = None,
     runtime_factory: Callable[[], ServingRuntime] | None = None,
     drain_on_shutdown: bool = True,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
     """Builds the FastAPI app around a runtime.
 
@@ -106,7 +179,13 @@ def create_app(
         runtime_factory: builds the runtime at application start-up (``fd-trt serve``), so that
             loading and warm-up happen before the server answers.
         drain_on_shutdown: at application shutdown, finish every accepted request first.
+        max_body_bytes: the largest request body accepted; larger ones get 413.
+
+    Returns:
+        The FastAPI app.
     """
+    if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1024:
+        raise InputError(f"max_body_bytes must be an integer >= 1024, got {max_body_bytes!r}")
     if (runtime is None) == (runtime_factory is None):
         raise InputError("create_app needs exactly one of runtime= or runtime_factory=")
     state: dict[str, ServingRuntime] = {}
@@ -122,6 +201,7 @@ def create_app(
         await asyncio.to_thread(state["rt"].shutdown, drain_on_shutdown)
 
     app = FastAPI(title="fd_trt", version="1", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Any, exc: RequestValidationError) -> JSONResponse:
@@ -134,7 +214,9 @@ def create_app(
     async def generate(body: GenerateBody, request: Request) -> Response:
         rt = state["rt"]
         try:
-            future = rt.submit(body.to_request())
+            # check() deep-copies a scheduler and parses the schedule: off the event loop, so that
+            # /healthz and other requests never wait behind it.
+            future = await asyncio.to_thread(rt.submit, body.to_request())
         except InputError as e:
             return JSONResponse(status_code=422, content={"detail": [{"loc": ["body"], "msg": str(e), "type": "value_error"}]})
         except QueueFullError as e:
@@ -148,6 +230,8 @@ def create_app(
             raise
         except RequestTimeoutError as e:
             return JSONResponse(status_code=504, content={"detail": str(e)})
+        except InputError as e:  # e.g. a size whose graphs are not loaded: the request, not the server
+            return JSONResponse(status_code=422, content={"detail": [{"loc": ["body"], "msg": str(e), "type": "value_error"}]})
         except FdTrtError as e:
             return JSONResponse(status_code=500, content={"detail": str(e)})
         if res is None:  # nobody is listening; 499 is nginx's "client closed request"
@@ -234,4 +318,4 @@ class ThreadedServer:
         self.thread.join(60)
 
 
-__all__ = ["GenerateBody", "ThreadedServer", "create_app", "free_port"]
+__all__ = ["BodyLimit", "DEFAULT_MAX_BODY_BYTES", "GenerateBody", "ThreadedServer", "create_app", "free_port"]

@@ -68,31 +68,53 @@ class KeySchedule:
         return len(self.key_steps)
 
 
+def _show(key_steps: Sequence[int], limit: int = 12) -> str:
+    """The schedule for an error message, shortened: a 200,000-item list must not become the message."""
+    items = list(key_steps[:limit])
+    more = len(key_steps) - len(items)
+    return f"{items}"[:-1] + (f", ... ({more} more)]" if more > 0 else "]")
+
+
 def _validate(key_steps: Sequence[int], num_steps: int) -> None:
+    # One pass, O(n): servers validate untrusted lists, and a quadratic check on a long list blocks them.
     if not isinstance(num_steps, int) or num_steps <= 0:
         raise ScheduleError(f"the number of steps must be a positive integer, got {num_steps!r}")
     if len(key_steps) == 0:
         raise ScheduleError("a schedule needs at least one key step; step 0 must be one of them")
     for k in key_steps:
         if isinstance(k, bool) or not isinstance(k, int):
-            raise ScheduleError(f"key steps must be integers, got {k!r} in {list(key_steps)}")
-    if 0 not in key_steps:
+            raise ScheduleError(f"key steps must be integers, got {k!r} in {_show(key_steps)}")
+    if len(key_steps) > num_steps:
         raise ScheduleError(
-            f"schedule {list(key_steps)} has no step 0: the encoder must run at the first step. "
+            f"schedule has {len(key_steps)} key steps but the run has only {num_steps} steps: "
+            f"give at most {num_steps} distinct indices in [0, {num_steps - 1}]"
+        )
+    seen: set[int] = set()
+    bad: list[int] = []
+    dups: set[int] = set()
+    for k in key_steps:
+        if k < 0 or k >= num_steps:
+            bad.append(k)
+        if k in seen:
+            dups.add(k)
+        seen.add(k)
+    if 0 not in seen:
+        raise ScheduleError(
+            f"schedule {_show(key_steps)} has no step 0: the encoder must run at the first step. "
             "Add 0 to the list."
         )
-    bad = [k for k in key_steps if k < 0 or k >= num_steps]
     if bad:
         raise ScheduleError(
-            f"key steps {bad} are out of range for {num_steps} steps: use indices in [0, {num_steps - 1}]"
+            f"key steps {_show(bad)} are out of range for {num_steps} steps: use indices in [0, {num_steps - 1}]"
         )
-    if len(set(key_steps)) != len(key_steps):
-        dups = sorted({k for k in key_steps if list(key_steps).count(k) > 1})
-        raise ScheduleError(f"schedule {list(key_steps)} repeats step(s) {dups}: give each key step once")
-    if list(key_steps) != sorted(key_steps):
+    if dups:
         raise ScheduleError(
-            f"schedule {list(key_steps)} is not sorted: give the key steps in increasing order, "
-            f"e.g. {sorted(key_steps)}"
+            f"schedule {_show(key_steps)} repeats step(s) {_show(sorted(dups))}: give each key step once"
+        )
+    if any(a > b for a, b in zip(key_steps, key_steps[1:])):
+        raise ScheduleError(
+            f"schedule {_show(key_steps)} is not sorted: give the key steps in increasing order, "
+            f"e.g. {_show(sorted(key_steps))}"
         )
 
 
@@ -147,6 +169,11 @@ def parse_schedule(spec: ScheduleSpec, num_steps: int) -> KeySchedule:
         raise ScheduleError(
             f"a schedule must be a name or a list of step indices, got {type(spec).__name__} {spec!r}"
         ) from None
+    if len(steps) > num_steps:  # before touching the items: an untrusted list may be huge
+        raise ScheduleError(
+            f"schedule has {len(steps)} key steps but the run has only {num_steps} steps: "
+            f"give at most {num_steps} distinct indices in [0, {num_steps - 1}]"
+        )
     return KeySchedule(tuple(_as_index(k) for k in steps), num_steps)
 
 

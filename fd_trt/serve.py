@@ -48,6 +48,79 @@ logger = logging.getLogger(__name__)
 MAX_SEED = 2**63 - 1
 
 
+#: Peak decoder memory per decoded row, as a multiple of the row's feature tensors (mid + skips).
+#: Measured on the default model (torch backend, CPU, fp32, 64x64, 1 thread) from the peak-RSS
+#: rise of one ``runner.decode`` call of M rows: 7.1x at M=30, 7.1x at M=120, 5.9x at M=240
+#: (features 110,592 B/row, peak 653-788 KB/row); rounded up to 8 for headroom.
+DECODER_ACTIVATION_FACTOR = 8.0
+
+#: Default decoder memory budget of a serving runtime, in MiB.
+DEFAULT_DECODER_MEMORY_MB = 4096.0
+
+
+def feature_bytes_per_row(unet_config: Any, latent_hw: tuple[int, int], itemsize: int) -> int:
+    """Bytes of the encoder features (mid + skips) that one decoder row reads.
+
+    Follows the diffusers ``UNet2DConditionModel`` layout that :mod:`fd_trt.split` carries: the
+    ``conv_in`` output, ``layers_per_block`` resnet outputs per down block, one downsampler output
+    per down block but the last (stride 2, padding 1: ``ceil(h/2)``), and the mid-block output.
+
+    Args:
+        unet_config: the UNet's ``config`` (``block_out_channels``, ``layers_per_block``).
+        latent_hw: latent height and width.
+        itemsize: bytes per element of the runner's precision (4 for fp32, 2 for fp16/bf16).
+
+    Returns:
+        The feature bytes of one row.
+    """
+    chans = list(unet_config.block_out_channels)
+    lpb = unet_config.layers_per_block
+    layers = list(lpb) if isinstance(lpb, (list, tuple)) else [int(lpb)] * len(chans)
+    h, w = latent_hw
+    elems = chans[0] * h * w  # conv_in
+    for i, (ch, n) in enumerate(zip(chans, layers)):
+        elems += n * ch * h * w
+        if i < len(chans) - 1:
+            h, w = -(-h // 2), -(-w // 2)
+            elems += ch * h * w
+    elems += chans[-1] * h * w  # mid
+    return int(elems * itemsize)
+
+
+def _parse_size(v: Any) -> tuple[int, int]:
+    if isinstance(v, str):
+        parts = v.lower().split("x")
+        if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
+            return int(parts[0]), int(parts[1])
+        raise InputError(f"a size must look like HEIGHTxWIDTH, e.g. 512x512, got {v!r}")
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        return int(v[0]), int(v[1])
+    raise InputError(f"a size must be (height, width) or 'HxW', got {v!r}")
+
+
+def parse_sizes(spec: str | Sequence[Any]) -> list[tuple[int, int]]:
+    """Parses ``"64x64,128x96"`` (or a list of ``(h, w)`` / ``"HxW"``) into ``[(h, w), ...]``.
+
+    Args:
+        spec: comma-separated ``HxW`` sizes, or a sequence of sizes.
+
+    Returns:
+        The sizes, in order, without duplicates.
+
+    Raises:
+        InputError: for a malformed size or an empty list.
+    """
+    items = [x for x in spec.split(",") if x.strip()] if isinstance(spec, str) else list(spec)
+    sizes = list(dict.fromkeys(_parse_size(x.strip() if isinstance(x, str) else x) for x in items))
+    if not sizes:
+        raise InputError(f"give at least one size as HEIGHTxWIDTH, e.g. --sizes 64x64, got {spec!r}")
+    return sizes
+
+
+def _fmt_sizes(sizes: Sequence[tuple[int, int]]) -> str:
+    return ", ".join(f"{h}x{w}" for h, w in sizes)
+
+
 class QueueFullError(FdTrtError):
     """The runtime's queue is full; retry after ``retry_after_s`` seconds."""
 
@@ -297,6 +370,14 @@ class ServingRuntime:
         warmup: run warm-up batches (1 and ``max_batch`` rows) at the native size before serving,
             so graph builds and allocations happen at start-up, not on the first request.
         warmup_sizes: extra ``(height, width)`` to warm up.
+        sizes: the image sizes ``(height, width)`` (or ``"HxW"``) served; any other size is refused
+            at submission with :class:`InputError`. Graph backends (onnxruntime, tensorrt) build or
+            load each size's graphs here, at start-up, and never build while serving
+            (``build_on_demand`` is switched off); ``None`` serves only the model's default size.
+            The torch backend has no graphs: ``None`` there allows any size within ``limits``.
+        decoder_memory_mb: memory budget of one decoder call in MiB; the rows per decoder call are
+            capped at ``budget // decoder_row_bytes(h, w)``, and batches at the images whose rows
+            of one step fit. ``None``: no cap.
         start: start the worker in a background thread. With ``False``, call :meth:`run` from the
             thread that should own the pipeline. On CPU that should be the main thread: PyTorch's
             OpenMP (libgomp) parallel regions cost much more when a non-main thread starts them
@@ -315,6 +396,8 @@ class ServingRuntime:
         warmup: bool = True,
         warmup_sizes: Sequence[tuple[int, int]] = (),
         start: bool = True,
+        sizes: str | Sequence[Any] | None = None,
+        decoder_memory_mb: float | None = DEFAULT_DECODER_MEMORY_MB,
     ) -> None:
         for name, v in (("max_batch", max_batch), ("max_queue", max_queue)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -337,8 +420,26 @@ class ServingRuntime:
         self._in_flight = 0
         self._schedulers: dict[str, Any] = {}
         self._base_scheduler_config = pipeline.sd.scheduler.config
+        if decoder_memory_mb is not None and (
+            isinstance(decoder_memory_mb, bool) or not isinstance(decoder_memory_mb, (int, float))
+            or not (math.isfinite(decoder_memory_mb) and decoder_memory_mb > 0)
+        ):
+            raise InputError(f"decoder_memory_mb must be a positive number or None, got {decoder_memory_mb!r}")
+        self.decoder_memory_mb = decoder_memory_mb
+        # Graph backends build per size; the torch runner (a fixed runner) serves every size.
+        self.builds_graphs = getattr(pipeline, "_fixed_runner", None) is None
+        if sizes is None and self.builds_graphs:
+            sizes = [(self.native_size, self.native_size)]
+        self.sizes: tuple[tuple[int, int], ...] | None = None
+        if sizes is not None:
+            served = parse_sizes(sizes)
+            for h, w in served:
+                self._check_size(h, w)
+            self.sizes = tuple(served)
+        self._prepare_sizes()
         if warmup:
-            self._warmup([(self.native_size, self.native_size), *warmup_sizes])
+            warm = list(self.sizes) if self.sizes is not None else [(self.native_size, self.native_size)]
+            self._warmup([*warm, *warmup_sizes])
         self._loop_started = False
         self._loop_done = threading.Event()
         self._worker: threading.Thread | None = None
@@ -406,6 +507,36 @@ class ServingRuntime:
             if v % multiple:
                 raise InputError(f"{name}={v} is not a multiple of {multiple}: use {max(multiple, v // multiple * multiple)}")
             sizes.append(v)
+        h, w = sizes
+        if self.sizes is not None and (h, w) not in self.sizes:
+            raise InputError(
+                f"size {h}x{w} (height x width) is not served here; sizes served: {_fmt_sizes(self.sizes)}. "
+                "Ask for one of them, or restart the server with that size in --sizes"
+            )
+        cap = self.decoder_rows_cap(h, w)
+        if cap is not None and cap < self._rows_per_image(g):
+            raise InputError(
+                f"size {h}x{w} needs about {self.decoder_row_bytes(h, w) / 2**20:.1f} MiB per decoder row, and the "
+                f"decoder memory budget ({self.decoder_memory_mb:g} MiB) holds {cap} rows, fewer than one image "
+                f"({self._rows_per_image(g)} rows): ask for a smaller size or raise --decoder-memory-mb"
+            )
+        sched = request.schedule
+        # Bounded before any per-item work: an untrusted list or string may be huge.
+        if not isinstance(sched, str):
+            try:
+                n_items = len(sched)
+            except TypeError:
+                raise InputError(f"schedule must be a name or a list of step indices, got {sched!r:.80}") from None
+            if n_items > s + 1:  # PNDM runs one step more than asked; parse_schedule checks exactly
+                raise InputError(
+                    f"schedule has {n_items} key steps but the request has {s} steps: give at most {s} "
+                    "distinct step indices, or a name ('paper', 'all', 'uniform:N')"
+                )
+        elif len(sched) > 8 * (s + 2) + 32:
+            raise InputError(
+                f"schedule string has {len(sched)} characters, too long for {s} steps: use 'paper', 'all', "
+                "'uniform:N' or at most one index per step"
+            )
         if request.scheduler not in SCHEDULERS:
             raise InputError(f"unknown scheduler {request.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
         if request.noise_injection is not None and not isinstance(request.noise_injection, bool):
@@ -509,6 +640,71 @@ class ServingRuntime:
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
 
+    # sizes and memory ---------------------------------------------------------------------------
+    def _check_size(self, h: int, w: int) -> None:
+        lim = self.limits
+        multiple = math.lcm(lim.size_multiple, self.pipeline.vae_scale_factor)
+        for name, v in (("height", h), ("width", w)):
+            if not multiple <= v <= lim.max_size or v % multiple:
+                raise InputError(
+                    f"served size {h}x{w}: {name} {v} must be a multiple of {multiple} in [{multiple}, {lim.max_size}]"
+                )
+
+    def _prepare_sizes(self) -> None:
+        """Builds or loads every served size's graphs now, then forbids building while serving."""
+        pipe = self.pipeline
+        if not self.builds_graphs or self.sizes is None:
+            return
+        # Every served size must stay loaded: an evicted runner would be rebuilt inside the worker.
+        pipe.max_cached_runners = max(int(getattr(pipe, "max_cached_runners", 1)), len(self.sizes))
+        t0 = time.perf_counter()
+        for h, w in self.sizes:
+            try:
+                pipe.prepare(h, w)
+            except FdTrtError as e:
+                raise type(e)(f"cannot serve size {h}x{w}: {e}") from e
+        pipe.build_on_demand = False
+        logger.info("fd_trt serve: %s graphs ready for %s in %.1f s", pipe.backend, _fmt_sizes(self.sizes),
+                    time.perf_counter() - t0)
+
+    def _rows_per_image(self, guidance: float) -> int:
+        return 2 if guidance > 1.0 else 1  # CFG decodes an unconditional and a conditional row
+
+    def decoder_row_bytes(self, height: int, width: int) -> int:
+        """Estimated peak memory of one decoder row at an image size.
+
+        Args:
+            height, width: the image size in pixels.
+
+        Returns:
+            ``DECODER_ACTIVATION_FACTOR`` times the row's feature bytes (mid + skips) at the runner's
+            precision.
+        """
+        f = self.pipeline.vae_scale_factor
+        itemsize = 2 if getattr(self.pipeline, "precision", "fp32") in ("fp16", "bf16") else 4
+        feats = feature_bytes_per_row(self.pipeline.sd.unet.config, (height // f, width // f), itemsize)
+        return int(math.ceil(DECODER_ACTIVATION_FACTOR * feats))
+
+    def decoder_rows_cap(self, height: int, width: int) -> int | None:
+        """Most rows per decoder call at an image size under ``decoder_memory_mb``; ``None``: no cap.
+
+        Args:
+            height, width: the image size in pixels.
+
+        Returns:
+            ``floor(decoder_memory_mb * 2**20 / decoder_row_bytes(height, width))``, or ``None``.
+        """
+        if self.decoder_memory_mb is None:
+            return None
+        return int(self.decoder_memory_mb * 2**20 // self.decoder_row_bytes(height, width))
+
+    def _batch_cap(self, height: int, width: int, guidance: float) -> int:
+        """Most images per batch: ``max_batch``, and no more than one step's rows fit the decoder budget."""
+        cap = self.decoder_rows_cap(height, width)
+        if cap is None:
+            return self.max_batch
+        return max(1, min(self.max_batch, cap // self._rows_per_image(guidance)))
+
     # worker -----------------------------------------------------------------------------------
     def _num_steps(self, request: GenerateRequest) -> int:
         """Steps the scheduler really takes (PNDM adds some), on a private copy: submitters run in many threads."""
@@ -529,7 +725,7 @@ class ServingRuntime:
     def _warmup(self, sizes: Sequence[tuple[int, int]]) -> None:
         t0 = time.perf_counter()
         for h, w in dict.fromkeys(sizes):
-            for n in dict.fromkeys((1, self.max_batch)):
+            for n in dict.fromkeys((1, self._batch_cap(h, w, GenerateRequest.guidance))):
                 jobs = []
                 for i in range(n):
                     req = GenerateRequest(prompt="warm-up", seed=i, steps=10, height=h, width=w)
@@ -551,17 +747,18 @@ class ServingRuntime:
                     break
             batch = [first]
             key = first.batch_key
+            limit = self._batch_cap(first.height, first.width, float(first.request.guidance))
             wait_until = time.perf_counter() + self.max_wait_s
-            while len(batch) < self.max_batch:
+            while len(batch) < limit:
                 for job in list(self._queue):
-                    if len(batch) >= self.max_batch:
+                    if len(batch) >= limit:
                         break
                     if job.batch_key == key:
                         self._queue.remove(job)
                         if self._take(job) is not None:
                             batch.append(job)
                 remaining = wait_until - time.perf_counter()
-                if len(batch) >= self.max_batch or remaining <= 0 or self._closed:
+                if len(batch) >= limit or remaining <= 0 or self._closed:
                     break
                 self._cv.wait(remaining)
             self._in_flight = len(batch)
@@ -658,6 +855,7 @@ class ServingRuntime:
                 generator=[torch.Generator().manual_seed(j.seed) for j in jobs],
                 schedule=list(jobs[0].key_steps),
                 noise_injection=req.noise_injection,
+                max_decoder_rows=self.decoder_rows_cap(jobs[0].height, jobs[0].width),
                 callback_on_step_end=still_wanted,
             )
         except _BatchAborted:
@@ -701,5 +899,7 @@ __all__ = [
     "RequestTimeoutError",
     "RuntimeClosedError",
     "ServingRuntime",
+    "feature_bytes_per_row",
+    "parse_sizes",
     "prometheus_text",
 ]

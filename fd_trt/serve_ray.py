@@ -40,7 +40,8 @@ def deployment(num_replicas: int = 1, num_cpus: float | None = None, num_gpus: f
     Returns:
         A ``ray.serve.Deployment``; ``.bind(**runtime_kwargs)`` makes the application, with
         ``runtime_kwargs`` passed to :meth:`ServingRuntime.from_pretrained` (``model``, ``backend``,
-        ``max_batch``, ``max_wait_ms``, ``max_queue``, ...).
+        ``max_batch``, ``max_wait_ms``, ``max_queue``, ``sizes``, ``decoder_memory_mb``, ...), plus
+        ``threads`` (torch threads) and ``max_body_bytes`` (the HTTP body limit).
     """
     import ray
     from ray import serve
@@ -58,6 +59,7 @@ def deployment(num_replicas: int = 1, num_cpus: float | None = None, num_gpus: f
         def __init__(self, **runtime_kwargs: Any) -> None:
             from .serve import ServingRuntime
 
+            self.max_body_bytes = runtime_kwargs.pop("max_body_bytes", None)
             threads = runtime_kwargs.pop("threads", None)
             if threads:
                 import torch
@@ -69,7 +71,9 @@ def deployment(num_replicas: int = 1, num_cpus: float | None = None, num_gpus: f
         def __serve_build_asgi_app__(self) -> Any:
             from .http_api import create_app
 
-            app = create_app(runtime=self.runtime)
+            from .http_api import DEFAULT_MAX_BODY_BYTES
+
+            app = create_app(runtime=self.runtime, max_body_bytes=self.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
             name = self.name
 
             @app.middleware("http")
@@ -99,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--max-queue", type=int, default=64)
+    p.add_argument("--sizes", default=None, help="image sizes served, HxW comma-separated (see fd-trt serve --sizes)")
+    p.add_argument("--decoder-memory-mb", type=float, default=None,
+                   help="memory budget of one decoder call (default: the runtime's; 0: no cap)")
+    p.add_argument("--max-body-kb", type=int, default=64, help="largest request body in KiB (413 beyond)")
     args = p.parse_args(argv)
 
     import ray
@@ -111,6 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     app = deployment(args.replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus).bind(
         model=args.model, backend=args.backend, engines=args.engines, threads=args.threads,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        max_body_bytes=args.max_body_kb * 1024,
+        **({"sizes": args.sizes} if args.sizes else {}),
+        **({"decoder_memory_mb": args.decoder_memory_mb or None} if args.decoder_memory_mb is not None else {}),
     )
     serve.run(app, name="fd_trt", route_prefix="/")
     print(f"fd_trt on Ray Serve: {args.replicas} replicas at http://{args.host}:{args.port}/v1/generate (Ctrl-C stops)",

@@ -153,7 +153,7 @@ def test_sigterm_with_requests_in_flight_loses_none(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "fd_trt.cli", "serve", "--backend", "torch", "--port", str(port), "--max-batch", "4",
-         "--log-level", "warning"],
+         "--sizes", "64x64", "--max-body-kb", "32", "--log-level", "warning"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:

@@ -56,3 +56,31 @@ def test_noise_injection_threshold_is_half_the_training_steps():
     assert n.alpha == 0.003
     assert n.applies(499, 1000) and not n.applies(500, 1000) and not n.applies(981, 1000)
     assert not NoiseInjection(enabled=False).applies(1, 1000)
+
+
+@pytest.mark.parametrize("n", [200_000])
+def test_huge_lists_are_rejected_fast_with_a_short_message(n):
+    # Regression (#13): duplicate detection was O(n^2); 200,000 zeros froze `fd-trt serve` for over 60 s.
+    import time
+
+    from fd_trt.schedule import KeySchedule
+
+    t0 = time.perf_counter()
+    with pytest.raises(ScheduleError, match="200000 key steps but the run has only 50 steps") as e:
+        parse_schedule([0] * n, 50)
+    assert len(str(e.value)) < 300
+    # The validator itself (what KeySchedule runs) is linear too: duplicates found in one pass.
+    dup = tuple(range(n)) + (5,)
+    with pytest.raises(ScheduleError, match=r"repeats step\(s\) \[5\]") as e2:
+        KeySchedule(dup, n + 10)
+    assert len(str(e2.value)) < 300 and "more)" in str(e2.value)
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_huge_schedule_strings_are_rejected_fast():
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(ScheduleError, match="key steps but the run has only 50"):
+        parse_schedule(",".join(["0"] * 200_000), 50)
+    assert time.perf_counter() - t0 < 1.0

@@ -212,15 +212,56 @@ def test_timeout_and_cancellation_while_queued():
     assert gate.calls == [1]  # neither the late nor the cancelled request ran
 
 
+class StepCounter(Gate):
+    """Passes calls through, counting the scheduler steps each call really ran and how it ended."""
+
+    def __init__(self, pipe: FasterDiffusionPipeline) -> None:
+        super().__init__(pipe)
+        self.event.set()
+        self.steps: list[int] = []
+        self.ended: list[str] = []
+
+    def __call__(self, **kw: Any) -> Any:
+        inner, n = kw["callback_on_step_end"], [0]
+
+        def counting(p: Any, i: int, t: Any, k: dict[str, Any]) -> Any:
+            n[0] += 1
+            return inner(p, i, t, k)
+
+        kw["callback_on_step_end"] = counting
+        try:
+            out = self.pipe(**kw)
+            self.ended.append("finished")
+            return out
+        except BaseException as e:
+            self.ended.append(type(e).__name__)
+            raise
+        finally:
+            self.steps.append(n[0])
+
+
 def test_timeout_while_running_aborts_a_batch_nobody_waits_for():
-    rt = make_runtime(max_batch=2)
+    # Schedule "all": one encoder and one decoder call per step, so an abort shows in the step count
+    # (with "paper", the last 165 of 200 steps are decoded in one call before any step callback).
+    pipe = FasterDiffusionPipeline.from_pretrained("default", backend="torch", device="cpu", progress=False)
+    counter = StepCounter(pipe)
+    rt = ServingRuntime(counter, max_batch=2, warmup=False)  # type: ignore[arg-type]
+    launches0 = pipe.runner.launches["decoder"]
     try:
-        fut = rt.submit(GenerateRequest(prompt="a red circle", seed=1, steps=200, timeout_s=0.3))
+        t0 = time.perf_counter()
+        fut = rt.submit(GenerateRequest(prompt="a red circle", seed=1, steps=200, schedule="all", timeout_s=0.3))
         with pytest.raises(RequestTimeoutError, match="deadline while running"):
             fut.result(timeout=120)
+        wait_for(lambda: counter.ended)
+        took = time.perf_counter() - t0
     finally:
         rt.shutdown()
     assert rt.stats()["requests"] == {"timeout": 1}
+    # The abort itself: the sampler call stopped early instead of finishing its 200 steps late.
+    assert counter.ended == ["_BatchAborted"]
+    assert 1 <= counter.steps[0] < 100, counter.steps
+    assert pipe.runner.launches["decoder"] - launches0 == counter.steps[0]
+    assert took < 5.0
 
 
 @pytest.mark.parametrize("drain", [True, False])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import pytest
@@ -63,3 +64,57 @@ def test_two_replicas_serve_the_same_api(ray_app):
     assert bad.status_code == 422
     metrics = httpx.get(url + "/metrics", timeout=30)
     assert metrics.status_code == 200 and "fd_trt_requests_total" in metrics.text
+
+
+def test_a_replica_killed_under_load_loses_no_request_silently(ray_app, capsys):
+    import signal
+    import time
+    from collections import Counter
+
+    url = ray_app
+    # Learn the replicas' processes (X-Replica is host:pid; Ray runs them on this machine here).
+    pids: set[int] = set()
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(4) as ex:
+        while len(pids) < 2 and time.monotonic() - t0 < 120:
+            rs = list(ex.map(lambda s: httpx.post(url + "/v1/generate", json={"prompt": "a red circle", "seed": s,
+                                                                             "steps": 2}, timeout=120), range(4)))
+            pids |= {int(r.headers["x-replica"].rsplit(":", 1)[1]) for r in rs if r.status_code == 200}
+    assert len(pids) == 2, pids
+    victim = sorted(pids)[0]
+
+    n = 12
+    body = {"prompt": "a blue square", "steps": 60, "schedule": "all"}  # long enough to be in flight at the kill
+    with ThreadPoolExecutor(n) as ex:
+        def send(seed: int) -> Any:
+            try:
+                return httpx.post(url + "/v1/generate", json=body | {"seed": seed}, timeout=150)
+            except httpx.TimeoutException as e:  # a hang: the test fails on it below
+                return e
+            except httpx.TransportError as e:  # a dropped connection is an answer, but not a clear one
+                return e
+
+        futures = [ex.submit(send, s) for s in range(n)]
+        time.sleep(3.0)
+        os.kill(victim, signal.SIGKILL)
+        t_kill = time.monotonic()
+        results = [f.result(timeout=200) for f in futures]
+    outcomes: Counter[str] = Counter()
+    for r in results:
+        assert not isinstance(r, httpx.TimeoutException), f"a request hung after the kill: {r!r}"
+        assert not isinstance(r, Exception), f"a request got no HTTP answer: {r!r}"
+        if r.status_code == 200:
+            assert r.headers["content-type"] == "image/png" and r.content[:4] == b"\x89PNG"
+            outcomes["200 " + ("survivor" if int(r.headers["x-replica"].rsplit(":", 1)[1]) != victim else "victim")] += 1
+        else:
+            assert r.status_code >= 500 and r.text.strip(), (r.status_code, r.text)  # a clear error, not silence
+            outcomes[f"{r.status_code}"] += 1
+            outcomes[f"  message: {r.text.strip()[:120]}"] = 0
+    assert sum(outcomes.values()) == n  # every request answered, each exactly once
+    assert outcomes["200 survivor"] >= 1
+    # Ray replaces the dead replica; the service keeps answering.
+    ok = httpx.post(url + "/v1/generate", json={"prompt": "a red circle", "seed": 1, "steps": 2}, timeout=120)
+    assert ok.status_code == 200
+    with capsys.disabled():
+        print(f"\nreplica {victim} killed with {n} requests in flight: {dict(outcomes)}; "
+              f"answers done {time.monotonic() - t_kill:.1f} s after the kill")
