@@ -36,7 +36,9 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="a local LoRA (diffusers or kohya safetensors), fused at SCALE (default 1); repeatable")
     p.add_argument("--steps", type=int, default=50, help="inference steps")
-    p.add_argument("--schedule", default="paper", help="paper | all | uniform:N | comma-separated key steps")
+    p.add_argument("--schedule", default=None,
+                   help="paper | all | uniform:N | calibrated | FILE.json | comma-separated key steps "
+                        "(default: the model's saved calibration for this scheduler and step count, else paper)")
     p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance", type=float, default=7.5, help="CFG scale; <= 1 turns CFG off")
@@ -232,6 +234,14 @@ def _build(args: argparse.Namespace) -> int:
     if args.backend == "tensorrt":
         from .schedule import parse_schedule
 
+        if args.schedule.strip().lower().endswith(".json"):  # a calibration: its key steps set the profiles
+            from .calibrate import Calibration
+
+            cal = Calibration.load(args.schedule)
+            if cal.steps != args.steps:
+                raise InputError(f"--schedule {args.schedule} was calibrated for {cal.steps} steps, but --steps is "
+                                 f"{args.steps}: pass --steps {cal.steps}")
+            args.schedule = ",".join(map(str, cal.key_steps))
         parse_schedule(args.schedule, args.steps)  # a bad --schedule fails now, not after the export
     sd, source = load_diffusers_pipeline(args.model)
     f = int(sd.vae_scale_factor)
@@ -301,6 +311,12 @@ def _median_run(outputs: list[Any]) -> Any:
     """The output whose total time is the median (the lower middle one for an even count)."""
     ranked = sorted(outputs, key=lambda o: o.stats.seconds["total"])
     return ranked[(len(ranked) - 1) // 2]
+
+
+def _paper_keys(num_steps: int) -> list[int]:
+    from .schedule import PAPER_KEY_STEPS
+
+    return [k for k in PAPER_KEY_STEPS if k < num_steps]
 
 
 def _apply_loras(pipe: Any, specs: list[str]) -> None:
@@ -383,15 +399,17 @@ def _generate(args: argparse.Namespace) -> int:
         out, ref = _median_run(runs), _median_run(refs)
     else:
         out = run(args.schedule, noise)
-    print(_fmt_stats(args.schedule, out.stats))
-    report: dict[str, Any] = {"schedule": args.schedule, "stats": out.stats.as_dict()}
+    label = args.schedule or ("calibrated" if out.stats.key_steps != _paper_keys(out.stats.num_steps) else "paper")
+    print(f"key steps: {','.join(map(str, out.stats.key_steps))}")
+    print(_fmt_stats(label, out.stats))
+    report: dict[str, Any] = {"schedule": args.schedule or label, "stats": out.stats.as_dict()}
     if args.compare:
         print(_fmt_stats("all", ref.stats))
         if args.repeat > 1:
             def totals(outputs: list[Any]) -> str:
                 return ", ".join(f"{o.stats.seconds['total']:.3f}" for o in outputs)
 
-            print(f"(median of {args.repeat} alternating runs each; totals {args.schedule}: {totals(runs)} s, all: {totals(refs)} s)")
+            print(f"(median of {args.repeat} alternating runs each; totals {label}: {totals(runs)} s, all: {totals(refs)} s)")
         a, b = out.latents, ref.latents
         rel = float((a - b).norm() / b.norm())
         speed = ref.stats.seconds["total"] / out.stats.seconds["total"]
@@ -425,6 +443,58 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_calibrate(sub: Any) -> None:
+    p = sub.add_parser("calibrate", help="choose the key steps for a model, scheduler and step count")
+    _add_model_args(p)
+    p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
+    p.add_argument("--steps", type=int, default=50, help="inference steps")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--key-steps", type=int, default=None, help="K: encoder runs (key steps, step 0 included)")
+    budget.add_argument("--speedup", type=float, default=None,
+                        help="target UNet speedup over 'all', estimated from encoder/decoder costs measured here")
+    p.add_argument("--method", default="greedy", choices=["greedy", "dp", "dp+swap"])
+    p.add_argument("--prompts", default=None, help="a text file, one calibration prompt per line (default: built-in)")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--out", default=None, help="write the calibration JSON here")
+    p.add_argument("--save", action="store_true",
+                   help="save it with the engine directory (--engines) or the model folder, for schedule='calibrated'")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import DEFAULT_PROMPTS, calibrate, calibration_file
+    from .pipeline import FasterDiffusionPipeline
+
+    prompts: Sequence[str] = DEFAULT_PROMPTS
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise InputError(f"--prompts {args.prompts}: no such file; give a text file with one prompt per line")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise InputError(f"--prompts {args.prompts} holds no prompt: write one prompt per line")
+    pipe = FasterDiffusionPipeline.from_pretrained(
+        args.model, backend=args.backend, device=args.device, precision=args.precision, scheduler=args.scheduler,
+        progress=False, engines=args.engines, runner_options=_runner_options(args),
+    )
+    print(f"model: {pipe.source}; backend {pipe.backend}; {args.scheduler}-{args.steps}; {len(prompts)} prompts")
+    cal = calibrate(pipe, scheduler=args.scheduler, steps=args.steps, key_steps=args.key_steps, speedup=args.speedup,
+                    prompts=prompts, guidance=args.guidance, method=args.method,
+                    progress=None if args.quiet else (lambda line: print(f"  {line}", flush=True)))
+    print(f"key steps: {','.join(map(str, cal.key_steps))} (K={len(cal.key_steps)})")
+    print(f"calibration error (rel. L2 vs all): {cal.error:.4f}; paper: {cal.paper_error:.4f}")
+    print(f"estimated UNet speedup over all: {cal.estimated_speedup:.2f}x")
+    print(f"took {cal.seconds:.1f} s ({cal.evaluations} sampler runs, {cal.steps_run} steps)")
+    if args.out:
+        print(f"wrote {cal.save(args.out)}")
+    if args.save:
+        folder = pipe.engines or pipe.model_dir
+        if folder is None:
+            raise InputError("--save needs a model folder or --engines DIR to save into")
+        print(f"saved {cal.save(calibration_file(folder, args.scheduler, args.steps))} (schedule='calibrated')")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fd-trt``."""
     parser = argparse.ArgumentParser(prog="fd-trt", description="Faster Diffusion on compiled graphs")
@@ -433,6 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_build(sub)
     _add_bench(sub)
     _add_serve(sub)
+    _add_calibrate(sub)
     args = parser.parse_args(argv)
     if getattr(args, "quiet", False):
         from diffusers.utils import logging as diffusers_logging
@@ -451,6 +522,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _build(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "calibrate":
+            return _calibrate(args)
     except FdTrtError as e:
         print(f"fd-trt: error: {e}", file=sys.stderr)
         return 2

@@ -122,6 +122,15 @@ def make_scheduler(name: str, config: dict[str, Any] | Any | None = None) -> Any
     return cls.from_config({**cfg, **overrides})
 
 
+def scheduler_name(scheduler: Any) -> str | None:
+    """The short name (``ddim``, ``dpmpp``, ...) of a diffusers scheduler, or ``None`` for others."""
+    cls = type(scheduler).__name__
+    if cls == "DPMSolverMultistepScheduler":
+        return "dpmpp" if scheduler.config.get("algorithm_type") == "dpmsolver++" else None
+    return {"DDIMScheduler": "ddim", "PNDMScheduler": "pndm", "EulerDiscreteScheduler": "euler",
+            "DDPMScheduler": "ddpm"}.get(cls)
+
+
 def _random_sd_pipeline(
     seed: int,
     unet_config: dict[str, Any],

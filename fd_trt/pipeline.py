@@ -200,6 +200,8 @@ class FasterDiffusionPipeline:
         self._cache_lock = threading.RLock()
         self._unet_sha256: str | None = None
         self._weights_fp: tuple[Any, ...] | None = None
+        #: The model folder (``from_pretrained``), where saved calibrations are looked for.
+        self.model_dir: Path | None = None
         # A runner that serves every shape (torch, or one passed in); None for per-shape graph runners.
         self._fixed_runner: Runner | None = None
         if isinstance(backend, Runner):
@@ -342,6 +344,58 @@ class FasterDiffusionPipeline:
         with self._cache_lock:
             return [(k[0] * f, k[1] * f) for k in self._runners]
 
+    # schedules --------------------------------------------------------------------------------
+    def calibration_folders(self) -> list[Path]:
+        """Where ``schedule="calibrated"`` looks: the engine directory, then the model folder."""
+        return [f for f in (self.engines, self.model_dir) if f is not None]
+
+    def resolve_schedule(self, schedule: Any, num_inference_steps: int, scheduler: str | None = None) -> Any:
+        """Turns ``None``, ``"calibrated"``, a calibration path or object into key steps.
+
+        Other specs are returned unchanged for :func:`fd_trt.schedule.parse_schedule`.
+
+        Args:
+            schedule: the call's ``schedule``.
+            num_inference_steps: the call's step count.
+            scheduler: the scheduler's short name; the pipeline's current scheduler by default.
+
+        Raises:
+            ScheduleError: when no calibration matches, or one was made for another model,
+                scheduler or step count.
+        """
+        from .calibrate import Calibration, find_calibration
+        from .errors import ScheduleError
+        from .models import scheduler_name
+
+        name = scheduler or scheduler_name(self.sd.scheduler)
+        if schedule is None or (isinstance(schedule, str) and schedule.strip().lower() == "calibrated"):
+            path = find_calibration(self.calibration_folders(), name, num_inference_steps) if name else None
+            if path is None:
+                if schedule is None:
+                    return "paper"
+                where = ", ".join(str(f) for f in self.calibration_folders()) or "no model folder or engine directory"
+                raise ScheduleError(
+                    f"schedule='calibrated' but no calibration for {name or type(self.sd.scheduler).__name__}-"
+                    f"{num_inference_steps} is saved in {where}: run fd-trt calibrate --model MODEL --scheduler "
+                    f"{name or 'ddim'} --steps {num_inference_steps} --key-steps 9 --save, or pass a calibration "
+                    "JSON path as schedule"
+                )
+            cal = Calibration.load(path)
+            if schedule is None:
+                try:
+                    cal.check(model_sha256=self.unet_sha256, scheduler=name, steps=num_inference_steps, where=str(path))
+                except ScheduleError as exc:
+                    logger.info("not using the saved calibration: %s", exc)
+                    return "paper"
+                return list(cal.key_steps)
+            schedule = cal
+        elif isinstance(schedule, (str, os.PathLike)) and str(schedule).lower().endswith(".json"):
+            schedule = Calibration.load(schedule)
+        if isinstance(schedule, Calibration):
+            schedule.check(model_sha256=self.unet_sha256, scheduler=name, steps=num_inference_steps)
+            return list(schedule.key_steps)
+        return schedule
+
     # LoRA -------------------------------------------------------------------------------------
     # diffusers' own LoRA calls on the wrapped pipeline (PEFT backend). They change the UNet's
     # effective weights; the next call notices (see _check_weights) and every backend follows:
@@ -463,6 +517,9 @@ class FasterDiffusionPipeline:
         sd, source = load_diffusers_pipeline(model)
         pipe = cls(sd, backend=backend, device=device, precision=precision, progress=progress, source=source,
                    engines=engines, runner_options=runner_options, owns_pipeline=True, **kwargs)
+        from .models import default_model_dir
+
+        pipe.model_dir = default_model_dir() if str(model) == "default" else Path(model)
         if scheduler is not None:
             pipe.set_scheduler(scheduler)
         return pipe
@@ -581,7 +638,7 @@ class FasterDiffusionPipeline:
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
-        schedule: ScheduleSpec = "paper",
+        schedule: ScheduleSpec | Any | None = None,
         noise_injection: bool | NoiseInjection | None = None,
         parallel: bool = True,
         max_decoder_rows: int | None = None,
@@ -594,7 +651,11 @@ class FasterDiffusionPipeline:
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
             num_images_per_prompt, eta, generator, latents, output_type: as in diffusers'
                 ``StableDiffusionPipeline``.
-            schedule: key steps: ``"paper"``, ``"all"``, ``"uniform:N"`` or a list of step indices.
+            schedule: key steps: ``"paper"``, ``"all"``, ``"uniform:N"``, a list of step indices,
+                ``"calibrated"`` (the calibration saved with the model or engine directory for this
+                scheduler and step count), a calibration JSON path or a
+                :class:`~fd_trt.calibrate.Calibration`. ``None`` (default): ``calibrated`` when a
+                matching calibration is saved with the model, otherwise ``paper``.
             noise_injection: prior noise injection on (``True``), off (``False``), a
                 :class:`NoiseInjection`, or ``None`` for on exactly when the schedule propagates
                 features (so ``schedule="all"`` reproduces plain diffusers).
@@ -626,7 +687,8 @@ class FasterDiffusionPipeline:
         scheduler = copy.deepcopy(sd.scheduler)
         scheduler.set_timesteps(num_inference_steps, device=self.device)
         num_steps = len(scheduler.timesteps)
-        key_schedule: KeySchedule = parse_schedule(schedule, num_steps)
+        self._check_weights()  # before the calibration check, which compares the weights hash
+        key_schedule: KeySchedule = parse_schedule(self.resolve_schedule(schedule, num_inference_steps), num_steps)
         if isinstance(noise_injection, NoiseInjection):
             noise = noise_injection
         else:
@@ -672,7 +734,6 @@ class FasterDiffusionPipeline:
                 out = callback_on_step_end(self, i, t, {"latents": x})
                 return out.get("latents") if isinstance(out, dict) else None
 
-        self._check_weights()
         runner = self._runner_for((latent_shape[2], latent_shape[3]), (int(text.shape[1]), int(text.shape[2])))
         sstats = SamplerStats()
         with self._using(runner):

@@ -90,6 +90,8 @@ def run_sampler(
     callback: StepCallback | None = None,
     stats: SamplerStats | None = None,
     progress: bool = True,
+    start_step: int = 0,
+    initial_noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Denoises ``latents`` with encoder propagation.
 
@@ -109,6 +111,9 @@ def run_sampler(
             returns replaces the latents.
         stats: filled in place when given.
         progress: show a progress bar.
+        start_step: resume at this key step: ``latents`` and ``scheduler`` are then the state
+            before that step of an earlier run (calibration reuses shared prefixes this way).
+        initial_noise: the unit initial noise for noise injection, when ``latents`` is not x_T.
 
     Returns:
         The final latents, float32.
@@ -128,7 +133,11 @@ def run_sampler(
     # x_T = init_noise_sigma * eps) map to that space through scale_model_input, x_vp = c_t * x.
     # Adding alpha * eps / c_t in their space is the paper's injection; adding alpha * x_T there
     # would be init_noise_sigma / c_t times too strong (about 14.6x at SD's first Euler step).
-    eps_T = x / float(scheduler.init_noise_sigma)
+    if start_step and start_step not in schedule.key_steps:
+        raise InputError(f"start_step={start_step} is not a key step of {list(schedule.key_steps)}: resume at a key step")
+    if start_step and initial_noise is None:
+        raise InputError("start_step > 0 needs initial_noise, the unit initial noise of the run being resumed")
+    eps_T = initial_noise.float() if initial_noise is not None else x / float(scheduler.init_noise_sigma)
     rows = x.shape[0] * (2 if cfg else 1)
     if text.shape[0] != rows:
         raise InputError(f"text has {text.shape[0]} rows, expected {rows} for {x.shape[0]} latents (CFG={cfg})")
@@ -139,9 +148,11 @@ def run_sampler(
         runner.synchronize()
         return time.perf_counter()
 
-    bar = tqdm(total=len(timesteps), disable=not progress, desc="denoise", leave=False)
+    bar = tqdm(total=len(timesteps) - start_step, disable=not progress, desc="denoise", leave=False)
     try:
         for seg in schedule.segments:
+            if seg.start < start_step:
+                continue
             # 1. Encoder at the key step.
             t0 = tick()
             x_in = torch.cat([x, x]) if cfg else x

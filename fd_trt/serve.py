@@ -169,7 +169,7 @@ class GenerateRequest:
         guidance: CFG scale; ``<= 1`` turns CFG off.
         height, width: image size; ``None`` is the model's native size.
         scheduler: ``ddim``, ``dpmpp``, ``pndm``, ``euler`` or ``ddpm``.
-        schedule: key steps: ``"paper"``, ``"all"``, ``"uniform:N"`` or a list of step indices.
+        schedule: key steps: ``"paper"``, ``"all"``, ``"uniform:N"``, ``"calibrated"`` or a list of step indices.
         noise_injection: prior noise injection; ``None`` is on exactly when the schedule propagates.
         timeout_s: seconds from submission until the request fails with
             :class:`RequestTimeoutError`; ``None`` uses the runtime's default.
@@ -547,7 +547,13 @@ class ServingRuntime:
             raise InputError(f"timeout_s must be a positive number or None, got {request.timeout_s!r}")
         # The number of steps the scheduler really takes decides which key steps are valid.
         num_steps = self._num_steps(request)
-        key_steps = tuple(parse_schedule(request.schedule, num_steps).key_steps)  # ScheduleError is an InputError
+        # "calibrated" resolves against the model's saved calibrations. A client never names a
+        # file on the server: calibration paths are for the Python API and the CLI only.
+        if isinstance(request.schedule, str) and request.schedule.strip().lower().endswith(".json"):
+            raise InputError("schedule names a file; the server takes 'calibrated' (its saved calibration), "
+                             "'paper', 'all', 'uniform:N' or a list of key steps")
+        spec = self.pipeline.resolve_schedule(request.schedule, request.steps, request.scheduler)
+        key_steps = tuple(parse_schedule(spec, num_steps).key_steps)  # ScheduleError is an InputError
         return sizes[0], sizes[1], key_steps
 
     def submit(self, request: GenerateRequest) -> "Future[GenerateResult]":

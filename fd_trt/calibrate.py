@@ -1,0 +1,590 @@
+"""Calibrated key steps: the encoder's key steps chosen per model, scheduler and step count.
+
+The paper's key steps {0,1,2,3,5,10,15,25,35} were tuned by hand for SD 1.x with DDIM-50. This
+module chooses K key steps that keep the final latents closest to ``schedule="all"`` on a few
+calibration prompts and seeds, offline, so the segments stay fixed before sampling (static decoder
+batches and TensorRT profiles).
+
+Methods (``method=``):
+
+* ``greedy``: start from {0}; add, one at a time, the step whose addition lowers the final-latent
+  error most; then refine by moving single key steps to nearby steps while that lowers the error.
+  Costs about ``K * T`` sampler runs of the calibration batch.
+* ``dp``: one ``all`` run records the encoder features at every step; a dynamic program picks the K
+  segments that minimize the summed relative change between each step's own features and its key
+  step's (the error of reusing them). Costs one run plus an evaluation.
+* ``dp+swap``: ``dp``, then the same refinement as ``greedy``.
+
+A :class:`Calibration` is saved as JSON. ``schedule=`` accepts its path or the object, and
+``schedule="calibrated"`` finds the one saved with the model or engine directory
+(:func:`find_calibration`), checked against the model's weights hash, scheduler and step count.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .errors import InputError, ScheduleError
+from .schedule import KeySchedule, NoiseInjection
+
+logger = logging.getLogger(__name__)
+
+#: Folder, inside a model folder or an engine directory, that holds saved calibrations.
+CALIBRATION_DIR = "calibrations"
+METHODS = ("greedy", "dp", "dp+swap")
+#: Calibration prompts for the default model (held-out evaluation uses other prompts and seeds).
+DEFAULT_PROMPTS = (
+    "a red circle on the left",
+    "a blue star at the top",
+    "a green square and a yellow triangle",
+    "a purple diamond in the center",
+)
+DEFAULT_SEEDS = (0, 1, 2, 3)
+
+
+@dataclass
+class Calibration:
+    """Key steps chosen for one model, scheduler and step count.
+
+    Attributes:
+        key_steps: sorted, unique, starting with 0.
+        scheduler: the scheduler's short name (``ddim``, ``dpmpp``, ...).
+        steps: the number of inference steps.
+        model_sha256: the UNet weights hash it was calibrated on.
+        error: relative L2 of the final latents against ``all`` on the calibration batch.
+        method: the search method.
+        prompts: the calibration prompts.
+        seeds: their seeds (one per prompt).
+        guidance: the CFG scale used.
+        seconds: how long the calibration took.
+        estimated_speedup: UNet-time speedup over ``all`` estimated from measured encoder and
+            decoder costs, or ``None``.
+        paper_error: the same error for ``paper`` with the same K budget cut, for comparison.
+    """
+
+    key_steps: list[int]
+    scheduler: str
+    steps: int
+    model_sha256: str
+    error: float
+    method: str
+    prompts: list[str]
+    seeds: list[int]
+    guidance: float = 7.5
+    seconds: float = 0.0
+    estimated_speedup: float | None = None
+    paper_error: float | None = None
+    evaluations: int = 0
+    steps_run: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Writes the calibration as JSON (atomically) and returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(self.to_json())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "Calibration":
+        """Reads a calibration JSON written by :meth:`save` or ``fd-trt calibrate --out``.
+
+        Raises:
+            ScheduleError: for a missing or malformed file.
+        """
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ScheduleError(f"calibration file {path} does not exist: write one with fd-trt calibrate --out {path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ScheduleError(f"calibration file {path} is not valid JSON ({exc}): recreate it with fd-trt calibrate") from None
+        if not isinstance(raw, dict):
+            raise ScheduleError(f"calibration file {path} holds {type(raw).__name__}, not a calibration object")
+        try:
+            cal = cls(**raw)
+        except TypeError as exc:
+            raise ScheduleError(f"calibration file {path} has missing or unknown fields ({exc}): recreate it with fd-trt calibrate") from None
+        KeySchedule(tuple(int(k) for k in cal.key_steps), int(cal.steps))  # validates
+        return cal
+
+    def check(self, *, model_sha256: str | None, scheduler: str | None, steps: int, where: str = "") -> None:
+        """Refuses a calibration made for another model, scheduler or step count.
+
+        Raises:
+            ScheduleError: naming what differs and the command that recalibrates.
+        """
+        problems = []
+        if steps != self.steps:
+            problems.append(f"{self.steps} steps, but the run has {steps}")
+        if scheduler is not None and scheduler != self.scheduler:
+            problems.append(f"scheduler {self.scheduler}, but the run uses {scheduler}")
+        if model_sha256 is not None and model_sha256 != self.model_sha256:
+            problems.append(f"UNet weights {self.model_sha256[:12]}.., but this UNet's are {model_sha256[:12]}..")
+        if problems:
+            raise ScheduleError(
+                f"calibration {where or ''} was made for {' and '.join(problems)}: recalibrate with "
+                f"fd-trt calibrate --model MODEL --scheduler {scheduler or self.scheduler} --steps {steps} --save"
+            )
+
+    def schedule(self) -> KeySchedule:
+        return KeySchedule(tuple(int(k) for k in self.key_steps), int(self.steps))
+
+
+def calibration_file(folder: str | os.PathLike[str], scheduler: str, steps: int) -> Path:
+    """Where a calibration for ``scheduler`` and ``steps`` is saved inside a model or engine folder."""
+    return Path(folder) / CALIBRATION_DIR / f"{scheduler}-{int(steps)}.json"
+
+
+def find_calibration(folders: Sequence[str | os.PathLike[str] | None], scheduler: str, steps: int) -> Path | None:
+    """The first saved calibration for ``scheduler`` and ``steps`` in ``folders``, or ``None``."""
+    for folder in folders:
+        if folder is None:
+            continue
+        path = calibration_file(folder, scheduler, steps)
+        if path.is_file():
+            return path
+    return None
+
+
+# evaluation ---------------------------------------------------------------------------------
+class Evaluator:
+    """Runs the sampler on a fixed calibration batch and measures the error of a schedule.
+
+    The prompts are encoded once and the initial latents drawn once; each evaluation is one
+    sampler call over the whole batch (text encoder and VAE are not involved).
+
+    Args:
+        pipe: a :class:`~fd_trt.pipeline.FasterDiffusionPipeline`.
+        scheduler: the scheduler's short name.
+        steps: inference steps.
+        prompts: calibration prompts.
+        seeds: one seed per prompt.
+        guidance: CFG scale.
+    """
+
+    def __init__(self, pipe: Any, scheduler: str, steps: int, prompts: Sequence[str], seeds: Sequence[int],
+                 guidance: float = 7.5) -> None:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        from .models import make_scheduler
+
+        if len(prompts) != len(seeds):
+            raise InputError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
+        if not prompts:
+            raise InputError("calibration needs at least one prompt")
+        self.pipe = pipe
+        self.scheduler_name = scheduler
+        self._scheduler = make_scheduler(scheduler, pipe.sd.scheduler.config)
+        self.steps = int(steps)
+        self.guidance = float(guidance)
+        sd = pipe.sd
+        cfg = self.guidance > 1.0
+        with torch.inference_mode():
+            pos, neg = sd.encode_prompt(list(prompts), pipe.device, 1, cfg, None)
+        self.text = torch.cat([neg, pos]) if cfg else pos
+        f = pipe.vae_scale_factor
+        size = int(sd.unet.config.sample_size)
+        shape = (len(prompts), int(sd.unet.config.in_channels), size, size)
+        self.latents = randn_tensor(shape, generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
+                                    device=pipe.device, dtype=torch.float32)
+        self.latent_hw = (size, size)
+        self.image_size = (size * f, size * f)
+        self.evaluations = 0
+        self.steps_run = 0
+        self.run_seconds = 0.0
+        self._base: tuple[tuple[int, ...], list[torch.Tensor], list[Any], torch.Tensor] | None = None
+        probe = copy.deepcopy(self._scheduler)
+        probe.set_timesteps(self.steps)
+        #: T, the scheduler's number of timesteps for ``steps``.
+        self.reference_steps = len(probe.timesteps)
+        self.reference = self.run(tuple(range(self.reference_steps)))
+
+    def _fresh_scheduler(self) -> Any:
+        sched = copy.deepcopy(self._scheduler)
+        sched.set_timesteps(self.steps, device=self.pipe.device)
+        return sched
+
+    def run(self, key_steps: Sequence[int], runner_wrap: Callable[[Any], Any] | None = None,
+            record: bool = False) -> torch.Tensor:
+        """Final latents of the calibration batch with these key steps.
+
+        Args:
+            key_steps: the schedule.
+            runner_wrap: wraps the runner (to observe its calls).
+            record: keep the latents and scheduler state before every step, so that later runs
+                that share a prefix with this one resume from it (:meth:`error`).
+        """
+        from .sampler import run_sampler
+
+        keys = tuple(sorted(int(k) for k in key_steps))
+        sched = self._fresh_scheduler()
+        ks = KeySchedule(keys, len(sched.timesteps))
+        # Stochastic schedulers (DDPM) draw from this generator; resuming restores its state too.
+        gen = torch.Generator().manual_seed(0)
+        start, x = 0, self.latents * sched.init_noise_sigma
+        base = self._base
+        if base is not None and not record:
+            p = _first_difference(base[0], keys, ks.num_steps)
+            if p == ks.num_steps:
+                return base[3]
+            start = max(k for k in keys if k <= p)
+            x, (state, gen_state) = base[1][start], base[2][start]
+            sched = copy.deepcopy(state)
+            gen.set_state(gen_state)
+        states_x: list[torch.Tensor] = [x]
+        states_s: list[Any] = [(copy.deepcopy(sched), gen.get_state())]
+        callback = None
+        if record:
+
+            def callback(j: int, t: Any, latents: torch.Tensor) -> None:
+                states_x.append(latents.clone())
+                states_s.append((copy.deepcopy(sched), gen.get_state()))
+
+        runner = self.pipe._runner_for(self.latent_hw, (int(self.text.shape[1]), int(self.text.shape[2])))
+        if runner_wrap is not None:
+            runner = runner_wrap(runner)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = run_sampler(runner, sched, x, self.text, ks, guidance_scale=self.guidance,
+                              noise=NoiseInjection(enabled=ks.propagates), extra_step_kwargs=_step_kwargs(sched, gen),
+                              progress=False, callback=callback, start_step=start, initial_noise=self.latents)
+        self.run_seconds += time.perf_counter() - t0
+        self.evaluations += 1
+        self.steps_run += ks.num_steps - start
+        if record:
+            self._base = (keys, states_x, states_s, out)
+        return out
+
+    def set_base(self, key_steps: Sequence[int]) -> None:
+        """Records a run of ``key_steps``; later evaluations resume from where they diverge from it."""
+        self._base = None
+        self.run(key_steps, record=True)
+
+    def error(self, key_steps: Sequence[int]) -> float:
+        """Relative L2 of the final latents against ``all`` over the whole batch."""
+        out = self.run(key_steps)
+        return float((out - self.reference).norm() / self.reference.norm())
+
+
+def _first_difference(a: Sequence[int], b: Sequence[int], num_steps: int) -> int:
+    """The first step whose features come from different key steps under schedules a and b."""
+    sa, sb = set(a), set(b)
+    ka = kb = 0
+    for j in range(num_steps):
+        ka = j if j in sa else ka
+        kb = j if j in sb else kb
+        if ka != kb:
+            return j
+    return num_steps
+
+
+def _step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
+    import inspect
+
+    params = set(inspect.signature(scheduler.step).parameters)
+    # Stochastic schedulers: the same noise for every candidate, so only the schedule differs.
+    return {"generator": generator} if "generator" in params else {}
+
+
+# search -------------------------------------------------------------------------------------
+def greedy_search(error: Callable[[Sequence[int]], float], num_steps: int, k: int,
+                  start: Sequence[int] = (0,), on_accept: Callable[[Sequence[int]], None] | None = None
+                  ) -> tuple[list[int], float]:
+    """Adds key steps one at a time, each time the one that lowers ``error`` most.
+
+    Args:
+        error: the error of a sorted key-step list.
+        num_steps: T.
+        k: key steps wanted (including 0).
+        start: key steps to start from.
+        on_accept: called with each accepted schedule (the evaluator records it as the prefix
+            that the next round's candidates share).
+
+    Returns:
+        ``(key_steps, error)``.
+    """
+    keys = sorted(set(start) | {0})
+    if on_accept is not None:
+        on_accept(keys)
+    best_err = error(keys)
+    while len(keys) < k:
+        best: tuple[float, int] | None = None
+        for c in range(1, num_steps):
+            if c in keys:
+                continue
+            e = error(sorted(keys + [c]))
+            if best is None or e < best[0]:
+                best = (e, c)
+        assert best is not None
+        best_err = best[0]
+        keys = sorted(keys + [best[1]])
+        if on_accept is not None:
+            on_accept(keys)
+    return keys, best_err
+
+
+def swap_refine(error: Callable[[Sequence[int]], float], num_steps: int, keys: Sequence[int], err: float | None = None,
+                radius: int = 2, max_passes: int = 3,
+                on_accept: Callable[[Sequence[int]], None] | None = None) -> tuple[list[int], float]:
+    """Moves single key steps (never step 0) by up to ``radius`` steps while that lowers ``error``.
+
+    Returns:
+        ``(key_steps, error)``, with an error never above the starting one.
+    """
+    keys = sorted(keys)
+    if on_accept is not None:
+        on_accept(keys)
+    err = error(keys) if err is None else err
+    for _ in range(max_passes):
+        improved = False
+        for i in range(1, len(keys)):
+            for d in [d for r in range(1, radius + 1) for d in (-r, r)]:
+                c = keys[i] + d
+                if c <= 0 or c >= num_steps or c in keys:
+                    continue
+                cand = sorted(keys[:i] + keys[i + 1 :] + [c])
+                e = error(cand)
+                if e < err:
+                    keys, err, improved = cand, e, True
+                    if on_accept is not None:
+                        on_accept(keys)
+                    break
+        if not improved:
+            break
+    return keys, err
+
+
+def segment_dp(cost: torch.Tensor, k: int) -> list[int]:
+    """The K key steps minimizing the summed cost of reusing each key step's features.
+
+    Args:
+        cost: ``[T, T]``, ``cost[i, j]`` the cost of running step ``j >= i`` on the features of key
+            step ``i`` (``cost[j, j] == 0``).
+        k: key steps wanted (step 0 always one of them).
+
+    Returns:
+        Sorted key steps, exactly ``min(k, T)`` of them.
+    """
+    t = int(cost.shape[0])
+    k = min(k, t)
+    c = cost.double()
+    # seg[i, j]: cost of one segment [i, j) keyed at i; cumulative sums along each row.
+    csum = torch.cumsum(torch.triu(c), dim=1)
+    seg = torch.full((t, t + 1), float("inf"), dtype=torch.float64)
+    for i in range(t):
+        seg[i, i + 1 :] = csum[i, i:]  # triu zeroed the columns before i
+    inf = float("inf")
+    # best[m][j]: least cost covering steps [0, j) with m segments; back[m][j]: start of the last.
+    best = [[inf] * (t + 1) for _ in range(k + 1)]
+    back = [[-1] * (t + 1) for _ in range(k + 1)]
+    best[0][0] = 0.0
+    for m in range(1, k + 1):
+        for j in range(1, t + 1):
+            for i in range(m - 1, j):
+                if best[m - 1][i] == inf:
+                    continue
+                v = best[m - 1][i] + float(seg[i, j])
+                if v < best[m][j]:
+                    best[m][j], back[m][j] = v, i
+    keys, j = [], t
+    for m in range(k, 0, -1):
+        i = back[m][j]
+        keys.append(i)
+        j = i
+    return sorted(keys)
+
+
+def encoder_feature_changes(ev: Evaluator) -> torch.Tensor:
+    """``[T, T]`` relative change between the encoder features of steps ``i`` and ``j`` in an ``all`` run.
+
+    ``cost[i, j] = ||F_j - F_i||^2 / ||F_j||^2`` over all feature tensors of the batch, for
+    ``j >= i``; zero elsewhere.
+    """
+    feats: list[torch.Tensor] = []
+
+    class _Recorder:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        def encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> Any:
+            f = self.inner.encode(sample, timestep, text)
+            feats.append(torch.cat([x.reshape(-1).float() for x in f.tensors()]))
+            return f
+
+    ev._base = None
+    ev.run(tuple(range(ev.reference_steps)), runner_wrap=_Recorder)
+    x = torch.stack(feats).double()  # [T, F]
+    sq = (x * x).sum(1)
+    d2 = (sq[:, None] + sq[None, :] - 2 * x @ x.T).clamp_min(0)
+    cost = torch.triu(d2 / sq[None, :].clamp_min(1e-30))
+    return cost.float()
+
+
+def calibrate(
+    pipe: Any,
+    *,
+    scheduler: str,
+    steps: int,
+    key_steps: int | None = None,
+    speedup: float | None = None,
+    prompts: Sequence[str] = DEFAULT_PROMPTS,
+    seeds: Sequence[int] | None = None,
+    guidance: float = 7.5,
+    method: str = "greedy",
+    progress: Callable[[str], None] | None = None,
+) -> Calibration:
+    """Chooses key steps for the pipeline's model, a scheduler and a step count.
+
+    Args:
+        pipe: a :class:`~fd_trt.pipeline.FasterDiffusionPipeline` (its backend runs the search).
+        scheduler: ``ddim``, ``dpmpp``, ``pndm``, ``euler`` or ``ddpm``.
+        steps: inference steps.
+        key_steps: K, the encoder runs wanted.
+        speedup: instead of K, a target UNet speedup over ``all``; the largest K whose estimated
+            speedup reaches it is used.
+        prompts: calibration prompts.
+        seeds: one seed per prompt (0, 1, ... by default).
+        guidance: CFG scale.
+        method: ``greedy``, ``dp`` or ``dp+swap`` (see the module docstring).
+        progress: called with a line of text after each stage.
+
+    Returns:
+        The :class:`Calibration`.
+
+    Raises:
+        InputError: for a bad budget or method.
+    """
+    t0 = time.perf_counter()
+    say = progress or (lambda s: None)
+    if method not in METHODS:
+        raise InputError(f"unknown calibration method {method!r}: choose one of {', '.join(METHODS)}")
+    if (key_steps is None) == (speedup is None):
+        raise InputError("give exactly one budget: key_steps=K (encoder runs) or speedup=X (target over 'all')")
+    seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
+    ev = Evaluator(pipe, scheduler, steps, prompts, seeds, guidance)
+    t_steps = ev.reference_steps
+    costs = measure_costs(ev)
+    if speedup is not None:
+        if not isinstance(speedup, (int, float)) or speedup <= 1.0:
+            raise InputError(f"speedup must be a number above 1, got {speedup!r}")
+        k = max(k for k in range(1, t_steps + 1) if k == 1 or estimate_speedup(costs, _even(k, t_steps), t_steps) >= speedup)
+        say(f"speedup {speedup}x: K = {k} key steps (estimated from the measured encoder/decoder costs)")
+    else:
+        k = key_steps  # type: ignore[assignment]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= t_steps:
+        raise InputError(f"key_steps must be an integer in [1, {t_steps}], got {k!r}")
+    history: list[dict[str, Any]] = []
+
+    def err(keys: Sequence[int]) -> float:
+        e = ev.error(keys)
+        history.append({"key_steps": list(keys), "error": e})
+        return e
+
+    if method == "greedy":
+        keys, e = greedy_search(err, t_steps, k, on_accept=ev.set_base)
+        say(f"greedy: {keys} error {e:.4f} ({ev.evaluations} runs)")
+        keys, e = swap_refine(err, t_steps, keys, e, on_accept=ev.set_base)
+    else:
+        keys = segment_dp(encoder_feature_changes(ev), k)
+        e = err(keys)
+        say(f"dp: {keys} error {e:.4f}")
+        if method == "dp+swap":
+            keys, e = swap_refine(err, t_steps, keys, e, on_accept=ev.set_base)
+    say(f"{method}: {keys} error {e:.4f} ({ev.evaluations} runs)")
+    paper = [s for s in (0, 1, 2, 3, 5, 10, 15, 25, 35) if s < t_steps]
+    ev._base = None
+    return Calibration(
+        key_steps=list(keys),
+        scheduler=scheduler,
+        steps=int(steps),
+        model_sha256=pipe.unet_sha256,
+        error=e,
+        method=method,
+        prompts=list(prompts),
+        seeds=seeds,
+        guidance=float(guidance),
+        seconds=time.perf_counter() - t0,
+        estimated_speedup=estimate_speedup(costs, keys, t_steps),
+        paper_error=ev.error(paper),
+        evaluations=ev.evaluations,
+        steps_run=ev.steps_run,
+        history=history[-50:],
+    )
+
+
+def _even(k: int, t: int) -> list[int]:
+    return sorted({round(i * t / k) for i in range(k)})
+
+
+def measure_costs(ev: Evaluator, repeats: int = 3) -> dict[str, float]:
+    """Seconds of one encoder call and of decoder calls of 1 and of 10 steps, on the batch's rows."""
+    runner = ev.pipe._runner_for(ev.latent_hw, (int(ev.text.shape[1]), int(ev.text.shape[2])))
+    rows = int(ev.text.shape[0])
+    x = torch.zeros((rows, *ev.latents.shape[1:]), device=ev.pipe.device)
+    t = torch.full((rows,), 500.0, device=ev.pipe.device)
+
+    def timed(fn: Callable[[], Any]) -> float:
+        fn()
+        ts = []
+        for _ in range(repeats):
+            runner.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            runner.synchronize()
+            ts.append(time.perf_counter() - t0)
+        return sorted(ts)[len(ts) // 2]
+
+    with torch.inference_mode():
+        feats = runner.encode(x, t, ev.text)
+        enc = timed(lambda: runner.encode(x, t, ev.text))
+        dec1 = timed(lambda: runner.decode(feats, t[:1], ev.text))
+        dec10 = timed(lambda: runner.decode(feats, t[:1].repeat(10), ev.text))
+    return {"encoder": enc, "decoder_1": dec1, "decoder_per_step_batched": max(dec10 - dec1, 0.0) / 9}
+
+
+def estimate_speedup(costs: dict[str, float], keys: Sequence[int], num_steps: int) -> float:
+    """UNet-time speedup over ``all`` of these key steps, from :func:`measure_costs`' figures.
+
+    A segment of L steps costs one encoder call plus one decoder call of L steps, modelled as
+    ``decoder_1 + (L - 1) * decoder_per_step_batched``.
+    """
+    bounds = list(sorted(keys)) + [num_steps]
+    cost_all = num_steps * (costs["encoder"] + costs["decoder_1"])
+    cost = sum(costs["encoder"] + costs["decoder_1"] + (b - a - 1) * costs["decoder_per_step_batched"]
+               for a, b in zip(bounds[:-1], bounds[1:]))
+    return cost_all / cost if cost > 0 else float("inf")
+
+
+__all__ = [
+    "CALIBRATION_DIR",
+    "Calibration",
+    "DEFAULT_PROMPTS",
+    "Evaluator",
+    "METHODS",
+    "calibrate",
+    "calibration_file",
+    "encoder_feature_changes",
+    "estimate_speedup",
+    "find_calibration",
+    "greedy_search",
+    "segment_dp",
+    "swap_refine",
+]

@@ -1,0 +1,142 @@
+"""Calibrated key steps: the search, resumed runs, saving, loading and the checks on use."""
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from fd_trt.calibrate import (
+    Calibration,
+    Evaluator,
+    calibrate,
+    calibration_file,
+    greedy_search,
+    segment_dp,
+    swap_refine,
+)
+from fd_trt.cli import main
+from fd_trt.errors import InputError, ScheduleError
+from fd_trt.models import tiny_sd_pipeline
+from fd_trt.pipeline import FasterDiffusionPipeline
+
+from conftest import rel_l2
+
+PROMPTS = ["a red circle", "a blue square"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return FasterDiffusionPipeline.from_diffusers(tiny_sd_pipeline(seed=0), backend="torch", progress=False)
+
+
+def test_search_finds_a_known_best_schedule():
+    # An error with a known minimum: the distance of the key steps to a target set. Greedy plus
+    # swaps must find the target; the DP must find the segments that a block-shaped cost makes best.
+    target = [0, 4, 9, 13, 17]
+
+    def error(keys):
+        return sum(min(abs(k - t) for k in keys) for t in target) + 0.01 * len(keys)
+
+    keys, err = greedy_search(error, 20, 5)
+    keys, err = swap_refine(error, 20, keys, err)
+    assert keys == target and err == pytest.approx(0.05)
+    # Cost of reusing step i's features at step j: zero inside the blocks [0,3) [3,8) [8,12), large across.
+    blocks = [range(0, 3), range(3, 8), range(8, 12)]
+    block_of = {j: b for b, r in enumerate(blocks) for j in r}
+    cost = torch.tensor([[0.0 if j < i else (0.0 if block_of[i] == block_of[j] else 1.0 + j - i) for j in range(12)]
+                         for i in range(12)])
+    assert segment_dp(cost, 3) == [0, 3, 8]
+    # The DP is exact: brute force over every 3-key schedule agrees.
+    def total(keys):
+        b = list(keys) + [12]
+        return sum(float(cost[a, a:c].sum()) for a, c in zip(b[:-1], b[1:]))
+
+    best = min((k for k in itertools.combinations(range(12), 3) if k[0] == 0), key=total)
+    assert total(segment_dp(cost, 3)) == pytest.approx(total(best))
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp", "ddpm"])
+def test_resumed_runs_equal_full_runs(pipe, scheduler):
+    # Candidates resume from the recorded run of the current schedule where they diverge from it;
+    # the result must be the same as a run from step 0 (solver state and RNG state included).
+    ev = Evaluator(pipe, scheduler, 20, PROMPTS, [0, 1])
+    cands = [[0, 3, 7], [0, 3, 9], [0, 2, 7], [0, 3, 7, 12], [0, 1, 3, 7], [0, 7]]
+    full = [ev.error(c) for c in cands]
+    ev.set_base([0, 3, 7])
+    steps_before = ev.steps_run
+    resumed = [ev.error(c) for c in cands]
+    assert resumed == full
+    assert ev.steps_run - steps_before < 0.75 * 20 * len(cands)  # the shared prefixes were skipped
+    assert len(set(full)) == len(full)
+
+
+def test_calibrate_returns_sorted_unique_steps_from_zero_and_beats_uniform(pipe):
+    cal = calibrate(pipe, scheduler="ddim", steps=12, key_steps=4, prompts=PROMPTS, method="greedy")
+    assert len(cal.key_steps) == 4 and cal.key_steps[0] == 0
+    assert cal.key_steps == sorted(set(cal.key_steps))
+    ev = Evaluator(pipe, "ddim", 12, PROMPTS, [0, 1])
+    assert cal.error == pytest.approx(ev.error(cal.key_steps), rel=1e-6)
+    assert cal.error <= ev.error([0, 3, 6, 9]) and cal.error <= ev.error([0, 1, 2, 3])
+    assert cal.model_sha256 == pipe.unet_sha256 and cal.estimated_speedup > 1
+    dp = calibrate(pipe, scheduler="ddim", steps=12, key_steps=4, prompts=PROMPTS, method="dp")
+    assert len(dp.key_steps) == 4 and dp.key_steps[0] == 0 and dp.evaluations < cal.evaluations
+    with pytest.raises(InputError, match="exactly one budget"):
+        calibrate(pipe, scheduler="ddim", steps=12, prompts=PROMPTS)
+    with pytest.raises(InputError, match="key_steps must be an integer in \\[1, 12\\]"):
+        calibrate(pipe, scheduler="ddim", steps=12, key_steps=13, prompts=PROMPTS)
+
+
+def test_saved_calibration_is_used_and_checked(pipe, tmp_path):
+    sd = pipe.sd
+    cal = Calibration(key_steps=[0, 2, 5, 9], scheduler="ddim", steps=12, model_sha256=pipe.unet_sha256, error=0.1,
+                      method="greedy", prompts=PROMPTS, seeds=[0, 1])
+    path = cal.save(tmp_path / "cal.json")
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    kw = dict(num_inference_steps=12, latents=latents, output_type="latent")
+    by_path = pipe("a red circle", schedule=str(path), **kw)
+    by_list = pipe("a red circle", schedule=[0, 2, 5, 9], **kw)
+    assert by_path.stats.key_steps == [0, 2, 5, 9] and rel_l2(by_path.latents, by_list.latents) == 0
+    assert pipe("a red circle", schedule=Calibration.load(path), **kw).stats.key_steps == [0, 2, 5, 9]
+    # Wrong step count, scheduler or weights: a clear error naming the fix.
+    with pytest.raises(ScheduleError, match="12 steps, but the run has 10.*fd-trt calibrate"):
+        pipe("a red circle", schedule=str(path), num_inference_steps=10, output_type="latent")
+    other = Calibration(**{**json.loads(cal.to_json()), "model_sha256": "0" * 64})
+    with pytest.raises(ScheduleError, match="UNet weights 000000000000"):
+        pipe("a red circle", schedule=other, **kw)
+    with pytest.raises(ScheduleError, match="scheduler dpmpp, but the run uses ddim"):
+        pipe("a red circle", schedule=Calibration(**{**json.loads(cal.to_json()), "scheduler": "dpmpp"}), **kw)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ScheduleError, match="not valid JSON"):
+        pipe("a red circle", schedule=str(bad), **kw)
+    # "calibrated": none saved is a clear error; the default falls back to paper.
+    with pytest.raises(ScheduleError, match="no calibration for ddim-12.*fd-trt calibrate"):
+        pipe("a red circle", schedule="calibrated", **kw)
+    assert pipe("a red circle", **kw).stats.key_steps == [0, 1, 2, 3, 5, 10]
+    # Saved with the model folder, it becomes "calibrated" and the default for ddim-12 only.
+    model_dir = tmp_path / "model"
+    cal.save(calibration_file(model_dir, "ddim", 12))
+    pipe.model_dir = model_dir
+    try:
+        assert pipe("a red circle", schedule="calibrated", **kw).stats.key_steps == [0, 2, 5, 9]
+        assert pipe("a red circle", **kw).stats.key_steps == [0, 2, 5, 9]
+        assert pipe("a red circle", num_inference_steps=10, output_type="latent").stats.key_steps == [0, 1, 2, 3, 5]
+    finally:
+        pipe.model_dir = None
+
+
+def test_cli_calibrate_writes_json_and_saves(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "cal.json"
+    engines = tmp_path / "eng"
+    engines.mkdir()
+    rc = main(["calibrate", "--backend", "torch", "--steps", "8", "--key-steps", "3", "--method", "dp",
+               "--out", str(out), "--quiet"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["steps"] == 8 and len(data["key_steps"]) == 3 and data["key_steps"][0] == 0
+    assert {"scheduler", "model_sha256", "error", "method", "prompts", "seconds"} <= set(data)
+    assert f"key steps: {','.join(map(str, data['key_steps']))}" in text and "estimated UNet speedup" in text
+    assert main(["calibrate", "--backend", "torch", "--steps", "8", "--key-steps", "0", "--quiet"]) == 2
+    assert "key_steps must be an integer in [1, 8]" in capsys.readouterr().err
