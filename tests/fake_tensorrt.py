@@ -122,10 +122,10 @@ class INetworkDefinition:
         return self._inputs[index]
 
 
-class OnnxParser:
-    def __init__(self, network: INetworkDefinition, logger: Logger) -> None:
-        self.network = network
-        self._errors: list[str] = []
+class _ParserErrors:
+    """The error list both ONNX parsers of TensorRT report through."""
+
+    _errors: list[str]
 
     @property
     def num_errors(self) -> int:
@@ -133,6 +133,12 @@ class OnnxParser:
 
     def get_error(self, index: int) -> str:
         return self._errors[index]
+
+
+class OnnxParser(_ParserErrors):
+    def __init__(self, network: INetworkDefinition, logger: Logger) -> None:
+        self.network = network
+        self._errors: list[str] = []
 
     def parse_from_file(self, model: str) -> bool:
         import onnx
@@ -467,19 +473,12 @@ class Refitter:
         return True
 
 
-class OnnxParserRefitter:
+class OnnxParserRefitter(_ParserErrors):
     """Reads an ONNX file's initializers into a :class:`Refitter`, matched to the engine's by name."""
 
     def __init__(self, refitter: Refitter, logger: Logger) -> None:
         self.refitter = refitter
         self._errors: list[str] = []
-
-    @property
-    def num_errors(self) -> int:
-        return len(self._errors)
-
-    def get_error(self, index: int) -> str:
-        return self._errors[index]
 
     def refit_from_file(self, model: str) -> bool:
         import onnx
