@@ -54,6 +54,30 @@ DEFAULT_CACHE = REPO / "out" / "checker"  # /out/ is git-ignored
 CHECKER_VERSION = 1
 MODES = (("all", "all", None), ("paper", "paper", None), ("paper_no_injection", "paper", False))
 SCHEDULERS = (("ddim", 50), ("dpmpp", 20))
+#: Modes that ``--modes`` may add: ``uniform`` spaces as many key steps as the paper's schedule has
+#: (9 for DDIM-50, 7 for DPM++-20); ``calibrated`` uses the calibration saved with the model
+#: (evaluate it on prompts and seeds other than the calibration's: ``--seed``).
+EXTRA_MODES = {
+    "uniform": {"ddim": ("uniform:6", None), "dpmpp": ("uniform:3", None)},
+    "calibrated": {"ddim": ("calibrated", None), "dpmpp": ("calibrated", None)},
+}
+
+
+def modes_for(names: Sequence[str], sched: str) -> list[tuple[str, str, bool | None]]:
+    """``(mode, schedule, noise_injection)`` for the ``--modes`` names; ``all`` always comes first."""
+    base = {m: (m, sch, inj) for m, sch, inj in MODES}
+    out = [base["all"]]
+    for name in names:
+        if name == "all":
+            continue
+        if name in base:
+            out.append(base[name])
+        elif name in EXTRA_MODES:
+            schedule, inj = EXTRA_MODES[name][sched]
+            out.append((schedule if name == "uniform" else name, schedule, inj))
+        else:
+            raise SystemExit(f"unknown mode {name!r}: choose from {', '.join([*base, *EXTRA_MODES])}")
+    return out
 
 
 # the checker ------------------------------------------------------------------------------------
@@ -569,6 +593,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fig3-prompts", type=int, default=8, help="prompts averaged in Figure 3")
     p.add_argument("--checker-cache", default=str(DEFAULT_CACHE), help="folder for the checker weights ('' to retrain)")
     p.add_argument("--schedulers", default="ddim,dpmpp", help="comma-separated subset of ddim,dpmpp")
+    p.add_argument("--modes", default="all,paper,paper_no_injection",
+                   help="comma-separated: all, paper, paper_no_injection, uniform (same K as paper), calibrated")
     p.add_argument("--no-timing", action="store_true", help="skip the seconds-per-image measurement")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     return p.parse_args(argv)
@@ -628,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         pipe.set_scheduler(sched)
         base_imgs, base_lat = None, None
-        for mode, schedule, inj in MODES:
+        for mode, schedule, inj in modes_for(args.modes.split(","), sched):
             imgs, lat, secs = generate(pipe, ps, steps, schedule, inj, args.batch, args.guidance)
             c, s, f = checker_read(checker, imgs, ps.num_objects)
             run: dict[str, Any] = {

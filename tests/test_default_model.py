@@ -136,3 +136,18 @@ def test_evaluate_end_to_end_four_prompts(evaluate_mod, checker, tmp_path):
     for name in ("evaluation.md", "figure3.png", "samples.png"):
         assert (tmp_path / name).is_file()
     assert elapsed < 60, f"evaluate on 4 prompts took {elapsed:.1f} s"
+
+
+def test_shipped_calibrations_match_the_shipped_model_and_are_the_defaults():
+    from fd_trt.calibrate import Calibration, calibration_file
+    from fd_trt.models import default_model_dir
+    from fd_trt.pipeline import FasterDiffusionPipeline
+
+    pipe = FasterDiffusionPipeline.from_pretrained("default", backend="torch", progress=False)
+    for sched, steps, k in (("ddim", 50, 9), ("dpmpp", 20, 7)):
+        cal = Calibration.load(calibration_file(default_model_dir(), sched, steps))
+        cal.check(model_sha256=pipe.unet_sha256, scheduler=sched, steps=steps)
+        assert len(cal.key_steps) == k and cal.error < cal.paper_error
+        pipe.set_scheduler(sched)
+        assert pipe.resolve_schedule(None, steps) == cal.key_steps
+        assert pipe.resolve_schedule(None, steps + 1) == "paper"  # no calibration for other step counts
