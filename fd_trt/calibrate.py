@@ -438,6 +438,106 @@ def encoder_feature_changes(ev: Evaluator) -> torch.Tensor:
     return cost.float()
 
 
+@torch.no_grad()
+def feature_changes(pipe: Any, scheduler: str, steps: int, prompts: Sequence[str], seeds: Sequence[int],
+                    guidance: float = 7.5) -> dict[str, list[float]]:
+    """The paper's Figure 3 for any model and scheduler: how encoder and decoder features change per step.
+
+    Runs every step as a key step with CFG on the split torch UNet, and records for the
+    conditional rows the encoder features (mid + all skips) and the decoder features (the last up
+    block's output).
+
+    Returns:
+        Per step (``T - 1`` values for the changes): ``enc_mse``, ``dec_mse`` (mean squared change
+        from the previous step), ``enc_rel``, ``dec_rel`` (that change relative to the previous
+        norm), and ``enc_fnorm``, ``dec_fnorm`` (Frobenius norms per image), averaged over prompts.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from .models import make_scheduler
+    from .split import split_unet
+
+    sd = pipe.sd
+    split = split_unet(sd.unet)
+    captured: dict[str, torch.Tensor] = {}
+    hook = split.decoder_feature_module.register_forward_hook(lambda m, i, o: captured.__setitem__("dec", o))
+    dev = next(sd.unet.parameters()).device
+    try:
+        sched = make_scheduler(scheduler, sd.scheduler.config)
+        sched.set_timesteps(steps)
+        b = len(prompts)
+        pos, neg = sd.encode_prompt(list(prompts), dev, 1, True, None)
+        text = torch.cat([neg, pos])
+        size = int(sd.unet.config.sample_size)
+        shape = (b, int(sd.unet.config.in_channels), size, size)
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        x = randn_tensor(shape, generator=gens, dtype=torch.float32).to(dev) * sched.init_noise_sigma
+        enc, dec = [], []
+        for t in sched.timesteps:
+            xin = sched.scale_model_input(torch.cat([x, x]), t)
+            tt = torch.full((2 * b,), float(t), device=dev)
+            feats = split.run_encoder(xin, tt, text)
+            eps = split.run_decoder(feats, tt, text)
+            enc.append(torch.cat([f[b:].reshape(b, -1).float() for f in feats.tensors()], 1).cpu())
+            dec.append(captured["dec"][b:].reshape(b, -1).float().cpu())
+            e_u, e_c = eps.float().chunk(2)
+            x = sched.step(e_u + guidance * (e_c - e_u), t, x).prev_sample
+    finally:
+        hook.remove()
+
+    def stats(seq: list[torch.Tensor]) -> tuple[list[float], list[float], list[float]]:
+        mse = [float(((seq[i] - seq[i - 1]) ** 2).mean()) for i in range(1, len(seq))]
+        rel = [float(((seq[i] - seq[i - 1]).norm(dim=1) / seq[i - 1].norm(dim=1)).mean()) for i in range(1, len(seq))]
+        fn = [float(s.norm(dim=1).mean()) for s in seq]
+        return mse, rel, fn
+
+    e_mse, e_rel, e_fn = stats(enc)
+    d_mse, d_rel, d_fn = stats(dec)
+    return {"enc_mse": e_mse, "dec_mse": d_mse, "enc_rel": e_rel, "dec_rel": d_rel, "enc_fnorm": e_fn, "dec_fnorm": d_fn}
+
+
+def plot_feature_changes(fc: dict[str, list[float]], path: str | os.PathLike[str], key_steps: Sequence[int] | None = None,
+                         title: str = "") -> Path:
+    """Plots :func:`feature_changes` (MSE, relative change, norms per step) to a PNG, key steps marked.
+
+    Raises:
+        InputError: when matplotlib is missing.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("plotting needs matplotlib: pip install matplotlib (or '.[bench]')") from None
+    import numpy as np
+
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    steps = np.arange(1, len(fc["enc_mse"]) + 1)
+    ax[0].semilogy(steps, fc["enc_mse"], label="encoder (mid + skips)")
+    ax[0].semilogy(steps, fc["dec_mse"], label="decoder (last up block)")
+    ax[0].set(title="MSE between adjacent steps", xlabel="step", ylabel="MSE")
+    ax[1].plot(steps, fc["enc_rel"], label="encoder")
+    ax[1].plot(steps, fc["dec_rel"], label="decoder")
+    ax[1].set(title="relative change ||f_t - f_t-1|| / ||f_t-1||", xlabel="step")
+    s2 = np.arange(len(fc["enc_fnorm"]))
+    ax[2].plot(s2, fc["enc_fnorm"], label="encoder")
+    ax[2].plot(s2, fc["dec_fnorm"], label="decoder")
+    ax[2].set(title="Frobenius norm", xlabel="step")
+    for a in ax:
+        for i, k in enumerate(key_steps or ()):
+            a.axvline(k, color="gray", lw=0.8, ls=":", label="key steps" if i == 0 else None)
+        a.legend()
+        a.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def calibrate(
     pipe: Any,
     *,
@@ -583,7 +683,9 @@ __all__ = [
     "calibration_file",
     "encoder_feature_changes",
     "estimate_speedup",
+    "feature_changes",
     "find_calibration",
+    "plot_feature_changes",
     "greedy_search",
     "segment_dp",
     "swap_refine",

@@ -458,6 +458,9 @@ def _add_calibrate(sub: Any) -> None:
     p.add_argument("--out", default=None, help="write the calibration JSON here")
     p.add_argument("--save", action="store_true",
                    help="save it with the engine directory (--engines) or the model folder, for schedule='calibrated'")
+    p.add_argument("--plot", default=None,
+                   help="PNG: the paper's Figure 3 for this model and scheduler (encoder vs decoder feature change "
+                        "per step), with the chosen key steps marked")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -492,6 +495,15 @@ def _calibrate(args: argparse.Namespace) -> int:
         if folder is None:
             raise InputError("--save needs a model folder or --engines DIR to save into")
         print(f"saved {cal.save(calibration_file(folder, args.scheduler, args.steps))} (schedule='calibrated')")
+    if args.plot:
+        from .calibrate import feature_changes, plot_feature_changes
+
+        fc = feature_changes(pipe, args.scheduler, args.steps, prompts, cal.seeds, args.guidance)
+        enc, dec = sum(fc["enc_rel"]) / len(fc["enc_rel"]), sum(fc["dec_rel"]) / len(fc["dec_rel"])
+        print(f"mean relative change per step: encoder {enc:.4f}, decoder {dec:.4f} "
+              f"(Figure 3 {'holds' if enc < dec else 'does not hold'} on this model)")
+        title = f"Figure 3: {args.scheduler}-{args.steps} on {pipe.source}, key steps {cal.key_steps}"
+        print(f"wrote {plot_feature_changes(fc, args.plot, cal.key_steps, title)}")
     return 0
 
 

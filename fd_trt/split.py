@@ -185,6 +185,11 @@ class SplitUNet:
     def num_skips(self) -> int:
         return self.encoder.num_skips
 
+    @property
+    def decoder_feature_module(self) -> nn.Module:
+        """The last up block: its output stands for "the decoder features" of the paper's Figure 3."""
+        return self.decoder.up_blocks[-1]
+
     def run_encoder(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> Features:
         out = self.encoder(sample, timestep, text)
         return Features(out[0], tuple(out[1:]))

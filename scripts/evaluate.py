@@ -409,86 +409,18 @@ def generate(pipe: Any, ps: PromptSet, steps: int, schedule: str, noise_injectio
     return np.concatenate(images), torch.cat(latents), time.perf_counter() - t0
 
 
-@torch.no_grad()
 def figure3(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int = 50, guidance: float = 7.5) -> dict[str, list[float]]:
-    """The paper's Figure 3: how encoder and decoder features change between adjacent DDIM steps.
+    """The paper's Figure 3 on DDIM (:func:`fd_trt.calibrate.feature_changes`)."""
+    from fd_trt.calibrate import feature_changes
 
-    Runs plain DDIM with CFG (every step a key step) on the split UNet, and records for the
-    conditional rows the encoder features (mid + all skips, concatenated) and the decoder features
-    (the last up block's output).
-
-    Returns:
-        Per step (``steps - 1`` values for the MSEs): ``enc_mse``, ``dec_mse`` (mean squared change
-        from the previous step), ``enc_rel``, ``dec_rel`` (that change relative to the previous
-        norm), and ``enc_fnorm``, ``dec_fnorm`` (Frobenius norms per image), averaged over prompts.
-    """
-    from diffusers.utils.torch_utils import randn_tensor
-
-    from fd_trt.models import make_scheduler
-    from fd_trt.split import split_unet
-
-    sd = pipe.sd
-    split = split_unet(sd.unet)
-    captured: dict[str, torch.Tensor] = {}
-    hook = sd.unet.up_blocks[-1].register_forward_hook(lambda m, i, o: captured.__setitem__("dec", o))
-    try:
-        sched = make_scheduler("ddim", sd.scheduler.config)
-        sched.set_timesteps(steps)
-        b = len(prompts)
-        pos, neg = sd.encode_prompt(list(prompts), torch.device("cpu"), 1, True, None)
-        text = torch.cat([neg, pos])
-        shape = (b, int(sd.unet.config.in_channels), int(sd.unet.config.sample_size), int(sd.unet.config.sample_size))
-        x = randn_tensor(shape, generator=[torch.Generator().manual_seed(s) for s in seeds], dtype=torch.float32) * sched.init_noise_sigma
-        enc, dec = [], []
-        for t in sched.timesteps:
-            xin = sched.scale_model_input(torch.cat([x, x]), t)
-            tt = torch.full((2 * b,), float(t))
-            feats = split.run_encoder(xin, tt, text)
-            eps = split.run_decoder(feats, tt, text)
-            enc.append(torch.cat([f[b:].reshape(b, -1) for f in feats.tensors()], 1).clone())
-            dec.append(captured["dec"][b:].reshape(b, -1).clone())
-            e_u, e_c = eps.chunk(2)
-            x = sched.step(e_u + guidance * (e_c - e_u), t, x).prev_sample
-    finally:
-        hook.remove()
-
-    def stats(seq: list[torch.Tensor]) -> tuple[list[float], list[float], list[float]]:
-        mse = [float(((seq[i] - seq[i - 1]) ** 2).mean()) for i in range(1, len(seq))]
-        rel = [float(((seq[i] - seq[i - 1]).norm(dim=1) / seq[i - 1].norm(dim=1)).mean()) for i in range(1, len(seq))]
-        fn = [float(s.norm(dim=1).mean()) for s in seq]
-        return mse, rel, fn
-
-    e_mse, e_rel, e_fn = stats(enc)
-    d_mse, d_rel, d_fn = stats(dec)
-    return {"enc_mse": e_mse, "dec_mse": d_mse, "enc_rel": e_rel, "dec_rel": d_rel, "enc_fnorm": e_fn, "dec_fnorm": d_fn}
+    return feature_changes(pipe, "ddim", steps, prompts, seeds, guidance)
 
 
 def plot_figure3(fig3: dict[str, list[float]], path: Path) -> None:
-    """Plots :func:`figure3`'s per-step MSE, relative change and Frobenius norms to ``path`` (PNG)."""
-    import matplotlib
+    """Plots :func:`figure3` to ``path`` (PNG)."""
+    from fd_trt.calibrate import plot_feature_changes
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-    steps = np.arange(1, len(fig3["enc_mse"]) + 1)
-    ax[0].semilogy(steps, fig3["enc_mse"], label="encoder (mid + skips)")
-    ax[0].semilogy(steps, fig3["dec_mse"], label="decoder (last up block)")
-    ax[0].set(title="MSE between adjacent steps", xlabel="DDIM step", ylabel="MSE")
-    ax[1].plot(steps, fig3["enc_rel"], label="encoder")
-    ax[1].plot(steps, fig3["dec_rel"], label="decoder")
-    ax[1].set(title="relative change ||f_t - f_t-1|| / ||f_t-1||", xlabel="DDIM step")
-    s2 = np.arange(len(fig3["enc_fnorm"]))
-    ax[2].plot(s2, fig3["enc_fnorm"], label="encoder")
-    ax[2].plot(s2, fig3["dec_fnorm"], label="decoder")
-    ax[2].set(title="Frobenius norm", xlabel="DDIM step")
-    for a in ax:
-        a.legend()
-        a.grid(alpha=0.3)
-    fig.suptitle("Figure 3 of Faster Diffusion on the default model (DDIM-50, CFG 7.5, conditional rows)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    plot_feature_changes(fig3, path, title="Figure 3 of Faster Diffusion on the default model (DDIM-50, CFG 7.5, conditional rows)")
 
 
 def save_samples(rows: dict[str, np.ndarray], real: np.ndarray, path: Path, n: int = 8) -> None:

@@ -131,12 +131,13 @@ def test_cli_calibrate_writes_json_and_saves(tmp_path, capsys, monkeypatch):
     engines = tmp_path / "eng"
     engines.mkdir()
     rc = main(["calibrate", "--backend", "torch", "--steps", "8", "--key-steps", "3", "--method", "dp",
-               "--out", str(out), "--quiet"])
+               "--out", str(out), "--plot", str(tmp_path / "fig3.png"), "--quiet"])
     assert rc == 0
     text = capsys.readouterr().out
     data = json.loads(out.read_text())
     assert data["steps"] == 8 and len(data["key_steps"]) == 3 and data["key_steps"][0] == 0
     assert {"scheduler", "model_sha256", "error", "method", "prompts", "seconds"} <= set(data)
     assert f"key steps: {','.join(map(str, data['key_steps']))}" in text and "estimated UNet speedup" in text
+    assert "mean relative change per step: encoder" in text and (tmp_path / "fig3.png").stat().st_size > 10_000
     assert main(["calibrate", "--backend", "torch", "--steps", "8", "--key-steps", "0", "--quiet"]) == 2
     assert "key_steps must be an integer in [1, 8]" in capsys.readouterr().err
