@@ -296,8 +296,10 @@ class FasterDiffusionPipeline:
             runner.deactivate()
 
     @contextlib.contextmanager
-    def _using(self, runner: Runner) -> Any:
-        with self._cache_lock:
+    def _using(self, latent_hw: tuple[int, int], text_shape: tuple[int, int]) -> Any:
+        """The runner for a shape, held in use (never closed by eviction) until the block ends."""
+        with self._cache_lock:  # one critical section: no eviction between lookup and hold
+            runner = self._runner_for(latent_hw, text_shape)
             self._in_use[id(runner)] = self._in_use.get(id(runner), 0) + 1
         try:
             yield runner
@@ -734,9 +736,8 @@ class FasterDiffusionPipeline:
                 out = callback_on_step_end(self, i, t, {"latents": x})
                 return out.get("latents") if isinstance(out, dict) else None
 
-        runner = self._runner_for((latent_shape[2], latent_shape[3]), (int(text.shape[1]), int(text.shape[2])))
         sstats = SamplerStats()
-        with self._using(runner):
+        with self._using((latent_shape[2], latent_shape[3]), (int(text.shape[1]), int(text.shape[2]))) as runner:
             x0 = run_sampler(
                 runner,
                 scheduler,
