@@ -578,13 +578,13 @@ def calibrate(
         raise InputError(f"unknown calibration method {method!r}: choose one of {', '.join(METHODS)}")
     if (key_steps is None) == (speedup is None):
         raise InputError("give exactly one budget: key_steps=K (encoder runs) or speedup=X (target over 'all')")
+    if speedup is not None and (isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or not speedup > 1.0):
+        raise InputError(f"speedup must be a number above 1, got {speedup!r}")
     seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
     ev = Evaluator(pipe, scheduler, steps, prompts, seeds, guidance)
     t_steps = ev.reference_steps
     costs = measure_costs(ev)
     if speedup is not None:
-        if not isinstance(speedup, (int, float)) or speedup <= 1.0:
-            raise InputError(f"speedup must be a number above 1, got {speedup!r}")
         k = max(k for k in range(1, t_steps + 1) if k == 1 or estimate_speedup(costs, _even(k, t_steps), t_steps) >= speedup)
         say(f"speedup {speedup}x: K = {k} key steps (estimated from the measured encoder/decoder costs)")
     else:

@@ -141,3 +141,14 @@ def test_cli_calibrate_writes_json_and_saves(tmp_path, capsys, monkeypatch):
     assert "mean relative change per step: encoder" in text and (tmp_path / "fig3.png").stat().st_size > 10_000
     assert main(["calibrate", "--backend", "torch", "--steps", "8", "--key-steps", "0", "--quiet"]) == 2
     assert "key_steps must be an integer in [1, 8]" in capsys.readouterr().err
+
+
+def test_speedup_estimate_is_the_cost_model_by_hand(pipe):
+    from fd_trt.calibrate import estimate_speedup
+
+    costs = {"encoder": 1.0, "decoder_1": 1.0, "decoder_per_step_batched": 0.5}
+    # all: 10 x (1 + 1) = 20; [0, 5]: two segments of 5 steps, each 1 + 1 + 4 x 0.5 = 4.
+    assert estimate_speedup(costs, [0, 5], 10) == pytest.approx(20 / 8)
+    assert estimate_speedup(costs, list(range(10)), 10) == pytest.approx(1.0)
+    with pytest.raises(InputError, match="speedup must be a number above 1"):
+        calibrate(pipe, scheduler="ddim", steps=8, speedup=0.5, prompts=PROMPTS)
