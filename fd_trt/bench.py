@@ -168,13 +168,13 @@ def _unet_timer(unet: torch.nn.Module) -> tuple[list[float], Callable[[], None]]
 
 def _count_unet_gflops(unet: torch.nn.Module, fn: Callable[[], Any]) -> float:
     """Counts the FLOPs inside ``unet.forward`` calls while ``fn`` runs (text encoder and VAE excluded)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from .pipeline import flop_counter_mode
 
     total = [0]
     active: list[Any] = []
 
     def pre(*_: Any) -> None:
-        mode = FlopCounterMode(display=False)
+        mode = flop_counter_mode()
         mode.__enter__()
         active.append(mode)
 

@@ -21,13 +21,13 @@ def _hand_count(unet, x, t, e):
     2 x multiply-adds of every Conv2d and Linear, split by where the layer sits: the time embedding,
     the encoder (conv_in, down_blocks, mid_block) and the decoder (up_blocks, conv_norm_out,
     conv_out). The two attention products (Q K^T and softmax(.) V, 2 N M d each) are returned
-    apart under "attention": FlopCounterMode (torch 2.13) has no formula for the CPU
-    flash-attention kernel that scaled_dot_product_attention runs on the CPU, so fd_trt's CPU
-    counts leave them out.
+    apart under "attention" (and split as "attention_encoder" / "attention_decoder"): torch 2.13's
+    FlopCounterMode has no formula for the CPU flash-attention kernel, which fd_trt adds
+    (fd_trt.pipeline.flop_counter_mode), so this checks that it is counted.
     """
     from diffusers.models.attention_processor import Attention
 
-    parts = {"time": 0, "encoder": 0, "decoder": 0, "attention": 0}
+    parts = {"time": 0, "encoder": 0, "decoder": 0, "attention": 0, "attention_encoder": 0, "attention_decoder": 0}
 
     def part(name):
         if name.startswith(("time_embedding", "time_proj")):
@@ -44,7 +44,9 @@ def _hand_count(unet, x, t, e):
                 q = args[0] if args else kwargs["hidden_states"]
                 kv = kwargs.get("encoder_hidden_states")
                 kv = q if kv is None else kv
-                parts["attention"] += 2 * 2 * q.shape[0] * q.shape[1] * kv.shape[1] * mod.inner_dim
+                n = 2 * 2 * q.shape[0] * q.shape[1] * kv.shape[1] * mod.inner_dim
+                parts["attention"] += n
+                parts["attention_" + part(name)] += n
                 return
             parts[part(name)] += n
         return count
@@ -81,9 +83,10 @@ def test_gflops_are_counted_per_system(report):
     t = torch.tensor([500.0, 500.0])
     hand = _hand_count(sd.unet, x, t, e)  # the CFG pair of rows of one step
     step = hand["time"] + hand["encoder"] + hand["decoder"]
-    assert hand["attention"] > 0.04 * step  # not counted by fd_trt on the CPU (see _hand_count)
-    enc_row = (hand["time"] + hand["encoder"]) / 2  # the split encoder and decoder each embed the timestep
-    dec_row = (hand["time"] + hand["decoder"]) / 2
+    assert hand["attention"] > 0.04 * step  # so the test fails if attention goes uncounted again
+    enc_row = (hand["time"] + hand["encoder"] + hand["attention_encoder"]) / 2  # each half embeds the timestep
+    dec_row = (hand["time"] + hand["decoder"] + hand["attention_decoder"]) / 2
+    step += hand["attention"]
     by = {(r["system"], r["schedule"]): r for r in report["results"]}
     assert by[("diffusers", "-")]["unet_gflops_per_image"] == pytest.approx(50 * step, rel=1e-6)
     assert by[("fd_trt", "all")]["unet_gflops_per_image"] == pytest.approx(100 * (enc_row + dec_row), rel=1e-6)
