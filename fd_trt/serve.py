@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from .errors import FdTrtError, InputError
 from .models import SCHEDULERS
 from .schedule import parse_schedule
+from .split import feature_bytes_per_row
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import FasterDiffusionPipeline
@@ -56,35 +57,6 @@ DECODER_ACTIVATION_FACTOR = 8.0
 
 #: Default decoder memory budget of a serving runtime, in MiB.
 DEFAULT_DECODER_MEMORY_MB = 4096.0
-
-
-def feature_bytes_per_row(unet_config: Any, latent_hw: tuple[int, int], itemsize: int) -> int:
-    """Bytes of the encoder features (mid + skips) that one decoder row reads.
-
-    Follows the diffusers ``UNet2DConditionModel`` layout that :mod:`fd_trt.split` carries: the
-    ``conv_in`` output, ``layers_per_block`` resnet outputs per down block, one downsampler output
-    per down block but the last (stride 2, padding 1: ``ceil(h/2)``), and the mid-block output.
-
-    Args:
-        unet_config: the UNet's ``config`` (``block_out_channels``, ``layers_per_block``).
-        latent_hw: latent height and width.
-        itemsize: bytes per element of the runner's precision (4 for fp32, 2 for fp16/bf16).
-
-    Returns:
-        The feature bytes of one row.
-    """
-    chans = list(unet_config.block_out_channels)
-    lpb = unet_config.layers_per_block
-    layers = list(lpb) if isinstance(lpb, (list, tuple)) else [int(lpb)] * len(chans)
-    h, w = latent_hw
-    elems = chans[0] * h * w  # conv_in
-    for i, (ch, n) in enumerate(zip(chans, layers)):
-        elems += n * ch * h * w
-        if i < len(chans) - 1:
-            h, w = -(-h // 2), -(-w // 2)
-            elems += ch * h * w
-    elems += chans[-1] * h * w  # mid
-    return int(elems * itemsize)
 
 
 def _parse_size(v: Any) -> tuple[int, int]:

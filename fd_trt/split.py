@@ -12,7 +12,7 @@ Both modules share the UNet's parameters: nothing is copied.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -201,6 +201,35 @@ class SplitUNet:
                 f"text {tuple(text.shape)}; expand the features with Features.repeat first"
             )
         return self.decoder(features.mid, features.skips, timestep, text)
+
+
+def feature_bytes_per_row(unet_config: Any, latent_hw: tuple[int, int], itemsize: int) -> int:
+    """Bytes of the encoder features (mid + skips) that one decoder row reads.
+
+    Follows the diffusers ``UNet2DConditionModel`` layout that the split carries: the
+    ``conv_in`` output, ``layers_per_block`` resnet outputs per down block, one downsampler output
+    per down block but the last (stride 2, padding 1: ``ceil(h/2)``), and the mid-block output.
+
+    Args:
+        unet_config: the UNet's ``config`` (``block_out_channels``, ``layers_per_block``).
+        latent_hw: latent height and width.
+        itemsize: bytes per element of the runner's precision (4 for fp32, 2 for fp16/bf16).
+
+    Returns:
+        The feature bytes of one row.
+    """
+    chans = list(unet_config.block_out_channels)
+    lpb = unet_config.layers_per_block
+    layers = list(lpb) if isinstance(lpb, (list, tuple)) else [int(lpb)] * len(chans)
+    h, w = latent_hw
+    elems = chans[0] * h * w  # conv_in
+    for i, (ch, n) in enumerate(zip(chans, layers)):
+        elems += n * ch * h * w
+        if i < len(chans) - 1:
+            h, w = -(-h // 2), -(-w // 2)
+            elems += ch * h * w
+    elems += chans[-1] * h * w  # mid
+    return int(elems * itemsize)
 
 
 def split_unet(unet: nn.Module) -> SplitUNet:
