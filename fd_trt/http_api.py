@@ -58,7 +58,7 @@ class GenerateBody(BaseModel):
     height: int | None = Field(default=None, gt=0)
     width: int | None = Field(default=None, gt=0)
     scheduler: SchedulerName = "ddim"  # type: ignore[valid-type]
-    schedule: str | list[int] = "paper"
+    schedule: str | list[int] | None = None
     noise_injection: bool | None = None
     timeout_s: float | None = Field(default=None, gt=0)
     format: Literal["png", "base64"] = "png"

@@ -141,7 +141,9 @@ class GenerateRequest:
         guidance: CFG scale; ``<= 1`` turns CFG off.
         height, width: image size; ``None`` is the model's native size.
         scheduler: ``ddim``, ``dpmpp``, ``pndm``, ``euler`` or ``ddpm``.
-        schedule: key steps: ``"paper"``, ``"all"``, ``"uniform:N"``, ``"calibrated"`` or a list of step indices.
+        schedule: key steps: ``"paper"``, ``"all"``, ``"uniform:N"``, ``"calibrated"`` or a list of step
+            indices; ``None`` (default): the model's saved calibration for the request's scheduler and
+            step count, else ``"paper"``, as in the pipeline.
         noise_injection: prior noise injection; ``None`` is on exactly when the schedule propagates.
         timeout_s: seconds from submission until the request fails with
             :class:`RequestTimeoutError`; ``None`` uses the runtime's default.
@@ -155,7 +157,7 @@ class GenerateRequest:
     height: int | None = None
     width: int | None = None
     scheduler: str = "ddim"
-    schedule: str | Sequence[int] = "paper"
+    schedule: str | Sequence[int] | None = None
     noise_injection: bool | None = None
     timeout_s: float | None = None
 
@@ -494,7 +496,9 @@ class ServingRuntime:
             )
         sched = request.schedule
         # Bounded before any per-item work: an untrusted list or string may be huge.
-        if not isinstance(sched, str):
+        if sched is None:
+            pass  # the model's saved calibration for this scheduler and step count, else paper
+        elif not isinstance(sched, str):
             try:
                 n_items = len(sched)
             except TypeError:
