@@ -214,7 +214,7 @@ def run_8_on_paper(decoder_memory_mb: float | None) -> tuple[list[int], list[Any
     rt = ServingRuntime(pipe, warmup=False, max_batch=8, max_wait_ms=2000, decoder_memory_mb=decoder_memory_mb)
     cap = rt.decoder_rows_cap(64, 64)
     try:
-        futures = [rt.submit(GenerateRequest(prompt="a red circle", seed=i, steps=50)) for i in range(8)]
+        futures = [rt.submit(GenerateRequest(prompt="a red circle", seed=i, steps=50, schedule="paper")) for i in range(8)]
         results = [f.result(300) for f in futures]
     finally:
         rt.shutdown()
