@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .backends import BACKENDS, default_backend, get_runner_class
-from .backends.base import Runner
+from .backends.base import Runner, same_device
 from .errors import EngineMismatchError, InputError, NotPreparedError
 from .models import load_diffusers_pipeline, make_scheduler
 from .sampler import SamplerStats, run_sampler
@@ -139,17 +139,6 @@ def _pipeline_device(sd: Any) -> torch.device:
         return torch.device("cpu")
 
 
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    """Whether two devices are the same one (``cuda`` and ``cuda:0`` are, when 0 is current)."""
-    if a.type != b.type:
-        return False
-    if a.type == "cuda":
-        ia = a.index if a.index is not None else torch.cuda.current_device()
-        ib = b.index if b.index is not None else torch.cuda.current_device()
-        return ia == ib
-    return True
-
-
 def engine_cache_root() -> Path:
     """Where graphs built on first use are kept: ``$FD_TRT_CACHE`` or ``~/.cache/fd_trt/engines``."""
     env = os.environ.get("FD_TRT_CACHE")
@@ -207,7 +196,7 @@ class FasterDiffusionPipeline:
         else:
             # The caller's pipeline stays where it is: moving it would change their object.
             self.device = torch.device(device) if device is not None else here
-            if not _same_device(self.device, here):
+            if not same_device(self.device, here):
                 raise InputError(
                     f"the diffusers pipeline is on {here} but device={str(device)!r} was asked for: move it first "
                     f"(sd_pipeline.to({str(device)!r})) or leave device unset; fd_trt does not move a pipeline it wraps"

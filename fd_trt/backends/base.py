@@ -22,6 +22,17 @@ from ..errors import FdTrtError, InputError
 from ..split import Features
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are the same one (``cuda`` and ``cuda:0`` are, when 0 is current)."""
+    if a.type != b.type:
+        return False
+    if a.type == "cuda":
+        ia = a.index if a.index is not None else torch.cuda.current_device()
+        ib = b.index if b.index is not None else torch.cuda.current_device()
+        return ia == ib
+    return True
+
+
 class Runner(abc.ABC):
     """Base class of the backends' runners.
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import BackendUnavailableError, InputError
 from ..split import Features, SplitUNet, split_unet
-from .base import Runner, expand_for_steps
+from .base import Runner, expand_for_steps, same_device
 
 logger = logging.getLogger(__name__)
 
@@ -101,9 +101,7 @@ class TorchRunner(Runner):
 
     def _needs_copy(self, unet: nn.Module) -> bool:
         p = next(unet.parameters())
-        if p.device.type != self.device.type or p.dtype != self.dtype or self.channels_last:
-            return True
-        return self.device.type == "cuda" and p.device.index not in (self.device.index, None) and self.device.index is not None
+        return self.channels_last or p.dtype != self.dtype or not same_device(p.device, self.device)
 
     def _take(self, unet: nn.Module) -> None:
         """Uses ``unet`` as it is, or a copy converted to the runner's device, dtype and layout."""
