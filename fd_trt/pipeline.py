@@ -83,6 +83,24 @@ class FasterDiffusionOutput:
     latents: torch.Tensor | None = None
 
 
+@dataclass
+class PromptEmbeddings:
+    """The conditioning of every sampler row, negative rows first with CFG.
+
+    Attributes:
+        text: ``[R,L,D]`` prompt embeddings (the UNet's ``encoder_hidden_states``).
+        added: the UNet's added conditioning per row, or ``None``. SDXL:
+            ``{"text_embeds": [R,D], "time_ids": [R,6]}`` (5 time ids for the refiner).
+    """
+
+    text: torch.Tensor
+    added: dict[str, torch.Tensor] | None = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.text.shape[0])
+
+
 def flop_counter_mode() -> Any:
     """``torch.utils.flop_counter.FlopCounterMode`` that also counts attention on the CPU.
 
@@ -337,8 +355,7 @@ class FasterDiffusionPipeline:
             The active runner for that size.
         """
         f = self.vae_scale_factor
-        height = height if height is not None else int(self.sd.unet.config.sample_size) * f
-        width = width if width is not None else int(self.sd.unet.config.sample_size) * f
+        height, width = self.default_size(height, width)
         self.check_inputs("x", None, height, width, 1, 1.0, 1, "latent")
         self._check_weights()
         with self._cache_lock:
@@ -634,6 +651,134 @@ class FasterDiffusionPipeline:
             raise InputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         return prompts
 
+    # stages -----------------------------------------------------------------------------------
+    # A call runs these in order (see _generate). SD and SDXL share all of them but encode_prompt
+    # and check_inputs, which SDXL extends with its second prompt and micro-conditioning.
+    def default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """The image size of a call: the given one, else the UNet's default sample size."""
+        f = self.vae_scale_factor
+        default = int(self.sd.unet.config.sample_size) * f
+        return (height if height is not None else default, width if width is not None else default)
+
+    def encode_prompt(
+        self,
+        prompts: list[str],
+        negative_prompt: str | list[str] | None,
+        num_images_per_prompt: int,
+        do_classifier_free_guidance: bool,
+        height: int,
+        width: int,
+    ) -> PromptEmbeddings:
+        """Stage 1: the text conditioning of every sampler row, negative rows first with CFG.
+
+        Args:
+            prompts: the checked prompts.
+            negative_prompt: one string for all prompts, one per prompt, or ``None``.
+            num_images_per_prompt: images per prompt; each prompt's rows repeat this many times.
+            do_classifier_free_guidance: also encode the negative prompts.
+            height, width: the image size (unused by SD; SDXL conditions on it).
+
+        Returns:
+            :class:`PromptEmbeddings` with ``text [R,L,D]``, R = (2 if CFG else 1) x images.
+        """
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+        pos, neg = self.sd.encode_prompt(prompts, self.device, num_images_per_prompt, do_classifier_free_guidance, negatives)
+        return PromptEmbeddings(text=torch.cat([neg, pos]) if do_classifier_free_guidance else pos)
+
+    def prepare_timesteps(self, num_inference_steps: int) -> Any:
+        """A copy of the scheduler with its timesteps set: each call owns its solver state."""
+        scheduler = copy.deepcopy(self.sd.scheduler)
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        return scheduler
+
+    def prepare_schedule(
+        self, schedule: Any, noise_injection: bool | NoiseInjection | None, num_inference_steps: int, num_steps: int
+    ) -> tuple[KeySchedule, NoiseInjection]:
+        """The call's key steps and noise-injection policy (see ``__call__`` for the arguments)."""
+        key_schedule: KeySchedule = parse_schedule(self.resolve_schedule(schedule, num_inference_steps), num_steps)
+        if isinstance(noise_injection, NoiseInjection):
+            return key_schedule, noise_injection
+        enabled = key_schedule.propagates if noise_injection is None else bool(noise_injection)
+        return key_schedule, NoiseInjection(enabled=enabled)
+
+    def prepare_latents(
+        self,
+        batch: int,
+        height: int,
+        width: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        scheduler: Any,
+    ) -> torch.Tensor:
+        """Stage 2: the initial latents x_T, float32, scaled by the scheduler's ``init_noise_sigma``.
+
+        Raises:
+            InputError: when given latents do not have the shape of ``batch`` images of the size.
+        """
+        f = self.vae_scale_factor
+        shape = (batch, int(self.sd.unet.config.in_channels), height // f, width // f)
+        if latents is None:
+            from diffusers.utils.torch_utils import randn_tensor
+
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+        else:
+            if tuple(latents.shape) != shape:
+                raise InputError(
+                    f"latents have shape {tuple(latents.shape)}, expected {shape} for {batch} images of {height}x{width}"
+                )
+            latents = latents.to(self.device, torch.float32)
+        return latents * scheduler.init_noise_sigma
+
+    def denoise(
+        self,
+        scheduler: Any,
+        latents: torch.Tensor,
+        cond: PromptEmbeddings,
+        key_schedule: KeySchedule,
+        *,
+        guidance_scale: float,
+        noise: NoiseInjection,
+        parallel: bool,
+        max_decoder_rows: int | None,
+        extra_step_kwargs: dict[str, Any],
+        callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None,
+        stats: SamplerStats,
+    ) -> tuple[torch.Tensor, Runner]:
+        """Stage 3: the Faster Diffusion sampler on the runner for this latent and text shape.
+
+        Returns:
+            ``(final latents, the runner that ran)``.
+        """
+        text = cond.text
+        with self._using((int(latents.shape[2]), int(latents.shape[3])), (int(text.shape[1]), int(text.shape[2]))) as runner:
+            x0 = run_sampler(
+                runner,
+                scheduler,
+                latents,
+                text,
+                key_schedule,
+                guidance_scale=float(guidance_scale),
+                noise=noise,
+                parallel=parallel,
+                max_decoder_rows=max_decoder_rows,
+                extra_step_kwargs=extra_step_kwargs,
+                callback=callback,
+                stats=stats,
+                progress=self.progress,
+            )
+        return x0, runner
+
+    def decode_latents(self, latents: torch.Tensor, output_type: str) -> Any:
+        """Stage 4: the VAE decode and diffusers' post-processing into ``output_type``."""
+        if output_type == "latent":
+            return latents
+        vae = self.sd.vae
+        z = (latents / vae.config.scaling_factor).to(next(vae.parameters()).dtype)
+        image = vae.decode(z, return_dict=False)[0]
+        return self.sd.image_processor.postprocess(
+            image.float(), output_type=output_type, do_denormalize=[True] * int(latents.shape[0])
+        )
+
     @torch.inference_mode()
     def __call__(
         self,
@@ -679,12 +824,42 @@ class FasterDiffusionPipeline:
         Returns:
             :class:`FasterDiffusionOutput` with ``images`` and ``stats``.
         """
+        return self._generate(
+            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, eta,
+            generator, latents, output_type, schedule, noise_injection, parallel, max_decoder_rows,
+            callback_on_step_end, callback_on_step_end_tensor_inputs, prompt_options={},
+        )
+
+    def _generate(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None,
+        height: int | None,
+        width: int | None,
+        num_inference_steps: int,
+        guidance_scale: float,
+        num_images_per_prompt: int,
+        eta: float,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        output_type: str,
+        schedule: ScheduleSpec | Any | None,
+        noise_injection: bool | NoiseInjection | None,
+        parallel: bool,
+        max_decoder_rows: int | None,
+        callback_on_step_end: Callable[[Any, int, Any, dict[str, Any]], dict[str, Any] | None] | None,
+        callback_on_step_end_tensor_inputs: Sequence[str],
+        prompt_options: dict[str, Any],
+    ) -> FasterDiffusionOutput:
+        """The stages of a call, in order. ``prompt_options`` are the model family's own prompt
+        arguments (SDXL's second prompts and micro-conditioning), passed to ``check_inputs`` and
+        ``encode_prompt``."""
         t_start = time.perf_counter()
-        sd = self.sd
-        height = height if height is not None else int(sd.unet.config.sample_size) * self.vae_scale_factor
-        width = width if width is not None else int(sd.unet.config.sample_size) * self.vae_scale_factor
+        # 0. Check the inputs.
+        height, width = self.default_size(height, width)
         prompts = self.check_inputs(
-            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, output_type
+            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
+            output_type, **prompt_options,
         )
         bad_keys = [k for k in callback_on_step_end_tensor_inputs if k != "latents"]
         if bad_keys:
@@ -693,43 +868,22 @@ class FasterDiffusionPipeline:
         if isinstance(generator, list) and len(generator) != batch:
             raise InputError(f"{len(generator)} generators for {batch} images: pass one generator per image, or one")
         cfg = guidance_scale > 1.0
-        # Each call owns its scheduler: concurrent calls never share solver state.
-        scheduler = copy.deepcopy(sd.scheduler)
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        scheduler = self.prepare_timesteps(num_inference_steps)
         num_steps = len(scheduler.timesteps)
         self._check_weights()  # before the calibration check, which compares the weights hash
-        key_schedule: KeySchedule = parse_schedule(self.resolve_schedule(schedule, num_inference_steps), num_steps)
-        if isinstance(noise_injection, NoiseInjection):
-            noise = noise_injection
-        else:
-            enabled = key_schedule.propagates if noise_injection is None else bool(noise_injection)
-            noise = NoiseInjection(enabled=enabled)
+        key_schedule, noise = self.prepare_schedule(schedule, noise_injection, num_inference_steps, num_steps)
         seconds = {"text_encoder": 0.0, "encoder": 0.0, "decoder": 0.0, "scheduler": 0.0, "vae": 0.0, "total": 0.0}
 
-        # 1. Encode the prompts (negative rows first, as diffusers does).
+        # 1. Encode the prompts.
         t0 = time.perf_counter()
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
-        pos, neg = sd.encode_prompt(prompts, self.device, num_images_per_prompt, cfg, negatives)
-        text = torch.cat([neg, pos]) if cfg else pos
+        cond = self.encode_prompt(prompts, negative_prompt, num_images_per_prompt, cfg, height, width, **prompt_options)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the text encoder's kernels are queued, not done
         seconds["text_encoder"] = time.perf_counter() - t0
 
-        # 2. Prepare the latents x_T.
-        latent_shape = (batch, int(sd.unet.config.in_channels), height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if latents is None:
-            from diffusers.utils.torch_utils import randn_tensor
-
-            latents = randn_tensor(latent_shape, generator=generator, device=self.device, dtype=torch.float32)
-        else:
-            if tuple(latents.shape) != latent_shape:
-                raise InputError(
-                    f"latents have shape {tuple(latents.shape)}, expected {latent_shape} for {batch} images of "
-                    f"{height}x{width}"
-                )
-            latents = latents.to(self.device, torch.float32)
-        latents = latents * scheduler.init_noise_sigma
-        extra = {}
+        # 2. Prepare the latents x_T and the scheduler's step arguments.
+        latents = self.prepare_latents(batch, height, width, generator, latents, scheduler)
+        extra: dict[str, Any] = {}
         step_params = set(inspect.signature(scheduler.step).parameters)
         if "eta" in step_params:
             extra["eta"] = eta
@@ -745,22 +899,10 @@ class FasterDiffusionPipeline:
                 return out.get("latents") if isinstance(out, dict) else None
 
         sstats = SamplerStats()
-        with self._using((latent_shape[2], latent_shape[3]), (int(text.shape[1]), int(text.shape[2]))) as runner:
-            x0 = run_sampler(
-                runner,
-                scheduler,
-                latents,
-                text,
-                key_schedule,
-                guidance_scale=float(guidance_scale),
-                noise=noise,
-                parallel=parallel,
-                max_decoder_rows=max_decoder_rows,
-                extra_step_kwargs=extra,
-                callback=cb,
-                stats=sstats,
-                progress=self.progress,
-            )
+        x0, runner = self.denoise(
+            scheduler, latents, cond, key_schedule, guidance_scale=float(guidance_scale), noise=noise,
+            parallel=parallel, max_decoder_rows=max_decoder_rows, extra_step_kwargs=extra, callback=cb, stats=sstats,
+        )
         seconds.update(sstats.seconds)
         nonfinite = not bool(torch.isfinite(x0).all())
         if nonfinite:
@@ -769,23 +911,29 @@ class FasterDiffusionPipeline:
                 "the images are invalid. Try fp32, or bf16 instead of fp16."
             )
             logger.warning(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            warnings.warn(msg, RuntimeWarning, stacklevel=4)  # the caller of __call__
 
         # 4. Decode with the VAE.
         t0 = time.perf_counter()
-        if output_type == "latent":
-            images: Any = x0
-        else:
-            vae = sd.vae
-            z = (x0 / vae.config.scaling_factor).to(next(vae.parameters()).dtype)
-            image = vae.decode(z, return_dict=False)[0]
-            images = sd.image_processor.postprocess(image.float(), output_type=output_type, do_denormalize=[True] * batch)
+        images = self.decode_latents(x0, output_type)
         seconds["vae"] = time.perf_counter() - t0
         seconds["total"] = time.perf_counter() - t_start
+        return FasterDiffusionOutput(images=images, stats=self._stats(x0, cond, key_schedule, sstats, seconds, runner, nonfinite),
+                                     latents=x0)
 
-        enc_f, dec_f = self._flops.per_row(sd.unet, tuple(latent_shape[1:]), (int(text.shape[1]), int(text.shape[2])))
-        stats = PipelineStats(
-            num_steps=num_steps,
+    def _stats(
+        self,
+        x0: torch.Tensor,
+        cond: PromptEmbeddings,
+        key_schedule: KeySchedule,
+        sstats: SamplerStats,
+        seconds: dict[str, float],
+        runner: Runner,
+        nonfinite: bool,
+    ) -> PipelineStats:
+        enc_f, dec_f = self._flops.per_row(self.sd.unet, tuple(x0.shape[1:]), (int(cond.text.shape[1]), int(cond.text.shape[2])))
+        return PipelineStats(
+            num_steps=key_schedule.num_steps,
             key_steps=list(key_schedule.key_steps),
             encoder_calls=sstats.encoder_calls,
             encoder_rows=sstats.encoder_rows,
@@ -796,7 +944,6 @@ class FasterDiffusionPipeline:
             backend=runner.name,
             nonfinite=nonfinite,
         )
-        return FasterDiffusionOutput(images=images, stats=stats, latents=x0)
 
 
-__all__ = ["FasterDiffusionPipeline", "FasterDiffusionOutput", "PipelineStats"]
+__all__ = ["FasterDiffusionPipeline", "FasterDiffusionOutput", "PipelineStats", "PromptEmbeddings"]
