@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .backends.base import Runner
 from .errors import InputError
 from .schedule import KeySchedule, NoiseInjection
+from .split import Added
 
 #: ``callback(step_index, timestep, latents) -> latents or None``; called after every scheduler step.
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
@@ -92,6 +93,7 @@ def run_sampler(
     progress: bool = True,
     start_step: int = 0,
     initial_noise: torch.Tensor | None = None,
+    added: Added = None,
 ) -> torch.Tensor:
     """Denoises ``latents`` with encoder propagation.
 
@@ -114,6 +116,8 @@ def run_sampler(
         start_step: resume at this key step: ``latents`` and ``scheduler`` are then the state
             before that step of an earlier run (calibration reuses shared prefixes this way).
         initial_noise: the unit initial noise for noise injection, when ``latents`` is not x_T.
+        added: SDXL's added conditioning with the rows of ``text`` (``text_embeds``, ``time_ids``);
+            ``None`` for SD 1.x/2.x.
 
     Returns:
         The final latents, float32.
@@ -141,6 +145,9 @@ def run_sampler(
     rows = x.shape[0] * (2 if cfg else 1)
     if text.shape[0] != rows:
         raise InputError(f"text has {text.shape[0]} rows, expected {rows} for {x.shape[0]} latents (CFG={cfg})")
+    for name, value in (added or {}).items():
+        if value.shape[0] != rows:
+            raise InputError(f"added conditioning {name!r} has {value.shape[0]} rows, expected {rows}, like the text")
     n_train = int(scheduler.config.num_train_timesteps)
     t_dev = timesteps.to(runner.device, torch.float32)
 
@@ -158,7 +165,7 @@ def run_sampler(
             x_in = torch.cat([x, x]) if cfg else x
             x_in = scheduler.scale_model_input(x_in, timesteps[seg.start])
             launched = runner.launches["encoder"]
-            feats = runner.encode(x_in, t_dev[seg.start].expand(rows), text)
+            feats = runner.encode(x_in, t_dev[seg.start].expand(rows), text, added)
             t1 = tick()
             secs["encoder"] += t1 - t0
             stats.encoder_calls += runner.launches["encoder"] - launched
@@ -170,7 +177,7 @@ def run_sampler(
                 # 2. Decoder for every step of the chunk, in one call.
                 t0 = tick()
                 launched = runner.launches["decoder"]
-                eps_rows = runner.decode(feats, t_dev[steps.start : steps.stop], text)
+                eps_rows = runner.decode(feats, t_dev[steps.start : steps.stop], text, added)
                 t1 = tick()
                 secs["decoder"] += t1 - t0
                 stats.decoder_calls += runner.launches["decoder"] - launched
