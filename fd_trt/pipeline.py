@@ -126,21 +126,32 @@ def flop_counter_mode() -> Any:
 class _FlopCounter:
     """UNet FLOPs per row of the encoder and the decoder, counted once per latent/text shape."""
 
-    cache: dict[tuple[int, ...], tuple[float, float]] = field(default_factory=dict)
+    cache: dict[tuple[Any, ...], tuple[float, float]] = field(default_factory=dict)
 
-    def per_row(self, unet: torch.nn.Module, latent_shape: tuple[int, int, int], text_shape: tuple[int, int]) -> tuple[float, float]:
-        key = (*latent_shape, *text_shape)
+    def per_row(
+        self,
+        unet: torch.nn.Module,
+        latent_shape: tuple[int, int, int],
+        text_shape: tuple[int, int],
+        added_widths: dict[str, int] | None = None,
+    ) -> tuple[float, float]:
+        """``(encoder, decoder)`` FLOPs of one row; ``added_widths`` are SDXL's per-row widths."""
+        key = (*latent_shape, *text_shape, *sorted((added_widths or {}).items()))
         if key not in self.cache:
             split = split_unet(unet)
             p = next(unet.parameters())
             x = torch.zeros((1, *latent_shape), device=p.device, dtype=p.dtype)
             t = torch.full((1,), 500.0, device=p.device)
             e = torch.zeros((1, *text_shape), device=p.device, dtype=p.dtype)
+            added = None
+            if added_widths:
+                added = {k: torch.zeros((1, w), device=p.device, dtype=torch.float32 if k == "time_ids" else p.dtype)
+                         for k, w in added_widths.items()}
             with torch.inference_mode():
                 with flop_counter_mode() as enc:
-                    feats = split.run_encoder(x, t, e)
+                    feats = split.run_encoder(x, t, e, added)
                 with flop_counter_mode() as dec:
-                    split.run_decoder(feats, t, e)
+                    split.run_decoder(feats, t, e, added)
             self.cache[key] = (float(enc.get_total_flops()), float(dec.get_total_flops()))
         return self.cache[key]
 
@@ -219,6 +230,7 @@ class FasterDiffusionPipeline:
                     f"the diffusers pipeline is on {here} but device={str(device)!r} was asked for: move it first "
                     f"(sd_pipeline.to({str(device)!r})) or leave device unset; fd_trt does not move a pipeline it wraps"
                 )
+        self._check_model()
         split_unet(self.sd.unet)  # fail early on an unsupported UNet
         self._runners: OrderedDict[tuple[int, ...], Runner] = OrderedDict()
         self._in_use: dict[int, int] = {}
@@ -251,6 +263,27 @@ class FasterDiffusionPipeline:
         #: The runner of the latest call (the fixed one when there is one).
         self.runner: Runner | None = self._fixed_runner
         self._flops = _FlopCounter()
+
+    def _check_model(self) -> None:
+        """Refuses a diffusers pipeline this class would condition wrongly: SDXL has its own class."""
+        from .pipeline_sdxl import is_sdxl
+
+        if is_sdxl(self.sd):
+            raise InputError(
+                f"{type(self.sd).__name__} has an SDXL UNet (addition_embed_type='text_time'): wrap it with "
+                "FasterDiffusionPipeline.from_diffusers(pipe) or FasterDiffusionXLPipeline(pipe), which pass its "
+                "pooled text embeddings and time ids"
+            )
+
+    @classmethod
+    def _class_for(cls, sd_pipeline: Any) -> type["FasterDiffusionPipeline"]:
+        """The class that serves a diffusers pipeline: SDXL's subclass for an SDXL model when called
+        on the base class, else ``cls``."""
+        from .pipeline_sdxl import FasterDiffusionXLPipeline, is_sdxl
+
+        if cls is FasterDiffusionPipeline and is_sdxl(sd_pipeline):
+            return FasterDiffusionXLPipeline
+        return cls
 
     def _runner_for(self, latent_hw: tuple[int, int], text_shape: tuple[int, int]) -> Runner:
         """The runner for one latent size and text shape; builds or checks graphs on first use.
@@ -524,7 +557,12 @@ class FasterDiffusionPipeline:
         runner_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> "FasterDiffusionPipeline":
-        """Loads a local diffusers Stable Diffusion folder, or ``"default"``.
+        """Loads a local diffusers Stable Diffusion or SDXL folder, or ``"default"``.
+
+        The folder's ``unet/config.json`` is checked before any weights load: a UNet the split
+        cannot carry raises :class:`~fd_trt.errors.UnsupportedModelError` at once. An SDXL
+        folder (``addition_embed_type="text_time"``) returns a
+        :class:`~fd_trt.pipeline_sdxl.FasterDiffusionXLPipeline`.
 
         Args:
             model: a local folder, or ``"default"`` (the shipped model).
@@ -542,7 +580,7 @@ class FasterDiffusionPipeline:
             **kwargs: ``max_cached_runners``, ``build_on_demand`` (see the class).
         """
         sd, source = load_diffusers_pipeline(model)
-        pipe = cls(sd, backend=backend, device=device, precision=precision, progress=progress, source=source,
+        pipe = cls._class_for(sd)(sd, backend=backend, device=device, precision=precision, progress=progress, source=source,
                    engines=engines, runner_options=runner_options, owns_pipeline=True, **kwargs)
         from .models import default_model_dir
 
@@ -563,7 +601,9 @@ class FasterDiffusionPipeline:
         runner_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> "FasterDiffusionPipeline":
-        """Wraps an existing diffusers ``StableDiffusionPipeline``, sharing its components.
+        """Wraps an existing diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``
+        (the latter as a :class:`~fd_trt.pipeline_sdxl.FasterDiffusionXLPipeline`), sharing its
+        components.
 
         The wrapped pipeline is neither moved nor cast: ``device`` defaults to where it is, and a
         runner that needs another dtype or device works on its own copy of the UNet. Weight changes
@@ -571,8 +611,8 @@ class FasterDiffusionPipeline:
 
         Args: as :meth:`from_pretrained`, with ``sd_pipeline`` in place of ``model``.
         """
-        return cls(sd_pipeline, backend=backend, device=device, precision=precision, progress=progress,
-                   engines=engines, runner_options=runner_options, **kwargs)
+        return cls._class_for(sd_pipeline)(sd_pipeline, backend=backend, device=device, precision=precision,
+                                           progress=progress, engines=engines, runner_options=runner_options, **kwargs)
 
     def set_scheduler(self, name: str) -> None:
         """Swaps the scheduler for ``ddim``, ``dpmpp``, ``pndm``, ``euler`` or ``ddpm``, keeping the betas."""
@@ -743,6 +783,7 @@ class FasterDiffusionPipeline:
         extra_step_kwargs: dict[str, Any],
         callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None,
         stats: SamplerStats,
+        guidance_rescale: float = 0.0,
     ) -> tuple[torch.Tensor, Runner]:
         """Stage 3: the Faster Diffusion sampler on the runner for this latent and text shape.
 
@@ -758,6 +799,7 @@ class FasterDiffusionPipeline:
                 text,
                 key_schedule,
                 guidance_scale=float(guidance_scale),
+                guidance_rescale=float(guidance_rescale),
                 noise=noise,
                 parallel=parallel,
                 max_decoder_rows=max_decoder_rows,
@@ -765,6 +807,7 @@ class FasterDiffusionPipeline:
                 callback=callback,
                 stats=stats,
                 progress=self.progress,
+                added=cond.added,
             )
         return x0, runner
 
@@ -799,13 +842,14 @@ class FasterDiffusionPipeline:
         max_decoder_rows: int | None = None,
         callback_on_step_end: Callable[[Any, int, Any, dict[str, Any]], dict[str, Any] | None] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        guidance_rescale: float = 0.0,
     ) -> FasterDiffusionOutput:
         """Generates images.
 
         Args:
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
-            num_images_per_prompt, eta, generator, latents, output_type: as in diffusers'
-                ``StableDiffusionPipeline``.
+            num_images_per_prompt, eta, generator, latents, output_type, guidance_rescale: as in
+                diffusers' ``StableDiffusionPipeline``.
             schedule: key steps: ``"paper"``, ``"all"``, ``"uniform:N"``, a list of step indices,
                 ``"calibrated"`` (the calibration saved with the model or engine directory for this
                 scheduler and step count), a calibration JSON path or a
@@ -828,6 +872,7 @@ class FasterDiffusionPipeline:
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, eta,
             generator, latents, output_type, schedule, noise_injection, parallel, max_decoder_rows,
             callback_on_step_end, callback_on_step_end_tensor_inputs, prompt_options={},
+            guidance_rescale=guidance_rescale,
         )
 
     def _generate(
@@ -850,6 +895,7 @@ class FasterDiffusionPipeline:
         callback_on_step_end: Callable[[Any, int, Any, dict[str, Any]], dict[str, Any] | None] | None,
         callback_on_step_end_tensor_inputs: Sequence[str],
         prompt_options: dict[str, Any],
+        guidance_rescale: float = 0.0,
     ) -> FasterDiffusionOutput:
         """The stages of a call, in order. ``prompt_options`` are the model family's own prompt
         arguments (SDXL's second prompts and micro-conditioning), passed to ``check_inputs`` and
@@ -861,6 +907,10 @@ class FasterDiffusionPipeline:
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
             output_type, **prompt_options,
         )
+        if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)) or not (
+            math.isfinite(guidance_rescale) and 0.0 <= guidance_rescale <= 1.0
+        ):
+            raise InputError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
         bad_keys = [k for k in callback_on_step_end_tensor_inputs if k != "latents"]
         if bad_keys:
             raise InputError(f"callback_on_step_end_tensor_inputs supports only 'latents', got {bad_keys}")
@@ -902,6 +952,7 @@ class FasterDiffusionPipeline:
         x0, runner = self.denoise(
             scheduler, latents, cond, key_schedule, guidance_scale=float(guidance_scale), noise=noise,
             parallel=parallel, max_decoder_rows=max_decoder_rows, extra_step_kwargs=extra, callback=cb, stats=sstats,
+            guidance_rescale=float(guidance_rescale),
         )
         seconds.update(sstats.seconds)
         nonfinite = not bool(torch.isfinite(x0).all())
@@ -931,7 +982,11 @@ class FasterDiffusionPipeline:
         runner: Runner,
         nonfinite: bool,
     ) -> PipelineStats:
-        enc_f, dec_f = self._flops.per_row(self.sd.unet, tuple(x0.shape[1:]), (int(cond.text.shape[1]), int(cond.text.shape[2])))
+        widths = {k: int(v.shape[1]) for k, v in cond.added.items()} if cond.added else None
+        enc_f, dec_f = self._flops.per_row(
+            self.sd.unet, (int(x0.shape[1]), int(x0.shape[2]), int(x0.shape[3])),
+            (int(cond.text.shape[1]), int(cond.text.shape[2])), widths
+        )
         return PipelineStats(
             num_steps=key_schedule.num_steps,
             key_steps=list(key_schedule.key_steps),
