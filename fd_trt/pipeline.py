@@ -83,6 +83,24 @@ class FasterDiffusionOutput:
     latents: torch.Tensor | None = None
 
 
+@dataclass
+class PromptEmbeddings:
+    """The conditioning of every sampler row, negative rows first with CFG.
+
+    Attributes:
+        text: ``[R,L,D]`` prompt embeddings (the UNet's ``encoder_hidden_states``).
+        added: the UNet's added conditioning per row, or ``None``. SDXL:
+            ``{"text_embeds": [R,D], "time_ids": [R,6]}`` (5 time ids for the refiner).
+    """
+
+    text: torch.Tensor
+    added: dict[str, torch.Tensor] | None = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.text.shape[0])
+
+
 def flop_counter_mode() -> Any:
     """``torch.utils.flop_counter.FlopCounterMode`` that also counts attention on the CPU.
 
@@ -108,21 +126,32 @@ def flop_counter_mode() -> Any:
 class _FlopCounter:
     """UNet FLOPs per row of the encoder and the decoder, counted once per latent/text shape."""
 
-    cache: dict[tuple[int, ...], tuple[float, float]] = field(default_factory=dict)
+    cache: dict[tuple[Any, ...], tuple[float, float]] = field(default_factory=dict)
 
-    def per_row(self, unet: torch.nn.Module, latent_shape: tuple[int, int, int], text_shape: tuple[int, int]) -> tuple[float, float]:
-        key = (*latent_shape, *text_shape)
+    def per_row(
+        self,
+        unet: torch.nn.Module,
+        latent_shape: tuple[int, int, int],
+        text_shape: tuple[int, int],
+        added_widths: dict[str, int] | None = None,
+    ) -> tuple[float, float]:
+        """``(encoder, decoder)`` FLOPs of one row; ``added_widths`` are SDXL's per-row widths."""
+        key = (*latent_shape, *text_shape, *sorted((added_widths or {}).items()))
         if key not in self.cache:
             split = split_unet(unet)
             p = next(unet.parameters())
             x = torch.zeros((1, *latent_shape), device=p.device, dtype=p.dtype)
             t = torch.full((1,), 500.0, device=p.device)
             e = torch.zeros((1, *text_shape), device=p.device, dtype=p.dtype)
+            added = None
+            if added_widths:
+                added = {k: torch.zeros((1, w), device=p.device, dtype=torch.float32 if k == "time_ids" else p.dtype)
+                         for k, w in added_widths.items()}
             with torch.inference_mode():
                 with flop_counter_mode() as enc:
-                    feats = split.run_encoder(x, t, e)
+                    feats = split.run_encoder(x, t, e, added)
                 with flop_counter_mode() as dec:
-                    split.run_decoder(feats, t, e)
+                    split.run_decoder(feats, t, e, added)
             self.cache[key] = (float(enc.get_total_flops()), float(dec.get_total_flops()))
         return self.cache[key]
 
@@ -201,6 +230,7 @@ class FasterDiffusionPipeline:
                     f"the diffusers pipeline is on {here} but device={str(device)!r} was asked for: move it first "
                     f"(sd_pipeline.to({str(device)!r})) or leave device unset; fd_trt does not move a pipeline it wraps"
                 )
+        self._check_model()
         split_unet(self.sd.unet)  # fail early on an unsupported UNet
         self._runners: OrderedDict[tuple[int, ...], Runner] = OrderedDict()
         self._in_use: dict[int, int] = {}
@@ -233,6 +263,27 @@ class FasterDiffusionPipeline:
         #: The runner of the latest call (the fixed one when there is one).
         self.runner: Runner | None = self._fixed_runner
         self._flops = _FlopCounter()
+
+    def _check_model(self) -> None:
+        """Refuses a diffusers pipeline this class would condition wrongly: SDXL has its own class."""
+        from .pipeline_sdxl import is_sdxl
+
+        if is_sdxl(self.sd):
+            raise InputError(
+                f"{type(self.sd).__name__} has an SDXL UNet (addition_embed_type='text_time'): wrap it with "
+                "FasterDiffusionPipeline.from_diffusers(pipe) or FasterDiffusionXLPipeline(pipe), which pass its "
+                "pooled text embeddings and time ids"
+            )
+
+    @classmethod
+    def _class_for(cls, sd_pipeline: Any) -> type["FasterDiffusionPipeline"]:
+        """The class that serves a diffusers pipeline: SDXL's subclass for an SDXL model when called
+        on the base class, else ``cls``."""
+        from .pipeline_sdxl import FasterDiffusionXLPipeline, is_sdxl
+
+        if cls is FasterDiffusionPipeline and is_sdxl(sd_pipeline):
+            return FasterDiffusionXLPipeline
+        return cls
 
     def _runner_for(self, latent_hw: tuple[int, int], text_shape: tuple[int, int]) -> Runner:
         """The runner for one latent size and text shape; builds or checks graphs on first use.
@@ -337,8 +388,7 @@ class FasterDiffusionPipeline:
             The active runner for that size.
         """
         f = self.vae_scale_factor
-        height = height if height is not None else int(self.sd.unet.config.sample_size) * f
-        width = width if width is not None else int(self.sd.unet.config.sample_size) * f
+        height, width = self.default_size(height, width)
         self.check_inputs("x", None, height, width, 1, 1.0, 1, "latent")
         self._check_weights()
         with self._cache_lock:
@@ -507,7 +557,12 @@ class FasterDiffusionPipeline:
         runner_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> "FasterDiffusionPipeline":
-        """Loads a local diffusers Stable Diffusion folder, or ``"default"``.
+        """Loads a local diffusers Stable Diffusion or SDXL folder, or ``"default"``.
+
+        The folder's ``unet/config.json`` is checked before any weights load: a UNet the split
+        cannot carry raises :class:`~fd_trt.errors.UnsupportedModelError` at once. An SDXL
+        folder (``addition_embed_type="text_time"``) returns a
+        :class:`~fd_trt.pipeline_sdxl.FasterDiffusionXLPipeline`.
 
         Args:
             model: a local folder, or ``"default"`` (the shipped model).
@@ -525,7 +580,7 @@ class FasterDiffusionPipeline:
             **kwargs: ``max_cached_runners``, ``build_on_demand`` (see the class).
         """
         sd, source = load_diffusers_pipeline(model)
-        pipe = cls(sd, backend=backend, device=device, precision=precision, progress=progress, source=source,
+        pipe = cls._class_for(sd)(sd, backend=backend, device=device, precision=precision, progress=progress, source=source,
                    engines=engines, runner_options=runner_options, owns_pipeline=True, **kwargs)
         from .models import default_model_dir
 
@@ -546,7 +601,9 @@ class FasterDiffusionPipeline:
         runner_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> "FasterDiffusionPipeline":
-        """Wraps an existing diffusers ``StableDiffusionPipeline``, sharing its components.
+        """Wraps an existing diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``
+        (the latter as a :class:`~fd_trt.pipeline_sdxl.FasterDiffusionXLPipeline`), sharing its
+        components.
 
         The wrapped pipeline is neither moved nor cast: ``device`` defaults to where it is, and a
         runner that needs another dtype or device works on its own copy of the UNet. Weight changes
@@ -554,8 +611,8 @@ class FasterDiffusionPipeline:
 
         Args: as :meth:`from_pretrained`, with ``sd_pipeline`` in place of ``model``.
         """
-        return cls(sd_pipeline, backend=backend, device=device, precision=precision, progress=progress,
-                   engines=engines, runner_options=runner_options, **kwargs)
+        return cls._class_for(sd_pipeline)(sd_pipeline, backend=backend, device=device, precision=precision,
+                                           progress=progress, engines=engines, runner_options=runner_options, **kwargs)
 
     def set_scheduler(self, name: str) -> None:
         """Swaps the scheduler for ``ddim``, ``dpmpp``, ``pndm``, ``euler`` or ``ddpm``, keeping the betas."""
@@ -634,6 +691,137 @@ class FasterDiffusionPipeline:
             raise InputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         return prompts
 
+    # stages -----------------------------------------------------------------------------------
+    # A call runs these in order (see _generate). SD and SDXL share all of them but encode_prompt
+    # and check_inputs, which SDXL extends with its second prompt and micro-conditioning.
+    def default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """The image size of a call: the given one, else the UNet's default sample size."""
+        f = self.vae_scale_factor
+        default = int(self.sd.unet.config.sample_size) * f
+        return (height if height is not None else default, width if width is not None else default)
+
+    def encode_prompt(
+        self,
+        prompts: list[str],
+        negative_prompt: str | list[str] | None,
+        num_images_per_prompt: int,
+        do_classifier_free_guidance: bool,
+        height: int,
+        width: int,
+    ) -> PromptEmbeddings:
+        """Stage 1: the text conditioning of every sampler row, negative rows first with CFG.
+
+        Args:
+            prompts: the checked prompts.
+            negative_prompt: one string for all prompts, one per prompt, or ``None``.
+            num_images_per_prompt: images per prompt; each prompt's rows repeat this many times.
+            do_classifier_free_guidance: also encode the negative prompts.
+            height, width: the image size (unused by SD; SDXL conditions on it).
+
+        Returns:
+            :class:`PromptEmbeddings` with ``text [R,L,D]``, R = (2 if CFG else 1) x images.
+        """
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+        pos, neg = self.sd.encode_prompt(prompts, self.device, num_images_per_prompt, do_classifier_free_guidance, negatives)
+        return PromptEmbeddings(text=torch.cat([neg, pos]) if do_classifier_free_guidance else pos)
+
+    def prepare_timesteps(self, num_inference_steps: int) -> Any:
+        """A copy of the scheduler with its timesteps set: each call owns its solver state."""
+        scheduler = copy.deepcopy(self.sd.scheduler)
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        return scheduler
+
+    def prepare_schedule(
+        self, schedule: Any, noise_injection: bool | NoiseInjection | None, num_inference_steps: int, num_steps: int
+    ) -> tuple[KeySchedule, NoiseInjection]:
+        """The call's key steps and noise-injection policy (see ``__call__`` for the arguments)."""
+        key_schedule: KeySchedule = parse_schedule(self.resolve_schedule(schedule, num_inference_steps), num_steps)
+        if isinstance(noise_injection, NoiseInjection):
+            return key_schedule, noise_injection
+        enabled = key_schedule.propagates if noise_injection is None else bool(noise_injection)
+        return key_schedule, NoiseInjection(enabled=enabled)
+
+    def prepare_latents(
+        self,
+        batch: int,
+        height: int,
+        width: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        scheduler: Any,
+    ) -> torch.Tensor:
+        """Stage 2: the initial latents x_T, float32, scaled by the scheduler's ``init_noise_sigma``.
+
+        Raises:
+            InputError: when given latents do not have the shape of ``batch`` images of the size.
+        """
+        f = self.vae_scale_factor
+        shape = (batch, int(self.sd.unet.config.in_channels), height // f, width // f)
+        if latents is None:
+            from diffusers.utils.torch_utils import randn_tensor
+
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+        else:
+            if tuple(latents.shape) != shape:
+                raise InputError(
+                    f"latents have shape {tuple(latents.shape)}, expected {shape} for {batch} images of {height}x{width}"
+                )
+            latents = latents.to(self.device, torch.float32)
+        return latents * scheduler.init_noise_sigma
+
+    def denoise(
+        self,
+        scheduler: Any,
+        latents: torch.Tensor,
+        cond: PromptEmbeddings,
+        key_schedule: KeySchedule,
+        *,
+        guidance_scale: float,
+        noise: NoiseInjection,
+        parallel: bool,
+        max_decoder_rows: int | None,
+        extra_step_kwargs: dict[str, Any],
+        callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None,
+        stats: SamplerStats,
+        guidance_rescale: float = 0.0,
+    ) -> tuple[torch.Tensor, Runner]:
+        """Stage 3: the Faster Diffusion sampler on the runner for this latent and text shape.
+
+        Returns:
+            ``(final latents, the runner that ran)``.
+        """
+        text = cond.text
+        with self._using((int(latents.shape[2]), int(latents.shape[3])), (int(text.shape[1]), int(text.shape[2]))) as runner:
+            x0 = run_sampler(
+                runner,
+                scheduler,
+                latents,
+                text,
+                key_schedule,
+                guidance_scale=float(guidance_scale),
+                guidance_rescale=float(guidance_rescale),
+                noise=noise,
+                parallel=parallel,
+                max_decoder_rows=max_decoder_rows,
+                extra_step_kwargs=extra_step_kwargs,
+                callback=callback,
+                stats=stats,
+                progress=self.progress,
+                added=cond.added,
+            )
+        return x0, runner
+
+    def decode_latents(self, latents: torch.Tensor, output_type: str) -> Any:
+        """Stage 4: the VAE decode and diffusers' post-processing into ``output_type``."""
+        if output_type == "latent":
+            return latents
+        vae = self.sd.vae
+        z = (latents / vae.config.scaling_factor).to(next(vae.parameters()).dtype)
+        image = vae.decode(z, return_dict=False)[0]
+        return self.sd.image_processor.postprocess(
+            image.float(), output_type=output_type, do_denormalize=[True] * int(latents.shape[0])
+        )
+
     @torch.inference_mode()
     def __call__(
         self,
@@ -654,13 +842,14 @@ class FasterDiffusionPipeline:
         max_decoder_rows: int | None = None,
         callback_on_step_end: Callable[[Any, int, Any, dict[str, Any]], dict[str, Any] | None] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        guidance_rescale: float = 0.0,
     ) -> FasterDiffusionOutput:
         """Generates images.
 
         Args:
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
-            num_images_per_prompt, eta, generator, latents, output_type: as in diffusers'
-                ``StableDiffusionPipeline``.
+            num_images_per_prompt, eta, generator, latents, output_type, guidance_rescale: as in
+                diffusers' ``StableDiffusionPipeline``.
             schedule: key steps: ``"paper"``, ``"all"``, ``"uniform:N"``, a list of step indices,
                 ``"calibrated"`` (the calibration saved with the model or engine directory for this
                 scheduler and step count), a calibration JSON path or a
@@ -679,13 +868,49 @@ class FasterDiffusionPipeline:
         Returns:
             :class:`FasterDiffusionOutput` with ``images`` and ``stats``.
         """
-        t_start = time.perf_counter()
-        sd = self.sd
-        height = height if height is not None else int(sd.unet.config.sample_size) * self.vae_scale_factor
-        width = width if width is not None else int(sd.unet.config.sample_size) * self.vae_scale_factor
-        prompts = self.check_inputs(
-            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, output_type
+        return self._generate(
+            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, eta,
+            generator, latents, output_type, schedule, noise_injection, parallel, max_decoder_rows,
+            callback_on_step_end, callback_on_step_end_tensor_inputs, prompt_options={},
+            guidance_rescale=guidance_rescale,
         )
+
+    def _generate(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None,
+        height: int | None,
+        width: int | None,
+        num_inference_steps: int,
+        guidance_scale: float,
+        num_images_per_prompt: int,
+        eta: float,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        output_type: str,
+        schedule: ScheduleSpec | Any | None,
+        noise_injection: bool | NoiseInjection | None,
+        parallel: bool,
+        max_decoder_rows: int | None,
+        callback_on_step_end: Callable[[Any, int, Any, dict[str, Any]], dict[str, Any] | None] | None,
+        callback_on_step_end_tensor_inputs: Sequence[str],
+        prompt_options: dict[str, Any],
+        guidance_rescale: float = 0.0,
+    ) -> FasterDiffusionOutput:
+        """The stages of a call, in order. ``prompt_options`` are the model family's own prompt
+        arguments (SDXL's second prompts and micro-conditioning), passed to ``check_inputs`` and
+        ``encode_prompt``."""
+        t_start = time.perf_counter()
+        # 0. Check the inputs.
+        height, width = self.default_size(height, width)
+        prompts = self.check_inputs(
+            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
+            output_type, **prompt_options,
+        )
+        if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)) or not (
+            math.isfinite(guidance_rescale) and 0.0 <= guidance_rescale <= 1.0
+        ):
+            raise InputError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
         bad_keys = [k for k in callback_on_step_end_tensor_inputs if k != "latents"]
         if bad_keys:
             raise InputError(f"callback_on_step_end_tensor_inputs supports only 'latents', got {bad_keys}")
@@ -693,43 +918,22 @@ class FasterDiffusionPipeline:
         if isinstance(generator, list) and len(generator) != batch:
             raise InputError(f"{len(generator)} generators for {batch} images: pass one generator per image, or one")
         cfg = guidance_scale > 1.0
-        # Each call owns its scheduler: concurrent calls never share solver state.
-        scheduler = copy.deepcopy(sd.scheduler)
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        scheduler = self.prepare_timesteps(num_inference_steps)
         num_steps = len(scheduler.timesteps)
         self._check_weights()  # before the calibration check, which compares the weights hash
-        key_schedule: KeySchedule = parse_schedule(self.resolve_schedule(schedule, num_inference_steps), num_steps)
-        if isinstance(noise_injection, NoiseInjection):
-            noise = noise_injection
-        else:
-            enabled = key_schedule.propagates if noise_injection is None else bool(noise_injection)
-            noise = NoiseInjection(enabled=enabled)
+        key_schedule, noise = self.prepare_schedule(schedule, noise_injection, num_inference_steps, num_steps)
         seconds = {"text_encoder": 0.0, "encoder": 0.0, "decoder": 0.0, "scheduler": 0.0, "vae": 0.0, "total": 0.0}
 
-        # 1. Encode the prompts (negative rows first, as diffusers does).
+        # 1. Encode the prompts.
         t0 = time.perf_counter()
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
-        pos, neg = sd.encode_prompt(prompts, self.device, num_images_per_prompt, cfg, negatives)
-        text = torch.cat([neg, pos]) if cfg else pos
+        cond = self.encode_prompt(prompts, negative_prompt, num_images_per_prompt, cfg, height, width, **prompt_options)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the text encoder's kernels are queued, not done
         seconds["text_encoder"] = time.perf_counter() - t0
 
-        # 2. Prepare the latents x_T.
-        latent_shape = (batch, int(sd.unet.config.in_channels), height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if latents is None:
-            from diffusers.utils.torch_utils import randn_tensor
-
-            latents = randn_tensor(latent_shape, generator=generator, device=self.device, dtype=torch.float32)
-        else:
-            if tuple(latents.shape) != latent_shape:
-                raise InputError(
-                    f"latents have shape {tuple(latents.shape)}, expected {latent_shape} for {batch} images of "
-                    f"{height}x{width}"
-                )
-            latents = latents.to(self.device, torch.float32)
-        latents = latents * scheduler.init_noise_sigma
-        extra = {}
+        # 2. Prepare the latents x_T and the scheduler's step arguments.
+        latents = self.prepare_latents(batch, height, width, generator, latents, scheduler)
+        extra: dict[str, Any] = {}
         step_params = set(inspect.signature(scheduler.step).parameters)
         if "eta" in step_params:
             extra["eta"] = eta
@@ -745,22 +949,11 @@ class FasterDiffusionPipeline:
                 return out.get("latents") if isinstance(out, dict) else None
 
         sstats = SamplerStats()
-        with self._using((latent_shape[2], latent_shape[3]), (int(text.shape[1]), int(text.shape[2]))) as runner:
-            x0 = run_sampler(
-                runner,
-                scheduler,
-                latents,
-                text,
-                key_schedule,
-                guidance_scale=float(guidance_scale),
-                noise=noise,
-                parallel=parallel,
-                max_decoder_rows=max_decoder_rows,
-                extra_step_kwargs=extra,
-                callback=cb,
-                stats=sstats,
-                progress=self.progress,
-            )
+        x0, runner = self.denoise(
+            scheduler, latents, cond, key_schedule, guidance_scale=float(guidance_scale), noise=noise,
+            parallel=parallel, max_decoder_rows=max_decoder_rows, extra_step_kwargs=extra, callback=cb, stats=sstats,
+            guidance_rescale=float(guidance_rescale),
+        )
         seconds.update(sstats.seconds)
         nonfinite = not bool(torch.isfinite(x0).all())
         if nonfinite:
@@ -769,23 +962,33 @@ class FasterDiffusionPipeline:
                 "the images are invalid. Try fp32, or bf16 instead of fp16."
             )
             logger.warning(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            warnings.warn(msg, RuntimeWarning, stacklevel=4)  # the caller of __call__
 
         # 4. Decode with the VAE.
         t0 = time.perf_counter()
-        if output_type == "latent":
-            images: Any = x0
-        else:
-            vae = sd.vae
-            z = (x0 / vae.config.scaling_factor).to(next(vae.parameters()).dtype)
-            image = vae.decode(z, return_dict=False)[0]
-            images = sd.image_processor.postprocess(image.float(), output_type=output_type, do_denormalize=[True] * batch)
+        images = self.decode_latents(x0, output_type)
         seconds["vae"] = time.perf_counter() - t0
         seconds["total"] = time.perf_counter() - t_start
+        return FasterDiffusionOutput(images=images, stats=self._stats(x0, cond, key_schedule, sstats, seconds, runner, nonfinite),
+                                     latents=x0)
 
-        enc_f, dec_f = self._flops.per_row(sd.unet, tuple(latent_shape[1:]), (int(text.shape[1]), int(text.shape[2])))
-        stats = PipelineStats(
-            num_steps=num_steps,
+    def _stats(
+        self,
+        x0: torch.Tensor,
+        cond: PromptEmbeddings,
+        key_schedule: KeySchedule,
+        sstats: SamplerStats,
+        seconds: dict[str, float],
+        runner: Runner,
+        nonfinite: bool,
+    ) -> PipelineStats:
+        widths = {k: int(v.shape[1]) for k, v in cond.added.items()} if cond.added else None
+        enc_f, dec_f = self._flops.per_row(
+            self.sd.unet, (int(x0.shape[1]), int(x0.shape[2]), int(x0.shape[3])),
+            (int(cond.text.shape[1]), int(cond.text.shape[2])), widths
+        )
+        return PipelineStats(
+            num_steps=key_schedule.num_steps,
             key_steps=list(key_schedule.key_steps),
             encoder_calls=sstats.encoder_calls,
             encoder_rows=sstats.encoder_rows,
@@ -796,7 +999,6 @@ class FasterDiffusionPipeline:
             backend=runner.name,
             nonfinite=nonfinite,
         )
-        return FasterDiffusionOutput(images=images, stats=stats, latents=x0)
 
 
-__all__ = ["FasterDiffusionPipeline", "FasterDiffusionOutput", "PipelineStats"]
+__all__ = ["FasterDiffusionPipeline", "FasterDiffusionOutput", "PipelineStats", "PromptEmbeddings"]
