@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -256,6 +256,13 @@ def load_diffusers_pipeline(source: str | os.PathLike[str]) -> tuple[Any, str]:
         )
     if not (path / "model_index.json").is_file():
         raise InputError(f"{path} has no model_index.json: it is not a diffusers pipeline folder")
+    unet_config = path / "unet" / "config.json"
+    if unet_config.is_file():
+        import json
+
+        from .conditioning import check_unet_config
+
+        check_unet_config(json.loads(unet_config.read_text()))  # before any weight loads
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(
@@ -263,6 +270,36 @@ def load_diffusers_pipeline(source: str | os.PathLike[str]) -> tuple[Any, str]:
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe, str(path)
+
+
+def load_controlnet(source: str | os.PathLike[str] | Any | Sequence[Any]) -> Any:
+    """Loads ControlNet weights from local folders (safetensors), or passes models through.
+
+    Args:
+        source: a diffusers ``ControlNetModel`` folder, a loaded model, or a list of either (which
+            gives a ``MultiControlNetModel``).
+
+    Returns:
+        A ``ControlNetModel`` or a ``MultiControlNetModel``.
+
+    Raises:
+        InputError: when a folder does not exist or holds no ControlNet config.
+    """
+    from diffusers import ControlNetModel
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+    if isinstance(source, (list, tuple)):
+        nets = [load_controlnet(s) for s in source]
+        return nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
+    if not isinstance(source, (str, os.PathLike)):
+        return source
+    path = Path(source)
+    if not (path / "config.json").is_file():
+        raise InputError(
+            f"controlnet {str(source)!r} is not a local ControlNet folder (no config.json); fd_trt never downloads. "
+            "Pass the folder of a diffusers ControlNetModel (config.json + diffusion_pytorch_model.safetensors)"
+        )
+    return ControlNetModel.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
 
 
 def sd15_arch_pipeline(seed: int = 0) -> Any:
