@@ -111,3 +111,70 @@ def test_key_step_residuals_match_an_independent_loop(tiny_sd, controlnets):
     with TorchRunner(tiny_sd.unet) as runner:
         plain = run_sampler(runner, sched, latents, text, schedule, noise=NoiseInjection(enabled=False), progress=False)
     assert rel_l2(plain, ref) > 1e-3
+
+
+def _cn_pipeline(tiny_sd, controlnet):
+    from diffusers import StableDiffusionControlNetPipeline
+
+    pipe = StableDiffusionControlNetPipeline(**{**tiny_sd.components, "controlnet": controlnet, "image_encoder": None})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _fd(sd):
+    from fd_trt.pipeline import FasterDiffusionPipeline
+
+    return FasterDiffusionPipeline.from_diffusers(sd, backend="torch", progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"controlnet_conditioning_scale": 0.6, "control_guidance_start": 0.2, "control_guidance_end": 0.7},
+        {"guess_mode": True},
+    ],
+    ids=["plain", "scale-window", "guess"],
+)
+def test_all_reproduces_diffusers_controlnet_pipeline(tiny_sd, controlnets, kwargs):
+    sd = _cn_pipeline(tiny_sd, controlnets[0])
+    common = dict(image=control_image(3), num_inference_steps=20, output_type="latent", **kwargs)
+    ref = sd(PROMPT, negative_prompt="blue", generator=_gen(2), **common).images
+    out = _fd(sd)(PROMPT, negative_prompt="blue", generator=_gen(2), schedule="all", **common)
+    assert rel_l2(out.images, ref) < 1e-5
+    plain = tiny_sd(PROMPT, negative_prompt="blue", generator=_gen(2), num_inference_steps=20, output_type="latent").images
+    assert rel_l2(plain, ref) > 1e-3  # the ControlNet changed the result
+
+
+def test_all_reproduces_diffusers_multi_controlnet(tiny_sd, controlnets):
+    from diffusers.models import MultiControlNetModel
+
+    sd = _cn_pipeline(tiny_sd, MultiControlNetModel(list(controlnets)))
+    common = dict(image=[control_image(3), control_image(4)], num_inference_steps=20, output_type="latent",
+                  controlnet_conditioning_scale=[0.8, 0.5], control_guidance_start=[0.0, 0.3],
+                  control_guidance_end=[0.6, 1.0])
+    ref = sd(PROMPT, generator=_gen(5), **common).images
+    fd = _fd(sd)
+    out = fd(PROMPT, generator=_gen(5), schedule="all", **common)
+    assert rel_l2(out.images, ref) < 1e-5
+    # Net 0 runs in steps 0..11, net 1 in steps 6..19: 12 + 14 forward passes.
+    assert out.stats.controlnet_calls == 26
+
+
+def test_paper_runs_the_controlnet_once_per_key_step(tiny_sd, controlnets):
+    sd = _cn_pipeline(tiny_sd, controlnets[0])
+    fd = _fd(sd)
+    out = fd(PROMPT, image=control_image(3), num_inference_steps=50, generator=_gen(1), output_type="latent", schedule="paper")
+    assert out.stats.key_steps == [0, 1, 2, 3, 5, 10, 15, 25, 35]
+    assert out.stats.controlnet_calls == out.stats.encoder_calls == 9
+    assert out.stats.seconds["controlnet"] > 0
+
+
+def test_a_guidance_window_edge_inside_a_segment_starts_a_key_step(tiny_sd, controlnets):
+    sd = _cn_pipeline(tiny_sd, controlnets[0])
+    fd = _fd(sd)
+    # 50 steps, window [0.14, 0.6]: steps 7..29 are inside; 7 and 30 are edges inside paper's segments.
+    out = fd(PROMPT, image=control_image(3), num_inference_steps=50, generator=_gen(1), output_type="latent",
+             schedule="paper", control_guidance_start=0.14, control_guidance_end=0.6)
+    assert out.stats.key_steps == [0, 1, 2, 3, 5, 7, 10, 15, 25, 30, 35]
+    assert out.stats.controlnet_calls == 4  # key steps 7, 10, 15 and 25 are inside the window
