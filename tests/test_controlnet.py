@@ -20,14 +20,16 @@ def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-def tiny_controlnet(unet, seed):
+def tiny_controlnet(unet, seed, vae_scale_factor=8):
     """A ControlNet shaped for ``unet`` with random weights everywhere, zero convolutions included
-    (a fresh ControlNet's zero convolutions would make every residual zero and every test trivial)."""
+    (a fresh ControlNet's zero convolutions would make every residual zero and every test trivial).
+    Its conditioning embedding downsamples the image by ``vae_scale_factor``."""
     from diffusers import ControlNetModel
 
+    halvings = int(vae_scale_factor).bit_length() - 1
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 16))
+        net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 16)[: halvings + 1])
         for module in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
             torch.nn.init.normal_(module.weight, std=0.1)
             torch.nn.init.normal_(module.bias, std=0.01)
