@@ -123,6 +123,8 @@ def _fmt_stats(label: str, st: Any) -> str:
         f"decoder {s['decoder']:.3f}  scheduler {s['scheduler']:.3f}  vae {s['vae']:.3f} | "
         f"encoder calls {st.encoder_calls}, decoder calls {st.decoder_calls}, decoder rows {st.decoder_rows}, "
         f"UNet {st.unet_gflops:.2f} GFLOP"
+        + (f" | ControlNet {s.get('controlnet', 0.0):.3f} s, {st.controlnet_calls} calls"
+           if getattr(st, "controlnet_calls", 0) else "")
     )
 
 
