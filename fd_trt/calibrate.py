@@ -424,8 +424,8 @@ def encoder_feature_changes(ev: Evaluator) -> torch.Tensor:
         def __getattr__(self, name: str) -> Any:
             return getattr(self.inner, name)
 
-        def encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> Any:
-            f = self.inner.encode(sample, timestep, text)
+        def encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, added: Any = None) -> Any:
+            f = self.inner.encode(sample, timestep, text, added)
             feats.append(torch.cat([x.reshape(-1).float() for x in f.tensors()]))
             return f
 

@@ -64,17 +64,10 @@ def check_unet_config(unet_config: dict[str, Any]) -> str:
     Raises:
         UnsupportedModelError: naming what the UNet has that fd_trt does not carry.
     """
-    from types import SimpleNamespace
-
-    from .split import check_supported
+    from .split import check_supported_config
 
     kind = unet_input_kind(unet_config)
-    # split.check_supported reads the config and whether there is a mid block; give it just that.
-    probe = SimpleNamespace(
-        config=SimpleNamespace(**unet_config),
-        mid_block=None if unet_config.get("mid_block_type", "UNetMidBlock2DCrossAttn") is None else True,
-    )
-    check_supported(probe)
+    check_supported_config(unet_config)
     return kind
 
 

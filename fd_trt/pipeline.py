@@ -97,6 +97,24 @@ class FasterDiffusionOutput:
     latents: torch.Tensor | None = None
 
 
+@dataclass
+class PromptEmbeddings:
+    """The conditioning of every sampler row, negative rows first with CFG.
+
+    Attributes:
+        text: ``[R,L,D]`` prompt embeddings (the UNet's ``encoder_hidden_states``).
+        added: the UNet's added conditioning per row, or ``None``. SDXL:
+            ``{"text_embeds": [R,D], "time_ids": [R,6]}`` (5 time ids for the refiner).
+    """
+
+    text: torch.Tensor
+    added: dict[str, torch.Tensor] | None = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.text.shape[0])
+
+
 def flop_counter_mode() -> Any:
     """``torch.utils.flop_counter.FlopCounterMode`` that also counts attention on the CPU.
 
@@ -382,8 +400,7 @@ class FasterDiffusionPipeline:
             The active runner for that size.
         """
         f = self.vae_scale_factor
-        height = height if height is not None else int(self.sd.unet.config.sample_size) * f
-        width = width if width is not None else int(self.sd.unet.config.sample_size) * f
+        height, width = self.default_size(height, width)
         self.check_inputs("x", None, height, width, 1, 1.0, 1, "latent")
         self._check_weights()
         with self._cache_lock:
@@ -714,7 +731,20 @@ class FasterDiffusionPipeline:
             raise InputError("strength= needs image=: the image to start from")
         return "text2img"
 
-    def default_size(self, mode: str, image: Any) -> tuple[int, int]:
+    @staticmethod
+    def resolve_strength(mode: str, strength: Any) -> float:
+        """``strength`` checked, or diffusers' default: 0.8 for img2img, 1.0 for inpainting.
+
+        Raises:
+            InputError: for a value outside [0, 1].
+        """
+        if strength is None:
+            return 1.0 if mode == "inpaint" else 0.8
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+            raise InputError(f"strength must be a number in [0, 1], got {strength!r}")
+        return float(strength)
+
+    def _image_size(self, mode: str, image: Any) -> tuple[int, int]:
         """The image size of a call without height/width: the input image's size (rounded down to
         the VAE factor) for img2img and ControlNet, as diffusers does; the model's otherwise."""
         f = self.vae_scale_factor
@@ -807,11 +837,8 @@ class FasterDiffusionPipeline:
                                               control_guidance_end, guess_mode=guess, cfg=cfg)
             return _ImageRun(latents=noise_like(latent_shape) * sigma, control=control)
 
-        if strength is None:
-            strength = 1.0 if mode == "inpaint" else 0.8
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
-            raise InputError(f"strength must be a number in [0, 1], got {strength!r}")
-        timesteps, _ = img2img_steps(scheduler, num_inference_steps, float(strength))
+        strength = self.resolve_strength(mode, strength)
+        timesteps, _ = img2img_steps(scheduler, num_inference_steps, strength)
         t_first = timesteps[:1].repeat(batch)
         vae = self.sd.vae
         init = self._processor("image").preprocess(image, height=height, width=width).to(dev, torch.float32)
@@ -852,6 +879,146 @@ class FasterDiffusionPipeline:
             extra = torch.cat([mask, masked_latents], dim=1)
             run.extra_channels = torch.cat([extra, extra]) if cfg else extra
         return run
+
+    # stages -----------------------------------------------------------------------------------
+    # A call runs these in order (see _generate). SD and SDXL share all of them but encode_prompt
+    # and check_inputs, which SDXL extends with its second prompt and micro-conditioning.
+    def default_size(
+        self, height: int | None, width: int | None, mode: str = "text2img", image: Any = None
+    ) -> tuple[int, int]:
+        """The image size of a call: the given one, else the input image's for img2img and
+        ControlNet (as diffusers), else the UNet's default sample size."""
+        if height is not None and width is not None:
+            return height, width
+        dh, dw = self._image_size(mode, image)
+        return (height if height is not None else dh, width if width is not None else dw)
+
+    def encode_prompt(
+        self,
+        prompts: list[str],
+        negative_prompt: str | list[str] | None,
+        num_images_per_prompt: int,
+        do_classifier_free_guidance: bool,
+        height: int,
+        width: int,
+    ) -> PromptEmbeddings:
+        """Stage 1: the text conditioning of every sampler row, negative rows first with CFG.
+
+        Args:
+            prompts: the checked prompts.
+            negative_prompt: one string for all prompts, one per prompt, or ``None``.
+            num_images_per_prompt: images per prompt; each prompt's rows repeat this many times.
+            do_classifier_free_guidance: also encode the negative prompts.
+            height, width: the image size (unused by SD; SDXL conditions on it).
+
+        Returns:
+            :class:`PromptEmbeddings` with ``text [R,L,D]``, R = (2 if CFG else 1) x images.
+        """
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+        pos, neg = self.sd.encode_prompt(prompts, self.device, num_images_per_prompt, do_classifier_free_guidance, negatives)
+        return PromptEmbeddings(text=torch.cat([neg, pos]) if do_classifier_free_guidance else pos)
+
+    def prepare_timesteps(self, num_inference_steps: int) -> Any:
+        """A copy of the scheduler with its timesteps set: each call owns its solver state."""
+        scheduler = copy.deepcopy(self.sd.scheduler)
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        return scheduler
+
+    def prepare_schedule(
+        self, schedule: Any, noise_injection: bool | NoiseInjection | None, num_inference_steps: int, num_steps: int
+    ) -> tuple[KeySchedule, NoiseInjection]:
+        """The call's key steps and noise-injection policy (see ``__call__`` for the arguments)."""
+        key_schedule: KeySchedule = parse_schedule(self.resolve_schedule(schedule, num_inference_steps), num_steps)
+        if isinstance(noise_injection, NoiseInjection):
+            return key_schedule, noise_injection
+        enabled = key_schedule.propagates if noise_injection is None else bool(noise_injection)
+        return key_schedule, NoiseInjection(enabled=enabled)
+
+    def prepare_latents(
+        self,
+        batch: int,
+        height: int,
+        width: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        scheduler: Any,
+    ) -> torch.Tensor:
+        """Stage 2: the initial latents x_T, float32, scaled by the scheduler's ``init_noise_sigma``.
+
+        Raises:
+            InputError: when given latents do not have the shape of ``batch`` images of the size.
+        """
+        f = self.vae_scale_factor
+        shape = (batch, int(self.sd.unet.config.out_channels), height // f, width // f)
+        if latents is None:
+            from diffusers.utils.torch_utils import randn_tensor
+
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+        else:
+            if tuple(latents.shape) != shape:
+                raise InputError(
+                    f"latents have shape {tuple(latents.shape)}, expected {shape} for {batch} images of {height}x{width}"
+                )
+            latents = latents.to(self.device, torch.float32)
+        return latents * scheduler.init_noise_sigma
+
+    def denoise(
+        self,
+        scheduler: Any,
+        latents: torch.Tensor,
+        cond: PromptEmbeddings,
+        key_schedule: KeySchedule,
+        *,
+        guidance_scale: float,
+        noise: NoiseInjection,
+        parallel: bool,
+        max_decoder_rows: int | None,
+        extra_step_kwargs: dict[str, Any],
+        callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None,
+        stats: SamplerStats,
+        image_run: _ImageRun | None = None,
+    ) -> tuple[torch.Tensor, Runner]:
+        """Stage 3: the Faster Diffusion sampler on the runner for this latent and text shape.
+
+        ``image_run`` (img2img, inpainting, ControlNet) gives the steps run, the unit noise, the
+        extra encoder channels and the key-step ControlNet hook.
+
+        Returns:
+            ``(final latents, the runner that ran)``.
+        """
+        text = cond.text
+        with self._using((int(latents.shape[2]), int(latents.shape[3])), (int(text.shape[1]), int(text.shape[2]))) as runner:
+            x0 = run_sampler(
+                runner,
+                scheduler,
+                latents,
+                text,
+                key_schedule,
+                guidance_scale=float(guidance_scale),
+                noise=noise,
+                parallel=parallel,
+                max_decoder_rows=max_decoder_rows,
+                extra_step_kwargs=extra_step_kwargs,
+                callback=callback,
+                stats=stats,
+                progress=self.progress,
+                timesteps=image_run.timesteps if image_run is not None else None,
+                initial_noise=image_run.initial_noise if image_run is not None else None,
+                extra_channels=image_run.extra_channels if image_run is not None else None,
+                control=image_run.control if image_run is not None else None,
+            )
+        return x0, runner
+
+    def decode_latents(self, latents: torch.Tensor, output_type: str) -> Any:
+        """Stage 4: the VAE decode and diffusers' post-processing into ``output_type``."""
+        if output_type == "latent":
+            return latents
+        vae = self.sd.vae
+        z = (latents / vae.config.scaling_factor).to(next(vae.parameters()).dtype)
+        image = vae.decode(z, return_dict=False)[0]
+        return self.sd.image_processor.postprocess(
+            image.float(), output_type=output_type, do_denormalize=[True] * int(latents.shape[0])
+        )
 
     @torch.inference_mode()
     def __call__(
@@ -921,15 +1088,53 @@ class FasterDiffusionPipeline:
         Returns:
             :class:`FasterDiffusionOutput` with ``images`` and ``stats``.
         """
+        return self._generate(
+            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, eta,
+            generator, latents, output_type, schedule, noise_injection, parallel, max_decoder_rows,
+            callback_on_step_end, callback_on_step_end_tensor_inputs, prompt_options={},
+            image_options=dict(
+                image=image, mask_image=mask_image, strength=strength,
+                controlnet_conditioning_scale=controlnet_conditioning_scale,
+                control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
+                guess_mode=guess_mode,
+            ),
+        )
+
+    def _generate(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None,
+        height: int | None,
+        width: int | None,
+        num_inference_steps: int,
+        guidance_scale: float,
+        num_images_per_prompt: int,
+        eta: float,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        output_type: str,
+        schedule: ScheduleSpec | Any | None,
+        noise_injection: bool | NoiseInjection | None,
+        parallel: bool,
+        max_decoder_rows: int | None,
+        callback_on_step_end: Callable[[Any, int, Any, dict[str, Any]], dict[str, Any] | None] | None,
+        callback_on_step_end_tensor_inputs: Sequence[str],
+        prompt_options: dict[str, Any],
+        image_options: dict[str, Any] | None = None,
+    ) -> FasterDiffusionOutput:
+        """The stages of a call, in order. ``prompt_options`` are the model family's own prompt
+        arguments (SDXL's second prompts and micro-conditioning), passed to ``check_inputs`` and
+        ``encode_prompt``; ``image_options`` the image arguments of ``__call__`` (``image``,
+        ``mask_image``, ``strength`` and the ControlNet's)."""
         t_start = time.perf_counter()
-        sd = self.sd
+        # 0. Check the inputs.
+        opts = dict(image_options or {})
+        image, mask_image, strength = opts.get("image"), opts.get("mask_image"), opts.get("strength")
         mode = self.image_mode(image, mask_image, strength)
-        if height is None or width is None:
-            dh, dw = self.default_size(mode, image)
-            height = height if height is not None else dh
-            width = width if width is not None else dw
+        height, width = self.default_size(height, width, mode, image)
         prompts = self.check_inputs(
-            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, output_type
+            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
+            output_type, **prompt_options,
         )
         bad_keys = [k for k in callback_on_step_end_tensor_inputs if k != "latents"]
         if bad_keys:
@@ -938,63 +1143,46 @@ class FasterDiffusionPipeline:
         if isinstance(generator, list) and len(generator) != batch:
             raise InputError(f"{len(generator)} generators for {batch} images: pass one generator per image, or one")
         cfg = guidance_scale > 1.0
-        # Each call owns its scheduler: concurrent calls never share solver state.
-        scheduler = copy.deepcopy(sd.scheduler)
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        scheduler = self.prepare_timesteps(num_inference_steps)
         num_steps = len(scheduler.timesteps)
         if mode in ("img2img", "inpaint"):
-            run_strength = strength if strength is not None else (1.0 if mode == "inpaint" else 0.8)
-            if isinstance(run_strength, bool) or not isinstance(run_strength, (int, float)) or not 0.0 <= run_strength <= 1.0:
-                raise InputError(f"strength must be a number in [0, 1], got {strength!r}")
-            num_steps = len(img2img_steps(scheduler, num_inference_steps, float(run_strength))[0])
+            strength = self.resolve_strength(mode, strength)
+            num_steps = len(img2img_steps(scheduler, num_inference_steps, strength)[0])
         self._check_weights()  # before the calibration check, which compares the weights hash
-        resolved = self.resolve_schedule(schedule, num_inference_steps if num_steps == len(scheduler.timesteps) else num_steps)
-        key_schedule: KeySchedule = parse_schedule(resolved, num_steps)
-        if isinstance(noise_injection, NoiseInjection):
-            noise = noise_injection
-        else:
-            enabled = key_schedule.propagates if noise_injection is None else bool(noise_injection)
-            noise = NoiseInjection(enabled=enabled)
+        # An img2img run has fewer steps than asked; a calibration must be for the steps run.
+        cal_steps = num_inference_steps if num_steps == len(scheduler.timesteps) else num_steps
+        key_schedule, noise = self.prepare_schedule(schedule, noise_injection, cal_steps, num_steps)
         seconds = {"text_encoder": 0.0, "encoder": 0.0, "controlnet": 0.0, "decoder": 0.0, "scheduler": 0.0, "vae": 0.0,
                    "total": 0.0}
 
-        # 1. Encode the prompts (negative rows first, as diffusers does).
+        # 1. Encode the prompts.
         t0 = time.perf_counter()
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
-        pos, neg = sd.encode_prompt(prompts, self.device, num_images_per_prompt, cfg, negatives)
-        text = torch.cat([neg, pos]) if cfg else pos
+        cond = self.encode_prompt(prompts, negative_prompt, num_images_per_prompt, cfg, height, width, **prompt_options)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the text encoder's kernels are queued, not done
         seconds["text_encoder"] = time.perf_counter() - t0
 
-        # 2. Prepare the latents x_T (img2img: the noised image latents).
-        latent_shape = (batch, int(sd.unet.config.out_channels), height // self.vae_scale_factor, width // self.vae_scale_factor)
+        # 2. Prepare the latents x_T (img2img: the noised image latents) and the scheduler's step arguments.
         image_run: _ImageRun | None = None
-        if mode != "text2img":
+        if mode == "text2img":
+            latents = self.prepare_latents(batch, height, width, generator, latents, scheduler)
+        else:
+            f = self.vae_scale_factor
+            latent_shape = (batch, int(self.sd.unet.config.out_channels), height // f, width // f)
             image_run = self.prepare_image_run(
                 mode, scheduler, num_inference_steps, latent_shape, height, width, image=image, mask_image=mask_image,
                 strength=strength, latents=latents, generator=generator, cfg=cfg,
-                num_images_per_prompt=num_images_per_prompt, controlnet_conditioning_scale=controlnet_conditioning_scale,
-                control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
-                guess_mode=guess_mode,
+                num_images_per_prompt=num_images_per_prompt,
+                controlnet_conditioning_scale=opts.get("controlnet_conditioning_scale", 1.0),
+                control_guidance_start=opts.get("control_guidance_start", 0.0),
+                control_guidance_end=opts.get("control_guidance_end", 1.0),
+                guess_mode=bool(opts.get("guess_mode", False)),
             )
             latents = image_run.latents
             if image_run.control is not None and image_run.control.window_edges():
                 keys = with_key_steps(key_schedule.key_steps, image_run.control.window_edges())
                 key_schedule = KeySchedule(tuple(keys), num_steps)
-        elif latents is None:
-            from diffusers.utils.torch_utils import randn_tensor
-
-            latents = randn_tensor(latent_shape, generator=generator, device=self.device, dtype=torch.float32)
-            latents = latents * scheduler.init_noise_sigma
-        else:
-            if tuple(latents.shape) != latent_shape:
-                raise InputError(
-                    f"latents have shape {tuple(latents.shape)}, expected {latent_shape} for {batch} images of "
-                    f"{height}x{width}"
-                )
-            latents = latents.to(self.device, torch.float32) * scheduler.init_noise_sigma
-        extra = {}
+        extra: dict[str, Any] = {}
         step_params = set(inspect.signature(scheduler.step).parameters)
         if "eta" in step_params:
             extra["eta"] = eta
@@ -1015,26 +1203,11 @@ class FasterDiffusionPipeline:
                 return out.get("latents", x) if isinstance(out, dict) else x
 
         sstats = SamplerStats()
-        with self._using((latent_shape[2], latent_shape[3]), (int(text.shape[1]), int(text.shape[2]))) as runner:
-            x0 = run_sampler(
-                runner,
-                scheduler,
-                latents,
-                text,
-                key_schedule,
-                guidance_scale=float(guidance_scale),
-                noise=noise,
-                parallel=parallel,
-                max_decoder_rows=max_decoder_rows,
-                extra_step_kwargs=extra,
-                callback=cb,
-                stats=sstats,
-                progress=self.progress,
-                timesteps=image_run.timesteps if image_run is not None else None,
-                initial_noise=image_run.initial_noise if image_run is not None else None,
-                extra_channels=image_run.extra_channels if image_run is not None else None,
-                control=image_run.control if image_run is not None else None,
-            )
+        x0, runner = self.denoise(
+            scheduler, latents, cond, key_schedule, guidance_scale=float(guidance_scale), noise=noise,
+            parallel=parallel, max_decoder_rows=max_decoder_rows, extra_step_kwargs=extra, callback=cb, stats=sstats,
+            image_run=image_run,
+        )
         seconds.update(sstats.seconds)
         nonfinite = not bool(torch.isfinite(x0).all())
         if nonfinite:
@@ -1043,24 +1216,32 @@ class FasterDiffusionPipeline:
                 "the images are invalid. Try fp32, or bf16 instead of fp16."
             )
             logger.warning(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            warnings.warn(msg, RuntimeWarning, stacklevel=4)  # the caller of __call__
 
         # 4. Decode with the VAE.
         t0 = time.perf_counter()
-        if output_type == "latent":
-            images: Any = x0
-        else:
-            vae = sd.vae
-            z = (x0 / vae.config.scaling_factor).to(next(vae.parameters()).dtype)
-            decoded = vae.decode(z, return_dict=False)[0]
-            images = sd.image_processor.postprocess(decoded.float(), output_type=output_type, do_denormalize=[True] * batch)
+        images = self.decode_latents(x0, output_type)
         seconds["vae"] = time.perf_counter() - t0
         seconds["total"] = time.perf_counter() - t_start
+        stats = self._stats(x0, cond, key_schedule, sstats, seconds, runner, nonfinite)
+        if image_run is not None and image_run.control is not None:
+            stats.controlnet_calls = image_run.control.calls
+        return FasterDiffusionOutput(images=images, stats=stats, latents=x0)
 
-        unet_in_shape = (int(sd.unet.config.in_channels), *latent_shape[2:])
-        enc_f, dec_f = self._flops.per_row(sd.unet, unet_in_shape, (int(text.shape[1]), int(text.shape[2])))
-        stats = PipelineStats(
-            num_steps=num_steps,
+    def _stats(
+        self,
+        x0: torch.Tensor,
+        cond: PromptEmbeddings,
+        key_schedule: KeySchedule,
+        sstats: SamplerStats,
+        seconds: dict[str, float],
+        runner: Runner,
+        nonfinite: bool,
+    ) -> PipelineStats:
+        unet_in = (int(self.sd.unet.config.in_channels), *x0.shape[2:])  # 9 channels for an inpainting UNet
+        enc_f, dec_f = self._flops.per_row(self.sd.unet, unet_in, (int(cond.text.shape[1]), int(cond.text.shape[2])))
+        return PipelineStats(
+            num_steps=key_schedule.num_steps,
             key_steps=list(key_schedule.key_steps),
             encoder_calls=sstats.encoder_calls,
             encoder_rows=sstats.encoder_rows,
@@ -1070,9 +1251,7 @@ class FasterDiffusionPipeline:
             seconds=seconds,
             backend=runner.name,
             nonfinite=nonfinite,
-            controlnet_calls=image_run.control.calls if image_run is not None and image_run.control is not None else 0,
         )
-        return FasterDiffusionOutput(images=images, stats=stats, latents=x0)
 
 
-__all__ = ["FasterDiffusionPipeline", "FasterDiffusionOutput", "PipelineStats"]
+__all__ = ["FasterDiffusionPipeline", "FasterDiffusionOutput", "PipelineStats", "PromptEmbeddings"]

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .backends.base import Runner
 from .errors import InputError
 from .schedule import KeySchedule, NoiseInjection
-from .split import Features
+from .split import Added, Features
 
 #: ``callback(step_index, timestep, latents) -> latents or None``; called after every scheduler step.
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
@@ -123,6 +123,7 @@ def run_sampler(
     progress: bool = True,
     start_step: int = 0,
     initial_noise: torch.Tensor | None = None,
+    added: Added = None,
     timesteps: torch.Tensor | None = None,
     extra_channels: torch.Tensor | None = None,
     control: KeyStepControl | None = None,
@@ -149,6 +150,8 @@ def run_sampler(
             before that step of an earlier run (calibration reuses shared prefixes this way).
         initial_noise: the unit initial noise for noise injection, when ``latents`` is not x_T
             (img2img's noised image latents, for example).
+        added: SDXL's added conditioning with the rows of ``text`` (``text_embeds``, ``time_ids``);
+            ``None`` for SD 1.x/2.x.
         timesteps: the steps to run, a tail of ``scheduler.timesteps`` (img2img runs the last
             ``strength`` of them); ``schedule`` then indexes these, 0 being the first step run.
             All of ``scheduler.timesteps`` by default.
@@ -183,6 +186,9 @@ def run_sampler(
     rows = x.shape[0] * (2 if cfg else 1)
     if text.shape[0] != rows:
         raise InputError(f"text has {text.shape[0]} rows, expected {rows} for {x.shape[0]} latents (CFG={cfg})")
+    for name, value in (added or {}).items():
+        if value.shape[0] != rows:
+            raise InputError(f"added conditioning {name!r} has {value.shape[0]} rows, expected {rows}, like the text")
     n_train = int(scheduler.config.num_train_timesteps)
     t_dev = timesteps.to(runner.device, torch.float32)
 
@@ -201,7 +207,7 @@ def run_sampler(
             x_in = scheduler.scale_model_input(x_in, timesteps[seg.start])
             unet_in = x_in if extra_channels is None else torch.cat([x_in, extra_channels.to(x_in)], dim=1)
             launched = runner.launches["encoder"]
-            feats = runner.encode(unet_in, t_dev[seg.start].expand(rows), text)
+            feats = runner.encode(unet_in, t_dev[seg.start].expand(rows), text, added)
             t1 = tick()
             secs["encoder"] += t1 - t0
             stats.encoder_calls += runner.launches["encoder"] - launched
@@ -218,7 +224,7 @@ def run_sampler(
                 # 2. Decoder for every step of the chunk, in one call.
                 t0 = tick()
                 launched = runner.launches["decoder"]
-                eps_rows = runner.decode(feats, t_dev[steps.start : steps.stop], text)
+                eps_rows = runner.decode(feats, t_dev[steps.start : steps.stop], text, added)
                 t1 = tick()
                 secs["decoder"] += t1 - t0
                 stats.decoder_calls += runner.launches["decoder"] - launched

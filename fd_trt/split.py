@@ -6,13 +6,18 @@ needs. The decoder is the up blocks, the output norm and conv_out; it recomputes
 embedding from its own per-row timesteps, so that one decoder call can mix the steps of a
 segment (DESIGN.md section 3).
 
+SDXL-style UNets (``addition_embed_type="text_time"``) add an embedding of the pooled text and the
+micro-conditioning ``time_ids`` to the time embedding. Both halves take that conditioning per row
+(``added = {"text_embeds": [N,P], "time_ids": [N,K]}``) and compute it as diffusers does, so the
+decoder's rows stay independent of the encoder's.
+
 Both modules share the UNet's parameters: nothing is copied.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -46,51 +51,120 @@ class Features:
         return ["mid"] + [f"skip_{i:02d}" for i in range(num_skips)]
 
 
+#: ``addition_embed_type`` values the split carries, and the per-row inputs each one adds.
+ADDED_CONDITIONING: dict[str | None, tuple[str, ...]] = {None: (), "text_time": ("text_embeds", "time_ids")}
+
+#: Type of the added conditioning a caller passes: ``None`` for SD 1.x/2.x, per-row tensors for SDXL.
+Added = Mapping[str, torch.Tensor] | None
+
+
+def added_input_names(unet_config: Any) -> tuple[str, ...]:
+    """Names of the per-row added-conditioning inputs of a UNet: ``()`` for SD 1.x/2.x,
+    ``("text_embeds", "time_ids")`` for SDXL (``addition_embed_type="text_time"``)."""
+    return ADDED_CONDITIONING.get(getattr(unet_config, "addition_embed_type", None), ())
+
+
 def check_supported(unet: nn.Module) -> None:
     """Raises :class:`UnsupportedModelError` when the UNet uses a feature the split does not carry.
 
+    It reads only the config, so a caller can check a model before its weights load.
+
     Args:
-        unet: a diffusers ``UNet2DConditionModel``.
+        unet: a diffusers ``UNet2DConditionModel`` (or anything with its ``config``).
     """
-    cfg = unet.config
+    check_supported_config(unet.config)
+
+
+def check_supported_config(cfg: Any) -> None:
+    """:func:`check_supported` on a UNet config alone (a ``FrozenDict``, a namespace or a dict).
+
+    Raises:
+        UnsupportedModelError: naming every option the split does not carry.
+    """
+    get = cfg.get if isinstance(cfg, Mapping) else (lambda k, d=None: getattr(cfg, k, d))
     problems = []
-    for key in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim"):
-        if getattr(cfg, key, None) is not None:
-            problems.append(f"{key}={getattr(cfg, key)!r}")
-    if getattr(cfg, "num_class_embeds", None) is not None:
-        problems.append(f"num_class_embeds={cfg.num_class_embeds!r}")
-    if getattr(unet, "mid_block", None) is None:
+    for key in ("class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim", "num_class_embeds"):
+        if get(key, None) is not None:
+            problems.append(f"{key}={get(key)!r}")
+    if get("addition_embed_type", None) not in ADDED_CONDITIONING:
+        problems.append(f"addition_embed_type={get('addition_embed_type')!r}")
+    if get("mid_block_type", "UNetMidBlock2DCrossAttn") is None:
         problems.append("mid_block_type=None")
     if problems:
         raise UnsupportedModelError(
-            "fd_trt splits SD 1.x/2.x-style UNets (text cross-attention, no extra embeddings); this UNet has "
+            "fd_trt splits SD 1.x/2.x- and SDXL-style UNets (text cross-attention, optionally SDXL's "
+            "addition_embed_type='text_time'); this UNet has "
             + ", ".join(problems)
             + ". Use a UNet2DConditionModel without these options."
         )
 
 
-def _time_embedding(unet: nn.Module, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # Same arithmetic as UNet2DConditionModel.get_time_embed + time_embedding, but one timestep per row.
-    t_emb = unet.time_proj(timestep).to(dtype=dtype)
-    emb = unet.time_embedding(t_emb, None)
-    if unet.time_embed_act is not None:
-        emb = unet.time_embed_act(emb)
+def _take_time_modules(owner: nn.Module, unet: nn.Module) -> None:
+    # The attribute names match the UNet's, so the graphs' initializer names (which refit
+    # matches on) are the UNet's parameter names.
+    owner.time_proj = unet.time_proj
+    owner.time_embedding = unet.time_embedding
+    owner.time_embed_act = unet.time_embed_act
+    owner.added_names = added_input_names(unet.config)
+    if owner.added_names:
+        owner.add_time_proj = unet.add_time_proj
+        owner.add_embedding = unet.add_embedding
+
+
+def _time_embedding(owner: nn.Module, timestep: torch.Tensor, dtype: torch.dtype, added: Sequence[torch.Tensor]) -> torch.Tensor:
+    # Same arithmetic as UNet2DConditionModel's get_time_embed + time_embedding + get_aug_embed
+    # ("text_time") + time_embed_act, but with one timestep and one added conditioning per row.
+    emb = owner.time_embedding(owner.time_proj(timestep).to(dtype=dtype), None)
+    if owner.added_names:
+        text_embeds, time_ids = added
+        time_embeds = owner.add_time_proj(time_ids.flatten()).reshape(text_embeds.shape[0], -1)
+        emb = emb + owner.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(emb.dtype))
+    if owner.time_embed_act is not None:
+        emb = owner.time_embed_act(emb)
     return emb
+
+
+def added_tensors(names: tuple[str, ...], added: Added, rows: int) -> tuple[torch.Tensor, ...]:
+    """The added-conditioning tensors in graph order, checked against the UNet and the row count.
+
+    Args:
+        names: the UNet's :func:`added_input_names`.
+        added: what the caller passed.
+        rows: the rows every tensor must have.
+
+    Raises:
+        InputError: for a missing or unexpected tensor, or one with other rows.
+    """
+    if not names:
+        if added:
+            raise InputError(f"this UNet takes no added conditioning, got {sorted(added)}: pass added=None")
+        return ()
+    missing = [n for n in names if added is None or n not in added]
+    if missing:
+        raise InputError(
+            f"this UNet (SDXL-style) needs added conditioning {list(names)} per row; missing {missing}"
+        )
+    assert added is not None
+    out = tuple(added[n] for n in names)
+    for n, t in zip(names, out):
+        if t.ndim != 2 or t.shape[0] != rows:
+            raise InputError(f"added conditioning {n!r} must be [{rows}, K] (one row per sample), got {tuple(t.shape)}")
+    return out
 
 
 class UNetEncoder(nn.Module):
     """conv_in + time embedding + down blocks + mid block.
 
-    ``forward(sample [N,C,h,w], timestep [N], encoder_hidden_states [N,L,D]) -> (mid, skip_00, ..)``
+    ``forward(sample [N,C,h,w], timestep [N], encoder_hidden_states [N,L,D], *added) -> (mid, skip_00, ..)``,
+    where ``added`` are the UNet's added-conditioning tensors in :func:`added_input_names` order
+    (SDXL: ``text_embeds [N,P]``, ``time_ids [N,K]``; none for SD 1.x/2.x).
     """
 
     def __init__(self, unet: nn.Module) -> None:
         super().__init__()
         check_supported(unet)
         self.unet_config = unet.config
-        self.time_proj = unet.time_proj
-        self.time_embedding = unet.time_embedding
-        self.time_embed_act = unet.time_embed_act
+        _take_time_modules(self, unet)
         self.conv_in = unet.conv_in
         self.down_blocks = unet.down_blocks
         self.mid_block = unet.mid_block
@@ -100,11 +174,11 @@ class UNetEncoder(nn.Module):
         return 1 + sum(len(b.resnets) + (len(b.downsamplers) if b.downsamplers else 0) for b in self.down_blocks)
 
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, *added: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
         if self.unet_config.center_input_sample:
             sample = 2 * sample - 1.0
-        emb = _time_embedding(self, timestep, sample.dtype)
+        emb = _time_embedding(self, timestep, sample.dtype, added)
         sample = self.conv_in(sample)
         skips: tuple[torch.Tensor, ...] = (sample,)
         for block in self.down_blocks:
@@ -123,18 +197,17 @@ class UNetEncoder(nn.Module):
 class UNetDecoder(nn.Module):
     """Up blocks + output norm + conv_out, with the time embedding recomputed per row.
 
-    ``forward(mid [M,..], skips (M rows each), timestep [M], encoder_hidden_states [M,L,D]) -> noise_pred``
+    ``forward(mid [M,..], skips (M rows each), timestep [M], encoder_hidden_states [M,L,D], *added) -> noise_pred``
 
     The decoder takes features already expanded to M rows: the graph contract (DESIGN.md section 3)
     wants every input to carry the row axis, and the expansion is a cheap tile done by the runner.
+    SDXL's added conditioning comes per row too, because the time embedding includes it.
     """
 
     def __init__(self, unet: nn.Module) -> None:
         super().__init__()
         check_supported(unet)
-        self.time_proj = unet.time_proj
-        self.time_embedding = unet.time_embedding
-        self.time_embed_act = unet.time_embed_act
+        _take_time_modules(self, unet)
         self.up_blocks = unet.up_blocks
         self.conv_norm_out = unet.conv_norm_out
         self.conv_act = unet.conv_act
@@ -147,8 +220,9 @@ class UNetDecoder(nn.Module):
         skips: Sequence[torch.Tensor],
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
+        *added: torch.Tensor,
     ) -> torch.Tensor:
-        emb = _time_embedding(self, timestep, mid.dtype)
+        emb = _time_embedding(self, timestep, mid.dtype, added)
         res_all = tuple(skips)
         forward_upsample_size = any(int(d) % self.up_factor != 0 for d in res_all[0].shape[-2:])
         upsample_size = None
@@ -186,21 +260,50 @@ class SplitUNet:
         return self.encoder.num_skips
 
     @property
+    def added_names(self) -> tuple[str, ...]:
+        """The added-conditioning inputs both halves take per row (``()`` for SD 1.x/2.x)."""
+        return self.encoder.added_names
+
+    @property
     def decoder_feature_module(self) -> nn.Module:
         """The last up block: its output stands for "the decoder features" of the paper's Figure 3."""
         return self.decoder.up_blocks[-1]
 
-    def run_encoder(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> Features:
-        out = self.encoder(sample, timestep, text)
+    def run_encoder(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, added: Added = None) -> Features:
+        """Runs the encoder half.
+
+        Args:
+            sample: ``[N,C,h,w]``.
+            timestep: ``[N]``, one per row.
+            text: ``[N,L,D]``.
+            added: SDXL's ``{"text_embeds": [N,P], "time_ids": [N,K]}``; ``None`` for SD 1.x/2.x.
+
+        Returns:
+            The features, N rows each.
+        """
+        extra = added_tensors(self.added_names, added, int(sample.shape[0]))
+        out = self.encoder(sample, timestep, text, *extra)
         return Features(out[0], tuple(out[1:]))
 
-    def run_decoder(self, features: Features, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def run_decoder(self, features: Features, timestep: torch.Tensor, text: torch.Tensor, added: Added = None) -> torch.Tensor:
+        """Runs the decoder half on M rows (features already expanded, see :meth:`Features.repeat`).
+
+        Args:
+            features: M rows.
+            timestep: ``[M]``, one per row.
+            text: ``[M,L,D]``.
+            added: SDXL's added conditioning with M rows; ``None`` for SD 1.x/2.x.
+
+        Returns:
+            ``[M,C,h,w]`` noise predictions.
+        """
         if not (features.rows == timestep.shape[0] == text.shape[0]):
             raise InputError(
                 f"decoder rows disagree: features {features.rows}, timestep {tuple(timestep.shape)}, "
                 f"text {tuple(text.shape)}; expand the features with Features.repeat first"
             )
-        return self.decoder(features.mid, features.skips, timestep, text)
+        extra = added_tensors(self.added_names, added, features.rows)
+        return self.decoder(features.mid, features.skips, timestep, text, *extra)
 
 
 def feature_bytes_per_row(unet_config: Any, latent_hw: tuple[int, int], itemsize: int) -> int:
@@ -236,15 +339,17 @@ def split_unet(unet: nn.Module) -> SplitUNet:
     """Splits a diffusers ``UNet2DConditionModel`` into encoder and decoder modules.
 
     Args:
-        unet: an SD 1.x/2.x-style ``UNet2DConditionModel`` (any block count, layers per block,
-            head configuration, with or without cross-attention and linear projections).
+        unet: an SD 1.x/2.x- or SDXL-style ``UNet2DConditionModel`` (any block count, layers and
+            transformer layers per block, head configuration, with or without cross-attention and
+            linear projections, optionally ``addition_embed_type="text_time"``).
 
     Returns:
         A :class:`SplitUNet` whose modules share the UNet's weights. ``decoder(encoder(x, t), t)``
-        equals ``unet(x, t)``.
+        equals ``unet(x, t)`` (with the same ``added_cond_kwargs`` for SDXL).
 
     Raises:
-        UnsupportedModelError: for class/addition embeddings, hidden-state projections or
-            guidance embeddings, which the split graphs do not carry.
+        UnsupportedModelError: for class embeddings, addition embeddings other than SDXL's
+            ``text_time``, hidden-state projections or guidance embeddings, which the split graphs
+            do not carry.
     """
     return SplitUNet(UNetEncoder(unet).eval(), UNetDecoder(unet).eval())

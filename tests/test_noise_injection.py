@@ -21,11 +21,11 @@ class ZeroRunner(Runner):
 
     name = "zero"
 
-    def encode(self, sample, timestep, text):
+    def encode(self, sample, timestep, text, added=None):
         self.launches["encoder"] += 1
         return Features(torch.zeros(sample.shape[0], 1, 1, 1), ())
 
-    def decode(self, features, timesteps, text):
+    def decode(self, features, timesteps, text, added=None):
         self.launches["decoder"] += 1
         return torch.zeros(features.rows * timesteps.shape[0], 4, 8, 8)
 

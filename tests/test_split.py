@@ -2,10 +2,11 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from fd_trt.errors import UnsupportedModelError
-from fd_trt.split import Features, split_unet
+from fd_trt.errors import InputError, UnsupportedModelError
+from fd_trt.split import Features, check_supported_config, split_unet
 
 from conftest import rel_l2
+from tiny_sdxl import SDXL_CONFIGS, added_conditioning, tiny_sdxl_unet
 
 CONFIGS = {
     "sd_like_2_levels": dict(
@@ -90,3 +91,74 @@ def test_unsupported_unet_options_are_named():
 
 def test_feature_names_follow_the_graph_contract():
     assert Features.names(3) == ["mid", "skip_00", "skip_01", "skip_02"]
+
+
+@pytest.mark.parametrize("name", list(SDXL_CONFIGS))
+def test_sdxl_decoder_of_encoder_equals_the_unet(name):
+    unet = tiny_sdxl_unet(name)
+    split = split_unet(unet)
+    assert split.added_names == ("text_embeds", "time_ids")
+    x = torch.randn(4, 4, 16, 12, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([999.0, 640.0, 301.0, 1.0])
+    text = torch.randn(4, 7, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+    added = added_conditioning(name, 4)
+    with torch.no_grad():
+        ref = unet(x, t, text, added_cond_kwargs=added).sample
+        out = split.run_decoder(split.run_encoder(x, t, text, added), t, text, added)
+        # The added embedding matters: other time_ids give another prediction.
+        moved = {**added, "time_ids": added["time_ids"] + 32}
+        other = split.run_decoder(split.run_encoder(x, t, text, moved), t, text, moved)
+    assert rel_l2(out, ref) < 1e-5
+    assert rel_l2(other, ref) > 1e-4
+
+
+def test_sdxl_decoder_rows_mix_steps_of_one_key_step():
+    unet = tiny_sdxl_unet()
+    split = split_unet(unet)
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    text = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(2))
+    added = added_conditioning("sdxl_base_like", 2)
+    steps = torch.tensor([900.0, 800.0, 700.0])
+    with torch.no_grad():
+        feats = split.run_encoder(x, torch.full((2,), 900.0), text, added)
+        rows = {k: v.repeat(3, 1) for k, v in added.items()}
+        batched = split.run_decoder(feats.repeat(3), steps.repeat_interleave(2), text.repeat(3, 1, 1), rows)
+        for j in range(3):
+            single = split.run_decoder(feats, steps[j].expand(2), text, added)
+            assert rel_l2(batched[2 * j : 2 * j + 2], single) < 1e-5
+
+
+def test_sdxl_split_asks_for_its_added_conditioning():
+    split = split_unet(tiny_sdxl_unet())
+    x, t, text = torch.randn(2, 4, 16, 16), torch.tensor([500.0, 400.0]), torch.randn(2, 5, 32)
+    with pytest.raises(InputError, match="text_embeds"):
+        split.run_encoder(x, t, text)
+    with pytest.raises(InputError, match=r"\[2, K\]"):
+        split.run_encoder(x, t, text, added_conditioning("sdxl_base_like", 1))
+    sd = split_unet(UNet2DConditionModel(sample_size=8, **CONFIGS["sd_like_2_levels"]))
+    with pytest.raises(InputError, match="no added conditioning"):
+        sd.run_encoder(torch.randn(2, 4, 8, 8), t, torch.randn(2, 5, 32), added_conditioning("sdxl_base_like", 2))
+
+
+def test_other_addition_embeddings_are_refused_from_the_config():
+    cfg = {**CONFIGS["sd_like_2_levels"], "addition_embed_type": "text"}
+    with pytest.raises(UnsupportedModelError, match="addition_embed_type='text'"):
+        check_supported_config(cfg)
+    check_supported_config({**SDXL_CONFIGS["sdxl_base_like"][0]})  # SDXL passes, weights never built
+
+
+def test_sdxl_torch_runner_tiles_added_conditioning_step_major():
+    from fd_trt.backends.torch import TorchRunner
+
+    unet = tiny_sdxl_unet()
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    text = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(2))
+    added = added_conditioning("sdxl_base_like", 2)
+    steps = torch.tensor([700.0, 600.0, 500.0])
+    with TorchRunner(unet) as runner, torch.no_grad():
+        feats = runner.encode(x, torch.full((2,), 700.0), text, added)
+        out = runner.decode(feats, steps, text, added)
+        ref_feats = runner.split.run_encoder(x, torch.full((2,), 700.0), text, added)
+        for j in range(3):
+            want = runner.split.run_decoder(ref_feats, steps[j].expand(2), text, added)
+            assert rel_l2(out[2 * j : 2 * j + 2], want) < 1e-6

@@ -3,10 +3,13 @@
 A runner is constructed cheaply, then activated (allocate, load, warm up), used, and closed.
 It is also a context manager. Its two calls:
 
-* ``encode(sample [N,C,h,w], timestep [N], text [N,L,D]) -> Features`` (N rows)
-* ``decode(features, timesteps [S], text [N,L,D]) -> noise_pred [S*N,C,h,w]``: the features of
-  one key step are expanded to the S steps asked for. Rows are step-major: rows ``j*N .. j*N+N-1``
-  belong to ``timesteps[j]``, in the same order as the encoder's rows.
+* ``encode(sample [N,C,h,w], timestep [N], text [N,L,D], added=None) -> Features`` (N rows)
+* ``decode(features, timesteps [S], text [N,L,D], added=None) -> noise_pred [S*N,C,h,w]``: the
+  features of one key step are expanded to the S steps asked for. Rows are step-major: rows
+  ``j*N .. j*N+N-1`` belong to ``timesteps[j]``, in the same order as the encoder's rows.
+
+``added`` is SDXL's added conditioning, ``{"text_embeds": [N,P], "time_ids": [N,K]}`` with the
+encoder's N rows, for both calls; ``None`` for SD 1.x/2.x. ``decode`` tiles it like the text.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any, ContextManager
 import torch
 
 from ..errors import FdTrtError, InputError
-from ..split import Features
+from ..split import Added, Features
 
 
 def same_device(a: torch.device, b: torch.device) -> bool:
@@ -117,26 +120,28 @@ class Runner(abc.ABC):
 
     # inference -----------------------------------------------------------------------------
     @abc.abstractmethod
-    def encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> Features:
+    def encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, added: Added = None) -> Features:
         """Runs the encoder graph.
 
         Args:
             sample: ``[N,C,h,w]`` scaled model input.
             timestep: ``[N]`` float timesteps.
             text: ``[N,L,D]`` encoder hidden states.
+            added: SDXL's per-row ``{"text_embeds": [N,P], "time_ids": [N,K]}``; ``None`` for SD 1.x/2.x.
 
         Returns:
             The mid and skip features, N rows each.
         """
 
     @abc.abstractmethod
-    def decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None) -> torch.Tensor:
         """Runs the decoder graph for S steps that share the features of one key step.
 
         Args:
             features: encoder output with N rows.
             timesteps: ``[S]`` timesteps, one per step.
             text: ``[N,L,D]`` encoder hidden states of the encoder's rows.
+            added: the added conditioning of the encoder's N rows (SDXL), or ``None``.
 
         Returns:
             ``[S*N,C,h,w]`` float32 noise predictions, step-major.
@@ -144,17 +149,19 @@ class Runner(abc.ABC):
 
 
 def expand_for_steps(
-    features: Features, timesteps: torch.Tensor, text: torch.Tensor
-) -> tuple[Features, torch.Tensor, torch.Tensor]:
-    """Tiles the features and text to ``S*N`` step-major rows and gives each row its timestep.
+    features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None
+) -> tuple[Features, torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
+    """Tiles the features, text and added conditioning to ``S*N`` step-major rows and gives each
+    row its timestep.
 
     Args:
         features: N rows.
         timesteps: ``[S]``.
         text: ``[N,L,D]``.
+        added: ``None``, or per-row tensors with N rows each (SDXL's ``text_embeds``, ``time_ids``).
 
     Returns:
-        ``(features, timestep [S*N], text [S*N,L,D])``.
+        ``(features, timestep [S*N], text [S*N,L,D], added with S*N rows or None)``.
     """
     n = features.rows
     if text.shape[0] != n:
@@ -163,4 +170,10 @@ def expand_for_steps(
         raise InputError(f"timesteps must be a non-empty 1-D tensor, got shape {tuple(timesteps.shape)}")
     s = int(timesteps.shape[0])
     rows_t = timesteps.repeat_interleave(n)
-    return features.repeat(s), rows_t, (text.repeat(s, 1, 1) if s > 1 else text)
+    rows_added = None
+    if added is not None:
+        bad = {k: tuple(v.shape) for k, v in added.items() if v.ndim < 1 or v.shape[0] != n}
+        if bad:
+            raise InputError(f"added conditioning {bad} must have the features' {n} rows: pass the encoder's")
+        rows_added = {k: (v.repeat(s, *([1] * (v.ndim - 1))) if s > 1 else v) for k, v in added.items()}
+    return features.repeat(s), rows_t, (text.repeat(s, 1, 1) if s > 1 else text), rows_added

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import BackendUnavailableError, EngineMismatchError, FdTrtError, InputError
-from ..split import Features
+from ..split import Added, Features
 from .base import Runner, expand_for_steps
 
 logger = logging.getLogger(__name__)
@@ -362,32 +362,31 @@ class OrtRunner(Runner):
             raise InputError(f"{what} inputs disagree on rows: {rows}; give every input the same axis 0")
         return next(iter(rows.values()))
 
-    def encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> Features:
+    def encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, added: Added = None) -> Features:
         self._check_active()
         self.launches["encoder"] += 1
-        return self._encode(sample, timestep, text)
+        return self._encode(sample, timestep, text, added)
 
-    def decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None) -> torch.Tensor:
         self._check_active()
         self.launches["decoder"] += 1
-        return self._decode(features, timesteps, text)
+        return self._decode(features, timesteps, text, added)
 
-    def _encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> Features:
+    def _encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, added: Added = None) -> Features:
         assert self._enc is not None
-        rows = self._check_rows("encoder", sample=sample, timestep=timestep, text=text)
-        out = self._run(
-            self._enc,
-            {"sample": sample, "timestep": timestep.float(), "encoder_hidden_states": text},
-            rows,
-        )
+        rows = self._check_rows("encoder", sample=sample, timestep=timestep, text=text, **dict(added or {}))
+        feeds = {"sample": sample, "timestep": timestep.float(), "encoder_hidden_states": text, **dict(added or {})}
+        out = self._run(self._enc, feeds, rows)
         by_name = dict(zip(self._enc.output_names, out))
         mid = by_name["mid"]
         skips = tuple(by_name[n] for n in self._enc.output_names if n != "mid")
         return Features(mid, skips)
 
-    def _decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def _decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None) -> torch.Tensor:
         assert self._dec is not None and self._enc is not None
-        feats, t_rows, text_rows = expand_for_steps(features, timesteps.to(self.device, torch.float32), text.to(self.device))
+        feats, t_rows, text_rows, added_rows = expand_for_steps(
+            features, timesteps.to(self.device, torch.float32), text.to(self.device), added
+        )
         names = self._enc.output_names
         if len(feats.skips) + 1 != len(names):
             raise InputError(
@@ -396,6 +395,7 @@ class OrtRunner(Runner):
             )
         feeds: dict[str, torch.Tensor] = {"mid": feats.mid, "timestep": t_rows, "encoder_hidden_states": text_rows}
         feeds.update({n: s for n, s in zip([n for n in names if n != "mid"], feats.skips)})
+        feeds.update(added_rows or {})
         (noise,) = self._run(self._dec, feeds, int(t_rows.shape[0]))
         return noise.float()
 

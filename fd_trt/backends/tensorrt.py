@@ -56,7 +56,7 @@ import torch
 
 from ..errors import BackendUnavailableError, EngineMismatchError, FdTrtError, InputError
 from ..schedule import KeySchedule, ScheduleSpec, parse_schedule
-from ..split import Features
+from ..split import Added, Features
 from .base import Runner
 
 if TYPE_CHECKING:  # the stubs (tensorrt-stubs) type-check the calls; nothing is imported at run time
@@ -1166,6 +1166,11 @@ class TrtRunner(Runner):
         else:
             dst.view(steps, n, *tail).copy_(value.unsqueeze(0).expand(steps, *value.shape))
 
+    @staticmethod
+    def _check_no_added(added: Added) -> None:
+        if added is not None:
+            raise InputError("the TensorRT runner does not take added conditioning (SDXL) yet: use backend='torch'")
+
     def _check_usable(self) -> None:
         if self._refit_failure is not None:
             raise EngineMismatchError(
@@ -1173,14 +1178,16 @@ class TrtRunner(Runner):
                 "hold a mix of old and new weights: close it and create a new runner, which rebuilds the plans"
             )
 
-    def encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> Features:
+    def encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, added: Added = None) -> Features:
         self._check_active()
+        self._check_no_added(added)
         with self.exclusive():  # the plans' buffers and contexts are shared by every call
             self._check_usable()
             return self._encode(sample, timestep, text)
 
-    def decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None) -> torch.Tensor:
         self._check_active()
+        self._check_no_added(added)
         with self.exclusive():
             self._check_usable()
             return self._decode(features, timesteps, text)

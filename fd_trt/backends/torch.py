@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import BackendUnavailableError, InputError
-from ..split import Features, SplitUNet, split_unet
+from ..split import Added, Features, SplitUNet, added_tensors, split_unet
 from .base import Runner, expand_for_steps, same_device
 
 logger = logging.getLogger(__name__)
@@ -147,41 +147,54 @@ class TorchRunner(Runner):
         x = sample.to(self.device, self.dtype)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
+    def _added(self, added: Added) -> dict[str, torch.Tensor] | None:
+        # time_ids stay float32 as in diffusers (add_time_proj casts them); text_embeds take the dtype.
+        if added is None:
+            return None
+        return {k: v.to(self.device, torch.float32 if k == "time_ids" else self.dtype) for k, v in added.items()}
+
     @torch.inference_mode()
-    def encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> Features:
+    def encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, added: Added = None) -> Features:
         self._check_active()
         dev, dt = self.device, self.dtype
         args = [self._sample(sample), timestep.to(dev, torch.float32), text.to(dev, dt)]
+        cond = self._added(added)
         with self.exclusive():
             self.launches["encoder"] += 1
             if self.cuda_graphs:
-                out = self._replay("encoder", self.split.encoder, args)
+                extra = list(added_tensors(self.split.added_names, cond, int(args[0].shape[0])))
+                out = self._replay("encoder", self.split.encoder, args + extra)
                 return Features(out[0].clone(), tuple(t.clone() for t in out[1:]))
-            return self.split.run_encoder(*args)
+            return self.split.run_encoder(*args, cond)
 
     @torch.inference_mode()
-    def decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None) -> torch.Tensor:
         self._check_active()
-        feats, t_rows, text_rows = expand_for_steps(features, timesteps.to(self.device, torch.float32), text.to(self.device, self.dtype))
+        feats, t_rows, text_rows, added_rows = expand_for_steps(
+            features, timesteps.to(self.device, torch.float32), text.to(self.device, self.dtype), self._added(added)
+        )
         with self.exclusive():
             self.launches["decoder"] += 1
-            return self._decode_rows(feats, t_rows, text_rows)
+            return self._decode_rows(feats, t_rows, text_rows, added_rows)
 
-    def _decode_rows(self, feats: Features, t_rows: torch.Tensor, text_rows: torch.Tensor) -> torch.Tensor:
+    def _decode_rows(
+        self, feats: Features, t_rows: torch.Tensor, text_rows: torch.Tensor, added_rows: Added = None
+    ) -> torch.Tensor:
         if self.cuda_graphs:
             if not (feats.rows == t_rows.shape[0] == text_rows.shape[0]):
                 raise InputError(
                     f"decoder rows disagree: features {feats.rows}, timestep {tuple(t_rows.shape)}, text {tuple(text_rows.shape)}"
                 )
-            decoder = self.split.decoder
+            extra = list(added_tensors(self.split.added_names, added_rows, feats.rows))
+            decoder, n_extra, n_skips = self.split.decoder, len(extra), len(feats.skips)
 
-            def run(mid: torch.Tensor, t: torch.Tensor, e: torch.Tensor, *skips: torch.Tensor) -> torch.Tensor:
-                return decoder(mid, skips, t, e)
+            def run(mid: torch.Tensor, t: torch.Tensor, e: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+                return decoder(mid, rest[:n_skips], t, e, *rest[n_skips : n_skips + n_extra])
 
-            (noise,) = self._replay("decoder", run, [feats.mid, t_rows, text_rows, *feats.skips])
+            (noise,) = self._replay("decoder", run, [feats.mid, t_rows, text_rows, *feats.skips, *extra])
             # A copy even in fp32: the static output is overwritten by the next replay.
             return noise.to(torch.float32, copy=True)
-        return self.split.run_decoder(feats, t_rows, text_rows).float()
+        return self.split.run_decoder(feats, t_rows, text_rows, added_rows).float()
 
     def _replay(self, role: str, fn: Callable[..., Any], args: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Runs ``fn(*args)`` through the CUDA graph captured for these shapes (capturing it first)."""
