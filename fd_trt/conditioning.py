@@ -294,10 +294,10 @@ class KeyStepControlNet:
             cfg, guess_mode: as the run.
         """
         img = processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
-        img = img.repeat_interleave(batch if img.shape[0] == 1 else num_images_per_prompt, dim=0)
-        if img.shape[0] != batch:
-            raise InputError(f"{img.shape[0] // max(num_images_per_prompt, 1)} control images for {batch // num_images_per_prompt} "
-                             "prompts: give one image for all prompts, or one per prompt")
+        n, prompts = int(img.shape[0]), batch // num_images_per_prompt
+        if n not in (1, prompts):
+            raise InputError(f"{n} control images for {prompts} prompts: give one image for all prompts, or one per prompt")
+        img = img.repeat_interleave(batch if n == 1 else num_images_per_prompt, dim=0)
         img = img.to(device=device, dtype=dtype)
         return torch.cat([img, img]) if cfg and not guess_mode else img
 

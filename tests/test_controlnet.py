@@ -180,3 +180,14 @@ def test_a_guidance_window_edge_inside_a_segment_starts_a_key_step(tiny_sd, cont
              schedule="paper", control_guidance_start=0.14, control_guidance_end=0.6)
     assert out.stats.key_steps == [0, 1, 2, 3, 5, 7, 10, 15, 25, 30, 35]
     assert out.stats.controlnet_calls == 4  # key steps 7, 10, 15 and 25 are inside the window
+
+
+def test_all_reproduces_diffusers_with_several_prompts_images_and_control_images(tiny_sd, controlnets):
+    sd = _cn_pipeline(tiny_sd, controlnets[0])
+    prompts = [PROMPT, "a blue square"]
+    common = dict(image=[control_image(3), control_image(4)], num_inference_steps=6, num_images_per_prompt=2,
+                  output_type="latent")
+    ref = sd(prompts, generator=_gen(9), **common).images
+    out = _fd(sd)(prompts, generator=_gen(9), schedule="all", **common)
+    assert out.images.shape == (4, 4, 8, 8)
+    assert rel_l2(out.images, ref) < 1e-5
