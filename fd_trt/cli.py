@@ -45,6 +45,17 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--image", default=None, metavar="FILE",
+                   help="an input image: img2img (with --strength), inpainting (with --mask), or the ControlNet's "
+                        "conditioning image (with --controlnet)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="img2img / inpainting: the fraction of the steps run from the noised image "
+                        "(default 0.8 for img2img, 1.0 for inpainting)")
+    p.add_argument("--mask", default=None, metavar="FILE", help="inpainting: the mask image (white = repaint)")
+    p.add_argument("--controlnet", action="append", default=[], metavar="PATH",
+                   help="a local diffusers ControlNet folder; repeat for several (they share --image)")
+    p.add_argument("--controlnet-scale", type=float, action="append", default=[], metavar="S",
+                   help="controlnet_conditioning_scale, one for all or one per --controlnet (default 1.0)")
     p.add_argument("--no-noise-injection", action="store_true", help="switch prior noise injection off")
     p.add_argument("--sequential", action="store_true", help="decode one step per call instead of batching")
     p.add_argument("--max-decoder-rows", type=int, default=None, help="cap on rows per decoder call")
@@ -112,6 +123,8 @@ def _fmt_stats(label: str, st: Any) -> str:
         f"decoder {s['decoder']:.3f}  scheduler {s['scheduler']:.3f}  vae {s['vae']:.3f} | "
         f"encoder calls {st.encoder_calls}, decoder calls {st.decoder_calls}, decoder rows {st.decoder_rows}, "
         f"UNet {st.unet_gflops:.2f} GFLOP"
+        + (f" | ControlNet {s.get('controlnet', 0.0):.3f} s, {st.controlnet_calls} calls"
+           if getattr(st, "controlnet_calls", 0) else "")
     )
 
 
@@ -341,6 +354,32 @@ def _apply_loras(pipe: Any, specs: list[str]) -> None:
     pipe.fuse_lora(lora_scale=1.0)
 
 
+def _image_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The pipeline's image arguments from ``--image``, ``--mask``, ``--strength``, ``--controlnet-scale``."""
+    import PIL.Image
+
+    def load(path: str, what: str) -> Any:
+        if not Path(path).is_file():
+            raise InputError(f"{what} {path!r} is not a file: pass the path of an image (PNG, JPEG)")
+        return PIL.Image.open(path).convert("RGB")
+
+    kwargs: dict[str, Any] = {}
+    if args.image is None:
+        if args.mask or args.strength is not None or args.controlnet:
+            raise InputError("--mask, --strength and --controlnet need --image FILE: the input image "
+                             "(or, with --controlnet, its conditioning image)")
+        return kwargs
+    kwargs["image"] = load(args.image, "--image")
+    if args.mask:
+        kwargs["mask_image"] = load(args.mask, "--mask")
+    if args.strength is not None:
+        kwargs["strength"] = args.strength
+    if args.controlnet_scale:
+        scales = args.controlnet_scale
+        kwargs["controlnet_conditioning_scale"] = scales[0] if len(scales) == 1 else scales
+    return kwargs
+
+
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -358,10 +397,13 @@ def _generate(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         engines=args.engines,
         runner_options=_runner_options(args),
+        **({"controlnet": args.controlnet} if args.controlnet else {}),
     )
     print(f"model: {pipe.source}")
     _apply_loras(pipe, args.lora)
     print(f"backend: {pipe.backend} on {pipe.device} ({pipe.precision}), scheduler {args.scheduler}, load {time.perf_counter() - t0:.2f} s")
+
+    image_kwargs = _image_kwargs(args)
 
     def run(schedule: str, noise: bool | None, output_type: str = "pil") -> Any:
         return pipe(
@@ -378,6 +420,7 @@ def _generate(args: argparse.Namespace) -> int:
             noise_injection=noise,
             parallel=not args.sequential,
             max_decoder_rows=args.max_decoder_rows,
+            **image_kwargs,
         )
 
     noise = False if args.no_noise_injection else None
@@ -388,7 +431,10 @@ def _generate(args: argparse.Namespace) -> int:
         if not args.quiet:
             print("warm-up: one untimed run of the schedule")
         run(args.schedule, noise, output_type="latent")
-        pipe(args.prompt, num_inference_steps=2, height=args.height, width=args.width, output_type="latent", schedule="all")
+        # A short run still has to run a step at the asked strength: int(steps x strength) >= 1.
+        warm_steps = 2 if not args.strength else max(2, int(2 / args.strength) + 1)
+        pipe(args.prompt, num_inference_steps=warm_steps, height=args.height, width=args.width,
+             output_type="latent", schedule="all", **image_kwargs)
         # Alternating runs, so that a slow spell of a shared machine hits both schedules alike. Every
         # run has the same seed and so the same result; only the timings differ.
         runs: list[Any] = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -284,7 +284,7 @@ def read_unet_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """
     import json
 
-    from .split import check_supported_config
+    from .conditioning import check_unet_config
 
     config_path = Path(folder) / "unet" / "config.json"
     try:
@@ -293,7 +293,7 @@ def read_unet_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
         raise InputError(f"cannot read the UNet configuration {config_path}: {exc}") from exc
     if not isinstance(config, dict):
         raise InputError(f"{config_path} is not a JSON object")
-    check_supported_config(config)
+    check_unet_config(config)  # the split's options and the input channel layout
     return config
 
 
@@ -326,6 +326,36 @@ SDXL_UNET_CONFIG: dict[str, Any] = dict(
     cross_attention_dim=2048,
     norm_num_groups=32,
 )
+
+
+def load_controlnet(source: str | os.PathLike[str] | Any | Sequence[Any]) -> Any:
+    """Loads ControlNet weights from local folders (safetensors), or passes models through.
+
+    Args:
+        source: a diffusers ``ControlNetModel`` folder, a loaded model, or a list of either (which
+            gives a ``MultiControlNetModel``).
+
+    Returns:
+        A ``ControlNetModel`` or a ``MultiControlNetModel``.
+
+    Raises:
+        InputError: when a folder does not exist or holds no ControlNet config.
+    """
+    from diffusers import ControlNetModel
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+    if isinstance(source, (list, tuple)):
+        nets = [load_controlnet(s) for s in source]
+        return nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
+    if not isinstance(source, (str, os.PathLike)):
+        return source
+    path = Path(source)
+    if not (path / "config.json").is_file():
+        raise InputError(
+            f"controlnet {str(source)!r} is not a local ControlNet folder (no config.json); fd_trt never downloads. "
+            "Pass the folder of a diffusers ControlNetModel (config.json + diffusion_pytorch_model.safetensors)"
+        )
+    return ControlNetModel.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
 
 
 def sd15_arch_pipeline(seed: int = 0) -> Any:

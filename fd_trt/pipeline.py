@@ -26,8 +26,18 @@ import torch
 
 from .backends import BACKENDS, default_backend, get_runner_class
 from .backends.base import Runner, same_device
-from .errors import EngineMismatchError, InputError, NotPreparedError
-from .models import load_diffusers_pipeline, make_scheduler
+from .errors import EngineMismatchError, InputError, NotPreparedError, UnsupportedModelError
+from .conditioning import (
+    InpaintBlend,
+    KeyStepControlNet,
+    controlnet_nets,
+    encode_images,
+    img2img_steps,
+    repeat_to_batch,
+    unet_input_kind,
+    with_key_steps,
+)
+from .models import load_controlnet, load_diffusers_pipeline, make_scheduler
 from .sampler import SamplerStats, run_sampler
 from .schedule import KeySchedule, NoiseInjection, ScheduleSpec, parse_schedule
 from .split import split_unet
@@ -46,10 +56,13 @@ class PipelineStats:
         key_steps: the steps at which the encoder ran.
         encoder_calls, encoder_rows, decoder_calls, decoder_rows: work done by the runner.
         unet_gflops: UNet GFLOPs for the run (2 x multiply-adds), counted with
-            ``torch.utils.flop_counter`` on the split modules.
-        seconds: wall seconds per stage: ``text_encoder``, ``encoder``, ``decoder``,
-            ``scheduler``, ``vae``, ``total``.
+            ``torch.utils.flop_counter`` on the split modules (the ControlNet not included).
+        seconds: wall seconds per stage: ``text_encoder``, ``encoder``, ``controlnet``,
+            ``decoder``, ``scheduler``, ``vae``, ``total``.
         backend: the runner's backend name.
+        nonfinite: the final latents hold NaN or Inf.
+        controlnet_calls: ControlNet forward passes, one per ControlNet per key step inside its
+            guidance window.
     """
 
     num_steps: int
@@ -62,6 +75,7 @@ class PipelineStats:
     seconds: dict[str, float]
     backend: str
     nonfinite: bool = False
+    controlnet_calls: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -156,6 +170,18 @@ class _FlopCounter:
         return self.cache[key]
 
 
+@dataclass
+class _ImageRun:
+    """What an img2img, inpainting or ControlNet call adds to the sampler's arguments."""
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor | None = None
+    initial_noise: torch.Tensor | None = None
+    extra_channels: torch.Tensor | None = None
+    blend: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    control: KeyStepControlNet | None = None
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -193,6 +219,9 @@ class FasterDiffusionPipeline:
             raises :class:`~fd_trt.errors.NotPreparedError`.
         owns_pipeline: whether ``sd_pipeline`` belongs to this object, which may then move it to
             ``device``. A wrapped pipeline (:meth:`from_diffusers`) is never moved or cast.
+        controlnet: a ``ControlNetModel``, a ``MultiControlNetModel`` or a list of them, run at key
+            steps only; by default the wrapped pipeline's own ``controlnet``, if it has one. It
+            runs in PyTorch on ``device`` whatever the backend of the UNet.
     """
 
     def __init__(
@@ -208,8 +237,11 @@ class FasterDiffusionPipeline:
         max_cached_runners: int = 4,
         build_on_demand: bool = True,
         owns_pipeline: bool = False,
+        controlnet: Any = None,
     ) -> None:
         self.sd = sd_pipeline
+        #: ``"text2img"`` or ``"inpaint"`` (a UNet with mask and masked-image input channels).
+        self.unet_kind = unet_input_kind(sd_pipeline.unet.config)
         self.source = source
         if isinstance(max_cached_runners, bool) or not isinstance(max_cached_runners, int) or max_cached_runners < 1:
             raise InputError(f"max_cached_runners must be a positive integer, got {max_cached_runners!r}")
@@ -232,6 +264,19 @@ class FasterDiffusionPipeline:
                 )
         self._check_model()
         split_unet(self.sd.unet)  # fail early on an unsupported UNet
+        #: The ControlNet(s) run at key steps, or ``None``.
+        self.controlnet: Any = load_controlnet(controlnet) if controlnet is not None else getattr(sd_pipeline, "controlnet", None)
+        if self.controlnet is not None:
+            if self.unet_kind != "text2img":
+                raise UnsupportedModelError(
+                    "ControlNet with an inpainting UNet is not supported yet: use a text-to-image UNet with the ControlNet"
+                )
+            for net in controlnet_nets(self.controlnet):
+                here_cn = next(net.parameters()).device
+                if owns_pipeline:
+                    net.to(self.device)
+                elif not same_device(here_cn, self.device):
+                    raise InputError(f"the ControlNet is on {here_cn} but the pipeline runs on {self.device}: move it first")
         self._runners: OrderedDict[tuple[int, ...], Runner] = OrderedDict()
         self._in_use: dict[int, int] = {}
         self._retired: dict[int, Runner] = {}
@@ -577,7 +622,8 @@ class FasterDiffusionPipeline:
                 graphs are built on first use into ``$FD_TRT_CACHE`` (``~/.cache/fd_trt/engines``),
                 keyed by the UNet weights' hash and the shapes, and reused afterwards.
             runner_options: extra keyword arguments for the runner (e.g. ``intra_op_threads``).
-            **kwargs: ``max_cached_runners``, ``build_on_demand`` (see the class).
+            **kwargs: ``max_cached_runners``, ``build_on_demand``, ``controlnet`` (see the class;
+                here ``controlnet`` may also be a local ControlNet folder or a list of folders).
         """
         sd, source = load_diffusers_pipeline(model)
         pipe = cls._class_for(sd)(sd, backend=backend, device=device, precision=precision, progress=progress, source=source,
@@ -604,6 +650,9 @@ class FasterDiffusionPipeline:
         """Wraps an existing diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``
         (the latter as a :class:`~fd_trt.pipeline_sdxl.FasterDiffusionXLPipeline`), sharing its
         components.
+
+        The img2img, inpainting and ControlNet pipelines of Stable Diffusion wrap the same way; a
+        ``StableDiffusionControlNetPipeline``'s ControlNet is taken along and run at key steps.
 
         The wrapped pipeline is neither moved nor cast: ``device`` defaults to where it is, and a
         runner that needs another dtype or device works on its own copy of the UNet. Weight changes
@@ -691,14 +740,198 @@ class FasterDiffusionPipeline:
             raise InputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         return prompts
 
+    # image inputs ---------------------------------------------------------------------------
+    def image_mode(self, image: Any, mask_image: Any, strength: Any) -> str:
+        """What a call does with its images: ``text2img``, ``img2img``, ``inpaint`` or ``controlnet``.
+
+        Raises:
+            InputError: for image arguments that do not fit the model (a mask without an image, a
+                ControlNet without a conditioning image, an inpainting UNet without a mask).
+        """
+        if mask_image is not None and image is None:
+            raise InputError("mask_image needs image=: the image to inpaint")
+        if self.controlnet is not None:
+            if image is None:
+                raise InputError("this pipeline has a ControlNet: pass its conditioning image as image=")
+            if mask_image is not None or strength is not None:
+                raise InputError(
+                    "with a ControlNet, image= is the conditioning image; ControlNet img2img and inpainting "
+                    "(mask_image=, strength=) are not supported yet"
+                )
+            return "controlnet"
+        if self.unet_kind == "inpaint":
+            if image is None or mask_image is None:
+                raise InputError("this is an inpainting UNet (9 input channels): pass image= and mask_image=")
+            return "inpaint"
+        if mask_image is not None:
+            return "inpaint"
+        if image is not None:
+            return "img2img"
+        if strength is not None:
+            raise InputError("strength= needs image=: the image to start from")
+        return "text2img"
+
+    @staticmethod
+    def resolve_strength(mode: str, strength: Any) -> float:
+        """``strength`` checked, or diffusers' default: 0.8 for img2img, 1.0 for inpainting.
+
+        Raises:
+            InputError: for a value outside [0, 1].
+        """
+        if strength is None:
+            return 1.0 if mode == "inpaint" else 0.8
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+            raise InputError(f"strength must be a number in [0, 1], got {strength!r}")
+        return float(strength)
+
+    def _image_size(self, mode: str, image: Any) -> tuple[int, int]:
+        """The image size of a call without height/width: the input image's size (rounded down to
+        the VAE factor) for img2img and ControlNet, as diffusers does; the model's otherwise."""
+        f = self.vae_scale_factor
+        size = int(self.sd.unet.config.sample_size) * f
+        if mode in ("img2img", "controlnet"):
+            first = image[0] if isinstance(image, (list, tuple)) else image
+            if isinstance(first, (list, tuple)):  # one list per ControlNet
+                first = first[0]
+            h, w = self._processor("image").get_default_height_width(first)
+            return int(h), int(w)
+        return size, size
+
+    def _processor(self, kind: str) -> Any:
+        """diffusers' image processors: ``image`` (VAE input), ``mask`` and ``control``."""
+        from diffusers.image_processor import VaeImageProcessor
+
+        f = self.vae_scale_factor
+        if kind == "image":
+            return getattr(self.sd, "image_processor", None) or VaeImageProcessor(vae_scale_factor=f)
+        if kind == "mask":
+            return VaeImageProcessor(vae_scale_factor=f, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+        return VaeImageProcessor(vae_scale_factor=f, do_convert_rgb=True, do_normalize=False)
+
+    def prepare_image_run(
+        self,
+        mode: str,
+        scheduler: Any,
+        num_inference_steps: int,
+        latent_shape: tuple[int, int, int, int],
+        height: int,
+        width: int,
+        *,
+        image: Any,
+        mask_image: Any,
+        strength: float | None,
+        latents: torch.Tensor | None,
+        generator: Any,
+        cfg: bool,
+        num_images_per_prompt: int,
+        controlnet_conditioning_scale: float | Sequence[float],
+        control_guidance_start: float | Sequence[float],
+        control_guidance_end: float | Sequence[float],
+        guess_mode: bool,
+    ) -> _ImageRun:
+        """The sampler's inputs for img2img, inpainting and ControlNet calls.
+
+        The random draws come in diffusers' order (image latents, noise, masked-image latents), so
+        that the same generator gives the same run as diffusers' own pipelines.
+
+        Args:
+            mode: :meth:`image_mode`.
+            scheduler: the call's scheduler, after ``set_timesteps``.
+            num_inference_steps: the call's step count (img2img runs the last ``strength`` of them).
+            latent_shape: ``[B,C,h,w]`` of the latents.
+            height, width: the image size in pixels.
+            image, mask_image, strength, latents, generator, num_images_per_prompt,
+            controlnet_conditioning_scale, control_guidance_start, control_guidance_end, guess_mode:
+                the call's, as in diffusers. ``latents`` given to img2img are its noise.
+            cfg: classifier-free guidance is on.
+
+        Returns:
+            The initial latents and, as the mode needs, the timesteps run, the unit noise, the
+            extra encoder channels, the blend after each step and the ControlNet hook.
+        """
+        from diffusers.utils.torch_utils import randn_tensor
+
+        dev, batch = self.device, latent_shape[0]
+        sigma = float(scheduler.init_noise_sigma)
+
+        def noise_like(shape: tuple[int, ...]) -> torch.Tensor:
+            if latents is not None:
+                if tuple(latents.shape) != tuple(shape):
+                    raise InputError(f"latents have shape {tuple(latents.shape)}, expected {tuple(shape)}")
+                return latents.to(dev, torch.float32)
+            return randn_tensor(shape, generator=generator, device=dev, dtype=torch.float32)
+
+        if mode == "controlnet":
+            nets = controlnet_nets(self.controlnet)
+            per_net = (isinstance(image, (list, tuple)) and len(nets) > 1 and len(image) == len(nets))
+            images = list(image) if per_net else [image] * len(nets)
+            guess = bool(guess_mode) or any(bool(getattr(n.config, "global_pool_conditions", False)) for n in nets)
+            proc = self._processor("control")
+            prepared = [
+                KeyStepControlNet.prepare_image(proc, img, height, width, batch, num_images_per_prompt,
+                                                next(net.parameters()).dtype, dev, cfg, guess)
+                for img, net in zip(images, nets)
+            ]
+            control = KeyStepControlNet.build(self.controlnet, prepared, len(scheduler.timesteps),
+                                              controlnet_conditioning_scale, control_guidance_start,
+                                              control_guidance_end, guess_mode=guess, cfg=cfg)
+            return _ImageRun(latents=noise_like(latent_shape) * sigma, control=control)
+
+        strength = self.resolve_strength(mode, strength)
+        timesteps, _ = img2img_steps(scheduler, num_inference_steps, strength)
+        t_first = timesteps[:1].repeat(batch)
+        vae = self.sd.vae
+        init = self._processor("image").preprocess(image, height=height, width=width).to(dev, torch.float32)
+        if init.shape[-2:] != (height, width):
+            raise InputError(f"image preprocessed to {tuple(init.shape[-2:])}, expected {(height, width)}")
+
+        if mode == "img2img":
+            if isinstance(generator, list):
+                init = repeat_to_batch(init, batch, "images")
+            z0 = repeat_to_batch(encode_images(vae, init, generator), batch, "images")
+            noise = noise_like(tuple(z0.shape))
+            return _ImageRun(latents=scheduler.add_noise(z0, noise, t_first), timesteps=timesteps, initial_noise=noise)
+
+        # Inpainting: the 9-channel UNet sees the mask and the masked image's latents; a 4-channel
+        # UNet gets diffusers' blend, which keeps the unmasked image noised to each step's level.
+        blend_mode = self.unet_kind != "inpaint"
+        full = float(strength) == 1.0
+        z0 = None
+        if blend_mode or (latents is None and not full):
+            z0 = encode_images(vae, init, generator)
+            z0 = repeat_to_batch(z0, batch, "images")
+        if latents is None:
+            noise = noise_like(latent_shape)
+            x = noise * sigma if full else scheduler.add_noise(z0, noise, t_first)
+        else:  # as diffusers: given latents are the noise, and the run starts from them
+            noise = latents.to(dev, torch.float32)
+            x = noise * sigma
+        mask_cond = self._processor("mask").preprocess(mask_image, height=height, width=width).to(dev, torch.float32)
+        masked = init * (mask_cond < 0.5)
+        mask = torch.nn.functional.interpolate(mask_cond, size=tuple(latent_shape[2:]))
+        masked_latents = encode_images(vae, masked, generator)
+        mask = repeat_to_batch(mask, batch, "masks")
+        masked_latents = repeat_to_batch(masked_latents, batch, "images")
+        run = _ImageRun(latents=x, timesteps=timesteps, initial_noise=noise)
+        if blend_mode:
+            run.blend = InpaintBlend(scheduler, z0, noise, mask, timesteps)
+        else:
+            extra = torch.cat([mask, masked_latents], dim=1)
+            run.extra_channels = torch.cat([extra, extra]) if cfg else extra
+        return run
+
     # stages -----------------------------------------------------------------------------------
     # A call runs these in order (see _generate). SD and SDXL share all of them but encode_prompt
     # and check_inputs, which SDXL extends with its second prompt and micro-conditioning.
-    def default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
-        """The image size of a call: the given one, else the UNet's default sample size."""
-        f = self.vae_scale_factor
-        default = int(self.sd.unet.config.sample_size) * f
-        return (height if height is not None else default, width if width is not None else default)
+    def default_size(
+        self, height: int | None, width: int | None, mode: str = "text2img", image: Any = None
+    ) -> tuple[int, int]:
+        """The image size of a call: the given one, else the input image's for img2img and
+        ControlNet (as diffusers), else the UNet's default sample size."""
+        if height is not None and width is not None:
+            return height, width
+        dh, dw = self._image_size(mode, image)
+        return (height if height is not None else dh, width if width is not None else dw)
 
     def encode_prompt(
         self,
@@ -756,7 +989,7 @@ class FasterDiffusionPipeline:
             InputError: when given latents do not have the shape of ``batch`` images of the size.
         """
         f = self.vae_scale_factor
-        shape = (batch, int(self.sd.unet.config.in_channels), height // f, width // f)
+        shape = (batch, int(self.sd.unet.config.out_channels), height // f, width // f)
         if latents is None:
             from diffusers.utils.torch_utils import randn_tensor
 
@@ -784,8 +1017,12 @@ class FasterDiffusionPipeline:
         callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None,
         stats: SamplerStats,
         guidance_rescale: float = 0.0,
+        image_run: _ImageRun | None = None,
     ) -> tuple[torch.Tensor, Runner]:
         """Stage 3: the Faster Diffusion sampler on the runner for this latent and text shape.
+
+        ``image_run`` (img2img, inpainting, ControlNet) gives the steps run, the unit noise, the
+        extra encoder channels and the key-step ControlNet hook.
 
         Returns:
             ``(final latents, the runner that ran)``.
@@ -808,6 +1045,10 @@ class FasterDiffusionPipeline:
                 stats=stats,
                 progress=self.progress,
                 added=cond.added,
+                timesteps=image_run.timesteps if image_run is not None else None,
+                initial_noise=image_run.initial_noise if image_run is not None else None,
+                extra_channels=image_run.extra_channels if image_run is not None else None,
+                control=image_run.control if image_run is not None else None,
             )
         return x0, runner
 
@@ -843,6 +1084,13 @@ class FasterDiffusionPipeline:
         callback_on_step_end: Callable[[Any, int, Any, dict[str, Any]], dict[str, Any] | None] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         guidance_rescale: float = 0.0,
+        image: Any = None,
+        mask_image: Any = None,
+        strength: float | None = None,
+        controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+        control_guidance_start: float | Sequence[float] = 0.0,
+        control_guidance_end: float | Sequence[float] = 1.0,
+        guess_mode: bool = False,
     ) -> FasterDiffusionOutput:
         """Generates images.
 
@@ -864,6 +1112,22 @@ class FasterDiffusionPipeline:
                 every scheduler step, including the steps inside a batched segment. A ``"latents"``
                 entry in the returned dict replaces the latents.
             callback_on_step_end_tensor_inputs: keys passed in ``callback_kwargs``; only ``"latents"``.
+            image: img2img's input image; with ``mask_image``, the image to inpaint; with a
+                ControlNet, its conditioning image (one per ControlNet, or one for all). A PIL image,
+                array, tensor or list, as in diffusers. Without height/width, img2img and
+                ControlNet calls take the image's size.
+            mask_image: inpainting mask, white where the image is repainted. A 9-channel
+                inpainting UNet gets the mask and the masked image's latents as input channels; a
+                text-to-image UNet gets diffusers' latent blend after every step.
+            strength: img2img / inpainting: the run covers the last ``int(strength x
+                num_inference_steps)`` steps, starting from the image noised to the first of them
+                (default 0.8 for img2img, 1.0 for inpainting). The schedule's key steps index the
+                steps run: ``paper`` with 50 steps and strength 0.6 runs 30 steps, key steps
+                {0,1,2,3,5,10,15,25}.
+            controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
+            guess_mode: as in diffusers' ``StableDiffusionControlNetPipeline``. The ControlNet runs
+                at key steps only; a guidance window's edge becomes a key step, so that no segment
+                mixes steps inside and outside it.
 
         Returns:
             :class:`FasterDiffusionOutput` with ``images`` and ``stats``.
@@ -873,6 +1137,12 @@ class FasterDiffusionPipeline:
             generator, latents, output_type, schedule, noise_injection, parallel, max_decoder_rows,
             callback_on_step_end, callback_on_step_end_tensor_inputs, prompt_options={},
             guidance_rescale=guidance_rescale,
+            image_options=dict(
+                image=image, mask_image=mask_image, strength=strength,
+                controlnet_conditioning_scale=controlnet_conditioning_scale,
+                control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
+                guess_mode=guess_mode,
+            ),
         )
 
     def _generate(
@@ -896,13 +1166,18 @@ class FasterDiffusionPipeline:
         callback_on_step_end_tensor_inputs: Sequence[str],
         prompt_options: dict[str, Any],
         guidance_rescale: float = 0.0,
+        image_options: dict[str, Any] | None = None,
     ) -> FasterDiffusionOutput:
         """The stages of a call, in order. ``prompt_options`` are the model family's own prompt
         arguments (SDXL's second prompts and micro-conditioning), passed to ``check_inputs`` and
-        ``encode_prompt``."""
+        ``encode_prompt``; ``image_options`` the image arguments of ``__call__`` (``image``,
+        ``mask_image``, ``strength`` and the ControlNet's)."""
         t_start = time.perf_counter()
         # 0. Check the inputs.
-        height, width = self.default_size(height, width)
+        opts = dict(image_options or {})
+        image, mask_image, strength = opts.get("image"), opts.get("mask_image"), opts.get("strength")
+        mode = self.image_mode(image, mask_image, strength)
+        height, width = self.default_size(height, width, mode, image)
         prompts = self.check_inputs(
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
             output_type, **prompt_options,
@@ -920,9 +1195,15 @@ class FasterDiffusionPipeline:
         cfg = guidance_scale > 1.0
         scheduler = self.prepare_timesteps(num_inference_steps)
         num_steps = len(scheduler.timesteps)
+        if mode in ("img2img", "inpaint"):
+            strength = self.resolve_strength(mode, strength)
+            num_steps = len(img2img_steps(scheduler, num_inference_steps, strength)[0])
         self._check_weights()  # before the calibration check, which compares the weights hash
-        key_schedule, noise = self.prepare_schedule(schedule, noise_injection, num_inference_steps, num_steps)
-        seconds = {"text_encoder": 0.0, "encoder": 0.0, "decoder": 0.0, "scheduler": 0.0, "vae": 0.0, "total": 0.0}
+        # An img2img run has fewer steps than asked; a calibration must be for the steps run.
+        cal_steps = num_inference_steps if num_steps == len(scheduler.timesteps) else num_steps
+        key_schedule, noise = self.prepare_schedule(schedule, noise_injection, cal_steps, num_steps)
+        seconds = {"text_encoder": 0.0, "encoder": 0.0, "controlnet": 0.0, "decoder": 0.0, "scheduler": 0.0, "vae": 0.0,
+                   "total": 0.0}
 
         # 1. Encode the prompts.
         t0 = time.perf_counter()
@@ -931,8 +1212,26 @@ class FasterDiffusionPipeline:
             torch.cuda.synchronize(self.device)  # the text encoder's kernels are queued, not done
         seconds["text_encoder"] = time.perf_counter() - t0
 
-        # 2. Prepare the latents x_T and the scheduler's step arguments.
-        latents = self.prepare_latents(batch, height, width, generator, latents, scheduler)
+        # 2. Prepare the latents x_T (img2img: the noised image latents) and the scheduler's step arguments.
+        image_run: _ImageRun | None = None
+        if mode == "text2img":
+            latents = self.prepare_latents(batch, height, width, generator, latents, scheduler)
+        else:
+            f = self.vae_scale_factor
+            latent_shape = (batch, int(self.sd.unet.config.out_channels), height // f, width // f)
+            image_run = self.prepare_image_run(
+                mode, scheduler, num_inference_steps, latent_shape, height, width, image=image, mask_image=mask_image,
+                strength=strength, latents=latents, generator=generator, cfg=cfg,
+                num_images_per_prompt=num_images_per_prompt,
+                controlnet_conditioning_scale=opts.get("controlnet_conditioning_scale", 1.0),
+                control_guidance_start=opts.get("control_guidance_start", 0.0),
+                control_guidance_end=opts.get("control_guidance_end", 1.0),
+                guess_mode=bool(opts.get("guess_mode", False)),
+            )
+            latents = image_run.latents
+            if image_run.control is not None and image_run.control.window_edges():
+                keys = with_key_steps(key_schedule.key_steps, image_run.control.window_edges())
+                key_schedule = KeySchedule(tuple(keys), num_steps)
         extra: dict[str, Any] = {}
         step_params = set(inspect.signature(scheduler.step).parameters)
         if "eta" in step_params:
@@ -942,17 +1241,23 @@ class FasterDiffusionPipeline:
 
         # 3. Denoise with encoder propagation.
         cb = None
-        if callback_on_step_end is not None:
+        blend = image_run.blend if image_run is not None else None
+        if callback_on_step_end is not None or blend is not None:
 
             def cb(i: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+                if blend is not None:  # diffusers blends before the user's callback sees the latents
+                    x = blend(i, t, x)
+                if callback_on_step_end is None:
+                    return x
                 out = callback_on_step_end(self, i, t, {"latents": x})
-                return out.get("latents") if isinstance(out, dict) else None
+                return out.get("latents", x) if isinstance(out, dict) else x
 
         sstats = SamplerStats()
         x0, runner = self.denoise(
             scheduler, latents, cond, key_schedule, guidance_scale=float(guidance_scale), noise=noise,
             parallel=parallel, max_decoder_rows=max_decoder_rows, extra_step_kwargs=extra, callback=cb, stats=sstats,
             guidance_rescale=float(guidance_rescale),
+            image_run=image_run,
         )
         seconds.update(sstats.seconds)
         nonfinite = not bool(torch.isfinite(x0).all())
@@ -969,8 +1274,10 @@ class FasterDiffusionPipeline:
         images = self.decode_latents(x0, output_type)
         seconds["vae"] = time.perf_counter() - t0
         seconds["total"] = time.perf_counter() - t_start
-        return FasterDiffusionOutput(images=images, stats=self._stats(x0, cond, key_schedule, sstats, seconds, runner, nonfinite),
-                                     latents=x0)
+        stats = self._stats(x0, cond, key_schedule, sstats, seconds, runner, nonfinite)
+        if image_run is not None and image_run.control is not None:
+            stats.controlnet_calls = image_run.control.calls
+        return FasterDiffusionOutput(images=images, stats=stats, latents=x0)
 
     def _stats(
         self,
@@ -983,9 +1290,9 @@ class FasterDiffusionPipeline:
         nonfinite: bool,
     ) -> PipelineStats:
         widths = {k: int(v.shape[1]) for k, v in cond.added.items()} if cond.added else None
+        unet_in = (int(self.sd.unet.config.in_channels), *x0.shape[2:])  # 9 channels for an inpainting UNet
         enc_f, dec_f = self._flops.per_row(
-            self.sd.unet, (int(x0.shape[1]), int(x0.shape[2]), int(x0.shape[3])),
-            (int(cond.text.shape[1]), int(cond.text.shape[2])), widths
+            self.sd.unet, unet_in, (int(cond.text.shape[1]), int(cond.text.shape[2])), widths
         )
         return PipelineStats(
             num_steps=key_schedule.num_steps,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -17,10 +17,17 @@ from tqdm.auto import tqdm
 from .backends.base import Runner
 from .errors import InputError
 from .schedule import KeySchedule, NoiseInjection
-from .split import Added
+from .split import Added, Features
 
 #: ``callback(step_index, timestep, latents) -> latents or None``; called after every scheduler step.
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+#: ``control(step_index, model_input, timestep, text) -> (down residuals, mid residual) or None``;
+#: called at every key step with the scaled latents (``[rows,C,h,w]``, before any extra channels).
+#: The residuals are added to the encoder's skips and mid before they are propagated (ControlNet).
+KeyStepControl = Callable[
+    [int, torch.Tensor, torch.Tensor, torch.Tensor], "tuple[Sequence[torch.Tensor], torch.Tensor] | None"
+]
 
 
 @dataclass
@@ -39,7 +46,9 @@ class SamplerStats:
     encoder_rows: int = 0
     decoder_calls: int = 0
     decoder_rows: int = 0
-    seconds: dict[str, float] = field(default_factory=lambda: {"encoder": 0.0, "decoder": 0.0, "scheduler": 0.0})
+    seconds: dict[str, float] = field(
+        default_factory=lambda: {"encoder": 0.0, "controlnet": 0.0, "decoder": 0.0, "scheduler": 0.0}
+    )
 
 
 def steps_per_call(segment_len: int, rows_per_step: int, parallel: bool, max_decoder_rows: int | None) -> int:
@@ -76,6 +85,27 @@ def model_input_scale(scheduler: Any, timestep: torch.Tensor) -> float:
     return float(scheduler.scale_model_input(probe, timestep).reshape(-1)[0])
 
 
+def add_residuals(features: Features, down: Sequence[torch.Tensor], mid: torch.Tensor) -> Features:
+    """The key step's features plus ControlNet residuals, as diffusers' UNet adds them: one
+    residual per skip (``conv_in`` output first) and one for the mid-block output.
+
+    Args:
+        features: the encoder's output.
+        down: one residual per skip, same shapes.
+        mid: the mid-block residual.
+
+    Raises:
+        InputError: when the residuals do not match the features.
+    """
+    if len(down) != len(features.skips):
+        raise InputError(
+            f"the ControlNet gives {len(down)} down residuals but the UNet has {len(features.skips)} skips: "
+            "use a ControlNet made for this UNet (ControlNetModel.from_unet)"
+        )
+    skips = tuple(s + r.to(s.device, s.dtype) for s, r in zip(features.skips, down))
+    return Features(features.mid + mid.to(features.mid.device, features.mid.dtype), skips)
+
+
 def run_sampler(
     runner: Runner,
     scheduler: Any,
@@ -95,6 +125,9 @@ def run_sampler(
     start_step: int = 0,
     initial_noise: torch.Tensor | None = None,
     added: Added = None,
+    timesteps: torch.Tensor | None = None,
+    extra_channels: torch.Tensor | None = None,
+    control: KeyStepControl | None = None,
 ) -> torch.Tensor:
     """Denoises ``latents`` with encoder propagation.
 
@@ -118,14 +151,22 @@ def run_sampler(
         progress: show a progress bar.
         start_step: resume at this key step: ``latents`` and ``scheduler`` are then the state
             before that step of an earlier run (calibration reuses shared prefixes this way).
-        initial_noise: the unit initial noise for noise injection, when ``latents`` is not x_T.
+        initial_noise: the unit initial noise for noise injection, when ``latents`` is not x_T
+            (img2img's noised image latents, for example).
         added: SDXL's added conditioning with the rows of ``text`` (``text_embeds``, ``time_ids``);
             ``None`` for SD 1.x/2.x.
+        timesteps: the steps to run, a tail of ``scheduler.timesteps`` (img2img runs the last
+            ``strength`` of them); ``schedule`` then indexes these, 0 being the first step run.
+            All of ``scheduler.timesteps`` by default.
+        extra_channels: ``[rows,E,h,w]`` concatenated after the scaled latents along the channels
+            at every encoder call (an inpainting UNet's mask and masked-image latents).
+        control: called at every key step; the residuals it returns are added to the features
+            (see :data:`KeyStepControl`). Its time is counted in ``seconds["controlnet"]``.
 
     Returns:
         The final latents, float32.
     """
-    timesteps = scheduler.timesteps
+    timesteps = scheduler.timesteps if timesteps is None else timesteps
     if schedule.num_steps != len(timesteps):
         raise InputError(
             f"schedule is for {schedule.num_steps} steps but the scheduler has {len(timesteps)} timesteps"
@@ -170,12 +211,18 @@ def run_sampler(
             t0 = tick()
             x_in = torch.cat([x, x]) if cfg else x
             x_in = scheduler.scale_model_input(x_in, timesteps[seg.start])
+            unet_in = x_in if extra_channels is None else torch.cat([x_in, extra_channels.to(x_in)], dim=1)
             launched = runner.launches["encoder"]
-            feats = runner.encode(x_in, t_dev[seg.start].expand(rows), text, added)
+            feats = runner.encode(unet_in, t_dev[seg.start].expand(rows), text, added)
             t1 = tick()
             secs["encoder"] += t1 - t0
             stats.encoder_calls += runner.launches["encoder"] - launched
             stats.encoder_rows += rows
+            if control is not None:
+                residuals = control(seg.start, x_in, timesteps[seg.start], text)
+                if residuals is not None:
+                    feats = add_residuals(feats, *residuals)
+                secs["controlnet"] += tick() - t1
 
             chunk = steps_per_call(len(seg), rows, parallel, max_decoder_rows)
             for c0 in range(seg.start, seg.stop, chunk):
