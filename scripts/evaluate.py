@@ -66,7 +66,8 @@ EXTRA_MODES = {
 def modes_for(names: Sequence[str], sched: str) -> list[tuple[str, str, bool | None]]:
     """``(mode, schedule, noise_injection)`` for the ``--modes`` names; ``all`` always comes first.
 
-    Besides the named modes, a name may be an explicit ``uniform:N``, or the path of a calibration
+    Besides the named modes, a name may be an explicit ``uniform:N``, ``keys:0;2;5;9`` (a list of
+    key steps), or the path of a calibration
     JSON (``fd-trt calibrate --out``): the mode is then called ``cal:<file stem>`` and runs only for
     the scheduler it was calibrated for.
     """
@@ -82,6 +83,9 @@ def modes_for(names: Sequence[str], sched: str) -> list[tuple[str, str, bool | N
             out.append((schedule if name == "uniform" else name, schedule, inj))
         elif name.startswith("uniform:"):
             out.append((name, name, None))
+        elif name.startswith("keys:"):  # keys:0;2;5;9, a list of key steps
+            keys = [int(k) for k in name[len("keys:"):].split(";")]
+            out.append((f"keys:{len(keys)}:{'-'.join(map(str, keys))}", keys, None))
         elif name.endswith(".json"):
             from fd_trt.calibrate import Calibration
 
@@ -563,7 +567,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checker-cache", default=str(DEFAULT_CACHE), help="folder for the checker weights ('' to retrain)")
     p.add_argument("--schedulers", default="ddim,dpmpp", help="comma-separated subset of ddim,dpmpp")
     p.add_argument("--modes", default="all,paper,paper_no_injection",
-                   help="comma-separated: all, paper, paper_no_injection, uniform (same K as paper), calibrated")
+                   help="comma-separated: all, paper, paper_no_injection, uniform (same K as paper), calibrated, "
+                        "uniform:N, keys:0;2;5;9, or a calibration .json")
     p.add_argument("--no-timing", action="store_true", help="skip the seconds-per-image measurement")
     p.add_argument("--timing-repeats", type=int, default=3, help="timed rounds per mode (after one warm-up round)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
