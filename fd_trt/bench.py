@@ -238,6 +238,8 @@ def build_systems(cfg: BenchConfig, sd: Any, latents: torch.Tensor) -> list[_Sys
             except Exception as e:  # a backend that cannot start still gets a row that says why
                 systems.append(_System("fd_trt", backend, ",".join(cfg.schedules), precision, _fail(e), note=f"unavailable: {e}"))
                 continue
+            # schedule="calibrated" finds the calibrations saved in the model folder, as with from_pretrained.
+            fd.model_dir = _model_folder(cfg.model)
             for schedule in cfg.schedules:
 
                 def run(fd: Any = fd, schedule: str = schedule) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -255,6 +257,17 @@ def build_systems(cfg: BenchConfig, sd: Any, latents: torch.Tensor) -> list[_Sys
     if cfg.deepcache:
         systems.append(_deepcache_system(cfg, sd, latents, common, diffusers_run))
     return systems
+
+
+def _model_folder(model: str) -> Path | None:
+    """The folder of a benchmark model that may hold saved calibrations (``None`` for the random ones)."""
+    from .models import default_model_dir
+
+    if model == "default":
+        return default_model_dir()
+    if model in MODELS:
+        return None
+    return Path(model)
 
 
 def _clone_pipeline(sd: Any) -> Any:

@@ -69,6 +69,8 @@ class Calibration:
         estimated_speedup: UNet-time speedup over ``all`` estimated from measured encoder and
             decoder costs, or ``None``.
         paper_error: the same error for ``paper`` with the same K budget cut, for comparison.
+        costs: the encoder and decoder call costs (seconds) measured on the backend that
+            ``estimated_speedup`` comes from (:func:`measure_costs`, :func:`estimate_speedup`).
     """
 
     key_steps: list[int]
@@ -86,6 +88,7 @@ class Calibration:
     evaluations: int = 0
     steps_run: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    costs: dict[str, float] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -559,7 +562,8 @@ def calibrate(
         steps: inference steps.
         key_steps: K, the encoder runs wanted.
         speedup: instead of K, a target UNet speedup over ``all``; the largest K whose estimated
-            speedup reaches it is used.
+            speedup reaches it is used (the estimate depends on K only, not on where the key
+            steps lie: every segment costs one encoder call and one decoder call).
         prompts: calibration prompts.
         seeds: one seed per prompt (0, 1, ... by default).
         guidance: CFG scale.
@@ -570,7 +574,7 @@ def calibrate(
         The :class:`Calibration`.
 
     Raises:
-        InputError: for a bad budget or method.
+        InputError: for a bad budget or method, or a speedup that even one key step misses.
     """
     t0 = time.perf_counter()
     say = progress or (lambda s: None)
@@ -585,7 +589,13 @@ def calibrate(
     t_steps = ev.reference_steps
     costs = measure_costs(ev)
     if speedup is not None:
-        k = max(k for k in range(1, t_steps + 1) if k == 1 or estimate_speedup(costs, _even(k, t_steps), t_steps) >= speedup)
+        reach = [k for k in range(1, t_steps + 1) if estimate_speedup(costs, _even(k, t_steps), t_steps) >= speedup]
+        if not reach:
+            raise InputError(
+                f"speedup {speedup}x is out of reach: the estimate from the measured costs is at most "
+                f"{estimate_speedup(costs, [0], t_steps):.2f}x (K = 1 key step) for {t_steps} steps; ask for less"
+            )
+        k = max(reach)
         say(f"speedup {speedup}x: K = {k} key steps (estimated from the measured encoder/decoder costs)")
     else:
         k = key_steps  # type: ignore[assignment]
@@ -627,6 +637,7 @@ def calibrate(
         evaluations=ev.evaluations,
         steps_run=ev.steps_run,
         history=history[-50:],
+        costs=dict(costs),
     )
 
 

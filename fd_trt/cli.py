@@ -533,6 +533,11 @@ def _calibrate(args: argparse.Namespace) -> int:
     print(f"key steps: {','.join(map(str, cal.key_steps))} (K={len(cal.key_steps)})")
     print(f"calibration error (rel. L2 vs all): {cal.error:.4f}; paper: {cal.paper_error:.4f}")
     print(f"estimated UNet speedup over all: {cal.estimated_speedup:.2f}x")
+    if cal.costs:
+        c = cal.costs
+        print(f"  from measured costs ({len(cal.prompts)} prompts, CFG rows): encoder {1e3 * c['encoder']:.2f} ms, "
+              f"decoder {1e3 * c['decoder_1']:.2f} ms per call + {1e3 * c['decoder_per_step_batched']:.2f} ms per "
+              "extra batched step")
     print(f"took {cal.seconds:.1f} s ({cal.evaluations} sampler runs, {cal.steps_run} steps)")
     if args.out:
         print(f"wrote {cal.save(args.out)}")

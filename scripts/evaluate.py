@@ -13,7 +13,7 @@ Independent of the model under test, it measures:
 - **the paper's Figure 3**: per step, MSE between adjacent steps of the encoder features (mid +
   skips of ``split_unet``'s encoder) and of the decoder features (output of the last up block),
   and their Frobenius norms;
-- seconds per image (DDIM-50, CFG 7.5, batch 1) for ``all`` and ``paper``.
+- seconds per image (CFG 7.5, batch 1) of every mode, timed side by side, and its speedup over ``all``.
 
 It runs DDIM-50 and DPM-Solver++-20, each with ``all``, ``paper`` and ``paper`` without noise
 injection, on ``--num-prompts`` prompts (half single-object, half two-object) with fixed seeds.
@@ -64,7 +64,13 @@ EXTRA_MODES = {
 
 
 def modes_for(names: Sequence[str], sched: str) -> list[tuple[str, str, bool | None]]:
-    """``(mode, schedule, noise_injection)`` for the ``--modes`` names; ``all`` always comes first."""
+    """``(mode, schedule, noise_injection)`` for the ``--modes`` names; ``all`` always comes first.
+
+    Besides the named modes, a name may be an explicit ``uniform:N``, ``keys:0;2;5;9`` (a list of
+    key steps), or the path of a calibration
+    JSON (``fd-trt calibrate --out``): the mode is then called ``cal:<file stem>`` and runs only for
+    the scheduler it was calibrated for.
+    """
     base = {m: (m, sch, inj) for m, sch, inj in MODES}
     out = [base["all"]]
     for name in names:
@@ -75,8 +81,20 @@ def modes_for(names: Sequence[str], sched: str) -> list[tuple[str, str, bool | N
         elif name in EXTRA_MODES:
             schedule, inj = EXTRA_MODES[name][sched]
             out.append((schedule if name == "uniform" else name, schedule, inj))
+        elif name.startswith("uniform:"):
+            out.append((name, name, None))
+        elif name.startswith("keys:"):  # keys:0;2;5;9, a list of key steps
+            keys = [int(k) for k in name[len("keys:"):].split(";")]
+            out.append((f"keys:{len(keys)}:{'-'.join(map(str, keys))}", keys, None))
+        elif name.endswith(".json"):
+            from fd_trt.calibrate import Calibration
+
+            if Calibration.load(name).scheduler == sched:
+                out.append((f"cal:{Path(name).stem}", name, None))
         else:
-            raise SystemExit(f"unknown mode {name!r}: choose from {', '.join([*base, *EXTRA_MODES])}")
+            raise SystemExit(
+                f"unknown mode {name!r}: choose from {', '.join([*base, *EXTRA_MODES])}, uniform:N or a calibration .json"
+            )
     return out
 
 
@@ -439,23 +457,40 @@ def save_samples(rows: dict[str, np.ndarray], real: np.ndarray, path: Path, n: i
     grid.save(path)
 
 
-def time_per_image(pipe: Any, schedule: str, repeats: int = 3) -> dict[str, float]:
-    """Median seconds for one 64x64 image, DDIM-50, CFG 7.5, batch 1 (after a warm-up run).
+def time_modes(pipe: Any, steps: int, modes: Sequence[tuple[str, str, bool | None]], repeats: int = 3,
+               prompt: str = "a red circle on the left and a blue square on the right") -> dict[str, dict[str, float]]:
+    """Median seconds for one 64x64 image (CFG 7.5, batch 1) per mode, measured side by side.
+
+    The modes run interleaved, one warm-up round then ``repeats`` timed rounds, on the pipeline's
+    current scheduler, so that their ratios are not skewed by load that changes over time.
 
     Returns:
-        ``{"wall": s, "cpu": s}``: wall seconds and process CPU seconds. On a shared CPU the CPU
-        seconds divided by the thread count estimate the wall time on an idle machine.
+        ``{mode: {"wall": s, "cpu": s, "speedup_vs_all": x}}``: median wall and process CPU
+        seconds, and the wall speedup over the ``all`` mode (the first one). On a shared CPU the
+        CPU seconds divided by the thread count estimate the wall time on an idle machine.
     """
-    pipe.set_scheduler("ddim")
-    wall, cpu = [], []
+    wall: dict[str, list[float]] = {m: [] for m, _, _ in modes}
+    cpu: dict[str, list[float]] = {m: [] for m, _, _ in modes}
     for r in range(repeats + 1):
-        t0, c0 = time.perf_counter(), time.process_time()
-        pipe("a red circle on the left and a blue square on the right", num_inference_steps=50, guidance_scale=7.5,
-             generator=torch.Generator().manual_seed(r), output_type="np", schedule=schedule)
-        if r:
-            wall.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-    return {"wall": float(np.median(wall)), "cpu": float(np.median(cpu))}
+        for mode, schedule, inj in modes:
+            t0, c0 = time.perf_counter(), time.process_time()
+            pipe(prompt, num_inference_steps=steps, guidance_scale=7.5, generator=torch.Generator().manual_seed(r),
+                 output_type="np", schedule=schedule, noise_injection=inj)
+            if r:
+                wall[mode].append(time.perf_counter() - t0)
+                cpu[mode].append(time.process_time() - c0)
+    out = {m: {"wall": float(np.median(wall[m])), "cpu": float(np.median(cpu[m]))} for m in wall}
+    ref = out[modes[0][0]]
+    for m in out:
+        out[m]["speedup_vs_all"] = ref["wall"] / out[m]["wall"]
+        out[m]["speedup_vs_all_cpu"] = ref["cpu"] / out[m]["cpu"]
+    return out
+
+
+def _cpu_name() -> str:
+    from fd_trt.bench import _cpu_name as name
+
+    return name()
 
 
 # report ----------------------------------------------------------------------------------------
@@ -473,8 +508,8 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
         f"two-object {_pct(res['checker_real']['two']['both_objects'])}% (both objects right). "
         f"Fréchet distance real vs real (floor): {res['fd_real_vs_real']:.2f}.",
         "",
-        "| scheduler | mode | single: colour | shape | both | two: colour | shape | both objects | FD | PSNR vs all (dB) | SSIM vs all | rel. L2 latents | s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| scheduler | mode | single: colour | shape | both | two: colour | shape | both objects | FD | PSNR vs all (dB) | SSIM vs all | rel. L2 latents | s | speedup vs all |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in res["runs"].items():
         sched, mode = name.split("/")
@@ -485,7 +520,8 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
             f"| {sched} | {mode} | {_pct(s.get('color'))} | {_pct(s.get('shape'))} | {_pct(s.get('both'))} | "
             f"{_pct(t.get('color'))} | {_pct(t.get('shape'))} | {_pct(t.get('both_objects'))} | {r['frechet']:.2f} | "
             + (f"{fid['psnr_mean']:.2f} | {fid['ssim_mean']:.4f} | {fid['rel_l2_latents_mean']:.4f}" if fid else "- | - | -")
-            + f" | {r['seconds']:.1f} |"
+            + f" | {r['seconds']:.1f} | "
+            + (f"{r['timing']['speedup_vs_all']:.2f}x |" if r.get("timing") else "- |")
         )
     if "vae_reconstruction" in res:
         a = res["vae_reconstruction"]
@@ -505,9 +541,14 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
     ]
     if res.get("timing"):
         tm = res["timing"]
-        lines += ["", f"Seconds per 64x64 image (DDIM-50, CFG 7.5, batch 1, torch, {tm['threads']} threads), wall / process CPU: "
-                  f"all {tm['all']['wall']:.3f} / {tm['all']['cpu']:.3f}, paper {tm['paper']['wall']:.3f} / {tm['paper']['cpu']:.3f} "
-                  f"(speedup {tm['all']['wall'] / tm['paper']['wall']:.2f}x wall, {tm['all']['cpu'] / tm['paper']['cpu']:.2f}x CPU)."]
+        lines += ["", f"Speedup: median wall seconds per 64x64 image (CFG 7.5, batch 1, torch, {tm['threads']} threads, "
+                  f"{tm['cpu']}), every mode of a scheduler timed side by side, interleaved, {tm['repeats']} rounds after "
+                  "one warm-up round; the ratio to `all` of the same scheduler.", ""]
+        for name, r in res["runs"].items():
+            if r.get("timing"):
+                t = r["timing"]
+                lines.append(f"- {name}: {t['wall']:.3f} s wall ({t['speedup_vs_all']:.2f}x), "
+                             f"{t['cpu']:.3f} s CPU ({t['speedup_vs_all_cpu']:.2f}x)")
     lines += ["", f"Command: `{res['command']}`", ""]
     path.write_text("\n".join(lines))
 
@@ -526,8 +567,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checker-cache", default=str(DEFAULT_CACHE), help="folder for the checker weights ('' to retrain)")
     p.add_argument("--schedulers", default="ddim,dpmpp", help="comma-separated subset of ddim,dpmpp")
     p.add_argument("--modes", default="all,paper,paper_no_injection",
-                   help="comma-separated: all, paper, paper_no_injection, uniform (same K as paper), calibrated")
+                   help="comma-separated: all, paper, paper_no_injection, uniform (same K as paper), calibrated, "
+                        "uniform:N, keys:0;2;5;9, or a calibration .json")
     p.add_argument("--no-timing", action="store_true", help="skip the seconds-per-image measurement")
+    p.add_argument("--timing-repeats", type=int, default=3, help="timed rounds per mode (after one warm-up round)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     return p.parse_args(argv)
 
@@ -586,7 +629,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         pipe.set_scheduler(sched)
         base_imgs, base_lat = None, None
-        for mode, schedule, inj in modes_for(args.modes.split(","), sched):
+        modes = modes_for(args.modes.split(","), sched)
+        for mode, schedule, inj in modes:
             imgs, lat, secs = generate(pipe, ps, steps, schedule, inj, args.batch, args.guidance)
             c, s, f = checker_read(checker, imgs, ps.num_objects)
             run: dict[str, Any] = {
@@ -617,6 +661,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"FD {run['frechet']:.2f}  {secs:.0f} s",
                 flush=True,
             )
+        if not args.no_timing:
+            tm = time_modes(pipe, steps, modes, repeats=args.timing_repeats)
+            for mode, _, _ in modes:
+                res["runs"][f"{sched}/{mode}"]["timing"] = tm[mode]
+                print(f"{sched:>6} {mode:<19} {tm[mode]['wall']:.3f} s/image  speedup vs all {tm[mode]['speedup_vs_all']:.2f}x", flush=True)
     pipe.set_scheduler("ddim")
     n3 = max(1, min(args.fig3_prompts, len(ps.prompts)))
     pick = np.linspace(0, len(ps.prompts) - 1, n3).round().astype(int)
@@ -628,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     plot_figure3(fig3, out_dir / "figure3.png")
     save_samples(sample_rows, real, out_dir / "samples.png")
     if not args.no_timing:
-        res["timing"] = {"threads": args.threads, "all": time_per_image(pipe, "all"), "paper": time_per_image(pipe, "paper")}
+        res["timing"] = {"threads": args.threads, "repeats": args.timing_repeats, "cpu": _cpu_name()}
     res["total_seconds"] = time.perf_counter() - t_start
     (out_dir / "evaluation.json").write_text(json.dumps(res, indent=1))
     write_markdown(res, out_dir / "evaluation.md")

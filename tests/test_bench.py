@@ -102,3 +102,13 @@ def test_json_markdown_and_plot_are_written(report, tmp_path):
     assert json.loads(j.read_text())["results"][0]["system"] == "diffusers"
     assert "| fd_trt | torch | paper |" in m.read_text()
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+def test_calibrated_schedule_finds_the_model_folders_calibrations():
+    """``--schedules calibrated`` uses the calibrations saved in the benchmarked model's folder."""
+    from fd_trt.bench import _model_folder
+    from fd_trt.models import default_model_dir
+
+    assert _model_folder("default") == default_model_dir()
+    assert _model_folder("tiny") is None and _model_folder("sd15-arch") is None
+    assert str(_model_folder("/some/model")) == "/some/model"

@@ -152,3 +152,55 @@ def test_speedup_estimate_is_the_cost_model_by_hand(pipe):
     assert estimate_speedup(costs, list(range(10)), 10) == pytest.approx(1.0)
     with pytest.raises(InputError, match="speedup must be a number above 1"):
         calibrate(pipe, scheduler="ddim", steps=8, speedup=0.5, prompts=PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(pipe, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_model")
+    pipe.sd.save_pretrained(folder, safe_serialization=True)  # the fixture's tiny model, as a model folder
+    return folder
+
+
+def _speedup_by_hand(costs, k, t):
+    # K segments: K encoder calls and K decoder calls; the T - K other steps ride in batched decoder calls.
+    return t * (costs["encoder"] + costs["decoder_1"]) / (
+        k * (costs["encoder"] + costs["decoder_1"]) + (t - k) * costs["decoder_per_step_batched"])
+
+
+def test_cli_speedup_picks_the_largest_k_that_reaches_it(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import fd_trt.calibrate as calmod
+
+    t = 6
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    common = ["--model", str(tiny_model_dir), "--backend", "torch", "--threads", "1", "--steps", str(t),
+              "--method", "dp", "--prompts", str(prompts), "--quiet"]
+
+    # 1. The costs measured on the backend (written to the JSON): the chosen K reaches the target,
+    # K + 1 does not.
+    out = tmp_path / "measured.json"
+    assert main(["calibrate", *common, "--speedup", "1.2", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    k, costs = len(data["key_steps"]), data["costs"]
+    assert data["key_steps"][0] == 0 and data["key_steps"] == sorted(set(data["key_steps"]))
+    assert data["estimated_speedup"] == pytest.approx(_speedup_by_hand(costs, k, t), rel=1e-9)
+    assert data["estimated_speedup"] >= 1.2
+    assert k == t or _speedup_by_hand(costs, k + 1, t) < 1.2
+    assert f"estimated UNet speedup over all: {data['estimated_speedup']:.2f}x" in capsys.readouterr().out
+
+    # 2. A hand-made cost model, so that the answer is known: encoder 1, decoder 1 per call, 0.25 per
+    # extra batched step. T = 6: 12 / (1.75 K + 1.5), so K = 1..5 give 3.69, 2.40, 1.78, 1.41, 1.17.
+    hand = {"encoder": 1.0, "decoder_1": 1.0, "decoder_per_step_batched": 0.25}
+    monkeypatch.setattr(calmod, "measure_costs", lambda ev, repeats=3: dict(hand))
+    for target, want in ((1.7, 3), (1.4, 4)):
+        out = tmp_path / f"hand-{target}.json"
+        assert main(["calibrate", *common, "--speedup", str(target), "--out", str(out)]) == 0
+        data = json.loads(out.read_text())
+        assert len(data["key_steps"]) == want and data["costs"] == hand
+        assert data["estimated_speedup"] == pytest.approx(_speedup_by_hand(hand, want, t))
+        assert data["estimated_speedup"] >= target
+        assert _speedup_by_hand(hand, want + 1, t) < target
+    capsys.readouterr()
+    # Out of reach even with one key step (3.69x): a clear error, not a silent K = 1.
+    assert main(["calibrate", *common, "--speedup", "4"]) == 2
+    assert "speedup 4.0x is out of reach" in capsys.readouterr().err
