@@ -19,13 +19,14 @@ from .serve import DEFAULT_DECODER_MEMORY_MB
 def _add_model_args(p: Any) -> None:
     """Model and runner options shared by ``generate`` and ``serve``."""
     p.add_argument("--model", default="default", help="'default' or a local diffusers folder")
-    p.add_argument("--backend", default=None, choices=["torch", "onnxruntime", "tensorrt"],
-                   help="runner backend (default: onnxruntime on CPU, torch on CUDA)")
+    p.add_argument("--backend", default=None, choices=["auto", "torch", "onnxruntime", "tensorrt"],
+                   help="runner backend (default: auto, which measures the available ones and keeps the fastest)")
     p.add_argument("--engines", default=None, help="a built engine directory (fd-trt build) for graph backends")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads of the runner")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
-                   help="runner precision (default: fp16 for tensorrt, fp32 otherwise)")
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "fp16", "bf16"],
+                   help="runner precision (default: fp16 for tensorrt, fp32 otherwise; auto lets --backend auto "
+                        "consider bf16, which changes the numbers)")
 
 
 def _add_generate(sub: Any) -> None:
@@ -50,9 +51,11 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--max-decoder-rows", type=int, default=None, help="cap on rows per decoder call")
     p.add_argument("--out", default="fd_trt_out.png", help="output image (PNG); several images get _i suffixes")
     p.add_argument("--json", default=None, help="write stats as JSON here")
-    p.add_argument("--compare", action="store_true", help="also run schedule 'all' and report speedup and error (after one untimed warm-up run)")
+    p.add_argument("--compare", action="store_true",
+                   help="also run plain diffusers (the pipeline the model folder describes) and schedule 'all' on the same "
+                        "seed, alternating after a warm-up, and report times, speedups and relative L2")
     p.add_argument("--repeat", type=int, default=3,
-                   help="with --compare: timed runs per schedule, alternating; the run with the median total is reported")
+                   help="with --compare: timed runs per system, alternating; the run with the median total is reported")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -116,16 +119,16 @@ def _fmt_stats(label: str, st: Any) -> str:
 
 
 def _runner_options(args: argparse.Namespace) -> dict[str, Any]:
-    from .backends import default_backend
-
     if args.threads is None:
         return {}
-    if (args.backend or default_backend(args.device)) == "onnxruntime":
+    backend = args.backend or "auto"
+    if backend == "onnxruntime":
         return {"intra_op_threads": args.threads}
     import torch
 
     torch.set_num_threads(args.threads)
-    return {}
+    # auto passes each runner the options it takes (fd_trt.pipeline.FasterDiffusionPipeline._options_for).
+    return {"intra_op_threads": args.threads} if backend == "auto" else {}
 
 
 def _add_serve(sub: Any) -> None:
@@ -341,6 +344,22 @@ def _apply_loras(pipe: Any, specs: list[str]) -> None:
     pipe.fuse_lora(lora_scale=1.0)
 
 
+def _auto_decision(pipe: Any) -> Any:
+    """The decision ``backend="auto"`` made for the latest call, or ``None`` for another backend."""
+    return getattr(pipe.runner, "last_decision", None) if pipe.backend == "auto" else None
+
+
+def _print_auto(pipe: Any, out: Any, first: bool) -> None:
+    """Says what ``auto`` chose and why (the predicted times it measured)."""
+    d = _auto_decision(pipe)
+    if d is None:
+        return
+    print(d.summary())
+    if first and not d.cached:
+        print(f"(the first call at this shape and schedule paid {d.tuning_s:.2f} s for tuning; later runs read "
+              "the decision from the cache)")
+
+
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -382,44 +401,72 @@ def _generate(args: argparse.Namespace) -> int:
 
     noise = False if args.no_noise_injection else None
     if args.compare:
-        # One untimed run of the timed schedule pays the one-off costs (allocation, FLOP counting, and
-        # ONNX Runtime's first call at each decoder row count, which a 2-step run would not reach:
-        # on the default model it made the first 'paper' run 1.15 s against 0.32 s warm).
+        from .compare import median_index, rel_l2, run_diffusers
+
+        if args.quiet:
+            pipe.sd.set_progress_bar_config(disable=True)
+        diffusers_kw = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                            num_inference_steps=args.steps, guidance_scale=args.guidance,
+                            num_images_per_prompt=args.num_images, seed=args.seed, device=pipe.device)
+        # One untimed run of the timed schedule pays the one-off costs (allocation, FLOP counting,
+        # backend="auto"'s tuning, and ONNX Runtime's first call at each decoder row count, which a
+        # 2-step run would not reach: on the default model it made the first 'paper' run 1.15 s
+        # against 0.32 s warm). diffusers gets its warm-up run too.
         if not args.quiet:
-            print("warm-up: one untimed run of the schedule")
-        run(args.schedule, noise, output_type="latent")
-        pipe(args.prompt, num_inference_steps=2, height=args.height, width=args.width, output_type="latent", schedule="all")
-        # Alternating runs, so that a slow spell of a shared machine hits both schedules alike. Every
-        # run has the same seed and so the same result; only the timings differ.
+            print("warm-up: one untimed run of each system")
+        warm = run(args.schedule, noise, output_type="latent")
+        _print_auto(pipe, warm, first=True)
+        run("all", False, output_type="latent")
+        run_diffusers(pipe.sd, args.prompt, **diffusers_kw)
+        # Alternating runs, so that a slow spell of a shared machine hits every system alike. Every
+        # run of one system has the same seed and so the same result; only the timings differ.
         runs: list[Any] = []
         refs: list[Any] = []
+        plain: list[Any] = []
         for _ in range(args.repeat):
-            runs.append(run(args.schedule, noise))
-            refs.append(run("all", False))
+            runs.append(run(args.schedule, noise, output_type="np"))
+            refs.append(run("all", False, output_type="np"))
+            plain.append(run_diffusers(pipe.sd, args.prompt, **diffusers_kw))
         out, ref = _median_run(runs), _median_run(refs)
+        dref = plain[median_index([d.seconds for d in plain])]
+        out_np = out.images
+        out.images = pipe.sd.image_processor.numpy_to_pil(out_np)
     else:
         out = run(args.schedule, noise)
+        _print_auto(pipe, out, first=True)
     label = args.schedule or ("calibrated" if out.stats.key_steps != _paper_keys(out.stats.num_steps) else "paper")
     print(f"key steps: {','.join(map(str, out.stats.key_steps))}")
     print(_fmt_stats(label, out.stats))
     report: dict[str, Any] = {"schedule": args.schedule or label, "stats": out.stats.as_dict()}
+    decision = _auto_decision(pipe)
+    if decision is not None:
+        report["auto"] = decision.as_dict()
     if args.compare:
         print(_fmt_stats("all", ref.stats))
+        print(f"{'diffusers':>10}: {dref.seconds:7.3f} s total | {type(pipe.sd).__name__}, same seed, scheduler and steps")
         if args.repeat > 1:
-            def totals(outputs: list[Any]) -> str:
-                return ", ".join(f"{o.stats.seconds['total']:.3f}" for o in outputs)
+            def totals(values: list[float]) -> str:
+                return ", ".join(f"{v:.3f}" for v in values)
 
-            print(f"(median of {args.repeat} alternating runs each; totals {label}: {totals(runs)} s, all: {totals(refs)} s)")
-        a, b = out.latents, ref.latents
-        rel = float((a - b).norm() / b.norm())
+            print(f"(median of {args.repeat} alternating runs each; totals {label}: "
+                  f"{totals([o.stats.seconds['total'] for o in runs])} s, all: "
+                  f"{totals([o.stats.seconds['total'] for o in refs])} s, diffusers: {totals([d.seconds for d in plain])} s)")
+        rel = rel_l2(out.latents, ref.latents)
         speed = ref.stats.seconds["total"] / out.stats.seconds["total"]
         unet_speed = (ref.stats.seconds["encoder"] + ref.stats.seconds["decoder"]) / max(
             1e-12, out.stats.seconds["encoder"] + out.stats.seconds["decoder"]
         )
         flop_cut = 1 - out.stats.unet_gflops / ref.stats.unet_gflops
+        vs_diffusers = dref.seconds / out.stats.seconds["total"]
+        img_rel = rel_l2(out_np, dref.images)
+        all_img_rel = rel_l2(ref.images, dref.images)
+        all_lat_rel = rel_l2(ref.latents, dref.latents)
+        print(f"speedup vs diffusers: {vs_diffusers:.2f}x ({out.stats.seconds['total']:.3f} s against "
+              f"{dref.seconds:.3f} s); relative L2 of the images vs diffusers: {img_rel:.4e} "
+              f"('all' vs diffusers: {all_img_rel:.2e} images, {all_lat_rel:.2e} latents)")
         print(
-            f"speedup {speed:.2f}x total, {unet_speed:.2f}x UNet; UNet FLOPs -{100 * flop_cut:.1f}%; "
-            f"relative L2 of final latents vs 'all': {rel:.4e}"
+            f"speedup {speed:.2f}x total, {unet_speed:.2f}x UNet vs 'all' on {ref.stats.backend}; UNet FLOPs "
+            f"-{100 * flop_cut:.1f}%; relative L2 of final latents vs 'all': {rel:.4e}"
         )
         report["compare"] = {
             "all_stats": ref.stats.as_dict(),
@@ -430,6 +477,16 @@ def _generate(args: argparse.Namespace) -> int:
             "repeat": args.repeat,
             "totals_s": [r.stats.seconds["total"] for r in runs],
             "all_totals_s": [r.stats.seconds["total"] for r in refs],
+            "diffusers": {
+                "pipeline": type(pipe.sd).__name__,
+                "seconds": dref.seconds,
+                "totals_s": [d.seconds for d in plain],
+                "speedup": vs_diffusers,
+                "rel_l2_images": img_rel,
+                "rel_l2_latents": rel_l2(out.latents, dref.latents),
+                "all_rel_l2_images": all_img_rel,
+                "all_rel_l2_latents": all_lat_rel,
+            },
         }
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)

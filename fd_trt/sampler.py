@@ -143,6 +143,7 @@ def run_sampler(
         raise InputError(f"text has {text.shape[0]} rows, expected {rows} for {x.shape[0]} latents (CFG={cfg})")
     n_train = int(scheduler.config.num_train_timesteps)
     t_dev = timesteps.to(runner.device, torch.float32)
+    runner.plan(schedule, rows, parallel, max_decoder_rows)
 
     def tick() -> float:
         runner.synchronize()
