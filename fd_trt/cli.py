@@ -67,13 +67,18 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
-    p.add_argument("--backends", default="torch", help="comma-separated: torch,onnxruntime,tensorrt")
+    p.add_argument("--backends", default="auto,torch",
+                   help="comma-separated: auto,torch,onnxruntime,tensorrt (auto runs last, so that it can measure "
+                        "the graphs the others built)")
     p.add_argument("--schedules", default="all,paper", help="comma-separated fd_trt schedules (';' separates lists)")
     p.add_argument("--precisions", default="fp32", help="torch runner precisions, e.g. fp32,bf16")
     p.add_argument("--repeat", type=int, default=1, help="timed runs per system (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per system first")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads")
     p.add_argument("--no-deepcache", action="store_true", help="skip the DeepCache row")
+    p.add_argument("--authors-style", action=argparse.BooleanOptionalAction, default=True,
+                   help="the peer baseline row: Faster Diffusion ('paper') run the authors' way on diffusers modules "
+                        "(fd_trt/authors_style.py); on by default")
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
     p.add_argument("--plot", default=None, help="PNG bar chart")
@@ -97,6 +102,7 @@ def _bench(args: argparse.Namespace) -> int:
         repeat=args.repeat,
         warmup=args.warmup,
         deepcache=not args.no_deepcache,
+        authors_style=args.authors_style,
         threads=args.threads,
     )
     report = run_benchmark(cfg, progress=not args.quiet)

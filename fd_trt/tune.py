@@ -384,6 +384,7 @@ class AutoRunner(Runner):
         use_cache: read and write the cache.
         ready: a cheap check of whether a candidate's graphs are built, so that building them
             later invalidates a decision made without them.
+        measurer: replaces :func:`measure` (same arguments), for tests that inject costs.
     """
 
     def __init__(
@@ -398,6 +399,7 @@ class AutoRunner(Runner):
         cache_dir: Path | None = None,
         use_cache: bool = True,
         ready: Callable[[Candidate], bool] | None = None,
+        measurer: Callable[..., CostTable] | None = None,
     ) -> None:
         super().__init__(device, torch.float32)
         if not candidates:
@@ -411,6 +413,7 @@ class AutoRunner(Runner):
         self.cache_dir = cache_dir
         self.use_cache = use_cache
         self.ready = ready or (lambda c: True)
+        self.measurer = measurer or measure
         self._runners: dict[Candidate, Runner] = {}
         self._unavailable: dict[Candidate, str] = {}
         self._costs: dict[tuple[Candidate, int], CostTable] = {}
@@ -517,7 +520,7 @@ class AutoRunner(Runner):
             except FdTrtError as exc:
                 skipped[cand] = str(exc).split(":")[0]
                 continue
-            costs[cand] = measure(runner, self.latent_shape, self.text_shape, rows, steps, self.repeats,
+            costs[cand] = self.measurer(runner, self.latent_shape, self.text_shape, rows, steps, self.repeats,
                                   known=self._costs.get((cand, rows)))
             self._costs[(cand, rows)] = costs[cand]
         decision = choose(costs, lengths, parallel=parallel, max_steps=max_steps, skipped=skipped, key=key)

@@ -11,7 +11,7 @@ from fd_trt.models import tiny_sd_pipeline
 
 @pytest.fixture(scope="module")
 def report():
-    cfg = BenchConfig(model="tiny", height=64, width=64, steps=50, backends=("torch",), repeat=1, warmup=1)
+    cfg = BenchConfig(model="tiny", height=64, width=64, steps=50, backends=("torch", "auto"), repeat=1, warmup=1)
     return run_benchmark(cfg, progress=False)
 
 
@@ -102,3 +102,15 @@ def test_json_markdown_and_plot_are_written(report, tmp_path):
     assert json.loads(j.read_text())["results"][0]["system"] == "diffusers"
     assert "| fd_trt | torch | paper |" in m.read_text()
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+def test_auto_and_authors_style_rows(report):
+    rows = {(r["system"], r["backend"].split(":")[0], r["schedule"]): r for r in report["results"]}
+    authors, paper = rows[("authors-style", "torch", "paper")], rows[("fd_trt", "torch", "paper")]
+    assert authors["s_per_image"] > 0 and authors["encoder_calls"] == 9
+    # The same algorithm: the same distance from diffusers.
+    assert authors["rel_l2_vs_diffusers"] == pytest.approx(paper["rel_l2_vs_diffusers"], abs=1e-6)
+    auto = rows[("fd_trt", "auto", "paper")]
+    assert auto["backend"].startswith("auto:") and "auto chose" in auto["note"]
+    assert auto["rel_l2_vs_diffusers"] == pytest.approx(paper["rel_l2_vs_diffusers"], abs=1e-4)
+    assert rows[("fd_trt", "auto", "all")]["rel_l2_vs_diffusers"] < 1e-5
