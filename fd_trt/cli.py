@@ -221,9 +221,14 @@ def _add_build(sub: Any) -> None:
     p.add_argument("--max-segment-steps", type=int, default=15, help="longest segment decoded in one call")
     p.add_argument("--force", action="store_true", help="rebuild even when up to date")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--tune", action="store_true",
+                   help="also measure every backend='auto' candidate (building the graphs it lacks) for --schedule, "
+                        "--steps and --batch, and cache the decision that fd-trt generate then reuses")
+    p.add_argument("--threads", type=int, default=None, help="with --tune: intra-op threads, as fd-trt generate --threads")
     trt = p.add_argument_group("TensorRT plans (--backend tensorrt)")
-    trt.add_argument("--schedule", default="paper",
-                     help="schedule whose segments choose the decoder profile's opt rows (default: paper)")
+    trt.add_argument("--schedule", default=None,
+                     help="schedule whose segments choose the decoder profile's opt rows (default: paper), and that "
+                          "--tune tunes for (default: the one fd-trt generate would use)")
     trt.add_argument("--steps", type=int, default=50, help="step count the --schedule is read for (default: 50)")
     trt.add_argument("--opt-segment-steps", type=int, default=None,
                      help="tune the decoder for segments of this many steps (default: from --schedule)")
@@ -240,8 +245,13 @@ def _build(args: argparse.Namespace) -> int:
     from .models import load_diffusers_pipeline
 
     t0 = time.perf_counter()
+    if args.tune and not args.out:
+        # auto looks for graphs in the engine cache: build them there, once.
+        return _tune(args)
     if args.backend == "tensorrt":
         from .schedule import parse_schedule
+
+        args.schedule = args.schedule or "paper"
 
         if args.schedule.strip().lower().endswith(".json"):  # a calibration: its key steps set the profiles
             from .calibrate import Calibration
@@ -286,7 +296,40 @@ def _build(args: argparse.Namespace) -> int:
           f"decoder rows {m.decoder_rows[0]}..{m.decoder_rows[1]}")
     if args.backend == "tensorrt":
         _build_plans(args, out)
+    if args.tune:
+        return _tune(args, engines=out)
     return 0
+
+
+def _tune(args: argparse.Namespace, engines: Path | None = None) -> int:
+    """``fd-trt build --tune``: measures every ``auto`` candidate ahead of time and caches the decision."""
+    from .pipeline import FasterDiffusionPipeline
+    from .schedule import parse_schedule
+
+    opts = {}
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        opts = {"intra_op_threads": args.threads}
+    pipe = FasterDiffusionPipeline.from_pretrained(args.model, backend="auto", progress=not args.quiet, engines=engines,
+                                                   runner_options=opts)
+    pipe.auto_build_graphs = True  # ahead of time: building is what the user asked for
+    runner = pipe.prepare(args.height, args.width)
+    runner.read_cache = False  # measure afresh; the new decision replaces a cached one
+    steps = args.steps
+    schedule = parse_schedule(pipe.resolve_schedule(args.schedule, steps), steps)
+    for b in range(1, args.batch + 1):
+        d = runner.plan(schedule, rows=2 * b)
+        print(f"batch {b}, key steps {','.join(map(str, schedule.key_steps))}: {d.summary()}")
+    print(f"tuning decisions cached in {pipe_tuning_dir()}")
+    return 0
+
+
+def pipe_tuning_dir() -> Path:
+    from .tune import tuning_cache_dir
+
+    return tuning_cache_dir()
 
 
 def _build_plans(args: argparse.Namespace, out: Path) -> None:
@@ -364,6 +407,45 @@ def _print_auto(pipe: Any, out: Any, first: bool) -> None:
     if first and not d.cached:
         print(f"(the first call at this shape and schedule paid {d.tuning_s:.2f} s for tuning; later runs read "
               "the decision from the cache)")
+
+
+#: The bf16 suggestion runs only when one fp32 run is at most this long (it costs two more runs).
+BF16_HINT_MAX_S = 3.0
+
+
+def _bf16_hint(args: argparse.Namespace, pipe: Any, out: Any, run: Any, noise: Any) -> dict[str, Any] | None:
+    """On a CPU with bf16 matrix units, measures torch bf16 once and suggests ``--precision auto``.
+
+    Only when no precision was asked, on a CPU, and when it is cheap (a run of at most
+    :data:`BF16_HINT_MAX_S`); bf16 changes the numbers, so it is a suggestion, never the default.
+    """
+    from .tune import cpu_flags, has_fast_bf16
+
+    if args.precision is not None or pipe.device.type != "cpu" or not has_fast_bf16():
+        return None
+    if out.stats.seconds["total"] > BF16_HINT_MAX_S or args.backend not in (None, "auto", "torch"):
+        return None
+    import torch
+
+    from .compare import rel_l2
+    from .pipeline import FasterDiffusionPipeline
+
+    bf = FasterDiffusionPipeline.from_diffusers(pipe.sd, backend="torch", precision="bf16", progress=False)
+    bf.model_dir = pipe.model_dir
+    kw = dict(height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
+              num_images_per_prompt=args.num_images, output_type="latent", schedule=args.schedule,
+              noise_injection=noise, parallel=not args.sequential, max_decoder_rows=args.max_decoder_rows)
+    bf(args.prompt, generator=torch.Generator("cpu").manual_seed(args.seed), **kw)  # warm-up
+    o = bf(args.prompt, generator=torch.Generator("cpu").manual_seed(args.seed), **kw)
+    ref = run(args.schedule, noise, output_type="latent")  # fp32 timed next to it
+    speed = ref.stats.seconds["total"] / o.stats.seconds["total"]
+    rel = rel_l2(o.latents, ref.latents)
+    units = "AMX-BF16" if "amx_bf16" in cpu_flags() else "AVX512-BF16"
+    print(f"hint: this CPU has {units}: torch bf16 ran this in {o.stats.seconds['total']:.3f} s against "
+          f"{ref.stats.seconds['total']:.3f} s ({speed:.2f}x), relative L2 of the final latents vs fp32 {rel:.1e}; "
+          "--precision auto lets backend auto choose it")
+    bf.close()
+    return {"bf16_s": o.stats.seconds["total"], "fp32_s": ref.stats.seconds["total"], "speedup": speed, "rel_l2": rel}
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -494,6 +576,9 @@ def _generate(args: argparse.Namespace) -> int:
                 "all_rel_l2_latents": all_lat_rel,
             },
         }
+    hint = _bf16_hint(args, pipe, out, run, noise)
+    if hint is not None:
+        report["bf16_hint"] = hint
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(out.images):

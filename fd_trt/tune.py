@@ -414,6 +414,8 @@ class AutoRunner(Runner):
         self.use_cache = use_cache
         self.ready = ready or (lambda c: True)
         self.measurer = measurer or measure
+        #: Read cached decisions (``fd-trt build --tune`` turns it off to measure afresh).
+        self.read_cache = True
         self._runners: dict[Candidate, Runner] = {}
         self._unavailable: dict[Candidate, str] = {}
         self._costs: dict[tuple[Candidate, int], CostTable] = {}
@@ -490,10 +492,13 @@ class AutoRunner(Runner):
             key = self.key(lengths, schedule.key_steps, rows, parallel, max_steps, self.candidates)
             digest = key_digest(key)
             decision = self._decisions.get(digest)
-            if decision is None and self.use_cache:
+            if decision is None and self.use_cache and self.read_cache:
                 decision = load_decision(key, self.cache_dir)
             if decision is None:
                 decision = self._tune(lengths, rows, parallel, max_steps, key)
+                # Tuning may have built graphs (fd-trt build --tune): key the decision as later runs will.
+                decision.key = self.key(lengths, schedule.key_steps, rows, parallel, max_steps, self.candidates)
+                digest = key_digest(decision.key)
                 if self.use_cache:
                     try:
                         save_decision(decision, self.cache_dir)

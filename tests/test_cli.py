@@ -76,3 +76,19 @@ def test_import_fd_trt_loads_no_gpu_or_graph_runtime():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_generate_suggests_bf16_only_where_the_cpu_has_bf16_units(tmp_path, capsys, monkeypatch):
+    import fd_trt.tune
+
+    js = tmp_path / "h.json"
+    monkeypatch.setattr(fd_trt.tune, "has_fast_bf16", lambda: True)
+    rc = main(["generate", "a red circle", "--steps", "6", "--quiet", "--backend", "torch", "--out", str(tmp_path / "a.png"),
+               "--json", str(js)])
+    assert rc == 0
+    assert "hint: this CPU has" in capsys.readouterr().out
+    hint = json.loads(js.read_text())["bf16_hint"]
+    assert hint["bf16_s"] > 0 and 0 < hint["rel_l2"] < 0.5
+    monkeypatch.setattr(fd_trt.tune, "has_fast_bf16", lambda: False)
+    assert main(["generate", "a red circle", "--steps", "2", "--quiet", "--backend", "torch", "--out", str(tmp_path / "b.png")]) == 0
+    assert "hint:" not in capsys.readouterr().out
