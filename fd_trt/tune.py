@@ -530,9 +530,10 @@ class AutoRunner(Runner):
             self._costs[(cand, rows)] = costs[cand]
         decision = choose(costs, lengths, parallel=parallel, max_steps=max_steps, skipped=skipped, key=key)
         decision.tuning_s = time.perf_counter() - t0
-        # Keep only the chosen runner loaded.
+        # Keep loaded only the runners some decision chose (another thread may be running one).
+        keep = {decision.label, *(d.label for d in self._decisions.values())}
         for cand in list(self._runners):
-            if cand.label != decision.label:
+            if cand.label not in keep:
                 self._runners.pop(cand).deactivate()
         return decision
 
