@@ -538,10 +538,21 @@ class AutoRunner(Runner):
         return decision
 
     # running ------------------------------------------------------------------------------------
-    def _current(self) -> tuple[Runner, Decision]:
+    def _current(self, rows: int) -> tuple[Runner, Decision]:
         runner = getattr(self._local, "runner", None)
         if runner is None:
-            raise FdTrtError("AutoRunner.plan(schedule, rows) must be called before encode/decode (the sampler does)")
+            # Called outside the sampler (calibration's cost probes): the latest decision, or one
+            # tuned for single steps at these rows.
+            from .schedule import parse_schedule
+
+            last = self.last_decision
+            if last is not None:
+                with self._tune_lock:
+                    cand = next(c for c in self.candidates if c.label == last.label)
+                    self._local.runner, self._local.decision = self._runner(cand), last
+            else:
+                self.plan(parse_schedule("all", 1), rows)
+            runner = self._local.runner
         return runner, self._local.decision
 
     def synchronize(self) -> None:
@@ -550,14 +561,14 @@ class AutoRunner(Runner):
             runner.synchronize()
 
     def encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> Features:
-        runner, _ = self._current()
+        runner, _ = self._current(int(sample.shape[0]))
         before = runner.launches["encoder"]
         out = runner.encode(sample, timestep, text)
         self.launches["encoder"] += runner.launches["encoder"] - before
         return out
 
     def decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        runner, decision = self._current()
+        runner, decision = self._current(int(text.shape[0]))
         before = runner.launches["decoder"]
         n = int(timesteps.shape[0])
         c = decision.steps_per_call or n

@@ -142,3 +142,10 @@ def test_an_explicit_backend_wins(tiny_sd, latents):
     pipe = FasterDiffusionPipeline.from_diffusers(tiny_sd, backend="torch", device="cpu", progress=False)
     out = pipe("a red circle", latents=latents, output_type="latent", num_inference_steps=4)
     assert pipe.backend == "torch" and out.stats.backend == "torch" and not hasattr(pipe.runner, "last_decision")
+
+
+def test_calls_outside_the_sampler_use_a_decision_for_single_steps(tmp_path):
+    auto, calls = make_auto(tmp_path, COSTS)  # calibration probes encode/decode without a plan
+    feats = auto.encode(torch.zeros(2, 4, 8, 8), torch.zeros(2), torch.zeros(2, 16, 32))
+    assert auto.decode(feats, torch.ones(3), torch.zeros(2, 16, 32)).shape == (6, 4, 8, 8)
+    assert auto.decision.key["num_steps"] == 1 and sorted(calls) == ["onnxruntime", "torch"]
