@@ -346,8 +346,7 @@ class FasterDiffusionPipeline:
         return {k: v for k, v in self.runner_options.items() if k in params}
 
     def _auto_runner(self, latent_hw: tuple[int, int], text_shape: tuple[int, int]) -> Runner:
-        from .engines import package_versions
-        from .tune import AutoRunner, Candidate, device_name
+        from .tune import AutoRunner, Candidate, device_name, library_versions
 
         def make(cand: Candidate) -> Runner:
             cls = get_runner_class(cand.backend)
@@ -373,7 +372,7 @@ class FasterDiffusionPipeline:
                 "device": device_name(self.device),
                 "device_type": self.device.type,
                 "threads": torch.get_num_threads(),
-                "versions": package_versions(),
+                "versions": dict(library_versions()),
                 "runner_options": {k: repr(v) for k, v in sorted(self.runner_options.items())},
                 "engines": str(self.engines) if self.engines is not None else None,
             }

@@ -22,6 +22,7 @@ Candidates (all exact unless ``precision="auto"`` asks for reduced precision):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -295,10 +296,16 @@ def tuning_cache_dir() -> Path:
     return engine_cache_root() / "tuning"
 
 
-def device_name(device: torch.device) -> str:
-    """The GPU's name on CUDA; the CPU's model name (``/proc/cpuinfo``) otherwise."""
-    if device.type == "cuda":
-        return str(torch.cuda.get_device_name(device))
+@functools.lru_cache(maxsize=None)
+def library_versions() -> tuple[tuple[str, str | None], ...]:
+    """Versions of torch, diffusers, onnx, onnxruntime and tensorrt, read once per process."""
+    from .engines import package_versions
+
+    return tuple(sorted(package_versions().items()))
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -308,6 +315,13 @@ def device_name(device: torch.device) -> str:
     import platform
 
     return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name on CUDA; the CPU's model name (``/proc/cpuinfo``) otherwise."""
+    if device.type == "cuda":
+        return str(torch.cuda.get_device_name(device))
+    return _cpu_model()
 
 
 def cpu_flags() -> set[str]:
