@@ -319,6 +319,8 @@ class FasterDiffusionPipeline:
     # backend="auto" ---------------------------------------------------------------------------
     #: With ``backend="auto"``: whether missing graphs may be built while tuning (``fd-trt build --tune``).
     auto_build_graphs: bool = False
+    #: With ``backend="auto"``: read and write the decision cache.
+    auto_use_cache: bool = True
     auto_precision: str | None = None
 
     def auto_candidates(self) -> list[Any]:
@@ -381,7 +383,6 @@ class FasterDiffusionPipeline:
         return AutoRunner(self.auto_candidates(), make, (c, *latent_hw), text_shape, base_key, device=self.device,
                           ready=ready, use_cache=self.auto_use_cache)
 
-    auto_use_cache: bool = True
 
     def _retire(self, runner: Runner) -> None:
         """Closes a runner now, or when the last call that uses it ends."""
