@@ -249,7 +249,7 @@ def build_systems(cfg: BenchConfig, sd: Any, latents: torch.Tensor) -> list[_Sys
         for precision in precisions:
             try:
                 pipe_sd = sd if precision == "fp32" else _clone_pipeline(sd)
-                opts = {"intra_op_threads": cfg.threads} if (backend == "onnxruntime" and cfg.threads) else {}
+                opts = {"intra_op_threads": cfg.threads} if (backend in ("onnxruntime", "auto") and cfg.threads) else {}
                 fd = FasterDiffusionPipeline.from_diffusers(
                     pipe_sd, backend=backend, device="cpu", precision=precision, progress=False, runner_options=opts
                 )
