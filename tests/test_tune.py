@@ -149,3 +149,18 @@ def test_calls_outside_the_sampler_use_a_decision_for_single_steps(tmp_path):
     feats = auto.encode(torch.zeros(2, 4, 8, 8), torch.zeros(2), torch.zeros(2, 16, 32))
     assert auto.decode(feats, torch.ones(3), torch.zeros(2, 16, 32)).shape == (6, 4, 8, 8)
     assert auto.decision.key["num_steps"] == 1 and sorted(calls) == ["onnxruntime", "torch"]
+
+
+def test_build_tune_measures_ahead_of_time_and_generate_reuses_it(tiny_sd, tmp_path, monkeypatch, capsys):
+    from fd_trt.cli import main
+
+    monkeypatch.setenv("FD_TRT_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    tiny_sd.save_pretrained(folder, safe_serialization=True)
+    assert main(["build", "--model", str(folder), "--tune", "--quiet", "--steps", "10", "--schedule", "paper"]) == 0
+    out = capsys.readouterr().out
+    assert "auto chose" in out and "onnxruntime/fp32 not measured" not in out  # graphs built, then measured
+    assert list((tmp_path / "cache" / "tuning").glob("*.json"))
+    assert main(["generate", "x", "--model", str(folder), "--steps", "10", "--schedule", "paper", "--quiet",
+                 "--out", str(tmp_path / "a.png")]) == 0
+    assert "(cached decision)" in capsys.readouterr().out
