@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .backends import BACKENDS, get_runner_class
+from .backends import BACKENDS, default_backend, get_runner_class
 from .backends.base import Runner, same_device
 from .errors import EngineMismatchError, InputError, NotPreparedError
 from .models import load_diffusers_pipeline, make_scheduler
@@ -216,7 +216,7 @@ class FasterDiffusionPipeline:
             self.backend = backend.name
             self._fixed_runner = backend.activate()
         else:
-            self.backend = backend or "auto"
+            self.backend = backend or default_backend(str(self.device))
             if self.backend not in (*BACKENDS, "auto"):
                 raise InputError(f"unknown backend {self.backend!r}: choose auto or one of {', '.join(BACKENDS)}")
             if self.backend == "auto":
@@ -348,7 +348,14 @@ class FasterDiffusionPipeline:
         return {k: v for k, v in self.runner_options.items() if k in params}
 
     def _auto_runner(self, latent_hw: tuple[int, int], text_shape: tuple[int, int]) -> Runner:
+        from .engines import check_engine_dir
         from .tune import AutoRunner, Candidate, device_name, library_versions
+
+        if self.engines is not None:
+            # An engine directory is an explicit request for its graphs: one that does not fit is an
+            # error naming the rebuild command, not a candidate quietly skipped.
+            check_engine_dir(self.engines, self.sd.unet, latent_size=latent_hw, text_shape=text_shape,
+                             unet_sha256=self.unet_sha256)
 
         def make(cand: Candidate) -> Runner:
             cls = get_runner_class(cand.backend)
