@@ -150,9 +150,12 @@ class FasterDiffusionPipeline:
 
     Args:
         sd_pipeline: a diffusers ``StableDiffusionPipeline`` (its components are used, not copied).
-        backend: ``"torch"`` or a ready :class:`~fd_trt.backends.base.Runner`.
+        backend: ``"auto"`` (default: measure the available backends and keep the fastest, see
+            :mod:`fd_trt.tune`), ``"torch"``, ``"onnxruntime"``, ``"tensorrt"``, or a ready
+            :class:`~fd_trt.backends.base.Runner`.
         device: ``"cpu"`` or ``"cuda[:i]"``; CUDA when available by default.
-        precision: the runner's precision, ``fp32``, ``fp16`` or ``bf16``.
+        precision: the runner's precision, ``fp32``, ``fp16`` or ``bf16``; with ``auto``, also
+            ``"auto"``, which lets reduced precision (bf16 on a CPU) compete.
         progress: show progress bars.
         source: a description of where the model came from, for messages.
         engines: a built engine directory for graph backends (see :meth:`from_pretrained`).
@@ -606,11 +609,13 @@ class FasterDiffusionPipeline:
 
         Args:
             model: a local folder, or ``"default"`` (the shipped model).
-            backend: ``"torch"``, ``"onnxruntime"`` or ``"tensorrt"``; by default ``onnxruntime``
-                on a CPU and ``torch`` on CUDA.
+            backend: ``"auto"`` (default), ``"torch"``, ``"onnxruntime"`` or ``"tensorrt"``. ``auto``
+                measures the available backends and decoder call sizes on the first call at each
+                shape, batch and schedule, caches the choice, and never builds graphs by surprise.
             device: ``"cpu"`` or ``"cuda"``; CUDA when available by default.
-            precision: ``fp32``, ``fp16`` or ``bf16`` (torch); ``fp32`` or ``fp16`` (graphs). Default:
-                ``fp16`` for ``tensorrt``, ``fp32`` otherwise.
+            precision: ``fp32``, ``fp16`` or ``bf16`` (torch); ``fp32`` or ``fp16`` (graphs);
+                ``auto`` with ``backend="auto"`` (bf16 may compete). Default: ``fp16`` for
+                ``tensorrt`` and on CUDA, ``fp32`` otherwise.
             scheduler: ``ddim``, ``dpmpp``, ``pndm``, ``euler`` or ``ddpm``; the folder's own when omitted.
             progress: show progress bars.
             engines: a built engine directory (``fd-trt build``) for graph backends. Without one,
