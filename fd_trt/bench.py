@@ -55,7 +55,8 @@ class BenchConfig:
         scheduler: ``ddim``, ``dpmpp``, ``pndm``, ``euler`` or ``ddpm``.
         backends: fd_trt backends to run.
         schedules: fd_trt schedules to run (``all`` and ``paper`` by default).
-        precisions: runner precisions for the torch backend (``fp32``, ``bf16``, ...).
+        precisions: runner precisions for the torch and auto backends (``fp32``, ``bf16``, ...;
+            ``auto`` for backend auto only: bf16 may compete).
         repeat, warmup: timed and untimed runs per system.
         deepcache: also run DeepCache when it is installed.
         authors_style: also run the authors' way of running Faster Diffusion on diffusers modules
@@ -245,7 +246,9 @@ def build_systems(cfg: BenchConfig, sd: Any, latents: torch.Tensor) -> list[_Sys
     # auto last: the graphs other rows build on their first run are then there for it to measure.
     order = sorted(cfg.backends, key=lambda b: b == "auto")
     for backend in order:
-        precisions = cfg.precisions if backend in ("torch", "auto") else ("fp32",)
+        # precision "auto" (bf16 may compete) is for backend auto only.
+        precisions = tuple(p for p in cfg.precisions if p != "auto" or backend == "auto") or ("fp32",)
+        precisions = precisions if backend in ("torch", "auto") else ("fp32",)
         for precision in precisions:
             try:
                 pipe_sd = sd if precision == "fp32" else _clone_pipeline(sd)
