@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,8 +43,10 @@ from .split import Features
 logger = logging.getLogger(__name__)
 
 TUNING_FORMAT = 1
-#: Timed calls per measured shape, after one untimed call; the minimum is kept (noise only adds).
+#: Timed rounds over the measured shapes, after one untimed call each; the median is kept.
 DEFAULT_REPEATS = 3
+#: Predicted times within this fraction of the best count as a tie, broken toward larger calls.
+TIE = 0.03
 
 
 @dataclass(frozen=True)
@@ -218,7 +221,10 @@ def choose(
     best: tuple[float, Candidate, int | None] | None = None
     for cand, cost in costs.items():
         scored = [(predict_seconds(cost, segment_lengths, s), s) for s in call_sizes(segment_lengths, parallel, max_steps)]
-        t, s = min(scored, key=lambda ts: (ts[0], -ts[1]))
+        # Fewer, larger calls unless smaller ones are clearly faster: within TIE of the best, the
+        # measurement cannot tell them apart, and the method's own choice is the whole segment.
+        best_t = min(t for t, _ in scored)
+        t, s = max((ts for ts in scored if ts[0] <= best_t * (1 + TIE)), key=lambda ts: ts[1])
         spc = None if s >= longest else s
         table.append({"label": cand.label, "predicted_s": t, "steps_per_call": spc,
                       "encoder_s": cost.encoder_s, "decoder_s": {str(k): v for k, v in sorted(cost.decoder_s.items())}})
@@ -232,16 +238,12 @@ def choose(
 
 
 # measuring ----------------------------------------------------------------------------------------
-def _timed(runner: Runner, fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # untimed: first calls at a new shape allocate (and ONNX Runtime plans its memory)
-    best = float("inf")
-    for _ in range(repeats):
-        runner.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        runner.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def _time_once(runner: Runner, fn: Callable[[], Any]) -> float:
+    runner.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    runner.synchronize()
+    return time.perf_counter() - t0
 
 
 def measure(
@@ -255,13 +257,21 @@ def measure(
 ) -> CostTable:
     """Times an active runner's encoder at ``rows`` rows and its decoder at each step count.
 
+    Every shape is called once untimed (first calls at a new shape allocate, and ONNX Runtime
+    plans its memory), then ``repeats`` rounds time every shape once each, interleaved, and the
+    median per shape is kept. Interleaving spreads a slow spell of a shared machine over all the
+    shapes; the median, unlike the minimum, does not favour short calls, whose luckiest run on a
+    loaded machine is much further below their typical cost than a long call's (measured: the
+    minimum made single-step torch calls look as cheap per step as 10-step calls, and the run
+    they chose took 1.9x longer in its decoder).
+
     Args:
         runner: an active runner.
         latent_shape: ``(C, h, w)``.
         text_shape: ``(L, D)``.
         rows: rows per step (2B with CFG).
         steps: decoder step counts to time.
-        repeats: timed calls per shape (the minimum is kept).
+        repeats: timed rounds.
         known: costs measured earlier at these rows; only missing step counts are timed.
 
     Returns:
@@ -272,19 +282,25 @@ def measure(
     sample = torch.randn((rows, *latent_shape), generator=g).to(dev)
     text = torch.randn((rows, *text_shape), generator=g).to(dev)
     t = torch.full((rows,), 500.0, device=dev)
-    feats: list[Features] = []
+    feats = [runner.encode(sample, t, text)]
 
     def enc() -> None:
         feats[:] = [runner.encode(sample, t, text)]
 
-    table = known if known is not None else CostTable(encoder_s=_timed(runner, enc, repeats))
-    if not feats:
-        enc()
+    calls: dict[Any, Callable[[], Any]] = {} if known is not None else {"encoder": enc}
     for s in sorted(set(steps)):
-        if s in table.decoder_s:
-            continue
-        ts = torch.linspace(900.0, 100.0, s, device=dev)
-        table.decoder_s[s] = _timed(runner, lambda: runner.decode(feats[0], ts, text), repeats)
+        if known is None or s not in known.decoder_s:
+            ts = torch.linspace(900.0, 100.0, s, device=dev)
+            calls[s] = lambda ts=ts: runner.decode(feats[0], ts, text)
+    for fn in calls.values():
+        fn()
+    times: dict[Any, list[float]] = {k: [] for k in calls}
+    for _ in range(repeats):
+        for k, fn in calls.items():
+            times[k].append(_time_once(runner, fn))
+    table = known if known is not None else CostTable(encoder_s=statistics.median(times.pop("encoder")))
+    for s, ts_ in times.items():
+        table.decoder_s[int(s)] = statistics.median(ts_)
     return table
 
 

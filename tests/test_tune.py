@@ -45,6 +45,12 @@ def test_auto_picks_single_step_calls_when_batching_costs_more():
     assert (d.backend, d.steps_per_call) == ("onnxruntime", 1)
 
 
+def test_near_ties_go_to_larger_calls():
+    # Per-step cost flat in the call size (or 1% apart): the measurement cannot tell, so whole segments.
+    flat = CostTable(0.05, {1: 0.0594, 2: 0.12, 4: 0.24, 8: 0.48, 15: 0.9})
+    assert choose({TORCH: flat}, PAPER).steps_per_call is None
+
+
 def test_sequential_runs_and_row_caps_limit_the_call_size():
     torch_costs = linear(0.02, 0.010, 0.002)
     assert choose({TORCH: torch_costs}, PAPER, parallel=False).steps_per_call == 1
