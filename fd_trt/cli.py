@@ -322,14 +322,10 @@ def _tune(args: argparse.Namespace, engines: Path | None = None) -> int:
     for b in range(1, args.batch + 1):
         d = runner.plan(schedule, rows=2 * b)
         print(f"batch {b}, key steps {','.join(map(str, schedule.key_steps))}: {d.summary()}")
-    print(f"tuning decisions cached in {pipe_tuning_dir()}")
-    return 0
-
-
-def pipe_tuning_dir() -> Path:
     from .tune import tuning_cache_dir
 
-    return tuning_cache_dir()
+    print(f"tuning decisions cached in {tuning_cache_dir()}")
+    return 0
 
 
 def _build_plans(args: argparse.Namespace, out: Path) -> None:
@@ -398,15 +394,16 @@ def _auto_decision(pipe: Any) -> Any:
     return getattr(pipe.runner, "last_decision", None) if pipe.backend == "auto" else None
 
 
-def _print_auto(pipe: Any, out: Any, first: bool) -> None:
-    """Says what ``auto`` chose and why (the predicted times it measured)."""
+def _print_auto(pipe: Any, out: Any, first: bool) -> Any:
+    """Says what ``auto`` chose and why (the predicted times it measured); returns the decision."""
     d = _auto_decision(pipe)
     if d is None:
-        return
+        return None
     print(d.summary())
     if first and not d.cached:
         print(f"(the first call at this shape and schedule paid {d.tuning_s:.2f} s for tuning; later runs read "
               "the decision from the cache)")
+    return d
 
 
 #: The bf16 suggestion runs only when one fp32 run is at most this long (it costs two more runs).
@@ -503,7 +500,7 @@ def _generate(args: argparse.Namespace) -> int:
         if not args.quiet:
             print("warm-up: one untimed run of each system")
         warm = run(args.schedule, noise, output_type="latent")
-        _print_auto(pipe, warm, first=True)
+        decision = _print_auto(pipe, warm, first=True)
         run("all", False, output_type="latent")
         run_diffusers(pipe.sd, args.prompt, **diffusers_kw)
         # Alternating runs, so that a slow spell of a shared machine hits every system alike. Every
@@ -521,13 +518,12 @@ def _generate(args: argparse.Namespace) -> int:
         out.images = pipe.sd.image_processor.numpy_to_pil(out_np)
     else:
         out = run(args.schedule, noise)
-        _print_auto(pipe, out, first=True)
+        decision = _print_auto(pipe, out, first=True)
     label = args.schedule or ("calibrated" if out.stats.key_steps != _paper_keys(out.stats.num_steps) else "paper")
     print(f"key steps: {','.join(map(str, out.stats.key_steps))}")
     print(_fmt_stats(label, out.stats))
     report: dict[str, Any] = {"schedule": args.schedule or label, "stats": out.stats.as_dict()}
-    decision = _auto_decision(pipe)
-    if decision is not None:
+    if decision is not None:  # the decision of the asked schedule's run (--compare's 'all' has its own)
         report["auto"] = decision.as_dict()
     if args.compare:
         print(_fmt_stats("all", ref.stats))

@@ -16,6 +16,8 @@ def test_generate_compare_writes_image_and_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "speedup" in printed and "relative L2" in printed and "model: default" in printed
     assert "auto chose" in printed and "speedup vs diffusers" in printed
+    auto = json.loads(js.read_text())["auto"]  # the decision of the asked schedule, not of 'all'
+    assert auto["key"]["key_steps"] == [0, 1, 2, 3, 5, 10] and auto["backend"] in ("torch", "onnxruntime")
     assert PIL.Image.open(out).size == (64, 64)
     report = json.loads(js.read_text())
     assert report["stats"]["encoder_calls"] == 6  # paper cut below 12 steps: 0,1,2,3,5,10
