@@ -409,7 +409,7 @@ class AutoRunner(Runner):
         text_shape: ``(L, D)``.
         base_key: called for the cache key's fixed part (weights hash, device, versions...).
         device: where tensors live.
-        repeats: timed calls per measured shape.
+        repeats: timed rounds over the measured shapes (see :func:`measure`).
         cache_dir: where decisions are cached; ``None`` for :func:`tuning_cache_dir`.
         use_cache: read and write the cache.
         ready: a cheap check of whether a candidate's graphs are built, so that building them
@@ -447,7 +447,6 @@ class AutoRunner(Runner):
         #: Read cached decisions (``fd-trt build --tune`` turns it off to measure afresh).
         self.read_cache = True
         self._runners: dict[Candidate, Runner] = {}
-        self._unavailable: dict[Candidate, str] = {}
         self._costs: dict[tuple[Candidate, int], CostTable] = {}
         self._decisions: dict[str, Decision] = {}
         self._local = threading.local()
