@@ -55,9 +55,12 @@ class BenchConfig:
         scheduler: ``ddim``, ``dpmpp``, ``pndm``, ``euler`` or ``ddpm``.
         backends: fd_trt backends to run.
         schedules: fd_trt schedules to run (``all`` and ``paper`` by default).
-        precisions: runner precisions for the torch backend (``fp32``, ``bf16``, ...).
+        precisions: runner precisions for the torch and auto backends (``fp32``, ``bf16``, ...;
+            ``auto`` for backend auto only: bf16 may compete).
         repeat, warmup: timed and untimed runs per system.
         deepcache: also run DeepCache when it is installed.
+        authors_style: also run the authors' way of running Faster Diffusion on diffusers modules
+            (:mod:`fd_trt.authors_style`, ``paper`` key steps), the peer baseline.
         threads: torch / ORT intra-op threads (None: library default).
         prompt, seed: the shared prompt and latent seed.
     """
@@ -68,12 +71,13 @@ class BenchConfig:
     steps: int = 50
     guidance: float = 7.5
     scheduler: str = "ddim"
-    backends: tuple[str, ...] = ("torch",)
+    backends: tuple[str, ...] = ("auto", "torch")
     schedules: tuple[str, ...] = ("all", "paper")
     precisions: tuple[str, ...] = ("fp32",)
     repeat: int = 1
     warmup: int = 1
     deepcache: bool = True
+    authors_style: bool = True
     threads: int | None = None
     prompt: str = "a red circle on the left and a blue square on the right"
     seed: int = 0
@@ -87,6 +91,7 @@ class _System:
     precision: str
     run: Callable[[], tuple[torch.Tensor, dict[str, Any]]]
     note: str = ""
+    note_ok: str = ""
     times: list[float] = field(default_factory=list)
     unet_times: list[float] = field(default_factory=list)
     peak_mb: float = 0.0
@@ -226,12 +231,30 @@ def build_systems(cfg: BenchConfig, sd: Any, latents: torch.Tensor) -> list[_Sys
 
     systems.append(_System("diffusers", "torch", "-", "fp32", diffusers_run(sd)))
 
-    for backend in cfg.backends:
-        precisions = cfg.precisions if backend == "torch" else ("fp32",)
+    if cfg.authors_style:
+        from .authors_style import authors_style_images
+
+        def authors_run() -> tuple[torch.Tensor, dict[str, Any]]:
+            # The blocks are called directly, not unet.forward: the UNet time is the whole loop's.
+            t = time.perf_counter()
+            lat, _ = authors_style_images(sd, cfg.prompt, latents.clone(), num_inference_steps=cfg.steps,
+                                          guidance_scale=cfg.guidance)
+            keys = [k for k in _paper_keys() if k < cfg.steps]
+            return lat, {"unet_s": time.perf_counter() - t, "encoder_calls": len(keys), "decoder_calls": len(keys)}
+
+        systems.append(_System("authors-style", "torch", "paper", "fp32", authors_run,
+                               note_ok="diffusers modules, encoder at key steps, decoder batched by repeating features"))
+
+    # auto last: the graphs other rows build on their first run are then there for it to measure.
+    order = sorted(cfg.backends, key=lambda b: b == "auto")
+    for backend in order:
+        # precision "auto" (bf16 may compete) is for backend auto only.
+        precisions = tuple(p for p in cfg.precisions if p != "auto" or backend == "auto") or ("fp32",)
+        precisions = precisions if backend in ("torch", "auto") else ("fp32",)
         for precision in precisions:
             try:
                 pipe_sd = sd if precision == "fp32" else _clone_pipeline(sd)
-                opts = {"intra_op_threads": cfg.threads} if (backend == "onnxruntime" and cfg.threads) else {}
+                opts = {"intra_op_threads": cfg.threads} if (backend in ("onnxruntime", "auto") and cfg.threads) else {}
                 fd = FasterDiffusionPipeline.from_diffusers(
                     pipe_sd, backend=backend, device="cpu", precision=precision, progress=False, runner_options=opts
                 )
@@ -245,12 +268,17 @@ def build_systems(cfg: BenchConfig, sd: Any, latents: torch.Tensor) -> list[_Sys
                 def run(fd: Any = fd, schedule: str = schedule) -> tuple[torch.Tensor, dict[str, Any]]:
                     out = fd(cfg.prompt, latents=latents.clone(), output_type="np", schedule=schedule, **common)
                     s = out.stats
-                    return out.latents, {
+                    info = {
                         "unet_s": s.seconds["encoder"] + s.seconds["decoder"],
                         "encoder_calls": s.encoder_calls,
                         "decoder_calls": s.decoder_calls,
                         "gflops": s.unet_gflops,
+                        "backend": s.backend,
                     }
+                    d = getattr(fd.runner, "last_decision", None)
+                    if d is not None:
+                        info["auto"] = d.summary()
+                    return out.latents, info
 
                 systems.append(_System("fd_trt", backend, schedule, precision, run))
 
@@ -268,6 +296,12 @@ def _model_folder(model: str) -> Path | None:
     if model in MODELS:
         return None
     return Path(model)
+
+
+def _paper_keys() -> list[int]:
+    from .schedule import PAPER_KEY_STEPS
+
+    return list(PAPER_KEY_STEPS)
 
 
 def _clone_pipeline(sd: Any) -> Any:
@@ -335,7 +369,7 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     for w in range(cfg.warmup):
         for s in list(live):
             try:
-                if w == 0 and s.system != "fd_trt":
+                if w == 0 and s.system not in ("fd_trt", "authors-style"):
                     # diffusers and DeepCache FLOPs are counted on their own UNet calls, untimed
                     s.gflops = _count_unet_gflops(sd.unet, s.run)
                 else:
@@ -366,7 +400,9 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     rows = []
     for s in systems:
         row: dict[str, Any] = {k: None for k in ROW_KEYS}
-        row.update(system=s.system, backend=s.backend, schedule=s.schedule, precision=s.precision, note=s.note)
+        backend = s.info.get("backend", s.backend) if s.backend == "auto" else s.backend
+        row.update(system=s.system, backend=backend, schedule=s.schedule, precision=s.precision,
+                   note=s.note or s.info.get("auto", s.note_ok))
         if s.times:
             med = statistics.median(s.times)
             row.update(
@@ -431,7 +467,9 @@ def to_markdown(report: dict[str, Any]) -> str:
                 f"{r['rel_l2_vs_diffusers']:.2e}" if r["rel_l2_vs_diffusers"] is not None else "-",
             ]) + " |"
         )
-    return head + "\n".join(lines) + "\n"
+    notes = [f"- {r['system']} {r['backend']} {r['schedule']}: {r['note']}" for r in report["results"]
+             if r["s_per_image"] is not None and r["note"]]
+    return head + "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
 def plot(report: dict[str, Any], path: str | os.PathLike[str]) -> None:

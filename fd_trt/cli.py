@@ -19,13 +19,14 @@ from .serve import DEFAULT_DECODER_MEMORY_MB
 def _add_model_args(p: Any) -> None:
     """Model and runner options shared by ``generate`` and ``serve``."""
     p.add_argument("--model", default="default", help="'default' or a local diffusers folder")
-    p.add_argument("--backend", default=None, choices=["torch", "onnxruntime", "tensorrt"],
-                   help="runner backend (default: onnxruntime on CPU, torch on CUDA)")
+    p.add_argument("--backend", default=None, choices=["auto", "torch", "onnxruntime", "tensorrt"],
+                   help="runner backend (default: auto, which measures the available ones and keeps the fastest)")
     p.add_argument("--engines", default=None, help="a built engine directory (fd-trt build) for graph backends")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads of the runner")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
-                   help="runner precision (default: fp16 for tensorrt, fp32 otherwise)")
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "fp16", "bf16"],
+                   help="runner precision (default: fp16 for tensorrt, fp32 otherwise; auto lets --backend auto "
+                        "consider bf16, which changes the numbers)")
 
 
 def _add_generate(sub: Any) -> None:
@@ -61,9 +62,11 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--max-decoder-rows", type=int, default=None, help="cap on rows per decoder call")
     p.add_argument("--out", default="fd_trt_out.png", help="output image (PNG); several images get _i suffixes")
     p.add_argument("--json", default=None, help="write stats as JSON here")
-    p.add_argument("--compare", action="store_true", help="also run schedule 'all' and report speedup and error (after one untimed warm-up run)")
+    p.add_argument("--compare", action="store_true",
+                   help="also run plain diffusers (the pipeline the model folder describes) and schedule 'all' on the same "
+                        "seed, alternating after a warm-up, and report times, speedups and relative L2")
     p.add_argument("--repeat", type=int, default=3,
-                   help="with --compare: timed runs per schedule, alternating; the run with the median total is reported")
+                   help="with --compare: timed runs per system, alternating; the run with the median total is reported")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -75,13 +78,18 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
-    p.add_argument("--backends", default="torch", help="comma-separated: torch,onnxruntime,tensorrt")
+    p.add_argument("--backends", default="auto,torch",
+                   help="comma-separated: auto,torch,onnxruntime,tensorrt (auto runs last, so that it can measure "
+                        "the graphs the others built)")
     p.add_argument("--schedules", default="all,paper", help="comma-separated fd_trt schedules (';' separates lists)")
     p.add_argument("--precisions", default="fp32", help="torch runner precisions, e.g. fp32,bf16")
     p.add_argument("--repeat", type=int, default=1, help="timed runs per system (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per system first")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads")
     p.add_argument("--no-deepcache", action="store_true", help="skip the DeepCache row")
+    p.add_argument("--authors-style", action=argparse.BooleanOptionalAction, default=True,
+                   help="the peer baseline row: Faster Diffusion ('paper') run the authors' way on diffusers modules "
+                        "(fd_trt/authors_style.py); on by default")
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
     p.add_argument("--plot", default=None, help="PNG bar chart")
@@ -105,6 +113,7 @@ def _bench(args: argparse.Namespace) -> int:
         repeat=args.repeat,
         warmup=args.warmup,
         deepcache=not args.no_deepcache,
+        authors_style=args.authors_style,
         threads=args.threads,
     )
     report = run_benchmark(cfg, progress=not args.quiet)
@@ -129,16 +138,16 @@ def _fmt_stats(label: str, st: Any) -> str:
 
 
 def _runner_options(args: argparse.Namespace) -> dict[str, Any]:
-    from .backends import default_backend
-
     if args.threads is None:
         return {}
-    if (args.backend or default_backend(args.device)) == "onnxruntime":
+    backend = args.backend or "auto"
+    if backend == "onnxruntime":
         return {"intra_op_threads": args.threads}
     import torch
 
     torch.set_num_threads(args.threads)
-    return {}
+    # auto passes each runner the options it takes (fd_trt.pipeline.FasterDiffusionPipeline._options_for).
+    return {"intra_op_threads": args.threads} if backend == "auto" else {}
 
 
 def _add_serve(sub: Any) -> None:
@@ -225,9 +234,14 @@ def _add_build(sub: Any) -> None:
     p.add_argument("--max-segment-steps", type=int, default=15, help="longest segment decoded in one call")
     p.add_argument("--force", action="store_true", help="rebuild even when up to date")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--tune", action="store_true",
+                   help="also measure every backend='auto' candidate (building the graphs it lacks) for --schedule, "
+                        "--steps and --batch, and cache the decision that fd-trt generate then reuses")
+    p.add_argument("--threads", type=int, default=None, help="with --tune: intra-op threads, as fd-trt generate --threads")
     trt = p.add_argument_group("TensorRT plans (--backend tensorrt)")
-    trt.add_argument("--schedule", default="paper",
-                     help="schedule whose segments choose the decoder profile's opt rows (default: paper)")
+    trt.add_argument("--schedule", default=None,
+                     help="schedule whose segments choose the decoder profile's opt rows (default: paper), and that "
+                          "--tune tunes for (default: the one fd-trt generate would use)")
     trt.add_argument("--steps", type=int, default=50, help="step count the --schedule is read for (default: 50)")
     trt.add_argument("--opt-segment-steps", type=int, default=None,
                      help="tune the decoder for segments of this many steps (default: from --schedule)")
@@ -244,8 +258,13 @@ def _build(args: argparse.Namespace) -> int:
     from .models import load_diffusers_pipeline
 
     t0 = time.perf_counter()
+    if args.tune and not args.out:
+        # auto looks for graphs in the engine cache: build them there, once.
+        return _tune(args)
     if args.backend == "tensorrt":
         from .schedule import parse_schedule
+
+        args.schedule = args.schedule or "paper"
 
         if args.schedule.strip().lower().endswith(".json"):  # a calibration: its key steps set the profiles
             from .calibrate import Calibration
@@ -290,6 +309,35 @@ def _build(args: argparse.Namespace) -> int:
           f"decoder rows {m.decoder_rows[0]}..{m.decoder_rows[1]}")
     if args.backend == "tensorrt":
         _build_plans(args, out)
+    if args.tune:
+        return _tune(args, engines=out)
+    return 0
+
+
+def _tune(args: argparse.Namespace, engines: Path | None = None) -> int:
+    """``fd-trt build --tune``: measures every ``auto`` candidate ahead of time and caches the decision."""
+    from .pipeline import FasterDiffusionPipeline
+    from .schedule import parse_schedule
+
+    opts = {}
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        opts = {"intra_op_threads": args.threads}
+    pipe = FasterDiffusionPipeline.from_pretrained(args.model, backend="auto", progress=not args.quiet, engines=engines,
+                                                   runner_options=opts)
+    pipe.auto_build_graphs = True  # ahead of time: building is what the user asked for
+    runner = pipe.prepare(args.height, args.width)
+    runner.read_cache = False  # measure afresh; the new decision replaces a cached one
+    steps = args.steps
+    schedule = parse_schedule(pipe.resolve_schedule(args.schedule, steps), steps)
+    for b in range(1, args.batch + 1):
+        d = runner.plan(schedule, rows=2 * b)
+        print(f"batch {b}, key steps {','.join(map(str, schedule.key_steps))}: {d.summary()}")
+    from .tune import tuning_cache_dir
+
+    print(f"tuning decisions cached in {tuning_cache_dir()}")
     return 0
 
 
@@ -380,6 +428,62 @@ def _image_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
+def _auto_decision(pipe: Any) -> Any:
+    """The decision ``backend="auto"`` made for the latest call, or ``None`` for another backend."""
+    return getattr(pipe.runner, "last_decision", None) if pipe.backend == "auto" else None
+
+
+def _print_auto(pipe: Any, out: Any, first: bool) -> Any:
+    """Says what ``auto`` chose and why (the predicted times it measured); returns the decision."""
+    d = _auto_decision(pipe)
+    if d is None:
+        return None
+    print(d.summary())
+    if first and not d.cached:
+        print(f"(the first call at this shape and schedule paid {d.tuning_s:.2f} s for tuning; later runs read "
+              "the decision from the cache)")
+    return d
+
+
+#: The bf16 suggestion runs only when one fp32 run is at most this long (it costs two more runs).
+BF16_HINT_MAX_S = 3.0
+
+
+def _bf16_hint(args: argparse.Namespace, pipe: Any, out: Any, run: Any, noise: Any) -> dict[str, Any] | None:
+    """On a CPU with bf16 matrix units, measures torch bf16 once and suggests ``--precision auto``.
+
+    Only when no precision was asked, on a CPU, and when it is cheap (a run of at most
+    :data:`BF16_HINT_MAX_S`); bf16 changes the numbers, so it is a suggestion, never the default.
+    """
+    from .tune import cpu_flags, has_fast_bf16
+
+    if args.precision is not None or pipe.device.type != "cpu" or not has_fast_bf16():
+        return None
+    if out.stats.seconds["total"] > BF16_HINT_MAX_S or args.backend not in (None, "auto", "torch"):
+        return None
+    import torch
+
+    from .compare import rel_l2
+    from .pipeline import FasterDiffusionPipeline
+
+    bf = FasterDiffusionPipeline.from_diffusers(pipe.sd, backend="torch", precision="bf16", progress=False)
+    bf.model_dir = pipe.model_dir
+    kw = dict(height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
+              num_images_per_prompt=args.num_images, output_type="latent", schedule=args.schedule,
+              noise_injection=noise, parallel=not args.sequential, max_decoder_rows=args.max_decoder_rows)
+    bf(args.prompt, generator=torch.Generator("cpu").manual_seed(args.seed), **kw)  # warm-up
+    o = bf(args.prompt, generator=torch.Generator("cpu").manual_seed(args.seed), **kw)
+    ref = run(args.schedule, noise, output_type="latent")  # fp32 timed next to it
+    speed = ref.stats.seconds["total"] / o.stats.seconds["total"]
+    rel = rel_l2(o.latents, ref.latents)
+    units = "AMX-BF16" if "amx_bf16" in cpu_flags() else "AVX512-BF16"
+    print(f"hint: this CPU has {units}: torch bf16 ran this in {o.stats.seconds['total']:.3f} s against "
+          f"{ref.stats.seconds['total']:.3f} s ({speed:.2f}x), relative L2 of the final latents vs fp32 {rel:.1e}; "
+          "--precision auto lets backend auto choose it")
+    bf.close()
+    return {"bf16_s": o.stats.seconds["total"], "fp32_s": ref.stats.seconds["total"], "speedup": speed, "rel_l2": rel}
+
+
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -425,47 +529,77 @@ def _generate(args: argparse.Namespace) -> int:
 
     noise = False if args.no_noise_injection else None
     if args.compare:
-        # One untimed run of the timed schedule pays the one-off costs (allocation, FLOP counting, and
-        # ONNX Runtime's first call at each decoder row count, which a 2-step run would not reach:
-        # on the default model it made the first 'paper' run 1.15 s against 0.32 s warm).
+        from .compare import median_index, rel_l2, run_diffusers
+
+        if image_kwargs:
+            raise InputError(
+                "--compare measures text-to-image runs against diffusers' StableDiffusionPipeline; drop --image, "
+                "--mask, --strength and --controlnet, or run without --compare"
+            )
+
+        if args.quiet:
+            pipe.sd.set_progress_bar_config(disable=True)
+        diffusers_kw = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                            num_inference_steps=args.steps, guidance_scale=args.guidance,
+                            num_images_per_prompt=args.num_images, seed=args.seed, device=pipe.device)
+        # One untimed run of the timed schedule pays the one-off costs (allocation, FLOP counting,
+        # backend="auto"'s tuning, and ONNX Runtime's first call at each decoder row count, which a
+        # 2-step run would not reach: on the default model it made the first 'paper' run 1.15 s
+        # against 0.32 s warm). diffusers gets its warm-up run too.
         if not args.quiet:
-            print("warm-up: one untimed run of the schedule")
-        run(args.schedule, noise, output_type="latent")
-        # A short run still has to run a step at the asked strength: int(steps x strength) >= 1.
-        warm_steps = 2 if not args.strength else max(2, int(2 / args.strength) + 1)
-        pipe(args.prompt, num_inference_steps=warm_steps, height=args.height, width=args.width,
-             output_type="latent", schedule="all", **image_kwargs)
-        # Alternating runs, so that a slow spell of a shared machine hits both schedules alike. Every
-        # run has the same seed and so the same result; only the timings differ.
+            print("warm-up: one untimed run of each system")
+        warm = run(args.schedule, noise, output_type="latent")
+        decision = _print_auto(pipe, warm, first=True)
+        run("all", False, output_type="latent")
+        run_diffusers(pipe.sd, args.prompt, **diffusers_kw)
+        # Alternating runs, so that a slow spell of a shared machine hits every system alike. Every
+        # run of one system has the same seed and so the same result; only the timings differ.
         runs: list[Any] = []
         refs: list[Any] = []
+        plain: list[Any] = []
         for _ in range(args.repeat):
-            runs.append(run(args.schedule, noise))
-            refs.append(run("all", False))
+            runs.append(run(args.schedule, noise, output_type="np"))
+            refs.append(run("all", False, output_type="np"))
+            plain.append(run_diffusers(pipe.sd, args.prompt, **diffusers_kw))
         out, ref = _median_run(runs), _median_run(refs)
+        dref = plain[median_index([d.seconds for d in plain])]
+        out_np = out.images
+        out.images = pipe.sd.image_processor.numpy_to_pil(out_np)
     else:
         out = run(args.schedule, noise)
+        decision = _print_auto(pipe, out, first=True)
     label = args.schedule or ("calibrated" if out.stats.key_steps != _paper_keys(out.stats.num_steps) else "paper")
     print(f"key steps: {','.join(map(str, out.stats.key_steps))}")
     print(_fmt_stats(label, out.stats))
     report: dict[str, Any] = {"schedule": args.schedule or label, "stats": out.stats.as_dict()}
+    if decision is not None:  # the decision of the asked schedule's run (--compare's 'all' has its own)
+        report["auto"] = decision.as_dict()
     if args.compare:
         print(_fmt_stats("all", ref.stats))
+        print(f"{'diffusers':>10}: {dref.seconds:7.3f} s total | {type(pipe.sd).__name__}, same seed, scheduler and steps")
         if args.repeat > 1:
-            def totals(outputs: list[Any]) -> str:
-                return ", ".join(f"{o.stats.seconds['total']:.3f}" for o in outputs)
+            def totals(values: list[float]) -> str:
+                return ", ".join(f"{v:.3f}" for v in values)
 
-            print(f"(median of {args.repeat} alternating runs each; totals {label}: {totals(runs)} s, all: {totals(refs)} s)")
-        a, b = out.latents, ref.latents
-        rel = float((a - b).norm() / b.norm())
+            print(f"(median of {args.repeat} alternating runs each; totals {label}: "
+                  f"{totals([o.stats.seconds['total'] for o in runs])} s, all: "
+                  f"{totals([o.stats.seconds['total'] for o in refs])} s, diffusers: {totals([d.seconds for d in plain])} s)")
+        rel = rel_l2(out.latents, ref.latents)
         speed = ref.stats.seconds["total"] / out.stats.seconds["total"]
         unet_speed = (ref.stats.seconds["encoder"] + ref.stats.seconds["decoder"]) / max(
             1e-12, out.stats.seconds["encoder"] + out.stats.seconds["decoder"]
         )
         flop_cut = 1 - out.stats.unet_gflops / ref.stats.unet_gflops
+        vs_diffusers = dref.seconds / out.stats.seconds["total"]
+        img_rel = rel_l2(out_np, dref.images)
+        all_img_rel = rel_l2(ref.images, dref.images)
+        all_lat_rel = rel_l2(ref.latents, dref.latents)
+        print(f"speedup vs diffusers: {vs_diffusers:.2f}x ({out.stats.seconds['total']:.3f} s against "
+              f"{dref.seconds:.3f} s); relative L2 of the images vs diffusers: {img_rel:.4e} "
+              f"('all' vs diffusers: {all_img_rel:.2e} images, {all_lat_rel:.2e} latents)")
         print(
-            f"speedup {speed:.2f}x total, {unet_speed:.2f}x UNet; UNet FLOPs -{100 * flop_cut:.1f}%; "
-            f"relative L2 of final latents vs 'all': {rel:.4e}"
+            f"speedup {speed:.2f}x total, {unet_speed:.2f}x UNet vs 'all' on {ref.stats.backend}; UNet FLOPs "
+            f"-{100 * flop_cut:.1f}%; relative L2 of final latents vs 'all': {rel:.4e}"
         )
         report["compare"] = {
             "all_stats": ref.stats.as_dict(),
@@ -476,7 +610,20 @@ def _generate(args: argparse.Namespace) -> int:
             "repeat": args.repeat,
             "totals_s": [r.stats.seconds["total"] for r in runs],
             "all_totals_s": [r.stats.seconds["total"] for r in refs],
+            "diffusers": {
+                "pipeline": type(pipe.sd).__name__,
+                "seconds": dref.seconds,
+                "totals_s": [d.seconds for d in plain],
+                "speedup": vs_diffusers,
+                "rel_l2_images": img_rel,
+                "rel_l2_latents": rel_l2(out.latents, dref.latents),
+                "all_rel_l2_images": all_img_rel,
+                "all_rel_l2_latents": all_lat_rel,
+            },
         }
+    hint = _bf16_hint(args, pipe, out, run, noise)
+    if hint is not None:
+        report["bf16_hint"] = hint
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(out.images):

@@ -205,9 +205,12 @@ class FasterDiffusionPipeline:
 
     Args:
         sd_pipeline: a diffusers ``StableDiffusionPipeline`` (its components are used, not copied).
-        backend: ``"torch"`` or a ready :class:`~fd_trt.backends.base.Runner`.
+        backend: ``"auto"`` (default: measure the available backends and keep the fastest, see
+            :mod:`fd_trt.tune`), ``"torch"``, ``"onnxruntime"``, ``"tensorrt"``, or a ready
+            :class:`~fd_trt.backends.base.Runner`.
         device: ``"cpu"`` or ``"cuda[:i]"``; CUDA when available by default.
-        precision: the runner's precision, ``fp32``, ``fp16`` or ``bf16``.
+        precision: the runner's precision, ``fp32``, ``fp16`` or ``bf16``; with ``auto``, also
+            ``"auto"``, which lets reduced precision (bf16 on a CPU) compete.
         progress: show progress bars.
         source: a description of where the model came from, for messages.
         engines: a built engine directory for graph backends (see :meth:`from_pretrained`).
@@ -292,14 +295,20 @@ class FasterDiffusionPipeline:
             self._fixed_runner = backend.activate()
         else:
             self.backend = backend or default_backend(str(self.device))
-            if self.backend not in BACKENDS:
-                raise InputError(f"unknown backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
+            if self.backend not in (*BACKENDS, "auto"):
+                raise InputError(f"unknown backend {self.backend!r}: choose auto or one of {', '.join(BACKENDS)}")
+            if self.backend == "auto":
+                if precision not in (None, "auto", "fp32", "fp16", "bf16"):
+                    raise InputError(f"unknown precision {precision!r}: use auto, fp32, fp16 or bf16")
+                #: The precision asked of ``auto`` (None: exact only; "auto": reduced precision may compete).
+                self.auto_precision = precision
+                precision = precision if precision not in (None, "auto") else ("fp16" if self.device.type == "cuda" else "fp32")
             # TensorRT engines are fp16 unless asked otherwise; the others default to fp32.
             precision = precision or ("fp16" if self.backend == "tensorrt" else "fp32")
             if self.backend == "torch":
                 cls = get_runner_class("torch")
                 self._fixed_runner = cls(self.sd.unet, device=self.device, dtype=precision, **self.runner_options).activate()
-            else:
+            elif self.backend != "auto":  # auto measures per shape, on the first call (fd_trt.tune)
                 # Graph backends are built per latent/text shape, on the first call that needs one.
                 get_runner_class(self.backend)
                 if self.backend == "onnxruntime" and precision not in ("fp32", "fp16"):
@@ -364,33 +373,125 @@ class FasterDiffusionPipeline:
             return runner
 
     def _load_runner(self, latent_hw: tuple[int, int], text_shape: tuple[int, int]) -> Runner:
+        if self.backend == "auto":
+            return self._auto_runner(latent_hw, text_shape).activate()
+        folder = self._graph_folder(latent_hw, text_shape, self.precision, build=True)
+        cls = get_runner_class(self.backend)
+        return cls(folder, device=self.device, dtype=self.precision, **self.runner_options).activate()
+
+    def _graph_folder(self, latent_hw: tuple[int, int], text_shape: tuple[int, int], precision: str, build: bool) -> Path:
+        """The engine directory for a shape: ``engines=``, or the cache folder, built there when ``build``.
+
+        Raises:
+            EngineMismatchError: the graphs do not fit (or, with ``build=False``, are not built).
+        """
         from .engines import build_engines, check_engine_dir
 
         unet = self.sd.unet
         if self.engines is not None:
-            check_engine_dir(self.engines, unet, latent_size=latent_hw, text_shape=text_shape, precision=self.precision,
+            check_engine_dir(self.engines, unet, latent_size=latent_hw, text_shape=text_shape, precision=precision,
                              unet_sha256=self.unet_sha256)
-            folder = self.engines
-        else:
-            digest = self.unet_sha256
-            folder = engine_cache_root() / (
-                f"{digest[:16]}-{latent_hw[0]}x{latent_hw[1]}-t{text_shape[0]}x{text_shape[1]}-{self.precision}"
-            )
-            res = build_engines(
-                unet,
-                folder,
-                latent_size=latent_hw,
-                text_shape=text_shape,
-                precision=self.precision,
-                model_source=self.source,
-                progress=self.progress,
-                unet_sha256=digest,
-            )
-            if res.built:
-                logger.warning("built %s graphs for latents %s on first use into %s (%.1f s); they are reused from now on",
-                               self.backend, latent_hw, folder, res.seconds)
-        cls = get_runner_class(self.backend)
-        return cls(folder, device=self.device, dtype=self.precision, **self.runner_options).activate()
+            return self.engines
+        digest = self.unet_sha256
+        folder = engine_cache_root() / f"{digest[:16]}-{latent_hw[0]}x{latent_hw[1]}-t{text_shape[0]}x{text_shape[1]}-{precision}"
+        if not build:
+            if not (folder / "manifest.json").is_file():
+                raise EngineMismatchError(f"no {precision} graphs built for latents {latent_hw} (fd-trt build --tune builds them)")
+            check_engine_dir(folder, unet, latent_size=latent_hw, text_shape=text_shape, precision=precision,
+                             unet_sha256=digest)
+            return folder
+        res = build_engines(
+            unet,
+            folder,
+            latent_size=latent_hw,
+            text_shape=text_shape,
+            precision=precision,
+            model_source=self.source,
+            progress=self.progress,
+            unet_sha256=digest,
+        )
+        if res.built:
+            logger.warning("built graphs for latents %s on first use into %s (%.1f s); they are reused from now on",
+                           latent_hw, folder, res.seconds)
+        return folder
+
+    # backend="auto" ---------------------------------------------------------------------------
+    #: With ``backend="auto"``: whether missing graphs may be built while tuning (``fd-trt build --tune``).
+    auto_build_graphs: bool = False
+    #: With ``backend="auto"``: read and write the decision cache.
+    auto_use_cache: bool = True
+    auto_precision: str | None = None
+
+    def auto_candidates(self) -> list[Any]:
+        """The candidates ``backend="auto"`` measures here, in order of preference on a tie."""
+        from .tune import Candidate
+
+        if self.device.type == "cuda":
+            return [Candidate("tensorrt", "fp16", exact=False),
+                    Candidate("torch", "fp16", exact=False, options=(("cuda_graphs", True),))]
+        asked = self.auto_precision
+        if asked == "bf16":
+            return [Candidate("torch", "bf16", exact=False)]
+        if asked == "fp16":
+            return [Candidate("onnxruntime", "fp16", exact=False)]
+        cands = [Candidate("torch", "fp32"), Candidate("onnxruntime", "fp32")]
+        if asked == "auto":
+            cands.append(Candidate("torch", "bf16", exact=False))
+        return cands
+
+    def _options_for(self, cls: type) -> dict[str, Any]:
+        """The pipeline's runner options that ``cls`` takes (``auto`` mixes runners with different options)."""
+        params = inspect.signature(cls.__init__).parameters
+        if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            return dict(self.runner_options)
+        return {k: v for k, v in self.runner_options.items() if k in params}
+
+    def _auto_runner(self, latent_hw: tuple[int, int], text_shape: tuple[int, int]) -> Runner:
+        from .engines import check_engine_dir
+        from .tune import AutoRunner, Candidate, device_name, library_versions
+
+        if self.engines is not None:
+            # An engine directory is an explicit request for its graphs: one that does not fit is an
+            # error naming the rebuild command, not a candidate quietly skipped.
+            check_engine_dir(self.engines, self.sd.unet, latent_size=latent_hw, text_shape=text_shape,
+                             unet_sha256=self.unet_sha256)
+
+        def make(cand: Candidate) -> Runner:
+            cls = get_runner_class(cand.backend)
+            opts = {**self._options_for(cls), **dict(cand.options)}
+            if cand.backend == "torch":
+                return cls(self.sd.unet, device=self.device, dtype=cand.precision, **opts)
+            folder = self._graph_folder(latent_hw, text_shape, cand.precision, build=self.auto_build_graphs)
+            if cand.backend == "tensorrt":
+                opts.setdefault("build", self.auto_build_graphs)
+            return cls(folder, device=self.device, dtype=cand.precision, **opts)
+
+        def ready(cand: Candidate) -> bool:
+            if cand.backend == "torch":
+                return True
+            if self.engines is not None:
+                return True
+            return any(engine_cache_root().glob(f"{self.unet_sha256[:16]}-{latent_hw[0]}x{latent_hw[1]}-*-{cand.precision}/manifest.json"))
+
+        def base_key() -> dict[str, Any]:
+            return {
+                "format": 1,
+                "unet_sha256": self.unet_sha256,
+                "device": device_name(self.device),
+                "device_type": self.device.type,
+                "threads": torch.get_num_threads(),
+                "versions": dict(library_versions()),
+                "runner_options": {k: repr(v) for k, v in sorted(self.runner_options.items())},
+                "engines": str(self.engines) if self.engines is not None else None,
+            }
+
+        c = int(self.sd.unet.config.in_channels)
+        from .contract import default_added_shapes
+
+        return AutoRunner(self.auto_candidates(), make, (c, *latent_hw), text_shape, base_key, device=self.device,
+                          ready=ready, use_cache=self.auto_use_cache,
+                          added_shapes=default_added_shapes(self.sd.unet.config) or None)
+
 
     def _retire(self, runner: Runner) -> None:
         """Closes a runner now, or when the last call that uses it ends."""
@@ -611,11 +712,13 @@ class FasterDiffusionPipeline:
 
         Args:
             model: a local folder, or ``"default"`` (the shipped model).
-            backend: ``"torch"``, ``"onnxruntime"`` or ``"tensorrt"``; by default ``onnxruntime``
-                on a CPU and ``torch`` on CUDA.
+            backend: ``"auto"`` (default), ``"torch"``, ``"onnxruntime"`` or ``"tensorrt"``. ``auto``
+                measures the available backends and decoder call sizes on the first call at each
+                shape, batch and schedule, caches the choice, and never builds graphs by surprise.
             device: ``"cpu"`` or ``"cuda"``; CUDA when available by default.
-            precision: ``fp32``, ``fp16`` or ``bf16`` (torch); ``fp32`` or ``fp16`` (graphs). Default:
-                ``fp16`` for ``tensorrt``, ``fp32`` otherwise.
+            precision: ``fp32``, ``fp16`` or ``bf16`` (torch); ``fp32`` or ``fp16`` (graphs);
+                ``auto`` with ``backend="auto"`` (bf16 may compete). Default: ``fp16`` for
+                ``tensorrt`` and on CUDA, ``fp32`` otherwise.
             scheduler: ``ddim``, ``dpmpp``, ``pndm``, ``euler`` or ``ddpm``; the folder's own when omitted.
             progress: show progress bars.
             engines: a built engine directory (``fd-trt build``) for graph backends. Without one,

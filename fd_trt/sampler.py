@@ -197,6 +197,7 @@ def run_sampler(
     if cfg and guidance_rescale > 0.0:
         from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg as rescale
     t_dev = timesteps.to(runner.device, torch.float32)
+    runner.plan(schedule, rows, parallel, max_decoder_rows)
 
     def tick() -> float:
         runner.synchronize()

@@ -11,7 +11,7 @@ from fd_trt.models import tiny_sd_pipeline
 
 @pytest.fixture(scope="module")
 def report():
-    cfg = BenchConfig(model="tiny", height=64, width=64, steps=50, backends=("torch",), repeat=1, warmup=1)
+    cfg = BenchConfig(model="tiny", height=64, width=64, steps=50, backends=("torch", "auto"), repeat=1, warmup=1)
     return run_benchmark(cfg, progress=False)
 
 
@@ -112,3 +112,15 @@ def test_calibrated_schedule_finds_the_model_folders_calibrations():
     assert _model_folder("default") == default_model_dir()
     assert _model_folder("tiny") is None and _model_folder("sd15-arch") is None
     assert str(_model_folder("/some/model")) == "/some/model"
+
+
+def test_auto_and_authors_style_rows(report):
+    rows = {(r["system"], r["backend"].split(":")[0], r["schedule"]): r for r in report["results"]}
+    authors, paper = rows[("authors-style", "torch", "paper")], rows[("fd_trt", "torch", "paper")]
+    assert authors["s_per_image"] > 0 and authors["encoder_calls"] == 9
+    # The same algorithm: the same distance from diffusers.
+    assert authors["rel_l2_vs_diffusers"] == pytest.approx(paper["rel_l2_vs_diffusers"], abs=1e-6)
+    auto = rows[("fd_trt", "auto", "paper")]
+    assert auto["backend"].startswith("auto:") and "auto chose" in auto["note"]
+    assert auto["rel_l2_vs_diffusers"] == pytest.approx(paper["rel_l2_vs_diffusers"], abs=1e-4)
+    assert rows[("fd_trt", "auto", "all")]["rel_l2_vs_diffusers"] < 1e-5

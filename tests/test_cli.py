@@ -15,6 +15,9 @@ def test_generate_compare_writes_image_and_json(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "speedup" in printed and "relative L2" in printed and "model: default" in printed
+    assert "auto chose" in printed and "speedup vs diffusers" in printed
+    auto = json.loads(js.read_text())["auto"]  # the decision of the asked schedule, not of 'all'
+    assert auto["key"]["key_steps"] == [0, 1, 2, 3, 5, 10] and auto["backend"] in ("torch", "onnxruntime")
     assert PIL.Image.open(out).size == (64, 64)
     report = json.loads(js.read_text())
     assert report["stats"]["encoder_calls"] == 6  # paper cut below 12 steps: 0,1,2,3,5,10
@@ -28,6 +31,23 @@ def test_generate_compare_writes_image_and_json(tmp_path, capsys):
     assert cmp["all_stats"]["seconds"]["total"] == min(cmp["all_totals_s"])
     assert cmp["speedup_total"] == pytest.approx(min(cmp["all_totals_s"]) / min(cmp["totals_s"]))
     assert "median of 2 alternating runs" in printed
+
+
+def test_generate_compare_runs_plain_diffusers_on_the_same_seed(tmp_path, capsys):
+    js = tmp_path / "c.json"
+    rc = main(["generate", "a red circle", "--steps", "12", "--compare", "--repeat", "1", "--quiet", "--backend", "torch",
+               "--out", str(tmp_path / "a.png"), "--json", str(js)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "diffusers:" in printed and "speedup vs diffusers" in printed and "vs 'all' on torch" in printed
+    report = json.loads(js.read_text())
+    d = report["compare"]["diffusers"]
+    assert d["pipeline"] == "StableDiffusionPipeline" and len(d["totals_s"]) == 1 and d["seconds"] > 0
+    assert d["speedup"] == pytest.approx(d["seconds"] / report["stats"]["seconds"]["total"])
+    # 'all' on the torch backend is plain diffusers: same seed, scheduler and steps.
+    assert d["all_rel_l2_latents"] < 1e-4 and d["all_rel_l2_images"] < 1e-4
+    assert d["rel_l2_latents"] > 1e-3 and 0 < d["rel_l2_images"] < 1  # paper's key steps change the result
+    assert "auto" not in report  # an explicit backend: no tuning
 
 
 def test_generate_rejects_a_bad_repeat(tmp_path, capsys):
@@ -58,3 +78,19 @@ def test_import_fd_trt_loads_no_gpu_or_graph_runtime():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_generate_suggests_bf16_only_where_the_cpu_has_bf16_units(tmp_path, capsys, monkeypatch):
+    import fd_trt.tune
+
+    js = tmp_path / "h.json"
+    monkeypatch.setattr(fd_trt.tune, "has_fast_bf16", lambda: True)
+    rc = main(["generate", "a red circle", "--steps", "6", "--quiet", "--backend", "torch", "--out", str(tmp_path / "a.png"),
+               "--json", str(js)])
+    assert rc == 0
+    assert "hint: this CPU has" in capsys.readouterr().out
+    hint = json.loads(js.read_text())["bf16_hint"]
+    assert hint["bf16_s"] > 0 and 0 < hint["rel_l2"] < 0.5
+    monkeypatch.setattr(fd_trt.tune, "has_fast_bf16", lambda: False)
+    assert main(["generate", "a red circle", "--steps", "2", "--quiet", "--backend", "torch", "--out", str(tmp_path / "b.png")]) == 0
+    assert "hint:" not in capsys.readouterr().out

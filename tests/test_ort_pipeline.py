@@ -14,11 +14,11 @@ from conftest import rel_l2
 PROMPT = "a red circle on the left"
 
 
-def test_cpu_default_backend_is_onnxruntime(tiny_sd):
+def test_the_default_backend_is_auto_on_every_device(tiny_sd):
     from fd_trt.backends import default_backend
 
-    assert default_backend("cpu") == "onnxruntime"
-    assert default_backend("cuda") == "torch"
+    assert default_backend("cpu") == default_backend("cuda") == "auto"
+    assert FasterDiffusionPipeline.from_diffusers(tiny_sd, device="cpu", progress=False).backend == "auto"
 
 
 def test_onnxruntime_backend_builds_on_first_use_and_matches_torch(tiny_sd, fd_pipe, latents, tmp_path, monkeypatch, caplog):

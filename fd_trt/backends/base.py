@@ -113,6 +113,20 @@ class Runner(abc.ABC):
         """
         return False
 
+    def plan(self, schedule: Any, rows: int, parallel: bool = True, max_decoder_rows: int | None = None) -> Any:
+        """Told by the sampler, before a run, which calls are coming; most runners ignore it.
+
+        :class:`fd_trt.tune.AutoRunner` uses it to choose a backend and a decoder call size for
+        the run's schedule and rows.
+
+        Args:
+            schedule: the run's :class:`~fd_trt.schedule.KeySchedule`.
+            rows: rows per step (2B with CFG).
+            parallel: whether a segment's steps may share a decoder call.
+            max_decoder_rows: the caller's cap on rows per decoder call.
+        """
+        return None
+
     def synchronize(self) -> None:
         """Waits for queued device work, so that host timers measure it."""
         if self.device.type == "cuda":

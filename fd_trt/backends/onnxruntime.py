@@ -148,6 +148,9 @@ class OrtRunner(Runner):
         warmup: run both graphs once on activation, so that the first real call is not slow.
         warmup_rows: rows of the warm-up calls.
         session_options: extra ``onnxruntime.SessionOptions`` attributes, set as given.
+        session_config: session config entries (``add_session_config_entry``), e.g.
+            ``{"session.intra_op.allow_spinning": "0"}``, which helps batched decoder calls on a
+            loaded CPU (README, "ONNX Runtime's batched decoder").
         dtype: the precision the caller expects (``fp32`` / ``fp16``); activation fails with
             :class:`EngineMismatchError` when the graphs have another. ``None`` takes the graphs'.
 
@@ -170,6 +173,7 @@ class OrtRunner(Runner):
         warmup: bool = True,
         warmup_rows: int = 2,
         session_options: dict[str, Any] | None = None,
+        session_config: dict[str, str] | None = None,
         dtype: str | torch.dtype | None = None,
     ) -> None:
         super().__init__(device, torch.float32)
@@ -197,6 +201,7 @@ class OrtRunner(Runner):
         self.warmup = warmup
         self.warmup_rows = warmup_rows
         self.session_options = dict(session_options or {})
+        self.session_config = {str(k): str(v) for k, v in (session_config or {}).items()}
         self._enc: _Graph | None = None
         self._dec: _Graph | None = None
         #: The graphs' contract (after activation): their names, order and added conditioning.
@@ -216,6 +221,8 @@ class OrtRunner(Runner):
             if not hasattr(opts, key):
                 raise InputError(f"session_options has {key!r}, which onnxruntime.SessionOptions does not know")
             setattr(opts, key, value)
+        for key, value in self.session_config.items():
+            opts.add_session_config_entry(key, value)
         return opts
 
     def _load(self, ort: Any, path: Path, providers: list[ProviderSpec], parse_first: bool) -> _Graph:
