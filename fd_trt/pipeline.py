@@ -227,6 +227,10 @@ class FasterDiffusionPipeline:
             runs in PyTorch on ``device`` whatever the backend of the UNet.
     """
 
+    #: Whether ``controlnet=`` is supported (SD 1.x/2.x); SDXL's subclass says no.
+    supports_controlnet: bool = True
+
+
     def __init__(
         self,
         sd_pipeline: Any,
@@ -270,6 +274,10 @@ class FasterDiffusionPipeline:
         #: The ControlNet(s) run at key steps, or ``None``.
         self.controlnet: Any = load_controlnet(controlnet) if controlnet is not None else getattr(sd_pipeline, "controlnet", None)
         if self.controlnet is not None:
+            if not self.supports_controlnet:
+                raise UnsupportedModelError(
+                    f"{type(self).__name__} does not run a ControlNet yet: drop controlnet=, or use an SD 1.x/2.x model"
+                )
             if self.unet_kind != "text2img":
                 raise UnsupportedModelError(
                     "ControlNet with an inpainting UNet is not supported yet: use a text-to-image UNet with the ControlNet"
@@ -486,11 +494,10 @@ class FasterDiffusionPipeline:
             }
 
         c = int(self.sd.unet.config.in_channels)
-        from .contract import default_added_shapes
-
+        added_shapes = getattr(self, "added_shapes", None)  # SDXL's per-row text_embeds / time_ids widths
         return AutoRunner(self.auto_candidates(), make, (c, *latent_hw), text_shape, base_key, device=self.device,
                           ready=ready, use_cache=self.auto_use_cache,
-                          added_shapes=default_added_shapes(self.sd.unet.config) or None)
+                          added_shapes=added_shapes() if added_shapes is not None else None)
 
 
     def _retire(self, runner: Runner) -> None:

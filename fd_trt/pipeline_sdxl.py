@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, UnsupportedModelError
 from .pipeline import FasterDiffusionOutput, FasterDiffusionPipeline, PromptEmbeddings
 from .schedule import NoiseInjection, ScheduleSpec
 
@@ -68,11 +68,19 @@ class FasterDiffusionXLPipeline(FasterDiffusionPipeline):
     ``from_diffusers`` return this class for SDXL models.
     """
 
+    supports_controlnet = False
+
     def _check_model(self) -> None:
         if not is_sdxl(self.sd) or not hasattr(self.sd, "text_encoder_2"):
             raise InputError(
                 f"FasterDiffusionXLPipeline wraps an SDXL pipeline (a UNet with addition_embed_type='text_time' and "
                 f"its text encoders), got {type(self.sd).__name__}: use FasterDiffusionPipeline for SD 1.x/2.x"
+            )
+        if getattr(self.sd, "controlnet", None) is not None or self.unet_kind != "text2img":
+            what = "a ControlNet" if getattr(self.sd, "controlnet", None) is not None else "an inpainting UNet"
+            raise UnsupportedModelError(
+                f"{type(self.sd).__name__} has {what}: fd_trt runs SDXL text-to-image only so far; use a "
+                "StableDiffusionXLPipeline with a text-to-image UNet"
             )
 
     def text_shape(self) -> tuple[int, int]:

@@ -157,3 +157,24 @@ def test_onnxruntime_all_reproduces_diffusers_sdxl(tiny_xl, xl_scheduler, tmp_pa
             out = pipe(PROMPT, negative_prompt="green", generator=_gen(7), schedule="all", **common)
             assert out.stats.backend == "onnxruntime"
             assert rel_l2(out.images, ref) < 1e-4, (scheduler, guidance_scale)
+
+
+def test_default_backend_auto_runs_sdxl_like_the_torch_backend(tiny_xl, fd_xl):
+    """``backend="auto"`` (the default) measures its candidates with SDXL's added conditioning."""
+    auto = FasterDiffusionPipeline.from_diffusers(tiny_xl, device="cpu", progress=False)
+    assert auto.backend == "auto"
+    common = dict(num_inference_steps=10, guidance_scale=5.0, output_type="latent", schedule="paper")
+    out = auto(PROMPT, generator=_gen(3), **common)
+    ref = fd_xl(PROMPT, generator=_gen(3), **common).images
+    assert out.stats.backend.startswith("auto:")
+    assert rel_l2(out.images, ref) < 1e-4
+
+
+def test_sdxl_refuses_a_controlnet_it_would_ignore(tiny_xl):
+    from fd_trt.errors import UnsupportedModelError
+
+    from test_controlnet import tiny_controlnet
+
+    with pytest.raises(UnsupportedModelError, match="does not run a ControlNet"):
+        FasterDiffusionPipeline.from_diffusers(tiny_xl, backend="torch", progress=False,
+                                               controlnet=tiny_controlnet(tiny_xl.unet, 0))

@@ -64,11 +64,11 @@ class FakeRunner(Runner):
         super().__init__("cpu", torch.float32)
         self.name = name
 
-    def encode(self, sample, timestep, text):
+    def encode(self, sample, timestep, text, added=None):
         self.launches["encoder"] += 1
         return Features(torch.zeros(sample.shape[0], 8, 2, 2), (torch.zeros(sample.shape[0], 4, 8, 8),))
 
-    def decode(self, features, timesteps, text):
+    def decode(self, features, timesteps, text, added=None):
         self.launches["decoder"] += 1
         return torch.full((features.rows * timesteps.shape[0], 4, 8, 8), float(timesteps[0]))
 
