@@ -324,7 +324,7 @@ class FasterDiffusionPipeline:
         unet = self.sd.unet
         if self.engines is not None:
             check_engine_dir(self.engines, unet, latent_size=latent_hw, text_shape=text_shape, precision=self.precision,
-                             unet_sha256=self.unet_sha256)
+                             unet_sha256=self.unet_sha256, added_shapes=self.added_shapes())
             folder = self.engines
         else:
             digest = self.unet_sha256
@@ -340,6 +340,7 @@ class FasterDiffusionPipeline:
                 model_source=self.source,
                 progress=self.progress,
                 unet_sha256=digest,
+                added_shapes=self.added_shapes(),
             )
             if res.built:
                 logger.warning("built %s graphs for latents %s on first use into %s (%.1f s); they are reused from now on",
@@ -374,6 +375,10 @@ class FasterDiffusionPipeline:
     def text_shape(self) -> tuple[int, int]:
         """``(L, D)`` of the prompt embeddings this pipeline's text encoder produces."""
         return int(self.sd.tokenizer.model_max_length), int(self.sd.text_encoder.config.hidden_size)
+
+    def added_shapes(self) -> dict[str, tuple[int, ...]] | None:
+        """Per-row shapes of the UNet's added conditioning (SDXL's), ``None`` for SD 1.x/2.x."""
+        return None
 
     def prepare(self, height: int | None = None, width: int | None = None) -> Runner:
         """Builds or loads, and activates, the runner for one image size ahead of the first call.
