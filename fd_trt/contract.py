@@ -55,6 +55,8 @@ ADDED_CONDITIONING: dict[str | None, tuple[tuple[str, str], ...]] = {
     None: (),
     "text_time": (("text_embeds", FLOAT), ("time_ids", FLOAT32)),
 }
+#: Inputs that are float32 in every graph, whatever its precision.
+FLOAT32_INPUTS = frozenset({TIMESTEP} | {n for options in ADDED_CONDITIONING.values() for n, dt in options if dt == FLOAT32})
 #: SDXL base's micro-conditioning: original size, crop top-left, target size.
 DEFAULT_TIME_IDS = 6
 
@@ -371,11 +373,12 @@ class GraphContract:
             )
             if contract.num_skips == int(manifest.num_skips):
                 return contract
-        dtypes = {n: dt for options in ADDED_CONDITIONING.values() for n, dt in options}
-        unknown = sorted(set(recorded) - set(dtypes))
-        if unknown:
-            raise EngineMismatchError(f"the manifest records added inputs {unknown} that this fd_trt does not know: rebuild")
-        added = tuple(TensorSpec(n, tuple(int(d) for d in recorded[n]), dtypes[n]) for n in recorded)
+        options = [o for o in ADDED_CONDITIONING.values() if {n for n, _ in o} == set(recorded)]
+        if not options:
+            raise EngineMismatchError(
+                f"the manifest records added inputs {sorted(recorded)}, which this fd_trt does not know: rebuild the engine directory"
+            )
+        added = tuple(TensorSpec(n, tuple(int(d) for d in recorded[n]), dt) for n, dt in options[0])
         tail = tuple(int(d) for d in latent)
         return cls(num_skips=int(manifest.num_skips), added=added, latent_tail=tail, out_tail=tail,
                    text_tail=(int(text[0]), int(text[1])))
@@ -411,6 +414,7 @@ __all__ = [
     "DEFAULT_TIME_IDS",
     "FLOAT",
     "FLOAT32",
+    "FLOAT32_INPUTS",
     "GraphContract",
     "GraphSpec",
     "ROW_AXIS",

@@ -579,3 +579,26 @@ def test_sdxl_plans_profile_the_added_conditioning_and_match_onnxruntime(trt, tm
         assert rel_l2(other, runner.decode(feats, torch.tensor([800.0]), text, added)) > 1e-4
         with pytest.raises(InputError, match="time_ids"):
             runner.encode(sample, t, text, {"text_embeds": added["text_embeds"]})
+
+
+def test_sdxl_plans_refit_new_added_embedding_weights(trt, tmp_path):
+    """A LoRA-like change to SDXL's add_embedding reaches both plans (matched by initializer name)."""
+    from fd_trt.backends.torch import TorchRunner
+    from tiny_sdxl import added_conditioning, tiny_sdxl_unet
+
+    unet = tiny_sdxl_unet()
+    folder = tmp_path / "sdxl"
+    build_engines(unet, folder, latent_size=(8, 8), text_shape=(5, 32), max_segment_steps=2, progress=False)
+    gen = torch.Generator().manual_seed(0)
+    sample, text = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 5, 32, generator=gen)
+    t, steps, added = torch.full((2,), 700.0), torch.tensor([700.0, 600.0, 500.0]), added_conditioning("sdxl_base_like", 2)
+    with TrtRunner(folder) as runner:
+        before = runner.decode(runner.encode(sample, t, text, added), steps, text, added)
+        with torch.no_grad():
+            unet.add_embedding.linear_1.weight.mul_(1.5)
+        assert runner.refit(unet)
+        after = runner.decode(runner.encode(sample, t, text, added), steps, text, added)
+    with TorchRunner(unet) as ref:
+        want = ref.decode(ref.encode(sample, t, text, added), steps, text, added)
+    assert rel_l2(after, want) < 1e-5 and rel_l2(before, want) > 1e-4
+    assert load_manifest(folder).added_shapes == {"text_embeds": [24], "time_ids": [6]}
