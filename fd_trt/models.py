@@ -386,7 +386,7 @@ def sd15_arch_pipeline(seed: int = 0) -> Any:
 def _random_sdxl_pipeline(
     seed: int,
     unet_config: dict[str, Any],
-    text_encoders: tuple[dict[str, int], dict[str, int]],
+    text_encoders: tuple[dict[str, Any], dict[str, Any]],
     max_length: int,
 ) -> Any:
     """A StableDiffusionXLPipeline of seeded random weights: the given UNet, SDXL's two text
@@ -407,7 +407,7 @@ def _random_sdxl_pipeline(
     tokenizer = make_word_tokenizer(max_length=max_length)
     tokenizer_2 = make_word_tokenizer(max_length=max_length)
 
-    def clip_config(spec: dict[str, int]) -> Any:
+    def clip_config(spec: dict[str, Any]) -> Any:
         return CLIPTextConfig(
             vocab_size=len(tokenizer),
             max_position_embeddings=max_length,

@@ -398,7 +398,7 @@ class FasterDiffusionPipeline:
         unet = self.sd.unet
         if self.engines is not None:
             check_engine_dir(self.engines, unet, latent_size=latent_hw, text_shape=text_shape, precision=precision,
-                             unet_sha256=self.unet_sha256)
+                             unet_sha256=self.unet_sha256, added_shapes=self.added_shapes())
             return self.engines
         digest = self.unet_sha256
         folder = engine_cache_root() / f"{digest[:16]}-{latent_hw[0]}x{latent_hw[1]}-t{text_shape[0]}x{text_shape[1]}-{precision}"
@@ -406,7 +406,7 @@ class FasterDiffusionPipeline:
             if not (folder / "manifest.json").is_file():
                 raise EngineMismatchError(f"no {precision} graphs built for latents {latent_hw} (fd-trt build --tune builds them)")
             check_engine_dir(folder, unet, latent_size=latent_hw, text_shape=text_shape, precision=precision,
-                             unet_sha256=digest)
+                             unet_sha256=digest, added_shapes=self.added_shapes())
             return folder
         res = build_engines(
             unet,
@@ -417,6 +417,7 @@ class FasterDiffusionPipeline:
             model_source=self.source,
             progress=self.progress,
             unet_sha256=digest,
+            added_shapes=self.added_shapes(),
         )
         if res.built:
             logger.warning("built graphs for latents %s on first use into %s (%.1f s); they are reused from now on",
@@ -462,7 +463,7 @@ class FasterDiffusionPipeline:
             # An engine directory is an explicit request for its graphs: one that does not fit is an
             # error naming the rebuild command, not a candidate quietly skipped.
             check_engine_dir(self.engines, self.sd.unet, latent_size=latent_hw, text_shape=text_shape,
-                             unet_sha256=self.unet_sha256)
+                             unet_sha256=self.unet_sha256, added_shapes=self.added_shapes())
 
         def make(cand: Candidate) -> Runner:
             cls = get_runner_class(cand.backend)
@@ -494,10 +495,8 @@ class FasterDiffusionPipeline:
             }
 
         c = int(self.sd.unet.config.in_channels)
-        added_shapes = getattr(self, "added_shapes", None)  # SDXL's per-row text_embeds / time_ids widths
         return AutoRunner(self.auto_candidates(), make, (c, *latent_hw), text_shape, base_key, device=self.device,
-                          ready=ready, use_cache=self.auto_use_cache,
-                          added_shapes=added_shapes() if added_shapes is not None else None)
+                          ready=ready, use_cache=self.auto_use_cache, added_shapes=self.added_shapes())
 
 
     def _retire(self, runner: Runner) -> None:
@@ -527,6 +526,10 @@ class FasterDiffusionPipeline:
     def text_shape(self) -> tuple[int, int]:
         """``(L, D)`` of the prompt embeddings this pipeline's text encoder produces."""
         return int(self.sd.tokenizer.model_max_length), int(self.sd.text_encoder.config.hidden_size)
+
+    def added_shapes(self) -> dict[str, tuple[int, ...]] | None:
+        """Per-row shapes of the UNet's added conditioning (SDXL's), ``None`` for SD 1.x/2.x."""
+        return None
 
     def prepare(self, height: int | None = None, width: int | None = None) -> Runner:
         """Builds or loads, and activates, the runner for one image size ahead of the first call.

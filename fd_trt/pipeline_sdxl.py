@@ -88,8 +88,9 @@ class FasterDiffusionXLPipeline(FasterDiffusionPipeline):
         tokenizer = self.sd.tokenizer if self.sd.tokenizer is not None else self.sd.tokenizer_2
         return int(tokenizer.model_max_length), int(self.sd.unet.config.cross_attention_dim)
 
-    def added_shapes(self) -> dict[str, tuple[int]]:
-        """Per-row widths of the added conditioning: ``text_embeds`` and ``time_ids``."""
+    def added_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-row shapes of the added conditioning: ``text_embeds`` (the second encoder's
+        projection) and ``time_ids`` (what the UNet's add_embedding leaves for them)."""
         cfg = self.sd.unet.config
         width = int(cfg.projection_class_embeddings_input_dim)
         if self.sd.text_encoder_2 is not None:
@@ -99,7 +100,7 @@ class FasterDiffusionXLPipeline(FasterDiffusionPipeline):
         return {"text_embeds": (pooled,), "time_ids": ((width - pooled) // int(cfg.addition_time_embed_dim),)}
 
     # stages -----------------------------------------------------------------------------------
-    def check_inputs(  # type: ignore[override]
+    def check_inputs(
         self,
         prompt: Any,
         negative_prompt: Any,
@@ -139,7 +140,7 @@ class FasterDiffusionXLPipeline(FasterDiffusionPipeline):
             _check_pair(name, value)
         return prompts
 
-    def encode_prompt(  # type: ignore[override]
+    def encode_prompt(
         self,
         prompts: list[str],
         negative_prompt: str | list[str] | None,

@@ -193,9 +193,11 @@ def run_sampler(
         if value.shape[0] != rows:
             raise InputError(f"added conditioning {name!r} has {value.shape[0]} rows, expected {rows}, like the text")
     n_train = int(scheduler.config.num_train_timesteps)
-    rescale = None
+    rescale: Callable[..., torch.Tensor] | None = None
     if cfg and guidance_rescale > 0.0:
-        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg as rescale
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+        rescale = rescale_noise_cfg
     t_dev = timesteps.to(runner.device, torch.float32)
     runner.plan(schedule, rows, parallel, max_decoder_rows)
 
