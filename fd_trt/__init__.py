@@ -23,9 +23,11 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import FasterDiffusionOutput, FasterDiffusionPipeline, PipelineStats
+    from .pipeline_sdxl import FasterDiffusionXLPipeline
 
 _LAZY = {
     "FasterDiffusionPipeline": "pipeline",
+    "FasterDiffusionXLPipeline": "pipeline_sdxl",
     "FasterDiffusionOutput": "pipeline",
     "PipelineStats": "pipeline",
 }
@@ -44,6 +46,7 @@ __all__ = [
     "EngineMismatchError",
     "FasterDiffusionOutput",
     "FasterDiffusionPipeline",
+    "FasterDiffusionXLPipeline",
     "FdTrtError",
     "InputError",
     "KeySchedule",

@@ -42,7 +42,7 @@ ROW_KEYS = (
     "note",
 )
 
-MODELS = ("default", "tiny", "sd15-arch")
+MODELS = ("default", "tiny", "sd15-arch", "sdxl-arch")
 
 
 @dataclass
@@ -50,7 +50,7 @@ class BenchConfig:
     """What to benchmark.
 
     Attributes:
-        model: ``default``, ``tiny``, ``sd15-arch`` or a local diffusers folder.
+        model: ``default``, ``tiny``, ``sd15-arch``, ``sdxl-arch`` or a local diffusers folder.
         height, width, steps, guidance: generation settings (CFG on when guidance > 1).
         scheduler: ``ddim``, ``dpmpp``, ``pndm``, ``euler`` or ``ddpm``.
         backends: fd_trt backends to run.
@@ -136,12 +136,14 @@ class _PeakRss:
 
 def load_model(name: str, seed: int = 0) -> tuple[Any, str]:
     """Loads a benchmark model by name (see :data:`MODELS`) or local folder."""
-    from .models import load_diffusers_pipeline, sd15_arch_pipeline, tiny_sd_pipeline
+    from .models import load_diffusers_pipeline, sd15_arch_pipeline, sdxl_arch_pipeline, tiny_sd_pipeline
 
     if name == "tiny":
         return tiny_sd_pipeline(seed), "tiny random-weight SD"
     if name == "sd15-arch":
         return sd15_arch_pipeline(seed), "SD1.5-shaped UNet, CLIP-L-width text encoder, random weights"
+    if name == "sdxl-arch":
+        return sdxl_arch_pipeline(seed), "SDXL-shaped UNet (2.6B), CLIP-L and bigG-shaped text encoders, random weights"
     return load_diffusers_pipeline(name)
 
 

@@ -69,7 +69,7 @@ def _add_generate(sub: Any) -> None:
 
 def _add_bench(sub: Any) -> None:
     p = sub.add_parser("bench", help="benchmark diffusers, fd_trt and DeepCache side by side")
-    p.add_argument("--model", default="sd15-arch", help="default | tiny | sd15-arch | a local diffusers folder")
+    p.add_argument("--model", default="sd15-arch", help="default | tiny | sd15-arch | sdxl-arch | a local diffusers folder")
     p.add_argument("--height", type=int, default=256)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--steps", type=int, default=50)

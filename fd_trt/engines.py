@@ -38,11 +38,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from .contract import GraphContract
 from .errors import EngineMismatchError, InputError
 from .export import (
     DECODER_FILE,
@@ -381,6 +382,10 @@ class Manifest:
         build_seconds: how long the build took.
         plans: TensorRT plans built from the graphs, by file name (empty in manifests written
             before plans existed, which therefore still load).
+        added_shapes: per-row shapes of the graphs' added-conditioning inputs (SDXL:
+            ``{"text_embeds": [P], "time_ids": [K]}``); empty for SD 1.x/2.x and in manifests
+            written before SDXL, which therefore still load. With ``num_skips`` and the shapes
+            above it is the graph contract (:meth:`fd_trt.contract.GraphContract.from_manifest`).
     """
 
     format_version: int
@@ -399,6 +404,7 @@ class Manifest:
     built_at: float = 0.0
     build_seconds: float = 0.0
     plans: dict[str, PlanRecord] = field(default_factory=dict)
+    added_shapes: dict[str, list[int]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """The manifest as indented JSON."""
@@ -506,6 +512,7 @@ _COMPARED_FIELDS = (
     "opset",
     "encoder_rows",
     "decoder_rows",
+    "added_shapes",
     "versions",
 )
 
@@ -560,6 +567,7 @@ def expected_manifest(
     max_segment_steps: int = 15,
     model_source: str = "",
     unet_sha256: str | None = None,
+    added_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> Manifest:
     """The manifest that graphs built now from this UNet would have (without graph records).
 
@@ -573,6 +581,8 @@ def expected_manifest(
         max_segment_steps: the longest segment decoded in one call.
         model_source: where the model came from.
         unet_sha256: the weights digest, when already computed.
+        added_shapes: per-row shapes of SDXL's added conditioning; the config's when omitted
+            (:func:`fd_trt.contract.default_added_shapes`).
 
     Returns:
         The manifest.
@@ -582,8 +592,10 @@ def expected_manifest(
             raise InputError(f"{name} must be a positive integer, got {v!r}")
     if text_shape is None:
         text_shape = (77, int(unet.config.cross_attention_dim))
-    from .split import split_unet
+    from .split import check_supported
 
+    check_supported(unet)
+    contract = GraphContract.from_unet_config(unet.config, latent_size, text_shape, added_shapes)
     return Manifest(
         format_version=FORMAT_VERSION,
         model_source=str(model_source),
@@ -593,10 +605,11 @@ def expected_manifest(
         text_shape=[int(text_shape[0]), int(text_shape[1])],
         precision=precision,
         opset=int(opset),
-        num_skips=split_unet(unet).num_skips,
+        num_skips=contract.num_skips,
         encoder_rows=[1, 2 * batch],
         decoder_rows=[1, 2 * batch * max_segment_steps],
         versions=package_versions(),
+        added_shapes=contract.added_shapes,
     )
 
 
@@ -609,6 +622,7 @@ def check_engine_dir(
     precision: str | None = None,
     full_hash: bool = False,
     unet_sha256: str | None = None,
+    added_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> Manifest:
     """Refuses an engine directory that was built for another model, shape, precision or toolchain.
 
@@ -620,6 +634,7 @@ def check_engine_dir(
         precision: the precision the caller expects.
         full_hash: also hash the graph files (see :func:`check_graph_files`).
         unet_sha256: the UNet's :func:`unet_weights_sha256`, when the caller already has it.
+        added_shapes: the per-row shapes of the added conditioning the caller will feed (SDXL).
 
     Returns:
         The manifest.
@@ -642,6 +657,10 @@ def check_engine_dir(
         problems.append(f"text_shape (built for {found.text_shape}, asked for {list(text_shape)})")
     if precision is not None and precision != found.precision:
         problems.append(f"precision (built {found.precision}, asked for {precision})")
+    if added_shapes is not None:
+        wanted = {k: [int(d) for d in v] for k, v in added_shapes.items()}
+        if wanted != found.added_shapes:
+            problems.append(f"added_shapes (built for {found.added_shapes}, asked for {wanted})")
     problems += _diff(_with(found, versions=package_versions()), found, ["versions"])
     if problems:
         spec: dict[str, Any] = {"precision": precision}
@@ -803,6 +822,7 @@ def build_engines(
     progress: bool = True,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     unet_sha256: str | None = None,
+    added_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> BuildResult:
     """Builds (or keeps) the ONNX graphs of an engine directory.
 
@@ -825,6 +845,8 @@ def build_engines(
         progress: show progress bars.
         external_data_threshold: see :func:`fd_trt.export.export_unet`.
         unet_sha256: the weights digest, when the caller already computed it.
+        added_shapes: per-row shapes of SDXL's added conditioning (``{"text_embeds": (P,),
+            "time_ids": (K,)}``); the config's, with K = 6, when omitted.
 
     Returns:
         A :class:`BuildResult`.
@@ -841,6 +863,7 @@ def build_engines(
         max_segment_steps=max_segment_steps,
         model_source=model_source,
         unet_sha256=unet_sha256,
+        added_shapes=added_shapes,
     )
     with engine_dir_lock(folder, "graph export"):
         # Checked under the lock: another process may have built these graphs while we waited.
@@ -913,6 +936,7 @@ def _export_into(
         example_rows=2,
         external_data_threshold=external_data_threshold,
         progress=progress,
+        added_shapes=dict(expected.added_shapes) or None,
     )
     expected.graphs = {"encoder": _graph_record(folder, ENCODER_FILE), "decoder": _graph_record(folder, DECODER_FILE)}
     expected.num_skips = result.num_skips

@@ -5,15 +5,12 @@ onnx-graphsurgeon (dead nodes, topological order), fold constants with polygraph
 save (one external ``.data`` file when the model is over 2 GB) and check with ``onnx.checker``
 on the saved path.
 
-Graph names (the contract every backend relies on):
-
-* encoder: ``sample [N,C,h,w]``, ``timestep [N]`` (float32), ``encoder_hidden_states [N,L,D]``
-  -> ``mid``, ``skip_00`` .. ``skip_NN``
-* decoder: ``mid``, ``skip_00`` .. ``skip_NN``, ``timestep [M]``, ``encoder_hidden_states [M,L,D]``
-  -> ``noise_pred [M,C,h,w]``
-
-Axis 0 is dynamic on every input and output; height, width and the text shape are fixed per
-export.
+Graph names, input order, dtypes and dynamic axes come from the graph contract
+(:class:`fd_trt.contract.GraphContract`), which every backend reads too: for SD 1.x/2.x
+``sample, timestep, encoder_hidden_states -> mid, skip_00 ..`` and
+``mid, skip_00 .., timestep, encoder_hidden_states -> noise_pred``; SDXL UNets add
+``text_embeds`` and ``time_ids`` to both graphs. Axis 0 is dynamic on every input and output;
+height, width, the text shape and the added shapes are fixed per export.
 
 The TorchScript exporter (``dynamo=False``) is used on purpose: on the tiny test UNet it exports
 the encoder in about 1 s against about 5 s for the torch.export-based exporter, and its graphs are
@@ -41,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from .contract import FLOAT32, NOISE_PRED, TEXT, TIMESTEP, GraphContract, GraphSpec
 from .errors import BackendUnavailableError, EngineMismatchError, InputError
 from .split import Features, split_unet
 
@@ -57,8 +55,7 @@ EXTERNAL_DATA_THRESHOLD = 2**31 - 1
 PRECISIONS = ("fp32", "fp16")
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
-ENCODER_INPUTS = ("sample", "timestep", "encoder_hidden_states")
-DECODER_OUTPUT = "noise_pred"
+DECODER_OUTPUT = NOISE_PRED
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
 #: Every temporary file or folder fd_trt writes in an engine directory starts with this, then the
@@ -172,25 +169,25 @@ def encoder_output_names(num_skips: int) -> list[str]:
         num_skips: number of skip features (12 for SD 1.x).
 
     Returns:
-        The names, in output order.
+        The names, in output order (:class:`fd_trt.contract.GraphContract`).
     """
-    return Features.names(num_skips)
+    return GraphContract(num_skips).encoder.output_names
 
 
 def decoder_input_names(num_skips: int) -> list[str]:
-    """The decoder graph's input names: ``mid, skip_00 .. skip_NN, timestep, encoder_hidden_states``.
+    """The SD 1.x/2.x decoder graph's input names: ``mid, skip_00 .. skip_NN, timestep, encoder_hidden_states``.
 
     Args:
         num_skips: number of skip features.
 
     Returns:
-        The names, in input order.
+        The names, in input order (:class:`fd_trt.contract.GraphContract`).
     """
-    return [*Features.names(num_skips), "timestep", "encoder_hidden_states"]
+    return GraphContract(num_skips).decoder.input_names
 
 
 class DecoderForExport(nn.Module):
-    """Flattens the decoder's inputs to ``(mid, *skips, timestep, encoder_hidden_states)``.
+    """Flattens the decoder's inputs to ``(mid, *skips, timestep, encoder_hidden_states, *added)``.
 
     The exporter names graph inputs positionally, and the split decoder takes the skips as one
     sequence argument; this wrapper gives each skip its own named graph input.
@@ -206,9 +203,8 @@ class DecoderForExport(nn.Module):
         self.num_skips = num_skips
 
     def forward(self, mid: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
-        skips = rest[: self.num_skips]
-        timestep, encoder_hidden_states = rest[self.num_skips], rest[self.num_skips + 1]
-        return self.decoder(mid, skips, timestep, encoder_hidden_states)
+        n = self.num_skips
+        return self.decoder(mid, rest[:n], rest[n], rest[n + 1], *rest[n + 2 :])
 
 
 @dataclass
@@ -240,6 +236,8 @@ class ExportResult:
         latent_shape: ``(C, h, w)`` of the sample.
         text_shape: ``(L, D)`` of the encoder hidden states.
         seconds: total wall seconds.
+        added_shapes: per-row shapes of the added conditioning (SDXL's ``text_embeds``,
+            ``time_ids``); empty for SD 1.x/2.x.
     """
 
     encoder: GraphInfo
@@ -250,6 +248,7 @@ class ExportResult:
     latent_shape: tuple[int, int, int]
     text_shape: tuple[int, int]
     seconds: float
+    added_shapes: dict[str, list[int]] = field(default_factory=dict)
 
 
 def _check_export_args(
@@ -284,28 +283,39 @@ def example_inputs(
     rows: int = 2,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Seeded encoder inputs: latents, per-row timesteps and text states.
+    added_shapes: dict[str, Sequence[int]] | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Seeded encoder inputs, in the encoder graph's input order.
 
     Args:
-        unet: the UNet (for its channel count and device).
+        unet: the UNet (for its config and device).
         latent_size: ``(h, w)``.
         text_shape: ``(L, D)``.
         rows: N.
-        dtype: dtype of the sample and text (the timestep is always float32).
+        dtype: dtype of the graph-precision inputs (``timestep`` and ``time_ids`` are float32).
         seed: seed of the CPU generator.
+        added_shapes: per-row shapes of SDXL's added conditioning; the config's defaults when omitted.
 
     Returns:
-        ``(sample [N,C,h,w], timestep [N], encoder_hidden_states [N,L,D])``.
+        ``(sample [N,C,h,w], timestep [N], encoder_hidden_states [N,L,D])``, followed for SDXL by
+        ``text_embeds [N,P]`` and ``time_ids [N,K]``.
     """
     gen = torch.Generator().manual_seed(seed)
     device = next(unet.parameters()).device
-    channels = int(unet.config.in_channels)
-    sample = torch.randn((rows, channels, *latent_size), generator=gen).to(device, dtype)
-    # Distinct timesteps per row, so nothing in the trace can assume they are equal.
-    timestep = torch.linspace(999.0, 1.0, rows).to(device, torch.float32)
-    text = torch.randn((rows, *text_shape), generator=gen).to(device, dtype)
-    return sample, timestep, text
+    spec = GraphContract.from_unet_config(unet.config, latent_size, text_shape, added_shapes).encoder
+    out = []
+    for t in spec.inputs:
+        shape = t.shape_at(rows)
+        if t.name == TIMESTEP:
+            # Distinct timesteps per row, so nothing in the trace can assume they are equal.
+            value = torch.linspace(999.0, 1.0, rows)
+        elif t.dtype == FLOAT32:
+            # Timestep-like values (sizes, crop offsets in pixels), distinct per row and per column.
+            value = 64.0 * (1 + torch.arange(math.prod(shape[1:]), dtype=torch.float32)).reshape(shape[1:]) + 8.0 * torch.arange(rows).reshape(-1, *[1] * (len(shape) - 1))
+        else:
+            value = torch.randn(shape, generator=gen)
+        out.append(value.to(device, torch.float32 if t.dtype == FLOAT32 else dtype))
+    return tuple(out)
 
 
 @contextmanager
@@ -422,15 +432,13 @@ def _export_graph(
     module: nn.Module,
     args: tuple[torch.Tensor, ...],
     path: Path,
-    input_names: Sequence[str],
-    output_names: Sequence[str],
+    spec: GraphSpec,
     opset: int,
     external_data_threshold: int,
     bar: Any,
 ) -> GraphInfo:
     onnx = _require_onnx()
     seconds: dict[str, float] = {}
-    dynamic = {name: {0: "rows"} for name in (*input_names, *output_names)}
     with tempfile.TemporaryDirectory(prefix=temp_prefix(path.name), dir=path.parent) as tmp:
         raw = Path(tmp) / "raw.onnx"
         t0 = time.perf_counter()
@@ -442,9 +450,9 @@ def _export_graph(
                 str(raw),
                 dynamo=False,
                 opset_version=opset,
-                input_names=list(input_names),
-                output_names=list(output_names),
-                dynamic_axes=dynamic,
+                input_names=spec.input_names,
+                output_names=spec.output_names,
+                dynamic_axes=spec.dynamic_axes,
                 do_constant_folding=True,
             )
         # Large models come back with one file per tensor next to raw.onnx; onnx.load gathers them.
@@ -482,6 +490,7 @@ def export_unet(
     example_rows: int = 2,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     progress: bool = True,
+    added_shapes: dict[str, Sequence[int]] | None = None,
 ) -> ExportResult:
     """Exports the encoder and decoder of a UNet as ``encoder.onnx`` and ``decoder.onnx``.
 
@@ -495,6 +504,9 @@ def export_unet(
         example_rows: rows of the tracing inputs (axis 0 stays dynamic whatever it is).
         external_data_threshold: weights above this many bytes are saved to ``<graph>.onnx.data``.
         progress: show a progress bar over the export stages.
+        added_shapes: per-row shapes of SDXL's added conditioning, ``{"text_embeds": (P,),
+            "time_ids": (K,)}``; from the config with K = 6 (SDXL base) when omitted; pass
+            ``K = 5`` for the refiner.
 
     Returns:
         An :class:`ExportResult` with paths, sizes and timings.
@@ -518,29 +530,34 @@ def export_unet(
     model = _unet_for_precision(unet, precision)
     split = split_unet(model)
     num_skips = split.num_skips
-    feature_names = encoder_output_names(num_skips)
-    sample, timestep, text = example_inputs(model, latent_size, text_shape, example_rows, _TORCH_DTYPES[precision])
+    contract = GraphContract.from_unet_config(model.config, latent_size, text_shape, added_shapes)
+    if contract.num_skips != num_skips or contract.added_names != split.added_names:
+        raise InputError(  # the contract and the split read one config: only a non-diffusers UNet gets here
+            f"the graph contract ({contract.num_skips} skips, added {contract.added_names}) does not fit the split UNet "
+            f"({num_skips} skips, added {split.added_names})"
+        )
+    enc_args = example_inputs(model, latent_size, text_shape, example_rows, _TORCH_DTYPES[precision], added_shapes=added_shapes)
     with torch.no_grad():
-        feats = split.encoder(sample, timestep, text)
+        feats = split.encoder(*enc_args)
+    # The decoder's inputs after the features are the encoder's after the sample.
+    dec_args = (*feats, *enc_args[1:])
 
     bar = tqdm(total=6, desc=f"export {precision}", disable=not progress, leave=False)
     try:
         encoder = _export_graph(
             split.encoder,
-            (sample, timestep, text),
+            enc_args,
             out / ENCODER_FILE,
-            ENCODER_INPUTS,
-            feature_names,
+            contract.encoder,
             opset,
             external_data_threshold,
             bar,
         )
         decoder = _export_graph(
             DecoderForExport(split.decoder, num_skips),
-            (*feats, timestep, text),
+            dec_args,
             out / DECODER_FILE,
-            decoder_input_names(num_skips),
-            (DECODER_OUTPUT,),
+            contract.decoder,
             opset,
             external_data_threshold,
             bar,
@@ -565,6 +582,7 @@ def export_unet(
         latent_shape=(int(model.config.in_channels), *latent_size),
         text_shape=text_shape,
         seconds=seconds,
+        added_shapes=contract.added_shapes,
     )
 
 
@@ -642,7 +660,7 @@ def _ort_feed(session: Any, values: dict[str, torch.Tensor]) -> dict[str, Any]:
 def compare_precisions(
     fp32_dir: str | os.PathLike[str],
     fp16_dir: str | os.PathLike[str],
-    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    inputs: Sequence[torch.Tensor],
     decoder_timesteps: torch.Tensor | None = None,
 ) -> dict[str, PrecisionReport]:
     """Runs the fp16 and fp32 graphs on the same real inputs and reports the fp16 error.
@@ -653,8 +671,9 @@ def compare_precisions(
     Args:
         fp32_dir: folder with the fp32 ``encoder.onnx`` / ``decoder.onnx``.
         fp16_dir: folder with the fp16 graphs.
-        inputs: ``(sample [N,C,h,w], timestep [N], encoder_hidden_states [N,L,D])``, real values
-            where possible (latents and text states of an actual prompt).
+        inputs: the encoder's inputs in graph order (:func:`example_inputs`): ``(sample [N,C,h,w],
+            timestep [N], encoder_hidden_states [N,L,D])`` and, for SDXL, ``text_embeds`` and
+            ``time_ids``; real values where possible (latents and text states of an actual prompt).
         decoder_timesteps: ``[S]`` timesteps to decode the features at (step-major rows); the
             encoder's own timesteps when omitted.
 
@@ -667,7 +686,7 @@ def compare_precisions(
         import onnxruntime as ort
     except ImportError as exc:  # pragma: no cover
         raise BackendUnavailableError(f"the fp16 check runs on onnxruntime ({exc}); `pip install onnxruntime`") from exc
-    sample, timestep, text = inputs
+    sample, timestep = inputs[0], inputs[1]
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     results: dict[str, dict[str, np.ndarray]] = {}
@@ -676,16 +695,22 @@ def compare_precisions(
             check_graph_file(folder / f)
         enc = ort.InferenceSession(str(folder / ENCODER_FILE), opts, providers=["CPUExecutionProvider"])
         dec = ort.InferenceSession(str(folder / DECODER_FILE), opts, providers=["CPUExecutionProvider"])
-        names = [o.name for o in enc.get_outputs()]
-        enc_out = enc.run(None, _ort_feed(enc, {"sample": sample, "timestep": timestep, "encoder_hidden_states": text}))
+        contract = GraphContract.from_encoder_io([i.name for i in enc.get_inputs()], [o.name for o in enc.get_outputs()],
+                                                 folder / ENCODER_FILE)
+        names = contract.feature_names
+        enc_values = dict(zip(contract.encoder.input_names, inputs))
+        enc_out = enc.run(names, _ort_feed(enc, enc_values))
         as_f32 = [torch.from_numpy(a.astype(np.float32)) for a in enc_out]
         feats = Features(as_f32[0], tuple(as_f32[1:]))
         steps = decoder_timesteps if decoder_timesteps is not None else timestep[:1]
         s = int(steps.shape[0])
         feats = feats.repeat(s)
         dec_values = {n: t for n, t in zip(names, feats.tensors())}
-        dec_values["timestep"] = steps.float().repeat_interleave(int(sample.shape[0]))
-        dec_values["encoder_hidden_states"] = text.float().repeat(s, 1, 1)
+        # Step-major rows: the per-row conditioning is tiled like the features.
+        for name in (TEXT, *contract.added_names):
+            value = enc_values[name].float()
+            dec_values[name] = value.repeat(s, *[1] * (value.ndim - 1))
+        dec_values[TIMESTEP] = steps.float().repeat_interleave(int(sample.shape[0]))
         noise = dec.run(None, _ort_feed(dec, dec_values))[0]
         results[tag] = {**{n: a.astype(np.float32) for n, a in zip(names, enc_out)}, DECODER_OUTPUT: noise.astype(np.float32)}
 

@@ -256,18 +256,24 @@ def load_diffusers_pipeline(source: str | os.PathLike[str]) -> tuple[Any, str]:
         )
     if not (path / "model_index.json").is_file():
         raise InputError(f"{path} has no model_index.json: it is not a diffusers pipeline folder")
-    unet_config = path / "unet" / "config.json"
-    if unet_config.is_file():
-        import json
+    unet_config = read_unet_config(path)
+    from .conditioning import unet_input_kind
 
-        from .conditioning import check_unet_config
+    unet_input_kind(unet_config)  # an unsupported channel layout, also before any weight loads
+    if unet_config.get("addition_embed_type") == "text_time":
+        from diffusers import StableDiffusionXLPipeline
 
-        check_unet_config(json.loads(unet_config.read_text()))  # before any weight loads
-    from diffusers import StableDiffusionPipeline
+        # No invisible-watermark: fd_trt's images match diffusers' without one, and the package
+        # is not a dependency.
+        pipe = StableDiffusionXLPipeline.from_pretrained(
+            path, local_files_only=True, use_safetensors=True, add_watermarker=False
+        )
+    else:
+        from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(
-        path, local_files_only=True, use_safetensors=True, safety_checker=None, requires_safety_checker=False
-    )
+        pipe = StableDiffusionPipeline.from_pretrained(
+            path, local_files_only=True, use_safetensors=True, safety_checker=None, requires_safety_checker=False
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe, str(path)
 
@@ -302,6 +308,59 @@ def load_controlnet(source: str | os.PathLike[str] | Any | Sequence[Any]) -> Any
     return ControlNetModel.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
 
 
+def read_unet_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """A diffusers folder's UNet configuration (``unet/config.json``), checked before any weights load.
+
+    Raises:
+        InputError: when the folder has no readable UNet configuration.
+        UnsupportedModelError: when the UNet uses an option fd_trt's split does not carry.
+    """
+    import json
+
+    from .split import check_supported_config
+
+    config_path = Path(folder) / "unet" / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read the UNet configuration {config_path}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise InputError(f"{config_path} is not a JSON object")
+    check_supported_config(config)
+    return config
+
+
+#: Stable Diffusion 1.5's UNet configuration (860 M parameters).
+SD15_UNET_CONFIG: dict[str, Any] = dict(
+    sample_size=64,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+
+#: Stable Diffusion XL base 1.0's UNet configuration (2.57 B parameters).
+SDXL_UNET_CONFIG: dict[str, Any] = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    cross_attention_dim=2048,
+    norm_num_groups=32,
+)
+
+
 def sd15_arch_pipeline(seed: int = 0) -> Any:
     """Stable Diffusion 1.5's UNet and a CLIP-L-width text encoder with random weights (no download).
 
@@ -318,18 +377,151 @@ def sd15_arch_pipeline(seed: int = 0) -> Any:
     """
     return _random_sd_pipeline(
         seed,
-        dict(
-            sample_size=64,
-            block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=768,
-            attention_head_dim=8,
-        ),
+        SD15_UNET_CONFIG,
         text_width=768,
         text_intermediate=3072,
         text_layers=12,
         text_heads=12,
+        max_length=77,
+    )
+
+
+def _random_sdxl_pipeline(
+    seed: int,
+    unet_config: dict[str, Any],
+    text_encoders: tuple[dict[str, Any], dict[str, Any]],
+    max_length: int,
+) -> Any:
+    """A StableDiffusionXLPipeline of seeded random weights: the given UNet, SDXL's two text
+    encoders (a ``CLIPTextModel`` and a ``CLIPTextModelWithProjection`` for the pooled embedding)
+    over the word tokenizer, and a tiny VAE with SD's downsampling factor of 8.
+
+    Args:
+        seed: seeds the weights.
+        unet_config: the ``UNet2DConditionModel`` configuration (with ``addition_embed_type="text_time"``).
+        text_encoders: ``(first, second)`` CLIP text configurations: ``hidden_size``,
+            ``intermediate_size``, ``num_hidden_layers``, ``num_attention_heads``, and
+            ``projection_dim`` for the second.
+        max_length: the tokenizers' sequence length.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = make_word_tokenizer(max_length=max_length)
+    tokenizer_2 = make_word_tokenizer(max_length=max_length)
+
+    def clip_config(spec: dict[str, Any]) -> Any:
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **spec,
+        )
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**unet_config)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 16, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=int(unet_config["sample_size"]) * 8,
+            scaling_factor=0.13025,  # SDXL's VAE scale
+        )
+        text_encoder = CLIPTextModel(clip_config(text_encoders[0]))
+        text_encoder_2 = CLIPTextModelWithProjection(clip_config(text_encoders[1]))
+    # SDXL's folder has an EulerDiscreteScheduler over SD's betas with "leading" spacing; its config
+    # also keeps DDIM's clip_sample=False, which make_scheduler("ddim", ...) reads.
+    scheduler = EulerDiscreteScheduler.from_config({**sd_scheduler_config(), "timestep_spacing": "leading"})
+    pipe = StableDiffusionXLPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sdxl_pipeline(seed: int = 0, *, sample_size: int = 8) -> Any:
+    """A tiny SDXL pipeline with seeded random weights, built in code (no download).
+
+    The structure is SDXL's: two CLIP text encoders (the second with a projection, whose pooled
+    output is the UNet's ``text_embeds``), a UNet with ``addition_embed_type="text_time"``, two
+    transformer layers in its lowest level (``transformer_layers_per_block=(1, 2)``) and linear
+    projections, and a tiny VAE with a downsampling factor of 8. Images are ``8 * sample_size``
+    pixels square by default (64x64).
+
+    Args:
+        seed: seeds the weights.
+        sample_size: the UNet's default latent size.
+
+    Returns:
+        A ``diffusers.StableDiffusionXLPipeline`` in float32 on the CPU.
+    """
+    return _random_sdxl_pipeline(
+        seed,
+        dict(
+            sample_size=sample_size,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            transformer_layers_per_block=(1, 2),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 time ids x 8 + the pooled width
+            cross_attention_dim=64,  # the two encoders' hidden states, concatenated
+            norm_num_groups=32,
+        ),
+        (
+            dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4),
+            dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32),
+        ),
+        max_length=16,
+    )
+
+
+def sdxl_arch_pipeline(seed: int = 0) -> Any:
+    """SDXL's UNet and its two text encoders' shapes with random weights (no download).
+
+    The UNet has SDXL base 1.0's exact configuration: 320/640/1280 channels, two layers per block,
+    transformer depths 1/2/10 (none in the top level), head dims 5/10/20, cross-attention width
+    2048, linear projections, and the ``text_time`` added embedding (6 x 256 time features + a
+    1280-wide pooled text embedding); 2.57 B parameters. The text encoders have CLIP ViT-L's
+    (12 layers, width 768) and OpenCLIP ViT-bigG's (32 layers, width 1280, projection 1280)
+    shapes over the word tokenizer, 77 tokens. The VAE is tiny but keeps the factor of 8, so
+    256x256 means 32x32 latents. Use it to measure speed and FLOPs, not images.
+
+    Args:
+        seed: seeds the weights.
+
+    Returns:
+        A float32 ``diffusers.StableDiffusionXLPipeline`` on the CPU (about 13 GB).
+    """
+    return _random_sdxl_pipeline(
+        seed,
+        SDXL_UNET_CONFIG,
+        (
+            dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+            dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                 projection_dim=1280, hidden_act="gelu"),
+        ),
         max_length=77,
     )

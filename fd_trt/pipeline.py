@@ -140,21 +140,32 @@ def flop_counter_mode() -> Any:
 class _FlopCounter:
     """UNet FLOPs per row of the encoder and the decoder, counted once per latent/text shape."""
 
-    cache: dict[tuple[int, ...], tuple[float, float]] = field(default_factory=dict)
+    cache: dict[tuple[Any, ...], tuple[float, float]] = field(default_factory=dict)
 
-    def per_row(self, unet: torch.nn.Module, latent_shape: tuple[int, int, int], text_shape: tuple[int, int]) -> tuple[float, float]:
-        key = (*latent_shape, *text_shape)
+    def per_row(
+        self,
+        unet: torch.nn.Module,
+        latent_shape: tuple[int, int, int],
+        text_shape: tuple[int, int],
+        added_widths: dict[str, int] | None = None,
+    ) -> tuple[float, float]:
+        """``(encoder, decoder)`` FLOPs of one row; ``added_widths`` are SDXL's per-row widths."""
+        key = (*latent_shape, *text_shape, *sorted((added_widths or {}).items()))
         if key not in self.cache:
             split = split_unet(unet)
             p = next(unet.parameters())
             x = torch.zeros((1, *latent_shape), device=p.device, dtype=p.dtype)
             t = torch.full((1,), 500.0, device=p.device)
             e = torch.zeros((1, *text_shape), device=p.device, dtype=p.dtype)
+            added = None
+            if added_widths:
+                added = {k: torch.zeros((1, w), device=p.device, dtype=torch.float32 if k == "time_ids" else p.dtype)
+                         for k, w in added_widths.items()}
             with torch.inference_mode():
                 with flop_counter_mode() as enc:
-                    feats = split.run_encoder(x, t, e)
+                    feats = split.run_encoder(x, t, e, added)
                 with flop_counter_mode() as dec:
-                    split.run_decoder(feats, t, e)
+                    split.run_decoder(feats, t, e, added)
             self.cache[key] = (float(enc.get_total_flops()), float(dec.get_total_flops()))
         return self.cache[key]
 
@@ -251,6 +262,7 @@ class FasterDiffusionPipeline:
                     f"the diffusers pipeline is on {here} but device={str(device)!r} was asked for: move it first "
                     f"(sd_pipeline.to({str(device)!r})) or leave device unset; fd_trt does not move a pipeline it wraps"
                 )
+        self._check_model()
         split_unet(self.sd.unet)  # fail early on an unsupported UNet
         #: The ControlNet(s) run at key steps, or ``None``.
         self.controlnet: Any = load_controlnet(controlnet) if controlnet is not None else getattr(sd_pipeline, "controlnet", None)
@@ -297,6 +309,27 @@ class FasterDiffusionPipeline:
         self.runner: Runner | None = self._fixed_runner
         self._flops = _FlopCounter()
 
+    def _check_model(self) -> None:
+        """Refuses a diffusers pipeline this class would condition wrongly: SDXL has its own class."""
+        from .pipeline_sdxl import is_sdxl
+
+        if is_sdxl(self.sd):
+            raise InputError(
+                f"{type(self.sd).__name__} has an SDXL UNet (addition_embed_type='text_time'): wrap it with "
+                "FasterDiffusionPipeline.from_diffusers(pipe) or FasterDiffusionXLPipeline(pipe), which pass its "
+                "pooled text embeddings and time ids"
+            )
+
+    @classmethod
+    def _class_for(cls, sd_pipeline: Any) -> type["FasterDiffusionPipeline"]:
+        """The class that serves a diffusers pipeline: SDXL's subclass for an SDXL model when called
+        on the base class, else ``cls``."""
+        from .pipeline_sdxl import FasterDiffusionXLPipeline, is_sdxl
+
+        if cls is FasterDiffusionPipeline and is_sdxl(sd_pipeline):
+            return FasterDiffusionXLPipeline
+        return cls
+
     def _runner_for(self, latent_hw: tuple[int, int], text_shape: tuple[int, int]) -> Runner:
         """The runner for one latent size and text shape; builds or checks graphs on first use.
 
@@ -336,7 +369,7 @@ class FasterDiffusionPipeline:
         unet = self.sd.unet
         if self.engines is not None:
             check_engine_dir(self.engines, unet, latent_size=latent_hw, text_shape=text_shape, precision=self.precision,
-                             unet_sha256=self.unet_sha256)
+                             unet_sha256=self.unet_sha256, added_shapes=self.added_shapes())
             folder = self.engines
         else:
             digest = self.unet_sha256
@@ -352,6 +385,7 @@ class FasterDiffusionPipeline:
                 model_source=self.source,
                 progress=self.progress,
                 unet_sha256=digest,
+                added_shapes=self.added_shapes(),
             )
             if res.built:
                 logger.warning("built %s graphs for latents %s on first use into %s (%.1f s); they are reused from now on",
@@ -386,6 +420,10 @@ class FasterDiffusionPipeline:
     def text_shape(self) -> tuple[int, int]:
         """``(L, D)`` of the prompt embeddings this pipeline's text encoder produces."""
         return int(self.sd.tokenizer.model_max_length), int(self.sd.text_encoder.config.hidden_size)
+
+    def added_shapes(self) -> dict[str, tuple[int, ...]] | None:
+        """Per-row shapes of the UNet's added conditioning (SDXL's), ``None`` for SD 1.x/2.x."""
+        return None
 
     def prepare(self, height: int | None = None, width: int | None = None) -> Runner:
         """Builds or loads, and activates, the runner for one image size ahead of the first call.
@@ -569,7 +607,12 @@ class FasterDiffusionPipeline:
         runner_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> "FasterDiffusionPipeline":
-        """Loads a local diffusers Stable Diffusion folder, or ``"default"``.
+        """Loads a local diffusers Stable Diffusion or SDXL folder, or ``"default"``.
+
+        The folder's ``unet/config.json`` is checked before any weights load: a UNet the split
+        cannot carry raises :class:`~fd_trt.errors.UnsupportedModelError` at once. An SDXL
+        folder (``addition_embed_type="text_time"``) returns a
+        :class:`~fd_trt.pipeline_sdxl.FasterDiffusionXLPipeline`.
 
         Args:
             model: a local folder, or ``"default"`` (the shipped model).
@@ -588,7 +631,7 @@ class FasterDiffusionPipeline:
                 here ``controlnet`` may also be a local ControlNet folder or a list of folders).
         """
         sd, source = load_diffusers_pipeline(model)
-        pipe = cls(sd, backend=backend, device=device, precision=precision, progress=progress, source=source,
+        pipe = cls._class_for(sd)(sd, backend=backend, device=device, precision=precision, progress=progress, source=source,
                    engines=engines, runner_options=runner_options, owns_pipeline=True, **kwargs)
         from .models import default_model_dir
 
@@ -609,7 +652,9 @@ class FasterDiffusionPipeline:
         runner_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> "FasterDiffusionPipeline":
-        """Wraps an existing diffusers ``StableDiffusionPipeline``, sharing its components.
+        """Wraps an existing diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``
+        (the latter as a :class:`~fd_trt.pipeline_sdxl.FasterDiffusionXLPipeline`), sharing its
+        components.
 
         The img2img, inpainting and ControlNet pipelines of Stable Diffusion wrap the same way; a
         ``StableDiffusionControlNetPipeline``'s ControlNet is taken along and run at key steps.
@@ -620,8 +665,8 @@ class FasterDiffusionPipeline:
 
         Args: as :meth:`from_pretrained`, with ``sd_pipeline`` in place of ``model``.
         """
-        return cls(sd_pipeline, backend=backend, device=device, precision=precision, progress=progress,
-                   engines=engines, runner_options=runner_options, **kwargs)
+        return cls._class_for(sd_pipeline)(sd_pipeline, backend=backend, device=device, precision=precision,
+                                           progress=progress, engines=engines, runner_options=runner_options, **kwargs)
 
     def set_scheduler(self, name: str) -> None:
         """Swaps the scheduler for ``ddim``, ``dpmpp``, ``pndm``, ``euler`` or ``ddpm``, keeping the betas."""
@@ -976,6 +1021,7 @@ class FasterDiffusionPipeline:
         extra_step_kwargs: dict[str, Any],
         callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None,
         stats: SamplerStats,
+        guidance_rescale: float = 0.0,
         image_run: _ImageRun | None = None,
     ) -> tuple[torch.Tensor, Runner]:
         """Stage 3: the Faster Diffusion sampler on the runner for this latent and text shape.
@@ -995,6 +1041,7 @@ class FasterDiffusionPipeline:
                 text,
                 key_schedule,
                 guidance_scale=float(guidance_scale),
+                guidance_rescale=float(guidance_rescale),
                 noise=noise,
                 parallel=parallel,
                 max_decoder_rows=max_decoder_rows,
@@ -1002,6 +1049,7 @@ class FasterDiffusionPipeline:
                 callback=callback,
                 stats=stats,
                 progress=self.progress,
+                added=cond.added,
                 timesteps=image_run.timesteps if image_run is not None else None,
                 initial_noise=image_run.initial_noise if image_run is not None else None,
                 extra_channels=image_run.extra_channels if image_run is not None else None,
@@ -1040,6 +1088,7 @@ class FasterDiffusionPipeline:
         max_decoder_rows: int | None = None,
         callback_on_step_end: Callable[[Any, int, Any, dict[str, Any]], dict[str, Any] | None] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        guidance_rescale: float = 0.0,
         image: Any = None,
         mask_image: Any = None,
         strength: float | None = None,
@@ -1052,8 +1101,8 @@ class FasterDiffusionPipeline:
 
         Args:
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
-            num_images_per_prompt, eta, generator, latents, output_type: as in diffusers'
-                ``StableDiffusionPipeline``.
+            num_images_per_prompt, eta, generator, latents, output_type, guidance_rescale: as in
+                diffusers' ``StableDiffusionPipeline``.
             schedule: key steps: ``"paper"``, ``"all"``, ``"uniform:N"``, a list of step indices,
                 ``"calibrated"`` (the calibration saved with the model or engine directory for this
                 scheduler and step count), a calibration JSON path or a
@@ -1092,6 +1141,7 @@ class FasterDiffusionPipeline:
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, eta,
             generator, latents, output_type, schedule, noise_injection, parallel, max_decoder_rows,
             callback_on_step_end, callback_on_step_end_tensor_inputs, prompt_options={},
+            guidance_rescale=guidance_rescale,
             image_options=dict(
                 image=image, mask_image=mask_image, strength=strength,
                 controlnet_conditioning_scale=controlnet_conditioning_scale,
@@ -1120,6 +1170,7 @@ class FasterDiffusionPipeline:
         callback_on_step_end: Callable[[Any, int, Any, dict[str, Any]], dict[str, Any] | None] | None,
         callback_on_step_end_tensor_inputs: Sequence[str],
         prompt_options: dict[str, Any],
+        guidance_rescale: float = 0.0,
         image_options: dict[str, Any] | None = None,
     ) -> FasterDiffusionOutput:
         """The stages of a call, in order. ``prompt_options`` are the model family's own prompt
@@ -1136,6 +1187,10 @@ class FasterDiffusionPipeline:
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
             output_type, **prompt_options,
         )
+        if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)) or not (
+            math.isfinite(guidance_rescale) and 0.0 <= guidance_rescale <= 1.0
+        ):
+            raise InputError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
         bad_keys = [k for k in callback_on_step_end_tensor_inputs if k != "latents"]
         if bad_keys:
             raise InputError(f"callback_on_step_end_tensor_inputs supports only 'latents', got {bad_keys}")
@@ -1206,6 +1261,7 @@ class FasterDiffusionPipeline:
         x0, runner = self.denoise(
             scheduler, latents, cond, key_schedule, guidance_scale=float(guidance_scale), noise=noise,
             parallel=parallel, max_decoder_rows=max_decoder_rows, extra_step_kwargs=extra, callback=cb, stats=sstats,
+            guidance_rescale=float(guidance_rescale),
             image_run=image_run,
         )
         seconds.update(sstats.seconds)
@@ -1238,8 +1294,11 @@ class FasterDiffusionPipeline:
         runner: Runner,
         nonfinite: bool,
     ) -> PipelineStats:
-        unet_in = (int(self.sd.unet.config.in_channels), *x0.shape[2:])  # 9 channels for an inpainting UNet
-        enc_f, dec_f = self._flops.per_row(self.sd.unet, unet_in, (int(cond.text.shape[1]), int(cond.text.shape[2])))
+        widths = {k: int(v.shape[1]) for k, v in cond.added.items()} if cond.added else None
+        enc_f, dec_f = self._flops.per_row(
+            self.sd.unet, (int(self.sd.unet.config.in_channels), int(x0.shape[2]), int(x0.shape[3])),  # 9 when inpainting
+            (int(cond.text.shape[1]), int(cond.text.shape[2])), widths
+        )
         return PipelineStats(
             num_steps=key_schedule.num_steps,
             key_steps=list(key_schedule.key_steps),

@@ -114,6 +114,7 @@ def run_sampler(
     schedule: KeySchedule,
     *,
     guidance_scale: float = 7.5,
+    guidance_rescale: float = 0.0,
     noise: NoiseInjection = NoiseInjection(),
     parallel: bool = True,
     max_decoder_rows: int | None = None,
@@ -137,6 +138,8 @@ def run_sampler(
         text: ``[2B,L,D]`` (negative rows first) with CFG, ``[B,L,D]`` without.
         schedule: the key steps, for ``len(scheduler.timesteps)`` steps.
         guidance_scale: CFG weight; CFG is off when it is ``<= 1``.
+        guidance_rescale: rescales the guided noise towards the conditional one's standard
+            deviation (Lin et al. 2023, diffusers' ``rescale_noise_cfg``); 0 is off.
         noise: the prior noise-injection policy: ``alpha`` times the unit initial noise, added in
             the variance-preserving space (see :func:`model_input_scale`).
         parallel: decode all steps of a segment in one call; ``False`` makes one call per step.
@@ -190,6 +193,11 @@ def run_sampler(
         if value.shape[0] != rows:
             raise InputError(f"added conditioning {name!r} has {value.shape[0]} rows, expected {rows}, like the text")
     n_train = int(scheduler.config.num_train_timesteps)
+    rescale: Callable[..., torch.Tensor] | None = None
+    if cfg and guidance_rescale > 0.0:
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+        rescale = rescale_noise_cfg
     t_dev = timesteps.to(runner.device, torch.float32)
 
     def tick() -> float:
@@ -235,6 +243,8 @@ def run_sampler(
                     if cfg:
                         eps_u, eps_c = eps.chunk(2)
                         eps = eps_u + guidance_scale * (eps_c - eps_u)
+                        if rescale is not None:
+                            eps = rescale(eps, eps_c, guidance_rescale=guidance_rescale)
                     if noise.applies(tau, n_train):
                         x = x + (noise.alpha / model_input_scale(scheduler, tau)) * eps_T
                     x = scheduler.step(eps, tau, x, **extra, return_dict=False)[0]

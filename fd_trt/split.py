@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from .contract import ADDED_CONDITIONING, added_input_names, feature_names, feature_tails
 from .errors import InputError, UnsupportedModelError
 
 
@@ -47,21 +48,12 @@ class Features:
 
     @staticmethod
     def names(num_skips: int) -> list[str]:
-        """Graph names of the feature tensors: ``mid, skip_00 .. skip_NN``."""
-        return ["mid"] + [f"skip_{i:02d}" for i in range(num_skips)]
+        """Graph names of the feature tensors: ``mid, skip_00 .. skip_NN`` (:mod:`fd_trt.contract`)."""
+        return feature_names(num_skips)
 
-
-#: ``addition_embed_type`` values the split carries, and the per-row inputs each one adds.
-ADDED_CONDITIONING: dict[str | None, tuple[str, ...]] = {None: (), "text_time": ("text_embeds", "time_ids")}
 
 #: Type of the added conditioning a caller passes: ``None`` for SD 1.x/2.x, per-row tensors for SDXL.
 Added = Mapping[str, torch.Tensor] | None
-
-
-def added_input_names(unet_config: Any) -> tuple[str, ...]:
-    """Names of the per-row added-conditioning inputs of a UNet: ``()`` for SD 1.x/2.x,
-    ``("text_embeds", "time_ids")`` for SDXL (``addition_embed_type="text_time"``)."""
-    return ADDED_CONDITIONING.get(getattr(unet_config, "addition_embed_type", None), ())
 
 
 def check_supported(unet: nn.Module) -> None:
@@ -309,30 +301,16 @@ class SplitUNet:
 def feature_bytes_per_row(unet_config: Any, latent_hw: tuple[int, int], itemsize: int) -> int:
     """Bytes of the encoder features (mid + skips) that one decoder row reads.
 
-    Follows the diffusers ``UNet2DConditionModel`` layout that the split carries: the
-    ``conv_in`` output, ``layers_per_block`` resnet outputs per down block, one downsampler output
-    per down block but the last (stride 2, padding 1: ``ceil(h/2)``), and the mid-block output.
-
     Args:
         unet_config: the UNet's ``config`` (``block_out_channels``, ``layers_per_block``).
         latent_hw: latent height and width.
         itemsize: bytes per element of the runner's precision (4 for fp32, 2 for fp16/bf16).
 
     Returns:
-        The feature bytes of one row.
+        The feature bytes of one row (the shapes are the graph contract's,
+        :func:`fd_trt.contract.feature_tails`).
     """
-    chans = list(unet_config.block_out_channels)
-    lpb = unet_config.layers_per_block
-    layers = list(lpb) if isinstance(lpb, (list, tuple)) else [int(lpb)] * len(chans)
-    h, w = latent_hw
-    elems = chans[0] * h * w  # conv_in
-    for i, (ch, n) in enumerate(zip(chans, layers)):
-        elems += n * ch * h * w
-        if i < len(chans) - 1:
-            h, w = -(-h // 2), -(-w // 2)
-            elems += ch * h * w
-    elems += chans[-1] * h * w  # mid
-    return int(elems * itemsize)
+    return int(sum(c * h * w for c, h, w in feature_tails(unet_config, latent_hw)) * itemsize)
 
 
 def split_unet(unet: nn.Module) -> SplitUNet:

@@ -11,6 +11,9 @@
    VAE) and the UNet loop alone (the sampler's encoder + decoder seconds), the median of
    ``--repeat`` runs after
    ``--warmup`` runs, with the peak GPU memory of each configuration.
+4. an SDXL-shaped UNet with random weights (:func:`fd_trt.models.sdxl_arch_pipeline`, 2.6 B
+   parameters, both text encoders) at 1024x1024, DDIM-50, CFG 5.0, fp16: schedules ``all`` and
+   ``paper`` on torch CUDA, timed the same way (``--skip-sdxl`` leaves it out).
 
 The table comes last; ``$OUT/gpu_check.json`` holds everything when ``OUT`` is set. A global
 deadline (``--budget-s``, default 450 s) skips what would not fit, saying so, so that one call
@@ -145,6 +148,7 @@ def time_config(
     size: int = 512,
     steps: int = 50,
     device: str = "cuda",
+    guidance_scale: float = 7.5,
 ) -> list[dict[str, Any]]:
     """Times one backend configuration on each schedule (CUDA events, median of ``repeat`` runs).
 
@@ -158,6 +162,7 @@ def time_config(
         size: image height and width.
         steps: DDIM steps.
         device: where the generator lives (the pipeline's device).
+        guidance_scale: CFG weight.
 
     Returns:
         One row per timed schedule.
@@ -174,7 +179,7 @@ def time_config(
             def once() -> tuple[float, float]:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                out = pipe("a photo of an astronaut riding a horse", num_inference_steps=steps, guidance_scale=7.5,
+                out = pipe("a photo of an astronaut riding a horse", num_inference_steps=steps, guidance_scale=guidance_scale,
                            height=size, width=size, output_type="latent", schedule=schedule,
                            generator=torch.Generator(device).manual_seed(0))
                 end.record()
@@ -264,6 +269,35 @@ def sd15_timings(args: argparse.Namespace, deadline: Deadline, trt_problem: str 
     return {"rows": rows, "notes": notes}
 
 
+def sdxl_timings(args: argparse.Namespace, deadline: Deadline) -> dict[str, Any]:
+    """The SDXL-shaped timing table: 1024x1024, DDIM-50, CFG 5.0, fp16, torch CUDA, all and paper."""
+    import torch
+
+    from fd_trt.models import make_scheduler, sdxl_arch_pipeline
+    from fd_trt.pipeline import FasterDiffusionPipeline
+
+    t0 = time.perf_counter()
+    with torch.device("cuda"):  # random init of 2.6 B parameters on the GPU, not the host
+        sd = sdxl_arch_pipeline(seed=0)
+    sd.to("cuda", torch.float16)
+    sd.scheduler = make_scheduler("ddim", sd.scheduler.config)
+    log(f"SDXL-shaped pipeline ready in {time.perf_counter() - t0:.1f} s")
+    notes = ["tensorrt: not timed for SDXL (the TensorRT runner does not take the added conditioning yet)"]
+    rows: list[dict[str, Any]] = []
+    for label, options in (("sdxl torch fp16", {}), ("sdxl torch fp16 + CUDA graphs", {"cuda_graphs": True})):
+        if deadline.left() < 60:
+            notes.append(f"{label}: skipped, out of time")
+            continue
+        rows += time_config(
+            lambda o=options: FasterDiffusionPipeline.from_diffusers(
+                sd, backend="torch", device="cuda", precision="fp16", progress=False, runner_options=o),
+            ["all", "paper"], args.repeat, args.warmup, deadline, label, size=1024, guidance_scale=5.0)
+    add_speedups(rows)
+    del sd
+    torch.cuda.empty_cache()
+    return {"rows": rows, "notes": notes}
+
+
 def add_speedups(rows: list[dict[str, Any]]) -> None:
     """Sets each row's ``speedup_vs_all``: the UNet loop time of ``all`` in its configuration over its own."""
     by = {(r["config"], r["schedule"]): r for r in rows}
@@ -289,7 +323,7 @@ def table(report: dict[str, Any]) -> str:
         "| config | schedule | s / image | UNet loop s | paper speedup (UNet) | peak GiB | runs |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in report.get("sd15", {}).get("rows", []):
+    for r in report.get("sd15", {}).get("rows", []) + report.get("sdxl", {}).get("rows", []):
         sp = r.get("speedup_vs_all")
         lines.append(f"| {r['config']} | {r['schedule']} | {r['total_s']:.3f} | {r['unet_loop_s']:.3f} | "
                      f"{'' if sp is None or r['schedule'] == 'all' else f'{sp:.2f}x'} | {r['peak_mem_gib']:.1f} | {r['runs']} |")
@@ -305,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tests-timeout-s", type=float, default=200.0)
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--skip-sd15", action="store_true")
+    p.add_argument("--skip-sdxl", action="store_true")
+    p.add_argument("--sdxl-min-s", type=int, default=120, help="seconds that must be left to time SDXL")
     p.add_argument("--trt-opt-level", type=int, default=2, help="builder optimization level of the SD1.5 plans")
     p.add_argument("--trt-min-s", type=int, default=240, help="seconds that must be left to build SD1.5 plans")
     args = p.parse_args(argv)
@@ -339,10 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         f"CUDA {torch.version.cuda}, TensorRT: {report['tensorrt'] or 'not importable'}")
     ok = True
     if not args.skip_tests:
-        log("1/3 GPU tests")
+        log("1/4 GPU tests")
         report["tests"] = run_gpu_tests(min(args.tests_timeout_s, max(30.0, deadline.left() - 200)))
         ok &= report["tests"]["ok"]
-    log("2/3 fp16 CUDA vs fp32 CPU on the tiny model")
+    log("2/4 fp16 CUDA vs fp32 CPU on the tiny model")
     try:
         report["accuracy"] = tiny_accuracy()
         ok &= report["accuracy"]["ok"]
@@ -351,19 +387,30 @@ def main(argv: list[str] | None = None) -> int:
         log(f"accuracy check failed: {exc}")
         ok = False
     if not args.skip_sd15:
-        log("3/3 SD1.5-shaped UNet, 512x512, DDIM-50, CFG, fp16")
+        log("3/4 SD1.5-shaped UNet, 512x512, DDIM-50, CFG, fp16")
         try:
             report["sd15"] = sd15_timings(args, deadline, trt_problem)
         except Exception as exc:
             report["sd15"] = {"rows": [], "notes": [f"failed: {type(exc).__name__}: {exc}"]}
             log(f"timings failed: {type(exc).__name__}: {exc}")
             ok = False
+    if not args.skip_sdxl:
+        if deadline.left() < args.sdxl_min_s:
+            report["sdxl"] = {"rows": [], "notes": [f"not timed: {deadline.left():.0f} s left, SDXL needs about {args.sdxl_min_s} s"]}
+        else:
+            log("4/4 SDXL-shaped UNet, 1024x1024, DDIM-50, CFG 5.0, fp16")
+            try:
+                report["sdxl"] = sdxl_timings(args, deadline)
+            except Exception as exc:
+                report["sdxl"] = {"rows": [], "notes": [f"failed: {type(exc).__name__}: {exc}"]}
+                log(f"SDXL timings failed: {type(exc).__name__}: {exc}")
+                ok = False
     rows = report.get("sd15", {}).get("rows", [])
     targets = check_targets(rows)
     report.update(targets=targets, ok=ok, seconds=time.perf_counter() - t_start)
     write_json(report)
     print()
-    for note in report.get("sd15", {}).get("notes", []):
+    for note in report.get("sd15", {}).get("notes", []) + report.get("sdxl", {}).get("notes", []):
         print(f"note: {note}")
     for name, met in targets.items():
         print(f"target {'met' if met else 'MISSED'}: {name}")

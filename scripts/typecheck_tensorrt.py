@@ -15,7 +15,8 @@ What it does, and why each step is there:
    stop mypy before it checks anything. Each broken ``def`` line becomes
    ``def name(*args: typing.Any, **kwargs: typing.Any) -> typing.Any`` and is reported; every
    other TensorRT name keeps its stubbed signature.
-3. Runs ``mypy fd_trt/backends/tensorrt.py`` with ``MYPYPATH=DIR`` and the ``[tool.mypy]``
+3. Runs ``mypy`` on ``fd_trt/backends/tensorrt.py`` (the runner) and ``tensorrt_build.py``
+   (plan builds) with ``MYPYPATH=DIR`` and the ``[tool.mypy]``
    settings of pyproject.toml. A misspelled or removed TensorRT call
    (``builder.create_netwrok``, ``trt.BuilderFlag.FP61``) fails here.
 4. Checks that the CPU stand-in the tests run instead of TensorRT (``tests/fake_tensorrt.py``)
@@ -40,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 #: tensorrt-stubs release checked against (the newest on PyPI when this was written: TensorRT 10.13).
 STUBS_VERSION = "10.13.0.35.1"
-TARGETS = ["fd_trt/backends/tensorrt.py"]
+TARGETS = ["fd_trt/backends/tensorrt.py", "fd_trt/backends/tensorrt_build.py"]
 _DEF = re.compile(r"^(\s*)def\s+(\w+)\s*\(")
 
 

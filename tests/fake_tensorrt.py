@@ -121,6 +121,13 @@ class INetworkDefinition:
     def get_input(self, index: int) -> _Tensor:
         return self._inputs[index]
 
+    @property
+    def num_outputs(self) -> int:
+        return len(self._outputs)
+
+    def get_output(self, index: int) -> _Tensor:
+        return self._outputs[index]
+
 
 class _ParserErrors:
     """The error list both ONNX parsers of TensorRT report through."""
@@ -592,13 +599,15 @@ def install(monkeypatch: Any) -> Any:
     import torch
 
     import fd_trt.backends.tensorrt as backend
+    import fd_trt.backends.tensorrt_build as build
 
     this = sys.modules[__name__]
     _STREAMS.clear()
     _current[:] = [FakeStream(handle=0)]  # the default ("legacy") stream
     Builder.builds = []
     monkeypatch.setitem(sys.modules, "tensorrt", this)
-    monkeypatch.setattr(backend, "require_cuda", lambda device="cuda": torch.device("cpu"))
+    for module in (backend, build):  # the runner's checks and the builder's
+        monkeypatch.setattr(module, "require_cuda", lambda device="cuda": torch.device("cpu"))
     for name, value in {
         "Stream": FakeStream,
         "current_stream": current_stream,

@@ -256,3 +256,73 @@ def test_bad_arguments_name_the_value():
         OrtRunner("/nonexistent-engine-dir")
     with pytest.raises(FdTrtError, match="CUDAExecutionProvider|device"):
         OrtRunner(encoder_path="a.onnx", decoder_path="b.onnx", providers=["cuda"]).activate()
+
+
+# ---- SDXL-shaped UNets: the added conditioning through export, manifest and runner ----------------
+SDXL_LATENT = (16, 12)
+SDXL_TEXT = (7, 32)
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    from tiny_sdxl import tiny_sdxl_unet
+
+    return tiny_sdxl_unet("sdxl_base_like")
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(sdxl, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("engines") / "sdxl"
+    build_engines(sdxl, out, latent_size=SDXL_LATENT, text_shape=SDXL_TEXT, model_source="tiny-sdxl", progress=False)
+    return out
+
+
+def test_sdxl_graphs_and_manifest_carry_the_added_conditioning(sdxl, sdxl_dir):
+    from fd_trt.contract import GraphContract
+
+    manifest = check_engine_dir(sdxl_dir, sdxl, latent_size=SDXL_LATENT, text_shape=SDXL_TEXT,
+                                added_shapes={"text_embeds": [24], "time_ids": [6]})
+    assert manifest.added_shapes == {"text_embeds": [24], "time_ids": [6]}
+    contract = GraphContract.from_manifest(manifest)
+    enc = onnx.load(str(sdxl_dir / "encoder.onnx"), load_external_data=False)
+    dec = onnx.load(str(sdxl_dir / "decoder.onnx"), load_external_data=False)
+    assert [i.name for i in enc.graph.input] == contract.encoder.input_names
+    assert contract.encoder.input_names[-2:] == ["text_embeds", "time_ids"]
+    assert [i.name for i in dec.graph.input] == contract.decoder.input_names
+    assert [o.name for o in dec.graph.output] == ["noise_pred"]
+    for model in (enc, dec):
+        types = {i.name: i.type.tensor_type for i in model.graph.input}
+        assert types["time_ids"].elem_type == onnx.TensorProto.FLOAT
+        assert [d.dim_value for d in types["time_ids"].shape.dim[1:]] == [6]
+        assert [d.dim_value for d in types["text_embeds"].shape.dim[1:]] == [24]
+        assert types["text_embeds"].shape.dim[0].dim_param  # rows stay dynamic
+    with pytest.raises(EngineMismatchError, match="added_shapes"):
+        check_engine_dir(sdxl_dir, sdxl, added_shapes={"text_embeds": [24], "time_ids": [5]})
+
+
+def test_sdxl_onnxruntime_matches_torch_over_several_timesteps(sdxl, sdxl_dir):
+    from tiny_sdxl import added_conditioning
+
+    g = torch.Generator().manual_seed(5)
+    sample, text = torch.randn((2, 4, *SDXL_LATENT), generator=g), torch.randn((2, *SDXL_TEXT), generator=g)
+    added = added_conditioning("sdxl_base_like", 2)
+    split = split_unet(sdxl)
+    with OrtRunner(sdxl_dir, intra_op_threads=2) as r:
+        assert r.contract.added_names == ("text_embeds", "time_ids")
+        for key in (961.0, 501.0):
+            t = torch.full((2,), key)
+            steps = torch.tensor([key, key - 40.0, key - 80.0])
+            feats = r.encode(sample, t, text, added)
+            got = r.decode(feats, steps, text, added)
+            with torch.no_grad():
+                ref = split.run_encoder(sample, t, text, added)
+                rows = {k: v.repeat(3, 1) for k, v in added.items()}
+                want = split.run_decoder(ref.repeat(3), steps.repeat_interleave(2), text.repeat(3, 1, 1), rows)
+                unet = sdxl(sample.repeat(3, 1, 1, 1), steps.repeat_interleave(2), text.repeat(3, 1, 1),
+                            added_cond_kwargs=rows).sample
+            for a, b in zip(feats.tensors(), ref.tensors()):
+                assert rel_err(a, b) < REL_TOL
+            assert rel_err(got, want) < REL_TOL
+            assert rel_err(got[:2], unet[:2]) < REL_TOL  # the key step's rows are the whole UNet's
+        with pytest.raises(FdTrtError, match="added conditioning"):
+            r.encode(sample, torch.full((2,), 500.0), text)

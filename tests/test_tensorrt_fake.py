@@ -543,3 +543,62 @@ def test_cli_build_makes_plans_and_generate_runs_them(trt, tmp_path, capsys):
                  "--device", "cpu", "--steps", "8", "--height", "64", "--width", "64", "--out", str(tmp_path / "x.png"),
                  "--quiet"]) == 0
     assert (tmp_path / "x.png").is_file()
+
+
+@pytest.mark.parametrize("name", ["sdxl_base_like", "sdxl_refiner_like"])
+def test_sdxl_plans_profile_the_added_conditioning_and_match_onnxruntime(trt, tmp_path, name):
+    """SDXL-shaped graphs: the profiles cover text_embeds and time_ids, and every call shape matches ORT."""
+    from tiny_sdxl import SDXL_CONFIGS, added_conditioning, tiny_sdxl_unet
+
+    _, pooled, k = SDXL_CONFIGS[name]
+    unet = tiny_sdxl_unet(name)
+    folder = tmp_path / name
+    build_engines(unet, folder, latent_size=(8, 8), text_shape=(5, unet.config.cross_attention_dim),
+                  added_shapes={"text_embeds": [pooled], "time_ids": [k]}, max_segment_steps=MAX_SEGMENT_STEPS,
+                  progress=False)
+    built = build_plans(folder, opt_segment_steps=2)
+    for res in built:
+        header = fake_tensorrt.plan_header(folder / res.record.file)
+        assert header["profile"]["text_embeds"] == [[lo, pooled] for lo in res.record.rows]
+        assert header["profile"]["time_ids"] == [[lo, k] for lo in res.record.rows]
+        assert dict((n, d) for n, _, d in header["inputs"])["time_ids"] == "FLOAT"
+    gen = torch.Generator().manual_seed(0)
+    sample, text = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 5, unet.config.cross_attention_dim, generator=gen)
+    t, added = torch.full((2,), 900.0), added_conditioning(name, 2)
+    with OrtRunner(folder) as ort, TrtRunner(folder, opt_segment_steps=2, cuda_graphs=True) as runner:
+        assert runner.contract is not None and runner.contract.added_names == ("text_embeds", "time_ids")
+        ref_feats, feats = ort.encode(sample, t, text, added), runner.encode(sample, t, text, added)
+        for a, b in zip(feats.tensors(), ref_feats.tensors()):
+            assert rel_l2(a, b) < 1e-5
+        # 1 step, a full profile, and 6 steps in two calls: the added rows are tiled step-major.
+        for steps in ([800.0], [700.0, 600.0, 500.0, 400.0], [350.0, 300.0, 250.0, 200.0, 150.0, 100.0]):
+            ts = torch.tensor(steps)
+            out, ref = runner.decode(feats, ts, text, added), ort.decode(ref_feats, ts, text, added)
+            assert rel_l2(out, ref) < 1e-5, steps
+        other = runner.decode(feats, torch.tensor([800.0]), text, {**added, "time_ids": added["time_ids"] + 64})
+        assert rel_l2(other, runner.decode(feats, torch.tensor([800.0]), text, added)) > 1e-4
+        with pytest.raises(InputError, match="time_ids"):
+            runner.encode(sample, t, text, {"text_embeds": added["text_embeds"]})
+
+
+def test_sdxl_plans_refit_new_added_embedding_weights(trt, tmp_path):
+    """A LoRA-like change to SDXL's add_embedding reaches both plans (matched by initializer name)."""
+    from fd_trt.backends.torch import TorchRunner
+    from tiny_sdxl import added_conditioning, tiny_sdxl_unet
+
+    unet = tiny_sdxl_unet()
+    folder = tmp_path / "sdxl"
+    build_engines(unet, folder, latent_size=(8, 8), text_shape=(5, 32), max_segment_steps=2, progress=False)
+    gen = torch.Generator().manual_seed(0)
+    sample, text = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 5, 32, generator=gen)
+    t, steps, added = torch.full((2,), 700.0), torch.tensor([700.0, 600.0, 500.0]), added_conditioning("sdxl_base_like", 2)
+    with TrtRunner(folder) as runner:
+        before = runner.decode(runner.encode(sample, t, text, added), steps, text, added)
+        with torch.no_grad():
+            unet.add_embedding.linear_1.weight.mul_(1.5)
+        assert runner.refit(unet)
+        after = runner.decode(runner.encode(sample, t, text, added), steps, text, added)
+    with TorchRunner(unet) as ref:
+        want = ref.decode(ref.encode(sample, t, text, added), steps, text, added)
+    assert rel_l2(after, want) < 1e-5 and rel_l2(before, want) > 1e-4
+    assert load_manifest(folder).added_shapes == {"text_embeds": [24], "time_ids": [6]}

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..contract import MID, SAMPLE, TEXT, TIMESTEP, GraphContract
 from ..errors import BackendUnavailableError, EngineMismatchError, FdTrtError, InputError
 from ..split import Added, Features
 from .base import Runner, expand_for_steps
@@ -198,6 +199,8 @@ class OrtRunner(Runner):
         self.session_options = dict(session_options or {})
         self._enc: _Graph | None = None
         self._dec: _Graph | None = None
+        #: The graphs' contract (after activation): their names, order and added conditioning.
+        self.contract: GraphContract | None = None
 
     # lifecycle -----------------------------------------------------------------------------
     def _make_options(self, ort: Any) -> Any:
@@ -234,6 +237,7 @@ class OrtRunner(Runner):
         # With a manifest, comparing file sizes catches truncation for free; without one, each
         # graph is parsed in Python first, because onnxruntime reports a broken protobuf poorly.
         verified = False
+        manifest = None
         if self.engine_dir is not None and (self.engine_dir / MANIFEST_FILE).is_file():
             from ..engines import check_graph_files
 
@@ -246,8 +250,8 @@ class OrtRunner(Runner):
         providers = _resolve_providers(self.providers, self.device, ort.get_available_providers())
         enc = self._load(ort, self.encoder_path, providers, parse_first=not verified)
         dec = self._load(ort, self.decoder_path, providers, parse_first=not verified)
-        self._check_contract(enc, dec)
-        graph_dtype = enc.input_dtype("sample")
+        self.contract = self._check_contract(enc, dec, manifest if verified else None)
+        graph_dtype = enc.input_dtype(SAMPLE)
         if self.expected_dtype is not None and graph_dtype != self.expected_dtype:
             raise EngineMismatchError(
                 f"{enc.path} holds {graph_dtype} graphs but {self.expected_dtype} was asked for: rebuild with "
@@ -268,40 +272,39 @@ class OrtRunner(Runner):
 
     def _deactivate(self) -> None:
         self._enc = self._dec = None
+        self.contract = None
 
-    def _check_contract(self, enc: _Graph, dec: _Graph) -> None:
-        from ..export import DECODER_OUTPUT, ENCODER_INPUTS
-
-        if sorted(enc.input_names) != sorted(ENCODER_INPUTS):
-            raise EngineMismatchError(
-                f"{enc.path} has inputs {enc.input_names}, expected {list(ENCODER_INPUTS)}: it is not an fd_trt encoder graph"
-            )
-        feature_names = enc.output_names
-        expected_dec = [*feature_names, "timestep", "encoder_hidden_states"]
-        if sorted(dec.input_names) != sorted(expected_dec) or dec.output_names != [DECODER_OUTPUT]:
-            raise EngineMismatchError(
-                f"{dec.path} (inputs {dec.input_names}, outputs {dec.output_names}) does not fit {enc.path} "
-                f"(outputs {feature_names}): the graphs come from different exports; rebuild both"
-            )
-        if enc.input_dtype("sample") != dec.input_dtype("mid"):
+    def _check_contract(self, enc: _Graph, dec: _Graph, manifest: Any = None) -> GraphContract:
+        """The graphs' contract: the manifest's when there is one, else the one the encoder's names imply."""
+        if manifest is not None:
+            contract = GraphContract.from_manifest(manifest)
+            contract.encoder.check(enc.input_names, enc.output_names, enc.path, "rebuild the engine directory")
+        else:
+            contract = GraphContract.from_encoder_io(enc.input_names, enc.output_names, enc.path)
+        contract.decoder.check(
+            dec.input_names, dec.output_names, dec.path,
+            f"it does not fit {enc.path} (the graphs come from different exports); rebuild both",
+        )
+        if enc.input_dtype(SAMPLE) != dec.input_dtype(MID):
             raise EngineMismatchError(
                 f"{enc.path} is {enc.inputs['sample'].type} but {dec.path} is {dec.inputs['mid'].type}: "
                 "rebuild both graphs at one precision"
             )
+        return contract
 
     def _warm_up(self) -> None:
-        enc = self._enc
-        assert enc is not None
+        enc, contract = self._enc, self.contract
+        assert enc is not None and contract is not None
         n = self.warmup_rows
-        shapes = {name: enc.inputs[name].shape for name in ("sample", "encoder_hidden_states")}
+        shapes = {name: enc.inputs[name].shape for name in contract.encoder.input_names if name != TIMESTEP}
         if any(not isinstance(d, int) for s in shapes.values() for d in s[1:]):
             logger.debug("skipping warm-up: the encoder's input shapes are not static")
             return
-        sample = torch.zeros((n, *shapes["sample"][1:]), device=self.device)
-        text = torch.zeros((n, *shapes["encoder_hidden_states"][1:]), device=self.device)
+        zeros = {name: torch.zeros((n, *shape[1:]), device=self.device) for name, shape in shapes.items()}
         t = torch.full((n,), 500.0, device=self.device)
-        feats = self._encode(sample, t, text)
-        self._decode(feats, t[:1], text)
+        added = {name: zeros[name] for name in contract.added_names} or None
+        feats = self._encode(zeros[SAMPLE], t, zeros[TEXT], added)
+        self._decode(feats, t[:1], zeros[TEXT], added)
 
     # inference -----------------------------------------------------------------------------
     def _bind_input(self, binding: Any, name: str, tensor: torch.Tensor) -> None:
@@ -372,30 +375,41 @@ class OrtRunner(Runner):
         self.launches["decoder"] += 1
         return self._decode(features, timesteps, text, added)
 
+    def _conditioning(self, added: Added) -> dict[str, torch.Tensor]:
+        """The added-conditioning feeds, checked against the graphs' contract."""
+        assert self.contract is not None
+        names = self.contract.added_names
+        given = dict(added or {})
+        if set(given) != set(names):
+            raise InputError(
+                f"these graphs take added conditioning {list(names) or 'none'}, got {sorted(given) or 'none'}"
+                + ("" if names else ": pass added=None")
+            )
+        return given
+
     def _encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, added: Added = None) -> Features:
-        assert self._enc is not None
-        rows = self._check_rows("encoder", sample=sample, timestep=timestep, text=text, **dict(added or {}))
-        feeds = {"sample": sample, "timestep": timestep.float(), "encoder_hidden_states": text, **dict(added or {})}
+        assert self._enc is not None and self.contract is not None
+        cond = self._conditioning(added)
+        rows = self._check_rows("encoder", sample=sample, timestep=timestep, text=text, **cond)
+        feeds = {SAMPLE: sample, TIMESTEP: timestep.float(), TEXT: text, **cond}
         out = self._run(self._enc, feeds, rows)
         by_name = dict(zip(self._enc.output_names, out))
-        mid = by_name["mid"]
-        skips = tuple(by_name[n] for n in self._enc.output_names if n != "mid")
-        return Features(mid, skips)
+        names = self.contract.feature_names
+        return Features(by_name[names[0]], tuple(by_name[n] for n in names[1:]))
 
     def _decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None) -> torch.Tensor:
-        assert self._dec is not None and self._enc is not None
+        assert self._dec is not None and self.contract is not None
         feats, t_rows, text_rows, added_rows = expand_for_steps(
-            features, timesteps.to(self.device, torch.float32), text.to(self.device), added
+            features, timesteps.to(self.device, torch.float32), text.to(self.device), self._conditioning(added) or None
         )
-        names = self._enc.output_names
+        names = self.contract.feature_names
         if len(feats.skips) + 1 != len(names):
             raise InputError(
                 f"features have {len(feats.skips)} skips but the graphs carry {len(names) - 1}: pass the features "
                 "this runner's encode() returned"
             )
-        feeds: dict[str, torch.Tensor] = {"mid": feats.mid, "timestep": t_rows, "encoder_hidden_states": text_rows}
-        feeds.update({n: s for n, s in zip([n for n in names if n != "mid"], feats.skips)})
-        feeds.update(added_rows or {})
+        feeds: dict[str, torch.Tensor] = dict(zip(names, feats.tensors()))
+        feeds.update({TIMESTEP: t_rows, TEXT: text_rows, **(added_rows or {})})
         (noise,) = self._run(self._dec, feeds, int(t_rows.shape[0]))
         return noise.float()
 

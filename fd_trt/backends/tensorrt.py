@@ -1,28 +1,18 @@
-"""The TensorRT backend: plans built from the fp16 encoder/decoder graphs, and their runner.
-
-Build (DESIGN.md sections 3-4). Each ONNX graph of an engine directory is parsed with the
-TensorRT Python API into a strongly typed network, so the graph's own types (fp16 for
-``--backend tensorrt`` exports) decide the engine precision; this works on TensorRT 10 and 11
-(11 has no FP16 builder flag and is always strongly typed). One optimization profile per plan:
-
-* encoder: 1 .. 2B rows, opt at 2B (B images per call, x2 for CFG);
-* decoder: 1 .. 2B x ``max_segment_steps`` rows, opt at 2B x the segment length that covers the
-  most decoder steps of the schedule (``paper`` at 50 steps: 10 steps, 20 rows), configurable.
-
-The lower bound of 1 row keeps runs without CFG (``guidance_scale <= 1``) inside the profiles;
-TensorRT tunes its kernels at the opt shape. Plans are named by role, TensorRT version, GPU
-compute capability and profile (:func:`plan_file_name`) and recorded in the manifest
-(:class:`fd_trt.engines.PlanRecord`); a plan from another TensorRT version or GPU generation is
-never loaded (:func:`fd_trt.engines.check_plan`). A timing cache per TensorRT version and compute
-capability lives in the engine directory and makes rebuilds fast.
+"""The TensorRT runner: loads an engine directory's plans, binds their buffers, executes them
+(optionally through CUDA graphs) and refits new weights into them. Building the plans (profiles,
+names, timing cache, manifest records) is :mod:`fd_trt.backends.tensorrt_build`'s, as polygraphy
+keeps its loaders apart from its ``TrtRunner``; the names it exports are re-exported here.
 
 Runtime (DESIGN.md section 5). Plans are deserialized once; every input and output is a torch
 CUDA tensor preallocated at the profile's maximum rows, and each call uses its first rows, so
-tensor addresses never change. Calls run with ``set_input_shape``, ``set_tensor_address`` and
-``execute_async_v3`` on a non-default stream that is ordered after the caller's stream. The two
-execution contexts share one scratch allocation (user-managed device memory) because they
-never run at the same time. With ``cuda_graphs=True`` every (graph, row count) pair is captured
-into a CUDA graph after one warm-up run, then replayed.
+tensor addresses never change. Which tensors there are, and how the decoder's rows are laid out
+(step-major), is the graph contract's (:class:`fd_trt.contract.GraphContract`, read from the
+manifest): SDXL's ``text_embeds`` and ``time_ids`` are copied in and tiled like the text. Calls
+run with ``set_input_shape``, ``set_tensor_address`` and ``execute_async_v3`` on a non-default
+stream that is ordered after the caller's stream. The two execution contexts share one scratch
+allocation (user-managed device memory) because they never run at the same time. With
+``cuda_graphs=True`` every (graph, row count) pair is captured into a CUDA graph after one
+warm-up run, then replayed.
 
 Encoder calls with more rows than the encoder profile's maximum run in chunks of that maximum
 (plans built for one image serve eight), and decoder calls in as many executions as the profile
@@ -41,23 +31,44 @@ install hint when they are missing.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import re
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import BackendUnavailableError, EngineMismatchError, FdTrtError, InputError
-from ..schedule import KeySchedule, ScheduleSpec, parse_schedule
-from ..split import Added, Features
+from ..contract import NOISE_PRED, ROLES, SAMPLE, TEXT, TIMESTEP, GraphContract
+from ..errors import EngineMismatchError, FdTrtError, InputError
+from ..schedule import ScheduleSpec
+from ..split import Added, Features, added_tensors
 from .base import Runner
+from .tensorrt_build import (
+    DEFAULT_OPTIMIZATION_LEVEL,
+    DEFAULT_PROFILE_STEPS,
+    INSTALL_HINT,
+    PlanBuild,
+    RowProfile,
+    as_schedule,
+    build_plans,
+    check_level,
+    check_workspace,
+    external_threshold,
+    gpu_identity,
+    input_profile_shapes,
+    most_common_segment_steps,
+    plan_file_name,
+    profile_rows,
+    profiles_for_manifest,
+    require_cuda,
+    require_tensorrt,
+    runtime_problem,
+    tensorrt_available,
+    timing_cache_file_name,
+    with_plan,
+)
 
 if TYPE_CHECKING:  # the stubs (tensorrt-stubs) type-check the calls; nothing is imported at run time
     import tensorrt as trt
@@ -66,563 +77,7 @@ if TYPE_CHECKING:  # the stubs (tensorrt-stubs) type-check the calls; nothing is
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = (
-    "on a machine with an NVIDIA GPU, pip install '.[gpu]' (TensorRT 10 or 11 with a CUDA build of torch); "
-    "elsewhere use backend='onnxruntime' or backend='torch'"
-)
-ROLES = ("encoder", "decoder")
-ENCODER_INPUTS = ("sample", "timestep", "encoder_hidden_states")
-DECODER_OUTPUT = "noise_pred"
-#: The schedule whose segments pick the decoder profile's opt shape when none is given.
-DEFAULT_PROFILE_SCHEDULE = "paper"
-DEFAULT_PROFILE_STEPS = 50
-DEFAULT_OPTIMIZATION_LEVEL = 3
-MAX_OPTIMIZATION_LEVEL = 5
 
-
-# --------------------------------------------------------------------------------------------
-# Availability
-# --------------------------------------------------------------------------------------------
-def require_tensorrt() -> ModuleType:
-    """Imports TensorRT, or explains how to install it.
-
-    Returns:
-        The ``tensorrt`` module (10.x or later).
-
-    Raises:
-        BackendUnavailableError: when TensorRT is missing, too old, or only its type stubs are
-            installed (``tensorrt-stubs`` alone makes ``import tensorrt`` succeed with an empty
-            namespace package).
-    """
-    try:
-        import tensorrt as trt_module
-    except (ImportError, OSError) as exc:  # OSError: the wheel is there but libnvinfer is not loadable
-        raise BackendUnavailableError(f"the tensorrt backend cannot import tensorrt ({exc}): {INSTALL_HINT}") from exc
-    if not hasattr(trt_module, "Builder"):
-        where = getattr(trt_module, "__path__", None) or getattr(trt_module, "__file__", None)
-        raise BackendUnavailableError(
-            f"the tensorrt module found at {where} is not TensorRT (only its type stubs are installed): {INSTALL_HINT}"
-        )
-    version = str(getattr(trt_module, "__version__", "0"))
-    major = version.split(".")[0]
-    if not major.isdigit() or int(major) < 10:
-        raise BackendUnavailableError(f"TensorRT {version} is too old: fd_trt needs TensorRT 10 or 11; {INSTALL_HINT}")
-    return trt_module
-
-
-def require_cuda(device: torch.device | str = "cuda") -> torch.device:
-    """Checks that ``device`` is a CUDA device that torch can use.
-
-    Args:
-        device: ``"cuda"`` or ``"cuda:i"``.
-
-    Returns:
-        The device, with its index filled in.
-
-    Raises:
-        InputError: for a non-CUDA device.
-        BackendUnavailableError: when torch sees no CUDA GPU.
-    """
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        raise InputError(f"the tensorrt backend runs on NVIDIA GPUs, got device={str(device)!r}: pass device='cuda'")
-    if not torch.cuda.is_available():
-        raise BackendUnavailableError(
-            f"the tensorrt backend needs a CUDA GPU, but torch {torch.__version__} sees none "
-            f"(torch.version.cuda={torch.version.cuda}): {INSTALL_HINT}"
-        )
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
-    if index >= torch.cuda.device_count():
-        raise InputError(f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    return torch.device("cuda", index)
-
-
-def runtime_problem(device: torch.device | str = "cuda") -> str | None:
-    """Why TensorRT plans cannot be built or run here, or ``None`` when they can.
-
-    Args:
-        device: the CUDA device to use.
-
-    Returns:
-        A message with an install hint, or ``None``.
-    """
-    try:
-        require_tensorrt()
-        require_cuda(device)
-    except (BackendUnavailableError, InputError) as exc:
-        return str(exc)
-    return None
-
-
-def tensorrt_available(device: torch.device | str = "cuda") -> bool:
-    """True when TensorRT imports (the real library, not stubs) and torch sees a CUDA GPU."""
-    return runtime_problem(device) is None
-
-
-# --------------------------------------------------------------------------------------------
-# Profiles and names: pure functions, testable without a GPU
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RowProfile:
-    """Axis-0 rows of one optimization profile.
-
-    Attributes:
-        min: the fewest rows a call may have.
-        opt: the rows TensorRT tunes its kernels for.
-        max: the most rows a call may have (buffers are allocated for this many).
-    """
-
-    min: int
-    opt: int
-    max: int
-
-    def __post_init__(self) -> None:
-        values = (self.min, self.opt, self.max)
-        if any(isinstance(v, bool) or not isinstance(v, int) for v in values) or not 1 <= self.min <= self.opt <= self.max:
-            raise InputError(f"profile rows must be integers with 1 <= min <= opt <= max, got {values}")
-
-    def as_list(self) -> list[int]:
-        """``[min, opt, max]``."""
-        return [self.min, self.opt, self.max]
-
-
-def most_common_segment_steps(schedule: KeySchedule) -> int:
-    """The segment length that covers the most decoder steps of a schedule.
-
-    Steps, not segments, are counted because the decoder's time is spent per step: DDIM-50
-    ``paper`` has three 1-step segments but twenty steps in its two 10-step segments. Ties go to
-    the longer segment.
-
-    Args:
-        schedule: a key-step schedule.
-
-    Returns:
-        A segment length in steps.
-    """
-    cover: Counter[int] = Counter()
-    for seg in schedule.segments:
-        cover[len(seg)] += len(seg)
-    return max(cover, key=lambda n: (cover[n], n))
-
-
-def profile_rows(
-    schedule: KeySchedule | None = None,
-    *,
-    batch: int = 1,
-    max_segment_steps: int | None = None,
-    opt_segment_steps: int | None = None,
-    min_rows: int = 1,
-) -> dict[str, RowProfile]:
-    """The encoder and decoder optimization profiles for a schedule.
-
-    Args:
-        schedule: the schedule the plans will mostly run; DDIM-50 ``paper`` when ``None``.
-        batch: images per call B; one step has 2B rows with CFG.
-        max_segment_steps: the longest segment decoded in one call; the schedule's longest
-            segment when ``None``.
-        opt_segment_steps: the segment length to tune for; :func:`most_common_segment_steps`
-            when ``None``. Clipped to ``max_segment_steps``.
-        min_rows: the fewest rows of either graph (1 lets runs without CFG fit).
-
-    Returns:
-        ``{"encoder": RowProfile(min, 2B, 2B), "decoder": RowProfile(min, 2B*opt, 2B*max)}``.
-
-    Raises:
-        InputError: for a non-positive batch, step count or minimum.
-    """
-    for name, value in (("batch", batch), ("max_segment_steps", max_segment_steps),
-                        ("opt_segment_steps", opt_segment_steps), ("min_rows", min_rows)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise InputError(f"{name} must be a positive integer, got {value!r}")
-    if schedule is None:
-        schedule = parse_schedule(DEFAULT_PROFILE_SCHEDULE, DEFAULT_PROFILE_STEPS)
-    rows_per_step = 2 * batch
-    longest = max_segment_steps if max_segment_steps is not None else schedule.max_segment_len
-    opt_steps = min(opt_segment_steps if opt_segment_steps is not None else most_common_segment_steps(schedule), longest)
-    lo = min(min_rows, rows_per_step)
-    return {
-        "encoder": RowProfile(lo, rows_per_step, rows_per_step),
-        "decoder": RowProfile(lo, rows_per_step * opt_steps, rows_per_step * longest),
-    }
-
-
-def profiles_for_manifest(
-    encoder_rows: Sequence[int],
-    decoder_rows: Sequence[int],
-    schedule: KeySchedule | None = None,
-    opt_segment_steps: int | None = None,
-) -> dict[str, RowProfile]:
-    """The profiles of an engine directory, from the row ranges its manifest records.
-
-    Args:
-        encoder_rows: the manifest's ``[min, max]`` encoder rows (max = 2B).
-        decoder_rows: the manifest's ``[min, max]`` decoder rows (max = 2B x max segment steps).
-        schedule: picks the decoder's opt shape (see :func:`profile_rows`).
-        opt_segment_steps: overrides the schedule's choice.
-
-    Returns:
-        ``{"encoder": RowProfile, "decoder": RowProfile}``.
-
-    Raises:
-        EngineMismatchError: when the recorded ranges are not of fd_trt's form.
-    """
-    lo_e, hi_e = int(encoder_rows[0]), int(encoder_rows[1])
-    lo_d, hi_d = int(decoder_rows[0]), int(decoder_rows[1])
-    if hi_e < 2 or hi_e % 2 or hi_d % hi_e or lo_e < 1 or lo_d < 1:
-        raise EngineMismatchError(
-            f"the manifest's row ranges (encoder {list(encoder_rows)}, decoder {list(decoder_rows)}) are not "
-            "2B and 2B x steps: rebuild the engine directory with fd-trt build --backend tensorrt"
-        )
-    return profile_rows(
-        schedule,
-        batch=hi_e // 2,
-        max_segment_steps=hi_d // hi_e,
-        opt_segment_steps=opt_segment_steps,
-        min_rows=min(lo_e, lo_d),
-    )
-
-
-def input_profile_shapes(
-    rows: RowProfile, input_shapes: Mapping[str, Sequence[int]]
-) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-    """min / opt / max shapes of every graph input, from the profile rows.
-
-    Args:
-        rows: the profile.
-        input_shapes: each input's shape as the network reports it (axis 0 dynamic, ``-1``).
-
-    Returns:
-        ``{name: (min_shape, opt_shape, max_shape)}``.
-
-    Raises:
-        EngineMismatchError: when an input has a dynamic axis besides axis 0, or no axis at all.
-    """
-    out = {}
-    for name, shape in input_shapes.items():
-        dims = [int(d) for d in shape]
-        if not dims:
-            raise EngineMismatchError(f"graph input {name!r} is a scalar; fd_trt graphs have a row axis: re-export the graphs")
-        tail = tuple(dims[1:])
-        if any(d < 1 for d in tail):
-            raise EngineMismatchError(
-                f"graph input {name!r} has shape {dims}: only axis 0 may be dynamic (height and width are fixed per "
-                "build); re-export with fd-trt build --backend tensorrt --height H --width W"
-            )
-        out[name] = ((rows.min, *tail), (rows.opt, *tail), (rows.max, *tail))
-    return out
-
-
-def _version_tag(tensorrt_version: str) -> str:
-    tag = re.sub(r"[^0-9A-Za-z.]+", "_", str(tensorrt_version)).strip("._")
-    if not tag:
-        raise InputError(f"tensorrt_version {tensorrt_version!r} is empty: pass tensorrt.__version__")
-    return tag
-
-
-def _cc_tag(compute_capability: Sequence[int]) -> str:
-    cc = [int(v) for v in compute_capability]
-    if len(cc) != 2 or any(v < 0 for v in cc):
-        raise InputError(f"compute_capability must be (major, minor), got {tuple(compute_capability)!r}")
-    return f"sm{cc[0]}{cc[1]}"
-
-
-def plan_file_name(role: str, tensorrt_version: str, compute_capability: Sequence[int], rows: RowProfile) -> str:
-    """The file name of a plan: role, TensorRT version, compute capability and profile rows.
-
-    Args:
-        role: ``encoder`` or ``decoder``.
-        tensorrt_version: ``tensorrt.__version__``.
-        compute_capability: ``(major, minor)`` of the GPU.
-        rows: the profile.
-
-    Returns:
-        For example ``decoder.trt10.13.0.35.sm90.rows1-20-30.plan``.
-    """
-    if role not in ROLES:
-        raise InputError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-    return (
-        f"{role}.trt{_version_tag(tensorrt_version)}.{_cc_tag(compute_capability)}."
-        f"rows{rows.min}-{rows.opt}-{rows.max}.plan"
-    )
-
-
-def timing_cache_file_name(tensorrt_version: str, compute_capability: Sequence[int]) -> str:
-    """The timing cache's file name; one per TensorRT version and compute capability.
-
-    Args:
-        tensorrt_version: ``tensorrt.__version__``.
-        compute_capability: ``(major, minor)``.
-
-    Returns:
-        For example ``timing.trt10.13.0.35.sm90.cache``.
-    """
-    return f"timing.trt{_version_tag(tensorrt_version)}.{_cc_tag(compute_capability)}.cache"
-
-
-def _as_schedule(schedule: ScheduleSpec | None, num_steps: int) -> KeySchedule | None:
-    if schedule is None or isinstance(schedule, KeySchedule):
-        return schedule
-    return parse_schedule(schedule, num_steps)
-
-
-# --------------------------------------------------------------------------------------------
-# Building plans
-# --------------------------------------------------------------------------------------------
-def _strongly_typed_flag() -> int:
-    """The ``create_network`` flags of a strongly typed network: probed, not assumed."""
-    import tensorrt as trt
-
-    flags_enum = getattr(trt, "NetworkDefinitionCreationFlag", None)
-    if flags_enum is not None and hasattr(flags_enum, "STRONGLY_TYPED"):
-        return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    return 0  # TensorRT 11 without the flag: every network is strongly typed
-
-
-def _gpu_identity(device: torch.device) -> tuple[str, tuple[int, int]]:
-    major, minor = torch.cuda.get_device_capability(device)
-    return torch.cuda.get_device_name(device), (int(major), int(minor))
-
-
-@dataclass
-class PlanBuild:
-    """What :func:`build_plans` did for one role.
-
-    Attributes:
-        record: the plan's manifest record.
-        built: ``False`` when an up-to-date plan was kept.
-        seconds: wall seconds spent on this role.
-    """
-
-    record: PlanRecord
-    built: bool
-    seconds: float
-
-
-def _check_level(level: int) -> None:
-    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= MAX_OPTIMIZATION_LEVEL:
-        raise InputError(
-            f"builder_optimization_level must be an integer from 0 to {MAX_OPTIMIZATION_LEVEL}, got {level!r} "
-            f"(TensorRT's default is {DEFAULT_OPTIMIZATION_LEVEL}; higher builds slower and may run faster)"
-        )
-
-
-def _check_workspace(workspace_bytes: int | None) -> None:
-    if workspace_bytes is not None and (
-        isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int) or workspace_bytes < 1 << 20
-    ):
-        raise InputError(
-            f"workspace_bytes must be None (TensorRT's default: the GPU's memory) or at least 1 MiB, got {workspace_bytes!r}"
-        )
-
-
-def _build_plan(
-    folder: Path,
-    manifest: Manifest,
-    role: str,
-    rows: RowProfile,
-    *,
-    device: torch.device,
-    builder_optimization_level: int,
-    workspace_bytes: int | None,
-    timing_cache: bool,
-    refittable: bool = False,
-) -> PlanRecord:
-    import tensorrt as trt
-
-    from ..engines import PlanRecord
-    from ..export import write_atomic
-
-    t0 = time.perf_counter()
-    version = str(trt.__version__)
-    gpu_name, cc = _gpu_identity(device)
-    graph = manifest.graphs.get(role)
-    if graph is None:
-        raise EngineMismatchError(
-            f"{folder}/manifest.json records no {role} graph: rebuild with fd-trt build --backend tensorrt --force --out {folder}"
-        )
-    onnx_path = folder / graph.file
-    trt_logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(trt_logger)
-    flags = _strongly_typed_flag()
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, trt_logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise EngineMismatchError(
-            f"TensorRT {version} could not parse {onnx_path}: {'; '.join(errors[:3]) or 'no detail'}; re-export the graphs "
-            f"with fd-trt build --backend tensorrt --force --out {folder}"
-        )
-    config = builder.create_builder_config()
-    config.builder_optimization_level = builder_optimization_level
-    if workspace_bytes is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    if flags == 0 and manifest.precision == "fp16" and hasattr(trt.BuilderFlag, "FP16"):
-        # Only where strong typing cannot be asked for but the FP16 flag exists (never on 10.x/11.x
-        # as released): the graph's fp16 types then need the flag to keep fp16 kernels.
-        config.set_flag(trt.BuilderFlag.FP16)
-    if refittable:
-        # REFIT, not REFIT_IDENTICAL (refits only with the build's own weights: for weight-stripped
-        # plans, not for a LoRA) nor STRIP_PLAN (plans without weights, refit from the graph on
-        # every load). TensorRT 11.3 lists a known issue where a REFIT plan may drop a GEMM bias;
-        # tests/test_tensorrt.py compares refittable plans with ONNX Runtime on a GPU, and
-        # refittable=False builds plain plans.
-        if hasattr(trt.BuilderFlag, "REFIT"):
-            config.set_flag(trt.BuilderFlag.REFIT)
-        else:  # not in any TensorRT 10/11 release; recorded as not refittable, so weight changes rebuild
-            logger.warning("TensorRT %s has no BuilderFlag.REFIT: the plans cannot take new weights in place", version)
-            refittable = False
-    shapes: dict[str, list[int]] = {}
-    for i in range(network.num_inputs):
-        tensor = network.get_input(i)
-        dims = tensor.shape
-        shapes[tensor.name] = [int(dims[k]) for k in range(len(dims))]
-    profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in input_profile_shapes(rows, shapes).items():
-        profile.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
-    config.add_optimization_profile(profile)
-    cache_path = folder / timing_cache_file_name(version, cc)
-    if timing_cache:
-        try:
-            cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-        except Exception as exc:  # noqa: BLE001 - a corrupt cache (a killed writer before atomic writes) only costs time
-            logger.warning("%s is unreadable (%s); starting a new timing cache", cache_path, exc)
-            cache = config.create_timing_cache(b"")
-        if cache is None or not config.set_timing_cache(cache, False):
-            logger.warning("%s does not fit TensorRT %s on %s; starting a new timing cache", cache_path, version, gpu_name)
-            config.set_timing_cache(config.create_timing_cache(b""), False)
-    logger.info("building the TensorRT %s plan (rows %s, optimization level %d) on %s", role, rows.as_list(),
-                builder_optimization_level, gpu_name)
-    with torch.cuda.device(device):
-        plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise FdTrtError(
-            f"TensorRT {version} could not build the {role} plan from {onnx_path} for rows {rows.as_list()} (TensorRT's "
-            "own messages above say why); on a small GPU lower the decoder's rows (--max-segment-steps) or set "
-            "--workspace-gb"
-        )
-    data = memoryview(plan)
-    file = plan_file_name(role, version, cc, rows)
-    write_atomic(folder / file, data)
-    if timing_cache:
-        write_atomic(cache_path, memoryview(config.get_timing_cache().serialize()))
-    seconds = time.perf_counter() - t0
-    logger.info("built %s (%.1f MB) in %.1f s", file, data.nbytes / 1e6, seconds)
-    return PlanRecord(
-        role=role,
-        file=file,
-        sha256=hashlib.sha256(data).hexdigest(),
-        bytes=int(data.nbytes),
-        tensorrt_version=version,
-        gpu_name=gpu_name,
-        compute_capability=list(cc),
-        rows=rows.as_list(),
-        graph_sha256=graph.sha256,
-        builder_optimization_level=builder_optimization_level,
-        workspace_bytes=workspace_bytes,
-        built_at=time.time(),
-        build_seconds=seconds,
-        refittable=refittable,
-    )
-
-
-def build_plans(
-    engine_dir: str | os.PathLike[str],
-    *,
-    device: torch.device | str = "cuda",
-    schedule: ScheduleSpec | None = None,
-    num_steps: int = DEFAULT_PROFILE_STEPS,
-    opt_segment_steps: int | None = None,
-    builder_optimization_level: int = DEFAULT_OPTIMIZATION_LEVEL,
-    workspace_bytes: int | None = None,
-    timing_cache: bool = True,
-    force: bool = False,
-    roles: Sequence[str] = ROLES,
-    refittable: bool = True,
-) -> list[PlanBuild]:
-    """Builds the TensorRT plans of an engine directory for this GPU and TensorRT version.
-
-    Plans that are already recorded for this TensorRT version, compute capability, graph and
-    profile are kept. Plans for other GPUs or versions stay in the directory and the manifest
-    (an engine directory can serve several machines); they are simply not used here.
-
-    Args:
-        engine_dir: an engine directory with ``encoder.onnx`` / ``decoder.onnx``
-            (``fd-trt build --backend tensorrt``).
-        device: the CUDA device to build for.
-        schedule: the schedule whose segments pick the decoder's opt rows (``paper`` by default).
-        num_steps: the step count the schedule is read for.
-        opt_segment_steps: the decoder's opt segment length, overriding the schedule's.
-        builder_optimization_level: 0 (fast build) .. 5 (slow build, maybe faster engine); 3 is
-            TensorRT's default.
-        workspace_bytes: the builder's workspace pool limit; TensorRT's default when ``None``.
-        timing_cache: read and update the timing cache file in the engine directory.
-        force: rebuild even when an up-to-date plan exists.
-        roles: which plans to build.
-        refittable: build with ``BuilderFlag.REFIT``, so that new weights (a fused LoRA) can be
-            refit into the plans in place (:meth:`TrtRunner.refit`) instead of rebuilding them.
-            ``REFIT``, not ``REFIT_IDENTICAL``: the latter only allows refitting the build's own
-            weights (it exists for weight-stripped plans), not a LoRA's. Plans kept from an
-            earlier build keep their own setting (recorded as ``refittable`` in the manifest).
-
-    Returns:
-        One :class:`PlanBuild` per role.
-
-    Raises:
-        BackendUnavailableError: without TensorRT or a CUDA GPU.
-        EngineMismatchError: for a missing or corrupt engine directory, or a graph TensorRT cannot parse.
-        FdTrtError: when TensorRT fails to build.
-    """
-    from ..engines import check_graph_files, engine_dir_lock, find_plan, save_manifest
-
-    _check_level(builder_optimization_level)
-    _check_workspace(workspace_bytes)
-    for role in roles:
-        if role not in ROLES:
-            raise InputError(f"roles must be among {', '.join(ROLES)}, got {role!r}")
-    trt_mod = require_tensorrt()
-    dev = require_cuda(device)
-    folder = Path(engine_dir)
-    if not (folder / "manifest.json").is_file():
-        check_graph_files(folder)  # raises, naming the build command; no lock file in a folder that is not one
-    # Read, build and rewrite under the lock: another process may be building the same plans, and
-    # each manifest update must start from the latest manifest, not from one read before a wait.
-    with engine_dir_lock(folder, "TensorRT plan build"):
-        manifest = check_graph_files(folder)
-        profiles = profiles_for_manifest(
-            manifest.encoder_rows, manifest.decoder_rows, _as_schedule(schedule, num_steps), opt_segment_steps
-        )
-        version = str(trt_mod.__version__)
-        gpu_name, cc = _gpu_identity(dev)
-        results = []
-        for role in roles:
-            t0 = time.perf_counter()
-            rows = profiles[role]
-            existing = find_plan(manifest, role, tensorrt_version=version, compute_capability=cc, rows=rows.as_list())
-            if existing is not None and not force:
-                path = folder / existing.file
-                if path.is_file() and path.stat().st_size == existing.bytes:
-                    results.append(PlanBuild(existing, False, time.perf_counter() - t0))
-                    continue
-            record = _build_plan(
-                folder,
-                manifest,
-                role,
-                rows,
-                device=dev,
-                builder_optimization_level=builder_optimization_level,
-                workspace_bytes=workspace_bytes,
-                timing_cache=timing_cache,
-                refittable=refittable,
-            )
-            manifest.plans[record.file] = record
-            save_manifest(folder, manifest)
-            results.append(PlanBuild(record, True, time.perf_counter() - t0))
-    return results
-
-
-# --------------------------------------------------------------------------------------------
-# Runtime
-# --------------------------------------------------------------------------------------------
 def _torch_dtype(trt_dtype: Any) -> torch.dtype:
     import tensorrt as trt
 
@@ -667,20 +122,6 @@ def _set_device_memory(context: trt.IExecutionContext, address: int, size: int) 
         context.set_device_memory(address, size)
     else:  # TensorRT 10.0: the property, before set_device_memory(address, size)
         context.device_memory = address  # type: ignore[attr-defined]  # 10.0-only property, not in the 10.13 stubs
-
-
-def _with_plan(record: PlanRecord, **changes: Any) -> PlanRecord:
-    from dataclasses import replace
-
-    return replace(record, **changes)
-
-
-def _external_threshold(manifest: Manifest) -> int:
-    """Keeps a refit's graphs in the layout of the build's (weights inside or in ``.data``)."""
-    from ..export import EXTERNAL_DATA_THRESHOLD
-
-    external = any(g.data_file for g in manifest.graphs.values())
-    return 0 if external else EXTERNAL_DATA_THRESHOLD
 
 
 @dataclass
@@ -768,8 +209,8 @@ class TrtRunner(Runner):
         expected = {"fp32": torch.float32, "fp16": torch.float16}.get(dtype, dtype) if isinstance(dtype, str) else dtype
         if expected not in (None, torch.float32, torch.float16):
             raise InputError(f"TensorRT plans are built from fp16 or fp32 graphs, got dtype={dtype!r}: use 'fp16'")
-        _check_level(builder_optimization_level)
-        _check_workspace(workspace_bytes)
+        check_level(builder_optimization_level)
+        check_workspace(workspace_bytes)
         self.expected_dtype: torch.dtype | None = expected
         self.engine_dir = Path(engines)
         if not self.engine_dir.is_dir():
@@ -777,7 +218,7 @@ class TrtRunner(Runner):
                 f"engine directory {self.engine_dir} does not exist: build it with "
                 f"fd-trt build --backend tensorrt --out {self.engine_dir}"
             )
-        self.schedule = _as_schedule(schedule, num_steps)
+        self.schedule = as_schedule(schedule, num_steps)
         self.opt_segment_steps = opt_segment_steps
         self.build = build
         self.builder_optimization_level = builder_optimization_level
@@ -798,6 +239,8 @@ class TrtRunner(Runner):
         self._graph_pool: Any = None
         #: The plan records in use, by role (after activation).
         self.plans: dict[str, PlanRecord] = {}
+        #: The graph contract of the plans (after activation), read from the manifest.
+        self.contract: GraphContract | None = None
 
     # lifecycle -----------------------------------------------------------------------------
     def _select_plan(self, manifest: Manifest, role: str, profiles: dict[str, RowProfile]) -> PlanRecord:
@@ -806,7 +249,7 @@ class TrtRunner(Runner):
         import tensorrt as trt
 
         version = str(trt.__version__)
-        _, cc = _gpu_identity(self.device)
+        _, cc = gpu_identity(self.device)
         wanted = profiles[role].as_list() if (self.schedule is not None or self.opt_segment_steps is not None) else None
         record = find_plan(manifest, role, tensorrt_version=version, compute_capability=cc, rows=wanted)
         if record is not None:
@@ -880,18 +323,11 @@ class TrtRunner(Runner):
             )
         return entry
 
-    def _check_contract(self, enc: _Engine, dec: _Engine) -> None:
-        if sorted(enc.inputs) != sorted(ENCODER_INPUTS) or "mid" not in enc.outputs:
-            raise EngineMismatchError(
-                f"{enc.path} has inputs {enc.inputs} and outputs {enc.outputs}: it is not an fd_trt encoder plan; rebuild it"
-            )
-        expected = sorted([*enc.outputs, "timestep", "encoder_hidden_states"])
-        if sorted(dec.inputs) != expected or dec.outputs != [DECODER_OUTPUT]:
-            raise EngineMismatchError(
-                f"{dec.path} (inputs {dec.inputs}, outputs {dec.outputs}) does not fit {enc.path} (outputs {enc.outputs}): "
-                f"the plans come from different exports; rebuild both with fd-trt build --backend tensorrt --force"
-            )
-        for n in enc.outputs:
+    def _check_contract(self, contract: GraphContract, enc: _Engine, dec: _Engine) -> None:
+        fix = "the plans come from another export; rebuild both with fd-trt build --backend tensorrt --force"
+        contract.encoder.check(enc.inputs, enc.outputs, enc.path, fix)
+        contract.decoder.check(dec.inputs, dec.outputs, dec.path, fix)
+        for n in contract.feature_names:
             if enc.tails[n] != dec.tails[n] or enc.buffers[n].dtype != dec.buffers[n].dtype:
                 raise EngineMismatchError(f"{enc.path} and {dec.path} disagree on {n!r}: rebuild both plans")
 
@@ -924,10 +360,11 @@ class TrtRunner(Runner):
         self._stream = torch.cuda.Stream(self.device)
         records = {role: self._select_plan(manifest, role, profiles) for role in ROLES}
         enc, dec = self._load("encoder", records["encoder"]), self._load("decoder", records["decoder"])
-        self._check_contract(enc, dec)
+        contract = GraphContract.from_manifest(manifest)
+        self._check_contract(contract, enc, dec)
         self._bind([enc, dec])
-        self._enc, self._dec, self.plans = enc, dec, records
-        self.dtype = enc.buffers["sample"].dtype
+        self._enc, self._dec, self.plans, self.contract = enc, dec, records, contract
+        self.dtype = enc.buffers[SAMPLE].dtype
         if self.cuda_graphs:
             self._graph_pool = torch.cuda.graph_pool_handle()
         logger.info("tensorrt %s: %s (rows %d..%d) and %s (rows %d..%d) on %s", trt.__version__, enc.path.name, enc.min_rows,
@@ -957,6 +394,7 @@ class TrtRunner(Runner):
                 del e.context  # a context before its engine
                 del e.engine
         self._enc = self._dec = None
+        self.contract = None
         self._scratch = None
         self._runtime = None
         self._graph_pool = None
@@ -1018,7 +456,7 @@ class TrtRunner(Runner):
                 new = _with(manifest, unet_sha256=digest, versions=package_versions())
                 new.plans = {}
                 _export_into(self.engine_dir, unet, new, latent_size=(manifest.latent_shape[1], manifest.latent_shape[2]),
-                             opset=manifest.opset, external_data_threshold=_external_threshold(manifest),
+                             opset=manifest.opset, external_data_threshold=external_threshold(manifest),
                              progress=False, t0=t0, keep_plans=True)
                 for stale in set(manifest.plans) - {e.path.name for e in entries}:
                     (self.engine_dir / stale).unlink(missing_ok=True)
@@ -1047,7 +485,7 @@ class TrtRunner(Runner):
                 e.graphs.clear()  # captured with the old weights' memory: recaptured on the next call
                 data = e.engine.serialize()
                 write_atomic(e.path, memoryview(data))
-                record = _with_plan(self.plans[e.role], sha256=file_sha256(e.path), bytes=e.path.stat().st_size,
+                record = with_plan(self.plans[e.role], sha256=file_sha256(e.path), bytes=e.path.stat().st_size,
                                     graph_sha256=new.graphs[e.role].sha256, refitted_at=time.time())
                 new.plans[record.file] = record
                 self.plans[e.role] = record
@@ -1071,14 +509,14 @@ class TrtRunner(Runner):
             raise FdTrtError(f"TensorRT refused to refit {e.path.name} (its messages above say why)")
 
     def _warm_up(self) -> None:
-        enc = self._enc
-        assert enc is not None
+        enc, contract = self._enc, self.contract
+        assert enc is not None and contract is not None
         n = enc.max_rows
-        sample = torch.zeros((n, *enc.tails["sample"]), device=self.device)
-        text = torch.zeros((n, *enc.tails["encoder_hidden_states"]), device=self.device)
+        zeros = {name: torch.zeros((n, *enc.tails[name]), device=self.device) for name in contract.encoder.input_names}
         t = torch.full((n,), 500.0, device=self.device)
-        feats = self._encode(sample, t, text)
-        self._decode(feats, t[:1], text)
+        added = {name: zeros[name] for name in contract.added_names} or None
+        feats = self._encode(zeros[SAMPLE], t, zeros[TEXT], added)
+        self._decode(feats, t[:1], zeros[TEXT], added)
         self.synchronize()
 
     # execution -----------------------------------------------------------------------------
@@ -1166,11 +604,6 @@ class TrtRunner(Runner):
         else:
             dst.view(steps, n, *tail).copy_(value.unsqueeze(0).expand(steps, *value.shape))
 
-    @staticmethod
-    def _check_no_added(added: Added) -> None:
-        if added is not None:
-            raise InputError("the TensorRT runner does not take added conditioning (SDXL) yet: use backend='torch'")
-
     def _check_usable(self) -> None:
         if self._refit_failure is not None:
             raise EngineMismatchError(
@@ -1180,17 +613,15 @@ class TrtRunner(Runner):
 
     def encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, added: Added = None) -> Features:
         self._check_active()
-        self._check_no_added(added)
         with self.exclusive():  # the plans' buffers and contexts are shared by every call
             self._check_usable()
-            return self._encode(sample, timestep, text)
+            return self._encode(sample, timestep, text, added)
 
     def decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None) -> torch.Tensor:
         self._check_active()
-        self._check_no_added(added)
         with self.exclusive():
             self._check_usable()
-            return self._decode(features, timesteps, text)
+            return self._decode(features, timesteps, text, added)
 
     @staticmethod
     def _chunks(e: _Engine, rows: int) -> list[tuple[int, int]]:
@@ -1216,56 +647,62 @@ class TrtRunner(Runner):
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         return list(zip(starts, sizes))
 
+    def _conditioning(self, added: Added, rows: int) -> dict[str, torch.Tensor]:
+        """The added-conditioning inputs by name, checked against the plans' contract."""
+        assert self.contract is not None
+        names = self.contract.added_names
+        return dict(zip(names, added_tensors(names, added, rows)))
+
     @torch.inference_mode()
-    def _encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> Features:
-        enc = self._enc
-        assert enc is not None
+    def _encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, added: Added = None) -> Features:
+        enc, contract = self._enc, self.contract
+        assert enc is not None and contract is not None
         rows = self._check_rows("encoder", sample=sample, timestep=timestep, text=text)
+        inputs = {SAMPLE: sample, TIMESTEP: timestep.reshape(rows), TEXT: text, **self._conditioning(added, rows)}
         chunks = self._chunks(enc, rows)  # before any buffer is written
-        for name, value in (("sample", sample), ("encoder_hidden_states", text)):
+        for name, value in inputs.items():
             if tuple(value.shape[1:]) != enc.tails[name]:
                 self._copy_in(enc, name, value)  # raises, naming the shape the plan takes
-        timestep = timestep.reshape(rows)
-        skips = sorted(n for n in enc.outputs if n != "mid")
-        names = ["mid", *skips]
+        names = contract.feature_names
         # Outputs are copies: the next encode reuses the buffers while the caller may hold these features.
         out = {n: torch.empty((rows, *enc.tails[n]), dtype=enc.buffers[n].dtype, device=self.device) for n in names}
         for c0, c in chunks:
-            self._copy_in(enc, "sample", sample[c0 : c0 + c])
-            self._copy_in(enc, "timestep", timestep[c0 : c0 + c])
-            self._copy_in(enc, "encoder_hidden_states", text[c0 : c0 + c])
+            for name, value in inputs.items():
+                self._copy_in(enc, name, value[c0 : c0 + c])
             self._execute(enc, c)
             for n in names:
                 out[n][c0 : c0 + c].copy_(enc.buffers[n][:c])
-        return Features(out["mid"], tuple(out[n] for n in skips))
+        return Features(out[names[0]], tuple(out[n] for n in names[1:]))
 
     @torch.inference_mode()
-    def _decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        dec = self._dec
-        assert dec is not None
+    def _decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None) -> torch.Tensor:
+        dec, contract = self._dec, self.contract
+        assert dec is not None and contract is not None
         n = features.rows
         if text.shape[0] != n:
             raise InputError(f"text has {text.shape[0]} rows but the features have {n}: pass the encoder's text")
         if timesteps.ndim != 1 or timesteps.shape[0] < 1:
             raise InputError(f"timesteps must be a non-empty 1-D tensor, got shape {tuple(timesteps.shape)}")
-        names = ["mid", *sorted(x for x in dec.inputs if x.startswith("skip_"))]
+        names = contract.feature_names
         if len(features.skips) + 1 != len(names):
             raise InputError(
                 f"features have {len(features.skips)} skips but the plans carry {len(names) - 1}: pass the features "
                 "this runner's encode() returned"
             )
+        # The per-row conditioning of the encoder's rows, tiled step-major like the features.
+        rows = {TEXT: text, **self._conditioning(added, n)}
         if n > dec.max_rows:
             # More rows per step than the plan takes (a batch above the build's): each step in row chunks.
             parts = []
             for t in timesteps.reshape(-1, 1):
                 for r0, r in self._chunks(dec, n):
                     sub = Features(features.mid[r0 : r0 + r], tuple(x[r0 : r0 + r] for x in features.skips))
-                    parts.append(self._decode_steps(dec, names, sub, t, text[r0 : r0 + r]))
+                    parts.append(self._decode_steps(dec, names, sub, t, {k: v[r0 : r0 + r] for k, v in rows.items()}))
             return torch.cat(parts)
-        return self._decode_steps(dec, names, features, timesteps, text)
+        return self._decode_steps(dec, names, features, timesteps, rows)
 
     def _decode_steps(self, dec: _Engine, names: list[str], features: Features, timesteps: torch.Tensor,
-                      text: torch.Tensor) -> torch.Tensor:
+                      rows: dict[str, torch.Tensor]) -> torch.Tensor:
         """Decodes ``n <= max_rows`` rows per step, as many steps per execution as the profile takes."""
         n = features.rows
         per_call = dec.max_rows // n
@@ -1276,10 +713,11 @@ class TrtRunner(Runner):
             self._check_profile(dec, s * n)
             for name, value in zip(names, features.tensors()):
                 self._copy_in(dec, name, value, s)
-            self._copy_in(dec, "timestep", steps.reshape(s, 1).expand(s, n).reshape(s * n))
-            self._copy_in(dec, "encoder_hidden_states", text, s)
+            self._copy_in(dec, TIMESTEP, steps.reshape(s, 1).expand(s, n).reshape(s * n))
+            for name, value in rows.items():
+                self._copy_in(dec, name, value, s)
             self._execute(dec, s * n)
-            outs.append(dec.buffers[DECODER_OUTPUT][: s * n].to(torch.float32, copy=True))
+            outs.append(dec.buffers[NOISE_PRED][: s * n].to(torch.float32, copy=True))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..contract import FLOAT32_INPUTS
 from ..errors import BackendUnavailableError, InputError
 from ..split import Added, Features, SplitUNet, added_tensors, split_unet
 from .base import Runner, expand_for_steps, same_device
@@ -148,10 +149,10 @@ class TorchRunner(Runner):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def _added(self, added: Added) -> dict[str, torch.Tensor] | None:
-        # time_ids stay float32 as in diffusers (add_time_proj casts them); text_embeds take the dtype.
+        # The contract's float32 inputs (time_ids) stay float32, as in the graphs; the rest take the dtype.
         if added is None:
             return None
-        return {k: v.to(self.device, torch.float32 if k == "time_ids" else self.dtype) for k, v in added.items()}
+        return {k: v.to(self.device, torch.float32 if k in FLOAT32_INPUTS else self.dtype) for k, v in added.items()}
 
     @torch.inference_mode()
     def encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, added: Added = None) -> Features:
