@@ -52,25 +52,6 @@ def unet_input_kind(unet_config: Any) -> str:
     )
 
 
-def check_unet_config(unet_config: dict[str, Any]) -> str:
-    """Refuses, from its config alone (before any weight loads), a UNet the pipeline cannot drive.
-
-    Args:
-        unet_config: the parsed ``unet/config.json``.
-
-    Returns:
-        The input kind (:func:`unet_input_kind`).
-
-    Raises:
-        UnsupportedModelError: naming what the UNet has that fd_trt does not carry.
-    """
-    from .split import check_supported_config
-
-    kind = unet_input_kind(unet_config)
-    check_supported_config(unet_config)
-    return kind
-
-
 # ---------------------------------------------------------------------------------------------
 # img2img
 
@@ -346,7 +327,6 @@ def with_key_steps(key_steps: Sequence[int], extra: Sequence[int]) -> list[int]:
 __all__ = [
     "InpaintBlend",
     "KeyStepControlNet",
-    "check_unet_config",
     "controlnet_nets",
     "encode_images",
     "img2img_steps",

@@ -257,6 +257,9 @@ def load_diffusers_pipeline(source: str | os.PathLike[str]) -> tuple[Any, str]:
     if not (path / "model_index.json").is_file():
         raise InputError(f"{path} has no model_index.json: it is not a diffusers pipeline folder")
     unet_config = read_unet_config(path)
+    from .conditioning import unet_input_kind
+
+    unet_input_kind(unet_config)  # an unsupported channel layout, also before any weight loads
     if unet_config.get("addition_embed_type") == "text_time":
         from diffusers import StableDiffusionXLPipeline
 
