@@ -287,7 +287,7 @@ def read_unet_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """
     import json
 
-    from .conditioning import check_unet_config
+    from .split import check_supported_config
 
     config_path = Path(folder) / "unet" / "config.json"
     try:
@@ -296,7 +296,7 @@ def read_unet_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
         raise InputError(f"cannot read the UNet configuration {config_path}: {exc}") from exc
     if not isinstance(config, dict):
         raise InputError(f"{config_path} is not a JSON object")
-    check_unet_config(config)  # the split's options and the input channel layout
+    check_supported_config(config)
     return config
 
 

@@ -21,19 +21,6 @@ from .schedule import NoiseInjection, ScheduleSpec
 
 Size = tuple[int, int]
 
-#: The SDXL-only arguments of ``__call__``, forwarded to ``check_inputs`` and ``encode_prompt``.
-SDXL_PROMPT_OPTIONS = (
-    "prompt_2",
-    "negative_prompt_2",
-    "original_size",
-    "crops_coords_top_left",
-    "target_size",
-    "negative_original_size",
-    "negative_crops_coords_top_left",
-    "negative_target_size",
-)
-
-
 def is_sdxl(sd_pipeline: Any) -> bool:
     """Whether a diffusers pipeline is SDXL-shaped: a UNet with ``addition_embed_type="text_time"``."""
     unet = getattr(sd_pipeline, "unet", None)

@@ -70,7 +70,8 @@ def test_rows_have_the_interface_keys(report):
         assert tuple(row) == ROW_KEYS
     ok = [r for r in report["results"] if r["s_per_image"] is not None]
     assert all(r["s_per_image"] > 0 and r["peak_mem_mb"] > 0 for r in ok)
-    by = {(r["system"], r["schedule"]): r for r in ok}
+    # The torch rows: the auto rows may split a segment into several decoder calls (its measured choice).
+    by = {(r["system"], r["schedule"]): r for r in ok if not str(r["backend"]).startswith("auto")}
     assert by[("diffusers", "-")]["rel_l2_vs_diffusers"] == 0
     assert by[("fd_trt", "all")]["rel_l2_vs_diffusers"] < 1e-5
     assert by[("fd_trt", "paper")]["rel_l2_vs_diffusers"] > 1e-4
@@ -87,7 +88,7 @@ def test_gflops_are_counted_per_system(report):
     enc_row = (hand["time"] + hand["encoder"] + hand["attention_encoder"]) / 2  # each half embeds the timestep
     dec_row = (hand["time"] + hand["decoder"] + hand["attention_decoder"]) / 2
     step += hand["attention"]
-    by = {(r["system"], r["schedule"]): r for r in report["results"]}
+    by = {(r["system"], r["schedule"]): r for r in report["results"] if not str(r["backend"]).startswith("auto")}
     assert by[("diffusers", "-")]["unet_gflops_per_image"] == pytest.approx(50 * step, rel=1e-6)
     assert by[("fd_trt", "all")]["unet_gflops_per_image"] == pytest.approx(100 * (enc_row + dec_row), rel=1e-6)
     assert by[("fd_trt", "all")]["unet_gflops_per_image"] == pytest.approx(50 * step, rel=5e-3)
