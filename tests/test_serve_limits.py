@@ -206,9 +206,9 @@ def run_8_on_paper(decoder_memory_mb: float | None) -> tuple[list[int], list[Any
     calls: list[int] = []
     decode = pipe.runner.decode
 
-    def spy(features: Any, timesteps: Any, text: Any) -> Any:
+    def spy(features: Any, timesteps: Any, text: Any, added: Any = None) -> Any:
         calls.append(features.rows * int(timesteps.shape[0]))
-        return decode(features, timesteps, text)
+        return decode(features, timesteps, text, added)
 
     pipe.runner.decode = spy  # type: ignore[method-assign]
     rt = ServingRuntime(pipe, warmup=False, max_batch=8, max_wait_ms=2000, decoder_memory_mb=decoder_memory_mb)
