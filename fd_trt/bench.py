@@ -433,13 +433,9 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+    from .tune import _cpu_model  # the one reader of /proc/cpuinfo's model name (cached)
+
+    return _cpu_model()
 
 
 def to_markdown(report: dict[str, Any]) -> str:

@@ -370,8 +370,9 @@ def _build_plans(args: argparse.Namespace, out: Path) -> None:
 
 def _median_run(outputs: list[Any]) -> Any:
     """The output whose total time is the median (the lower middle one for an even count)."""
-    ranked = sorted(outputs, key=lambda o: o.stats.seconds["total"])
-    return ranked[(len(ranked) - 1) // 2]
+    from .compare import median_index
+
+    return outputs[median_index([o.stats.seconds["total"] for o in outputs])]
 
 
 def _paper_keys(num_steps: int) -> list[int]:
