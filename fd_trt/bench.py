@@ -42,7 +42,7 @@ ROW_KEYS = (
     "note",
 )
 
-MODELS = ("default", "tiny", "sd15-arch", "sdxl-arch")
+MODELS = ("default", "tiny", "tiny-sdxl", "sd15-arch", "sdxl-arch")
 
 
 @dataclass
@@ -50,7 +50,7 @@ class BenchConfig:
     """What to benchmark.
 
     Attributes:
-        model: ``default``, ``tiny``, ``sd15-arch``, ``sdxl-arch`` or a local diffusers folder.
+        model: ``default``, ``tiny``, ``tiny-sdxl``, ``sd15-arch``, ``sdxl-arch`` or a local diffusers folder.
         height, width, steps, guidance: generation settings (CFG on when guidance > 1).
         scheduler: ``ddim``, ``dpmpp``, ``pndm``, ``euler`` or ``ddpm``.
         backends: fd_trt backends to run.
@@ -145,6 +145,10 @@ def load_model(name: str, seed: int = 0) -> tuple[Any, str]:
 
     if name == "tiny":
         return tiny_sd_pipeline(seed), "tiny random-weight SD"
+    if name == "tiny-sdxl":
+        from .models import tiny_sdxl_pipeline
+
+        return tiny_sdxl_pipeline(seed), "tiny random-weight SDXL"
     if name == "sd15-arch":
         return sd15_arch_pipeline(seed), "SD1.5-shaped UNet, CLIP-L-width text encoder, random weights"
     if name == "sdxl-arch":
@@ -231,7 +235,14 @@ def build_systems(cfg: BenchConfig, sd: Any, latents: torch.Tensor) -> list[_Sys
 
     systems.append(_System("diffusers", "torch", "-", "fp32", diffusers_run(sd)))
 
-    if cfg.authors_style:
+    from .pipeline_sdxl import is_sdxl
+
+    if cfg.authors_style and is_sdxl(sd):
+        # authors_style.py drives SD 1.x/2.x UNets; it has no SDXL added conditioning.
+        systems.append(_System("authors-style", "torch", "paper", "fp32", _fail(RuntimeError("SD only")),
+                               note="not run: the authors-style baseline is written for SD 1.x/2.x UNets "
+                                    "(no SDXL text_embeds / time_ids)"))
+    elif cfg.authors_style:
         from .authors_style import authors_style_images
 
         def authors_run() -> tuple[torch.Tensor, dict[str, Any]]:

@@ -72,7 +72,7 @@ def _add_generate(sub: Any) -> None:
 
 def _add_bench(sub: Any) -> None:
     p = sub.add_parser("bench", help="benchmark diffusers, fd_trt and DeepCache side by side")
-    p.add_argument("--model", default="sd15-arch", help="default | tiny | sd15-arch | sdxl-arch | a local diffusers folder")
+    p.add_argument("--model", default="sd15-arch", help="default | tiny | tiny-sdxl | sd15-arch | sdxl-arch | a local diffusers folder")
     p.add_argument("--height", type=int, default=256)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--steps", type=int, default=50)
@@ -285,7 +285,13 @@ def _build(args: argparse.Namespace) -> int:
     precision = args.precision or ("fp16" if args.backend == "tensorrt" else "fp32")
     name = Path(str(args.model).rstrip("/")).name or "model"
     out = Path(args.out) if args.out else Path("engines") / f"{name}-{height}x{width}-{precision}"
-    text_shape = (int(sd.tokenizer.model_max_length), int(sd.unet.config.cross_attention_dim))
+    from .pipeline_sdxl import is_sdxl, sdxl_added_shapes, sdxl_text_shape
+
+    added_shapes = None
+    if is_sdxl(sd):  # the pooled width and time-id count (6 base, 5 refiner) come from the model
+        text_shape, added_shapes = sdxl_text_shape(sd), sdxl_added_shapes(sd)
+    else:
+        text_shape = (int(sd.tokenizer.model_max_length), int(sd.unet.config.cross_attention_dim))
     print(f"model: {source} (loaded in {time.perf_counter() - t0:.1f} s)")
     res = build_engines(
         sd.unet,
@@ -298,6 +304,7 @@ def _build(args: argparse.Namespace) -> int:
         model_source=str(args.model),
         force=args.force,
         progress=not args.quiet,
+        added_shapes=added_shapes,
     )
     m = res.manifest
     state = "built" if res.built else "up to date, nothing rebuilt"

@@ -261,11 +261,17 @@ def load_diffusers_pipeline(source: str | os.PathLike[str]) -> tuple[Any, str]:
 
     unet_input_kind(unet_config)  # an unsupported channel layout, also before any weight loads
     if unet_config.get("addition_embed_type") == "text_time":
-        from diffusers import StableDiffusionXLPipeline
+        import json
 
+        from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+        # The refiner's folder names the img2img class (no first text encoder, aesthetic score).
+        index = json.loads((path / "model_index.json").read_text())
+        img2img = "Img2Img" in str(index.get("_class_name", "")) or "requires_aesthetics_score" in index
+        cls = StableDiffusionXLImg2ImgPipeline if img2img else StableDiffusionXLPipeline
         # No invisible-watermark: fd_trt's images match diffusers' without one, and the package
         # is not a dependency.
-        pipe = StableDiffusionXLPipeline.from_pretrained(
+        pipe = cls.from_pretrained(
             path, local_files_only=True, use_safetensors=True, add_watermarker=False
         )
     else:
@@ -389,7 +395,7 @@ def sd15_arch_pipeline(seed: int = 0) -> Any:
 def _random_sdxl_pipeline(
     seed: int,
     unet_config: dict[str, Any],
-    text_encoders: tuple[dict[str, Any], dict[str, Any]],
+    text_encoders: tuple[dict[str, Any] | None, dict[str, Any]],
     max_length: int,
 ) -> Any:
     """A StableDiffusionXLPipeline of seeded random weights: the given UNet, SDXL's two text
@@ -402,9 +408,18 @@ def _random_sdxl_pipeline(
         text_encoders: ``(first, second)`` CLIP text configurations: ``hidden_size``,
             ``intermediate_size``, ``num_hidden_layers``, ``num_attention_heads``, and
             ``projection_dim`` for the second.
+            ``first`` is ``None`` for a refiner: no first encoder, and a
+            ``StableDiffusionXLImg2ImgPipeline`` with ``requires_aesthetics_score=True`` (the
+            UNet then takes five time ids).
         max_length: the tokenizers' sequence length.
     """
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = make_word_tokenizer(max_length=max_length)
@@ -435,22 +450,21 @@ def _random_sdxl_pipeline(
             sample_size=int(unet_config["sample_size"]) * 8,
             scaling_factor=0.13025,  # SDXL's VAE scale
         )
-        text_encoder = CLIPTextModel(clip_config(text_encoders[0]))
+        text_encoder = CLIPTextModel(clip_config(text_encoders[0])).eval() if text_encoders[0] is not None else None
         text_encoder_2 = CLIPTextModelWithProjection(clip_config(text_encoders[1]))
     # SDXL's folder has an EulerDiscreteScheduler over SD's betas with "leading" spacing; its config
     # also keeps DDIM's clip_sample=False, which make_scheduler("ddim", ...) reads.
     scheduler = EulerDiscreteScheduler.from_config({**sd_scheduler_config(), "timestep_spacing": "leading"})
-    pipe = StableDiffusionXLPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        text_encoder_2=text_encoder_2.eval(),
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet.eval(),
-        scheduler=scheduler,
-        force_zeros_for_empty_prompt=True,
-        add_watermarker=False,
-    )
+    parts = dict(vae=vae.eval(), text_encoder_2=text_encoder_2.eval(), tokenizer_2=tokenizer_2, unet=unet.eval(),
+                 scheduler=scheduler, add_watermarker=False)
+    if text_encoder is None:  # the refiner's layout (its folder's settings)
+        pipe = StableDiffusionXLImg2ImgPipeline(
+            text_encoder=None, tokenizer=None, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False, **parts
+        )
+    else:
+        pipe = StableDiffusionXLPipeline(
+            text_encoder=text_encoder, tokenizer=tokenizer, force_zeros_for_empty_prompt=True, **parts
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -494,6 +508,41 @@ def tiny_sdxl_pipeline(seed: int = 0, *, sample_size: int = 8) -> Any:
             dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4),
             dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32),
         ),
+        max_length=16,
+    )
+
+
+def tiny_sdxl_refiner_pipeline(seed: int = 0, *, sample_size: int = 8) -> Any:
+    """A tiny SDXL refiner with seeded random weights, built in code (no download).
+
+    The refiner's structure: only the second text encoder (``text_encoder=None``; its hidden
+    states are the cross-attention input, its projection the pooled ``text_embeds``), five time
+    ids (original size, crop corner, aesthetic score), ``requires_aesthetics_score=True``, and a
+    tiny VAE with a downsampling factor of 8.
+
+    Returns:
+        A ``diffusers.StableDiffusionXLImg2ImgPipeline`` in float32 on the CPU.
+    """
+    return _random_sdxl_pipeline(
+        seed,
+        dict(
+            sample_size=sample_size,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            attention_head_dim=(2, 4),
+            transformer_layers_per_block=(1, 2),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=5 * 8 + 32,  # 5 time ids x 8 + the pooled width
+            cross_attention_dim=32,  # the second encoder's hidden states only
+            norm_num_groups=32,
+        ),
+        (None, dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)),
         max_length=16,
     )
 

@@ -941,6 +941,8 @@ class FasterDiffusionPipeline:
         control_guidance_start: float | Sequence[float],
         control_guidance_end: float | Sequence[float],
         guess_mode: bool,
+        timesteps: torch.Tensor | None = None,
+        options: dict[str, Any] | None = None,
     ) -> _ImageRun:
         """The sampler's inputs for img2img, inpainting and ControlNet calls.
 
@@ -957,6 +959,8 @@ class FasterDiffusionPipeline:
             controlnet_conditioning_scale, control_guidance_start, control_guidance_end, guess_mode:
                 the call's, as in diffusers. ``latents`` given to img2img are its noise.
             cfg: classifier-free guidance is on.
+            timesteps: the steps run (:meth:`steps_to_run`); img2img's tail when omitted.
+            options: all of the call's image options (model families read their own).
 
         Returns:
             The initial latents and, as the mode needs, the timesteps run, the unit noise, the
@@ -991,7 +995,8 @@ class FasterDiffusionPipeline:
             return _ImageRun(latents=noise_like(latent_shape) * sigma, control=control)
 
         strength = self.resolve_strength(mode, strength)
-        timesteps, _ = img2img_steps(scheduler, num_inference_steps, strength)
+        if timesteps is None:
+            timesteps, _ = img2img_steps(scheduler, num_inference_steps, strength)
         t_first = timesteps[:1].repeat(batch)
         vae = self.sd.vae
         init = self._processor("image").preprocess(image, height=height, width=width).to(dev, torch.float32)
@@ -1036,6 +1041,20 @@ class FasterDiffusionPipeline:
     # stages -----------------------------------------------------------------------------------
     # A call runs these in order (see _generate). SD and SDXL share all of them but encode_prompt
     # and check_inputs, which SDXL extends with its second prompt and micro-conditioning.
+    def steps_to_run(
+        self, scheduler: Any, num_inference_steps: int, mode: str, strength: Any, options: dict[str, Any]
+    ) -> torch.Tensor | None:
+        """The timesteps a call runs, when not all of ``scheduler.timesteps``: img2img and
+        inpainting run the last ``int(strength x steps)`` (:func:`img2img_steps`, which also tells
+        the scheduler where the run begins). ``None`` runs them all.
+
+        Raises:
+            InputError: for a bad ``strength``, or one that runs no step.
+        """
+        if mode in ("img2img", "inpaint"):
+            return img2img_steps(scheduler, num_inference_steps, self.resolve_strength(mode, strength))[0]
+        return None
+
     def default_size(
         self, height: int | None, width: int | None, mode: str = "text2img", image: Any = None
     ) -> tuple[int, int]:
@@ -1308,9 +1327,10 @@ class FasterDiffusionPipeline:
         cfg = guidance_scale > 1.0
         scheduler = self.prepare_timesteps(num_inference_steps)
         num_steps = len(scheduler.timesteps)
-        if mode in ("img2img", "inpaint"):
-            strength = self.resolve_strength(mode, strength)
-            num_steps = len(img2img_steps(scheduler, num_inference_steps, strength)[0])
+        # The steps run when not all of the schedule's (img2img's tail, SDXL's denoising_start/end).
+        run_timesteps = self.steps_to_run(scheduler, num_inference_steps, mode, strength, opts)
+        if run_timesteps is not None:
+            num_steps = len(run_timesteps)
         self._check_weights()  # before the calibration check, which compares the weights hash
         # An img2img run has fewer steps than asked; a calibration must be for the steps run.
         cal_steps = num_inference_steps if num_steps == len(scheduler.timesteps) else num_steps
@@ -1329,6 +1349,8 @@ class FasterDiffusionPipeline:
         image_run: _ImageRun | None = None
         if mode == "text2img":
             latents = self.prepare_latents(batch, height, width, generator, latents, scheduler)
+            if run_timesteps is not None:  # a head of the schedule (SDXL's denoising_end)
+                image_run = _ImageRun(latents=latents, timesteps=run_timesteps)
         else:
             f = self.vae_scale_factor
             latent_shape = (batch, int(self.sd.unet.config.out_channels), height // f, width // f)
@@ -1340,6 +1362,7 @@ class FasterDiffusionPipeline:
                 control_guidance_start=opts.get("control_guidance_start", 0.0),
                 control_guidance_end=opts.get("control_guidance_end", 1.0),
                 guess_mode=bool(opts.get("guess_mode", False)),
+                timesteps=run_timesteps, options=opts,
             )
             latents = image_run.latents
             if image_run.control is not None and image_run.control.window_edges():

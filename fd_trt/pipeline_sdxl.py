@@ -7,6 +7,12 @@ embedding, so both graphs take them per row (see :mod:`fd_trt.split`). Everythin
 latents, the sampler, the VAE) is the base pipeline's. Prompt encoding, the time ids and
 ``guidance_rescale`` are diffusers' own ``StableDiffusionXLPipeline`` code, called on the wrapped
 pipeline.
+
+img2img and the refiner: ``image=`` / ``strength=`` (or ``denoising_start=``) start from an image's
+latents, as diffusers' ``StableDiffusionXLImg2ImgPipeline``. The refiner has no first text
+encoder and five time ids (original size, crop corner, aesthetic score); how many the UNet takes
+is read from its config (``projection_class_embeddings_input_dim`` less the pooled width, over
+``addition_time_embed_dim``), never assumed.
 """
 
 from __future__ import annotations
@@ -15,11 +21,47 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .conditioning import repeat_to_batch
 from .errors import InputError, UnsupportedModelError
-from .pipeline import FasterDiffusionOutput, FasterDiffusionPipeline, PromptEmbeddings
+from .pipeline import FasterDiffusionOutput, FasterDiffusionPipeline, PromptEmbeddings, _ImageRun
 from .schedule import NoiseInjection, ScheduleSpec
 
 Size = tuple[int, int]
+
+
+def sdxl_text_shape(sd_pipeline: Any) -> tuple[int, int]:
+    """``(L, D)`` of an SDXL pipeline's prompt embeddings: the tokenizers' length and the UNet's
+    cross-attention width (both encoders' hidden states side by side; the refiner has only the
+    second)."""
+    tokenizer = sd_pipeline.tokenizer if getattr(sd_pipeline, "tokenizer", None) is not None else sd_pipeline.tokenizer_2
+    return int(tokenizer.model_max_length), int(sd_pipeline.unet.config.cross_attention_dim)
+
+
+def sdxl_added_shapes(sd_pipeline: Any) -> dict[str, tuple[int, ...]]:
+    """Per-row shapes of an SDXL pipeline's added conditioning: ``text_embeds`` (P, the second
+    text encoder's projection width) and ``time_ids`` (K, what the UNet's ``add_embedding`` leaves
+    for them: 6 for SDXL base, 5 for the refiner).
+
+    The UNet config alone cannot tell P from K (``projection_class_embeddings_input_dim`` is
+    ``P + K * addition_time_embed_dim``), so P comes from the text encoder.
+
+    Raises:
+        UnsupportedModelError: when the widths do not divide into whole time ids.
+    """
+    cfg = sd_pipeline.unet.config
+    width = int(cfg.projection_class_embeddings_input_dim)
+    if getattr(sd_pipeline, "text_encoder_2", None) is not None:
+        pooled = int(sd_pipeline.text_encoder_2.config.projection_dim)
+    else:
+        pooled = int(sd_pipeline.text_encoder.config.hidden_size)
+    per_id = int(cfg.addition_time_embed_dim)
+    k, rest = divmod(width - pooled, per_id)
+    if rest or k < 1:
+        raise UnsupportedModelError(
+            f"the UNet's add_embedding takes {width} features, which is not the pooled text width {pooled} plus "
+            f"whole time ids of {per_id}: the text encoder does not fit this UNet"
+        )
+    return {"text_embeds": (pooled,), "time_ids": (k,)}
 
 def is_sdxl(sd_pipeline: Any) -> bool:
     """Whether a diffusers pipeline is SDXL-shaped: a UNet with ``addition_embed_type="text_time"``."""
@@ -36,6 +78,13 @@ def _check_pair(name: str, value: Any) -> None:
         or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
     ):
         raise InputError(f"{name} must be a pair of non-negative integers (height, width) or (top, left), got {value!r}")
+
+
+def _check_fraction(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+        raise InputError(f"{name} must be a number strictly between 0 and 1 (a fraction of the schedule), got {value!r}")
 
 
 def _check_prompt_list(name: str, value: Any, count: int) -> None:
@@ -63,6 +112,7 @@ class FasterDiffusionXLPipeline(FasterDiffusionPipeline):
                 f"FasterDiffusionXLPipeline wraps an SDXL pipeline (a UNet with addition_embed_type='text_time' and "
                 f"its text encoders), got {type(self.sd).__name__}: use FasterDiffusionPipeline for SD 1.x/2.x"
             )
+        self.aesthetic_time_ids()  # a pipeline whose time-id layout does not fit its UNet fails now
         if getattr(self.sd, "controlnet", None) is not None or self.unet_kind != "text2img":
             what = "a ControlNet" if getattr(self.sd, "controlnet", None) is not None else "an inpainting UNet"
             raise UnsupportedModelError(
@@ -72,19 +122,178 @@ class FasterDiffusionXLPipeline(FasterDiffusionPipeline):
 
     def text_shape(self) -> tuple[int, int]:
         """``(L, D)`` of the prompt embeddings: both encoders' hidden states side by side."""
-        tokenizer = self.sd.tokenizer if self.sd.tokenizer is not None else self.sd.tokenizer_2
-        return int(tokenizer.model_max_length), int(self.sd.unet.config.cross_attention_dim)
+        return sdxl_text_shape(self.sd)
 
     def added_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Per-row shapes of the added conditioning: ``text_embeds`` (the second encoder's
-        projection) and ``time_ids`` (what the UNet's add_embedding leaves for them)."""
-        cfg = self.sd.unet.config
-        width = int(cfg.projection_class_embeddings_input_dim)
-        if self.sd.text_encoder_2 is not None:
-            pooled = int(self.sd.text_encoder_2.config.projection_dim)
+        """Per-row shapes of the added conditioning (:func:`sdxl_added_shapes`)."""
+        return sdxl_added_shapes(self.sd)
+
+    def aesthetic_time_ids(self) -> bool:
+        """Whether the time ids end with an aesthetic score (the refiner: original size, crop
+        corner, score; 5 ids) rather than the target size (base: 6 ids).
+
+        The UNet's time-id count decides; a wrapped pipeline's ``requires_aesthetics_score``
+        (diffusers' img2img pipeline) must agree with it.
+
+        Raises:
+            UnsupportedModelError: for a UNet that takes neither 5 nor 6 time ids.
+            InputError: when ``requires_aesthetics_score`` contradicts the UNet.
+        """
+        k = int(self.added_shapes()["time_ids"][0])
+        if k not in (5, 6):
+            raise UnsupportedModelError(
+                f"the UNet takes {k} time ids; fd_trt builds SDXL's 6 (original size, crop corner, target size) "
+                "or the refiner's 5 (original size, crop corner, aesthetic score)"
+            )
+        requires = getattr(getattr(self.sd, "config", None), "requires_aesthetics_score", None)
+        if requires is not None and bool(requires) != (k == 5):
+            raise InputError(
+                f"the pipeline has requires_aesthetics_score={bool(requires)} but its UNet takes {k} time ids: set "
+                f"pipe.register_to_config(requires_aesthetics_score={k == 5}) on the diffusers pipeline"
+            )
+        return k == 5
+
+    @staticmethod
+    def resolve_strength(mode: str, strength: Any) -> float:
+        """``strength`` checked, or diffusers' SDXL img2img default, 0.3."""
+        if strength is None and mode == "img2img":
+            return 0.3
+        return FasterDiffusionPipeline.resolve_strength(mode, strength)
+
+    def _latent_image(self, image: Any) -> bool:
+        """Whether ``image`` is latents already (a ``[B,C,h,w]`` tensor of the VAE's latent
+        channels), as a base run with ``output_type="latent"`` hands to the refiner."""
+        return (
+            isinstance(image, torch.Tensor)
+            and image.ndim == 4
+            and int(image.shape[1]) == int(self.sd.vae.config.latent_channels)
+        )
+
+    def _image_size(self, mode: str, image: Any) -> tuple[int, int]:
+        if mode == "img2img" and self._latent_image(image):
+            f = self.vae_scale_factor
+            return int(image.shape[2]) * f, int(image.shape[3]) * f
+        return super()._image_size(mode, image)
+
+    def steps_to_run(
+        self, scheduler: Any, num_inference_steps: int, mode: str, strength: Any, options: dict[str, Any]
+    ) -> torch.Tensor | None:
+        """The base's steps, with diffusers' SDXL ``denoising_start`` and ``denoising_end``.
+
+        ``denoising_start`` (img2img) starts at the first timestep below ``(1 - start) x
+        num_train_timesteps`` and replaces ``strength``; ``denoising_end`` stops before the first
+        timestep below ``(1 - end) x num_train_timesteps``. A base run with ``denoising_end=0.8``
+        and a refiner run with ``denoising_start=0.8`` split one schedule between them.
+
+        Raises:
+            InputError: for values outside (0, 1), ``denoising_start`` without an image, a start
+                not before the end, or a cut that leaves no step.
+        """
+        start, end = options.get("denoising_start"), options.get("denoising_end")
+        _check_fraction("denoising_start", start)
+        _check_fraction("denoising_end", end)
+        if start is not None and end is not None and start >= end:
+            raise InputError(f"denoising_start={start} must be below denoising_end={end}")
+        n_train = int(scheduler.config.num_train_timesteps)
+        if start is not None:
+            if mode != "img2img":
+                raise InputError("denoising_start needs image=: the (latent) image the run continues from")
+            cutoff = int(round(n_train - start * n_train))
+            n = int((scheduler.timesteps < cutoff).sum())
+            if int(getattr(scheduler, "order", 1)) == 2 and n % 2 == 0:
+                n += 1  # as diffusers: end after a second-order step's second half
+            first = len(scheduler.timesteps) - n
+            if n < 1 or first < 0:
+                raise InputError(f"denoising_start={start} leaves no step of {num_inference_steps}: lower it")
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(first)
+            timesteps = scheduler.timesteps[first:]
         else:
-            pooled = int(self.sd.text_encoder.config.hidden_size)
-        return {"text_embeds": (pooled,), "time_ids": ((width - pooled) // int(cfg.addition_time_embed_dim),)}
+            timesteps = super().steps_to_run(scheduler, num_inference_steps, mode, strength, options)
+        if end is not None:
+            run = scheduler.timesteps if timesteps is None else timesteps
+            cutoff = int(round(n_train - end * n_train))
+            keep = int((run >= cutoff).sum())
+            if keep < 1:
+                raise InputError(f"denoising_end={end} leaves no step of the {len(run)} to run: raise it")
+            timesteps = run[:keep]
+        return timesteps
+
+    def image_latents(
+        self, image: Any, height: int, width: int, batch: int, generator: torch.Generator | list[torch.Generator] | None
+    ) -> torch.Tensor:
+        """The latents of img2img's input image, one per image of the batch, as diffusers' SDXL
+        img2img pipeline: latents given as ``image`` are taken as they are; a picture is encoded
+        by the VAE (in float32 when a float16 VAE asks for it), sampled with the generator(s),
+        then normalized by the VAE's ``latents_mean`` / ``latents_std`` when it has them and
+        scaled by its scaling factor.
+
+        Raises:
+            InputError: for an image of another size, or a batch it cannot be tiled to.
+        """
+        vae, dev, f = self.sd.vae, self.device, self.vae_scale_factor
+        cfg = vae.config
+        if self._latent_image(image):
+            z0 = image.to(dev, torch.float32)
+            if tuple(z0.shape[-2:]) != (height // f, width // f):
+                raise InputError(
+                    f"latents given as image= are {tuple(z0.shape[-2:])}, expected {(height // f, width // f)} for "
+                    f"{height}x{width}: leave height/width unset, or pass latents of that size"
+                )
+            return repeat_to_batch(z0, batch, "images")
+        init = self._processor("image").preprocess(image, height=height, width=width).to(dev, torch.float32)
+        if tuple(init.shape[-2:]) != (height, width):
+            raise InputError(f"image preprocessed to {tuple(init.shape[-2:])}, expected {(height, width)}")
+        dtype = next(vae.parameters()).dtype
+        upcast = dtype == torch.float16 and bool(getattr(cfg, "force_upcast", False))
+        if upcast:
+            vae.to(torch.float32)  # SDXL's VAE overflows in float16; the caller's VAE goes back below
+        try:
+            x = init if upcast else init.to(dtype)
+            if isinstance(generator, list):
+                x = repeat_to_batch(x, batch, "images")
+                z = torch.cat([vae.encode(x[i : i + 1]).latent_dist.sample(generator[i]) for i in range(x.shape[0])])
+            else:
+                z = vae.encode(x).latent_dist.sample(generator)
+        finally:
+            if upcast:
+                vae.to(dtype)
+        z = z.float()
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if mean is not None and std is not None:
+            shape = (1, len(mean), 1, 1)
+            mean_t = torch.tensor(mean, dtype=z.dtype, device=z.device).view(shape)
+            std_t = torch.tensor(std, dtype=z.dtype, device=z.device).view(shape)
+            z = (z - mean_t) * float(cfg.scaling_factor) / std_t
+        else:
+            z = float(cfg.scaling_factor) * z
+        return repeat_to_batch(z, batch, "images")
+
+    def prepare_image_run(self, mode: str, scheduler: Any, num_inference_steps: int, latent_shape: Any, height: int,
+                          width: int, **kw: Any) -> _ImageRun:  # type: ignore[override]
+        """SDXL img2img: the image latents noised to the first step run, as diffusers'
+        ``StableDiffusionXLImg2ImgPipeline`` (with ``denoising_start``, not noised: the latents
+        continue a run). ``latents=`` is the noise, as for SD img2img."""
+        if mode != "img2img":
+            return super().prepare_image_run(mode, scheduler, num_inference_steps, latent_shape, height, width, **kw)
+        options = kw.get("options") or {}
+        timesteps = kw.get("timesteps")
+        if timesteps is None:
+            timesteps = self.steps_to_run(scheduler, num_inference_steps, mode, kw.get("strength"), options)
+        batch, latents, generator = int(latent_shape[0]), kw.get("latents"), kw.get("generator")
+        z0 = self.image_latents(kw["image"], height, width, batch, generator)
+        if options.get("denoising_start") is not None:
+            return _ImageRun(latents=z0, timesteps=timesteps)
+        if latents is not None:
+            if tuple(latents.shape) != tuple(z0.shape):
+                raise InputError(f"latents have shape {tuple(latents.shape)}, expected {tuple(z0.shape)}")
+            noise = latents.to(self.device, torch.float32)
+        else:
+            from diffusers.utils.torch_utils import randn_tensor
+
+            noise = randn_tensor(tuple(z0.shape), generator=generator, device=self.device, dtype=torch.float32)
+        x = scheduler.add_noise(z0, noise, timesteps[:1].repeat(batch))
+        return _ImageRun(latents=x, timesteps=timesteps, initial_noise=noise)
 
     # stages -----------------------------------------------------------------------------------
     def check_inputs(
@@ -105,6 +314,8 @@ class FasterDiffusionXLPipeline(FasterDiffusionPipeline):
         negative_original_size: Any = None,
         negative_crops_coords_top_left: Any = (0, 0),
         negative_target_size: Any = None,
+        aesthetic_score: Any = 6.0,
+        negative_aesthetic_score: Any = 2.5,
     ) -> list[str]:
         """The base checks, plus SDXL's second prompts and micro-conditioning sizes.
 
@@ -125,6 +336,9 @@ class FasterDiffusionXLPipeline(FasterDiffusionPipeline):
             ("negative_target_size", negative_target_size),
         ):
             _check_pair(name, value)
+        for name, value in (("aesthetic_score", aesthetic_score), ("negative_aesthetic_score", negative_aesthetic_score)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InputError(f"{name} must be a number (the refiner's aesthetic score, 6.0 / 2.5 by default), got {value!r}")
         return prompts
 
     def encode_prompt(
@@ -143,14 +357,20 @@ class FasterDiffusionXLPipeline(FasterDiffusionPipeline):
         negative_original_size: Size | None = None,
         negative_crops_coords_top_left: Size = (0, 0),
         negative_target_size: Size | None = None,
+        aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5,
     ) -> PromptEmbeddings:
         """Stage 1 for SDXL: both text encoders, the pooled embedding and the time ids per row.
 
         Text and pooled embeddings come from diffusers' ``StableDiffusionXLPipeline.encode_prompt``
-        (penultimate hidden states of both encoders, ``force_zeros_for_empty_prompt``), the time
-        ids from its ``_get_add_time_ids``. Unlike diffusers, which tiles ``[negative, positive]``
-        time ids over the batch, every negative row gets the negative time ids when the batch has
-        more than one image; the two agree whenever the negative micro-conditioning is the default.
+        (penultimate hidden states of both encoders, ``force_zeros_for_empty_prompt``; the
+        refiner's second encoder alone). The time ids are laid out as diffusers does: original
+        size, crop corner, then the target size (base, 6 ids) or the aesthetic score (refiner, 5
+        ids; the negative rows get ``negative_original_size`` (default: ``original_size``),
+        ``negative_crops_coords_top_left`` and ``negative_aesthetic_score``). Unlike diffusers'
+        text-to-image pipeline, which tiles ``[negative, positive]`` time ids over the batch,
+        every negative row gets the negative time ids when the batch has more than one image; the
+        two agree whenever the negative micro-conditioning is the default.
 
         Returns:
             :class:`PromptEmbeddings` with ``text [R,L,D]`` and ``added`` =
@@ -167,25 +387,24 @@ class FasterDiffusionXLPipeline(FasterDiffusionPipeline):
             negative_prompt_2=negative_prompt_2,
         )
         rows = int(pos.shape[0])
-        projection = (
-            int(sd.text_encoder_2.config.projection_dim) if sd.text_encoder_2 is not None else int(pooled.shape[-1])
-        )
+        aesthetic = self.aesthetic_time_ids()
+        original = tuple(original_size or (height, width))
 
-        def time_ids(orig: Size | None, crop: Size, target: Size | None) -> torch.Tensor:
-            ids = sd._get_add_time_ids(
-                tuple(orig or (height, width)),
-                tuple(crop),
-                tuple(target or (height, width)),
-                dtype=pos.dtype,
-                text_encoder_projection_dim=projection,
-            )
-            return ids.to(self.device).repeat(rows, 1)
+        def time_ids(values: Sequence[float]) -> torch.Tensor:
+            return torch.tensor([list(values)], dtype=pos.dtype, device=self.device).repeat(rows, 1)
 
-        pos_ids = time_ids(original_size, crops_coords_top_left, target_size)
+        if aesthetic:
+            pos_ids = time_ids([*original, *crops_coords_top_left, float(aesthetic_score)])
+        else:
+            pos_ids = time_ids([*original, *crops_coords_top_left, *(target_size or (height, width))])
         if not do_classifier_free_guidance:
             return PromptEmbeddings(text=pos, added={"text_embeds": pooled, "time_ids": pos_ids})
-        if negative_original_size is not None and negative_target_size is not None:
-            neg_ids = time_ids(negative_original_size, negative_crops_coords_top_left, negative_target_size)
+        if aesthetic:
+            neg_ids = time_ids(
+                [*(negative_original_size or original), *negative_crops_coords_top_left, float(negative_aesthetic_score)]
+            )
+        elif negative_original_size is not None and negative_target_size is not None:
+            neg_ids = time_ids([*negative_original_size, *negative_crops_coords_top_left, *negative_target_size])
         else:
             neg_ids = pos_ids  # as diffusers: without both negative sizes, the negatives share the time ids
         return PromptEmbeddings(
@@ -250,6 +469,12 @@ class FasterDiffusionXLPipeline(FasterDiffusionPipeline):
         negative_original_size: Size | None = None,
         negative_crops_coords_top_left: Size = (0, 0),
         negative_target_size: Size | None = None,
+        image: Any = None,
+        strength: float | None = None,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+        aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5,
         schedule: ScheduleSpec | Any | None = None,
         noise_injection: bool | NoiseInjection | None = None,
         parallel: bool = True,
@@ -257,7 +482,7 @@ class FasterDiffusionXLPipeline(FasterDiffusionPipeline):
         callback_on_step_end: Callable[[Any, int, Any, dict[str, Any]], dict[str, Any] | None] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> FasterDiffusionOutput:
-        """Generates images with SDXL.
+        """Generates images with SDXL: text-to-image, or img2img / the refiner with ``image=``.
 
         Args:
             prompt, prompt_2, negative_prompt, negative_prompt_2, height, width,
@@ -266,6 +491,20 @@ class FasterDiffusionXLPipeline(FasterDiffusionPipeline):
             negative_original_size, negative_crops_coords_top_left, negative_target_size: as in
                 diffusers' ``StableDiffusionXLPipeline`` (``original_size`` and ``target_size``
                 default to ``(height, width)``).
+            image, strength, denoising_start, denoising_end, aesthetic_score,
+            negative_aesthetic_score: as in diffusers' ``StableDiffusionXLImg2ImgPipeline``:
+                ``image`` is a picture (PIL, array, ``[B,3,H,W]`` tensor in [-1, 1]) or latents
+                (``[B,4,h,w]``, e.g. a base run's ``output_type="latent"``); without
+                height/width the image's size is used. ``strength`` defaults to 0.3; the run
+                covers the last ``int(strength x num_inference_steps)`` steps, and the schedule's
+                key steps index the steps run (``paper`` with 50 steps and strength 0.3: 15
+                steps, key steps {0,1,2,3,5,10}). ``denoising_start`` (img2img) replaces
+                ``strength`` and does not noise the latents; ``denoising_end`` stops early (also
+                text-to-image). The aesthetic scores enter the time ids of a refiner (a UNet with
+                5 time ids; ``requires_aesthetics_score``), and are unused by a base model.
+                ``latents`` in img2img is the noise added to the image latents (as for SD
+                img2img), not the starting latents. Noise injection needs the run's initial
+                noise, which a ``denoising_start`` run does not have: it is off there.
             schedule, noise_injection, parallel, max_decoder_rows, callback_on_step_end,
             callback_on_step_end_tensor_inputs: as in :meth:`FasterDiffusionPipeline.__call__`.
 
@@ -281,13 +520,29 @@ class FasterDiffusionXLPipeline(FasterDiffusionPipeline):
             negative_original_size=negative_original_size,
             negative_crops_coords_top_left=negative_crops_coords_top_left,
             negative_target_size=negative_target_size,
+            aesthetic_score=aesthetic_score,
+            negative_aesthetic_score=negative_aesthetic_score,
         )
+        if denoising_start is not None:
+            if latents is not None:
+                raise InputError(
+                    "with denoising_start the image's latents are the start and no noise is added: drop latents= "
+                    "(pass the latents to continue as image=)"
+                )
+            if noise_injection is True or (isinstance(noise_injection, NoiseInjection) and noise_injection.enabled):
+                raise InputError(
+                    "noise injection adds the run's initial noise, which a denoising_start run (continuing given "
+                    "latents) does not have: leave noise_injection unset or False"
+                )
+            noise_injection = False if noise_injection is None else noise_injection
         return self._generate(
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, eta,
             generator, latents, output_type, schedule, noise_injection, parallel, max_decoder_rows,
             callback_on_step_end, callback_on_step_end_tensor_inputs, prompt_options=options,
             guidance_rescale=guidance_rescale,
+            image_options=dict(image=image, strength=strength, denoising_start=denoising_start,
+                               denoising_end=denoising_end),
         )
 
 
-__all__ = ["FasterDiffusionXLPipeline", "is_sdxl"]
+__all__ = ["FasterDiffusionXLPipeline", "is_sdxl", "sdxl_added_shapes", "sdxl_text_shape"]
