@@ -125,3 +125,23 @@ def test_auto_and_authors_style_rows(report):
     assert auto["backend"].startswith("auto:") and "auto chose" in auto["note"]
     assert auto["rel_l2_vs_diffusers"] == pytest.approx(paper["rel_l2_vs_diffusers"], abs=1e-4)
     assert rows[("fd_trt", "auto", "all")]["rel_l2_vs_diffusers"] < 1e-5
+
+
+def test_sdxl_rows_run_on_the_tiny_sdxl_model():
+    """The benchmark's SDXL path (``--model sdxl-arch`` in small): diffusers' StableDiffusionXLPipeline
+    row, fd_trt torch ``all`` / ``paper``, and the rows that say why they did not run."""
+    import importlib.util
+
+    cfg = BenchConfig(model="tiny-sdxl", height=64, width=64, steps=10, backends=("torch",), repeat=1, warmup=0)
+    rep = run_benchmark(cfg, progress=False)
+    rows = {(r["system"], r["schedule"]): r for r in rep["results"]}
+    diffusers, all_, paper = rows[("diffusers", "-")], rows[("fd_trt", "all")], rows[("fd_trt", "paper")]
+    assert diffusers["s_per_image"] > 0 and diffusers["rel_l2_vs_diffusers"] == 0
+    assert all_["rel_l2_vs_diffusers"] < 1e-5 and all_["encoder_calls"] == 10
+    assert paper["encoder_calls"] == 5 and paper["decoder_calls"] == 5  # key steps 0,1,2,3,5 of 10
+    assert 1e-4 < paper["rel_l2_vs_diffusers"] < 0.5
+    assert 0 < paper["unet_gflops_per_image"] < all_["unet_gflops_per_image"]
+    authors = rows[("authors-style", "paper")]
+    assert authors["s_per_image"] is None and "SD 1.x/2.x" in authors["note"]
+    if importlib.util.find_spec("DeepCache") is None:
+        assert rows[("deepcache", "interval=3,branch=0")]["note"].startswith("not run")
