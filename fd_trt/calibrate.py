@@ -197,11 +197,14 @@ class Evaluator:
         self.guidance = float(guidance)
         sd = pipe.sd
         cfg = self.guidance > 1.0
-        with torch.inference_mode():
-            pos, neg = sd.encode_prompt(list(prompts), pipe.device, 1, cfg, None)
-        self.text = torch.cat([neg, pos]) if cfg else pos
         f = pipe.vae_scale_factor
         size = int(sd.unet.config.sample_size)
+        # The pipeline's own prompt stage: SDXL's pooled embeddings and time ids come with the text.
+        with torch.inference_mode():
+            cond = pipe.encode_prompt(list(prompts), None, 1, cfg, size * f, size * f)
+        self.text = cond.text
+        #: SDXL's added conditioning per row (``text_embeds``, ``time_ids``); ``None`` for SD 1.x/2.x.
+        self.added = cond.added
         shape = (len(prompts), int(sd.unet.config.in_channels), size, size)
         self.latents = randn_tensor(shape, generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
                                     device=pipe.device, dtype=torch.float32)
@@ -263,7 +266,7 @@ class Evaluator:
             runner = runner_wrap(runner)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = run_sampler(runner, sched, x, self.text, ks, guidance_scale=self.guidance,
+            out = run_sampler(runner, sched, x, self.text, ks, guidance_scale=self.guidance, added=self.added,
                               noise=NoiseInjection(enabled=ks.propagates), extra_step_kwargs=_step_kwargs(sched, gen),
                               progress=False, callback=callback, start_step=start, initial_noise=self.latents)
         self.run_seconds += time.perf_counter() - t0
@@ -469,9 +472,10 @@ def feature_changes(pipe: Any, scheduler: str, steps: int, prompts: Sequence[str
         sched = make_scheduler(scheduler, sd.scheduler.config)
         sched.set_timesteps(steps)
         b = len(prompts)
-        pos, neg = sd.encode_prompt(list(prompts), dev, 1, True, None)
-        text = torch.cat([neg, pos])
         size = int(sd.unet.config.sample_size)
+        f = pipe.vae_scale_factor
+        cond = pipe.encode_prompt(list(prompts), None, 1, True, size * f, size * f)  # SDXL: with its added conditioning
+        text, added = cond.text, cond.added
         shape = (b, int(sd.unet.config.in_channels), size, size)
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         x = randn_tensor(shape, generator=gens, dtype=torch.float32).to(dev) * sched.init_noise_sigma
@@ -479,8 +483,8 @@ def feature_changes(pipe: Any, scheduler: str, steps: int, prompts: Sequence[str
         for t in sched.timesteps:
             xin = sched.scale_model_input(torch.cat([x, x]), t)
             tt = torch.full((2 * b,), float(t), device=dev)
-            feats = split.run_encoder(xin, tt, text)
-            eps = split.run_decoder(feats, tt, text)
+            feats = split.run_encoder(xin, tt, text, added)
+            eps = split.run_decoder(feats, tt, text, added)
             enc.append(torch.cat([f[b:].reshape(b, -1).float() for f in feats.tensors()], 1).cpu())
             dec.append(captured["dec"][b:].reshape(b, -1).float().cpu())
             e_u, e_c = eps.float().chunk(2)
@@ -664,10 +668,10 @@ def measure_costs(ev: Evaluator, repeats: int = 3) -> dict[str, float]:
         return sorted(ts)[len(ts) // 2]
 
     with torch.inference_mode():
-        feats = runner.encode(x, t, ev.text)
-        enc = timed(lambda: runner.encode(x, t, ev.text))
-        dec1 = timed(lambda: runner.decode(feats, t[:1], ev.text))
-        dec10 = timed(lambda: runner.decode(feats, t[:1].repeat(10), ev.text))
+        feats = runner.encode(x, t, ev.text, ev.added)
+        enc = timed(lambda: runner.encode(x, t, ev.text, ev.added))
+        dec1 = timed(lambda: runner.decode(feats, t[:1], ev.text, ev.added))
+        dec10 = timed(lambda: runner.decode(feats, t[:1].repeat(10), ev.text, ev.added))
     return {"encoder": enc, "decoder_1": dec1, "decoder_per_step_batched": max(dec10 - dec1, 0.0) / 9}
 
 

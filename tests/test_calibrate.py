@@ -204,3 +204,27 @@ def test_cli_speedup_picks_the_largest_k_that_reaches_it(tiny_model_dir, tmp_pat
     # Out of reach even with one key step (3.69x): a clear error, not a silent K = 1.
     assert main(["calibrate", *common, "--speedup", "4"]) == 2
     assert "speedup 4.0x is out of reach" in capsys.readouterr().err
+
+
+def test_calibrate_runs_sdxl_with_its_added_conditioning():
+    """``fd-trt calibrate`` on SDXL: the evaluator passes the pooled embeddings and time ids, so its
+    ``all`` reference is diffusers' StableDiffusionXLPipeline, and the saved key steps run through
+    the pipeline with the error the search measured."""
+    from fd_trt.calibrate import feature_changes
+    from fd_trt.models import make_scheduler, tiny_sdxl_pipeline
+
+    xl = tiny_sdxl_pipeline(seed=0)
+    xl.scheduler = make_scheduler("ddim", xl.scheduler.config)
+    xl_pipe = FasterDiffusionPipeline.from_diffusers(xl, backend="torch", device="cpu", progress=False)
+    ev = Evaluator(xl_pipe, "ddim", 12, PROMPTS, [0, 1])
+    assert set(ev.added) == {"text_embeds", "time_ids"} and ev.added["time_ids"].shape == (4, 6)
+    ref = xl(PROMPTS, latents=ev.latents, num_inference_steps=12, guidance_scale=7.5, output_type="latent").images
+    assert rel_l2(ev.reference, ref) < 1e-5
+    cal = calibrate(xl_pipe, scheduler="ddim", steps=12, key_steps=4, prompts=PROMPTS, method="greedy")
+    assert cal.key_steps[0] == 0 and len(cal.key_steps) == 4 and 0 < cal.error < 1
+    out = xl_pipe(PROMPTS, latents=ev.latents, num_inference_steps=12, guidance_scale=7.5, schedule=cal,
+                  output_type="latent")
+    assert out.stats.key_steps == cal.key_steps
+    assert rel_l2(out.latents, ref) == pytest.approx(cal.error, rel=1e-4)
+    fc = feature_changes(xl_pipe, "ddim", 12, PROMPTS[:1], [0])
+    assert len(fc["enc_rel"]) == 11 and all(v > 0 for v in fc["enc_rel"])
