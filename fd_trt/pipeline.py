@@ -161,13 +161,31 @@ class _FlopCounter:
             if added_widths:
                 added = {k: torch.zeros((1, w), device=p.device, dtype=torch.float32 if k == "time_ids" else p.dtype)
                          for k, w in added_widths.items()}
-            with torch.inference_mode():
-                with flop_counter_mode() as enc:
-                    feats = split.run_encoder(x, t, e, added)
-                with flop_counter_mode() as dec:
-                    split.run_decoder(feats, t, e, added)
-            self.cache[key] = (float(enc.get_total_flops()), float(dec.get_total_flops()))
+            try:
+                # Shapes only: under FakeTensorMode no arithmetic runs, so counting costs a fraction
+                # of a real call (sd15-arch at 256x256: 2.4 s against 11.9 s on a 2-core CPU).
+                self.cache[key] = _count_split_flops(split, x, t, e, added, fake=True)
+            except Exception as exc:  # an operator without a fake kernel: count on real tensors
+                logger.debug("FLOP counting on fake tensors failed (%s); counting on real ones", exc)
+                self.cache[key] = _count_split_flops(split, x, t, e, added, fake=False)
         return self.cache[key]
+
+
+def _count_split_flops(split: Any, x: torch.Tensor, t: torch.Tensor, e: torch.Tensor, added: Any,
+                       fake: bool) -> tuple[float, float]:
+    """``(encoder, decoder)`` FLOPs of one call of the split UNet on these inputs."""
+    with torch.inference_mode(), contextlib.ExitStack() as stack:
+        if fake:
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            mode = stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+            x, t, e = mode.from_tensor(x), mode.from_tensor(t), mode.from_tensor(e)
+            added = None if added is None else {k: mode.from_tensor(v) for k, v in added.items()}
+        with flop_counter_mode() as enc:
+            feats = split.run_encoder(x, t, e, added)
+        with flop_counter_mode() as dec:
+            split.run_decoder(feats, t, e, added)
+    return float(enc.get_total_flops()), float(dec.get_total_flops())
 
 
 @dataclass

@@ -182,6 +182,23 @@ def test_gflops_are_counted_from_the_split_modules(fd_pipe, tiny_sd, latents):
     assert 0.15 < 1 - paper.unet_gflops / full.unet_gflops < 0.45
 
 
+def test_flops_counted_on_fake_tensors_equal_a_real_count(tiny_sd):
+    """The per-row count runs the split modules on fake tensors (no arithmetic); it must give the
+    count of a real call, for SD and for SDXL's added inputs."""
+    from fd_trt.models import tiny_sdxl_pipeline
+    from fd_trt.pipeline import _count_split_flops
+    from fd_trt.split import split_unet
+
+    xl = tiny_sdxl_pipeline(seed=0)
+    cases = [(tiny_sd.unet, 32, None), (xl.unet, xl.unet.config.cross_attention_dim,
+                                          {"text_embeds": torch.zeros(1, xl.text_encoder_2.config.projection_dim),
+                                           "time_ids": torch.zeros(1, 6)})]
+    for unet, width, added in cases:
+        args = (split_unet(unet), torch.zeros(1, 4, 8, 8), torch.full((1,), 500.0), torch.zeros(1, 77, width), added)
+        fake, real = _count_split_flops(*args, fake=True), _count_split_flops(*args, fake=False)
+        assert fake == real and min(real) > 0
+
+
 def test_nan_latents_warn(tiny_sd, latents):
     from fd_trt.models import tiny_sd_pipeline
     from fd_trt.pipeline import FasterDiffusionPipeline
