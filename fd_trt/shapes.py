@@ -337,6 +337,40 @@ def generate_dataset(n: int, seed: int, p_two: float = 0.5, num_objects: int | N
     return Dataset(images=images, captions=captions, num_objects=num, colors=colors, shapes=shapes, masks=masks)
 
 
+def silhouette(shape: str, cx: float = IMAGE_SIZE / 2, cy: float = IMAGE_SIZE / 2, size: float = 30.0,
+               angle: float = 0.0, image_size: int = IMAGE_SIZE) -> np.ndarray:
+    """The silhouette of one shape, drawn as scenes draw it (supersampled, box-filtered, binarised at 0.5).
+
+    Args:
+        shape: one of :data:`SHAPES`.
+        cx, cy: the centre in pixels of an ``image_size`` image.
+        size: the diameter in pixels.
+        angle: rotation in radians (scenes use -0.2 .. 0.2; diamonds are never rotated).
+        image_size: the side of the square mask.
+
+    Returns:
+        ``[image_size, image_size]`` bool.
+    """
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}: choose from {', '.join(SHAPES)}")
+    n = image_size * _SS
+    canvas = Image.new("L", (n, n), 0)
+    draw = ImageDraw.Draw(canvas)
+    x, y, r = cx * _SS, cy * _SS, size * _SS / 2
+    if shape == "circle":
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=255)
+    else:
+        draw.polygon(_shape_polygon(shape, x, y, r, angle), fill=255)
+    small = np.asarray(canvas.resize((image_size, image_size), Image.BOX), np.float32) / 255.0
+    return small >= 0.5
+
+
+def mask_image(mask: np.ndarray) -> Image.Image:
+    """A bool mask as the control image of the default ControlNet: white object on black, RGB PNG-ready."""
+    m = (np.asarray(mask, bool).astype(np.uint8) * 255)
+    return Image.fromarray(np.stack([m, m, m], -1), "RGB")
+
+
 def scene_from_labels(
     rng: np.random.Generator, objects: Sequence[tuple[str, str]], position: str | None = None
 ) -> Scene:
@@ -379,4 +413,6 @@ __all__ = [
     "random_scene",
     "generate_dataset",
     "scene_from_labels",
+    "silhouette",
+    "mask_image",
 ]
