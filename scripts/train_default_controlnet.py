@@ -19,7 +19,7 @@ entries, so the conditioning embedding downsamples by 4, the VAE factor of the d
 
 Usage::
 
-    flock /tmp/fd_heavy.lock python scripts/train_default_controlnet.py     # the shipped ControlNet
+    flock /tmp/fd_heavy.lock python scripts/train_default_controlnet.py --no-progress --max-minutes 18   # the shipped one
     python scripts/train_default_controlnet.py --quick --out-dir /tmp/cn      # a smoke test (~1 min)
 
 Timing: the log records wall and process CPU seconds per stage; CPU seconds / threads is the wall
@@ -193,6 +193,9 @@ def train(args: argparse.Namespace, sd: Any, latents: torch.Tensor, index: torch
         window.append(float(loss.detach()))
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             log["train"]["losses"].append({"step": step + 1, "loss": float(np.mean(window)), **clock.stamp()})
+            if args.no_progress:
+                e = log["train"]["losses"][-1]
+                print(f"      step {e['step']}: loss {e['loss']:.4f}, {e['wall_s']:.0f} s wall, {e['cpu_s']:.0f} s CPU", flush=True)
             window = []
         if args.max_minutes and clock.cpu() / args.threads > 60 * args.max_minutes:
             log["train"]["stopped_early_at_step"] = step + 1
