@@ -54,7 +54,8 @@ def _add_generate(sub: Any) -> None:
                         "(default 0.8 for img2img, 1.0 for inpainting)")
     p.add_argument("--mask", default=None, metavar="FILE", help="inpainting: the mask image (white = repaint)")
     p.add_argument("--controlnet", action="append", default=[], metavar="PATH",
-                   help="a local diffusers ControlNet folder; repeat for several (they share --image)")
+                   help="a local diffusers ControlNet folder, or 'default' (the default model's silhouette-mask "
+                        "ControlNet; make a mask with fd-trt mask); repeat for several (they share --image)")
     p.add_argument("--controlnet-scale", type=float, action="append", default=[], metavar="S",
                    help="controlnet_conditioning_scale, one for all or one per --controlnet (default 1.0)")
     p.add_argument("--no-noise-injection", action="store_true", help="switch prior noise injection off")
@@ -713,6 +714,34 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_mask(sub: Any) -> None:
+    p = sub.add_parser("mask", help="write a silhouette mask PNG: the control image of --controlnet default")
+    p.add_argument("shape", help="circle, square, triangle, star or diamond")
+    p.add_argument("--out", default="mask.png", help="output PNG (white object on black)")
+    p.add_argument("--size", type=float, default=30.0, help="the shape's diameter in pixels")
+    p.add_argument("--cx", type=float, default=None, help="centre x in pixels (default: the middle)")
+    p.add_argument("--cy", type=float, default=None, help="centre y in pixels (default: the middle)")
+    p.add_argument("--image-size", type=int, default=64, help="side of the square mask (the default model makes 64x64)")
+
+
+def _mask(args: argparse.Namespace) -> int:
+    from .shapes import SHAPES, mask_image, silhouette
+
+    if args.shape not in SHAPES:
+        raise InputError(f"unknown shape {args.shape!r}: choose one of {', '.join(SHAPES)}")
+    n = args.image_size
+    if n < 8 or not 0 < args.size <= n:
+        raise InputError(f"--size must be in (0, --image-size={n}] and --image-size at least 8, got --size {args.size}")
+    cx = n / 2 if args.cx is None else args.cx
+    cy = n / 2 if args.cy is None else args.cy
+    m = silhouette(args.shape, cx, cy, args.size, image_size=n)
+    if not m.any():
+        raise InputError(f"the {args.shape} at ({cx}, {cy}) with size {args.size} lies outside the {n}x{n} image")
+    mask_image(m).save(args.out)
+    print(f"wrote {args.out} ({n}x{n}, {args.shape}, {int(m.sum())} px)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fd-trt``."""
     parser = argparse.ArgumentParser(prog="fd-trt", description="Faster Diffusion on compiled graphs")
@@ -722,6 +751,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_bench(sub)
     _add_serve(sub)
     _add_calibrate(sub)
+    _add_mask(sub)
     args = parser.parse_args(argv)
     if getattr(args, "quiet", False):
         from diffusers.utils import logging as diffusers_logging
@@ -742,6 +772,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "calibrate":
             return _calibrate(args)
+        if args.command == "mask":
+            return _mask(args)
     except FdTrtError as e:
         print(f"fd-trt: error: {e}", file=sys.stderr)
         return 2

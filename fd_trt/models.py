@@ -230,6 +230,40 @@ def default_model_dir() -> Path | None:
     return path if (path / "model_index.json").is_file() else None
 
 
+def default_controlnet_dir() -> Path | None:
+    """The shipped ControlNet of the default model (silhouette masks), if this installation has one."""
+    path = Path(__file__).parent / "assets" / "default_controlnet"
+    return path if (path / "config.json").is_file() else None
+
+
+def check_controlnet_fits(net: Any, unet_config: Any) -> None:
+    """Checks that a ControlNet's residuals fit a UNet: same block widths, block types, layers and text width.
+
+    Args:
+        net: a ``ControlNetModel``.
+        unet_config: the UNet's config.
+
+    Raises:
+        InputError: naming the values that differ; for the shipped default ControlNet, saying which
+            model it was trained for.
+    """
+    keys = ("block_out_channels", "down_block_types", "layers_per_block", "cross_attention_dim", "in_channels")
+    cfg = net.config
+    diff = []
+    for k in keys:
+        a, b = cfg.get(k), unet_config.get(k)
+        if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+            diff.append(f"{k}: ControlNet {a!r}, UNet {b!r}")
+    if not diff:
+        return
+    if getattr(net, "_fd_trt_default", False):
+        raise InputError(
+            "the default ControlNet was trained for fd_trt's default model (fd_trt/assets/default_model) and does not "
+            f"fit this UNet ({'; '.join(diff)}): use --model default with it, or pass a ControlNet folder trained for your model"
+        )
+    raise InputError(f"the ControlNet does not fit the UNet ({'; '.join(diff)}): pass a ControlNet trained for this model")
+
+
 def load_diffusers_pipeline(source: str | os.PathLike[str]) -> tuple[Any, str]:
     """Loads a Stable Diffusion pipeline from a local folder, or the built-in default.
 
@@ -341,8 +375,9 @@ def load_controlnet(source: str | os.PathLike[str] | Any | Sequence[Any]) -> Any
     """Loads ControlNet weights from local folders (safetensors), or passes models through.
 
     Args:
-        source: a diffusers ``ControlNetModel`` folder, a loaded model, or a list of either (which
-            gives a ``MultiControlNetModel``).
+        source: a diffusers ``ControlNetModel`` folder, ``"default"`` (the shipped ControlNet of the
+            default model, conditioned on silhouette masks), a loaded model, or a list of either
+            (which gives a ``MultiControlNetModel``).
 
     Returns:
         A ``ControlNetModel`` or a ``MultiControlNetModel``.
@@ -358,6 +393,16 @@ def load_controlnet(source: str | os.PathLike[str] | Any | Sequence[Any]) -> Any
         return nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
     if not isinstance(source, (str, os.PathLike)):
         return source
+    if str(source) == "default":
+        shipped = default_controlnet_dir()
+        if shipped is None:
+            raise InputError(
+                "controlnet 'default': this installation has no default ControlNet (fd_trt/assets/default_controlnet); "
+                "train it with scripts/train_default_controlnet.py or pass a ControlNet folder"
+            )
+        net = load_controlnet(shipped)
+        net._fd_trt_default = True
+        return net
     path = Path(source)
     if not (path / "config.json").is_file():
         raise InputError(

@@ -37,7 +37,7 @@ from .conditioning import (
     unet_input_kind,
     with_key_steps,
 )
-from .models import load_controlnet, load_diffusers_pipeline, make_scheduler
+from .models import check_controlnet_fits, load_controlnet, load_diffusers_pipeline, make_scheduler
 from .sampler import SamplerStats, run_sampler
 from .schedule import KeySchedule, NoiseInjection, ScheduleSpec, parse_schedule
 from .split import split_unet
@@ -301,6 +301,7 @@ class FasterDiffusionPipeline:
                     "ControlNet with an inpainting UNet is not supported yet: use a text-to-image UNet with the ControlNet"
                 )
             for net in controlnet_nets(self.controlnet):
+                check_controlnet_fits(net, self.sd.unet.config)
                 here_cn = next(net.parameters()).device
                 if owns_pipeline:
                     net.to(self.device)

@@ -6,6 +6,10 @@ background. Captions read "a red circle", "a blue star on the left", or
 ground-truth labels (colour, shape, position of every object), so that a checker can be
 trained on exactly what the captions promise.
 
+Each scene also carries the ground-truth silhouette mask of its object(s) (``Scene.mask``,
+``Dataset.masks``): the union of the objects' antialiased coverage, binarised at 0.5. It comes out
+of the same drawing pass as the image, so it draws no random numbers and changes no other output.
+
 Everything is deterministic from a seed: ``generate_dataset(n, seed)`` returns the same images
 and captions on every machine (PIL's rasteriser and numpy's ``Generator`` are deterministic).
 """
@@ -78,12 +82,15 @@ class Scene:
         caption: the text prompt describing it.
         objects: one object, or two objects ordered left then right.
         background: one of :data:`BACKGROUNDS`.
+        mask: ``[64, 64]`` bool silhouette of the object(s): their union's antialiased coverage,
+            binarised at 0.5 (``None`` only for scenes built by hand).
     """
 
     image: np.ndarray
     caption: str
     objects: list[ShapeObject] = field(default_factory=list)
     background: str = "plain"
+    mask: np.ndarray | None = None
 
 
 @dataclass
@@ -97,6 +104,7 @@ class Dataset:
         colors: ``[N, 2]`` int colour indices into :data:`COLOR_NAMES`: single-object scenes use
             column 0 (column 1 is -1); two-object scenes hold (left, right).
         shapes: ``[N, 2]`` int shape indices into :data:`SHAPES`, laid out like ``colors``.
+        masks: ``[N, 64, 64]`` bool silhouettes of each scene's object(s) (see :attr:`Scene.mask`).
     """
 
     images: np.ndarray
@@ -104,6 +112,7 @@ class Dataset:
     num_objects: np.ndarray
     colors: np.ndarray
     shapes: np.ndarray
+    masks: np.ndarray | None = None
 
 
 def caption_for(objects: Sequence[ShapeObject], reverse: bool = False) -> str:
@@ -213,7 +222,8 @@ def _background(rng: np.random.Generator, kind: str) -> np.ndarray:
     return img
 
 
-def _draw_objects(bg: np.ndarray, objects: Sequence[ShapeObject], rng: np.random.Generator) -> np.ndarray:
+def _draw_objects(bg: np.ndarray, objects: Sequence[ShapeObject], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    # Returns (image uint8 [64,64,3], silhouette bool [64,64]); the mask costs no random draws.
     n = IMAGE_SIZE * _SS
     canvas = Image.new("RGBA", (n, n), (0, 0, 0, 0))
     draw = ImageDraw.Draw(canvas)
@@ -231,7 +241,7 @@ def _draw_objects(bg: np.ndarray, objects: Sequence[ShapeObject], rng: np.random
     # The RGBA box filter premultiplies nothing, so un-premultiply the colour by coverage.
     color = np.where(alpha > 0, small[..., :3], 0.0)
     out = bg * (1 - alpha) + color * alpha
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8), alpha[..., 0] >= 0.5
 
 
 def _place_single(rng: np.random.Generator, position: str | None, size: float) -> tuple[float, float]:
@@ -289,8 +299,8 @@ def random_scene(rng: np.random.Generator, num_objects: int | None = None, p_two
         caption = caption_for(objects, reverse=bool(rng.uniform() < 0.2))
     else:
         raise ValueError(f"num_objects must be 1 or 2, got {num_objects!r}")
-    image = _draw_objects(bg, objects, rng)
-    return Scene(image=image, caption=caption, objects=objects, background=background)
+    image, mask = _draw_objects(bg, objects, rng)
+    return Scene(image=image, caption=caption, objects=objects, background=background, mask=mask)
 
 
 def generate_dataset(n: int, seed: int, p_two: float = 0.5, num_objects: int | None = None, progress: bool = False) -> Dataset:
@@ -314,15 +324,51 @@ def generate_dataset(n: int, seed: int, p_two: float = 0.5, num_objects: int | N
     num = np.empty(n, np.int64)
     colors = np.full((n, 2), -1, np.int64)
     shapes = np.full((n, 2), -1, np.int64)
+    masks = np.zeros((n, IMAGE_SIZE, IMAGE_SIZE), bool)
     for i in tqdm(range(n), desc="shapes", disable=not progress, leave=False):
         scene = random_scene(rng, num_objects=num_objects, p_two=p_two)
         images[i] = scene.image
+        masks[i] = scene.mask
         captions.append(scene.caption)
         num[i] = len(scene.objects)
         for j, o in enumerate(scene.objects):
             colors[i, j] = COLOR_NAMES.index(o.color)
             shapes[i, j] = SHAPES.index(o.shape)
-    return Dataset(images=images, captions=captions, num_objects=num, colors=colors, shapes=shapes)
+    return Dataset(images=images, captions=captions, num_objects=num, colors=colors, shapes=shapes, masks=masks)
+
+
+def silhouette(shape: str, cx: float = IMAGE_SIZE / 2, cy: float = IMAGE_SIZE / 2, size: float = 30.0,
+               angle: float = 0.0, image_size: int = IMAGE_SIZE) -> np.ndarray:
+    """The silhouette of one shape, drawn as scenes draw it (supersampled, box-filtered, binarised at 0.5).
+
+    Args:
+        shape: one of :data:`SHAPES`.
+        cx, cy: the centre in pixels of an ``image_size`` image.
+        size: the diameter in pixels.
+        angle: rotation in radians (scenes use -0.2 .. 0.2; diamonds are never rotated).
+        image_size: the side of the square mask.
+
+    Returns:
+        ``[image_size, image_size]`` bool.
+    """
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}: choose from {', '.join(SHAPES)}")
+    n = image_size * _SS
+    canvas = Image.new("L", (n, n), 0)
+    draw = ImageDraw.Draw(canvas)
+    x, y, r = cx * _SS, cy * _SS, size * _SS / 2
+    if shape == "circle":
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=255)
+    else:
+        draw.polygon(_shape_polygon(shape, x, y, r, angle), fill=255)
+    small = np.asarray(canvas.resize((image_size, image_size), Image.BOX), np.float32) / 255.0
+    return small >= 0.5
+
+
+def mask_image(mask: np.ndarray) -> Image.Image:
+    """A bool mask as the control image of the default ControlNet: white object on black, RGB PNG-ready."""
+    m = (np.asarray(mask, bool).astype(np.uint8) * 255)
+    return Image.fromarray(np.stack([m, m, m], -1), "RGB")
 
 
 def scene_from_labels(
@@ -347,8 +393,8 @@ def scene_from_labels(
         cx, cy = _place_single(rng, position, size)
         objs[0] = ShapeObject(objects[0][0], objects[0][1], position, cx, cy, size)
     bg = _background(rng, scene.background)
-    image = _draw_objects(bg, objs, rng)
-    return Scene(image=image, caption=caption_for(objs), objects=objs, background=scene.background)
+    image, mask = _draw_objects(bg, objs, rng)
+    return Scene(image=image, caption=caption_for(objs), objects=objs, background=scene.background, mask=mask)
 
 
 __all__ = [
@@ -367,4 +413,6 @@ __all__ = [
     "random_scene",
     "generate_dataset",
     "scene_from_labels",
+    "silhouette",
+    "mask_image",
 ]

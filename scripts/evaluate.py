@@ -19,10 +19,19 @@ It runs DDIM-50 and DPM-Solver++-20, each with ``all``, ``paper`` and ``paper`` 
 injection, on ``--num-prompts`` prompts (half single-object, half two-object) with fixed seeds.
 Outputs ``evaluation.json``, ``evaluation.md``, ``figure3.png`` and ``samples.png`` in ``--out-dir``.
 
+With ``--controlnet default`` (or a ControlNet folder conditioned on silhouette masks) it measures
+**mask adherence** instead: per prompt, a control mask drawn by the generator for the prompt's
+labels (held-out seeds); DDIM-50 with ``all``, ``paper`` and without the ControlNet; a small
+segmentation CNN, trained on the generator's ground-truth masks and cached like the checker,
+segments the generated object(s); the mean IoU with the control mask is reported, with the
+segmenter's own IoU on held-out real scenes as its floor. Outputs ``evaluation.json``,
+``evaluation.md`` and ``controlnet_samples.png``.
+
 Usage::
 
     python scripts/evaluate.py --model default --num-prompts 128 --out-dir out/eval
     python scripts/evaluate.py --num-prompts 4 --out-dir /tmp/eval --no-timing   # smoke test
+    python scripts/evaluate.py --controlnet default --num-prompts 128 --out-dir out/eval_controlnet
 """
 
 from __future__ import annotations
@@ -487,6 +496,215 @@ def time_modes(pipe: Any, steps: int, modes: Sequence[tuple[str, str, bool | Non
     return out
 
 
+# the segmenter (mask adherence of a ControlNet) -------------------------------------------------
+#: Bump when the segmenter's architecture or training changes: it keys its cache.
+SEGMENTER_VERSION = 1
+
+
+class Segmenter(nn.Module):
+    """A small fully convolutional net: ``forward(x [N,3,64,64] in [0,1]) -> logits [N,1,64,64]``
+    of "object pixel" (any coloured shape, not the background)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+        self.enc1 = block(3, 16)  # 64x64
+        self.enc2 = nn.Sequential(block(16, 32, 2), block(32, 32))  # 32x32
+        self.enc3 = nn.Sequential(block(32, 64, 2), block(64, 64))  # 16x16: context for textured backgrounds
+        self.dec2 = block(64 + 32, 32)
+        self.dec1 = block(32 + 16, 16)
+        self.out = nn.Conv2d(16, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.enc1(x * 2 - 1)
+        e2 = self.enc2(e1)
+        e3 = self.enc3(e2)
+        d2 = self.dec2(torch.cat([F.interpolate(e3, scale_factor=2.0, mode="nearest"), e2], 1))
+        d1 = self.dec1(torch.cat([F.interpolate(d2, scale_factor=2.0, mode="nearest"), e1], 1))
+        return self.out(d1)
+
+
+@dataclass
+class SegmenterConfig:
+    """How the segmenter is trained (also its cache key)."""
+
+    num_images: int = 4000
+    steps: int = 400
+    batch: int = 32
+    lr: float = 3e-3
+    seed: int = 4321
+
+    def key(self) -> str:
+        """A hash of the dataset code, :data:`SEGMENTER_VERSION` and this config: the cache file name."""
+        src = Path(shapes.__file__).read_bytes() + f"seg-v{SEGMENTER_VERSION}".encode()
+        return hashlib.sha256(src + repr(self).encode()).hexdigest()[:16]
+
+
+def train_segmenter(cfg: SegmenterConfig = SegmenterConfig(), progress: bool = True) -> Segmenter:
+    """Trains the segmenter on generator scenes and their ground-truth masks (``Dataset.masks``),
+    with the checker's blur-and-noise augmentation; deterministic from ``cfg.seed``."""
+    from tqdm.auto import tqdm
+
+    data = shapes.generate_dataset(cfg.num_images, seed=cfg.seed, p_two=0.5)
+    x_all = _images_to_tensor(data.images)
+    y_all = torch.from_numpy(data.masks).float()[:, None]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = Segmenter()
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    model.train()
+    for step in tqdm(range(cfg.steps), desc="segmenter", disable=not progress, leave=False):
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        idx = torch.randint(0, cfg.num_images, (cfg.batch,), generator=gen)
+        loss = F.binary_cross_entropy_with_logits(model(_augment(x_all[idx], gen)), y_all[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def load_or_train_segmenter(cache_dir: str | os.PathLike[str] | None = DEFAULT_CACHE, cfg: SegmenterConfig = SegmenterConfig(),
+                            progress: bool = True) -> Segmenter:
+    """Returns the cached segmenter for ``cfg`` (keyed like the checker), training it if absent."""
+    path = Path(cache_dir) / f"segmenter_{cfg.key()}.pt" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        model = Segmenter()
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model.eval()
+    model = train_segmenter(cfg, progress=progress)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(model.state_dict(), tmp)
+        tmp.replace(path)
+    return model
+
+
+@torch.no_grad()
+def segment(model: Segmenter, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Object masks ``[N,64,64]`` bool of ``[N,64,64,3]`` images (uint8, or float in [0, 1])."""
+    out = [(model(_images_to_tensor(images[i : i + batch]))[:, 0] > 0).numpy() for i in range(0, len(images), batch)]
+    return np.concatenate(out)
+
+
+def mask_iou(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Per-image IoU of ``[N,H,W]`` bool masks (1.0 where both are empty)."""
+    pred, target = np.asarray(pred, bool), np.asarray(target, bool)
+    inter = (pred & target).reshape(len(pred), -1).sum(1)
+    union = (pred | target).reshape(len(pred), -1).sum(1)
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def segmenter_real_iou(model: Segmenter, n: int = 1000, seed: int = 97531) -> dict[str, float]:
+    """The segmenter's IoU against the ground truth on held-out real scenes (its accuracy floor)."""
+    data = shapes.generate_dataset(n, seed=seed, p_two=0.5)
+    iou = mask_iou(segment(model, data.images), data.masks)
+    return {"mean": float(iou.mean()), "min": float(iou.min()), "p05": float(np.quantile(iou, 0.05)), "n": n}
+
+
+def control_masks(ps: PromptSet, seed: int) -> np.ndarray:
+    """One control mask per prompt: the silhouette of a generator scene for the prompt's labels,
+    drawn with held-out seeds (the default ControlNet trained on ``generate_dataset`` seeds)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(len(ps.prompts)):
+        objs = [(COLOR_NAMES[ps.colors[k, j]], SHAPES[ps.shapes[k, j]]) for j in range(int(ps.num_objects[k]))]
+        out.append(scene_from_labels(rng, objs).mask)
+    return np.stack(out)
+
+
+def generate_controlled(pipe: Any, ps: PromptSet, masks: np.ndarray | None, steps: int, schedule: str, batch: int,
+                        guidance: float = 7.5, scale: float = 1.0) -> tuple[np.ndarray, float]:
+    """Like :func:`generate`, with one control mask per prompt (``None``: a pipeline without ControlNet)."""
+    images = []
+    t0 = time.perf_counter()
+    for i in range(0, len(ps.prompts), batch):
+        gens = [torch.Generator().manual_seed(s) for s in ps.seeds[i : i + batch]]
+        extra: dict[str, Any] = {}
+        if masks is not None:
+            extra = {"image": [shapes.mask_image(m) for m in masks[i : i + batch]], "controlnet_conditioning_scale": scale}
+        out = pipe(ps.prompts[i : i + batch], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                   output_type="np", schedule=schedule, **extra)
+        images.append(np.asarray(out.images))
+    return np.concatenate(images), time.perf_counter() - t0
+
+
+def evaluate_controlnet(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
+    """Mask adherence of a ControlNet (DDIM-50): IoU between the segmented generated object(s) and
+    the control mask, for ``all``, ``paper`` and the same prompts and seeds without the ControlNet."""
+    from fd_trt.pipeline import FasterDiffusionPipeline
+
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    seg = load_or_train_segmenter(args.checker_cache or None, progress=not args.no_progress)
+    seg_real = segmenter_real_iou(seg, n=1000 if args.num_prompts >= 32 else 200)
+    print(f"segmenter IoU on held-out real scenes: {seg_real['mean']:.3f}", flush=True)
+    ps = make_prompts(args.num_prompts, seed=args.seed)
+    masks = control_masks(ps, seed=args.seed + 7919)
+    pipe = FasterDiffusionPipeline.from_pretrained(args.model, backend="torch", device="cpu", progress=False,
+                                                   controlnet=args.controlnet)
+    plain = FasterDiffusionPipeline.from_pretrained(args.model, backend="torch", device="cpu", progress=False)
+    for p_ in (pipe, plain):
+        p_.set_scheduler("ddim")
+    res: dict[str, Any] = {
+        "model": pipe.source,
+        "controlnet": args.controlnet,
+        "command": "python scripts/evaluate.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "num_prompts": len(ps.prompts),
+        "num_single": int((ps.num_objects == 1).sum()),
+        "num_two": int((ps.num_objects == 2).sum()),
+        "guidance": args.guidance,
+        "controlnet_scale": args.controlnet_scale,
+        "threads": args.threads,
+        "segmenter_real_iou": seg_real,
+        "runs": {},
+    }
+    one = ps.num_objects == 1
+    rows: dict[str, np.ndarray] = {}
+    for name, p_, schedule, m in (("all", pipe, "all", masks), ("paper", pipe, "paper", masks),
+                                  ("no_controlnet", plain, "all", None)):
+        imgs, secs = generate_controlled(p_, ps, m, 50, schedule, args.batch, args.guidance, args.controlnet_scale)
+        iou = mask_iou(segment(seg, imgs), masks)
+        res["runs"][name] = {"scheduler": "ddim", "steps": 50, "schedule": schedule, "controlnet": m is not None,
+                             "iou_mean": float(iou.mean()), "iou_single": float(iou[one].mean()) if one.any() else None,
+                             "iou_two": float(iou[~one].mean()) if (~one).any() else None,
+                             "iou_median": float(np.median(iou)), "seconds": secs}
+        rows[name] = imgs
+        print(f"ddim-50 {name:<14} IoU {iou.mean():.3f} (single {res['runs'][name]['iou_single']}, "
+              f"two {res['runs'][name]['iou_two']})  {secs:.0f} s", flush=True)
+    res["paper_minus_all"] = res["runs"]["paper"]["iou_mean"] - res["runs"]["all"]["iou_mean"]
+    masks_rgb = np.repeat(masks[..., None], 3, -1).astype(np.uint8) * 255
+    save_samples(rows, masks_rgb, out_dir / "controlnet_samples.png")
+    res["total_seconds"] = time.perf_counter() - t_start
+    (out_dir / "evaluation.json").write_text(json.dumps(res, indent=1))
+    r = res["runs"]
+    lines = [
+        f"# Mask adherence of ControlNet `{args.controlnet}` on `{res['model']}`",
+        "",
+        f"{res['num_prompts']} prompts ({res['num_single']} single-object, {res['num_two']} two-object), one control mask per "
+        f"prompt (generator silhouettes, held-out seeds), fixed seeds, DDIM-50, CFG {args.guidance}, ControlNet scale "
+        f"{args.controlnet_scale}. IoU between the segmented generated object(s) and the control mask; the segmenter's "
+        f"IoU on held-out real scenes (its floor) is {seg_real['mean']:.3f}.",
+        "",
+        "| mode | mean IoU | single | two | median |",
+        "|---|---|---|---|---|",
+    ]
+    for name, v in r.items():
+        f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+        lines.append(f"| {name} | {v['iou_mean']:.3f} | {f(v['iou_single'])} | {f(v['iou_two'])} | {v['iou_median']:.3f} |")
+    lines += ["", f"`paper` - `all`: {res['paper_minus_all']:+.3f}.", "", f"Command: `{res['command']}`", ""]
+    (out_dir / "evaluation.md").write_text("\n".join(lines))
+    print((out_dir / "evaluation.md").read_text())
+    print(f"wrote {out_dir}/evaluation.json, evaluation.md, controlnet_samples.png in {res['total_seconds']:.0f} s", flush=True)
+    return res
+
+
 def _cpu_name() -> str:
     from fd_trt.bench import _cpu_name as name
 
@@ -572,6 +790,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-timing", action="store_true", help="skip the seconds-per-image measurement")
     p.add_argument("--timing-repeats", type=int, default=3, help="timed rounds per mode (after one warm-up round)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--controlnet", default=None,
+                   help="'default' or a ControlNet folder conditioned on silhouette masks: measure mask adherence "
+                        "(IoU, DDIM-50, all / paper / without the ControlNet) instead of the text-to-image evaluation")
+    p.add_argument("--controlnet-scale", type=float, default=1.0, help="controlnet_conditioning_scale with --controlnet")
     return p.parse_args(argv)
 
 
@@ -586,6 +808,9 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.controlnet:
+        evaluate_controlnet(args, argv)
+        return 0
     from fd_trt.pipeline import FasterDiffusionPipeline
 
     out_dir = Path(args.out_dir)
