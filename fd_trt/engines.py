@@ -353,7 +353,8 @@ class PlanRecord:
     only serves the graph it was built from; :func:`check_plan` enforces all three.
 
     Attributes:
-        role: ``encoder`` or ``decoder``.
+        role: ``encoder``, ``decoder`` or ``controlnet`` (one plan per ControlNet graph, told
+            apart by ``graph_sha256``).
         file: the plan's name inside the engine directory.
         sha256: digest of the plan file.
         bytes: size of the plan file.
@@ -772,6 +773,7 @@ def find_plan(
     tensorrt_version: str,
     compute_capability: tuple[int, int] | list[int],
     rows: tuple[int, int, int] | list[int] | None = None,
+    graph: GraphRecord | None = None,
 ) -> PlanRecord | None:
     """The newest plan of a role that runs here, or ``None``.
 
@@ -781,11 +783,13 @@ def find_plan(
         tensorrt_version: the running TensorRT version.
         compute_capability: ``(major, minor)`` of the GPU.
         rows: a required ``[min, opt, max]`` profile; any profile when ``None``.
+        graph: the graph the plan must come from; the manifest's graph of ``role`` by default
+            (a ControlNet plan passes its :class:`ControlNetRecord`).
 
     Returns:
         The matching record built most recently, or ``None`` when there is none.
     """
-    graph = manifest.graphs.get(role)
+    graph = graph if graph is not None else manifest.graphs.get(role)
     matches = []
     for rec in manifest.plans.values():
         if rec.role != role or (rows is not None and list(rec.rows) != [int(r) for r in rows]):
@@ -972,6 +976,7 @@ def _export_into(
         added_shapes=dict(expected.added_shapes) or None,
     )
     expected.graphs = {"encoder": _graph_record(folder, ENCODER_FILE), "decoder": _graph_record(folder, DECODER_FILE)}
+    expected.controlnets = {}  # remove_graphs deleted them: they are exported again on first use
     expected.num_skips = result.num_skips
     expected.built_at = time.time()
     expected.build_seconds = time.perf_counter() - t0
