@@ -324,12 +324,14 @@ class TrtRunner(Runner):
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         tails: dict[str, tuple[int, ...]] = {}
+        static: dict[str, tuple[int, ...]] = {}
         for n in names:
             dims = engine.get_tensor_shape(n)
             shape = [int(dims[k]) for k in range(len(dims))]
             if n in fixed:
                 if any(d < 1 for d in shape):
                     raise EngineMismatchError(f"{path}: tensor {n!r} has shape {shape} but must be static; {fix}")
+                static[n] = tuple(shape)
                 continue
             if len(shape) < 1 or any(d < 1 for d in shape[1:]):
                 raise EngineMismatchError(f"{path}: tensor {n!r} has shape {shape}; only axis 0 may be dynamic; {fix}")
@@ -339,7 +341,6 @@ class TrtRunner(Runner):
         context, user_managed = _create_context(engine, self.share_memory and not own_memory)
         if context is None:
             raise FdTrtError(f"TensorRT could not create an execution context for {path} (out of GPU memory?)")
-        static = {n: tuple(int(d) for d in engine.get_tensor_shape(n)) for n in fixed if n in names}
         entry = _Engine(role, path, engine, context, user_managed, inputs, outputs, tails, int(lo_dims[0]), int(hi_dims[0]),
                         fixed=static)
         for n in names:
