@@ -228,3 +228,21 @@ def test_without_build_on_demand_a_changed_controlnet_is_refused(tiny_sd, nets):
     ref = sd(PROMPT, generator=_gen(1), image=control_image(3), num_inference_steps=4, output_type="latent").images
     assert rel_l2(out.images, ref) < TOL
     pipe.close()
+
+
+def test_auto_runs_the_controlnet_graph_on_the_runner_it_chose(tiny_sd, nets):
+    """``backend="auto"`` (the default) chooses after planning; the ControlNet follows its choice."""
+    from fd_trt.tune import Candidate
+
+    sd = _cn_pipeline(tiny_sd, nets[0])
+    pipe = FasterDiffusionPipeline.from_diffusers(sd, backend="auto", device="cpu", progress=False)
+    pipe.auto_build_graphs, pipe.auto_use_cache = True, False
+    pipe.auto_candidates = lambda: [Candidate("onnxruntime", "fp32")]
+    common = dict(image=control_image(3), num_inference_steps=10, output_type="latent")
+    ref = sd(PROMPT, generator=_gen(4), **common).images
+    out = pipe(PROMPT, generator=_gen(4), schedule="all", **common)
+    assert out.stats.backend.startswith("auto:onnxruntime")
+    assert rel_l2(out.images, ref) < TOL
+    ort = pipe.runner.current_runner
+    assert sum(cn.calls for cn in ort._controlnets.values()) == out.stats.controlnet_calls == 10
+    pipe.close()
