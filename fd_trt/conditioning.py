@@ -10,7 +10,7 @@ same order, so that ``schedule="all"`` reproduces them); the loop stays fd_trt's
 ControlNet under encoder propagation: the ControlNet runs only at key steps, on the key step's
 input, and its down / mid residuals are added to the encoder's skips and mid before they are
 propagated. The decoder therefore reuses the sums for the whole segment and does not change.
-On the graph backends each ControlNet runs as its own graph (:class:`ControlNetCall`, given by
+On the graph backends each ControlNet runs as its own graph (a :data:`ControlNetCall` given by
 the runner); on the torch backend it is the diffusers module.
 """
 
@@ -190,8 +190,9 @@ def guess_mode_scales(num_down: int, conditioning_scale: float) -> torch.Tensor:
     """Per-residual scales of diffusers' ControlNet guess mode: ``logspace(-1, 0)`` over the
     ``num_down`` down residuals and the mid one, times ``conditioning_scale`` (0.1 for the
     shallowest residual up to 1 for the mid one). The ControlNet graph is exported without guess
-    mode (scale ``s`` on every output), so a graph runner multiplies its outputs by these
-    divided by ``s``; not applied to ControlNets with ``global_pool_conditions``, as in diffusers."""
+    mode (one scale on every output), so in guess mode a graph runner runs it at scale 1 and
+    multiplies its outputs by these; not for ControlNets with ``global_pool_conditions``, as in
+    diffusers."""
     return torch.logspace(-1, 0, num_down + 1) * float(conditioning_scale)
 
 
