@@ -35,6 +35,7 @@ ROW_KEYS = (
     "unet_s_per_image",
     "encoder_calls",
     "decoder_calls",
+    "controlnet_calls",
     "unet_gflops_per_image",
     "peak_mem_mb",
     "rel_l2_vs_diffusers",
@@ -62,6 +63,12 @@ class BenchConfig:
         authors_style: also run the authors' way of running Faster Diffusion on diffusers modules
             (:mod:`fd_trt.authors_style`, ``paper`` key steps), the peer baseline.
         threads: torch / ORT intra-op threads (None: library default).
+        controlnet: also run every row with a ControlNet (:func:`fd_trt.models.random_controlnet`
+            of the model's UNet, random weights, and a random control image): diffusers'
+            ``StableDiffusionControlNetPipeline`` as ``diffusers+controlnet``, fd_trt's rows as
+            ``fd_trt+controlnet`` and DeepCache's as ``deepcache+controlnet``. Their speedup and
+            relative L2 are against ``diffusers+controlnet``; the report's ``controlnet_ratio``
+            is the ``paper`` speedup with the ControlNet over the one without.
         prompt, seed: the shared prompt and latent seed.
     """
 
@@ -79,6 +86,7 @@ class BenchConfig:
     deepcache: bool = True
     authors_style: bool = True
     threads: int | None = None
+    controlnet: bool = False
     prompt: str = "a red circle on the left and a blue square on the right"
     seed: int = 0
 
@@ -98,6 +106,8 @@ class _System:
     latents: torch.Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
     gflops: float | None = None
+    #: The system whose latents and time the row is compared with (``diffusers`` or ``diffusers+controlnet``).
+    ref: str = "diffusers"
 
 
 class _PeakRss:
@@ -204,15 +214,55 @@ def _count_unet_gflops(unet: torch.nn.Module, fn: Callable[[], Any]) -> float:
     return total[0] / 1e9
 
 
+def _sdxl_controlnet_error(model: str) -> InputError:
+    return InputError(f"--controlnet builds an SD 1.x/2.x ControlNet; model {model!r} is SDXL, whose ControlNets "
+                      "fd_trt does not drive yet: drop --controlnet or use an SD model")
+
+
 def build_systems(cfg: BenchConfig, sd: Any, latents: torch.Tensor) -> list[_System]:
-    """Creates the callables of every system in the benchmark."""
+    """Creates the callables of every system in the benchmark (with ``cfg.controlnet``, twice:
+    without and with the ControlNet)."""
     from .models import make_scheduler
-    from .pipeline import FasterDiffusionPipeline
 
     sd.scheduler = make_scheduler(cfg.scheduler, sd.scheduler.config)
+    systems = _systems(cfg, sd, latents, "", {})
+    if cfg.controlnet:
+        from .pipeline_sdxl import is_sdxl
+
+        if is_sdxl(sd):
+            raise _sdxl_controlnet_error(cfg.model)
+        cn_sd, image = controlnet_pipeline(sd, cfg.height, cfg.width, cfg.seed)
+        systems += _systems(cfg, cn_sd, latents, "+controlnet", {"image": image})
+    return systems
+
+
+def controlnet_pipeline(sd: Any, height: int, width: int, seed: int = 0) -> tuple[Any, torch.Tensor]:
+    """diffusers' ``StableDiffusionControlNetPipeline`` over ``sd``'s components (shared, not
+    copied) with a random ControlNet made from its UNet, and a random ``[1,3,H,W]`` control image."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    from .models import random_controlnet
+
+    net = random_controlnet(sd.unet, seed=seed + 1, vae_scale_factor=sd.vae_scale_factor)
+    comps = {k: v for k, v in sd.components.items() if k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler",
+                                                               "safety_checker", "feature_extractor")}
+    cn_sd = StableDiffusionControlNetPipeline(**comps, controlnet=net, image_encoder=None,
+                                              requires_safety_checker=False)
+    cn_sd.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(seed + 2))
+    return cn_sd, image
+
+
+def _systems(cfg: BenchConfig, sd: Any, latents: torch.Tensor, tag: str, extra: dict[str, Any]) -> list[_System]:
+    """The rows of one pipeline: diffusers, authors-style (not with a ControlNet), fd_trt per
+    backend, precision and schedule, and DeepCache. ``tag`` is appended to each system name and
+    ``extra`` to each call's arguments (the control image)."""
+    from .pipeline import FasterDiffusionPipeline
+
     common = dict(
-        num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, height=cfg.height, width=cfg.width
+        num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, height=cfg.height, width=cfg.width, **extra
     )
+    ref = "diffusers" + tag
     systems: list[_System] = []
 
     def diffusers_run(pipe: Any) -> Callable[[], tuple[torch.Tensor, dict[str, Any]]]:
@@ -229,20 +279,21 @@ def build_systems(cfg: BenchConfig, sd: Any, latents: torch.Tensor) -> list[_Sys
             finally:
                 remove()
             n = len(pipe.scheduler.timesteps)
-            return last[0].float(), {"unet_s": box[0], "encoder_calls": n, "decoder_calls": n}
+            nets = len(getattr(getattr(pipe, "controlnet", None), "nets", [None])) if hasattr(pipe, "controlnet") else 0
+            return last[0].float(), {"unet_s": box[0], "encoder_calls": n, "decoder_calls": n, "controlnet_calls": n * nets}
 
         return run
 
-    systems.append(_System("diffusers", "torch", "-", "fp32", diffusers_run(sd)))
+    systems.append(_System(ref, "torch", "-", "fp32", diffusers_run(sd), ref=ref))
 
     from .pipeline_sdxl import is_sdxl
 
-    if cfg.authors_style and is_sdxl(sd):
+    if cfg.authors_style and not tag and is_sdxl(sd):
         # authors_style.py drives SD 1.x/2.x UNets; it has no SDXL added conditioning.
         systems.append(_System("authors-style", "torch", "paper", "fp32", _fail(RuntimeError("SD only")),
                                note="not run: the authors-style baseline is written for SD 1.x/2.x UNets "
-                                    "(no SDXL text_embeds / time_ids)"))
-    elif cfg.authors_style:
+                                    "(no SDXL text_embeds / time_ids)", ref=ref))
+    elif cfg.authors_style and not tag:
         from .authors_style import authors_style_images
 
         def authors_run() -> tuple[torch.Tensor, dict[str, Any]]:
@@ -270,7 +321,8 @@ def build_systems(cfg: BenchConfig, sd: Any, latents: torch.Tensor) -> list[_Sys
                     pipe_sd, backend=backend, device="cpu", precision=precision, progress=False, runner_options=opts
                 )
             except Exception as e:  # a backend that cannot start still gets a row that says why
-                systems.append(_System("fd_trt", backend, ",".join(cfg.schedules), precision, _fail(e), note=f"unavailable: {e}"))
+                systems.append(_System("fd_trt" + tag, backend, ",".join(cfg.schedules), precision, _fail(e),
+                                       note=f"unavailable: {e}", ref=ref))
                 continue
             # schedule="calibrated" finds the calibrations saved in the model folder, as with from_pretrained.
             fd.model_dir = _model_folder(cfg.model)
@@ -285,16 +337,19 @@ def build_systems(cfg: BenchConfig, sd: Any, latents: torch.Tensor) -> list[_Sys
                         "decoder_calls": s.decoder_calls,
                         "gflops": s.unet_gflops,
                         "backend": s.backend,
+                        "controlnet_calls": s.controlnet_calls,
                     }
                     d = getattr(fd.runner, "last_decision", None)
                     if d is not None:
                         info["auto"] = d.summary()
                     return out.latents, info
 
-                systems.append(_System("fd_trt", backend, schedule, precision, run))
+                systems.append(_System("fd_trt" + tag, backend, schedule, precision, run, ref=ref))
 
     if cfg.deepcache:
-        systems.append(_deepcache_system(cfg, sd, latents, common, diffusers_run))
+        dc = _deepcache_system(cfg, sd, latents, common, diffusers_run)
+        dc.system, dc.ref = dc.system + tag, ref
+        systems.append(dc)
     return systems
 
 
@@ -363,6 +418,8 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
 
     if cfg.height % 8 or cfg.width % 8 or cfg.height <= 0 or cfg.width <= 0:
         raise InputError(f"height and width must be positive multiples of 8, got {cfg.height}x{cfg.width}")
+    if cfg.controlnet and cfg.model in ("tiny-sdxl", "sdxl-arch"):  # before building a 2.6 B-parameter model
+        raise _sdxl_controlnet_error(cfg.model)
     if cfg.repeat < 1 or cfg.warmup < 0:
         raise InputError(f"repeat must be >= 1 and warmup >= 0, got repeat={cfg.repeat} warmup={cfg.warmup}")
     if cfg.threads:
@@ -380,7 +437,7 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     for w in range(cfg.warmup):
         for s in list(live):
             try:
-                if w == 0 and s.system not in ("fd_trt", "authors-style"):
+                if w == 0 and not s.system.startswith(("fd_trt", "authors-style")):
                     # diffusers and DeepCache FLOPs are counted on their own UNet calls, untimed
                     s.gflops = _count_unet_gflops(sd.unet, s.run)
                 else:
@@ -407,9 +464,10 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
             bar.update(1)
     bar.close()
 
-    ref = systems[0]
+    refs = {s.system: s for s in systems if s.system == s.ref}
     rows = []
     for s in systems:
+        ref = refs[s.ref]
         row: dict[str, Any] = {k: None for k in ROW_KEYS}
         backend = s.info.get("backend", s.backend) if s.backend == "auto" else s.backend
         row.update(system=s.system, backend=backend, schedule=s.schedule, precision=s.precision,
@@ -423,6 +481,7 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
                 unet_s_per_image=statistics.median(s.unet_times),
                 encoder_calls=s.info.get("encoder_calls"),
                 decoder_calls=s.info.get("decoder_calls"),
+                controlnet_calls=s.info.get("controlnet_calls"),
                 unet_gflops_per_image=s.gflops,
                 peak_mem_mb=round(s.peak_mb, 1),
             )
@@ -432,6 +491,8 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
                 row["speedup_vs_diffusers"] = statistics.median(ref.times) / med
         rows.append(row)
     config = dataclasses.asdict(cfg)
+    if cfg.controlnet:
+        config["controlnet_ratio"] = controlnet_ratio(rows)
     config.update(
         model_description=model_desc,
         model_load_s=load_s,
@@ -441,6 +502,18 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         latent_shape=list(shape),
     )
     return {"config": config, "results": rows}
+
+
+def controlnet_ratio(rows: list[dict[str, Any]], schedule: str = "paper") -> float | None:
+    """fd_trt's ``schedule`` speedup over diffusers with the ControlNet, divided by the same speedup
+    without it (first backend with both rows); ``None`` when a row is missing."""
+    by = {(r["system"], r["backend"], r["schedule"], r["precision"]): r["speedup_vs_diffusers"] for r in rows}
+    for (system, backend, sched, precision), speedup in by.items():
+        if system == "fd_trt" and sched == schedule and speedup:
+            with_cn = by.get(("fd_trt+controlnet", backend, sched, precision))
+            if with_cn:
+                return with_cn / speedup
+    return None
 
 
 def _cpu_name() -> str:
@@ -457,7 +530,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"{c['threads']} threads, {c['cpu']}; median of {c['repeat']} after {c['warmup']} warm-up\n\n"
     )
     cols = ["system", "backend", "schedule", "precision", "s/image", "min-max", "UNet s", "speedup",
-            "enc calls", "dec calls", "UNet GFLOP", "peak MB", "rel L2 vs diffusers"]
+            "enc calls", "dec calls", "CN calls", "UNet GFLOP", "peak MB", "rel L2 vs diffusers"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in report["results"]:
         if r["s_per_image"] is None:
@@ -468,12 +541,15 @@ def to_markdown(report: dict[str, Any]) -> str:
                 r["system"], r["backend"], r["schedule"], r["precision"],
                 f"{r['s_per_image']:.3f}", f"{r['s_min']:.3f}-{r['s_max']:.3f}", f"{r['unet_s_per_image']:.3f}",
                 f"{r['speedup_vs_diffusers']:.2f}x" if r["speedup_vs_diffusers"] else "-",
-                str(r["encoder_calls"]), str(r["decoder_calls"]),
+                str(r["encoder_calls"]), str(r["decoder_calls"]), str(r.get("controlnet_calls") or 0),
                 f"{r['unet_gflops_per_image']:.1f}" if r["unet_gflops_per_image"] is not None else "-",
                 f"{r['peak_mem_mb']:.0f}",
                 f"{r['rel_l2_vs_diffusers']:.2e}" if r["rel_l2_vs_diffusers"] is not None else "-",
             ]) + " |"
         )
+    if c.get("controlnet_ratio"):
+        head += (f"ControlNet: fd_trt paper's speedup over diffusers with the ControlNet is "
+                 f"{c['controlnet_ratio']:.2f}x its speedup without it\n\n")
     notes = [f"- {r['system']} {r['backend']} {r['schedule']}: {r['note']}" for r in report["results"]
              if r["s_per_image"] is not None and r["note"]]
     return head + "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")

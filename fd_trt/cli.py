@@ -88,6 +88,9 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per system first")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads")
     p.add_argument("--no-deepcache", action="store_true", help="skip the DeepCache row")
+    p.add_argument("--controlnet", action="store_true",
+                   help="also run every row with a random ControlNet made from the model's UNet (ControlNetModel.from_unet) "
+                        "and a random control image, against diffusers' StableDiffusionControlNetPipeline")
     p.add_argument("--authors-style", action=argparse.BooleanOptionalAction, default=True,
                    help="the peer baseline row: Faster Diffusion ('paper') run the authors' way on diffusers modules "
                         "(fd_trt/authors_style.py); on by default")
@@ -116,6 +119,7 @@ def _bench(args: argparse.Namespace) -> int:
         deepcache=not args.no_deepcache,
         authors_style=args.authors_style,
         threads=args.threads,
+        controlnet=args.controlnet,
     )
     report = run_benchmark(cfg, progress=not args.quiet)
     write_outputs(report, args.json, args.markdown, args.plot)

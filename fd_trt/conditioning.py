@@ -10,13 +10,15 @@ same order, so that ``schedule="all"`` reproduces them); the loop stays fd_trt's
 ControlNet under encoder propagation: the ControlNet runs only at key steps, on the key step's
 input, and its down / mid residuals are added to the encoder's skips and mid before they are
 propagated. The decoder therefore reuses the sums for the whole segment and does not change.
+On the graph backends each ControlNet runs as its own graph (a :data:`ControlNetCall` given by
+the runner); on the torch backend it is the diffusers module.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -177,6 +179,23 @@ def _per_net(value: Any, n: int, name: str) -> list[float]:
     return [float(value)] * n
 
 
+#: ``call(sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale, guess_mode)
+#: -> (down residuals, mid residual)``: one ControlNet's forward, as diffusers' ``ControlNetModel``
+#: computes it (``return_dict=False``); the graph runners' ControlNet graphs have this signature.
+ControlNetCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, bool],
+                          "tuple[Sequence[torch.Tensor], torch.Tensor]"]
+
+
+def guess_mode_scales(num_down: int, conditioning_scale: float) -> torch.Tensor:
+    """Per-residual scales of diffusers' ControlNet guess mode: ``logspace(-1, 0)`` over the
+    ``num_down`` down residuals and the mid one, times ``conditioning_scale`` (0.1 for the
+    shallowest residual up to 1 for the mid one). The ControlNet graph is exported without guess
+    mode (one scale on every output), so in guess mode a graph runner runs it at scale 1 and
+    multiplies its outputs by these; not for ControlNets with ``global_pool_conditions``, as in
+    diffusers."""
+    return torch.logspace(-1, 0, num_down + 1) * float(conditioning_scale)
+
+
 @dataclass
 class KeyStepControlNet:
     """ControlNet(s) run at key steps only, as a :data:`fd_trt.sampler.KeyStepControl` hook.
@@ -195,6 +214,11 @@ class KeyStepControlNet:
         guess_mode: run the ControlNets on the conditional rows only (with CFG), diffusers' way.
         cfg: whether the rows are ``[negative, positive]`` CFG halves.
         calls: ControlNet forward passes so far (one per net that ran).
+        runners: per net, the graph backend's :data:`ControlNetCall` that runs it instead of the
+            torch module (set by the pipeline for the onnxruntime and tensorrt backends), or
+            ``None``: the diffusers modules run.
+        resolve_runners: called once, at the first key step (after the runner has planned the
+            run, so ``backend="auto"`` has chosen), to set :attr:`runners`.
     """
 
     nets: list[Any]
@@ -204,6 +228,8 @@ class KeyStepControlNet:
     guess_mode: bool = False
     cfg: bool = True
     calls: int = field(default=0)
+    runners: list[ControlNetCall] | None = None
+    resolve_runners: Callable[[], "list[ControlNetCall] | None"] | None = None
 
     @classmethod
     def build(
@@ -285,6 +311,8 @@ class KeyStepControlNet:
     def __call__(
         self, step: int, model_input: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor
     ) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+        if self.resolve_runners is not None:
+            self.runners, self.resolve_runners = self.resolve_runners(), None
         halve = self.guess_mode and self.cfg
         x = model_input.chunk(2)[1] if halve else model_input
         emb = text.chunk(2)[1] if halve else text
@@ -294,16 +322,19 @@ class KeyStepControlNet:
             s = scale * self.keep[step][i]
             if s == 0.0:
                 continue  # outside its window (or scale 0) a net adds exactly zero: skip it
-            p = next(net.parameters())
-            d, m = net(
-                x.to(p.device, p.dtype),
-                timestep,
-                encoder_hidden_states=emb.to(p.device, p.dtype),
-                controlnet_cond=image,
-                conditioning_scale=s,
-                guess_mode=self.guess_mode,
-                return_dict=False,
-            )
+            if self.runners is not None:
+                d, m = self.runners[i](x, timestep, emb, image, s, self.guess_mode)
+            else:
+                p = next(net.parameters())
+                d, m = net(
+                    x.to(p.device, p.dtype),
+                    timestep,
+                    encoder_hidden_states=emb.to(p.device, p.dtype),
+                    controlnet_cond=image,
+                    conditioning_scale=s,
+                    guess_mode=self.guess_mode,
+                    return_dict=False,
+                )
             self.calls += 1
             if down is None:
                 down, mid = list(d), m
@@ -325,6 +356,8 @@ def with_key_steps(key_steps: Sequence[int], extra: Sequence[int]) -> list[int]:
 
 
 __all__ = [
+    "ControlNetCall",
+    "guess_mode_scales",
     "InpaintBlend",
     "KeyStepControlNet",
     "controlnet_nets",

@@ -19,6 +19,17 @@ P = 1280 and K = 6 for SDXL base, K = 5 for the refiner). Axis 0 (``rows``) is t
 axis. Decoder rows are step-major: for S steps of one key step with N encoder rows, row
 ``j*N + i`` is encoder row ``i`` at step ``j``.
 
+The optional ControlNet graph (one per ControlNet, :class:`ControlNetContract`)::
+
+    controlnet  sample [rows,C,h,w], timestep [rows] f32, encoder_hidden_states [rows,L,D],
+                controlnet_cond [rows,3,h*f,w*f], conditioning_scale [1] f32
+                -> down_00 .. down_NN, mid
+
+``f`` is the ControlNet's conditioning-embedding factor (``2 ** (len(conditioning_embedding_out_channels)
+- 1)``, 8 for SD ControlNets, the VAE factor). ``down_ii`` has the shape of the encoder's
+``skip_ii`` and ``mid`` the shape of its ``mid``, so the residuals add to the features unchanged.
+``conditioning_scale`` is the one input without the row axis.
+
 Dtypes: ``timestep`` and ``time_ids`` are float32 in every graph (timestep-like values such as
 999 or 1024 lose precision in fp16); every other tensor has the graph's precision.
 
@@ -43,6 +54,10 @@ FLOAT = "float"
 FLOAT32 = "float32"
 
 ROLES = ("encoder", "decoder")
+#: The role of a ControlNet graph (not in :data:`ROLES`: it is optional, one per ControlNet).
+CONTROLNET = "controlnet"
+CONTROLNET_COND = "controlnet_cond"
+CONDITIONING_SCALE = "conditioning_scale"
 SAMPLE = "sample"
 TIMESTEP = "timestep"
 TEXT = "encoder_hidden_states"
@@ -56,7 +71,7 @@ ADDED_CONDITIONING: dict[str | None, tuple[tuple[str, str], ...]] = {
     "text_time": (("text_embeds", FLOAT), ("time_ids", FLOAT32)),
 }
 #: Inputs that are float32 in every graph, whatever its precision.
-FLOAT32_INPUTS = frozenset({TIMESTEP} | {n for options in ADDED_CONDITIONING.values() for n, dt in options if dt == FLOAT32})
+FLOAT32_INPUTS = frozenset({TIMESTEP, CONDITIONING_SCALE} | {n for options in ADDED_CONDITIONING.values() for n, dt in options if dt == FLOAT32})
 #: SDXL base's micro-conditioning: original size, crop top-left, target size.
 DEFAULT_TIME_IDS = 6
 
@@ -72,6 +87,11 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
 def skip_name(index: int) -> str:
     """The graph name of skip feature ``index``: ``skip_00``, ``skip_01``, ..."""
     return f"skip_{index:02d}"
+
+
+def down_name(index: int) -> str:
+    """The graph name of ControlNet residual ``index``: ``down_00``, ``down_01``, ..."""
+    return f"down_{index:02d}"
 
 
 def feature_names(num_skips: int) -> list[str]:
@@ -153,21 +173,24 @@ class TensorSpec:
         tail: the dims after the row axis; an ``int`` is fixed, a ``str`` names a dim fixed per
             export but unknown here (``"h"``, ``"L"``, ...).
         dtype: :data:`FLOAT` (the graph's precision) or :data:`FLOAT32`.
+        rowed: whether axis 0 is the dynamic row axis (every tensor but the ControlNet's
+            ``conditioning_scale``, whose whole shape is ``tail``).
     """
 
     name: str
     tail: tuple[Dim, ...]
     dtype: str = FLOAT
+    rowed: bool = True
 
     @property
     def shape(self) -> tuple[Dim, ...]:
-        """The full shape, ``("rows", *tail)``."""
-        return (ROW_AXIS, *self.tail)
+        """The full shape, ``("rows", *tail)`` (``tail`` for a tensor without the row axis)."""
+        return (ROW_AXIS, *self.tail) if self.rowed else tuple(self.tail)
 
     @property
     def dynamic_axes(self) -> dict[int, str]:
-        """``{0: "rows"}``: only the row axis is dynamic."""
-        return {0: ROW_AXIS}
+        """``{0: "rows"}``: only the row axis is dynamic (``{}`` without one)."""
+        return {0: ROW_AXIS} if self.rowed else {}
 
     @property
     def concrete(self) -> bool:
@@ -182,7 +205,7 @@ class TensorSpec:
         """
         if not self.concrete:
             raise InputError(f"{self.name} has symbolic dims {self.shape}: build the contract with the latent and text shapes")
-        return (int(rows), *(int(d) for d in self.tail))
+        return (int(rows), *(int(d) for d in self.tail)) if self.rowed else tuple(int(d) for d in self.tail)
 
 
 @dataclass(frozen=True)
@@ -190,7 +213,7 @@ class GraphSpec:
     """One graph's inputs and outputs, in order.
 
     Attributes:
-        role: ``encoder`` or ``decoder``.
+        role: ``encoder``, ``decoder`` or ``controlnet``.
         inputs: the inputs, in graph order.
         outputs: the outputs, in graph order.
     """
@@ -209,8 +232,8 @@ class GraphSpec:
 
     @property
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        """For ``torch.onnx.export``: every input and output has the dynamic row axis 0."""
-        return {t.name: t.dynamic_axes for t in (*self.inputs, *self.outputs)}
+        """For ``torch.onnx.export``: every input and output with a row axis has it dynamic."""
+        return {t.name: t.dynamic_axes for t in (*self.inputs, *self.outputs) if t.rowed}
 
     def tensor(self, name: str) -> TensorSpec:
         """The spec of one input or output, by name."""
@@ -409,8 +432,134 @@ class GraphContract:
         )
 
 
+def controlnet_factor(controlnet_config: Any) -> int:
+    """How much a ControlNet's conditioning embedding downsamples the control image: one stride-2
+    convolution between consecutive ``conditioning_embedding_out_channels`` (8 for SD ControlNets)."""
+    chans = _get(controlnet_config, "conditioning_embedding_out_channels") or (16, 32, 96, 256)
+    return 2 ** (len(tuple(chans)) - 1)
+
+
+def check_controlnet_config(controlnet_config: Any) -> None:
+    """Refuses ControlNets the ControlNet graph cannot carry, naming why.
+
+    Raises:
+        UnsupportedModelError: for SDXL ControlNets (added ``text_embeds`` / ``time_ids``), class
+            or time conditioning, or ``encoder_hid_proj`` inputs.
+    """
+    from .errors import UnsupportedModelError
+
+    added = _get(controlnet_config, "addition_embed_type")
+    if added is not None:
+        raise UnsupportedModelError(
+            f"this ControlNet has addition_embed_type={added!r} (an SDXL ControlNet, with added text_embeds / time_ids): "
+            "fd_trt's ControlNet graph carries SD 1.x/2.x ControlNets only; use backend='torch' for it"
+        )
+    for key in ("class_embed_type", "encoder_hid_dim_type"):
+        if _get(controlnet_config, key) is not None:
+            raise UnsupportedModelError(
+                f"this ControlNet has {key}={_get(controlnet_config, key)!r}: the ControlNet graph takes no such input; "
+                "use backend='torch' for it"
+            )
+
+
+@dataclass(frozen=True)
+class ControlNetContract:
+    """The contract of one ControlNet's graph (see the module's docstring).
+
+    Attributes:
+        num_down: down residuals (the UNet's skip count: 12 for SD 1.x).
+        latent_tail, text_tail: as the UNet's (:class:`GraphContract`).
+        cond_tail: ``(3, h*f, w*f)`` of the control image.
+        features: per-row shapes of ``mid`` then each ``down_ii`` (the UNet's ``mid``, ``skip_ii``;
+            ``(C, 1, 1)`` for a ControlNet with ``global_pool_conditions``), or ``None``.
+    """
+
+    num_down: int
+    latent_tail: tuple[Dim, ...] = ("C", "h", "w")
+    text_tail: tuple[Dim, ...] = ("L", "D")
+    cond_tail: tuple[Dim, ...] = (3, "H", "W")
+    features: tuple[tuple[Dim, ...], ...] | None = None
+
+    @property
+    def down_names(self) -> list[str]:
+        return [down_name(i) for i in range(self.num_down)]
+
+    @property
+    def spec(self) -> GraphSpec:
+        tails = self.features or tuple(("c", f"h{i}", f"w{i}") for i in range(self.num_down + 1))
+        inputs = (
+            TensorSpec(SAMPLE, self.latent_tail),
+            TensorSpec(TIMESTEP, (), FLOAT32),
+            TensorSpec(TEXT, self.text_tail),
+            TensorSpec(CONTROLNET_COND, self.cond_tail),
+            TensorSpec(CONDITIONING_SCALE, (1,), FLOAT32, rowed=False),
+        )
+        outputs = (*(TensorSpec(n, tuple(t)) for n, t in zip(self.down_names, tails[1:])), TensorSpec(MID, tuple(tails[0])))
+        return GraphSpec(CONTROLNET, inputs, outputs)
+
+    @classmethod
+    def from_controlnet_config(
+        cls, controlnet_config: Any, latent_size: tuple[int, int] | None = None, text_shape: tuple[int, int] | None = None
+    ) -> "ControlNetContract":
+        """The contract of a ControlNet's graph, from its config (as the UNet's from the UNet's).
+
+        Args:
+            controlnet_config: a ``ControlNetModel``'s config (mapping or attribute object).
+            latent_size: ``(h, w)``; spatial dims stay symbolic without it.
+            text_shape: ``(L, D)``; ``(77, cross_attention_dim)`` when omitted.
+
+        Raises:
+            UnsupportedModelError: see :func:`check_controlnet_config`.
+        """
+        check_controlnet_config(controlnet_config)
+        unet_like = GraphContract.from_unet_config(
+            {**{k: _get(controlnet_config, k) for k in ("block_out_channels", "layers_per_block", "in_channels",
+                                                         "cross_attention_dim")}},
+            latent_size, text_shape, {},
+        )
+        features = unet_like.features
+        if features is not None and _get(controlnet_config, "global_pool_conditions", False):
+            features = tuple((t[0], 1, 1) for t in features)
+        f = controlnet_factor(controlnet_config)
+        channels = int(_get(controlnet_config, "conditioning_channels", 3) or 3)
+        cond: tuple[Dim, ...] = (channels, "H", "W")
+        if latent_size is not None:
+            cond = (channels, int(latent_size[0]) * f, int(latent_size[1]) * f)
+        return cls(num_down=unet_like.num_skips, latent_tail=unet_like.latent_tail, text_tail=unet_like.text_tail,
+                   cond_tail=cond, features=features)
+
+    def check_fits(self, unet: GraphContract, where: Any = "the ControlNet") -> None:
+        """Refuses a ControlNet whose residuals do not add to this UNet's features one to one.
+
+        Raises:
+            UnsupportedModelError: naming the first mismatch and the fix.
+        """
+        from .errors import UnsupportedModelError
+
+        fix = "use a ControlNet made for this UNet (ControlNetModel.from_unet, or one trained on this base model)"
+        if self.num_down != unet.num_skips:
+            raise UnsupportedModelError(f"{where} gives {self.num_down} down residuals but the UNet has {unet.num_skips} skips: {fix}")
+        if tuple(self.latent_tail) != tuple(unet.latent_tail) or tuple(self.text_tail) != tuple(unet.text_tail):
+            raise UnsupportedModelError(
+                f"{where} takes sample {self.latent_tail} and text {self.text_tail}, the UNet {unet.latent_tail} and "
+                f"{unet.text_tail}: {fix}"
+            )
+        if self.features is not None and unet.features is not None:
+            for name, mine, theirs in zip([MID, *self.down_names], self.features, unet.features):
+                pooled = tuple(mine[1:]) == (1, 1)
+                if mine[0] != theirs[0] or (not pooled and tuple(mine) != tuple(theirs)):
+                    raise UnsupportedModelError(f"{where}'s {name} is {tuple(mine)} per row but the UNet's feature is {tuple(theirs)}: {fix}")
+
+
 __all__ = [
     "ADDED_CONDITIONING",
+    "CONDITIONING_SCALE",
+    "CONTROLNET",
+    "CONTROLNET_COND",
+    "ControlNetContract",
+    "check_controlnet_config",
+    "controlnet_factor",
+    "down_name",
     "DEFAULT_TIME_IDS",
     "FLOAT",
     "FLOAT32",

@@ -1,7 +1,8 @@
 """Engine directories (DESIGN.md section 4): manifest, hashing, staleness and build orchestration.
 
 An engine directory ``engines/<name>/`` holds ``manifest.json``, ``encoder.onnx`` and
-``decoder.onnx`` (with ``.data`` files when large), and TensorRT plans with their timing cache
+``decoder.onnx`` (with ``.data`` files when large), one ``controlnet-<sha16>.onnx`` per ControlNet
+used with the UNet (:func:`build_controlnet_graph`), and TensorRT plans with their timing cache
 (:mod:`fd_trt.backends.tensorrt`). Each plan is recorded in the manifest with the TensorRT version,
 GPU name and compute capability it was built for, and the graph it was built from. The manifest says
 what the graphs were built from; building compares it with the model at hand and rebuilds only
@@ -16,6 +17,12 @@ What makes graphs stale:
   would be all cost.
 
 onnxruntime's and TensorRT's versions are recorded; they matter to plans, not to ONNX graphs.
+
+ControlNet graphs share the directory's shapes, precision, opset and toolchain (rebuilding the
+UNet's graphs deletes them) and are recorded under ``controlnets``, keyed by the first 16 hex
+digits of the ControlNet's weights sha256 (:func:`unet_weights_sha256` on the ControlNet: the same
+digest, by the same code, as the UNet's). A ControlNet whose weights or config changed therefore
+has no graph until one is exported for it; its record is compared exactly as the UNet's is.
 
 Concurrency and interruption. Every writer (graph export, plan builds, refits, manifest updates,
 the timing cache) holds the directory's inter-process lock, ``<engine_dir>/.build.lock``
@@ -52,6 +59,8 @@ from .export import (
     EXTERNAL_DATA_THRESHOLD,
     CorruptGraphError,
     check_graph_file,
+    controlnet_file_name,
+    export_controlnet,
     export_unet,
     remove_graphs,
     write_atomic,
@@ -318,6 +327,25 @@ class GraphRecord:
 
 
 @dataclass
+class ControlNetRecord(GraphRecord):
+    """One ControlNet graph in the manifest (a :class:`GraphRecord` plus what it was built from).
+
+    Attributes:
+        controlnet_sha256: :func:`unet_weights_sha256` of the ControlNet (its weights and adapters).
+        controlnet_config: the ControlNet's config (:func:`unet_config_dict`).
+        num_down: its down residuals (the UNet's skip count).
+        cond_shape: ``[3, H, W]`` of its control image.
+        built_at: export time, seconds since the epoch.
+    """
+
+    controlnet_sha256: str = ""
+    controlnet_config: dict[str, Any] = field(default_factory=dict)
+    num_down: int = 0
+    cond_shape: list[int] = field(default_factory=list)
+    built_at: float = 0.0
+
+
+@dataclass
 class PlanRecord:
     """One TensorRT plan in the manifest (see :mod:`fd_trt.backends.tensorrt`).
 
@@ -325,7 +353,8 @@ class PlanRecord:
     only serves the graph it was built from; :func:`check_plan` enforces all three.
 
     Attributes:
-        role: ``encoder`` or ``decoder``.
+        role: ``encoder``, ``decoder`` or ``controlnet`` (one plan per ControlNet graph, told
+            apart by ``graph_sha256``).
         file: the plan's name inside the engine directory.
         sha256: digest of the plan file.
         bytes: size of the plan file.
@@ -386,6 +415,8 @@ class Manifest:
             ``{"text_embeds": [P], "time_ids": [K]}``); empty for SD 1.x/2.x and in manifests
             written before SDXL, which therefore still load. With ``num_skips`` and the shapes
             above it is the graph contract (:meth:`fd_trt.contract.GraphContract.from_manifest`).
+        controlnets: ControlNet graphs, by the first 16 hex digits of the ControlNet's weights
+            sha256 (empty without ControlNets, and in older manifests, which therefore still load).
     """
 
     format_version: int
@@ -405,6 +436,7 @@ class Manifest:
     build_seconds: float = 0.0
     plans: dict[str, PlanRecord] = field(default_factory=dict)
     added_shapes: dict[str, list[int]] = field(default_factory=dict)
+    controlnets: dict[str, ControlNetRecord] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """The manifest as indented JSON."""
@@ -436,7 +468,8 @@ class Manifest:
         try:
             graphs = {k: GraphRecord(**v) for k, v in raw.pop("graphs", {}).items()}
             plans = {k: PlanRecord(**v) for k, v in raw.pop("plans", {}).items()}
-            return cls(**raw, graphs=graphs, plans=plans)
+            controlnets = {k: ControlNetRecord(**v) for k, v in raw.pop("controlnets", {}).items()}
+            return cls(**raw, graphs=graphs, plans=plans, controlnets=controlnets)
         except TypeError as exc:
             raise CorruptGraphError(f"{where} is missing or has unknown fields ({exc}): rebuild the engine directory") from exc
 
@@ -740,6 +773,7 @@ def find_plan(
     tensorrt_version: str,
     compute_capability: tuple[int, int] | list[int],
     rows: tuple[int, int, int] | list[int] | None = None,
+    graph: GraphRecord | None = None,
 ) -> PlanRecord | None:
     """The newest plan of a role that runs here, or ``None``.
 
@@ -749,11 +783,13 @@ def find_plan(
         tensorrt_version: the running TensorRT version.
         compute_capability: ``(major, minor)`` of the GPU.
         rows: a required ``[min, opt, max]`` profile; any profile when ``None``.
+        graph: the graph the plan must come from; the manifest's graph of ``role`` by default
+            (a ControlNet plan passes its :class:`ControlNetRecord`).
 
     Returns:
         The matching record built most recently, or ``None`` when there is none.
     """
-    graph = manifest.graphs.get(role)
+    graph = graph if graph is not None else manifest.graphs.get(role)
     matches = []
     for rec in manifest.plans.values():
         if rec.role != role or (rows is not None and list(rec.rows) != [int(r) for r in rows]):
@@ -776,6 +812,7 @@ def _with(manifest: Manifest, **changes: Any) -> Manifest:
     data.update(changes)
     data["graphs"] = manifest.graphs
     data["plans"] = manifest.plans
+    data["controlnets"] = manifest.controlnets
     return Manifest(**data)
 
 
@@ -939,12 +976,122 @@ def _export_into(
         added_shapes=dict(expected.added_shapes) or None,
     )
     expected.graphs = {"encoder": _graph_record(folder, ENCODER_FILE), "decoder": _graph_record(folder, DECODER_FILE)}
+    expected.controlnets = {}  # remove_graphs deleted them: they are exported again on first use
     expected.num_skips = result.num_skips
     expected.built_at = time.time()
     expected.build_seconds = time.perf_counter() - t0
     if not keep_plans:
         save_manifest(folder, expected)
     return result
+
+
+def controlnet_key(controlnet_sha256: str) -> str:
+    """The manifest key (and file-name part) of a ControlNet graph: 16 hex digits of its weights digest."""
+    return controlnet_sha256[:16]
+
+
+def _controlnet_problem(folder: Path, manifest: Manifest, sha: str, config: dict[str, Any]) -> str | None:
+    """Why the directory's graph for this ControlNet cannot run (``None``: it can)."""
+    rec = manifest.controlnets.get(controlnet_key(sha))
+    if rec is None:
+        others = sorted(r.controlnet_sha256[:12] + ".." for r in manifest.controlnets.values())
+        return (f"it holds no ControlNet graph for weights {sha[:12]}.. (ControlNet graphs for "
+                f"{', '.join(others) or 'no ControlNet'}; the ControlNet's weights changed or it was never exported here)")
+    if rec.controlnet_sha256 != sha:
+        return f"controlnet_sha256 (the ControlNet weights changed: built {rec.controlnet_sha256[:12]}.., now {sha[:12]}..)"
+    if rec.controlnet_config != config:
+        keys = sorted(k for k in set(config) | set(rec.controlnet_config) if config.get(k) != rec.controlnet_config.get(k))
+        shown = ", ".join(f"{k}: {rec.controlnet_config.get(k)!r} -> {config.get(k)!r}" for k in keys[:4])
+        return f"controlnet_config ({shown})"
+    path = folder / rec.file
+    if not path.is_file() or path.stat().st_size != rec.bytes:
+        return f"its ControlNet graph {path} is missing or truncated"
+    return None
+
+
+def check_controlnet_graph(
+    engine_dir: str | os.PathLike[str], controlnet: nn.Module, *, controlnet_sha256: str | None = None
+) -> ControlNetRecord:
+    """The directory's graph record for this ControlNet; refuses one built from other weights or config.
+
+    Args:
+        engine_dir: a built engine directory (its UNet graphs first).
+        controlnet: the diffusers ``ControlNetModel``.
+        controlnet_sha256: its :func:`unet_weights_sha256`, when the caller already has it.
+
+    Raises:
+        EngineMismatchError: naming what differs and how to build the graph.
+    """
+    folder = Path(engine_dir)
+    manifest = load_manifest(folder)
+    sha = controlnet_sha256 or unet_weights_sha256(controlnet)
+    problem = _controlnet_problem(folder, manifest, sha, unet_config_dict(controlnet))
+    if problem is not None:
+        raise EngineMismatchError(
+            f"engine directory {folder} does not match the ControlNet: {problem}. Build its graph with "
+            f"fd_trt.engines.build_controlnet_graph(controlnet, {str(folder)!r}), or call the pipeline with "
+            "build_on_demand=True (the default)"
+        )
+    return manifest.controlnets[controlnet_key(sha)]
+
+
+def build_controlnet_graph(
+    controlnet: nn.Module,
+    engine_dir: str | os.PathLike[str],
+    *,
+    controlnet_sha256: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> ControlNetRecord:
+    """Exports a ControlNet's graph into a built engine directory, unless an up-to-date one is there.
+
+    The graph takes the directory's latent and text shapes, precision and opset, and its outputs
+    are checked against the UNet's features (:meth:`ControlNetContract.check_fits`). Under
+    :func:`engine_dir_lock`, like every writer.
+
+    Args:
+        controlnet: a diffusers ``ControlNetModel`` (SD 1.x/2.x).
+        engine_dir: an engine directory whose UNet graphs are built.
+        controlnet_sha256: its :func:`unet_weights_sha256`, when the caller already has it.
+        force: export even when up to date.
+        progress: show a progress bar.
+        external_data_threshold: see :func:`fd_trt.export.export_unet`.
+
+    Returns:
+        The graph's manifest record.
+
+    Raises:
+        UnsupportedModelError: for an SDXL ControlNet, or one whose residuals do not fit the UNet.
+        EngineMismatchError: when the directory has no manifest.
+    """
+    from .contract import ControlNetContract
+
+    folder = Path(engine_dir)
+    sha = controlnet_sha256 or unet_weights_sha256(controlnet)
+    config = unet_config_dict(controlnet)
+    with engine_dir_lock(folder, "ControlNet graph export"):
+        manifest = load_manifest(folder)
+        key = controlnet_key(sha)
+        if not force and _controlnet_problem(folder, manifest, sha, config) is None:
+            return manifest.controlnets[key]
+        latent = (int(manifest.latent_shape[1]), int(manifest.latent_shape[2]))
+        text = (int(manifest.text_shape[0]), int(manifest.text_shape[1]))
+        contract = ControlNetContract.from_controlnet_config(controlnet.config, latent, text)
+        contract.check_fits(GraphContract.from_manifest(manifest), "the ControlNet")
+        t0 = time.perf_counter()
+        name = controlnet_file_name(sha)
+        export_controlnet(controlnet, folder / name, latent_size=latent, text_shape=text, precision=manifest.precision,
+                          opset=int(manifest.opset), external_data_threshold=external_data_threshold, progress=progress)
+        graph = _graph_record(folder, name)
+        rec = ControlNetRecord(**asdict(graph), controlnet_sha256=sha, controlnet_config=config,
+                               num_down=contract.num_down, cond_shape=[int(d) for d in contract.cond_tail],
+                               built_at=time.time())
+        manifest.controlnets[key] = rec
+        save_manifest(folder, manifest)
+    logger.info("exported the ControlNet graph %s (%.1f MB) in %.1f s", folder / name, rec.bytes / 1e6,
+                time.perf_counter() - t0)
+    return rec
 
 
 def verify_graphs_parse(engine_dir: str | os.PathLike[str]) -> None:
@@ -962,6 +1109,10 @@ def verify_graphs_parse(engine_dir: str | os.PathLike[str]) -> None:
 
 __all__ = [
     "BuildResult",
+    "ControlNetRecord",
+    "build_controlnet_graph",
+    "check_controlnet_graph",
+    "controlnet_key",
     "FORMAT_VERSION",
     "GraphRecord",
     "MANIFEST_FILE",

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .contract import FLOAT32, NOISE_PRED, TEXT, TIMESTEP, GraphContract, GraphSpec
+from .contract import FLOAT32, NOISE_PRED, TEXT, TIMESTEP, ControlNetContract, GraphContract, GraphSpec
 from .errors import BackendUnavailableError, EngineMismatchError, InputError
 from .split import Features, split_unet
 
@@ -58,6 +58,9 @@ _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 DECODER_OUTPUT = NOISE_PRED
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
+#: ControlNet graphs are ``controlnet-<first 16 hex digits of the ControlNet's weights sha256>.onnx``:
+#: one per ControlNet, so that several ControlNets (or a changed one) never overwrite each other.
+CONTROLNET_PREFIX = "controlnet-"
 #: Every temporary file or folder fd_trt writes in an engine directory starts with this, then the
 #: writer's process id: ``.fdtmp-<pid>-...``. The pid lets a later build tell a dead process's
 #: leftovers (removed) from a live one's work in progress (left alone).
@@ -205,6 +208,91 @@ class DecoderForExport(nn.Module):
     def forward(self, mid: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
         n = self.num_skips
         return self.decoder(mid, rest[:n], rest[n], rest[n + 1], *rest[n + 2 :])
+
+
+class ControlNetForExport(nn.Module):
+    """A diffusers ``ControlNetModel`` with the ControlNet graph's flat inputs and outputs:
+    ``(sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale) ->
+    (down_00, .., mid)``. ``conditioning_scale`` is a ``[1]`` tensor, so it stays a graph input
+    (cast to the weights' precision inside, so an fp16 graph stays fp16). Guess mode is not
+    part of the graph: it rescales the outputs, which the runner does
+    (:func:`fd_trt.conditioning.guess_mode_scales`)."""
+
+    def __init__(self, controlnet: nn.Module) -> None:
+        super().__init__()
+        self.controlnet = controlnet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                controlnet_cond: torch.Tensor, conditioning_scale: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        down, mid = self.controlnet(
+            sample, timestep, encoder_hidden_states=encoder_hidden_states, controlnet_cond=controlnet_cond,
+            conditioning_scale=conditioning_scale.to(sample.dtype), return_dict=False,
+        )
+        return (*down, mid)
+
+
+def controlnet_file_name(controlnet_sha256: str) -> str:
+    """The graph file of the ControlNet whose weights digest is ``controlnet_sha256``."""
+    return f"{CONTROLNET_PREFIX}{controlnet_sha256[:16]}.onnx"
+
+
+def export_controlnet(
+    controlnet: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    latent_size: tuple[int, int],
+    text_shape: tuple[int, int],
+    precision: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    example_rows: int = 2,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    progress: bool = True,
+) -> GraphInfo:
+    """Exports one ControlNet as the ControlNet graph (:class:`fd_trt.contract.ControlNetContract`).
+
+    Args:
+        controlnet: a diffusers ``ControlNetModel`` (SD 1.x/2.x; left unchanged).
+        path: the ``.onnx`` file to write (replaced when it exists).
+        latent_size, text_shape, precision, opset, example_rows, external_data_threshold, progress:
+            as :func:`export_unet`; the control image is ``latent_size`` times the ControlNet's factor.
+
+    Returns:
+        The graph's :class:`GraphInfo`.
+
+    Raises:
+        UnsupportedModelError: for an SDXL (or otherwise conditioned) ControlNet.
+        InputError: for a bad precision, opset or shape.
+    """
+    from tqdm.auto import tqdm
+
+    latent_size, text_shape = tuple(latent_size), tuple(text_shape)  # type: ignore[assignment]
+    _check_export_args(latent_size, text_shape, precision, opset, example_rows)
+    contract = ControlNetContract.from_controlnet_config(controlnet.config, latent_size, text_shape)
+    _require_toolchain()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = _unet_for_precision(controlnet, precision)
+    dtype = _TORCH_DTYPES[precision]
+    gen = torch.Generator().manual_seed(0)
+    device = next(model.parameters()).device
+    spec = contract.spec
+    args = []
+    for t in spec.inputs:
+        if t.name == TIMESTEP:
+            value = torch.linspace(999.0, 1.0, example_rows)
+        elif t.dtype == FLOAT32:  # conditioning_scale: not 1, so the multiplication is traced
+            value = torch.full(t.shape_at(example_rows), 0.75)
+        else:
+            value = torch.rand(t.shape_at(example_rows), generator=gen)
+        args.append(value.to(device, torch.float32 if t.dtype == FLOAT32 else dtype))
+    bar = tqdm(total=3, desc=f"export controlnet {precision}", disable=not progress, leave=False)
+    try:
+        info = _export_graph(ControlNetForExport(model), tuple(args), path, spec, opset, external_data_threshold, bar)
+    finally:
+        bar.close()
+    logger.info("exported the %s ControlNet graph %s in %.1f s (%.1f MB)", precision, path,
+                sum(info.seconds.values()), info.bytes / 1e6)
+    return info
 
 
 @dataclass
@@ -731,7 +819,8 @@ def compare_precisions(
 
 
 def remove_graphs(out_dir: str | os.PathLike[str]) -> None:
-    """Deletes the graph files (and their external data) in a folder, and dead processes' temporaries.
+    """Deletes the graph files (encoder, decoder and ControlNet graphs, and their external data) in a
+    folder, and dead processes' temporaries.
 
     Temporaries of live processes are left alone (see :func:`remove_stale_temporaries`): a
     concurrent export's work is not this call's to delete.
@@ -740,13 +829,18 @@ def remove_graphs(out_dir: str | os.PathLike[str]) -> None:
         out_dir: an export folder.
     """
     out = Path(out_dir)
-    for name in (ENCODER_FILE, DECODER_FILE):
+    names = [ENCODER_FILE, DECODER_FILE, *(p.name for p in out.glob(f"{CONTROLNET_PREFIX}*.onnx"))]
+    for name in names:
         for p in (out / name, out / (name + ".data")):
             p.unlink(missing_ok=True)
     remove_stale_temporaries(out)
 
 
 __all__ = [
+    "CONTROLNET_PREFIX",
+    "ControlNetForExport",
+    "controlnet_file_name",
+    "export_controlnet",
     "CorruptGraphError",
     "DecoderForExport",
     "ExportResult",

@@ -412,6 +412,40 @@ def load_controlnet(source: str | os.PathLike[str] | Any | Sequence[Any]) -> Any
     return ControlNetModel.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
 
 
+def random_controlnet(unet: Any, seed: int = 0, vae_scale_factor: int = 8, zero_conv_std: float = 0.1) -> Any:
+    """A ControlNet shaped for ``unet`` (``ControlNetModel.from_unet``, no download), for benchmarks and tests.
+
+    ``from_unet`` copies the UNet's encoder weights, so the ControlNet has exactly the UNet's
+    encoder shape (SD1.5's for :func:`sd15_arch_pipeline`). Its zero convolutions are then drawn
+    from a normal distribution (seeded): a fresh ControlNet's zero convolutions make every
+    residual exactly zero, which would hide any error in how the residuals are applied.
+
+    Args:
+        unet: a diffusers ``UNet2DConditionModel``.
+        seed: seeds the zero convolutions' weights.
+        vae_scale_factor: how much the conditioning embedding downsamples the image (the
+            pipeline's VAE factor): diffusers' default embedding channels ``(16, 32, 96, 256)``
+            are cut to ``log2(factor) + 1`` entries.
+        zero_conv_std: standard deviation of the zero convolutions' weights.
+
+    Returns:
+        A float32 ``diffusers.ControlNetModel`` in eval mode.
+    """
+    import torch
+    from diffusers import ControlNetModel
+
+    halvings = int(vae_scale_factor).bit_length() - 1
+    if 2**halvings != int(vae_scale_factor) or not 1 <= halvings <= 3:
+        raise InputError(f"vae_scale_factor must be 2, 4 or 8 for a ControlNet's conditioning embedding, got {vae_scale_factor}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 96, 256)[: halvings + 1])
+        for module in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+            torch.nn.init.normal_(module.weight, std=zero_conv_std)
+            torch.nn.init.normal_(module.bias, std=zero_conv_std / 10)
+    return net.eval()
+
+
 def sd15_arch_pipeline(seed: int = 0) -> Any:
     """Stable Diffusion 1.5's UNet and a CLIP-L-width text encoder with random weights (no download).
 

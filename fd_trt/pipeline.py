@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import logging
 import math
@@ -241,8 +242,11 @@ class FasterDiffusionPipeline:
         owns_pipeline: whether ``sd_pipeline`` belongs to this object, which may then move it to
             ``device``. A wrapped pipeline (:meth:`from_diffusers`) is never moved or cast.
         controlnet: a ``ControlNetModel``, a ``MultiControlNetModel`` or a list of them, run at key
-            steps only; by default the wrapped pipeline's own ``controlnet``, if it has one. It
-            runs in PyTorch on ``device`` whatever the backend of the UNet.
+            steps only; by default the wrapped pipeline's own ``controlnet``, if it has one. On the
+            torch backend it runs as the diffusers module; on the graph backends (onnxruntime,
+            tensorrt, and ``auto`` when it chooses one) each ControlNet runs as its own graph,
+            ``controlnet-<sha16>.onnx`` in the UNet's engine directory, exported on first use
+            (with ``build_on_demand``) and re-exported when the ControlNet's weights change.
     """
 
     #: Whether ``controlnet=`` is supported (SD 1.x/2.x); SDXL's subclass says no.
@@ -313,6 +317,8 @@ class FasterDiffusionPipeline:
         self._cache_lock = threading.RLock()
         self._unet_sha256: str | None = None
         self._weights_fp: tuple[Any, ...] | None = None
+        #: Per ControlNet (by id): its weights fingerprint and sha256, recomputed when the fingerprint changes.
+        self._controlnet_digests: dict[int, tuple[tuple[Any, ...], str]] = {}
         #: The model folder (``from_pretrained``), where saved calibrations are looked for.
         self.model_dir: Path | None = None
         # A runner that serves every shape (torch, or one passed in); None for per-shape graph runners.
@@ -1180,6 +1186,9 @@ class FasterDiffusionPipeline:
         """
         text = cond.text
         with self._using((int(latents.shape[2]), int(latents.shape[3])), (int(text.shape[1]), int(text.shape[2]))) as runner:
+            control = image_run.control if image_run is not None else None
+            if control is not None:
+                control.resolve_runners = functools.partial(self._controlnet_calls, runner)
             x0 = run_sampler(
                 runner,
                 scheduler,
@@ -1202,6 +1211,44 @@ class FasterDiffusionPipeline:
                 control=image_run.control if image_run is not None else None,
             )
         return x0, runner
+
+    def controlnet_sha256(self, net: Any) -> str:
+        """sha256 of a ControlNet's weights (:func:`fd_trt.engines.unet_weights_sha256`), cached
+        until its weights fingerprint changes."""
+        from .engines import unet_weights_sha256, weights_fingerprint
+
+        fp = weights_fingerprint(net)
+        known = self._controlnet_digests.get(id(net))
+        if known is None or known[0] != fp:
+            known = self._controlnet_digests[id(net)] = (fp, unet_weights_sha256(net))
+        return known[1]
+
+    def _controlnet_calls(self, runner: Runner) -> list[Any] | None:
+        """The ControlNet graphs on ``runner`` (the one ``auto`` chose), one per ControlNet, or
+        ``None`` when it runs no graphs (torch): the ControlNets then run as torch modules.
+
+        Each graph is exported into the runner's engine directory on first use when
+        ``build_on_demand`` is on, and checked against the ControlNet's weights otherwise.
+
+        Raises:
+            EngineMismatchError: with ``build_on_demand`` off, for a missing or stale graph.
+            UnsupportedModelError: for a ControlNet the graph cannot carry.
+        """
+        from .engines import build_controlnet_graph, check_controlnet_graph
+
+        target = getattr(runner, "current_runner", runner) or runner
+        folder = getattr(target, "engine_dir", None)
+        if folder is None or type(target).controlnet is Runner.controlnet:
+            return None
+        calls = []
+        for net in controlnet_nets(self.controlnet):
+            sha = self.controlnet_sha256(net)
+            if self.build_on_demand:
+                rec = build_controlnet_graph(net, folder, controlnet_sha256=sha, progress=self.progress)
+            else:
+                rec = check_controlnet_graph(folder, net, controlnet_sha256=sha)
+            calls.append(target.controlnet(rec))
+        return calls
 
     def decode_latents(self, latents: torch.Tensor, output_type: str) -> Any:
         """Stage 4: the VAE decode and diffusers' post-processing into ``output_type``."""

@@ -591,6 +591,12 @@ class AutoRunner(Runner):
             runner = self._local.runner
         return runner, self._local.decision
 
+    @property
+    def current_runner(self) -> Runner | None:
+        """The runner this thread's planned run uses (``None`` before :meth:`plan`); the pipeline
+        runs the ControlNet graph on it when it is a graph runner."""
+        return getattr(self._local, "runner", None)
+
     def synchronize(self) -> None:
         runner = getattr(self._local, "runner", None)
         if runner is not None:

@@ -371,7 +371,8 @@ class IExecutionContext:
         self.device_memory = (int(memory), int(size))
 
     def _output_shapes(self) -> dict[str, Dims]:
-        rows = {s[0] for s in self.shapes.values()}
+        # Inputs whose axis 0 is static in the network (the ControlNet's conditioning_scale) have no rows.
+        rows = {s[0] for k, s in self.shapes.items() if self.engine._io[k][0][0] < 0}
         assert len(rows) == 1, f"inputs disagree on rows: {self.shapes}"
         (n,) = rows
         return {k: Dims((n, *v[0][1:])) for k, v in self.engine._io.items() if v[2] == TensorIOMode.OUTPUT}

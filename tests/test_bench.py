@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fd_trt.bench import ROW_KEYS, BenchConfig, run_benchmark, write_outputs
+from fd_trt.errors import InputError
 from fd_trt.models import tiny_sd_pipeline
 
 
@@ -145,3 +146,56 @@ def test_sdxl_rows_run_on_the_tiny_sdxl_model():
     assert authors["s_per_image"] is None and "SD 1.x/2.x" in authors["note"]
     if importlib.util.find_spec("DeepCache") is None:
         assert rows[("deepcache", "interval=3,branch=0")]["note"].startswith("not run")
+
+
+@pytest.fixture(scope="module")
+def cn_report():
+    cfg = BenchConfig(model="tiny", height=64, width=64, steps=20, backends=("torch",), repeat=1, warmup=0,
+                      authors_style=False, controlnet=True)
+    return run_benchmark(cfg, progress=False)
+
+
+def test_controlnet_rows_are_compared_with_diffusers_controlnet_pipeline(cn_report):
+    """``--controlnet``: the same rows with a ControlNet, each against diffusers' ControlNet pipeline."""
+    from fd_trt.bench import controlnet_ratio, to_markdown
+
+    rows = {(r["system"], r["schedule"]): r for r in cn_report["results"]}
+    for tag in ("", "+controlnet"):
+        ref = rows[("diffusers" + tag, "-")]
+        assert ref["rel_l2_vs_diffusers"] == 0 and ref["speedup_vs_diffusers"] == 1.0
+        assert rows[("fd_trt" + tag, "all")]["rel_l2_vs_diffusers"] < 1e-5  # "all" reproduces its own reference
+        paper = rows[("fd_trt" + tag, "paper")]
+        assert paper["speedup_vs_diffusers"] == pytest.approx(ref["s_per_image"] / paper["s_per_image"])
+    # diffusers runs the ControlNet every step; fd_trt's paper schedule only at its key steps.
+    assert rows[("diffusers+controlnet", "-")]["controlnet_calls"] == 20
+    assert rows[("fd_trt+controlnet", "all")]["controlnet_calls"] == 20
+    paper_cn = rows[("fd_trt+controlnet", "paper")]
+    assert paper_cn["controlnet_calls"] == paper_cn["encoder_calls"] == 7
+    assert rows[("fd_trt", "paper")]["controlnet_calls"] == 0
+    # The ratio the issue asks for, from the measured speedups.
+    ratio = cn_report["config"]["controlnet_ratio"]
+    assert ratio == pytest.approx(paper_cn["speedup_vs_diffusers"] / rows[("fd_trt", "paper")]["speedup_vs_diffusers"])
+    assert ratio == controlnet_ratio(cn_report["results"])
+    # DeepCache with the ControlNet gets its own row (a note when DeepCache is not installed).
+    assert ("deepcache+controlnet", "interval=3,branch=0") in rows
+    assert "with the ControlNet is" in to_markdown(cn_report)
+
+
+def test_controlnet_rows_differ_from_the_plain_ones():
+    """The bench's ControlNet changes the images: its zero convolutions are not zero."""
+    from fd_trt.bench import controlnet_pipeline
+    from fd_trt.models import tiny_sd_pipeline
+
+    sd = tiny_sd_pipeline(seed=0)
+    cn_sd, image = controlnet_pipeline(sd, 64, 64)
+    assert image.shape == (1, 3, 64, 64)
+    lat = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    common = dict(num_inference_steps=4, output_type="latent", latents=lat)
+    plain = sd("a red circle", **common).images
+    with_cn = cn_sd("a red circle", image=image, **common).images
+    assert float((with_cn - plain).norm() / plain.norm()) > 1e-3
+
+
+def test_controlnet_rows_refuse_an_sdxl_model_before_loading_it():
+    with pytest.raises(InputError, match="'sdxl-arch' is SDXL"):
+        run_benchmark(BenchConfig(model="sdxl-arch", controlnet=True), progress=False)

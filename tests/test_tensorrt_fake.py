@@ -602,3 +602,77 @@ def test_sdxl_plans_refit_new_added_embedding_weights(trt, tmp_path):
         want = ref.decode(ref.encode(sample, t, text, added), steps, text, added)
     assert rel_l2(after, want) < 1e-5 and rel_l2(before, want) > 1e-4
     assert load_manifest(folder).added_shapes == {"text_embeds": [24], "time_ids": [6]}
+
+
+# ControlNet plans ---------------------------------------------------------------------------------
+def test_controlnet_plan_has_the_encoder_profile_and_matches_torch_and_onnxruntime(trt, graphs, tiny_sd, tmp_path):
+    from fd_trt.backends.tensorrt import build_controlnet_plan
+    from fd_trt.engines import build_controlnet_graph
+
+    from test_controlnet import tiny_controlnet
+
+    folder = _copy_without_plans(graphs / "fp32", tmp_path / "e")
+    net = tiny_controlnet(tiny_sd.unet, 1)
+    rec = build_controlnet_graph(net, folder, progress=False)
+    gen = torch.Generator().manual_seed(5)
+    x, e = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 16, 32, generator=gen)
+    image, t = torch.rand(3, 3, 64, 64, generator=gen), torch.tensor([900.0, 450.0, 30.0])
+    with TrtRunner(folder, device="cpu", warmup=False) as runner:
+        call = runner.controlnet(rec)
+        plan = _plans(folder)["controlnet"]
+        assert plan.rows == _plans(folder)["encoder"].rows == [1, 2, 2]  # the encoder's rows (2B)
+        assert plan.file.startswith(rec.file[: -len(".onnx")] + ".trt") and plan.graph_sha256 == rec.sha256
+        header = fake_tensorrt.plan_header(folder / plan.file)
+        assert header["profile"]["conditioning_scale"] == [[1], [1], [1]]  # the one static input
+        assert header["profile"]["controlnet_cond"][2] == [2, 3, 64, 64]
+        for guess in (False, True):
+            launched = runner.launches.get("controlnet", 0)
+            down, mid = call(x, t, e, image, 0.6, guess)
+            assert runner.launches["controlnet"] - launched == 2  # 3 rows over a 2-row profile: two executions
+            with torch.no_grad():
+                ref_down, ref_mid = net(x, t, encoder_hidden_states=e, controlnet_cond=image, conditioning_scale=0.6,
+                                        guess_mode=guess, return_dict=False)
+            assert max(rel_l2(a, b) for a, b in zip([*down, mid], [*ref_down, ref_mid])) < 1e-5
+        with OrtRunner(folder, warmup=False) as ort:
+            o_down, o_mid = ort.controlnet(rec)(x, t, e, image, 0.6, False)
+        down, mid = call(x, t, e, image, 0.6, False)
+        assert max(rel_l2(a, b) for a, b in zip([*down, mid], [*o_down, o_mid])) < 1e-5
+    # Up to date: kept, not rebuilt.
+    again = build_controlnet_plan(folder, rec, device="cpu")
+    assert not again.built and again.record == plan
+
+
+def test_a_missing_controlnet_plan_is_refused_without_build(trt, graphs, tiny_sd, tmp_path):
+    from fd_trt.engines import build_controlnet_graph
+
+    from test_controlnet import tiny_controlnet
+
+    folder = _copy_without_plans(graphs / "fp32", tmp_path / "e")
+    build_plans(folder)
+    rec = build_controlnet_graph(tiny_controlnet(tiny_sd.unet, 2), folder, progress=False)
+    with TrtRunner(folder, device="cpu", build=False, warmup=False) as runner:
+        with pytest.raises(EngineMismatchError, match="no TensorRT plan of controlnet-.*build_controlnet_plan"):
+            runner.controlnet(rec)
+
+
+def test_pipeline_with_controlnet_on_tensorrt_reproduces_diffusers(trt, graphs, tiny_sd, tmp_path):
+    import shutil
+
+    from test_controlnet import _cn_pipeline, control_image, tiny_controlnet
+
+    folder = tmp_path / "e"
+    shutil.copytree(graphs / "fp32", folder)
+    sd = _cn_pipeline(tiny_sd, tiny_controlnet(tiny_sd.unet, 1))
+    pipe = FasterDiffusionPipeline.from_diffusers(sd, backend="tensorrt", device="cpu", precision="fp32",
+                                                  progress=False, engines=folder)
+    common = dict(image=control_image(3), num_inference_steps=8, output_type="latent",
+                  controlnet_conditioning_scale=0.7)
+    ref = sd(PROMPT, generator=torch.Generator().manual_seed(2), **common).images
+    out = pipe(PROMPT, generator=torch.Generator().manual_seed(2), schedule="all", **common)
+    assert out.stats.backend == "tensorrt" and rel_l2(out.images, ref) < 1e-4
+    paper = pipe(PROMPT, generator=torch.Generator().manual_seed(2), num_inference_steps=20, image=control_image(3),
+                 output_type="latent", schedule="paper")
+    (call,) = pipe.runner._controlnets.values()
+    assert paper.stats.controlnet_calls == paper.stats.encoder_calls == 7
+    assert call.calls == 8 + 7  # every ControlNet forward of both calls ran as the plan
+    pipe.close()

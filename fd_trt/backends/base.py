@@ -127,6 +127,15 @@ class Runner(abc.ABC):
         """
         return None
 
+    def controlnet(self, record: Any) -> Any:
+        """The ControlNet graph of ``record`` (a :class:`fd_trt.engines.ControlNetRecord` of this
+        runner's engine directory) as a :data:`fd_trt.conditioning.ControlNetCall`, loaded once.
+
+        Graph runners (onnxruntime, tensorrt) run it; the default, ``None``, means this runner runs
+        no graphs and the ControlNet stays the torch module.
+        """
+        return None
+
     def synchronize(self) -> None:
         """Waits for queued device work, so that host timers measure it."""
         if self.device.type == "cuda":

@@ -18,7 +18,17 @@ from typing import Any, Sequence
 
 import torch
 
-from ..contract import MID, SAMPLE, TEXT, TIMESTEP, GraphContract
+from ..contract import (
+    CONDITIONING_SCALE,
+    CONTROLNET_COND,
+    MID,
+    SAMPLE,
+    TEXT,
+    TIMESTEP,
+    ControlNetContract,
+    GraphContract,
+    down_name,
+)
 from ..errors import BackendUnavailableError, EngineMismatchError, FdTrtError, InputError
 from ..split import Added, Features
 from .base import Runner, expand_for_steps
@@ -204,6 +214,7 @@ class OrtRunner(Runner):
         self.session_config = {str(k): str(v) for k, v in (session_config or {}).items()}
         self._enc: _Graph | None = None
         self._dec: _Graph | None = None
+        self._controlnets: dict[tuple[str, str], OrtControlNet] = {}
         #: The graphs' contract (after activation): their names, order and added conditioning.
         self.contract: GraphContract | None = None
 
@@ -279,7 +290,32 @@ class OrtRunner(Runner):
 
     def _deactivate(self) -> None:
         self._enc = self._dec = None
+        self._controlnets.clear()
         self.contract = None
+
+    def controlnet(self, record: Any) -> "OrtControlNet":
+        """The ControlNet graph of ``record`` (:class:`fd_trt.engines.ControlNetRecord`, a file of
+        this runner's engine directory) in its own session, with this runner's providers and
+        options; loaded on first use and kept until :meth:`deactivate`.
+
+        Raises:
+            EngineMismatchError: when the graph's names are not the ControlNet contract's.
+        """
+        self._check_active()
+        if self.engine_dir is None:
+            raise InputError("this OrtRunner was given graph paths, not an engine directory: ControlNet graphs live in one")
+        key = (str(record.file), str(record.sha256))
+        with self._lock:
+            cn = self._controlnets.get(key)
+            if cn is None:
+                ort = _import_ort()
+                providers = _resolve_providers(self.providers, self.device, ort.get_available_providers())
+                graph = self._load(ort, self.engine_dir / record.file, providers, parse_first=True)
+                spec = ControlNetContract(int(record.num_down)).spec
+                spec.check(graph.input_names, graph.output_names, graph.path, "rebuild it (delete it and call again)")
+                pooled = bool(record.controlnet_config.get("global_pool_conditions", False))
+                cn = self._controlnets[key] = OrtControlNet(self, graph, int(record.num_down), pooled)
+            return cn
 
     def _check_contract(self, enc: _Graph, dec: _Graph, manifest: Any = None) -> GraphContract:
         """The graphs' contract: the manifest's when there is one, else the one the encoder's names imply."""
@@ -421,4 +457,51 @@ class OrtRunner(Runner):
         return noise.float()
 
 
-__all__ = ["OrtRunner", "PROVIDER_ALIASES"]
+class OrtControlNet:
+    """One ControlNet graph on ONNX Runtime, called like diffusers' ``ControlNetModel``
+    (:data:`fd_trt.conditioning.ControlNetCall`): ``(sample, timestep, encoder_hidden_states,
+    controlnet_cond, conditioning_scale, guess_mode) -> (down residuals, mid residual)``.
+
+    The timestep may be one value for all rows (the sampler's key step) or one per row. Guess
+    mode runs the graph at scale 1 and applies diffusers' per-residual guess-mode scales
+    (:func:`fd_trt.conditioning.guess_mode_scales`), except for pooled ControlNets, as diffusers.
+    """
+
+    def __init__(self, runner: OrtRunner, graph: _Graph, num_down: int, pooled: bool) -> None:
+        self.runner = runner
+        self.graph = graph
+        self.num_down = num_down
+        self.pooled = pooled
+        #: Graph executions so far.
+        self.calls = 0
+
+    def __call__(
+        self, sample: torch.Tensor, timestep: torch.Tensor | float, encoder_hidden_states: torch.Tensor,
+        controlnet_cond: torch.Tensor, conditioning_scale: float = 1.0, guess_mode: bool = False,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        from ..conditioning import guess_mode_scales
+
+        rows = int(sample.shape[0])
+        t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).to(self.runner.device)
+        if t.numel() == 1:
+            t = t.expand(rows)
+        guess = guess_mode and not self.pooled
+        scale = torch.tensor([1.0 if guess else float(conditioning_scale)], dtype=torch.float32)
+        feeds = {SAMPLE: sample, TIMESTEP: t, TEXT: encoder_hidden_states, CONTROLNET_COND: controlnet_cond,
+                 CONDITIONING_SCALE: scale}
+        bad = {k: tuple(v.shape) for k, v in feeds.items() if k != CONDITIONING_SCALE and int(v.shape[0]) != rows}
+        if bad:
+            raise InputError(f"ControlNet inputs disagree on rows: sample has {rows}, {bad}; give every input the same axis 0")
+        out = self.runner._run(self.graph, feeds, rows)
+        self.calls += 1
+        by_name = dict(zip(self.graph.output_names, out))
+        down = [by_name[down_name(i)] for i in range(self.num_down)]
+        mid = by_name[MID]
+        if guess:
+            scales = guess_mode_scales(self.num_down, conditioning_scale).tolist()
+            down = [d * s for d, s in zip(down, scales)]
+            mid = mid * scales[-1]
+        return down, mid
+
+
+__all__ = ["OrtControlNet", "OrtRunner", "PROVIDER_ALIASES"]

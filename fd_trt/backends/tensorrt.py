@@ -40,7 +40,19 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..contract import NOISE_PRED, ROLES, SAMPLE, TEXT, TIMESTEP, GraphContract
+from ..contract import (
+    CONDITIONING_SCALE,
+    CONTROLNET,
+    CONTROLNET_COND,
+    MID,
+    NOISE_PRED,
+    ROLES,
+    SAMPLE,
+    TEXT,
+    TIMESTEP,
+    ControlNetContract,
+    GraphContract,
+)
 from ..errors import EngineMismatchError, FdTrtError, InputError
 from ..schedule import ScheduleSpec
 from ..split import Added, Features, added_tensors
@@ -52,6 +64,7 @@ from .tensorrt_build import (
     PlanBuild,
     RowProfile,
     as_schedule,
+    build_controlnet_plan,
     build_plans,
     check_level,
     check_workspace,
@@ -142,6 +155,8 @@ class _Engine:
     rows: int = 0  # the rows the context's input shapes are set for
     # One captured graph per row count; None where TensorRT refused the capture (plain launches then).
     graphs: dict[int, torch.cuda.CUDAGraph | None] = field(default_factory=dict, repr=False)
+    # Inputs without a row axis (the ControlNet's conditioning_scale): bound at their one static shape.
+    fixed: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 class TrtRunner(Runner):
@@ -237,6 +252,7 @@ class TrtRunner(Runner):
         self._scratch: torch.Tensor | None = None
         self._stream: torch.cuda.Stream | None = None
         self._graph_pool: Any = None
+        self._controlnets: dict[str, TrtControlNet] = {}
         #: The plan records in use, by role (after activation).
         self.plans: dict[str, PlanRecord] = {}
         #: The graph contract of the plans (after activation), read from the manifest.
@@ -283,7 +299,9 @@ class TrtRunner(Runner):
         manifest.plans[res.record.file] = res.record
         return res.record
 
-    def _load(self, role: str, record: PlanRecord) -> _Engine:
+    def _load(self, role: str, record: PlanRecord, fixed: tuple[str, ...] = (), own_memory: bool = False) -> _Engine:
+        """Deserializes a plan and allocates its buffers; ``fixed`` names inputs without a row
+        axis, and ``own_memory`` gives the context its own scratch memory (the ControlNet's)."""
         import tensorrt as trt
 
         from ..engines import file_sha256
@@ -306,20 +324,29 @@ class TrtRunner(Runner):
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         tails: dict[str, tuple[int, ...]] = {}
+        static: dict[str, tuple[int, ...]] = {}
         for n in names:
             dims = engine.get_tensor_shape(n)
             shape = [int(dims[k]) for k in range(len(dims))]
+            if n in fixed:
+                if any(d < 1 for d in shape):
+                    raise EngineMismatchError(f"{path}: tensor {n!r} has shape {shape} but must be static; {fix}")
+                static[n] = tuple(shape)
+                continue
             if len(shape) < 1 or any(d < 1 for d in shape[1:]):
                 raise EngineMismatchError(f"{path}: tensor {n!r} has shape {shape}; only axis 0 may be dynamic; {fix}")
             tails[n] = tuple(shape[1:])
-        lo_dims, _, hi_dims = engine.get_tensor_profile_shape(inputs[0], 0)
-        context, user_managed = _create_context(engine, self.share_memory)
+        rowed = [n for n in inputs if n not in fixed]
+        lo_dims, _, hi_dims = engine.get_tensor_profile_shape(rowed[0], 0)
+        context, user_managed = _create_context(engine, self.share_memory and not own_memory)
         if context is None:
             raise FdTrtError(f"TensorRT could not create an execution context for {path} (out of GPU memory?)")
-        entry = _Engine(role, path, engine, context, user_managed, inputs, outputs, tails, int(lo_dims[0]), int(hi_dims[0]))
+        entry = _Engine(role, path, engine, context, user_managed, inputs, outputs, tails, int(lo_dims[0]), int(hi_dims[0]),
+                        fixed=static)
         for n in names:
             entry.buffers[n] = torch.empty(
-                (entry.max_rows, *tails[n]), dtype=_torch_dtype(engine.get_tensor_dtype(n)), device=self.device
+                static[n] if n in static else (entry.max_rows, *tails[n]), dtype=_torch_dtype(engine.get_tensor_dtype(n)),
+                device=self.device,
             )
         return entry
 
@@ -370,6 +397,54 @@ class TrtRunner(Runner):
         logger.info("tensorrt %s: %s (rows %d..%d) and %s (rows %d..%d) on %s", trt.__version__, enc.path.name, enc.min_rows,
                     enc.max_rows, dec.path.name, dec.min_rows, dec.max_rows, torch.cuda.get_device_name(self.device))
 
+    def controlnet(self, record: Any) -> "TrtControlNet":
+        """The TensorRT plan of a ControlNet graph (:class:`fd_trt.engines.ControlNetRecord`) as a
+        :data:`fd_trt.conditioning.ControlNetCall`; built on first use when ``build`` is on,
+        loaded once, with its own context, buffers (at the encoder profile's rows) and scratch
+        memory, and run on the runner's stream.
+
+        Raises:
+            EngineMismatchError: with ``build=False`` and no plan for this GPU, or a plan whose
+                tensors are not the ControlNet contract's.
+        """
+        from ..engines import engine_dir_lock, find_plan, load_manifest
+
+        import tensorrt as trt
+
+        self._check_active()
+        with self.exclusive():
+            cached = self._controlnets.get(record.sha256)
+            if cached is not None:
+                return cached
+            version = str(trt.__version__)
+            _, cc = gpu_identity(self.device)
+            with engine_dir_lock(self.engine_dir, "loading of a TensorRT ControlNet plan"):
+                manifest = load_manifest(self.engine_dir)
+                rows = profiles_for_manifest(manifest.encoder_rows, manifest.decoder_rows)["encoder"]
+                plan = find_plan(manifest, CONTROLNET, tensorrt_version=version, compute_capability=cc,
+                                 rows=rows.as_list(), graph=record)
+                if plan is None:
+                    if not self.build:
+                        raise EngineMismatchError(
+                            f"{self.engine_dir} has no TensorRT plan of {record.file} for TensorRT {version} on this GPU "
+                            f"(sm{cc[0]}{cc[1]}): build it with fd_trt.backends.tensorrt.build_controlnet_plan, or pass build=True"
+                        )
+                    plan = build_controlnet_plan(
+                        self.engine_dir, record, device=self.device,
+                        builder_optimization_level=self.builder_optimization_level,
+                        workspace_bytes=self.workspace_bytes, timing_cache=self.timing_cache,
+                    ).record
+                spec = ControlNetContract(int(record.num_down)).spec
+                fixed = tuple(t.name for t in spec.inputs if not t.rowed)
+                entry = self._load(CONTROLNET, plan, fixed=fixed, own_memory=True)
+            spec.check(entry.inputs, entry.outputs, entry.path,
+                       f"delete it and rebuild: fd_trt.backends.tensorrt.build_controlnet_plan(..., force=True)")
+            self._bind([entry])
+            pooled = bool(record.controlnet_config.get("global_pool_conditions", False))
+            cn = self._controlnets[record.sha256] = TrtControlNet(self, entry, int(record.num_down), pooled)
+            self.plans[f"{CONTROLNET}:{record.file}"] = plan
+            return cn
+
     def _bind(self, entries: list[_Engine]) -> None:
         managed = [e for e in entries if e.user_managed]
         if managed:
@@ -387,13 +462,14 @@ class TrtRunner(Runner):
     def _deactivate(self) -> None:
         if self._stream is not None:
             self._stream.synchronize()
-        for e in (self._enc, self._dec):
+        for e in (self._enc, self._dec, *(c.entry for c in self._controlnets.values())):
             if e is not None:
                 e.graphs.clear()
                 e.buffers.clear()
                 del e.context  # a context before its engine
                 del e.engine
         self._enc = self._dec = None
+        self._controlnets.clear()
         self.contract = None
         self._scratch = None
         self._runtime = None
@@ -535,8 +611,9 @@ class TrtRunner(Runner):
             return
         self._check_profile(e, rows)
         for n in e.inputs:
-            if not e.context.set_input_shape(n, (rows, *e.tails[n])):
-                raise FdTrtError(f"TensorRT refused shape {(rows, *e.tails[n])} for {n!r} of {e.path}")
+            shape = e.fixed[n] if n in e.fixed else (rows, *e.tails[n])
+            if not e.context.set_input_shape(n, shape):
+                raise FdTrtError(f"TensorRT refused shape {shape} for {n!r} of {e.path}")
         e.rows = rows
 
     def _enqueue(self, e: _Engine, stream: torch.cuda.Stream) -> None:
@@ -548,7 +625,7 @@ class TrtRunner(Runner):
         stream = self._stream
         assert stream is not None
         self._set_rows(e, rows)
-        self.launches[e.role] += 1
+        self.launches[e.role] = self.launches.get(e.role, 0) + 1
         caller = torch.cuda.current_stream(self.device)
         stream.wait_stream(caller)  # the inputs were written on the caller's stream
         with torch.cuda.stream(stream):
@@ -721,11 +798,68 @@ class TrtRunner(Runner):
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
+class TrtControlNet:
+    """One ControlNet plan, called like diffusers' ``ControlNetModel``
+    (:data:`fd_trt.conditioning.ControlNetCall`); see :meth:`TrtRunner.controlnet`.
+
+    Rows above the plan's maximum (the encoder profile's) run in chunks, like encoder calls.
+    Guess mode runs the plan at scale 1 and applies diffusers' per-residual guess-mode scales
+    (:func:`fd_trt.conditioning.guess_mode_scales`), except for pooled ControlNets.
+    """
+
+    def __init__(self, runner: TrtRunner, entry: _Engine, num_down: int, pooled: bool) -> None:
+        self.runner = runner
+        self.entry = entry
+        self.num_down = num_down
+        self.pooled = pooled
+        #: Plan executions so far.
+        self.calls = 0
+
+    @torch.inference_mode()
+    def __call__(
+        self, sample: torch.Tensor, timestep: torch.Tensor | float, encoder_hidden_states: torch.Tensor,
+        controlnet_cond: torch.Tensor, conditioning_scale: float = 1.0, guess_mode: bool = False,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        from ..conditioning import guess_mode_scales
+        from ..contract import down_name
+
+        r, e = self.runner, self.entry
+        r._check_active()
+        rows = int(sample.shape[0])
+        t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).to(r.device)
+        if t.numel() == 1:
+            t = t.expand(rows)
+        inputs = {SAMPLE: sample, TIMESTEP: t, TEXT: encoder_hidden_states, CONTROLNET_COND: controlnet_cond}
+        r._check_rows("ControlNet", **inputs)
+        guess = guess_mode and not self.pooled
+        names = [down_name(i) for i in range(self.num_down)] + [MID]
+        with r.exclusive():
+            r._check_usable()
+            chunks = r._chunks(e, rows)
+            e.buffers[CONDITIONING_SCALE].fill_(1.0 if guess else float(conditioning_scale))
+            out = {n: torch.empty((rows, *e.tails[n]), dtype=e.buffers[n].dtype, device=r.device) for n in names}
+            for c0, c in chunks:
+                for name, value in inputs.items():
+                    r._copy_in(e, name, value[c0 : c0 + c].to(r.device, e.buffers[name].dtype))
+                r._execute(e, c)
+                for n in names:
+                    out[n][c0 : c0 + c].copy_(e.buffers[n][:c])
+            self.calls += 1
+        down, mid = [out[n] for n in names[:-1]], out[MID]
+        if guess:
+            scales = guess_mode_scales(self.num_down, conditioning_scale).tolist()
+            down = [d * s for d, s in zip(down, scales)]
+            mid = mid * scales[-1]
+        return down, mid
+
+
 __all__ = [
     "INSTALL_HINT",
+    "TrtControlNet",
     "PlanBuild",
     "RowProfile",
     "TrtRunner",
+    "build_controlnet_plan",
     "build_plans",
     "input_profile_shapes",
     "most_common_segment_steps",

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
-from ..contract import ROLES, GraphContract
+from ..contract import CONTROLNET, ROLES, ControlNetContract, GraphContract, GraphSpec
 from ..errors import BackendUnavailableError, EngineMismatchError, FdTrtError, InputError
 from ..schedule import KeySchedule, ScheduleSpec, parse_schedule
 
@@ -264,13 +264,15 @@ def profiles_for_manifest(
 
 
 def input_profile_shapes(
-    rows: RowProfile, input_shapes: Mapping[str, Sequence[int]]
+    rows: RowProfile, input_shapes: Mapping[str, Sequence[int]], fixed: Sequence[str] = ()
 ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """min / opt / max shapes of every graph input, from the profile rows.
 
     Args:
         rows: the profile.
         input_shapes: each input's shape as the network reports it (axis 0 dynamic, ``-1``).
+        fixed: inputs without a row axis (the ControlNet's ``conditioning_scale``): their one
+            static shape is min, opt and max.
 
     Returns:
         ``{name: (min_shape, opt_shape, max_shape)}``.
@@ -281,6 +283,11 @@ def input_profile_shapes(
     out = {}
     for name, shape in input_shapes.items():
         dims = [int(d) for d in shape]
+        if name in fixed:
+            if any(d < 1 for d in dims):
+                raise EngineMismatchError(f"graph input {name!r} has shape {dims} but must be static: re-export the graphs")
+            out[name] = (tuple(dims), tuple(dims), tuple(dims))
+            continue
         if not dims:
             raise EngineMismatchError(f"graph input {name!r} is a scalar; fd_trt graphs have a row axis: re-export the graphs")
         tail = tuple(dims[1:])
@@ -307,22 +314,33 @@ def _cc_tag(compute_capability: Sequence[int]) -> str:
     return f"sm{cc[0]}{cc[1]}"
 
 
-def plan_file_name(role: str, tensorrt_version: str, compute_capability: Sequence[int], rows: RowProfile) -> str:
-    """The file name of a plan: role, TensorRT version, compute capability and profile rows.
+def plan_file_name(
+    role: str, tensorrt_version: str, compute_capability: Sequence[int], rows: RowProfile, graph_file: str | None = None
+) -> str:
+    """The file name of a plan: role (or ControlNet graph), TensorRT version, compute capability and profile rows.
 
     Args:
-        role: ``encoder`` or ``decoder``.
+        role: ``encoder``, ``decoder`` or ``controlnet``.
         tensorrt_version: ``tensorrt.__version__``.
         compute_capability: ``(major, minor)`` of the GPU.
         rows: the profile.
+        graph_file: for ``controlnet``, the ControlNet graph's file (``controlnet-<sha16>.onnx``),
+            whose stem names the plan, so that each ControlNet has its own.
 
     Returns:
-        For example ``decoder.trt10.13.0.35.sm90.rows1-20-30.plan``.
+        For example ``decoder.trt10.13.0.35.sm90.rows1-20-30.plan`` or
+        ``controlnet-0123456789abcdef.trt10.13.0.35.sm90.rows1-2-2.plan``.
     """
-    if role not in ROLES:
-        raise InputError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    if role == CONTROLNET:
+        if not graph_file:
+            raise InputError("a ControlNet plan is named after its graph: pass graph_file='controlnet-<sha16>.onnx'")
+        stem = Path(graph_file).stem
+    elif role not in ROLES:
+        raise InputError(f"role must be one of {', '.join(ROLES)} or {CONTROLNET}, got {role!r}")
+    else:
+        stem = role
     return (
-        f"{role}.trt{_version_tag(tensorrt_version)}.{_cc_tag(compute_capability)}."
+        f"{stem}.trt{_version_tag(tensorrt_version)}.{_cc_tag(compute_capability)}."
         f"rows{rows.min}-{rows.opt}-{rows.max}.plan"
     )
 
@@ -407,7 +425,9 @@ def _build_plan(
     workspace_bytes: int | None,
     timing_cache: bool,
     refittable: bool = False,
+    graph: Any = None,
 ) -> PlanRecord:
+    """Builds one plan; ``graph`` is the ControlNet graph's record for role ``controlnet``."""
     import tensorrt as trt
 
     from ..engines import PlanRecord
@@ -416,7 +436,7 @@ def _build_plan(
     t0 = time.perf_counter()
     version = str(trt.__version__)
     gpu_name, cc = gpu_identity(device)
-    graph = manifest.graphs.get(role)
+    graph = graph if graph is not None else manifest.graphs.get(role)
     if graph is None:
         raise EngineMismatchError(
             f"{folder}/manifest.json records no {role} graph: rebuild with fd-trt build --backend tensorrt --force --out {folder}"
@@ -458,11 +478,13 @@ def _build_plan(
         dims = tensor.shape
         shapes[tensor.name] = [int(dims[k]) for k in range(len(dims))]
     outputs = [network.get_output(i).name for i in range(network.num_outputs)]
-    spec = GraphContract.from_manifest(manifest).spec(role)
+    spec: GraphSpec = (ControlNetContract(int(graph.num_down)).spec if role == CONTROLNET
+                       else GraphContract.from_manifest(manifest).spec(role))
     spec.check(list(shapes), outputs, onnx_path, f"re-export the graphs with fd-trt build --backend tensorrt --force --out {folder}")
     profile = builder.create_optimization_profile()
+    fixed = [t.name for t in spec.inputs if not t.rowed]
     # One profile entry per contract input (its added conditioning included), in the contract's order.
-    for name, (lo, opt, hi) in input_profile_shapes(rows, {n: shapes[n] for n in spec.input_names}).items():
+    for name, (lo, opt, hi) in input_profile_shapes(rows, {n: shapes[n] for n in spec.input_names}, fixed).items():
         profile.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
     config.add_optimization_profile(profile)
     cache_path = folder / timing_cache_file_name(version, cc)
@@ -486,7 +508,7 @@ def _build_plan(
             "--workspace-gb"
         )
     data = memoryview(plan)
-    file = plan_file_name(role, version, cc, rows)
+    file = plan_file_name(role, version, cc, rows, graph.file if role == CONTROLNET else None)
     write_atomic(folder / file, data)
     if timing_cache:
         write_atomic(cache_path, memoryview(config.get_timing_cache().serialize()))
@@ -605,6 +627,67 @@ def build_plans(
     return results
 
 
+def build_controlnet_plan(
+    engine_dir: str | os.PathLike[str],
+    controlnet_graph: Any,
+    *,
+    device: torch.device | str = "cuda",
+    builder_optimization_level: int = DEFAULT_OPTIMIZATION_LEVEL,
+    workspace_bytes: int | None = None,
+    timing_cache: bool = True,
+    force: bool = False,
+    refittable: bool = False,
+) -> PlanBuild:
+    """Builds (or keeps) the TensorRT plan of one ControlNet graph of an engine directory.
+
+    The ControlNet runs on the encoder's rows, so its profile is the encoder's: ``min`` .. ``2B``
+    rows with ``opt = max = 2B`` (:func:`profiles_for_manifest`). ``conditioning_scale`` is a
+    static ``[1]`` input. The plan is recorded in the manifest with role ``controlnet`` and the
+    ControlNet graph's sha256, so that a changed ControlNet (a new graph) never runs an old plan.
+
+    Args:
+        engine_dir: the engine directory.
+        controlnet_graph: the graph's :class:`fd_trt.engines.ControlNetRecord`
+            (:func:`fd_trt.engines.build_controlnet_graph`).
+        device, builder_optimization_level, workspace_bytes, timing_cache, force: as :func:`build_plans`.
+        refittable: build with ``BuilderFlag.REFIT`` (off: a changed ControlNet gets a new graph and plan).
+
+    Returns:
+        The :class:`PlanBuild`.
+    """
+    from ..engines import check_graph_files, controlnet_key, engine_dir_lock, find_plan, save_manifest
+
+    check_level(builder_optimization_level)
+    check_workspace(workspace_bytes)
+    trt_mod = require_tensorrt()
+    dev = require_cuda(device)
+    folder = Path(engine_dir)
+    with engine_dir_lock(folder, "TensorRT ControlNet plan build"):
+        t0 = time.perf_counter()
+        manifest = check_graph_files(folder)
+        rec = manifest.controlnets.get(controlnet_key(controlnet_graph.controlnet_sha256))
+        if rec is None or rec.sha256 != controlnet_graph.sha256:
+            raise EngineMismatchError(
+                f"{folder}/manifest.json records no ControlNet graph {controlnet_graph.file} with that sha256: export it "
+                "again (fd_trt.engines.build_controlnet_graph)"
+            )
+        rows = profiles_for_manifest(manifest.encoder_rows, manifest.decoder_rows)["encoder"]
+        version = str(trt_mod.__version__)
+        _, cc = gpu_identity(dev)
+        existing = find_plan(manifest, CONTROLNET, tensorrt_version=version, compute_capability=cc, rows=rows.as_list(),
+                             graph=rec)
+        if existing is not None and not force:
+            path = folder / existing.file
+            if path.is_file() and path.stat().st_size == existing.bytes:
+                return PlanBuild(existing, False, time.perf_counter() - t0)
+        record = _build_plan(folder, manifest, CONTROLNET, rows, device=dev,
+                             builder_optimization_level=builder_optimization_level, workspace_bytes=workspace_bytes,
+                             timing_cache=timing_cache, refittable=refittable, graph=rec)
+        manifest.plans[record.file] = record
+        save_manifest(folder, manifest)
+        return PlanBuild(record, True, time.perf_counter() - t0)
+
+
 def with_plan(record: PlanRecord, **changes: Any) -> PlanRecord:
     """A copy of a plan's manifest record with some fields changed (a refit's new digest)."""
     from dataclasses import replace
@@ -629,6 +712,7 @@ __all__ = [
     "PlanBuild",
     "RowProfile",
     "as_schedule",
+    "build_controlnet_plan",
     "build_plans",
     "check_level",
     "check_workspace",
