@@ -45,7 +45,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -244,18 +244,25 @@ def load_or_train_checker(cache_dir: str | os.PathLike[str] | None = DEFAULT_CAC
     Returns:
         The checker in eval mode.
     """
-    path = Path(cache_dir) / f"checker_{cfg.key()}.pt" if cache_dir is not None else None
+    return _load_or_train("checker", Checker, train_checker, cache_dir, cfg, progress)
+
+
+def _load_or_train(name: str, make: Callable[[], nn.Module], train: Callable[..., nn.Module],
+                   cache_dir: str | os.PathLike[str] | None, cfg: Any, progress: bool) -> Any:
+    """The cached ``<name>_<cfg.key()>.pt`` weights in ``cache_dir`` (``None``: always train), or
+    ``train(cfg, progress=...)`` saved there atomically; the model comes back in eval mode."""
+    path = Path(cache_dir) / f"{name}_{cfg.key()}.pt" if cache_dir is not None else None
     if path is not None and path.is_file():
-        model = Checker()
+        model = make()
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval()
-    model = train_checker(cfg, progress=progress)
+    model = train(cfg, progress=progress)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save(model.state_dict(), tmp)
         tmp.replace(path)
-    return model
+    return model.eval()
 
 
 @torch.no_grad()
@@ -571,18 +578,7 @@ def train_segmenter(cfg: SegmenterConfig = SegmenterConfig(), progress: bool = T
 def load_or_train_segmenter(cache_dir: str | os.PathLike[str] | None = DEFAULT_CACHE, cfg: SegmenterConfig = SegmenterConfig(),
                             progress: bool = True) -> Segmenter:
     """Returns the cached segmenter for ``cfg`` (keyed like the checker), training it if absent."""
-    path = Path(cache_dir) / f"segmenter_{cfg.key()}.pt" if cache_dir is not None else None
-    if path is not None and path.is_file():
-        model = Segmenter()
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model.eval()
-    model = train_segmenter(cfg, progress=progress)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(model.state_dict(), tmp)
-        tmp.replace(path)
-    return model
+    return _load_or_train("segmenter", Segmenter, train_segmenter, cache_dir, cfg, progress)
 
 
 @torch.no_grad()
