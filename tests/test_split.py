@@ -162,3 +162,71 @@ def test_sdxl_torch_runner_tiles_added_conditioning_step_major():
         for j in range(3):
             want = runner.split.run_decoder(ref_feats, steps[j].expand(2), text, added)
             assert rel_l2(out[2 * j : 2 * j + 2], want) < 1e-6
+
+
+def _rows_seen_by_text_projections(split):
+    """Records the row count of every call of the decoder's to_k / to_v (inner Linear layers)."""
+    seen, handles = [], []
+    for proj in split.decoder.text_projections():
+        handles.append(proj.register_forward_hook(lambda m, a, out: seen.append(int(a[0].shape[0]))))
+    return seen, handles
+
+
+@pytest.mark.parametrize("model", ["sd_like_2_levels", "sdxl_base_like"])
+def test_decoder_projects_the_text_once_per_distinct_row(model):
+    # A decoder call over S steps tiles N text rows S times; the key / value projections must see N
+    # rows (not S*N) and the noise must equal S separate decoder calls.
+    from fd_trt.backends.torch import TorchRunner
+
+    if model == "sdxl_base_like":
+        unet, added = tiny_sdxl_unet(), added_conditioning("sdxl_base_like", 2)
+        d = int(unet.config.cross_attention_dim)
+    else:
+        torch.manual_seed(0)
+        unet, added = UNet2DConditionModel(sample_size=16, **CONFIGS[model]).eval(), None
+        d = int(unet.config.cross_attention_dim)
+    g = torch.Generator().manual_seed(3)
+    x, text = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, d, generator=g)
+    steps = torch.tensor([800.0, 700.0, 600.0, 500.0])
+    with TorchRunner(unet) as runner, torch.no_grad():
+        feats = runner.encode(x, torch.full((2,), 800.0), text, added)
+        # The counting hook runs after the sharing hooks (registered at the first shared call).
+        runner.decode(feats, steps[:2], text, added)
+        seen, handles = _rows_seen_by_text_projections(runner.split)
+        try:
+            out = runner.decode(feats, steps, text, added)
+        finally:
+            for h in handles:
+                h.remove()
+        assert seen and set(seen) == {2}, seen  # 2 distinct rows, not 4 steps x 2
+        for j in range(4):
+            want = runner.split.run_decoder(feats, steps[j].expand(2), text, added)
+            assert rel_l2(out[2 * j : 2 * j + 2], want) < 1e-6
+        # Outside a decoder call the hooks change nothing: the UNet's other users see every row.
+        seen, handles = _rows_seen_by_text_projections(runner.split)
+        try:
+            kw = {} if added is None else {"added_cond_kwargs": {k: torch.cat([v, v]) for k, v in added.items()}}
+            unet(torch.cat([x, x]), torch.full((4,), 500.0), torch.cat([text, text]), **kw)
+        finally:
+            for h in handles:
+                h.remove()
+        assert set(seen) == {4}, seen
+
+
+def test_text_row_sharing_is_per_thread():
+    # Serving runs calls on several threads: one call's repeat count must not reach another's.
+    import threading
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=16, **CONFIGS["sd_like_2_levels"]).eval()
+    split = split_unet(unet)
+    x, text = torch.randn(4, 4, 16, 16), torch.randn(4, 7, 32)
+    want = unet(x, torch.full((4,), 300.0), text).sample
+    got = {}
+    with torch.no_grad(), split.text_rows_repeated(2):
+        t = threading.Thread(target=lambda: got.setdefault("other", unet(x, torch.full((4,), 300.0), text).sample))
+        t.start()
+        t.join()
+        with pytest.raises(InputError, match="3 text rows cannot be 2 repeats"):
+            split.decoder.text_projections()[0](torch.zeros(3, 7, 32))
+    assert torch.equal(got["other"], want)

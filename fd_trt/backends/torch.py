@@ -176,7 +176,11 @@ class TorchRunner(Runner):
         )
         with self.exclusive():
             self.launches["decoder"] += 1
-            return self._decode_rows(feats, t_rows, text_rows, added_rows)
+            if self.cuda_graphs:  # a captured graph would keep one call's repeat count
+                return self._decode_rows(feats, t_rows, text_rows, added_rows)
+            # The S steps' rows share the text: project it once per distinct row (same numbers).
+            with self.split.text_rows_repeated(int(timesteps.shape[0])):
+                return self._decode_rows(feats, t_rows, text_rows, added_rows)
 
     def _decode_rows(
         self, feats: Features, t_rows: torch.Tensor, text_rows: torch.Tensor, added_rows: Added = None
