@@ -509,7 +509,8 @@ class FasterDiffusionPipeline:
 
         def base_key() -> dict[str, Any]:
             return {
-                "format": 1,
+                # 2: onnxruntime stopped spinning on CPU, so format-1 costs no longer hold.
+                "format": 2,
                 "unet_sha256": self.unet_sha256,
                 "device": device_name(self.device),
                 "device_type": self.device.type,
