@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -149,6 +150,8 @@ def added_tensors(names: tuple[str, ...], added: Added, rows: int) -> tuple[torc
 #: Rows per distinct text row in the current decoder call (:meth:`SplitUNet.text_rows_repeated`);
 #: a context variable, so that concurrent calls on other threads are not affected.
 _TEXT_ROW_REPEATS: contextvars.ContextVar[int] = contextvars.ContextVar("fd_trt_text_row_repeats", default=1)
+#: Serializes installing the hooks: two threads hooking one module twice would slice its rows twice.
+_HOOK_LOCK = threading.Lock()
 
 
 def _project_first_rows(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
@@ -374,8 +377,9 @@ class SplitUNet:
         if repeats <= 1:
             yield
             return
-        for module in self.decoder.text_projections():
-            _hook_text_projection(module)
+        with _HOOK_LOCK:
+            for module in self.decoder.text_projections():
+                _hook_text_projection(module)
         token = _TEXT_ROW_REPEATS.set(int(repeats))
         try:
             yield
