@@ -315,7 +315,9 @@ def _systems(cfg: BenchConfig, sd: Any, latents: torch.Tensor, tag: str, extra: 
         precisions = precisions if backend in ("torch", "auto") else ("fp32",)
         for precision in precisions:
             try:
-                pipe_sd = sd if precision == "fp32" else _clone_pipeline(sd)
+                # No copy of the pipeline: a torch runner at another precision converts its own
+                # copy of the UNet, and the fp32 candidates share the caller's.
+                pipe_sd = sd
                 opts = {"intra_op_threads": cfg.threads} if (backend in ("onnxruntime", "auto") and cfg.threads) else {}
                 fd = FasterDiffusionPipeline.from_diffusers(
                     pipe_sd, backend=backend, device="cpu", precision=precision, progress=False, runner_options=opts
@@ -368,12 +370,6 @@ def _paper_keys() -> list[int]:
     from .schedule import PAPER_KEY_STEPS
 
     return list(PAPER_KEY_STEPS)
-
-
-def _clone_pipeline(sd: Any) -> Any:
-    clone = copy.copy(sd)
-    clone.unet = copy.deepcopy(sd.unet)
-    return clone
 
 
 def _fail(e: Exception) -> Callable[[], tuple[torch.Tensor, dict[str, Any]]]:

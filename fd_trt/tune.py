@@ -564,14 +564,21 @@ class AutoRunner(Runner):
             costs[cand] = self.measurer(runner, self.latent_shape, self.text_shape, rows, steps, self.repeats,
                                         known=self._costs.get((cand, rows)), **extra)
             self._costs[(cand, rows)] = costs[cand]
+            # Only the best so far stays loaded while the next is measured: two large UNets in
+            # memory at a time, not one per candidate (sd15-arch: ORT sessions, a bf16 copy).
+            self._release_all_but(choose(costs, lengths, parallel=parallel, max_steps=max_steps).label)
         decision = choose(costs, lengths, parallel=parallel, max_steps=max_steps, skipped=skipped, key=key)
         decision.tuning_s = time.perf_counter() - t0
-        # Keep loaded only the runners some decision chose (another thread may be running one).
-        keep = {decision.label, *(d.label for d in self._decisions.values())}
+        self._release_all_but(decision.label)
+        return decision
+
+    def _release_all_but(self, label: str) -> None:
+        """Closes the loaded runners other than ``label`` and those some decision chose (another
+        thread may be running one)."""
+        keep = {label, *(d.label for d in self._decisions.values())}
         for cand in list(self._runners):
             if cand.label not in keep:
                 self._runners.pop(cand).deactivate()
-        return decision
 
     # running ------------------------------------------------------------------------------------
     def _current(self, rows: int) -> tuple[Runner, Decision]:

@@ -1,5 +1,7 @@
 """The Faster Diffusion pipeline against diffusers' own StableDiffusionPipeline on a tiny model."""
 
+import copy
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -265,3 +267,20 @@ def test_from_pretrained_loads_a_saved_diffusers_folder_with_safetensors(tiny_sd
     pipe = FasterDiffusionPipeline.from_pretrained(tmp_path / "m", backend="torch", progress=False)
     common = dict(num_inference_steps=10, latents=latents, output_type="latent")
     assert rel_l2(pipe(PROMPT, **common).images, fd_pipe(PROMPT, **common).images) < 1e-6
+
+
+def test_converted_copy_matches_deepcopy_then_to_and_leaves_the_original_alone():
+    from fd_trt.backends.torch import converted_copy
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 4))
+    net[2].weight = net[0].weight  # tied weights stay tied in the copy
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    ref = copy.deepcopy(net).to(dtype=torch.bfloat16)
+    got = converted_copy(net, "cpu", torch.bfloat16)
+    assert got[2].weight is got[0].weight and got[0].weight is not net[0].weight
+    for (k, a), b in zip(ref.state_dict().items(), got.state_dict().values()):
+        assert a.dtype == b.dtype and torch.equal(a, b), k
+    assert got[1].num_batches_tracked.dtype == torch.long  # integer buffers keep their dtype
+    assert all(torch.equal(before[k], v) and v.dtype == before[k].dtype for k, v in net.state_dict().items())
+    x = torch.randn(3, 4)
+    assert torch.equal(got.eval()(x.bfloat16()), ref.eval()(x.bfloat16()))

@@ -129,6 +129,37 @@ def test_unavailable_candidates_are_skipped_with_the_reason(tmp_path):
     assert "onnxruntime/fp32 not measured (no graphs built for onnxruntime/fp32)" in d.summary()
 
 
+def test_tuning_keeps_at_most_the_best_so_far_and_the_one_being_measured_loaded(tmp_path):
+    # Three large candidates must not all sit in memory at once (sd15-arch: 24 GB and an OOM kill).
+    bf16 = Candidate("torch", "bf16", exact=False)
+    loaded, peak, measured = set(), [0], []
+
+    class Tracked(FakeRunner):
+        def _activate(self):
+            loaded.add(self.name)
+            peak[0] = max(peak[0], len(loaded))
+
+        def _deactivate(self):
+            loaded.discard(self.name)
+
+    def factory(cand):
+        r = Tracked(cand.label)
+        return r
+
+    costs = {"torch/fp32": linear(0.05, 0.02, 0.01), "onnxruntime/fp32": COSTS["onnxruntime"],
+             "torch/bf16": linear(0.04, 0.02, 0.01)}
+
+    def measurer(runner, latent_shape, text_shape, rows, steps, repeats, known=None):
+        measured.append(runner.name)
+        return costs[runner.name]
+
+    auto = AutoRunner([TORCH, ORT, bf16], factory, (4, 8, 8), (16, 32), lambda: {"unet_sha256": "w"},
+                      cache_dir=tmp_path, measurer=measurer).activate()
+    d = auto.plan(parse_schedule("paper", 50), rows=2)
+    assert measured == ["torch/fp32", "onnxruntime/fp32", "torch/bf16"]
+    assert d.label == "onnxruntime/fp32" and loaded == {"onnxruntime/fp32"} and peak[0] == 2
+
+
 def test_auto_is_the_default_and_matches_the_torch_backend(tiny_sd, latents):
     auto = FasterDiffusionPipeline.from_diffusers(tiny_sd, device="cpu", progress=False)
     assert auto.backend == "auto"

@@ -25,6 +25,26 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def converted_copy(module: nn.Module, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
+    """A deep copy of ``module`` with its floating-point parameters and buffers converted to
+    ``dtype`` on ``device``, as ``copy.deepcopy(module).to(device, dtype)`` gives, but without
+    the full-size intermediate copy: each tensor is converted straight into the copy, so the peak
+    is the original plus the converted weights (sd15-arch to bf16: 3.4 + 1.7 GB, not 3.4 + 3.4).
+    Shared tensors stay shared. The original is left untouched."""
+    memo: dict[int, Any] = {}
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, copy=True)
+
+    for p in module.parameters():
+        if id(p) not in memo:
+            memo[id(p)] = nn.Parameter(convert(p), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        if id(b) not in memo:
+            memo[id(b)] = convert(b)
+    return copy.deepcopy(module, memo).to(device=device, dtype=dtype)
+
+
 def resolve_dtype(precision: str | torch.dtype) -> torch.dtype:
     """Maps ``"fp32" | "fp16" | "bf16"`` (or a torch dtype) to a torch dtype."""
     if isinstance(precision, torch.dtype):
@@ -107,8 +127,8 @@ class TorchRunner(Runner):
     def _take(self, unet: nn.Module) -> None:
         """Uses ``unet`` as it is, or a copy converted to the runner's device, dtype and layout."""
         if self._needs_copy(unet):
-            # A deep copy: .to() would convert the caller's module in place.
-            unet = copy.deepcopy(unet).to(device=self.device, dtype=self.dtype)
+            # A copy: .to() would convert the caller's module in place.
+            unet = converted_copy(unet, self.device, self.dtype)
             if self.channels_last:
                 unet.to(memory_format=torch.channels_last)
         self.unet = unet
