@@ -97,3 +97,12 @@ def test_generate_suggests_bf16_only_where_the_cpu_has_bf16_units(tmp_path, caps
     monkeypatch.setattr(fd_trt.tune, "has_fast_bf16", lambda: False)
     assert main(["generate", "a red circle", "--steps", "2", "--quiet", "--backend", "torch", "--out", str(tmp_path / "b.png")]) == 0
     assert "hint:" not in capsys.readouterr().out
+
+
+def test_the_bf16_hint_suggests_bf16_only_when_it_was_faster():
+    from fd_trt.cli import bf16_hint_text
+
+    faster = bf16_hint_text("AVX512-BF16", 0.241, 0.285, 2.6e-2, "auto:torch/fp32")
+    assert "(1.18x)" in faster and faster.endswith("--precision auto lets backend auto choose it")
+    slower = bf16_hint_text("AVX512-BF16", 0.267, 0.222, 2.6e-2, "auto:onnxruntime/fp32")
+    assert "(0.83x)" in slower and "not faster here, so fp32 stays" in slower and "lets backend auto choose" not in slower
