@@ -315,12 +315,11 @@ def _systems(cfg: BenchConfig, sd: Any, latents: torch.Tensor, tag: str, extra: 
         precisions = precisions if backend in ("torch", "auto") else ("fp32",)
         for precision in precisions:
             try:
-                # No copy of the pipeline: a torch runner at another precision converts its own
-                # copy of the UNet, and the fp32 candidates share the caller's.
-                pipe_sd = sd
+                # One pipeline for every row: a torch runner at another precision converts its own
+                # copy of the UNet, and the fp32 runners share the caller's.
                 opts = {"intra_op_threads": cfg.threads} if (backend in ("onnxruntime", "auto") and cfg.threads) else {}
                 fd = FasterDiffusionPipeline.from_diffusers(
-                    pipe_sd, backend=backend, device="cpu", precision=precision, progress=False, runner_options=opts
+                    sd, backend=backend, device="cpu", precision=precision, progress=False, runner_options=opts
                 )
             except Exception as e:  # a backend that cannot start still gets a row that says why
                 systems.append(_System("fd_trt" + tag, backend, ",".join(cfg.schedules), precision, _fail(e),
