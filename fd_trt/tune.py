@@ -45,6 +45,10 @@ logger = logging.getLogger(__name__)
 TUNING_FORMAT = 1
 #: Timed rounds over the measured shapes, after one untimed call each; the median is kept.
 DEFAULT_REPEATS = 3
+#: A timed round over a candidate's shapes that takes at least this long is its last: calls of
+#: seconds each vary little from round to round, and on sd15-arch at 256x256 three rounds of
+#: three candidates made the first call tune for 477 s.
+ROUND_BUDGET_S = 10.0
 #: Predicted times within this fraction of the best count as a tie, broken toward larger calls.
 TIE = 0.03
 
@@ -255,12 +259,13 @@ def measure(
     repeats: int = DEFAULT_REPEATS,
     known: CostTable | None = None,
     added_shapes: dict[str, tuple[int, ...]] | None = None,
+    round_budget_s: float | None = ROUND_BUDGET_S,
 ) -> CostTable:
     """Times an active runner's encoder at ``rows`` rows and its decoder at each step count.
 
     Every shape is called once untimed (first calls at a new shape allocate, and ONNX Runtime
     plans its memory), then ``repeats`` rounds time every shape once each, interleaved, and the
-    median per shape is kept. Interleaving spreads a slow spell of a shared machine over all the
+    median per shape is kept; a round of at least ``round_budget_s`` is the last. Interleaving spreads a slow spell of a shared machine over all the
     shapes; the median, unlike the minimum, does not favour short calls, whose luckiest run on a
     loaded machine is much further below their typical cost than a long call's (measured: the
     minimum made single-step torch calls look as cheap per step as 10-step calls, and the run
@@ -276,6 +281,8 @@ def measure(
         known: costs measured earlier at these rows; only missing step counts are timed.
         added_shapes: per-row shapes of SDXL's added conditioning (``text_embeds``, ``time_ids``),
             or ``None`` for SD 1.x/2.x.
+        round_budget_s: a timed round that takes at least this long is the last one (large
+            models: one round of calls of seconds each); ``None`` always runs ``repeats`` rounds.
 
     Returns:
         The costs, including ``known``'s.
@@ -300,8 +307,12 @@ def measure(
         fn()
     times: dict[Any, list[float]] = {k: [] for k in calls}
     for _ in range(repeats):
+        spent = 0.0
         for k, fn in calls.items():
             times[k].append(_time_once(runner, fn))
+            spent += times[k][-1]
+        if round_budget_s is not None and spent >= round_budget_s:
+            break
     table = known if known is not None else CostTable(encoder_s=statistics.median(times.pop("encoder")))
     for s, ts_ in times.items():
         table.decoder_s[int(s)] = statistics.median(ts_)

@@ -160,6 +160,17 @@ def test_tuning_keeps_at_most_the_best_so_far_and_the_one_being_measured_loaded(
     assert d.label == "onnxruntime/fp32" and loaded == {"onnxruntime/fp32"} and peak[0] == 2
 
 
+@pytest.mark.parametrize("budget, rounds", [(None, 3), (1e9, 3), (0.0, 1)])
+def test_measure_stops_after_a_round_that_took_the_budget(budget, rounds):
+    from fd_trt.tune import measure
+
+    r = FakeRunner("torch").activate()
+    costs = measure(r, (4, 8, 8), (16, 32), rows=2, steps=[1, 2], repeats=3, round_budget_s=budget)
+    # encoder: the features call, the untimed call, then one per round; decoder: 2 shapes likewise.
+    assert r.launches == {"encoder": 2 + rounds, "decoder": 2 * (1 + rounds)}
+    assert sorted(costs.decoder_s) == [1, 2] and costs.encoder_s >= 0
+
+
 def test_auto_is_the_default_and_matches_the_torch_backend(tiny_sd, latents):
     auto = FasterDiffusionPipeline.from_diffusers(tiny_sd, device="cpu", progress=False)
     assert auto.backend == "auto"
