@@ -284,3 +284,28 @@ def test_converted_copy_matches_deepcopy_then_to_and_leaves_the_original_alone()
     assert all(torch.equal(before[k], v) and v.dtype == before[k].dtype for k, v in net.state_dict().items())
     x = torch.randn(3, 4)
     assert torch.equal(got.eval()(x.bfloat16()), ref.eval()(x.bfloat16()))
+
+
+def test_converted_copy_of_a_diffusers_unet_is_bf16_and_logs_no_fp32_module_warning(tiny_sd):
+    """diffusers' ``ModelMixin.to(dtype)`` warns about fp32 modules even when a UNet lists none;
+    the bf16 copy (the bf16 hint of ``fd-trt generate`` makes one) must not print that."""
+    import logging
+
+    from fd_trt.backends.torch import converted_copy
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep(level=logging.WARNING)
+    root = logging.getLogger("diffusers")  # diffusers' library logger does not propagate to the root
+    root.addHandler(handler)
+    try:
+        got = converted_copy(tiny_sd.unet, "cpu", torch.bfloat16)
+    finally:
+        root.removeHandler(handler)
+    assert [r.getMessage() for r in records] == []
+    assert {p.dtype for p in got.parameters()} == {torch.bfloat16} and got.dtype == torch.bfloat16
+    assert {p.dtype for p in tiny_sd.unet.parameters()} == {torch.float32}

@@ -30,7 +30,9 @@ def converted_copy(module: nn.Module, device: torch.device | str, dtype: torch.d
     ``dtype`` on ``device``, as ``copy.deepcopy(module).to(device, dtype)`` gives, but without
     the full-size intermediate copy: each tensor is converted straight into the copy, so the peak
     is the original plus the converted weights (sd15-arch to bf16: 3.4 + 1.7 GB, not 3.4 + 3.4).
-    Shared tensors stay shared. The original is left untouched."""
+    Shared tensors stay shared. The original is left untouched. No ``.to(dtype)`` follows: every
+    tensor is already converted, and diffusers' ``ModelMixin.to`` would warn about fp32 modules
+    on every call, even for a UNet that lists none."""
     memo: dict[int, Any] = {}
 
     def convert(t: torch.Tensor) -> torch.Tensor:
@@ -42,7 +44,7 @@ def converted_copy(module: nn.Module, device: torch.device | str, dtype: torch.d
     for b in module.buffers():
         if id(b) not in memo:
             memo[id(b)] = convert(b)
-    return copy.deepcopy(module, memo).to(device=device, dtype=dtype)
+    return copy.deepcopy(module, memo)
 
 
 def resolve_dtype(precision: str | torch.dtype) -> torch.dtype:
