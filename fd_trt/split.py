@@ -194,6 +194,87 @@ def _hook_text_projection(module: nn.Module) -> None:
     module._fd_trt_text_rows_hooked = True
 
 
+#: Rows per distinct feature row in the current decoder call (:meth:`SplitUNet.skip_rows_repeated`).
+_SKIP_ROW_REPEATS: contextvars.ContextVar[int] = contextvars.ContextVar("fd_trt_skip_row_repeats", default=1)
+#: The output a periodic convolution computed in its pre-hook, handed to its forward hook (per thread).
+_PERIODIC_OUT = threading.local()
+
+
+def _periodic_conv_pre(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """Computes the convolution from the periodic split of its input channels (see
+    :func:`_periodic_split`) and lets the module itself run on zero rows."""
+    r = _SKIP_ROW_REPEATS.get()
+    b = getattr(module, "_fd_trt_periodic_from", None)
+    x = args[0]
+    if r <= 1 or b is None or type(module) is not nn.Conv2d or x.ndim != 4 or x.shape[0] % r or not 0 < b < x.shape[1]:
+        return None
+    out = _periodic_split(module, x, int(b), r)
+    outs = getattr(_PERIODIC_OUT, "outs", None)
+    if outs is None:
+        outs = _PERIODIC_OUT.outs = {}
+    outs[id(module)] = out
+    return (x[:0], *args[1:])
+
+
+def _periodic_conv_post(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor | None:
+    outs = getattr(_PERIODIC_OUT, "outs", None)
+    return None if not outs else outs.pop(id(module), None)
+
+
+def _periodic_split(conv: nn.Conv2d, x: torch.Tensor, b: int, repeats: int) -> torch.Tensor:
+    """``conv(x)`` where input channels ``b:`` repeat with period ``N = M / repeats`` along the rows.
+
+    A convolution is a sum over input channels, so it splits into the part over the first ``b``
+    channels (all M rows) and the part over the rest, computed on the first N rows only (with the
+    bias) and tiled: the same sum, added in another order.
+    """
+    n = x.shape[0] // repeats
+    w = conv.weight
+    var = torch.nn.functional.conv2d(x[:, :b], w[:, :b], None, conv.stride, conv.padding, conv.dilation)
+    inv = torch.nn.functional.conv2d(x[:n, b:], w[:, b:], conv.bias, conv.stride, conv.padding, conv.dilation)
+    if var.dtype != torch.float32:  # one rounding of the sum, not two
+        return (var.float().unflatten(0, (repeats, n)) + inv.float()).flatten(0, 1).to(var.dtype)
+    return (var.unflatten(0, (repeats, n)) + inv).flatten(0, 1)
+
+
+def _hook_periodic_conv(conv: Any, boundary: int) -> None:
+    """Marks a plain ``Conv2d`` whose input channels ``boundary:`` carry the (repeated) skip, and
+    installs its hooks once. Other layers (LoRA wrappers, grouped or padded-mode convolutions) are
+    left alone: they compute the ordinary way."""
+    if type(conv) is not nn.Conv2d or conv.groups != 1 or conv.padding_mode != "zeros":
+        return
+    conv._fd_trt_periodic_from = int(boundary)
+    if not getattr(conv, "_fd_trt_periodic_hooked", False):
+        conv.register_forward_pre_hook(_periodic_conv_pre)
+        conv.register_forward_hook(_periodic_conv_post)
+        conv._fd_trt_periodic_hooked = True
+
+
+def _hook_up_resnet(resnet: nn.Module, skip_channels: int) -> None:
+    """Hooks the two convolutions of an up-block resnet that read its skip half.
+
+    The resnet's input is ``cat(h, skip)``. ``conv_shortcut`` reads it raw, so its channels from
+    ``C - skip_channels`` on repeat with the skip. ``conv1`` reads ``act(norm1(x))``: a GroupNorm
+    normalizes each row and group on its own, so only the groups that lie wholly inside the skip
+    channels repeat; a group straddling the boundary mixes in ``h`` and is computed per row.
+    """
+    norm, conv1 = getattr(resnet, "norm1", None), getattr(resnet, "conv1", None)
+    if not isinstance(norm, nn.GroupNorm) or conv1 is None or getattr(resnet, "upsample", None) is not None \
+            or getattr(resnet, "downsample", None) is not None:
+        return
+    c = int(norm.num_channels)
+    c0 = c - int(skip_channels)
+    if not 0 < c0 < c or c % norm.num_groups:
+        return
+    g = c // int(norm.num_groups)
+    first_whole_group = -(-c0 // g) * g
+    if first_whole_group < c:
+        _hook_periodic_conv(conv1, first_whole_group)
+    shortcut = getattr(resnet, "conv_shortcut", None)
+    if shortcut is not None and getattr(shortcut, "kernel_size", None) == (1, 1):
+        _hook_periodic_conv(shortcut, c0)
+
+
 class UNetEncoder(nn.Module):
     """conv_in + time embedding + down blocks + mid block.
 
@@ -385,6 +466,44 @@ class SplitUNet:
             yield
         finally:
             _TEXT_ROW_REPEATS.reset(token)
+
+    @contextlib.contextmanager
+    def skip_rows_repeated(self, repeats: int, skip_channels: Sequence[int]) -> Iterator[None]:
+        """Within the block, the decoder computes the skip half of its up-block convolutions once
+        per distinct row.
+
+        A decoder call over a segment of S steps repeats one key step's skip features S times
+        (:meth:`Features.repeat`). Every up-block resnet concatenates its skip to the hidden state,
+        so ``conv1`` and ``conv_shortcut`` would convolve the same skip channels S times. Inside
+        this block they convolve the skip channels of the first N rows once and add the result to
+        every step's rows (a sum over channels in another order: the same numbers within float
+        rounding). SD1.5 at 256x256: 14% fewer decoder FLOPs at 10 steps per call.
+
+        Only for eager PyTorch (the graphs keep the contract's tiled features), and only where the
+        caller itself tiled the skips with :meth:`Features.repeat`: the rows are not compared.
+
+        Args:
+            repeats: S, the steps whose rows share one key step's features (1 turns it off).
+            skip_channels: the channel count of every skip (``[s.shape[1] for s in features.skips]``).
+        """
+        if repeats <= 1:
+            yield
+            return
+        with _HOOK_LOCK:
+            left = list(skip_channels)
+            for block in self.decoder.up_blocks:
+                for resnet in block.resnets:
+                    if not left:
+                        break
+                    _hook_up_resnet(resnet, left.pop())
+        token = _SKIP_ROW_REPEATS.set(int(repeats))
+        try:
+            yield
+        finally:
+            _SKIP_ROW_REPEATS.reset(token)
+            outs = getattr(_PERIODIC_OUT, "outs", None)
+            if outs:
+                outs.clear()
 
 
 def feature_bytes_per_row(unet_config: Any, latent_hw: tuple[int, int], itemsize: int) -> int:

@@ -230,3 +230,128 @@ def test_text_row_sharing_is_per_thread():
         with pytest.raises(InputError, match="3 text rows cannot be 2 repeats"):
             split.decoder.text_projections()[0](torch.zeros(3, 7, 32))
     assert torch.equal(got["other"], want)
+
+
+def _periodic_convs(split):
+    """(conv, first shared input channel) of every up-block convolution hooked for skip sharing."""
+    out = []
+    for block in split.decoder.up_blocks:
+        for resnet in block.resnets:
+            for conv in (resnet.conv1, resnet.conv_shortcut):
+                b = getattr(conv, "_fd_trt_periodic_from", None)
+                if b is not None:
+                    out.append((conv, b))
+    return out
+
+
+@pytest.mark.parametrize("model", [*CONFIGS, "sdxl_base_like"])
+def test_decoder_convolves_the_skips_once_per_distinct_row(model):
+    # A decoder call over S steps repeats the key step's skips S times; the up-block convolutions
+    # convolve the skip channels of the N distinct rows once. The noise must equal S separate
+    # decoder calls, and the FLOPs must drop by exactly the skip part of those convolutions.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fd_trt.backends.torch import TorchRunner
+
+    if model == "sdxl_base_like":
+        unet, added = tiny_sdxl_unet(), added_conditioning("sdxl_base_like", 2)
+    else:
+        torch.manual_seed(0)
+        unet, added = UNet2DConditionModel(sample_size=16, **CONFIGS[model]).eval(), None
+    d = int(unet.config.cross_attention_dim)
+    g = torch.Generator().manual_seed(5)
+    x, text = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, d, generator=g)
+    steps = torch.tensor([800.0, 700.0, 600.0, 500.0])
+    s, n = len(steps), 2
+    with TorchRunner(unet) as runner, torch.no_grad():
+        feats = runner.encode(x, torch.full((2,), 800.0), text, added)
+        out = runner.decode(feats, steps, text, added)
+        for j in range(s):
+            want = runner.split.run_decoder(feats, steps[j].expand(2), text, added)
+            assert rel_l2(out[2 * j : 2 * j + 2], want) < 1e-5, j
+        hooked = _periodic_convs(runner.split)
+        assert hooked, "no up-block convolution reads a skip"
+        # Hand count of the saving: each hooked conv skips (S-1)*N rows of its channels b: on.
+        out_hw = {}
+        handles = [c.register_forward_hook(lambda m, a, o: out_hw.__setitem__(m, tuple(o.shape[-2:]))) for c, _ in hooked]
+        try:
+            runner.split.run_decoder(*_tiled(feats, steps, text, added))  # outside the block: plain convs
+        finally:
+            for h in handles:
+                h.remove()
+        saved = sum(
+            (s - 1) * n * 2 * c.out_channels * (c.in_channels - b) * c.kernel_size[0] * c.kernel_size[1] * out_hw[c][0] * out_hw[c][1]
+            for c, b in hooked
+        )
+        with runner.split.text_rows_repeated(s), FlopCounterMode(display=False) as plain:
+            runner.split.run_decoder(*_tiled(feats, steps, text, added))
+        with FlopCounterMode(display=False) as shared:
+            runner.decode(feats, steps, text, added)
+    assert saved > 0 and plain.get_total_flops() - shared.get_total_flops() == saved
+
+
+def _tiled(feats, steps, text, added):
+    from fd_trt.backends.base import expand_for_steps
+
+    return expand_for_steps(feats, steps, text, added)
+
+
+def test_skip_sharing_splits_at_whole_groupnorm_groups():
+    # sd_like_2_levels, first up block (64 channels out, 32 groups): its last resnet reads
+    # cat(h [64], skip [32]) = 96 channels in groups of 3, so the group at channels 63..65 mixes h
+    # and skip; conv1 may share from channel 66 only, conv_shortcut (raw input) from 64.
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=16, **CONFIGS["sd_like_2_levels"]).eval()
+    split = split_unet(unet)
+    feats = split.run_encoder(torch.randn(1, 4, 16, 16), torch.tensor([500.0]), torch.randn(1, 7, 32))
+    with split.skip_rows_repeated(2, [int(t.shape[1]) for t in feats.skips]):
+        pass
+    last = split.decoder.up_blocks[0].resnets[-1]
+    assert last.conv1.in_channels == 96
+    assert last.conv1._fd_trt_periodic_from == 66 and last.conv_shortcut._fd_trt_periodic_from == 64
+    first = split.decoder.up_blocks[0].resnets[0]  # 64 + 64 in groups of 4: the boundary is whole
+    assert first.conv1._fd_trt_periodic_from == 64 and first.conv_shortcut._fd_trt_periodic_from == 64
+
+
+def test_skip_sharing_in_bf16_stays_as_close_to_fp32_as_plain_bf16():
+    # Splitting the convolution adds its two halves in another order; in bf16 the halves are added
+    # in fp32 and rounded once, so the shared decoder is no further from fp32 than the plain one.
+    from fd_trt.backends.torch import converted_copy
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=16, **CONFIGS["sd_like_2_levels"]).eval()
+    bf = converted_copy(unet, "cpu", torch.bfloat16)
+    g = torch.Generator().manual_seed(7)
+    x, text = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, 32, generator=g)
+    steps = torch.tensor([900.0, 800.0, 700.0, 600.0, 500.0])
+    with torch.no_grad():
+        ref_split = split_unet(unet)
+        ref = ref_split.run_decoder(*_tiled(ref_split.run_encoder(x, torch.full((2,), 900.0), text), steps, text, None))
+        split = split_unet(bf)
+        feats = split.run_encoder(x.bfloat16(), torch.full((2,), 900.0), text.bfloat16())
+        tiled = _tiled(feats, steps, text.bfloat16(), None)
+        plain = split.run_decoder(*tiled).float()
+        with split.skip_rows_repeated(len(steps), [int(t.shape[1]) for t in feats.skips]):
+            shared = split.run_decoder(*tiled).float()
+    e_plain, e_shared = rel_l2(plain, ref), rel_l2(shared, ref)
+    assert 0 < e_plain < 3e-2 and e_shared < 1.5 * e_plain, (e_plain, e_shared)
+    assert not torch.equal(plain, shared)  # the split did run
+
+
+def test_skip_sharing_is_per_thread_and_off_outside_the_block():
+    import threading
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=16, **CONFIGS["sd_like_2_levels"]).eval()
+    split = split_unet(unet)
+    x, text = torch.randn(4, 4, 16, 16), torch.randn(4, 7, 32)  # 4 distinct rows: not periodic
+    with torch.no_grad():
+        want = unet(x, torch.full((4,), 300.0), text).sample
+        feats = split.run_encoder(x, torch.full((4,), 300.0), text)
+        got = {}
+        with split.skip_rows_repeated(2, [int(t.shape[1]) for t in feats.skips]):
+            t = threading.Thread(target=lambda: got.setdefault("other", unet(x, torch.full((4,), 300.0), text).sample))
+            t.start()
+            t.join()
+        after = unet(x, torch.full((4,), 300.0), text).sample
+    assert torch.equal(got["other"], want) and torch.equal(after, want)

@@ -200,8 +200,10 @@ class TorchRunner(Runner):
             self.launches["decoder"] += 1
             if self.cuda_graphs:  # a captured graph would keep one call's repeat count
                 return self._decode_rows(feats, t_rows, text_rows, added_rows)
-            # The S steps' rows share the text: project it once per distinct row (same numbers).
-            with self.split.text_rows_repeated(int(timesteps.shape[0])):
+            # The S steps' rows share the text and the skips: project the text once per distinct
+            # row, and convolve the skip half of the up-block convolutions once per distinct row.
+            steps = int(timesteps.shape[0])
+            with self.split.text_rows_repeated(steps), self.split.skip_rows_repeated(steps, [int(s.shape[1]) for s in features.skips]):
                 return self._decode_rows(feats, t_rows, text_rows, added_rows)
 
     def _decode_rows(
