@@ -510,7 +510,8 @@ class FasterDiffusionPipeline:
         def base_key() -> dict[str, Any]:
             return {
                 # 2: onnxruntime stopped spinning on CPU, so format-1 costs no longer hold.
-                "format": 2,
+                # 3: the torch decoder convolves repeated skips once per distinct row (faster).
+                "format": 3,
                 "unet_sha256": self.unet_sha256,
                 "device": device_name(self.device),
                 "device_type": self.device.type,
