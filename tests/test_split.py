@@ -172,21 +172,25 @@ def _rows_seen_by_text_projections(split):
     return seen, handles
 
 
+def _unet_and_inputs(model, seed):
+    """A test UNet (CONFIGS[model] or the tiny SDXL one), its added conditioning and 2 rows of inputs."""
+    if model == "sdxl_base_like":
+        unet, added = tiny_sdxl_unet(), added_conditioning("sdxl_base_like", 2)
+    else:
+        torch.manual_seed(0)
+        unet, added = UNet2DConditionModel(sample_size=16, **CONFIGS[model]).eval(), None
+    d = int(unet.config.cross_attention_dim)
+    g = torch.Generator().manual_seed(seed)
+    return unet, added, torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, d, generator=g)
+
+
 @pytest.mark.parametrize("model", ["sd_like_2_levels", "sdxl_base_like"])
 def test_decoder_projects_the_text_once_per_distinct_row(model):
     # A decoder call over S steps tiles N text rows S times; the key / value projections must see N
     # rows (not S*N) and the noise must equal S separate decoder calls.
     from fd_trt.backends.torch import TorchRunner
 
-    if model == "sdxl_base_like":
-        unet, added = tiny_sdxl_unet(), added_conditioning("sdxl_base_like", 2)
-        d = int(unet.config.cross_attention_dim)
-    else:
-        torch.manual_seed(0)
-        unet, added = UNet2DConditionModel(sample_size=16, **CONFIGS[model]).eval(), None
-        d = int(unet.config.cross_attention_dim)
-    g = torch.Generator().manual_seed(3)
-    x, text = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, d, generator=g)
+    unet, added, x, text = _unet_and_inputs(model, seed=3)
     steps = torch.tensor([800.0, 700.0, 600.0, 500.0])
     with TorchRunner(unet) as runner, torch.no_grad():
         feats = runner.encode(x, torch.full((2,), 800.0), text, added)
@@ -253,14 +257,7 @@ def test_decoder_convolves_the_skips_once_per_distinct_row(model):
 
     from fd_trt.backends.torch import TorchRunner
 
-    if model == "sdxl_base_like":
-        unet, added = tiny_sdxl_unet(), added_conditioning("sdxl_base_like", 2)
-    else:
-        torch.manual_seed(0)
-        unet, added = UNet2DConditionModel(sample_size=16, **CONFIGS[model]).eval(), None
-    d = int(unet.config.cross_attention_dim)
-    g = torch.Generator().manual_seed(5)
-    x, text = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, d, generator=g)
+    unet, added, x, text = _unet_and_inputs(model, seed=5)
     steps = torch.tensor([800.0, 700.0, 600.0, 500.0])
     s, n = len(steps), 2
     with TorchRunner(unet) as runner, torch.no_grad():
