@@ -234,7 +234,8 @@ def _periodic_split(conv: nn.Conv2d, x: torch.Tensor, b: int, repeats: int) -> t
     inv = torch.nn.functional.conv2d(x[:n, b:], w[:, b:], conv.bias, conv.stride, conv.padding, conv.dilation)
     if var.dtype != torch.float32:  # one rounding of the sum, not two
         return (var.float().unflatten(0, (repeats, n)) + inv.float()).flatten(0, 1).to(var.dtype)
-    return (var.unflatten(0, (repeats, n)) + inv).flatten(0, 1)
+    var.unflatten(0, (repeats, n)).add_(inv)  # in place: no second buffer of M rows to fault in
+    return var
 
 
 def _hook_periodic_conv(conv: Any, boundary: int) -> None:

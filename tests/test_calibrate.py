@@ -60,13 +60,16 @@ def test_search_finds_a_known_best_schedule():
 def test_resumed_runs_equal_full_runs(pipe, scheduler):
     # Candidates resume from the recorded run of the current schedule where they diverge from it;
     # the result must be the same as a run from step 0 (solver state and RNG state included).
+    # Equal to float rounding, not bit for bit: a resumed run may decode the rest of a segment in a
+    # shorter call, and the torch decoder adds the shared skip half of its convolutions only when a
+    # call has more than one step (a wrong solver or RNG state would move the errors by far more).
     ev = Evaluator(pipe, scheduler, 20, PROMPTS, [0, 1])
     cands = [[0, 3, 7], [0, 3, 9], [0, 2, 7], [0, 3, 7, 12], [0, 1, 3, 7], [0, 7]]
     full = [ev.error(c) for c in cands]
     ev.set_base([0, 3, 7])
     steps_before = ev.steps_run
     resumed = [ev.error(c) for c in cands]
-    assert resumed == full
+    assert resumed == pytest.approx(full, rel=1e-5)
     assert ev.steps_run - steps_before < 0.75 * 20 * len(cands)  # the shared prefixes were skipped
     assert len(set(full)) == len(full)
 
