@@ -206,7 +206,7 @@ def _periodic_conv_pre(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, .
     r = _SKIP_ROW_REPEATS.get()
     b = getattr(module, "_fd_trt_periodic_from", None)
     x = args[0]
-    if r <= 1 or b is None or type(module) is not nn.Conv2d or x.ndim != 4 or x.shape[0] % r or not 0 < b < x.shape[1]:
+    if r <= 1 or b is None or x.ndim != 4 or x.shape[0] % r or not 0 < b < x.shape[1]:
         return None
     out = _periodic_split(module, x, int(b), r)
     outs = getattr(_PERIODIC_OUT, "outs", None)

@@ -2,6 +2,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from fd_trt.backends.base import expand_for_steps
 from fd_trt.errors import InputError, UnsupportedModelError
 from fd_trt.split import Features, check_supported_config, split_unet
 
@@ -272,7 +273,7 @@ def test_decoder_convolves_the_skips_once_per_distinct_row(model):
         out_hw = {}
         handles = [c.register_forward_hook(lambda m, a, o: out_hw.__setitem__(m, tuple(o.shape[-2:]))) for c, _ in hooked]
         try:
-            runner.split.run_decoder(*_tiled(feats, steps, text, added))  # outside the block: plain convs
+            runner.split.run_decoder(*expand_for_steps(feats, steps, text, added))  # outside the block: plain convs
         finally:
             for h in handles:
                 h.remove()
@@ -281,16 +282,10 @@ def test_decoder_convolves_the_skips_once_per_distinct_row(model):
             for c, b in hooked
         )
         with runner.split.text_rows_repeated(s), FlopCounterMode(display=False) as plain:
-            runner.split.run_decoder(*_tiled(feats, steps, text, added))
+            runner.split.run_decoder(*expand_for_steps(feats, steps, text, added))
         with FlopCounterMode(display=False) as shared:
             runner.decode(feats, steps, text, added)
     assert saved > 0 and plain.get_total_flops() - shared.get_total_flops() == saved
-
-
-def _tiled(feats, steps, text, added):
-    from fd_trt.backends.base import expand_for_steps
-
-    return expand_for_steps(feats, steps, text, added)
 
 
 def test_skip_sharing_splits_at_whole_groupnorm_groups():
@@ -323,10 +318,10 @@ def test_skip_sharing_in_bf16_stays_as_close_to_fp32_as_plain_bf16():
     steps = torch.tensor([900.0, 800.0, 700.0, 600.0, 500.0])
     with torch.no_grad():
         ref_split = split_unet(unet)
-        ref = ref_split.run_decoder(*_tiled(ref_split.run_encoder(x, torch.full((2,), 900.0), text), steps, text, None))
+        ref = ref_split.run_decoder(*expand_for_steps(ref_split.run_encoder(x, torch.full((2,), 900.0), text), steps, text, None))
         split = split_unet(bf)
         feats = split.run_encoder(x.bfloat16(), torch.full((2,), 900.0), text.bfloat16())
-        tiled = _tiled(feats, steps, text.bfloat16(), None)
+        tiled = expand_for_steps(feats, steps, text.bfloat16(), None)
         plain = split.run_decoder(*tiled).float()
         with split.skip_rows_repeated(len(steps), [int(t.shape[1]) for t in feats.skips]):
             shared = split.run_decoder(*tiled).float()
