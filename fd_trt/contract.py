@@ -10,14 +10,21 @@ The contract of one UNet, for ``C`` latent channels, ``h x w`` latents and ``L x
 
     encoder  sample [rows,C,h,w], timestep [rows] f32, encoder_hidden_states [rows,L,D], *added
              -> mid, skip_00 .. skip_NN
-    decoder  mid, skip_00 .. skip_NN, timestep [rows] f32, encoder_hidden_states [rows,L,D], *added
-             -> noise_pred [rows,C_out,h,w]
+    decoder  mid, skip_00 .. skip_NN, timestep [step_rows] f32, encoder_hidden_states [rows,L,D], *added
+             -> noise_pred [step_rows,C_out,h,w]
 
 ``added`` is empty for SD 1.x/2.x (their graph names on disk are unchanged) and is
 ``text_embeds [rows,P]``, ``time_ids [rows,K] f32`` for SDXL (``addition_embed_type="text_time"``;
-P = 1280 and K = 6 for SDXL base, K = 5 for the refiner). Axis 0 (``rows``) is the only dynamic
-axis. Decoder rows are step-major: for S steps of one key step with N encoder rows, row
-``j*N + i`` is encoder row ``i`` at step ``j``.
+P = 1280 and K = 6 for SDXL base, K = 5 for the refiner). Axis 0 is the only dynamic axis.
+
+The decoder decodes S steps of one key step in one call. Its features, text and added
+conditioning are the key step's N encoder rows (axis ``rows``), given once; its ``timestep``
+and ``noise_pred`` have ``S*N`` rows (axis ``step_rows``), step-major: row ``j*N + i`` is encoder
+row ``i`` at step ``j``. The graph repeats the N rows S times itself, and computes what only
+depends on them once (the skip half of every up-block convolution, the text's key and value
+projections; :meth:`fd_trt.split.SplitUNet.skip_rows_repeated`). A decoder that took the features
+already tiled to S*N rows, as DESIGN.md first had it, convolved the same skips S times: on
+sd15-arch at 256x256 the shared graph's ONNX Runtime call of 5 steps is 1.12x faster.
 
 The optional ControlNet graph (one per ControlNet, :class:`ControlNetContract`)::
 
@@ -44,8 +51,10 @@ from typing import Any, Mapping, Sequence
 
 from .errors import EngineMismatchError, InputError
 
-#: The dynamic axis 0 of every graph tensor.
+#: The dynamic axis 0 of every graph tensor but the decoder's timestep and output.
 ROW_AXIS = "rows"
+#: The dynamic axis 0 of the decoder's ``timestep`` and ``noise_pred``: S steps of N rows.
+STEP_ROW_AXIS = "step_rows"
 #: How decoder rows are laid out: row ``j*N + i`` is encoder row ``i`` at step ``j``.
 ROW_LAYOUT = "step-major"
 #: A tensor at the graph's precision (fp32 or fp16).
@@ -175,22 +184,30 @@ class TensorSpec:
         dtype: :data:`FLOAT` (the graph's precision) or :data:`FLOAT32`.
         rowed: whether axis 0 is the dynamic row axis (every tensor but the ControlNet's
             ``conditioning_scale``, whose whole shape is ``tail``).
+        row_axis: the name of that axis: :data:`ROW_AXIS`, or :data:`STEP_ROW_AXIS` for the
+            decoder's ``timestep`` and ``noise_pred``.
     """
 
     name: str
     tail: tuple[Dim, ...]
     dtype: str = FLOAT
     rowed: bool = True
+    row_axis: str = ROW_AXIS
 
     @property
     def shape(self) -> tuple[Dim, ...]:
-        """The full shape, ``("rows", *tail)`` (``tail`` for a tensor without the row axis)."""
-        return (ROW_AXIS, *self.tail) if self.rowed else tuple(self.tail)
+        """The full shape, ``(row_axis, *tail)`` (``tail`` for a tensor without the row axis)."""
+        return (self.row_axis, *self.tail) if self.rowed else tuple(self.tail)
 
     @property
     def dynamic_axes(self) -> dict[int, str]:
-        """``{0: "rows"}``: only the row axis is dynamic (``{}`` without one)."""
-        return {0: ROW_AXIS} if self.rowed else {}
+        """``{0: row_axis}``: only the row axis is dynamic (``{}`` without one)."""
+        return {0: self.row_axis} if self.rowed else {}
+
+    @property
+    def step_rowed(self) -> bool:
+        """Whether axis 0 counts S steps of N rows (the decoder's ``timestep`` and ``noise_pred``)."""
+        return self.rowed and self.row_axis == STEP_ROW_AXIS
 
     @property
     def concrete(self) -> bool:
@@ -321,7 +338,10 @@ class GraphContract:
 
     @property
     def decoder(self) -> GraphSpec:
-        return GraphSpec("decoder", (*self._features(), *self._conditioning()), (TensorSpec(NOISE_PRED, self.out_tail),))
+        # The key step's features, text and added conditioning (N rows); the steps' timesteps (S*N).
+        inputs = (*self._features(), *(TensorSpec(t.name, t.tail, t.dtype, t.rowed, STEP_ROW_AXIS) if t.name == TIMESTEP else t
+                                        for t in self._conditioning()))
+        return GraphSpec("decoder", inputs, (TensorSpec(NOISE_PRED, self.out_tail, row_axis=STEP_ROW_AXIS),))
 
     def spec(self, role: str) -> GraphSpec:
         """The :class:`GraphSpec` of ``encoder`` or ``decoder``."""
@@ -568,6 +588,7 @@ __all__ = [
     "GraphSpec",
     "ROW_AXIS",
     "ROW_LAYOUT",
+    "STEP_ROW_AXIS",
     "TensorSpec",
     "added_input_names",
     "default_added_shapes",

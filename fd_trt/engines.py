@@ -68,7 +68,9 @@ from .export import (
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+#: 2: the decoder graph takes the key step's N rows of features and text, and S*N timesteps
+#: (DESIGN.md section 3 as amended); graphs of format 1 took the features tiled to S*N rows.
+FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 #: File suffix of TensorRT plans in an engine directory.
 PLAN_SUFFIX = ".plan"

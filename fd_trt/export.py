@@ -40,7 +40,7 @@ from torch import nn
 
 from .contract import FLOAT32, NOISE_PRED, TEXT, TIMESTEP, ControlNetContract, GraphContract, GraphSpec
 from .errors import BackendUnavailableError, EngineMismatchError, InputError
-from .split import Features, split_unet
+from .split import Features, SplitUNet, split_unet
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -52,6 +52,8 @@ MIN_OPSET = 17
 DEFAULT_OPSET = 17
 #: Protobuf cannot serialise a message of 2 GiB or more; above this the weights go to a .data file.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 1
+#: Steps of the decoder's tracing inputs (any S > 1: the graph takes every S).
+EXAMPLE_STEPS = 3
 PRECISIONS = ("fp32", "fp16")
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -190,24 +192,27 @@ def decoder_input_names(num_skips: int) -> list[str]:
 
 
 class DecoderForExport(nn.Module):
-    """Flattens the decoder's inputs to ``(mid, *skips, timestep, encoder_hidden_states, *added)``.
+    """The decoder graph's module: ``(mid, *skips, timestep, encoder_hidden_states, *added) -> noise_pred``.
 
-    The exporter names graph inputs positionally, and the split decoder takes the skips as one
-    sequence argument; this wrapper gives each skip its own named graph input.
+    The features, text and added conditioning have the key step's N rows and the timestep has S*N
+    (:meth:`fd_trt.split.SplitUNet.run_decoder_steps`, which repeats the rows inside the graph and
+    computes the skip convolutions and text projections once per distinct row). The exporter
+    names graph inputs positionally, and the split decoder takes the skips as one sequence
+    argument; this wrapper gives each skip its own named graph input.
 
     Args:
-        decoder: the ``UNetDecoder`` of :func:`fd_trt.split.split_unet`.
-        num_skips: number of skip features the encoder produces.
+        split: the :class:`~fd_trt.split.SplitUNet` of :func:`fd_trt.split.split_unet`.
     """
 
-    def __init__(self, decoder: nn.Module, num_skips: int) -> None:
+    def __init__(self, split: SplitUNet) -> None:
         super().__init__()
-        self.decoder = decoder
-        self.num_skips = num_skips
+        self.decoder = split.decoder  # registered, so the exporter sees the weights as parameters
+        self.split = split
+        self.num_skips = split.num_skips
 
     def forward(self, mid: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
         n = self.num_skips
-        return self.decoder(mid, rest[:n], rest[n], rest[n + 1], *rest[n + 2 :])
+        return self.split.run_decoder_steps(Features(mid, tuple(rest[:n])), rest[n], rest[n + 1], rest[n + 2 :])
 
 
 class ControlNetForExport(nn.Module):
@@ -495,6 +500,30 @@ def save_onnx(
     return data_path if external else None
 
 
+#: Protobuf's limit on one serialized message: larger models are shape-inferred through files.
+_PROTOBUF_LIMIT = 2**31 - 1
+
+
+def infer_shapes(model: "onnx.ModelProto") -> "onnx.ModelProto":
+    """ONNX shape inference with data propagation.
+
+    The decoder graph repeats its N input rows S = step_rows / N times (a Tile by a computed
+    count); only with the shape values propagated through ``Shape``, ``Div`` and ``Concat`` does
+    inference find that ``noise_pred`` is ``[step_rows, C, h, w]``, with every dim after the
+    rows fixed. Models above protobuf's 2 GB limit go through a temporary file.
+    """
+    onnx = _require_onnx()
+    if model.ByteSize() < _PROTOBUF_LIMIT:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    with tempfile.TemporaryDirectory(prefix=temp_prefix("shapes")) as tmp:
+        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        onnx.save_model(model, src, save_as_external_data=True, all_tensors_to_one_file=True, location="in.data",
+                        size_threshold=1024)
+        del model
+        onnx.shape_inference.infer_shapes_path(str(src), str(dst), strict_mode=True, data_prop=True)
+        return onnx.load(str(dst), load_external_data=True)
+
+
 def optimize_onnx(model: "onnx.ModelProto") -> "onnx.ModelProto":
     """Cleans up, folds constants and infers shapes.
 
@@ -509,7 +538,7 @@ def optimize_onnx(model: "onnx.ModelProto") -> "onnx.ModelProto":
     graph.cleanup().toposort()
     model = gs.export_onnx(graph)
     model = pg_onnx.fold_constants(model, num_passes=2, error_ok=False, allow_onnxruntime_shape_inference=False)
-    model = pg_onnx.infer_shapes(model, error_ok=False, allow_onnxruntime=False)
+    model = infer_shapes(model)
     # Folding can orphan nodes and initializers; one more cleanup keeps the files minimal.
     graph = gs.import_onnx(model)
     graph.cleanup().toposort()
@@ -627,8 +656,10 @@ def export_unet(
     enc_args = example_inputs(model, latent_size, text_shape, example_rows, _TORCH_DTYPES[precision], added_shapes=added_shapes)
     with torch.no_grad():
         feats = split.encoder(*enc_args)
-    # The decoder's inputs after the features are the encoder's after the sample.
-    dec_args = (*feats, *enc_args[1:])
+    # The decoder's inputs after the features are the encoder's after the sample, but for the
+    # timestep: EXAMPLE_STEPS steps of N rows, distinct per step, so that the trace keeps S and N apart.
+    steps = torch.linspace(900.0, 100.0, EXAMPLE_STEPS).repeat_interleave(example_rows).to(enc_args[1])
+    dec_args = (*feats, steps, *enc_args[2:])
 
     bar = tqdm(total=6, desc=f"export {precision}", disable=not progress, leave=False)
     try:
@@ -642,7 +673,7 @@ def export_unet(
             bar,
         )
         decoder = _export_graph(
-            DecoderForExport(split.decoder, num_skips),
+            DecoderForExport(split),
             dec_args,
             out / DECODER_FILE,
             contract.decoder,

@@ -511,7 +511,8 @@ class FasterDiffusionPipeline:
             return {
                 # 2: onnxruntime stopped spinning on CPU, so format-1 costs no longer hold.
                 # 3: the torch decoder convolves repeated skips once per distinct row (faster).
-                "format": 3,
+                # 4: so do the decoder graphs (engine format 2).
+                "format": 4,
                 "unet_sha256": self.unet_sha256,
                 "device": device_name(self.device),
                 "device_type": self.device.type,

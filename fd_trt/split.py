@@ -147,26 +147,45 @@ def added_tensors(names: tuple[str, ...], added: Added, rows: int) -> tuple[torc
     return out
 
 
+#: How many times a decoder call repeats its distinct rows: an ``int``, or the traced 0-d tensor
+#: S while the decoder graph is traced (:meth:`SplitUNet.run_decoder_steps`).
+Repeats = int | torch.Tensor
+
 #: Rows per distinct text row in the current decoder call (:meth:`SplitUNet.text_rows_repeated`);
 #: a context variable, so that concurrent calls on other threads are not affected.
-_TEXT_ROW_REPEATS: contextvars.ContextVar[int] = contextvars.ContextVar("fd_trt_text_row_repeats", default=1)
+_TEXT_ROW_REPEATS: contextvars.ContextVar[Repeats] = contextvars.ContextVar("fd_trt_text_row_repeats", default=1)
 #: Serializes installing the hooks: two threads hooking one module twice would slice its rows twice.
 _HOOK_LOCK = threading.Lock()
 
 
+def _sharing_off(repeats: Repeats) -> bool:
+    """Whether rows are not shared: ``repeats`` is an ``int`` of at most 1. While the decoder graph
+    is traced it is a traced 0-d tensor (the graph's S), and sharing is always on."""
+    return isinstance(repeats, int) and repeats <= 1
+
+
+def _fixed_tail(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself in eager mode. While a graph is traced, ``x`` reshaped to ``[-1, *tail]`` with
+    its dims after the rows as constants: a Tile or Reshape by a traced row count leaves every dim
+    unknown to ONNX shape inference, and the graph's output would lose its static shape."""
+    if not torch.jit.is_tracing():
+        return x
+    return x.reshape(-1, *(int(d) for d in x.shape[1:]))
+
+
 def _project_first_rows(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
     r = _TEXT_ROW_REPEATS.get()
-    if r <= 1:
+    if _sharing_off(r):
         return None
     x = args[0]
-    if x.shape[0] % r:
+    if isinstance(r, int) and x.shape[0] % r:
         raise InputError(f"{x.shape[0]} text rows cannot be {r} repeats of the same rows")
     return (x[: x.shape[0] // r], *args[1:])
 
 
 def _tile_projection(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor | None:
     r = _TEXT_ROW_REPEATS.get()
-    return None if r <= 1 else out.repeat(r, *([1] * (out.ndim - 1)))
+    return None if _sharing_off(r) else _fixed_tail(out.repeat(r, *([1] * (out.ndim - 1))))
 
 
 def _unhook_text_projection(module: nn.Module) -> None:
@@ -195,7 +214,7 @@ def _hook_text_projection(module: nn.Module) -> None:
 
 
 #: Rows per distinct feature row in the current decoder call (:meth:`SplitUNet.skip_rows_repeated`).
-_SKIP_ROW_REPEATS: contextvars.ContextVar[int] = contextvars.ContextVar("fd_trt_skip_row_repeats", default=1)
+_SKIP_ROW_REPEATS: contextvars.ContextVar[Repeats] = contextvars.ContextVar("fd_trt_skip_row_repeats", default=1)
 #: The output a periodic convolution computed in its pre-hook, handed to its forward hook (per thread).
 _PERIODIC_OUT = threading.local()
 
@@ -206,7 +225,7 @@ def _periodic_conv_pre(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, .
     r = _SKIP_ROW_REPEATS.get()
     b = getattr(module, "_fd_trt_periodic_from", None)
     x = args[0]
-    if r <= 1 or b is None or x.ndim != 4 or x.shape[0] % r or not 0 < b < x.shape[1]:
+    if _sharing_off(r) or b is None or x.ndim != 4 or (isinstance(r, int) and x.shape[0] % r) or not 0 < b < x.shape[1]:
         return None
     out = _periodic_split(module, x, int(b), r)
     outs = getattr(_PERIODIC_OUT, "outs", None)
@@ -221,7 +240,7 @@ def _periodic_conv_post(module: nn.Module, args: tuple[Any, ...], out: torch.Ten
     return None if not outs else outs.pop(id(module), None)
 
 
-def _periodic_split(conv: nn.Conv2d, x: torch.Tensor, b: int, repeats: int) -> torch.Tensor:
+def _periodic_split(conv: nn.Conv2d, x: torch.Tensor, b: int, repeats: Repeats) -> torch.Tensor:
     """``conv(x)`` where input channels ``b:`` repeat with period ``N = M / repeats`` along the rows.
 
     A convolution is a sum over input channels, so it splits into the part over the first ``b``
@@ -232,8 +251,10 @@ def _periodic_split(conv: nn.Conv2d, x: torch.Tensor, b: int, repeats: int) -> t
     w = conv.weight
     var = torch.nn.functional.conv2d(x[:, :b], w[:, :b], None, conv.stride, conv.padding, conv.dilation)
     inv = torch.nn.functional.conv2d(x[:n, b:], w[:, b:], conv.bias, conv.stride, conv.padding, conv.dilation)
-    if var.dtype != torch.float32:  # one rounding of the sum, not two
+    if var.dtype != torch.float32 and not torch.jit.is_tracing():  # one rounding of the sum, not two
         return (var.float().unflatten(0, (repeats, n)) + inv.float()).flatten(0, 1).to(var.dtype)
+    if torch.jit.is_tracing():  # an ONNX graph has no views: an in-place add to one would be lost
+        return _fixed_tail((var.unflatten(0, (repeats, n)) + inv).flatten(0, 1))
     var.unflatten(0, (repeats, n)).add_(inv)  # in place: no second buffer of M rows to fault in
     return var
 
@@ -438,8 +459,44 @@ class SplitUNet:
         extra = added_tensors(self.added_names, added, features.rows)
         return self.decoder(features.mid, features.skips, timestep, text, *extra)
 
+    def run_decoder_steps(
+        self, features: Features, timestep: torch.Tensor, text: torch.Tensor, added: Sequence[torch.Tensor] = ()
+    ) -> torch.Tensor:
+        """Decodes S steps of one key step: the decoder graph's computation (DESIGN.md section 3).
+
+        The N rows of features, text and added conditioning are repeated S times (step-major)
+        here, and the convolutions and projections that read only them run once per distinct row
+        (:meth:`skip_rows_repeated`, :meth:`text_rows_repeated`). S is ``timestep.shape[0] / N``;
+        while the graph is traced it stays a traced value, so one graph serves every S.
+
+        Args:
+            features: N rows.
+            timestep: ``[S*N]``, step-major (row ``j*N + i`` is row ``i`` at step ``j``).
+            text: ``[N,L,D]``.
+            added: SDXL's added conditioning with N rows each, in :attr:`added_names` order.
+
+        Returns:
+            ``[S*N,C,h,w]`` noise predictions.
+        """
+        n = features.mid.shape[0]
+        if not torch.jit.is_tracing():
+            if text.shape[0] != n or any(a.shape[0] != n for a in added) or timestep.ndim != 1 \
+                    or timestep.shape[0] == 0 or timestep.shape[0] % n:
+                raise InputError(
+                    f"decoder rows disagree: features {n}, text {tuple(text.shape)}, added {[tuple(a.shape) for a in added]}, "
+                    f"timestep {tuple(timestep.shape)}; give N rows of features, text and added, and S*N timesteps"
+                )
+        repeats = timestep.shape[0] // n
+
+        def tile(x: torch.Tensor) -> torch.Tensor:
+            return _fixed_tail(x.repeat(repeats, *([1] * (x.ndim - 1))))
+
+        skips = [tile(s) for s in features.skips]
+        with self.text_rows_repeated(repeats), self.skip_rows_repeated(repeats, [int(s.shape[1]) for s in features.skips]):
+            return self.decoder(tile(features.mid), skips, timestep, tile(text), *(tile(a) for a in added))
+
     @contextlib.contextmanager
-    def text_rows_repeated(self, repeats: int) -> Iterator[None]:
+    def text_rows_repeated(self, repeats: Repeats) -> Iterator[None]:
         """Within the block, the decoder's text-side attention projections run once per distinct row.
 
         A decoder call over a segment of S steps tiles the N rows of text S times (step-major,
@@ -450,26 +507,26 @@ class SplitUNet:
         of width 2048 against 64 image tokens at the lowest level) spends about a tenth of its
         decoder FLOPs there, SD1.5 about 1%.
 
-        Only for eager PyTorch (the graphs take the tiled text as the contract says), and only
-        where the caller itself tiled the text: the rows are not compared.
+        Only where the caller itself tiled the text: the rows are not compared. The decoder graph
+        does it in :meth:`run_decoder_steps`.
 
         Args:
             repeats: S, the steps whose rows share one text (1 turns the sharing off).
         """
-        if repeats <= 1:
+        if _sharing_off(repeats):
             yield
             return
         with _HOOK_LOCK:
             for module in self.decoder.text_projections():
                 _hook_text_projection(module)
-        token = _TEXT_ROW_REPEATS.set(int(repeats))
+        token = _TEXT_ROW_REPEATS.set(repeats if isinstance(repeats, torch.Tensor) else int(repeats))
         try:
             yield
         finally:
             _TEXT_ROW_REPEATS.reset(token)
 
     @contextlib.contextmanager
-    def skip_rows_repeated(self, repeats: int, skip_channels: Sequence[int]) -> Iterator[None]:
+    def skip_rows_repeated(self, repeats: Repeats, skip_channels: Sequence[int]) -> Iterator[None]:
         """Within the block, the decoder computes the skip half of its up-block convolutions once
         per distinct row.
 
@@ -480,14 +537,14 @@ class SplitUNet:
         every step's rows (a sum over channels in another order: the same numbers within float
         rounding). SD1.5 at 256x256: 14% fewer decoder FLOPs at 10 steps per call.
 
-        Only for eager PyTorch (the graphs keep the contract's tiled features), and only where the
-        caller itself tiled the skips with :meth:`Features.repeat`: the rows are not compared.
+        Only where the caller itself tiled the skips with :meth:`Features.repeat`: the rows are
+        not compared. The decoder graph does it in :meth:`run_decoder_steps`.
 
         Args:
             repeats: S, the steps whose rows share one key step's features (1 turns it off).
             skip_channels: the channel count of every skip (``[s.shape[1] for s in features.skips]``).
         """
-        if repeats <= 1:
+        if _sharing_off(repeats):
             yield
             return
         with _HOOK_LOCK:
@@ -497,7 +554,7 @@ class SplitUNet:
                     if not left:
                         break
                     _hook_up_resnet(resnet, left.pop())
-        token = _SKIP_ROW_REPEATS.set(int(repeats))
+        token = _SKIP_ROW_REPEATS.set(repeats if isinstance(repeats, torch.Tensor) else int(repeats))
         try:
             yield
         finally:

@@ -25,7 +25,10 @@ def test_sd_contract_keeps_the_graph_names_on_disk(tiny_sd):
     assert contract.row_layout == "step-major"
     assert contract.decoder.tensor("timestep").dtype == FLOAT32
     assert contract.encoder.tensor("sample").shape_at(3) == (3, 4, 8, 8)
-    assert all(axes == {0: "rows"} for axes in contract.decoder.dynamic_axes.values())
+    # The decoder takes the key step's N rows of features and text, and S*N timesteps (step-major).
+    axes = contract.decoder.dynamic_axes
+    assert axes.pop("timestep") == axes.pop("noise_pred") == {0: "step_rows"}
+    assert axes == {n: {0: "rows"} for n in ["mid", *skips, "encoder_hidden_states"]}
 
 
 @pytest.mark.parametrize("name", ["sd_like_2_levels", "3_levels_linear_proj_per_block_heads", "sd2_style_4_levels"])

@@ -135,6 +135,38 @@ def test_ort_decoder_graph_takes_independent_rows(runner, split, engine_dir):
     assert rel_err(got, want) < REL_TOL
 
 
+@pytest.mark.parametrize("rows,steps", [(2, 1), (2, 3), (2, 7), (4, 2)])
+def test_decoder_graph_repeats_the_key_step_rows_itself(split, engine_dir, rows, steps):
+    # The contract: N rows of features and text, S*N step-major timesteps -> S*N predictions, equal
+    # to the torch decoder on the features tiled S times.
+    sample, _, text = _inputs(rows, seed=5)
+    t = torch.linspace(950.0, 30.0, steps).repeat_interleave(rows)
+    with torch.no_grad():
+        feats = split.run_encoder(sample, torch.full((rows,), 700.0), text)
+        want = split.run_decoder(feats.repeat(steps), t, text.repeat(steps, 1, 1))
+    sess = ort.InferenceSession(str(engine_dir / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    feed = {n: v.numpy() for n, v in zip(Features.names(len(feats.skips)), feats.tensors())}
+    feed.update(timestep=t.numpy(), encoder_hidden_states=text.numpy())
+    got = torch.from_numpy(sess.run(None, feed)[0])
+    assert got.shape == (steps * rows, 4, *LATENT)
+    assert rel_err(got, want) < REL_TOL
+
+
+def test_decoder_graph_convolves_the_skips_once_per_distinct_row(engine_dir):
+    dec = onnx.load(str(engine_dir / "decoder.onnx"))
+    dims = {t.name: list(t.dims) for t in dec.graph.initializer}
+    in_channels = sorted(dims[n.input[1]][1] for n in dec.graph.node if n.op_type == "Conv")
+    # The tiny UNet's decoder has 18 convolutions (17 in its up blocks, conv_out). Its four
+    # up-block resnets read cat(h, skip) with 128 = 64 + 64, 96 = 64 + 32 (twice) and 64 = 32 + 32
+    # channels, GroupNorm of 32 groups: conv1 and the 1x1 conv_shortcut of each split in two, the
+    # skip half computed on N rows only. conv1 splits at the first whole group inside the skip:
+    # 64 of 128 (groups of 4), 66 of 96 (groups of 3: the group 63..65 mixes h and skip), 32 of 64.
+    assert len(in_channels) == 18 + 8
+    for split_at, total in [(64, 128), (66, 96), (32, 64)]:
+        assert split_at in in_channels and total - split_at in in_channels
+    assert 128 not in in_channels and 96 not in in_channels  # no resnet convolves its whole input at once
+
+
 def test_pipeline_latents_match_torch_backend(sd, engine_dir):
     from fd_trt import FasterDiffusionPipeline
 

@@ -288,6 +288,35 @@ def test_decoder_convolves_the_skips_once_per_distinct_row(model):
     assert saved > 0 and plain.get_total_flops() - shared.get_total_flops() == saved
 
 
+@pytest.mark.parametrize("model", ["sd_like_2_levels", "sdxl_base_like"])
+def test_run_decoder_steps_is_the_decoder_graph_computation(model):
+    # The decoder graph's module: N rows of features, text and added conditioning, S*N step-major
+    # timesteps. It must equal S separate decoder calls, with the shared FLOPs of the torch runner.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fd_trt.backends.torch import TorchRunner
+
+    unet, added, x, text = _unet_and_inputs(model, seed=7)
+    steps = torch.tensor([900.0, 650.0, 400.0])
+    extra = () if added is None else tuple(added[k] for k in ("text_embeds", "time_ids"))
+    with TorchRunner(unet) as runner, torch.no_grad():
+        split = runner.split
+        feats = split.run_encoder(x, torch.full((2,), 900.0), text, added)
+        with FlopCounterMode(display=False) as graph_flops:
+            out = split.run_decoder_steps(feats, steps.repeat_interleave(2), text, extra)
+        assert out.shape == (6, 4, 16, 16)
+        for j in range(3):
+            want = split.run_decoder(feats, steps[j].expand(2), text, added)
+            assert rel_l2(out[2 * j : 2 * j + 2], want) < 1e-5, j
+        with FlopCounterMode(display=False) as runner_flops:
+            runner.decode(feats, steps, text, added)
+        assert graph_flops.get_total_flops() == runner_flops.get_total_flops()
+        with pytest.raises(InputError, match=r"timestep \(5,\).*S\*N timesteps"):
+            split.run_decoder_steps(feats, torch.linspace(900.0, 100.0, 5), text, extra)
+        with pytest.raises(InputError, match=r"text \(1, 7"):
+            split.run_decoder_steps(feats, steps.repeat_interleave(2), text[:1], extra)
+
+
 def test_skip_sharing_splits_at_whole_groupnorm_groups():
     # sd_like_2_levels, first up block (64 channels out, 32 groups): its last resnet reads
     # cat(h [64], skip [32]) = 96 channels in groups of 3, so the group at channels 63..65 mixes h

@@ -171,11 +171,35 @@ class Runner(abc.ABC):
         """
 
 
+def step_timesteps(features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None) -> torch.Tensor:
+    """The decoder's per-row timesteps for S steps of N rows (step-major), after checking that the
+    text and added conditioning have the features' N rows.
+
+    Args:
+        features: N rows.
+        timesteps: ``[S]``.
+        text: ``[N,L,D]``.
+        added: ``None``, or per-row tensors with N rows each (SDXL's ``text_embeds``, ``time_ids``).
+
+    Returns:
+        ``[S*N]``: row ``j*N + i`` has step ``j``'s timestep.
+    """
+    n = features.rows
+    if text.shape[0] != n:
+        raise InputError(f"text has {text.shape[0]} rows but the features have {n}: pass the encoder's text")
+    if timesteps.ndim != 1 or timesteps.shape[0] < 1:
+        raise InputError(f"timesteps must be a non-empty 1-D tensor, got shape {tuple(timesteps.shape)}")
+    bad = {k: tuple(v.shape) for k, v in (added or {}).items() if v.ndim < 1 or v.shape[0] != n}
+    if bad:
+        raise InputError(f"added conditioning {bad} must have the features' {n} rows: pass the encoder's")
+    return timesteps.repeat_interleave(n)
+
+
 def expand_for_steps(
     features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None
 ) -> tuple[Features, torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
     """Tiles the features, text and added conditioning to ``S*N`` step-major rows and gives each
-    row its timestep.
+    row its timestep (what the decoder graph does inside, for eager PyTorch).
 
     Args:
         features: N rows.
@@ -186,17 +210,9 @@ def expand_for_steps(
     Returns:
         ``(features, timestep [S*N], text [S*N,L,D], added with S*N rows or None)``.
     """
-    n = features.rows
-    if text.shape[0] != n:
-        raise InputError(f"text has {text.shape[0]} rows but the features have {n}: pass the encoder's text")
-    if timesteps.ndim != 1 or timesteps.shape[0] < 1:
-        raise InputError(f"timesteps must be a non-empty 1-D tensor, got shape {tuple(timesteps.shape)}")
+    rows_t = step_timesteps(features, timesteps, text, added)
     s = int(timesteps.shape[0])
-    rows_t = timesteps.repeat_interleave(n)
     rows_added = None
     if added is not None:
-        bad = {k: tuple(v.shape) for k, v in added.items() if v.ndim < 1 or v.shape[0] != n}
-        if bad:
-            raise InputError(f"added conditioning {bad} must have the features' {n} rows: pass the encoder's")
         rows_added = {k: (v.repeat(s, *([1] * (v.ndim - 1))) if s > 1 else v) for k, v in added.items()}
     return features.repeat(s), rows_t, (text.repeat(s, 1, 1) if s > 1 else text), rows_added

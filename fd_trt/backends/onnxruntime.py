@@ -31,7 +31,7 @@ from ..contract import (
 )
 from ..errors import BackendUnavailableError, EngineMismatchError, FdTrtError, InputError
 from ..split import Added, Features
-from .base import Runner, expand_for_steps
+from .base import Runner, step_timesteps
 
 logger = logging.getLogger(__name__)
 
@@ -456,17 +456,17 @@ class OrtRunner(Runner):
 
     def _decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None) -> torch.Tensor:
         assert self._dec is not None and self.contract is not None
-        feats, t_rows, text_rows, added_rows = expand_for_steps(
-            features, timesteps.to(self.device, torch.float32), text.to(self.device), self._conditioning(added) or None
-        )
+        cond = self._conditioning(added)
+        t_rows = step_timesteps(features, timesteps.to(self.device, torch.float32), text, cond)
         names = self.contract.feature_names
-        if len(feats.skips) + 1 != len(names):
+        if len(features.skips) + 1 != len(names):
             raise InputError(
-                f"features have {len(feats.skips)} skips but the graphs carry {len(names) - 1}: pass the features "
+                f"features have {len(features.skips)} skips but the graphs carry {len(names) - 1}: pass the features "
                 "this runner's encode() returned"
             )
-        feeds: dict[str, torch.Tensor] = dict(zip(names, feats.tensors()))
-        feeds.update({TIMESTEP: t_rows, TEXT: text_rows, **(added_rows or {})})
+        # The graph repeats the key step's rows for the S steps itself (DESIGN.md section 3).
+        feeds: dict[str, torch.Tensor] = dict(zip(names, features.tensors()))
+        feeds.update({TIMESTEP: t_rows, TEXT: text, **cond})
         (noise,) = self._run(self._dec, feeds, int(t_rows.shape[0]))
         return noise.float()
 
