@@ -162,8 +162,11 @@ class OnnxParser(_ParserErrors):
                 tt = v.type.tensor_type
                 dims = Dims(d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim)
                 out.append(_Tensor(v.name, dims, _ONNX_TO_TRT[tt.elem_type]))
+                # The symbol of a dynamic axis 0: TensorRT derives an output's rows from the inputs'.
+                self.network.row_symbols[v.name] = tt.shape.dim[0].dim_param if tt.shape.dim else ""
             return out
 
+        self.network.row_symbols = {}
         self.network._inputs = tensors(proto.graph.input)
         self.network._outputs = tensors(proto.graph.output)
         buf = io.BytesIO()
@@ -263,6 +266,7 @@ class Builder:
             "profile": {k: [list(s) for s in v] for k, v in profile.items()},
             "inputs": [[t.name, list(t.shape), t.dtype.name] for t in network._inputs],
             "outputs": [[t.name, list(t.shape), t.dtype.name] for t in network._outputs],
+            "row_symbols": network.row_symbols,
             "level": config.builder_optimization_level,
             "refit": BuilderFlag.REFIT in config.flags,
         }
@@ -371,11 +375,22 @@ class IExecutionContext:
         self.device_memory = (int(memory), int(size))
 
     def _output_shapes(self) -> dict[str, Dims]:
-        # Inputs whose axis 0 is static in the network (the ControlNet's conditioning_scale) have no rows.
-        rows = {s[0] for k, s in self.shapes.items() if self.engine._io[k][0][0] < 0}
-        assert len(rows) == 1, f"inputs disagree on rows: {self.shapes}"
-        (n,) = rows
-        return {k: Dims((n, *v[0][1:])) for k, v in self.engine._io.items() if v[2] == TensorIOMode.OUTPUT}
+        # Inputs whose axis 0 is static in the network (the ControlNet's conditioning_scale) have no
+        # rows; the others have the rows of their axis' symbol ("rows", or the decoder's "step_rows"),
+        # and each output those of its own symbol.
+        symbols = self.engine.header["row_symbols"]
+        rows: dict[str, set[int]] = {}
+        for k, s in self.shapes.items():
+            if self.engine._io[k][0][0] < 0:
+                rows.setdefault(symbols[k], set()).add(int(s[0]))
+        assert all(len(v) == 1 for v in rows.values()), f"inputs disagree on rows: {self.shapes}"
+        by_symbol = {k: next(iter(v)) for k, v in rows.items()}
+        out = {}
+        for k, v in self.engine._io.items():
+            if v[2] == TensorIOMode.OUTPUT:
+                assert symbols[k] in by_symbol, f"output {k!r} has rows {symbols[k]!r}, no input has: {self.shapes}"
+                out[k] = Dims((by_symbol[symbols[k]], *v[0][1:]))
+        return out
 
     def execute_async_v3(self, stream_handle: int) -> bool:
         inputs = [n for n in self.engine._names if self.engine.get_tensor_mode(n) == TensorIOMode.INPUT]

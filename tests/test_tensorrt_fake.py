@@ -77,7 +77,12 @@ def test_plans_are_built_into_the_manifest_with_the_asked_settings(trt, graphs, 
     assert plans["decoder"].tensorrt_version == "10.13.0.fake" and plans["decoder"].compute_capability == [9, 0]
     header = fake_tensorrt.plan_header(folder / plans["decoder"].file)
     assert header["strongly_typed"] and header["level"] == 1
-    assert [shape[0] for shape in header["profile"]["mid"]] == [1, 6, 8]
+    # The timestep has the rows of every step in a call; the features and text have the key
+    # step's, once for all the steps: tuned at the encoder's 2 rows, up to the decoder's 8 (a
+    # batch above the build's decodes one step per call).
+    assert [shape[0] for shape in header["profile"]["timestep"]] == [1, 6, 8]
+    assert [shape[0] for shape in header["profile"]["mid"]] == [1, 2, 8]
+    assert [shape[0] for shape in header["profile"]["encoder_hidden_states"]] == [1, 2, 8]
     dtypes = {name: dtype for name, _, dtype in header["inputs"]}
     assert dtypes["mid"] == "HALF"  # the fp16 graph's own types decide the plan's precision
     _, config = fake_tensorrt.Builder.builds[-1]
@@ -149,9 +154,10 @@ def test_cuda_graph_replay_equals_a_plain_run(trt, graphs):
             outs.append(runner.decode(feats2, torch.tensor([450.0]), text))
             if cuda_graphs:
                 assert runner._dec is not None and runner._enc is not None
-                assert sorted(runner._dec.graphs) == [2, 6]  # one graph per decoder row count
-                assert sorted(runner._enc.graphs) == [2]
-                assert runner._dec.graphs[2].replays == 4 and runner._dec.graphs[6].replays == 2  # warm-up included
+                # One graph per (decoder rows, key-step rows): 1 and 3 steps of the same 2 rows.
+                assert sorted(runner._dec.graphs) == [(2, 2), (6, 2)]
+                assert sorted(runner._enc.graphs) == [(2, 2)]
+                assert runner._dec.graphs[(2, 2)].replays == 4 and runner._dec.graphs[(6, 2)].replays == 2  # warm-up included
             results.append((feats, feats2, outs))
     for a, b in zip(results[0], results[1]):
         if isinstance(a, list):
@@ -173,7 +179,7 @@ def test_a_plan_that_cannot_be_captured_runs_with_plain_launches(trt, graphs, ca
         with caplog.at_level(logging.WARNING, logger="fd_trt.backends.tensorrt"):
             feats = runner.encode(sample, t, text)
             outs = [runner.decode(feats, torch.tensor([800.0, 700.0]), text) for _ in range(2)]
-        assert runner._dec.graphs == {4: None} and runner._enc is not None and list(runner._enc.graphs) == [2]
+        assert runner._dec.graphs == {(4, 2): None} and runner._enc is not None and list(runner._enc.graphs) == [(2, 2)]
     assert sum("cannot be captured" in r.message for r in caplog.records if r.name == "fd_trt.backends.tensorrt") == 1
     for out in outs:
         torch.testing.assert_close(out, ref, rtol=0, atol=0)
@@ -186,8 +192,8 @@ def test_the_stand_in_catches_a_missing_stream_wait(trt, graphs, monkeypatch):
         feats = runner.encode(sample, t, text)
         good = [runner.decode(feats, torch.tensor([s]), text) for s in (800.0, 100.0)]
 
-        def no_wait(e, rows):
-            runner._set_rows(e, rows)
+        def no_wait(e, rows, key_rows=None):
+            runner._set_rows(e, (rows, rows if key_rows is None else key_rows))
             with torch.cuda.stream(runner._stream):
                 runner._enqueue(e, runner._stream)
 
@@ -557,10 +563,13 @@ def test_sdxl_plans_profile_the_added_conditioning_and_match_onnxruntime(trt, tm
                   added_shapes={"text_embeds": [pooled], "time_ids": [k]}, max_segment_steps=MAX_SEGMENT_STEPS,
                   progress=False)
     built = build_plans(folder, opt_segment_steps=2)
+    enc_rows = next(r.record.rows for r in built if r.record.role == "encoder")
     for res in built:
         header = fake_tensorrt.plan_header(folder / res.record.file)
-        assert header["profile"]["text_embeds"] == [[lo, pooled] for lo in res.record.rows]
-        assert header["profile"]["time_ids"] == [[lo, k] for lo in res.record.rows]
+        # The decoder takes the key step's added rows: tuned at the encoder's, up to its own maximum.
+        rows = res.record.rows if res.record.role == "encoder" else [res.record.rows[0], enc_rows[1], res.record.rows[2]]
+        assert header["profile"]["text_embeds"] == [[lo, pooled] for lo in rows]
+        assert header["profile"]["time_ids"] == [[lo, k] for lo in rows]
         assert dict((n, d) for n, _, d in header["inputs"])["time_ids"] == "FLOAT"
     gen = torch.Generator().manual_seed(0)
     sample, text = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 5, unet.config.cross_attention_dim, generator=gen)

@@ -7,11 +7,13 @@ Runtime (DESIGN.md section 5). Plans are deserialized once; every input and outp
 CUDA tensor preallocated at the profile's maximum rows, and each call uses its first rows, so
 tensor addresses never change. Which tensors there are, and how the decoder's rows are laid out
 (step-major), is the graph contract's (:class:`fd_trt.contract.GraphContract`, read from the
-manifest): SDXL's ``text_embeds`` and ``time_ids`` are copied in and tiled like the text. Calls
+manifest): the decoder takes the key step's features, text and SDXL conditioning once, at N
+rows (their buffers are allocated at the encoder profile's maximum), and S*N timesteps, and
+repeats the N rows for the S steps inside the plan. Calls
 run with ``set_input_shape``, ``set_tensor_address`` and ``execute_async_v3`` on a non-default
 stream that is ordered after the caller's stream. The two execution contexts share one scratch
 allocation (user-managed device memory) because they never run at the same time. With
-``cuda_graphs=True`` every (graph, row count) pair is captured into a CUDA graph after one
+``cuda_graphs=True`` every (graph, row counts) pair is captured into a CUDA graph after one
 warm-up run, then replayed.
 
 Encoder calls with more rows than the encoder profile's maximum run in chunks of that maximum
@@ -152,11 +154,16 @@ class _Engine:
     min_rows: int
     max_rows: int
     buffers: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-    rows: int = 0  # the rows the context's input shapes are set for
-    # One captured graph per row count; None where TensorRT refused the capture (plain launches then).
-    graphs: dict[int, torch.cuda.CUDAGraph | None] = field(default_factory=dict, repr=False)
+    # The (rows, key rows) the context's input shapes are set for.
+    rows: tuple[int, int] = (0, 0)
+    # One captured graph per (rows, key rows); None where TensorRT refused the capture (plain launches then).
+    graphs: dict[tuple[int, int], torch.cuda.CUDAGraph | None] = field(default_factory=dict, repr=False)
     # Inputs without a row axis (the ControlNet's conditioning_scale): bound at their one static shape.
     fixed: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # Inputs with the key step's rows (the decoder's features, text and added conditioning, one
+    # copy for all the steps of a call), and the most rows their profile takes.
+    key_inputs: tuple[str, ...] = ()
+    key_max_rows: int = 0
 
 
 class TrtRunner(Runner):
@@ -299,9 +306,11 @@ class TrtRunner(Runner):
         manifest.plans[res.record.file] = res.record
         return res.record
 
-    def _load(self, role: str, record: PlanRecord, fixed: tuple[str, ...] = (), own_memory: bool = False) -> _Engine:
+    def _load(self, role: str, record: PlanRecord, fixed: tuple[str, ...] = (), own_memory: bool = False,
+              key_inputs: tuple[str, ...] = ()) -> _Engine:
         """Deserializes a plan and allocates its buffers; ``fixed`` names inputs without a row
-        axis, and ``own_memory`` gives the context its own scratch memory (the ControlNet's)."""
+        axis, ``own_memory`` gives the context its own scratch memory (the ControlNet's), and
+        ``key_inputs`` the inputs with the key step's rows (the decoder's features and text)."""
         import tensorrt as trt
 
         from ..engines import file_sha256
@@ -337,15 +346,17 @@ class TrtRunner(Runner):
                 raise EngineMismatchError(f"{path}: tensor {n!r} has shape {shape}; only axis 0 may be dynamic; {fix}")
             tails[n] = tuple(shape[1:])
         rowed = [n for n in inputs if n not in fixed]
-        lo_dims, _, hi_dims = engine.get_tensor_profile_shape(rowed[0], 0)
+        lo_dims, _, hi_dims = engine.get_tensor_profile_shape(next(n for n in rowed if n not in key_inputs), 0)
+        key_max = int(engine.get_tensor_profile_shape(key_inputs[0], 0)[2][0]) if key_inputs else 0
         context, user_managed = _create_context(engine, self.share_memory and not own_memory)
         if context is None:
             raise FdTrtError(f"TensorRT could not create an execution context for {path} (out of GPU memory?)")
         entry = _Engine(role, path, engine, context, user_managed, inputs, outputs, tails, int(lo_dims[0]), int(hi_dims[0]),
-                        fixed=static)
+                        fixed=static, key_inputs=tuple(key_inputs), key_max_rows=key_max)
         for n in names:
+            rows = key_max if n in key_inputs else entry.max_rows
             entry.buffers[n] = torch.empty(
-                static[n] if n in static else (entry.max_rows, *tails[n]), dtype=_torch_dtype(engine.get_tensor_dtype(n)),
+                static[n] if n in static else (rows, *tails[n]), dtype=_torch_dtype(engine.get_tensor_dtype(n)),
                 device=self.device,
             )
         return entry
@@ -386,8 +397,9 @@ class TrtRunner(Runner):
         self._runtime = trt.Runtime(self._trt_logger)
         self._stream = torch.cuda.Stream(self.device)
         records = {role: self._select_plan(manifest, role, profiles) for role in ROLES}
-        enc, dec = self._load("encoder", records["encoder"]), self._load("decoder", records["decoder"])
         contract = GraphContract.from_manifest(manifest)
+        key_inputs = tuple(t.name for t in contract.decoder.inputs if t.rowed and not t.step_rowed)
+        enc, dec = self._load("encoder", records["encoder"]), self._load("decoder", records["decoder"], key_inputs=key_inputs)
         self._check_contract(contract, enc, dec)
         self._bind([enc, dec])
         self._enc, self._dec, self.plans, self.contract = enc, dec, records, contract
@@ -606,12 +618,13 @@ class TrtRunner(Runner):
                 f"directory with fd-trt build --backend tensorrt {fix}"
             )
 
-    def _set_rows(self, e: _Engine, rows: int) -> None:
+    def _set_rows(self, e: _Engine, rows: tuple[int, int]) -> None:
+        """Sets the input shapes for ``rows = (rows, key rows)``."""
         if e.rows == rows:
             return
-        self._check_profile(e, rows)
+        self._check_profile(e, rows[0])
         for n in e.inputs:
-            shape = e.fixed[n] if n in e.fixed else (rows, *e.tails[n])
+            shape = e.fixed[n] if n in e.fixed else (rows[1] if n in e.key_inputs else rows[0], *e.tails[n])
             if not e.context.set_input_shape(n, shape):
                 raise FdTrtError(f"TensorRT refused shape {shape} for {n!r} of {e.path}")
         e.rows = rows
@@ -620,18 +633,20 @@ class TrtRunner(Runner):
         if not e.context.execute_async_v3(stream.cuda_stream):
             raise FdTrtError(f"TensorRT failed to enqueue {e.path} at {e.rows} rows (its messages above say why)")
 
-    def _execute(self, e: _Engine, rows: int) -> None:
-        """Runs one plan on its buffers' first ``rows`` rows, ordered after the caller's stream."""
+    def _execute(self, e: _Engine, rows: int, key_rows: int | None = None) -> None:
+        """Runs one plan on its buffers' first ``rows`` rows (``key_rows`` of its key-step inputs),
+        ordered after the caller's stream."""
         stream = self._stream
         assert stream is not None
-        self._set_rows(e, rows)
+        shape = (rows, rows if key_rows is None else key_rows)
+        self._set_rows(e, shape)
         self.launches[e.role] = self.launches.get(e.role, 0) + 1
         caller = torch.cuda.current_stream(self.device)
         stream.wait_stream(caller)  # the inputs were written on the caller's stream
         with torch.cuda.stream(stream):
-            if self.cuda_graphs and rows not in e.graphs:
-                e.graphs[rows] = self._capture(e, rows, stream)
-            graph = e.graphs.get(rows)  # always None without cuda_graphs: nothing is captured then
+            if self.cuda_graphs and shape not in e.graphs:
+                e.graphs[shape] = self._capture(e, rows, stream)
+            graph = e.graphs.get(shape)  # always None without cuda_graphs: nothing is captured then
             if graph is not None:
                 graph.replay()
             else:
@@ -666,20 +681,15 @@ class TrtRunner(Runner):
             raise InputError(f"{what} inputs disagree on rows: {rows}; give every input the same axis 0")
         return next(iter(rows.values()))
 
-    def _copy_in(self, e: _Engine, name: str, value: torch.Tensor, steps: int = 1) -> None:
-        """Writes ``value`` (N rows) into the buffer, tiled ``steps`` times (step-major)."""
+    def _copy_in(self, e: _Engine, name: str, value: torch.Tensor) -> None:
+        """Writes ``value`` into the buffer's first rows."""
         tail = e.tails[name]
         if tuple(value.shape[1:]) != tail:
             raise InputError(
                 f"{name} has shape {tuple(value.shape)}, but the {e.role} plan takes [rows, {', '.join(map(str, tail))}]: "
                 "pass inputs of the size the engine directory was built for"
             )
-        n = int(value.shape[0])
-        dst = e.buffers[name][: steps * n]
-        if steps == 1:
-            dst.copy_(value)
-        else:
-            dst.view(steps, n, *tail).copy_(value.unsqueeze(0).expand(steps, *value.shape))
+        e.buffers[name][: value.shape[0]].copy_(value)
 
     def _check_usable(self) -> None:
         if self._refit_failure is not None:
@@ -701,15 +711,17 @@ class TrtRunner(Runner):
             return self._decode(features, timesteps, text, added)
 
     @staticmethod
-    def _chunks(e: _Engine, rows: int) -> list[tuple[int, int]]:
-        """``(start, rows)`` chunks of at most the plan's maximum rows, each at least its minimum.
+    def _chunks(e: _Engine, rows: int, max_rows: int | None = None) -> list[tuple[int, int]]:
+        """``(start, rows)`` chunks of at most the plan's maximum rows (or ``max_rows``), each at
+        least its minimum.
 
         Full chunks first, then the rest; a rest below the profile's minimum is balanced with the
         chunk before it. Only where no split fits (fewer rows than the minimum) is it an error.
         """
         if rows < e.min_rows:
             TrtRunner._check_profile(e, rows)  # raises, naming the rebuild
-        sizes = [e.max_rows] * (rows // e.max_rows)
+        hi = e.max_rows if max_rows is None else max_rows
+        sizes = [hi] * (rows // hi)
         rest = rows - sum(sizes)
         if rest:
             sizes.append(rest)
@@ -766,13 +778,13 @@ class TrtRunner(Runner):
                 f"features have {len(features.skips)} skips but the plans carry {len(names) - 1}: pass the features "
                 "this runner's encode() returned"
             )
-        # The per-row conditioning of the encoder's rows, tiled step-major like the features.
+        # The per-row conditioning of the key step's rows, which the plan repeats for every step.
         rows = {TEXT: text, **self._conditioning(added, n)}
-        if n > dec.max_rows:
+        if n > dec.key_max_rows:
             # More rows per step than the plan takes (a batch above the build's): each step in row chunks.
             parts = []
             for t in timesteps.reshape(-1, 1):
-                for r0, r in self._chunks(dec, n):
+                for r0, r in self._chunks(dec, n, dec.key_max_rows):
                     sub = Features(features.mid[r0 : r0 + r], tuple(x[r0 : r0 + r] for x in features.skips))
                     parts.append(self._decode_steps(dec, names, sub, t, {k: v[r0 : r0 + r] for k, v in rows.items()}))
             return torch.cat(parts)
@@ -780,20 +792,22 @@ class TrtRunner(Runner):
 
     def _decode_steps(self, dec: _Engine, names: list[str], features: Features, timesteps: torch.Tensor,
                       rows: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Decodes ``n <= max_rows`` rows per step, as many steps per execution as the profile takes."""
+        """Decodes ``n <= key_max_rows`` rows per step, as many steps per execution as the profile takes.
+
+        The key step's features, text and added conditioning go in once (N rows); the plan
+        repeats them for the S steps of each execution, whose S*N timesteps are step-major.
+        """
         n = features.rows
         per_call = dec.max_rows // n
+        for name, value in [*zip(names, features.tensors()), *rows.items()]:
+            self._copy_in(dec, name, value)
         outs = []
         for c0 in range(0, int(timesteps.shape[0]), per_call):
             steps = timesteps[c0 : c0 + per_call]
             s = int(steps.shape[0])
             self._check_profile(dec, s * n)
-            for name, value in zip(names, features.tensors()):
-                self._copy_in(dec, name, value, s)
             self._copy_in(dec, TIMESTEP, steps.reshape(s, 1).expand(s, n).reshape(s * n))
-            for name, value in rows.items():
-                self._copy_in(dec, name, value, s)
-            self._execute(dec, s * n)
+            self._execute(dec, s * n, n)
             outs.append(dec.buffers[NOISE_PRED][: s * n].to(torch.float32, copy=True))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 

@@ -264,7 +264,8 @@ def profiles_for_manifest(
 
 
 def input_profile_shapes(
-    rows: RowProfile, input_shapes: Mapping[str, Sequence[int]], fixed: Sequence[str] = ()
+    rows: RowProfile, input_shapes: Mapping[str, Sequence[int]], fixed: Sequence[str] = (),
+    own_rows: Mapping[str, RowProfile] | None = None,
 ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """min / opt / max shapes of every graph input, from the profile rows.
 
@@ -273,6 +274,9 @@ def input_profile_shapes(
         input_shapes: each input's shape as the network reports it (axis 0 dynamic, ``-1``).
         fixed: inputs without a row axis (the ControlNet's ``conditioning_scale``): their one
             static shape is min, opt and max.
+        own_rows: inputs whose rows follow another profile: the decoder's features, text and
+            added conditioning have the key step's rows (the encoder profile's), while its
+            ``timestep`` has those of all the steps of a call (``rows``).
 
     Returns:
         ``{name: (min_shape, opt_shape, max_shape)}``.
@@ -296,7 +300,8 @@ def input_profile_shapes(
                 f"graph input {name!r} has shape {dims}: only axis 0 may be dynamic (height and width are fixed per "
                 "build); re-export with fd-trt build --backend tensorrt --height H --width W"
             )
-        out[name] = ((rows.min, *tail), (rows.opt, *tail), (rows.max, *tail))
+        r = (own_rows or {}).get(name, rows)
+        out[name] = ((r.min, *tail), (r.opt, *tail), (r.max, *tail))
     return out
 
 
@@ -483,8 +488,16 @@ def _build_plan(
     spec.check(list(shapes), outputs, onnx_path, f"re-export the graphs with fd-trt build --backend tensorrt --force --out {folder}")
     profile = builder.create_optimization_profile()
     fixed = [t.name for t in spec.inputs if not t.rowed]
+    own_rows = {}
+    if role == "decoder":
+        # The key step's rows (features, text, added conditioning) are tuned at the encoder's
+        # rows but may reach the decoder's maximum (a batch above the build's, one step per
+        # call); the timestep counts the rows of every step in the call (DESIGN.md section 3).
+        enc = profiles_for_manifest(manifest.encoder_rows, manifest.decoder_rows)["encoder"]
+        key_rows = RowProfile(min(enc.min, rows.min), min(enc.opt, rows.max), rows.max)
+        own_rows = {t.name: key_rows for t in spec.inputs if t.rowed and not t.step_rowed}
     # One profile entry per contract input (its added conditioning included), in the contract's order.
-    for name, (lo, opt, hi) in input_profile_shapes(rows, {n: shapes[n] for n in spec.input_names}, fixed).items():
+    for name, (lo, opt, hi) in input_profile_shapes(rows, {n: shapes[n] for n in spec.input_names}, fixed, own_rows).items():
         profile.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
     config.add_optimization_profile(profile)
     cache_path = folder / timing_cache_file_name(version, cc)
