@@ -111,9 +111,10 @@ def main() -> int:
 
     def dec_feed(rows: int) -> dict[str, np.ndarray]:
         k = rows // 2
-        d = {n: np.concatenate([v] * k) for n, v in feats.items()}
+        # The decoder contract: the key step's 2 rows once, the k steps' timesteps step-major.
+        d = dict(feats)
         d["timestep"] = np.repeat(np.linspace(900, 100, k, dtype=np.float32), 2)
-        d["encoder_hidden_states"] = np.concatenate([base["encoder_hidden_states"]] * k)
+        d["encoder_hidden_states"] = base["encoder_hidden_states"]
         return d
 
     res = {
