@@ -199,13 +199,8 @@ def expand_for_steps(
     features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None
 ) -> tuple[Features, torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
     """Tiles the features, text and added conditioning to ``S*N`` step-major rows and gives each
-    row its timestep (what the decoder graph does inside, for eager PyTorch).
-
-    Args:
-        features: N rows.
-        timesteps: ``[S]``.
-        text: ``[N,L,D]``.
-        added: ``None``, or per-row tensors with N rows each (SDXL's ``text_embeds``, ``time_ids``).
+    row its timestep (what the decoder graph does inside, for eager PyTorch). The arguments are
+    those of :func:`step_timesteps`.
 
     Returns:
         ``(features, timestep [S*N], text [S*N,L,D], added with S*N rows or None)``.
