@@ -20,11 +20,12 @@ P = 1280 and K = 6 for SDXL base, K = 5 for the refiner). Axis 0 is the only dyn
 The decoder decodes S steps of one key step in one call. Its features, text and added
 conditioning are the key step's N encoder rows (axis ``rows``), given once; its ``timestep``
 and ``noise_pred`` have ``S*N`` rows (axis ``step_rows``), step-major: row ``j*N + i`` is encoder
-row ``i`` at step ``j``. The graph repeats the N rows S times itself, and computes what only
-depends on them once (the skip half of every up-block convolution, the text's key and value
-projections; :meth:`fd_trt.split.SplitUNet.skip_rows_repeated`). A decoder that took the features
-already tiled to S*N rows, as DESIGN.md first had it, convolved the same skips S times: on
-sd15-arch at 256x256 the shared graph's ONNX Runtime call of 5 steps is 1.12x faster.
+row ``i`` at step ``j``. The graph repeats the N rows S times itself and, for UNets wide enough
+for it to pay (:func:`fd_trt.export.decoder_shares_rows`), computes what only depends on them
+once (the skip half of every up-block convolution, the text's key and value projections;
+:meth:`fd_trt.split.SplitUNet.skip_rows_repeated`). A decoder that took the features already
+tiled to S*N rows, as DESIGN.md first had it, convolved the same skips S times: on sd15-arch at
+256x256 the shared graph's ONNX Runtime call of 5 steps is 1.12x faster.
 
 The optional ControlNet graph (one per ControlNet, :class:`ControlNetContract`)::
 

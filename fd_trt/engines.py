@@ -862,6 +862,7 @@ def build_engines(
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     unet_sha256: str | None = None,
     added_shapes: Mapping[str, Sequence[int]] | None = None,
+    share_rows: bool | None = None,
 ) -> BuildResult:
     """Builds (or keeps) the ONNX graphs of an engine directory.
 
@@ -886,6 +887,9 @@ def build_engines(
         unet_sha256: the weights digest, when the caller already computed it.
         added_shapes: per-row shapes of SDXL's added conditioning (``{"text_embeds": (P,),
             "time_ids": (K,)}``); the config's, with K = 6, when omitted.
+        share_rows: see :func:`fd_trt.export.export_unet` (``None``: decided from the UNet's
+            widths). It changes speed, not numbers, so it is not a manifest field: an engine
+            directory built with another setting stays up to date (``force=True`` rebuilds).
 
     Returns:
         A :class:`BuildResult`.
@@ -914,7 +918,8 @@ def build_engines(
         reason = found or reason
         logger.info("building %s (%s)", folder, reason)
         result = _export_into(folder, unet, expected, latent_size=latent_size, opset=opset,
-                              external_data_threshold=external_data_threshold, progress=progress, t0=t0)
+                              external_data_threshold=external_data_threshold, progress=progress, t0=t0,
+                              share_rows=share_rows)
     logger.info(
         "built %s in %.1f s: encoder %.1f MB, decoder %.1f MB",
         folder,
@@ -951,6 +956,7 @@ def _export_into(
     progress: bool,
     t0: float,
     keep_plans: bool = False,
+    share_rows: bool | None = None,
 ) -> Any:
     """Exports the graphs into ``folder`` and writes ``expected`` (with graph records) as its manifest.
 
@@ -976,6 +982,7 @@ def _export_into(
         external_data_threshold=external_data_threshold,
         progress=progress,
         added_shapes=dict(expected.added_shapes) or None,
+        share_rows=share_rows,
     )
     expected.graphs = {"encoder": _graph_record(folder, ENCODER_FILE), "decoder": _graph_record(folder, DECODER_FILE)}
     expected.controlnets = {}  # remove_graphs deleted them: they are exported again on first use

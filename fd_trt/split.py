@@ -460,7 +460,8 @@ class SplitUNet:
         return self.decoder(features.mid, features.skips, timestep, text, *extra)
 
     def run_decoder_steps(
-        self, features: Features, timestep: torch.Tensor, text: torch.Tensor, added: Sequence[torch.Tensor] = ()
+        self, features: Features, timestep: torch.Tensor, text: torch.Tensor, added: Sequence[torch.Tensor] = (),
+        share: bool = True,
     ) -> torch.Tensor:
         """Decodes S steps of one key step: the decoder graph's computation (DESIGN.md section 3).
 
@@ -474,6 +475,8 @@ class SplitUNet:
             timestep: ``[S*N]``, step-major (row ``j*N + i`` is row ``i`` at step ``j``).
             text: ``[N,L,D]``.
             added: SDXL's added conditioning with N rows each, in :attr:`added_names` order.
+            share: compute the convolutions and projections of the repeated rows once (``False``:
+                repeat the rows and run the plain decoder, the same numbers within rounding).
 
         Returns:
             ``[S*N,C,h,w]`` noise predictions.
@@ -492,6 +495,8 @@ class SplitUNet:
             return _fixed_tail(x.repeat(repeats, *([1] * (x.ndim - 1))))
 
         skips = [tile(s) for s in features.skips]
+        if not share:
+            return self.decoder(tile(features.mid), skips, timestep, tile(text), *(tile(a) for a in added))
         with self.text_rows_repeated(repeats), self.skip_rows_repeated(repeats, [int(s.shape[1]) for s in features.skips]):
             return self.decoder(tile(features.mid), skips, timestep, tile(text), *(tile(a) for a in added))
 

@@ -51,7 +51,9 @@ def sd():
 @pytest.fixture(scope="module")
 def engine_dir(sd, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("engines") / "tiny"
-    result = build_engines(sd.unet, out, latent_size=LATENT, text_shape=TEXT, model_source="tiny", progress=False)
+    # share_rows: the tiny UNet is too narrow for the rule to share, and these tests check the shared graph.
+    result = build_engines(sd.unet, out, latent_size=LATENT, text_shape=TEXT, model_source="tiny", progress=False,
+                           share_rows=True)
     assert result.built
     return out
 
@@ -165,6 +167,37 @@ def test_decoder_graph_convolves_the_skips_once_per_distinct_row(engine_dir):
     for split_at, total in [(64, 128), (66, 96), (32, 64)]:
         assert split_at in in_channels and total - split_at in in_channels
     assert 128 not in in_channels and 96 not in in_channels  # no resnet convolves its whole input at once
+
+
+def test_the_unshared_decoder_graph_takes_the_same_inputs_and_gives_the_same_noise(sd, split, engine_dir, tmp_path):
+    # The width rule: the default model (32-128 channels) and this tiny UNet export the unshared
+    # graph, SD1.5's widths (320-1280) the shared one.
+    import json
+
+    from fd_trt.export import decoder_shares_rows
+    from fd_trt.models import default_model_dir
+
+    folder = default_model_dir()
+    assert folder is not None
+    default_cfg = json.loads((folder / "unet" / "config.json").read_text())
+    assert not decoder_shares_rows(default_cfg) and not decoder_shares_rows(sd.unet.config)
+    assert decoder_shares_rows({"block_out_channels": [320, 640, 1280, 1280]})
+    result = export_unet(sd.unet, tmp_path / "plain", latent_size=LATENT, text_shape=TEXT, progress=False)
+    assert not result.share_rows
+    plain = onnx.load(str(tmp_path / "plain" / "decoder.onnx"))
+    assert sum(n.op_type == "Conv" for n in plain.graph.node) == 18  # no convolution split
+    rows, steps = 2, 4
+    sample, _, text = _inputs(rows, seed=9)
+    t = torch.linspace(900.0, 60.0, steps).repeat_interleave(rows)
+    with torch.no_grad():
+        feats = split.run_encoder(sample, torch.full((rows,), 600.0), text)
+        want = split.run_decoder(feats.repeat(steps), t, text.repeat(steps, 1, 1))
+    feed = {n: v.numpy() for n, v in zip(Features.names(len(feats.skips)), feats.tensors())}
+    feed.update(timestep=t.numpy(), encoder_hidden_states=text.numpy())
+    outs = [torch.from_numpy(ort.InferenceSession(str(d / "decoder.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)[0])
+            for d in (tmp_path / "plain", engine_dir)]
+    for got in outs:
+        assert rel_err(got, want) < REL_TOL
 
 
 def test_pipeline_latents_match_torch_backend(sd, engine_dir):
