@@ -8,7 +8,8 @@ CUDA tensor preallocated at the profile's maximum rows, and each call uses its f
 tensor addresses never change. Which tensors there are, and how the decoder's rows are laid out
 (step-major), is the graph contract's (:class:`fd_trt.contract.GraphContract`, read from the
 manifest): the decoder takes the key step's features, text and SDXL conditioning once, at N
-rows (their buffers are allocated at the encoder profile's maximum), and S*N timesteps, and
+rows (their profile is tuned at the encoder's rows and reaches the decoder's maximum, for a
+batch above the build's decoded one step per call), and S*N timesteps, and
 repeats the N rows for the S steps inside the plan. Calls
 run with ``set_input_shape``, ``set_tensor_address`` and ``execute_async_v3`` on a non-default
 stream that is ordered after the caller's stream. The two execution contexts share one scratch
