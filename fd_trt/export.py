@@ -57,9 +57,9 @@ EXAMPLE_STEPS = 3
 #: The decoder graph shares the repeated rows' work (:meth:`~fd_trt.split.SplitUNet.run_decoder_steps`)
 #: when every UNet block is at least this wide. Measured with ONNX Runtime on a 2-core AMD EPYC:
 #: sd15-arch (320-1280 channels) at 256x256 gains 1.11-1.12x in 5-10-step calls (3% slower in
-#: one-step calls), while the default model (32-128 channels) at 64x64 loses 3-16% at every call
-#: size: on narrow convolutions the split's slices, layout reorders and adds cost more than the
-#: skip half they save.
+#: one-step calls), while on the default model (32-128 channels) at 64x64 the shared graph is
+#: 3-19% slower than the unshared one at 1-10 steps per call: on narrow convolutions the split's
+#: slices, layout reorders and adds cost more than the skip half they save.
 ROW_SHARING_MIN_CHANNELS = 256
 
 
@@ -68,6 +68,8 @@ def decoder_shares_rows(config: Any) -> bool:
     (all ``block_out_channels`` at least :data:`ROW_SHARING_MIN_CHANNELS`)."""
     channels = config.get("block_out_channels") if isinstance(config, dict) else getattr(config, "block_out_channels", None)
     return bool(channels) and min(int(c) for c in channels) >= ROW_SHARING_MIN_CHANNELS
+
+
 PRECISIONS = ("fp32", "fp16")
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
