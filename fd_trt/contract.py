@@ -47,7 +47,7 @@ This module imports neither torch modules of diffusers nor onnx: a config (a dif
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 from .errors import EngineMismatchError, InputError
@@ -340,7 +340,7 @@ class GraphContract:
     @property
     def decoder(self) -> GraphSpec:
         # The key step's features, text and added conditioning (N rows); the steps' timesteps (S*N).
-        inputs = (*self._features(), *(TensorSpec(t.name, t.tail, t.dtype, t.rowed, STEP_ROW_AXIS) if t.name == TIMESTEP else t
+        inputs = (*self._features(), *(replace(t, row_axis=STEP_ROW_AXIS) if t.name == TIMESTEP else t
                                         for t in self._conditioning()))
         return GraphSpec("decoder", inputs, (TensorSpec(NOISE_PRED, self.out_tail, row_axis=STEP_ROW_AXIS),))
 

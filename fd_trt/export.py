@@ -520,10 +520,6 @@ def save_onnx(
     return data_path if external else None
 
 
-#: Protobuf's limit on one serialized message: larger models are shape-inferred through files.
-_PROTOBUF_LIMIT = 2**31 - 1
-
-
 def infer_shapes(model: "onnx.ModelProto") -> "onnx.ModelProto":
     """ONNX shape inference with data propagation.
 
@@ -533,7 +529,7 @@ def infer_shapes(model: "onnx.ModelProto") -> "onnx.ModelProto":
     rows fixed. Models above protobuf's 2 GB limit go through a temporary file.
     """
     onnx = _require_onnx()
-    if model.ByteSize() < _PROTOBUF_LIMIT:
+    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:  # protobuf's limit on one message
         return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
     with tempfile.TemporaryDirectory(prefix=temp_prefix("shapes")) as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"

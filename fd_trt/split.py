@@ -495,9 +495,8 @@ class SplitUNet:
             return _fixed_tail(x.repeat(repeats, *([1] * (x.ndim - 1))))
 
         skips = [tile(s) for s in features.skips]
-        if not share:
-            return self.decoder(tile(features.mid), skips, timestep, tile(text), *(tile(a) for a in added))
-        with self.text_rows_repeated(repeats), self.skip_rows_repeated(repeats, [int(s.shape[1]) for s in features.skips]):
+        shared = repeats if share else 1  # 1: the hooks stay off
+        with self.text_rows_repeated(shared), self.skip_rows_repeated(shared, [int(s.shape[1]) for s in features.skips]):
             return self.decoder(tile(features.mid), skips, timestep, tile(text), *(tile(a) for a in added))
 
     @contextlib.contextmanager

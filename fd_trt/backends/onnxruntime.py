@@ -456,7 +456,7 @@ class OrtRunner(Runner):
 
     def _decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None) -> torch.Tensor:
         assert self._dec is not None and self.contract is not None
-        cond = self._conditioning(added)
+        cond, text = self._conditioning(added), text.to(self.device)
         t_rows = step_timesteps(features, timesteps.to(self.device, torch.float32), text, cond)
         names = self.contract.feature_names
         if len(features.skips) + 1 != len(names):

@@ -275,7 +275,7 @@ def input_profile_shapes(
         fixed: inputs without a row axis (the ControlNet's ``conditioning_scale``): their one
             static shape is min, opt and max.
         own_rows: inputs whose rows follow another profile: the decoder's features, text and
-            added conditioning have the key step's rows (the encoder profile's), while its
+            added conditioning have the key step's rows (tuned at the encoder's), while its
             ``timestep`` has those of all the steps of a call (``rows``).
 
     Returns:
