@@ -40,7 +40,7 @@ from torch import nn
 
 from .contract import FLOAT32, NOISE_PRED, TEXT, TIMESTEP, ControlNetContract, GraphContract, GraphSpec
 from .errors import BackendUnavailableError, EngineMismatchError, InputError
-from .split import Features, SplitUNet, split_unet
+from .split import ROW_SHARING_MIN_CHANNELS, Features, SplitUNet, decoder_shares_rows, split_unet
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -54,22 +54,6 @@ DEFAULT_OPSET = 17
 EXTERNAL_DATA_THRESHOLD = 2**31 - 1
 #: Steps of the decoder's tracing inputs (any S > 1: the graph takes every S).
 EXAMPLE_STEPS = 3
-#: The decoder graph shares the repeated rows' work (:meth:`~fd_trt.split.SplitUNet.run_decoder_steps`)
-#: when every UNet block is at least this wide. Measured with ONNX Runtime on a 2-core AMD EPYC:
-#: sd15-arch (320-1280 channels) at 256x256 gains 1.11-1.12x in 5-10-step calls (3% slower in
-#: one-step calls), while on the default model (32-128 channels) at 64x64 the shared graph is
-#: 3-19% slower than the unshared one at 1-10 steps per call: on narrow convolutions the split's
-#: slices, layout reorders and adds cost more than the skip half they save.
-ROW_SHARING_MIN_CHANNELS = 256
-
-
-def decoder_shares_rows(config: Any) -> bool:
-    """Whether the decoder graph of a UNet with this config shares the repeated rows' work
-    (all ``block_out_channels`` at least :data:`ROW_SHARING_MIN_CHANNELS`)."""
-    channels = config.get("block_out_channels") if isinstance(config, dict) else getattr(config, "block_out_channels", None)
-    return bool(channels) and min(int(c) for c in channels) >= ROW_SHARING_MIN_CHANNELS
-
-
 PRECISIONS = ("fp32", "fp16")
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 

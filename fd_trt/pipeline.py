@@ -512,7 +512,8 @@ class FasterDiffusionPipeline:
                 # 2: onnxruntime stopped spinning on CPU, so format-1 costs no longer hold.
                 # 3: the torch decoder convolves repeated skips once per distinct row (faster).
                 # 4: so do the decoder graphs (engine format 2).
-                "format": 4,
+                # 5: ... only for UNets at least 96 channels wide (torch too; fd_trt.split.decoder_shares_rows).
+                "format": 5,
                 "unet_sha256": self.unet_sha256,
                 "device": device_name(self.device),
                 "device_type": self.device.type,

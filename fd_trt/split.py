@@ -158,6 +158,26 @@ _TEXT_ROW_REPEATS: contextvars.ContextVar[Repeats] = contextvars.ContextVar("fd_
 _HOOK_LOCK = threading.Lock()
 
 
+#: The decoder shares the repeated rows' work (:meth:`SplitUNet.run_decoder_steps` in the graphs,
+#: :meth:`SplitUNet.skip_rows_repeated` and :meth:`SplitUNet.text_rows_repeated` on torch) only
+#: when every UNet block is at least this wide: on narrow convolutions the split's slices, adds
+#: and (ONNX Runtime) layout reorders cost more than the skip half they save. Measured on a 2-core
+#: AMD EPYC, unshared / shared time of calls of 2 rows x 5-10 steps (README, "Design choices and
+#: measurements"; ``scripts/row_sharing_widths.py``), UNets of SD1.5's layout at 32x32 latents:
+#: ONNX Runtime 128-256 channels 1.09-1.10, 96-384 1.03-1.11, 64-256 0.995-1.09 (two runs), the
+#: default model (32-128) 0.96-1.01; torch 128-256 1.07-1.14, 96-384 1.04-1.17, 64-256 1.01-1.04,
+#: the default model 0.92-0.96 (its whole run 5% slower shared). One-step calls: up to 7% slower.
+ROW_SHARING_MIN_CHANNELS = 96
+
+
+def decoder_shares_rows(config: Any) -> bool:
+    """Whether the decoder of a UNet with this config shares the repeated rows' work (all
+    ``block_out_channels`` at least :data:`ROW_SHARING_MIN_CHANNELS`); ``config`` is the UNet's
+    config or a dict of it."""
+    channels = config.get("block_out_channels") if isinstance(config, dict) else getattr(config, "block_out_channels", None)
+    return bool(channels) and min(int(c) for c in channels) >= ROW_SHARING_MIN_CHANNELS
+
+
 def _sharing_off(repeats: Repeats) -> bool:
     """Whether rows are not shared: ``repeats`` is an ``int`` of at most 1. While the decoder graph
     is traced it is a traced 0-d tensor (the graph's S), and sharing is always on."""

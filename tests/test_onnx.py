@@ -171,7 +171,8 @@ def test_decoder_graph_convolves_the_skips_once_per_distinct_row(engine_dir):
 
 def test_the_unshared_decoder_graph_takes_the_same_inputs_and_gives_the_same_noise(sd, split, engine_dir, tmp_path):
     # The width rule: the default model (32-128 channels) and this tiny UNet export the unshared
-    # graph, SD1.5's widths (320-1280) the shared one.
+    # graph, SD1.5's widths (320-1280) the shared one; the measured boundary lies between 64-256
+    # (no gain) and 96-384 (gain), see ROW_SHARING_MIN_CHANNELS.
     import json
 
     from fd_trt.export import decoder_shares_rows
@@ -182,6 +183,8 @@ def test_the_unshared_decoder_graph_takes_the_same_inputs_and_gives_the_same_noi
     default_cfg = json.loads((folder / "unet" / "config.json").read_text())
     assert not decoder_shares_rows(default_cfg) and not decoder_shares_rows(sd.unet.config)
     assert decoder_shares_rows({"block_out_channels": [320, 640, 1280, 1280]})
+    assert decoder_shares_rows({"block_out_channels": [96, 192, 384, 384]})
+    assert not decoder_shares_rows({"block_out_channels": [64, 128, 256, 256]})
     result = export_unet(sd.unet, tmp_path / "plain", latent_size=LATENT, text_shape=TEXT, progress=False)
     assert not result.share_rows
     plain = onnx.load(str(tmp_path / "plain" / "decoder.onnx"))

@@ -148,7 +148,8 @@ def test_other_addition_embeddings_are_refused_from_the_config():
     check_supported_config({**SDXL_CONFIGS["sdxl_base_like"][0]})  # SDXL passes, weights never built
 
 
-def test_sdxl_torch_runner_tiles_added_conditioning_step_major():
+@pytest.mark.parametrize("share_rows", [None, True])
+def test_sdxl_torch_runner_tiles_added_conditioning_step_major(share_rows):
     from fd_trt.backends.torch import TorchRunner
 
     unet = tiny_sdxl_unet()
@@ -156,7 +157,7 @@ def test_sdxl_torch_runner_tiles_added_conditioning_step_major():
     text = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(2))
     added = added_conditioning("sdxl_base_like", 2)
     steps = torch.tensor([700.0, 600.0, 500.0])
-    with TorchRunner(unet) as runner, torch.no_grad():
+    with TorchRunner(unet, share_rows=share_rows) as runner, torch.no_grad():
         feats = runner.encode(x, torch.full((2,), 700.0), text, added)
         out = runner.decode(feats, steps, text, added)
         ref_feats = runner.split.run_encoder(x, torch.full((2,), 700.0), text, added)
@@ -193,7 +194,7 @@ def test_decoder_projects_the_text_once_per_distinct_row(model):
 
     unet, added, x, text = _unet_and_inputs(model, seed=3)
     steps = torch.tensor([800.0, 700.0, 600.0, 500.0])
-    with TorchRunner(unet) as runner, torch.no_grad():
+    with TorchRunner(unet, share_rows=True) as runner, torch.no_grad():
         feats = runner.encode(x, torch.full((2,), 800.0), text, added)
         # The counting hook runs after the sharing hooks (registered at the first shared call).
         runner.decode(feats, steps[:2], text, added)
@@ -261,7 +262,7 @@ def test_decoder_convolves_the_skips_once_per_distinct_row(model):
     unet, added, x, text = _unet_and_inputs(model, seed=5)
     steps = torch.tensor([800.0, 700.0, 600.0, 500.0])
     s, n = len(steps), 2
-    with TorchRunner(unet) as runner, torch.no_grad():
+    with TorchRunner(unet, share_rows=True) as runner, torch.no_grad():
         feats = runner.encode(x, torch.full((2,), 800.0), text, added)
         out = runner.decode(feats, steps, text, added)
         for j in range(s):
@@ -299,7 +300,7 @@ def test_run_decoder_steps_is_the_decoder_graph_computation(model):
     unet, added, x, text = _unet_and_inputs(model, seed=7)
     steps = torch.tensor([900.0, 650.0, 400.0])
     extra = () if added is None else tuple(added[k] for k in ("text_embeds", "time_ids"))
-    with TorchRunner(unet) as runner, torch.no_grad():
+    with TorchRunner(unet, share_rows=True) as runner, torch.no_grad():
         split = runner.split
         feats = split.run_encoder(x, torch.full((2,), 900.0), text, added)
         with FlopCounterMode(display=False) as graph_flops:
@@ -376,3 +377,35 @@ def test_skip_sharing_is_per_thread_and_off_outside_the_block():
             t.join()
         after = unet(x, torch.full((4,), 300.0), text).sample
     assert torch.equal(got["other"], want) and torch.equal(after, want)
+
+
+def test_torch_runner_shares_rows_only_for_wide_unets():
+    # The width rule (ROW_SHARING_MIN_CHANNELS = 96): a 32-64 channel UNet decodes plainly (the
+    # hooks cost more than they save there), a 96-channel one shares; the noise is the same.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fd_trt.backends.torch import TorchRunner
+    from fd_trt.split import ROW_SHARING_MIN_CHANNELS
+
+    assert ROW_SHARING_MIN_CHANNELS == 96
+    wide_cfg = {**CONFIGS["sd_like_2_levels"], "block_out_channels": (96, 96), "layers_per_block": 1}
+    steps = torch.tensor([800.0, 600.0, 400.0])
+    for cfg, shares in ((CONFIGS["sd_like_2_levels"], False), (wide_cfg, True)):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(sample_size=16, **cfg).eval()
+        g = torch.Generator().manual_seed(4)
+        x, text = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, 32, generator=g)
+        with TorchRunner(unet) as runner, torch.no_grad():
+            assert runner.share_rows is shares
+            feats = runner.encode(x, torch.full((2,), 800.0), text)
+            with FlopCounterMode(display=False) as plain:
+                want = runner.split.run_decoder(*expand_for_steps(feats, steps, text, None))
+            with FlopCounterMode(display=False) as used:
+                got = runner.decode(feats, steps, text)
+        assert rel_l2(got, want) < 1e-5
+        if shares:
+            assert used.get_total_flops() < plain.get_total_flops()
+        else:
+            assert used.get_total_flops() == plain.get_total_flops()
+    with pytest.raises(InputError, match="share_rows must be True, False or None"):
+        TorchRunner(unet, share_rows="yes")

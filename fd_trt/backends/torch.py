@@ -17,7 +17,7 @@ from torch import nn
 
 from ..contract import FLOAT32_INPUTS
 from ..errors import BackendUnavailableError, InputError
-from ..split import Added, Features, SplitUNet, added_tensors, split_unet
+from ..split import Added, Features, SplitUNet, added_tensors, decoder_shares_rows, split_unet
 from .base import Runner, expand_for_steps, same_device
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,11 @@ class TorchRunner(Runner):
             distinct decoder row count, after a warm-up run, and replay it on later calls with
             the same shape. Removes the per-kernel launch cost of eager mode.
         graph_warmup_runs: eager runs before each capture (on a side stream, as PyTorch advises).
+        share_rows: whether a decoder call over S steps projects the text and convolves the skip
+            half of the up-block convolutions once per distinct row instead of S times (same
+            numbers within float rounding). ``None`` (default): where it pays, by the UNet's
+            widths (:func:`fd_trt.split.decoder_shares_rows`, as the decoder graphs do): SD 1.x/2.x
+            and SDXL yes, the default model no.
 
     Raises:
         BackendUnavailableError: for a CUDA device when torch sees no GPU.
@@ -99,6 +104,7 @@ class TorchRunner(Runner):
         channels_last: bool = False,
         cuda_graphs: bool = False,
         graph_warmup_runs: int = 2,
+        share_rows: bool | None = None,
     ) -> None:
         super().__init__(device, resolve_dtype(dtype))
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -117,10 +123,21 @@ class TorchRunner(Runner):
         self.channels_last = bool(channels_last)
         self.cuda_graphs = bool(cuda_graphs)
         self.graph_warmup_runs = graph_warmup_runs
+        if share_rows is not None and not isinstance(share_rows, bool):
+            raise InputError(f"share_rows must be True, False or None (decided by the UNet's widths), got {share_rows!r}")
+        self._share_rows = share_rows
         self._graphs: dict[tuple[Any, ...], _Captured] = {}
         self._graph_pool: Any = None
         # Captured graphs replay into static buffers: one call at a time.
         self.thread_safe = not self.cuda_graphs
+
+    @property
+    def share_rows(self) -> bool:
+        """Whether decoder calls share the repeated rows' work (the argument, or the width rule
+        applied to the current UNet)."""
+        if self._share_rows is not None:
+            return self._share_rows
+        return decoder_shares_rows(getattr(self.unet, "config", None))
 
     def _needs_copy(self, unet: nn.Module) -> bool:
         p = next(unet.parameters())
@@ -201,8 +218,9 @@ class TorchRunner(Runner):
             if self.cuda_graphs:  # a captured graph would keep one call's repeat count
                 return self._decode_rows(feats, t_rows, text_rows, added_rows)
             # The S steps' rows share the text and the skips: project the text once per distinct
-            # row, and convolve the skip half of the up-block convolutions once per distinct row.
-            steps = int(timesteps.shape[0])
+            # row, and convolve the skip half of the up-block convolutions once per distinct row
+            # (where that pays: share_rows; 1 turns the hooks off).
+            steps = int(timesteps.shape[0]) if self.share_rows else 1
             with self.split.text_rows_repeated(steps), self.split.skip_rows_repeated(steps, [int(s.shape[1]) for s in features.skips]):
                 return self._decode_rows(feats, t_rows, text_rows, added_rows)
 
