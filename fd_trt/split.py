@@ -166,7 +166,8 @@ _HOOK_LOCK = threading.Lock()
 #: measurements"; ``scripts/row_sharing_widths.py``), UNets of SD1.5's layout at 32x32 latents:
 #: ONNX Runtime 128-256 channels 1.09-1.10, 96-384 1.03-1.11, 64-256 0.995-1.09 (two runs), the
 #: default model (32-128) 0.96-1.01; torch 128-256 1.07-1.14, 96-384 1.04-1.17, 64-256 1.01-1.04,
-#: the default model 0.92-0.96 (its whole run 5% slower shared). One-step calls: up to 7% slower.
+#: the default model at 16x16 0.92-0.96 (its whole run 5% slower shared). One-step calls are slower shared:
+#: up to 7% from 64 channels on, 10-16% on the default model.
 ROW_SHARING_MIN_CHANNELS = 96
 
 
