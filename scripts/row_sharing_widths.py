@@ -9,11 +9,13 @@ ONNX Runtime (default): builds the engine-format-2 graphs of one UNet twice, wit
 decoders side by side with ``scripts/compare_decoder_graphs.py`` (A = unshared, B = shared: A/B
 above 1 means sharing pays). ``--backend torch``: the same comparison with two torch runners
 (``TorchRunner(share_rows=False)`` against ``share_rows=True``), decoding the features of one
-encoder call of 2 random rows, alternating, median of ``--repeat``. ``--channels default`` takes the shipped default model; otherwise a UNet with SD1.5's
-layout (cross-attention in all blocks but the deepest, 2 layers per block, 768-wide text of 77
-tokens, 8-channel attention heads) and the given ``block_out_channels`` is made with seeded random
+encoder call of 2 random rows, alternating, median of ``--repeat``.
+
+``--channels default`` takes the shipped default model; otherwise a UNet with SD1.5's layout
+(cross-attention in all blocks but the deepest, 2 layers per block, 768-wide text of 77 tokens,
+8-channel attention heads) and the given ``block_out_channels`` is made with seeded random
 weights: speed does not depend on the weights. The README's "Design choices and measurements"
-lists what this printed for the widths that set ``fd_trt.export.ROW_SHARING_MIN_CHANNELS``.
+lists what this printed for the widths that set ``fd_trt.split.ROW_SHARING_MIN_CHANNELS``.
 """
 
 from __future__ import annotations
