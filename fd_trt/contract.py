@@ -21,7 +21,7 @@ The decoder decodes S steps of one key step in one call. Its features, text and 
 conditioning are the key step's N encoder rows (axis ``rows``), given once; its ``timestep``
 and ``noise_pred`` have ``S*N`` rows (axis ``step_rows``), step-major: row ``j*N + i`` is encoder
 row ``i`` at step ``j``. The graph repeats the N rows S times itself and, for UNets wide enough
-for it to pay (:func:`fd_trt.export.decoder_shares_rows`), computes what only depends on them
+for it to pay (:func:`fd_trt.split.decoder_shares_rows`), computes what only depends on them
 once (the skip half of every up-block convolution, the text's key and value projections;
 :meth:`fd_trt.split.SplitUNet.skip_rows_repeated`). A decoder that took the features already
 tiled to S*N rows, as DESIGN.md first had it, convolved the same skips S times: on sd15-arch at
