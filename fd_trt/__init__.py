@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
+from fd_trt.errors import (
     BackendUnavailableError,
     EngineMismatchError,
     FdTrtError,
@@ -17,19 +17,19 @@ from .errors import (
     ScheduleError,
     UnsupportedModelError,
 )
-from .schedule import PAPER_KEY_STEPS, KeySchedule, NoiseInjection, parse_schedule
+from fd_trt.core.schedule import PAPER_KEY_STEPS, KeySchedule, NoiseInjection, parse_schedule
 
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .pipeline import FasterDiffusionOutput, FasterDiffusionPipeline, PipelineStats
-    from .pipeline_sdxl import FasterDiffusionXLPipeline
+    from fd_trt.pipelines.pipeline import FasterDiffusionOutput, FasterDiffusionPipeline, PipelineStats
+    from fd_trt.pipelines.sdxl import FasterDiffusionXLPipeline
 
 _LAZY = {
-    "FasterDiffusionPipeline": "pipeline",
-    "FasterDiffusionXLPipeline": "pipeline_sdxl",
-    "FasterDiffusionOutput": "pipeline",
-    "PipelineStats": "pipeline",
+    "FasterDiffusionPipeline": "fd_trt.pipelines.pipeline",
+    "FasterDiffusionXLPipeline": "fd_trt.pipelines.sdxl",
+    "FasterDiffusionOutput": "fd_trt.pipelines.pipeline",
+    "PipelineStats": "fd_trt.pipelines.pipeline",
 }
 
 
@@ -37,7 +37,7 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'fd_trt' has no attribute {name!r}")
 
 

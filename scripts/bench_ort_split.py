@@ -47,8 +47,8 @@ def main() -> int:
 
     import onnxruntime as ort
 
-    from fd_trt.bench import load_model
-    from fd_trt.pipeline import FasterDiffusionPipeline
+    from fd_trt.tools.bench import load_model
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
     torch.set_num_threads(args.threads)
     sd, _ = load_model(args.model)

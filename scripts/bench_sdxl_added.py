@@ -53,7 +53,7 @@ class PrecomputedDecoder(nn.Module):
     def forward(self, mid: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
         n, d = self.num_skips, self.decoder
         skips, timestep, text, added_emb = rest[:n], rest[n], rest[n + 1], rest[n + 2]
-        # Same as fd_trt.split's time embedding, with the added part given.
+        # Same as fd_trt.graphs.split's time embedding, with the added part given.
         emb = d.time_embedding(d.time_proj(timestep).to(mid.dtype), None) + added_emb
         if d.time_embed_act is not None:
             emb = d.time_embed_act(emb)
@@ -90,10 +90,10 @@ def main() -> None:
     from diffusers import UNet2DConditionModel
     from diffusers.models.embeddings import TimestepEmbedding
 
-    from fd_trt.contract import GraphContract, TensorSpec
-    from fd_trt.engines import build_engines
-    from fd_trt.export import DECODER_FILE, _export_graph
-    from fd_trt.split import split_unet
+    from fd_trt.graphs.contract import GraphContract, TensorSpec
+    from fd_trt.graphs.engines import build_engines
+    from fd_trt.graphs.export import DECODER_FILE, _export_graph
+    from fd_trt.graphs.split import split_unet
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=20)

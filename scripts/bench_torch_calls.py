@@ -44,10 +44,10 @@ def main() -> int:
 
     from diffusers import UNet2DConditionModel
 
-    from fd_trt.models import SD15_UNET_CONFIG, SDXL_UNET_CONFIG
+    from fd_trt.families.models import SD15_UNET_CONFIG, SDXL_UNET_CONFIG
     from fd_trt.backends.torch import converted_copy
-    from fd_trt.schedule import parse_schedule
-    from fd_trt.split import split_unet
+    from fd_trt.core.schedule import parse_schedule
+    from fd_trt.graphs.split import split_unet
 
     torch.set_num_threads(args.threads)
     config = {"sd15-arch": SD15_UNET_CONFIG, "sdxl-arch": SDXL_UNET_CONFIG}[args.model]

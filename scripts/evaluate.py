@@ -4,7 +4,7 @@
 Independent of the model under test, it measures:
 
 - **prompt adherence**: a small CNN checker, trained on the generator's ground-truth labels
-  (``fd_trt.shapes``) and validated on held-out real scenes, reads the colour and shape of the
+  (``fd_trt.tools.shapes``) and validated on held-out real scenes, reads the colour and shape of the
   object (single-object prompts) or of the left and right objects (two-object prompts);
 - **Fréchet distance** between generated and real scenes for the same prompts, in the checker's
   128-d feature space (FID-style), with the real-vs-real distance as the floor;
@@ -55,8 +55,8 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fd_trt import shapes  # noqa: E402
-from fd_trt.shapes import COLOR_NAMES, SHAPES, pair_prompt, scene_from_labels, single_prompt  # noqa: E402
+from fd_trt.tools import shapes  # noqa: E402
+from fd_trt.tools.shapes import COLOR_NAMES, SHAPES, pair_prompt, scene_from_labels, single_prompt  # noqa: E402
 
 DEFAULT_CACHE = REPO / "out" / "checker"  # /out/ is git-ignored
 #: Bump when the checker's architecture, augmentation or training loop changes: it keys the cache.
@@ -96,7 +96,7 @@ def modes_for(names: Sequence[str], sched: str) -> list[tuple[str, str, bool | N
             keys = [int(k) for k in name[len("keys:"):].split(";")]
             out.append((f"keys:{len(keys)}:{'-'.join(map(str, keys))}", keys, None))
         elif name.endswith(".json"):
-            from fd_trt.calibrate import Calibration
+            from fd_trt.core.calibration import Calibration
 
             if Calibration.load(name).scheduler == sched:
                 out.append((f"cal:{Path(name).stem}", name, None))
@@ -444,15 +444,15 @@ def generate(pipe: Any, ps: PromptSet, steps: int, schedule: str, noise_injectio
 
 
 def figure3(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int = 50, guidance: float = 7.5) -> dict[str, list[float]]:
-    """The paper's Figure 3 on DDIM (:func:`fd_trt.calibrate.feature_changes`)."""
-    from fd_trt.calibrate import feature_changes
+    """The paper's Figure 3 on DDIM (:func:`fd_trt.tools.calibrate.feature_changes`)."""
+    from fd_trt.tools.calibrate import feature_changes
 
     return feature_changes(pipe, "ddim", steps, prompts, seeds, guidance)
 
 
 def plot_figure3(fig3: dict[str, list[float]], path: Path) -> None:
     """Plots :func:`figure3` to ``path`` (PNG)."""
-    from fd_trt.calibrate import plot_feature_changes
+    from fd_trt.tools.calibrate import plot_feature_changes
 
     plot_feature_changes(fig3, path, title="Figure 3 of Faster Diffusion on the default model (DDIM-50, CFG 7.5, conditional rows)")
 
@@ -633,7 +633,7 @@ def generate_controlled(pipe: Any, ps: PromptSet, masks: np.ndarray | None, step
 def evaluate_controlnet(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
     """Mask adherence of a ControlNet (DDIM-50): IoU between the segmented generated object(s) and
     the control mask, for ``all``, ``paper`` and the same prompts and seeds without the ControlNet."""
-    from fd_trt.pipeline import FasterDiffusionPipeline
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -702,7 +702,7 @@ def evaluate_controlnet(args: argparse.Namespace, argv: list[str] | None) -> dic
 
 
 def _cpu_name() -> str:
-    from fd_trt.bench import _cpu_name as name
+    from fd_trt.tools.bench import _cpu_name as name
 
     return name()
 
@@ -807,7 +807,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.controlnet:
         evaluate_controlnet(args, argv)
         return 0
-    from fd_trt.pipeline import FasterDiffusionPipeline
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

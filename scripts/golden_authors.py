@@ -80,7 +80,7 @@ def make_inputs(out: Path) -> None:
 
     from diffusers import UNet2DConditionModel
 
-    from fd_trt.models import sd_scheduler_config
+    from fd_trt.families.models import sd_scheduler_config
 
     out.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):

@@ -4,14 +4,14 @@
 1. the GPU tests (``pytest -m gpu tests/test_gpu.py tests/test_tensorrt.py``);
 2. the fp16 CUDA pipeline against the fp32 CPU reference on the tiny model (relative L2 of the
    final latents, DDIM-50, schedules ``all`` and ``paper``);
-3. an SD1.5-shaped UNet with random weights (:func:`fd_trt.models.sd15_arch_pipeline`) at
+3. an SD1.5-shaped UNet with random weights (:func:`fd_trt.families.models.sd15_arch_pipeline`) at
    512x512, DDIM-50, CFG 7.5, fp16: schedules ``all`` and ``paper`` on torch CUDA without and
    with CUDA graphs and with ``channels_last``, and on TensorRT when it is importable. Times
    are CUDA-event times of the whole sampling call (text encoder, UNet loop, scheduler; no
    VAE) and the UNet loop alone (the sampler's encoder + decoder seconds), the median of
    ``--repeat`` runs after
    ``--warmup`` runs, with the peak GPU memory of each configuration.
-4. an SDXL-shaped UNet with random weights (:func:`fd_trt.models.sdxl_arch_pipeline`, 2.6 B
+4. an SDXL-shaped UNet with random weights (:func:`fd_trt.families.models.sdxl_arch_pipeline`, 2.6 B
    parameters, both text encoders) at 1024x1024, DDIM-50, CFG 5.0, fp16: schedules ``all`` and
    ``paper`` on torch CUDA, timed the same way (``--skip-sdxl`` leaves it out).
 
@@ -88,7 +88,7 @@ def missing_packages() -> list[str]:
             missing.append(f"{package} ({type(exc).__name__}: {exc})")
     if not missing:
         try:
-            import fd_trt.pipeline  # noqa: F401 - the whole package imports with what is installed
+            import fd_trt.pipelines.pipeline  # noqa: F401 - the whole package imports with what is installed
         except Exception as exc:
             missing.append(f"fd_trt ({type(exc).__name__}: {exc})")
     return missing
@@ -116,8 +116,8 @@ def tiny_accuracy() -> dict[str, Any]:
     """fp16 CUDA pipeline vs fp32 CPU reference on the tiny model."""
     import torch
 
-    from fd_trt.models import tiny_sd_pipeline
-    from fd_trt.pipeline import FasterDiffusionPipeline
+    from fd_trt.families.models import tiny_sd_pipeline
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1234))
     results: dict[str, Any] = {}
@@ -216,8 +216,8 @@ def sd15_timings(args: argparse.Namespace, deadline: Deadline, trt_problem: str 
     """The SD1.5-shaped timing table."""
     import torch
 
-    from fd_trt.models import sd15_arch_pipeline
-    from fd_trt.pipeline import FasterDiffusionPipeline
+    from fd_trt.families.models import sd15_arch_pipeline
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
     t0 = time.perf_counter()
     sd = sd15_arch_pipeline(seed=0)
@@ -246,7 +246,7 @@ def sd15_timings(args: argparse.Namespace, deadline: Deadline, trt_problem: str 
         notes.append(f"tensorrt: not timed: {deadline.left():.0f} s left, building SD1.5 plans needs about {args.trt_min_s} s")
     else:
         from fd_trt.backends.tensorrt import build_plans
-        from fd_trt.engines import build_engines
+        from fd_trt.graphs.engines import build_engines
 
         folder = Path(tempfile.mkdtemp(prefix="fd_trt_gpu_check_"))
         t1 = time.perf_counter()
@@ -273,8 +273,8 @@ def sdxl_timings(args: argparse.Namespace, deadline: Deadline) -> dict[str, Any]
     """The SDXL-shaped timing table: 1024x1024, DDIM-50, CFG 5.0, fp16, torch CUDA, all and paper."""
     import torch
 
-    from fd_trt.models import make_scheduler, sdxl_arch_pipeline
-    from fd_trt.pipeline import FasterDiffusionPipeline
+    from fd_trt.families.models import make_scheduler, sdxl_arch_pipeline
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
     t0 = time.perf_counter()
     with torch.device("cuda"):  # random init of 2.6 B parameters on the GPU, not the host

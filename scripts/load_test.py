@@ -29,7 +29,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fd_trt.serve import _percentile  # noqa: E402
+from fd_trt.serving.runtime import _percentile  # noqa: E402
 
 PROMPTS = [
     "a red circle", "a blue square on the left", "a green star at the top", "a yellow triangle in the center",
@@ -120,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from fd_trt.http_api import ThreadedServer, create_app
-    from fd_trt.pipeline import FasterDiffusionPipeline
-    from fd_trt.serve import ServingRuntime
+    from fd_trt.serving.http import ThreadedServer, create_app
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
+    from fd_trt.serving.runtime import ServingRuntime
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -5,7 +5,7 @@
     python scripts/row_sharing_widths.py --channels default --latent 16 --backend torch --repeat 30
 
 ONNX Runtime (default): builds the engine-format-2 graphs of one UNet twice, with
-``share_rows=True`` and ``share_rows=False`` (``fd_trt.engines.build_engines``), and times the two
+``share_rows=True`` and ``share_rows=False`` (``fd_trt.graphs.engines.build_engines``), and times the two
 decoders side by side with ``scripts/compare_decoder_graphs.py`` (A = unshared, B = shared: A/B
 above 1 means sharing pays). ``--backend torch``: the same comparison with two torch runners
 (``TorchRunner(share_rows=False)`` against ``share_rows=True``), decoding the features of one
@@ -15,7 +15,7 @@ encoder call of 2 random rows, alternating, median of ``--repeat``.
 (cross-attention in all blocks but the deepest, 2 layers per block, 768-wide text of 77 tokens,
 8-channel attention heads) and the given ``block_out_channels`` is made with seeded random
 weights: speed does not depend on the weights. The README's "Design choices and measurements"
-lists what this printed for the widths that set ``fd_trt.split.ROW_SHARING_MIN_CHANNELS``.
+lists what this printed for the widths that set ``fd_trt.graphs.split.ROW_SHARING_MIN_CHANNELS``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from fd_trt.engines import build_engines
+    from fd_trt.graphs.engines import build_engines
 
     if args.channels == "default":
         from fd_trt import FasterDiffusionPipeline

@@ -3,7 +3,7 @@
 
 Stages (all seeded, all on the CPU):
 
-1. generate procedural scenes (``fd_trt.shapes``) with their ground-truth silhouette masks
+1. generate procedural scenes (``fd_trt.tools.shapes``) with their ground-truth silhouette masks
    (``Dataset.masks``: the union of the objects, binarised at 0.5);
 2. encode the scenes to latents with the default model's frozen VAE (posterior mean, times its
    ``scaling_factor``) and the distinct captions with its frozen text encoder, once;
@@ -45,8 +45,8 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fd_trt.models import default_model_dir, sd_scheduler_config  # noqa: E402
-from fd_trt.shapes import generate_dataset  # noqa: E402
+from fd_trt.families.models import default_model_dir, sd_scheduler_config  # noqa: E402
+from fd_trt.tools.shapes import generate_dataset  # noqa: E402
 
 #: The conditioning embedding's widths: three entries downsample the 64x64 mask by 4 to the latents.
 COND_CHANNELS = (16, 32, 64)

@@ -3,7 +3,7 @@
 
 Stages (all seeded, all on the CPU):
 
-1. generate the procedural dataset (``fd_trt.shapes``): 64x64 RGB, one or two objects;
+1. generate the procedural dataset (``fd_trt.tools.shapes``): 64x64 RGB, one or two objects;
 2. train an ``AutoencoderKL`` (downsampling factor 4: latents are 4x16x16) and set its
    ``scaling_factor`` to 1 / std of the latents, as SD does;
 3. encode the whole dataset to latents once;
@@ -40,8 +40,8 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fd_trt.models import default_model_dir, make_word_tokenizer, sd_scheduler_config  # noqa: E402
-from fd_trt.shapes import generate_dataset, pair_prompt, single_prompt  # noqa: E402
+from fd_trt.families.models import default_model_dir, make_word_tokenizer, sd_scheduler_config  # noqa: E402
+from fd_trt.tools.shapes import generate_dataset, pair_prompt, single_prompt  # noqa: E402
 
 MAX_TOKENS = 32  # longest caption: 28 tokens ("orange", "purple", "triangle", "cyan" are several BPE tokens) + 2 specials
 

@@ -23,8 +23,8 @@ def count(unet_config: dict, latent: int, text_len: int = 77) -> dict[str, float
     """Per-row GFLOPs of the whole UNet, its encoder and its decoder at ``latent x latent``."""
     from diffusers import UNet2DConditionModel
 
-    from fd_trt.pipeline import flop_counter_mode
-    from fd_trt.split import split_unet
+    from fd_trt.utils.flops import flop_counter_mode
+    from fd_trt.graphs.split import split_unet
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**unet_config).eval()
@@ -54,8 +54,8 @@ def count(unet_config: dict, latent: int, text_len: int = 77) -> dict[str, float
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fd_trt.models import SD15_UNET_CONFIG, SDXL_UNET_CONFIG
-    from fd_trt.schedule import parse_schedule
+    from fd_trt.families.models import SD15_UNET_CONFIG, SDXL_UNET_CONFIG
+    from fd_trt.core.schedule import parse_schedule
 
     configs = {"sd15-arch": SD15_UNET_CONFIG, "sdxl-arch": SDXL_UNET_CONFIG}
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -10,8 +10,8 @@ if "FD_TRT_CACHE" not in os.environ:  # graphs built on first use go to a throwa
 import pytest
 import torch
 
-from fd_trt.models import make_scheduler, tiny_sd_pipeline
-from fd_trt.pipeline import FasterDiffusionPipeline
+from fd_trt.families.models import make_scheduler, tiny_sd_pipeline
+from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fd_trt.authors_style import authors_style_latents
+from fd_trt.tools.authors_style import authors_style_latents
 
 from conftest import rel_l2
 

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from fd_trt.bench import ROW_KEYS, BenchConfig, run_benchmark, write_outputs
+from fd_trt.tools.bench import ROW_KEYS, BenchConfig, run_benchmark, write_outputs
 from fd_trt.errors import InputError
-from fd_trt.models import tiny_sd_pipeline
+from fd_trt.families.models import tiny_sd_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def _hand_count(unet, x, t, e):
     conv_out). The two attention products (Q K^T and softmax(.) V, 2 N M d each) are returned
     apart under "attention" (and split as "attention_encoder" / "attention_decoder"): torch 2.13's
     FlopCounterMode has no formula for the CPU flash-attention kernel, which fd_trt adds
-    (fd_trt.pipeline.flop_counter_mode), so this checks that it is counted.
+    (fd_trt.pipelines.pipeline.flop_counter_mode), so this checks that it is counted.
     """
     from diffusers.models.attention_processor import Attention
 
@@ -108,8 +108,8 @@ def test_json_markdown_and_plot_are_written(report, tmp_path):
 
 def test_calibrated_schedule_finds_the_model_folders_calibrations():
     """``--schedules calibrated`` uses the calibrations saved in the benchmarked model's folder."""
-    from fd_trt.bench import _model_folder
-    from fd_trt.models import default_model_dir
+    from fd_trt.tools.bench import _model_folder
+    from fd_trt.families.models import default_model_dir
 
     assert _model_folder("default") == default_model_dir()
     assert _model_folder("tiny") is None and _model_folder("sd15-arch") is None
@@ -157,7 +157,7 @@ def cn_report():
 
 def test_controlnet_rows_are_compared_with_diffusers_controlnet_pipeline(cn_report):
     """``--controlnet``: the same rows with a ControlNet, each against diffusers' ControlNet pipeline."""
-    from fd_trt.bench import controlnet_ratio, to_markdown
+    from fd_trt.tools.bench import controlnet_ratio, to_markdown
 
     rows = {(r["system"], r["schedule"]): r for r in cn_report["results"]}
     for tag in ("", "+controlnet"):
@@ -183,8 +183,8 @@ def test_controlnet_rows_are_compared_with_diffusers_controlnet_pipeline(cn_repo
 
 def test_controlnet_rows_differ_from_the_plain_ones():
     """The bench's ControlNet changes the images: its zero convolutions are not zero."""
-    from fd_trt.bench import controlnet_pipeline
-    from fd_trt.models import tiny_sd_pipeline
+    from fd_trt.tools.bench import controlnet_pipeline
+    from fd_trt.families.models import tiny_sd_pipeline
 
     sd = tiny_sd_pipeline(seed=0)
     cn_sd, image = controlnet_pipeline(sd, 64, 64)

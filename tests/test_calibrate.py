@@ -6,19 +6,12 @@ import json
 import pytest
 import torch
 
-from fd_trt.calibrate import (
-    Calibration,
-    Evaluator,
-    calibrate,
-    calibration_file,
-    greedy_search,
-    segment_dp,
-    swap_refine,
-)
+from fd_trt.core.calibration import Calibration, calibration_file
+from fd_trt.tools.calibrate import Evaluator, calibrate, greedy_search, segment_dp, swap_refine
 from fd_trt.cli import main
 from fd_trt.errors import InputError, ScheduleError
-from fd_trt.models import tiny_sd_pipeline
-from fd_trt.pipeline import FasterDiffusionPipeline
+from fd_trt.families.models import tiny_sd_pipeline
+from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
 from conftest import rel_l2
 
@@ -147,7 +140,7 @@ def test_cli_calibrate_writes_json_and_saves(tmp_path, capsys, monkeypatch):
 
 
 def test_speedup_estimate_is_the_cost_model_by_hand(pipe):
-    from fd_trt.calibrate import estimate_speedup
+    from fd_trt.tools.calibrate import estimate_speedup
 
     costs = {"encoder": 1.0, "decoder_1": 1.0, "decoder_per_step_batched": 0.5}
     # all: 10 x (1 + 1) = 20; [0, 5]: two segments of 5 steps, each 1 + 1 + 4 x 0.5 = 4.
@@ -171,7 +164,7 @@ def _speedup_by_hand(costs, k, t):
 
 
 def test_cli_speedup_picks_the_largest_k_that_reaches_it(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    import fd_trt.calibrate as calmod
+    import fd_trt.tools.calibrate as calmod
 
     t = 6
     prompts = tmp_path / "prompts.txt"
@@ -213,8 +206,8 @@ def test_calibrate_runs_sdxl_with_its_added_conditioning():
     """``fd-trt calibrate`` on SDXL: the evaluator passes the pooled embeddings and time ids, so its
     ``all`` reference is diffusers' StableDiffusionXLPipeline, and the saved key steps run through
     the pipeline with the error the search measured."""
-    from fd_trt.calibrate import feature_changes
-    from fd_trt.models import make_scheduler, tiny_sdxl_pipeline
+    from fd_trt.tools.calibrate import feature_changes
+    from fd_trt.families.models import make_scheduler, tiny_sdxl_pipeline
 
     xl = tiny_sdxl_pipeline(seed=0)
     xl.scheduler = make_scheduler("ddim", xl.scheduler.config)

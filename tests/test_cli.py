@@ -72,7 +72,7 @@ def test_bad_schedule_from_the_cli(tmp_path, capsys):
 
 def test_import_fd_trt_loads_no_gpu_or_graph_runtime():
     code = (
-        "import sys, fd_trt, fd_trt.backends, fd_trt.pipeline, fd_trt.cli; "
+        "import sys, fd_trt, fd_trt.backends, fd_trt.pipelines.pipeline, fd_trt.cli; "
         "bad = [m for m in ('tensorrt', 'onnxruntime', 'cuda', 'onnx', 'polygraphy') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
@@ -82,10 +82,10 @@ def test_import_fd_trt_loads_no_gpu_or_graph_runtime():
 
 def test_generate_suggests_bf16_only_where_the_cpu_has_bf16_units(tmp_path, capsys, monkeypatch):
     import fd_trt.cli
-    import fd_trt.tune
+    import fd_trt.utils.system
 
     js = tmp_path / "h.json"
-    monkeypatch.setattr(fd_trt.tune, "has_fast_bf16", lambda: True)
+    monkeypatch.setattr(fd_trt.utils.system, "has_fast_bf16", lambda: True)
     # The hint runs only after a cheap run; a loaded CI machine may take longer than the limit.
     monkeypatch.setattr(fd_trt.cli, "BF16_HINT_MAX_S", 1e9)
     rc = main(["generate", "a red circle", "--steps", "6", "--quiet", "--backend", "torch", "--out", str(tmp_path / "a.png"),
@@ -94,7 +94,7 @@ def test_generate_suggests_bf16_only_where_the_cpu_has_bf16_units(tmp_path, caps
     assert "hint: this CPU has" in capsys.readouterr().out
     hint = json.loads(js.read_text())["bf16_hint"]
     assert hint["bf16_s"] > 0 and 0 < hint["rel_l2"] < 0.5
-    monkeypatch.setattr(fd_trt.tune, "has_fast_bf16", lambda: False)
+    monkeypatch.setattr(fd_trt.utils.system, "has_fast_bf16", lambda: False)
     assert main(["generate", "a red circle", "--steps", "2", "--quiet", "--backend", "torch", "--out", str(tmp_path / "b.png")]) == 0
     assert "hint:" not in capsys.readouterr().out
 

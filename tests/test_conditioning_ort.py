@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fd_trt.cli import main
-from fd_trt.pipeline import FasterDiffusionPipeline
+from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
 from conftest import rel_l2
 from test_controlnet import _cn_pipeline, control_image, tiny_controlnet
@@ -80,7 +80,7 @@ def _png(path, array):
 
 
 def test_generate_img2img_and_controlnet_from_the_cli(tmp_path, capsys):
-    from fd_trt.models import load_diffusers_pipeline
+    from fd_trt.families.models import load_diffusers_pipeline
 
     rng = np.random.default_rng(0)
     image = _png(tmp_path / "in.png", rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))

@@ -6,9 +6,9 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from fd_trt.contract import FLOAT32, GraphContract, default_added_shapes
+from fd_trt.graphs.contract import FLOAT32, GraphContract, default_added_shapes
 from fd_trt.errors import EngineMismatchError, InputError
-from fd_trt.split import feature_bytes_per_row, split_unet
+from fd_trt.graphs.split import feature_bytes_per_row, split_unet
 
 from test_split import CONFIGS
 from tiny_sdxl import SDXL_CONFIGS, tiny_sdxl_unet

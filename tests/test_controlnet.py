@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fd_trt.backends.torch import TorchRunner
-from fd_trt.conditioning import KeyStepControlNet
-from fd_trt.sampler import run_sampler
-from fd_trt.schedule import NoiseInjection, parse_schedule
+from fd_trt.pipelines.conditioning import KeyStepControlNet
+from fd_trt.core.sampler import run_sampler
+from fd_trt.core.schedule import NoiseInjection, parse_schedule
 
 from conftest import rel_l2
 
@@ -124,7 +124,7 @@ def _cn_pipeline(tiny_sd, controlnet):
 
 
 def _fd(sd):
-    from fd_trt.pipeline import FasterDiffusionPipeline
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
     return FasterDiffusionPipeline.from_diffusers(sd, backend="torch", progress=False)
 

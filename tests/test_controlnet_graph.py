@@ -7,14 +7,14 @@ import copy
 import pytest
 import torch
 
-from fd_trt.contract import (
+from fd_trt.graphs.contract import (
     CONDITIONING_SCALE,
     CONTROLNET_COND,
     ControlNetContract,
     GraphContract,
     controlnet_factor,
 )
-from fd_trt.engines import (
+from fd_trt.graphs.engines import (
     build_controlnet_graph,
     build_engines,
     check_controlnet_graph,
@@ -23,7 +23,7 @@ from fd_trt.engines import (
     unet_weights_sha256,
 )
 from fd_trt.errors import EngineMismatchError, UnsupportedModelError
-from fd_trt.pipeline import FasterDiffusionPipeline
+from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
 from conftest import rel_l2
 from test_controlnet import _cn_pipeline, control_image, tiny_controlnet
@@ -112,7 +112,7 @@ def test_a_controlnet_weight_change_makes_its_graph_stale(engine_dir, nets):
     # A changed config under the same weights is stale too.
     manifest = load_manifest(engine_dir)
     manifest.controlnets[controlnet_key(new.controlnet_sha256)].controlnet_config["global_pool_conditions"] = True
-    from fd_trt.engines import save_manifest
+    from fd_trt.graphs.engines import save_manifest
 
     save_manifest(engine_dir, manifest)
     with pytest.raises(EngineMismatchError, match="controlnet_config .*global_pool_conditions"):
@@ -232,7 +232,7 @@ def test_without_build_on_demand_a_changed_controlnet_is_refused(tiny_sd, nets):
 
 def test_auto_runs_the_controlnet_graph_on_the_runner_it_chose(tiny_sd, nets):
     """``backend="auto"`` (the default) chooses after planning; the ControlNet follows its choice."""
-    from fd_trt.tune import Candidate
+    from fd_trt.backends.auto import Candidate
 
     sd = _cn_pipeline(tiny_sd, nets[0])
     pipe = FasterDiffusionPipeline.from_diffusers(sd, backend="auto", device="cpu", progress=False)

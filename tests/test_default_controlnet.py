@@ -7,9 +7,9 @@ import PIL.Image
 import pytest
 import torch
 
-from fd_trt import shapes
+from fd_trt.tools import shapes
 from fd_trt.errors import InputError
-from fd_trt.models import default_controlnet_dir, default_model_dir, load_controlnet
+from fd_trt.families.models import default_controlnet_dir, default_model_dir, load_controlnet
 
 needs_default = pytest.mark.skipif(default_controlnet_dir() is None or default_model_dir() is None,
                                    reason="no shipped default model / ControlNet")
@@ -67,7 +67,7 @@ def test_masks_draw_no_random_numbers():
 def test_default_controlnet_is_small_and_fits_the_default_unet():
     from diffusers import ControlNetModel
 
-    from fd_trt.pipeline import FasterDiffusionPipeline
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
     folder = default_controlnet_dir()
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
@@ -77,7 +77,7 @@ def test_default_controlnet_is_small_and_fits_the_default_unet():
     pipe = FasterDiffusionPipeline.from_pretrained("default", backend="torch", device="cpu", progress=False)
     unet = pipe.sd.unet
     # The residuals must have the shapes of the UNet encoder's skips and mid (fd_trt's split).
-    from fd_trt.split import split_unet
+    from fd_trt.graphs.split import split_unet
 
     x, t, text = torch.randn(2, 4, 16, 16), torch.tensor([500, 20]), torch.randn(2, 32, 64)
     with torch.no_grad():
@@ -101,7 +101,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 @needs_default
 def test_default_controlnet_steers_the_object_into_the_mask():
-    from fd_trt.pipeline import FasterDiffusionPipeline
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
     pipe = FasterDiffusionPipeline.from_pretrained("default", backend="torch", device="cpu", progress=False,
                                                    controlnet="default")
@@ -120,15 +120,15 @@ def test_default_controlnet_steers_the_object_into_the_mask():
 
 @needs_default
 def test_default_controlnet_with_another_model_is_a_clear_error():
-    from fd_trt.models import tiny_sd_pipeline
-    from fd_trt.pipeline import FasterDiffusionPipeline
+    from fd_trt.families.models import tiny_sd_pipeline
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
     with pytest.raises(InputError, match="default ControlNet was trained for fd_trt's default model.*block_out_channels"):
         FasterDiffusionPipeline.from_diffusers(tiny_sd_pipeline(), backend="torch", device="cpu", controlnet="default")
 
 
 def test_missing_default_controlnet_is_a_clear_error(monkeypatch):
-    import fd_trt.models as models
+    import fd_trt.families.models as models
 
     monkeypatch.setattr(models, "default_controlnet_dir", lambda: None)
     with pytest.raises(InputError, match="no default ControlNet.*train_default_controlnet.py"):

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from fd_trt import shapes
-from fd_trt.models import default_model_dir
+from fd_trt.tools import shapes
+from fd_trt.families.models import default_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def test_shapes_deterministic_and_vocabulary():
     assert np.array_equal(a.images, b.images) and a.captions == b.captions
     assert a.images.shape == (16, 64, 64, 3) and a.images.dtype == np.uint8
     assert set(a.num_objects.tolist()) <= {1, 2}
-    from fd_trt.models import TINY_WORDS
+    from fd_trt.families.models import TINY_WORDS
 
     known = {w for line in TINY_WORDS for w in line.split()}
     assert shapes.vocabulary() <= known
@@ -56,7 +56,7 @@ def test_shapes_deterministic_and_vocabulary():
 def test_word_tokenizer_keeps_every_word_whole():
     # BPE merges the lowest-ranked pair anywhere in a word; a merge list built word by word used to
     # split "cyan", "orange", "purple", "triangle" and others into several tokens.
-    from fd_trt.models import TINY_WORDS, make_word_tokenizer
+    from fd_trt.families.models import TINY_WORDS, make_word_tokenizer
 
     for words in (TINY_WORDS, [" ".join(sorted(shapes.vocabulary()))]):
         tok = make_word_tokenizer(words, max_length=32)
@@ -72,7 +72,7 @@ def test_word_tokenizer_keeps_every_word_whole():
 def test_default_model_loads_offline_and_generates():
     from diffusers import StableDiffusionPipeline
 
-    from fd_trt.pipeline import FasterDiffusionPipeline
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
     path = default_model_dir()
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -91,7 +91,7 @@ def test_default_model_loads_offline_and_generates():
 @needs_model
 def test_default_model_follows_its_prompts(evaluate_mod, checker):
     """A trained model, not just a finite one: the independent checker reads the asked colours and shapes."""
-    from fd_trt.pipeline import FasterDiffusionPipeline
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
     pipe = FasterDiffusionPipeline.from_pretrained("default", backend="torch", device="cpu", progress=False)
     ps = evaluate_mod.make_prompts(16, seed=11)  # 8 single-object prompts (distinct colour x shape), 8 pairs
@@ -139,9 +139,9 @@ def test_evaluate_end_to_end_four_prompts(evaluate_mod, checker, tmp_path):
 
 
 def test_shipped_calibrations_match_the_shipped_model_and_are_the_defaults():
-    from fd_trt.calibrate import Calibration, calibration_file
-    from fd_trt.models import default_model_dir
-    from fd_trt.pipeline import FasterDiffusionPipeline
+    from fd_trt.core.calibration import Calibration, calibration_file
+    from fd_trt.families.models import default_model_dir
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
     pipe = FasterDiffusionPipeline.from_pretrained("default", backend="torch", progress=False)
     for sched, steps, k in (("ddim", 50, 9), ("dpmpp", 20, 7)):

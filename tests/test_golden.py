@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from fd_trt.backends.torch import TorchRunner
-from fd_trt.models import make_scheduler
-from fd_trt.sampler import run_sampler
-from fd_trt.schedule import NoiseInjection, parse_schedule
+from fd_trt.families.models import make_scheduler
+from fd_trt.core.sampler import run_sampler
+from fd_trt.core.schedule import NoiseInjection, parse_schedule
 
 from conftest import rel_l2
 
@@ -102,7 +102,7 @@ def test_onnxruntime_backend_matches_the_authors_code(golden, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     from fd_trt.backends.onnxruntime import OrtRunner
-    from fd_trt.engines import build_engines
+    from fd_trt.graphs.engines import build_engines
 
     out = tmp_path / "golden"
     build_engines(golden["unet"], out, latent_size=(8, 8), text_shape=tuple(golden["text"].shape[1:]),

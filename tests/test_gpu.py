@@ -17,8 +17,8 @@ import torch
 from conftest import rel_l2
 from fd_trt.backends.torch import TorchRunner
 from fd_trt.errors import InputError
-from fd_trt.models import tiny_sd_pipeline
-from fd_trt.pipeline import FasterDiffusionPipeline
+from fd_trt.families.models import tiny_sd_pipeline
+from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")

@@ -21,9 +21,9 @@ uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 from PIL import Image  # noqa: E402
 
-from fd_trt.http_api import ThreadedServer, create_app, free_port  # noqa: E402
-from fd_trt.pipeline import FasterDiffusionPipeline  # noqa: E402
-from fd_trt.serve import Limits, ServingRuntime  # noqa: E402
+from fd_trt.serving.http import ThreadedServer, create_app, free_port  # noqa: E402
+from fd_trt.pipelines.pipeline import FasterDiffusionPipeline  # noqa: E402
+from fd_trt.serving.runtime import Limits, ServingRuntime  # noqa: E402
 
 from test_serve import Gate, wait_for  # noqa: E402
 

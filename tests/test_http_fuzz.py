@@ -21,10 +21,10 @@ pytest.importorskip("fastapi")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from fd_trt.http_api import ThreadedServer, create_app  # noqa: E402
-from fd_trt.models import SCHEDULERS  # noqa: E402
-from fd_trt.pipeline import FasterDiffusionPipeline  # noqa: E402
-from fd_trt.serve import Limits, ServingRuntime  # noqa: E402
+from fd_trt.serving.http import ThreadedServer, create_app  # noqa: E402
+from fd_trt.families.models import SCHEDULERS  # noqa: E402
+from fd_trt.pipelines.pipeline import FasterDiffusionPipeline  # noqa: E402
+from fd_trt.serving.runtime import Limits, ServingRuntime  # noqa: E402
 
 from test_serve_limits import healthz_latencies  # noqa: E402
 

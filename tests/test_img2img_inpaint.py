@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from fd_trt.errors import InputError, UnsupportedModelError
-from fd_trt.models import make_scheduler, tiny_sd_pipeline
-from fd_trt.pipeline import FasterDiffusionPipeline
-from fd_trt.schedule import parse_schedule
+from fd_trt.families.models import make_scheduler, tiny_sd_pipeline
+from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
+from fd_trt.core.schedule import parse_schedule
 
 from conftest import rel_l2
 

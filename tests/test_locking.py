@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from fd_trt.backends.onnxruntime import OrtRunner
-from fd_trt.engines import LOCK_FILE, MANIFEST_FILE, build_engines, check_engine_dir, engine_dir_lock, load_manifest
+from fd_trt.graphs.engines import LOCK_FILE, MANIFEST_FILE, build_engines, check_engine_dir, engine_dir_lock, load_manifest
 from fd_trt.errors import EngineMismatchError
-from fd_trt.export import TEMP_PREFIX, CorruptGraphError
-from fd_trt.split import split_unet
+from fd_trt.graphs.export import TEMP_PREFIX, CorruptGraphError
+from fd_trt.graphs.split import split_unet
 
 from conftest import rel_l2
 
@@ -202,7 +202,7 @@ def test_two_processes_building_plans_keep_both_records(tiny_sd, tmp_path):
 
 
 def test_remove_graphs_leaves_a_live_process_temporaries(tmp_path):
-    from fd_trt.export import remove_graphs
+    from fd_trt.graphs.export import remove_graphs
 
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -9,11 +9,11 @@ whenever ``t < 500``. Euler keeps its latents in sigma space (``x = x0 + sigma *
 import pytest
 import torch
 
-from fd_trt.backends.base import Runner
-from fd_trt.models import make_scheduler, tiny_sd_pipeline
-from fd_trt.sampler import run_sampler
-from fd_trt.schedule import NoiseInjection, parse_schedule
-from fd_trt.split import Features
+from fd_trt.core.runner import Runner
+from fd_trt.families.models import make_scheduler, tiny_sd_pipeline
+from fd_trt.core.sampler import run_sampler
+from fd_trt.core.schedule import NoiseInjection, parse_schedule
+from fd_trt.core.features import Features
 
 
 class ZeroRunner(Runner):

@@ -16,14 +16,14 @@ import onnx  # noqa: E402,F401
 import onnxruntime as ort  # noqa: E402,F401
 
 from fd_trt.backends.onnxruntime import OrtRunner  # noqa: E402
-from fd_trt.engines import (  # noqa: E402
+from fd_trt.graphs.engines import (  # noqa: E402
     MANIFEST_FILE,
     build_engines,
     check_engine_dir,
     load_manifest,
 )
 from fd_trt.errors import EngineMismatchError, FdTrtError  # noqa: E402
-from fd_trt.export import (  # noqa: E402
+from fd_trt.graphs.export import (  # noqa: E402
     CorruptGraphError,
     compare_precisions,
     decoder_input_names,
@@ -31,8 +31,9 @@ from fd_trt.export import (  # noqa: E402
     example_inputs,
     export_unet,
 )
-from fd_trt.models import tiny_sd_pipeline  # noqa: E402
-from fd_trt.split import Features, split_unet  # noqa: E402
+from fd_trt.families.models import tiny_sd_pipeline  # noqa: E402
+from fd_trt.core.features import Features
+from fd_trt.graphs.split import split_unet  # noqa: E402
 
 LATENT = (8, 8)
 TEXT = (16, 32)  # the tiny tokenizer's length and the tiny text encoder's width
@@ -175,8 +176,8 @@ def test_the_unshared_decoder_graph_takes_the_same_inputs_and_gives_the_same_noi
     # (no gain) and 96-384 (gain), see ROW_SHARING_MIN_CHANNELS.
     import json
 
-    from fd_trt.export import decoder_shares_rows
-    from fd_trt.models import default_model_dir
+    from fd_trt.graphs.export import decoder_shares_rows
+    from fd_trt.families.models import default_model_dir
 
     folder = default_model_dir()
     assert folder is not None
@@ -307,7 +308,7 @@ def test_external_data_export_runs(sd, tmp_path, split):
 
 def test_import_fd_trt_loads_no_onnx():
     code = (
-        "import sys, fd_trt, fd_trt.export, fd_trt.engines, fd_trt.backends.onnxruntime;"
+        "import sys, fd_trt, fd_trt.graphs.export, fd_trt.graphs.engines, fd_trt.backends.onnxruntime;"
         "bad = [m for m in ('onnx', 'onnxruntime', 'onnx_graphsurgeon', 'polygraphy') if m in sys.modules];"
         "assert not bad, bad"
     )
@@ -346,7 +347,7 @@ def sdxl_dir(sdxl, tmp_path_factory) -> Path:
 
 
 def test_sdxl_graphs_and_manifest_carry_the_added_conditioning(sdxl, sdxl_dir):
-    from fd_trt.contract import GraphContract
+    from fd_trt.graphs.contract import GraphContract
 
     manifest = check_engine_dir(sdxl_dir, sdxl, latent_size=SDXL_LATENT, text_shape=SDXL_TEXT,
                                 added_shapes={"text_embeds": [24], "time_ids": [6]})

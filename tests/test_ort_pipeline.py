@@ -7,7 +7,7 @@ import torch
 
 from fd_trt.cli import main
 from fd_trt.errors import EngineMismatchError
-from fd_trt.pipeline import FasterDiffusionPipeline
+from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
 from conftest import rel_l2
 
@@ -24,7 +24,7 @@ def test_the_default_backend_is_auto_on_every_device(tiny_sd):
 def test_onnxruntime_backend_builds_on_first_use_and_matches_torch(tiny_sd, fd_pipe, latents, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("FD_TRT_CACHE", str(tmp_path / "cache"))
     common = dict(num_inference_steps=50, latents=latents, output_type="latent")
-    with caplog.at_level(logging.WARNING, logger="fd_trt.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="fd_trt.pipelines.pipeline"):
         pipe = FasterDiffusionPipeline.from_diffusers(tiny_sd, backend="onnxruntime", device="cpu", progress=False)
         paper = pipe(PROMPT, schedule="paper", **common)
     assert any("on first use" in r.message for r in caplog.records)
@@ -37,7 +37,7 @@ def test_onnxruntime_backend_builds_on_first_use_and_matches_torch(tiny_sd, fd_p
     # A new pipeline on the same weights reuses the cached graphs without rebuilding.
     caplog.clear()
     mtimes = {p.name: p.stat().st_mtime_ns for p in built[0].iterdir()}
-    with caplog.at_level(logging.WARNING, logger="fd_trt.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="fd_trt.pipelines.pipeline"):
         again = FasterDiffusionPipeline.from_diffusers(tiny_sd, backend="onnxruntime", device="cpu", progress=False)
         again(PROMPT, num_inference_steps=3, latents=latents, output_type="latent")
     assert not any("on first use" in r.message for r in caplog.records)
@@ -73,7 +73,7 @@ def test_cli_build_is_idempotent_and_generate_refuses_other_shapes(tmp_path, cap
 
 
 def test_explicit_engine_dir_for_other_weights_is_refused(tmp_path, latents):
-    from fd_trt.models import tiny_sd_pipeline
+    from fd_trt.families.models import tiny_sd_pipeline
 
     out = tmp_path / "eng"
     assert main(["build", "--out", str(out), "--quiet"]) == 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fd_trt.errors import FdTrtError, InputError, ScheduleError
-from fd_trt.models import make_scheduler
+from fd_trt.families.models import make_scheduler
 
 from conftest import rel_l2
 
@@ -173,7 +173,7 @@ def test_gflops_are_counted_from_the_split_modules(fd_pipe, tiny_sd, latents):
     paper = fd_pipe(PROMPT, schedule="paper", **common).stats
     # reference: one whole UNet forward over the CFG batch, counted on diffusers' module (with the CPU
     # attention formula; tests/test_bench.py checks that counter against a hand count)
-    from fd_trt.pipeline import flop_counter_mode
+    from fd_trt.utils.flops import flop_counter_mode
 
     x = torch.zeros(2, 4, 8, 8)
     text = torch.zeros(2, tiny_sd.tokenizer.model_max_length, 32)
@@ -187,9 +187,9 @@ def test_gflops_are_counted_from_the_split_modules(fd_pipe, tiny_sd, latents):
 def test_flops_counted_on_fake_tensors_equal_a_real_count(tiny_sd):
     """The per-row count runs the split modules on fake tensors (no arithmetic); it must give the
     count of a real call, for SD and for SDXL's added inputs."""
-    from fd_trt.models import tiny_sdxl_pipeline
-    from fd_trt.pipeline import _count_split_flops
-    from fd_trt.split import split_unet
+    from fd_trt.families.models import tiny_sdxl_pipeline
+    from fd_trt.pipelines.pipeline import _count_split_flops
+    from fd_trt.graphs.split import split_unet
 
     xl = tiny_sdxl_pipeline(seed=0)
     cases = [(tiny_sd.unet, 32, None), (xl.unet, xl.unet.config.cross_attention_dim,
@@ -202,8 +202,8 @@ def test_flops_counted_on_fake_tensors_equal_a_real_count(tiny_sd):
 
 
 def test_nan_latents_warn(tiny_sd, latents):
-    from fd_trt.models import tiny_sd_pipeline
-    from fd_trt.pipeline import FasterDiffusionPipeline
+    from fd_trt.families.models import tiny_sd_pipeline
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
     sd = tiny_sd_pipeline(seed=0)
     with torch.no_grad():
@@ -215,8 +215,8 @@ def test_nan_latents_warn(tiny_sd, latents):
 
 
 def test_bf16_torch_runner_stays_close_to_fp32(tiny_sd, fd_pipe, latents):
-    from fd_trt.models import tiny_sd_pipeline
-    from fd_trt.pipeline import FasterDiffusionPipeline
+    from fd_trt.families.models import tiny_sd_pipeline
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
     pipe16 = FasterDiffusionPipeline.from_diffusers(tiny_sd_pipeline(seed=0), backend="torch", precision="bf16", progress=False)
     common = dict(num_inference_steps=20, latents=latents, output_type="latent", schedule="paper")
@@ -253,14 +253,14 @@ def test_unsupported_scheduler_is_rejected(fd_pipe):
 
 
 def test_from_pretrained_rejects_a_missing_folder(tmp_path):
-    from fd_trt.pipeline import FasterDiffusionPipeline
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
     with pytest.raises(InputError, match="never downloads"):
         FasterDiffusionPipeline.from_pretrained(str(tmp_path / "nope"))
 
 
 def test_from_pretrained_loads_a_saved_diffusers_folder_with_safetensors(tiny_sd, fd_pipe, tmp_path, latents):
-    from fd_trt.pipeline import FasterDiffusionPipeline
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
     tiny_sd.save_pretrained(tmp_path / "m", safe_serialization=True)
     assert not list((tmp_path / "m").rglob("*.bin"))

@@ -1,7 +1,7 @@
 import pytest
 
 from fd_trt.errors import ScheduleError
-from fd_trt.schedule import NoiseInjection, parse_schedule
+from fd_trt.core.schedule import NoiseInjection, parse_schedule
 
 
 def test_paper_schedule_segments_match_the_paper_for_ddim50():
@@ -63,7 +63,7 @@ def test_huge_lists_are_rejected_fast_with_a_short_message(n):
     # Regression (#13): duplicate detection was O(n^2); 200,000 zeros froze `fd-trt serve` for over 60 s.
     import time
 
-    from fd_trt.schedule import KeySchedule
+    from fd_trt.core.schedule import KeySchedule
 
     t0 = time.perf_counter()
     with pytest.raises(ScheduleError, match="200000 key steps but the run has only 50 steps") as e:

@@ -12,9 +12,9 @@ import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline
 
 from fd_trt.errors import InputError
-from fd_trt.models import make_scheduler, tiny_sdxl_pipeline, tiny_sdxl_refiner_pipeline
-from fd_trt.pipeline import FasterDiffusionPipeline
-from fd_trt.pipeline_sdxl import FasterDiffusionXLPipeline
+from fd_trt.families.models import make_scheduler, tiny_sdxl_pipeline, tiny_sdxl_refiner_pipeline
+from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
+from fd_trt.pipelines.sdxl import FasterDiffusionXLPipeline
 
 from conftest import rel_l2
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from fd_trt.errors import InputError, UnsupportedModelError
-from fd_trt.models import make_scheduler, tiny_sdxl_pipeline
-from fd_trt.pipeline import FasterDiffusionPipeline
-from fd_trt.pipeline_sdxl import FasterDiffusionXLPipeline
+from fd_trt.families.models import make_scheduler, tiny_sdxl_pipeline
+from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
+from fd_trt.pipelines.sdxl import FasterDiffusionXLPipeline
 
 from conftest import rel_l2
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from fd_trt.errors import InputError, ScheduleError
-from fd_trt.pipeline import FasterDiffusionPipeline
-from fd_trt.serve import (
+from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
+from fd_trt.serving.runtime import (
     GenerateRequest,
     Limits,
     Metrics,
@@ -304,7 +304,7 @@ def test_nonfinite_latents_are_flagged_and_logged(caplog):
     gate = Poisoned(pipe)
     rt = ServingRuntime(gate, warmup=False, max_batch=2, max_wait_ms=500)  # type: ignore[arg-type]
     try:
-        with caplog.at_level(logging.WARNING, logger="fd_trt.serve"):
+        with caplog.at_level(logging.WARNING, logger="fd_trt.serving.runtime"):
             a, b = [rt.submit(GenerateRequest(prompt="a red circle", seed=s, steps=STEPS)) for s in (1, 2)]
             ra, rb = a.result(timeout=60), b.result(timeout=60)
     finally:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from fd_trt.errors import EngineMismatchError, InputError
-from fd_trt.pipeline import FasterDiffusionPipeline
-from fd_trt.serve import (
+from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
+from fd_trt.serving.runtime import (
     DECODER_ACTIVATION_FACTOR,
     GenerateRequest,
     Limits,
@@ -23,7 +23,7 @@ from fd_trt.serve import (
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from fd_trt.http_api import ThreadedServer, create_app  # noqa: E402
+from fd_trt.serving.http import ThreadedServer, create_app  # noqa: E402
 
 STEPS = 10
 

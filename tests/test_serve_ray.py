@@ -16,7 +16,7 @@ serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 from PIL import Image  # noqa: E402
 
-from fd_trt.pipeline import FasterDiffusionPipeline  # noqa: E402
+from fd_trt.pipelines.pipeline import FasterDiffusionPipeline  # noqa: E402
 
 from test_http import free_port  # noqa: E402
 
@@ -25,7 +25,7 @@ STEPS = 10
 
 @pytest.fixture(scope="module")
 def ray_app():
-    from fd_trt.serve_ray import deployment
+    from fd_trt.serving.ray import deployment
 
     port = free_port()
     # On a busy 2-core machine Ray's HTTP proxy can take more than its default 5 s to come up.

@@ -2,9 +2,10 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from fd_trt.backends.base import expand_for_steps
+from fd_trt.core.runner import expand_for_steps
 from fd_trt.errors import InputError, UnsupportedModelError
-from fd_trt.split import Features, check_supported_config, split_unet
+from fd_trt.core.features import Features
+from fd_trt.graphs.split import check_supported_config, split_unet
 
 from conftest import rel_l2
 from tiny_sdxl import SDXL_CONFIGS, added_conditioning, tiny_sdxl_unet
@@ -385,7 +386,7 @@ def test_torch_runner_shares_rows_only_for_wide_unets():
     from torch.utils.flop_counter import FlopCounterMode
 
     from fd_trt.backends.torch import TorchRunner
-    from fd_trt.split import ROW_SHARING_MIN_CHANNELS
+    from fd_trt.graphs.split import ROW_SHARING_MIN_CHANNELS
 
     assert ROW_SHARING_MIN_CHANNELS == 96
     wide_cfg = {**CONFIGS["sd_like_2_levels"], "block_out_channels": (96, 96), "layers_per_block": 1}

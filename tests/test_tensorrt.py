@@ -29,9 +29,9 @@ from fd_trt.backends.tensorrt import (
     runtime_problem,
     timing_cache_file_name,
 )
-from fd_trt.engines import FORMAT_VERSION, GraphRecord, Manifest, PlanRecord, check_plan, find_plan
+from fd_trt.graphs.engines import FORMAT_VERSION, GraphRecord, Manifest, PlanRecord, check_plan, find_plan
 from fd_trt.errors import BackendUnavailableError, EngineMismatchError, InputError
-from fd_trt.schedule import parse_schedule
+from fd_trt.core.schedule import parse_schedule
 
 TRT_PROBLEM = runtime_problem()
 needs_trt = pytest.mark.skipif(TRT_PROBLEM is not None, reason=f"TensorRT + CUDA unavailable: {TRT_PROBLEM}")
@@ -209,7 +209,7 @@ def test_type_stubs_alone_are_not_taken_for_tensorrt(monkeypatch, tmp_path):
 
 def test_pipeline_with_tensorrt_fails_before_exporting_anything(monkeypatch, tiny_sd):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
-    from fd_trt.pipeline import FasterDiffusionPipeline
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
     with pytest.raises(BackendUnavailableError, match="tensorrt"):
         FasterDiffusionPipeline.from_diffusers(tiny_sd, backend="tensorrt", device="cpu", progress=False)
@@ -236,8 +236,8 @@ def test_build_cli_says_why_no_plans_are_built(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def trt_engine_dir(tmp_path_factory):
     """The tiny model's fp16 graphs and plans (built once for the module)."""
-    from fd_trt.engines import build_engines
-    from fd_trt.models import tiny_sd_pipeline
+    from fd_trt.graphs.engines import build_engines
+    from fd_trt.families.models import tiny_sd_pipeline
 
     sd = tiny_sd_pipeline(seed=0)
     folder = tmp_path_factory.mktemp("trt_engines")
@@ -271,7 +271,7 @@ def test_plans_match_onnxruntime(trt_engine_dir, role, rows):
     from polygraphy.backend.trt import TrtRunner as PolyTrtRunner
     from polygraphy.comparator import Comparator, CompareFunc
 
-    from fd_trt.engines import find_plan, load_manifest
+    from fd_trt.graphs.engines import find_plan, load_manifest
 
     import tensorrt as trt
 
@@ -291,8 +291,8 @@ def test_plans_match_onnxruntime(trt_engine_dir, role, rows):
 @pytest.mark.gpu
 @needs_trt
 def test_tensorrt_pipeline_matches_torch(trt_engine_dir, latents):
-    from fd_trt.models import tiny_sd_pipeline
-    from fd_trt.pipeline import FasterDiffusionPipeline
+    from fd_trt.families.models import tiny_sd_pipeline
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
     outs = {}
     for backend, engines in (("torch", None), ("tensorrt", trt_engine_dir)):
@@ -333,7 +333,7 @@ def test_tensorrt_cuda_graph_replay_equals_a_plain_run(trt_engine_dir):
 def test_plans_are_reused_and_foreign_plans_refused(trt_engine_dir):
     import tensorrt as trt
 
-    from fd_trt.engines import load_manifest, save_manifest
+    from fd_trt.graphs.engines import load_manifest, save_manifest
 
     again = build_plans(trt_engine_dir, builder_optimization_level=2, opt_segment_steps=2)
     assert not any(r.built for r in again)
@@ -375,8 +375,8 @@ def test_refit_on_the_gpu_equals_a_rebuild(tmp_path):
     plan is compared with ONNX Runtime on the new graph.
     """
     from fd_trt.backends.onnxruntime import OrtRunner
-    from fd_trt.engines import build_engines, load_manifest
-    from fd_trt.models import tiny_sd_pipeline
+    from fd_trt.graphs.engines import build_engines, load_manifest
+    from fd_trt.families.models import tiny_sd_pipeline
 
     sd = tiny_sd_pipeline(seed=0)
     common = dict(latent_size=(8, 8), text_shape=(16, 32), precision="fp16", max_segment_steps=4, progress=False)

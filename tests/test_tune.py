@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from fd_trt.backends.base import Runner
+from fd_trt.core.runner import Runner
 from fd_trt.errors import EngineMismatchError
-from fd_trt.pipeline import FasterDiffusionPipeline
-from fd_trt.schedule import parse_schedule
-from fd_trt.split import Features
-from fd_trt.tune import AutoRunner, Candidate, CostTable, choose, load_decision, predict_seconds
+from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
+from fd_trt.core.schedule import parse_schedule
+from fd_trt.core.features import Features
+from fd_trt.backends.auto import AutoRunner, Candidate, CostTable, choose, load_decision, predict_seconds
 
 from conftest import rel_l2
 
@@ -162,7 +162,7 @@ def test_tuning_keeps_at_most_the_best_so_far_and_the_one_being_measured_loaded(
 
 @pytest.mark.parametrize("budget, rounds", [(None, 3), (1e9, 3), (0.0, 1)])
 def test_measure_stops_after_a_round_that_took_the_budget(budget, rounds):
-    from fd_trt.tune import measure
+    from fd_trt.backends.auto import measure
 
     r = FakeRunner("torch").activate()
     costs = measure(r, (4, 8, 8), (16, 32), rows=2, steps=[1, 2], repeats=3, round_budget_s=budget)

@@ -6,10 +6,10 @@ import copy
 import pytest
 import torch
 
-from fd_trt.engines import build_engines, unet_weights_sha256, weights_fingerprint
+from fd_trt.graphs.engines import build_engines, unet_weights_sha256, weights_fingerprint
 from fd_trt.errors import EngineMismatchError, InputError, NotPreparedError
-from fd_trt.models import tiny_sd_pipeline
-from fd_trt.pipeline import FasterDiffusionPipeline
+from fd_trt.families.models import tiny_sd_pipeline
+from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
 from conftest import rel_l2
 

@@ -1,12 +1,12 @@
-"""Runners: one per engine kind, all with the protocol of :class:`fd_trt.backends.base.Runner`.
+"""Runners: one per engine kind, all with the protocol of :class:`fd_trt.core.runner.Runner`.
 
 Backends that need heavy or GPU-only packages are imported lazily by :func:`get_runner_class`.
 """
 
 from __future__ import annotations
 
-from ..errors import BackendUnavailableError, InputError
-from .base import Runner
+from fd_trt.errors import BackendUnavailableError, InputError
+from fd_trt.core.runner import Runner
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
@@ -22,16 +22,16 @@ def get_runner_class(name: str) -> type[Runner]:
         BackendUnavailableError: when the backend's runtime is not installed.
     """
     if name == "torch":
-        from .torch import TorchRunner
+        from fd_trt.backends.torch import TorchRunner
 
         return TorchRunner
     if name == "onnxruntime":
-        from .onnxruntime import OrtRunner  # type: ignore[import-not-found]
+        from fd_trt.backends.onnxruntime import OrtRunner  # type: ignore[import-not-found]
 
         return OrtRunner
     if name == "tensorrt":
         try:
-            from .tensorrt import TrtRunner, runtime_problem
+            from fd_trt.backends.tensorrt import TrtRunner, runtime_problem
         except ImportError as exc:
             raise BackendUnavailableError(
                 f"the tensorrt backend is not available here ({exc}): on an NVIDIA GPU, pip install '.[gpu]'; "
@@ -48,7 +48,7 @@ def get_runner_class(name: str) -> type[Runner]:
 def default_backend(device: str | None = None) -> str:
     """The backend a plain call gets: ``auto`` on every device.
 
-    ``auto`` (:mod:`fd_trt.tune`) measures the backends that can run here (torch and onnxruntime
+    ``auto`` (:mod:`fd_trt.backends.auto`) measures the backends that can run here (torch and onnxruntime
     on a CPU; tensorrt and torch on CUDA) and keeps the fastest. Before it, the default was
     onnxruntime on a CPU and torch on CUDA, which left most of the gain unused on small models.
 

@@ -1,4 +1,4 @@
-"""The ONNX Runtime runner: the encoder and decoder graphs of :mod:`fd_trt.export` on ONNX Runtime.
+"""The ONNX Runtime runner: the encoder and decoder graphs of :mod:`fd_trt.graphs.export` on ONNX Runtime.
 
 The CPU execution provider is the default, and fd_trt's default backend on machines without a
 GPU. With onnxruntime-gpu installed, the CUDA and TensorRT execution providers can be asked for.
@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..contract import (
+from fd_trt.graphs.contract import (
     CONDITIONING_SCALE,
     CONTROLNET_COND,
     MID,
@@ -29,9 +29,9 @@ from ..contract import (
     GraphContract,
     down_name,
 )
-from ..errors import BackendUnavailableError, EngineMismatchError, FdTrtError, InputError
-from ..split import Added, Features
-from .base import Runner, step_timesteps
+from fd_trt.errors import BackendUnavailableError, EngineMismatchError, FdTrtError, InputError
+from fd_trt.core.features import Added, Features
+from fd_trt.core.runner import Runner, step_timesteps
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class OrtRunner(Runner):
         if isinstance(engines, torch.nn.Module):
             raise InputError(
                 "OrtRunner takes an engine directory, not a UNet: export the graphs first "
-                "(fd_trt.engines.build_engines or fd-trt build --backend onnxruntime) and pass the folder"
+                "(fd_trt.graphs.engines.build_engines or fd-trt build --backend onnxruntime) and pass the folder"
             )
         if self.device.type not in ("cpu", "cuda"):
             raise InputError(f"device {device!r} is not supported by the onnxruntime runner: use 'cpu' or 'cuda'")
@@ -251,7 +251,7 @@ class OrtRunner(Runner):
         return opts
 
     def _load(self, ort: Any, path: Path, providers: list[ProviderSpec], parse_first: bool) -> _Graph:
-        from ..export import check_graph_file
+        from fd_trt.graphs.export import check_graph_file
 
         if parse_first:
             check_graph_file(path)
@@ -271,7 +271,7 @@ class OrtRunner(Runner):
         verified = False
         manifest = None
         if self.engine_dir is not None and (self.engine_dir / MANIFEST_FILE).is_file():
-            from ..engines import check_graph_files
+            from fd_trt.graphs.engines import check_graph_files
 
             manifest = check_graph_files(self.engine_dir)
             names = {rec.file for rec in manifest.graphs.values()}
@@ -308,7 +308,7 @@ class OrtRunner(Runner):
         self.contract = None
 
     def controlnet(self, record: Any) -> "OrtControlNet":
-        """The ControlNet graph of ``record`` (:class:`fd_trt.engines.ControlNetRecord`, a file of
+        """The ControlNet graph of ``record`` (:class:`fd_trt.graphs.engines.ControlNetRecord`, a file of
         this runner's engine directory) in its own session, with this runner's providers and
         options; loaded on first use and kept until :meth:`deactivate`.
 
@@ -473,12 +473,12 @@ class OrtRunner(Runner):
 
 class OrtControlNet:
     """One ControlNet graph on ONNX Runtime, called like diffusers' ``ControlNetModel``
-    (:data:`fd_trt.conditioning.ControlNetCall`): ``(sample, timestep, encoder_hidden_states,
+    (:data:`fd_trt.pipelines.conditioning.ControlNetCall`): ``(sample, timestep, encoder_hidden_states,
     controlnet_cond, conditioning_scale, guess_mode) -> (down residuals, mid residual)``.
 
     The timestep may be one value for all rows (the sampler's key step) or one per row. Guess
     mode runs the graph at scale 1 and applies diffusers' per-residual guess-mode scales
-    (:func:`fd_trt.conditioning.guess_mode_scales`), except for pooled ControlNets, as diffusers.
+    (:func:`fd_trt.pipelines.conditioning.guess_mode_scales`), except for pooled ControlNets, as diffusers.
     """
 
     def __init__(self, runner: OrtRunner, graph: _Graph, num_down: int, pooled: bool) -> None:
@@ -493,7 +493,7 @@ class OrtControlNet:
         self, sample: torch.Tensor, timestep: torch.Tensor | float, encoder_hidden_states: torch.Tensor,
         controlnet_cond: torch.Tensor, conditioning_scale: float = 1.0, guess_mode: bool = False,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        from ..conditioning import guess_mode_scales
+        from fd_trt.core.features import guess_mode_scales
 
         rows = int(sample.shape[0])
         t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).to(self.runner.device)

@@ -6,7 +6,7 @@ keeps its loaders apart from its ``TrtRunner``; the names it exports are re-expo
 Runtime (DESIGN.md section 5). Plans are deserialized once; every input and output is a torch
 CUDA tensor preallocated at the profile's maximum rows, and each call uses its first rows, so
 tensor addresses never change. Which tensors there are, and how the decoder's rows are laid out
-(step-major), is the graph contract's (:class:`fd_trt.contract.GraphContract`, read from the
+(step-major), is the graph contract's (:class:`fd_trt.graphs.contract.GraphContract`, read from the
 manifest): the decoder takes the key step's features, text and SDXL conditioning once, at N
 rows (their profile is tuned at the encoder's rows and reaches the decoder's maximum, for a
 batch above the build's decoded one step per call), and S*N timesteps, and
@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..contract import (
+from fd_trt.graphs.contract import (
     CONDITIONING_SCALE,
     CONTROLNET,
     CONTROLNET_COND,
@@ -56,11 +56,11 @@ from ..contract import (
     ControlNetContract,
     GraphContract,
 )
-from ..errors import EngineMismatchError, FdTrtError, InputError
-from ..schedule import ScheduleSpec
-from ..split import Added, Features, added_tensors
-from .base import Runner
-from .tensorrt_build import (
+from fd_trt.errors import EngineMismatchError, FdTrtError, InputError
+from fd_trt.core.schedule import ScheduleSpec
+from fd_trt.core.features import Added, Features, added_tensors
+from fd_trt.core.runner import Runner
+from fd_trt.backends.tensorrt_build import (
     DEFAULT_OPTIMIZATION_LEVEL,
     DEFAULT_PROFILE_STEPS,
     INSTALL_HINT,
@@ -89,7 +89,7 @@ from .tensorrt_build import (
 if TYPE_CHECKING:  # the stubs (tensorrt-stubs) type-check the calls; nothing is imported at run time
     import tensorrt as trt
 
-    from ..engines import Manifest, PlanRecord
+    from fd_trt.graphs.engines import Manifest, PlanRecord
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ class TrtRunner(Runner):
 
     # lifecycle -----------------------------------------------------------------------------
     def _select_plan(self, manifest: Manifest, role: str, profiles: dict[str, RowProfile]) -> PlanRecord:
-        from ..engines import check_plan, find_plan
+        from fd_trt.graphs.engines import check_plan, find_plan
 
         import tensorrt as trt
 
@@ -314,7 +314,7 @@ class TrtRunner(Runner):
         ``key_inputs`` the inputs with the key step's rows (the decoder's features and text)."""
         import tensorrt as trt
 
-        from ..engines import file_sha256
+        from fd_trt.graphs.engines import file_sha256
 
         path = self.engine_dir / record.file
         fix = f"delete it and rebuild: fd-trt build --backend tensorrt --force --out {self.engine_dir}"
@@ -373,7 +373,7 @@ class TrtRunner(Runner):
     def _activate(self) -> None:
         import tensorrt as trt
 
-        from ..engines import engine_dir_lock
+        from fd_trt.graphs.engines import engine_dir_lock
 
         # Under the directory's lock: the manifest and the plans it names are read as one state,
         # never halfway through another process's build or refit of this directory.
@@ -383,7 +383,7 @@ class TrtRunner(Runner):
             self._warm_up()
 
     def _activate_locked(self, trt: Any) -> None:
-        from ..engines import check_graph_files
+        from fd_trt.graphs.engines import check_graph_files
 
         manifest = check_graph_files(self.engine_dir)
         precision = {"fp16": torch.float16, "fp32": torch.float32}.get(manifest.precision)
@@ -411,8 +411,8 @@ class TrtRunner(Runner):
                     enc.max_rows, dec.path.name, dec.min_rows, dec.max_rows, torch.cuda.get_device_name(self.device))
 
     def controlnet(self, record: Any) -> "TrtControlNet":
-        """The TensorRT plan of a ControlNet graph (:class:`fd_trt.engines.ControlNetRecord`) as a
-        :data:`fd_trt.conditioning.ControlNetCall`; built on first use when ``build`` is on,
+        """The TensorRT plan of a ControlNet graph (:class:`fd_trt.graphs.engines.ControlNetRecord`) as a
+        :data:`fd_trt.pipelines.conditioning.ControlNetCall`; built on first use when ``build`` is on,
         loaded once, with its own context, buffers (at the encoder profile's rows) and scratch
         memory, and run on the runner's stream.
 
@@ -420,7 +420,7 @@ class TrtRunner(Runner):
             EngineMismatchError: with ``build=False`` and no plan for this GPU, or a plan whose
                 tensors are not the ControlNet contract's.
         """
-        from ..engines import engine_dir_lock, find_plan, load_manifest
+        from fd_trt.graphs.engines import engine_dir_lock, find_plan, load_manifest
 
         import tensorrt as trt
 
@@ -513,7 +513,7 @@ class TrtRunner(Runner):
         """
         import tensorrt as trt
 
-        from ..engines import (
+        from fd_trt.graphs.engines import (
             _export_into,
             _with,
             engine_dir_lock,
@@ -524,7 +524,7 @@ class TrtRunner(Runner):
             unet_config_dict,
             unet_weights_sha256,
         )
-        from ..export import write_atomic
+        from fd_trt.graphs.export import write_atomic
 
         if not self.is_active or self._enc is None or self._dec is None:
             return False
@@ -815,11 +815,11 @@ class TrtRunner(Runner):
 
 class TrtControlNet:
     """One ControlNet plan, called like diffusers' ``ControlNetModel``
-    (:data:`fd_trt.conditioning.ControlNetCall`); see :meth:`TrtRunner.controlnet`.
+    (:data:`fd_trt.pipelines.conditioning.ControlNetCall`); see :meth:`TrtRunner.controlnet`.
 
     Rows above the plan's maximum (the encoder profile's) run in chunks, like encoder calls.
     Guess mode runs the plan at scale 1 and applies diffusers' per-residual guess-mode scales
-    (:func:`fd_trt.conditioning.guess_mode_scales`), except for pooled ControlNets.
+    (:func:`fd_trt.pipelines.conditioning.guess_mode_scales`), except for pooled ControlNets.
     """
 
     def __init__(self, runner: TrtRunner, entry: _Engine, num_down: int, pooled: bool) -> None:
@@ -835,8 +835,8 @@ class TrtControlNet:
         self, sample: torch.Tensor, timestep: torch.Tensor | float, encoder_hidden_states: torch.Tensor,
         controlnet_cond: torch.Tensor, conditioning_scale: float = 1.0, guess_mode: bool = False,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        from ..conditioning import guess_mode_scales
-        from ..contract import down_name
+        from fd_trt.core.features import guess_mode_scales
+        from fd_trt.graphs.contract import down_name
 
         r, e = self.runner, self.entry
         r._check_active()

@@ -15,10 +15,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..contract import FLOAT32_INPUTS
-from ..errors import BackendUnavailableError, InputError
-from ..split import Added, Features, SplitUNet, added_tensors, decoder_shares_rows, split_unet
-from .base import Runner, expand_for_steps, same_device
+from fd_trt.graphs.contract import FLOAT32_INPUTS
+from fd_trt.errors import BackendUnavailableError, InputError
+from fd_trt.core.features import Added, Features, added_tensors
+from fd_trt.graphs.split import SplitUNet, decoder_shares_rows, split_unet
+from fd_trt.core.runner import Runner, expand_for_steps, same_device
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class TorchRunner(Runner):
         share_rows: whether a decoder call over S steps projects the text and convolves the skip
             half of the up-block convolutions once per distinct row instead of S times (same
             numbers within float rounding). ``None`` (default): where it pays, by the UNet's
-            widths (:func:`fd_trt.split.decoder_shares_rows`, as the decoder graphs do): SD 1.x/2.x
+            widths (:func:`fd_trt.graphs.split.decoder_shares_rows`, as the decoder graphs do): SD 1.x/2.x
             and SDXL yes, the default model no.
 
     Raises:

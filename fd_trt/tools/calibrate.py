@@ -23,23 +23,20 @@ A :class:`Calibration` is saved as JSON. ``schedule=`` accepts its path or the o
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from .errors import InputError, ScheduleError
-from .schedule import KeySchedule, NoiseInjection
+from fd_trt.errors import InputError
+from fd_trt.core.schedule import KeySchedule, NoiseInjection
+from fd_trt.core.calibration import CALIBRATION_DIR, Calibration, calibration_file, find_calibration
 
 logger = logging.getLogger(__name__)
 
-#: Folder, inside a model folder or an engine directory, that holds saved calibrations.
-CALIBRATION_DIR = "calibrations"
 METHODS = ("greedy", "dp", "dp+swap")
 #: Calibration prompts for the default model (held-out evaluation uses other prompts and seeds).
 DEFAULT_PROMPTS = (
@@ -51,117 +48,10 @@ DEFAULT_PROMPTS = (
 DEFAULT_SEEDS = (0, 1, 2, 3)
 
 
-@dataclass
-class Calibration:
-    """Key steps chosen for one model, scheduler and step count.
-
-    Attributes:
-        key_steps: sorted, unique, starting with 0.
-        scheduler: the scheduler's short name (``ddim``, ``dpmpp``, ...).
-        steps: the number of inference steps.
-        model_sha256: the UNet weights hash it was calibrated on.
-        error: relative L2 of the final latents against ``all`` on the calibration batch.
-        method: the search method.
-        prompts: the calibration prompts.
-        seeds: their seeds (one per prompt).
-        guidance: the CFG scale used.
-        seconds: how long the calibration took.
-        estimated_speedup: UNet-time speedup over ``all`` estimated from measured encoder and
-            decoder costs, or ``None``.
-        paper_error: the same error for ``paper`` with the same K budget cut, for comparison.
-        costs: the encoder and decoder call costs (seconds) measured on the backend that
-            ``estimated_speedup`` comes from (:func:`measure_costs`, :func:`estimate_speedup`).
-    """
-
-    key_steps: list[int]
-    scheduler: str
-    steps: int
-    model_sha256: str
-    error: float
-    method: str
-    prompts: list[str]
-    seeds: list[int]
-    guidance: float = 7.5
-    seconds: float = 0.0
-    estimated_speedup: float | None = None
-    paper_error: float | None = None
-    evaluations: int = 0
-    steps_run: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    costs: dict[str, float] | None = None
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Writes the calibration as JSON (atomically) and returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "Calibration":
-        """Reads a calibration JSON written by :meth:`save` or ``fd-trt calibrate --out``.
-
-        Raises:
-            ScheduleError: for a missing or malformed file.
-        """
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ScheduleError(f"calibration file {path} does not exist: write one with fd-trt calibrate --out {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ScheduleError(f"calibration file {path} is not valid JSON ({exc}): recreate it with fd-trt calibrate") from None
-        if not isinstance(raw, dict):
-            raise ScheduleError(f"calibration file {path} holds {type(raw).__name__}, not a calibration object")
-        try:
-            cal = cls(**raw)
-        except TypeError as exc:
-            raise ScheduleError(f"calibration file {path} has missing or unknown fields ({exc}): recreate it with fd-trt calibrate") from None
-        KeySchedule(tuple(int(k) for k in cal.key_steps), int(cal.steps))  # validates
-        return cal
-
-    def check(self, *, model_sha256: str | None, scheduler: str | None, steps: int, where: str = "") -> None:
-        """Refuses a calibration made for another model, scheduler or step count.
-
-        Raises:
-            ScheduleError: naming what differs and the command that recalibrates.
-        """
-        problems = []
-        if steps != self.steps:
-            problems.append(f"{self.steps} steps, but the run has {steps}")
-        if scheduler is not None and scheduler != self.scheduler:
-            problems.append(f"scheduler {self.scheduler}, but the run uses {scheduler}")
-        if model_sha256 is not None and model_sha256 != self.model_sha256:
-            problems.append(f"UNet weights {self.model_sha256[:12]}.., but this UNet's are {model_sha256[:12]}..")
-        if problems:
-            raise ScheduleError(
-                f"calibration {where or ''} was made for {' and '.join(problems)}: recalibrate with "
-                f"fd-trt calibrate --model MODEL --scheduler {scheduler or self.scheduler} --steps {steps} --save"
-            )
-
-    def schedule(self) -> KeySchedule:
-        return KeySchedule(tuple(int(k) for k in self.key_steps), int(self.steps))
 
 
-def calibration_file(folder: str | os.PathLike[str], scheduler: str, steps: int) -> Path:
-    """Where a calibration for ``scheduler`` and ``steps`` is saved inside a model or engine folder."""
-    return Path(folder) / CALIBRATION_DIR / f"{scheduler}-{int(steps)}.json"
 
 
-def find_calibration(folders: Sequence[str | os.PathLike[str] | None], scheduler: str, steps: int) -> Path | None:
-    """The first saved calibration for ``scheduler`` and ``steps`` in ``folders``, or ``None``."""
-    for folder in folders:
-        if folder is None:
-            continue
-        path = calibration_file(folder, scheduler, steps)
-        if path.is_file():
-            return path
-    return None
 
 
 # evaluation ---------------------------------------------------------------------------------
@@ -172,7 +62,7 @@ class Evaluator:
     sampler call over the whole batch (text encoder and VAE are not involved).
 
     Args:
-        pipe: a :class:`~fd_trt.pipeline.FasterDiffusionPipeline`.
+        pipe: a :class:`~fd_trt.pipelines.pipeline.FasterDiffusionPipeline`.
         scheduler: the scheduler's short name.
         steps: inference steps.
         prompts: calibration prompts.
@@ -184,7 +74,7 @@ class Evaluator:
                  guidance: float = 7.5) -> None:
         from diffusers.utils.torch_utils import randn_tensor
 
-        from .models import make_scheduler
+        from fd_trt.families.models import make_scheduler
 
         if len(prompts) != len(seeds):
             raise InputError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
@@ -235,7 +125,7 @@ class Evaluator:
             record: keep the latents and scheduler state before every step, so that later runs
                 that share a prefix with this one resume from it (:meth:`error`).
         """
-        from .sampler import run_sampler
+        from fd_trt.core.sampler import run_sampler
 
         keys = tuple(sorted(int(k) for k in key_steps))
         sched = self._fresh_scheduler()
@@ -460,8 +350,8 @@ def feature_changes(pipe: Any, scheduler: str, steps: int, prompts: Sequence[str
     """
     from diffusers.utils.torch_utils import randn_tensor
 
-    from .models import make_scheduler
-    from .split import split_unet
+    from fd_trt.families.models import make_scheduler
+    from fd_trt.graphs.split import split_unet
 
     sd = pipe.sd
     split = split_unet(sd.unet)
@@ -561,7 +451,7 @@ def calibrate(
     """Chooses key steps for the pipeline's model, a scheduler and a step count.
 
     Args:
-        pipe: a :class:`~fd_trt.pipeline.FasterDiffusionPipeline` (its backend runs the search).
+        pipe: a :class:`~fd_trt.pipelines.pipeline.FasterDiffusionPipeline` (its backend runs the search).
         scheduler: ``ddim``, ``dpmpp``, ``pndm``, ``euler`` or ``ddpm``.
         steps: inference steps.
         key_steps: K, the encoder runs wanted.

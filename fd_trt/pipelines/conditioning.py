@@ -1,7 +1,7 @@
 """Image conditioning around the sampler: img2img, inpainting and ControlNet.
 
 Each piece turns diffusers-style arguments (``image``, ``strength``, ``mask_image``,
-``controlnet_conditioning_scale``, ...) into what :func:`fd_trt.sampler.run_sampler` takes: the
+``controlnet_conditioning_scale``, ...) into what :func:`fd_trt.core.sampler.run_sampler` takes: the
 steps to run, the initial latents, extra encoder channels, a step callback, and a key-step
 control hook. The arithmetic follows diffusers' ``StableDiffusionImg2ImgPipeline``,
 ``StableDiffusionInpaintPipeline`` and ``StableDiffusionControlNetPipeline`` (random draws in the
@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .errors import InputError, UnsupportedModelError
+from fd_trt.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -31,27 +31,6 @@ logger = logging.getLogger(__name__)
 # UNet layouts the pipeline can drive
 
 
-def unet_input_kind(unet_config: Any) -> str:
-    """How the pipeline feeds a UNet: ``"text2img"`` (latent channels in and out) or
-    ``"inpaint"`` (latents + 1 mask channel + masked-image latents in, latents out).
-
-    Args:
-        unet_config: the UNet's config (a dict or diffusers' ``FrozenDict``).
-
-    Raises:
-        UnsupportedModelError: for any other channel layout.
-    """
-    get = unet_config.get if hasattr(unet_config, "get") else lambda k, d=None: getattr(unet_config, k, d)
-    cin, cout = int(get("in_channels", 4)), int(get("out_channels", 4))
-    if cin == cout:
-        return "text2img"
-    if cin == 2 * cout + 1:
-        return "inpaint"
-    raise UnsupportedModelError(
-        f"the UNet takes {cin} input channels and predicts {cout}: fd_trt drives text-to-image UNets "
-        f"({cout} in, {cout} out) and inpainting UNets ({2 * cout + 1} in: latents, mask, masked-image latents). "
-        "Use a Stable Diffusion 1.x/2.x UNet of one of these layouts"
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,19 +165,11 @@ ControlNetCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tenso
                           "tuple[Sequence[torch.Tensor], torch.Tensor]"]
 
 
-def guess_mode_scales(num_down: int, conditioning_scale: float) -> torch.Tensor:
-    """Per-residual scales of diffusers' ControlNet guess mode: ``logspace(-1, 0)`` over the
-    ``num_down`` down residuals and the mid one, times ``conditioning_scale`` (0.1 for the
-    shallowest residual up to 1 for the mid one). The ControlNet graph is exported without guess
-    mode (one scale on every output), so in guess mode a graph runner runs it at scale 1 and
-    multiplies its outputs by these; not for ControlNets with ``global_pool_conditions``, as in
-    diffusers."""
-    return torch.logspace(-1, 0, num_down + 1) * float(conditioning_scale)
 
 
 @dataclass
 class KeyStepControlNet:
-    """ControlNet(s) run at key steps only, as a :data:`fd_trt.sampler.KeyStepControl` hook.
+    """ControlNet(s) run at key steps only, as a :data:`fd_trt.core.sampler.KeyStepControl` hook.
 
     At a key step each ControlNet whose guidance window covers the step runs on the key step's
     model input with its conditioning scale; the residuals of several ControlNets are summed,

@@ -50,9 +50,9 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .contract import GraphContract
-from .errors import EngineMismatchError, InputError
-from .export import (
+from fd_trt.graphs.contract import GraphContract
+from fd_trt.errors import EngineMismatchError, InputError
+from fd_trt.graphs.export import (
     DECODER_FILE,
     DEFAULT_OPSET,
     ENCODER_FILE,
@@ -416,7 +416,7 @@ class Manifest:
         added_shapes: per-row shapes of the graphs' added-conditioning inputs (SDXL:
             ``{"text_embeds": [P], "time_ids": [K]}``); empty for SD 1.x/2.x and in manifests
             written before SDXL, which therefore still load. With ``num_skips`` and the shapes
-            above it is the graph contract (:meth:`fd_trt.contract.GraphContract.from_manifest`).
+            above it is the graph contract (:meth:`fd_trt.graphs.contract.GraphContract.from_manifest`).
         controlnets: ControlNet graphs, by the first 16 hex digits of the ControlNet's weights
             sha256 (empty without ControlNets, and in older manifests, which therefore still load).
     """
@@ -617,7 +617,7 @@ def expected_manifest(
         model_source: where the model came from.
         unet_sha256: the weights digest, when already computed.
         added_shapes: per-row shapes of SDXL's added conditioning; the config's when omitted
-            (:func:`fd_trt.contract.default_added_shapes`).
+            (:func:`fd_trt.graphs.contract.default_added_shapes`).
 
     Returns:
         The manifest.
@@ -627,7 +627,7 @@ def expected_manifest(
             raise InputError(f"{name} must be a positive integer, got {v!r}")
     if text_shape is None:
         text_shape = (77, int(unet.config.cross_attention_dim))
-    from .split import check_supported
+    from fd_trt.graphs.split import check_supported
 
     check_supported(unet)
     contract = GraphContract.from_unet_config(unet.config, latent_size, text_shape, added_shapes)
@@ -883,11 +883,11 @@ def build_engines(
         model_source: where the model came from, recorded for messages and rebuild commands.
         force: rebuild even when up to date.
         progress: show progress bars.
-        external_data_threshold: see :func:`fd_trt.export.export_unet`.
+        external_data_threshold: see :func:`fd_trt.graphs.export.export_unet`.
         unet_sha256: the weights digest, when the caller already computed it.
         added_shapes: per-row shapes of SDXL's added conditioning (``{"text_embeds": (P,),
             "time_ids": (K,)}``); the config's, with K = 6, when omitted.
-        share_rows: see :func:`fd_trt.export.export_unet` (``None``: decided from the UNet's
+        share_rows: see :func:`fd_trt.graphs.export.export_unet` (``None``: decided from the UNet's
             widths). It changes speed, not numbers, so it is not a manifest field: an engine
             directory built with another setting stays up to date (``force=True`` rebuilds).
 
@@ -1038,7 +1038,7 @@ def check_controlnet_graph(
     if problem is not None:
         raise EngineMismatchError(
             f"engine directory {folder} does not match the ControlNet: {problem}. Build its graph with "
-            f"fd_trt.engines.build_controlnet_graph(controlnet, {str(folder)!r}), or call the pipeline with "
+            f"fd_trt.graphs.engines.build_controlnet_graph(controlnet, {str(folder)!r}), or call the pipeline with "
             "build_on_demand=True (the default)"
         )
     return manifest.controlnets[controlnet_key(sha)]
@@ -1065,7 +1065,7 @@ def build_controlnet_graph(
         controlnet_sha256: its :func:`unet_weights_sha256`, when the caller already has it.
         force: export even when up to date.
         progress: show a progress bar.
-        external_data_threshold: see :func:`fd_trt.export.export_unet`.
+        external_data_threshold: see :func:`fd_trt.graphs.export.export_unet`.
 
     Returns:
         The graph's manifest record.
@@ -1074,7 +1074,7 @@ def build_controlnet_graph(
         UnsupportedModelError: for an SDXL ControlNet, or one whose residuals do not fit the UNet.
         EngineMismatchError: when the directory has no manifest.
     """
-    from .contract import ControlNetContract
+    from fd_trt.graphs.contract import ControlNetContract
 
     folder = Path(engine_dir)
     sha = controlnet_sha256 or unet_weights_sha256(controlnet)

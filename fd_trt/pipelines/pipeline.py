@@ -1,7 +1,7 @@
 """FasterDiffusionPipeline: text encoding, latents, the sampler, VAE decode, images.
 
 It wraps a diffusers ``StableDiffusionPipeline`` for the text encoder, tokenizer, VAE and image
-post-processing, and replaces the UNet loop with :func:`fd_trt.sampler.run_sampler` on a backend
+post-processing, and replaces the UNet loop with :func:`fd_trt.core.sampler.run_sampler` on a backend
 runner. ``__call__`` takes the arguments of diffusers' ``StableDiffusionPipeline`` plus
 ``schedule``, ``noise_injection``, ``parallel`` and ``max_decoder_rows``.
 """
@@ -25,23 +25,25 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .backends import BACKENDS, default_backend, get_runner_class
-from .backends.base import Runner, same_device
-from .errors import EngineMismatchError, InputError, NotPreparedError, UnsupportedModelError
-from .conditioning import (
+from fd_trt.backends import BACKENDS, default_backend, get_runner_class
+from fd_trt.core.runner import Runner, same_device
+from fd_trt.errors import EngineMismatchError, InputError, NotPreparedError, UnsupportedModelError
+from fd_trt.utils.cache import engine_cache_root
+from fd_trt.utils.flops import flop_counter_mode
+from fd_trt.pipelines.conditioning import (
     InpaintBlend,
     KeyStepControlNet,
     controlnet_nets,
     encode_images,
     img2img_steps,
     repeat_to_batch,
-    unet_input_kind,
     with_key_steps,
 )
-from .models import check_controlnet_fits, load_controlnet, load_diffusers_pipeline, make_scheduler
-from .sampler import SamplerStats, run_sampler
-from .schedule import KeySchedule, NoiseInjection, ScheduleSpec, parse_schedule
-from .split import split_unet
+from fd_trt.families.models import unet_input_kind
+from fd_trt.families.models import check_controlnet_fits, load_controlnet, load_diffusers_pipeline, make_scheduler
+from fd_trt.core.sampler import SamplerStats, run_sampler
+from fd_trt.core.schedule import KeySchedule, NoiseInjection, ScheduleSpec, parse_schedule
+from fd_trt.graphs.split import split_unet
 
 logger = logging.getLogger(__name__)
 
@@ -116,25 +118,6 @@ class PromptEmbeddings:
         return int(self.text.shape[0])
 
 
-def flop_counter_mode() -> Any:
-    """``torch.utils.flop_counter.FlopCounterMode`` that also counts attention on the CPU.
-
-    torch (2.13) has no FLOP formula for ``_scaled_dot_product_flash_attention_for_cpu``, the
-    kernel ``scaled_dot_product_attention`` runs on a CPU, so the attention products (Q K^T and
-    softmax(.) V) went uncounted there: 15.7% of SD1.5's UNet FLOPs at 512x512. This maps it to
-    torch's own SDPA formula, which the CUDA kernels already use.
-    """
-    from torch.utils import flop_counter
-
-    custom = {}
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if op is not None:
-
-        def cpu_flash_attention(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
-            return int(flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape))
-
-        custom[op] = cpu_flash_attention
-    return flop_counter.FlopCounterMode(display=False, custom_mapping=custom)
 
 
 @dataclass
@@ -213,10 +196,6 @@ def _pipeline_device(sd: Any) -> torch.device:
         return torch.device("cpu")
 
 
-def engine_cache_root() -> Path:
-    """Where graphs built on first use are kept: ``$FD_TRT_CACHE`` or ``~/.cache/fd_trt/engines``."""
-    env = os.environ.get("FD_TRT_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "fd_trt" / "engines"
 
 
 class FasterDiffusionPipeline:
@@ -225,8 +204,8 @@ class FasterDiffusionPipeline:
     Args:
         sd_pipeline: a diffusers ``StableDiffusionPipeline`` (its components are used, not copied).
         backend: ``"auto"`` (default: measure the available backends and keep the fastest, see
-            :mod:`fd_trt.tune`), ``"torch"``, ``"onnxruntime"``, ``"tensorrt"``, or a ready
-            :class:`~fd_trt.backends.base.Runner`.
+            :mod:`fd_trt.backends.auto`), ``"torch"``, ``"onnxruntime"``, ``"tensorrt"``, or a ready
+            :class:`~fd_trt.core.runner.Runner`.
         device: ``"cpu"`` or ``"cuda[:i]"``; CUDA when available by default.
         precision: the runner's precision, ``fp32``, ``fp16`` or ``bf16``; with ``auto``, also
             ``"auto"``, which lets reduced precision (bf16 on a CPU) compete.
@@ -341,7 +320,7 @@ class FasterDiffusionPipeline:
             if self.backend == "torch":
                 cls = get_runner_class("torch")
                 self._fixed_runner = cls(self.sd.unet, device=self.device, dtype=precision, **self.runner_options).activate()
-            elif self.backend != "auto":  # auto measures per shape, on the first call (fd_trt.tune)
+            elif self.backend != "auto":  # auto measures per shape, on the first call (fd_trt.backends.auto)
                 # Graph backends are built per latent/text shape, on the first call that needs one.
                 get_runner_class(self.backend)
                 if self.backend == "onnxruntime" and precision not in ("fp32", "fp16"):
@@ -353,7 +332,7 @@ class FasterDiffusionPipeline:
 
     def _check_model(self) -> None:
         """Refuses a diffusers pipeline this class would condition wrongly: SDXL has its own class."""
-        from .pipeline_sdxl import is_sdxl
+        from fd_trt.families.sdxl import is_sdxl
 
         if is_sdxl(self.sd):
             raise InputError(
@@ -366,7 +345,8 @@ class FasterDiffusionPipeline:
     def _class_for(cls, sd_pipeline: Any) -> type["FasterDiffusionPipeline"]:
         """The class that serves a diffusers pipeline: SDXL's subclass for an SDXL model when called
         on the base class, else ``cls``."""
-        from .pipeline_sdxl import FasterDiffusionXLPipeline, is_sdxl
+        from fd_trt.pipelines.sdxl import FasterDiffusionXLPipeline
+        from fd_trt.families.sdxl import is_sdxl
 
         if cls is FasterDiffusionPipeline and is_sdxl(sd_pipeline):
             return FasterDiffusionXLPipeline
@@ -418,7 +398,7 @@ class FasterDiffusionPipeline:
         Raises:
             EngineMismatchError: the graphs do not fit (or, with ``build=False``, are not built).
         """
-        from .engines import build_engines, check_engine_dir
+        from fd_trt.graphs.engines import build_engines, check_engine_dir
 
         unet = self.sd.unet
         if self.engines is not None:
@@ -458,7 +438,7 @@ class FasterDiffusionPipeline:
 
     def auto_candidates(self) -> list[Any]:
         """The candidates ``backend="auto"`` measures here, in order of preference on a tie."""
-        from .tune import Candidate
+        from fd_trt.backends.auto import Candidate
 
         if self.device.type == "cuda":
             return [Candidate("tensorrt", "fp16", exact=False),
@@ -481,8 +461,9 @@ class FasterDiffusionPipeline:
         return {k: v for k, v in self.runner_options.items() if k in params}
 
     def _auto_runner(self, latent_hw: tuple[int, int], text_shape: tuple[int, int]) -> Runner:
-        from .engines import check_engine_dir
-        from .tune import AutoRunner, Candidate, device_name, library_versions
+        from fd_trt.graphs.engines import check_engine_dir
+        from fd_trt.backends.auto import AutoRunner, Candidate, library_versions
+        from fd_trt.utils.system import device_name
 
         if self.engines is not None:
             # An engine directory is an explicit request for its graphs: one that does not fit is an
@@ -512,7 +493,7 @@ class FasterDiffusionPipeline:
                 # 2: onnxruntime stopped spinning on CPU, so format-1 costs no longer hold.
                 # 3: the torch decoder convolves repeated skips once per distinct row (faster).
                 # 4: so do the decoder graphs (engine format 2).
-                # 5: ... only for UNets at least 96 channels wide (torch too; fd_trt.split.decoder_shares_rows).
+                # 5: ... only for UNets at least 96 channels wide (torch too; fd_trt.graphs.split.decoder_shares_rows).
                 "format": 5,
                 "unet_sha256": self.unet_sha256,
                 "device": device_name(self.device),
@@ -597,7 +578,7 @@ class FasterDiffusionPipeline:
     def resolve_schedule(self, schedule: Any, num_inference_steps: int, scheduler: str | None = None) -> Any:
         """Turns ``None``, ``"calibrated"``, a calibration path or object into key steps.
 
-        Other specs are returned unchanged for :func:`fd_trt.schedule.parse_schedule`.
+        Other specs are returned unchanged for :func:`fd_trt.core.schedule.parse_schedule`.
 
         Args:
             schedule: the call's ``schedule``.
@@ -608,9 +589,9 @@ class FasterDiffusionPipeline:
             ScheduleError: when no calibration matches, or one was made for another model,
                 scheduler or step count.
         """
-        from .calibrate import Calibration, find_calibration
-        from .errors import ScheduleError
-        from .models import scheduler_name
+        from fd_trt.core.calibration import Calibration, find_calibration
+        from fd_trt.errors import ScheduleError
+        from fd_trt.families.models import scheduler_name
 
         name = scheduler or scheduler_name(self.sd.scheduler)
         if schedule is None or (isinstance(schedule, str) and schedule.strip().lower() == "calibrated"):
@@ -678,7 +659,7 @@ class FasterDiffusionPipeline:
     @property
     def unet_sha256(self) -> str:
         """sha256 of the UNet's effective weights (parameters, fused LoRA, active adapters and scales)."""
-        from .engines import unet_weights_sha256
+        from fd_trt.graphs.engines import unet_weights_sha256
 
         if self._unet_sha256 is None:
             self._unet_sha256 = unet_weights_sha256(self.sd.unet)
@@ -687,7 +668,7 @@ class FasterDiffusionPipeline:
     def refresh_weights(self) -> None:
         """Makes every runner take the UNet's weights now, whatever the cheap fingerprint says.
 
-        For changes that :func:`fd_trt.engines.weights_fingerprint` cannot see (a few elements
+        For changes that :func:`fd_trt.graphs.engines.weights_fingerprint` cannot see (a few elements
         written through ``.data`` between its samples, with no counter bumped).
         """
         with self._cache_lock:
@@ -697,12 +678,12 @@ class FasterDiffusionPipeline:
     def _check_weights(self) -> None:
         """Notices a weight change since the last call and makes every runner follow it.
 
-        A cheap fingerprint (:func:`fd_trt.engines.weights_fingerprint`) is compared on every
+        A cheap fingerprint (:func:`fd_trt.graphs.engines.weights_fingerprint`) is compared on every
         call. On a change, runners that can take new weights in place (torch, refittable
         TensorRT plans) are refit; graph runners that cannot are closed, so the next call
         rebuilds them (or, with ``engines=``, refuses the directory naming the rebuild command).
         """
-        from .engines import weights_fingerprint
+        from fd_trt.graphs.engines import weights_fingerprint
 
         unet = self.sd.unet
         fp = weights_fingerprint(unet)
@@ -747,7 +728,7 @@ class FasterDiffusionPipeline:
         The folder's ``unet/config.json`` is checked before any weights load: a UNet the split
         cannot carry raises :class:`~fd_trt.errors.UnsupportedModelError` at once. An SDXL
         folder (``addition_embed_type="text_time"``) returns a
-        :class:`~fd_trt.pipeline_sdxl.FasterDiffusionXLPipeline`.
+        :class:`~fd_trt.pipelines.sdxl.FasterDiffusionXLPipeline`.
 
         Args:
             model: a local folder, or ``"default"`` (the shipped model).
@@ -770,7 +751,7 @@ class FasterDiffusionPipeline:
         sd, source = load_diffusers_pipeline(model)
         pipe = cls._class_for(sd)(sd, backend=backend, device=device, precision=precision, progress=progress, source=source,
                    engines=engines, runner_options=runner_options, owns_pipeline=True, **kwargs)
-        from .models import default_model_dir
+        from fd_trt.families.models import default_model_dir
 
         pipe.model_dir = default_model_dir() if str(model) == "default" else Path(model)
         if scheduler is not None:
@@ -790,7 +771,7 @@ class FasterDiffusionPipeline:
         **kwargs: Any,
     ) -> "FasterDiffusionPipeline":
         """Wraps an existing diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``
-        (the latter as a :class:`~fd_trt.pipeline_sdxl.FasterDiffusionXLPipeline`), sharing its
+        (the latter as a :class:`~fd_trt.pipelines.sdxl.FasterDiffusionXLPipeline`), sharing its
         components.
 
         The img2img, inpainting and ControlNet pipelines of Stable Diffusion wrap the same way; a
@@ -1217,9 +1198,9 @@ class FasterDiffusionPipeline:
         return x0, runner
 
     def controlnet_sha256(self, net: Any) -> str:
-        """sha256 of a ControlNet's weights (:func:`fd_trt.engines.unet_weights_sha256`), cached
+        """sha256 of a ControlNet's weights (:func:`fd_trt.graphs.engines.unet_weights_sha256`), cached
         until its weights fingerprint changes."""
-        from .engines import unet_weights_sha256, weights_fingerprint
+        from fd_trt.graphs.engines import unet_weights_sha256, weights_fingerprint
 
         fp = weights_fingerprint(net)
         known = self._controlnet_digests.get(id(net))
@@ -1238,7 +1219,7 @@ class FasterDiffusionPipeline:
             EngineMismatchError: with ``build_on_demand`` off, for a missing or stale graph.
             UnsupportedModelError: for a ControlNet the graph cannot carry.
         """
-        from .engines import build_controlnet_graph, check_controlnet_graph
+        from fd_trt.graphs.engines import build_controlnet_graph, check_controlnet_graph
 
         target = getattr(runner, "current_runner", runner) or runner
         folder = getattr(target, "engine_dir", None)
@@ -1303,7 +1284,7 @@ class FasterDiffusionPipeline:
             schedule: key steps: ``"paper"``, ``"all"``, ``"uniform:N"``, a list of step indices,
                 ``"calibrated"`` (the calibration saved with the model or engine directory for this
                 scheduler and step count), a calibration JSON path or a
-                :class:`~fd_trt.calibrate.Calibration`. ``None`` (default): ``calibrated`` when a
+                :class:`~fd_trt.tools.calibrate.Calibration`. ``None`` (default): ``calibrated`` when a
                 matching calibration is saved with the model, otherwise ``paper``.
             noise_injection: prior noise injection on (``True``), off (``False``), a
                 :class:`NoiseInjection`, or ``None`` for on exactly when the schedule propagates

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence, Union
 
-from .errors import ScheduleError
+from fd_trt.errors import ScheduleError
 
 #: The paper's key steps for DDIM-50 on Stable Diffusion (utils_sd.py, mod "50ls").
 PAPER_KEY_STEPS: tuple[int, ...] = (0, 1, 2, 3, 5, 10, 15, 25, 35)

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import FdTrtError, InputError
-from .models import SCHEDULERS
-from .serve import DEFAULT_DECODER_MEMORY_MB
+from fd_trt.errors import FdTrtError, InputError
+from fd_trt.families.models import SCHEDULERS
+from fd_trt.serving.runtime import DEFAULT_DECODER_MEMORY_MB
 
 
 def _add_model_args(p: Any) -> None:
@@ -101,7 +101,7 @@ def _add_bench(sub: Any) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import BenchConfig, run_benchmark, to_markdown, write_outputs
+    from fd_trt.tools.bench import BenchConfig, run_benchmark, to_markdown, write_outputs
 
     split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
     cfg = BenchConfig(
@@ -151,7 +151,7 @@ def _runner_options(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(args.threads)
-    # auto passes each runner the options it takes (fd_trt.pipeline.FasterDiffusionPipeline._options_for).
+    # auto passes each runner the options it takes (fd_trt.pipelines.pipeline.FasterDiffusionPipeline._options_for).
     return {"intra_op_threads": args.threads} if backend == "auto" else {}
 
 
@@ -180,10 +180,10 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .http_api import create_app
+        from fd_trt.serving.http import create_app
     except ImportError as e:
         raise FdTrtError(f"fd-trt serve needs the [serve] extra ({e.name} is missing): pip install 'fd_trt[serve]'") from e
-    from .serve import Limits, ServingRuntime, parse_sizes
+    from fd_trt.serving.runtime import Limits, ServingRuntime, parse_sizes
 
     import signal
     import threading
@@ -259,20 +259,20 @@ def _add_build(sub: Any) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from .engines import build_engines
-    from .models import load_diffusers_pipeline
+    from fd_trt.graphs.engines import build_engines
+    from fd_trt.families.models import load_diffusers_pipeline
 
     t0 = time.perf_counter()
     if args.tune and not args.out:
         # auto looks for graphs in the engine cache: build them there, once.
         return _tune(args)
     if args.backend == "tensorrt":
-        from .schedule import parse_schedule
+        from fd_trt.core.schedule import parse_schedule
 
         args.schedule = args.schedule or "paper"
 
         if args.schedule.strip().lower().endswith(".json"):  # a calibration: its key steps set the profiles
-            from .calibrate import Calibration
+            from fd_trt.core.calibration import Calibration
 
             cal = Calibration.load(args.schedule)
             if cal.steps != args.steps:
@@ -290,7 +290,7 @@ def _build(args: argparse.Namespace) -> int:
     precision = args.precision or ("fp16" if args.backend == "tensorrt" else "fp32")
     name = Path(str(args.model).rstrip("/")).name or "model"
     out = Path(args.out) if args.out else Path("engines") / f"{name}-{height}x{width}-{precision}"
-    from .pipeline_sdxl import is_sdxl, sdxl_added_shapes, sdxl_text_shape
+    from fd_trt.families.sdxl import is_sdxl, sdxl_added_shapes, sdxl_text_shape
 
     added_shapes = None
     if is_sdxl(sd):  # the pooled width and time-id count (6 base, 5 refiner) come from the model
@@ -328,8 +328,8 @@ def _build(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace, engines: Path | None = None) -> int:
     """``fd-trt build --tune``: measures every ``auto`` candidate ahead of time and caches the decision."""
-    from .pipeline import FasterDiffusionPipeline
-    from .schedule import parse_schedule
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
+    from fd_trt.core.schedule import parse_schedule
 
     opts = {}
     if args.threads is not None:
@@ -347,14 +347,14 @@ def _tune(args: argparse.Namespace, engines: Path | None = None) -> int:
     for b in range(1, args.batch + 1):
         d = runner.plan(schedule, rows=2 * b)
         print(f"batch {b}, key steps {','.join(map(str, schedule.key_steps))}: {d.summary()}")
-    from .tune import tuning_cache_dir
+    from fd_trt.backends.auto import tuning_cache_dir
 
     print(f"tuning decisions cached in {tuning_cache_dir()}")
     return 0
 
 
 def _build_plans(args: argparse.Namespace, out: Path) -> None:
-    from .backends.tensorrt import build_plans, runtime_problem
+    from fd_trt.backends.tensorrt import build_plans, runtime_problem
 
     problem = runtime_problem(args.device)
     if problem is not None:
@@ -382,13 +382,13 @@ def _build_plans(args: argparse.Namespace, out: Path) -> None:
 
 def _median_run(outputs: list[Any]) -> Any:
     """The output whose total time is the median (the lower middle one for an even count)."""
-    from .compare import median_index
+    from fd_trt.tools.compare import median_index
 
     return outputs[median_index([o.stats.seconds["total"] for o in outputs])]
 
 
 def _paper_keys(num_steps: int) -> list[int]:
-    from .schedule import PAPER_KEY_STEPS
+    from fd_trt.core.schedule import PAPER_KEY_STEPS
 
     return [k for k in PAPER_KEY_STEPS if k < num_steps]
 
@@ -478,7 +478,7 @@ def _bf16_hint(args: argparse.Namespace, pipe: Any, out: Any, run: Any, noise: A
     Only when no precision was asked, on a CPU, and when it is cheap (a run of at most
     :data:`BF16_HINT_MAX_S`); bf16 changes the numbers, so it is a suggestion, never the default.
     """
-    from .tune import cpu_flags, has_fast_bf16
+    from fd_trt.utils.system import cpu_flags, has_fast_bf16
 
     if args.precision is not None or pipe.device.type != "cpu" or not has_fast_bf16():
         return None
@@ -486,8 +486,8 @@ def _bf16_hint(args: argparse.Namespace, pipe: Any, out: Any, run: Any, noise: A
         return None
     import torch
 
-    from .compare import rel_l2
-    from .pipeline import FasterDiffusionPipeline
+    from fd_trt.tools.compare import rel_l2
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
     bf = FasterDiffusionPipeline.from_diffusers(pipe.sd, backend="torch", precision="bf16", progress=False)
     bf.model_dir = pipe.model_dir
@@ -508,7 +508,7 @@ def _bf16_hint(args: argparse.Namespace, pipe: Any, out: Any, run: Any, noise: A
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .pipeline import FasterDiffusionPipeline
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
     if args.repeat < 1:
         raise InputError(f"--repeat must be a positive integer, got {args.repeat}: pass --repeat 1 for a single timed run")
@@ -550,7 +550,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     noise = False if args.no_noise_injection else None
     if args.compare:
-        from .compare import median_index, rel_l2, run_diffusers
+        from fd_trt.tools.compare import median_index, rel_l2, run_diffusers
 
         if image_kwargs:
             raise InputError(
@@ -679,8 +679,9 @@ def _add_calibrate(sub: Any) -> None:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from .calibrate import DEFAULT_PROMPTS, calibrate, calibration_file
-    from .pipeline import FasterDiffusionPipeline
+    from fd_trt.tools.calibrate import DEFAULT_PROMPTS, calibrate
+    from fd_trt.core.calibration import calibration_file
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
     prompts: Sequence[str] = DEFAULT_PROMPTS
     if args.prompts:
@@ -715,7 +716,7 @@ def _calibrate(args: argparse.Namespace) -> int:
             raise InputError("--save needs a model folder or --engines DIR to save into")
         print(f"saved {cal.save(calibration_file(folder, args.scheduler, args.steps))} (schedule='calibrated')")
     if args.plot:
-        from .calibrate import feature_changes, plot_feature_changes
+        from fd_trt.tools.calibrate import feature_changes, plot_feature_changes
 
         fc = feature_changes(pipe, args.scheduler, args.steps, prompts, cal.seeds, args.guidance)
         enc, dec = sum(fc["enc_rel"]) / len(fc["enc_rel"]), sum(fc["dec_rel"]) / len(fc["dec_rel"])
@@ -737,7 +738,7 @@ def _add_mask(sub: Any) -> None:
 
 
 def _mask(args: argparse.Namespace) -> int:
-    from .shapes import SHAPES, mask_image, silhouette
+    from fd_trt.tools.shapes import SHAPES, mask_image, silhouette
 
     if args.shape not in SHAPES:
         raise InputError(f"unknown shape {args.shape!r}: choose one of {', '.join(SHAPES)}")

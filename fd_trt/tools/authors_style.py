@@ -11,7 +11,7 @@ diffusers' public module attributes (``conv_in``, ``time_proj``, ``time_embeddin
 ``down_blocks``, ``mid_block``, ``up_blocks``, ``conv_norm_out``, ``conv_act``, ``conv_out``).
 It is the same algorithm as fd_trt's ``paper`` schedule (DESIGN.md section 1), so it must give
 the same latents within float tolerance; only the engineering differs. It does not use
-:mod:`fd_trt.split` or :mod:`fd_trt.sampler` on purpose: it is the baseline they are measured
+:mod:`fd_trt.graphs.split` or :mod:`fd_trt.core.sampler` on purpose: it is the baseline they are measured
 against.
 """
 
@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .schedule import PAPER_KEY_STEPS
+from fd_trt.core.schedule import PAPER_KEY_STEPS
 
 #: The paper's noise injection for DDIM: ``x += alpha * x_T`` before each step with ``t < threshold``.
 ALPHA = 0.003

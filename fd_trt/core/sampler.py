@@ -14,10 +14,10 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .backends.base import Runner
-from .errors import InputError
-from .schedule import KeySchedule, NoiseInjection
-from .split import Added, Features
+from fd_trt.core.runner import Runner
+from fd_trt.errors import InputError
+from fd_trt.core.schedule import KeySchedule, NoiseInjection
+from fd_trt.core.features import Added, Features
 
 #: ``callback(step_index, timestep, latents) -> latents or None``; called after every scheduler step.
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]

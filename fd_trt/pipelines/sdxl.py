@@ -3,7 +3,7 @@
 SDXL differs from SD 1.x/2.x only in its conditioning: two text encoders whose hidden states are
 concatenated, the second one's pooled output, and the micro-conditioning ``time_ids``
 (original size, crop corner, target size). The UNet adds an embedding of the last two to its time
-embedding, so both graphs take them per row (see :mod:`fd_trt.split`). Everything else (timesteps,
+embedding, so both graphs take them per row (see :mod:`fd_trt.graphs.split`). Everything else (timesteps,
 latents, the sampler, the VAE) is the base pipeline's. Prompt encoding, the time ids and
 ``guidance_rescale`` are diffusers' own ``StableDiffusionXLPipeline`` code, called on the wrapped
 pipeline.
@@ -21,52 +21,18 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .conditioning import repeat_to_batch
-from .errors import InputError, UnsupportedModelError
-from .pipeline import FasterDiffusionOutput, FasterDiffusionPipeline, PromptEmbeddings, _ImageRun
-from .schedule import NoiseInjection, ScheduleSpec
+from fd_trt.pipelines.conditioning import repeat_to_batch
+from fd_trt.errors import InputError, UnsupportedModelError
+from fd_trt.families.sdxl import is_sdxl, sdxl_added_shapes, sdxl_text_shape
+from fd_trt.pipelines.pipeline import FasterDiffusionOutput, FasterDiffusionPipeline, PromptEmbeddings, _ImageRun
+from fd_trt.core.schedule import NoiseInjection, ScheduleSpec
 
 Size = tuple[int, int]
 
 
-def sdxl_text_shape(sd_pipeline: Any) -> tuple[int, int]:
-    """``(L, D)`` of an SDXL pipeline's prompt embeddings: the tokenizers' length and the UNet's
-    cross-attention width (both encoders' hidden states side by side; the refiner has only the
-    second)."""
-    tokenizer = sd_pipeline.tokenizer if getattr(sd_pipeline, "tokenizer", None) is not None else sd_pipeline.tokenizer_2
-    return int(tokenizer.model_max_length), int(sd_pipeline.unet.config.cross_attention_dim)
 
 
-def sdxl_added_shapes(sd_pipeline: Any) -> dict[str, tuple[int, ...]]:
-    """Per-row shapes of an SDXL pipeline's added conditioning: ``text_embeds`` (P, the second
-    text encoder's projection width) and ``time_ids`` (K, what the UNet's ``add_embedding`` leaves
-    for them: 6 for SDXL base, 5 for the refiner).
 
-    The UNet config alone cannot tell P from K (``projection_class_embeddings_input_dim`` is
-    ``P + K * addition_time_embed_dim``), so P comes from the text encoder.
-
-    Raises:
-        UnsupportedModelError: when the widths do not divide into whole time ids.
-    """
-    cfg = sd_pipeline.unet.config
-    width = int(cfg.projection_class_embeddings_input_dim)
-    if getattr(sd_pipeline, "text_encoder_2", None) is not None:
-        pooled = int(sd_pipeline.text_encoder_2.config.projection_dim)
-    else:
-        pooled = int(sd_pipeline.text_encoder.config.hidden_size)
-    per_id = int(cfg.addition_time_embed_dim)
-    k, rest = divmod(width - pooled, per_id)
-    if rest or k < 1:
-        raise UnsupportedModelError(
-            f"the UNet's add_embedding takes {width} features, which is not the pooled text width {pooled} plus "
-            f"whole time ids of {per_id}: the text encoder does not fit this UNet"
-        )
-    return {"text_embeds": (pooled,), "time_ids": (k,)}
-
-def is_sdxl(sd_pipeline: Any) -> bool:
-    """Whether a diffusers pipeline is SDXL-shaped: a UNet with ``addition_embed_type="text_time"``."""
-    unet = getattr(sd_pipeline, "unet", None)
-    return getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time"
 
 
 def _check_pair(name: str, value: Any) -> None:
@@ -99,7 +65,7 @@ def _check_prompt_list(name: str, value: Any, count: int) -> None:
 class FasterDiffusionXLPipeline(FasterDiffusionPipeline):
     """SDXL with Faster Diffusion's encoder propagation.
 
-    Construct it like :class:`~fd_trt.pipeline.FasterDiffusionPipeline`, with a diffusers
+    Construct it like :class:`~fd_trt.pipelines.pipeline.FasterDiffusionPipeline`, with a diffusers
     ``StableDiffusionXLPipeline``; ``FasterDiffusionPipeline.from_pretrained`` and
     ``from_diffusers`` return this class for SDXL models.
     """
@@ -509,7 +475,7 @@ class FasterDiffusionXLPipeline(FasterDiffusionPipeline):
             callback_on_step_end_tensor_inputs: as in :meth:`FasterDiffusionPipeline.__call__`.
 
         Returns:
-            :class:`~fd_trt.pipeline.FasterDiffusionOutput` with ``images`` and ``stats``.
+            :class:`~fd_trt.pipelines.pipeline.FasterDiffusionOutput` with ``images`` and ``stats``.
         """
         options = dict(
             prompt_2=prompt_2,

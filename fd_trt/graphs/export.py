@@ -6,7 +6,7 @@ save (one external ``.data`` file when the model is over 2 GB) and check with ``
 on the saved path.
 
 Graph names, input order, dtypes and dynamic axes come from the graph contract
-(:class:`fd_trt.contract.GraphContract`), which every backend reads too: for SD 1.x/2.x
+(:class:`fd_trt.graphs.contract.GraphContract`), which every backend reads too: for SD 1.x/2.x
 ``sample, timestep, encoder_hidden_states -> mid, skip_00 ..`` and
 ``mid, skip_00 .., timestep, encoder_hidden_states -> noise_pred``; SDXL UNets add
 ``text_embeds`` and ``time_ids`` to both graphs. Axis 0 is dynamic on every input and output;
@@ -38,9 +38,10 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .contract import FLOAT32, NOISE_PRED, TEXT, TIMESTEP, ControlNetContract, GraphContract, GraphSpec
-from .errors import BackendUnavailableError, EngineMismatchError, InputError
-from .split import ROW_SHARING_MIN_CHANNELS, Features, SplitUNet, decoder_shares_rows, split_unet
+from fd_trt.graphs.contract import FLOAT32, NOISE_PRED, TEXT, TIMESTEP, ControlNetContract, GraphContract, GraphSpec
+from fd_trt.errors import BackendUnavailableError, EngineMismatchError, InputError
+from fd_trt.graphs.split import ROW_SHARING_MIN_CHANNELS, SplitUNet, decoder_shares_rows, split_unet
+from fd_trt.core.features import Features
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -174,7 +175,7 @@ def encoder_output_names(num_skips: int) -> list[str]:
         num_skips: number of skip features (12 for SD 1.x).
 
     Returns:
-        The names, in output order (:class:`fd_trt.contract.GraphContract`).
+        The names, in output order (:class:`fd_trt.graphs.contract.GraphContract`).
     """
     return GraphContract(num_skips).encoder.output_names
 
@@ -186,7 +187,7 @@ def decoder_input_names(num_skips: int) -> list[str]:
         num_skips: number of skip features.
 
     Returns:
-        The names, in input order (:class:`fd_trt.contract.GraphContract`).
+        The names, in input order (:class:`fd_trt.graphs.contract.GraphContract`).
     """
     return GraphContract(num_skips).decoder.input_names
 
@@ -195,13 +196,13 @@ class DecoderForExport(nn.Module):
     """The decoder graph's module: ``(mid, *skips, timestep, encoder_hidden_states, *added) -> noise_pred``.
 
     The features, text and added conditioning have the key step's N rows and the timestep has S*N
-    (:meth:`fd_trt.split.SplitUNet.run_decoder_steps`, which repeats the rows inside the graph and
+    (:meth:`fd_trt.graphs.split.SplitUNet.run_decoder_steps`, which repeats the rows inside the graph and
     computes the skip convolutions and text projections once per distinct row). The exporter
     names graph inputs positionally, and the split decoder takes the skips as one sequence
     argument; this wrapper gives each skip its own named graph input.
 
     Args:
-        split: the :class:`~fd_trt.split.SplitUNet` of :func:`fd_trt.split.split_unet`.
+        split: the :class:`~fd_trt.graphs.split.SplitUNet` of :func:`fd_trt.graphs.split.split_unet`.
         share: share the repeated rows' work in the graph (:func:`decoder_shares_rows`).
     """
 
@@ -223,7 +224,7 @@ class ControlNetForExport(nn.Module):
     (down_00, .., mid)``. ``conditioning_scale`` is a ``[1]`` tensor, so it stays a graph input
     (cast to the weights' precision inside, so an fp16 graph stays fp16). Guess mode is not
     part of the graph: it rescales the outputs, which the runner does
-    (:func:`fd_trt.conditioning.guess_mode_scales`)."""
+    (:func:`fd_trt.pipelines.conditioning.guess_mode_scales`)."""
 
     def __init__(self, controlnet: nn.Module) -> None:
         super().__init__()
@@ -255,7 +256,7 @@ def export_controlnet(
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     progress: bool = True,
 ) -> GraphInfo:
-    """Exports one ControlNet as the ControlNet graph (:class:`fd_trt.contract.ControlNetContract`).
+    """Exports one ControlNet as the ControlNet graph (:class:`fd_trt.graphs.contract.ControlNetContract`).
 
     Args:
         controlnet: a diffusers ``ControlNetModel`` (SD 1.x/2.x; left unchanged).

@@ -50,7 +50,7 @@ def run_diffusers(
 
     Args:
         sd: the diffusers pipeline (for the default model, the ``StableDiffusionPipeline`` that
-            :func:`fd_trt.models.load_diffusers_pipeline` loads, with the scheduler fd_trt uses).
+            :func:`fd_trt.families.models.load_diffusers_pipeline` loads, with the scheduler fd_trt uses).
         prompt ... num_images_per_prompt: as in diffusers.
         seed: seeds a ``torch.Generator`` on ``device``, as ``fd-trt generate --seed`` does.
         device: where the generator lives.

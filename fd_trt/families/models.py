@@ -13,7 +13,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .errors import InputError
+from fd_trt.errors import InputError
+from fd_trt.errors import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -291,7 +292,7 @@ def load_diffusers_pipeline(source: str | os.PathLike[str]) -> tuple[Any, str]:
     if not (path / "model_index.json").is_file():
         raise InputError(f"{path} has no model_index.json: it is not a diffusers pipeline folder")
     unet_config = read_unet_config(path)
-    from .conditioning import unet_input_kind
+    from fd_trt.families.models import unet_input_kind
 
     unet_input_kind(unet_config)  # an unsupported channel layout, also before any weight loads
     if unet_config.get("addition_embed_type") == "text_time":
@@ -327,7 +328,7 @@ def read_unet_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """
     import json
 
-    from .split import check_supported_config
+    from fd_trt.graphs.split import check_supported_config
 
     config_path = Path(folder) / "unet" / "config.json"
     try:
@@ -652,4 +653,27 @@ def sdxl_arch_pipeline(seed: int = 0) -> Any:
                  projection_dim=1280, hidden_act="gelu"),
         ),
         max_length=77,
+    )
+
+
+def unet_input_kind(unet_config: Any) -> str:
+    """How the pipeline feeds a UNet: ``"text2img"`` (latent channels in and out) or
+    ``"inpaint"`` (latents + 1 mask channel + masked-image latents in, latents out).
+
+    Args:
+        unet_config: the UNet's config (a dict or diffusers' ``FrozenDict``).
+
+    Raises:
+        UnsupportedModelError: for any other channel layout.
+    """
+    get = unet_config.get if hasattr(unet_config, "get") else lambda k, d=None: getattr(unet_config, k, d)
+    cin, cout = int(get("in_channels", 4)), int(get("out_channels", 4))
+    if cin == cout:
+        return "text2img"
+    if cin == 2 * cout + 1:
+        return "inpaint"
+    raise UnsupportedModelError(
+        f"the UNet takes {cin} input channels and predicts {cout}: fd_trt drives text-to-image UNets "
+        f"({cout} in, {cout} out) and inpainting UNets ({2 * cout + 1} in: latents, mask, masked-image latents). "
+        "Use a Stable Diffusion 1.x/2.x UNet of one of these layouts"
     )

@@ -1,6 +1,6 @@
 """Low-latency serving runtime: a request queue, dynamic batching, limits and metrics.
 
-:class:`ServingRuntime` loads a :class:`~fd_trt.pipeline.FasterDiffusionPipeline` once, warms it
+:class:`ServingRuntime` loads a :class:`~fd_trt.pipelines.pipeline.FasterDiffusionPipeline` once, warms it
 up, and serves :class:`GenerateRequest` objects from any thread (:meth:`ServingRuntime.submit`
 returns a ``concurrent.futures.Future``) or from asyncio (:meth:`ServingRuntime.generate`).
 
@@ -18,8 +18,8 @@ cancellation; :meth:`ServingRuntime.shutdown` drains what was accepted (or fails
 :class:`RuntimeClosedError` when asked not to drain); an image with NaN/Inf comes back with
 ``nonfinite=True`` and a logged warning.
 
-The HTTP server (``fd-trt serve``) is in :mod:`fd_trt.http_api`, the Ray Serve deployment in
-:mod:`fd_trt.serve_ray`.
+The HTTP server (``fd-trt serve``) is in :mod:`fd_trt.serving.http`, the Ray Serve deployment in
+:mod:`fd_trt.serving.ray`.
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .errors import FdTrtError, InputError
-from .models import SCHEDULERS
-from .schedule import parse_schedule
-from .split import feature_bytes_per_row
+from fd_trt.errors import FdTrtError, InputError
+from fd_trt.families.models import SCHEDULERS
+from fd_trt.core.schedule import parse_schedule
+from fd_trt.graphs.split import feature_bytes_per_row
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .pipeline import FasterDiffusionPipeline
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -434,7 +434,7 @@ class ServingRuntime:
         **kwargs: Any,
     ) -> "ServingRuntime":
         """Loads a model with :meth:`FasterDiffusionPipeline.from_pretrained` (no progress bars) and serves it."""
-        from .pipeline import FasterDiffusionPipeline
+        from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
         pipe = FasterDiffusionPipeline.from_pretrained(
             model, backend=backend, device=device, precision=precision, progress=False, engines=engines,
@@ -697,7 +697,7 @@ class ServingRuntime:
         return len(sched.timesteps)
 
     def _scheduler(self, name: str) -> Any:
-        from .models import make_scheduler
+        from fd_trt.families.models import make_scheduler
 
         with self._cv:
             if name not in self._schedulers:

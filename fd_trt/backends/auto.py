@@ -36,9 +36,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from .backends.base import Runner
-from .errors import FdTrtError, InputError
-from .split import Added, Features
+from fd_trt.core.runner import Runner
+from fd_trt.errors import FdTrtError, InputError
+from fd_trt.core.features import Added, Features
 
 logger = logging.getLogger(__name__)
 
@@ -322,7 +322,7 @@ def measure(
 # cache --------------------------------------------------------------------------------------------
 def tuning_cache_dir() -> Path:
     """``$FD_TRT_CACHE/tuning`` (``~/.cache/fd_trt/engines/tuning`` by default)."""
-    from .pipeline import engine_cache_root
+    from fd_trt.utils.cache import engine_cache_root
 
     return engine_cache_root() / "tuning"
 
@@ -330,45 +330,17 @@ def tuning_cache_dir() -> Path:
 @functools.lru_cache(maxsize=None)
 def library_versions() -> tuple[tuple[str, str | None], ...]:
     """Versions of torch, diffusers, onnx, onnxruntime and tensorrt, read once per process."""
-    from .engines import package_versions
+    from fd_trt.graphs.engines import package_versions
 
     return tuple(sorted(package_versions().items()))
 
 
-@functools.lru_cache(maxsize=None)
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
-def device_name(device: torch.device) -> str:
-    """The GPU's name on CUDA; the CPU's model name (``/proc/cpuinfo``) otherwise."""
-    if device.type == "cuda":
-        return str(torch.cuda.get_device_name(device))
-    return _cpu_model()
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
-def has_fast_bf16() -> bool:
-    """Whether the CPU has bf16 matrix instructions (AMX-BF16 or AVX512-BF16)."""
-    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
 def key_digest(key: dict[str, Any]) -> str:
@@ -523,7 +495,7 @@ class AutoRunner(Runner):
         """Chooses the candidate and decoder call size for a run (from the cache, or by measuring).
 
         Args:
-            schedule: the run's :class:`~fd_trt.schedule.KeySchedule`.
+            schedule: the run's :class:`~fd_trt.core.schedule.KeySchedule`.
             rows: rows per step (2B with CFG).
             parallel: whether segments may be batched.
             max_decoder_rows: the caller's cap on rows per decoder call.
@@ -597,7 +569,7 @@ class AutoRunner(Runner):
         if runner is None:
             # Called outside the sampler (calibration's cost probes): the latest decision, or one
             # tuned for single steps at these rows.
-            from .schedule import parse_schedule
+            from fd_trt.core.schedule import parse_schedule
 
             last = self.last_decision
             if last is not None:

@@ -16,7 +16,7 @@ Routes:
   histogram, requests by outcome).
 
 FastAPI and uvicorn come with the ``[serve]`` extra; this module imports them at import time, so
-import it only where they are installed (``fd_trt.serve`` does not need them).
+import it only where they are installed (``fd_trt.serving.runtime`` does not need them).
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import FdTrtError, InputError
-from .models import SCHEDULERS
-from .serve import MAX_SEED, GenerateRequest, QueueFullError, RequestTimeoutError, RuntimeClosedError, ServingRuntime
+from fd_trt.errors import FdTrtError, InputError
+from fd_trt.families.models import SCHEDULERS
+from fd_trt.serving.runtime import MAX_SEED, GenerateRequest, QueueFullError, RequestTimeoutError, RuntimeClosedError, ServingRuntime
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from typing import Any, ContextManager
 
 import torch
 
-from ..errors import FdTrtError, InputError
-from ..split import Added, Features
+from fd_trt.errors import FdTrtError, InputError
+from fd_trt.core.features import Added, Features
 
 
 def same_device(a: torch.device, b: torch.device) -> bool:
@@ -116,11 +116,11 @@ class Runner(abc.ABC):
     def plan(self, schedule: Any, rows: int, parallel: bool = True, max_decoder_rows: int | None = None) -> Any:
         """Told by the sampler, before a run, which calls are coming; most runners ignore it.
 
-        :class:`fd_trt.tune.AutoRunner` uses it to choose a backend and a decoder call size for
+        :class:`fd_trt.backends.auto.AutoRunner` uses it to choose a backend and a decoder call size for
         the run's schedule and rows.
 
         Args:
-            schedule: the run's :class:`~fd_trt.schedule.KeySchedule`.
+            schedule: the run's :class:`~fd_trt.core.schedule.KeySchedule`.
             rows: rows per step (2B with CFG).
             parallel: whether a segment's steps may share a decoder call.
             max_decoder_rows: the caller's cap on rows per decoder call.
@@ -128,8 +128,8 @@ class Runner(abc.ABC):
         return None
 
     def controlnet(self, record: Any) -> Any:
-        """The ControlNet graph of ``record`` (a :class:`fd_trt.engines.ControlNetRecord` of this
-        runner's engine directory) as a :data:`fd_trt.conditioning.ControlNetCall`, loaded once.
+        """The ControlNet graph of ``record`` (a :class:`fd_trt.graphs.engines.ControlNetRecord` of this
+        runner's engine directory) as a :data:`fd_trt.pipelines.conditioning.ControlNetCall`, loaded once.
 
         Graph runners (onnxruntime, tensorrt) run it; the default, ``None``, means this runner runs
         no graphs and the ControlNet stays the torch module.

@@ -1,10 +1,10 @@
 """The graph contract (DESIGN.md section 3), defined once: the inputs and outputs of the encoder
 and decoder graphs, in order, with dtypes, shapes, dynamic axes and the decoder's row layout.
 
-Export (:mod:`fd_trt.export`), the onnxruntime and TensorRT runners, the TensorRT profiles and
-the engine-directory manifest (:mod:`fd_trt.engines`) all read it; none of them writes a graph
+Export (:mod:`fd_trt.graphs.export`), the onnxruntime and TensorRT runners, the TensorRT profiles and
+the engine-directory manifest (:mod:`fd_trt.graphs.engines`) all read it; none of them writes a graph
 name out. A new conditioning input is one entry in :data:`ADDED_CONDITIONING` (and the split's
-arithmetic for it in :mod:`fd_trt.split`).
+arithmetic for it in :mod:`fd_trt.graphs.split`).
 
 The contract of one UNet, for ``C`` latent channels, ``h x w`` latents and ``L x D`` text::
 
@@ -21,9 +21,9 @@ The decoder decodes S steps of one key step in one call. Its features, text and 
 conditioning are the key step's N encoder rows (axis ``rows``), given once; its ``timestep``
 and ``noise_pred`` have ``S*N`` rows (axis ``step_rows``), step-major: row ``j*N + i`` is encoder
 row ``i`` at step ``j``. The graph repeats the N rows S times itself and, for UNets wide enough
-for it to pay (:func:`fd_trt.split.decoder_shares_rows`), computes what only depends on them
+for it to pay (:func:`fd_trt.graphs.split.decoder_shares_rows`), computes what only depends on them
 once (the skip half of every up-block convolution, the text's key and value projections;
-:meth:`fd_trt.split.SplitUNet.skip_rows_repeated`). A decoder that took the features already
+:meth:`fd_trt.graphs.split.SplitUNet.skip_rows_repeated`). A decoder that took the features already
 tiled to S*N rows, as DESIGN.md first had it, convolved the same skips S times: on sd15-arch at
 256x256 the shared graph's ONNX Runtime call of 5 steps is 1.12x faster.
 
@@ -50,7 +50,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
-from .errors import EngineMismatchError, InputError
+from fd_trt.errors import EngineMismatchError, InputError
+from fd_trt.core.features import MID, feature_names, skip_name  # noqa: F401 - graph names
 
 #: The dynamic axis 0 of every graph tensor but the decoder's timestep and output.
 ROW_AXIS = "rows"
@@ -71,7 +72,6 @@ CONDITIONING_SCALE = "conditioning_scale"
 SAMPLE = "sample"
 TIMESTEP = "timestep"
 TEXT = "encoder_hidden_states"
-MID = "mid"
 NOISE_PRED = "noise_pred"
 
 #: ``addition_embed_type`` values the split carries -> the per-row inputs each adds to both
@@ -94,9 +94,6 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
     return getattr(cfg, key, default)
 
 
-def skip_name(index: int) -> str:
-    """The graph name of skip feature ``index``: ``skip_00``, ``skip_01``, ..."""
-    return f"skip_{index:02d}"
 
 
 def down_name(index: int) -> str:
@@ -104,9 +101,6 @@ def down_name(index: int) -> str:
     return f"down_{index:02d}"
 
 
-def feature_names(num_skips: int) -> list[str]:
-    """Graph names of the features between the graphs: ``mid, skip_00 .. skip_NN``."""
-    return [MID] + [skip_name(i) for i in range(num_skips)]
 
 
 def added_input_names(unet_config: Any) -> tuple[str, ...]:
@@ -401,7 +395,7 @@ class GraphContract:
 
     @classmethod
     def from_manifest(cls, manifest: Any) -> "GraphContract":
-        """The contract an engine directory's manifest describes (:class:`fd_trt.engines.Manifest`).
+        """The contract an engine directory's manifest describes (:class:`fd_trt.graphs.engines.Manifest`).
 
         The recorded ``num_skips`` and ``added_shapes`` are the graphs' facts; the UNet config
         adds the feature shapes when it is complete.
@@ -467,7 +461,7 @@ def check_controlnet_config(controlnet_config: Any) -> None:
         UnsupportedModelError: for SDXL ControlNets (added ``text_embeds`` / ``time_ids``), class
             or time conditioning, or ``encoder_hid_proj`` inputs.
     """
-    from .errors import UnsupportedModelError
+    from fd_trt.errors import UnsupportedModelError
 
     added = _get(controlnet_config, "addition_embed_type")
     if added is not None:
@@ -555,7 +549,7 @@ class ControlNetContract:
         Raises:
             UnsupportedModelError: naming the first mismatch and the fix.
         """
-        from .errors import UnsupportedModelError
+        from fd_trt.errors import UnsupportedModelError
 
         fix = "use a ControlNet made for this UNet (ControlNetModel.from_unet, or one trained on this base model)"
         if self.num_down != unet.num_skips:

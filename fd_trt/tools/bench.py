@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import InputError
+from fd_trt.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +61,9 @@ class BenchConfig:
         repeat, warmup: timed and untimed runs per system.
         deepcache: also run DeepCache when it is installed.
         authors_style: also run the authors' way of running Faster Diffusion on diffusers modules
-            (:mod:`fd_trt.authors_style`, ``paper`` key steps), the peer baseline.
+            (:mod:`fd_trt.tools.authors_style`, ``paper`` key steps), the peer baseline.
         threads: torch / ORT intra-op threads (None: library default).
-        controlnet: also run every row with a ControlNet (:func:`fd_trt.models.random_controlnet`
+        controlnet: also run every row with a ControlNet (:func:`fd_trt.families.models.random_controlnet`
             of the model's UNet, random weights, and a random control image): diffusers'
             ``StableDiffusionControlNetPipeline`` as ``diffusers+controlnet``, fd_trt's rows as
             ``fd_trt+controlnet`` and DeepCache's as ``deepcache+controlnet``. Their speedup and
@@ -151,12 +151,12 @@ class _PeakRss:
 
 def load_model(name: str, seed: int = 0) -> tuple[Any, str]:
     """Loads a benchmark model by name (see :data:`MODELS`) or local folder."""
-    from .models import load_diffusers_pipeline, sd15_arch_pipeline, sdxl_arch_pipeline, tiny_sd_pipeline
+    from fd_trt.families.models import load_diffusers_pipeline, sd15_arch_pipeline, sdxl_arch_pipeline, tiny_sd_pipeline
 
     if name == "tiny":
         return tiny_sd_pipeline(seed), "tiny random-weight SD"
     if name == "tiny-sdxl":
-        from .models import tiny_sdxl_pipeline
+        from fd_trt.families.models import tiny_sdxl_pipeline
 
         return tiny_sdxl_pipeline(seed), "tiny random-weight SDXL"
     if name == "sd15-arch":
@@ -189,7 +189,7 @@ def _unet_timer(unet: torch.nn.Module) -> tuple[list[float], Callable[[], None]]
 
 def _count_unet_gflops(unet: torch.nn.Module, fn: Callable[[], Any]) -> float:
     """Counts the FLOPs inside ``unet.forward`` calls while ``fn`` runs (text encoder and VAE excluded)."""
-    from .pipeline import flop_counter_mode
+    from fd_trt.utils.flops import flop_counter_mode
 
     total = [0]
     active: list[Any] = []
@@ -222,12 +222,12 @@ def _sdxl_controlnet_error(model: str) -> InputError:
 def build_systems(cfg: BenchConfig, sd: Any, latents: torch.Tensor) -> list[_System]:
     """Creates the callables of every system in the benchmark (with ``cfg.controlnet``, twice:
     without and with the ControlNet)."""
-    from .models import make_scheduler
+    from fd_trt.families.models import make_scheduler
 
     sd.scheduler = make_scheduler(cfg.scheduler, sd.scheduler.config)
     systems = _systems(cfg, sd, latents, "", {})
     if cfg.controlnet:
-        from .pipeline_sdxl import is_sdxl
+        from fd_trt.families.sdxl import is_sdxl
 
         if is_sdxl(sd):
             raise _sdxl_controlnet_error(cfg.model)
@@ -241,7 +241,7 @@ def controlnet_pipeline(sd: Any, height: int, width: int, seed: int = 0) -> tupl
     copied) with a random ControlNet made from its UNet, and a random ``[1,3,H,W]`` control image."""
     from diffusers import StableDiffusionControlNetPipeline
 
-    from .models import random_controlnet
+    from fd_trt.families.models import random_controlnet
 
     net = random_controlnet(sd.unet, seed=seed + 1, vae_scale_factor=sd.vae_scale_factor)
     comps = {k: v for k, v in sd.components.items() if k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler",
@@ -257,7 +257,7 @@ def _systems(cfg: BenchConfig, sd: Any, latents: torch.Tensor, tag: str, extra: 
     """The rows of one pipeline: diffusers, authors-style (not with a ControlNet), fd_trt per
     backend, precision and schedule, and DeepCache. ``tag`` is appended to each system name and
     ``extra`` to each call's arguments (the control image)."""
-    from .pipeline import FasterDiffusionPipeline
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
     common = dict(
         num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, height=cfg.height, width=cfg.width, **extra
@@ -286,7 +286,7 @@ def _systems(cfg: BenchConfig, sd: Any, latents: torch.Tensor, tag: str, extra: 
 
     systems.append(_System(ref, "torch", "-", "fp32", diffusers_run(sd), ref=ref))
 
-    from .pipeline_sdxl import is_sdxl
+    from fd_trt.families.sdxl import is_sdxl
 
     if cfg.authors_style and not tag and is_sdxl(sd):
         # authors_style.py drives SD 1.x/2.x UNets; it has no SDXL added conditioning.
@@ -294,7 +294,7 @@ def _systems(cfg: BenchConfig, sd: Any, latents: torch.Tensor, tag: str, extra: 
                                note="not run: the authors-style baseline is written for SD 1.x/2.x UNets "
                                     "(no SDXL text_embeds / time_ids)", ref=ref))
     elif cfg.authors_style and not tag:
-        from .authors_style import authors_style_images
+        from fd_trt.tools.authors_style import authors_style_images
 
         def authors_run() -> tuple[torch.Tensor, dict[str, Any]]:
             # The blocks are called directly, not unet.forward: the UNet time is the whole loop's.
@@ -356,7 +356,7 @@ def _systems(cfg: BenchConfig, sd: Any, latents: torch.Tensor, tag: str, extra: 
 
 def _model_folder(model: str) -> Path | None:
     """The folder of a benchmark model that may hold saved calibrations (``None`` for the random ones)."""
-    from .models import default_model_dir
+    from fd_trt.families.models import default_model_dir
 
     if model == "default":
         return default_model_dir()
@@ -366,7 +366,7 @@ def _model_folder(model: str) -> Path | None:
 
 
 def _paper_keys() -> list[int]:
-    from .schedule import PAPER_KEY_STEPS
+    from fd_trt.core.schedule import PAPER_KEY_STEPS
 
     return list(PAPER_KEY_STEPS)
 
@@ -512,9 +512,9 @@ def controlnet_ratio(rows: list[dict[str, Any]], schedule: str = "paper") -> flo
 
 
 def _cpu_name() -> str:
-    from .tune import _cpu_model  # the one reader of /proc/cpuinfo's model name (cached)
+    from fd_trt.utils.system import cpu_model  # the one reader of /proc/cpuinfo's model name (cached)
 
-    return _cpu_model()
+    return cpu_model()
 
 
 def to_markdown(report: dict[str, Any]) -> str:

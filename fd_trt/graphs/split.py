@@ -25,38 +25,13 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .contract import ADDED_CONDITIONING, added_input_names, feature_names, feature_tails
-from .errors import InputError, UnsupportedModelError
+from fd_trt.graphs.contract import ADDED_CONDITIONING, added_input_names, feature_tails
+from fd_trt.errors import InputError, UnsupportedModelError
+from fd_trt.core.features import Added, Features, added_tensors
 
 
-@dataclass
-class Features:
-    """Encoder output at one key step: the mid-block output and the skips, all with N rows."""
-
-    mid: torch.Tensor
-    skips: tuple[torch.Tensor, ...]
-
-    @property
-    def rows(self) -> int:
-        return int(self.mid.shape[0])
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.mid, *self.skips)
-
-    def repeat(self, times: int) -> "Features":
-        """Tiles every tensor ``times`` times along axis 0 (step-major rows)."""
-        if times == 1:
-            return self
-        return Features(self.mid.repeat(times, 1, 1, 1), tuple(s.repeat(times, 1, 1, 1) for s in self.skips))
-
-    @staticmethod
-    def names(num_skips: int) -> list[str]:
-        """Graph names of the feature tensors: ``mid, skip_00 .. skip_NN`` (:mod:`fd_trt.contract`)."""
-        return feature_names(num_skips)
 
 
-#: Type of the added conditioning a caller passes: ``None`` for SD 1.x/2.x, per-row tensors for SDXL.
-Added = Mapping[str, torch.Tensor] | None
 
 
 def check_supported(unet: nn.Module) -> None:
@@ -119,32 +94,6 @@ def _time_embedding(owner: nn.Module, timestep: torch.Tensor, dtype: torch.dtype
     return emb
 
 
-def added_tensors(names: tuple[str, ...], added: Added, rows: int) -> tuple[torch.Tensor, ...]:
-    """The added-conditioning tensors in graph order, checked against the UNet and the row count.
-
-    Args:
-        names: the UNet's :func:`added_input_names`.
-        added: what the caller passed.
-        rows: the rows every tensor must have.
-
-    Raises:
-        InputError: for a missing or unexpected tensor, or one with other rows.
-    """
-    if not names:
-        if added:
-            raise InputError(f"this UNet takes no added conditioning, got {sorted(added)}: pass added=None")
-        return ()
-    missing = [n for n in names if added is None or n not in added]
-    if missing:
-        raise InputError(
-            f"this UNet (SDXL-style) needs added conditioning {list(names)} per row; missing {missing}"
-        )
-    assert added is not None
-    out = tuple(added[n] for n in names)
-    for n, t in zip(names, out):
-        if t.ndim != 2 or t.shape[0] != rows:
-            raise InputError(f"added conditioning {n!r} must be [{rows}, K] (one row per sample), got {tuple(t.shape)}")
-    return out
 
 
 #: How many times a decoder call repeats its distinct rows: an ``int``, or the traced 0-d tensor
@@ -525,7 +474,7 @@ class SplitUNet:
         """Within the block, the decoder's text-side attention projections run once per distinct row.
 
         A decoder call over a segment of S steps tiles the N rows of text S times (step-major,
-        :func:`~fd_trt.backends.base.expand_for_steps`), so every cross-attention's key and value
+        :func:`~fd_trt.core.runner.expand_for_steps`), so every cross-attention's key and value
         projections would compute the same S*N x L x D products S times. Inside this block they
         project the first N rows only and tile the result, which gives the same numbers. It
         matters where the text is long next to the image tokens: SDXL at 256x256 (77 text tokens
@@ -599,7 +548,7 @@ def feature_bytes_per_row(unet_config: Any, latent_hw: tuple[int, int], itemsize
 
     Returns:
         The feature bytes of one row (the shapes are the graph contract's,
-        :func:`fd_trt.contract.feature_tails`).
+        :func:`fd_trt.graphs.contract.feature_tails`).
     """
     return int(sum(c * h * w for c, h, w in feature_tails(unet_config, latent_hw)) * itemsize)
 

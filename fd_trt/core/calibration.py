@@ -1,0 +1,134 @@
+"""Calibrated key steps as saved files: what :func:`fd_trt.tools.calibrate.calibrate` writes and
+``schedule="calibrated"`` reads.
+
+The search itself lives in :mod:`fd_trt.tools.calibrate`; this module is the file format, which
+the pipeline needs without the search.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from fd_trt.core.schedule import KeySchedule
+from fd_trt.errors import ScheduleError
+
+
+#: Folder, inside a model folder or an engine directory, that holds saved calibrations.
+CALIBRATION_DIR = "calibrations"
+
+
+@dataclass
+class Calibration:
+    """Key steps chosen for one model, scheduler and step count.
+
+    Attributes:
+        key_steps: sorted, unique, starting with 0.
+        scheduler: the scheduler's short name (``ddim``, ``dpmpp``, ...).
+        steps: the number of inference steps.
+        model_sha256: the UNet weights hash it was calibrated on.
+        error: relative L2 of the final latents against ``all`` on the calibration batch.
+        method: the search method.
+        prompts: the calibration prompts.
+        seeds: their seeds (one per prompt).
+        guidance: the CFG scale used.
+        seconds: how long the calibration took.
+        estimated_speedup: UNet-time speedup over ``all`` estimated from measured encoder and
+            decoder costs, or ``None``.
+        paper_error: the same error for ``paper`` with the same K budget cut, for comparison.
+        costs: the encoder and decoder call costs (seconds) measured on the backend that
+            ``estimated_speedup`` comes from (:func:`measure_costs`, :func:`estimate_speedup`).
+    """
+
+    key_steps: list[int]
+    scheduler: str
+    steps: int
+    model_sha256: str
+    error: float
+    method: str
+    prompts: list[str]
+    seeds: list[int]
+    guidance: float = 7.5
+    seconds: float = 0.0
+    estimated_speedup: float | None = None
+    paper_error: float | None = None
+    evaluations: int = 0
+    steps_run: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    costs: dict[str, float] | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Writes the calibration as JSON (atomically) and returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(self.to_json())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "Calibration":
+        """Reads a calibration JSON written by :meth:`save` or ``fd-trt calibrate --out``.
+
+        Raises:
+            ScheduleError: for a missing or malformed file.
+        """
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ScheduleError(f"calibration file {path} does not exist: write one with fd-trt calibrate --out {path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ScheduleError(f"calibration file {path} is not valid JSON ({exc}): recreate it with fd-trt calibrate") from None
+        if not isinstance(raw, dict):
+            raise ScheduleError(f"calibration file {path} holds {type(raw).__name__}, not a calibration object")
+        try:
+            cal = cls(**raw)
+        except TypeError as exc:
+            raise ScheduleError(f"calibration file {path} has missing or unknown fields ({exc}): recreate it with fd-trt calibrate") from None
+        KeySchedule(tuple(int(k) for k in cal.key_steps), int(cal.steps))  # validates
+        return cal
+
+    def check(self, *, model_sha256: str | None, scheduler: str | None, steps: int, where: str = "") -> None:
+        """Refuses a calibration made for another model, scheduler or step count.
+
+        Raises:
+            ScheduleError: naming what differs and the command that recalibrates.
+        """
+        problems = []
+        if steps != self.steps:
+            problems.append(f"{self.steps} steps, but the run has {steps}")
+        if scheduler is not None and scheduler != self.scheduler:
+            problems.append(f"scheduler {self.scheduler}, but the run uses {scheduler}")
+        if model_sha256 is not None and model_sha256 != self.model_sha256:
+            problems.append(f"UNet weights {self.model_sha256[:12]}.., but this UNet's are {model_sha256[:12]}..")
+        if problems:
+            raise ScheduleError(
+                f"calibration {where or ''} was made for {' and '.join(problems)}: recalibrate with "
+                f"fd-trt calibrate --model MODEL --scheduler {scheduler or self.scheduler} --steps {steps} --save"
+            )
+
+    def schedule(self) -> KeySchedule:
+        return KeySchedule(tuple(int(k) for k in self.key_steps), int(self.steps))
+
+
+def calibration_file(folder: str | os.PathLike[str], scheduler: str, steps: int) -> Path:
+    """Where a calibration for ``scheduler`` and ``steps`` is saved inside a model or engine folder."""
+    return Path(folder) / CALIBRATION_DIR / f"{scheduler}-{int(steps)}.json"
+
+
+def find_calibration(folders: Sequence[str | os.PathLike[str] | None], scheduler: str, steps: int) -> Path | None:
+    """The first saved calibration for ``scheduler`` and ``steps`` in ``folders``, or ``None``."""
+    for folder in folders:
+        if folder is None:
+            continue
+        path = calibration_file(folder, scheduler, steps)
+        if path.is_file():
+            return path
+    return None

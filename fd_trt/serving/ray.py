@@ -1,0 +1,138 @@
+"""Scale-out on Ray Serve: N replicas of :class:`~fd_trt.serving.runtime.ServingRuntime` behind Ray's HTTP proxy.
+
+Each replica is a Ray actor that loads the model once, warms up, and serves the same HTTP API as
+``fd-trt serve`` (:func:`fd_trt.serving.http.create_app`): ``POST /v1/generate``, ``GET /healthz``,
+``GET /metrics`` (that replica's metrics). Ray's proxy spreads requests over the replicas, and each
+replica batches what it receives. With GPUs, each replica asks for one (``num_gpus=1``), so N
+replicas use N GPUs, across the nodes of the cluster.
+
+Run it (``pip install 'fd_trt[serve]'``)::
+
+    python -m fd_trt.serving.ray --replicas 2 --port 8000            # starts or joins a Ray cluster
+    # or, from Python:
+    from ray import serve
+    from fd_trt.serving.ray import deployment
+    serve.run(deployment(num_replicas=2).bind(model="default"), route_prefix="/")
+
+Every response carries ``X-Replica``: the replica that served it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import time
+from typing import Any, Sequence
+
+
+def deployment(num_replicas: int = 1, num_cpus: float | None = None, num_gpus: float | None = None,
+               max_ongoing_requests: int = 64) -> Any:
+    """The Ray Serve deployment of the runtime.
+
+    Args:
+        num_replicas: replicas (processes), each with its own runtime and model copy.
+        num_cpus: CPUs each replica reserves (default 1).
+        num_gpus: GPUs each replica reserves; default 1 when this machine's Ray cluster has GPUs, else 0.
+        max_ongoing_requests: requests Ray sends one replica at a time; beyond it Ray queues them at
+            the proxy. Keep it at least the runtime's ``max_batch`` so batches can fill.
+
+    Returns:
+        A ``ray.serve.Deployment``; ``.bind(**runtime_kwargs)`` makes the application, with
+        ``runtime_kwargs`` passed to :meth:`ServingRuntime.from_pretrained` (``model``, ``backend``,
+        ``max_batch``, ``max_wait_ms``, ``max_queue``, ``sizes``, ``decoder_memory_mb``, ...), plus
+        ``threads`` (torch threads) and ``max_body_bytes`` (the HTTP body limit).
+    """
+    import ray
+    from ray import serve
+
+    if num_gpus is None:
+        num_gpus = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else 0
+
+    @serve.deployment(
+        num_replicas=num_replicas,
+        ray_actor_options={"num_cpus": 1 if num_cpus is None else num_cpus, "num_gpus": num_gpus},
+        max_ongoing_requests=max_ongoing_requests,
+    )
+    @serve.ingress()
+    class FdTrtReplica:
+        def __init__(self, **runtime_kwargs: Any) -> None:
+            from fd_trt.serving.runtime import ServingRuntime
+
+            self.max_body_bytes = runtime_kwargs.pop("max_body_bytes", None)
+            threads = runtime_kwargs.pop("threads", None)
+            if threads:
+                import torch
+
+                torch.set_num_threads(int(threads))
+            self.name = f"{socket.gethostname()}:{os.getpid()}"
+            self.runtime = ServingRuntime.from_pretrained(**runtime_kwargs)
+
+        def __serve_build_asgi_app__(self) -> Any:
+            from fd_trt.serving.http import create_app
+
+            from fd_trt.serving.http import DEFAULT_MAX_BODY_BYTES
+
+            app = create_app(runtime=self.runtime, max_body_bytes=self.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+            name = self.name
+
+            @app.middleware("http")
+            async def tag_replica(request: Any, call_next: Any) -> Any:
+                response = await call_next(request)
+                response.headers["X-Replica"] = name
+                return response
+
+            return app
+
+    return FdTrtReplica
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fd_trt.serving.ray``: deploy N replicas on the current (or a new local) Ray cluster."""
+    p = argparse.ArgumentParser(prog="python -m fd_trt.serving.ray", description=__doc__.split("\n")[0])
+    p.add_argument("--address", default=None, help="Ray cluster address (default: join a running one, or start one)")
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--num-cpus", type=float, default=None, help="CPUs per replica (default 1)")
+    p.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica (default 1 if the cluster has GPUs)")
+    p.add_argument("--host", default="127.0.0.1", help="address of Ray's HTTP proxy")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", default="default")
+    p.add_argument("--backend", default=None, choices=["torch", "onnxruntime", "tensorrt"])
+    p.add_argument("--engines", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads per replica")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-wait-ms", type=float, default=10.0)
+    p.add_argument("--max-queue", type=int, default=64)
+    p.add_argument("--sizes", default=None, help="image sizes served, HxW comma-separated (see fd-trt serve --sizes)")
+    p.add_argument("--decoder-memory-mb", type=float, default=None,
+                   help="memory budget of one decoder call (default: the runtime's; 0: no cap)")
+    p.add_argument("--max-body-kb", type=int, default=64, help="largest request body in KiB (413 beyond)")
+    args = p.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    # A replica loading a model keeps a small node busy; give Ray's proxy more than 5 s to report ready.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    ray.init(address=args.address, include_dashboard=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    app = deployment(args.replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus).bind(
+        model=args.model, backend=args.backend, engines=args.engines, threads=args.threads,
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        max_body_bytes=args.max_body_kb * 1024,
+        **({"sizes": args.sizes} if args.sizes else {}),
+        **({"decoder_memory_mb": args.decoder_memory_mb or None} if args.decoder_memory_mb is not None else {}),
+    )
+    serve.run(app, name="fd_trt", route_prefix="/")
+    print(f"fd_trt on Ray Serve: {args.replicas} replicas at http://{args.host}:{args.port}/v1/generate (Ctrl-C stops)",
+          flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
