@@ -151,3 +151,12 @@ def test_shipped_calibrations_match_the_shipped_model_and_are_the_defaults():
         pipe.set_scheduler(sched)
         assert pipe.resolve_schedule(None, steps) == cal.key_steps
         assert pipe.resolve_schedule(None, steps + 1) == "paper"  # no calibration for other step counts
+
+
+def test_the_shipped_models_are_found():
+    # The default-model tests skip where no model is installed; in this package both must be found,
+    # or those tests would skip silently and "default" would fall back to a random-weight model.
+    from fd_trt.families.models import default_controlnet_dir
+
+    assert default_model_dir() is not None and (default_model_dir() / "unet" / "config.json").is_file()
+    assert default_controlnet_dir() is not None
