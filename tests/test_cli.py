@@ -81,13 +81,13 @@ def test_import_fd_trt_loads_no_gpu_or_graph_runtime():
 
 
 def test_generate_suggests_bf16_only_where_the_cpu_has_bf16_units(tmp_path, capsys, monkeypatch):
-    import fd_trt.cli
+    import fd_trt.cli.generate
     import fd_trt.utils.system
 
     js = tmp_path / "h.json"
     monkeypatch.setattr(fd_trt.utils.system, "has_fast_bf16", lambda: True)
     # The hint runs only after a cheap run; a loaded CI machine may take longer than the limit.
-    monkeypatch.setattr(fd_trt.cli, "BF16_HINT_MAX_S", 1e9)
+    monkeypatch.setattr(fd_trt.cli.generate, "BF16_HINT_MAX_S", 1e9)
     rc = main(["generate", "a red circle", "--steps", "6", "--quiet", "--backend", "torch", "--out", str(tmp_path / "a.png"),
                "--json", str(js)])
     assert rc == 0

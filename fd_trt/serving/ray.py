@@ -22,12 +22,17 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import sys
 import time
 from typing import Any, Sequence
 
+from fd_trt.errors import FdTrtError
+from fd_trt.serving.options import add_serve_options, max_body_bytes, runner_options, runtime_kwargs, set_threads
+from fd_trt.serving.options import log_level as parse_log_level
+
 
 def deployment(num_replicas: int = 1, num_cpus: float | None = None, num_gpus: float | None = None,
-               max_ongoing_requests: int = 64) -> Any:
+               max_ongoing_requests: int = 64, log_level: str | None = None) -> Any:
     """The Ray Serve deployment of the runtime.
 
     Args:
@@ -36,12 +41,15 @@ def deployment(num_replicas: int = 1, num_cpus: float | None = None, num_gpus: f
         num_gpus: GPUs each replica reserves; default 1 when this machine's Ray cluster has GPUs, else 0.
         max_ongoing_requests: requests Ray sends one replica at a time; beyond it Ray queues them at
             the proxy. Keep it at least the runtime's ``max_batch`` so batches can fill.
+        log_level: the replicas' log level (``"INFO"``, ``"DEBUG"``, ...); default Ray Serve's.
 
     Returns:
         A ``ray.serve.Deployment``; ``.bind(**runtime_kwargs)`` makes the application, with
         ``runtime_kwargs`` passed to :meth:`ServingRuntime.from_pretrained` (``model``, ``backend``,
         ``max_batch``, ``max_wait_ms``, ``max_queue``, ``sizes``, ``decoder_memory_mb``, ...), plus
-        ``threads`` (torch threads) and ``max_body_bytes`` (the HTTP body limit).
+        ``threads`` and ``max_body_bytes`` (the HTTP body limit). ``threads`` means what ``fd-trt serve
+        --threads`` means: torch's threads in the replica (unless the backend is onnxruntime), and
+        ``runner_options`` from :func:`fd_trt.serving.options.runner_options` where none are given.
     """
     import ray
     from ray import serve
@@ -53,6 +61,7 @@ def deployment(num_replicas: int = 1, num_cpus: float | None = None, num_gpus: f
         num_replicas=num_replicas,
         ray_actor_options={"num_cpus": 1 if num_cpus is None else num_cpus, "num_gpus": num_gpus},
         max_ongoing_requests=max_ongoing_requests,
+        **({"logging_config": {"log_level": log_level}} if log_level else {}),
     )
     @serve.ingress()
     class FdTrtReplica:
@@ -62,9 +71,9 @@ def deployment(num_replicas: int = 1, num_cpus: float | None = None, num_gpus: f
             self.max_body_bytes = runtime_kwargs.pop("max_body_bytes", None)
             threads = runtime_kwargs.pop("threads", None)
             if threads:
-                import torch
-
-                torch.set_num_threads(int(threads))
+                threads = int(threads)
+                runtime_kwargs.setdefault("runner_options", runner_options(runtime_kwargs.get("backend"), threads))
+                set_threads(runtime_kwargs.get("backend"), threads)
             self.name = f"{socket.gethostname()}:{os.getpid()}"
             self.runtime = ServingRuntime.from_pretrained(**runtime_kwargs)
 
@@ -87,42 +96,54 @@ def deployment(num_replicas: int = 1, num_cpus: float | None = None, num_gpus: f
     return FdTrtReplica
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m fd_trt.serving.ray``: Ray's own options, then every option of ``fd-trt serve``.
+
+    The serving options come from :func:`fd_trt.serving.options.add_serve_options`, as in ``fd-trt
+    serve``; ``--host`` and ``--port`` are where Ray's HTTP proxy listens, ``--log-level`` is Ray
+    Serve's (``trace`` reads as ``debug``).
+    """
+    p = argparse.ArgumentParser(prog="python -m fd_trt.serving.ray", description=__doc__.split("\n")[0])
+    ray_opts = p.add_argument_group("Ray")
+    ray_opts.add_argument("--address", default=None,
+                          help="Ray cluster address (default: join a running one, or start one)")
+    ray_opts.add_argument("--replicas", type=int, default=1, help="replicas, each with its own model copy (default 1)")
+    ray_opts.add_argument("--num-cpus", type=float, default=None, help="CPUs per replica (default 1)")
+    ray_opts.add_argument("--num-gpus", type=float, default=None,
+                          help="GPUs per replica (default 1 if the cluster has GPUs)")
+    add_serve_options(p.add_argument_group("serving (as fd-trt serve)"))
+    return p
+
+
+def app_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """What :func:`main` binds the deployment with: :func:`~fd_trt.serving.options.runtime_kwargs`, plus
+    ``threads`` (torch's threads in each replica) and ``max_body_bytes``.
+
+    Raises:
+        InputError: a bad ``--sizes``.
+    """
+    return {**runtime_kwargs(args), "threads": args.threads, "max_body_bytes": max_body_bytes(args)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m fd_trt.serving.ray``: deploy N replicas on the current (or a new local) Ray cluster."""
-    p = argparse.ArgumentParser(prog="python -m fd_trt.serving.ray", description=__doc__.split("\n")[0])
-    p.add_argument("--address", default=None, help="Ray cluster address (default: join a running one, or start one)")
-    p.add_argument("--replicas", type=int, default=1)
-    p.add_argument("--num-cpus", type=float, default=None, help="CPUs per replica (default 1)")
-    p.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica (default 1 if the cluster has GPUs)")
-    p.add_argument("--host", default="127.0.0.1", help="address of Ray's HTTP proxy")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--model", default="default")
-    p.add_argument("--backend", default=None, choices=["torch", "onnxruntime", "tensorrt"])
-    p.add_argument("--engines", default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch threads per replica")
-    p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--max-wait-ms", type=float, default=10.0)
-    p.add_argument("--max-queue", type=int, default=64)
-    p.add_argument("--sizes", default=None, help="image sizes served, HxW comma-separated (see fd-trt serve --sizes)")
-    p.add_argument("--decoder-memory-mb", type=float, default=None,
-                   help="memory budget of one decoder call (default: the runtime's; 0: no cap)")
-    p.add_argument("--max-body-kb", type=int, default=64, help="largest request body in KiB (413 beyond)")
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        kwargs = app_kwargs(args)
+        level = parse_log_level(args)
+    except FdTrtError as e:
+        print(f"python -m fd_trt.serving.ray: error: {e}", file=sys.stderr)
+        return 2
 
     import ray
     from ray import serve
 
+    ray_level = "DEBUG" if level == "trace" else level.upper()
     # A replica loading a model keeps a small node busy; give Ray's proxy more than 5 s to report ready.
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     ray.init(address=args.address, include_dashboard=False)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    app = deployment(args.replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus).bind(
-        model=args.model, backend=args.backend, engines=args.engines, threads=args.threads,
-        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-        max_body_bytes=args.max_body_kb * 1024,
-        **({"sizes": args.sizes} if args.sizes else {}),
-        **({"decoder_memory_mb": args.decoder_memory_mb or None} if args.decoder_memory_mb is not None else {}),
-    )
+    serve.start(http_options={"host": args.host, "port": args.port}, logging_config={"log_level": ray_level})
+    app = deployment(args.replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus, log_level=ray_level).bind(**kwargs)
     serve.run(app, name="fd_trt", route_prefix="/")
     print(f"fd_trt on Ray Serve: {args.replicas} replicas at http://{args.host}:{args.port}/v1/generate (Ctrl-C stops)",
           flush=True)
