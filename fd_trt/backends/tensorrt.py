@@ -524,7 +524,7 @@ class TrtRunner(Runner):
             unet_config_dict,
             unet_weights_sha256,
         )
-        from fd_trt.graphs.export import write_atomic
+        from fd_trt.utils.files import write_atomic
 
         if not self.is_active or self._enc is None or self._dec is None:
             return False

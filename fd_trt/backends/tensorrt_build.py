@@ -436,7 +436,7 @@ def _build_plan(
     import tensorrt as trt
 
     from fd_trt.graphs.engines import PlanRecord
-    from fd_trt.graphs.export import write_atomic
+    from fd_trt.utils.files import write_atomic
 
     t0 = time.perf_counter()
     version = str(trt.__version__)

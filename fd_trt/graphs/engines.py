@@ -40,12 +40,11 @@ import hashlib
 import json
 import logging
 import os
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -63,8 +62,8 @@ from fd_trt.graphs.export import (
     export_controlnet,
     export_unet,
     remove_graphs,
-    write_atomic,
 )
+from fd_trt.utils.files import dir_lock, file_sha256, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -77,64 +76,28 @@ PLAN_SUFFIX = ".plan"
 #: Packages whose versions the manifest records; the first three decide staleness.
 TOOLCHAIN_PACKAGES = ("torch", "diffusers", "onnx")
 RECORDED_PACKAGES = (*TOOLCHAIN_PACKAGES, "onnxruntime", "onnxruntime-gpu", "tensorrt", "fd_trt")
-_HASH_CHUNK = 16 << 20
 #: The inter-process lock of an engine directory, held around every build and manifest update.
 LOCK_FILE = ".build.lock"
-#: After this many seconds waiting for the lock, say who is waiting for what (then keep waiting).
-LOCK_NOTICE_SECONDS = 2.0
-_LOCKS: dict[str, Any] = {}
-_LOCKS_GUARD = threading.Lock()
 
 
-def _dir_lock(folder: Path) -> Any:
-    """One ``FileLock`` object per engine directory and process.
-
-    Two ``FileLock`` objects on one file in one process would each take an OS lock on their own
-    descriptor and block each other; one shared object is reentrant within a thread (nested
-    ``build_plans`` inside a runner's activation) and still excludes other threads.
-    """
-    from filelock import FileLock
-
-    key = os.path.realpath(folder)
-    with _LOCKS_GUARD:
-        lock = _LOCKS.get(key)
-        if lock is None:
-            lock = _LOCKS[key] = FileLock(str(folder / LOCK_FILE))
-        return lock
-
-
-@contextlib.contextmanager
-def engine_dir_lock(engine_dir: str | os.PathLike[str], what: str = "build") -> Iterator[None]:
+def engine_dir_lock(engine_dir: str | os.PathLike[str], what: str = "build") -> contextlib.AbstractContextManager[None]:
     """Holds the engine directory's build lock (``<engine_dir>/.build.lock``), across processes.
 
     Every writer of an engine directory (graph export, plan builds, refits, manifest updates,
     the timing cache) holds it, and re-reads the manifest once it has it: another process may
     have just built what it came to build. The lock is an OS file lock (``flock``), which the
     kernel drops when its holder dies, so a killed build never leaves a lock that blocks the next
-    one; the lock file itself stays, harmlessly. Reentrant within a thread.
+    one; the lock file itself stays, harmlessly. Reentrant within a thread
+    (:func:`fd_trt.utils.files.dir_lock`).
 
     Args:
         engine_dir: the engine directory; created when missing.
         what: what the caller is about to do, for the waiting message.
 
-    Yields:
-        Nothing; the lock is held inside the ``with`` block.
+    Returns:
+        A context manager that holds the lock inside its ``with`` block.
     """
-    from filelock import Timeout
-
-    folder = Path(engine_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = _dir_lock(folder)
-    try:
-        lock.acquire(timeout=LOCK_NOTICE_SECONDS)
-    except Timeout:
-        logger.warning("waiting for another process (or thread) that holds %s to finish before the %s of %s",
-                       folder / LOCK_FILE, what, folder)
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
+    return dir_lock(engine_dir, what, LOCK_FILE)
 
 
 def adapter_state(unet: nn.Module) -> list[list[Any]]:
@@ -265,22 +228,6 @@ def unet_config_dict(unet: nn.Module) -> dict[str, Any]:
         A dict that round-trips through JSON unchanged.
     """
     return {k: _jsonable(v) for k, v in dict(unet.config).items() if not str(k).startswith("_")}
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file, read in chunks.
-
-    Args:
-        path: the file.
-
-    Returns:
-        The hex digest.
-    """
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def package_versions(names: Iterable[str] = RECORDED_PACKAGES) -> dict[str, str | None]:
