@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from fd_trt.backends.onnxruntime import OrtRunner
-from fd_trt.graphs.engines import LOCK_FILE, MANIFEST_FILE, build_engines, check_engine_dir, engine_dir_lock, load_manifest
+from fd_trt.graphs.build import build_engines
+from fd_trt.graphs.manifest import LOCK_FILE, MANIFEST_FILE, check_engine_dir, engine_dir_lock, load_manifest
 from fd_trt.errors import EngineMismatchError
 from fd_trt.graphs.export import CorruptGraphError
 from fd_trt.utils.files import TEMP_PREFIX

@@ -330,7 +330,7 @@ def tuning_cache_dir() -> Path:
 @functools.lru_cache(maxsize=None)
 def library_versions() -> tuple[tuple[str, str | None], ...]:
     """Versions of torch, diffusers, onnx, onnxruntime and tensorrt, read once per process."""
-    from fd_trt.graphs.engines import package_versions
+    from fd_trt.graphs.manifest import package_versions
 
     return tuple(sorted(package_versions().items()))
 

@@ -17,8 +17,8 @@ plan:
 The lower bound of 1 row keeps runs without CFG (``guidance_scale <= 1``) inside the profiles;
 TensorRT tunes its kernels at the opt shape. Plans are named by role, TensorRT version, GPU
 compute capability and profile (:func:`plan_file_name`) and recorded in the manifest
-(:class:`fd_trt.graphs.engines.PlanRecord`); a plan from another TensorRT version or GPU generation is
-never loaded (:func:`fd_trt.graphs.engines.check_plan`). A timing cache per TensorRT version and compute
+(:class:`fd_trt.graphs.manifest.PlanRecord`); a plan from another TensorRT version or GPU generation is
+never loaded (:func:`fd_trt.graphs.manifest.check_plan`). A timing cache per TensorRT version and compute
 capability lives in the engine directory and makes rebuilds fast.
 
 ``tensorrt`` is imported only inside functions: importing this module needs neither TensorRT
@@ -46,7 +46,7 @@ from fd_trt.errors import BackendUnavailableError, EngineMismatchError, FdTrtErr
 from fd_trt.core.schedule import KeySchedule, ScheduleSpec, parse_schedule
 
 if TYPE_CHECKING:  # the stubs (tensorrt-stubs) type-check the calls; nothing is imported at run time
-    from fd_trt.graphs.engines import Manifest, PlanRecord
+    from fd_trt.graphs.manifest import Manifest, PlanRecord
 
 logger = logging.getLogger(__name__)
 
@@ -435,7 +435,7 @@ def _build_plan(
     """Builds one plan; ``graph`` is the ControlNet graph's record for role ``controlnet``."""
     import tensorrt as trt
 
-    from fd_trt.graphs.engines import PlanRecord
+    from fd_trt.graphs.manifest import PlanRecord
     from fd_trt.utils.files import write_atomic
 
     t0 = time.perf_counter()
@@ -592,7 +592,7 @@ def build_plans(
         EngineMismatchError: for a missing or corrupt engine directory, or a graph TensorRT cannot parse.
         FdTrtError: when TensorRT fails to build.
     """
-    from fd_trt.graphs.engines import check_graph_files, engine_dir_lock, find_plan, save_manifest
+    from fd_trt.graphs.manifest import check_graph_files, engine_dir_lock, find_plan, save_manifest
 
     check_level(builder_optimization_level)
     check_workspace(workspace_bytes)
@@ -660,15 +660,15 @@ def build_controlnet_plan(
 
     Args:
         engine_dir: the engine directory.
-        controlnet_graph: the graph's :class:`fd_trt.graphs.engines.ControlNetRecord`
-            (:func:`fd_trt.graphs.engines.build_controlnet_graph`).
+        controlnet_graph: the graph's :class:`fd_trt.graphs.manifest.ControlNetRecord`
+            (:func:`fd_trt.graphs.build.build_controlnet_graph`).
         device, builder_optimization_level, workspace_bytes, timing_cache, force: as :func:`build_plans`.
         refittable: build with ``BuilderFlag.REFIT`` (off: a changed ControlNet gets a new graph and plan).
 
     Returns:
         The :class:`PlanBuild`.
     """
-    from fd_trt.graphs.engines import check_graph_files, controlnet_key, engine_dir_lock, find_plan, save_manifest
+    from fd_trt.graphs.manifest import check_graph_files, controlnet_key, engine_dir_lock, find_plan, save_manifest
 
     check_level(builder_optimization_level)
     check_workspace(workspace_bytes)
@@ -682,7 +682,7 @@ def build_controlnet_plan(
         if rec is None or rec.sha256 != controlnet_graph.sha256:
             raise EngineMismatchError(
                 f"{folder}/manifest.json records no ControlNet graph {controlnet_graph.file} with that sha256: export it "
-                "again (fd_trt.graphs.engines.build_controlnet_graph)"
+                "again (fd_trt.graphs.build.build_controlnet_graph)"
             )
         rows = profiles_for_manifest(manifest.encoder_rows, manifest.decoder_rows)["encoder"]
         version = str(trt_mod.__version__)

@@ -259,7 +259,7 @@ def _add_build(sub: Any) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from fd_trt.graphs.engines import build_engines
+    from fd_trt.graphs.build import build_engines
     from fd_trt.families.models import load_diffusers_pipeline
 
     t0 = time.perf_counter()
