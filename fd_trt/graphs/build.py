@@ -12,12 +12,12 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from torch import nn
 
 from fd_trt.errors import EngineMismatchError
-from fd_trt.graphs.contract import GraphContract
+from fd_trt.graphs.contract import ControlNetContract, GraphContract
 from fd_trt.graphs.export import (
     DECODER_FILE,
     DEFAULT_OPSET,
@@ -34,20 +34,21 @@ from fd_trt.graphs.manifest import (
     PLAN_SUFFIX,
     ControlNetRecord,
     Manifest,
-    _COMPARED_FIELDS,
-    _controlnet_problem,
-    _diff,
     check_graph_files,
+    controlnet_graph,
     controlnet_key,
     engine_dir_lock,
     expected_manifest,
     graph_record,
     load_manifest,
     save_manifest,
+    stale_fields,
 )
 from fd_trt.graphs.weights import unet_config_dict, unet_weights_sha256
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -91,8 +92,8 @@ def build_engines(
 
     A second call with an unchanged model and settings reads the manifest and the files' hashes,
     writes nothing and reports ``built=False``. Concurrent calls on one directory (processes,
-    Ray replicas warming one cache) are serialized by :func:`engine_dir_lock`: one exports, the
-    others wait, find the graphs up to date and report ``built=False``.
+    Ray replicas warming one cache) are serialized by :func:`fd_trt.graphs.manifest.engine_dir_lock`:
+    one exports, the others wait, find the graphs up to date and report ``built=False``.
 
     Args:
         unet: the UNet to export.
@@ -131,35 +132,48 @@ def build_engines(
         unet_sha256=unet_sha256,
         added_shapes=added_shapes,
     )
-    with engine_dir_lock(folder, "graph export"):
-        # Checked under the lock: another process may have built these graphs while we waited.
-        reason = "forced" if force else "no manifest"
-        found = _up_to_date(folder, expected) if not force else None
-        if isinstance(found, Manifest):
-            logger.info("%s is up to date (%s %s graphs); nothing to build", folder, found.precision, found.latent_shape)
-            return BuildResult(folder, found, False, "up to date", time.perf_counter() - t0)
-        reason = found or reason
-        logger.info("building %s (%s)", folder, reason)
+
+    def find() -> Manifest | str:
+        return "forced" if force else _up_to_date(folder, expected)
+
+    def export() -> Manifest:
         result = _export_into(folder, unet, expected, latent_size=latent_size, opset=opset,
                               external_data_threshold=external_data_threshold, progress=progress, t0=t0,
                               share_rows=share_rows)
-    logger.info(
-        "built %s in %.1f s: encoder %.1f MB, decoder %.1f MB",
-        folder,
-        expected.build_seconds,
-        result.encoder.bytes / 1e6,
-        result.decoder.bytes / 1e6,
-    )
-    return BuildResult(folder, expected, True, reason, time.perf_counter() - t0)
+        logger.info("built %s in %.1f s: encoder %.1f MB, decoder %.1f MB", folder, expected.build_seconds,
+                    result.encoder.bytes / 1e6, result.decoder.bytes / 1e6)
+        return expected
+
+    manifest, built, reason = _build_locked(folder, "graph export", find, export)
+    return BuildResult(folder, manifest, built, reason, time.perf_counter() - t0)
 
 
-def _up_to_date(folder: Path, expected: Manifest) -> Manifest | str | None:
-    """The manifest when the folder's graphs match ``expected``; else why not (``None``: no manifest)."""
+def _build_locked(folder: Path, what: str, find: Callable[[], T | str], export: Callable[[], T]) -> tuple[T, bool, str]:
+    """Under the engine directory's lock: what ``find`` finds up to date, or what ``export`` builds.
+
+    The one build skeleton of the UNet's graphs (:func:`build_engines`) and a ControlNet's
+    (:func:`build_controlnet_graph`). ``find`` runs under the lock, since another process may have
+    built the graph while this one waited; it returns the up-to-date result or why to (re)build.
+
+    Returns:
+        ``(result, built, reason)``; ``reason`` is ``"up to date"`` when nothing was built.
+    """
+    with engine_dir_lock(folder, what):
+        found = find()
+        if not isinstance(found, str):
+            logger.info("%s is up to date; no %s", folder, what)
+            return found, False, "up to date"
+        logger.info("%s into %s (%s)", what, folder, found)
+        return export(), True, found
+
+
+def _up_to_date(folder: Path, expected: Manifest) -> Manifest | str:
+    """The manifest when the folder's graphs match ``expected``; else why not."""
     if not (folder / MANIFEST_FILE).is_file():
-        return None
+        return "no manifest"
     try:
         found = load_manifest(folder)
-        problems = _diff(expected, found, _COMPARED_FIELDS)
+        problems = stale_fields(expected, found)
         if problems:
             return "stale: " + "; ".join(problems)
         check_graph_files(folder, full_hash=True, manifest=found)
@@ -183,10 +197,10 @@ def _export_into(
 ) -> Any:
     """Exports the graphs into ``folder`` and writes ``expected`` (with graph records) as its manifest.
 
-    The caller holds :func:`engine_dir_lock`. The manifest is removed first and written last, so
-    a build killed in between leaves no manifest, and nothing half-written is ever loaded (the
-    next build starts over). With ``keep_plans`` the plan files stay (a refit rewrites them
-    next); otherwise plans of the old graphs, which could never run again, are deleted.
+    The caller holds :func:`fd_trt.graphs.manifest.engine_dir_lock`. The manifest is removed first
+    and written last, so a build killed in between leaves no manifest, and nothing half-written is
+    ever loaded (the next build starts over). With ``keep_plans`` the plan files stay (a refit
+    rewrites them next); otherwise plans of the old graphs, which could never run again, are deleted.
     """
     manifest_path = folder / MANIFEST_FILE
     manifest_path.unlink(missing_ok=True)
@@ -230,12 +244,12 @@ def build_controlnet_graph(
 
     The graph takes the directory's latent and text shapes, precision and opset, and its outputs
     are checked against the UNet's features (:meth:`ControlNetContract.check_fits`). Under
-    :func:`engine_dir_lock`, like every writer.
+    :func:`fd_trt.graphs.manifest.engine_dir_lock`, like every writer.
 
     Args:
         controlnet: a diffusers ``ControlNetModel`` (SD 1.x/2.x).
         engine_dir: an engine directory whose UNet graphs are built.
-        controlnet_sha256: its :func:`unet_weights_sha256`, when the caller already has it.
+        controlnet_sha256: its :func:`~fd_trt.graphs.weights.unet_weights_sha256`, when the caller has it.
         force: export even when up to date.
         progress: show a progress bar.
         external_data_threshold: see :func:`fd_trt.graphs.export.export_unet`.
@@ -247,33 +261,39 @@ def build_controlnet_graph(
         UnsupportedModelError: for an SDXL ControlNet, or one whose residuals do not fit the UNet.
         EngineMismatchError: when the directory has no manifest.
     """
-    from fd_trt.graphs.contract import ControlNetContract
-
     folder = Path(engine_dir)
     sha = controlnet_sha256 or unet_weights_sha256(controlnet)
     config = unet_config_dict(controlnet)
-    with engine_dir_lock(folder, "ControlNet graph export"):
+
+    def find() -> ControlNetRecord | str:
+        manifest = load_manifest(folder)  # no manifest: raises, forced or not (the UNet's graphs come first)
+        if force:
+            return "forced"
+        try:
+            return controlnet_graph(folder, manifest, sha, config)
+        except EngineMismatchError as exc:
+            return str(exc)
+
+    def export() -> ControlNetRecord:
+        t0 = time.perf_counter()
         manifest = load_manifest(folder)
-        key = controlnet_key(sha)
-        if not force and _controlnet_problem(folder, manifest, sha, config) is None:
-            return manifest.controlnets[key]
         latent = (int(manifest.latent_shape[1]), int(manifest.latent_shape[2]))
         text = (int(manifest.text_shape[0]), int(manifest.text_shape[1]))
         contract = ControlNetContract.from_controlnet_config(controlnet.config, latent, text)
         contract.check_fits(GraphContract.from_manifest(manifest), "the ControlNet")
-        t0 = time.perf_counter()
         name = controlnet_file_name(sha)
         export_controlnet(controlnet, folder / name, latent_size=latent, text_shape=text, precision=manifest.precision,
                           opset=int(manifest.opset), external_data_threshold=external_data_threshold, progress=progress)
-        graph = graph_record(folder, name)
-        rec = ControlNetRecord(**asdict(graph), controlnet_sha256=sha, controlnet_config=config,
+        rec = ControlNetRecord(**asdict(graph_record(folder, name)), controlnet_sha256=sha, controlnet_config=config,
                                num_down=contract.num_down, cond_shape=[int(d) for d in contract.cond_tail],
                                built_at=time.time())
-        manifest.controlnets[key] = rec
+        manifest.controlnets[controlnet_key(sha)] = rec
         save_manifest(folder, manifest)
-    logger.info("exported the ControlNet graph %s (%.1f MB) in %.1f s", folder / name, rec.bytes / 1e6,
-                time.perf_counter() - t0)
-    return rec
+        logger.info("exported the ControlNet graph %s (%.1f MB) in %.1f s", folder / name, rec.bytes / 1e6,
+                    time.perf_counter() - t0)
+        return rec
+
+    return _build_locked(folder, "ControlNet graph export", find, export)[0]
 
 
 def verify_graphs_parse(engine_dir: str | os.PathLike[str]) -> None:

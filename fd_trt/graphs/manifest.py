@@ -134,8 +134,9 @@ class ControlNetRecord(GraphRecord):
     """One ControlNet graph in the manifest (a :class:`GraphRecord` plus what it was built from).
 
     Attributes:
-        controlnet_sha256: :func:`unet_weights_sha256` of the ControlNet (its weights and adapters).
-        controlnet_config: the ControlNet's config (:func:`unet_config_dict`).
+        controlnet_sha256: :func:`~fd_trt.graphs.weights.unet_weights_sha256` of the ControlNet (its
+            weights and adapters).
+        controlnet_config: the ControlNet's config (:func:`~fd_trt.graphs.weights.unet_config_dict`).
         num_down: its down residuals (the UNet's skip count).
         cond_shape: ``[3, H, W]`` of its control image.
         built_at: export time, seconds since the epoch.
@@ -199,8 +200,8 @@ class Manifest:
     Attributes:
         format_version: layout version of the manifest.
         model_source: where the model came from (a folder, ``default``, ...), for messages.
-        unet_sha256: see :func:`unet_weights_sha256`.
-        unet_config: see :func:`unet_config_dict`.
+        unet_sha256: see :func:`~fd_trt.graphs.weights.unet_weights_sha256`.
+        unet_config: see :func:`~fd_trt.graphs.weights.unet_config_dict`.
         latent_shape: ``[C, h, w]``.
         text_shape: ``[L, D]``.
         precision: ``fp32`` or ``fp16``.
@@ -320,28 +321,36 @@ def load_manifest(engine_dir: str | os.PathLike[str]) -> Manifest:
     return Manifest.from_json(path.read_text(), path)
 
 
-def _diff(expected: Manifest, found: Manifest, fields: Iterable[str]) -> list[str]:
-    differences = []
-    for name in fields:
-        want, have = getattr(expected, name), getattr(found, name)
-        if name == "versions":
-            for pkg in TOOLCHAIN_PACKAGES:
-                if _release_line(want.get(pkg)) != _release_line(have.get(pkg)):
-                    differences.append(f"versions.{pkg} (built with {have.get(pkg)}, running {want.get(pkg)})")
-        elif name == "unet_config" and want != have:
-            keys = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
-            shown = ", ".join(f"{k}: {have.get(k)!r} -> {want.get(k)!r}" for k in keys[:4])
-            differences.append(f"unet_config ({shown}{', ...' if len(keys) > 4 else ''})")
-        elif name == "unet_sha256" and want != have:
-            differences.append(f"unet_sha256 (the UNet weights changed: built {have[:12]}.., now {want[:12]}..)")
-        elif want != have:
-            differences.append(f"{name} (built {have!r}, wanted {want!r})")
-    return differences
+def _source_problems(kind: str, built_sha: str, built_config: Mapping[str, Any], sha: str,
+                     config: Mapping[str, Any]) -> list[str]:
+    """How the module at hand differs from the one a graph was exported from.
+
+    Args:
+        kind: ``unet`` (the manifest's ``unet_*`` fields) or ``controlnet`` (a
+            :class:`ControlNetRecord`'s ``controlnet_*`` fields).
+        built_sha, built_config: the recorded weights digest and config.
+        sha, config: the module's (:func:`~fd_trt.graphs.weights.unet_weights_sha256`,
+            :func:`~fd_trt.graphs.weights.unet_config_dict`).
+    """
+    label = "ControlNet" if kind == "controlnet" else "UNet"
+    problems = []
+    if sha != built_sha:
+        problems.append(f"{kind}_sha256 (the {label} weights changed: built {built_sha[:12]}.., now {sha[:12]}..)")
+    if dict(config) != dict(built_config):
+        keys = sorted(k for k in set(config) | set(built_config) if config.get(k) != built_config.get(k))
+        shown = ", ".join(f"{k}: {built_config.get(k)!r} -> {config.get(k)!r}" for k in keys[:4])
+        problems.append(f"{kind}_config ({shown}{', ...' if len(keys) > 4 else ''})")
+    return problems
 
 
+def _version_problems(built: Mapping[str, str | None], running: Mapping[str, str | None]) -> list[str]:
+    """The toolchain packages whose release line (major.minor) changed since the build."""
+    return [f"versions.{pkg} (built with {built.get(pkg)}, running {running.get(pkg)})"
+            for pkg in TOOLCHAIN_PACKAGES if _release_line(running.get(pkg)) != _release_line(built.get(pkg))]
+
+
+#: The manifest fields that make graphs stale besides the UNet's weights, config and the toolchain.
 _COMPARED_FIELDS = (
-    "unet_sha256",
-    "unet_config",
     "latent_shape",
     "text_shape",
     "precision",
@@ -349,8 +358,66 @@ _COMPARED_FIELDS = (
     "encoder_rows",
     "decoder_rows",
     "added_shapes",
-    "versions",
 )
+
+
+def stale_fields(expected: Manifest, found: Manifest) -> list[str]:
+    """Why graphs built as ``found`` records are not the ones ``expected`` describes (empty: they are).
+
+    Args:
+        expected: what graphs built now would record (:func:`expected_manifest`).
+        found: the engine directory's manifest.
+    """
+    problems = _source_problems("unet", found.unet_sha256, found.unet_config, expected.unet_sha256,
+                                expected.unet_config)
+    for name in _COMPARED_FIELDS:
+        want, have = getattr(expected, name), getattr(found, name)
+        if want != have:
+            problems.append(f"{name} (built {have!r}, wanted {want!r})")
+    return problems + _version_problems(found.versions, expected.versions)
+
+
+def _check_graph_record(folder: Path, role: str, rec: GraphRecord, full_hash: bool, fix: str) -> None:
+    """Refuses a graph file (and its ``.data`` file) that is missing or not the one ``rec`` recorded."""
+    files = [(rec.file, rec.bytes, rec.sha256)]
+    if rec.data_file:
+        files.append((rec.data_file, rec.data_bytes, rec.data_sha256))
+    for name, size, digest in files:
+        path = folder / name
+        if not path.is_file():
+            raise CorruptGraphError(f"the {role} graph file {path} is missing; {fix}")
+        actual = path.stat().st_size
+        if actual != size:
+            raise CorruptGraphError(
+                f"the {role} graph file {path} has {actual} bytes but the manifest recorded {size}: it is "
+                f"truncated or was replaced; {fix}"
+            )
+        if full_hash and file_sha256(path) != digest:
+            raise CorruptGraphError(f"the {role} graph file {path} does not match its sha256 in the manifest; {fix}")
+
+
+def _check_graphs(folder: Path, what: str, problems: list[str], records: Mapping[str, GraphRecord], *,
+                  full_hash: bool, fix: str, file_fix: str) -> None:
+    """Refuses graphs made from something else (``problems``), then missing or altered graph files.
+
+    The one check behind :func:`check_engine_dir` (the UNet's graphs) and
+    :func:`check_controlnet_graph` (one ControlNet's).
+
+    Args:
+        folder: the engine directory.
+        what: the model the graphs must come from, for the message (``""`` for the UNet).
+        problems: how they differ from it (weights, config, shapes, toolchain); empty when they do not.
+        records: the graph records to check the files of, by role.
+        full_hash: also compare sha256 digests (reads every byte).
+        fix: how to rebuild, for a mismatch; file_fix: the same for a bad file.
+
+    Raises:
+        EngineMismatchError: for ``problems``; CorruptGraphError: for a missing, truncated or altered file.
+    """
+    if problems:
+        raise EngineMismatchError(f"engine directory {folder} does not match{what}: {'; '.join(problems)}. {fix}")
+    for role, rec in records.items():
+        _check_graph_record(folder, role, rec, full_hash, file_fix)
 
 
 def check_graph_files(engine_dir: str | os.PathLike[str], full_hash: bool = False, manifest: Manifest | None = None) -> Manifest:
@@ -372,23 +439,8 @@ def check_graph_files(engine_dir: str | os.PathLike[str], full_hash: bool = Fals
     """
     folder = Path(engine_dir)
     manifest = manifest or load_manifest(folder)
-    for role, rec in manifest.graphs.items():
-        files = [(rec.file, rec.bytes, rec.sha256)]
-        if rec.data_file:
-            files.append((rec.data_file, rec.data_bytes, rec.data_sha256))
-        for name, size, digest in files:
-            path = folder / name
-            fix = f"delete it and rebuild: {rebuild_command(folder, manifest)}"
-            if not path.is_file():
-                raise CorruptGraphError(f"the {role} graph file {path} is missing; {fix}")
-            actual = path.stat().st_size
-            if actual != size:
-                raise CorruptGraphError(
-                    f"the {role} graph file {path} has {actual} bytes but the manifest recorded {size}: it is "
-                    f"truncated or was replaced; {fix}"
-                )
-            if full_hash and file_sha256(path) != digest:
-                raise CorruptGraphError(f"the {role} graph file {path} does not match its sha256 in the manifest; {fix}")
+    fix = f"delete it and rebuild: {rebuild_command(folder, manifest)}"
+    _check_graphs(folder, "", [], manifest.graphs, full_hash=full_hash, fix=fix, file_fix=fix)
     return manifest
 
 
@@ -469,7 +521,7 @@ def check_engine_dir(
         text_shape: ``(L, D)`` the caller will feed.
         precision: the precision the caller expects.
         full_hash: also hash the graph files (see :func:`check_graph_files`).
-        unet_sha256: the UNet's :func:`unet_weights_sha256`, when the caller already has it.
+        unet_sha256: the UNet's :func:`~fd_trt.graphs.weights.unet_weights_sha256`, when the caller already has it.
         added_shapes: the per-row shapes of the added conditioning the caller will feed (SDXL).
 
     Returns:
@@ -482,11 +534,8 @@ def check_engine_dir(
     found = load_manifest(folder)
     problems: list[str] = []
     if unet is not None:
-        if unet_config_dict(unet) != found.unet_config:
-            problems += _diff(_with(found, unet_config=unet_config_dict(unet)), found, ["unet_config"])
-        digest = unet_sha256 or unet_weights_sha256(unet)
-        if digest != found.unet_sha256:
-            problems += _diff(_with(found, unet_sha256=digest), found, ["unet_sha256"])
+        problems += _source_problems("unet", found.unet_sha256, found.unet_config,
+                                     unet_sha256 or unet_weights_sha256(unet), unet_config_dict(unet))
     if latent_size is not None and list(latent_size) != found.latent_shape[1:]:
         problems.append(f"latent_shape (built for {found.latent_shape[1:]}, asked for {list(latent_size)})")
     if text_shape is not None and list(text_shape) != found.text_shape:
@@ -497,16 +546,13 @@ def check_engine_dir(
         wanted = {k: [int(d) for d in v] for k, v in added_shapes.items()}
         if wanted != found.added_shapes:
             problems.append(f"added_shapes (built for {found.added_shapes}, asked for {wanted})")
-    problems += _diff(_with(found, versions=package_versions()), found, ["versions"])
-    if problems:
-        spec: dict[str, Any] = {"precision": precision}
-        if latent_size is not None:
-            spec.update(height=latent_size[0] * 8, width=latent_size[1] * 8)
-        raise EngineMismatchError(
-            f"engine directory {folder} does not match: {'; '.join(problems)}. Rebuild it with "
-            f"{rebuild_command(folder, found, **spec)}"
-        )
-    check_graph_files(folder, full_hash=full_hash, manifest=found)
+    problems += _version_problems(found.versions, package_versions())
+    spec: dict[str, Any] = {"precision": precision}
+    if latent_size is not None:
+        spec.update(height=latent_size[0] * 8, width=latent_size[1] * 8)
+    _check_graphs(folder, "", problems, found.graphs, full_hash=full_hash,
+                  fix=f"Rebuild it with {rebuild_command(folder, found, **spec)}",
+                  file_fix=f"delete it and rebuild: {rebuild_command(folder, found)}")
     return found
 
 
@@ -634,23 +680,27 @@ def controlnet_key(controlnet_sha256: str) -> str:
     return controlnet_sha256[:16]
 
 
-def _controlnet_problem(folder: Path, manifest: Manifest, sha: str, config: dict[str, Any]) -> str | None:
-    """Why the directory's graph for this ControlNet cannot run (``None``: it can)."""
+def controlnet_graph(folder: Path, manifest: Manifest, sha: str, config: Mapping[str, Any]) -> ControlNetRecord:
+    """The manifest's graph record for the ControlNet of weights ``sha`` and ``config``, its file checked by size.
+
+    Raises:
+        EngineMismatchError: naming what differs and how to build the graph; CorruptGraphError:
+            for a missing or truncated graph file.
+    """
     rec = manifest.controlnets.get(controlnet_key(sha))
     if rec is None:
         others = sorted(r.controlnet_sha256[:12] + ".." for r in manifest.controlnets.values())
-        return (f"it holds no ControlNet graph for weights {sha[:12]}.. (ControlNet graphs for "
-                f"{', '.join(others) or 'no ControlNet'}; the ControlNet's weights changed or it was never exported here)")
-    if rec.controlnet_sha256 != sha:
-        return f"controlnet_sha256 (the ControlNet weights changed: built {rec.controlnet_sha256[:12]}.., now {sha[:12]}..)"
-    if rec.controlnet_config != config:
-        keys = sorted(k for k in set(config) | set(rec.controlnet_config) if config.get(k) != rec.controlnet_config.get(k))
-        shown = ", ".join(f"{k}: {rec.controlnet_config.get(k)!r} -> {config.get(k)!r}" for k in keys[:4])
-        return f"controlnet_config ({shown})"
-    path = folder / rec.file
-    if not path.is_file() or path.stat().st_size != rec.bytes:
-        return f"its ControlNet graph {path} is missing or truncated"
-    return None
+        problems = [f"it holds no ControlNet graph for weights {sha[:12]}.. (ControlNet graphs for "
+                    f"{', '.join(others) or 'no ControlNet'}; the ControlNet's weights changed or it was never "
+                    "exported here)"]
+    else:
+        problems = _source_problems("controlnet", rec.controlnet_sha256, rec.controlnet_config, sha, config)
+    how = (f"fd_trt.graphs.build.build_controlnet_graph(controlnet, {str(folder)!r}), or call the pipeline with "
+           "build_on_demand=True (the default)")
+    _check_graphs(folder, " the ControlNet", problems, {"ControlNet": rec} if rec is not None else {},
+                  full_hash=False, fix=f"Build its graph with {how}", file_fix=f"export it again with {how}")
+    assert rec is not None  # no record is a problem above
+    return rec
 
 
 def check_controlnet_graph(
@@ -661,22 +711,14 @@ def check_controlnet_graph(
     Args:
         engine_dir: a built engine directory (its UNet graphs first).
         controlnet: the diffusers ``ControlNetModel``.
-        controlnet_sha256: its :func:`unet_weights_sha256`, when the caller already has it.
+        controlnet_sha256: its :func:`~fd_trt.graphs.weights.unet_weights_sha256`, when the caller has it.
 
     Raises:
         EngineMismatchError: naming what differs and how to build the graph.
     """
     folder = Path(engine_dir)
-    manifest = load_manifest(folder)
     sha = controlnet_sha256 or unet_weights_sha256(controlnet)
-    problem = _controlnet_problem(folder, manifest, sha, unet_config_dict(controlnet))
-    if problem is not None:
-        raise EngineMismatchError(
-            f"engine directory {folder} does not match the ControlNet: {problem}. Build its graph with "
-            f"fd_trt.graphs.build.build_controlnet_graph(controlnet, {str(folder)!r}), or call the pipeline with "
-            "build_on_demand=True (the default)"
-        )
-    return manifest.controlnets[controlnet_key(sha)]
+    return controlnet_graph(folder, load_manifest(folder), sha, unet_config_dict(controlnet))
 
 
 __all__ = [
@@ -694,6 +736,7 @@ __all__ = [
     "check_engine_dir",
     "check_graph_files",
     "check_plan",
+    "controlnet_graph",
     "controlnet_key",
     "engine_dir_lock",
     "expected_manifest",
@@ -703,4 +746,5 @@ __all__ = [
     "package_versions",
     "rebuild_command",
     "save_manifest",
+    "stale_fields",
 ]
