@@ -516,8 +516,7 @@ class TrtRunner(Runner):
         from fd_trt.graphs.build import _export_into
         from fd_trt.graphs.manifest import _with, engine_dir_lock, load_manifest, package_versions, save_manifest
         from fd_trt.graphs.weights import unet_config_dict, unet_weights_sha256
-        from fd_trt.utils.files import file_sha256
-        from fd_trt.utils.files import write_atomic
+        from fd_trt.utils.files import file_sha256, write_atomic
 
         if not self.is_active or self._enc is None or self._dec is None:
             return False

@@ -709,8 +709,8 @@ def build_controlnet_plan(
         rec = manifest.controlnets.get(controlnet_key(controlnet_graph.controlnet_sha256))
         if rec is None or rec.sha256 != controlnet_graph.sha256:
             raise EngineMismatchError(
-                f"{Path(engine_dir)}/manifest.json records no ControlNet graph {controlnet_graph.file} with that sha256: "
-                "export it again (fd_trt.graphs.build.build_controlnet_graph)"
+                f"{Path(engine_dir)}/manifest.json records no ControlNet graph {controlnet_graph.file} with that "
+                "sha256: export it again (fd_trt.graphs.build.build_controlnet_graph)"
             )
         # The ControlNet runs on the encoder's rows.
         rows = profiles_for_manifest(manifest.encoder_rows, manifest.decoder_rows)["encoder"]
