@@ -91,7 +91,7 @@ def main() -> None:
     from diffusers.models.embeddings import TimestepEmbedding
 
     from fd_trt.graphs.contract import GraphContract, TensorSpec
-    from fd_trt.graphs.engines import build_engines
+    from fd_trt.graphs.build import build_engines
     from fd_trt.graphs.export import DECODER_FILE, _export_graph
     from fd_trt.graphs.split import split_unet
 

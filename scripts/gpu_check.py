@@ -246,7 +246,7 @@ def sd15_timings(args: argparse.Namespace, deadline: Deadline, trt_problem: str 
         notes.append(f"tensorrt: not timed: {deadline.left():.0f} s left, building SD1.5 plans needs about {args.trt_min_s} s")
     else:
         from fd_trt.backends.tensorrt import build_plans
-        from fd_trt.graphs.engines import build_engines
+        from fd_trt.graphs.build import build_engines
 
         folder = Path(tempfile.mkdtemp(prefix="fd_trt_gpu_check_"))
         t1 = time.perf_counter()

@@ -5,7 +5,7 @@
     python scripts/row_sharing_widths.py --channels default --latent 16 --backend torch --repeat 30
 
 ONNX Runtime (default): builds the engine-format-2 graphs of one UNet twice, with
-``share_rows=True`` and ``share_rows=False`` (``fd_trt.graphs.engines.build_engines``), and times the two
+``share_rows=True`` and ``share_rows=False`` (``fd_trt.graphs.build.build_engines``), and times the two
 decoders side by side with ``scripts/compare_decoder_graphs.py`` (A = unshared, B = shared: A/B
 above 1 means sharing pays). ``--backend torch``: the same comparison with two torch runners
 (``TorchRunner(share_rows=False)`` against ``share_rows=True``), decoding the features of one
@@ -41,7 +41,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from fd_trt.graphs.engines import build_engines
+    from fd_trt.graphs.build import build_engines
 
     if args.channels == "default":
         from fd_trt import FasterDiffusionPipeline

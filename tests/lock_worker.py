@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
     mode, folder = argv[0], Path(argv[1])
     ready = Path(argv[2])
     if mode == "hold":
-        from fd_trt.graphs.engines import engine_dir_lock
+        from fd_trt.graphs.manifest import engine_dir_lock
 
         with engine_dir_lock(folder, "test"):
             ready.write_text("held")
@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
         return 0
     go = Path(argv[3])
     if mode == "export":
-        from fd_trt.graphs.engines import build_engines
+        from fd_trt.graphs.build import build_engines
         from fd_trt.families.models import tiny_sd_pipeline
 
         unet = tiny_sd_pipeline(seed=0).unet

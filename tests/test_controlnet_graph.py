@@ -14,14 +14,9 @@ from fd_trt.graphs.contract import (
     GraphContract,
     controlnet_factor,
 )
-from fd_trt.graphs.engines import (
-    build_controlnet_graph,
-    build_engines,
-    check_controlnet_graph,
-    controlnet_key,
-    load_manifest,
-    unet_weights_sha256,
-)
+from fd_trt.graphs.build import build_controlnet_graph, build_engines
+from fd_trt.graphs.manifest import check_controlnet_graph, controlnet_key, load_manifest
+from fd_trt.graphs.weights import unet_weights_sha256
 from fd_trt.errors import EngineMismatchError, UnsupportedModelError
 from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
@@ -112,7 +107,7 @@ def test_a_controlnet_weight_change_makes_its_graph_stale(engine_dir, nets):
     # A changed config under the same weights is stale too.
     manifest = load_manifest(engine_dir)
     manifest.controlnets[controlnet_key(new.controlnet_sha256)].controlnet_config["global_pool_conditions"] = True
-    from fd_trt.graphs.engines import save_manifest
+    from fd_trt.graphs.manifest import save_manifest
 
     save_manifest(engine_dir, manifest)
     with pytest.raises(EngineMismatchError, match="controlnet_config .*global_pool_conditions"):

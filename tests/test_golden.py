@@ -102,7 +102,7 @@ def test_onnxruntime_backend_matches_the_authors_code(golden, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     from fd_trt.backends.onnxruntime import OrtRunner
-    from fd_trt.graphs.engines import build_engines
+    from fd_trt.graphs.build import build_engines
 
     out = tmp_path / "golden"
     build_engines(golden["unet"], out, latent_size=(8, 8), text_shape=tuple(golden["text"].shape[1:]),

@@ -20,9 +20,11 @@ import pytest
 import torch
 
 from fd_trt.backends.onnxruntime import OrtRunner
-from fd_trt.graphs.engines import LOCK_FILE, MANIFEST_FILE, build_engines, check_engine_dir, engine_dir_lock, load_manifest
+from fd_trt.graphs.build import build_engines
+from fd_trt.graphs.manifest import LOCK_FILE, MANIFEST_FILE, check_engine_dir, engine_dir_lock, load_manifest
 from fd_trt.errors import EngineMismatchError
-from fd_trt.graphs.export import TEMP_PREFIX, CorruptGraphError
+from fd_trt.graphs.export import CorruptGraphError
+from fd_trt.utils.files import TEMP_PREFIX
 from fd_trt.graphs.split import split_unet
 
 from conftest import rel_l2

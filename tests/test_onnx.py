@@ -16,12 +16,8 @@ import onnx  # noqa: E402,F401
 import onnxruntime as ort  # noqa: E402,F401
 
 from fd_trt.backends.onnxruntime import OrtRunner  # noqa: E402
-from fd_trt.graphs.engines import (  # noqa: E402
-    MANIFEST_FILE,
-    build_engines,
-    check_engine_dir,
-    load_manifest,
-)
+from fd_trt.graphs.build import build_engines  # noqa: E402
+from fd_trt.graphs.manifest import MANIFEST_FILE, check_engine_dir, load_manifest  # noqa: E402
 from fd_trt.errors import EngineMismatchError, FdTrtError  # noqa: E402
 from fd_trt.graphs.export import (  # noqa: E402
     CorruptGraphError,
@@ -308,7 +304,8 @@ def test_external_data_export_runs(sd, tmp_path, split):
 
 def test_import_fd_trt_loads_no_onnx():
     code = (
-        "import sys, fd_trt, fd_trt.graphs.export, fd_trt.graphs.engines, fd_trt.backends.onnxruntime;"
+        "import sys, fd_trt, fd_trt.graphs.export, fd_trt.graphs.manifest, fd_trt.graphs.build, "
+        "fd_trt.backends.onnxruntime;"
         "bad = [m for m in ('onnx', 'onnxruntime', 'onnx_graphsurgeon', 'polygraphy') if m in sys.modules];"
         "assert not bad, bad"
     )

@@ -29,7 +29,7 @@ from fd_trt.backends.tensorrt import (
     runtime_problem,
     timing_cache_file_name,
 )
-from fd_trt.graphs.engines import FORMAT_VERSION, GraphRecord, Manifest, PlanRecord, check_plan, find_plan
+from fd_trt.graphs.manifest import FORMAT_VERSION, GraphRecord, Manifest, PlanRecord, check_plan, find_plan
 from fd_trt.errors import BackendUnavailableError, EngineMismatchError, InputError
 from fd_trt.core.schedule import parse_schedule
 
@@ -236,7 +236,7 @@ def test_build_cli_says_why_no_plans_are_built(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def trt_engine_dir(tmp_path_factory):
     """The tiny model's fp16 graphs and plans (built once for the module)."""
-    from fd_trt.graphs.engines import build_engines
+    from fd_trt.graphs.build import build_engines
     from fd_trt.families.models import tiny_sd_pipeline
 
     sd = tiny_sd_pipeline(seed=0)
@@ -271,7 +271,7 @@ def test_plans_match_onnxruntime(trt_engine_dir, role, rows):
     from polygraphy.backend.trt import TrtRunner as PolyTrtRunner
     from polygraphy.comparator import Comparator, CompareFunc
 
-    from fd_trt.graphs.engines import find_plan, load_manifest
+    from fd_trt.graphs.manifest import find_plan, load_manifest
 
     import tensorrt as trt
 
@@ -333,7 +333,7 @@ def test_tensorrt_cuda_graph_replay_equals_a_plain_run(trt_engine_dir):
 def test_plans_are_reused_and_foreign_plans_refused(trt_engine_dir):
     import tensorrt as trt
 
-    from fd_trt.graphs.engines import load_manifest, save_manifest
+    from fd_trt.graphs.manifest import load_manifest, save_manifest
 
     again = build_plans(trt_engine_dir, builder_optimization_level=2, opt_segment_steps=2)
     assert not any(r.built for r in again)
@@ -375,7 +375,8 @@ def test_refit_on_the_gpu_equals_a_rebuild(tmp_path):
     plan is compared with ONNX Runtime on the new graph.
     """
     from fd_trt.backends.onnxruntime import OrtRunner
-    from fd_trt.graphs.engines import build_engines, load_manifest
+    from fd_trt.graphs.build import build_engines
+    from fd_trt.graphs.manifest import load_manifest
     from fd_trt.families.models import tiny_sd_pipeline
 
     sd = tiny_sd_pipeline(seed=0)

@@ -17,7 +17,8 @@ import torch
 
 from fd_trt.backends.onnxruntime import OrtRunner
 from fd_trt.backends.tensorrt import TrtRunner, build_plans
-from fd_trt.graphs.engines import build_engines, load_manifest
+from fd_trt.graphs.build import build_engines
+from fd_trt.graphs.manifest import load_manifest
 from fd_trt.errors import EngineMismatchError, InputError
 from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
@@ -58,7 +59,7 @@ def _copy_without_plans(src, dst):
     """A copy of an engine directory as the ONNX export left it: no plans, no timing cache."""
     import shutil
 
-    from fd_trt.graphs.engines import save_manifest
+    from fd_trt.graphs.manifest import save_manifest
 
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.plan", "*.cache"))
     manifest = load_manifest(dst)
@@ -323,7 +324,7 @@ def test_fp16_pipeline_is_close_to_the_fp32_torch_reference(trt, graphs, tiny_sd
 
 
 def test_foreign_plans_are_refused_or_rebuilt(trt, graphs, tmp_path, caplog):
-    from fd_trt.graphs.engines import save_manifest
+    from fd_trt.graphs.manifest import save_manifest
 
     folder = _copy_without_plans(graphs / "fp32", tmp_path / "e")
     build_plans(folder)
@@ -370,7 +371,8 @@ def own_sd(monkeypatch, tmp_path):
 
 
 def test_a_weight_change_is_refit_into_the_plans_in_place(trt, own_sd, latents):
-    from fd_trt.graphs.engines import file_sha256, unet_weights_sha256
+    from fd_trt.graphs.weights import unet_weights_sha256
+    from fd_trt.utils.files import file_sha256
 
     common = dict(num_inference_steps=6, latents=latents, output_type="latent", schedule="paper")
     pipe = FasterDiffusionPipeline.from_diffusers(own_sd, backend="tensorrt", device="cpu", precision="fp32",
@@ -455,7 +457,8 @@ def test_a_corrupt_plan_is_refused_and_a_truncated_one_rebuilt(trt, graphs, tmp_
 
 def test_a_refused_refit_leaves_no_stale_plan(trt, graphs, tmp_path, monkeypatch, caplog):
     """TensorRT refusing a refit: refit() says False, and the directory holds the new graphs and no old plan."""
-    from fd_trt.graphs.engines import check_engine_dir, unet_weights_sha256
+    from fd_trt.graphs.manifest import check_engine_dir
+    from fd_trt.graphs.weights import unet_weights_sha256
     from fd_trt.families.models import tiny_sd_pipeline
 
     sd = tiny_sd_pipeline(seed=0)
@@ -512,7 +515,7 @@ def test_a_fused_lora_is_refit_into_the_plans(trt, own_sd, latents):
 
 def test_a_directory_another_runner_refit_is_refit_from_its_graphs(trt, graphs, tmp_path):
     """Two replicas on one directory: the first refit exports the new graphs, the second only refits."""
-    from fd_trt.graphs.engines import file_sha256
+    from fd_trt.utils.files import file_sha256
     from fd_trt.families.models import tiny_sd_pipeline
 
     sd = tiny_sd_pipeline(seed=0)
@@ -616,7 +619,7 @@ def test_sdxl_plans_refit_new_added_embedding_weights(trt, tmp_path):
 # ControlNet plans ---------------------------------------------------------------------------------
 def test_controlnet_plan_has_the_encoder_profile_and_matches_torch_and_onnxruntime(trt, graphs, tiny_sd, tmp_path):
     from fd_trt.backends.tensorrt import build_controlnet_plan
-    from fd_trt.graphs.engines import build_controlnet_graph
+    from fd_trt.graphs.build import build_controlnet_graph
 
     from test_controlnet import tiny_controlnet
 
@@ -652,7 +655,7 @@ def test_controlnet_plan_has_the_encoder_profile_and_matches_torch_and_onnxrunti
 
 
 def test_a_missing_controlnet_plan_is_refused_without_build(trt, graphs, tiny_sd, tmp_path):
-    from fd_trt.graphs.engines import build_controlnet_graph
+    from fd_trt.graphs.build import build_controlnet_graph
 
     from test_controlnet import tiny_controlnet
 

@@ -6,7 +6,8 @@ import copy
 import pytest
 import torch
 
-from fd_trt.graphs.engines import build_engines, unet_weights_sha256, weights_fingerprint
+from fd_trt.graphs.build import build_engines
+from fd_trt.graphs.weights import unet_weights_sha256, weights_fingerprint
 from fd_trt.errors import EngineMismatchError, InputError, NotPreparedError
 from fd_trt.families.models import tiny_sd_pipeline
 from fd_trt.pipelines.pipeline import FasterDiffusionPipeline

@@ -26,7 +26,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import statistics
 import threading
 import time
@@ -38,6 +37,7 @@ import torch
 
 from fd_trt.core.runner import Runner
 from fd_trt.errors import FdTrtError, InputError
+from fd_trt.utils.files import write_atomic
 from fd_trt.core.features import Added, Features
 
 logger = logging.getLogger(__name__)
@@ -330,7 +330,7 @@ def tuning_cache_dir() -> Path:
 @functools.lru_cache(maxsize=None)
 def library_versions() -> tuple[tuple[str, str | None], ...]:
     """Versions of torch, diffusers, onnx, onnxruntime and tensorrt, read once per process."""
-    from fd_trt.graphs.engines import package_versions
+    from fd_trt.graphs.manifest import package_versions
 
     return tuple(sorted(package_versions().items()))
 
@@ -366,13 +366,11 @@ def load_decision(key: dict[str, Any], folder: Path | None = None) -> Decision |
 
 
 def save_decision(decision: Decision, folder: Path | None = None) -> Path:
-    """Writes the decision under its key (atomically: a temporary file renamed into place)."""
+    """Writes the decision under its key (atomically: :func:`fd_trt.utils.files.write_atomic`)."""
     path = cache_path(decision.key, folder)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".fdtmp-{os.getpid()}-{threading.get_ident()}-{path.name}")
     payload = {"format": TUNING_FORMAT, "decision": decision.as_dict()}
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(payload, indent=2, default=str))
     return path
 
 

@@ -201,7 +201,7 @@ class OrtRunner(Runner):
         if isinstance(engines, torch.nn.Module):
             raise InputError(
                 "OrtRunner takes an engine directory, not a UNet: export the graphs first "
-                "(fd_trt.graphs.engines.build_engines or fd-trt build --backend onnxruntime) and pass the folder"
+                "(fd_trt.graphs.build.build_engines or fd-trt build --backend onnxruntime) and pass the folder"
             )
         if self.device.type not in ("cpu", "cuda"):
             raise InputError(f"device {device!r} is not supported by the onnxruntime runner: use 'cpu' or 'cuda'")
@@ -271,7 +271,7 @@ class OrtRunner(Runner):
         verified = False
         manifest = None
         if self.engine_dir is not None and (self.engine_dir / MANIFEST_FILE).is_file():
-            from fd_trt.graphs.engines import check_graph_files
+            from fd_trt.graphs.manifest import check_graph_files
 
             manifest = check_graph_files(self.engine_dir)
             names = {rec.file for rec in manifest.graphs.values()}
@@ -308,7 +308,7 @@ class OrtRunner(Runner):
         self.contract = None
 
     def controlnet(self, record: Any) -> "OrtControlNet":
-        """The ControlNet graph of ``record`` (:class:`fd_trt.graphs.engines.ControlNetRecord`, a file of
+        """The ControlNet graph of ``record`` (:class:`fd_trt.graphs.manifest.ControlNetRecord`, a file of
         this runner's engine directory) in its own session, with this runner's providers and
         options; loaded on first use and kept until :meth:`deactivate`.
 

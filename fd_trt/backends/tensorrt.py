@@ -89,7 +89,7 @@ from fd_trt.backends.tensorrt_build import (
 if TYPE_CHECKING:  # the stubs (tensorrt-stubs) type-check the calls; nothing is imported at run time
     import tensorrt as trt
 
-    from fd_trt.graphs.engines import Manifest, PlanRecord
+    from fd_trt.graphs.manifest import Manifest, PlanRecord
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ class TrtRunner(Runner):
 
     # lifecycle -----------------------------------------------------------------------------
     def _select_plan(self, manifest: Manifest, role: str, profiles: dict[str, RowProfile]) -> PlanRecord:
-        from fd_trt.graphs.engines import check_plan, find_plan
+        from fd_trt.graphs.manifest import check_plan, find_plan
 
         import tensorrt as trt
 
@@ -314,7 +314,7 @@ class TrtRunner(Runner):
         ``key_inputs`` the inputs with the key step's rows (the decoder's features and text)."""
         import tensorrt as trt
 
-        from fd_trt.graphs.engines import file_sha256
+        from fd_trt.utils.files import file_sha256
 
         path = self.engine_dir / record.file
         fix = f"delete it and rebuild: fd-trt build --backend tensorrt --force --out {self.engine_dir}"
@@ -373,7 +373,7 @@ class TrtRunner(Runner):
     def _activate(self) -> None:
         import tensorrt as trt
 
-        from fd_trt.graphs.engines import engine_dir_lock
+        from fd_trt.graphs.manifest import engine_dir_lock
 
         # Under the directory's lock: the manifest and the plans it names are read as one state,
         # never halfway through another process's build or refit of this directory.
@@ -383,7 +383,7 @@ class TrtRunner(Runner):
             self._warm_up()
 
     def _activate_locked(self, trt: Any) -> None:
-        from fd_trt.graphs.engines import check_graph_files
+        from fd_trt.graphs.manifest import check_graph_files
 
         manifest = check_graph_files(self.engine_dir)
         precision = {"fp16": torch.float16, "fp32": torch.float32}.get(manifest.precision)
@@ -411,7 +411,7 @@ class TrtRunner(Runner):
                     enc.max_rows, dec.path.name, dec.min_rows, dec.max_rows, torch.cuda.get_device_name(self.device))
 
     def controlnet(self, record: Any) -> "TrtControlNet":
-        """The TensorRT plan of a ControlNet graph (:class:`fd_trt.graphs.engines.ControlNetRecord`) as a
+        """The TensorRT plan of a ControlNet graph (:class:`fd_trt.graphs.manifest.ControlNetRecord`) as a
         :data:`fd_trt.pipelines.conditioning.ControlNetCall`; built on first use when ``build`` is on,
         loaded once, with its own context, buffers (at the encoder profile's rows) and scratch
         memory, and run on the runner's stream.
@@ -420,7 +420,7 @@ class TrtRunner(Runner):
             EngineMismatchError: with ``build=False`` and no plan for this GPU, or a plan whose
                 tensors are not the ControlNet contract's.
         """
-        from fd_trt.graphs.engines import engine_dir_lock, find_plan, load_manifest
+        from fd_trt.graphs.manifest import engine_dir_lock, find_plan, load_manifest
 
         import tensorrt as trt
 
@@ -513,18 +513,10 @@ class TrtRunner(Runner):
         """
         import tensorrt as trt
 
-        from fd_trt.graphs.engines import (
-            _export_into,
-            _with,
-            engine_dir_lock,
-            file_sha256,
-            load_manifest,
-            package_versions,
-            save_manifest,
-            unet_config_dict,
-            unet_weights_sha256,
-        )
-        from fd_trt.graphs.export import write_atomic
+        from fd_trt.graphs.build import _export_into
+        from fd_trt.graphs.manifest import _with, engine_dir_lock, load_manifest, package_versions, save_manifest
+        from fd_trt.graphs.weights import unet_config_dict, unet_weights_sha256
+        from fd_trt.utils.files import file_sha256, write_atomic
 
         if not self.is_active or self._enc is None or self._dec is None:
             return False

@@ -17,8 +17,8 @@ plan:
 The lower bound of 1 row keeps runs without CFG (``guidance_scale <= 1``) inside the profiles;
 TensorRT tunes its kernels at the opt shape. Plans are named by role, TensorRT version, GPU
 compute capability and profile (:func:`plan_file_name`) and recorded in the manifest
-(:class:`fd_trt.graphs.engines.PlanRecord`); a plan from another TensorRT version or GPU generation is
-never loaded (:func:`fd_trt.graphs.engines.check_plan`). A timing cache per TensorRT version and compute
+(:class:`fd_trt.graphs.manifest.PlanRecord`); a plan from another TensorRT version or GPU generation is
+never loaded (:func:`fd_trt.graphs.manifest.check_plan`). A timing cache per TensorRT version and compute
 capability lives in the engine directory and makes rebuilds fast.
 
 ``tensorrt`` is imported only inside functions: importing this module needs neither TensorRT
@@ -37,7 +37,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -46,7 +46,7 @@ from fd_trt.errors import BackendUnavailableError, EngineMismatchError, FdTrtErr
 from fd_trt.core.schedule import KeySchedule, ScheduleSpec, parse_schedule
 
 if TYPE_CHECKING:  # the stubs (tensorrt-stubs) type-check the calls; nothing is imported at run time
-    from fd_trt.graphs.engines import Manifest, PlanRecord
+    from fd_trt.graphs.manifest import Manifest, PlanRecord
 
 logger = logging.getLogger(__name__)
 
@@ -419,29 +419,44 @@ def check_workspace(workspace_bytes: int | None) -> None:
         )
 
 
+@dataclass(frozen=True)
+class _PlanTarget:
+    """One plan to build or keep: its role, profile, the graph it comes from and that graph's contract.
+
+    Attributes:
+        role: ``encoder``, ``decoder`` or ``controlnet``.
+        rows: the optimization profile.
+        graph: the graph's manifest record (``None`` when the manifest records none for the role).
+        spec: the graph's inputs and outputs (:class:`GraphContract` or :class:`ControlNetContract`).
+    """
+
+    role: str
+    rows: RowProfile
+    graph: Any
+    spec: GraphSpec
+
+
 def _build_plan(
     folder: Path,
     manifest: Manifest,
-    role: str,
-    rows: RowProfile,
+    target: _PlanTarget,
     *,
     device: torch.device,
     builder_optimization_level: int,
     workspace_bytes: int | None,
     timing_cache: bool,
     refittable: bool = False,
-    graph: Any = None,
 ) -> PlanRecord:
-    """Builds one plan; ``graph`` is the ControlNet graph's record for role ``controlnet``."""
+    """Builds one plan."""
     import tensorrt as trt
 
-    from fd_trt.graphs.engines import PlanRecord
-    from fd_trt.graphs.export import write_atomic
+    from fd_trt.graphs.manifest import PlanRecord
+    from fd_trt.utils.files import write_atomic
 
     t0 = time.perf_counter()
     version = str(trt.__version__)
     gpu_name, cc = gpu_identity(device)
-    graph = graph if graph is not None else manifest.graphs.get(role)
+    role, rows, graph, spec = target.role, target.rows, target.graph, target.spec
     if graph is None:
         raise EngineMismatchError(
             f"{folder}/manifest.json records no {role} graph: rebuild with fd-trt build --backend tensorrt --force --out {folder}"
@@ -483,8 +498,6 @@ def _build_plan(
         dims = tensor.shape
         shapes[tensor.name] = [int(dims[k]) for k in range(len(dims))]
     outputs = [network.get_output(i).name for i in range(network.num_outputs)]
-    spec: GraphSpec = (ControlNetContract(int(graph.num_down)).spec if role == CONTROLNET
-                       else GraphContract.from_manifest(manifest).spec(role))
     spec.check(list(shapes), outputs, onnx_path, f"re-export the graphs with fd-trt build --backend tensorrt --force --out {folder}")
     profile = builder.create_optimization_profile()
     fixed = [t.name for t in spec.inputs if not t.rowed]
@@ -592,13 +605,46 @@ def build_plans(
         EngineMismatchError: for a missing or corrupt engine directory, or a graph TensorRT cannot parse.
         FdTrtError: when TensorRT fails to build.
     """
-    from fd_trt.graphs.engines import check_graph_files, engine_dir_lock, find_plan, save_manifest
-
-    check_level(builder_optimization_level)
-    check_workspace(workspace_bytes)
     for role in roles:
         if role not in ROLES:
             raise InputError(f"roles must be among {', '.join(ROLES)}, got {role!r}")
+
+    def targets(manifest: Manifest) -> list[_PlanTarget]:
+        profiles = profiles_for_manifest(
+            manifest.encoder_rows, manifest.decoder_rows, as_schedule(schedule, num_steps), opt_segment_steps
+        )
+        contract = GraphContract.from_manifest(manifest)
+        return [_PlanTarget(role, profiles[role], manifest.graphs.get(role), contract.spec(role)) for role in roles]
+
+    return _build_or_keep_plans(engine_dir, "TensorRT plan build", targets, device=device,
+                                builder_optimization_level=builder_optimization_level,
+                                workspace_bytes=workspace_bytes, timing_cache=timing_cache, force=force,
+                                refittable=refittable)
+
+
+def _build_or_keep_plans(
+    engine_dir: str | os.PathLike[str],
+    what: str,
+    targets: Callable[[Manifest], list[_PlanTarget]],
+    *,
+    device: torch.device | str,
+    builder_optimization_level: int,
+    workspace_bytes: int | None,
+    timing_cache: bool,
+    force: bool,
+    refittable: bool,
+) -> list[PlanBuild]:
+    """Builds the plans ``targets`` names (from the manifest read under the lock) unless up to date.
+
+    The one implementation behind :func:`build_plans` (the UNet's graphs) and
+    :func:`build_controlnet_plan` (a ControlNet's graph): a plan recorded for this TensorRT
+    version, compute capability, graph and profile whose file is intact is kept; any other is
+    built and recorded, the manifest rewritten after each plan.
+    """
+    from fd_trt.graphs.manifest import check_graph_files, engine_dir_lock, find_plan, save_manifest
+
+    check_level(builder_optimization_level)
+    check_workspace(workspace_bytes)
     trt_mod = require_tensorrt()
     dev = require_cuda(device)
     folder = Path(engine_dir)
@@ -606,34 +652,23 @@ def build_plans(
         check_graph_files(folder)  # raises, naming the build command; no lock file in a folder that is not one
     # Read, build and rewrite under the lock: another process may be building the same plans, and
     # each manifest update must start from the latest manifest, not from one read before a wait.
-    with engine_dir_lock(folder, "TensorRT plan build"):
+    with engine_dir_lock(folder, what):
         manifest = check_graph_files(folder)
-        profiles = profiles_for_manifest(
-            manifest.encoder_rows, manifest.decoder_rows, as_schedule(schedule, num_steps), opt_segment_steps
-        )
         version = str(trt_mod.__version__)
-        gpu_name, cc = gpu_identity(dev)
+        _, cc = gpu_identity(dev)
         results = []
-        for role in roles:
+        for target in targets(manifest):
             t0 = time.perf_counter()
-            rows = profiles[role]
-            existing = find_plan(manifest, role, tensorrt_version=version, compute_capability=cc, rows=rows.as_list())
+            existing = find_plan(manifest, target.role, tensorrt_version=version, compute_capability=cc,
+                                 rows=target.rows.as_list(), graph=target.graph)
             if existing is not None and not force:
                 path = folder / existing.file
                 if path.is_file() and path.stat().st_size == existing.bytes:
                     results.append(PlanBuild(existing, False, time.perf_counter() - t0))
                     continue
-            record = _build_plan(
-                folder,
-                manifest,
-                role,
-                rows,
-                device=dev,
-                builder_optimization_level=builder_optimization_level,
-                workspace_bytes=workspace_bytes,
-                timing_cache=timing_cache,
-                refittable=refittable,
-            )
+            record = _build_plan(folder, manifest, target, device=dev,
+                                 builder_optimization_level=builder_optimization_level,
+                                 workspace_bytes=workspace_bytes, timing_cache=timing_cache, refittable=refittable)
             manifest.plans[record.file] = record
             save_manifest(folder, manifest)
             results.append(PlanBuild(record, True, time.perf_counter() - t0))
@@ -660,45 +695,31 @@ def build_controlnet_plan(
 
     Args:
         engine_dir: the engine directory.
-        controlnet_graph: the graph's :class:`fd_trt.graphs.engines.ControlNetRecord`
-            (:func:`fd_trt.graphs.engines.build_controlnet_graph`).
+        controlnet_graph: the graph's :class:`fd_trt.graphs.manifest.ControlNetRecord`
+            (:func:`fd_trt.graphs.build.build_controlnet_graph`).
         device, builder_optimization_level, workspace_bytes, timing_cache, force: as :func:`build_plans`.
         refittable: build with ``BuilderFlag.REFIT`` (off: a changed ControlNet gets a new graph and plan).
 
     Returns:
         The :class:`PlanBuild`.
     """
-    from fd_trt.graphs.engines import check_graph_files, controlnet_key, engine_dir_lock, find_plan, save_manifest
+    from fd_trt.graphs.manifest import controlnet_key
 
-    check_level(builder_optimization_level)
-    check_workspace(workspace_bytes)
-    trt_mod = require_tensorrt()
-    dev = require_cuda(device)
-    folder = Path(engine_dir)
-    with engine_dir_lock(folder, "TensorRT ControlNet plan build"):
-        t0 = time.perf_counter()
-        manifest = check_graph_files(folder)
+    def targets(manifest: Manifest) -> list[_PlanTarget]:
         rec = manifest.controlnets.get(controlnet_key(controlnet_graph.controlnet_sha256))
         if rec is None or rec.sha256 != controlnet_graph.sha256:
             raise EngineMismatchError(
-                f"{folder}/manifest.json records no ControlNet graph {controlnet_graph.file} with that sha256: export it "
-                "again (fd_trt.graphs.engines.build_controlnet_graph)"
+                f"{Path(engine_dir)}/manifest.json records no ControlNet graph {controlnet_graph.file} with that "
+                "sha256: export it again (fd_trt.graphs.build.build_controlnet_graph)"
             )
+        # The ControlNet runs on the encoder's rows.
         rows = profiles_for_manifest(manifest.encoder_rows, manifest.decoder_rows)["encoder"]
-        version = str(trt_mod.__version__)
-        _, cc = gpu_identity(dev)
-        existing = find_plan(manifest, CONTROLNET, tensorrt_version=version, compute_capability=cc, rows=rows.as_list(),
-                             graph=rec)
-        if existing is not None and not force:
-            path = folder / existing.file
-            if path.is_file() and path.stat().st_size == existing.bytes:
-                return PlanBuild(existing, False, time.perf_counter() - t0)
-        record = _build_plan(folder, manifest, CONTROLNET, rows, device=dev,
-                             builder_optimization_level=builder_optimization_level, workspace_bytes=workspace_bytes,
-                             timing_cache=timing_cache, refittable=refittable, graph=rec)
-        manifest.plans[record.file] = record
-        save_manifest(folder, manifest)
-        return PlanBuild(record, True, time.perf_counter() - t0)
+        return [_PlanTarget(CONTROLNET, rows, rec, ControlNetContract(int(rec.num_down)).spec)]
+
+    return _build_or_keep_plans(engine_dir, "TensorRT ControlNet plan build", targets, device=device,
+                                builder_optimization_level=builder_optimization_level,
+                                workspace_bytes=workspace_bytes, timing_cache=timing_cache, force=force,
+                                refittable=refittable)[0]
 
 
 def with_plan(record: PlanRecord, **changes: Any) -> PlanRecord:

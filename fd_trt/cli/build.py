@@ -45,7 +45,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Builds the engine directory (and, with ``--tune``, the tuning decisions); returns the exit status."""
-    from fd_trt.graphs.engines import build_engines
+    from fd_trt.graphs.build import build_engines
     from fd_trt.families.models import load_diffusers_pipeline
 
     t0 = time.perf_counter()

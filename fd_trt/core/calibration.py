@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 from fd_trt.core.schedule import KeySchedule
 from fd_trt.errors import ScheduleError
+from fd_trt.utils.files import write_atomic
 
 
 #: Folder, inside a model folder or an engine directory, that holds saved calibrations.
@@ -67,9 +68,7 @@ class Calibration:
         """Writes the calibration as JSON (atomically) and returns the path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
+        write_atomic(path, self.to_json())
         return path
 
     @classmethod

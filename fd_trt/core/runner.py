@@ -128,7 +128,7 @@ class Runner(abc.ABC):
         return None
 
     def controlnet(self, record: Any) -> Any:
-        """The ControlNet graph of ``record`` (a :class:`fd_trt.graphs.engines.ControlNetRecord` of this
+        """The ControlNet graph of ``record`` (a :class:`fd_trt.graphs.manifest.ControlNetRecord` of this
         runner's engine directory) as a :data:`fd_trt.pipelines.conditioning.ControlNetCall`, loaded once.
 
         Graph runners (onnxruntime, tensorrt) run it; the default, ``None``, means this runner runs

@@ -2,7 +2,7 @@
 and decoder graphs, in order, with dtypes, shapes, dynamic axes and the decoder's row layout.
 
 Export (:mod:`fd_trt.graphs.export`), the onnxruntime and TensorRT runners, the TensorRT profiles and
-the engine-directory manifest (:mod:`fd_trt.graphs.engines`) all read it; none of them writes a graph
+the engine-directory manifest (:mod:`fd_trt.graphs.manifest`) all read it; none of them writes a graph
 name out. A new conditioning input is one entry in :data:`ADDED_CONDITIONING` (and the split's
 arithmetic for it in :mod:`fd_trt.graphs.split`).
 
@@ -395,7 +395,7 @@ class GraphContract:
 
     @classmethod
     def from_manifest(cls, manifest: Any) -> "GraphContract":
-        """The contract an engine directory's manifest describes (:class:`fd_trt.graphs.engines.Manifest`).
+        """The contract an engine directory's manifest describes (:class:`fd_trt.graphs.manifest.Manifest`).
 
         The recorded ``num_skips`` and ``added_shapes`` are the graphs' facts; the UNet config
         adds the feature shapes when it is complete.

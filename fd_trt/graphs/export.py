@@ -42,6 +42,7 @@ from fd_trt.graphs.contract import FLOAT32, NOISE_PRED, TEXT, TIMESTEP, ControlN
 from fd_trt.errors import BackendUnavailableError, EngineMismatchError, InputError
 from fd_trt.graphs.split import ROW_SHARING_MIN_CHANNELS, SplitUNet, decoder_shares_rows, split_unet
 from fd_trt.core.features import Features
+from fd_trt.utils.files import remove_stale_temporaries, temp_prefix
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -64,86 +65,10 @@ DECODER_FILE = "decoder.onnx"
 #: ControlNet graphs are ``controlnet-<first 16 hex digits of the ControlNet's weights sha256>.onnx``:
 #: one per ControlNet, so that several ControlNets (or a changed one) never overwrite each other.
 CONTROLNET_PREFIX = "controlnet-"
-#: Every temporary file or folder fd_trt writes in an engine directory starts with this, then the
-#: writer's process id: ``.fdtmp-<pid>-...``. The pid lets a later build tell a dead process's
-#: leftovers (removed) from a live one's work in progress (left alone).
-TEMP_PREFIX = ".fdtmp-"
 
 
 class CorruptGraphError(EngineMismatchError):
     """A graph file is truncated, corrupt, or not the ONNX graph fd_trt wrote."""
-
-
-def temp_prefix(name: str = "") -> str:
-    """The prefix of this process's temporaries in an engine directory: ``.fdtmp-<pid>-<name>.``.
-
-    Args:
-        name: the final file's name, for people reading a folder listing.
-
-    Returns:
-        The prefix, for :mod:`tempfile`'s ``prefix``.
-    """
-    return f"{TEMP_PREFIX}{os.getpid()}-{name}."
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
-    """Deletes the temporaries that dead processes left in a folder (a build killed mid-write).
-
-    Only entries named ``.fdtmp-<pid>-...`` whose process no longer exists are removed; a live
-    process's temporaries (its build in progress), this process's own and anything else are kept.
-
-    Args:
-        folder: an engine directory.
-
-    Returns:
-        The removed paths.
-    """
-    removed = []
-    for p in Path(folder).glob(f"{TEMP_PREFIX}*"):
-        pid = p.name[len(TEMP_PREFIX):].split("-", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
-            continue
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-        removed.append(p)
-    if removed:
-        logger.info("removed %d temporaries of dead processes in %s", len(removed), folder)
-    return removed
-
-
-def write_atomic(path: str | os.PathLike[str], data: Any) -> None:
-    """Writes bytes under a unique temporary name in the same folder, then renames it into place.
-
-    A reader (another process included) sees the old file or the whole new one, never a partial
-    one; two writers never share a temporary. The temporary is removed when the write fails.
-
-    Args:
-        path: the final file.
-        data: bytes, or any buffer (``memoryview``, TensorRT's ``IHostMemory``).
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # the rename must not reach the disk before the bytes do
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _require_onnx() -> Any:
@@ -861,7 +786,7 @@ def remove_graphs(out_dir: str | os.PathLike[str]) -> None:
     """Deletes the graph files (encoder, decoder and ControlNet graphs, and their external data) in a
     folder, and dead processes' temporaries.
 
-    Temporaries of live processes are left alone (see :func:`remove_stale_temporaries`): a
+    Temporaries of live processes are left alone (see :func:`fd_trt.utils.files.remove_stale_temporaries`): a
     concurrent export's work is not this call's to delete.
 
     Args:
@@ -895,8 +820,5 @@ __all__ = [
     "export_unet",
     "optimize_onnx",
     "remove_graphs",
-    "remove_stale_temporaries",
     "save_onnx",
-    "temp_prefix",
-    "write_atomic",
 ]

@@ -398,7 +398,8 @@ class FasterDiffusionPipeline:
         Raises:
             EngineMismatchError: the graphs do not fit (or, with ``build=False``, are not built).
         """
-        from fd_trt.graphs.engines import build_engines, check_engine_dir
+        from fd_trt.graphs.build import build_engines
+        from fd_trt.graphs.manifest import check_engine_dir
 
         unet = self.sd.unet
         if self.engines is not None:
@@ -461,7 +462,7 @@ class FasterDiffusionPipeline:
         return {k: v for k, v in self.runner_options.items() if k in params}
 
     def _auto_runner(self, latent_hw: tuple[int, int], text_shape: tuple[int, int]) -> Runner:
-        from fd_trt.graphs.engines import check_engine_dir
+        from fd_trt.graphs.manifest import check_engine_dir
         from fd_trt.backends.auto import AutoRunner, Candidate, library_versions
         from fd_trt.utils.system import device_name
 
@@ -659,7 +660,7 @@ class FasterDiffusionPipeline:
     @property
     def unet_sha256(self) -> str:
         """sha256 of the UNet's effective weights (parameters, fused LoRA, active adapters and scales)."""
-        from fd_trt.graphs.engines import unet_weights_sha256
+        from fd_trt.graphs.weights import unet_weights_sha256
 
         if self._unet_sha256 is None:
             self._unet_sha256 = unet_weights_sha256(self.sd.unet)
@@ -683,7 +684,7 @@ class FasterDiffusionPipeline:
         TensorRT plans) are refit; graph runners that cannot are closed, so the next call
         rebuilds them (or, with ``engines=``, refuses the directory naming the rebuild command).
         """
-        from fd_trt.graphs.engines import weights_fingerprint
+        from fd_trt.graphs.weights import weights_fingerprint
 
         unet = self.sd.unet
         fp = weights_fingerprint(unet)
@@ -1200,7 +1201,7 @@ class FasterDiffusionPipeline:
     def controlnet_sha256(self, net: Any) -> str:
         """sha256 of a ControlNet's weights (:func:`fd_trt.graphs.engines.unet_weights_sha256`), cached
         until its weights fingerprint changes."""
-        from fd_trt.graphs.engines import unet_weights_sha256, weights_fingerprint
+        from fd_trt.graphs.weights import unet_weights_sha256, weights_fingerprint
 
         fp = weights_fingerprint(net)
         known = self._controlnet_digests.get(id(net))
@@ -1219,7 +1220,8 @@ class FasterDiffusionPipeline:
             EngineMismatchError: with ``build_on_demand`` off, for a missing or stale graph.
             UnsupportedModelError: for a ControlNet the graph cannot carry.
         """
-        from fd_trt.graphs.engines import build_controlnet_graph, check_controlnet_graph
+        from fd_trt.graphs.build import build_controlnet_graph
+        from fd_trt.graphs.manifest import check_controlnet_graph
 
         target = getattr(runner, "current_runner", runner) or runner
         folder = getattr(target, "engine_dir", None)

@@ -1,8 +1,8 @@
-"""Engine directories (DESIGN.md section 4): manifest, hashing, staleness and build orchestration.
+"""Engine directories (DESIGN.md section 4): the manifest, its staleness checks and the directory lock.
 
 An engine directory ``engines/<name>/`` holds ``manifest.json``, ``encoder.onnx`` and
 ``decoder.onnx`` (with ``.data`` files when large), one ``controlnet-<sha16>.onnx`` per ControlNet
-used with the UNet (:func:`build_controlnet_graph`), and TensorRT plans with their timing cache
+used with the UNet (:func:`fd_trt.graphs.build.build_controlnet_graph`), and TensorRT plans with their timing cache
 (:mod:`fd_trt.backends.tensorrt`). Each plan is recorded in the manifest with the TensorRT version,
 GPU name and compute capability it was built for, and the graph it was built from. The manifest says
 what the graphs were built from; building compares it with the model at hand and rebuilds only
@@ -20,7 +20,7 @@ onnxruntime's and TensorRT's versions are recorded; they matter to plans, not to
 
 ControlNet graphs share the directory's shapes, precision, opset and toolchain (rebuilding the
 UNet's graphs deletes them) and are recorded under ``controlnets``, keyed by the first 16 hex
-digits of the ControlNet's weights sha256 (:func:`unet_weights_sha256` on the ControlNet: the same
+digits of the ControlNet's weights sha256 (:func:`fd_trt.graphs.weights.unet_weights_sha256` on the ControlNet: the same
 digest, by the same code, as the UNet's). A ControlNet whose weights or config changed therefore
 has no graph until one is exported for it; its record is compared exactly as the UNet's is.
 
@@ -36,37 +36,20 @@ loaded. Temporaries of dead processes are removed by the next build; a live one'
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import logging
 import os
-import threading
-import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
-import torch
 from torch import nn
 
-from fd_trt.graphs.contract import GraphContract
 from fd_trt.errors import EngineMismatchError, InputError
-from fd_trt.graphs.export import (
-    DECODER_FILE,
-    DEFAULT_OPSET,
-    ENCODER_FILE,
-    EXTERNAL_DATA_THRESHOLD,
-    CorruptGraphError,
-    check_graph_file,
-    controlnet_file_name,
-    export_controlnet,
-    export_unet,
-    remove_graphs,
-    write_atomic,
-)
-
-logger = logging.getLogger(__name__)
+from fd_trt.graphs.contract import GraphContract
+from fd_trt.graphs.export import DEFAULT_OPSET, CorruptGraphError
+from fd_trt.graphs.weights import unet_config_dict, unet_weights_sha256
+from fd_trt.utils.files import dir_lock, file_sha256, write_atomic
 
 #: 2: the decoder graph takes the key step's N rows of features and text, and S*N timesteps
 #: (DESIGN.md section 3 as amended); graphs of format 1 took the features tiled to S*N rows.
@@ -77,210 +60,28 @@ PLAN_SUFFIX = ".plan"
 #: Packages whose versions the manifest records; the first three decide staleness.
 TOOLCHAIN_PACKAGES = ("torch", "diffusers", "onnx")
 RECORDED_PACKAGES = (*TOOLCHAIN_PACKAGES, "onnxruntime", "onnxruntime-gpu", "tensorrt", "fd_trt")
-_HASH_CHUNK = 16 << 20
 #: The inter-process lock of an engine directory, held around every build and manifest update.
 LOCK_FILE = ".build.lock"
-#: After this many seconds waiting for the lock, say who is waiting for what (then keep waiting).
-LOCK_NOTICE_SECONDS = 2.0
-_LOCKS: dict[str, Any] = {}
-_LOCKS_GUARD = threading.Lock()
 
 
-def _dir_lock(folder: Path) -> Any:
-    """One ``FileLock`` object per engine directory and process.
-
-    Two ``FileLock`` objects on one file in one process would each take an OS lock on their own
-    descriptor and block each other; one shared object is reentrant within a thread (nested
-    ``build_plans`` inside a runner's activation) and still excludes other threads.
-    """
-    from filelock import FileLock
-
-    key = os.path.realpath(folder)
-    with _LOCKS_GUARD:
-        lock = _LOCKS.get(key)
-        if lock is None:
-            lock = _LOCKS[key] = FileLock(str(folder / LOCK_FILE))
-        return lock
-
-
-@contextlib.contextmanager
-def engine_dir_lock(engine_dir: str | os.PathLike[str], what: str = "build") -> Iterator[None]:
+def engine_dir_lock(engine_dir: str | os.PathLike[str], what: str = "build") -> contextlib.AbstractContextManager[None]:
     """Holds the engine directory's build lock (``<engine_dir>/.build.lock``), across processes.
 
     Every writer of an engine directory (graph export, plan builds, refits, manifest updates,
     the timing cache) holds it, and re-reads the manifest once it has it: another process may
     have just built what it came to build. The lock is an OS file lock (``flock``), which the
     kernel drops when its holder dies, so a killed build never leaves a lock that blocks the next
-    one; the lock file itself stays, harmlessly. Reentrant within a thread.
+    one; the lock file itself stays, harmlessly. Reentrant within a thread
+    (:func:`fd_trt.utils.files.dir_lock`).
 
     Args:
         engine_dir: the engine directory; created when missing.
         what: what the caller is about to do, for the waiting message.
 
-    Yields:
-        Nothing; the lock is held inside the ``with`` block.
-    """
-    from filelock import Timeout
-
-    folder = Path(engine_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = _dir_lock(folder)
-    try:
-        lock.acquire(timeout=LOCK_NOTICE_SECONDS)
-    except Timeout:
-        logger.warning("waiting for another process (or thread) that holds %s to finish before the %s of %s",
-                       folder / LOCK_FILE, what, folder)
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def adapter_state(unet: nn.Module) -> list[list[Any]]:
-    """What decides the output of the UNet's PEFT adapter layers besides their tensors.
-
-    For every adapter layer (``peft``'s ``BaseTunerLayer``, which diffusers' ``load_lora_weights``
-    injects): its active adapters, their scales (``set_adapters(names, weights)``), the adapters
-    merged into the base weights, and whether adapters are disabled. None of this is in the
-    state dict, yet it changes what the layer computes.
-
-    Args:
-        unet: any torch module.
-
     Returns:
-        ``[[module name, active, scales, merged, disabled], ...]`` in module order; empty without
-        adapters.
+        A context manager that holds the lock inside its ``with`` block.
     """
-    out: list[list[Any]] = []
-    for name, m in unet.named_modules():
-        scaling = getattr(m, "scaling", None)
-        if not isinstance(scaling, dict) or not hasattr(m, "active_adapters"):
-            continue
-        active = getattr(m, "active_adapters", [])
-        out.append([
-            name,
-            sorted(active) if isinstance(active, (list, tuple, set)) else [str(active)],
-            sorted((str(k), float(v)) for k, v in scaling.items()),
-            sorted(getattr(m, "merged_adapters", []) or []),
-            bool(getattr(m, "disable_adapters", False)),
-        ])
-    return out
-
-
-def unet_weights_sha256(unet: nn.Module) -> str:
-    """sha256 of the UNet's effective weights.
-
-    Covers the state dict (each tensor's name, dtype, shape and bytes, in name order; a fused
-    LoRA and unfused adapter tensors are in it) and :func:`adapter_state` (which adapters are
-    active, at which scales).
-
-    Args:
-        unet: any torch module.
-
-    Returns:
-        The hex digest.
-    """
-    h = hashlib.sha256()
-    state = unet.state_dict()
-    for name in sorted(state):
-        t = state[name].detach()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        # A byte view works for every dtype (bf16 included), unlike .numpy().
-        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    adapters = adapter_state(unet)
-    if adapters:  # so that a UNet without adapters keeps the digest it always had
-        h.update(json.dumps(adapters).encode())
-    return h.hexdigest()
-
-
-#: Elements sampled per tensor by :func:`weights_fingerprint`.
-FINGERPRINT_SAMPLES = 8
-
-
-def weights_fingerprint(unet: nn.Module) -> tuple[Any, ...]:
-    """A cheap value that changes when the UNet's weights change; compared on every call.
-
-    It covers each parameter and buffer's identity, address and autograd version counter (so
-    ``load_state_dict``, in-place updates and ``param.data = ...`` swaps show), plus
-    :data:`FINGERPRINT_SAMPLES` evenly spaced elements of each tensor (so in-place updates through
-    ``.data``, which bypass the version counter, show too, as PEFT's merge does), plus the adapter
-    layers' state (:func:`adapter_state`). A change that touches none of the sampled elements of
-    any tensor and bumps no counter is missed; :meth:`FasterDiffusionPipeline.refresh_weights`
-    covers that case.
-
-    Args:
-        unet: any torch module.
-
-    Returns:
-        A tuple to compare with ``==`` (not a digest: comparing is cheaper than hashing).
-    """
-    samples = []
-    meta: list[Any] = []
-    # One walk over the modules (parameters, buffers and adapter layers together): the walk and
-    # the per-tensor Python work are what cost here, not the tensors.
-    for mod_name, m in unet.named_modules():
-        for kind in (m._parameters, m._buffers):
-            for name, t in kind.items():
-                if t is None:
-                    continue
-                try:
-                    version = t._version
-                except RuntimeError:  # inference tensors keep no version counter
-                    version = -1
-                meta.append((mod_name, name, id(t), t.data_ptr(), version))
-                flat = t.detach().reshape(-1)
-                n = flat.numel()
-                if n:
-                    # A strided view: no copy until the one cat below.
-                    samples.append(flat[:: max(1, n // FINGERPRINT_SAMPLES)][:FINGERPRINT_SAMPLES].float())
-        scaling = getattr(m, "scaling", None)
-        if isinstance(scaling, dict) and hasattr(m, "active_adapters"):
-            meta.append((mod_name, str(m.active_adapters), str(sorted(scaling.items())),
-                         str(getattr(m, "merged_adapters", None)), bool(getattr(m, "disable_adapters", False))))
-    values = torch.cat(samples).cpu().numpy().tobytes() if samples else b""
-    return (tuple(meta), values)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
-def unet_config_dict(unet: nn.Module) -> dict[str, Any]:
-    """The UNet's config as plain JSON values, without diffusers' bookkeeping keys.
-
-    Keys starting with ``_`` (``_name_or_path``, ``_diffusers_version``, ...) say where the model
-    was loaded from, not what it computes, so they do not make graphs stale.
-
-    Args:
-        unet: a diffusers model with a ``config``.
-
-    Returns:
-        A dict that round-trips through JSON unchanged.
-    """
-    return {k: _jsonable(v) for k, v in dict(unet.config).items() if not str(k).startswith("_")}
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file, read in chunks.
-
-    Args:
-        path: the file.
-
-    Returns:
-        The hex digest.
-    """
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    return dir_lock(engine_dir, what, LOCK_FILE)
 
 
 def package_versions(names: Iterable[str] = RECORDED_PACKAGES) -> dict[str, str | None]:
@@ -333,8 +134,9 @@ class ControlNetRecord(GraphRecord):
     """One ControlNet graph in the manifest (a :class:`GraphRecord` plus what it was built from).
 
     Attributes:
-        controlnet_sha256: :func:`unet_weights_sha256` of the ControlNet (its weights and adapters).
-        controlnet_config: the ControlNet's config (:func:`unet_config_dict`).
+        controlnet_sha256: :func:`~fd_trt.graphs.weights.unet_weights_sha256` of the ControlNet (its
+            weights and adapters).
+        controlnet_config: the ControlNet's config (:func:`~fd_trt.graphs.weights.unet_config_dict`).
         num_down: its down residuals (the UNet's skip count).
         cond_shape: ``[3, H, W]`` of its control image.
         built_at: export time, seconds since the epoch.
@@ -398,8 +200,8 @@ class Manifest:
     Attributes:
         format_version: layout version of the manifest.
         model_source: where the model came from (a folder, ``default``, ...), for messages.
-        unet_sha256: see :func:`unet_weights_sha256`.
-        unet_config: see :func:`unet_config_dict`.
+        unet_sha256: see :func:`~fd_trt.graphs.weights.unet_weights_sha256`.
+        unet_config: see :func:`~fd_trt.graphs.weights.unet_config_dict`.
         latent_shape: ``[C, h, w]``.
         text_shape: ``[L, D]``.
         precision: ``fp32`` or ``fp16``.
@@ -519,28 +321,36 @@ def load_manifest(engine_dir: str | os.PathLike[str]) -> Manifest:
     return Manifest.from_json(path.read_text(), path)
 
 
-def _diff(expected: Manifest, found: Manifest, fields: Iterable[str]) -> list[str]:
-    differences = []
-    for name in fields:
-        want, have = getattr(expected, name), getattr(found, name)
-        if name == "versions":
-            for pkg in TOOLCHAIN_PACKAGES:
-                if _release_line(want.get(pkg)) != _release_line(have.get(pkg)):
-                    differences.append(f"versions.{pkg} (built with {have.get(pkg)}, running {want.get(pkg)})")
-        elif name == "unet_config" and want != have:
-            keys = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
-            shown = ", ".join(f"{k}: {have.get(k)!r} -> {want.get(k)!r}" for k in keys[:4])
-            differences.append(f"unet_config ({shown}{', ...' if len(keys) > 4 else ''})")
-        elif name == "unet_sha256" and want != have:
-            differences.append(f"unet_sha256 (the UNet weights changed: built {have[:12]}.., now {want[:12]}..)")
-        elif want != have:
-            differences.append(f"{name} (built {have!r}, wanted {want!r})")
-    return differences
+def _source_problems(kind: str, built_sha: str, built_config: Mapping[str, Any], sha: str,
+                     config: Mapping[str, Any]) -> list[str]:
+    """How the module at hand differs from the one a graph was exported from.
+
+    Args:
+        kind: ``unet`` (the manifest's ``unet_*`` fields) or ``controlnet`` (a
+            :class:`ControlNetRecord`'s ``controlnet_*`` fields).
+        built_sha, built_config: the recorded weights digest and config.
+        sha, config: the module's (:func:`~fd_trt.graphs.weights.unet_weights_sha256`,
+            :func:`~fd_trt.graphs.weights.unet_config_dict`).
+    """
+    label = "ControlNet" if kind == "controlnet" else "UNet"
+    problems = []
+    if sha != built_sha:
+        problems.append(f"{kind}_sha256 (the {label} weights changed: built {built_sha[:12]}.., now {sha[:12]}..)")
+    if dict(config) != dict(built_config):
+        keys = sorted(k for k in set(config) | set(built_config) if config.get(k) != built_config.get(k))
+        shown = ", ".join(f"{k}: {built_config.get(k)!r} -> {config.get(k)!r}" for k in keys[:4])
+        problems.append(f"{kind}_config ({shown}{', ...' if len(keys) > 4 else ''})")
+    return problems
 
 
+def _version_problems(built: Mapping[str, str | None], running: Mapping[str, str | None]) -> list[str]:
+    """The toolchain packages whose release line (major.minor) changed since the build."""
+    return [f"versions.{pkg} (built with {built.get(pkg)}, running {running.get(pkg)})"
+            for pkg in TOOLCHAIN_PACKAGES if _release_line(running.get(pkg)) != _release_line(built.get(pkg))]
+
+
+#: The manifest fields that make graphs stale besides the UNet's weights, config and the toolchain.
 _COMPARED_FIELDS = (
-    "unet_sha256",
-    "unet_config",
     "latent_shape",
     "text_shape",
     "precision",
@@ -548,8 +358,66 @@ _COMPARED_FIELDS = (
     "encoder_rows",
     "decoder_rows",
     "added_shapes",
-    "versions",
 )
+
+
+def stale_fields(expected: Manifest, found: Manifest) -> list[str]:
+    """Why graphs built as ``found`` records are not the ones ``expected`` describes (empty: they are).
+
+    Args:
+        expected: what graphs built now would record (:func:`expected_manifest`).
+        found: the engine directory's manifest.
+    """
+    problems = _source_problems("unet", found.unet_sha256, found.unet_config, expected.unet_sha256,
+                                expected.unet_config)
+    for name in _COMPARED_FIELDS:
+        want, have = getattr(expected, name), getattr(found, name)
+        if want != have:
+            problems.append(f"{name} (built {have!r}, wanted {want!r})")
+    return problems + _version_problems(found.versions, expected.versions)
+
+
+def _check_graph_record(folder: Path, role: str, rec: GraphRecord, full_hash: bool, fix: str) -> None:
+    """Refuses a graph file (and its ``.data`` file) that is missing or not the one ``rec`` recorded."""
+    files = [(rec.file, rec.bytes, rec.sha256)]
+    if rec.data_file:
+        files.append((rec.data_file, rec.data_bytes, rec.data_sha256))
+    for name, size, digest in files:
+        path = folder / name
+        if not path.is_file():
+            raise CorruptGraphError(f"the {role} graph file {path} is missing; {fix}")
+        actual = path.stat().st_size
+        if actual != size:
+            raise CorruptGraphError(
+                f"the {role} graph file {path} has {actual} bytes but the manifest recorded {size}: it is "
+                f"truncated or was replaced; {fix}"
+            )
+        if full_hash and file_sha256(path) != digest:
+            raise CorruptGraphError(f"the {role} graph file {path} does not match its sha256 in the manifest; {fix}")
+
+
+def _check_graphs(folder: Path, what: str, problems: list[str], records: Mapping[str, GraphRecord], *,
+                  full_hash: bool, fix: str, file_fix: str) -> None:
+    """Refuses graphs made from something else (``problems``), then missing or altered graph files.
+
+    The one check behind :func:`check_engine_dir` (the UNet's graphs) and
+    :func:`check_controlnet_graph` (one ControlNet's).
+
+    Args:
+        folder: the engine directory.
+        what: the model the graphs must come from, for the message (``""`` for the UNet).
+        problems: how they differ from it (weights, config, shapes, toolchain); empty when they do not.
+        records: the graph records to check the files of, by role.
+        full_hash: also compare sha256 digests (reads every byte).
+        fix: how to rebuild, for a mismatch; file_fix: the same for a bad file.
+
+    Raises:
+        EngineMismatchError: for ``problems``; CorruptGraphError: for a missing, truncated or altered file.
+    """
+    if problems:
+        raise EngineMismatchError(f"engine directory {folder} does not match{what}: {'; '.join(problems)}. {fix}")
+    for role, rec in records.items():
+        _check_graph_record(folder, role, rec, full_hash, file_fix)
 
 
 def check_graph_files(engine_dir: str | os.PathLike[str], full_hash: bool = False, manifest: Manifest | None = None) -> Manifest:
@@ -571,23 +439,8 @@ def check_graph_files(engine_dir: str | os.PathLike[str], full_hash: bool = Fals
     """
     folder = Path(engine_dir)
     manifest = manifest or load_manifest(folder)
-    for role, rec in manifest.graphs.items():
-        files = [(rec.file, rec.bytes, rec.sha256)]
-        if rec.data_file:
-            files.append((rec.data_file, rec.data_bytes, rec.data_sha256))
-        for name, size, digest in files:
-            path = folder / name
-            fix = f"delete it and rebuild: {rebuild_command(folder, manifest)}"
-            if not path.is_file():
-                raise CorruptGraphError(f"the {role} graph file {path} is missing; {fix}")
-            actual = path.stat().st_size
-            if actual != size:
-                raise CorruptGraphError(
-                    f"the {role} graph file {path} has {actual} bytes but the manifest recorded {size}: it is "
-                    f"truncated or was replaced; {fix}"
-                )
-            if full_hash and file_sha256(path) != digest:
-                raise CorruptGraphError(f"the {role} graph file {path} does not match its sha256 in the manifest; {fix}")
+    fix = f"delete it and rebuild: {rebuild_command(folder, manifest)}"
+    _check_graphs(folder, "", [], manifest.graphs, full_hash=full_hash, fix=fix, file_fix=fix)
     return manifest
 
 
@@ -668,7 +521,7 @@ def check_engine_dir(
         text_shape: ``(L, D)`` the caller will feed.
         precision: the precision the caller expects.
         full_hash: also hash the graph files (see :func:`check_graph_files`).
-        unet_sha256: the UNet's :func:`unet_weights_sha256`, when the caller already has it.
+        unet_sha256: the UNet's :func:`~fd_trt.graphs.weights.unet_weights_sha256`, when the caller already has it.
         added_shapes: the per-row shapes of the added conditioning the caller will feed (SDXL).
 
     Returns:
@@ -681,11 +534,8 @@ def check_engine_dir(
     found = load_manifest(folder)
     problems: list[str] = []
     if unet is not None:
-        if unet_config_dict(unet) != found.unet_config:
-            problems += _diff(_with(found, unet_config=unet_config_dict(unet)), found, ["unet_config"])
-        digest = unet_sha256 or unet_weights_sha256(unet)
-        if digest != found.unet_sha256:
-            problems += _diff(_with(found, unet_sha256=digest), found, ["unet_sha256"])
+        problems += _source_problems("unet", found.unet_sha256, found.unet_config,
+                                     unet_sha256 or unet_weights_sha256(unet), unet_config_dict(unet))
     if latent_size is not None and list(latent_size) != found.latent_shape[1:]:
         problems.append(f"latent_shape (built for {found.latent_shape[1:]}, asked for {list(latent_size)})")
     if text_shape is not None and list(text_shape) != found.text_shape:
@@ -696,16 +546,13 @@ def check_engine_dir(
         wanted = {k: [int(d) for d in v] for k, v in added_shapes.items()}
         if wanted != found.added_shapes:
             problems.append(f"added_shapes (built for {found.added_shapes}, asked for {wanted})")
-    problems += _diff(_with(found, versions=package_versions()), found, ["versions"])
-    if problems:
-        spec: dict[str, Any] = {"precision": precision}
-        if latent_size is not None:
-            spec.update(height=latent_size[0] * 8, width=latent_size[1] * 8)
-        raise EngineMismatchError(
-            f"engine directory {folder} does not match: {'; '.join(problems)}. Rebuild it with "
-            f"{rebuild_command(folder, found, **spec)}"
-        )
-    check_graph_files(folder, full_hash=full_hash, manifest=found)
+    problems += _version_problems(found.versions, package_versions())
+    spec: dict[str, Any] = {"precision": precision}
+    if latent_size is not None:
+        spec.update(height=latent_size[0] * 8, width=latent_size[1] * 8)
+    _check_graphs(folder, "", problems, found.graphs, full_hash=full_hash,
+                  fix=f"Rebuild it with {rebuild_command(folder, found, **spec)}",
+                  file_fix=f"delete it and rebuild: {rebuild_command(folder, found)}")
     return found
 
 
@@ -818,26 +665,8 @@ def _with(manifest: Manifest, **changes: Any) -> Manifest:
     return Manifest(**data)
 
 
-@dataclass
-class BuildResult:
-    """What :func:`build_engines` did.
-
-    Attributes:
-        engine_dir: the engine directory.
-        manifest: its manifest after the build.
-        built: ``False`` when everything was up to date and nothing was written.
-        reason: why it was (re)built, or ``"up to date"``.
-        seconds: wall seconds of this call.
-    """
-
-    engine_dir: Path
-    manifest: Manifest
-    built: bool
-    reason: str
-    seconds: float
-
-
-def _graph_record(folder: Path, name: str) -> GraphRecord:
+def graph_record(folder: Path, name: str) -> GraphRecord:
+    """The manifest record of a graph file in ``folder`` (its size and sha256, and its ``.data`` file's)."""
     path = folder / name
     data = folder / (name + ".data")
     rec = GraphRecord(file=name, sha256=file_sha256(path), bytes=path.stat().st_size)
@@ -846,176 +675,32 @@ def _graph_record(folder: Path, name: str) -> GraphRecord:
     return rec
 
 
-def build_engines(
-    unet: nn.Module,
-    engine_dir: str | os.PathLike[str],
-    *,
-    latent_size: tuple[int, int],
-    text_shape: tuple[int, int] | None = None,
-    precision: str = "fp32",
-    opset: int = DEFAULT_OPSET,
-    batch: int = 1,
-    max_segment_steps: int = 15,
-    model_source: str = "",
-    force: bool = False,
-    progress: bool = True,
-    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
-    unet_sha256: str | None = None,
-    added_shapes: Mapping[str, Sequence[int]] | None = None,
-    share_rows: bool | None = None,
-) -> BuildResult:
-    """Builds (or keeps) the ONNX graphs of an engine directory.
-
-    A second call with an unchanged model and settings reads the manifest and the files' hashes,
-    writes nothing and reports ``built=False``. Concurrent calls on one directory (processes,
-    Ray replicas warming one cache) are serialized by :func:`engine_dir_lock`: one exports, the
-    others wait, find the graphs up to date and report ``built=False``.
-
-    Args:
-        unet: the UNet to export.
-        engine_dir: the engine directory; created when missing.
-        latent_size: ``(h, w)`` of the latents.
-        text_shape: ``(L, D)``; ``(77, cross_attention_dim)`` when omitted.
-        precision: ``fp32`` (CPU) or ``fp16`` (TensorRT).
-        opset: ONNX opset, 17 or later.
-        batch: images per call (sets the row ranges).
-        max_segment_steps: the longest segment decoded in one call (sets the decoder row range).
-        model_source: where the model came from, recorded for messages and rebuild commands.
-        force: rebuild even when up to date.
-        progress: show progress bars.
-        external_data_threshold: see :func:`fd_trt.graphs.export.export_unet`.
-        unet_sha256: the weights digest, when the caller already computed it.
-        added_shapes: per-row shapes of SDXL's added conditioning (``{"text_embeds": (P,),
-            "time_ids": (K,)}``); the config's, with K = 6, when omitted.
-        share_rows: see :func:`fd_trt.graphs.export.export_unet` (``None``: decided from the UNet's
-            widths). It changes speed, not numbers, so it is not a manifest field: an engine
-            directory built with another setting stays up to date (``force=True`` rebuilds).
-
-    Returns:
-        A :class:`BuildResult`.
-    """
-    t0 = time.perf_counter()
-    folder = Path(engine_dir)
-    expected = expected_manifest(
-        unet,
-        latent_size=latent_size,
-        text_shape=text_shape,
-        precision=precision,
-        opset=opset,
-        batch=batch,
-        max_segment_steps=max_segment_steps,
-        model_source=model_source,
-        unet_sha256=unet_sha256,
-        added_shapes=added_shapes,
-    )
-    with engine_dir_lock(folder, "graph export"):
-        # Checked under the lock: another process may have built these graphs while we waited.
-        reason = "forced" if force else "no manifest"
-        found = _up_to_date(folder, expected) if not force else None
-        if isinstance(found, Manifest):
-            logger.info("%s is up to date (%s %s graphs); nothing to build", folder, found.precision, found.latent_shape)
-            return BuildResult(folder, found, False, "up to date", time.perf_counter() - t0)
-        reason = found or reason
-        logger.info("building %s (%s)", folder, reason)
-        result = _export_into(folder, unet, expected, latent_size=latent_size, opset=opset,
-                              external_data_threshold=external_data_threshold, progress=progress, t0=t0,
-                              share_rows=share_rows)
-    logger.info(
-        "built %s in %.1f s: encoder %.1f MB, decoder %.1f MB",
-        folder,
-        expected.build_seconds,
-        result.encoder.bytes / 1e6,
-        result.decoder.bytes / 1e6,
-    )
-    return BuildResult(folder, expected, True, reason, time.perf_counter() - t0)
-
-
-def _up_to_date(folder: Path, expected: Manifest) -> Manifest | str | None:
-    """The manifest when the folder's graphs match ``expected``; else why not (``None``: no manifest)."""
-    if not (folder / MANIFEST_FILE).is_file():
-        return None
-    try:
-        found = load_manifest(folder)
-        problems = _diff(expected, found, _COMPARED_FIELDS)
-        if problems:
-            return "stale: " + "; ".join(problems)
-        check_graph_files(folder, full_hash=True, manifest=found)
-        return found
-    except EngineMismatchError as exc:
-        return f"unusable: {exc}"
-
-
-def _export_into(
-    folder: Path,
-    unet: nn.Module,
-    expected: Manifest,
-    *,
-    latent_size: tuple[int, int],
-    opset: int,
-    external_data_threshold: int,
-    progress: bool,
-    t0: float,
-    keep_plans: bool = False,
-    share_rows: bool | None = None,
-) -> Any:
-    """Exports the graphs into ``folder`` and writes ``expected`` (with graph records) as its manifest.
-
-    The caller holds :func:`engine_dir_lock`. The manifest is removed first and written last, so
-    a build killed in between leaves no manifest, and nothing half-written is ever loaded (the
-    next build starts over). With ``keep_plans`` the plan files stay (a refit rewrites them
-    next); otherwise plans of the old graphs, which could never run again, are deleted.
-    """
-    manifest_path = folder / MANIFEST_FILE
-    manifest_path.unlink(missing_ok=True)
-    remove_graphs(folder)  # also removes temporaries that killed builds left
-    if not keep_plans:
-        for stale_plan in folder.glob(f"*{PLAN_SUFFIX}"):
-            stale_plan.unlink()
-    result = export_unet(
-        unet,
-        folder,
-        latent_size=latent_size,
-        text_shape=tuple(expected.text_shape),  # type: ignore[arg-type]
-        precision=expected.precision,
-        opset=opset,
-        example_rows=2,
-        external_data_threshold=external_data_threshold,
-        progress=progress,
-        added_shapes=dict(expected.added_shapes) or None,
-        share_rows=share_rows,
-    )
-    expected.graphs = {"encoder": _graph_record(folder, ENCODER_FILE), "decoder": _graph_record(folder, DECODER_FILE)}
-    expected.controlnets = {}  # remove_graphs deleted them: they are exported again on first use
-    expected.num_skips = result.num_skips
-    expected.built_at = time.time()
-    expected.build_seconds = time.perf_counter() - t0
-    if not keep_plans:
-        save_manifest(folder, expected)
-    return result
-
-
 def controlnet_key(controlnet_sha256: str) -> str:
     """The manifest key (and file-name part) of a ControlNet graph: 16 hex digits of its weights digest."""
     return controlnet_sha256[:16]
 
 
-def _controlnet_problem(folder: Path, manifest: Manifest, sha: str, config: dict[str, Any]) -> str | None:
-    """Why the directory's graph for this ControlNet cannot run (``None``: it can)."""
+def controlnet_graph(folder: Path, manifest: Manifest, sha: str, config: Mapping[str, Any]) -> ControlNetRecord:
+    """The manifest's graph record for the ControlNet of weights ``sha`` and ``config``, its file checked by size.
+
+    Raises:
+        EngineMismatchError: naming what differs and how to build the graph; CorruptGraphError:
+            for a missing or truncated graph file.
+    """
     rec = manifest.controlnets.get(controlnet_key(sha))
     if rec is None:
         others = sorted(r.controlnet_sha256[:12] + ".." for r in manifest.controlnets.values())
-        return (f"it holds no ControlNet graph for weights {sha[:12]}.. (ControlNet graphs for "
-                f"{', '.join(others) or 'no ControlNet'}; the ControlNet's weights changed or it was never exported here)")
-    if rec.controlnet_sha256 != sha:
-        return f"controlnet_sha256 (the ControlNet weights changed: built {rec.controlnet_sha256[:12]}.., now {sha[:12]}..)"
-    if rec.controlnet_config != config:
-        keys = sorted(k for k in set(config) | set(rec.controlnet_config) if config.get(k) != rec.controlnet_config.get(k))
-        shown = ", ".join(f"{k}: {rec.controlnet_config.get(k)!r} -> {config.get(k)!r}" for k in keys[:4])
-        return f"controlnet_config ({shown})"
-    path = folder / rec.file
-    if not path.is_file() or path.stat().st_size != rec.bytes:
-        return f"its ControlNet graph {path} is missing or truncated"
-    return None
+        problems = [f"it holds no ControlNet graph for weights {sha[:12]}.. (ControlNet graphs for "
+                    f"{', '.join(others) or 'no ControlNet'}; the ControlNet's weights changed or it was never "
+                    "exported here)"]
+    else:
+        problems = _source_problems("controlnet", rec.controlnet_sha256, rec.controlnet_config, sha, config)
+    how = (f"fd_trt.graphs.build.build_controlnet_graph(controlnet, {str(folder)!r}), or call the pipeline with "
+           "build_on_demand=True (the default)")
+    _check_graphs(folder, " the ControlNet", problems, {"ControlNet": rec} if rec is not None else {},
+                  full_hash=False, fix=f"Build its graph with {how}", file_fix=f"export it again with {how}")
+    assert rec is not None  # no record is a problem above
+    return rec
 
 
 def check_controlnet_graph(
@@ -1026,124 +711,40 @@ def check_controlnet_graph(
     Args:
         engine_dir: a built engine directory (its UNet graphs first).
         controlnet: the diffusers ``ControlNetModel``.
-        controlnet_sha256: its :func:`unet_weights_sha256`, when the caller already has it.
+        controlnet_sha256: its :func:`~fd_trt.graphs.weights.unet_weights_sha256`, when the caller has it.
 
     Raises:
         EngineMismatchError: naming what differs and how to build the graph.
     """
     folder = Path(engine_dir)
-    manifest = load_manifest(folder)
     sha = controlnet_sha256 or unet_weights_sha256(controlnet)
-    problem = _controlnet_problem(folder, manifest, sha, unet_config_dict(controlnet))
-    if problem is not None:
-        raise EngineMismatchError(
-            f"engine directory {folder} does not match the ControlNet: {problem}. Build its graph with "
-            f"fd_trt.graphs.engines.build_controlnet_graph(controlnet, {str(folder)!r}), or call the pipeline with "
-            "build_on_demand=True (the default)"
-        )
-    return manifest.controlnets[controlnet_key(sha)]
-
-
-def build_controlnet_graph(
-    controlnet: nn.Module,
-    engine_dir: str | os.PathLike[str],
-    *,
-    controlnet_sha256: str | None = None,
-    force: bool = False,
-    progress: bool = True,
-    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
-) -> ControlNetRecord:
-    """Exports a ControlNet's graph into a built engine directory, unless an up-to-date one is there.
-
-    The graph takes the directory's latent and text shapes, precision and opset, and its outputs
-    are checked against the UNet's features (:meth:`ControlNetContract.check_fits`). Under
-    :func:`engine_dir_lock`, like every writer.
-
-    Args:
-        controlnet: a diffusers ``ControlNetModel`` (SD 1.x/2.x).
-        engine_dir: an engine directory whose UNet graphs are built.
-        controlnet_sha256: its :func:`unet_weights_sha256`, when the caller already has it.
-        force: export even when up to date.
-        progress: show a progress bar.
-        external_data_threshold: see :func:`fd_trt.graphs.export.export_unet`.
-
-    Returns:
-        The graph's manifest record.
-
-    Raises:
-        UnsupportedModelError: for an SDXL ControlNet, or one whose residuals do not fit the UNet.
-        EngineMismatchError: when the directory has no manifest.
-    """
-    from fd_trt.graphs.contract import ControlNetContract
-
-    folder = Path(engine_dir)
-    sha = controlnet_sha256 or unet_weights_sha256(controlnet)
-    config = unet_config_dict(controlnet)
-    with engine_dir_lock(folder, "ControlNet graph export"):
-        manifest = load_manifest(folder)
-        key = controlnet_key(sha)
-        if not force and _controlnet_problem(folder, manifest, sha, config) is None:
-            return manifest.controlnets[key]
-        latent = (int(manifest.latent_shape[1]), int(manifest.latent_shape[2]))
-        text = (int(manifest.text_shape[0]), int(manifest.text_shape[1]))
-        contract = ControlNetContract.from_controlnet_config(controlnet.config, latent, text)
-        contract.check_fits(GraphContract.from_manifest(manifest), "the ControlNet")
-        t0 = time.perf_counter()
-        name = controlnet_file_name(sha)
-        export_controlnet(controlnet, folder / name, latent_size=latent, text_shape=text, precision=manifest.precision,
-                          opset=int(manifest.opset), external_data_threshold=external_data_threshold, progress=progress)
-        graph = _graph_record(folder, name)
-        rec = ControlNetRecord(**asdict(graph), controlnet_sha256=sha, controlnet_config=config,
-                               num_down=contract.num_down, cond_shape=[int(d) for d in contract.cond_tail],
-                               built_at=time.time())
-        manifest.controlnets[key] = rec
-        save_manifest(folder, manifest)
-    logger.info("exported the ControlNet graph %s (%.1f MB) in %.1f s", folder / name, rec.bytes / 1e6,
-                time.perf_counter() - t0)
-    return rec
-
-
-def verify_graphs_parse(engine_dir: str | os.PathLike[str]) -> None:
-    """Parses both graph files (without weights), to fail with a clear error before native code.
-
-    Args:
-        engine_dir: the engine directory.
-
-    Raises:
-        CorruptGraphError: for a truncated or corrupt file.
-    """
-    for name in (ENCODER_FILE, DECODER_FILE):
-        check_graph_file(Path(engine_dir) / name)
+    return controlnet_graph(folder, load_manifest(folder), sha, unet_config_dict(controlnet))
 
 
 __all__ = [
-    "BuildResult",
     "ControlNetRecord",
-    "build_controlnet_graph",
-    "check_controlnet_graph",
-    "controlnet_key",
     "FORMAT_VERSION",
     "GraphRecord",
+    "LOCK_FILE",
     "MANIFEST_FILE",
     "Manifest",
     "PLAN_SUFFIX",
     "PlanRecord",
-    "build_engines",
+    "RECORDED_PACKAGES",
+    "TOOLCHAIN_PACKAGES",
+    "check_controlnet_graph",
     "check_engine_dir",
-    "engine_dir_lock",
-    "LOCK_FILE",
     "check_graph_files",
     "check_plan",
-    "find_plan",
+    "controlnet_graph",
+    "controlnet_key",
+    "engine_dir_lock",
     "expected_manifest",
-    "file_sha256",
+    "find_plan",
+    "graph_record",
     "load_manifest",
     "package_versions",
     "rebuild_command",
     "save_manifest",
-    "unet_config_dict",
-    "unet_weights_sha256",
-    "verify_graphs_parse",
-    "weights_fingerprint",
-    "adapter_state",
+    "stale_fields",
 ]
