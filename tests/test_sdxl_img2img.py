@@ -137,6 +137,7 @@ def test_text2img_denoising_end_matches_diffusers():
     assert rel_l2(out.latents, ref) < 1e-5
 
 
+@pytest.mark.slow
 def test_refiner_onnxruntime_all_reproduces_diffusers(refiner, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     monkeypatch.setenv("FD_TRT_CACHE", str(tmp_path / "cache"))
@@ -177,6 +178,7 @@ def test_a_time_id_layout_that_contradicts_the_unet_is_refused():
         FasterDiffusionPipeline.from_diffusers(sd, backend="torch", progress=False)
 
 
+@pytest.mark.slow
 def test_from_pretrained_loads_a_refiner_folder_and_build_derives_its_time_ids(refiner, tmp_path):
     from fd_trt.cli import main
 
