@@ -166,6 +166,7 @@ def test_the_lock_is_reentrant_in_a_thread_and_excludes_other_threads(tmp_path):
     assert order == ["nested", "released", "other"]
 
 
+@pytest.mark.slow
 def test_a_corrupt_manifest_is_refused_then_rebuilt(tiny_sd, tmp_path):
     folder = tmp_path / "corrupt"
     build_engines(tiny_sd.unet, folder, latent_size=LATENT, text_shape=TEXT, progress=False)

@@ -66,7 +66,10 @@ def test_the_refiner_has_five_time_ids_and_no_first_encoder(refiner, fd_refiner)
     assert fd_refiner.aesthetic_time_ids() and fd_refiner.text_shape() == (16, 32)
 
 
-@pytest.mark.parametrize("scheduler, steps, strength", [("ddim", 50, 0.6), ("euler", 30, 0.3), ("dpmpp", 20, 0.5)])
+@pytest.mark.parametrize(
+    "scheduler, steps, strength",
+    [pytest.param("ddim", 50, 0.6, marks=pytest.mark.slow), ("euler", 30, 0.3), ("dpmpp", 20, 0.5)],
+)
 def test_refiner_schedule_all_reproduces_diffusers(refiner, fd_refiner, scheduler, steps, strength):
     original = refiner.scheduler
     refiner.scheduler = make_scheduler(scheduler, original.config)

@@ -369,6 +369,7 @@ def own_sd(monkeypatch, tmp_path):
     return tiny_sd_pipeline(seed=0)
 
 
+@pytest.mark.slow
 def test_a_weight_change_is_refit_into_the_plans_in_place(trt, own_sd, latents):
     from fd_trt.graphs.engines import file_sha256, unet_weights_sha256
 
