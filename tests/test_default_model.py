@@ -88,6 +88,7 @@ def test_default_model_loads_offline_and_generates():
     assert img.std() > 0.02  # not constant
 
 
+@pytest.mark.slow
 @needs_model
 def test_default_model_follows_its_prompts(evaluate_mod, checker):
     """A trained model, not just a finite one: the independent checker reads the asked colours and shapes."""
@@ -104,6 +105,7 @@ def test_default_model_follows_its_prompts(evaluate_mod, checker):
     assert acc["two"]["object_both"] >= 12 / 16, acc
 
 
+@pytest.mark.slow
 def test_checker_on_real_samples(evaluate_mod, checker):
     acc = evaluate_mod.real_accuracy(checker, n=400, seed=4242)
     assert acc["single"]["both"] >= 0.98, acc
@@ -117,6 +119,7 @@ def test_frechet_distance_basics(evaluate_mod):
     assert evaluate_mod.frechet_distance(a, a + 1.0) == pytest.approx(8.0, rel=1e-6)
 
 
+@pytest.mark.slow
 @needs_model
 def test_evaluate_end_to_end_four_prompts(evaluate_mod, checker, tmp_path):
     threads = torch.get_num_threads()

@@ -112,6 +112,7 @@ def test_gpu_check_timing_flow_on_cpu(monkeypatch, tiny_sd):
                           device="cpu") == []
 
 
+@pytest.mark.slow
 def test_gpu_check_names_a_missing_package_before_using_the_gpu(tmp_path):
     """On a lent GPU machine without onnxruntime (say), the script stops at once and says how to carry it."""
     shadow = tmp_path / "shadow" / "onnxruntime"  # not among the wheels gpu_wheels.sh fetches, which would win

@@ -147,6 +147,7 @@ def test_client_disconnect_cancels_its_queued_request():
     assert gate.calls == [1]  # the abandoned request never ran
 
 
+@pytest.mark.slow
 def test_sigterm_with_requests_in_flight_loses_none(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"

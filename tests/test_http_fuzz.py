@@ -28,6 +28,9 @@ from fd_trt.serving.runtime import Limits, ServingRuntime  # noqa: E402
 
 from test_serve_limits import healthz_latencies  # noqa: E402
 
+# 500 fuzzed requests against a live server: the default run leaves this out.
+pytestmark = pytest.mark.slow
+
 CASES = 500
 MAX_BODY = 64 * 1024
 

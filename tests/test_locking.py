@@ -77,6 +77,7 @@ def _assert_matches_torch_split(folder: Path, unet) -> None:
         assert rel_l2(out, want) < 1e-5
 
 
+@pytest.mark.slow
 def test_two_processes_building_one_directory_export_once(tiny_sd, tmp_path):
     folder = tmp_path / "shared"
     go = tmp_path / "go"
@@ -97,6 +98,7 @@ def test_two_processes_building_one_directory_export_once(tiny_sd, tmp_path):
     _assert_matches_torch_split(folder, tiny_sd.unet)
 
 
+@pytest.mark.slow
 def test_a_build_killed_mid_export_is_never_loaded_and_is_rebuilt(tiny_sd, tmp_path):
     folder = tmp_path / "killed"
     build_engines(tiny_sd.unet, folder, latent_size=LATENT, text_shape=TEXT, progress=False)
@@ -166,6 +168,7 @@ def test_the_lock_is_reentrant_in_a_thread_and_excludes_other_threads(tmp_path):
     assert order == ["nested", "released", "other"]
 
 
+@pytest.mark.slow
 def test_a_corrupt_manifest_is_refused_then_rebuilt(tiny_sd, tmp_path):
     folder = tmp_path / "corrupt"
     build_engines(tiny_sd.unet, folder, latent_size=LATENT, text_shape=TEXT, progress=False)
@@ -186,6 +189,7 @@ def test_a_corrupt_manifest_is_refused_then_rebuilt(tiny_sd, tmp_path):
     _assert_matches_torch_split(folder, tiny_sd.unet)
 
 
+@pytest.mark.slow
 def test_two_processes_building_plans_keep_both_records(tiny_sd, tmp_path):
     """build_plans reads, changes and rewrites the manifest under the lock: no lost update, one build per plan."""
     folder = tmp_path / "plans"

@@ -66,7 +66,10 @@ def test_the_refiner_has_five_time_ids_and_no_first_encoder(refiner, fd_refiner)
     assert fd_refiner.aesthetic_time_ids() and fd_refiner.text_shape() == (16, 32)
 
 
-@pytest.mark.parametrize("scheduler, steps, strength", [("ddim", 50, 0.6), ("euler", 30, 0.3), ("dpmpp", 20, 0.5)])
+@pytest.mark.parametrize(
+    "scheduler, steps, strength",
+    [pytest.param("ddim", 50, 0.6, marks=pytest.mark.slow), ("euler", 30, 0.3), ("dpmpp", 20, 0.5)],
+)
 def test_refiner_schedule_all_reproduces_diffusers(refiner, fd_refiner, scheduler, steps, strength):
     original = refiner.scheduler
     refiner.scheduler = make_scheduler(scheduler, original.config)
@@ -137,6 +140,7 @@ def test_text2img_denoising_end_matches_diffusers():
     assert rel_l2(out.latents, ref) < 1e-5
 
 
+@pytest.mark.slow
 def test_refiner_onnxruntime_all_reproduces_diffusers(refiner, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     monkeypatch.setenv("FD_TRT_CACHE", str(tmp_path / "cache"))
@@ -177,6 +181,7 @@ def test_a_time_id_layout_that_contradicts_the_unet_is_refused():
         FasterDiffusionPipeline.from_diffusers(sd, backend="torch", progress=False)
 
 
+@pytest.mark.slow
 def test_from_pretrained_loads_a_refiner_folder_and_build_derives_its_time_ids(refiner, tmp_path):
     from fd_trt.cli import main
 

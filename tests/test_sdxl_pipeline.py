@@ -145,6 +145,7 @@ def test_from_pretrained_refuses_an_unsupported_unet_before_loading_weights(tmp_
         FasterDiffusionPipeline.from_pretrained(folder, backend="torch", progress=False)
 
 
+@pytest.mark.slow
 def test_onnxruntime_all_reproduces_diffusers_sdxl(tiny_xl, xl_scheduler, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     monkeypatch.setenv("FD_TRT_CACHE", str(tmp_path / "cache"))

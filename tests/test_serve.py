@@ -86,6 +86,7 @@ def wait_for(cond: Any, timeout: float = 30.0) -> None:
         time.sleep(0.005)
 
 
+@pytest.mark.slow
 def test_32_concurrent_requests_equal_their_solo_runs(reference):
     # Mixed settings: the runtime must group compatible requests and keep the others apart.
     reqs = []

@@ -131,6 +131,7 @@ def test_torch_sizes_restrict_requests_at_submit(rt):
         ServingRuntime(load(), warmup=False, start=False, sizes="60x64")
 
 
+@pytest.mark.slow
 def test_graph_backend_prepares_sizes_at_start_and_never_builds_in_the_worker(tiny_sd, tmp_path, monkeypatch):
     monkeypatch.setenv("FD_TRT_CACHE", str(tmp_path / "cache"))
     pipe = FasterDiffusionPipeline.from_diffusers(tiny_sd, backend="onnxruntime", device="cpu", progress=False,

@@ -20,6 +20,9 @@ from fd_trt.pipelines.pipeline import FasterDiffusionPipeline  # noqa: E402
 
 from test_http import free_port  # noqa: E402
 
+# Starting Ray and two replicas takes about a minute: the default run leaves these out.
+pytestmark = pytest.mark.slow
+
 STEPS = 10
 
 

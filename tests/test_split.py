@@ -164,7 +164,9 @@ def test_sdxl_torch_runner_tiles_added_conditioning_step_major(share_rows):
         ref_feats = runner.split.run_encoder(x, torch.full((2,), 700.0), text, added)
         for j in range(3):
             want = runner.split.run_decoder(ref_feats, steps[j].expand(2), text, added)
-            assert rel_l2(out[2 * j : 2 * j + 2], want) < 1e-6
+            # float32 sums in another order (one call of 6 rows against three of 2): a bound that holds on
+            # every instruction set, as the other split tests use.
+            assert rel_l2(out[2 * j : 2 * j + 2], want) < 1e-5
 
 
 def _rows_seen_by_text_projections(split):
@@ -208,7 +210,9 @@ def test_decoder_projects_the_text_once_per_distinct_row(model):
         assert seen and set(seen) == {2}, seen  # 2 distinct rows, not 4 steps x 2
         for j in range(4):
             want = runner.split.run_decoder(feats, steps[j].expand(2), text, added)
-            assert rel_l2(out[2 * j : 2 * j + 2], want) < 1e-6
+            # float32 sums in another order (text projected once for 4 steps, GEMMs of other shapes):
+            # 1e-5 holds on every instruction set; 1e-6 failed on an AVX2-only CPU (1.016e-6).
+            assert rel_l2(out[2 * j : 2 * j + 2], want) < 1e-5
         # Outside a decoder call the hooks change nothing: the UNet's other users see every row.
         seen, handles = _rows_seen_by_text_projections(runner.split)
         try:

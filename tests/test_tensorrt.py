@@ -182,6 +182,43 @@ def test_importing_the_backend_needs_no_tensorrt():
     assert res.returncode == 0 and res.stdout.strip() == "False", res.stderr
 
 
+#: The import names of the ``gpu`` extra's packages (tensorrt, cuda-python); onnxruntime-gpu
+#: installs as ``onnxruntime``, which the CPU install has too.
+GPU_ONLY_MODULES = ("tensorrt", "tensorrt_bindings", "tensorrt_libs", "cuda", "cudart")
+
+
+def test_every_module_imports_on_a_cpu_machine_without_the_gpu_extra():
+    # None in sys.modules makes `import tensorrt` (or cuda) raise ImportError, as on a bare CPU machine.
+    code = (
+        "import importlib, pkgutil, sys\n"
+        f"for name in {GPU_ONLY_MODULES!r}:\n"
+        "    sys.modules[name] = None\n"
+        "import fd_trt\n"
+        "errors = []\n"
+        "names = [m.name for m in pkgutil.walk_packages(fd_trt.__path__, 'fd_trt.', onerror=errors.append)]\n"
+        "for name in names:\n"
+        "    if name.rsplit('.', 1)[-1] != '__main__':  # python -m entry points run their command\n"
+        "        importlib.import_module(name)\n"
+        "assert not errors, errors\n"
+        "print(len(names))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    # Every subpackage was walked, not just the top level.
+    assert int(res.stdout.split()[-1]) >= 30, res.stdout
+
+
+def test_import_fd_trt_alone_loads_no_torch_diffusers_or_onnx():
+    code = (
+        "import sys, fd_trt\n"
+        "heavy = ('torch', 'diffusers', 'transformers', 'onnx', 'onnxruntime') + "
+        f"{GPU_ONLY_MODULES!r}\n"
+        "print([m for m in heavy if m in sys.modules])\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr
+
+
 def test_missing_tensorrt_gives_an_install_hint(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes `import tensorrt` raise ImportError
     for call in (require_tensorrt, lambda: TrtRunner(tmp_path), lambda: build_plans(tmp_path),

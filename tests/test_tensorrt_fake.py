@@ -370,6 +370,7 @@ def own_sd(monkeypatch, tmp_path):
     return tiny_sd_pipeline(seed=0)
 
 
+@pytest.mark.slow
 def test_a_weight_change_is_refit_into_the_plans_in_place(trt, own_sd, latents):
     from fd_trt.graphs.weights import unet_weights_sha256
     from fd_trt.utils.files import file_sha256
@@ -413,6 +414,7 @@ def test_a_weight_change_is_refit_into_the_plans_in_place(trt, own_sd, latents):
     pipe.close()
 
 
+@pytest.mark.slow
 def test_plans_that_are_not_refittable_are_rebuilt_for_new_weights(trt, own_sd, latents):
     common = dict(num_inference_steps=6, latents=latents, output_type="latent", schedule="paper")
     pipe = FasterDiffusionPipeline.from_diffusers(own_sd, backend="tensorrt", device="cpu", precision="fp32",
@@ -489,6 +491,7 @@ def test_a_refused_refit_leaves_no_stale_plan(trt, graphs, tmp_path, monkeypatch
         assert rel_l2(out, ort.decode(ort.encode(sample, t, text), torch.tensor([400.0]), text)) < 1e-5
 
 
+@pytest.mark.slow
 def test_a_fused_lora_is_refit_into_the_plans(trt, own_sd, latents):
     """diffusers + peft: a LoRA fused into the UNet (fuse_lora, unload_lora_weights) is refit, not rebuilt."""
     from peft import LoraConfig
@@ -554,7 +557,7 @@ def test_cli_build_makes_plans_and_generate_runs_them(trt, tmp_path, capsys):
     assert (tmp_path / "x.png").is_file()
 
 
-@pytest.mark.parametrize("name", ["sdxl_base_like", "sdxl_refiner_like"])
+@pytest.mark.parametrize("name", [pytest.param("sdxl_base_like", marks=pytest.mark.slow), "sdxl_refiner_like"])
 def test_sdxl_plans_profile_the_added_conditioning_and_match_onnxruntime(trt, tmp_path, name):
     """SDXL-shaped graphs: the profiles cover text_embeds and time_ids, and every call shape matches ORT."""
     from tiny_sdxl import SDXL_CONFIGS, added_conditioning, tiny_sdxl_unet
@@ -593,6 +596,7 @@ def test_sdxl_plans_profile_the_added_conditioning_and_match_onnxruntime(trt, tm
             runner.encode(sample, t, text, {"text_embeds": added["text_embeds"]})
 
 
+@pytest.mark.slow
 def test_sdxl_plans_refit_new_added_embedding_weights(trt, tmp_path):
     """A LoRA-like change to SDXL's add_embedding reaches both plans (matched by initializer name)."""
     from fd_trt.backends.torch import TorchRunner
@@ -667,6 +671,7 @@ def test_a_missing_controlnet_plan_is_refused_without_build(trt, graphs, tiny_sd
             runner.controlnet(rec)
 
 
+@pytest.mark.slow
 def test_pipeline_with_controlnet_on_tensorrt_reproduces_diffusers(trt, graphs, tiny_sd, tmp_path):
     import shutil
 

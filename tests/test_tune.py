@@ -171,6 +171,7 @@ def test_measure_stops_after_a_round_that_took_the_budget(budget, rounds):
     assert sorted(costs.decoder_s) == [1, 2] and costs.encoder_s >= 0
 
 
+@pytest.mark.slow
 def test_auto_is_the_default_and_matches_the_torch_backend(tiny_sd, latents):
     auto = FasterDiffusionPipeline.from_diffusers(tiny_sd, device="cpu", progress=False)
     assert auto.backend == "auto"
@@ -199,6 +200,7 @@ def test_calls_outside_the_sampler_use_a_decision_for_single_steps(tmp_path):
     assert auto.decision.key["num_steps"] == 1 and sorted(calls) == ["onnxruntime", "torch"]
 
 
+@pytest.mark.slow
 def test_build_tune_measures_ahead_of_time_and_generate_reuses_it(tiny_sd, tmp_path, monkeypatch, capsys):
     from fd_trt.cli import main
 

@@ -54,6 +54,7 @@ def _lora_dir(sd, tmp_path, seed: int = 3):
     return folder
 
 
+@pytest.mark.slow
 def test_onnxruntime_rebuilds_graphs_after_an_in_place_weight_change(tmp_path, monkeypatch):
     monkeypatch.setenv("FD_TRT_CACHE", str(tmp_path / "cache"))
     sd = tiny_sd_pipeline(seed=0)
@@ -69,6 +70,7 @@ def test_onnxruntime_rebuilds_graphs_after_an_in_place_weight_change(tmp_path, m
     pipe.close()
 
 
+@pytest.mark.slow
 def test_lora_adapters_scales_and_fusing_match_torch_on_onnxruntime(tmp_path, monkeypatch):
     pytest.importorskip("peft")
     monkeypatch.setenv("FD_TRT_CACHE", str(tmp_path / "cache"))
@@ -101,6 +103,7 @@ def test_lora_adapters_scales_and_fusing_match_torch_on_onnxruntime(tmp_path, mo
     assert rel_l2(results["fused a"], results["a"]) < 1e-4
 
 
+@pytest.mark.slow
 def test_engine_directory_is_refused_after_a_weight_change(tmp_path):
     sd = tiny_sd_pipeline(seed=0)
     text_shape = FasterDiffusionPipeline.from_diffusers(sd, backend="torch", progress=False).text_shape()
@@ -164,6 +167,7 @@ def test_from_diffusers_never_moves_the_callers_pipeline():
     assert next(sd.unet.parameters()).device.type == "cpu"
 
 
+@pytest.mark.slow
 def test_runner_cache_is_bounded_and_prepare_readies_sizes(tmp_path, monkeypatch):
     monkeypatch.setenv("FD_TRT_CACHE", str(tmp_path / "cache"))
     sd = tiny_sd_pipeline(seed=0)

@@ -112,7 +112,7 @@ _HOOK_LOCK = threading.Lock()
 #: when every UNet block is at least this wide: on narrow convolutions the split's slices, adds
 #: and (ONNX Runtime) layout reorders cost more than the skip half they save. Measured on a 2-core
 #: AMD EPYC, unshared / shared time of calls of 2 rows x 5-10 steps (README, "Design choices and
-#: measurements"; ``scripts/row_sharing_widths.py``), UNets of SD1.5's layout at 32x32 latents:
+#: measurements"; ``scripts/experiments/row_sharing_widths.py``), UNets of SD1.5's layout at 32x32 latents:
 #: ONNX Runtime 128-256 channels 1.09-1.10, 96-384 1.03-1.11, 64-256 0.995-1.09 (two runs), the
 #: default model (32-128) 0.96-1.01; torch 128-256 1.07-1.14, 96-384 1.04-1.17, 64-256 1.01-1.04,
 #: the default model at 16x16 0.92-0.96 (its whole run 5% slower shared). One-step calls are slower shared:

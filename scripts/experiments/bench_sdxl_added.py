@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """SDXL's added conditioning in the decoder graph: raw inputs against one precomputed embedding.
 
-    python scripts/bench_sdxl_added.py [--rows 20] [--repeats 20] [--hw 32]
+    python scripts/experiments/bench_sdxl_added.py [--rows 20] [--repeats 20] [--hw 32]
 
 The decoder's time embedding includes SDXL's added embedding (``add_embedding`` of the pooled
 text and ``add_time_proj(time_ids)``), so the decoder graph needs it per row. Two ways:

@@ -7,7 +7,7 @@ With E and D the FLOPs of one row of the encoder and the decoder, ``all`` costs 
 schedule with K key steps K E + T D per row, so its cut is (T - K) / T x E / (E + D).
 
 Example (the README's figures):
-    python scripts/unet_flops.py --models sd15-arch,sdxl-arch --sizes 256,512,1024 --json flops.json
+    python scripts/experiments/unet_flops.py --models sd15-arch,sdxl-arch --sizes 256,512,1024 --json flops.json
 """
 
 from __future__ import annotations

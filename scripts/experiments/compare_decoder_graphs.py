@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Times two decoder graphs of one UNet side by side on ONNX Runtime (CPU), per decoder call size.
 
-    python scripts/compare_decoder_graphs.py ENGINE_DIR_A ENGINE_DIR_B --steps 1,2,5,10 --repeat 30
+    python scripts/experiments/compare_decoder_graphs.py ENGINE_DIR_A ENGINE_DIR_B --steps 1,2,5,10 --repeat 30
 
 Each directory's ``decoder.onnx`` is fed as its manifest's ``format_version`` says: format 1 took
 the key step's features and text tiled to S*N rows, format 2 takes them at N rows with S*N

@@ -14,8 +14,8 @@ UNet (the diffusers reference) stays fp32. ``decoder_only_bound`` is diffusers' 
 batched decoder steps alone: no schedule of encoder propagation can beat it, since the decoder
 runs at every step.
 
-    python scripts/bench_torch_calls.py --model sdxl-arch --height 256 --width 256 --threads 2 --repeat 2
-    python scripts/bench_torch_calls.py --model sd15-arch --precision bf16 --segment 15
+    python scripts/experiments/bench_torch_calls.py --model sdxl-arch --height 256 --width 256 --threads 2 --repeat 2
+    python scripts/experiments/bench_torch_calls.py --model sd15-arch --precision bf16 --segment 15
 """
 
 from __future__ import annotations

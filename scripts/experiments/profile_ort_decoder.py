@@ -13,7 +13,8 @@ then profiles the decoder with ONNX Runtime's own profiler at 2 and 2S rows and 
 times by operator type, per step, so that per-call costs (ReorderInput / ReorderOutput of the
 NCHWc layout, small MatMuls, Softmax...) show against the convolutions.
 
-    python scripts/profile_ort_decoder.py --model default --threads 2 --steps 1,2,5,10,15 --json ort_profile.json
+    python scripts/experiments/profile_ort_decoder.py --model default --threads 2 --steps 1,2,5,10,15 \
+        --json ort_profile.json
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Shared against unshared decoder graphs for a UNet of given widths (the row-sharing rule's data).
 
-    python scripts/row_sharing_widths.py --channels 128,256,256,256 --latent 32 --repeat 10
-    python scripts/row_sharing_widths.py --channels default --latent 16 --backend torch --repeat 30
+    python scripts/experiments/row_sharing_widths.py --channels 128,256,256,256 --latent 32 --repeat 10
+    python scripts/experiments/row_sharing_widths.py --channels default --latent 16 --backend torch --repeat 30
 
 ONNX Runtime (default): builds the engine-format-2 graphs of one UNet twice, with
 ``share_rows=True`` and ``share_rows=False`` (``fd_trt.graphs.build.build_engines``), and times the two
-decoders side by side with ``scripts/compare_decoder_graphs.py`` (A = unshared, B = shared: A/B
+decoders side by side with ``scripts/experiments/compare_decoder_graphs.py`` (A = unshared, B = shared: A/B
 above 1 means sharing pays). ``--backend torch``: the same comparison with two torch runners
 (``TorchRunner(share_rows=False)`` against ``share_rows=True``), decoding the features of one
 encoder call of 2 random rows, alternating, median of ``--repeat``.

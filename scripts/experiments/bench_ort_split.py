@@ -8,7 +8,8 @@ cache, built on first use), then times, with the same session options (CPU provi
 * encoder at 2 rows + decoder at 2 rows (one `all` step on the split graphs);
 * the decoder at 2, 10 and 30 rows, reported per step.
 
-    python scripts/bench_ort_split.py --model sd15-arch --height 256 --width 256 --threads 2 --json split.json
+    python scripts/experiments/bench_ort_split.py --model sd15-arch --height 256 --width 256 --threads 2 \
+        --json split.json
 """
 
 from __future__ import annotations
