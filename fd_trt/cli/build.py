@@ -76,13 +76,12 @@ def run(args: argparse.Namespace) -> int:
     precision = args.precision or ("fp16" if args.backend == "tensorrt" else "fp32")
     name = Path(str(args.model).rstrip("/")).name or "model"
     out = Path(args.out) if args.out else Path("engines") / f"{name}-{height}x{width}-{precision}"
-    from fd_trt.families.sdxl import is_sdxl, sdxl_added_shapes, sdxl_text_shape
+    from fd_trt.families.base import family_for_pipeline
 
-    added_shapes = None
-    if is_sdxl(sd):  # the pooled width and time-id count (6 base, 5 refiner) come from the model
-        text_shape, added_shapes = sdxl_text_shape(sd), sdxl_added_shapes(sd)
-    else:
-        text_shape = (int(sd.tokenizer.model_max_length), int(sd.unet.config.cross_attention_dim))
+    # The model family states the graphs' text and added-conditioning shapes (SDXL: the pooled
+    # width and time-id count, 6 base, 5 refiner, come from the model).
+    family = family_for_pipeline(sd)
+    text_shape, added_shapes = family.text_shape(sd), family.added_shapes(sd)
     print(f"model: {source} (loaded in {time.perf_counter() - t0:.1f} s)")
     res = build_engines(
         sd.unet,

@@ -270,7 +270,11 @@ def check_controlnet_fits(net: Any, unet_config: Any) -> None:
 
 
 def load_diffusers_pipeline(source: str | os.PathLike[str]) -> tuple[Any, str]:
-    """Loads a Stable Diffusion pipeline from a local folder, or the built-in default.
+    """Loads a diffusers pipeline from a local folder, or the built-in default.
+
+    The folder's model family (:func:`fd_trt.families.base.family_for_config`) is read from its
+    ``unet/config.json`` and checks it before any weights load; the family loads the pipeline
+    (:meth:`~fd_trt.families.base.ModelFamily.load_pipeline`).
 
     Args:
         source: ``"default"`` or the path of a local diffusers folder (``model_index.json``,
@@ -281,6 +285,8 @@ def load_diffusers_pipeline(source: str | os.PathLike[str]) -> tuple[Any, str]:
 
     Raises:
         InputError: when the folder does not exist or is not a diffusers pipeline folder.
+        UnsupportedModelError: when no registered family recognises its UNet, or its family
+            refuses it.
     """
     if str(source) == "default":
         shipped = default_model_dir()
@@ -295,44 +301,27 @@ def load_diffusers_pipeline(source: str | os.PathLike[str]) -> tuple[Any, str]:
         )
     if not (path / "model_index.json").is_file():
         raise InputError(f"{path} has no model_index.json: it is not a diffusers pipeline folder")
+    from fd_trt.families.base import family_for_config
+
     unet_config = read_unet_config(path)
-    from fd_trt.families.models import unet_input_kind
-
-    unet_input_kind(unet_config)  # an unsupported channel layout, also before any weight loads
-    if unet_config.get("addition_embed_type") == "text_time":
-        import json
-
-        from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
-
-        # The refiner's folder names the img2img class (no first text encoder, aesthetic score).
-        index = json.loads((path / "model_index.json").read_text())
-        img2img = "Img2Img" in str(index.get("_class_name", "")) or "requires_aesthetics_score" in index
-        cls = StableDiffusionXLImg2ImgPipeline if img2img else StableDiffusionXLPipeline
-        # No invisible-watermark: fd_trt's images match diffusers' without one, and the package
-        # is not a dependency.
-        pipe = cls.from_pretrained(
-            path, local_files_only=True, use_safetensors=True, add_watermarker=False
-        )
-    else:
-        from diffusers import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline.from_pretrained(
-            path, local_files_only=True, use_safetensors=True, safety_checker=None, requires_safety_checker=False
-        )
+    # The family and what it refuses come from the config, before any weight loads.
+    family = family_for_config(unet_config)
+    family.check_config(unet_config)
+    pipe = family.load_pipeline(path, unet_config)
     pipe.set_progress_bar_config(disable=True)
     return pipe, str(path)
 
 
 def read_unet_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """A diffusers folder's UNet configuration (``unet/config.json``), checked before any weights load.
+    """A diffusers folder's UNet configuration (``unet/config.json``), read without loading weights.
+
+    Its model family (:func:`fd_trt.families.base.family_for_config`) tells what it supports
+    (:meth:`~fd_trt.families.base.ModelFamily.check_config`).
 
     Raises:
         InputError: when the folder has no readable UNet configuration.
-        UnsupportedModelError: when the UNet uses an option fd_trt's split does not carry.
     """
     import json
-
-    from fd_trt.graphs.split import check_supported_config
 
     config_path = Path(folder) / "unet" / "config.json"
     try:
@@ -341,7 +330,6 @@ def read_unet_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
         raise InputError(f"cannot read the UNet configuration {config_path}: {exc}") from exc
     if not isinstance(config, dict):
         raise InputError(f"{config_path} is not a JSON object")
-    check_supported_config(config)
     return config
 
 

@@ -1,9 +1,14 @@
 """FasterDiffusionPipeline: text encoding, latents, the sampler, VAE decode, images.
 
-It wraps a diffusers ``StableDiffusionPipeline`` for the text encoder, tokenizer, VAE and image
-post-processing, and replaces the UNet loop with :func:`fd_trt.core.sampler.run_sampler` on a backend
-runner. ``__call__`` takes the arguments of diffusers' ``StableDiffusionPipeline`` plus
-``schedule``, ``noise_injection``, ``parallel`` and ``max_decoder_rows``.
+It wraps a diffusers pipeline for the text encoder, tokenizer, VAE and image post-processing, and
+replaces the UNet loop with :func:`fd_trt.core.sampler.run_sampler` on a backend runner.
+``__call__`` takes the arguments of diffusers' ``StableDiffusionPipeline`` plus ``schedule``,
+``noise_injection``, ``parallel`` and ``max_decoder_rows``.
+
+What differs between model families (how a model is recognised and refused, its text and added
+conditioning shapes, how its prompts are encoded, whether it runs a ControlNet) is asked of the
+wrapped model's family (:mod:`fd_trt.families`); which class serves a family is
+:mod:`fd_trt.pipelines.registry`'s table. This module imports no family's pipeline class.
 """
 
 from __future__ import annotations
@@ -39,11 +44,12 @@ from fd_trt.pipelines.conditioning import (
     repeat_to_batch,
     with_key_steps,
 )
-from fd_trt.families.models import unet_input_kind
+from fd_trt.families.base import ModelFamily, PromptEmbeddings, family_for_pipeline, registered_families
 from fd_trt.families.models import check_controlnet_fits, load_controlnet, load_diffusers_pipeline, make_scheduler
 from fd_trt.core.sampler import SamplerStats, run_sampler
 from fd_trt.core.schedule import KeySchedule, NoiseInjection, ScheduleSpec, parse_schedule
 from fd_trt.graphs.split import split_unet
+from fd_trt.pipelines.registry import pipeline_class_for
 
 logger = logging.getLogger(__name__)
 
@@ -98,24 +104,6 @@ class FasterDiffusionOutput:
     images: Any
     stats: PipelineStats
     latents: torch.Tensor | None = None
-
-
-@dataclass
-class PromptEmbeddings:
-    """The conditioning of every sampler row, negative rows first with CFG.
-
-    Attributes:
-        text: ``[R,L,D]`` prompt embeddings (the UNet's ``encoder_hidden_states``).
-        added: the UNet's added conditioning per row, or ``None``. SDXL:
-            ``{"text_embeds": [R,D], "time_ids": [R,6]}`` (5 time ids for the refiner).
-    """
-
-    text: torch.Tensor
-    added: dict[str, torch.Tensor] | None = None
-
-    @property
-    def rows(self) -> int:
-        return int(self.text.shape[0])
 
 
 
@@ -201,8 +189,13 @@ def _pipeline_device(sd: Any) -> torch.device:
 class FasterDiffusionPipeline:
     """Stable Diffusion with Faster Diffusion's encoder propagation on a chosen backend.
 
+    It serves Stable Diffusion 1.x/2.x and every registered model family (:mod:`fd_trt.families`)
+    without a pipeline class of its own (:mod:`fd_trt.pipelines.registry`): the wrapped model's
+    family (:attr:`family`) checks it and encodes its prompts.
+
     Args:
-        sd_pipeline: a diffusers ``StableDiffusionPipeline`` (its components are used, not copied).
+        sd_pipeline: a diffusers ``StableDiffusionPipeline``, or the diffusers pipeline of another
+            registered family (its components are used, not copied).
         backend: ``"auto"`` (default: measure the available backends and keep the fastest, see
             :mod:`fd_trt.backends.auto`), ``"torch"``, ``"onnxruntime"``, ``"tensorrt"``, or a ready
             :class:`~fd_trt.core.runner.Runner`.
@@ -228,9 +221,10 @@ class FasterDiffusionPipeline:
             (with ``build_on_demand``) and re-exported when the ControlNet's weights change.
     """
 
-    #: Whether ``controlnet=`` is supported (SD 1.x/2.x); SDXL's subclass says no.
-    supports_controlnet: bool = True
-
+    @property
+    def supports_controlnet(self) -> bool:
+        """Whether ``controlnet=`` is supported: the model family's say (SD 1.x/2.x: yes)."""
+        return self.family.supports_controlnet
 
     def __init__(
         self,
@@ -248,8 +242,10 @@ class FasterDiffusionPipeline:
         controlnet: Any = None,
     ) -> None:
         self.sd = sd_pipeline
+        #: The model family of the wrapped pipeline (:func:`fd_trt.families.base.family_for_pipeline`).
+        self.family: ModelFamily = family_for_pipeline(sd_pipeline)
         #: ``"text2img"`` or ``"inpaint"`` (a UNet with mask and masked-image input channels).
-        self.unet_kind = unet_input_kind(sd_pipeline.unet.config)
+        self.unet_kind = self.family.unet_kind(sd_pipeline.unet.config)
         self.source = source
         if isinstance(max_cached_runners, bool) or not isinstance(max_cached_runners, int) or max_cached_runners < 1:
             raise InputError(f"max_cached_runners must be a positive integer, got {max_cached_runners!r}")
@@ -270,14 +266,15 @@ class FasterDiffusionPipeline:
                     f"the diffusers pipeline is on {here} but device={str(device)!r} was asked for: move it first "
                     f"(sd_pipeline.to({str(device)!r})) or leave device unset; fd_trt does not move a pipeline it wraps"
                 )
-        self._check_model()
-        split_unet(self.sd.unet)  # fail early on an unsupported UNet
+        self._check_model()  # also splits the UNet: an unsupported one fails now
         #: The ControlNet(s) run at key steps, or ``None``.
         self.controlnet: Any = load_controlnet(controlnet) if controlnet is not None else getattr(sd_pipeline, "controlnet", None)
         if self.controlnet is not None:
             if not self.supports_controlnet:
+                able = ", ".join(f.name for f in registered_families() if f.supports_controlnet) or "none so far"
                 raise UnsupportedModelError(
-                    f"{type(self).__name__} does not run a ControlNet yet: drop controlnet=, or use an SD 1.x/2.x model"
+                    f"{type(self).__name__} does not run a ControlNet yet with a {self.family.name!r} model: drop "
+                    f"controlnet=, or use a model of a family that does ({able})"
                 )
             if self.unet_kind != "text2img":
                 raise UnsupportedModelError(
@@ -331,25 +328,24 @@ class FasterDiffusionPipeline:
         self._flops = _FlopCounter()
 
     def _check_model(self) -> None:
-        """Refuses a diffusers pipeline this class would condition wrongly: SDXL has its own class."""
-        from fd_trt.families.sdxl import is_sdxl
-
-        if is_sdxl(self.sd):
+        """Refuses a diffusers pipeline this class would condition wrongly: one whose family has a
+        class of its own that this is not (SDXL: ``FasterDiffusionXLPipeline``), or one its family
+        refuses (:meth:`~fd_trt.families.base.ModelFamily.check_pipeline`)."""
+        served = pipeline_class_for(self.family.name)
+        if served is not None and not isinstance(self, served):
             raise InputError(
-                f"{type(self.sd).__name__} has an SDXL UNet (addition_embed_type='text_time'): wrap it with "
-                "FasterDiffusionPipeline.from_diffusers(pipe) or FasterDiffusionXLPipeline(pipe), which pass its "
-                "pooled text embeddings and time ids"
+                f"{type(self.sd).__name__} is a {self.family.name!r} model ({self.family.description}): wrap it with "
+                f"FasterDiffusionPipeline.from_diffusers(pipe) or {served.__name__}(pipe), which serves that family"
             )
+        self.family.check_pipeline(self.sd)
 
     @classmethod
     def _class_for(cls, sd_pipeline: Any) -> type["FasterDiffusionPipeline"]:
-        """The class that serves a diffusers pipeline: SDXL's subclass for an SDXL model when called
-        on the base class, else ``cls``."""
-        from fd_trt.pipelines.sdxl import FasterDiffusionXLPipeline
-        from fd_trt.families.sdxl import is_sdxl
-
-        if cls is FasterDiffusionPipeline and is_sdxl(sd_pipeline):
-            return FasterDiffusionXLPipeline
+        """The class that serves a diffusers pipeline: its family's registered class
+        (:mod:`fd_trt.pipelines.registry`) when called on the base class, else ``cls``."""
+        served = pipeline_class_for(family_for_pipeline(sd_pipeline).name)
+        if cls is FasterDiffusionPipeline and served is not None:
+            return served
         return cls
 
     def _runner_for(self, latent_hw: tuple[int, int], text_shape: tuple[int, int]) -> Runner:
@@ -535,12 +531,12 @@ class FasterDiffusionPipeline:
                         retired.deactivate()
 
     def text_shape(self) -> tuple[int, int]:
-        """``(L, D)`` of the prompt embeddings this pipeline's text encoder produces."""
-        return int(self.sd.tokenizer.model_max_length), int(self.sd.text_encoder.config.hidden_size)
+        """``(L, D)`` of the prompt embeddings, as the model family states them."""
+        return self.family.text_shape(self.sd)
 
     def added_shapes(self) -> dict[str, tuple[int, ...]] | None:
-        """Per-row shapes of the UNet's added conditioning (SDXL's), ``None`` for SD 1.x/2.x."""
-        return None
+        """Per-row shapes of the UNet's added conditioning (SDXL's), ``None`` for SD 1.x/2.x: the family's."""
+        return self.family.added_shapes(self.sd)
 
     def prepare(self, height: int | None = None, width: int | None = None) -> Runner:
         """Builds or loads, and activates, the runner for one image size ahead of the first call.
@@ -724,12 +720,14 @@ class FasterDiffusionPipeline:
         runner_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> "FasterDiffusionPipeline":
-        """Loads a local diffusers Stable Diffusion or SDXL folder, or ``"default"``.
+        """Loads a local diffusers folder of a registered model family, or ``"default"``.
 
-        The folder's ``unet/config.json`` is checked before any weights load: a UNet the split
-        cannot carry raises :class:`~fd_trt.errors.UnsupportedModelError` at once. An SDXL
-        folder (``addition_embed_type="text_time"``) returns a
-        :class:`~fd_trt.pipelines.sdxl.FasterDiffusionXLPipeline`.
+        The folder's ``unet/config.json`` picks its family (:func:`fd_trt.families.base.family_for_config`)
+        and is checked by it before any weights load: a UNet no family recognises, or one its
+        family refuses, raises :class:`~fd_trt.errors.UnsupportedModelError` at once. The result
+        is the class registered for the family (:mod:`fd_trt.pipelines.registry`) when called on
+        this class: a :class:`~fd_trt.pipelines.sdxl.FasterDiffusionXLPipeline` for an SDXL folder
+        (``addition_embed_type="text_time"``).
 
         Args:
             model: a local folder, or ``"default"`` (the shipped model).
@@ -771,9 +769,10 @@ class FasterDiffusionPipeline:
         runner_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> "FasterDiffusionPipeline":
-        """Wraps an existing diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``
-        (the latter as a :class:`~fd_trt.pipelines.sdxl.FasterDiffusionXLPipeline`), sharing its
-        components.
+        """Wraps an existing diffusers ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or
+        pipeline of another registered model family, sharing its components. Called on this class,
+        it returns the class registered for the model's family (:mod:`fd_trt.pipelines.registry`):
+        a :class:`~fd_trt.pipelines.sdxl.FasterDiffusionXLPipeline` for SDXL.
 
         The img2img, inpainting and ControlNet pipelines of Stable Diffusion wrap the same way; a
         ``StableDiffusionControlNetPipeline``'s ControlNet is taken along and run at key steps.
@@ -823,8 +822,11 @@ class FasterDiffusionPipeline:
         guidance_scale: Any,
         num_images_per_prompt: Any,
         output_type: Any,
+        **prompt_options: Any,
     ) -> list[str]:
-        """Validates the call's arguments and returns the prompts as a list.
+        """Validates the call's arguments and returns the prompts as a list. ``prompt_options`` are
+        the model family's own (SDXL's second prompts and micro-conditioning), checked by it
+        (:meth:`~fd_trt.families.base.ModelFamily.check_prompt_options`).
 
         Raises:
             InputError: naming the bad value and what is expected.
@@ -862,6 +864,7 @@ class FasterDiffusionPipeline:
             raise InputError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
         if output_type not in OUTPUT_TYPES:
             raise InputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        self.family.check_prompt_options(prompts, **prompt_options)
         return prompts
 
     # image inputs ---------------------------------------------------------------------------
@@ -1050,8 +1053,9 @@ class FasterDiffusionPipeline:
         return run
 
     # stages -----------------------------------------------------------------------------------
-    # A call runs these in order (see _generate). SD and SDXL share all of them but encode_prompt
-    # and check_inputs, which SDXL extends with its second prompt and micro-conditioning.
+    # A call runs these in order (see _generate). Every model family shares them; check_inputs and
+    # encode_prompt ask the family for its prompt options and encoding (SDXL's second prompt and
+    # micro-conditioning).
     def steps_to_run(
         self, scheduler: Any, num_inference_steps: int, mode: str, strength: Any, options: dict[str, Any]
     ) -> torch.Tensor | None:
@@ -1084,8 +1088,10 @@ class FasterDiffusionPipeline:
         do_classifier_free_guidance: bool,
         height: int,
         width: int,
+        **prompt_options: Any,
     ) -> PromptEmbeddings:
-        """Stage 1: the text conditioning of every sampler row, negative rows first with CFG.
+        """Stage 1: the text conditioning of every sampler row, negative rows first with CFG, as the
+        model family encodes it (:meth:`~fd_trt.families.base.ModelFamily.encode_prompt`).
 
         Args:
             prompts: the checked prompts.
@@ -1093,13 +1099,18 @@ class FasterDiffusionPipeline:
             num_images_per_prompt: images per prompt; each prompt's rows repeat this many times.
             do_classifier_free_guidance: also encode the negative prompts.
             height, width: the image size (unused by SD; SDXL conditions on it).
+            **prompt_options: the family's own prompt options (SDXL: ``prompt_2``,
+                ``original_size``, ...; see :meth:`FasterDiffusionXLPipeline.__call__
+                <fd_trt.pipelines.sdxl.FasterDiffusionXLPipeline.__call__>`).
 
         Returns:
-            :class:`PromptEmbeddings` with ``text [R,L,D]``, R = (2 if CFG else 1) x images.
+            :class:`PromptEmbeddings` with ``text [R,L,D]`` and the family's added conditioning,
+            R = (2 if CFG else 1) x images.
         """
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
-        pos, neg = self.sd.encode_prompt(prompts, self.device, num_images_per_prompt, do_classifier_free_guidance, negatives)
-        return PromptEmbeddings(text=torch.cat([neg, pos]) if do_classifier_free_guidance else pos)
+        return self.family.encode_prompt(
+            self.sd, prompts, negative_prompt, num_images_per_prompt, do_classifier_free_guidance,
+            height=height, width=width, device=self.device, **prompt_options,
+        )
 
     def prepare_timesteps(self, num_inference_steps: int) -> Any:
         """A copy of the scheduler with its timesteps set: each call owns its solver state."""

@@ -1,18 +1,16 @@
 """FasterDiffusionXLPipeline: Stable Diffusion XL on the Faster Diffusion sampler.
 
-SDXL differs from SD 1.x/2.x only in its conditioning: two text encoders whose hidden states are
-concatenated, the second one's pooled output, and the micro-conditioning ``time_ids``
-(original size, crop corner, target size). The UNet adds an embedding of the last two to its time
-embedding, so both graphs take them per row (see :mod:`fd_trt.graphs.split`). Everything else (timesteps,
-latents, the sampler, the VAE) is the base pipeline's. Prompt encoding, the time ids and
-``guidance_rescale`` are diffusers' own ``StableDiffusionXLPipeline`` code, called on the wrapped
-pipeline.
+What SDXL is (two text encoders, the pooled text embedding and the micro-conditioning
+``time_ids`` as added conditioning; the refiner's five time ids), how it is recognised and refused,
+and how its prompts are encoded is its model family's, :class:`fd_trt.families.sdxl.StableDiffusionXLFamily`.
+This class adds SDXL's call arguments (``prompt_2``, ``original_size``, crops, aesthetic scores,
+``denoising_start`` / ``denoising_end``), its img2img and refiner image handling and its VAE
+decode; everything else (timesteps, latents, the sampler) is the base pipeline's.
+``fd_trt.pipelines`` registers it as the class that serves the ``"sdxl"`` family
+(:mod:`fd_trt.pipelines.registry`).
 
 img2img and the refiner: ``image=`` / ``strength=`` (or ``denoising_start=``) start from an image's
-latents, as diffusers' ``StableDiffusionXLImg2ImgPipeline``. The refiner has no first text
-encoder and five time ids (original size, crop corner, aesthetic score); how many the UNet takes
-is read from its config (``projection_class_embeddings_input_dim`` less the pooled width, over
-``addition_time_embed_dim``), never assumed.
+latents, as diffusers' ``StableDiffusionXLImg2ImgPipeline``.
 """
 
 from __future__ import annotations
@@ -22,28 +20,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from fd_trt.pipelines.conditioning import repeat_to_batch
-from fd_trt.errors import InputError, UnsupportedModelError
-from fd_trt.families.sdxl import is_sdxl, sdxl_added_shapes, sdxl_text_shape
-from fd_trt.pipelines.pipeline import FasterDiffusionOutput, FasterDiffusionPipeline, PromptEmbeddings, _ImageRun
+from fd_trt.errors import InputError
+from fd_trt.families.sdxl import Size, StableDiffusionXLFamily, is_sdxl, sdxl_added_shapes, sdxl_text_shape
+from fd_trt.pipelines.pipeline import FasterDiffusionOutput, FasterDiffusionPipeline, _ImageRun
 from fd_trt.core.schedule import NoiseInjection, ScheduleSpec
-
-Size = tuple[int, int]
-
-
-
-
-
-
-
-def _check_pair(name: str, value: Any) -> None:
-    if value is None:
-        return
-    if (
-        not isinstance(value, (tuple, list))
-        or len(value) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
-    ):
-        raise InputError(f"{name} must be a pair of non-negative integers (height, width) or (top, left), got {value!r}")
 
 
 def _check_fraction(name: str, value: Any) -> None:
@@ -53,71 +33,37 @@ def _check_fraction(name: str, value: Any) -> None:
         raise InputError(f"{name} must be a number strictly between 0 and 1 (a fraction of the schedule), got {value!r}")
 
 
-def _check_prompt_list(name: str, value: Any, count: int) -> None:
-    if value is None or isinstance(value, str):
-        return
-    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
-        raise InputError(f"{name} must be a string or a list of strings, got {value!r}")
-    if len(value) != count:
-        raise InputError(f"{len(value)} entries in {name} for {count} prompts: give one per prompt, or a single string")
-
-
 class FasterDiffusionXLPipeline(FasterDiffusionPipeline):
     """SDXL with Faster Diffusion's encoder propagation.
 
     Construct it like :class:`~fd_trt.pipelines.pipeline.FasterDiffusionPipeline`, with a diffusers
-    ``StableDiffusionXLPipeline``; ``FasterDiffusionPipeline.from_pretrained`` and
-    ``from_diffusers`` return this class for SDXL models.
+    ``StableDiffusionXLPipeline`` (or ``StableDiffusionXLImg2ImgPipeline`` for the refiner);
+    ``FasterDiffusionPipeline.from_pretrained`` and ``from_diffusers`` return this class for SDXL
+    models. Its :attr:`family` is :class:`~fd_trt.families.sdxl.StableDiffusionXLFamily`, which
+    states the text and added-conditioning shapes, encodes the prompts and refuses what SDXL
+    does not run yet (ControlNets, inpainting UNets).
     """
 
-    supports_controlnet = False
+    family: StableDiffusionXLFamily
 
     def _check_model(self) -> None:
-        if not is_sdxl(self.sd) or not hasattr(self.sd, "text_encoder_2"):
+        if not isinstance(self.family, StableDiffusionXLFamily):
             raise InputError(
                 f"FasterDiffusionXLPipeline wraps an SDXL pipeline (a UNet with addition_embed_type='text_time' and "
                 f"its text encoders), got {type(self.sd).__name__}: use FasterDiffusionPipeline for SD 1.x/2.x"
             )
-        self.aesthetic_time_ids()  # a pipeline whose time-id layout does not fit its UNet fails now
-        if getattr(self.sd, "controlnet", None) is not None or self.unet_kind != "text2img":
-            what = "a ControlNet" if getattr(self.sd, "controlnet", None) is not None else "an inpainting UNet"
-            raise UnsupportedModelError(
-                f"{type(self.sd).__name__} has {what}: fd_trt runs SDXL text-to-image only so far; use a "
-                "StableDiffusionXLPipeline with a text-to-image UNet"
-            )
-
-    def text_shape(self) -> tuple[int, int]:
-        """``(L, D)`` of the prompt embeddings: both encoders' hidden states side by side."""
-        return sdxl_text_shape(self.sd)
-
-    def added_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Per-row shapes of the added conditioning (:func:`sdxl_added_shapes`)."""
-        return sdxl_added_shapes(self.sd)
+        super()._check_model()
 
     def aesthetic_time_ids(self) -> bool:
-        """Whether the time ids end with an aesthetic score (the refiner: original size, crop
-        corner, score; 5 ids) rather than the target size (base: 6 ids).
-
-        The UNet's time-id count decides; a wrapped pipeline's ``requires_aesthetics_score``
-        (diffusers' img2img pipeline) must agree with it.
+        """Whether the time ids end with an aesthetic score (the refiner: 5 ids) rather than the
+        target size (base: 6 ids); see :meth:`StableDiffusionXLFamily.aesthetic_time_ids
+        <fd_trt.families.sdxl.StableDiffusionXLFamily.aesthetic_time_ids>`.
 
         Raises:
             UnsupportedModelError: for a UNet that takes neither 5 nor 6 time ids.
             InputError: when ``requires_aesthetics_score`` contradicts the UNet.
         """
-        k = int(self.added_shapes()["time_ids"][0])
-        if k not in (5, 6):
-            raise UnsupportedModelError(
-                f"the UNet takes {k} time ids; fd_trt builds SDXL's 6 (original size, crop corner, target size) "
-                "or the refiner's 5 (original size, crop corner, aesthetic score)"
-            )
-        requires = getattr(getattr(self.sd, "config", None), "requires_aesthetics_score", None)
-        if requires is not None and bool(requires) != (k == 5):
-            raise InputError(
-                f"the pipeline has requires_aesthetics_score={bool(requires)} but its UNet takes {k} time ids: set "
-                f"pipe.register_to_config(requires_aesthetics_score={k == 5}) on the diffusers pipeline"
-            )
-        return k == 5
+        return self.family.aesthetic_time_ids(self.sd)
 
     @staticmethod
     def resolve_strength(mode: str, strength: Any) -> float:
@@ -260,123 +206,6 @@ class FasterDiffusionXLPipeline(FasterDiffusionPipeline):
             noise = randn_tensor(tuple(z0.shape), generator=generator, device=self.device, dtype=torch.float32)
         x = scheduler.add_noise(z0, noise, timesteps[:1].repeat(batch))
         return _ImageRun(latents=x, timesteps=timesteps, initial_noise=noise)
-
-    # stages -----------------------------------------------------------------------------------
-    def check_inputs(
-        self,
-        prompt: Any,
-        negative_prompt: Any,
-        height: Any,
-        width: Any,
-        num_inference_steps: Any,
-        guidance_scale: Any,
-        num_images_per_prompt: Any,
-        output_type: Any,
-        prompt_2: Any = None,
-        negative_prompt_2: Any = None,
-        original_size: Any = None,
-        crops_coords_top_left: Any = (0, 0),
-        target_size: Any = None,
-        negative_original_size: Any = None,
-        negative_crops_coords_top_left: Any = (0, 0),
-        negative_target_size: Any = None,
-        aesthetic_score: Any = 6.0,
-        negative_aesthetic_score: Any = 2.5,
-    ) -> list[str]:
-        """The base checks, plus SDXL's second prompts and micro-conditioning sizes.
-
-        Raises:
-            InputError: naming the bad value and what is expected.
-        """
-        prompts = super().check_inputs(
-            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, output_type
-        )
-        _check_prompt_list("prompt_2", prompt_2, len(prompts))
-        _check_prompt_list("negative_prompt_2", negative_prompt_2, len(prompts))
-        for name, value in (
-            ("original_size", original_size),
-            ("crops_coords_top_left", crops_coords_top_left),
-            ("target_size", target_size),
-            ("negative_original_size", negative_original_size),
-            ("negative_crops_coords_top_left", negative_crops_coords_top_left),
-            ("negative_target_size", negative_target_size),
-        ):
-            _check_pair(name, value)
-        for name, value in (("aesthetic_score", aesthetic_score), ("negative_aesthetic_score", negative_aesthetic_score)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise InputError(f"{name} must be a number (the refiner's aesthetic score, 6.0 / 2.5 by default), got {value!r}")
-        return prompts
-
-    def encode_prompt(
-        self,
-        prompts: list[str],
-        negative_prompt: str | list[str] | None,
-        num_images_per_prompt: int,
-        do_classifier_free_guidance: bool,
-        height: int,
-        width: int,
-        prompt_2: str | list[str] | None = None,
-        negative_prompt_2: str | list[str] | None = None,
-        original_size: Size | None = None,
-        crops_coords_top_left: Size = (0, 0),
-        target_size: Size | None = None,
-        negative_original_size: Size | None = None,
-        negative_crops_coords_top_left: Size = (0, 0),
-        negative_target_size: Size | None = None,
-        aesthetic_score: float = 6.0,
-        negative_aesthetic_score: float = 2.5,
-    ) -> PromptEmbeddings:
-        """Stage 1 for SDXL: both text encoders, the pooled embedding and the time ids per row.
-
-        Text and pooled embeddings come from diffusers' ``StableDiffusionXLPipeline.encode_prompt``
-        (penultimate hidden states of both encoders, ``force_zeros_for_empty_prompt``; the
-        refiner's second encoder alone). The time ids are laid out as diffusers does: original
-        size, crop corner, then the target size (base, 6 ids) or the aesthetic score (refiner, 5
-        ids; the negative rows get ``negative_original_size`` (default: ``original_size``),
-        ``negative_crops_coords_top_left`` and ``negative_aesthetic_score``). Unlike diffusers'
-        text-to-image pipeline, which tiles ``[negative, positive]`` time ids over the batch,
-        every negative row gets the negative time ids when the batch has more than one image; the
-        two agree whenever the negative micro-conditioning is the default.
-
-        Returns:
-            :class:`PromptEmbeddings` with ``text [R,L,D]`` and ``added`` =
-            ``{"text_embeds": [R,P], "time_ids": [R,K]}``, negative rows first with CFG.
-        """
-        sd = self.sd
-        pos, neg, pooled, neg_pooled = sd.encode_prompt(
-            prompt=prompts,
-            prompt_2=prompt_2,
-            device=self.device,
-            num_images_per_prompt=num_images_per_prompt,
-            do_classifier_free_guidance=do_classifier_free_guidance,
-            negative_prompt=negative_prompt,
-            negative_prompt_2=negative_prompt_2,
-        )
-        rows = int(pos.shape[0])
-        aesthetic = self.aesthetic_time_ids()
-        original = tuple(original_size or (height, width))
-
-        def time_ids(values: Sequence[float]) -> torch.Tensor:
-            return torch.tensor([list(values)], dtype=pos.dtype, device=self.device).repeat(rows, 1)
-
-        if aesthetic:
-            pos_ids = time_ids([*original, *crops_coords_top_left, float(aesthetic_score)])
-        else:
-            pos_ids = time_ids([*original, *crops_coords_top_left, *(target_size or (height, width))])
-        if not do_classifier_free_guidance:
-            return PromptEmbeddings(text=pos, added={"text_embeds": pooled, "time_ids": pos_ids})
-        if aesthetic:
-            neg_ids = time_ids(
-                [*(negative_original_size or original), *negative_crops_coords_top_left, float(negative_aesthetic_score)]
-            )
-        elif negative_original_size is not None and negative_target_size is not None:
-            neg_ids = time_ids([*negative_original_size, *negative_crops_coords_top_left, *negative_target_size])
-        else:
-            neg_ids = pos_ids  # as diffusers: without both negative sizes, the negatives share the time ids
-        return PromptEmbeddings(
-            text=torch.cat([neg, pos]),
-            added={"text_embeds": torch.cat([neg_pooled, pooled]), "time_ids": torch.cat([neg_ids, pos_ids])},
-        )
 
     def decode_latents(self, latents: torch.Tensor, output_type: str) -> Any:
         """Stage 4 for SDXL: as diffusers' SDXL pipeline, the VAE's optional latent mean and std,
