@@ -227,13 +227,13 @@ def tiny_sd_pipeline(seed: int = 0, *, cross_attention_dim: int = 32, sample_siz
 
 def default_model_dir() -> Path | None:
     """The shipped trained default model folder, if this installation has one."""
-    path = Path(__file__).parent / "assets" / "default_model"
+    path = Path(__file__).parent.parent / "assets" / "default_model"
     return path if (path / "model_index.json").is_file() else None
 
 
 def default_controlnet_dir() -> Path | None:
     """The shipped ControlNet of the default model (silhouette masks), if this installation has one."""
-    path = Path(__file__).parent / "assets" / "default_controlnet"
+    path = Path(__file__).parent.parent / "assets" / "default_controlnet"
     return path if (path / "config.json").is_file() else None
 
 
