@@ -41,7 +41,7 @@ from fd_trt.pipelines.conditioning import (
 )
 from fd_trt.families.models import unet_input_kind
 from fd_trt.families.models import check_controlnet_fits, load_controlnet, load_diffusers_pipeline, make_scheduler
-from fd_trt.core.sampler import SamplerStats, run_sampler
+from fd_trt.core.sampler import SamplerInputs, SamplerOptions, SamplerStats, run_sampler
 from fd_trt.core.schedule import KeySchedule, NoiseInjection, ScheduleSpec, parse_schedule
 from fd_trt.graphs.split import split_unet
 
@@ -1174,27 +1174,24 @@ class FasterDiffusionPipeline:
             control = image_run.control if image_run is not None else None
             if control is not None:
                 control.resolve_runners = functools.partial(self._controlnet_calls, runner)
-            x0 = run_sampler(
-                runner,
-                scheduler,
-                latents,
+            inputs = SamplerInputs(
                 text,
-                key_schedule,
+                added=cond.added,
+                extra_channels=image_run.extra_channels if image_run is not None else None,
+                control=control,
+                initial_noise=image_run.initial_noise if image_run is not None else None,
+            )
+            opts = SamplerOptions(
                 guidance_scale=float(guidance_scale),
                 guidance_rescale=float(guidance_rescale),
                 noise=noise,
                 parallel=parallel,
                 max_decoder_rows=max_decoder_rows,
                 extra_step_kwargs=extra_step_kwargs,
-                callback=callback,
-                stats=stats,
-                progress=self.progress,
-                added=cond.added,
                 timesteps=image_run.timesteps if image_run is not None else None,
-                initial_noise=image_run.initial_noise if image_run is not None else None,
-                extra_channels=image_run.extra_channels if image_run is not None else None,
-                control=image_run.control if image_run is not None else None,
+                progress=self.progress,
             )
+            x0 = run_sampler(runner, scheduler, latents, inputs, key_schedule, opts, callback=callback, stats=stats)
         return x0, runner
 
     def controlnet_sha256(self, net: Any) -> str:

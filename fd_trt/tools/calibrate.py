@@ -125,7 +125,7 @@ class Evaluator:
             record: keep the latents and scheduler state before every step, so that later runs
                 that share a prefix with this one resume from it (:meth:`error`).
         """
-        from fd_trt.core.sampler import run_sampler
+        from fd_trt.core.sampler import SamplerInputs, SamplerOptions, run_sampler
 
         keys = tuple(sorted(int(k) for k in key_steps))
         sched = self._fresh_scheduler()
@@ -156,9 +156,10 @@ class Evaluator:
             runner = runner_wrap(runner)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = run_sampler(runner, sched, x, self.text, ks, guidance_scale=self.guidance, added=self.added,
-                              noise=NoiseInjection(enabled=ks.propagates), extra_step_kwargs=_step_kwargs(sched, gen),
-                              progress=False, callback=callback, start_step=start, initial_noise=self.latents)
+            inputs = SamplerInputs(self.text, added=self.added, initial_noise=self.latents)
+            opts = SamplerOptions(guidance_scale=self.guidance, noise=NoiseInjection(enabled=ks.propagates),
+                                  extra_step_kwargs=_step_kwargs(sched, gen), start_step=start, progress=False)
+            out = run_sampler(runner, sched, x, inputs, ks, opts, callback=callback)
         self.run_seconds += time.perf_counter() - t0
         self.evaluations += 1
         self.steps_run += ks.num_steps - start
