@@ -151,7 +151,7 @@ def _runner_options(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(args.threads)
-    # auto passes each runner the options it takes (fd_trt.pipelines.pipeline.FasterDiffusionPipeline._options_for).
+    # auto passes each runner the options it takes (fd_trt.pipelines.runner_pool.RunnerPool.options_for).
     return {"intra_op_threads": args.threads} if backend == "auto" else {}
 
 

@@ -151,7 +151,7 @@ class Evaluator:
                 states_x.append(latents.clone())
                 states_s.append((copy.deepcopy(sched), gen.get_state()))
 
-        runner = self.pipe._runner_for(self.latent_hw, (int(self.text.shape[1]), int(self.text.shape[2])))
+        runner = self.pipe.pool.runner_for(self.latent_hw, (int(self.text.shape[1]), int(self.text.shape[2])))
         if runner_wrap is not None:
             runner = runner_wrap(runner)
         t0 = time.perf_counter()
@@ -542,7 +542,7 @@ def _even(k: int, t: int) -> list[int]:
 
 def measure_costs(ev: Evaluator, repeats: int = 3) -> dict[str, float]:
     """Seconds of one encoder call and of decoder calls of 1 and of 10 steps, on the batch's rows."""
-    runner = ev.pipe._runner_for(ev.latent_hw, (int(ev.text.shape[1]), int(ev.text.shape[2])))
+    runner = ev.pipe.pool.runner_for(ev.latent_hw, (int(ev.text.shape[1]), int(ev.text.shape[2])))
     rows = int(ev.text.shape[0])
     x = torch.zeros((rows, *ev.latents.shape[1:]), device=ev.pipe.device)
     t = torch.full((rows,), 500.0, device=ev.pipe.device)
