@@ -203,23 +203,14 @@ class ImageInputsMixin:
             The initial latents and, as the mode needs, the timesteps run, the unit noise, the
             extra encoder channels, the blend after each step and the ControlNet hook.
         """
-        from diffusers.utils.torch_utils import randn_tensor
-
         dev, batch = self.device, latent_shape[0]
         sigma = float(scheduler.init_noise_sigma)
-
-        def noise_like(shape: tuple[int, ...]) -> torch.Tensor:
-            if latents is not None:
-                if tuple(latents.shape) != tuple(shape):
-                    raise InputError(f"latents have shape {tuple(latents.shape)}, expected {tuple(shape)}")
-                return latents.to(dev, torch.float32)
-            return randn_tensor(shape, generator=generator, device=dev, dtype=torch.float32)
 
         if mode == "controlnet":
             control = self.controlnet_hook(image, height, width, batch, num_images_per_prompt, cfg,
                                            len(scheduler.timesteps), controlnet_conditioning_scale,
                                            control_guidance_start, control_guidance_end, guess_mode)
-            return ImageRun(latents=noise_like(latent_shape) * sigma, control=control)
+            return ImageRun(latents=self._noise(latent_shape, latents, generator) * sigma, control=control)
 
         strength = self.resolve_strength(mode, strength)
         if timesteps is None:
@@ -234,9 +225,21 @@ class ImageInputsMixin:
             if isinstance(generator, list):
                 init = repeat_to_batch(init, batch, "images")
             z0 = repeat_to_batch(encode_images(vae, init, generator), batch, "images")
-            noise = noise_like(tuple(z0.shape))
+            noise = self._noise(tuple(z0.shape), latents, generator)
             return ImageRun(latents=scheduler.add_noise(z0, noise, t_first), timesteps=timesteps, initial_noise=noise)
 
+        return self._inpaint_run(scheduler, init, mask_image, latents, generator, latent_shape, strength, timesteps,
+                                 cfg)
+
+    def _inpaint_run(
+        self, scheduler: Any, init: torch.Tensor, mask_image: Any, latents: torch.Tensor | None, generator: Any,
+        latent_shape: tuple[int, int, int, int], strength: float, timesteps: torch.Tensor, cfg: bool,
+    ) -> ImageRun:
+        """Inpainting's start (``init`` is the preprocessed image), as diffusers' inpainting pipeline."""
+        dev, batch, vae = self.device, latent_shape[0], self.sd.vae
+        sigma = float(scheduler.init_noise_sigma)
+        height, width = int(init.shape[-2]), int(init.shape[-1])
+        t_first = timesteps[:1].repeat(batch)
         # Inpainting: the 9-channel UNet sees the mask and the masked image's latents; a 4-channel
         # UNet gets diffusers' blend, which keeps the unmasked image noised to each step's level.
         blend_mode = self.unet_kind != "inpaint"
@@ -246,7 +249,7 @@ class ImageInputsMixin:
             z0 = encode_images(vae, init, generator)
             z0 = repeat_to_batch(z0, batch, "images")
         if latents is None:
-            noise = noise_like(latent_shape)
+            noise = self._noise(latent_shape, latents, generator)
             x = noise * sigma if full else scheduler.add_noise(z0, noise, t_first)
         else:  # as diffusers: given latents are the noise, and the run starts from them
             noise = latents.to(dev, torch.float32)
@@ -264,6 +267,16 @@ class ImageInputsMixin:
             extra = torch.cat([mask, masked_latents], dim=1)
             run.extra_channels = torch.cat([extra, extra]) if cfg else extra
         return run
+
+    def _noise(self, shape: tuple[int, ...], latents: torch.Tensor | None, generator: Any) -> torch.Tensor:
+        """The run's unit noise: the call's ``latents`` (checked against ``shape``), or drawn from ``generator``."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        if latents is not None:
+            if tuple(latents.shape) != tuple(shape):
+                raise InputError(f"latents have shape {tuple(latents.shape)}, expected {tuple(shape)}")
+            return latents.to(self.device, torch.float32)
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
 
     def controlnet_hook(
         self, image: Any, height: int, width: int, batch: int, num_images_per_prompt: int, cfg: bool, num_steps: int,

@@ -190,10 +190,13 @@ class RunnerPool:
                              unet_sha256=self.unet_sha256, added_shapes=added)
             return pipe.engines
         digest = self.unet_sha256
-        folder = engine_cache_root() / f"{digest[:16]}-{latent_hw[0]}x{latent_hw[1]}-t{text_shape[0]}x{text_shape[1]}-{precision}"
+        h, w = latent_hw
+        folder = engine_cache_root() / f"{digest[:16]}-{h}x{w}-t{text_shape[0]}x{text_shape[1]}-{precision}"
         if not build:
             if not (folder / "manifest.json").is_file():
-                raise EngineMismatchError(f"no {precision} graphs built for latents {latent_hw} (fd-trt build --tune builds them)")
+                raise EngineMismatchError(
+                    f"no {precision} graphs built for latents {latent_hw} (fd-trt build --tune builds them)"
+                )
             check_engine_dir(folder, unet, latent_size=latent_hw, text_shape=text_shape, precision=precision,
                              unet_sha256=digest, added_shapes=added)
             return folder
@@ -256,7 +259,8 @@ class RunnerPool:
                 return True
             if pipe.engines is not None:
                 return True
-            return any(engine_cache_root().glob(f"{self.unet_sha256[:16]}-{latent_hw[0]}x{latent_hw[1]}-*-{cand.precision}/manifest.json"))
+            pattern = f"{self.unet_sha256[:16]}-{latent_hw[0]}x{latent_hw[1]}-*-{cand.precision}/manifest.json"
+            return any(engine_cache_root().glob(pattern))
 
         def base_key() -> dict[str, Any]:
             return {
