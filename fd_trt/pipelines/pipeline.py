@@ -4,6 +4,13 @@ It wraps a diffusers ``StableDiffusionPipeline`` for the text encoder, tokenizer
 post-processing, and replaces the UNet loop with :func:`fd_trt.core.sampler.run_sampler` on a backend
 runner. ``__call__`` takes the arguments of diffusers' ``StableDiffusionPipeline`` plus
 ``schedule``, ``noise_injection``, ``parallel`` and ``max_decoder_rows``.
+
+The class holds construction, the stages of a call (check the inputs, encode the prompt, prepare
+the latents, denoise, decode; see ``_generate``) and thin public methods. The rest lives next to
+it: the runners and the weights they carry in :mod:`~fd_trt.pipelines.runner_pool`, image inputs
+(img2img, inpainting, ControlNet) in :mod:`~fd_trt.pipelines.image`, LoRA in
+:mod:`~fd_trt.pipelines.lora`, key-step schedules and calibrations in
+:mod:`~fd_trt.pipelines.key_steps`, argument checks in :mod:`~fd_trt.pipelines.inputs`.
 """
 
 from __future__ import annotations
