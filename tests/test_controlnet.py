@@ -8,7 +8,7 @@ import torch
 
 from fd_trt.backends.torch import TorchRunner
 from fd_trt.pipelines.conditioning import KeyStepControlNet
-from fd_trt.core.sampler import run_sampler
+from fd_trt.core.sampler import SamplerInputs, SamplerOptions, run_sampler
 from fd_trt.core.schedule import NoiseInjection, parse_schedule
 
 from conftest import rel_l2
@@ -103,15 +103,16 @@ def test_key_step_residuals_match_an_independent_loop(tiny_sd, controlnets):
     sched.set_timesteps(steps)
     control = KeyStepControlNet.build(net, [image], steps)
     with TorchRunner(tiny_sd.unet) as runner:
-        out = run_sampler(runner, sched, latents, text, schedule, noise=NoiseInjection(enabled=False),
-                          control=control, progress=False)
+        out = run_sampler(runner, sched, latents, SamplerInputs(text, control=control), schedule,
+                          SamplerOptions(noise=NoiseInjection(enabled=False), progress=False))
     assert control.calls == len(schedule.key_steps) == 7
     assert rel_l2(out, ref) < 1e-5
     # The residuals matter: without them the result is far off.
     sched = copy.deepcopy(tiny_sd.scheduler)
     sched.set_timesteps(steps)
     with TorchRunner(tiny_sd.unet) as runner:
-        plain = run_sampler(runner, sched, latents, text, schedule, noise=NoiseInjection(enabled=False), progress=False)
+        plain = run_sampler(runner, sched, latents, SamplerInputs(text), schedule,
+                            SamplerOptions(noise=NoiseInjection(enabled=False), progress=False))
     assert rel_l2(plain, ref) > 1e-3
 
 

@@ -16,7 +16,7 @@ import torch
 
 from fd_trt.backends.torch import TorchRunner
 from fd_trt.families.models import make_scheduler
-from fd_trt.core.sampler import run_sampler
+from fd_trt.core.sampler import SamplerInputs, SamplerOptions, run_sampler
 from fd_trt.core.schedule import NoiseInjection, parse_schedule
 
 from conftest import rel_l2
@@ -54,8 +54,8 @@ def _fd_trt(golden, runner, schedule, noise=True):
     scheduler.set_timesteps(50)
     latents = golden["latents"] * scheduler.init_noise_sigma
     with torch.no_grad():
-        return run_sampler(runner, scheduler, latents, golden["text"], parse_schedule(schedule, 50),
-                           guidance_scale=7.5, noise=NoiseInjection(enabled=noise), progress=False)
+        return run_sampler(runner, scheduler, latents, SamplerInputs(golden["text"]), parse_schedule(schedule, 50),
+                           SamplerOptions(guidance_scale=7.5, noise=NoiseInjection(enabled=noise), progress=False))
 
 
 def _plain_loop(golden):

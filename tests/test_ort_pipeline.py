@@ -24,7 +24,7 @@ def test_the_default_backend_is_auto_on_every_device(tiny_sd):
 def test_onnxruntime_backend_builds_on_first_use_and_matches_torch(tiny_sd, fd_pipe, latents, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("FD_TRT_CACHE", str(tmp_path / "cache"))
     common = dict(num_inference_steps=50, latents=latents, output_type="latent")
-    with caplog.at_level(logging.WARNING, logger="fd_trt.pipelines.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="fd_trt.pipelines.runner_pool"):
         pipe = FasterDiffusionPipeline.from_diffusers(tiny_sd, backend="onnxruntime", device="cpu", progress=False)
         paper = pipe(PROMPT, schedule="paper", **common)
     assert any("on first use" in r.message for r in caplog.records)
@@ -37,7 +37,7 @@ def test_onnxruntime_backend_builds_on_first_use_and_matches_torch(tiny_sd, fd_p
     # A new pipeline on the same weights reuses the cached graphs without rebuilding.
     caplog.clear()
     mtimes = {p.name: p.stat().st_mtime_ns for p in built[0].iterdir()}
-    with caplog.at_level(logging.WARNING, logger="fd_trt.pipelines.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="fd_trt.pipelines.runner_pool"):
         again = FasterDiffusionPipeline.from_diffusers(tiny_sd, backend="onnxruntime", device="cpu", progress=False)
         again(PROMPT, num_inference_steps=3, latents=latents, output_type="latent")
     assert not any("on first use" in r.message for r in caplog.records)

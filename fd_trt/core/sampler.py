@@ -106,37 +106,34 @@ def add_residuals(features: Features, down: Sequence[torch.Tensor], mid: torch.T
     return Features(features.mid + mid.to(features.mid.device, features.mid.dtype), skips)
 
 
-def run_sampler(
-    runner: Runner,
-    scheduler: Any,
-    latents: torch.Tensor,
-    text: torch.Tensor,
-    schedule: KeySchedule,
-    *,
-    guidance_scale: float = 7.5,
-    guidance_rescale: float = 0.0,
-    noise: NoiseInjection = NoiseInjection(),
-    parallel: bool = True,
-    max_decoder_rows: int | None = None,
-    extra_step_kwargs: dict[str, Any] | None = None,
-    callback: StepCallback | None = None,
-    stats: SamplerStats | None = None,
-    progress: bool = True,
-    start_step: int = 0,
-    initial_noise: torch.Tensor | None = None,
-    added: Added = None,
-    timesteps: torch.Tensor | None = None,
-    extra_channels: torch.Tensor | None = None,
-    control: KeyStepControl | None = None,
-) -> torch.Tensor:
-    """Denoises ``latents`` with encoder propagation.
+@dataclass(frozen=True)
+class SamplerInputs:
+    """What every row of the sampler is conditioned on, and the unit noise of the run.
 
-    Args:
-        runner: an active backend runner.
-        scheduler: a diffusers scheduler whose ``set_timesteps`` has been called.
-        latents: ``[B,C,h,w]`` initial latents x_T (already scaled by ``init_noise_sigma``).
-        text: ``[2B,L,D]`` (negative rows first) with CFG, ``[B,L,D]`` without.
-        schedule: the key steps, for ``len(scheduler.timesteps)`` steps.
+    Attributes:
+        text: ``[2B,L,D]`` prompt embeddings (negative rows first) with CFG, ``[B,L,D]`` without.
+        added: SDXL's added conditioning with the rows of ``text`` (``text_embeds``, ``time_ids``);
+            ``None`` for SD 1.x/2.x.
+        extra_channels: ``[rows,E,h,w]`` concatenated after the scaled latents along the channels
+            at every encoder call (an inpainting UNet's mask and masked-image latents).
+        control: called at every key step; the residuals it returns are added to the features
+            (see :data:`KeyStepControl`). Its time is counted in ``seconds["controlnet"]``.
+        initial_noise: the unit initial noise for noise injection, when the latents are not x_T
+            (img2img's noised image latents, a resumed run); ``latents / init_noise_sigma`` by default.
+    """
+
+    text: torch.Tensor
+    added: Added = None
+    extra_channels: torch.Tensor | None = None
+    control: KeyStepControl | None = None
+    initial_noise: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    """How the sampler runs: guidance, noise injection, decoder batching, the steps run.
+
+    Attributes:
         guidance_scale: CFG weight; CFG is off when it is ``<= 1``.
         guidance_rescale: rescales the guided noise towards the conditional one's standard
             deviation (Lin et al. 2023, diffusers' ``rescale_noise_cfg``); 0 is off.
@@ -145,116 +142,191 @@ def run_sampler(
         parallel: decode all steps of a segment in one call; ``False`` makes one call per step.
         max_decoder_rows: cap on rows per decoder call; larger segments are decoded in chunks.
         extra_step_kwargs: passed to ``scheduler.step`` (``eta``, ``generator``).
+        timesteps: the steps to run, a tail (or head) of ``scheduler.timesteps`` (img2img runs the
+            last ``strength`` of them); the schedule then indexes these, 0 being the first step
+            run. All of ``scheduler.timesteps`` by default.
+        start_step: resume at this key step: the latents and scheduler are then the state before
+            that step of an earlier run (calibration reuses shared prefixes this way); needs
+            :attr:`SamplerInputs.initial_noise`.
+        progress: show a progress bar.
+    """
+
+    guidance_scale: float = 7.5
+    guidance_rescale: float = 0.0
+    noise: NoiseInjection = field(default_factory=NoiseInjection)
+    parallel: bool = True
+    max_decoder_rows: int | None = None
+    extra_step_kwargs: dict[str, Any] = field(default_factory=dict)
+    timesteps: torch.Tensor | None = None
+    start_step: int = 0
+    progress: bool = True
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+
+def run_sampler(
+    runner: Runner,
+    scheduler: Any,
+    latents: torch.Tensor,
+    inputs: SamplerInputs,
+    schedule: KeySchedule,
+    options: SamplerOptions | None = None,
+    *,
+    callback: StepCallback | None = None,
+    stats: SamplerStats | None = None,
+) -> torch.Tensor:
+    """Denoises ``latents`` with encoder propagation.
+
+    Args:
+        runner: an active backend runner.
+        scheduler: a diffusers scheduler whose ``set_timesteps`` has been called.
+        latents: ``[B,C,h,w]`` initial latents x_T (already scaled by ``init_noise_sigma``).
+        inputs: the rows' conditioning (:class:`SamplerInputs`).
+        schedule: the key steps, one entry per step run.
+        options: guidance, noise injection, batching and the steps run (:class:`SamplerOptions`).
         callback: called after every scheduler step with ``(i, timestep, latents)``; a tensor it
             returns replaces the latents.
         stats: filled in place when given.
-        progress: show a progress bar.
-        start_step: resume at this key step: ``latents`` and ``scheduler`` are then the state
-            before that step of an earlier run (calibration reuses shared prefixes this way).
-        initial_noise: the unit initial noise for noise injection, when ``latents`` is not x_T
-            (img2img's noised image latents, for example).
-        added: SDXL's added conditioning with the rows of ``text`` (``text_embeds``, ``time_ids``);
-            ``None`` for SD 1.x/2.x.
-        timesteps: the steps to run, a tail of ``scheduler.timesteps`` (img2img runs the last
-            ``strength`` of them); ``schedule`` then indexes these, 0 being the first step run.
-            All of ``scheduler.timesteps`` by default.
-        extra_channels: ``[rows,E,h,w]`` concatenated after the scaled latents along the channels
-            at every encoder call (an inpainting UNet's mask and masked-image latents).
-        control: called at every key step; the residuals it returns are added to the features
-            (see :data:`KeyStepControl`). Its time is counted in ``seconds["controlnet"]``.
 
     Returns:
         The final latents, float32.
     """
-    timesteps = scheduler.timesteps if timesteps is None else timesteps
-    if schedule.num_steps != len(timesteps):
-        raise InputError(
-            f"schedule is for {schedule.num_steps} steps but the scheduler has {len(timesteps)} timesteps"
-        )
-    stats = stats if stats is not None else SamplerStats()
-    secs = stats.seconds
-    extra = extra_step_kwargs or {}
-    cfg = guidance_scale > 1.0
-    x = latents.float()
-    # The paper injects alpha * x_T with x_T the unit initial noise, in DDIM's variance-preserving
-    # latent space. Schedulers that keep latents in sigma space (Euler: x = x0 + sigma * eps, and
-    # x_T = init_noise_sigma * eps) map to that space through scale_model_input, x_vp = c_t * x.
-    # Adding alpha * eps / c_t in their space is the paper's injection; adding alpha * x_T there
-    # would be init_noise_sigma / c_t times too strong (about 14.6x at SD's first Euler step).
-    if start_step and start_step not in schedule.key_steps:
-        raise InputError(f"start_step={start_step} is not a key step of {list(schedule.key_steps)}: resume at a key step")
-    if start_step and initial_noise is None:
-        raise InputError("start_step > 0 needs initial_noise, the unit initial noise of the run being resumed")
-    eps_T = initial_noise.float() if initial_noise is not None else x / float(scheduler.init_noise_sigma)
-    rows = x.shape[0] * (2 if cfg else 1)
-    if text.shape[0] != rows:
-        raise InputError(f"text has {text.shape[0]} rows, expected {rows} for {x.shape[0]} latents (CFG={cfg})")
-    for name, value in (added or {}).items():
-        if value.shape[0] != rows:
-            raise InputError(f"added conditioning {name!r} has {value.shape[0]} rows, expected {rows}, like the text")
-    n_train = int(scheduler.config.num_train_timesteps)
-    rescale: Callable[..., torch.Tensor] | None = None
-    if cfg and guidance_rescale > 0.0:
-        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
-
-        rescale = rescale_noise_cfg
-    t_dev = timesteps.to(runner.device, torch.float32)
-    runner.plan(schedule, rows, parallel, max_decoder_rows)
-
-    def tick() -> float:
-        runner.synchronize()
-        return time.perf_counter()
-
-    bar = tqdm(total=len(timesteps) - start_step, disable=not progress, desc="denoise", leave=False)
+    opts = options if options is not None else SamplerOptions()
+    run = _Run(runner, scheduler, latents, inputs, schedule, opts, stats if stats is not None else SamplerStats())
+    x, rows, timesteps = run.x, run.rows, run.timesteps
+    runner.plan(schedule, rows, opts.parallel, opts.max_decoder_rows)
+    bar = tqdm(total=len(timesteps) - opts.start_step, disable=not opts.progress, desc="denoise", leave=False)
     try:
         for seg in schedule.segments:
-            if seg.start < start_step:
+            if seg.start < opts.start_step:
                 continue
-            # 1. Encoder at the key step.
-            t0 = tick()
-            x_in = torch.cat([x, x]) if cfg else x
-            x_in = scheduler.scale_model_input(x_in, timesteps[seg.start])
-            unet_in = x_in if extra_channels is None else torch.cat([x_in, extra_channels.to(x_in)], dim=1)
-            launched = runner.launches["encoder"]
-            feats = runner.encode(unet_in, t_dev[seg.start].expand(rows), text, added)
-            t1 = tick()
-            secs["encoder"] += t1 - t0
-            stats.encoder_calls += runner.launches["encoder"] - launched
-            stats.encoder_rows += rows
-            if control is not None:
-                residuals = control(seg.start, x_in, timesteps[seg.start], text)
-                if residuals is not None:
-                    feats = add_residuals(feats, *residuals)
-                secs["controlnet"] += tick() - t1
-
-            chunk = steps_per_call(len(seg), rows, parallel, max_decoder_rows)
+            # 1. Encoder at the key step (plus the ControlNet's residuals).
+            feats = run.encode(x, seg.start)
+            chunk = steps_per_call(len(seg), rows, opts.parallel, opts.max_decoder_rows)
             for c0 in range(seg.start, seg.stop, chunk):
                 steps = range(c0, min(c0 + chunk, seg.stop))
                 # 2. Decoder for every step of the chunk, in one call.
-                t0 = tick()
-                launched = runner.launches["decoder"]
-                eps_rows = runner.decode(feats, t_dev[steps.start : steps.stop], text, added)
-                t1 = tick()
-                secs["decoder"] += t1 - t0
-                stats.decoder_calls += runner.launches["decoder"] - launched
-                stats.decoder_rows += rows * len(steps)
+                eps_rows = run.decode(feats, steps)
                 # 3-4. CFG, noise injection and the scheduler, step by step in order.
                 for j, eps in zip(steps, eps_rows.to(x.device).split(rows)):
-                    tau = timesteps[j]
-                    if cfg:
-                        eps_u, eps_c = eps.chunk(2)
-                        eps = eps_u + guidance_scale * (eps_c - eps_u)
-                        if rescale is not None:
-                            eps = rescale(eps, eps_c, guidance_rescale=guidance_rescale)
-                    if noise.applies(tau, n_train):
-                        x = x + (noise.alpha / model_input_scale(scheduler, tau)) * eps_T
-                    x = scheduler.step(eps, tau, x, **extra, return_dict=False)[0]
+                    x = run.step(j, run.guide(eps), x)
                     if callback is not None:
-                        out = callback(j, tau, x)
+                        out = callback(j, timesteps[j], x)
                         if out is not None:
                             x = out
                     bar.update(1)
-                secs["scheduler"] += tick() - t1
+                run.lap("scheduler")
     finally:
         bar.close()
     return x
+
+
+class _Run:
+    """One sampler run's checked inputs, its clock and counters, and its per-step arithmetic."""
+
+    def __init__(self, runner: Runner, scheduler: Any, latents: torch.Tensor, inputs: SamplerInputs,
+                 schedule: KeySchedule, opts: SamplerOptions, stats: SamplerStats) -> None:
+        self.runner, self.scheduler, self.inputs, self.opts, self.stats = runner, scheduler, inputs, opts, stats
+        self.timesteps = scheduler.timesteps if opts.timesteps is None else opts.timesteps
+        self.x = latents.float()
+        self.rows = _check_run(self.x, inputs, schedule, opts, len(self.timesteps))
+        # The paper injects alpha * x_T with x_T the unit initial noise, in DDIM's variance-preserving
+        # latent space. Schedulers that keep latents in sigma space (Euler: x = x0 + sigma * eps, and
+        # x_T = init_noise_sigma * eps) map to that space through scale_model_input, x_vp = c_t * x.
+        # Adding alpha * eps / c_t in their space is the paper's injection; adding alpha * x_T there
+        # would be init_noise_sigma / c_t times too strong (about 14.6x at SD's first Euler step).
+        noise0 = inputs.initial_noise
+        self.eps_T = noise0.float() if noise0 is not None else self.x / float(scheduler.init_noise_sigma)
+        self.n_train = int(scheduler.config.num_train_timesteps)
+        self.rescale: Callable[..., torch.Tensor] | None = None
+        if opts.cfg and opts.guidance_rescale > 0.0:
+            from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+            self.rescale = rescale_noise_cfg
+        self.t_dev = self.timesteps.to(runner.device, torch.float32)
+        self.t0 = 0.0
+
+    def mark(self) -> None:
+        self.runner.synchronize()
+        self.t0 = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        """Adds the seconds since the last mark (or lap) to ``stage``."""
+        self.runner.synchronize()
+        t = time.perf_counter()
+        self.stats.seconds[stage] += t - self.t0
+        self.t0 = t
+
+    def encode(self, x: torch.Tensor, i: int) -> Features:
+        """The encoder's features at key step ``i``, with the ControlNet's residuals added."""
+        runner, inputs, stats = self.runner, self.inputs, self.stats
+        self.mark()
+        x_in = torch.cat([x, x]) if self.opts.cfg else x
+        x_in = self.scheduler.scale_model_input(x_in, self.timesteps[i])
+        extra = inputs.extra_channels
+        unet_in = x_in if extra is None else torch.cat([x_in, extra.to(x_in)], dim=1)
+        launched = runner.launches["encoder"]
+        feats = runner.encode(unet_in, self.t_dev[i].expand(self.rows), inputs.text, inputs.added)
+        self.lap("encoder")
+        stats.encoder_calls += runner.launches["encoder"] - launched
+        stats.encoder_rows += self.rows
+        if inputs.control is not None:
+            residuals = inputs.control(i, x_in, self.timesteps[i], inputs.text)
+            if residuals is not None:
+                feats = add_residuals(feats, *residuals)
+            self.lap("controlnet")
+        return feats
+
+    def decode(self, feats: Features, steps: range) -> torch.Tensor:
+        """The noise predictions of ``steps``, ``rows`` per step, from one decoder call."""
+        self.mark()
+        launched = self.runner.launches["decoder"]
+        eps_rows = self.runner.decode(feats, self.t_dev[steps.start : steps.stop], self.inputs.text, self.inputs.added)
+        self.lap("decoder")
+        self.stats.decoder_calls += self.runner.launches["decoder"] - launched
+        self.stats.decoder_rows += self.rows * len(steps)
+        return eps_rows
+
+    def guide(self, eps: torch.Tensor) -> torch.Tensor:
+        """Classifier-free guidance (and its rescale) of one step's rows."""
+        if not self.opts.cfg:
+            return eps
+        eps_u, eps_c = eps.chunk(2)
+        eps = eps_u + self.opts.guidance_scale * (eps_c - eps_u)
+        if self.rescale is not None:
+            eps = self.rescale(eps, eps_c, guidance_rescale=self.opts.guidance_rescale)
+        return eps
+
+    def step(self, j: int, eps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Noise injection, then the scheduler's step ``j``."""
+        tau, noise = self.timesteps[j], self.opts.noise
+        if noise.applies(tau, self.n_train):
+            x = x + (noise.alpha / model_input_scale(self.scheduler, tau)) * self.eps_T
+        return self.scheduler.step(eps, tau, x, **self.opts.extra_step_kwargs, return_dict=False)[0]
+
+
+def _check_run(x: torch.Tensor, inputs: SamplerInputs, schedule: KeySchedule, opts: SamplerOptions,
+               num_steps: int) -> int:
+    """The rows per step (2B with CFG, B without), once the inputs agree with each other.
+
+    Raises:
+        InputError: naming the input that does not fit.
+    """
+    if schedule.num_steps != num_steps:
+        raise InputError(f"schedule is for {schedule.num_steps} steps but the scheduler has {num_steps} timesteps")
+    start = opts.start_step
+    if start and start not in schedule.key_steps:
+        raise InputError(f"start_step={start} is not a key step of {list(schedule.key_steps)}: resume at a key step")
+    if start and inputs.initial_noise is None:
+        raise InputError("start_step > 0 needs initial_noise, the unit initial noise of the run being resumed")
+    rows = x.shape[0] * (2 if opts.cfg else 1)
+    if inputs.text.shape[0] != rows:
+        raise InputError(
+            f"text has {inputs.text.shape[0]} rows, expected {rows} for {x.shape[0]} latents (CFG={opts.cfg})"
+        )
+    for name, value in (inputs.added or {}).items():
+        if value.shape[0] != rows:
+            raise InputError(f"added conditioning {name!r} has {value.shape[0]} rows, expected {rows}, like the text")
+    return rows

@@ -28,12 +28,6 @@ logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
-# UNet layouts the pipeline can drive
-
-
-
-
-# ---------------------------------------------------------------------------------------------
 # img2img
 
 
@@ -328,13 +322,11 @@ def with_key_steps(key_steps: Sequence[int], extra: Sequence[int]) -> list[int]:
 
 __all__ = [
     "ControlNetCall",
-    "guess_mode_scales",
     "InpaintBlend",
     "KeyStepControlNet",
     "controlnet_nets",
     "encode_images",
     "img2img_steps",
     "repeat_to_batch",
-    "unet_input_kind",
     "with_key_steps",
 ]

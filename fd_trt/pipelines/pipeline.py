@@ -9,52 +9,52 @@ What differs between model families (how a model is recognised and refused, its 
 conditioning shapes, how its prompts are encoded, whether it runs a ControlNet) is asked of the
 wrapped model's family (:mod:`fd_trt.families`); which class serves a family is
 :mod:`fd_trt.pipelines.registry`'s table. This module imports no family's pipeline class.
+
+The class holds construction, the stages of a call (check the inputs, encode the prompt, prepare
+the latents, denoise, decode; see ``_generate``) and thin public methods. The rest lives next to
+it: the runners and the weights they carry in :mod:`~fd_trt.pipelines.runner_pool`, image inputs
+(img2img, inpainting, ControlNet) in :mod:`~fd_trt.pipelines.image`, LoRA in
+:mod:`~fd_trt.pipelines.lora`, key-step schedules and calibrations in
+:mod:`~fd_trt.pipelines.key_steps`, argument checks in :mod:`~fd_trt.pipelines.inputs`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import inspect
 import logging
-import math
 import os
-import threading
 import time
 import warnings
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from fd_trt.backends import BACKENDS, default_backend, get_runner_class
 from fd_trt.core.runner import Runner, same_device
-from fd_trt.errors import EngineMismatchError, InputError, NotPreparedError, UnsupportedModelError
-from fd_trt.utils.cache import engine_cache_root
+from fd_trt.errors import InputError, UnsupportedModelError
 from fd_trt.utils.flops import flop_counter_mode
-from fd_trt.pipelines.conditioning import (
-    InpaintBlend,
-    KeyStepControlNet,
-    controlnet_nets,
-    encode_images,
-    img2img_steps,
-    repeat_to_batch,
-    with_key_steps,
-)
+from fd_trt.pipelines.conditioning import controlnet_nets, with_key_steps
 from fd_trt.families.base import ModelFamily, PromptEmbeddings, family_for_pipeline, registered_families
 from fd_trt.families.models import check_controlnet_fits, load_controlnet, load_diffusers_pipeline, make_scheduler
-from fd_trt.core.sampler import SamplerStats, run_sampler
-from fd_trt.core.schedule import KeySchedule, NoiseInjection, ScheduleSpec, parse_schedule
+from fd_trt.core.sampler import SamplerInputs, SamplerOptions, SamplerStats, StepCallback, run_sampler
+from fd_trt.core.schedule import KeySchedule, NoiseInjection, ScheduleSpec
 from fd_trt.graphs.split import split_unet
+from fd_trt.pipelines.image import ImageInputsMixin, ImageRun
+from fd_trt.pipelines.inputs import check_call_inputs, check_call_options
+from fd_trt.pipelines.key_steps import KeyStepsMixin
+from fd_trt.pipelines.lora import LoraMixin
 from fd_trt.pipelines.registry import pipeline_class_for
+from fd_trt.pipelines.runner_pool import RunnerPool, resolve_backend
+
+#: The name :mod:`fd_trt.pipelines.sdxl` imports :class:`~fd_trt.pipelines.image.ImageRun` by.
+_ImageRun = ImageRun
 
 logger = logging.getLogger(__name__)
-
-OUTPUT_TYPES = ("pil", "np", "latent")
-
 
 @dataclass
 class PipelineStats:
@@ -160,16 +160,79 @@ def _count_split_flops(split: Any, x: torch.Tensor, t: torch.Tensor, e: torch.Te
     return float(enc.get_total_flops()), float(dec.get_total_flops())
 
 
-@dataclass
-class _ImageRun:
-    """What an img2img, inpainting or ControlNet call adds to the sampler's arguments."""
+def call_stats(
+    pipe: Any,
+    x0: torch.Tensor,
+    cond: PromptEmbeddings,
+    key_schedule: KeySchedule,
+    sstats: SamplerStats,
+    seconds: dict[str, float],
+    runner: Runner,
+    nonfinite: bool,
+) -> PipelineStats:
+    """The :class:`PipelineStats` of a call: the sampler's counters, and the UNet FLOPs they amount to."""
+    widths = {k: int(v.shape[1]) for k, v in cond.added.items()} if cond.added else None
+    unet_in = (int(pipe.sd.unet.config.in_channels), *x0.shape[2:])  # 9 channels for an inpainting UNet
+    enc_f, dec_f = pipe._flops.per_row(
+        pipe.sd.unet, unet_in, (int(cond.text.shape[1]), int(cond.text.shape[2])), widths
+    )
+    return PipelineStats(
+        num_steps=key_schedule.num_steps,
+        key_steps=list(key_schedule.key_steps),
+        encoder_calls=sstats.encoder_calls,
+        encoder_rows=sstats.encoder_rows,
+        decoder_calls=sstats.decoder_calls,
+        decoder_rows=sstats.decoder_rows,
+        unet_gflops=(sstats.encoder_rows * enc_f + sstats.decoder_rows * dec_f) / 1e9,
+        seconds=seconds,
+        backend=runner.name,
+        nonfinite=nonfinite,
+    )
 
-    latents: torch.Tensor
-    timesteps: torch.Tensor | None = None
-    initial_noise: torch.Tensor | None = None
-    extra_channels: torch.Tensor | None = None
-    blend: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-    control: KeyStepControlNet | None = None
+
+def scheduler_step_kwargs(scheduler: Any, eta: float, generator: Any) -> dict[str, Any]:
+    """``eta`` and ``generator`` for ``scheduler.step``, where it takes them."""
+    params = set(inspect.signature(scheduler.step).parameters)
+    extra: dict[str, Any] = {}
+    if "eta" in params:
+        extra["eta"] = eta
+    if "generator" in params:
+        extra["generator"] = generator
+    return extra
+
+
+def step_callback(
+    pipe: Any,
+    blend: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None,
+    callback_on_step_end: Callable[[Any, int, Any, dict[str, Any]], dict[str, Any] | None] | None,
+) -> StepCallback | None:
+    """The sampler's step callback: the inpainting blend, then the user's ``callback_on_step_end``
+    (diffusers blends before the user's callback sees the latents); ``None`` when there is neither."""
+    if callback_on_step_end is None and blend is None:
+        return None
+
+    def cb(i: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        if blend is not None:
+            x = blend(i, t, x)
+        if callback_on_step_end is None:
+            return x
+        out = callback_on_step_end(pipe, i, t, {"latents": x})
+        return out.get("latents", x) if isinstance(out, dict) else x
+
+    return cb
+
+
+def warn_nonfinite(x0: torch.Tensor, runner: Runner) -> bool:
+    """Whether the final latents hold NaN or Inf; warns (to the caller of ``__call__``) when they do."""
+    if bool(torch.isfinite(x0).all()):
+        return False
+    msg = (
+        f"the final latents contain NaN or Inf (backend {runner.name}, precision {runner.dtype}); "
+        "the images are invalid. Try fp32, or bf16 instead of fp16."
+    )
+    logger.warning(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=5)  # here, _generate, __call__, inference_mode, the caller
+    return True
 
 
 def default_device() -> str:
@@ -186,7 +249,7 @@ def _pipeline_device(sd: Any) -> torch.device:
 
 
 
-class FasterDiffusionPipeline:
+class FasterDiffusionPipeline(LoraMixin, ImageInputsMixin, KeyStepsMixin):
     """Stable Diffusion with Faster Diffusion's encoder propagation on a chosen backend.
 
     It serves Stable Diffusion 1.x/2.x and every registered model family (:mod:`fd_trt.families`)
@@ -287,44 +350,13 @@ class FasterDiffusionPipeline:
                     net.to(self.device)
                 elif not same_device(here_cn, self.device):
                     raise InputError(f"the ControlNet is on {here_cn} but the pipeline runs on {self.device}: move it first")
-        self._runners: OrderedDict[tuple[int, ...], Runner] = OrderedDict()
-        self._in_use: dict[int, int] = {}
-        self._retired: dict[int, Runner] = {}
-        self._cache_lock = threading.RLock()
-        self._unet_sha256: str | None = None
-        self._weights_fp: tuple[Any, ...] | None = None
         #: Per ControlNet (by id): its weights fingerprint and sha256, recomputed when the fingerprint changes.
         self._controlnet_digests: dict[int, tuple[tuple[Any, ...], str]] = {}
         #: The model folder (``from_pretrained``), where saved calibrations are looked for.
         self.model_dir: Path | None = None
-        # A runner that serves every shape (torch, or one passed in); None for per-shape graph runners.
-        self._fixed_runner: Runner | None = None
-        if isinstance(backend, Runner):
-            self.backend = backend.name
-            self._fixed_runner = backend.activate()
-        else:
-            self.backend = backend or default_backend(str(self.device))
-            if self.backend not in (*BACKENDS, "auto"):
-                raise InputError(f"unknown backend {self.backend!r}: choose auto or one of {', '.join(BACKENDS)}")
-            if self.backend == "auto":
-                if precision not in (None, "auto", "fp32", "fp16", "bf16"):
-                    raise InputError(f"unknown precision {precision!r}: use auto, fp32, fp16 or bf16")
-                #: The precision asked of ``auto`` (None: exact only; "auto": reduced precision may compete).
-                self.auto_precision = precision
-                precision = precision if precision not in (None, "auto") else ("fp16" if self.device.type == "cuda" else "fp32")
-            # TensorRT engines are fp16 unless asked otherwise; the others default to fp32.
-            precision = precision or ("fp16" if self.backend == "tensorrt" else "fp32")
-            if self.backend == "torch":
-                cls = get_runner_class("torch")
-                self._fixed_runner = cls(self.sd.unet, device=self.device, dtype=precision, **self.runner_options).activate()
-            elif self.backend != "auto":  # auto measures per shape, on the first call (fd_trt.backends.auto)
-                # Graph backends are built per latent/text shape, on the first call that needs one.
-                get_runner_class(self.backend)
-                if self.backend == "onnxruntime" and precision not in ("fp32", "fp16"):
-                    raise InputError(f"the onnxruntime backend runs fp32 or fp16 graphs, got precision={precision!r}")
-        self.precision: str = precision or "fp32"
-        #: The runner of the latest call (the fixed one when there is one).
-        self.runner: Runner | None = self._fixed_runner
+        self.backend, self.precision, self.auto_precision = resolve_backend(backend, precision, self.device)
+        #: The runners: one fixed runner for every shape (torch, or one passed in), or graph runners per shape.
+        self.pool = RunnerPool(self, backend if isinstance(backend, Runner) else None)
         self._flops = _FlopCounter()
 
     def _check_model(self) -> None:
@@ -348,188 +380,6 @@ class FasterDiffusionPipeline:
             return served
         return cls
 
-    def _runner_for(self, latent_hw: tuple[int, int], text_shape: tuple[int, int]) -> Runner:
-        """The runner for one latent size and text shape; builds or checks graphs on first use.
-
-        Raises:
-            NotPreparedError: for a new shape when ``build_on_demand`` is off.
-        """
-        if self._fixed_runner is not None:
-            return self._fixed_runner
-        key = (*latent_hw, *text_shape)
-        with self._cache_lock:
-            if key in self._runners:
-                self._runners.move_to_end(key)
-                self.runner = self._runners[key]
-                return self.runner
-            if not self.build_on_demand:
-                f = self.vae_scale_factor
-                ready = ", ".join(f"{k[0] * f}x{k[1] * f}" for k in self._runners) or "none"
-                raise NotPreparedError(
-                    f"no {self.backend} graphs are loaded for {latent_hw[0] * f}x{latent_hw[1] * f} images "
-                    f"(latents {latent_hw[0]}x{latent_hw[1]}, text {text_shape[0]}x{text_shape[1]}) and building on "
-                    f"demand is off; sizes ready: {ready}. Prepare the size first (pipe.prepare(height, width), "
-                    "fd-trt serve --sizes HxW,...)"
-                )
-            runner = self._load_runner(latent_hw, text_shape)
-            self._runners[key] = runner
-            self.runner = runner
-            while len(self._runners) > self.max_cached_runners:
-                old_key, old = self._runners.popitem(last=False)
-                logger.info("closing the %s runner of latents %s (least recently used; max_cached_runners=%d)",
-                            self.backend, old_key[:2], self.max_cached_runners)
-                self._retire(old)
-            return runner
-
-    def _load_runner(self, latent_hw: tuple[int, int], text_shape: tuple[int, int]) -> Runner:
-        if self.backend == "auto":
-            return self._auto_runner(latent_hw, text_shape).activate()
-        folder = self._graph_folder(latent_hw, text_shape, self.precision, build=True)
-        cls = get_runner_class(self.backend)
-        return cls(folder, device=self.device, dtype=self.precision, **self.runner_options).activate()
-
-    def _graph_folder(self, latent_hw: tuple[int, int], text_shape: tuple[int, int], precision: str, build: bool) -> Path:
-        """The engine directory for a shape: ``engines=``, or the cache folder, built there when ``build``.
-
-        Raises:
-            EngineMismatchError: the graphs do not fit (or, with ``build=False``, are not built).
-        """
-        from fd_trt.graphs.build import build_engines
-        from fd_trt.graphs.manifest import check_engine_dir
-
-        unet = self.sd.unet
-        if self.engines is not None:
-            check_engine_dir(self.engines, unet, latent_size=latent_hw, text_shape=text_shape, precision=precision,
-                             unet_sha256=self.unet_sha256, added_shapes=self.added_shapes())
-            return self.engines
-        digest = self.unet_sha256
-        folder = engine_cache_root() / f"{digest[:16]}-{latent_hw[0]}x{latent_hw[1]}-t{text_shape[0]}x{text_shape[1]}-{precision}"
-        if not build:
-            if not (folder / "manifest.json").is_file():
-                raise EngineMismatchError(f"no {precision} graphs built for latents {latent_hw} (fd-trt build --tune builds them)")
-            check_engine_dir(folder, unet, latent_size=latent_hw, text_shape=text_shape, precision=precision,
-                             unet_sha256=digest, added_shapes=self.added_shapes())
-            return folder
-        res = build_engines(
-            unet,
-            folder,
-            latent_size=latent_hw,
-            text_shape=text_shape,
-            precision=precision,
-            model_source=self.source,
-            progress=self.progress,
-            unet_sha256=digest,
-            added_shapes=self.added_shapes(),
-        )
-        if res.built:
-            logger.warning("built graphs for latents %s on first use into %s (%.1f s); they are reused from now on",
-                           latent_hw, folder, res.seconds)
-        return folder
-
-    # backend="auto" ---------------------------------------------------------------------------
-    #: With ``backend="auto"``: whether missing graphs may be built while tuning (``fd-trt build --tune``).
-    auto_build_graphs: bool = False
-    #: With ``backend="auto"``: read and write the decision cache.
-    auto_use_cache: bool = True
-    auto_precision: str | None = None
-
-    def auto_candidates(self) -> list[Any]:
-        """The candidates ``backend="auto"`` measures here, in order of preference on a tie."""
-        from fd_trt.backends.auto import Candidate
-
-        if self.device.type == "cuda":
-            return [Candidate("tensorrt", "fp16", exact=False),
-                    Candidate("torch", "fp16", exact=False, options=(("cuda_graphs", True),))]
-        asked = self.auto_precision
-        if asked == "bf16":
-            return [Candidate("torch", "bf16", exact=False)]
-        if asked == "fp16":
-            return [Candidate("onnxruntime", "fp16", exact=False)]
-        cands = [Candidate("torch", "fp32"), Candidate("onnxruntime", "fp32")]
-        if asked == "auto":
-            cands.append(Candidate("torch", "bf16", exact=False))
-        return cands
-
-    def _options_for(self, cls: type) -> dict[str, Any]:
-        """The pipeline's runner options that ``cls`` takes (``auto`` mixes runners with different options)."""
-        params = inspect.signature(cls.__init__).parameters
-        if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-            return dict(self.runner_options)
-        return {k: v for k, v in self.runner_options.items() if k in params}
-
-    def _auto_runner(self, latent_hw: tuple[int, int], text_shape: tuple[int, int]) -> Runner:
-        from fd_trt.graphs.manifest import check_engine_dir
-        from fd_trt.backends.auto import AutoRunner, Candidate, library_versions
-        from fd_trt.utils.system import device_name
-
-        if self.engines is not None:
-            # An engine directory is an explicit request for its graphs: one that does not fit is an
-            # error naming the rebuild command, not a candidate quietly skipped.
-            check_engine_dir(self.engines, self.sd.unet, latent_size=latent_hw, text_shape=text_shape,
-                             unet_sha256=self.unet_sha256, added_shapes=self.added_shapes())
-
-        def make(cand: Candidate) -> Runner:
-            cls = get_runner_class(cand.backend)
-            opts = {**self._options_for(cls), **dict(cand.options)}
-            if cand.backend == "torch":
-                return cls(self.sd.unet, device=self.device, dtype=cand.precision, **opts)
-            folder = self._graph_folder(latent_hw, text_shape, cand.precision, build=self.auto_build_graphs)
-            if cand.backend == "tensorrt":
-                opts.setdefault("build", self.auto_build_graphs)
-            return cls(folder, device=self.device, dtype=cand.precision, **opts)
-
-        def ready(cand: Candidate) -> bool:
-            if cand.backend == "torch":
-                return True
-            if self.engines is not None:
-                return True
-            return any(engine_cache_root().glob(f"{self.unet_sha256[:16]}-{latent_hw[0]}x{latent_hw[1]}-*-{cand.precision}/manifest.json"))
-
-        def base_key() -> dict[str, Any]:
-            return {
-                # 2: onnxruntime stopped spinning on CPU, so format-1 costs no longer hold.
-                # 3: the torch decoder convolves repeated skips once per distinct row (faster).
-                # 4: so do the decoder graphs (engine format 2).
-                # 5: ... only for UNets at least 96 channels wide (torch too; fd_trt.graphs.split.decoder_shares_rows).
-                "format": 5,
-                "unet_sha256": self.unet_sha256,
-                "device": device_name(self.device),
-                "device_type": self.device.type,
-                "threads": torch.get_num_threads(),
-                "versions": dict(library_versions()),
-                "runner_options": {k: repr(v) for k, v in sorted(self.runner_options.items())},
-                "engines": str(self.engines) if self.engines is not None else None,
-            }
-
-        c = int(self.sd.unet.config.in_channels)
-        return AutoRunner(self.auto_candidates(), make, (c, *latent_hw), text_shape, base_key, device=self.device,
-                          ready=ready, use_cache=self.auto_use_cache, added_shapes=self.added_shapes())
-
-
-    def _retire(self, runner: Runner) -> None:
-        """Closes a runner now, or when the last call that uses it ends."""
-        if self._in_use.get(id(runner), 0) > 0:
-            self._retired[id(runner)] = runner
-        else:
-            runner.deactivate()
-
-    @contextlib.contextmanager
-    def _using(self, latent_hw: tuple[int, int], text_shape: tuple[int, int]) -> Any:
-        """The runner for a shape, held in use (never closed by eviction) until the block ends."""
-        with self._cache_lock:  # one critical section: no eviction between lookup and hold
-            runner = self._runner_for(latent_hw, text_shape)
-            self._in_use[id(runner)] = self._in_use.get(id(runner), 0) + 1
-        try:
-            yield runner
-        finally:
-            with self._cache_lock:
-                self._in_use[id(runner)] -= 1
-                if self._in_use[id(runner)] == 0:
-                    del self._in_use[id(runner)]
-                    retired = self._retired.pop(id(runner), None)
-                    if retired is not None:
-                        retired.deactivate()
-
     def text_shape(self) -> tuple[int, int]:
         """``(L, D)`` of the prompt embeddings, as the model family states them."""
         return self.family.text_shape(self.sd)
@@ -538,6 +388,7 @@ class FasterDiffusionPipeline:
         """Per-row shapes of the UNet's added conditioning (SDXL's), ``None`` for SD 1.x/2.x: the family's."""
         return self.family.added_shapes(self.sd)
 
+    # runners and weights -----------------------------------------------------------------------
     def prepare(self, height: int | None = None, width: int | None = None) -> Runner:
         """Builds or loads, and activates, the runner for one image size ahead of the first call.
 
@@ -553,158 +404,42 @@ class FasterDiffusionPipeline:
         f = self.vae_scale_factor
         height, width = self.default_size(height, width)
         self.check_inputs("x", None, height, width, 1, 1.0, 1, "latent")
-        self._check_weights()
-        with self._cache_lock:
-            saved, self.build_on_demand = self.build_on_demand, True
-            try:
-                return self._runner_for((height // f, width // f), self.text_shape())
-            finally:
-                self.build_on_demand = saved
+        self.pool.check_weights()
+        return self.pool.runner_for((height // f, width // f), self.text_shape(), build=True)
 
     def prepared_sizes(self) -> list[tuple[int, int]]:
         """Image sizes ``(height, width)`` with a loaded graph runner, least recently used first."""
         f = self.vae_scale_factor
-        with self._cache_lock:
-            return [(k[0] * f, k[1] * f) for k in self._runners]
+        return [(k[0] * f, k[1] * f) for k in self.pool.shapes()]
 
-    # schedules --------------------------------------------------------------------------------
-    def calibration_folders(self) -> list[Path]:
-        """Where ``schedule="calibrated"`` looks: the engine directory, then the model folder."""
-        return [f for f in (self.engines, self.model_dir) if f is not None]
+    #: With ``backend="auto"``: whether missing graphs may be built while tuning (``fd-trt build --tune``).
+    auto_build_graphs: bool = False
+    #: With ``backend="auto"``: read and write the decision cache.
+    auto_use_cache: bool = True
+    #: With ``backend="auto"``: the precision asked (None: exact only; "auto": reduced precision may compete).
+    auto_precision: str | None = None
 
-    def resolve_schedule(self, schedule: Any, num_inference_steps: int, scheduler: str | None = None) -> Any:
-        """Turns ``None``, ``"calibrated"``, a calibration path or object into key steps.
+    @property
+    def runner(self) -> Runner | None:
+        """The runner of the latest call (the fixed one when there is one)."""
+        return self.pool.current
 
-        Other specs are returned unchanged for :func:`fd_trt.core.schedule.parse_schedule`.
-
-        Args:
-            schedule: the call's ``schedule``.
-            num_inference_steps: the call's step count.
-            scheduler: the scheduler's short name; the pipeline's current scheduler by default.
-
-        Raises:
-            ScheduleError: when no calibration matches, or one was made for another model,
-                scheduler or step count.
-        """
-        from fd_trt.core.calibration import Calibration, find_calibration
-        from fd_trt.errors import ScheduleError
-        from fd_trt.families.models import scheduler_name
-
-        name = scheduler or scheduler_name(self.sd.scheduler)
-        if schedule is None or (isinstance(schedule, str) and schedule.strip().lower() == "calibrated"):
-            path = find_calibration(self.calibration_folders(), name, num_inference_steps) if name else None
-            if path is None:
-                if schedule is None:
-                    return "paper"
-                where = ", ".join(str(f) for f in self.calibration_folders()) or "no model folder or engine directory"
-                raise ScheduleError(
-                    f"schedule='calibrated' but no calibration for {name or type(self.sd.scheduler).__name__}-"
-                    f"{num_inference_steps} is saved in {where}: run fd-trt calibrate --model MODEL --scheduler "
-                    f"{name or 'ddim'} --steps {num_inference_steps} --key-steps 9 --save, or pass a calibration "
-                    "JSON path as schedule"
-                )
-            cal = Calibration.load(path)
-            if schedule is None:
-                try:
-                    cal.check(model_sha256=self.unet_sha256, scheduler=name, steps=num_inference_steps, where=str(path))
-                except ScheduleError as exc:
-                    logger.info("not using the saved calibration: %s", exc)
-                    return "paper"
-                return list(cal.key_steps)
-            schedule = cal
-        elif isinstance(schedule, (str, os.PathLike)) and str(schedule).lower().endswith(".json"):
-            schedule = Calibration.load(schedule)
-        if isinstance(schedule, Calibration):
-            schedule.check(model_sha256=self.unet_sha256, scheduler=name, steps=num_inference_steps)
-            return list(schedule.key_steps)
-        return schedule
-
-    # LoRA -------------------------------------------------------------------------------------
-    # diffusers' own LoRA calls on the wrapped pipeline (PEFT backend). They change the UNet's
-    # effective weights; the next call notices (see _check_weights) and every backend follows:
-    # torch at once, onnxruntime by rebuilding its graphs, TensorRT by refitting its plans.
-    def load_lora_weights(self, pretrained_model_name_or_path_or_dict: Any, adapter_name: str | None = None,
-                          **kwargs: Any) -> None:
-        """diffusers' ``load_lora_weights``: a local LoRA file or folder (safetensors), or a state dict."""
-        self.sd.load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
-
-    def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None) -> None:
-        """diffusers' ``set_adapters``: which LoRA adapters are active, at which scales."""
-        self.sd.set_adapters(adapter_names, adapter_weights)
-
-    def fuse_lora(self, lora_scale: float = 1.0, **kwargs: Any) -> None:
-        """diffusers' ``fuse_lora``: merges the active adapters into the base weights."""
-        self.sd.fuse_lora(lora_scale=lora_scale, **kwargs)
-
-    def unfuse_lora(self, **kwargs: Any) -> None:
-        """diffusers' ``unfuse_lora``."""
-        self.sd.unfuse_lora(**kwargs)
-
-    def disable_lora(self) -> None:
-        """diffusers' ``disable_lora``: the base model, adapters kept."""
-        self.sd.disable_lora()
-
-    def enable_lora(self) -> None:
-        """diffusers' ``enable_lora``."""
-        self.sd.enable_lora()
-
-    def unload_lora_weights(self) -> None:
-        """diffusers' ``unload_lora_weights``: removes every adapter."""
-        self.sd.unload_lora_weights()
-
-    # weights ----------------------------------------------------------------------------------
     @property
     def unet_sha256(self) -> str:
         """sha256 of the UNet's effective weights (parameters, fused LoRA, active adapters and scales)."""
-        from fd_trt.graphs.weights import unet_weights_sha256
-
-        if self._unet_sha256 is None:
-            self._unet_sha256 = unet_weights_sha256(self.sd.unet)
-        return self._unet_sha256
+        return self.pool.unet_sha256
 
     def refresh_weights(self) -> None:
         """Makes every runner take the UNet's weights now, whatever the cheap fingerprint says.
 
-        For changes that :func:`fd_trt.graphs.engines.weights_fingerprint` cannot see (a few elements
+        For changes that :func:`fd_trt.graphs.weights.weights_fingerprint` cannot see (a few elements
         written through ``.data`` between its samples, with no counter bumped).
         """
-        with self._cache_lock:
-            self._weights_fp = ("refresh",)
-        self._check_weights()
+        self.pool.refresh_weights()
 
-    def _check_weights(self) -> None:
-        """Notices a weight change since the last call and makes every runner follow it.
-
-        A cheap fingerprint (:func:`fd_trt.graphs.engines.weights_fingerprint`) is compared on every
-        call. On a change, runners that can take new weights in place (torch, refittable
-        TensorRT plans) are refit; graph runners that cannot are closed, so the next call
-        rebuilds them (or, with ``engines=``, refuses the directory naming the rebuild command).
-        """
-        from fd_trt.graphs.weights import weights_fingerprint
-
-        unet = self.sd.unet
-        fp = weights_fingerprint(unet)
-        with self._cache_lock:
-            if fp == self._weights_fp:
-                return
-            first = self._weights_fp is None
-            self._weights_fp = fp
-            if first:
-                return
-            self._unet_sha256 = None
-            logger.warning("the UNet's weights changed since the last call (%s): updating the %s runners",
-                           self.source, self.backend)
-            if self._fixed_runner is not None:
-                if not self._fixed_runner.refit(unet):
-                    raise EngineMismatchError(
-                        f"the UNet's weights changed, and the {self._fixed_runner.name} runner passed to this pipeline "
-                        "cannot take new weights: create a new runner (or pass backend='torch')"
-                    )
-                return
-            for key, runner in list(self._runners.items()):
-                if not runner.refit(unet):
-                    del self._runners[key]
-                    self._retire(runner)
+    def auto_candidates(self) -> list[Any]:
+        """The candidates ``backend="auto"`` measures here, in order of preference on a tie."""
+        return self.pool.auto_candidates()
 
     # construction ----------------------------------------------------------------------------
     @classmethod
@@ -800,10 +535,7 @@ class FasterDiffusionPipeline:
 
     def close(self) -> None:
         """Deactivates every runner this pipeline started."""
-        with self._cache_lock:
-            for r in [*self._runners.values(), *([self._fixed_runner] if self._fixed_runner else [])]:
-                r.deactivate()
-            self._runners.clear()
+        self.pool.close()
 
     def __enter__(self) -> "FasterDiffusionPipeline":
         return self
@@ -824,262 +556,22 @@ class FasterDiffusionPipeline:
         output_type: Any,
         **prompt_options: Any,
     ) -> list[str]:
-        """Validates the call's arguments and returns the prompts as a list. ``prompt_options`` are
-        the model family's own (SDXL's second prompts and micro-conditioning), checked by it
-        (:meth:`~fd_trt.families.base.ModelFamily.check_prompt_options`).
+        """Validates the call's arguments and returns the prompts as a list (:func:`check_call_inputs`).
+        ``prompt_options`` are the model family's own (SDXL's second prompts and micro-conditioning),
+        checked by it (:meth:`~fd_trt.families.base.ModelFamily.check_prompt_options`).
 
         Raises:
             InputError: naming the bad value and what is expected.
         """
-        if isinstance(prompt, str):
-            prompts = [prompt]
-        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
-            prompts = list(prompt)
-        else:
-            raise InputError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-        if negative_prompt is not None:
-            if isinstance(negative_prompt, (list, tuple)):
-                if len(negative_prompt) != len(prompts):
-                    raise InputError(
-                        f"{len(negative_prompt)} negative prompts for {len(prompts)} prompts: give one negative "
-                        "prompt per prompt, or a single string for all"
-                    )
-                if not all(isinstance(p, str) for p in negative_prompt):
-                    raise InputError(f"negative prompts must be strings, got {negative_prompt!r}")
-            elif not isinstance(negative_prompt, str):
-                raise InputError(f"negative_prompt must be a string or a list of strings, got {negative_prompt!r}")
-        f = self.vae_scale_factor
-        for name, v in (("height", height), ("width", width)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise InputError(f"{name} must be a positive integer, got {v!r}")
-            if v % f != 0:
-                raise InputError(
-                    f"{name}={v} is not divisible by the VAE factor {f}: use a multiple of {f}, e.g. {max(f, v // f * f)}"
-                )
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps <= 0:
-            raise InputError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
-            raise InputError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt <= 0:
-            raise InputError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
-        if output_type not in OUTPUT_TYPES:
-            raise InputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        prompts = check_call_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
+                                    num_images_per_prompt, output_type, self.vae_scale_factor)
         self.family.check_prompt_options(prompts, **prompt_options)
         return prompts
-
-    # image inputs ---------------------------------------------------------------------------
-    def image_mode(self, image: Any, mask_image: Any, strength: Any) -> str:
-        """What a call does with its images: ``text2img``, ``img2img``, ``inpaint`` or ``controlnet``.
-
-        Raises:
-            InputError: for image arguments that do not fit the model (a mask without an image, a
-                ControlNet without a conditioning image, an inpainting UNet without a mask).
-        """
-        if mask_image is not None and image is None:
-            raise InputError("mask_image needs image=: the image to inpaint")
-        if self.controlnet is not None:
-            if image is None:
-                raise InputError("this pipeline has a ControlNet: pass its conditioning image as image=")
-            if mask_image is not None or strength is not None:
-                raise InputError(
-                    "with a ControlNet, image= is the conditioning image; ControlNet img2img and inpainting "
-                    "(mask_image=, strength=) are not supported yet"
-                )
-            return "controlnet"
-        if self.unet_kind == "inpaint":
-            if image is None or mask_image is None:
-                raise InputError("this is an inpainting UNet (9 input channels): pass image= and mask_image=")
-            return "inpaint"
-        if mask_image is not None:
-            return "inpaint"
-        if image is not None:
-            return "img2img"
-        if strength is not None:
-            raise InputError("strength= needs image=: the image to start from")
-        return "text2img"
-
-    @staticmethod
-    def resolve_strength(mode: str, strength: Any) -> float:
-        """``strength`` checked, or diffusers' default: 0.8 for img2img, 1.0 for inpainting.
-
-        Raises:
-            InputError: for a value outside [0, 1].
-        """
-        if strength is None:
-            return 1.0 if mode == "inpaint" else 0.8
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
-            raise InputError(f"strength must be a number in [0, 1], got {strength!r}")
-        return float(strength)
-
-    def _image_size(self, mode: str, image: Any) -> tuple[int, int]:
-        """The image size of a call without height/width: the input image's size (rounded down to
-        the VAE factor) for img2img and ControlNet, as diffusers does; the model's otherwise."""
-        f = self.vae_scale_factor
-        size = int(self.sd.unet.config.sample_size) * f
-        if mode in ("img2img", "controlnet"):
-            first = image[0] if isinstance(image, (list, tuple)) else image
-            if isinstance(first, (list, tuple)):  # one list per ControlNet
-                first = first[0]
-            h, w = self._processor("image").get_default_height_width(first)
-            return int(h), int(w)
-        return size, size
-
-    def _processor(self, kind: str) -> Any:
-        """diffusers' image processors: ``image`` (VAE input), ``mask`` and ``control``."""
-        from diffusers.image_processor import VaeImageProcessor
-
-        f = self.vae_scale_factor
-        if kind == "image":
-            return getattr(self.sd, "image_processor", None) or VaeImageProcessor(vae_scale_factor=f)
-        if kind == "mask":
-            return VaeImageProcessor(vae_scale_factor=f, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
-        return VaeImageProcessor(vae_scale_factor=f, do_convert_rgb=True, do_normalize=False)
-
-    def prepare_image_run(
-        self,
-        mode: str,
-        scheduler: Any,
-        num_inference_steps: int,
-        latent_shape: tuple[int, int, int, int],
-        height: int,
-        width: int,
-        *,
-        image: Any,
-        mask_image: Any,
-        strength: float | None,
-        latents: torch.Tensor | None,
-        generator: Any,
-        cfg: bool,
-        num_images_per_prompt: int,
-        controlnet_conditioning_scale: float | Sequence[float],
-        control_guidance_start: float | Sequence[float],
-        control_guidance_end: float | Sequence[float],
-        guess_mode: bool,
-        timesteps: torch.Tensor | None = None,
-        options: dict[str, Any] | None = None,
-    ) -> _ImageRun:
-        """The sampler's inputs for img2img, inpainting and ControlNet calls.
-
-        The random draws come in diffusers' order (image latents, noise, masked-image latents), so
-        that the same generator gives the same run as diffusers' own pipelines.
-
-        Args:
-            mode: :meth:`image_mode`.
-            scheduler: the call's scheduler, after ``set_timesteps``.
-            num_inference_steps: the call's step count (img2img runs the last ``strength`` of them).
-            latent_shape: ``[B,C,h,w]`` of the latents.
-            height, width: the image size in pixels.
-            image, mask_image, strength, latents, generator, num_images_per_prompt,
-            controlnet_conditioning_scale, control_guidance_start, control_guidance_end, guess_mode:
-                the call's, as in diffusers. ``latents`` given to img2img are its noise.
-            cfg: classifier-free guidance is on.
-            timesteps: the steps run (:meth:`steps_to_run`); img2img's tail when omitted.
-            options: all of the call's image options (model families read their own).
-
-        Returns:
-            The initial latents and, as the mode needs, the timesteps run, the unit noise, the
-            extra encoder channels, the blend after each step and the ControlNet hook.
-        """
-        from diffusers.utils.torch_utils import randn_tensor
-
-        dev, batch = self.device, latent_shape[0]
-        sigma = float(scheduler.init_noise_sigma)
-
-        def noise_like(shape: tuple[int, ...]) -> torch.Tensor:
-            if latents is not None:
-                if tuple(latents.shape) != tuple(shape):
-                    raise InputError(f"latents have shape {tuple(latents.shape)}, expected {tuple(shape)}")
-                return latents.to(dev, torch.float32)
-            return randn_tensor(shape, generator=generator, device=dev, dtype=torch.float32)
-
-        if mode == "controlnet":
-            nets = controlnet_nets(self.controlnet)
-            per_net = (isinstance(image, (list, tuple)) and len(nets) > 1 and len(image) == len(nets))
-            images = list(image) if per_net else [image] * len(nets)
-            guess = bool(guess_mode) or any(bool(getattr(n.config, "global_pool_conditions", False)) for n in nets)
-            proc = self._processor("control")
-            prepared = [
-                KeyStepControlNet.prepare_image(proc, img, height, width, batch, num_images_per_prompt,
-                                                next(net.parameters()).dtype, dev, cfg, guess)
-                for img, net in zip(images, nets)
-            ]
-            control = KeyStepControlNet.build(self.controlnet, prepared, len(scheduler.timesteps),
-                                              controlnet_conditioning_scale, control_guidance_start,
-                                              control_guidance_end, guess_mode=guess, cfg=cfg)
-            return _ImageRun(latents=noise_like(latent_shape) * sigma, control=control)
-
-        strength = self.resolve_strength(mode, strength)
-        if timesteps is None:
-            timesteps, _ = img2img_steps(scheduler, num_inference_steps, strength)
-        t_first = timesteps[:1].repeat(batch)
-        vae = self.sd.vae
-        init = self._processor("image").preprocess(image, height=height, width=width).to(dev, torch.float32)
-        if init.shape[-2:] != (height, width):
-            raise InputError(f"image preprocessed to {tuple(init.shape[-2:])}, expected {(height, width)}")
-
-        if mode == "img2img":
-            if isinstance(generator, list):
-                init = repeat_to_batch(init, batch, "images")
-            z0 = repeat_to_batch(encode_images(vae, init, generator), batch, "images")
-            noise = noise_like(tuple(z0.shape))
-            return _ImageRun(latents=scheduler.add_noise(z0, noise, t_first), timesteps=timesteps, initial_noise=noise)
-
-        # Inpainting: the 9-channel UNet sees the mask and the masked image's latents; a 4-channel
-        # UNet gets diffusers' blend, which keeps the unmasked image noised to each step's level.
-        blend_mode = self.unet_kind != "inpaint"
-        full = float(strength) == 1.0
-        z0 = None
-        if blend_mode or (latents is None and not full):
-            z0 = encode_images(vae, init, generator)
-            z0 = repeat_to_batch(z0, batch, "images")
-        if latents is None:
-            noise = noise_like(latent_shape)
-            x = noise * sigma if full else scheduler.add_noise(z0, noise, t_first)
-        else:  # as diffusers: given latents are the noise, and the run starts from them
-            noise = latents.to(dev, torch.float32)
-            x = noise * sigma
-        mask_cond = self._processor("mask").preprocess(mask_image, height=height, width=width).to(dev, torch.float32)
-        masked = init * (mask_cond < 0.5)
-        mask = torch.nn.functional.interpolate(mask_cond, size=tuple(latent_shape[2:]))
-        masked_latents = encode_images(vae, masked, generator)
-        mask = repeat_to_batch(mask, batch, "masks")
-        masked_latents = repeat_to_batch(masked_latents, batch, "images")
-        run = _ImageRun(latents=x, timesteps=timesteps, initial_noise=noise)
-        if blend_mode:
-            run.blend = InpaintBlend(scheduler, z0, noise, mask, timesteps)
-        else:
-            extra = torch.cat([mask, masked_latents], dim=1)
-            run.extra_channels = torch.cat([extra, extra]) if cfg else extra
-        return run
 
     # stages -----------------------------------------------------------------------------------
     # A call runs these in order (see _generate). Every model family shares them; check_inputs and
     # encode_prompt ask the family for its prompt options and encoding (SDXL's second prompt and
     # micro-conditioning).
-    def steps_to_run(
-        self, scheduler: Any, num_inference_steps: int, mode: str, strength: Any, options: dict[str, Any]
-    ) -> torch.Tensor | None:
-        """The timesteps a call runs, when not all of ``scheduler.timesteps``: img2img and
-        inpainting run the last ``int(strength x steps)`` (:func:`img2img_steps`, which also tells
-        the scheduler where the run begins). ``None`` runs them all.
-
-        Raises:
-            InputError: for a bad ``strength``, or one that runs no step.
-        """
-        if mode in ("img2img", "inpaint"):
-            return img2img_steps(scheduler, num_inference_steps, self.resolve_strength(mode, strength))[0]
-        return None
-
-    def default_size(
-        self, height: int | None, width: int | None, mode: str = "text2img", image: Any = None
-    ) -> tuple[int, int]:
-        """The image size of a call: the given one, else the input image's for img2img and
-        ControlNet (as diffusers), else the UNet's default sample size."""
-        if height is not None and width is not None:
-            return height, width
-        dh, dw = self._image_size(mode, image)
-        return (height if height is not None else dh, width if width is not None else dw)
-
     def encode_prompt(
         self,
         prompts: list[str],
@@ -1118,16 +610,6 @@ class FasterDiffusionPipeline:
         scheduler.set_timesteps(num_inference_steps, device=self.device)
         return scheduler
 
-    def prepare_schedule(
-        self, schedule: Any, noise_injection: bool | NoiseInjection | None, num_inference_steps: int, num_steps: int
-    ) -> tuple[KeySchedule, NoiseInjection]:
-        """The call's key steps and noise-injection policy (see ``__call__`` for the arguments)."""
-        key_schedule: KeySchedule = parse_schedule(self.resolve_schedule(schedule, num_inference_steps), num_steps)
-        if isinstance(noise_injection, NoiseInjection):
-            return key_schedule, noise_injection
-        enabled = key_schedule.propagates if noise_injection is None else bool(noise_injection)
-        return key_schedule, NoiseInjection(enabled=enabled)
-
     def prepare_latents(
         self,
         batch: int,
@@ -1159,94 +641,31 @@ class FasterDiffusionPipeline:
     def denoise(
         self,
         scheduler: Any,
-        latents: torch.Tensor,
         cond: PromptEmbeddings,
         key_schedule: KeySchedule,
-        *,
-        guidance_scale: float,
-        noise: NoiseInjection,
-        parallel: bool,
-        max_decoder_rows: int | None,
-        extra_step_kwargs: dict[str, Any],
-        callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None,
-        stats: SamplerStats,
-        guidance_rescale: float = 0.0,
-        image_run: _ImageRun | None = None,
+        options: SamplerOptions,
+        image_run: ImageRun,
+        callback: StepCallback | None = None,
+        stats: SamplerStats | None = None,
     ) -> tuple[torch.Tensor, Runner]:
         """Stage 3: the Faster Diffusion sampler on the runner for this latent and text shape.
 
-        ``image_run`` (img2img, inpainting, ControlNet) gives the steps run, the unit noise, the
-        extra encoder channels and the key-step ControlNet hook.
+        ``image_run`` gives the initial latents and, for img2img, inpainting and ControlNet calls,
+        the steps run, the unit noise, the extra encoder channels and the key-step ControlNet hook.
 
         Returns:
             ``(final latents, the runner that ran)``.
         """
-        text = cond.text
-        with self._using((int(latents.shape[2]), int(latents.shape[3])), (int(text.shape[1]), int(text.shape[2]))) as runner:
-            control = image_run.control if image_run is not None else None
+        latents, text, control = image_run.latents, cond.text, image_run.control
+        shape = (int(latents.shape[2]), int(latents.shape[3])), (int(text.shape[1]), int(text.shape[2]))
+        with self.pool.using(*shape) as runner:
             if control is not None:
                 control.resolve_runners = functools.partial(self._controlnet_calls, runner)
-            x0 = run_sampler(
-                runner,
-                scheduler,
-                latents,
-                text,
-                key_schedule,
-                guidance_scale=float(guidance_scale),
-                guidance_rescale=float(guidance_rescale),
-                noise=noise,
-                parallel=parallel,
-                max_decoder_rows=max_decoder_rows,
-                extra_step_kwargs=extra_step_kwargs,
-                callback=callback,
-                stats=stats,
-                progress=self.progress,
-                added=cond.added,
-                timesteps=image_run.timesteps if image_run is not None else None,
-                initial_noise=image_run.initial_noise if image_run is not None else None,
-                extra_channels=image_run.extra_channels if image_run is not None else None,
-                control=image_run.control if image_run is not None else None,
-            )
+            inputs = SamplerInputs(text, added=cond.added, extra_channels=image_run.extra_channels, control=control,
+                                   initial_noise=image_run.initial_noise)
+            options = dataclasses.replace(options, timesteps=image_run.timesteps, progress=self.progress)
+            x0 = run_sampler(runner, scheduler, latents, inputs, key_schedule, options, callback=callback, stats=stats)
         return x0, runner
-
-    def controlnet_sha256(self, net: Any) -> str:
-        """sha256 of a ControlNet's weights (:func:`fd_trt.graphs.engines.unet_weights_sha256`), cached
-        until its weights fingerprint changes."""
-        from fd_trt.graphs.weights import unet_weights_sha256, weights_fingerprint
-
-        fp = weights_fingerprint(net)
-        known = self._controlnet_digests.get(id(net))
-        if known is None or known[0] != fp:
-            known = self._controlnet_digests[id(net)] = (fp, unet_weights_sha256(net))
-        return known[1]
-
-    def _controlnet_calls(self, runner: Runner) -> list[Any] | None:
-        """The ControlNet graphs on ``runner`` (the one ``auto`` chose), one per ControlNet, or
-        ``None`` when it runs no graphs (torch): the ControlNets then run as torch modules.
-
-        Each graph is exported into the runner's engine directory on first use when
-        ``build_on_demand`` is on, and checked against the ControlNet's weights otherwise.
-
-        Raises:
-            EngineMismatchError: with ``build_on_demand`` off, for a missing or stale graph.
-            UnsupportedModelError: for a ControlNet the graph cannot carry.
-        """
-        from fd_trt.graphs.build import build_controlnet_graph
-        from fd_trt.graphs.manifest import check_controlnet_graph
-
-        target = getattr(runner, "current_runner", runner) or runner
-        folder = getattr(target, "engine_dir", None)
-        if folder is None or type(target).controlnet is Runner.controlnet:
-            return None
-        calls = []
-        for net in controlnet_nets(self.controlnet):
-            sha = self.controlnet_sha256(net)
-            if self.build_on_demand:
-                rec = build_controlnet_graph(net, folder, controlnet_sha256=sha, progress=self.progress)
-            else:
-                rec = check_controlnet_graph(folder, net, controlnet_sha256=sha)
-            calls.append(target.controlnet(rec))
-        return calls
 
     def decode_latents(self, latents: torch.Tensor, output_type: str) -> Any:
         """Stage 4: the VAE decode and diffusers' post-processing into ``output_type``."""
@@ -1369,38 +788,26 @@ class FasterDiffusionPipeline:
         ``encode_prompt``; ``image_options`` the image arguments of ``__call__`` (``image``,
         ``mask_image``, ``strength`` and the ControlNet's)."""
         t_start = time.perf_counter()
-        # 0. Check the inputs.
+        seconds = dict.fromkeys(("text_encoder", "encoder", "controlnet", "decoder", "scheduler", "vae", "total"), 0.0)
+        # 0. Check the inputs; find the steps to run and their key steps.
         opts = dict(image_options or {})
-        image, mask_image, strength = opts.get("image"), opts.get("mask_image"), opts.get("strength")
-        mode = self.image_mode(image, mask_image, strength)
+        image, strength = opts.get("image"), opts.get("strength")
+        mode = self.image_mode(image, opts.get("mask_image"), strength)
         height, width = self.default_size(height, width, mode, image)
         prompts = self.check_inputs(
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
             output_type, **prompt_options,
         )
-        if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)) or not (
-            math.isfinite(guidance_rescale) and 0.0 <= guidance_rescale <= 1.0
-        ):
-            raise InputError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
-        bad_keys = [k for k in callback_on_step_end_tensor_inputs if k != "latents"]
-        if bad_keys:
-            raise InputError(f"callback_on_step_end_tensor_inputs supports only 'latents', got {bad_keys}")
-        batch = len(prompts) * num_images_per_prompt
-        if isinstance(generator, list) and len(generator) != batch:
-            raise InputError(f"{len(generator)} generators for {batch} images: pass one generator per image, or one")
-        cfg = guidance_scale > 1.0
+        batch, cfg = len(prompts) * num_images_per_prompt, guidance_scale > 1.0
+        check_call_options(guidance_rescale, callback_on_step_end_tensor_inputs, generator, batch)
         scheduler = self.prepare_timesteps(num_inference_steps)
-        num_steps = len(scheduler.timesteps)
         # The steps run when not all of the schedule's (img2img's tail, SDXL's denoising_start/end).
         run_timesteps = self.steps_to_run(scheduler, num_inference_steps, mode, strength, opts)
-        if run_timesteps is not None:
-            num_steps = len(run_timesteps)
-        self._check_weights()  # before the calibration check, which compares the weights hash
+        num_steps = len(scheduler.timesteps) if run_timesteps is None else len(run_timesteps)
+        self.pool.check_weights()  # before the calibration check, which compares the weights hash
         # An img2img run has fewer steps than asked; a calibration must be for the steps run.
         cal_steps = num_inference_steps if num_steps == len(scheduler.timesteps) else num_steps
         key_schedule, noise = self.prepare_schedule(schedule, noise_injection, cal_steps, num_steps)
-        seconds = {"text_encoder": 0.0, "encoder": 0.0, "controlnet": 0.0, "decoder": 0.0, "scheduler": 0.0, "vae": 0.0,
-                   "total": 0.0}
 
         # 1. Encode the prompts.
         t0 = time.perf_counter()
@@ -1409,103 +816,34 @@ class FasterDiffusionPipeline:
             torch.cuda.synchronize(self.device)  # the text encoder's kernels are queued, not done
         seconds["text_encoder"] = time.perf_counter() - t0
 
-        # 2. Prepare the latents x_T (img2img: the noised image latents) and the scheduler's step arguments.
-        image_run: _ImageRun | None = None
-        if mode == "text2img":
-            latents = self.prepare_latents(batch, height, width, generator, latents, scheduler)
-            if run_timesteps is not None:  # a head of the schedule (SDXL's denoising_end)
-                image_run = _ImageRun(latents=latents, timesteps=run_timesteps)
-        else:
-            f = self.vae_scale_factor
-            latent_shape = (batch, int(self.sd.unet.config.out_channels), height // f, width // f)
-            image_run = self.prepare_image_run(
-                mode, scheduler, num_inference_steps, latent_shape, height, width, image=image, mask_image=mask_image,
-                strength=strength, latents=latents, generator=generator, cfg=cfg,
-                num_images_per_prompt=num_images_per_prompt,
-                controlnet_conditioning_scale=opts.get("controlnet_conditioning_scale", 1.0),
-                control_guidance_start=opts.get("control_guidance_start", 0.0),
-                control_guidance_end=opts.get("control_guidance_end", 1.0),
-                guess_mode=bool(opts.get("guess_mode", False)),
-                timesteps=run_timesteps, options=opts,
-            )
-            latents = image_run.latents
-            if image_run.control is not None and image_run.control.window_edges():
-                keys = with_key_steps(key_schedule.key_steps, image_run.control.window_edges())
-                key_schedule = KeySchedule(tuple(keys), num_steps)
-        extra: dict[str, Any] = {}
-        step_params = set(inspect.signature(scheduler.step).parameters)
-        if "eta" in step_params:
-            extra["eta"] = eta
-        if "generator" in step_params:
-            extra["generator"] = generator
+        # 2. Prepare the latents x_T (img2img: the noised image latents) and the image conditioning.
+        run = self.prepare_run(mode, scheduler, num_inference_steps, batch, height, width, latents, generator, cfg,
+                               num_images_per_prompt, run_timesteps, opts)
+        if run.control is not None and run.control.window_edges():  # a guidance window's edges are key steps
+            keys = with_key_steps(key_schedule.key_steps, run.control.window_edges())
+            key_schedule = KeySchedule(tuple(keys), num_steps)
 
         # 3. Denoise with encoder propagation.
-        cb = None
-        blend = image_run.blend if image_run is not None else None
-        if callback_on_step_end is not None or blend is not None:
-
-            def cb(i: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-                if blend is not None:  # diffusers blends before the user's callback sees the latents
-                    x = blend(i, t, x)
-                if callback_on_step_end is None:
-                    return x
-                out = callback_on_step_end(self, i, t, {"latents": x})
-                return out.get("latents", x) if isinstance(out, dict) else x
-
-        sstats = SamplerStats()
-        x0, runner = self.denoise(
-            scheduler, latents, cond, key_schedule, guidance_scale=float(guidance_scale), noise=noise,
-            parallel=parallel, max_decoder_rows=max_decoder_rows, extra_step_kwargs=extra, callback=cb, stats=sstats,
-            guidance_rescale=float(guidance_rescale),
-            image_run=image_run,
+        options = SamplerOptions(
+            guidance_scale=float(guidance_scale), guidance_rescale=float(guidance_rescale), noise=noise,
+            parallel=parallel, max_decoder_rows=max_decoder_rows,
+            extra_step_kwargs=scheduler_step_kwargs(scheduler, eta, generator),
         )
+        sstats = SamplerStats()
+        callback = step_callback(self, run.blend, callback_on_step_end)
+        x0, runner = self.denoise(scheduler, cond, key_schedule, options, run, callback=callback, stats=sstats)
         seconds.update(sstats.seconds)
-        nonfinite = not bool(torch.isfinite(x0).all())
-        if nonfinite:
-            msg = (
-                f"the final latents contain NaN or Inf (backend {runner.name}, precision {runner.dtype}); "
-                "the images are invalid. Try fp32, or bf16 instead of fp16."
-            )
-            logger.warning(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=4)  # the caller of __call__
+        nonfinite = warn_nonfinite(x0, runner)
 
         # 4. Decode with the VAE.
         t0 = time.perf_counter()
         images = self.decode_latents(x0, output_type)
         seconds["vae"] = time.perf_counter() - t0
         seconds["total"] = time.perf_counter() - t_start
-        stats = self._stats(x0, cond, key_schedule, sstats, seconds, runner, nonfinite)
-        if image_run is not None and image_run.control is not None:
-            stats.controlnet_calls = image_run.control.calls
+        stats = call_stats(self, x0, cond, key_schedule, sstats, seconds, runner, nonfinite)
+        if run.control is not None:
+            stats.controlnet_calls = run.control.calls
         return FasterDiffusionOutput(images=images, stats=stats, latents=x0)
-
-    def _stats(
-        self,
-        x0: torch.Tensor,
-        cond: PromptEmbeddings,
-        key_schedule: KeySchedule,
-        sstats: SamplerStats,
-        seconds: dict[str, float],
-        runner: Runner,
-        nonfinite: bool,
-    ) -> PipelineStats:
-        widths = {k: int(v.shape[1]) for k, v in cond.added.items()} if cond.added else None
-        unet_in = (int(self.sd.unet.config.in_channels), *x0.shape[2:])  # 9 channels for an inpainting UNet
-        enc_f, dec_f = self._flops.per_row(
-            self.sd.unet, unet_in, (int(cond.text.shape[1]), int(cond.text.shape[2])), widths
-        )
-        return PipelineStats(
-            num_steps=key_schedule.num_steps,
-            key_steps=list(key_schedule.key_steps),
-            encoder_calls=sstats.encoder_calls,
-            encoder_rows=sstats.encoder_rows,
-            decoder_calls=sstats.decoder_calls,
-            decoder_rows=sstats.decoder_rows,
-            unet_gflops=(sstats.encoder_rows * enc_f + sstats.decoder_rows * dec_f) / 1e9,
-            seconds=seconds,
-            backend=runner.name,
-            nonfinite=nonfinite,
-        )
 
 
 __all__ = ["FasterDiffusionPipeline", "FasterDiffusionOutput", "PipelineStats", "PromptEmbeddings"]

@@ -401,7 +401,7 @@ class ServingRuntime:
             raise InputError(f"decoder_memory_mb must be a positive number or None, got {decoder_memory_mb!r}")
         self.decoder_memory_mb = decoder_memory_mb
         # Graph backends build per size; the torch runner (a fixed runner) serves every size.
-        self.builds_graphs = getattr(pipeline, "_fixed_runner", None) is None
+        self.builds_graphs = getattr(getattr(pipeline, "pool", None), "fixed", None) is None
         if sizes is None and self.builds_graphs:
             sizes = [(self.native_size, self.native_size)]
         self.sizes: tuple[tuple[int, int], ...] | None = None

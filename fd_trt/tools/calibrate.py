@@ -125,7 +125,7 @@ class Evaluator:
             record: keep the latents and scheduler state before every step, so that later runs
                 that share a prefix with this one resume from it (:meth:`error`).
         """
-        from fd_trt.core.sampler import run_sampler
+        from fd_trt.core.sampler import SamplerInputs, SamplerOptions, run_sampler
 
         keys = tuple(sorted(int(k) for k in key_steps))
         sched = self._fresh_scheduler()
@@ -151,14 +151,15 @@ class Evaluator:
                 states_x.append(latents.clone())
                 states_s.append((copy.deepcopy(sched), gen.get_state()))
 
-        runner = self.pipe._runner_for(self.latent_hw, (int(self.text.shape[1]), int(self.text.shape[2])))
+        runner = self.pipe.pool.runner_for(self.latent_hw, (int(self.text.shape[1]), int(self.text.shape[2])))
         if runner_wrap is not None:
             runner = runner_wrap(runner)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = run_sampler(runner, sched, x, self.text, ks, guidance_scale=self.guidance, added=self.added,
-                              noise=NoiseInjection(enabled=ks.propagates), extra_step_kwargs=_step_kwargs(sched, gen),
-                              progress=False, callback=callback, start_step=start, initial_noise=self.latents)
+            inputs = SamplerInputs(self.text, added=self.added, initial_noise=self.latents)
+            opts = SamplerOptions(guidance_scale=self.guidance, noise=NoiseInjection(enabled=ks.propagates),
+                                  extra_step_kwargs=_step_kwargs(sched, gen), start_step=start, progress=False)
+            out = run_sampler(runner, sched, x, inputs, ks, opts, callback=callback)
         self.run_seconds += time.perf_counter() - t0
         self.evaluations += 1
         self.steps_run += ks.num_steps - start
@@ -541,7 +542,7 @@ def _even(k: int, t: int) -> list[int]:
 
 def measure_costs(ev: Evaluator, repeats: int = 3) -> dict[str, float]:
     """Seconds of one encoder call and of decoder calls of 1 and of 10 steps, on the batch's rows."""
-    runner = ev.pipe._runner_for(ev.latent_hw, (int(ev.text.shape[1]), int(ev.text.shape[2])))
+    runner = ev.pipe.pool.runner_for(ev.latent_hw, (int(ev.text.shape[1]), int(ev.text.shape[2])))
     rows = int(ev.text.shape[0])
     x = torch.zeros((rows, *ev.latents.shape[1:]), device=ev.pipe.device)
     t = torch.full((rows,), 500.0, device=ev.pipe.device)
