@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from fd_trt.core.schedule import PAPER_KEY_STEPS, KeySchedule, NoiseInjection, parse_schedule
 from fd_trt.errors import (
     BackendUnavailableError,
     EngineMismatchError,
@@ -17,7 +18,6 @@ from fd_trt.errors import (
     ScheduleError,
     UnsupportedModelError,
 )
-from fd_trt.core.schedule import PAPER_KEY_STEPS, KeySchedule, NoiseInjection, parse_schedule
 
 __version__ = "0.1.0"
 

@@ -43,9 +43,10 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,7 +94,7 @@ def modes_for(names: Sequence[str], sched: str) -> list[tuple[str, str, bool | N
         elif name.startswith("uniform:"):
             out.append((name, name, None))
         elif name.startswith("keys:"):  # keys:0;2;5;9, a list of key steps
-            keys = [int(k) for k in name[len("keys:"):].split(";")]
+            keys = [int(k) for k in name[len("keys:") :].split(";")]
             out.append((f"keys:{len(keys)}:{'-'.join(map(str, keys))}", keys, None))
         elif name.endswith(".json"):
             from fd_trt.core.calibration import Calibration
@@ -169,11 +170,17 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
-def _checker_loss(logits: dict[str, torch.Tensor], num: torch.Tensor, colors: torch.Tensor, shapes_: torch.Tensor) -> torch.Tensor:
+def _checker_loss(
+    logits: dict[str, torch.Tensor], num: torch.Tensor, colors: torch.Tensor, shapes_: torch.Tensor
+) -> torch.Tensor:
     one, two = num == 1, num == 2
     loss = torch.zeros(())
     if one.any():
-        loss = loss + F.cross_entropy(logits["one_color"][one], colors[one, 0]) + F.cross_entropy(logits["one_shape"][one], shapes_[one, 0])
+        loss = (
+            loss
+            + F.cross_entropy(logits["one_color"][one], colors[one, 0])
+            + F.cross_entropy(logits["one_shape"][one], shapes_[one, 0])
+        )
     if two.any():
         for j, slot in enumerate(("left", "right")):
             loss = loss + F.cross_entropy(logits[f"{slot}_color"][two], colors[two, j])
@@ -233,7 +240,11 @@ def train_checker(cfg: CheckerConfig = CheckerConfig(), progress: bool = True) -
     return model.eval()
 
 
-def load_or_train_checker(cache_dir: str | os.PathLike[str] | None = DEFAULT_CACHE, cfg: CheckerConfig = CheckerConfig(), progress: bool = True) -> Checker:
+def load_or_train_checker(
+    cache_dir: str | os.PathLike[str] | None = DEFAULT_CACHE,
+    cfg: CheckerConfig = CheckerConfig(),
+    progress: bool = True,
+) -> Checker:
     """Returns the cached checker for ``cfg`` (keyed by the dataset code and config), training it if absent.
 
     Args:
@@ -247,8 +258,14 @@ def load_or_train_checker(cache_dir: str | os.PathLike[str] | None = DEFAULT_CAC
     return _load_or_train("checker", Checker, train_checker, cache_dir, cfg, progress)
 
 
-def _load_or_train(name: str, make: Callable[[], nn.Module], train: Callable[..., nn.Module],
-                   cache_dir: str | os.PathLike[str] | None, cfg: Any, progress: bool) -> Any:
+def _load_or_train(
+    name: str,
+    make: Callable[[], nn.Module],
+    train: Callable[..., nn.Module],
+    cache_dir: str | os.PathLike[str] | None,
+    cfg: Any,
+    progress: bool,
+) -> Any:
     """The cached ``<name>_<cfg.key()>.pt`` weights in ``cache_dir`` (``None``: always train), or
     ``train(cfg, progress=...)`` saved there atomically; the model comes back in eval mode."""
     path = Path(cache_dir) / f"{name}_{cfg.key()}.pt" if cache_dir is not None else None
@@ -266,7 +283,9 @@ def _load_or_train(name: str, make: Callable[[], nn.Module], train: Callable[...
 
 
 @torch.no_grad()
-def checker_read(model: Checker, images: np.ndarray, num_objects: Sequence[int], batch: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def checker_read(
+    model: Checker, images: np.ndarray, num_objects: Sequence[int], batch: int = 256
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Reads colours and shapes.
 
     Args:
@@ -281,8 +300,12 @@ def checker_read(model: Checker, images: np.ndarray, num_objects: Sequence[int],
     for i in range(0, len(images), batch):
         f, lg = model(_images_to_tensor(images[i : i + batch]))
         feats.append(f.numpy())
-        cols.append(torch.stack([lg["one_color"].argmax(1), lg["left_color"].argmax(1), lg["right_color"].argmax(1)], 1).numpy())
-        shps.append(torch.stack([lg["one_shape"].argmax(1), lg["left_shape"].argmax(1), lg["right_shape"].argmax(1)], 1).numpy())
+        cols.append(
+            torch.stack([lg["one_color"].argmax(1), lg["left_color"].argmax(1), lg["right_color"].argmax(1)], 1).numpy()
+        )
+        shps.append(
+            torch.stack([lg["one_shape"].argmax(1), lg["left_shape"].argmax(1), lg["right_shape"].argmax(1)], 1).numpy()
+        )
     c, s = np.concatenate(cols), np.concatenate(shps)
     n = np.asarray(num_objects)
     out_c = np.where(n[:, None] == 1, np.stack([c[:, 0], np.full(len(n), -1)], 1), c[:, 1:])
@@ -290,7 +313,9 @@ def checker_read(model: Checker, images: np.ndarray, num_objects: Sequence[int],
     return out_c, out_s, np.concatenate(feats)
 
 
-def adherence(pred_c: np.ndarray, pred_s: np.ndarray, true_c: np.ndarray, true_s: np.ndarray, num: np.ndarray) -> dict[str, Any]:
+def adherence(
+    pred_c: np.ndarray, pred_s: np.ndarray, true_c: np.ndarray, true_s: np.ndarray, num: np.ndarray
+) -> dict[str, Any]:
     """Accuracy per attribute for single- and two-object prompts.
 
     Returns:
@@ -303,7 +328,12 @@ def adherence(pred_c: np.ndarray, pred_s: np.ndarray, true_c: np.ndarray, true_s
     if one.any():
         c = pred_c[one, 0] == true_c[one, 0]
         s = pred_s[one, 0] == true_s[one, 0]
-        out["single"] = {"color": float(c.mean()), "shape": float(s.mean()), "both": float((c & s).mean()), "n": int(one.sum())}
+        out["single"] = {
+            "color": float(c.mean()),
+            "shape": float(s.mean()),
+            "both": float((c & s).mean()),
+            "n": int(one.sum()),
+        }
     two = num == 2
     if two.any():
         c = pred_c[two] == true_c[two]
@@ -425,7 +455,9 @@ def real_images(ps: PromptSet, seed: int) -> np.ndarray:
     return np.stack(out)
 
 
-def generate(pipe: Any, ps: PromptSet, steps: int, schedule: str, noise_injection: bool | None, batch: int, guidance: float = 7.5) -> tuple[np.ndarray, torch.Tensor, float]:
+def generate(
+    pipe: Any, ps: PromptSet, steps: int, schedule: str, noise_injection: bool | None, batch: int, guidance: float = 7.5
+) -> tuple[np.ndarray, torch.Tensor, float]:
     """Generates one image per prompt with its fixed seed.
 
     Returns:
@@ -436,14 +468,23 @@ def generate(pipe: Any, ps: PromptSet, steps: int, schedule: str, noise_injectio
     for i in range(0, len(ps.prompts), batch):
         prompts = ps.prompts[i : i + batch]
         gens = [torch.Generator().manual_seed(s) for s in ps.seeds[i : i + batch]]
-        out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="np",
-                   schedule=schedule, noise_injection=noise_injection)
+        out = pipe(
+            prompts,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gens,
+            output_type="np",
+            schedule=schedule,
+            noise_injection=noise_injection,
+        )
         images.append(np.asarray(out.images))
         latents.append(out.latents.cpu())
     return np.concatenate(images), torch.cat(latents), time.perf_counter() - t0
 
 
-def figure3(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int = 50, guidance: float = 7.5) -> dict[str, list[float]]:
+def figure3(
+    pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int = 50, guidance: float = 7.5
+) -> dict[str, list[float]]:
     """The paper's Figure 3 on DDIM (:func:`fd_trt.tools.calibrate.feature_changes`)."""
     from fd_trt.tools.calibrate import feature_changes
 
@@ -454,7 +495,9 @@ def plot_figure3(fig3: dict[str, list[float]], path: Path) -> None:
     """Plots :func:`figure3` to ``path`` (PNG)."""
     from fd_trt.tools.calibrate import plot_feature_changes
 
-    plot_feature_changes(fig3, path, title="Figure 3 of Faster Diffusion on the default model (DDIM-50, CFG 7.5, conditional rows)")
+    plot_feature_changes(
+        fig3, path, title="Figure 3 of Faster Diffusion on the default model (DDIM-50, CFG 7.5, conditional rows)"
+    )
 
 
 def save_samples(rows: dict[str, np.ndarray], real: np.ndarray, path: Path, n: int = 8) -> None:
@@ -473,8 +516,13 @@ def save_samples(rows: dict[str, np.ndarray], real: np.ndarray, path: Path, n: i
     grid.save(path)
 
 
-def time_modes(pipe: Any, steps: int, modes: Sequence[tuple[str, str, bool | None]], repeats: int = 3,
-               prompt: str = "a red circle on the left and a blue square on the right") -> dict[str, dict[str, float]]:
+def time_modes(
+    pipe: Any,
+    steps: int,
+    modes: Sequence[tuple[str, str, bool | None]],
+    repeats: int = 3,
+    prompt: str = "a red circle on the left and a blue square on the right",
+) -> dict[str, dict[str, float]]:
     """Median seconds for one 64x64 image (CFG 7.5, batch 1) per mode, measured side by side.
 
     The modes run interleaved, one warm-up round then ``repeats`` timed rounds, on the pipeline's
@@ -490,8 +538,15 @@ def time_modes(pipe: Any, steps: int, modes: Sequence[tuple[str, str, bool | Non
     for r in range(repeats + 1):
         for mode, schedule, inj in modes:
             t0, c0 = time.perf_counter(), time.process_time()
-            pipe(prompt, num_inference_steps=steps, guidance_scale=7.5, generator=torch.Generator().manual_seed(r),
-                 output_type="np", schedule=schedule, noise_injection=inj)
+            pipe(
+                prompt,
+                num_inference_steps=steps,
+                guidance_scale=7.5,
+                generator=torch.Generator().manual_seed(r),
+                output_type="np",
+                schedule=schedule,
+                noise_injection=inj,
+            )
             if r:
                 wall[mode].append(time.perf_counter() - t0)
                 cpu[mode].append(time.process_time() - c0)
@@ -575,8 +630,11 @@ def train_segmenter(cfg: SegmenterConfig = SegmenterConfig(), progress: bool = T
     return model.eval()
 
 
-def load_or_train_segmenter(cache_dir: str | os.PathLike[str] | None = DEFAULT_CACHE, cfg: SegmenterConfig = SegmenterConfig(),
-                            progress: bool = True) -> Segmenter:
+def load_or_train_segmenter(
+    cache_dir: str | os.PathLike[str] | None = DEFAULT_CACHE,
+    cfg: SegmenterConfig = SegmenterConfig(),
+    progress: bool = True,
+) -> Segmenter:
     """Returns the cached segmenter for ``cfg`` (keyed like the checker), training it if absent."""
     return _load_or_train("segmenter", Segmenter, train_segmenter, cache_dir, cfg, progress)
 
@@ -614,8 +672,16 @@ def control_masks(ps: PromptSet, seed: int) -> np.ndarray:
     return np.stack(out)
 
 
-def generate_controlled(pipe: Any, ps: PromptSet, masks: np.ndarray | None, steps: int, schedule: str, batch: int,
-                        guidance: float = 7.5, scale: float = 1.0) -> tuple[np.ndarray, float]:
+def generate_controlled(
+    pipe: Any,
+    ps: PromptSet,
+    masks: np.ndarray | None,
+    steps: int,
+    schedule: str,
+    batch: int,
+    guidance: float = 7.5,
+    scale: float = 1.0,
+) -> tuple[np.ndarray, float]:
     """Like :func:`generate`, with one control mask per prompt (``None``: a pipeline without ControlNet)."""
     images = []
     t0 = time.perf_counter()
@@ -623,9 +689,19 @@ def generate_controlled(pipe: Any, ps: PromptSet, masks: np.ndarray | None, step
         gens = [torch.Generator().manual_seed(s) for s in ps.seeds[i : i + batch]]
         extra: dict[str, Any] = {}
         if masks is not None:
-            extra = {"image": [shapes.mask_image(m) for m in masks[i : i + batch]], "controlnet_conditioning_scale": scale}
-        out = pipe(ps.prompts[i : i + batch], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                   output_type="np", schedule=schedule, **extra)
+            extra = {
+                "image": [shapes.mask_image(m) for m in masks[i : i + batch]],
+                "controlnet_conditioning_scale": scale,
+            }
+        out = pipe(
+            ps.prompts[i : i + batch],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gens,
+            output_type="np",
+            schedule=schedule,
+            **extra,
+        )
         images.append(np.asarray(out.images))
     return np.concatenate(images), time.perf_counter() - t0
 
@@ -643,8 +719,9 @@ def evaluate_controlnet(args: argparse.Namespace, argv: list[str] | None) -> dic
     print(f"segmenter IoU on held-out real scenes: {seg_real['mean']:.3f}", flush=True)
     ps = make_prompts(args.num_prompts, seed=args.seed)
     masks = control_masks(ps, seed=args.seed + 7919)
-    pipe = FasterDiffusionPipeline.from_pretrained(args.model, backend="torch", device="cpu", progress=False,
-                                                   controlnet=args.controlnet)
+    pipe = FasterDiffusionPipeline.from_pretrained(
+        args.model, backend="torch", device="cpu", progress=False, controlnet=args.controlnet
+    )
     plain = FasterDiffusionPipeline.from_pretrained(args.model, backend="torch", device="cpu", progress=False)
     for p_ in (pipe, plain):
         p_.set_scheduler("ddim")
@@ -663,17 +740,30 @@ def evaluate_controlnet(args: argparse.Namespace, argv: list[str] | None) -> dic
     }
     one = ps.num_objects == 1
     rows: dict[str, np.ndarray] = {}
-    for name, p_, schedule, m in (("all", pipe, "all", masks), ("paper", pipe, "paper", masks),
-                                  ("no_controlnet", plain, "all", None)):
+    for name, p_, schedule, m in (
+        ("all", pipe, "all", masks),
+        ("paper", pipe, "paper", masks),
+        ("no_controlnet", plain, "all", None),
+    ):
         imgs, secs = generate_controlled(p_, ps, m, 50, schedule, args.batch, args.guidance, args.controlnet_scale)
         iou = mask_iou(segment(seg, imgs), masks)
-        res["runs"][name] = {"scheduler": "ddim", "steps": 50, "schedule": schedule, "controlnet": m is not None,
-                             "iou_mean": float(iou.mean()), "iou_single": float(iou[one].mean()) if one.any() else None,
-                             "iou_two": float(iou[~one].mean()) if (~one).any() else None,
-                             "iou_median": float(np.median(iou)), "seconds": secs}
+        res["runs"][name] = {
+            "scheduler": "ddim",
+            "steps": 50,
+            "schedule": schedule,
+            "controlnet": m is not None,
+            "iou_mean": float(iou.mean()),
+            "iou_single": float(iou[one].mean()) if one.any() else None,
+            "iou_two": float(iou[~one].mean()) if (~one).any() else None,
+            "iou_median": float(np.median(iou)),
+            "seconds": secs,
+        }
         rows[name] = imgs
-        print(f"ddim-50 {name:<14} IoU {iou.mean():.3f} (single {res['runs'][name]['iou_single']}, "
-              f"two {res['runs'][name]['iou_two']})  {secs:.0f} s", flush=True)
+        print(
+            f"ddim-50 {name:<14} IoU {iou.mean():.3f} (single {res['runs'][name]['iou_single']}, "
+            f"two {res['runs'][name]['iou_two']})  {secs:.0f} s",
+            flush=True,
+        )
     res["paper_minus_all"] = res["runs"]["paper"]["iou_mean"] - res["runs"]["all"]["iou_mean"]
     masks_rgb = np.repeat(masks[..., None], 3, -1).astype(np.uint8) * 255
     save_samples(rows, masks_rgb, out_dir / "controlnet_samples.png")
@@ -693,11 +783,16 @@ def evaluate_controlnet(args: argparse.Namespace, argv: list[str] | None) -> dic
     ]
     for name, v in r.items():
         f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-        lines.append(f"| {name} | {v['iou_mean']:.3f} | {f(v['iou_single'])} | {f(v['iou_two'])} | {v['iou_median']:.3f} |")
+        lines.append(
+            f"| {name} | {v['iou_mean']:.3f} | {f(v['iou_single'])} | {f(v['iou_two'])} | {v['iou_median']:.3f} |"
+        )
     lines += ["", f"`paper` - `all`: {res['paper_minus_all']:+.3f}.", "", f"Command: `{res['command']}`", ""]
     (out_dir / "evaluation.md").write_text("\n".join(lines))
     print((out_dir / "evaluation.md").read_text())
-    print(f"wrote {out_dir}/evaluation.json, evaluation.md, controlnet_samples.png in {res['total_seconds']:.0f} s", flush=True)
+    print(
+        f"wrote {out_dir}/evaluation.json, evaluation.md, controlnet_samples.png in {res['total_seconds']:.0f} s",
+        flush=True,
+    )
     return res
 
 
@@ -733,14 +828,21 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
         lines.append(
             f"| {sched} | {mode} | {_pct(s.get('color'))} | {_pct(s.get('shape'))} | {_pct(s.get('both'))} | "
             f"{_pct(t.get('color'))} | {_pct(t.get('shape'))} | {_pct(t.get('both_objects'))} | {r['frechet']:.2f} | "
-            + (f"{fid['psnr_mean']:.2f} | {fid['ssim_mean']:.4f} | {fid['rel_l2_latents_mean']:.4f}" if fid else "- | - | -")
+            + (
+                f"{fid['psnr_mean']:.2f} | {fid['ssim_mean']:.4f} | {fid['rel_l2_latents_mean']:.4f}"
+                if fid
+                else "- | - | -"
+            )
             + f" | {r['seconds']:.1f} | "
             + (f"{r['timing']['speedup_vs_all']:.2f}x |" if r.get("timing") else "- |")
         )
     if "vae_reconstruction" in res:
         a = res["vae_reconstruction"]
-        lines += ["", f"Upper bound from the VAE alone (checker on VAE reconstructions of the real scenes): single "
-                  f"{_pct(a['single']['both'])}%, two-object {_pct(a['two']['both_objects'])}%."]
+        lines += [
+            "",
+            f"Upper bound from the VAE alone (checker on VAE reconstructions of the real scenes): single "
+            f"{_pct(a['single']['both'])}%, two-object {_pct(a['two']['both_objects'])}%.",
+        ]
     f3 = res["figure3"]
     lines += [
         "",
@@ -755,14 +857,20 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
     ]
     if res.get("timing"):
         tm = res["timing"]
-        lines += ["", f"Speedup: median wall seconds per 64x64 image (CFG 7.5, batch 1, torch, {tm['threads']} threads, "
-                  f"{tm['cpu']}), every mode of a scheduler timed side by side, interleaved, {tm['repeats']} rounds after "
-                  "one warm-up round; the ratio to `all` of the same scheduler.", ""]
+        lines += [
+            "",
+            f"Speedup: median wall seconds per 64x64 image (CFG 7.5, batch 1, torch, {tm['threads']} threads, "
+            f"{tm['cpu']}), every mode of a scheduler timed side by side, interleaved, {tm['repeats']} rounds after "
+            "one warm-up round; the ratio to `all` of the same scheduler.",
+            "",
+        ]
         for name, r in res["runs"].items():
             if r.get("timing"):
                 t = r["timing"]
-                lines.append(f"- {name}: {t['wall']:.3f} s wall ({t['speedup_vs_all']:.2f}x), "
-                             f"{t['cpu']:.3f} s CPU ({t['speedup_vs_all_cpu']:.2f}x)")
+                lines.append(
+                    f"- {name}: {t['wall']:.3f} s wall ({t['speedup_vs_all']:.2f}x), "
+                    f"{t['cpu']:.3f} s CPU ({t['speedup_vs_all_cpu']:.2f}x)"
+                )
     lines += ["", f"Command: `{res['command']}`", ""]
     path.write_text("\n".join(lines))
 
@@ -780,16 +888,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fig3-prompts", type=int, default=8, help="prompts averaged in Figure 3")
     p.add_argument("--checker-cache", default=str(DEFAULT_CACHE), help="folder for the checker weights ('' to retrain)")
     p.add_argument("--schedulers", default="ddim,dpmpp", help="comma-separated subset of ddim,dpmpp")
-    p.add_argument("--modes", default="all,paper,paper_no_injection",
-                   help="comma-separated: all, paper, paper_no_injection, uniform (same K as paper), calibrated, "
-                        "uniform:N, keys:0;2;5;9, or a calibration .json")
+    p.add_argument(
+        "--modes",
+        default="all,paper,paper_no_injection",
+        help="comma-separated: all, paper, paper_no_injection, uniform (same K as paper), calibrated, "
+        "uniform:N, keys:0;2;5;9, or a calibration .json",
+    )
     p.add_argument("--no-timing", action="store_true", help="skip the seconds-per-image measurement")
     p.add_argument("--timing-repeats", type=int, default=3, help="timed rounds per mode (after one warm-up round)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
-    p.add_argument("--controlnet", default=None,
-                   help="'default' or a ControlNet folder conditioned on silhouette masks: measure mask adherence "
-                        "(IoU, DDIM-50, all / paper / without the ControlNet) instead of the text-to-image evaluation")
-    p.add_argument("--controlnet-scale", type=float, default=1.0, help="controlnet_conditioning_scale with --controlnet")
+    p.add_argument(
+        "--controlnet",
+        default=None,
+        help="'default' or a ControlNet folder conditioned on silhouette masks: measure mask adherence "
+        "(IoU, DDIM-50, all / paper / without the ControlNet) instead of the text-to-image evaluation",
+    )
+    p.add_argument(
+        "--controlnet-scale", type=float, default=1.0, help="controlnet_conditioning_scale with --controlnet"
+    )
     return p.parse_args(argv)
 
 
@@ -814,7 +930,10 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     checker = load_or_train_checker(args.checker_cache or None, progress=not args.no_progress)
     checker_real = real_accuracy(checker, n=1000 if args.num_prompts >= 32 else 200)
-    print(f"checker on held-out real scenes: single {checker_real['single']['both']:.3f}, two {checker_real['two']['both_objects']:.3f}", flush=True)
+    print(
+        f"checker on held-out real scenes: single {checker_real['single']['both']:.3f}, two {checker_real['two']['both_objects']:.3f}",
+        flush=True,
+    )
 
     ps = make_prompts(args.num_prompts, seed=args.seed)
     real = real_images(ps, seed=args.seed + 1)
@@ -886,7 +1005,10 @@ def main(argv: list[str] | None = None) -> int:
             tm = time_modes(pipe, steps, modes, repeats=args.timing_repeats)
             for mode, _, _ in modes:
                 res["runs"][f"{sched}/{mode}"]["timing"] = tm[mode]
-                print(f"{sched:>6} {mode:<19} {tm[mode]['wall']:.3f} s/image  speedup vs all {tm[mode]['speedup_vs_all']:.2f}x", flush=True)
+                print(
+                    f"{sched:>6} {mode:<19} {tm[mode]['wall']:.3f} s/image  speedup vs all {tm[mode]['speedup_vs_all']:.2f}x",
+                    flush=True,
+                )
     pipe.set_scheduler("ddim")
     n3 = max(1, min(args.fig3_prompts, len(ps.prompts)))
     pick = np.linspace(0, len(ps.prompts) - 1, n3).round().astype(int)
@@ -903,7 +1025,10 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / "evaluation.json").write_text(json.dumps(res, indent=1))
     write_markdown(res, out_dir / "evaluation.md")
     print((out_dir / "evaluation.md").read_text())
-    print(f"wrote {out_dir}/evaluation.json, evaluation.md, figure3.png, samples.png in {res['total_seconds']:.0f} s", flush=True)
+    print(
+        f"wrote {out_dir}/evaluation.json, evaluation.md, figure3.png, samples.png in {res['total_seconds']:.0f} s",
+        flush=True,
+    )
     return 0
 
 

@@ -76,9 +76,8 @@ RUNS = {"paper": "50ls", "uniform5": 5}  # output name -> the authors' `mod`
 def make_inputs(out: Path) -> None:
     """Step 1, fd_trt's environment: the tiny UNet, scheduler settings, embeddings and latents."""
     import torch
-    from safetensors.torch import save_file
-
     from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
 
     from fd_trt.families.models import sd_scheduler_config
 
@@ -197,7 +196,7 @@ def run_reference(out: Path, reference: Path) -> None:
         "setup": [
             "python3 -m venv /work/venv-ref",
             "/work/venv-ref/bin/pip install torch==2.13.0 diffusers==0.23.1 huggingface_hub==0.25.2 "
-            "transformers==4.30.2 \"numpy<2\" safetensors",
+            'transformers==4.30.2 "numpy<2" safetensors',
         ],
         "commands": [
             "cd /work/wt-golden && PYTHONPATH=. /work/main/.venv/bin/python scripts/golden_authors.py inputs",

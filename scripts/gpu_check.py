@@ -33,8 +33,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -72,8 +73,15 @@ def write_json(report: dict[str, Any]) -> None:
 
 
 #: What the checks import, and the package that provides it.
-NEEDED = {"diffusers": "diffusers", "transformers": "transformers", "onnx": "onnx", "onnxruntime": "onnxruntime",
-          "onnx_graphsurgeon": "onnx-graphsurgeon", "polygraphy": "polygraphy", "pytest": "pytest"}
+NEEDED = {
+    "diffusers": "diffusers",
+    "transformers": "transformers",
+    "onnx": "onnx",
+    "onnxruntime": "onnxruntime",
+    "onnx_graphsurgeon": "onnx-graphsurgeon",
+    "polygraphy": "polygraphy",
+    "pytest": "pytest",
+}
 
 
 def missing_packages() -> list[str]:
@@ -96,12 +104,23 @@ def missing_packages() -> list[str]:
 
 def run_gpu_tests(timeout_s: float) -> dict[str, Any]:
     """Runs the GPU-marked tests in a subprocess with a time limit."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-           "tests/test_gpu.py", "tests/test_tensorrt.py"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-m",
+        "gpu",
+        "-p",
+        "no:cacheprovider",
+        "tests/test_gpu.py",
+        "tests/test_tensorrt.py",
+    ]
     t0 = time.perf_counter()
     try:
-        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s,
-                             env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        res = subprocess.run(
+            cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, env=dict(os.environ, HF_HUB_OFFLINE="1")
+        )
         tail = (res.stdout + res.stderr).strip().splitlines()[-15:]
         rc = res.returncode
     except subprocess.TimeoutExpired as exc:
@@ -124,10 +143,17 @@ def tiny_accuracy() -> dict[str, Any]:
     for schedule in ("all", "paper"):
         outs = {}
         for device, precision in (("cpu", "fp32"), ("cuda", "fp16")):
-            pipe = FasterDiffusionPipeline.from_diffusers(tiny_sd_pipeline(seed=0), backend="torch", device=device,
-                                                          precision=precision, progress=False)
-            out = pipe("a red circle on the left", num_inference_steps=50, output_type="latent", schedule=schedule,
-                       latents=latents.clone(), generator=torch.Generator().manual_seed(0))
+            pipe = FasterDiffusionPipeline.from_diffusers(
+                tiny_sd_pipeline(seed=0), backend="torch", device=device, precision=precision, progress=False
+            )
+            out = pipe(
+                "a red circle on the left",
+                num_inference_steps=50,
+                output_type="latent",
+                schedule=schedule,
+                latents=latents.clone(),
+                generator=torch.Generator().manual_seed(0),
+            )
             outs[device] = out.latents.float().cpu()
         ref, got = outs["cpu"], outs["cuda"]
         rel = float((got - ref).norm() / ref.norm())
@@ -179,9 +205,16 @@ def time_config(
             def once() -> tuple[float, float]:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                out = pipe("a photo of an astronaut riding a horse", num_inference_steps=steps, guidance_scale=guidance_scale,
-                           height=size, width=size, output_type="latent", schedule=schedule,
-                           generator=torch.Generator(device).manual_seed(0))
+                out = pipe(
+                    "a photo of an astronaut riding a horse",
+                    num_inference_steps=steps,
+                    guidance_scale=guidance_scale,
+                    height=size,
+                    width=size,
+                    output_type="latent",
+                    schedule=schedule,
+                    generator=torch.Generator(device).manual_seed(0),
+                )
                 end.record()
                 end.synchronize()
                 unet = out.stats.seconds["encoder"] + out.stats.seconds["decoder"]
@@ -200,8 +233,16 @@ def time_config(
             runs = [once() for _ in range(n)]
             total = statistics.median(r[0] for r in runs)
             unet = statistics.median(r[1] for r in runs)
-            rows.append({"config": label, "schedule": schedule, "total_s": total, "unet_loop_s": unet, "runs": n,
-                         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30})
+            rows.append(
+                {
+                    "config": label,
+                    "schedule": schedule,
+                    "total_s": total,
+                    "unet_loop_s": unet,
+                    "runs": n,
+                    "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+                }
+            )
             log(f"{label} {schedule}: {total:.3f} s per image ({unet:.3f} s UNet loop), median of {n}")
     finally:
         runner = getattr(pipe, "runner", None)
@@ -233,8 +274,11 @@ def sd15_timings(args: argparse.Namespace, deadline: Deadline, trt_problem: str 
         )
 
     # channels_last is timed to see whether it helps on this GPU (the torch backend's option).
-    for label, make in (("torch fp16", torch_pipe()), ("torch fp16 + CUDA graphs", torch_pipe(cuda_graphs=True)),
-                        ("torch fp16 channels_last", torch_pipe(channels_last=True))):
+    for label, make in (
+        ("torch fp16", torch_pipe()),
+        ("torch fp16 + CUDA graphs", torch_pipe(cuda_graphs=True)),
+        ("torch fp16 channels_last", torch_pipe(channels_last=True)),
+    ):
         if deadline.left() < 60:
             notes.append(f"{label}: skipped, out of time")
             continue
@@ -243,27 +287,49 @@ def sd15_timings(args: argparse.Namespace, deadline: Deadline, trt_problem: str 
     if trt_problem is not None:
         notes.append(f"tensorrt: not timed: {trt_problem}")
     elif deadline.left() < args.trt_min_s:
-        notes.append(f"tensorrt: not timed: {deadline.left():.0f} s left, building SD1.5 plans needs about {args.trt_min_s} s")
+        notes.append(
+            f"tensorrt: not timed: {deadline.left():.0f} s left, building SD1.5 plans needs about {args.trt_min_s} s"
+        )
     else:
         from fd_trt.backends.tensorrt import build_plans
         from fd_trt.graphs.build import build_engines
 
         folder = Path(tempfile.mkdtemp(prefix="fd_trt_gpu_check_"))
         t1 = time.perf_counter()
-        build_engines(sd.unet, folder, latent_size=(64, 64), text_shape=(77, 768), precision="fp16",
-                      model_source="sd15-arch", progress=False)
+        build_engines(
+            sd.unet,
+            folder,
+            latent_size=(64, 64),
+            text_shape=(77, 768),
+            precision="fp16",
+            model_source="sd15-arch",
+            progress=False,
+        )
         built = build_plans(folder, builder_optimization_level=args.trt_opt_level)
-        notes.append(f"tensorrt: graphs + plans built in {time.perf_counter() - t1:.0f} s at optimization level "
-                     f"{args.trt_opt_level} ({', '.join(b.record.file for b in built)})")
+        notes.append(
+            f"tensorrt: graphs + plans built in {time.perf_counter() - t1:.0f} s at optimization level "
+            f"{args.trt_opt_level} ({', '.join(b.record.file for b in built)})"
+        )
         for label, graphs in (("tensorrt", False), ("tensorrt + CUDA graphs", True)):
             if deadline.left() < 40:
                 notes.append(f"{label}: skipped, out of time")
                 continue
             rows += time_config(
                 lambda g=graphs: FasterDiffusionPipeline.from_diffusers(
-                    sd, backend="tensorrt", device="cuda", precision="fp16", progress=False, engines=folder,
-                    runner_options={"cuda_graphs": g}),
-                schedules, args.repeat, args.warmup, deadline, label)
+                    sd,
+                    backend="tensorrt",
+                    device="cuda",
+                    precision="fp16",
+                    progress=False,
+                    engines=folder,
+                    runner_options={"cuda_graphs": g},
+                ),
+                schedules,
+                args.repeat,
+                args.warmup,
+                deadline,
+                label,
+            )
 
     add_speedups(rows)
     return {"rows": rows, "notes": notes}
@@ -290,8 +356,16 @@ def sdxl_timings(args: argparse.Namespace, deadline: Deadline) -> dict[str, Any]
             continue
         rows += time_config(
             lambda o=options: FasterDiffusionPipeline.from_diffusers(
-                sd, backend="torch", device="cuda", precision="fp16", progress=False, runner_options=o),
-            ["all", "paper"], args.repeat, args.warmup, deadline, label, size=1024, guidance_scale=5.0)
+                sd, backend="torch", device="cuda", precision="fp16", progress=False, runner_options=o
+            ),
+            ["all", "paper"],
+            args.repeat,
+            args.warmup,
+            deadline,
+            label,
+            size=1024,
+            guidance_scale=5.0,
+        )
     add_speedups(rows)
     del sd
     torch.cuda.empty_cache()
@@ -313,7 +387,9 @@ def check_targets(rows: list[dict[str, Any]]) -> dict[str, bool]:
         if r["schedule"] == "paper" and r.get("speedup_vs_all"):
             targets[f"{r['config']}: paper >= {TARGET_SPEEDUP}x all"] = r["speedup_vs_all"] >= TARGET_SPEEDUP
         if r["config"].startswith("tensorrt") and r["schedule"] == "paper":
-            targets[f"{r['config']}: paper UNet loop < {TARGET_TRT_PAPER_UNET_S} s"] = r["unet_loop_s"] < TARGET_TRT_PAPER_UNET_S
+            targets[f"{r['config']}: paper UNet loop < {TARGET_TRT_PAPER_UNET_S} s"] = (
+                r["unet_loop_s"] < TARGET_TRT_PAPER_UNET_S
+            )
     return targets
 
 
@@ -325,8 +401,10 @@ def table(report: dict[str, Any]) -> str:
     ]
     for r in report.get("sd15", {}).get("rows", []) + report.get("sdxl", {}).get("rows", []):
         sp = r.get("speedup_vs_all")
-        lines.append(f"| {r['config']} | {r['schedule']} | {r['total_s']:.3f} | {r['unet_loop_s']:.3f} | "
-                     f"{'' if sp is None or r['schedule'] == 'all' else f'{sp:.2f}x'} | {r['peak_mem_gib']:.1f} | {r['runs']} |")
+        lines.append(
+            f"| {r['config']} | {r['schedule']} | {r['total_s']:.3f} | {r['unet_loop_s']:.3f} | "
+            f"{'' if sp is None or r['schedule'] == 'all' else f'{sp:.2f}x'} | {r['peak_mem_gib']:.1f} | {r['runs']} |"
+        )
     return "\n".join(lines)
 
 
@@ -352,15 +430,19 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"torch": torch.__version__, "torch_cuda": torch.version.cuda}
     missing = missing_packages()
     if missing:  # before the GPU is used: on a lent machine, a missing package must not cost a run
-        reason = (f"cannot import {'; '.join(missing)}. On a machine without a package registry, run "
-                  "bash scripts/gpu_wheels.sh where pip works and carry .whl/ along; elsewhere pip install -e '.[test]'")
+        reason = (
+            f"cannot import {'; '.join(missing)}. On a machine without a package registry, run "
+            "bash scripts/gpu_wheels.sh where pip works and carry .whl/ along; elsewhere pip install -e '.[test]'"
+        )
         log(f"FAILED: {reason}")
         report.update(skipped=True, ok=False, reason=reason)
         write_json(report)
         return 2
     if not torch.cuda.is_available():
-        reason = (f"no CUDA GPU visible to torch {torch.__version__} (torch.version.cuda={torch.version.cuda}): "
-                  "skipping the GPU tests, the fp16-vs-fp32 comparison and the SD1.5 timings")
+        reason = (
+            f"no CUDA GPU visible to torch {torch.__version__} (torch.version.cuda={torch.version.cuda}): "
+            "skipping the GPU tests, the fp16-vs-fp32 comparison and the SD1.5 timings"
+        )
         log(f"SKIPPED: {reason}")
         report.update(skipped=True, reason=reason)
         write_json(report)
@@ -369,10 +451,17 @@ def main(argv: list[str] | None = None) -> int:
     from fd_trt.backends.tensorrt import runtime_problem
 
     trt_problem = runtime_problem()
-    report.update(skipped=False, gpu=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
-                  tensorrt=None if trt_problem else __import__("tensorrt").__version__, tensorrt_problem=trt_problem)
-    log(f"{report['gpu']} (compute {'.'.join(map(str, report['capability']))}), torch {torch.__version__}, "
-        f"CUDA {torch.version.cuda}, TensorRT: {report['tensorrt'] or 'not importable'}")
+    report.update(
+        skipped=False,
+        gpu=torch.cuda.get_device_name(),
+        capability=list(torch.cuda.get_device_capability()),
+        tensorrt=None if trt_problem else __import__("tensorrt").__version__,
+        tensorrt_problem=trt_problem,
+    )
+    log(
+        f"{report['gpu']} (compute {'.'.join(map(str, report['capability']))}), torch {torch.__version__}, "
+        f"CUDA {torch.version.cuda}, TensorRT: {report['tensorrt'] or 'not importable'}"
+    )
     ok = True
     if not args.skip_tests:
         log("1/4 GPU tests")
@@ -396,7 +485,10 @@ def main(argv: list[str] | None = None) -> int:
             ok = False
     if not args.skip_sdxl:
         if deadline.left() < args.sdxl_min_s:
-            report["sdxl"] = {"rows": [], "notes": [f"not timed: {deadline.left():.0f} s left, SDXL needs about {args.sdxl_min_s} s"]}
+            report["sdxl"] = {
+                "rows": [],
+                "notes": [f"not timed: {deadline.left():.0f} s left, SDXL needs about {args.sdxl_min_s} s"],
+            }
         else:
             log("4/4 SDXL-shaped UNet, 1024x1024, DDIM-50, CFG 5.0, fp16")
             try:
@@ -415,9 +507,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, met in targets.items():
         print(f"target {'met' if met else 'MISSED'}: {name}")
     acc = report.get("accuracy", {})
-    print(f"tests: {'ok' if report.get('tests', {}).get('ok', True) else 'FAILED'}; accuracy: "
-          f"all {acc.get('all', {}).get('rel_l2', float('nan')):.2e}, paper {acc.get('paper', {}).get('rel_l2', float('nan')):.2e} "
-          f"({'ok' if acc.get('ok') else 'FAILED'}); {report['seconds']:.0f} s in all")
+    print(
+        f"tests: {'ok' if report.get('tests', {}).get('ok', True) else 'FAILED'}; accuracy: "
+        f"all {acc.get('all', {}).get('rel_l2', float('nan')):.2e}, paper {acc.get('paper', {}).get('rel_l2', float('nan')):.2e} "
+        f"({'ok' if acc.get('ok') else 'FAILED'}); {report['seconds']:.0f} s in all"
+    )
     print(table(report))
     return 0 if ok else 1
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import threading
 import time
@@ -32,8 +31,13 @@ sys.path.insert(0, str(REPO))
 from fd_trt.serving.runtime import _percentile  # noqa: E402
 
 PROMPTS = [
-    "a red circle", "a blue square on the left", "a green star at the top", "a yellow triangle in the center",
-    "a cyan diamond on the left and a magenta circle on the right", "an orange star", "a purple square at the bottom",
+    "a red circle",
+    "a blue square on the left",
+    "a green star at the top",
+    "a yellow triangle in the center",
+    "a cyan diamond on the left and a magenta circle on the right",
+    "an orange star",
+    "a purple square at the bottom",
     "a red triangle on the left and a blue star on the right",
 ]
 
@@ -78,9 +82,14 @@ def run_load(url: str, args: argparse.Namespace, concurrency: int, seed0: int) -
                         return
                     next_i[0] += 1
                 body = {
-                    "prompt": PROMPTS[i % len(PROMPTS)], "seed": seed0 + i, "steps": args.steps,
-                    "guidance": args.guidance, "height": args.height, "width": args.width,
-                    "scheduler": args.scheduler, "schedule": args.schedule,
+                    "prompt": PROMPTS[i % len(PROMPTS)],
+                    "seed": seed0 + i,
+                    "steps": args.steps,
+                    "guidance": args.guidance,
+                    "height": args.height,
+                    "width": args.width,
+                    "scheduler": args.scheduler,
+                    "schedule": args.schedule,
                 }
                 t0 = time.perf_counter()
                 try:
@@ -120,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from fd_trt.serving.http import ThreadedServer, create_app
     from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
+    from fd_trt.serving.http import ThreadedServer, create_app
     from fd_trt.serving.runtime import ServingRuntime
 
     if args.threads:
@@ -131,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
-        "args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(), "runs": [],
+        "args": vars(args),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "runs": [],
     }
     for mode in modes:
         max_batch = args.max_batch if mode == "on" else 1
@@ -139,9 +151,16 @@ def main(argv: list[str] | None = None) -> int:
         pipe.set_scheduler(args.scheduler)
         # As in fd-trt serve, the runtime's worker runs on the main thread (see ServingRuntime's
         # `start`); the server and the load run in other threads.
-        rt = ServingRuntime(pipe, max_batch=max_batch, max_wait_ms=args.max_wait_ms, max_queue=max(64, 2 * max(concurrencies)),
-                            default_timeout_s=args.request_timeout, warmup=True,
-                            warmup_sizes=[(args.height, args.width)], start=False)
+        rt = ServingRuntime(
+            pipe,
+            max_batch=max_batch,
+            max_wait_ms=args.max_wait_ms,
+            max_queue=max(64, 2 * max(concurrencies)),
+            default_timeout_s=args.request_timeout,
+            warmup=True,
+            warmup_sizes=[(args.height, args.width)],
+            start=False,
+        )
 
         def drive(mode: str = mode, max_batch: int = max_batch, rt: ServingRuntime = rt) -> None:
             try:
@@ -153,10 +172,12 @@ def main(argv: list[str] | None = None) -> int:
                         run["server"] = {k: rt.stats()[k] for k in ("batch_sizes", "requests")}
                         report["runs"].append(run)
                         lat = run["latency_s"]
-                        print(f"batching {mode:3s} (max batch {max_batch}) concurrency {c:2d}: "
-                              f"{run['throughput_img_s']:.2f} img/s, p50 {lat['p50']:.3f} s, p95 {lat['p95']:.3f} s, "
-                              f"p99 {lat['p99']:.3f} s, mean batch {run['mean_batch_size']:.2f}, failed {run['failed']}",
-                              flush=True)
+                        print(
+                            f"batching {mode:3s} (max batch {max_batch}) concurrency {c:2d}: "
+                            f"{run['throughput_img_s']:.2f} img/s, p50 {lat['p50']:.3f} s, p95 {lat['p95']:.3f} s, "
+                            f"p99 {lat['p99']:.3f} s, mean batch {run['mean_batch_size']:.2f}, failed {run['failed']}",
+                            flush=True,
+                        )
             finally:
                 rt.shutdown()
 
@@ -178,8 +199,10 @@ def main(argv: list[str] | None = None) -> int:
             "lost": sum(r["requests"] - r["completed"] for r in report["runs"]),
         }
         t = report["targets"]
-        print(f"batching on: throughput at concurrency {hi} / at 1 = {t['throughput_ratio']:.2f}x (target >= 3); "
-              f"p99 at {hi} / solo p50 = {t['p99_over_solo']:.2f}x (target <= 3); requests lost: {t['lost']}")
+        print(
+            f"batching on: throughput at concurrency {hi} / at 1 = {t['throughput_ratio']:.2f}x (target >= 3); "
+            f"p99 at {hi} / solo p50 = {t['p99_over_solo']:.2f}x (target <= 3); requests lost: {t['lost']}"
+        )
 
     (out_dir / "load_test.json").write_text(json.dumps(report, indent=2, default=str))
     lines = [
@@ -191,8 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for r in report["runs"]:
         lat = r["latency_s"]
-        lines.append(f"| {r['batching']} | {r['max_batch']} | {r['concurrency']} | {r['throughput_img_s']:.2f} | {lat['p50']:.3f} | "
-                     f"{lat['p95']:.3f} | {lat['p99']:.3f} | {r['mean_batch_size']:.2f} | {r['failed']} |")
+        lines.append(
+            f"| {r['batching']} | {r['max_batch']} | {r['concurrency']} | {r['throughput_img_s']:.2f} | {lat['p50']:.3f} | "
+            f"{lat['p95']:.3f} | {lat['p99']:.3f} | {r['mean_batch_size']:.2f} | {r['failed']} |"
+        )
     (out_dir / "load_test.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out_dir / 'load_test.json'} and {out_dir / 'load_test.md'}")
     return 0 if all(r["failed"] == 0 for r in report["runs"]) else 1

@@ -67,8 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--cfg-dropout", type=float, default=0.1, help="probability of an empty caption")
     p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--max-minutes", type=float, default=0.0,
-                   help="stop training early once the training stage has used this many CPU-minutes / threads (0: no limit)")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=0.0,
+        help="stop training early once the training stage has used this many CPU-minutes / threads (0: no limit)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny smoke-test sizes")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     args = p.parse_args(argv)
@@ -115,13 +119,20 @@ def load_components(model: str | None) -> Any:
     if path is None:
         raise SystemExit("no default model is installed (fd_trt/assets/default_model); pass --model FOLDER")
     sd = StableDiffusionPipeline.from_pretrained(
-        path, local_files_only=True, use_safetensors=True, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
+        path,
+        local_files_only=True,
+        use_safetensors=True,
+        torch_dtype=torch.float32,
+        safety_checker=None,
+        requires_safety_checker=False,
     )
     return sd, path
 
 
 @torch.no_grad()
-def encode_data(sd: Any, images: np.ndarray, captions: list[str], batch: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def encode_data(
+    sd: Any, images: np.ndarray, captions: list[str], batch: int = 256
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scaled latents, per-scene caption indices, and the text states of the distinct captions.
 
     Returns:
@@ -137,7 +148,9 @@ def encode_data(sd: Any, images: np.ndarray, captions: list[str], batch: int = 2
     index = torch.tensor([where[c] for c in captions])
 
     def embed(texts: list[str]) -> torch.Tensor:
-        tok = sd.tokenizer(texts, padding="max_length", max_length=sd.tokenizer.model_max_length, truncation=True, return_tensors="pt")
+        tok = sd.tokenizer(
+            texts, padding="max_length", max_length=sd.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        )
         return sd.text_encoder(tok.input_ids)[0]
 
     text = torch.cat([embed(unique[i : i + 512]) for i in range(0, len(unique), 512)])
@@ -151,8 +164,16 @@ def build_controlnet(unet: Any) -> Any:
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=COND_CHANNELS)
 
 
-def train(args: argparse.Namespace, sd: Any, latents: torch.Tensor, index: torch.Tensor, text: torch.Tensor,
-          empty: torch.Tensor, masks: np.ndarray, log: dict[str, Any]) -> Any:
+def train(
+    args: argparse.Namespace,
+    sd: Any,
+    latents: torch.Tensor,
+    index: torch.Tensor,
+    text: torch.Tensor,
+    empty: torch.Tensor,
+    masks: np.ndarray,
+    log: dict[str, Any],
+) -> Any:
     """Trains the ControlNet against the frozen UNet; returns it in eval mode."""
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
@@ -183,8 +204,9 @@ def train(args: argparse.Namespace, sd: Any, latents: torch.Tensor, index: torch
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         down, mid = controlnet(xt, t, encoder_hidden_states=states, controlnet_cond=cond, return_dict=False)
-        pred = unet(xt, t, encoder_hidden_states=states, down_block_additional_residuals=down,
-                    mid_block_additional_residual=mid).sample
+        pred = unet(
+            xt, t, encoder_hidden_states=states, down_block_additional_residuals=down, mid_block_additional_residual=mid
+        ).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -195,18 +217,25 @@ def train(args: argparse.Namespace, sd: Any, latents: torch.Tensor, index: torch
             log["train"]["losses"].append({"step": step + 1, "loss": float(np.mean(window)), **clock.stamp()})
             if args.no_progress:
                 e = log["train"]["losses"][-1]
-                print(f"      step {e['step']}: loss {e['loss']:.4f}, {e['wall_s']:.0f} s wall, {e['cpu_s']:.0f} s CPU", flush=True)
+                print(
+                    f"      step {e['step']}: loss {e['loss']:.4f}, {e['wall_s']:.0f} s wall, {e['cpu_s']:.0f} s CPU",
+                    flush=True,
+                )
             window = []
         if args.max_minutes and clock.cpu() / args.threads > 60 * args.max_minutes:
             log["train"]["stopped_early_at_step"] = step + 1
-            log["train"]["losses"].append({"step": step + 1, "loss": float(np.mean(window or [float("nan")])), **clock.stamp()})
+            log["train"]["losses"].append(
+                {"step": step + 1, "loss": float(np.mean(window or [float("nan")])), **clock.stamp()}
+            )
             break
     log["train"].update(clock.stamp())
     return controlnet.eval()
 
 
 @torch.no_grad()
-def held_out_loss(sd: Any, controlnet: Any, latents: torch.Tensor, states: torch.Tensor, masks: np.ndarray, seed: int) -> dict[str, float]:
+def held_out_loss(
+    sd: Any, controlnet: Any, latents: torch.Tensor, states: torch.Tensor, masks: np.ndarray, seed: int
+) -> dict[str, float]:
     """Epsilon MSE on held-out scenes with the ControlNet, and with it switched off (scale 0)."""
     from diffusers import DDPMScheduler
 
@@ -216,8 +245,12 @@ def held_out_loss(sd: Any, controlnet: Any, latents: torch.Tensor, states: torch
     t = torch.randint(0, 1000, (latents.shape[0],), generator=gen)
     a = alphas[t].view(-1, 1, 1, 1)
     xt = a.sqrt() * latents + (1 - a).sqrt() * noise
-    down, mid = controlnet(xt, t, encoder_hidden_states=states, controlnet_cond=mask_to_control(masks), return_dict=False)
-    with_cn = sd.unet(xt, t, encoder_hidden_states=states, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+    down, mid = controlnet(
+        xt, t, encoder_hidden_states=states, controlnet_cond=mask_to_control(masks), return_dict=False
+    )
+    with_cn = sd.unet(
+        xt, t, encoder_hidden_states=states, down_block_additional_residuals=down, mid_block_additional_residual=mid
+    ).sample
     without = sd.unet(xt, t, encoder_hidden_states=states).sample
     return {"with_controlnet": float(F.mse_loss(with_cn, noise)), "without": float(F.mse_loss(without, noise))}
 
@@ -236,14 +269,24 @@ def main(argv: list[str] | None = None) -> int:
     sd, model_path = load_components(args.model)
     for m in (sd.unet, sd.vae, sd.text_encoder):
         m.requires_grad_(False)
-    log: dict[str, Any] = {"args": vars(args), "model": str(model_path), "torch": torch.__version__, "threads": args.threads,
-                           "train": {"losses": []}}
+    log: dict[str, Any] = {
+        "args": vars(args),
+        "model": str(model_path),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "train": {"losses": []},
+    }
 
     print(f"[1/4] generating {args.num_images} scenes with masks (seed {args.data_seed})", flush=True)
     clock = Clock()
     data = generate_dataset(args.num_images, seed=args.data_seed, p_two=args.p_two, progress=not args.no_progress)
     held = generate_dataset(128, seed=args.data_seed + 1000, p_two=args.p_two)
-    log["data"] = {"num_images": args.num_images, "p_two": args.p_two, "mask_fraction": round(float(data.masks.mean()), 4), **clock.stamp()}
+    log["data"] = {
+        "num_images": args.num_images,
+        "p_two": args.p_two,
+        "mask_fraction": round(float(data.masks.mean()), 4),
+        **clock.stamp(),
+    }
     print(f"      {clock.wall():.0f} s", flush=True)
 
     print("[2/4] encoding latents and captions (frozen VAE and text encoder)", flush=True)
@@ -254,8 +297,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"[3/4] training the ControlNet: {args.steps} steps x {args.batch}", flush=True)
     controlnet = train(args, sd, latents, index, text, empty, data.masks, log)
-    print(f"      {log['train']['wall_s']:.0f} s wall, {log['train']['cpu_s']:.0f} s CPU, "
-          f"final loss {log['train']['losses'][-1]['loss']:.4f}", flush=True)
+    print(
+        f"      {log['train']['wall_s']:.0f} s wall, {log['train']['cpu_s']:.0f} s CPU, "
+        f"final loss {log['train']['losses'][-1]['loss']:.4f}",
+        flush=True,
+    )
 
     print(f"[4/4] saving to {out_dir}", flush=True)
     clock = Clock()
@@ -271,10 +317,16 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / "training_log.json").write_text(json.dumps(log, indent=1))
     log["folder_mb"] = round(folder_mb(out_dir), 3)
     (out_dir / "training_log.json").write_text(json.dumps(log, indent=1))
-    print(f"held-out eps MSE {log['held_out_eps_mse']['with_controlnet']:.4f} with the ControlNet, "
-          f"{log['held_out_eps_mse']['without']:.4f} without", flush=True)
-    print(f"done in {total.wall() / 60:.1f} min wall ({total.cpu() / 60:.1f} min CPU, "
-          f"{total.cpu() / args.threads / 60:.1f} min CPU / {args.threads} threads); folder {log['folder_mb']} MB", flush=True)
+    print(
+        f"held-out eps MSE {log['held_out_eps_mse']['with_controlnet']:.4f} with the ControlNet, "
+        f"{log['held_out_eps_mse']['without']:.4f} without",
+        flush=True,
+    )
+    print(
+        f"done in {total.wall() / 60:.1f} min wall ({total.cpu() / 60:.1f} min CPU, "
+        f"{total.cpu() / args.threads / 60:.1f} min CPU / {args.threads} threads); folder {log['folder_mb']} MB",
+        flush=True,
+    )
     return 0
 
 

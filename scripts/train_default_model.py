@@ -43,20 +43,26 @@ sys.path.insert(0, str(REPO))
 from fd_trt.families.models import default_model_dir, make_word_tokenizer, sd_scheduler_config  # noqa: E402
 from fd_trt.tools.shapes import generate_dataset, pair_prompt, single_prompt  # noqa: E402
 
-MAX_TOKENS = 32  # longest caption: 28 tokens ("orange", "purple", "triangle", "cyan" are several BPE tokens) + 2 specials
+MAX_TOKENS = (
+    32  # longest caption: 28 tokens ("orange", "purple", "triangle", "cyan" are several BPE tokens) + 2 specials
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parses the command line (``argv``, or ``sys.argv[1:]`` when ``None``)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default=str(REPO / "fd_trt" / "assets" / "default_model"))
-    p.add_argument("--grid", default=str(REPO / "docs" / "default_model_samples.png"), help="sample grid PNG ('' for none)")
+    p.add_argument(
+        "--grid", default=str(REPO / "docs" / "default_model_samples.png"), help="sample grid PNG ('' for none)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--num-images", type=int, default=40000, help="training scenes")
     p.add_argument("--p-two", type=float, default=0.6, help="fraction of two-object scenes")
     p.add_argument("--vae-steps", type=int, default=1800)
-    p.add_argument("--vae-crop", type=int, default=32, help="random crop size of the VAE's early steps (0: full images)")
+    p.add_argument(
+        "--vae-crop", type=int, default=32, help="random crop size of the VAE's early steps (0: full images)"
+    )
     p.add_argument("--vae-full-steps", type=int, default=300, help="last VAE steps on full 64x64 images")
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--vae-lr", type=float, default=2e-3)
@@ -199,7 +205,12 @@ def train_vae(args: argparse.Namespace, images: np.ndarray, held_out: np.ndarray
         window.append(float(loss_rec.detach()))
         if (step + 1) % args.log_every == 0 or step + 1 == args.vae_steps:
             log["vae"]["losses"].append(
-                {"step": step + 1, "loss": float(np.mean(window)), "wall_s": round(clock.wall(), 1), "cpu_s": round(clock.cpu(), 1)}
+                {
+                    "step": step + 1,
+                    "loss": float(np.mean(window)),
+                    "wall_s": round(clock.wall(), 1),
+                    "cpu_s": round(clock.cpu(), 1),
+                }
             )
             window = []
     vae.eval()
@@ -222,7 +233,12 @@ def encode_latents(vae: Any, images: np.ndarray, batch: int = 256) -> torch.Tens
 
 
 def train_unet(
-    args: argparse.Namespace, latents: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Tensor, tokenizer: Any, log: dict[str, Any]
+    args: argparse.Namespace,
+    latents: torch.Tensor,
+    ids: torch.Tensor,
+    empty_ids: torch.Tensor,
+    tokenizer: Any,
+    log: dict[str, Any],
 ) -> tuple[Any, Any]:
     """Trains the UNet and text encoder together (epsilon MSE, CFG dropout, EMA).
 
@@ -279,7 +295,12 @@ def train_unet(
         window.append(float(loss.detach()))
         if (step + 1) % args.log_every == 0 or step + 1 == args.unet_steps:
             log["unet"]["losses"].append(
-                {"step": step + 1, "loss": float(np.mean(window)), "wall_s": round(clock.wall(), 1), "cpu_s": round(clock.cpu(), 1)}
+                {
+                    "step": step + 1,
+                    "loss": float(np.mean(window)),
+                    "wall_s": round(clock.wall(), 1),
+                    "cpu_s": round(clock.cpu(), 1),
+                }
             )
             window = []
     with torch.no_grad():
@@ -339,7 +360,12 @@ def load_fp32(path: Path) -> Any:
     from diffusers import StableDiffusionPipeline
 
     sd = StableDiffusionPipeline.from_pretrained(
-        path, local_files_only=True, use_safetensors=True, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
+        path,
+        local_files_only=True,
+        use_safetensors=True,
+        torch_dtype=torch.float32,
+        safety_checker=None,
+        requires_safety_checker=False,
     )
     sd.set_progress_bar_config(disable=True)
     return sd
@@ -416,7 +442,12 @@ def main(argv: list[str] | None = None) -> int:
     clock = Clock()
     data = generate_dataset(args.num_images, seed=args.seed, p_two=args.p_two, progress=not args.no_progress)
     held = generate_dataset(256, seed=args.seed + 1000, p_two=args.p_two)
-    log["data"] = {"num_images": args.num_images, "p_two": args.p_two, "wall_s": round(clock.wall(), 1), "cpu_s": round(clock.cpu(), 1)}
+    log["data"] = {
+        "num_images": args.num_images,
+        "p_two": args.p_two,
+        "wall_s": round(clock.wall(), 1),
+        "cpu_s": round(clock.cpu(), 1),
+    }
     print(f"      {clock.wall():.0f} s", flush=True)
 
     print(f"[2/5] training the VAE: {args.vae_steps} steps x {args.vae_batch}", flush=True)
@@ -429,13 +460,20 @@ def main(argv: list[str] | None = None) -> int:
     scaling = float(1.0 / raw.std())
     vae.register_to_config(scaling_factor=scaling)
     latents = raw * scaling
-    log["latents"] = {"shape": list(raw.shape[1:]), "scaling_factor": scaling, "wall_s": round(clock.wall(), 1), "cpu_s": round(clock.cpu(), 1)}
+    log["latents"] = {
+        "shape": list(raw.shape[1:]),
+        "scaling_factor": scaling,
+        "wall_s": round(clock.wall(), 1),
+        "cpu_s": round(clock.cpu(), 1),
+    }
     print(f"      {clock.wall():.0f} s, scaling_factor {scaling:.4f}", flush=True)
 
     print(f"[4/5] training the UNet + text encoder: {args.unet_steps} steps x {args.unet_batch}", flush=True)
     tokenizer = make_word_tokenizer(max_length=MAX_TOKENS)
     enc = tokenizer(data.captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
-    empty = tokenizer([""], padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids[0]
+    empty = tokenizer(
+        [""], padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+    ).input_ids[0]
     unet, text_encoder = train_unet(args, latents, enc.input_ids, empty, tokenizer, log)
     print(f"      {log['unet']['wall_s']:.0f} s, final loss {log['unet']['losses'][-1]['loss']:.4f}", flush=True)
 
@@ -454,9 +492,14 @@ def main(argv: list[str] | None = None) -> int:
     log["folder_mb"] = round(folder_mb(out_dir), 2)
     (out_dir / "training_log.json").write_text(json.dumps(log, indent=1))
     log["folder_mb"] = round(folder_mb(out_dir), 2)
-    print(f"done in {total.wall() / 60:.1f} min wall ({total.cpu() / 60:.1f} min CPU); folder {log['folder_mb']} MB", flush=True)
+    print(
+        f"done in {total.wall() / 60:.1f} min wall ({total.cpu() / 60:.1f} min CPU); folder {log['folder_mb']} MB",
+        flush=True,
+    )
     if default_model_dir() is not None and Path(default_model_dir()).resolve() == out_dir.resolve():
-        print("this is the shipped default model: FasterDiffusionPipeline.from_pretrained('default') loads it", flush=True)
+        print(
+            "this is the shipped default model: FasterDiffusionPipeline.from_pretrained('default') loads it", flush=True
+        )
     return 0
 
 

@@ -51,8 +51,18 @@ def install_stubs(target: Path) -> None:
     Args:
         target: the folder (replaced when it exists).
     """
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target", str(target),
-           f"tensorrt-stubs=={STUBS_VERSION}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-deps",
+        "--upgrade",
+        "--target",
+        str(target),
+        f"tensorrt-stubs=={STUBS_VERSION}",
+    ]
     subprocess.run(cmd, check=True)
 
 
@@ -161,13 +171,22 @@ def check_fake(stubs: Path, fake: Path = FAKE) -> list[str]:
                     continue
                 params = [a.arg for a in item.args.posonlyargs + item.args.args][1:]
                 if not _is_property(item) and None not in members[item.name] and params not in members[item.name]:
-                    problems.append(f"{fake.name}: {node.name}.{item.name}({', '.join(params)}) differs from TensorRT's "
-                                    f"{' | '.join('(' + ', '.join(p or []) + ')' for p in members[item.name])}")
+                    problems.append(
+                        f"{fake.name}: {node.name}.{item.name}({', '.join(params)}) differs from TensorRT's "
+                        f"{' | '.join('(' + ', '.join(p or []) + ')' for p in members[item.name])}"
+                    )
             elif isinstance(item, ast.Assign):
-                names = [t.id for target in item.targets
-                         for t in (target.elts if isinstance(target, ast.Tuple) else [target]) if isinstance(t, ast.Name)]
-                problems += [f"{fake.name}: {node.name}.{n} is not in TensorRT" for n in names
-                             if n.isupper() and n not in members]
+                names = [
+                    t.id
+                    for target in item.targets
+                    for t in (target.elts if isinstance(target, ast.Tuple) else [target])
+                    if isinstance(t, ast.Name)
+                ]
+                problems += [
+                    f"{fake.name}: {node.name}.{n} is not in TensorRT"
+                    for n in names
+                    if n.isupper() and n not in members
+                ]
     return problems
 
 
@@ -189,8 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     problems = check_fake(stubs)
     for problem in problems:
         print(f"typecheck: {problem}")
-    print(f"typecheck: {FAKE.relative_to(ROOT)}: " + (f"{len(problems)} name(s) TensorRT does not have" if problems
-                                                      else "every class, method and enum member is TensorRT's"))
+    print(
+        f"typecheck: {FAKE.relative_to(ROOT)}: "
+        + (
+            f"{len(problems)} name(s) TensorRT does not have"
+            if problems
+            else "every class, method and enum member is TensorRT's"
+        )
+    )
     return status or int(bool(problems))
 
 

@@ -34,8 +34,9 @@ import io
 import itertools
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -86,7 +87,7 @@ class ExecutionContextAllocationStrategy(enum.Enum):
 
 
 class Dims(tuple):
-    def __new__(cls, shape: Any = ()) -> "Dims":
+    def __new__(cls, shape: Any = ()) -> Dims:
         return super().__new__(cls, (int(d) for d in shape))
 
 
@@ -218,7 +219,7 @@ class IBuilderConfig:
             return ITimingCache(0)
         if not data.startswith(_CACHE_MAGIC):
             raise ValueError("not a timing cache")
-        return ITimingCache(int(data[len(_CACHE_MAGIC):]))
+        return ITimingCache(int(data[len(_CACHE_MAGIC) :]))
 
     def set_timing_cache(self, cache: ITimingCache, ignore_mismatch: bool) -> bool:
         self.timing_cache = cache
@@ -288,7 +289,9 @@ class ICudaEngine:
         self.header = header
         self.onnx_bytes = onnx_bytes
         self._io = {name: (Dims(shape), DataType[dtype], TensorIOMode.INPUT) for name, shape, dtype in header["inputs"]}
-        self._io.update({name: (Dims(shape), DataType[dtype], TensorIOMode.OUTPUT) for name, shape, dtype in header["outputs"]})
+        self._io.update(
+            {name: (Dims(shape), DataType[dtype], TensorIOMode.OUTPUT) for name, shape, dtype in header["outputs"]}
+        )
         self._names = list(self._io)
         self.profile = {k: tuple(Dims(s) for s in v) for k, v in header["profile"].items()}
         opts = ort.SessionOptions()
@@ -334,7 +337,7 @@ class ICudaEngine:
 
     def create_execution_context(
         self, strategy: ExecutionContextAllocationStrategy = ExecutionContextAllocationStrategy.STATIC
-    ) -> "IExecutionContext":
+    ) -> IExecutionContext:
         ctx = IExecutionContext(self, strategy)
         self.contexts.append(ctx)
         return ctx
@@ -371,7 +374,9 @@ class IExecutionContext:
         if self.strategy != ExecutionContextAllocationStrategy.USER_MANAGED:
             raise RuntimeError("set_device_memory on a context that manages its own memory")
         if size < self.engine.device_memory_size_v2:
-            raise ValueError(f"device memory of {size} bytes < the {self.engine.device_memory_size_v2} the engine needs")
+            raise ValueError(
+                f"device memory of {size} bytes < the {self.engine.device_memory_size_v2} the engine needs"
+            )
         self.device_memory = (int(memory), int(size))
 
     def _output_shapes(self) -> dict[str, Dims]:
@@ -394,7 +399,9 @@ class IExecutionContext:
 
     def execute_async_v3(self, stream_handle: int) -> bool:
         inputs = [n for n in self.engine._names if self.engine.get_tensor_mode(n) == TensorIOMode.INPUT]
-        missing = [n for n in inputs if n not in self.shapes] + [n for n in self.engine._names if n not in self.addresses]
+        missing = [n for n in inputs if n not in self.shapes] + [
+            n for n in self.engine._names if n not in self.addresses
+        ]
         if missing:
             log.error("execute_async_v3: no shape or address for %s", missing)
             return False
@@ -416,13 +423,27 @@ class IExecutionContext:
 
 
 class _Job:
-    def __init__(self, ctx: IExecutionContext, shapes: dict[str, Dims], addresses: dict[str, int],
-                 out_shapes: dict[str, Dims], scratch: tuple[int, int] | None) -> None:
-        self.ctx, self.shapes, self.addresses, self.out_shapes, self.scratch = ctx, shapes, addresses, out_shapes, scratch
+    def __init__(
+        self,
+        ctx: IExecutionContext,
+        shapes: dict[str, Dims],
+        addresses: dict[str, int],
+        out_shapes: dict[str, Dims],
+        scratch: tuple[int, int] | None,
+    ) -> None:
+        self.ctx, self.shapes, self.addresses, self.out_shapes, self.scratch = (
+            ctx,
+            shapes,
+            addresses,
+            out_shapes,
+            scratch,
+        )
 
     def run(self) -> None:
         engine = self.ctx.engine
-        feeds = {n: _host_array(self.addresses[n], s, _NP[engine.get_tensor_dtype(n)]).copy() for n, s in self.shapes.items()}
+        feeds = {
+            n: _host_array(self.addresses[n], s, _NP[engine.get_tensor_dtype(n)]).copy() for n, s in self.shapes.items()
+        }
         if self.scratch is not None:  # TensorRT's scratch is garbage between runs; make any reader of it see NaN
             ctypes.memset(self.scratch[0], 0xFF, engine.device_memory_size_v2)
         names = list(self.out_shapes)
@@ -442,7 +463,7 @@ class Runtime:
         if not data.startswith(_PLAN_MAGIC):
             log.error("not a plan")
             return None
-        header, onnx_bytes = data[len(_PLAN_MAGIC):].split(b"\n", 1)
+        header, onnx_bytes = data[len(_PLAN_MAGIC) :].split(b"\n", 1)
         return ICudaEngine(json.loads(header), onnx_bytes)
 
 
@@ -525,7 +546,7 @@ class OnnxParserRefitter(_ParserErrors):
 
 # ---- torch.cuda stand-ins ------------------------------------------------------------------------
 _handles = itertools.count(1)
-_STREAMS: dict[int, "FakeStream"] = {}
+_STREAMS: dict[int, FakeStream] = {}
 
 
 class FakeStream:
@@ -548,7 +569,7 @@ class FakeStream:
         for job in jobs:
             job.run()
 
-    def wait_stream(self, stream: "FakeStream") -> None:
+    def wait_stream(self, stream: FakeStream) -> None:
         # Later work on self runs after stream's queued work: on a host, run that work now.
         stream.synchronize()
 
@@ -587,8 +608,9 @@ def stream_context(stream: FakeStream | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def graph_context(cuda_graph: FakeCUDAGraph, pool: Any = None, stream: FakeStream | None = None,
-                  capture_error_mode: str = "global") -> Iterator[None]:
+def graph_context(
+    cuda_graph: FakeCUDAGraph, pool: Any = None, stream: FakeStream | None = None, capture_error_mode: str = "global"
+) -> Iterator[None]:
     assert stream is not None and stream is not _current[0], "capture on a side stream, as torch requires"
     assert not stream.pending, "capture starts with the stream's work done"
     stream.capture = cuda_graph
@@ -643,4 +665,4 @@ def plan_header(path: Path) -> dict[str, Any]:
     """The build settings a fake plan file records."""
     data = path.read_bytes()
     assert data.startswith(_PLAN_MAGIC), path
-    return json.loads(data[len(_PLAN_MAGIC):].split(b"\n", 1)[0])
+    return json.loads(data[len(_PLAN_MAGIC) :].split(b"\n", 1)[0])

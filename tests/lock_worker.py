@@ -40,8 +40,8 @@ def main(argv: list[str]) -> int:
         return 0
     go = Path(argv[3])
     if mode == "export":
-        from fd_trt.graphs.build import build_engines
         from fd_trt.families.models import tiny_sd_pipeline
+        from fd_trt.graphs.build import build_engines
 
         unet = tiny_sd_pipeline(seed=0).unet
         ready.write_text("ready")
@@ -53,8 +53,9 @@ def main(argv: list[str]) -> int:
     if mode == "plans":
         from _pytest.monkeypatch import MonkeyPatch
 
-        import fake_tensorrt
         from fd_trt.backends.tensorrt import build_plans
+
+        import fake_tensorrt
 
         fake_tensorrt.install(MonkeyPatch())
         ready.write_text("ready")

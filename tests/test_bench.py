@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from fd_trt.tools.bench import ROW_KEYS, BenchConfig, run_benchmark, write_outputs
 from fd_trt.errors import InputError
 from fd_trt.families.models import tiny_sd_pipeline
+from fd_trt.tools.bench import ROW_KEYS, BenchConfig, run_benchmark, write_outputs
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +50,14 @@ def _hand_count(unet, x, t, e):
                 parts["attention_" + part(name)] += n
                 return
             parts[part(name)] += n
+
         return count
 
-    hooks = [m.register_forward_hook(hook(name), with_kwargs=True) for name, m in unet.named_modules()
-             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, Attention))]
+    hooks = [
+        m.register_forward_hook(hook(name), with_kwargs=True)
+        for name, m in unet.named_modules()
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, Attention))
+    ]
     try:
         with torch.no_grad():
             unet(x, t, e)
@@ -108,8 +112,8 @@ def test_json_markdown_and_plot_are_written(report, tmp_path):
 
 def test_calibrated_schedule_finds_the_model_folders_calibrations():
     """``--schedules calibrated`` uses the calibrations saved in the benchmarked model's folder."""
-    from fd_trt.tools.bench import _model_folder
     from fd_trt.families.models import default_model_dir
+    from fd_trt.tools.bench import _model_folder
 
     assert _model_folder("default") == default_model_dir()
     assert _model_folder("tiny") is None and _model_folder("sd15-arch") is None
@@ -150,8 +154,17 @@ def test_sdxl_rows_run_on_the_tiny_sdxl_model():
 
 @pytest.fixture(scope="module")
 def cn_report():
-    cfg = BenchConfig(model="tiny", height=64, width=64, steps=20, backends=("torch",), repeat=1, warmup=0,
-                      authors_style=False, controlnet=True)
+    cfg = BenchConfig(
+        model="tiny",
+        height=64,
+        width=64,
+        steps=20,
+        backends=("torch",),
+        repeat=1,
+        warmup=0,
+        authors_style=False,
+        controlnet=True,
+    )
     return run_benchmark(cfg, progress=False)
 
 
@@ -183,8 +196,8 @@ def test_controlnet_rows_are_compared_with_diffusers_controlnet_pipeline(cn_repo
 
 def test_controlnet_rows_differ_from_the_plain_ones():
     """The bench's ControlNet changes the images: its zero convolutions are not zero."""
-    from fd_trt.tools.bench import controlnet_pipeline
     from fd_trt.families.models import tiny_sd_pipeline
+    from fd_trt.tools.bench import controlnet_pipeline
 
     sd = tiny_sd_pipeline(seed=0)
     cn_sd, image = controlnet_pipeline(sd, 64, 64)

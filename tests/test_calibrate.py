@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from fd_trt.core.calibration import Calibration, calibration_file
-from fd_trt.tools.calibrate import Evaluator, calibrate, greedy_search, segment_dp, swap_refine
 from fd_trt.cli import main
+from fd_trt.core.calibration import Calibration, calibration_file
 from fd_trt.errors import InputError, ScheduleError
 from fd_trt.families.models import tiny_sd_pipeline
 from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
+from fd_trt.tools.calibrate import Evaluator, calibrate, greedy_search, segment_dp, swap_refine
 
 from conftest import rel_l2
 
@@ -37,9 +37,11 @@ def test_search_finds_a_known_best_schedule():
     # Cost of reusing step i's features at step j: zero inside the blocks [0,3) [3,8) [8,12), large across.
     blocks = [range(0, 3), range(3, 8), range(8, 12)]
     block_of = {j: b for b, r in enumerate(blocks) for j in r}
-    cost = torch.tensor([[0.0 if j < i else (0.0 if block_of[i] == block_of[j] else 1.0 + j - i) for j in range(12)]
-                         for i in range(12)])
+    cost = torch.tensor(
+        [[0.0 if j < i else (0.0 if block_of[i] == block_of[j] else 1.0 + j - i) for j in range(12)] for i in range(12)]
+    )
     assert segment_dp(cost, 3) == [0, 3, 8]
+
     # The DP is exact: brute force over every 3-key schedule agrees.
     def total(keys):
         b = list(keys) + [12]
@@ -84,9 +86,16 @@ def test_calibrate_returns_sorted_unique_steps_from_zero_and_beats_uniform(pipe)
 
 
 def test_saved_calibration_is_used_and_checked(pipe, tmp_path):
-    sd = pipe.sd
-    cal = Calibration(key_steps=[0, 2, 5, 9], scheduler="ddim", steps=12, model_sha256=pipe.unet_sha256, error=0.1,
-                      method="greedy", prompts=PROMPTS, seeds=[0, 1])
+    cal = Calibration(
+        key_steps=[0, 2, 5, 9],
+        scheduler="ddim",
+        steps=12,
+        model_sha256=pipe.unet_sha256,
+        error=0.1,
+        method="greedy",
+        prompts=PROMPTS,
+        seeds=[0, 1],
+    )
     path = cal.save(tmp_path / "cal.json")
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     kw = dict(num_inference_steps=12, latents=latents, output_type="latent")
@@ -126,8 +135,24 @@ def test_cli_calibrate_writes_json_and_saves(tmp_path, capsys, monkeypatch):
     out = tmp_path / "cal.json"
     engines = tmp_path / "eng"
     engines.mkdir()
-    rc = main(["calibrate", "--backend", "torch", "--steps", "8", "--key-steps", "3", "--method", "dp",
-               "--out", str(out), "--plot", str(tmp_path / "fig3.png"), "--quiet"])
+    rc = main(
+        [
+            "calibrate",
+            "--backend",
+            "torch",
+            "--steps",
+            "8",
+            "--key-steps",
+            "3",
+            "--method",
+            "dp",
+            "--out",
+            str(out),
+            "--plot",
+            str(tmp_path / "fig3.png"),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     data = json.loads(out.read_text())
@@ -159,8 +184,11 @@ def tiny_model_dir(pipe, tmp_path_factory):
 
 def _speedup_by_hand(costs, k, t):
     # K segments: K encoder calls and K decoder calls; the T - K other steps ride in batched decoder calls.
-    return t * (costs["encoder"] + costs["decoder_1"]) / (
-        k * (costs["encoder"] + costs["decoder_1"]) + (t - k) * costs["decoder_per_step_batched"])
+    return (
+        t
+        * (costs["encoder"] + costs["decoder_1"])
+        / (k * (costs["encoder"] + costs["decoder_1"]) + (t - k) * costs["decoder_per_step_batched"])
+    )
 
 
 def test_cli_speedup_picks_the_largest_k_that_reaches_it(tiny_model_dir, tmp_path, capsys, monkeypatch):
@@ -169,8 +197,21 @@ def test_cli_speedup_picks_the_largest_k_that_reaches_it(tiny_model_dir, tmp_pat
     t = 6
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n")
-    common = ["--model", str(tiny_model_dir), "--backend", "torch", "--threads", "1", "--steps", str(t),
-              "--method", "dp", "--prompts", str(prompts), "--quiet"]
+    common = [
+        "--model",
+        str(tiny_model_dir),
+        "--backend",
+        "torch",
+        "--threads",
+        "1",
+        "--steps",
+        str(t),
+        "--method",
+        "dp",
+        "--prompts",
+        str(prompts),
+        "--quiet",
+    ]
 
     # 1. The costs measured on the backend (written to the JSON): the chosen K reaches the target,
     # K + 1 does not.
@@ -206,8 +247,8 @@ def test_calibrate_runs_sdxl_with_its_added_conditioning():
     """``fd-trt calibrate`` on SDXL: the evaluator passes the pooled embeddings and time ids, so its
     ``all`` reference is diffusers' StableDiffusionXLPipeline, and the saved key steps run through
     the pipeline with the error the search measured."""
-    from fd_trt.tools.calibrate import feature_changes
     from fd_trt.families.models import make_scheduler, tiny_sdxl_pipeline
+    from fd_trt.tools.calibrate import feature_changes
 
     xl = tiny_sdxl_pipeline(seed=0)
     xl.scheduler = make_scheduler("ddim", xl.scheduler.config)
@@ -218,8 +259,9 @@ def test_calibrate_runs_sdxl_with_its_added_conditioning():
     assert rel_l2(ev.reference, ref) < 1e-5
     cal = calibrate(xl_pipe, scheduler="ddim", steps=12, key_steps=4, prompts=PROMPTS, method="greedy")
     assert cal.key_steps[0] == 0 and len(cal.key_steps) == 4 and 0 < cal.error < 1
-    out = xl_pipe(PROMPTS, latents=ev.latents, num_inference_steps=12, guidance_scale=7.5, schedule=cal,
-                  output_type="latent")
+    out = xl_pipe(
+        PROMPTS, latents=ev.latents, num_inference_steps=12, guidance_scale=7.5, schedule=cal, output_type="latent"
+    )
     assert out.stats.key_steps == cal.key_steps
     assert rel_l2(out.latents, ref) == pytest.approx(cal.error, rel=1e-4)
     fc = feature_changes(xl_pipe, "ddim", 12, PROMPTS[:1], [0])

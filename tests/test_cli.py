@@ -10,8 +10,22 @@ from fd_trt.cli import main
 
 def test_generate_compare_writes_image_and_json(tmp_path, capsys):
     out, js = tmp_path / "img.png", tmp_path / "stats.json"
-    rc = main(["generate", "a red circle", "--steps", "12", "--compare", "--repeat", "2", "--quiet", "--out", str(out),
-               "--json", str(js)])
+    rc = main(
+        [
+            "generate",
+            "a red circle",
+            "--steps",
+            "12",
+            "--compare",
+            "--repeat",
+            "2",
+            "--quiet",
+            "--out",
+            str(out),
+            "--json",
+            str(js),
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "speedup" in printed and "relative L2" in printed and "model: default" in printed
@@ -35,8 +49,24 @@ def test_generate_compare_writes_image_and_json(tmp_path, capsys):
 
 def test_generate_compare_runs_plain_diffusers_on_the_same_seed(tmp_path, capsys):
     js = tmp_path / "c.json"
-    rc = main(["generate", "a red circle", "--steps", "12", "--compare", "--repeat", "1", "--quiet", "--backend", "torch",
-               "--out", str(tmp_path / "a.png"), "--json", str(js)])
+    rc = main(
+        [
+            "generate",
+            "a red circle",
+            "--steps",
+            "12",
+            "--compare",
+            "--repeat",
+            "1",
+            "--quiet",
+            "--backend",
+            "torch",
+            "--out",
+            str(tmp_path / "a.png"),
+            "--json",
+            str(js),
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "diffusers:" in printed and "speedup vs diffusers" in printed and "vs 'all' on torch" in printed
@@ -88,14 +118,42 @@ def test_generate_suggests_bf16_only_where_the_cpu_has_bf16_units(tmp_path, caps
     monkeypatch.setattr(fd_trt.utils.system, "has_fast_bf16", lambda: True)
     # The hint runs only after a cheap run; a loaded CI machine may take longer than the limit.
     monkeypatch.setattr(fd_trt.cli.generate, "BF16_HINT_MAX_S", 1e9)
-    rc = main(["generate", "a red circle", "--steps", "6", "--quiet", "--backend", "torch", "--out", str(tmp_path / "a.png"),
-               "--json", str(js)])
+    rc = main(
+        [
+            "generate",
+            "a red circle",
+            "--steps",
+            "6",
+            "--quiet",
+            "--backend",
+            "torch",
+            "--out",
+            str(tmp_path / "a.png"),
+            "--json",
+            str(js),
+        ]
+    )
     assert rc == 0
     assert "hint: this CPU has" in capsys.readouterr().out
     hint = json.loads(js.read_text())["bf16_hint"]
     assert hint["bf16_s"] > 0 and 0 < hint["rel_l2"] < 0.5
     monkeypatch.setattr(fd_trt.utils.system, "has_fast_bf16", lambda: False)
-    assert main(["generate", "a red circle", "--steps", "2", "--quiet", "--backend", "torch", "--out", str(tmp_path / "b.png")]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "a red circle",
+                "--steps",
+                "2",
+                "--quiet",
+                "--backend",
+                "torch",
+                "--out",
+                str(tmp_path / "b.png"),
+            ]
+        )
+        == 0
+    )
     assert "hint:" not in capsys.readouterr().out
 
 
@@ -105,4 +163,6 @@ def test_the_bf16_hint_suggests_bf16_only_when_it_was_faster():
     faster = bf16_hint_text("AVX512-BF16", 0.241, 0.285, 2.6e-2, "auto:torch/fp32")
     assert "(1.18x)" in faster and faster.endswith("--precision auto lets backend auto choose it")
     slower = bf16_hint_text("AVX512-BF16", 0.267, 0.222, 2.6e-2, "auto:onnxruntime/fp32")
-    assert "(0.83x)" in slower and "not faster here, so fp32 stays" in slower and "lets backend auto choose" not in slower
+    assert (
+        "(0.83x)" in slower and "not faster here, so fp32 stays" in slower and "lets backend auto choose" not in slower
+    )

@@ -7,13 +7,13 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from test_controlnet import _cn_pipeline, control_image, tiny_controlnet
+from test_img2img_inpaint import _image, _mask, inpaint_sd  # noqa: F401 (fixture)
 
 from fd_trt.cli import main
 from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
 from conftest import rel_l2
-from test_controlnet import _cn_pipeline, control_image, tiny_controlnet
-from test_img2img_inpaint import _image, _mask, inpaint_sd  # noqa: F401 (fixture)
 
 PROMPT = "a red circle on the left"
 TOL = 1e-4
@@ -85,8 +85,25 @@ def test_generate_img2img_and_controlnet_from_the_cli(tmp_path, capsys):
     rng = np.random.default_rng(0)
     image = _png(tmp_path / "in.png", rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
     js = tmp_path / "s.json"
-    rc = main(["generate", "a red star", "--image", image, "--strength", "0.5", "--steps", "20", "--backend", "torch",
-               "--quiet", "--out", str(tmp_path / "a.png"), "--json", str(js)])
+    rc = main(
+        [
+            "generate",
+            "a red star",
+            "--image",
+            image,
+            "--strength",
+            "0.5",
+            "--steps",
+            "20",
+            "--backend",
+            "torch",
+            "--quiet",
+            "--out",
+            str(tmp_path / "a.png"),
+            "--json",
+            str(js),
+        ]
+    )
     assert rc == 0
     stats = json.loads(js.read_text())["stats"]
     assert stats["num_steps"] == 10 and stats["key_steps"] == [0, 1, 2, 3, 5]
@@ -94,8 +111,25 @@ def test_generate_img2img_and_controlnet_from_the_cli(tmp_path, capsys):
 
     sd, _ = load_diffusers_pipeline("default")
     tiny_controlnet(sd.unet, 4, sd.vae_scale_factor).save_pretrained(tmp_path / "cn", safe_serialization=True)
-    rc = main(["generate", "a red star", "--controlnet", str(tmp_path / "cn"), "--image", image, "--steps", "20",
-               "--backend", "torch", "--quiet", "--out", str(tmp_path / "b.png"), "--json", str(js)])
+    rc = main(
+        [
+            "generate",
+            "a red star",
+            "--controlnet",
+            str(tmp_path / "cn"),
+            "--image",
+            image,
+            "--steps",
+            "20",
+            "--backend",
+            "torch",
+            "--quiet",
+            "--out",
+            str(tmp_path / "b.png"),
+            "--json",
+            str(js),
+        ]
+    )
     assert rc == 0
     stats = json.loads(js.read_text())["stats"]
     assert stats["controlnet_calls"] == stats["encoder_calls"] == 7

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from test_split import CONFIGS
 
-from fd_trt.graphs.contract import FLOAT32, GraphContract, default_added_shapes
 from fd_trt.errors import EngineMismatchError, InputError
+from fd_trt.graphs.contract import FLOAT32, GraphContract, default_added_shapes
 from fd_trt.graphs.split import feature_bytes_per_row, split_unet
 
-from test_split import CONFIGS
 from tiny_sdxl import SDXL_CONFIGS, tiny_sdxl_unet
 
 
@@ -39,7 +39,9 @@ def test_contract_feature_shapes_are_the_encoders(name, hw):
     split = split_unet(unet)
     contract = GraphContract.from_unet_config(unet.config, hw, (5, unet.config.cross_attention_dim))
     with torch.no_grad():
-        feats = split.run_encoder(torch.randn(2, 4, *hw), torch.tensor([900.0, 10.0]), torch.randn(2, 5, unet.config.cross_attention_dim))
+        feats = split.run_encoder(
+            torch.randn(2, 4, *hw), torch.tensor([900.0, 10.0]), torch.randn(2, 5, unet.config.cross_attention_dim)
+        )
     assert contract.num_skips == split.num_skips
     assert [tuple(t.shape) for t in feats.tensors()] == [s.shape_at(2) for s in contract.encoder.outputs]
     assert feature_bytes_per_row(unet.config, hw, 4) == sum(t[0].numel() * 4 for t in feats.tensors())
@@ -65,21 +67,31 @@ def test_contract_from_encoder_names_refuses_foreign_graphs():
     sd = GraphContract.from_encoder_io(["sample", "timestep", "encoder_hidden_states"], ["mid", "skip_00", "skip_01"])
     assert sd.num_skips == 2 and sd.added_names == ()
     xl = GraphContract.from_encoder_io(
-        ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"], ["mid", "skip_00"])
+        ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"], ["mid", "skip_00"]
+    )
     assert xl.added_names == ("text_embeds", "time_ids")
     assert xl.decoder.input_names == ["mid", "skip_00", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
     with pytest.raises(EngineMismatchError, match="not an fd_trt encoder graph"):
         GraphContract.from_encoder_io(["sample", "timestep", "encoder_hidden_states", "text_embeds"], ["mid"])
     with pytest.raises(EngineMismatchError, match=r"missing \['time_ids'\]"):
-        xl.decoder.check(["mid", "skip_00", "timestep", "encoder_hidden_states", "text_embeds"], ["noise_pred"],
-                         "decoder.onnx", "rebuild")
+        xl.decoder.check(
+            ["mid", "skip_00", "timestep", "encoder_hidden_states", "text_embeds"],
+            ["noise_pred"],
+            "decoder.onnx",
+            "rebuild",
+        )
 
 
 def test_contract_from_a_manifest_without_a_full_config_uses_its_records():
     from types import SimpleNamespace
 
-    manifest = SimpleNamespace(unet_config={}, latent_shape=[4, 8, 8], text_shape=[5, 32], num_skips=3,
-                               added_shapes={"time_ids": [6], "text_embeds": [24]})
+    manifest = SimpleNamespace(
+        unet_config={},
+        latent_shape=[4, 8, 8],
+        text_shape=[5, 32],
+        num_skips=3,
+        added_shapes={"time_ids": [6], "text_embeds": [24]},
+    )
     contract = GraphContract.from_manifest(manifest)
     assert contract.added_names == ("text_embeds", "time_ids")  # graph order, not the record's
     assert contract.encoder.tensor("time_ids").shape_at(2) == (2, 6)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fd_trt.backends.torch import TorchRunner
-from fd_trt.pipelines.conditioning import KeyStepControlNet
 from fd_trt.core.sampler import SamplerInputs, SamplerOptions, run_sampler
 from fd_trt.core.schedule import NoiseInjection, parse_schedule
+from fd_trt.pipelines.conditioning import KeyStepControlNet
 
 from conftest import rel_l2
 
@@ -75,8 +75,14 @@ def _reference_loop(unet, controlnet, scheduler, latents, text, image, key_steps
             if i in key_steps:
                 replay["on"] = False
                 down, mid = controlnet(x_in, t, encoder_hidden_states=text, controlnet_cond=image, return_dict=False)
-                eps = unet(x_in, t, encoder_hidden_states=text, down_block_additional_residuals=down,
-                           mid_block_additional_residual=mid, return_dict=False)[0]
+                eps = unet(
+                    x_in,
+                    t,
+                    encoder_hidden_states=text,
+                    down_block_additional_residuals=down,
+                    mid_block_additional_residual=mid,
+                    return_dict=False,
+                )[0]
             else:
                 replay["on"] = True
                 eps = unet(x_in, t, encoder_hidden_states=text, return_dict=False)[0]
@@ -103,16 +109,28 @@ def test_key_step_residuals_match_an_independent_loop(tiny_sd, controlnets):
     sched.set_timesteps(steps)
     control = KeyStepControlNet.build(net, [image], steps)
     with TorchRunner(tiny_sd.unet) as runner:
-        out = run_sampler(runner, sched, latents, SamplerInputs(text, control=control), schedule,
-                          SamplerOptions(noise=NoiseInjection(enabled=False), progress=False))
+        out = run_sampler(
+            runner,
+            sched,
+            latents,
+            SamplerInputs(text, control=control),
+            schedule,
+            SamplerOptions(noise=NoiseInjection(enabled=False), progress=False),
+        )
     assert control.calls == len(schedule.key_steps) == 7
     assert rel_l2(out, ref) < 1e-5
     # The residuals matter: without them the result is far off.
     sched = copy.deepcopy(tiny_sd.scheduler)
     sched.set_timesteps(steps)
     with TorchRunner(tiny_sd.unet) as runner:
-        plain = run_sampler(runner, sched, latents, SamplerInputs(text), schedule,
-                            SamplerOptions(noise=NoiseInjection(enabled=False), progress=False))
+        plain = run_sampler(
+            runner,
+            sched,
+            latents,
+            SamplerInputs(text),
+            schedule,
+            SamplerOptions(noise=NoiseInjection(enabled=False), progress=False),
+        )
     assert rel_l2(plain, ref) > 1e-3
 
 
@@ -145,7 +163,9 @@ def test_all_reproduces_diffusers_controlnet_pipeline(tiny_sd, controlnets, kwar
     ref = sd(PROMPT, negative_prompt="blue", generator=_gen(2), **common).images
     out = _fd(sd)(PROMPT, negative_prompt="blue", generator=_gen(2), schedule="all", **common)
     assert rel_l2(out.images, ref) < 1e-5
-    plain = tiny_sd(PROMPT, negative_prompt="blue", generator=_gen(2), num_inference_steps=20, output_type="latent").images
+    plain = tiny_sd(
+        PROMPT, negative_prompt="blue", generator=_gen(2), num_inference_steps=20, output_type="latent"
+    ).images
     assert rel_l2(plain, ref) > 1e-3  # the ControlNet changed the result
 
 
@@ -153,9 +173,14 @@ def test_all_reproduces_diffusers_multi_controlnet(tiny_sd, controlnets):
     from diffusers.models import MultiControlNetModel
 
     sd = _cn_pipeline(tiny_sd, MultiControlNetModel(list(controlnets)))
-    common = dict(image=[control_image(3), control_image(4)], num_inference_steps=20, output_type="latent",
-                  controlnet_conditioning_scale=[0.8, 0.5], control_guidance_start=[0.0, 0.3],
-                  control_guidance_end=[0.6, 1.0])
+    common = dict(
+        image=[control_image(3), control_image(4)],
+        num_inference_steps=20,
+        output_type="latent",
+        controlnet_conditioning_scale=[0.8, 0.5],
+        control_guidance_start=[0.0, 0.3],
+        control_guidance_end=[0.6, 1.0],
+    )
     ref = sd(PROMPT, generator=_gen(5), **common).images
     fd = _fd(sd)
     out = fd(PROMPT, generator=_gen(5), schedule="all", **common)
@@ -167,7 +192,14 @@ def test_all_reproduces_diffusers_multi_controlnet(tiny_sd, controlnets):
 def test_paper_runs_the_controlnet_once_per_key_step(tiny_sd, controlnets):
     sd = _cn_pipeline(tiny_sd, controlnets[0])
     fd = _fd(sd)
-    out = fd(PROMPT, image=control_image(3), num_inference_steps=50, generator=_gen(1), output_type="latent", schedule="paper")
+    out = fd(
+        PROMPT,
+        image=control_image(3),
+        num_inference_steps=50,
+        generator=_gen(1),
+        output_type="latent",
+        schedule="paper",
+    )
     assert out.stats.key_steps == [0, 1, 2, 3, 5, 10, 15, 25, 35]
     assert out.stats.controlnet_calls == out.stats.encoder_calls == 9
     assert out.stats.seconds["controlnet"] > 0
@@ -177,8 +209,16 @@ def test_a_guidance_window_edge_inside_a_segment_starts_a_key_step(tiny_sd, cont
     sd = _cn_pipeline(tiny_sd, controlnets[0])
     fd = _fd(sd)
     # 50 steps, window [0.14, 0.6]: steps 7..29 are inside; 7 and 30 are edges inside paper's segments.
-    out = fd(PROMPT, image=control_image(3), num_inference_steps=50, generator=_gen(1), output_type="latent",
-             schedule="paper", control_guidance_start=0.14, control_guidance_end=0.6)
+    out = fd(
+        PROMPT,
+        image=control_image(3),
+        num_inference_steps=50,
+        generator=_gen(1),
+        output_type="latent",
+        schedule="paper",
+        control_guidance_start=0.14,
+        control_guidance_end=0.6,
+    )
     assert out.stats.key_steps == [0, 1, 2, 3, 5, 7, 10, 15, 25, 30, 35]
     assert out.stats.controlnet_calls == 4  # key steps 7, 10, 15 and 25 are inside the window
 
@@ -186,8 +226,9 @@ def test_a_guidance_window_edge_inside_a_segment_starts_a_key_step(tiny_sd, cont
 def test_all_reproduces_diffusers_with_several_prompts_images_and_control_images(tiny_sd, controlnets):
     sd = _cn_pipeline(tiny_sd, controlnets[0])
     prompts = [PROMPT, "a blue square"]
-    common = dict(image=[control_image(3), control_image(4)], num_inference_steps=6, num_images_per_prompt=2,
-                  output_type="latent")
+    common = dict(
+        image=[control_image(3), control_image(4)], num_inference_steps=6, num_images_per_prompt=2, output_type="latent"
+    )
     ref = sd(prompts, generator=_gen(9), **common).images
     out = _fd(sd)(prompts, generator=_gen(9), schedule="all", **common)
     assert out.images.shape == (4, 4, 8, 8)

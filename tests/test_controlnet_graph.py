@@ -6,7 +6,10 @@ import copy
 
 import pytest
 import torch
+from test_controlnet import _cn_pipeline, control_image, tiny_controlnet
 
+from fd_trt.errors import EngineMismatchError, UnsupportedModelError
+from fd_trt.graphs.build import build_controlnet_graph, build_engines
 from fd_trt.graphs.contract import (
     CONDITIONING_SCALE,
     CONTROLNET_COND,
@@ -14,14 +17,11 @@ from fd_trt.graphs.contract import (
     GraphContract,
     controlnet_factor,
 )
-from fd_trt.graphs.build import build_controlnet_graph, build_engines
 from fd_trt.graphs.manifest import check_controlnet_graph, controlnet_key, load_manifest
 from fd_trt.graphs.weights import unet_weights_sha256
-from fd_trt.errors import EngineMismatchError, UnsupportedModelError
 from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
 from conftest import rel_l2
-from test_controlnet import _cn_pipeline, control_image, tiny_controlnet
 
 PROMPT = "a red circle on the left"
 TOL = 1e-4
@@ -66,7 +66,10 @@ def test_contract_is_derived_from_the_controlnet_config_and_fits_the_unet(tiny_s
     # Every tensor but the scale has the dynamic row axis.
     scale = spec.tensor(CONDITIONING_SCALE)
     assert scale.shape == (1,) and CONDITIONING_SCALE not in spec.dynamic_axes
-    assert all(axes == {0: "rows"} for axes in spec.dynamic_axes.values()) and len(spec.dynamic_axes) == 4 + unet.num_skips + 1
+    assert (
+        all(axes == {0: "rows"} for axes in spec.dynamic_axes.values())
+        and len(spec.dynamic_axes) == 4 + unet.num_skips + 1
+    )
 
 
 def test_sdxl_and_mismatched_controlnets_are_refused(tiny_sd, nets):
@@ -138,8 +141,15 @@ def test_ort_controlnet_graph_matches_the_torch_controlnet(engine_dir, nets, gue
             image = torch.rand(rows, 3, 64, 64, generator=gen)
             t = torch.linspace(950.0, 20.0, rows)
             with torch.no_grad():
-                ref_down, ref_mid = net(x, t, encoder_hidden_states=e, controlnet_cond=image, conditioning_scale=0.7,
-                                        guess_mode=guess_mode, return_dict=False)
+                ref_down, ref_mid = net(
+                    x,
+                    t,
+                    encoder_hidden_states=e,
+                    controlnet_cond=image,
+                    conditioning_scale=0.7,
+                    guess_mode=guess_mode,
+                    return_dict=False,
+                )
             down, mid = call(x, t, e, image, 0.7, guess_mode)
             assert len(down) == len(ref_down)
             for got, want in zip([*down, mid], [*ref_down, ref_mid]):
@@ -160,8 +170,11 @@ def _graph_calls(pipe):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, {"controlnet_conditioning_scale": 0.6, "control_guidance_start": 0.2, "control_guidance_end": 0.7},
-     {"guess_mode": True}],
+    [
+        {},
+        {"controlnet_conditioning_scale": 0.6, "control_guidance_start": 0.2, "control_guidance_end": 0.7},
+        {"guess_mode": True},
+    ],
     ids=["plain", "scale-window", "guess"],
 )
 def test_all_on_onnxruntime_with_the_controlnet_graph_reproduces_diffusers(tiny_sd, nets, kwargs):
@@ -182,9 +195,14 @@ def test_multi_controlnet_on_onnxruntime_runs_one_graph_per_net(tiny_sd, nets):
 
     sd = _cn_pipeline(tiny_sd, MultiControlNetModel(list(nets)))
     pipe = FasterDiffusionPipeline.from_diffusers(sd, backend="onnxruntime", device="cpu", progress=False)
-    common = dict(image=[control_image(3), control_image(4)], num_inference_steps=20, output_type="latent",
-                  controlnet_conditioning_scale=[0.8, 0.5], control_guidance_start=[0.0, 0.3],
-                  control_guidance_end=[0.6, 1.0])
+    common = dict(
+        image=[control_image(3), control_image(4)],
+        num_inference_steps=20,
+        output_type="latent",
+        controlnet_conditioning_scale=[0.8, 0.5],
+        control_guidance_start=[0.0, 0.3],
+        control_guidance_end=[0.6, 1.0],
+    )
     ref = sd(PROMPT, generator=_gen(5), **common).images
     out = pipe(PROMPT, generator=_gen(5), schedule="all", **common)
     assert rel_l2(out.images, ref) < TOL
@@ -197,10 +215,22 @@ def test_multi_controlnet_on_onnxruntime_runs_one_graph_per_net(tiny_sd, nets):
 def test_paper_on_onnxruntime_runs_the_controlnet_graph_once_per_encoder_call(tiny_sd, nets):
     sd = _cn_pipeline(tiny_sd, nets[0])
     pipe = FasterDiffusionPipeline.from_diffusers(sd, backend="onnxruntime", device="cpu", progress=False)
-    out = pipe(PROMPT, image=control_image(3), num_inference_steps=50, generator=_gen(1), output_type="latent",
-               schedule="paper")
+    out = pipe(
+        PROMPT,
+        image=control_image(3),
+        num_inference_steps=50,
+        generator=_gen(1),
+        output_type="latent",
+        schedule="paper",
+    )
     torch_out = FasterDiffusionPipeline.from_diffusers(sd, backend="torch", progress=False)(
-        PROMPT, image=control_image(3), num_inference_steps=50, generator=_gen(1), output_type="latent", schedule="paper")
+        PROMPT,
+        image=control_image(3),
+        num_inference_steps=50,
+        generator=_gen(1),
+        output_type="latent",
+        schedule="paper",
+    )
     assert out.stats.controlnet_calls == out.stats.encoder_calls == 9 == _graph_calls(pipe)
     assert rel_l2(out.images, torch_out.images) < TOL  # the torch backend's key-step ControlNet, same numbers
     pipe.close()

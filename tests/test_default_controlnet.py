@@ -7,12 +7,13 @@ import PIL.Image
 import pytest
 import torch
 
-from fd_trt.tools import shapes
 from fd_trt.errors import InputError
 from fd_trt.families.models import default_controlnet_dir, default_model_dir, load_controlnet
+from fd_trt.tools import shapes
 
-needs_default = pytest.mark.skipif(default_controlnet_dir() is None or default_model_dir() is None,
-                                   reason="no shipped default model / ControlNet")
+needs_default = pytest.mark.skipif(
+    default_controlnet_dir() is None or default_model_dir() is None, reason="no shipped default model / ControlNet"
+)
 
 
 # masks of the procedural scenes -------------------------------------------------------------------
@@ -103,15 +104,20 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 def test_default_controlnet_steers_the_object_into_the_mask():
     from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
-    pipe = FasterDiffusionPipeline.from_pretrained("default", backend="torch", device="cpu", progress=False,
-                                                   controlnet="default")
+    pipe = FasterDiffusionPipeline.from_pretrained(
+        "default", backend="torch", device="cpu", progress=False, controlnet="default"
+    )
     # Masks away from the centre, where the model puts an unplaced object by itself.
     masks = [shapes.silhouette("star", 18, 20, 26), shapes.silhouette("star", 44, 42, 28)]
     with_cn, without = [], []
     for i, m in enumerate(masks):
-        kw = dict(num_inference_steps=20, guidance_scale=7.5, output_type="np", schedule="all", image=shapes.mask_image(m))
+        kw = dict(
+            num_inference_steps=20, guidance_scale=7.5, output_type="np", schedule="all", image=shapes.mask_image(m)
+        )
         a = pipe("a red star", generator=torch.Generator().manual_seed(i), **kw).images[0]
-        b = pipe("a red star", generator=torch.Generator().manual_seed(i), controlnet_conditioning_scale=0.0, **kw).images[0]
+        b = pipe(
+            "a red star", generator=torch.Generator().manual_seed(i), controlnet_conditioning_scale=0.0, **kw
+        ).images[0]
         with_cn.append(_iou(_red_mask(a), m))
         without.append(_iou(_red_mask(b), m))
     assert min(with_cn) > 0.5, (with_cn, without)
@@ -123,7 +129,9 @@ def test_default_controlnet_with_another_model_is_a_clear_error():
     from fd_trt.families.models import tiny_sd_pipeline
     from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
-    with pytest.raises(InputError, match="default ControlNet was trained for fd_trt's default model.*block_out_channels"):
+    with pytest.raises(
+        InputError, match="default ControlNet was trained for fd_trt's default model.*block_out_channels"
+    ):
         FasterDiffusionPipeline.from_diffusers(tiny_sd_pipeline(), backend="torch", device="cpu", controlnet="default")
 
 
@@ -154,8 +162,23 @@ def test_cli_generate_with_the_default_controlnet(tmp_path, capsys):
 
     mask, out = tmp_path / "mask.png", tmp_path / "star.png"
     assert main(["mask", "star", "--out", str(mask), "--cx", "20", "--cy", "22", "--size", "28"]) == 0
-    rc = main(["generate", "a red star", "--controlnet", "default", "--image", str(mask), "--steps", "20",
-               "--backend", "torch", "--quiet", "--out", str(out)])
+    rc = main(
+        [
+            "generate",
+            "a red star",
+            "--controlnet",
+            "default",
+            "--image",
+            str(mask),
+            "--steps",
+            "20",
+            "--backend",
+            "torch",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     img = np.asarray(PIL.Image.open(out).convert("RGB")).astype(np.float32) / 255
     assert img.shape == (64, 64, 3)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from fd_trt.tools import shapes
 from fd_trt.families.models import default_model_dir
+from fd_trt.tools import shapes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,10 @@ def test_shapes_deterministic_and_vocabulary():
 
     known = {w for line in TINY_WORDS for w in line.split()}
     assert shapes.vocabulary() <= known
-    assert shapes.pair_prompt(("red", "circle"), ("blue", "square")) == "a red circle on the left and a blue square on the right"
+    assert (
+        shapes.pair_prompt(("red", "circle"), ("blue", "square"))
+        == "a red circle on the left and a blue square on the right"
+    )
 
 
 def test_word_tokenizer_keeps_every_word_whole():
@@ -127,7 +130,18 @@ def test_evaluate_end_to_end_four_prompts(evaluate_mod, checker, tmp_path):
     try:
         # One thread: on a shared 2-core CPU, two threads can run many times slower than one.
         rc = evaluate_mod.main(
-            ["--num-prompts", "4", "--out-dir", str(tmp_path), "--no-timing", "--no-progress", "--fig3-prompts", "2", "--threads", "1"]
+            [
+                "--num-prompts",
+                "4",
+                "--out-dir",
+                str(tmp_path),
+                "--no-timing",
+                "--no-progress",
+                "--fig3-prompts",
+                "2",
+                "--threads",
+                "1",
+            ]
         )
     finally:
         torch.set_num_threads(threads)

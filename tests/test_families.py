@@ -63,8 +63,19 @@ class TableFamily(ModelFamily):
             raise InputError(f"the test-table family knows {len(WORDS)} words and {LENGTH} tokens, got {text!r}")
         return [WORDS.index(w) for w in words] + [0] * (LENGTH - len(words))
 
-    def encode_prompt(self, sd_pipeline, prompts, negative_prompt, num_images_per_prompt,
-                      do_classifier_free_guidance, *, height, width, device, **options):
+    def encode_prompt(
+        self,
+        sd_pipeline,
+        prompts,
+        negative_prompt,
+        num_images_per_prompt,
+        do_classifier_free_guidance,
+        *,
+        height,
+        width,
+        device,
+        **options,
+    ):
         self.check_prompt_options(prompts, **options)
         table = sd_pipeline.text_encoder
 
@@ -117,9 +128,16 @@ def table_sd():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(11)
         table = WordTable(len(WORDS), int(base.unet.config.cross_attention_dim)).eval()
-    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=table, tokenizer=None, unet=base.unet,
-                                   scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=base.vae,
+        text_encoder=table,
+        tokenizer=None,
+        unet=base.unet,
+        scheduler=base.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -164,8 +182,11 @@ def test_sd_and_sdxl_are_registered_and_served_by_their_classes():
         ({**SD15_UNET_CONFIG, "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20]}, "sd", "text2img"),
         ({"_class_name": "UNet2DConditionModel", **SDXL_UNET_CONFIG}, "sdxl", "text2img"),
         # the refiner: 5 time ids, the second encoder's 1280 hidden states
-        ({**SDXL_UNET_CONFIG, "cross_attention_dim": 1280, "projection_class_embeddings_input_dim": 2560}, "sdxl",
-         "text2img"),
+        (
+            {**SDXL_UNET_CONFIG, "cross_attention_dim": 1280, "projection_class_embeddings_input_dim": 2560},
+            "sdxl",
+            "text2img",
+        ),
     ],
     ids=["sd15", "sd15-inpaint", "sd2", "sdxl-base", "sdxl-refiner"],
 )
@@ -255,8 +276,15 @@ def test_the_new_family_runs_on_onnxruntime(table_family, table_sd, tmp_path, mo
     monkeypatch.setenv("FD_TRT_CACHE", str(tmp_path / "cache"))
     pipe = FasterDiffusionPipeline.from_diffusers(table_sd, backend="onnxruntime", device="cpu", progress=False)
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
-    out = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=20, guidance_scale=6.0, latents=latents,
-               schedule="all", output_type="latent")
+    out = pipe(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=20,
+        guidance_scale=6.0,
+        latents=latents,
+        schedule="all",
+        output_type="latent",
+    )
     assert out.stats.backend == "onnxruntime"
     assert rel_l2(out.images, reference_latents(table_sd, PROMPT, NEGATIVE, latents, 20, 6.0)) < 1e-4
     manifest = json.loads(next((tmp_path / "cache").glob("*/manifest.json")).read_text())
@@ -284,9 +312,12 @@ def test_the_new_family_loads_from_a_folder_and_refuses_what_it_does_not_run(tab
 
     from test_controlnet import tiny_controlnet
 
-    with pytest.raises(UnsupportedModelError, match="does not run a ControlNet yet with a 'test-table' model.*\\(sd\\)"):
-        FasterDiffusionPipeline.from_diffusers(table_sd, backend="torch", progress=False,
-                                               controlnet=tiny_controlnet(table_sd.unet, 0))
+    with pytest.raises(
+        UnsupportedModelError, match="does not run a ControlNet yet with a 'test-table' model.*\\(sd\\)"
+    ):
+        FasterDiffusionPipeline.from_diffusers(
+            table_sd, backend="torch", progress=False, controlnet=tiny_controlnet(table_sd.unet, 0)
+        )
 
 
 def test_the_new_family_is_gone_after_its_tests(table_sd):

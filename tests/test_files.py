@@ -118,8 +118,10 @@ def test_two_processes_writing_one_file_never_leave_it_torn(tmp_path):
         "    write_atomic(sys.argv[2], data)\n"
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tag), str(path)], env=env, stderr=subprocess.PIPE,
-                              text=True) for tag in (1, 2)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(tag), str(path)], env=env, stderr=subprocess.PIPE, text=True)
+        for tag in (1, 2)
+    ]
     while any(p.poll() is None for p in procs):
         _assert_whole(path.read_bytes(), (0, 1, 2))
     for p in procs:

@@ -1,4 +1,4 @@
-"""fd_trt against the authors' own code, on frozen files (DESIGN.md section 1, "Conformance").
+"""fd_trt against the authors' own code, on frozen files (docs/design.md section 1, "Conformance").
 
 tests/data/golden/ holds a tiny UNet, text embeddings, initial latents and the final latents that
 hutaiHang/Faster-Diffusion's ``register_parallel_pipeline`` + ``register_faster_forward`` produced
@@ -15,14 +15,14 @@ import pytest
 import torch
 
 from fd_trt.backends.torch import TorchRunner
-from fd_trt.families.models import make_scheduler
 from fd_trt.core.sampler import SamplerInputs, SamplerOptions, run_sampler
 from fd_trt.core.schedule import NoiseInjection, parse_schedule
+from fd_trt.families.models import make_scheduler
 
 from conftest import rel_l2
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
-TOL = 1e-4  # DESIGN.md's conformance limit
+TOL = 1e-4  # docs/design.md's conformance limit
 CASES = [("paper", "authors_paper.npy"), ("uniform:5", "authors_uniform5.npy")]
 
 
@@ -54,8 +54,14 @@ def _fd_trt(golden, runner, schedule, noise=True):
     scheduler.set_timesteps(50)
     latents = golden["latents"] * scheduler.init_noise_sigma
     with torch.no_grad():
-        return run_sampler(runner, scheduler, latents, SamplerInputs(golden["text"]), parse_schedule(schedule, 50),
-                           SamplerOptions(guidance_scale=7.5, noise=NoiseInjection(enabled=noise), progress=False))
+        return run_sampler(
+            runner,
+            scheduler,
+            latents,
+            SamplerInputs(golden["text"]),
+            parse_schedule(schedule, 50),
+            SamplerOptions(guidance_scale=7.5, noise=NoiseInjection(enabled=noise), progress=False),
+        )
 
 
 def _plain_loop(golden):
@@ -105,8 +111,14 @@ def test_onnxruntime_backend_matches_the_authors_code(golden, tmp_path):
     from fd_trt.graphs.build import build_engines
 
     out = tmp_path / "golden"
-    build_engines(golden["unet"], out, latent_size=(8, 8), text_shape=tuple(golden["text"].shape[1:]),
-                  model_source="golden", progress=False)
+    build_engines(
+        golden["unet"],
+        out,
+        latent_size=(8, 8),
+        text_shape=tuple(golden["text"].shape[1:]),
+        model_source="golden",
+        progress=False,
+    )
     with OrtRunner(out) as runner:
         for schedule, frozen in CASES:
             assert rel_l2(_fd_trt(golden, runner, schedule), _load(frozen)) <= TOL

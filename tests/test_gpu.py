@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import rel_l2
 from fd_trt.backends.torch import TorchRunner
 from fd_trt.errors import InputError
 from fd_trt.families.models import tiny_sd_pipeline
 from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
+
+from conftest import rel_l2
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
@@ -48,8 +49,9 @@ def test_channels_last_keeps_the_cpu_results():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs every check instead of skipping")
 def test_gpu_check_skips_cleanly_without_a_gpu(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), PYTHON=os.environ.get("PYTHON", __import__("sys").executable))
-    res = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True, env=env,
-                         timeout=120)
+    res = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True, env=env, timeout=120
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "gpu_check: SKIPPED: no CUDA GPU visible to torch" in res.stdout
     report = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -80,36 +82,59 @@ class _HostEvent:
     def synchronize(self) -> None:
         pass
 
-    def elapsed_time(self, end: "_HostEvent") -> float:
+    def elapsed_time(self, end: _HostEvent) -> float:
         return (end.t - self.t) * 1000.0
 
 
 def test_gpu_check_timing_flow_on_cpu(monkeypatch, tiny_sd):
     """gpu_check's timing, speedup, target and table code, run on the tiny model with host timers."""
     gc = _gpu_check_module()
-    for name, value in {"Event": _HostEvent, "empty_cache": lambda: None, "reset_peak_memory_stats": lambda: None,
-                        "synchronize": lambda *a: None, "max_memory_allocated": lambda *a: 3 * 2**30}.items():
+    for name, value in {
+        "Event": _HostEvent,
+        "empty_cache": lambda: None,
+        "reset_peak_memory_stats": lambda: None,
+        "synchronize": lambda *a: None,
+        "max_memory_allocated": lambda *a: 3 * 2**30,
+    }.items():
         monkeypatch.setattr(torch.cuda, name, value)
 
     def make():
         return FasterDiffusionPipeline.from_diffusers(tiny_sd, backend="torch", device="cpu", progress=False)
 
-    rows = gc.time_config(make, ["all", "paper"], repeat=3, warmup=1, deadline=gc.Deadline(300), label="torch fp32",
-                          size=64, steps=20, device="cpu")
-    assert [(r["config"], r["schedule"], r["runs"]) for r in rows] == [("torch fp32", "all", 3), ("torch fp32", "paper", 3)]
+    rows = gc.time_config(
+        make,
+        ["all", "paper"],
+        repeat=3,
+        warmup=1,
+        deadline=gc.Deadline(300),
+        label="torch fp32",
+        size=64,
+        steps=20,
+        device="cpu",
+    )
+    assert [(r["config"], r["schedule"], r["runs"]) for r in rows] == [
+        ("torch fp32", "all", 3),
+        ("torch fp32", "paper", 3),
+    ]
     assert all(r["total_s"] >= r["unet_loop_s"] > 0 and r["peak_mem_gib"] == 3.0 for r in rows)
     gc.add_speedups(rows)
     assert rows[0]["speedup_vs_all"] == 1.0
     assert rows[1]["speedup_vs_all"] == pytest.approx(rows[0]["unet_loop_s"] / rows[1]["unet_loop_s"])
-    targets = gc.check_targets(rows + [{"config": "tensorrt", "schedule": "paper", "unet_loop_s": 0.3, "speedup_vs_all": 1.7}])
+    targets = gc.check_targets(
+        rows + [{"config": "tensorrt", "schedule": "paper", "unet_loop_s": 0.3, "speedup_vs_all": 1.7}]
+    )
     assert targets["tensorrt: paper >= 1.6x all"] and targets["tensorrt: paper UNet loop < 0.35 s"]
     assert targets["torch fp32: paper >= 1.6x all"] == (rows[1]["speedup_vs_all"] >= 1.6)
     lines = gc.table({"sd15": {"rows": rows}}).splitlines()
     assert len(lines) == 4 and lines[2].startswith("| torch fp32 | all |")
     assert lines[3].split("|")[5].strip() == f"{rows[1]['speedup_vs_all']:.2f}x"
     # Out of time: a schedule is skipped rather than run past the deadline.
-    assert gc.time_config(make, ["all"], repeat=3, warmup=1, deadline=gc.Deadline(0), label="late", size=64, steps=4,
-                          device="cpu") == []
+    assert (
+        gc.time_config(
+            make, ["all"], repeat=3, warmup=1, deadline=gc.Deadline(0), label="late", size=64, steps=4, device="cpu"
+        )
+        == []
+    )
 
 
 @pytest.mark.slow
@@ -118,10 +143,15 @@ def test_gpu_check_names_a_missing_package_before_using_the_gpu(tmp_path):
     shadow = tmp_path / "shadow" / "onnxruntime"  # not among the wheels gpu_wheels.sh fetches, which would win
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError('No module named onnxruntime (shadowed by the test)')\n")
-    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=os.environ.get("PYTHON", __import__("sys").executable),
-               PYTHONPATH=str(shadow.parent))
-    res = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True, env=env,
-                         timeout=120)
+    env = dict(
+        os.environ,
+        OUT=str(tmp_path / "out"),
+        PYTHON=os.environ.get("PYTHON", __import__("sys").executable),
+        PYTHONPATH=str(shadow.parent),
+    )
+    res = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True, env=env, timeout=120
+    )
     assert res.returncode == 2, res.stdout + res.stderr
     assert "gpu_check: FAILED: cannot import onnxruntime (ImportError" in res.stdout
     assert "bash scripts/gpu_wheels.sh" in res.stdout
@@ -129,11 +159,24 @@ def test_gpu_check_names_a_missing_package_before_using_the_gpu(tmp_path):
     assert report["ok"] is False and "onnxruntime" in report["reason"]
 
 
-def _run(device: str, precision: str, latents: torch.Tensor, schedule: str = "paper", steps: int = 50, **options) -> torch.Tensor:
-    pipe = FasterDiffusionPipeline.from_diffusers(tiny_sd_pipeline(seed=0), backend="torch", device=device,
-                                                  precision=precision, progress=False, runner_options=options)
-    out = pipe("a red circle on the left", num_inference_steps=steps, output_type="latent", schedule=schedule,
-               latents=latents.clone())
+def _run(
+    device: str, precision: str, latents: torch.Tensor, schedule: str = "paper", steps: int = 50, **options
+) -> torch.Tensor:
+    pipe = FasterDiffusionPipeline.from_diffusers(
+        tiny_sd_pipeline(seed=0),
+        backend="torch",
+        device=device,
+        precision=precision,
+        progress=False,
+        runner_options=options,
+    )
+    out = pipe(
+        "a red circle on the left",
+        num_inference_steps=steps,
+        output_type="latent",
+        schedule=schedule,
+        latents=latents.clone(),
+    )
     assert not out.stats.nonfinite
     pipe.close()
     return out.latents.float().cpu()

@@ -8,9 +8,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,12 +20,11 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 from PIL import Image  # noqa: E402
-
-from fd_trt.serving.http import ThreadedServer, create_app, free_port  # noqa: E402
-from fd_trt.pipelines.pipeline import FasterDiffusionPipeline  # noqa: E402
-from fd_trt.serving.runtime import Limits, ServingRuntime  # noqa: E402
-
 from test_serve import Gate, wait_for  # noqa: E402
+
+from fd_trt.pipelines.pipeline import FasterDiffusionPipeline  # noqa: E402
+from fd_trt.serving.http import ThreadedServer, create_app, free_port  # noqa: E402
+from fd_trt.serving.runtime import Limits, ServingRuntime  # noqa: E402
 
 STEPS = 10
 
@@ -39,8 +38,13 @@ def load() -> FasterDiffusionPipeline:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
-    rt = ServingRuntime(load(), max_batch=4, max_wait_ms=20, warmup=False,
-                        limits=Limits(max_steps=100, max_size=256, max_prompt_chars=200))
+    rt = ServingRuntime(
+        load(),
+        max_batch=4,
+        max_wait_ms=20,
+        warmup=False,
+        limits=Limits(max_steps=100, max_size=256, max_prompt_chars=200),
+    )
     with Server(create_app(runtime=rt)) as s:
         yield s
 
@@ -56,8 +60,13 @@ def test_valid_request_returns_the_png_of_a_solo_run(server):
     assert r.headers["content-type"] == "image/png"
     assert r.headers["x-seed"] == "42" and r.headers["x-batch-size"] == "1"
     img = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"), dtype=np.int16)
-    ref = load()(body["prompt"], num_inference_steps=STEPS, guidance_scale=7.0,
-                 generator=torch.Generator().manual_seed(42), output_type="np").images[0]
+    ref = load()(
+        body["prompt"],
+        num_inference_steps=STEPS,
+        guidance_scale=7.0,
+        generator=torch.Generator().manual_seed(42),
+        output_type="np",
+    ).images[0]
     ref_u8 = np.round(ref * 255).astype(np.int16)
     assert img.shape == ref_u8.shape == (64, 64, 3)
     assert np.abs(img - ref_u8).max() <= 1
@@ -108,8 +117,11 @@ def test_healthz_and_metrics(server):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     from prometheus_client.parser import text_string_to_metric_families
 
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(r.text)
+        for s in fam.samples
+    }
     assert samples[("fd_trt_requests_total", (("outcome", "ok"),))] >= 1
     assert samples[("fd_trt_queue_depth", ())] == 0
     assert samples[("fd_trt_request_latency_seconds_count", ())] >= 1
@@ -153,11 +165,31 @@ def test_sigterm_with_requests_in_flight_loses_none(tmp_path):
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fd_trt.cli", "serve", "--backend", "torch", "--port", str(port), "--max-batch", "4",
-         "--sizes", "64x64", "--max-body-kb", "32", "--log-level", "warning"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "fd_trt.cli",
+            "serve",
+            "--backend",
+            "torch",
+            "--port",
+            str(port),
+            "--max-batch",
+            "4",
+            "--sizes",
+            "64x64",
+            "--max-body-kb",
+            "32",
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
+
         def healthy() -> bool:
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
             try:
@@ -175,7 +207,9 @@ def test_sigterm_with_requests_in_flight_loses_none(tmp_path):
 
                 text = httpx.get(url + "/metrics", timeout=5).text
                 v = {s.name + str(s.labels): s.value for f in text_string_to_metric_families(text) for s in f.samples}
-                return int(v["fd_trt_queue_depth{}"] + v["fd_trt_in_flight{}"] + v["fd_trt_requests_total{'outcome': 'ok'}"])
+                return int(
+                    v["fd_trt_queue_depth{}"] + v["fd_trt_in_flight{}"] + v["fd_trt_requests_total{'outcome': 'ok'}"]
+                )
 
             wait_for(lambda: accepted() == n, timeout=120)
             proc.send_signal(signal.SIGTERM)

@@ -20,13 +20,12 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from test_serve_limits import healthz_latencies  # noqa: E402
 
-from fd_trt.serving.http import ThreadedServer, create_app  # noqa: E402
 from fd_trt.families.models import SCHEDULERS  # noqa: E402
 from fd_trt.pipelines.pipeline import FasterDiffusionPipeline  # noqa: E402
+from fd_trt.serving.http import ThreadedServer, create_app  # noqa: E402
 from fd_trt.serving.runtime import Limits, ServingRuntime  # noqa: E402
-
-from test_serve_limits import healthz_latencies  # noqa: E402
 
 # 500 fuzzed requests against a live server: the default run leaves this out.
 pytestmark = pytest.mark.slow
@@ -50,17 +49,21 @@ VALID = {
 }
 
 SCALAR = st.one_of(
-    st.none(), st.booleans(),
-    st.integers(-(2**70), 2**70), st.sampled_from([0, -1, 2**63, 2**64, 10**30, -(10**30)]),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.sampled_from([0, -1, 2**63, 2**64, 10**30, -(10**30)]),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=40),
     st.sampled_from(["50", "paper", "uniform:0", "uniform:-3", "0,0,0", "heun", "png", "", " ", "64x64"]),
 )
 JUNK = st.one_of(
     SCALAR,
-    st.recursive(SCALAR, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                   st.dictionaries(st.text(max_size=8), inner, max_size=4)),
-                 max_leaves=12),
+    st.recursive(
+        SCALAR,
+        lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+        max_leaves=12,
+    ),
     # huge lists and strings, built cheaply (hypothesis would take long to generate them item by item)
     st.builds(lambda n, v: [v] * n, st.integers(0, 40_000), st.integers(-5, 300)),
     st.builds(lambda n, c: c * n, st.integers(0, 80_000), st.sampled_from(["x", "é", "0,", "\u2603", "\x00"])),
@@ -86,8 +89,16 @@ BODIES = st.one_of(
     json_bodies().map(lambda b: ("json", b, json.dumps(b).encode())),
     json_bodies().map(lambda b: ("json", b, json.dumps(b).encode())),
     st.binary(max_size=300).map(lambda raw: ("bytes", None, raw)),
-    st.sampled_from([b"{", b"[" * 30_000 + b"]" * 30_000, b'{"prompt": "a' + b"\xff\xfe" + b'"}', b"null",
-                     b'{"prompt": "x", "steps": 1e999}', b'{"prompt": "x", "steps": 01}']).map(lambda r: ("bytes", None, r)),
+    st.sampled_from(
+        [
+            b"{",
+            b"[" * 30_000 + b"]" * 30_000,
+            b'{"prompt": "a' + b"\xff\xfe" + b'"}',
+            b"null",
+            b'{"prompt": "x", "steps": 1e999}',
+            b'{"prompt": "x", "steps": 01}',
+        ]
+    ).map(lambda r: ("bytes", None, r)),
 )
 
 
@@ -101,8 +112,9 @@ def allowed(status: int, body: Any) -> bool:
 
 def test_fuzzed_bodies_never_get_a_5xx_or_hang(capsys):
     pipe = FasterDiffusionPipeline.from_pretrained("default", backend="torch", device="cpu", progress=False)
-    rt = ServingRuntime(pipe, max_batch=4, max_wait_ms=0, warmup=False,
-                        limits=Limits(max_steps=4, max_size=64, max_prompt_chars=200))
+    rt = ServingRuntime(
+        pipe, max_batch=4, max_wait_ms=0, warmup=False, limits=Limits(max_steps=4, max_size=64, max_prompt_chars=200)
+    )
     statuses: Counter[int] = Counter()
     kinds: Counter[str] = Counter()
     slowest = [0.0]
@@ -113,8 +125,9 @@ def test_fuzzed_bodies_never_get_a_5xx_or_hang(capsys):
         poller = threading.Thread(target=healthz_latencies, args=(s.url, stop, lat))
         poller.start()
 
-        @settings(max_examples=CASES, deadline=None, database=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=CASES, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+        )
         @given(BODIES)
         def one(case: tuple[str, Any, bytes]) -> None:
             kind, body, raw = case
@@ -146,8 +159,10 @@ def test_fuzzed_bodies_never_get_a_5xx_or_hang(capsys):
     total = sum(statuses.values())
     elapsed = time.perf_counter() - t_start
     with capsys.disabled():
-        print(f"\nfuzz: {total} cases in {elapsed:.1f} s ({dict(kinds)}); status counts {dict(sorted(statuses.items()))}; "
-              f"slowest request {slowest[0]:.2f} s; healthz max {max(lat) * 1000:.1f} ms over {len(lat)} polls")
+        print(
+            f"\nfuzz: {total} cases in {elapsed:.1f} s ({dict(kinds)}); status counts {dict(sorted(statuses.items()))}; "
+            f"slowest request {slowest[0]:.2f} s; healthz max {max(lat) * 1000:.1f} ms over {len(lat)} polls"
+        )
     assert not failures, failures[:5]
     assert total >= CASES
     assert statuses[200] > 0 and statuses[422] > 0 and statuses[413] > 0  # the fuzzer reached each outcome

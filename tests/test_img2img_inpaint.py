@@ -8,10 +8,10 @@ import PIL.Image
 import pytest
 import torch
 
-from fd_trt.errors import InputError, UnsupportedModelError
-from fd_trt.families.models import make_scheduler, tiny_sd_pipeline
-from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 from fd_trt.core.schedule import parse_schedule
+from fd_trt.errors import InputError, UnsupportedModelError
+from fd_trt.families.models import tiny_sd_pipeline
+from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
 from conftest import rel_l2
 
@@ -71,8 +71,15 @@ def test_img2img_all_reproduces_diffusers(tiny_sd, fd_pipe, img2img_ref, use_sch
 
 
 def test_img2img_paper_key_steps_index_the_steps_run(fd_pipe):
-    out = fd_pipe(PROMPT, image=_image(2), strength=0.6, num_inference_steps=50, output_type="latent",
-                  generator=_gen(1), schedule="paper")
+    out = fd_pipe(
+        PROMPT,
+        image=_image(2),
+        strength=0.6,
+        num_inference_steps=50,
+        output_type="latent",
+        generator=_gen(1),
+        schedule="paper",
+    )
     assert out.stats.num_steps == 30
     assert out.stats.key_steps == [0, 1, 2, 3, 5, 10, 15, 25] == list(parse_schedule("paper", 30).key_steps)
     assert out.stats.encoder_calls == 8 and out.stats.decoder_rows == 60

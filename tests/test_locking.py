@@ -20,12 +20,12 @@ import pytest
 import torch
 
 from fd_trt.backends.onnxruntime import OrtRunner
-from fd_trt.graphs.build import build_engines
-from fd_trt.graphs.manifest import LOCK_FILE, MANIFEST_FILE, check_engine_dir, engine_dir_lock, load_manifest
 from fd_trt.errors import EngineMismatchError
+from fd_trt.graphs.build import build_engines
 from fd_trt.graphs.export import CorruptGraphError
-from fd_trt.utils.files import TEMP_PREFIX
+from fd_trt.graphs.manifest import LOCK_FILE, MANIFEST_FILE, check_engine_dir, engine_dir_lock, load_manifest
 from fd_trt.graphs.split import split_unet
+from fd_trt.utils.files import TEMP_PREFIX
 
 from conftest import rel_l2
 
@@ -41,8 +41,9 @@ def _env() -> dict[str, str]:
 
 
 def _start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(WORKER), *args], env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), *args], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _wait_files(paths, procs, timeout: float = 180.0) -> None:
@@ -91,8 +92,10 @@ def test_two_processes_building_one_directory_export_once(tiny_sd, tmp_path):
     built = [r for r in results if r["built"]]
     assert len(built) == 1, results  # without the lock both see no manifest and both export
     assert [r["reason"] for r in results if not r["built"]] == ["up to date"]
-    print(f"concurrent build: {wall:.1f} s wall; exporter {built[0]['seconds']:.1f} s; "
-          f"waiter {[r['seconds'] for r in results if not r['built']][0]:.1f} s")
+    print(
+        f"concurrent build: {wall:.1f} s wall; exporter {built[0]['seconds']:.1f} s; "
+        f"waiter {[r['seconds'] for r in results if not r['built']][0]:.1f} s"
+    )
     assert not list(folder.glob(f"{TEMP_PREFIX}*"))  # no temporaries left behind
     check_engine_dir(folder, tiny_sd.unet, latent_size=LATENT, text_shape=TEXT, full_hash=True)
     _assert_matches_torch_split(folder, tiny_sd.unet)
@@ -108,8 +111,11 @@ def test_a_build_killed_mid_export_is_never_loaded_and_is_rebuilt(tiny_sd, tmp_p
     go.write_text("go")
     # Kill it once the new encoder graph is in place and the decoder is being written.
     deadline = time.monotonic() + 120
-    while not ((folder / "encoder.onnx").exists() and list(folder.glob(f"{TEMP_PREFIX}{proc.pid}-*"))
-               and not (folder / MANIFEST_FILE).exists()):
+    while not (
+        (folder / "encoder.onnx").exists()
+        and list(folder.glob(f"{TEMP_PREFIX}{proc.pid}-*"))
+        and not (folder / MANIFEST_FILE).exists()
+    ):
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         assert time.monotonic() < deadline
         time.sleep(0.005)

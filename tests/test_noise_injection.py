@@ -9,11 +9,11 @@ whenever ``t < 500``. Euler keeps its latents in sigma space (``x = x0 + sigma *
 import pytest
 import torch
 
+from fd_trt.core.features import Features
 from fd_trt.core.runner import Runner
-from fd_trt.families.models import make_scheduler, tiny_sd_pipeline
 from fd_trt.core.sampler import SamplerInputs, SamplerOptions, run_sampler
 from fd_trt.core.schedule import NoiseInjection, parse_schedule
-from fd_trt.core.features import Features
+from fd_trt.families.models import make_scheduler, tiny_sd_pipeline
 
 
 class ZeroRunner(Runner):
@@ -38,8 +38,14 @@ def config():
 def _sample(scheduler, eps, steps, noise):
     scheduler.set_timesteps(steps)
     text = torch.zeros(1, 16, 32)
-    return run_sampler(ZeroRunner().activate(), scheduler, eps * scheduler.init_noise_sigma, SamplerInputs(text),
-                       parse_schedule("paper", steps), SamplerOptions(guidance_scale=1.0, noise=noise, progress=False))
+    return run_sampler(
+        ZeroRunner().activate(),
+        scheduler,
+        eps * scheduler.init_noise_sigma,
+        SamplerInputs(text),
+        parse_schedule("paper", steps),
+        SamplerOptions(guidance_scale=1.0, noise=noise, progress=False),
+    )
 
 
 def test_euler_injection_is_the_papers_amount_in_the_models_input_space(config):

@@ -8,17 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-
 # onnx, onnxruntime, onnx-graphsurgeon and polygraphy are core dependencies: a missing one fails here.
 import onnx  # noqa: E402,F401
 import onnxruntime as ort  # noqa: E402,F401
+import pytest
+import torch
 
 from fd_trt.backends.onnxruntime import OrtRunner  # noqa: E402
-from fd_trt.graphs.build import build_engines  # noqa: E402
-from fd_trt.graphs.manifest import MANIFEST_FILE, check_engine_dir, load_manifest  # noqa: E402
+from fd_trt.core.features import Features
 from fd_trt.errors import EngineMismatchError, FdTrtError  # noqa: E402
+from fd_trt.families.models import tiny_sd_pipeline  # noqa: E402
+from fd_trt.graphs.build import build_engines  # noqa: E402
 from fd_trt.graphs.export import (  # noqa: E402
     CorruptGraphError,
     compare_precisions,
@@ -27,8 +27,7 @@ from fd_trt.graphs.export import (  # noqa: E402
     example_inputs,
     export_unet,
 )
-from fd_trt.families.models import tiny_sd_pipeline  # noqa: E402
-from fd_trt.core.features import Features
+from fd_trt.graphs.manifest import MANIFEST_FILE, check_engine_dir, load_manifest  # noqa: E402
 from fd_trt.graphs.split import split_unet  # noqa: E402
 
 LATENT = (8, 8)
@@ -49,8 +48,9 @@ def sd():
 def engine_dir(sd, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("engines") / "tiny"
     # share_rows: the tiny UNet is too narrow for the rule to share, and these tests check the shared graph.
-    result = build_engines(sd.unet, out, latent_size=LATENT, text_shape=TEXT, model_source="tiny", progress=False,
-                           share_rows=True)
+    result = build_engines(
+        sd.unet, out, latent_size=LATENT, text_shape=TEXT, model_source="tiny", progress=False, share_rows=True
+    )
     assert result.built
     return out
 
@@ -172,8 +172,8 @@ def test_the_unshared_decoder_graph_takes_the_same_inputs_and_gives_the_same_noi
     # (no gain) and 96-384 (gain), see ROW_SHARING_MIN_CHANNELS.
     import json
 
-    from fd_trt.graphs.export import decoder_shares_rows
     from fd_trt.families.models import default_model_dir
+    from fd_trt.graphs.export import decoder_shares_rows
 
     folder = default_model_dir()
     assert folder is not None
@@ -194,8 +194,12 @@ def test_the_unshared_decoder_graph_takes_the_same_inputs_and_gives_the_same_noi
         want = split.run_decoder(feats.repeat(steps), t, text.repeat(steps, 1, 1))
     feed = {n: v.numpy() for n, v in zip(Features.names(len(feats.skips)), feats.tensors())}
     feed.update(timestep=t.numpy(), encoder_hidden_states=text.numpy())
-    outs = [torch.from_numpy(ort.InferenceSession(str(d / "decoder.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)[0])
-            for d in (tmp_path / "plain", engine_dir)]
+    outs = [
+        torch.from_numpy(
+            ort.InferenceSession(str(d / "decoder.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+        )
+        for d in (tmp_path / "plain", engine_dir)
+    ]
     for got in outs:
         assert rel_err(got, want) < REL_TOL
 
@@ -249,7 +253,9 @@ def test_truncated_decoder_gives_clear_error(engine_dir, tmp_path):
 
 def test_second_build_is_a_no_op(sd, engine_dir):
     before = {p.name: p.stat().st_mtime_ns for p in engine_dir.iterdir()}
-    result = build_engines(sd.unet, engine_dir, latent_size=LATENT, text_shape=TEXT, model_source="tiny", progress=False)
+    result = build_engines(
+        sd.unet, engine_dir, latent_size=LATENT, text_shape=TEXT, model_source="tiny", progress=False
+    )
     assert not result.built and result.reason == "up to date"
     assert {p.name: p.stat().st_mtime_ns for p in engine_dir.iterdir()} == before
 
@@ -269,17 +275,23 @@ def test_changed_unet_weight_is_stale(sd, engine_dir, tmp_path):
 
 
 def test_engines_for_another_shape_are_refused(engine_dir):
-    with pytest.raises(EngineMismatchError, match=r"latent_shape \(built for \[8, 8\], asked for \[16, 16\]\).*--height 128"):
+    with pytest.raises(
+        EngineMismatchError, match=r"latent_shape \(built for \[8, 8\], asked for \[16, 16\]\).*--height 128"
+    ):
         check_engine_dir(engine_dir, latent_size=(16, 16))
     assert load_manifest(engine_dir).decoder_rows == [1, 30]
 
 
 def test_fp16_graphs_stay_close_to_fp32(sd, engine_dir, tmp_path):
-    result = export_unet(sd.unet, tmp_path / "fp16", latent_size=LATENT, text_shape=TEXT, precision="fp16", progress=False)
+    result = export_unet(
+        sd.unet, tmp_path / "fp16", latent_size=LATENT, text_shape=TEXT, precision="fp16", progress=False
+    )
     assert next(sd.unet.parameters()).dtype == torch.float32  # the caller's UNet is untouched
     enc = onnx.load(str(result.encoder.path), load_external_data=False)
     assert enc.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
-    reports = compare_precisions(engine_dir, tmp_path / "fp16", example_inputs(sd.unet, LATENT, TEXT), torch.tensor([900.0, 20.0]))
+    reports = compare_precisions(
+        engine_dir, tmp_path / "fp16", example_inputs(sd.unet, LATENT, TEXT), torch.tensor([900.0, 20.0])
+    )
     for report in reports.values():
         assert report.finite
         assert report.worst_relative < 1e-2
@@ -292,7 +304,9 @@ def test_fp16_graphs_stay_close_to_fp32(sd, engine_dir, tmp_path):
 
 
 def test_external_data_export_runs(sd, tmp_path, split):
-    result = export_unet(sd.unet, tmp_path / "ext", latent_size=LATENT, text_shape=TEXT, external_data_threshold=0, progress=False)
+    result = export_unet(
+        sd.unet, tmp_path / "ext", latent_size=LATENT, text_shape=TEXT, external_data_threshold=0, progress=False
+    )
     assert result.decoder.data_path is not None and result.decoder.data_path.is_file()
     sample, t, text = _inputs(2)
     with OrtRunner(tmp_path / "ext") as r:
@@ -346,8 +360,13 @@ def sdxl_dir(sdxl, tmp_path_factory) -> Path:
 def test_sdxl_graphs_and_manifest_carry_the_added_conditioning(sdxl, sdxl_dir):
     from fd_trt.graphs.contract import GraphContract
 
-    manifest = check_engine_dir(sdxl_dir, sdxl, latent_size=SDXL_LATENT, text_shape=SDXL_TEXT,
-                                added_shapes={"text_embeds": [24], "time_ids": [6]})
+    manifest = check_engine_dir(
+        sdxl_dir,
+        sdxl,
+        latent_size=SDXL_LATENT,
+        text_shape=SDXL_TEXT,
+        added_shapes={"text_embeds": [24], "time_ids": [6]},
+    )
     assert manifest.added_shapes == {"text_embeds": [24], "time_ids": [6]}
     contract = GraphContract.from_manifest(manifest)
     enc = onnx.load(str(sdxl_dir / "encoder.onnx"), load_external_data=False)
@@ -384,8 +403,9 @@ def test_sdxl_onnxruntime_matches_torch_over_several_timesteps(sdxl, sdxl_dir):
                 ref = split.run_encoder(sample, t, text, added)
                 rows = {k: v.repeat(3, 1) for k, v in added.items()}
                 want = split.run_decoder(ref.repeat(3), steps.repeat_interleave(2), text.repeat(3, 1, 1), rows)
-                unet = sdxl(sample.repeat(3, 1, 1, 1), steps.repeat_interleave(2), text.repeat(3, 1, 1),
-                            added_cond_kwargs=rows).sample
+                unet = sdxl(
+                    sample.repeat(3, 1, 1, 1), steps.repeat_interleave(2), text.repeat(3, 1, 1), added_cond_kwargs=rows
+                ).sample
             for a, b in zip(feats.tensors(), ref.tensors()):
                 assert rel_err(a, b) < REL_TOL
             assert rel_err(got, want) < REL_TOL

@@ -3,7 +3,6 @@
 import logging
 
 import pytest
-import torch
 
 from fd_trt.cli import main
 from fd_trt.errors import EngineMismatchError
@@ -21,7 +20,9 @@ def test_the_default_backend_is_auto_on_every_device(tiny_sd):
     assert FasterDiffusionPipeline.from_diffusers(tiny_sd, device="cpu", progress=False).backend == "auto"
 
 
-def test_onnxruntime_backend_builds_on_first_use_and_matches_torch(tiny_sd, fd_pipe, latents, tmp_path, monkeypatch, caplog):
+def test_onnxruntime_backend_builds_on_first_use_and_matches_torch(
+    tiny_sd, fd_pipe, latents, tmp_path, monkeypatch, caplog
+):
     monkeypatch.setenv("FD_TRT_CACHE", str(tmp_path / "cache"))
     common = dict(num_inference_steps=50, latents=latents, output_type="latent")
     with caplog.at_level(logging.WARNING, logger="fd_trt.pipelines.runner_pool"):
@@ -32,7 +33,9 @@ def test_onnxruntime_backend_builds_on_first_use_and_matches_torch(tiny_sd, fd_p
     assert len(built) == 1 and (built[0] / "manifest.json").is_file()
     assert paper.stats.backend == "onnxruntime" and paper.stats.decoder_rows == 100
     assert rel_l2(paper.images, fd_pipe(PROMPT, schedule="paper", **common).images) < 1e-4
-    assert rel_l2(pipe(PROMPT, schedule="all", **common).images, fd_pipe(PROMPT, schedule="all", **common).images) < 1e-4
+    assert (
+        rel_l2(pipe(PROMPT, schedule="all", **common).images, fd_pipe(PROMPT, schedule="all", **common).images) < 1e-4
+    )
     pipe.close()
     # A new pipeline on the same weights reuses the cached graphs without rebuilding.
     caplog.clear()
@@ -66,7 +69,9 @@ def test_cli_build_is_idempotent_and_generate_refuses_other_shapes(tmp_path, cap
     import json
 
     built_hw = json.loads((out / "manifest.json").read_text())["latent_shape"][1:]
-    rc = main(["generate", "x", "--engines", str(out), "--height", "128", "--width", "64", "--quiet", "--out", str(png)])
+    rc = main(
+        ["generate", "x", "--engines", str(out), "--height", "128", "--width", "64", "--quiet", "--out", str(png)]
+    )
     err = capsys.readouterr().err
     asked = [built_hw[0] * 2, built_hw[1]]  # 128x64 against graphs built for the model's 64x64
     assert rc == 2 and f"latent_shape (built for {built_hw}, asked for {asked})" in err and "fd-trt build" in err
@@ -78,6 +83,8 @@ def test_explicit_engine_dir_for_other_weights_is_refused(tmp_path, latents):
     out = tmp_path / "eng"
     assert main(["build", "--out", str(out), "--quiet"]) == 0
     other = tiny_sd_pipeline(seed=1)  # same architecture, different weights
-    pipe = FasterDiffusionPipeline.from_diffusers(other, backend="onnxruntime", device="cpu", engines=out, progress=False)
+    pipe = FasterDiffusionPipeline.from_diffusers(
+        other, backend="onnxruntime", device="cpu", engines=out, progress=False
+    )
     with pytest.raises(EngineMismatchError, match="unet_sha256"):
         pipe(PROMPT, num_inference_steps=3, latents=latents, output_type="latent")

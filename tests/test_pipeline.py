@@ -51,9 +51,13 @@ def test_all_reproduces_diffusers_with_several_prompts_and_images(tiny_sd, fd_pi
 
 def test_all_without_cfg_uses_batch_b_and_matches_diffusers(tiny_sd, fd_pipe, latents):
     ref = tiny_sd(PROMPT, num_inference_steps=20, guidance_scale=1.0, latents=latents, output_type="latent").images
-    out = fd_pipe(PROMPT, num_inference_steps=20, guidance_scale=1.0, latents=latents, output_type="latent", schedule="paper")
+    out = fd_pipe(
+        PROMPT, num_inference_steps=20, guidance_scale=1.0, latents=latents, output_type="latent", schedule="paper"
+    )
     assert out.stats.decoder_rows == 20 and out.stats.encoder_rows == 7  # B=1 rows, 7 key steps
-    out_all = fd_pipe(PROMPT, num_inference_steps=20, guidance_scale=1.0, latents=latents, output_type="latent", schedule="all")
+    out_all = fd_pipe(
+        PROMPT, num_inference_steps=20, guidance_scale=1.0, latents=latents, output_type="latent", schedule="all"
+    )
     assert rel_l2(out_all.images, ref) < 1e-5
 
 
@@ -94,8 +98,15 @@ def _trajectory(fd_pipe, latents, noise_injection):
         seen.append((i, int(t), kw["latents"].clone()))
         return {}
 
-    fd_pipe(PROMPT, num_inference_steps=50, latents=latents, output_type="latent", schedule="paper",
-            noise_injection=noise_injection, callback_on_step_end=cb)
+    fd_pipe(
+        PROMPT,
+        num_inference_steps=50,
+        latents=latents,
+        output_type="latent",
+        schedule="paper",
+        noise_injection=noise_injection,
+        callback_on_step_end=cb,
+    )
     return seen
 
 
@@ -113,10 +124,14 @@ def test_noise_injection_first_changes_the_first_step_below_half_the_timesteps(f
 
 def test_noise_injection_defaults_off_for_all_and_on_for_paper(fd_pipe, latents):
     common = dict(num_inference_steps=20, latents=latents, output_type="latent")
-    assert torch.equal(fd_pipe(PROMPT, schedule="all", **common).images,
-                       fd_pipe(PROMPT, schedule="all", noise_injection=False, **common).images)
-    assert torch.equal(fd_pipe(PROMPT, schedule="paper", **common).images,
-                       fd_pipe(PROMPT, schedule="paper", noise_injection=True, **common).images)
+    assert torch.equal(
+        fd_pipe(PROMPT, schedule="all", **common).images,
+        fd_pipe(PROMPT, schedule="all", noise_injection=False, **common).images,
+    )
+    assert torch.equal(
+        fd_pipe(PROMPT, schedule="paper", **common).images,
+        fd_pipe(PROMPT, schedule="paper", noise_injection=True, **common).images,
+    )
 
 
 def test_callback_can_replace_the_latents(tiny_sd, fd_pipe, latents):
@@ -129,8 +144,14 @@ def test_callback_can_replace_the_latents(tiny_sd, fd_pipe, latents):
         seen[i] = kw["latents"].clone()
         return {"latents": z.clone()} if i == k else {}
 
-    out = fd_pipe(PROMPT, num_inference_steps=steps, latents=latents, output_type="latent", schedule="all",
-                  callback_on_step_end=replace_at_k)
+    out = fd_pipe(
+        PROMPT,
+        num_inference_steps=steps,
+        latents=latents,
+        output_type="latent",
+        schedule="all",
+        callback_on_step_end=replace_at_k,
+    )
     # independent: diffusers' UNet and a fresh DDIM scheduler run steps k+1 .. end from z
     sched = make_scheduler("ddim", tiny_sd.scheduler.config)
     sched.set_timesteps(steps)
@@ -188,13 +209,18 @@ def test_flops_counted_on_fake_tensors_equal_a_real_count(tiny_sd):
     """The per-row count runs the split modules on fake tensors (no arithmetic); it must give the
     count of a real call, for SD and for SDXL's added inputs."""
     from fd_trt.families.models import tiny_sdxl_pipeline
-    from fd_trt.pipelines.pipeline import _count_split_flops
     from fd_trt.graphs.split import split_unet
+    from fd_trt.pipelines.pipeline import _count_split_flops
 
     xl = tiny_sdxl_pipeline(seed=0)
-    cases = [(tiny_sd.unet, 32, None), (xl.unet, xl.unet.config.cross_attention_dim,
-                                          {"text_embeds": torch.zeros(1, xl.text_encoder_2.config.projection_dim),
-                                           "time_ids": torch.zeros(1, 6)})]
+    cases = [
+        (tiny_sd.unet, 32, None),
+        (
+            xl.unet,
+            xl.unet.config.cross_attention_dim,
+            {"text_embeds": torch.zeros(1, xl.text_encoder_2.config.projection_dim), "time_ids": torch.zeros(1, 6)},
+        ),
+    ]
     for unet, width, added in cases:
         args = (split_unet(unet), torch.zeros(1, 4, 8, 8), torch.full((1,), 500.0), torch.zeros(1, 77, width), added)
         fake, real = _count_split_flops(*args, fake=True), _count_split_flops(*args, fake=False)
@@ -218,7 +244,9 @@ def test_bf16_torch_runner_stays_close_to_fp32(tiny_sd, fd_pipe, latents):
     from fd_trt.families.models import tiny_sd_pipeline
     from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
-    pipe16 = FasterDiffusionPipeline.from_diffusers(tiny_sd_pipeline(seed=0), backend="torch", precision="bf16", progress=False)
+    pipe16 = FasterDiffusionPipeline.from_diffusers(
+        tiny_sd_pipeline(seed=0), backend="torch", precision="bf16", progress=False
+    )
     common = dict(num_inference_steps=20, latents=latents, output_type="latent", schedule="paper")
     assert rel_l2(pipe16(PROMPT, **common).images, fd_pipe(PROMPT, **common).images) < 5e-2
 

@@ -1,7 +1,7 @@
 import pytest
 
-from fd_trt.errors import ScheduleError
 from fd_trt.core.schedule import NoiseInjection, parse_schedule
+from fd_trt.errors import ScheduleError
 
 
 def test_paper_schedule_segments_match_the_paper_for_ddim50():

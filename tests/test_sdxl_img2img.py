@@ -55,8 +55,14 @@ def fd_base(base_i2i):
     return FasterDiffusionPipeline.from_diffusers(base_i2i, backend="torch", device="cpu", progress=False)
 
 
-REFINER_ARGS = dict(prompt=PROMPT, negative_prompt="green", guidance_scale=5.0, aesthetic_score=7.0,
-                    negative_aesthetic_score=2.0, output_type="latent")
+REFINER_ARGS = dict(
+    prompt=PROMPT,
+    negative_prompt="green",
+    guidance_scale=5.0,
+    aesthetic_score=7.0,
+    negative_aesthetic_score=2.0,
+    output_type="latent",
+)
 
 
 def test_the_refiner_has_five_time_ids_and_no_first_encoder(refiner, fd_refiner):
@@ -110,8 +116,17 @@ def test_refiner_paper_runs_the_key_steps_of_the_steps_run(refiner, fd_refiner):
 
 def test_base_img2img_matches_diffusers(base_i2i, fd_base):
     # Two images per prompt from one generator, and the VAE decode.
-    common = dict(prompt=PROMPT, negative_prompt="green", image=_image(), num_inference_steps=30, strength=0.5,
-                  guidance_scale=5.0, num_images_per_prompt=2, original_size=(128, 96), crops_coords_top_left=(8, 0))
+    common = dict(
+        prompt=PROMPT,
+        negative_prompt="green",
+        image=_image(),
+        num_inference_steps=30,
+        strength=0.5,
+        guidance_scale=5.0,
+        num_images_per_prompt=2,
+        original_size=(128, 96),
+        crops_coords_top_left=(8, 0),
+    )
     ref = base_i2i(generator=_gen(9), output_type="np", **common).images
     out = fd_base(generator=_gen(9), output_type="np", schedule="all", **common)
     assert out.stats.num_steps == 15 and out.latents.shape[0] == 2
@@ -152,8 +167,9 @@ def test_refiner_onnxruntime_all_reproduces_diffusers(refiner, tmp_path, monkeyp
     assert rel_l2(out.latents, ref) < 1e-4
     # The graphs were built for the refiner's five time ids (derived from the model, not assumed).
     manifests = list((tmp_path / "cache").rglob("manifest.json"))
-    assert manifests and all(json.loads(m.read_text())["added_shapes"] == {"text_embeds": [32], "time_ids": [5]}
-                             for m in manifests)
+    assert manifests and all(
+        json.loads(m.read_text())["added_shapes"] == {"text_embeds": [32], "time_ids": [5]} for m in manifests
+    )
 
 
 def test_bad_img2img_arguments_are_refused_by_name(fd_refiner):

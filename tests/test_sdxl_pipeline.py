@@ -82,7 +82,9 @@ def test_micro_conditioning_guidance_rescale_and_empty_negative_match_diffusers(
     ref = tiny_xl(PROMPT, generator=_gen(3), **common).images
     out = fd_xl(PROMPT, generator=_gen(3), schedule="all", **common)
     assert rel_l2(out.images, ref) < 1e-5
-    plain = fd_xl(PROMPT, generator=_gen(3), schedule="all", num_inference_steps=20, guidance_scale=6.0, output_type="latent")
+    plain = fd_xl(
+        PROMPT, generator=_gen(3), schedule="all", num_inference_steps=20, guidance_scale=6.0, output_type="latent"
+    )
     assert rel_l2(plain.images, ref) > 1e-3  # the conditioning does reach the UNet
 
 
@@ -172,10 +174,11 @@ def test_default_backend_auto_runs_sdxl_like_the_torch_backend(tiny_xl, fd_xl):
 
 
 def test_sdxl_refuses_a_controlnet_it_would_ignore(tiny_xl):
-    from fd_trt.errors import UnsupportedModelError
-
     from test_controlnet import tiny_controlnet
 
+    from fd_trt.errors import UnsupportedModelError
+
     with pytest.raises(UnsupportedModelError, match="does not run a ControlNet"):
-        FasterDiffusionPipeline.from_diffusers(tiny_xl, backend="torch", progress=False,
-                                               controlnet=tiny_controlnet(tiny_xl.unet, 0))
+        FasterDiffusionPipeline.from_diffusers(
+            tiny_xl, backend="torch", progress=False, controlnet=tiny_controlnet(tiny_xl.unet, 0)
+        )

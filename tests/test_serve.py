@@ -30,8 +30,15 @@ from fd_trt.serving.runtime import (
 from conftest import rel_l2
 
 STEPS = 10
-PROMPTS = ["a red circle", "a blue square on the left", "a green star at the top", "a yellow triangle",
-           "a cyan diamond on the left and a magenta circle on the right", "an orange star", "a purple square"]
+PROMPTS = [
+    "a red circle",
+    "a blue square on the left",
+    "a green star at the top",
+    "a yellow triangle",
+    "a cyan diamond on the left and a magenta circle on the right",
+    "an orange star",
+    "a purple square",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +50,17 @@ def reference() -> FasterDiffusionPipeline:
 def solo(pipe: FasterDiffusionPipeline, req: GenerateRequest) -> torch.Tensor:
     """The request run alone through the pipeline with its own seeded generator: the reference."""
     pipe.set_scheduler(req.scheduler)
-    out = pipe(req.prompt, negative_prompt=req.negative_prompt, height=req.height, width=req.width,
-               num_inference_steps=req.steps, guidance_scale=req.guidance,
-               generator=torch.Generator().manual_seed(req.seed), schedule=req.schedule, output_type="latent")
+    out = pipe(
+        req.prompt,
+        negative_prompt=req.negative_prompt,
+        height=req.height,
+        width=req.width,
+        num_inference_steps=req.steps,
+        guidance_scale=req.guidance,
+        generator=torch.Generator().manual_seed(req.seed),
+        schedule=req.schedule,
+        output_type="latent",
+    )
     pipe.set_scheduler("ddim")
     return out.latents[0]
 
@@ -91,11 +106,18 @@ def test_32_concurrent_requests_equal_their_solo_runs(reference):
     # Mixed settings: the runtime must group compatible requests and keep the others apart.
     reqs = []
     for i in range(32):
-        reqs.append(GenerateRequest(
-            prompt=PROMPTS[i % len(PROMPTS)], negative_prompt="a black square" if i % 5 == 0 else "",
-            seed=1000 + i, steps=STEPS, guidance=7.5 if i % 4 else 3.0, height=64, width=64 if i % 8 else 48,
-            scheduler="ddim" if i % 3 else "dpmpp",
-        ))
+        reqs.append(
+            GenerateRequest(
+                prompt=PROMPTS[i % len(PROMPTS)],
+                negative_prompt="a black square" if i % 5 == 0 else "",
+                seed=1000 + i,
+                steps=STEPS,
+                guidance=7.5 if i % 4 else 3.0,
+                height=64,
+                width=64 if i % 8 else 48,
+                scheduler="ddim" if i % 3 else "dpmpp",
+            )
+        )
     rt = make_runtime(max_batch=8, max_wait_ms=200, max_queue=64)
     try:
         with ThreadPoolExecutor(32) as ex:
@@ -341,8 +363,11 @@ def test_metrics_percentiles_and_prometheus_text():
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for fam in text_string_to_metric_families(prometheus_text(snap).decode()) for s in fam.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(prometheus_text(snap).decode())
+        for s in fam.samples
+    }
     assert samples[("fd_trt_queue_depth", ())] == 3
     assert samples[("fd_trt_in_flight", ())] == 2
     assert samples[("fd_trt_requests_total", (("outcome", "ok"),))] == 100

@@ -82,8 +82,10 @@ def test_200k_zero_schedule_gets_413_fast_and_healthz_keeps_answering(rt, capsys
     assert took < 2.0
     assert lat and max(lat) < 1.0, lat
     with capsys.disabled():
-        print(f"\n200k-zero schedule, 64 KiB limit: {r.status_code} in {took:.3f} s; healthz max {max(lat) * 1000:.1f} ms "
-              f"over {len(lat)} polls")
+        print(
+            f"\n200k-zero schedule, 64 KiB limit: {r.status_code} in {took:.3f} s; healthz max {max(lat) * 1000:.1f} ms "
+            f"over {len(lat)} polls"
+        )
 
 
 def test_200k_zero_schedule_under_a_large_body_limit_gets_422_fast(rt, capsys):
@@ -95,7 +97,9 @@ def test_200k_zero_schedule_under_a_large_body_limit_gets_422_fast(rt, capsys):
     assert took < 3.0
     assert lat and max(lat) < 1.0, lat
     with capsys.disabled():
-        print(f"\n200k-zero schedule, 8 MiB limit: {r.status_code} in {took:.3f} s; healthz max {max(lat) * 1000:.1f} ms")
+        print(
+            f"\n200k-zero schedule, 8 MiB limit: {r.status_code} in {took:.3f} s; healthz max {max(lat) * 1000:.1f} ms"
+        )
 
 
 def test_chunked_body_over_the_limit_is_cut_off(rt):
@@ -104,7 +108,9 @@ def test_chunked_body_over_the_limit_is_cut_off(rt):
             yield b"x" * 4096
 
     with ThreadedServer(create_app(runtime=rt)) as s:
-        r = httpx.post(s.url + "/v1/generate", content=chunks(), headers={"content-type": "application/json"}, timeout=30)
+        r = httpx.post(
+            s.url + "/v1/generate", content=chunks(), headers={"content-type": "application/json"}, timeout=30
+        )
     assert r.status_code == 413 and "limit is 65536 bytes" in r.text
 
 
@@ -119,9 +125,14 @@ def test_parse_sizes():
 def test_torch_sizes_restrict_requests_at_submit(rt):
     r = ServingRuntime(load(), warmup=False, sizes="64x64,32x32", limits=Limits(max_size=256))
     try:
-        with pytest.raises(InputError, match=r"size 48x64 \(height x width\) is not served here; sizes served: 64x64, 32x32"):
+        with pytest.raises(
+            InputError, match=r"size 48x64 \(height x width\) is not served here; sizes served: 64x64, 32x32"
+        ):
             r.submit(GenerateRequest(prompt="a red circle", height=48, width=64, steps=STEPS))
-        assert r.submit(GenerateRequest(prompt="a red circle", height=32, width=32, steps=STEPS, seed=1)).result(60).seed == 1
+        assert (
+            r.submit(GenerateRequest(prompt="a red circle", height=32, width=32, steps=STEPS, seed=1)).result(60).seed
+            == 1
+        )
     finally:
         r.shutdown()
     # Without sizes the torch backend (one runner for every size) serves any size within the limits.
@@ -134,8 +145,9 @@ def test_torch_sizes_restrict_requests_at_submit(rt):
 @pytest.mark.slow
 def test_graph_backend_prepares_sizes_at_start_and_never_builds_in_the_worker(tiny_sd, tmp_path, monkeypatch):
     monkeypatch.setenv("FD_TRT_CACHE", str(tmp_path / "cache"))
-    pipe = FasterDiffusionPipeline.from_diffusers(tiny_sd, backend="onnxruntime", device="cpu", progress=False,
-                                                  max_cached_runners=1)
+    pipe = FasterDiffusionPipeline.from_diffusers(
+        tiny_sd, backend="onnxruntime", device="cpu", progress=False, max_cached_runners=1
+    )
     f = pipe.vae_scale_factor
     a, b = (8 * f, 8 * f), (8 * f, 16 * f)
     rt = ServingRuntime(pipe, warmup=False, max_batch=2, sizes=[a, b], limits=Limits(max_size=16 * f, size_multiple=f))
@@ -173,13 +185,17 @@ def test_engines_without_the_size_fail_at_start_up_and_other_sizes_get_422(tmp_p
     eng = tmp_path / "eng"
     assert main(["build", "--out", str(eng), "--quiet"]) == 0  # the default model at 64x64 only
     with pytest.raises(EngineMismatchError, match="cannot serve size 128x128"):
-        ServingRuntime.from_pretrained("default", backend="onnxruntime", engines=str(eng), sizes="64x64,128x128",
-                                       warmup=False, start=False)
+        ServingRuntime.from_pretrained(
+            "default", backend="onnxruntime", engines=str(eng), sizes="64x64,128x128", warmup=False, start=False
+        )
     rt = ServingRuntime.from_pretrained("default", backend="onnxruntime", engines=str(eng), warmup=False, max_batch=2)
     try:
         with ThreadedServer(create_app(runtime=rt)) as s:
-            r = httpx.post(s.url + "/v1/generate", json={"prompt": "a red circle", "steps": 3, "height": 128,
-                                                          "width": 128}, timeout=60)
+            r = httpx.post(
+                s.url + "/v1/generate",
+                json={"prompt": "a red circle", "steps": 3, "height": 128, "width": 128},
+                timeout=60,
+            )
             assert r.status_code == 422 and "sizes served: 64x64" in r.text, r.text
             ok = httpx.post(s.url + "/v1/generate", json={"prompt": "a red circle", "steps": 3, "seed": 1}, timeout=120)
             assert ok.status_code == 200, ok.text
@@ -192,7 +208,9 @@ def test_feature_bytes_match_the_encoder_output():
     f = pipe.vae_scale_factor
     for hw in ((16, 16), (12, 20), (9, 7)):
         with torch.inference_mode():
-            feats = pipe.runner.encode(torch.zeros(1, 4, *hw), torch.tensor([500.0]), torch.zeros(1, *pipe.text_shape()))
+            feats = pipe.runner.encode(
+                torch.zeros(1, 4, *hw), torch.tensor([500.0]), torch.zeros(1, *pipe.text_shape())
+            )
         want = sum(t.numel() * t.element_size() for t in feats.tensors())
         assert feature_bytes_per_row(pipe.sd.unet.config, hw, 4) == want, hw
     rt = ServingRuntime(pipe, warmup=False, start=False, decoder_memory_mb=1)
@@ -215,7 +233,9 @@ def run_8_on_paper(decoder_memory_mb: float | None) -> tuple[list[int], list[Any
     rt = ServingRuntime(pipe, warmup=False, max_batch=8, max_wait_ms=2000, decoder_memory_mb=decoder_memory_mb)
     cap = rt.decoder_rows_cap(64, 64)
     try:
-        futures = [rt.submit(GenerateRequest(prompt="a red circle", seed=i, steps=50, schedule="paper")) for i in range(8)]
+        futures = [
+            rt.submit(GenerateRequest(prompt="a red circle", seed=i, steps=50, schedule="paper")) for i in range(8)
+        ]
         results = [f.result(300) for f in futures]
     finally:
         rt.shutdown()

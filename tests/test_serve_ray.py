@@ -15,10 +15,9 @@ ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'fd_t
 serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 from PIL import Image  # noqa: E402
+from test_http import free_port  # noqa: E402
 
 from fd_trt.pipelines.pipeline import FasterDiffusionPipeline  # noqa: E402
-
-from test_http import free_port  # noqa: E402
 
 # Starting Ray and two replicas takes about a minute: the default run leaves these out.
 pytestmark = pytest.mark.slow
@@ -59,8 +58,12 @@ def test_two_replicas_serve_the_same_api(ray_app):
     ref = FasterDiffusionPipeline.from_pretrained("default", backend="torch", device="cpu", progress=False)
     for body, r in zip(bodies[:4], responses[:4]):
         img = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"), dtype=np.int16)
-        want = ref(body["prompt"], num_inference_steps=STEPS, generator=torch.Generator().manual_seed(body["seed"]),
-                   output_type="np").images[0]
+        want = ref(
+            body["prompt"],
+            num_inference_steps=STEPS,
+            generator=torch.Generator().manual_seed(body["seed"]),
+            output_type="np",
+        ).images[0]
         assert np.abs(img - np.round(want * 255).astype(np.int16)).max() <= 1
 
     bad = httpx.post(url + "/v1/generate", json={"prompt": "a red circle", "steps": -1}, timeout=30)
@@ -80,8 +83,14 @@ def test_a_replica_killed_under_load_loses_no_request_silently(ray_app, capsys):
     t0 = time.monotonic()
     with ThreadPoolExecutor(4) as ex:
         while len(pids) < 2 and time.monotonic() - t0 < 120:
-            rs = list(ex.map(lambda s: httpx.post(url + "/v1/generate", json={"prompt": "a red circle", "seed": s,
-                                                                             "steps": 2}, timeout=120), range(4)))
+            rs = list(
+                ex.map(
+                    lambda s: httpx.post(
+                        url + "/v1/generate", json={"prompt": "a red circle", "seed": s, "steps": 2}, timeout=120
+                    ),
+                    range(4),
+                )
+            )
             pids |= {int(r.headers["x-replica"].rsplit(":", 1)[1]) for r in rs if r.status_code == 200}
     assert len(pids) == 2, pids
     victim = sorted(pids)[0]
@@ -89,6 +98,7 @@ def test_a_replica_killed_under_load_loses_no_request_silently(ray_app, capsys):
     n = 12
     body = {"prompt": "a blue square", "steps": 60, "schedule": "all"}  # long enough to be in flight at the kill
     with ThreadPoolExecutor(n) as ex:
+
         def send(seed: int) -> Any:
             try:
                 return httpx.post(url + "/v1/generate", json=body | {"seed": seed}, timeout=150)
@@ -108,7 +118,9 @@ def test_a_replica_killed_under_load_loses_no_request_silently(ray_app, capsys):
         assert not isinstance(r, Exception), f"a request got no HTTP answer: {r!r}"
         if r.status_code == 200:
             assert r.headers["content-type"] == "image/png" and r.content[:4] == b"\x89PNG"
-            outcomes["200 " + ("survivor" if int(r.headers["x-replica"].rsplit(":", 1)[1]) != victim else "victim")] += 1
+            outcomes[
+                "200 " + ("survivor" if int(r.headers["x-replica"].rsplit(":", 1)[1]) != victim else "victim")
+            ] += 1
         else:
             assert r.status_code >= 500 and r.text.strip(), (r.status_code, r.text)  # a clear error, not silence
             outcomes[f"{r.status_code}"] += 1
@@ -119,5 +131,7 @@ def test_a_replica_killed_under_load_loses_no_request_silently(ray_app, capsys):
     ok = httpx.post(url + "/v1/generate", json={"prompt": "a red circle", "seed": 1, "steps": 2}, timeout=120)
     assert ok.status_code == 200
     with capsys.disabled():
-        print(f"\nreplica {victim} killed with {n} requests in flight: {dict(outcomes)}; "
-              f"answers done {time.monotonic() - t_kill:.1f} s after the kill")
+        print(
+            f"\nreplica {victim} killed with {n} requests in flight: {dict(outcomes)}; "
+            f"answers done {time.monotonic() - t_kill:.1f} s after the kill"
+        )

@@ -2,9 +2,9 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from fd_trt.core.features import Features
 from fd_trt.core.runner import expand_for_steps
 from fd_trt.errors import InputError, UnsupportedModelError
-from fd_trt.core.features import Features
 from fd_trt.graphs.split import check_supported_config, split_unet
 
 from conftest import rel_l2
@@ -277,14 +277,24 @@ def test_decoder_convolves_the_skips_once_per_distinct_row(model):
         assert hooked, "no up-block convolution reads a skip"
         # Hand count of the saving: each hooked conv skips (S-1)*N rows of its channels b: on.
         out_hw = {}
-        handles = [c.register_forward_hook(lambda m, a, o: out_hw.__setitem__(m, tuple(o.shape[-2:]))) for c, _ in hooked]
+        handles = [
+            c.register_forward_hook(lambda m, a, o: out_hw.__setitem__(m, tuple(o.shape[-2:]))) for c, _ in hooked
+        ]
         try:
             runner.split.run_decoder(*expand_for_steps(feats, steps, text, added))  # outside the block: plain convs
         finally:
             for h in handles:
                 h.remove()
         saved = sum(
-            (s - 1) * n * 2 * c.out_channels * (c.in_channels - b) * c.kernel_size[0] * c.kernel_size[1] * out_hw[c][0] * out_hw[c][1]
+            (s - 1)
+            * n
+            * 2
+            * c.out_channels
+            * (c.in_channels - b)
+            * c.kernel_size[0]
+            * c.kernel_size[1]
+            * out_hw[c][0]
+            * out_hw[c][1]
             for c, b in hooked
         )
         with runner.split.text_rows_repeated(s), FlopCounterMode(display=False) as plain:
@@ -353,7 +363,9 @@ def test_skip_sharing_in_bf16_stays_as_close_to_fp32_as_plain_bf16():
     steps = torch.tensor([900.0, 800.0, 700.0, 600.0, 500.0])
     with torch.no_grad():
         ref_split = split_unet(unet)
-        ref = ref_split.run_decoder(*expand_for_steps(ref_split.run_encoder(x, torch.full((2,), 900.0), text), steps, text, None))
+        ref = ref_split.run_decoder(
+            *expand_for_steps(ref_split.run_encoder(x, torch.full((2,), 900.0), text), steps, text, None)
+        )
         split = split_unet(bf)
         feats = split.run_encoder(x.bfloat16(), torch.full((2,), 900.0), text.bfloat16())
         tiled = expand_for_steps(feats, steps, text.bfloat16(), None)

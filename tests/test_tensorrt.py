@@ -29,9 +29,9 @@ from fd_trt.backends.tensorrt import (
     runtime_problem,
     timing_cache_file_name,
 )
-from fd_trt.graphs.manifest import FORMAT_VERSION, GraphRecord, Manifest, PlanRecord, check_plan, find_plan
-from fd_trt.errors import BackendUnavailableError, EngineMismatchError, InputError
 from fd_trt.core.schedule import parse_schedule
+from fd_trt.errors import BackendUnavailableError, EngineMismatchError, InputError
+from fd_trt.graphs.manifest import FORMAT_VERSION, GraphRecord, Manifest, PlanRecord, check_plan, find_plan
 
 TRT_PROBLEM = runtime_problem()
 needs_trt = pytest.mark.skipif(TRT_PROBLEM is not None, reason=f"TensorRT + CUDA unavailable: {TRT_PROBLEM}")
@@ -117,19 +117,45 @@ def test_plan_names_carry_version_capability_and_profile():
 
 
 # ---- manifest ---------------------------------------------------------------------------------
-def _record(version: str = "10.13.0.35", cc: tuple[int, int] = (9, 0), graph: str = "g" * 64, built_at: float = 1.0,
-            rows: tuple[int, int, int] = (1, 20, 30)) -> PlanRecord:
+def _record(
+    version: str = "10.13.0.35",
+    cc: tuple[int, int] = (9, 0),
+    graph: str = "g" * 64,
+    built_at: float = 1.0,
+    rows: tuple[int, int, int] = (1, 20, 30),
+) -> PlanRecord:
     prof = RowProfile(*rows)
-    return PlanRecord(role="decoder", file=plan_file_name("decoder", version, cc, prof), sha256="0" * 64, bytes=10,
-                      tensorrt_version=version, gpu_name="NVIDIA H100 80GB HBM3", compute_capability=list(cc),
-                      rows=prof.as_list(), graph_sha256=graph, built_at=built_at)
+    return PlanRecord(
+        role="decoder",
+        file=plan_file_name("decoder", version, cc, prof),
+        sha256="0" * 64,
+        bytes=10,
+        tensorrt_version=version,
+        gpu_name="NVIDIA H100 80GB HBM3",
+        compute_capability=list(cc),
+        rows=prof.as_list(),
+        graph_sha256=graph,
+        built_at=built_at,
+    )
 
 
 def _manifest(*plans: PlanRecord) -> Manifest:
-    return Manifest(format_version=FORMAT_VERSION, model_source="x", unet_sha256="u", unet_config={}, latent_shape=[4, 8, 8],
-                    text_shape=[16, 32], precision="fp16", opset=17, num_skips=3, encoder_rows=[1, 2], decoder_rows=[1, 30],
-                    versions={}, graphs={"decoder": GraphRecord("decoder.onnx", "g" * 64, 1)},
-                    plans={p.file: p for p in plans})
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        model_source="x",
+        unet_sha256="u",
+        unet_config={},
+        latent_shape=[4, 8, 8],
+        text_shape=[16, 32],
+        precision="fp16",
+        opset=17,
+        num_skips=3,
+        encoder_rows=[1, 2],
+        decoder_rows=[1, 30],
+        versions={},
+        graphs={"decoder": GraphRecord("decoder.onnx", "g" * 64, 1)},
+        plans={p.file: p for p in plans},
+    )
 
 
 def test_check_plan_refuses_foreign_tensorrt_gpu_and_graph(tmp_path):
@@ -137,10 +163,14 @@ def test_check_plan_refuses_foreign_tensorrt_gpu_and_graph(tmp_path):
     check_plan(rec, tensorrt_version="10.13.0.35", compute_capability=(9, 0), graph_sha256="g" * 64)
     with pytest.raises(EngineMismatchError, match=r"TensorRT 10.13.0.35, but this machine runs TensorRT 11.4.0.106"):
         check_plan(rec, tensorrt_version="11.4.0.106", compute_capability=(9, 0), engine_dir=tmp_path)
-    with pytest.raises(EngineMismatchError, match=r"compute capability 9.0 \(NVIDIA H100 80GB HBM3\), but this GPU has 8.9"):
+    with pytest.raises(
+        EngineMismatchError, match=r"compute capability 9.0 \(NVIDIA H100 80GB HBM3\), but this GPU has 8.9"
+    ):
         check_plan(rec, tensorrt_version="10.13.0.35", compute_capability=(8, 9), engine_dir=tmp_path)
     with pytest.raises(EngineMismatchError, match="older version of the graph") as err:
-        check_plan(rec, tensorrt_version="10.13.0.35", compute_capability=(9, 0), graph_sha256="h" * 64, engine_dir=tmp_path)
+        check_plan(
+            rec, tensorrt_version="10.13.0.35", compute_capability=(9, 0), graph_sha256="h" * 64, engine_dir=tmp_path
+        )
     assert f"fd-trt build --backend tensorrt --out {tmp_path}" in str(err.value)
 
 
@@ -221,8 +251,12 @@ def test_import_fd_trt_alone_loads_no_torch_diffusers_or_onnx():
 
 def test_missing_tensorrt_gives_an_install_hint(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes `import tensorrt` raise ImportError
-    for call in (require_tensorrt, lambda: TrtRunner(tmp_path), lambda: build_plans(tmp_path),
-                 lambda: get_runner_class("tensorrt")):
+    for call in (
+        require_tensorrt,
+        lambda: TrtRunner(tmp_path),
+        lambda: build_plans(tmp_path),
+        lambda: get_runner_class("tensorrt"),
+    ):
         with pytest.raises(BackendUnavailableError, match=r"pip install '\.\[gpu\]'"):
             call()
     assert "pip install" in (runtime_problem() or "")
@@ -273,13 +307,14 @@ def test_build_cli_says_why_no_plans_are_built(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def trt_engine_dir(tmp_path_factory):
     """The tiny model's fp16 graphs and plans (built once for the module)."""
-    from fd_trt.graphs.build import build_engines
     from fd_trt.families.models import tiny_sd_pipeline
+    from fd_trt.graphs.build import build_engines
 
     sd = tiny_sd_pipeline(seed=0)
     folder = tmp_path_factory.mktemp("trt_engines")
-    build_engines(sd.unet, folder, latent_size=(8, 8), text_shape=(16, 32), precision="fp16", max_segment_steps=4,
-                  progress=False)
+    build_engines(
+        sd.unet, folder, latent_size=(8, 8), text_shape=(16, 32), precision="fp16", max_segment_steps=4, progress=False
+    )
     build_plans(folder, builder_optimization_level=2, opt_segment_steps=2)
     return folder
 
@@ -295,7 +330,7 @@ def _feeds(folder: Path, role: str, rows: int) -> dict:
         dims = [rows] + [d.dim_value for d in inp.type.tensor_type.shape.dim[1:]]
         dtype = np.float16 if inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else np.float32
         value = rng.standard_normal(dims).astype(dtype)
-        feeds[inp.name] = (np.linspace(900, 10, rows).astype(dtype) if inp.name == "timestep" else value)
+        feeds[inp.name] = np.linspace(900, 10, rows).astype(dtype) if inp.name == "timestep" else value
     return feeds
 
 
@@ -303,6 +338,7 @@ def _feeds(folder: Path, role: str, rows: int) -> dict:
 @needs_trt
 @pytest.mark.parametrize("role, rows", [("encoder", 2), ("decoder", 2), ("decoder", 8)])
 def test_plans_match_onnxruntime(trt_engine_dir, role, rows):
+    import tensorrt as trt
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.backend.trt import EngineFromBytes
     from polygraphy.backend.trt import TrtRunner as PolyTrtRunner
@@ -310,10 +346,10 @@ def test_plans_match_onnxruntime(trt_engine_dir, role, rows):
 
     from fd_trt.graphs.manifest import find_plan, load_manifest
 
-    import tensorrt as trt
-
     manifest = load_manifest(trt_engine_dir)
-    rec = find_plan(manifest, role, tensorrt_version=trt.__version__, compute_capability=torch.cuda.get_device_capability())
+    rec = find_plan(
+        manifest, role, tensorrt_version=trt.__version__, compute_capability=torch.cuda.get_device_capability()
+    )
     assert rec is not None
     runners = [
         OnnxrtRunner(SessionFromOnnx(str(trt_engine_dir / f"{role}.onnx"), providers=["CPUExecutionProvider"])),
@@ -333,9 +369,12 @@ def test_tensorrt_pipeline_matches_torch(trt_engine_dir, latents):
 
     outs = {}
     for backend, engines in (("torch", None), ("tensorrt", trt_engine_dir)):
-        pipe = FasterDiffusionPipeline.from_diffusers(tiny_sd_pipeline(seed=0), backend=backend, device="cuda",
-                                                      precision="fp16", progress=False, engines=engines)
-        out = pipe("a red circle", num_inference_steps=20, output_type="latent", schedule="paper", latents=latents.clone())
+        pipe = FasterDiffusionPipeline.from_diffusers(
+            tiny_sd_pipeline(seed=0), backend=backend, device="cuda", precision="fp16", progress=False, engines=engines
+        )
+        out = pipe(
+            "a red circle", num_inference_steps=20, output_type="latent", schedule="paper", latents=latents.clone()
+        )
         assert not out.stats.nonfinite
         outs[backend] = out.latents.float().cpu()
         pipe.close()
@@ -354,9 +393,15 @@ def test_tensorrt_cuda_graph_replay_equals_a_plain_run(trt_engine_dir):
     for graphs in (False, True):
         with TrtRunner(trt_engine_dir, cuda_graphs=graphs) as runner:
             feats = runner.encode(sample, t, text)
-            outs = [runner.decode(feats, torch.tensor(s, device="cuda"), text) for s in ([800.0], [700.0, 600.0, 500.0], [400.0])]
+            outs = [
+                runner.decode(feats, torch.tensor(s, device="cuda"), text)
+                for s in ([800.0], [700.0, 600.0, 500.0], [400.0])
+            ]
             if graphs:
-                assert runner._dec is not None and sorted(runner._dec.graphs) == [(2, 2), (6, 2)]  # one graph per row counts
+                assert runner._dec is not None and sorted(runner._dec.graphs) == [
+                    (2, 2),
+                    (6, 2),
+                ]  # one graph per row counts
             results.append((feats, outs))
     (f0, o0), (f1, o1) = results
     for a, b in zip(f0.tensors(), f1.tensors()):
@@ -412,9 +457,9 @@ def test_refit_on_the_gpu_equals_a_rebuild(tmp_path):
     plan is compared with ONNX Runtime on the new graph.
     """
     from fd_trt.backends.onnxruntime import OrtRunner
+    from fd_trt.families.models import tiny_sd_pipeline
     from fd_trt.graphs.build import build_engines
     from fd_trt.graphs.manifest import load_manifest
-    from fd_trt.families.models import tiny_sd_pipeline
 
     sd = tiny_sd_pipeline(seed=0)
     common = dict(latent_size=(8, 8), text_shape=(16, 32), precision="fp16", max_segment_steps=4, progress=False)
@@ -430,10 +475,14 @@ def test_refit_on_the_gpu_equals_a_rebuild(tmp_path):
     outs = {}
     with TrtRunner(tmp_path / "refit", opt_segment_steps=2) as runner:
         assert runner.refit(sd.unet)
-        outs["refit"] = runner.decode(runner.encode(sample.cuda(), t.cuda(), text.cuda()), steps.cuda(), text.cuda()).cpu()
+        outs["refit"] = runner.decode(
+            runner.encode(sample.cuda(), t.cuda(), text.cuda()), steps.cuda(), text.cuda()
+        ).cpu()
     assert all(r.refitted_at > 0 for r in load_manifest(tmp_path / "refit").plans.values())
     with TrtRunner(tmp_path / "rebuilt", opt_segment_steps=2) as runner:
-        outs["rebuilt"] = runner.decode(runner.encode(sample.cuda(), t.cuda(), text.cuda()), steps.cuda(), text.cuda()).cpu()
+        outs["rebuilt"] = runner.decode(
+            runner.encode(sample.cuda(), t.cuda(), text.cuda()), steps.cuda(), text.cuda()
+        ).cpu()
     with OrtRunner(tmp_path / "rebuilt") as ort:
         ref = ort.decode(ort.encode(sample, t, text), steps, text)
     for key, out in outs.items():

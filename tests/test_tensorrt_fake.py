@@ -17,9 +17,9 @@ import torch
 
 from fd_trt.backends.onnxruntime import OrtRunner
 from fd_trt.backends.tensorrt import TrtRunner, build_plans
+from fd_trt.errors import EngineMismatchError, InputError
 from fd_trt.graphs.build import build_engines
 from fd_trt.graphs.manifest import load_manifest
-from fd_trt.errors import EngineMismatchError, InputError
 from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
 import fake_tensorrt
@@ -39,8 +39,15 @@ def graphs(tmp_path_factory, tiny_sd):
     """ONNX graphs of the tiny model, fp32 and fp16, with a short decoder profile."""
     root = tmp_path_factory.mktemp("fake_trt")
     for precision in ("fp32", "fp16"):
-        build_engines(tiny_sd.unet, root / precision, latent_size=(8, 8), text_shape=(16, 32), precision=precision,
-                      max_segment_steps=MAX_SEGMENT_STEPS, progress=False)
+        build_engines(
+            tiny_sd.unet,
+            root / precision,
+            latent_size=(8, 8),
+            text_shape=(16, 32),
+            precision=precision,
+            max_segment_steps=MAX_SEGMENT_STEPS,
+            progress=False,
+        )
     return root
 
 
@@ -158,7 +165,9 @@ def test_cuda_graph_replay_equals_a_plain_run(trt, graphs):
                 # One graph per (decoder rows, key-step rows): 1 and 3 steps of the same 2 rows.
                 assert sorted(runner._dec.graphs) == [(2, 2), (6, 2)]
                 assert sorted(runner._enc.graphs) == [(2, 2)]
-                assert runner._dec.graphs[(2, 2)].replays == 4 and runner._dec.graphs[(6, 2)].replays == 2  # warm-up included
+                assert (
+                    runner._dec.graphs[(2, 2)].replays == 4 and runner._dec.graphs[(6, 2)].replays == 2
+                )  # warm-up included
             results.append((feats, feats2, outs))
     for a, b in zip(results[0], results[1]):
         if isinstance(a, list):
@@ -282,12 +291,15 @@ def test_rows_the_profiles_cannot_take_are_refused(trt, graphs):
 
 
 def test_more_images_than_the_plans_were_built_for_run_in_chunks(trt, graphs, tiny_sd):
-    common = dict(num_images_per_prompt=3, num_inference_steps=4, output_type="latent",
-                  generator=torch.Generator().manual_seed(3))
-    pipe = FasterDiffusionPipeline.from_diffusers(tiny_sd, backend="tensorrt", device="cpu", precision="fp32",
-                                                  progress=False, engines=graphs / "fp32")
-    ort = FasterDiffusionPipeline.from_diffusers(tiny_sd, backend="onnxruntime", device="cpu", progress=False,
-                                                 engines=graphs / "fp32")
+    common = dict(
+        num_images_per_prompt=3, num_inference_steps=4, output_type="latent", generator=torch.Generator().manual_seed(3)
+    )
+    pipe = FasterDiffusionPipeline.from_diffusers(
+        tiny_sd, backend="tensorrt", device="cpu", precision="fp32", progress=False, engines=graphs / "fp32"
+    )
+    ort = FasterDiffusionPipeline.from_diffusers(
+        tiny_sd, backend="onnxruntime", device="cpu", progress=False, engines=graphs / "fp32"
+    )
     out = pipe(PROMPT, **common)
     ref = ort(PROMPT, **{**common, "generator": torch.Generator().manual_seed(3)})
     assert out.latents.shape[0] == 3 and rel_l2(out.latents, ref.latents) < 1e-5
@@ -298,10 +310,12 @@ def test_more_images_than_the_plans_were_built_for_run_in_chunks(trt, graphs, ti
 @pytest.mark.parametrize("schedule", ["paper", "all"])
 def test_pipeline_matches_onnxruntime_and_torch(trt, graphs, tiny_sd, fd_pipe, latents, schedule):
     common = dict(num_inference_steps=20, latents=latents, output_type="latent", schedule=schedule)
-    ort = FasterDiffusionPipeline.from_diffusers(tiny_sd, backend="onnxruntime", device="cpu", progress=False,
-                                                 engines=graphs / "fp32")
-    pipe = FasterDiffusionPipeline.from_diffusers(tiny_sd, backend="tensorrt", device="cpu", precision="fp32",
-                                                  progress=False, engines=graphs / "fp32")
+    ort = FasterDiffusionPipeline.from_diffusers(
+        tiny_sd, backend="onnxruntime", device="cpu", progress=False, engines=graphs / "fp32"
+    )
+    pipe = FasterDiffusionPipeline.from_diffusers(
+        tiny_sd, backend="tensorrt", device="cpu", precision="fp32", progress=False, engines=graphs / "fp32"
+    )
     out = pipe(PROMPT, **common)
     ref = ort(PROMPT, **common)
     assert out.stats.backend == "tensorrt" and not out.stats.nonfinite
@@ -315,8 +329,9 @@ def test_pipeline_matches_onnxruntime_and_torch(trt, graphs, tiny_sd, fd_pipe, l
 
 def test_fp16_pipeline_is_close_to_the_fp32_torch_reference(trt, graphs, tiny_sd, fd_pipe, latents):
     common = dict(num_inference_steps=20, latents=latents, output_type="latent", schedule="paper")
-    pipe = FasterDiffusionPipeline.from_diffusers(tiny_sd, backend="tensorrt", device="cpu", progress=False,
-                                                  engines=graphs / "fp16")
+    pipe = FasterDiffusionPipeline.from_diffusers(
+        tiny_sd, backend="tensorrt", device="cpu", progress=False, engines=graphs / "fp16"
+    )
     assert pipe.precision == "fp16"
     out = pipe(PROMPT, **common)
     assert rel_l2(out.latents, fd_pipe(PROMPT, **common).latents) < 2e-2
@@ -376,8 +391,9 @@ def test_a_weight_change_is_refit_into_the_plans_in_place(trt, own_sd, latents):
     from fd_trt.utils.files import file_sha256
 
     common = dict(num_inference_steps=6, latents=latents, output_type="latent", schedule="paper")
-    pipe = FasterDiffusionPipeline.from_diffusers(own_sd, backend="tensorrt", device="cpu", precision="fp32",
-                                                  progress=False)
+    pipe = FasterDiffusionPipeline.from_diffusers(
+        own_sd, backend="tensorrt", device="cpu", precision="fp32", progress=False
+    )
     before = pipe(PROMPT, **common).latents
     runner = pipe.runner
     assert isinstance(runner, TrtRunner)
@@ -417,8 +433,9 @@ def test_a_weight_change_is_refit_into_the_plans_in_place(trt, own_sd, latents):
 @pytest.mark.slow
 def test_plans_that_are_not_refittable_are_rebuilt_for_new_weights(trt, own_sd, latents):
     common = dict(num_inference_steps=6, latents=latents, output_type="latent", schedule="paper")
-    pipe = FasterDiffusionPipeline.from_diffusers(own_sd, backend="tensorrt", device="cpu", precision="fp32",
-                                                  progress=False, runner_options={"refittable": False})
+    pipe = FasterDiffusionPipeline.from_diffusers(
+        own_sd, backend="tensorrt", device="cpu", precision="fp32", progress=False, runner_options={"refittable": False}
+    )
     pipe(PROMPT, **common)
     first = pipe.runner
     assert isinstance(first, TrtRunner) and not first.plans["decoder"].refittable
@@ -428,7 +445,8 @@ def test_plans_that_are_not_refittable_are_rebuilt_for_new_weights(trt, own_sd, 
     assert pipe.runner is not first and not first.is_active
     assert isinstance(pipe.runner, TrtRunner) and pipe.runner.engine_dir != first.engine_dir
     expected = FasterDiffusionPipeline.from_diffusers(own_sd, backend="torch", device="cpu", progress=False)(
-        PROMPT, **common).latents
+        PROMPT, **common
+    ).latents
     assert rel_l2(after, expected) < 1e-4
     pipe.close()
 
@@ -459,9 +477,9 @@ def test_a_corrupt_plan_is_refused_and_a_truncated_one_rebuilt(trt, graphs, tmp_
 
 def test_a_refused_refit_leaves_no_stale_plan(trt, graphs, tmp_path, monkeypatch, caplog):
     """TensorRT refusing a refit: refit() says False, and the directory holds the new graphs and no old plan."""
+    from fd_trt.families.models import tiny_sd_pipeline
     from fd_trt.graphs.manifest import check_engine_dir
     from fd_trt.graphs.weights import unet_weights_sha256
-    from fd_trt.families.models import tiny_sd_pipeline
 
     sd = tiny_sd_pipeline(seed=0)
     folder = _copy_without_plans(graphs / "fp32", tmp_path / "e")
@@ -497,20 +515,24 @@ def test_a_fused_lora_is_refit_into_the_plans(trt, own_sd, latents):
     from peft import LoraConfig
 
     common = dict(num_inference_steps=6, latents=latents, output_type="latent", schedule="paper")
-    pipe = FasterDiffusionPipeline.from_diffusers(own_sd, backend="tensorrt", device="cpu", precision="fp32",
-                                                  progress=False)
+    pipe = FasterDiffusionPipeline.from_diffusers(
+        own_sd, backend="tensorrt", device="cpu", precision="fp32", progress=False
+    )
     before = pipe(PROMPT, **common).latents
     runner, builds = pipe.runner, len(fake_tensorrt.Builder.builds)
     torch.manual_seed(0)  # the LoRA's random (non-zero) initialization
-    own_sd.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                       init_lora_weights=False), adapter_name="style")
+    own_sd.unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False),
+        adapter_name="style",
+    )
     own_sd.fuse_lora(components=["unet"], lora_scale=0.7)
     own_sd.unload_lora_weights()  # the fused weights stay; the module names are the plain UNet's again
     after = pipe(PROMPT, **common).latents
     assert pipe.runner is runner and len(fake_tensorrt.Builder.builds) == builds
     assert isinstance(runner, TrtRunner) and runner.plans["decoder"].refitted_at > 0
     expected = FasterDiffusionPipeline.from_diffusers(own_sd, backend="torch", device="cpu", progress=False)(
-        PROMPT, **common).latents
+        PROMPT, **common
+    ).latents
     assert rel_l2(after, before) > 1e-3
     assert rel_l2(after, expected) < 1e-4
     pipe.close()
@@ -518,8 +540,8 @@ def test_a_fused_lora_is_refit_into_the_plans(trt, own_sd, latents):
 
 def test_a_directory_another_runner_refit_is_refit_from_its_graphs(trt, graphs, tmp_path):
     """Two replicas on one directory: the first refit exports the new graphs, the second only refits."""
-    from fd_trt.utils.files import file_sha256
     from fd_trt.families.models import tiny_sd_pipeline
+    from fd_trt.utils.files import file_sha256
 
     sd = tiny_sd_pipeline(seed=0)
     folder = _copy_without_plans(graphs / "fp32", tmp_path / "e")
@@ -547,13 +569,55 @@ def test_cli_build_makes_plans_and_generate_runs_them(trt, tmp_path, capsys):
     from fd_trt.cli import main
 
     out = tmp_path / "eng"
-    assert main(["build", "--backend", "tensorrt", "--precision", "fp32", "--out", str(out), "--quiet",
-                 "--max-segment-steps", "4", "--height", "64", "--width", "64"]) == 0
+    assert (
+        main(
+            [
+                "build",
+                "--backend",
+                "tensorrt",
+                "--precision",
+                "fp32",
+                "--out",
+                str(out),
+                "--quiet",
+                "--max-segment-steps",
+                "4",
+                "--height",
+                "64",
+                "--width",
+                "64",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "decoder plan: decoder.trt10.13.0.fake.sm90.rows1-8-8.plan" in printed, printed
-    assert main(["generate", PROMPT, "--backend", "tensorrt", "--precision", "fp32", "--engines", str(out),
-                 "--device", "cpu", "--steps", "8", "--height", "64", "--width", "64", "--out", str(tmp_path / "x.png"),
-                 "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                PROMPT,
+                "--backend",
+                "tensorrt",
+                "--precision",
+                "fp32",
+                "--engines",
+                str(out),
+                "--device",
+                "cpu",
+                "--steps",
+                "8",
+                "--height",
+                "64",
+                "--width",
+                "64",
+                "--out",
+                str(tmp_path / "x.png"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "x.png").is_file()
 
 
@@ -565,20 +629,31 @@ def test_sdxl_plans_profile_the_added_conditioning_and_match_onnxruntime(trt, tm
     _, pooled, k = SDXL_CONFIGS[name]
     unet = tiny_sdxl_unet(name)
     folder = tmp_path / name
-    build_engines(unet, folder, latent_size=(8, 8), text_shape=(5, unet.config.cross_attention_dim),
-                  added_shapes={"text_embeds": [pooled], "time_ids": [k]}, max_segment_steps=MAX_SEGMENT_STEPS,
-                  progress=False)
+    build_engines(
+        unet,
+        folder,
+        latent_size=(8, 8),
+        text_shape=(5, unet.config.cross_attention_dim),
+        added_shapes={"text_embeds": [pooled], "time_ids": [k]},
+        max_segment_steps=MAX_SEGMENT_STEPS,
+        progress=False,
+    )
     built = build_plans(folder, opt_segment_steps=2)
     enc_rows = next(r.record.rows for r in built if r.record.role == "encoder")
     for res in built:
         header = fake_tensorrt.plan_header(folder / res.record.file)
         # The decoder takes the key step's added rows: tuned at the encoder's, up to its own maximum.
-        rows = res.record.rows if res.record.role == "encoder" else [res.record.rows[0], enc_rows[1], res.record.rows[2]]
+        rows = (
+            res.record.rows if res.record.role == "encoder" else [res.record.rows[0], enc_rows[1], res.record.rows[2]]
+        )
         assert header["profile"]["text_embeds"] == [[lo, pooled] for lo in rows]
         assert header["profile"]["time_ids"] == [[lo, k] for lo in rows]
         assert dict((n, d) for n, _, d in header["inputs"])["time_ids"] == "FLOAT"
     gen = torch.Generator().manual_seed(0)
-    sample, text = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 5, unet.config.cross_attention_dim, generator=gen)
+    sample, text = (
+        torch.randn(2, 4, 8, 8, generator=gen),
+        torch.randn(2, 5, unet.config.cross_attention_dim, generator=gen),
+    )
     t, added = torch.full((2,), 900.0), added_conditioning(name, 2)
     with OrtRunner(folder) as ort, TrtRunner(folder, opt_segment_steps=2, cuda_graphs=True) as runner:
         assert runner.contract is not None and runner.contract.added_names == ("text_embeds", "time_ids")
@@ -600,6 +675,7 @@ def test_sdxl_plans_profile_the_added_conditioning_and_match_onnxruntime(trt, tm
 def test_sdxl_plans_refit_new_added_embedding_weights(trt, tmp_path):
     """A LoRA-like change to SDXL's add_embedding reaches both plans (matched by initializer name)."""
     from fd_trt.backends.torch import TorchRunner
+
     from tiny_sdxl import added_conditioning, tiny_sdxl_unet
 
     unet = tiny_sdxl_unet()
@@ -607,7 +683,11 @@ def test_sdxl_plans_refit_new_added_embedding_weights(trt, tmp_path):
     build_engines(unet, folder, latent_size=(8, 8), text_shape=(5, 32), max_segment_steps=2, progress=False)
     gen = torch.Generator().manual_seed(0)
     sample, text = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 5, 32, generator=gen)
-    t, steps, added = torch.full((2,), 700.0), torch.tensor([700.0, 600.0, 500.0]), added_conditioning("sdxl_base_like", 2)
+    t, steps, added = (
+        torch.full((2,), 700.0),
+        torch.tensor([700.0, 600.0, 500.0]),
+        added_conditioning("sdxl_base_like", 2),
+    )
     with TrtRunner(folder) as runner:
         before = runner.decode(runner.encode(sample, t, text, added), steps, text, added)
         with torch.no_grad():
@@ -622,10 +702,10 @@ def test_sdxl_plans_refit_new_added_embedding_weights(trt, tmp_path):
 
 # ControlNet plans ---------------------------------------------------------------------------------
 def test_controlnet_plan_has_the_encoder_profile_and_matches_torch_and_onnxruntime(trt, graphs, tiny_sd, tmp_path):
+    from test_controlnet import tiny_controlnet
+
     from fd_trt.backends.tensorrt import build_controlnet_plan
     from fd_trt.graphs.build import build_controlnet_graph
-
-    from test_controlnet import tiny_controlnet
 
     folder = _copy_without_plans(graphs / "fp32", tmp_path / "e")
     net = tiny_controlnet(tiny_sd.unet, 1)
@@ -646,8 +726,15 @@ def test_controlnet_plan_has_the_encoder_profile_and_matches_torch_and_onnxrunti
             down, mid = call(x, t, e, image, 0.6, guess)
             assert runner.launches["controlnet"] - launched == 2  # 3 rows over a 2-row profile: two executions
             with torch.no_grad():
-                ref_down, ref_mid = net(x, t, encoder_hidden_states=e, controlnet_cond=image, conditioning_scale=0.6,
-                                        guess_mode=guess, return_dict=False)
+                ref_down, ref_mid = net(
+                    x,
+                    t,
+                    encoder_hidden_states=e,
+                    controlnet_cond=image,
+                    conditioning_scale=0.6,
+                    guess_mode=guess,
+                    return_dict=False,
+                )
             assert max(rel_l2(a, b) for a, b in zip([*down, mid], [*ref_down, ref_mid])) < 1e-5
         with OrtRunner(folder, warmup=False) as ort:
             o_down, o_mid = ort.controlnet(rec)(x, t, e, image, 0.6, False)
@@ -659,9 +746,9 @@ def test_controlnet_plan_has_the_encoder_profile_and_matches_torch_and_onnxrunti
 
 
 def test_a_missing_controlnet_plan_is_refused_without_build(trt, graphs, tiny_sd, tmp_path):
-    from fd_trt.graphs.build import build_controlnet_graph
-
     from test_controlnet import tiny_controlnet
+
+    from fd_trt.graphs.build import build_controlnet_graph
 
     folder = _copy_without_plans(graphs / "fp32", tmp_path / "e")
     build_plans(folder)
@@ -680,15 +767,23 @@ def test_pipeline_with_controlnet_on_tensorrt_reproduces_diffusers(trt, graphs, 
     folder = tmp_path / "e"
     shutil.copytree(graphs / "fp32", folder)
     sd = _cn_pipeline(tiny_sd, tiny_controlnet(tiny_sd.unet, 1))
-    pipe = FasterDiffusionPipeline.from_diffusers(sd, backend="tensorrt", device="cpu", precision="fp32",
-                                                  progress=False, engines=folder)
-    common = dict(image=control_image(3), num_inference_steps=8, output_type="latent",
-                  controlnet_conditioning_scale=0.7)
+    pipe = FasterDiffusionPipeline.from_diffusers(
+        sd, backend="tensorrt", device="cpu", precision="fp32", progress=False, engines=folder
+    )
+    common = dict(
+        image=control_image(3), num_inference_steps=8, output_type="latent", controlnet_conditioning_scale=0.7
+    )
     ref = sd(PROMPT, generator=torch.Generator().manual_seed(2), **common).images
     out = pipe(PROMPT, generator=torch.Generator().manual_seed(2), schedule="all", **common)
     assert out.stats.backend == "tensorrt" and rel_l2(out.images, ref) < 1e-4
-    paper = pipe(PROMPT, generator=torch.Generator().manual_seed(2), num_inference_steps=20, image=control_image(3),
-                 output_type="latent", schedule="paper")
+    paper = pipe(
+        PROMPT,
+        generator=torch.Generator().manual_seed(2),
+        num_inference_steps=20,
+        image=control_image(3),
+        output_type="latent",
+        schedule="paper",
+    )
     (call,) = pipe.runner._controlnets.values()
     assert paper.stats.controlnet_calls == paper.stats.encoder_calls == 7
     assert call.calls == 8 + 7  # every ControlNet forward of both calls ran as the plan

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
+from fd_trt.backends.auto import AutoRunner, Candidate, CostTable, choose, load_decision, predict_seconds
+from fd_trt.core.features import Features
 from fd_trt.core.runner import Runner
+from fd_trt.core.schedule import parse_schedule
 from fd_trt.errors import EngineMismatchError
 from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
-from fd_trt.core.schedule import parse_schedule
-from fd_trt.core.features import Features
-from fd_trt.backends.auto import AutoRunner, Candidate, CostTable, choose, load_decision, predict_seconds
 
 from conftest import rel_l2
 
@@ -85,12 +85,16 @@ def make_auto(tmp_path, costs, weights="w0", latent=(4, 8, 8), unavailable=()):
         calls.append(runner.name)
         return costs[runner.name]
 
-    auto = AutoRunner([TORCH, ORT], factory, latent, (16, 32), lambda: {"unet_sha256": weights}, cache_dir=tmp_path,
-                      measurer=measurer).activate()
+    auto = AutoRunner(
+        [TORCH, ORT], factory, latent, (16, 32), lambda: {"unet_sha256": weights}, cache_dir=tmp_path, measurer=measurer
+    ).activate()
     return auto, calls
 
 
-COSTS = {"torch": linear(0.02, 0.010, 0.002), "onnxruntime": CostTable(0.01, {1: 0.005, 2: 0.011, 4: 0.024, 8: 0.05, 15: 0.1})}
+COSTS = {
+    "torch": linear(0.02, 0.010, 0.002),
+    "onnxruntime": CostTable(0.01, {1: 0.005, 2: 0.011, 4: 0.024, 8: 0.05, 15: 0.1}),
+}
 
 
 def test_auto_runner_measures_once_then_reads_the_cache(tmp_path):
@@ -118,7 +122,9 @@ def test_the_cache_key_changes_with_schedule_rows_shape_and_weights(tmp_path, ch
     base = auto.plan(paper, rows=2)
     kwargs = {"weights": "w1"} if change == "weights" else {"latent": (4, 16, 16)} if change == "shape" else {}
     other, calls = make_auto(tmp_path, COSTS, **kwargs)
-    d = other.plan(parse_schedule("uniform:5", 50) if change == "schedule" else paper, rows=4 if change == "rows" else 2)
+    d = other.plan(
+        parse_schedule("uniform:5", 50) if change == "schedule" else paper, rows=4 if change == "rows" else 2
+    )
     assert d.key != base.key and not d.cached and calls  # measured again
 
 
@@ -146,15 +152,25 @@ def test_tuning_keeps_at_most_the_best_so_far_and_the_one_being_measured_loaded(
         r = Tracked(cand.label)
         return r
 
-    costs = {"torch/fp32": linear(0.05, 0.02, 0.01), "onnxruntime/fp32": COSTS["onnxruntime"],
-             "torch/bf16": linear(0.04, 0.02, 0.01)}
+    costs = {
+        "torch/fp32": linear(0.05, 0.02, 0.01),
+        "onnxruntime/fp32": COSTS["onnxruntime"],
+        "torch/bf16": linear(0.04, 0.02, 0.01),
+    }
 
     def measurer(runner, latent_shape, text_shape, rows, steps, repeats, known=None):
         measured.append(runner.name)
         return costs[runner.name]
 
-    auto = AutoRunner([TORCH, ORT, bf16], factory, (4, 8, 8), (16, 32), lambda: {"unet_sha256": "w"},
-                      cache_dir=tmp_path, measurer=measurer).activate()
+    auto = AutoRunner(
+        [TORCH, ORT, bf16],
+        factory,
+        (4, 8, 8),
+        (16, 32),
+        lambda: {"unet_sha256": "w"},
+        cache_dir=tmp_path,
+        measurer=measurer,
+    ).activate()
     d = auto.plan(parse_schedule("paper", 50), rows=2)
     assert measured == ["torch/fp32", "onnxruntime/fp32", "torch/bf16"]
     assert d.label == "onnxruntime/fp32" and loaded == {"onnxruntime/fp32"} and peak[0] == 2
@@ -211,6 +227,22 @@ def test_build_tune_measures_ahead_of_time_and_generate_reuses_it(tiny_sd, tmp_p
     out = capsys.readouterr().out
     assert "auto chose" in out and "onnxruntime/fp32 not measured" not in out  # graphs built, then measured
     assert list((tmp_path / "cache" / "tuning").glob("*.json"))
-    assert main(["generate", "x", "--model", str(folder), "--steps", "10", "--schedule", "paper", "--quiet",
-                 "--out", str(tmp_path / "a.png")]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "x",
+                "--model",
+                str(folder),
+                "--steps",
+                "10",
+                "--schedule",
+                "paper",
+                "--quiet",
+                "--out",
+                str(tmp_path / "a.png"),
+            ]
+        )
+        == 0
+    )
     assert "(cached decision)" in capsys.readouterr().out

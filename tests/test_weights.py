@@ -6,10 +6,10 @@ import copy
 import pytest
 import torch
 
-from fd_trt.graphs.build import build_engines
-from fd_trt.graphs.weights import unet_weights_sha256, weights_fingerprint
 from fd_trt.errors import EngineMismatchError, InputError, NotPreparedError
 from fd_trt.families.models import tiny_sd_pipeline
+from fd_trt.graphs.build import build_engines
+from fd_trt.graphs.weights import unet_weights_sha256, weights_fingerprint
 from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
 from conftest import rel_l2
@@ -50,7 +50,9 @@ def _lora_dir(sd, tmp_path, seed: int = 3):
     donor = copy.deepcopy(sd.unet)
     donor.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights=False))
     folder = tmp_path / f"lora{seed}"
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(donor), safe_serialization=True)
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=get_peft_model_state_dict(donor), safe_serialization=True
+    )
     return folder
 
 
@@ -124,7 +126,9 @@ def test_torch_backend_follows_weight_changes_in_a_converted_copy():
     assert {n: (p.data_ptr(), p.dtype) for n, p in sd.unet.named_parameters()} == params
     _scale_up_block_in_place(sd.unet)
     after = _run(pipe)
-    fresh = _run(FasterDiffusionPipeline.from_diffusers(copy.deepcopy(sd), backend="torch", precision="bf16", progress=False))
+    fresh = _run(
+        FasterDiffusionPipeline.from_diffusers(copy.deepcopy(sd), backend="torch", precision="bf16", progress=False)
+    )
     assert rel_l2(after, before) > 0.05
     assert rel_l2(after, fresh) < 1e-6
 
@@ -171,8 +175,9 @@ def test_from_diffusers_never_moves_the_callers_pipeline():
 def test_runner_cache_is_bounded_and_prepare_readies_sizes(tmp_path, monkeypatch):
     monkeypatch.setenv("FD_TRT_CACHE", str(tmp_path / "cache"))
     sd = tiny_sd_pipeline(seed=0)
-    pipe = FasterDiffusionPipeline.from_diffusers(sd, backend="onnxruntime", progress=False, max_cached_runners=1,
-                                                  build_on_demand=False)
+    pipe = FasterDiffusionPipeline.from_diffusers(
+        sd, backend="onnxruntime", progress=False, max_cached_runners=1, build_on_demand=False
+    )
     with pytest.raises(NotPreparedError, match=r"64x64 .*sizes ready: none.*pipe.prepare"):
         pipe(PROMPT, num_inference_steps=2, output_type="latent")
     first = pipe.prepare(64, 64)
@@ -201,7 +206,9 @@ def test_cli_generate_fuses_a_lora_like_the_python_api(tmp_path, capsys):
     pipe.load_lora_weights(lora, adapter_name="x")
     pipe.set_adapters(["x"], [0.7])
     pipe.fuse_lora()
-    want = pipe("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(3), output_type="np").images[0]
+    want = pipe(
+        "a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(3), output_type="np"
+    ).images[0]
     got = np.asarray(Image.open(tmp_path / "lora.png"), dtype=np.float32) / 255
     plain = np.asarray(Image.open(tmp_path / "plain.png"), dtype=np.float32) / 255
     assert np.abs(got - want).max() <= 1.5 / 255

@@ -5,8 +5,8 @@ Backends that need heavy or GPU-only packages are imported lazily by :func:`get_
 
 from __future__ import annotations
 
-from fd_trt.errors import BackendUnavailableError, InputError
 from fd_trt.core.runner import Runner
+from fd_trt.errors import BackendUnavailableError, InputError
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 

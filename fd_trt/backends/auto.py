@@ -29,16 +29,17 @@ import logging
 import statistics
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
+from fd_trt.core.features import Added, Features
 from fd_trt.core.runner import Runner
 from fd_trt.errors import FdTrtError, InputError
 from fd_trt.utils.files import write_atomic
-from fd_trt.core.features import Added, Features
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +188,9 @@ class Decision:
                 parts.append(f"{row['label']} not measured ({row['skipped']})")
             else:
                 spc = row["steps_per_call"]
-                parts.append(f"{row['label']} {row['predicted_s']:.3f} s ({'whole segments' if spc is None else f'{spc} steps/call'})")
+                parts.append(
+                    f"{row['label']} {row['predicted_s']:.3f} s ({'whole segments' if spc is None else f'{spc} steps/call'})"
+                )
         how = "cached decision" if self.cached else f"tuned in {self.tuning_s:.2f} s"
         return f"auto chose {self.label} ({how}); predicted UNet time per image: " + "; ".join(parts)
 
@@ -224,14 +227,23 @@ def choose(
     table: list[dict[str, Any]] = []
     best: tuple[float, Candidate, int | None] | None = None
     for cand, cost in costs.items():
-        scored = [(predict_seconds(cost, segment_lengths, s), s) for s in call_sizes(segment_lengths, parallel, max_steps)]
+        scored = [
+            (predict_seconds(cost, segment_lengths, s), s) for s in call_sizes(segment_lengths, parallel, max_steps)
+        ]
         # Fewer, larger calls unless smaller ones are clearly faster: within TIE of the best, the
         # measurement cannot tell them apart, and the method's own choice is the whole segment.
         best_t = min(t for t, _ in scored)
         t, s = max((ts for ts in scored if ts[0] <= best_t * (1 + TIE)), key=lambda ts: ts[1])
         spc = None if s >= longest else s
-        table.append({"label": cand.label, "predicted_s": t, "steps_per_call": spc,
-                      "encoder_s": cost.encoder_s, "decoder_s": {str(k): v for k, v in sorted(cost.decoder_s.items())}})
+        table.append(
+            {
+                "label": cand.label,
+                "predicted_s": t,
+                "steps_per_call": spc,
+                "encoder_s": cost.encoder_s,
+                "decoder_s": {str(k): v for k, v in sorted(cost.decoder_s.items())},
+            }
+        )
         if best is None or t < best[0]:
             best = (t, cand, spc)
     for cand, why in (skipped or {}).items():
@@ -327,20 +339,12 @@ def tuning_cache_dir() -> Path:
     return engine_cache_root() / "tuning"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def library_versions() -> tuple[tuple[str, str | None], ...]:
     """Versions of torch, diffusers, onnx, onnxruntime and tensorrt, read once per process."""
     from fd_trt.graphs.manifest import package_versions
 
     return tuple(sorted(package_versions().items()))
-
-
-
-
-
-
-
-
 
 
 def key_digest(key: dict[str, Any]) -> str:
@@ -356,7 +360,9 @@ def load_decision(key: dict[str, Any], folder: Path | None = None) -> Decision |
     path = cache_path(key, folder)
     try:
         data = json.loads(path.read_text())
-        if data.get("format") != TUNING_FORMAT or data.get("decision", {}).get("key") != json.loads(json.dumps(key, default=str)):
+        if data.get("format") != TUNING_FORMAT or data.get("decision", {}).get("key") != json.loads(
+            json.dumps(key, default=str)
+        ):
             return None
         d = Decision(**data["decision"])
     except (OSError, ValueError, TypeError, KeyError):
@@ -475,8 +481,15 @@ class AutoRunner(Runner):
         """The decision of this thread's current run."""
         return getattr(self._local, "decision", None)
 
-    def key(self, segment_lengths: Sequence[int], key_steps: Sequence[int], rows: int, parallel: bool,
-            max_steps: int | None, available: Sequence[Candidate]) -> dict[str, Any]:
+    def key(
+        self,
+        segment_lengths: Sequence[int],
+        key_steps: Sequence[int],
+        rows: int,
+        parallel: bool,
+        max_steps: int | None,
+        available: Sequence[Candidate],
+    ) -> dict[str, Any]:
         return {
             **self.base_key(),
             "latent_shape": list(self.latent_shape),
@@ -530,7 +543,9 @@ class AutoRunner(Runner):
         logger.info("%s", decision.summary())
         return decision
 
-    def _tune(self, lengths: list[int], rows: int, parallel: bool, max_steps: int | None, key: dict[str, Any]) -> Decision:
+    def _tune(
+        self, lengths: list[int], rows: int, parallel: bool, max_steps: int | None, key: dict[str, Any]
+    ) -> Decision:
         t0 = time.perf_counter()
         steps = measured_sizes(lengths, parallel, max_steps)
         costs: dict[Candidate, CostTable] = {}
@@ -542,8 +557,16 @@ class AutoRunner(Runner):
                 skipped[cand] = str(exc).split(":")[0]
                 continue
             extra = {"added_shapes": self.added_shapes} if self.added_shapes else {}
-            costs[cand] = self.measurer(runner, self.latent_shape, self.text_shape, rows, steps, self.repeats,
-                                        known=self._costs.get((cand, rows)), **extra)
+            costs[cand] = self.measurer(
+                runner,
+                self.latent_shape,
+                self.text_shape,
+                rows,
+                steps,
+                self.repeats,
+                known=self._costs.get((cand, rows)),
+                **extra,
+            )
             self._costs[(cand, rows)] = costs[cand]
             # Only the best so far stays loaded while the next is measured: two large UNets in
             # memory at a time, not one per candidate (sd15-arch: ORT sessions, a bf16 copy).
@@ -597,7 +620,9 @@ class AutoRunner(Runner):
         self.launches["encoder"] += runner.launches["encoder"] - before
         return out
 
-    def decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None) -> torch.Tensor:
+    def decode(
+        self, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None
+    ) -> torch.Tensor:
         runner, decision = self._current(int(text.shape[0]))
         before = runner.launches["decoder"]
         n = int(timesteps.shape[0])
@@ -617,7 +642,6 @@ __all__ = [
     "Decision",
     "call_sizes",
     "choose",
-    "has_fast_bf16",
     "load_decision",
     "measure",
     "predict_seconds",

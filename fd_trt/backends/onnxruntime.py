@@ -13,11 +13,15 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
+from fd_trt.core.features import Added, Features
+from fd_trt.core.runner import Runner, step_timesteps
+from fd_trt.errors import BackendUnavailableError, EngineMismatchError, FdTrtError, InputError
 from fd_trt.graphs.contract import (
     CONDITIONING_SCALE,
     CONTROLNET_COND,
@@ -29,9 +33,6 @@ from fd_trt.graphs.contract import (
     GraphContract,
     down_name,
 )
-from fd_trt.errors import BackendUnavailableError, EngineMismatchError, FdTrtError, InputError
-from fd_trt.core.features import Added, Features
-from fd_trt.core.runner import Runner, step_timesteps
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +63,15 @@ def _import_ort() -> Any:
     try:
         import onnxruntime
     except ImportError as exc:
-        raise BackendUnavailableError(f"the onnxruntime backend cannot import onnxruntime ({exc}): {_INSTALL_HINT}") from exc
+        raise BackendUnavailableError(
+            f"the onnxruntime backend cannot import onnxruntime ({exc}): {_INSTALL_HINT}"
+        ) from exc
     return onnxruntime
 
 
-def _resolve_providers(providers: Sequence[ProviderSpec] | None, device: torch.device, available: Sequence[str]) -> list[ProviderSpec]:
+def _resolve_providers(
+    providers: Sequence[ProviderSpec] | None, device: torch.device, available: Sequence[str]
+) -> list[ProviderSpec]:
     if providers is None:
         providers = ["CUDAExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
     resolved: list[ProviderSpec] = []
@@ -212,7 +217,9 @@ class OrtRunner(Runner):
             raise InputError(f"warmup_rows must be a positive integer, got {warmup_rows!r}")
         expected = {"fp32": torch.float32, "fp16": torch.float16}.get(dtype, dtype) if isinstance(dtype, str) else dtype
         if expected not in (None, torch.float32, torch.float16):
-            raise InputError(f"onnxruntime graphs are fp32 or fp16, got dtype={dtype!r}: build the graphs at one of those")
+            raise InputError(
+                f"onnxruntime graphs are fp32 or fp16, got dtype={dtype!r}: build the graphs at one of those"
+            )
         self.expected_dtype: torch.dtype | None = expected
         self.engine_dir = Path(engines) if engines is not None else None
         self.encoder_path, self.decoder_path = _graph_paths(engines, encoder_path, decoder_path)
@@ -275,10 +282,15 @@ class OrtRunner(Runner):
 
             manifest = check_graph_files(self.engine_dir)
             names = {rec.file for rec in manifest.graphs.values()}
-            verified = self.encoder_path.parent == self.engine_dir and self.decoder_path.parent == self.engine_dir and {
-                self.encoder_path.name,
-                self.decoder_path.name,
-            } <= names
+            verified = (
+                self.encoder_path.parent == self.engine_dir
+                and self.decoder_path.parent == self.engine_dir
+                and {
+                    self.encoder_path.name,
+                    self.decoder_path.name,
+                }
+                <= names
+            )
         providers = _resolve_providers(self.providers, self.device, ort.get_available_providers())
         enc = self._load(ort, self.encoder_path, providers, parse_first=not verified)
         dec = self._load(ort, self.decoder_path, providers, parse_first=not verified)
@@ -307,7 +319,7 @@ class OrtRunner(Runner):
         self._controlnets.clear()
         self.contract = None
 
-    def controlnet(self, record: Any) -> "OrtControlNet":
+    def controlnet(self, record: Any) -> OrtControlNet:
         """The ControlNet graph of ``record`` (:class:`fd_trt.graphs.manifest.ControlNetRecord`, a file of
         this runner's engine directory) in its own session, with this runner's providers and
         options; loaded on first use and kept until :meth:`deactivate`.
@@ -317,7 +329,9 @@ class OrtRunner(Runner):
         """
         self._check_active()
         if self.engine_dir is None:
-            raise InputError("this OrtRunner was given graph paths, not an engine directory: ControlNet graphs live in one")
+            raise InputError(
+                "this OrtRunner was given graph paths, not an engine directory: ControlNet graphs live in one"
+            )
         key = (str(record.file), str(record.sha256))
         with self._lock:
             cn = self._controlnets.get(key)
@@ -339,7 +353,9 @@ class OrtRunner(Runner):
         else:
             contract = GraphContract.from_encoder_io(enc.input_names, enc.output_names, enc.path)
         contract.decoder.check(
-            dec.input_names, dec.output_names, dec.path,
+            dec.input_names,
+            dec.output_names,
+            dec.path,
             f"it does not fit {enc.path} (the graphs come from different exports); rebuild both",
         )
         if enc.input_dtype(SAMPLE) != dec.input_dtype(MID):
@@ -427,7 +443,9 @@ class OrtRunner(Runner):
         self.launches["encoder"] += 1
         return self._encode(sample, timestep, text, added)
 
-    def decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None) -> torch.Tensor:
+    def decode(
+        self, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None
+    ) -> torch.Tensor:
         self._check_active()
         self.launches["decoder"] += 1
         return self._decode(features, timesteps, text, added)
@@ -444,7 +462,9 @@ class OrtRunner(Runner):
             )
         return given
 
-    def _encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, added: Added = None) -> Features:
+    def _encode(
+        self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, added: Added = None
+    ) -> Features:
         assert self._enc is not None and self.contract is not None
         cond = self._conditioning(added)
         rows = self._check_rows("encoder", sample=sample, timestep=timestep, text=text, **cond)
@@ -454,7 +474,9 @@ class OrtRunner(Runner):
         names = self.contract.feature_names
         return Features(by_name[names[0]], tuple(by_name[n] for n in names[1:]))
 
-    def _decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None) -> torch.Tensor:
+    def _decode(
+        self, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None
+    ) -> torch.Tensor:
         assert self._dec is not None and self.contract is not None
         cond, text = self._conditioning(added), text.to(self.device)
         t_rows = step_timesteps(features, timesteps.to(self.device, torch.float32), text, cond)
@@ -464,7 +486,7 @@ class OrtRunner(Runner):
                 f"features have {len(features.skips)} skips but the graphs carry {len(names) - 1}: pass the features "
                 "this runner's encode() returned"
             )
-        # The graph repeats the key step's rows for the S steps itself (DESIGN.md section 3).
+        # The graph repeats the key step's rows for the S steps itself (docs/design.md section 3).
         feeds: dict[str, torch.Tensor] = dict(zip(names, features.tensors()))
         feeds.update({TIMESTEP: t_rows, TEXT: text, **cond})
         (noise,) = self._run(self._dec, feeds, int(t_rows.shape[0]))
@@ -490,8 +512,13 @@ class OrtControlNet:
         self.calls = 0
 
     def __call__(
-        self, sample: torch.Tensor, timestep: torch.Tensor | float, encoder_hidden_states: torch.Tensor,
-        controlnet_cond: torch.Tensor, conditioning_scale: float = 1.0, guess_mode: bool = False,
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        encoder_hidden_states: torch.Tensor,
+        controlnet_cond: torch.Tensor,
+        conditioning_scale: float = 1.0,
+        guess_mode: bool = False,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         from fd_trt.core.features import guess_mode_scales
 
@@ -501,11 +528,18 @@ class OrtControlNet:
             t = t.expand(rows)
         guess = guess_mode and not self.pooled
         scale = torch.tensor([1.0 if guess else float(conditioning_scale)], dtype=torch.float32)
-        feeds = {SAMPLE: sample, TIMESTEP: t, TEXT: encoder_hidden_states, CONTROLNET_COND: controlnet_cond,
-                 CONDITIONING_SCALE: scale}
+        feeds = {
+            SAMPLE: sample,
+            TIMESTEP: t,
+            TEXT: encoder_hidden_states,
+            CONTROLNET_COND: controlnet_cond,
+            CONDITIONING_SCALE: scale,
+        }
         bad = {k: tuple(v.shape) for k, v in feeds.items() if k != CONDITIONING_SCALE and int(v.shape[0]) != rows}
         if bad:
-            raise InputError(f"ControlNet inputs disagree on rows: sample has {rows}, {bad}; give every input the same axis 0")
+            raise InputError(
+                f"ControlNet inputs disagree on rows: sample has {rows}, {bad}; give every input the same axis 0"
+            )
         out = self.runner._run(self.graph, feeds, rows)
         self.calls += 1
         by_name = dict(zip(self.graph.output_names, out))

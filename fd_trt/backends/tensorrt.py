@@ -3,7 +3,7 @@
 names, timing cache, manifest records) is :mod:`fd_trt.backends.tensorrt_build`'s, as polygraphy
 keeps its loaders apart from its ``TrtRunner``; the names it exports are re-exported here.
 
-Runtime (DESIGN.md section 5). Plans are deserialized once; every input and output is a torch
+Runtime (docs/design.md section 5). Plans are deserialized once; every input and output is a torch
 CUDA tensor preallocated at the profile's maximum rows, and each call uses its first rows, so
 tensor addresses never change. Which tensors there are, and how the decoder's rows are laid out
 (step-major), is the graph contract's (:class:`fd_trt.graphs.contract.GraphContract`, read from the
@@ -43,23 +43,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fd_trt.graphs.contract import (
-    CONDITIONING_SCALE,
-    CONTROLNET,
-    CONTROLNET_COND,
-    MID,
-    NOISE_PRED,
-    ROLES,
-    SAMPLE,
-    TEXT,
-    TIMESTEP,
-    ControlNetContract,
-    GraphContract,
-)
-from fd_trt.errors import EngineMismatchError, FdTrtError, InputError
-from fd_trt.core.schedule import ScheduleSpec
-from fd_trt.core.features import Added, Features, added_tensors
-from fd_trt.core.runner import Runner
 from fd_trt.backends.tensorrt_build import (
     DEFAULT_OPTIMIZATION_LEVEL,
     DEFAULT_PROFILE_STEPS,
@@ -85,6 +68,23 @@ from fd_trt.backends.tensorrt_build import (
     timing_cache_file_name,
     with_plan,
 )
+from fd_trt.core.features import Added, Features, added_tensors
+from fd_trt.core.runner import Runner
+from fd_trt.core.schedule import ScheduleSpec
+from fd_trt.errors import EngineMismatchError, FdTrtError, InputError
+from fd_trt.graphs.contract import (
+    CONDITIONING_SCALE,
+    CONTROLNET,
+    CONTROLNET_COND,
+    MID,
+    NOISE_PRED,
+    ROLES,
+    SAMPLE,
+    TEXT,
+    TIMESTEP,
+    ControlNetContract,
+    GraphContract,
+)
 
 if TYPE_CHECKING:  # the stubs (tensorrt-stubs) type-check the calls; nothing is imported at run time
     import tensorrt as trt
@@ -105,7 +105,9 @@ def _torch_dtype(trt_dtype: Any) -> torch.dtype:
         trt.DataType.INT64: torch.int64,
     }
     if trt_dtype not in table:
-        raise EngineMismatchError(f"a plan tensor has TensorRT type {trt_dtype}, which fd_trt does not bind: rebuild the plans")
+        raise EngineMismatchError(
+            f"a plan tensor has TensorRT type {trt_dtype}, which fd_trt does not bind: rebuild the plans"
+        )
     return table[trt_dtype]
 
 
@@ -268,9 +270,9 @@ class TrtRunner(Runner):
 
     # lifecycle -----------------------------------------------------------------------------
     def _select_plan(self, manifest: Manifest, role: str, profiles: dict[str, RowProfile]) -> PlanRecord:
-        from fd_trt.graphs.manifest import check_plan, find_plan
-
         import tensorrt as trt
+
+        from fd_trt.graphs.manifest import check_plan, find_plan
 
         version = str(trt.__version__)
         _, cc = gpu_identity(self.device)
@@ -282,8 +284,13 @@ class TrtRunner(Runner):
         if not self.build:
             graph = manifest.graphs.get(role)
             for rec in foreign:  # raises, naming what differs
-                check_plan(rec, tensorrt_version=version, compute_capability=cc,
-                           graph_sha256=graph.sha256 if graph is not None else None, engine_dir=self.engine_dir)
+                check_plan(
+                    rec,
+                    tensorrt_version=version,
+                    compute_capability=cc,
+                    graph_sha256=graph.sha256 if graph is not None else None,
+                    engine_dir=self.engine_dir,
+                )
             raise EngineMismatchError(
                 f"{self.engine_dir} has no TensorRT {role} plan"
                 + (f" with rows {wanted}" if wanted else "")
@@ -291,8 +298,12 @@ class TrtRunner(Runner):
                 f"--out {self.engine_dir}, or pass build=True"
             )
         if foreign:
-            logger.warning("%s: the recorded %s plans are for other GPUs, TensorRT versions, graphs or profiles; "
-                           "building one for this GPU", self.engine_dir, role)
+            logger.warning(
+                "%s: the recorded %s plans are for other GPUs, TensorRT versions, graphs or profiles; "
+                "building one for this GPU",
+                self.engine_dir,
+                role,
+            )
         (res,) = build_plans(
             self.engine_dir,
             device=self.device,
@@ -307,8 +318,14 @@ class TrtRunner(Runner):
         manifest.plans[res.record.file] = res.record
         return res.record
 
-    def _load(self, role: str, record: PlanRecord, fixed: tuple[str, ...] = (), own_memory: bool = False,
-              key_inputs: tuple[str, ...] = ()) -> _Engine:
+    def _load(
+        self,
+        role: str,
+        record: PlanRecord,
+        fixed: tuple[str, ...] = (),
+        own_memory: bool = False,
+        key_inputs: tuple[str, ...] = (),
+    ) -> _Engine:
         """Deserializes a plan and allocates its buffers; ``fixed`` names inputs without a row
         axis, ``own_memory`` gives the context its own scratch memory (the ControlNet's), and
         ``key_inputs`` the inputs with the key step's rows (the decoder's features and text)."""
@@ -321,7 +338,9 @@ class TrtRunner(Runner):
         if not path.is_file():
             raise EngineMismatchError(f"the TensorRT {role} plan {path} recorded in the manifest is missing; {fix}")
         if path.stat().st_size != record.bytes or (self.full_hash and file_sha256(path) != record.sha256):
-            raise EngineMismatchError(f"the TensorRT {role} plan {path} does not match the manifest (truncated or replaced); {fix}")
+            raise EngineMismatchError(
+                f"the TensorRT {role} plan {path} does not match the manifest (truncated or replaced); {fix}"
+            )
         assert self._runtime is not None
         with torch.cuda.device(self.device):
             engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
@@ -352,12 +371,26 @@ class TrtRunner(Runner):
         context, user_managed = _create_context(engine, self.share_memory and not own_memory)
         if context is None:
             raise FdTrtError(f"TensorRT could not create an execution context for {path} (out of GPU memory?)")
-        entry = _Engine(role, path, engine, context, user_managed, inputs, outputs, tails, int(lo_dims[0]), int(hi_dims[0]),
-                        fixed=static, key_inputs=tuple(key_inputs), key_max_rows=key_max)
+        entry = _Engine(
+            role,
+            path,
+            engine,
+            context,
+            user_managed,
+            inputs,
+            outputs,
+            tails,
+            int(lo_dims[0]),
+            int(hi_dims[0]),
+            fixed=static,
+            key_inputs=tuple(key_inputs),
+            key_max_rows=key_max,
+        )
         for n in names:
             rows = key_max if n in key_inputs else entry.max_rows
             entry.buffers[n] = torch.empty(
-                static[n] if n in static else (rows, *tails[n]), dtype=_torch_dtype(engine.get_tensor_dtype(n)),
+                static[n] if n in static else (rows, *tails[n]),
+                dtype=_torch_dtype(engine.get_tensor_dtype(n)),
                 device=self.device,
             )
         return entry
@@ -393,24 +426,38 @@ class TrtRunner(Runner):
                 f"fd-trt build --backend tensorrt --precision {'fp16' if self.expected_dtype == torch.float16 else 'fp32'}, "
                 "or pass dtype=None"
             )
-        profiles = profiles_for_manifest(manifest.encoder_rows, manifest.decoder_rows, self.schedule, self.opt_segment_steps)
+        profiles = profiles_for_manifest(
+            manifest.encoder_rows, manifest.decoder_rows, self.schedule, self.opt_segment_steps
+        )
         self._trt_logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._trt_logger)
         self._stream = torch.cuda.Stream(self.device)
         records = {role: self._select_plan(manifest, role, profiles) for role in ROLES}
         contract = GraphContract.from_manifest(manifest)
         key_inputs = tuple(t.name for t in contract.decoder.inputs if t.rowed and not t.step_rowed)
-        enc, dec = self._load("encoder", records["encoder"]), self._load("decoder", records["decoder"], key_inputs=key_inputs)
+        enc, dec = (
+            self._load("encoder", records["encoder"]),
+            self._load("decoder", records["decoder"], key_inputs=key_inputs),
+        )
         self._check_contract(contract, enc, dec)
         self._bind([enc, dec])
         self._enc, self._dec, self.plans, self.contract = enc, dec, records, contract
         self.dtype = enc.buffers[SAMPLE].dtype
         if self.cuda_graphs:
             self._graph_pool = torch.cuda.graph_pool_handle()
-        logger.info("tensorrt %s: %s (rows %d..%d) and %s (rows %d..%d) on %s", trt.__version__, enc.path.name, enc.min_rows,
-                    enc.max_rows, dec.path.name, dec.min_rows, dec.max_rows, torch.cuda.get_device_name(self.device))
+        logger.info(
+            "tensorrt %s: %s (rows %d..%d) and %s (rows %d..%d) on %s",
+            trt.__version__,
+            enc.path.name,
+            enc.min_rows,
+            enc.max_rows,
+            dec.path.name,
+            dec.min_rows,
+            dec.max_rows,
+            torch.cuda.get_device_name(self.device),
+        )
 
-    def controlnet(self, record: Any) -> "TrtControlNet":
+    def controlnet(self, record: Any) -> TrtControlNet:
         """The TensorRT plan of a ControlNet graph (:class:`fd_trt.graphs.manifest.ControlNetRecord`) as a
         :data:`fd_trt.pipelines.conditioning.ControlNetCall`; built on first use when ``build`` is on,
         loaded once, with its own context, buffers (at the encoder profile's rows) and scratch
@@ -420,9 +467,9 @@ class TrtRunner(Runner):
             EngineMismatchError: with ``build=False`` and no plan for this GPU, or a plan whose
                 tensors are not the ControlNet contract's.
         """
-        from fd_trt.graphs.manifest import engine_dir_lock, find_plan, load_manifest
-
         import tensorrt as trt
+
+        from fd_trt.graphs.manifest import engine_dir_lock, find_plan, load_manifest
 
         self._check_active()
         with self.exclusive():
@@ -434,8 +481,14 @@ class TrtRunner(Runner):
             with engine_dir_lock(self.engine_dir, "loading of a TensorRT ControlNet plan"):
                 manifest = load_manifest(self.engine_dir)
                 rows = profiles_for_manifest(manifest.encoder_rows, manifest.decoder_rows)["encoder"]
-                plan = find_plan(manifest, CONTROLNET, tensorrt_version=version, compute_capability=cc,
-                                 rows=rows.as_list(), graph=record)
+                plan = find_plan(
+                    manifest,
+                    CONTROLNET,
+                    tensorrt_version=version,
+                    compute_capability=cc,
+                    rows=rows.as_list(),
+                    graph=record,
+                )
                 if plan is None:
                     if not self.build:
                         raise EngineMismatchError(
@@ -443,15 +496,22 @@ class TrtRunner(Runner):
                             f"(sm{cc[0]}{cc[1]}): build it with fd_trt.backends.tensorrt.build_controlnet_plan, or pass build=True"
                         )
                     plan = build_controlnet_plan(
-                        self.engine_dir, record, device=self.device,
+                        self.engine_dir,
+                        record,
+                        device=self.device,
                         builder_optimization_level=self.builder_optimization_level,
-                        workspace_bytes=self.workspace_bytes, timing_cache=self.timing_cache,
+                        workspace_bytes=self.workspace_bytes,
+                        timing_cache=self.timing_cache,
                     ).record
                 spec = ControlNetContract(int(record.num_down)).spec
                 fixed = tuple(t.name for t in spec.inputs if not t.rowed)
                 entry = self._load(CONTROLNET, plan, fixed=fixed, own_memory=True)
-            spec.check(entry.inputs, entry.outputs, entry.path,
-                       f"delete it and rebuild: fd_trt.backends.tensorrt.build_controlnet_plan(..., force=True)")
+            spec.check(
+                entry.inputs,
+                entry.outputs,
+                entry.path,
+                "delete it and rebuild: fd_trt.backends.tensorrt.build_controlnet_plan(..., force=True)",
+            )
             self._bind([entry])
             pooled = bool(record.controlnet_config.get("global_pool_conditions", False))
             cn = self._controlnets[record.sha256] = TrtControlNet(self, entry, int(record.num_down), pooled)
@@ -523,8 +583,11 @@ class TrtRunner(Runner):
         entries = [self._enc, self._dec]
         not_refittable = [e.path.name for e in entries if not (self.plans[e.role].refittable and e.engine.refittable)]
         if not_refittable:
-            logger.warning("%s: the plans %s were not built refittable; their graphs and plans are rebuilt for the new "
-                           "weights", self.engine_dir, ", ".join(not_refittable))
+            logger.warning(
+                "%s: the plans %s were not built refittable; their graphs and plans are rebuilt for the new weights",
+                self.engine_dir,
+                ", ".join(not_refittable),
+            )
             return False
         t0 = time.perf_counter()
         digest = unet_weights_sha256(unet)
@@ -536,18 +599,33 @@ class TrtRunner(Runner):
             if manifest.unet_sha256 != digest:
                 new = _with(manifest, unet_sha256=digest, versions=package_versions())
                 new.plans = {}
-                _export_into(self.engine_dir, unet, new, latent_size=(manifest.latent_shape[1], manifest.latent_shape[2]),
-                             opset=manifest.opset, external_data_threshold=external_threshold(manifest),
-                             progress=False, t0=t0, keep_plans=True)
+                _export_into(
+                    self.engine_dir,
+                    unet,
+                    new,
+                    latent_size=(manifest.latent_shape[1], manifest.latent_shape[2]),
+                    opset=manifest.opset,
+                    external_data_threshold=external_threshold(manifest),
+                    progress=False,
+                    t0=t0,
+                    keep_plans=True,
+                )
                 for stale in set(manifest.plans) - {e.path.name for e in entries}:
                     (self.engine_dir / stale).unlink(missing_ok=True)
-                    logger.info("%s: removed %s (it holds the old weights; it is rebuilt where it is used)",
-                                self.engine_dir, stale)
+                    logger.info(
+                        "%s: removed %s (it holds the old weights; it is rebuilt where it is used)",
+                        self.engine_dir,
+                        stale,
+                    )
             else:  # the directory holds these weights already (another process refit it, or nothing changed)
                 new = manifest
                 recorded = [new.plans.get(e.path.name) for e in entries]
-                if all(r is not None and r.sha256 == self.plans[e.role].sha256
-                       and r.graph_sha256 == new.graphs[e.role].sha256 for r, e in zip(recorded, entries)):
+                if all(
+                    r is not None
+                    and r.sha256 == self.plans[e.role].sha256
+                    and r.graph_sha256 == new.graphs[e.role].sha256
+                    for r, e in zip(recorded, entries)
+                ):
                     return True  # our engines are the recorded plans of these very graphs: nothing to refit
             assert self._stream is not None
             self._stream.synchronize()  # TensorRT: refitting an engine with queued work is undefined
@@ -566,13 +644,22 @@ class TrtRunner(Runner):
                 e.graphs.clear()  # captured with the old weights' memory: recaptured on the next call
                 data = e.engine.serialize()
                 write_atomic(e.path, memoryview(data))
-                record = with_plan(self.plans[e.role], sha256=file_sha256(e.path), bytes=e.path.stat().st_size,
-                                    graph_sha256=new.graphs[e.role].sha256, refitted_at=time.time())
+                record = with_plan(
+                    self.plans[e.role],
+                    sha256=file_sha256(e.path),
+                    bytes=e.path.stat().st_size,
+                    graph_sha256=new.graphs[e.role].sha256,
+                    refitted_at=time.time(),
+                )
                 new.plans[record.file] = record
                 self.plans[e.role] = record
             save_manifest(self.engine_dir, new)
-        logger.info("refit %s and %s with the new weights in %.1f s", self._enc.path.name, self._dec.path.name,
-                    time.perf_counter() - t0)
+        logger.info(
+            "refit %s and %s with the new weights in %.1f s",
+            self._enc.path.name,
+            self._dec.path.name,
+            time.perf_counter() - t0,
+        )
         return True
 
     def _refit_engine(self, trt: Any, e: _Engine, onnx_path: Path) -> None:
@@ -582,7 +669,9 @@ class TrtRunner(Runner):
         parser = trt.OnnxParserRefitter(refitter, self._trt_logger)
         if not parser.refit_from_file(str(onnx_path)):
             errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-            raise FdTrtError(f"TensorRT could not refit {e.path.name} from {onnx_path.name}: {'; '.join(errors[:3]) or 'no detail'}")
+            raise FdTrtError(
+                f"TensorRT could not refit {e.path.name} from {onnx_path.name}: {'; '.join(errors[:3]) or 'no detail'}"
+            )
         missing = refitter.get_missing_weights()
         if missing:
             raise FdTrtError(f"{onnx_path.name} lacks weights that {e.path.name} needs: {', '.join(missing[:5])}")
@@ -604,8 +693,11 @@ class TrtRunner(Runner):
     @staticmethod
     def _check_profile(e: _Engine, rows: int) -> None:
         if not e.min_rows <= rows <= e.max_rows:
-            fix = (f"--batch {-(-rows // 2)} (images per call; rows are 2 per image with CFG)" if e.role == "encoder"
-                   else "a larger --batch or --max-segment-steps")
+            fix = (
+                f"--batch {-(-rows // 2)} (images per call; rows are 2 per image with CFG)"
+                if e.role == "encoder"
+                else "a larger --batch or --max-segment-steps"
+            )
             raise InputError(
                 f"{rows} rows are outside the {e.role} plan's profile ({e.min_rows}..{e.max_rows}): rebuild the engine "
                 f"directory with fd-trt build --backend tensorrt {fix}"
@@ -662,8 +754,12 @@ class TrtRunner(Runner):
                 self._enqueue(e, stream)
         except (FdTrtError, RuntimeError) as exc:
             stream.synchronize()
-            logger.warning("%s cannot be captured into a CUDA graph at %d rows (%s); it runs with plain launches there",
-                           e.path.name, rows, exc)
+            logger.warning(
+                "%s cannot be captured into a CUDA graph at %d rows (%s); it runs with plain launches there",
+                e.path.name,
+                rows,
+                exc,
+            )
             return None
         logger.debug("captured a CUDA graph of %s at %d rows", e.path.name, rows)
         return graph
@@ -697,7 +793,9 @@ class TrtRunner(Runner):
             self._check_usable()
             return self._encode(sample, timestep, text, added)
 
-    def decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None) -> torch.Tensor:
+    def decode(
+        self, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None
+    ) -> torch.Tensor:
         self._check_active()
         with self.exclusive():
             self._check_usable()
@@ -736,7 +834,9 @@ class TrtRunner(Runner):
         return dict(zip(names, added_tensors(names, added, rows)))
 
     @torch.inference_mode()
-    def _encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, added: Added = None) -> Features:
+    def _encode(
+        self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, added: Added = None
+    ) -> Features:
         enc, contract = self._enc, self.contract
         assert enc is not None and contract is not None
         rows = self._check_rows("encoder", sample=sample, timestep=timestep, text=text)
@@ -757,7 +857,9 @@ class TrtRunner(Runner):
         return Features(out[names[0]], tuple(out[n] for n in names[1:]))
 
     @torch.inference_mode()
-    def _decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None) -> torch.Tensor:
+    def _decode(
+        self, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None
+    ) -> torch.Tensor:
         dec, contract = self._dec, self.contract
         assert dec is not None and contract is not None
         n = features.rows
@@ -783,8 +885,9 @@ class TrtRunner(Runner):
             return torch.cat(parts)
         return self._decode_steps(dec, names, features, timesteps, rows)
 
-    def _decode_steps(self, dec: _Engine, names: list[str], features: Features, timesteps: torch.Tensor,
-                      rows: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _decode_steps(
+        self, dec: _Engine, names: list[str], features: Features, timesteps: torch.Tensor, rows: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         """Decodes ``n <= key_max_rows`` rows per step, as many steps per execution as the profile takes.
 
         The key step's features, text and added conditioning go in once (N rows); the plan
@@ -824,8 +927,13 @@ class TrtControlNet:
 
     @torch.inference_mode()
     def __call__(
-        self, sample: torch.Tensor, timestep: torch.Tensor | float, encoder_hidden_states: torch.Tensor,
-        controlnet_cond: torch.Tensor, conditioning_scale: float = 1.0, guess_mode: bool = False,
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        encoder_hidden_states: torch.Tensor,
+        controlnet_cond: torch.Tensor,
+        conditioning_scale: float = 1.0,
+        guess_mode: bool = False,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         from fd_trt.core.features import guess_mode_scales
         from fd_trt.graphs.contract import down_name

@@ -34,16 +34,17 @@ import os
 import re
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fd_trt.graphs.contract import CONTROLNET, ROLES, ControlNetContract, GraphContract, GraphSpec
-from fd_trt.errors import BackendUnavailableError, EngineMismatchError, FdTrtError, InputError
 from fd_trt.core.schedule import KeySchedule, ScheduleSpec, parse_schedule
+from fd_trt.errors import BackendUnavailableError, EngineMismatchError, FdTrtError, InputError
+from fd_trt.graphs.contract import CONTROLNET, ROLES, ControlNetContract, GraphContract, GraphSpec
 
 if TYPE_CHECKING:  # the stubs (tensorrt-stubs) type-check the calls; nothing is imported at run time
     from fd_trt.graphs.manifest import Manifest, PlanRecord
@@ -114,7 +115,9 @@ def require_cuda(device: torch.device | str = "cuda") -> torch.device:
         )
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     if index >= torch.cuda.device_count():
-        raise InputError(f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+        raise InputError(
+            f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)"
+        )
     return torch.device("cuda", index)
 
 
@@ -159,7 +162,10 @@ class RowProfile:
 
     def __post_init__(self) -> None:
         values = (self.min, self.opt, self.max)
-        if any(isinstance(v, bool) or not isinstance(v, int) for v in values) or not 1 <= self.min <= self.opt <= self.max:
+        if (
+            any(isinstance(v, bool) or not isinstance(v, int) for v in values)
+            or not 1 <= self.min <= self.opt <= self.max
+        ):
             raise InputError(f"profile rows must be integers with 1 <= min <= opt <= max, got {values}")
 
     def as_list(self) -> list[int]:
@@ -211,15 +217,21 @@ def profile_rows(
     Raises:
         InputError: for a non-positive batch, step count or minimum.
     """
-    for name, value in (("batch", batch), ("max_segment_steps", max_segment_steps),
-                        ("opt_segment_steps", opt_segment_steps), ("min_rows", min_rows)):
+    for name, value in (
+        ("batch", batch),
+        ("max_segment_steps", max_segment_steps),
+        ("opt_segment_steps", opt_segment_steps),
+        ("min_rows", min_rows),
+    ):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise InputError(f"{name} must be a positive integer, got {value!r}")
     if schedule is None:
         schedule = parse_schedule(DEFAULT_PROFILE_SCHEDULE, DEFAULT_PROFILE_STEPS)
     rows_per_step = 2 * batch
     longest = max_segment_steps if max_segment_steps is not None else schedule.max_segment_len
-    opt_steps = min(opt_segment_steps if opt_segment_steps is not None else most_common_segment_steps(schedule), longest)
+    opt_steps = min(
+        opt_segment_steps if opt_segment_steps is not None else most_common_segment_steps(schedule), longest
+    )
     lo = min(min_rows, rows_per_step)
     return {
         "encoder": RowProfile(lo, rows_per_step, rows_per_step),
@@ -264,7 +276,9 @@ def profiles_for_manifest(
 
 
 def input_profile_shapes(
-    rows: RowProfile, input_shapes: Mapping[str, Sequence[int]], fixed: Sequence[str] = (),
+    rows: RowProfile,
+    input_shapes: Mapping[str, Sequence[int]],
+    fixed: Sequence[str] = (),
     own_rows: Mapping[str, RowProfile] | None = None,
 ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """min / opt / max shapes of every graph input, from the profile rows.
@@ -289,11 +303,15 @@ def input_profile_shapes(
         dims = [int(d) for d in shape]
         if name in fixed:
             if any(d < 1 for d in dims):
-                raise EngineMismatchError(f"graph input {name!r} has shape {dims} but must be static: re-export the graphs")
+                raise EngineMismatchError(
+                    f"graph input {name!r} has shape {dims} but must be static: re-export the graphs"
+                )
             out[name] = (tuple(dims), tuple(dims), tuple(dims))
             continue
         if not dims:
-            raise EngineMismatchError(f"graph input {name!r} is a scalar; fd_trt graphs have a row axis: re-export the graphs")
+            raise EngineMismatchError(
+                f"graph input {name!r} is a scalar; fd_trt graphs have a row axis: re-export the graphs"
+            )
         tail = tuple(dims[1:])
         if any(d < 1 for d in tail):
             raise EngineMismatchError(
@@ -498,19 +516,26 @@ def _build_plan(
         dims = tensor.shape
         shapes[tensor.name] = [int(dims[k]) for k in range(len(dims))]
     outputs = [network.get_output(i).name for i in range(network.num_outputs)]
-    spec.check(list(shapes), outputs, onnx_path, f"re-export the graphs with fd-trt build --backend tensorrt --force --out {folder}")
+    spec.check(
+        list(shapes),
+        outputs,
+        onnx_path,
+        f"re-export the graphs with fd-trt build --backend tensorrt --force --out {folder}",
+    )
     profile = builder.create_optimization_profile()
     fixed = [t.name for t in spec.inputs if not t.rowed]
     own_rows = {}
     if role == "decoder":
         # The key step's rows (features, text, added conditioning) are tuned at the encoder's
         # rows but may reach the decoder's maximum (a batch above the build's, one step per
-        # call); the timestep counts the rows of every step in the call (DESIGN.md section 3).
+        # call); the timestep counts the rows of every step in the call (docs/design.md section 3).
         enc = profiles_for_manifest(manifest.encoder_rows, manifest.decoder_rows)["encoder"]
         key_rows = RowProfile(min(enc.min, rows.min), min(enc.opt, rows.max), rows.max)
         own_rows = {t.name: key_rows for t in spec.inputs if t.rowed and not t.step_rowed}
     # One profile entry per contract input (its added conditioning included), in the contract's order.
-    for name, (lo, opt, hi) in input_profile_shapes(rows, {n: shapes[n] for n in spec.input_names}, fixed, own_rows).items():
+    for name, (lo, opt, hi) in input_profile_shapes(
+        rows, {n: shapes[n] for n in spec.input_names}, fixed, own_rows
+    ).items():
         profile.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
     config.add_optimization_profile(profile)
     cache_path = folder / timing_cache_file_name(version, cc)
@@ -521,10 +546,17 @@ def _build_plan(
             logger.warning("%s is unreadable (%s); starting a new timing cache", cache_path, exc)
             cache = config.create_timing_cache(b"")
         if cache is None or not config.set_timing_cache(cache, False):
-            logger.warning("%s does not fit TensorRT %s on %s; starting a new timing cache", cache_path, version, gpu_name)
+            logger.warning(
+                "%s does not fit TensorRT %s on %s; starting a new timing cache", cache_path, version, gpu_name
+            )
             config.set_timing_cache(config.create_timing_cache(b""), False)
-    logger.info("building the TensorRT %s plan (rows %s, optimization level %d) on %s", role, rows.as_list(),
-                builder_optimization_level, gpu_name)
+    logger.info(
+        "building the TensorRT %s plan (rows %s, optimization level %d) on %s",
+        role,
+        rows.as_list(),
+        builder_optimization_level,
+        gpu_name,
+    )
     with torch.cuda.device(device):
         plan = builder.build_serialized_network(network, config)
     if plan is None:
@@ -616,10 +648,17 @@ def build_plans(
         contract = GraphContract.from_manifest(manifest)
         return [_PlanTarget(role, profiles[role], manifest.graphs.get(role), contract.spec(role)) for role in roles]
 
-    return _build_or_keep_plans(engine_dir, "TensorRT plan build", targets, device=device,
-                                builder_optimization_level=builder_optimization_level,
-                                workspace_bytes=workspace_bytes, timing_cache=timing_cache, force=force,
-                                refittable=refittable)
+    return _build_or_keep_plans(
+        engine_dir,
+        "TensorRT plan build",
+        targets,
+        device=device,
+        builder_optimization_level=builder_optimization_level,
+        workspace_bytes=workspace_bytes,
+        timing_cache=timing_cache,
+        force=force,
+        refittable=refittable,
+    )
 
 
 def _build_or_keep_plans(
@@ -659,16 +698,29 @@ def _build_or_keep_plans(
         results = []
         for target in targets(manifest):
             t0 = time.perf_counter()
-            existing = find_plan(manifest, target.role, tensorrt_version=version, compute_capability=cc,
-                                 rows=target.rows.as_list(), graph=target.graph)
+            existing = find_plan(
+                manifest,
+                target.role,
+                tensorrt_version=version,
+                compute_capability=cc,
+                rows=target.rows.as_list(),
+                graph=target.graph,
+            )
             if existing is not None and not force:
                 path = folder / existing.file
                 if path.is_file() and path.stat().st_size == existing.bytes:
                     results.append(PlanBuild(existing, False, time.perf_counter() - t0))
                     continue
-            record = _build_plan(folder, manifest, target, device=dev,
-                                 builder_optimization_level=builder_optimization_level,
-                                 workspace_bytes=workspace_bytes, timing_cache=timing_cache, refittable=refittable)
+            record = _build_plan(
+                folder,
+                manifest,
+                target,
+                device=dev,
+                builder_optimization_level=builder_optimization_level,
+                workspace_bytes=workspace_bytes,
+                timing_cache=timing_cache,
+                refittable=refittable,
+            )
             manifest.plans[record.file] = record
             save_manifest(folder, manifest)
             results.append(PlanBuild(record, True, time.perf_counter() - t0))
@@ -716,10 +768,17 @@ def build_controlnet_plan(
         rows = profiles_for_manifest(manifest.encoder_rows, manifest.decoder_rows)["encoder"]
         return [_PlanTarget(CONTROLNET, rows, rec, ControlNetContract(int(rec.num_down)).spec)]
 
-    return _build_or_keep_plans(engine_dir, "TensorRT ControlNet plan build", targets, device=device,
-                                builder_optimization_level=builder_optimization_level,
-                                workspace_bytes=workspace_bytes, timing_cache=timing_cache, force=force,
-                                refittable=refittable)[0]
+    return _build_or_keep_plans(
+        engine_dir,
+        "TensorRT ControlNet plan build",
+        targets,
+        device=device,
+        builder_optimization_level=builder_optimization_level,
+        workspace_bytes=workspace_bytes,
+        timing_cache=timing_cache,
+        force=force,
+        refittable=refittable,
+    )[0]
 
 
 def with_plan(record: PlanRecord, **changes: Any) -> PlanRecord:

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from fd_trt.graphs.contract import FLOAT32_INPUTS
-from fd_trt.errors import BackendUnavailableError, InputError
 from fd_trt.core.features import Added, Features, added_tensors
-from fd_trt.graphs.split import SplitUNet, decoder_shares_rows, split_unet
 from fd_trt.core.runner import Runner, expand_for_steps, same_device
+from fd_trt.errors import BackendUnavailableError, InputError
+from fd_trt.graphs.contract import FLOAT32_INPUTS
+from fd_trt.graphs.split import SplitUNet, decoder_shares_rows, split_unet
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,9 @@ def resolve_dtype(precision: str | torch.dtype) -> torch.dtype:
 class _Captured:
     """One CUDA graph of one module at one input shape: static inputs, the graph and its output."""
 
-    def __init__(self, graph: "torch.cuda.CUDAGraph", inputs: list[torch.Tensor], outputs: tuple[torch.Tensor, ...]) -> None:
+    def __init__(
+        self, graph: torch.cuda.CUDAGraph, inputs: list[torch.Tensor], outputs: tuple[torch.Tensor, ...]
+    ) -> None:
         self.graph = graph
         self.inputs = inputs
         self.outputs = outputs
@@ -113,7 +116,9 @@ class TorchRunner(Runner):
                 f"device {device!r} asked for, but torch {torch.__version__} sees no CUDA GPU: use device='cpu'"
             )
         if cuda_graphs and self.device.type != "cuda":
-            raise InputError(f"cuda_graphs=True needs a CUDA device, got device={str(device)!r}: pass device='cuda' or drop cuda_graphs")
+            raise InputError(
+                f"cuda_graphs=True needs a CUDA device, got device={str(device)!r}: pass device='cuda' or drop cuda_graphs"
+            )
         if isinstance(graph_warmup_runs, bool) or not isinstance(graph_warmup_runs, int) or graph_warmup_runs < 1:
             raise InputError(f"graph_warmup_runs must be a positive integer, got {graph_warmup_runs!r}")
         if self.device.type == "cpu" and self.dtype == torch.float16:
@@ -125,7 +130,9 @@ class TorchRunner(Runner):
         self.cuda_graphs = bool(cuda_graphs)
         self.graph_warmup_runs = graph_warmup_runs
         if share_rows is not None and not isinstance(share_rows, bool):
-            raise InputError(f"share_rows must be True, False or None (decided by the UNet's widths), got {share_rows!r}")
+            raise InputError(
+                f"share_rows must be True, False or None (decided by the UNet's widths), got {share_rows!r}"
+            )
         self._share_rows = share_rows
         self._graphs: dict[tuple[Any, ...], _Captured] = {}
         self._graph_pool: Any = None
@@ -209,7 +216,9 @@ class TorchRunner(Runner):
             return self.split.run_encoder(*args, cond)
 
     @torch.inference_mode()
-    def decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None) -> torch.Tensor:
+    def decode(
+        self, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None
+    ) -> torch.Tensor:
         self._check_active()
         feats, t_rows, text_rows, added_rows = expand_for_steps(
             features, timesteps.to(self.device, torch.float32), text.to(self.device, self.dtype), self._added(added)
@@ -222,7 +231,10 @@ class TorchRunner(Runner):
             # row, and convolve the skip half of the up-block convolutions once per distinct row
             # (where that pays: share_rows; 1 turns the hooks off).
             steps = int(timesteps.shape[0]) if self.share_rows else 1
-            with self.split.text_rows_repeated(steps), self.split.skip_rows_repeated(steps, [int(s.shape[1]) for s in features.skips]):
+            with (
+                self.split.text_rows_repeated(steps),
+                self.split.skip_rows_repeated(steps, [int(s.shape[1]) for s in features.skips]),
+            ):
                 return self._decode_rows(feats, t_rows, text_rows, added_rows)
 
     def _decode_rows(
@@ -246,7 +258,13 @@ class TorchRunner(Runner):
 
     def _replay(self, role: str, fn: Callable[..., Any], args: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Runs ``fn(*args)`` through the CUDA graph captured for these shapes (capturing it first)."""
-        key = (role, *((tuple(a.shape), a.dtype, a.ndim == 4 and a.is_contiguous(memory_format=torch.channels_last)) for a in args))
+        key = (
+            role,
+            *(
+                (tuple(a.shape), a.dtype, a.ndim == 4 and a.is_contiguous(memory_format=torch.channels_last))
+                for a in args
+            ),
+        )
         captured = self._graphs.get(key)
         if captured is None:
             captured = self._capture(fn, args)

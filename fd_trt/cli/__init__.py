@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from fd_trt.cli import bench, build, calibrate, generate, mask, serve
 from fd_trt.cli.common import setup_logging

@@ -11,27 +11,41 @@ from fd_trt.families.models import SCHEDULERS
 def add_parser(sub: Any) -> None:
     """Adds ``bench`` to the sub-commands."""
     p = sub.add_parser("bench", help="benchmark diffusers, fd_trt and DeepCache side by side")
-    p.add_argument("--model", default="sd15-arch", help="default | tiny | tiny-sdxl | sd15-arch | sdxl-arch | a local diffusers folder")
+    p.add_argument(
+        "--model",
+        default="sd15-arch",
+        help="default | tiny | tiny-sdxl | sd15-arch | sdxl-arch | a local diffusers folder",
+    )
     p.add_argument("--height", type=int, default=256)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
-    p.add_argument("--backends", default="auto,torch",
-                   help="comma-separated: auto,torch,onnxruntime,tensorrt (auto runs last, so that it can measure "
-                        "the graphs the others built)")
+    p.add_argument(
+        "--backends",
+        default="auto,torch",
+        help="comma-separated: auto,torch,onnxruntime,tensorrt (auto runs last, so that it can measure "
+        "the graphs the others built)",
+    )
     p.add_argument("--schedules", default="all,paper", help="comma-separated fd_trt schedules (';' separates lists)")
     p.add_argument("--precisions", default="fp32", help="torch runner precisions, e.g. fp32,bf16")
     p.add_argument("--repeat", type=int, default=1, help="timed runs per system (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per system first")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads")
     p.add_argument("--no-deepcache", action="store_true", help="skip the DeepCache row")
-    p.add_argument("--controlnet", action="store_true",
-                   help="also run every row with a random ControlNet made from the model's UNet (ControlNetModel.from_unet) "
-                        "and a random control image, against diffusers' StableDiffusionControlNetPipeline")
-    p.add_argument("--authors-style", action=argparse.BooleanOptionalAction, default=True,
-                   help="the peer baseline row: Faster Diffusion ('paper') run the authors' way on diffusers modules "
-                        "(fd_trt/authors_style.py); on by default")
+    p.add_argument(
+        "--controlnet",
+        action="store_true",
+        help="also run every row with a random ControlNet made from the model's UNet (ControlNetModel.from_unet) "
+        "and a random control image, against diffusers' StableDiffusionControlNetPipeline",
+    )
+    p.add_argument(
+        "--authors-style",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the peer baseline row: Faster Diffusion ('paper') run the authors' way on diffusers modules "
+        "(fd_trt/authors_style.py); on by default",
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
     p.add_argument("--plot", default=None, help="PNG bar chart")

@@ -16,37 +16,63 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--model", default="default", help="'default' or a local diffusers folder")
     p.add_argument("--out", default=None, help="engine directory (default: engines/<model name>-<H>x<W>-<precision>)")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
-    p.add_argument("--precision", default=None, choices=["fp32", "fp16"],
-                   help="graph precision (default: fp32 for onnxruntime, fp16 for tensorrt)")
+    p.add_argument(
+        "--precision",
+        default=None,
+        choices=["fp32", "fp16"],
+        help="graph precision (default: fp32 for onnxruntime, fp16 for tensorrt)",
+    )
     p.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
     p.add_argument("--batch", type=int, default=1, help="images per call (sets the row ranges)")
     p.add_argument("--max-segment-steps", type=int, default=15, help="longest segment decoded in one call")
     p.add_argument("--force", action="store_true", help="rebuild even when up to date")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--tune", action="store_true",
-                   help="also measure every backend='auto' candidate (building the graphs it lacks) for --schedule, "
-                        "--steps and --batch, and cache the decision that fd-trt generate then reuses")
-    p.add_argument("--threads", type=int, default=None, help="with --tune: intra-op threads, as fd-trt generate --threads")
+    p.add_argument(
+        "--tune",
+        action="store_true",
+        help="also measure every backend='auto' candidate (building the graphs it lacks) for --schedule, "
+        "--steps and --batch, and cache the decision that fd-trt generate then reuses",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="with --tune: intra-op threads, as fd-trt generate --threads"
+    )
     trt = p.add_argument_group("TensorRT plans (--backend tensorrt)")
-    trt.add_argument("--schedule", default=None,
-                     help="schedule whose segments choose the decoder profile's opt rows (default: paper), and that "
-                          "--tune tunes for (default: the one fd-trt generate would use)")
+    trt.add_argument(
+        "--schedule",
+        default=None,
+        help="schedule whose segments choose the decoder profile's opt rows (default: paper), and that "
+        "--tune tunes for (default: the one fd-trt generate would use)",
+    )
     trt.add_argument("--steps", type=int, default=50, help="step count the --schedule is read for (default: 50)")
-    trt.add_argument("--opt-segment-steps", type=int, default=None,
-                     help="tune the decoder for segments of this many steps (default: from --schedule)")
-    trt.add_argument("--opt-level", type=int, default=3, choices=range(6), metavar="0-5",
-                     help="TensorRT builder optimization level (default: 3, TensorRT's own)")
-    trt.add_argument("--workspace-gb", type=float, default=None,
-                     help="builder workspace limit in GiB (default: TensorRT's, the GPU's memory)")
+    trt.add_argument(
+        "--opt-segment-steps",
+        type=int,
+        default=None,
+        help="tune the decoder for segments of this many steps (default: from --schedule)",
+    )
+    trt.add_argument(
+        "--opt-level",
+        type=int,
+        default=3,
+        choices=range(6),
+        metavar="0-5",
+        help="TensorRT builder optimization level (default: 3, TensorRT's own)",
+    )
+    trt.add_argument(
+        "--workspace-gb",
+        type=float,
+        default=None,
+        help="builder workspace limit in GiB (default: TensorRT's, the GPU's memory)",
+    )
     trt.add_argument("--no-timing-cache", action="store_true", help="neither read nor update the timing cache")
     trt.add_argument("--device", default="cuda", help="CUDA device to build the plans for (default: cuda)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Builds the engine directory (and, with ``--tune``, the tuning decisions); returns the exit status."""
-    from fd_trt.graphs.build import build_engines
     from fd_trt.families.models import load_diffusers_pipeline
+    from fd_trt.graphs.build import build_engines
 
     t0 = time.perf_counter()
     if args.tune and not args.out:
@@ -62,8 +88,10 @@ def run(args: argparse.Namespace) -> int:
 
             cal = Calibration.load(args.schedule)
             if cal.steps != args.steps:
-                raise InputError(f"--schedule {args.schedule} was calibrated for {cal.steps} steps, but --steps is "
-                                 f"{args.steps}: pass --steps {cal.steps}")
+                raise InputError(
+                    f"--schedule {args.schedule} was calibrated for {cal.steps} steps, but --steps is "
+                    f"{args.steps}: pass --steps {cal.steps}"
+                )
             args.schedule = ",".join(map(str, cal.key_steps))
         parse_schedule(args.schedule, args.steps)  # a bad --schedule fails now, not after the export
     sd, source = load_diffusers_pipeline(args.model)
@@ -102,8 +130,10 @@ def run(args: argparse.Namespace) -> int:
     for role, rec in sorted(m.graphs.items(), key=lambda kv: kv[0] != "encoder"):
         extra = f" + {rec.data_file} {rec.data_bytes / 1e6:.1f} MB" if getattr(rec, "data_file", None) else ""
         print(f"  {role}: {rec.file} {rec.bytes / 1e6:.1f} MB{extra}, sha256 {rec.sha256[:12]}")
-    print(f"  {precision} graphs, opset {m.opset}, latents {m.latent_shape}, text {m.text_shape}, "
-          f"decoder rows {m.decoder_rows[0]}..{m.decoder_rows[1]}")
+    print(
+        f"  {precision} graphs, opset {m.opset}, latents {m.latent_shape}, text {m.text_shape}, "
+        f"decoder rows {m.decoder_rows[0]}..{m.decoder_rows[1]}"
+    )
     if args.backend == "tensorrt":
         _build_plans(args, out)
     if args.tune:
@@ -113,8 +143,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace, engines: Path | None = None) -> int:
     """``fd-trt build --tune``: measures every ``auto`` candidate ahead of time and caches the decision."""
-    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
     from fd_trt.core.schedule import parse_schedule
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
     opts = {}
     if args.threads is not None:
@@ -122,8 +152,9 @@ def _tune(args: argparse.Namespace, engines: Path | None = None) -> int:
 
         torch.set_num_threads(args.threads)
         opts = {"intra_op_threads": args.threads}
-    pipe = FasterDiffusionPipeline.from_pretrained(args.model, backend="auto", progress=not args.quiet, engines=engines,
-                                                   runner_options=opts)
+    pipe = FasterDiffusionPipeline.from_pretrained(
+        args.model, backend="auto", progress=not args.quiet, engines=engines, runner_options=opts
+    )
     pipe.auto_build_graphs = True  # ahead of time: building is what the user asked for
     runner = pipe.prepare(args.height, args.width)
     runner.read_cache = False  # measure afresh; the new decision replaces a cached one
@@ -160,6 +191,8 @@ def _build_plans(args: argparse.Namespace, out: Path) -> None:
     for res in results:
         rec = res.record
         state = f"built in {res.seconds:.1f} s" if res.built else "up to date"
-        print(f"  {rec.role} plan: {rec.file} {rec.bytes / 1e6:.1f} MB, TensorRT {rec.tensorrt_version}, {rec.gpu_name} "
-              f"(compute {'.'.join(map(str, rec.compute_capability))}), rows {rec.rows[0]}/{rec.rows[1]}/{rec.rows[2]} "
-              f"(min/opt/max), {state}")
+        print(
+            f"  {rec.role} plan: {rec.file} {rec.bytes / 1e6:.1f} MB, TensorRT {rec.tensorrt_version}, {rec.gpu_name} "
+            f"(compute {'.'.join(map(str, rec.compute_capability))}), rows {rec.rows[0]}/{rec.rows[1]}/{rec.rows[2]} "
+            f"(min/opt/max), {state}"
+        )

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from fd_trt.cli.common import add_model_args, runner_options
 from fd_trt.errors import InputError
@@ -19,25 +20,35 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=50, help="inference steps")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--key-steps", type=int, default=None, help="K: encoder runs (key steps, step 0 included)")
-    budget.add_argument("--speedup", type=float, default=None,
-                        help="target UNet speedup over 'all', estimated from encoder/decoder costs measured here")
+    budget.add_argument(
+        "--speedup",
+        type=float,
+        default=None,
+        help="target UNet speedup over 'all', estimated from encoder/decoder costs measured here",
+    )
     p.add_argument("--method", default="greedy", choices=["greedy", "dp", "dp+swap"])
     p.add_argument("--prompts", default=None, help="a text file, one calibration prompt per line (default: built-in)")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--out", default=None, help="write the calibration JSON here")
-    p.add_argument("--save", action="store_true",
-                   help="save it with the engine directory (--engines) or the model folder, for schedule='calibrated'")
-    p.add_argument("--plot", default=None,
-                   help="PNG: the paper's Figure 3 for this model and scheduler (encoder vs decoder feature change "
-                        "per step), with the chosen key steps marked")
+    p.add_argument(
+        "--save",
+        action="store_true",
+        help="save it with the engine directory (--engines) or the model folder, for schedule='calibrated'",
+    )
+    p.add_argument(
+        "--plot",
+        default=None,
+        help="PNG: the paper's Figure 3 for this model and scheduler (encoder vs decoder feature change "
+        "per step), with the chosen key steps marked",
+    )
     p.add_argument("--quiet", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     """Calibrates the key steps and writes or saves them; returns the exit status."""
-    from fd_trt.tools.calibrate import DEFAULT_PROMPTS, calibrate
     from fd_trt.core.calibration import calibration_file
     from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
+    from fd_trt.tools.calibrate import DEFAULT_PROMPTS, calibrate
 
     prompts: Sequence[str] = DEFAULT_PROMPTS
     if args.prompts:
@@ -48,21 +59,37 @@ def run(args: argparse.Namespace) -> int:
         if not prompts:
             raise InputError(f"--prompts {args.prompts} holds no prompt: write one prompt per line")
     pipe = FasterDiffusionPipeline.from_pretrained(
-        args.model, backend=args.backend, device=args.device, precision=args.precision, scheduler=args.scheduler,
-        progress=False, engines=args.engines, runner_options=runner_options(args),
+        args.model,
+        backend=args.backend,
+        device=args.device,
+        precision=args.precision,
+        scheduler=args.scheduler,
+        progress=False,
+        engines=args.engines,
+        runner_options=runner_options(args),
     )
     print(f"model: {pipe.source}; backend {pipe.backend}; {args.scheduler}-{args.steps}; {len(prompts)} prompts")
-    cal = calibrate(pipe, scheduler=args.scheduler, steps=args.steps, key_steps=args.key_steps, speedup=args.speedup,
-                    prompts=prompts, guidance=args.guidance, method=args.method,
-                    progress=None if args.quiet else (lambda line: print(f"  {line}", flush=True)))
+    cal = calibrate(
+        pipe,
+        scheduler=args.scheduler,
+        steps=args.steps,
+        key_steps=args.key_steps,
+        speedup=args.speedup,
+        prompts=prompts,
+        guidance=args.guidance,
+        method=args.method,
+        progress=None if args.quiet else (lambda line: print(f"  {line}", flush=True)),
+    )
     print(f"key steps: {','.join(map(str, cal.key_steps))} (K={len(cal.key_steps)})")
     print(f"calibration error (rel. L2 vs all): {cal.error:.4f}; paper: {cal.paper_error:.4f}")
     print(f"estimated UNet speedup over all: {cal.estimated_speedup:.2f}x")
     if cal.costs:
         c = cal.costs
-        print(f"  from measured costs ({len(cal.prompts)} prompts, CFG rows): encoder {1e3 * c['encoder']:.2f} ms, "
-              f"decoder {1e3 * c['decoder_1']:.2f} ms per call + {1e3 * c['decoder_per_step_batched']:.2f} ms per "
-              "extra batched step")
+        print(
+            f"  from measured costs ({len(cal.prompts)} prompts, CFG rows): encoder {1e3 * c['encoder']:.2f} ms, "
+            f"decoder {1e3 * c['decoder_1']:.2f} ms per call + {1e3 * c['decoder_per_step_batched']:.2f} ms per "
+            "extra batched step"
+        )
     print(f"took {cal.seconds:.1f} s ({cal.evaluations} sampler runs, {cal.steps_run} steps)")
     if args.out:
         print(f"wrote {cal.save(args.out)}")
@@ -76,8 +103,10 @@ def run(args: argparse.Namespace) -> int:
 
         fc = feature_changes(pipe, args.scheduler, args.steps, prompts, cal.seeds, args.guidance)
         enc, dec = sum(fc["enc_rel"]) / len(fc["enc_rel"]), sum(fc["dec_rel"]) / len(fc["dec_rel"])
-        print(f"mean relative change per step: encoder {enc:.4f}, decoder {dec:.4f} "
-              f"(Figure 3 {'holds' if enc < dec else 'does not hold'} on this model)")
+        print(
+            f"mean relative change per step: encoder {enc:.4f}, decoder {dec:.4f} "
+            f"(Figure 3 {'holds' if enc < dec else 'does not hold'} on this model)"
+        )
         title = f"Figure 3: {args.scheduler}-{args.steps} on {pipe.source}, key steps {cal.key_steps}"
         print(f"wrote {plot_feature_changes(fc, args.plot, cal.key_steps, title)}")
     return 0

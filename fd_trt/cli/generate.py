@@ -20,40 +20,74 @@ def add_parser(sub: Any) -> None:
     p.add_argument("prompt", help="the text prompt")
     p.add_argument("--negative-prompt", default=None)
     add_model_args(p)
-    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                   help="a local LoRA (diffusers or kohya safetensors), fused at SCALE (default 1); repeatable")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="a local LoRA (diffusers or kohya safetensors), fused at SCALE (default 1); repeatable",
+    )
     p.add_argument("--steps", type=int, default=50, help="inference steps")
-    p.add_argument("--schedule", default=None,
-                   help="paper | all | uniform:N | calibrated | FILE.json | comma-separated key steps "
-                        "(default: the model's saved calibration for this scheduler and step count, else paper)")
+    p.add_argument(
+        "--schedule",
+        default=None,
+        help="paper | all | uniform:N | calibrated | FILE.json | comma-separated key steps "
+        "(default: the model's saved calibration for this scheduler and step count, else paper)",
+    )
     p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance", type=float, default=7.5, help="CFG scale; <= 1 turns CFG off")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--image", default=None, metavar="FILE",
-                   help="an input image: img2img (with --strength), inpainting (with --mask), or the ControlNet's "
-                        "conditioning image (with --controlnet)")
-    p.add_argument("--strength", type=float, default=None,
-                   help="img2img / inpainting: the fraction of the steps run from the noised image "
-                        "(default 0.8 for img2img, 1.0 for inpainting)")
+    p.add_argument(
+        "--image",
+        default=None,
+        metavar="FILE",
+        help="an input image: img2img (with --strength), inpainting (with --mask), or the ControlNet's "
+        "conditioning image (with --controlnet)",
+    )
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="img2img / inpainting: the fraction of the steps run from the noised image "
+        "(default 0.8 for img2img, 1.0 for inpainting)",
+    )
     p.add_argument("--mask", default=None, metavar="FILE", help="inpainting: the mask image (white = repaint)")
-    p.add_argument("--controlnet", action="append", default=[], metavar="PATH",
-                   help="a local diffusers ControlNet folder, or 'default' (the default model's silhouette-mask "
-                        "ControlNet; make a mask with fd-trt mask); repeat for several (they share --image)")
-    p.add_argument("--controlnet-scale", type=float, action="append", default=[], metavar="S",
-                   help="controlnet_conditioning_scale, one for all or one per --controlnet (default 1.0)")
+    p.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a local diffusers ControlNet folder, or 'default' (the default model's silhouette-mask "
+        "ControlNet; make a mask with fd-trt mask); repeat for several (they share --image)",
+    )
+    p.add_argument(
+        "--controlnet-scale",
+        type=float,
+        action="append",
+        default=[],
+        metavar="S",
+        help="controlnet_conditioning_scale, one for all or one per --controlnet (default 1.0)",
+    )
     p.add_argument("--no-noise-injection", action="store_true", help="switch prior noise injection off")
     p.add_argument("--sequential", action="store_true", help="decode one step per call instead of batching")
     p.add_argument("--max-decoder-rows", type=int, default=None, help="cap on rows per decoder call")
     p.add_argument("--out", default="fd_trt_out.png", help="output image (PNG); several images get _i suffixes")
     p.add_argument("--json", default=None, help="write stats as JSON here")
-    p.add_argument("--compare", action="store_true",
-                   help="also run plain diffusers (the pipeline the model folder describes) and schedule 'all' on the same "
-                        "seed, alternating after a warm-up, and report times, speedups and relative L2")
-    p.add_argument("--repeat", type=int, default=3,
-                   help="with --compare: timed runs per system, alternating; the run with the median total is reported")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="also run plain diffusers (the pipeline the model folder describes) and schedule 'all' on the same "
+        "seed, alternating after a warm-up, and report times, speedups and relative L2",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="with --compare: timed runs per system, alternating; the run with the median total is reported",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -64,8 +98,11 @@ def _fmt_stats(label: str, st: Any) -> str:
         f"decoder {s['decoder']:.3f}  scheduler {s['scheduler']:.3f}  vae {s['vae']:.3f} | "
         f"encoder calls {st.encoder_calls}, decoder calls {st.decoder_calls}, decoder rows {st.decoder_rows}, "
         f"UNet {st.unet_gflops:.2f} GFLOP"
-        + (f" | ControlNet {s.get('controlnet', 0.0):.3f} s, {st.controlnet_calls} calls"
-           if getattr(st, "controlnet_calls", 0) else "")
+        + (
+            f" | ControlNet {s.get('controlnet', 0.0):.3f} s, {st.controlnet_calls} calls"
+            if getattr(st, "controlnet_calls", 0)
+            else ""
+        )
     )
 
 
@@ -92,7 +129,9 @@ def _apply_loras(pipe: Any, specs: list[str]) -> None:
         try:
             scale = float(scale_text) if scale_text else 1.0
         except ValueError:
-            raise InputError(f"--lora {spec!r}: {scale_text!r} is not a number; write PATH or PATH:SCALE, e.g. style.safetensors:0.8") from None
+            raise InputError(
+                f"--lora {spec!r}: {scale_text!r} is not a number; write PATH or PATH:SCALE, e.g. style.safetensors:0.8"
+            ) from None
         if not os.path.exists(path):
             raise InputError(f"--lora {spec!r}: {path} does not exist; give a local LoRA .safetensors file or folder")
         name = f"lora{i}"
@@ -116,8 +155,10 @@ def _image_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     if args.image is None:
         if args.mask or args.strength is not None or args.controlnet:
-            raise InputError("--mask, --strength and --controlnet need --image FILE: the input image "
-                             "(or, with --controlnet, its conditioning image)")
+            raise InputError(
+                "--mask, --strength and --controlnet need --image FILE: the input image "
+                "(or, with --controlnet, its conditioning image)"
+            )
         return kwargs
     kwargs["image"] = load(args.image, "--image")
     if args.mask:
@@ -142,8 +183,10 @@ def _print_auto(pipe: Any, out: Any, first: bool) -> Any:
         return None
     print(d.summary())
     if first and not d.cached:
-        print(f"(the first call at this shape and schedule paid {d.tuning_s:.2f} s for tuning; later runs read "
-              "the decision from the cache)")
+        print(
+            f"(the first call at this shape and schedule paid {d.tuning_s:.2f} s for tuning; later runs read "
+            "the decision from the cache)"
+        )
     return d
 
 
@@ -154,8 +197,10 @@ BF16_HINT_MAX_S = 3.0
 def bf16_hint_text(units: str, bf16_s: float, fp32_s: float, rel: float, fp32_backend: str) -> str:
     """The hint line: a suggestion only where bf16 was faster than the fp32 run it was timed next to."""
     where = fp32_backend if "/" in fp32_backend else f"{fp32_backend}/fp32"  # auto's label names its precision
-    head = (f"hint: this CPU has {units}: torch bf16 ran this in {bf16_s:.3f} s against {fp32_s:.3f} s on "
-            f"{where} ({fp32_s / bf16_s:.2f}x), relative L2 of the final latents vs fp32 {rel:.1e}; ")
+    head = (
+        f"hint: this CPU has {units}: torch bf16 ran this in {bf16_s:.3f} s against {fp32_s:.3f} s on "
+        f"{where} ({fp32_s / bf16_s:.2f}x), relative L2 of the final latents vs fp32 {rel:.1e}; "
+    )
     if bf16_s < fp32_s:
         return head + "--precision auto lets backend auto choose it"
     return head + "not faster here, so fp32 stays (--precision auto would measure it and keep fp32)"
@@ -175,14 +220,23 @@ def _bf16_hint(args: argparse.Namespace, pipe: Any, out: Any, sample: Any, noise
         return None
     import torch
 
-    from fd_trt.tools.compare import rel_l2
     from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
+    from fd_trt.tools.compare import rel_l2
 
     bf = FasterDiffusionPipeline.from_diffusers(pipe.sd, backend="torch", precision="bf16", progress=False)
     bf.model_dir = pipe.model_dir
-    kw = dict(height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
-              num_images_per_prompt=args.num_images, output_type="latent", schedule=args.schedule,
-              noise_injection=noise, parallel=not args.sequential, max_decoder_rows=args.max_decoder_rows)
+    kw = dict(
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        num_images_per_prompt=args.num_images,
+        output_type="latent",
+        schedule=args.schedule,
+        noise_injection=noise,
+        parallel=not args.sequential,
+        max_decoder_rows=args.max_decoder_rows,
+    )
     bf(args.prompt, generator=torch.Generator("cpu").manual_seed(args.seed), **kw)  # warm-up
     o = bf(args.prompt, generator=torch.Generator("cpu").manual_seed(args.seed), **kw)
     ref = sample(args.schedule, noise, output_type="latent")  # fp32 timed next to it
@@ -201,7 +255,9 @@ def run(args: argparse.Namespace) -> int:
     from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
     if args.repeat < 1:
-        raise InputError(f"--repeat must be a positive integer, got {args.repeat}: pass --repeat 1 for a single timed run")
+        raise InputError(
+            f"--repeat must be a positive integer, got {args.repeat}: pass --repeat 1 for a single timed run"
+        )
     t0 = time.perf_counter()
     pipe = FasterDiffusionPipeline.from_pretrained(
         args.model,
@@ -216,7 +272,9 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"model: {pipe.source}")
     _apply_loras(pipe, args.lora)
-    print(f"backend: {pipe.backend} on {pipe.device} ({pipe.precision}), scheduler {args.scheduler}, load {time.perf_counter() - t0:.2f} s")
+    print(
+        f"backend: {pipe.backend} on {pipe.device} ({pipe.precision}), scheduler {args.scheduler}, load {time.perf_counter() - t0:.2f} s"
+    )
 
     image_kwargs = _image_kwargs(args)
 
@@ -250,9 +308,16 @@ def run(args: argparse.Namespace) -> int:
 
         if args.quiet:
             pipe.sd.set_progress_bar_config(disable=True)
-        diffusers_kw = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                            num_inference_steps=args.steps, guidance_scale=args.guidance,
-                            num_images_per_prompt=args.num_images, seed=args.seed, device=pipe.device)
+        diffusers_kw = dict(
+            negative_prompt=args.negative_prompt,
+            height=args.height,
+            width=args.width,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            num_images_per_prompt=args.num_images,
+            seed=args.seed,
+            device=pipe.device,
+        )
         # One untimed run of the timed schedule pays the one-off costs (allocation, FLOP counting,
         # backend="auto"'s tuning, and ONNX Runtime's first call at each decoder row count, which a
         # 2-step run would not reach: on the default model it made the first 'paper' run 1.15 s
@@ -287,14 +352,19 @@ def run(args: argparse.Namespace) -> int:
         report["auto"] = decision.as_dict()
     if args.compare:
         print(_fmt_stats("all", ref.stats))
-        print(f"{'diffusers':>10}: {dref.seconds:7.3f} s total | {type(pipe.sd).__name__}, same seed, scheduler and steps")
+        print(
+            f"{'diffusers':>10}: {dref.seconds:7.3f} s total | {type(pipe.sd).__name__}, same seed, scheduler and steps"
+        )
         if args.repeat > 1:
+
             def totals(values: list[float]) -> str:
                 return ", ".join(f"{v:.3f}" for v in values)
 
-            print(f"(median of {args.repeat} alternating runs each; totals {label}: "
-                  f"{totals([o.stats.seconds['total'] for o in runs])} s, all: "
-                  f"{totals([o.stats.seconds['total'] for o in refs])} s, diffusers: {totals([d.seconds for d in plain])} s)")
+            print(
+                f"(median of {args.repeat} alternating runs each; totals {label}: "
+                f"{totals([o.stats.seconds['total'] for o in runs])} s, all: "
+                f"{totals([o.stats.seconds['total'] for o in refs])} s, diffusers: {totals([d.seconds for d in plain])} s)"
+            )
         rel = rel_l2(out.latents, ref.latents)
         speed = ref.stats.seconds["total"] / out.stats.seconds["total"]
         unet_speed = (ref.stats.seconds["encoder"] + ref.stats.seconds["decoder"]) / max(
@@ -305,9 +375,11 @@ def run(args: argparse.Namespace) -> int:
         img_rel = rel_l2(out_np, dref.images)
         all_img_rel = rel_l2(ref.images, dref.images)
         all_lat_rel = rel_l2(ref.latents, dref.latents)
-        print(f"speedup vs diffusers: {vs_diffusers:.2f}x ({out.stats.seconds['total']:.3f} s against "
-              f"{dref.seconds:.3f} s); relative L2 of the images vs diffusers: {img_rel:.4e} "
-              f"('all' vs diffusers: {all_img_rel:.2e} images, {all_lat_rel:.2e} latents)")
+        print(
+            f"speedup vs diffusers: {vs_diffusers:.2f}x ({out.stats.seconds['total']:.3f} s against "
+            f"{dref.seconds:.3f} s); relative L2 of the images vs diffusers: {img_rel:.4e} "
+            f"('all' vs diffusers: {all_img_rel:.2e} images, {all_lat_rel:.2e} latents)"
+        )
         print(
             f"speedup {speed:.2f}x total, {unet_speed:.2f}x UNet vs 'all' on {ref.stats.backend}; UNet FLOPs "
             f"-{100 * flop_cut:.1f}%; relative L2 of final latents vs 'all': {rel:.4e}"

@@ -26,11 +26,13 @@ def run(args: argparse.Namespace) -> int:
 
         from fd_trt.serving.http import create_app
     except ImportError as e:
-        raise FdTrtError(f"fd-trt serve needs the [serve] extra ({e.name} is missing): pip install 'fd_trt[serve]'") from e
-    from fd_trt.serving.runtime import ServingRuntime
-
+        raise FdTrtError(
+            f"fd-trt serve needs the [serve] extra ({e.name} is missing): pip install 'fd_trt[serve]'"
+        ) from e
     import signal
     import threading
+
+    from fd_trt.serving.runtime import ServingRuntime
 
     kwargs = runtime_kwargs(args)  # a bad --sizes fails here, before the model loads
     level = log_level(args)
@@ -57,9 +59,12 @@ def run(args: argparse.Namespace) -> int:
 
     http.start()
     threading.Thread(target=supervise, name="fd_trt-supervisor", daemon=True).start()
-    print(f"fd-trt serve: {rt.pipeline.source} on {rt.pipeline.backend}/{rt.pipeline.device}, "
-          f"max batch {rt.max_batch}, sizes {', '.join(f'{h}x{w}' for h, w in rt.sizes) if rt.sizes else 'any'}, "
-          f"http://{args.host}:{args.port}", flush=True)
+    print(
+        f"fd-trt serve: {rt.pipeline.source} on {rt.pipeline.backend}/{rt.pipeline.device}, "
+        f"max batch {rt.max_batch}, sizes {', '.join(f'{h}x{w}' for h, w in rt.sizes) if rt.sizes else 'any'}, "
+        f"http://{args.host}:{args.port}",
+        flush=True,
+    )
     rt.run()
     http.join(30)
     return 0 if server.started else 1

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from fd_trt.core.schedule import KeySchedule
 from fd_trt.errors import ScheduleError
 from fd_trt.utils.files import write_atomic
-
 
 #: Folder, inside a model folder or an engine directory, that holds saved calibrations.
 CALIBRATION_DIR = "calibrations"
@@ -72,7 +72,7 @@ class Calibration:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "Calibration":
+    def load(cls, path: str | os.PathLike[str]) -> Calibration:
         """Reads a calibration JSON written by :meth:`save` or ``fd-trt calibrate --out``.
 
         Raises:
@@ -82,15 +82,21 @@ class Calibration:
         try:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
-            raise ScheduleError(f"calibration file {path} does not exist: write one with fd-trt calibrate --out {path}") from None
+            raise ScheduleError(
+                f"calibration file {path} does not exist: write one with fd-trt calibrate --out {path}"
+            ) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ScheduleError(f"calibration file {path} is not valid JSON ({exc}): recreate it with fd-trt calibrate") from None
+            raise ScheduleError(
+                f"calibration file {path} is not valid JSON ({exc}): recreate it with fd-trt calibrate"
+            ) from None
         if not isinstance(raw, dict):
             raise ScheduleError(f"calibration file {path} holds {type(raw).__name__}, not a calibration object")
         try:
             cal = cls(**raw)
         except TypeError as exc:
-            raise ScheduleError(f"calibration file {path} has missing or unknown fields ({exc}): recreate it with fd-trt calibrate") from None
+            raise ScheduleError(
+                f"calibration file {path} has missing or unknown fields ({exc}): recreate it with fd-trt calibrate"
+            ) from None
         KeySchedule(tuple(int(k) for k in cal.key_steps), int(cal.steps))  # validates
         return cal
 

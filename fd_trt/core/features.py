@@ -42,7 +42,7 @@ class Features:
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.mid, *self.skips)
 
-    def repeat(self, times: int) -> "Features":
+    def repeat(self, times: int) -> Features:
         """Tiles every tensor ``times`` times along axis 0 (step-major rows)."""
         if times == 1:
             return self
@@ -75,9 +75,7 @@ def added_tensors(names: tuple[str, ...], added: Added, rows: int) -> tuple[torc
         return ()
     missing = [n for n in names if added is None or n not in added]
     if missing:
-        raise InputError(
-            f"this UNet (SDXL-style) needs added conditioning {list(names)} per row; missing {missing}"
-        )
+        raise InputError(f"this UNet (SDXL-style) needs added conditioning {list(names)} per row; missing {missing}")
     assert added is not None
     out = tuple(added[n] for n in names)
     for n, t in zip(names, out):

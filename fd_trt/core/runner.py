@@ -1,4 +1,4 @@
-"""The runner protocol shared by every backend (DESIGN.md section 5).
+"""The runner protocol shared by every backend (docs/design.md section 5).
 
 A runner is constructed cheaply, then activated (allocate, load, warm up), used, and closed.
 It is also a context manager. Its two calls:
@@ -17,12 +17,13 @@ from __future__ import annotations
 import abc
 import contextlib
 import threading
-from typing import Any, ContextManager
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 
-from fd_trt.errors import FdTrtError, InputError
 from fd_trt.core.features import Added, Features
+from fd_trt.errors import FdTrtError, InputError
 
 
 def same_device(a: torch.device, b: torch.device) -> bool:
@@ -60,7 +61,7 @@ class Runner(abc.ABC):
         self.launches: dict[str, int] = {"encoder": 0, "decoder": 0}
         self._lock = threading.RLock()
 
-    def exclusive(self) -> ContextManager[Any]:
+    def exclusive(self) -> AbstractContextManager[Any]:
         """A lock held around one ``encode`` / ``decode`` of a runner that is not thread-safe.
 
         Runners that return copies of their static buffers need no more than that: a call's inputs
@@ -69,7 +70,7 @@ class Runner(abc.ABC):
         return self._lock if not self.thread_safe else contextlib.nullcontext()
 
     # lifecycle -----------------------------------------------------------------------------
-    def activate(self) -> "Runner":
+    def activate(self) -> Runner:
         """Allocates and loads what the runner needs. Calling it twice is harmless."""
         if not self.is_active:
             self._activate()
@@ -82,7 +83,7 @@ class Runner(abc.ABC):
             self._deactivate()
             self.is_active = False
 
-    def __enter__(self) -> "Runner":
+    def __enter__(self) -> Runner:
         return self.activate()
 
     def __exit__(self, *exc: Any) -> None:
@@ -157,7 +158,9 @@ class Runner(abc.ABC):
         """
 
     @abc.abstractmethod
-    def decode(self, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None) -> torch.Tensor:
+    def decode(
+        self, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None
+    ) -> torch.Tensor:
         """Runs the decoder graph for S steps that share the features of one key step.
 
         Args:
@@ -171,7 +174,9 @@ class Runner(abc.ABC):
         """
 
 
-def step_timesteps(features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None) -> torch.Tensor:
+def step_timesteps(
+    features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None
+) -> torch.Tensor:
     """The decoder's per-row timesteps for S steps of N rows (step-major), after checking that the
     text and added conditioning have the features' N rows.
 

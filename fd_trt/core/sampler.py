@@ -1,4 +1,4 @@
-"""The Faster Diffusion sampling loop (DESIGN.md section 1), independent of any backend.
+"""The Faster Diffusion sampling loop (docs/design.md section 1), independent of any backend.
 
 For each segment: run the encoder once at the key step, decode the segment's steps in one batched
 call (or one call per step, or in chunks under a row cap), then apply CFG, noise injection and the
@@ -8,16 +8,17 @@ scheduler steps in order, so that multistep solvers keep their state.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from fd_trt.core.runner import Runner
-from fd_trt.errors import InputError
-from fd_trt.core.schedule import KeySchedule, NoiseInjection
 from fd_trt.core.features import Added, Features
+from fd_trt.core.runner import Runner
+from fd_trt.core.schedule import KeySchedule, NoiseInjection
+from fd_trt.errors import InputError
 
 #: ``callback(step_index, timestep, latents) -> latents or None``; called after every scheduler step.
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
@@ -226,8 +227,16 @@ def run_sampler(
 class _Run:
     """One sampler run's checked inputs, its clock and counters, and its per-step arithmetic."""
 
-    def __init__(self, runner: Runner, scheduler: Any, latents: torch.Tensor, inputs: SamplerInputs,
-                 schedule: KeySchedule, opts: SamplerOptions, stats: SamplerStats) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        scheduler: Any,
+        latents: torch.Tensor,
+        inputs: SamplerInputs,
+        schedule: KeySchedule,
+        opts: SamplerOptions,
+        stats: SamplerStats,
+    ) -> None:
         self.runner, self.scheduler, self.inputs, self.opts, self.stats = runner, scheduler, inputs, opts, stats
         self.timesteps = scheduler.timesteps if opts.timesteps is None else opts.timesteps
         self.x = latents.float()
@@ -307,8 +316,9 @@ class _Run:
         return self.scheduler.step(eps, tau, x, **self.opts.extra_step_kwargs, return_dict=False)[0]
 
 
-def _check_run(x: torch.Tensor, inputs: SamplerInputs, schedule: KeySchedule, opts: SamplerOptions,
-               num_steps: int) -> int:
+def _check_run(
+    x: torch.Tensor, inputs: SamplerInputs, schedule: KeySchedule, opts: SamplerOptions, num_steps: int
+) -> int:
     """The rows per step (2B with CFG, B without), once the inputs agree with each other.
 
     Raises:

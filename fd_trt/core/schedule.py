@@ -1,4 +1,4 @@
-"""Key-step schedules, segments and the noise-injection policy (DESIGN.md section 1).
+"""Key-step schedules, segments and the noise-injection policy (docs/design.md section 1).
 
 A schedule marks the key steps: the step indices at which the encoder runs. Each key step opens
 a segment that lasts until the next key step (or the end); every step of a segment reuses the
@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import operator
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Union
 
 from fd_trt.errors import ScheduleError
 
@@ -100,8 +101,7 @@ def _validate(key_steps: Sequence[int], num_steps: int) -> None:
         seen.add(k)
     if 0 not in seen:
         raise ScheduleError(
-            f"schedule {_show(key_steps)} has no step 0: the encoder must run at the first step. "
-            "Add 0 to the list."
+            f"schedule {_show(key_steps)} has no step 0: the encoder must run at the first step. Add 0 to the list."
         )
     if bad:
         raise ScheduleError(

@@ -31,9 +31,10 @@ Nothing here imports a family: this module is the base, the families import it.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from fd_trt.errors import InputError, UnsupportedModelError
 
@@ -175,7 +176,9 @@ class ModelFamily:
             InputError: naming the bad value; by default for any option, since there are none.
         """
         if options:
-            raise InputError(f"the {self.name!r} model family takes no prompt options, got {', '.join(sorted(options))}")
+            raise InputError(
+                f"the {self.name!r} model family takes no prompt options, got {', '.join(sorted(options))}"
+            )
 
     def encode_prompt(
         self,
@@ -267,8 +270,17 @@ def get_family(name: str) -> ModelFamily:
 
 
 #: Config keys that tell denoisers apart, quoted when no family recognises a config.
-_TELLING_KEYS = ("_class_name", "addition_embed_type", "class_embed_type", "encoder_hid_dim_type",
-                 "time_cond_proj_dim", "num_class_embeds", "in_channels", "out_channels", "cross_attention_dim")
+_TELLING_KEYS = (
+    "_class_name",
+    "addition_embed_type",
+    "class_embed_type",
+    "encoder_hid_dim_type",
+    "time_cond_proj_dim",
+    "num_class_embeds",
+    "in_channels",
+    "out_channels",
+    "cross_attention_dim",
+)
 
 
 def _families_listing() -> str:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 
-from fd_trt.errors import InputError
-from fd_trt.errors import UnsupportedModelError
+from fd_trt.errors import InputError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +128,12 @@ def scheduler_name(scheduler: Any) -> str | None:
     cls = type(scheduler).__name__
     if cls == "DPMSolverMultistepScheduler":
         return "dpmpp" if scheduler.config.get("algorithm_type") == "dpmsolver++" else None
-    return {"DDIMScheduler": "ddim", "PNDMScheduler": "pndm", "EulerDiscreteScheduler": "euler",
-            "DDPMScheduler": "ddpm"}.get(cls)
+    return {
+        "DDIMScheduler": "ddim",
+        "PNDMScheduler": "pndm",
+        "EulerDiscreteScheduler": "euler",
+        "DDPMScheduler": "ddpm",
+    }.get(cls)
 
 
 def _random_sd_pipeline(
@@ -266,7 +270,9 @@ def check_controlnet_fits(net: Any, unet_config: Any) -> None:
             "the default ControlNet was trained for fd_trt's default model (fd_trt/assets/default_model) and does not "
             f"fit this UNet ({'; '.join(diff)}): use --model default with it, or pass a ControlNet folder trained for your model"
         )
-    raise InputError(f"the ControlNet does not fit the UNet ({'; '.join(diff)}): pass a ControlNet trained for this model")
+    raise InputError(
+        f"the ControlNet does not fit the UNet ({'; '.join(diff)}): pass a ControlNet trained for this model"
+    )
 
 
 def load_diffusers_pipeline(source: str | os.PathLike[str]) -> tuple[Any, str]:
@@ -429,7 +435,9 @@ def random_controlnet(unet: Any, seed: int = 0, vae_scale_factor: int = 8, zero_
 
     halvings = int(vae_scale_factor).bit_length() - 1
     if 2**halvings != int(vae_scale_factor) or not 1 <= halvings <= 3:
-        raise InputError(f"vae_scale_factor must be 2, 4 or 8 for a ControlNet's conditioning embedding, got {vae_scale_factor}")
+        raise InputError(
+            f"vae_scale_factor must be 2, 4 or 8 for a ControlNet's conditioning embedding, got {vae_scale_factor}"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 96, 256)[: halvings + 1])
@@ -527,11 +535,21 @@ def _random_sdxl_pipeline(
     # SDXL's folder has an EulerDiscreteScheduler over SD's betas with "leading" spacing; its config
     # also keeps DDIM's clip_sample=False, which make_scheduler("ddim", ...) reads.
     scheduler = EulerDiscreteScheduler.from_config({**sd_scheduler_config(), "timestep_spacing": "leading"})
-    parts = dict(vae=vae.eval(), text_encoder_2=text_encoder_2.eval(), tokenizer_2=tokenizer_2, unet=unet.eval(),
-                 scheduler=scheduler, add_watermarker=False)
+    parts = dict(
+        vae=vae.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer_2=tokenizer_2,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
     if text_encoder is None:  # the refiner's layout (its folder's settings)
         pipe = StableDiffusionXLImg2ImgPipeline(
-            text_encoder=None, tokenizer=None, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False, **parts
+            text_encoder=None,
+            tokenizer=None,
+            requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False,
+            **parts,
         )
     else:
         pipe = StableDiffusionXLPipeline(
@@ -614,7 +632,10 @@ def tiny_sdxl_refiner_pipeline(seed: int = 0, *, sample_size: int = 8) -> Any:
             cross_attention_dim=32,  # the second encoder's hidden states only
             norm_num_groups=32,
         ),
-        (None, dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)),
+        (
+            None,
+            dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32),
+        ),
         max_length=16,
     )
 
@@ -641,8 +662,14 @@ def sdxl_arch_pipeline(seed: int = 0) -> Any:
         SDXL_UNET_CONFIG,
         (
             dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
-            dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                 projection_dim=1280, hidden_act="gelu"),
+            dict(
+                hidden_size=1280,
+                intermediate_size=5120,
+                num_hidden_layers=32,
+                num_attention_heads=20,
+                projection_dim=1280,
+                hidden_act="gelu",
+            ),
         ),
         max_length=77,
     )

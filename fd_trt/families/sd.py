@@ -32,8 +32,10 @@ class StableDiffusionFamily(ModelFamily):
     def matches_config(self, unet_config: Any) -> bool:
         """A ``UNet2DConditionModel`` config without ``addition_embed_type``. Options the split does
         not carry (``class_embed_type``, ...) are recognised here and refused by :meth:`check_config`."""
-        return (config_value(unet_config, "_class_name") in UNET_CLASSES
-                and config_value(unet_config, "addition_embed_type") is None)
+        return (
+            config_value(unet_config, "_class_name") in UNET_CLASSES
+            and config_value(unet_config, "addition_embed_type") is None
+        )
 
     def load_pipeline(self, folder: Path, unet_config: dict[str, Any]) -> Any:
         """diffusers' ``StableDiffusionPipeline`` of the folder, without a safety checker."""
@@ -63,8 +65,9 @@ class StableDiffusionFamily(ModelFamily):
         """diffusers' ``StableDiffusionPipeline.encode_prompt`` (the image size is unused)."""
         self.check_prompt_options(prompts, **options)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
-        pos, neg = sd_pipeline.encode_prompt(prompts, device, num_images_per_prompt, do_classifier_free_guidance,
-                                             negatives)
+        pos, neg = sd_pipeline.encode_prompt(
+            prompts, device, num_images_per_prompt, do_classifier_free_guidance, negatives
+        )
         return PromptEmbeddings(text=torch.cat([neg, pos]) if do_classifier_free_guidance else pos)
 
 

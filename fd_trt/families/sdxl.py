@@ -17,8 +17,9 @@ less the pooled width, over ``addition_time_embed_dim``), never assumed.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -33,7 +34,9 @@ def sdxl_text_shape(sd_pipeline: Any) -> tuple[int, int]:
     """``(L, D)`` of an SDXL pipeline's prompt embeddings: the tokenizers' length and the UNet's
     cross-attention width (both encoders' hidden states side by side; the refiner has only the
     second)."""
-    tokenizer = sd_pipeline.tokenizer if getattr(sd_pipeline, "tokenizer", None) is not None else sd_pipeline.tokenizer_2
+    tokenizer = (
+        sd_pipeline.tokenizer if getattr(sd_pipeline, "tokenizer", None) is not None else sd_pipeline.tokenizer_2
+    )
     return int(tokenizer.model_max_length), int(sd_pipeline.unet.config.cross_attention_dim)
 
 
@@ -78,7 +81,9 @@ def _check_pair(name: str, value: Any) -> None:
         or len(value) != 2
         or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
     ):
-        raise InputError(f"{name} must be a pair of non-negative integers (height, width) or (top, left), got {value!r}")
+        raise InputError(
+            f"{name} must be a pair of non-negative integers (height, width) or (top, left), got {value!r}"
+        )
 
 
 def _check_prompt_list(name: str, value: Any, count: int) -> None:
@@ -101,8 +106,10 @@ class StableDiffusionXLFamily(ModelFamily):
     supports_controlnet = False
 
     def matches_config(self, unet_config: Any) -> bool:
-        return (config_value(unet_config, "_class_name") in UNET_CLASSES
-                and config_value(unet_config, "addition_embed_type") == "text_time")
+        return (
+            config_value(unet_config, "_class_name") in UNET_CLASSES
+            and config_value(unet_config, "addition_embed_type") == "text_time"
+        )
 
     def check_config(self, unet_config: Any) -> None:
         """The split's limits, and SDXL's: text-to-image UNets only so far.
@@ -217,9 +224,14 @@ class StableDiffusionXLFamily(ModelFamily):
             ("negative_target_size", negative_target_size),
         ):
             _check_pair(name, value)
-        for name, value in (("aesthetic_score", aesthetic_score), ("negative_aesthetic_score", negative_aesthetic_score)):
+        for name, value in (
+            ("aesthetic_score", aesthetic_score),
+            ("negative_aesthetic_score", negative_aesthetic_score),
+        ):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise InputError(f"{name} must be a number (the refiner's aesthetic score, 6.0 / 2.5 by default), got {value!r}")
+                raise InputError(
+                    f"{name} must be a number (the refiner's aesthetic score, 6.0 / 2.5 by default), got {value!r}"
+                )
 
     def encode_prompt(
         self,
@@ -283,7 +295,11 @@ class StableDiffusionXLFamily(ModelFamily):
             return PromptEmbeddings(text=pos, added={"text_embeds": pooled, "time_ids": pos_ids})
         if aesthetic:
             neg_ids = time_ids(
-                [*(negative_original_size or original), *negative_crops_coords_top_left, float(negative_aesthetic_score)]
+                [
+                    *(negative_original_size or original),
+                    *negative_crops_coords_top_left,
+                    float(negative_aesthetic_score),
+                ]
             )
         elif negative_original_size is not None and negative_target_size is not None:
             neg_ids = time_ids([*negative_original_size, *negative_crops_coords_top_left, *negative_target_size])

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from torch import nn
 
@@ -137,11 +138,24 @@ def build_engines(
         return "forced" if force else _up_to_date(folder, expected)
 
     def export() -> Manifest:
-        result = _export_into(folder, unet, expected, latent_size=latent_size, opset=opset,
-                              external_data_threshold=external_data_threshold, progress=progress, t0=t0,
-                              share_rows=share_rows)
-        logger.info("built %s in %.1f s: encoder %.1f MB, decoder %.1f MB", folder, expected.build_seconds,
-                    result.encoder.bytes / 1e6, result.decoder.bytes / 1e6)
+        result = _export_into(
+            folder,
+            unet,
+            expected,
+            latent_size=latent_size,
+            opset=opset,
+            external_data_threshold=external_data_threshold,
+            progress=progress,
+            t0=t0,
+            share_rows=share_rows,
+        )
+        logger.info(
+            "built %s in %.1f s: encoder %.1f MB, decoder %.1f MB",
+            folder,
+            expected.build_seconds,
+            result.encoder.bytes / 1e6,
+            result.decoder.bytes / 1e6,
+        )
         return expected
 
     manifest, built, reason = _build_locked(folder, "graph export", find, export)
@@ -282,15 +296,32 @@ def build_controlnet_graph(
         contract = ControlNetContract.from_controlnet_config(controlnet.config, latent, text)
         contract.check_fits(GraphContract.from_manifest(manifest), "the ControlNet")
         name = controlnet_file_name(sha)
-        export_controlnet(controlnet, folder / name, latent_size=latent, text_shape=text, precision=manifest.precision,
-                          opset=int(manifest.opset), external_data_threshold=external_data_threshold, progress=progress)
-        rec = ControlNetRecord(**asdict(graph_record(folder, name)), controlnet_sha256=sha, controlnet_config=config,
-                               num_down=contract.num_down, cond_shape=[int(d) for d in contract.cond_tail],
-                               built_at=time.time())
+        export_controlnet(
+            controlnet,
+            folder / name,
+            latent_size=latent,
+            text_shape=text,
+            precision=manifest.precision,
+            opset=int(manifest.opset),
+            external_data_threshold=external_data_threshold,
+            progress=progress,
+        )
+        rec = ControlNetRecord(
+            **asdict(graph_record(folder, name)),
+            controlnet_sha256=sha,
+            controlnet_config=config,
+            num_down=contract.num_down,
+            cond_shape=[int(d) for d in contract.cond_tail],
+            built_at=time.time(),
+        )
         manifest.controlnets[controlnet_key(sha)] = rec
         save_manifest(folder, manifest)
-        logger.info("exported the ControlNet graph %s (%.1f MB) in %.1f s", folder / name, rec.bytes / 1e6,
-                    time.perf_counter() - t0)
+        logger.info(
+            "exported the ControlNet graph %s (%.1f MB) in %.1f s",
+            folder / name,
+            rec.bytes / 1e6,
+            time.perf_counter() - t0,
+        )
         return rec
 
     return _build_locked(folder, "ControlNet graph export", find, export)[0]

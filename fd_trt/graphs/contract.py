@@ -1,4 +1,4 @@
-"""The graph contract (DESIGN.md section 3), defined once: the inputs and outputs of the encoder
+"""The graph contract (docs/design.md section 3), defined once: the inputs and outputs of the encoder
 and decoder graphs, in order, with dtypes, shapes, dynamic axes and the decoder's row layout.
 
 Export (:mod:`fd_trt.graphs.export`), the onnxruntime and TensorRT runners, the TensorRT profiles and
@@ -24,7 +24,7 @@ row ``i`` at step ``j``. The graph repeats the N rows S times itself and, for UN
 for it to pay (:func:`fd_trt.graphs.split.decoder_shares_rows`), computes what only depends on them
 once (the skip half of every up-block convolution, the text's key and value projections;
 :meth:`fd_trt.graphs.split.SplitUNet.skip_rows_repeated`). A decoder that took the features already
-tiled to S*N rows, as DESIGN.md first had it, convolved the same skips S times: on sd15-arch at
+tiled to S*N rows, as engine format 1 had it, convolved the same skips S times: on sd15-arch at
 256x256 the shared graph's ONNX Runtime call of 5 steps is 1.12x faster.
 
 The optional ControlNet graph (one per ControlNet, :class:`ControlNetContract`)::
@@ -47,11 +47,12 @@ This module imports neither torch modules of diffusers nor onnx: a config (a dif
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-from fd_trt.errors import EngineMismatchError, InputError
 from fd_trt.core.features import MID, feature_names, skip_name  # noqa: F401 - graph names
+from fd_trt.errors import EngineMismatchError, InputError
 
 #: The dynamic axis 0 of every graph tensor but the decoder's timestep and output.
 ROW_AXIS = "rows"
@@ -81,7 +82,10 @@ ADDED_CONDITIONING: dict[str | None, tuple[tuple[str, str], ...]] = {
     "text_time": (("text_embeds", FLOAT), ("time_ids", FLOAT32)),
 }
 #: Inputs that are float32 in every graph, whatever its precision.
-FLOAT32_INPUTS = frozenset({TIMESTEP, CONDITIONING_SCALE} | {n for options in ADDED_CONDITIONING.values() for n, dt in options if dt == FLOAT32})
+FLOAT32_INPUTS = frozenset(
+    {TIMESTEP, CONDITIONING_SCALE}
+    | {n for options in ADDED_CONDITIONING.values() for n, dt in options if dt == FLOAT32}
+)
 #: SDXL base's micro-conditioning: original size, crop top-left, target size.
 DEFAULT_TIME_IDS = 6
 
@@ -94,13 +98,9 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
     return getattr(cfg, key, default)
 
 
-
-
 def down_name(index: int) -> str:
     """The graph name of ControlNet residual ``index``: ``down_00``, ``down_01``, ..."""
     return f"down_{index:02d}"
-
-
 
 
 def added_input_names(unet_config: Any) -> tuple[str, ...]:
@@ -216,7 +216,9 @@ class TensorSpec:
             InputError: when a dim is only symbolic here.
         """
         if not self.concrete:
-            raise InputError(f"{self.name} has symbolic dims {self.shape}: build the contract with the latent and text shapes")
+            raise InputError(
+                f"{self.name} has symbolic dims {self.shape}: build the contract with the latent and text shapes"
+            )
         return (int(rows), *(int(d) for d in self.tail)) if self.rowed else tuple(int(d) for d in self.tail)
 
 
@@ -269,13 +271,18 @@ class GraphSpec:
             EngineMismatchError: naming the missing and the unexpected tensors.
         """
         problems = []
-        for kind, want, have in (("inputs", self.input_names, input_names), ("outputs", self.output_names, output_names)):
+        for kind, want, have in (
+            ("inputs", self.input_names, input_names),
+            ("outputs", self.output_names, output_names),
+        ):
             missing = [n for n in want if n not in set(have)]
             extra = [n for n in have if n not in set(want)]
             if missing or extra:
                 problems.append(f"{kind} {list(have)} (missing {missing}, unexpected {extra})")
         if problems:
-            raise EngineMismatchError(f"{where} does not fit the {self.role} graph contract: " + "; ".join(problems) + f"; {fix}")
+            raise EngineMismatchError(
+                f"{where} does not fit the {self.role} graph contract: " + "; ".join(problems) + f"; {fix}"
+            )
 
 
 @dataclass(frozen=True)
@@ -334,8 +341,10 @@ class GraphContract:
     @property
     def decoder(self) -> GraphSpec:
         # The key step's features, text and added conditioning (N rows); the steps' timesteps (S*N).
-        inputs = (*self._features(), *(replace(t, row_axis=STEP_ROW_AXIS) if t.name == TIMESTEP else t
-                                        for t in self._conditioning()))
+        inputs = (
+            *self._features(),
+            *(replace(t, row_axis=STEP_ROW_AXIS) if t.name == TIMESTEP else t for t in self._conditioning()),
+        )
         return GraphSpec("decoder", inputs, (TensorSpec(NOISE_PRED, self.out_tail, row_axis=STEP_ROW_AXIS),))
 
     def spec(self, role: str) -> GraphSpec:
@@ -352,7 +361,7 @@ class GraphContract:
         latent_size: tuple[int, int] | None = None,
         text_shape: tuple[int, int] | None = None,
         added_shapes: Mapping[str, Sequence[int]] | None = None,
-    ) -> "GraphContract":
+    ) -> GraphContract:
         """The contract of a UNet's graphs.
 
         Args:
@@ -381,7 +390,9 @@ class GraphContract:
         dtypes = dict(ADDED_CONDITIONING.get(_get(unet_config, "addition_embed_type"), ()))
         shapes = dict(added_shapes) if added_shapes is not None else default_added_shapes(unet_config)
         if set(shapes) != set(dtypes):
-            raise InputError(f"added_shapes names {sorted(shapes)}, but this UNet's added conditioning is {sorted(dtypes)}")
+            raise InputError(
+                f"added_shapes names {sorted(shapes)}, but this UNet's added conditioning is {sorted(dtypes)}"
+            )
         added = tuple(TensorSpec(n, tuple(int(d) for d in shapes[n]), dt) for n, dt in dtypes.items())
         out_channels = int(_get(unet_config, "out_channels", _get(unet_config, "in_channels")))
         return cls(
@@ -394,7 +405,7 @@ class GraphContract:
         )
 
     @classmethod
-    def from_manifest(cls, manifest: Any) -> "GraphContract":
+    def from_manifest(cls, manifest: Any) -> GraphContract:
         """The contract an engine directory's manifest describes (:class:`fd_trt.graphs.manifest.Manifest`).
 
         The recorded ``num_skips`` and ``added_shapes`` are the graphs' facts; the UNet config
@@ -418,13 +429,18 @@ class GraphContract:
             )
         added = tuple(TensorSpec(n, tuple(int(d) for d in recorded[n]), dt) for n, dt in options[0])
         tail = tuple(int(d) for d in latent)
-        return cls(num_skips=int(manifest.num_skips), added=added, latent_tail=tail, out_tail=tail,
-                   text_tail=(int(text[0]), int(text[1])))
+        return cls(
+            num_skips=int(manifest.num_skips),
+            added=added,
+            latent_tail=tail,
+            out_tail=tail,
+            text_tail=(int(text[0]), int(text[1])),
+        )
 
     @classmethod
     def from_encoder_io(
         cls, input_names: Sequence[str], output_names: Sequence[str], where: Any = "the encoder graph"
-    ) -> "GraphContract":
+    ) -> GraphContract:
         """The contract implied by an encoder graph's names, when no config is at hand.
 
         The added inputs must be one of :data:`ADDED_CONDITIONING`'s sets and the outputs
@@ -439,7 +455,9 @@ class GraphContract:
             if sorted(extra) == sorted(n for n, _ in options) and base <= set(input_names):
                 added = tuple(TensorSpec(n, ("k",), dt) for n, dt in options)
                 contract = cls(num_skips=max(len(output_names) - 1, 0), added=added)
-                contract.encoder.check(input_names, output_names, where, "it is not an fd_trt encoder graph; rebuild it")
+                contract.encoder.check(
+                    input_names, output_names, where, "it is not an fd_trt encoder graph; rebuild it"
+                )
                 return contract
         raise EngineMismatchError(
             f"{where} has inputs {list(input_names)}, expected {sorted(base)} plus one of "
@@ -509,13 +527,19 @@ class ControlNetContract:
             TensorSpec(CONTROLNET_COND, self.cond_tail),
             TensorSpec(CONDITIONING_SCALE, (1,), FLOAT32, rowed=False),
         )
-        outputs = (*(TensorSpec(n, tuple(t)) for n, t in zip(self.down_names, tails[1:])), TensorSpec(MID, tuple(tails[0])))
+        outputs = (
+            *(TensorSpec(n, tuple(t)) for n, t in zip(self.down_names, tails[1:])),
+            TensorSpec(MID, tuple(tails[0])),
+        )
         return GraphSpec(CONTROLNET, inputs, outputs)
 
     @classmethod
     def from_controlnet_config(
-        cls, controlnet_config: Any, latent_size: tuple[int, int] | None = None, text_shape: tuple[int, int] | None = None
-    ) -> "ControlNetContract":
+        cls,
+        controlnet_config: Any,
+        latent_size: tuple[int, int] | None = None,
+        text_shape: tuple[int, int] | None = None,
+    ) -> ControlNetContract:
         """The contract of a ControlNet's graph, from its config (as the UNet's from the UNet's).
 
         Args:
@@ -528,9 +552,15 @@ class ControlNetContract:
         """
         check_controlnet_config(controlnet_config)
         unet_like = GraphContract.from_unet_config(
-            {**{k: _get(controlnet_config, k) for k in ("block_out_channels", "layers_per_block", "in_channels",
-                                                         "cross_attention_dim")}},
-            latent_size, text_shape, {},
+            {
+                **{
+                    k: _get(controlnet_config, k)
+                    for k in ("block_out_channels", "layers_per_block", "in_channels", "cross_attention_dim")
+                }
+            },
+            latent_size,
+            text_shape,
+            {},
         )
         features = unet_like.features
         if features is not None and _get(controlnet_config, "global_pool_conditions", False):
@@ -540,8 +570,13 @@ class ControlNetContract:
         cond: tuple[Dim, ...] = (channels, "H", "W")
         if latent_size is not None:
             cond = (channels, int(latent_size[0]) * f, int(latent_size[1]) * f)
-        return cls(num_down=unet_like.num_skips, latent_tail=unet_like.latent_tail, text_tail=unet_like.text_tail,
-                   cond_tail=cond, features=features)
+        return cls(
+            num_down=unet_like.num_skips,
+            latent_tail=unet_like.latent_tail,
+            text_tail=unet_like.text_tail,
+            cond_tail=cond,
+            features=features,
+        )
 
     def check_fits(self, unet: GraphContract, where: Any = "the ControlNet") -> None:
         """Refuses a ControlNet whose residuals do not add to this UNet's features one to one.
@@ -553,7 +588,9 @@ class ControlNetContract:
 
         fix = "use a ControlNet made for this UNet (ControlNetModel.from_unet, or one trained on this base model)"
         if self.num_down != unet.num_skips:
-            raise UnsupportedModelError(f"{where} gives {self.num_down} down residuals but the UNet has {unet.num_skips} skips: {fix}")
+            raise UnsupportedModelError(
+                f"{where} gives {self.num_down} down residuals but the UNet has {unet.num_skips} skips: {fix}"
+            )
         if tuple(self.latent_tail) != tuple(unet.latent_tail) or tuple(self.text_tail) != tuple(unet.text_tail):
             raise UnsupportedModelError(
                 f"{where} takes sample {self.latent_tail} and text {self.text_tail}, the UNet {unet.latent_tail} and "
@@ -563,7 +600,9 @@ class ControlNetContract:
             for name, mine, theirs in zip([MID, *self.down_names], self.features, unet.features):
                 pooled = tuple(mine[1:]) == (1, 1)
                 if mine[0] != theirs[0] or (not pooled and tuple(mine) != tuple(theirs)):
-                    raise UnsupportedModelError(f"{where}'s {name} is {tuple(mine)} per row but the UNet's feature is {tuple(theirs)}: {fix}")
+                    raise UnsupportedModelError(
+                        f"{where}'s {name} is {tuple(mine)} per row but the UNet's feature is {tuple(theirs)}: {fix}"
+                    )
 
 
 __all__ = [

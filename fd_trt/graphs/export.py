@@ -1,4 +1,4 @@
-"""ONNX export of the split UNet: the encoder and decoder graphs of DESIGN.md section 3.
+"""ONNX export of the split UNet: the encoder and decoder graphs of docs/design.md section 3.
 
 Each graph goes through the same stages: trace with the TorchScript exporter, clean up with
 onnx-graphsurgeon (dead nodes, topological order), fold constants with polygraphy, infer shapes,
@@ -14,7 +14,7 @@ height, width, the text shape and the added shapes are fixed per export.
 
 The TorchScript exporter (``dynamo=False``) is used on purpose: on the tiny test UNet it exports
 the encoder in about 1 s against about 5 s for the torch.export-based exporter, and its graphs are
-what the ONNX Runtime numbers of DESIGN.md section 7 were measured on.
+what the ONNX Runtime numbers of docs/design.md section 7 were measured on.
 
 onnx, onnx-graphsurgeon, polygraphy and onnxruntime are imported inside the functions, so that
 ``import fd_trt`` stays light.
@@ -30,18 +30,19 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from fd_trt.graphs.contract import FLOAT32, NOISE_PRED, TEXT, TIMESTEP, ControlNetContract, GraphContract, GraphSpec
-from fd_trt.errors import BackendUnavailableError, EngineMismatchError, InputError
-from fd_trt.graphs.split import ROW_SHARING_MIN_CHANNELS, SplitUNet, decoder_shares_rows, split_unet
 from fd_trt.core.features import Features
+from fd_trt.errors import BackendUnavailableError, EngineMismatchError, InputError
+from fd_trt.graphs.contract import FLOAT32, NOISE_PRED, TEXT, TIMESTEP, ControlNetContract, GraphContract, GraphSpec
+from fd_trt.graphs.split import ROW_SHARING_MIN_CHANNELS, SplitUNet, decoder_shares_rows, split_unet
 from fd_trt.utils.files import remove_stale_temporaries, temp_prefix
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -140,7 +141,9 @@ class DecoderForExport(nn.Module):
 
     def forward(self, mid: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
         n = self.num_skips
-        return self.split.run_decoder_steps(Features(mid, tuple(rest[:n])), rest[n], rest[n + 1], rest[n + 2 :], self.share)
+        return self.split.run_decoder_steps(
+            Features(mid, tuple(rest[:n])), rest[n], rest[n + 1], rest[n + 2 :], self.share
+        )
 
 
 class ControlNetForExport(nn.Module):
@@ -155,11 +158,21 @@ class ControlNetForExport(nn.Module):
         super().__init__()
         self.controlnet = controlnet
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                controlnet_cond: torch.Tensor, conditioning_scale: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        controlnet_cond: torch.Tensor,
+        conditioning_scale: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
         down, mid = self.controlnet(
-            sample, timestep, encoder_hidden_states=encoder_hidden_states, controlnet_cond=controlnet_cond,
-            conditioning_scale=conditioning_scale.to(sample.dtype), return_dict=False,
+            sample,
+            timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            controlnet_cond=controlnet_cond,
+            conditioning_scale=conditioning_scale.to(sample.dtype),
+            return_dict=False,
         )
         return (*down, mid)
 
@@ -223,8 +236,13 @@ def export_controlnet(
         info = _export_graph(ControlNetForExport(model), tuple(args), path, spec, opset, external_data_threshold, bar)
     finally:
         bar.close()
-    logger.info("exported the %s ControlNet graph %s in %.1f s (%.1f MB)", precision, path,
-                sum(info.seconds.values()), info.bytes / 1e6)
+    logger.info(
+        "exported the %s ControlNet graph %s in %.1f s (%.1f MB)",
+        precision,
+        path,
+        sum(info.seconds.values()),
+        info.bytes / 1e6,
+    )
     return info
 
 
@@ -334,7 +352,9 @@ def example_inputs(
             value = torch.linspace(999.0, 1.0, rows)
         elif t.dtype == FLOAT32:
             # Timestep-like values (sizes, crop offsets in pixels), distinct per row and per column.
-            value = 64.0 * (1 + torch.arange(math.prod(shape[1:]), dtype=torch.float32)).reshape(shape[1:]) + 8.0 * torch.arange(rows).reshape(-1, *[1] * (len(shape) - 1))
+            value = 64.0 * (1 + torch.arange(math.prod(shape[1:]), dtype=torch.float32)).reshape(
+                shape[1:]
+            ) + 8.0 * torch.arange(rows).reshape(-1, *[1] * (len(shape) - 1))
         else:
             value = torch.randn(shape, generator=gen)
         out.append(value.to(device, torch.float32 if t.dtype == FLOAT32 else dtype))
@@ -367,7 +387,7 @@ def _quiet_exporters() -> Iterator[None]:
                 ort.set_default_logger_severity(2)
 
 
-def initializer_bytes(model: "onnx.ModelProto") -> int:
+def initializer_bytes(model: onnx.ModelProto) -> int:
     """Bytes of the model's weights, without serialising it (protobuf cannot above 2 GB).
 
     Args:
@@ -390,7 +410,7 @@ def initializer_bytes(model: "onnx.ModelProto") -> int:
 
 
 def save_onnx(
-    model: "onnx.ModelProto", path: str | os.PathLike[str], external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
+    model: onnx.ModelProto, path: str | os.PathLike[str], external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
 ) -> Path | None:
     """Saves a model, moving its weights to ``<name>.data`` when they exceed the threshold.
 
@@ -417,7 +437,11 @@ def save_onnx(
         if external:
             # The graph records the data file by its relative name, the same in the temporary folder.
             onnx.save_model(
-                model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data_path.name,
+                model,
+                tmp,
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_path.name,
                 size_threshold=1024,
             )
             os.replace(tmp_dir / data_path.name, data_path)
@@ -430,7 +454,7 @@ def save_onnx(
     return data_path if external else None
 
 
-def infer_shapes(model: "onnx.ModelProto") -> "onnx.ModelProto":
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """ONNX shape inference with data propagation.
 
     The decoder graph repeats its N input rows S = step_rows / N times (a Tile by a computed
@@ -443,14 +467,20 @@ def infer_shapes(model: "onnx.ModelProto") -> "onnx.ModelProto":
         return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
     with tempfile.TemporaryDirectory(prefix=temp_prefix("shapes")) as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-        onnx.save_model(model, src, save_as_external_data=True, all_tensors_to_one_file=True, location="in.data",
-                        size_threshold=1024)
+        onnx.save_model(
+            model,
+            src,
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location="in.data",
+            size_threshold=1024,
+        )
         del model
         onnx.shape_inference.infer_shapes_path(str(src), str(dst), strict_mode=True, data_prop=True)
         return onnx.load(str(dst), load_external_data=True)
 
 
-def optimize_onnx(model: "onnx.ModelProto") -> "onnx.ModelProto":
+def optimize_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
     """Cleans up, folds constants and infers shapes.
 
     Args:
@@ -583,7 +613,9 @@ def export_unet(
             f"the graph contract ({contract.num_skips} skips, added {contract.added_names}) does not fit the split UNet "
             f"({num_skips} skips, added {split.added_names})"
         )
-    enc_args = example_inputs(model, latent_size, text_shape, example_rows, _TORCH_DTYPES[precision], added_shapes=added_shapes)
+    enc_args = example_inputs(
+        model, latent_size, text_shape, example_rows, _TORCH_DTYPES[precision], added_shapes=added_shapes
+    )
     with torch.no_grad():
         feats = split.encoder(*enc_args)
     # The decoder's inputs after the features are the encoder's after the sample, but for the
@@ -638,7 +670,7 @@ def export_unet(
     )
 
 
-def check_graph_file(path: str | os.PathLike[str]) -> "onnx.ModelProto":
+def check_graph_file(path: str | os.PathLike[str]) -> onnx.ModelProto:
     """Parses a graph file without its external weights, turning corruption into a clear error.
 
     Native runtimes report a truncated protobuf poorly (or crash); parsing it in Python first
@@ -747,8 +779,9 @@ def compare_precisions(
             check_graph_file(folder / f)
         enc = ort.InferenceSession(str(folder / ENCODER_FILE), opts, providers=["CPUExecutionProvider"])
         dec = ort.InferenceSession(str(folder / DECODER_FILE), opts, providers=["CPUExecutionProvider"])
-        contract = GraphContract.from_encoder_io([i.name for i in enc.get_inputs()], [o.name for o in enc.get_outputs()],
-                                                 folder / ENCODER_FILE)
+        contract = GraphContract.from_encoder_io(
+            [i.name for i in enc.get_inputs()], [o.name for o in enc.get_outputs()], folder / ENCODER_FILE
+        )
         names = contract.feature_names
         enc_values = dict(zip(contract.encoder.input_names, inputs))
         enc_out = enc.run(names, _ort_feed(enc, enc_values))
@@ -764,10 +797,16 @@ def compare_precisions(
             dec_values[name] = value.repeat(s, *[1] * (value.ndim - 1))
         dec_values[TIMESTEP] = steps.float().repeat_interleave(int(sample.shape[0]))
         noise = dec.run(None, _ort_feed(dec, dec_values))[0]
-        results[tag] = {**{n: a.astype(np.float32) for n, a in zip(names, enc_out)}, DECODER_OUTPUT: noise.astype(np.float32)}
+        results[tag] = {
+            **{n: a.astype(np.float32) for n, a in zip(names, enc_out)},
+            DECODER_OUTPUT: noise.astype(np.float32),
+        }
 
     reports = {}
-    for graph, keys in (("encoder", [k for k in results["fp32"] if k != DECODER_OUTPUT]), ("decoder", [DECODER_OUTPUT])):
+    for graph, keys in (
+        ("encoder", [k for k in results["fp32"] if k != DECODER_OUTPUT]),
+        ("decoder", [DECODER_OUTPUT]),
+    ):
         errs, refs, finite = {}, {}, True
         for k in keys:
             a, b = results["fp16"][k], results["fp32"][k]
@@ -776,9 +815,16 @@ def compare_precisions(
             refs[k] = float(np.abs(b).max())
         reports[graph] = PrecisionReport(errs, refs, finite)
         if not finite:
-            logger.warning("fp16 %s graph produced NaN/Inf on real inputs: fp16 overflow; keep this model in fp32", graph)
+            logger.warning(
+                "fp16 %s graph produced NaN/Inf on real inputs: fp16 overflow; keep this model in fp32", graph
+            )
         else:
-            logger.info("fp16 %s graph: max |error| vs fp32 %.3g (relative %.3g)", graph, max(errs.values()), reports[graph].worst_relative)
+            logger.info(
+                "fp16 %s graph: max |error| vs fp32 %.3g (relative %.3g)",
+                graph,
+                max(errs.values()),
+                reports[graph].worst_relative,
+            )
     return reports
 
 

@@ -1,4 +1,4 @@
-"""Engine directories (DESIGN.md section 4): the manifest, its staleness checks and the directory lock.
+"""Engine directories (docs/design.md section 4): the manifest, its staleness checks and the directory lock.
 
 An engine directory ``engines/<name>/`` holds ``manifest.json``, ``encoder.onnx`` and
 ``decoder.onnx`` (with ``.data`` files when large), one ``controlnet-<sha16>.onnx`` per ControlNet
@@ -38,10 +38,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -52,7 +53,7 @@ from fd_trt.graphs.weights import unet_config_dict, unet_weights_sha256
 from fd_trt.utils.files import dir_lock, file_sha256, write_atomic
 
 #: 2: the decoder graph takes the key step's N rows of features and text, and S*N timesteps
-#: (DESIGN.md section 3 as amended); graphs of format 1 took the features tiled to S*N rows.
+#: (docs/design.md section 3); graphs of format 1 took the features tiled to S*N rows.
 FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 #: File suffix of TensorRT plans in an engine directory.
@@ -247,7 +248,7 @@ class Manifest:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str, path: Path | None = None) -> "Manifest":
+    def from_json(cls, text: str, path: Path | None = None) -> Manifest:
         """Parses ``manifest.json``.
 
         Args:
@@ -263,7 +264,9 @@ class Manifest:
         except json.JSONDecodeError as exc:
             raise CorruptGraphError(f"{where} is not valid JSON ({exc}): rebuild the engine directory") from exc
         if not isinstance(raw, dict):
-            raise CorruptGraphError(f"{where} holds {type(raw).__name__}, not a manifest object: rebuild the engine directory")
+            raise CorruptGraphError(
+                f"{where} holds {type(raw).__name__}, not a manifest object: rebuild the engine directory"
+            )
         version = raw.get("format_version")
         if version != FORMAT_VERSION:
             raise EngineMismatchError(
@@ -275,7 +278,9 @@ class Manifest:
             controlnets = {k: ControlNetRecord(**v) for k, v in raw.pop("controlnets", {}).items()}
             return cls(**raw, graphs=graphs, plans=plans, controlnets=controlnets)
         except TypeError as exc:
-            raise CorruptGraphError(f"{where} is missing or has unknown fields ({exc}): rebuild the engine directory") from exc
+            raise CorruptGraphError(
+                f"{where} is missing or has unknown fields ({exc}): rebuild the engine directory"
+            ) from exc
 
 
 def rebuild_command(engine_dir: str | os.PathLike[str], manifest: Manifest | None = None, **spec: Any) -> str:
@@ -321,8 +326,9 @@ def load_manifest(engine_dir: str | os.PathLike[str]) -> Manifest:
     return Manifest.from_json(path.read_text(), path)
 
 
-def _source_problems(kind: str, built_sha: str, built_config: Mapping[str, Any], sha: str,
-                     config: Mapping[str, Any]) -> list[str]:
+def _source_problems(
+    kind: str, built_sha: str, built_config: Mapping[str, Any], sha: str, config: Mapping[str, Any]
+) -> list[str]:
     """How the module at hand differs from the one a graph was exported from.
 
     Args:
@@ -345,8 +351,11 @@ def _source_problems(kind: str, built_sha: str, built_config: Mapping[str, Any],
 
 def _version_problems(built: Mapping[str, str | None], running: Mapping[str, str | None]) -> list[str]:
     """The toolchain packages whose release line (major.minor) changed since the build."""
-    return [f"versions.{pkg} (built with {built.get(pkg)}, running {running.get(pkg)})"
-            for pkg in TOOLCHAIN_PACKAGES if _release_line(running.get(pkg)) != _release_line(built.get(pkg))]
+    return [
+        f"versions.{pkg} (built with {built.get(pkg)}, running {running.get(pkg)})"
+        for pkg in TOOLCHAIN_PACKAGES
+        if _release_line(running.get(pkg)) != _release_line(built.get(pkg))
+    ]
 
 
 #: The manifest fields that make graphs stale besides the UNet's weights, config and the toolchain.
@@ -368,8 +377,9 @@ def stale_fields(expected: Manifest, found: Manifest) -> list[str]:
         expected: what graphs built now would record (:func:`expected_manifest`).
         found: the engine directory's manifest.
     """
-    problems = _source_problems("unet", found.unet_sha256, found.unet_config, expected.unet_sha256,
-                                expected.unet_config)
+    problems = _source_problems(
+        "unet", found.unet_sha256, found.unet_config, expected.unet_sha256, expected.unet_config
+    )
     for name in _COMPARED_FIELDS:
         want, have = getattr(expected, name), getattr(found, name)
         if want != have:
@@ -396,8 +406,16 @@ def _check_graph_record(folder: Path, role: str, rec: GraphRecord, full_hash: bo
             raise CorruptGraphError(f"the {role} graph file {path} does not match its sha256 in the manifest; {fix}")
 
 
-def _check_graphs(folder: Path, what: str, problems: list[str], records: Mapping[str, GraphRecord], *,
-                  full_hash: bool, fix: str, file_fix: str) -> None:
+def _check_graphs(
+    folder: Path,
+    what: str,
+    problems: list[str],
+    records: Mapping[str, GraphRecord],
+    *,
+    full_hash: bool,
+    fix: str,
+    file_fix: str,
+) -> None:
     """Refuses graphs made from something else (``problems``), then missing or altered graph files.
 
     The one check behind :func:`check_engine_dir` (the UNet's graphs) and
@@ -420,7 +438,9 @@ def _check_graphs(folder: Path, what: str, problems: list[str], records: Mapping
         _check_graph_record(folder, role, rec, full_hash, file_fix)
 
 
-def check_graph_files(engine_dir: str | os.PathLike[str], full_hash: bool = False, manifest: Manifest | None = None) -> Manifest:
+def check_graph_files(
+    engine_dir: str | os.PathLike[str], full_hash: bool = False, manifest: Manifest | None = None
+) -> Manifest:
     """Checks that the graph files are the ones the manifest recorded.
 
     Sizes are always compared (this catches truncation at no cost); with ``full_hash`` the
@@ -534,8 +554,13 @@ def check_engine_dir(
     found = load_manifest(folder)
     problems: list[str] = []
     if unet is not None:
-        problems += _source_problems("unet", found.unet_sha256, found.unet_config,
-                                     unet_sha256 or unet_weights_sha256(unet), unet_config_dict(unet))
+        problems += _source_problems(
+            "unet",
+            found.unet_sha256,
+            found.unet_config,
+            unet_sha256 or unet_weights_sha256(unet),
+            unet_config_dict(unet),
+        )
     if latent_size is not None and list(latent_size) != found.latent_shape[1:]:
         problems.append(f"latent_shape (built for {found.latent_shape[1:]}, asked for {list(latent_size)})")
     if text_shape is not None and list(text_shape) != found.text_shape:
@@ -550,9 +575,15 @@ def check_engine_dir(
     spec: dict[str, Any] = {"precision": precision}
     if latent_size is not None:
         spec.update(height=latent_size[0] * 8, width=latent_size[1] * 8)
-    _check_graphs(folder, "", problems, found.graphs, full_hash=full_hash,
-                  fix=f"Rebuild it with {rebuild_command(folder, found, **spec)}",
-                  file_fix=f"delete it and rebuild: {rebuild_command(folder, found)}")
+    _check_graphs(
+        folder,
+        "",
+        problems,
+        found.graphs,
+        full_hash=full_hash,
+        fix=f"Rebuild it with {rebuild_command(folder, found, **spec)}",
+        file_fix=f"delete it and rebuild: {rebuild_command(folder, found)}",
+    )
     return found
 
 
@@ -606,9 +637,7 @@ def check_plan(
     cc = [int(v) for v in compute_capability]
     if list(record.compute_capability) != cc:
         have = ".".join(str(v) for v in record.compute_capability)
-        problems.append(
-            f"a GPU of compute capability {have} ({record.gpu_name}), but this GPU has {cc[0]}.{cc[1]}"
-        )
+        problems.append(f"a GPU of compute capability {have} ({record.gpu_name}), but this GPU has {cc[0]}.{cc[1]}")
     if graph_sha256 is not None and record.graph_sha256 != graph_sha256:
         problems.append("an older version of the graph (its sha256 differs from the manifest's)")
     if problems:
@@ -690,15 +719,26 @@ def controlnet_graph(folder: Path, manifest: Manifest, sha: str, config: Mapping
     rec = manifest.controlnets.get(controlnet_key(sha))
     if rec is None:
         others = sorted(r.controlnet_sha256[:12] + ".." for r in manifest.controlnets.values())
-        problems = [f"it holds no ControlNet graph for weights {sha[:12]}.. (ControlNet graphs for "
-                    f"{', '.join(others) or 'no ControlNet'}; the ControlNet's weights changed or it was never "
-                    "exported here)"]
+        problems = [
+            f"it holds no ControlNet graph for weights {sha[:12]}.. (ControlNet graphs for "
+            f"{', '.join(others) or 'no ControlNet'}; the ControlNet's weights changed or it was never "
+            "exported here)"
+        ]
     else:
         problems = _source_problems("controlnet", rec.controlnet_sha256, rec.controlnet_config, sha, config)
-    how = (f"fd_trt.graphs.build.build_controlnet_graph(controlnet, {str(folder)!r}), or call the pipeline with "
-           "build_on_demand=True (the default)")
-    _check_graphs(folder, " the ControlNet", problems, {"ControlNet": rec} if rec is not None else {},
-                  full_hash=False, fix=f"Build its graph with {how}", file_fix=f"export it again with {how}")
+    how = (
+        f"fd_trt.graphs.build.build_controlnet_graph(controlnet, {str(folder)!r}), or call the pipeline with "
+        "build_on_demand=True (the default)"
+    )
+    _check_graphs(
+        folder,
+        " the ControlNet",
+        problems,
+        {"ControlNet": rec} if rec is not None else {},
+        full_hash=False,
+        fix=f"Build its graph with {how}",
+        file_fix=f"export it again with {how}",
+    )
     assert rec is not None  # no record is a problem above
     return rec
 

@@ -4,7 +4,7 @@ The encoder is conv_in, the time embedding, the down blocks and the mid block. I
 mid-block output and the skip features (conv_in output first), which is everything the up path
 needs. The decoder is the up blocks, the output norm and conv_out; it recomputes the time
 embedding from its own per-row timesteps, so that one decoder call can mix the steps of a
-segment (DESIGN.md section 3).
+segment (docs/design.md section 3).
 
 SDXL-style UNets (``addition_embed_type="text_time"``) add an embedding of the pooled text and the
 micro-conditioning ``time_ids`` to the time embedding. Both halves take that conditioning per row
@@ -19,19 +19,16 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from fd_trt.graphs.contract import ADDED_CONDITIONING, added_input_names, feature_tails
-from fd_trt.errors import InputError, UnsupportedModelError
 from fd_trt.core.features import Added, Features, added_tensors
-
-
-
-
+from fd_trt.errors import InputError, UnsupportedModelError
+from fd_trt.graphs.contract import ADDED_CONDITIONING, added_input_names, feature_tails
 
 
 def check_supported(unet: nn.Module) -> None:
@@ -81,7 +78,9 @@ def _take_time_modules(owner: nn.Module, unet: nn.Module) -> None:
         owner.add_embedding = unet.add_embedding
 
 
-def _time_embedding(owner: nn.Module, timestep: torch.Tensor, dtype: torch.dtype, added: Sequence[torch.Tensor]) -> torch.Tensor:
+def _time_embedding(
+    owner: nn.Module, timestep: torch.Tensor, dtype: torch.dtype, added: Sequence[torch.Tensor]
+) -> torch.Tensor:
     # Same arithmetic as UNet2DConditionModel's get_time_embed + time_embedding + get_aug_embed
     # ("text_time") + time_embed_act, but with one timestep and one added conditioning per row.
     emb = owner.time_embedding(owner.time_proj(timestep).to(dtype=dtype), None)
@@ -92,8 +91,6 @@ def _time_embedding(owner: nn.Module, timestep: torch.Tensor, dtype: torch.dtype
     if owner.time_embed_act is not None:
         emb = owner.time_embed_act(emb)
     return emb
-
-
 
 
 #: How many times a decoder call repeats its distinct rows: an ``int``, or the traced 0-d tensor
@@ -124,7 +121,9 @@ def decoder_shares_rows(config: Any) -> bool:
     """Whether the decoder of a UNet with this config shares the repeated rows' work (all
     ``block_out_channels`` at least :data:`ROW_SHARING_MIN_CHANNELS`); ``config`` is the UNet's
     config or a dict of it."""
-    channels = config.get("block_out_channels") if isinstance(config, dict) else getattr(config, "block_out_channels", None)
+    channels = (
+        config.get("block_out_channels") if isinstance(config, dict) else getattr(config, "block_out_channels", None)
+    )
     return bool(channels) and min(int(c) for c in channels) >= ROW_SHARING_MIN_CHANNELS
 
 
@@ -251,8 +250,12 @@ def _hook_up_resnet(resnet: nn.Module, skip_channels: int) -> None:
     channels repeat; a group straddling the boundary mixes in ``h`` and is computed per row.
     """
     norm, conv1 = getattr(resnet, "norm1", None), getattr(resnet, "conv1", None)
-    if not isinstance(norm, nn.GroupNorm) or conv1 is None or getattr(resnet, "upsample", None) is not None \
-            or getattr(resnet, "downsample", None) is not None:
+    if (
+        not isinstance(norm, nn.GroupNorm)
+        or conv1 is None
+        or getattr(resnet, "upsample", None) is not None
+        or getattr(resnet, "downsample", None) is not None
+    ):
         return
     c = int(norm.num_channels)
     c0 = c - int(skip_channels)
@@ -314,7 +317,7 @@ class UNetDecoder(nn.Module):
 
     ``forward(mid [M,..], skips (M rows each), timestep [M], encoder_hidden_states [M,L,D], *added) -> noise_pred``
 
-    The decoder takes features already expanded to M rows: the graph contract (DESIGN.md section 3)
+    The decoder takes features already expanded to M rows: the graph contract (docs/design.md section 3)
     wants every input to carry the row axis, and the expansion is a cheap tile done by the runner.
     SDXL's added conditioning comes per row too, because the time embedding includes it.
     """
@@ -393,7 +396,9 @@ class SplitUNet:
         """The last up block: its output stands for "the decoder features" of the paper's Figure 3."""
         return self.decoder.up_blocks[-1]
 
-    def run_encoder(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, added: Added = None) -> Features:
+    def run_encoder(
+        self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, added: Added = None
+    ) -> Features:
         """Runs the encoder half.
 
         Args:
@@ -409,7 +414,9 @@ class SplitUNet:
         out = self.encoder(sample, timestep, text, *extra)
         return Features(out[0], tuple(out[1:]))
 
-    def run_decoder(self, features: Features, timestep: torch.Tensor, text: torch.Tensor, added: Added = None) -> torch.Tensor:
+    def run_decoder(
+        self, features: Features, timestep: torch.Tensor, text: torch.Tensor, added: Added = None
+    ) -> torch.Tensor:
         """Runs the decoder half on M rows (features already expanded, see :meth:`Features.repeat`).
 
         Args:
@@ -430,10 +437,14 @@ class SplitUNet:
         return self.decoder(features.mid, features.skips, timestep, text, *extra)
 
     def run_decoder_steps(
-        self, features: Features, timestep: torch.Tensor, text: torch.Tensor, added: Sequence[torch.Tensor] = (),
+        self,
+        features: Features,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        added: Sequence[torch.Tensor] = (),
         share: bool = True,
     ) -> torch.Tensor:
-        """Decodes S steps of one key step: the decoder graph's computation (DESIGN.md section 3).
+        """Decodes S steps of one key step: the decoder graph's computation (docs/design.md section 3).
 
         The N rows of features, text and added conditioning are repeated S times (step-major)
         here, and the convolutions and projections that read only them run once per distinct row
@@ -453,8 +464,13 @@ class SplitUNet:
         """
         n = features.mid.shape[0]
         if not torch.jit.is_tracing():
-            if text.shape[0] != n or any(a.shape[0] != n for a in added) or timestep.ndim != 1 \
-                    or timestep.shape[0] == 0 or timestep.shape[0] % n:
+            if (
+                text.shape[0] != n
+                or any(a.shape[0] != n for a in added)
+                or timestep.ndim != 1
+                or timestep.shape[0] == 0
+                or timestep.shape[0] % n
+            ):
                 raise InputError(
                     f"decoder rows disagree: features {n}, text {tuple(text.shape)}, added {[tuple(a.shape) for a in added]}, "
                     f"timestep {tuple(timestep.shape)}; give N rows of features, text and added, and S*N timesteps"
@@ -466,7 +482,10 @@ class SplitUNet:
 
         skips = [tile(s) for s in features.skips]
         shared = repeats if share else 1  # 1: the hooks stay off
-        with self.text_rows_repeated(shared), self.skip_rows_repeated(shared, [int(s.shape[1]) for s in features.skips]):
+        with (
+            self.text_rows_repeated(shared),
+            self.skip_rows_repeated(shared, [int(s.shape[1]) for s in features.skips]),
+        ):
             return self.decoder(tile(features.mid), skips, timestep, tile(text), *(tile(a) for a in added))
 
     @contextlib.contextmanager

@@ -36,13 +36,15 @@ def adapter_state(unet: nn.Module) -> list[list[Any]]:
         if not isinstance(scaling, dict) or not hasattr(m, "active_adapters"):
             continue
         active = getattr(m, "active_adapters", [])
-        out.append([
-            name,
-            sorted(active) if isinstance(active, (list, tuple, set)) else [str(active)],
-            sorted((str(k), float(v)) for k, v in scaling.items()),
-            sorted(getattr(m, "merged_adapters", []) or []),
-            bool(getattr(m, "disable_adapters", False)),
-        ])
+        out.append(
+            [
+                name,
+                sorted(active) if isinstance(active, (list, tuple, set)) else [str(active)],
+                sorted((str(k), float(v)) for k, v in scaling.items()),
+                sorted(getattr(m, "merged_adapters", []) or []),
+                bool(getattr(m, "disable_adapters", False)),
+            ]
+        )
     return out
 
 
@@ -114,8 +116,15 @@ def weights_fingerprint(unet: nn.Module) -> tuple[Any, ...]:
                     samples.append(flat[:: max(1, n // FINGERPRINT_SAMPLES)][:FINGERPRINT_SAMPLES].float())
         scaling = getattr(m, "scaling", None)
         if isinstance(scaling, dict) and hasattr(m, "active_adapters"):
-            meta.append((mod_name, str(m.active_adapters), str(sorted(scaling.items())),
-                         str(getattr(m, "merged_adapters", None)), bool(getattr(m, "disable_adapters", False))))
+            meta.append(
+                (
+                    mod_name,
+                    str(m.active_adapters),
+                    str(sorted(scaling.items())),
+                    str(getattr(m, "merged_adapters", None)),
+                    bool(getattr(m, "disable_adapters", False)),
+                )
+            )
     values = torch.cat(samples).cpu().numpy().tobytes() if samples else b""
     return (tuple(meta), values)
 

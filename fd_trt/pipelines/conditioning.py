@@ -17,8 +17,9 @@ the runner); on the torch backend it is the diffusers module.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -147,7 +148,9 @@ def controlnet_nets(controlnet: Any) -> list[Any]:
 def _per_net(value: Any, n: int, name: str) -> list[float]:
     if isinstance(value, (list, tuple)):
         if len(value) != n:
-            raise InputError(f"{name} has {len(value)} values for {n} ControlNets: give one per ControlNet, or one for all")
+            raise InputError(
+                f"{name} has {len(value)} values for {n} ControlNets: give one per ControlNet, or one for all"
+            )
         return [float(v) for v in value]
     return [float(value)] * n
 
@@ -155,10 +158,9 @@ def _per_net(value: Any, n: int, name: str) -> list[float]:
 #: ``call(sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale, guess_mode)
 #: -> (down residuals, mid residual)``: one ControlNet's forward, as diffusers' ``ControlNetModel``
 #: computes it (``return_dict=False``); the graph runners' ControlNet graphs have this signature.
-ControlNetCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, bool],
-                          "tuple[Sequence[torch.Tensor], torch.Tensor]"]
-
-
+ControlNetCall = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, bool], "tuple[Sequence[torch.Tensor], torch.Tensor]"
+]
 
 
 @dataclass
@@ -194,7 +196,7 @@ class KeyStepControlNet:
     cfg: bool = True
     calls: int = field(default=0)
     runners: list[ControlNetCall] | None = None
-    resolve_runners: Callable[[], "list[ControlNetCall] | None"] | None = None
+    resolve_runners: Callable[[], list[ControlNetCall] | None] | None = None
 
     @classmethod
     def build(
@@ -207,7 +209,7 @@ class KeyStepControlNet:
         control_guidance_end: float | Sequence[float] = 1.0,
         guess_mode: bool = False,
         cfg: bool = True,
-    ) -> "KeyStepControlNet":
+    ) -> KeyStepControlNet:
         """Resolves per-net scales and guidance windows over ``num_steps`` steps.
 
         Args:
@@ -227,7 +229,9 @@ class KeyStepControlNet:
         if n == 0:
             raise InputError("no ControlNet given")
         if len(images) != n:
-            raise InputError(f"{len(images)} control images for {n} ControlNets: give one image (or batch) per ControlNet")
+            raise InputError(
+                f"{len(images)} control images for {n} ControlNets: give one image (or batch) per ControlNet"
+            )
         scales = _per_net(conditioning_scale, n, "controlnet_conditioning_scale")
         starts = _per_net(control_guidance_start, n, "control_guidance_start")
         ends = _per_net(control_guidance_end, n, "control_guidance_end")
@@ -250,8 +254,16 @@ class KeyStepControlNet:
 
     @staticmethod
     def prepare_image(
-        processor: Any, image: Any, height: int | None, width: int | None, batch: int, num_images_per_prompt: int,
-        dtype: torch.dtype, device: torch.device, cfg: bool, guess_mode: bool,
+        processor: Any,
+        image: Any,
+        height: int | None,
+        width: int | None,
+        batch: int,
+        num_images_per_prompt: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        cfg: bool,
+        guess_mode: bool,
     ) -> torch.Tensor:
         """A conditioning image as the ControlNet takes it: resized, in [0, 1], one row per image
         (one image for all, or one per prompt), doubled for CFG unless in guess mode.
@@ -268,7 +280,9 @@ class KeyStepControlNet:
         img = processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
         n, prompts = int(img.shape[0]), batch // num_images_per_prompt
         if n not in (1, prompts):
-            raise InputError(f"{n} control images for {prompts} prompts: give one image for all prompts, or one per prompt")
+            raise InputError(
+                f"{n} control images for {prompts} prompts: give one image for all prompts, or one per prompt"
+            )
         img = img.repeat_interleave(batch if n == 1 else num_images_per_prompt, dim=0)
         img = img.to(device=device, dtype=dtype)
         return torch.cat([img, img]) if cfg and not guess_mode else img

@@ -11,8 +11,9 @@ strength default, latent images and ``denoising_start``).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -122,13 +123,25 @@ class ImageInputsMixin:
         if kind == "image":
             return getattr(self.sd, "image_processor", None) or VaeImageProcessor(vae_scale_factor=f)
         if kind == "mask":
-            return VaeImageProcessor(vae_scale_factor=f, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+            return VaeImageProcessor(
+                vae_scale_factor=f, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+            )
         return VaeImageProcessor(vae_scale_factor=f, do_convert_rgb=True, do_normalize=False)
 
     def prepare_run(
-        self, mode: str, scheduler: Any, num_inference_steps: int, batch: int, height: int, width: int,
-        latents: torch.Tensor | None, generator: Any, cfg: bool, num_images_per_prompt: int,
-        timesteps: torch.Tensor | None, options: dict[str, Any],
+        self,
+        mode: str,
+        scheduler: Any,
+        num_inference_steps: int,
+        batch: int,
+        height: int,
+        width: int,
+        latents: torch.Tensor | None,
+        generator: Any,
+        cfg: bool,
+        num_images_per_prompt: int,
+        timesteps: torch.Tensor | None,
+        options: dict[str, Any],
     ) -> ImageRun:
         """Stage 2: the latents the run starts from (x_T; img2img: the noised image latents) and what
         the call's images add to the sampler's inputs.
@@ -148,14 +161,25 @@ class ImageInputsMixin:
         f = self.vae_scale_factor
         latent_shape = (batch, int(self.sd.unet.config.out_channels), height // f, width // f)
         return self.prepare_image_run(
-            mode, scheduler, num_inference_steps, latent_shape, height, width, image=options.get("image"),
-            mask_image=options.get("mask_image"), strength=options.get("strength"), latents=latents,
-            generator=generator, cfg=cfg, num_images_per_prompt=num_images_per_prompt,
+            mode,
+            scheduler,
+            num_inference_steps,
+            latent_shape,
+            height,
+            width,
+            image=options.get("image"),
+            mask_image=options.get("mask_image"),
+            strength=options.get("strength"),
+            latents=latents,
+            generator=generator,
+            cfg=cfg,
+            num_images_per_prompt=num_images_per_prompt,
             controlnet_conditioning_scale=options.get("controlnet_conditioning_scale", 1.0),
             control_guidance_start=options.get("control_guidance_start", 0.0),
             control_guidance_end=options.get("control_guidance_end", 1.0),
             guess_mode=bool(options.get("guess_mode", False)),
-            timesteps=timesteps, options=options,
+            timesteps=timesteps,
+            options=options,
         )
 
     def prepare_image_run(
@@ -207,9 +231,19 @@ class ImageInputsMixin:
         sigma = float(scheduler.init_noise_sigma)
 
         if mode == "controlnet":
-            control = self.controlnet_hook(image, height, width, batch, num_images_per_prompt, cfg,
-                                           len(scheduler.timesteps), controlnet_conditioning_scale,
-                                           control_guidance_start, control_guidance_end, guess_mode)
+            control = self.controlnet_hook(
+                image,
+                height,
+                width,
+                batch,
+                num_images_per_prompt,
+                cfg,
+                len(scheduler.timesteps),
+                controlnet_conditioning_scale,
+                control_guidance_start,
+                control_guidance_end,
+                guess_mode,
+            )
             return ImageRun(latents=self._noise(latent_shape, latents, generator) * sigma, control=control)
 
         strength = self.resolve_strength(mode, strength)
@@ -228,12 +262,21 @@ class ImageInputsMixin:
             noise = self._noise(tuple(z0.shape), latents, generator)
             return ImageRun(latents=scheduler.add_noise(z0, noise, t_first), timesteps=timesteps, initial_noise=noise)
 
-        return self._inpaint_run(scheduler, init, mask_image, latents, generator, latent_shape, strength, timesteps,
-                                 cfg)
+        return self._inpaint_run(
+            scheduler, init, mask_image, latents, generator, latent_shape, strength, timesteps, cfg
+        )
 
     def _inpaint_run(
-        self, scheduler: Any, init: torch.Tensor, mask_image: Any, latents: torch.Tensor | None, generator: Any,
-        latent_shape: tuple[int, int, int, int], strength: float, timesteps: torch.Tensor, cfg: bool,
+        self,
+        scheduler: Any,
+        init: torch.Tensor,
+        mask_image: Any,
+        latents: torch.Tensor | None,
+        generator: Any,
+        latent_shape: tuple[int, int, int, int],
+        strength: float,
+        timesteps: torch.Tensor,
+        cfg: bool,
     ) -> ImageRun:
         """Inpainting's start (``init`` is the preprocessed image), as diffusers' inpainting pipeline."""
         dev, batch, vae = self.device, latent_shape[0], self.sd.vae
@@ -279,24 +322,51 @@ class ImageInputsMixin:
         return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
 
     def controlnet_hook(
-        self, image: Any, height: int, width: int, batch: int, num_images_per_prompt: int, cfg: bool, num_steps: int,
-        conditioning_scale: float | Sequence[float], guidance_start: float | Sequence[float],
-        guidance_end: float | Sequence[float], guess_mode: bool,
+        self,
+        image: Any,
+        height: int,
+        width: int,
+        batch: int,
+        num_images_per_prompt: int,
+        cfg: bool,
+        num_steps: int,
+        conditioning_scale: float | Sequence[float],
+        guidance_start: float | Sequence[float],
+        guidance_end: float | Sequence[float],
+        guess_mode: bool,
     ) -> KeyStepControlNet:
         """The key-step ControlNet hook of a call: the conditioning image(s) prepared per ControlNet
         (one image for all, or one per ControlNet), scales and guidance windows over ``num_steps``."""
         nets = controlnet_nets(self.controlnet)
-        per_net = (isinstance(image, (list, tuple)) and len(nets) > 1 and len(image) == len(nets))
+        per_net = isinstance(image, (list, tuple)) and len(nets) > 1 and len(image) == len(nets)
         images = list(image) if per_net else [image] * len(nets)
         guess = bool(guess_mode) or any(bool(getattr(n.config, "global_pool_conditions", False)) for n in nets)
         proc = self._processor("control")
         prepared = [
-            KeyStepControlNet.prepare_image(proc, img, height, width, batch, num_images_per_prompt,
-                                            next(net.parameters()).dtype, self.device, cfg, guess)
+            KeyStepControlNet.prepare_image(
+                proc,
+                img,
+                height,
+                width,
+                batch,
+                num_images_per_prompt,
+                next(net.parameters()).dtype,
+                self.device,
+                cfg,
+                guess,
+            )
             for img, net in zip(images, nets)
         ]
-        return KeyStepControlNet.build(self.controlnet, prepared, num_steps, conditioning_scale, guidance_start,
-                                       guidance_end, guess_mode=guess, cfg=cfg)
+        return KeyStepControlNet.build(
+            self.controlnet,
+            prepared,
+            num_steps,
+            conditioning_scale,
+            guidance_start,
+            guidance_end,
+            guess_mode=guess,
+            cfg=cfg,
+        )
 
     def steps_to_run(
         self, scheduler: Any, num_inference_steps: int, mode: str, strength: Any, options: dict[str, Any]

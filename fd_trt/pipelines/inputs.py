@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from fd_trt.errors import InputError
 
@@ -53,9 +54,17 @@ def check_call_inputs(
             )
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps <= 0:
         raise InputError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+    if (
+        isinstance(guidance_scale, bool)
+        or not isinstance(guidance_scale, (int, float))
+        or not math.isfinite(guidance_scale)
+    ):
         raise InputError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-    if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt <= 0:
+    if (
+        isinstance(num_images_per_prompt, bool)
+        or not isinstance(num_images_per_prompt, int)
+        or num_images_per_prompt <= 0
+    ):
         raise InputError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
     if output_type not in OUTPUT_TYPES:
         raise InputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
@@ -69,8 +78,10 @@ def check_call_options(guidance_rescale: Any, tensor_inputs: Sequence[str], gene
         InputError: for a ``guidance_rescale`` outside [0, 1], callback tensor inputs other than
             ``latents``, or a generator list whose length is not the batch.
     """
-    if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)) or not (
-        math.isfinite(guidance_rescale) and 0.0 <= guidance_rescale <= 1.0
+    if (
+        isinstance(guidance_rescale, bool)
+        or not isinstance(guidance_rescale, (int, float))
+        or not (math.isfinite(guidance_rescale) and 0.0 <= guidance_rescale <= 1.0)
     ):
         raise InputError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
     bad_keys = [k for k in tensor_inputs if k != "latents"]

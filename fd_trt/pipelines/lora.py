@@ -15,8 +15,9 @@ class LoraMixin:
 
     sd: Any
 
-    def load_lora_weights(self, pretrained_model_name_or_path_or_dict: Any, adapter_name: str | None = None,
-                          **kwargs: Any) -> None:
+    def load_lora_weights(
+        self, pretrained_model_name_or_path_or_dict: Any, adapter_name: str | None = None, **kwargs: Any
+    ) -> None:
         """diffusers' ``load_lora_weights``: a local LoRA file or folder (safetensors), or a state dict."""
         self.sd.load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
 

@@ -29,32 +29,34 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from fd_trt.core.runner import Runner, same_device
-from fd_trt.errors import InputError, UnsupportedModelError
-from fd_trt.utils.flops import flop_counter_mode
-from fd_trt.pipelines.conditioning import controlnet_nets, with_key_steps
-from fd_trt.families.base import ModelFamily, PromptEmbeddings, family_for_pipeline, registered_families
-from fd_trt.families.models import check_controlnet_fits, load_controlnet, load_diffusers_pipeline, make_scheduler
 from fd_trt.core.sampler import SamplerInputs, SamplerOptions, SamplerStats, StepCallback, run_sampler
 from fd_trt.core.schedule import KeySchedule, NoiseInjection, ScheduleSpec
+from fd_trt.errors import InputError, UnsupportedModelError
+from fd_trt.families.base import ModelFamily, PromptEmbeddings, family_for_pipeline, registered_families
+from fd_trt.families.models import check_controlnet_fits, load_controlnet, load_diffusers_pipeline, make_scheduler
 from fd_trt.graphs.split import split_unet
+from fd_trt.pipelines.conditioning import controlnet_nets, with_key_steps
 from fd_trt.pipelines.image import ImageInputsMixin, ImageRun
 from fd_trt.pipelines.inputs import check_call_inputs, check_call_options
 from fd_trt.pipelines.key_steps import KeyStepsMixin
 from fd_trt.pipelines.lora import LoraMixin
 from fd_trt.pipelines.registry import pipeline_class_for
 from fd_trt.pipelines.runner_pool import RunnerPool, resolve_backend
+from fd_trt.utils.flops import flop_counter_mode
 
 #: The name :mod:`fd_trt.pipelines.sdxl` imports :class:`~fd_trt.pipelines.image.ImageRun` by.
 _ImageRun = ImageRun
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass
 class PipelineStats:
@@ -106,8 +108,6 @@ class FasterDiffusionOutput:
     latents: torch.Tensor | None = None
 
 
-
-
 @dataclass
 class _FlopCounter:
     """UNet FLOPs per row of the encoder and the decoder, counted once per latent/text shape."""
@@ -131,8 +131,10 @@ class _FlopCounter:
             e = torch.zeros((1, *text_shape), device=p.device, dtype=p.dtype)
             added = None
             if added_widths:
-                added = {k: torch.zeros((1, w), device=p.device, dtype=torch.float32 if k == "time_ids" else p.dtype)
-                         for k, w in added_widths.items()}
+                added = {
+                    k: torch.zeros((1, w), device=p.device, dtype=torch.float32 if k == "time_ids" else p.dtype)
+                    for k, w in added_widths.items()
+                }
             try:
                 # Shapes only: under FakeTensorMode no arithmetic runs, so counting costs a fraction
                 # of a real call (sd15-arch at 256x256: 2.4 s against 11.9 s on a 2-core CPU).
@@ -143,8 +145,9 @@ class _FlopCounter:
         return self.cache[key]
 
 
-def _count_split_flops(split: Any, x: torch.Tensor, t: torch.Tensor, e: torch.Tensor, added: Any,
-                       fake: bool) -> tuple[float, float]:
+def _count_split_flops(
+    split: Any, x: torch.Tensor, t: torch.Tensor, e: torch.Tensor, added: Any, fake: bool
+) -> tuple[float, float]:
     """``(encoder, decoder)`` FLOPs of one call of the split UNet on these inputs."""
     with torch.inference_mode(), contextlib.ExitStack() as stack:
         if fake:
@@ -247,8 +250,6 @@ def _pipeline_device(sd: Any) -> torch.device:
         return torch.device("cpu")
 
 
-
-
 class FasterDiffusionPipeline(LoraMixin, ImageInputsMixin, KeyStepsMixin):
     """Stable Diffusion with Faster Diffusion's encoder propagation on a chosen backend.
 
@@ -331,7 +332,9 @@ class FasterDiffusionPipeline(LoraMixin, ImageInputsMixin, KeyStepsMixin):
                 )
         self._check_model()  # also splits the UNet: an unsupported one fails now
         #: The ControlNet(s) run at key steps, or ``None``.
-        self.controlnet: Any = load_controlnet(controlnet) if controlnet is not None else getattr(sd_pipeline, "controlnet", None)
+        self.controlnet: Any = (
+            load_controlnet(controlnet) if controlnet is not None else getattr(sd_pipeline, "controlnet", None)
+        )
         if self.controlnet is not None:
             if not self.supports_controlnet:
                 able = ", ".join(f.name for f in registered_families() if f.supports_controlnet) or "none so far"
@@ -349,7 +352,9 @@ class FasterDiffusionPipeline(LoraMixin, ImageInputsMixin, KeyStepsMixin):
                 if owns_pipeline:
                     net.to(self.device)
                 elif not same_device(here_cn, self.device):
-                    raise InputError(f"the ControlNet is on {here_cn} but the pipeline runs on {self.device}: move it first")
+                    raise InputError(
+                        f"the ControlNet is on {here_cn} but the pipeline runs on {self.device}: move it first"
+                    )
         #: Per ControlNet (by id): its weights fingerprint and sha256, recomputed when the fingerprint changes.
         self._controlnet_digests: dict[int, tuple[tuple[Any, ...], str]] = {}
         #: The model folder (``from_pretrained``), where saved calibrations are looked for.
@@ -372,7 +377,7 @@ class FasterDiffusionPipeline(LoraMixin, ImageInputsMixin, KeyStepsMixin):
         self.family.check_pipeline(self.sd)
 
     @classmethod
-    def _class_for(cls, sd_pipeline: Any) -> type["FasterDiffusionPipeline"]:
+    def _class_for(cls, sd_pipeline: Any) -> type[FasterDiffusionPipeline]:
         """The class that serves a diffusers pipeline: its family's registered class
         (:mod:`fd_trt.pipelines.registry`) when called on the base class, else ``cls``."""
         served = pipeline_class_for(family_for_pipeline(sd_pipeline).name)
@@ -454,7 +459,7 @@ class FasterDiffusionPipeline(LoraMixin, ImageInputsMixin, KeyStepsMixin):
         engines: str | os.PathLike[str] | None = None,
         runner_options: dict[str, Any] | None = None,
         **kwargs: Any,
-    ) -> "FasterDiffusionPipeline":
+    ) -> FasterDiffusionPipeline:
         """Loads a local diffusers folder of a registered model family, or ``"default"``.
 
         The folder's ``unet/config.json`` picks its family (:func:`fd_trt.families.base.family_for_config`)
@@ -483,8 +488,18 @@ class FasterDiffusionPipeline(LoraMixin, ImageInputsMixin, KeyStepsMixin):
                 here ``controlnet`` may also be a local ControlNet folder or a list of folders).
         """
         sd, source = load_diffusers_pipeline(model)
-        pipe = cls._class_for(sd)(sd, backend=backend, device=device, precision=precision, progress=progress, source=source,
-                   engines=engines, runner_options=runner_options, owns_pipeline=True, **kwargs)
+        pipe = cls._class_for(sd)(
+            sd,
+            backend=backend,
+            device=device,
+            precision=precision,
+            progress=progress,
+            source=source,
+            engines=engines,
+            runner_options=runner_options,
+            owns_pipeline=True,
+            **kwargs,
+        )
         from fd_trt.families.models import default_model_dir
 
         pipe.model_dir = default_model_dir() if str(model) == "default" else Path(model)
@@ -503,7 +518,7 @@ class FasterDiffusionPipeline(LoraMixin, ImageInputsMixin, KeyStepsMixin):
         engines: str | os.PathLike[str] | None = None,
         runner_options: dict[str, Any] | None = None,
         **kwargs: Any,
-    ) -> "FasterDiffusionPipeline":
+    ) -> FasterDiffusionPipeline:
         """Wraps an existing diffusers ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or
         pipeline of another registered model family, sharing its components. Called on this class,
         it returns the class registered for the model's family (:mod:`fd_trt.pipelines.registry`):
@@ -518,8 +533,16 @@ class FasterDiffusionPipeline(LoraMixin, ImageInputsMixin, KeyStepsMixin):
 
         Args: as :meth:`from_pretrained`, with ``sd_pipeline`` in place of ``model``.
         """
-        return cls._class_for(sd_pipeline)(sd_pipeline, backend=backend, device=device, precision=precision,
-                                           progress=progress, engines=engines, runner_options=runner_options, **kwargs)
+        return cls._class_for(sd_pipeline)(
+            sd_pipeline,
+            backend=backend,
+            device=device,
+            precision=precision,
+            progress=progress,
+            engines=engines,
+            runner_options=runner_options,
+            **kwargs,
+        )
 
     def set_scheduler(self, name: str) -> None:
         """Swaps the scheduler for ``ddim``, ``dpmpp``, ``pndm``, ``euler`` or ``ddpm``, keeping the betas."""
@@ -537,7 +560,7 @@ class FasterDiffusionPipeline(LoraMixin, ImageInputsMixin, KeyStepsMixin):
         """Deactivates every runner this pipeline started."""
         self.pool.close()
 
-    def __enter__(self) -> "FasterDiffusionPipeline":
+    def __enter__(self) -> FasterDiffusionPipeline:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -563,8 +586,17 @@ class FasterDiffusionPipeline(LoraMixin, ImageInputsMixin, KeyStepsMixin):
         Raises:
             InputError: naming the bad value and what is expected.
         """
-        prompts = check_call_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
-                                    num_images_per_prompt, output_type, self.vae_scale_factor)
+        prompts = check_call_inputs(
+            prompt,
+            negative_prompt,
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale,
+            num_images_per_prompt,
+            output_type,
+            self.vae_scale_factor,
+        )
         self.family.check_prompt_options(prompts, **prompt_options)
         return prompts
 
@@ -600,8 +632,15 @@ class FasterDiffusionPipeline(LoraMixin, ImageInputsMixin, KeyStepsMixin):
             R = (2 if CFG else 1) x images.
         """
         return self.family.encode_prompt(
-            self.sd, prompts, negative_prompt, num_images_per_prompt, do_classifier_free_guidance,
-            height=height, width=width, device=self.device, **prompt_options,
+            self.sd,
+            prompts,
+            negative_prompt,
+            num_images_per_prompt,
+            do_classifier_free_guidance,
+            height=height,
+            width=width,
+            device=self.device,
+            **prompt_options,
         )
 
     def prepare_timesteps(self, num_inference_steps: int) -> Any:
@@ -661,8 +700,13 @@ class FasterDiffusionPipeline(LoraMixin, ImageInputsMixin, KeyStepsMixin):
         with self.pool.using(*shape) as runner:
             if control is not None:
                 control.resolve_runners = functools.partial(self._controlnet_calls, runner)
-            inputs = SamplerInputs(text, added=cond.added, extra_channels=image_run.extra_channels, control=control,
-                                   initial_noise=image_run.initial_noise)
+            inputs = SamplerInputs(
+                text,
+                added=cond.added,
+                extra_channels=image_run.extra_channels,
+                control=control,
+                initial_noise=image_run.initial_noise,
+            )
             options = dataclasses.replace(options, timesteps=image_run.timesteps, progress=self.progress)
             x0 = run_sampler(runner, scheduler, latents, inputs, key_schedule, options, callback=callback, stats=stats)
         return x0, runner
@@ -748,14 +792,32 @@ class FasterDiffusionPipeline(LoraMixin, ImageInputsMixin, KeyStepsMixin):
             :class:`FasterDiffusionOutput` with ``images`` and ``stats``.
         """
         return self._generate(
-            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, eta,
-            generator, latents, output_type, schedule, noise_injection, parallel, max_decoder_rows,
-            callback_on_step_end, callback_on_step_end_tensor_inputs, prompt_options={},
+            prompt,
+            negative_prompt,
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale,
+            num_images_per_prompt,
+            eta,
+            generator,
+            latents,
+            output_type,
+            schedule,
+            noise_injection,
+            parallel,
+            max_decoder_rows,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            prompt_options={},
             guidance_rescale=guidance_rescale,
             image_options=dict(
-                image=image, mask_image=mask_image, strength=strength,
+                image=image,
+                mask_image=mask_image,
+                strength=strength,
                 controlnet_conditioning_scale=controlnet_conditioning_scale,
-                control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
+                control_guidance_start=control_guidance_start,
+                control_guidance_end=control_guidance_end,
                 guess_mode=guess_mode,
             ),
         )
@@ -795,8 +857,15 @@ class FasterDiffusionPipeline(LoraMixin, ImageInputsMixin, KeyStepsMixin):
         mode = self.image_mode(image, opts.get("mask_image"), strength)
         height, width = self.default_size(height, width, mode, image)
         prompts = self.check_inputs(
-            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
-            output_type, **prompt_options,
+            prompt,
+            negative_prompt,
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale,
+            num_images_per_prompt,
+            output_type,
+            **prompt_options,
         )
         batch, cfg = len(prompts) * num_images_per_prompt, guidance_scale > 1.0
         check_call_options(guidance_rescale, callback_on_step_end_tensor_inputs, generator, batch)
@@ -817,16 +886,31 @@ class FasterDiffusionPipeline(LoraMixin, ImageInputsMixin, KeyStepsMixin):
         seconds["text_encoder"] = time.perf_counter() - t0
 
         # 2. Prepare the latents x_T (img2img: the noised image latents) and the image conditioning.
-        run = self.prepare_run(mode, scheduler, num_inference_steps, batch, height, width, latents, generator, cfg,
-                               num_images_per_prompt, run_timesteps, opts)
+        run = self.prepare_run(
+            mode,
+            scheduler,
+            num_inference_steps,
+            batch,
+            height,
+            width,
+            latents,
+            generator,
+            cfg,
+            num_images_per_prompt,
+            run_timesteps,
+            opts,
+        )
         if run.control is not None and run.control.window_edges():  # a guidance window's edges are key steps
             keys = with_key_steps(key_schedule.key_steps, run.control.window_edges())
             key_schedule = KeySchedule(tuple(keys), num_steps)
 
         # 3. Denoise with encoder propagation.
         options = SamplerOptions(
-            guidance_scale=float(guidance_scale), guidance_rescale=float(guidance_rescale), noise=noise,
-            parallel=parallel, max_decoder_rows=max_decoder_rows,
+            guidance_scale=float(guidance_scale),
+            guidance_rescale=float(guidance_rescale),
+            noise=noise,
+            parallel=parallel,
+            max_decoder_rows=max_decoder_rows,
             extra_step_kwargs=scheduler_step_kwargs(scheduler, eta, generator),
         )
         sstats = SamplerStats()

@@ -18,8 +18,9 @@ import inspect
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -33,8 +34,9 @@ logger = logging.getLogger(__name__)
 Shape = tuple[int, int]
 
 
-def resolve_backend(backend: str | Runner | None, precision: str | None,
-                    device: torch.device) -> tuple[str, str, str | None]:
+def resolve_backend(
+    backend: str | Runner | None, precision: str | None, device: torch.device
+) -> tuple[str, str, str | None]:
     """``(backend, precision, auto_precision)`` of a pipeline from its constructor's arguments.
 
     ``auto_precision`` is the precision asked of ``auto`` (``None``: exact only; ``"auto"``: reduced
@@ -126,8 +128,12 @@ class RunnerPool:
             self.current = runner
             while len(self._runners) > pipe.max_cached_runners:
                 old_key, old = self._runners.popitem(last=False)
-                logger.info("closing the %s runner of latents %s (least recently used; max_cached_runners=%d)",
-                            pipe.backend, old_key[:2], pipe.max_cached_runners)
+                logger.info(
+                    "closing the %s runner of latents %s (least recently used; max_cached_runners=%d)",
+                    pipe.backend,
+                    old_key[:2],
+                    pipe.max_cached_runners,
+                )
                 self._retire(old)
             return runner
 
@@ -187,8 +193,15 @@ class RunnerPool:
         pipe = self.pipe
         unet, added = pipe.sd.unet, pipe.added_shapes()
         if pipe.engines is not None:
-            check_engine_dir(pipe.engines, unet, latent_size=latent_hw, text_shape=text_shape, precision=precision,
-                             unet_sha256=self.unet_sha256, added_shapes=added)
+            check_engine_dir(
+                pipe.engines,
+                unet,
+                latent_size=latent_hw,
+                text_shape=text_shape,
+                precision=precision,
+                unet_sha256=self.unet_sha256,
+                added_shapes=added,
+            )
             return pipe.engines
         digest = self.unet_sha256
         h, w = latent_hw
@@ -198,14 +211,34 @@ class RunnerPool:
                 raise EngineMismatchError(
                     f"no {precision} graphs built for latents {latent_hw} (fd-trt build --tune builds them)"
                 )
-            check_engine_dir(folder, unet, latent_size=latent_hw, text_shape=text_shape, precision=precision,
-                             unet_sha256=digest, added_shapes=added)
+            check_engine_dir(
+                folder,
+                unet,
+                latent_size=latent_hw,
+                text_shape=text_shape,
+                precision=precision,
+                unet_sha256=digest,
+                added_shapes=added,
+            )
             return folder
-        res = build_engines(unet, folder, latent_size=latent_hw, text_shape=text_shape, precision=precision,
-                            model_source=pipe.source, progress=pipe.progress, unet_sha256=digest, added_shapes=added)
+        res = build_engines(
+            unet,
+            folder,
+            latent_size=latent_hw,
+            text_shape=text_shape,
+            precision=precision,
+            model_source=pipe.source,
+            progress=pipe.progress,
+            unet_sha256=digest,
+            added_shapes=added,
+        )
         if res.built:
-            logger.warning("built graphs for latents %s on first use into %s (%.1f s); they are reused from now on",
-                           latent_hw, folder, res.seconds)
+            logger.warning(
+                "built graphs for latents %s on first use into %s (%.1f s); they are reused from now on",
+                latent_hw,
+                folder,
+                res.seconds,
+            )
         return folder
 
     # backend="auto" -----------------------------------------------------------------------------
@@ -214,8 +247,10 @@ class RunnerPool:
         from fd_trt.backends.auto import Candidate
 
         if self.pipe.device.type == "cuda":
-            return [Candidate("tensorrt", "fp16", exact=False),
-                    Candidate("torch", "fp16", exact=False, options=(("cuda_graphs", True),))]
+            return [
+                Candidate("tensorrt", "fp16", exact=False),
+                Candidate("torch", "fp16", exact=False, options=(("cuda_graphs", True),)),
+            ]
         asked = self.pipe.auto_precision
         if asked == "bf16":
             return [Candidate("torch", "bf16", exact=False)]
@@ -242,8 +277,14 @@ class RunnerPool:
         if pipe.engines is not None:
             # An engine directory is an explicit request for its graphs: one that does not fit is an
             # error naming the rebuild command, not a candidate quietly skipped.
-            check_engine_dir(pipe.engines, pipe.sd.unet, latent_size=latent_hw, text_shape=text_shape,
-                             unet_sha256=self.unet_sha256, added_shapes=pipe.added_shapes())
+            check_engine_dir(
+                pipe.engines,
+                pipe.sd.unet,
+                latent_size=latent_hw,
+                text_shape=text_shape,
+                unet_sha256=self.unet_sha256,
+                added_shapes=pipe.added_shapes(),
+            )
 
         def make(cand: Candidate) -> Runner:
             cls = get_runner_class(cand.backend)
@@ -281,8 +322,17 @@ class RunnerPool:
 
         c = int(pipe.sd.unet.config.in_channels)
         # The pipeline's auto_candidates, which a caller may replace on the instance.
-        return AutoRunner(pipe.auto_candidates(), make, (c, *latent_hw), text_shape, base_key, device=pipe.device,
-                          ready=ready, use_cache=pipe.auto_use_cache, added_shapes=pipe.added_shapes())
+        return AutoRunner(
+            pipe.auto_candidates(),
+            make,
+            (c, *latent_hw),
+            text_shape,
+            base_key,
+            device=pipe.device,
+            ready=ready,
+            use_cache=pipe.auto_use_cache,
+            added_shapes=pipe.added_shapes(),
+        )
 
     # weights ------------------------------------------------------------------------------------
     @property
@@ -324,8 +374,11 @@ class RunnerPool:
             if first:
                 return
             self._unet_sha256 = None
-            logger.warning("the UNet's weights changed since the last call (%s): updating the %s runners",
-                           pipe.source, pipe.backend)
+            logger.warning(
+                "the UNet's weights changed since the last call (%s): updating the %s runners",
+                pipe.source,
+                pipe.backend,
+            )
             if self.fixed is not None:
                 if not self.fixed.refit(unet):
                     raise EngineMismatchError(

@@ -15,22 +15,25 @@ latents, as diffusers' ``StableDiffusionXLImg2ImgPipeline``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
-from fd_trt.pipelines.conditioning import repeat_to_batch
+from fd_trt.core.schedule import NoiseInjection, ScheduleSpec
 from fd_trt.errors import InputError
 from fd_trt.families.sdxl import Size, StableDiffusionXLFamily, is_sdxl, sdxl_added_shapes, sdxl_text_shape
+from fd_trt.pipelines.conditioning import repeat_to_batch
 from fd_trt.pipelines.pipeline import FasterDiffusionOutput, FasterDiffusionPipeline, _ImageRun
-from fd_trt.core.schedule import NoiseInjection, ScheduleSpec
 
 
 def _check_fraction(name: str, value: Any) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
-        raise InputError(f"{name} must be a number strictly between 0 and 1 (a fraction of the schedule), got {value!r}")
+        raise InputError(
+            f"{name} must be a number strictly between 0 and 1 (a fraction of the schedule), got {value!r}"
+        )
 
 
 class FasterDiffusionXLPipeline(FasterDiffusionPipeline):
@@ -181,8 +184,9 @@ class FasterDiffusionXLPipeline(FasterDiffusionPipeline):
             z = float(cfg.scaling_factor) * z
         return repeat_to_batch(z, batch, "images")
 
-    def prepare_image_run(self, mode: str, scheduler: Any, num_inference_steps: int, latent_shape: Any, height: int,
-                          width: int, **kw: Any) -> _ImageRun:  # type: ignore[override]
+    def prepare_image_run(
+        self, mode: str, scheduler: Any, num_inference_steps: int, latent_shape: Any, height: int, width: int, **kw: Any
+    ) -> _ImageRun:  # type: ignore[override]
         """SDXL img2img: the image latents noised to the first step run, as diffusers'
         ``StableDiffusionXLImg2ImgPipeline`` (with ``denoising_start``, not noised: the latents
         continue a run). ``latents=`` is the noise, as for SD img2img."""
@@ -331,12 +335,28 @@ class FasterDiffusionXLPipeline(FasterDiffusionPipeline):
                 )
             noise_injection = False if noise_injection is None else noise_injection
         return self._generate(
-            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, eta,
-            generator, latents, output_type, schedule, noise_injection, parallel, max_decoder_rows,
-            callback_on_step_end, callback_on_step_end_tensor_inputs, prompt_options=options,
+            prompt,
+            negative_prompt,
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale,
+            num_images_per_prompt,
+            eta,
+            generator,
+            latents,
+            output_type,
+            schedule,
+            noise_injection,
+            parallel,
+            max_decoder_rows,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            prompt_options=options,
             guidance_rescale=guidance_rescale,
-            image_options=dict(image=image, strength=strength, denoising_start=denoising_start,
-                               denoising_end=denoising_end),
+            image_options=dict(
+                image=image, strength=strength, denoising_start=denoising_start, denoising_end=denoising_end
+            ),
         )
 
 

@@ -25,7 +25,8 @@ import asyncio
 import base64
 import contextlib
 import logging
-from typing import Any, AsyncIterator, Callable, Literal
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,7 +35,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fd_trt.errors import FdTrtError, InputError
 from fd_trt.families.models import SCHEDULERS
-from fd_trt.serving.runtime import MAX_SEED, GenerateRequest, QueueFullError, RequestTimeoutError, RuntimeClosedError, ServingRuntime
+from fd_trt.serving.runtime import (
+    MAX_SEED,
+    GenerateRequest,
+    QueueFullError,
+    RequestTimeoutError,
+    RuntimeClosedError,
+    ServingRuntime,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -117,9 +125,17 @@ class BodyLimit:
             'A schedule needs at most one index per step; prompts are limited by --max-prompt-chars"}'
             % (size, self.max_bytes)
         ).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -163,7 +179,9 @@ class BodyLimit:
 
 
 def _unavailable(message: str, retry_after_s: float) -> JSONResponse:
-    return JSONResponse(status_code=503, content={"detail": message}, headers={"Retry-After": str(int(max(1, retry_after_s)))})
+    return JSONResponse(
+        status_code=503, content={"detail": message}, headers={"Retry-After": str(int(max(1, retry_after_s)))}
+    )
 
 
 def create_app(
@@ -218,7 +236,9 @@ def create_app(
             # /healthz and other requests never wait behind it.
             future = await asyncio.to_thread(rt.submit, body.to_request())
         except InputError as e:
-            return JSONResponse(status_code=422, content={"detail": [{"loc": ["body"], "msg": str(e), "type": "value_error"}]})
+            return JSONResponse(
+                status_code=422, content={"detail": [{"loc": ["body"], "msg": str(e), "type": "value_error"}]}
+            )
         except QueueFullError as e:
             return _unavailable(str(e), e.retry_after_s)
         except RuntimeClosedError as e:
@@ -231,7 +251,9 @@ def create_app(
         except RequestTimeoutError as e:
             return JSONResponse(status_code=504, content={"detail": str(e)})
         except InputError as e:  # e.g. a size whose graphs are not loaded: the request, not the server
-            return JSONResponse(status_code=422, content={"detail": [{"loc": ["body"], "msg": str(e), "type": "value_error"}]})
+            return JSONResponse(
+                status_code=422, content={"detail": [{"loc": ["body"], "msg": str(e), "type": "value_error"}]}
+            )
         except FdTrtError as e:
             return JSONResponse(status_code=500, content={"detail": str(e)})
         if res is None:  # nobody is listening; 499 is nginx's "client closed request"
@@ -302,7 +324,7 @@ class ThreadedServer:
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, name="fd_trt-http", daemon=True)
 
-    def __enter__(self) -> "ThreadedServer":
+    def __enter__(self) -> ThreadedServer:
         import time
 
         self.thread.start()

@@ -31,14 +31,22 @@ def add_model_options(p: Any) -> None:
     """Adds the model and runner options: ``--model``, ``--backend``, ``--engines``, ``--threads``, ``--device``
     and ``--precision`` (``fd-trt generate``, ``calibrate`` and ``serve`` share them)."""
     p.add_argument("--model", default="default", help="'default' or a local diffusers folder")
-    p.add_argument("--backend", default=None, choices=list(BACKENDS),
-                   help="runner backend (default: auto, which measures the available ones and keeps the fastest)")
+    p.add_argument(
+        "--backend",
+        default=None,
+        choices=list(BACKENDS),
+        help="runner backend (default: auto, which measures the available ones and keeps the fastest)",
+    )
     p.add_argument("--engines", default=None, help="a built engine directory (fd-trt build) for graph backends")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads of the runner")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--precision", default=None, choices=list(PRECISIONS),
-                   help="runner precision (default: fp16 for tensorrt, fp32 otherwise; auto lets --backend auto "
-                        "consider bf16, which changes the numbers)")
+    p.add_argument(
+        "--precision",
+        default=None,
+        choices=list(PRECISIONS),
+        help="runner precision (default: fp16 for tensorrt, fp32 otherwise; auto lets --backend auto "
+        "consider bf16, which changes the numbers)",
+    )
 
 
 def add_serve_options(p: Any) -> None:
@@ -60,11 +68,18 @@ def add_serve_options(p: Any) -> None:
     p.add_argument("--max-steps", type=int, default=200)
     p.add_argument("--max-size", type=int, default=1024, help="largest height or width")
     p.add_argument("--max-prompt-chars", type=int, default=1000)
-    p.add_argument("--sizes", default=None,
-                   help="image sizes served, HxW comma-separated (e.g. 64x64,128x128); graph backends build or load "
-                        "them at start-up and refuse other sizes (default: the model's size; torch: any size)")
-    p.add_argument("--decoder-memory-mb", type=float, default=DEFAULT_DECODER_MEMORY_MB,
-                   help="memory budget of one decoder call; caps rows per call and images per batch (0: no cap)")
+    p.add_argument(
+        "--sizes",
+        default=None,
+        help="image sizes served, HxW comma-separated (e.g. 64x64,128x128); graph backends build or load "
+        "them at start-up and refuse other sizes (default: the model's size; torch: any size)",
+    )
+    p.add_argument(
+        "--decoder-memory-mb",
+        type=float,
+        default=DEFAULT_DECODER_MEMORY_MB,
+        help="memory budget of one decoder call; caps rows per call and images per batch (0: no cap)",
+    )
     p.add_argument("--max-body-kb", type=int, default=64, help="largest request body in KiB (413 beyond)")
     p.add_argument("--log-level", default="info")
 

@@ -24,15 +24,21 @@ import os
 import socket
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from fd_trt.errors import FdTrtError
 from fd_trt.serving.options import add_serve_options, max_body_bytes, runner_options, runtime_kwargs, set_threads
 from fd_trt.serving.options import log_level as parse_log_level
 
 
-def deployment(num_replicas: int = 1, num_cpus: float | None = None, num_gpus: float | None = None,
-               max_ongoing_requests: int = 64, log_level: str | None = None) -> Any:
+def deployment(
+    num_replicas: int = 1,
+    num_cpus: float | None = None,
+    num_gpus: float | None = None,
+    max_ongoing_requests: int = 64,
+    log_level: str | None = None,
+) -> Any:
     """The Ray Serve deployment of the runtime.
 
     Args:
@@ -78,9 +84,7 @@ def deployment(num_replicas: int = 1, num_cpus: float | None = None, num_gpus: f
             self.runtime = ServingRuntime.from_pretrained(**runtime_kwargs)
 
         def __serve_build_asgi_app__(self) -> Any:
-            from fd_trt.serving.http import create_app
-
-            from fd_trt.serving.http import DEFAULT_MAX_BODY_BYTES
+            from fd_trt.serving.http import DEFAULT_MAX_BODY_BYTES, create_app
 
             app = create_app(runtime=self.runtime, max_body_bytes=self.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
             name = self.name
@@ -105,12 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     """
     p = argparse.ArgumentParser(prog="python -m fd_trt.serving.ray", description=__doc__.split("\n")[0])
     ray_opts = p.add_argument_group("Ray")
-    ray_opts.add_argument("--address", default=None,
-                          help="Ray cluster address (default: join a running one, or start one)")
+    ray_opts.add_argument(
+        "--address", default=None, help="Ray cluster address (default: join a running one, or start one)"
+    )
     ray_opts.add_argument("--replicas", type=int, default=1, help="replicas, each with its own model copy (default 1)")
     ray_opts.add_argument("--num-cpus", type=float, default=None, help="CPUs per replica (default 1)")
-    ray_opts.add_argument("--num-gpus", type=float, default=None,
-                          help="GPUs per replica (default 1 if the cluster has GPUs)")
+    ray_opts.add_argument(
+        "--num-gpus", type=float, default=None, help="GPUs per replica (default 1 if the cluster has GPUs)"
+    )
     add_serve_options(p.add_argument_group("serving (as fd-trt serve)"))
     return p
 
@@ -145,8 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.start(http_options={"host": args.host, "port": args.port}, logging_config={"log_level": ray_level})
     app = deployment(args.replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus, log_level=ray_level).bind(**kwargs)
     serve.run(app, name="fd_trt", route_prefix="/")
-    print(f"fd_trt on Ray Serve: {args.replicas} replicas at http://{args.host}:{args.port}/v1/generate (Ctrl-C stops)",
-          flush=True)
+    print(
+        f"fd_trt on Ray Serve: {args.replicas} replicas at http://{args.host}:{args.port}/v1/generate (Ctrl-C stops)",
+        flush=True,
+    )
     try:
         while True:
             time.sleep(3600)

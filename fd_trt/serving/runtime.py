@@ -32,13 +32,14 @@ import secrets
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
+from fd_trt.core.schedule import parse_schedule
 from fd_trt.errors import FdTrtError, InputError
 from fd_trt.families.models import SCHEDULERS
-from fd_trt.core.schedule import parse_schedule
 from fd_trt.graphs.split import feature_bytes_per_row
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -301,20 +302,30 @@ def prometheus_text(snapshot: dict[str, Any], prefix: str = "fd_trt") -> bytes:
 
     class _Collector:
         def collect(self) -> Any:
-            yield GaugeMetricFamily(f"{prefix}_queue_depth", "Requests waiting in the queue.", value=snapshot["queue_depth"])
-            yield GaugeMetricFamily(f"{prefix}_in_flight", "Requests in the running batch.", value=snapshot["in_flight"])
+            yield GaugeMetricFamily(
+                f"{prefix}_queue_depth", "Requests waiting in the queue.", value=snapshot["queue_depth"]
+            )
+            yield GaugeMetricFamily(
+                f"{prefix}_in_flight", "Requests in the running batch.", value=snapshot["in_flight"]
+            )
             c = CounterMetricFamily(f"{prefix}_requests", "Finished requests by outcome.", labels=["outcome"])
             for outcome in ("ok", "timeout", "cancelled", "rejected", "error", "closed"):
                 c.add_metric([outcome], snapshot["requests"].get(outcome, 0))
             yield c
-            yield CounterMetricFamily(f"{prefix}_nonfinite_images", "Images whose latents held NaN or Inf.",
-                                      value=snapshot["nonfinite_images"])
+            yield CounterMetricFamily(
+                f"{prefix}_nonfinite_images",
+                "Images whose latents held NaN or Inf.",
+                value=snapshot["nonfinite_images"],
+            )
             b = CounterMetricFamily(f"{prefix}_batches", "Sampler calls by batch size.", labels=["size"])
             for size, n in snapshot["batch_sizes"].items():
                 b.add_metric([str(size)], n)
             yield b
-            q = GaugeMetricFamily(f"{prefix}_request_latency_quantile_seconds",
-                                  "Latency from submission to result over the recent window.", labels=["quantile"])
+            q = GaugeMetricFamily(
+                f"{prefix}_request_latency_quantile_seconds",
+                "Latency from submission to result over the recent window.",
+                labels=["quantile"],
+            )
             for name, v in (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99")):
                 q.add_metric([name], snapshot["latency_s"][v])
             yield q
@@ -323,8 +334,12 @@ def prometheus_text(snapshot: dict[str, Any], prefix: str = "fd_trt") -> bytes:
             for bound, n in zip([*map(str, h["buckets"]), "+Inf"], h["counts"]):
                 cum += n
                 buckets.append((bound, cum))
-            yield HistogramMetricFamily(f"{prefix}_request_latency_seconds", "Latency from submission to result.",
-                                        buckets=buckets, sum_value=h["sum"])
+            yield HistogramMetricFamily(
+                f"{prefix}_request_latency_seconds",
+                "Latency from submission to result.",
+                buckets=buckets,
+                sum_value=h["sum"],
+            )
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector())  # type: ignore[arg-type]
@@ -361,7 +376,7 @@ class ServingRuntime:
 
     def __init__(
         self,
-        pipeline: "FasterDiffusionPipeline",
+        pipeline: FasterDiffusionPipeline,
         max_batch: int = 8,
         max_wait_ms: float = 10.0,
         max_queue: int = 64,
@@ -378,7 +393,9 @@ class ServingRuntime:
                 raise InputError(f"{name} must be a positive integer, got {v!r}")
         if not (isinstance(max_wait_ms, (int, float)) and max_wait_ms >= 0):
             raise InputError(f"max_wait_ms must be a number >= 0, got {max_wait_ms!r}")
-        if default_timeout_s is not None and not (isinstance(default_timeout_s, (int, float)) and default_timeout_s > 0):
+        if default_timeout_s is not None and not (
+            isinstance(default_timeout_s, (int, float)) and default_timeout_s > 0
+        ):
             raise InputError(f"default_timeout_s must be a positive number or None, got {default_timeout_s!r}")
         self.pipeline = pipeline
         self.max_batch = max_batch
@@ -395,7 +412,8 @@ class ServingRuntime:
         self._schedulers: dict[str, Any] = {}
         self._base_scheduler_config = pipeline.sd.scheduler.config
         if decoder_memory_mb is not None and (
-            isinstance(decoder_memory_mb, bool) or not isinstance(decoder_memory_mb, (int, float))
+            isinstance(decoder_memory_mb, bool)
+            or not isinstance(decoder_memory_mb, (int, float))
             or not (math.isfinite(decoder_memory_mb) and decoder_memory_mb > 0)
         ):
             raise InputError(f"decoder_memory_mb must be a positive number or None, got {decoder_memory_mb!r}")
@@ -432,12 +450,17 @@ class ServingRuntime:
         engines: str | None = None,
         runner_options: dict[str, Any] | None = None,
         **kwargs: Any,
-    ) -> "ServingRuntime":
+    ) -> ServingRuntime:
         """Loads a model with :meth:`FasterDiffusionPipeline.from_pretrained` (no progress bars) and serves it."""
         from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
         pipe = FasterDiffusionPipeline.from_pretrained(
-            model, backend=backend, device=device, precision=precision, progress=False, engines=engines,
+            model,
+            backend=backend,
+            device=device,
+            precision=precision,
+            progress=False,
+            engines=engines,
             runner_options=runner_options,
         )
         return cls(pipe, **kwargs)
@@ -469,7 +492,11 @@ class ServingRuntime:
         if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= lim.max_steps:
             raise InputError(f"steps must be an integer in [1, {lim.max_steps}], got {s!r}")
         g = request.guidance
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not (math.isfinite(g) and 0 <= g <= lim.max_guidance):
+        if (
+            isinstance(g, bool)
+            or not isinstance(g, (int, float))
+            or not (math.isfinite(g) and 0 <= g <= lim.max_guidance)
+        ):
             raise InputError(f"guidance must be a number in [0, {lim.max_guidance}], got {g!r}")
         multiple = math.lcm(lim.size_multiple, self.pipeline.vae_scale_factor)
         sizes = []
@@ -479,7 +506,9 @@ class ServingRuntime:
             if isinstance(v, bool) or not isinstance(v, int) or not multiple <= v <= lim.max_size:
                 raise InputError(f"{name} must be an integer in [{multiple}, {lim.max_size}], got {v!r}")
             if v % multiple:
-                raise InputError(f"{name}={v} is not a multiple of {multiple}: use {max(multiple, v // multiple * multiple)}")
+                raise InputError(
+                    f"{name}={v} is not a multiple of {multiple}: use {max(multiple, v // multiple * multiple)}"
+                )
             sizes.append(v)
         h, w = sizes
         if self.sizes is not None and (h, w) not in self.sizes:
@@ -518,7 +547,9 @@ class ServingRuntime:
         if request.noise_injection is not None and not isinstance(request.noise_injection, bool):
             raise InputError(f"noise_injection must be true, false or null, got {request.noise_injection!r}")
         if request.timeout_s is not None and (
-            isinstance(request.timeout_s, bool) or not isinstance(request.timeout_s, (int, float)) or not request.timeout_s > 0
+            isinstance(request.timeout_s, bool)
+            or not isinstance(request.timeout_s, (int, float))
+            or not request.timeout_s > 0
         ):
             raise InputError(f"timeout_s must be a positive number or None, got {request.timeout_s!r}")
         # The number of steps the scheduler really takes decides which key steps are valid.
@@ -526,13 +557,15 @@ class ServingRuntime:
         # "calibrated" resolves against the model's saved calibrations. A client never names a
         # file on the server: calibration paths are for the Python API and the CLI only.
         if isinstance(request.schedule, str) and request.schedule.strip().lower().endswith(".json"):
-            raise InputError("schedule names a file; the server takes 'calibrated' (its saved calibration), "
-                             "'paper', 'all', 'uniform:N' or a list of key steps")
+            raise InputError(
+                "schedule names a file; the server takes 'calibrated' (its saved calibration), "
+                "'paper', 'all', 'uniform:N' or a list of key steps"
+            )
         spec = self.pipeline.resolve_schedule(request.schedule, request.steps, request.scheduler)
         key_steps = tuple(parse_schedule(spec, num_steps).key_steps)  # ScheduleError is an InputError
         return sizes[0], sizes[1], key_steps
 
-    def submit(self, request: GenerateRequest) -> "Future[GenerateResult]":
+    def submit(self, request: GenerateRequest) -> Future[GenerateResult]:
         """Queues a request; thread-safe.
 
         Returns:
@@ -616,7 +649,7 @@ class ServingRuntime:
         if self._loop_done.wait(timeout):
             self.pipeline.close()
 
-    def __enter__(self) -> "ServingRuntime":
+    def __enter__(self) -> ServingRuntime:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -646,8 +679,12 @@ class ServingRuntime:
             except FdTrtError as e:
                 raise type(e)(f"cannot serve size {h}x{w}: {e}") from e
         pipe.build_on_demand = False
-        logger.info("fd_trt serve: %s graphs ready for %s in %.1f s", pipe.backend, _fmt_sizes(self.sizes),
-                    time.perf_counter() - t0)
+        logger.info(
+            "fd_trt serve: %s graphs ready for %s in %.1f s",
+            pipe.backend,
+            _fmt_sizes(self.sizes),
+            time.perf_counter() - t0,
+        )
 
     def _rows_per_image(self, guidance: float) -> int:
         return 2 if guidance > 1.0 else 1  # CFG decodes an unconditional and a conditional row
@@ -714,7 +751,12 @@ class ServingRuntime:
                     hh, ww, ks = self.check(req)
                     jobs.append(_Job(req, i, hh, ww, ks, Future(), t0, math.inf))
                 self._execute(jobs, record=False)
-        logger.info("fd_trt serve: warmed up %s at batch 1 and %d in %.1f s", list(sizes), self.max_batch, time.perf_counter() - t0)
+        logger.info(
+            "fd_trt serve: warmed up %s at batch 1 and %d in %.1f s",
+            list(sizes),
+            self.max_batch,
+            time.perf_counter() - t0,
+        )
 
     def _next_batch(self) -> list[_Job] | None:
         """Blocks for the oldest live job, then gathers compatible ones; None when closed and empty."""

@@ -9,7 +9,7 @@ no graph backend, no runner and no call-size tuning.
 This module re-implements that way of running, written here from the description above and
 diffusers' public module attributes (``conv_in``, ``time_proj``, ``time_embedding``,
 ``down_blocks``, ``mid_block``, ``up_blocks``, ``conv_norm_out``, ``conv_act``, ``conv_out``).
-It is the same algorithm as fd_trt's ``paper`` schedule (DESIGN.md section 1), so it must give
+It is the same algorithm as fd_trt's ``paper`` schedule (docs/design.md section 1), so it must give
 the same latents within float tolerance; only the engineering differs. It does not use
 :mod:`fd_trt.graphs.split` or :mod:`fd_trt.core.sampler` on purpose: it is the baseline they are measured
 against.
@@ -18,7 +18,8 @@ against.
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -33,7 +34,9 @@ def _temb(unet: Any, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return unet.time_embed_act(emb) if getattr(unet, "time_embed_act", None) is not None else emb
 
 
-def _down(unet: Any, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+def _down(
+    unet: Any, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     emb = _temb(unet, t, x.dtype)
     h = unet.conv_in(x)
     res: tuple[torch.Tensor, ...] = (h,)
@@ -101,7 +104,9 @@ def authors_style_latents(
         s = stop - k
         # The authors' batching: the key step's features repeated once per step of the segment.
         rows_t = ts[k:stop].float().repeat_interleave(2 * b)
-        eps_all = _up(unet, h.repeat(s, 1, 1, 1), tuple(r.repeat(s, 1, 1, 1) for r in res), rows_t, text.repeat(s, 1, 1))
+        eps_all = _up(
+            unet, h.repeat(s, 1, 1, 1), tuple(r.repeat(s, 1, 1, 1) for r in res), rows_t, text.repeat(s, 1, 1)
+        )
         for j, eps in zip(range(k, stop), eps_all.float().split(2 * b)):
             u, c = eps.chunk(2)
             eps = u + guidance_scale * (c - u)

@@ -14,9 +14,10 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -129,7 +130,7 @@ class _PeakRss:
             self.peak = max(self.peak, self._rss())
             self._stop.wait(0.01)
 
-    def __enter__(self) -> "_PeakRss":
+    def __enter__(self) -> _PeakRss:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
         else:
@@ -215,8 +216,10 @@ def _count_unet_gflops(unet: torch.nn.Module, fn: Callable[[], Any]) -> float:
 
 
 def _sdxl_controlnet_error(model: str) -> InputError:
-    return InputError(f"--controlnet builds an SD 1.x/2.x ControlNet; model {model!r} is SDXL, whose ControlNets "
-                      "fd_trt does not drive yet: drop --controlnet or use an SD model")
+    return InputError(
+        f"--controlnet builds an SD 1.x/2.x ControlNet; model {model!r} is SDXL, whose ControlNets "
+        "fd_trt does not drive yet: drop --controlnet or use an SD model"
+    )
 
 
 def build_systems(cfg: BenchConfig, sd: Any, latents: torch.Tensor) -> list[_System]:
@@ -244,10 +247,14 @@ def controlnet_pipeline(sd: Any, height: int, width: int, seed: int = 0) -> tupl
     from fd_trt.families.models import random_controlnet
 
     net = random_controlnet(sd.unet, seed=seed + 1, vae_scale_factor=sd.vae_scale_factor)
-    comps = {k: v for k, v in sd.components.items() if k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler",
-                                                               "safety_checker", "feature_extractor")}
-    cn_sd = StableDiffusionControlNetPipeline(**comps, controlnet=net, image_encoder=None,
-                                              requires_safety_checker=False)
+    comps = {
+        k: v
+        for k, v in sd.components.items()
+        if k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor")
+    }
+    cn_sd = StableDiffusionControlNetPipeline(
+        **comps, controlnet=net, image_encoder=None, requires_safety_checker=False
+    )
     cn_sd.set_progress_bar_config(disable=True)
     image = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(seed + 2))
     return cn_sd, image
@@ -280,7 +287,12 @@ def _systems(cfg: BenchConfig, sd: Any, latents: torch.Tensor, tag: str, extra: 
                 remove()
             n = len(pipe.scheduler.timesteps)
             nets = len(getattr(getattr(pipe, "controlnet", None), "nets", [None])) if hasattr(pipe, "controlnet") else 0
-            return last[0].float(), {"unet_s": box[0], "encoder_calls": n, "decoder_calls": n, "controlnet_calls": n * nets}
+            return last[0].float(), {
+                "unet_s": box[0],
+                "encoder_calls": n,
+                "decoder_calls": n,
+                "controlnet_calls": n * nets,
+            }
 
         return run
 
@@ -290,22 +302,40 @@ def _systems(cfg: BenchConfig, sd: Any, latents: torch.Tensor, tag: str, extra: 
 
     if cfg.authors_style and not tag and is_sdxl(sd):
         # authors_style.py drives SD 1.x/2.x UNets; it has no SDXL added conditioning.
-        systems.append(_System("authors-style", "torch", "paper", "fp32", _fail(RuntimeError("SD only")),
-                               note="not run: the authors-style baseline is written for SD 1.x/2.x UNets "
-                                    "(no SDXL text_embeds / time_ids)", ref=ref))
+        systems.append(
+            _System(
+                "authors-style",
+                "torch",
+                "paper",
+                "fp32",
+                _fail(RuntimeError("SD only")),
+                note="not run: the authors-style baseline is written for SD 1.x/2.x UNets "
+                "(no SDXL text_embeds / time_ids)",
+                ref=ref,
+            )
+        )
     elif cfg.authors_style and not tag:
         from fd_trt.tools.authors_style import authors_style_images
 
         def authors_run() -> tuple[torch.Tensor, dict[str, Any]]:
             # The blocks are called directly, not unet.forward: the UNet time is the whole loop's.
             t = time.perf_counter()
-            lat, _ = authors_style_images(sd, cfg.prompt, latents.clone(), num_inference_steps=cfg.steps,
-                                          guidance_scale=cfg.guidance)
+            lat, _ = authors_style_images(
+                sd, cfg.prompt, latents.clone(), num_inference_steps=cfg.steps, guidance_scale=cfg.guidance
+            )
             keys = [k for k in _paper_keys() if k < cfg.steps]
             return lat, {"unet_s": time.perf_counter() - t, "encoder_calls": len(keys), "decoder_calls": len(keys)}
 
-        systems.append(_System("authors-style", "torch", "paper", "fp32", authors_run,
-                               note_ok="diffusers modules, encoder at key steps, decoder batched by repeating features"))
+        systems.append(
+            _System(
+                "authors-style",
+                "torch",
+                "paper",
+                "fp32",
+                authors_run,
+                note_ok="diffusers modules, encoder at key steps, decoder batched by repeating features",
+            )
+        )
 
     # auto last: the graphs other rows build on their first run are then there for it to measure.
     order = sorted(cfg.backends, key=lambda b: b == "auto")
@@ -322,8 +352,17 @@ def _systems(cfg: BenchConfig, sd: Any, latents: torch.Tensor, tag: str, extra: 
                     sd, backend=backend, device="cpu", precision=precision, progress=False, runner_options=opts
                 )
             except Exception as e:  # a backend that cannot start still gets a row that says why
-                systems.append(_System("fd_trt" + tag, backend, ",".join(cfg.schedules), precision, _fail(e),
-                                       note=f"unavailable: {e}", ref=ref))
+                systems.append(
+                    _System(
+                        "fd_trt" + tag,
+                        backend,
+                        ",".join(cfg.schedules),
+                        precision,
+                        _fail(e),
+                        note=f"unavailable: {e}",
+                        ref=ref,
+                    )
+                )
                 continue
             # schedule="calibrated" finds the calibrations saved in the model folder, as with from_pretrained.
             fd.model_dir = _model_folder(cfg.model)
@@ -378,11 +417,15 @@ def _fail(e: Exception) -> Callable[[], tuple[torch.Tensor, dict[str, Any]]]:
     return run
 
 
-def _deepcache_system(cfg: BenchConfig, sd: Any, latents: torch.Tensor, common: dict[str, Any], diffusers_run: Any) -> _System:
+def _deepcache_system(
+    cfg: BenchConfig, sd: Any, latents: torch.Tensor, common: dict[str, Any], diffusers_run: Any
+) -> _System:
     try:
         from DeepCache import DeepCacheSDHelper  # type: ignore[import-not-found]
     except Exception as e:  # not installed, or broken against this diffusers
-        return _System("deepcache", "torch", "interval=3,branch=0", "fp32", _fail(e), note=f"not run: {type(e).__name__}: {e}")
+        return _System(
+            "deepcache", "torch", "interval=3,branch=0", "fp32", _fail(e), note=f"not run: {type(e).__name__}: {e}"
+        )
     try:
         # DeepCache patches the pipeline in place, so it gets its own shallow copy sharing the weights.
         dc_pipe = copy.copy(sd)
@@ -390,7 +433,9 @@ def _deepcache_system(cfg: BenchConfig, sd: Any, latents: torch.Tensor, common: 
         helper = DeepCacheSDHelper(pipe=dc_pipe)
         helper.set_params(cache_interval=3, cache_branch_id=0)
     except Exception as e:
-        return _System("deepcache", "torch", "interval=3,branch=0", "fp32", _fail(e), note=f"not run: {type(e).__name__}: {e}")
+        return _System(
+            "deepcache", "torch", "interval=3,branch=0", "fp32", _fail(e), note=f"not run: {type(e).__name__}: {e}"
+        )
     inner = diffusers_run(dc_pipe)
 
     def run() -> tuple[torch.Tensor, dict[str, Any]]:
@@ -465,8 +510,13 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         ref = refs[s.ref]
         row: dict[str, Any] = {k: None for k in ROW_KEYS}
         backend = s.info.get("backend", s.backend) if s.backend == "auto" else s.backend
-        row.update(system=s.system, backend=backend, schedule=s.schedule, precision=s.precision,
-                   note=s.note or s.info.get("auto", s.note_ok))
+        row.update(
+            system=s.system,
+            backend=backend,
+            schedule=s.schedule,
+            precision=s.precision,
+            note=s.note or s.info.get("auto", s.note_ok),
+        )
         if s.times:
             med = statistics.median(s.times)
             row.update(
@@ -524,29 +574,62 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"{c['model']} at {c['height']}x{c['width']}, {c['scheduler']}-{c['steps']}, guidance {c['guidance']}, "
         f"{c['threads']} threads, {c['cpu']}; median of {c['repeat']} after {c['warmup']} warm-up\n\n"
     )
-    cols = ["system", "backend", "schedule", "precision", "s/image", "min-max", "UNet s", "speedup",
-            "enc calls", "dec calls", "CN calls", "UNet GFLOP", "peak MB", "rel L2 vs diffusers"]
+    cols = [
+        "system",
+        "backend",
+        "schedule",
+        "precision",
+        "s/image",
+        "min-max",
+        "UNet s",
+        "speedup",
+        "enc calls",
+        "dec calls",
+        "CN calls",
+        "UNet GFLOP",
+        "peak MB",
+        "rel L2 vs diffusers",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in report["results"]:
         if r["s_per_image"] is None:
-            lines.append(f"| {r['system']} | {r['backend']} | {r['schedule']} | {r['precision']} | {r['note']} |" + " |" * (len(cols) - 5))
+            lines.append(
+                f"| {r['system']} | {r['backend']} | {r['schedule']} | {r['precision']} | {r['note']} |"
+                + " |" * (len(cols) - 5)
+            )
             continue
         lines.append(
-            "| " + " | ".join([
-                r["system"], r["backend"], r["schedule"], r["precision"],
-                f"{r['s_per_image']:.3f}", f"{r['s_min']:.3f}-{r['s_max']:.3f}", f"{r['unet_s_per_image']:.3f}",
-                f"{r['speedup_vs_diffusers']:.2f}x" if r["speedup_vs_diffusers"] else "-",
-                str(r["encoder_calls"]), str(r["decoder_calls"]), str(r.get("controlnet_calls") or 0),
-                f"{r['unet_gflops_per_image']:.1f}" if r["unet_gflops_per_image"] is not None else "-",
-                f"{r['peak_mem_mb']:.0f}",
-                f"{r['rel_l2_vs_diffusers']:.2e}" if r["rel_l2_vs_diffusers"] is not None else "-",
-            ]) + " |"
+            "| "
+            + " | ".join(
+                [
+                    r["system"],
+                    r["backend"],
+                    r["schedule"],
+                    r["precision"],
+                    f"{r['s_per_image']:.3f}",
+                    f"{r['s_min']:.3f}-{r['s_max']:.3f}",
+                    f"{r['unet_s_per_image']:.3f}",
+                    f"{r['speedup_vs_diffusers']:.2f}x" if r["speedup_vs_diffusers"] else "-",
+                    str(r["encoder_calls"]),
+                    str(r["decoder_calls"]),
+                    str(r.get("controlnet_calls") or 0),
+                    f"{r['unet_gflops_per_image']:.1f}" if r["unet_gflops_per_image"] is not None else "-",
+                    f"{r['peak_mem_mb']:.0f}",
+                    f"{r['rel_l2_vs_diffusers']:.2e}" if r["rel_l2_vs_diffusers"] is not None else "-",
+                ]
+            )
+            + " |"
         )
     if c.get("controlnet_ratio"):
-        head += (f"ControlNet: fd_trt paper's speedup over diffusers with the ControlNet is "
-                 f"{c['controlnet_ratio']:.2f}x its speedup without it\n\n")
-    notes = [f"- {r['system']} {r['backend']} {r['schedule']}: {r['note']}" for r in report["results"]
-             if r["s_per_image"] is not None and r["note"]]
+        head += (
+            f"ControlNet: fd_trt paper's speedup over diffusers with the ControlNet is "
+            f"{c['controlnet_ratio']:.2f}x its speedup without it\n\n"
+        )
+    notes = [
+        f"- {r['system']} {r['backend']} {r['schedule']}: {r['note']}"
+        for r in report["results"]
+        if r["s_per_image"] is not None and r["note"]
+    ]
     return head + "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 

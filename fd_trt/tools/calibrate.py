@@ -26,14 +26,15 @@ import copy
 import logging
 import os
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
-from fd_trt.errors import InputError
-from fd_trt.core.schedule import KeySchedule, NoiseInjection
 from fd_trt.core.calibration import CALIBRATION_DIR, Calibration, calibration_file, find_calibration
+from fd_trt.core.schedule import KeySchedule, NoiseInjection
+from fd_trt.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +47,6 @@ DEFAULT_PROMPTS = (
     "a purple diamond in the center",
 )
 DEFAULT_SEEDS = (0, 1, 2, 3)
-
-
-
-
-
-
 
 
 # evaluation ---------------------------------------------------------------------------------
@@ -70,8 +65,9 @@ class Evaluator:
         guidance: CFG scale.
     """
 
-    def __init__(self, pipe: Any, scheduler: str, steps: int, prompts: Sequence[str], seeds: Sequence[int],
-                 guidance: float = 7.5) -> None:
+    def __init__(
+        self, pipe: Any, scheduler: str, steps: int, prompts: Sequence[str], seeds: Sequence[int], guidance: float = 7.5
+    ) -> None:
         from diffusers.utils.torch_utils import randn_tensor
 
         from fd_trt.families.models import make_scheduler
@@ -96,8 +92,12 @@ class Evaluator:
         #: SDXL's added conditioning per row (``text_embeds``, ``time_ids``); ``None`` for SD 1.x/2.x.
         self.added = cond.added
         shape = (len(prompts), int(sd.unet.config.in_channels), size, size)
-        self.latents = randn_tensor(shape, generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
-                                    device=pipe.device, dtype=torch.float32)
+        self.latents = randn_tensor(
+            shape,
+            generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
+            device=pipe.device,
+            dtype=torch.float32,
+        )
         self.latent_hw = (size, size)
         self.image_size = (size * f, size * f)
         self.evaluations = 0
@@ -115,8 +115,9 @@ class Evaluator:
         sched.set_timesteps(self.steps, device=self.pipe.device)
         return sched
 
-    def run(self, key_steps: Sequence[int], runner_wrap: Callable[[Any], Any] | None = None,
-            record: bool = False) -> torch.Tensor:
+    def run(
+        self, key_steps: Sequence[int], runner_wrap: Callable[[Any], Any] | None = None, record: bool = False
+    ) -> torch.Tensor:
         """Final latents of the calibration batch with these key steps.
 
         Args:
@@ -157,8 +158,13 @@ class Evaluator:
         t0 = time.perf_counter()
         with torch.inference_mode():
             inputs = SamplerInputs(self.text, added=self.added, initial_noise=self.latents)
-            opts = SamplerOptions(guidance_scale=self.guidance, noise=NoiseInjection(enabled=ks.propagates),
-                                  extra_step_kwargs=_step_kwargs(sched, gen), start_step=start, progress=False)
+            opts = SamplerOptions(
+                guidance_scale=self.guidance,
+                noise=NoiseInjection(enabled=ks.propagates),
+                extra_step_kwargs=_step_kwargs(sched, gen),
+                start_step=start,
+                progress=False,
+            )
             out = run_sampler(runner, sched, x, inputs, ks, opts, callback=callback)
         self.run_seconds += time.perf_counter() - t0
         self.evaluations += 1
@@ -199,9 +205,13 @@ def _step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
 
 
 # search -------------------------------------------------------------------------------------
-def greedy_search(error: Callable[[Sequence[int]], float], num_steps: int, k: int,
-                  start: Sequence[int] = (0,), on_accept: Callable[[Sequence[int]], None] | None = None
-                  ) -> tuple[list[int], float]:
+def greedy_search(
+    error: Callable[[Sequence[int]], float],
+    num_steps: int,
+    k: int,
+    start: Sequence[int] = (0,),
+    on_accept: Callable[[Sequence[int]], None] | None = None,
+) -> tuple[list[int], float]:
     """Adds key steps one at a time, each time the one that lowers ``error`` most.
 
     Args:
@@ -235,9 +245,15 @@ def greedy_search(error: Callable[[Sequence[int]], float], num_steps: int, k: in
     return keys, best_err
 
 
-def swap_refine(error: Callable[[Sequence[int]], float], num_steps: int, keys: Sequence[int], err: float | None = None,
-                radius: int = 2, max_passes: int = 3,
-                on_accept: Callable[[Sequence[int]], None] | None = None) -> tuple[list[int], float]:
+def swap_refine(
+    error: Callable[[Sequence[int]], float],
+    num_steps: int,
+    keys: Sequence[int],
+    err: float | None = None,
+    radius: int = 2,
+    max_passes: int = 3,
+    on_accept: Callable[[Sequence[int]], None] | None = None,
+) -> tuple[list[int], float]:
     """Moves single key steps (never step 0) by up to ``radius`` steps while that lowers ``error``.
 
     Returns:
@@ -336,8 +352,9 @@ def encoder_feature_changes(ev: Evaluator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def feature_changes(pipe: Any, scheduler: str, steps: int, prompts: Sequence[str], seeds: Sequence[int],
-                    guidance: float = 7.5) -> dict[str, list[float]]:
+def feature_changes(
+    pipe: Any, scheduler: str, steps: int, prompts: Sequence[str], seeds: Sequence[int], guidance: float = 7.5
+) -> dict[str, list[float]]:
     """The paper's Figure 3 for any model and scheduler: how encoder and decoder features change per step.
 
     Runs every step as a key step with CFG on the split torch UNet, and records for the
@@ -391,11 +408,19 @@ def feature_changes(pipe: Any, scheduler: str, steps: int, prompts: Sequence[str
 
     e_mse, e_rel, e_fn = stats(enc)
     d_mse, d_rel, d_fn = stats(dec)
-    return {"enc_mse": e_mse, "dec_mse": d_mse, "enc_rel": e_rel, "dec_rel": d_rel, "enc_fnorm": e_fn, "dec_fnorm": d_fn}
+    return {
+        "enc_mse": e_mse,
+        "dec_mse": d_mse,
+        "enc_rel": e_rel,
+        "dec_rel": d_rel,
+        "enc_fnorm": e_fn,
+        "dec_fnorm": d_fn,
+    }
 
 
-def plot_feature_changes(fc: dict[str, list[float]], path: str | os.PathLike[str], key_steps: Sequence[int] | None = None,
-                         title: str = "") -> Path:
+def plot_feature_changes(
+    fc: dict[str, list[float]], path: str | os.PathLike[str], key_steps: Sequence[int] | None = None, title: str = ""
+) -> Path:
     """Plots :func:`feature_changes` (MSE, relative change, norms per step) to a PNG, key steps marked.
 
     Raises:
@@ -477,7 +502,9 @@ def calibrate(
         raise InputError(f"unknown calibration method {method!r}: choose one of {', '.join(METHODS)}")
     if (key_steps is None) == (speedup is None):
         raise InputError("give exactly one budget: key_steps=K (encoder runs) or speedup=X (target over 'all')")
-    if speedup is not None and (isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or not speedup > 1.0):
+    if speedup is not None and (
+        isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or not speedup > 1.0
+    ):
         raise InputError(f"speedup must be a number above 1, got {speedup!r}")
     seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
     ev = Evaluator(pipe, scheduler, steps, prompts, seeds, guidance)
@@ -574,8 +601,10 @@ def estimate_speedup(costs: dict[str, float], keys: Sequence[int], num_steps: in
     """
     bounds = list(sorted(keys)) + [num_steps]
     cost_all = num_steps * (costs["encoder"] + costs["decoder_1"])
-    cost = sum(costs["encoder"] + costs["decoder_1"] + (b - a - 1) * costs["decoder_per_step_batched"]
-               for a, b in zip(bounds[:-1], bounds[1:]))
+    cost = sum(
+        costs["encoder"] + costs["decoder_1"] + (b - a - 1) * costs["decoder_per_step_batched"]
+        for a, b in zip(bounds[:-1], bounds[1:])
+    )
     return cost_all / cost if cost > 0 else float("inf")
 
 

@@ -17,8 +17,8 @@ and captions on every machine (PIL's rasteriser and numpy's ``Generator`` are de
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -161,14 +161,20 @@ def vocabulary() -> set[str]:
 def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
     # Polygon vertices at supersampled scale; circles are drawn with ellipse() instead.
     if shape == "square":
-        pts = [(math.cos(angle + math.pi / 4 + k * math.pi / 2), math.sin(angle + math.pi / 4 + k * math.pi / 2)) for k in range(4)]
+        pts = [
+            (math.cos(angle + math.pi / 4 + k * math.pi / 2), math.sin(angle + math.pi / 4 + k * math.pi / 2))
+            for k in range(4)
+        ]
         scale = r * 0.92  # a square of circumradius r looks bigger than the circle; shrink a bit
     elif shape == "diamond":
         # A rhombus, taller than wide, so it stays distinct from a rotated square.
         pts = [(0.0, -1.0), (0.62, 0.0), (0.0, 1.0), (-0.62, 0.0)]
         scale = r
     elif shape == "triangle":
-        pts = [(math.cos(angle - math.pi / 2 + k * 2 * math.pi / 3), math.sin(angle - math.pi / 2 + k * 2 * math.pi / 3)) for k in range(3)]
+        pts = [
+            (math.cos(angle - math.pi / 2 + k * 2 * math.pi / 3), math.sin(angle - math.pi / 2 + k * 2 * math.pi / 3))
+            for k in range(3)
+        ]
         # Push the triangle's centroid down a little so it fills its box like the others.
         pts = [(x, y + 0.15) for x, y in pts]
         scale = r * 1.1
@@ -215,14 +221,18 @@ def _background(rng: np.random.Generator, kind: str) -> np.ndarray:
         mask = (dx * dx + dy * dy < rad * rad).astype(np.float32)
     elif kind == "noise":
         coarse = rng.uniform(0, 1, size=(n // 8, n // 8)).astype(np.float32)
-        mask = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((n, n), Image.BICUBIC), np.float32) / 255
+        mask = (
+            np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((n, n), Image.BICUBIC), np.float32) / 255
+        )
     else:
         raise ValueError(f"unknown background {kind!r}")
     img = c1[None, None, :] * (1 - mask[..., None]) + c2[None, None, :] * mask[..., None]
     return img
 
 
-def _draw_objects(bg: np.ndarray, objects: Sequence[ShapeObject], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _draw_objects(
+    bg: np.ndarray, objects: Sequence[ShapeObject], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     # Returns (image uint8 [64,64,3], silhouette bool [64,64]); the mask costs no random draws.
     n = IMAGE_SIZE * _SS
     canvas = Image.new("RGBA", (n, n), (0, 0, 0, 0))
@@ -260,7 +270,9 @@ def _place_single(rng: np.random.Generator, position: str | None, size: float) -
     return float(np.clip(cx, lo, hi)), float(np.clip(cy, lo, hi))
 
 
-def random_scene(rng: np.random.Generator, num_objects: int | None = None, p_two: float = 0.5, p_position: float = 0.4) -> Scene:
+def random_scene(
+    rng: np.random.Generator, num_objects: int | None = None, p_two: float = 0.5, p_position: float = 0.4
+) -> Scene:
     """Draws one random scene.
 
     Args:
@@ -303,7 +315,9 @@ def random_scene(rng: np.random.Generator, num_objects: int | None = None, p_two
     return Scene(image=image, caption=caption, objects=objects, background=background, mask=mask)
 
 
-def generate_dataset(n: int, seed: int, p_two: float = 0.5, num_objects: int | None = None, progress: bool = False) -> Dataset:
+def generate_dataset(
+    n: int, seed: int, p_two: float = 0.5, num_objects: int | None = None, progress: bool = False
+) -> Dataset:
     """Generates ``n`` scenes, deterministically from ``seed``.
 
     Args:
@@ -337,8 +351,14 @@ def generate_dataset(n: int, seed: int, p_two: float = 0.5, num_objects: int | N
     return Dataset(images=images, captions=captions, num_objects=num, colors=colors, shapes=shapes, masks=masks)
 
 
-def silhouette(shape: str, cx: float = IMAGE_SIZE / 2, cy: float = IMAGE_SIZE / 2, size: float = 30.0,
-               angle: float = 0.0, image_size: int = IMAGE_SIZE) -> np.ndarray:
+def silhouette(
+    shape: str,
+    cx: float = IMAGE_SIZE / 2,
+    cy: float = IMAGE_SIZE / 2,
+    size: float = 30.0,
+    angle: float = 0.0,
+    image_size: int = IMAGE_SIZE,
+) -> np.ndarray:
     """The silhouette of one shape, drawn as scenes draw it (supersampled, box-filtered, binarised at 0.5).
 
     Args:
@@ -367,7 +387,7 @@ def silhouette(shape: str, cx: float = IMAGE_SIZE / 2, cy: float = IMAGE_SIZE / 
 
 def mask_image(mask: np.ndarray) -> Image.Image:
     """A bool mask as the control image of the default ControlNet: white object on black, RGB PNG-ready."""
-    m = (np.asarray(mask, bool).astype(np.uint8) * 255)
+    m = np.asarray(mask, bool).astype(np.uint8) * 255
     return Image.fromarray(np.stack([m, m, m], -1), "RGB")
 
 

@@ -20,8 +20,9 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
     """
     removed = []
     for p in Path(folder).glob(f"{TEMP_PREFIX}*"):
-        pid = p.name[len(TEMP_PREFIX):].split("-", 1)[0]
+        pid = p.name[len(TEMP_PREFIX) :].split("-", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
             continue
         if p.is_dir():
@@ -180,8 +181,12 @@ def dir_lock(folder: str | os.PathLike[str], what: str = "write", lock_file: str
     try:
         lock.acquire(timeout=LOCK_NOTICE_SECONDS)
     except Timeout:
-        logger.warning("waiting for another process (or thread) that holds %s to finish before the %s of %s",
-                       folder / lock_file, what, folder)
+        logger.warning(
+            "waiting for another process (or thread) that holds %s to finish before the %s of %s",
+            folder / lock_file,
+            what,
+            folder,
+        )
         lock.acquire()
     try:
         yield

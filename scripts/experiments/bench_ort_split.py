@@ -48,8 +48,8 @@ def main() -> int:
 
     import onnxruntime as ort
 
-    from fd_trt.tools.bench import load_model
     from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
+    from fd_trt.tools.bench import load_model
 
     torch.set_num_threads(args.threads)
     sd, _ = load_model(args.model)
@@ -58,8 +58,9 @@ def main() -> int:
     L, D = int(sd.tokenizer.model_max_length), int(sd.unet.config.cross_attention_dim)
 
     # The split graphs: whatever the pipeline uses (built on first use, or reused from the cache).
-    pipe = FasterDiffusionPipeline.from_diffusers(sd, backend="onnxruntime", device="cpu", progress=False,
-                                                  runner_options={"intra_op_threads": args.threads})
+    pipe = FasterDiffusionPipeline.from_diffusers(
+        sd, backend="onnxruntime", device="cpu", progress=False, runner_options={"intra_op_threads": args.threads}
+    )
     pipe("warm", height=args.height, width=args.width, num_inference_steps=1, output_type="latent")
     split_dir = Path(pipe.runner.engine_dir)
     pipe.close()
@@ -81,10 +82,14 @@ def main() -> int:
         x = torch.randn(2, 4, h, w)
         with torch.no_grad():
             torch.onnx.export(
-                Whole(sd.unet).eval(), (x, torch.tensor([500.0, 500.0]), torch.randn(2, L, D)), str(whole),
-                input_names=["sample", "timestep", "encoder_hidden_states"], output_names=["noise_pred"],
+                Whole(sd.unet).eval(),
+                (x, torch.tensor([500.0, 500.0]), torch.randn(2, L, D)),
+                str(whole),
+                input_names=["sample", "timestep", "encoder_hidden_states"],
+                output_names=["noise_pred"],
                 dynamic_axes={n: {0: "rows"} for n in ("sample", "timestep", "encoder_hidden_states", "noise_pred")},
-                opset_version=17, dynamo=False,
+                opset_version=17,
+                dynamo=False,
             )
         print(f"exported the whole UNet in {time.perf_counter() - t:.1f} s -> {whole}")
 
@@ -124,10 +129,14 @@ def main() -> int:
     }
     for rows in (2, 10, 30):
         fd = dec_feed(rows)
-        res[f"decoder_{rows}_rows_per_step_s"] = _median_time(lambda: s_dec.run(None, fd), max(2, args.repeat // (rows // 2) + 1)) / (rows // 2)
+        res[f"decoder_{rows}_rows_per_step_s"] = _median_time(
+            lambda: s_dec.run(None, fd), max(2, args.repeat // (rows // 2) + 1)
+        ) / (rows // 2)
     res["split_step_s"] = res["encoder_2_rows_s"] + res["decoder_2_rows_per_step_s"]
     res["split_overhead"] = res["split_step_s"] / res["whole_2_rows_s"] - 1
-    res.update(model=args.model, height=args.height, width=args.width, threads=args.threads, onnxruntime=ort.__version__)
+    res.update(
+        model=args.model, height=args.height, width=args.width, threads=args.threads, onnxruntime=ort.__version__
+    )
     for k, v in res.items():
         print(f"{k:>30}: {v:.4f}" if isinstance(v, float) else f"{k:>30}: {v}")
     if args.json:

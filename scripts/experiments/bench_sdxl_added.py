@@ -60,8 +60,9 @@ class PrecomputedDecoder(nn.Module):
         return _up_path(d, mid, skips, emb, text)
 
 
-def _up_path(d: nn.Module, mid: torch.Tensor, skips: tuple[torch.Tensor, ...], emb: torch.Tensor,
-             text: torch.Tensor) -> torch.Tensor:
+def _up_path(
+    d: nn.Module, mid: torch.Tensor, skips: tuple[torch.Tensor, ...], emb: torch.Tensor, text: torch.Tensor
+) -> torch.Tensor:
     # The latent size is a multiple of the upsampling factor here, so no upsample_size is needed.
     res_all, sample = tuple(skips), mid
     for block in d.up_blocks:
@@ -90,8 +91,8 @@ def main() -> None:
     from diffusers import UNet2DConditionModel
     from diffusers.models.embeddings import TimestepEmbedding
 
-    from fd_trt.graphs.contract import GraphContract, TensorSpec
     from fd_trt.graphs.build import build_engines
+    from fd_trt.graphs.contract import GraphContract, TensorSpec
     from fd_trt.graphs.export import DECODER_FILE, _export_graph
     from fd_trt.graphs.split import split_unet
 
@@ -109,7 +110,10 @@ def main() -> None:
     gen = torch.Generator().manual_seed(1)
     x, text = torch.randn(m, 4, *hw, generator=gen), torch.randn(m, *text_shape, generator=gen)
     t = torch.linspace(999.0, 1.0, m)
-    added = {"text_embeds": torch.randn(m, 64, generator=gen), "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]]).repeat(m, 1)}
+    added = {
+        "text_embeds": torch.randn(m, 64, generator=gen),
+        "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]]).repeat(m, 1),
+    }
     with torch.no_grad():
         feats = split.run_encoder(x, t, text, added)
         time_embeds = unet.add_time_proj(added["time_ids"].flatten()).reshape(m, -1)
@@ -124,16 +128,24 @@ def main() -> None:
         pre_dir = Path(tmp) / "pre"
         pre_dir.mkdir()
         contract = GraphContract.from_unet_config(unet.config, hw, text_shape)
-        base = GraphContract(contract.num_skips, (), contract.latent_tail, contract.out_tail, contract.text_tail,
-                             contract.features).decoder
+        base = GraphContract(
+            contract.num_skips, (), contract.latent_tail, contract.out_tail, contract.text_tail, contract.features
+        ).decoder
         spec = type(base)("decoder", (*base.inputs, TensorSpec("added_emb", (int(added_emb.shape[1]),))), base.outputs)
 
         class _Bar:
             def set_postfix_str(self, *_: object) -> None: ...
             def update(self, *_: object) -> None: ...
 
-        _export_graph(PrecomputedDecoder(split.decoder, split.num_skips), (*feats.tensors(), t, text, added_emb),
-                      pre_dir / DECODER_FILE, spec, 17, 2**31 - 1, _Bar())
+        _export_graph(
+            PrecomputedDecoder(split.decoder, split.num_skips),
+            (*feats.tensors(), t, text, added_emb),
+            pre_dir / DECODER_FILE,
+            spec,
+            17,
+            2**31 - 1,
+            _Bar(),
+        )
         feed_common = {n: v.numpy() for n, v in zip(contract.feature_names, feats.tensors())}
         feed_common.update(timestep=t.numpy(), encoder_hidden_states=text.numpy())
         results = {}
@@ -151,7 +163,9 @@ def main() -> None:
         print(f"max relative difference raw vs precomputed: {diff:.2e}")
     sdxl_add = TimestepEmbedding(2816, 1280)
     params = sum(p.numel() for p in sdxl_add.parameters())
-    print(f"SDXL base add_embedding: {params / 1e6:.2f} M parameters ({params * 2 / 1e6:.1f} MB fp16) of 2567 M in the UNet")
+    print(
+        f"SDXL base add_embedding: {params / 1e6:.2f} M parameters ({params * 2 / 1e6:.1f} MB fp16) of 2567 M in the UNet"
+    )
 
 
 if __name__ == "__main__":

@@ -37,16 +37,20 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2, help="timed rounds (median)")
     ap.add_argument("--segment", type=int, default=5, help="steps of the batched decoder call")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                    help="precision of the split encoder and decoder (the whole-UNet reference stays fp32)")
+    ap.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="precision of the split encoder and decoder (the whole-UNet reference stays fp32)",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     from diffusers import UNet2DConditionModel
 
-    from fd_trt.families.models import SD15_UNET_CONFIG, SDXL_UNET_CONFIG
     from fd_trt.backends.torch import converted_copy
     from fd_trt.core.schedule import parse_schedule
+    from fd_trt.families.models import SD15_UNET_CONFIG, SDXL_UNET_CONFIG
     from fd_trt.graphs.split import split_unet
 
     torch.set_num_threads(args.threads)
@@ -104,10 +108,17 @@ def main() -> int:
     proj["all_vs_diffusers"] = proj["diffusers_s"] / proj["fd_all_s"]
     proj["decoder_only_bound"] = proj["diffusers_s"] / (50 * min(d2, ds))
     report = {
-        "model": args.model, "height": args.height, "width": args.width, "threads": args.threads,
+        "model": args.model,
+        "height": args.height,
+        "width": args.width,
+        "threads": args.threads,
         "precision": args.precision,
-        "repeat": args.repeat, "cpu": platform.processor() or "see lscpu", "unet_build_s": build_s,
-        "median_s": med, "decoder_per_step_batched_s": ds, "projected_ddim50_cfg": proj,
+        "repeat": args.repeat,
+        "cpu": platform.processor() or "see lscpu",
+        "unet_build_s": build_s,
+        "median_s": med,
+        "decoder_per_step_batched_s": ds,
+        "projected_ddim50_cfg": proj,
     }
     print(json.dumps(report, indent=2))
     if args.json:

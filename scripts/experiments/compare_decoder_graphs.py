@@ -67,8 +67,10 @@ def main() -> int:
         return d
 
     sessions = {d: session(d / "decoder.onnx") for d in (args.a, args.b)}
-    print(f"onnxruntime {ort.__version__}, {args.threads} threads; A = {args.a} (format {formats[args.a]}), "
-          f"B = {args.b} (format {formats[args.b]}); median of {args.repeat} alternating calls")
+    print(
+        f"onnxruntime {ort.__version__}, {args.threads} threads; A = {args.a} (format {formats[args.a]}), "
+        f"B = {args.b} (format {formats[args.b]}); median of {args.repeat} alternating calls"
+    )
     for s in (int(x) for x in args.steps.split(",")):
         feeds = {d: decoder_feed(formats[d], s) for d in sessions}
         outs = {d: sessions[d].run(None, feeds[d])[0] for d in sessions}  # warm-up, and the outputs compared

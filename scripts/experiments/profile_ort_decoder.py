@@ -39,23 +39,26 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", default="1,2,5,10,15", help="decoder call sizes in steps (2 rows each)")
     ap.add_argument("--repeat", type=int, default=5, help="alternating rounds; the median per variant is kept")
-    ap.add_argument("--profile-steps", type=int, default=10, help="the batched call size the op profile compares with 1")
+    ap.add_argument(
+        "--profile-steps", type=int, default=10, help="the batched call size the op profile compares with 1"
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     import onnxruntime as ort
 
     from fd_trt.backends.onnxruntime import OrtRunner
-    from fd_trt.tools.bench import load_model
     from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
+    from fd_trt.tools.bench import load_model
 
     torch.set_num_threads(args.threads)
     sd, _ = load_model(args.model)
     f = sd.vae_scale_factor
     height = args.height or int(sd.unet.config.sample_size) * f
     width = args.width or int(sd.unet.config.sample_size) * f
-    pipe = FasterDiffusionPipeline.from_diffusers(sd, backend="onnxruntime", device="cpu", progress=False,
-                                                  runner_options={"intra_op_threads": args.threads})
+    pipe = FasterDiffusionPipeline.from_diffusers(
+        sd, backend="onnxruntime", device="cpu", progress=False, runner_options={"intra_op_threads": args.threads}
+    )
     pipe.prepare(height, width)
     folder = Path(pipe.runner.engine_dir)
     pipe.close()
@@ -115,11 +118,17 @@ def main() -> int:
                 timings["run_" + name][s].append(timed(lambda: sess.run(None, feeds[s])) / s)
 
     med = {v: {s: statistics.median(x) for s, x in by.items()} for v, by in timings.items()}
-    print(f"onnxruntime {ort.__version__}, {args.model} {height}x{width}, {args.threads} threads; "
-          f"seconds per decoder step (2 rows) inside calls of S steps, median of {args.repeat} alternating rounds")
+    print(
+        f"onnxruntime {ort.__version__}, {args.model} {height}x{width}, {args.threads} threads; "
+        f"seconds per decoder step (2 rows) inside calls of S steps, median of {args.repeat} alternating rounds"
+    )
     print(f"{'variant':>22} | " + " | ".join(f"S={s:>2}" for s in steps) + f" | S={steps[-1]} / S=1")
     for v, by in med.items():
-        print(f"{v:>22} | " + " | ".join(f"{by[s] * 1e3:6.2f} ms" for s in steps) + f" | {by[steps[-1]] / by[steps[0]]:.2f}")
+        print(
+            f"{v:>22} | "
+            + " | ".join(f"{by[s] * 1e3:6.2f} ms" for s in steps)
+            + f" | {by[steps[-1]] / by[steps[0]]:.2f}"
+        )
 
     # Operator profile at 1 step and at --profile-steps steps.
     prof: dict[int, dict[str, float]] = {}
@@ -147,20 +156,33 @@ def main() -> int:
         # per step, per run, microseconds (the first run is a warm-up)
         prof[s] = {k: v / max(1, runs) / s for k, v in by_op.items()}
     total = {s: sum(p.values()) for s, p in prof.items()}
-    print(f"\noperator time per decoder step (us, ORT profiler, mean over {args.repeat + 1} runs): "
-          f"S=1 vs S={args.profile_steps}")
+    print(
+        f"\noperator time per decoder step (us, ORT profiler, mean over {args.repeat + 1} runs): "
+        f"S=1 vs S={args.profile_steps}"
+    )
     ops = sorted(prof[1], key=lambda k: -prof[1][k])
     for op in ops[:14]:
         a, b = prof[1].get(op, 0.0), prof[args.profile_steps].get(op, 0.0)
         print(f"{op:>24}: {a:9.0f} -> {b:9.0f} ({b / a if a else float('nan'):.2f}x)")
-    print(f"{'all nodes':>24}: {total[1]:9.0f} -> {total[args.profile_steps]:9.0f} "
-          f"({total[args.profile_steps] / total[1]:.2f}x)")
+    print(
+        f"{'all nodes':>24}: {total[1]:9.0f} -> {total[args.profile_steps]:9.0f} "
+        f"({total[args.profile_steps] / total[1]:.2f}x)"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "onnxruntime": ort.__version__, "model": args.model, "height": height, "width": width,
-            "threads": args.threads, "per_step_s": {v: {str(s): t for s, t in by.items()} for v, by in med.items()},
-            "op_us_per_step": {str(s): p for s, p in prof.items()},
-        }, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "onnxruntime": ort.__version__,
+                    "model": args.model,
+                    "height": height,
+                    "width": width,
+                    "threads": args.threads,
+                    "per_step_s": {v: {str(s): t for s, t in by.items()} for v, by in med.items()},
+                    "op_us_per_step": {str(s): p for s, p in prof.items()},
+                },
+                indent=2,
+            )
+        )
         print(f"wrote {args.json}")
     return 0
 

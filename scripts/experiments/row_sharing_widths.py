@@ -54,32 +54,61 @@ def main() -> int:
         try:
             ch = tuple(int(c) for c in args.channels.split(","))
         except ValueError:
-            raise SystemExit(f"--channels {args.channels!r}: give integers such as 128,256,256,256, or 'default'") from None
+            raise SystemExit(
+                f"--channels {args.channels!r}: give integers such as 128,256,256,256, or 'default'"
+            ) from None
         torch.manual_seed(0)
         unet = UNet2DConditionModel(
-            sample_size=args.latent, in_channels=4, out_channels=4, block_out_channels=ch,
+            sample_size=args.latent,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=ch,
             down_block_types=("CrossAttnDownBlock2D",) * (len(ch) - 1) + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(ch) - 1),
-            layers_per_block=2, cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+            layers_per_block=2,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            norm_num_groups=32,
         ).eval()
         text = (77, 768)
     params = sum(p.numel() for p in unet.parameters()) / 1e6
     name = args.channels.replace(",", "-")
-    print(f"UNet {name} ({params:.1f} M parameters), latents {args.latent}x{args.latent}, text {text}, "
-          f"{args.backend}", flush=True)
+    print(
+        f"UNet {name} ({params:.1f} M parameters), latents {args.latent}x{args.latent}, text {text}, {args.backend}",
+        flush=True,
+    )
     if args.backend == "torch":
         return _compare_torch(unet, args.latent, text, [int(s) for s in args.steps.split(",")], args.repeat)
     dirs = {}
     for share in (False, True):
         d = args.out / f"{name}-{args.latent}-{'shared' if share else 'unshared'}"
         t = time.perf_counter()
-        res = build_engines(unet, d, latent_size=(args.latent, args.latent), text_shape=text, progress=False,
-                            share_rows=share, max_segment_steps=max(int(s) for s in args.steps.split(",")))
+        res = build_engines(
+            unet,
+            d,
+            latent_size=(args.latent, args.latent),
+            text_shape=text,
+            progress=False,
+            share_rows=share,
+            max_segment_steps=max(int(s) for s in args.steps.split(",")),
+        )
         print(f"{d}: {'built' if res.built else 'up to date'} in {time.perf_counter() - t:.1f} s", flush=True)
         dirs[share] = d
     script = Path(__file__).with_name("compare_decoder_graphs.py")
-    return subprocess.run([sys.executable, str(script), str(dirs[False]), str(dirs[True]), "--steps", args.steps,
-                           "--repeat", str(args.repeat), "--threads", str(args.threads)]).returncode
+    return subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(dirs[False]),
+            str(dirs[True]),
+            "--steps",
+            args.steps,
+            "--repeat",
+            str(args.repeat),
+            "--threads",
+            str(args.threads),
+        ]
+    ).returncode
 
 
 def _compare_torch(unet, latent: int, text_shape: tuple[int, int], steps: list[int], repeat: int) -> int:
@@ -105,8 +134,11 @@ def _compare_torch(unet, latent: int, text_shape: tuple[int, int], steps: list[i
                 times[share].append(time.perf_counter() - t)
         ma, mb = statistics.median(times[False]), statistics.median(times[True])
         rel = float((outs[False] - outs[True]).norm() / outs[False].norm())
-        print(f"S={s:>2}: A {ma * 1e3:9.2f} ms  B {mb * 1e3:9.2f} ms  A/B {ma / mb:.3f}  rel L2 {rel:.1e}  "
-              f"(A unshared, B shared; median of {repeat} alternating calls)", flush=True)
+        print(
+            f"S={s:>2}: A {ma * 1e3:9.2f} ms  B {mb * 1e3:9.2f} ms  A/B {ma / mb:.3f}  rel L2 {rel:.1e}  "
+            f"(A unshared, B shared; median of {repeat} alternating calls)",
+            flush=True,
+        )
     return 0
 
 

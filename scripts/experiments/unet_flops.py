@@ -23,8 +23,8 @@ def count(unet_config: dict, latent: int, text_len: int = 77) -> dict[str, float
     """Per-row GFLOPs of the whole UNet, its encoder and its decoder at ``latent x latent``."""
     from diffusers import UNet2DConditionModel
 
-    from fd_trt.utils.flops import flop_counter_mode
     from fd_trt.graphs.split import split_unet
+    from fd_trt.utils.flops import flop_counter_mode
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**unet_config).eval()
@@ -54,8 +54,8 @@ def count(unet_config: dict, latent: int, text_len: int = 77) -> dict[str, float
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fd_trt.families.models import SD15_UNET_CONFIG, SDXL_UNET_CONFIG
     from fd_trt.core.schedule import parse_schedule
+    from fd_trt.families.models import SD15_UNET_CONFIG, SDXL_UNET_CONFIG
 
     configs = {"sd15-arch": SD15_UNET_CONFIG, "sdxl-arch": SDXL_UNET_CONFIG}
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -67,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     key_steps = len(parse_schedule(args.schedule, args.steps).key_steps)
     rows = []
-    print("| model | image | params (M) | UNet GFLOP/row | encoder share | "
-          f"{args.schedule} cut (DDIM-{args.steps}, {key_steps} key steps) | GFLOP/image all (CFG) | {args.schedule} (CFG) |")
+    print(
+        "| model | image | params (M) | UNet GFLOP/row | encoder share | "
+        f"{args.schedule} cut (DDIM-{args.steps}, {key_steps} key steps) | GFLOP/image all (CFG) | {args.schedule} (CFG) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for model in args.models.split(","):
         for size in (int(s) for s in args.sizes.split(",")):
@@ -80,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
             sched_img = 2 * (key_steps * e + args.steps * d)
             r.update(model=model, size=size, encoder_share=share, cut=cut, gflop_all=all_img, gflop_schedule=sched_img)
             rows.append(r)
-            print(f"| {model} | {size}x{size} | {r['params_m']:.0f} | {r['unet_gflop_per_row']:.1f} | {100 * share:.1f}% | "
-                  f"{100 * cut:.1f}% | {all_img:.0f} | {sched_img:.0f} |")
+            print(
+                f"| {model} | {size}x{size} | {r['params_m']:.0f} | {r['unet_gflop_per_row']:.1f} | {100 * share:.1f}% | "
+                f"{100 * cut:.1f}% | {all_img:.0f} | {sched_img:.0f} |"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
