@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
-from fd_trt.core.runner import Runner
-from fd_trt.errors import InputError
+from fd_trt.core.runner import Runner, same_device
+from fd_trt.errors import InputError, UnsupportedModelError
+from fd_trt.families.base import registered_families
+from fd_trt.families.models import check_controlnet_fits, load_controlnet
 from fd_trt.pipelines.conditioning import (
     InpaintBlend,
     KeyStepControlNet,
@@ -430,6 +432,40 @@ class ImageInputsMixin:
                 rec = check_controlnet_graph(folder, net, controlnet_sha256=sha)
             calls.append(target.controlnet(rec))
         return calls
+
+    def _attach_controlnet(self, controlnet: Any, owns_pipeline: bool) -> None:
+        """Sets ``self.controlnet``: ``controlnet`` (a module, a folder or a list), else the wrapped
+        pipeline's own; checks that it fits the model and sits on the pipeline's device (moved
+        there when the pipeline owns it).
+
+        Raises:
+            UnsupportedModelError: for a family or UNet that runs no ControlNet yet.
+            InputError: for a ControlNet that does not fit the UNet or sits on another device.
+        """
+        #: The ControlNet(s) run at key steps, or ``None``.
+        self.controlnet: Any = (
+            load_controlnet(controlnet) if controlnet is not None else getattr(self.sd, "controlnet", None)
+        )
+        if self.controlnet is not None:
+            if not self.supports_controlnet:
+                able = ", ".join(f.name for f in registered_families() if f.supports_controlnet) or "none so far"
+                raise UnsupportedModelError(
+                    f"{type(self).__name__} does not run a ControlNet yet with a {self.family.name!r} model: drop "
+                    f"controlnet=, or use a model of a family that does ({able})"
+                )
+            if self.unet_kind != "text2img":
+                raise UnsupportedModelError(
+                    "ControlNet with an inpainting UNet is not supported yet: use a text-to-image UNet with the ControlNet"
+                )
+            for net in controlnet_nets(self.controlnet):
+                check_controlnet_fits(net, self.sd.unet.config)
+                here_cn = next(net.parameters()).device
+                if owns_pipeline:
+                    net.to(self.device)
+                elif not same_device(here_cn, self.device):
+                    raise InputError(
+                        f"the ControlNet is on {here_cn} but the pipeline runs on {self.device}: move it first"
+                    )
 
 
 __all__ = ["ImageInputsMixin", "ImageRun"]

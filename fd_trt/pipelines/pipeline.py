@@ -39,14 +39,15 @@ import torch
 from fd_trt.core.runner import Runner, same_device
 from fd_trt.core.sampler import SamplerInputs, SamplerOptions, SamplerStats, StepCallback, run_sampler
 from fd_trt.core.schedule import KeySchedule, NoiseInjection, ScheduleSpec
-from fd_trt.errors import InputError, UnsupportedModelError
-from fd_trt.families.base import ModelFamily, PromptEmbeddings, family_for_pipeline, registered_families
-from fd_trt.families.models import check_controlnet_fits, load_controlnet, load_diffusers_pipeline, make_scheduler
+from fd_trt.errors import InputError
+from fd_trt.families.base import ModelFamily, PromptEmbeddings, family_for_pipeline
+from fd_trt.families.models import make_scheduler
 from fd_trt.graphs.split import split_unet
-from fd_trt.pipelines.conditioning import controlnet_nets, with_key_steps
+from fd_trt.pipelines.conditioning import with_key_steps
 from fd_trt.pipelines.image import ImageInputsMixin, ImageRun
 from fd_trt.pipelines.inputs import check_call_inputs, check_call_options
 from fd_trt.pipelines.key_steps import KeyStepsMixin
+from fd_trt.pipelines.loading import LoadingMixin
 from fd_trt.pipelines.lora import LoraMixin
 from fd_trt.pipelines.registry import pipeline_class_for
 from fd_trt.pipelines.runner_pool import RunnerPool, resolve_backend
@@ -242,6 +243,28 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _place_pipeline(sd: Any, device: str | torch.device | None, owns_pipeline: bool) -> torch.device:
+    """The device a pipeline runs on: ``device`` (CUDA when available by default), where a pipeline
+    it owns is moved; a wrapped one stays where it is, and ``device`` must name that place.
+
+    Raises:
+        InputError: for a wrapped pipeline on another device than ``device``.
+    """
+    here = _pipeline_device(sd)
+    if owns_pipeline:
+        target = torch.device(device or default_device())
+        sd.to(target)
+        return target
+    # The caller's pipeline stays where it is: moving it would change their object.
+    target = torch.device(device) if device is not None else here
+    if not same_device(target, here):
+        raise InputError(
+            f"the diffusers pipeline is on {here} but device={str(device)!r} was asked for: move it first "
+            f"(sd_pipeline.to({str(device)!r})) or leave device unset; fd_trt does not move a pipeline it wraps"
+        )
+    return target
+
+
 def _pipeline_device(sd: Any) -> torch.device:
     """Where a diffusers pipeline's UNet lives."""
     try:
@@ -250,7 +273,7 @@ def _pipeline_device(sd: Any) -> torch.device:
         return torch.device("cpu")
 
 
-class FasterDiffusionPipeline(LoraMixin, ImageInputsMixin, KeyStepsMixin):
+class FasterDiffusionPipeline(LoadingMixin, LoraMixin, ImageInputsMixin, KeyStepsMixin):
     """Stable Diffusion with Faster Diffusion's encoder propagation on a chosen backend.
 
     It serves Stable Diffusion 1.x/2.x and every registered model family (:mod:`fd_trt.families`)
@@ -318,43 +341,9 @@ class FasterDiffusionPipeline(LoraMixin, ImageInputsMixin, KeyStepsMixin):
         self.progress = progress
         self.engines = Path(engines) if engines is not None else None
         self.runner_options = dict(runner_options or {})
-        here = _pipeline_device(sd_pipeline)
-        if owns_pipeline:
-            self.device = torch.device(device or default_device())
-            self.sd.to(self.device)
-        else:
-            # The caller's pipeline stays where it is: moving it would change their object.
-            self.device = torch.device(device) if device is not None else here
-            if not same_device(self.device, here):
-                raise InputError(
-                    f"the diffusers pipeline is on {here} but device={str(device)!r} was asked for: move it first "
-                    f"(sd_pipeline.to({str(device)!r})) or leave device unset; fd_trt does not move a pipeline it wraps"
-                )
+        self.device = _place_pipeline(sd_pipeline, device, owns_pipeline)
         self._check_model()  # also splits the UNet: an unsupported one fails now
-        #: The ControlNet(s) run at key steps, or ``None``.
-        self.controlnet: Any = (
-            load_controlnet(controlnet) if controlnet is not None else getattr(sd_pipeline, "controlnet", None)
-        )
-        if self.controlnet is not None:
-            if not self.supports_controlnet:
-                able = ", ".join(f.name for f in registered_families() if f.supports_controlnet) or "none so far"
-                raise UnsupportedModelError(
-                    f"{type(self).__name__} does not run a ControlNet yet with a {self.family.name!r} model: drop "
-                    f"controlnet=, or use a model of a family that does ({able})"
-                )
-            if self.unet_kind != "text2img":
-                raise UnsupportedModelError(
-                    "ControlNet with an inpainting UNet is not supported yet: use a text-to-image UNet with the ControlNet"
-                )
-            for net in controlnet_nets(self.controlnet):
-                check_controlnet_fits(net, self.sd.unet.config)
-                here_cn = next(net.parameters()).device
-                if owns_pipeline:
-                    net.to(self.device)
-                elif not same_device(here_cn, self.device):
-                    raise InputError(
-                        f"the ControlNet is on {here_cn} but the pipeline runs on {self.device}: move it first"
-                    )
+        self._attach_controlnet(controlnet, owns_pipeline)
         #: Per ControlNet (by id): its weights fingerprint and sha256, recomputed when the fingerprint changes.
         self._controlnet_digests: dict[int, tuple[tuple[Any, ...], str]] = {}
         #: The model folder (``from_pretrained``), where saved calibrations are looked for.
@@ -375,15 +364,6 @@ class FasterDiffusionPipeline(LoraMixin, ImageInputsMixin, KeyStepsMixin):
                 f"FasterDiffusionPipeline.from_diffusers(pipe) or {served.__name__}(pipe), which serves that family"
             )
         self.family.check_pipeline(self.sd)
-
-    @classmethod
-    def _class_for(cls, sd_pipeline: Any) -> type[FasterDiffusionPipeline]:
-        """The class that serves a diffusers pipeline: its family's registered class
-        (:mod:`fd_trt.pipelines.registry`) when called on the base class, else ``cls``."""
-        served = pipeline_class_for(family_for_pipeline(sd_pipeline).name)
-        if cls is FasterDiffusionPipeline and served is not None:
-            return served
-        return cls
 
     def text_shape(self) -> tuple[int, int]:
         """``(L, D)`` of the prompt embeddings, as the model family states them."""
@@ -445,104 +425,6 @@ class FasterDiffusionPipeline(LoraMixin, ImageInputsMixin, KeyStepsMixin):
     def auto_candidates(self) -> list[Any]:
         """The candidates ``backend="auto"`` measures here, in order of preference on a tie."""
         return self.pool.auto_candidates()
-
-    # construction ----------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(
-        cls,
-        model: str | os.PathLike[str] = "default",
-        backend: str | None = None,
-        device: str | torch.device | None = None,
-        precision: str | None = None,
-        scheduler: str | None = None,
-        progress: bool = True,
-        engines: str | os.PathLike[str] | None = None,
-        runner_options: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> FasterDiffusionPipeline:
-        """Loads a local diffusers folder of a registered model family, or ``"default"``.
-
-        The folder's ``unet/config.json`` picks its family (:func:`fd_trt.families.base.family_for_config`)
-        and is checked by it before any weights load: a UNet no family recognises, or one its
-        family refuses, raises :class:`~fd_trt.errors.UnsupportedModelError` at once. The result
-        is the class registered for the family (:mod:`fd_trt.pipelines.registry`) when called on
-        this class: a :class:`~fd_trt.pipelines.sdxl.FasterDiffusionXLPipeline` for an SDXL folder
-        (``addition_embed_type="text_time"``).
-
-        Args:
-            model: a local folder, or ``"default"`` (the shipped model).
-            backend: ``"auto"`` (default), ``"torch"``, ``"onnxruntime"`` or ``"tensorrt"``. ``auto``
-                measures the available backends and decoder call sizes on the first call at each
-                shape, batch and schedule, caches the choice, and never builds graphs by surprise.
-            device: ``"cpu"`` or ``"cuda"``; CUDA when available by default.
-            precision: ``fp32``, ``fp16`` or ``bf16`` (torch); ``fp32`` or ``fp16`` (graphs);
-                ``auto`` with ``backend="auto"`` (bf16 may compete). Default: ``fp16`` for
-                ``tensorrt`` and on CUDA, ``fp32`` otherwise.
-            scheduler: ``ddim``, ``dpmpp``, ``pndm``, ``euler`` or ``ddpm``; the folder's own when omitted.
-            progress: show progress bars.
-            engines: a built engine directory (``fd-trt build``) for graph backends. Without one,
-                graphs are built on first use into ``$FD_TRT_CACHE`` (``~/.cache/fd_trt/engines``),
-                keyed by the UNet weights' hash and the shapes, and reused afterwards.
-            runner_options: extra keyword arguments for the runner (e.g. ``intra_op_threads``).
-            **kwargs: ``max_cached_runners``, ``build_on_demand``, ``controlnet`` (see the class;
-                here ``controlnet`` may also be a local ControlNet folder or a list of folders).
-        """
-        sd, source = load_diffusers_pipeline(model)
-        pipe = cls._class_for(sd)(
-            sd,
-            backend=backend,
-            device=device,
-            precision=precision,
-            progress=progress,
-            source=source,
-            engines=engines,
-            runner_options=runner_options,
-            owns_pipeline=True,
-            **kwargs,
-        )
-        from fd_trt.families.models import default_model_dir
-
-        pipe.model_dir = default_model_dir() if str(model) == "default" else Path(model)
-        if scheduler is not None:
-            pipe.set_scheduler(scheduler)
-        return pipe
-
-    @classmethod
-    def from_diffusers(
-        cls,
-        sd_pipeline: Any,
-        backend: str | Runner | None = None,
-        device: str | torch.device | None = None,
-        precision: str | None = None,
-        progress: bool = True,
-        engines: str | os.PathLike[str] | None = None,
-        runner_options: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> FasterDiffusionPipeline:
-        """Wraps an existing diffusers ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or
-        pipeline of another registered model family, sharing its components. Called on this class,
-        it returns the class registered for the model's family (:mod:`fd_trt.pipelines.registry`):
-        a :class:`~fd_trt.pipelines.sdxl.FasterDiffusionXLPipeline` for SDXL.
-
-        The img2img, inpainting and ControlNet pipelines of Stable Diffusion wrap the same way; a
-        ``StableDiffusionControlNetPipeline``'s ControlNet is taken along and run at key steps.
-
-        The wrapped pipeline is neither moved nor cast: ``device`` defaults to where it is, and a
-        runner that needs another dtype or device works on its own copy of the UNet. Weight changes
-        made to it later (``fuse_lora``, ``set_adapters``, ``load_state_dict``) are followed.
-
-        Args: as :meth:`from_pretrained`, with ``sd_pipeline`` in place of ``model``.
-        """
-        return cls._class_for(sd_pipeline)(
-            sd_pipeline,
-            backend=backend,
-            device=device,
-            precision=precision,
-            progress=progress,
-            engines=engines,
-            runner_options=runner_options,
-            **kwargs,
-        )
 
     def set_scheduler(self, name: str) -> None:
         """Swaps the scheduler for ``ddim``, ``dpmpp``, ``pndm``, ``euler`` or ``ddpm``, keeping the betas."""
