@@ -91,4 +91,45 @@ def check_call_options(guidance_rescale: Any, tensor_inputs: Sequence[str], gene
         raise InputError(f"{len(generator)} generators for {batch} images: pass one generator per image, or one")
 
 
-__all__ = ["OUTPUT_TYPES", "check_call_inputs", "check_call_options"]
+__all__ = ["OUTPUT_TYPES", "InputChecksMixin", "check_call_inputs", "check_call_options"]
+
+
+class InputChecksMixin:
+    """``check_inputs`` for :class:`~fd_trt.pipelines.pipeline.FasterDiffusionPipeline`: the
+    call's common arguments (:func:`check_call_inputs`), then the model family's own."""
+
+    vae_scale_factor: int
+    family: Any
+
+    def check_inputs(
+        self,
+        prompt: Any,
+        negative_prompt: Any,
+        height: Any,
+        width: Any,
+        num_inference_steps: Any,
+        guidance_scale: Any,
+        num_images_per_prompt: Any,
+        output_type: Any,
+        **prompt_options: Any,
+    ) -> list[str]:
+        """Validates the call's arguments and returns the prompts as a list (:func:`check_call_inputs`).
+        ``prompt_options`` are the model family's own (SDXL's second prompts and micro-conditioning),
+        checked by it (:meth:`~fd_trt.families.base.ModelFamily.check_prompt_options`).
+
+        Raises:
+            InputError: naming the bad value and what is expected.
+        """
+        prompts = check_call_inputs(
+            prompt,
+            negative_prompt,
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale,
+            num_images_per_prompt,
+            output_type,
+            self.vae_scale_factor,
+        )
+        self.family.check_prompt_options(prompts, **prompt_options)
+        return prompts

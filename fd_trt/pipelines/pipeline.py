@@ -45,12 +45,12 @@ from fd_trt.families.models import make_scheduler
 from fd_trt.graphs.split import split_unet
 from fd_trt.pipelines.conditioning import with_key_steps
 from fd_trt.pipelines.image import ImageInputsMixin, ImageRun
-from fd_trt.pipelines.inputs import check_call_inputs, check_call_options
+from fd_trt.pipelines.inputs import InputChecksMixin, check_call_options
 from fd_trt.pipelines.key_steps import KeyStepsMixin
 from fd_trt.pipelines.loading import LoadingMixin
 from fd_trt.pipelines.lora import LoraMixin
 from fd_trt.pipelines.registry import pipeline_class_for
-from fd_trt.pipelines.runner_pool import RunnerPool, resolve_backend
+from fd_trt.pipelines.runner_pool import PreparedSizesMixin, RunnerPool, resolve_backend
 from fd_trt.utils.flops import flop_counter_mode
 
 #: The name :mod:`fd_trt.pipelines.sdxl` imports :class:`~fd_trt.pipelines.image.ImageRun` by.
@@ -273,7 +273,9 @@ def _pipeline_device(sd: Any) -> torch.device:
         return torch.device("cpu")
 
 
-class FasterDiffusionPipeline(LoadingMixin, LoraMixin, ImageInputsMixin, KeyStepsMixin):
+class FasterDiffusionPipeline(
+    LoadingMixin, LoraMixin, InputChecksMixin, ImageInputsMixin, KeyStepsMixin, PreparedSizesMixin
+):
     """Stable Diffusion with Faster Diffusion's encoder propagation on a chosen backend.
 
     It serves Stable Diffusion 1.x/2.x and every registered model family (:mod:`fd_trt.families`)
@@ -374,29 +376,6 @@ class FasterDiffusionPipeline(LoadingMixin, LoraMixin, ImageInputsMixin, KeyStep
         return self.family.added_shapes(self.sd)
 
     # runners and weights -----------------------------------------------------------------------
-    def prepare(self, height: int | None = None, width: int | None = None) -> Runner:
-        """Builds or loads, and activates, the runner for one image size ahead of the first call.
-
-        Serving calls it at start-up for every size it serves, so that no request pays for (or
-        waits behind) an export or a plan build.
-
-        Args:
-            height, width: the image size; the model's default size when omitted.
-
-        Returns:
-            The active runner for that size.
-        """
-        f = self.vae_scale_factor
-        height, width = self.default_size(height, width)
-        self.check_inputs("x", None, height, width, 1, 1.0, 1, "latent")
-        self.pool.check_weights()
-        return self.pool.runner_for((height // f, width // f), self.text_shape(), build=True)
-
-    def prepared_sizes(self) -> list[tuple[int, int]]:
-        """Image sizes ``(height, width)`` with a loaded graph runner, least recently used first."""
-        f = self.vae_scale_factor
-        return [(k[0] * f, k[1] * f) for k in self.pool.shapes()]
-
     #: With ``backend="auto"``: whether missing graphs may be built while tuning (``fd-trt build --tune``).
     auto_build_graphs: bool = False
     #: With ``backend="auto"``: read and write the decision cache.
@@ -449,39 +428,6 @@ class FasterDiffusionPipeline(LoadingMixin, LoraMixin, ImageInputsMixin, KeyStep
         self.close()
 
     # call -------------------------------------------------------------------------------------
-    def check_inputs(
-        self,
-        prompt: Any,
-        negative_prompt: Any,
-        height: Any,
-        width: Any,
-        num_inference_steps: Any,
-        guidance_scale: Any,
-        num_images_per_prompt: Any,
-        output_type: Any,
-        **prompt_options: Any,
-    ) -> list[str]:
-        """Validates the call's arguments and returns the prompts as a list (:func:`check_call_inputs`).
-        ``prompt_options`` are the model family's own (SDXL's second prompts and micro-conditioning),
-        checked by it (:meth:`~fd_trt.families.base.ModelFamily.check_prompt_options`).
-
-        Raises:
-            InputError: naming the bad value and what is expected.
-        """
-        prompts = check_call_inputs(
-            prompt,
-            negative_prompt,
-            height,
-            width,
-            num_inference_steps,
-            guidance_scale,
-            num_images_per_prompt,
-            output_type,
-            self.vae_scale_factor,
-        )
-        self.family.check_prompt_options(prompts, **prompt_options)
-        return prompts
-
     # stages -----------------------------------------------------------------------------------
     # A call runs these in order (see _generate). Every model family shares them; check_inputs and
     # encode_prompt ask the family for its prompt options and encoding (SDXL's second prompt and

@@ -392,4 +392,35 @@ class RunnerPool:
                     self._retire(runner)
 
 
-__all__ = ["RunnerPool", "resolve_backend"]
+class PreparedSizesMixin:
+    """The pipeline's methods that ready its :class:`RunnerPool` for image sizes ahead of the
+    first call (serving prepares every size it serves at start-up)."""
+
+    pool: RunnerPool
+    vae_scale_factor: int
+
+    def prepare(self, height: int | None = None, width: int | None = None) -> Runner:
+        """Builds or loads, and activates, the runner for one image size ahead of the first call.
+
+        Serving calls it at start-up for every size it serves, so that no request pays for (or
+        waits behind) an export or a plan build.
+
+        Args:
+            height, width: the image size; the model's default size when omitted.
+
+        Returns:
+            The active runner for that size.
+        """
+        f = self.vae_scale_factor
+        height, width = self.default_size(height, width)
+        self.check_inputs("x", None, height, width, 1, 1.0, 1, "latent")
+        self.pool.check_weights()
+        return self.pool.runner_for((height // f, width // f), self.text_shape(), build=True)
+
+    def prepared_sizes(self) -> list[tuple[int, int]]:
+        """Image sizes ``(height, width)`` with a loaded graph runner, least recently used first."""
+        f = self.vae_scale_factor
+        return [(k[0] * f, k[1] * f) for k in self.pool.shapes()]
+
+
+__all__ = ["PreparedSizesMixin", "RunnerPool", "resolve_backend"]
