@@ -1,4 +1,4 @@
-"""The ControlNet graph (issue 17 item 1): its contract, its export into the engine directory
+"""The ControlNet graph: its contract, its export into the engine directory
 (manifest record, staleness on a weight change), the onnxruntime runner against the torch
 ControlNetModel, and the onnxruntime pipeline against diffusers' StableDiffusionControlNetPipeline."""
 
