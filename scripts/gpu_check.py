@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 #: fp16 CUDA vs fp32 CPU, relative L2 of the final latents of the tiny model after 50 steps.
 ACCURACY_TOLERANCE = 5e-2
-#: Targets from issue 4 (reported only).
+#: The GPU speed targets (reported only).
 TARGET_SPEEDUP = 1.6
 TARGET_TRT_PAPER_UNET_S = 0.35
 
@@ -381,7 +381,7 @@ def add_speedups(rows: list[dict[str, Any]]) -> None:
 
 
 def check_targets(rows: list[dict[str, Any]]) -> dict[str, bool]:
-    """Issue 4's speed targets, per configuration: ``{description: met}``."""
+    """The GPU speed targets, per configuration: ``{description: met}``."""
     targets = {}
     for r in rows:
         if r["schedule"] == "paper" and r.get("speedup_vs_all"):
