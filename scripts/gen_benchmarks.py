@@ -166,9 +166,9 @@ def table_md(t: Table) -> str:
     if t.text:
         out += [t.text, ""]
     out += [
-        "| run | system | backend | schedule | precision | s/image | min-max | UNet s | vs diffusers | enc / dec calls "
+        "| run | system | backend | schedule | precision | s/image (min-max) | UNet s | vs diffusers | enc / dec calls "
         "| UNet GFLOP | rel. L2 vs diffusers |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, run in enumerate(t.runs):
         rows = load(run.json)["results"]
@@ -177,7 +177,7 @@ def table_md(t: Table) -> str:
             if r.get("s_per_image") is None:
                 out.append(
                     f"| {tag} | {r['system']} | {r['backend']} | {r['schedule']} | {r['precision']} | "
-                    f"{(r.get('note') or 'not run').replace('|', '/')} | | | | | | |"
+                    f"{(r.get('note') or 'not run').replace('|', '/')} | | | | | |"
                 )
                 continue
             sp = speedup(rows, r)
@@ -188,7 +188,7 @@ def table_md(t: Table) -> str:
             gf = r.get("unet_gflops_per_image")
             out.append(
                 f"| {tag} | {r['system']} | {r['backend']} | {r['schedule']} | {r['precision']} | "
-                f"{_s(r['s_per_image'])} | {_s(r.get('s_min'))}-{_s(r.get('s_max'))} | {_s(r.get('unet_s_per_image'))} "
+                f"{_s(r['s_per_image'])} ({_s(r.get('s_min'))}-{_s(r.get('s_max'))}) | {_s(r.get('unet_s_per_image'))} "
                 f"| {mark} | {calls} | {'-' if not gf else f'{gf:.1f}'} | {_l2(r.get('rel_l2_vs_diffusers'))} |"
             )
     out.append("")
