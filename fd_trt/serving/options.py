@@ -3,7 +3,7 @@
 [`add_serve_options()`][fd_trt.serving.options.add_serve_options] adds them to an `argparse` parser (the model and runner options of
 [`add_model_options()`][fd_trt.serving.options.add_model_options], the HTTP listener, batching, request limits and the body limit);
 [`runtime_kwargs()`][fd_trt.serving.options.runtime_kwargs] turns the parsed namespace into the keyword arguments of
-`ServingRuntime.from_pretrained <fd_trt.serving.runtime.ServingRuntime.from_pretrained>()`.
+[`ServingRuntime.from_pretrained()`][fd_trt.serving.runtime.ServingRuntime.from_pretrained].
 Both commands use them, so a flag means the same thing, with the same default, in both; options
 that only make sense on Ray (replicas, CPUs and GPUs per replica, the cluster address) stay in
 [`fd_trt.serving.ray`][fd_trt.serving.ray].
