@@ -103,10 +103,13 @@ def convert(path: Path, package: griffe.Module) -> tuple[str, int, int]:
     def sub(m: re.Match) -> str:
         nonlocal refs, plain
         kind, target = m.group(1), m.group(2).strip()
+        titled = re.fullmatch(r"(.*?)\s*<([^>]+)>", target, re.S)  # :meth:`Title <full.path>`
+        title = " ".join(titled.group(1).split()) if titled else None
+        target = titled.group(2) if titled else target
         short = target.startswith("~")
         target = target.lstrip("~").rstrip("()")
-        label = target.rsplit(".", 1)[-1] if short else target
-        if kind in ("func", "meth") and not label.endswith(")"):
+        label = title or (target.rsplit(".", 1)[-1] if short else target)
+        if kind in ("func", "meth") and not label.endswith(")") and title is None:
             label += "()"
         line = text.count("\n", 0, m.start()) + 1
         scope = _scope_at(module, line)
