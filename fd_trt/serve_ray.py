@@ -1,4 +1,4 @@
-"""``python -m fd_trt.serve_ray``: kept as the command's name; the code is :mod:`fd_trt.serving.ray`."""
+"""``python -m fd_trt.serve_ray``: kept as the command's name; the code is [`fd_trt.serving.ray`][fd_trt.serving.ray]."""
 
 from fd_trt.serving.ray import deployment, main
 

@@ -53,7 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default=str(REPO / "fd_trt" / "assets" / "default_model"))
     p.add_argument(
-        "--grid", default=str(REPO / "docs" / "default_model_samples.png"), help="sample grid PNG ('' for none)"
+        "--grid",
+        default=str(REPO / "docs" / "images" / "default_model_samples.png"),
+        help="sample grid PNG ('' for none)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")

@@ -1,6 +1,6 @@
-"""Runners: one per engine kind, all with the protocol of :class:`fd_trt.core.runner.Runner`.
+"""Runners: one per engine kind, all with the protocol of [`fd_trt.core.runner.Runner`][fd_trt.core.runner.Runner].
 
-Backends that need heavy or GPU-only packages are imported lazily by :func:`get_runner_class`.
+Backends that need heavy or GPU-only packages are imported lazily by [`get_runner_class()`][fd_trt.backends.get_runner_class].
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def get_runner_class(name: str) -> type[Runner]:
 def default_backend(device: str | None = None) -> str:
     """The backend a plain call gets: ``auto`` on every device.
 
-    ``auto`` (:mod:`fd_trt.backends.auto`) measures the backends that can run here (torch and onnxruntime
+    ``auto`` ([`fd_trt.backends.auto`][fd_trt.backends.auto]) measures the backends that can run here (torch and onnxruntime
     on a CPU; tensorrt and torch on CUDA) and keeps the fastest. Before it, the default was
     onnxruntime on a CPU and torch on CUDA, which left most of the gain unused on small models.
 

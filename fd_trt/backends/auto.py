@@ -138,7 +138,7 @@ def call_sizes(segment_lengths: Sequence[int], parallel: bool = True, max_steps:
 def measured_sizes(segment_lengths: Sequence[int], parallel: bool = True, max_steps: int | None = None) -> list[int]:
     """Decoder step counts to time: powers of two up to the largest call size, and that size.
 
-    Other sizes are interpolated (:meth:`CostTable.decoder`): a call's cost is close to linear
+    Other sizes are interpolated ([`CostTable.decoder()`][fd_trt.backends.auto.CostTable.decoder]): a call's cost is close to linear
     in its rows, and timing every segment length would cost up to twice as much.
     """
     top = max(call_sizes(segment_lengths, parallel, max_steps))
@@ -372,7 +372,7 @@ def load_decision(key: dict[str, Any], folder: Path | None = None) -> Decision |
 
 
 def save_decision(decision: Decision, folder: Path | None = None) -> Path:
-    """Writes the decision under its key (atomically: :func:`fd_trt.utils.files.write_atomic`)."""
+    """Writes the decision under its key (atomically: [`fd_trt.utils.files.write_atomic()`][fd_trt.utils.files.write_atomic])."""
     path = cache_path(decision.key, folder)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": TUNING_FORMAT, "decision": decision.as_dict()}
@@ -388,24 +388,24 @@ RunnerFactory = Callable[[Candidate], Runner]
 class AutoRunner(Runner):
     """A runner that delegates to the fastest candidate for the run at hand.
 
-    :meth:`plan` (called by the sampler before each run with the schedule and rows) looks the
+    [`plan()`][fd_trt.backends.auto.AutoRunner.plan] (called by the sampler before each run with the schedule and rows) looks the
     decision up in the cache or measures the candidates, then ``encode`` goes to the chosen
     runner and ``decode`` splits a segment into calls of the chosen size.
 
     Args:
         candidates: what may run, in order of preference on a tie.
         factory: makes (inactive) runners for candidates; a candidate whose factory raises
-            :class:`~fd_trt.errors.FdTrtError` is skipped with the message as the reason.
+            [`FdTrtError`][fd_trt.errors.FdTrtError] is skipped with the message as the reason.
         latent_shape: ``(C, h, w)`` this runner serves.
         text_shape: ``(L, D)``.
         base_key: called for the cache key's fixed part (weights hash, device, versions...).
         device: where tensors live.
-        repeats: timed rounds over the measured shapes (see :func:`measure`).
-        cache_dir: where decisions are cached; ``None`` for :func:`tuning_cache_dir`.
+        repeats: timed rounds over the measured shapes (see [`measure()`][fd_trt.backends.auto.measure]).
+        cache_dir: where decisions are cached; ``None`` for [`tuning_cache_dir()`][fd_trt.backends.auto.tuning_cache_dir].
         use_cache: read and write the cache.
         ready: a cheap check of whether a candidate's graphs are built, so that building them
             later invalidates a decision made without them.
-        measurer: replaces :func:`measure` (same arguments), for tests that inject costs.
+        measurer: replaces [`measure()`][fd_trt.backends.auto.measure] (same arguments), for tests that inject costs.
     """
 
     def __init__(
@@ -444,7 +444,7 @@ class AutoRunner(Runner):
         self._decisions: dict[str, Decision] = {}
         self._local = threading.local()
         self._tune_lock = threading.RLock()
-        #: The latest decision (any thread); :attr:`decision` is this thread's.
+        #: The latest decision (any thread); [`decision`][fd_trt.backends.auto.AutoRunner.decision] is this thread's.
         self.last_decision: Decision | None = None
 
     # lifecycle ----------------------------------------------------------------------------------
@@ -506,7 +506,7 @@ class AutoRunner(Runner):
         """Chooses the candidate and decoder call size for a run (from the cache, or by measuring).
 
         Args:
-            schedule: the run's :class:`~fd_trt.core.schedule.KeySchedule`.
+            schedule: the run's [`KeySchedule`][fd_trt.core.schedule.KeySchedule].
             rows: rows per step (2B with CFG).
             parallel: whether segments may be batched.
             max_decoder_rows: the caller's cap on rows per decoder call.
@@ -604,7 +604,7 @@ class AutoRunner(Runner):
 
     @property
     def current_runner(self) -> Runner | None:
-        """The runner this thread's planned run uses (``None`` before :meth:`plan`); the pipeline
+        """The runner this thread's planned run uses (``None`` before [`plan()`][fd_trt.backends.auto.AutoRunner.plan]); the pipeline
         runs the ControlNet graph on it when it is a graph runner."""
         return getattr(self._local, "runner", None)
 

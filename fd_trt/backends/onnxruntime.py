@@ -1,4 +1,4 @@
-"""The ONNX Runtime runner: the encoder and decoder graphs of :mod:`fd_trt.graphs.export` on ONNX Runtime.
+"""The ONNX Runtime runner: the encoder and decoder graphs of [`fd_trt.graphs.export`][fd_trt.graphs.export] on ONNX Runtime.
 
 The CPU execution provider is the default, and fd_trt's default backend on machines without a
 GPU. With onnxruntime-gpu installed, the CUDA and TensorRT execution providers can be asked for.
@@ -47,7 +47,7 @@ ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
 MANIFEST_FILE = "manifest.json"
 
-#: Short provider names accepted by :class:`OrtRunner`, mapped to ONNX Runtime's names.
+#: Short provider names accepted by [`OrtRunner`][fd_trt.backends.onnxruntime.OrtRunner], mapped to ONNX Runtime's names.
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
@@ -178,10 +178,10 @@ class OrtRunner(Runner):
             take the cores from it (README, "ONNX Runtime's batched decoder"). Pass ``"1"`` to
             spin anyway.
         dtype: the precision the caller expects (``fp32`` / ``fp16``); activation fails with
-            :class:`EngineMismatchError` when the graphs have another. ``None`` takes the graphs'.
+            [`EngineMismatchError`][fd_trt.errors.EngineMismatchError] when the graphs have another. ``None`` takes the graphs'.
 
     The graphs' float precision (fp32 or fp16) is read from the graphs on activation and becomes
-    :attr:`dtype`. Constructing the runner reads nothing.
+    `dtype`. Constructing the runner reads nothing.
     """
 
     name = "onnxruntime"
@@ -320,9 +320,9 @@ class OrtRunner(Runner):
         self.contract = None
 
     def controlnet(self, record: Any) -> OrtControlNet:
-        """The ControlNet graph of ``record`` (:class:`fd_trt.graphs.manifest.ControlNetRecord`, a file of
+        """The ControlNet graph of ``record`` ([`fd_trt.graphs.manifest.ControlNetRecord`][fd_trt.graphs.manifest.ControlNetRecord], a file of
         this runner's engine directory) in its own session, with this runner's providers and
-        options; loaded on first use and kept until :meth:`deactivate`.
+        options; loaded on first use and kept until `deactivate()`.
 
         Raises:
             EngineMismatchError: when the graph's names are not the ControlNet contract's.
@@ -495,12 +495,12 @@ class OrtRunner(Runner):
 
 class OrtControlNet:
     """One ControlNet graph on ONNX Runtime, called like diffusers' ``ControlNetModel``
-    (:data:`fd_trt.pipelines.conditioning.ControlNetCall`): ``(sample, timestep, encoder_hidden_states,
+    (`fd_trt.pipelines.conditioning.ControlNetCall`): ``(sample, timestep, encoder_hidden_states,
     controlnet_cond, conditioning_scale, guess_mode) -> (down residuals, mid residual)``.
 
     The timestep may be one value for all rows (the sampler's key step) or one per row. Guess
     mode runs the graph at scale 1 and applies diffusers' per-residual guess-mode scales
-    (:func:`fd_trt.pipelines.conditioning.guess_mode_scales`), except for pooled ControlNets, as diffusers.
+    (`fd_trt.pipelines.conditioning.guess_mode_scales()`), except for pooled ControlNets, as diffusers.
     """
 
     def __init__(self, runner: OrtRunner, graph: _Graph, num_down: int, pooled: bool) -> None:

@@ -1,12 +1,12 @@
 """The TensorRT runner: loads an engine directory's plans, binds their buffers, executes them
 (optionally through CUDA graphs) and refits new weights into them. Building the plans (profiles,
-names, timing cache, manifest records) is :mod:`fd_trt.backends.tensorrt_build`'s, as polygraphy
+names, timing cache, manifest records) is [`fd_trt.backends.tensorrt_build`][fd_trt.backends.tensorrt_build]'s, as polygraphy
 keeps its loaders apart from its ``TrtRunner``; the names it exports are re-exported here.
 
 Runtime (docs/design.md section 5). Plans are deserialized once; every input and output is a torch
 CUDA tensor preallocated at the profile's maximum rows, and each call uses its first rows, so
 tensor addresses never change. Which tensors there are, and how the decoder's rows are laid out
-(step-major), is the graph contract's (:class:`fd_trt.graphs.contract.GraphContract`, read from the
+(step-major), is the graph contract's ([`fd_trt.graphs.contract.GraphContract`][fd_trt.graphs.contract.GraphContract], read from the
 manifest): the decoder takes the key step's features, text and SDXL conditioning once, at N
 rows (their profile is tuned at the encoder's rows and reaches the decoder's maximum, for a
 batch above the build's decoded one step per call), and S*N timesteps, and
@@ -22,13 +22,13 @@ Encoder calls with more rows than the encoder profile's maximum run in chunks of
 needs; ``launches`` counts each execution.
 
 Weight changes (a fused LoRA). Plans are built refittable (``BuilderFlag.REFIT``);
-:meth:`TrtRunner.refit` re-exports the graphs from the new weights and refits the loaded engines
+[`TrtRunner.refit()`][fd_trt.backends.tensorrt.TrtRunner.refit] re-exports the graphs from the new weights and refits the loaded engines
 from them by initializer name, then writes the refitted plans and the manifest back, under the
 directory's lock, so that no process loads a plan with old weights. Non-refittable plans make
 ``refit`` return ``False``, and the pipeline rebuilds.
 
 ``tensorrt`` is imported only inside functions: importing this module needs neither TensorRT
-nor CUDA, and what needs them raises :class:`~fd_trt.errors.BackendUnavailableError` with an
+nor CUDA, and what needs them raises [`BackendUnavailableError`][fd_trt.errors.BackendUnavailableError] with an
 install hint when they are missing.
 """
 
@@ -176,23 +176,23 @@ class TrtRunner(Runner):
         engines: an engine directory built with ``fd-trt build --backend tensorrt``.
         device: the CUDA device.
         dtype: the graph precision the caller expects (``fp16`` or ``fp32``); activation fails
-            with :class:`EngineMismatchError` when the directory holds the other. ``None`` takes
+            with [`EngineMismatchError`][fd_trt.errors.EngineMismatchError] when the directory holds the other. ``None`` takes
             the directory's.
         schedule: the schedule whose segments pick the decoder profile's opt rows; with neither
             this nor ``opt_segment_steps``, any plan recorded for this GPU is used.
         num_steps: the step count ``schedule`` is read for.
         opt_segment_steps: the decoder's opt segment length.
         build: build missing plans on activation; ``False`` refuses instead.
-        builder_optimization_level: see :func:`build_plans`.
-        workspace_bytes: see :func:`build_plans`.
-        timing_cache: see :func:`build_plans`.
+        builder_optimization_level: see [`build_plans()`][fd_trt.backends.tensorrt_build.build_plans].
+        workspace_bytes: see [`build_plans()`][fd_trt.backends.tensorrt_build.build_plans].
+        timing_cache: see [`build_plans()`][fd_trt.backends.tensorrt_build.build_plans].
         cuda_graphs: capture one CUDA graph per (graph, row count) after a warm-up run, and
             replay it afterwards.
         share_memory: give both execution contexts one user-managed scratch allocation.
         warmup: run both plans once on activation.
         full_hash: check the plans' sha256 on activation, not only their sizes.
-        refittable: build missing plans refittable (see :func:`build_plans`), so that
-            :meth:`refit` can take new weights in place.
+        refittable: build missing plans refittable (see [`build_plans()`][fd_trt.backends.tensorrt_build.build_plans]), so that
+            [`refit()`][fd_trt.backends.tensorrt.TrtRunner.refit] can take new weights in place.
 
     Encoder calls with more rows than the encoder plan's profile run in chunks of the profile's
     maximum (plans built for 1 image serve 8), as decoder calls do.
@@ -458,8 +458,8 @@ class TrtRunner(Runner):
         )
 
     def controlnet(self, record: Any) -> TrtControlNet:
-        """The TensorRT plan of a ControlNet graph (:class:`fd_trt.graphs.manifest.ControlNetRecord`) as a
-        :data:`fd_trt.pipelines.conditioning.ControlNetCall`; built on first use when ``build`` is on,
+        """The TensorRT plan of a ControlNet graph ([`fd_trt.graphs.manifest.ControlNetRecord`][fd_trt.graphs.manifest.ControlNetRecord]) as a
+        `fd_trt.pipelines.conditioning.ControlNetCall`; built on first use when ``build`` is on,
         loaded once, with its own context, buffers (at the encoder profile's rows) and scratch
         memory, and run on the runner's stream.
 
@@ -567,7 +567,7 @@ class TrtRunner(Runner):
 
         Returns:
             ``True`` when the plans now compute with ``unet``'s weights. ``False`` when the plans
-            were not built refittable (:func:`build_plans` with ``refittable=False``, or manifests
+            were not built refittable ([`build_plans()`][fd_trt.backends.tensorrt_build.build_plans] with ``refittable=False``, or manifests
             from before refits existed), the UNet's config differs, or TensorRT refused the refit;
             the caller then rebuilds (the pipeline does).
         """
@@ -910,11 +910,11 @@ class TrtRunner(Runner):
 
 class TrtControlNet:
     """One ControlNet plan, called like diffusers' ``ControlNetModel``
-    (:data:`fd_trt.pipelines.conditioning.ControlNetCall`); see :meth:`TrtRunner.controlnet`.
+    (`fd_trt.pipelines.conditioning.ControlNetCall`); see [`TrtRunner.controlnet()`][fd_trt.backends.tensorrt.TrtRunner.controlnet].
 
     Rows above the plan's maximum (the encoder profile's) run in chunks, like encoder calls.
     Guess mode runs the plan at scale 1 and applies diffusers' per-residual guess-mode scales
-    (:func:`fd_trt.pipelines.conditioning.guess_mode_scales`), except for pooled ControlNets.
+    (`fd_trt.pipelines.conditioning.guess_mode_scales()`), except for pooled ControlNets.
     """
 
     def __init__(self, runner: TrtRunner, entry: _Engine, num_down: int, pooled: bool) -> None:

@@ -1,12 +1,12 @@
 """Building TensorRT plans: availability checks, profile arithmetic, plan and timing-cache names,
-plan builds and their manifest records. The runner (:mod:`fd_trt.backends.tensorrt`) loads what
+plan builds and their manifest records. The runner ([`fd_trt.backends.tensorrt`][fd_trt.backends.tensorrt]) loads what
 this module builds, as polygraphy keeps its loaders apart from its ``TrtRunner``.
 
 Each ONNX graph of an engine directory is parsed with the TensorRT Python API into a strongly
 typed network, so the graph's own types (fp16 for ``--backend tensorrt`` exports) decide the
 engine precision; this works on TensorRT 10 and 11 (11 has no FP16 builder flag and is always
 strongly typed). The network's inputs and outputs are checked against the graph contract
-(:class:`fd_trt.graphs.contract.GraphContract`, read from the manifest), and every contract input gets
+([`fd_trt.graphs.contract.GraphContract`][fd_trt.graphs.contract.GraphContract], read from the manifest), and every contract input gets
 a profile entry: SDXL's ``text_embeds`` and ``time_ids`` included. One optimization profile per
 plan:
 
@@ -16,13 +16,13 @@ plan:
 
 The lower bound of 1 row keeps runs without CFG (``guidance_scale <= 1``) inside the profiles;
 TensorRT tunes its kernels at the opt shape. Plans are named by role, TensorRT version, GPU
-compute capability and profile (:func:`plan_file_name`) and recorded in the manifest
-(:class:`fd_trt.graphs.manifest.PlanRecord`); a plan from another TensorRT version or GPU generation is
-never loaded (:func:`fd_trt.graphs.manifest.check_plan`). A timing cache per TensorRT version and compute
+compute capability and profile ([`plan_file_name()`][fd_trt.backends.tensorrt_build.plan_file_name]) and recorded in the manifest
+([`fd_trt.graphs.manifest.PlanRecord`][fd_trt.graphs.manifest.PlanRecord]); a plan from another TensorRT version or GPU generation is
+never loaded ([`fd_trt.graphs.manifest.check_plan()`][fd_trt.graphs.manifest.check_plan]). A timing cache per TensorRT version and compute
 capability lives in the engine directory and makes rebuilds fast.
 
 ``tensorrt`` is imported only inside functions: importing this module needs neither TensorRT
-nor CUDA, and what needs them raises :class:`~fd_trt.errors.BackendUnavailableError` with an
+nor CUDA, and what needs them raises [`BackendUnavailableError`][fd_trt.errors.BackendUnavailableError] with an
 install hint when they are missing.
 """
 
@@ -207,7 +207,7 @@ def profile_rows(
         batch: images per call B; one step has 2B rows with CFG.
         max_segment_steps: the longest segment decoded in one call; the schedule's longest
             segment when ``None``.
-        opt_segment_steps: the segment length to tune for; :func:`most_common_segment_steps`
+        opt_segment_steps: the segment length to tune for; [`most_common_segment_steps()`][fd_trt.backends.tensorrt_build.most_common_segment_steps]
             when ``None``. Clipped to ``max_segment_steps``.
         min_rows: the fewest rows of either graph (1 lets runs without CFG fit).
 
@@ -250,7 +250,7 @@ def profiles_for_manifest(
     Args:
         encoder_rows: the manifest's ``[min, max]`` encoder rows (max = 2B).
         decoder_rows: the manifest's ``[min, max]`` decoder rows (max = 2B x max segment steps).
-        schedule: picks the decoder's opt shape (see :func:`profile_rows`).
+        schedule: picks the decoder's opt shape (see [`profile_rows()`][fd_trt.backends.tensorrt_build.profile_rows]).
         opt_segment_steps: overrides the schedule's choice.
 
     Returns:
@@ -407,7 +407,7 @@ def gpu_identity(device: torch.device) -> tuple[str, tuple[int, int]]:
 
 @dataclass
 class PlanBuild:
-    """What :func:`build_plans` did for one role.
+    """What [`build_plans()`][fd_trt.backends.tensorrt_build.build_plans] did for one role.
 
     Attributes:
         record: the plan's manifest record.
@@ -445,7 +445,7 @@ class _PlanTarget:
         role: ``encoder``, ``decoder`` or ``controlnet``.
         rows: the optimization profile.
         graph: the graph's manifest record (``None`` when the manifest records none for the role).
-        spec: the graph's inputs and outputs (:class:`GraphContract` or :class:`ControlNetContract`).
+        spec: the graph's inputs and outputs ([`GraphContract`][fd_trt.graphs.contract.GraphContract] or [`ControlNetContract`][fd_trt.graphs.contract.ControlNetContract]).
     """
 
     role: str
@@ -624,13 +624,13 @@ def build_plans(
         force: rebuild even when an up-to-date plan exists.
         roles: which plans to build.
         refittable: build with ``BuilderFlag.REFIT``, so that new weights (a fused LoRA) can be
-            refit into the plans in place (:meth:`TrtRunner.refit`) instead of rebuilding them.
+            refit into the plans in place (`TrtRunner.refit()`) instead of rebuilding them.
             ``REFIT``, not ``REFIT_IDENTICAL``: the latter only allows refitting the build's own
             weights (it exists for weight-stripped plans), not a LoRA's. Plans kept from an
             earlier build keep their own setting (recorded as ``refittable`` in the manifest).
 
     Returns:
-        One :class:`PlanBuild` per role.
+        One [`PlanBuild`][fd_trt.backends.tensorrt_build.PlanBuild] per role.
 
     Raises:
         BackendUnavailableError: without TensorRT or a CUDA GPU.
@@ -675,8 +675,8 @@ def _build_or_keep_plans(
 ) -> list[PlanBuild]:
     """Builds the plans ``targets`` names (from the manifest read under the lock) unless up to date.
 
-    The one implementation behind :func:`build_plans` (the UNet's graphs) and
-    :func:`build_controlnet_plan` (a ControlNet's graph): a plan recorded for this TensorRT
+    The one implementation behind [`build_plans()`][fd_trt.backends.tensorrt_build.build_plans] (the UNet's graphs) and
+    [`build_controlnet_plan()`][fd_trt.backends.tensorrt_build.build_controlnet_plan] (a ControlNet's graph): a plan recorded for this TensorRT
     version, compute capability, graph and profile whose file is intact is kept; any other is
     built and recorded, the manifest rewritten after each plan.
     """
@@ -741,19 +741,19 @@ def build_controlnet_plan(
     """Builds (or keeps) the TensorRT plan of one ControlNet graph of an engine directory.
 
     The ControlNet runs on the encoder's rows, so its profile is the encoder's: ``min`` .. ``2B``
-    rows with ``opt = max = 2B`` (:func:`profiles_for_manifest`). ``conditioning_scale`` is a
+    rows with ``opt = max = 2B`` ([`profiles_for_manifest()`][fd_trt.backends.tensorrt_build.profiles_for_manifest]). ``conditioning_scale`` is a
     static ``[1]`` input. The plan is recorded in the manifest with role ``controlnet`` and the
     ControlNet graph's sha256, so that a changed ControlNet (a new graph) never runs an old plan.
 
     Args:
         engine_dir: the engine directory.
-        controlnet_graph: the graph's :class:`fd_trt.graphs.manifest.ControlNetRecord`
-            (:func:`fd_trt.graphs.build.build_controlnet_graph`).
-        device, builder_optimization_level, workspace_bytes, timing_cache, force: as :func:`build_plans`.
+        controlnet_graph: the graph's [`fd_trt.graphs.manifest.ControlNetRecord`][fd_trt.graphs.manifest.ControlNetRecord]
+            ([`fd_trt.graphs.build.build_controlnet_graph()`][fd_trt.graphs.build.build_controlnet_graph]).
+        device, builder_optimization_level, workspace_bytes, timing_cache, force: as [`build_plans()`][fd_trt.backends.tensorrt_build.build_plans].
         refittable: build with ``BuilderFlag.REFIT`` (off: a changed ControlNet gets a new graph and plan).
 
     Returns:
-        The :class:`PlanBuild`.
+        The [`PlanBuild`][fd_trt.backends.tensorrt_build.PlanBuild].
     """
     from fd_trt.graphs.manifest import controlnet_key
 

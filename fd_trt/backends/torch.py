@@ -89,7 +89,7 @@ class TorchRunner(Runner):
         share_rows: whether a decoder call over S steps projects the text and convolves the skip
             half of the up-block convolutions once per distinct row instead of S times (same
             numbers within float rounding). ``None`` (default): where it pays, by the UNet's
-            widths (:func:`fd_trt.graphs.split.decoder_shares_rows`, as the decoder graphs do): SD 1.x/2.x
+            widths ([`fd_trt.graphs.split.decoder_shares_rows()`][fd_trt.graphs.split.decoder_shares_rows], as the decoder graphs do): SD 1.x/2.x
             and SDXL yes, the default model no.
 
     Raises:

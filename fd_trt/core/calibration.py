@@ -1,7 +1,7 @@
-"""Calibrated key steps as saved files: what :func:`fd_trt.tools.calibrate.calibrate` writes and
+"""Calibrated key steps as saved files: what [`fd_trt.tools.calibrate.calibrate()`][fd_trt.tools.calibrate.calibrate] writes and
 ``schedule="calibrated"`` reads.
 
-The search itself lives in :mod:`fd_trt.tools.calibrate`; this module is the file format, which
+The search itself lives in [`fd_trt.tools.calibrate`][fd_trt.tools.calibrate]; this module is the file format, which
 the pipeline needs without the search.
 """
 
@@ -41,7 +41,7 @@ class Calibration:
             decoder costs, or ``None``.
         paper_error: the same error for ``paper`` with the same K budget cut, for comparison.
         costs: the encoder and decoder call costs (seconds) measured on the backend that
-            ``estimated_speedup`` comes from (:func:`measure_costs`, :func:`estimate_speedup`).
+            ``estimated_speedup`` comes from (`measure_costs()`, `estimate_speedup()`).
     """
 
     key_steps: list[int]
@@ -73,7 +73,7 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Calibration:
-        """Reads a calibration JSON written by :meth:`save` or ``fd-trt calibrate --out``.
+        """Reads a calibration JSON written by [`save()`][fd_trt.core.calibration.Calibration.save] or ``fd-trt calibrate --out``.
 
         Raises:
             ScheduleError: for a missing or malformed file.

@@ -1,6 +1,6 @@
 """What the encoder hands the decoder, and the conditioning both take: types every layer shares.
 
-The sampler, the runners and the graph export all speak of :class:`Features` (the mid-block
+The sampler, the runners and the graph export all speak of [`Features`][fd_trt.core.features.Features] (the mid-block
 output and the skip features of one key step) and of ``Added`` (SDXL's per-row added
 conditioning), so they live here, below all of them.
 """
@@ -50,7 +50,7 @@ class Features:
 
     @staticmethod
     def names(num_skips: int) -> list[str]:
-        """Graph names of the feature tensors: ``mid, skip_00 .. skip_NN`` (:mod:`fd_trt.graphs.contract`)."""
+        """Graph names of the feature tensors: ``mid, skip_00 .. skip_NN`` ([`fd_trt.graphs.contract`][fd_trt.graphs.contract])."""
         return feature_names(num_skips)
 
 
@@ -62,7 +62,7 @@ def added_tensors(names: tuple[str, ...], added: Added, rows: int) -> tuple[torc
     """The added-conditioning tensors in graph order, checked against the UNet and the row count.
 
     Args:
-        names: the UNet's :func:`added_input_names`.
+        names: the UNet's `added_input_names()`.
         added: what the caller passed.
         rows: the rows every tensor must have.
 

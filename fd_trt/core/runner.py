@@ -48,7 +48,7 @@ class Runner(abc.ABC):
             one ``decode`` call into several executions (a plan's profile, a row cap) counts each.
         thread_safe: whether ``encode`` / ``decode`` may run from several threads at once. Runners
             that own static buffers (TensorRT, CUDA graphs) set it to ``False`` and serialize their
-            calls with :meth:`exclusive`.
+            calls with [`exclusive()`][fd_trt.core.runner.Runner.exclusive].
     """
 
     name: str = "base"
@@ -78,7 +78,7 @@ class Runner(abc.ABC):
         return self
 
     def deactivate(self) -> None:
-        """Frees what :meth:`activate` allocated."""
+        """Frees what [`activate()`][fd_trt.core.runner.Runner.activate] allocated."""
         if self.is_active:
             self._deactivate()
             self.is_active = False
@@ -117,11 +117,11 @@ class Runner(abc.ABC):
     def plan(self, schedule: Any, rows: int, parallel: bool = True, max_decoder_rows: int | None = None) -> Any:
         """Told by the sampler, before a run, which calls are coming; most runners ignore it.
 
-        :class:`fd_trt.backends.auto.AutoRunner` uses it to choose a backend and a decoder call size for
+        [`fd_trt.backends.auto.AutoRunner`][fd_trt.backends.auto.AutoRunner] uses it to choose a backend and a decoder call size for
         the run's schedule and rows.
 
         Args:
-            schedule: the run's :class:`~fd_trt.core.schedule.KeySchedule`.
+            schedule: the run's [`KeySchedule`][fd_trt.core.schedule.KeySchedule].
             rows: rows per step (2B with CFG).
             parallel: whether a segment's steps may share a decoder call.
             max_decoder_rows: the caller's cap on rows per decoder call.
@@ -129,8 +129,8 @@ class Runner(abc.ABC):
         return None
 
     def controlnet(self, record: Any) -> Any:
-        """The ControlNet graph of ``record`` (a :class:`fd_trt.graphs.manifest.ControlNetRecord` of this
-        runner's engine directory) as a :data:`fd_trt.pipelines.conditioning.ControlNetCall`, loaded once.
+        """The ControlNet graph of ``record`` (a [`fd_trt.graphs.manifest.ControlNetRecord`][fd_trt.graphs.manifest.ControlNetRecord] of this
+        runner's engine directory) as a `fd_trt.pipelines.conditioning.ControlNetCall`, loaded once.
 
         Graph runners (onnxruntime, tensorrt) run it; the default, ``None``, means this runner runs
         no graphs and the ControlNet stays the torch module.
@@ -205,7 +205,7 @@ def expand_for_steps(
 ) -> tuple[Features, torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
     """Tiles the features, text and added conditioning to ``S*N`` step-major rows and gives each
     row its timestep (what the decoder graph does inside, for eager PyTorch). The arguments are
-    those of :func:`step_timesteps`.
+    those of [`step_timesteps()`][fd_trt.core.runner.step_timesteps].
 
     Returns:
         ``(features, timestep [S*N], text [S*N,L,D], added with S*N rows or None)``.

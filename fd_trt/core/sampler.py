@@ -39,7 +39,7 @@ class SamplerStats:
         encoder_calls / encoder_rows: encoder graph executions and the rows they processed.
         decoder_calls / decoder_rows: decoder graph executions and the rows they processed. A
             ``decode`` that the runner splits (a TensorRT profile smaller than the segment)
-            counts as the executions it made (:attr:`Runner.launches`).
+            counts as the executions it made (`Runner.launches`).
         seconds: wall seconds spent in ``encoder``, ``decoder`` and ``scheduler``.
     """
 
@@ -118,7 +118,7 @@ class SamplerInputs:
         extra_channels: ``[rows,E,h,w]`` concatenated after the scaled latents along the channels
             at every encoder call (an inpainting UNet's mask and masked-image latents).
         control: called at every key step; the residuals it returns are added to the features
-            (see :data:`KeyStepControl`). Its time is counted in ``seconds["controlnet"]``.
+            (see `KeyStepControl`). Its time is counted in ``seconds["controlnet"]``.
         initial_noise: the unit initial noise for noise injection, when the latents are not x_T
             (img2img's noised image latents, a resumed run); ``latents / init_noise_sigma`` by default.
     """
@@ -139,7 +139,7 @@ class SamplerOptions:
         guidance_rescale: rescales the guided noise towards the conditional one's standard
             deviation (Lin et al. 2023, diffusers' ``rescale_noise_cfg``); 0 is off.
         noise: the prior noise-injection policy: ``alpha`` times the unit initial noise, added in
-            the variance-preserving space (see :func:`model_input_scale`).
+            the variance-preserving space (see [`model_input_scale()`][fd_trt.core.sampler.model_input_scale]).
         parallel: decode all steps of a segment in one call; ``False`` makes one call per step.
         max_decoder_rows: cap on rows per decoder call; larger segments are decoded in chunks.
         extra_step_kwargs: passed to ``scheduler.step`` (``eta``, ``generator``).
@@ -148,7 +148,7 @@ class SamplerOptions:
             run. All of ``scheduler.timesteps`` by default.
         start_step: resume at this key step: the latents and scheduler are then the state before
             that step of an earlier run (calibration reuses shared prefixes this way); needs
-            :attr:`SamplerInputs.initial_noise`.
+            `SamplerInputs.initial_noise`.
         progress: show a progress bar.
     """
 
@@ -184,9 +184,9 @@ def run_sampler(
         runner: an active backend runner.
         scheduler: a diffusers scheduler whose ``set_timesteps`` has been called.
         latents: ``[B,C,h,w]`` initial latents x_T (already scaled by ``init_noise_sigma``).
-        inputs: the rows' conditioning (:class:`SamplerInputs`).
+        inputs: the rows' conditioning ([`SamplerInputs`][fd_trt.core.sampler.SamplerInputs]).
         schedule: the key steps, one entry per step run.
-        options: guidance, noise injection, batching and the steps run (:class:`SamplerOptions`).
+        options: guidance, noise injection, batching and the steps run ([`SamplerOptions`][fd_trt.core.sampler.SamplerOptions]).
         callback: called after every scheduler step with ``(i, timestep, latents)``; a tensor it
             returns replaces the latents.
         stats: filled in place when given.

@@ -119,11 +119,11 @@ def _validate(key_steps: Sequence[int], num_steps: int) -> None:
 
 
 def parse_schedule(spec: ScheduleSpec, num_steps: int) -> KeySchedule:
-    """Turns a schedule spec into a validated :class:`KeySchedule`.
+    """Turns a schedule spec into a validated [`KeySchedule`][fd_trt.core.schedule.KeySchedule].
 
     Args:
         spec: ``"paper"``, ``"all"``, ``"uniform:N"``, a comma-separated list such as ``"0,1,2,5"``,
-            a sequence of step indices, or a :class:`KeySchedule` (checked against ``num_steps``).
+            a sequence of step indices, or a [`KeySchedule`][fd_trt.core.schedule.KeySchedule] (checked against ``num_steps``).
         num_steps: the number of scheduler steps, ``len(scheduler.timesteps)``.
 
     Returns:

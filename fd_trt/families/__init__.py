@@ -1,8 +1,8 @@
-"""Model families (:mod:`fd_trt.families.base`) and model loading (:mod:`fd_trt.families.models`).
+"""Model families ([`fd_trt.families.base`][fd_trt.families.base]) and model loading ([`fd_trt.families.models`][fd_trt.families.models]).
 
 The built-in families are registered here, oldest first: Stable Diffusion 1.x/2.x (``"sd"``) and
-SDXL (``"sdxl"``). Another family is one module (a :class:`ModelFamily` subclass) and a
-:func:`register_family` call.
+SDXL (``"sdxl"``). Another family is one module (a [`ModelFamily`][fd_trt.families.base.ModelFamily] subclass) and a
+[`register_family()`][fd_trt.families.base.register_family] call.
 """
 
 from fd_trt.families.base import (

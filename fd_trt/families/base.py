@@ -1,27 +1,27 @@
 """Model families: what the pipeline knows about one kind of denoiser, and the table of them.
 
-A family (a :class:`ModelFamily`) states, for its denoiser:
+A family (a [`ModelFamily`][fd_trt.families.base.ModelFamily]) states, for its denoiser:
 
-* how to recognise it, before any weights load: :meth:`~ModelFamily.matches_config` on the UNet
-  config of a local diffusers folder (``unet/config.json``), :meth:`~ModelFamily.matches_pipeline`
+* how to recognise it, before any weights load: [`matches_config()`][fd_trt.families.base.ModelFamily.matches_config] on the UNet
+  config of a local diffusers folder (``unet/config.json``), [`matches_pipeline()`][fd_trt.families.base.ModelFamily.matches_pipeline]
   on a loaded diffusers pipeline;
-* what it refuses, with the message: :meth:`~ModelFamily.check_config`,
-  :meth:`~ModelFamily.check_pipeline`, :attr:`~ModelFamily.supports_controlnet`;
-* how a local folder loads: :meth:`~ModelFamily.load_pipeline`;
-* how it is split and what its graphs take: :meth:`~ModelFamily.split` and the shapes of the
-  graph contract (:mod:`fd_trt.graphs.contract`): :meth:`~ModelFamily.text_shape` (the
-  ``encoder_hidden_states`` per row) and :meth:`~ModelFamily.added_shapes` (the added
+* what it refuses, with the message: [`check_config()`][fd_trt.families.base.ModelFamily.check_config],
+  [`check_pipeline()`][fd_trt.families.base.ModelFamily.check_pipeline], `supports_controlnet`;
+* how a local folder loads: [`load_pipeline()`][fd_trt.families.base.ModelFamily.load_pipeline];
+* how it is split and what its graphs take: [`split()`][fd_trt.families.base.ModelFamily.split] and the shapes of the
+  graph contract ([`fd_trt.graphs.contract`][fd_trt.graphs.contract]): [`text_shape()`][fd_trt.families.base.ModelFamily.text_shape] (the
+  ``encoder_hidden_states`` per row) and [`added_shapes()`][fd_trt.families.base.ModelFamily.added_shapes] (the added
   conditioning per row, ``None`` when there is none);
-* how it encodes prompts into that conditioning: :meth:`~ModelFamily.check_prompt_options`,
-  :meth:`~ModelFamily.encode_prompt`.
+* how it encodes prompts into that conditioning: [`check_prompt_options()`][fd_trt.families.base.ModelFamily.check_prompt_options],
+  [`encode_prompt()`][fd_trt.families.base.ModelFamily.encode_prompt].
 
-:data:`FAMILIES` is the table, name -> family, in registration order (as diffusers'
-``AUTO_TEXT2IMAGE_PIPELINES_MAPPING``). :func:`register_family` adds one;
-:func:`family_for_config` and :func:`family_for_pipeline` ask the families newest first, so a
+`FAMILIES` is the table, name -> family, in registration order (as diffusers'
+``AUTO_TEXT2IMAGE_PIPELINES_MAPPING``). [`register_family()`][fd_trt.families.base.register_family] adds one;
+[`family_for_config()`][fd_trt.families.base.family_for_config] and [`family_for_pipeline()`][fd_trt.families.base.family_for_pipeline] ask the families newest first, so a
 family registered later may claim a subset of an earlier family's models (an SD-shaped UNet with
 a marker in its config). ``fd_trt.families`` registers Stable Diffusion 1.x/2.x (``"sd"``,
-:mod:`fd_trt.families.sd`) and SDXL (``"sdxl"``, :mod:`fd_trt.families.sdxl`). Which pipeline
-class serves a family is the pipelines' business (:mod:`fd_trt.pipelines.registry`); a family
+[`fd_trt.families.sd`][fd_trt.families.sd]) and SDXL (``"sdxl"``, [`fd_trt.families.sdxl`][fd_trt.families.sdxl]). Which pipeline
+class serves a family is the pipelines' business ([`fd_trt.pipelines.registry`][fd_trt.pipelines.registry]); a family
 no pipeline class is registered for runs on ``FasterDiffusionPipeline``, which asks its family
 for everything listed above.
 
@@ -73,10 +73,10 @@ def config_value(config: Any, key: str, default: Any = None) -> Any:
 class ModelFamily:
     """One kind of denoiser: how to recognise, refuse, load, split and condition it.
 
-    Subclass it, set :attr:`name` and :attr:`description`, implement :meth:`matches_config`,
-    :meth:`text_shape` and :meth:`encode_prompt` (and whatever else differs from the defaults
-    below), then register an instance with :func:`register_family`. The defaults fit a
-    diffusers ``UNet2DConditionModel`` that :func:`fd_trt.graphs.split.split_unet` carries.
+    Subclass it, set `name` and `description`, implement [`matches_config()`][fd_trt.families.base.ModelFamily.matches_config],
+    [`text_shape()`][fd_trt.families.base.ModelFamily.text_shape] and [`encode_prompt()`][fd_trt.families.base.ModelFamily.encode_prompt] (and whatever else differs from the defaults
+    below), then register an instance with [`register_family()`][fd_trt.families.base.register_family]. The defaults fit a
+    diffusers ``UNet2DConditionModel`` that [`fd_trt.graphs.split.split_unet()`][fd_trt.graphs.split.split_unet] carries.
     """
 
     #: The registry key and the name in messages (``"sd"``, ``"sdxl"``).
@@ -112,8 +112,8 @@ class ModelFamily:
         self.unet_kind(unet_config)
 
     def check_pipeline(self, sd_pipeline: Any) -> None:
-        """Refuses a loaded pipeline this family would run wrongly: :meth:`check_config` on its UNet,
-        then the split itself (:meth:`split`), so that an unsupported UNet fails before any call.
+        """Refuses a loaded pipeline this family would run wrongly: [`check_config()`][fd_trt.families.base.ModelFamily.check_config] on its UNet,
+        then the split itself ([`split()`][fd_trt.families.base.ModelFamily.split]), so that an unsupported UNet fails before any call.
 
         Raises:
             UnsupportedModelError, InputError: naming what does not fit.
@@ -123,7 +123,7 @@ class ModelFamily:
 
     def unet_kind(self, unet_config: Any) -> str:
         """How the pipeline feeds the UNet: ``"text2img"`` or ``"inpaint"`` (latents, mask and
-        masked-image latents in); :func:`fd_trt.families.models.unet_input_kind` by default.
+        masked-image latents in); [`fd_trt.families.models.unet_input_kind()`][fd_trt.families.models.unet_input_kind] by default.
 
         Raises:
             UnsupportedModelError: for another channel layout.
@@ -146,7 +146,7 @@ class ModelFamily:
 
     # graphs -------------------------------------------------------------------------------------
     def split(self, unet: Any) -> SplitUNet:
-        """The denoiser as encoder and decoder (:func:`fd_trt.graphs.split.split_unet`)."""
+        """The denoiser as encoder and decoder ([`fd_trt.graphs.split.split_unet()`][fd_trt.graphs.split.split_unet])."""
         from fd_trt.graphs.split import split_unet
 
         return split_unet(unet)
@@ -157,11 +157,11 @@ class ModelFamily:
 
     def added_shapes(self, sd_pipeline: Any) -> dict[str, tuple[int, ...]] | None:
         """Per-row shapes of the added conditioning, named as the graph contract's added inputs
-        (:data:`fd_trt.graphs.contract.ADDED_CONDITIONING`); ``None`` when there is none."""
+        (`fd_trt.graphs.contract.ADDED_CONDITIONING`); ``None`` when there is none."""
         return None
 
     def graph_contract(self, sd_pipeline: Any, latent_size: tuple[int, int] | None = None) -> GraphContract:
-        """The contract of this model's encoder and decoder graphs (:mod:`fd_trt.graphs.contract`)."""
+        """The contract of this model's encoder and decoder graphs ([`fd_trt.graphs.contract`][fd_trt.graphs.contract])."""
         from fd_trt.graphs.contract import GraphContract
 
         return GraphContract.from_unet_config(
@@ -203,11 +203,11 @@ class ModelFamily:
             do_classifier_free_guidance: also encode the negative prompts.
             height, width: the image size (for a family that conditions on it).
             device: where the embeddings go.
-            **options: the family's own prompt options (:meth:`check_prompt_options`).
+            **options: the family's own prompt options ([`check_prompt_options()`][fd_trt.families.base.ModelFamily.check_prompt_options]).
 
         Returns:
-            :class:`PromptEmbeddings` with ``text [R,L,D]`` of :meth:`text_shape` and ``added`` of
-            :meth:`added_shapes`, R = (2 if CFG else 1) x images.
+            [`PromptEmbeddings`][fd_trt.families.base.PromptEmbeddings] with ``text [R,L,D]`` of [`text_shape()`][fd_trt.families.base.ModelFamily.text_shape] and ``added`` of
+            [`added_shapes()`][fd_trt.families.base.ModelFamily.added_shapes], R = (2 if CFG else 1) x images.
         """
         raise NotImplementedError
 
@@ -220,13 +220,13 @@ FAMILIES: OrderedDict[str, ModelFamily] = OrderedDict()
 
 
 def register_family(family: ModelFamily) -> ModelFamily:
-    """Adds a family to :data:`FAMILIES`; it is asked before every family registered earlier.
+    """Adds a family to `FAMILIES`; it is asked before every family registered earlier.
 
     Returns:
         ``family``, so that a module can write ``FAMILY = register_family(MyFamily())``.
 
     Raises:
-        InputError: for a name already registered, or an object that is no :class:`ModelFamily`.
+        InputError: for a name already registered, or an object that is no [`ModelFamily`][fd_trt.families.base.ModelFamily].
     """
     if not isinstance(family, ModelFamily):
         raise InputError(f"register_family takes a ModelFamily instance, got {family!r}")
@@ -243,7 +243,7 @@ def register_family(family: ModelFamily) -> ModelFamily:
 
 
 def unregister_family(name: str) -> ModelFamily:
-    """Removes a family from :data:`FAMILIES` and returns it.
+    """Removes a family from `FAMILIES` and returns it.
 
     Raises:
         InputError: for a name that is not registered.

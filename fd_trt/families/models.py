@@ -278,9 +278,9 @@ def check_controlnet_fits(net: Any, unet_config: Any) -> None:
 def load_diffusers_pipeline(source: str | os.PathLike[str]) -> tuple[Any, str]:
     """Loads a diffusers pipeline from a local folder, or the built-in default.
 
-    The folder's model family (:func:`fd_trt.families.base.family_for_config`) is read from its
+    The folder's model family ([`fd_trt.families.base.family_for_config()`][fd_trt.families.base.family_for_config]) is read from its
     ``unet/config.json`` and checks it before any weights load; the family loads the pipeline
-    (:meth:`~fd_trt.families.base.ModelFamily.load_pipeline`).
+    ([`load_pipeline()`][fd_trt.families.base.ModelFamily.load_pipeline]).
 
     Args:
         source: ``"default"`` or the path of a local diffusers folder (``model_index.json``,
@@ -321,8 +321,8 @@ def load_diffusers_pipeline(source: str | os.PathLike[str]) -> tuple[Any, str]:
 def read_unet_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """A diffusers folder's UNet configuration (``unet/config.json``), read without loading weights.
 
-    Its model family (:func:`fd_trt.families.base.family_for_config`) tells what it supports
-    (:meth:`~fd_trt.families.base.ModelFamily.check_config`).
+    Its model family ([`fd_trt.families.base.family_for_config()`][fd_trt.families.base.family_for_config]) tells what it supports
+    ([`check_config()`][fd_trt.families.base.ModelFamily.check_config]).
 
     Raises:
         InputError: when the folder has no readable UNet configuration.
@@ -415,7 +415,7 @@ def random_controlnet(unet: Any, seed: int = 0, vae_scale_factor: int = 8, zero_
     """A ControlNet shaped for ``unet`` (``ControlNetModel.from_unet``, no download), for benchmarks and tests.
 
     ``from_unet`` copies the UNet's encoder weights, so the ControlNet has exactly the UNet's
-    encoder shape (SD1.5's for :func:`sd15_arch_pipeline`). Its zero convolutions are then drawn
+    encoder shape (SD1.5's for [`sd15_arch_pipeline()`][fd_trt.families.models.sd15_arch_pipeline]). Its zero convolutions are then drawn
     from a normal distribution (seeded): a fresh ControlNet's zero convolutions make every
     residual exactly zero, which would hide any error in how the residuals are applied.
 

@@ -31,7 +31,7 @@ class StableDiffusionFamily(ModelFamily):
 
     def matches_config(self, unet_config: Any) -> bool:
         """A ``UNet2DConditionModel`` config without ``addition_embed_type``. Options the split does
-        not carry (``class_embed_type``, ...) are recognised here and refused by :meth:`check_config`."""
+        not carry (``class_embed_type``, ...) are recognised here and refused by `check_config()`."""
         return (
             config_value(unet_config, "_class_name") in UNET_CLASSES
             and config_value(unet_config, "addition_embed_type") is None

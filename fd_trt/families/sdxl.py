@@ -3,14 +3,14 @@
 SDXL differs from SD 1.x/2.x only in its conditioning: two text encoders whose hidden states are
 concatenated, the second one's pooled output, and the micro-conditioning ``time_ids``
 (original size, crop corner, target size). The UNet adds an embedding of the last two to its time
-embedding, so both graphs take them per row (see :mod:`fd_trt.graphs.split`). Prompt encoding is
+embedding, so both graphs take them per row (see [`fd_trt.graphs.split`][fd_trt.graphs.split]). Prompt encoding is
 diffusers' own ``StableDiffusionXLPipeline.encode_prompt``, called on the wrapped pipeline.
 
 The refiner has no first text encoder and five time ids (original size, crop corner, aesthetic
 score); how many the UNet takes is read from its config (``projection_class_embeddings_input_dim``
 less the pooled width, over ``addition_time_embed_dim``), never assumed.
 
-:class:`StableDiffusionXLFamily` is the registered family (``"sdxl"``);
+[`StableDiffusionXLFamily`][fd_trt.families.sdxl.StableDiffusionXLFamily] is the registered family (``"sdxl"``);
 ``fd_trt.pipelines.sdxl.FasterDiffusionXLPipeline`` serves it, with SDXL's call arguments.
 """
 
@@ -126,7 +126,7 @@ class StableDiffusionXLFamily(ModelFamily):
 
     def check_pipeline(self, sd_pipeline: Any) -> None:
         """Refuses an SDXL pipeline without its second text encoder, with a ControlNet or an
-        inpainting UNet, or whose time-id layout does not fit its UNet (:meth:`aesthetic_time_ids`).
+        inpainting UNet, or whose time-id layout does not fit its UNet ([`aesthetic_time_ids()`][fd_trt.families.sdxl.StableDiffusionXLFamily.aesthetic_time_ids]).
 
         Raises:
             InputError, UnsupportedModelError: naming what does not fit.
@@ -162,11 +162,11 @@ class StableDiffusionXLFamily(ModelFamily):
         return cls.from_pretrained(folder, local_files_only=True, use_safetensors=True, add_watermarker=False)
 
     def text_shape(self, sd_pipeline: Any) -> tuple[int, int]:
-        """``(L, D)`` of the prompt embeddings: both encoders' hidden states side by side (:func:`sdxl_text_shape`)."""
+        """``(L, D)`` of the prompt embeddings: both encoders' hidden states side by side ([`sdxl_text_shape()`][fd_trt.families.sdxl.sdxl_text_shape])."""
         return sdxl_text_shape(sd_pipeline)
 
     def added_shapes(self, sd_pipeline: Any) -> dict[str, tuple[int, ...]]:
-        """Per-row shapes of the added conditioning (:func:`sdxl_added_shapes`)."""
+        """Per-row shapes of the added conditioning ([`sdxl_added_shapes()`][fd_trt.families.sdxl.sdxl_added_shapes])."""
         return sdxl_added_shapes(sd_pipeline)
 
     def aesthetic_time_ids(self, sd_pipeline: Any) -> bool:
@@ -268,7 +268,7 @@ class StableDiffusionXLFamily(ModelFamily):
         two agree whenever the negative micro-conditioning is the default.
 
         Returns:
-            :class:`PromptEmbeddings` with ``text [R,L,D]`` and ``added`` =
+            [`PromptEmbeddings`][fd_trt.families.base.PromptEmbeddings] with ``text [R,L,D]`` and ``added`` =
             ``{"text_embeds": [R,P], "time_ids": [R,K]}``, negative rows first with CFG.
         """
         pos, neg, pooled, neg_pooled = sd_pipeline.encode_prompt(

@@ -1,8 +1,8 @@
 """Building an engine directory's graphs: the UNet's encoder and decoder, and one graph per ControlNet.
 
-Each build takes the directory's lock (:func:`fd_trt.graphs.manifest.engine_dir_lock`), compares
-what is there with the model at hand (:mod:`fd_trt.graphs.manifest`), and exports
-(:mod:`fd_trt.graphs.export`) only what is missing or stale, writing the manifest last.
+Each build takes the directory's lock ([`fd_trt.graphs.manifest.engine_dir_lock()`][fd_trt.graphs.manifest.engine_dir_lock]), compares
+what is there with the model at hand ([`fd_trt.graphs.manifest`][fd_trt.graphs.manifest]), and exports
+([`fd_trt.graphs.export`][fd_trt.graphs.export]) only what is missing or stale, writing the manifest last.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ T = TypeVar("T")
 
 @dataclass
 class BuildResult:
-    """What :func:`build_engines` did.
+    """What [`build_engines()`][fd_trt.graphs.build.build_engines] did.
 
     Attributes:
         engine_dir: the engine directory.
@@ -93,7 +93,7 @@ def build_engines(
 
     A second call with an unchanged model and settings reads the manifest and the files' hashes,
     writes nothing and reports ``built=False``. Concurrent calls on one directory (processes,
-    Ray replicas warming one cache) are serialized by :func:`fd_trt.graphs.manifest.engine_dir_lock`:
+    Ray replicas warming one cache) are serialized by [`fd_trt.graphs.manifest.engine_dir_lock()`][fd_trt.graphs.manifest.engine_dir_lock]:
     one exports, the others wait, find the graphs up to date and report ``built=False``.
 
     Args:
@@ -108,16 +108,16 @@ def build_engines(
         model_source: where the model came from, recorded for messages and rebuild commands.
         force: rebuild even when up to date.
         progress: show progress bars.
-        external_data_threshold: see :func:`fd_trt.graphs.export.export_unet`.
+        external_data_threshold: see [`fd_trt.graphs.export.export_unet()`][fd_trt.graphs.export.export_unet].
         unet_sha256: the weights digest, when the caller already computed it.
         added_shapes: per-row shapes of SDXL's added conditioning (``{"text_embeds": (P,),
             "time_ids": (K,)}``); the config's, with K = 6, when omitted.
-        share_rows: see :func:`fd_trt.graphs.export.export_unet` (``None``: decided from the UNet's
+        share_rows: see [`fd_trt.graphs.export.export_unet()`][fd_trt.graphs.export.export_unet] (``None``: decided from the UNet's
             widths). It changes speed, not numbers, so it is not a manifest field: an engine
             directory built with another setting stays up to date (``force=True`` rebuilds).
 
     Returns:
-        A :class:`BuildResult`.
+        A [`BuildResult`][fd_trt.graphs.build.BuildResult].
     """
     t0 = time.perf_counter()
     folder = Path(engine_dir)
@@ -165,8 +165,8 @@ def build_engines(
 def _build_locked(folder: Path, what: str, find: Callable[[], T | str], export: Callable[[], T]) -> tuple[T, bool, str]:
     """Under the engine directory's lock: what ``find`` finds up to date, or what ``export`` builds.
 
-    The one build skeleton of the UNet's graphs (:func:`build_engines`) and a ControlNet's
-    (:func:`build_controlnet_graph`). ``find`` runs under the lock, since another process may have
+    The one build skeleton of the UNet's graphs ([`build_engines()`][fd_trt.graphs.build.build_engines]) and a ControlNet's
+    ([`build_controlnet_graph()`][fd_trt.graphs.build.build_controlnet_graph]). ``find`` runs under the lock, since another process may have
     built the graph while this one waited; it returns the up-to-date result or why to (re)build.
 
     Returns:
@@ -211,7 +211,7 @@ def _export_into(
 ) -> Any:
     """Exports the graphs into ``folder`` and writes ``expected`` (with graph records) as its manifest.
 
-    The caller holds :func:`fd_trt.graphs.manifest.engine_dir_lock`. The manifest is removed first
+    The caller holds [`fd_trt.graphs.manifest.engine_dir_lock()`][fd_trt.graphs.manifest.engine_dir_lock]. The manifest is removed first
     and written last, so a build killed in between leaves no manifest, and nothing half-written is
     ever loaded (the next build starts over). With ``keep_plans`` the plan files stay (a refit
     rewrites them next); otherwise plans of the old graphs, which could never run again, are deleted.
@@ -257,16 +257,16 @@ def build_controlnet_graph(
     """Exports a ControlNet's graph into a built engine directory, unless an up-to-date one is there.
 
     The graph takes the directory's latent and text shapes, precision and opset, and its outputs
-    are checked against the UNet's features (:meth:`ControlNetContract.check_fits`). Under
-    :func:`fd_trt.graphs.manifest.engine_dir_lock`, like every writer.
+    are checked against the UNet's features ([`ControlNetContract.check_fits()`][fd_trt.graphs.contract.ControlNetContract.check_fits]). Under
+    [`fd_trt.graphs.manifest.engine_dir_lock()`][fd_trt.graphs.manifest.engine_dir_lock], like every writer.
 
     Args:
         controlnet: a diffusers ``ControlNetModel`` (SD 1.x/2.x).
         engine_dir: an engine directory whose UNet graphs are built.
-        controlnet_sha256: its :func:`~fd_trt.graphs.weights.unet_weights_sha256`, when the caller has it.
+        controlnet_sha256: its [`unet_weights_sha256()`][fd_trt.graphs.weights.unet_weights_sha256], when the caller has it.
         force: export even when up to date.
         progress: show a progress bar.
-        external_data_threshold: see :func:`fd_trt.graphs.export.export_unet`.
+        external_data_threshold: see [`fd_trt.graphs.export.export_unet()`][fd_trt.graphs.export.export_unet].
 
     Returns:
         The graph's manifest record.

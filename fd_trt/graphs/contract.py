@@ -1,10 +1,10 @@
 """The graph contract (docs/design.md section 3), defined once: the inputs and outputs of the encoder
 and decoder graphs, in order, with dtypes, shapes, dynamic axes and the decoder's row layout.
 
-Export (:mod:`fd_trt.graphs.export`), the onnxruntime and TensorRT runners, the TensorRT profiles and
-the engine-directory manifest (:mod:`fd_trt.graphs.manifest`) all read it; none of them writes a graph
-name out. A new conditioning input is one entry in :data:`ADDED_CONDITIONING` (and the split's
-arithmetic for it in :mod:`fd_trt.graphs.split`).
+Export ([`fd_trt.graphs.export`][fd_trt.graphs.export]), the onnxruntime and TensorRT runners, the TensorRT profiles and
+the engine-directory manifest ([`fd_trt.graphs.manifest`][fd_trt.graphs.manifest]) all read it; none of them writes a graph
+name out. A new conditioning input is one entry in `ADDED_CONDITIONING` (and the split's
+arithmetic for it in [`fd_trt.graphs.split`][fd_trt.graphs.split]).
 
 The contract of one UNet, for ``C`` latent channels, ``h x w`` latents and ``L x D`` text::
 
@@ -21,13 +21,13 @@ The decoder decodes S steps of one key step in one call. Its features, text and 
 conditioning are the key step's N encoder rows (axis ``rows``), given once; its ``timestep``
 and ``noise_pred`` have ``S*N`` rows (axis ``step_rows``), step-major: row ``j*N + i`` is encoder
 row ``i`` at step ``j``. The graph repeats the N rows S times itself and, for UNets wide enough
-for it to pay (:func:`fd_trt.graphs.split.decoder_shares_rows`), computes what only depends on them
+for it to pay ([`fd_trt.graphs.split.decoder_shares_rows()`][fd_trt.graphs.split.decoder_shares_rows]), computes what only depends on them
 once (the skip half of every up-block convolution, the text's key and value projections;
-:meth:`fd_trt.graphs.split.SplitUNet.skip_rows_repeated`). A decoder that took the features already
+[`fd_trt.graphs.split.SplitUNet.skip_rows_repeated()`][fd_trt.graphs.split.SplitUNet.skip_rows_repeated]). A decoder that took the features already
 tiled to S*N rows, as engine format 1 had it, convolved the same skips S times: on sd15-arch at
 256x256 the shared graph's ONNX Runtime call of 5 steps is 1.12x faster.
 
-The optional ControlNet graph (one per ControlNet, :class:`ControlNetContract`)::
+The optional ControlNet graph (one per ControlNet, [`ControlNetContract`][fd_trt.graphs.contract.ControlNetContract])::
 
     controlnet  sample [rows,C,h,w], timestep [rows] f32, encoder_hidden_states [rows,L,D],
                 controlnet_cond [rows,3,h*f,w*f], conditioning_scale [1] f32
@@ -66,7 +66,7 @@ FLOAT = "float"
 FLOAT32 = "float32"
 
 ROLES = ("encoder", "decoder")
-#: The role of a ControlNet graph (not in :data:`ROLES`: it is optional, one per ControlNet).
+#: The role of a ControlNet graph (not in `ROLES`: it is optional, one per ControlNet).
 CONTROLNET = "controlnet"
 CONTROLNET_COND = "controlnet_cond"
 CONDITIONING_SCALE = "conditioning_scale"
@@ -176,10 +176,10 @@ class TensorSpec:
         name: the graph name.
         tail: the dims after the row axis; an ``int`` is fixed, a ``str`` names a dim fixed per
             export but unknown here (``"h"``, ``"L"``, ...).
-        dtype: :data:`FLOAT` (the graph's precision) or :data:`FLOAT32`.
+        dtype: `FLOAT` (the graph's precision) or `FLOAT32`.
         rowed: whether axis 0 is the dynamic row axis (every tensor but the ControlNet's
             ``conditioning_scale``, whose whole shape is ``tail``).
-        row_axis: the name of that axis: :data:`ROW_AXIS`, or :data:`STEP_ROW_AXIS` for the
+        row_axis: the name of that axis: `ROW_AXIS`, or `STEP_ROW_AXIS` for the
             decoder's ``timestep`` and ``noise_pred``.
     """
 
@@ -289,8 +289,8 @@ class GraphSpec:
 class GraphContract:
     """The contract of one UNet's encoder and decoder graphs.
 
-    Build it with :meth:`from_unet_config` (export, manifests), :meth:`from_manifest` (an
-    engine directory) or :meth:`from_encoder_io` (a bare graph file, whose encoder names say
+    Build it with [`from_unet_config()`][fd_trt.graphs.contract.GraphContract.from_unet_config] (export, manifests), [`from_manifest()`][fd_trt.graphs.contract.GraphContract.from_manifest] (an
+    engine directory) or [`from_encoder_io()`][fd_trt.graphs.contract.GraphContract.from_encoder_io] (a bare graph file, whose encoder names say
     everything the decoder must have).
 
     Attributes:
@@ -299,7 +299,7 @@ class GraphContract:
         latent_tail: ``(C, h, w)`` of the sample.
         out_tail: ``(C_out, h, w)`` of ``noise_pred``.
         text_tail: ``(L, D)`` of the text states.
-        features: per-row shapes of ``mid`` and each skip, in :func:`feature_names` order.
+        features: per-row shapes of ``mid`` and each skip, in `feature_names()` order.
     """
 
     num_skips: int
@@ -311,7 +311,7 @@ class GraphContract:
 
     @property
     def row_layout(self) -> str:
-        """:data:`ROW_LAYOUT`: decoder rows are step-major."""
+        """`ROW_LAYOUT`: decoder rows are step-major."""
         return ROW_LAYOUT
 
     @property
@@ -348,7 +348,7 @@ class GraphContract:
         return GraphSpec("decoder", inputs, (TensorSpec(NOISE_PRED, self.out_tail, row_axis=STEP_ROW_AXIS),))
 
     def spec(self, role: str) -> GraphSpec:
-        """The :class:`GraphSpec` of ``encoder`` or ``decoder``."""
+        """The [`GraphSpec`][fd_trt.graphs.contract.GraphSpec] of ``encoder`` or ``decoder``."""
         if role not in ROLES:
             raise InputError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         return self.encoder if role == "encoder" else self.decoder
@@ -369,7 +369,7 @@ class GraphContract:
             latent_size: ``(h, w)``; spatial dims stay symbolic without it.
             text_shape: ``(L, D)``; ``(77, cross_attention_dim)`` when omitted.
             added_shapes: per-row shapes of the added conditioning (SDXL); the config's
-                defaults (:func:`default_added_shapes`) when omitted.
+                defaults ([`default_added_shapes()`][fd_trt.graphs.contract.default_added_shapes]) when omitted.
 
         Returns:
             The contract.
@@ -406,7 +406,7 @@ class GraphContract:
 
     @classmethod
     def from_manifest(cls, manifest: Any) -> GraphContract:
-        """The contract an engine directory's manifest describes (:class:`fd_trt.graphs.manifest.Manifest`).
+        """The contract an engine directory's manifest describes ([`fd_trt.graphs.manifest.Manifest`][fd_trt.graphs.manifest.Manifest]).
 
         The recorded ``num_skips`` and ``added_shapes`` are the graphs' facts; the UNet config
         adds the feature shapes when it is complete.
@@ -443,7 +443,7 @@ class GraphContract:
     ) -> GraphContract:
         """The contract implied by an encoder graph's names, when no config is at hand.
 
-        The added inputs must be one of :data:`ADDED_CONDITIONING`'s sets and the outputs
+        The added inputs must be one of `ADDED_CONDITIONING`'s sets and the outputs
         ``mid, skip_00 ..``; shapes stay symbolic.
 
         Raises:
@@ -501,7 +501,7 @@ class ControlNetContract:
 
     Attributes:
         num_down: down residuals (the UNet's skip count: 12 for SD 1.x).
-        latent_tail, text_tail: as the UNet's (:class:`GraphContract`).
+        latent_tail, text_tail: as the UNet's ([`GraphContract`][fd_trt.graphs.contract.GraphContract]).
         cond_tail: ``(3, h*f, w*f)`` of the control image.
         features: per-row shapes of ``mid`` then each ``down_ii`` (the UNet's ``mid``, ``skip_ii``;
             ``(C, 1, 1)`` for a ControlNet with ``global_pool_conditions``), or ``None``.
@@ -548,7 +548,7 @@ class ControlNetContract:
             text_shape: ``(L, D)``; ``(77, cross_attention_dim)`` when omitted.
 
         Raises:
-            UnsupportedModelError: see :func:`check_controlnet_config`.
+            UnsupportedModelError: see [`check_controlnet_config()`][fd_trt.graphs.contract.check_controlnet_config].
         """
         check_controlnet_config(controlnet_config)
         unet_like = GraphContract.from_unet_config(

@@ -6,7 +6,7 @@ save (one external ``.data`` file when the model is over 2 GB) and check with ``
 on the saved path.
 
 Graph names, input order, dtypes and dynamic axes come from the graph contract
-(:class:`fd_trt.graphs.contract.GraphContract`), which every backend reads too: for SD 1.x/2.x
+([`fd_trt.graphs.contract.GraphContract`][fd_trt.graphs.contract.GraphContract]), which every backend reads too: for SD 1.x/2.x
 ``sample, timestep, encoder_hidden_states -> mid, skip_00 ..`` and
 ``mid, skip_00 .., timestep, encoder_hidden_states -> noise_pred``; SDXL UNets add
 ``text_embeds`` and ``time_ids`` to both graphs. Axis 0 is dynamic on every input and output;
@@ -101,7 +101,7 @@ def encoder_output_names(num_skips: int) -> list[str]:
         num_skips: number of skip features (12 for SD 1.x).
 
     Returns:
-        The names, in output order (:class:`fd_trt.graphs.contract.GraphContract`).
+        The names, in output order ([`fd_trt.graphs.contract.GraphContract`][fd_trt.graphs.contract.GraphContract]).
     """
     return GraphContract(num_skips).encoder.output_names
 
@@ -113,7 +113,7 @@ def decoder_input_names(num_skips: int) -> list[str]:
         num_skips: number of skip features.
 
     Returns:
-        The names, in input order (:class:`fd_trt.graphs.contract.GraphContract`).
+        The names, in input order ([`fd_trt.graphs.contract.GraphContract`][fd_trt.graphs.contract.GraphContract]).
     """
     return GraphContract(num_skips).decoder.input_names
 
@@ -122,14 +122,14 @@ class DecoderForExport(nn.Module):
     """The decoder graph's module: ``(mid, *skips, timestep, encoder_hidden_states, *added) -> noise_pred``.
 
     The features, text and added conditioning have the key step's N rows and the timestep has S*N
-    (:meth:`fd_trt.graphs.split.SplitUNet.run_decoder_steps`, which repeats the rows inside the graph and
+    ([`fd_trt.graphs.split.SplitUNet.run_decoder_steps()`][fd_trt.graphs.split.SplitUNet.run_decoder_steps], which repeats the rows inside the graph and
     computes the skip convolutions and text projections once per distinct row). The exporter
     names graph inputs positionally, and the split decoder takes the skips as one sequence
     argument; this wrapper gives each skip its own named graph input.
 
     Args:
-        split: the :class:`~fd_trt.graphs.split.SplitUNet` of :func:`fd_trt.graphs.split.split_unet`.
-        share: share the repeated rows' work in the graph (:func:`decoder_shares_rows`).
+        split: the [`SplitUNet`][fd_trt.graphs.split.SplitUNet] of [`fd_trt.graphs.split.split_unet()`][fd_trt.graphs.split.split_unet].
+        share: share the repeated rows' work in the graph ([`decoder_shares_rows()`][fd_trt.graphs.split.decoder_shares_rows]).
     """
 
     def __init__(self, split: SplitUNet, share: bool = True) -> None:
@@ -152,7 +152,7 @@ class ControlNetForExport(nn.Module):
     (down_00, .., mid)``. ``conditioning_scale`` is a ``[1]`` tensor, so it stays a graph input
     (cast to the weights' precision inside, so an fp16 graph stays fp16). Guess mode is not
     part of the graph: it rescales the outputs, which the runner does
-    (:func:`fd_trt.pipelines.conditioning.guess_mode_scales`)."""
+    (`fd_trt.pipelines.conditioning.guess_mode_scales()`)."""
 
     def __init__(self, controlnet: nn.Module) -> None:
         super().__init__()
@@ -194,16 +194,16 @@ def export_controlnet(
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     progress: bool = True,
 ) -> GraphInfo:
-    """Exports one ControlNet as the ControlNet graph (:class:`fd_trt.graphs.contract.ControlNetContract`).
+    """Exports one ControlNet as the ControlNet graph ([`fd_trt.graphs.contract.ControlNetContract`][fd_trt.graphs.contract.ControlNetContract]).
 
     Args:
         controlnet: a diffusers ``ControlNetModel`` (SD 1.x/2.x; left unchanged).
         path: the ``.onnx`` file to write (replaced when it exists).
         latent_size, text_shape, precision, opset, example_rows, external_data_threshold, progress:
-            as :func:`export_unet`; the control image is ``latent_size`` times the ControlNet's factor.
+            as [`export_unet()`][fd_trt.graphs.export.export_unet]; the control image is ``latent_size`` times the ControlNet's factor.
 
     Returns:
-        The graph's :class:`GraphInfo`.
+        The graph's [`GraphInfo`][fd_trt.graphs.export.GraphInfo].
 
     Raises:
         UnsupportedModelError: for an SDXL (or otherwise conditioned) ControlNet.
@@ -265,7 +265,7 @@ class GraphInfo:
 
 @dataclass
 class ExportResult:
-    """What :func:`export_unet` wrote.
+    """What [`export_unet()`][fd_trt.graphs.export.export_unet] wrote.
 
     Attributes:
         encoder, decoder: the two graphs.
@@ -582,11 +582,11 @@ def export_unet(
             "time_ids": (K,)}``; from the config with K = 6 (SDXL base) when omitted; pass
             ``K = 5`` for the refiner.
         share_rows: whether the decoder graph computes the work of the rows it repeats once
-            (``None``: :func:`decoder_shares_rows` decides from the UNet's widths). Either
+            (``None``: [`decoder_shares_rows()`][fd_trt.graphs.split.decoder_shares_rows] decides from the UNet's widths). Either
             graph takes the same inputs and gives the same numbers within rounding.
 
     Returns:
-        An :class:`ExportResult` with paths, sizes and timings.
+        An [`ExportResult`][fd_trt.graphs.export.ExportResult] with paths, sizes and timings.
 
     Raises:
         InputError: for a bad precision, opset or shape.
@@ -755,7 +755,7 @@ def compare_precisions(
     Args:
         fp32_dir: folder with the fp32 ``encoder.onnx`` / ``decoder.onnx``.
         fp16_dir: folder with the fp16 graphs.
-        inputs: the encoder's inputs in graph order (:func:`example_inputs`): ``(sample [N,C,h,w],
+        inputs: the encoder's inputs in graph order ([`example_inputs()`][fd_trt.graphs.export.example_inputs]): ``(sample [N,C,h,w],
             timestep [N], encoder_hidden_states [N,L,D])`` and, for SDXL, ``text_embeds`` and
             ``time_ids``; real values where possible (latents and text states of an actual prompt).
         decoder_timesteps: ``[S]`` timesteps to decode the features at (step-major rows); the
@@ -832,7 +832,7 @@ def remove_graphs(out_dir: str | os.PathLike[str]) -> None:
     """Deletes the graph files (encoder, decoder and ControlNet graphs, and their external data) in a
     folder, and dead processes' temporaries.
 
-    Temporaries of live processes are left alone (see :func:`fd_trt.utils.files.remove_stale_temporaries`): a
+    Temporaries of live processes are left alone (see [`fd_trt.utils.files.remove_stale_temporaries()`][fd_trt.utils.files.remove_stale_temporaries]): a
     concurrent export's work is not this call's to delete.
 
     Args:

@@ -2,8 +2,8 @@
 
 An engine directory ``engines/<name>/`` holds ``manifest.json``, ``encoder.onnx`` and
 ``decoder.onnx`` (with ``.data`` files when large), one ``controlnet-<sha16>.onnx`` per ControlNet
-used with the UNet (:func:`fd_trt.graphs.build.build_controlnet_graph`), and TensorRT plans with their timing cache
-(:mod:`fd_trt.backends.tensorrt`). Each plan is recorded in the manifest with the TensorRT version,
+used with the UNet ([`fd_trt.graphs.build.build_controlnet_graph()`][fd_trt.graphs.build.build_controlnet_graph]), and TensorRT plans with their timing cache
+([`fd_trt.backends.tensorrt`][fd_trt.backends.tensorrt]). Each plan is recorded in the manifest with the TensorRT version,
 GPU name and compute capability it was built for, and the graph it was built from. The manifest says
 what the graphs were built from; building compares it with the model at hand and rebuilds only
 when something differs, and loading refuses graphs that do not match.
@@ -20,13 +20,13 @@ onnxruntime's and TensorRT's versions are recorded; they matter to plans, not to
 
 ControlNet graphs share the directory's shapes, precision, opset and toolchain (rebuilding the
 UNet's graphs deletes them) and are recorded under ``controlnets``, keyed by the first 16 hex
-digits of the ControlNet's weights sha256 (:func:`fd_trt.graphs.weights.unet_weights_sha256` on the ControlNet: the same
+digits of the ControlNet's weights sha256 ([`fd_trt.graphs.weights.unet_weights_sha256()`][fd_trt.graphs.weights.unet_weights_sha256] on the ControlNet: the same
 digest, by the same code, as the UNet's). A ControlNet whose weights or config changed therefore
 has no graph until one is exported for it; its record is compared exactly as the UNet's is.
 
 Concurrency and interruption. Every writer (graph export, plan builds, refits, manifest updates,
 the timing cache) holds the directory's inter-process lock, ``<engine_dir>/.build.lock``
-(:func:`engine_dir_lock`, an OS file lock the kernel releases when its holder dies), and
+([`engine_dir_lock()`][fd_trt.graphs.manifest.engine_dir_lock], an OS file lock the kernel releases when its holder dies), and
 re-reads the manifest after taking it. Files are written under unique temporary names
 (``.fdtmp-<pid>-...``) and renamed into place; a build removes the manifest before it replaces
 graphs and writes it last, so a build killed midway leaves no manifest and is redone, never
@@ -73,7 +73,7 @@ def engine_dir_lock(engine_dir: str | os.PathLike[str], what: str = "build") -> 
     have just built what it came to build. The lock is an OS file lock (``flock``), which the
     kernel drops when its holder dies, so a killed build never leaves a lock that blocks the next
     one; the lock file itself stays, harmlessly. Reentrant within a thread
-    (:func:`fd_trt.utils.files.dir_lock`).
+    ([`fd_trt.utils.files.dir_lock()`][fd_trt.utils.files.dir_lock]).
 
     Args:
         engine_dir: the engine directory; created when missing.
@@ -132,12 +132,12 @@ class GraphRecord:
 
 @dataclass
 class ControlNetRecord(GraphRecord):
-    """One ControlNet graph in the manifest (a :class:`GraphRecord` plus what it was built from).
+    """One ControlNet graph in the manifest (a [`GraphRecord`][fd_trt.graphs.manifest.GraphRecord] plus what it was built from).
 
     Attributes:
-        controlnet_sha256: :func:`~fd_trt.graphs.weights.unet_weights_sha256` of the ControlNet (its
+        controlnet_sha256: [`unet_weights_sha256()`][fd_trt.graphs.weights.unet_weights_sha256] of the ControlNet (its
             weights and adapters).
-        controlnet_config: the ControlNet's config (:func:`~fd_trt.graphs.weights.unet_config_dict`).
+        controlnet_config: the ControlNet's config ([`unet_config_dict()`][fd_trt.graphs.weights.unet_config_dict]).
         num_down: its down residuals (the UNet's skip count).
         cond_shape: ``[3, H, W]`` of its control image.
         built_at: export time, seconds since the epoch.
@@ -152,10 +152,10 @@ class ControlNetRecord(GraphRecord):
 
 @dataclass
 class PlanRecord:
-    """One TensorRT plan in the manifest (see :mod:`fd_trt.backends.tensorrt`).
+    """One TensorRT plan in the manifest (see [`fd_trt.backends.tensorrt`][fd_trt.backends.tensorrt]).
 
     A plan runs only on the TensorRT version and GPU compute capability it was built with, and
-    only serves the graph it was built from; :func:`check_plan` enforces all three.
+    only serves the graph it was built from; [`check_plan()`][fd_trt.graphs.manifest.check_plan] enforces all three.
 
     Attributes:
         role: ``encoder``, ``decoder`` or ``controlnet`` (one plan per ControlNet graph, told
@@ -201,8 +201,8 @@ class Manifest:
     Attributes:
         format_version: layout version of the manifest.
         model_source: where the model came from (a folder, ``default``, ...), for messages.
-        unet_sha256: see :func:`~fd_trt.graphs.weights.unet_weights_sha256`.
-        unet_config: see :func:`~fd_trt.graphs.weights.unet_config_dict`.
+        unet_sha256: see [`unet_weights_sha256()`][fd_trt.graphs.weights.unet_weights_sha256].
+        unet_config: see [`unet_config_dict()`][fd_trt.graphs.weights.unet_config_dict].
         latent_shape: ``[C, h, w]``.
         text_shape: ``[L, D]``.
         precision: ``fp32`` or ``fp16``.
@@ -219,7 +219,7 @@ class Manifest:
         added_shapes: per-row shapes of the graphs' added-conditioning inputs (SDXL:
             ``{"text_embeds": [P], "time_ids": [K]}``); empty for SD 1.x/2.x and in manifests
             written before SDXL, which therefore still load. With ``num_skips`` and the shapes
-            above it is the graph contract (:meth:`fd_trt.graphs.contract.GraphContract.from_manifest`).
+            above it is the graph contract ([`fd_trt.graphs.contract.GraphContract.from_manifest()`][fd_trt.graphs.contract.GraphContract.from_manifest]).
         controlnets: ControlNet graphs, by the first 16 hex digits of the ControlNet's weights
             sha256 (empty without ControlNets, and in older manifests, which therefore still load).
     """
@@ -333,10 +333,10 @@ def _source_problems(
 
     Args:
         kind: ``unet`` (the manifest's ``unet_*`` fields) or ``controlnet`` (a
-            :class:`ControlNetRecord`'s ``controlnet_*`` fields).
+            [`ControlNetRecord`][fd_trt.graphs.manifest.ControlNetRecord]'s ``controlnet_*`` fields).
         built_sha, built_config: the recorded weights digest and config.
-        sha, config: the module's (:func:`~fd_trt.graphs.weights.unet_weights_sha256`,
-            :func:`~fd_trt.graphs.weights.unet_config_dict`).
+        sha, config: the module's ([`unet_weights_sha256()`][fd_trt.graphs.weights.unet_weights_sha256],
+            [`unet_config_dict()`][fd_trt.graphs.weights.unet_config_dict]).
     """
     label = "ControlNet" if kind == "controlnet" else "UNet"
     problems = []
@@ -374,7 +374,7 @@ def stale_fields(expected: Manifest, found: Manifest) -> list[str]:
     """Why graphs built as ``found`` records are not the ones ``expected`` describes (empty: they are).
 
     Args:
-        expected: what graphs built now would record (:func:`expected_manifest`).
+        expected: what graphs built now would record ([`expected_manifest()`][fd_trt.graphs.manifest.expected_manifest]).
         found: the engine directory's manifest.
     """
     problems = _source_problems(
@@ -418,8 +418,8 @@ def _check_graphs(
 ) -> None:
     """Refuses graphs made from something else (``problems``), then missing or altered graph files.
 
-    The one check behind :func:`check_engine_dir` (the UNet's graphs) and
-    :func:`check_controlnet_graph` (one ControlNet's).
+    The one check behind [`check_engine_dir()`][fd_trt.graphs.manifest.check_engine_dir] (the UNet's graphs) and
+    [`check_controlnet_graph()`][fd_trt.graphs.manifest.check_controlnet_graph] (one ControlNet's).
 
     Args:
         folder: the engine directory.
@@ -490,7 +490,7 @@ def expected_manifest(
         model_source: where the model came from.
         unet_sha256: the weights digest, when already computed.
         added_shapes: per-row shapes of SDXL's added conditioning; the config's when omitted
-            (:func:`fd_trt.graphs.contract.default_added_shapes`).
+            ([`fd_trt.graphs.contract.default_added_shapes()`][fd_trt.graphs.contract.default_added_shapes]).
 
     Returns:
         The manifest.
@@ -540,8 +540,8 @@ def check_engine_dir(
         latent_size: ``(h, w)`` the caller will run at.
         text_shape: ``(L, D)`` the caller will feed.
         precision: the precision the caller expects.
-        full_hash: also hash the graph files (see :func:`check_graph_files`).
-        unet_sha256: the UNet's :func:`~fd_trt.graphs.weights.unet_weights_sha256`, when the caller already has it.
+        full_hash: also hash the graph files (see [`check_graph_files()`][fd_trt.graphs.manifest.check_graph_files]).
+        unet_sha256: the UNet's [`unet_weights_sha256()`][fd_trt.graphs.weights.unet_weights_sha256], when the caller already has it.
         added_shapes: the per-row shapes of the added conditioning the caller will feed (SDXL).
 
     Returns:
@@ -590,7 +590,7 @@ def check_engine_dir(
 def save_manifest(engine_dir: str | os.PathLike[str], manifest: Manifest) -> Path:
     """Writes ``<engine_dir>/manifest.json`` atomically (a unique temporary file, then a rename).
 
-    Callers that read, change and rewrite a manifest hold :func:`engine_dir_lock` around all
+    Callers that read, change and rewrite a manifest hold [`engine_dir_lock()`][fd_trt.graphs.manifest.engine_dir_lock] around all
     three, so that two processes never overwrite each other's records.
 
     Args:
@@ -662,7 +662,7 @@ def find_plan(
         compute_capability: ``(major, minor)`` of the GPU.
         rows: a required ``[min, opt, max]`` profile; any profile when ``None``.
         graph: the graph the plan must come from; the manifest's graph of ``role`` by default
-            (a ControlNet plan passes its :class:`ControlNetRecord`).
+            (a ControlNet plan passes its [`ControlNetRecord`][fd_trt.graphs.manifest.ControlNetRecord]).
 
     Returns:
         The matching record built most recently, or ``None`` when there is none.
@@ -751,7 +751,7 @@ def check_controlnet_graph(
     Args:
         engine_dir: a built engine directory (its UNet graphs first).
         controlnet: the diffusers ``ControlNetModel``.
-        controlnet_sha256: its :func:`~fd_trt.graphs.weights.unet_weights_sha256`, when the caller has it.
+        controlnet_sha256: its [`unet_weights_sha256()`][fd_trt.graphs.weights.unet_weights_sha256], when the caller has it.
 
     Raises:
         EngineMismatchError: naming what differs and how to build the graph.

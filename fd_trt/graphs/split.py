@@ -32,7 +32,7 @@ from fd_trt.graphs.contract import ADDED_CONDITIONING, added_input_names, featur
 
 
 def check_supported(unet: nn.Module) -> None:
-    """Raises :class:`UnsupportedModelError` when the UNet uses a feature the split does not carry.
+    """Raises [`UnsupportedModelError`][fd_trt.errors.UnsupportedModelError] when the UNet uses a feature the split does not carry.
 
     It reads only the config, so a caller can check a model before its weights load.
 
@@ -43,7 +43,7 @@ def check_supported(unet: nn.Module) -> None:
 
 
 def check_supported_config(cfg: Any) -> None:
-    """:func:`check_supported` on a UNet config alone (a ``FrozenDict``, a namespace or a dict).
+    """[`check_supported()`][fd_trt.graphs.split.check_supported] on a UNet config alone (a ``FrozenDict``, a namespace or a dict).
 
     Raises:
         UnsupportedModelError: naming every option the split does not carry.
@@ -94,18 +94,18 @@ def _time_embedding(
 
 
 #: How many times a decoder call repeats its distinct rows: an ``int``, or the traced 0-d tensor
-#: S while the decoder graph is traced (:meth:`SplitUNet.run_decoder_steps`).
+#: S while the decoder graph is traced ([`SplitUNet.run_decoder_steps()`][fd_trt.graphs.split.SplitUNet.run_decoder_steps]).
 Repeats = int | torch.Tensor
 
-#: Rows per distinct text row in the current decoder call (:meth:`SplitUNet.text_rows_repeated`);
+#: Rows per distinct text row in the current decoder call ([`SplitUNet.text_rows_repeated()`][fd_trt.graphs.split.SplitUNet.text_rows_repeated]);
 #: a context variable, so that concurrent calls on other threads are not affected.
 _TEXT_ROW_REPEATS: contextvars.ContextVar[Repeats] = contextvars.ContextVar("fd_trt_text_row_repeats", default=1)
 #: Serializes installing the hooks: two threads hooking one module twice would slice its rows twice.
 _HOOK_LOCK = threading.Lock()
 
 
-#: The decoder shares the repeated rows' work (:meth:`SplitUNet.run_decoder_steps` in the graphs,
-#: :meth:`SplitUNet.skip_rows_repeated` and :meth:`SplitUNet.text_rows_repeated` on torch) only
+#: The decoder shares the repeated rows' work ([`SplitUNet.run_decoder_steps()`][fd_trt.graphs.split.SplitUNet.run_decoder_steps] in the graphs,
+#: [`SplitUNet.skip_rows_repeated()`][fd_trt.graphs.split.SplitUNet.skip_rows_repeated] and [`SplitUNet.text_rows_repeated()`][fd_trt.graphs.split.SplitUNet.text_rows_repeated] on torch) only
 #: when every UNet block is at least this wide: on narrow convolutions the split's slices, adds
 #: and (ONNX Runtime) layout reorders cost more than the skip half they save. Measured on a 2-core
 #: AMD EPYC, unshared / shared time of calls of 2 rows x 5-10 steps (README, "Design choices and
@@ -119,7 +119,7 @@ ROW_SHARING_MIN_CHANNELS = 96
 
 def decoder_shares_rows(config: Any) -> bool:
     """Whether the decoder of a UNet with this config shares the repeated rows' work (all
-    ``block_out_channels`` at least :data:`ROW_SHARING_MIN_CHANNELS`); ``config`` is the UNet's
+    ``block_out_channels`` at least `ROW_SHARING_MIN_CHANNELS`); ``config`` is the UNet's
     config or a dict of it."""
     channels = (
         config.get("block_out_channels") if isinstance(config, dict) else getattr(config, "block_out_channels", None)
@@ -166,7 +166,7 @@ def _unhook_text_projection(module: nn.Module) -> None:
 
 def _hook_text_projection(module: nn.Module) -> None:
     """Installs, once per module, the hooks that project the distinct text rows only. Outside
-    :meth:`SplitUNet.text_rows_repeated` they do nothing, so the UNet's other users (diffusers,
+    [`SplitUNet.text_rows_repeated()`][fd_trt.graphs.split.SplitUNet.text_rows_repeated] they do nothing, so the UNet's other users (diffusers,
     the graph export) see the module unchanged.
 
     Only the outermost projection keeps them: when LoRA wraps a hooked ``Linear`` in a layer of
@@ -182,7 +182,7 @@ def _hook_text_projection(module: nn.Module) -> None:
     module._fd_trt_text_rows_hooked = True
 
 
-#: Rows per distinct feature row in the current decoder call (:meth:`SplitUNet.skip_rows_repeated`).
+#: Rows per distinct feature row in the current decoder call ([`SplitUNet.skip_rows_repeated()`][fd_trt.graphs.split.SplitUNet.skip_rows_repeated]).
 _SKIP_ROW_REPEATS: contextvars.ContextVar[Repeats] = contextvars.ContextVar("fd_trt_skip_row_repeats", default=1)
 #: The output a periodic convolution computed in its pre-hook, handed to its forward hook (per thread).
 _PERIODIC_OUT = threading.local()
@@ -190,7 +190,7 @@ _PERIODIC_OUT = threading.local()
 
 def _periodic_conv_pre(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
     """Computes the convolution from the periodic split of its input channels (see
-    :func:`_periodic_split`) and lets the module itself run on zero rows."""
+    `_periodic_split()`) and lets the module itself run on zero rows."""
     r = _SKIP_ROW_REPEATS.get()
     b = getattr(module, "_fd_trt_periodic_from", None)
     x = args[0]
@@ -274,7 +274,7 @@ class UNetEncoder(nn.Module):
     """conv_in + time embedding + down blocks + mid block.
 
     ``forward(sample [N,C,h,w], timestep [N], encoder_hidden_states [N,L,D], *added) -> (mid, skip_00, ..)``,
-    where ``added`` are the UNet's added-conditioning tensors in :func:`added_input_names` order
+    where ``added`` are the UNet's added-conditioning tensors in [`added_input_names()`][fd_trt.graphs.contract.added_input_names] order
     (SDXL: ``text_embeds [N,P]``, ``time_ids [N,K]``; none for SD 1.x/2.x).
     """
 
@@ -417,7 +417,7 @@ class SplitUNet:
     def run_decoder(
         self, features: Features, timestep: torch.Tensor, text: torch.Tensor, added: Added = None
     ) -> torch.Tensor:
-        """Runs the decoder half on M rows (features already expanded, see :meth:`Features.repeat`).
+        """Runs the decoder half on M rows (features already expanded, see [`Features.repeat()`][fd_trt.core.features.Features.repeat]).
 
         Args:
             features: M rows.
@@ -448,14 +448,14 @@ class SplitUNet:
 
         The N rows of features, text and added conditioning are repeated S times (step-major)
         here, and the convolutions and projections that read only them run once per distinct row
-        (:meth:`skip_rows_repeated`, :meth:`text_rows_repeated`). S is ``timestep.shape[0] / N``;
+        ([`skip_rows_repeated()`][fd_trt.graphs.split.SplitUNet.skip_rows_repeated], [`text_rows_repeated()`][fd_trt.graphs.split.SplitUNet.text_rows_repeated]). S is ``timestep.shape[0] / N``;
         while the graph is traced it stays a traced value, so one graph serves every S.
 
         Args:
             features: N rows.
             timestep: ``[S*N]``, step-major (row ``j*N + i`` is row ``i`` at step ``j``).
             text: ``[N,L,D]``.
-            added: SDXL's added conditioning with N rows each, in :attr:`added_names` order.
+            added: SDXL's added conditioning with N rows each, in [`added_names`][fd_trt.graphs.split.SplitUNet.added_names] order.
             share: compute the convolutions and projections of the repeated rows once (``False``:
                 repeat the rows and run the plain decoder, the same numbers within rounding).
 
@@ -493,7 +493,7 @@ class SplitUNet:
         """Within the block, the decoder's text-side attention projections run once per distinct row.
 
         A decoder call over a segment of S steps tiles the N rows of text S times (step-major,
-        :func:`~fd_trt.core.runner.expand_for_steps`), so every cross-attention's key and value
+        [`expand_for_steps()`][fd_trt.core.runner.expand_for_steps]), so every cross-attention's key and value
         projections would compute the same S*N x L x D products S times. Inside this block they
         project the first N rows only and tile the result, which gives the same numbers. It
         matters where the text is long next to the image tokens: SDXL at 256x256 (77 text tokens
@@ -501,7 +501,7 @@ class SplitUNet:
         decoder FLOPs there, SD1.5 about 1%.
 
         Only where the caller itself tiled the text: the rows are not compared. The decoder graph
-        does it in :meth:`run_decoder_steps`.
+        does it in [`run_decoder_steps()`][fd_trt.graphs.split.SplitUNet.run_decoder_steps].
 
         Args:
             repeats: S, the steps whose rows share one text (1 turns the sharing off).
@@ -524,14 +524,14 @@ class SplitUNet:
         per distinct row.
 
         A decoder call over a segment of S steps repeats one key step's skip features S times
-        (:meth:`Features.repeat`). Every up-block resnet concatenates its skip to the hidden state,
+        ([`Features.repeat()`][fd_trt.core.features.Features.repeat]). Every up-block resnet concatenates its skip to the hidden state,
         so ``conv1`` and ``conv_shortcut`` would convolve the same skip channels S times. Inside
         this block they convolve the skip channels of the first N rows once and add the result to
         every step's rows (a sum over channels in another order: the same numbers within float
         rounding). SD1.5 at 256x256: 14% fewer decoder FLOPs at 10 steps per call.
 
-        Only where the caller itself tiled the skips with :meth:`Features.repeat`: the rows are
-        not compared. The decoder graph does it in :meth:`run_decoder_steps`.
+        Only where the caller itself tiled the skips with [`Features.repeat()`][fd_trt.core.features.Features.repeat]: the rows are
+        not compared. The decoder graph does it in [`run_decoder_steps()`][fd_trt.graphs.split.SplitUNet.run_decoder_steps].
 
         Args:
             repeats: S, the steps whose rows share one key step's features (1 turns it off).
@@ -567,7 +567,7 @@ def feature_bytes_per_row(unet_config: Any, latent_hw: tuple[int, int], itemsize
 
     Returns:
         The feature bytes of one row (the shapes are the graph contract's,
-        :func:`fd_trt.graphs.contract.feature_tails`).
+        [`fd_trt.graphs.contract.feature_tails()`][fd_trt.graphs.contract.feature_tails]).
     """
     return int(sum(c * h * w for c, h, w in feature_tails(unet_config, latent_hw)) * itemsize)
 
@@ -581,7 +581,7 @@ def split_unet(unet: nn.Module) -> SplitUNet:
             linear projections, optionally ``addition_embed_type="text_time"``).
 
     Returns:
-        A :class:`SplitUNet` whose modules share the UNet's weights. ``decoder(encoder(x, t), t)``
+        A [`SplitUNet`][fd_trt.graphs.split.SplitUNet] whose modules share the UNet's weights. ``decoder(encoder(x, t), t)``
         equals ``unet(x, t)`` (with the same ``added_cond_kwargs`` for SDXL).
 
     Raises:

@@ -1,8 +1,8 @@
 """What graphs are built from: digests of a UNet's (or ControlNet's) weights and config.
 
-:func:`unet_weights_sha256` is the digest an engine directory's manifest records (and the key of
-a ControlNet's graph); :func:`weights_fingerprint` is the cheap value compared on every call to
-notice that weights changed; :func:`unet_config_dict` is the config as the manifest records it.
+[`unet_weights_sha256()`][fd_trt.graphs.weights.unet_weights_sha256] is the digest an engine directory's manifest records (and the key of
+a ControlNet's graph); [`weights_fingerprint()`][fd_trt.graphs.weights.weights_fingerprint] is the cheap value compared on every call to
+notice that weights changed; [`unet_config_dict()`][fd_trt.graphs.weights.unet_config_dict] is the config as the manifest records it.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def unet_weights_sha256(unet: nn.Module) -> str:
     """sha256 of the UNet's effective weights.
 
     Covers the state dict (each tensor's name, dtype, shape and bytes, in name order; a fused
-    LoRA and unfused adapter tensors are in it) and :func:`adapter_state` (which adapters are
+    LoRA and unfused adapter tensors are in it) and [`adapter_state()`][fd_trt.graphs.weights.adapter_state] (which adapters are
     active, at which scales).
 
     Args:
@@ -74,7 +74,7 @@ def unet_weights_sha256(unet: nn.Module) -> str:
     return h.hexdigest()
 
 
-#: Elements sampled per tensor by :func:`weights_fingerprint`.
+#: Elements sampled per tensor by [`weights_fingerprint()`][fd_trt.graphs.weights.weights_fingerprint].
 FINGERPRINT_SAMPLES = 8
 
 
@@ -83,10 +83,10 @@ def weights_fingerprint(unet: nn.Module) -> tuple[Any, ...]:
 
     It covers each parameter and buffer's identity, address and autograd version counter (so
     ``load_state_dict``, in-place updates and ``param.data = ...`` swaps show), plus
-    :data:`FINGERPRINT_SAMPLES` evenly spaced elements of each tensor (so in-place updates through
+    `FINGERPRINT_SAMPLES` evenly spaced elements of each tensor (so in-place updates through
     ``.data``, which bypass the version counter, show too, as PEFT's merge does), plus the adapter
-    layers' state (:func:`adapter_state`). A change that touches none of the sampled elements of
-    any tensor and bumps no counter is missed; :meth:`FasterDiffusionPipeline.refresh_weights`
+    layers' state ([`adapter_state()`][fd_trt.graphs.weights.adapter_state]). A change that touches none of the sampled elements of
+    any tensor and bumps no counter is missed; [`FasterDiffusionPipeline.refresh_weights()`][fd_trt.pipelines.pipeline.FasterDiffusionPipeline.refresh_weights]
     covers that case.
 
     Args:

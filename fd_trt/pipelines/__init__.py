@@ -1,7 +1,7 @@
-"""The pipelines, and which one serves each model family (:mod:`fd_trt.pipelines.registry`).
+"""The pipelines, and which one serves each model family ([`fd_trt.pipelines.registry`][fd_trt.pipelines.registry]).
 
-``FasterDiffusionPipeline`` (:mod:`fd_trt.pipelines.pipeline`) serves Stable Diffusion 1.x/2.x and
-any family without a class of its own; ``FasterDiffusionXLPipeline`` (:mod:`fd_trt.pipelines.sdxl`)
+``FasterDiffusionPipeline`` ([`fd_trt.pipelines.pipeline`][fd_trt.pipelines.pipeline]) serves Stable Diffusion 1.x/2.x and
+any family without a class of its own; ``FasterDiffusionXLPipeline`` ([`fd_trt.pipelines.sdxl`][fd_trt.pipelines.sdxl])
 serves SDXL. They are registered here, so that the base pipeline never imports its subclasses.
 """
 

@@ -1,7 +1,7 @@
 """Image conditioning around the sampler: img2img, inpainting and ControlNet.
 
 Each piece turns diffusers-style arguments (``image``, ``strength``, ``mask_image``,
-``controlnet_conditioning_scale``, ...) into what :func:`fd_trt.core.sampler.run_sampler` takes: the
+``controlnet_conditioning_scale``, ...) into what [`fd_trt.core.sampler.run_sampler()`][fd_trt.core.sampler.run_sampler] takes: the
 steps to run, the initial latents, extra encoder channels, a step callback, and a key-step
 control hook. The arithmetic follows diffusers' ``StableDiffusionImg2ImgPipeline``,
 ``StableDiffusionInpaintPipeline`` and ``StableDiffusionControlNetPipeline`` (random draws in the
@@ -10,7 +10,7 @@ same order, so that ``schedule="all"`` reproduces them); the loop stays fd_trt's
 ControlNet under encoder propagation: the ControlNet runs only at key steps, on the key step's
 input, and its down / mid residuals are added to the encoder's skips and mid before they are
 propagated. The decoder therefore reuses the sums for the whole segment and does not change.
-On the graph backends each ControlNet runs as its own graph (a :data:`ControlNetCall` given by
+On the graph backends each ControlNet runs as its own graph (a `ControlNetCall` given by
 the runner); on the torch backend it is the diffusers module.
 """
 
@@ -165,7 +165,7 @@ ControlNetCall = Callable[
 
 @dataclass
 class KeyStepControlNet:
-    """ControlNet(s) run at key steps only, as a :data:`fd_trt.core.sampler.KeyStepControl` hook.
+    """ControlNet(s) run at key steps only, as a `fd_trt.core.sampler.KeyStepControl` hook.
 
     At a key step each ControlNet whose guidance window covers the step runs on the key step's
     model input with its conditioning scale; the residuals of several ControlNets are summed,
@@ -181,11 +181,11 @@ class KeyStepControlNet:
         guess_mode: run the ControlNets on the conditional rows only (with CFG), diffusers' way.
         cfg: whether the rows are ``[negative, positive]`` CFG halves.
         calls: ControlNet forward passes so far (one per net that ran).
-        runners: per net, the graph backend's :data:`ControlNetCall` that runs it instead of the
+        runners: per net, the graph backend's `ControlNetCall` that runs it instead of the
             torch module (set by the pipeline for the onnxruntime and tensorrt backends), or
             ``None``: the diffusers modules run.
         resolve_runners: called once, at the first key step (after the runner has planned the
-            run, so ``backend="auto"`` has chosen), to set :attr:`runners`.
+            run, so ``backend="auto"`` has chosen), to set `runners`.
     """
 
     nets: list[Any]
@@ -214,7 +214,7 @@ class KeyStepControlNet:
 
         Args:
             controlnet: a ``ControlNetModel``, a ``MultiControlNetModel`` or a list of them.
-            images: per net, the prepared conditioning image (:meth:`prepare_image`).
+            images: per net, the prepared conditioning image ([`prepare_image()`][fd_trt.pipelines.conditioning.KeyStepControlNet.prepare_image]).
             num_steps: steps in the run.
             conditioning_scale: one scale for all nets, or one per net.
             control_guidance_start, control_guidance_end: fractions of the run where each net applies.

@@ -1,11 +1,11 @@
 """Image inputs of a call: img2img, inpainting and ControlNet conditioning, as a pipeline mixin.
 
-:class:`ImageInputsMixin` turns a call's diffusers-style image arguments (``image``, ``mask_image``,
-``strength``, ``controlnet_conditioning_scale``, ...) into an :class:`ImageRun`: what the sampler
+[`ImageInputsMixin`][fd_trt.pipelines.image.ImageInputsMixin] turns a call's diffusers-style image arguments (``image``, ``mask_image``,
+``strength``, ``controlnet_conditioning_scale``, ...) into an [`ImageRun`][fd_trt.pipelines.image.ImageRun]: what the sampler
 takes besides the prompt (the steps run, the initial latents and unit noise, extra encoder
 channels, a blend after each step, the key-step ControlNet hook). The building blocks it uses
 (``img2img_steps``, ``InpaintBlend``, ``KeyStepControlNet``, ...) are in
-:mod:`fd_trt.pipelines.conditioning`. Model families override the parts that differ (SDXL's
+[`fd_trt.pipelines.conditioning`][fd_trt.pipelines.conditioning]. Model families override the parts that differ (SDXL's
 strength default, latent images and ``denoising_start``).
 """
 
@@ -44,7 +44,7 @@ class ImageRun:
 
 
 class ImageInputsMixin:
-    """The image stages of :class:`~fd_trt.pipelines.pipeline.FasterDiffusionPipeline`.
+    """The image stages of [`FasterDiffusionPipeline`][fd_trt.pipelines.pipeline.FasterDiffusionPipeline].
 
     It reads the pipeline's ``sd``, ``device``, ``unet_kind``, ``controlnet``, ``vae_scale_factor``,
     ``build_on_demand`` and ``progress``, and starts text-to-image runs with its ``prepare_latents``.
@@ -149,13 +149,13 @@ class ImageInputsMixin:
         the call's images add to the sampler's inputs.
 
         Args:
-            mode: :meth:`image_mode`.
+            mode: [`image_mode()`][fd_trt.pipelines.image.ImageInputsMixin.image_mode].
             scheduler: the call's scheduler, after ``set_timesteps``.
             num_inference_steps, latents, generator, num_images_per_prompt: the call's.
             batch: prompts x images per prompt.
             height, width: the image size in pixels.
             cfg: classifier-free guidance is on.
-            timesteps: the steps run (:meth:`steps_to_run`), ``None`` for all.
+            timesteps: the steps run ([`steps_to_run()`][fd_trt.pipelines.image.ImageInputsMixin.steps_to_run]), ``None`` for all.
             options: the call's image options (``image``, ``mask_image``, ``strength``, the ControlNet's).
         """
         if mode == "text2img":
@@ -213,7 +213,7 @@ class ImageInputsMixin:
         that the same generator gives the same run as diffusers' own pipelines.
 
         Args:
-            mode: :meth:`image_mode`.
+            mode: [`image_mode()`][fd_trt.pipelines.image.ImageInputsMixin.image_mode].
             scheduler: the call's scheduler, after ``set_timesteps``.
             num_inference_steps: the call's step count (img2img runs the last ``strength`` of them).
             latent_shape: ``[B,C,h,w]`` of the latents.
@@ -222,7 +222,7 @@ class ImageInputsMixin:
             controlnet_conditioning_scale, control_guidance_start, control_guidance_end, guess_mode:
                 the call's, as in diffusers. ``latents`` given to img2img are its noise.
             cfg: classifier-free guidance is on.
-            timesteps: the steps run (:meth:`steps_to_run`); img2img's tail when omitted.
+            timesteps: the steps run ([`steps_to_run()`][fd_trt.pipelines.image.ImageInputsMixin.steps_to_run]); img2img's tail when omitted.
             options: all of the call's image options (model families read their own).
 
         Returns:
@@ -374,7 +374,7 @@ class ImageInputsMixin:
         self, scheduler: Any, num_inference_steps: int, mode: str, strength: Any, options: dict[str, Any]
     ) -> torch.Tensor | None:
         """The timesteps a call runs, when not all of ``scheduler.timesteps``: img2img and
-        inpainting run the last ``int(strength x steps)`` (:func:`img2img_steps`, which also tells
+        inpainting run the last ``int(strength x steps)`` ([`img2img_steps()`][fd_trt.pipelines.conditioning.img2img_steps], which also tells
         the scheduler where the run begins). ``None`` runs them all.
 
         Raises:
@@ -395,7 +395,7 @@ class ImageInputsMixin:
         return (height if height is not None else dh, width if width is not None else dw)
 
     def controlnet_sha256(self, net: Any) -> str:
-        """sha256 of a ControlNet's weights (:func:`fd_trt.graphs.weights.unet_weights_sha256`), cached
+        """sha256 of a ControlNet's weights ([`fd_trt.graphs.weights.unet_weights_sha256()`][fd_trt.graphs.weights.unet_weights_sha256]), cached
         until its weights fingerprint changes."""
         from fd_trt.graphs.weights import unet_weights_sha256, weights_fingerprint
 

@@ -95,8 +95,8 @@ __all__ = ["OUTPUT_TYPES", "InputChecksMixin", "check_call_inputs", "check_call_
 
 
 class InputChecksMixin:
-    """``check_inputs`` for :class:`~fd_trt.pipelines.pipeline.FasterDiffusionPipeline`: the
-    call's common arguments (:func:`check_call_inputs`), then the model family's own."""
+    """``check_inputs`` for [`FasterDiffusionPipeline`][fd_trt.pipelines.pipeline.FasterDiffusionPipeline]: the
+    call's common arguments ([`check_call_inputs()`][fd_trt.pipelines.inputs.check_call_inputs]), then the model family's own."""
 
     vae_scale_factor: int
     family: Any
@@ -113,9 +113,9 @@ class InputChecksMixin:
         output_type: Any,
         **prompt_options: Any,
     ) -> list[str]:
-        """Validates the call's arguments and returns the prompts as a list (:func:`check_call_inputs`).
+        """Validates the call's arguments and returns the prompts as a list ([`check_call_inputs()`][fd_trt.pipelines.inputs.check_call_inputs]).
         ``prompt_options`` are the model family's own (SDXL's second prompts and micro-conditioning),
-        checked by it (:meth:`~fd_trt.families.base.ModelFamily.check_prompt_options`).
+        checked by it ([`check_prompt_options()`][fd_trt.families.base.ModelFamily.check_prompt_options]).
 
         Raises:
             InputError: naming the bad value and what is expected.

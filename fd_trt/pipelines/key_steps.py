@@ -1,7 +1,7 @@
 """Which key steps a call uses: ``schedule=`` resolved against saved calibrations, as a pipeline mixin.
 
 ``schedule="calibrated"`` (and ``None``, when a matching calibration is saved) looks for a
-calibration (:mod:`fd_trt.core.calibration`) in the engine directory, then the model folder; a
+calibration ([`fd_trt.core.calibration`][fd_trt.core.calibration]) in the engine directory, then the model folder; a
 calibration must be for the pipeline's UNet weights, scheduler and step count.
 """
 
@@ -35,7 +35,7 @@ class KeyStepsMixin:
     def resolve_schedule(self, schedule: Any, num_inference_steps: int, scheduler: str | None = None) -> Any:
         """Turns ``None``, ``"calibrated"``, a calibration path or object into key steps.
 
-        Other specs are returned unchanged for :func:`fd_trt.core.schedule.parse_schedule`.
+        Other specs are returned unchanged for [`fd_trt.core.schedule.parse_schedule()`][fd_trt.core.schedule.parse_schedule].
 
         Args:
             schedule: the call's ``schedule``.

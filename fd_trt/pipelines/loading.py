@@ -1,8 +1,8 @@
 """Construction of a pipeline from a model folder or a diffusers pipeline.
 
-:meth:`LoadingMixin.from_pretrained` and :meth:`LoadingMixin.from_diffusers` pick the model's
-family (:mod:`fd_trt.families`) and the class registered to serve it
-(:mod:`fd_trt.pipelines.registry`), as diffusers' ``DiffusionPipeline.from_pretrained`` picks a
+[`LoadingMixin.from_pretrained()`][fd_trt.pipelines.loading.LoadingMixin.from_pretrained] and [`LoadingMixin.from_diffusers()`][fd_trt.pipelines.loading.LoadingMixin.from_diffusers] pick the model's
+family ([`fd_trt.families`][fd_trt.families]) and the class registered to serve it
+([`fd_trt.pipelines.registry`][fd_trt.pipelines.registry]), as diffusers' ``DiffusionPipeline.from_pretrained`` picks a
 pipeline class from a model folder.
 """
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 class LoadingMixin:
-    """``from_pretrained`` and ``from_diffusers`` for :class:`~fd_trt.pipelines.pipeline.FasterDiffusionPipeline`."""
+    """``from_pretrained`` and ``from_diffusers`` for [`FasterDiffusionPipeline`][fd_trt.pipelines.pipeline.FasterDiffusionPipeline]."""
 
     @classmethod
     def from_pretrained(
@@ -41,11 +41,11 @@ class LoadingMixin:
     ) -> FasterDiffusionPipeline:
         """Loads a local diffusers folder of a registered model family, or ``"default"``.
 
-        The folder's ``unet/config.json`` picks its family (:func:`fd_trt.families.base.family_for_config`)
+        The folder's ``unet/config.json`` picks its family ([`fd_trt.families.base.family_for_config()`][fd_trt.families.base.family_for_config])
         and is checked by it before any weights load: a UNet no family recognises, or one its
-        family refuses, raises :class:`~fd_trt.errors.UnsupportedModelError` at once. The result
-        is the class registered for the family (:mod:`fd_trt.pipelines.registry`) when called on
-        this class: a :class:`~fd_trt.pipelines.sdxl.FasterDiffusionXLPipeline` for an SDXL folder
+        family refuses, raises [`UnsupportedModelError`][fd_trt.errors.UnsupportedModelError] at once. The result
+        is the class registered for the family ([`fd_trt.pipelines.registry`][fd_trt.pipelines.registry]) when called on
+        this class: a [`FasterDiffusionXLPipeline`][fd_trt.pipelines.sdxl.FasterDiffusionXLPipeline] for an SDXL folder
         (``addition_embed_type="text_time"``).
 
         Args:
@@ -100,8 +100,8 @@ class LoadingMixin:
     ) -> FasterDiffusionPipeline:
         """Wraps an existing diffusers ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or
         pipeline of another registered model family, sharing its components. Called on this class,
-        it returns the class registered for the model's family (:mod:`fd_trt.pipelines.registry`):
-        a :class:`~fd_trt.pipelines.sdxl.FasterDiffusionXLPipeline` for SDXL.
+        it returns the class registered for the model's family ([`fd_trt.pipelines.registry`][fd_trt.pipelines.registry]):
+        a [`FasterDiffusionXLPipeline`][fd_trt.pipelines.sdxl.FasterDiffusionXLPipeline] for SDXL.
 
         The img2img, inpainting and ControlNet pipelines of Stable Diffusion wrap the same way; a
         ``StableDiffusionControlNetPipeline``'s ControlNet is taken along and run at key steps.
@@ -110,7 +110,7 @@ class LoadingMixin:
         runner that needs another dtype or device works on its own copy of the UNet. Weight changes
         made to it later (``fuse_lora``, ``set_adapters``, ``load_state_dict``) are followed.
 
-        Args: as :meth:`from_pretrained`, with ``sd_pipeline`` in place of ``model``.
+        Args: as [`from_pretrained()`][fd_trt.pipelines.loading.LoadingMixin.from_pretrained], with ``sd_pipeline`` in place of ``model``.
         """
         return cls._class_for(sd_pipeline)(
             sd_pipeline,
@@ -126,7 +126,7 @@ class LoadingMixin:
     @classmethod
     def _class_for(cls, sd_pipeline: Any) -> type[FasterDiffusionPipeline]:
         """The class that serves a diffusers pipeline: its family's registered class
-        (:mod:`fd_trt.pipelines.registry`) where that specialises ``cls`` (SDXL's, called on the
+        ([`fd_trt.pipelines.registry`][fd_trt.pipelines.registry]) where that specialises ``cls`` (SDXL's, called on the
         base class), else ``cls`` (whose construction then refuses a model it cannot serve)."""
         served = pipeline_class_for(family_for_pipeline(sd_pipeline).name)
         if served is not None and issubclass(served, cls):

@@ -1,7 +1,7 @@
 """LoRA on a pipeline: diffusers' own LoRA calls on the wrapped pipeline (PEFT backend), as a mixin.
 
 They change the UNet's effective weights; the pipeline's next call notices (see
-:meth:`fd_trt.pipelines.runner_pool.RunnerPool.check_weights`) and every backend follows: torch at
+[`fd_trt.pipelines.runner_pool.RunnerPool.check_weights()`][fd_trt.pipelines.runner_pool.RunnerPool.check_weights]) and every backend follows: torch at
 once, onnxruntime by rebuilding its graphs, TensorRT by refitting its plans.
 """
 

@@ -1,21 +1,21 @@
 """FasterDiffusionPipeline: text encoding, latents, the sampler, VAE decode, images.
 
 It wraps a diffusers pipeline for the text encoder, tokenizer, VAE and image post-processing, and
-replaces the UNet loop with :func:`fd_trt.core.sampler.run_sampler` on a backend runner.
+replaces the UNet loop with [`fd_trt.core.sampler.run_sampler()`][fd_trt.core.sampler.run_sampler] on a backend runner.
 ``__call__`` takes the arguments of diffusers' ``StableDiffusionPipeline`` plus ``schedule``,
 ``noise_injection``, ``parallel`` and ``max_decoder_rows``.
 
 What differs between model families (how a model is recognised and refused, its text and added
 conditioning shapes, how its prompts are encoded, whether it runs a ControlNet) is asked of the
-wrapped model's family (:mod:`fd_trt.families`); which class serves a family is
-:mod:`fd_trt.pipelines.registry`'s table. This module imports no family's pipeline class.
+wrapped model's family ([`fd_trt.families`][fd_trt.families]); which class serves a family is
+[`fd_trt.pipelines.registry`][fd_trt.pipelines.registry]'s table. This module imports no family's pipeline class.
 
 The class holds construction, the stages of a call (check the inputs, encode the prompt, prepare
 the latents, denoise, decode; see ``_generate``) and thin public methods. The rest lives next to
-it: the runners and the weights they carry in :mod:`~fd_trt.pipelines.runner_pool`, image inputs
-(img2img, inpainting, ControlNet) in :mod:`~fd_trt.pipelines.image`, LoRA in
-:mod:`~fd_trt.pipelines.lora`, key-step schedules and calibrations in
-:mod:`~fd_trt.pipelines.key_steps`, argument checks in :mod:`~fd_trt.pipelines.inputs`.
+it: the runners and the weights they carry in [`runner_pool`][fd_trt.pipelines.runner_pool], image inputs
+(img2img, inpainting, ControlNet) in [`image`][fd_trt.pipelines.image], LoRA in
+[`lora`][fd_trt.pipelines.lora], key-step schedules and calibrations in
+[`key_steps`][fd_trt.pipelines.key_steps], argument checks in [`inputs`][fd_trt.pipelines.inputs].
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from fd_trt.pipelines.registry import pipeline_class_for
 from fd_trt.pipelines.runner_pool import PreparedSizesMixin, RunnerPool, resolve_backend
 from fd_trt.utils.flops import flop_counter_mode
 
-#: The name :mod:`fd_trt.pipelines.sdxl` imports :class:`~fd_trt.pipelines.image.ImageRun` by.
+#: The name [`fd_trt.pipelines.sdxl`][fd_trt.pipelines.sdxl] imports [`ImageRun`][fd_trt.pipelines.image.ImageRun] by.
 _ImageRun = ImageRun
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class PipelineStats:
 
 @dataclass
 class FasterDiffusionOutput:
-    """Output of :class:`FasterDiffusionPipeline`.
+    """Output of [`FasterDiffusionPipeline`][fd_trt.pipelines.pipeline.FasterDiffusionPipeline].
 
     Attributes:
         images: a list of PIL images (``pil``), a ``[B,H,W,3]`` numpy array (``np``), or the
@@ -174,7 +174,7 @@ def call_stats(
     runner: Runner,
     nonfinite: bool,
 ) -> PipelineStats:
-    """The :class:`PipelineStats` of a call: the sampler's counters, and the UNet FLOPs they amount to."""
+    """The [`PipelineStats`][fd_trt.pipelines.pipeline.PipelineStats] of a call: the sampler's counters, and the UNet FLOPs they amount to."""
     widths = {k: int(v.shape[1]) for k, v in cond.added.items()} if cond.added else None
     unet_in = (int(pipe.sd.unet.config.in_channels), *x0.shape[2:])  # 9 channels for an inpainting UNet
     enc_f, dec_f = pipe._flops.per_row(
@@ -278,30 +278,30 @@ class FasterDiffusionPipeline(
 ):
     """Stable Diffusion with Faster Diffusion's encoder propagation on a chosen backend.
 
-    It serves Stable Diffusion 1.x/2.x and every registered model family (:mod:`fd_trt.families`)
-    without a pipeline class of its own (:mod:`fd_trt.pipelines.registry`): the wrapped model's
-    family (:attr:`family`) checks it and encodes its prompts.
+    It serves Stable Diffusion 1.x/2.x and every registered model family ([`fd_trt.families`][fd_trt.families])
+    without a pipeline class of its own ([`fd_trt.pipelines.registry`][fd_trt.pipelines.registry]): the wrapped model's
+    family (`family`) checks it and encodes its prompts.
 
     Args:
         sd_pipeline: a diffusers ``StableDiffusionPipeline``, or the diffusers pipeline of another
             registered family (its components are used, not copied).
         backend: ``"auto"`` (default: measure the available backends and keep the fastest, see
-            :mod:`fd_trt.backends.auto`), ``"torch"``, ``"onnxruntime"``, ``"tensorrt"``, or a ready
-            :class:`~fd_trt.core.runner.Runner`.
+            [`fd_trt.backends.auto`][fd_trt.backends.auto]), ``"torch"``, ``"onnxruntime"``, ``"tensorrt"``, or a ready
+            [`Runner`][fd_trt.core.runner.Runner].
         device: ``"cpu"`` or ``"cuda[:i]"``; CUDA when available by default.
         precision: the runner's precision, ``fp32``, ``fp16`` or ``bf16``; with ``auto``, also
             ``"auto"``, which lets reduced precision (bf16 on a CPU) compete.
         progress: show progress bars.
         source: a description of where the model came from, for messages.
-        engines: a built engine directory for graph backends (see :meth:`from_pretrained`).
+        engines: a built engine directory for graph backends (see `from_pretrained()`).
         runner_options: extra keyword arguments for the runner.
         max_cached_runners: graph runners kept loaded, one per latent/text shape; the least
             recently used is closed past this count.
         build_on_demand: build or load graphs for a new shape on the first call that needs it.
-            With ``False`` (serving), only shapes readied by :meth:`prepare` run; any other
-            raises :class:`~fd_trt.errors.NotPreparedError`.
+            With ``False`` (serving), only shapes readied by `prepare()` run; any other
+            raises [`NotPreparedError`][fd_trt.errors.NotPreparedError].
         owns_pipeline: whether ``sd_pipeline`` belongs to this object, which may then move it to
-            ``device``. A wrapped pipeline (:meth:`from_diffusers`) is never moved or cast.
+            ``device``. A wrapped pipeline (`from_diffusers()`) is never moved or cast.
         controlnet: a ``ControlNetModel``, a ``MultiControlNetModel`` or a list of them, run at key
             steps only; by default the wrapped pipeline's own ``controlnet``, if it has one. On the
             torch backend it runs as the diffusers module; on the graph backends (onnxruntime,
@@ -331,7 +331,7 @@ class FasterDiffusionPipeline(
         controlnet: Any = None,
     ) -> None:
         self.sd = sd_pipeline
-        #: The model family of the wrapped pipeline (:func:`fd_trt.families.base.family_for_pipeline`).
+        #: The model family of the wrapped pipeline ([`fd_trt.families.base.family_for_pipeline()`][fd_trt.families.base.family_for_pipeline]).
         self.family: ModelFamily = family_for_pipeline(sd_pipeline)
         #: ``"text2img"`` or ``"inpaint"`` (a UNet with mask and masked-image input channels).
         self.unet_kind = self.family.unet_kind(sd_pipeline.unet.config)
@@ -358,7 +358,7 @@ class FasterDiffusionPipeline(
     def _check_model(self) -> None:
         """Refuses a diffusers pipeline this class would condition wrongly: one whose family has a
         class of its own that this is not (SDXL: ``FasterDiffusionXLPipeline``), or one its family
-        refuses (:meth:`~fd_trt.families.base.ModelFamily.check_pipeline`)."""
+        refuses ([`check_pipeline()`][fd_trt.families.base.ModelFamily.check_pipeline])."""
         served = pipeline_class_for(self.family.name)
         if served is not None and not isinstance(self, served):
             raise InputError(
@@ -396,7 +396,7 @@ class FasterDiffusionPipeline(
     def refresh_weights(self) -> None:
         """Makes every runner take the UNet's weights now, whatever the cheap fingerprint says.
 
-        For changes that :func:`fd_trt.graphs.weights.weights_fingerprint` cannot see (a few elements
+        For changes that [`fd_trt.graphs.weights.weights_fingerprint()`][fd_trt.graphs.weights.weights_fingerprint] cannot see (a few elements
         written through ``.data`` between its samples, with no counter bumped).
         """
         self.pool.refresh_weights()
@@ -443,7 +443,7 @@ class FasterDiffusionPipeline(
         **prompt_options: Any,
     ) -> PromptEmbeddings:
         """Stage 1: the text conditioning of every sampler row, negative rows first with CFG, as the
-        model family encodes it (:meth:`~fd_trt.families.base.ModelFamily.encode_prompt`).
+        model family encodes it ([`encode_prompt()`][fd_trt.families.base.ModelFamily.encode_prompt]).
 
         Args:
             prompts: the checked prompts.
@@ -452,11 +452,11 @@ class FasterDiffusionPipeline(
             do_classifier_free_guidance: also encode the negative prompts.
             height, width: the image size (unused by SD; SDXL conditions on it).
             **prompt_options: the family's own prompt options (SDXL: ``prompt_2``,
-                ``original_size``, ...; see :meth:`FasterDiffusionXLPipeline.__call__
-                <fd_trt.pipelines.sdxl.FasterDiffusionXLPipeline.__call__>`).
+                ``original_size``, ...; see
+                [`FasterDiffusionXLPipeline.__call__()`][fd_trt.pipelines.sdxl.FasterDiffusionXLPipeline.__call__]).
 
         Returns:
-            :class:`PromptEmbeddings` with ``text [R,L,D]`` and the family's added conditioning,
+            [`PromptEmbeddings`][fd_trt.families.base.PromptEmbeddings] with ``text [R,L,D]`` and the family's added conditioning,
             R = (2 if CFG else 1) x images.
         """
         return self.family.encode_prompt(
@@ -588,10 +588,10 @@ class FasterDiffusionPipeline(
             schedule: key steps: ``"paper"``, ``"all"``, ``"uniform:N"``, a list of step indices,
                 ``"calibrated"`` (the calibration saved with the model or engine directory for this
                 scheduler and step count), a calibration JSON path or a
-                :class:`~fd_trt.tools.calibrate.Calibration`. ``None`` (default): ``calibrated`` when a
+                [`Calibration`][fd_trt.core.calibration.Calibration]. ``None`` (default): ``calibrated`` when a
                 matching calibration is saved with the model, otherwise ``paper``.
             noise_injection: prior noise injection on (``True``), off (``False``), a
-                :class:`NoiseInjection`, or ``None`` for on exactly when the schedule propagates
+                [`NoiseInjection`][fd_trt.core.schedule.NoiseInjection], or ``None`` for on exactly when the schedule propagates
                 features (so ``schedule="all"`` reproduces plain diffusers).
             parallel: decode the steps of a segment in one batched call.
             max_decoder_rows: cap on rows per decoder call (a memory cap).
@@ -617,7 +617,7 @@ class FasterDiffusionPipeline(
                 mixes steps inside and outside it.
 
         Returns:
-            :class:`FasterDiffusionOutput` with ``images`` and ``stats``.
+            [`FasterDiffusionOutput`][fd_trt.pipelines.pipeline.FasterDiffusionOutput] with ``images`` and ``stats``.
         """
         return self._generate(
             prompt,

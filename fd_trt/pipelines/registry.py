@@ -1,6 +1,6 @@
-"""Which pipeline class serves which model family (:mod:`fd_trt.families`).
+"""Which pipeline class serves which model family ([`fd_trt.families`][fd_trt.families]).
 
-:data:`PIPELINE_CLASSES` maps a family's name to the class that ``FasterDiffusionPipeline.from_pretrained``
+`PIPELINE_CLASSES` maps a family's name to the class that ``FasterDiffusionPipeline.from_pretrained``
 and ``from_diffusers`` return for its models, as diffusers' ``AUTO_TEXT2IMAGE_PIPELINES_MAPPING``
 maps model names to pipeline classes. ``fd_trt.pipelines`` registers ``"sd"`` ->
 ``FasterDiffusionPipeline`` and ``"sdxl"`` -> ``FasterDiffusionXLPipeline``. A family with no

@@ -2,7 +2,7 @@
 
 A pipeline runs on either one *fixed* runner that serves every shape (torch, or a runner passed in)
 or on graph runners built per latent/text shape (onnxruntime, tensorrt, and ``auto``, which measures
-its candidates per shape). :class:`RunnerPool` keeps the latter in a least-recently-used cache of
+its candidates per shape). [`RunnerPool`][fd_trt.pipelines.runner_pool.RunnerPool] keeps the latter in a least-recently-used cache of
 ``max_cached_runners``, holds a runner in use for the length of a call (eviction then closes it when
 the call ends, never under it), and makes every runner follow a change of the UNet's weights.
 
@@ -69,7 +69,7 @@ class RunnerPool:
     """The runners of one pipeline, and the UNet weights they were made from.
 
     Args:
-        pipe: the :class:`~fd_trt.pipelines.pipeline.FasterDiffusionPipeline` whose UNet, device and
+        pipe: the [`FasterDiffusionPipeline`][fd_trt.pipelines.pipeline.FasterDiffusionPipeline] whose UNet, device and
             settings the runners follow.
         runner: a ready runner passed to the pipeline, which then serves every shape.
     """
@@ -353,7 +353,7 @@ class RunnerPool:
     def check_weights(self) -> None:
         """Notices a weight change since the last call and makes every runner follow it.
 
-        A cheap fingerprint (:func:`fd_trt.graphs.weights.weights_fingerprint`) is compared on every
+        A cheap fingerprint ([`fd_trt.graphs.weights.weights_fingerprint()`][fd_trt.graphs.weights.weights_fingerprint]) is compared on every
         call. On a change, runners that can take new weights in place (torch, refittable
         TensorRT plans) are refit; graph runners that cannot are closed, so the next call
         rebuilds them (or, with ``engines=``, refuses the directory naming the rebuild command).
@@ -393,7 +393,7 @@ class RunnerPool:
 
 
 class PreparedSizesMixin:
-    """The pipeline's methods that ready its :class:`RunnerPool` for image sizes ahead of the
+    """The pipeline's methods that ready its [`RunnerPool`][fd_trt.pipelines.runner_pool.RunnerPool] for image sizes ahead of the
     first call (serving prepares every size it serves at start-up)."""
 
     pool: RunnerPool

@@ -2,12 +2,12 @@
 
 What SDXL is (two text encoders, the pooled text embedding and the micro-conditioning
 ``time_ids`` as added conditioning; the refiner's five time ids), how it is recognised and refused,
-and how its prompts are encoded is its model family's, :class:`fd_trt.families.sdxl.StableDiffusionXLFamily`.
+and how its prompts are encoded is its model family's, [`fd_trt.families.sdxl.StableDiffusionXLFamily`][fd_trt.families.sdxl.StableDiffusionXLFamily].
 This class adds SDXL's call arguments (``prompt_2``, ``original_size``, crops, aesthetic scores,
 ``denoising_start`` / ``denoising_end``), its img2img and refiner image handling and its VAE
 decode; everything else (timesteps, latents, the sampler) is the base pipeline's.
 ``fd_trt.pipelines`` registers it as the class that serves the ``"sdxl"`` family
-(:mod:`fd_trt.pipelines.registry`).
+([`fd_trt.pipelines.registry`][fd_trt.pipelines.registry]).
 
 img2img and the refiner: ``image=`` / ``strength=`` (or ``denoising_start=``) start from an image's
 latents, as diffusers' ``StableDiffusionXLImg2ImgPipeline``.
@@ -39,10 +39,10 @@ def _check_fraction(name: str, value: Any) -> None:
 class FasterDiffusionXLPipeline(FasterDiffusionPipeline):
     """SDXL with Faster Diffusion's encoder propagation.
 
-    Construct it like :class:`~fd_trt.pipelines.pipeline.FasterDiffusionPipeline`, with a diffusers
+    Construct it like [`FasterDiffusionPipeline`][fd_trt.pipelines.pipeline.FasterDiffusionPipeline], with a diffusers
     ``StableDiffusionXLPipeline`` (or ``StableDiffusionXLImg2ImgPipeline`` for the refiner);
     ``FasterDiffusionPipeline.from_pretrained`` and ``from_diffusers`` return this class for SDXL
-    models. Its :attr:`family` is :class:`~fd_trt.families.sdxl.StableDiffusionXLFamily`, which
+    models. Its `family` is [`StableDiffusionXLFamily`][fd_trt.families.sdxl.StableDiffusionXLFamily], which
     states the text and added-conditioning shapes, encodes the prompts and refuses what SDXL
     does not run yet (ControlNets, inpainting UNets).
     """
@@ -59,8 +59,8 @@ class FasterDiffusionXLPipeline(FasterDiffusionPipeline):
 
     def aesthetic_time_ids(self) -> bool:
         """Whether the time ids end with an aesthetic score (the refiner: 5 ids) rather than the
-        target size (base: 6 ids); see :meth:`StableDiffusionXLFamily.aesthetic_time_ids
-        <fd_trt.families.sdxl.StableDiffusionXLFamily.aesthetic_time_ids>`.
+        target size (base: 6 ids); see
+        [`StableDiffusionXLFamily.aesthetic_time_ids`][fd_trt.families.sdxl.StableDiffusionXLFamily.aesthetic_time_ids].
 
         Raises:
             UnsupportedModelError: for a UNet that takes neither 5 nor 6 time ids.
@@ -305,10 +305,10 @@ class FasterDiffusionXLPipeline(FasterDiffusionPipeline):
                 img2img), not the starting latents. Noise injection needs the run's initial
                 noise, which a ``denoising_start`` run does not have: it is off there.
             schedule, noise_injection, parallel, max_decoder_rows, callback_on_step_end,
-            callback_on_step_end_tensor_inputs: as in :meth:`FasterDiffusionPipeline.__call__`.
+            callback_on_step_end_tensor_inputs: as in [`FasterDiffusionPipeline.__call__()`][fd_trt.pipelines.pipeline.FasterDiffusionPipeline.__call__].
 
         Returns:
-            :class:`~fd_trt.pipelines.pipeline.FasterDiffusionOutput` with ``images`` and ``stats``.
+            [`FasterDiffusionOutput`][fd_trt.pipelines.pipeline.FasterDiffusionOutput] with ``images`` and ``stats``.
         """
         options = dict(
             prompt_2=prompt_2,

@@ -2,7 +2,7 @@
 
 Routes:
 
-- ``POST /v1/generate``: JSON body :class:`GenerateBody`; answers ``image/png`` or, with
+- ``POST /v1/generate``: JSON body [`GenerateBody`][fd_trt.serving.http.GenerateBody]; answers ``image/png`` or, with
   ``"format": "base64"``, JSON ``{"image": <base64 PNG>, "seed": ..., ...}``. Bad fields get 422 with
   the reason, a full queue or a shutting-down server gets 503 with ``Retry-After``, a request past
   its deadline gets 504. Response headers ``X-Seed``, ``X-Batch-Size``, ``X-Queue-Seconds`` and
@@ -53,7 +53,7 @@ class GenerateBody(BaseModel):
     """The JSON body of ``POST /v1/generate``. Types are strict: ``"50"`` is not a number of steps.
 
     Limits that depend on the server (steps, size, prompt length, guidance) are checked by
-    :meth:`ServingRuntime.check` and also answer 422.
+    [`ServingRuntime.check()`][fd_trt.serving.runtime.ServingRuntime.check] and also answer 422.
     """
 
     model_config = ConfigDict(extra="forbid", strict=True)

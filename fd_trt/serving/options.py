@@ -1,12 +1,12 @@
 """The options of a served model, declared once for ``fd-trt serve`` and ``python -m fd_trt.serve_ray``.
 
-:func:`add_serve_options` adds them to an :mod:`argparse` parser (the model and runner options of
-:func:`add_model_options`, the HTTP listener, batching, request limits and the body limit);
-:func:`runtime_kwargs` turns the parsed namespace into the keyword arguments of
-:meth:`ServingRuntime.from_pretrained <fd_trt.serving.runtime.ServingRuntime.from_pretrained>`.
+[`add_serve_options()`][fd_trt.serving.options.add_serve_options] adds them to an `argparse` parser (the model and runner options of
+[`add_model_options()`][fd_trt.serving.options.add_model_options], the HTTP listener, batching, request limits and the body limit);
+[`runtime_kwargs()`][fd_trt.serving.options.runtime_kwargs] turns the parsed namespace into the keyword arguments of
+[`ServingRuntime.from_pretrained()`][fd_trt.serving.runtime.ServingRuntime.from_pretrained].
 Both commands use them, so a flag means the same thing, with the same default, in both; options
 that only make sense on Ray (replicas, CPUs and GPUs per replica, the cluster address) stay in
-:mod:`fd_trt.serving.ray`.
+[`fd_trt.serving.ray`][fd_trt.serving.ray].
 """
 
 from __future__ import annotations
@@ -52,11 +52,11 @@ def add_model_options(p: Any) -> None:
 def add_serve_options(p: Any) -> None:
     """Adds every option of ``fd-trt serve`` to the parser (or argument group) ``p``.
 
-    The model and runner options (:func:`add_model_options`), then ``--host``, ``--port``,
+    The model and runner options ([`add_model_options()`][fd_trt.serving.options.add_model_options]), then ``--host``, ``--port``,
     ``--max-batch``, ``--max-wait-ms``, ``--max-queue``, ``--timeout``, ``--max-steps``,
     ``--max-size``, ``--max-prompt-chars``, ``--sizes``, ``--decoder-memory-mb``, ``--max-body-kb``
-    and ``--log-level``. Read the parsed namespace with :func:`runtime_kwargs`,
-    :func:`max_body_bytes` and :func:`log_level`.
+    and ``--log-level``. Read the parsed namespace with [`runtime_kwargs()`][fd_trt.serving.options.runtime_kwargs],
+    [`max_body_bytes()`][fd_trt.serving.options.max_body_bytes] and [`log_level()`][fd_trt.serving.options.log_level].
     """
     add_model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
@@ -89,7 +89,7 @@ def runner_options(backend: str | None, threads: int | None) -> dict[str, Any]:
 
     ONNX Runtime and ``auto`` (which passes each candidate runner the options it takes) get
     ``intra_op_threads``; the torch and TensorRT runners take no thread option (torch's threads are
-    process-wide: :func:`set_threads`). No ``--threads``: no options.
+    process-wide: [`set_threads()`][fd_trt.serving.options.set_threads]). No ``--threads``: no options.
     """
     if threads is None:
         return {}
@@ -106,12 +106,12 @@ def set_threads(backend: str | None, threads: int | None) -> None:
 
 
 def runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The keyword arguments of :meth:`ServingRuntime.from_pretrained` from the options of :func:`add_serve_options`.
+    """The keyword arguments of `ServingRuntime.from_pretrained()` from the options of [`add_serve_options()`][fd_trt.serving.options.add_serve_options].
 
     ``model``, ``backend``, ``device``, ``precision``, ``engines``, ``runner_options``, ``max_batch``,
-    ``max_wait_ms``, ``max_queue``, ``default_timeout_s``, ``limits`` (a :class:`Limits`), ``sizes``
+    ``max_wait_ms``, ``max_queue``, ``default_timeout_s``, ``limits`` (a [`Limits`][fd_trt.serving.runtime.Limits]), ``sizes``
     (parsed, so a bad ``--sizes`` fails here) and ``decoder_memory_mb`` (``None`` for ``0``: no cap).
-    ``--threads`` gives ``runner_options``; torch's own threads are :func:`set_threads`' business, in
+    ``--threads`` gives ``runner_options``; torch's own threads are [`set_threads()`][fd_trt.serving.options.set_threads]' business, in
     the process that runs the model.
 
     Raises:
@@ -143,7 +143,7 @@ def log_level(args: argparse.Namespace) -> str:
     """``--log-level`` in lower case.
 
     Raises:
-        InputError: a level that is not one of :data:`LOG_LEVELS`.
+        InputError: a level that is not one of `LOG_LEVELS`.
     """
     level = str(args.log_level).lower()
     if level not in LOG_LEVELS:

@@ -1,7 +1,7 @@
-"""Scale-out on Ray Serve: N replicas of :class:`~fd_trt.serving.runtime.ServingRuntime` behind Ray's HTTP proxy.
+"""Scale-out on Ray Serve: N replicas of ``ServingRuntime`` behind Ray's HTTP proxy.
 
 Each replica is a Ray actor that loads the model once, warms up, and serves the same HTTP API as
-``fd-trt serve`` (:func:`fd_trt.serving.http.create_app`): ``POST /v1/generate``, ``GET /healthz``,
+``fd-trt serve`` ([`fd_trt.serving.http.create_app()`][fd_trt.serving.http.create_app]): ``POST /v1/generate``, ``GET /healthz``,
 ``GET /metrics`` (that replica's metrics). Ray's proxy spreads requests over the replicas, and each
 replica batches what it receives. With GPUs, each replica asks for one (``num_gpus=1``), so N
 replicas use N GPUs, across the nodes of the cluster.
@@ -51,11 +51,11 @@ def deployment(
 
     Returns:
         A ``ray.serve.Deployment``; ``.bind(**runtime_kwargs)`` makes the application, with
-        ``runtime_kwargs`` passed to :meth:`ServingRuntime.from_pretrained` (``model``, ``backend``,
+        ``runtime_kwargs`` passed to `ServingRuntime.from_pretrained()` (``model``, ``backend``,
         ``max_batch``, ``max_wait_ms``, ``max_queue``, ``sizes``, ``decoder_memory_mb``, ...), plus
         ``threads`` and ``max_body_bytes`` (the HTTP body limit). ``threads`` means what ``fd-trt serve
         --threads`` means: torch's threads in the replica (unless the backend is onnxruntime), and
-        ``runner_options`` from :func:`fd_trt.serving.options.runner_options` where none are given.
+        ``runner_options`` from [`fd_trt.serving.options.runner_options()`][fd_trt.serving.options.runner_options] where none are given.
     """
     import ray
     from ray import serve
@@ -103,7 +103,7 @@ def deployment(
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m fd_trt.serving.ray``: Ray's own options, then every option of ``fd-trt serve``.
 
-    The serving options come from :func:`fd_trt.serving.options.add_serve_options`, as in ``fd-trt
+    The serving options come from [`fd_trt.serving.options.add_serve_options()`][fd_trt.serving.options.add_serve_options], as in ``fd-trt
     serve``; ``--host`` and ``--port`` are where Ray's HTTP proxy listens, ``--log-level`` is Ray
     Serve's (``trace`` reads as ``debug``).
     """
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def app_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """What :func:`main` binds the deployment with: :func:`~fd_trt.serving.options.runtime_kwargs`, plus
+    """What [`main()`][fd_trt.serving.ray.main] binds the deployment with: [`runtime_kwargs()`][fd_trt.serving.options.runtime_kwargs], plus
     ``threads`` (torch's threads in each replica) and ``max_body_bytes``.
 
     Raises:

@@ -1,8 +1,8 @@
 """Low-latency serving runtime: a request queue, dynamic batching, limits and metrics.
 
-:class:`ServingRuntime` loads a :class:`~fd_trt.pipelines.pipeline.FasterDiffusionPipeline` once, warms it
-up, and serves :class:`GenerateRequest` objects from any thread (:meth:`ServingRuntime.submit`
-returns a ``concurrent.futures.Future``) or from asyncio (:meth:`ServingRuntime.generate`).
+[`ServingRuntime`][fd_trt.serving.runtime.ServingRuntime] loads a [`FasterDiffusionPipeline`][fd_trt.pipelines.pipeline.FasterDiffusionPipeline] once, warms it
+up, and serves [`GenerateRequest`][fd_trt.serving.runtime.GenerateRequest] objects from any thread ([`ServingRuntime.submit()`][fd_trt.serving.runtime.ServingRuntime.submit]
+returns a ``concurrent.futures.Future``) or from asyncio ([`ServingRuntime.generate()`][fd_trt.serving.runtime.ServingRuntime.generate]).
 
 One worker thread owns the pipeline. It takes the oldest waiting request, then gathers the
 waiting requests that can share a sampler call with it (same size, steps, scheduler, key steps,
@@ -12,14 +12,14 @@ noise come from its own ``torch.Generator``, and the rows of a batch never mix, 
 is the image it gets when run alone (within float tolerance: batched matrix products may round
 differently).
 
-Nothing is dropped silently: a full queue raises :class:`QueueFullError` at submission; a request
-that passes its deadline fails with :class:`RequestTimeoutError`; a cancelled one reports
-cancellation; :meth:`ServingRuntime.shutdown` drains what was accepted (or fails it with
-:class:`RuntimeClosedError` when asked not to drain); an image with NaN/Inf comes back with
+Nothing is dropped silently: a full queue raises [`QueueFullError`][fd_trt.serving.runtime.QueueFullError] at submission; a request
+that passes its deadline fails with [`RequestTimeoutError`][fd_trt.serving.runtime.RequestTimeoutError]; a cancelled one reports
+cancellation; [`ServingRuntime.shutdown()`][fd_trt.serving.runtime.ServingRuntime.shutdown] drains what was accepted (or fails it with
+[`RuntimeClosedError`][fd_trt.serving.runtime.RuntimeClosedError] when asked not to drain); an image with NaN/Inf comes back with
 ``nonfinite=True`` and a logged warning.
 
-The HTTP server (``fd-trt serve``) is in :mod:`fd_trt.serving.http`, the Ray Serve deployment in
-:mod:`fd_trt.serving.ray`.
+The HTTP server (``fd-trt serve``) is in [`fd_trt.serving.http`][fd_trt.serving.http], the Ray Serve deployment in
+[`fd_trt.serving.ray`][fd_trt.serving.ray].
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ class GenerateRequest:
         prompt: the text prompt.
         negative_prompt: the negative prompt (``""``: none).
         seed: the seed of the request's own ``torch.Generator``; ``None`` picks a random one,
-            reported back in :attr:`GenerateResult.seed`.
+            reported back in `GenerateResult.seed`.
         steps: inference steps.
         guidance: CFG scale; ``<= 1`` turns CFG off.
         height, width: image size; ``None`` is the model's native size.
@@ -147,7 +147,7 @@ class GenerateRequest:
             step count, else ``"paper"``, as in the pipeline.
         noise_injection: prior noise injection; ``None`` is on exactly when the schedule propagates.
         timeout_s: seconds from submission until the request fails with
-            :class:`RequestTimeoutError`; ``None`` uses the runtime's default.
+            [`RequestTimeoutError`][fd_trt.serving.runtime.RequestTimeoutError]; ``None`` uses the runtime's default.
     """
 
     prompt: str
@@ -165,7 +165,7 @@ class GenerateRequest:
 
 @dataclass
 class GenerateResult:
-    """The answer to one :class:`GenerateRequest`.
+    """The answer to one [`GenerateRequest`][fd_trt.serving.runtime.GenerateRequest].
 
     Attributes:
         image: the PIL image.
@@ -293,7 +293,7 @@ class Metrics:
 
 
 def prometheus_text(snapshot: dict[str, Any], prefix: str = "fd_trt") -> bytes:
-    """Renders :meth:`Metrics.snapshot` in the Prometheus text format with ``prometheus_client``."""
+    """Renders [`Metrics.snapshot()`][fd_trt.serving.runtime.Metrics.snapshot] in the Prometheus text format with ``prometheus_client``."""
     try:
         from prometheus_client import CollectorRegistry, generate_latest
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -347,27 +347,27 @@ def prometheus_text(snapshot: dict[str, Any], prefix: str = "fd_trt") -> bytes:
 
 
 class ServingRuntime:
-    """A thread-safe, dynamically batching front of one :class:`FasterDiffusionPipeline`.
+    """A thread-safe, dynamically batching front of one [`FasterDiffusionPipeline`][fd_trt.pipelines.pipeline.FasterDiffusionPipeline].
 
     Args:
         pipeline: the pipeline to serve; the runtime owns it from now on (only its worker calls it).
         max_batch: most requests per sampler call; 1 turns batching off.
         max_wait_ms: how long the worker waits for more compatible requests after the first.
-        max_queue: most requests waiting; more are rejected with :class:`QueueFullError`.
+        max_queue: most requests waiting; more are rejected with [`QueueFullError`][fd_trt.serving.runtime.QueueFullError].
         default_timeout_s: deadline of requests that set none (``None``: no deadline).
-        limits: request limits (:class:`Limits`).
+        limits: request limits ([`Limits`][fd_trt.serving.runtime.Limits]).
         warmup: run warm-up batches (1 and ``max_batch`` rows) at the native size before serving,
             so graph builds and allocations happen at start-up, not on the first request.
         warmup_sizes: extra ``(height, width)`` to warm up.
         sizes: the image sizes ``(height, width)`` (or ``"HxW"``) served; any other size is refused
-            at submission with :class:`InputError`. Graph backends (onnxruntime, tensorrt) build or
+            at submission with [`InputError`][fd_trt.errors.InputError]. Graph backends (onnxruntime, tensorrt) build or
             load each size's graphs here, at start-up, and never build while serving
             (``build_on_demand`` is switched off); ``None`` serves only the model's default size.
             The torch backend has no graphs: ``None`` there allows any size within ``limits``.
         decoder_memory_mb: memory budget of one decoder call in MiB; the rows per decoder call are
             capped at ``budget // decoder_row_bytes(h, w)``, and batches at the images whose rows
             of one step fit. ``None``: no cap.
-        start: start the worker in a background thread. With ``False``, call :meth:`run` from the
+        start: start the worker in a background thread. With ``False``, call [`run()`][fd_trt.serving.runtime.ServingRuntime.run] from the
             thread that should own the pipeline. On CPU that should be the main thread: PyTorch's
             OpenMP (libgomp) parallel regions cost much more when a non-main thread starts them
             (measured with the default model, 2 threads: one image 0.70 s from a worker thread
@@ -451,7 +451,7 @@ class ServingRuntime:
         runner_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> ServingRuntime:
-        """Loads a model with :meth:`FasterDiffusionPipeline.from_pretrained` (no progress bars) and serves it."""
+        """Loads a model with [`FasterDiffusionPipeline.from_pretrained()`][fd_trt.pipelines.loading.LoadingMixin.from_pretrained] (no progress bars) and serves it."""
         from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
         pipe = FasterDiffusionPipeline.from_pretrained(
@@ -569,7 +569,7 @@ class ServingRuntime:
         """Queues a request; thread-safe.
 
         Returns:
-            A ``concurrent.futures.Future`` of :class:`GenerateResult`. ``future.cancel()`` works while
+            A ``concurrent.futures.Future`` of [`GenerateResult`][fd_trt.serving.runtime.GenerateResult]. ``future.cancel()`` works while
             the request waits in the queue.
 
         Raises:
@@ -599,7 +599,7 @@ class ServingRuntime:
         return job.future
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
-        """``await``-able :meth:`submit`; cancelling the awaiting task cancels a still-queued request."""
+        """``await``-able [`submit()`][fd_trt.serving.runtime.ServingRuntime.submit]; cancelling the awaiting task cancels a still-queued request."""
         return await asyncio.wrap_future(self.submit(request))
 
     def __call__(self, request: GenerateRequest, timeout: float | None = None) -> GenerateResult:
@@ -621,7 +621,7 @@ class ServingRuntime:
         return self._closed
 
     def stats(self) -> dict[str, Any]:
-        """:meth:`Metrics.snapshot` with the current queue depth and running rows."""
+        """[`Metrics.snapshot()`][fd_trt.serving.runtime.Metrics.snapshot] with the current queue depth and running rows."""
         return self.metrics.snapshot(len(self._queue), self._in_flight)
 
     def prometheus(self) -> bytes:
@@ -634,7 +634,7 @@ class ServingRuntime:
 
         Args:
             drain: finish every accepted request first; otherwise waiting requests fail with
-                :class:`RuntimeClosedError` (the running batch still finishes).
+                [`RuntimeClosedError`][fd_trt.serving.runtime.RuntimeClosedError] (the running batch still finishes).
             timeout: seconds to wait for the worker; ``None`` waits as long as it takes.
         """
         with self._cv:
@@ -820,7 +820,7 @@ class ServingRuntime:
                     self.metrics.count("closed")
 
     def run(self) -> None:
-        """The worker loop: serves batches until :meth:`shutdown`, then returns.
+        """The worker loop: serves batches until [`shutdown()`][fd_trt.serving.runtime.ServingRuntime.shutdown], then returns.
 
         Called by the background thread, or by the caller when the runtime was made with
         ``start=False``.

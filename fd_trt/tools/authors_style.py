@@ -11,7 +11,7 @@ diffusers' public module attributes (``conv_in``, ``time_proj``, ``time_embeddin
 ``down_blocks``, ``mid_block``, ``up_blocks``, ``conv_norm_out``, ``conv_act``, ``conv_out``).
 It is the same algorithm as fd_trt's ``paper`` schedule (docs/design.md section 1), so it must give
 the same latents within float tolerance; only the engineering differs. It does not use
-:mod:`fd_trt.graphs.split` or :mod:`fd_trt.core.sampler` on purpose: it is the baseline they are measured
+[`fd_trt.graphs.split`][fd_trt.graphs.split] or [`fd_trt.core.sampler`][fd_trt.core.sampler] on purpose: it is the baseline they are measured
 against.
 """
 
@@ -118,7 +118,7 @@ def authors_style_latents(
 
 @torch.inference_mode()
 def authors_style_images(sd: Any, prompt: str, latents: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-    """:func:`authors_style_latents`, then the VAE and diffusers' post-processing (``np`` images)."""
+    """[`authors_style_latents()`][fd_trt.tools.authors_style.authors_style_latents], then the VAE and diffusers' post-processing (``np`` images)."""
     x = authors_style_latents(sd, prompt, latents, **kwargs)
     image = sd.vae.decode(x / sd.vae.config.scaling_factor, return_dict=False)[0]
     return x, sd.image_processor.postprocess(image, output_type="np", do_denormalize=[True] * x.shape[0])

@@ -1,7 +1,7 @@
 """Side-by-side benchmark: plain diffusers, fd_trt per backend and schedule, and DeepCache.
 
 All systems run in one process, interleaved repeat by repeat, with the same weights, prompt and
-initial latents. Each result row has the keys of :data:`ROW_KEYS`.
+initial latents. Each result row has the keys of `ROW_KEYS`.
 """
 
 from __future__ import annotations
@@ -62,9 +62,9 @@ class BenchConfig:
         repeat, warmup: timed and untimed runs per system.
         deepcache: also run DeepCache when it is installed.
         authors_style: also run the authors' way of running Faster Diffusion on diffusers modules
-            (:mod:`fd_trt.tools.authors_style`, ``paper`` key steps), the peer baseline.
+            ([`fd_trt.tools.authors_style`][fd_trt.tools.authors_style], ``paper`` key steps), the peer baseline.
         threads: torch / ORT intra-op threads (None: library default).
-        controlnet: also run every row with a ControlNet (:func:`fd_trt.families.models.random_controlnet`
+        controlnet: also run every row with a ControlNet ([`fd_trt.families.models.random_controlnet()`][fd_trt.families.models.random_controlnet]
             of the model's UNet, random weights, and a random control image): diffusers'
             ``StableDiffusionControlNetPipeline`` as ``diffusers+controlnet``, fd_trt's rows as
             ``fd_trt+controlnet`` and DeepCache's as ``deepcache+controlnet``. Their speedup and
@@ -151,7 +151,7 @@ class _PeakRss:
 
 
 def load_model(name: str, seed: int = 0) -> tuple[Any, str]:
-    """Loads a benchmark model by name (see :data:`MODELS`) or local folder."""
+    """Loads a benchmark model by name (see `MODELS`) or local folder."""
     from fd_trt.families.models import load_diffusers_pipeline, sd15_arch_pipeline, sdxl_arch_pipeline, tiny_sd_pipeline
 
     if name == "tiny":
@@ -452,7 +452,7 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     """Runs every system ``warmup`` + ``repeat`` times, interleaved, and returns the report.
 
     Returns:
-        ``{"config": {...}, "results": [row, ...]}`` with rows keyed by :data:`ROW_KEYS`.
+        ``{"config": {...}, "results": [row, ...]}`` with rows keyed by `ROW_KEYS`.
     """
     from tqdm.auto import tqdm
 

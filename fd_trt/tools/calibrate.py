@@ -15,9 +15,9 @@ Methods (``method=``):
   step's (the error of reusing them). Costs one run plus an evaluation.
 * ``dp+swap``: ``dp``, then the same refinement as ``greedy``.
 
-A :class:`Calibration` is saved as JSON. ``schedule=`` accepts its path or the object, and
+A [`Calibration`][fd_trt.core.calibration.Calibration] is saved as JSON. ``schedule=`` accepts its path or the object, and
 ``schedule="calibrated"`` finds the one saved with the model or engine directory
-(:func:`find_calibration`), checked against the model's weights hash, scheduler and step count.
+([`find_calibration()`][fd_trt.core.calibration.find_calibration]), checked against the model's weights hash, scheduler and step count.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class Evaluator:
     sampler call over the whole batch (text encoder and VAE are not involved).
 
     Args:
-        pipe: a :class:`~fd_trt.pipelines.pipeline.FasterDiffusionPipeline`.
+        pipe: a [`FasterDiffusionPipeline`][fd_trt.pipelines.pipeline.FasterDiffusionPipeline].
         scheduler: the scheduler's short name.
         steps: inference steps.
         prompts: calibration prompts.
@@ -124,7 +124,7 @@ class Evaluator:
             key_steps: the schedule.
             runner_wrap: wraps the runner (to observe its calls).
             record: keep the latents and scheduler state before every step, so that later runs
-                that share a prefix with this one resume from it (:meth:`error`).
+                that share a prefix with this one resume from it ([`error()`][fd_trt.tools.calibrate.Evaluator.error]).
         """
         from fd_trt.core.sampler import SamplerInputs, SamplerOptions, run_sampler
 
@@ -421,7 +421,7 @@ def feature_changes(
 def plot_feature_changes(
     fc: dict[str, list[float]], path: str | os.PathLike[str], key_steps: Sequence[int] | None = None, title: str = ""
 ) -> Path:
-    """Plots :func:`feature_changes` (MSE, relative change, norms per step) to a PNG, key steps marked.
+    """Plots [`feature_changes()`][fd_trt.tools.calibrate.feature_changes] (MSE, relative change, norms per step) to a PNG, key steps marked.
 
     Raises:
         InputError: when matplotlib is missing.
@@ -477,7 +477,7 @@ def calibrate(
     """Chooses key steps for the pipeline's model, a scheduler and a step count.
 
     Args:
-        pipe: a :class:`~fd_trt.pipelines.pipeline.FasterDiffusionPipeline` (its backend runs the search).
+        pipe: a [`FasterDiffusionPipeline`][fd_trt.pipelines.pipeline.FasterDiffusionPipeline] (its backend runs the search).
         scheduler: ``ddim``, ``dpmpp``, ``pndm``, ``euler`` or ``ddpm``.
         steps: inference steps.
         key_steps: K, the encoder runs wanted.
@@ -491,7 +491,7 @@ def calibrate(
         progress: called with a line of text after each stage.
 
     Returns:
-        The :class:`Calibration`.
+        The [`Calibration`][fd_trt.core.calibration.Calibration].
 
     Raises:
         InputError: for a bad budget or method, or a speedup that even one key step misses.
@@ -594,7 +594,7 @@ def measure_costs(ev: Evaluator, repeats: int = 3) -> dict[str, float]:
 
 
 def estimate_speedup(costs: dict[str, float], keys: Sequence[int], num_steps: int) -> float:
-    """UNet-time speedup over ``all`` of these key steps, from :func:`measure_costs`' figures.
+    """UNet-time speedup over ``all`` of these key steps, from [`measure_costs()`][fd_trt.tools.calibrate.measure_costs]' figures.
 
     A segment of L steps costs one encoder call plus one decoder call of L steps, modelled as
     ``decoder_1 + (L - 1) * decoder_per_step_batched``.

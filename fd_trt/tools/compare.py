@@ -1,9 +1,9 @@
 """Side-by-side runs against plain diffusers, for ``fd-trt generate --compare``.
 
 The question a user asks is "how much faster than what I run today", and what they run today is
-the diffusers pipeline that the model folder describes. :func:`run_diffusers` runs it with the
+the diffusers pipeline that the model folder describes. [`run_diffusers()`][fd_trt.tools.compare.run_diffusers] runs it with the
 call's seed, scheduler, steps and guidance, so that it starts from the same latents as fd_trt;
-:func:`rel_l2` and :func:`median_index` are the figures the CLI prints.
+[`rel_l2()`][fd_trt.tools.compare.rel_l2] and [`median_index()`][fd_trt.tools.compare.median_index] are the figures the CLI prints.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def run_diffusers(
 
     Args:
         sd: the diffusers pipeline (for the default model, the ``StableDiffusionPipeline`` that
-            :func:`fd_trt.families.models.load_diffusers_pipeline` loads, with the scheduler fd_trt uses).
+            [`fd_trt.families.models.load_diffusers_pipeline()`][fd_trt.families.models.load_diffusers_pipeline] loads, with the scheduler fd_trt uses).
         prompt ... num_images_per_prompt: as in diffusers.
         seed: seeds a ``torch.Generator`` on ``device``, as ``fd-trt generate --seed`` does.
         device: where the generator lives.

@@ -57,8 +57,8 @@ class ShapeObject:
     """One object in a scene.
 
     Attributes:
-        color: a key of :data:`COLORS`.
-        shape: one of :data:`SHAPES`.
+        color: a key of `COLORS`.
+        shape: one of `SHAPES`.
         position: ``left``/``right``/``top``/``bottom``/``center``, or ``None`` when the caption
             names no position.
         cx, cy: centre in pixels.
@@ -81,7 +81,7 @@ class Scene:
         image: ``[64, 64, 3]`` uint8 RGB.
         caption: the text prompt describing it.
         objects: one object, or two objects ordered left then right.
-        background: one of :data:`BACKGROUNDS`.
+        background: one of `BACKGROUNDS`.
         mask: ``[64, 64]`` bool silhouette of the object(s): their union's antialiased coverage,
             binarised at 0.5 (``None`` only for scenes built by hand).
     """
@@ -101,10 +101,10 @@ class Dataset:
         images: ``[N, 64, 64, 3]`` uint8.
         captions: N strings.
         num_objects: ``[N]`` int, 1 or 2.
-        colors: ``[N, 2]`` int colour indices into :data:`COLOR_NAMES`: single-object scenes use
+        colors: ``[N, 2]`` int colour indices into `COLOR_NAMES`: single-object scenes use
             column 0 (column 1 is -1); two-object scenes hold (left, right).
-        shapes: ``[N, 2]`` int shape indices into :data:`SHAPES`, laid out like ``colors``.
-        masks: ``[N, 64, 64]`` bool silhouettes of each scene's object(s) (see :attr:`Scene.mask`).
+        shapes: ``[N, 2]`` int shape indices into `SHAPES`, laid out like ``colors``.
+        masks: ``[N, 64, 64]`` bool silhouettes of each scene's object(s) (see `Scene.mask`).
     """
 
     images: np.ndarray
@@ -282,7 +282,7 @@ def random_scene(
         p_position: probability that a single object is placed in, and captioned with, a named position.
 
     Returns:
-        A :class:`Scene`.
+        A [`Scene`][fd_trt.tools.shapes.Scene].
     """
     if num_objects is None:
         num_objects = 2 if rng.uniform() < p_two else 1
@@ -328,7 +328,7 @@ def generate_dataset(
         progress: show a tqdm progress bar.
 
     Returns:
-        A :class:`Dataset`.
+        A [`Dataset`][fd_trt.tools.shapes.Dataset].
     """
     from tqdm.auto import tqdm
 
@@ -362,7 +362,7 @@ def silhouette(
     """The silhouette of one shape, drawn as scenes draw it (supersampled, box-filtered, binarised at 0.5).
 
     Args:
-        shape: one of :data:`SHAPES`.
+        shape: one of `SHAPES`.
         cx, cy: the centre in pixels of an ``image_size`` image.
         size: the diameter in pixels.
         angle: rotation in radians (scenes use -0.2 .. 0.2; diamonds are never rotated).
@@ -402,7 +402,7 @@ def scene_from_labels(
         position: for one object, the named position (or ``None``).
 
     Returns:
-        A :class:`Scene` whose caption names exactly these objects.
+        A [`Scene`][fd_trt.tools.shapes.Scene] whose caption names exactly these objects.
     """
     scene = random_scene(rng, num_objects=len(objects))
     objs = []

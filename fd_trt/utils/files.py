@@ -1,13 +1,13 @@
 """Files that readers never see half-written, and folders that one writer at a time changes.
 
-:func:`write_atomic` is how fd_trt writes every file other processes may read while it is being
+[`write_atomic()`][fd_trt.utils.files.write_atomic] is how fd_trt writes every file other processes may read while it is being
 written (engine directory manifests, plans and timing caches, tuning decisions, calibrations):
-a unique temporary name in the same folder, ``fsync``, then a rename. :func:`dir_lock` is the
+a unique temporary name in the same folder, ``fsync``, then a rename. [`dir_lock()`][fd_trt.utils.files.dir_lock] is the
 inter-process lock of a folder (an engine directory) whose files are read, changed and
 rewritten together.
 
 Temporaries are named ``.fdtmp-<pid>-<name>.<random>``: the process id lets a later writer tell
-a dead process's leftovers (:func:`remove_stale_temporaries` deletes them) from a live one's work
+a dead process's leftovers ([`remove_stale_temporaries()`][fd_trt.utils.files.remove_stale_temporaries] deletes them) from a live one's work
 in progress (left alone).
 """
 
@@ -42,7 +42,7 @@ def temp_prefix(name: str = "") -> str:
         name: the final file's name, for people reading a folder listing.
 
     Returns:
-        The prefix, for :mod:`tempfile`'s ``prefix``.
+        The prefix, for `tempfile`'s ``prefix``.
     """
     return f"{TEMP_PREFIX}{os.getpid()}-{name}."
 
@@ -101,7 +101,7 @@ def write_atomic(path: str | os.PathLike[str], data: Any) -> None:
     A reader (another process included) sees the old file or the whole new one, never a partial
     one; two writers never share a temporary, and the last rename wins. The temporary is removed
     when the write fails. The file gets the permissions ``open(path, "w")`` would give it (the
-    umask's), not :func:`tempfile.mkstemp`'s owner-only ones.
+    umask's), not `tempfile.mkstemp()`'s owner-only ones.
 
     Args:
         path: the final file; its folder must exist.
@@ -162,7 +162,7 @@ def dir_lock(folder: str | os.PathLike[str], what: str = "write", lock_file: str
 
     The lock is an OS file lock (``flock``), which the kernel drops when its holder dies, so a
     killed writer never leaves a lock that blocks the next one; the lock file itself stays,
-    harmlessly. Reentrant within a thread. After :data:`LOCK_NOTICE_SECONDS` of waiting it logs
+    harmlessly. Reentrant within a thread. After `LOCK_NOTICE_SECONDS` of waiting it logs
     who waits for what, then keeps waiting.
 
     Args:
