@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from fd_trt.cli.common import add_log_level
 from fd_trt.families.models import SCHEDULERS
 
 
@@ -49,7 +50,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
     p.add_argument("--plot", default=None, help="PNG bar chart")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_log_level(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fd_trt.cli.common import add_log_level
 from fd_trt.errors import InputError
 
 
@@ -28,6 +29,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-segment-steps", type=int, default=15, help="longest segment decoded in one call")
     p.add_argument("--force", action="store_true", help="rebuild even when up to date")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_log_level(p)
     p.add_argument(
         "--tune",
         action="store_true",

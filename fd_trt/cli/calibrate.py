@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fd_trt.cli.common import add_model_args, runner_options
+from fd_trt.cli.common import add_log_level, add_model_args, runner_options
 from fd_trt.errors import InputError
 from fd_trt.families.models import SCHEDULERS
 
@@ -41,7 +41,8 @@ def add_parser(sub: Any) -> None:
         help="PNG: the paper's Figure 3 for this model and scheduler (encoder vs decoder feature change "
         "per step), with the chosen key steps marked",
     )
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_log_level(p)
 
 
 def run(args: argparse.Namespace) -> int:

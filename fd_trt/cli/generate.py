@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fd_trt.cli.common import add_model_args, runner_options
+from fd_trt.cli.common import add_log_level, add_model_args, runner_options
 from fd_trt.errors import InputError
 from fd_trt.families.models import SCHEDULERS
 
@@ -89,6 +89,7 @@ def add_parser(sub: Any) -> None:
         help="with --compare: timed runs per system, alternating; the run with the median total is reported",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_log_level(p)
 
 
 def _fmt_stats(label: str, st: Any) -> str:
