@@ -16,7 +16,12 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("build", help="export the encoder/decoder graphs (and engines) into an engine directory")
     p.add_argument("--model", default="default", help="'default' or a local diffusers folder")
     p.add_argument("--out", default=None, help="engine directory (default: engines/<model name>-<H>x<W>-<precision>)")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    p.add_argument(
+        "--backend",
+        default="onnxruntime",
+        choices=["onnxruntime", "tensorrt"],
+        help="what the directory is for: ONNX graphs only, or also TensorRT plans built from them",
+    )
     p.add_argument(
         "--precision",
         default=None,

@@ -18,7 +18,7 @@ def add_parser(sub: Any) -> None:
     """Adds ``generate`` to the sub-commands."""
     p = sub.add_parser("generate", help="generate an image with Faster Diffusion")
     p.add_argument("prompt", help="the text prompt")
-    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--negative-prompt", default=None, help="what the image should not show (classifier-free guidance)")
     add_model_args(p)
     p.add_argument(
         "--lora",
@@ -34,11 +34,11 @@ def add_parser(sub: Any) -> None:
         help="paper | all | uniform:N | calibrated | FILE.json | comma-separated key steps "
         "(default: the model's saved calibration for this scheduler and step count, else paper)",
     )
-    p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS), help="the diffusers scheduler")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--guidance", type=float, default=7.5, help="CFG scale; <= 1 turns CFG off")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument(
         "--image",
@@ -75,7 +75,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--sequential", action="store_true", help="decode one step per call instead of batching")
     p.add_argument("--max-decoder-rows", type=int, default=None, help="cap on rows per decoder call")
     p.add_argument("--out", default="fd_trt_out.png", help="output image (PNG); several images get _i suffixes")
-    p.add_argument("--json", default=None, help="write stats as JSON here")
+    p.add_argument(
+        "--json", default=None, help="also write the run's stats (and --compare's results) as JSON to this file"
+    )
     p.add_argument(
         "--compare",
         action="store_true",
