@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fd-trt``."""
     args = build_parser().parse_args(argv)
-    setup_logging(getattr(args, "quiet", False))
+    setup_logging(getattr(args, "quiet", False), getattr(args, "log_level", "warning"))
     try:
         return COMMANDS[args.command].run(args)
     except FdTrtError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from fd_trt.cli.common import add_log_level
 from fd_trt.families.models import SCHEDULERS
 
 
@@ -16,11 +17,11 @@ def add_parser(sub: Any) -> None:
         default="sd15-arch",
         help="default | tiny | tiny-sdxl | sd15-arch | sdxl-arch | a local diffusers folder",
     )
-    p.add_argument("--height", type=int, default=256)
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
+    p.add_argument("--height", type=int, default=256, help="image height in pixels")
+    p.add_argument("--width", type=int, default=256, help="image width in pixels")
+    p.add_argument("--steps", type=int, default=50, help="inference steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="CFG scale; <= 1 turns CFG off")
+    p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS), help="the diffusers scheduler")
     p.add_argument(
         "--backends",
         default="auto,torch",
@@ -46,10 +47,11 @@ def add_parser(sub: Any) -> None:
         help="the peer baseline row: Faster Diffusion ('paper') run the authors' way on diffusers modules "
         "(fd_trt/authors_style.py); on by default",
     )
-    p.add_argument("--json", default=None)
-    p.add_argument("--markdown", default=None)
-    p.add_argument("--plot", default=None, help="PNG bar chart")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", default=None, help="write the results as JSON to this file")
+    p.add_argument("--markdown", default=None, help="write the results as a markdown table to this file")
+    p.add_argument("--plot", default=None, help="write a PNG bar chart of the results to this file")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_log_level(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fd_trt.cli.common import add_log_level
 from fd_trt.errors import InputError
 
 
@@ -15,7 +16,12 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("build", help="export the encoder/decoder graphs (and engines) into an engine directory")
     p.add_argument("--model", default="default", help="'default' or a local diffusers folder")
     p.add_argument("--out", default=None, help="engine directory (default: engines/<model name>-<H>x<W>-<precision>)")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    p.add_argument(
+        "--backend",
+        default="onnxruntime",
+        choices=["onnxruntime", "tensorrt"],
+        help="what the directory is for: ONNX graphs only, or also TensorRT plans built from them",
+    )
     p.add_argument(
         "--precision",
         default=None,
@@ -28,6 +34,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-segment-steps", type=int, default=15, help="longest segment decoded in one call")
     p.add_argument("--force", action="store_true", help="rebuild even when up to date")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_log_level(p)
     p.add_argument(
         "--tune",
         action="store_true",

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fd_trt.cli.common import add_model_args, runner_options
+from fd_trt.cli.common import add_log_level, add_model_args, runner_options
 from fd_trt.errors import InputError
 from fd_trt.families.models import SCHEDULERS
 
@@ -16,7 +16,7 @@ def add_parser(sub: Any) -> None:
     """Adds ``calibrate`` to the sub-commands."""
     p = sub.add_parser("calibrate", help="choose the key steps for a model, scheduler and step count")
     add_model_args(p)
-    p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
+    p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS), help="the diffusers scheduler")
     p.add_argument("--steps", type=int, default=50, help="inference steps")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--key-steps", type=int, default=None, help="K: encoder runs (key steps, step 0 included)")
@@ -26,9 +26,15 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="target UNet speedup over 'all', estimated from encoder/decoder costs measured here",
     )
-    p.add_argument("--method", default="greedy", choices=["greedy", "dp", "dp+swap"])
+    p.add_argument(
+        "--method",
+        default="greedy",
+        choices=["greedy", "dp", "dp+swap"],
+        help="greedy: add key steps one at a time, then move them while that helps (slower); dp: from one 'all' run's "
+        "feature changes (fast); dp+swap: dp, then greedy's moves",
+    )
     p.add_argument("--prompts", default=None, help="a text file, one calibration prompt per line (default: built-in)")
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, default=7.5, help="CFG scale the calibration runs use")
     p.add_argument("--out", default=None, help="write the calibration JSON here")
     p.add_argument(
         "--save",
@@ -41,7 +47,8 @@ def add_parser(sub: Any) -> None:
         help="PNG: the paper's Figure 3 for this model and scheduler (encoder vs decoder feature change "
         "per step), with the chosen key steps marked",
     )
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_log_level(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fd_trt.cli.common import add_model_args, runner_options
+from fd_trt.cli.common import add_log_level, add_model_args, runner_options
 from fd_trt.errors import InputError
 from fd_trt.families.models import SCHEDULERS
 
@@ -18,7 +18,7 @@ def add_parser(sub: Any) -> None:
     """Adds ``generate`` to the sub-commands."""
     p = sub.add_parser("generate", help="generate an image with Faster Diffusion")
     p.add_argument("prompt", help="the text prompt")
-    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--negative-prompt", default=None, help="what the image should not show (classifier-free guidance)")
     add_model_args(p)
     p.add_argument(
         "--lora",
@@ -34,11 +34,11 @@ def add_parser(sub: Any) -> None:
         help="paper | all | uniform:N | calibrated | FILE.json | comma-separated key steps "
         "(default: the model's saved calibration for this scheduler and step count, else paper)",
     )
-    p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS), help="the diffusers scheduler")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--guidance", type=float, default=7.5, help="CFG scale; <= 1 turns CFG off")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument(
         "--image",
@@ -75,7 +75,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--sequential", action="store_true", help="decode one step per call instead of batching")
     p.add_argument("--max-decoder-rows", type=int, default=None, help="cap on rows per decoder call")
     p.add_argument("--out", default="fd_trt_out.png", help="output image (PNG); several images get _i suffixes")
-    p.add_argument("--json", default=None, help="write stats as JSON here")
+    p.add_argument(
+        "--json", default=None, help="also write the run's stats (and --compare's results) as JSON to this file"
+    )
     p.add_argument(
         "--compare",
         action="store_true",
@@ -89,6 +91,7 @@ def add_parser(sub: Any) -> None:
         help="with --compare: timed runs per system, alternating; the run with the median total is reported",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_log_level(p)
 
 
 def _fmt_stats(label: str, st: Any) -> str:

@@ -94,13 +94,15 @@ class RunnerPool:
         self.current: Runner | None = self.fixed
 
     # the per-shape cache ------------------------------------------------------------------------
-    def runner_for(self, latent_hw: Shape, text_shape: Shape, build: bool | None = None) -> Runner:
+    def runner_for(self, latent_hw: Shape, text_shape: Shape, build: bool | None = None, ahead: bool = False) -> Runner:
         """The runner for one latent size and text shape; builds or checks graphs on first use.
 
         Args:
             latent_hw, text_shape: the shape served.
             build: whether a new shape may be built or loaded; the pipeline's ``build_on_demand``
                 when ``None``.
+            ahead: the shape is readied ahead of the first call (``prepare``), so a build is what
+                the caller asked for: it is logged at INFO, not warned about as a first-use build.
 
         Raises:
             NotPreparedError: for a new shape when building is off.
@@ -123,7 +125,7 @@ class RunnerPool:
                     f"demand is off; sizes ready: {ready}. Prepare the size first (pipe.prepare(height, width), "
                     "fd-trt serve --sizes HxW,...)"
                 )
-            runner = self._load(latent_hw, text_shape)
+            runner = self._load(latent_hw, text_shape, ahead)
             self._runners[key] = runner
             self.current = runner
             while len(self._runners) > pipe.max_cached_runners:
@@ -173,16 +175,22 @@ class RunnerPool:
         else:
             runner.deactivate()
 
-    def _load(self, latent_hw: Shape, text_shape: Shape) -> Runner:
+    def _load(self, latent_hw: Shape, text_shape: Shape, ahead: bool = False) -> Runner:
         pipe = self.pipe
         if pipe.backend == "auto":
             return self._auto_runner(latent_hw, text_shape).activate()
-        folder = self.graph_folder(latent_hw, text_shape, pipe.precision, build=True)
+        folder = self.graph_folder(latent_hw, text_shape, pipe.precision, build=True, asked=ahead)
         cls = get_runner_class(pipe.backend)
         return cls(folder, device=pipe.device, dtype=pipe.precision, **pipe.runner_options).activate()
 
-    def graph_folder(self, latent_hw: Shape, text_shape: Shape, precision: str, build: bool) -> Path:
+    def graph_folder(
+        self, latent_hw: Shape, text_shape: Shape, precision: str, build: bool, asked: bool = False
+    ) -> Path:
         """The engine directory for a shape: ``engines=``, or the cache folder, built there when ``build``.
+
+        A build is warned about (a call paid for it, once) unless ``asked``: the caller asked for
+        the graphs ahead of time (``prepare``, ``fd-trt build --tune``), and the build is then
+        logged at INFO.
 
         Raises:
             EngineMismatchError: the graphs do not fit (or, with ``build=False``, are not built).
@@ -232,7 +240,9 @@ class RunnerPool:
             unet_sha256=digest,
             added_shapes=added,
         )
-        if res.built:
+        if res.built and asked:
+            logger.info("built graphs for latents %s into %s (%.1f s)", latent_hw, folder, res.seconds)
+        elif res.built:
             logger.warning(
                 "built graphs for latents %s on first use into %s (%.1f s); they are reused from now on",
                 latent_hw,
@@ -291,7 +301,9 @@ class RunnerPool:
             opts = {**self.options_for(cls), **dict(cand.options)}
             if cand.backend == "torch":
                 return cls(pipe.sd.unet, device=pipe.device, dtype=cand.precision, **opts)
-            folder = self.graph_folder(latent_hw, text_shape, cand.precision, build=pipe.auto_build_graphs)
+            # auto_build_graphs: building is what the caller asked for (fd-trt build --tune).
+            build = pipe.auto_build_graphs
+            folder = self.graph_folder(latent_hw, text_shape, cand.precision, build=build, asked=build)
             if cand.backend == "tensorrt":
                 opts.setdefault("build", pipe.auto_build_graphs)
             return cls(folder, device=pipe.device, dtype=cand.precision, **opts)
@@ -415,7 +427,7 @@ class PreparedSizesMixin:
         height, width = self.default_size(height, width)
         self.check_inputs("x", None, height, width, 1, 1.0, 1, "latent")
         self.pool.check_weights()
-        return self.pool.runner_for((height // f, width // f), self.text_shape(), build=True)
+        return self.pool.runner_for((height // f, width // f), self.text_shape(), build=True, ahead=True)
 
     def prepared_sizes(self) -> list[tuple[int, int]]:
         """Image sizes ``(height, width)`` with a loaded graph runner, least recently used first."""

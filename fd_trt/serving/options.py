@@ -60,14 +60,18 @@ def add_serve_options(p: Any) -> None:
     """
     add_model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--max-batch", type=int, default=8, help="most requests per sampler call (1: no batching)")
-    p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch waits for company")
+    p.add_argument(
+        "--max-wait-ms", type=float, default=10.0, help="how long, in milliseconds, a batch waits for more requests"
+    )
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
     p.add_argument("--timeout", type=float, default=120.0, help="default per-request deadline in seconds")
-    p.add_argument("--max-steps", type=int, default=200)
+    p.add_argument("--max-steps", type=int, default=200, help="most inference steps a request may ask for")
     p.add_argument("--max-size", type=int, default=1024, help="largest height or width")
-    p.add_argument("--max-prompt-chars", type=int, default=1000)
+    p.add_argument(
+        "--max-prompt-chars", type=int, default=1000, help="longest prompt (and negative prompt) in characters"
+    )
     p.add_argument(
         "--sizes",
         default=None,
@@ -81,7 +85,12 @@ def add_serve_options(p: Any) -> None:
         help="memory budget of one decoder call; caps rows per call and images per batch (0: no cap)",
     )
     p.add_argument("--max-body-kb", type=int, default=64, help="largest request body in KiB (413 beyond)")
-    p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--log-level",
+        default="info",
+        help=f"the server's and fd_trt's log level, one of {', '.join(LOG_LEVELS)}; debug and trace also show "
+        "diffusers' and transformers' warnings",
+    )
 
 
 def runner_options(backend: str | None, threads: int | None) -> dict[str, Any]:
