@@ -4,8 +4,9 @@ Each fenced block runs on its own, in a fresh namespace (so it must import what 
 working directory and ``FD_TRT_CACHE`` in a temporary folder, on the embedded default model (what
 the examples use to stay runnable offline). The code is compiled under the markdown file's name
 with its own line numbers, so that a traceback points into the page. A block whose first line is
-``# doc: skip`` (an example needing weights that are not here, a GPU, or a server) is reported as
-skipped with its file and line.
+``# doc: skip`` (a reason may follow it), or that follows the line ``<!-- doc: skip -->`` (invisible on the rendered page),
+is an example needing weights that are not here, a GPU, or a server: it is reported as skipped with
+its file and line.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP_MARK = "# doc: skip"
+SKIP_COMMENT = "<!-- doc: skip -->"
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<lang>[\w+-]*)")
 
 
@@ -29,6 +31,7 @@ class Example:
     path: Path
     line: int
     code: str
+    skip: bool = False
 
     @property
     def where(self) -> str:
@@ -57,7 +60,8 @@ def find_examples(paths: list[Path]) -> list[Example]:
                 j += 1
             if lang in ("python", "py"):
                 body = [ln[len(indent) :] if ln.startswith(indent) else ln.lstrip() for ln in lines[i + 1 : j]]
-                found.append(Example(path, i + 2, "\n".join(body) + "\n"))
+                before = next((ln.strip() for ln in reversed(lines[:i]) if ln.strip()), "")
+                found.append(Example(path, i + 2, "\n".join(body) + "\n", skip=before == SKIP_COMMENT))
             i = j + 1
     return found
 
@@ -70,8 +74,8 @@ def doc_pages() -> list[Path]:
 def run_example(ex: Example) -> None:
     """Runs one example in a fresh namespace; fails naming ``file:line`` and the error, or skips a marked one."""
     first = ex.code.lstrip().splitlines()[0].strip() if ex.code.strip() else ""
-    if first == SKIP_MARK:
-        pytest.skip(f"{ex.where}: {SKIP_MARK}")
+    if first.startswith(SKIP_MARK) or ex.skip:
+        pytest.skip(f"{ex.where}: {first if first.startswith(SKIP_MARK) else SKIP_COMMENT}")
     # Padded so that the compiled lines keep the markdown file's line numbers.
     source = "\n" * (ex.line - 1) + ex.code
     try:
@@ -121,12 +125,14 @@ DATA = Path(__file__).parent / "data" / "docs_examples"
 
 def test_the_harness_runs_a_passing_example_and_reports_a_skip_with_file_and_line(sandbox):
     examples = find_examples([DATA / "passing.md"])
-    assert [ex.line for ex in examples] == [7, 15, 25]  # the ```text block is not an example
+    assert [ex.line for ex in examples] == [7, 15, 25, 31]  # the ```text block is not an example
     run_example(examples[0])
     assert (sandbox / "out.png").is_file()  # the example ran in the sandbox
     run_example(examples[2])  # an indented fence (an admonition's)
     with pytest.raises(pytest.skip.Exception, match=r"passing\.md:15: # doc: skip"):
         run_example(examples[1])
+    with pytest.raises(pytest.skip.Exception, match=r"passing\.md:31: <!-- doc: skip -->"):
+        run_example(examples[3])
 
 
 def test_the_harness_reports_a_failing_example_with_file_and_line(sandbox):
