@@ -4,8 +4,8 @@ They speak the :class:`~fd_trt.core.runner.Runner` protocol, so :func:`fd_trt.co
 runs them unchanged:
 
 * ``encode(sample, timestep [N], text, added) -> Features(mid=tokens [N,T,D], skips=())``;
-* ``decode(features, timesteps [S], text, added) -> [S*N,C,h,w]``: the key step's tokens tiled to
-  the S steps (step-major), each step with its own timestep, in one call. Only the noise channels
+* ``decode(features, timesteps [S], text, added) -> [S*N,C,h,w]``: the key step's tokens, tiled to
+  the S steps (step-major) inside the decoder, each step with its own timestep, in one call. Only the noise channels
   come back (the first ``C`` of a transformer with learned variance, as diffusers' pipelines keep).
 
 ``text`` and ``added`` map to the graphs' conditioning as :meth:`SplitTransformer.conditioning`
@@ -26,14 +26,8 @@ from fd_trt.errors import BackendUnavailableError, InputError
 from fd_trt.graphs.split_dit import SplitTransformer
 
 
-def _tile(t: torch.Tensor, s: int) -> torch.Tensor:
-    return t if s == 1 else t.repeat(s, *([1] * (t.ndim - 1)))
-
-
-def decoder_rows(
-    split: SplitTransformer, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added
-) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-    """The decoder's ``S*N`` step-major rows: tokens, per-row timesteps and conditioning.
+def check_decode(features: Features, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """The decoder's ``S*N`` per-row timesteps (step-major), once the rows agree.
 
     Raises:
         InputError: when the text rows differ from the features' or the timesteps are not 1-D.
@@ -43,9 +37,7 @@ def decoder_rows(
         raise InputError(f"text has {text.shape[0]} rows but the features have {n}: pass the encoder's text")
     if timesteps.ndim != 1 or timesteps.shape[0] < 1:
         raise InputError(f"timesteps must be a non-empty 1-D tensor, got shape {tuple(timesteps.shape)}")
-    s = int(timesteps.shape[0])
-    cond = tuple(_tile(c, s) for c in split.conditioning(text, added))
-    return _tile(features.mid, s), timesteps.repeat_interleave(n), cond
+    return timesteps.float().repeat_interleave(n)
 
 
 class TorchTransformerRunner(Runner):
@@ -56,6 +48,7 @@ class TorchTransformerRunner(Runner):
     def __init__(self, split: SplitTransformer, device: torch.device | str = "cpu") -> None:
         super().__init__(device, torch.float32)
         self.split = split
+        self._decoder = split.step_decoder()
 
     @torch.inference_mode()
     def encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, added: Added = None) -> Features:
@@ -70,10 +63,10 @@ class TorchTransformerRunner(Runner):
         self, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None
     ) -> torch.Tensor:
         self._check_active()
-        tokens, t, cond = decoder_rows(self.split, features, timesteps, text, added)
-        out = self.split.decoder(tokens, t.float(), *cond)
+        t = check_decode(features, timesteps, text)
+        out = self._decoder(features.mid, t, *self.split.conditioning(text, added))
         self.launches["decoder"] += 1
-        return out[:, : self.split.eps_channels].float()
+        return out.float()
 
 
 class OrtTransformerRunner(Runner):
@@ -114,12 +107,16 @@ class OrtTransformerRunner(Runner):
     def _feed(self, which: int, first: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, ...]) -> Any:
         assert self._sessions is not None
         names = ("sample" if which == 0 else "tokens", "timestep", *self.split.cond_names)
+        session = self._sessions[which]
+        wanted = {i.name for i in session.get_inputs()}  # the exporter drops inputs a graph does not use
         feed = {}
         for name, value in zip(names, (first.float(), t.float(), *cond)):
+            if name not in wanted:
+                continue
             v = value.detach().cpu()
             v = v.long() if name == "class_labels" else v.float()
             feed[name] = v.numpy()
-        return self._sessions[which].run(None, feed)[0]
+        return session.run(None, feed)[0]
 
     def encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, added: Added = None) -> Features:
         self._check_active()
@@ -131,10 +128,10 @@ class OrtTransformerRunner(Runner):
         self, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None
     ) -> torch.Tensor:
         self._check_active()
-        tokens, t, cond = decoder_rows(self.split, features, timesteps, text, added)
-        out = torch.from_numpy(self._feed(1, tokens, t, cond))
+        t = check_decode(features, timesteps, text)
+        out = torch.from_numpy(self._feed(1, features.mid, t, self.split.conditioning(text, added)))
         self.launches["decoder"] += 1
-        return out[:, : self.split.eps_channels].float()
+        return out.float()
 
 
-__all__ = ["OrtTransformerRunner", "TorchTransformerRunner", "decoder_rows"]
+__all__ = ["OrtTransformerRunner", "TorchTransformerRunner", "check_decode"]

@@ -184,6 +184,21 @@ class _PixArtDecoder(_PixArtCommon):
         return _unpatchify(h, hp, wp, self.patch, self.out_channels)
 
 
+class StepDecoder(nn.Module):
+    """The decoder as the graphs run it: tokens and conditioning of the key step's N rows, a
+    timestep per step row (``S*N``, step-major); it tiles the N rows S times itself and returns the
+    noise channels only (``[S*N, eps_channels, H, W]``)."""
+
+    def __init__(self, decoder: nn.Module, eps_channels: int) -> None:
+        super().__init__()
+        self.decoder, self.eps_channels = decoder, eps_channels
+
+    def forward(self, tokens: torch.Tensor, timestep: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+        s = timestep.shape[0] // tokens.shape[0]
+        tiled = [c.repeat(s, *([1] * (c.dim() - 1))) for c in (tokens, *cond)]
+        return self.decoder(tiled[0], timestep, *tiled[1:])[:, : self.eps_channels]
+
+
 @dataclass
 class SplitTransformer:
     """A diffusion transformer as encoder (embedding + blocks ``0..N-1``) and decoder (blocks ``N..`` + output).
@@ -207,6 +222,10 @@ class SplitTransformer:
     in_channels: int
     eps_channels: int
     blocks: int
+
+    def step_decoder(self) -> StepDecoder:
+        """The decoder with the graphs' row convention (:class:`StepDecoder`)."""
+        return StepDecoder(self.decoder, self.eps_channels).eval()
 
     def conditioning(self, text: torch.Tensor, added: Any) -> tuple[torch.Tensor, ...]:
         """The ``*cond`` tensors of the graphs from the sampler's ``text`` and ``added``.
@@ -260,4 +279,12 @@ def split_transformer(transformer: Any, split: int, latent_hw: tuple[int, int] |
     return SplitTransformer(kind, split, enc.eval(), dec.eval(), names, in_ch, eps, num_blocks(transformer))
 
 
-__all__ = ["TOKENS", "SplitTransformer", "check_split_point", "num_blocks", "split_transformer", "transformer_kind"]
+__all__ = [
+    "TOKENS",
+    "SplitTransformer",
+    "StepDecoder",
+    "check_split_point",
+    "num_blocks",
+    "split_transformer",
+    "transformer_kind",
+]
