@@ -98,3 +98,30 @@ def test_auto_picks_a_backend_and_matches_torch(tmp_path, monkeypatch):
     ref = FasterDiffusionPipeline.from_diffusers(pipe, backend="torch", progress=False)(**kw)
     assert (out.latents - ref.latents).abs().max().item() <= 1e-4 * max(1.0, ref.latents.abs().max().item())
     assert list((tmp_path / "transformer").iterdir())  # the graphs went to the engine cache
+
+
+def test_tensorrt_stand_in_profiles_cover_the_transformer_graphs(tmp_path, monkeypatch):
+    from fd_trt.backends.tensorrt_build import RowProfile
+    from fd_trt.backends.tensorrt_dit import build_transformer_plans
+
+    import fake_tensorrt
+
+    trt = fake_tensorrt.install(monkeypatch)
+    for kind, pipe, text in (
+        ("dit", tiny_dit_pipeline(seed=8), None),
+        ("pixart", tiny_pixart_pipeline(seed=8), (16, 32)),
+    ):
+        tr = pipe.transformer
+        split = split_transformer(tr, 2)
+        folder = tmp_path / kind
+        m = export_transformer(folder, kind, tr, split, (8, 8), text)
+        width = tr.config.num_attention_heads * tr.config.attention_head_dim
+        plans = build_transformer_plans(folder, m, split, 2, width, RowProfile(1, 2, 4), steps=5, opt_steps=3)
+        engine = trt.Runtime(trt.Logger()).deserialize_cuda_engine(plans["decoder"].read_bytes())
+        lo, opt, hi = engine.get_tensor_profile_shape("timestep", 0)
+        assert (lo[0], opt[0], hi[0]) == (1, 6, 20)  # step rows: up to 5 steps of 4 rows
+        lo, opt, hi = engine.get_tensor_profile_shape("tokens", 0)
+        assert (lo[0], opt[0], hi[0]) == (1, 2, 4) and tuple(hi)[1:] == (16, width)
+        enc = trt.Runtime(trt.Logger()).deserialize_cuda_engine(plans["encoder"].read_bytes())
+        lo, opt, hi = enc.get_tensor_profile_shape("sample", 0)
+        assert tuple(hi) == (4, 4, 8, 8)
