@@ -167,3 +167,35 @@ def test_from_pretrained_of_a_dit_folder(dit, tmp_path):
         class_labels=[2], num_inference_steps=4, latents=latents, output_type="latent"
     ).latents
     assert (a - b).abs().max().item() <= 1e-6
+
+
+def test_calibration_searches_split_and_key_steps(dit, tmp_path):
+    from fd_trt.core.calibration import Calibration
+    from fd_trt.errors import ScheduleError
+    from fd_trt.tools.calibrate_dit import block_evaluations, calibrate_transformer
+
+    fd = FasterDiffusionPipeline.from_diffusers(dit, backend="torch", progress=False)
+    cal = calibrate_transformer(fd, [3], steps=10, splits=[1, 3], tolerance=0.5)
+    assert cal.split in (1, 3) and cal.steps == 10 and len(cal.history) == 2 * 4
+    chosen = [h for h in cal.history if h["split"] == cal.split and h["key_steps"] == cal.key_steps][0]
+    accepted = [h for h in cal.history if h["error"] <= 0.5]
+    assert chosen["block_evaluations"] == min(h["block_evaluations"] for h in accepted)
+    assert chosen["block_evaluations"] == block_evaluations(cal.key_steps, 10, cal.split, 4)
+    path = cal.save(tmp_path / "cal.json")
+    assert Calibration.load(path).split == cal.split
+    g = torch.Generator().manual_seed(0)
+    a = fd(class_labels=[3], num_inference_steps=10, generator=g, schedule=str(path), output_type="latent")
+    assert a.stats.key_steps == cal.key_steps
+    g = torch.Generator().manual_seed(0)
+    b = fd(
+        class_labels=[3], num_inference_steps=10, generator=g, schedule=cal.key_steps, split=cal.split,
+        output_type="latent",
+    )  # fmt: skip
+    assert torch.equal(a.latents, b.latents)
+    ref = fd(class_labels=[3], num_inference_steps=10, generator=torch.Generator().manual_seed(0), schedule="all")
+    err = float((a.latents - ref.latents).norm() / ref.latents.norm())
+    assert abs(err - cal.error) <= 1e-4
+    with pytest.raises(InputError, match="calibration is for N="):
+        fd(class_labels=[3], num_inference_steps=10, schedule=cal, split=2 if cal.split != 2 else 1)
+    with pytest.raises(ScheduleError, match="steps"):
+        fd(class_labels=[3], num_inference_steps=12, schedule=cal)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from fd_trt.backends.transformer import OrtTransformerRunner, TorchTransformerRunner
+from fd_trt.core.calibration import Calibration
 from fd_trt.core.runner import Runner
 from fd_trt.core.sampler import SamplerInputs, SamplerOptions, SamplerStats, run_sampler
 from fd_trt.core.schedule import KeySchedule, NoiseInjection, ScheduleSpec, parse_schedule
@@ -183,8 +184,32 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
         return self._auto_choice[key]
 
     # a call --------------------------------------------------------------------------------------
-    def resolve_key_schedule(self, schedule: ScheduleSpec | None, num_steps: int) -> KeySchedule:
-        return parse_schedule("paper" if schedule is None else schedule, num_steps)
+    def resolve_key_schedule(
+        self, schedule: ScheduleSpec | Calibration | None, num_steps: int, split: int | None
+    ) -> tuple[KeySchedule, int]:
+        """The key steps and ``N`` of a call. A :class:`Calibration` (or the path of its JSON) gives
+        both; it must be for this transformer's weights, scheduler and step count.
+
+        Raises:
+            ScheduleError: for a calibration of another model, scheduler or step count.
+            InputError: for a ``split`` that contradicts the calibration's.
+        """
+        tr = self.transformer
+        if isinstance(schedule, (str, os.PathLike)) and str(schedule).endswith(".json"):
+            schedule = Calibration.load(schedule)
+        if isinstance(schedule, Calibration):
+            from fd_trt.families.models import scheduler_name
+
+            schedule.check(
+                model_sha256=unet_weights_sha256(tr), scheduler=scheduler_name(self.sd.scheduler), steps=num_steps
+            )
+            n_cal = schedule.split
+            if split is not None and n_cal is not None and split != n_cal:
+                raise InputError(f"split={split} but the calibration is for N={n_cal}: drop split= or recalibrate")
+            n = split if split is not None else (n_cal if n_cal is not None else self.split_point)
+            return schedule.schedule(), check_split_point(tr, n)
+        n = self.split_point if split is None else check_split_point(tr, split)
+        return parse_schedule("paper" if schedule is None else schedule, num_steps), n
 
     @torch.inference_mode()
     def generate(
@@ -201,7 +226,7 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
-        schedule: ScheduleSpec | None = None,
+        schedule: ScheduleSpec | Calibration | None = None,
         split: int | None = None,
         noise_injection: bool | NoiseInjection | None = None,
         parallel: bool = True,
@@ -212,7 +237,6 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
         t_start = time.perf_counter()
         seconds: dict[str, float] = {}
         tr = self.transformer
-        n = self.split_point if split is None else check_split_point(tr, split)
         f = self.vae_scale_factor
         height = int(height or tr.config.sample_size * f)
         width = int(width or tr.config.sample_size * f)
@@ -236,7 +260,7 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)
         num_steps = len(scheduler.timesteps)
-        key_schedule = self.resolve_key_schedule(schedule, num_steps)
+        key_schedule, n = self.resolve_key_schedule(schedule, num_steps, split)
         if isinstance(noise_injection, NoiseInjection):
             noise = noise_injection
         else:
@@ -321,8 +345,9 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
             guidance_scale: CFG weight; 4.0 for DiT and 4.5 for PixArt by default (their pipelines').
             **kwargs: ``height``, ``width``, ``num_inference_steps``, ``num_images_per_prompt``,
                 ``eta``, ``generator``, ``latents``, ``output_type`` as in diffusers; ``schedule``
-                (``"paper"`` by default, ``"all"``, ``"uniform:N"`` or key steps), ``split`` (``N``
-                for this call), ``noise_injection``, ``parallel``, ``max_decoder_rows``;
+                (``"paper"`` by default, ``"all"``, ``"uniform:N"``, key steps, or a transformer
+                :class:`~fd_trt.core.calibration.Calibration` or its JSON path, which also gives ``N``),
+                ``split`` (``N`` for this call), ``noise_injection``, ``parallel``, ``max_decoder_rows``;
                 PixArt: ``max_sequence_length`` (120).
         """
         if self.family.takes_prompts:
