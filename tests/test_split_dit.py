@@ -89,3 +89,31 @@ def test_split_refusals():
         split_transformer(tr, 5)
     with pytest.raises(UnsupportedModelError, match="DiTTransformer2DModel"):
         split_transformer(torch.nn.Linear(2, 2), 1)
+
+
+@pytest.mark.parametrize("dual", [(), (0,)])
+def test_sd3_joint_split_exact_for_every_n(dual):
+    """Both token streams after block N are propagated; the pooled text goes to both halves."""
+    from diffusers import SD3Transformer2DModel
+
+    from fd_trt.graphs.split_sd3 import split_sd3
+
+    torch.manual_seed(0)
+    tr = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=12, out_channels=4,
+        pos_embed_max_size=8, dual_attention_layers=dual,
+    ).eval()  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    x, text, pooled = (
+        torch.randn(2, 4, 8, 8, generator=g),
+        torch.randn(2, 5, 16, generator=g),
+        torch.randn(2, 12, generator=g),
+    )
+    t = torch.tensor([900.0, 20.0])
+    with torch.no_grad():
+        ref = tr(x, encoder_hidden_states=text, pooled_projections=pooled, timestep=t).sample
+        for n in range(4):
+            enc, dec = split_sd3(tr, n)
+            tokens, ctx = enc(x, t, text, pooled)
+            assert (dec(tokens, ctx, t, pooled) - ref).abs().max().item() <= 1e-5, n

@@ -21,7 +21,7 @@ import time
 import torch
 
 
-def _model(name: str):
+def _model(name: str, size: int = 256):
     from fd_trt.families.dit_models import PIXART_ALPHA_TRANSFORMER, tiny_dit_pipeline, tiny_pixart_pipeline
 
     if name == "tiny-dit":
@@ -32,17 +32,17 @@ def _model(name: str):
         from diffusers import PixArtTransformer2DModel
 
         torch.manual_seed(0)
-        cfg = dict(PIXART_ALPHA_TRANSFORMER, sample_size=32, use_additional_conditions=None)
+        cfg = dict(PIXART_ALPHA_TRANSFORMER, sample_size=size // 8, use_additional_conditions=None)
         return "pixart", PixArtTransformer2DModel(**cfg).eval(), (120, 4096)
     raise SystemExit(f"unknown model {name!r}: tiny-dit, tiny-pixart or pixart-arch")
 
 
-def measure(name: str, steps: int, seed: int = 0) -> dict:
+def measure(name: str, steps: int, seed: int = 0, size: int = 256) -> dict:
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
     from fd_trt.families.dit_models import PIXART_SCHEDULER
 
-    kind, tr, text_shape = _model(name)
+    kind, tr, text_shape = _model(name, size)
     g = torch.Generator().manual_seed(seed)
     side = int(tr.config.sample_size)
     x = torch.randn(1, int(tr.config.in_channels), side, side, generator=g)
@@ -82,6 +82,7 @@ def measure(name: str, steps: int, seed: int = 0) -> dict:
         "model": name,
         "blocks": blocks,
         "steps": steps,
+        "latent_side": side,
         "scheduler": type(sched).__name__,
         "mean_relative_change_per_block": [round(v, 4) for v in change],
         "seconds": round(time.perf_counter() - t0, 1),
@@ -103,8 +104,9 @@ def main() -> None:
     p.add_argument("--model", default="tiny-pixart")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--threshold", type=float, default=0.8)
+    p.add_argument("--size", type=int, default=256, help="image side of pixart-arch (latents are size/8)")
     a = p.parse_args()
-    res = measure(a.model, a.steps)
+    res = measure(a.model, a.steps, size=a.size)
     res["suggested_split"] = suggest(res["mean_relative_change_per_block"], a.threshold)
     res["threshold"] = a.threshold
     print(json.dumps(res))
