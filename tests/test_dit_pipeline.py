@@ -199,3 +199,16 @@ def test_calibration_searches_split_and_key_steps(dit, tmp_path):
         fd(class_labels=[3], num_inference_steps=10, schedule=cal, split=2 if cal.split != 2 else 1)
     with pytest.raises(ScheduleError, match="steps"):
         fd(class_labels=[3], num_inference_steps=12, schedule=cal)
+
+
+def test_unet_only_features_are_refused_clearly(dit):
+    fd = FasterDiffusionPipeline.from_diffusers(dit, backend="torch", progress=False)
+    with pytest.raises(InputError, match="load_lora_weights.. is not supported with diffusion transformers"):
+        fd.load_lora_weights("x")
+    with pytest.raises(InputError, match="prepare.. is not supported"):
+        fd.prepare(height=64, width=64)
+    assert fd.runner is None and len(fd.unet_sha256) == 64
+    with pytest.raises(InputError, match="controlnet not supported"):
+        FasterDiffusionPipeline.from_diffusers(dit, backend="torch", controlnet=object())
+    with pytest.raises(InputError, match="unknown backend 'tensorrt'"):
+        FasterDiffusionPipeline.from_diffusers(dit, backend="tensorrt")

@@ -119,6 +119,18 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.sd.vae.config.block_out_channels) - 1)
 
+    @property
+    def runner(self) -> Runner | None:
+        """The runner of the latest call's backend, ``None`` before the first call."""
+        return self._fixed_runner or next(reversed(self._runners.values()), None)
+
+    @property
+    def unet_sha256(self) -> str:
+        """sha256 of the transformer's weights (the name is the UNet pipelines')."""
+        if self._sha is None:
+            self._sha = unet_weights_sha256(self.transformer)
+        return self._sha
+
     def close(self) -> None:
         for r in self._runners.values():
             r.deactivate()
@@ -363,6 +375,40 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
         return self.generate(
             cond, negative_prompt, guidance_scale=gs if guidance_scale is None else guidance_scale, **kwargs
         )
+
+
+#: The UNet pipelines' methods that the transformer pipelines do not offer yet.
+_UNSUPPORTED_METHODS = (
+    "prepare",
+    "prepared_sizes",
+    "load_lora_weights",
+    "fuse_lora",
+    "unfuse_lora",
+    "set_adapters",
+    "enable_lora",
+    "disable_lora",
+    "unload_lora_weights",
+    "refresh_weights",
+    "auto_candidates",
+    "denoise",
+    "prepare_run",
+    "prepare_image_run",
+    "controlnet_hook",
+)
+
+
+def _unsupported(name: str) -> Any:
+    def method(self: FasterDiffusionTransformerPipeline, *args: Any, **kwargs: Any) -> Any:
+        raise InputError(
+            f"{name}() is not supported with diffusion transformers ({self.family.name}) yet: see docs/guides/dit.md"
+        )
+
+    method.__name__ = name
+    return method
+
+
+for _name in _UNSUPPORTED_METHODS:
+    setattr(FasterDiffusionTransformerPipeline, _name, _unsupported(_name))
 
 
 __all__ = ["TRANSFORMER_BACKENDS", "FasterDiffusionTransformerPipeline"]

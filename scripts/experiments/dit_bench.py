@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.5)
     p.add_argument("--splits", default="21", help="comma-separated split points N for the fd rows")
-    p.add_argument("--schedules", default="paper,uniform:3", help="comma-separated fd schedules")
+    p.add_argument("--schedules", default="all,paper,uniform:3", help="comma-separated fd schedules")
     p.add_argument("--repeats", type=int, default=1)
     a = p.parse_args()
 
@@ -126,7 +126,7 @@ def main() -> None:
         return out.latents, denoise, evals / cfg_rows, s
 
     for split in [int(x) for x in a.splits.split(",")]:
-        cases = [("fd all", "all", {})] + [(f"fd {sc}", sc, {}) for sc in a.schedules.split(",")]
+        cases = [(f"fd {sc}", sc, {}) for sc in a.schedules.split(",")]
         cases.append(("block-caching", "uniform:3", {"parallel": False, "noise_injection": False}))
         for name, sched, kw in cases:
             best = None
