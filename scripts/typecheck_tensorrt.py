@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 #: tensorrt-stubs release checked against (the newest on PyPI when this was written: TensorRT 10.13).
 STUBS_VERSION = "10.13.0.35.1"
-TARGETS = ["fd_trt/backends/tensorrt.py", "fd_trt/backends/tensorrt_build.py"]
+TARGETS = ["fd_trt/backends/tensorrt.py", "fd_trt/backends/tensorrt_build.py", "fd_trt/backends/tensorrt_dit.py"]
 _DEF = re.compile(r"^(\s*)def\s+(\w+)\s*\(")
 
 

@@ -4,7 +4,8 @@
 - the benchmark tables (docs/benchmarks.md, README.md) against the JSON reports, re-read here
   independently of the generator: every s/image and speedup in a table row is found in its report;
 - no Sphinx role (``:class:`X```) left in a docstring, and the mkdocs hook that fails the strict
-  build on one.
+  build on one;
+- every module of fd_trt has an entry in the API reference.
 """
 
 from __future__ import annotations
@@ -117,3 +118,17 @@ def test_mkdocs_hook_warns_on_a_sphinx_role(caplog):
         hook.on_page_content('<p>see <a href="#x"><code>Runner</code></a></p>', Page, None, None)
     warnings = [r for r in caplog.records if r.name == "mkdocs.hooks.roles"]
     assert len(warnings) == 1 and "reference/api/core.md" in warnings[0].getMessage()
+
+
+def test_every_module_is_in_the_api_reference():
+    """Each module of fd_trt (the command line aside, which has its own page) has a ``:::`` entry."""
+    pages = "\n".join(p.read_text() for p in (ROOT / "docs" / "reference" / "api").glob("*.md"))
+    documented = set(re.findall(r"^::: (fd_trt[\w.]*)$", pages, flags=re.M))
+    modules = set()
+    for path in (ROOT / "fd_trt").rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        if "cli" in parts or parts[-1] in ("__init__", "__main__") or parts[-1] == "serve_ray":
+            continue
+        modules.add(".".join(parts))
+    missing = sorted(modules - documented)
+    assert not missing, f"modules with no page in docs/reference/api/: {missing}"

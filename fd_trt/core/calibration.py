@@ -42,6 +42,7 @@ class Calibration:
         paper_error: the same error for ``paper`` with the same K budget cut, for comparison.
         costs: the encoder and decoder call costs (seconds) measured on the backend that
             ``estimated_speedup`` comes from (`measure_costs()`, `estimate_speedup()`).
+        split: for a diffusion transformer, the split point N calibrated with the key steps.
     """
 
     key_steps: list[int]
@@ -60,9 +61,14 @@ class Calibration:
     steps_run: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     costs: dict[str, float] | None = None
+    #: A diffusion transformer's split point N (the blocks its encoder runs); ``None`` for UNets.
+    split: int | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        data = asdict(self)
+        if data["split"] is None:  # UNet calibrations keep the fields they always had
+            del data["split"]
+        return json.dumps(data, indent=2)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Writes the calibration as JSON (atomically) and returns the path."""

@@ -18,12 +18,22 @@ from fd_trt.families.base import (
 )
 from fd_trt.families.sd import StableDiffusionFamily
 from fd_trt.families.sdxl import StableDiffusionXLFamily
+from fd_trt.families.transformer import DiTFamily, PixArtFamily, UnsupportedTransformerFamily
 
 SD_FAMILY = register_family(StableDiffusionFamily())
 SDXL_FAMILY = register_family(StableDiffusionXLFamily())
+# Diffusion transformers; the refusal family first, so that DiT and PixArt are asked before it.
+TRANSFORMER_UNSUPPORTED_FAMILY = register_family(UnsupportedTransformerFamily())
+DIT_FAMILY = register_family(DiTFamily())
+PIXART_FAMILY = register_family(PixArtFamily())
 
 __all__ = [
+    "DIT_FAMILY",
     "FAMILIES",
+    "PIXART_FAMILY",
+    "TRANSFORMER_UNSUPPORTED_FAMILY",
+    "DiTFamily",
+    "PixArtFamily",
     "SDXL_FAMILY",
     "SD_FAMILY",
     "ModelFamily",

@@ -330,6 +330,9 @@ def read_unet_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     import json
 
     config_path = Path(folder) / "unet" / "config.json"
+    if not config_path.is_file() and (Path(folder) / "transformer" / "config.json").is_file():
+        # A diffusion transformer's folder (DiT, PixArt, SD3, ...): its families read this config.
+        config_path = Path(folder) / "transformer" / "config.json"
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as exc:

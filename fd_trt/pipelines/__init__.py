@@ -8,8 +8,12 @@ serves SDXL. They are registered here, so that the base pipeline never imports i
 from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 from fd_trt.pipelines.registry import register_pipeline_class
 from fd_trt.pipelines.sdxl import FasterDiffusionXLPipeline
+from fd_trt.pipelines.transformer import FasterDiffusionTransformerPipeline
 
 register_pipeline_class("sd", FasterDiffusionPipeline)
 register_pipeline_class("sdxl", FasterDiffusionXLPipeline)
+# Diffusion transformers (DiT, PixArt), and the clear refusal of those not supported yet (SD3, Flux).
+for _family in ("dit", "pixart", "transformer-unsupported"):
+    register_pipeline_class(_family, FasterDiffusionTransformerPipeline)
 
-__all__ = ["FasterDiffusionPipeline", "FasterDiffusionXLPipeline"]
+__all__ = ["FasterDiffusionPipeline", "FasterDiffusionTransformerPipeline", "FasterDiffusionXLPipeline"]

@@ -1,0 +1,178 @@
+"""Diffusion-transformer pipelines of seeded random weights, built in code (no download).
+
+``tiny_dit_pipeline`` and ``tiny_pixart_pipeline`` are the test models of the transformer
+families; ``pixart_arch_pipeline`` has PixArt-alpha's exact transformer config (the benchmark's
+``pixart-arch``) with a small random text encoder and VAE.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fd_trt.families.models import make_word_tokenizer
+
+#: PixArt-alpha's scheduler settings (its diffusers folders ship DPM-Solver++ with these).
+PIXART_SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", steps_offset=0
+)
+
+
+def _tiny_vae(seed: int, sample_px: int, latent_channels: int = 4) -> Any:
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 16, 16),
+            layers_per_block=1,
+            latent_channels=latent_channels,
+            norm_num_groups=8,
+            sample_size=sample_px,
+        )
+    return vae.eval()
+
+
+def tiny_dit_pipeline(seed: int = 0, *, sample_size: int = 8, learned_sigma: bool = True, layers: int = 4) -> Any:
+    """A tiny ``DiTPipeline`` (class-conditional, DDIM) of seeded random weights.
+
+    Args:
+        seed: seeds the weights.
+        sample_size: the latent side (images are 8x that).
+        learned_sigma: ``out_channels = 2 x in_channels`` (the variance channels of DiT-XL/2).
+        layers: transformer blocks.
+    """
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = DiTTransformer2DModel(
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=8 if learned_sigma else 4,
+            num_layers=layers,
+            sample_size=sample_size,
+            patch_size=2,
+            num_embeds_ada_norm=1000,
+        )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False
+    )
+    pipe = DiTPipeline(transformer=transformer.eval(), vae=_tiny_vae(seed, sample_size * 8), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _pixart_pipeline(
+    seed: int, transformer_config: dict[str, Any], text_width: int, max_length: int, sigma: bool
+) -> Any:
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        PixArtAlphaPipeline,
+        PixArtSigmaPipeline,
+        PixArtTransformer2DModel,
+    )
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = make_word_tokenizer(max_length=max_length)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = PixArtTransformer2DModel(**transformer_config)
+        text_encoder = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer),
+                d_model=text_width,
+                d_kv=8,
+                d_ff=2 * text_width,
+                num_layers=2,
+                num_heads=2,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    scheduler = DPMSolverMultistepScheduler(**PIXART_SCHEDULER, algorithm_type="dpmsolver++")
+    cls = PixArtSigmaPipeline if sigma else PixArtAlphaPipeline
+    pipe = cls(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder.eval(),
+        vae=_tiny_vae(seed, int(transformer_config["sample_size"]) * 8),
+        transformer=transformer.eval(),
+        scheduler=scheduler,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_pixart_pipeline(
+    seed: int = 0,
+    *,
+    sample_size: int = 8,
+    sigma: bool = False,
+    layers: int = 4,
+    additional_conditions: bool = False,
+    max_length: int = 16,
+) -> Any:
+    """A tiny ``PixArtAlphaPipeline`` (or ``PixArtSigmaPipeline``) of seeded random weights: a
+    T5 encoder over the word tokenizer, a PixArt transformer with learned variance, DPM-Solver++.
+
+    Args:
+        seed: seeds the weights.
+        sample_size: the latent side.
+        sigma: build a ``PixArtSigmaPipeline``.
+        layers: transformer blocks.
+        additional_conditions: resolution and aspect-ratio conditioning (PixArt-alpha at 1024 px).
+        max_length: the prompt tokens (the pipeline's ``max_sequence_length``).
+    """
+    heads = 3 if additional_conditions else 2  # the size embeddings take a third of the width each
+    cfg = dict(
+        num_attention_heads=heads,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=layers,
+        cross_attention_dim=8 * heads,
+        caption_channels=32,
+        sample_size=sample_size,
+        patch_size=2,
+        use_additional_conditions=additional_conditions,
+    )
+    return _pixart_pipeline(seed, cfg, 32, max_length, sigma)
+
+
+#: PixArt-alpha XL/2 1024's transformer config (PixArt-alpha/PixArt-XL-2-1024-MS, transformer/config.json).
+PIXART_ALPHA_TRANSFORMER = dict(
+    num_attention_heads=16,
+    attention_head_dim=72,
+    in_channels=4,
+    out_channels=8,
+    num_layers=28,
+    cross_attention_dim=1152,
+    caption_channels=4096,
+    sample_size=128,
+    patch_size=2,
+    activation_fn="gelu-approximate",
+    num_embeds_ada_norm=1000,
+    norm_type="ada_norm_single",
+    norm_elementwise_affine=False,
+    norm_eps=1e-6,
+    attention_bias=True,
+    use_additional_conditions=None,
+)
+
+
+def pixart_arch_pipeline(seed: int = 0, *, sample_size: int = 32) -> Any:
+    """``pixart-arch``: PixArt-alpha XL/2's transformer config (28 blocks of width 1152, about 0.6 B
+    parameters) with random weights; a small random T5 (width 4096 output, as PixArt's caption
+    channels) and the tiny VAE. ``sample_size`` is the latent side (32 = 256x256 images); the
+    additional conditions stay those of the 1024 model (``use_additional_conditions`` follows
+    ``sample_size == 128``, as in diffusers)."""
+    cfg = dict(PIXART_ALPHA_TRANSFORMER, sample_size=sample_size, use_additional_conditions=None)
+    return _pixart_pipeline(seed, cfg, 4096, 120, sigma=False)
+
+
+__all__ = ["PIXART_ALPHA_TRANSFORMER", "pixart_arch_pipeline", "tiny_dit_pipeline", "tiny_pixart_pipeline"]

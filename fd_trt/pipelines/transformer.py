@@ -1,0 +1,414 @@
+"""Faster Diffusion on diffusion transformers: DiT (``DiTPipeline``) and PixArt-alpha/sigma
+(``PixArtAlphaPipeline``, ``PixArtSigmaPipeline``); docs/guides/dit.md.
+
+[`FasterDiffusionTransformerPipeline`][fd_trt.pipelines.transformer.FasterDiffusionTransformerPipeline] is what ``FasterDiffusionPipeline.from_diffusers`` (and
+``from_pretrained`` of a folder with ``transformer/config.json``) returns for these pipelines. It
+splits the transformer at block ``N`` ([`fd_trt.graphs.split_dit`][fd_trt.graphs.split_dit]), runs the encoder (embedding
++ blocks ``0..N-1``) at key steps and the decoder (blocks ``N..`` + output) for all the steps of a
+segment in one call, with [`fd_trt.core.sampler.run_sampler()`][fd_trt.core.sampler.run_sampler] (the UNet pipelines' loop).
+It also serves the ``transformer-unsupported`` family, to refuse SD3, Flux and the others clearly.
+
+Backends: ``torch`` (default), ``onnxruntime`` (graphs exported on first use into the engine
+directory, [`fd_trt.graphs.export_dit`][fd_trt.graphs.export_dit]), ``auto`` (times one key step and segment on both on the
+first call at a shape and keeps the faster), or a ready runner.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fd_trt.backends.transformer import OrtTransformerRunner, TorchTransformerRunner
+from fd_trt.core.calibration import Calibration
+from fd_trt.core.runner import Runner
+from fd_trt.core.sampler import SamplerInputs, SamplerOptions, SamplerStats, run_sampler
+from fd_trt.core.schedule import KeySchedule, NoiseInjection, ScheduleSpec, parse_schedule
+from fd_trt.errors import InputError
+from fd_trt.families.base import PromptEmbeddings, family_for_pipeline
+from fd_trt.families.transformer import TransformerFamily
+from fd_trt.graphs.export_dit import export_transformer
+from fd_trt.graphs.split_dit import SplitTransformer, check_split_point
+from fd_trt.graphs.weights import unet_weights_sha256
+from fd_trt.pipelines.pipeline import FasterDiffusionOutput, FasterDiffusionPipeline, PipelineStats
+from fd_trt.pipelines.pipeline import scheduler_step_kwargs as _step_kwargs
+from fd_trt.utils.cache import engine_cache_root
+
+#: The backends a transformer pipeline runs on.
+TRANSFORMER_BACKENDS = ("torch", "onnxruntime", "auto")
+
+
+class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
+    """A diffusers DiT or PixArt pipeline with encoder propagation over transformer blocks.
+
+    Args:
+        sd_pipeline: a ``DiTPipeline``, ``PixArtAlphaPipeline`` or ``PixArtSigmaPipeline`` (its
+            components are used, not copied).
+        backend: ``"torch"`` (default), ``"onnxruntime"``, ``"auto"`` or a ready runner.
+        device: only ``"cpu"`` so far (the wrapped pipeline's device must be the CPU).
+        precision: ``"fp32"`` (the only one so far).
+        progress: show progress bars.
+        source: where the model came from, for messages.
+        engines: the engine directory of the onnxruntime graphs; ``$FD_TRT_CACHE/transformer/...``
+            keyed by family, weights, ``N`` and shapes by default.
+        runner_options: ``intra_op_threads`` for onnxruntime.
+        split: the split point ``N`` (blocks run by the encoder); the family's default when omitted.
+        owns_pipeline: accepted for ``from_pretrained``; the pipeline is not moved either way.
+        **kwargs: the UNet pipelines' other options (``controlnet``, ...) are refused.
+    """
+
+    def __init__(
+        self,
+        sd_pipeline: Any,
+        backend: str | Runner | None = None,
+        device: str | torch.device | None = None,
+        precision: str | None = None,
+        progress: bool = True,
+        source: str = "diffusers pipeline",
+        engines: str | os.PathLike[str] | None = None,
+        runner_options: dict[str, Any] | None = None,
+        split: int | None = None,
+        owns_pipeline: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self.sd = sd_pipeline
+        self.family = family_for_pipeline(sd_pipeline)
+        self.family.check_pipeline(sd_pipeline)  # the refusal family raises here
+        if not isinstance(self.family, TransformerFamily):
+            raise InputError(
+                f"{type(sd_pipeline).__name__} is a {self.family.name!r} model: wrap it with "
+                "FasterDiffusionPipeline.from_diffusers(pipe)"
+            )
+        unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in ("max_cached_runners",))
+        if unknown:
+            raise InputError(f"{', '.join(unknown)} not supported with diffusion transformers ({self.family.name})")
+        self.unet_kind = "text2img"
+        self.source = source
+        self.progress = progress
+        self.device = torch.device(device or "cpu")
+        if self.device.type != "cpu":
+            raise InputError(f"device={device!r}: the transformer pipelines run on the CPU so far; pass device='cpu'")
+        if precision not in (None, "fp32"):
+            raise InputError(f"precision={precision!r}: the transformer pipelines run fp32 so far")
+        self.precision = "fp32"
+        self.engines = Path(engines) if engines is not None else None
+        self.runner_options = dict(runner_options or {})
+        self.model_dir: Path | None = None
+        self._fixed_runner = backend if isinstance(backend, Runner) else None
+        name = backend.name if isinstance(backend, Runner) else (backend or "torch")
+        if name not in TRANSFORMER_BACKENDS and self._fixed_runner is None:
+            raise InputError(f"unknown backend {name!r} for a diffusion transformer: choose {TRANSFORMER_BACKENDS}")
+        self.backend = name
+        tr = sd_pipeline.transformer
+        #: The split point ``N``: the encoder runs the embedding and blocks ``0..N-1``.
+        self.split_point = self.family.default_split(tr) if split is None else check_split_point(tr, split)
+        self._runners: dict[tuple[Any, ...], Runner] = {}
+        self._auto_choice: dict[tuple[Any, ...], str] = {}
+        self._sha: str | None = None
+
+    # construction helpers ------------------------------------------------------------------------
+    @property
+    def transformer(self) -> Any:
+        return self.sd.transformer
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.sd.vae.config.block_out_channels) - 1)
+
+    @property
+    def runner(self) -> Runner | None:
+        """The runner of the latest call's backend, ``None`` before the first call."""
+        return self._fixed_runner or next(reversed(self._runners.values()), None)
+
+    @property
+    def unet_sha256(self) -> str:
+        """sha256 of the transformer's weights (the name is the UNet pipelines')."""
+        if self._sha is None:
+            self._sha = unet_weights_sha256(self.transformer)
+        return self._sha
+
+    def close(self) -> None:
+        for r in self._runners.values():
+            r.deactivate()
+        self._runners.clear()
+
+    def set_scheduler(self, name: str) -> None:
+        from fd_trt.families.models import make_scheduler
+
+        self.sd.scheduler = make_scheduler(name, self.sd.scheduler.config)
+
+    def split_for(self, n: int, latent_hw: tuple[int, int]) -> SplitTransformer:
+        return self.family.split(self.transformer, n, latent_hw)
+
+    def engine_dir(self, n: int, latent_hw: tuple[int, int], text_shape: tuple[int, int] | None) -> Path:
+        """The onnxruntime graphs' folder for ``N`` and the shapes."""
+        if self.engines is not None:
+            return self.engines
+        if self._sha is None:
+            self._sha = unet_weights_sha256(self.transformer)
+        text = "x".join(map(str, text_shape)) if text_shape else "labels"
+        name = f"{self.family.name}-{self._sha[:16]}-n{n}-{latent_hw[0]}x{latent_hw[1]}-{text}"
+        return engine_cache_root() / "transformer" / name
+
+    def runner_for(self, backend: str, n: int, latent_hw: tuple[int, int], text: torch.Tensor) -> Runner:
+        """The active runner of ``backend`` for ``N`` and the shapes, made once."""
+        if self._fixed_runner is not None:
+            return self._fixed_runner.activate()
+        text_shape = (int(text.shape[1]), int(text.shape[2])) if text.ndim == 3 else None
+        key = (backend, n, latent_hw, text_shape)
+        if key not in self._runners:
+            split = self.split_for(n, latent_hw)
+            if backend == "torch":
+                runner: Runner = TorchTransformerRunner(split)
+            else:
+                folder = self.engine_dir(n, latent_hw, text_shape)
+                m = export_transformer(folder, self.family.name, self.transformer, split, latent_hw, text_shape)
+                threads = int(self.runner_options.get("intra_op_threads", 0))
+                runner = OrtTransformerRunner(split, folder / m.encoder, folder / m.decoder, threads)
+            self._runners[key] = runner.activate()
+        return self._runners[key]
+
+    def _choose_auto(self, n: int, latent_hw: tuple[int, int], latents: torch.Tensor, cond: PromptEmbeddings) -> str:
+        """``auto``: the faster of torch and onnxruntime on one key step and a 3-step segment at these shapes."""
+        text_shape = tuple(cond.text.shape[1:])
+        key = (n, latent_hw, text_shape, cond.rows)
+        if key not in self._auto_choice:
+            rows = cond.rows
+            x = torch.randn(rows, *latents.shape[1:], generator=torch.Generator().manual_seed(0))
+            t = torch.full((rows,), 500.0)
+            ts = torch.tensor([500.0, 480.0, 460.0])
+            best: tuple[float, str] | None = None
+            for name in ("torch", "onnxruntime"):
+                runner = self.runner_for(name, n, latent_hw, cond.text)
+                runner.decode(runner.encode(x, t, cond.text, cond.added), ts, cond.text, cond.added)  # warm-up
+                t0 = time.perf_counter()
+                feats = runner.encode(x, t, cond.text, cond.added)
+                runner.decode(feats, ts, cond.text, cond.added)
+                took = time.perf_counter() - t0
+                if best is None or took < best[0]:
+                    best = (took, name)
+            assert best is not None
+            self._auto_choice[key] = best[1]
+        return self._auto_choice[key]
+
+    # a call --------------------------------------------------------------------------------------
+    def resolve_key_schedule(
+        self, schedule: ScheduleSpec | Calibration | None, num_steps: int, split: int | None
+    ) -> tuple[KeySchedule, int]:
+        """The key steps and ``N`` of a call. A [`Calibration`][fd_trt.core.calibration.Calibration] (or the path of its JSON) gives
+        both; it must be for this transformer's weights, scheduler and step count.
+
+        Raises:
+            ScheduleError: for a calibration of another model, scheduler or step count.
+            InputError: for a ``split`` that contradicts the calibration's.
+        """
+        tr = self.transformer
+        if isinstance(schedule, (str, os.PathLike)) and str(schedule).endswith(".json"):
+            schedule = Calibration.load(schedule)
+        if isinstance(schedule, Calibration):
+            from fd_trt.families.models import scheduler_name
+
+            schedule.check(
+                model_sha256=unet_weights_sha256(tr), scheduler=scheduler_name(self.sd.scheduler), steps=num_steps
+            )
+            n_cal = schedule.split
+            if split is not None and n_cal is not None and split != n_cal:
+                raise InputError(f"split={split} but the calibration is for N={n_cal}: drop split= or recalibrate")
+            n = split if split is not None else (n_cal if n_cal is not None else self.split_point)
+            return schedule.schedule(), check_split_point(tr, n)
+        n = self.split_point if split is None else check_split_point(tr, split)
+        return parse_schedule("paper" if schedule is None else schedule, num_steps), n
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        cond_input: Any,
+        negative: Any = None,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 4.0,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        schedule: ScheduleSpec | Calibration | None = None,
+        split: int | None = None,
+        noise_injection: bool | NoiseInjection | None = None,
+        parallel: bool = True,
+        max_decoder_rows: int | None = None,
+        **family_options: Any,
+    ) -> FasterDiffusionOutput:
+        """The stages of a call: conditioning, latents, the sampler, the VAE (see [`__call__()`][fd_trt.pipelines.transformer.FasterDiffusionTransformerPipeline.__call__])."""
+        t_start = time.perf_counter()
+        seconds: dict[str, float] = {}
+        tr = self.transformer
+        f = self.vae_scale_factor
+        height = int(height or tr.config.sample_size * f)
+        width = int(width or tr.config.sample_size * f)
+        patch = int(tr.config.patch_size)
+        if height % (f * patch) or width % (f * patch):
+            raise InputError(f"height and width must be multiples of {f * patch}, got {height}x{width}")
+        if self.family.name == "dit" and height != width:
+            raise InputError(f"DiT draws square images: got {height}x{width}")
+        if num_images_per_prompt < 1:
+            raise InputError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        cfg = guidance_scale > 1.0
+        t0 = time.perf_counter()
+        cond = self.family.conditioning(
+            self.sd, cond_input, negative, num_images_per_prompt, cfg, height=height, width=width, **family_options
+        )
+        seconds["text_encoder"] = time.perf_counter() - t0
+        batch = cond.rows // (2 if cfg else 1)
+
+        scheduler = copy.deepcopy(self.sd.scheduler)
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        num_steps = len(scheduler.timesteps)
+        key_schedule, n = self.resolve_key_schedule(schedule, num_steps, split)
+        if isinstance(noise_injection, NoiseInjection):
+            noise = noise_injection
+        else:
+            noise = NoiseInjection(
+                enabled=key_schedule.propagates if noise_injection is None else bool(noise_injection)
+            )
+
+        latent_hw = (height // f, width // f)
+        shape = (batch, int(tr.config.in_channels), *latent_hw)
+        if latents is None:
+            from diffusers.utils.torch_utils import randn_tensor
+
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise InputError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        x_t = latents.float() * scheduler.init_noise_sigma
+
+        backend = self.backend
+        if backend == "auto" and self._fixed_runner is None:
+            backend = self._choose_auto(n, latent_hw, x_t, cond)
+        runner = self.runner_for(backend, n, latent_hw, cond.text)
+        options = SamplerOptions(
+            guidance_scale=float(guidance_scale),
+            noise=noise,
+            parallel=parallel,
+            max_decoder_rows=max_decoder_rows,
+            extra_step_kwargs=_step_kwargs(scheduler, eta, generator),
+            progress=self.progress,
+        )
+        sstats = SamplerStats()
+        x0 = run_sampler(
+            runner, scheduler, x_t, SamplerInputs(cond.text, added=cond.added), key_schedule, options, stats=sstats
+        )
+        seconds.update(sstats.seconds)
+        t0 = time.perf_counter()
+        images = self.decode_latents(x0, output_type)
+        seconds["vae"] = time.perf_counter() - t0
+        seconds["total"] = time.perf_counter() - t_start
+        stats = PipelineStats(
+            num_steps=num_steps,
+            key_steps=list(key_schedule.key_steps),
+            encoder_calls=sstats.encoder_calls,
+            encoder_rows=sstats.encoder_rows,
+            decoder_calls=sstats.decoder_calls,
+            decoder_rows=sstats.decoder_rows,
+            unet_gflops=0.0,
+            seconds=seconds,
+            backend=runner.name,
+            nonfinite=not bool(torch.isfinite(x0).all()),
+        )
+        return FasterDiffusionOutput(images=images, stats=stats, latents=x0)
+
+    def decode_latents(self, latents: torch.Tensor, output_type: str) -> Any:
+        """The VAE decode; DiT's output as ``DiTPipeline`` makes it, PixArt's through its image processor."""
+        if output_type == "latent":
+            return latents
+        vae = self.sd.vae
+        image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        if self.family.name == "dit":
+            image = (image / 2 + 0.5).clamp(0, 1)
+            if output_type == "pt":
+                return image
+            arr = image.cpu().permute(0, 2, 3, 1).float().numpy()
+            return self.sd.numpy_to_pil(arr) if output_type == "pil" else arr
+        return self.sd.image_processor.postprocess(image.float(), output_type=output_type)
+
+    def __call__(  # type: ignore[override]
+        self,
+        prompt: Any = None,
+        negative_prompt: Any = None,
+        *,
+        class_labels: Any = None,
+        guidance_scale: float | None = None,
+        **kwargs: Any,
+    ) -> FasterDiffusionOutput:
+        """Generates images.
+
+        Args:
+            prompt: PixArt: the prompt(s). DiT: class ids or label words (or pass ``class_labels``).
+            negative_prompt: PixArt's negative prompt(s) (``""`` by default, as diffusers').
+            class_labels: DiT's ImageNet class ids or label words.
+            guidance_scale: CFG weight; 4.0 for DiT and 4.5 for PixArt by default (their pipelines').
+            **kwargs: ``height``, ``width``, ``num_inference_steps``, ``num_images_per_prompt``,
+                ``eta``, ``generator``, ``latents``, ``output_type`` as in diffusers; ``schedule``
+                (``"paper"`` by default, ``"all"``, ``"uniform:N"``, key steps, or a transformer
+                [`Calibration`][fd_trt.core.calibration.Calibration] or its JSON path, which also gives ``N``),
+                ``split`` (``N`` for this call), ``noise_injection``, ``parallel``, ``max_decoder_rows``;
+                PixArt: ``max_sequence_length`` (120).
+        """
+        if self.family.takes_prompts:
+            if class_labels is not None:
+                raise InputError("class_labels is DiT's argument: pass prompt= to a PixArt pipeline")
+            cond, gs = prompt, 4.5
+        else:
+            if negative_prompt is not None:
+                raise InputError("DiT takes no negative_prompt (the null class is its unconditional row)")
+            cond, gs = (class_labels if class_labels is not None else prompt), 4.0
+        if cond is None:
+            raise InputError("nothing to draw: pass a prompt (PixArt) or class_labels (DiT)")
+        return self.generate(
+            cond, negative_prompt, guidance_scale=gs if guidance_scale is None else guidance_scale, **kwargs
+        )
+
+
+#: The UNet pipelines' methods that the transformer pipelines do not offer yet.
+_UNSUPPORTED_METHODS = (
+    "prepare",
+    "prepared_sizes",
+    "load_lora_weights",
+    "fuse_lora",
+    "unfuse_lora",
+    "set_adapters",
+    "enable_lora",
+    "disable_lora",
+    "unload_lora_weights",
+    "refresh_weights",
+    "auto_candidates",
+    "denoise",
+    "prepare_run",
+    "prepare_image_run",
+    "controlnet_hook",
+)
+
+
+def _unsupported(name: str) -> Any:
+    def method(self: FasterDiffusionTransformerPipeline, *args: Any, **kwargs: Any) -> Any:
+        raise InputError(
+            f"{name}() is not supported with diffusion transformers ({self.family.name}) yet: see docs/guides/dit.md"
+        )
+
+    method.__name__ = name
+    return method
+
+
+for _name in _UNSUPPORTED_METHODS:
+    setattr(FasterDiffusionTransformerPipeline, _name, _unsupported(_name))
+
+
+__all__ = ["TRANSFORMER_BACKENDS", "FasterDiffusionTransformerPipeline"]

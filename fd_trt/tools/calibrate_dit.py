@@ -1,0 +1,127 @@
+"""Calibration of a diffusion transformer: the split point N together with the key steps.
+
+For every candidate N and every candidate key-step schedule, the search runs the calibration
+prompts (or class labels) on the torch backend and measures the rel. L2 of the final latents
+against ``schedule="all"``; it keeps the cheapest pair (fewest transformer block evaluations) whose
+error is at most ``tolerance``, or the most accurate one when none is. The result is a
+[`Calibration`][fd_trt.core.calibration.Calibration] with ``split`` set, which the transformer pipelines take
+as ``schedule=`` (the object or its saved JSON path); they then run at its N.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from fd_trt.core.calibration import Calibration
+from fd_trt.core.schedule import PAPER_KEY_STEPS, KeySchedule
+from fd_trt.errors import InputError
+from fd_trt.graphs.weights import unet_weights_sha256
+
+
+def candidate_schedules(steps: int) -> list[tuple[int, ...]]:
+    """Key-step candidates for ``steps`` steps: the paper's DDIM-50 steps scaled to ``steps``,
+    uniform every 2 and 3 steps, and a dense head (every step in the first fifth) with every third after."""
+    out: set[tuple[int, ...]] = set()
+    out.add(tuple(sorted({min(steps - 1, round(k * steps / 50)) for k in PAPER_KEY_STEPS})))
+    out.add(tuple(range(0, steps, 2)))
+    out.add(tuple(range(0, steps, 3)))
+    head = max(1, steps // 5)
+    out.add(tuple(sorted(set(range(head)) | set(range(head, steps, 3)))))
+    return sorted(out, key=len)
+
+
+def block_evaluations(key_steps: Sequence[int], steps: int, split: int, blocks: int) -> float:
+    """Transformer block evaluations per row, as full forwards: ``(K*N + S*(B-N)) / B``."""
+    return (len(key_steps) * split + steps * (blocks - split)) / blocks
+
+
+def calibrate_transformer(
+    pipe: Any,
+    conds: Sequence[Any],
+    *,
+    steps: int,
+    splits: Sequence[int] | None = None,
+    schedules: Sequence[Sequence[int]] | None = None,
+    tolerance: float = 0.05,
+    guidance_scale: float | None = None,
+    seeds: Sequence[int] | None = None,
+    **call_options: Any,
+) -> Calibration:
+    """Searches N and the key steps for a [`FasterDiffusionTransformerPipeline`][fd_trt.pipelines.transformer.FasterDiffusionTransformerPipeline].
+
+    Args:
+        pipe: the pipeline (its backend is used as is; torch is the reference).
+        conds: prompts (PixArt) or class labels (DiT), one run each.
+        steps: inference steps.
+        splits: candidate N; a quarter, half and three quarters of the blocks by default.
+        schedules: candidate key steps; [`candidate_schedules()`][fd_trt.tools.calibrate_dit.candidate_schedules] by default.
+        tolerance: the largest rel. L2 against ``all`` accepted.
+        guidance_scale: CFG weight (the pipeline's default when ``None``).
+        seeds: one per cond (0, 1, ... by default).
+        **call_options: more arguments of each call (``max_sequence_length``, ...).
+    """
+    if not conds:
+        raise InputError("calibration needs at least one prompt or class label")
+    blocks = len(pipe.transformer.transformer_blocks)
+    splits = list(splits) if splits else sorted({max(1, round(f * blocks)) for f in (0.25, 0.5, 0.75)})
+    cands = [tuple(s) for s in schedules] if schedules else candidate_schedules(steps)
+    for s in cands:
+        KeySchedule(s, steps)  # validates
+    seeds = list(seeds) if seeds is not None else list(range(len(conds)))
+    t0 = time.perf_counter()
+    kw = dict(call_options, num_inference_steps=steps, output_type="latent")
+    if guidance_scale is not None:
+        kw["guidance_scale"] = guidance_scale
+    is_dit = not pipe.family.takes_prompts
+
+    def run(cond: Any, seed: int, schedule: Any, split: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        args = {"class_labels": cond} if is_dit else {"prompt": cond}
+        return pipe(**args, generator=g, schedule=schedule, split=split, **kw).latents
+
+    refs = [run(c, s, "all", splits[0]) for c, s in zip(conds, seeds)]
+    history = []
+    best: tuple[tuple[float, float], dict[str, Any]] | None = None
+    for split in splits:
+        for keys in cands:
+            errs = [float((run(c, s, list(keys), split) - r).norm() / r.norm()) for c, s, r in zip(conds, seeds, refs)]
+            err = sum(errs) / len(errs)
+            cost = block_evaluations(keys, steps, split, blocks)
+            entry = {"split": split, "key_steps": list(keys), "error": err, "block_evaluations": cost}
+            history.append(entry)
+            rank = (0.0 if err <= tolerance else 1.0, cost if err <= tolerance else err)
+            if best is None or rank < best[0]:
+                best = (rank, entry)
+    assert best is not None
+    chosen = best[1]
+    paper = tuple(sorted({min(steps - 1, round(k * steps / 50)) for k in PAPER_KEY_STEPS}))
+    paper_err = next(
+        (h["error"] for h in history if tuple(h["key_steps"]) == paper and h["split"] == chosen["split"]), None
+    )
+    from fd_trt.families.models import scheduler_name
+
+    return Calibration(
+        key_steps=list(chosen["key_steps"]),
+        scheduler=scheduler_name(pipe.sd.scheduler) or type(pipe.sd.scheduler).__name__,
+        steps=steps,
+        model_sha256=unet_weights_sha256(pipe.transformer),
+        error=float(chosen["error"]),
+        method=f"grid over N x key steps, tolerance {tolerance}",
+        prompts=[str(c) for c in conds],
+        seeds=seeds,
+        guidance=float(kw.get("guidance_scale", 4.5 if not is_dit else 4.0)),
+        seconds=time.perf_counter() - t0,
+        estimated_speedup=steps / chosen["block_evaluations"],
+        paper_error=paper_err,
+        evaluations=len(history) * len(conds),
+        steps_run=steps,
+        history=history,
+        split=int(chosen["split"]),
+    )
+
+
+__all__ = ["block_evaluations", "calibrate_transformer", "candidate_schedules"]
