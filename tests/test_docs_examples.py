@@ -125,13 +125,13 @@ DATA = Path(__file__).parent / "data" / "docs_examples"
 
 def test_the_harness_runs_a_passing_example_and_reports_a_skip_with_file_and_line(sandbox):
     examples = find_examples([DATA / "passing.md"])
-    assert [ex.line for ex in examples] == [7, 15, 25, 31]  # the ```text block is not an example
+    assert [ex.line for ex in examples] == [7, 15, 25, 30]  # the ```text block is not an example
     run_example(examples[0])
     assert (sandbox / "out.png").is_file()  # the example ran in the sandbox
     run_example(examples[2])  # an indented fence (an admonition's)
     with pytest.raises(pytest.skip.Exception, match=r"passing\.md:15: # doc: skip"):
         run_example(examples[1])
-    with pytest.raises(pytest.skip.Exception, match=r"passing\.md:31: <!-- doc: skip -->"):
+    with pytest.raises(pytest.skip.Exception, match=r"passing\.md:30: <!-- doc: skip -->"):
         run_example(examples[3])
 
 
