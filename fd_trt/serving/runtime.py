@@ -367,6 +367,8 @@ class ServingRuntime:
         decoder_memory_mb: memory budget of one decoder call in MiB; the rows per decoder call are
             capped at ``budget // decoder_row_bytes(h, w)``, and batches at the images whose rows
             of one step fit. ``None``: no cap.
+        max_timeout_s: the longest deadline a request may ask for; a longer ``timeout_s`` is
+            clamped to it (``None``: ``default_timeout_s``).
         start: start the worker in a background thread. With ``False``, call :meth:`run` from the
             thread that should own the pipeline. On CPU that should be the main thread: PyTorch's
             OpenMP (libgomp) parallel regions cost much more when a non-main thread starts them
@@ -387,6 +389,7 @@ class ServingRuntime:
         start: bool = True,
         sizes: str | Sequence[Any] | None = None,
         decoder_memory_mb: float | None = DEFAULT_DECODER_MEMORY_MB,
+        max_timeout_s: float | None = None,
     ) -> None:
         for name, v in (("max_batch", max_batch), ("max_queue", max_queue)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -397,11 +400,19 @@ class ServingRuntime:
             isinstance(default_timeout_s, (int, float)) and default_timeout_s > 0
         ):
             raise InputError(f"default_timeout_s must be a positive number or None, got {default_timeout_s!r}")
+        if max_timeout_s is not None and (
+            isinstance(max_timeout_s, bool)
+            or not isinstance(max_timeout_s, (int, float))
+            or not (math.isfinite(max_timeout_s) and max_timeout_s > 0)
+        ):
+            raise InputError(f"max_timeout_s must be a positive finite number or None, got {max_timeout_s!r}")
         self.pipeline = pipeline
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.default_timeout_s = default_timeout_s
+        #: The longest deadline a request may ask for; longer ``timeout_s`` are clamped to it.
+        self.max_timeout_s = max_timeout_s if max_timeout_s is not None else default_timeout_s
         self.limits = limits or Limits()
         self.metrics = Metrics()
         self.native_size = int(pipeline.sd.unet.config.sample_size) * pipeline.vae_scale_factor
@@ -432,6 +443,8 @@ class ServingRuntime:
         if warmup:
             warm = list(self.sizes) if self.sizes is not None else [(self.native_size, self.native_size)]
             self._warmup([*warm, *warmup_sizes])
+            self._tune_served()
+        self._freeze_tuning()
         self._loop_started = False
         self._loop_done = threading.Event()
         self._worker: threading.Thread | None = None
@@ -516,6 +529,11 @@ class ServingRuntime:
                 f"size {h}x{w} (height x width) is not served here; sizes served: {_fmt_sizes(self.sizes)}. "
                 "Ask for one of them, or restart the server with that size in --sizes"
             )
+        t = request.timeout_s
+        if t is not None and (
+            isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0)
+        ):
+            raise InputError(f"timeout_s must be a positive number (finite, in seconds) or null, got {t!r}")
         cap = self.decoder_rows_cap(h, w)
         if cap is not None and cap < self._rows_per_image(g):
             raise InputError(
@@ -577,11 +595,23 @@ class ServingRuntime:
             QueueFullError: ``max_queue`` requests are already waiting.
             RuntimeClosedError: the runtime is shutting down.
         """
+        # Room first: a full queue is refused before the costly validation (a scheduler copy, the
+        # schedule parse), so a flood of requests costs the server next to nothing.
+        self._check_room()
         height, width, key_steps = self.check(request)
         now = time.perf_counter()
-        timeout = request.timeout_s if request.timeout_s is not None else self.default_timeout_s
+        timeout = self.timeout_for(request)
         seed = request.seed if request.seed is not None else secrets.randbits(63)
         job = _Job(request, seed, height, width, key_steps, Future(), now, now + timeout if timeout else math.inf)
+        with self._cv:
+            self._check_room()
+            self._queue.append(job)
+            self._cv.notify_all()
+        job.future.add_done_callback(lambda f: self._on_cancel(job) if f.cancelled() else None)
+        return job.future
+
+    def _check_room(self) -> None:
+        """Raises when the runtime takes no request now (closed, or ``max_queue`` waiting)."""
         with self._cv:
             if self._closed:
                 self.metrics.count("rejected")
@@ -593,10 +623,13 @@ class ServingRuntime:
                     f"the queue is full ({self.max_queue} requests waiting); retry in {retry:.0f} s or raise max_queue",
                     retry_after_s=retry,
                 )
-            self._queue.append(job)
-            self._cv.notify_all()
-        job.future.add_done_callback(lambda f: self._on_cancel(job) if f.cancelled() else None)
-        return job.future
+
+    def timeout_for(self, request: GenerateRequest) -> float | None:
+        """The deadline in seconds a request gets: its ``timeout_s`` (or the default), at most ``max_timeout_s``."""
+        timeout = request.timeout_s if request.timeout_s is not None else self.default_timeout_s
+        if timeout is None:
+            return self.max_timeout_s
+        return timeout if self.max_timeout_s is None else min(float(timeout), self.max_timeout_s)
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
         """``await``-able :meth:`submit`; cancelling the awaiting task cancels a still-queued request."""
@@ -757,6 +790,34 @@ class ServingRuntime:
             self.max_batch,
             time.perf_counter() - t0,
         )
+
+    def _auto_runners(self) -> list[Any]:
+        from fd_trt.backends.auto import AutoRunner
+
+        pool = getattr(self.pipeline, "pool", None)
+        runners = pool.loaded_runners() if pool is not None else []
+        return [r for r in runners if isinstance(r, AutoRunner)]
+
+    def _tune_served(self) -> None:
+        """``auto``: decides (measures, or reads the cache) for the default request at every served
+        size, alone and in a full batch, before serving; requests later follow the nearest decision."""
+        req = GenerateRequest(prompt="tune")
+        f = self.pipeline.vae_scale_factor
+        for runner in self._auto_runners():
+            h, w = int(runner.latent_shape[1]) * f, int(runner.latent_shape[2]) * f
+            try:
+                _, _, key_steps = self.check(GenerateRequest(prompt="tune", height=h, width=w))
+            except InputError:
+                continue
+            schedule = parse_schedule(list(key_steps), self._num_steps(req))
+            per_image = self._rows_per_image(req.guidance)
+            for n in dict.fromkeys((1, self._batch_cap(h, w, req.guidance))):
+                runner.plan(schedule, n * per_image, True, self.decoder_rows_cap(h, w))
+
+    def _freeze_tuning(self) -> None:
+        """No tuning run while serving: ``auto`` runners follow the nearest decision they have."""
+        for runner in self._auto_runners():
+            runner.tune_on_demand = False
 
     def _next_batch(self) -> list[_Job] | None:
         """Blocks for the oldest live job, then gathers compatible ones; None when closed and empty."""
