@@ -24,10 +24,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hmac
 import logging
+import math
 import re
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Literal
 
@@ -38,6 +41,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fd_trt.errors import FdTrtError, InputError
 from fd_trt.families.models import SCHEDULERS
+from fd_trt.serving.images import (
+    FormFile,
+    ImageLimits,
+    b64_bytes,
+    decode_image,
+    openai_mask,
+    parse_multipart,
+    parse_size,
+)
 from fd_trt.serving.options import LOOPBACK_NAMES, key_digest
 from fd_trt.serving.runtime import (
     MAX_SEED,
@@ -74,9 +86,30 @@ class GenerateBody(BaseModel):
     noise_injection: bool | None = None
     timeout_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     format: Literal["png", "base64"] = "png"
+    image: str | None = Field(default=None, description="img2img / inpainting: a base64 PNG or JPEG image")
+    mask: str | None = Field(default=None, description="inpainting: a base64 PNG or JPEG mask, white where repainted")
+    strength: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    lora: str | None = Field(
+        default=None, min_length=1, max_length=64, description="a LoRA adapter the server registered"
+    )
 
-    def to_request(self) -> GenerateRequest:
+    def to_request(self, limits: ImageLimits | None = None) -> GenerateRequest:
+        """The runtime request; base64 images are decoded here (call it off the event loop).
+
+        Raises:
+            InputError: an image that is not base64 PNG/JPEG or is over ``limits``.
+        """
+        limits = limits or ImageLimits()
+        image = mask = None
+        if self.image is not None:
+            image = decode_image(b64_bytes(self.image, "image", limits), "image", limits)
+        if self.mask is not None:
+            mask = decode_image(b64_bytes(self.mask, "mask", limits), "mask", limits, mode="L")
         return GenerateRequest(
+            image=image,
+            mask_image=mask,
+            strength=self.strength,
+            lora=self.lora,
             prompt=self.prompt,
             negative_prompt=self.negative_prompt,
             seed=self.seed,
@@ -89,6 +122,157 @@ class GenerateBody(BaseModel):
             noise_injection=self.noise_injection,
             timeout_s=self.timeout_s,
         )
+
+
+#: Most images one OpenAI-style request may ask for (OpenAI's own limit).
+MAX_IMAGES_PER_REQUEST = 10
+
+
+def _openai_common(prompt: Any, n: Any, response_format: Any, output_format: Any) -> int:
+    """Checks the fields both OpenAI routes share; returns ``n``."""
+    if not isinstance(prompt, str) or not prompt:
+        raise InputError("prompt is required: a non-empty string")
+    if response_format not in (None, "b64_json"):
+        if response_format == "url":
+            raise InputError(
+                "response_format 'url' is not supported: this server keeps no images to link to; "
+                "ask for 'b64_json' (the image inline, base64)"
+            )
+        raise InputError(f"response_format must be 'b64_json', got {str(response_format)[:40]!r}")
+    if output_format not in (None, "png"):
+        raise InputError(f"output_format must be 'png', got {str(output_format)[:40]!r}")
+    n = 1 if n is None else n
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES_PER_REQUEST:
+        raise InputError(f"n must be an integer in [1, {MAX_IMAGES_PER_REQUEST}], got {str(n)[:20]!r}")
+    return n
+
+
+class ImagesGenerationsBody(BaseModel):
+    """The JSON body of ``POST /v1/images/generations`` (OpenAI's images API).
+
+    ``model``, ``user``, ``quality`` and ``style`` are accepted and ignored (the server serves one
+    model); ``seed`` and ``steps`` are fd_trt's additions.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1)
+    model: str | None = None
+    n: int | None = Field(default=1, ge=1, le=MAX_IMAGES_PER_REQUEST)
+    size: str | None = None
+    response_format: str | None = "b64_json"
+    output_format: str | None = None
+    user: str | None = None
+    quality: str | None = None
+    style: str | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    steps: int | None = Field(default=None, ge=1)
+
+    def to_requests(self, rt: ServingRuntime) -> list[GenerateRequest]:
+        n = _openai_common(self.prompt, self.n, self.response_format, self.output_format)
+        size = parse_size(self.size)
+        h, w = size if size is not None else (None, None)
+        base = GenerateRequest(prompt=self.prompt, height=h, width=w)
+        if self.steps is not None:
+            base.steps = self.steps
+        return [
+            dataclasses.replace(base, seed=None if self.seed is None else (self.seed + i) % (MAX_SEED + 1))
+            for i in range(n)
+        ]
+
+
+def _one(fields: dict[str, list[Any]], name: str, kind: type | tuple[type, ...] = str) -> Any:
+    values = fields.get(name, [])
+    if len(values) > 1:
+        raise InputError(f"{name} is given {len(values)} times; give it once")
+    if values and not isinstance(values[0], kind):
+        raise InputError(f"{name} must be {'a file' if kind is FormFile else 'a form field'}")
+    return values[0] if values else None
+
+
+def _form_number(value: str | None, name: str, cast: Any) -> Any:
+    if value is None or value == "":
+        return None
+    try:
+        out = cast(value)
+    except ValueError:
+        raise InputError(f"{name} must be a number, got {value[:20]!r}") from None
+    if isinstance(out, float) and not math.isfinite(out):
+        raise InputError(f"{name} must be finite, got {value[:20]!r}")
+    return out
+
+
+#: The form fields ``/v1/images/edits`` reads (OpenAI's, and fd_trt's ``strength``, ``seed``, ``steps``).
+EDIT_FIELDS = frozenset(
+    {
+        "image",
+        "mask",
+        "prompt",
+        "n",
+        "size",
+        "response_format",
+        "output_format",
+        "user",
+        "model",
+        "quality",
+        "strength",
+        "seed",
+        "steps",
+    }
+)
+
+
+def edit_requests(body: bytes, content_type: str, rt: ServingRuntime, limits: ImageLimits) -> list[GenerateRequest]:
+    """The runtime requests of an OpenAI ``images.edit`` multipart body (call it off the event loop).
+
+    Raises:
+        InputError: naming the bad field.
+    """
+    fields = parse_multipart(body, content_type)
+    unknown = sorted(set(fields) - EDIT_FIELDS)
+    if unknown:
+        raise InputError(
+            f"unknown form fields {', '.join(x[:30] for x in unknown[:5])}; this server reads {', '.join(sorted(EDIT_FIELDS))}"
+        )
+    image_file = _one(fields, "image", FormFile)
+    if image_file is None:
+        raise InputError("image is required: the PNG or JPEG image to edit")
+    n = _openai_common(
+        _one(fields, "prompt"),
+        _form_number(_one(fields, "n"), "n", int),
+        _one(fields, "response_format"),
+        _one(fields, "output_format"),
+    )
+    image = decode_image(image_file.data, "image", limits, mode="keep")
+    mask_file = _one(fields, "mask", FormFile)
+    mask = None
+    if mask_file is not None:
+        mask = openai_mask(decode_image(mask_file.data, "mask", limits, mode="keep"), image)
+    elif image.mode in ("RGBA", "LA"):
+        # OpenAI: without a mask, the image's own transparent pixels mark what to edit
+        alpha = image.convert("RGBA").getchannel("A")
+        if alpha.getextrema()[0] < 128:
+            mask = openai_mask(image, image)
+    image = image.convert("RGB")
+    size = parse_size(_one(fields, "size"))
+    w, h = image.size
+    if size is not None and size != (h, w):
+        raise InputError(
+            f"size {size[1]}x{size[0]} differs from the image's {w}x{h}: send the image at the size wanted"
+        )
+    seed = _form_number(_one(fields, "seed"), "seed", int)
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise InputError(f"seed must be in [0, 2**63-1], got {seed}")
+    base = GenerateRequest(
+        prompt=_one(fields, "prompt"),
+        image=image,
+        mask_image=mask,
+        strength=_form_number(_one(fields, "strength"), "strength", float),
+    )
+    steps = _form_number(_one(fields, "steps"), "steps", int)
+    if steps is not None:
+        base.steps = steps
+    return [dataclasses.replace(base, seed=None if seed is None else (seed + i) % (MAX_SEED + 1)) for i in range(n)]
 
 
 async def _wait_or_cancel(future: Any, request: Request, poll_s: float = 0.25) -> Any:
@@ -106,6 +290,7 @@ async def _wait_or_cancel(future: Any, request: Request, poll_s: float = 0.25) -
 
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
+DEFAULT_MAX_IMAGE_BYTES = 4 * 1024 * 1024
 
 
 class BodyLimit:
@@ -119,15 +304,18 @@ class BodyLimit:
         max_bytes: the largest body accepted.
     """
 
-    def __init__(self, app: Any, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    def __init__(
+        self, app: Any, max_bytes: int = DEFAULT_MAX_BODY_BYTES, path_limits: dict[str, int] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.path_limits = dict(path_limits or {})
 
-    async def _refuse(self, send: Any, size: str) -> None:
+    async def _refuse(self, send: Any, size: str, limit: int) -> None:
         body = (
-            '{"detail": "the request body is %s; the limit is %d bytes (fd-trt serve --max-body-kb). '
-            'A schedule needs at most one index per step; prompts are limited by --max-prompt-chars"}'
-            % (size, self.max_bytes)
+            '{"detail": "the request body is %s; the limit is %d bytes (fd-trt serve --max-body-kb, '
+            "--max-image-kb for image uploads). "
+            'A schedule needs at most one index per step; prompts are limited by --max-prompt-chars"}' % (size, limit)
         ).encode()
         await send(
             {
@@ -146,14 +334,15 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.path_limits.get(scope.get("path", ""), self.max_bytes)
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
                     declared = int(value)
                 except ValueError:
                     declared = -1
-                if declared > self.max_bytes:
-                    await self._refuse(send, f"{declared} bytes")
+                if declared > limit:
+                    await self._refuse(send, f"{declared} bytes", limit)
                     return
         # Read (at most the limit of) the body here, then replay it to the app.
         chunks: list[bytes] = []
@@ -166,8 +355,8 @@ class BodyLimit:
                 break
             chunk = message.get("body", b"")
             total += len(chunk)
-            if total > self.max_bytes:
-                await self._refuse(send, f"over {self.max_bytes} bytes")
+            if total > limit:
+                await self._refuse(send, f"over {limit} bytes", limit)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -189,9 +378,34 @@ LOOPBACK_HOSTS = LOOPBACK_NAMES
 #: (static; it asks the user for the key and sends it with each API call).
 OPEN_PATHS = frozenset({"/healthz", "/", "/favicon.ico"})
 
-#: POST routes that take a JSON body; fd_trt itself requires ``Content-Type: application/json`` there
-#: (415 otherwise), so a cross-site "simple" form or text/plain POST never reaches the model.
-JSON_POST_PATHS = frozenset({"/v1/generate", "/v1/images/generations"})
+#: POST routes and the body type they take; fd_trt itself requires that ``Content-Type`` (415
+#: otherwise), so a cross-site "simple" text/plain or url-encoded POST never reaches the model.
+BODY_TYPES = {
+    "/v1/generate": "application/json",
+    "/v1/images/generations": "application/json",
+    "/v1/images/edits": "multipart/form-data",
+}
+JSON_POST_PATHS = frozenset(p for p, t in BODY_TYPES.items() if t == "application/json")
+
+#: Routes of the OpenAI-compatible images API; their errors take OpenAI's shape.
+OPENAI_PREFIX = "/v1/images/"
+
+
+def openai_error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
+    kind = {
+        401: "authentication_error",
+        429: "rate_limit_error",
+        503: "server_error",
+        500: "server_error",
+        504: "server_error",
+    }.get(status, "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def openai_error(status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None) -> Any:
+    return JSONResponse(status_code=status, content=openai_error_body(status, message, param), headers=headers)
+
 
 _PATH_RE = re.compile(r"(?:(?<=[\s'\"(=])|^)(?:~|[A-Za-z]:)?[/\\](?!v1/)(?:[^\s'\"/\\,;()]+[/\\])+[^\s'\",;():]*")
 
@@ -266,10 +480,13 @@ class Guard:
         self.open_paths = open_paths
 
     @staticmethod
-    async def _refuse(send: Any, status: int, detail: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    async def _refuse(
+        send: Any, status: int, detail: str, headers: Sequence[tuple[bytes, bytes]] = (), path: str = ""
+    ) -> None:
         import json
 
-        body = json.dumps({"detail": detail}).encode()
+        content = openai_error_body(status, detail) if path.startswith(OPENAI_PREFIX) else {"detail": detail}
+        body = json.dumps(content).encode()
         await send(
             {
                 "type": "http.response.start",
@@ -307,13 +524,17 @@ class Guard:
                     401,
                     "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                     [(b"www-authenticate", b'Bearer realm="fd_trt"')],
+                    path=path,
                 )
                 return
-        if scope.get("method") == "POST" and path in JSON_POST_PATHS:
+        if scope.get("method") == "POST" and path in BODY_TYPES:
             ctype = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
-            if ctype != "application/json":
+            if ctype != BODY_TYPES[path]:
                 await self._refuse(
-                    send, 415, f"the body must be JSON with 'Content-Type: application/json', got {ctype[:60]!r}"
+                    send,
+                    415,
+                    f"the body must be sent with 'Content-Type: {BODY_TYPES[path]}', got {ctype[:60]!r}",
+                    path=path,
                 )
                 return
         await self.app(scope, receive, send)
@@ -357,6 +578,7 @@ def create_app(
     allowed_origins: Sequence[str] = (),
     docs: bool = False,
     api_key_sha256: Sequence[str] = (),
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
 ) -> FastAPI:
     """Builds the FastAPI app around a runtime.
 
@@ -374,6 +596,9 @@ def create_app(
         allowed_hosts: ``Host`` names answered (:data:`LOOPBACK_HOSTS` by default; ``["*"]``: any).
         allowed_origins: origins allowed cross-origin calls (CORS); empty: no CORS headers at all.
         docs: serve ``/docs`` and ``/openapi.json`` (off by default).
+        max_image_bytes: the largest uploaded image (and mask); ``/v1/images/edits`` takes bodies
+            of up to twice this plus ``max_body_bytes``. Images on ``/v1/generate`` count against
+            ``max_body_bytes``.
 
     Returns:
         The FastAPI app.
@@ -403,7 +628,9 @@ def create_app(
         openapi_url="/openapi.json" if docs else None,
     )
     # The last added runs first: CORS (answers preflights), then the guard, then the body limit.
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(
+        BodyLimit, max_bytes=max_body_bytes, path_limits={"/v1/images/edits": 2 * max_image_bytes + max_body_bytes}
+    )
     app.add_middleware(
         Guard,
         api_keys=tuple(api_keys),
@@ -430,34 +657,71 @@ def create_app(
         errors = [
             {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()
         ]
+        if request.url.path.startswith(OPENAI_PREFIX):
+            first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+            param = ".".join(str(x) for x in first["loc"] if x != "body") or None
+            return openai_error(400, f"{param or 'body'}: {first['msg']}", param)
         return JSONResponse(status_code=422, content={"detail": errors})
+
+    def image_limits() -> ImageLimits:
+        rt = state["rt"]
+        return ImageLimits(max_bytes=max_image_bytes, max_pixels=rt.limits.max_size**2)
+
+    async def run(requests: list[GenerateRequest], request: Request) -> Any:
+        """Submits requests (off the event loop: check() deep-copies a scheduler and parses the
+        schedule) and waits for them; returns their results, or the error as ``(status, message,
+        retry_after)`` for the route to shape."""
+        rt = state["rt"]
+        futures = []
+        try:
+            for r in requests:
+                futures.append(await asyncio.to_thread(rt.submit, r))
+        except (InputError, QueueFullError, RuntimeClosedError) as e:
+            for f in futures:
+                f.cancel()
+            if isinstance(e, InputError):
+                return (422, redact_paths(str(e)), None)
+            return (503, str(e), e.retry_after_s if isinstance(e, QueueFullError) else 5)
+        results = []
+        try:
+            for f in futures:
+                res = await _wait_or_cancel(f, request)
+                if res is None:  # nobody is listening; 499 is nginx's "client closed request"
+                    for g in futures:
+                        g.cancel()
+                    return (499, "client closed request", None)
+                results.append(res)
+        except asyncio.CancelledError:
+            for f in futures:
+                f.cancel()  # the server is cancelling this handler: drop what is still queued
+            raise
+        except RequestTimeoutError as e:
+            return (504, str(e), None)
+        except InputError as e:  # e.g. a size whose graphs are not loaded: the request, not the server
+            return (422, redact_paths(str(e)), None)
+        except FdTrtError as e:
+            return (500, e, None)
+        return results
 
     @app.post("/v1/generate")
     async def generate(body: GenerateBody, request: Request) -> Response:
-        rt = state["rt"]
         try:
-            # check() deep-copies a scheduler and parses the schedule: off the event loop, so that
-            # /healthz and other requests never wait behind it.
-            future = await asyncio.to_thread(rt.submit, body.to_request())
+            req = await asyncio.to_thread(body.to_request, image_limits())
         except InputError as e:
             return _unprocessable(e)
-        except QueueFullError as e:
-            return _unavailable(str(e), e.retry_after_s)
-        except RuntimeClosedError as e:
-            return _unavailable(str(e), 5)
-        try:
-            res = await _wait_or_cancel(future, request)
-        except asyncio.CancelledError:
-            future.cancel()  # the server is cancelling this handler: drop the request if still queued
-            raise
-        except RequestTimeoutError as e:
-            return JSONResponse(status_code=504, content={"detail": str(e)})
-        except InputError as e:  # e.g. a size whose graphs are not loaded: the request, not the server
-            return _unprocessable(e)
-        except FdTrtError as e:
-            return _internal_error(e)
-        if res is None:  # nobody is listening; 499 is nginx's "client closed request"
-            return Response(status_code=499)
+        out = await run([req], request)
+        if isinstance(out, tuple):
+            status, message, retry = out
+            if status == 422:
+                return _unprocessable(InputError(message))
+            if status == 503:
+                return _unavailable(message, retry)
+            if status == 499:
+                return Response(status_code=499)
+            if status == 500:
+                return _internal_error(message)
+            return JSONResponse(status_code=status, content={"detail": message})
+        res = out[0]
         headers = {
             "X-Seed": str(res.seed),
             "X-Batch-Size": str(res.batch_size),
@@ -480,6 +744,52 @@ def create_app(
             },
             headers=headers,
         )
+
+    async def openai_images(requests: list[GenerateRequest], request: Request) -> Response:
+        out = await run(requests, request)
+        if isinstance(out, tuple):
+            status, message, retry = out
+            if status == 500:
+                rid = _request_id()
+                _internal_error(message, rid)
+                return openai_error(500, f"internal server error; request id {rid}", headers={"X-Request-ID": rid})
+            if status == 422:
+                return openai_error(400, message)
+            if status == 499:
+                return Response(status_code=499)
+            headers = {"Retry-After": str(int(max(1, retry)))} if retry else None
+            return openai_error(status, message, headers=headers)
+        pngs = [await asyncio.to_thread(r.png_bytes) for r in out]
+        return JSONResponse(
+            content={
+                "created": int(time.time()),
+                "data": [{"b64_json": base64.b64encode(p).decode("ascii")} for p in pngs],
+            },
+            headers={"X-Seed": ",".join(str(r.seed) for r in out)},
+        )
+
+    @app.post("/v1/images/generations")
+    async def images_generations(body: ImagesGenerationsBody, request: Request) -> Response:
+        """OpenAI's ``images.generate``: ``prompt``, ``n``, ``size`` (``WIDTHxHEIGHT``),
+        ``response_format`` ``b64_json``; ``model`` and ``user`` are accepted and ignored."""
+        try:
+            requests = body.to_requests(state["rt"])
+        except InputError as e:
+            return openai_error(400, redact_paths(str(e)))
+        return await openai_images(requests, request)
+
+    @app.post("/v1/images/edits")
+    async def images_edits(request: Request) -> Response:
+        """OpenAI's ``images.edit`` (multipart): ``image``, optional ``mask`` (transparent where the
+        image is edited), ``prompt``, ``n``, ``size``, ``response_format`` ``b64_json``; also
+        ``strength`` (img2img without a mask, default 0.8). ``model`` and ``user`` are ignored."""
+        body = await request.body()
+        ctype = request.headers.get("content-type", "")
+        try:
+            requests = await asyncio.to_thread(edit_requests, body, ctype, state["rt"], image_limits())
+        except InputError as e:
+            return openai_error(400, redact_paths(str(e)))
+        return await openai_images(requests, request)
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
@@ -548,6 +858,9 @@ __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "GenerateBody",
     "Guard",
+    "ImagesGenerationsBody",
+    "edit_requests",
+    "openai_error_body",
     "LOOPBACK_HOSTS",
     "ThreadedServer",
     "create_app",

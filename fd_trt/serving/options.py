@@ -36,6 +36,9 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 #: Default ``--limit-concurrency``: open connections and requests beyond it get 503 at once.
 DEFAULT_LIMIT_CONCURRENCY = 256
 
+#: Default ``--max-image-kb``.
+DEFAULT_MAX_IMAGE_KB = 4096
+
 #: The ``--log-level`` values (uvicorn's; Ray Serve reads ``trace`` as ``debug``).
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
@@ -130,6 +133,21 @@ def add_serve_options(p: Any) -> None:
         help="origins allowed to call the API from a browser (CORS), comma-separated; default: none",
     )
     p.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json (behind the API key)")
+    p.add_argument(
+        "--max-image-kb",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_KB,
+        help="largest uploaded image or mask in KiB (/v1/images/edits; images on /v1/generate count "
+        "against --max-body-kb)",
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=None,
+        metavar="NAME=PATH",
+        help="register a LoRA adapter (a local file or folder) that requests name with 'lora' "
+        "(torch backend; repeat for several)",
+    )
 
 
 def runner_options(backend: str | None, threads: int | None) -> dict[str, Any]:
@@ -180,12 +198,35 @@ def runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "sizes": parse_sizes(args.sizes) if args.sizes else None,
         "decoder_memory_mb": args.decoder_memory_mb if args.decoder_memory_mb > 0 else None,
     }
+    loras = parse_loras(getattr(args, "lora", None))
+    if loras:
+        kwargs["loras"] = loras
     max_timeout = getattr(args, "max_timeout", None)
     if max_timeout is not None:
         if not (max_timeout > 0 and max_timeout < float("inf")):
             raise InputError(f"--max-timeout must be a positive number of seconds, got {max_timeout!r}")
         kwargs["max_timeout_s"] = float(max_timeout)
     return kwargs
+
+
+def parse_loras(specs: list[str] | None) -> dict[str, str]:
+    """``--lora NAME=PATH`` (repeated) as ``{name: path}``.
+
+    Raises:
+        InputError: a spec without ``=``, a name given twice, or a path that does not exist.
+    """
+    out: dict[str, str] = {}
+    for spec in specs or []:
+        name, sep, path = spec.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise InputError(f"--lora takes NAME=PATH, got {spec!r}")
+        if name in out:
+            raise InputError(f"--lora {name} is given twice")
+        if not Path(path).exists():
+            raise InputError(f"--lora {name}={path}: no such file or folder")
+        out[name] = path
+    return out
 
 
 def _split(value: str | None) -> list[str]:
@@ -243,7 +284,7 @@ def allowed_hosts(args: argparse.Namespace) -> list[str]:
 
 def http_kwargs(args: argparse.Namespace, environ: Any = None) -> dict[str, Any]:
     """The keyword arguments of :func:`fd_trt.serving.http.create_app` (``max_body_bytes``,
-    ``api_keys``, ``allowed_hosts``, ``allowed_origins``, ``docs``).
+    ``api_keys``, ``allowed_hosts``, ``allowed_origins``, ``docs``, ``max_image_bytes``).
 
     Raises:
         InputError: a bad key file.
@@ -254,6 +295,7 @@ def http_kwargs(args: argparse.Namespace, environ: Any = None) -> dict[str, Any]
         "allowed_hosts": allowed_hosts(args),
         "allowed_origins": _split(getattr(args, "allowed_origins", None)),
         "docs": bool(getattr(args, "docs", False)),
+        "max_image_bytes": int(getattr(args, "max_image_kb", DEFAULT_MAX_IMAGE_KB)) * 1024,
     }
 
 
@@ -326,6 +368,8 @@ __all__ = [
     "API_KEY_ENV",
     "BACKENDS",
     "DEFAULT_LIMIT_CONCURRENCY",
+    "DEFAULT_MAX_IMAGE_KB",
+    "parse_loras",
     "LOOPBACK_NAMES",
     "allowed_hosts",
     "api_keys",

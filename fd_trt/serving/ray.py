@@ -30,6 +30,7 @@ from typing import Any
 from fd_trt.errors import FdTrtError
 from fd_trt.serving.options import (
     DEFAULT_LIMIT_CONCURRENCY,
+    DEFAULT_MAX_IMAGE_KB,
     add_serve_options,
     exposure_warning,
     http_kwargs,
@@ -93,7 +94,7 @@ def deployment(
             self.max_body_bytes = runtime_kwargs.pop("max_body_bytes", None)
             self.http = {
                 k: runtime_kwargs.pop(k)
-                for k in ("api_key_sha256", "allowed_hosts", "allowed_origins", "docs")
+                for k in ("api_key_sha256", "allowed_hosts", "allowed_origins", "docs", "max_image_bytes")
                 if k in runtime_kwargs
             }
             threads = runtime_kwargs.pop("threads", None)
@@ -168,6 +169,8 @@ def app_kwargs(args: argparse.Namespace, environ: Any = None) -> dict[str, Any]:
         out["allowed_origins"] = http["allowed_origins"]
     if http["docs"]:
         out["docs"] = True
+    if args.max_image_kb != DEFAULT_MAX_IMAGE_KB:
+        out["max_image_bytes"] = http["max_image_bytes"]
     return out
 
 

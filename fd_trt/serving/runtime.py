@@ -148,6 +148,11 @@ class GenerateRequest:
         noise_injection: prior noise injection; ``None`` is on exactly when the schedule propagates.
         timeout_s: seconds from submission until the request fails with
             :class:`RequestTimeoutError`; ``None`` uses the runtime's default.
+        image: img2img's start image, or with ``mask_image`` the image to inpaint (a PIL image);
+            without height/width the image's size is the request's size.
+        mask_image: inpainting mask (PIL), white where the image is repainted; its size is the image's.
+        strength: img2img / inpainting strength in [0, 1] (default 0.8 for img2img, 1.0 for inpainting).
+        lora: the name of a LoRA adapter the server registered (``fd-trt serve --lora name=PATH``).
     """
 
     prompt: str
@@ -161,6 +166,17 @@ class GenerateRequest:
     schedule: str | Sequence[int] | None = None
     noise_injection: bool | None = None
     timeout_s: float | None = None
+    image: Any = None
+    mask_image: Any = None
+    strength: float | None = None
+    lora: str | None = None
+
+    @property
+    def mode(self) -> str:
+        """``text2img``, ``img2img`` or ``inpaint``."""
+        if self.mask_image is not None:
+            return "inpaint"
+        return "img2img" if self.image is not None else "text2img"
 
 
 @dataclass
@@ -206,8 +222,22 @@ class _Job:
 
     @property
     def batch_key(self) -> tuple[Any, ...]:
+        """Requests share a sampler call only when all of this agrees: size, steps, scheduler, key
+        steps, guidance, noise injection, image mode, strength and LoRA adapter."""
         r = self.request
-        return (self.height, self.width, r.steps, r.scheduler, self.key_steps, float(r.guidance), r.noise_injection)
+        strength = None if r.strength is None else float(r.strength)
+        return (
+            self.height,
+            self.width,
+            r.steps,
+            r.scheduler,
+            self.key_steps,
+            float(r.guidance),
+            r.noise_injection,
+            r.mode,
+            strength,
+            r.lora,
+        )
 
 
 class _BatchAborted(Exception):
@@ -369,6 +399,9 @@ class ServingRuntime:
             of one step fit. ``None``: no cap.
         max_timeout_s: the longest deadline a request may ask for; a longer ``timeout_s`` is
             clamped to it (``None``: ``default_timeout_s``).
+        loras: LoRA adapters by name (``{name: local file or folder}``), loaded at start-up;
+            a request names one with ``lora`` (clients never name files). The torch backend only:
+            graph backends would rebuild or refit their graphs at each switch.
         start: start the worker in a background thread. With ``False``, call :meth:`run` from the
             thread that should own the pipeline. On CPU that should be the main thread: PyTorch's
             OpenMP (libgomp) parallel regions cost much more when a non-main thread starts them
@@ -390,6 +423,7 @@ class ServingRuntime:
         sizes: str | Sequence[Any] | None = None,
         decoder_memory_mb: float | None = DEFAULT_DECODER_MEMORY_MB,
         max_timeout_s: float | None = None,
+        loras: dict[str, str] | None = None,
     ) -> None:
         for name, v in (("max_batch", max_batch), ("max_queue", max_queue)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -439,6 +473,9 @@ class ServingRuntime:
             for h, w in served:
                 self._check_size(h, w)
             self.sizes = tuple(served)
+        self.loras: dict[str, str] = {}
+        self._active_lora: str | None = None
+        self._load_loras(loras or {})
         self._prepare_sizes()
         if warmup:
             warm = list(self.sizes) if self.sizes is not None else [(self.native_size, self.native_size)]
@@ -512,10 +549,11 @@ class ServingRuntime:
         ):
             raise InputError(f"guidance must be a number in [0, {lim.max_guidance}], got {g!r}")
         multiple = math.lcm(lim.size_multiple, self.pipeline.vae_scale_factor)
+        image_hw = self._check_images(request)
         sizes = []
-        for name in ("height", "width"):
+        for i, name in enumerate(("height", "width")):
             v = getattr(request, name)
-            v = self.native_size if v is None else v
+            v = (self.native_size if image_hw is None else image_hw[i]) if v is None else v
             if isinstance(v, bool) or not isinstance(v, int) or not multiple <= v <= lim.max_size:
                 raise InputError(f"{name} must be an integer in [{multiple}, {lim.max_size}], got {v!r}")
             if v % multiple:
@@ -570,8 +608,10 @@ class ServingRuntime:
             or not request.timeout_s > 0
         ):
             raise InputError(f"timeout_s must be a positive number or None, got {request.timeout_s!r}")
-        # The number of steps the scheduler really takes decides which key steps are valid.
+        # The number of steps the scheduler really takes (img2img: the steps run) decides which key
+        # steps are valid.
         num_steps = self._num_steps(request)
+        cal_steps = request.steps
         # "calibrated" resolves against the model's saved calibrations. A client never names a
         # file on the server: calibration paths are for the Python API and the CLI only.
         if isinstance(request.schedule, str) and request.schedule.strip().lower().endswith(".json"):
@@ -579,7 +619,11 @@ class ServingRuntime:
                 "schedule names a file; the server takes 'calibrated' (its saved calibration), "
                 "'paper', 'all', 'uniform:N' or a list of key steps"
             )
-        spec = self.pipeline.resolve_schedule(request.schedule, request.steps, request.scheduler)
+        if request.mode != "text2img":
+            run = self._steps_run(request)
+            if run != num_steps:
+                num_steps = cal_steps = run
+        spec = self.pipeline.resolve_schedule(request.schedule, cal_steps, request.scheduler)
         key_steps = tuple(parse_schedule(spec, num_steps).key_steps)  # ScheduleError is an InputError
         return sizes[0], sizes[1], key_steps
 
@@ -766,6 +810,75 @@ class ServingRuntime:
         sched.set_timesteps(request.steps)
         return len(sched.timesteps)
 
+    def _load_loras(self, loras: dict[str, str]) -> None:
+        if not loras:
+            return
+        if self.builds_graphs:
+            raise InputError(
+                "LoRA adapters chosen per request (--lora) need --backend torch: a graph backend would rebuild "
+                "or refit its graphs at every switch. To serve one adapter on a graph backend, fuse it into "
+                "the model folder"
+            )
+        import re
+
+        for name, path in loras.items():
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+                raise InputError(f"a LoRA name is 1-64 letters, digits, '_', '.' or '-', got {name!r}")
+            try:
+                self.pipeline.load_lora_weights(str(path), adapter_name=name)
+            except (OSError, ValueError) as e:
+                raise InputError(f"--lora {name}={path}: cannot load it ({e})") from e
+            self.loras[name] = str(path)
+        self.pipeline.disable_lora()
+
+    def _use_lora(self, name: str | None) -> None:
+        """Makes ``name`` the active adapter (``None``: the base model); the worker calls it per batch."""
+        if name == self._active_lora or not self.loras:
+            return
+        if name is None:
+            self.pipeline.disable_lora()
+        else:
+            self.pipeline.enable_lora()
+            self.pipeline.set_adapters([name])
+        self._active_lora = name
+
+    def _steps_run(self, request: GenerateRequest) -> int:
+        """Steps an img2img or inpainting request runs: the last ``int(strength x steps)``."""
+        import copy
+
+        from fd_trt.pipelines.conditioning import img2img_steps
+
+        strength = self.pipeline.resolve_strength(request.mode, request.strength)
+        sched = copy.deepcopy(self._scheduler(request.scheduler))
+        sched.set_timesteps(request.steps)
+        timesteps, _ = img2img_steps(sched, request.steps, strength)
+        return len(timesteps)
+
+    def _check_images(self, request: GenerateRequest) -> tuple[int, int] | None:
+        """Checks a request's image, mask, strength and LoRA; returns the image's ``(height, width)``."""
+        if request.lora is not None and request.lora not in self.loras:
+            named = ", ".join(sorted(self.loras)) or "none"
+            raise InputError(f"lora {request.lora!r} is not registered on this server; adapters: {named}")
+        if request.image is None:
+            if request.mask_image is not None:
+                raise InputError("mask needs image: the image to inpaint")
+            if request.strength is not None:
+                raise InputError("strength needs image: the image to start from")
+            return None
+        if getattr(self.pipeline, "controlnet", None) is not None:
+            raise InputError("this server's model has a ControlNet; img2img and inpainting are not served with it")
+        for name in ("image", "mask_image"):
+            img = getattr(request, name)
+            if img is not None and not (hasattr(img, "size") and hasattr(img, "mode")):
+                raise InputError(f"{name} must be a decoded image, got {type(img).__name__}")
+        w, h = request.image.size
+        if request.mask_image is not None and tuple(request.mask_image.size) != (w, h):
+            raise InputError(
+                f"the mask is {request.mask_image.size[0]}x{request.mask_image.size[1]} (WxH); the image is {w}x{h}"
+            )
+        self.pipeline.resolve_strength(request.mode, request.strength)  # in [0, 1]
+        return int(h), int(w)
+
     def _scheduler(self, name: str) -> Any:
         from fd_trt.families.models import make_scheduler
 
@@ -928,6 +1041,13 @@ class ServingRuntime:
                 raise _BatchAborted
             return {}
 
+        image_kw: dict[str, Any] = {}
+        if req.mode != "text2img":
+            image_kw["image"] = [j.request.image for j in jobs]
+            image_kw["strength"] = req.strength
+            if req.mode == "inpaint":
+                image_kw["mask_image"] = [j.request.mask_image for j in jobs]
+        self._use_lora(req.lora)
         t0 = time.perf_counter()
         try:
             out = pipe(
@@ -942,6 +1062,7 @@ class ServingRuntime:
                 noise_injection=req.noise_injection,
                 max_decoder_rows=self.decoder_rows_cap(jobs[0].height, jobs[0].width),
                 callback_on_step_end=still_wanted,
+                **image_kw,
             )
         except _BatchAborted:
             for job in jobs:
