@@ -741,6 +741,7 @@ def create_app(
                 "queue_seconds": res.queue_seconds,
                 "latency_seconds": res.total_seconds,
                 "nonfinite": res.nonfinite,
+                "fd": res.fd,
             },
             headers=headers,
         )
@@ -790,6 +791,21 @@ def create_app(
         except InputError as e:
             return openai_error(400, redact_paths(str(e)))
         return await openai_images(requests, request)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> Response:
+        from fd_trt.serving.page import PAGE_HTML, content_security_policy
+
+        return Response(
+            content=PAGE_HTML,
+            media_type="text/html; charset=utf-8",
+            headers={
+                "Content-Security-Policy": content_security_policy(),
+                "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer",
+                "X-Frame-Options": "DENY",
+            },
+        )
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:

@@ -192,6 +192,8 @@ class GenerateResult:
         run_seconds: the batch's sampler call, VAE included.
         total_seconds: from submission until the result was ready.
         nonfinite: the latents held NaN or Inf (a warning was logged; the image is invalid).
+        fd: the batch's Faster Diffusion counters: ``steps``, ``key_steps`` (encoder runs),
+            ``encoder_calls``, ``decoder_calls`` and ``backend``.
     """
 
     image: Any
@@ -202,6 +204,7 @@ class GenerateResult:
     run_seconds: float
     total_seconds: float
     nonfinite: bool = False
+    fd: dict[str, Any] | None = None
 
     def png_bytes(self) -> bytes:
         buf = io.BytesIO()
@@ -1073,6 +1076,18 @@ class ServingRuntime:
         if not record:
             return
         self.metrics.batch(len(jobs), done - t0)
+        st = getattr(out, "stats", None)
+        fd = (
+            None
+            if st is None
+            else {
+                "steps": st.num_steps,
+                "key_steps": len(st.key_steps),
+                "encoder_calls": st.encoder_calls,
+                "decoder_calls": st.decoder_calls,
+                "backend": st.backend,
+            }
+        )
         lat = out.latents.float()
         for i, job in enumerate(jobs):
             nonfinite = not bool(torch.isfinite(lat[i]).all())
@@ -1091,6 +1106,7 @@ class ServingRuntime:
                 run_seconds=done - t0,
                 total_seconds=done - job.submitted,
                 nonfinite=nonfinite,
+                fd=fd,
             )
             self.metrics.done(res.total_seconds, res.queue_seconds, nonfinite)
             job.future.set_result(res)
