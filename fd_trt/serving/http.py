@@ -222,6 +222,33 @@ EDIT_FIELDS = frozenset(
 )
 
 
+#: The OpenAPI description of ``/v1/images/edits``' multipart body.
+EDIT_REQUEST_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["image", "prompt"],
+                "properties": {
+                    "image": {"type": "string", "format": "binary", "description": "PNG or JPEG"},
+                    "mask": {"type": "string", "format": "binary", "description": "transparent where edited"},
+                    "prompt": {"type": "string"},
+                    "n": {"type": "integer", "minimum": 1, "maximum": MAX_IMAGES_PER_REQUEST},
+                    "size": {"type": "string", "description": "WIDTHxHEIGHT, the image's"},
+                    "response_format": {"type": "string", "enum": ["b64_json"]},
+                    "strength": {"type": "number", "minimum": 0, "maximum": 1},
+                    "seed": {"type": "integer", "minimum": 0},
+                    "steps": {"type": "integer", "minimum": 1},
+                    "model": {"type": "string"},
+                    "user": {"type": "string"},
+                },
+            }
+        }
+    },
+}
+
+
 def edit_requests(body: bytes, content_type: str, rt: ServingRuntime, limits: ImageLimits) -> list[GenerateRequest]:
     """The runtime requests of an OpenAI ``images.edit`` multipart body (call it off the event loop).
 
@@ -779,7 +806,7 @@ def create_app(
             return openai_error(400, redact_paths(str(e)))
         return await openai_images(requests, request)
 
-    @app.post("/v1/images/edits")
+    @app.post("/v1/images/edits", openapi_extra={"requestBody": EDIT_REQUEST_BODY})
     async def images_edits(request: Request) -> Response:
         """OpenAI's ``images.edit`` (multipart): ``image``, optional ``mask`` (transparent where the
         image is edited), ``prompt``, ``n``, ``size``, ``response_format`` ``b64_json``; also
