@@ -277,3 +277,31 @@ def test_openai_mask_and_multipart_parsing():
     assert fields["prompt"] == ["hi"] and fields["image"][0].data == b"\x89PNGxx"
     with pytest.raises(InputError, match="multipart"):
         parse_multipart(body, "application/json")
+
+
+def test_controlnet_by_name_over_http_equals_the_solo_run(reference):
+    from fd_trt.families.models import default_controlnet_dir
+
+    if default_controlnet_dir() is None:
+        pytest.skip("no shipped default ControlNet")
+    rt = ServingRuntime(load(), max_batch=2, warmup=False, controlnets={"shapes": "default"})
+    mask = white_left_mask()
+    with ThreadedServer(create_app(runtime=rt, api_keys=[KEY])) as s:
+        body = {"prompt": "a red circle", "seed": 9, "steps": STEPS}
+        r = post(
+            s.url, body | {"controlnet": "shapes", "control_image": b64(mask), "controlnet_conditioning_scale": 0.8}
+        )
+        plain = post(s.url, body)  # the same server without the ControlNet
+        bad = post(s.url, body | {"controlnet": "edges", "control_image": b64(mask)})
+        missing = post(s.url, body | {"controlnet": "shapes"})
+    rt.shutdown()
+    assert r.status_code == 200 and plain.status_code == 200, r.text
+    assert bad.status_code == 422 and "not loaded" in bad.text
+    assert missing.status_code == 422 and "control_image" in missing.text
+    cn = FasterDiffusionPipeline.from_pretrained(
+        "default", backend="torch", device="cpu", progress=False, controlnet="default"
+    )
+    ref = solo(cn, 9, image=[mask.convert("RGB")], controlnet_conditioning_scale=0.8)
+    assert np.abs(pixels(r.content) - ref).max() <= 1
+    assert np.abs(pixels(plain.content) - solo(reference, 9)).max() <= 1
+    assert np.abs(ref - solo(reference, 9)).max() > 8  # the ControlNet really steers the picture

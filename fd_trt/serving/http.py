@@ -89,6 +89,11 @@ class GenerateBody(BaseModel):
     image: str | None = Field(default=None, description="img2img / inpainting: a base64 PNG or JPEG image")
     mask: str | None = Field(default=None, description="inpainting: a base64 PNG or JPEG mask, white where repainted")
     strength: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    controlnet: str | None = Field(
+        default=None, min_length=1, max_length=64, description="a ControlNet the server loaded, by name"
+    )
+    control_image: str | None = Field(default=None, description="the ControlNet's base64 PNG or JPEG image")
+    controlnet_conditioning_scale: float | None = Field(default=None, ge=0, le=10, allow_inf_nan=False)
     lora: str | None = Field(
         default=None, min_length=1, max_length=64, description="a LoRA adapter the server registered"
     )
@@ -105,7 +110,13 @@ class GenerateBody(BaseModel):
             image = decode_image(b64_bytes(self.image, "image", limits), "image", limits)
         if self.mask is not None:
             mask = decode_image(b64_bytes(self.mask, "mask", limits), "mask", limits, mode="L")
+        control = None
+        if self.control_image is not None:
+            control = decode_image(b64_bytes(self.control_image, "control_image", limits), "control_image", limits)
         return GenerateRequest(
+            controlnet=self.controlnet,
+            control_image=control,
+            controlnet_conditioning_scale=self.controlnet_conditioning_scale,
             image=image,
             mask_image=mask,
             strength=self.strength,

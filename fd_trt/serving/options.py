@@ -148,6 +148,14 @@ def add_serve_options(p: Any) -> None:
         help="register a LoRA adapter (a local file or folder) that requests name with 'lora' "
         "(torch backend; repeat for several)",
     )
+    p.add_argument(
+        "--controlnet",
+        action="append",
+        default=None,
+        metavar="NAME=PATH",
+        help="load a ControlNet (a local folder, or 'default' for the default model's) that requests name "
+        "with 'controlnet' (torch backend; repeat for several)",
+    )
 
 
 def runner_options(backend: str | None, threads: int | None) -> dict[str, Any]:
@@ -201,6 +209,9 @@ def runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     loras = parse_loras(getattr(args, "lora", None))
     if loras:
         kwargs["loras"] = loras
+    controlnets = parse_loras(getattr(args, "controlnet", None), flag="--controlnet", builtin=("default",))
+    if controlnets:
+        kwargs["controlnets"] = controlnets
     max_timeout = getattr(args, "max_timeout", None)
     if max_timeout is not None:
         if not (max_timeout > 0 and max_timeout < float("inf")):
@@ -209,22 +220,23 @@ def runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
-def parse_loras(specs: list[str] | None) -> dict[str, str]:
-    """``--lora NAME=PATH`` (repeated) as ``{name: path}``.
+def parse_loras(specs: list[str] | None, flag: str = "--lora", builtin: tuple[str, ...] = ()) -> dict[str, str]:
+    """``--lora NAME=PATH`` (or ``--controlnet``; repeated) as ``{name: path}``.
 
     Raises:
-        InputError: a spec without ``=``, a name given twice, or a path that does not exist.
+        InputError: a spec without ``=``, a name given twice, or a path that does not exist
+            (``builtin`` names, such as ``default``, pass as they are).
     """
     out: dict[str, str] = {}
     for spec in specs or []:
         name, sep, path = spec.partition("=")
         name, path = name.strip(), path.strip()
         if not sep or not name or not path:
-            raise InputError(f"--lora takes NAME=PATH, got {spec!r}")
+            raise InputError(f"{flag} takes NAME=PATH, got {spec!r}")
         if name in out:
-            raise InputError(f"--lora {name} is given twice")
-        if not Path(path).exists():
-            raise InputError(f"--lora {name}={path}: no such file or folder")
+            raise InputError(f"{flag} {name} is given twice")
+        if path not in builtin and not Path(path).exists():
+            raise InputError(f"{flag} {name}={path}: no such file or folder")
         out[name] = path
     return out
 

@@ -153,6 +153,10 @@ class GenerateRequest:
         mask_image: inpainting mask (PIL), white where the image is repainted; its size is the image's.
         strength: img2img / inpainting strength in [0, 1] (default 0.8 for img2img, 1.0 for inpainting).
         lora: the name of a LoRA adapter the server registered (``fd-trt serve --lora name=PATH``).
+        controlnet: the name of a ControlNet the server loaded (``fd-trt serve --controlnet name=PATH``).
+        control_image: that ControlNet's conditioning image (PIL); without height/width its size
+            is the request's size.
+        controlnet_conditioning_scale: the ControlNet residuals' scale (default 1.0).
     """
 
     prompt: str
@@ -170,10 +174,15 @@ class GenerateRequest:
     mask_image: Any = None
     strength: float | None = None
     lora: str | None = None
+    controlnet: str | None = None
+    control_image: Any = None
+    controlnet_conditioning_scale: float | None = None
 
     @property
     def mode(self) -> str:
-        """``text2img``, ``img2img`` or ``inpaint``."""
+        """``text2img``, ``img2img``, ``inpaint`` or ``controlnet``."""
+        if self.controlnet is not None:
+            return "controlnet"
         if self.mask_image is not None:
             return "inpaint"
         return "img2img" if self.image is not None else "text2img"
@@ -240,6 +249,8 @@ class _Job:
             r.mode,
             strength,
             r.lora,
+            r.controlnet,
+            None if r.controlnet_conditioning_scale is None else float(r.controlnet_conditioning_scale),
         )
 
 
@@ -405,6 +416,9 @@ class ServingRuntime:
         loras: LoRA adapters by name (``{name: local file or folder}``), loaded at start-up;
             a request names one with ``lora`` (clients never name files). The torch backend only:
             graph backends would rebuild or refit their graphs at each switch.
+        controlnets: ControlNets by name (``{name: local folder or "default"}``), loaded at
+            start-up; a request names one with ``controlnet`` and sends its ``control_image``
+            (torch backend).
         start: start the worker in a background thread. With ``False``, call :meth:`run` from the
             thread that should own the pipeline. On CPU that should be the main thread: PyTorch's
             OpenMP (libgomp) parallel regions cost much more when a non-main thread starts them
@@ -427,6 +441,7 @@ class ServingRuntime:
         decoder_memory_mb: float | None = DEFAULT_DECODER_MEMORY_MB,
         max_timeout_s: float | None = None,
         loras: dict[str, str] | None = None,
+        controlnets: dict[str, str] | None = None,
     ) -> None:
         for name, v in (("max_batch", max_batch), ("max_queue", max_queue)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -479,6 +494,9 @@ class ServingRuntime:
         self.loras: dict[str, str] = {}
         self._active_lora: str | None = None
         self._load_loras(loras or {})
+        self._base_controlnet = getattr(pipeline, "controlnet", None)
+        self.controlnets: dict[str, Any] = {}
+        self._load_controlnets(controlnets or {})
         self._prepare_sizes()
         if warmup:
             warm = list(self.sizes) if self.sizes is not None else [(self.native_size, self.native_size)]
@@ -622,7 +640,7 @@ class ServingRuntime:
                 "schedule names a file; the server takes 'calibrated' (its saved calibration), "
                 "'paper', 'all', 'uniform:N' or a list of key steps"
             )
-        if request.mode != "text2img":
+        if request.mode in ("img2img", "inpaint"):
             run = self._steps_run(request)
             if run != num_steps:
                 num_steps = cal_steps = run
@@ -834,6 +852,28 @@ class ServingRuntime:
             self.loras[name] = str(path)
         self.pipeline.disable_lora()
 
+    def _load_controlnets(self, controlnets: dict[str, str]) -> None:
+        if not controlnets:
+            return
+        if self.builds_graphs:
+            raise InputError(
+                "ControlNets chosen per request (--controlnet) need --backend torch here; to serve one ControlNet "
+                "on a graph backend, load the pipeline with it"
+            )
+        if self._base_controlnet is not None:
+            raise InputError("the served model already has a ControlNet; register ControlNets by name on a plain model")
+        import re
+
+        pipe = self.pipeline
+        try:
+            for name, source in controlnets.items():
+                if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+                    raise InputError(f"a ControlNet name is 1-64 letters, digits, '_', '.' or '-', got {name!r}")
+                pipe._attach_controlnet(source, True)  # loads, checks it fits the UNet, moves it to the device
+                self.controlnets[name] = pipe.controlnet
+        finally:
+            pipe.controlnet = None
+
     def _use_lora(self, name: str | None) -> None:
         """Makes ``name`` the active adapter (``None``: the base model); the worker calls it per batch."""
         if name == self._active_lora or not self.loras:
@@ -862,13 +902,34 @@ class ServingRuntime:
         if request.lora is not None and request.lora not in self.loras:
             named = ", ".join(sorted(self.loras)) or "none"
             raise InputError(f"lora {request.lora!r} is not registered on this server; adapters: {named}")
+        if request.controlnet is not None:
+            if request.controlnet not in self.controlnets:
+                named = ", ".join(sorted(self.controlnets)) or "none"
+                raise InputError(
+                    f"controlnet {request.controlnet!r} is not loaded on this server; ControlNets: {named}"
+                )
+            if request.control_image is None:
+                raise InputError("controlnet needs control_image: its conditioning image")
+            if request.image is not None or request.mask_image is not None or request.strength is not None:
+                raise InputError("controlnet with image, mask or strength (img2img, inpainting) is not supported")
+            c = request.controlnet_conditioning_scale
+            if c is not None and (
+                isinstance(c, bool) or not isinstance(c, (int, float)) or not (math.isfinite(c) and 0 <= c <= 10)
+            ):
+                raise InputError(f"controlnet_conditioning_scale must be a number in [0, 10], got {c!r}")
+            if not (hasattr(request.control_image, "size") and hasattr(request.control_image, "mode")):
+                raise InputError("control_image must be a decoded image")
+            w, h = request.control_image.size
+            return int(h), int(w)
+        if request.control_image is not None or request.controlnet_conditioning_scale is not None:
+            raise InputError("control_image and controlnet_conditioning_scale need controlnet: a ControlNet's name")
         if request.image is None:
             if request.mask_image is not None:
                 raise InputError("mask needs image: the image to inpaint")
             if request.strength is not None:
                 raise InputError("strength needs image: the image to start from")
             return None
-        if getattr(self.pipeline, "controlnet", None) is not None:
+        if self._base_controlnet is not None:
             raise InputError("this server's model has a ControlNet; img2img and inpainting are not served with it")
         for name in ("image", "mask_image"):
             img = getattr(request, name)
@@ -1045,7 +1106,13 @@ class ServingRuntime:
             return {}
 
         image_kw: dict[str, Any] = {}
-        if req.mode != "text2img":
+        if self.controlnets:
+            pipe.controlnet = self.controlnets.get(req.controlnet) if req.controlnet else None
+        if req.mode == "controlnet":
+            image_kw["image"] = [j.request.control_image for j in jobs]
+            scale = req.controlnet_conditioning_scale
+            image_kw["controlnet_conditioning_scale"] = 1.0 if scale is None else float(scale)
+        elif req.mode != "text2img":
             image_kw["image"] = [j.request.image for j in jobs]
             image_kw["strength"] = req.strength
             if req.mode == "inpaint":
