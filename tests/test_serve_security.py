@@ -206,7 +206,7 @@ def test_huge_timeouts_are_clamped_to_the_server_maximum(pipe):
             rt.check(GenerateRequest(prompt="d", steps=STEPS, timeout_s=math.inf))
     finally:
         gate.event.set()
-        busy.result(60)
+        busy.exception(60)  # it may pass its own 5 s deadline on a busy machine: that is not the point
         rt.shutdown()
     args = argparse.Namespace(**vars(serve_ray.build_parser().parse_args(["--timeout", "10", "--max-timeout", "60"])))
     assert serve_options.runtime_kwargs(args)["max_timeout_s"] == 60
