@@ -23,7 +23,9 @@ from fd_trt.serving.options import (
 
 def add_parser(sub: Any) -> None:
     """Adds ``serve`` to the sub-commands."""
-    p = sub.add_parser("serve", help="serve the HTTP API (POST /v1/generate, GET /healthz, GET /metrics)")
+    p = sub.add_parser(
+        "serve", help="serve the HTTP API (POST /v1/generate, the OpenAI images API, GET /healthz, GET /metrics)"
+    )
     add_serve_options(p)
 
 

@@ -3,17 +3,28 @@
 Routes:
 
 - ``POST /v1/generate``: JSON body :class:`GenerateBody`; answers ``image/png`` or, with
-  ``"format": "base64"``, JSON ``{"image": <base64 PNG>, "seed": ..., ...}``. Bad fields get 422 with
-  the reason, a full queue or a shutting-down server gets 503 with ``Retry-After``, a request past
-  its deadline gets 504. Response headers ``X-Seed``, ``X-Batch-Size``, ``X-Queue-Seconds`` and
-  ``X-Latency-Seconds`` say how it was served; an image whose latents held NaN/Inf carries a
-  ``Warning`` header (and ``"nonfinite": true`` in JSON).
-- Bodies over ``max_body_bytes`` (64 KiB by default) get 413 before any parsing; validation that
-  depends on the model runs in a worker thread, never on the event loop, so ``/healthz`` keeps
-  answering while large or hostile bodies arrive.
+  ``"format": "base64"``, JSON ``{"image": <base64 PNG>, "seed": ..., "fd": {...}, ...}``. Image modes:
+  ``image`` (+ ``strength``) for img2img, ``image`` + ``mask`` for inpainting (base64 PNG/JPEG),
+  ``controlnet`` + ``control_image`` for a ControlNet the server loaded, ``lora`` for an adapter it
+  registered. Bad fields get 422 with the reason (never a server path), a full queue or a
+  shutting-down server gets 503 with ``Retry-After``, a request past its deadline gets 504, a server
+  failure 500 with only a request id (the details go to the log). Response headers ``X-Seed``,
+  ``X-Batch-Size``, ``X-Queue-Seconds`` and ``X-Latency-Seconds`` say how it was served; an image
+  whose latents held NaN/Inf carries a ``Warning`` header (and ``"nonfinite": true`` in JSON).
+- ``POST /v1/images/generations`` and ``POST /v1/images/edits``: OpenAI's images API
+  (``b64_json`` answers, OpenAI's error shape); see docs/guides/openai-api.md.
+- ``GET /``: a page to try the server from a browser (:mod:`fd_trt.serving.page`).
 - ``GET /healthz``: 200 ``{"status": "ok"}`` while serving, 503 while shutting down.
 - ``GET /metrics``: Prometheus text format (queue depth, batch sizes, latency quantiles and
   histogram, requests by outcome).
+- ``/docs`` and ``/openapi.json`` only with ``docs=True``.
+
+In front of every route, :class:`Guard` checks the ``Host`` header against an allow-list
+(loopback names by default), the API key (``Authorization: Bearer``; everything but ``/healthz`` and
+``/``) and the body's content type; CORS headers are sent only for ``allowed_origins``. Bodies over
+``max_body_bytes`` (64 KiB by default) get 413 before any parsing; validation that depends on the
+model runs in a worker thread, never on the event loop, so ``/healthz`` keeps answering while large
+or hostile bodies arrive. docs/guides/serving-security.md is the deployment guide.
 
 FastAPI and uvicorn come with the ``[serve]`` extra; this module imports them at import time, so
 import it only where they are installed (``fd_trt.serving.runtime`` does not need them).
