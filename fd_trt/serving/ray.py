@@ -14,7 +14,8 @@ Run it (``pip install 'fd_trt[serve]'``)::
     from fd_trt.serving.ray import deployment
     serve.run(deployment(num_replicas=2).bind(model="default"), route_prefix="/")
 
-Every response carries ``X-Replica``: the replica that served it.
+Every response carries ``X-Replica``: the replica that served it, as Ray's replica id (the end of
+the replica actor's name), never a host name or process id.
 """
 
 from __future__ import annotations
@@ -102,8 +103,12 @@ def deployment(
                 threads = int(threads)
                 runtime_kwargs.setdefault("runner_options", runner_options(runtime_kwargs.get("backend"), threads))
                 set_threads(runtime_kwargs.get("backend"), threads)
-            # A random name: it tells replicas apart without showing the host or the process id.
-            self.name = secrets.token_hex(4)
+            # Ray's replica id (a random token) tells replicas apart without showing the host or the
+            # process id; the operator maps it to a process with Ray's own tools (the actor's name).
+            try:
+                self.name = serve.get_replica_context().replica_id.unique_id
+            except Exception:  # noqa: BLE001 - outside a replica (tests): a random token
+                self.name = secrets.token_hex(4)
             self.runtime = ServingRuntime.from_pretrained(**runtime_kwargs)
 
         def __serve_build_asgi_app__(self) -> Any:
