@@ -76,10 +76,15 @@ def render(schema: dict[str, Any]) -> str:
             out += [f"### `{method.upper()} {path}`", ""]
             body = op.get("requestBody")
             if body:
-                ref = body["content"]["application/json"]["schema"]["$ref"]
-                name, model = _resolve(schema, ref)
+                media, content = next(iter(body["content"].items()))
+                kind = {"application/json": "JSON", "multipart/form-data": "multipart form"}.get(media, media)
+                if "$ref" in content["schema"]:
+                    name, model = _resolve(schema, content["schema"]["$ref"])
+                    name = f", `{name}`"
+                else:  # a schema written inline (a multipart form)
+                    name, model = "", content["schema"]
                 desc = " ".join(model.get("description", "").split())
-                out += [f"Request body: JSON, `{name}`{' (required)' if body.get('required') else ''}. {desc}", ""]
+                out += [f"Request body: {kind}{name}{' (required)' if body.get('required') else ''}. {desc}", ""]
                 if model.get("additionalProperties") is False:
                     out += ["Unknown fields are refused (422).", ""]
                 out += ["| field | type | required | default | constraints |", "|---|---|---|---|---|"]

@@ -12,6 +12,13 @@ throughput at the highest concurrency over throughput at 1, and p99 at the highe
 the solo latency (p50 at concurrency 1).
 
     python scripts/load_test.py --requests 48 --concurrency 1,8 --out-dir out/load
+
+With ``--security-rounds R`` it instead compares the server with an API key, TLS (a certificate
+made on the spot with ``trustme``) and its connection limit on against the same server with all
+three off: one runtime, batching on, the highest concurrency, R alternating rounds of each
+(off/on, then on/off, ...), and reports the ratio of their mean throughputs.
+
+    python scripts/load_test.py --security-rounds 3 --requests 32 --concurrency 8 --out-dir out/load
 """
 
 from __future__ import annotations
@@ -60,10 +67,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--request-timeout", type=float, default=600.0, help="client timeout per request (s)")
     p.add_argument("--out-dir", default="out/load")
+    p.add_argument(
+        "--security-rounds",
+        type=int,
+        default=0,
+        help="compare key+TLS+limits on vs off over this many alternating rounds (0: the batching runs)",
+    )
     return p.parse_args(argv)
 
 
-def run_load(url: str, args: argparse.Namespace, concurrency: int, seed0: int) -> dict[str, Any]:
+def run_load(
+    url: str,
+    args: argparse.Namespace,
+    concurrency: int,
+    seed0: int,
+    headers: dict[str, str] | None = None,
+    verify: Any = True,
+) -> dict[str, Any]:
     """Sends exactly ``args.requests`` requests from ``concurrency`` threads (closed loop)."""
     import httpx
 
@@ -74,7 +94,7 @@ def run_load(url: str, args: argparse.Namespace, concurrency: int, seed0: int) -
     failures: list[str] = []
 
     def worker() -> None:
-        with httpx.Client(timeout=args.request_timeout) as client:
+        with httpx.Client(timeout=args.request_timeout, headers=headers, verify=verify) as client:
             while True:
                 with lock:
                     i = next_i[0]
@@ -145,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "runs": [],
     }
+    if args.security_rounds > 0:
+        return compare_security(args, report, out_dir)
     for mode in modes:
         max_batch = args.max_batch if mode == "on" else 1
         pipe = FasterDiffusionPipeline.from_pretrained(args.model, backend=args.backend, progress=False)
@@ -221,6 +243,97 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / "load_test.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out_dir / 'load_test.json'} and {out_dir / 'load_test.md'}")
     return 0 if all(r["failed"] == 0 for r in report["runs"]) else 1
+
+
+def compare_security(args: argparse.Namespace, report: dict[str, Any], out_dir: Path) -> int:
+    """Key + TLS + connection limit on vs off, alternating rounds on one runtime (batching on)."""
+    import secrets
+    import ssl
+    import tempfile
+
+    import trustme
+
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
+    from fd_trt.serving.http import ThreadedServer, create_app
+    from fd_trt.serving.options import DEFAULT_LIMIT_CONCURRENCY
+    from fd_trt.serving.runtime import ServingRuntime
+
+    c = max(int(x) for x in args.concurrency.split(","))
+    pipe = FasterDiffusionPipeline.from_pretrained(args.model, backend=args.backend, progress=False)
+    pipe.set_scheduler(args.scheduler)
+    rt = ServingRuntime(
+        pipe,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=max(64, 2 * c),
+        default_timeout_s=args.request_timeout,
+        warmup=True,
+        warmup_sizes=[(args.height, args.width)],
+        start=False,
+    )
+    key = secrets.token_hex(32)
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    tmp = Path(tempfile.mkdtemp(prefix="fd_trt-load-"))
+    cert.private_key_pem.write_to_path(str(tmp / "key.pem"))
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp / "chain.pem"))
+    runs: list[dict[str, Any]] = []
+
+    def drive() -> None:
+        try:
+            for i in range(args.security_rounds):
+                for secure in (False, True) if i % 2 == 0 else (True, False):
+                    if secure:
+                        app = create_app(runtime=rt, api_keys=[key], drain_on_shutdown=False)
+                        config = {
+                            "ssl_keyfile": str(tmp / "key.pem"),
+                            "ssl_certfile": str(tmp / "chain.pem"),
+                            "limit_concurrency": DEFAULT_LIMIT_CONCURRENCY,
+                        }
+                        headers, verify = {"Authorization": f"Bearer {key}"}, ctx
+                    else:
+                        app = create_app(runtime=rt, allowed_hosts=["*"], drain_on_shutdown=False)
+                        config, headers, verify = {}, None, True
+                    server = ThreadedServer(app, **config)
+                    server.server.config.lifespan = "off"  # the runtime outlives each server
+                    with server:
+                        run = run_load(server.url, args, c, seed0=1000 * (i + 1), headers=headers, verify=verify)
+                    run["security"] = "on" if secure else "off"
+                    run["round"] = i
+                    runs.append(run)
+                    print(
+                        f"round {i} security {run['security']:3s}: {run['throughput_img_s']:.3f} img/s, "
+                        f"p50 {run['latency_s']['p50']:.3f} s, mean batch {run['mean_batch_size']:.2f}, "
+                        f"failed {run['failed']}",
+                        flush=True,
+                    )
+        finally:
+            rt.shutdown()
+
+    driver = threading.Thread(target=drive, name="load-driver")
+    driver.start()
+    rt.run()
+    driver.join()
+    mean = {
+        m: sum(r["throughput_img_s"] for r in runs if r["security"] == m) / max(1, args.security_rounds)
+        for m in ("on", "off")
+    }
+    report["runs"] = runs
+    report["security"] = {
+        "concurrency": c,
+        "rounds": args.security_rounds,
+        "mean_throughput_img_s": mean,
+        "ratio_on_over_off": mean["on"] / mean["off"] if mean["off"] else None,
+    }
+    print(
+        f"key+TLS+limits on / off = {report['security']['ratio_on_over_off']:.3f} "
+        f"({mean['on']:.3f} vs {mean['off']:.3f} img/s at concurrency {c}, {args.security_rounds} rounds each)"
+    )
+    (out_dir / "load_test_security.json").write_text(json.dumps(report, indent=2, default=str))
+    print(f"wrote {out_dir / 'load_test_security.json'}")
+    return 0 if all(r["failed"] == 0 for r in runs) else 1
 
 
 if __name__ == "__main__":

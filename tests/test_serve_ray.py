@@ -54,6 +54,9 @@ def test_two_replicas_serve_the_same_api(ray_app):
     assert [r.status_code for r in responses] == [200] * len(bodies)
     replicas = {r.headers["x-replica"] for r in responses}
     assert len(replicas) == 2, replicas  # Ray spread the load over both
+    import socket
+
+    assert not any(socket.gethostname() in x or ":" in x for x in replicas), replicas  # no host, no pid
 
     ref = FasterDiffusionPipeline.from_pretrained("default", backend="torch", device="cpu", progress=False)
     for body, r in zip(bodies[:4], responses[:4]):
@@ -72,13 +75,33 @@ def test_two_replicas_serve_the_same_api(ray_app):
     assert metrics.status_code == 200 and "fd_trt_requests_total" in metrics.text
 
 
+def replica_names() -> list[str]:
+    """The replica ids (X-Replica) of the live fd_trt replicas."""
+    from ray._private.state import actors
+
+    return [
+        a["Name"].rsplit("#", 1)[1]
+        for a in actors().values()
+        if a["State"] == "ALIVE" and "FdTrtReplica#" in (a["Name"] or "")
+    ]
+
+
 def test_a_replica_killed_under_load_loses_no_request_silently(ray_app, capsys):
     import signal
     import time
     from collections import Counter
 
     url = ray_app
-    # Learn the replicas' processes (X-Replica is host:pid; Ray runs them on this machine here).
+
+    def pid_of(replica: str) -> int:
+        """The process of a replica: X-Replica is Ray's replica id, the end of its actor's name
+        (Ray runs the replicas on this machine here)."""
+        from ray._private.state import actors
+
+        found = [a["Pid"] for a in actors().values() if a["State"] == "ALIVE" and a["Name"].endswith("#" + replica)]
+        return found[0] if found else -1
+
+    # Learn the replicas' processes.
     pids: set[int] = set()
     t0 = time.monotonic()
     with ThreadPoolExecutor(4) as ex:
@@ -91,7 +114,7 @@ def test_a_replica_killed_under_load_loses_no_request_silently(ray_app, capsys):
                     range(4),
                 )
             )
-            pids |= {int(r.headers["x-replica"].rsplit(":", 1)[1]) for r in rs if r.status_code == 200}
+            pids |= {pid_of(r.headers["x-replica"]) for r in rs if r.status_code == 200}
     assert len(pids) == 2, pids
     victim = sorted(pids)[0]
 
@@ -107,6 +130,7 @@ def test_a_replica_killed_under_load_loses_no_request_silently(ray_app, capsys):
             except httpx.TransportError as e:  # a dropped connection is an answer, but not a clear one
                 return e
 
+        replicas = {pid_of(name): name for name in replica_names()}
         futures = [ex.submit(send, s) for s in range(n)]
         time.sleep(3.0)
         os.kill(victim, signal.SIGKILL)
@@ -118,9 +142,7 @@ def test_a_replica_killed_under_load_loses_no_request_silently(ray_app, capsys):
         assert not isinstance(r, Exception), f"a request got no HTTP answer: {r!r}"
         if r.status_code == 200:
             assert r.headers["content-type"] == "image/png" and r.content[:4] == b"\x89PNG"
-            outcomes[
-                "200 " + ("survivor" if int(r.headers["x-replica"].rsplit(":", 1)[1]) != victim else "victim")
-            ] += 1
+            outcomes["200 " + ("survivor" if r.headers["x-replica"] != replicas.get(victim) else "victim")] += 1
         else:
             assert r.status_code >= 500 and r.text.strip(), (r.status_code, r.text)  # a clear error, not silence
             outcomes[f"{r.status_code}"] += 1

@@ -26,9 +26,11 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import statistics
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -371,12 +373,45 @@ def load_decision(key: dict[str, Any], folder: Path | None = None) -> Decision |
     return d
 
 
-def save_decision(decision: Decision, folder: Path | None = None) -> Path:
-    """Writes the decision under its key (atomically: [`fd_trt.utils.files.write_atomic()`][fd_trt.utils.files.write_atomic])."""
+#: Most decision files kept in a tuning cache folder; older ones are removed when a new one is written.
+MAX_DECISION_FILES = 512
+
+#: Most decisions an [`AutoRunner`][fd_trt.backends.auto.AutoRunner] keeps in memory (least recently used ones go first).
+MAX_DECISIONS_IN_MEMORY = 64
+
+
+def prune_decisions(folder: Path, keep: int = MAX_DECISION_FILES) -> int:
+    """Removes the oldest decision files of ``folder`` beyond ``keep``; returns how many it removed.
+
+    Only names `cache_path()` writes (24 hex digits and ``.json``) are considered, so nothing
+    else in the folder is ever touched.
+    """
+    files = []
+    for p in folder.glob("*.json"):
+        if len(p.stem) == 24 and all(c in "0123456789abcdef" for c in p.stem):
+            try:
+                files.append((p.stat().st_mtime, p))
+            except OSError:
+                continue
+    files.sort(reverse=True)
+    removed = 0
+    for _, p in files[keep:]:
+        try:
+            p.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def save_decision(decision: Decision, folder: Path | None = None, keep: int = MAX_DECISION_FILES) -> Path:
+    """Writes the decision under its key (atomically: [`fd_trt.utils.files.write_atomic()`][fd_trt.utils.files.write_atomic]), then
+    keeps the folder to the newest ``keep`` decision files ([`prune_decisions()`][fd_trt.backends.auto.prune_decisions])."""
     path = cache_path(decision.key, folder)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": TUNING_FORMAT, "decision": decision.as_dict()}
     write_atomic(path, json.dumps(payload, indent=2, default=str))
+    prune_decisions(path.parent, keep)
     return path
 
 
@@ -406,6 +441,13 @@ class AutoRunner(Runner):
         ready: a cheap check of whether a candidate's graphs are built, so that building them
             later invalidates a decision made without them.
         measurer: replaces [`measure()`][fd_trt.backends.auto.measure] (same arguments), for tests that inject costs.
+
+    Attributes:
+        tune_on_demand: measure a run whose decision is neither in memory nor in the cache. A
+            server turns it off once its sizes are warmed up: a run it has no decision for then
+            follows the nearest decision it has (same rows first, then the closest step count),
+            or, with none, the first candidate that loads, and nothing is measured or written.
+        max_decisions: most decisions kept in memory (least recently used ones are dropped).
     """
 
     def __init__(
@@ -441,7 +483,9 @@ class AutoRunner(Runner):
         self.read_cache = True
         self._runners: dict[Candidate, Runner] = {}
         self._costs: dict[tuple[Candidate, int], CostTable] = {}
-        self._decisions: dict[str, Decision] = {}
+        self._decisions: OrderedDict[str, Decision] = OrderedDict()
+        self.tune_on_demand = True
+        self.max_decisions = MAX_DECISIONS_IN_MEMORY
         self._local = threading.local()
         self._tune_lock = threading.RLock()
         #: The latest decision (any thread); [`decision`][fd_trt.backends.auto.AutoRunner.decision] is this thread's.
@@ -523,6 +567,15 @@ class AutoRunner(Runner):
             decision = self._decisions.get(digest)
             if decision is None and self.use_cache and self.read_cache:
                 decision = load_decision(key, self.cache_dir)
+            if decision is None and not self.tune_on_demand:
+                decision = self._untuned(key, rows, max_steps)
+                chosen = next(c for c in self.candidates if c.label == decision.label)
+                runner = self._runner(chosen)
+                self._local.decision = decision
+                self._local.runner = runner
+                self.dtype = runner.dtype
+                logger.info("auto: no decision for this run and tuning is off; following %s", decision.label)
+                return decision
             if decision is None:
                 decision = self._tune(lengths, rows, parallel, max_steps, key)
                 # Tuning may have built graphs (fd-trt build --tune): key the decision as later runs will.
@@ -534,6 +587,9 @@ class AutoRunner(Runner):
                     except OSError as exc:  # a read-only cache must not stop generation
                         logger.warning("could not cache the tuning decision: %s", exc)
             self._decisions[digest] = decision
+            self._decisions.move_to_end(digest)
+            while len(self._decisions) > max(1, self.max_decisions):
+                self._decisions.popitem(last=False)
             chosen = next(c for c in self.candidates if c.label == decision.label)
             runner = self._runner(chosen)
         self._local.decision = decision
@@ -542,6 +598,35 @@ class AutoRunner(Runner):
         self.dtype = runner.dtype
         logger.info("%s", decision.summary())
         return decision
+
+    def _untuned(self, key: dict[str, Any], rows: int, max_steps: int | None) -> Decision:
+        """The decision of a run that may not be measured: the nearest known one, else the first
+        candidate that loads; kept neither in memory nor on disk."""
+        known = list(self._decisions.values())
+        if self.last_decision is not None and self.last_decision not in known:
+            known.append(self.last_decision)
+        if known:
+            steps = int(key.get("num_steps", 0))
+
+            def distance(d: Decision) -> tuple[int, int]:
+                return (abs(int(d.key.get("rows", rows)) - rows), abs(int(d.key.get("num_steps", steps)) - steps))
+
+            near = min(known, key=distance)
+            spc = near.steps_per_call
+            if max_steps is not None:
+                spc = max_steps if spc is None else min(spc, max_steps)
+            return Decision(near.backend, near.precision, dict(near.options), spc, math.nan, [], dict(key))
+        reasons = []
+        for cand in self.candidates:
+            try:
+                self._runner(cand)
+            except FdTrtError as exc:
+                reasons.append(f"{cand.label}: {str(exc).split(':')[0]}")
+                continue
+            return Decision(cand.backend, cand.precision, dict(cand.options), max_steps, math.nan, [], dict(key))
+        raise FdTrtError(
+            f"backend='auto' found no backend it could run ({'; '.join(reasons)}): pass an explicit backend"
+        )
 
     def _tune(
         self, lengths: list[int], rows: int, parallel: bool, max_steps: int | None, key: dict[str, Any]
@@ -644,6 +729,7 @@ __all__ = [
     "choose",
     "load_decision",
     "measure",
+    "prune_decisions",
     "predict_seconds",
     "save_decision",
 ]

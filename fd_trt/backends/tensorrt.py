@@ -331,9 +331,10 @@ class TrtRunner(Runner):
         ``key_inputs`` the inputs with the key step's rows (the decoder's features and text)."""
         import tensorrt as trt
 
+        from fd_trt.graphs.manifest import contained_path
         from fd_trt.utils.files import file_sha256
 
-        path = self.engine_dir / record.file
+        path = contained_path(self.engine_dir, record.file)  # a manifest's names stay inside its directory
         fix = f"delete it and rebuild: fd-trt build --backend tensorrt --force --out {self.engine_dir}"
         if not path.is_file():
             raise EngineMismatchError(f"the TensorRT {role} plan {path} recorded in the manifest is missing; {fix}")
@@ -573,8 +574,16 @@ class TrtRunner(Runner):
         """
         import tensorrt as trt
 
+        from fd_trt.backends.tensorrt_build import is_plan_file_name
         from fd_trt.graphs.build import _export_into
-        from fd_trt.graphs.manifest import _with, engine_dir_lock, load_manifest, package_versions, save_manifest
+        from fd_trt.graphs.manifest import (
+            _with,
+            contained_path,
+            engine_dir_lock,
+            load_manifest,
+            package_versions,
+            save_manifest,
+        )
         from fd_trt.graphs.weights import unet_config_dict, unet_weights_sha256
         from fd_trt.utils.files import file_sha256, write_atomic
 
@@ -611,7 +620,12 @@ class TrtRunner(Runner):
                     keep_plans=True,
                 )
                 for stale in set(manifest.plans) - {e.path.name for e in entries}:
-                    (self.engine_dir / stale).unlink(missing_ok=True)
+                    # Only a plan file this code names and writes, inside the directory: a manifest
+                    # is untrusted input, and its names must never make a refit delete other files.
+                    if not is_plan_file_name(stale):
+                        logger.warning("%s: left %r alone (not a plan file name fd_trt writes)", self.engine_dir, stale)
+                        continue
+                    contained_path(self.engine_dir, stale).unlink(missing_ok=True)
                     logger.info(
                         "%s: removed %s (it holds the old weights; it is rebuilt where it is used)",
                         self.engine_dir,

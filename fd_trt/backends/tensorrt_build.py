@@ -330,6 +330,15 @@ def _version_tag(tensorrt_version: str) -> str:
     return tag
 
 
+#: The names [`plan_file_name()`][fd_trt.backends.tensorrt_build.plan_file_name] gives plans; nothing else in an engine directory is ever deleted as a plan.
+PLAN_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+\.trt[0-9A-Za-z._]+\.sm\d+\.rows\d+-\d+-\d+\.plan$")
+
+
+def is_plan_file_name(name: object) -> bool:
+    """Whether ``name`` is a plain file name that [`plan_file_name()`][fd_trt.backends.tensorrt_build.plan_file_name] could have written."""
+    return isinstance(name, str) and "/" not in name and "\\" not in name and bool(PLAN_NAME_RE.match(name))
+
+
 def _cc_tag(compute_capability: Sequence[int]) -> str:
     cc = [int(v) for v in compute_capability]
     if len(cc) != 2 or any(v < 0 for v in cc):
@@ -797,6 +806,8 @@ def external_threshold(manifest: Manifest) -> int:
 
 
 __all__ = [
+    "PLAN_NAME_RE",
+    "is_plan_file_name",
     "DEFAULT_OPTIMIZATION_LEVEL",
     "DEFAULT_PROFILE_SCHEDULE",
     "DEFAULT_PROFILE_STEPS",

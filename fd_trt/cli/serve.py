@@ -10,12 +10,22 @@ import argparse
 from typing import Any
 
 from fd_trt.errors import FdTrtError
-from fd_trt.serving.options import add_serve_options, log_level, max_body_bytes, runtime_kwargs, set_threads
+from fd_trt.serving.options import (
+    add_serve_options,
+    exposure_warning,
+    http_kwargs,
+    log_level,
+    runtime_kwargs,
+    set_threads,
+    uvicorn_kwargs,
+)
 
 
 def add_parser(sub: Any) -> None:
     """Adds ``serve`` to the sub-commands."""
-    p = sub.add_parser("serve", help="serve the HTTP API (POST /v1/generate, GET /healthz, GET /metrics)")
+    p = sub.add_parser(
+        "serve", help="serve the HTTP API (POST /v1/generate, the OpenAI images API, GET /healthz, GET /metrics)"
+    )
     add_serve_options(p)
 
 
@@ -36,13 +46,20 @@ def run(args: argparse.Namespace) -> int:
 
     kwargs = runtime_kwargs(args)  # a bad --sizes fails here, before the model loads
     level = log_level(args)
+    app_kwargs = http_kwargs(args)  # and a bad key file or TLS pair
+    server_kwargs = uvicorn_kwargs(args)
+    warning = exposure_warning(args, app_kwargs["api_keys"])
+    if warning:
+        import sys
+
+        print(f"fd-trt serve: {warning}", file=sys.stderr, flush=True)
     set_threads(args.backend, args.threads)
     # The runtime's worker runs on this (main) thread: PyTorch's OpenMP regions cost much more when a
     # non-main thread starts them (see ServingRuntime's `start`). uvicorn runs in a thread instead,
     # so this function handles SIGINT/SIGTERM itself.
     rt = ServingRuntime.from_pretrained(**kwargs, start=False)
-    app = create_app(runtime=rt, max_body_bytes=max_body_bytes(args))
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=level))
+    app = create_app(runtime=rt, **app_kwargs)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=level, **server_kwargs))
     http = threading.Thread(target=server.run, name="fd_trt-http", daemon=True)
 
     def stop(signum: int, frame: Any) -> None:
@@ -62,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"fd-trt serve: {rt.pipeline.source} on {rt.pipeline.backend}/{rt.pipeline.device}, "
         f"max batch {rt.max_batch}, sizes {', '.join(f'{h}x{w}' for h, w in rt.sizes) if rt.sizes else 'any'}, "
-        f"http://{args.host}:{args.port}",
+        f"{'https' if 'ssl_certfile' in server_kwargs else 'http'}://{args.host}:{args.port}"
+        f"{', API key required' if app_kwargs['api_keys'] else ''}",
         flush=True,
     )
     rt.run()

@@ -259,28 +259,136 @@ class Manifest:
             EngineMismatchError: for unparsable JSON, another format version or missing fields.
         """
         where = path or MANIFEST_FILE
+        fix = (
+            f"delete it and rebuild: {rebuild_command(path.parent)}"
+            if path is not None
+            else "rebuild the engine directory"
+        )
         try:
             raw = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CorruptGraphError(f"{where} is not valid JSON ({exc}): rebuild the engine directory") from exc
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise CorruptGraphError(f"{where} is not valid JSON ({exc}): {fix}") from exc
         if not isinstance(raw, dict):
-            raise CorruptGraphError(
-                f"{where} holds {type(raw).__name__}, not a manifest object: rebuild the engine directory"
-            )
+            raise CorruptGraphError(f"{where} holds {type(raw).__name__}, not a manifest object: {fix}")
         version = raw.get("format_version")
         if version != FORMAT_VERSION:
             raise EngineMismatchError(
                 f"{where} has format_version {version!r}, this fd_trt reads {FORMAT_VERSION}: rebuild the engine directory"
             )
         try:
-            graphs = {k: GraphRecord(**v) for k, v in raw.pop("graphs", {}).items()}
-            plans = {k: PlanRecord(**v) for k, v in raw.pop("plans", {}).items()}
-            controlnets = {k: ControlNetRecord(**v) for k, v in raw.pop("controlnets", {}).items()}
-            return cls(**raw, graphs=graphs, plans=plans, controlnets=controlnets)
-        except TypeError as exc:
-            raise CorruptGraphError(
-                f"{where} is missing or has unknown fields ({exc}): rebuild the engine directory"
-            ) from exc
+            tables = {}
+            for name, record in (("graphs", GraphRecord), ("plans", PlanRecord), ("controlnets", ControlNetRecord)):
+                table = raw.pop(name, {})
+                if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+                    raise TypeError(f"{name!r} must map names to records, got {type(table).__name__}")
+                tables[name] = {str(k): _typed(record(**v), f"{name}[{k!r}]") for k, v in table.items()}
+            manifest = _typed(cls(**raw, **tables), "manifest")
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise CorruptGraphError(f"{where} is missing fields or has malformed ones ({exc}): {fix}") from exc
+        for role in ("encoder", "decoder"):
+            if role not in manifest.graphs:
+                raise CorruptGraphError(f"{where} records no {role} graph: {fix}")
+        for what, name in manifest.file_names():
+            problem = unsafe_name(name)
+            if problem:
+                raise CorruptGraphError(f"{where}: the {what} file name {name[:200]!r} {problem}: {fix}")
+        return manifest
+
+    def file_names(self) -> list[tuple[str, str]]:
+        """``(what, name)`` of every file the manifest names: graphs, their weights, ControlNet graphs and plans."""
+        out: list[tuple[str, str]] = []
+        for kind, records in (("graph", self.graphs), ("ControlNet graph", self.controlnets)):
+            for rec in records.values():
+                out.append((kind, rec.file))
+                if rec.data_file is not None:
+                    out.append((f"{kind} weights", rec.data_file))
+        for key, plan in self.plans.items():
+            out += [("plan", key), ("plan", plan.file)]
+        return out
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a (simple) type hint of the manifest's records."""
+    import types
+    import typing
+
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        _, item = typing.get_args(hint) or (str, Any)
+        return isinstance(value, dict) and all(isinstance(k, str) and _matches(v, item) for k, v in value.items())
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _typed(obj: Any, where: str) -> Any:
+    """``obj`` (a manifest dataclass read from JSON) when every field has its declared type; raises TypeError."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.name in ("graphs", "plans", "controlnets") and isinstance(obj, Manifest):
+            continue  # records, checked one by one
+        if not _matches(value, hints[f.name]):
+            raise TypeError(f"{where}.{f.name} is {type(value).__name__} {str(value)[:60]!r}, not {hints[f.name]}")
+    return obj
+
+
+def unsafe_name(name: Any) -> str | None:
+    """Why a file name from a manifest may not be used, or ``None`` when it may.
+
+    A manifest is untrusted input: its names must be plain relative names inside the engine
+    directory, never absolute, never with ``..``, never empty.
+    """
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    if not isinstance(name, str) or not name or "\x00" in name:
+        return "is not a file name"
+    if PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive:
+        return "is an absolute path; a manifest names files inside its directory"
+    if ".." in PurePosixPath(name.replace("\\", "/")).parts:
+        return "leaves the engine directory ('..')"
+    return None
+
+
+def contained_path(folder: str | os.PathLike[str], name: str) -> Path:
+    """``folder / name`` for a manifest's file name, after checking it stays inside ``folder``.
+
+    The check runs after resolving symbolic links, so a link inside the directory that points
+    elsewhere is refused too.
+
+    Raises:
+        CorruptGraphError: naming the file and the rebuild command.
+    """
+    folder = Path(folder)
+    problem = unsafe_name(name)
+    if problem is None:
+        path = folder / name
+        try:
+            path.resolve().relative_to(folder.resolve())
+        except ValueError:
+            problem = "resolves (through a symbolic link) to a file outside the engine directory"
+        else:
+            return path
+    raise CorruptGraphError(
+        f"{folder / MANIFEST_FILE}: the file name {str(name)[:200]!r} {problem}: delete the directory and rebuild: "
+        f"{rebuild_command(folder)}"
+    )
 
 
 def rebuild_command(engine_dir: str | os.PathLike[str], manifest: Manifest | None = None, **spec: Any) -> str:
@@ -323,7 +431,16 @@ def load_manifest(engine_dir: str | os.PathLike[str]) -> Manifest:
             f"{engine_dir} has no {MANIFEST_FILE}: it is not a built engine directory; build it with "
             f"{rebuild_command(engine_dir)}"
         )
-    return Manifest.from_json(path.read_text(), path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CorruptGraphError(
+            f"{path} cannot be read ({exc.__class__.__name__}): delete it and rebuild: {rebuild_command(engine_dir)}"
+        ) from exc
+    manifest = Manifest.from_json(text, path)
+    for _, name in manifest.file_names():
+        contained_path(engine_dir, name)
+    return manifest
 
 
 def _source_problems(
@@ -393,7 +510,7 @@ def _check_graph_record(folder: Path, role: str, rec: GraphRecord, full_hash: bo
     if rec.data_file:
         files.append((rec.data_file, rec.data_bytes, rec.data_sha256))
     for name, size, digest in files:
-        path = folder / name
+        path = contained_path(folder, name)
         if not path.is_file():
             raise CorruptGraphError(f"the {role} graph file {path} is missing; {fix}")
         actual = path.stat().st_size
@@ -776,6 +893,7 @@ __all__ = [
     "check_engine_dir",
     "check_graph_files",
     "check_plan",
+    "contained_path",
     "controlnet_graph",
     "controlnet_key",
     "engine_dir_lock",
@@ -787,4 +905,5 @@ __all__ = [
     "rebuild_command",
     "save_manifest",
     "stale_fields",
+    "unsafe_name",
 ]

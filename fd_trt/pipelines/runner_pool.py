@@ -161,6 +161,11 @@ class RunnerPool:
         with self.lock:
             return list(self._runners)
 
+    def loaded_runners(self) -> list[Runner]:
+        """The runners loaded now: the fixed one, or the per-shape ones (least recently used first)."""
+        with self.lock:
+            return [self.fixed] if self.fixed is not None else list(self._runners.values())
+
     def close(self) -> None:
         """Deactivates every runner of the pool."""
         with self.lock:

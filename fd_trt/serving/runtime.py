@@ -148,6 +148,15 @@ class GenerateRequest:
         noise_injection: prior noise injection; ``None`` is on exactly when the schedule propagates.
         timeout_s: seconds from submission until the request fails with
             [`RequestTimeoutError`][fd_trt.serving.runtime.RequestTimeoutError]; ``None`` uses the runtime's default.
+        image: img2img's start image, or with ``mask_image`` the image to inpaint (a PIL image);
+            without height/width the image's size is the request's size.
+        mask_image: inpainting mask (PIL), white where the image is repainted; its size is the image's.
+        strength: img2img / inpainting strength in [0, 1] (default 0.8 for img2img, 1.0 for inpainting).
+        lora: the name of a LoRA adapter the server registered (``fd-trt serve --lora name=PATH``).
+        controlnet: the name of a ControlNet the server loaded (``fd-trt serve --controlnet name=PATH``).
+        control_image: that ControlNet's conditioning image (PIL); without height/width its size
+            is the request's size.
+        controlnet_conditioning_scale: the ControlNet residuals' scale (default 1.0).
     """
 
     prompt: str
@@ -161,6 +170,22 @@ class GenerateRequest:
     schedule: str | Sequence[int] | None = None
     noise_injection: bool | None = None
     timeout_s: float | None = None
+    image: Any = None
+    mask_image: Any = None
+    strength: float | None = None
+    lora: str | None = None
+    controlnet: str | None = None
+    control_image: Any = None
+    controlnet_conditioning_scale: float | None = None
+
+    @property
+    def mode(self) -> str:
+        """``text2img``, ``img2img``, ``inpaint`` or ``controlnet``."""
+        if self.controlnet is not None:
+            return "controlnet"
+        if self.mask_image is not None:
+            return "inpaint"
+        return "img2img" if self.image is not None else "text2img"
 
 
 @dataclass
@@ -176,6 +201,8 @@ class GenerateResult:
         run_seconds: the batch's sampler call, VAE included.
         total_seconds: from submission until the result was ready.
         nonfinite: the latents held NaN or Inf (a warning was logged; the image is invalid).
+        fd: the batch's Faster Diffusion counters: ``steps``, ``key_steps`` (encoder runs),
+            ``encoder_calls``, ``decoder_calls`` and ``backend``.
     """
 
     image: Any
@@ -186,6 +213,7 @@ class GenerateResult:
     run_seconds: float
     total_seconds: float
     nonfinite: bool = False
+    fd: dict[str, Any] | None = None
 
     def png_bytes(self) -> bytes:
         buf = io.BytesIO()
@@ -206,8 +234,24 @@ class _Job:
 
     @property
     def batch_key(self) -> tuple[Any, ...]:
+        """Requests share a sampler call only when all of this agrees: size, steps, scheduler, key
+        steps, guidance, noise injection, image mode, strength and LoRA adapter."""
         r = self.request
-        return (self.height, self.width, r.steps, r.scheduler, self.key_steps, float(r.guidance), r.noise_injection)
+        strength = None if r.strength is None else float(r.strength)
+        return (
+            self.height,
+            self.width,
+            r.steps,
+            r.scheduler,
+            self.key_steps,
+            float(r.guidance),
+            r.noise_injection,
+            r.mode,
+            strength,
+            r.lora,
+            r.controlnet,
+            None if r.controlnet_conditioning_scale is None else float(r.controlnet_conditioning_scale),
+        )
 
 
 class _BatchAborted(Exception):
@@ -367,6 +411,14 @@ class ServingRuntime:
         decoder_memory_mb: memory budget of one decoder call in MiB; the rows per decoder call are
             capped at ``budget // decoder_row_bytes(h, w)``, and batches at the images whose rows
             of one step fit. ``None``: no cap.
+        max_timeout_s: the longest deadline a request may ask for; a longer ``timeout_s`` is
+            clamped to it (``None``: ``default_timeout_s``).
+        loras: LoRA adapters by name (``{name: local file or folder}``), loaded at start-up;
+            a request names one with ``lora`` (clients never name files). The torch backend only:
+            graph backends would rebuild or refit their graphs at each switch.
+        controlnets: ControlNets by name (``{name: local folder or "default"}``), loaded at
+            start-up; a request names one with ``controlnet`` and sends its ``control_image``
+            (torch backend).
         start: start the worker in a background thread. With ``False``, call [`run()`][fd_trt.serving.runtime.ServingRuntime.run] from the
             thread that should own the pipeline. On CPU that should be the main thread: PyTorch's
             OpenMP (libgomp) parallel regions cost much more when a non-main thread starts them
@@ -387,6 +439,9 @@ class ServingRuntime:
         start: bool = True,
         sizes: str | Sequence[Any] | None = None,
         decoder_memory_mb: float | None = DEFAULT_DECODER_MEMORY_MB,
+        max_timeout_s: float | None = None,
+        loras: dict[str, str] | None = None,
+        controlnets: dict[str, str] | None = None,
     ) -> None:
         for name, v in (("max_batch", max_batch), ("max_queue", max_queue)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -397,11 +452,19 @@ class ServingRuntime:
             isinstance(default_timeout_s, (int, float)) and default_timeout_s > 0
         ):
             raise InputError(f"default_timeout_s must be a positive number or None, got {default_timeout_s!r}")
+        if max_timeout_s is not None and (
+            isinstance(max_timeout_s, bool)
+            or not isinstance(max_timeout_s, (int, float))
+            or not (math.isfinite(max_timeout_s) and max_timeout_s > 0)
+        ):
+            raise InputError(f"max_timeout_s must be a positive finite number or None, got {max_timeout_s!r}")
         self.pipeline = pipeline
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.default_timeout_s = default_timeout_s
+        #: The longest deadline a request may ask for; longer ``timeout_s`` are clamped to it.
+        self.max_timeout_s = max_timeout_s if max_timeout_s is not None else default_timeout_s
         self.limits = limits or Limits()
         self.metrics = Metrics()
         self.native_size = int(pipeline.sd.unet.config.sample_size) * pipeline.vae_scale_factor
@@ -428,10 +491,18 @@ class ServingRuntime:
             for h, w in served:
                 self._check_size(h, w)
             self.sizes = tuple(served)
+        self.loras: dict[str, str] = {}
+        self._active_lora: str | None = None
+        self._load_loras(loras or {})
+        self._base_controlnet = getattr(pipeline, "controlnet", None)
+        self.controlnets: dict[str, Any] = {}
+        self._load_controlnets(controlnets or {})
         self._prepare_sizes()
         if warmup:
             warm = list(self.sizes) if self.sizes is not None else [(self.native_size, self.native_size)]
             self._warmup([*warm, *warmup_sizes])
+            self._tune_served()
+        self._freeze_tuning()
         self._loop_started = False
         self._loop_done = threading.Event()
         self._worker: threading.Thread | None = None
@@ -499,10 +570,11 @@ class ServingRuntime:
         ):
             raise InputError(f"guidance must be a number in [0, {lim.max_guidance}], got {g!r}")
         multiple = math.lcm(lim.size_multiple, self.pipeline.vae_scale_factor)
+        image_hw = self._check_images(request)
         sizes = []
-        for name in ("height", "width"):
+        for i, name in enumerate(("height", "width")):
             v = getattr(request, name)
-            v = self.native_size if v is None else v
+            v = (self.native_size if image_hw is None else image_hw[i]) if v is None else v
             if isinstance(v, bool) or not isinstance(v, int) or not multiple <= v <= lim.max_size:
                 raise InputError(f"{name} must be an integer in [{multiple}, {lim.max_size}], got {v!r}")
             if v % multiple:
@@ -516,6 +588,11 @@ class ServingRuntime:
                 f"size {h}x{w} (height x width) is not served here; sizes served: {_fmt_sizes(self.sizes)}. "
                 "Ask for one of them, or restart the server with that size in --sizes"
             )
+        t = request.timeout_s
+        if t is not None and (
+            isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0)
+        ):
+            raise InputError(f"timeout_s must be a positive number (finite, in seconds) or null, got {t!r}")
         cap = self.decoder_rows_cap(h, w)
         if cap is not None and cap < self._rows_per_image(g):
             raise InputError(
@@ -552,8 +629,10 @@ class ServingRuntime:
             or not request.timeout_s > 0
         ):
             raise InputError(f"timeout_s must be a positive number or None, got {request.timeout_s!r}")
-        # The number of steps the scheduler really takes decides which key steps are valid.
+        # The number of steps the scheduler really takes (img2img: the steps run) decides which key
+        # steps are valid.
         num_steps = self._num_steps(request)
+        cal_steps = request.steps
         # "calibrated" resolves against the model's saved calibrations. A client never names a
         # file on the server: calibration paths are for the Python API and the CLI only.
         if isinstance(request.schedule, str) and request.schedule.strip().lower().endswith(".json"):
@@ -561,7 +640,11 @@ class ServingRuntime:
                 "schedule names a file; the server takes 'calibrated' (its saved calibration), "
                 "'paper', 'all', 'uniform:N' or a list of key steps"
             )
-        spec = self.pipeline.resolve_schedule(request.schedule, request.steps, request.scheduler)
+        if request.mode in ("img2img", "inpaint"):
+            run = self._steps_run(request)
+            if run != num_steps:
+                num_steps = cal_steps = run
+        spec = self.pipeline.resolve_schedule(request.schedule, cal_steps, request.scheduler)
         key_steps = tuple(parse_schedule(spec, num_steps).key_steps)  # ScheduleError is an InputError
         return sizes[0], sizes[1], key_steps
 
@@ -577,11 +660,23 @@ class ServingRuntime:
             QueueFullError: ``max_queue`` requests are already waiting.
             RuntimeClosedError: the runtime is shutting down.
         """
+        # Room first: a full queue is refused before the costly validation (a scheduler copy, the
+        # schedule parse), so a flood of requests costs the server next to nothing.
+        self._check_room()
         height, width, key_steps = self.check(request)
         now = time.perf_counter()
-        timeout = request.timeout_s if request.timeout_s is not None else self.default_timeout_s
+        timeout = self.timeout_for(request)
         seed = request.seed if request.seed is not None else secrets.randbits(63)
         job = _Job(request, seed, height, width, key_steps, Future(), now, now + timeout if timeout else math.inf)
+        with self._cv:
+            self._check_room()
+            self._queue.append(job)
+            self._cv.notify_all()
+        job.future.add_done_callback(lambda f: self._on_cancel(job) if f.cancelled() else None)
+        return job.future
+
+    def _check_room(self) -> None:
+        """Raises when the runtime takes no request now (closed, or ``max_queue`` waiting)."""
         with self._cv:
             if self._closed:
                 self.metrics.count("rejected")
@@ -593,10 +688,13 @@ class ServingRuntime:
                     f"the queue is full ({self.max_queue} requests waiting); retry in {retry:.0f} s or raise max_queue",
                     retry_after_s=retry,
                 )
-            self._queue.append(job)
-            self._cv.notify_all()
-        job.future.add_done_callback(lambda f: self._on_cancel(job) if f.cancelled() else None)
-        return job.future
+
+    def timeout_for(self, request: GenerateRequest) -> float | None:
+        """The deadline in seconds a request gets: its ``timeout_s`` (or the default), at most ``max_timeout_s``."""
+        timeout = request.timeout_s if request.timeout_s is not None else self.default_timeout_s
+        if timeout is None:
+            return self.max_timeout_s
+        return timeout if self.max_timeout_s is None else min(float(timeout), self.max_timeout_s)
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
         """``await``-able [`submit()`][fd_trt.serving.runtime.ServingRuntime.submit]; cancelling the awaiting task cancels a still-queued request."""
@@ -733,6 +831,118 @@ class ServingRuntime:
         sched.set_timesteps(request.steps)
         return len(sched.timesteps)
 
+    def _load_loras(self, loras: dict[str, str]) -> None:
+        if not loras:
+            return
+        if self.builds_graphs:
+            raise InputError(
+                "LoRA adapters chosen per request (--lora) need --backend torch: a graph backend would rebuild "
+                "or refit its graphs at every switch. To serve one adapter on a graph backend, fuse it into "
+                "the model folder"
+            )
+        import re
+
+        for name, path in loras.items():
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+                raise InputError(f"a LoRA name is 1-64 letters, digits, '_', '.' or '-', got {name!r}")
+            try:
+                self.pipeline.load_lora_weights(str(path), adapter_name=name)
+            except (OSError, ValueError) as e:
+                raise InputError(f"--lora {name}={path}: cannot load it ({e})") from e
+            self.loras[name] = str(path)
+        self.pipeline.disable_lora()
+
+    def _load_controlnets(self, controlnets: dict[str, str]) -> None:
+        if not controlnets:
+            return
+        if self.builds_graphs:
+            raise InputError(
+                "ControlNets chosen per request (--controlnet) need --backend torch here; to serve one ControlNet "
+                "on a graph backend, load the pipeline with it"
+            )
+        if self._base_controlnet is not None:
+            raise InputError("the served model already has a ControlNet; register ControlNets by name on a plain model")
+        import re
+
+        pipe = self.pipeline
+        try:
+            for name, source in controlnets.items():
+                if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+                    raise InputError(f"a ControlNet name is 1-64 letters, digits, '_', '.' or '-', got {name!r}")
+                pipe._attach_controlnet(source, True)  # loads, checks it fits the UNet, moves it to the device
+                self.controlnets[name] = pipe.controlnet
+        finally:
+            pipe.controlnet = None
+
+    def _use_lora(self, name: str | None) -> None:
+        """Makes ``name`` the active adapter (``None``: the base model); the worker calls it per batch."""
+        if name == self._active_lora or not self.loras:
+            return
+        if name is None:
+            self.pipeline.disable_lora()
+        else:
+            self.pipeline.enable_lora()
+            self.pipeline.set_adapters([name])
+        self._active_lora = name
+
+    def _steps_run(self, request: GenerateRequest) -> int:
+        """Steps an img2img or inpainting request runs: the last ``int(strength x steps)``."""
+        import copy
+
+        from fd_trt.pipelines.conditioning import img2img_steps
+
+        strength = self.pipeline.resolve_strength(request.mode, request.strength)
+        sched = copy.deepcopy(self._scheduler(request.scheduler))
+        sched.set_timesteps(request.steps)
+        timesteps, _ = img2img_steps(sched, request.steps, strength)
+        return len(timesteps)
+
+    def _check_images(self, request: GenerateRequest) -> tuple[int, int] | None:
+        """Checks a request's image, mask, strength and LoRA; returns the image's ``(height, width)``."""
+        if request.lora is not None and request.lora not in self.loras:
+            named = ", ".join(sorted(self.loras)) or "none"
+            raise InputError(f"lora {request.lora!r} is not registered on this server; adapters: {named}")
+        if request.controlnet is not None:
+            if request.controlnet not in self.controlnets:
+                named = ", ".join(sorted(self.controlnets)) or "none"
+                raise InputError(
+                    f"controlnet {request.controlnet!r} is not loaded on this server; ControlNets: {named}"
+                )
+            if request.control_image is None:
+                raise InputError("controlnet needs control_image: its conditioning image")
+            if request.image is not None or request.mask_image is not None or request.strength is not None:
+                raise InputError("controlnet with image, mask or strength (img2img, inpainting) is not supported")
+            c = request.controlnet_conditioning_scale
+            if c is not None and (
+                isinstance(c, bool) or not isinstance(c, (int, float)) or not (math.isfinite(c) and 0 <= c <= 10)
+            ):
+                raise InputError(f"controlnet_conditioning_scale must be a number in [0, 10], got {c!r}")
+            if not (hasattr(request.control_image, "size") and hasattr(request.control_image, "mode")):
+                raise InputError("control_image must be a decoded image")
+            w, h = request.control_image.size
+            return int(h), int(w)
+        if request.control_image is not None or request.controlnet_conditioning_scale is not None:
+            raise InputError("control_image and controlnet_conditioning_scale need controlnet: a ControlNet's name")
+        if request.image is None:
+            if request.mask_image is not None:
+                raise InputError("mask needs image: the image to inpaint")
+            if request.strength is not None:
+                raise InputError("strength needs image: the image to start from")
+            return None
+        if self._base_controlnet is not None:
+            raise InputError("this server's model has a ControlNet; img2img and inpainting are not served with it")
+        for name in ("image", "mask_image"):
+            img = getattr(request, name)
+            if img is not None and not (hasattr(img, "size") and hasattr(img, "mode")):
+                raise InputError(f"{name} must be a decoded image, got {type(img).__name__}")
+        w, h = request.image.size
+        if request.mask_image is not None and tuple(request.mask_image.size) != (w, h):
+            raise InputError(
+                f"the mask is {request.mask_image.size[0]}x{request.mask_image.size[1]} (WxH); the image is {w}x{h}"
+            )
+        self.pipeline.resolve_strength(request.mode, request.strength)  # in [0, 1]
+        return int(h), int(w)
+
     def _scheduler(self, name: str) -> Any:
         from fd_trt.families.models import make_scheduler
 
@@ -757,6 +967,34 @@ class ServingRuntime:
             self.max_batch,
             time.perf_counter() - t0,
         )
+
+    def _auto_runners(self) -> list[Any]:
+        from fd_trt.backends.auto import AutoRunner
+
+        pool = getattr(self.pipeline, "pool", None)
+        runners = pool.loaded_runners() if pool is not None else []
+        return [r for r in runners if isinstance(r, AutoRunner)]
+
+    def _tune_served(self) -> None:
+        """``auto``: decides (measures, or reads the cache) for the default request at every served
+        size, alone and in a full batch, before serving; requests later follow the nearest decision."""
+        req = GenerateRequest(prompt="tune")
+        f = self.pipeline.vae_scale_factor
+        for runner in self._auto_runners():
+            h, w = int(runner.latent_shape[1]) * f, int(runner.latent_shape[2]) * f
+            try:
+                _, _, key_steps = self.check(GenerateRequest(prompt="tune", height=h, width=w))
+            except InputError:
+                continue
+            schedule = parse_schedule(list(key_steps), self._num_steps(req))
+            per_image = self._rows_per_image(req.guidance)
+            for n in dict.fromkeys((1, self._batch_cap(h, w, req.guidance))):
+                runner.plan(schedule, n * per_image, True, self.decoder_rows_cap(h, w))
+
+    def _freeze_tuning(self) -> None:
+        """No tuning run while serving: ``auto`` runners follow the nearest decision they have."""
+        for runner in self._auto_runners():
+            runner.tune_on_demand = False
 
     def _next_batch(self) -> list[_Job] | None:
         """Blocks for the oldest live job, then gathers compatible ones; None when closed and empty."""
@@ -867,6 +1105,19 @@ class ServingRuntime:
                 raise _BatchAborted
             return {}
 
+        image_kw: dict[str, Any] = {}
+        if self.controlnets:
+            pipe.controlnet = self.controlnets.get(req.controlnet) if req.controlnet else None
+        if req.mode == "controlnet":
+            image_kw["image"] = [j.request.control_image for j in jobs]
+            scale = req.controlnet_conditioning_scale
+            image_kw["controlnet_conditioning_scale"] = 1.0 if scale is None else float(scale)
+        elif req.mode != "text2img":
+            image_kw["image"] = [j.request.image for j in jobs]
+            image_kw["strength"] = req.strength
+            if req.mode == "inpaint":
+                image_kw["mask_image"] = [j.request.mask_image for j in jobs]
+        self._use_lora(req.lora)
         t0 = time.perf_counter()
         try:
             out = pipe(
@@ -881,6 +1132,7 @@ class ServingRuntime:
                 noise_injection=req.noise_injection,
                 max_decoder_rows=self.decoder_rows_cap(jobs[0].height, jobs[0].width),
                 callback_on_step_end=still_wanted,
+                **image_kw,
             )
         except _BatchAborted:
             for job in jobs:
@@ -891,6 +1143,18 @@ class ServingRuntime:
         if not record:
             return
         self.metrics.batch(len(jobs), done - t0)
+        st = getattr(out, "stats", None)
+        fd = (
+            None
+            if st is None
+            else {
+                "steps": st.num_steps,
+                "key_steps": len(st.key_steps),
+                "encoder_calls": st.encoder_calls,
+                "decoder_calls": st.decoder_calls,
+                "backend": st.backend,
+            }
+        )
         lat = out.latents.float()
         for i, job in enumerate(jobs):
             nonfinite = not bool(torch.isfinite(lat[i]).all())
@@ -909,6 +1173,7 @@ class ServingRuntime:
                 run_seconds=done - t0,
                 total_seconds=done - job.submitted,
                 nonfinite=nonfinite,
+                fd=fd,
             )
             self.metrics.done(res.total_seconds, res.queue_seconds, nonfinite)
             job.future.set_result(res)
