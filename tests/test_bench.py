@@ -212,3 +212,48 @@ def test_controlnet_rows_differ_from_the_plain_ones():
 def test_controlnet_rows_refuse_an_sdxl_model_before_loading_it():
     with pytest.raises(InputError, match="'sdxl-arch' is SDXL"):
         run_benchmark(BenchConfig(model="sdxl-arch", controlnet=True), progress=False)
+
+
+def test_deepcache_and_tgate_rows_per_knob():
+    """One DeepCache row per interval and one T-GATE row per gate step, each against diffusers;
+    T-GATE leaves the shared UNet's attention modules as it found them."""
+    import importlib.util
+
+    from fd_trt.tools import bench
+
+    cfg = BenchConfig(
+        model="tiny",
+        height=64,
+        width=64,
+        steps=10,
+        backends=("torch",),
+        schedules=("all",),
+        repeat=1,
+        warmup=0,
+        authors_style=False,
+        tgate_gate_steps=(4, 20),
+    )
+    sd, _ = bench.load_model("tiny", 0)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    names = [(s.system, s.schedule) for s in bench.build_systems(cfg, sd, latents)]
+    assert [n for n in names if n[0] == "deepcache"] == [("deepcache", f"interval={i},branch=0") for i in (2, 3, 5)]
+    assert [n for n in names if n[0] == "tgate"] == [("tgate", "gate_step=4"), ("tgate", "gate_step=20")]
+    rep = run_benchmark(cfg, progress=False)
+    rows = {(r["system"], r["schedule"]): r for r in rep["results"]}
+    assert "not below the 10 steps" in rows[("tgate", "gate_step=20")]["note"]
+    if importlib.util.find_spec("DeepCache") is not None:
+        l2 = [rows[("deepcache", f"interval={i},branch=0")]["rel_l2_vs_diffusers"] for i in (2, 3, 5)]
+        assert 0 < l2[0] < l2[2]  # a longer interval reuses more: further from diffusers
+        assert rows[("deepcache", "interval=5,branch=0")]["encoder_calls"] == 2
+    if importlib.util.find_spec("tgate") is not None:
+        tg = rows[("tgate", "gate_step=4")]
+        assert tg["s_per_image"] > 0 and 0 < tg["rel_l2_vs_diffusers"] < 1
+        # After a T-GATE run, the shared UNet computes as before.
+        x, e = torch.randn(2, 4, 8, 8), torch.randn(2, sd.tokenizer.model_max_length, 32)
+        before = sd.unet(x, 500, e).sample
+        tg_sys = [s for s in bench.build_systems(cfg, sd, latents) if s.schedule == "gate_step=4"][0]
+        tg_sys.run()
+        assert all("forward" not in m.__dict__ for m in sd.unet.modules() if type(m).__name__ == "Attention")
+        assert torch.equal(sd.unet(x, 500, e).sample, before)
+    else:
+        assert rows[("tgate", "gate_step=4")]["note"].startswith("not run")

@@ -1,4 +1,4 @@
-"""Side-by-side benchmark: plain diffusers, fd_trt per backend and schedule, and DeepCache.
+"""Side-by-side benchmark: plain diffusers, fd_trt per backend and schedule, DeepCache and T-GATE.
 
 All systems run in one process, interleaved repeat by repeat, with the same weights, prompt and
 initial latents. Each result row has the keys of :data:`ROW_KEYS`.
@@ -60,7 +60,12 @@ class BenchConfig:
         precisions: runner precisions for the torch and auto backends (``fp32``, ``bf16``, ...;
             ``auto`` for backend auto only: bf16 may compete).
         repeat, warmup: timed and untimed runs per system.
-        deepcache: also run DeepCache when it is installed.
+        deepcache: also run DeepCache (branch 0) when it is installed, one row per interval.
+        deepcache_intervals: DeepCache's cache intervals (2, 3 and 5 by default).
+        tgate: also run T-GATE (the ``tgate`` package's ``TgateSDLoader``) when it is installed, one
+            row per gate step; SD 1.x/2.x only (its SDXL loader needs SDXL's own pipeline call).
+        tgate_gate_steps: T-GATE's gate steps (10 and 20 by default; the package's other knobs at
+            their defaults: ``sp_interval=5``, ``fi_interval=1``, ``warm_up=2``).
         authors_style: also run the authors' way of running Faster Diffusion on diffusers modules
             (:mod:`fd_trt.tools.authors_style`, ``paper`` key steps), the peer baseline.
         threads: torch / ORT intra-op threads (None: library default).
@@ -85,6 +90,9 @@ class BenchConfig:
     repeat: int = 1
     warmup: int = 1
     deepcache: bool = True
+    deepcache_intervals: tuple[int, ...] = (2, 3, 5)
+    tgate: bool = True
+    tgate_gate_steps: tuple[int, ...] = (10, 20)
     authors_style: bool = True
     threads: int | None = None
     controlnet: bool = False
@@ -387,9 +395,12 @@ def _systems(cfg: BenchConfig, sd: Any, latents: torch.Tensor, tag: str, extra: 
                 systems.append(_System("fd_trt" + tag, backend, schedule, precision, run, ref=ref))
 
     if cfg.deepcache:
-        dc = _deepcache_system(cfg, sd, latents, common, diffusers_run)
-        dc.system, dc.ref = dc.system + tag, ref
-        systems.append(dc)
+        for interval in cfg.deepcache_intervals:
+            dc = _deepcache_system(cfg, sd, latents, common, diffusers_run, interval)
+            dc.system, dc.ref = dc.system + tag, ref
+            systems.append(dc)
+    if cfg.tgate and not tag:  # T-GATE's pipeline call has no ControlNet
+        systems += [_tgate_system(cfg, sd, latents, common, g) for g in cfg.tgate_gate_steps]
     return systems
 
 
@@ -418,34 +429,100 @@ def _fail(e: Exception) -> Callable[[], tuple[torch.Tensor, dict[str, Any]]]:
 
 
 def _deepcache_system(
-    cfg: BenchConfig, sd: Any, latents: torch.Tensor, common: dict[str, Any], diffusers_run: Any
+    cfg: BenchConfig, sd: Any, latents: torch.Tensor, common: dict[str, Any], diffusers_run: Any, interval: int = 3
 ) -> _System:
+    knob = f"interval={interval},branch=0"
     try:
         from DeepCache import DeepCacheSDHelper  # type: ignore[import-not-found]
     except Exception as e:  # not installed, or broken against this diffusers
-        return _System(
-            "deepcache", "torch", "interval=3,branch=0", "fp32", _fail(e), note=f"not run: {type(e).__name__}: {e}"
-        )
+        return _System("deepcache", "torch", knob, "fp32", _fail(e), note=f"not run: {type(e).__name__}: {e}")
     try:
         # DeepCache patches the pipeline in place, so it gets its own shallow copy sharing the weights.
         dc_pipe = copy.copy(sd)
         dc_pipe.unet = copy.copy(sd.unet)
         helper = DeepCacheSDHelper(pipe=dc_pipe)
-        helper.set_params(cache_interval=3, cache_branch_id=0)
+        helper.set_params(cache_interval=interval, cache_branch_id=0)
     except Exception as e:
-        return _System(
-            "deepcache", "torch", "interval=3,branch=0", "fp32", _fail(e), note=f"not run: {type(e).__name__}: {e}"
-        )
+        return _System("deepcache", "torch", knob, "fp32", _fail(e), note=f"not run: {type(e).__name__}: {e}")
     inner = diffusers_run(dc_pipe)
 
     def run() -> tuple[torch.Tensor, dict[str, Any]]:
         helper.enable()
         try:
-            return inner()
+            lat, info = inner()
         finally:
             helper.disable()
+        n = len(dc_pipe.scheduler.timesteps)
+        info["encoder_calls"] = len(range(0, n, interval))  # full UNet passes; the others run its shallow end
+        return lat, info
 
-    return _System("deepcache", "torch", "interval=3,branch=0", "fp32", run)
+    return _System("deepcache", "torch", knob, "fp32", run)
+
+
+def _tgate_system(cfg: BenchConfig, sd: Any, latents: torch.Tensor, common: dict[str, Any], gate_step: int) -> _System:
+    """T-GATE at ``gate_step``: cross-attention cached after the gate step, CFG dropped with it.
+
+    T-GATE replaces ``forward`` on every ``Attention`` module of the UNet it is given; the row
+    removes those instance attributes (and the caches) after each run, so the UNet the other rows
+    share computes as before.
+    """
+    knob = f"gate_step={gate_step}"
+    try:
+        from tgate import TgateSDLoader  # type: ignore[import-not-found]
+    except Exception as e:  # not installed, or broken against this diffusers
+        return _System("tgate", "torch", knob, "fp32", _fail(e), note=f"not run: {type(e).__name__}: {e}")
+    from fd_trt.families.sdxl import is_sdxl
+
+    if is_sdxl(sd):
+        return _System(
+            "tgate",
+            "torch",
+            knob,
+            "fp32",
+            _fail(RuntimeError("SD only")),
+            note="not run: the row drives T-GATE's SD 1.x/2.x loader (TgateSDLoader)",
+        )
+    if gate_step >= cfg.steps:
+        return _System(
+            "tgate",
+            "torch",
+            knob,
+            "fp32",
+            _fail(RuntimeError("gate step")),
+            note=f"not run: gate_step {gate_step} is not below the {cfg.steps} steps",
+        )
+    tg_pipe = TgateSDLoader(copy.copy(sd))
+
+    def restore() -> None:
+        for m in sd.unet.modules():
+            if type(m).__name__ == "Attention":
+                m.__dict__.pop("forward", None)
+                m.__dict__.pop("cache", None)
+
+    def run() -> tuple[torch.Tensor, dict[str, Any]]:
+        last: list[torch.Tensor] = []
+
+        def grab(p: Any, i: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
+            last[:] = [kw["latents"]]
+            return {}
+
+        box, remove = _unet_timer(sd.unet)
+        try:
+            tg_pipe.tgate(
+                cfg.prompt,
+                latents=latents.clone(),
+                output_type="np",
+                callback_on_step_end=grab,
+                gate_step=gate_step,
+                **common,
+            )
+        finally:
+            remove()
+            restore()
+        n = len(tg_pipe.scheduler.timesteps)
+        return last[0].float(), {"unet_s": box[0], "encoder_calls": n, "decoder_calls": n}
+
+    return _System("tgate", "torch", knob, "fp32", run)
 
 
 def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
