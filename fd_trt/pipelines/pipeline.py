@@ -38,7 +38,7 @@ import torch
 
 from fd_trt.core.runner import Runner, same_device
 from fd_trt.core.sampler import SamplerInputs, SamplerOptions, SamplerStats, StepCallback, run_sampler
-from fd_trt.core.schedule import KeySchedule, NoiseInjection, ScheduleSpec
+from fd_trt.core.schedule import KeySchedule, NoiseInjection, ScheduleSpec, with_keys
 from fd_trt.errors import InputError
 from fd_trt.families.base import ModelFamily, PromptEmbeddings, family_for_pipeline
 from fd_trt.families.models import make_scheduler
@@ -75,6 +75,8 @@ class PipelineStats:
         nonfinite: the final latents hold NaN or Inf.
         controlnet_calls: ControlNet forward passes, one per ControlNet per key step inside its
             guidance window.
+        shallow_calls, shallow_rows: shallow decoder work (``deepcache:N``, ``combined:...``
+            schedules); ``unet_gflops`` does not count it (the decoder's last up layers only).
     """
 
     num_steps: int
@@ -88,6 +90,8 @@ class PipelineStats:
     backend: str
     nonfinite: bool = False
     controlnet_calls: int = 0
+    shallow_calls: int = 0
+    shallow_rows: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -191,6 +195,8 @@ def call_stats(
         seconds=seconds,
         backend=runner.name,
         nonfinite=nonfinite,
+        shallow_calls=sstats.shallow_calls,
+        shallow_rows=sstats.shallow_rows,
     )
 
 
@@ -730,7 +736,7 @@ class FasterDiffusionPipeline(
         )
         if run.control is not None and run.control.window_edges():  # a guidance window's edges are key steps
             keys = with_key_steps(key_schedule.key_steps, run.control.window_edges())
-            key_schedule = KeySchedule(tuple(keys), num_steps)
+            key_schedule = with_keys(key_schedule, tuple(keys))
 
         # 3. Denoise with encoder propagation.
         options = SamplerOptions(
