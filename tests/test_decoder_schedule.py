@@ -300,3 +300,30 @@ def test_graph_backends_refuse_shallow_steps_clearly(sd, text):
 
     with pytest.raises(FdTrtError, match="stand-in runner runs no shallow decoder steps"):
         NoShallow().decode_shallow(torch.zeros(1), (), torch.zeros(1), torch.zeros(1))
+
+
+@pytest.mark.slow
+def test_onnxruntime_runs_decoder_schedules_on_graphs_recorded_in_the_manifest(sd, tmp_path, monkeypatch):
+    """The shallow graphs are exported on first use into the engine directory and recorded in its
+    manifest; the encoder and decoder graphs (and so directories written before) are left as they were."""
+    from fd_trt.graphs.manifest import check_graph_files, load_manifest
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
+
+    monkeypatch.setenv("FD_TRT_CACHE", str(tmp_path / "cache"))
+    common = dict(num_inference_steps=STEPS, guidance_scale=7.5, height=64, width=64, output_type="latent")
+    ort = FasterDiffusionPipeline.from_diffusers(sd, backend="onnxruntime", progress=False)
+    tch = FasterDiffusionPipeline.from_diffusers(sd, backend="torch", progress=False)
+    ort("a red square", latents=_latents(), schedule="paper", **common)
+    (folder,) = list((tmp_path / "cache").iterdir())
+    before = load_manifest(folder).graphs
+    for spec in ("deepcache:3", "combined:0,4,8|uniform:2|2"):
+        got = ort("a red square", latents=_latents(), schedule=spec, **common)
+        want = tch("a red square", latents=_latents(), schedule=spec, **common)
+        assert rel_l2(got.latents, want.latents) < 1e-4, spec
+        assert got.stats.shallow_calls == want.stats.shallow_calls > 0
+    manifest = check_graph_files(folder, full_hash=True)
+    assert {"decoder_capture_d1", "shallow_d1", "input_conv", "decoder_capture_d2", "shallow_d2"} <= set(
+        manifest.graphs
+    )
+    assert manifest.graphs["encoder"] == before["encoder"] and manifest.graphs["decoder"] == before["decoder"]
+    ort.close()

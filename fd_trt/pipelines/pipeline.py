@@ -38,7 +38,7 @@ import torch
 
 from fd_trt.core.runner import Runner, same_device
 from fd_trt.core.sampler import SamplerInputs, SamplerOptions, SamplerStats, StepCallback, run_sampler
-from fd_trt.core.schedule import KeySchedule, NoiseInjection, ScheduleSpec, with_keys
+from fd_trt.core.schedule import DecoderSchedule, KeySchedule, NoiseInjection, ScheduleSpec, with_keys
 from fd_trt.errors import InputError
 from fd_trt.families.base import ModelFamily, PromptEmbeddings, family_for_pipeline
 from fd_trt.families.models import make_scheduler
@@ -198,6 +198,24 @@ def call_stats(
         shallow_calls=sstats.shallow_calls,
         shallow_rows=sstats.shallow_rows,
     )
+
+
+def _prepare_shallow_graphs(
+    unet: Any, runner: Runner, schedule: DecoderSchedule, rows: int, options: SamplerOptions
+) -> None:
+    """Exports the shallow decoder graphs a decoder schedule needs into the engine directory of
+    the graph runner that will run it (``auto`` plans first to know which), on first use."""
+    target = runner
+    if hasattr(runner, "current_runner"):
+        runner.plan(schedule, rows, options.parallel, options.max_decoder_rows)
+        target = getattr(runner, "current_runner", None) or runner
+    engine_dir = getattr(target, "engine_dir", None)
+    if engine_dir is None or getattr(target, "name", "") != "onnxruntime":
+        return
+    from fd_trt.graphs.shallow import build_shallow_graphs
+
+    for depth in sorted({d for d in schedule.depths if d}):
+        build_shallow_graphs(unet, engine_dir, depth)
 
 
 def scheduler_step_kwargs(scheduler: Any, eta: float, generator: Any) -> dict[str, Any]:
@@ -542,6 +560,8 @@ class FasterDiffusionPipeline(
                 initial_noise=image_run.initial_noise,
             )
             options = dataclasses.replace(options, timesteps=image_run.timesteps, progress=self.progress)
+            if isinstance(key_schedule, DecoderSchedule) and key_schedule.shallow_steps:
+                _prepare_shallow_graphs(self.sd.unet, runner, key_schedule, int(text.shape[0]), options)
             x0 = run_sampler(runner, scheduler, latents, inputs, key_schedule, options, callback=callback, stats=stats)
         return x0, runner
 
