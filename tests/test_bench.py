@@ -257,3 +257,44 @@ def test_deepcache_and_tgate_rows_per_knob():
         assert torch.equal(sd.unet(x, 500, e).sample, before)
     else:
         assert rows[("tgate", "gate_step=4")]["note"].startswith("not run")
+
+
+def test_front_points_plot_and_config(tmp_path):
+    """``--front``: every method's knob swept; the JSON gains each method's points and Pareto front."""
+    from fd_trt.tools.bench import FRONT_SCHEDULES, front_config, front_points
+
+    cfg = front_config(BenchConfig(model="tiny", steps=20, schedules=("all", "paper")))
+    assert cfg.front and cfg.schedules[:2] == ("all", "paper") and "calibrated" not in cfg.schedules
+    assert set(FRONT_SCHEDULES) - {"calibrated"} <= set(cfg.schedules)
+    assert cfg.tgate_gate_steps == (5, 10) and len(cfg.deepcache_intervals) >= 3
+    assert "calibrated" in front_config(BenchConfig(model="default")).schedules
+
+    def row(system, schedule, speedup, l2, backend="torch"):
+        r = {k: None for k in ROW_KEYS}
+        r.update(system=system, backend=backend, schedule=schedule, precision="fp32", s_per_image=1.0 / speedup)
+        r.update(speedup_vs_diffusers=speedup, rel_l2_vs_diffusers=l2)
+        return r
+
+    report = {
+        "config": {"model": "tiny", "height": 64, "width": 64, "scheduler": "ddim", "steps": 20, "front": True},
+        "results": [
+            row("diffusers", "-", 1.0, 0.0),
+            row("fd_trt", "paper", 2.0, 0.05),
+            row("fd_trt", "uniform:3", 1.8, 0.06),  # beaten by paper on both axes
+            row("fd_trt", "combined:uniform:3|uniform:2|1", 2.5, 0.04),
+            row("deepcache", "interval=3,branch=0", 2.2, 0.05),
+            row("tgate", "gate_step=10", 1.3, 0.2),
+        ],
+    }
+    front = front_points(report)
+    assert {p["method"] for p in front["points"]} == {
+        "fd_trt torch, encoder propagation",
+        "fd_trt torch, decoder schedules",
+        "DeepCache",
+        "T-GATE",
+    }
+    assert [p["knob"] for p in front["fronts"]["fd_trt torch, encoder propagation"]] == ["paper"]
+    j, p = tmp_path / "f.json", tmp_path / "f.png"
+    write_outputs(report, str(j), None, str(p))
+    assert json.loads(j.read_text())["front"]["fronts"]["DeepCache"][0]["speedup"] == 2.2
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

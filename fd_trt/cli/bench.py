@@ -51,6 +51,12 @@ def add_parser(sub: Any) -> None:
         help="the peer baseline row: Faster Diffusion ('paper') run the authors' way on diffusers modules "
         "(fd_trt/authors_style.py); on by default",
     )
+    p.add_argument(
+        "--front",
+        action="store_true",
+        help="the speed-fidelity front: every method across its knob (fd_trt's key-step and decoder schedules, "
+        "DeepCache's intervals, T-GATE's gate steps); --json gains the points, --plot draws speedup against rel. L2",
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
     p.add_argument("--plot", default=None, help="PNG bar chart")
@@ -82,6 +88,10 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         controlnet=args.controlnet,
     )
+    if args.front:
+        from fd_trt.tools.bench import front_config
+
+        cfg = front_config(cfg)
     report = run_benchmark(cfg, progress=not args.quiet)
     write_outputs(report, args.json, args.markdown, args.plot)
     print(to_markdown(report))

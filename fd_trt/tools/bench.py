@@ -76,6 +76,8 @@ class BenchConfig:
             relative L2 are against ``diffusers+controlnet``; the report's ``controlnet_ratio``
             is the ``paper`` speedup with the ControlNet over the one without.
         prompt, seed: the shared prompt and latent seed.
+        front: run every method across its knob (:data:`FRONT_SCHEDULES` for fd_trt on top of
+            ``schedules``; DeepCache's intervals, T-GATE's gate steps) for :func:`front_points`.
     """
 
     model: str = "sd15-arch"
@@ -98,6 +100,45 @@ class BenchConfig:
     controlnet: bool = False
     prompt: str = "a red circle on the left and a blue square on the right"
     seed: int = 0
+    front: bool = False
+
+
+#: fd_trt's knobs on the speed-fidelity front (``--front``): encoder propagation over the number
+#: of key steps (``all``, uniform spacings, ``paper``, the saved calibration where there is one),
+#: and decoder schedules that also reuse the deep part of the up path (docs/guides/deepcache-front.md).
+FRONT_SCHEDULES: tuple[str, ...] = (
+    "all",
+    "uniform:2",
+    "uniform:3",
+    "paper",
+    "calibrated",
+    "uniform:5",
+    "combined:uniform:2|all|1",
+    "combined:uniform:3|uniform:2|1",
+    "combined:uniform:5|uniform:2|1",
+    "combined:uniform:4|none|1",
+    "combined:paper|uniform:2|1",
+    "combined:uniform:5|uniform:3|1|fresh",
+    "deepcache:3",
+)
+#: DeepCache's intervals and T-GATE's gate steps on the front.
+FRONT_DEEPCACHE_INTERVALS: tuple[int, ...] = (2, 3, 4, 5, 7)
+FRONT_TGATE_GATE_STEPS: tuple[int, ...] = (5, 10, 20, 30)
+
+
+def front_config(cfg: BenchConfig) -> BenchConfig:
+    """``cfg`` with every method's knob swept (``--front``): fd_trt's :data:`FRONT_SCHEDULES` after
+    its own schedules, and the peers' knobs. ``calibrated`` only where a calibration is saved."""
+    folder = _model_folder(cfg.model)
+    calibrated = folder is not None and (folder / "calibrations").is_dir()
+    extra = tuple(x for x in FRONT_SCHEDULES if x not in cfg.schedules and (x != "calibrated" or calibrated))
+    return dataclasses.replace(
+        cfg,
+        schedules=tuple(cfg.schedules) + extra,
+        deepcache_intervals=FRONT_DEEPCACHE_INTERVALS,
+        tgate_gate_steps=tuple(g for g in FRONT_TGATE_GATE_STEPS if g < cfg.steps),
+        front=True,
+    )
 
 
 @dataclass
@@ -738,10 +779,99 @@ def plot(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
     plt.close(fig)
 
 
+def _method(row: dict[str, Any]) -> str:
+    """The front's curve of a result row."""
+    system, schedule = row["system"], str(row["schedule"])
+    if system.startswith("fd_trt"):
+        backend = str(row["backend"]).split(":")[-1].split("/")[0]
+        if schedule.startswith(("combined:", "deepcache:")):
+            return f"fd_trt {backend}, decoder schedules"
+        return f"fd_trt {backend}, encoder propagation"
+    return {"deepcache": "DeepCache", "tgate": "T-GATE", "authors-style": "authors-style"}.get(system, system)
+
+
+def front_points(report: dict[str, Any]) -> dict[str, Any]:
+    """The speed-fidelity front of a ``--front`` report: every measured row as a point
+    ``(speedup over diffusers, rel. L2 vs diffusers)``, grouped by method, and for each method the
+    points no other point of the same method beats on both axes (its Pareto front)."""
+    points = [
+        {
+            "method": _method(r),
+            "system": r["system"],
+            "backend": r["backend"],
+            "knob": r["schedule"],
+            "speedup": r["speedup_vs_diffusers"],
+            "rel_l2": r["rel_l2_vs_diffusers"],
+            "s_per_image": r["s_per_image"],
+        }
+        for r in report["results"]
+        if r["s_per_image"] is not None and r["speedup_vs_diffusers"] and r["system"] != "diffusers"
+    ]
+    methods: dict[str, list[dict[str, Any]]] = {}
+    for p in points:
+        methods.setdefault(p["method"], []).append(p)
+    fronts = {
+        m: sorted(
+            (
+                p
+                for p in ps
+                if not any(
+                    q["speedup"] >= p["speedup"]
+                    and q["rel_l2"] <= p["rel_l2"]
+                    and (q["speedup"], q["rel_l2"]) != (p["speedup"], p["rel_l2"])
+                    for q in ps
+                )
+            ),
+            key=lambda p: p["rel_l2"],
+        )
+        for m, ps in methods.items()
+    }
+    return {"config": report["config"], "points": points, "fronts": fronts}
+
+
+def plot_front(front: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Speedup over diffusers against rel. L2 vs diffusers: every point, and each method's front as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for i, (method, pts) in enumerate(sorted(front["fronts"].items())):
+        color = f"C{i}"
+        every = [p for p in front["points"] if p["method"] == method]
+        ax.scatter(
+            [max(p["rel_l2"], 1e-4) for p in every], [p["speedup"] for p in every], color=color, alpha=0.35, s=18
+        )
+        ax.plot(
+            [max(p["rel_l2"], 1e-4) for p in pts], [p["speedup"] for p in pts], "o-", color=color, label=method, ms=5
+        )
+        for p in pts:
+            ax.annotate(str(p["knob"]), (max(p["rel_l2"], 1e-4), p["speedup"]), fontsize=6, alpha=0.7)
+    ax.set_xscale("log")
+    ax.set_xlabel("rel. L2 of the final latents vs diffusers (lower is more faithful)")
+    ax.set_ylabel("speedup over diffusers (same run)")
+    c = front["config"]
+    ax.set_title(f"{c['model']} {c['height']}x{c['width']} {c['scheduler']}-{c['steps']}: speed-fidelity front")
+    ax.axvspan(0.02, 0.1, color="0.9", zorder=0)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_outputs(report: dict[str, Any], json_path: str | None, md_path: str | None, plot_path: str | None) -> None:
+    """Writes the report as JSON, markdown and a PNG: with ``front`` in its config, the JSON gains
+    the front's points and the PNG is the front (:func:`plot_front`), else the bar chart."""
+    front = front_points(report) if report["config"].get("front") else None
     if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=2))
+        out = dict(report, front=front) if front else report
+        Path(json_path).write_text(json.dumps(out, indent=2))
     if md_path:
         Path(md_path).write_text(to_markdown(report))
     if plot_path:
-        plot(report, plot_path)
+        if front:
+            plot_front(front, plot_path)
+        else:
+            plot(report, plot_path)
