@@ -327,3 +327,52 @@ def test_onnxruntime_runs_decoder_schedules_on_graphs_recorded_in_the_manifest(s
     )
     assert manifest.graphs["encoder"] == before["encoder"] and manifest.graphs["decoder"] == before["decoder"]
     ort.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration of decoder schedules
+
+
+def test_decoder_speedup_estimate_by_hand():
+    from fd_trt.tools.calibrate import estimate_speedup
+    from fd_trt.tools.calibrate_decoder import estimate_decoder_speedup
+
+    costs = {
+        "encoder": 4.0,
+        "decoder_1": 6.0,
+        "decoder_per_step_batched": 2.0,
+        "shallow_1_1": 1.0,
+        "shallow_1_per_step_batched": 0.5,
+        "input_conv": 0.25,
+    }
+    plain = combined_schedule([0, 5], "all", 1, 10)
+    assert estimate_decoder_speedup(costs, plain) == pytest.approx(estimate_speedup(costs, [0, 5], 10))
+    # segments [0,5) and [5,10), whole decoder at 0,2,4 / 5,6,8: 2 x (4 + 6 + 2*2) + 2 x (1 + 0.5) shallow calls
+    s = combined_schedule([0, 5], "0,2,4,6,8", 1, 10)
+    assert estimate_decoder_speedup(costs, s) == pytest.approx(100 / (2 * 14 + 2 * 1.5))
+    fresh = combined_schedule([0, 5], "0,2,4,6,8", 1, 10, fresh_input=True)
+    assert estimate_decoder_speedup(costs, fresh) == pytest.approx(100 / (2 * 14 + 4 * 1.25))
+
+
+@pytest.mark.slow
+def test_calibration_finds_a_decoder_schedule_and_the_file_runs_it(sd, tmp_path):
+    from fd_trt.core.calibration import Calibration
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
+    from fd_trt.tools.calibrate_decoder import calibrate_decoder, decoder_error
+
+    pipe = FasterDiffusionPipeline.from_diffusers(sd, backend="torch", progress=False)
+    kw = dict(scheduler="ddim", steps=STEPS, prompts=["a red square", "a blue circle"], max_evaluations=4)
+    fast = calibrate_decoder(pipe, speedup=1.5, **kw)
+    assert fast.depths is not None and fast.estimated_speedup >= 1.5 and fast.method == "decoder-grid"
+    assert 0 < fast.error == min(h["error"] for h in fast.history)
+    loose = calibrate_decoder(pipe, max_error=10.0, **kw)
+    assert len(loose.history) == 1  # the fastest candidate is within any error
+    # The file records the schedule; the pipeline runs it as saved.
+    path = fast.save(tmp_path / "ddim-12.json")
+    again = Calibration.load(path)
+    assert again.schedule() == fast.schedule() and isinstance(again.schedule(), DecoderSchedule)
+    common = dict(num_inference_steps=STEPS, height=64, width=64, output_type="latent")
+    a = pipe("a red square", latents=_latents(), schedule=str(path), **common)
+    b = pipe("a red square", latents=_latents(), schedule=fast.schedule(), **common)
+    assert torch.equal(a.latents, b.latents) and a.stats.shallow_calls > 0
+    assert callable(decoder_error)
