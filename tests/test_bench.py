@@ -298,3 +298,12 @@ def test_front_points_plot_and_config(tmp_path):
     write_outputs(report, str(j), None, str(p))
     assert json.loads(j.read_text())["front"]["fronts"]["DeepCache"][0]["speedup"] == 2.2
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_knob_flags_are_checked():
+    from fd_trt.cli.bench import _ints
+
+    assert _ints("2,3, 5", "--deepcache-intervals") == (2, 3, 5)
+    for bad in ("", "0", "2,x"):
+        with pytest.raises(InputError, match="--tgate-gate-steps takes comma-separated positive integers"):
+            _ints(bad, "--tgate-gate-steps")
