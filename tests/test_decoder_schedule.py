@@ -376,3 +376,14 @@ def test_calibration_finds_a_decoder_schedule_and_the_file_runs_it(sd, tmp_path)
     b = pipe("a red square", latents=_latents(), schedule=fast.schedule(), **common)
     assert torch.equal(a.latents, b.latents) and a.stats.shallow_calls > 0
     assert callable(decoder_error)
+
+
+def test_added_key_steps_keep_the_depths():
+    """A ControlNet guidance window's edges become key steps; the other steps keep their depths."""
+    from fd_trt.core.schedule import with_keys
+
+    s = parse_schedule("deepcache:4", 10)
+    t = with_keys(s, (0, 3, 4, 8))
+    assert isinstance(t, DecoderSchedule) and t.fresh_input
+    assert t.depths == (0, 1, 1, 0, 0, 1, 1, 1, 0, 1)
+    assert with_keys(parse_schedule("paper", 10), (0, 4)) == KeySchedule((0, 4), 10)
