@@ -212,3 +212,98 @@ def test_controlnet_rows_differ_from_the_plain_ones():
 def test_controlnet_rows_refuse_an_sdxl_model_before_loading_it():
     with pytest.raises(InputError, match="'sdxl-arch' is SDXL"):
         run_benchmark(BenchConfig(model="sdxl-arch", controlnet=True), progress=False)
+
+
+def test_deepcache_and_tgate_rows_per_knob():
+    """One DeepCache row per interval and one T-GATE row per gate step, each against diffusers;
+    T-GATE leaves the shared UNet's attention modules as it found them."""
+    import importlib.util
+
+    from fd_trt.tools import bench
+
+    cfg = BenchConfig(
+        model="tiny",
+        height=64,
+        width=64,
+        steps=10,
+        backends=("torch",),
+        schedules=("all",),
+        repeat=1,
+        warmup=0,
+        authors_style=False,
+        tgate_gate_steps=(4, 20),
+    )
+    sd, _ = bench.load_model("tiny", 0)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    names = [(s.system, s.schedule) for s in bench.build_systems(cfg, sd, latents)]
+    assert [n for n in names if n[0] == "deepcache"] == [("deepcache", f"interval={i},branch=0") for i in (2, 3, 5)]
+    assert [n for n in names if n[0] == "tgate"] == [("tgate", "gate_step=4"), ("tgate", "gate_step=20")]
+    rep = run_benchmark(cfg, progress=False)
+    rows = {(r["system"], r["schedule"]): r for r in rep["results"]}
+    assert "not below the 10 steps" in rows[("tgate", "gate_step=20")]["note"]
+    if importlib.util.find_spec("DeepCache") is not None:
+        l2 = [rows[("deepcache", f"interval={i},branch=0")]["rel_l2_vs_diffusers"] for i in (2, 3, 5)]
+        assert 0 < l2[0] < l2[2]  # a longer interval reuses more: further from diffusers
+        assert rows[("deepcache", "interval=5,branch=0")]["encoder_calls"] == 2
+    if importlib.util.find_spec("tgate") is not None:
+        tg = rows[("tgate", "gate_step=4")]
+        assert tg["s_per_image"] > 0 and 0 < tg["rel_l2_vs_diffusers"] < 1
+        # After a T-GATE run, the shared UNet computes as before.
+        x, e = torch.randn(2, 4, 8, 8), torch.randn(2, sd.tokenizer.model_max_length, 32)
+        before = sd.unet(x, 500, e).sample
+        tg_sys = [s for s in bench.build_systems(cfg, sd, latents) if s.schedule == "gate_step=4"][0]
+        tg_sys.run()
+        assert all("forward" not in m.__dict__ for m in sd.unet.modules() if type(m).__name__ == "Attention")
+        assert torch.equal(sd.unet(x, 500, e).sample, before)
+    else:
+        assert rows[("tgate", "gate_step=4")]["note"].startswith("not run")
+
+
+def test_front_points_plot_and_config(tmp_path):
+    """``--front``: every method's knob swept; the JSON gains each method's points and Pareto front."""
+    from fd_trt.tools.bench import FRONT_SCHEDULES, front_config, front_points
+
+    cfg = front_config(BenchConfig(model="tiny", steps=20, schedules=("all", "paper")))
+    assert cfg.front and cfg.schedules[:2] == ("all", "paper") and "calibrated" not in cfg.schedules
+    assert set(FRONT_SCHEDULES) - {"calibrated"} <= set(cfg.schedules)
+    assert cfg.tgate_gate_steps == (5, 10) and len(cfg.deepcache_intervals) >= 3
+    assert "calibrated" in front_config(BenchConfig(model="default")).schedules
+
+    def row(system, schedule, speedup, l2, backend="torch"):
+        r = {k: None for k in ROW_KEYS}
+        r.update(system=system, backend=backend, schedule=schedule, precision="fp32", s_per_image=1.0 / speedup)
+        r.update(speedup_vs_diffusers=speedup, rel_l2_vs_diffusers=l2)
+        return r
+
+    report = {
+        "config": {"model": "tiny", "height": 64, "width": 64, "scheduler": "ddim", "steps": 20, "front": True},
+        "results": [
+            row("diffusers", "-", 1.0, 0.0),
+            row("fd_trt", "paper", 2.0, 0.05),
+            row("fd_trt", "uniform:3", 1.8, 0.06),  # beaten by paper on both axes
+            row("fd_trt", "combined:uniform:3|uniform:2|1", 2.5, 0.04),
+            row("deepcache", "interval=3,branch=0", 2.2, 0.05),
+            row("tgate", "gate_step=10", 1.3, 0.2),
+        ],
+    }
+    front = front_points(report)
+    assert {p["method"] for p in front["points"]} == {
+        "fd_trt torch, encoder propagation",
+        "fd_trt torch, decoder schedules",
+        "DeepCache",
+        "T-GATE",
+    }
+    assert [p["knob"] for p in front["fronts"]["fd_trt torch, encoder propagation"]] == ["paper"]
+    j, p = tmp_path / "f.json", tmp_path / "f.png"
+    write_outputs(report, str(j), None, str(p))
+    assert json.loads(j.read_text())["front"]["fronts"]["DeepCache"][0]["speedup"] == 2.2
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_knob_flags_are_checked():
+    from fd_trt.cli.bench import _ints
+
+    assert _ints("2,3, 5", "--deepcache-intervals") == (2, 3, 5)
+    for bad in ("", "0", "2,x"):
+        with pytest.raises(InputError, match="--tgate-gate-steps takes comma-separated positive integers"):
+            _ints(bad, "--tgate-gate-steps")

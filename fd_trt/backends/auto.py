@@ -719,6 +719,36 @@ class AutoRunner(Runner):
         self.launches["decoder"] += runner.launches["decoder"] - before
         return out
 
+    # shallow decoder steps: on the chosen runner, like decode
+    def decode_capture(
+        self,
+        features: Features,
+        timesteps: torch.Tensor,
+        text: torch.Tensor,
+        added: Added = None,
+        depths: tuple[int, ...] = (),
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        runner, _ = self._current(int(text.shape[0]))
+        before = runner.launches["decoder"]
+        out = runner.decode_capture(features, timesteps, text, added, depths)
+        self.launches["decoder"] += runner.launches["decoder"] - before
+        return out
+
+    def decode_shallow(
+        self,
+        hidden: torch.Tensor,
+        skips: tuple[torch.Tensor, ...],
+        timesteps: torch.Tensor,
+        text: torch.Tensor,
+        added: Added = None,
+    ) -> torch.Tensor:
+        runner, _ = self._current(int(text.shape[0]))
+        return runner.decode_shallow(hidden, skips, timesteps, text, added)
+
+    def input_conv(self, sample: torch.Tensor) -> torch.Tensor:
+        runner, _ = self._current(int(sample.shape[0]))
+        return runner.input_conv(sample)
+
 
 __all__ = [
     "AutoRunner",

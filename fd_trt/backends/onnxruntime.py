@@ -25,7 +25,9 @@ from fd_trt.errors import BackendUnavailableError, EngineMismatchError, FdTrtErr
 from fd_trt.graphs.contract import (
     CONDITIONING_SCALE,
     CONTROLNET_COND,
+    HIDDEN,
     MID,
+    NOISE_PRED,
     SAMPLE,
     TEXT,
     TIMESTEP,
@@ -236,6 +238,7 @@ class OrtRunner(Runner):
         self._enc: _Graph | None = None
         self._dec: _Graph | None = None
         self._controlnets: dict[tuple[str, str], OrtControlNet] = {}
+        self._shallow: dict[int, tuple[_Graph, _Graph, _Graph | None]] = {}
         #: The graphs' contract (after activation): their names, order and added conditioning.
         self.contract: GraphContract | None = None
 
@@ -317,6 +320,7 @@ class OrtRunner(Runner):
     def _deactivate(self) -> None:
         self._enc = self._dec = None
         self._controlnets.clear()
+        self._shallow.clear()
         self.contract = None
 
     def controlnet(self, record: Any) -> OrtControlNet:
@@ -491,6 +495,90 @@ class OrtRunner(Runner):
         feeds.update({TIMESTEP: t_rows, TEXT: text, **cond})
         (noise,) = self._run(self._dec, feeds, int(t_rows.shape[0]))
         return noise.float()
+
+    # shallow decoder steps (fd_trt.graphs.shallow) -----------------------------------------
+    def _shallow_graphs(self, depth: int) -> tuple[_Graph, _Graph, _Graph | None]:
+        """The depth's capture and shallow graphs (and ``conv_in``'s at depth 1) of the runner's engine
+        directory ([`fd_trt.graphs.shallow`][fd_trt.graphs.shallow]), loaded once and checked against their contracts."""
+        from fd_trt.graphs.manifest import load_manifest
+        from fd_trt.graphs.shallow import INPUT_CONV_ROLE, load_shallow_specs, shallow_graph_paths
+
+        self._check_active()
+        if self.engine_dir is None:
+            raise InputError(
+                "this OrtRunner was given graph paths, not an engine directory: shallow graphs live in one"
+            )
+        cache = self._shallow
+        with self._lock:
+            if depth not in cache:
+                ort = _import_ort()
+                providers = _resolve_providers(self.providers, self.device, ort.get_available_providers())
+                cap_path, sh_path = shallow_graph_paths(self.engine_dir, depth)
+                manifest = load_manifest(self.engine_dir)
+                cap_spec, sh_spec = load_shallow_specs(manifest, depth)
+                cap = self._load(ort, cap_path, providers, parse_first=True)
+                sh = self._load(ort, sh_path, providers, parse_first=True)
+                fix = "rebuild it (delete it and run again)"
+                cap_spec.check(cap.input_names, cap.output_names, cap.path, fix)
+                sh_spec.check(sh.input_names, sh.output_names, sh.path, fix)
+                conv = None
+                rec = manifest.graphs.get(INPUT_CONV_ROLE)
+                if rec is not None:
+                    conv = self._load(ort, self.engine_dir / rec.file, providers, parse_first=True)
+                cache[depth] = (cap, sh, conv)
+            return cache[depth]
+
+    def decode_capture(
+        self,
+        features: Features,
+        timesteps: torch.Tensor,
+        text: torch.Tensor,
+        added: Added = None,
+        depths: tuple[int, ...] = (),
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        if len(depths) != 1:
+            raise InputError(
+                f"the onnxruntime runner captures one shallow depth per decoder call, got {list(depths)}: "
+                "use one shallow depth per schedule, or backend='torch'"
+            )
+        (depth,) = depths
+        cap, _, _ = self._shallow_graphs(depth)
+        assert self.contract is not None
+        cond, text = self._conditioning(added), text.to(self.device)
+        t_rows = step_timesteps(features, timesteps.to(self.device, torch.float32), text, cond)
+        feeds: dict[str, torch.Tensor] = dict(zip(self.contract.feature_names, features.tensors()))
+        feeds.update({TIMESTEP: t_rows, TEXT: text, **cond})
+        self.launches["decoder"] += 1
+        by_name = dict(zip(cap.output_names, self._run(cap, feeds, int(t_rows.shape[0]))))
+        return by_name[NOISE_PRED].float(), {depth: by_name[HIDDEN]}
+
+    def decode_shallow(
+        self,
+        hidden: torch.Tensor,
+        skips: tuple[torch.Tensor, ...],
+        timesteps: torch.Tensor,
+        text: torch.Tensor,
+        added: Added = None,
+    ) -> torch.Tensor:
+        _, sh, _ = self._shallow_graphs(len(skips))
+        assert self.contract is not None
+        cond, text = self._conditioning(added), text.to(self.device)
+        t_rows = step_timesteps(Features(skips[0], tuple(skips)), timesteps.to(self.device, torch.float32), text, cond)
+        feeds: dict[str, torch.Tensor] = {HIDDEN: hidden, **dict(zip(self.contract.feature_names[1:], skips))}
+        feeds.update({TIMESTEP: t_rows, TEXT: text, **cond})
+        self.launches["shallow"] = self.launches.get("shallow", 0) + 1
+        (noise,) = self._run(sh, feeds, int(t_rows.shape[0]))
+        return noise.float()
+
+    def input_conv(self, sample: torch.Tensor) -> torch.Tensor:
+        _, _, conv = self._shallow_graphs(1)
+        if conv is None:
+            raise EngineMismatchError(
+                f"{self.engine_dir} has no input-conv graph: rebuild the shallow graphs of depth 1 (delete "
+                "decoder-capture-d1.onnx and run again)"
+            )
+        (out,) = self._run(conv, {SAMPLE: sample}, int(sample.shape[0]))
+        return out
 
 
 class OrtControlNet:

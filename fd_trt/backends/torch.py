@@ -237,6 +237,57 @@ class TorchRunner(Runner):
             ):
                 return self._decode_rows(feats, t_rows, text_rows, added_rows)
 
+    @torch.inference_mode()
+    def decode_capture(
+        self,
+        features: Features,
+        timesteps: torch.Tensor,
+        text: torch.Tensor,
+        added: Added = None,
+        depths: tuple[int, ...] = (),
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        self._check_active()
+        feats, t_rows, text_rows, added_rows = expand_for_steps(
+            features, timesteps.to(self.device, torch.float32), text.to(self.device, self.dtype), self._added(added)
+        )
+        with self.exclusive():
+            self.launches["decoder"] += 1
+            noise, hidden = self.split.run_decoder_capture(feats, t_rows, text_rows, added_rows, tuple(depths))
+            return noise.float(), hidden
+
+    @torch.inference_mode()
+    def decode_shallow(
+        self,
+        hidden: torch.Tensor,
+        skips: tuple[torch.Tensor, ...],
+        timesteps: torch.Tensor,
+        text: torch.Tensor,
+        added: Added = None,
+    ) -> torch.Tensor:
+        self._check_active()
+        s = int(timesteps.shape[0])
+        n = int(text.shape[0])
+        if hidden.shape[0] != s * n:
+            raise InputError(f"hidden has {hidden.shape[0]} rows, expected {s} steps x {n} rows")
+        key = Features(skips[0], tuple(skips)) if skips else None
+        if key is None:
+            raise InputError("a shallow decoder step needs at least skip_00")
+        feats, t_rows, text_rows, added_rows = expand_for_steps(
+            key, timesteps.to(self.device, torch.float32), text.to(self.device, self.dtype), self._added(added)
+        )
+        skips_rows = tuple(x.to(self.device, self.dtype) for x in feats.skips)
+        with self.exclusive():
+            self.launches.setdefault("shallow", 0)
+            self.launches["shallow"] += 1
+            return self.split.run_decoder_shallow(
+                hidden.to(self.device, self.dtype), skips_rows, t_rows, text_rows, added_rows
+            ).float()
+
+    @torch.inference_mode()
+    def input_conv(self, sample: torch.Tensor) -> torch.Tensor:
+        self._check_active()
+        return self.split.run_input_conv(self._sample(sample))
+
     def _decode_rows(
         self, feats: Features, t_rows: torch.Tensor, text_rows: torch.Tensor, added_rows: Added = None
     ) -> torch.Tensor:

@@ -33,7 +33,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--repeat", type=int, default=1, help="timed runs per system (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per system first")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads")
-    p.add_argument("--no-deepcache", action="store_true", help="skip the DeepCache row")
+    p.add_argument("--no-deepcache", action="store_true", help="skip the DeepCache rows")
+    p.add_argument(
+        "--deepcache-intervals", default="2,3,5", help="comma-separated DeepCache cache intervals (branch 0)"
+    )
+    p.add_argument("--no-tgate", action="store_true", help="skip the T-GATE rows")
+    p.add_argument("--tgate-gate-steps", default="10,20", help="comma-separated T-GATE gate steps")
     p.add_argument(
         "--controlnet",
         action="store_true",
@@ -46,6 +51,12 @@ def add_parser(sub: Any) -> None:
         default=True,
         help="the peer baseline row: Faster Diffusion ('paper') run the authors' way on diffusers modules "
         "(fd_trt/authors_style.py); on by default",
+    )
+    p.add_argument(
+        "--front",
+        action="store_true",
+        help="the speed-fidelity front: every method across its knob (fd_trt's key-step and decoder schedules, "
+        "DeepCache's intervals, T-GATE's gate steps); --json gains the points, --plot draws speedup against rel. L2",
     )
     p.add_argument("--json", default=None, help="write the results as JSON to this file")
     p.add_argument("--markdown", default=None, help="write the results as a markdown table to this file")
@@ -72,10 +83,17 @@ def run(args: argparse.Namespace) -> int:
         repeat=args.repeat,
         warmup=args.warmup,
         deepcache=not args.no_deepcache,
+        deepcache_intervals=_ints(args.deepcache_intervals, "--deepcache-intervals"),
+        tgate=not args.no_tgate,
+        tgate_gate_steps=_ints(args.tgate_gate_steps, "--tgate-gate-steps"),
         authors_style=args.authors_style,
         threads=args.threads,
         controlnet=args.controlnet,
     )
+    if args.front:
+        from fd_trt.tools.bench import front_config
+
+        cfg = front_config(cfg)
     report = run_benchmark(cfg, progress=not args.quiet)
     write_outputs(report, args.json, args.markdown, args.plot)
     print(to_markdown(report))
@@ -83,3 +101,16 @@ def run(args: argparse.Namespace) -> int:
         if path:
             print(f"wrote {path}")
     return 0
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    """Comma-separated positive integers, or an :class:`~fd_trt.errors.InputError` naming the flag."""
+    from fd_trt.errors import InputError
+
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values or any(v <= 0 for v in values):
+        raise InputError(f"{flag} takes comma-separated positive integers, e.g. 2,3,5; got {text!r}")
+    return values

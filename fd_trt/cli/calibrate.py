@@ -26,6 +26,18 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="target UNet speedup over 'all', estimated from encoder/decoder costs measured here",
     )
+    budget.add_argument(
+        "--max-error",
+        type=float,
+        default=None,
+        help="with --decoder: the largest rel. L2 against 'all' accepted; the fastest schedule within it wins",
+    )
+    p.add_argument(
+        "--decoder",
+        action="store_true",
+        help="search decoder schedules (key steps, whole-decoder steps and a shallow depth: "
+        "docs/guides/deepcache-front.md) for --speedup or --max-error, instead of key steps alone",
+    )
     p.add_argument(
         "--method",
         default="greedy",
@@ -76,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         runner_options=runner_options(args),
     )
     print(f"model: {pipe.source}; backend {pipe.backend}; {args.scheduler}-{args.steps}; {len(prompts)} prompts")
+    if args.decoder or args.max_error is not None:
+        return _run_decoder(args, pipe, prompts)
     cal = calibrate(
         pipe,
         scheduler=args.scheduler,
@@ -116,4 +130,38 @@ def run(args: argparse.Namespace) -> int:
         )
         title = f"Figure 3: {args.scheduler}-{args.steps} on {pipe.source}, key steps {cal.key_steps}"
         print(f"wrote {plot_feature_changes(fc, args.plot, cal.key_steps, title)}")
+    return 0
+
+
+def _run_decoder(args: argparse.Namespace, pipe: Any, prompts: Sequence[str]) -> int:
+    """``--decoder``: the decoder-schedule search (:mod:`fd_trt.tools.calibrate_decoder`)."""
+    from fd_trt.core.calibration import calibration_file
+    from fd_trt.tools.calibrate_decoder import calibrate_decoder
+
+    if args.key_steps is not None:
+        raise InputError("--decoder searches for --speedup X or --max-error E, not --key-steps")
+    if not args.decoder:
+        raise InputError("--max-error is the decoder-schedule search's target: add --decoder")
+    cal = calibrate_decoder(
+        pipe,
+        scheduler=args.scheduler,
+        steps=args.steps,
+        speedup=args.speedup,
+        max_error=args.max_error,
+        prompts=prompts,
+        guidance=args.guidance,
+        progress=None if args.quiet else (lambda line: print(f"  {line}", flush=True)),
+    )
+    print(f"schedule: {cal.schedule().spec}")  # type: ignore[attr-defined]
+    print(
+        f"calibration error (rel. L2 vs all): {cal.error:.4f}; estimated UNet speedup over all: {cal.estimated_speedup:.2f}x"
+    )
+    print(f"took {cal.seconds:.1f} s ({cal.evaluations} sampler runs)")
+    if args.out:
+        print(f"wrote {cal.save(args.out)}")
+    if args.save:
+        folder = pipe.engines or pipe.model_dir
+        if folder is None:
+            raise InputError("--save needs a model folder or --engines DIR to save into")
+        print(f"saved {cal.save(calibration_file(folder, args.scheduler, args.steps))} (schedule='calibrated')")
     return 0

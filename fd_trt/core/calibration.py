@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fd_trt.core.schedule import KeySchedule
+from fd_trt.core.schedule import DecoderSchedule, KeySchedule
 from fd_trt.errors import ScheduleError
 from fd_trt.utils.files import write_atomic
 
@@ -43,6 +43,10 @@ class Calibration:
         costs: the encoder and decoder call costs (seconds) measured on the backend that
             ``estimated_speedup`` comes from (`measure_costs()`, `estimate_speedup()`).
         split: for a diffusion transformer, the split point N calibrated with the key steps.
+        depths: a decoder schedule's per-step decoder depths (0: the whole decoder; ``k``: its
+            last ``k`` up layers, see [`DecoderSchedule`][fd_trt.core.schedule.DecoderSchedule]); ``None``
+            for key steps alone (files written before decoder schedules).
+        fresh_input: the decoder schedule's shallow steps read their own latents' ``conv_in``.
     """
 
     key_steps: list[int]
@@ -63,6 +67,8 @@ class Calibration:
     costs: dict[str, float] | None = None
     #: A diffusion transformer's split point N (the blocks its encoder runs); ``None`` for UNets.
     split: int | None = None
+    depths: list[int] | None = None
+    fresh_input: bool = False
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -103,7 +109,10 @@ class Calibration:
             raise ScheduleError(
                 f"calibration file {path} has missing or unknown fields ({exc}): recreate it with fd-trt calibrate"
             ) from None
-        KeySchedule(tuple(int(k) for k in cal.key_steps), int(cal.steps))  # validates
+        try:
+            cal.schedule()  # validates
+        except ScheduleError as exc:
+            raise ScheduleError(f"calibration file {path}: {exc}; recreate it with fd-trt calibrate") from None
         return cal
 
     def check(self, *, model_sha256: str | None, scheduler: str | None, steps: int, where: str = "") -> None:
@@ -126,7 +135,11 @@ class Calibration:
             )
 
     def schedule(self) -> KeySchedule:
-        return KeySchedule(tuple(int(k) for k in self.key_steps), int(self.steps))
+        """The key steps, or the [`DecoderSchedule`][fd_trt.core.schedule.DecoderSchedule] when ``depths`` is set."""
+        keys = tuple(int(k) for k in self.key_steps)
+        if self.depths is not None:
+            return DecoderSchedule(keys, int(self.steps), tuple(int(d) for d in self.depths), bool(self.fresh_input))
+        return KeySchedule(keys, int(self.steps))
 
 
 def calibration_file(folder: str | os.PathLike[str], scheduler: str, steps: int) -> Path:

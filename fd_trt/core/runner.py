@@ -173,6 +173,52 @@ class Runner(abc.ABC):
             ``[S*N,C,h,w]`` float32 noise predictions, step-major.
         """
 
+    # shallow decoder steps (docs/guides/deepcache-front.md) -------------------------------------
+    def _no_shallow(self) -> FdTrtError:
+        return FdTrtError(
+            f"the {getattr(self, 'name', type(self).__name__)} runner runs no shallow decoder steps "
+            "(schedules 'deepcache:N' and 'combined:...'): use backend='torch', or a schedule without "
+            "shallow steps"
+        )
+
+    def decode_capture(
+        self,
+        features: Features,
+        timesteps: torch.Tensor,
+        text: torch.Tensor,
+        added: Added = None,
+        depths: tuple[int, ...] = (),
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """[`decode()`][fd_trt.core.runner.Runner.decode], also returning, for each ``d`` in ``depths``, the hidden state that
+        entered the decoder's last ``d`` up layers (``[S*N,...]``, step-major, the runner's dtype
+        and device): what later shallow steps reuse."""
+        raise self._no_shallow()
+
+    def decode_shallow(
+        self,
+        hidden: torch.Tensor,
+        skips: tuple[torch.Tensor, ...],
+        timesteps: torch.Tensor,
+        text: torch.Tensor,
+        added: Added = None,
+    ) -> torch.Tensor:
+        """Runs the decoder's last ``len(skips)`` up layers for S steps.
+
+        Args:
+            hidden: ``[S*N,...]`` step-major, from [`decode_capture()`][fd_trt.core.runner.Runner.decode_capture] of earlier steps.
+            skips: ``skip_00 .. skip_{depth-1}`` at N rows (the runner repeats them for the S steps).
+            timesteps: ``[S]``.
+            text, added: the N rows' conditioning, as in [`decode()`][fd_trt.core.runner.Runner.decode].
+
+        Returns:
+            ``[S*N,C,h,w]`` float32 noise predictions, step-major.
+        """
+        raise self._no_shallow()
+
+    def input_conv(self, sample: torch.Tensor) -> torch.Tensor:
+        """``skip_00`` (the ``conv_in`` output) of ``[N,C,h,w]`` scaled model input."""
+        raise self._no_shallow()
+
 
 def step_timesteps(
     features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from fd_trt.core.features import Added, Features
 from fd_trt.core.runner import Runner
-from fd_trt.core.schedule import KeySchedule, NoiseInjection
+from fd_trt.core.schedule import DecoderSchedule, KeySchedule, NoiseInjection
 from fd_trt.errors import InputError
 
 #: ``callback(step_index, timestep, latents) -> latents or None``; called after every scheduler step.
@@ -47,6 +47,9 @@ class SamplerStats:
     encoder_rows: int = 0
     decoder_calls: int = 0
     decoder_rows: int = 0
+    #: shallow decoder calls and rows ([`DecoderSchedule`][fd_trt.core.schedule.DecoderSchedule]), not in ``decoder_*``.
+    shallow_calls: int = 0
+    shallow_rows: int = 0
     seconds: dict[str, float] = field(
         default_factory=lambda: {"encoder": 0.0, "controlnet": 0.0, "decoder": 0.0, "scheduler": 0.0}
     )
@@ -198,6 +201,8 @@ def run_sampler(
     run = _Run(runner, scheduler, latents, inputs, schedule, opts, stats if stats is not None else SamplerStats())
     x, rows, timesteps = run.x, run.rows, run.timesteps
     runner.plan(schedule, rows, opts.parallel, opts.max_decoder_rows)
+    if isinstance(schedule, DecoderSchedule) and schedule.shallow_steps:
+        return _run_decoder_schedule(run, schedule, callback)
     bar = tqdm(total=len(timesteps) - opts.start_step, disable=not opts.progress, desc="denoise", leave=False)
     try:
         for seg in schedule.segments:
@@ -256,6 +261,8 @@ class _Run:
             self.rescale = rescale_noise_cfg
         self.t_dev = self.timesteps.to(runner.device, torch.float32)
         self.t0 = 0.0
+        #: the ControlNet's residual for skip_00 at the last key step (DecoderSchedule.fresh_input)
+        self.residual_00: torch.Tensor | None = None
 
     def mark(self) -> None:
         self.runner.synchronize()
@@ -267,6 +274,13 @@ class _Run:
         t = time.perf_counter()
         self.stats.seconds[stage] += t - self.t0
         self.t0 = t
+
+    def model_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """The UNet's input at step ``i``: CFG rows, ``scale_model_input``, extra channels."""
+        x_in = torch.cat([x, x]) if self.opts.cfg else x
+        x_in = self.scheduler.scale_model_input(x_in, self.timesteps[i])
+        extra = self.inputs.extra_channels
+        return x_in if extra is None else torch.cat([x_in, extra.to(x_in)], dim=1)
 
     def encode(self, x: torch.Tensor, i: int) -> Features:
         """The encoder's features at key step ``i``, with the ControlNet's residuals added."""
@@ -285,6 +299,7 @@ class _Run:
             residuals = inputs.control(i, x_in, self.timesteps[i], inputs.text)
             if residuals is not None:
                 feats = add_residuals(feats, *residuals)
+                self.residual_00 = residuals[0][0]
             self.lap("controlnet")
         return feats
 
@@ -314,6 +329,96 @@ class _Run:
         if noise.applies(tau, self.n_train):
             x = x + (noise.alpha / model_input_scale(self.scheduler, tau)) * self.eps_T
         return self.scheduler.step(eps, tau, x, **self.opts.extra_step_kwargs, return_dict=False)[0]
+
+
+def _run_decoder_schedule(run: _Run, schedule: DecoderSchedule, callback: StepCallback | None) -> torch.Tensor:
+    """[`run_sampler()`][fd_trt.core.sampler.run_sampler] for a schedule with shallow steps (docs/guides/deepcache-front.md).
+
+    Per segment: the encoder at the key step; the steps that run the whole decoder, batched, each
+    also giving the hidden states the shallow steps reuse; then the shallow steps, each reusing
+    the hidden state of the last earlier whole-decoder step: batched per depth when they read the
+    key step's skips, one at a time from their own latents' ``conv_in`` with ``fresh_input``;
+    finally CFG, noise injection and the scheduler, step by step in order.
+    """
+    runner, opts, stats, rows = run.runner, run.opts, run.stats, run.rows
+    x = run.x
+    bar = tqdm(total=len(run.timesteps) - opts.start_step, disable=not opts.progress, desc="denoise", leave=False)
+
+    def steps_slice(idx: Sequence[int]) -> torch.Tensor:
+        return run.t_dev[torch.tensor(list(idx), dtype=torch.long, device=run.t_dev.device)]
+
+    try:
+        for seg in schedule.segments:
+            if seg.start < opts.start_step:
+                continue
+            run.residual_00 = None
+            feats = run.encode(x, seg.start)
+            full = [j for j in seg.steps if not schedule.depths[j]]
+            # Every shallow step reuses the hidden state of the last whole-decoder step before it.
+            source = {}
+            for j in seg.steps:
+                if schedule.depths[j]:
+                    source[j] = max(f for f in full if f < j)
+            needed: dict[int, set[int]] = {}
+            for j, f in source.items():
+                needed.setdefault(f, set()).add(schedule.depths[j])
+            depths = tuple(sorted({schedule.depths[j] for j in source}))
+            eps: dict[int, torch.Tensor] = {}
+            hidden: dict[tuple[int, int], torch.Tensor] = {}
+            chunk = steps_per_call(len(full), rows, opts.parallel, opts.max_decoder_rows)
+            for c0 in range(0, len(full), chunk):
+                part = full[c0 : c0 + chunk]
+                run.mark()
+                launched = runner.launches["decoder"]
+                e, hs = runner.decode_capture(feats, steps_slice(part), run.inputs.text, run.inputs.added, depths)
+                run.lap("decoder")
+                stats.decoder_calls += runner.launches["decoder"] - launched
+                stats.decoder_rows += rows * len(part)
+                for k, (j, e_j) in enumerate(zip(part, e.split(rows))):
+                    eps[j] = e_j
+                    for d in needed.get(j, ()):
+                        hidden[(j, d)] = hs[d][k * rows : (k + 1) * rows]
+            if not schedule.fresh_input:
+                # Shallow steps of one depth depend only on cached features: decoded together.
+                for d in depths:
+                    group = [j for j in source if schedule.depths[j] == d]
+                    chunk = steps_per_call(len(group), rows, opts.parallel, opts.max_decoder_rows)
+                    for c0 in range(0, len(group), chunk):
+                        part = group[c0 : c0 + chunk]
+                        h = torch.cat([hidden[(source[j], d)] for j in part])
+                        eps.update(zip(part, _shallow(run, h, feats.skips[:d], part, steps_slice).split(rows)))
+            for j in seg.steps:
+                if j not in eps:  # fresh_input: skip_00 from this step's own latents
+                    skip0 = runner.input_conv(run.model_input(x, j))
+                    if run.residual_00 is not None:
+                        skip0 = skip0 + run.residual_00.to(skip0.device, skip0.dtype)
+                    eps[j] = _shallow(run, hidden[(source[j], 1)], (skip0,), [j], steps_slice)
+                x = run.step(j, run.guide(eps.pop(j).to(x.device)), x)
+                if callback is not None:
+                    out = callback(j, run.timesteps[j], x)
+                    if out is not None:
+                        x = out
+                bar.update(1)
+            run.lap("scheduler")
+    finally:
+        bar.close()
+    return x
+
+
+def _shallow(
+    run: _Run,
+    hidden: torch.Tensor,
+    skips: Sequence[torch.Tensor],
+    part: Sequence[int],
+    steps_slice: Callable[[Sequence[int]], torch.Tensor],
+) -> torch.Tensor:
+    """One shallow decoder call for the steps ``part``, timed and counted."""
+    run.mark()
+    eps = run.runner.decode_shallow(hidden, tuple(skips), steps_slice(part), run.inputs.text, run.inputs.added)
+    run.lap("decoder")
+    run.stats.shallow_calls += 1
+    run.stats.shallow_rows += run.rows * len(part)
+    return eps
 
 
 def _check_run(

@@ -157,11 +157,15 @@ def parse_schedule(spec: ScheduleSpec, num_steps: int) -> KeySchedule:
             if n <= 0:
                 raise ScheduleError(f"uniform:N needs a positive integer N, got {spec!r}; e.g. uniform:5")
             return KeySchedule(tuple(range(0, num_steps, n)), num_steps)
+        decoder = _parse_decoder_spec(spec, text, num_steps)
+        if decoder is not None:
+            return decoder
         if re.fullmatch(r"[\d\s,\[\]]+", text):
             items = [s for s in re.split(r"[\s,\[\]]+", text) if s]
             return KeySchedule(tuple(int(s) for s in items), num_steps)
         raise ScheduleError(
-            f"unknown schedule {spec!r}: use 'paper', 'all', 'uniform:N' or a list of step indices like '0,1,2,5'"
+            f"unknown schedule {spec!r}: use 'paper', 'all', 'uniform:N', a list of step indices like '0,1,2,5', "
+            "'deepcache:N' or 'combined:KEYS|FULL|DEPTH'"
         )
     try:
         steps = tuple(spec)
@@ -175,6 +179,150 @@ def parse_schedule(spec: ScheduleSpec, num_steps: int) -> KeySchedule:
             f"give at most {num_steps} distinct indices in [0, {num_steps - 1}]"
         )
     return KeySchedule(tuple(_as_index(k) for k in steps), num_steps)
+
+
+@dataclass(frozen=True)
+class DecoderSchedule(KeySchedule):
+    """Key steps plus, per step, how much of the decoder runs (docs/guides/deepcache-front.md).
+
+    A step's depth is 0 when it runs the whole decoder: key steps always, and the steps between
+    that decode from their key step's propagated features (encoder propagation). A depth ``k > 0``
+    makes the step a shallow one: it recomputes only the decoder's last ``k`` up layers (one up
+    layer is one up-block resnet with its attention), and reuses the hidden state that entered
+    them at the last earlier step that ran the whole decoder (DeepCache's observation: the deep
+    part of the up path changes slowly too).
+
+    The shallow layers read skips ``0 .. k-1``. With ``fresh_input`` (DeepCache's branch 0, only
+    ``k = 1``) a shallow step recomputes ``skip_00``, the ``conv_in`` output, from its own
+    latents, so shallow steps run one at a time; without it they read the key step's skips, so a
+    segment's shallow steps depend only on cached features and are decoded together.
+
+    Args:
+        key_steps, num_steps: as [`KeySchedule`][fd_trt.core.schedule.KeySchedule].
+        depths: one per step: 0 (whole decoder) or the shallow depth; 0 at every key step.
+        fresh_input: shallow steps recompute ``skip_00`` from their own latents.
+    """
+
+    depths: tuple[int, ...] = ()
+    fresh_input: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.depths) != self.num_steps:
+            raise ScheduleError(
+                f"a decoder schedule needs one depth per step: {len(self.depths)} depths for {self.num_steps} steps"
+            )
+        for d in self.depths:
+            if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+                raise ScheduleError(
+                    f"decoder depths must be integers >= 0 (0: the whole decoder), got {d!r} in {_show(self.depths)}"
+                )
+        keyed = [k for k in self.key_steps if self.depths[k]]
+        if keyed:
+            raise ScheduleError(
+                f"key steps {_show(keyed)} have shallow depths: a key step runs the whole decoder (depth 0)"
+            )
+        if self.fresh_input and any(d > 1 for d in self.depths):
+            raise ScheduleError(
+                "fresh_input (DeepCache's branch 0) recomputes only conv_in: it needs shallow depth 1, got "
+                f"{sorted({d for d in self.depths if d > 1})}; drop fresh_input for deeper shallow steps"
+            )
+
+    @property
+    def shallow_steps(self) -> tuple[int, ...]:
+        """The steps that run only the decoder's shallow end."""
+        return tuple(i for i, d in enumerate(self.depths) if d)
+
+    @property
+    def full_steps(self) -> tuple[int, ...]:
+        """The steps that run the whole decoder (key steps included)."""
+        return tuple(i for i, d in enumerate(self.depths) if not d)
+
+    @property
+    def max_depth(self) -> int:
+        return max(self.depths, default=0)
+
+    @property
+    def spec(self) -> str:
+        """The schedule as a string [`parse_schedule()`][fd_trt.core.schedule.parse_schedule] reads back (``combined:...``)."""
+        full = [i for i in self.full_steps if i not in set(self.key_steps)]
+        depth = sorted({d for d in self.depths if d})
+        if len(depth) > 1:  # mixed depths have no string form
+            return f"combined:{list(self.key_steps)} depths {list(self.depths)}"
+        return (
+            f"combined:{','.join(map(str, self.key_steps))}|{','.join(map(str, full)) or 'none'}"
+            f"|{depth[0] if depth else 1}" + ("|fresh" if self.fresh_input else "")
+        )
+
+
+def with_keys(schedule: KeySchedule, key_steps: tuple[int, ...]) -> KeySchedule:
+    """``schedule`` with other key steps (a ControlNet guidance window's edges added); a
+    [`DecoderSchedule`][fd_trt.core.schedule.DecoderSchedule] keeps its depths, with the new key steps running the whole decoder."""
+    if isinstance(schedule, DecoderSchedule):
+        keys = set(key_steps)
+        depths = tuple(0 if i in keys else d for i, d in enumerate(schedule.depths))
+        return DecoderSchedule(tuple(key_steps), schedule.num_steps, depths, schedule.fresh_input)
+    return KeySchedule(tuple(key_steps), schedule.num_steps)
+
+
+def combined_schedule(
+    key_steps: ScheduleSpec,
+    full_steps: ScheduleSpec | None,
+    depth: int,
+    num_steps: int,
+    *,
+    fresh_input: bool = False,
+) -> DecoderSchedule:
+    """Key steps, the other steps that run the whole decoder, and the shallow depth of the rest.
+
+    Args:
+        key_steps: any [`parse_schedule()`][fd_trt.core.schedule.parse_schedule] spec: where the encoder runs.
+        full_steps: a spec of steps that run the whole decoder from propagated features (key
+            steps do anyway); ``None`` or ``"none"``: only the key steps. ``"all"`` gives plain
+            encoder propagation, with no shallow step.
+        depth: the decoder's last up layers a shallow step recomputes (1 = DeepCache's branch 0).
+        num_steps: the run's steps.
+        fresh_input: shallow steps recompute ``skip_00`` from their own latents (DeepCache).
+    """
+    keys = parse_schedule(key_steps, num_steps).key_steps
+    if full_steps is None or (isinstance(full_steps, str) and full_steps.strip().lower() in ("none", "")):
+        full: set[int] = set()
+    elif isinstance(full_steps, str) and re.fullmatch(r"[\d\s,\[\]]+", full_steps.strip()):
+        full = {_as_index(int(x)) for x in re.split(r"[\s,\[\]]+", full_steps.strip()) if x}
+        bad = sorted(i for i in full if not 0 <= i < num_steps)
+        if bad:
+            raise ScheduleError(f"full-decoder steps {_show(bad)} are out of range for {num_steps} steps")
+    else:
+        full = set(parse_schedule(full_steps, num_steps).key_steps)
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ScheduleError(f"the shallow depth must be a positive integer, got {depth!r}; e.g. 1")
+    full |= set(keys)
+    depths = tuple(0 if i in full else depth for i in range(num_steps))
+    return DecoderSchedule(keys, num_steps, depths, fresh_input)
+
+
+def _parse_decoder_spec(spec: str, text: str, num_steps: int) -> DecoderSchedule | None:
+    """``deepcache:N`` and ``combined:KEYS|FULL|DEPTH[|fresh]``; ``None`` for other strings."""
+    m = re.fullmatch(r"deepcache:(\S+)", text)
+    if m:
+        try:
+            n = int(m.group(1))
+        except ValueError:
+            n = 0
+        if n <= 0:
+            raise ScheduleError(f"deepcache:N needs a positive integer interval N, got {spec!r}; e.g. deepcache:3")
+        return combined_schedule(f"uniform:{n}", None, 1, num_steps, fresh_input=True)
+    if text.startswith("combined:"):
+        parts = [p.strip() for p in text[len("combined:") :].split("|")]
+        fresh = len(parts) == 4 and parts[3] == "fresh"
+        if len(parts) not in (3, 4) or (len(parts) == 4 and not fresh) or not parts[2].isdigit():
+            raise ScheduleError(
+                f"bad combined schedule {spec!r}: use combined:KEYS|FULL|DEPTH[|fresh], e.g. "
+                "'combined:paper|uniform:2|1' (key steps, steps that run the whole decoder or 'none', "
+                "the shallow depth)"
+            )
+        return combined_schedule(parts[0], parts[1], int(parts[2]), num_steps, fresh_input=fresh)
+    return None
 
 
 def _as_index(k: object) -> int:

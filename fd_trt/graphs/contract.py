@@ -48,7 +48,7 @@ This module imports neither torch modules of diffusers nor onnx: a config (a dif
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fd_trt.core.features import MID, feature_names, skip_name  # noqa: F401 - graph names
@@ -74,6 +74,8 @@ SAMPLE = "sample"
 TIMESTEP = "timestep"
 TEXT = "encoder_hidden_states"
 NOISE_PRED = "noise_pred"
+#: the shallow-decoder graphs' reused hidden state (fd_trt.graphs.shallow)
+HIDDEN = "hidden"
 
 #: ``addition_embed_type`` values the split carries -> the per-row inputs each adds to both
 #: graphs, in graph order, with their dtype.
@@ -308,6 +310,8 @@ class GraphContract:
     out_tail: tuple[Dim, ...] = ("C", "h", "w")
     text_tail: tuple[Dim, ...] = ("L", "D")
     features: tuple[tuple[Dim, ...], ...] | None = None
+    #: channels of the hidden state entering the decoder's last ``d`` up layers, by ``d`` (decoder schedules)
+    hidden_channels: Mapping[int, int] = field(default_factory=dict, compare=False)
 
     @property
     def row_layout(self) -> str:
@@ -346,6 +350,32 @@ class GraphContract:
             *(replace(t, row_axis=STEP_ROW_AXIS) if t.name == TIMESTEP else t for t in self._conditioning()),
         )
         return GraphSpec("decoder", inputs, (TensorSpec(NOISE_PRED, self.out_tail, row_axis=STEP_ROW_AXIS),))
+
+    # decoder schedules (fd_trt.graphs.shallow): the decoder that also returns the hidden state
+    # entering its last `depth` up layers, and those layers alone.
+    def _hidden(self, depth: int) -> TensorSpec:
+        tails = self.features
+        if tails is not None and 1 <= depth < len(tails):
+            # The hidden state entering up layer L-d is concatenated with skip d-1: same spatial dims.
+            chans = self.hidden_channels.get(depth, "c_hidden")
+            tail: tuple[Dim, ...] = (chans, *tails[depth][1:])
+        else:
+            tail = ("c_hidden", "h_hidden", "w_hidden")
+        return TensorSpec(HIDDEN, tail, row_axis=STEP_ROW_AXIS)
+
+    def decoder_capture(self, depth: int) -> GraphSpec:
+        """The decoder's inputs; outputs ``noise_pred`` and ``hidden`` (``S*N`` rows): the hidden
+        state entering the last ``depth`` up layers."""
+        dec = self.decoder
+        return GraphSpec(f"decoder_capture_d{depth}", dec.inputs, (*dec.outputs, self._hidden(depth)))
+
+    def shallow_decoder(self, depth: int) -> GraphSpec:
+        """``hidden`` (``S*N`` rows), ``skip_00 .. skip_{depth-1}`` (N rows), ``timestep`` (``S*N``),
+        the text and added conditioning (N) -> ``noise_pred`` (``S*N``)."""
+        dec = self.decoder
+        skips = self._features()[1 : 1 + depth]
+        cond = tuple(t for t in dec.inputs if t.name not in set(self.feature_names))
+        return GraphSpec(f"shallow_d{depth}", (self._hidden(depth), *skips, *cond), dec.outputs)
 
     def spec(self, role: str) -> GraphSpec:
         """The [`GraphSpec`][fd_trt.graphs.contract.GraphSpec] of ``encoder`` or ``decoder``."""

@@ -840,6 +840,10 @@ def remove_graphs(out_dir: str | os.PathLike[str]) -> None:
     """
     out = Path(out_dir)
     names = [ENCODER_FILE, DECODER_FILE, *(p.name for p in out.glob(f"{CONTROLNET_PREFIX}*.onnx"))]
+    # the decoder schedules' graphs (fd_trt.graphs.shallow), exported again on first use
+    names += [
+        p.name for pat in ("decoder-capture-d*.onnx", "shallow-d*.onnx", "input-conv.onnx") for p in out.glob(pat)
+    ]
     for name in names:
         for p in (out / name, out / (name + ".data")):
             p.unlink(missing_ok=True)

@@ -375,6 +375,85 @@ class UNetDecoder(nn.Module):
         return self.conv_out(sample)
 
 
+def up_layers(up_blocks: Sequence[nn.Module]) -> list[tuple[int, int]]:
+    """The decoder's up layers in the order they run: ``(block, resnet)`` pairs, one per up-block
+    resnet (with its attention, and the block's upsampler after its last resnet). Layer ``f`` of
+    ``L`` reads skip ``L - 1 - f``: the last layer reads the ``conv_in`` output."""
+    return [(i, j) for i, block in enumerate(up_blocks) for j in range(len(block.resnets))]
+
+
+def _run_up_layers(
+    dec: UNetDecoder,
+    sample: torch.Tensor,
+    skips: Sequence[torch.Tensor],
+    emb: torch.Tensor,
+    text: torch.Tensor,
+    start: int,
+    capture: Sequence[int] = (),
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Runs up layers ``start .. L-1`` of [`up_layers()`][fd_trt.graphs.split.up_layers] from ``sample`` (the hidden state that
+    enters layer ``start``), then the output norm and ``conv_out``: the arithmetic of
+    `UNetDecoder.forward()`, one layer at a time (``start=0``, ``sample=mid``: the whole decoder).
+
+    Args:
+        skips: ``skip_00 .. skip_{L-1-start}``, the skips those layers read, ``conv_in``'s first.
+        capture: layer indices whose entering hidden state is returned too.
+
+    Returns:
+        ``(noise_pred, {layer: hidden state entering it})``.
+    """
+    layers = up_layers(dec.up_blocks)
+    n_layers = len(layers)
+    forward_upsample_size = any(int(d) % dec.up_factor != 0 for d in skips[0].shape[-2:])
+    caught: dict[int, torch.Tensor] = {}
+    upsample_size = None
+    for f in range(start, n_layers):
+        if f in capture:
+            caught[f] = sample
+        i, j = layers[f]
+        block = dec.up_blocks[i]
+        sample = torch.cat([sample, skips[n_layers - 1 - f]], dim=1)
+        sample = block.resnets[j](sample, emb)
+        attentions = getattr(block, "attentions", None)
+        if attentions is not None:
+            sample = attentions[j](sample, encoder_hidden_states=text, return_dict=False)[0]
+        if j == len(block.resnets) - 1 and block.upsamplers is not None:
+            if i < len(dec.up_blocks) - 1 and forward_upsample_size:
+                upsample_size = skips[n_layers - 2 - f].shape[2:]
+            for upsampler in block.upsamplers:
+                sample = upsampler(sample, upsample_size)
+    if dec.conv_norm_out is not None:
+        sample = dec.conv_norm_out(sample)
+        sample = dec.conv_act(sample)
+    return dec.conv_out(sample), caught
+
+
+class ShallowDecoder(nn.Module):
+    """The shallow end of the decoder: its last ``depth`` up layers ([`up_layers()`][fd_trt.graphs.split.up_layers]), the output
+    norm and ``conv_out``, from the hidden state that entered them at an earlier step.
+
+    ``forward(hidden [M,..], skip_00 .. skip_{depth-1} (M rows each), timestep [M], encoder_hidden_states [M,L,D], *added)
+    -> noise_pred``. The time embedding is recomputed per row, as in [`UNetDecoder`][fd_trt.graphs.split.UNetDecoder]. Shares
+    the decoder's parameters.
+    """
+
+    def __init__(self, decoder: UNetDecoder, depth: int) -> None:
+        super().__init__()
+        n_layers = len(up_layers(decoder.up_blocks))
+        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= n_layers:
+            raise InputError(
+                f"a shallow decoder depth must be an integer in [1, {n_layers}] (this UNet's up layers), got {depth!r}"
+            )
+        self.decoder = decoder
+        self.depth = depth
+        self.start = n_layers - depth
+
+    def forward(self, hidden: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        skips, (timestep, text, *added) = args[: self.depth], args[self.depth :]
+        emb = _time_embedding(self.decoder, timestep, hidden.dtype, added)
+        return _run_up_layers(self.decoder, hidden, skips, emb, text, self.start)[0]
+
+
 @dataclass
 class SplitUNet:
     """The two halves of one UNet, sharing its parameters."""
@@ -435,6 +514,78 @@ class SplitUNet:
             )
         extra = added_tensors(self.added_names, added, features.rows)
         return self.decoder(features.mid, features.skips, timestep, text, *extra)
+
+    @property
+    def num_up_layers(self) -> int:
+        """The decoder's up layers ([`up_layers()`][fd_trt.graphs.split.up_layers]): the largest shallow depth."""
+        return len(up_layers(self.decoder.up_blocks))
+
+    def shallow_decoder(self, depth: int) -> ShallowDecoder:
+        """The decoder's last ``depth`` up layers as a module ([`ShallowDecoder`][fd_trt.graphs.split.ShallowDecoder])."""
+        return ShallowDecoder(self.decoder, depth)
+
+    def run_decoder_capture(
+        self,
+        features: Features,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        added: Added = None,
+        depths: Sequence[int] = (),
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """[`run_decoder()`][fd_trt.graphs.split.SplitUNet.run_decoder], also returning the hidden state that enters the last ``d`` up
+        layers for each ``d`` in ``depths``: what a later shallow step reuses.
+
+        Returns:
+            ``(noise_pred [M,..], {depth: hidden [M,..]})``.
+        """
+        n_layers = self.num_up_layers
+        bad = [d for d in depths if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= n_layers]
+        if bad:
+            raise InputError(f"shallow depths {bad} are out of range: use integers in [1, {n_layers}]")
+        if not (features.rows == timestep.shape[0] == text.shape[0]):
+            raise InputError(
+                f"decoder rows disagree: features {features.rows}, timestep {tuple(timestep.shape)}, "
+                f"text {tuple(text.shape)}; expand the features with Features.repeat first"
+            )
+        extra = added_tensors(self.added_names, added, features.rows)
+        emb = _time_embedding(self.decoder, timestep, features.mid.dtype, extra)
+        noise, caught = _run_up_layers(
+            self.decoder, features.mid, features.skips, emb, text, 0, [n_layers - d for d in depths]
+        )
+        return noise, {d: caught[n_layers - d] for d in depths}
+
+    def run_decoder_shallow(
+        self,
+        hidden: torch.Tensor,
+        skips: Sequence[torch.Tensor],
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        added: Added = None,
+    ) -> torch.Tensor:
+        """Runs the last ``len(skips)`` up layers from ``hidden`` ([`ShallowDecoder`][fd_trt.graphs.split.ShallowDecoder]), M rows.
+
+        Args:
+            hidden: ``[M,..]``, the hidden state that entered those layers at an earlier step
+                ([`run_decoder_capture()`][fd_trt.graphs.split.SplitUNet.run_decoder_capture]).
+            skips: ``skip_00 .. skip_{depth-1}``, M rows each.
+            timestep: ``[M]``.
+            text: ``[M,L,D]``.
+            added: SDXL's added conditioning with M rows; ``None`` for SD 1.x/2.x.
+        """
+        m = hidden.shape[0]
+        if not (timestep.shape[0] == text.shape[0] == m and all(s.shape[0] == m for s in skips)):
+            raise InputError(
+                f"shallow decoder rows disagree: hidden {m}, skips {[s.shape[0] for s in skips]}, "
+                f"timestep {tuple(timestep.shape)}, text {tuple(text.shape)}: give every input M rows"
+            )
+        extra = added_tensors(self.added_names, added, m)
+        return self.shallow_decoder(len(skips))(hidden, *skips, timestep, text, *extra)
+
+    def run_input_conv(self, sample: torch.Tensor) -> torch.Tensor:
+        """``conv_in`` of the (scaled) model input: the encoder's first skip, ``skip_00``."""
+        if self.encoder.unet_config.center_input_sample:
+            sample = 2 * sample - 1.0
+        return self.encoder.conv_in(sample)
 
     def run_decoder_steps(
         self,

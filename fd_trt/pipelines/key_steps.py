@@ -70,13 +70,13 @@ class KeyStepsMixin:
                 except ScheduleError as exc:
                     logger.info("not using the saved calibration: %s", exc)
                     return "paper"
-                return list(cal.key_steps)
+                return cal.schedule() if cal.depths is not None else list(cal.key_steps)
             schedule = cal
         elif isinstance(schedule, (str, os.PathLike)) and str(schedule).lower().endswith(".json"):
             schedule = Calibration.load(schedule)
         if isinstance(schedule, Calibration):
             schedule.check(model_sha256=self.unet_sha256, scheduler=name, steps=num_inference_steps)
-            return list(schedule.key_steps)
+            return schedule.schedule() if schedule.depths is not None else list(schedule.key_steps)
         return schedule
 
     def prepare_schedule(

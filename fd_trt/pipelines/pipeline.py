@@ -38,7 +38,7 @@ import torch
 
 from fd_trt.core.runner import Runner, same_device
 from fd_trt.core.sampler import SamplerInputs, SamplerOptions, SamplerStats, StepCallback, run_sampler
-from fd_trt.core.schedule import KeySchedule, NoiseInjection, ScheduleSpec
+from fd_trt.core.schedule import DecoderSchedule, KeySchedule, NoiseInjection, ScheduleSpec, with_keys
 from fd_trt.errors import InputError
 from fd_trt.families.base import ModelFamily, PromptEmbeddings, family_for_pipeline
 from fd_trt.families.models import make_scheduler
@@ -75,6 +75,8 @@ class PipelineStats:
         nonfinite: the final latents hold NaN or Inf.
         controlnet_calls: ControlNet forward passes, one per ControlNet per key step inside its
             guidance window.
+        shallow_calls, shallow_rows: shallow decoder work (``deepcache:N``, ``combined:...``
+            schedules); ``unet_gflops`` does not count it (the decoder's last up layers only).
     """
 
     num_steps: int
@@ -88,6 +90,8 @@ class PipelineStats:
     backend: str
     nonfinite: bool = False
     controlnet_calls: int = 0
+    shallow_calls: int = 0
+    shallow_rows: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -191,7 +195,27 @@ def call_stats(
         seconds=seconds,
         backend=runner.name,
         nonfinite=nonfinite,
+        shallow_calls=sstats.shallow_calls,
+        shallow_rows=sstats.shallow_rows,
     )
+
+
+def _prepare_shallow_graphs(
+    unet: Any, runner: Runner, schedule: DecoderSchedule, rows: int, options: SamplerOptions
+) -> None:
+    """Exports the shallow decoder graphs a decoder schedule needs into the engine directory of
+    the graph runner that will run it (``auto`` plans first to know which), on first use."""
+    target = runner
+    if hasattr(runner, "current_runner"):
+        runner.plan(schedule, rows, options.parallel, options.max_decoder_rows)
+        target = getattr(runner, "current_runner", None) or runner
+    engine_dir = getattr(target, "engine_dir", None)
+    if engine_dir is None or getattr(target, "name", "") != "onnxruntime":
+        return
+    from fd_trt.graphs.shallow import build_shallow_graphs
+
+    for depth in sorted({d for d in schedule.depths if d}):
+        build_shallow_graphs(unet, engine_dir, depth)
 
 
 def scheduler_step_kwargs(scheduler: Any, eta: float, generator: Any) -> dict[str, Any]:
@@ -536,6 +560,8 @@ class FasterDiffusionPipeline(
                 initial_noise=image_run.initial_noise,
             )
             options = dataclasses.replace(options, timesteps=image_run.timesteps, progress=self.progress)
+            if isinstance(key_schedule, DecoderSchedule) and key_schedule.shallow_steps:
+                _prepare_shallow_graphs(self.sd.unet, runner, key_schedule, int(text.shape[0]), options)
             x0 = run_sampler(runner, scheduler, latents, inputs, key_schedule, options, callback=callback, stats=stats)
         return x0, runner
 
@@ -730,7 +756,7 @@ class FasterDiffusionPipeline(
         )
         if run.control is not None and run.control.window_edges():  # a guidance window's edges are key steps
             keys = with_key_steps(key_schedule.key_steps, run.control.window_edges())
-            key_schedule = KeySchedule(tuple(keys), num_steps)
+            key_schedule = with_keys(key_schedule, tuple(keys))
 
         # 3. Denoise with encoder propagation.
         options = SamplerOptions(

@@ -1,4 +1,4 @@
-"""Side-by-side benchmark: plain diffusers, fd_trt per backend and schedule, and DeepCache.
+"""Side-by-side benchmark: plain diffusers, fd_trt per backend and schedule, DeepCache and T-GATE.
 
 All systems run in one process, interleaved repeat by repeat, with the same weights, prompt and
 initial latents. Each result row has the keys of `ROW_KEYS`.
@@ -60,7 +60,12 @@ class BenchConfig:
         precisions: runner precisions for the torch and auto backends (``fp32``, ``bf16``, ...;
             ``auto`` for backend auto only: bf16 may compete).
         repeat, warmup: timed and untimed runs per system.
-        deepcache: also run DeepCache when it is installed.
+        deepcache: also run DeepCache (branch 0) when it is installed, one row per interval.
+        deepcache_intervals: DeepCache's cache intervals (2, 3 and 5 by default).
+        tgate: also run T-GATE (the ``tgate`` package's ``TgateSDLoader``) when it is installed, one
+            row per gate step; SD 1.x/2.x only (its SDXL loader needs SDXL's own pipeline call).
+        tgate_gate_steps: T-GATE's gate steps (10 and 20 by default; the package's other knobs at
+            their defaults: ``sp_interval=5``, ``fi_interval=1``, ``warm_up=2``).
         authors_style: also run the authors' way of running Faster Diffusion on diffusers modules
             ([`fd_trt.tools.authors_style`][fd_trt.tools.authors_style], ``paper`` key steps), the peer baseline.
         threads: torch / ORT intra-op threads (None: library default).
@@ -71,6 +76,8 @@ class BenchConfig:
             relative L2 are against ``diffusers+controlnet``; the report's ``controlnet_ratio``
             is the ``paper`` speedup with the ControlNet over the one without.
         prompt, seed: the shared prompt and latent seed.
+        front: run every method across its knob (`FRONT_SCHEDULES` for fd_trt on top of
+            ``schedules``; DeepCache's intervals, T-GATE's gate steps) for [`front_points()`][fd_trt.tools.bench.front_points].
     """
 
     model: str = "sd15-arch"
@@ -85,11 +92,53 @@ class BenchConfig:
     repeat: int = 1
     warmup: int = 1
     deepcache: bool = True
+    deepcache_intervals: tuple[int, ...] = (2, 3, 5)
+    tgate: bool = True
+    tgate_gate_steps: tuple[int, ...] = (10, 20)
     authors_style: bool = True
     threads: int | None = None
     controlnet: bool = False
     prompt: str = "a red circle on the left and a blue square on the right"
     seed: int = 0
+    front: bool = False
+
+
+#: fd_trt's knobs on the speed-fidelity front (``--front``): encoder propagation over the number
+#: of key steps (``all``, uniform spacings, ``paper``, the saved calibration where there is one),
+#: and decoder schedules that also reuse the deep part of the up path (docs/guides/deepcache-front.md).
+FRONT_SCHEDULES: tuple[str, ...] = (
+    "all",
+    "uniform:2",
+    "uniform:3",
+    "paper",
+    "calibrated",
+    "uniform:5",
+    "combined:uniform:2|all|1",
+    "combined:uniform:3|uniform:2|1",
+    "combined:uniform:5|uniform:2|1",
+    "combined:uniform:4|none|1",
+    "combined:paper|uniform:2|1",
+    "combined:uniform:5|uniform:3|1|fresh",
+    "deepcache:3",
+)
+#: DeepCache's intervals and T-GATE's gate steps on the front.
+FRONT_DEEPCACHE_INTERVALS: tuple[int, ...] = (2, 3, 4, 5, 7)
+FRONT_TGATE_GATE_STEPS: tuple[int, ...] = (5, 10, 20, 30)
+
+
+def front_config(cfg: BenchConfig) -> BenchConfig:
+    """``cfg`` with every method's knob swept (``--front``): fd_trt's `FRONT_SCHEDULES` after
+    its own schedules, and the peers' knobs. ``calibrated`` only where a calibration is saved."""
+    folder = _model_folder(cfg.model)
+    calibrated = folder is not None and (folder / "calibrations").is_dir()
+    extra = tuple(x for x in FRONT_SCHEDULES if x not in cfg.schedules and (x != "calibrated" or calibrated))
+    return dataclasses.replace(
+        cfg,
+        schedules=tuple(cfg.schedules) + extra,
+        deepcache_intervals=FRONT_DEEPCACHE_INTERVALS,
+        tgate_gate_steps=tuple(g for g in FRONT_TGATE_GATE_STEPS if g < cfg.steps),
+        front=True,
+    )
 
 
 @dataclass
@@ -387,9 +436,12 @@ def _systems(cfg: BenchConfig, sd: Any, latents: torch.Tensor, tag: str, extra: 
                 systems.append(_System("fd_trt" + tag, backend, schedule, precision, run, ref=ref))
 
     if cfg.deepcache:
-        dc = _deepcache_system(cfg, sd, latents, common, diffusers_run)
-        dc.system, dc.ref = dc.system + tag, ref
-        systems.append(dc)
+        for interval in cfg.deepcache_intervals:
+            dc = _deepcache_system(cfg, sd, latents, common, diffusers_run, interval)
+            dc.system, dc.ref = dc.system + tag, ref
+            systems.append(dc)
+    if cfg.tgate and not tag:  # T-GATE's pipeline call has no ControlNet
+        systems += [_tgate_system(cfg, sd, latents, common, g) for g in cfg.tgate_gate_steps]
     return systems
 
 
@@ -418,34 +470,100 @@ def _fail(e: Exception) -> Callable[[], tuple[torch.Tensor, dict[str, Any]]]:
 
 
 def _deepcache_system(
-    cfg: BenchConfig, sd: Any, latents: torch.Tensor, common: dict[str, Any], diffusers_run: Any
+    cfg: BenchConfig, sd: Any, latents: torch.Tensor, common: dict[str, Any], diffusers_run: Any, interval: int = 3
 ) -> _System:
+    knob = f"interval={interval},branch=0"
     try:
         from DeepCache import DeepCacheSDHelper  # type: ignore[import-not-found]
     except Exception as e:  # not installed, or broken against this diffusers
-        return _System(
-            "deepcache", "torch", "interval=3,branch=0", "fp32", _fail(e), note=f"not run: {type(e).__name__}: {e}"
-        )
+        return _System("deepcache", "torch", knob, "fp32", _fail(e), note=f"not run: {type(e).__name__}: {e}")
     try:
         # DeepCache patches the pipeline in place, so it gets its own shallow copy sharing the weights.
         dc_pipe = copy.copy(sd)
         dc_pipe.unet = copy.copy(sd.unet)
         helper = DeepCacheSDHelper(pipe=dc_pipe)
-        helper.set_params(cache_interval=3, cache_branch_id=0)
+        helper.set_params(cache_interval=interval, cache_branch_id=0)
     except Exception as e:
-        return _System(
-            "deepcache", "torch", "interval=3,branch=0", "fp32", _fail(e), note=f"not run: {type(e).__name__}: {e}"
-        )
+        return _System("deepcache", "torch", knob, "fp32", _fail(e), note=f"not run: {type(e).__name__}: {e}")
     inner = diffusers_run(dc_pipe)
 
     def run() -> tuple[torch.Tensor, dict[str, Any]]:
         helper.enable()
         try:
-            return inner()
+            lat, info = inner()
         finally:
             helper.disable()
+        n = len(dc_pipe.scheduler.timesteps)
+        info["encoder_calls"] = len(range(0, n, interval))  # full UNet passes; the others run its shallow end
+        return lat, info
 
-    return _System("deepcache", "torch", "interval=3,branch=0", "fp32", run)
+    return _System("deepcache", "torch", knob, "fp32", run)
+
+
+def _tgate_system(cfg: BenchConfig, sd: Any, latents: torch.Tensor, common: dict[str, Any], gate_step: int) -> _System:
+    """T-GATE at ``gate_step``: cross-attention cached after the gate step, CFG dropped with it.
+
+    T-GATE replaces ``forward`` on every ``Attention`` module of the UNet it is given; the row
+    removes those instance attributes (and the caches) after each run, so the UNet the other rows
+    share computes as before.
+    """
+    knob = f"gate_step={gate_step}"
+    try:
+        from tgate import TgateSDLoader  # type: ignore[import-not-found]
+    except Exception as e:  # not installed, or broken against this diffusers
+        return _System("tgate", "torch", knob, "fp32", _fail(e), note=f"not run: {type(e).__name__}: {e}")
+    from fd_trt.families.sdxl import is_sdxl
+
+    if is_sdxl(sd):
+        return _System(
+            "tgate",
+            "torch",
+            knob,
+            "fp32",
+            _fail(RuntimeError("SD only")),
+            note="not run: the row drives T-GATE's SD 1.x/2.x loader (TgateSDLoader)",
+        )
+    if gate_step >= cfg.steps:
+        return _System(
+            "tgate",
+            "torch",
+            knob,
+            "fp32",
+            _fail(RuntimeError("gate step")),
+            note=f"not run: gate_step {gate_step} is not below the {cfg.steps} steps",
+        )
+    tg_pipe = TgateSDLoader(copy.copy(sd))
+
+    def restore() -> None:
+        for m in sd.unet.modules():
+            if type(m).__name__ == "Attention":
+                m.__dict__.pop("forward", None)
+                m.__dict__.pop("cache", None)
+
+    def run() -> tuple[torch.Tensor, dict[str, Any]]:
+        last: list[torch.Tensor] = []
+
+        def grab(p: Any, i: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
+            last[:] = [kw["latents"]]
+            return {}
+
+        box, remove = _unet_timer(sd.unet)
+        try:
+            tg_pipe.tgate(
+                cfg.prompt,
+                latents=latents.clone(),
+                output_type="np",
+                callback_on_step_end=grab,
+                gate_step=gate_step,
+                **common,
+            )
+        finally:
+            remove()
+            restore()
+        n = len(tg_pipe.scheduler.timesteps)
+        return last[0].float(), {"unet_s": box[0], "encoder_calls": n, "decoder_calls": n}
+
+    return _System("tgate", "torch", knob, "fp32", run)
 
 
 def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
@@ -661,10 +779,99 @@ def plot(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
     plt.close(fig)
 
 
+def _method(row: dict[str, Any]) -> str:
+    """The front's curve of a result row."""
+    system, schedule = row["system"], str(row["schedule"])
+    if system.startswith("fd_trt"):
+        backend = str(row["backend"]).split(":")[-1].split("/")[0]
+        if schedule.startswith(("combined:", "deepcache:")):
+            return f"fd_trt {backend}, decoder schedules"
+        return f"fd_trt {backend}, encoder propagation"
+    return {"deepcache": "DeepCache", "tgate": "T-GATE", "authors-style": "authors-style"}.get(system, system)
+
+
+def front_points(report: dict[str, Any]) -> dict[str, Any]:
+    """The speed-fidelity front of a ``--front`` report: every measured row as a point
+    ``(speedup over diffusers, rel. L2 vs diffusers)``, grouped by method, and for each method the
+    points no other point of the same method beats on both axes (its Pareto front)."""
+    points = [
+        {
+            "method": _method(r),
+            "system": r["system"],
+            "backend": r["backend"],
+            "knob": r["schedule"],
+            "speedup": r["speedup_vs_diffusers"],
+            "rel_l2": r["rel_l2_vs_diffusers"],
+            "s_per_image": r["s_per_image"],
+        }
+        for r in report["results"]
+        if r["s_per_image"] is not None and r["speedup_vs_diffusers"] and r["system"] != "diffusers"
+    ]
+    methods: dict[str, list[dict[str, Any]]] = {}
+    for p in points:
+        methods.setdefault(p["method"], []).append(p)
+    fronts = {
+        m: sorted(
+            (
+                p
+                for p in ps
+                if not any(
+                    q["speedup"] >= p["speedup"]
+                    and q["rel_l2"] <= p["rel_l2"]
+                    and (q["speedup"], q["rel_l2"]) != (p["speedup"], p["rel_l2"])
+                    for q in ps
+                )
+            ),
+            key=lambda p: p["rel_l2"],
+        )
+        for m, ps in methods.items()
+    }
+    return {"config": report["config"], "points": points, "fronts": fronts}
+
+
+def plot_front(front: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Speedup over diffusers against rel. L2 vs diffusers: every point, and each method's front as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for i, (method, pts) in enumerate(sorted(front["fronts"].items())):
+        color = f"C{i}"
+        every = [p for p in front["points"] if p["method"] == method]
+        ax.scatter(
+            [max(p["rel_l2"], 1e-4) for p in every], [p["speedup"] for p in every], color=color, alpha=0.35, s=18
+        )
+        ax.plot(
+            [max(p["rel_l2"], 1e-4) for p in pts], [p["speedup"] for p in pts], "o-", color=color, label=method, ms=5
+        )
+        for p in pts:
+            ax.annotate(str(p["knob"]), (max(p["rel_l2"], 1e-4), p["speedup"]), fontsize=6, alpha=0.7)
+    ax.set_xscale("log")
+    ax.set_xlabel("rel. L2 of the final latents vs diffusers (lower is more faithful)")
+    ax.set_ylabel("speedup over diffusers (same run)")
+    c = front["config"]
+    ax.set_title(f"{c['model']} {c['height']}x{c['width']} {c['scheduler']}-{c['steps']}: speed-fidelity front")
+    ax.axvspan(0.02, 0.1, color="0.9", zorder=0)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_outputs(report: dict[str, Any], json_path: str | None, md_path: str | None, plot_path: str | None) -> None:
+    """Writes the report as JSON, markdown and a PNG: with ``front`` in its config, the JSON gains
+    the front's points and the PNG is the front ([`plot_front()`][fd_trt.tools.bench.plot_front]), else the bar chart."""
+    front = front_points(report) if report["config"].get("front") else None
     if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=2))
+        out = dict(report, front=front) if front else report
+        Path(json_path).write_text(json.dumps(out, indent=2))
     if md_path:
         Path(md_path).write_text(to_markdown(report))
     if plot_path:
-        plot(report, plot_path)
+        if front:
+            plot_front(front, plot_path)
+        else:
+            plot(report, plot_path)
