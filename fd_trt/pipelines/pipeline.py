@@ -535,9 +535,17 @@ class FasterDiffusionPipeline(
                 control=control,
                 initial_noise=image_run.initial_noise,
             )
-            options = dataclasses.replace(options, timesteps=image_run.timesteps, progress=self.progress)
+            options = dataclasses.replace(
+                self.sampler_options(options, scheduler), timesteps=image_run.timesteps, progress=self.progress
+            )
             x0 = run_sampler(runner, scheduler, latents, inputs, key_schedule, options, callback=callback, stats=stats)
         return x0, runner
+
+    def sampler_options(self, options: SamplerOptions, scheduler: Any) -> SamplerOptions:
+        """The sampler options a run of this model needs (every sampler run of the pipeline and of
+        calibration passes through here): unchanged for SD; a family's class may set what its UNet
+        needs (DeepFloyd IF: guide the noise channels only, keep the learned variance)."""
+        return options
 
     def decode_latents(self, latents: torch.Tensor, output_type: str) -> Any:
         """Stage 4: the VAE decode and diffusers' post-processing into ``output_type``."""
