@@ -51,6 +51,7 @@ from fd_trt.pipelines.loading import LoadingMixin
 from fd_trt.pipelines.lora import LoraMixin
 from fd_trt.pipelines.registry import pipeline_class_for
 from fd_trt.pipelines.runner_pool import PreparedSizesMixin, RunnerPool, resolve_backend
+from fd_trt.pipelines.token_merging import apply_token_merging, check_token_merging, set_token_merging_size
 from fd_trt.utils.flops import flop_counter_mode
 
 #: The name :mod:`fd_trt.pipelines.sdxl` imports :class:`~fd_trt.pipelines.image.ImageRun` by.
@@ -308,6 +309,10 @@ class FasterDiffusionPipeline(
             tensorrt, and ``auto`` when it chooses one) each ControlNet runs as its own graph,
             ``controlnet-<sha16>.onnx`` in the UNet's engine directory, exported on first use
             (with ``build_on_demand``) and re-exported when the ControlNet's weights change.
+        token_merging: a ratio r in (0, 1): Token Merging (tomesd) merges that fraction of the
+            image tokens in the UNet's highest-resolution transformer blocks, with every schedule;
+            ``backend="torch"`` only. It patches the wrapped pipeline's UNet
+            (:mod:`fd_trt.pipelines.token_merging`).
     """
 
     @property
@@ -329,6 +334,7 @@ class FasterDiffusionPipeline(
         build_on_demand: bool = True,
         owns_pipeline: bool = False,
         controlnet: Any = None,
+        token_merging: float | None = None,
     ) -> None:
         self.sd = sd_pipeline
         #: The model family of the wrapped pipeline (:func:`fd_trt.families.base.family_for_pipeline`).
@@ -351,6 +357,10 @@ class FasterDiffusionPipeline(
         #: The model folder (``from_pretrained``), where saved calibrations are looked for.
         self.model_dir: Path | None = None
         self.backend, self.precision, self.auto_precision = resolve_backend(backend, precision, self.device)
+        #: Token Merging's ratio (:mod:`fd_trt.pipelines.token_merging`), ``None`` when off.
+        self.token_merging = check_token_merging(token_merging, self.backend)
+        if self.token_merging is not None:
+            apply_token_merging(sd_pipeline, self.token_merging)
         #: The runners: one fixed runner for every shape (torch, or one passed in), or graph runners per shape.
         self.pool = RunnerPool(self, backend if isinstance(backend, Runner) else None)
         self._flops = _FlopCounter()
@@ -525,6 +535,8 @@ class FasterDiffusionPipeline(
         """
         latents, text, control = image_run.latents, cond.text, image_run.control
         shape = (int(latents.shape[2]), int(latents.shape[3])), (int(text.shape[1]), int(text.shape[2]))
+        if self.token_merging is not None:
+            set_token_merging_size(self.sd.unet, *shape[0])
         with self.pool.using(*shape) as runner:
             if control is not None:
                 control.resolve_runners = functools.partial(self._controlnet_calls, runner)
