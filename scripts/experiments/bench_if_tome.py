@@ -42,11 +42,11 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
-def bench_if(steps: int) -> dict:
+def bench_if(steps: int, tiny: bool) -> dict:
     from fd_trt import FasterDiffusionPipeline
-    from fd_trt.families.deepfloyd_if import if_m_arch_pipeline
+    from fd_trt.families.deepfloyd_if import if_m_arch_pipeline, tiny_if_pipeline
 
-    sd = if_m_arch_pipeline(seed=0)
+    sd = tiny_if_pipeline(seed=0) if tiny else if_m_arch_pipeline(seed=0)
     fd = FasterDiffusionPipeline.from_diffusers(sd, backend="torch", device="cpu", progress=False)
     prompt = "a lone sailboat drifting on calm waters"
 
@@ -68,14 +68,20 @@ def bench_if(steps: int) -> dict:
                 "key_steps": len(out.stats.key_steps),
             }
         )
-    return {"case": "if", "config": "IF-I-M stage I UNet, 64x64, random weights", "steps": steps, "rows": rows}
+    config = "tiny IF (smoke run)" if tiny else "IF-I-M stage I UNet, 64x64, random weights"
+    return {"case": "if", "config": config, "steps": steps, "rows": rows}
 
 
-def bench_tome(steps: int, size: int, ratio: float) -> dict:
+def bench_tome(steps: int, size: int, ratio: float, tiny: bool) -> dict:
     import tomesd
 
     from fd_trt import FasterDiffusionPipeline
-    from fd_trt.families.models import sd15_arch_pipeline
+    from fd_trt.families.models import sd15_arch_pipeline, tiny_sd_pipeline
+
+    if tiny:
+
+        def sd15_arch_pipeline(seed):  # noqa: F811 - the smoke run's stand-in
+            return tiny_sd_pipeline(seed, sample_size=size // 8)
 
     prompt = "a red circle on the left"
     common = dict(num_inference_steps=steps, height=size, width=size, output_type="latent")
@@ -129,13 +135,14 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tiny", action="store_true", help="tiny random models: a smoke run of the script")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.case == "if":
-        result = bench_if(args.steps)
+        result = bench_if(args.steps, args.tiny)
     else:
-        result = bench_tome(args.steps, args.size, args.ratio)
+        result = bench_tome(args.steps, args.size, args.ratio, args.tiny)
     result.update(cpu=_cpu(), threads=args.threads, command=" ".join(["bench_if_tome.py", *__import__("sys").argv[1:]]))
     text = json.dumps(result, indent=2)
     print(text)
