@@ -52,7 +52,7 @@ def apply_token_merging(sd_pipeline: Any, ratio: float, **tomesd_options: Any) -
     try:
         import tomesd
     except ImportError:  # pragma: no cover - tomesd is a dependency of the [tome] extra
-        raise InputError("token_merging needs tomesd: pip install tomesd") from None
+        raise InputError("token_merging needs tomesd: pip install 'fd_trt[tome]' (or tomesd)") from None
     tomesd.apply_patch(sd_pipeline, ratio=float(ratio), **tomesd_options)
 
 
