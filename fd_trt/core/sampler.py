@@ -153,6 +153,12 @@ class SamplerOptions:
             that step of an earlier run (calibration reuses shared prefixes this way); needs
             `SamplerInputs.initial_noise`.
         progress: show a progress bar.
+        noise_channels: for a UNet that predicts a learned variance after its noise (DeepFloyd
+            IF: 3 noise and 3 variance channels), the noise channels. CFG then mixes these only
+            and the variance is the conditional rows' (diffusers' ``IFPipeline``); ``None``: CFG
+            mixes every channel.
+        keep_variance: with ``noise_channels``, whether the scheduler takes the variance too
+            (``variance_type="learned_range"``); ``False`` drops it before the scheduler step.
     """
 
     guidance_scale: float = 7.5
@@ -164,6 +170,8 @@ class SamplerOptions:
     timesteps: torch.Tensor | None = None
     start_step: int = 0
     progress: bool = True
+    noise_channels: int | None = None
+    keep_variance: bool = True
 
     @property
     def cfg(self) -> bool:
@@ -315,12 +323,17 @@ class _Run:
 
     def guide(self, eps: torch.Tensor) -> torch.Tensor:
         """Classifier-free guidance (and its rescale) of one step's rows."""
+        c = self.opts.noise_channels
         if not self.opts.cfg:
-            return eps
+            return eps if c is None or self.opts.keep_variance else eps[:, :c]
         eps_u, eps_c = eps.chunk(2)
+        if c is not None:  # a learned variance: guide the noise, keep the conditional variance
+            eps_u, (eps_c, variance) = eps_u[:, :c], eps_c.split([c, eps_c.shape[1] - c], dim=1)
         eps = eps_u + self.opts.guidance_scale * (eps_c - eps_u)
         if self.rescale is not None:
             eps = self.rescale(eps, eps_c, guidance_rescale=self.opts.guidance_rescale)
+        if c is not None and self.opts.keep_variance:
+            eps = torch.cat([eps, variance], dim=1)
         return eps
 
     def step(self, j: int, eps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Model families ([`fd_trt.families.base`][fd_trt.families.base]) and model loading ([`fd_trt.families.models`][fd_trt.families.models]).
 
-The built-in families are registered here, oldest first: Stable Diffusion 1.x/2.x (``"sd"``) and
-SDXL (``"sdxl"``). Another family is one module (a [`ModelFamily`][fd_trt.families.base.ModelFamily] subclass) and a
+The built-in families are registered here, oldest first: Stable Diffusion 1.x/2.x (``"sd"``),
+SDXL (``"sdxl"``), DeepFloyd IF stage I (``"if"``), then the diffusion transformers (DiT,
+PixArt, and the refusal of those not supported). Another family is one module (a [`ModelFamily`][fd_trt.families.base.ModelFamily] subclass) and a
 [`register_family()`][fd_trt.families.base.register_family] call.
 """
 
@@ -16,12 +17,14 @@ from fd_trt.families.base import (
     registered_families,
     unregister_family,
 )
+from fd_trt.families.deepfloyd_if import DeepFloydIFFamily
 from fd_trt.families.sd import StableDiffusionFamily
 from fd_trt.families.sdxl import StableDiffusionXLFamily
 from fd_trt.families.transformer import DiTFamily, PixArtFamily, UnsupportedTransformerFamily
 
 SD_FAMILY = register_family(StableDiffusionFamily())
 SDXL_FAMILY = register_family(StableDiffusionXLFamily())
+IF_FAMILY = register_family(DeepFloydIFFamily())
 # Diffusion transformers; the refusal family first, so that DiT and PixArt are asked before it.
 TRANSFORMER_UNSUPPORTED_FAMILY = register_family(UnsupportedTransformerFamily())
 DIT_FAMILY = register_family(DiTFamily())
@@ -34,8 +37,10 @@ __all__ = [
     "TRANSFORMER_UNSUPPORTED_FAMILY",
     "DiTFamily",
     "PixArtFamily",
+    "IF_FAMILY",
     "SDXL_FAMILY",
     "SD_FAMILY",
+    "DeepFloydIFFamily",
     "ModelFamily",
     "PromptEmbeddings",
     "StableDiffusionFamily",

@@ -694,8 +694,14 @@ def unet_input_kind(unet_config: Any) -> str:
         return "text2img"
     if cin == 2 * cout + 1:
         return "inpaint"
+    learned = (
+        f"; {cout} = 2 x {cin} outputs are noise and a learned variance, DeepFloyd IF's layout, which fd_trt runs "
+        "as an IFPipeline (a UNet with addition_embed_type='text')"
+        if cout == 2 * cin
+        else ""
+    )
     raise UnsupportedModelError(
-        f"the UNet takes {cin} input channels and predicts {cout}: fd_trt drives text-to-image UNets "
-        f"({cout} in, {cout} out) and inpainting UNets ({2 * cout + 1} in: latents, mask, masked-image latents). "
-        "Use a Stable Diffusion 1.x/2.x UNet of one of these layouts"
+        f"the UNet takes {cin} input channels and predicts {cout}: fd_trt drives Stable Diffusion text-to-image "
+        f"UNets (as many channels in as out, C in and C out) and inpainting UNets (2C + 1 in: latents, mask, "
+        f"masked-image latents; C out){learned}. Use a UNet of one of these layouts"
     )

@@ -82,6 +82,8 @@ HIDDEN = "hidden"
 ADDED_CONDITIONING: dict[str | None, tuple[tuple[str, str], ...]] = {
     None: (),
     "text_time": (("text_embeds", FLOAT), ("time_ids", FLOAT32)),
+    # DeepFloyd IF: an attention pooling of the prompt embeddings themselves; no input of its own.
+    "text": (),
 }
 #: Inputs that are float32 in every graph, whatever its precision.
 FLOAT32_INPUTS = frozenset(

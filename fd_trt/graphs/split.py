@@ -11,6 +11,10 @@ micro-conditioning ``time_ids`` to the time embedding. Both halves take that con
 (``added = {"text_embeds": [N,P], "time_ids": [N,K]}``) and compute it as diffusers does, so the
 decoder's rows stay independent of the encoder's.
 
+DeepFloyd IF's UNets (``addition_embed_type="text"``, ``encoder_hid_dim_type="text_proj"``) add an
+attention pooling of the raw prompt embeddings to the time embedding and project the prompt to
+the cross-attention width; both halves take the raw prompt and do the same per row.
+
 Both modules share the UNet's parameters: nothing is copied.
 """
 
@@ -29,6 +33,9 @@ from torch import nn
 from fd_trt.core.features import Added, Features, added_tensors
 from fd_trt.errors import InputError, UnsupportedModelError
 from fd_trt.graphs.contract import ADDED_CONDITIONING, added_input_names, feature_tails
+
+#: The one ``encoder_hid_dim_type`` the split carries: a linear projection of the prompt (DeepFloyd IF).
+TEXT_PROJ = "text_proj"
 
 
 def check_supported(unet: nn.Module) -> None:
@@ -51,16 +58,18 @@ def check_supported_config(cfg: Any) -> None:
     get = cfg.get if isinstance(cfg, Mapping) else (lambda k, d=None: getattr(cfg, k, d))
     problems = []
     for key in ("class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim", "num_class_embeds"):
-        if get(key, None) is not None:
+        if get(key, None) is not None and not (key == "encoder_hid_dim_type" and get(key) == TEXT_PROJ):
             problems.append(f"{key}={get(key)!r}")
     if get("addition_embed_type", None) not in ADDED_CONDITIONING:
         problems.append(f"addition_embed_type={get('addition_embed_type')!r}")
+    elif get("addition_embed_type", None) == "text" and get("encoder_hid_dim", None) is None:
+        problems.append("addition_embed_type='text' without encoder_hid_dim (DeepFloyd IF's projection of T5)")
     if get("mid_block_type", "UNetMidBlock2DCrossAttn") is None:
         problems.append("mid_block_type=None")
     if problems:
         raise UnsupportedModelError(
-            "fd_trt splits SD 1.x/2.x- and SDXL-style UNets (text cross-attention, optionally SDXL's "
-            "addition_embed_type='text_time'); this UNet has "
+            "fd_trt splits SD 1.x/2.x-, SDXL- and DeepFloyd IF-style UNets (text cross-attention, optionally SDXL's "
+            "addition_embed_type='text_time' or IF's 'text' with encoder_hid_dim_type='text_proj'); this UNet has "
             + ", ".join(problems)
             + ". Use a UNet2DConditionModel without these options."
         )
@@ -76,21 +85,45 @@ def _take_time_modules(owner: nn.Module, unet: nn.Module) -> None:
     if owner.added_names:
         owner.add_time_proj = unet.add_time_proj
         owner.add_embedding = unet.add_embedding
+    # DeepFloyd IF: the time embedding adds an attention pooling of the raw prompt embeddings
+    # (addition_embed_type="text"), which are then projected to the cross-attention width.
+    owner.text_pooled = getattr(unet.config, "addition_embed_type", None) == "text"
+    if owner.text_pooled:
+        owner.add_embedding = unet.add_embedding
+    owner.encoder_hid_proj = getattr(unet, "encoder_hid_proj", None)
+
+
+def _text_conditioning(owner: nn.Module, emb: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """IF's text arithmetic, as UNet2DConditionModel's forward orders it: the pooled prompt added to
+    the time embedding (before its activation, which `_time_embedding()` applies), then the
+    prompt projected by ``encoder_hid_proj``. ``(emb, text)`` unchanged for other UNets."""
+    if owner.text_pooled:
+        emb = emb + owner.add_embedding(text).to(emb.dtype)
+    if owner.encoder_hid_proj is not None:
+        text = owner.encoder_hid_proj(text)
+    return emb, text
 
 
 def _time_embedding(
-    owner: nn.Module, timestep: torch.Tensor, dtype: torch.dtype, added: Sequence[torch.Tensor]
-) -> torch.Tensor:
+    owner: nn.Module,
+    timestep: torch.Tensor,
+    dtype: torch.dtype,
+    added: Sequence[torch.Tensor],
+    text: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     # Same arithmetic as UNet2DConditionModel's get_time_embed + time_embedding + get_aug_embed
-    # ("text_time") + time_embed_act, but with one timestep and one added conditioning per row.
+    # ("text_time", "text") + time_embed_act + process_encoder_hidden_states, but with one
+    # timestep and one added conditioning per row. Returns the embedding and the text the blocks read.
     emb = owner.time_embedding(owner.time_proj(timestep).to(dtype=dtype), None)
     if owner.added_names:
         text_embeds, time_ids = added
         time_embeds = owner.add_time_proj(time_ids.flatten()).reshape(text_embeds.shape[0], -1)
         emb = emb + owner.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(emb.dtype))
+    if text is not None:
+        emb, text = _text_conditioning(owner, emb, text)
     if owner.time_embed_act is not None:
         emb = owner.time_embed_act(emb)
-    return emb
+    return emb, text
 
 
 #: How many times a decoder call repeats its distinct rows: an ``int``, or the traced 0-d tensor
@@ -296,7 +329,7 @@ class UNetEncoder(nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         if self.unet_config.center_input_sample:
             sample = 2 * sample - 1.0
-        emb = _time_embedding(self, timestep, sample.dtype, added)
+        emb, encoder_hidden_states = _time_embedding(self, timestep, sample.dtype, added, encoder_hidden_states)
         sample = self.conv_in(sample)
         skips: tuple[torch.Tensor, ...] = (sample,)
         for block in self.down_blocks:
@@ -337,7 +370,11 @@ class UNetDecoder(nn.Module):
         (``to_k``, ``to_v``, or the fused ``to_kv``), looked up afresh (LoRA may have wrapped them)."""
         out = []
         for module in self.up_blocks.modules():
-            if getattr(module, "is_cross_attention", False):
+            if getattr(module, "add_k_proj", None) is not None:
+                # Added key/value attention (IF's SimpleCrossAttn blocks): to_k / to_v read the image
+                # tokens; add_k_proj / add_v_proj read the (normalized) text.
+                out.extend(m for m in (module.add_k_proj, module.add_v_proj) if m is not None)
+            elif getattr(module, "is_cross_attention", False):
                 out.extend(m for m in (getattr(module, n, None) for n in ("to_k", "to_v", "to_kv")) if m is not None)
         return out
 
@@ -349,7 +386,7 @@ class UNetDecoder(nn.Module):
         encoder_hidden_states: torch.Tensor,
         *added: torch.Tensor,
     ) -> torch.Tensor:
-        emb = _time_embedding(self, timestep, mid.dtype, added)
+        emb, encoder_hidden_states = _time_embedding(self, timestep, mid.dtype, added, encoder_hidden_states)
         res_all = tuple(skips)
         forward_upsample_size = any(int(d) % self.up_factor != 0 for d in res_all[0].shape[-2:])
         upsample_size = None

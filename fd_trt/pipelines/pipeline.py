@@ -51,6 +51,7 @@ from fd_trt.pipelines.loading import LoadingMixin
 from fd_trt.pipelines.lora import LoraMixin
 from fd_trt.pipelines.registry import pipeline_class_for
 from fd_trt.pipelines.runner_pool import PreparedSizesMixin, RunnerPool, resolve_backend
+from fd_trt.pipelines.token_merging import apply_token_merging, check_token_merging, set_token_merging_size
 from fd_trt.utils.flops import flop_counter_mode
 
 #: The name [`fd_trt.pipelines.sdxl`][fd_trt.pipelines.sdxl] imports [`ImageRun`][fd_trt.pipelines.image.ImageRun] by.
@@ -332,6 +333,10 @@ class FasterDiffusionPipeline(
             tensorrt, and ``auto`` when it chooses one) each ControlNet runs as its own graph,
             ``controlnet-<sha16>.onnx`` in the UNet's engine directory, exported on first use
             (with ``build_on_demand``) and re-exported when the ControlNet's weights change.
+        token_merging: a ratio r in (0, 1): Token Merging (tomesd) merges that fraction of the
+            image tokens in the UNet's highest-resolution transformer blocks, with every schedule;
+            ``backend="torch"`` only. It patches the wrapped pipeline's UNet
+            ([`fd_trt.pipelines.token_merging`][fd_trt.pipelines.token_merging]).
     """
 
     @property
@@ -353,6 +358,7 @@ class FasterDiffusionPipeline(
         build_on_demand: bool = True,
         owns_pipeline: bool = False,
         controlnet: Any = None,
+        token_merging: float | None = None,
     ) -> None:
         self.sd = sd_pipeline
         #: The model family of the wrapped pipeline ([`fd_trt.families.base.family_for_pipeline()`][fd_trt.families.base.family_for_pipeline]).
@@ -375,6 +381,10 @@ class FasterDiffusionPipeline(
         #: The model folder (``from_pretrained``), where saved calibrations are looked for.
         self.model_dir: Path | None = None
         self.backend, self.precision, self.auto_precision = resolve_backend(backend, precision, self.device)
+        #: Token Merging's ratio ([`fd_trt.pipelines.token_merging`][fd_trt.pipelines.token_merging]), ``None`` when off.
+        self.token_merging = check_token_merging(token_merging, self.backend)
+        if self.token_merging is not None:
+            apply_token_merging(sd_pipeline, self.token_merging)
         #: The runners: one fixed runner for every shape (torch, or one passed in), or graph runners per shape.
         self.pool = RunnerPool(self, backend if isinstance(backend, Runner) else None)
         self._flops = _FlopCounter()
@@ -549,6 +559,8 @@ class FasterDiffusionPipeline(
         """
         latents, text, control = image_run.latents, cond.text, image_run.control
         shape = (int(latents.shape[2]), int(latents.shape[3])), (int(text.shape[1]), int(text.shape[2]))
+        if self.token_merging is not None:
+            set_token_merging_size(self.sd.unet, *shape[0])
         with self.pool.using(*shape) as runner:
             if control is not None:
                 control.resolve_runners = functools.partial(self._controlnet_calls, runner)
@@ -559,11 +571,19 @@ class FasterDiffusionPipeline(
                 control=control,
                 initial_noise=image_run.initial_noise,
             )
-            options = dataclasses.replace(options, timesteps=image_run.timesteps, progress=self.progress)
+            options = dataclasses.replace(
+                self.sampler_options(options, scheduler), timesteps=image_run.timesteps, progress=self.progress
+            )
             if isinstance(key_schedule, DecoderSchedule) and key_schedule.shallow_steps:
                 _prepare_shallow_graphs(self.sd.unet, runner, key_schedule, int(text.shape[0]), options)
             x0 = run_sampler(runner, scheduler, latents, inputs, key_schedule, options, callback=callback, stats=stats)
         return x0, runner
+
+    def sampler_options(self, options: SamplerOptions, scheduler: Any) -> SamplerOptions:
+        """The sampler options a run of this model needs (every sampler run of the pipeline and of
+        calibration passes through here): unchanged for SD; a family's class may set what its UNet
+        needs (DeepFloyd IF: guide the noise channels only, keep the learned variance)."""
+        return options
 
     def decode_latents(self, latents: torch.Tensor, output_type: str) -> Any:
         """Stage 4: the VAE decode and diffusers' post-processing into ``output_type``."""

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from fd_trt.core.calibration import CALIBRATION_DIR, Calibration, calibration_file, find_calibration
-from fd_trt.core.schedule import KeySchedule, NoiseInjection
+from fd_trt.core.schedule import KeySchedule, NoiseInjection, parse_schedule
 from fd_trt.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -165,6 +165,7 @@ class Evaluator:
                 start_step=start,
                 progress=False,
             )
+            opts = self.pipe.sampler_options(opts, sched)  # the model's own needs (IF's learned variance)
             out = run_sampler(runner, sched, x, inputs, ks, opts, callback=callback)
         self.run_seconds += time.perf_counter() - t0
         self.evaluations += 1
@@ -541,7 +542,8 @@ def calibrate(
         if method == "dp+swap":
             keys, e = swap_refine(err, t_steps, keys, e, on_accept=ev.set_base)
     say(f"{method}: {keys} error {e:.4f} ({ev.evaluations} runs)")
-    paper = [s for s in (0, 1, 2, 3, 5, 10, 15, 25, 35) if s < t_steps]
+    # The model's "paper" key steps (DeepFloyd IF has its own).
+    paper = list(parse_schedule(pipe.resolve_schedule("paper", t_steps), t_steps).key_steps)
     ev._base = None
     return Calibration(
         key_steps=list(keys),

@@ -1,0 +1,182 @@
+"""FasterDiffusionIFPipeline: DeepFloyd IF stage I with encoder propagation.
+
+The model family ([`fd_trt.families.deepfloyd_if.DeepFloydIFFamily`][fd_trt.families.deepfloyd_if.DeepFloydIFFamily]) recognises, checks
+and encodes; this class changes what pixel space changes in the pipeline's stages:
+
+* the sampler starts from ``[B, 3, H, W]`` pixel noise (no VAE, a scale factor of 1);
+* classifier-free guidance mixes the noise channels only; the scheduler gets the conditional
+  rows' learned variance after them, as diffusers' ``IFPipeline`` does (or none, for a scheduler
+  without a learned variance);
+* ``schedule="paper"`` (and the default, without a saved calibration) is the authors' IF
+  schedule ([`fd_trt.families.deepfloyd_if.if_paper_key_steps()`][fd_trt.families.deepfloyd_if.if_paper_key_steps]);
+* prior noise injection adds ``alpha x_T`` to the image itself (DDPM's ``scale_model_input`` is
+  the identity, so the variance-preserving space is pixel space);
+* the output is diffusers' IF post-processing: ``(x / 2 + 0.5).clamp(0, 1)`` as ``np`` or ``pil``
+  images, or the raw ``[-1, 1]`` images with ``output_type="pt"`` (or ``"latent"``).
+
+``fd_trt.pipelines`` registers it for the ``"if"`` family, so ``FasterDiffusionPipeline.from_diffusers(IFPipeline(...))``
+returns one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from fd_trt.core.sampler import SamplerOptions
+from fd_trt.core.schedule import NoiseInjection, ScheduleSpec
+from fd_trt.errors import InputError
+from fd_trt.families.deepfloyd_if import DeepFloydIFFamily, if_layout, if_paper_key_steps
+from fd_trt.pipelines.pipeline import FasterDiffusionOutput, FasterDiffusionPipeline
+
+#: Output types of the IF pipeline: diffusers' ``pt`` returns the raw images.
+IF_OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+class FasterDiffusionIFPipeline(FasterDiffusionPipeline):
+    """DeepFloyd IF stage I (a diffusers ``IFPipeline``) with Faster Diffusion's encoder propagation.
+
+    Construct it like [`FasterDiffusionPipeline`][fd_trt.pipelines.pipeline.FasterDiffusionPipeline]; ``from_diffusers``
+    on the base class returns this class for IF models.
+    """
+
+    def _check_model(self) -> None:
+        if not isinstance(self.family, DeepFloydIFFamily):
+            raise InputError(
+                f"FasterDiffusionIFPipeline wraps a DeepFloyd IF pipeline (a UNet with addition_embed_type='text'), "
+                f"got a {self.family.name!r} model: use FasterDiffusionPipeline.from_diffusers(pipe)"
+            )
+        super()._check_model()
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """1: IF denoises pixels."""
+        return 1
+
+    @property
+    def image_channels(self) -> int:
+        return if_layout(self.sd.unet.config)[0]
+
+    def resolve_schedule(self, schedule: Any, num_inference_steps: int, scheduler: str | None = None) -> Any:
+        """As the base class, with ``"paper"`` the authors' IF key steps."""
+        spec = super().resolve_schedule(schedule, num_inference_steps, scheduler)
+        if isinstance(spec, str) and spec.strip().lower() == "paper":
+            return if_paper_key_steps(num_inference_steps)
+        return spec
+
+    def prepare_latents(
+        self,
+        batch: int,
+        height: int,
+        width: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        scheduler: Any,
+    ) -> torch.Tensor:
+        """The initial noisy images ``[B, C, H, W]`` (diffusers' ``prepare_intermediate_images``).
+
+        Raises:
+            InputError: when given ``latents`` (the initial images) have another shape.
+        """
+        shape = (batch, self.image_channels, height, width)
+        if latents is None:
+            from diffusers.utils.torch_utils import randn_tensor
+
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+        else:
+            if tuple(latents.shape) != shape:
+                raise InputError(
+                    f"latents (the initial noisy images) have shape {tuple(latents.shape)}, expected {shape} for "
+                    f"{batch} images of {height}x{width}"
+                )
+            latents = latents.to(self.device, torch.float32)
+        return latents * scheduler.init_noise_sigma
+
+    def sampler_options(self, options: SamplerOptions, scheduler: Any) -> SamplerOptions:
+        """Guide the noise channels only: the learned variance is the conditional rows', and is
+        dropped for a scheduler without a learned variance (diffusers' ``IFPipeline``)."""
+        channels, learned = if_layout(self.sd.unet.config)
+        if not learned:
+            return options
+        keep = getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range")
+        return dataclasses.replace(options, noise_channels=channels, keep_variance=keep)
+
+    def decode_latents(self, latents: torch.Tensor, output_type: str) -> Any:
+        """diffusers' IF post-processing: ``pt`` / ``latent`` return the raw images, ``np`` and ``pil``
+        the images mapped to [0, 1] (through the wrapped pipeline's safety checker when it has one)."""
+        if output_type in ("pt", "latent"):
+            return latents
+        image = (latents / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
+        if getattr(self.sd, "safety_checker", None) is not None:
+            image, _, _ = self.sd.run_safety_checker(image, self.device, latents.dtype)
+        if output_type == "pil":
+            return self.sd.numpy_to_pil(image)
+        return image
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 100,
+        guidance_scale: float = 7.0,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        schedule: ScheduleSpec | Any | None = None,
+        noise_injection: bool | NoiseInjection | None = None,
+        parallel: bool = True,
+        max_decoder_rows: int | None = None,
+        callback_on_step_end: Callable[[Any, int, Any, dict[str, Any]], dict[str, Any] | None] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        clean_caption: bool = False,
+    ) -> FasterDiffusionOutput:
+        """Generates 64x64 (the UNet's sample size) images, as diffusers' ``IFPipeline``.
+
+        Args:
+            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
+            num_images_per_prompt, eta, generator, output_type, clean_caption: as in diffusers'
+                ``IFPipeline`` (``output_type="pt"``: the raw images in [-1, 1]); ``clean_caption``
+                is off by default (diffusers' needs bs4 and ftfy).
+            latents: the initial noisy images ``[B, 3, H, W]`` (diffusers draws them from ``generator``).
+            schedule: as [`FasterDiffusionPipeline.__call__()`][fd_trt.pipelines.pipeline.FasterDiffusionPipeline.__call__]; ``"paper"`` is the authors' IF
+                schedule ([`if_paper_key_steps()`][fd_trt.families.deepfloyd_if.if_paper_key_steps]).
+            noise_injection, parallel, max_decoder_rows, callback_on_step_end,
+            callback_on_step_end_tensor_inputs: as [`FasterDiffusionPipeline.__call__()`][fd_trt.pipelines.pipeline.FasterDiffusionPipeline.__call__]; the
+                callback's ``"latents"`` are the noisy images.
+
+        Returns:
+            [`FasterDiffusionOutput`][fd_trt.pipelines.pipeline.FasterDiffusionOutput]; ``latents`` holds the final raw images.
+        """
+        if output_type not in IF_OUTPUT_TYPES:
+            raise InputError(f"output_type must be one of {', '.join(IF_OUTPUT_TYPES)}, got {output_type!r}")
+        return self._generate(
+            prompt,
+            negative_prompt,
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale,
+            num_images_per_prompt,
+            eta,
+            generator,
+            latents,
+            "latent" if output_type == "pt" else output_type,
+            schedule,
+            noise_injection,
+            parallel,
+            max_decoder_rows,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            prompt_options={"clean_caption": clean_caption},
+        )
+
+
+__all__ = ["IF_OUTPUT_TYPES", "FasterDiffusionIFPipeline"]

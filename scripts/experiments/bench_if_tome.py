@@ -1,0 +1,156 @@
+#!/usr/bin/env python
+"""DeepFloyd IF stage I and Token Merging: diffusers against fd_trt ``all`` / ``paper`` on torch.
+
+Random weights at the real layouts, timed in one process side by side (compare ratios only):
+
+* ``--case if``: IF-I-M's stage-I UNet (``if_m_arch_pipeline``) at 64x64 pixels, IF's DDPM
+  scheduler, CFG 7; rows diffusers ``IFPipeline``, fd_trt ``all`` and ``paper`` (the authors' IF
+  key steps), with the relative L2 of the final images against diffusers;
+* ``--case tome``: sd15-arch at ``--size`` pixels, DDIM; rows fd_trt ``paper`` and ``paper`` +
+  ToMe (``--ratio``), with ``all`` + ToMe against tomesd-patched diffusers.
+
+    python scripts/experiments/bench_if_tome.py --case if --steps 25 --json if.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+
+def _cpu() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def bench_if(steps: int, tiny: bool) -> dict:
+    from fd_trt import FasterDiffusionPipeline
+    from fd_trt.families.deepfloyd_if import if_m_arch_pipeline, tiny_if_pipeline
+
+    sd = tiny_if_pipeline(seed=0) if tiny else if_m_arch_pipeline(seed=0)
+    fd = FasterDiffusionPipeline.from_diffusers(sd, backend="torch", device="cpu", progress=False)
+    prompt = "a lone sailboat drifting on calm waters"
+
+    def gen():
+        return torch.Generator().manual_seed(0)
+
+    common = dict(num_inference_steps=steps, output_type="pt")
+    fd(prompt, num_inference_steps=2, output_type="pt", schedule="all")  # warm-up
+    ref, t_ref = timed(lambda: sd(prompt, generator=gen(), clean_caption=False, **common).images)
+    rows = [{"row": "diffusers", "seconds": t_ref}]
+    for schedule in ("all", "paper"):
+        out, t = timed(lambda s=schedule: fd(prompt, generator=gen(), schedule=s, **common))
+        rows.append(
+            {
+                "row": f"fd_trt torch {schedule}",
+                "seconds": t,
+                "speedup_vs_diffusers": t_ref / t,
+                "rel_l2_vs_diffusers": rel_l2(out.images, ref),
+                "key_steps": len(out.stats.key_steps),
+            }
+        )
+    config = "tiny IF (smoke run)" if tiny else "IF-I-M stage I UNet, 64x64, random weights"
+    return {"case": "if", "config": config, "steps": steps, "rows": rows}
+
+
+def bench_tome(steps: int, size: int, ratio: float, tiny: bool) -> dict:
+    import tomesd
+
+    from fd_trt import FasterDiffusionPipeline
+    from fd_trt.families.models import sd15_arch_pipeline, tiny_sd_pipeline
+
+    if tiny:
+
+        def sd15_arch_pipeline(seed):  # noqa: F811 - the smoke run's stand-in
+            return tiny_sd_pipeline(seed, sample_size=size // 8)
+
+    prompt = "a red circle on the left"
+    common = dict(num_inference_steps=steps, height=size, width=size, output_type="latent")
+
+    def gen():
+        return torch.Generator().manual_seed(0)
+
+    plain = FasterDiffusionPipeline.from_diffusers(sd15_arch_pipeline(0), backend="torch", device="cpu", progress=False)
+    plain(prompt, num_inference_steps=2, height=size, width=size, output_type="latent")  # warm-up
+    ref_all = plain(prompt, generator=gen(), schedule="all", **common).images
+    paper, t_paper = timed(lambda: plain(prompt, generator=gen(), schedule="paper", **common).images)
+    sd = sd15_arch_pipeline(0)
+    merged = FasterDiffusionPipeline.from_diffusers(
+        sd, backend="torch", device="cpu", progress=False, token_merging=ratio
+    )
+    torch.manual_seed(1)
+    merged(prompt, num_inference_steps=2, height=size, width=size, output_type="latent")  # warm-up
+    torch.manual_seed(1)
+    sd.unet._tome_info["args"]["generator"] = None
+    tome_paper, t_tome = timed(lambda: merged(prompt, generator=gen(), schedule="paper", **common).images)
+    sd.unet._tome_info["args"]["generator"] = None
+    torch.manual_seed(1)
+    tome_all = merged(prompt, generator=gen(), schedule="all", **common).images
+    sd.unet._tome_info["args"]["generator"] = None
+    torch.manual_seed(1)
+    tomesd_ref = sd(prompt, generator=gen(), **common).images
+    tomesd.remove_patch(sd)
+    return {
+        "case": "tome",
+        "config": f"sd15-arch, {size}x{size}, DDIM-{steps}, ToMe ratio {ratio}, random weights",
+        "rows": [
+            {"row": "fd_trt torch paper", "seconds": t_paper, "rel_l2_vs_all": rel_l2(paper, ref_all)},
+            {
+                "row": "fd_trt torch paper + ToMe",
+                "seconds": t_tome,
+                "speedup_vs_paper": t_paper / t_tome,
+                "rel_l2_vs_all": rel_l2(tome_paper, ref_all),
+            },
+            {
+                "row": "fd_trt torch all + ToMe vs tomesd diffusers",
+                "max_abs": float((tome_all - tomesd_ref).abs().max()),
+            },
+        ],
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--case", choices=("if", "tome"), required=True)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tiny", action="store_true", help="tiny random models: a smoke run of the script")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.case == "if":
+        result = bench_if(args.steps, args.tiny)
+    else:
+        result = bench_tome(args.steps, args.size, args.ratio, args.tiny)
+    result.update(cpu=_cpu(), threads=args.threads, command=" ".join(["bench_if_tome.py", *__import__("sys").argv[1:]]))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
