@@ -5,8 +5,8 @@ The encoder's inputs take ``rows`` (``RowProfile``: min / opt / max rows of one 
 decoder's tokens and conditioning take the key step's rows as well, and its ``timestep`` (and
 ``noise_pred``) ``S x rows`` step rows, up to ``steps`` steps per call, tuned at ``opt_steps``.
 TensorRT is imported only when a plan is built ([`require_tensorrt()`][fd_trt.backends.tensorrt_build.require_tensorrt]). The plans are written
-next to the ONNX graphs as ``encoder.plan`` and ``decoder.plan``; running them is left to a GPU
-session (docs/guides/dit.md).
+next to the ONNX graphs as ``encoder.plan`` and ``decoder.plan``; no runner for them is written
+yet (docs/guides/dit.md).
 """
 
 from __future__ import annotations
