@@ -153,7 +153,10 @@ def _manifest(*plans: PlanRecord) -> Manifest:
         encoder_rows=[1, 2],
         decoder_rows=[1, 30],
         versions={},
-        graphs={"decoder": GraphRecord("decoder.onnx", "g" * 64, 1)},
+        graphs={
+            "encoder": GraphRecord("encoder.onnx", "e" * 64, 1),
+            "decoder": GraphRecord("decoder.onnx", "g" * 64, 1),
+        },
         plans={p.file: p for p in plans},
     )
 

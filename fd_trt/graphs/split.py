@@ -439,6 +439,9 @@ def _run_up_layers(
     Returns:
         ``(noise_pred, {layer: hidden state entering it})``.
     """
+    from diffusers.models.attention_processor import Attention  # diffusers is imported lazily
+    from diffusers.models.resnet import ResnetBlock2D
+
     layers = up_layers(dec.up_blocks)
     n_layers = len(layers)
     forward_upsample_size = any(int(d) % dec.up_factor != 0 for d in skips[0].shape[-2:])
@@ -453,12 +456,19 @@ def _run_up_layers(
         sample = block.resnets[j](sample, emb)
         attentions = getattr(block, "attentions", None)
         if attentions is not None:
-            sample = attentions[j](sample, encoder_hidden_states=text, return_dict=False)[0]
+            attention = attentions[j]
+            if isinstance(attention, Attention):  # IF's SimpleCrossAttnUpBlock2D: a bare attention
+                sample = attention(sample, encoder_hidden_states=text)
+            else:  # a Transformer2DModel
+                sample = attention(sample, encoder_hidden_states=text, return_dict=False)[0]
         if j == len(block.resnets) - 1 and block.upsamplers is not None:
             if i < len(dec.up_blocks) - 1 and forward_upsample_size:
                 upsample_size = skips[n_layers - 2 - f].shape[2:]
             for upsampler in block.upsamplers:
-                sample = upsampler(sample, upsample_size)
+                # IF's up blocks upsample with a resnet (up=True), which reads the time embedding.
+                sample = (
+                    upsampler(sample, emb) if isinstance(upsampler, ResnetBlock2D) else upsampler(sample, upsample_size)
+                )
     if dec.conv_norm_out is not None:
         sample = dec.conv_norm_out(sample)
         sample = dec.conv_act(sample)
@@ -487,7 +497,7 @@ class ShallowDecoder(nn.Module):
 
     def forward(self, hidden: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
         skips, (timestep, text, *added) = args[: self.depth], args[self.depth :]
-        emb = _time_embedding(self.decoder, timestep, hidden.dtype, added)
+        emb, text = _time_embedding(self.decoder, timestep, hidden.dtype, added, text)
         return _run_up_layers(self.decoder, hidden, skips, emb, text, self.start)[0]
 
 
@@ -585,7 +595,7 @@ class SplitUNet:
                 f"text {tuple(text.shape)}; expand the features with Features.repeat first"
             )
         extra = added_tensors(self.added_names, added, features.rows)
-        emb = _time_embedding(self.decoder, timestep, features.mid.dtype, extra)
+        emb, text = _time_embedding(self.decoder, timestep, features.mid.dtype, extra, text)
         noise, caught = _run_up_layers(
             self.decoder, features.mid, features.skips, emb, text, 0, [n_layers - d for d in depths]
         )
