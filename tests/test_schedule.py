@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from fd_trt.core.schedule import NoiseInjection, parse_schedule
@@ -84,3 +86,33 @@ def test_huge_schedule_strings_are_rejected_fast():
     with pytest.raises(ScheduleError, match="key steps but the run has only 50"):
         parse_schedule(",".join(["0"] * 200_000), 50)
     assert time.perf_counter() - t0 < 1.0
+
+
+def test_power_places_k_steps_densely_at_the_start():
+    # round(50 * (i/17)^2) for i = 0..16, by hand: 0, 0.17, 0.69, 1.56, 2.77, 4.33, 6.23, 8.48, 11.07,
+    # 14.01, 17.30, 20.93, 24.91, 29.24, 33.91, 38.93, 44.29; a step that rounds onto the one before
+    # moves one later (0, 0, 1, 2, 3, 4, 6 -> 0, 1, 2, 3, 4, 5, 6).
+    assert parse_schedule("power:17", 50).key_steps == (0, 1, 2, 3, 4, 5, 6, 8, 11, 14, 17, 21, 25, 29, 34, 39, 44)
+    # exponent 1 is an even spread: round(50 * i / 10) = 0, 5, .., 45 = uniform:5.
+    assert parse_schedule("power:10:1", 50) == parse_schedule("uniform:5", 50)
+    assert parse_schedule("power:20:2.5", 20).key_steps == tuple(range(20))  # K = T: every step
+    s = parse_schedule("combined:power:13:2.5|none|1|fresh", 50)
+    assert s.key_steps == (0, 1, 2, 3, 4, 5, 7, 11, 15, 20, 26, 33, 41) and s.fresh_input
+    assert parse_schedule(s.spec, 50) == s  # the explicit form reads back
+
+
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        ("power:0", "K in [1, 50]"),
+        ("power:51", "K in [1, 50]"),
+        ("power:x", "integer K"),
+        ("power:5:y", "integer K"),
+        ("power:5:0", "exponent P in (0, 10]"),
+        ("power:5:nan", "exponent P in (0, 10]"),
+        ("power:5:inf", "exponent P in (0, 10]"),
+    ],
+)
+def test_bad_power_specs_name_the_fix(spec, fragment):
+    with pytest.raises(ScheduleError, match=re.escape(fragment)):
+        parse_schedule(spec, 50)

@@ -118,11 +118,39 @@ def _validate(key_steps: Sequence[int], num_steps: int) -> None:
         )
 
 
+#: The default exponent of ``power:K``: measured best with DeepCache-like decoder schedules on the
+#: default model (docs/guides/deepcache-front.md).
+POWER_DEFAULT_EXPONENT = 2.0
+
+
+def power_steps(count: int, num_steps: int, exponent: float = POWER_DEFAULT_EXPONENT) -> tuple[int, ...]:
+    """``count`` steps placed at ``round(T * (i / count) ** exponent)``, ``i = 0 .. count-1``.
+
+    An exponent above 1 puts them densely at the start of sampling, where a reused feature changes
+    the result most (the paper's own key steps are dense there too); 1 is an even spread. Steps
+    that round onto the one before move one step later, so there are always exactly ``count``.
+
+    Raises:
+        ScheduleError: for a count outside ``[1, num_steps]`` or an exponent that is not positive.
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= num_steps:
+        raise ScheduleError(f"power:K needs K in [1, {num_steps}] (the run's steps), got {count!r}; e.g. power:12")
+    if isinstance(exponent, bool) or not isinstance(exponent, (int, float)) or not 0 < exponent <= 10:
+        raise ScheduleError(f"power:K:P needs an exponent P in (0, 10], got {exponent!r}; e.g. power:12:2")
+    steps: list[int] = []
+    for i in range(count):
+        at = int(round(num_steps * (i / count) ** exponent))
+        at = max(at, steps[-1] + 1 if steps else 0)
+        steps.append(min(at, num_steps - count + i))  # leave room for the steps still to place
+    return tuple(steps)
+
+
 def parse_schedule(spec: ScheduleSpec, num_steps: int) -> KeySchedule:
     """Turns a schedule spec into a validated [`KeySchedule`][fd_trt.core.schedule.KeySchedule].
 
     Args:
-        spec: ``"paper"``, ``"all"``, ``"uniform:N"``, a comma-separated list such as ``"0,1,2,5"``,
+        spec: ``"paper"``, ``"all"``, ``"uniform:N"``, ``"power:K[:P]"`` (K steps dense at the start,
+            [`power_steps()`][fd_trt.core.schedule.power_steps]), a comma-separated list such as ``"0,1,2,5"``,
             a sequence of step indices, or a [`KeySchedule`][fd_trt.core.schedule.KeySchedule] (checked against ``num_steps``).
         num_steps: the number of scheduler steps, ``len(scheduler.timesteps)``.
 
@@ -157,6 +185,16 @@ def parse_schedule(spec: ScheduleSpec, num_steps: int) -> KeySchedule:
             if n <= 0:
                 raise ScheduleError(f"uniform:N needs a positive integer N, got {spec!r}; e.g. uniform:5")
             return KeySchedule(tuple(range(0, num_steps, n)), num_steps)
+        m = re.fullmatch(r"power:([^:\s]+)(?::(\S+))?", text)
+        if m:
+            try:
+                count = int(m.group(1))
+                exponent = float(m.group(2)) if m.group(2) is not None else POWER_DEFAULT_EXPONENT
+            except ValueError:
+                raise ScheduleError(
+                    f"power:K[:P] needs an integer K and a number P, got {spec!r}; e.g. power:12 or power:12:2.5"
+                ) from None
+            return KeySchedule(power_steps(count, num_steps, exponent), num_steps)
         decoder = _parse_decoder_spec(spec, text, num_steps)
         if decoder is not None:
             return decoder
@@ -164,7 +202,7 @@ def parse_schedule(spec: ScheduleSpec, num_steps: int) -> KeySchedule:
             items = [s for s in re.split(r"[\s,\[\]]+", text) if s]
             return KeySchedule(tuple(int(s) for s in items), num_steps)
         raise ScheduleError(
-            f"unknown schedule {spec!r}: use 'paper', 'all', 'uniform:N', a list of step indices like '0,1,2,5', "
+            f"unknown schedule {spec!r}: use 'paper', 'all', 'uniform:N', 'power:K[:P]', a list of step indices like '0,1,2,5', "
             "'deepcache:N' or 'combined:KEYS|FULL|DEPTH'"
         )
     try:

@@ -113,25 +113,38 @@ FRONT_SCHEDULES: tuple[str, ...] = (
     "paper",
     "calibrated",
     "uniform:5",
-    "combined:uniform:2|all|1",
     "combined:uniform:3|uniform:2|1",
     "combined:uniform:5|uniform:2|1",
     "combined:uniform:4|none|1",
     "combined:paper|uniform:2|1",
-    "combined:uniform:5|uniform:3|1|fresh",
     "deepcache:3",
 )
+#: DeepCache-like decoder schedules with their whole-decoder steps dense at the start
+#: (``combined:power:K:P|none|1|fresh``), K as these fractions of the step count.
+FRONT_DENSE_FRACTIONS: tuple[float, ...] = (0.16, 0.2, 0.26, 0.34, 0.4, 0.5)
+
+
+def dense_front_schedules(steps: int) -> tuple[str, ...]:
+    """The ``power:K`` DeepCache-like rows of the front for a run of ``steps`` steps."""
+    counts = sorted({k for k in (round(steps * f) for f in FRONT_DENSE_FRACTIONS) if 2 <= k < steps})
+    return tuple(f"combined:power:{k}|none|1|fresh" for k in counts)
+
+
 #: DeepCache's intervals and T-GATE's gate steps on the front.
 FRONT_DEEPCACHE_INTERVALS: tuple[int, ...] = (2, 3, 4, 5, 7)
 FRONT_TGATE_GATE_STEPS: tuple[int, ...] = (5, 10, 20, 30)
 
 
 def front_config(cfg: BenchConfig) -> BenchConfig:
-    """``cfg`` with every method's knob swept (``--front``): fd_trt's `FRONT_SCHEDULES` after
-    its own schedules, and the peers' knobs. ``calibrated`` only where a calibration is saved."""
+    """``cfg`` with every method's knob swept (``--front``): fd_trt's `FRONT_SCHEDULES` and
+    [`dense_front_schedules()`][fd_trt.tools.bench.dense_front_schedules] after its own schedules, and the peers' knobs. ``calibrated`` only where a calibration is saved."""
     folder = _model_folder(cfg.model)
     calibrated = folder is not None and (folder / "calibrations").is_dir()
-    extra = tuple(x for x in FRONT_SCHEDULES if x not in cfg.schedules and (x != "calibrated" or calibrated))
+    extra = tuple(
+        x
+        for x in FRONT_SCHEDULES + dense_front_schedules(cfg.steps)
+        if x not in cfg.schedules and (x != "calibrated" or calibrated)
+    )
     return dataclasses.replace(
         cfg,
         schedules=tuple(cfg.schedules) + extra,

@@ -2,7 +2,8 @@
 speed target or an error target (docs/guides/deepcache-front.md).
 
 The search is over a grid of combined schedules ([`fd_trt.core.schedule.combined_schedule()`][fd_trt.core.schedule.combined_schedule]):
-key steps every ``n`` steps, ``paper`` or a saved key-step calibration; the steps that run the
+key steps every ``n`` steps, ``paper``, a saved key-step calibration, or ``power:K:P`` (dense at the
+start, with only the key steps running the whole decoder); the steps that run the
 whole decoder (only the key steps, every 2nd or 3rd step, or all of them: plain encoder
 propagation); the shallow depth (1 or 2 up layers); and, at depth 1, shallow steps that read their
 own latents' ``conv_in`` (DeepCache's branch 0). Each candidate's UNet-time speedup over ``all``
@@ -91,10 +92,18 @@ def candidate_schedules(num_steps: int, extra_keys: Sequence[Sequence[int]] = ()
     """The search grid (see the module docstring), without duplicates."""
     keys: list[Any] = [f"uniform:{n}" for n in range(2, 11)] + ["paper", *(list(k) for k in extra_keys)]
     fulls: list[Any] = [None, "uniform:2", "uniform:3", "all"]
+    # Key steps dense at the start (power:K:P), with only the key steps running the whole decoder:
+    # at equal cost far less error than an even spread (docs/guides/deepcache-front.md).
+    dense = [
+        f"power:{n}:{p}"
+        for n in range(max(2, num_steps // 8), max(3, num_steps * 3 // 5) + 1, 2)
+        for p in (2, 2.5)
+        if n <= num_steps
+    ]
     seen: set[tuple[Any, ...]] = set()
     out: list[DecoderSchedule] = []
-    for k in keys:
-        for full in fulls:
+    for k in keys + dense:
+        for full in fulls if k not in dense else [None]:
             for depth, fresh in ((1, False), (1, True), (2, False)):
                 if full == "all" and (depth, fresh) != (1, False):
                     continue  # no shallow step: one candidate is enough
