@@ -154,6 +154,36 @@ def test_stochastic_scheduler_rows_use_their_own_generators(reference):
     assert rel_l2(results[0].latents, results[1].latents) > 0.1
 
 
+def test_decoder_schedules_are_served_as_asked_and_never_batched_with_key_steps_alone(reference):
+    # "deepcache:3" has the key steps of "uniform:3" plus shallow depths: the server must run the
+    # depths (not drop them) and keep the two requests in separate sampler calls.
+    reqs = [
+        GenerateRequest(prompt="a red circle", seed=5, steps=STEPS, schedule=s)
+        for s in ("deepcache:3", "uniform:3", "combined:power:4|none|1|fresh")
+    ]
+    rt = make_runtime(max_batch=3, max_wait_ms=500)
+    try:
+        results = [f.result(timeout=120) for f in [rt.submit(r) for r in reqs]]
+    finally:
+        rt.shutdown()
+    assert [r.batch_size for r in results] == [1, 1, 1]
+    refs = [solo(reference, r) for r in reqs]
+    for res, ref in zip(results, refs):
+        assert rel_l2(res.latents, ref) < 1e-5
+    assert rel_l2(refs[0], refs[1]) > 1e-3  # the depths change the result: dropping them would show
+
+
+def test_decoder_schedules_are_refused_up_front_where_the_backend_cannot_run_them(monkeypatch):
+    rt = make_runtime()
+    try:
+        monkeypatch.setattr(rt.pipeline, "backend", "tensorrt")
+        with pytest.raises(InputError, match=r"'deepcache:3' has shallow decoder steps.*--backend torch"):
+            rt.check(GenerateRequest(prompt="x", steps=STEPS, schedule="deepcache:3"))
+        rt.check(GenerateRequest(prompt="x", steps=STEPS, schedule="uniform:3"))  # key steps only: fine
+    finally:
+        rt.shutdown()
+
+
 def test_async_generate_and_random_seed_is_reported(reference):
     rt = make_runtime(max_batch=2)
     try:

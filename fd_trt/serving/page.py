@@ -66,7 +66,7 @@ label {{ display: block; margin: .5rem 0; }} input {{ width: 100%; box-sizing: b
 <label>Prompt <input id="prompt" required maxlength="1000" value=""></label>
 <label>Size (width x height) <input id="size" value="64x64" pattern="[0-9]+x[0-9]+"></label>
 <label>Steps <input id="steps" type="number" min="1" value="20"></label>
-<label>Schedule (paper, all, uniform:N, calibrated; empty: the server's default)
+<label>Schedule (paper, all, uniform:N, power:K, calibrated, deepcache:N; empty: the server's default)
 <input id="schedule" value=""></label>
 <button id="go" type="submit">Generate</button>
 </form>

@@ -37,7 +37,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fd_trt.core.schedule import parse_schedule
+from fd_trt.core.schedule import DecoderSchedule, KeySchedule, parse_schedule
 from fd_trt.errors import FdTrtError, InputError
 from fd_trt.families.models import SCHEDULERS
 from fd_trt.graphs.split import feature_bytes_per_row
@@ -142,8 +142,9 @@ class GenerateRequest:
         guidance: CFG scale; ``<= 1`` turns CFG off.
         height, width: image size; ``None`` is the model's native size.
         scheduler: ``ddim``, ``dpmpp``, ``pndm``, ``euler`` or ``ddpm``.
-        schedule: key steps: ``"paper"``, ``"all"``, ``"uniform:N"``, ``"calibrated"`` or a list of step
-            indices; ``None`` (default): the model's saved calibration for the request's scheduler and
+        schedule: key steps: ``"paper"``, ``"all"``, ``"uniform:N"``, ``"power:K[:P]"``, ``"calibrated"``
+            or a list of step indices; or a decoder schedule (``"deepcache:N"``, ``"combined:..."``,
+            not on TensorRT); ``None`` (default): the model's saved calibration for the request's scheduler and
             step count, else ``"paper"``, as in the pipeline.
         noise_injection: prior noise injection; ``None`` is on exactly when the schedule propagates.
         timeout_s: seconds from submission until the request fails with
@@ -227,15 +228,16 @@ class _Job:
     seed: int
     height: int
     width: int
-    key_steps: tuple[int, ...]
+    #: The parsed schedule: key steps, and for a decoder schedule its per-step depths too.
+    schedule: KeySchedule
     future: Future
     submitted: float
     deadline: float
 
     @property
     def batch_key(self) -> tuple[Any, ...]:
-        """Requests share a sampler call only when all of this agrees: size, steps, scheduler, key
-        steps, guidance, noise injection, image mode, strength and LoRA adapter."""
+        """Requests share a sampler call only when all of this agrees: size, steps, scheduler, schedule
+        (key steps and decoder depths), guidance, noise injection, image mode, strength and LoRA adapter."""
         r = self.request
         strength = None if r.strength is None else float(r.strength)
         return (
@@ -243,7 +245,7 @@ class _Job:
             self.width,
             r.steps,
             r.scheduler,
-            self.key_steps,
+            self.schedule,
             float(r.guidance),
             r.noise_injection,
             r.mode,
@@ -537,11 +539,13 @@ class ServingRuntime:
         return cls(pipe, **kwargs)
 
     # requests ---------------------------------------------------------------------------------
-    def check(self, request: GenerateRequest) -> tuple[int, int, tuple[int, ...]]:
+    def check(self, request: GenerateRequest) -> tuple[int, int, KeySchedule]:
         """Validates a request against the limits and the model.
 
         Returns:
-            ``(height, width, key_steps)`` with the defaults filled in.
+            ``(height, width, schedule)`` with the defaults filled in; ``schedule`` is the parsed
+            [`KeySchedule`][fd_trt.core.schedule.KeySchedule] (a
+            [`DecoderSchedule`][fd_trt.core.schedule.DecoderSchedule] for ``deepcache:N`` and ``combined:...``).
 
         Raises:
             InputError: naming the bad field, its value and what is allowed.
@@ -645,8 +649,15 @@ class ServingRuntime:
             if run != num_steps:
                 num_steps = cal_steps = run
         spec = self.pipeline.resolve_schedule(request.schedule, cal_steps, request.scheduler)
-        key_steps = tuple(parse_schedule(spec, num_steps).key_steps)  # ScheduleError is an InputError
-        return sizes[0], sizes[1], key_steps
+        # The whole schedule travels with the job: a decoder schedule (deepcache:N, combined:...)
+        # keeps its depths, which key steps alone would drop.
+        schedule = parse_schedule(spec, num_steps)  # ScheduleError is an InputError
+        if isinstance(schedule, DecoderSchedule) and schedule.shallow_steps and self.pipeline.backend == "tensorrt":
+            raise InputError(
+                f"schedule {request.schedule!r} has shallow decoder steps, which the tensorrt backend does not "
+                "run: serve with --backend torch, onnxruntime or auto, or ask for a key-step schedule"
+            )
+        return sizes[0], sizes[1], schedule
 
     def submit(self, request: GenerateRequest) -> Future[GenerateResult]:
         """Queues a request; thread-safe.
@@ -663,11 +674,11 @@ class ServingRuntime:
         # Room first: a full queue is refused before the costly validation (a scheduler copy, the
         # schedule parse), so a flood of requests costs the server next to nothing.
         self._check_room()
-        height, width, key_steps = self.check(request)
+        height, width, schedule = self.check(request)
         now = time.perf_counter()
         timeout = self.timeout_for(request)
         seed = request.seed if request.seed is not None else secrets.randbits(63)
-        job = _Job(request, seed, height, width, key_steps, Future(), now, now + timeout if timeout else math.inf)
+        job = _Job(request, seed, height, width, schedule, Future(), now, now + timeout if timeout else math.inf)
         with self._cv:
             self._check_room()
             self._queue.append(job)
@@ -983,10 +994,9 @@ class ServingRuntime:
         for runner in self._auto_runners():
             h, w = int(runner.latent_shape[1]) * f, int(runner.latent_shape[2]) * f
             try:
-                _, _, key_steps = self.check(GenerateRequest(prompt="tune", height=h, width=w))
+                _, _, schedule = self.check(GenerateRequest(prompt="tune", height=h, width=w))
             except InputError:
                 continue
-            schedule = parse_schedule(list(key_steps), self._num_steps(req))
             per_image = self._rows_per_image(req.guidance)
             for n in dict.fromkeys((1, self._batch_cap(h, w, req.guidance))):
                 runner.plan(schedule, n * per_image, True, self.decoder_rows_cap(h, w))
@@ -1128,7 +1138,7 @@ class ServingRuntime:
                 num_inference_steps=req.steps,
                 guidance_scale=float(req.guidance),
                 generator=[torch.Generator().manual_seed(j.seed) for j in jobs],
-                schedule=list(jobs[0].key_steps),
+                schedule=jobs[0].schedule,
                 noise_injection=req.noise_injection,
                 max_decoder_rows=self.decoder_rows_cap(jobs[0].height, jobs[0].width),
                 callback_on_step_end=still_wanted,
