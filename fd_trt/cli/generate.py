@@ -31,7 +31,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--schedule",
         default=None,
-        help="paper | all | uniform:N | calibrated | FILE.json | comma-separated key steps "
+        help="paper | all | uniform:N | power:K[:P] | deepcache:N | combined:KEYS|FULL|DEPTH[|fresh] | calibrated | "
+        "FILE.json | comma-separated key steps "
         "(default: the model's saved calibration for this scheduler and step count, else paper)",
     )
     p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS), help="the diffusers scheduler")
