@@ -59,6 +59,15 @@ def test_bad_decoder_schedules_name_the_fix(spec, match):
         parse_schedule(spec, 50)
 
 
+def test_noise_injection_is_on_by_default_only_where_a_step_decodes_propagated_features():
+    assert parse_schedule("uniform:3", 10).injects_noise and not parse_schedule("all", 10).injects_noise
+    assert not parse_schedule("deepcache:3", 10).injects_noise
+    assert not parse_schedule("combined:power:4|none|1|fresh", 10).injects_noise
+    # fresh shallow steps, but whole-decoder steps 2 and 6 read the key steps' propagated features
+    assert parse_schedule("combined:0,4,8|2,6|1|fresh", 10).injects_noise
+    assert parse_schedule("combined:0,4,8|none|1", 10).injects_noise  # shallow steps read propagated skips
+
+
 def test_a_key_step_runs_the_whole_decoder():
     with pytest.raises(ScheduleError, match="key step"):
         DecoderSchedule((0, 2), 4, (0, 1, 1, 0))
@@ -303,8 +312,10 @@ def test_deepcache_schedule_equals_the_deepcache_package(sd, interval):
     finally:
         helper.disable()
     fd = FasterDiffusionPipeline.from_diffusers(sd, backend="torch", progress=False)
-    out = fd("a red square", latents=_latents(), schedule=f"deepcache:{interval}", noise_injection=False, **common)
-    assert rel_l2(out.latents, want) < 1e-5
+    out = fd("a red square", latents=_latents(), schedule=f"deepcache:{interval}", **common)
+    assert rel_l2(out.latents, want) < 1e-5  # the default injects no noise, as DeepCache
+    injected = fd("a red square", latents=_latents(), schedule=f"deepcache:{interval}", noise_injection=True, **common)
+    assert rel_l2(injected.latents, want) > 1e-4
     plain = sd("a red square", latents=_latents(), **common).images
     assert rel_l2(want, plain) > 1e-3
 

@@ -86,7 +86,7 @@ class KeyStepsMixin:
         key_schedule: KeySchedule = parse_schedule(self.resolve_schedule(schedule, num_inference_steps), num_steps)
         if isinstance(noise_injection, NoiseInjection):
             return key_schedule, noise_injection
-        enabled = key_schedule.propagates if noise_injection is None else bool(noise_injection)
+        enabled = key_schedule.injects_noise if noise_injection is None else bool(noise_injection)
         return key_schedule, NoiseInjection(enabled=enabled)
 
 

@@ -631,14 +631,16 @@ class FasterDiffusionPipeline(
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
             num_images_per_prompt, eta, generator, latents, output_type, guidance_rescale: as in
                 diffusers' ``StableDiffusionPipeline``.
-            schedule: key steps: ``"paper"``, ``"all"``, ``"uniform:N"``, a list of step indices,
-                ``"calibrated"`` (the calibration saved with the model or engine directory for this
-                scheduler and step count), a calibration JSON path or a
-                [`Calibration`][fd_trt.core.calibration.Calibration]. ``None`` (default): ``calibrated`` when a
+            schedule: key steps: ``"paper"``, ``"all"``, ``"uniform:N"``, ``"power:K[:P]"``, a list of
+                step indices, ``"calibrated"`` (the calibration saved with the model or engine directory
+                for this scheduler and step count), a calibration JSON path or a
+                [`Calibration`][fd_trt.core.calibration.Calibration]; or a decoder schedule (``"deepcache:N"``,
+                ``"combined:KEYS|FULL|DEPTH[|fresh]"``). ``None`` (default): ``calibrated`` when a
                 matching calibration is saved with the model, otherwise ``paper``.
             noise_injection: prior noise injection on (``True``), off (``False``), a
-                [`NoiseInjection`][fd_trt.core.schedule.NoiseInjection], or ``None`` for on exactly when the schedule propagates
-                features (so ``schedule="all"`` reproduces plain diffusers).
+                [`NoiseInjection`][fd_trt.core.schedule.NoiseInjection], or ``None`` for on exactly when some step
+                decodes from propagated encoder features ([`KeySchedule.injects_noise`][fd_trt.core.schedule.KeySchedule.injects_noise]):
+                so ``schedule="all"`` reproduces plain diffusers, and DeepCache-like schedules inject none.
             parallel: decode the steps of a segment in one batched call.
             max_decoder_rows: cap on rows per decoder call (a memory cap).
             callback_on_step_end: ``f(pipe, step, timestep, callback_kwargs) -> dict``, called after

@@ -277,7 +277,7 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
             noise = noise_injection
         else:
             noise = NoiseInjection(
-                enabled=key_schedule.propagates if noise_injection is None else bool(noise_injection)
+                enabled=key_schedule.injects_noise if noise_injection is None else bool(noise_injection)
             )
 
         latent_hw = (height // f, width // f)

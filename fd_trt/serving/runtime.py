@@ -146,7 +146,8 @@ class GenerateRequest:
             or a list of step indices; or a decoder schedule (``"deepcache:N"``, ``"combined:..."``,
             not on TensorRT); ``None`` (default): the model's saved calibration for the request's scheduler and
             step count, else ``"paper"``, as in the pipeline.
-        noise_injection: prior noise injection; ``None`` is on exactly when the schedule propagates.
+        noise_injection: prior noise injection; ``None`` is on exactly when some step decodes from
+            propagated encoder features (off for ``deepcache:N``).
         timeout_s: seconds from submission until the request fails with
             [`RequestTimeoutError`][fd_trt.serving.runtime.RequestTimeoutError]; ``None`` uses the runtime's default.
         image: img2img's start image, or with ``mask_image`` the image to inpaint (a PIL image);

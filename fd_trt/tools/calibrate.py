@@ -160,7 +160,7 @@ class Evaluator:
             inputs = SamplerInputs(self.text, added=self.added, initial_noise=self.latents)
             opts = SamplerOptions(
                 guidance_scale=self.guidance,
-                noise=NoiseInjection(enabled=ks.propagates),
+                noise=NoiseInjection(enabled=ks.injects_noise),
                 extra_step_kwargs=_step_kwargs(sched, gen),
                 start_step=start,
                 progress=False,

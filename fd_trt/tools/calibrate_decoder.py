@@ -97,7 +97,7 @@ def candidate_schedules(num_steps: int, extra_keys: Sequence[Sequence[int]] = ()
     dense = [
         f"power:{n}:{p}"
         for n in range(max(2, num_steps // 8), max(3, num_steps * 3 // 5) + 1, 2)
-        for p in (2, 2.5)
+        for p in (1.5, 2, 2.5)
         if n <= num_steps
     ]
     seen: set[tuple[Any, ...]] = set()
@@ -126,7 +126,7 @@ def decoder_error(ev: Evaluator, schedule: DecoderSchedule) -> float:
     with torch.inference_mode():
         opts = SamplerOptions(
             guidance_scale=ev.guidance,
-            noise=NoiseInjection(enabled=schedule.propagates),
+            noise=NoiseInjection(enabled=schedule.injects_noise),
             extra_step_kwargs=_step_kwargs(sched, gen),
             progress=False,
         )
