@@ -350,7 +350,7 @@ def test_onnxruntime_runs_decoder_schedules_on_graphs_recorded_in_the_manifest(s
     ort("a red square", latents=_latents(), schedule="paper", **common)
     (folder,) = list((tmp_path / "cache").iterdir())
     before = load_manifest(folder).graphs
-    for spec in ("deepcache:3", "combined:0,4,8|uniform:2|2"):
+    for spec in ("deepcache:3", "combined:0,4,8|uniform:2|2", "combined:power:4|none|1|fresh"):
         got = ort("a red square", latents=_latents(), schedule=spec, **common)
         want = tch("a red square", latents=_latents(), schedule=spec, **common)
         assert rel_l2(got.latents, want.latents) < 1e-4, spec

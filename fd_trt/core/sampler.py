@@ -383,7 +383,10 @@ def _run_decoder_schedule(run: _Run, schedule: DecoderSchedule, callback: StepCa
                 part = full[c0 : c0 + chunk]
                 run.mark()
                 launched = runner.launches["decoder"]
-                e, hs = runner.decode_capture(feats, steps_slice(part), run.inputs.text, run.inputs.added, depths)
+                if depths:
+                    e, hs = runner.decode_capture(feats, steps_slice(part), run.inputs.text, run.inputs.added, depths)
+                else:  # a segment without shallow steps (a key step followed by the next): the plain decoder
+                    e, hs = runner.decode(feats, steps_slice(part), run.inputs.text, run.inputs.added), {}
                 run.lap("decoder")
                 stats.decoder_calls += runner.launches["decoder"] - launched
                 stats.decoder_rows += rows * len(part)
