@@ -363,6 +363,25 @@ def test_onnxruntime_runs_decoder_schedules_on_graphs_recorded_in_the_manifest(s
     ort.close()
 
 
+@pytest.mark.slow
+def test_onnxruntime_shallow_graphs_of_a_last_up_block_without_attention(tmp_path, monkeypatch):
+    """The default model's last up block has no attention: its depth-1 shallow graph reads no text,
+    and must still take the text input its contract names."""
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
+
+    monkeypatch.setenv("FD_TRT_CACHE", str(tmp_path / "cache"))
+    ort = FasterDiffusionPipeline.from_pretrained("default", backend="onnxruntime", progress=False)
+    assert getattr(ort.sd.unet.up_blocks[-1], "attentions", None) is None
+    tch = FasterDiffusionPipeline.from_pretrained("default", backend="torch", progress=False)
+    common = dict(num_inference_steps=STEPS, guidance_scale=7.5, output_type="latent")
+    for spec in ("deepcache:3", "combined:power:4|none|1|fresh"):
+        got = ort("a red square", generator=torch.Generator().manual_seed(0), schedule=spec, **common)
+        want = tch("a red square", generator=torch.Generator().manual_seed(0), schedule=spec, **common)
+        assert rel_l2(got.latents, want.latents) < 1e-4, spec
+        assert got.stats.shallow_calls == want.stats.shallow_calls > 0
+    ort.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # Calibration of decoder schedules
 

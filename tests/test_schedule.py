@@ -92,7 +92,10 @@ def test_power_places_k_steps_densely_at_the_start():
     # round(50 * (i/17)^2) for i = 0..16, by hand: 0, 0.17, 0.69, 1.56, 2.77, 4.33, 6.23, 8.48, 11.07,
     # 14.01, 17.30, 20.93, 24.91, 29.24, 33.91, 38.93, 44.29; a step that rounds onto the one before
     # moves one later (0, 0, 1, 2, 3, 4, 6 -> 0, 1, 2, 3, 4, 5, 6).
-    assert parse_schedule("power:17", 50).key_steps == (0, 1, 2, 3, 4, 5, 6, 8, 11, 14, 17, 21, 25, 29, 34, 39, 44)
+    assert parse_schedule("power:17:2", 50).key_steps == (0, 1, 2, 3, 4, 5, 6, 8, 11, 14, 17, 21, 25, 29, 34, 39, 44)
+    # the default exponent is 1.5: round(50 * (i/10)^1.5) = 0, 1.58, 4.47, 8.22, 12.65, 17.68, 23.24,
+    # 29.28, 35.78, 42.69
+    assert parse_schedule("power:10", 50).key_steps == (0, 2, 4, 8, 13, 18, 23, 29, 36, 43)
     # exponent 1 is an even spread: round(50 * i / 10) = 0, 5, .., 45 = uniform:5.
     assert parse_schedule("power:10:1", 50) == parse_schedule("uniform:5", 50)
     assert parse_schedule("power:20:2.5", 20).key_steps == tuple(range(20))  # K = T: every step

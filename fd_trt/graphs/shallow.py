@@ -105,15 +105,23 @@ class ShallowForExport(nn.Module):
         super().__init__()
         self.decoder = split.decoder
         self.split, self.depth = split, depth
+        layers = up_layers(split.decoder.up_blocks)[-depth:]
+        #: Whether the shallow layers have a (cross-)attention that reads the text.
+        self.reads_text = any(getattr(split.decoder.up_blocks[i], "attentions", None) is not None for i, _ in layers)
 
     def forward(self, hidden: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
         d = self.depth
         skips, timestep, text, added = rest[:d], rest[d], rest[d + 1], rest[d + 2 :]
         r = timestep.shape[0] // skips[0].shape[0]
         extra = dict(zip(self.split.added_names, (_tile(a, r) for a in added))) or None
-        return self.split.run_decoder_shallow(
+        noise = self.split.run_decoder_shallow(
             hidden, tuple(_tile(s, r) for s in skips), timestep, _tile(text, r), extra
         )
+        if not self.reads_text:
+            # The exporter drops inputs nothing reads, and the graph contract names the text input
+            # of every shallow graph: tie it in with an exact zero (x + 0.0 == x).
+            noise = noise + 0.0 * text[:1, :1, :1].sum()
+        return noise
 
 
 def export_shallow_graphs(

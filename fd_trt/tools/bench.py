@@ -120,27 +120,14 @@ FRONT_SCHEDULES: tuple[str, ...] = (
     "deepcache:3",
 )
 #: DeepCache-like decoder schedules with their whole-decoder steps dense at the start
-#: (``combined:power:K:P|none|1|fresh``): K as a fraction of the step count, and P. With many
-#: whole-decoder steps a milder exponent measured better (docs/guides/deepcache-front.md).
-FRONT_DENSE: tuple[tuple[float, float], ...] = (
-    (0.16, 2),
-    (0.2, 2),
-    (0.26, 2),
-    (0.34, 2),
-    (0.4, 2),
-    (0.44, 1.5),
-    (0.5, 1.5),
-)
+#: (``combined:power:K|none|1|fresh``), K as these fractions of the step count.
+FRONT_DENSE_FRACTIONS: tuple[float, ...] = (0.16, 0.2, 0.26, 0.34, 0.4, 0.44, 0.5)
 
 
 def dense_front_schedules(steps: int) -> tuple[str, ...]:
-    """The ``power:K:P`` DeepCache-like rows of the front for a run of ``steps`` steps."""
-    out: dict[int, str] = {}
-    for fraction, exponent in FRONT_DENSE:
-        k = round(steps * fraction)
-        if 2 <= k < steps and k not in out:
-            out[k] = f"combined:power:{k}:{exponent:g}|none|1|fresh"
-    return tuple(out.values())
+    """The ``power:K`` DeepCache-like rows of the front for a run of ``steps`` steps."""
+    counts = dict.fromkeys(k for k in (round(steps * f) for f in FRONT_DENSE_FRACTIONS) if 2 <= k < steps)
+    return tuple(f"combined:power:{k}|none|1|fresh" for k in counts)
 
 
 #: DeepCache's intervals and T-GATE's gate steps on the front.
