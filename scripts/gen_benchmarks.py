@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,9 +111,20 @@ RUNS: list[Table] = [
         "13 GB pipeline do not fit this 23 GB machine.",
         readme=[(0, "fd_trt", "torch", "paper", "fp32")],
     ),
+    Table(
+        "The default model, 64x64: DeepCache-like decoder schedules against DeepCache",
+        AMD_AVX2,
+        [Run("bench_default_64_decoder_schedules.json", "two timed runs after a warm-up of every row")],
+        text="Rel. L2 of the final latents against diffusers. `combined:power:K|none|1|fresh` is DeepCache's "
+        "branch 0 with its K whole-decoder steps placed densely at the start; `deepcache:N` reproduces the "
+        "DeepCache package's interval N. The torch rows ran alongside the onnxruntime sessions and were 15-50% "
+        "slower than in a torch-only run; the torch-only front is in the decoder-schedules guide.",
+    ),
 ]
 
 MODELS = {
+    "default": "the shipped default model (a small SD-shaped UNet trained on shapes, 64x64 images), the one "
+    "the quick start runs",
     "sd15-arch": "SD1.5's exact UNet (860M parameters), a CLIP-L-width text encoder and a tiny VAE with factor 8, "
     "random weights, built in code",
     "sdxl-arch": "SDXL base's exact UNet (2567M parameters), text encoders of CLIP ViT-L's and OpenCLIP "
@@ -131,12 +143,18 @@ def command(cfg: dict[str, Any], env: str = "") -> str:
         parts.append(f" --scheduler {cfg['scheduler']}")
     if cfg.get("guidance", 7.5) != 7.5:
         parts.append(f" --guidance {cfg['guidance']}")
-    parts.append(f" --backends {','.join(cfg['backends'])} --schedules {','.join(cfg['schedules'])}")
+    schedules = cfg["schedules"]
+    joined = (";" if any("," in x for x in schedules) else ",").join(schedules)
+    parts.append(f" --backends {','.join(cfg['backends'])} --schedules {shlex.quote(joined)}")
     parts.append(f" --precisions {','.join(cfg['precisions'])}")
     if cfg.get("controlnet"):
         parts.append(" --controlnet")
     if not cfg.get("deepcache", True):
         parts.append(" --no-deepcache")
+    elif tuple(cfg.get("deepcache_intervals", (2, 3, 5))) != (2, 3, 5):
+        parts.append(f" --deepcache-intervals {','.join(map(str, cfg['deepcache_intervals']))}")
+    if not cfg.get("tgate", True):
+        parts.append(" --no-tgate")
     if not cfg.get("authors_style", True):
         parts.append(" --no-authors-style")
     parts.append(f" --repeat {cfg['repeat']} --warmup {cfg['warmup']} --threads {cfg['threads']}")
@@ -150,6 +168,11 @@ def _diffusers(rows: list[dict[str, Any]], system: str) -> dict[str, Any]:
 
 def speedup(rows: list[dict[str, Any]], row: dict[str, Any]) -> float:
     return _diffusers(rows, row["system"])["s_per_image"] / row["s_per_image"]
+
+
+def _cell(text: str) -> str:
+    """A table cell: a decoder schedule's ``|`` would end the cell."""
+    return text.replace("|", "\\|")
 
 
 def _s(v: float | None) -> str:
@@ -176,7 +199,7 @@ def table_md(t: Table) -> str:
             tag = f"[{letters[i]}]"
             if r.get("s_per_image") is None:
                 out.append(
-                    f"| {tag} | {r['system']} | {r['backend']} | {r['schedule']} | {r['precision']} | "
+                    f"| {tag} | {r['system']} | {r['backend']} | {_cell(r['schedule'])} | {r['precision']} | "
                     f"{(r.get('note') or 'not run').replace('|', '/')} | | | | | |"
                 )
                 continue
@@ -187,7 +210,7 @@ def table_md(t: Table) -> str:
                 calls += f" (+{r['controlnet_calls']} CN)"
             gf = r.get("unet_gflops_per_image")
             out.append(
-                f"| {tag} | {r['system']} | {r['backend']} | {r['schedule']} | {r['precision']} | "
+                f"| {tag} | {r['system']} | {r['backend']} | {_cell(r['schedule'])} | {r['precision']} | "
                 f"{_s(r['s_per_image'])} ({_s(r.get('s_min'))}-{_s(r.get('s_max'))}) | {_s(r.get('unet_s_per_image'))} "
                 f"| {mark} | {calls} | {'-' if not gf else f'{gf:.1f}'} | {_l2(r.get('rel_l2_vs_diffusers'))} |"
             )

@@ -49,8 +49,11 @@ def _reports() -> dict[str, dict]:
 
 
 def _table_rows(text: str) -> list[list[str]]:
+    """Markdown table rows, split on the pipes that are not escaped (a decoder schedule's ``\\|``)."""
     return [
-        [c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")
+        [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
+        for line in text.splitlines()
+        if line.startswith("| ")
     ]
 
 
