@@ -104,6 +104,17 @@ RUNS: list[Table] = [
         readme=[(0, "fd_trt+controlnet", "torch", "paper", "fp32")],
     ),
     Table(
+        "sd15-arch, 128x128: DeepCache-like decoder schedules against DeepCache",
+        AMD_AVX2,
+        [
+            Run("bench_sd15_128_decoder_schedules.json", "one timed run per row, no warm-up"),
+            Run("bench_sd15_128_decoder_schedules_fast.json", "one timed run per row, no warm-up"),
+        ],
+        text="Random weights, so the fidelity figures say how far each method moves this UNet's output, not "
+        "how an image looks. Compare rows within a run: the diffusers row took 102.9 s in one and 94.2 s in "
+        "the other.",
+    ),
+    Table(
         "sdxl-arch, 256x256",
         AMD_AVX2,
         [Run("bench_sdxl_256_ddim50_idle.json", "no warm-up: a diffusers run takes 7-8 minutes here")],
@@ -119,6 +130,17 @@ RUNS: list[Table] = [
         "branch 0 with its K whole-decoder steps placed densely at the start; `deepcache:N` reproduces the "
         "DeepCache package's interval N. The torch rows ran alongside the onnxruntime sessions and were 15-50% "
         "slower than in a torch-only run; the torch-only front is in the decoder-schedules guide.",
+    ),
+    Table(
+        "The default model, 128x128: DeepCache-like decoder schedules against DeepCache",
+        AMD_AVX2,
+        [
+            Run("bench_default_128_decoder_schedules.json", "three timed runs after a warm-up of every row"),
+            Run("bench_default_128_decoder_schedules_mid.json", "three timed runs after a warm-up of every row"),
+        ],
+        text="Twice the default model's native size: here a shallow step (the last up layer at full "
+        "resolution) costs a larger share of a whole step, and the dense rows gain less over DeepCache than at "
+        "64x64. Single timed runs varied by up to about 20%.",
     ),
 ]
 
