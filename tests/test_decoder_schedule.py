@@ -420,6 +420,12 @@ def test_calibration_finds_a_decoder_schedule_and_the_file_runs_it(sd, tmp_path)
     assert 0 < fast.error == min(h["error"] for h in fast.history)
     loose = calibrate_decoder(pipe, max_error=10.0, **kw)
     assert len(loose.history) == 1  # the fastest candidate is within any error
+    # An error target between: a bisection over the ranked candidates, within the budget.
+    mid_error = sorted(h["error"] for h in fast.history)[len(fast.history) // 2] * 1.5
+    mid = calibrate_decoder(pipe, max_error=mid_error, **{**kw, "max_evaluations": 6})
+    assert mid.error <= mid_error and 1 < len(mid.history) <= 6
+    within = [h for h in mid.history if h["error"] <= mid_error]
+    assert mid.estimated_speedup == max(h["estimated_speedup"] for h in within)
     # The file records the schedule; the pipeline runs it as saved.
     path = fast.save(tmp_path / "ddim-12.json")
     again = Calibration.load(path)
@@ -429,6 +435,23 @@ def test_calibration_finds_a_decoder_schedule_and_the_file_runs_it(sd, tmp_path)
     b = pipe("a red square", latents=_latents(), schedule=fast.schedule(), **common)
     assert torch.equal(a.latents, b.latents) and a.stats.shallow_calls > 0
     assert callable(decoder_error)
+
+
+@pytest.mark.slow
+def test_decoder_calibration_on_onnxruntime_exports_what_it_measures(sd, tmp_path, monkeypatch):
+    """The cost measurement and the error runs export the shallow graphs on first use, one capture
+    depth per call, as the pipeline does; the chosen schedule's error is the pipeline's."""
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
+    from fd_trt.tools.calibrate_decoder import calibrate_decoder
+
+    monkeypatch.setenv("FD_TRT_CACHE", str(tmp_path / "cache"))
+    pipe = FasterDiffusionPipeline.from_diffusers(sd, backend="onnxruntime", progress=False)
+    cal = calibrate_decoder(
+        pipe, scheduler="ddim", steps=STEPS, prompts=["a red square"], speedup=1.5, max_evaluations=2
+    )
+    assert {"shallow_1_1", "shallow_2_1", "input_conv"} <= set(cal.costs) and cal.depths is not None
+    assert 0 < cal.error < 1 and len(cal.history) == 2
+    pipe.close()
 
 
 def test_added_key_steps_keep_the_depths():

@@ -201,7 +201,7 @@ def call_stats(
     )
 
 
-def _prepare_shallow_graphs(
+def prepare_shallow_graphs(
     unet: Any, runner: Runner, schedule: DecoderSchedule, rows: int, options: SamplerOptions
 ) -> None:
     """Exports the shallow decoder graphs a decoder schedule needs into the engine directory of
@@ -575,7 +575,7 @@ class FasterDiffusionPipeline(
                 self.sampler_options(options, scheduler), timesteps=image_run.timesteps, progress=self.progress
             )
             if isinstance(key_schedule, DecoderSchedule) and key_schedule.shallow_steps:
-                _prepare_shallow_graphs(self.sd.unet, runner, key_schedule, int(text.shape[0]), options)
+                prepare_shallow_graphs(self.sd.unet, runner, key_schedule, int(text.shape[0]), options)
             x0 = run_sampler(runner, scheduler, latents, inputs, key_schedule, options, callback=callback, stats=stats)
         return x0, runner
 

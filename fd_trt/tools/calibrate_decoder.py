@@ -13,7 +13,9 @@ calibration batch) of the candidates the target leaves:
 
 - speed target: the candidates estimated at least that fast, cheapest first, up to
   ``max_evaluations``; the one with the least error wins;
-- error target: the candidates fastest first; the first within the error wins.
+- error target: a bisection of the candidates ranked by estimated speed for the fastest within
+  the error, then the candidates just faster than it, up to ``max_evaluations``; the fastest
+  within the error wins.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 
 from fd_trt.core.calibration import Calibration
+from fd_trt.core.sampler import SamplerInputs, SamplerOptions, run_sampler
 from fd_trt.core.schedule import DecoderSchedule, NoiseInjection, combined_schedule
 from fd_trt.errors import InputError
 from fd_trt.tools.calibrate import DEFAULT_PROMPTS, Evaluator, _step_kwargs, measure_costs
@@ -34,8 +37,13 @@ from fd_trt.tools.calibrate import DEFAULT_PROMPTS, Evaluator, _step_kwargs, mea
 def measure_shallow_costs(ev: Evaluator, depths: Sequence[int] = (1, 2), repeats: int = 3) -> dict[str, float]:
     """Seconds of shallow decoder calls of 1 and 10 steps per depth, on the batch's rows
     (``shallow_<d>_1``, ``shallow_<d>_per_step_batched``) and of one ``conv_in`` (``input_conv``)."""
+    from fd_trt.pipelines.pipeline import prepare_shallow_graphs
+
     runner = ev.pipe.pool.runner_for(ev.latent_hw, (int(ev.text.shape[1]), int(ev.text.shape[2])))
     rows = int(ev.text.shape[0])
+    for d in depths:  # a graph backend's shallow graphs, exported on first use as the pipeline does
+        probe = combined_schedule("uniform:5", None, d, ev.reference_steps, fresh_input=d == 1)
+        prepare_shallow_graphs(ev.pipe.sd.unet, runner, probe, rows, SamplerOptions())
     x = torch.zeros((rows, *ev.latents.shape[1:]), device=ev.pipe.device)
     t = torch.full((rows,), 500.0, device=ev.pipe.device)
 
@@ -53,9 +61,9 @@ def measure_shallow_costs(ev: Evaluator, depths: Sequence[int] = (1, 2), repeats
     out: dict[str, float] = {}
     with torch.inference_mode():
         feats = runner.encode(x, t, ev.text, ev.added)
-        _, hidden = runner.decode_capture(feats, t[:1].repeat(10), ev.text, ev.added, tuple(depths))
-        for d in depths:
-            h1, h10 = hidden[d][:rows], hidden[d]
+        for d in depths:  # one depth per capture: the onnxruntime graphs capture one each
+            hidden = runner.decode_capture(feats, t[:1].repeat(10), ev.text, ev.added, (d,))[1][d]
+            h1, h10 = hidden[:rows], hidden
             skips = feats.skips[:d]
             one = timed(lambda h=h1, s=skips: runner.decode_shallow(h, s, t[:1], ev.text, ev.added))
             ten = timed(lambda h=h10, s=skips: runner.decode_shallow(h, s, t[:1].repeat(10), ev.text, ev.added))
@@ -117,12 +125,14 @@ def candidate_schedules(num_steps: int, extra_keys: Sequence[Sequence[int]] = ()
 
 def decoder_error(ev: Evaluator, schedule: DecoderSchedule) -> float:
     """Relative L2 of the calibration batch's final latents against ``all`` with this schedule."""
-    from fd_trt.core.sampler import SamplerInputs, SamplerOptions, run_sampler
+    from fd_trt.pipelines.pipeline import prepare_shallow_graphs
 
     sched = copy.deepcopy(ev._scheduler)
     sched.set_timesteps(ev.steps, device=ev.pipe.device)
     gen = torch.Generator().manual_seed(0)
     runner = ev.pipe.pool.runner_for(ev.latent_hw, (int(ev.text.shape[1]), int(ev.text.shape[2])))
+    if schedule.shallow_steps:  # a graph backend's shallow graphs, exported on first use as the pipeline does
+        prepare_shallow_graphs(ev.pipe.sd.unet, runner, schedule, int(ev.text.shape[0]), SamplerOptions())
     with torch.inference_mode():
         opts = SamplerOptions(
             guidance_scale=ev.guidance,
@@ -130,6 +140,7 @@ def decoder_error(ev: Evaluator, schedule: DecoderSchedule) -> float:
             extra_step_kwargs=_step_kwargs(sched, gen),
             progress=False,
         )
+        opts = ev.pipe.sampler_options(opts, sched)  # the model's own needs (IF's learned variance)
         inputs = SamplerInputs(ev.text, added=ev.added, initial_noise=ev.latents)
         out = run_sampler(runner, sched, ev.latents * sched.init_noise_sigma, inputs, schedule, opts)
     ev.evaluations += 1
@@ -204,15 +215,38 @@ def calibrate_decoder(
             if best is None or e < best[1]:
                 best = (est, e, s)
     else:
-        for est, s in ranked[:max_evaluations]:
-            e = err(s, est)
-            if e <= max_error:  # type: ignore[operator]
-                best = (est, e, s)
+        # The error grows with the estimated speed only roughly: bisect the ranked list for the
+        # fastest candidate within the error, then spend what is left of the budget on the
+        # candidates just faster than that boundary (another family may be faster and as good).
+        errors: dict[int, float] = {}
+
+        def error_at(i: int) -> float:
+            if i not in errors:
+                errors[i] = err(ranked[i][1], ranked[i][0])
+            return errors[i]
+
+        lo, hi = 0, len(ranked) - 1
+        if error_at(0) <= max_error:  # type: ignore[operator]
+            hi = 0  # the fastest candidate is within the error: done
+        else:
+            lo = 1
+        while lo < hi and len(errors) < max_evaluations:
+            mid = (lo + hi) // 2
+            if error_at(mid) <= max_error:  # type: ignore[operator]
+                hi = mid
+            else:
+                lo = mid + 1
+        for i in range(hi - 1, -1, -1):
+            if len(errors) >= max_evaluations:
                 break
-        if best is None:
+            error_at(i)
+        within = sorted(i for i, e in errors.items() if e <= max_error)  # type: ignore[operator]
+        if not within:
             raise InputError(
-                f"no candidate within {max_error} of the {max_evaluations} fastest: raise max_error or max_evaluations"
+                f"no candidate within {max_error} among the {len(errors)} evaluated: raise max_error or max_evaluations"
             )
+        est, s = ranked[within[0]]
+        best = (est, errors[within[0]], s)
     est, e, s = best
     say(f"chose {s.spec}: estimated {est:.2f}x, error {e:.4f}")
     return Calibration(
