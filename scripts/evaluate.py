@@ -76,8 +76,9 @@ EXTRA_MODES = {
 def modes_for(names: Sequence[str], sched: str) -> list[tuple[str, str, bool | None]]:
     """``(mode, schedule, noise_injection)`` for the ``--modes`` names; ``all`` always comes first.
 
-    Besides the named modes, a name may be an explicit ``uniform:N``, ``keys:0;2;5;9`` (a list of
-    key steps), or the path of a calibration
+    Besides the named modes, a name may be an explicit ``uniform:N`` or ``power:K``, a decoder
+    schedule without commas (``deepcache:N``, which equals the DeepCache package's interval N;
+    ``combined:power:K|none|1|fresh``), ``keys:0;2;5;9`` (a list of key steps), or the path of a calibration
     JSON (``fd-trt calibrate --out``): the mode is then called ``cal:<file stem>`` and runs only for
     the scheduler it was calibrated for.
     """
@@ -91,7 +92,8 @@ def modes_for(names: Sequence[str], sched: str) -> list[tuple[str, str, bool | N
         elif name in EXTRA_MODES:
             schedule, inj = EXTRA_MODES[name][sched]
             out.append((schedule if name == "uniform" else name, schedule, inj))
-        elif name.startswith("uniform:"):
+        elif name.startswith(("uniform:", "power:", "deepcache:", "combined:")):
+            # deepcache:N equals the DeepCache package's interval N (tests/test_decoder_schedule.py)
             out.append((name, name, None))
         elif name.startswith("keys:"):  # keys:0;2;5;9, a list of key steps
             keys = [int(k) for k in name[len("keys:") :].split(";")]
@@ -892,7 +894,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--modes",
         default="all,paper,paper_no_injection",
         help="comma-separated: all, paper, paper_no_injection, uniform (same K as paper), calibrated, "
-        "uniform:N, keys:0;2;5;9, or a calibration .json",
+        "uniform:N, power:K, keys:0;2;5;9, a decoder schedule without commas (deepcache:N, "
+        "combined:power:K|none|1|fresh), or a calibration .json",
     )
     p.add_argument("--no-timing", action="store_true", help="skip the seconds-per-image measurement")
     p.add_argument("--timing-repeats", type=int, default=3, help="timed rounds per mode (after one warm-up round)")

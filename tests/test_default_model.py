@@ -177,3 +177,17 @@ def test_the_shipped_models_are_found():
 
     assert default_model_dir() is not None and (default_model_dir() / "unet" / "config.json").is_file()
     assert default_controlnet_dir() is not None
+
+
+def test_evaluate_modes_take_decoder_schedules(evaluate_mod):
+    """``--modes`` runs DeepCache's equivalent (``deepcache:N``) and the dense decoder schedules."""
+    modes = evaluate_mod.modes_for(["paper", "deepcache:3", "combined:power:13|none|1|fresh", "power:9"], "ddim")
+    assert modes == [
+        ("all", "all", None),
+        ("paper", "paper", None),
+        ("deepcache:3", "deepcache:3", None),
+        ("combined:power:13|none|1|fresh", "combined:power:13|none|1|fresh", None),
+        ("power:9", "power:9", None),
+    ]
+    with pytest.raises(SystemExit, match="unknown mode 'fast'"):
+        evaluate_mod.modes_for(["fast"], "ddim")
