@@ -118,8 +118,8 @@ RUNS: list[Table] = [
         "sdxl-arch, 256x256",
         AMD_AVX2,
         [Run("bench_sdxl_256_ddim50_idle.json", "no warm-up: a diffusers run takes 7-8 minutes here")],
-        text="ONNX Runtime was not run: its fp32 graphs (10.3 GB of weights) and a session next to the "
-        "13 GB pipeline do not fit this 23 GB machine.",
+        text="No ONNX Runtime rows: its fp32 graphs (10.3 GB of weights) loaded next to the 13 GB pipeline "
+        "need more than the 23 GB of memory this CPU had.",
         readme=[(0, "fd_trt", "torch", "paper", "fp32")],
     ),
     Table(
