@@ -3,14 +3,16 @@
 They speak the [`Runner`][fd_trt.core.runner.Runner] protocol, so [`fd_trt.core.sampler.run_sampler()`][fd_trt.core.sampler.run_sampler]
 runs them unchanged:
 
-* ``encode(sample, timestep [N], text, added) -> Features(mid=tokens [N,T,D], skips=())``;
+* ``encode(sample, timestep [N], text, added) -> Features(mid=tokens [N,T,D], skips=())``; for
+  SD3 the text stream crosses the split too: ``skips=(context [N,L,D],)``;
 * ``decode(features, timesteps [S], text, added) -> [S*N,C,h,w]``: the key step's tokens, tiled to
   the S steps (step-major) inside the decoder, each step with its own timestep, in one call. Only the noise channels
   come back (the first ``C`` of a transformer with learned variance, as diffusers' pipelines keep).
 
 ``text`` and ``added`` map to the graphs' conditioning as [`SplitTransformer.conditioning()`][fd_trt.graphs.split_dit.SplitTransformer.conditioning]
 says: DiT's class labels travel as ``text`` (int64 ``[N]``); PixArt's prompt embeddings as
-``text`` and its attention mask (and size conditioning) in ``added``.
+``text`` and its attention mask (and size conditioning) in ``added``; SD3's joint CLIP + T5
+embeddings as ``text`` and its pooled text as ``added["pooled_projections"]``.
 """
 
 from __future__ import annotations
@@ -54,9 +56,9 @@ class TorchTransformerRunner(Runner):
     def encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, added: Added = None) -> Features:
         self._check_active()
         cond = self.split.conditioning(text, added)
-        tokens = self.split.encoder(sample.float(), timestep.float(), *cond)
+        out = self.split.encoder(sample.float(), timestep.float(), *cond)
         self.launches["encoder"] += 1
-        return Features(tokens, ())
+        return Features(out[0], tuple(out[1:])) if isinstance(out, tuple) else Features(out, ())
 
     @torch.inference_mode()
     def decode(
@@ -64,7 +66,7 @@ class TorchTransformerRunner(Runner):
     ) -> torch.Tensor:
         self._check_active()
         t = check_decode(features, timesteps, text)
-        out = self._decoder(features.mid, t, *self.split.conditioning(text, added))
+        out = self._decoder(*features.tensors(), t, *self.split.conditioning(text, added))
         self.launches["decoder"] += 1
         return out.float()
 
@@ -104,32 +106,34 @@ class OrtTransformerRunner(Runner):
     def _deactivate(self) -> None:
         self._sessions = None
 
-    def _feed(self, which: int, first: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, ...]) -> Any:
+    def _feed(
+        self, which: int, first: tuple[torch.Tensor, ...], t: torch.Tensor, cond: tuple[torch.Tensor, ...]
+    ) -> list[Any]:
         assert self._sessions is not None
-        names = ("sample" if which == 0 else "tokens", "timestep", *self.split.cond_names)
+        names = (*(("sample",) if which == 0 else self.split.features), "timestep", *self.split.cond_names)
         session = self._sessions[which]
         wanted = {i.name for i in session.get_inputs()}  # the exporter drops inputs a graph does not use
         feed = {}
-        for name, value in zip(names, (first.float(), t.float(), *cond)):
+        for name, value in zip(names, (*first, t.float(), *cond)):
             if name not in wanted:
                 continue
             v = value.detach().cpu()
             v = v.long() if name == "class_labels" else v.float()
             feed[name] = v.numpy()
-        return session.run(None, feed)[0]
+        return session.run(None, feed)
 
     def encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, added: Added = None) -> Features:
         self._check_active()
-        out = self._feed(0, sample, timestep, self.split.conditioning(text, added))
+        out = self._feed(0, (sample,), timestep, self.split.conditioning(text, added))
         self.launches["encoder"] += 1
-        return Features(torch.from_numpy(out), ())
+        return Features(torch.from_numpy(out[0]), tuple(torch.from_numpy(o) for o in out[1:]))
 
     def decode(
         self, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None
     ) -> torch.Tensor:
         self._check_active()
         t = check_decode(features, timesteps, text)
-        out = torch.from_numpy(self._feed(1, features.mid, t, self.split.conditioning(text, added)))
+        out = torch.from_numpy(self._feed(1, features.tensors(), t, self.split.conditioning(text, added))[0])
         self.launches["decoder"] += 1
         return out.float()
 

@@ -6,7 +6,10 @@ terms of [`fd_trt.graphs.contract`][fd_trt.graphs.contract] ([`TensorSpec`][fd_t
 
 ``cond`` is the family's conditioning (`SplitTransformer.cond_names`): DiT's
 ``class_labels`` (int64), PixArt's ``encoder_hidden_states [L,Dt]``, ``encoder_attention_mask [L]``
-and, with size conditioning, ``resolution [2]`` and ``aspect_ratio [1]`` (float32). As the UNet
+and, with size conditioning, ``resolution [2]`` and ``aspect_ratio [1]`` (float32); SD3's
+``encoder_hidden_states [L,Dt]`` and ``pooled_projections [P]``. SD3 propagates its text stream
+too: its encoder also returns ``context [rows,L,D]``, which its decoder takes after ``tokens``
+(the decoder graph then has no use for ``encoder_hidden_states``, and the exporter drops it). As the UNet
 decoder, the transformer decoder takes the key step's N rows once and a timestep per step row
 (``S*N``, step-major) and tiles the rows itself; ``noise_pred`` has the noise channels only.
 """
@@ -14,7 +17,7 @@ decoder, the transformer decoder takes the key step's N rows once and a timestep
 from __future__ import annotations
 
 from fd_trt.graphs.contract import FLOAT, FLOAT32, NOISE_PRED, SAMPLE, STEP_ROW_AXIS, TIMESTEP, GraphSpec, TensorSpec
-from fd_trt.graphs.split_dit import TOKENS, SplitTransformer
+from fd_trt.graphs.split_dit import CONTEXT, TOKENS, SplitTransformer
 
 #: The dtype of DiT's class labels in the graphs.
 INT64 = "int64"
@@ -24,6 +27,9 @@ def _cond_specs(split: SplitTransformer, text_shape: tuple[int, int] | None) -> 
     if split.kind == "dit":
         return (TensorSpec("class_labels", (), INT64),)
     length, width = text_shape if text_shape is not None else ("L", "Dt")
+    if split.kind == "sd3":
+        pooled = split.pooled_dim if split.pooled_dim is not None else "P"
+        return (TensorSpec("encoder_hidden_states", (length, width)), TensorSpec("pooled_projections", (pooled,)))
     specs = [
         TensorSpec("encoder_hidden_states", (length, width)),
         TensorSpec("encoder_attention_mask", (length,), FLOAT32),
@@ -47,17 +53,21 @@ def transformer_graphs(
         latent_hw: the latent height and width.
         patch: the patch size.
         width: the token width (heads x head dim).
-        text_shape: PixArt's ``(L, Dt)``; ``None`` for DiT.
+        text_shape: PixArt's and SD3's ``(L, Dt)``; ``None`` for DiT.
     """
     h, w = latent_hw
-    tokens = TensorSpec(TOKENS, ((h // patch) * (w // patch), width))
+    feats = [TensorSpec(TOKENS, ((h // patch) * (w // patch), width))]
+    if CONTEXT in split.features:
+        feats.append(TensorSpec(CONTEXT, (text_shape[0] if text_shape is not None else "L", width)))
     cond = _cond_specs(split, text_shape)
     encoder = GraphSpec(
-        "encoder", (TensorSpec(SAMPLE, (split.in_channels, h, w)), TensorSpec(TIMESTEP, (), FLOAT32), *cond), (tokens,)
+        "encoder",
+        (TensorSpec(SAMPLE, (split.in_channels, h, w)), TensorSpec(TIMESTEP, (), FLOAT32), *cond),
+        tuple(feats),
     )
     decoder = GraphSpec(
         "decoder",
-        (tokens, TensorSpec(TIMESTEP, (), FLOAT32, row_axis=STEP_ROW_AXIS), *cond),
+        (*feats, TensorSpec(TIMESTEP, (), FLOAT32, row_axis=STEP_ROW_AXIS), *cond),
         (TensorSpec(NOISE_PRED, (split.eps_channels, h, w), FLOAT, row_axis=STEP_ROW_AXIS),),
     )
     return encoder, decoder

@@ -132,7 +132,7 @@ def export_transformer(
         transformer: the diffusers transformer (for its class, patch size, width and weights hash).
         split: its split at ``N``.
         latent_hw: the latent height and width the graphs take.
-        text_shape: PixArt's ``(L, Dt)``; ``None`` for DiT.
+        text_shape: PixArt's and SD3's ``(L, Dt)``; ``None`` for DiT.
 
     Returns:
         The manifest.

@@ -1,4 +1,4 @@
-"""Diffusion transformers (DiT, PixArt-alpha/sigma) as an encoder and a decoder at block ``N``.
+"""Diffusion transformers (DiT, PixArt-alpha/sigma, SD3) as an encoder and a decoder at block ``N``.
 
 The transformer analogue of [`fd_trt.graphs.split`][fd_trt.graphs.split] (docs/guides/dit.md):
 
@@ -17,7 +17,11 @@ The conditioning of a row is named as the graph inputs (`SplitTransformer.cond_n
 * DiT: ``class_labels`` (int64 ``[rows]``); the null class (CFG) is ``num_embeds_ada_norm``;
 * PixArt: ``encoder_hidden_states [rows,L,Dt]``, ``encoder_attention_mask [rows,L]`` (1 keep,
   0 drop) and, for a transformer with additional conditions (PixArt-alpha at 1024 px),
-  ``resolution [rows,2]`` and ``aspect_ratio [rows,1]``.
+  ``resolution [rows,2]`` and ``aspect_ratio [rows,1]``;
+* SD3: ``encoder_hidden_states [rows,L,Dt]`` (CLIP and T5 tokens) and ``pooled_projections
+  [rows,P]``. Its joint blocks carry two token streams, so two features cross the split
+  (`SplitTransformer.features`: ``tokens`` and ``context``,
+  [`fd_trt.graphs.split_sd3`][fd_trt.graphs.split_sd3]).
 """
 
 from __future__ import annotations
@@ -32,10 +36,12 @@ from fd_trt.errors import InputError, UnsupportedModelError
 
 #: Graph name of the propagated tokens.
 TOKENS = "tokens"
+#: Graph name of SD3's propagated text (context) tokens.
+CONTEXT = "context"
 
 
 def transformer_kind(transformer: Any) -> str:
-    """``"dit"`` or ``"pixart"`` for a diffusers transformer this module splits.
+    """``"dit"``, ``"pixart"`` or ``"sd3"`` for a diffusers transformer this module splits.
 
     Raises:
         UnsupportedModelError: for another class.
@@ -45,9 +51,12 @@ def transformer_kind(transformer: Any) -> str:
         return "dit"
     if name == "PixArtTransformer2DModel":
         return "pixart"
+    if name == "SD3Transformer2DModel":
+        return "sd3"
     raise UnsupportedModelError(
         f"{name} cannot be split into encoder and decoder graphs: the transformer split carries "
-        "DiTTransformer2DModel (DiTPipeline) and PixArtTransformer2DModel (PixArtAlphaPipeline, PixArtSigmaPipeline)"
+        "DiTTransformer2DModel (DiTPipeline), PixArtTransformer2DModel (PixArtAlphaPipeline, PixArtSigmaPipeline) "
+        "and SD3Transformer2DModel (StableDiffusion3Pipeline)"
     )
 
 
@@ -185,18 +194,22 @@ class _PixArtDecoder(_PixArtCommon):
 
 
 class StepDecoder(nn.Module):
-    """The decoder as the graphs run it: tokens and conditioning of the key step's N rows, a
-    timestep per step row (``S*N``, step-major); it tiles the N rows S times itself and returns the
-    noise channels only (``[S*N, eps_channels, H, W]``)."""
+    """The decoder as the graphs run it: features (tokens; SD3 also its context) and conditioning
+    of the key step's N rows, a timestep per step row (``S*N``, step-major); it tiles the N rows S
+    times itself and returns the noise channels only (``[S*N, eps_channels, H, W]``).
 
-    def __init__(self, decoder: nn.Module, eps_channels: int) -> None:
+    ``forward(*features, timestep, *cond)`` with ``num_features`` feature tensors first."""
+
+    def __init__(self, decoder: nn.Module, eps_channels: int, num_features: int = 1) -> None:
         super().__init__()
-        self.decoder, self.eps_channels = decoder, eps_channels
+        self.decoder, self.eps_channels, self.num_features = decoder, eps_channels, num_features
 
-    def forward(self, tokens: torch.Tensor, timestep: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
-        s = timestep.shape[0] // tokens.shape[0]
-        tiled = [c.repeat(s, *([1] * (c.dim() - 1))) for c in (tokens, *cond)]
-        return self.decoder(tiled[0], timestep, *tiled[1:])[:, : self.eps_channels]
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        k = self.num_features
+        feats, timestep, cond = inputs[:k], inputs[k], inputs[k + 1 :]
+        s = timestep.shape[0] // feats[0].shape[0]
+        tiled = [c.repeat(s, *([1] * (c.dim() - 1))) for c in (*feats, *cond)]
+        return self.decoder(*tiled[:k], timestep, *tiled[k:])[:, : self.eps_channels]
 
 
 @dataclass
@@ -204,14 +217,19 @@ class SplitTransformer:
     """A diffusion transformer as encoder (embedding + blocks ``0..N-1``) and decoder (blocks ``N..`` + output).
 
     Attributes:
-        kind: ``"dit"`` or ``"pixart"``.
+        kind: ``"dit"``, ``"pixart"`` or ``"sd3"``.
         split: ``N``, the blocks the encoder runs.
-        encoder: ``(sample [R,C,H,W], timestep [R], *cond) -> tokens [R,T,D]``.
-        decoder: ``(tokens [R,T,D], timestep [R], *cond) -> output [R,C_out,H,W]`` (``C_out`` is
+        encoder: ``(sample [R,C,H,W], timestep [R], *cond) -> tokens [R,T,D]`` (SD3: the tuple
+            ``(tokens, context [R,L,D])``).
+        decoder: ``(*features, timestep [R], *cond) -> output [R,C_out,H,W]`` (``C_out`` is
             ``2C`` for a transformer with learned variance; `eps_channels` are the noise).
         cond_names: the graph names of ``*cond``, in order.
         in_channels: latent channels.
         eps_channels: the output channels that are the noise prediction (the first ones).
+        blocks: the transformer's blocks.
+        features: the graph names of the features that cross the split (``tokens``; SD3 also
+            ``context``).
+        pooled_dim: SD3's pooled text width ``P``; ``None`` for the others.
     """
 
     kind: str
@@ -222,16 +240,19 @@ class SplitTransformer:
     in_channels: int
     eps_channels: int
     blocks: int
+    features: tuple[str, ...] = (TOKENS,)
+    pooled_dim: int | None = None
 
     def step_decoder(self) -> StepDecoder:
         """The decoder with the graphs' row convention ([`StepDecoder`][fd_trt.graphs.split_dit.StepDecoder])."""
-        return StepDecoder(self.decoder, self.eps_channels).eval()
+        return StepDecoder(self.decoder, self.eps_channels, len(self.features)).eval()
 
     def conditioning(self, text: torch.Tensor, added: Any) -> tuple[torch.Tensor, ...]:
         """The ``*cond`` tensors of the graphs from the sampler's ``text`` and ``added``.
 
         DiT: ``text`` is the class labels ``[rows]``. PixArt: ``text`` is the prompt embeddings and
-        ``added`` holds ``encoder_attention_mask`` (and ``resolution``, ``aspect_ratio``).
+        ``added`` holds ``encoder_attention_mask`` (and ``resolution``, ``aspect_ratio``). SD3:
+        ``text`` is the joint CLIP + T5 embeddings and ``added`` holds ``pooled_projections``.
 
         Raises:
             InputError: for a missing tensor.
@@ -240,17 +261,19 @@ class SplitTransformer:
             return (text.long(),)
         missing = [n for n in self.cond_names[1:] if added is None or n not in added]
         if missing:
-            raise InputError(f"the PixArt transformer needs {missing} per row in the added conditioning")
+            what = "SD3" if self.kind == "sd3" else "PixArt"
+            raise InputError(f"the {what} transformer needs {missing} per row in the added conditioning")
         return (text, *(added[n] for n in self.cond_names[1:]))
 
 
 def split_transformer(transformer: Any, split: int, latent_hw: tuple[int, int] | None = None) -> SplitTransformer:
-    """Splits a ``DiTTransformer2DModel`` or ``PixArtTransformer2DModel`` after ``split`` blocks.
+    """Splits a ``DiTTransformer2DModel``, ``PixArtTransformer2DModel`` or ``SD3Transformer2DModel``
+    after ``split`` blocks.
 
     Args:
         transformer: the diffusers transformer (its modules are shared, not copied).
         split: ``N`` in ``0..len(transformer_blocks)``.
-        latent_hw: the latent height and width, for non-square PixArt latents; square by default.
+        latent_hw: the latent height and width, for non-square PixArt or SD3 latents; square by default.
 
     Raises:
         UnsupportedModelError: for another transformer class or an option the split does not carry.
@@ -262,6 +285,22 @@ def split_transformer(transformer: Any, split: int, latent_hw: tuple[int, int] |
     in_ch = int(cfg.in_channels)
     out_ch = int(transformer.out_channels)
     eps = in_ch if out_ch == 2 * in_ch else out_ch
+    if kind == "sd3":
+        from fd_trt.graphs.split_sd3 import split_sd3
+
+        sd3_enc, sd3_dec = split_sd3(transformer, split, latent_hw)
+        return SplitTransformer(
+            kind,
+            split,
+            sd3_enc,
+            sd3_dec,
+            ("encoder_hidden_states", "pooled_projections"),
+            in_ch,
+            out_ch,
+            num_blocks(transformer),
+            (TOKENS, CONTEXT),
+            int(cfg.pooled_projection_dim),
+        )
     if kind == "dit":
         if getattr(cfg, "norm_type", "ada_norm_zero") != "ada_norm_zero":
             raise UnsupportedModelError(f"DiT with norm_type={cfg.norm_type!r}: the split carries ada_norm_zero")
@@ -280,6 +319,7 @@ def split_transformer(transformer: Any, split: int, latent_hw: tuple[int, int] |
 
 
 __all__ = [
+    "CONTEXT",
     "TOKENS",
     "SplitTransformer",
     "StepDecoder",
