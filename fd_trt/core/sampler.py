@@ -76,15 +76,36 @@ def steps_per_call(segment_len: int, rows_per_step: int, parallel: bool, max_dec
     return max(1, min(segment_len, max_decoder_rows // rows_per_step))
 
 
+def is_flow_matching(scheduler: Any) -> bool:
+    """Whether ``scheduler`` is a flow-matching one (``FlowMatchEulerDiscreteScheduler``, ...):
+    latents ``x_t = (1 - sigma) x0 + sigma * noise`` with ``timestep = sigma * num_train_timesteps``,
+    no ``scale_model_input`` and an initial noise of unit scale."""
+    return type(scheduler).__name__.startswith("FlowMatch")
+
+
+def scale_input(scheduler: Any, x: torch.Tensor, timestep: Any) -> torch.Tensor:
+    """``scheduler.scale_model_input(x, timestep)``; ``x`` itself for a scheduler without it (flow matching)."""
+    if is_flow_matching(scheduler) or not hasattr(scheduler, "scale_model_input"):
+        return x
+    return scheduler.scale_model_input(x, timestep)
+
+
 def model_input_scale(scheduler: Any, timestep: torch.Tensor) -> float:
-    """``c_t`` in ``scheduler.scale_model_input(x, t) == c_t * x``: 1 for DDIM, DPM-Solver, PNDM and
-    DDPM; ``1 / sqrt(sigma_t^2 + 1)`` for Euler. It maps the scheduler's latents to the
-    variance-preserving space the UNet sees.
+    """``c_t`` that maps the scheduler's latents to the variance-preserving space, ``x_vp = c_t * x``.
+
+    It is ``scheduler.scale_model_input(x, t) == c_t * x`` where the scheduler has it: 1 for DDIM,
+    DPM-Solver, PNDM and DDPM; ``1 / sqrt(sigma_t^2 + 1)`` for Euler. For flow matching,
+    ``x_t = (1 - sigma) x0 + sigma * eps`` is the variance-preserving ``sqrt(a) x0 + sqrt(1 - a) eps``
+    times ``n = sqrt((1 - sigma)^2 + sigma^2)`` (with ``sqrt(a) = (1 - sigma) / n``), so
+    ``c_t = 1 / n``, with ``sigma = timestep / num_train_timesteps``.
 
     Args:
         scheduler: a diffusers scheduler, at the step of ``timestep`` (before its ``step``).
         timestep: the step's timestep.
     """
+    if is_flow_matching(scheduler):
+        sigma = float(timestep) / float(scheduler.config.num_train_timesteps)
+        return 1.0 / ((1.0 - sigma) ** 2 + sigma**2) ** 0.5
     probe = torch.ones(1, dtype=torch.float32)
     return float(scheduler.scale_model_input(probe, timestep).reshape(-1)[0])
 
@@ -259,8 +280,12 @@ class _Run:
         # x_T = init_noise_sigma * eps) map to that space through scale_model_input, x_vp = c_t * x.
         # Adding alpha * eps / c_t in their space is the paper's injection; adding alpha * x_T there
         # would be init_noise_sigma / c_t times too strong (about 14.6x at SD's first Euler step).
+        # Flow matching (x = (1 - sigma) x0 + sigma * eps) is the VP space scaled by
+        # sqrt((1 - sigma)^2 + sigma^2): model_input_scale gives c_t for it too.
         noise0 = inputs.initial_noise
-        self.eps_T = noise0.float() if noise0 is not None else self.x / float(scheduler.init_noise_sigma)
+        # Flow matching has no init_noise_sigma: it starts from the unit noise itself.
+        init_sigma = float(getattr(scheduler, "init_noise_sigma", 1.0))
+        self.eps_T = noise0.float() if noise0 is not None else self.x / init_sigma
         self.n_train = int(scheduler.config.num_train_timesteps)
         self.rescale: Callable[..., torch.Tensor] | None = None
         if opts.cfg and opts.guidance_rescale > 0.0:
@@ -286,7 +311,7 @@ class _Run:
     def model_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """The UNet's input at step ``i``: CFG rows, ``scale_model_input``, extra channels."""
         x_in = torch.cat([x, x]) if self.opts.cfg else x
-        x_in = self.scheduler.scale_model_input(x_in, self.timesteps[i])
+        x_in = scale_input(self.scheduler, x_in, self.timesteps[i])
         extra = self.inputs.extra_channels
         return x_in if extra is None else torch.cat([x_in, extra.to(x_in)], dim=1)
 
@@ -295,7 +320,7 @@ class _Run:
         runner, inputs, stats = self.runner, self.inputs, self.stats
         self.mark()
         x_in = torch.cat([x, x]) if self.opts.cfg else x
-        x_in = self.scheduler.scale_model_input(x_in, self.timesteps[i])
+        x_in = scale_input(self.scheduler, x_in, self.timesteps[i])
         extra = inputs.extra_channels
         unet_in = x_in if extra is None else torch.cat([x_in, extra.to(x_in)], dim=1)
         launched = runner.launches["encoder"]
