@@ -2,7 +2,7 @@
 
 The built-in families are registered here, oldest first: Stable Diffusion 1.x/2.x (``"sd"``),
 SDXL (``"sdxl"``), DeepFloyd IF stage I (``"if"``), then the diffusion transformers (DiT,
-PixArt, and the refusal of those not supported). Another family is one module (a [`ModelFamily`][fd_trt.families.base.ModelFamily] subclass) and a
+PixArt, SD3, and the refusal of those not supported). Another family is one module (a [`ModelFamily`][fd_trt.families.base.ModelFamily] subclass) and a
 [`register_family()`][fd_trt.families.base.register_family] call.
 """
 
@@ -20,20 +20,23 @@ from fd_trt.families.base import (
 from fd_trt.families.deepfloyd_if import DeepFloydIFFamily
 from fd_trt.families.sd import StableDiffusionFamily
 from fd_trt.families.sdxl import StableDiffusionXLFamily
-from fd_trt.families.transformer import DiTFamily, PixArtFamily, UnsupportedTransformerFamily
+from fd_trt.families.transformer import DiTFamily, PixArtFamily, SD3Family, UnsupportedTransformerFamily
 
 SD_FAMILY = register_family(StableDiffusionFamily())
 SDXL_FAMILY = register_family(StableDiffusionXLFamily())
 IF_FAMILY = register_family(DeepFloydIFFamily())
-# Diffusion transformers; the refusal family first, so that DiT and PixArt are asked before it.
+# Diffusion transformers; the refusal family first, so that DiT, PixArt and SD3 are asked before it.
 TRANSFORMER_UNSUPPORTED_FAMILY = register_family(UnsupportedTransformerFamily())
 DIT_FAMILY = register_family(DiTFamily())
 PIXART_FAMILY = register_family(PixArtFamily())
+SD3_FAMILY = register_family(SD3Family())
 
 __all__ = [
     "DIT_FAMILY",
     "FAMILIES",
     "PIXART_FAMILY",
+    "SD3_FAMILY",
+    "SD3Family",
     "TRANSFORMER_UNSUPPORTED_FAMILY",
     "DiTFamily",
     "PixArtFamily",

@@ -1,7 +1,7 @@
 """Diffusion-transformer pipelines of seeded random weights, built in code (no download).
 
-``tiny_dit_pipeline`` and ``tiny_pixart_pipeline`` are the test models of the transformer
-families; ``pixart_arch_pipeline`` has PixArt-alpha's exact transformer config (the benchmark's
+``tiny_dit_pipeline``, ``tiny_pixart_pipeline`` and ``tiny_sd3_pipeline`` are the test models of
+the transformer families; ``pixart_arch_pipeline`` has PixArt-alpha's exact transformer config (the benchmark's
 ``pixart-arch``) with a small random text encoder and VAE.
 """
 
@@ -19,7 +19,7 @@ PIXART_SCHEDULER = dict(
 )
 
 
-def _tiny_vae(seed: int, sample_px: int, latent_channels: int = 4) -> Any:
+def _tiny_vae(seed: int, sample_px: int, latent_channels: int = 4, **extra: Any) -> Any:
     from diffusers import AutoencoderKL
 
     with torch.random.fork_rng(devices=[]):
@@ -34,6 +34,7 @@ def _tiny_vae(seed: int, sample_px: int, latent_channels: int = 4) -> Any:
             latent_channels=latent_channels,
             norm_num_groups=8,
             sample_size=sample_px,
+            **extra,
         )
     return vae.eval()
 
@@ -175,4 +176,90 @@ def pixart_arch_pipeline(seed: int = 0, *, sample_size: int = 32) -> Any:
     return _pixart_pipeline(seed, cfg, 4096, 120, sigma=False)
 
 
-__all__ = ["PIXART_ALPHA_TRANSFORMER", "pixart_arch_pipeline", "tiny_dit_pipeline", "tiny_pixart_pipeline"]
+def tiny_sd3_pipeline(seed: int = 0, *, sample_size: int = 8, layers: int = 4, max_length: int = 16) -> Any:
+    """A tiny ``StableDiffusion3Pipeline`` of seeded random weights: two CLIP text encoders with
+    projection (pooled widths 32 + 32) and a T5 encoder over the word tokenizer, an
+    ``SD3Transformer2DModel`` (joint width 32, inner width 16), the tiny VAE with SD3's scaling and
+    shift factors, and ``FlowMatchEulerDiscreteScheduler`` with SD3's ``shift=3.0``.
+
+    Args:
+        seed: seeds the weights.
+        sample_size: the latent side.
+        layers: joint transformer blocks.
+        max_length: the CLIP tokenizers' length (the T5 length is the call's ``max_sequence_length``).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    tokenizer = make_word_tokenizer(max_length=max_length)
+    clip = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        max_position_embeddings=max_length,
+        projection_dim=32,
+        hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(
+            sample_size=sample_size,
+            patch_size=2,
+            in_channels=4,
+            num_layers=layers,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            caption_projection_dim=16,
+            pooled_projection_dim=64,
+            out_channels=4,
+            pos_embed_max_size=max(16, sample_size),
+        )
+        text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**clip))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip))
+        text_encoder_3 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer),
+                d_model=32,
+                d_kv=8,
+                d_ff=64,
+                num_layers=2,
+                num_heads=2,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    vae = _tiny_vae(
+        seed,
+        sample_size * 8,
+        scaling_factor=1.5035,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer_2=make_word_tokenizer(max_length=max_length),
+        text_encoder_3=text_encoder_3.eval(),
+        tokenizer_3=make_word_tokenizer(max_length=max_length),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+__all__ = [
+    "PIXART_ALPHA_TRANSFORMER",
+    "pixart_arch_pipeline",
+    "tiny_dit_pipeline",
+    "tiny_pixart_pipeline",
+    "tiny_sd3_pipeline",
+]

@@ -1,5 +1,6 @@
-"""Diffusion-transformer families: DiT (``"dit"``) and PixArt-alpha/sigma (``"pixart"``), and the
-refusal of the transformer pipelines fd_trt does not run yet (``"transformer-unsupported"``).
+"""Diffusion-transformer families: DiT (``"dit"``), PixArt-alpha/sigma (``"pixart"``) and Stable
+Diffusion 3 (``"sd3"``), and the refusal of the transformer pipelines fd_trt does not run yet
+(``"transformer-unsupported"``).
 
 A transformer family is recognised from the denoiser's config (``transformer/config.json`` of a
 folder, ``_class_name``) or a loaded pipeline's ``transformer``. Its denoiser is split at block
@@ -173,15 +174,63 @@ class PixArtFamily(TransformerFamily):
         return PromptEmbeddings(text.float(), added)
 
 
+class SD3Family(TransformerFamily):
+    """``StableDiffusion3Pipeline``: three text encoders (CLIP-L, CLIP-G, T5), a joint transformer
+    whose text stream crosses the split with the image tokens, flow matching
+    (``FlowMatchEulerDiscreteScheduler``)."""
+
+    name = "sd3"
+    description = "Stable Diffusion 3 / 3.5 text-to-image joint transformer (StableDiffusion3Pipeline)"
+    transformer_class = "SD3Transformer2DModel"
+    pipeline_classes = ("StableDiffusion3Pipeline",)
+    default_split_fraction = 0.75
+
+    def text_shape(self, sd_pipeline: Any, max_sequence_length: int = 256) -> tuple[int, int]:
+        """``(L, Dt)``: the CLIP tokens then the T5 tokens, at the transformer's joint width."""
+        clip = int(getattr(sd_pipeline, "tokenizer_max_length", 77))
+        return clip + int(max_sequence_length), int(sd_pipeline.transformer.config.joint_attention_dim)
+
+    def conditioning(
+        self, sd_pipeline: Any, cond: Any, negative: Any, images_per: int, cfg: bool, *, height: int, width: int, **kw
+    ) -> PromptEmbeddings:
+        """The joint CLIP + T5 embeddings as ``text`` and the pooled CLIP embeddings as
+        ``added["pooled_projections"]``, through diffusers' own ``encode_prompt``.
+
+        ``kw`` may hold ``prompt_2``, ``prompt_3``, ``negative_prompt_2``, ``negative_prompt_3``,
+        ``max_sequence_length`` (256) and ``clip_skip``, as in ``StableDiffusion3Pipeline``.
+        """
+        prompts = [cond] if isinstance(cond, str) else list(cond)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise InputError(f"prompt must be a string or a list of strings, got {cond!r}")
+        known = ("prompt_2", "prompt_3", "negative_prompt_2", "negative_prompt_3", "max_sequence_length", "clip_skip")
+        unknown = sorted(k for k in kw if k not in known)
+        if unknown:
+            raise InputError(f"unknown SD3 options {unknown}: the SD3 family takes {', '.join(known)}")
+        pe, ne, pp, npool = sd_pipeline.encode_prompt(
+            prompt=prompts,
+            prompt_2=kw.get("prompt_2"),
+            prompt_3=kw.get("prompt_3"),
+            device=torch.device("cpu"),
+            num_images_per_prompt=images_per,
+            do_classifier_free_guidance=cfg,
+            negative_prompt=negative,
+            negative_prompt_2=kw.get("negative_prompt_2"),
+            negative_prompt_3=kw.get("negative_prompt_3"),
+            clip_skip=kw.get("clip_skip"),
+            max_sequence_length=int(kw.get("max_sequence_length", 256)),
+        )
+        text, pooled = (torch.cat([ne, pe]), torch.cat([npool, pp])) if cfg else (pe, pp)
+        return PromptEmbeddings(text.float(), {"pooled_projections": pooled.float()})
+
+
 class UnsupportedTransformerFamily(ModelFamily):
-    """Recognises the transformer pipelines fd_trt does not run (SD3, Flux, ...) to refuse them clearly."""
+    """Recognises the transformer pipelines fd_trt does not run (Flux, SD3's img2img, ...) to refuse them clearly."""
 
     name = "transformer-unsupported"
-    description = "diffusion-transformer pipelines not supported yet (StableDiffusion3Pipeline, FluxPipeline, ...)"
+    description = "diffusion-transformer pipelines not supported yet (FluxPipeline, HunyuanDiTPipeline, ...)"
 
     #: The denoiser classes of folders refused from their config alone.
     refused_classes = (
-        "SD3Transformer2DModel",
         "FluxTransformer2DModel",
         "HunyuanDiT2DModel",
         "SanaTransformer2DModel",
@@ -198,7 +247,8 @@ class UnsupportedTransformerFamily(ModelFamily):
     def _refuse(self, what: str) -> UnsupportedModelError:
         return UnsupportedModelError(
             f"{what} is a diffusion-transformer model fd_trt does not run yet. Supported transformer pipelines: "
-            "DiTPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline; use plain diffusers for this one"
+            "DiTPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline; use plain diffusers "
+            "for this one"
         )
 
     def check_config(self, unet_config: Any) -> None:
@@ -214,6 +264,7 @@ class UnsupportedTransformerFamily(ModelFamily):
 __all__ = [
     "DiTFamily",
     "PixArtFamily",
+    "SD3Family",
     "TransformerFamily",
     "UnsupportedTransformerFamily",
 ]

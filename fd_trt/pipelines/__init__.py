@@ -3,7 +3,7 @@
 ``FasterDiffusionPipeline`` ([`fd_trt.pipelines.pipeline`][fd_trt.pipelines.pipeline]) serves Stable Diffusion 1.x/2.x and
 any family without a class of its own; ``FasterDiffusionXLPipeline`` ([`fd_trt.pipelines.sdxl`][fd_trt.pipelines.sdxl])
 serves SDXL, ``FasterDiffusionTransformerPipeline`` ([`fd_trt.pipelines.transformer`][fd_trt.pipelines.transformer])
-DiT and PixArt, ``FasterDiffusionIFPipeline`` ([`fd_trt.pipelines.deepfloyd_if`][fd_trt.pipelines.deepfloyd_if]) DeepFloyd IF
+DiT, PixArt and SD3, ``FasterDiffusionIFPipeline`` ([`fd_trt.pipelines.deepfloyd_if`][fd_trt.pipelines.deepfloyd_if]) DeepFloyd IF
 stage I. They are registered here, so that the base pipeline never imports its subclasses.
 """
 
@@ -16,8 +16,8 @@ from fd_trt.pipelines.transformer import FasterDiffusionTransformerPipeline
 register_pipeline_class("sd", FasterDiffusionPipeline)
 register_pipeline_class("sdxl", FasterDiffusionXLPipeline)
 register_pipeline_class("if", FasterDiffusionIFPipeline)
-# Diffusion transformers (DiT, PixArt), and the clear refusal of those not supported yet (SD3, Flux).
-for _family in ("dit", "pixart", "transformer-unsupported"):
+# Diffusion transformers (DiT, PixArt, SD3), and the clear refusal of those not supported yet (Flux, ...).
+for _family in ("dit", "pixart", "sd3", "transformer-unsupported"):
     register_pipeline_class(_family, FasterDiffusionTransformerPipeline)
 
 __all__ = [

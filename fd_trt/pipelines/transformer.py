@@ -1,12 +1,13 @@
-"""Faster Diffusion on diffusion transformers: DiT (``DiTPipeline``) and PixArt-alpha/sigma
-(``PixArtAlphaPipeline``, ``PixArtSigmaPipeline``); docs/guides/dit.md.
+"""Faster Diffusion on diffusion transformers: DiT (``DiTPipeline``), PixArt-alpha/sigma
+(``PixArtAlphaPipeline``, ``PixArtSigmaPipeline``) and SD3 (``StableDiffusion3Pipeline``, flow
+matching); docs/guides/dit.md.
 
 [`FasterDiffusionTransformerPipeline`][fd_trt.pipelines.transformer.FasterDiffusionTransformerPipeline] is what ``FasterDiffusionPipeline.from_diffusers`` (and
 ``from_pretrained`` of a folder with ``transformer/config.json``) returns for these pipelines. It
 splits the transformer at block ``N`` ([`fd_trt.graphs.split_dit`][fd_trt.graphs.split_dit]), runs the encoder (embedding
 + blocks ``0..N-1``) at key steps and the decoder (blocks ``N..`` + output) for all the steps of a
 segment in one call, with [`fd_trt.core.sampler.run_sampler()`][fd_trt.core.sampler.run_sampler] (the UNet pipelines' loop).
-It also serves the ``transformer-unsupported`` family, to refuse SD3, Flux and the others clearly.
+It also serves the ``transformer-unsupported`` family, to refuse Flux and the others clearly.
 
 Backends: ``torch`` (default), ``onnxruntime`` (graphs exported on first use into the engine
 directory, [`fd_trt.graphs.export_dit`][fd_trt.graphs.export_dit]), ``auto`` (times one key step and segment on both on the
@@ -43,11 +44,11 @@ TRANSFORMER_BACKENDS = ("torch", "onnxruntime", "auto")
 
 
 class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
-    """A diffusers DiT or PixArt pipeline with encoder propagation over transformer blocks.
+    """A diffusers DiT, PixArt or SD3 pipeline with encoder propagation over transformer blocks.
 
     Args:
-        sd_pipeline: a ``DiTPipeline``, ``PixArtAlphaPipeline`` or ``PixArtSigmaPipeline`` (its
-            components are used, not copied).
+        sd_pipeline: a ``DiTPipeline``, ``PixArtAlphaPipeline``, ``PixArtSigmaPipeline`` or
+            ``StableDiffusion3Pipeline`` (its components are used, not copied).
         backend: ``"torch"`` (default), ``"onnxruntime"``, ``"auto"`` or a ready runner.
         device: only ``"cpu"`` so far (the wrapped pipeline's device must be the CPU).
         precision: ``"fp32"`` (the only one so far).
@@ -268,7 +269,9 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
         batch = cond.rows // (2 if cfg else 1)
 
         scheduler = copy.deepcopy(self.sd.scheduler)
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        scheduler.set_timesteps(
+            num_inference_steps, device=self.device, **self._timestep_kwargs(scheduler, height, width)
+        )
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)
         num_steps = len(scheduler.timesteps)
@@ -288,7 +291,7 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
             raise InputError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
-        x_t = latents.float() * scheduler.init_noise_sigma
+        x_t = latents.float() * float(getattr(scheduler, "init_noise_sigma", 1.0))  # flow matching: none, 1
 
         backend = self.backend
         if backend == "auto" and self._fixed_runner is None:
@@ -325,12 +328,35 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
         )
         return FasterDiffusionOutput(images=images, stats=stats, latents=x0)
 
+    def _timestep_kwargs(self, scheduler: Any, height: int, width: int) -> dict[str, Any]:
+        """``mu`` for a flow-matching scheduler with dynamic shifting, as ``StableDiffusion3Pipeline``
+        computes it from the image tokens; nothing otherwise."""
+        if not scheduler.config.get("use_dynamic_shifting", None):
+            return {}
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        f, patch = self.vae_scale_factor, int(self.transformer.config.patch_size)
+        seq = (height // f // patch) * (width // f // patch)
+        cfg = scheduler.config
+        mu = calculate_shift(
+            seq,
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", 1.16),
+        )
+        return {"mu": mu}
+
     def decode_latents(self, latents: torch.Tensor, output_type: str) -> Any:
-        """The VAE decode; DiT's output as ``DiTPipeline`` makes it, PixArt's through its image processor."""
+        """The VAE decode; DiT's output as ``DiTPipeline`` makes it, PixArt's and SD3's through their
+        image processor (SD3's latents are shifted by the VAE's ``shift_factor``)."""
         if output_type == "latent":
             return latents
         vae = self.sd.vae
-        image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        latents = latents / vae.config.scaling_factor
+        if self.family.name == "sd3":
+            latents = latents + vae.config.shift_factor
+        image = vae.decode(latents, return_dict=False)[0]
         if self.family.name == "dit":
             image = (image / 2 + 0.5).clamp(0, 1)
             if output_type == "pt":
@@ -351,21 +377,23 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
         """Generates images.
 
         Args:
-            prompt: PixArt: the prompt(s). DiT: class ids or label words (or pass ``class_labels``).
-            negative_prompt: PixArt's negative prompt(s) (``""`` by default, as diffusers').
+            prompt: PixArt, SD3: the prompt(s). DiT: class ids or label words (or pass ``class_labels``).
+            negative_prompt: PixArt's and SD3's negative prompt(s) (``""`` by default, as diffusers').
             class_labels: DiT's ImageNet class ids or label words.
-            guidance_scale: CFG weight; 4.0 for DiT and 4.5 for PixArt by default (their pipelines').
+            guidance_scale: CFG weight; 4.0 for DiT, 4.5 for PixArt and 7.0 for SD3 by default
+                (their pipelines').
             **kwargs: ``height``, ``width``, ``num_inference_steps``, ``num_images_per_prompt``,
                 ``eta``, ``generator``, ``latents``, ``output_type`` as in diffusers; ``schedule``
                 (``"paper"`` by default, ``"all"``, ``"uniform:N"``, key steps, or a transformer
                 [`Calibration`][fd_trt.core.calibration.Calibration] or its JSON path, which also gives ``N``),
                 ``split`` (``N`` for this call), ``noise_injection``, ``parallel``, ``max_decoder_rows``;
-                PixArt: ``max_sequence_length`` (120).
+                PixArt: ``max_sequence_length`` (120); SD3: ``prompt_2``, ``prompt_3``,
+                ``negative_prompt_2``, ``negative_prompt_3``, ``max_sequence_length`` (256), ``clip_skip``.
         """
         if self.family.takes_prompts:
             if class_labels is not None:
-                raise InputError("class_labels is DiT's argument: pass prompt= to a PixArt pipeline")
-            cond, gs = prompt, 4.5
+                raise InputError(f"class_labels is DiT's argument: pass prompt= to a {self.family.name} pipeline")
+            cond, gs = prompt, (7.0 if self.family.name == "sd3" else 4.5)
         else:
             if negative_prompt is not None:
                 raise InputError("DiT takes no negative_prompt (the null class is its unconditional row)")
