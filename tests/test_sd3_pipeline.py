@@ -255,3 +255,22 @@ def test_sd3_from_pretrained_and_refusals(sd3, tmp_path):
         fd(class_labels=[1], **kw)
     with pytest.raises(InputError, match="unknown SD3 options"):
         fd("red circle", clean_caption=True, **kw)
+
+
+def test_sd3_calibration_records_split_and_reproduces_its_error(sd3):
+    from fd_trt.tools.calibrate_dit import calibrate_transformer
+
+    fd = FasterDiffusionPipeline.from_diffusers(sd3, backend="torch", progress=False)
+    cal = calibrate_transformer(
+        fd, ["red circle"], steps=6, splits=[1, 3], schedules=[[0, 3], [0, 2, 4]], tolerance=0.5,
+        max_sequence_length=16,
+    )  # fmt: skip
+    assert cal.split in (1, 3) and cal.guidance == 7.0 and len(cal.history) == 4
+    assert cal.scheduler == "FlowMatchEulerDiscreteScheduler"
+    kw = dict(num_inference_steps=6, generator=torch.Generator().manual_seed(0), output_type="latent")
+    a = fd("red circle", schedule=cal, max_sequence_length=16, **kw)
+    assert a.stats.key_steps == cal.key_steps
+    kw["generator"] = torch.Generator().manual_seed(0)
+    ref = fd("red circle", schedule="all", max_sequence_length=16, **kw)
+    err = float((a.latents - ref.latents).norm() / ref.latents.norm())
+    assert abs(err - cal.error) <= 1e-5 and err > 0

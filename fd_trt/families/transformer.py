@@ -36,8 +36,10 @@ class TransformerFamily(ModelFamily):
     pipeline_classes: tuple[str, ...] = ()
     #: The default split point as a fraction of the blocks (rounded): see docs/guides/dit.md.
     default_split_fraction: float = 0.5
-    #: Whether the family's pipeline takes prompts (PixArt) or class labels (DiT).
+    #: Whether the family's pipeline takes prompts (PixArt, SD3) or class labels (DiT).
     takes_prompts: bool = True
+    #: The CFG weight of the family's diffusers pipeline, the default of a call.
+    default_guidance: float = 4.5
 
     def matches_config(self, unet_config: Any) -> bool:
         return _class_name(unet_config) == self.transformer_class
@@ -108,6 +110,7 @@ class DiTFamily(TransformerFamily):
     pipeline_classes = ("DiTPipeline",)
     default_split_fraction = 0.5
     takes_prompts = False
+    default_guidance = 4.0
 
     def conditioning(
         self, sd_pipeline: Any, cond: Any, negative: Any, images_per: int, cfg: bool, *, height: int, width: int, **kw
@@ -184,6 +187,7 @@ class SD3Family(TransformerFamily):
     transformer_class = "SD3Transformer2DModel"
     pipeline_classes = ("StableDiffusion3Pipeline",)
     default_split_fraction = 0.75
+    default_guidance = 7.0
 
     def text_shape(self, sd_pipeline: Any, max_sequence_length: int = 256) -> tuple[int, int]:
         """``(L, Dt)``: the CLIP tokens then the T5 tokens, at the transformer's joint width."""

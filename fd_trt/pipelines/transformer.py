@@ -393,15 +393,18 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
         if self.family.takes_prompts:
             if class_labels is not None:
                 raise InputError(f"class_labels is DiT's argument: pass prompt= to a {self.family.name} pipeline")
-            cond, gs = prompt, (7.0 if self.family.name == "sd3" else 4.5)
+            cond = prompt
         else:
             if negative_prompt is not None:
                 raise InputError("DiT takes no negative_prompt (the null class is its unconditional row)")
-            cond, gs = (class_labels if class_labels is not None else prompt), 4.0
+            cond = class_labels if class_labels is not None else prompt
         if cond is None:
             raise InputError("nothing to draw: pass a prompt (PixArt) or class_labels (DiT)")
         return self.generate(
-            cond, negative_prompt, guidance_scale=gs if guidance_scale is None else guidance_scale, **kwargs
+            cond,
+            negative_prompt,
+            guidance_scale=self.family.default_guidance if guidance_scale is None else guidance_scale,
+            **kwargs,
         )
 
 

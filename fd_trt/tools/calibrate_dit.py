@@ -113,7 +113,7 @@ def calibrate_transformer(
         method=f"grid over N x key steps, tolerance {tolerance}",
         prompts=[str(c) for c in conds],
         seeds=seeds,
-        guidance=float(kw.get("guidance_scale", 4.5 if not is_dit else 4.0)),
+        guidance=float(kw.get("guidance_scale", pipe.family.default_guidance)),
         seconds=time.perf_counter() - t0,
         estimated_speedup=steps / chosen["block_evaluations"],
         paper_error=paper_err,
