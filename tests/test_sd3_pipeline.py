@@ -45,6 +45,21 @@ def test_sd3_all_equals_diffusers(sd3, guidance):
     assert paper.stats.key_steps == [0, 1, 2, 3, 5] and _rel(paper.latents, ref_l) > 1e-3
 
 
+def test_sd3_heun_all_equals_diffusers():
+    """FlowMatchHeunDiscreteScheduler (two model calls per step) as diffusers' SD3 pipeline runs it."""
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    pipe = tiny_sd3_pipeline(seed=2)
+    pipe.scheduler = FlowMatchHeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    kw = dict(num_inference_steps=4, guidance_scale=7.0, max_sequence_length=16, output_type="latent")
+    ref = pipe("red circle", generator=torch.Generator().manual_seed(0), **kw).images
+    fd = FasterDiffusionPipeline.from_diffusers(pipe, backend="torch", progress=False)
+    out = fd("red circle", generator=torch.Generator().manual_seed(0), schedule="all", **kw)
+    assert out.stats.num_steps == 7 and _rel(out.latents, ref) <= 1e-5
+    paper = fd("red circle", generator=torch.Generator().manual_seed(0), schedule="paper", **kw)
+    assert paper.stats.encoder_calls < 7 and torch.isfinite(paper.latents).all()
+
+
 def test_sd3_non_square_and_negative_prompt_equal_diffusers(sd3):
     kw = dict(
         num_inference_steps=5, guidance_scale=5.0, max_sequence_length=16, height=48, width=80, output_type="latent"

@@ -302,7 +302,8 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
             noise=noise,
             parallel=parallel,
             max_decoder_rows=max_decoder_rows,
-            extra_step_kwargs=_step_kwargs(scheduler, eta, generator),
+            # StableDiffusion3Pipeline passes no generator to the scheduler's step (FlowMatchLCM draws its own noise)
+            extra_step_kwargs={} if self.family.name == "sd3" else _step_kwargs(scheduler, eta, generator),
             progress=self.progress,
         )
         sstats = SamplerStats()
