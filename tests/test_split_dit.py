@@ -117,3 +117,41 @@ def test_sd3_joint_split_exact_for_every_n(dual):
             enc, dec = split_sd3(tr, n)
             tokens, ctx = enc(x, t, text, pooled)
             assert (dec(tokens, ctx, t, pooled) - ref).abs().max().item() <= 1e-5, n
+
+
+def test_sd3_runner_batched_decode_non_square():
+    """SD3 through split_transformer: both streams cross the split (Features.skips holds the
+    context), non-square latents; the batched decode equals the full transformer at the key step
+    and the rear blocks per step after it."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    tr = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=12, out_channels=4,
+        pos_embed_max_size=8,
+    ).eval()  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    x, text, pooled = (
+        torch.randn(2, 4, 8, 6, generator=g),
+        torch.randn(2, 5, 16, generator=g),
+        torch.randn(2, 12, generator=g),
+    )
+    added = {"pooled_projections": pooled}
+    ts = torch.tensor([900.0, 700.0, 500.0])
+    for n in range(4):
+        s = split_transformer(tr, n, (8, 6))
+        assert s.kind == "sd3" and s.features == ("tokens", "context") and s.pooled_dim == 12
+        with TorchTransformerRunner(s) as runner:
+            feats = runner.encode(x, ts[0].expand(2), text, added)
+            eps = runner.decode(feats, ts, text, added)
+        assert feats.mid.shape == (2, 12, 16) and feats.skips[0].shape == (2, 5, 16)
+        assert eps.shape == (6, 4, 8, 6)
+        with torch.no_grad():
+            full = tr(x, encoder_hidden_states=text, pooled_projections=pooled, timestep=ts[0].expand(2)).sample
+            assert (eps[:2] - full).abs().max().item() <= 1e-5, n
+            for j in range(1, 3):
+                one = s.decoder(feats.mid, feats.skips[0], ts[j].expand(2), pooled)
+                assert (eps[2 * j : 2 * j + 2] - one).abs().max().item() <= 1e-5, n
+    with pytest.raises(InputError, match="pooled_projections"):
+        s.conditioning(text, {})
