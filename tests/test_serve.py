@@ -173,17 +173,6 @@ def test_decoder_schedules_are_served_as_asked_and_never_batched_with_key_steps_
     assert rel_l2(refs[0], refs[1]) > 1e-3  # the depths change the result: dropping them would show
 
 
-def test_decoder_schedules_are_refused_up_front_where_the_backend_cannot_run_them(monkeypatch):
-    rt = make_runtime()
-    try:
-        monkeypatch.setattr(rt.pipeline, "backend", "tensorrt")
-        with pytest.raises(InputError, match=r"'deepcache:3' has shallow decoder steps.*--backend torch"):
-            rt.check(GenerateRequest(prompt="x", steps=STEPS, schedule="deepcache:3"))
-        rt.check(GenerateRequest(prompt="x", steps=STEPS, schedule="uniform:3"))  # key steps only: fine
-    finally:
-        rt.shutdown()
-
-
 def test_async_generate_and_random_seed_is_reported(reference):
     rt = make_runtime(max_batch=2)
     try:

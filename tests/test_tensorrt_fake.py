@@ -788,3 +788,244 @@ def test_pipeline_with_controlnet_on_tensorrt_reproduces_diffusers(trt, graphs, 
     assert paper.stats.controlnet_calls == paper.stats.encoder_calls == 7
     assert call.calls == 8 + 7  # every ControlNet forward of both calls ran as the plan
     pipe.close()
+
+
+# Decoder schedules (deepcache:N, combined:...) -----------------------------------------------------
+def _with_shallow_graphs(graphs, tmp_path, unet, depths=(1,)):
+    """A copy of the fp32 directory, without plans, with the decoder schedules' graphs of ``depths``."""
+    from fd_trt.graphs.shallow import build_shallow_graphs
+
+    folder = _copy_without_plans(graphs / "fp32", tmp_path / "e")
+    for depth in depths:
+        build_shallow_graphs(unet, folder, depth)
+    return folder
+
+
+def _shallow_calls(runner, depth, sample, t, text, steps):
+    """decode_capture, decode_shallow (and conv_in's at depth 1) of one runner on the same inputs."""
+    feats = runner.encode(sample, t, text)
+    noise, hidden = runner.decode_capture(feats, steps, text, None, (depth,))
+    shallow = runner.decode_shallow(hidden[depth], feats.skips[:depth], steps, text)
+    out = [noise, hidden[depth], shallow]
+    if depth == 1:
+        out.append(runner.input_conv(sample * 0.5))
+    return out
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_shallow_plans_are_built_into_the_manifest_and_match_torch(trt, graphs, tiny_sd, tmp_path, depth):
+    from fd_trt.backends.torch import TorchRunner
+    from fd_trt.graphs.contract import shallow_roles
+
+    folder = _with_shallow_graphs(graphs, tmp_path, tiny_sd.unet, (depth,))
+    roles = shallow_roles(depth)
+    build_plans(folder, opt_segment_steps=2)
+    built = build_plans(folder, roles=roles, opt_segment_steps=2)
+    assert [r.record.role for r in built] == list(roles) and all(r.built for r in built)
+    manifest = load_manifest(folder)
+    plans = _plans(folder)
+    for role in roles:
+        rec = plans[role]
+        # capture and shallow plans take the decoder's rows (S steps of N), conv_in the encoder's
+        assert rec.rows == ([1, 2, 2] if role == "input_conv" else [1, 4, 8]), role
+        assert rec.file == f"{role}.trt10.13.0.fake.sm90.rows{'-'.join(map(str, rec.rows))}.plan"
+        assert rec.graph_sha256 == manifest.graphs[role].sha256 and rec.refittable
+        assert (folder / rec.file).stat().st_size == rec.bytes
+    header = fake_tensorrt.plan_header(folder / plans[f"shallow_d{depth}"].file)
+    # The hidden state and timestep have the rows of every step of a call; the skips and text the
+    # key step's, once for all the steps (as the decoder's features).
+    assert [s[0] for s in header["profile"]["hidden"]] == [1, 4, 8]
+    assert [s[0] for s in header["profile"]["timestep"]] == [1, 4, 8]
+    assert [s[0] for s in header["profile"]["skip_00"]] == [1, 2, 8]
+    assert [s[0] for s in header["profile"]["encoder_hidden_states"]] == [1, 2, 8]
+    capture = fake_tensorrt.plan_header(folder / plans[f"decoder_capture_d{depth}"].file)
+    assert [s[0] for s in capture["profile"]["mid"]] == [1, 2, 8]
+    gen = torch.Generator().manual_seed(4)
+    # 2 rows x 5 steps (10 rows: two executions of a 4-step profile), and 10 rows x 2 steps (each
+    # step in row chunks of 8 and 2, and the encoder and conv_in in chunks of 2).
+    for rows, steps in ((2, [900.0, 700.0, 500.0, 300.0, 100.0]), (10, [800.0, 200.0])):
+        sample, text = torch.randn(rows, 4, 8, 8, generator=gen), torch.randn(rows, 16, 32, generator=gen)
+        t, ts = torch.linspace(950.0, 50.0, rows), torch.tensor(steps)
+        with TrtRunner(folder, build=False, warmup=False) as runner, TorchRunner(tiny_sd.unet) as ref:
+            got = _shallow_calls(runner, depth, sample, t, text, ts)
+            want = _shallow_calls(ref, depth, sample, t, text, ts)
+            assert (
+                runner.launches["shallow"] == {2: 2, 10: 4}[rows]
+            )  # 2 rows: 5 steps in 4 + 1; 10 rows: 8 + 2 per step
+        assert len(got) == len(want) == (4 if depth == 1 else 3)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and rel_l2(a, b) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    ["deepcache:3", "combined:0,8|none|2", "combined:0,4,8|uniform:2|1|fresh"],
+)
+def test_decoder_schedules_on_tensorrt_equal_torch(trt, graphs, tiny_sd, fd_pipe, latents, tmp_path, schedule):
+    import shutil
+
+    folder = tmp_path / "e"
+    shutil.copytree(graphs / "fp32", folder)
+    common = dict(num_inference_steps=12, latents=latents, output_type="latent", schedule=schedule)
+    pipe = FasterDiffusionPipeline.from_diffusers(
+        tiny_sd, backend="tensorrt", device="cpu", precision="fp32", progress=False, engines=folder
+    )
+    out = pipe(PROMPT, **common)
+    want = fd_pipe(PROMPT, **common)
+    assert out.stats.backend == "tensorrt" and not out.stats.nonfinite
+    assert out.stats.shallow_calls == want.stats.shallow_calls > 0
+    assert rel_l2(out.latents, want.latents) < 1e-4
+    assert rel_l2(out.latents, fd_pipe(PROMPT, **{**common, "schedule": "all"}).latents) > 1e-4  # reuse shows
+    # The plans of the schedule's graphs are in the manifest, built from the graphs it records.
+    manifest = load_manifest(folder)
+    depth = 2 if schedule.endswith("|2") else 1
+    roles = {f"decoder_capture_d{depth}", f"shallow_d{depth}"} | ({"input_conv"} if depth == 1 else set())
+    plans = {p.role: p for p in manifest.plans.values()}
+    assert roles <= set(plans)
+    for role in roles:
+        assert plans[role].graph_sha256 == manifest.graphs[role].sha256 and (folder / plans[role].file).is_file()
+    pipe.close()
+
+
+def test_a_stale_or_missing_shallow_plan_never_runs(trt, graphs, tmp_path):
+    from fd_trt.backends.torch import TorchRunner
+    from fd_trt.families.models import tiny_sd_pipeline
+    from fd_trt.graphs.manifest import engine_dir_lock, save_manifest
+    from fd_trt.graphs.shallow import export_shallow_into
+
+    sd = tiny_sd_pipeline(seed=0)
+    folder = _with_shallow_graphs(graphs, tmp_path, sd.unet)
+    build_plans(folder)
+    build_plans(folder, roles=("decoder_capture_d1", "shallow_d1", "input_conv"))
+    old = _plans(folder)
+    # The depth-1 graphs exported again from other weights: the plans recorded for them are stale.
+    _scale_up_block(sd.unet)
+    with engine_dir_lock(folder):
+        manifest = load_manifest(folder)
+        export_shallow_into(sd.unet, folder, manifest, 1)
+        save_manifest(folder, manifest)
+    sample, t, text = _inputs()
+    steps = torch.tensor([700.0, 400.0])
+    with TrtRunner(folder, build=False, warmup=False) as runner:
+        feats = runner.encode(sample, t, text)
+        with pytest.raises(EngineMismatchError, match=r"decoder_capture_d1.*older version of the graph"):
+            runner.decode_capture(feats, steps, text, None, (1,))
+        assert "shallow" not in runner.launches and runner.launches.get("decoder", 0) == 0
+    # With builds allowed the runner builds plans of the current graphs, and they compute with the new weights.
+    with TrtRunner(folder, warmup=False) as runner, TorchRunner(sd.unet) as ref:
+        feats, ref_feats = runner.encode(sample, t, text), ref.encode(sample, t, text)
+        _, hidden = runner.decode_capture(feats, steps, text, None, (1,))
+        _, ref_hidden = ref.decode_capture(ref_feats, steps, text, None, (1,))
+        assert rel_l2(hidden[1], ref_hidden[1]) < 1e-5
+        out = runner.decode_shallow(hidden[1], feats.skips[:1], steps, text)
+        assert rel_l2(out, ref.decode_shallow(ref_hidden[1], ref_feats.skips[:1], steps, text)) < 1e-5
+    new = _plans(folder)
+    assert new["shallow_d1"].file == old["shallow_d1"].file  # same name, rebuilt for the new graph
+    assert new["shallow_d1"].graph_sha256 != old["shallow_d1"].graph_sha256
+    # A recorded plan whose file is gone is refused, not rebuilt behind the record's back.
+    (folder / new["input_conv"].file).unlink()
+    with TrtRunner(folder, warmup=False) as runner:
+        with pytest.raises(EngineMismatchError, match=r"input_conv plan .* is missing"):
+            runner.input_conv(sample)
+    # Graphs not exported yet: the message names the export.
+    bare = _copy_without_plans(graphs / "fp32", tmp_path / "bare")
+    with TrtRunner(bare, warmup=False) as runner:
+        with pytest.raises(EngineMismatchError, match=r"no shallow decoder graphs of depth 2.*build_shallow_graphs"):
+            runner.decode_shallow(hidden[1], (feats.skips[0], feats.skips[1]), steps, text)
+
+
+def test_a_weight_change_is_refit_into_the_shallow_plans(trt, graphs, tmp_path):
+    from fd_trt.backends.torch import TorchRunner
+    from fd_trt.families.models import tiny_sd_pipeline
+    from fd_trt.utils.files import file_sha256
+
+    sd = tiny_sd_pipeline(seed=0)
+    folder = _with_shallow_graphs(graphs, tmp_path, sd.unet)
+    sample, t, text = _inputs()
+    steps = torch.tensor([700.0, 500.0, 300.0])
+    with TrtRunner(folder, warmup=False) as runner:
+        before = _shallow_calls(runner, 1, sample, t, text, steps)
+        old = {role: rec for role, rec in runner.plans.items()}
+        builds = len(fake_tensorrt.Builder.builds)
+        _scale_up_block(sd.unet)
+        conv = sd.unet.conv_in.weight
+        with torch.no_grad():
+            conv.mul_(1.25)  # conv_in too: the input-conv plan must follow
+        assert runner.refit(sd.unet)
+        assert len(fake_tensorrt.Builder.builds) == builds  # refit, not rebuilt
+        after = _shallow_calls(runner, 1, sample, t, text, steps)
+    with TorchRunner(sd.unet) as ref:
+        want = _shallow_calls(ref, 1, sample, t, text, steps)
+    for a, b, w in zip(before, after, want):
+        assert rel_l2(b, w) < 1e-5 and rel_l2(a, w) > 1e-4
+    manifest = load_manifest(folder)
+    for role in ("decoder_capture_d1", "shallow_d1", "input_conv"):
+        rec = manifest.plans[old[role].file]
+        assert rec.refitted_at > 0 and rec.sha256 == file_sha256(folder / rec.file)
+        assert rec.graph_sha256 == manifest.graphs[role].sha256 == file_sha256(folder / manifest.graphs[role].file)
+    # Another process (a new runner that may not build) loads the refitted plans.
+    with TrtRunner(folder, build=False, warmup=False) as fresh:
+        again = _shallow_calls(fresh, 1, sample, t, text, steps)
+    for a, w in zip(again, want):
+        assert rel_l2(a, w) < 1e-5
+    assert len(fake_tensorrt.Builder.builds) == builds
+
+
+def test_the_server_serves_a_decoder_schedule_on_tensorrt(trt, graphs, tiny_sd, fd_pipe, tmp_path):
+    import shutil
+
+    from fd_trt.serving.runtime import GenerateRequest, ServingRuntime
+
+    folder = tmp_path / "e"
+    shutil.copytree(graphs / "fp32", folder)
+    pipe = FasterDiffusionPipeline.from_diffusers(
+        tiny_sd, backend="tensorrt", device="cpu", precision="fp32", progress=False, engines=folder
+    )
+    rt = ServingRuntime(pipe, warmup=False)
+    try:
+        req = GenerateRequest(prompt=PROMPT, seed=3, steps=9, schedule="deepcache:3")
+        res = rt.submit(req).result(timeout=300)
+    finally:
+        rt.shutdown()
+    want = fd_pipe(
+        PROMPT,
+        num_inference_steps=9,
+        generator=torch.Generator().manual_seed(3),
+        schedule="deepcache:3",
+        output_type="latent",
+    )
+    assert rel_l2(res.latents, want.latents[0]) < 1e-4
+    assert "shallow_d1" in {p.role for p in load_manifest(folder).plans.values()}
+
+
+def test_shallow_plans_that_need_more_scratch_grow_it_for_every_context(trt, graphs, tiny_sd, tmp_path, monkeypatch):
+    """A decoder schedule's plan loaded later that needs more scratch than the encoder and decoder:
+    one larger allocation for every context, and CUDA graphs captured with the old one are dropped."""
+    folder = _with_shallow_graphs(graphs, tmp_path, tiny_sd.unet)
+    base = fake_tensorrt.ICudaEngine.device_memory_size_v2.fget
+    monkeypatch.setattr(
+        fake_tensorrt.ICudaEngine,
+        "device_memory_size_v2",
+        property(lambda self: base(self) * (4 if "hidden" in self.profile else 1)),
+    )
+    sample, t, text = _inputs()
+    steps = torch.tensor([800.0, 600.0])
+    with TrtRunner(folder, warmup=False) as plain:
+        feats = plain.encode(sample, t, text)
+        want = [plain.decode(feats, steps, text), *_shallow_calls(plain, 1, sample, t, text, steps)]
+    with TrtRunner(folder, warmup=False, cuda_graphs=True) as runner:
+        feats = runner.encode(sample, t, text)
+        first = runner.decode(feats, steps, text)
+        assert runner._dec is not None and runner._enc is not None and runner._dec.graphs
+        assert runner._scratch is not None
+        small = runner._scratch.numel()
+        got = _shallow_calls(runner, 1, sample, t, text, steps)
+        scratch = runner._scratch
+        assert scratch is not None and scratch.numel() > small
+        for e in runner._engines():
+            assert e.context.device_memory == (scratch.data_ptr(), scratch.numel()), e.role
+        assert not runner._dec.graphs and not runner._enc.graphs  # captured with the old allocation
+        again = runner.decode(runner.encode(sample, t, text), steps, text)  # recaptured with the new allocation
+    for a, b in zip([first, *got], want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(again, want[0], rtol=0, atol=0)

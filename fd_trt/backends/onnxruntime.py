@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from fd_trt.core.features import Added, Features
-from fd_trt.core.runner import Runner, step_timesteps
+from fd_trt.core.runner import Runner, one_capture_depth, step_timesteps
 from fd_trt.errors import BackendUnavailableError, EngineMismatchError, FdTrtError, InputError
 from fd_trt.graphs.contract import (
     CONDITIONING_SCALE,
@@ -536,12 +536,7 @@ class OrtRunner(Runner):
         added: Added = None,
         depths: tuple[int, ...] = (),
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        if len(depths) != 1:
-            raise InputError(
-                f"the onnxruntime runner captures one shallow depth per decoder call, got {list(depths)}: "
-                "use one shallow depth per schedule, or backend='torch'"
-            )
-        (depth,) = depths
+        depth = one_capture_depth(self.name, depths)
         cap, _, _ = self._shallow_graphs(depth)
         assert self.contract is not None
         cond, text = self._conditioning(added), text.to(self.device)

@@ -21,6 +21,12 @@ Encoder calls with more rows than the encoder profile's maximum run in chunks of
 (plans built for one image serve eight), and decoder calls in as many executions as the profile
 needs; ``launches`` counts each execution.
 
+Decoder schedules (``deepcache:N``, ``combined:...``; [`fd_trt.graphs.shallow`][fd_trt.graphs.shallow]):
+the plans of a shallow depth's capture and shallow graphs (and ``conv_in``'s at depth 1) are
+selected or built on the first call that needs them, as the encoder's and decoder's are, from the
+graphs the pipeline exported into the directory; they run like the decoder (the key step's rows
+once, S*N step rows), share the scratch allocation, and are refit with the other plans.
+
 Weight changes (a fused LoRA). Plans are built refittable (``BuilderFlag.REFIT``);
 [`TrtRunner.refit()`][fd_trt.backends.tensorrt.TrtRunner.refit] re-exports the graphs from the new weights and refits the loaded engines
 from them by initializer name, then writes the refitted plans and the manifest back, under the
@@ -63,19 +69,22 @@ from fd_trt.backends.tensorrt_build import (
     profiles_for_manifest,
     require_cuda,
     require_tensorrt,
+    role_rows,
     runtime_problem,
     tensorrt_available,
     timing_cache_file_name,
     with_plan,
 )
 from fd_trt.core.features import Added, Features, added_tensors
-from fd_trt.core.runner import Runner
+from fd_trt.core.runner import Runner, one_capture_depth
 from fd_trt.core.schedule import ScheduleSpec
 from fd_trt.errors import EngineMismatchError, FdTrtError, InputError
 from fd_trt.graphs.contract import (
     CONDITIONING_SCALE,
     CONTROLNET,
     CONTROLNET_COND,
+    HIDDEN,
+    INPUT_CONV,
     MID,
     NOISE_PRED,
     ROLES,
@@ -84,6 +93,10 @@ from fd_trt.graphs.contract import (
     TIMESTEP,
     ControlNetContract,
     GraphContract,
+    capture_role,
+    shallow_role,
+    shallow_role_depth,
+    shallow_roles,
 )
 
 if TYPE_CHECKING:  # the stubs (tensorrt-stubs) type-check the calls; nothing is imported at run time
@@ -167,6 +180,9 @@ class _Engine:
     # copy for all the steps of a call), and the most rows their profile takes.
     key_inputs: tuple[str, ...] = ()
     key_max_rows: int = 0
+    # The ``launches`` key its executions count under (the role when empty): a decoder schedule's
+    # capture plan runs the whole decoder and counts as ``decoder``, its shallow plan as ``shallow``.
+    counter: str = ""
 
 
 class TrtRunner(Runner):
@@ -263,6 +279,8 @@ class TrtRunner(Runner):
         self._stream: torch.cuda.Stream | None = None
         self._graph_pool: Any = None
         self._controlnets: dict[str, TrtControlNet] = {}
+        # A decoder schedule's plans, by shallow depth, then role (loaded on first use).
+        self._shallow: dict[int, dict[str, _Engine]] = {}
         #: The plan records in use, by role (after activation).
         self.plans: dict[str, PlanRecord] = {}
         #: The graph contract of the plans (after activation), read from the manifest.
@@ -276,7 +294,8 @@ class TrtRunner(Runner):
 
         version = str(trt.__version__)
         _, cc = gpu_identity(self.device)
-        wanted = profiles[role].as_list() if (self.schedule is not None or self.opt_segment_steps is not None) else None
+        rows = role_rows(profiles, role)
+        wanted = rows.as_list() if (self.schedule is not None or self.opt_segment_steps is not None) else None
         record = find_plan(manifest, role, tensorrt_version=version, compute_capability=cc, rows=wanted)
         if record is not None:
             return record
@@ -291,11 +310,15 @@ class TrtRunner(Runner):
                     graph_sha256=graph.sha256 if graph is not None else None,
                     engine_dir=self.engine_dir,
                 )
+            build = (
+                f"fd_trt.backends.tensorrt.build_plans({str(self.engine_dir)!r}, roles=({role!r},))"
+                if shallow_role_depth(role) is not None
+                else f"fd-trt build --backend tensorrt --out {self.engine_dir}"
+            )
             raise EngineMismatchError(
                 f"{self.engine_dir} has no TensorRT {role} plan"
                 + (f" with rows {wanted}" if wanted else "")
-                + f" for TensorRT {version} on this GPU (sm{cc[0]}{cc[1]}): build it with fd-trt build --backend tensorrt "
-                f"--out {self.engine_dir}, or pass build=True"
+                + f" for TensorRT {version} on this GPU (sm{cc[0]}{cc[1]}): build it with {build}, or pass build=True"
             )
         if foreign:
             logger.warning(
@@ -435,7 +458,7 @@ class TrtRunner(Runner):
         self._stream = torch.cuda.Stream(self.device)
         records = {role: self._select_plan(manifest, role, profiles) for role in ROLES}
         contract = GraphContract.from_manifest(manifest)
-        key_inputs = tuple(t.name for t in contract.decoder.inputs if t.rowed and not t.step_rowed)
+        key_inputs = contract.decoder.key_rowed_names
         enc, dec = (
             self._load("encoder", records["encoder"]),
             self._load("decoder", records["decoder"], key_inputs=key_inputs),
@@ -519,14 +542,28 @@ class TrtRunner(Runner):
             self.plans[f"{CONTROLNET}:{record.file}"] = plan
             return cn
 
+    def _engines(self) -> list[_Engine]:
+        """The UNet's loaded plans: encoder, decoder and a decoder schedule's (not ControlNets')."""
+        out = [e for e in (self._enc, self._dec) if e is not None]
+        return out + [e for entries in self._shallow.values() for e in entries.values()]
+
     def _bind(self, entries: list[_Engine]) -> None:
         managed = [e for e in entries if e.user_managed]
         if managed:
             size = max(_device_memory_size(e.engine) for e in managed)
-            # One allocation for both contexts: the encoder and the decoder never run at the same time.
-            self._scratch = torch.empty(max(size, 256), dtype=torch.uint8, device=self.device)
+            # One allocation for every context: the plans never run at the same time. Plans loaded
+            # later (a decoder schedule's) that need more get a larger one, for all of them.
+            if self._scratch is None or self._scratch.numel() < size:
+                new = {id(e) for e in managed}
+                bound = [e for e in self._engines() if e.user_managed and id(e) not in new]
+                if self._stream is not None:
+                    self._stream.synchronize()  # no queued work may still use the old allocation
+                for e in bound:
+                    e.graphs.clear()  # captured with the old allocation's address
+                self._scratch = torch.empty(max(size, 256), dtype=torch.uint8, device=self.device)
+                managed += bound
             for e in managed:
-                _set_device_memory(e.context, self._scratch.data_ptr(), size)
+                _set_device_memory(e.context, self._scratch.data_ptr(), self._scratch.numel())
         for e in entries:
             for n, buf in e.buffers.items():
                 # Addresses are set once: each call uses the buffers' first rows, whose address is the buffer's.
@@ -536,14 +573,14 @@ class TrtRunner(Runner):
     def _deactivate(self) -> None:
         if self._stream is not None:
             self._stream.synchronize()
-        for e in (self._enc, self._dec, *(c.entry for c in self._controlnets.values())):
-            if e is not None:
-                e.graphs.clear()
-                e.buffers.clear()
-                del e.context  # a context before its engine
-                del e.engine
+        for e in (*self._engines(), *(c.entry for c in self._controlnets.values())):
+            e.graphs.clear()
+            e.buffers.clear()
+            del e.context  # a context before its engine
+            del e.engine
         self._enc = self._dec = None
         self._controlnets.clear()
+        self._shallow.clear()
         self.contract = None
         self._scratch = None
         self._runtime = None
@@ -559,9 +596,12 @@ class TrtRunner(Runner):
         (``OnnxParserRefitter.refit_from_file``, then ``Refitter.refit_cuda_engine``), the
         refitted engines are serialized back to their plan files atomically, and the manifest is
         rewritten with the new weights' digest, graph and plan records. A later process therefore
-        loads the refitted plans, never stale ones. Plans of other GPUs, TensorRT versions or
-        profiles cannot be refit here and are deleted with their records (they would hold the
-        old weights). CUDA graphs are recaptured on the next call.
+        loads the refitted plans, never stale ones. The plans of a decoder schedule that this
+        runner has loaded (capture, shallow and ``conv_in`` plans) are refit too, from their
+        graphs exported again from ``unet``. Plans of other GPUs, TensorRT versions or profiles,
+        and a decoder schedule's plans not loaded here, cannot be refit here and are deleted with
+        their records (they would hold the old weights; a decoder schedule's graphs are exported
+        again on first use). CUDA graphs are recaptured on the next call.
 
         Args:
             unet: the UNet with its new weights.
@@ -584,12 +624,13 @@ class TrtRunner(Runner):
             package_versions,
             save_manifest,
         )
+        from fd_trt.graphs.shallow import export_shallow_into
         from fd_trt.graphs.weights import unet_config_dict, unet_weights_sha256
         from fd_trt.utils.files import file_sha256, write_atomic
 
         if not self.is_active or self._enc is None or self._dec is None:
             return False
-        entries = [self._enc, self._dec]
+        entries = self._engines()
         not_refittable = [e.path.name for e in entries if not (self.plans[e.role].refittable and e.engine.refittable)]
         if not_refittable:
             logger.warning(
@@ -636,11 +677,17 @@ class TrtRunner(Runner):
                 recorded = [new.plans.get(e.path.name) for e in entries]
                 if all(
                     r is not None
+                    and e.role in new.graphs
                     and r.sha256 == self.plans[e.role].sha256
                     and r.graph_sha256 == new.graphs[e.role].sha256
                     for r, e in zip(recorded, entries)
                 ):
                     return True  # our engines are the recorded plans of these very graphs: nothing to refit
+            # A decoder schedule's graphs of the loaded depths, from the new weights (the export
+            # above, or another process's refit, dropped them).
+            for depth in sorted(self._shallow):
+                if any(role not in new.graphs for role in self._shallow[depth]):
+                    export_shallow_into(unet, self.engine_dir, new, depth)
             assert self._stream is not None
             self._stream.synchronize()  # TensorRT: refitting an engine with queued work is undefined
             try:
@@ -669,9 +716,8 @@ class TrtRunner(Runner):
                 self.plans[e.role] = record
             save_manifest(self.engine_dir, new)
         logger.info(
-            "refit %s and %s with the new weights in %.1f s",
-            self._enc.path.name,
-            self._dec.path.name,
+            "refit %s with the new weights in %.1f s",
+            ", ".join(e.path.name for e in entries),
             time.perf_counter() - t0,
         )
         return True
@@ -709,7 +755,7 @@ class TrtRunner(Runner):
         if not e.min_rows <= rows <= e.max_rows:
             fix = (
                 f"--batch {-(-rows // 2)} (images per call; rows are 2 per image with CFG)"
-                if e.role == "encoder"
+                if e.role in ("encoder", INPUT_CONV)
                 else "a larger --batch or --max-segment-steps"
             )
             raise InputError(
@@ -739,7 +785,8 @@ class TrtRunner(Runner):
         assert stream is not None
         shape = (rows, rows if key_rows is None else key_rows)
         self._set_rows(e, shape)
-        self.launches[e.role] = self.launches.get(e.role, 0) + 1
+        key = e.counter or e.role
+        self.launches[key] = self.launches.get(key, 0) + 1
         caller = torch.cuda.current_stream(self.device)
         stream.wait_stream(caller)  # the inputs were written on the caller's stream
         with torch.cuda.stream(stream):
@@ -847,6 +894,24 @@ class TrtRunner(Runner):
         names = self.contract.added_names
         return dict(zip(names, added_tensors(names, added, rows)))
 
+    def _run_rows(self, e: _Engine, inputs: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+        """Runs a plan whose rows stand alone (the encoder, ``conv_in``, a ControlNet) in chunks of
+        its profile's rows; returns copies of the outputs ``names``, all rows."""
+        rows = int(next(iter(inputs.values())).shape[0])
+        chunks = self._chunks(e, rows)  # before any buffer is written
+        for name, value in inputs.items():
+            if tuple(value.shape[1:]) != e.tails[name]:
+                self._copy_in(e, name, value)  # raises, naming the shape the plan takes
+        # Outputs are copies: the next call reuses the buffers while the caller may hold these.
+        out = {n: torch.empty((rows, *e.tails[n]), dtype=e.buffers[n].dtype, device=self.device) for n in names}
+        for c0, c in chunks:
+            for name, value in inputs.items():
+                self._copy_in(e, name, value[c0 : c0 + c])
+            self._execute(e, c)
+            for n in names:
+                out[n][c0 : c0 + c].copy_(e.buffers[n][:c])
+        return out
+
     @torch.inference_mode()
     def _encode(
         self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, added: Added = None
@@ -855,27 +920,16 @@ class TrtRunner(Runner):
         assert enc is not None and contract is not None
         rows = self._check_rows("encoder", sample=sample, timestep=timestep, text=text)
         inputs = {SAMPLE: sample, TIMESTEP: timestep.reshape(rows), TEXT: text, **self._conditioning(added, rows)}
-        chunks = self._chunks(enc, rows)  # before any buffer is written
-        for name, value in inputs.items():
-            if tuple(value.shape[1:]) != enc.tails[name]:
-                self._copy_in(enc, name, value)  # raises, naming the shape the plan takes
         names = contract.feature_names
-        # Outputs are copies: the next encode reuses the buffers while the caller may hold these features.
-        out = {n: torch.empty((rows, *enc.tails[n]), dtype=enc.buffers[n].dtype, device=self.device) for n in names}
-        for c0, c in chunks:
-            for name, value in inputs.items():
-                self._copy_in(enc, name, value[c0 : c0 + c])
-            self._execute(enc, c)
-            for n in names:
-                out[n][c0 : c0 + c].copy_(enc.buffers[n][:c])
+        out = self._run_rows(enc, inputs, names)
         return Features(out[names[0]], tuple(out[n] for n in names[1:]))
 
-    @torch.inference_mode()
-    def _decode(
-        self, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None
-    ) -> torch.Tensor:
-        dec, contract = self._dec, self.contract
-        assert dec is not None and contract is not None
+    def _key_inputs(
+        self, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added
+    ) -> dict[str, torch.Tensor]:
+        """The decoder's inputs with the key step's rows, checked: features, text, added conditioning."""
+        contract = self.contract
+        assert contract is not None
         n = features.rows
         if text.shape[0] != n:
             raise InputError(f"text has {text.shape[0]} rows but the features have {n}: pass the encoder's text")
@@ -887,39 +941,164 @@ class TrtRunner(Runner):
                 f"features have {len(features.skips)} skips but the plans carry {len(names) - 1}: pass the features "
                 "this runner's encode() returned"
             )
-        # The per-row conditioning of the key step's rows, which the plan repeats for every step.
-        rows = {TEXT: text, **self._conditioning(added, n)}
-        if n > dec.key_max_rows:
-            # More rows per step than the plan takes (a batch above the build's): each step in row chunks.
-            parts = []
-            for t in timesteps.reshape(-1, 1):
-                for r0, r in self._chunks(dec, n, dec.key_max_rows):
-                    sub = Features(features.mid[r0 : r0 + r], tuple(x[r0 : r0 + r] for x in features.skips))
-                    parts.append(self._decode_steps(dec, names, sub, t, {k: v[r0 : r0 + r] for k, v in rows.items()}))
-            return torch.cat(parts)
-        return self._decode_steps(dec, names, features, timesteps, rows)
+        return {**dict(zip(names, features.tensors())), TEXT: text, **self._conditioning(added, n)}
 
-    def _decode_steps(
-        self, dec: _Engine, names: list[str], features: Features, timesteps: torch.Tensor, rows: dict[str, torch.Tensor]
+    @torch.inference_mode()
+    def _decode(
+        self, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None
     ) -> torch.Tensor:
-        """Decodes ``n <= key_max_rows`` rows per step, as many steps per execution as the profile takes.
+        dec = self._dec
+        assert dec is not None
+        (noise,) = self._run_steps(
+            dec, self._key_inputs(features, timesteps, text, added), timesteps, {}, (NOISE_PRED,)
+        )
+        return noise
 
-        The key step's features, text and added conditioning go in once (N rows); the plan
-        repeats them for the S steps of each execution, whose S*N timesteps are step-major.
+    @torch.inference_mode()
+    def _run_steps(
+        self,
+        e: _Engine,
+        key: dict[str, torch.Tensor],
+        timesteps: torch.Tensor,
+        step: dict[str, torch.Tensor],
+        outputs: tuple[str, ...],
+    ) -> list[torch.Tensor]:
+        """Runs a plan with step rows (the decoder, a decoder schedule's capture and shallow plans)
+        for the S ``timesteps`` of the N rows of ``key`` (the key step's features or skips, text and
+        added conditioning), which the plan repeats for every step; ``step`` holds the inputs with
+        S*N rows, step-major (the shallow plan's hidden state).
+
+        Returns:
+            The ``outputs``, S*N rows each, step-major (``noise_pred`` as float32).
         """
-        n = features.rows
-        per_call = dec.max_rows // n
-        for name, value in [*zip(names, features.tensors()), *rows.items()]:
-            self._copy_in(dec, name, value)
-        outs = []
+        n = int(next(iter(key.values())).shape[0])
+        parts: list[list[torch.Tensor]] = [[] for _ in outputs]
+        if n > e.key_max_rows:
+            # More rows per step than the plan takes (a batch above the build's): each step in row chunks.
+            for k, t in enumerate(timesteps.reshape(-1, 1)):
+                for r0, r in self._chunks(e, n, e.key_max_rows):
+                    sub_key = {name: v[r0 : r0 + r] for name, v in key.items()}
+                    sub_step = {name: v[k * n + r0 : k * n + r0 + r] for name, v in step.items()}
+                    for part, out in zip(parts, self._run_steps(e, sub_key, t, sub_step, outputs)):
+                        part.append(out)
+            return [torch.cat(part) for part in parts]
+        # As many steps per execution as the profile takes. The key step's inputs go in once (N
+        # rows); the plan repeats them for the S steps of each execution, whose S*N timesteps (and
+        # ``step`` inputs) are step-major.
+        per_call = e.max_rows // n
+        for name, value in key.items():
+            self._copy_in(e, name, value)
         for c0 in range(0, int(timesteps.shape[0]), per_call):
             steps = timesteps[c0 : c0 + per_call]
             s = int(steps.shape[0])
-            self._check_profile(dec, s * n)
-            self._copy_in(dec, TIMESTEP, steps.reshape(s, 1).expand(s, n).reshape(s * n))
-            self._execute(dec, s * n, n)
-            outs.append(dec.buffers[NOISE_PRED][: s * n].to(torch.float32, copy=True))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+            self._check_profile(e, s * n)
+            self._copy_in(e, TIMESTEP, steps.reshape(s, 1).expand(s, n).reshape(s * n))
+            for name, value in step.items():
+                self._copy_in(e, name, value[c0 * n : (c0 + s) * n])
+            self._execute(e, s * n, n)
+            for part, name in zip(parts, outputs):
+                dtype = torch.float32 if name == NOISE_PRED else e.buffers[name].dtype
+                part.append(e.buffers[name][: s * n].to(dtype, copy=True))
+        return [part[0] if len(part) == 1 else torch.cat(part) for part in parts]
+
+    # decoder schedules (fd_trt.graphs.shallow) ----------------------------------------------
+    def _shallow_engines(self, depth: int) -> dict[str, _Engine]:
+        """The plans of the depth's capture and shallow graphs (and ``conv_in``'s at depth 1), by
+        role: selected, or built, as the encoder's and decoder's are (each from the graph the
+        manifest records now, at the decoder's profile; ``conv_in`` at the encoder's), loaded once
+        and checked against their contracts. The pipeline exports the graphs into the directory
+        on first use ([`fd_trt.graphs.shallow.build_shallow_graphs()`][fd_trt.graphs.shallow.build_shallow_graphs])."""
+        from fd_trt.graphs.manifest import check_graph_files, engine_dir_lock
+        from fd_trt.graphs.shallow import shallow_graph_paths, shallow_spec
+
+        self._check_active()
+        with self.exclusive():
+            cached = self._shallow.get(depth)
+            if cached is not None:
+                return cached
+            entries: dict[str, _Engine] = {}
+            records: dict[str, PlanRecord] = {}
+            with engine_dir_lock(self.engine_dir, f"loading of the TensorRT plans of shallow depth {depth}"):
+                shallow_graph_paths(self.engine_dir, depth)  # raises, naming the export, when not recorded
+                manifest = check_graph_files(self.engine_dir)
+                profiles = profiles_for_manifest(
+                    manifest.encoder_rows, manifest.decoder_rows, self.schedule, self.opt_segment_steps
+                )
+                for role in shallow_roles(depth):
+                    record = self._select_plan(manifest, role, profiles)
+                    spec = shallow_spec(manifest, role)
+                    entry = self._load(role, record, key_inputs=spec.key_rowed_names)
+                    spec.check(
+                        entry.inputs,
+                        entry.outputs,
+                        entry.path,
+                        f"delete it and rebuild: fd_trt.backends.tensorrt.build_plans(engine_dir, roles=({role!r},), force=True)",
+                    )
+                    entry.counter = {capture_role(depth): "decoder", shallow_role(depth): "shallow"}.get(role, role)
+                    entries[role], records[role] = entry, record
+            self._bind(list(entries.values()))
+            self._shallow[depth] = entries
+            self.plans.update(records)
+            logger.info(
+                "tensorrt: the shallow depth-%d plans %s", depth, ", ".join(e.path.name for e in entries.values())
+            )
+            return entries
+
+    def decode_capture(
+        self,
+        features: Features,
+        timesteps: torch.Tensor,
+        text: torch.Tensor,
+        added: Added = None,
+        depths: tuple[int, ...] = (),
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        depth = one_capture_depth(self.name, depths)
+        self._check_active()
+        with self.exclusive():
+            self._check_usable()
+            e = self._shallow_engines(depth)[capture_role(depth)]
+            key = self._key_inputs(features, timesteps, text, added)
+            noise, hidden = self._run_steps(e, key, timesteps, {}, (NOISE_PRED, HIDDEN))
+        return noise, {depth: hidden}
+
+    def decode_shallow(
+        self,
+        hidden: torch.Tensor,
+        skips: tuple[torch.Tensor, ...],
+        timesteps: torch.Tensor,
+        text: torch.Tensor,
+        added: Added = None,
+    ) -> torch.Tensor:
+        if not skips:
+            raise InputError("a shallow decoder step needs at least skip_00")
+        depth = len(skips)
+        self._check_active()
+        with self.exclusive():
+            self._check_usable()
+            e = self._shallow_engines(depth)[shallow_role(depth)]
+            assert self.contract is not None
+            n = int(skips[0].shape[0])
+            if text.shape[0] != n:
+                raise InputError(f"text has {text.shape[0]} rows but the skips have {n}: pass the encoder's text")
+            if timesteps.ndim != 1 or timesteps.shape[0] < 1:
+                raise InputError(f"timesteps must be a non-empty 1-D tensor, got shape {tuple(timesteps.shape)}")
+            if hidden.shape[0] != n * timesteps.shape[0]:
+                raise InputError(
+                    f"hidden has {hidden.shape[0]} rows but {timesteps.shape[0]} steps of {n} rows need "
+                    f"{n * timesteps.shape[0]}: pass the hidden states decode_capture() returned for these steps"
+                )
+            key = {**dict(zip(self.contract.feature_names[1:], skips)), TEXT: text, **self._conditioning(added, n)}
+            (noise,) = self._run_steps(e, key, timesteps, {HIDDEN: hidden}, (NOISE_PRED,))
+        return noise
+
+    @torch.inference_mode()
+    def input_conv(self, sample: torch.Tensor) -> torch.Tensor:
+        self._check_active()
+        with self.exclusive():
+            self._check_usable()
+            e = self._shallow_engines(1)[INPUT_CONV]
+            (name,) = e.outputs
+            return self._run_rows(e, {SAMPLE: sample}, [name])[name]
 
 
 class TrtControlNet:
@@ -964,15 +1143,9 @@ class TrtControlNet:
         names = [down_name(i) for i in range(self.num_down)] + [MID]
         with r.exclusive():
             r._check_usable()
-            chunks = r._chunks(e, rows)
+            r._chunks(e, rows)  # raises before the scale is written, for rows the profile cannot take
             e.buffers[CONDITIONING_SCALE].fill_(1.0 if guess else float(conditioning_scale))
-            out = {n: torch.empty((rows, *e.tails[n]), dtype=e.buffers[n].dtype, device=r.device) for n in names}
-            for c0, c in chunks:
-                for name, value in inputs.items():
-                    r._copy_in(e, name, value[c0 : c0 + c].to(r.device, e.buffers[name].dtype))
-                r._execute(e, c)
-                for n in names:
-                    out[n][c0 : c0 + c].copy_(e.buffers[n][:c])
+            out = r._run_rows(e, inputs, names)
             self.calls += 1
         down, mid = [out[n] for n in names[:-1]], out[MID]
         if guess:

@@ -12,7 +12,12 @@ plan:
 
 * encoder: 1 .. 2B rows, opt at 2B (B images per call, x2 for CFG);
 * decoder: 1 .. 2B x ``max_segment_steps`` rows, opt at 2B x the segment length that covers the
-  most decoder steps of the schedule (``paper`` at 50 steps: 10 steps, 20 rows), configurable.
+  most decoder steps of the schedule (``paper`` at 50 steps: 10 steps, 20 rows), configurable;
+* a decoder schedule's graphs ([`fd_trt.graphs.shallow`][fd_trt.graphs.shallow]): the capture and
+  shallow graphs get the decoder's profile, ``input_conv`` the encoder's ([`role_rows()`][fd_trt.backends.tensorrt_build.role_rows]).
+
+In a graph with step rows the key step's inputs (features or skips, text, added conditioning)
+have their own profile, tuned at 2B rows and allowed up to the decoder's maximum.
 
 The lower bound of 1 row keeps runs without CFG (``guidance_scale <= 1``) inside the profiles;
 TensorRT tunes its kernels at the opt shape. Plans are named by role, TensorRT version, GPU
@@ -44,7 +49,15 @@ import torch
 
 from fd_trt.core.schedule import KeySchedule, ScheduleSpec, parse_schedule
 from fd_trt.errors import BackendUnavailableError, EngineMismatchError, FdTrtError, InputError
-from fd_trt.graphs.contract import CONTROLNET, ROLES, ControlNetContract, GraphContract, GraphSpec
+from fd_trt.graphs.contract import (
+    CONTROLNET,
+    INPUT_CONV,
+    ROLES,
+    ControlNetContract,
+    GraphContract,
+    GraphSpec,
+    shallow_role_depth,
+)
 
 if TYPE_CHECKING:  # the stubs (tensorrt-stubs) type-check the calls; nothing is imported at run time
     from fd_trt.graphs.manifest import Manifest, PlanRecord
@@ -352,7 +365,8 @@ def plan_file_name(
     """The file name of a plan: role (or ControlNet graph), TensorRT version, compute capability and profile rows.
 
     Args:
-        role: ``encoder``, ``decoder`` or ``controlnet``.
+        role: ``encoder``, ``decoder``, ``controlnet``, or a decoder schedule's graph role
+            (``decoder_capture_d<d>``, ``shallow_d<d>``, ``input_conv``).
         tensorrt_version: ``tensorrt.__version__``.
         compute_capability: ``(major, minor)`` of the GPU.
         rows: the profile.
@@ -367,14 +381,34 @@ def plan_file_name(
         if not graph_file:
             raise InputError("a ControlNet plan is named after its graph: pass graph_file='controlnet-<sha16>.onnx'")
         stem = Path(graph_file).stem
-    elif role not in ROLES:
-        raise InputError(f"role must be one of {', '.join(ROLES)} or {CONTROLNET}, got {role!r}")
     else:
+        check_plan_role(role)
         stem = role
     return (
         f"{stem}.trt{_version_tag(tensorrt_version)}.{_cc_tag(compute_capability)}."
         f"rows{rows.min}-{rows.opt}-{rows.max}.plan"
     )
+
+
+def check_plan_role(role: str) -> None:
+    """Refuses a role that no plan of an engine directory's UNet graphs has.
+
+    Raises:
+        InputError: naming the roles there are.
+    """
+    if role not in ROLES and shallow_role_depth(role) is None:
+        raise InputError(
+            f"role must be one of {', '.join(ROLES)}, decoder_capture_d<d>, shallow_d<d> or {INPUT_CONV} "
+            f"(or {CONTROLNET} with its graph), got {role!r}"
+        )
+
+
+def role_rows(profiles: Mapping[str, RowProfile], role: str) -> RowProfile:
+    """The profile of a role's plan: the encoder's for ``encoder`` and ``input_conv`` (``conv_in``
+    on the encoder's rows), the decoder's for ``decoder`` and the decoder schedules' capture and
+    shallow graphs (S steps of N rows, as the decoder)."""
+    check_plan_role(role)
+    return profiles["encoder" if role in ("encoder", INPUT_CONV) else "decoder"]
 
 
 def timing_cache_file_name(tensorrt_version: str, compute_capability: Sequence[int]) -> str:
@@ -485,9 +519,13 @@ def _build_plan(
     gpu_name, cc = gpu_identity(device)
     role, rows, graph, spec = target.role, target.rows, target.graph, target.spec
     if graph is None:
-        raise EngineMismatchError(
-            f"{folder}/manifest.json records no {role} graph: rebuild with fd-trt build --backend tensorrt --force --out {folder}"
+        fix = (
+            "the pipeline exports a decoder schedule's graphs on first use, or call "
+            "fd_trt.graphs.shallow.build_shallow_graphs(unet, engine_dir, depth)"
+            if shallow_role_depth(role) is not None
+            else f"rebuild with fd-trt build --backend tensorrt --force --out {folder}"
         )
+        raise EngineMismatchError(f"{folder}/manifest.json records no {role} graph: {fix}")
     onnx_path = folder / graph.file
     trt_logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(trt_logger)
@@ -534,13 +572,15 @@ def _build_plan(
     profile = builder.create_optimization_profile()
     fixed = [t.name for t in spec.inputs if not t.rowed]
     own_rows = {}
-    if role == "decoder":
-        # The key step's rows (features, text, added conditioning) are tuned at the encoder's
-        # rows but may reach the decoder's maximum (a batch above the build's, one step per
-        # call); the timestep counts the rows of every step in the call (docs/design.md section 3).
+    if spec.key_rowed_names:
+        # The decoder (and a decoder schedule's capture and shallow graphs): the key step's rows
+        # (features, text, added conditioning) are tuned at the encoder's rows but may reach the
+        # decoder's maximum (a batch above the build's, one step per call); the timestep (and the
+        # shallow graph's hidden state) count the rows of every step in the call (docs/design.md
+        # section 3).
         enc = profiles_for_manifest(manifest.encoder_rows, manifest.decoder_rows)["encoder"]
         key_rows = RowProfile(min(enc.min, rows.min), min(enc.opt, rows.max), rows.max)
-        own_rows = {t.name: key_rows for t in spec.inputs if t.rowed and not t.step_rowed}
+        own_rows = {name: key_rows for name in spec.key_rowed_names}
     # One profile entry per contract input (its added conditioning included), in the contract's order.
     for name, (lo, opt, hi) in input_profile_shapes(
         rows, {n: shapes[n] for n in spec.input_names}, fixed, own_rows
@@ -631,7 +671,9 @@ def build_plans(
         workspace_bytes: the builder's workspace pool limit; TensorRT's default when ``None``.
         timing_cache: read and update the timing cache file in the engine directory.
         force: rebuild even when an up-to-date plan exists.
-        roles: which plans to build.
+        roles: which plans to build: ``encoder`` and ``decoder``, or a decoder schedule's graphs
+            (``decoder_capture_d<d>`` and ``shallow_d<d>`` on the decoder's profile, ``input_conv``
+            on the encoder's), once [`fd_trt.graphs.shallow.build_shallow_graphs()`][fd_trt.graphs.shallow.build_shallow_graphs] recorded them.
         refittable: build with ``BuilderFlag.REFIT``, so that new weights (a fused LoRA) can be
             refit into the plans in place (`TrtRunner.refit()`) instead of rebuilding them.
             ``REFIT``, not ``REFIT_IDENTICAL``: the latter only allows refitting the build's own
@@ -647,15 +689,24 @@ def build_plans(
         FdTrtError: when TensorRT fails to build.
     """
     for role in roles:
-        if role not in ROLES:
-            raise InputError(f"roles must be among {', '.join(ROLES)}, got {role!r}")
+        check_plan_role(role)
 
     def targets(manifest: Manifest) -> list[_PlanTarget]:
+        from fd_trt.graphs.shallow import shallow_spec
+
         profiles = profiles_for_manifest(
             manifest.encoder_rows, manifest.decoder_rows, as_schedule(schedule, num_steps), opt_segment_steps
         )
         contract = GraphContract.from_manifest(manifest)
-        return [_PlanTarget(role, profiles[role], manifest.graphs.get(role), contract.spec(role)) for role in roles]
+        return [
+            _PlanTarget(
+                role,
+                role_rows(profiles, role),
+                manifest.graphs.get(role),
+                contract.spec(role) if role in ROLES else shallow_spec(manifest, role),
+            )
+            for role in roles
+        ]
 
     return _build_or_keep_plans(
         engine_dir,
@@ -819,6 +870,7 @@ __all__ = [
     "build_controlnet_plan",
     "build_plans",
     "check_level",
+    "check_plan_role",
     "check_workspace",
     "external_threshold",
     "gpu_identity",
@@ -829,6 +881,7 @@ __all__ = [
     "profiles_for_manifest",
     "require_cuda",
     "require_tensorrt",
+    "role_rows",
     "runtime_problem",
     "tensorrt_available",
     "timing_cache_file_name",

@@ -220,6 +220,20 @@ class Runner(abc.ABC):
         raise self._no_shallow()
 
 
+def one_capture_depth(runner: str, depths: tuple[int, ...]) -> int:
+    """The one shallow depth a graph runner's capture graph returns the hidden state of.
+
+    Raises:
+        InputError: for none or several depths, naming the fix.
+    """
+    if len(depths) != 1:
+        raise InputError(
+            f"the {runner} runner captures one shallow depth per decoder call, got {list(depths)}: "
+            "use one shallow depth per schedule, or backend='torch'"
+        )
+    return int(depths[0])
+
+
 def step_timesteps(
     features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None
 ) -> torch.Tensor:

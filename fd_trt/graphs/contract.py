@@ -47,6 +47,7 @@ This module imports neither torch modules of diffusers nor onnx: a config (a dif
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -76,6 +77,9 @@ TEXT = "encoder_hidden_states"
 NOISE_PRED = "noise_pred"
 #: the shallow-decoder graphs' reused hidden state (fd_trt.graphs.shallow)
 HIDDEN = "hidden"
+#: The role of the decoder schedules' graph of ``conv_in`` alone (fd_trt.graphs.shallow).
+INPUT_CONV = "input_conv"
+_SHALLOW_ROLE_RE = re.compile(r"^(decoder_capture|shallow)_d([1-9][0-9]*)$")
 
 #: ``addition_embed_type`` values the split carries -> the per-row inputs each adds to both
 #: graphs, in graph order, with their dtype.
@@ -100,6 +104,31 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
     if isinstance(cfg, Mapping):
         return cfg.get(key, default)
     return getattr(cfg, key, default)
+
+
+def capture_role(depth: int) -> str:
+    """The role of the decoder graph that also returns the hidden state entering its last ``depth`` up layers."""
+    return f"decoder_capture_d{int(depth)}"
+
+
+def shallow_role(depth: int) -> str:
+    """The role of the graph of the decoder's last ``depth`` up layers."""
+    return f"shallow_d{int(depth)}"
+
+
+def shallow_roles(depth: int) -> tuple[str, ...]:
+    """The roles of the graphs a decoder schedule of shallow depth ``depth`` runs: the capture and
+    shallow graphs, and at depth 1 `INPUT_CONV` (shallow steps that read their own latents)."""
+    roles = (capture_role(depth), shallow_role(depth))
+    return (*roles, INPUT_CONV) if int(depth) == 1 else roles
+
+
+def shallow_role_depth(role: str) -> int | None:
+    """The shallow depth of a decoder-schedule role (1 for `INPUT_CONV`), ``None`` for any other role."""
+    if role == INPUT_CONV:
+        return 1
+    m = _SHALLOW_ROLE_RE.match(role) if isinstance(role, str) else None
+    return int(m.group(2)) if m else None
 
 
 def down_name(index: int) -> str:
@@ -249,6 +278,15 @@ class GraphSpec:
         return [t.name for t in self.outputs]
 
     @property
+    def key_rowed_names(self) -> tuple[str, ...]:
+        """In a graph with step rows (the decoder, the capture and shallow graphs), the inputs with
+        the key step's N rows, given once for the S steps: features, text, added conditioning.
+        ``()`` in a graph without step rows."""
+        if not any(t.step_rowed for t in self.inputs):
+            return ()
+        return tuple(t.name for t in self.inputs if t.rowed and not t.step_rowed)
+
+    @property
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """For ``torch.onnx.export``: every input and output with a row axis has it dynamic."""
         return {t.name: t.dynamic_axes for t in (*self.inputs, *self.outputs) if t.rowed}
@@ -369,7 +407,7 @@ class GraphContract:
         """The decoder's inputs; outputs ``noise_pred`` and ``hidden`` (``S*N`` rows): the hidden
         state entering the last ``depth`` up layers."""
         dec = self.decoder
-        return GraphSpec(f"decoder_capture_d{depth}", dec.inputs, (*dec.outputs, self._hidden(depth)))
+        return GraphSpec(capture_role(depth), dec.inputs, (*dec.outputs, self._hidden(depth)))
 
     def shallow_decoder(self, depth: int) -> GraphSpec:
         """``hidden`` (``S*N`` rows), ``skip_00 .. skip_{depth-1}`` (N rows), ``timestep`` (``S*N``),
@@ -377,7 +415,12 @@ class GraphContract:
         dec = self.decoder
         skips = self._features()[1 : 1 + depth]
         cond = tuple(t for t in dec.inputs if t.name not in set(self.feature_names))
-        return GraphSpec(f"shallow_d{depth}", (self._hidden(depth), *skips, *cond), dec.outputs)
+        return GraphSpec(shallow_role(depth), (self._hidden(depth), *skips, *cond), dec.outputs)
+
+    @property
+    def input_conv(self) -> GraphSpec:
+        """``sample -> skip_00``: ``conv_in`` alone, on the encoder's rows."""
+        return GraphSpec(INPUT_CONV, self.encoder.inputs[:1], self.decoder.inputs[1:2])
 
     def spec(self, role: str) -> GraphSpec:
         """The [`GraphSpec`][fd_trt.graphs.contract.GraphSpec] of ``encoder`` or ``decoder``."""
@@ -652,12 +695,17 @@ __all__ = [
     "FLOAT32_INPUTS",
     "GraphContract",
     "GraphSpec",
+    "INPUT_CONV",
     "ROW_AXIS",
     "ROW_LAYOUT",
     "STEP_ROW_AXIS",
     "TensorSpec",
     "added_input_names",
+    "capture_role",
     "default_added_shapes",
     "feature_names",
     "feature_tails",
+    "shallow_role",
+    "shallow_role_depth",
+    "shallow_roles",
 ]

@@ -11,6 +11,8 @@
 Both are exported on first use into a built engine directory and recorded in its manifest's
 ``graphs`` under their roles; directories without them stay valid (nothing else reads those
 roles). A rebuild of the UNet's graphs drops the records, and the next run exports them again.
+The onnxruntime runner runs the graphs; the TensorRT runner builds plans of them, recorded in
+the manifest's ``plans`` under the same roles ([`fd_trt.backends.tensorrt`][fd_trt.backends.tensorrt]).
 """
 
 from __future__ import annotations
@@ -27,7 +29,15 @@ from torch import nn
 
 from fd_trt.core.features import Features
 from fd_trt.errors import EngineMismatchError, InputError
-from fd_trt.graphs.contract import GraphContract, GraphSpec
+from fd_trt.graphs.contract import (
+    INPUT_CONV,
+    GraphContract,
+    GraphSpec,
+    capture_role,
+    shallow_role,
+    shallow_role_depth,
+    shallow_roles,
+)
 from fd_trt.graphs.manifest import engine_dir_lock, graph_record, load_manifest, save_manifest
 from fd_trt.graphs.split import SplitUNet, _fixed_tail, split_unet, up_layers
 
@@ -35,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 
 INPUT_CONV_FILE = "input-conv.onnx"
-INPUT_CONV_ROLE = "input_conv"
+INPUT_CONV_ROLE = INPUT_CONV
 
 
 class InputConvForExport(nn.Module):
@@ -184,11 +194,51 @@ def export_shallow_graphs(
         _export_graph(module, args, out / name, spec, opset, EXTERNAL_DATA_THRESHOLD, _Bar())
         paths.append(out / name)
     if with_input_conv:
-        spec = GraphSpec(INPUT_CONV_ROLE, contract.encoder.inputs[:1], contract.decoder.inputs[1:2])
         _export_graph(
-            InputConvForExport(split), enc_args[:1], out / INPUT_CONV_FILE, spec, opset, EXTERNAL_DATA_THRESHOLD, _Bar()
+            InputConvForExport(split),
+            enc_args[:1],
+            out / INPUT_CONV_FILE,
+            contract.input_conv,
+            opset,
+            EXTERNAL_DATA_THRESHOLD,
+            _Bar(),
         )
     return paths[0], paths[1]
+
+
+def _role_files(depth: int) -> dict[str, str]:
+    files = {capture_role(depth): capture_file(depth), shallow_role(depth): shallow_file(depth)}
+    roles = shallow_roles(depth)  # at depth 1, shallow steps may read their own latents (DeepCache): conv_in too
+    return {r: files.get(r, INPUT_CONV_FILE) for r in roles}
+
+
+def export_shallow_into(
+    unet: nn.Module, engine_dir: str | os.PathLike[str], manifest: Any, depth: int
+) -> dict[str, Any]:
+    """Exports the depth's graphs into an engine directory and records them in ``manifest`` (in
+    memory: the caller holds the directory's lock and saves the manifest).
+
+    Returns:
+        The new graph records, by role.
+    """
+    folder = Path(engine_dir)
+    t0 = time.perf_counter()
+    export_shallow_graphs(
+        unet,
+        folder,
+        depth,
+        GraphContract.from_manifest(manifest),
+        precision=manifest.precision,
+        opset=int(manifest.opset),
+        with_input_conv=depth == 1,
+    )
+    roles = _role_files(depth)
+    for r, f in roles.items():
+        manifest.graphs[r] = graph_record(folder, f)
+    logger.info(
+        "exported the depth-%d shallow decoder graphs into %s in %.1f s", depth, folder, time.perf_counter() - t0
+    )
+    return {r: manifest.graphs[r] for r in roles}
 
 
 def build_shallow_graphs(unet: nn.Module, engine_dir: str | os.PathLike[str], depth: int) -> dict[str, Any]:
@@ -203,40 +253,35 @@ def build_shallow_graphs(unet: nn.Module, engine_dir: str | os.PathLike[str], de
         EngineMismatchError: when the directory has no manifest (build the UNet's graphs first).
     """
     folder = Path(engine_dir)
-    roles: tuple[str, ...] = (f"decoder_capture_d{depth}", f"shallow_d{depth}")
-    files: tuple[str, ...] = (capture_file(depth), shallow_file(depth))
-    if depth == 1:  # shallow steps of depth 1 may read their own latents (DeepCache): conv_in too
-        roles, files = (*roles, INPUT_CONV_ROLE), (*files, INPUT_CONV_FILE)
+    roles = _role_files(depth)
     with engine_dir_lock(folder, f"shallow decoder graphs (depth {depth})"):
         manifest = load_manifest(folder)
-        if all(r in manifest.graphs and (folder / f).is_file() for r, f in zip(roles, files)):
+        if all(r in manifest.graphs and (folder / f).is_file() for r, f in roles.items()):
             recs = {r: manifest.graphs[r] for r in roles}
-            if all(graph_record(folder, f).sha256 == recs[r].sha256 for r, f in zip(roles, files)):
+            if all(graph_record(folder, f).sha256 == recs[r].sha256 for r, f in roles.items()):
                 return recs
-        t0 = time.perf_counter()
-        contract = GraphContract.from_manifest(manifest)
-        export_shallow_graphs(
-            unet,
-            folder,
-            depth,
-            contract,
-            precision=manifest.precision,
-            opset=int(manifest.opset),
-            with_input_conv=depth == 1,
-        )
-        for r, f in zip(roles, files):
-            manifest.graphs[r] = graph_record(folder, f)
+        recs = export_shallow_into(unet, folder, manifest, depth)
         save_manifest(folder, manifest)
-        logger.info(
-            "exported the depth-%d shallow decoder graphs into %s in %.1f s", depth, folder, time.perf_counter() - t0
+        return recs
+
+
+def shallow_spec(manifest: Any, role: str) -> GraphSpec:
+    """The contract of one decoder-schedule graph (capture, shallow or input-conv role) of a
+    directory with this manifest."""
+    depth = shallow_role_depth(role)
+    if depth is None:
+        raise InputError(
+            f"{role!r} is not a decoder-schedule graph role: use decoder_capture_d<d>, shallow_d<d> or input_conv"
         )
-        return {r: manifest.graphs[r] for r in roles}
+    contract = contract_with_hidden(GraphContract.from_manifest(manifest), manifest.unet_config, depth)
+    if role == INPUT_CONV:
+        return contract.input_conv
+    return contract.decoder_capture(depth) if role == capture_role(depth) else contract.shallow_decoder(depth)
 
 
 def load_shallow_specs(manifest: Any, depth: int) -> tuple[GraphSpec, GraphSpec]:
     """The contracts of the depth's two graphs in a directory with this manifest."""
-    contract = contract_with_hidden(GraphContract.from_manifest(manifest), manifest.unet_config, depth)
-    return contract.decoder_capture(depth), contract.shallow_decoder(depth)
+    return shallow_spec(manifest, capture_role(depth)), shallow_spec(manifest, shallow_role(depth))
 
 
 def shallow_graph_paths(engine_dir: Path, depth: int) -> tuple[Path, Path]:
@@ -246,7 +291,7 @@ def shallow_graph_paths(engine_dir: Path, depth: int) -> tuple[Path, Path]:
         EngineMismatchError: when they are not recorded, with the fix.
     """
     manifest = load_manifest(engine_dir)
-    roles = (f"decoder_capture_d{depth}", f"shallow_d{depth}")
+    roles = (capture_role(depth), shallow_role(depth))
     missing = [r for r in roles if r not in manifest.graphs]
     if missing:
         raise EngineMismatchError(
@@ -263,7 +308,9 @@ __all__ = [
     "build_shallow_graphs",
     "capture_file",
     "export_shallow_graphs",
+    "export_shallow_into",
     "hidden_channels",
     "shallow_file",
     "shallow_graph_paths",
+    "shallow_spec",
 ]

@@ -205,13 +205,14 @@ def prepare_shallow_graphs(
     unet: Any, runner: Runner, schedule: DecoderSchedule, rows: int, options: SamplerOptions
 ) -> None:
     """Exports the shallow decoder graphs a decoder schedule needs into the engine directory of
-    the graph runner that will run it (``auto`` plans first to know which), on first use."""
+    the graph runner that will run it (``auto`` plans first to know which), on first use; the
+    tensorrt runner builds its plans of them on its first call."""
     target = runner
     if hasattr(runner, "current_runner"):
         runner.plan(schedule, rows, options.parallel, options.max_decoder_rows)
         target = getattr(runner, "current_runner", None) or runner
     engine_dir = getattr(target, "engine_dir", None)
-    if engine_dir is None or getattr(target, "name", "") != "onnxruntime":
+    if engine_dir is None or getattr(target, "name", "") not in ("onnxruntime", "tensorrt"):
         return
     from fd_trt.graphs.shallow import build_shallow_graphs
 

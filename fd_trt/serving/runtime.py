@@ -37,7 +37,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fd_trt.core.schedule import DecoderSchedule, KeySchedule, parse_schedule
+from fd_trt.core.schedule import KeySchedule, parse_schedule
 from fd_trt.errors import FdTrtError, InputError
 from fd_trt.families.models import SCHEDULERS
 from fd_trt.graphs.split import feature_bytes_per_row
@@ -143,8 +143,8 @@ class GenerateRequest:
         height, width: image size; ``None`` is the model's native size.
         scheduler: ``ddim``, ``dpmpp``, ``pndm``, ``euler`` or ``ddpm``.
         schedule: key steps: ``"paper"``, ``"all"``, ``"uniform:N"``, ``"power:K[:P]"``, ``"calibrated"``
-            or a list of step indices; or a decoder schedule (``"deepcache:N"``, ``"combined:..."``,
-            not on TensorRT); ``None`` (default): the model's saved calibration for the request's scheduler and
+            or a list of step indices; or a decoder schedule (``"deepcache:N"``, ``"combined:..."``);
+            ``None`` (default): the model's saved calibration for the request's scheduler and
             step count, else ``"paper"``, as in the pipeline.
         noise_injection: prior noise injection; ``None`` is on exactly when some step decodes from
             propagated encoder features (off for ``deepcache:N``).
@@ -653,11 +653,6 @@ class ServingRuntime:
         # The whole schedule travels with the job: a decoder schedule (deepcache:N, combined:...)
         # keeps its depths, which key steps alone would drop.
         schedule = parse_schedule(spec, num_steps)  # ScheduleError is an InputError
-        if isinstance(schedule, DecoderSchedule) and schedule.shallow_steps and self.pipeline.backend == "tensorrt":
-            raise InputError(
-                f"schedule {request.schedule!r} has shallow decoder steps, which the tensorrt backend does not "
-                "run: serve with --backend torch, onnxruntime or auto, or ask for a key-step schedule"
-            )
         return sizes[0], sizes[1], schedule
 
     def submit(self, request: GenerateRequest) -> Future[GenerateResult]:

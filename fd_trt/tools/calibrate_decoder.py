@@ -166,7 +166,7 @@ def calibrate_decoder(
 
     Args:
         pipe: a [`FasterDiffusionPipeline`][fd_trt.pipelines.pipeline.FasterDiffusionPipeline] whose backend runs
-            shallow steps (torch, onnxruntime, or auto).
+            shallow steps (torch, onnxruntime, tensorrt, or auto).
         scheduler, steps, prompts, seeds, guidance: as [`fd_trt.tools.calibrate.calibrate()`][fd_trt.tools.calibrate.calibrate].
         speedup: the target UNet speedup over ``all`` (estimated), or
         max_error: the largest relative L2 against ``all`` accepted.
