@@ -13,7 +13,9 @@ decoder's rows stay independent of the encoder's.
 
 DeepFloyd IF's UNets (``addition_embed_type="text"``, ``encoder_hid_dim_type="text_proj"``) add an
 attention pooling of the raw prompt embeddings to the time embedding and project the prompt to
-the cross-attention width; both halves take the raw prompt and do the same per row.
+the cross-attention width; both halves take the raw prompt and do the same per row. IF stage II
+(``class_embed_type="timestep"``) also adds the embedding of its noise level, which both halves
+take per row as the last added input (``class_labels [N,1]``).
 
 Both modules share the UNet's parameters: nothing is copied.
 """
@@ -57,8 +59,12 @@ def check_supported_config(cfg: Any) -> None:
     """
     get = cfg.get if isinstance(cfg, Mapping) else (lambda k, d=None: getattr(cfg, k, d))
     problems = []
+    carried = {"encoder_hid_dim_type": TEXT_PROJ}
+    if get("addition_embed_type", None) == "text":
+        # IF stage II: the noise level, whose class labels a stage-II pipeline supplies (no other does).
+        carried["class_embed_type"] = "timestep"
     for key in ("class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim", "num_class_embeds"):
-        if get(key, None) is not None and not (key == "encoder_hid_dim_type" and get(key) == TEXT_PROJ):
+        if get(key, None) is not None and get(key) != carried.get(key):
             problems.append(f"{key}={get(key)!r}")
     if get("addition_embed_type", None) not in ADDED_CONDITIONING:
         problems.append(f"addition_embed_type={get('addition_embed_type')!r}")
@@ -69,7 +75,8 @@ def check_supported_config(cfg: Any) -> None:
     if problems:
         raise UnsupportedModelError(
             "fd_trt splits SD 1.x/2.x-, SDXL- and DeepFloyd IF-style UNets (text cross-attention, optionally SDXL's "
-            "addition_embed_type='text_time' or IF's 'text' with encoder_hid_dim_type='text_proj'); this UNet has "
+            "addition_embed_type='text_time' or IF's 'text' with encoder_hid_dim_type='text_proj', and, with the latter, IF "
+            "stage II's class_embed_type='timestep'); this UNet has "
             + ", ".join(problems)
             + ". Use a UNet2DConditionModel without these options."
         )
@@ -82,9 +89,17 @@ def _take_time_modules(owner: nn.Module, unet: nn.Module) -> None:
     owner.time_embedding = unet.time_embedding
     owner.time_embed_act = unet.time_embed_act
     owner.added_names = added_input_names(unet.config)
-    if owner.added_names:
+    # SDXL: text_embeds and time_ids, the first added inputs.
+    owner.text_time = getattr(unet.config, "addition_embed_type", None) == "text_time"
+    if owner.text_time:
         owner.add_time_proj = unet.add_time_proj
         owner.add_embedding = unet.add_embedding
+    # DeepFloyd IF stage II: class_labels (the noise level), the last added input, embedded as a
+    # timestep by time_proj and class_embedding.
+    owner.class_labelled = getattr(unet.config, "class_embed_type", None) == "timestep"
+    owner.class_concat = bool(getattr(unet.config, "class_embeddings_concat", False))
+    if owner.class_labelled:
+        owner.class_embedding = unet.class_embedding
     # DeepFloyd IF: the time embedding adds an attention pooling of the raw prompt embeddings
     # (addition_embed_type="text"), which are then projected to the cross-attention width.
     owner.text_pooled = getattr(unet.config, "addition_embed_type", None) == "text"
@@ -111,11 +126,16 @@ def _time_embedding(
     added: Sequence[torch.Tensor],
     text: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    # Same arithmetic as UNet2DConditionModel's get_time_embed + time_embedding + get_aug_embed
-    # ("text_time", "text") + time_embed_act + process_encoder_hidden_states, but with one
-    # timestep and one added conditioning per row. Returns the embedding and the text the blocks read.
+    # Same arithmetic as UNet2DConditionModel's get_time_embed + time_embedding + get_class_embed
+    # ("timestep") + get_aug_embed ("text_time", "text") + time_embed_act +
+    # process_encoder_hidden_states, but with one timestep and one added conditioning per row. Returns the embedding and the text the blocks read.
     emb = owner.time_embedding(owner.time_proj(timestep).to(dtype=dtype), None)
-    if owner.added_names:
+    if owner.class_labelled:
+        *added, class_labels = added
+        labels = owner.time_proj(class_labels.reshape(-1)).to(dtype=dtype)
+        class_emb = owner.class_embedding(labels).to(dtype)
+        emb = torch.cat([emb, class_emb], dim=-1) if owner.class_concat else emb + class_emb
+    if owner.text_time:
         text_embeds, time_ids = added
         time_embeds = owner.add_time_proj(time_ids.flatten()).reshape(text_embeds.shape[0], -1)
         emb = emb + owner.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(emb.dtype))
