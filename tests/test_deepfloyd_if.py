@@ -52,11 +52,13 @@ def test_if_is_recognised_from_its_config_and_served_by_its_class(tiny_if, fd_if
     assert fd_if.text_shape() == (77, 24)
 
 
-def test_stage_two_and_wrong_channel_layouts_are_refused_with_what_they_are(tiny_if):
+def test_other_class_embeddings_and_wrong_channel_layouts_are_refused_with_what_they_are(tiny_if):
     family = family_for_pipeline(tiny_if)
     config = dict(tiny_if.unet.config)
-    with pytest.raises(UnsupportedModelError, match="stage II"):
-        family.check_config({**config, "class_embed_type": "timestep", "in_channels": 6})
+    # Stage II's class embedding is the "if-ii" family's (tests/test_deepfloyd_if_sr.py); another is refused.
+    assert family_for_config({**config, "class_embed_type": "timestep", "in_channels": 6}).name == "if-ii"
+    with pytest.raises(UnsupportedModelError, match="class_embed_type='identity'.*stage II"):
+        family.check_config({**config, "class_embed_type": "identity"})
     with pytest.raises(UnsupportedModelError, match="takes 3 input channels and predicts 5"):
         family.check_config({**config, "out_channels": 5})
     # An SD-family UNet with IF's channels: the message states the layouts with the right numbers.
