@@ -18,7 +18,7 @@ from fd_trt.families.deepfloyd_if import (
 )
 from fd_trt.families.models import read_unet_config
 from fd_trt.graphs.contract import FLOAT32, GraphContract
-from fd_trt.graphs.split import split_unet
+from fd_trt.graphs.split import if_text_conditioning, split_unet
 from fd_trt.pipelines.deepfloyd_if import FasterDiffusionIFPipeline, FasterDiffusionIFSuperResolutionPipeline
 from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
@@ -77,8 +77,8 @@ def test_stage_two_is_recognised_from_its_config_and_served_by_its_class(tiny_sr
     family = family_for_config(read_unet_config(tmp_path))
     assert family.name == "if-ii"
     family.check_config(read_unet_config(tmp_path))
-    assert fd_sr.text_shape() == (77, 24)
-    assert fd_sr.added_shapes() == {"class_labels": (1,)}
+    assert fd_sr.text_shape() == (77, 32)
+    assert fd_sr.added_shapes() == {"text_pooled": (128,), "class_labels": (1,)}
     # Stage I's UNet stays stage I's.
     assert family_for_pipeline(tiny_if_pipeline(seed=0)).name == "if"
 
@@ -138,39 +138,46 @@ def test_the_authors_stage_two_key_steps():
 def test_the_split_of_a_stage_two_unet_is_exact(tiny_sr):
     unet = tiny_sr.unet
     split = split_unet(unet)
-    assert split.added_names == ("class_labels",)
+    assert split.added_names == ("text_pooled", "class_labels")
     g = torch.Generator().manual_seed(0)
-    x, text = torch.randn(2, 6, SIZE, SIZE, generator=g), torch.randn(2, 77, 24, generator=g)
+    x, raw = torch.randn(2, 6, SIZE, SIZE, generator=g), torch.randn(2, 77, 24, generator=g)
     t, labels = torch.tensor([700.0, 30.0]), torch.tensor([[250.0], [20.0]])
-    added = {"class_labels": labels}
+    text, pooled = if_text_conditioning(unet, raw)
+    added = {"text_pooled": pooled, "class_labels": labels}
     with torch.no_grad():
-        ref = unet(x, t, encoder_hidden_states=text, class_labels=labels.reshape(-1)).sample
+        ref = unet(x, t, encoder_hidden_states=raw, class_labels=labels.reshape(-1)).sample
         feats = split.run_encoder(x, t, text, added)
         assert torch.equal(split.run_decoder(feats, t, text, added), ref)
         # The noise level matters: other labels, other outputs.
-        other = {"class_labels": torch.tensor([[0.0], [900.0]])}
+        other = {"text_pooled": pooled, "class_labels": torch.tensor([[0.0], [900.0]])}
         assert (split.run_decoder(split.run_encoder(x, t, text, other), t, text, other) - ref).abs().max() > 1e-3
         # Three steps of the key step's features in one call (labels tiled per step) equal one call per step.
         steps = torch.tensor([700.0, 30.0, 500.0, 20.0, 300.0, 10.0])
         per_step = torch.cat([split.run_decoder(feats, steps[2 * j : 2 * j + 2], text, added) for j in range(3)])
         for share in (True, False):
-            out = split.run_decoder_steps(feats, steps, text, (labels,), share=share)
+            out = split.run_decoder_steps(feats, steps, text, (pooled, labels), share=share)
             assert (out - per_step).abs().max() < 1e-5
 
 
 def test_the_contract_carries_the_class_labels(tiny_sr):
-    contract = GraphContract.from_unet_config(tiny_sr.unet.config, (SIZE, SIZE), (77, 24), {"class_labels": (1,)})
+    shapes = {"text_pooled": (128,), "class_labels": (1,)}
+    contract = GraphContract.from_unet_config(tiny_sr.unet.config, (SIZE, SIZE), (77, 32), shapes)
     labels = contract.encoder.tensor("class_labels")
     assert labels.shape == ("rows", 1) and labels.dtype == FLOAT32
     assert contract.decoder.tensor("class_labels").row_axis == "rows"  # N rows, tiled per step in the graph
     assert contract.latent_tail == (6, SIZE, SIZE) and contract.out_tail == (6, SIZE, SIZE)
-    assert GraphContract.from_unet_config(tiny_sr.unet.config, (SIZE, SIZE), (77, 24)).added_shapes == {
-        "class_labels": [1]
+    # The config's defaults: the pooled prompt has the time embedding's width (4 x 32).
+    assert GraphContract.from_unet_config(tiny_sr.unet.config, (SIZE, SIZE), (77, 32)).added_shapes == {
+        "text_pooled": [128],
+        "class_labels": [1],
     }
     names = contract.encoder.input_names
-    assert GraphContract.from_encoder_io(names, contract.encoder.output_names).added_names == ("class_labels",)
+    assert GraphContract.from_encoder_io(names, contract.encoder.output_names).added_names == (
+        "text_pooled",
+        "class_labels",
+    )
     with pytest.raises(InputError, match="class_labels"):
-        GraphContract.from_unet_config(tiny_sr.unet.config, (SIZE, SIZE), (77, 24), {})
+        GraphContract.from_unet_config(tiny_sr.unet.config, (SIZE, SIZE), (77, 32), {"text_pooled": (128,)})
     with pytest.raises(EngineMismatchError):
         GraphContract.from_encoder_io([*names, "bogus"], contract.encoder.output_names)
 

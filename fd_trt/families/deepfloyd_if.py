@@ -10,8 +10,10 @@ What tells it apart from Stable Diffusion:
   rows' (diffusers' ``IFPipeline``);
 * T5 conditioning: the UNet pools the raw prompt embeddings into its time embedding
   (``addition_embed_type="text"``) and projects them to its cross-attention width
-  (``encoder_hid_dim``, ``encoder_hid_dim_type="text_proj"``); the split graphs take the raw
-  T5 embeddings (``[N, 77, d_model]``) and do both per row ([`fd_trt.graphs.split`][fd_trt.graphs.split]).
+  (``encoder_hid_dim``, ``encoder_hid_dim_type="text_proj"``). Neither depends on the timestep:
+  [`encode_prompt()`][fd_trt.families.deepfloyd_if.DeepFloydIFFamily.encode_prompt] computes both once per generation
+  ([`fd_trt.graphs.split.TextConditioning`][fd_trt.graphs.split.TextConditioning]), and the split graphs take the projected prompt
+  (``[N, 77, cross_attention_dim]``) and the pooled one (the added input ``text_pooled``).
 
 The authors' IF key steps (their ``if_demo.py`` runs stage I with the rule they call ``"100ls"``):
 a step index ``i`` is a key step when ``i < 10``, ``i % 5 == 0`` or ``i > 85``
@@ -175,11 +177,16 @@ class DeepFloydIFFamily(ModelFamily):
         )
 
     def text_shape(self, sd_pipeline: Any) -> tuple[int, int]:
-        """``(77, d_model)``: IF's prompt length and the T5 encoder's width (the UNet's ``encoder_hid_dim``)."""
-        width = config_value(sd_pipeline.unet.config, "encoder_hid_dim")
-        if width is None:
-            width = sd_pipeline.text_encoder.config.d_model
-        return IF_TEXT_TOKENS, int(width)
+        """``(77, cross_attention_dim)``: IF's prompt length and the width the UNet projects the T5
+        embeddings to; the graphs take the projected prompt ([`encode_prompt()`][fd_trt.families.deepfloyd_if.DeepFloydIFFamily.encode_prompt])."""
+        return IF_TEXT_TOKENS, int(config_value(sd_pipeline.unet.config, "cross_attention_dim"))
+
+    def added_shapes(self, sd_pipeline: Any) -> dict[str, tuple[int, ...]]:
+        """``{"text_pooled": (E,)}``, the pooled prompt (the time embedding's width E), and stage
+        II's ``"class_labels": (1,)``."""
+        from fd_trt.graphs.contract import default_added_shapes
+
+        return default_added_shapes(sd_pipeline.unet.config)
 
     def check_prompt_options(self, prompts: list[str], clean_caption: Any = False) -> None:
         """IF's one prompt option, ``clean_caption`` (diffusers' caption cleaning; needs bs4 and ftfy).
@@ -212,7 +219,12 @@ class DeepFloydIFFamily(ModelFamily):
         device: torch.device,
         clean_caption: bool = False,
     ) -> PromptEmbeddings:
-        """diffusers' ``IFPipeline.encode_prompt``: T5 embeddings of 77 tokens, negatives first with CFG."""
+        """diffusers' ``IFPipeline.encode_prompt`` (T5 embeddings of 77 tokens, negatives first with
+        CFG), then the UNet's timestep-free text conditioning of them, once for the whole
+        generation ([`fd_trt.graphs.split.TextConditioning`][fd_trt.graphs.split.TextConditioning]): ``text`` is the prompt projected to the
+        cross-attention width, ``added["text_pooled"]`` its attention pooling."""
+        from fd_trt.graphs.split import if_text_conditioning
+
         self.check_prompt_options(prompts, clean_caption=clean_caption)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
         pos, neg = sd_pipeline.encode_prompt(
@@ -223,7 +235,9 @@ class DeepFloydIFFamily(ModelFamily):
             negative_prompt=negatives,
             clean_caption=clean_caption,
         )
-        return PromptEmbeddings(text=torch.cat([neg, pos]) if do_classifier_free_guidance else pos)
+        raw = torch.cat([neg, pos]) if do_classifier_free_guidance else pos
+        projected, pooled = if_text_conditioning(sd_pipeline.unet, raw)
+        return PromptEmbeddings(text=projected, added={"text_pooled": pooled})
 
 
 #: The noise level diffusers' ``IFSuperResolutionPipeline`` adds to the upscaled image by default.
@@ -293,10 +307,6 @@ class DeepFloydIFSuperResolutionFamily(DeepFloydIFFamily):
             requires_safety_checker=False,
         )
 
-    def added_shapes(self, sd_pipeline: Any) -> dict[str, tuple[int, ...]]:
-        """``{"class_labels": (1,)}``: the noise level, one per row."""
-        return {"class_labels": (1,)}
-
     def check_prompt_options(
         self, prompts: list[str], clean_caption: Any = False, noise_level: Any = IF_SR_NOISE_LEVEL
     ) -> None:
@@ -327,7 +337,7 @@ class DeepFloydIFSuperResolutionFamily(DeepFloydIFFamily):
         clean_caption: bool = False,
         noise_level: int = IF_SR_NOISE_LEVEL,
     ) -> PromptEmbeddings:
-        """Stage I's T5 embeddings, and the noise level of every row as ``class_labels [R,1]``."""
+        """Stage I's text conditioning, and the noise level of every row as ``class_labels [R,1]``."""
         self.check_prompt_options(prompts, clean_caption=clean_caption, noise_level=noise_level)
         cond = super().encode_prompt(
             sd_pipeline,
@@ -341,7 +351,7 @@ class DeepFloydIFSuperResolutionFamily(DeepFloydIFFamily):
             clean_caption=clean_caption,
         )
         labels = torch.full((cond.rows, 1), float(noise_level), device=device, dtype=torch.float32)
-        return PromptEmbeddings(text=cond.text, added={"class_labels": labels})
+        return PromptEmbeddings(text=cond.text, added={**(cond.added or {}), "class_labels": labels})
 
 
 def if_scheduler_config() -> dict[str, Any]:

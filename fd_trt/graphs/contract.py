@@ -15,9 +15,11 @@ The contract of one UNet, for ``C`` latent channels, ``h x w`` latents and ``L x
 
 ``added`` is empty for SD 1.x/2.x (their graph names on disk are unchanged) and is
 ``text_embeds [rows,P]``, ``time_ids [rows,K] f32`` for SDXL (``addition_embed_type="text_time"``;
-P = 1280 and K = 6 for SDXL base, K = 5 for the refiner), and ``class_labels [rows,1] f32`` for
-DeepFloyd IF stage II (``class_embed_type="timestep"``: the upscaled image's noise level). Axis 0
-is the only dynamic axis.
+P = 1280 and K = 6 for SDXL base, K = 5 for the refiner). DeepFloyd IF (``addition_embed_type="text"``)
+takes its prompt projected to the cross-attention width as ``encoder_hidden_states`` and the
+attention pooling of the raw prompt as ``text_pooled [rows,E]`` (E: the time embedding's width),
+both computed once per generation; IF stage II (``class_embed_type="timestep"``) also takes
+``class_labels [rows,1] f32``, the upscaled image's noise level. Axis 0 is the only dynamic axis.
 
 The decoder decodes S steps of one key step in one call. Its features, text and added
 conditioning are the key step's N encoder rows (axis ``rows``), given once; its ``timestep``
@@ -84,8 +86,9 @@ HIDDEN = "hidden"
 ADDED_CONDITIONING: dict[str | None, tuple[tuple[str, str], ...]] = {
     None: (),
     "text_time": (("text_embeds", FLOAT), ("time_ids", FLOAT32)),
-    # DeepFloyd IF: an attention pooling of the prompt embeddings themselves; no input of its own.
-    "text": (),
+    # DeepFloyd IF: the attention pooling of the raw prompt embeddings, computed once per
+    # generation with the prompt's projection (fd_trt.graphs.split.TextConditioning).
+    "text": (("text_pooled", FLOAT),),
 }
 #: ``class_embed_type`` values the split carries -> the per-row inputs each adds to both graphs,
 #: after the `ADDED_CONDITIONING` ones. DeepFloyd IF stage II: the upscaled image's noise level,
@@ -140,8 +143,9 @@ def known_added_sets() -> list[tuple[tuple[str, str], ...]]:
 
 def added_input_names(unet_config: Any) -> tuple[str, ...]:
     """The added-conditioning inputs of a UNet: ``()`` for SD 1.x/2.x, ``("text_embeds",
-    "time_ids")`` for SDXL (``addition_embed_type="text_time"``), ``("class_labels",)`` for
-    DeepFloyd IF stage II (``class_embed_type="timestep"``).
+    "time_ids")`` for SDXL (``addition_embed_type="text_time"``), ``("text_pooled",)`` for
+    DeepFloyd IF (``addition_embed_type="text"``) and ``("text_pooled", "class_labels")`` for IF
+    stage II (``class_embed_type="timestep"``).
 
     Args:
         unet_config: the UNet's config (mapping or attribute object).
@@ -161,7 +165,8 @@ def default_added_shapes(unet_config: Any, time_ids: int = DEFAULT_TIME_IDS) -> 
 
     Returns:
         ``{}`` for SD 1.x/2.x, ``{"text_embeds": (P,), "time_ids": (K,)}`` for SDXL,
-        ``{"class_labels": (1,)}`` for DeepFloyd IF stage II.
+        ``{"text_pooled": (E,)}`` for DeepFloyd IF (E: the time embedding's width), with
+        ``"class_labels": (1,)`` for IF stage II.
 
     Raises:
         InputError: when the config leaves no room for ``time_ids`` of that count.
@@ -169,7 +174,11 @@ def default_added_shapes(unet_config: Any, time_ids: int = DEFAULT_TIME_IDS) -> 
     shapes: dict[str, tuple[int, ...]] = {
         n: (1,) for n, _ in CLASS_CONDITIONING.get(_get(unet_config, "class_embed_type"), ())
     }
-    if not ADDED_CONDITIONING.get(_get(unet_config, "addition_embed_type"), ()):
+    kind = _get(unet_config, "addition_embed_type")
+    if kind == "text":  # IF: the pooled prompt has the time embedding's width
+        width = _get(unet_config, "time_embedding_dim") or 4 * int(_get(unet_config, "block_out_channels")[0])
+        return {"text_pooled": (int(width),), **shapes}
+    if not ADDED_CONDITIONING.get(kind, ()):
         return shapes
     total = int(_get(unet_config, "projection_class_embeddings_input_dim"))
     pooled = total - int(time_ids) * int(_get(unet_config, "addition_time_embed_dim"))
