@@ -234,6 +234,16 @@ def test_all_equals_diffusers_if_pipeline_on_onnxruntime(tiny_if, guidance_scale
     b = torch_fd(PROMPT, num_inference_steps=12, generator=torch.Generator().manual_seed(4), output_type="pt")
     assert a.stats.key_steps == b.stats.key_steps == if_paper_key_steps(12)
     assert (a.images - b.images).abs().max() < 1e-4
+    # The graphs take the text conditioning computed once; neither carries its weights.
+    import onnx
+
+    graphs = sorted(tmp_path.glob("**/*coder.onnx"))
+    assert [g.name for g in graphs] == ["decoder.onnx", "encoder.onnx"]
+    for path in graphs:
+        model = onnx.load(str(path), load_external_data=False)
+        assert "text_pooled" in [i.name for i in model.graph.input]
+        weights = [t.name for t in model.graph.initializer]
+        assert weights and not any("add_embedding" in w or "encoder_hid_proj" in w for w in weights)
 
 
 # calibration -------------------------------------------------------------------------------------
