@@ -103,25 +103,29 @@ def test_shallow_end_from_captured_hidden_equals_the_decoder(name, hw):
 
 def test_shallow_end_applies_ifs_pooled_text_and_projection():
     # IF's UNet adds the pooled prompt to the time embedding and projects the prompt
-    # (encoder_hid_proj): the shallow end must do both, as the whole decoder does.
+    # (encoder_hid_proj), both computed once (TextConditioning): the shallow end must take both,
+    # as the whole decoder does.
     from fd_trt.families.deepfloyd_if import tiny_if_pipeline
+    from fd_trt.graphs.split import if_text_conditioning
 
     unet = tiny_if_pipeline(seed=0).unet.eval()
     assert unet.config.addition_embed_type == "text" and unet.encoder_hid_proj is not None
     split = split_unet(unet)
     torch.manual_seed(1)
     x, t = torch.randn(2, unet.config.in_channels, 16, 16), torch.tensor([700.0, 300.0])
-    e = torch.randn(2, 7, unet.config.encoder_hid_dim)
+    raw = torch.randn(2, 7, unet.config.encoder_hid_dim)
+    e, pooled = if_text_conditioning(unet, raw)
+    added = {"text_pooled": pooled}
     with torch.no_grad():
-        feats = split.run_encoder(x, t, e)
-        whole = split.run_decoder(feats, t, e)
-        reference = unet(x, t, encoder_hidden_states=e).sample
+        feats = split.run_encoder(x, t, e, added)
+        whole = split.run_decoder(feats, t, e, added)
+        reference = unet(x, t, encoder_hidden_states=raw).sample
         depths = tuple(range(1, split.num_up_layers + 1))
-        noise, hidden = split.run_decoder_capture(feats, t, e, None, depths)
+        noise, hidden = split.run_decoder_capture(feats, t, e, added, depths)
         assert torch.equal(noise, whole)
         assert rel_l2(whole, reference) < 1e-5
         for d in depths:
-            assert torch.equal(split.run_decoder_shallow(hidden[d], feats.skips[:d], t, e), whole), d
+            assert torch.equal(split.run_decoder_shallow(hidden[d], feats.skips[:d], t, e, added), whole), d
 
 
 # ---------------------------------------------------------------------------------------------

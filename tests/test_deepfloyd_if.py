@@ -11,7 +11,7 @@ from fd_trt.errors import UnsupportedModelError
 from fd_trt.families import family_for_config, family_for_pipeline
 from fd_trt.families.deepfloyd_if import if_paper_key_steps, tiny_if_pipeline
 from fd_trt.families.models import read_unet_config, unet_input_kind
-from fd_trt.graphs.split import split_unet
+from fd_trt.graphs.split import if_text_conditioning, split_unet
 from fd_trt.pipelines.deepfloyd_if import FasterDiffusionIFPipeline
 from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 
@@ -49,14 +49,18 @@ def test_if_is_recognised_from_its_config_and_served_by_its_class(tiny_if, fd_if
     family = family_for_config(config)
     assert family.name == "if"
     family.check_config(config)
-    assert fd_if.text_shape() == (77, 24)
+    # The graphs take the prompt projected to the cross-attention width and its pooling.
+    assert fd_if.text_shape() == (77, 32)
+    assert fd_if.added_shapes() == {"text_pooled": (128,)}
 
 
-def test_stage_two_and_wrong_channel_layouts_are_refused_with_what_they_are(tiny_if):
+def test_other_class_embeddings_and_wrong_channel_layouts_are_refused_with_what_they_are(tiny_if):
     family = family_for_pipeline(tiny_if)
     config = dict(tiny_if.unet.config)
-    with pytest.raises(UnsupportedModelError, match="stage II"):
-        family.check_config({**config, "class_embed_type": "timestep", "in_channels": 6})
+    # Stage II's class embedding is the "if-ii" family's (tests/test_deepfloyd_if_sr.py); another is refused.
+    assert family_for_config({**config, "class_embed_type": "timestep", "in_channels": 6}).name == "if-ii"
+    with pytest.raises(UnsupportedModelError, match="class_embed_type='identity'.*stage II"):
+        family.check_config({**config, "class_embed_type": "identity"})
     with pytest.raises(UnsupportedModelError, match="takes 3 input channels and predicts 5"):
         family.check_config({**config, "out_channels": 5})
     # An SD-family UNet with IF's channels: the message states the layouts with the right numbers.
@@ -79,18 +83,25 @@ def test_the_split_of_an_if_unet_is_exact(tiny_if):
     unet = tiny_if.unet
     split = split_unet(unet)
     g = torch.Generator().manual_seed(0)
-    x, text = torch.randn(2, 3, 16, 16, generator=g), torch.randn(2, 77, 24, generator=g)
+    x, raw = torch.randn(2, 3, 16, 16, generator=g), torch.randn(2, 77, 24, generator=g)
     t = torch.tensor([700.0, 30.0])
+    # The timestep-free text conditioning, once: the projected prompt and its pooling.
+    text, pooled = if_text_conditioning(unet, raw)
+    assert text.shape == (2, 77, 32) and pooled.shape == (2, 128)
+    added = {"text_pooled": pooled}
     with torch.no_grad():
-        ref = unet(x, t, encoder_hidden_states=text).sample
-        feats = split.run_encoder(x, t, text)
-        assert torch.equal(split.run_decoder(feats, t, text), ref)
+        ref = unet(x, t, encoder_hidden_states=raw).sample
+        feats = split.run_encoder(x, t, text, added)
+        assert torch.equal(split.run_decoder(feats, t, text, added), ref)
         # Three steps of the key step's features in one call, rows shared or not, equal one call per step.
         steps = torch.tensor([700.0, 30.0, 500.0, 20.0, 300.0, 10.0])
-        per_step = torch.cat([split.run_decoder(feats, steps[2 * j : 2 * j + 2], text) for j in range(3)])
+        per_step = torch.cat([split.run_decoder(feats, steps[2 * j : 2 * j + 2], text, added) for j in range(3)])
         for share in (True, False):
-            out = split.run_decoder_steps(feats, steps, text, share=share)
+            out = split.run_decoder_steps(feats, steps, text, (pooled,), share=share)
             assert (out - per_step).abs().max() < 1e-5
+    # Neither half computes the text conditioning: it is not among their modules.
+    for half in (split.encoder, split.decoder):
+        assert not any(m is unet.add_embedding or m is unet.encoder_hid_proj for m in half.modules())
     # The text the decoder shares is what added key/value attention projects (add_k_proj), not to_k.
     projections = split.decoder.text_projections()
     assert projections and all(p is m.add_k_proj or p is m.add_v_proj for p in projections for m in [_owner(unet, p)])
@@ -107,14 +118,22 @@ def _owner(unet, projection):
 @pytest.mark.parametrize("guidance_scale", [7.0, 1.0], ids=["cfg", "no-cfg"])
 def test_all_equals_diffusers_if_pipeline_on_torch(tiny_if, fd_if, guidance_scale):
     ref = diffusers_images(tiny_if, 8, guidance_scale, seed=3)
-    out = fd_if(
-        PROMPT,
-        num_inference_steps=8,
-        guidance_scale=guidance_scale,
-        generator=torch.Generator().manual_seed(3),
-        output_type="pt",
-        schedule="all",
-    )
+    # The text conditioning runs once per generation; diffusers' UNet runs it at every step.
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in (tiny_if.unet.add_embedding,)]
+    try:
+        out = fd_if(
+            PROMPT,
+            num_inference_steps=8,
+            guidance_scale=guidance_scale,
+            generator=torch.Generator().manual_seed(3),
+            output_type="pt",
+            schedule="all",
+        )
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(calls) == 1
     assert out.images.shape == (1, 3, 16, 16)
     assert (out.images - ref).abs().max() < 1e-5
     assert out.stats.encoder_calls == 8
@@ -215,6 +234,16 @@ def test_all_equals_diffusers_if_pipeline_on_onnxruntime(tiny_if, guidance_scale
     b = torch_fd(PROMPT, num_inference_steps=12, generator=torch.Generator().manual_seed(4), output_type="pt")
     assert a.stats.key_steps == b.stats.key_steps == if_paper_key_steps(12)
     assert (a.images - b.images).abs().max() < 1e-4
+    # The graphs take the text conditioning computed once; neither carries its weights.
+    import onnx
+
+    graphs = sorted(tmp_path.glob("**/*coder.onnx"))
+    assert [g.name for g in graphs] == ["decoder.onnx", "encoder.onnx"]
+    for path in graphs:
+        model = onnx.load(str(path), load_external_data=False)
+        assert "text_pooled" in [i.name for i in model.graph.input]
+        weights = [t.name for t in model.graph.initializer]
+        assert weights and not any("add_embedding" in w or "encoder_hid_proj" in w for w in weights)
 
 
 # calibration -------------------------------------------------------------------------------------

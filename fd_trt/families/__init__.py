@@ -1,7 +1,7 @@
 """Model families ([`fd_trt.families.base`][fd_trt.families.base]) and model loading ([`fd_trt.families.models`][fd_trt.families.models]).
 
 The built-in families are registered here, oldest first: Stable Diffusion 1.x/2.x (``"sd"``),
-SDXL (``"sdxl"``), DeepFloyd IF stage I (``"if"``), then the diffusion transformers (DiT,
+SDXL (``"sdxl"``), DeepFloyd IF stage I (``"if"``) and stage II (``"if-ii"``), then the diffusion transformers (DiT,
 PixArt, SD3, and the refusal of those not supported). Another family is one module (a [`ModelFamily`][fd_trt.families.base.ModelFamily] subclass) and a
 [`register_family()`][fd_trt.families.base.register_family] call.
 """
@@ -17,7 +17,7 @@ from fd_trt.families.base import (
     registered_families,
     unregister_family,
 )
-from fd_trt.families.deepfloyd_if import DeepFloydIFFamily
+from fd_trt.families.deepfloyd_if import DeepFloydIFFamily, DeepFloydIFSuperResolutionFamily
 from fd_trt.families.sd import StableDiffusionFamily
 from fd_trt.families.sdxl import StableDiffusionXLFamily
 from fd_trt.families.transformer import DiTFamily, PixArtFamily, SD3Family, UnsupportedTransformerFamily
@@ -25,6 +25,7 @@ from fd_trt.families.transformer import DiTFamily, PixArtFamily, SD3Family, Unsu
 SD_FAMILY = register_family(StableDiffusionFamily())
 SDXL_FAMILY = register_family(StableDiffusionXLFamily())
 IF_FAMILY = register_family(DeepFloydIFFamily())
+IF_SR_FAMILY = register_family(DeepFloydIFSuperResolutionFamily())
 # Diffusion transformers; the refusal family first, so that DiT, PixArt and SD3 are asked before it.
 TRANSFORMER_UNSUPPORTED_FAMILY = register_family(UnsupportedTransformerFamily())
 DIT_FAMILY = register_family(DiTFamily())
@@ -41,9 +42,11 @@ __all__ = [
     "DiTFamily",
     "PixArtFamily",
     "IF_FAMILY",
+    "IF_SR_FAMILY",
     "SDXL_FAMILY",
     "SD_FAMILY",
     "DeepFloydIFFamily",
+    "DeepFloydIFSuperResolutionFamily",
     "ModelFamily",
     "PromptEmbeddings",
     "StableDiffusionFamily",

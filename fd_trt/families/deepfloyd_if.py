@@ -10,13 +10,22 @@ What tells it apart from Stable Diffusion:
   rows' (diffusers' ``IFPipeline``);
 * T5 conditioning: the UNet pools the raw prompt embeddings into its time embedding
   (``addition_embed_type="text"``) and projects them to its cross-attention width
-  (``encoder_hid_dim``, ``encoder_hid_dim_type="text_proj"``); the split graphs take the raw
-  T5 embeddings (``[N, 77, d_model]``) and do both per row ([`fd_trt.graphs.split`][fd_trt.graphs.split]).
+  (``encoder_hid_dim``, ``encoder_hid_dim_type="text_proj"``). Neither depends on the timestep:
+  [`encode_prompt()`][fd_trt.families.deepfloyd_if.DeepFloydIFFamily.encode_prompt] computes both once per generation
+  ([`fd_trt.graphs.split.TextConditioning`][fd_trt.graphs.split.TextConditioning]), and the split graphs take the projected prompt
+  (``[N, 77, cross_attention_dim]``) and the pooled one (the added input ``text_pooled``).
 
 The authors' IF key steps (their ``if_demo.py`` runs stage I with the rule they call ``"100ls"``):
 a step index ``i`` is a key step when ``i < 10``, ``i % 5 == 0`` or ``i > 85``
-([`if_paper_key_steps()`][fd_trt.families.deepfloyd_if.if_paper_key_steps]). Stage II (``IFSuperResolutionPipeline``, class-conditioned on the
-noise level) is refused by the split so far.
+([`if_paper_key_steps()`][fd_trt.families.deepfloyd_if.if_paper_key_steps]).
+
+Stage II (``IFSuperResolutionPipeline``, [`DeepFloydIFSuperResolutionFamily`][fd_trt.families.deepfloyd_if.DeepFloydIFSuperResolutionFamily]) is the same UNet with
+two more inputs: the upscaled stage-I image, concatenated after the noisy image along the
+channels (``in_channels = 2 x`` the image's), and its noise level, embedded like a timestep
+(``class_embed_type="timestep"``) and added to the time embedding. Both graphs take the noise
+level per row as the added input ``class_labels [N,1]``. The authors' stage-II key steps (the
+loop of their ``register_if2``, made for 50 steps): ``i < 20``, ``i % 2 == 0`` or ``i > 40``
+([`if_sr_paper_key_steps()`][fd_trt.families.deepfloyd_if.if_sr_paper_key_steps]).
 """
 
 from __future__ import annotations
@@ -41,6 +50,13 @@ def if_paper_key_steps(num_steps: int) -> list[int]:
     return [i for i in range(int(num_steps)) if i < 10 or i % 5 == 0 or i > 85]
 
 
+def if_sr_paper_key_steps(num_steps: int) -> list[int]:
+    """The authors' DeepFloyd IF stage-II key steps for ``num_steps`` steps: every index below 20,
+    every even index, and every index above 40 (the rule of their stage-II sampling loop, made for
+    50 steps; at 25 steps, as their demo runs it, every step but 21 and 23)."""
+    return [i for i in range(int(num_steps)) if i < 20 or i % 2 == 0 or i > 40]
+
+
 def if_layout(unet_config: Any) -> tuple[int, bool]:
     """``(image channels, learned variance)`` of an IF UNet: ``out_channels`` is the image's
     channels (no learned variance) or twice them (noise and variance).
@@ -55,9 +71,28 @@ def if_layout(unet_config: Any) -> tuple[int, bool]:
     if cout == 2 * cin:
         return cin, True
     raise UnsupportedModelError(
-        f"the IF UNet takes {cin} input channels and predicts {cout}: fd_trt runs DeepFloyd IF stage I, whose UNet "
-        f"takes the image ({cin} channels) and predicts its noise ({cin}) or noise and learned variance "
-        f"({2 * cin}); stage II (IFSuperResolutionPipeline: the upscaled image as extra channels) is not supported yet"
+        f"the IF UNet takes {cin} input channels and predicts {cout}: a DeepFloyd IF stage-I UNet takes the image "
+        f"({cin} channels) and predicts its noise ({cin}) or noise and learned variance ({2 * cin}); a stage-II UNet "
+        "(IFSuperResolutionPipeline) has class_embed_type='timestep'"
+    )
+
+
+def if_sr_layout(unet_config: Any) -> tuple[int, bool]:
+    """``(image channels, learned variance)`` of an IF stage-II UNet: it takes the noisy image and
+    the upscaled image (``in_channels = 2 x`` the image's) and predicts the noise, or noise and
+    learned variance.
+
+    Raises:
+        UnsupportedModelError: for another channel layout.
+    """
+    cin, cout = int(config_value(unet_config, "in_channels", 6)), int(config_value(unet_config, "out_channels", 6))
+    image = cin // 2
+    if cin % 2 == 0 and cout in (image, 2 * image):
+        return image, cout == 2 * image
+    raise UnsupportedModelError(
+        f"the IF stage-II UNet takes {cin} input channels and predicts {cout}: a stage-II UNet takes the noisy "
+        "image and the upscaled image (twice the image's channels) and predicts the noise (the image's channels) "
+        "or noise and learned variance (twice them)"
     )
 
 
@@ -77,22 +112,30 @@ class DeepFloydIFFamily(ModelFamily):
             and config_value(unet_config, "addition_embed_type") == "text"
         )
 
+    #: The diffusers pipeline this family wraps, for messages.
+    diffusers_class = "IFPipeline"
+
+    def image_layout(self, unet_config: Any) -> tuple[int, bool]:
+        """``(image channels, learned variance)`` of this family's UNet ([`if_layout()`][fd_trt.families.deepfloyd_if.if_layout])."""
+        return if_layout(unet_config)
+
     def check_config(self, unet_config: Any) -> None:
-        """The split's limits (stage II's class embedding among them) and IF's channel layout.
+        """The split's limits and IF's channel layout; a class embedding other than stage II's
+        (which [`DeepFloydIFSuperResolutionFamily`][fd_trt.families.deepfloyd_if.DeepFloydIFSuperResolutionFamily] runs) is refused.
 
         Raises:
             UnsupportedModelError: naming what is not supported.
         """
         if config_value(unet_config, "class_embed_type") is not None:
             raise UnsupportedModelError(
-                f"the IF UNet has class_embed_type={config_value(unet_config, 'class_embed_type')!r} (stage II, "
-                "IFSuperResolutionPipeline, conditioned on the noise level): fd_trt runs IF stage I (IFPipeline) only "
-                "so far"
+                f"the IF UNet has class_embed_type={config_value(unet_config, 'class_embed_type')!r}: fd_trt runs IF "
+                "stage I (IFPipeline, no class embedding) and stage II (IFSuperResolutionPipeline, "
+                "class_embed_type='timestep': the noise level) only"
             )
         from fd_trt.graphs.split import check_supported_config
 
         check_supported_config(unet_config)
-        if_layout(unet_config)
+        self.image_layout(unet_config)
 
     def check_pipeline(self, sd_pipeline: Any) -> None:
         """Refuses a pipeline without IF's prompt encoder, or with a ControlNet.
@@ -103,12 +146,12 @@ class DeepFloydIFFamily(ModelFamily):
         if not callable(getattr(sd_pipeline, "encode_prompt", None)) or not hasattr(sd_pipeline, "tokenizer"):
             raise InputError(
                 f"{type(sd_pipeline).__name__} has an IF UNet (addition_embed_type='text') but no IF prompt encoder: "
-                "wrap a diffusers IFPipeline"
+                f"wrap a diffusers {self.diffusers_class}"
             )
         if getattr(sd_pipeline, "text_encoder", None) is None:
             raise InputError(
                 f"{type(sd_pipeline).__name__} has no text_encoder: fd_trt encodes the prompts itself; load the "
-                "IFPipeline with its T5 text encoder"
+                f"{self.diffusers_class} with its T5 text encoder"
             )
         if getattr(sd_pipeline, "controlnet", None) is not None:
             raise UnsupportedModelError("fd_trt runs DeepFloyd IF without a ControlNet")
@@ -116,7 +159,7 @@ class DeepFloydIFFamily(ModelFamily):
 
     def unet_kind(self, unet_config: Any) -> str:
         """``"text2img"``: the UNet takes the noisy image alone ([`if_layout()`][fd_trt.families.deepfloyd_if.if_layout] checks the channels)."""
-        if_layout(unet_config)
+        self.image_layout(unet_config)
         return "text2img"
 
     def load_pipeline(self, folder: Path, unet_config: dict[str, Any]) -> Any:
@@ -134,11 +177,16 @@ class DeepFloydIFFamily(ModelFamily):
         )
 
     def text_shape(self, sd_pipeline: Any) -> tuple[int, int]:
-        """``(77, d_model)``: IF's prompt length and the T5 encoder's width (the UNet's ``encoder_hid_dim``)."""
-        width = config_value(sd_pipeline.unet.config, "encoder_hid_dim")
-        if width is None:
-            width = sd_pipeline.text_encoder.config.d_model
-        return IF_TEXT_TOKENS, int(width)
+        """``(77, cross_attention_dim)``: IF's prompt length and the width the UNet projects the T5
+        embeddings to; the graphs take the projected prompt ([`encode_prompt()`][fd_trt.families.deepfloyd_if.DeepFloydIFFamily.encode_prompt])."""
+        return IF_TEXT_TOKENS, int(config_value(sd_pipeline.unet.config, "cross_attention_dim"))
+
+    def added_shapes(self, sd_pipeline: Any) -> dict[str, tuple[int, ...]]:
+        """``{"text_pooled": (E,)}``, the pooled prompt (the time embedding's width E), and stage
+        II's ``"class_labels": (1,)``."""
+        from fd_trt.graphs.contract import default_added_shapes
+
+        return default_added_shapes(sd_pipeline.unet.config)
 
     def check_prompt_options(self, prompts: list[str], clean_caption: Any = False) -> None:
         """IF's one prompt option, ``clean_caption`` (diffusers' caption cleaning; needs bs4 and ftfy).
@@ -171,7 +219,12 @@ class DeepFloydIFFamily(ModelFamily):
         device: torch.device,
         clean_caption: bool = False,
     ) -> PromptEmbeddings:
-        """diffusers' ``IFPipeline.encode_prompt``: T5 embeddings of 77 tokens, negatives first with CFG."""
+        """diffusers' ``IFPipeline.encode_prompt`` (T5 embeddings of 77 tokens, negatives first with
+        CFG), then the UNet's timestep-free text conditioning of them, once for the whole
+        generation ([`fd_trt.graphs.split.TextConditioning`][fd_trt.graphs.split.TextConditioning]): ``text`` is the prompt projected to the
+        cross-attention width, ``added["text_pooled"]`` its attention pooling."""
+        from fd_trt.graphs.split import if_text_conditioning
+
         self.check_prompt_options(prompts, clean_caption=clean_caption)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
         pos, neg = sd_pipeline.encode_prompt(
@@ -182,7 +235,123 @@ class DeepFloydIFFamily(ModelFamily):
             negative_prompt=negatives,
             clean_caption=clean_caption,
         )
-        return PromptEmbeddings(text=torch.cat([neg, pos]) if do_classifier_free_guidance else pos)
+        raw = torch.cat([neg, pos]) if do_classifier_free_guidance else pos
+        projected, pooled = if_text_conditioning(sd_pipeline.unet, raw)
+        return PromptEmbeddings(text=projected, added={"text_pooled": pooled})
+
+
+#: The noise level diffusers' ``IFSuperResolutionPipeline`` adds to the upscaled image by default.
+IF_SR_NOISE_LEVEL = 250
+
+
+class DeepFloydIFSuperResolutionFamily(DeepFloydIFFamily):
+    """DeepFloyd IF stage II (``"if-ii"``): IF's UNet with the upscaled image as extra input
+    channels and its noise level as class labels (``class_embed_type="timestep"``)."""
+
+    name = "if-ii"
+    description = (
+        "DeepFloyd IF stage II: IF's UNet with the upscaled stage-I image as extra input channels and its "
+        "noise level as class labels (class_embed_type='timestep')"
+    )
+    diffusers_class = "IFSuperResolutionPipeline"
+
+    def matches_config(self, unet_config: Any) -> bool:
+        return super().matches_config(unet_config) and config_value(unet_config, "class_embed_type") == "timestep"
+
+    def image_layout(self, unet_config: Any) -> tuple[int, bool]:
+        """``(image channels, learned variance)`` of a stage-II UNet ([`if_sr_layout()`][fd_trt.families.deepfloyd_if.if_sr_layout])."""
+        return if_sr_layout(unet_config)
+
+    def check_config(self, unet_config: Any) -> None:
+        """The split's limits and stage II's channel layout.
+
+        Raises:
+            UnsupportedModelError: naming what is not supported.
+        """
+        from fd_trt.graphs.split import check_supported_config
+
+        check_supported_config(unet_config)
+        self.image_layout(unet_config)
+
+    def check_pipeline(self, sd_pipeline: Any) -> None:
+        """As stage I's, and refuses a pipeline without the scheduler that noises the upscaled image.
+
+        Raises:
+            InputError, UnsupportedModelError: naming what does not fit.
+        """
+        if getattr(sd_pipeline, "image_noising_scheduler", None) is None or not callable(
+            getattr(sd_pipeline, "preprocess_image", None)
+        ):
+            raise InputError(
+                f"{type(sd_pipeline).__name__} has an IF stage-II UNet (class_embed_type='timestep') but no "
+                "image_noising_scheduler or preprocess_image: wrap a diffusers IFSuperResolutionPipeline"
+            )
+        super().check_pipeline(sd_pipeline)
+
+    def unet_kind(self, unet_config: Any) -> str:
+        """``"superres"``: the UNet takes the noisy image and the upscaled image ([`if_sr_layout()`][fd_trt.families.deepfloyd_if.if_sr_layout])."""
+        self.image_layout(unet_config)
+        return "superres"
+
+    def load_pipeline(self, folder: Path, unet_config: dict[str, Any]) -> Any:
+        """diffusers' ``IFSuperResolutionPipeline`` of the folder, without safety checker and watermarker."""
+        from diffusers import IFSuperResolutionPipeline
+
+        return IFSuperResolutionPipeline.from_pretrained(
+            folder,
+            local_files_only=True,
+            use_safetensors=True,
+            safety_checker=None,
+            feature_extractor=None,
+            watermarker=None,
+            requires_safety_checker=False,
+        )
+
+    def check_prompt_options(
+        self, prompts: list[str], clean_caption: Any = False, noise_level: Any = IF_SR_NOISE_LEVEL
+    ) -> None:
+        """Stage II's prompt options: ``clean_caption`` (as stage I's) and ``noise_level``, the
+        noise added to the upscaled image, which conditions the UNet.
+
+        Raises:
+            InputError: for a ``noise_level`` that is no integer in [0, 1000), or a bad ``clean_caption``.
+        """
+        if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level < 1000:
+            raise InputError(
+                f"noise_level must be an integer in [0, 1000) (the noise added to the upscaled image; diffusers' "
+                f"default is {IF_SR_NOISE_LEVEL}), got {noise_level!r}"
+            )
+        super().check_prompt_options(prompts, clean_caption=clean_caption)
+
+    def encode_prompt(
+        self,
+        sd_pipeline: Any,
+        prompts: list[str],
+        negative_prompt: str | list[str] | None,
+        num_images_per_prompt: int,
+        do_classifier_free_guidance: bool,
+        *,
+        height: int,
+        width: int,
+        device: torch.device,
+        clean_caption: bool = False,
+        noise_level: int = IF_SR_NOISE_LEVEL,
+    ) -> PromptEmbeddings:
+        """Stage I's text conditioning, and the noise level of every row as ``class_labels [R,1]``."""
+        self.check_prompt_options(prompts, clean_caption=clean_caption, noise_level=noise_level)
+        cond = super().encode_prompt(
+            sd_pipeline,
+            prompts,
+            negative_prompt,
+            num_images_per_prompt,
+            do_classifier_free_guidance,
+            height=height,
+            width=width,
+            device=device,
+            clean_caption=clean_caption,
+        )
+        labels = torch.full((cond.rows, 1), float(noise_level), device=device, dtype=torch.float32)
+        return PromptEmbeddings(text=cond.text, added={**(cond.added or {}), "class_labels": labels})
 
 
 def if_scheduler_config() -> dict[str, Any]:
@@ -202,9 +371,18 @@ def if_scheduler_config() -> dict[str, Any]:
     )
 
 
-def _random_if_pipeline(seed: int, unet_config: dict[str, Any], t5: dict[str, int]) -> Any:
-    """An IFPipeline of seeded random weights: the given UNet and a T5 encoder over the word tokenizer."""
-    from diffusers import DDPMScheduler, IFPipeline, UNet2DConditionModel
+def if_sr_scheduler_configs() -> tuple[dict[str, Any], dict[str, Any]]:
+    """IF stage II's two schedulers: the sampler's (as stage I's, with ``sample_max_value=1``) and
+    the ``image_noising_scheduler`` that noises the upscaled image (DDPM, cosine betas)."""
+    sampler = {**if_scheduler_config(), "sample_max_value": 1.0}
+    noising = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", variance_type="fixed_small")
+    return sampler, noising
+
+
+def _random_if_pipeline(seed: int, unet_config: dict[str, Any], t5: dict[str, int], *, stage: int = 1) -> Any:
+    """An IF pipeline of seeded random weights (``IFPipeline`` for stage 1,
+    ``IFSuperResolutionPipeline`` for stage 2): the given UNet and a T5 encoder over the word tokenizer."""
+    from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline, UNet2DConditionModel
     from transformers import T5Config, T5EncoderModel
 
     from fd_trt.families.models import make_word_tokenizer
@@ -221,16 +399,22 @@ def _random_if_pipeline(seed: int, unet_config: dict[str, Any], t5: dict[str, in
                 **t5,
             )
         )
-    pipe = IFPipeline(
+    common = dict(
         tokenizer=tokenizer,
         text_encoder=text_encoder.eval(),
         unet=unet.eval(),
-        scheduler=DDPMScheduler(**if_scheduler_config()),
         safety_checker=None,
         feature_extractor=None,
         watermarker=None,
         requires_safety_checker=False,
     )
+    if stage == 2:
+        sampler, noising = if_sr_scheduler_configs()
+        pipe = IFSuperResolutionPipeline(
+            scheduler=DDPMScheduler(**sampler), image_noising_scheduler=DDPMScheduler(**noising), **common
+        )
+    else:
+        pipe = IFPipeline(scheduler=DDPMScheduler(**if_scheduler_config()), **common)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -268,6 +452,44 @@ def tiny_if_pipeline(seed: int = 0, *, sample_size: int = 16, text_width: int = 
             norm_num_groups=8,
         ),
         dict(d_model=text_width, d_kv=8, d_ff=2 * text_width, num_layers=2, num_heads=3),
+    )
+
+
+def tiny_if_sr_pipeline(seed: int = 0, *, sample_size: int = 32, text_width: int = 24) -> Any:
+    """A tiny DeepFloyd IF stage-II pipeline with seeded random weights, built in code (no download).
+
+    [`tiny_if_pipeline()`][fd_trt.families.deepfloyd_if.tiny_if_pipeline]'s structure with stage II's inputs: 6 input channels (the noisy
+    image and the upscaled one), 6 output channels (noise and learned variance), the noise level
+    embedded as a timestep (``class_embed_type="timestep"``), and IF stage II's two schedulers.
+
+    Returns:
+        A ``diffusers.IFSuperResolutionPipeline`` in float32 on the CPU; images are ``sample_size``
+        pixels square.
+    """
+    return _random_if_pipeline(
+        seed,
+        dict(
+            sample_size=sample_size,
+            in_channels=6,
+            out_channels=6,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
+            down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+            mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+            up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+            cross_attention_dim=32,
+            encoder_hid_dim=text_width,
+            attention_head_dim=8,
+            addition_embed_type="text",
+            addition_embed_type_num_heads=2,
+            class_embed_type="timestep",
+            cross_attention_norm="group_norm",
+            resnet_time_scale_shift="scale_shift",
+            act_fn="gelu",
+            norm_num_groups=8,
+        ),
+        dict(d_model=text_width, d_kv=8, d_ff=2 * text_width, num_layers=2, num_heads=3),
+        stage=2,
     )
 
 
@@ -317,11 +539,17 @@ def if_m_arch_pipeline(seed: int = 0, *, text_width: int = 4096) -> Any:
 
 
 __all__ = [
+    "IF_SR_NOISE_LEVEL",
     "IF_TEXT_TOKENS",
     "DeepFloydIFFamily",
+    "DeepFloydIFSuperResolutionFamily",
     "if_layout",
     "if_m_arch_pipeline",
     "if_paper_key_steps",
     "if_scheduler_config",
+    "if_sr_layout",
+    "if_sr_paper_key_steps",
+    "if_sr_scheduler_configs",
     "tiny_if_pipeline",
+    "tiny_if_sr_pipeline",
 ]

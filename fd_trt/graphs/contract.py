@@ -15,7 +15,11 @@ The contract of one UNet, for ``C`` latent channels, ``h x w`` latents and ``L x
 
 ``added`` is empty for SD 1.x/2.x (their graph names on disk are unchanged) and is
 ``text_embeds [rows,P]``, ``time_ids [rows,K] f32`` for SDXL (``addition_embed_type="text_time"``;
-P = 1280 and K = 6 for SDXL base, K = 5 for the refiner). Axis 0 is the only dynamic axis.
+P = 1280 and K = 6 for SDXL base, K = 5 for the refiner). DeepFloyd IF (``addition_embed_type="text"``)
+takes its prompt projected to the cross-attention width as ``encoder_hidden_states`` and the
+attention pooling of the raw prompt as ``text_pooled [rows,E]`` (E: the time embedding's width),
+both computed once per generation; IF stage II (``class_embed_type="timestep"``) also takes
+``class_labels [rows,1] f32``, the upscaled image's noise level. Axis 0 is the only dynamic axis.
 
 The decoder decodes S steps of one key step in one call. Its features, text and added
 conditioning are the key step's N encoder rows (axis ``rows``), given once; its ``timestep``
@@ -38,7 +42,7 @@ The optional ControlNet graph (one per ControlNet, [`ControlNetContract`][fd_trt
 ``skip_ii`` and ``mid`` the shape of its ``mid``, so the residuals add to the features unchanged.
 ``conditioning_scale`` is the one input without the row axis.
 
-Dtypes: ``timestep`` and ``time_ids`` are float32 in every graph (timestep-like values such as
+Dtypes: ``timestep``, ``time_ids`` and ``class_labels`` are float32 in every graph (timestep-like values such as
 999 or 1024 lose precision in fp16); every other tensor has the graph's precision.
 
 This module imports neither torch modules of diffusers nor onnx: a config (a diffusers
@@ -86,13 +90,27 @@ _SHALLOW_ROLE_RE = re.compile(r"^(decoder_capture|shallow)_d([1-9][0-9]*)$")
 ADDED_CONDITIONING: dict[str | None, tuple[tuple[str, str], ...]] = {
     None: (),
     "text_time": (("text_embeds", FLOAT), ("time_ids", FLOAT32)),
-    # DeepFloyd IF: an attention pooling of the prompt embeddings themselves; no input of its own.
-    "text": (),
+    # DeepFloyd IF: the attention pooling of the raw prompt embeddings, computed once per
+    # generation with the prompt's projection (fd_trt.graphs.split.TextConditioning).
+    "text": (("text_pooled", FLOAT),),
+}
+#: ``class_embed_type`` values the split carries -> the per-row inputs each adds to both graphs,
+#: after the `ADDED_CONDITIONING` ones. DeepFloyd IF stage II: the upscaled image's noise level,
+#: embedded as a timestep (``class_labels [rows,1] f32``).
+CLASS_CONDITIONING: dict[str | None, tuple[tuple[str, str], ...]] = {
+    None: (),
+    "timestep": (("class_labels", FLOAT32),),
 }
 #: Inputs that are float32 in every graph, whatever its precision.
 FLOAT32_INPUTS = frozenset(
     {TIMESTEP, CONDITIONING_SCALE}
-    | {n for options in ADDED_CONDITIONING.values() for n, dt in options if dt == FLOAT32}
+    | {
+        n
+        for table in (ADDED_CONDITIONING, CLASS_CONDITIONING)
+        for options in table.values()
+        for n, dt in options
+        if dt == FLOAT32
+    }
 )
 #: SDXL base's micro-conditioning: original size, crop top-left, target size.
 DEFAULT_TIME_IDS = 6
@@ -136,14 +154,32 @@ def down_name(index: int) -> str:
     return f"down_{index:02d}"
 
 
+def added_inputs(unet_config: Any) -> tuple[tuple[str, str], ...]:
+    """``(name, dtype)`` of a UNet's added-conditioning inputs, in graph order: those of its
+    ``addition_embed_type`` (`ADDED_CONDITIONING`), then those of its ``class_embed_type``
+    (`CLASS_CONDITIONING`)."""
+    return (
+        *ADDED_CONDITIONING.get(_get(unet_config, "addition_embed_type"), ()),
+        *CLASS_CONDITIONING.get(_get(unet_config, "class_embed_type"), ()),
+    )
+
+
+def known_added_sets() -> list[tuple[tuple[str, str], ...]]:
+    """Every set of added inputs a graph of this fd_trt may have (for a graph or manifest without
+    a UNet config)."""
+    return [(*a, *c) for a in ADDED_CONDITIONING.values() for c in CLASS_CONDITIONING.values()]
+
+
 def added_input_names(unet_config: Any) -> tuple[str, ...]:
     """The added-conditioning inputs of a UNet: ``()`` for SD 1.x/2.x, ``("text_embeds",
-    "time_ids")`` for SDXL (``addition_embed_type="text_time"``).
+    "time_ids")`` for SDXL (``addition_embed_type="text_time"``), ``("text_pooled",)`` for
+    DeepFloyd IF (``addition_embed_type="text"``) and ``("text_pooled", "class_labels")`` for IF
+    stage II (``class_embed_type="timestep"``).
 
     Args:
         unet_config: the UNet's config (mapping or attribute object).
     """
-    return tuple(name for name, _ in ADDED_CONDITIONING.get(_get(unet_config, "addition_embed_type"), ()))
+    return tuple(name for name, _ in added_inputs(unet_config))
 
 
 def default_added_shapes(unet_config: Any, time_ids: int = DEFAULT_TIME_IDS) -> dict[str, tuple[int, ...]]:
@@ -157,13 +193,22 @@ def default_added_shapes(unet_config: Any, time_ids: int = DEFAULT_TIME_IDS) -> 
         time_ids: K.
 
     Returns:
-        ``{}`` for SD 1.x/2.x, ``{"text_embeds": (P,), "time_ids": (K,)}`` for SDXL.
+        ``{}`` for SD 1.x/2.x, ``{"text_embeds": (P,), "time_ids": (K,)}`` for SDXL,
+        ``{"text_pooled": (E,)}`` for DeepFloyd IF (E: the time embedding's width), with
+        ``"class_labels": (1,)`` for IF stage II.
 
     Raises:
         InputError: when the config leaves no room for ``time_ids`` of that count.
     """
-    if not added_input_names(unet_config):
-        return {}
+    shapes: dict[str, tuple[int, ...]] = {
+        n: (1,) for n, _ in CLASS_CONDITIONING.get(_get(unet_config, "class_embed_type"), ())
+    }
+    kind = _get(unet_config, "addition_embed_type")
+    if kind == "text":  # IF: the pooled prompt has the time embedding's width
+        width = _get(unet_config, "time_embedding_dim") or 4 * int(_get(unet_config, "block_out_channels")[0])
+        return {"text_pooled": (int(width),), **shapes}
+    if not ADDED_CONDITIONING.get(kind, ()):
+        return shapes
     total = int(_get(unet_config, "projection_class_embeddings_input_dim"))
     pooled = total - int(time_ids) * int(_get(unet_config, "addition_time_embed_dim"))
     if pooled < 1:
@@ -171,7 +216,7 @@ def default_added_shapes(unet_config: Any, time_ids: int = DEFAULT_TIME_IDS) -> 
             f"the UNet's add_embedding takes {total} features, too few for {time_ids} time_ids of "
             f"{_get(unet_config, 'addition_time_embed_dim')} each: pass the added shapes explicitly"
         )
-    return {"text_embeds": (pooled,), "time_ids": (int(time_ids),)}
+    return {"text_embeds": (pooled,), "time_ids": (int(time_ids),), **shapes}
 
 
 def feature_tails(unet_config: Any, latent_hw: tuple[int, int]) -> list[tuple[int, int, int]]:
@@ -462,7 +507,7 @@ class GraphContract:
         features = None
         if latent_size is not None:
             features = tuple(feature_tails(unet_config, (int(latent_size[0]), int(latent_size[1]))))
-        dtypes = dict(ADDED_CONDITIONING.get(_get(unet_config, "addition_embed_type"), ()))
+        dtypes = dict(added_inputs(unet_config))
         shapes = dict(added_shapes) if added_shapes is not None else default_added_shapes(unet_config)
         if set(shapes) != set(dtypes):
             raise InputError(
@@ -497,7 +542,7 @@ class GraphContract:
             )
             if contract.num_skips == int(manifest.num_skips):
                 return contract
-        options = [o for o in ADDED_CONDITIONING.values() if {n for n, _ in o} == set(recorded)]
+        options = [o for o in known_added_sets() if {n for n, _ in o} == set(recorded)]
         if not options:
             raise EngineMismatchError(
                 f"the manifest records added inputs {sorted(recorded)}, which this fd_trt does not know: rebuild the engine directory"
@@ -526,7 +571,7 @@ class GraphContract:
         """
         base = {SAMPLE, TIMESTEP, TEXT}
         extra = [n for n in input_names if n not in base]
-        for options in ADDED_CONDITIONING.values():
+        for options in known_added_sets():
             if sorted(extra) == sorted(n for n, _ in options) and base <= set(input_names):
                 added = tuple(TensorSpec(n, ("k",), dt) for n, dt in options)
                 contract = cls(num_skips=max(len(output_names) - 1, 0), added=added)
@@ -536,7 +581,7 @@ class GraphContract:
                 return contract
         raise EngineMismatchError(
             f"{where} has inputs {list(input_names)}, expected {sorted(base)} plus one of "
-            f"{[list(n for n, _ in v) for v in ADDED_CONDITIONING.values()]}: it is not an fd_trt encoder graph; rebuild it"
+            f"{[list(n for n, _ in v) for v in known_added_sets()]}: it is not an fd_trt encoder graph; rebuild it"
         )
 
 
@@ -682,6 +727,7 @@ class ControlNetContract:
 
 __all__ = [
     "ADDED_CONDITIONING",
+    "CLASS_CONDITIONING",
     "CONDITIONING_SCALE",
     "CONTROLNET",
     "CONTROLNET_COND",
@@ -701,8 +747,10 @@ __all__ = [
     "STEP_ROW_AXIS",
     "TensorSpec",
     "added_input_names",
+    "added_inputs",
     "capture_role",
     "default_added_shapes",
+    "known_added_sets",
     "feature_names",
     "feature_tails",
     "shallow_role",

@@ -13,7 +13,11 @@ decoder's rows stay independent of the encoder's.
 
 DeepFloyd IF's UNets (``addition_embed_type="text"``, ``encoder_hid_dim_type="text_proj"``) add an
 attention pooling of the raw prompt embeddings to the time embedding and project the prompt to
-the cross-attention width; both halves take the raw prompt and do the same per row.
+the cross-attention width. Neither depends on the timestep: [`TextConditioning`][fd_trt.graphs.split.TextConditioning] computes both
+once per generation, and both halves take the projected prompt as their text and the pooled one
+per row as the added input ``text_pooled [N,E]``. IF stage II
+(``class_embed_type="timestep"``) also adds the embedding of its noise level, which both halves
+take per row as the last added input (``class_labels [N,1]``).
 
 Both modules share the UNet's parameters: nothing is copied.
 """
@@ -57,8 +61,12 @@ def check_supported_config(cfg: Any) -> None:
     """
     get = cfg.get if isinstance(cfg, Mapping) else (lambda k, d=None: getattr(cfg, k, d))
     problems = []
+    carried = {"encoder_hid_dim_type": TEXT_PROJ}
+    if get("addition_embed_type", None) == "text":
+        # IF stage II: the noise level, whose class labels a stage-II pipeline supplies (no other does).
+        carried["class_embed_type"] = "timestep"
     for key in ("class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim", "num_class_embeds"):
-        if get(key, None) is not None and not (key == "encoder_hid_dim_type" and get(key) == TEXT_PROJ):
+        if get(key, None) is not None and get(key) != carried.get(key):
             problems.append(f"{key}={get(key)!r}")
     if get("addition_embed_type", None) not in ADDED_CONDITIONING:
         problems.append(f"addition_embed_type={get('addition_embed_type')!r}")
@@ -69,7 +77,8 @@ def check_supported_config(cfg: Any) -> None:
     if problems:
         raise UnsupportedModelError(
             "fd_trt splits SD 1.x/2.x-, SDXL- and DeepFloyd IF-style UNets (text cross-attention, optionally SDXL's "
-            "addition_embed_type='text_time' or IF's 'text' with encoder_hid_dim_type='text_proj'); this UNet has "
+            "addition_embed_type='text_time' or IF's 'text' with encoder_hid_dim_type='text_proj', and, with the latter, IF "
+            "stage II's class_embed_type='timestep'); this UNet has "
             + ", ".join(problems)
             + ". Use a UNet2DConditionModel without these options."
         )
@@ -82,26 +91,50 @@ def _take_time_modules(owner: nn.Module, unet: nn.Module) -> None:
     owner.time_embedding = unet.time_embedding
     owner.time_embed_act = unet.time_embed_act
     owner.added_names = added_input_names(unet.config)
-    if owner.added_names:
+    # SDXL: text_embeds and time_ids, the first added inputs.
+    owner.text_time = getattr(unet.config, "addition_embed_type", None) == "text_time"
+    if owner.text_time:
         owner.add_time_proj = unet.add_time_proj
         owner.add_embedding = unet.add_embedding
+    # DeepFloyd IF stage II: class_labels (the noise level), the last added input, embedded as a
+    # timestep by time_proj and class_embedding.
+    owner.class_labelled = getattr(unet.config, "class_embed_type", None) == "timestep"
+    owner.class_concat = bool(getattr(unet.config, "class_embeddings_concat", False))
+    if owner.class_labelled:
+        owner.class_embedding = unet.class_embedding
     # DeepFloyd IF: the time embedding adds an attention pooling of the raw prompt embeddings
-    # (addition_embed_type="text"), which are then projected to the cross-attention width.
+    # (addition_embed_type="text"). It does not depend on the timestep: TextConditioning computes
+    # it once per generation, with the prompt's projection, and both halves take it per row (the
+    # added input text_pooled), with the projected prompt as their text.
     owner.text_pooled = getattr(unet.config, "addition_embed_type", None) == "text"
-    if owner.text_pooled:
-        owner.add_embedding = unet.add_embedding
-    owner.encoder_hid_proj = getattr(unet, "encoder_hid_proj", None)
 
 
-def _text_conditioning(owner: nn.Module, emb: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """IF's text arithmetic, as UNet2DConditionModel's forward orders it: the pooled prompt added to
-    the time embedding (before its activation, which `_time_embedding()` applies), then the
-    prompt projected by ``encoder_hid_proj``. ``(emb, text)`` unchanged for other UNets."""
-    if owner.text_pooled:
-        emb = emb + owner.add_embedding(text).to(emb.dtype)
-    if owner.encoder_hid_proj is not None:
-        text = owner.encoder_hid_proj(text)
-    return emb, text
+class TextConditioning(nn.Module):
+    """DeepFloyd IF's text conditioning, which does not depend on the timestep: the attention
+    pooling of the raw T5 embeddings (``add_embedding``, added to the time embedding) and their
+    projection to the cross-attention width (``encoder_hid_proj``).
+
+    ``forward(raw [N,L,D_t5]) -> (projected [N,L,D], pooled [N,E])``: the graphs'
+    ``encoder_hidden_states`` and ``text_pooled``. The pipeline computes it once per generation;
+    UNet2DConditionModel's forward does the same arithmetic at every call. Shares the UNet's
+    parameters.
+    """
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        if (
+            getattr(unet.config, "addition_embed_type", None) != "text"
+            or getattr(unet, "encoder_hid_proj", None) is None
+        ):
+            raise UnsupportedModelError(
+                "TextConditioning is DeepFloyd IF's (addition_embed_type='text' with encoder_hid_proj); this UNet has "
+                f"addition_embed_type={getattr(unet.config, 'addition_embed_type', None)!r}"
+            )
+        self.add_embedding = unet.add_embedding
+        self.encoder_hid_proj = unet.encoder_hid_proj
+
+    def forward(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder_hid_proj(text), self.add_embedding(text)
 
 
 def _time_embedding(
@@ -111,16 +144,21 @@ def _time_embedding(
     added: Sequence[torch.Tensor],
     text: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    # Same arithmetic as UNet2DConditionModel's get_time_embed + time_embedding + get_aug_embed
-    # ("text_time", "text") + time_embed_act + process_encoder_hidden_states, but with one
-    # timestep and one added conditioning per row. Returns the embedding and the text the blocks read.
+    # Same arithmetic as UNet2DConditionModel's get_time_embed + time_embedding + get_class_embed
+    # ("timestep") + get_aug_embed ("text_time", "text") + time_embed_act +
+    # process_encoder_hidden_states, but with one timestep and one added conditioning per row. Returns the embedding and the text the blocks read.
     emb = owner.time_embedding(owner.time_proj(timestep).to(dtype=dtype), None)
-    if owner.added_names:
+    if owner.class_labelled:
+        *added, class_labels = added
+        labels = owner.time_proj(class_labels.reshape(-1)).to(dtype=dtype)
+        class_emb = owner.class_embedding(labels).to(dtype)
+        emb = torch.cat([emb, class_emb], dim=-1) if owner.class_concat else emb + class_emb
+    if owner.text_time:
         text_embeds, time_ids = added
         time_embeds = owner.add_time_proj(time_ids.flatten()).reshape(text_embeds.shape[0], -1)
         emb = emb + owner.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(emb.dtype))
-    if text is not None:
-        emb, text = _text_conditioning(owner, emb, text)
+    elif owner.text_pooled:  # IF: the pooled prompt (TextConditioning), before the activation
+        emb = emb + added[0].to(emb.dtype)
     if owner.time_embed_act is not None:
         emb = owner.time_embed_act(emb)
     return emb, text
@@ -788,3 +826,11 @@ def split_unet(unet: nn.Module) -> SplitUNet:
             do not carry.
     """
     return SplitUNet(UNetEncoder(unet).eval(), UNetDecoder(unet).eval())
+
+
+def if_text_conditioning(unet: nn.Module, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(projected prompt, pooled prompt)`` of raw T5 embeddings for a DeepFloyd IF UNet
+    ([`TextConditioning`][fd_trt.graphs.split.TextConditioning]), in the UNet's dtype and on its device, without autograd."""
+    p = next(unet.parameters())
+    with torch.no_grad():
+        return TextConditioning(unet)(text.to(p.device, p.dtype))

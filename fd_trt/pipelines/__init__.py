@@ -4,10 +4,10 @@
 any family without a class of its own; ``FasterDiffusionXLPipeline`` ([`fd_trt.pipelines.sdxl`][fd_trt.pipelines.sdxl])
 serves SDXL, ``FasterDiffusionTransformerPipeline`` ([`fd_trt.pipelines.transformer`][fd_trt.pipelines.transformer])
 DiT, PixArt and SD3, ``FasterDiffusionIFPipeline`` ([`fd_trt.pipelines.deepfloyd_if`][fd_trt.pipelines.deepfloyd_if]) DeepFloyd IF
-stage I. They are registered here, so that the base pipeline never imports its subclasses.
+stage I and ``FasterDiffusionIFSuperResolutionPipeline`` stage II. They are registered here, so that the base pipeline never imports its subclasses.
 """
 
-from fd_trt.pipelines.deepfloyd_if import FasterDiffusionIFPipeline
+from fd_trt.pipelines.deepfloyd_if import FasterDiffusionIFPipeline, FasterDiffusionIFSuperResolutionPipeline
 from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 from fd_trt.pipelines.registry import register_pipeline_class
 from fd_trt.pipelines.sdxl import FasterDiffusionXLPipeline
@@ -16,12 +16,14 @@ from fd_trt.pipelines.transformer import FasterDiffusionTransformerPipeline
 register_pipeline_class("sd", FasterDiffusionPipeline)
 register_pipeline_class("sdxl", FasterDiffusionXLPipeline)
 register_pipeline_class("if", FasterDiffusionIFPipeline)
+register_pipeline_class("if-ii", FasterDiffusionIFSuperResolutionPipeline)
 # Diffusion transformers (DiT, PixArt, SD3), and the clear refusal of those not supported yet (Flux, ...).
 for _family in ("dit", "pixart", "sd3", "transformer-unsupported"):
     register_pipeline_class(_family, FasterDiffusionTransformerPipeline)
 
 __all__ = [
     "FasterDiffusionIFPipeline",
+    "FasterDiffusionIFSuperResolutionPipeline",
     "FasterDiffusionPipeline",
     "FasterDiffusionTransformerPipeline",
     "FasterDiffusionXLPipeline",

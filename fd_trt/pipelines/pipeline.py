@@ -42,6 +42,7 @@ from fd_trt.core.schedule import DecoderSchedule, KeySchedule, NoiseInjection, S
 from fd_trt.errors import InputError
 from fd_trt.families.base import ModelFamily, PromptEmbeddings, family_for_pipeline
 from fd_trt.families.models import make_scheduler
+from fd_trt.graphs.contract import FLOAT32_INPUTS
 from fd_trt.graphs.split import split_unet
 from fd_trt.pipelines.conditioning import with_key_steps
 from fd_trt.pipelines.image import ImageInputsMixin, ImageRun
@@ -138,7 +139,7 @@ class _FlopCounter:
             added = None
             if added_widths:
                 added = {
-                    k: torch.zeros((1, w), device=p.device, dtype=torch.float32 if k == "time_ids" else p.dtype)
+                    k: torch.zeros((1, w), device=p.device, dtype=torch.float32 if k in FLOAT32_INPUTS else p.dtype)
                     for k, w in added_widths.items()
                 }
             try:

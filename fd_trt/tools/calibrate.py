@@ -76,6 +76,11 @@ class Evaluator:
             raise InputError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
         if not prompts:
             raise InputError("calibration needs at least one prompt")
+        if getattr(pipe, "unet_kind", "text2img") == "superres":
+            raise InputError(
+                "calibration samples from text alone; an upscaling model (IF stage II) needs its input images: use "
+                "schedule='paper' or a list of key steps for it"
+            )
         self.pipe = pipe
         self.scheduler_name = scheduler
         self._scheduler = make_scheduler(scheduler, pipe.sd.scheduler.config)
