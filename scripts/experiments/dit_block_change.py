@@ -18,7 +18,7 @@ import json
 import platform
 import time
 
-MODELS = ("tiny-dit", "tiny-pixart", "pixart-arch")
+MODELS = ("tiny-dit", "tiny-pixart", "pixart-arch", "sd3-arch")
 
 
 def _pipeline(name: str, size: int):
@@ -28,7 +28,9 @@ def _pipeline(name: str, size: int):
         return dit_models.tiny_dit_pipeline(seed=0), 207, {}
     if name == "tiny-pixart":
         return dit_models.tiny_pixart_pipeline(seed=0), "a red circle", {"max_sequence_length": 16}
-    return dit_models.pixart_arch_pipeline(seed=0, sample_size=size // 8), "a red circle", {}
+    if name == "pixart-arch":
+        return dit_models.pixart_arch_pipeline(seed=0, sample_size=size // 8), "a red circle", {}
+    return dit_models.sd3_arch_pipeline(seed=0, sample_size=size // 8), "a red circle", {}
 
 
 def main() -> None:
