@@ -166,7 +166,9 @@ def block_changes(
     """
     if steps < 2:
         raise InputError(f"the block change needs at least 2 steps, got {steps}")
-    blocks = list(pipe.transformer.transformer_blocks)
+    # the torch runner's transformer: the pipeline's own, or its copy on the run's device and dtype
+    tr = pipe.run_transformer() if pipe.backend == "torch" else pipe.transformer
+    blocks = list(tr.transformer_blocks)
     outputs: list[list[torch.Tensor]] = [[] for _ in blocks]
 
     def recorder(i: int) -> Any:
