@@ -143,3 +143,15 @@ def test_flow_schedulers_by_name():
         make_scheduler("ddim", flow.config)
     with pytest.raises(InputError, match="'flow-euler' is a flow-matching scheduler.*ddim"):
         make_scheduler("flow-euler", DDIMScheduler().config)
+
+
+def test_generate_names_the_flow_schedulers_for_sd3(tmp_path, capsys):
+    from fd_trt.families.dit_models import tiny_sd3_pipeline
+
+    folder = tmp_path / "sd3"
+    tiny_sd3_pipeline(seed=0).save_pretrained(folder, safe_serialization=True)
+    common = ["generate", "a red circle", "--model", str(folder), "--backend", "torch", "--steps", "2", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "a.png")]) == 2  # the default, ddim, is a betas scheduler
+    assert "choose one of flow-euler, flow-heun" in capsys.readouterr().err
+    assert main([*common, "--scheduler", "flow-heun", "--out", str(tmp_path / "b.png")]) == 0
+    assert "scheduler flow-heun" in capsys.readouterr().out and (tmp_path / "b.png").is_file()

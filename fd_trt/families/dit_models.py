@@ -312,9 +312,9 @@ SD3_VAE_FACTORS = (1.5305, 0.0609)
 
 
 def sd3_arch_config(sample_size: int = 32, layers: int | None = None) -> dict[str, Any]:
-    """``sd3-arch``'s transformer config: [`SD3_MEDIUM_TRANSFORMER`][fd_trt.families.dit_models.SD3_MEDIUM_TRANSFORMER]
-    at latent side ``sample_size`` (the position embedding table stays 192 x 192, so any side up to 192
-    fits), with ``layers`` joint blocks (24 when ``None``)."""
+    """``sd3-arch``'s transformer config: ``SD3_MEDIUM_TRANSFORMER`` at latent side ``sample_size``
+    (the position embedding table stays 192 x 192, so any side up to 192 fits), with ``layers``
+    joint blocks (24 when ``None``)."""
     cfg = dict(SD3_MEDIUM_TRANSFORMER, sample_size=int(sample_size))
     if layers is not None:
         cfg["num_layers"] = int(layers)
