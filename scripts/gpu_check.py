@@ -14,6 +14,10 @@
 4. an SDXL-shaped UNet with random weights (:func:`fd_trt.families.models.sdxl_arch_pipeline`, 2.6 B
    parameters, both text encoders) at 1024x1024, DDIM-50, CFG 5.0, fp16: schedules ``all`` and
    ``paper`` on torch CUDA, timed the same way (``--skip-sdxl`` leaves it out).
+5. PixArt-alpha's transformer with random weights (:func:`fd_trt.families.dit_models.pixart_arch_pipeline`,
+   28 blocks, 0.6 B parameters, small random T5 and VAE) at 1024x1024, DPM-Solver++ 20 steps,
+   CFG 4.5, fp16: schedules ``all`` and ``paper`` on torch CUDA at the family's split point,
+   timed the same way (``--skip-pixart`` leaves it out).
 
 The table comes last; ``$OUT/gpu_check.json`` holds everything when ``OUT`` is set. A global
 deadline (``--budget-s``, default 450 s) skips what would not fit, saying so, so that one call
@@ -372,6 +376,57 @@ def sdxl_timings(args: argparse.Namespace, deadline: Deadline) -> dict[str, Any]
     return {"rows": rows, "notes": notes}
 
 
+def pixart_timings(
+    args: argparse.Namespace,
+    deadline: Deadline,
+    *,
+    build: Callable[[], Any] | None = None,
+    device: str = "cuda",
+    precision: str = "fp16",
+    size: int = 1024,
+) -> dict[str, Any]:
+    """The PixArt table: pixart-arch at ``size`` x ``size``, DPM-Solver++ 20 steps, CFG 4.5, on
+    the torch backend, schedules ``all`` and ``paper`` (the transformer loop is the encoder + decoder
+    seconds). ``build`` makes the diffusers pipeline (pixart-arch on ``device`` in ``precision`` by
+    default; a tiny PixArt runs the same code on the CPU)."""
+    import torch
+
+    from fd_trt.families.dit_models import pixart_arch_pipeline
+    from fd_trt.families.models import scheduler_name
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
+
+    t0 = time.perf_counter()
+    if build is None:
+        with torch.device(device):  # random init of 0.6 B parameters where they run
+            sd = pixart_arch_pipeline(seed=0, sample_size=size // 8)
+        sd.to(device, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32))
+    else:
+        sd = build()
+    if scheduler_name(sd.scheduler) != "dpmpp":
+        raise RuntimeError(f"the PixArt check runs DPM-Solver++, got {type(sd.scheduler).__name__}")
+    log(f"PixArt pipeline ready in {time.perf_counter() - t0:.1f} s")
+    label = f"pixart torch {precision}"
+    rows = time_config(
+        lambda: FasterDiffusionPipeline.from_diffusers(
+            sd, backend="torch", device=device, precision=precision, progress=False
+        ),
+        ["all", "paper"],
+        args.repeat,
+        args.warmup,
+        deadline,
+        label,
+        size=size,
+        steps=20,
+        device=device,
+        guidance_scale=4.5,
+    )
+    add_speedups(rows)
+    del sd
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"rows": rows, "notes": []}
+
+
 def add_speedups(rows: list[dict[str, Any]]) -> None:
     """Sets each row's ``speedup_vs_all``: the UNet loop time of ``all`` in its configuration over its own."""
     by = {(r["config"], r["schedule"]): r for r in rows}
@@ -399,7 +454,7 @@ def table(report: dict[str, Any]) -> str:
         "| config | schedule | s / image | UNet loop s | paper speedup (UNet) | peak GiB | runs |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in report.get("sd15", {}).get("rows", []) + report.get("sdxl", {}).get("rows", []):
+    for r in [row for part in ("sd15", "sdxl", "pixart") for row in report.get(part, {}).get("rows", [])]:
         sp = r.get("speedup_vs_all")
         lines.append(
             f"| {r['config']} | {r['schedule']} | {r['total_s']:.3f} | {r['unet_loop_s']:.3f} | "
@@ -419,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-sd15", action="store_true")
     p.add_argument("--skip-sdxl", action="store_true")
     p.add_argument("--sdxl-min-s", type=int, default=120, help="seconds that must be left to time SDXL")
+    p.add_argument("--skip-pixart", action="store_true")
+    p.add_argument("--pixart-min-s", type=int, default=90, help="seconds that must be left to time PixArt")
     p.add_argument("--trt-opt-level", type=int, default=2, help="builder optimization level of the SD1.5 plans")
     p.add_argument("--trt-min-s", type=int, default=240, help="seconds that must be left to build SD1.5 plans")
     args = p.parse_args(argv)
@@ -441,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         reason = (
             f"no CUDA GPU visible to torch {torch.__version__} (torch.version.cuda={torch.version.cuda}): "
-            "skipping the GPU tests, the fp16-vs-fp32 comparison and the SD1.5 timings"
+            "skipping the GPU tests, the fp16-vs-fp32 comparison and the SD1.5, SDXL and PixArt timings"
         )
         log(f"SKIPPED: {reason}")
         report.update(skipped=True, reason=reason)
@@ -464,10 +521,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     ok = True
     if not args.skip_tests:
-        log("1/4 GPU tests")
+        log("1/5 GPU tests")
         report["tests"] = run_gpu_tests(min(args.tests_timeout_s, max(30.0, deadline.left() - 200)))
         ok &= report["tests"]["ok"]
-    log("2/4 fp16 CUDA vs fp32 CPU on the tiny model")
+    log("2/5 fp16 CUDA vs fp32 CPU on the tiny model")
     try:
         report["accuracy"] = tiny_accuracy()
         ok &= report["accuracy"]["ok"]
@@ -476,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"accuracy check failed: {exc}")
         ok = False
     if not args.skip_sd15:
-        log("3/4 SD1.5-shaped UNet, 512x512, DDIM-50, CFG, fp16")
+        log("3/5 SD1.5-shaped UNet, 512x512, DDIM-50, CFG, fp16")
         try:
             report["sd15"] = sd15_timings(args, deadline, trt_problem)
         except Exception as exc:
@@ -490,19 +547,33 @@ def main(argv: list[str] | None = None) -> int:
                 "notes": [f"not timed: {deadline.left():.0f} s left, SDXL needs about {args.sdxl_min_s} s"],
             }
         else:
-            log("4/4 SDXL-shaped UNet, 1024x1024, DDIM-50, CFG 5.0, fp16")
+            log("4/5 SDXL-shaped UNet, 1024x1024, DDIM-50, CFG 5.0, fp16")
             try:
                 report["sdxl"] = sdxl_timings(args, deadline)
             except Exception as exc:
                 report["sdxl"] = {"rows": [], "notes": [f"failed: {type(exc).__name__}: {exc}"]}
                 log(f"SDXL timings failed: {type(exc).__name__}: {exc}")
                 ok = False
+    if not args.skip_pixart:
+        if deadline.left() < args.pixart_min_s:
+            report["pixart"] = {
+                "rows": [],
+                "notes": [f"not timed: {deadline.left():.0f} s left, PixArt needs about {args.pixart_min_s} s"],
+            }
+        else:
+            log("5/5 PixArt-alpha-shaped transformer, 1024x1024, DPM-Solver++ 20, CFG 4.5, fp16")
+            try:
+                report["pixart"] = pixart_timings(args, deadline)
+            except Exception as exc:
+                report["pixart"] = {"rows": [], "notes": [f"failed: {type(exc).__name__}: {exc}"]}
+                log(f"PixArt timings failed: {type(exc).__name__}: {exc}")
+                ok = False
     rows = report.get("sd15", {}).get("rows", [])
     targets = check_targets(rows)
     report.update(targets=targets, ok=ok, seconds=time.perf_counter() - t_start)
     write_json(report)
     print()
-    for note in report.get("sd15", {}).get("notes", []) + report.get("sdxl", {}).get("notes", []):
+    for note in [n for part in ("sd15", "sdxl", "pixart") for n in report.get(part, {}).get("notes", [])]:
         print(f"note: {note}")
     for name, met in targets.items():
         print(f"target {'met' if met else 'MISSED'}: {name}")

@@ -9,7 +9,9 @@
 #    without and with CUDA graphs, with channels_last, and on TensorRT when it is importable (CUDA-event medians
 #    after warm-up, peak GPU memory);
 # 4. SDXL-shaped random UNet (2.6B), 1024x1024, DDIM-50, CFG 5.0, fp16: all vs paper on torch CUDA,
-#    with and without CUDA graphs (--skip-sdxl leaves it out).
+#    with and without CUDA graphs (--skip-sdxl leaves it out);
+# 5. PixArt-alpha-shaped random transformer (0.6B), 1024x1024, DPM-Solver++ 20, CFG 4.5, fp16: all vs
+#    paper on torch CUDA (--skip-pixart leaves it out).
 # The table is printed last; $OUT/gpu_check.json is written when OUT is set. Without a CUDA GPU it
 # says why it skips and exits 0. Uses $PYTHON, else .venv/bin/python, else python3. On a machine
 # without diffusers, onnx-graphsurgeon or polygraphy, carry the wheels of scripts/gpu_wheels.sh in .whl/.

@@ -215,3 +215,31 @@ def test_unet_only_features_are_refused_clearly(dit):
         FasterDiffusionPipeline.from_diffusers(dit, backend="torch", controlnet=object())
     with pytest.raises(InputError, match="unknown backend 'tensorrt'"):
         FasterDiffusionPipeline.from_diffusers(dit, backend="tensorrt")
+
+
+def test_pixart_bf16_runs_a_copy_close_to_fp32(pixart):
+    """precision='bf16' on the torch backend: the runner works on a bf16 copy of the transformer
+    (the wrapped pipeline stays fp32) and the latents stay close to fp32's."""
+    kw = dict(num_inference_steps=6, output_type="latent", max_sequence_length=16, schedule="paper")
+    ref = FasterDiffusionPipeline.from_diffusers(pixart, backend="torch", progress=False)
+    assert ref.precision == "fp32" and ref.run_transformer() is pixart.transformer
+    a = ref("red circle", generator=torch.Generator().manual_seed(0), **kw).latents
+    fd = FasterDiffusionPipeline.from_diffusers(pixart, backend="torch", precision="bf16", progress=False)
+    b = fd("red circle", generator=torch.Generator().manual_seed(0), **kw).latents
+    assert next(pixart.transformer.parameters()).dtype == torch.float32
+    assert next(fd.run_transformer().parameters()).dtype == torch.bfloat16
+    assert b.dtype == torch.float32 and torch.isfinite(b).all()
+    err = float((b - a).norm() / a.norm())
+    assert 0 < err < 5e-2  # bf16 rounding: different from fp32, but close
+
+
+def test_transformer_device_and_precision_refusals(pixart):
+    with pytest.raises(InputError, match="precision='fp16' needs backend='torch'"):
+        FasterDiffusionPipeline.from_diffusers(pixart, backend="onnxruntime", precision="fp16", progress=False)
+    with pytest.raises(InputError, match="precision='int8': choose one of fp32, fp16, bf16"):
+        FasterDiffusionPipeline.from_diffusers(pixart, backend="torch", precision="int8", progress=False)
+    with pytest.raises(InputError, match="backend 'onnxruntime' runs the transformer on the CPU"):
+        FasterDiffusionPipeline.from_diffusers(pixart, backend="onnxruntime", device="cuda", progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="torch sees no CUDA GPU"):
+            FasterDiffusionPipeline.from_diffusers(pixart, backend="torch", device="cuda", progress=False)

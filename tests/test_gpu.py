@@ -229,3 +229,43 @@ def test_pipeline_with_cuda_graphs_matches_eager(latents):
     eager = _run("cuda", "fp16", latents)
     graphs = _run("cuda", "fp16", latents, cuda_graphs=True)
     assert rel_l2(graphs, eager) < 1e-3
+
+
+def test_gpu_check_pixart_step_on_cpu(monkeypatch):
+    """gpu_check's PixArt step (DPM-Solver++ 20, CFG, all and paper) on a tiny PixArt on the CPU,
+    with host timers; it refuses a PixArt pipeline that does not run DPM-Solver++."""
+    import argparse
+
+    from fd_trt.families.dit_models import tiny_pixart_pipeline
+    from fd_trt.families.models import make_scheduler
+
+    gc = _gpu_check_module()
+    for name, value in {
+        "Event": _HostEvent,
+        "empty_cache": lambda: None,
+        "reset_peak_memory_stats": lambda: None,
+        "synchronize": lambda *a: None,
+        "max_memory_allocated": lambda *a: 2**30,
+    }.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    args = argparse.Namespace(repeat=2, warmup=1)
+    res = gc.pixart_timings(
+        args, gc.Deadline(300), build=lambda: tiny_pixart_pipeline(seed=0), device="cpu", precision="fp32", size=64
+    )
+    rows = res["rows"]
+    assert [(r["config"], r["schedule"], r["runs"]) for r in rows] == [
+        ("pixart torch fp32", "all", 2),
+        ("pixart torch fp32", "paper", 2),
+    ]
+    assert all(r["total_s"] >= r["unet_loop_s"] > 0 for r in rows)
+    assert rows[1]["speedup_vs_all"] == pytest.approx(rows[0]["unet_loop_s"] / rows[1]["unet_loop_s"])
+    lines = gc.table({"pixart": res}).splitlines()
+    assert len(lines) == 4 and lines[3].startswith("| pixart torch fp32 | paper |")
+
+    def ddim():
+        pipe = tiny_pixart_pipeline(seed=0)
+        pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
+        return pipe
+
+    with pytest.raises(RuntimeError, match="runs DPM-Solver\\+\\+, got DDIMScheduler"):
+        gc.pixart_timings(args, gc.Deadline(300), build=ddim, device="cpu", precision="fp32", size=64)

@@ -281,7 +281,7 @@ def test_sd3_calibration_records_split_and_reproduces_its_error(sd3):
         max_sequence_length=16,
     )  # fmt: skip
     assert cal.split in (1, 3) and cal.guidance == 7.0 and len(cal.history) == 4
-    assert cal.scheduler == "FlowMatchEulerDiscreteScheduler"
+    assert cal.scheduler == "flow-euler"
     kw = dict(num_inference_steps=6, generator=torch.Generator().manual_seed(0), output_type="latent")
     a = fd("red circle", schedule=cal, max_sequence_length=16, **kw)
     assert a.stats.key_steps == cal.key_steps

@@ -43,20 +43,36 @@ def check_decode(features: Features, timesteps: torch.Tensor, text: torch.Tensor
 
 
 class TorchTransformerRunner(Runner):
-    """Eager PyTorch on the split transformer's modules (the reference backend)."""
+    """Eager PyTorch on the split transformer's modules (the reference backend).
+
+    Args:
+        split: the split transformer; its modules must already be on ``device`` in ``dtype``.
+        device: where the modules run; inputs are moved there.
+        dtype: the modules' dtype; latents and floating conditioning are cast to it, timesteps
+            stay float32 (the embeddings cast their own), the predicted noise comes back float32.
+    """
 
     name = "torch"
 
-    def __init__(self, split: SplitTransformer, device: torch.device | str = "cpu") -> None:
-        super().__init__(device, torch.float32)
+    def __init__(
+        self, split: SplitTransformer, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> None:
+        super().__init__(device, dtype)
         self.split = split
         self._decoder = split.step_decoder()
+
+    def _cond(self, text: torch.Tensor, added: Added) -> tuple[torch.Tensor, ...]:
+        return tuple(
+            c.to(self.device, self.dtype) if c.is_floating_point() else c.to(self.device)
+            for c in self.split.conditioning(text, added)
+        )
 
     @torch.inference_mode()
     def encode(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, added: Added = None) -> Features:
         self._check_active()
-        cond = self.split.conditioning(text, added)
-        out = self.split.encoder(sample.float(), timestep.float(), *cond)
+        out = self.split.encoder(
+            sample.to(self.device, self.dtype), timestep.to(self.device, torch.float32), *self._cond(text, added)
+        )
         self.launches["encoder"] += 1
         return Features(out[0], tuple(out[1:])) if isinstance(out, tuple) else Features(out, ())
 
@@ -65,8 +81,8 @@ class TorchTransformerRunner(Runner):
         self, features: Features, timesteps: torch.Tensor, text: torch.Tensor, added: Added = None
     ) -> torch.Tensor:
         self._check_active()
-        t = check_decode(features, timesteps, text)
-        out = self._decoder(*features.tensors(), t, *self.split.conditioning(text, added))
+        t = check_decode(features, timesteps, text).to(self.device)
+        out = self._decoder(*features.tensors(), t, *self._cond(text, added))
         self.launches["decoder"] += 1
         return out.float()
 

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from fd_trt.cli.common import add_log_level
-from fd_trt.families.models import SCHEDULERS
+from fd_trt.families.models import FLOW_SCHEDULERS, SCHEDULERS
 
 
 def add_parser(sub: Any) -> None:
@@ -21,7 +21,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--width", type=int, default=256, help="image width in pixels")
     p.add_argument("--steps", type=int, default=50, help="inference steps")
     p.add_argument("--guidance", type=float, default=7.5, help="CFG scale; <= 1 turns CFG off")
-    p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS), help="the diffusers scheduler")
+    p.add_argument(
+        "--scheduler",
+        default="ddim",
+        choices=[*SCHEDULERS, *FLOW_SCHEDULERS],
+        help="the diffusers scheduler (flow-euler, flow-heun: flow-matching models such as SD3)",
+    )
     p.add_argument(
         "--backends",
         default="auto,torch",

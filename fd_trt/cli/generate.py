@@ -11,7 +11,7 @@ from typing import Any
 
 from fd_trt.cli.common import add_log_level, add_model_args, runner_options
 from fd_trt.errors import InputError
-from fd_trt.families.models import SCHEDULERS
+from fd_trt.families.models import FLOW_SCHEDULERS, SCHEDULERS
 
 
 def add_parser(sub: Any) -> None:
@@ -35,7 +35,12 @@ def add_parser(sub: Any) -> None:
         "FILE.json | comma-separated key steps "
         "(default: the model's saved calibration for this scheduler and step count, else paper)",
     )
-    p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS), help="the diffusers scheduler")
+    p.add_argument(
+        "--scheduler",
+        default="ddim",
+        choices=[*SCHEDULERS, *FLOW_SCHEDULERS],
+        help="the diffusers scheduler (flow-euler, flow-heun: flow-matching models such as SD3)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--guidance", type=float, default=7.5, help="CFG scale; <= 1 turns CFG off")
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")

@@ -2,7 +2,8 @@
 
 ``tiny_dit_pipeline``, ``tiny_pixart_pipeline`` and ``tiny_sd3_pipeline`` are the test models of
 the transformer families; ``pixart_arch_pipeline`` has PixArt-alpha's exact transformer config (the benchmark's
-``pixart-arch``) with a small random text encoder and VAE.
+``pixart-arch``) and ``sd3_arch_pipeline`` SD3-medium's (``sd3-arch``), each with small random text
+encoders and VAE.
 """
 
 from __future__ import annotations
@@ -176,56 +177,52 @@ def pixart_arch_pipeline(seed: int = 0, *, sample_size: int = 32) -> Any:
     return _pixart_pipeline(seed, cfg, 4096, 120, sigma=False)
 
 
-def tiny_sd3_pipeline(seed: int = 0, *, sample_size: int = 8, layers: int = 4, max_length: int = 16) -> Any:
-    """A tiny ``StableDiffusion3Pipeline`` of seeded random weights: two CLIP text encoders with
-    projection (pooled widths 32 + 32) and a T5 encoder over the word tokenizer, an
-    ``SD3Transformer2DModel`` (joint width 32, inner width 16), the tiny VAE with SD3's scaling and
-    shift factors, and ``FlowMatchEulerDiscreteScheduler`` with SD3's ``shift=3.0``.
-
-    Args:
-        seed: seeds the weights.
-        sample_size: the latent side.
-        layers: joint transformer blocks.
-        max_length: the CLIP tokenizers' length (the T5 length is the call's ``max_sequence_length``).
-    """
+def _sd3_pipeline(
+    seed: int,
+    transformer_config: dict[str, Any],
+    *,
+    clip_width: int,
+    clip_projections: tuple[int, int],
+    t5_width: int,
+    max_length: int,
+    vae_factors: tuple[float, float],
+) -> Any:
+    """A ``StableDiffusion3Pipeline`` of seeded random weights around an ``SD3Transformer2DModel``
+    config: two CLIP text encoders with projection (``clip_projections`` add up to the pooled
+    width), a T5 encoder of width ``t5_width`` (the joint attention width) over the word tokenizer,
+    the tiny VAE with SD3's ``(scaling_factor, shift_factor)`` and
+    ``FlowMatchEulerDiscreteScheduler`` with SD3's ``shift=3.0``."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     tokenizer = make_word_tokenizer(max_length=max_length)
-    clip = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=3,
-        max_position_embeddings=max_length,
-        projection_dim=32,
-        hidden_act="gelu",
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+
+    def clip(projection_dim: int) -> Any:
+        return CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=clip_width,
+                intermediate_size=37,
+                num_attention_heads=4,
+                num_hidden_layers=3,
+                max_position_embeddings=max_length,
+                projection_dim=projection_dim,
+                hidden_act="gelu",
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = SD3Transformer2DModel(
-            sample_size=sample_size,
-            patch_size=2,
-            in_channels=4,
-            num_layers=layers,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            joint_attention_dim=32,
-            caption_projection_dim=16,
-            pooled_projection_dim=64,
-            out_channels=4,
-            pos_embed_max_size=max(16, sample_size),
-        )
-        text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**clip))
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip))
+        transformer = SD3Transformer2DModel(**transformer_config)
+        text_encoder = clip(clip_projections[0])
+        text_encoder_2 = clip(clip_projections[1])
         text_encoder_3 = T5EncoderModel(
             T5Config(
                 vocab_size=len(tokenizer),
-                d_model=32,
+                d_model=t5_width,
                 d_kv=8,
                 d_ff=64,
                 num_layers=2,
@@ -235,9 +232,10 @@ def tiny_sd3_pipeline(seed: int = 0, *, sample_size: int = 8, layers: int = 4, m
         )
     vae = _tiny_vae(
         seed,
-        sample_size * 8,
-        scaling_factor=1.5035,
-        shift_factor=0.0609,
+        int(transformer_config["sample_size"]) * 8,
+        latent_channels=int(transformer_config["in_channels"]),
+        scaling_factor=vae_factors[0],
+        shift_factor=vae_factors[1],
         use_quant_conv=False,
         use_post_quant_conv=False,
     )
@@ -256,9 +254,98 @@ def tiny_sd3_pipeline(seed: int = 0, *, sample_size: int = 8, layers: int = 4, m
     return pipe
 
 
+def tiny_sd3_pipeline(seed: int = 0, *, sample_size: int = 8, layers: int = 4, max_length: int = 16) -> Any:
+    """A tiny ``StableDiffusion3Pipeline`` of seeded random weights: two CLIP text encoders with
+    projection (pooled widths 32 + 32) and a T5 encoder over the word tokenizer, an
+    ``SD3Transformer2DModel`` (joint width 32, inner width 16), the tiny VAE with SD3's scaling and
+    shift factors, and ``FlowMatchEulerDiscreteScheduler`` with SD3's ``shift=3.0``.
+
+    Args:
+        seed: seeds the weights.
+        sample_size: the latent side.
+        layers: joint transformer blocks.
+        max_length: the CLIP tokenizers' length (the T5 length is the call's ``max_sequence_length``).
+    """
+    cfg = dict(
+        sample_size=sample_size,
+        patch_size=2,
+        in_channels=4,
+        num_layers=layers,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=16,
+        pooled_projection_dim=64,
+        out_channels=4,
+        pos_embed_max_size=max(16, sample_size),
+    )
+    return _sd3_pipeline(
+        seed,
+        cfg,
+        clip_width=32,
+        clip_projections=(32, 32),
+        t5_width=32,
+        max_length=max_length,
+        vae_factors=(1.5035, 0.0609),
+    )
+
+
+#: Stable Diffusion 3 medium's transformer config (stabilityai/stable-diffusion-3-medium-diffusers,
+#: transformer/config.json): 24 joint blocks of width 24 x 64 = 1536, patch 2, 16 latent channels,
+#: T5-XXL's 4096-wide joint attention input, CLIP-L + CLIP-G pooled text (768 + 1280 = 2048).
+SD3_MEDIUM_TRANSFORMER = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    out_channels=16,
+    pos_embed_max_size=192,
+)
+
+#: SD3's VAE ``(scaling_factor, shift_factor)`` (stable-diffusion-3-medium-diffusers, vae/config.json).
+SD3_VAE_FACTORS = (1.5305, 0.0609)
+
+
+def sd3_arch_config(sample_size: int = 32, layers: int | None = None) -> dict[str, Any]:
+    """``sd3-arch``'s transformer config: ``SD3_MEDIUM_TRANSFORMER`` at latent side ``sample_size``
+    (the position embedding table stays 192 x 192, so any side up to 192 fits), with ``layers``
+    joint blocks (24 when ``None``)."""
+    cfg = dict(SD3_MEDIUM_TRANSFORMER, sample_size=int(sample_size))
+    if layers is not None:
+        cfg["num_layers"] = int(layers)
+    return cfg
+
+
+def sd3_arch_pipeline(seed: int = 0, *, sample_size: int = 32, layers: int | None = None) -> Any:
+    """``sd3-arch``: SD3-medium's ``SD3Transformer2DModel`` config (24 joint blocks of width 1536,
+    about 2 B parameters) with random weights; small random CLIP encoders whose projections give
+    SD3's pooled widths (768 + 1280), a small random T5 of SD3's joint width 4096 and the tiny VAE
+    with 16 latent channels and SD3's factors; ``FlowMatchEulerDiscreteScheduler(shift=3.0)``.
+    ``sample_size`` is the latent side (32 = 256x256 images, 128 = 1024x1024); ``layers`` cuts the
+    joint blocks (for tests; ``None`` keeps 24). CLIP's sequences are 77 tokens, as SD3's."""
+    return _sd3_pipeline(
+        seed,
+        sd3_arch_config(sample_size, layers),
+        clip_width=32,
+        clip_projections=(768, 1280),
+        t5_width=int(SD3_MEDIUM_TRANSFORMER["joint_attention_dim"]),
+        max_length=77,
+        vae_factors=SD3_VAE_FACTORS,
+    )
+
+
 __all__ = [
     "PIXART_ALPHA_TRANSFORMER",
+    "SD3_MEDIUM_TRANSFORMER",
+    "SD3_VAE_FACTORS",
     "pixart_arch_pipeline",
+    "sd3_arch_config",
+    "sd3_arch_pipeline",
     "tiny_dit_pipeline",
     "tiny_pixart_pipeline",
     "tiny_sd3_pipeline",

@@ -29,6 +29,15 @@ TINY_WORDS: tuple[str, ...] = (
 
 SCHEDULERS = ("ddim", "dpmpp", "pndm", "euler", "ddpm")
 
+#: The flow-matching schedulers (SD3's): Euler (``FlowMatchEulerDiscreteScheduler``, SD3's own) and Heun.
+FLOW_SCHEDULERS = ("flow-euler", "flow-heun")
+
+
+def is_flow_config(config: dict[str, Any] | Any) -> bool:
+    """Whether a scheduler config is a flow-matching scheduler's (a ``shift`` and no betas)."""
+    cfg = dict(config)
+    return str(cfg.get("_class_name", "")).startswith("FlowMatch") or ("shift" in cfg and "beta_start" not in cfg)
+
 
 def _bytes_to_unicode() -> list[str]:
     # The printable-byte alphabet of byte-level BPE (as in CLIP / GPT-2): 256 symbols, one per byte.
@@ -100,11 +109,14 @@ def make_scheduler(name: str, config: dict[str, Any] | Any | None = None) -> Any
     """Creates a diffusers scheduler by short name, from another scheduler's config.
 
     Args:
-        name: ``ddim``, ``dpmpp`` (DPM-Solver++ multistep), ``pndm``, ``euler`` or ``ddpm``.
+        name: ``ddim``, ``dpmpp`` (DPM-Solver++ multistep), ``pndm``, ``euler`` or ``ddpm`` for
+            the models trained with betas (SD, SDXL, DiT, PixArt); ``flow-euler`` or ``flow-heun``
+            for the flow-matching ones (SD3).
         config: a scheduler config (dict or FrozenDict); SD 1.x settings when omitted.
 
     Raises:
-        InputError: for an unknown name.
+        InputError: for an unknown name, or a flow-matching name for a model with betas (and the
+            other way round).
     """
     import diffusers
 
@@ -114,12 +126,28 @@ def make_scheduler(name: str, config: dict[str, Any] | Any | None = None) -> Any
         "pndm": (diffusers.PNDMScheduler, {"skip_prk_steps": True}),
         "euler": (diffusers.EulerDiscreteScheduler, {}),
         "ddpm": (diffusers.DDPMScheduler, {}),
+        "flow-euler": (diffusers.FlowMatchEulerDiscreteScheduler, {}),
+        "flow-heun": (diffusers.FlowMatchHeunDiscreteScheduler, {}),
     }
     key = str(name).lower()
     if key not in classes:
-        raise InputError(f"unsupported scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
+        raise InputError(
+            f"unsupported scheduler {name!r}: choose one of {', '.join(SCHEDULERS)} "
+            f"(or {', '.join(FLOW_SCHEDULERS)} for a flow-matching model such as SD3)"
+        )
     cls, overrides = classes[key]
     cfg = dict(config) if config is not None else sd_scheduler_config()
+    flow = is_flow_config(cfg)
+    if key in FLOW_SCHEDULERS and not flow:
+        raise InputError(
+            f"scheduler {name!r} is a flow-matching scheduler, but this model's scheduler has betas: "
+            f"choose one of {', '.join(SCHEDULERS)}"
+        )
+    if key not in FLOW_SCHEDULERS and flow:
+        raise InputError(
+            f"scheduler {name!r} needs a model trained with betas, but this model is flow matching (SD3): "
+            f"choose one of {', '.join(FLOW_SCHEDULERS)}"
+        )
     return cls.from_config({**cfg, **overrides})
 
 
@@ -133,6 +161,8 @@ def scheduler_name(scheduler: Any) -> str | None:
         "PNDMScheduler": "pndm",
         "EulerDiscreteScheduler": "euler",
         "DDPMScheduler": "ddpm",
+        "FlowMatchEulerDiscreteScheduler": "flow-euler",
+        "FlowMatchHeunDiscreteScheduler": "flow-heun",
     }.get(cls)
 
 

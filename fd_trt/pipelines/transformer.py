@@ -42,6 +42,9 @@ from fd_trt.utils.cache import engine_cache_root
 #: The backends a transformer pipeline runs on.
 TRANSFORMER_BACKENDS = ("torch", "onnxruntime", "auto")
 
+#: The precisions of the torch backend.
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 
 class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
     """A diffusers DiT, PixArt or SD3 pipeline with encoder propagation over transformer blocks.
@@ -50,8 +53,11 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
         sd_pipeline: a ``DiTPipeline``, ``PixArtAlphaPipeline``, ``PixArtSigmaPipeline`` or
             ``StableDiffusion3Pipeline`` (its components are used, not copied).
         backend: ``"torch"`` (default), ``"onnxruntime"``, ``"auto"`` or a ready runner.
-        device: only ``"cpu"`` so far (the wrapped pipeline's device must be the CPU).
-        precision: ``"fp32"`` (the only one so far).
+        device: ``"cpu"`` or ``"cuda"`` (torch backend); where the transformer is by default. The
+            wrapped pipeline is not moved: the text encoders and VAE run where they are, and a
+            transformer on another device or dtype than the run's is copied once for the runner.
+        precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` (torch backend; the graph backends run
+            fp32); fp16 on CUDA and fp32 on the CPU by default.
         progress: show progress bars.
         source: where the model came from, for messages.
         engines: the engine directory of the onnxruntime graphs; ``$FD_TRT_CACHE/transformer/...``
@@ -90,12 +96,7 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
         self.unet_kind = "text2img"
         self.source = source
         self.progress = progress
-        self.device = torch.device(device or "cpu")
-        if self.device.type != "cpu":
-            raise InputError(f"device={device!r}: the transformer pipelines run on the CPU so far; pass device='cpu'")
-        if precision not in (None, "fp32"):
-            raise InputError(f"precision={precision!r}: the transformer pipelines run fp32 so far")
-        self.precision = "fp32"
+        tr = sd_pipeline.transformer
         self.engines = Path(engines) if engines is not None else None
         self.runner_options = dict(runner_options or {})
         self.model_dir: Path | None = None
@@ -104,7 +105,25 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
         if name not in TRANSFORMER_BACKENDS and self._fixed_runner is None:
             raise InputError(f"unknown backend {name!r} for a diffusion transformer: choose {TRANSFORMER_BACKENDS}")
         self.backend = name
-        tr = sd_pipeline.transformer
+        self.device = torch.device(device) if device is not None else next(tr.parameters()).device
+        if self.device.type not in ("cpu", "cuda"):
+            raise InputError(f"device={device!r}: the transformer pipelines run on 'cpu' or 'cuda'")
+        if self.device.type == "cuda":
+            if name != "torch":
+                raise InputError(
+                    f"backend {name!r} runs the transformer on the CPU: pass backend='torch' for device='cuda'"
+                )
+            if not torch.cuda.is_available():
+                raise InputError(f"device={device!r} but torch sees no CUDA GPU: pass device='cpu'")
+        if precision is None:
+            precision = "fp16" if self.device.type == "cuda" else "fp32"
+        if precision not in _DTYPES:
+            raise InputError(f"precision={precision!r}: choose one of {', '.join(_DTYPES)}")
+        if precision != "fp32" and name != "torch":
+            raise InputError(f"precision={precision!r} needs backend='torch'; the {name} backend runs fp32")
+        self.precision = precision
+        #: The transformer the torch runners run: the pipeline's own, or a copy on the run's device and dtype.
+        self._run_transformer: Any = None
         #: The split point ``N``: the encoder runs the embedding and blocks ``0..N-1``.
         self.split_point = self.family.default_split(tr) if split is None else check_split_point(tr, split)
         self._runners: dict[tuple[Any, ...], Runner] = {}
@@ -142,6 +161,20 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
 
         self.sd.scheduler = make_scheduler(name, self.sd.scheduler.config)
 
+    def run_transformer(self) -> Any:
+        """The transformer on the run's device and dtype: the pipeline's own when it is there
+        already, else a copy made once (the wrapped pipeline is neither moved nor cast; weight
+        changes made to it later do not reach the copy)."""
+        tr = self.transformer
+        dtype = _DTYPES[self.precision]
+        p = next(tr.parameters())
+        here = p.device.type == self.device.type and self.device.index in (None, p.device.index)
+        if here and p.dtype == dtype:
+            return tr
+        if self._run_transformer is None:
+            self._run_transformer = copy.deepcopy(tr).to(self.device, dtype).eval()
+        return self._run_transformer
+
     def split_for(self, n: int, latent_hw: tuple[int, int]) -> SplitTransformer:
         return self.family.split(self.transformer, n, latent_hw)
 
@@ -162,10 +195,11 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
         text_shape = (int(text.shape[1]), int(text.shape[2])) if text.ndim == 3 else None
         key = (backend, n, latent_hw, text_shape)
         if key not in self._runners:
-            split = self.split_for(n, latent_hw)
             if backend == "torch":
-                runner: Runner = TorchTransformerRunner(split)
+                split = self.family.split(self.run_transformer(), n, latent_hw)
+                runner: Runner = TorchTransformerRunner(split, self.device, _DTYPES[self.precision])
             else:
+                split = self.split_for(n, latent_hw)
                 folder = self.engine_dir(n, latent_hw, text_shape)
                 m = export_transformer(folder, self.family.name, self.transformer, split, latent_hw, text_shape)
                 threads = int(self.runner_options.get("intra_op_threads", 0))
@@ -291,7 +325,8 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
             raise InputError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
-        x_t = latents.float() * float(getattr(scheduler, "init_noise_sigma", 1.0))  # flow matching: none, 1
+        sigma0 = float(getattr(scheduler, "init_noise_sigma", 1.0))  # flow matching: none, 1
+        x_t = latents.to(self.device).float() * sigma0
 
         backend = self.backend
         if backend == "auto" and self._fixed_runner is None:
@@ -354,7 +389,7 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
         if output_type == "latent":
             return latents
         vae = self.sd.vae
-        latents = latents / vae.config.scaling_factor
+        latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
         if self.family.name == "sd3":
             latents = latents + vae.config.shift_factor
         image = vae.decode(latents, return_dict=False)[0]

@@ -6,12 +6,19 @@ against ``schedule="all"``; it keeps the cheapest pair (fewest transformer block
 error is at most ``tolerance``, or the most accurate one when none is. The result is a
 [`Calibration`][fd_trt.core.calibration.Calibration] with ``split`` set, which the transformer pipelines take
 as ``schedule=`` (the object or its saved JSON path); they then run at its N.
+
+[`block_changes()`][fd_trt.tools.calibrate_dit.block_changes] measures what the split rests on, the
+transformer analogue of the paper's Figure 3: how much each block's output changes from one step to
+the next; [`plot_block_changes()`][fd_trt.tools.calibrate_dit.plot_block_changes] draws it
+(``fd-trt calibrate --plot``).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -124,4 +131,129 @@ def calibrate_transformer(
     )
 
 
-__all__ = ["block_evaluations", "calibrate_transformer", "candidate_schedules"]
+def _image_tokens(output: Any) -> torch.Tensor:
+    """A block's image tokens: the output of a DiT or PixArt block, the second stream of an SD3
+    joint block (``(encoder_hidden_states, hidden_states)``)."""
+    return output[-1] if isinstance(output, tuple) else output
+
+
+def block_changes(
+    pipe: Any,
+    cond: Any,
+    *,
+    steps: int,
+    seed: int = 0,
+    guidance_scale: float | None = None,
+    **call_options: Any,
+) -> list[float]:
+    """Per transformer block ``i``, the mean over steps ``k`` of
+    ``||h_i(t_k) - h_i(t_k-1)|| / ||h_i(t_k-1)||``, with ``h_i`` the block's output tokens (all the
+    rows of a call, CFG's included) in a ``schedule="all"`` run (every step a full forward, as
+    diffusers): the transformer analogue of the paper's Figure 3. Blocks whose output changes
+    little between steps are the ones whose features can be propagated from a key step.
+
+    Args:
+        pipe: a [`FasterDiffusionTransformerPipeline`][fd_trt.pipelines.transformer.FasterDiffusionTransformerPipeline]
+            on the torch backend (its blocks run as modules, so their outputs can be read).
+        cond: one prompt (PixArt, SD3) or class label (DiT).
+        steps: inference steps (at least 2).
+        seed: the initial noise's seed.
+        guidance_scale: CFG weight (the pipeline's default when ``None``).
+        **call_options: more arguments of the call (``max_sequence_length``, ``height``, ...).
+
+    Raises:
+        InputError: for fewer than 2 steps, or a backend whose blocks do not run as torch modules.
+    """
+    if steps < 2:
+        raise InputError(f"the block change needs at least 2 steps, got {steps}")
+    # the torch runner's transformer: the pipeline's own, or its copy on the run's device and dtype
+    tr = pipe.run_transformer() if pipe.backend == "torch" else pipe.transformer
+    blocks = list(tr.transformer_blocks)
+    outputs: list[list[torch.Tensor]] = [[] for _ in blocks]
+
+    def recorder(i: int) -> Any:
+        return lambda module, inputs, output: outputs[i].append(_image_tokens(output).detach().float().clone())
+
+    hooks = [b.register_forward_hook(recorder(i)) for i, b in enumerate(blocks)]
+    try:
+        args = {"prompt": cond} if pipe.family.takes_prompts else {"class_labels": cond}
+        pipe(
+            **args,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(seed),
+            guidance_scale=guidance_scale,
+            schedule="all",
+            output_type="latent",
+            **call_options,
+        )
+    finally:
+        for h in hooks:
+            h.remove()
+    if any(len(o) < 2 for o in outputs):
+        raise InputError(
+            f"the {pipe.backend} backend runs the transformer blocks as a graph, so their outputs cannot be "
+            "read: measure the block change with backend='torch'"
+        )
+    change = []
+    for seq in outputs:
+        rel = [float((b - a).norm() / a.norm()) for a, b in zip(seq, seq[1:])]
+        change.append(sum(rel) / len(rel))
+    return change
+
+
+def suggest_split(change: Sequence[float], threshold: float = 0.8) -> int:
+    """A split point from [`block_changes()`][fd_trt.tools.calibrate_dit.block_changes]: the first block
+    whose change exceeds ``threshold`` times the last block's (the blocks before it are stable
+    enough to propagate), at least 1; all but the last block when none does."""
+    last = change[-1]
+    for i, v in enumerate(change):
+        if v > threshold * last:
+            return max(1, i)
+    return len(change) - 1
+
+
+def plot_block_changes(
+    change: Sequence[float], path: str | os.PathLike[str], split: int | None = None, title: str = ""
+) -> Path:
+    """Plots [`block_changes()`][fd_trt.tools.calibrate_dit.block_changes] per block to a PNG, the
+    split point ``N`` marked (blocks ``0..N-1`` are the encoder).
+
+    Raises:
+        InputError: when matplotlib is missing.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("plotting needs matplotlib: pip install matplotlib (or '.[bench]')") from None
+
+    n = len(change)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * n + 2), 4))
+    colors = ["tab:blue" if split is not None and i < split else "tab:orange" for i in range(n)]
+    ax.bar(range(n), change, color=colors)
+    if split is not None:
+        ax.axvline(split - 0.5, color="black", ls="--", lw=1, label=f"split N={split}: encoder blocks 0..{split - 1}")
+        ax.legend()
+    ax.set(
+        xlabel="transformer block",
+        ylabel="mean ||h(t_k) - h(t_k-1)|| / ||h(t_k-1)||",
+        title=title or "relative change of each block's output between adjacent steps",
+    )
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+__all__ = [
+    "block_changes",
+    "block_evaluations",
+    "calibrate_transformer",
+    "candidate_schedules",
+    "plot_block_changes",
+    "suggest_split",
+]

@@ -3,7 +3,8 @@ baseline in ModelOpt's ``cache_diffusion`` style (docs/guides/dit.md).
 
 Rows, all from the same initial latents and prompt embeddings, on the torch backend:
 
-* ``diffusers``: the diffusers pipeline itself (``PixArtAlphaPipeline`` with precomputed embeddings);
+* ``diffusers``: the diffusers pipeline itself (``PixArtAlphaPipeline`` or ``StableDiffusion3Pipeline``
+  with precomputed embeddings);
 * ``fd all``: every step a key step (must equal diffusers);
 * ``fd paper`` / ``fd uniform:K`` at split N: key steps, the other steps' rear blocks decoded in one
   batched call per segment, prior noise injection on;
@@ -14,7 +15,11 @@ Each row reports the denoising seconds (text encoding and VAE excluded), the spe
 diffusers, the transformer GFLOPs per image (block evaluations x the per-block FLOPs counted with
 ``torch.utils.flop_counter`` on one forward), and the rel. L2 of the final latents against diffusers.
 
-    python scripts/experiments/dit_bench.py --model pixart-arch --size 256 --steps 20
+Models: ``tiny-pixart``, ``pixart-arch`` (PixArt-alpha XL/2's transformer config), ``tiny-sd3``,
+``sd3-arch`` (SD3-medium's), the -arch ones with random weights and small random text encoders and VAE.
+
+    python scripts/experiments/dit_bench.py --model pixart-arch --size 256 --steps 20 --splits 21
+    python scripts/experiments/dit_bench.py --model sd3-arch --size 256 --steps 28
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import argparse
 import json
 import subprocess
 import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -35,89 +42,113 @@ def _cpu() -> str:
         return "unknown"
 
 
+def _sig(x: float) -> float:
+    """``x`` to 6 significant digits (the tiny models' GFLOPs are well below 1)."""
+    return float(f"{x:.6g}")
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny-pixart", choices=["tiny-pixart", "pixart-arch"])
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=4.5)
-    p.add_argument("--splits", default="21", help="comma-separated split points N for the fd rows")
-    p.add_argument("--schedules", default="all,paper,uniform:3", help="comma-separated fd schedules")
-    p.add_argument("--repeats", type=int, default=1)
-    a = p.parse_args()
+#: The models: the tiny test models and the -arch ones (a released model's exact transformer config,
+#: random weights, small random text encoders and VAE).
+MODELS = ("tiny-pixart", "pixart-arch", "tiny-sd3", "sd3-arch")
 
+
+def build(model: str, size: int) -> tuple[Any, int]:
+    """The diffusers pipeline of ``model`` at ``size`` x ``size`` images, and its prompt length."""
+    from fd_trt.families import dit_models
+
+    side = size // 8
+    if model == "pixart-arch":
+        return dit_models.pixart_arch_pipeline(seed=0, sample_size=side), 120
+    if model == "tiny-pixart":
+        return dit_models.tiny_pixart_pipeline(seed=0, sample_size=side), 16
+    if model == "sd3-arch":
+        return dit_models.sd3_arch_pipeline(seed=0, sample_size=side), 256
+    if model == "tiny-sd3":
+        return dit_models.tiny_sd3_pipeline(seed=0, sample_size=side), 16
+    raise SystemExit(f"unknown model {model!r}: {', '.join(MODELS)}")
+
+
+def bench(
+    pipe: Any,
+    *,
+    steps: int = 20,
+    guidance: float | None = None,
+    splits: Sequence[int] | None = None,
+    schedules: Sequence[str] = ("all", "paper", "uniform:3"),
+    repeats: int = 1,
+    max_len: int = 120,
+    prompt: str = "a red circle on a blue background",
+    log: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """The rows (module docstring) for a diffusers PixArt or SD3 pipeline; ``splits`` default to the
+    family's N, ``guidance`` to the family's CFG scale."""
     from fd_trt import FasterDiffusionPipeline
-    from fd_trt.families.dit_models import pixart_arch_pipeline, tiny_pixart_pipeline
 
-    torch.manual_seed(0)
-    if a.model == "pixart-arch":
-        pipe = pixart_arch_pipeline(seed=0, sample_size=a.size // 8)
-        max_len = 120
-    else:
-        pipe = tiny_pixart_pipeline(seed=0, sample_size=a.size // 8)
-        max_len = 16
+    fd = FasterDiffusionPipeline.from_diffusers(pipe, backend="torch", progress=False)
+    sd3 = fd.family.name == "sd3"
+    guidance = fd.family.default_guidance if guidance is None else float(guidance)
     tr = pipe.transformer
     blocks = len(tr.transformer_blocks)
-    side = a.size // 8
-    latents = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0))
-    prompt = "a red circle on a blue background"
-    pe, pm, ne, nm = pipe.encode_prompt(
-        prompt, True, negative_prompt="", clean_caption=False, max_sequence_length=max_len
-    )
+    side = int(tr.config.sample_size)
+    latents = torch.randn(1, int(tr.config.in_channels), side, side, generator=torch.Generator().manual_seed(0))
+    if sd3:
+        pe, ne, ppe, npe = pipe.encode_prompt(
+            prompt, None, None, do_classifier_free_guidance=True, negative_prompt="", max_sequence_length=max_len
+        )
+        embeds = dict(
+            prompt_embeds=pe, negative_prompt_embeds=ne, pooled_prompt_embeds=ppe, negative_pooled_prompt_embeds=npe
+        )
+        forward = dict(encoder_hidden_states=pe, pooled_projections=ppe)
+    else:
+        pe, pm, ne, nm = pipe.encode_prompt(
+            prompt, True, negative_prompt="", clean_caption=False, max_sequence_length=max_len
+        )
+        embeds = dict(
+            negative_prompt=None, prompt_embeds=pe, prompt_attention_mask=pm, negative_prompt_embeds=ne,
+            negative_prompt_attention_mask=nm, use_resolution_binning=False,
+        )  # fmt: skip
+        forward = dict(encoder_hidden_states=pe, encoder_attention_mask=pm)
 
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        tr(latents, encoder_hidden_states=pe, encoder_attention_mask=pm, timestep=torch.tensor([500]))
+        tr(latents, timestep=torch.tensor([500.0]), **forward)
     forward_gflops = fc.get_total_flops() / 1e9  # one row; blocks dominate
 
-    rows = []
-
-    def timed(fn):
-        best = None
-        out = None
-        for _ in range(a.repeats):
+    def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+        best, out = None, None
+        for _ in range(repeats):
             t0 = time.perf_counter()
             out = fn()
             took = time.perf_counter() - t0
             best = took if best is None else min(best, took)
+        assert best is not None
         return out, best
 
     ref, t_ref = timed(
         lambda: (
             pipe(
-                negative_prompt=None,
-                prompt_embeds=pe,
-                prompt_attention_mask=pm,
-                negative_prompt_embeds=ne,
-                negative_prompt_attention_mask=nm,
+                **embeds,
                 latents=latents.clone(),
-                num_inference_steps=a.steps,
-                guidance_scale=a.guidance,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
                 output_type="latent",
-                use_resolution_binning=False,
             ).images
         )
     )
-    cfg_rows = 2 if a.guidance > 1 else 1
-    rows.append(
-        dict(
-            row="diffusers",
-            seconds=round(t_ref, 2),
-            speedup=1.0,
-            gflops=round(forward_gflops * a.steps * cfg_rows, 3),
-            rel_l2=0.0,
-        )
-    )
-    fd = FasterDiffusionPipeline.from_diffusers(pipe, backend="torch", progress=False)
+    cfg_rows = 2 if guidance > 1 else 1
+    rows: list[dict[str, Any]] = [
+        dict(row="diffusers", seconds=round(t_ref, 2), speedup=1.0, gflops=_sig(forward_gflops * steps * cfg_rows),
+             rel_l2=0.0)
+    ]  # fmt: skip
 
-    def run(schedule, split, **kw):
+    def run(schedule: str, split: int, **kw: Any) -> tuple[torch.Tensor, float, float, Any]:
         out = fd(
-            prompt, num_inference_steps=a.steps, guidance_scale=a.guidance, latents=latents.clone(),
+            prompt, num_inference_steps=steps, guidance_scale=guidance, latents=latents.clone(),
             output_type="latent", schedule=schedule, split=split, max_sequence_length=max_len, **kw,
         )  # fmt: skip
         s = out.stats
@@ -125,44 +156,67 @@ def main() -> None:
         evals = (s.encoder_rows * split + s.decoder_rows * (blocks - split)) / blocks  # full-forward equivalents
         return out.latents, denoise, evals / cfg_rows, s
 
-    for split in [int(x) for x in a.splits.split(",")]:
-        cases = [(f"fd {sc}", sc, {}) for sc in a.schedules.split(",")]
+    for split in list(splits) if splits else [fd.split_point]:
+        cases: list[tuple[str, str, dict[str, Any]]] = [(f"fd {sc}", sc, {}) for sc in schedules]
         cases.append(("block-caching", "uniform:3", {"parallel": False, "noise_injection": False}))
         for name, sched, kw in cases:
             best = None
-            for _ in range(a.repeats):
+            for _ in range(repeats):
                 lat, sec, evals, stats = run(sched, split, **kw)
                 best = sec if best is None else min(best, sec)
+            assert best is not None
             rows.append(
                 dict(
                     row=name,
                     split=split,
                     seconds=round(best, 2),
                     speedup=round(t_ref / best, 2),
-                    gflops=round(forward_gflops * evals * cfg_rows, 3),
+                    gflops=_sig(forward_gflops * evals * cfg_rows),
                     rel_l2=round(_rel(lat, ref), 5),
                     encoder_calls=stats.encoder_calls,
                     decoder_calls=stats.decoder_calls,
                 )
             )
-            print(json.dumps(rows[-1]), flush=True)
-    print(
-        json.dumps(
-            dict(
-                model=a.model,
-                size=a.size,
-                steps=a.steps,
-                guidance=a.guidance,
-                blocks=blocks,
-                backend="torch fp32",
-                scheduler=type(pipe.scheduler).__name__,
-                cpu=_cpu(),
-                threads=torch.get_num_threads(),
-                forward_gflops_per_row=round(forward_gflops, 4),
-                rows=rows,
-            )  # fmt: skip
-        )
+            if log:
+                log(rows[-1])
+    return dict(
+        steps=steps,
+        guidance=guidance,
+        blocks=blocks,
+        latent_side=side,
+        backend="torch fp32",
+        scheduler=type(pipe.scheduler).__name__,
+        forward_gflops_per_row=_sig(forward_gflops),
+        rows=rows,
     )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tiny-pixart", choices=MODELS)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the family's, 4.5 / 7.0)")
+    p.add_argument(
+        "--splits", default=None, help="comma-separated split points N for the fd rows (default: the family's)"
+    )
+    p.add_argument("--schedules", default="all,paper,uniform:3", help="comma-separated fd schedules")
+    p.add_argument("--repeats", type=int, default=1)
+    a = p.parse_args()
+
+    torch.manual_seed(0)
+    pipe, max_len = build(a.model, a.size)
+    res = bench(
+        pipe,
+        steps=a.steps,
+        guidance=a.guidance,
+        splits=[int(x) for x in a.splits.split(",")] if a.splits else None,
+        schedules=a.schedules.split(","),
+        repeats=a.repeats,
+        max_len=max_len,
+        log=lambda row: print(json.dumps(row), flush=True),
+    )
+    print(json.dumps(dict(model=a.model, size=a.size, cpu=_cpu(), threads=torch.get_num_threads(), **res)))
 
 
 if __name__ == "__main__":
