@@ -46,7 +46,11 @@ class Features:
         """Tiles every tensor ``times`` times along axis 0 (step-major rows)."""
         if times == 1:
             return self
-        return Features(self.mid.repeat(times, 1, 1, 1), tuple(s.repeat(times, 1, 1, 1) for s in self.skips))
+
+        def tile(x: torch.Tensor) -> torch.Tensor:
+            return x.repeat(times, *([1] * (x.ndim - 1)))
+
+        return Features(tile(self.mid), tuple(tile(s) for s in self.skips))
 
     @staticmethod
     def names(num_skips: int) -> list[str]:

@@ -2,7 +2,8 @@
 
 The built-in families are registered here, oldest first: Stable Diffusion 1.x/2.x (``"sd"``),
 SDXL (``"sdxl"``), DeepFloyd IF stage I (``"if"``) and stage II (``"if-ii"``), then the diffusion transformers (DiT,
-PixArt, SD3, and the refusal of those not supported). Another family is one module (a [`ModelFamily`][fd_trt.families.base.ModelFamily] subclass) and a
+PixArt, SD3, and the refusal of those not supported), then text-to-video
+(``"text-to-video"``, ``"animatediff"``, [`fd_trt.families.video`][fd_trt.families.video]). Another family is one module (a [`ModelFamily`][fd_trt.families.base.ModelFamily] subclass) and a
 [`register_family()`][fd_trt.families.base.register_family] call.
 """
 
@@ -21,6 +22,7 @@ from fd_trt.families.deepfloyd_if import DeepFloydIFFamily, DeepFloydIFSuperReso
 from fd_trt.families.sd import StableDiffusionFamily
 from fd_trt.families.sdxl import StableDiffusionXLFamily
 from fd_trt.families.transformer import DiTFamily, PixArtFamily, SD3Family, UnsupportedTransformerFamily
+from fd_trt.families.video import AnimateDiffFamily, TextToVideoFamily
 
 SD_FAMILY = register_family(StableDiffusionFamily())
 SDXL_FAMILY = register_family(StableDiffusionXLFamily())
@@ -31,14 +33,21 @@ TRANSFORMER_UNSUPPORTED_FAMILY = register_family(UnsupportedTransformerFamily())
 DIT_FAMILY = register_family(DiTFamily())
 PIXART_FAMILY = register_family(PixArtFamily())
 SD3_FAMILY = register_family(SD3Family())
+# Text-to-video: UNet3DConditionModel (ModelScope / VideoFusion) and UNetMotionModel (AnimateDiff).
+TEXT_TO_VIDEO_FAMILY = register_family(TextToVideoFamily())
+ANIMATEDIFF_FAMILY = register_family(AnimateDiffFamily())
 
 __all__ = [
+    "ANIMATEDIFF_FAMILY",
     "DIT_FAMILY",
     "FAMILIES",
     "PIXART_FAMILY",
     "SD3_FAMILY",
     "SD3Family",
+    "TEXT_TO_VIDEO_FAMILY",
     "TRANSFORMER_UNSUPPORTED_FAMILY",
+    "AnimateDiffFamily",
+    "TextToVideoFamily",
     "DiTFamily",
     "PixArtFamily",
     "IF_FAMILY",

@@ -824,7 +824,14 @@ def split_unet(unet: nn.Module) -> SplitUNet:
         UnsupportedModelError: for class embeddings, addition embeddings other than SDXL's
             ``text_time``, hidden-state projections or guidance embeddings, which the split graphs
             do not carry.
+
+    A text-to-video UNet (``UNet3DConditionModel``, ``UNetMotionModel``) is split by
+    [`fd_trt.graphs.split_video.split_video_unet()`][fd_trt.graphs.split_video.split_video_unet].
     """
+    if type(unet).__name__ in ("UNet3DConditionModel", "UNetMotionModel"):
+        from fd_trt.graphs.split_video import split_video_unet
+
+        return split_video_unet(unet)
     return SplitUNet(UNetEncoder(unet).eval(), UNetDecoder(unet).eval())
 
 

@@ -1,0 +1,324 @@
+"""Text-to-video: ModelScope / VideoFusion (``UNet3DConditionModel``) and AnimateDiff (``UNetMotionModel``).
+
+What tells them apart from Stable Diffusion:
+
+* the latents are videos, ``[B, 4, F, h, w]`` (F frames), and the UNet denoises all frames of a
+  video together: temporal layers inside its blocks mix the frames
+  ([`fd_trt.graphs.split_video`][fd_trt.graphs.split_video] splits it; a sampler row is one video);
+* ``"text-to-video"``: diffusers' ``TextToVideoSDPipeline`` (the ModelScope text-to-video model,
+  VideoFusion's architecture, on which the paper measures video): a ``UNet3DConditionModel``
+  with a temporal transformer after ``conv_in`` and temporal convolutions in every block;
+* ``"animatediff"``: diffusers' ``AnimateDiffPipeline``: a Stable Diffusion 1.x UNet turned into
+  a ``UNetMotionModel`` by a ``MotionAdapter`` (temporal transformers after the spatial layers).
+
+Both condition on one CLIP prompt embedding per video (``StableDiffusionPipeline``'s
+``encode_prompt``); the split repeats it per frame, as diffusers does. Their pipeline is
+[`fd_trt.pipelines.video.FasterDiffusionVideoPipeline`][fd_trt.pipelines.video.FasterDiffusionVideoPipeline], on the torch backend.
+
+[`tiny_text_to_video_pipeline()`][fd_trt.families.video.tiny_text_to_video_pipeline] and [`tiny_animatediff_pipeline()`][fd_trt.families.video.tiny_animatediff_pipeline] build both at toy widths
+with seeded random weights (no download), as diffusers' own tests configure them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fd_trt.errors import InputError, UnsupportedModelError
+from fd_trt.families.base import ModelFamily, PromptEmbeddings, config_value
+
+
+class VideoFamily(ModelFamily):
+    """What the text-to-video families share: the UNet class they recognise, CLIP prompts, the checks."""
+
+    #: The diffusers UNet class of the family.
+    unet_class: str = ""
+    #: The diffusers pipeline class the family wraps.
+    pipeline_class: str = ""
+    supports_controlnet = False
+
+    def matches_config(self, unet_config: Any) -> bool:
+        return config_value(unet_config, "_class_name") == self.unet_class
+
+    def matches_pipeline(self, sd_pipeline: Any) -> bool:
+        """A loaded pipeline's UNet by its class (a loaded model's config has no ``_class_name``)."""
+        unet = getattr(sd_pipeline, "unet", None)
+        return unet is not None and (type(unet).__name__ == self.unet_class or self.matches_config(unet.config))
+
+    def check_config(self, unet_config: Any) -> None:
+        """The split's limits ([`fd_trt.graphs.split_video.check_video_config()`][fd_trt.graphs.split_video.check_video_config]) and the channel layout.
+
+        Raises:
+            UnsupportedModelError: naming what is not supported.
+        """
+        from fd_trt.graphs.split_video import check_video_config
+
+        check_video_config(unet_config)
+        self.unet_kind(unet_config)
+
+    def unet_kind(self, unet_config: Any) -> str:
+        """``"text2img"``: the UNet takes the noisy video latents alone.
+
+        Raises:
+            UnsupportedModelError: when its input and output channels differ.
+        """
+        cin, cout = config_value(unet_config, "in_channels", 4), config_value(unet_config, "out_channels", 4)
+        if int(cin) != int(cout):
+            raise UnsupportedModelError(
+                f"the {self.unet_class} takes {cin} input channels and predicts {cout}: fd_trt runs text-to-video "
+                "UNets that take the noisy latents alone (in_channels == out_channels)"
+            )
+        return "text2img"
+
+    def check_pipeline(self, sd_pipeline: Any) -> None:
+        """Refuses a pipeline without the prompt encoder and VAE the video pipeline uses.
+
+        Raises:
+            InputError, UnsupportedModelError: naming what does not fit.
+        """
+        name = type(sd_pipeline).__name__
+        for part in ("tokenizer", "text_encoder", "vae"):
+            if getattr(sd_pipeline, part, None) is None:
+                raise InputError(
+                    f"{name} has no {part}: fd_trt encodes the prompts and decodes the frames itself; wrap a "
+                    f"diffusers {self.pipeline_class} with its {part}"
+                )
+        if not callable(getattr(sd_pipeline, "encode_prompt", None)):
+            raise InputError(
+                f"{name} has a {self.unet_class} but no encode_prompt: wrap a diffusers {self.pipeline_class}"
+            )
+        if getattr(sd_pipeline, "controlnet", None) is not None:
+            raise UnsupportedModelError(f"fd_trt runs {self.pipeline_class} without a ControlNet")
+        super().check_pipeline(sd_pipeline)
+
+    def text_shape(self, sd_pipeline: Any) -> tuple[int, int]:
+        """``(L, D)``: the tokenizer's length and the CLIP text encoder's width (per video)."""
+        return int(sd_pipeline.tokenizer.model_max_length), int(sd_pipeline.text_encoder.config.hidden_size)
+
+    def graph_contract(self, sd_pipeline: Any, latent_size: tuple[int, int] | None = None) -> Any:
+        """Refused: the video UNets' graphs are not exported.
+
+        Raises:
+            UnsupportedModelError: always, naming ``backend="torch"``.
+        """
+        raise UnsupportedModelError(
+            f"the {self.name!r} model family has no graph contract: its UNet ({self.unet_class}) is not exported to "
+            "ONNX or TensorRT; run it with backend='torch'"
+        )
+
+    def encode_prompt(
+        self,
+        sd_pipeline: Any,
+        prompts: list[str],
+        negative_prompt: str | list[str] | None,
+        num_images_per_prompt: int,
+        do_classifier_free_guidance: bool,
+        *,
+        height: int,
+        width: int,
+        device: torch.device,
+        **options: Any,
+    ) -> PromptEmbeddings:
+        """The wrapped pipeline's ``encode_prompt`` (``StableDiffusionPipeline``'s): one row per video,
+        negatives first with CFG (the split repeats each row per frame)."""
+        self.check_prompt_options(prompts, **options)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+        pos, neg = sd_pipeline.encode_prompt(
+            prompts, device, num_images_per_prompt, do_classifier_free_guidance, negatives
+        )
+        return PromptEmbeddings(text=torch.cat([neg, pos]) if do_classifier_free_guidance else pos)
+
+
+class TextToVideoFamily(VideoFamily):
+    """ModelScope / VideoFusion text-to-video (``"text-to-video"``): a ``UNet3DConditionModel``."""
+
+    name = "text-to-video"
+    description = (
+        "text-to-video (ModelScope / VideoFusion, TextToVideoSDPipeline): a UNet3DConditionModel with temporal "
+        "convolutions and attention, video latents [B, 4, F, h, w]"
+    )
+    unet_class = "UNet3DConditionModel"
+    pipeline_class = "TextToVideoSDPipeline"
+
+    def load_pipeline(self, folder: Path, unet_config: dict[str, Any]) -> Any:
+        """diffusers' ``TextToVideoSDPipeline`` of the folder."""
+        from diffusers import TextToVideoSDPipeline
+
+        return TextToVideoSDPipeline.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+
+
+class AnimateDiffFamily(VideoFamily):
+    """AnimateDiff (``"animatediff"``): a ``UNetMotionModel``, an SD 1.x UNet with a motion adapter."""
+
+    name = "animatediff"
+    description = (
+        "AnimateDiff (AnimateDiffPipeline): a UNetMotionModel, a Stable Diffusion 1.x UNet with a MotionAdapter's "
+        "temporal transformers, video latents [B, 4, F, h, w]"
+    )
+    unet_class = "UNetMotionModel"
+    pipeline_class = "AnimateDiffPipeline"
+
+    def check_pipeline(self, sd_pipeline: Any) -> None:
+        """As every video family, and refuses FreeNoise and FreeInit, which change the loop.
+
+        Raises:
+            InputError, UnsupportedModelError: naming what does not fit.
+        """
+        for flag, undo in (("free_noise_enabled", "disable_free_noise"), ("free_init_enabled", "disable_free_init")):
+            if getattr(sd_pipeline, flag, False):
+                raise UnsupportedModelError(
+                    f"the AnimateDiffPipeline has {flag.replace('_enabled', '')} on, which fd_trt does not run: call "
+                    f"pipe.{undo}() first"
+                )
+        super().check_pipeline(sd_pipeline)
+
+    def load_pipeline(self, folder: Path, unet_config: dict[str, Any]) -> Any:
+        """diffusers' ``AnimateDiffPipeline`` of the folder (its UNet saved as a ``UNetMotionModel``)."""
+        from diffusers import AnimateDiffPipeline
+
+        return AnimateDiffPipeline.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+
+
+def _tiny_clip(seed: int, width: int, max_length: int = 16) -> tuple[Any, Any]:
+    """A word tokenizer and a 2-layer CLIP text encoder of ``width``, seeded."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from fd_trt.families.models import make_word_tokenizer
+
+    tokenizer = make_word_tokenizer(max_length=max_length)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=width,
+                intermediate_size=2 * width,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=max_length,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    return tokenizer, encoder.eval()
+
+
+def _tiny_vae(sample_size: int) -> Any:
+    """An AutoencoderKL with SD's 4 latent channels and a downsampling factor of 8, random weights."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=sample_size * 8,
+    ).eval()
+
+
+def tiny_text_to_video_pipeline(seed: int = 0, *, sample_size: int = 8, text_width: int = 16) -> Any:
+    """A tiny ``TextToVideoSDPipeline`` with seeded random weights, built in code (no download).
+
+    A ``UNet3DConditionModel`` of two blocks (``CrossAttnDownBlock3D``, ``DownBlock3D``), widths
+    16-32, with its temporal transformer and convolutions, a 2-layer CLIP text encoder of
+    ``text_width``, an AutoencoderKL with a downsampling factor of 8 and DDIM. Frames are
+    ``8 * sample_size`` pixels square by default (64x64).
+    """
+    from diffusers import DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
+
+    from fd_trt.families.models import sd_scheduler_config
+
+    tokenizer, text_encoder = _tiny_clip(seed, text_width)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet3DConditionModel(
+            sample_size=sample_size,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+            up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+            cross_attention_dim=text_width,
+            attention_head_dim=8,
+            norm_num_groups=4,
+        )
+        vae = _tiny_vae(sample_size)
+    pipe = TextToVideoSDPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=DDIMScheduler(**sd_scheduler_config()),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_animatediff_pipeline(seed: int = 0, *, sample_size: int = 8, text_width: int = 16) -> Any:
+    """A tiny ``AnimateDiffPipeline`` with seeded random weights, built in code (no download).
+
+    A ``UNet2DConditionModel`` of SD 1.x's block types at widths 16-32 and a ``MotionAdapter``
+    (two motion layers per block, 2 heads), which the pipeline fuses into a ``UNetMotionModel``;
+    a 2-layer CLIP text encoder of ``text_width``, an AutoencoderKL with a downsampling factor of
+    8 and DDIM. Frames are ``8 * sample_size`` pixels square by default (64x64).
+    """
+    from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter, UNet2DConditionModel
+
+    from fd_trt.families.models import sd_scheduler_config
+
+    tokenizer, text_encoder = _tiny_clip(seed, text_width)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=sample_size,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=text_width,
+            attention_head_dim=8,
+            norm_num_groups=4,
+        )
+        adapter = MotionAdapter(
+            block_out_channels=(16, 32),
+            motion_layers_per_block=1,
+            motion_norm_num_groups=4,
+            motion_num_attention_heads=2,
+            motion_max_seq_length=32,
+        )
+        # Random motion layers: diffusers zero-initialises their output projections, which would make
+        # the adapter the identity and a test of the temporal layers vacuous.
+        for name, param in adapter.named_parameters():
+            if "proj_out" in name:
+                torch.nn.init.normal_(param, std=0.2)
+        vae = _tiny_vae(sample_size)
+    pipe = AnimateDiffPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        motion_adapter=adapter,
+        scheduler=DDIMScheduler(**sd_scheduler_config()),
+    )
+    pipe.unet.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+__all__ = [
+    "AnimateDiffFamily",
+    "TextToVideoFamily",
+    "VideoFamily",
+    "tiny_animatediff_pipeline",
+    "tiny_text_to_video_pipeline",
+]

@@ -1,0 +1,253 @@
+"""Text-to-video (ModelScope / VideoFusion's UNet3DConditionModel, AnimateDiff's UNetMotionModel):
+the families, the split of both 3D UNets, and conformance on tiny random pipelines with diffusers'
+own TextToVideoSDPipeline and AnimateDiffPipeline (``schedule="all"``) and with an independent
+Faster Diffusion loop written here (``uniform:3``, ``paper``)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fd_trt.errors import InputError, UnsupportedModelError
+from fd_trt.families import family_for_config, family_for_pipeline
+from fd_trt.families.models import read_unet_config
+from fd_trt.families.video import tiny_animatediff_pipeline, tiny_text_to_video_pipeline
+from fd_trt.graphs.split import split_unet
+from fd_trt.graphs.split_video import VideoSplitUNet
+from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
+from fd_trt.pipelines.video import FasterDiffusionVideoPipeline
+
+PROMPT = "a red circle moving to the left"
+FRAMES = 3
+BUILDERS = {"text-to-video": tiny_text_to_video_pipeline, "animatediff": tiny_animatediff_pipeline}
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def video_pair(request):
+    """``(family name, diffusers pipeline, fd_trt pipeline)`` for each video family."""
+    sd = BUILDERS[request.param](seed=0)
+    fd = FasterDiffusionPipeline.from_diffusers(sd, backend="torch", device="cpu", progress=False)
+    return request.param, sd, fd
+
+
+def per_frame_text(unet, text, frames):
+    """diffusers' AnimateDiffPipeline feeds its UNetMotionModel one prompt row per frame."""
+    return text.repeat_interleave(frames, dim=0) if type(unet).__name__ == "UNetMotionModel" else text
+
+
+# the families ------------------------------------------------------------------------------------
+def test_both_families_are_recognised_and_served_by_the_video_pipeline(video_pair, tmp_path):
+    name, sd, fd = video_pair
+    assert family_for_pipeline(sd).name == name
+    assert type(fd) is FasterDiffusionVideoPipeline
+    assert fd.backend == "torch"
+    (tmp_path / "unet").mkdir()
+    config = {**dict(sd.unet.config), "_class_name": type(sd.unet).__name__}
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
+    folder_config = read_unet_config(tmp_path)
+    family = family_for_config(folder_config)
+    assert family.name == name
+    family.check_config(folder_config)
+    assert fd.text_shape() == (16, 16)
+
+
+def test_unsupported_video_options_and_backends_are_refused_naming_the_fix(video_pair):
+    name, sd, _ = video_pair
+    family = family_for_pipeline(sd)
+    with pytest.raises(UnsupportedModelError, match="time_cond_proj_dim=8"):
+        family.check_config({**dict(sd.unet.config), "time_cond_proj_dim": 8})
+    with pytest.raises(UnsupportedModelError, match="takes 4 input channels and predicts 8"):
+        family.check_config({**dict(sd.unet.config), "out_channels": 8})
+    for backend in ("onnxruntime", "tensorrt"):
+        with pytest.raises(InputError, match=rf"backend='{backend}'.*backend='torch'"):
+            FasterDiffusionPipeline.from_diffusers(sd, backend=backend, device="cpu")
+    with pytest.raises(UnsupportedModelError, match="backend='torch'"):
+        family.graph_contract(sd)
+    auto = FasterDiffusionPipeline.from_diffusers(sd, backend="auto", device="cpu", progress=False)
+    assert auto.backend == "torch"
+
+
+# the split ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("frames", [1, 3])
+def test_the_split_of_a_video_unet_is_exact(video_pair, frames):
+    _, sd, _ = video_pair
+    unet = sd.unet
+    split = split_unet(unet)
+    assert isinstance(split, VideoSplitUNet)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, frames, 8, 8, generator=g)
+    t = torch.tensor([901.0, 41.0])
+    text = torch.randn(2, 16, 16, generator=g)
+    with torch.no_grad():
+        feats = split.run_encoder(x, t, text)
+        assert all(f.shape[:1] == (2,) and f.shape[2] == frames for f in feats.tensors())  # [B, C, F, h, w]
+        got = split.run_decoder(feats, t, text)
+        ref = unet(x, t, encoder_hidden_states=per_frame_text(unet, text, frames)).sample
+    assert got.shape == ref.shape == (2, 4, frames, 8, 8)
+    assert (got - ref).abs().max().item() < 1e-5
+    assert ref.abs().max().item() > 0.1  # not a vacuous comparison
+
+
+def test_one_decoder_call_over_steps_equals_the_unet_at_each_step(video_pair):
+    """Rows are steps x videos, every row with all its frames: the decoder over S timesteps from one
+    key step's features equals the UNet run with that step's time embedding and the key step's
+    encoder features (hooks replay them)."""
+    _, sd, fd = video_pair
+    unet = sd.unet
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, FRAMES, 8, 8, generator=g)
+    text = torch.randn(2, 16, 16, generator=g)
+    key_t, steps = torch.tensor([700.0, 700.0]), torch.tensor([700.0, 500.0, 300.0])
+    runner = fd.runner
+    feats = runner.encode(x, key_t, text)
+    got = runner.decode(feats, steps, text).split(2)
+    assert len(got) == 3
+    modules = [unet.conv_in, *unet.down_blocks, unet.mid_block, getattr(unet, "transformer_in", None)]
+    cache, replay = {}, {"on": False}
+
+    def hook(module, args, out):
+        if replay["on"]:
+            return cache[id(module)]
+        cache[id(module)] = out
+        return out
+
+    handles = [m.register_forward_hook(hook) for m in modules if m is not None]
+    try:
+        with torch.no_grad():
+            unet(x, key_t, encoder_hidden_states=per_frame_text(unet, text, FRAMES))
+            replay["on"] = True
+            for s, eps in zip(steps, got):
+                ref = unet(x, s.expand(2), encoder_hidden_states=per_frame_text(unet, text, FRAMES)).sample
+                assert (eps - ref).abs().max().item() < 1e-5
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# conformance with diffusers ----------------------------------------------------------------------
+@pytest.mark.parametrize("guidance_scale", [1.0, 7.5])
+def test_all_equals_diffusers_video_pipeline_on_torch(video_pair, guidance_scale):
+    _, sd, fd = video_pair
+    kw = dict(num_frames=FRAMES, num_inference_steps=6, guidance_scale=guidance_scale, output_type="np")
+    ref = sd(PROMPT, generator=torch.Generator().manual_seed(3), **kw).frames
+    out = fd(PROMPT, generator=torch.Generator().manual_seed(3), schedule="all", **kw)
+    assert out.frames.shape == ref.shape == (1, FRAMES, 64, 64, 3)
+    assert np.abs(out.frames - ref).max() < 1e-5
+    assert out.stats.encoder_calls == 6 and out.stats.decoder_calls == 6
+    # the same latents given, diffusers' own latents path
+    latents = torch.randn(1, 4, FRAMES, 8, 8, generator=torch.Generator().manual_seed(4))
+    ref_lat = sd(PROMPT, latents=latents.clone(), **{**kw, "output_type": "latent"}).frames
+    out_lat = fd(PROMPT, latents=latents.clone(), schedule="all", **{**kw, "output_type": "latent"})
+    assert (out_lat.frames - ref_lat).abs().max().item() < 1e-5
+
+
+def independent_loop(pipe, steps, guidance_scale, seed, key_steps, frames=FRAMES, alpha=0.003):
+    """Faster Diffusion written over diffusers' own video UNet forward: at a key step the UNet runs
+    whole and its conv_in, transformer_in, down-block and mid-block outputs are recorded; at the
+    other steps forward hooks replace them with the key step's, so only the time embedding and the
+    up path see the new timestep. One UNet call per step; prior noise injection (alpha x_T for
+    t < 500) in latent space; DDIM on the video latents."""
+    unet, scheduler = pipe.unet, pipe.scheduler
+    generator = torch.Generator().manual_seed(seed)
+    pos, neg = pipe.encode_prompt(PROMPT, "cpu", 1, True, None)
+    text = per_frame_text(unet, torch.cat([neg, pos]), frames)
+    scheduler.set_timesteps(steps)
+    x = torch.randn(1, 4, frames, 8, 8, generator=generator) * scheduler.init_noise_sigma
+    x_T = x.clone()
+    modules = [unet.conv_in, getattr(unet, "transformer_in", None), *unet.down_blocks, unet.mid_block]
+    cache, replay = {}, {"on": False}
+
+    def hook(module, args, out):
+        if replay["on"]:
+            return cache[id(module)]
+        cache[id(module)] = out
+        return out
+
+    handles = [m.register_forward_hook(hook) for m in modules if m is not None]
+    try:
+        for i, t in enumerate(scheduler.timesteps):
+            replay["on"] = i not in key_steps
+            with torch.no_grad():
+                eps = unet(torch.cat([x, x]), t, encoder_hidden_states=text).sample
+            eps_u, eps_c = eps.chunk(2)
+            eps = eps_u + guidance_scale * (eps_c - eps_u)
+            if float(t) < 500:
+                x = x + alpha * x_T
+            x = scheduler.step(eps, t, x).prev_sample
+    finally:
+        for h in handles:
+            h.remove()
+    return x
+
+
+@pytest.mark.parametrize(
+    "schedule, keys", [("uniform:3", [0, 3, 6]), pytest.param("paper", None, marks=pytest.mark.slow)]
+)
+def test_key_step_schedules_equal_an_independent_faster_diffusion_loop(video_pair, schedule, keys):
+    _, sd, fd = video_pair
+    steps = 9
+    out = fd(
+        PROMPT,
+        num_frames=FRAMES,
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(5),
+        output_type="np",
+        schedule=schedule,
+    )
+    if keys is not None:
+        assert out.stats.key_steps == keys
+    assert len(out.stats.key_steps) < steps  # propagated features at some steps
+    assert out.stats.decoder_calls == len(out.stats.key_steps)  # one batched decoder call per segment
+    ref = independent_loop(sd, steps, 7.5, seed=5, key_steps=set(out.stats.key_steps))
+    # the latents (of magnitude ~10 here) within float32 rounding, the frames within 1e-5
+    assert (out.latents - ref).abs().max().item() < 1e-6 * ref.abs().max().item() * 10
+    with torch.no_grad():
+        ref_frames = sd.video_processor.postprocess_video(video=sd.decode_latents(ref), output_type="np")
+    assert np.abs(out.frames - ref_frames).max() < 1e-5
+    # and the propagation is not a no-op: every step's own encoder gives other latents
+    full = independent_loop(sd, steps, 7.5, seed=5, key_steps=set(range(steps)))
+    assert (full - ref).abs().max().item() > 1e-3
+
+
+def test_the_decoder_row_cap_counts_frames(video_pair):
+    _, _, fd = video_pair
+    kw = dict(
+        num_frames=FRAMES,
+        num_inference_steps=6,
+        guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(6),
+        output_type="latent",
+        schedule="uniform:3",
+    )
+    whole = fd(PROMPT, **kw)
+    assert whole.stats.key_steps == [0, 3]
+    assert whole.stats.decoder_calls == 2
+    # one step is 2 rows (CFG) x 3 frames = 6 frames: a cap of 13 frames decodes 2 steps per call
+    capped = fd(PROMPT, max_decoder_rows=13, **{**kw, "generator": torch.Generator().manual_seed(6)})
+    assert capped.stats.decoder_calls == 4
+    assert (capped.latents - whole.latents).abs().max().item() < 1e-5
+    with pytest.raises(InputError, match=r"max_decoder_rows=5 .*at least 6"):
+        fd(PROMPT, max_decoder_rows=5, **kw)
+
+
+def test_output_types_as_diffusers_video_pipelines(video_pair):
+    name, sd, fd = video_pair
+    kw = dict(num_frames=2, num_inference_steps=2, guidance_scale=1.0)
+    pil = fd(PROMPT, generator=torch.Generator().manual_seed(7), output_type="pil", **kw).frames
+    ref = sd(PROMPT, generator=torch.Generator().manual_seed(7), output_type="pil", **kw).frames
+    assert len(pil) == 1 and len(pil[0]) == 2 and pil[0][0].size == (64, 64)
+    assert np.array_equal(np.asarray(pil[0][1]), np.asarray(ref[0][1]))
+    pt = fd(PROMPT, generator=torch.Generator().manual_seed(7), output_type="pt", **kw).frames
+    ref_pt = sd(PROMPT, generator=torch.Generator().manual_seed(7), output_type="pt", **kw).frames
+    assert pt.shape == ref_pt.shape == (1, 2, 3, 64, 64)
+    assert (pt - ref_pt).abs().max().item() < 1e-5
+    default = fd(PROMPT, generator=torch.Generator().manual_seed(7), **kw).frames
+    assert isinstance(default, np.ndarray) if name == "text-to-video" else isinstance(default[0], list)
+    with pytest.raises(InputError, match="output_type must be one of np, pil, pt, latent, got 'gif'"):
+        fd(PROMPT, output_type="gif", **kw)
+    with pytest.raises(InputError, match="num_frames must be a positive integer, got 0"):
+        fd(PROMPT, **{**kw, "num_frames": 0})
+    with pytest.raises(InputError, match="shallow decoder schedules"):
+        fd(PROMPT, schedule="deepcache:2", **kw)
