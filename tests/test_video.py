@@ -251,3 +251,28 @@ def test_output_types_as_diffusers_video_pipelines(video_pair):
         fd(PROMPT, **{**kw, "num_frames": 0})
     with pytest.raises(InputError, match="shallow decoder schedules"):
         fd(PROMPT, schedule="deepcache:2", **kw)
+
+
+# from_pretrained and the command line ------------------------------------------------------------
+def test_a_saved_video_folder_loads_and_generate_writes_a_clip(video_pair, tmp_path, capsys):
+    import PIL.Image
+
+    from fd_trt.cli import main
+
+    name, sd, _ = video_pair
+    folder = tmp_path / name
+    sd.save_pretrained(folder, safe_serialization=True)
+    fd = FasterDiffusionPipeline.from_pretrained(str(folder), device="cpu", progress=False)
+    assert type(fd) is FasterDiffusionVideoPipeline and fd.family.name == name
+    kw = dict(num_frames=2, num_inference_steps=3, guidance_scale=7.5, output_type="latent")
+    ref = sd(PROMPT, generator=torch.Generator().manual_seed(8), **kw).frames
+    got = fd(PROMPT, generator=torch.Generator().manual_seed(8), schedule="all", **kw).frames
+    assert (got - ref).abs().max().item() < 1e-5  # the saved weights are the wrapped ones
+    out = tmp_path / "clip.gif"
+    args = ["generate", PROMPT, "--model", str(folder), "--frames", "2", "--steps", "3", "--schedule", "uniform:2"]
+    assert main([*args, "--out", str(out), "--quiet"]) == 0
+    with PIL.Image.open(out) as gif:
+        assert gif.n_frames == 2 and gif.size == (64, 64)
+    assert "key steps: 0,2" in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "clip.png"), "--quiet"]) != 0
+    assert "name a .gif or .mp4 file" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""``fd-trt generate``: one prompt to images, optionally timed against diffusers (``--compare``)."""
+"""``fd-trt generate``: one prompt to images, optionally timed against diffusers (``--compare``);
+with a text-to-video model, to a GIF or MP4 clip (``--frames``)."""
 
 from __future__ import annotations
 
@@ -80,7 +81,18 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--no-noise-injection", action="store_true", help="switch prior noise injection off")
     p.add_argument("--sequential", action="store_true", help="decode one step per call instead of batching")
     p.add_argument("--max-decoder-rows", type=int, default=None, help="cap on rows per decoder call")
-    p.add_argument("--out", default="fd_trt_out.png", help="output image (PNG); several images get _i suffixes")
+    p.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        help="text-to-video models (TextToVideoSDPipeline, AnimateDiffPipeline): frames per video (default 16)",
+    )
+    p.add_argument(
+        "--out",
+        default="fd_trt_out.png",
+        help="output image (PNG); several images get _i suffixes. A video model writes a .gif, or a .mp4 where "
+        "imageio-ffmpeg is installed",
+    )
     p.add_argument(
         "--json", default=None, help="also write the run's stats (and --compare's results) as JSON to this file"
     )
@@ -120,6 +132,90 @@ def _median_run(outputs: list[Any]) -> Any:
     from fd_trt.tools.compare import median_index
 
     return outputs[median_index([o.stats.seconds["total"] for o in outputs])]
+
+
+def _is_video(pipe: Any) -> bool:
+    from fd_trt.pipelines.video import FasterDiffusionVideoPipeline
+
+    return isinstance(pipe, FasterDiffusionVideoPipeline)
+
+
+#: The clip formats ``fd-trt generate`` writes for a video model.
+VIDEO_SUFFIXES = (".gif", ".mp4")
+
+
+def _run_video(args: argparse.Namespace, pipe: Any) -> int:
+    """``generate`` with a text-to-video model: one clip per video, as GIF (PIL) or MP4 (imageio-ffmpeg).
+
+    Raises:
+        InputError: for ``--frames`` with an image model, options a video run does not take, or an
+            output that is no .gif or .mp4 (.mp4 without imageio-ffmpeg).
+    """
+    import importlib.util
+
+    import torch
+
+    if not _is_video(pipe):
+        raise InputError(
+            f"--frames is for text-to-video models (TextToVideoSDPipeline, AnimateDiffPipeline); {pipe.source} is a "
+            f"{pipe.family.name!r} model: drop --frames"
+        )
+    given = [
+        flag
+        for flag, value in (
+            ("--compare", args.compare),
+            ("--image", getattr(args, "image", None)),
+            ("--mask", getattr(args, "mask", None)),
+            ("--strength", getattr(args, "strength", None)),
+            ("--controlnet", getattr(args, "controlnet", None)),
+        )
+        if value
+    ]
+    if given:
+        raise InputError(f"a text-to-video model takes no {', '.join(given)}: drop them")
+    frames = 16 if args.frames is None else args.frames
+    out_path = Path(args.out)
+    suffix = out_path.suffix.lower()
+    if suffix not in VIDEO_SUFFIXES:
+        raise InputError(f"--out {args.out!r}: a text-to-video model writes a clip; name a .gif or .mp4 file")
+    if suffix == ".mp4" and importlib.util.find_spec("imageio_ffmpeg") is None:
+        raise InputError(
+            f"--out {args.out!r}: writing MP4 needs imageio and imageio-ffmpeg (pip install imageio imageio-ffmpeg); "
+            "or name a .gif file"
+        )
+    out = pipe(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        height=args.height,
+        width=args.width,
+        num_frames=frames,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        num_videos_per_prompt=args.num_images,
+        generator=torch.Generator(pipe.device).manual_seed(args.seed),
+        output_type="pil",
+        schedule=args.schedule,
+        noise_injection=False if args.no_noise_injection else None,
+        parallel=not args.sequential,
+        max_decoder_rows=args.max_decoder_rows,
+    )
+    print(f"key steps: {','.join(map(str, out.stats.key_steps))}")
+    print(_fmt_stats(args.schedule or "default", out.stats) + f" | {frames} frames per video")
+    from diffusers.utils import export_to_gif, export_to_video
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    for i, clip in enumerate(out.frames):
+        path = out_path if len(out.frames) == 1 else out_path.with_name(f"{out_path.stem}_{i}{out_path.suffix}")
+        if suffix == ".gif":
+            export_to_gif(clip, str(path))
+        else:
+            export_to_video(clip, str(path))
+        print(f"wrote {path}")
+    if args.json:
+        report = {"schedule": args.schedule, "frames": frames, "stats": out.stats.as_dict()}
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0
 
 
 def _paper_keys(num_steps: int) -> list[int]:
@@ -285,6 +381,8 @@ def run(args: argparse.Namespace) -> int:
         f"backend: {pipe.backend} on {pipe.device} ({pipe.precision}), scheduler {args.scheduler}, load {time.perf_counter() - t0:.2f} s"
     )
 
+    if args.frames is not None or _is_video(pipe):
+        return _run_video(args, pipe)
     image_kwargs = _image_kwargs(args)
 
     def sample(schedule: str, noise: bool | None, output_type: str = "pil") -> Any:
