@@ -66,6 +66,10 @@ def test_unsupported_video_options_and_backends_are_refused_naming_the_fix(video
         family.graph_contract(sd)
     auto = FasterDiffusionPipeline.from_diffusers(sd, backend="auto", device="cpu", progress=False)
     assert auto.backend == "torch"
+    from fd_trt.tools.calibrate import calibrate
+
+    with pytest.raises(InputError, match="does not run text-to-video models yet: pass schedule='paper'"):
+        calibrate(auto, scheduler="ddim", key_steps=3, steps=6, prompts=[PROMPT])
 
 
 # the split ---------------------------------------------------------------------------------------

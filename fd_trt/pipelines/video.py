@@ -79,6 +79,12 @@ class FasterDiffusionVideoPipeline(FasterDiffusionPipeline):
         InputError: for ``backend="onnxruntime"`` or ``"tensorrt"``, ``token_merging`` or a ControlNet.
     """
 
+    #: Why calibration ([`fd_trt.tools.calibrate`][fd_trt.tools.calibrate]) refuses this pipeline.
+    calibration_refusal = (
+        "calibration (fd-trt calibrate) does not run text-to-video models yet: pass schedule='paper', 'uniform:K' "
+        "or a list of key steps"
+    )
+
     def __init__(self, sd_pipeline: Any, backend: str | Runner | None = None, **kwargs: Any) -> None:
         if backend is None or backend == "auto":
             backend = "torch"

@@ -72,6 +72,9 @@ class Evaluator:
 
         from fd_trt.families.models import make_scheduler
 
+        refusal = getattr(pipe, "calibration_refusal", None)
+        if refusal:  # a pipeline whose latents the evaluator does not draw (text-to-video's)
+            raise InputError(refusal)
         if len(prompts) != len(seeds):
             raise InputError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
         if not prompts:
