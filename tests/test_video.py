@@ -70,6 +70,10 @@ def test_unsupported_video_options_and_backends_are_refused_naming_the_fix(video
 
     with pytest.raises(InputError, match="does not run text-to-video models yet: pass schedule='paper'"):
         calibrate(auto, scheduler="ddim", key_steps=3, steps=6, prompts=[PROMPT])
+    from fd_trt.serving.runtime import ServingRuntime
+
+    with pytest.raises(InputError, match="the server serves image models; this is a text-to-video model"):
+        ServingRuntime(auto, warmup=False, start=False)
 
 
 # the split ---------------------------------------------------------------------------------------

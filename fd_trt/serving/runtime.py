@@ -446,6 +446,13 @@ class ServingRuntime:
         loras: dict[str, str] | None = None,
         controlnets: dict[str, str] | None = None,
     ) -> None:
+        from fd_trt.pipelines.video import FasterDiffusionVideoPipeline
+
+        if isinstance(pipeline, FasterDiffusionVideoPipeline):
+            raise InputError(
+                f"the server serves image models; this is a text-to-video model ({pipeline.family.name!r}): make clips "
+                "with fd-trt generate --frames N or FasterDiffusionPipeline.from_pretrained(...)(prompt, num_frames=N)"
+            )
         for name, v in (("max_batch", max_batch), ("max_queue", max_queue)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InputError(f"{name} must be a positive integer, got {v!r}")
