@@ -93,18 +93,10 @@ class FasterDiffusionIFPipeline(FasterDiffusionPipeline):
             InputError: when given ``latents`` (the initial images) have another shape.
         """
         shape = (batch, self.image_channels, height, width)
-        if latents is None:
-            from diffusers.utils.torch_utils import randn_tensor
-
-            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
-        else:
-            if tuple(latents.shape) != shape:
-                raise InputError(
-                    f"latents (the initial noisy images) have shape {tuple(latents.shape)}, expected {shape} for "
-                    f"{batch} images of {height}x{width}"
-                )
-            latents = latents.to(self.device, torch.float32)
-        return latents * scheduler.init_noise_sigma
+        expected = f"{batch} images of {height}x{width}"
+        return self._initial_latents(
+            shape, generator, latents, scheduler, expected, name="latents (the initial noisy images)"
+        )
 
     def sampler_options(self, options: SamplerOptions, scheduler: Any) -> SamplerOptions:
         """Guide the noise channels only: the learned variance is the conditional rows', and is

@@ -529,15 +529,30 @@ class FasterDiffusionPipeline(
         """
         f = self.vae_scale_factor
         shape = (batch, int(self.sd.unet.config.out_channels), height // f, width // f)
+        return self._initial_latents(shape, generator, latents, scheduler, f"{batch} images of {height}x{width}")
+
+    def _initial_latents(
+        self,
+        shape: tuple[int, ...],
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        scheduler: Any,
+        expected: str,
+        name: str = "latents",
+    ) -> torch.Tensor:
+        """Latents of ``shape``, float32 on the device: drawn from ``generator``, or the given
+        ``latents``; scaled by the scheduler's ``init_noise_sigma``.
+
+        Raises:
+            InputError: when given ``latents`` do not have ``shape`` (``expected`` says what it holds).
+        """
         if latents is None:
             from diffusers.utils.torch_utils import randn_tensor
 
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
         else:
             if tuple(latents.shape) != shape:
-                raise InputError(
-                    f"latents have shape {tuple(latents.shape)}, expected {shape} for {batch} images of {height}x{width}"
-                )
+                raise InputError(f"{name} have shape {tuple(latents.shape)}, expected {shape} for {expected}")
             latents = latents.to(self.device, torch.float32)
         return latents * scheduler.init_noise_sigma
 

@@ -156,18 +156,8 @@ class FasterDiffusionVideoPipeline(FasterDiffusionPipeline):
         """
         f = self.vae_scale_factor
         shape = (batch, int(self.sd.unet.config.in_channels), num_frames, height // f, width // f)
-        if latents is None:
-            from diffusers.utils.torch_utils import randn_tensor
-
-            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
-        else:
-            if tuple(latents.shape) != shape:
-                raise InputError(
-                    f"latents have shape {tuple(latents.shape)}, expected {shape} for {batch} videos of {num_frames} "
-                    f"frames of {height}x{width}"
-                )
-            latents = latents.to(self.device, torch.float32)
-        return latents * scheduler.init_noise_sigma
+        expected = f"{batch} videos of {num_frames} frames of {height}x{width}"
+        return self._initial_latents(shape, generator, latents, scheduler, expected)
 
     def prepare_run(
         self,
