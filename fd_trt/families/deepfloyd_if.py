@@ -163,10 +163,11 @@ class DeepFloydIFFamily(ModelFamily):
         return "text2img"
 
     def load_pipeline(self, folder: Path, unet_config: dict[str, Any]) -> Any:
-        """diffusers' ``IFPipeline`` of the folder, without safety checker and watermarker."""
-        from diffusers import IFPipeline
+        """The folder's diffusers pipeline of this stage (``IFPipeline``, ``IFSuperResolutionPipeline``),
+        without safety checker and watermarker."""
+        import diffusers
 
-        return IFPipeline.from_pretrained(
+        return getattr(diffusers, self.diffusers_class).from_pretrained(
             folder,
             local_files_only=True,
             use_safetensors=True,
@@ -292,20 +293,6 @@ class DeepFloydIFSuperResolutionFamily(DeepFloydIFFamily):
         """``"superres"``: the UNet takes the noisy image and the upscaled image ([`if_sr_layout()`][fd_trt.families.deepfloyd_if.if_sr_layout])."""
         self.image_layout(unet_config)
         return "superres"
-
-    def load_pipeline(self, folder: Path, unet_config: dict[str, Any]) -> Any:
-        """diffusers' ``IFSuperResolutionPipeline`` of the folder, without safety checker and watermarker."""
-        from diffusers import IFSuperResolutionPipeline
-
-        return IFSuperResolutionPipeline.from_pretrained(
-            folder,
-            local_files_only=True,
-            use_safetensors=True,
-            safety_checker=None,
-            feature_extractor=None,
-            watermarker=None,
-            requires_safety_checker=False,
-        )
 
     def check_prompt_options(
         self, prompts: list[str], clean_caption: Any = False, noise_level: Any = IF_SR_NOISE_LEVEL
