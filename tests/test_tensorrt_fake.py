@@ -563,6 +563,116 @@ def test_a_directory_another_runner_refit_is_refit_from_its_graphs(trt, graphs, 
             assert rel_l2(out, ref) < 1e-5
 
 
+# DeepFloyd IF stages I and II: the T5 pooling (text_pooled) and, for stage II, the noise level
+# (class_labels [rows,1], float32 in every graph) as added inputs; 3 or 6 pixel channels in, 6 out.
+IF_STAGES = {"if": (16, {"text_pooled": [128]}), "if-ii": (32, {"text_pooled": [128], "class_labels": [1]})}
+
+
+@pytest.fixture(scope="module", params=list(IF_STAGES))
+def if_stage(request, tmp_path_factory):
+    """(stage, diffusers pipeline, fp32 engine directory with a short decoder profile)."""
+    from fd_trt.families.deepfloyd_if import tiny_if_pipeline, tiny_if_sr_pipeline
+
+    stage = request.param
+    pipe = tiny_if_pipeline(seed=0) if stage == "if" else tiny_if_sr_pipeline(seed=0)
+    fd = FasterDiffusionPipeline.from_diffusers(pipe, backend="torch", device="cpu", progress=False)
+    size = IF_STAGES[stage][0]
+    folder = tmp_path_factory.mktemp(f"fake_trt_{stage}")
+    build_engines(
+        pipe.unet,
+        folder,
+        latent_size=(size, size),
+        text_shape=fd.text_shape(),
+        added_shapes=fd.added_shapes(),
+        max_segment_steps=MAX_SEGMENT_STEPS,
+        progress=False,
+    )
+    return stage, pipe, fd, folder
+
+
+def _if_call(fd, stage, steps, guidance_scale, schedule):
+    extra = {}
+    if stage == "if-ii":  # 16x16 stage-I images in [-1, 1], upscaled to 32x32
+        image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        extra = dict(image=image, noise_level=250)
+    return fd(
+        PROMPT,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        generator=torch.Generator().manual_seed(4),
+        output_type="pt",
+        schedule=schedule,
+        **extra,
+    )
+
+
+def test_if_plans_profile_the_added_inputs_and_the_manifest_records_them(trt, if_stage):
+    stage, _, fd, folder = if_stage
+    size, added = IF_STAGES[stage]
+    manifest = load_manifest(folder)
+    channels = 3 if stage == "if" else 6
+    assert manifest.added_shapes == added and manifest.text_shape == [77, 32]
+    assert manifest.latent_shape == [channels, size, size]
+    built = {r.record.role: r.record for r in build_plans(folder, opt_segment_steps=2)}
+    enc_rows, dec_rows = built["encoder"].rows, built["decoder"].rows
+    assert enc_rows == [1, 2, 2] and dec_rows == [1, 4, 8]
+    for role, rows in (("encoder", enc_rows), ("decoder", [1, 2, 8])):  # the decoder's key-step rows
+        header = fake_tensorrt.plan_header(folder / built[role].file)
+        for name, tail in added.items():
+            assert header["profile"][name] == [[lo, *tail] for lo in rows], (role, name)
+        assert header["profile"]["encoder_hidden_states"] == [[lo, 77, 32] for lo in rows]
+        dtypes = {n: d for n, _, d in header["inputs"]}
+        assert dtypes["text_pooled"] == "FLOAT" and dtypes.get("class_labels", "FLOAT") == "FLOAT"
+    dec_header = fake_tensorrt.plan_header(folder / built["decoder"].file)
+    assert [shape[0] for shape in dec_header["profile"]["timestep"]] == dec_rows
+    with TrtRunner(folder) as runner:
+        assert runner.contract is not None and list(runner.contract.added_names) == list(added)
+        assert runner._dec is not None and runner._dec.tails["noise_pred"] == (6, size, size)
+
+
+@pytest.mark.parametrize("guidance_scale", [4.0, 1.0], ids=["cfg", "no-cfg"])
+def test_if_on_tensorrt_equals_the_torch_backend(trt, if_stage, guidance_scale):
+    stage, pipe, fd, folder = if_stage
+    trt_fd = FasterDiffusionPipeline.from_diffusers(
+        pipe, backend="tensorrt", device="cpu", precision="fp32", progress=False, engines=folder
+    )
+    # Stage I at 20 steps: key steps 0..10 and 15; stage II at 25: all but 21 and 23.
+    steps = 20 if stage == "if" else 25
+    refs = {}
+    for schedule in ("all", "paper"):
+        out = _if_call(trt_fd, stage, steps, guidance_scale, schedule)
+        ref = refs[schedule] = _if_call(fd, stage, steps, guidance_scale, schedule)
+        assert out.stats.backend == "tensorrt" and out.stats.key_steps == ref.stats.key_steps
+        assert (out.images - ref.images).abs().max() < 1e-4, schedule
+    assert len(refs["paper"].stats.key_steps) < steps
+    # Encoder propagation changes the images by far more than the tolerance.
+    assert (refs["paper"].images - refs["all"].images).abs().max() > 1e-3
+    trt_fd.close()
+
+
+def test_an_if_plan_from_an_older_graph_is_not_run(trt, if_stage, tmp_path, caplog):
+    from fd_trt.graphs.manifest import save_manifest
+
+    stage, _, _, graphs_dir = if_stage
+    folder = _copy_without_plans(graphs_dir, tmp_path / "e")
+    build_plans(folder)
+    manifest = load_manifest(folder)
+    for rec in manifest.plans.values():  # plans of the graphs an earlier export wrote
+        rec.graph_sha256 = "0" * 64
+    save_manifest(folder, manifest)
+    with pytest.raises(EngineMismatchError, match="older version of the graph"):
+        TrtRunner(folder, build=False).activate()
+    builds = len(fake_tensorrt.Builder.builds)
+    with caplog.at_level(logging.WARNING, logger="fd_trt.backends.tensorrt"):
+        with TrtRunner(folder) as runner:
+            graphs = load_manifest(folder).graphs
+            assert {role: runner.plans[role].graph_sha256 for role in ("encoder", "decoder")} == {
+                role: graphs[role].sha256 for role in ("encoder", "decoder")
+            }
+    assert len(fake_tensorrt.Builder.builds) == builds + 2  # both plans built anew from the current graphs
+    assert any("graphs or profiles" in r.message for r in caplog.records)
+
+
 # Last: fd-trt's CLI points logging at the captured stderr, which pytest closes after the test;
 # later tests' warnings would print 'Logging error' noise.
 def test_cli_build_makes_plans_and_generate_runs_them(trt, tmp_path, capsys):
@@ -1029,3 +1139,19 @@ def test_shallow_plans_that_need_more_scratch_grow_it_for_every_context(trt, gra
     for a, b in zip([first, *got], want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(again, want[0], rtol=0, atol=0)
+
+
+def test_cli_builds_plans_of_a_pixel_space_if_model(trt, tmp_path, capsys):
+    """``fd-trt build`` on a DeepFloyd IF folder: no VAE, so the graphs take the pixels themselves."""
+    from fd_trt.cli import main
+    from fd_trt.families.deepfloyd_if import tiny_if_pipeline
+
+    model, out = tmp_path / "if", tmp_path / "eng"
+    tiny_if_pipeline(seed=0).save_pretrained(model)
+    args = ["build", "--model", str(model), "--backend", "tensorrt", "--precision", "fp32", "--out", str(out)]
+    assert main([*args, "--quiet", "--max-segment-steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "decoder plan: decoder.trt10.13.0.fake.sm90.rows1-4-4.plan" in printed, printed
+    manifest = load_manifest(out)
+    assert manifest.latent_shape == [3, 16, 16] and manifest.added_shapes == {"text_pooled": [128]}
+    assert {r.role for r in manifest.plans.values()} == {"encoder", "decoder"}

@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
             args.schedule = ",".join(map(str, cal.key_steps))
         parse_schedule(args.schedule, args.steps)  # a bad --schedule fails now, not after the export
     sd, source = load_diffusers_pipeline(args.model)
-    f = int(sd.vae_scale_factor)
+    # A pixel-space pipeline (DeepFloyd IF: no VAE) denoises the image itself: factor 1.
+    f = int(sd.vae_scale_factor) if getattr(sd, "vae", None) is not None else 1
     height = args.height or int(sd.unet.config.sample_size) * f
     width = args.width or int(sd.unet.config.sample_size) * f
     for name, v in (("height", height), ("width", width)):
