@@ -673,6 +673,17 @@ def test_an_if_plan_from_an_older_graph_is_not_run(trt, if_stage, tmp_path, capl
     assert any("graphs or profiles" in r.message for r in caplog.records)
 
 
+def test_the_rebuild_command_of_an_if_directory_names_its_pixel_size(if_stage):
+    # IF's UNet runs on pixels (no VAE): a rebuild must ask for the size it was built at, not 8x.
+    from fd_trt.graphs.manifest import check_engine_dir, rebuild_command
+
+    stage, _, _, folder = if_stage
+    size = IF_STAGES[stage][0]
+    assert f"--height {size} --width {size}" in rebuild_command(folder, load_manifest(folder))
+    with pytest.raises(EngineMismatchError, match=f"--height {2 * size} --width {2 * size}"):
+        check_engine_dir(folder, latent_size=(2 * size, 2 * size))
+
+
 # Last: fd-trt's CLI points logging at the captured stderr, which pytest closes after the test;
 # later tests' warnings would print 'Logging error' noise.
 def test_cli_build_makes_plans_and_generate_runs_them(trt, tmp_path, capsys):

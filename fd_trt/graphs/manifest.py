@@ -391,6 +391,13 @@ def contained_path(folder: str | os.PathLike[str], name: str) -> Path:
     )
 
 
+def pixels_per_latent(unet_config: Mapping[str, Any] | None) -> int:
+    """Image pixels per latent pixel of a UNet's engine directory: 1 for DeepFloyd IF's pixel-space
+    UNets (``addition_embed_type="text"``), else the VAE's 8, for the ``--height/--width`` of a
+    rebuild command."""
+    return 1 if (unet_config or {}).get("addition_embed_type") == "text" else 8
+
+
 def rebuild_command(engine_dir: str | os.PathLike[str], manifest: Manifest | None = None, **spec: Any) -> str:
     """The shell command that rebuilds an engine directory.
 
@@ -404,8 +411,9 @@ def rebuild_command(engine_dir: str | os.PathLike[str], manifest: Manifest | Non
     """
     model = spec.get("model") or (manifest.model_source if manifest else None) or "PATH"
     precision = spec.get("precision") or (manifest.precision if manifest else "fp32")
-    height = spec.get("height") or (manifest.latent_shape[1] * 8 if manifest else "H")
-    width = spec.get("width") or (manifest.latent_shape[2] * 8 if manifest else "W")
+    scale = pixels_per_latent(manifest.unet_config) if manifest else 8
+    height = spec.get("height") or (manifest.latent_shape[1] * scale if manifest else "H")
+    width = spec.get("width") or (manifest.latent_shape[2] * scale if manifest else "W")
     backend = "tensorrt" if precision == "fp16" else "onnxruntime"
     return (
         f"fd-trt build --model {model} --out {engine_dir} --backend {backend} --precision {precision} "
@@ -691,7 +699,8 @@ def check_engine_dir(
     problems += _version_problems(found.versions, package_versions())
     spec: dict[str, Any] = {"precision": precision}
     if latent_size is not None:
-        spec.update(height=latent_size[0] * 8, width=latent_size[1] * 8)
+        scale = pixels_per_latent(found.unet_config)
+        spec.update(height=latent_size[0] * scale, width=latent_size[1] * scale)
     _check_graphs(
         folder,
         "",
@@ -902,6 +911,7 @@ __all__ = [
     "graph_record",
     "load_manifest",
     "package_versions",
+    "pixels_per_latent",
     "rebuild_command",
     "save_manifest",
     "stale_fields",
