@@ -150,3 +150,25 @@ def test_bad_profiles_and_missing_graphs_are_refused(trt, tmp_path):
         TrtTransformerRunner(split, tmp_path, patch=2, width=16, steps=2, opt_steps=3)
     with pytest.raises(EngineMismatchError, match="holds no exported transformer graphs"):
         TrtTransformerRunner(split, tmp_path, patch=2, width=16).activate()
+    with pytest.raises(InputError, match="does not exist: export the transformer graphs"):
+        TrtTransformerRunner(split, tmp_path / "none", patch=2, width=16)
+
+
+def test_cuda_graphs_replay_the_transformer_plans(trt, tmp_path):
+    pipe = tiny_pixart_pipeline(seed=4)
+    split, kw = _split_and_folder(pipe, "pixart", tmp_path / "e", 2)
+    sample, t, text, added = _inputs(pipe)
+    ts = torch.tensor([700.0, 650.0, 600.0])  # two decoder executions: 2 steps, then 1
+    from fd_trt.backends.transformer import TorchTransformerRunner
+
+    with TorchTransformerRunner(split) as ref:
+        want = ref.decode(ref.encode(sample, t, text, added), ts, text, added)
+    with TrtTransformerRunner(split, tmp_path / "e", cuda_graphs=True, **kw) as runner:
+        outs = [runner.decode(runner.encode(sample * 1, t, text, added), ts, text, added) for _ in range(2)]
+        dec = runner._dec
+        assert dec is not None
+        # (step rows, key rows): 2 steps of 2 rows, then 1 step; each captured once, replayed by both calls.
+        assert dec.graphs[(4, 2)] is not None and dec.graphs[(2, 2)] is not None
+        assert dec.graphs[(4, 2)].replays == 2 and dec.graphs[(2, 2)].replays == 2
+    for out in outs:
+        assert _rel(out, want) <= 1e-4

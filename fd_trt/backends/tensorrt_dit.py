@@ -223,6 +223,11 @@ class TrtTransformerRunner(TrtRunner):
             raise InputError(f"rows must be a RowProfile(min, opt, max), got {rows!r}")
         if not 1 <= int(opt_steps) <= int(steps):
             raise InputError(f"profile steps must satisfy 1 <= opt_steps <= steps, got {opt_steps=}, {steps=}")
+        if not Path(engines).is_dir():
+            raise InputError(
+                f"engine directory {engines} does not exist: export the transformer graphs into it first "
+                "(fd_trt.graphs.export_dit.export_transformer; the pipeline does on first use)"
+            )
         super().__init__(
             engines,
             device=device,
