@@ -2,11 +2,13 @@
 independent loop (front blocks at key steps through a forward hook, rear blocks per step); the
 transformer pipelines fd_trt does not run are refused clearly."""
 
+import importlib.util
+
 import pytest
 import torch
 
 from fd_trt import FasterDiffusionPipeline
-from fd_trt.errors import InputError, UnsupportedModelError
+from fd_trt.errors import BackendUnavailableError, InputError, UnsupportedModelError
 from fd_trt.families.dit_models import tiny_dit_pipeline, tiny_pixart_pipeline
 from fd_trt.pipelines.transformer import FasterDiffusionTransformerPipeline
 
@@ -213,8 +215,13 @@ def test_unet_only_features_are_refused_clearly(dit):
     assert fd.runner is None and len(fd.unet_sha256) == 64
     with pytest.raises(InputError, match="controlnet not supported"):
         FasterDiffusionPipeline.from_diffusers(dit, backend="torch", controlnet=object())
-    with pytest.raises(InputError, match="unknown backend 'tensorrt'"):
-        FasterDiffusionPipeline.from_diffusers(dit, backend="tensorrt")
+    with pytest.raises(InputError, match="unknown backend 'coreml'"):
+        FasterDiffusionPipeline.from_diffusers(dit, backend="coreml")
+    # tensorrt is a transformer backend (tests/test_tensorrt_dit.py); without TensorRT it is refused
+    # at construction, naming the install and the other backends.
+    if importlib.util.find_spec("tensorrt") is None:
+        with pytest.raises(BackendUnavailableError, match=r"pip install '.\[gpu\]'.*backend='onnxruntime'"):
+            FasterDiffusionPipeline.from_diffusers(dit, backend="tensorrt")
 
 
 def test_pixart_bf16_runs_a_copy_close_to_fp32(pixart):

@@ -341,6 +341,10 @@ class TrtRunner(Runner):
         manifest.plans[res.record.file] = res.record
         return res.record
 
+    def _rebuild_command(self) -> str:
+        """The command that rebuilds this runner's plans, for the messages that refuse one."""
+        return f"fd-trt build --backend tensorrt --force --out {self.engine_dir}"
+
     def _load(
         self,
         role: str,
@@ -358,7 +362,7 @@ class TrtRunner(Runner):
         from fd_trt.utils.files import file_sha256
 
         path = contained_path(self.engine_dir, record.file)  # a manifest's names stay inside its directory
-        fix = f"delete it and rebuild: fd-trt build --backend tensorrt --force --out {self.engine_dir}"
+        fix = f"delete it and rebuild: {self._rebuild_command()}"
         if not path.is_file():
             raise EngineMismatchError(f"the TensorRT {role} plan {path} recorded in the manifest is missing; {fix}")
         if path.stat().st_size != record.bytes or (self.full_hash and file_sha256(path) != record.sha256):
@@ -453,9 +457,7 @@ class TrtRunner(Runner):
         profiles = profiles_for_manifest(
             manifest.encoder_rows, manifest.decoder_rows, self.schedule, self.opt_segment_steps
         )
-        self._trt_logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._trt_logger)
-        self._stream = torch.cuda.Stream(self.device)
+        self._open_runtime(trt)
         records = {role: self._select_plan(manifest, role, profiles) for role in ROLES}
         contract = GraphContract.from_manifest(manifest)
         key_inputs = contract.decoder.key_rowed_names
@@ -464,8 +466,19 @@ class TrtRunner(Runner):
             self._load("decoder", records["decoder"], key_inputs=key_inputs),
         )
         self._check_contract(contract, enc, dec)
+        self._install(trt, enc, dec, records)
+        self.contract = contract
+
+    def _open_runtime(self, trt: Any) -> None:
+        """TensorRT's logger and runtime, and the side stream the plans run on."""
+        self._trt_logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._trt_logger)
+        self._stream = torch.cuda.Stream(self.device)
+
+    def _install(self, trt: Any, enc: _Engine, dec: _Engine, records: dict[str, PlanRecord]) -> None:
+        """Binds the loaded encoder and decoder plans and makes them the ones the runner runs."""
         self._bind([enc, dec])
-        self._enc, self._dec, self.plans, self.contract = enc, dec, records, contract
+        self._enc, self._dec, self.plans = enc, dec, records
         self.dtype = enc.buffers[SAMPLE].dtype
         if self.cuda_graphs:
             self._graph_pool = torch.cuda.graph_pool_handle()

@@ -80,6 +80,27 @@ def _example(spec: GraphSpec, rows: int, step_rows: int) -> tuple[torch.Tensor, 
     return tuple(out)
 
 
+def _declare_output_shapes(path: Path, spec: GraphSpec) -> None:
+    """Writes the contract's output shapes (rows dynamic, the rest fixed) into the graph's outputs,
+    which the TorchScript exporter leaves unknown; TensorRT then binds each output's tail without
+    inferring it. The weights are not read (a large graph's external data stays where it is)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for out in model.graph.output:
+        t = spec.tensor(out.name)
+        dims = out.type.tensor_type.shape.dim
+        row = dims[0].dim_param if len(dims) and dims[0].HasField("dim_param") else t.row_axis
+        del dims[:]
+        dims.add().dim_param = row
+        for d in t.tail:
+            if isinstance(d, int):
+                dims.add().dim_value = d
+            else:  # a dim fixed per export, named
+                dims.add().dim_param = d
+    onnx.save_model(model, str(path))
+
+
 def manifest_for(
     family: str, transformer: Any, split: SplitTransformer, latent_hw: tuple[int, int], text_shape: Any
 ) -> TransformerManifest:
@@ -168,6 +189,7 @@ def export_transformer(
                         dynamic_axes=spec.dynamic_axes,
                         do_constant_folding=True,
                     )
+                _declare_output_shapes(tmp / name, spec)
                 (tmp / name).replace(folder / name)
             write_atomic(folder / "manifest.json", json.dumps(asdict(want), indent=1))
         finally:

@@ -10,8 +10,9 @@ segment in one call, with [`fd_trt.core.sampler.run_sampler()`][fd_trt.core.samp
 It also serves the ``transformer-unsupported`` family, to refuse Flux and the others clearly.
 
 Backends: ``torch`` (default), ``onnxruntime`` (graphs exported on first use into the engine
-directory, [`fd_trt.graphs.export_dit`][fd_trt.graphs.export_dit]), ``auto`` (times one key step and segment on both on the
-first call at a shape and keeps the faster), or a ready runner.
+directory, [`fd_trt.graphs.export_dit`][fd_trt.graphs.export_dit]), ``tensorrt`` (plans of those graphs built on first use,
+[`fd_trt.backends.tensorrt_dit`][fd_trt.backends.tensorrt_dit]), ``auto`` (times one key step and segment on torch and
+onnxruntime on the first call at a shape and keeps the faster), or a ready runner.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from typing import Any
 
 import torch
 
+from fd_trt.backends import tensorrt as trt_backend
+from fd_trt.backends.tensorrt_build import RowProfile
+from fd_trt.backends.tensorrt_dit import TrtTransformerRunner
 from fd_trt.backends.transformer import OrtTransformerRunner, TorchTransformerRunner
 from fd_trt.core.calibration import Calibration
 from fd_trt.core.runner import Runner
@@ -40,7 +44,10 @@ from fd_trt.pipelines.pipeline import scheduler_step_kwargs as _step_kwargs
 from fd_trt.utils.cache import engine_cache_root
 
 #: The backends a transformer pipeline runs on.
-TRANSFORMER_BACKENDS = ("torch", "onnxruntime", "auto")
+TRANSFORMER_BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
+
+#: The ``runner_options`` of the tensorrt backend: the plans' profile and the runner's switches.
+_TRT_OPTIONS = ("max_rows", "max_segment_steps", "opt_segment_steps", "cuda_graphs", "build")
 
 #: The precisions of the torch backend.
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -52,17 +59,21 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
     Args:
         sd_pipeline: a ``DiTPipeline``, ``PixArtAlphaPipeline``, ``PixArtSigmaPipeline`` or
             ``StableDiffusion3Pipeline`` (its components are used, not copied).
-        backend: ``"torch"`` (default), ``"onnxruntime"``, ``"auto"`` or a ready runner.
-        device: ``"cpu"`` or ``"cuda"`` (torch backend); where the transformer is by default. The
+        backend: ``"torch"`` (default), ``"onnxruntime"``, ``"tensorrt"``, ``"auto"`` or a ready runner.
+        device: ``"cpu"`` or ``"cuda"`` (torch backend; tensorrt runs on ``"cuda"``); where the
+            transformer is by default. The
             wrapped pipeline is not moved: the text encoders and VAE run where they are, and a
             transformer on another device or dtype than the run's is copied once for the runner.
         precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` (torch backend; the graph backends run
             fp32); fp16 on CUDA and fp32 on the CPU by default.
         progress: show progress bars.
         source: where the model came from, for messages.
-        engines: the engine directory of the onnxruntime graphs; ``$FD_TRT_CACHE/transformer/...``
-            keyed by family, weights, ``N`` and shapes by default.
-        runner_options: ``intra_op_threads`` for onnxruntime.
+        engines: the engine directory of the onnxruntime graphs and TensorRT plans;
+            ``$FD_TRT_CACHE/transformer/...`` keyed by family, weights, ``N`` and shapes by default.
+        runner_options: ``intra_op_threads`` for onnxruntime; for tensorrt ``max_rows`` (key-step
+            rows per plan call, default 2), ``max_segment_steps`` (steps per decoder call, default
+            4), ``opt_segment_steps`` (default 1), ``cuda_graphs`` and ``build`` (default ``True``:
+            build missing or stale plans; ``False`` refuses them).
         split: the split point ``N`` (blocks run by the encoder); the family's default when omitted.
         owns_pipeline: accepted for ``from_pretrained``; the pipeline is not moved either way.
         **kwargs: the UNet pipelines' other options (``controlnet``, ...) are refused.
@@ -105,10 +116,16 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
         if name not in TRANSFORMER_BACKENDS and self._fixed_runner is None:
             raise InputError(f"unknown backend {name!r} for a diffusion transformer: choose {TRANSFORMER_BACKENDS}")
         self.backend = name
-        self.device = torch.device(device) if device is not None else next(tr.parameters()).device
+        if (
+            name == "tensorrt" and self._fixed_runner is None
+        ):  # raises without TensorRT or a CUDA GPU, naming the install
+            trt_backend.require_tensorrt()
+            self.device = trt_backend.require_cuda(device if device is not None else "cuda")
+        else:
+            self.device = torch.device(device) if device is not None else next(tr.parameters()).device
         if self.device.type not in ("cpu", "cuda"):
             raise InputError(f"device={device!r}: the transformer pipelines run on 'cpu' or 'cuda'")
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.backend != "tensorrt":
             if name != "torch":
                 raise InputError(
                     f"backend {name!r} runs the transformer on the CPU: pass backend='torch' for device='cuda'"
@@ -116,7 +133,7 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
             if not torch.cuda.is_available():
                 raise InputError(f"device={device!r} but torch sees no CUDA GPU: pass device='cpu'")
         if precision is None:
-            precision = "fp16" if self.device.type == "cuda" else "fp32"
+            precision = "fp16" if self.device.type == "cuda" and name == "torch" else "fp32"
         if precision not in _DTYPES:
             raise InputError(f"precision={precision!r}: choose one of {', '.join(_DTYPES)}")
         if precision != "fp32" and name != "torch":
@@ -202,10 +219,33 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
                 split = self.split_for(n, latent_hw)
                 folder = self.engine_dir(n, latent_hw, text_shape)
                 m = export_transformer(folder, self.family.name, self.transformer, split, latent_hw, text_shape)
-                threads = int(self.runner_options.get("intra_op_threads", 0))
-                runner = OrtTransformerRunner(split, folder / m.encoder, folder / m.decoder, threads)
+                if backend == "tensorrt":
+                    runner = self._trt_runner(split, folder)
+                else:
+                    threads = int(self.runner_options.get("intra_op_threads", 0))
+                    runner = OrtTransformerRunner(split, folder / m.encoder, folder / m.decoder, threads)
             self._runners[key] = runner.activate()
         return self._runners[key]
+
+    def _trt_runner(self, split: SplitTransformer, folder: Path) -> Runner:
+        """The TensorRT runner of the graphs in ``folder``, with ``runner_options``' profile."""
+        opts = self.runner_options
+        config = self.transformer.config
+        max_rows = int(opts.get("max_rows", 2))
+        if max_rows < 1:
+            raise InputError(f"runner_options max_rows={max_rows}: pass at least 1 (2 rows per image with CFG)")
+        return TrtTransformerRunner(
+            split,
+            folder,
+            patch=int(config.patch_size),
+            width=int(config.num_attention_heads) * int(config.attention_head_dim),
+            rows=RowProfile(1, max_rows, max_rows),
+            steps=int(opts.get("max_segment_steps", 4)),
+            opt_steps=int(opts.get("opt_segment_steps", 1)),
+            device=self.device,
+            build=bool(opts.get("build", True)),
+            cuda_graphs=bool(opts.get("cuda_graphs", False)),
+        )
 
     def _choose_auto(self, n: int, latent_hw: tuple[int, int], latents: torch.Tensor, cond: PromptEmbeddings) -> str:
         """``auto``: the faster of torch and onnxruntime on one key step and a 3-step segment at these shapes."""
