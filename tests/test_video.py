@@ -235,7 +235,9 @@ def test_the_decoder_row_cap_counts_frames(video_pair):
     # one step is 2 rows (CFG) x 3 frames = 6 frames: a cap of 13 frames decodes 2 steps per call
     capped = fd(PROMPT, max_decoder_rows=13, **{**kw, "generator": torch.Generator().manual_seed(6)})
     assert capped.stats.decoder_calls == 4
-    assert (capped.latents - whole.latents).abs().max().item() < 1e-5
+    # Other batch sizes sum in another order: equal to float rounding, relative to the latents'
+    # size (they reach about 20 on these random models).
+    assert ((capped.latents - whole.latents).abs().max() / whole.latents.abs().max()).item() < 1e-5
     with pytest.raises(InputError, match=r"max_decoder_rows=5 .*at least 6"):
         fd(PROMPT, max_decoder_rows=5, **kw)
 
