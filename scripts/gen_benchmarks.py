@@ -109,6 +109,11 @@ RUNS: list[Table] = [
         [
             Run("bench_sd15_128_decoder_schedules.json", "one timed run per row, no warm-up"),
             Run("bench_sd15_128_decoder_schedules_fast.json", "one timed run per row, no warm-up"),
+            Run(
+                "bench_sd15_128_decoder_schedules_ort.json",
+                "one timed run per row, no warm-up: the first onnxruntime row (`power:8`) includes the 282 s "
+                "export of the graphs and is not a speed figure",
+            ),
         ],
         text="Random weights, so the fidelity figures say how far each method moves this UNet's output, not "
         "how an image looks. Compare rows within a run: the diffusers row took 102.9 s in one and 94.2 s in "
