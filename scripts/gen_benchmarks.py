@@ -133,7 +133,7 @@ RUNS: list[Table] = [
         [Run("bench_default_64_decoder_schedules.json", "two timed runs after a warm-up of every row")],
         text="Rel. L2 of the final latents against diffusers. `combined:power:K|none|1|fresh` is DeepCache's "
         "branch 0 with its K whole-decoder steps placed densely at the start; `deepcache:N` reproduces the "
-        "DeepCache package's interval N. The torch rows ran alongside the onnxruntime sessions and were 15-50% "
+        "DeepCache package's interval N. The torch rows ran in the same process as the onnxruntime rows and were 15-50% "
         "slower than in a torch-only run; the torch-only front is in the decoder-schedules guide.",
     ),
     Table(
