@@ -84,3 +84,23 @@ def test_bench_rows_and_the_block_caching_baseline(family):
     assert cache["gflops"] == pytest.approx(want, rel=1e-3)
     assert 0 < cache["rel_l2"] < 1  # blocks 0..N-1 reused: close to, not equal to, diffusers
     assert rows["fd paper"]["decoder_calls"] < steps  # the paper's steps decode segments in one call
+
+
+def test_bench_calibrated_row_runs_the_calibration_at_its_split():
+    """``--calibrate``: the key steps found on another prompt and seed, run at the calibration's N;
+    its encoder calls are its key steps and its rel. L2 is against the diffusers row."""
+    module = _dit_bench()
+    pipe = tiny_pixart_pipeline(seed=0)
+    res = module.bench(pipe, steps=8, splits=[2], schedules=["all"], max_len=16, calibrate=True,
+                       calibration_tolerance=0.5)  # fmt: skip
+    cal, rows = res["calibration"], {r["row"]: r for r in res["rows"]}
+    assert cal["prompt"] == module.CALIBRATION_PROMPT and cal["split"] == 2  # --splits fixes N
+    assert cal["error"] <= 0.5 and len(cal["history"]) > 1
+    row = rows["fd calibrated"]
+    assert row["key_steps"] == cal["key_steps"] and row["encoder_calls"] == len(cal["key_steps"])
+    assert row["split"] == 2 and 0 < row["rel_l2"] < 1
+    # the cheapest accepted candidate was kept
+    accepted = [h for h in cal["history"] if h["error"] <= 0.5]
+    assert min(h["block_evaluations"] for h in accepted) == next(
+        h["block_evaluations"] for h in cal["history"] if h["key_steps"] == cal["key_steps"]
+    )

@@ -177,11 +177,11 @@ def test_from_pretrained_of_a_dit_folder(dit, tmp_path):
 def test_calibration_searches_split_and_key_steps(dit, tmp_path):
     from fd_trt.core.calibration import Calibration
     from fd_trt.errors import ScheduleError
-    from fd_trt.tools.calibrate_dit import block_evaluations, calibrate_transformer
+    from fd_trt.tools.calibrate_dit import block_evaluations, calibrate_transformer, candidate_schedules
 
     fd = FasterDiffusionPipeline.from_diffusers(dit, backend="torch", progress=False)
     cal = calibrate_transformer(fd, [3], steps=10, splits=[1, 3], tolerance=0.5)
-    assert cal.split in (1, 3) and cal.steps == 10 and len(cal.history) == 2 * 4
+    assert cal.split in (1, 3) and cal.steps == 10 and len(cal.history) == 2 * len(candidate_schedules(10))
     chosen = [h for h in cal.history if h["split"] == cal.split and h["key_steps"] == cal.key_steps][0]
     accepted = [h for h in cal.history if h["error"] <= 0.5]
     assert chosen["block_evaluations"] == min(h["block_evaluations"] for h in accepted)
@@ -204,6 +204,27 @@ def test_calibration_searches_split_and_key_steps(dit, tmp_path):
         fd(class_labels=[3], num_inference_steps=10, schedule=cal, split=2 if cal.split != 2 else 1)
     with pytest.raises(ScheduleError, match="steps"):
         fd(class_labels=[3], num_inference_steps=12, schedule=cal)
+
+
+def test_calibration_candidates():
+    """The transformer search's key-step candidates: the paper's steps scaled, uniform 2..5, the
+    dense head, and power:K (dense at the start) for K = 3 .. T/2; each valid, starting at 0."""
+    from fd_trt.core.schedule import KeySchedule, parse_schedule
+    from fd_trt.tools.calibrate_dit import candidate_schedules
+
+    cands = candidate_schedules(20)
+    assert len(set(cands)) == len(cands)
+    assert [len(c) for c in cands] == sorted(len(c) for c in cands)  # cheapest first
+    for c in cands:
+        KeySchedule(c, 20)
+        assert c[0] == 0
+    for every in (2, 3, 4, 5):
+        assert tuple(range(0, 20, every)) in cands
+    for k in range(3, 11):  # steps // 20 == 1: every K
+        assert parse_schedule(f"power:{k}", 20).key_steps in cands
+    # power:3 of 20 at P = 1.5: round(20 (i/3)^1.5) for i = 0, 1, 2 -> 0, 4, 11
+    assert (0, 4, 11) in cands
+    assert all(parse_schedule(f"power:{k}", 50).key_steps in candidate_schedules(50) for k in range(3, 26, 2))
 
 
 def test_unet_only_features_are_refused_clearly(dit):

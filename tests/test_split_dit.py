@@ -69,9 +69,21 @@ def test_runner_batched_decode_equals_one_call_per_step():
     text, added, kwargs = _pixart_inputs(2, False)
     s = split_transformer(tr, 2)
     ts = torch.tensor([900.0, 700.0, 500.0])
+    seen: dict[str, list[int]] = {"caption": [], "to_k": []}
+
+    def spy(name, module):  # the rows a module's own forward computes (after any pre-hook)
+        forward = module.forward
+        module.forward = lambda x, *a, **k: (seen[name].append(x.shape[0]), forward(x, *a, **k))[1]
+
+    spy("caption", tr.caption_projection)
+    spy("to_k", tr.transformer_blocks[-1].attn2.to_k)
     with TorchTransformerRunner(s) as runner:
         feats = runner.encode(x, ts[0].expand(2), text, added)
+        seen = {k: [] for k in seen}  # the decoder's calls only
         eps = runner.decode(feats, ts, text, added)
+    del tr.caption_projection.forward, tr.transformer_blocks[-1].attn2.to_k.forward
+    # the text is the same at the three steps: projected for the 2 key-step rows once, not 6
+    assert seen == {"caption": [2], "to_k": [2]}
     assert eps.shape == (6, 4, 8, 8)
     mask = added["encoder_attention_mask"]
     with torch.no_grad():

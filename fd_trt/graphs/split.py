@@ -253,6 +253,28 @@ def _hook_text_projection(module: nn.Module) -> None:
     module._fd_trt_text_rows_hooked = True
 
 
+@contextlib.contextmanager
+def text_rows_shared(modules: Sequence[nn.Module], repeats: Repeats) -> Iterator[None]:
+    """Within the block, each of ``modules`` (projections that read only text rows tiled
+    ``repeats`` times, step-major) projects the first ``rows / repeats`` rows and tiles its output:
+    the same numbers with ``1 / repeats`` of the work. Outside the block the hooks do nothing.
+    ``repeats`` 1 turns it off; a traced 0-d tensor (a graph's S) keeps it on.
+
+    Used by [`SplitUNet.text_rows_repeated()`][fd_trt.graphs.split.SplitUNet.text_rows_repeated] and by the
+    PixArt decoder (its caption projection and cross-attention keys and values)."""
+    if _sharing_off(repeats):
+        yield
+        return
+    with _HOOK_LOCK:
+        for module in modules:
+            _hook_text_projection(module)
+    token = _TEXT_ROW_REPEATS.set(repeats if isinstance(repeats, torch.Tensor) else int(repeats))
+    try:
+        yield
+    finally:
+        _TEXT_ROW_REPEATS.reset(token)
+
+
 #: Rows per distinct feature row in the current decoder call ([`SplitUNet.skip_rows_repeated()`][fd_trt.graphs.split.SplitUNet.skip_rows_repeated]).
 _SKIP_ROW_REPEATS: contextvars.ContextVar[Repeats] = contextvars.ContextVar("fd_trt_skip_row_repeats", default=1)
 #: The output a periodic convolution computed in its pre-hook, handed to its forward hook (per thread).
@@ -742,17 +764,8 @@ class SplitUNet:
         Args:
             repeats: S, the steps whose rows share one text (1 turns the sharing off).
         """
-        if _sharing_off(repeats):
+        with text_rows_shared(self.decoder.text_projections(), repeats):
             yield
-            return
-        with _HOOK_LOCK:
-            for module in self.decoder.text_projections():
-                _hook_text_projection(module)
-        token = _TEXT_ROW_REPEATS.set(repeats if isinstance(repeats, torch.Tensor) else int(repeats))
-        try:
-            yield
-        finally:
-            _TEXT_ROW_REPEATS.reset(token)
 
     @contextlib.contextmanager
     def skip_rows_repeated(self, repeats: Repeats, skip_channels: Sequence[int]) -> Iterator[None]:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from fd_trt.errors import InputError, UnsupportedModelError
+from fd_trt.graphs.split import text_rows_shared
 
 #: Graph name of the propagated tokens.
 TOKENS = "tokens"
@@ -169,6 +170,17 @@ class _PixArtDecoder(_PixArtCommon):
         self.patch, self.out_channels = int(tr.config.patch_size), int(tr.out_channels)
         self.latent_hw = latent_hw
 
+    def text_projections(self) -> list[nn.Module]:
+        """What reads only the text rows: the caption projection and every decoder block's
+        cross-attention key and value projections (shared across a segment's steps by
+        [`StepDecoder`][fd_trt.graphs.split_dit.StepDecoder])."""
+        out: list[nn.Module] = [self.caption_projection] if self.caption_projection is not None else []
+        for block in self.blocks:
+            attn = getattr(block, "attn2", None)
+            if attn is not None:
+                out.extend(m for m in (getattr(attn, n, None) for n in ("to_k", "to_v")) if m is not None)
+        return out
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -198,6 +210,11 @@ class StepDecoder(nn.Module):
     of the key step's N rows, a timestep per step row (``S*N``, step-major); it tiles the N rows S
     times itself and returns the noise channels only (``[S*N, eps_channels, H, W]``).
 
+    PixArt's text is the same at every step of a segment, so its caption projection and the
+    decoder blocks' cross-attention keys and values are computed for the N rows once and tiled
+    ([`text_rows_shared()`][fd_trt.graphs.split.text_rows_shared]). SD3's context is a propagated
+    feature that every joint block updates with the step's own timestep: nothing to share there.
+
     ``forward(*features, timestep, *cond)`` with ``num_features`` feature tensors first."""
 
     def __init__(self, decoder: nn.Module, eps_channels: int, num_features: int = 1) -> None:
@@ -209,7 +226,9 @@ class StepDecoder(nn.Module):
         feats, timestep, cond = inputs[:k], inputs[k], inputs[k + 1 :]
         s = timestep.shape[0] // feats[0].shape[0]
         tiled = [c.repeat(s, *([1] * (c.dim() - 1))) for c in (*feats, *cond)]
-        return self.decoder(*tiled[:k], timestep, *tiled[k:])[:, : self.eps_channels]
+        projections = getattr(self.decoder, "text_projections", None)
+        with text_rows_shared(projections() if projections is not None else (), s):
+            return self.decoder(*tiled[:k], timestep, *tiled[k:])[:, : self.eps_channels]
 
 
 @dataclass

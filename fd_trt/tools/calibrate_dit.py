@@ -24,21 +24,26 @@ from typing import Any
 import torch
 
 from fd_trt.core.calibration import Calibration
-from fd_trt.core.schedule import PAPER_KEY_STEPS, KeySchedule
+from fd_trt.core.schedule import PAPER_KEY_STEPS, KeySchedule, power_steps
 from fd_trt.errors import InputError
 from fd_trt.graphs.weights import unet_weights_sha256
 
 
 def candidate_schedules(steps: int) -> list[tuple[int, ...]]:
     """Key-step candidates for ``steps`` steps: the paper's DDIM-50 steps scaled to ``steps``,
-    uniform every 2 and 3 steps, and a dense head (every step in the first fifth) with every third after."""
+    uniform every 2 to 5 steps, a dense head (every step in the first fifth) with every third
+    after, and ``power:K`` (K steps dense at the start, P = 1.5) for K from 3 to half the steps
+    (every ``steps // 20``-th K), the family that reaches a given error with the fewest key steps
+    on the UNets (docs/guides/deepcache-front.md)."""
     out: set[tuple[int, ...]] = set()
     out.add(tuple(sorted({min(steps - 1, round(k * steps / 50)) for k in PAPER_KEY_STEPS})))
-    out.add(tuple(range(0, steps, 2)))
-    out.add(tuple(range(0, steps, 3)))
+    for every in (2, 3, 4, 5):
+        out.add(tuple(range(0, steps, every)))
     head = max(1, steps // 5)
     out.add(tuple(sorted(set(range(head)) | set(range(head, steps, 3)))))
-    return sorted(out, key=len)
+    for count in range(min(3, steps), steps // 2 + 1, max(1, steps // 20)):
+        out.add(power_steps(count, steps))
+    return sorted(out, key=lambda keys: (len(keys), keys))
 
 
 def block_evaluations(key_steps: Sequence[int], steps: int, split: int, blocks: int) -> float:

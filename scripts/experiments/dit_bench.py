@@ -9,7 +9,12 @@ Rows, all from the same initial latents and prompt embeddings, on the torch back
 * ``fd paper`` / ``fd uniform:K`` at split N: key steps, the other steps' rear blocks decoded in one
   batched call per segment, prior noise injection on;
 * ``block-caching``: blocks 0..N-1 reused on two of every three steps (key steps 0, 3, 6, ...), one
-  decoder call per step, no noise injection: ModelOpt's static pattern, run by the same sampler.
+  decoder call per step, no noise injection: ModelOpt's static pattern, run by the same sampler;
+* ``fd calibrated`` (``--calibrate``): the key steps (and N, over ``--splits`` when given, else a
+  quarter, half and three quarters of the blocks) searched by
+  ``fd_trt.tools.calibrate_dit.calibrate_transformer`` within ``--max-error`` of ``all``, on another
+  prompt and seed than the rows', run at the calibration's N (its seconds, N and key steps are in
+  the JSON).
 
 Each row reports the denoising seconds (text encoding and VAE excluded), the speed-up against
 diffusers, the transformer GFLOPs per image (block evaluations x the per-block FLOPs counted with
@@ -55,6 +60,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 #: random weights, small random text encoders and VAE).
 MODELS = ("tiny-pixart", "pixart-arch", "tiny-sd3", "sd3-arch")
 
+#: The calibration's prompt (seed 1): not the rows' prompt, so the calibrated row is not fitted to it.
+CALIBRATION_PROMPT = "a green square on a white background"
+
 
 def build(model: str, size: int) -> tuple[Any, int]:
     """The diffusers pipeline of ``model`` at ``size`` x ``size`` images, and its prompt length."""
@@ -83,9 +91,13 @@ def bench(
     max_len: int = 120,
     prompt: str = "a red circle on a blue background",
     log: Callable[[dict[str, Any]], None] | None = None,
+    calibrate: bool = False,
+    calibration_tolerance: float = 0.05,
 ) -> dict[str, Any]:
     """The rows (module docstring) for a diffusers PixArt or SD3 pipeline; ``splits`` default to the
-    family's N, ``guidance`` to the family's CFG scale."""
+    family's N, ``guidance`` to the family's CFG scale. ``calibrate`` adds the ``fd calibrated`` row
+    (N searched over ``splits``, or a quarter, half and three quarters of the blocks, within
+    ``calibration_tolerance`` rel. L2 of ``all``)."""
     from fd_trt import FasterDiffusionPipeline
 
     fd = FasterDiffusionPipeline.from_diffusers(pipe, backend="torch", progress=False)
@@ -146,7 +158,7 @@ def bench(
              rel_l2=0.0)
     ]  # fmt: skip
 
-    def run(schedule: str, split: int, **kw: Any) -> tuple[torch.Tensor, float, float, Any]:
+    def run(schedule: Any, split: int, **kw: Any) -> tuple[torch.Tensor, float, float, Any]:
         out = fd(
             prompt, num_inference_steps=steps, guidance_scale=guidance, latents=latents.clone(),
             output_type="latent", schedule=schedule, split=split, max_sequence_length=max_len, **kw,
@@ -179,7 +191,43 @@ def bench(
             )
             if log:
                 log(rows[-1])
+    calibration = None
+    if calibrate:
+        from fd_trt.tools.calibrate_dit import calibrate_transformer
+
+        cal = calibrate_transformer(
+            fd, [CALIBRATION_PROMPT], steps=steps, splits=splits, tolerance=calibration_tolerance,
+            guidance_scale=guidance, seeds=[1], max_sequence_length=max_len,
+        )  # fmt: skip
+        calibration = dict(
+            prompt=CALIBRATION_PROMPT, seed=1, seconds=round(cal.seconds, 1), split=cal.split,
+            key_steps=cal.key_steps, error=round(cal.error, 5), tolerance=calibration_tolerance,
+            history=cal.history,
+        )  # fmt: skip
+        if log:
+            log(dict(calibration=calibration))
+        best = None
+        for _ in range(repeats):
+            lat, sec, evals, stats = run(cal, int(cal.split))  # type: ignore[arg-type]
+            best = sec if best is None else min(best, sec)
+        assert best is not None
+        rows.append(
+            dict(
+                row="fd calibrated",
+                split=int(cal.split),
+                key_steps=list(cal.key_steps),
+                seconds=round(best, 2),
+                speedup=round(t_ref / best, 2),
+                gflops=_sig(forward_gflops * evals * cfg_rows),
+                rel_l2=round(_rel(lat, ref), 5),
+                encoder_calls=stats.encoder_calls,
+                decoder_calls=stats.decoder_calls,
+            )
+        )
+        if log:
+            log(rows[-1])
     return dict(
+        calibration=calibration,
         steps=steps,
         guidance=guidance,
         blocks=blocks,
@@ -202,6 +250,9 @@ def main() -> None:
     )
     p.add_argument("--schedules", default="all,paper,uniform:3", help="comma-separated fd schedules")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--calibrate", action="store_true", help="add the 'fd calibrated' row (N and key steps searched)")
+    p.add_argument("--max-error", type=float, default=0.05, help="the calibration's rel. L2 tolerance against 'all'")
+    p.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args()
 
     torch.manual_seed(0)
@@ -215,8 +266,14 @@ def main() -> None:
         repeats=a.repeats,
         max_len=max_len,
         log=lambda row: print(json.dumps(row), flush=True),
+        calibrate=a.calibrate,
+        calibration_tolerance=a.max_error,
     )
-    print(json.dumps(dict(model=a.model, size=a.size, cpu=_cpu(), threads=torch.get_num_threads(), **res)))
+    doc = dict(model=a.model, size=a.size, cpu=_cpu(), threads=torch.get_num_threads(), **res)
+    print(json.dumps(doc))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(doc, f, indent=4)
 
 
 if __name__ == "__main__":
