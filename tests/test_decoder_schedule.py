@@ -467,3 +467,40 @@ def test_added_key_steps_keep_the_depths():
     assert isinstance(t, DecoderSchedule) and t.fresh_input
     assert t.depths == (0, 1, 1, 0, 0, 1, 1, 1, 0, 1)
     assert with_keys(parse_schedule("paper", 10), (0, 4)) == KeySchedule((0, 4), 10)
+
+
+@pytest.mark.slow
+def test_calibration_at_another_image_size(sd, tmp_path):
+    """``height``/``width``: the evaluator samples at that size, its error of a schedule is the
+    pipeline's own rel. L2 against ``all`` at that size, and the calibration records the size."""
+    from fd_trt.errors import InputError
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
+    from fd_trt.tools.calibrate import Evaluator
+    from fd_trt.tools.calibrate_decoder import calibrate_decoder
+
+    pipe = FasterDiffusionPipeline.from_diffusers(sd, backend="torch", progress=False)
+    pipe.set_scheduler("ddim")
+    f = pipe.vae_scale_factor
+    native = int(sd.unet.config.sample_size)
+    h, w = 2 * native * f, native * f  # twice the height: non-square on purpose
+    ev = Evaluator(pipe, "ddim", STEPS, ["a red square"], [4], 7.5, height=h, width=w)
+    assert ev.latents.shape == (1, 4, 2 * native, native) and ev.image_size == (h, w)
+    schedule = parse_schedule("deepcache:3", STEPS)
+    common = dict(num_inference_steps=STEPS, height=h, width=w, guidance_scale=7.5, output_type="latent")
+    ref = pipe("a red square", latents=ev.latents.clone(), schedule="all", **common).latents
+    out = pipe("a red square", latents=ev.latents.clone(), schedule=schedule, **common).latents
+    from fd_trt.tools.calibrate_decoder import decoder_error
+
+    assert decoder_error(ev, schedule) == pytest.approx(rel_l2(out, ref), rel=1e-4, abs=1e-6)
+    with pytest.raises(InputError, match=f"height=30 is not divisible by the VAE factor {f}"):
+        Evaluator(pipe, "ddim", STEPS, ["a red square"], [4], height=30)
+    cal = calibrate_decoder(pipe, scheduler="ddim", steps=STEPS, prompts=["a red square"], speedup=1.5,
+                            max_evaluations=1, height=h, width=w)  # fmt: skip
+    assert cal.image_size == [h, w]
+    from fd_trt.core.calibration import Calibration
+
+    assert Calibration.load(cal.save(tmp_path / "c.json")).image_size == [h, w]
+    # without a size the field stays out of the file, as in calibrations written before it existed
+    plain = calibrate_decoder(pipe, scheduler="ddim", steps=STEPS, prompts=["a red square"], speedup=1.5,
+                              max_evaluations=1)  # fmt: skip
+    assert plain.image_size is None and "image_size" not in plain.to_json()

@@ -29,6 +29,13 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--steps", type=int, default=50, help="inference steps")
     p.add_argument(
+        "--height",
+        type=int,
+        default=None,
+        help="image height to calibrate at (default: the model's own size; --width defaults to it)",
+    )
+    p.add_argument("--width", type=int, default=None, help="image width to calibrate at (default: --height)")
+    p.add_argument(
         "--split",
         default=None,
         help="diffusion transformers: the split point N (blocks 0..N-1 are the encoder): 'auto' (default) searches "
@@ -139,7 +146,8 @@ def _run_unet(args: argparse.Namespace, pipe: Any, prompt_list: Sequence[str] | 
     from fd_trt.tools.calibrate import DEFAULT_PROMPTS, calibrate
 
     prompts: Sequence[str] = prompt_list or DEFAULT_PROMPTS
-    print(f"model: {pipe.source}; backend {pipe.backend}; {args.scheduler}-{args.steps}; {len(prompts)} prompts")
+    at = f"; {args.height or args.width}x{args.width or args.height}" if args.height or args.width else ""
+    print(f"model: {pipe.source}; backend {pipe.backend}; {args.scheduler}-{args.steps}; {len(prompts)} prompts{at}")
     if args.decoder or args.max_error is not None:
         return _run_decoder(args, pipe, prompts)
     cal = calibrate(
@@ -152,6 +160,8 @@ def _run_unet(args: argparse.Namespace, pipe: Any, prompt_list: Sequence[str] | 
         guidance=args.guidance,
         method=args.method,
         progress=None if args.quiet else (lambda line: print(f"  {line}", flush=True)),
+        height=args.height,
+        width=args.width,
     )
     print(f"key steps: {','.join(map(str, cal.key_steps))} (K={len(cal.key_steps)})")
     print(f"calibration error (rel. L2 vs all): {cal.error:.4f}; paper: {cal.paper_error:.4f}")
@@ -239,9 +249,14 @@ def _run_transformer(args: argparse.Namespace, pipe: Any, prompt_list: Sequence[
         f"{len(conds)} {'prompts' if pipe.family.takes_prompts else 'class labels'}; "
         f"N {'searched' if splits is None else 'fixed at ' + str(splits[0])}"
     )
+    size = {}
+    if args.height is not None or args.width is not None:  # either side defaults to the other
+        size = {"height": args.height or args.width, "width": args.width or args.height}
     cal = calibrate_transformer(
-        pipe, conds, steps=args.steps, splits=splits, tolerance=tolerance, guidance_scale=args.guidance
+        pipe, conds, steps=args.steps, splits=splits, tolerance=tolerance, guidance_scale=args.guidance, **size
     )
+    if size:
+        cal.image_size = [int(size["height"]), int(size["width"])]
     n = int(cal.split)  # type: ignore[arg-type]
     print(f"split: {n} (the encoder runs blocks 0..{n - 1} of {blocks})")
     print(f"key steps: {','.join(map(str, cal.key_steps))} (K={len(cal.key_steps)})")
@@ -282,6 +297,8 @@ def _run_decoder(args: argparse.Namespace, pipe: Any, prompts: Sequence[str]) ->
         prompts=prompts,
         guidance=args.guidance,
         progress=None if args.quiet else (lambda line: print(f"  {line}", flush=True)),
+        height=args.height,
+        width=args.width,
     )
     print(f"schedule: {cal.schedule().spec}")  # type: ignore[attr-defined]
     print(

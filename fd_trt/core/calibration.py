@@ -47,6 +47,7 @@ class Calibration:
             last ``k`` up layers, see [`DecoderSchedule`][fd_trt.core.schedule.DecoderSchedule]); ``None``
             for key steps alone (files written before decoder schedules).
         fresh_input: the decoder schedule's shallow steps read their own latents' ``conv_in``.
+        image_size: ``[height, width]`` it was calibrated at, when not the model's own size.
     """
 
     key_steps: list[int]
@@ -69,11 +70,14 @@ class Calibration:
     split: int | None = None
     depths: list[int] | None = None
     fresh_input: bool = False
+    #: ``[height, width]`` calibrated at, when not the model's own size (``fd-trt calibrate --height``).
+    image_size: list[int] | None = None
 
     def to_json(self) -> str:
         data = asdict(self)
-        if data["split"] is None:  # UNet calibrations keep the fields they always had
-            del data["split"]
+        for name in ("split", "image_size"):  # calibrations without them keep the fields they always had
+            if data[name] is None:
+                del data[name]
         return json.dumps(data, indent=2)
 
     def save(self, path: str | os.PathLike[str]) -> Path:

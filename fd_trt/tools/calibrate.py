@@ -50,6 +50,26 @@ DEFAULT_SEEDS = (0, 1, 2, 3)
 
 
 # evaluation ---------------------------------------------------------------------------------
+def image_size(height: int | None, width: int | None, default: int, factor: int) -> tuple[int, int]:
+    """``(height, width)`` of a calibration: the given size (either side defaults to the other,
+    then to ``default``), each a positive multiple of the VAE ``factor``.
+
+    Raises:
+        InputError: naming the bad value and a size that works.
+    """
+    h = height if height is not None else (width if width is not None else default)
+    w = width if width is not None else h
+    for name, v in (("height", h), ("width", w)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise InputError(f"calibration {name} must be a positive integer, got {v!r}")
+        if v % factor:
+            raise InputError(
+                f"calibration {name}={v} is not divisible by the VAE factor {factor}: use a multiple of {factor}, "
+                f"e.g. {max(factor, v // factor * factor)}"
+            )
+    return int(h), int(w)
+
+
 class Evaluator:
     """Runs the sampler on a fixed calibration batch and measures the error of a schedule.
 
@@ -63,10 +83,22 @@ class Evaluator:
         prompts: calibration prompts.
         seeds: one seed per prompt.
         guidance: CFG scale.
+        height, width: the image size calibrated at (the model's own by default); multiples of the
+            VAE factor. The error of a schedule depends on the size: a shallow step's share of a
+            step, and how much a reused feature moves the result, change with it
+            (docs/guides/deepcache-front.md).
     """
 
     def __init__(
-        self, pipe: Any, scheduler: str, steps: int, prompts: Sequence[str], seeds: Sequence[int], guidance: float = 7.5
+        self,
+        pipe: Any,
+        scheduler: str,
+        steps: int,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        guidance: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
     ) -> None:
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -93,21 +125,23 @@ class Evaluator:
         cfg = self.guidance > 1.0
         f = pipe.vae_scale_factor
         size = int(sd.unet.config.sample_size)
+        h_img, w_img = image_size(height, width, size * f, f)
+        lh, lw = h_img // f, w_img // f
         # The pipeline's own prompt stage: SDXL's pooled embeddings and time ids come with the text.
         with torch.inference_mode():
-            cond = pipe.encode_prompt(list(prompts), None, 1, cfg, size * f, size * f)
+            cond = pipe.encode_prompt(list(prompts), None, 1, cfg, h_img, w_img)
         self.text = cond.text
         #: SDXL's added conditioning per row (``text_embeds``, ``time_ids``); ``None`` for SD 1.x/2.x.
         self.added = cond.added
-        shape = (len(prompts), int(sd.unet.config.in_channels), size, size)
+        shape = (len(prompts), int(sd.unet.config.in_channels), lh, lw)
         self.latents = randn_tensor(
             shape,
             generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
             device=pipe.device,
             dtype=torch.float32,
         )
-        self.latent_hw = (size, size)
-        self.image_size = (size * f, size * f)
+        self.latent_hw = (lh, lw)
+        self.image_size = (h_img, w_img)
         self.evaluations = 0
         self.steps_run = 0
         self.run_seconds = 0.0
@@ -482,6 +516,8 @@ def calibrate(
     guidance: float = 7.5,
     method: str = "greedy",
     progress: Callable[[str], None] | None = None,
+    height: int | None = None,
+    width: int | None = None,
 ) -> Calibration:
     """Chooses key steps for the pipeline's model, a scheduler and a step count.
 
@@ -498,6 +534,8 @@ def calibrate(
         guidance: CFG scale.
         method: ``greedy``, ``dp`` or ``dp+swap`` (see the module docstring).
         progress: called with a line of text after each stage.
+        height, width: the image size to calibrate at (the model's own by default); recorded in
+            the calibration's ``image_size``.
 
     Returns:
         The [`Calibration`][fd_trt.core.calibration.Calibration].
@@ -516,7 +554,7 @@ def calibrate(
     ):
         raise InputError(f"speedup must be a number above 1, got {speedup!r}")
     seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
-    ev = Evaluator(pipe, scheduler, steps, prompts, seeds, guidance)
+    ev = Evaluator(pipe, scheduler, steps, prompts, seeds, guidance, height, width)
     t_steps = ev.reference_steps
     costs = measure_costs(ev)
     if speedup is not None:
@@ -570,6 +608,7 @@ def calibrate(
         steps_run=ev.steps_run,
         history=history[-50:],
         costs=dict(costs),
+        image_size=None if height is None and width is None else list(ev.image_size),
     )
 
 

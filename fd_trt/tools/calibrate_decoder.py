@@ -161,6 +161,8 @@ def calibrate_decoder(
     extra_keys: Sequence[Sequence[int]] = (),
     max_evaluations: int = 24,
     progress: Callable[[str], None] | None = None,
+    height: int | None = None,
+    width: int | None = None,
 ) -> Calibration:
     """Chooses a decoder schedule for a speed target or an error target.
 
@@ -172,6 +174,8 @@ def calibrate_decoder(
         max_error: the largest relative L2 against ``all`` accepted.
         extra_keys: more key-step sets for the grid (a saved calibration's).
         max_evaluations: sampler runs at most.
+        height, width: the image size to calibrate at (the model's own by default): the call costs
+            and the errors both depend on it; recorded in the calibration's ``image_size``.
 
     Returns:
         A [`Calibration`][fd_trt.core.calibration.Calibration] with ``depths`` and ``fresh_input`` set (method ``decoder-grid``).
@@ -189,7 +193,7 @@ def calibrate_decoder(
     if isinstance(max_evaluations, bool) or not isinstance(max_evaluations, int) or max_evaluations < 1:
         raise InputError(f"max_evaluations must be a positive integer, got {max_evaluations!r}")
     seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
-    ev = Evaluator(pipe, scheduler, steps, prompts, seeds, guidance)
+    ev = Evaluator(pipe, scheduler, steps, prompts, seeds, guidance, height, width)
     costs = {**measure_costs(ev), **measure_shallow_costs(ev)}
     ranked = sorted(
         ((estimate_decoder_speedup(costs, s), s) for s in candidate_schedules(ev.reference_steps, extra_keys)),
@@ -267,6 +271,7 @@ def calibrate_decoder(
         costs=dict(costs),
         depths=list(s.depths),
         fresh_input=bool(s.fresh_input),
+        image_size=None if height is None and width is None else list(ev.image_size),
     )
 
 
