@@ -92,8 +92,9 @@ def test_bench_calibrated_row_runs_the_calibration_at_its_split():
     module = _dit_bench()
     pipe = tiny_pixart_pipeline(seed=0)
     res = module.bench(pipe, steps=8, splits=[2], schedules=["all"], max_len=16, calibrate=True,
-                       calibration_tolerance=0.5)  # fmt: skip
+                       calibration_tolerance=0.5, block_caching=False)  # fmt: skip
     cal, rows = res["calibration"], {r["row"]: r for r in res["rows"]}
+    assert list(rows) == ["diffusers", "fd all", "fd calibrated"]  # --no-block-caching
     assert cal["prompt"] == module.CALIBRATION_PROMPT and cal["split"] == 2  # --splits fixes N
     assert cal["error"] <= 0.5 and len(cal["history"]) > 1
     row = rows["fd calibrated"]

@@ -24,19 +24,19 @@ from typing import Any
 import torch
 
 from fd_trt.core.calibration import Calibration
-from fd_trt.core.schedule import PAPER_KEY_STEPS, KeySchedule, power_steps
+from fd_trt.core.schedule import KeySchedule, parse_schedule, power_steps
 from fd_trt.errors import InputError
 from fd_trt.graphs.weights import unet_weights_sha256
 
 
 def candidate_schedules(steps: int) -> list[tuple[int, ...]]:
-    """Key-step candidates for ``steps`` steps: the paper's DDIM-50 steps scaled to ``steps``,
+    """Key-step candidates for ``steps`` steps: ``paper`` at ``steps`` (as ``schedule="paper"`` runs it),
     uniform every 2 to 5 steps, a dense head (every step in the first fifth) with every third
     after, and ``power:K`` (K steps dense at the start, P = 1.5) for K from 3 to half the steps
     (every ``steps // 20``-th K), the family that reaches a given error with the fewest key steps
     on the UNets (docs/guides/deepcache-front.md)."""
     out: set[tuple[int, ...]] = set()
-    out.add(tuple(sorted({min(steps - 1, round(k * steps / 50)) for k in PAPER_KEY_STEPS})))
+    out.add(parse_schedule("paper", steps).key_steps)  # what schedule='paper' runs at this step count
     for every in (2, 3, 4, 5):
         out.add(tuple(range(0, steps, every)))
     head = max(1, steps // 5)
@@ -110,7 +110,7 @@ def calibrate_transformer(
                 best = (rank, entry)
     assert best is not None
     chosen = best[1]
-    paper = tuple(sorted({min(steps - 1, round(k * steps / 50)) for k in PAPER_KEY_STEPS}))
+    paper = parse_schedule("paper", steps).key_steps
     paper_err = next(
         (h["error"] for h in history if tuple(h["key_steps"]) == paper and h["split"] == chosen["split"]), None
     )

@@ -93,6 +93,7 @@ def bench(
     log: Callable[[dict[str, Any]], None] | None = None,
     calibrate: bool = False,
     calibration_tolerance: float = 0.05,
+    block_caching: bool = True,
 ) -> dict[str, Any]:
     """The rows (module docstring) for a diffusers PixArt or SD3 pipeline; ``splits`` default to the
     family's N, ``guidance`` to the family's CFG scale. ``calibrate`` adds the ``fd calibrated`` row
@@ -170,7 +171,8 @@ def bench(
 
     for split in list(splits) if splits else [fd.split_point]:
         cases: list[tuple[str, str, dict[str, Any]]] = [(f"fd {sc}", sc, {}) for sc in schedules]
-        cases.append(("block-caching", "uniform:3", {"parallel": False, "noise_injection": False}))
+        if block_caching:
+            cases.append(("block-caching", "uniform:3", {"parallel": False, "noise_injection": False}))
         for name, sched, kw in cases:
             best = None
             for _ in range(repeats):
@@ -253,6 +255,7 @@ def main() -> None:
     p.add_argument("--calibrate", action="store_true", help="add the 'fd calibrated' row (N and key steps searched)")
     p.add_argument("--max-error", type=float, default=0.05, help="the calibration's rel. L2 tolerance against 'all'")
     p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--no-block-caching", action="store_true", help="leave out the block-caching row")
     a = p.parse_args()
 
     torch.manual_seed(0)
@@ -268,6 +271,7 @@ def main() -> None:
         log=lambda row: print(json.dumps(row), flush=True),
         calibrate=a.calibrate,
         calibration_tolerance=a.max_error,
+        block_caching=not a.no_block_caching,
     )
     doc = dict(model=a.model, size=a.size, cpu=_cpu(), threads=torch.get_num_threads(), **res)
     print(json.dumps(doc))
