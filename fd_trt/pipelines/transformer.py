@@ -21,7 +21,7 @@ import copy
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -36,7 +36,7 @@ from fd_trt.core.schedule import KeySchedule, NoiseInjection, ScheduleSpec, pars
 from fd_trt.errors import InputError
 from fd_trt.families.base import PromptEmbeddings, family_for_pipeline
 from fd_trt.families.transformer import TransformerFamily
-from fd_trt.graphs.export_dit import export_transformer
+from fd_trt.graphs.export_dit import TransformerManifest, export_transformer, graph_problem, read_manifest
 from fd_trt.graphs.split_dit import SplitTransformer, check_split_point
 from fd_trt.graphs.weights import unet_weights_sha256
 from fd_trt.pipelines.pipeline import FasterDiffusionOutput, FasterDiffusionPipeline, PipelineStats
@@ -51,6 +51,17 @@ _TRT_OPTIONS = ("max_rows", "max_segment_steps", "opt_segment_steps", "cuda_grap
 
 #: The precisions of the torch backend.
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class GraphExport(NamedTuple):
+    """What [`FasterDiffusionTransformerPipeline.export_graphs()`][fd_trt.pipelines.transformer.FasterDiffusionTransformerPipeline.export_graphs] did."""
+
+    #: The engine directory.
+    folder: Path
+    #: Its manifest (with each graph's size and sha256).
+    manifest: TransformerManifest
+    #: Whether the graphs were exported now (``False``: the folder was up to date).
+    exported: bool
 
 
 class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
@@ -205,6 +216,72 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
         name = f"{self.family.name}-{self._sha[:16]}-n{n}-{latent_hw[0]}x{latent_hw[1]}-{text}"
         return engine_cache_root() / "transformer" / name
 
+    def image_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """A call's ``(height, width)``: the model's own by default, checked against the VAE factor and
+        the patch size (and DiT's square images).
+
+        Raises:
+            InputError: for a size the transformer cannot take.
+        """
+        tr = self.transformer
+        f = self.vae_scale_factor
+        height = int(height or tr.config.sample_size * f)
+        width = int(width or tr.config.sample_size * f)
+        patch = int(tr.config.patch_size)
+        if height <= 0 or width <= 0 or height % (f * patch) or width % (f * patch):
+            raise InputError(f"height and width must be positive multiples of {f * patch}, got {height}x{width}")
+        if self.family.name == "dit" and height != width:
+            raise InputError(f"DiT draws square images: got {height}x{width}")
+        return height, width
+
+    def graph_text_shape(
+        self, height: int | None = None, width: int | None = None, **family_options: Any
+    ) -> tuple[int, int] | None:
+        """The ``(L, Dt)`` text the graphs of a call with these options take (PixArt's and SD3's
+        ``max_sequence_length`` set ``L``), read from one row encoded as a call encodes it; ``None``
+        for DiT's class labels."""
+        height, width = self.image_size(height, width)
+        probe: Any = "" if self.family.takes_prompts else [0]
+        cond = self.family.conditioning(self.sd, probe, None, 1, False, height=height, width=width, **family_options)
+        text = cond.text
+        return (int(text.shape[1]), int(text.shape[2])) if text.ndim == 3 else None
+
+    def export_graphs(
+        self,
+        height: int | None = None,
+        width: int | None = None,
+        split: int | None = None,
+        force: bool = False,
+        **family_options: Any,
+    ) -> GraphExport:
+        """Exports the two graphs a call at this size, ``N`` and text shape runs on (ahead of time:
+        ``fd-trt build``), into the folder such a call uses, or checks and reuses what is there.
+
+        Args:
+            height, width: the image size; the model's by default.
+            split: ``N``; the pipeline's by default.
+            force: export again even when the folder holds these graphs.
+            **family_options: PixArt's and SD3's ``max_sequence_length``.
+
+        Returns:
+            The engine directory, its manifest and whether the graphs were exported now.
+
+        Raises:
+            InputError: for a size or ``N`` the transformer cannot take.
+            EngineMismatchError: when the folder holds graphs for other settings (without ``force``).
+        """
+        height, width = self.image_size(height, width)
+        n = self.split_point if split is None else check_split_point(self.transformer, split)
+        f = self.vae_scale_factor
+        latent_hw = (height // f, width // f)
+        text_shape = self.graph_text_shape(height, width, **family_options)
+        folder = self.engine_dir(n, latent_hw, text_shape)
+        have = None if force else read_manifest(folder)
+        fresh = have is not None and graph_problem(folder, have) is None
+        split_tr = self.split_for(n, latent_hw)
+        m = export_transformer(folder, self.family.name, self.transformer, split_tr, latent_hw, text_shape, force)
+        return GraphExport(folder, m, not fresh)
+
     def runner_for(self, backend: str, n: int, latent_hw: tuple[int, int], text: torch.Tensor) -> Runner:
         """The active runner of ``backend`` for ``N`` and the shapes, made once."""
         if self._fixed_runner is not None:
@@ -325,13 +402,7 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
         seconds: dict[str, float] = {}
         tr = self.transformer
         f = self.vae_scale_factor
-        height = int(height or tr.config.sample_size * f)
-        width = int(width or tr.config.sample_size * f)
-        patch = int(tr.config.patch_size)
-        if height % (f * patch) or width % (f * patch):
-            raise InputError(f"height and width must be multiples of {f * patch}, got {height}x{width}")
-        if self.family.name == "dit" and height != width:
-            raise InputError(f"DiT draws square images: got {height}x{width}")
+        height, width = self.image_size(height, width)
         if num_images_per_prompt < 1:
             raise InputError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         cfg = guidance_scale > 1.0
@@ -518,4 +589,4 @@ for _name in _UNSUPPORTED_METHODS:
     setattr(FasterDiffusionTransformerPipeline, _name, _unsupported(_name))
 
 
-__all__ = ["TRANSFORMER_BACKENDS", "FasterDiffusionTransformerPipeline"]
+__all__ = ["TRANSFORMER_BACKENDS", "FasterDiffusionTransformerPipeline", "GraphExport"]
