@@ -352,20 +352,31 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
         self, schedule: ScheduleSpec | Calibration | None, num_steps: int, split: int | None
     ) -> tuple[KeySchedule, int]:
         """The key steps and ``N`` of a call. A [`Calibration`][fd_trt.core.calibration.Calibration] (or the path of its JSON) gives
-        both; it must be for this transformer's weights, scheduler and step count.
+        both; it must be for this transformer's weights, scheduler and step count. ``"calibrated"``
+        reads the one saved for the scheduler and step count (``calibrations/<scheduler>-<steps>.json``,
+        as ``fd-trt calibrate --save`` writes it) in the engine directory, then the model folder.
 
         Raises:
-            ScheduleError: for a calibration of another model, scheduler or step count.
+            ScheduleError: for a calibration of another model, scheduler or step count, and for
+                ``"calibrated"`` when none is saved (naming the files looked for and the command
+                that makes one).
             InputError: for a ``split`` that contradicts the calibration's.
         """
         tr = self.transformer
-        if isinstance(schedule, (str, os.PathLike)) and str(schedule).endswith(".json"):
+        where = ""
+        if isinstance(schedule, str) and schedule.strip().lower() == "calibrated":
+            path = self.saved_calibration(num_steps)
+            schedule, where = Calibration.load(path), str(path)
+        elif isinstance(schedule, (str, os.PathLike)) and str(schedule).endswith(".json"):
             schedule = Calibration.load(schedule)
         if isinstance(schedule, Calibration):
             from fd_trt.families.models import scheduler_name
 
             schedule.check(
-                model_sha256=unet_weights_sha256(tr), scheduler=scheduler_name(self.sd.scheduler), steps=num_steps
+                model_sha256=unet_weights_sha256(tr),
+                scheduler=scheduler_name(self.sd.scheduler),
+                steps=num_steps,
+                where=where,
             )
             n_cal = schedule.split
             if split is not None and n_cal is not None and split != n_cal:
@@ -374,6 +385,43 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
             return schedule.schedule(), check_split_point(tr, n)
         n = self.split_point if split is None else check_split_point(tr, split)
         return parse_schedule("paper" if schedule is None else schedule, num_steps), n
+
+    def saved_calibration(self, num_steps: int) -> Path:
+        """The saved calibration ``schedule="calibrated"`` runs for ``num_steps`` steps of the current
+        scheduler: ``calibrations/<scheduler>-<steps>.json`` in the engine directory (``engines=``),
+        then in the model folder (``from_pretrained``).
+
+        Raises:
+            ScheduleError: when none is saved, naming the files looked for and the command that
+                saves one.
+        """
+        from fd_trt.core.calibration import calibration_file, find_calibration
+        from fd_trt.errors import ScheduleError
+        from fd_trt.families.models import scheduler_name
+
+        # The name fd-trt calibrate --save gives the file (the class name for a scheduler without a short one).
+        short = scheduler_name(self.sd.scheduler)
+        name = short or type(self.sd.scheduler).__name__
+        folders = self.calibration_folders()
+        path = find_calibration(folders, name, num_steps)
+        if path is not None:
+            return path
+        model = str(self.model_dir) if self.model_dir is not None else "FOLDER"
+        engines = f" --engines {self.engines}" if self.engines is not None else ""
+        make = f"fd-trt calibrate --model {model} --steps {num_steps}{engines} --save"
+        if short is not None:
+            make += f" (with --scheduler {short} if that is not the model's own scheduler)"
+        if folders:
+            looked = " nor ".join(str(calibration_file(f, name, num_steps)) for f in folders)
+            raise ScheduleError(
+                f"schedule='calibrated' but no calibration for {name}-{num_steps} is saved: there is no {looked}. "
+                f"Make one with {make}, or pass a calibration JSON path as schedule"
+            )
+        raise ScheduleError(
+            f"schedule='calibrated' needs a folder to find calibrations/{name}-{num_steps}.json in, and this "
+            "pipeline has none: load it with FasterDiffusionPipeline.from_pretrained(FOLDER) or pass engines=DIR, "
+            f"after {make}; or pass a calibration JSON path as schedule"
+        )
 
     @torch.inference_mode()
     def generate(
@@ -531,8 +579,10 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
                 (their pipelines').
             **kwargs: ``height``, ``width``, ``num_inference_steps``, ``num_images_per_prompt``,
                 ``eta``, ``generator``, ``latents``, ``output_type`` as in diffusers; ``schedule``
-                (``"paper"`` by default, ``"all"``, ``"uniform:N"``, key steps, or a transformer
-                [`Calibration`][fd_trt.core.calibration.Calibration] or its JSON path, which also gives ``N``),
+                (``"paper"`` by default, ``"all"``, ``"uniform:N"``, key steps, a transformer
+                [`Calibration`][fd_trt.core.calibration.Calibration] or its JSON path, which also gives ``N``, or
+                ``"calibrated"``: the one ``fd-trt calibrate --save`` saved for the scheduler and step
+                count in the engine directory or the model folder),
                 ``split`` (``N`` for this call), ``noise_injection``, ``parallel``, ``max_decoder_rows``;
                 PixArt: ``max_sequence_length`` (120); SD3: ``prompt_2``, ``prompt_3``,
                 ``negative_prompt_2``, ``negative_prompt_3``, ``max_sequence_length`` (256), ``clip_skip``.
