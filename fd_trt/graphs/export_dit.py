@@ -171,8 +171,8 @@ def read_manifest(folder: Path) -> TransformerManifest | None:
 def export_command(folder: Path) -> str:
     """How to export a transformer engine directory again, for messages."""
     return (
-        f"delete {folder} (or its manifest.json) and run the pipeline again, which exports the graphs on first use, "
-        f"or fd-trt build --model MODEL --out {folder}"
+        f"export the graphs again with fd-trt build --model MODEL --out {folder} --force, or delete "
+        f"{Path(folder) / 'manifest.json'} and run the pipeline again (it exports them on first use)"
     )
 
 
