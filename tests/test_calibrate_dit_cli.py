@@ -155,3 +155,54 @@ def test_generate_names_the_flow_schedulers_for_sd3(tmp_path, capsys):
     assert "choose one of flow-euler, flow-heun" in capsys.readouterr().err
     assert main([*common, "--scheduler", "flow-heun", "--out", str(tmp_path / "b.png")]) == 0
     assert "scheduler flow-heun" in capsys.readouterr().out and (tmp_path / "b.png").is_file()
+
+
+def test_schedule_calibrated_runs_the_saved_transformer_calibration(tmp_path, capsys):
+    from fd_trt.core.calibration import Calibration
+    from fd_trt.errors import InputError, ScheduleError
+
+    folder = tmp_path / "pixart"
+    tiny_pixart_pipeline(seed=0).save_pretrained(folder, safe_serialization=True)
+    rc = main(
+        ["calibrate", "--model", str(folder), "--steps", "6", "--split", "2", "--max-error", "0.2",
+         "--prompts", _lines(tmp_path, PROMPT), "--save", "--quiet"]
+    )  # fmt: skip
+    assert rc == 0
+    saved = folder / "calibrations" / "dpmpp-6.json"
+    assert f"saved {saved} (schedule='calibrated')" in capsys.readouterr().out
+    cal = Calibration.load(saved)
+    fd = FasterDiffusionPipeline.from_pretrained(folder, backend="torch", progress=False)
+    kw = dict(num_inference_steps=6, output_type="latent", max_sequence_length=16)
+
+    def run(**args):
+        return fd(PROMPT, generator=torch.Generator().manual_seed(5), **kw, **args)
+
+    got = run(schedule="calibrated")
+    assert got.stats.key_steps == cal.key_steps
+    for want in (run(schedule=cal), run(schedule=list(cal.key_steps), split=cal.split)):
+        assert want.stats.key_steps == cal.key_steps
+        assert (got.latents - want.latents).abs().max().item() == 0
+    # Its N is the calibration's: contradicting it is refused.
+    with pytest.raises(InputError, match="split=3 but the calibration is for N=2"):
+        run(schedule="calibrated", split=3)
+
+    # The engine directory is looked in first.
+    engines = tmp_path / "engines"
+    mine = Calibration(**{**cal.__dict__, "key_steps": [0, 3]})
+    mine.save(engines / "calibrations" / "dpmpp-6.json")
+    first = FasterDiffusionPipeline.from_pretrained(folder, backend="torch", engines=engines, progress=False)
+    out = first(PROMPT, generator=torch.Generator().manual_seed(5), schedule="calibrated", **kw)
+    assert out.stats.key_steps == [0, 3]
+    assert (out.latents - run(schedule=[0, 3], split=2).latents).abs().max().item() == 0
+
+    # None saved for 8 steps: the error names the files looked for and the command that saves one.
+    with pytest.raises(ScheduleError) as err:
+        first(PROMPT, schedule="calibrated", num_inference_steps=8, output_type="latent", max_sequence_length=16)
+    message = str(err.value)
+    assert str(engines / "calibrations" / "dpmpp-8.json") in message
+    assert str(folder / "calibrations" / "dpmpp-8.json") in message
+    assert f"fd-trt calibrate --model {folder} --steps 8 --engines {engines} --save" in message
+    # A wrapped pipeline without engines= has no folder to look in: said so, with the way out.
+    wrapped = FasterDiffusionPipeline.from_diffusers(fd.sd, backend="torch", progress=False)
+    with pytest.raises(ScheduleError, match=r"needs a folder to find calibrations/dpmpp-6\.json in.*from_pretrained"):
+        wrapped(PROMPT, schedule="calibrated", **kw)

@@ -6,8 +6,10 @@ backend. TensorRT's kernels are only checked on a GPU."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from fd_trt.backends.tensorrt_build import RowProfile
 from fd_trt.backends.tensorrt_dit import PLANS_FILE, TrtTransformerRunner, read_plan_records
 from fd_trt.errors import EngineMismatchError, InputError
 from fd_trt.families.dit_models import tiny_pixart_pipeline, tiny_sd3_pipeline
+from fd_trt.graphs.export import CorruptGraphError
 from fd_trt.graphs.export_dit import export_transformer
 from fd_trt.graphs.split_dit import split_transformer
 
@@ -131,6 +134,103 @@ def test_plans_of_another_split_or_an_older_graph_are_refused_or_rebuilt(trt, tm
     # A runner given another split than the directory's graphs is refused before any plan is read.
     with pytest.raises(EngineMismatchError, match="split N=3"):
         TrtTransformerRunner(split2, tmp_path / "n3", **kw).activate()
+
+
+def _counting_sha256(monkeypatch):
+    """Counts every file hashed through ``file_sha256``, wherever the modules imported it from."""
+    import fd_trt.backends.tensorrt_dit
+    import fd_trt.graphs.manifest
+    import fd_trt.utils.files
+
+    real = fd_trt.utils.files.file_sha256
+    hashed: list[str] = []
+
+    def counting(path):
+        hashed.append(Path(path).name)
+        return real(path)
+
+    for module in (fd_trt.utils.files, fd_trt.graphs.manifest, fd_trt.backends.tensorrt_dit):
+        monkeypatch.setattr(module, "file_sha256", counting)
+    return hashed
+
+
+def test_activation_takes_the_graph_digests_the_export_recorded(trt, tmp_path, monkeypatch):
+    from fd_trt.backends.transformer import TorchTransformerRunner
+
+    pipe = tiny_pixart_pipeline(seed=4)
+    folder = tmp_path / "e"
+    split, kw = _split_and_folder(pipe, "pixart", folder, 2)
+    # The export recorded each graph's size and sha256 (checked here against the files' bytes).
+    recorded = json.loads((folder / "manifest.json").read_text())["graphs"]
+    for role in ("encoder", "decoder"):
+        data = (folder / f"{role}.onnx").read_bytes()
+        assert recorded[role]["file"] == f"{role}.onnx" and recorded[role]["bytes"] == len(data)
+        assert recorded[role]["sha256"] == hashlib.sha256(data).hexdigest()
+    TrtTransformerRunner(split, folder, **kw).activate().deactivate()  # builds the plans
+    plans = read_plan_records(folder)
+    assert {r: plans[r].graph_sha256 for r in ("encoder", "decoder")} == {r: recorded[r]["sha256"] for r in recorded}
+
+    hashed = _counting_sha256(monkeypatch)
+    builds = len(fake_tensorrt.Builder.builds)
+    sample, t, text, added = _inputs(pipe)
+    ts = torch.tensor([700.0, 650.0, 600.0])
+    with TrtTransformerRunner(split, folder, build=False, **kw) as runner:
+        out = runner.decode(runner.encode(sample, t, text, added), ts, text, added)
+    assert hashed == [] and len(fake_tensorrt.Builder.builds) == builds  # no graph read, no plan rebuilt
+    with TorchTransformerRunner(split) as ref:
+        want = ref.decode(ref.encode(sample, t, text, added), ts, text, added)
+    assert _rel(out, want) <= 1e-4
+
+    # A manifest written before the records existed: its graphs are hashed, and the plans still match them.
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["graphs"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with TrtTransformerRunner(split, folder, build=False, **kw) as runner:
+        out = runner.decode(runner.encode(sample, t, text, added), ts, text, added)
+    assert sorted(hashed) == ["decoder.onnx", "encoder.onnx"] and len(fake_tensorrt.Builder.builds) == builds
+    assert _rel(out, want) <= 1e-4
+    # The next export call records them, exporting nothing; activations then read no graph again.
+    exports: list = []
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: exports.append(a))
+    export_transformer(folder, "pixart", pipe.transformer, split, (8, 8), (16, 32))
+    assert exports == [] and json.loads((folder / "manifest.json").read_text())["graphs"] == recorded
+    hashed.clear()
+    TrtTransformerRunner(split, folder, build=False, **kw).activate().deactivate()
+    assert hashed == []
+
+
+def test_a_graph_replaced_behind_the_manifest_is_refused_then_exported_again(trt, tmp_path):
+    from fd_trt.backends.transformer import TorchTransformerRunner
+
+    pipe = tiny_pixart_pipeline(seed=4)
+    n2, n3 = tmp_path / "n2", tmp_path / "n3"
+    split2, kw = _split_and_folder(pipe, "pixart", n2, 2)
+    _split_and_folder(pipe, "pixart", n3, 3)
+    TrtTransformerRunner(split2, n2, **kw).activate().deactivate()
+    # The split-3 decoder copied over the split-2 one; the manifest and plans.json are left as they were.
+    shutil.copy(n3 / "decoder.onnx", n2 / "decoder.onnx")
+    size, recorded = (n2 / "decoder.onnx").stat().st_size, json.loads((n2 / "manifest.json").read_text())
+    assert size != recorded["graphs"]["decoder"]["bytes"]
+    message = rf"decoder graph file .*decoder\.onnx has {size} bytes but the manifest recorded"
+    for build in (False, True):  # no plan is run, nor built, from a graph the manifest does not describe
+        with pytest.raises(CorruptGraphError, match=message) as err:
+            TrtTransformerRunner(split2, n2, build=build, **kw).activate()
+        assert "export" in str(err.value) and f"--out {n2}" in str(err.value)
+    # A file of the recorded size but other bytes: refused when the digests are compared (full_hash).
+    export_transformer(n2, "pixart", pipe.transformer, split2, (8, 8), (16, 32))  # exports both graphs again
+    assert (n2 / "decoder.onnx").stat().st_size == recorded["graphs"]["decoder"]["bytes"]
+    good = (n2 / "decoder.onnx").read_bytes()
+    (n2 / "decoder.onnx").write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    with pytest.raises(CorruptGraphError, match="does not match its sha256 in the manifest"):
+        TrtTransformerRunner(split2, n2, build=False, full_hash=True, **kw).activate()
+    (n2 / "decoder.onnx").write_bytes(good)
+    sample, t, text, added = _inputs(pipe)
+    ts = torch.tensor([700.0, 650.0])
+    with TrtTransformerRunner(split2, n2, full_hash=True, **kw) as runner:
+        out = runner.decode(runner.encode(sample, t, text, added), ts, text, added)
+    with TorchTransformerRunner(split2) as ref:
+        want = ref.decode(ref.encode(sample, t, text, added), ts, text, added)
+    assert _rel(out, want) <= 1e-4
 
 
 def test_a_missing_plan_file_is_refused_with_the_rebuild_command(trt, tmp_path):

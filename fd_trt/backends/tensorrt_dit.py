@@ -6,14 +6,17 @@ decoder's tokens and conditioning take the key step's rows as well, and its ``ti
 ``noise_pred``) ``S x rows`` step rows, up to ``steps`` steps per call, tuned at ``opt_steps``.
 They are written next to the ONNX graphs as ``encoder.plan`` and ``decoder.plan``, and recorded in
 ``plans.json`` ([`PlanRecord`][fd_trt.graphs.manifest.PlanRecord]: the plan's size and sha256, the TensorRT version, the GPU,
-the profile rows and the sha256 of the ONNX graph it was built from).
+the profile rows and the sha256 of the ONNX graph it was built from, the digest the export recorded
+in the manifest).
 
 Runner: [`TrtTransformerRunner`][fd_trt.backends.tensorrt_dit.TrtTransformerRunner] is the UNet's [`TrtRunner`][fd_trt.backends.tensorrt.TrtRunner] (plan loading, buffers
 at the profile's maximum rows, row chunks, the shared scratch memory, the side stream, optional
 CUDA graphs) on the transformer graphs' tensors. On activation it uses a recorded plan only when
-its graph sha256 is the ONNX graph's now, its TensorRT version and GPU are this machine's and its
-profile is the one asked; any other plan (an older export, another split ``N``, another profile)
-is rebuilt, or refused with ``build=False``.
+its graph sha256 is the one the manifest records for the graph (the graph files are checked by
+size, not read; manifests without records have their graphs hashed), its TensorRT version and GPU
+are this machine's and its profile is the one asked; any other plan (an older export, another
+split ``N``, another profile) is rebuilt, or refused with ``build=False``. A graph file of another
+size than recorded (replaced behind the manifest) is refused either way: the export makes it again.
 
 TensorRT is imported only when a plan is built or loaded ([`require_tensorrt()`][fd_trt.backends.tensorrt_build.require_tensorrt]).
 """
@@ -38,7 +41,7 @@ from fd_trt.core.features import Added, Features
 from fd_trt.errors import EngineMismatchError, InputError
 from fd_trt.graphs.contract import NOISE_PRED, SAMPLE, TIMESTEP, GraphSpec
 from fd_trt.graphs.contract_dit import transformer_graphs
-from fd_trt.graphs.export_dit import TransformerManifest, read_manifest
+from fd_trt.graphs.export_dit import TransformerManifest, export_command, graph_digests, read_manifest
 from fd_trt.graphs.manifest import PlanRecord, engine_dir_lock
 from fd_trt.graphs.split_dit import SplitTransformer
 from fd_trt.utils.files import file_sha256, write_atomic
@@ -118,6 +121,8 @@ def build_transformer_plans(
     gpu, cc = gpu_identity(torch.device(device))
     out = {}
     records = read_plan_records(folder)
+    # The graphs' digests as the export recorded them (files checked by size); hashed for old manifests.
+    graph_shas = graph_digests(folder, manifest)
     for role, onnx_name in (("encoder", manifest.encoder), ("decoder", manifest.decoder)):
         started = time.time()
         logger = trt.Logger(trt.Logger.WARNING)
@@ -142,7 +147,6 @@ def build_transformer_plans(
         path = folder / f"{role}.plan"
         with engine_dir_lock(folder, f"writing of the TensorRT {role} plan"):
             write_atomic(path, plan)
-            profile_rows = rows if role == "encoder" else RowProfile(rows.min, rows.opt * opt_steps, rows.max * steps)
             records[role] = PlanRecord(
                 role,
                 path.name,
@@ -151,14 +155,119 @@ def build_transformer_plans(
                 str(trt.__version__),
                 gpu,
                 list(cc),
-                profile_rows.as_list(),
-                file_sha256(folder / onnx_name),
+                plan_rows(rows, steps, opt_steps)[role],
+                graph_shas[role],
                 built_at=time.time(),
                 build_seconds=time.time() - started,
             )
             write_atomic(folder / PLANS_FILE, json.dumps({k: asdict(v) for k, v in records.items()}, indent=1))
         out[role] = path
     return out
+
+
+def plan_rows(rows: RowProfile, steps: int, opt_steps: int = 1) -> dict[str, list[int]]:
+    """The ``[min, opt, max]`` rows each plan's profile has, by role: the key step's rows for the
+    encoder, ``S x rows`` step rows for the decoder (as [`PlanRecord.rows`][fd_trt.graphs.manifest.PlanRecord] records them)."""
+    return {"encoder": rows.as_list(), "decoder": [rows.min, rows.opt * int(opt_steps), rows.max * int(steps)]}
+
+
+def plan_problem(
+    record: PlanRecord | None, role: str, graph_sha: str, version: str, cc: Any, rows: Sequence[int]
+) -> str | None:
+    """Why a recorded plan of ``role`` cannot run here, ``None`` when it can.
+
+    Args:
+        record: the plan's record, ``None`` when there is none.
+        role: ``encoder`` or ``decoder``.
+        graph_sha: the sha256 of the graph the plan must come from (the manifest's).
+        version: the running TensorRT version.
+        cc: the GPU's compute capability.
+        rows: the profile rows asked ([`plan_rows()`][fd_trt.backends.tensorrt_dit.plan_rows]).
+    """
+    if record is None:
+        return "no plan is recorded"
+    if record.graph_sha256 != graph_sha:
+        return "it was built from another graph (an older export, or another split N)"
+    if record.tensorrt_version != version:
+        return f"it was built with TensorRT {record.tensorrt_version}, this machine runs {version}"
+    if list(record.compute_capability) != list(cc):
+        return f"it was built for a GPU of compute capability {record.compute_capability} ({record.gpu_name})"
+    if list(record.rows) != list(rows):
+        return f"its profile rows {record.rows} are not the asked {list(rows)}"
+    return None
+
+
+def stale_plans(
+    folder: str | os.PathLike[str],
+    manifest: TransformerManifest,
+    rows: RowProfile,
+    steps: int,
+    opt_steps: int = 1,
+    device: torch.device | str = "cuda",
+    full_hash: bool = False,
+) -> dict[str, str]:
+    """The plans of ``folder`` that cannot run here, by role, with the reason; ``{}`` when both can.
+
+    A plan runs when it was built from the graph the manifest records (files checked by size, or
+    by digest with ``full_hash``; hashed for manifests without records), with this TensorRT
+    version, for this GPU generation and with the asked profile.
+
+    Raises:
+        BackendUnavailableError: without TensorRT.
+        CorruptGraphError: for a graph file that is not the one the manifest recorded.
+    """
+    trt = require_tensorrt()
+    version = str(trt.__version__)
+    _, cc = gpu_identity(torch.device(device))
+    shas = graph_digests(Path(folder), manifest, full_hash=full_hash)
+    records = read_plan_records(folder)
+    wanted = plan_rows(rows, steps, opt_steps)
+    problems = {role: plan_problem(records.get(role), role, shas[role], version, cc, wanted[role]) for role in ROLES}
+    return {role: why for role, why in problems.items() if why is not None}
+
+
+def ensure_transformer_plans(
+    folder: str | os.PathLike[str],
+    split: SplitTransformer,
+    patch: int,
+    width: int,
+    rows: RowProfile = DEFAULT_ROWS,
+    steps: int = 4,
+    opt_steps: int = 1,
+    device: torch.device | str = "cuda",
+    force: bool = False,
+) -> tuple[dict[str, PlanRecord], dict[str, str]]:
+    """Builds the plans of ``folder`` that cannot run here (ahead of time: ``fd-trt build``), under
+    the directory's lock; plans that can are kept.
+
+    Args: as [`build_transformer_plans()`][fd_trt.backends.tensorrt_dit.build_transformer_plans]'s (the
+        defaults are the pipeline's), and ``force`` to rebuild both.
+
+    Returns:
+        The plan records by role, and why each rebuilt plan was rebuilt (``{}``: both up to date).
+
+    Raises:
+        BackendUnavailableError: without TensorRT.
+        EngineMismatchError: for a folder without exported graphs, graphs of another split than
+            ``split``, or a graph file that is not the recorded one.
+    """
+    folder = Path(folder)
+    with engine_dir_lock(folder, "build of the TensorRT plans"):
+        manifest = read_manifest(folder)
+        if manifest is None:
+            raise EngineMismatchError(f"{folder} holds no exported transformer graphs: {export_command(folder)}")
+        if manifest.split != split.split:
+            raise EngineMismatchError(
+                f"{folder} holds graphs of split N={manifest.split}, not N={split.split}: export into another folder"
+            )
+        if force:
+            stale = {role: "rebuild asked (force)" for role in ROLES}
+            graph_digests(folder, manifest)  # a graph changed behind the manifest is refused, not built
+        else:
+            stale = stale_plans(folder, manifest, rows, steps, opt_steps, device)
+        if stale:
+            build_transformer_plans(folder, manifest, split, patch, width, rows, steps, opt_steps, device=device)
+        return read_plan_records(folder), stale
 
 
 def read_plan_records(folder: str | os.PathLike[str]) -> dict[str, PlanRecord]:
@@ -249,33 +358,14 @@ class TrtTransformerRunner(TrtRunner):
             "or pass build=True to the runner"
         )
 
-    def _wanted_rows(self) -> dict[str, list[int]]:
-        r = self.rows
-        return {"encoder": r.as_list(), "decoder": [r.min, r.opt * self.opt_steps, r.max * self.steps]}
-
-    def _plan_problem(self, record: PlanRecord | None, role: str, graph_sha: str, version: str, cc: Any) -> str | None:
-        """Why the recorded plan of ``role`` cannot run here, ``None`` when it can."""
-        if record is None:
-            return "no plan is recorded"
-        if record.graph_sha256 != graph_sha:
-            return "it was built from another graph (an older export, or another split N)"
-        if record.tensorrt_version != version:
-            return f"it was built with TensorRT {record.tensorrt_version}, this machine runs {version}"
-        if list(record.compute_capability) != list(cc):
-            return f"it was built for a GPU of compute capability {record.compute_capability} ({record.gpu_name})"
-        if list(record.rows) != self._wanted_rows()[role]:
-            return f"its profile rows {record.rows} are not the asked {self._wanted_rows()[role]}"
-        return None
-
     def _select_plans(self, trt: Any, manifest: TransformerManifest) -> dict[str, PlanRecord]:
-        version = str(trt.__version__)
-        _, cc = gpu_identity(self.device)
-        graphs = {"encoder": manifest.encoder, "decoder": manifest.decoder}
-        shas = {role: file_sha256(self.engine_dir / name) for role, name in graphs.items()}
-        records = read_plan_records(self.engine_dir)
-        problems = {role: self._plan_problem(records.get(role), role, shas[role], version, cc) for role in ROLES}
-        stale = {role: why for role, why in problems.items() if why is not None}
+        # The manifest's graph digests: a graph of another size than recorded is refused here (the
+        # export makes it again); a manifest without records has its graphs hashed, as before.
+        stale = stale_plans(
+            self.engine_dir, manifest, self.rows, self.steps, self.opt_steps, self.device, full_hash=self.full_hash
+        )
         if stale:
+            version = str(trt.__version__)
             where = "; ".join(f"{role}: {why}" for role, why in stale.items())
             if not self.build:
                 raise EngineMismatchError(
@@ -294,7 +384,7 @@ class TrtTransformerRunner(TrtRunner):
                 self.opt_steps,
                 device=self.device,
             )
-            records = read_plan_records(self.engine_dir)
+        records = read_plan_records(self.engine_dir)
         return {role: records[role] for role in ROLES}
 
     def _activate_locked(self, trt: Any) -> None:
@@ -391,6 +481,10 @@ __all__ = [
     "PLANS_FILE",
     "TrtTransformerRunner",
     "build_transformer_plans",
+    "ensure_transformer_plans",
+    "plan_problem",
+    "plan_rows",
     "read_plan_records",
+    "stale_plans",
     "transformer_profile_shapes",
 ]

@@ -1,4 +1,11 @@
-"""``fd-trt build``: export the encoder/decoder graphs (and TensorRT plans) into an engine directory."""
+"""``fd-trt build``: export the encoder/decoder graphs (and TensorRT plans) into an engine directory.
+
+A UNet model's directory is ``engines/<name>-<H>x<W>-<precision>`` by default
+([`fd_trt.graphs.build.build_engines()`][fd_trt.graphs.build.build_engines]); a diffusion transformer's (DiT, PixArt, SD3)
+is the folder its pipeline uses at run time, ``$FD_TRT_CACHE/transformer/...``
+([`fd_trt.pipelines.transformer.FasterDiffusionTransformerPipeline.export_graphs()`][fd_trt.pipelines.transformer.FasterDiffusionTransformerPipeline.export_graphs],
+[`fd_trt.backends.tensorrt_dit.ensure_transformer_plans()`][fd_trt.backends.tensorrt_dit.ensure_transformer_plans]).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +22,12 @@ def add_parser(sub: Any) -> None:
     """Adds ``build`` to the sub-commands."""
     p = sub.add_parser("build", help="export the encoder/decoder graphs (and engines) into an engine directory")
     p.add_argument("--model", default="default", help="'default' or a local diffusers folder")
-    p.add_argument("--out", default=None, help="engine directory (default: engines/<model name>-<H>x<W>-<precision>)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="engine directory (default: engines/<model name>-<H>x<W>-<precision>; for a diffusion transformer, "
+        "the folder its pipeline uses at run time, under $FD_TRT_CACHE/transformer)",
+    )
     p.add_argument(
         "--backend",
         default="onnxruntime",
@@ -31,7 +43,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
     p.add_argument("--batch", type=int, default=1, help="images per call (sets the row ranges)")
-    p.add_argument("--max-segment-steps", type=int, default=15, help="longest segment decoded in one call")
+    p.add_argument(
+        "--max-segment-steps",
+        type=int,
+        default=None,
+        help="longest segment decoded in one call (default: 15; 4 for diffusion transformers, their runner's)",
+    )
     p.add_argument("--force", action="store_true", help="rebuild even when up to date")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_log_level(p)
@@ -51,17 +68,18 @@ def add_parser(sub: Any) -> None:
         help="schedule whose segments choose the decoder profile's opt rows (default: paper), and that "
         "--tune tunes for (default: the one fd-trt generate would use)",
     )
-    trt.add_argument("--steps", type=int, default=50, help="step count the --schedule is read for (default: 50)")
+    trt.add_argument("--steps", type=int, default=None, help="step count the --schedule is read for (default: 50)")
     trt.add_argument(
         "--opt-segment-steps",
         type=int,
         default=None,
-        help="tune the decoder for segments of this many steps (default: from --schedule)",
+        help="tune the decoder for segments of this many steps (default: from --schedule; 1 for diffusion "
+        "transformers)",
     )
     trt.add_argument(
         "--opt-level",
         type=int,
-        default=3,
+        default=None,
         choices=range(6),
         metavar="0-5",
         help="TensorRT builder optimization level (default: 3, TensorRT's own)",
@@ -74,6 +92,19 @@ def add_parser(sub: Any) -> None:
     )
     trt.add_argument("--no-timing-cache", action="store_true", help="neither read nor update the timing cache")
     trt.add_argument("--device", default="cuda", help="CUDA device to build the plans for (default: cuda)")
+    dit = p.add_argument_group("diffusion transformers (DiT, PixArt, SD3)")
+    dit.add_argument(
+        "--split",
+        type=int,
+        default=None,
+        help="the split point N the graphs are exported for (the encoder runs blocks 0..N-1; default: the family's)",
+    )
+    dit.add_argument(
+        "--max-sequence-length",
+        type=int,
+        default=None,
+        help="PixArt, SD3: the text tokens the graphs take (default: the pipeline's, 120 for PixArt, 256 for SD3)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,6 +113,17 @@ def run(args: argparse.Namespace) -> int:
     from fd_trt.graphs.build import build_engines
 
     t0 = time.perf_counter()
+    if _is_transformer_folder(args.model):
+        return _build_transformer(args)
+    for flag, value in (("--split", args.split), ("--max-sequence-length", args.max_sequence_length)):
+        if value is not None:
+            raise InputError(
+                f"{flag} {value} is for diffusion transformers (DiT, PixArt, SD3), but {args.model!r} is a UNet model, "
+                f"whose graphs are split at its fixed encoder and decoder: drop {flag}"
+            )
+    args.steps = 50 if args.steps is None else args.steps
+    args.opt_level = 3 if args.opt_level is None else args.opt_level
+    args.max_segment_steps = 15 if args.max_segment_steps is None else args.max_segment_steps
     if args.tune and not args.out:
         # auto looks for graphs in the engine cache: build them there, once.
         return _tune(args)
@@ -204,3 +246,120 @@ def _build_plans(args: argparse.Namespace, out: Path) -> None:
             f"(compute {'.'.join(map(str, rec.compute_capability))}), rows {rec.rows[0]}/{rec.rows[1]}/{rec.rows[2]} "
             f"(min/opt/max), {state}"
         )
+
+
+def _is_transformer_folder(model: str) -> bool:
+    """Whether ``model`` is a local folder of a diffusion transformer (``transformer/config.json``);
+    its family is checked when it loads."""
+    return str(model) != "default" and (Path(model) / "transformer" / "config.json").is_file()
+
+
+def _build_transformer(args: argparse.Namespace) -> int:
+    """``fd-trt build`` of a diffusion transformer: its two graphs (and TensorRT plans) exported into
+    the folder its pipeline uses at run time, or ``--out``."""
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
+    from fd_trt.pipelines.transformer import FasterDiffusionTransformerPipeline
+
+    no_plan_settings = "transformer plans are built with TensorRT's default builder settings"
+    no_schedule = "the transformer plans' profile is set by --batch, --max-segment-steps and --opt-segment-steps"
+    refused = {
+        "--tune": (args.tune, "backend='auto' times diffusion transformers on the first call at each shape"),
+        "--schedule": (args.schedule is not None, no_schedule),
+        "--steps": (args.steps is not None, no_schedule),
+        "--opt-level": (args.opt_level is not None, no_plan_settings),
+        "--workspace-gb": (args.workspace_gb is not None, no_plan_settings),
+        "--no-timing-cache": (args.no_timing_cache, no_plan_settings),
+        "--precision fp16": (args.precision == "fp16", "transformer graphs and plans are fp32"),
+    }
+    for flag, (given, why) in refused.items():
+        if given:
+            raise InputError(f"{flag} is not available for diffusion transformers ({why}): drop {flag}")
+    for flag, value in (
+        ("--batch", args.batch),
+        ("--max-segment-steps", args.max_segment_steps),
+        ("--opt-segment-steps", args.opt_segment_steps),
+    ):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} {value}: pass a positive count")
+    t0 = time.perf_counter()
+    pipe = FasterDiffusionPipeline.from_pretrained(args.model, backend="torch", progress=False, engines=args.out)
+    assert isinstance(pipe, FasterDiffusionTransformerPipeline)
+    family = pipe.family.name
+    blocks = len(pipe.transformer.transformer_blocks)
+    print(f"model: {pipe.source} ({family}, {blocks} blocks; loaded in {time.perf_counter() - t0:.1f} s)")
+    if args.split is not None and not 0 <= args.split <= blocks:
+        raise InputError(
+            f"--split {args.split} is out of range: this transformer has {blocks} blocks, so N (the blocks the "
+            f"encoder runs) must be in 0..{blocks}"
+        )
+    options = {}
+    if args.max_sequence_length is not None:
+        if not pipe.family.takes_prompts:
+            raise InputError(f"--max-sequence-length is for PixArt and SD3: {family} takes class labels, not text")
+        if args.max_sequence_length < 1:
+            raise InputError(f"--max-sequence-length {args.max_sequence_length}: pass a positive token count")
+        options["max_sequence_length"] = args.max_sequence_length
+    n = pipe.split_point if args.split is None else args.split
+    height, width = pipe.image_size(args.height, args.width)
+    f = pipe.vae_scale_factor
+    t1 = time.perf_counter()
+    folder, m, exported = pipe.export_graphs(height, width, n, force=args.force, **options)
+    state = "exported" if exported else "up to date, nothing exported"
+    text = "x".join(map(str, m.text_shape)) if m.text_shape else "class labels"
+    print(
+        f"{folder}: {state} in {time.perf_counter() - t1:.1f} s ({family} graphs at N={m.split} of {m.blocks} blocks, "
+        f"{height}x{width} (latents {m.latent_hw[0]}x{m.latent_hw[1]}), text {text}, fp32)"
+    )
+    for role, name in m.graph_files().items():
+        rec = (m.graphs or {}).get(role)
+        size = f"{rec.bytes / 1e6:.1f} MB, sha256 {rec.sha256[:12]}" if rec is not None else "not recorded"
+        print(f"  {role}: {name} {size}")
+    if args.backend == "tensorrt":
+        _build_transformer_plans(args, pipe, folder, n, (height // f, width // f))
+    if args.out is None:
+        print(f"a pipeline of {args.model} uses it at run time at this size, N and text length (no engines= needed)")
+    else:
+        print(f"run with engines={str(folder)!r} (fd-trt generate --engines {folder})")
+    return 0
+
+
+def _build_transformer_plans(
+    args: argparse.Namespace, pipe: Any, folder: Path, n: int, latent_hw: tuple[int, int]
+) -> None:
+    """The TensorRT plans of a transformer folder, at the profile ``--batch``, ``--max-segment-steps``
+    and ``--opt-segment-steps`` give (the pipeline's ``runner_options`` by default)."""
+    from fd_trt.backends.tensorrt_build import RowProfile, runtime_problem
+    from fd_trt.backends.tensorrt_dit import ensure_transformer_plans
+
+    problem = runtime_problem(args.device)
+    if problem is not None:
+        print(f"  TensorRT plans: not built: {problem}")
+        return
+    config = pipe.transformer.config
+    rows = 2 * args.batch
+    steps = 4 if args.max_segment_steps is None else args.max_segment_steps
+    opt_steps = 1 if args.opt_segment_steps is None else args.opt_segment_steps
+    if opt_steps > steps:
+        raise InputError(f"--opt-segment-steps {opt_steps} exceeds --max-segment-steps {steps}: lower it")
+    records, rebuilt = ensure_transformer_plans(
+        folder,
+        pipe.split_for(n, latent_hw),
+        int(config.patch_size),
+        int(config.num_attention_heads) * int(config.attention_head_dim),
+        RowProfile(1, rows, rows),
+        steps,
+        opt_steps,
+        device=args.device,
+        force=args.force,
+    )
+    for role, rec in records.items():
+        state = f"built ({rebuilt[role]})" if role in rebuilt else "up to date"
+        print(
+            f"  {role} plan: {rec.file} {rec.bytes / 1e6:.1f} MB, TensorRT {rec.tensorrt_version}, {rec.gpu_name} "
+            f"(compute {'.'.join(map(str, rec.compute_capability))}), rows {rec.rows[0]}/{rec.rows[1]}/{rec.rows[2]} "
+            f"(min/opt/max), {state}"
+        )
+    print(
+        f"  run them with runner_options={{'max_rows': {rows}, 'max_segment_steps': {steps}, "
+        f"'opt_segment_steps': {opt_steps}}}"
+    )

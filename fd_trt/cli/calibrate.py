@@ -270,7 +270,7 @@ def _run_transformer(args: argparse.Namespace, pipe: Any, prompt_list: Sequence[
         folder = pipe.engines or pipe.model_dir
         if folder is None:
             raise InputError("--save needs a model folder or --engines DIR to save into")
-        print(f"saved {cal.save(calibration_file(folder, sched, args.steps))} (pass its path as schedule=)")
+        print(f"saved {cal.save(calibration_file(folder, sched, args.steps))} (schedule='calibrated')")
     if args.plot:
         change = block_changes(pipe, conds[0], steps=args.steps, seed=cal.seeds[0], guidance_scale=args.guidance)
         print("mean relative change per block: " + " ".join(f"{v:.4f}" for v in change))

@@ -6,15 +6,24 @@ family, the split point ``N``, the shapes and the transformer's weights hash; a 
 manifest does not match the asked model, ``N`` or shapes is refused
 ([`EngineMismatchError`][fd_trt.errors.EngineMismatchError]) rather than run wrongly. The TorchScript exporter
 is used, as for the UNet graphs ([`fd_trt.graphs.export`][fd_trt.graphs.export]).
+
+The manifest also records each graph file's size and sha256 as it is written
+([`GraphRecord`][fd_trt.graphs.manifest.GraphRecord], the UNet directories' record), so that the TensorRT plans
+([`fd_trt.backends.tensorrt_dit`][fd_trt.backends.tensorrt_dit]) are matched to their graphs without reading
+multi-gigabyte files again. A graph file whose size is no longer the recorded one (truncated, or
+replaced behind the manifest) is exported again here, and refused by the TensorRT runner.
+Manifests written before the records existed (no ``graphs``) still load: the TensorRT runner
+hashes their graphs, and the next export call records them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +32,28 @@ import torch
 from fd_trt.errors import EngineMismatchError
 from fd_trt.graphs.contract import GraphSpec
 from fd_trt.graphs.contract_dit import INT64, transformer_graphs
+from fd_trt.graphs.export import CorruptGraphError
+from fd_trt.graphs.manifest import GraphRecord, check_graph_record, engine_dir_lock, graph_record
 from fd_trt.graphs.split_dit import SplitTransformer
 from fd_trt.graphs.weights import unet_weights_sha256
-from fd_trt.utils.files import dir_lock, write_atomic
+from fd_trt.utils.files import write_atomic
 
 #: The manifest's ``kind`` and format of a transformer engine directory.
 MANIFEST_KIND = "fd_trt-transformer"
 MANIFEST_FORMAT = 1
 OPSET = 17
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class TransformerManifest:
-    """What a transformer engine directory was built for."""
+    """What a transformer engine directory was built for.
+
+    ``graphs`` records each graph file by role (``encoder``, ``decoder``): its size and sha256 at
+    export time; ``None`` in manifests written before the records existed. It says what was
+    written, not what was asked, so [`check()`][fd_trt.graphs.export_dit.TransformerManifest.check] leaves it out.
+    """
 
     kind: str
     format: int
@@ -49,16 +67,21 @@ class TransformerManifest:
     cond_names: list[str]
     encoder: str = "encoder.onnx"
     decoder: str = "decoder.onnx"
+    graphs: dict[str, GraphRecord] | None = field(default=None, compare=False)
 
     def check(self, other: TransformerManifest, folder: Path) -> None:
         """Refuses a directory built for another model, ``N`` or shape than ``other`` asks."""
         mine, theirs = asdict(self), asdict(other)
-        diff = {k: (mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]}
+        diff = {k: (mine[k], theirs[k]) for k in mine if k != "graphs" and mine[k] != theirs[k]}
         if diff:
             raise EngineMismatchError(
                 f"engine directory {folder} was built for other settings ({diff}, built vs asked): rebuild it "
                 "(delete the folder, or export into a new one)"
             )
+
+    def graph_files(self) -> dict[str, str]:
+        """The graph file names by role."""
+        return {"encoder": self.encoder, "decoder": self.decoder}
 
 
 def _example(spec: GraphSpec, rows: int, step_rows: int) -> tuple[torch.Tensor, ...]:
@@ -134,7 +157,66 @@ def read_manifest(folder: Path) -> TransformerManifest | None:
             f"{path} is not a format-{MANIFEST_FORMAT} transformer engine directory "
             f"(kind={data.get('kind')!r}, format={data.get('format')!r}): rebuild it"
         )
-    return TransformerManifest(**data)
+    try:
+        graphs = data.get("graphs")
+        if graphs is not None:
+            data["graphs"] = {role: GraphRecord(**rec) for role, rec in graphs.items()}
+        return TransformerManifest(**data)
+    except (TypeError, AttributeError) as e:
+        raise EngineMismatchError(
+            f"{path} has missing or unknown fields ({e}): delete the folder and export again"
+        ) from None
+
+
+def export_command(folder: Path) -> str:
+    """How to export a transformer engine directory again, for messages."""
+    return (
+        f"export the graphs again with fd-trt build --model MODEL --out {folder} --force, or delete "
+        f"{Path(folder) / 'manifest.json'} and run the pipeline again (it exports them on first use)"
+    )
+
+
+def graph_problem(folder: Path, manifest: TransformerManifest) -> str | None:
+    """Why the graph files in ``folder`` are not the ones the manifest recorded (a file missing, or
+    of another size than written), ``None`` when they are. A manifest without records is only
+    checked for missing files."""
+    if manifest.graphs is None:
+        missing = [n for n in manifest.graph_files().values() if not (Path(folder) / n).is_file()]
+        return f"the graph files {missing} in {folder} are missing" if missing else None
+    for role, rec in manifest.graphs.items():
+        try:
+            check_graph_record(folder, role, rec, False, "")
+        except CorruptGraphError as e:
+            return str(e).rstrip("; ")
+    return None
+
+
+def graph_digests(folder: Path, manifest: TransformerManifest, full_hash: bool = False) -> dict[str, str]:
+    """The sha256 of each graph by role, as a TensorRT plan records the graph it was built from.
+
+    Recorded graphs (manifests written since the records exist) take the manifest's digests, after
+    their files are checked by size (and by digest with ``full_hash``): nothing is read. A manifest
+    without records has its graph files hashed.
+
+    Raises:
+        CorruptGraphError: for a graph file that is missing or not the recorded one, naming how to
+            export it again.
+    """
+    folder = Path(folder)
+    names = manifest.graph_files()
+    if manifest.graphs is None:
+        from fd_trt.utils.files import file_sha256
+
+        return {role: file_sha256(folder / name) for role, name in names.items()}
+    fix = f"it changed behind the manifest, so no plan built from it runs; {export_command(folder)}"
+    out = {}
+    for role in names:
+        rec = manifest.graphs.get(role)
+        if rec is None or rec.file != names[role]:
+            raise CorruptGraphError(f"{folder}/manifest.json records no {role} graph {names[role]}; {fix}")
+        check_graph_record(folder, role, rec, full_hash, fix)
+        out[role] = rec.sha256
+    return out
 
 
 def export_transformer(
@@ -144,8 +226,13 @@ def export_transformer(
     split: SplitTransformer,
     latent_hw: tuple[int, int],
     text_shape: tuple[int, int] | None = None,
+    force: bool = False,
 ) -> TransformerManifest:
     """Exports the two graphs of ``split`` into ``folder``, or checks and reuses what is there.
+
+    Graphs are reused when the manifest is for these settings and each recorded graph file still
+    has its recorded size; a file of another size (truncated, or replaced behind the manifest) has
+    both graphs exported again.
 
     Args:
         folder: the engine directory (created).
@@ -154,6 +241,7 @@ def export_transformer(
         split: its split at ``N``.
         latent_hw: the latent height and width the graphs take.
         text_shape: PixArt's and SD3's ``(L, Dt)``; ``None`` for DiT.
+        force: export again whatever the folder holds (``fd-trt build --force``).
 
     Returns:
         The manifest.
@@ -163,11 +251,24 @@ def export_transformer(
     """
     folder = Path(folder)
     want = manifest_for(family, transformer, split, latent_hw, text_shape)
-    with dir_lock(folder, "export transformer graphs"):
-        have = read_manifest(folder)
+    # The engine directory's build lock, which the TensorRT plans' builds and loads hold too: a
+    # graph is never replaced while plans are being built from it or matched to it.
+    with engine_dir_lock(folder, "export of the transformer graphs"):
+        have = None if force else read_manifest(folder)
         if have is not None:
             have.check(want, folder)
-            return have
+            problem = graph_problem(folder, have)
+            if problem is None and have.graphs is None:
+                # A manifest written before the graph records: its graphs are hashed once, here, and
+                # recorded, so that later activations read the digests instead of the files.
+                have = replace(have, graphs={role: graph_record(folder, n) for role, n in have.graph_files().items()})
+                write_atomic(folder / "manifest.json", json.dumps(asdict(have), indent=1))
+            if problem is None:
+                return have
+            # A graph changed behind the manifest: export both again, never keep a stale one.
+            logger.warning("%s: exporting the transformer graphs again (%s)", folder, problem)
+        # The manifest goes first and comes back last: an export cut short is redone, never loaded.
+        (folder / "manifest.json").unlink(missing_ok=True)
         patch = int(transformer.config.patch_size)
         width = int(transformer.config.num_attention_heads) * int(transformer.config.attention_head_dim)
         specs = transformer_graphs(split, latent_hw, patch, width, text_shape)
@@ -191,10 +292,21 @@ def export_transformer(
                     )
                 _declare_output_shapes(tmp / name, spec)
                 (tmp / name).replace(folder / name)
+            # Each graph's size and sha256, hashed once here, while the file is fresh in the page cache.
+            want = replace(want, graphs={role: graph_record(folder, n) for role, n in want.graph_files().items()})
             write_atomic(folder / "manifest.json", json.dumps(asdict(want), indent=1))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return want
 
 
-__all__ = ["MANIFEST_KIND", "TransformerManifest", "export_transformer", "manifest_for", "read_manifest"]
+__all__ = [
+    "MANIFEST_KIND",
+    "TransformerManifest",
+    "export_command",
+    "export_transformer",
+    "graph_digests",
+    "graph_problem",
+    "manifest_for",
+    "read_manifest",
+]

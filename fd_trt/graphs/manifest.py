@@ -512,8 +512,24 @@ def stale_fields(expected: Manifest, found: Manifest) -> list[str]:
     return problems + _version_problems(found.versions, expected.versions)
 
 
-def _check_graph_record(folder: Path, role: str, rec: GraphRecord, full_hash: bool, fix: str) -> None:
-    """Refuses a graph file (and its ``.data`` file) that is missing or not the one ``rec`` recorded."""
+def check_graph_record(folder: str | os.PathLike[str], role: str, rec: GraphRecord, full_hash: bool, fix: str) -> None:
+    """Refuses a graph file (and its ``.data`` file) that is missing or not the one ``rec`` recorded.
+
+    Sizes are always compared (a truncated or replaced file is caught without reading it); with
+    ``full_hash`` the sha256 digests too. The UNet's, a ControlNet's and the diffusion
+    transformers' graphs ([`fd_trt.graphs.export_dit`][fd_trt.graphs.export_dit]) are checked by it.
+
+    Args:
+        folder: the engine directory.
+        role: the graph's role, for the message.
+        rec: its record ([`graph_record()`][fd_trt.graphs.manifest.graph_record] at export time).
+        full_hash: also compare sha256 digests (reads every byte).
+        fix: how to rebuild, appended to the message.
+
+    Raises:
+        CorruptGraphError: for a missing, truncated or altered file.
+    """
+    folder = Path(folder)
     files = [(rec.file, rec.bytes, rec.sha256)]
     if rec.data_file:
         files.append((rec.data_file, rec.data_bytes, rec.data_sha256))
@@ -560,7 +576,7 @@ def _check_graphs(
     if problems:
         raise EngineMismatchError(f"engine directory {folder} does not match{what}: {'; '.join(problems)}. {fix}")
     for role, rec in records.items():
-        _check_graph_record(folder, role, rec, full_hash, file_fix)
+        check_graph_record(folder, role, rec, full_hash, file_fix)
 
 
 def check_graph_files(
@@ -901,6 +917,7 @@ __all__ = [
     "check_controlnet_graph",
     "check_engine_dir",
     "check_graph_files",
+    "check_graph_record",
     "check_plan",
     "contained_path",
     "controlnet_graph",

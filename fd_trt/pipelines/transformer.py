@@ -21,7 +21,7 @@ import copy
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -36,7 +36,7 @@ from fd_trt.core.schedule import KeySchedule, NoiseInjection, ScheduleSpec, pars
 from fd_trt.errors import InputError
 from fd_trt.families.base import PromptEmbeddings, family_for_pipeline
 from fd_trt.families.transformer import TransformerFamily
-from fd_trt.graphs.export_dit import export_transformer
+from fd_trt.graphs.export_dit import TransformerManifest, export_transformer, graph_problem, read_manifest
 from fd_trt.graphs.split_dit import SplitTransformer, check_split_point
 from fd_trt.graphs.weights import unet_weights_sha256
 from fd_trt.pipelines.pipeline import FasterDiffusionOutput, FasterDiffusionPipeline, PipelineStats
@@ -51,6 +51,17 @@ _TRT_OPTIONS = ("max_rows", "max_segment_steps", "opt_segment_steps", "cuda_grap
 
 #: The precisions of the torch backend.
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class GraphExport(NamedTuple):
+    """What [`FasterDiffusionTransformerPipeline.export_graphs()`][fd_trt.pipelines.transformer.FasterDiffusionTransformerPipeline.export_graphs] did."""
+
+    #: The engine directory.
+    folder: Path
+    #: Its manifest (with each graph's size and sha256).
+    manifest: TransformerManifest
+    #: Whether the graphs were exported now (``False``: the folder was up to date).
+    exported: bool
 
 
 class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
@@ -205,6 +216,72 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
         name = f"{self.family.name}-{self._sha[:16]}-n{n}-{latent_hw[0]}x{latent_hw[1]}-{text}"
         return engine_cache_root() / "transformer" / name
 
+    def image_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """A call's ``(height, width)``: the model's own by default, checked against the VAE factor and
+        the patch size (and DiT's square images).
+
+        Raises:
+            InputError: for a size the transformer cannot take.
+        """
+        tr = self.transformer
+        f = self.vae_scale_factor
+        height = int(height or tr.config.sample_size * f)
+        width = int(width or tr.config.sample_size * f)
+        patch = int(tr.config.patch_size)
+        if height <= 0 or width <= 0 or height % (f * patch) or width % (f * patch):
+            raise InputError(f"height and width must be positive multiples of {f * patch}, got {height}x{width}")
+        if self.family.name == "dit" and height != width:
+            raise InputError(f"DiT draws square images: got {height}x{width}")
+        return height, width
+
+    def graph_text_shape(
+        self, height: int | None = None, width: int | None = None, **family_options: Any
+    ) -> tuple[int, int] | None:
+        """The ``(L, Dt)`` text the graphs of a call with these options take (PixArt's and SD3's
+        ``max_sequence_length`` set ``L``), read from one row encoded as a call encodes it; ``None``
+        for DiT's class labels."""
+        height, width = self.image_size(height, width)
+        probe: Any = "" if self.family.takes_prompts else [0]
+        cond = self.family.conditioning(self.sd, probe, None, 1, False, height=height, width=width, **family_options)
+        text = cond.text
+        return (int(text.shape[1]), int(text.shape[2])) if text.ndim == 3 else None
+
+    def export_graphs(
+        self,
+        height: int | None = None,
+        width: int | None = None,
+        split: int | None = None,
+        force: bool = False,
+        **family_options: Any,
+    ) -> GraphExport:
+        """Exports the two graphs a call at this size, ``N`` and text shape runs on (ahead of time:
+        ``fd-trt build``), into the folder such a call uses, or checks and reuses what is there.
+
+        Args:
+            height, width: the image size; the model's by default.
+            split: ``N``; the pipeline's by default.
+            force: export again even when the folder holds these graphs.
+            **family_options: PixArt's and SD3's ``max_sequence_length``.
+
+        Returns:
+            The engine directory, its manifest and whether the graphs were exported now.
+
+        Raises:
+            InputError: for a size or ``N`` the transformer cannot take.
+            EngineMismatchError: when the folder holds graphs for other settings (without ``force``).
+        """
+        height, width = self.image_size(height, width)
+        n = self.split_point if split is None else check_split_point(self.transformer, split)
+        f = self.vae_scale_factor
+        latent_hw = (height // f, width // f)
+        text_shape = self.graph_text_shape(height, width, **family_options)
+        folder = self.engine_dir(n, latent_hw, text_shape)
+        have = None if force else read_manifest(folder)
+        fresh = have is not None and graph_problem(folder, have) is None
+        split_tr = self.split_for(n, latent_hw)
+        m = export_transformer(folder, self.family.name, self.transformer, split_tr, latent_hw, text_shape, force)
+        return GraphExport(folder, m, not fresh)
+
     def runner_for(self, backend: str, n: int, latent_hw: tuple[int, int], text: torch.Tensor) -> Runner:
         """The active runner of ``backend`` for ``N`` and the shapes, made once."""
         if self._fixed_runner is not None:
@@ -275,20 +352,31 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
         self, schedule: ScheduleSpec | Calibration | None, num_steps: int, split: int | None
     ) -> tuple[KeySchedule, int]:
         """The key steps and ``N`` of a call. A [`Calibration`][fd_trt.core.calibration.Calibration] (or the path of its JSON) gives
-        both; it must be for this transformer's weights, scheduler and step count.
+        both; it must be for this transformer's weights, scheduler and step count. ``"calibrated"``
+        reads the one saved for the scheduler and step count (``calibrations/<scheduler>-<steps>.json``,
+        as ``fd-trt calibrate --save`` writes it) in the engine directory, then the model folder.
 
         Raises:
-            ScheduleError: for a calibration of another model, scheduler or step count.
+            ScheduleError: for a calibration of another model, scheduler or step count, and for
+                ``"calibrated"`` when none is saved (naming the files looked for and the command
+                that makes one).
             InputError: for a ``split`` that contradicts the calibration's.
         """
         tr = self.transformer
-        if isinstance(schedule, (str, os.PathLike)) and str(schedule).endswith(".json"):
+        where = ""
+        if isinstance(schedule, str) and schedule.strip().lower() == "calibrated":
+            path = self.saved_calibration(num_steps)
+            schedule, where = Calibration.load(path), str(path)
+        elif isinstance(schedule, (str, os.PathLike)) and str(schedule).endswith(".json"):
             schedule = Calibration.load(schedule)
         if isinstance(schedule, Calibration):
             from fd_trt.families.models import scheduler_name
 
             schedule.check(
-                model_sha256=unet_weights_sha256(tr), scheduler=scheduler_name(self.sd.scheduler), steps=num_steps
+                model_sha256=unet_weights_sha256(tr),
+                scheduler=scheduler_name(self.sd.scheduler),
+                steps=num_steps,
+                where=where,
             )
             n_cal = schedule.split
             if split is not None and n_cal is not None and split != n_cal:
@@ -297,6 +385,43 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
             return schedule.schedule(), check_split_point(tr, n)
         n = self.split_point if split is None else check_split_point(tr, split)
         return parse_schedule("paper" if schedule is None else schedule, num_steps), n
+
+    def saved_calibration(self, num_steps: int) -> Path:
+        """The saved calibration ``schedule="calibrated"`` runs for ``num_steps`` steps of the current
+        scheduler: ``calibrations/<scheduler>-<steps>.json`` in the engine directory (``engines=``),
+        then in the model folder (``from_pretrained``).
+
+        Raises:
+            ScheduleError: when none is saved, naming the files looked for and the command that
+                saves one.
+        """
+        from fd_trt.core.calibration import calibration_file, find_calibration
+        from fd_trt.errors import ScheduleError
+        from fd_trt.families.models import scheduler_name
+
+        # The name fd-trt calibrate --save gives the file (the class name for a scheduler without a short one).
+        short = scheduler_name(self.sd.scheduler)
+        name = short or type(self.sd.scheduler).__name__
+        folders = self.calibration_folders()
+        path = find_calibration(folders, name, num_steps)
+        if path is not None:
+            return path
+        model = str(self.model_dir) if self.model_dir is not None else "FOLDER"
+        engines = f" --engines {self.engines}" if self.engines is not None else ""
+        make = f"fd-trt calibrate --model {model} --steps {num_steps}{engines} --save"
+        if short is not None:
+            make += f" (with --scheduler {short} if that is not the model's own scheduler)"
+        if folders:
+            looked = " nor ".join(str(calibration_file(f, name, num_steps)) for f in folders)
+            raise ScheduleError(
+                f"schedule='calibrated' but no calibration for {name}-{num_steps} is saved: there is no {looked}. "
+                f"Make one with {make}, or pass a calibration JSON path as schedule"
+            )
+        raise ScheduleError(
+            f"schedule='calibrated' needs a folder to find calibrations/{name}-{num_steps}.json in, and this "
+            "pipeline has none: load it with FasterDiffusionPipeline.from_pretrained(FOLDER) or pass engines=DIR, "
+            f"after {make}; or pass a calibration JSON path as schedule"
+        )
 
     @torch.inference_mode()
     def generate(
@@ -325,13 +450,7 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
         seconds: dict[str, float] = {}
         tr = self.transformer
         f = self.vae_scale_factor
-        height = int(height or tr.config.sample_size * f)
-        width = int(width or tr.config.sample_size * f)
-        patch = int(tr.config.patch_size)
-        if height % (f * patch) or width % (f * patch):
-            raise InputError(f"height and width must be multiples of {f * patch}, got {height}x{width}")
-        if self.family.name == "dit" and height != width:
-            raise InputError(f"DiT draws square images: got {height}x{width}")
+        height, width = self.image_size(height, width)
         if num_images_per_prompt < 1:
             raise InputError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         cfg = guidance_scale > 1.0
@@ -460,8 +579,10 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
                 (their pipelines').
             **kwargs: ``height``, ``width``, ``num_inference_steps``, ``num_images_per_prompt``,
                 ``eta``, ``generator``, ``latents``, ``output_type`` as in diffusers; ``schedule``
-                (``"paper"`` by default, ``"all"``, ``"uniform:N"``, key steps, or a transformer
-                [`Calibration`][fd_trt.core.calibration.Calibration] or its JSON path, which also gives ``N``),
+                (``"paper"`` by default, ``"all"``, ``"uniform:N"``, key steps, a transformer
+                [`Calibration`][fd_trt.core.calibration.Calibration] or its JSON path, which also gives ``N``, or
+                ``"calibrated"``: the one ``fd-trt calibrate --save`` saved for the scheduler and step
+                count in the engine directory or the model folder),
                 ``split`` (``N`` for this call), ``noise_injection``, ``parallel``, ``max_decoder_rows``;
                 PixArt: ``max_sequence_length`` (120); SD3: ``prompt_2``, ``prompt_3``,
                 ``negative_prompt_2``, ``negative_prompt_3``, ``max_sequence_length`` (256), ``clip_skip``.
@@ -518,4 +639,4 @@ for _name in _UNSUPPORTED_METHODS:
     setattr(FasterDiffusionTransformerPipeline, _name, _unsupported(_name))
 
 
-__all__ = ["TRANSFORMER_BACKENDS", "FasterDiffusionTransformerPipeline"]
+__all__ = ["TRANSFORMER_BACKENDS", "FasterDiffusionTransformerPipeline", "GraphExport"]
