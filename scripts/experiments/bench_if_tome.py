@@ -42,34 +42,44 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
-def bench_if(steps: int, tiny: bool) -> dict:
+def bench_if(steps: int, tiny: bool, backends: tuple[str, ...] = ("torch",)) -> dict:
+    """Diffusers' ``IFPipeline`` against fd_trt ``all`` and ``paper`` per backend, from the same
+    seed. A graph backend's first call exports its graphs; that warm-up is timed apart
+    (``warmup_seconds``) and not in the rows."""
     from fd_trt import FasterDiffusionPipeline
     from fd_trt.families.deepfloyd_if import if_m_arch_pipeline, tiny_if_pipeline
 
     sd = tiny_if_pipeline(seed=0) if tiny else if_m_arch_pipeline(seed=0)
-    fd = FasterDiffusionPipeline.from_diffusers(sd, backend="torch", device="cpu", progress=False)
     prompt = "a lone sailboat drifting on calm waters"
 
     def gen():
         return torch.Generator().manual_seed(0)
 
     common = dict(num_inference_steps=steps, output_type="pt")
-    fd(prompt, num_inference_steps=2, output_type="pt", schedule="all")  # warm-up
+    pipes, warmup = {}, {}
+    for backend in backends:
+        fd = FasterDiffusionPipeline.from_diffusers(sd, backend=backend, device="cpu", progress=False)
+        t0 = time.perf_counter()
+        for schedule in ("all", "paper"):  # exports (graph backends) and warms up every call shape
+            fd(prompt, num_inference_steps=min(steps, 4), output_type="pt", schedule=schedule)
+        warmup[backend] = round(time.perf_counter() - t0, 1)
+        pipes[backend] = fd
     ref, t_ref = timed(lambda: sd(prompt, generator=gen(), clean_caption=False, **common).images)
     rows = [{"row": "diffusers", "seconds": t_ref}]
-    for schedule in ("all", "paper"):
-        out, t = timed(lambda s=schedule: fd(prompt, generator=gen(), schedule=s, **common))
-        rows.append(
-            {
-                "row": f"fd_trt torch {schedule}",
-                "seconds": t,
-                "speedup_vs_diffusers": t_ref / t,
-                "rel_l2_vs_diffusers": rel_l2(out.images, ref),
-                "key_steps": len(out.stats.key_steps),
-            }
-        )
+    for backend, fd in pipes.items():
+        for schedule in ("all", "paper"):
+            out, t = timed(lambda s=schedule, fd=fd: fd(prompt, generator=gen(), schedule=s, **common))
+            rows.append(
+                {
+                    "row": f"fd_trt {backend} {schedule}",
+                    "seconds": t,
+                    "speedup_vs_diffusers": t_ref / t,
+                    "rel_l2_vs_diffusers": rel_l2(out.images, ref),
+                    "key_steps": len(out.stats.key_steps),
+                }
+            )
     config = "tiny IF (smoke run)" if tiny else "IF-I-M stage I UNet, 64x64, random weights"
-    return {"case": "if", "config": config, "steps": steps, "rows": rows}
+    return {"case": "if", "config": config, "steps": steps, "warmup_seconds": warmup, "rows": rows}
 
 
 def bench_tome(steps: int, size: int, ratio: float, tiny: bool) -> dict:
@@ -135,12 +145,13 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--backends", default="torch", help="IF: comma-separated fd_trt backends (torch,onnxruntime)")
     ap.add_argument("--tiny", action="store_true", help="tiny random models: a smoke run of the script")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.case == "if":
-        result = bench_if(args.steps, args.tiny)
+        result = bench_if(args.steps, args.tiny, tuple(b.strip() for b in args.backends.split(",") if b.strip()))
     else:
         result = bench_tome(args.steps, args.size, args.ratio, args.tiny)
     result.update(cpu=_cpu(), threads=args.threads, command=" ".join(["bench_if_tome.py", *__import__("sys").argv[1:]]))
