@@ -46,7 +46,8 @@ def video_unet_class(unet_or_config: Any) -> str | None:
     name = type(unet_or_config).__name__
     if name in VIDEO_UNET_CLASSES:
         return name
-    config = unet_or_config
+    # A model's own attributes are not its config (diffusers warns on config keys read from the model).
+    config = getattr(unet_or_config, "config", {}) if isinstance(unet_or_config, nn.Module) else unet_or_config
     get = config.get if isinstance(config, Mapping) else (lambda k, d=None: getattr(config, k, d))
     value = get("_class_name", None)
     return value if value in VIDEO_UNET_CLASSES else None
