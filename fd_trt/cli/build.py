@@ -297,6 +297,7 @@ def _build_transformer(args: argparse.Namespace) -> int:
         "--workspace-gb": (args.workspace_gb is not None, no_plan_settings),
         "--no-timing-cache": (args.no_timing_cache, no_plan_settings),
         "--precision fp16": (args.precision == "fp16", "transformer graphs and plans are fp32"),
+        "--frames": (args.frames is not None, "it is the frame count of text-to-video UNets' graphs"),
     }
     for flag, (given, why) in refused.items():
         if given:
