@@ -59,11 +59,18 @@ def test_unsupported_video_options_and_backends_are_refused_naming_the_fix(video
         family.check_config({**dict(sd.unet.config), "time_cond_proj_dim": 8})
     with pytest.raises(UnsupportedModelError, match="takes 4 input channels and predicts 8"):
         family.check_config({**dict(sd.unet.config), "out_channels": 8})
-    for backend in ("onnxruntime", "tensorrt"):
-        with pytest.raises(InputError, match=rf"backend='{backend}'.*backend='torch'"):
-            FasterDiffusionPipeline.from_diffusers(sd, backend=backend, device="cpu")
-    with pytest.raises(UnsupportedModelError, match="backend='torch'"):
+    with pytest.raises(InputError, match=r"backend='tensorrt'.*backend='onnxruntime'.*backend='torch'"):
+        FasterDiffusionPipeline.from_diffusers(sd, backend="tensorrt", device="cpu")
+    # The graphs fix the frame count (tests/test_video_onnx.py runs them).
+    with pytest.raises(InputError, match="pass frames=F"):
         family.graph_contract(sd)
+    contract = family.graph_contract(sd, (8, 8), frames=FRAMES)
+    assert contract.encoder.tensor("sample").shape == ("rows", 4, FRAMES, 8, 8)
+    assert contract.encoder.tensor("mid").shape == ("rows", 32, FRAMES, 4, 4)
+    assert contract.decoder.tensor("timestep").shape == ("step_rows",)
+    assert contract.decoder.tensor("noise_pred").shape == ("step_rows", 4, FRAMES, 8, 8)
+    ort = FasterDiffusionPipeline.from_diffusers(sd, backend="onnxruntime", device="cpu", progress=False)
+    assert ort.backend == "onnxruntime"  # graphs are built on the first call, not here
     auto = FasterDiffusionPipeline.from_diffusers(sd, backend="auto", device="cpu", progress=False)
     assert auto.backend == "torch"
     from fd_trt.tools.calibrate import calibrate
@@ -74,6 +81,29 @@ def test_unsupported_video_options_and_backends_are_refused_naming_the_fix(video
 
     with pytest.raises(InputError, match="the server serves image models; this is a text-to-video model"):
         ServingRuntime(auto, warmup=False, start=False)
+
+
+def test_a_video_manifest_records_frames_and_family_and_refuses_another_frame_count(video_pair, tmp_path):
+    """The engine directory's checks, without an export (tests/test_video_onnx.py exports and runs)."""
+    from fd_trt.errors import EngineMismatchError
+    from fd_trt.graphs.contract import GraphContract
+    from fd_trt.graphs.manifest import GraphRecord, check_engine_dir, expected_manifest, load_manifest, save_manifest
+
+    name, sd, _ = video_pair
+    shapes = dict(latent_size=(8, 8), text_shape=(16, 16))
+    manifest = expected_manifest(sd.unet, frames=FRAMES, family=name, **shapes)
+    assert manifest.frames == FRAMES and manifest.family == name and manifest.latent_shape == [4, 8, 8]
+    manifest.graphs = {r: GraphRecord(file=f"{r}.onnx", sha256="0" * 64, bytes=1) for r in ("encoder", "decoder")}
+    save_manifest(tmp_path, manifest)
+    found = load_manifest(tmp_path)
+    assert (found.frames, found.family) == (FRAMES, name)
+    assert GraphContract.from_manifest(found) == family_for_pipeline(sd).graph_contract(sd, (8, 8), frames=FRAMES)
+    with pytest.raises(EngineMismatchError, match=r"frames \(built for 3 frames, asked for 2 frames\).*--frames 2"):
+        check_engine_dir(tmp_path, frames=2, **shapes)
+    with pytest.raises(EngineMismatchError, match=r"family \(built for '.+', asked for 'sd'\)"):
+        check_engine_dir(tmp_path, frames=FRAMES, family="sd", **shapes)
+    with pytest.raises(InputError, match="pass frames=F"):
+        expected_manifest(sd.unet, **shapes)
 
 
 # the split ---------------------------------------------------------------------------------------

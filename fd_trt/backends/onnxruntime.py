@@ -466,12 +466,27 @@ class OrtRunner(Runner):
             )
         return given
 
+    def _check_sample(self, sample: torch.Tensor) -> None:
+        """Refuses latents of another shape than the encoder graph's (fixed after the rows), naming both."""
+        assert self._enc is not None and self.contract is not None
+        want = self._enc.inputs[SAMPLE].shape[1:]
+        if not all(isinstance(d, int) for d in want) or tuple(sample.shape[1:]) == tuple(want):
+            return
+        frames = self.contract.frames
+        what = f"video latents of {frames} frames" if frames else "latents"
+        raise InputError(
+            f"sample has shape {tuple(sample.shape)}, but {self._enc.path} takes {what} [rows, "
+            f"{', '.join(str(d) for d in want)}]: build graphs for this shape (the pipeline builds them on first use; "
+            "fd-trt build --height H --width W" + (" --frames F" if frames else "") + ")"
+        )
+
     def _encode(
         self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, added: Added = None
     ) -> Features:
         assert self._enc is not None and self.contract is not None
         cond = self._conditioning(added)
         rows = self._check_rows("encoder", sample=sample, timestep=timestep, text=text, **cond)
+        self._check_sample(sample)
         feeds = {SAMPLE: sample, TIMESTEP: timestep.float(), TEXT: text, **cond}
         out = self._run(self._enc, feeds, rows)
         by_name = dict(zip(self._enc.output_names, out))

@@ -67,6 +67,7 @@ from fd_trt.backends.tensorrt_build import (
     plan_file_name,
     profile_rows,
     profiles_for_manifest,
+    refuse_video_plans,
     require_cuda,
     require_tensorrt,
     role_rows,
@@ -454,6 +455,7 @@ class TrtRunner(Runner):
                 f"fd-trt build --backend tensorrt --precision {'fp16' if self.expected_dtype == torch.float16 else 'fp32'}, "
                 "or pass dtype=None"
             )
+        refuse_video_plans(manifest, self.engine_dir)
         profiles = profiles_for_manifest(
             manifest.encoder_rows, manifest.decoder_rows, self.schedule, self.opt_segment_steps
         )

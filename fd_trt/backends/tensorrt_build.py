@@ -390,6 +390,21 @@ def plan_file_name(
     )
 
 
+def refuse_video_plans(manifest: Manifest, engine_dir: str | os.PathLike[str] | None = None) -> None:
+    """Refuses TensorRT plans for text-to-video graphs (a manifest with ``frames``): their profiles
+    are not written yet.
+
+    Raises:
+        EngineMismatchError: naming the backends that run them.
+    """
+    frames = int(getattr(manifest, "frames", 0) or 0)
+    if frames:
+        raise EngineMismatchError(
+            f"{engine_dir or 'the engine directory'} holds text-to-video graphs ({frames} frames), which TensorRT does "
+            "not run yet: run them with backend='onnxruntime' (or backend='torch')"
+        )
+
+
 def check_plan_role(role: str) -> None:
     """Refuses a role that no plan of an engine directory's UNet graphs has.
 
@@ -694,6 +709,8 @@ def build_plans(
     def targets(manifest: Manifest) -> list[_PlanTarget]:
         from fd_trt.graphs.shallow import shallow_spec
 
+        refuse_video_plans(manifest, engine_dir)
+
         profiles = profiles_for_manifest(
             manifest.encoder_rows, manifest.decoder_rows, as_schedule(schedule, num_steps), opt_segment_steps
         )
@@ -857,6 +874,7 @@ def external_threshold(manifest: Manifest) -> int:
 
 
 __all__ = [
+    "refuse_video_plans",
     "PLAN_NAME_RE",
     "is_plan_file_name",
     "DEFAULT_OPTIMIZATION_LEVEL",

@@ -42,6 +42,12 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
+    p.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        help="text-to-video models (required for them): the frame count the graphs take",
+    )
     p.add_argument("--batch", type=int, default=1, help="images per call (sets the row ranges)")
     p.add_argument(
         "--max-segment-steps",
@@ -152,8 +158,18 @@ def run(args: argparse.Namespace) -> int:
         if v <= 0 or v % f:
             raise InputError(f"--{name} {v} is not a positive multiple of the VAE factor {f}")
     precision = args.precision or ("fp16" if args.backend == "tensorrt" else "fp32")
+    from fd_trt.graphs.split_video import video_unet_class
+
+    video = video_unet_class(sd.unet)
+    if video is not None and args.frames is None:
+        raise InputError(f"the model's UNet is a text-to-video {video}: pass --frames F, the frame count to build for")
+    if video is not None and args.backend == "tensorrt":
+        raise InputError(
+            "TensorRT does not run text-to-video models yet: build their graphs with --backend onnxruntime"
+        )
     name = Path(str(args.model).rstrip("/")).name or "model"
-    out = Path(args.out) if args.out else Path("engines") / f"{name}-{height}x{width}-{precision}"
+    f_part = f"-f{args.frames}" if args.frames is not None else ""
+    out = Path(args.out) if args.out else Path("engines") / f"{name}{f_part}-{height}x{width}-{precision}"
     from fd_trt.families.base import family_for_pipeline
 
     # The model family states the graphs' text and added-conditioning shapes (SDXL: the pooled
@@ -173,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         progress=not args.quiet,
         added_shapes=added_shapes,
+        frames=args.frames,
+        family=family.name,
     )
     m = res.manifest
     state = "built" if res.built else "up to date, nothing rebuilt"
@@ -181,7 +199,9 @@ def run(args: argparse.Namespace) -> int:
         extra = f" + {rec.data_file} {rec.data_bytes / 1e6:.1f} MB" if getattr(rec, "data_file", None) else ""
         print(f"  {role}: {rec.file} {rec.bytes / 1e6:.1f} MB{extra}, sha256 {rec.sha256[:12]}")
     print(
-        f"  {precision} graphs, opset {m.opset}, latents {m.latent_shape}, text {m.text_shape}, "
+        f"  {precision} graphs, opset {m.opset}, latents {m.latent_shape}"
+        + (f" x {m.frames} frames" if m.frames else "")
+        + f", text {m.text_shape}, "
         f"decoder rows {m.decoder_rows[0]}..{m.decoder_rows[1]}"
     )
     if args.backend == "tensorrt":
@@ -205,6 +225,13 @@ def _tune(args: argparse.Namespace, engines: Path | None = None) -> int:
     pipe = FasterDiffusionPipeline.from_pretrained(
         args.model, backend="auto", progress=not args.quiet, engines=engines, runner_options=opts
     )
+    from fd_trt.pipelines.video import FasterDiffusionVideoPipeline
+
+    if isinstance(pipe, FasterDiffusionVideoPipeline):
+        raise InputError(
+            "--tune measures backend='auto', which runs torch for text-to-video models: build their graphs with "
+            "--frames F --out DIR and run them with backend='onnxruntime'"
+        )
     pipe.auto_build_graphs = True  # ahead of time: building is what the user asked for
     runner = pipe.prepare(args.height, args.width)
     runner.read_cache = False  # measure afresh; the new decision replaces a cached one
@@ -270,6 +297,7 @@ def _build_transformer(args: argparse.Namespace) -> int:
         "--workspace-gb": (args.workspace_gb is not None, no_plan_settings),
         "--no-timing-cache": (args.no_timing_cache, no_plan_settings),
         "--precision fp16": (args.precision == "fp16", "transformer graphs and plans are fp32"),
+        "--frames": (args.frames is not None, "it is the frame count of text-to-video UNets' graphs"),
     }
     for flag, (given, why) in refused.items():
         if given:

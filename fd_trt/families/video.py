@@ -13,7 +13,8 @@ What tells them apart from Stable Diffusion:
 
 Both condition on one CLIP prompt embedding per video (``StableDiffusionPipeline``'s
 ``encode_prompt``); the split repeats it per frame, as diffusers does. Their pipeline is
-[`fd_trt.pipelines.video.FasterDiffusionVideoPipeline`][fd_trt.pipelines.video.FasterDiffusionVideoPipeline], on the torch backend.
+[`fd_trt.pipelines.video.FasterDiffusionVideoPipeline`][fd_trt.pipelines.video.FasterDiffusionVideoPipeline], on the torch or onnxruntime backend
+(graphs over ``[rows, 4, F, h, w]`` latents, F fixed per graph: [`fd_trt.graphs.contract`][fd_trt.graphs.contract]).
 
 [`tiny_text_to_video_pipeline()`][fd_trt.families.video.tiny_text_to_video_pipeline] and [`tiny_animatediff_pipeline()`][fd_trt.families.video.tiny_animatediff_pipeline] build both at toy widths
 with seeded random weights (no download), as diffusers' own tests configure them.
@@ -97,15 +98,21 @@ class VideoFamily(ModelFamily):
         """``(L, D)``: the tokenizer's length and the CLIP text encoder's width (per video)."""
         return int(sd_pipeline.tokenizer.model_max_length), int(sd_pipeline.text_encoder.config.hidden_size)
 
-    def graph_contract(self, sd_pipeline: Any, latent_size: tuple[int, int] | None = None) -> Any:
-        """Refused: the video UNets' graphs are not exported.
+    def graph_contract(
+        self, sd_pipeline: Any, latent_size: tuple[int, int] | None = None, frames: int | None = None
+    ) -> Any:
+        """The contract of the video UNet's graphs for ``frames`` frames: latents ``[rows, C, F, h, w]``,
+        features ``[rows, C', F, h', w']``, one text row per video ([`fd_trt.graphs.contract`][fd_trt.graphs.contract]).
 
         Raises:
-            UnsupportedModelError: always, naming ``backend="torch"``.
+            InputError: without ``frames`` (the graphs fix the frame count), or for a bad one.
         """
-        raise UnsupportedModelError(
-            f"the {self.name!r} model family has no graph contract: its UNet ({self.unet_class}) is not exported to "
-            "ONNX or TensorRT; run it with backend='torch'"
+        from fd_trt.graphs.contract import GraphContract
+
+        if frames is None:
+            raise InputError(f"the {self.name!r} graphs are built for a frame count: pass frames=F to graph_contract")
+        return GraphContract.from_unet_config(
+            sd_pipeline.unet.config, latent_size, self.text_shape(sd_pipeline), {}, frames=frames
         )
 
     def encode_prompt(

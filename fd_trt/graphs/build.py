@@ -88,6 +88,8 @@ def build_engines(
     unet_sha256: str | None = None,
     added_shapes: Mapping[str, Sequence[int]] | None = None,
     share_rows: bool | None = None,
+    frames: int | None = None,
+    family: str = "",
 ) -> BuildResult:
     """Builds (or keeps) the ONNX graphs of an engine directory.
 
@@ -115,6 +117,10 @@ def build_engines(
         share_rows: see [`fd_trt.graphs.export.export_unet()`][fd_trt.graphs.export.export_unet] (``None``: decided from the UNet's
             widths). It changes speed, not numbers, so it is not a manifest field: an engine
             directory built with another setting stays up to date (``force=True`` rebuilds).
+        frames: the frame count F of a text-to-video UNet's graphs (latents ``[rows, C, F, h,
+            w]``; required for one, refused for an image UNet). A directory built for another F
+            is stale.
+        family: the model family's name, recorded in the manifest (``""``: not said).
 
     Returns:
         A [`BuildResult`][fd_trt.graphs.build.BuildResult].
@@ -132,6 +138,8 @@ def build_engines(
         model_source=model_source,
         unet_sha256=unet_sha256,
         added_shapes=added_shapes,
+        frames=frames,
+        family=family,
     )
 
     def find() -> Manifest | str:
@@ -234,6 +242,7 @@ def _export_into(
         progress=progress,
         added_shapes=dict(expected.added_shapes) or None,
         share_rows=share_rows,
+        frames=expected.frames or None,
     )
     expected.graphs = {"encoder": graph_record(folder, ENCODER_FILE), "decoder": graph_record(folder, DECODER_FILE)}
     expected.controlnets = {}  # remove_graphs deleted them: they are exported again on first use

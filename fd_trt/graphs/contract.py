@@ -13,6 +13,16 @@ The contract of one UNet, for ``C`` latent channels, ``h x w`` latents and ``L x
     decoder  mid, skip_00 .. skip_NN, timestep [step_rows] f32, encoder_hidden_states [rows,L,D], *added
              -> noise_pred [step_rows,C_out,h,w]
 
+Text-to-video UNets (``UNet3DConditionModel``, ``UNetMotionModel``; ``frames`` F fixed per
+export, like ``h`` and ``w``) have the same graphs over video latents, one row per video with all
+its frames (the split folds the frames into its blocks' batch inside the graph and unfolds them
+before returning, [`fd_trt.graphs.split_video`][fd_trt.graphs.split_video])::
+
+    encoder  sample [rows,C,F,h,w], timestep [rows] f32, encoder_hidden_states [rows,L,D]
+             -> mid [rows,C',F,h',w'], skip_00 .. skip_NN [rows,C',F,h',w']
+    decoder  mid, skip_00 .. skip_NN, timestep [step_rows] f32, encoder_hidden_states [rows,L,D]
+             -> noise_pred [step_rows,C,F,h,w]
+
 ``added`` is empty for SD 1.x/2.x (their graph names on disk are unchanged) and is
 ``text_embeds [rows,P]``, ``time_ids [rows,K] f32`` for SDXL (``addition_embed_type="text_time"``;
 P = 1280 and K = 6 for SDXL base, K = 5 for the refiner). DeepFloyd IF (``addition_embed_type="text"``)
@@ -219,19 +229,22 @@ def default_added_shapes(unet_config: Any, time_ids: int = DEFAULT_TIME_IDS) -> 
     return {"text_embeds": (pooled,), "time_ids": (int(time_ids),), **shapes}
 
 
-def feature_tails(unet_config: Any, latent_hw: tuple[int, int]) -> list[tuple[int, int, int]]:
+def feature_tails(unet_config: Any, latent_hw: tuple[int, int], frames: int | None = None) -> list[tuple[int, ...]]:
     """Per-row shapes of the features (``mid`` first, then the skips), from the UNet config.
 
     Follows the ``UNet2DConditionModel`` layout that the split carries: the ``conv_in`` output,
     ``layers_per_block`` resnet outputs per down block, one downsampler output per down block but
-    the last (stride 2, padding 1: ``ceil(h/2)``), and the mid-block output.
+    the last (stride 2, padding 1: ``ceil(h/2)``), and the mid-block output. The video UNets
+    (``UNet3DConditionModel``, ``UNetMotionModel``) have the same layout per frame; their split
+    returns every feature with the frames after the channels.
 
     Args:
         unet_config: the UNet's config (``block_out_channels``, ``layers_per_block``).
         latent_hw: latent height and width.
+        frames: F for a video UNet's features, ``None`` for an image UNet's.
 
     Returns:
-        ``[(C, h, w) of mid, of skip_00, ...]``.
+        ``[(C, h, w) of mid, of skip_00, ...]``; ``(C, F, h, w)`` each with ``frames``.
     """
     chans = [int(c) for c in _get(unet_config, "block_out_channels")]
     lpb = _get(unet_config, "layers_per_block")
@@ -243,7 +256,23 @@ def feature_tails(unet_config: Any, latent_hw: tuple[int, int]) -> list[tuple[in
         if i < len(chans) - 1:
             h, w = -(-h // 2), -(-w // 2)
             skips.append((ch, h, w))
-    return [(chans[-1], h, w), *skips]
+    tails = [(chans[-1], h, w), *skips]
+    if frames is None:
+        return tails
+    return [(c, int(frames), fh, fw) for c, fh, fw in tails]
+
+
+def check_frames(frames: Any, where: str = "frames") -> int | None:
+    """``frames`` as an ``int`` (``None`` stays ``None``: an image UNet's graphs).
+
+    Raises:
+        InputError: for anything but ``None`` or a positive integer.
+    """
+    if frames is None:
+        return None
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise InputError(f"{where} must be a positive integer (the video's frame count) or None, got {frames!r}")
+    return int(frames)
 
 
 @dataclass(frozen=True)
@@ -387,6 +416,8 @@ class GraphContract:
         out_tail: ``(C_out, h, w)`` of ``noise_pred``.
         text_tail: ``(L, D)`` of the text states.
         features: per-row shapes of ``mid`` and each skip, in `feature_names()` order.
+        frames: F of a video UNet's graphs (the latents' and features' axis 2, fixed per export);
+            ``None`` for an image UNet's.
     """
 
     num_skips: int
@@ -397,6 +428,7 @@ class GraphContract:
     features: tuple[tuple[Dim, ...], ...] | None = None
     #: channels of the hidden state entering the decoder's last ``d`` up layers, by ``d`` (decoder schedules)
     hidden_channels: Mapping[int, int] = field(default_factory=dict, compare=False)
+    frames: int | None = None
 
     @property
     def row_layout(self) -> str:
@@ -481,6 +513,7 @@ class GraphContract:
         latent_size: tuple[int, int] | None = None,
         text_shape: tuple[int, int] | None = None,
         added_shapes: Mapping[str, Sequence[int]] | None = None,
+        frames: int | None = None,
     ) -> GraphContract:
         """The contract of a UNet's graphs.
 
@@ -490,23 +523,28 @@ class GraphContract:
             text_shape: ``(L, D)``; ``(77, cross_attention_dim)`` when omitted.
             added_shapes: per-row shapes of the added conditioning (SDXL); the config's
                 defaults ([`default_added_shapes()`][fd_trt.graphs.contract.default_added_shapes]) when omitted.
+            frames: F, for a video UNet's graphs (latents ``[rows,C,F,h,w]``); ``None`` for an
+                image UNet's.
 
         Returns:
             The contract.
 
         Raises:
-            InputError: for added shapes that do not name the UNet's added inputs.
+            InputError: for added shapes that do not name the UNet's added inputs, or a bad ``frames``.
         """
+        frames = check_frames(frames)
         chans = [int(c) for c in _get(unet_config, "block_out_channels")]
         lpb = _get(unet_config, "layers_per_block")
         layers = [int(v) for v in lpb] if isinstance(lpb, (list, tuple)) else [int(lpb)] * len(chans)
         num_skips = 1 + sum(layers) + len(chans) - 1
         if text_shape is None:
             text_shape = (77, int(_get(unet_config, "cross_attention_dim")))
-        spatial: tuple[Dim, Dim] = ("h", "w") if latent_size is None else (int(latent_size[0]), int(latent_size[1]))
+        spatial: tuple[Dim, ...] = ("h", "w") if latent_size is None else (int(latent_size[0]), int(latent_size[1]))
         features = None
         if latent_size is not None:
-            features = tuple(feature_tails(unet_config, (int(latent_size[0]), int(latent_size[1]))))
+            features = tuple(feature_tails(unet_config, (int(latent_size[0]), int(latent_size[1])), frames))
+        if frames is not None:
+            spatial = (frames, *spatial)
         dtypes = dict(added_inputs(unet_config))
         shapes = dict(added_shapes) if added_shapes is not None else default_added_shapes(unet_config)
         if set(shapes) != set(dtypes):
@@ -522,16 +560,18 @@ class GraphContract:
             out_tail=(out_channels, *spatial),
             text_tail=(int(text_shape[0]), int(text_shape[1])),
             features=features,
+            frames=frames,
         )
 
     @classmethod
     def from_manifest(cls, manifest: Any) -> GraphContract:
         """The contract an engine directory's manifest describes ([`fd_trt.graphs.manifest.Manifest`][fd_trt.graphs.manifest.Manifest]).
 
-        The recorded ``num_skips`` and ``added_shapes`` are the graphs' facts; the UNet config
-        adds the feature shapes when it is complete.
+        The recorded ``num_skips``, ``added_shapes`` and ``frames`` (video graphs) are the
+        graphs' facts; the UNet config adds the feature shapes when it is complete.
         """
         latent, text = manifest.latent_shape, manifest.text_shape
+        frames = int(getattr(manifest, "frames", 0) or 0) or None
         recorded = dict(getattr(manifest, "added_shapes", None) or {})
         if _get(manifest.unet_config, "block_out_channels") is not None:
             contract = cls.from_unet_config(
@@ -539,6 +579,7 @@ class GraphContract:
                 latent_size=(int(latent[1]), int(latent[2])),
                 text_shape=(int(text[0]), int(text[1])),
                 added_shapes=recorded,
+                frames=frames,
             )
             if contract.num_skips == int(manifest.num_skips):
                 return contract
@@ -549,12 +590,15 @@ class GraphContract:
             )
         added = tuple(TensorSpec(n, tuple(int(d) for d in recorded[n]), dt) for n, dt in options[0])
         tail = tuple(int(d) for d in latent)
+        if frames is not None:
+            tail = (tail[0], frames, *tail[1:])
         return cls(
             num_skips=int(manifest.num_skips),
             added=added,
             latent_tail=tail,
             out_tail=tail,
             text_tail=(int(text[0]), int(text[1])),
+            frames=frames,
         )
 
     @classmethod
@@ -749,6 +793,7 @@ __all__ = [
     "added_input_names",
     "added_inputs",
     "capture_role",
+    "check_frames",
     "default_added_shapes",
     "known_added_sets",
     "feature_names",

@@ -10,7 +10,9 @@ Graph names, input order, dtypes and dynamic axes come from the graph contract
 ``sample, timestep, encoder_hidden_states -> mid, skip_00 ..`` and
 ``mid, skip_00 .., timestep, encoder_hidden_states -> noise_pred``; SDXL UNets add
 ``text_embeds`` and ``time_ids`` to both graphs. Axis 0 is dynamic on every input and output;
-height, width, the text shape and the added shapes are fixed per export.
+height, width, the text shape and the added shapes are fixed per export. A text-to-video UNet
+(``UNet3DConditionModel``, ``UNetMotionModel``) exports the same two graphs over video latents
+``[rows, C, F, h, w]``, its frame count F fixed per export too (``frames=``).
 
 The TorchScript exporter (``dynamo=False``) is used on purpose: on the tiny test UNet it exports
 the encoder in about 1 s against about 5 s for the torch.export-based exporter, and its graphs are
@@ -41,7 +43,16 @@ from torch import nn
 
 from fd_trt.core.features import Features
 from fd_trt.errors import BackendUnavailableError, EngineMismatchError, InputError
-from fd_trt.graphs.contract import FLOAT32, NOISE_PRED, TEXT, TIMESTEP, ControlNetContract, GraphContract, GraphSpec
+from fd_trt.graphs.contract import (
+    FLOAT32,
+    NOISE_PRED,
+    TEXT,
+    TIMESTEP,
+    ControlNetContract,
+    GraphContract,
+    GraphSpec,
+    check_frames,
+)
 from fd_trt.graphs.split import ROW_SHARING_MIN_CHANNELS, SplitUNet, decoder_shares_rows, split_unet
 from fd_trt.utils.files import remove_stale_temporaries, temp_prefix
 
@@ -278,6 +289,7 @@ class ExportResult:
         added_shapes: per-row shapes of the added conditioning (SDXL's ``text_embeds``,
             ``time_ids``); empty for SD 1.x/2.x.
         share_rows: whether the decoder graph shares the repeated rows' work.
+        frames: F of a video UNet's graphs (``sample [rows,C,F,h,w]``), ``None`` for an image UNet's.
     """
 
     encoder: GraphInfo
@@ -290,6 +302,7 @@ class ExportResult:
     seconds: float
     added_shapes: dict[str, list[int]] = field(default_factory=dict)
     share_rows: bool = False
+    frames: int | None = None
 
 
 def _check_export_args(
@@ -325,6 +338,7 @@ def example_inputs(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     added_shapes: dict[str, Sequence[int]] | None = None,
+    frames: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Seeded encoder inputs, in the encoder graph's input order.
 
@@ -336,6 +350,7 @@ def example_inputs(
         dtype: dtype of the graph-precision inputs (``timestep`` and ``time_ids`` are float32).
         seed: seed of the CPU generator.
         added_shapes: per-row shapes of SDXL's added conditioning; the config's defaults when omitted.
+        frames: F, for a video UNet (``sample [N,C,F,h,w]``).
 
     Returns:
         ``(sample [N,C,h,w], timestep [N], encoder_hidden_states [N,L,D])``, followed for SDXL by
@@ -343,7 +358,7 @@ def example_inputs(
     """
     gen = torch.Generator().manual_seed(seed)
     device = next(unet.parameters()).device
-    spec = GraphContract.from_unet_config(unet.config, latent_size, text_shape, added_shapes).encoder
+    spec = GraphContract.from_unet_config(unet.config, latent_size, text_shape, added_shapes, frames).encoder
     out = []
     for t in spec.inputs:
         shape = t.shape_at(rows)
@@ -565,11 +580,13 @@ def export_unet(
     progress: bool = True,
     added_shapes: dict[str, Sequence[int]] | None = None,
     share_rows: bool | None = None,
+    frames: int | None = None,
 ) -> ExportResult:
     """Exports the encoder and decoder of a UNet as ``encoder.onnx`` and ``decoder.onnx``.
 
     Args:
-        unet: a diffusers ``UNet2DConditionModel`` (left unchanged; an fp16 export works on a copy).
+        unet: a diffusers ``UNet2DConditionModel``, or a text-to-video ``UNet3DConditionModel`` /
+            ``UNetMotionModel`` (with ``frames``); left unchanged, an fp16 export works on a copy.
         out_dir: folder for the two graphs; created when missing. Existing graphs are replaced.
         latent_size: ``(h, w)`` of the latents (image size / 8 for SD).
         text_shape: ``(L, D)`` of the text states; ``(77, cross_attention_dim)`` when omitted.
@@ -583,18 +600,22 @@ def export_unet(
             ``K = 5`` for the refiner.
         share_rows: whether the decoder graph computes the work of the rows it repeats once
             (``None``: [`decoder_shares_rows()`][fd_trt.graphs.split.decoder_shares_rows] decides from the UNet's widths). Either
-            graph takes the same inputs and gives the same numbers within rounding.
+            graph takes the same inputs and gives the same numbers within rounding. A video
+            UNet's decoder repeats the rows unshared (its split has no sharing).
+        frames: the frame count F of a video UNet's graphs (required for one, refused for an
+            image UNet): the latents are ``[rows, C, F, h, w]`` and F is fixed in the graphs.
 
     Returns:
         An [`ExportResult`][fd_trt.graphs.export.ExportResult] with paths, sizes and timings.
 
     Raises:
-        InputError: for a bad precision, opset or shape.
+        InputError: for a bad precision, opset, shape or frame count.
         UnsupportedModelError: when the UNet cannot be split.
         BackendUnavailableError: when onnx, onnx-graphsurgeon or polygraphy is missing.
     """
     from tqdm.auto import tqdm
 
+    frames = check_unet_frames(unet, frames)
     if text_shape is None:
         text_shape = (77, int(unet.config.cross_attention_dim))
     latent_size, text_shape = tuple(latent_size), tuple(text_shape)  # type: ignore[assignment]
@@ -607,14 +628,20 @@ def export_unet(
     model = _unet_for_precision(unet, precision)
     split = split_unet(model)
     num_skips = split.num_skips
-    contract = GraphContract.from_unet_config(model.config, latent_size, text_shape, added_shapes)
+    contract = GraphContract.from_unet_config(model.config, latent_size, text_shape, added_shapes, frames)
     if contract.num_skips != num_skips or contract.added_names != split.added_names:
         raise InputError(  # the contract and the split read one config: only a non-diffusers UNet gets here
             f"the graph contract ({contract.num_skips} skips, added {contract.added_names}) does not fit the split UNet "
             f"({num_skips} skips, added {split.added_names})"
         )
     enc_args = example_inputs(
-        model, latent_size, text_shape, example_rows, _TORCH_DTYPES[precision], added_shapes=added_shapes
+        model,
+        latent_size,
+        text_shape,
+        example_rows,
+        _TORCH_DTYPES[precision],
+        added_shapes=added_shapes,
+        frames=frames,
     )
     with torch.no_grad():
         feats = split.encoder(*enc_args)
@@ -623,6 +650,7 @@ def export_unet(
     steps = torch.linspace(900.0, 100.0, EXAMPLE_STEPS).repeat_interleave(example_rows).to(enc_args[1])
     dec_args = (*feats, steps, *enc_args[2:])
     share = decoder_shares_rows(model.config) if share_rows is None else bool(share_rows)
+    share = share and frames is None  # the video split repeats its rows unshared
 
     bar = tqdm(total=6, desc=f"export {precision}", disable=not progress, leave=False)
     try:
@@ -667,7 +695,31 @@ def export_unet(
         seconds=seconds,
         added_shapes=contract.added_shapes,
         share_rows=share,
+        frames=frames,
     )
+
+
+def check_unet_frames(unet: nn.Module, frames: Any) -> int | None:
+    """The frame count of a UNet's graphs: ``frames`` for a text-to-video UNet, ``None`` for an image UNet.
+
+    Raises:
+        InputError: when a video UNet comes without a frame count, an image UNet with one, or
+            ``frames`` is not a positive integer.
+    """
+    from fd_trt.graphs.split_video import video_unet_class
+
+    frames = check_frames(frames)
+    video = video_unet_class(unet)
+    if video is not None and frames is None:
+        raise InputError(
+            f"a {video}'s graphs take video latents [rows, C, F, h, w] with the frame count F fixed: pass frames=F "
+            "(fd-trt build --frames F)"
+        )
+    if video is None and frames is not None:
+        raise InputError(
+            f"frames={frames} is for text-to-video UNets; this {type(unet).__name__} takes image latents: leave frames unset"
+        )
+    return frames
 
 
 def check_graph_file(path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -866,6 +918,7 @@ __all__ = [
     "compare_precisions",
     "decoder_input_names",
     "encoder_output_names",
+    "check_unet_frames",
     "example_inputs",
     "export_unet",
     "optimize_onnx",

@@ -11,7 +11,8 @@ when something differs, and loading refuses graphs that do not match.
 What makes graphs stale:
 
 * the UNet's weights (sha256 over every tensor's name, dtype, shape and bytes), its config,
-* the latent and text shapes, the precision, the opset, the decoder row range,
+* the latent and text shapes (and the frame count of text-to-video graphs), the model family
+  where both the manifest and the caller name one, the precision, the opset, the decoder row range,
 * the exporting toolchain: the release line (major.minor) of torch, diffusers and onnx. Patch
   releases do not change exported graphs, and rebuilding a 3 GB export on every patch upgrade
   would be all cost.
@@ -222,6 +223,11 @@ class Manifest:
             above it is the graph contract ([`fd_trt.graphs.contract.GraphContract.from_manifest()`][fd_trt.graphs.contract.GraphContract.from_manifest]).
         controlnets: ControlNet graphs, by the first 16 hex digits of the ControlNet's weights
             sha256 (empty without ControlNets, and in older manifests, which therefore still load).
+        family: the model family the graphs were built for (``"sd"``, ``"text-to-video"``,
+            ``"animatediff"``, ...); ``""`` when the builder did not say, as in manifests written
+            before the field existed, which therefore still load.
+        frames: F of text-to-video graphs (latents ``[rows, C, F, h, w]``, with ``latent_shape``
+            ``[C, h, w]``); 0 for image graphs and older manifests.
     """
 
     format_version: int
@@ -242,6 +248,8 @@ class Manifest:
     plans: dict[str, PlanRecord] = field(default_factory=dict)
     added_shapes: dict[str, list[int]] = field(default_factory=dict)
     controlnets: dict[str, ControlNetRecord] = field(default_factory=dict)
+    family: str = ""
+    frames: int = 0
 
     def to_json(self) -> str:
         """The manifest as indented JSON."""
@@ -404,7 +412,7 @@ def rebuild_command(engine_dir: str | os.PathLike[str], manifest: Manifest | Non
     Args:
         engine_dir: the engine directory.
         manifest: the expected manifest, for the model source, precision and image size.
-        **spec: overrides (``model``, ``precision``, ``height``, ``width``).
+        **spec: overrides (``model``, ``precision``, ``height``, ``width``, ``frames``).
 
     Returns:
         A ``fd-trt build ...`` command line.
@@ -414,10 +422,11 @@ def rebuild_command(engine_dir: str | os.PathLike[str], manifest: Manifest | Non
     scale = pixels_per_latent(manifest.unet_config) if manifest else 8
     height = spec.get("height") or (manifest.latent_shape[1] * scale if manifest else "H")
     width = spec.get("width") or (manifest.latent_shape[2] * scale if manifest else "W")
-    backend = "tensorrt" if precision == "fp16" else "onnxruntime"
+    frames = spec["frames"] if spec.get("frames") is not None else (manifest.frames if manifest else 0)
+    backend = "tensorrt" if precision == "fp16" and not frames else "onnxruntime"
     return (
         f"fd-trt build --model {model} --out {engine_dir} --backend {backend} --precision {precision} "
-        f"--height {height} --width {width}"
+        f"--height {height} --width {width}" + (f" --frames {frames}" if frames else "")
     )
 
 
@@ -492,6 +501,7 @@ _COMPARED_FIELDS = (
     "encoder_rows",
     "decoder_rows",
     "added_shapes",
+    "frames",
 )
 
 
@@ -509,7 +519,22 @@ def stale_fields(expected: Manifest, found: Manifest) -> list[str]:
         want, have = getattr(expected, name), getattr(found, name)
         if want != have:
             problems.append(f"{name} (built {have!r}, wanted {want!r})")
+    problems += _family_problems(found.family, expected.family)
     return problems + _version_problems(found.versions, expected.versions)
+
+
+def _family_problems(built: str, wanted: str | None) -> list[str]:
+    """The model family, when both the manifest and the caller name one (``""``: not recorded)."""
+    if built and wanted and built != wanted:
+        return [f"family (built for {built!r}, asked for {wanted!r})"]
+    return []
+
+
+def _frames_problem(built: int, wanted: int) -> str:
+    def what(f: int) -> str:
+        return f"{f} frames" if f else "images (no frames)"
+
+    return f"frames (built for {what(built)}, asked for {what(wanted)})"
 
 
 def check_graph_record(folder: str | os.PathLike[str], role: str, rec: GraphRecord, full_hash: bool, fix: str) -> None:
@@ -617,6 +642,8 @@ def expected_manifest(
     model_source: str = "",
     unet_sha256: str | None = None,
     added_shapes: Mapping[str, Sequence[int]] | None = None,
+    frames: int | None = None,
+    family: str = "",
 ) -> Manifest:
     """The manifest that graphs built now from this UNet would have (without graph records).
 
@@ -632,19 +659,31 @@ def expected_manifest(
         unet_sha256: the weights digest, when already computed.
         added_shapes: per-row shapes of SDXL's added conditioning; the config's when omitted
             ([`fd_trt.graphs.contract.default_added_shapes()`][fd_trt.graphs.contract.default_added_shapes]).
+        frames: F, for a text-to-video UNet (required for one, refused for an image UNet).
+        family: the model family's name, recorded (``""``: not said).
 
     Returns:
         The manifest.
+
+    Raises:
+        InputError: for a bad count, or frames missing for a video UNet (or given for an image UNet).
+        UnsupportedModelError: for a UNet the split does not carry.
     """
     for name, v in (("batch", batch), ("max_segment_steps", max_segment_steps)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise InputError(f"{name} must be a positive integer, got {v!r}")
     if text_shape is None:
         text_shape = (77, int(unet.config.cross_attention_dim))
+    from fd_trt.graphs.export import check_unet_frames
     from fd_trt.graphs.split import check_supported
+    from fd_trt.graphs.split_video import check_video_config
 
-    check_supported(unet)
-    contract = GraphContract.from_unet_config(unet.config, latent_size, text_shape, added_shapes)
+    frames = check_unet_frames(unet, frames)
+    if frames is None:
+        check_supported(unet)
+    else:
+        check_video_config(unet.config)
+    contract = GraphContract.from_unet_config(unet.config, latent_size, text_shape, added_shapes, frames)
     return Manifest(
         format_version=FORMAT_VERSION,
         model_source=str(model_source),
@@ -659,6 +698,8 @@ def expected_manifest(
         decoder_rows=[1, 2 * batch * max_segment_steps],
         versions=package_versions(),
         added_shapes=contract.added_shapes,
+        family=str(family or ""),
+        frames=int(frames or 0),
     )
 
 
@@ -672,8 +713,10 @@ def check_engine_dir(
     full_hash: bool = False,
     unet_sha256: str | None = None,
     added_shapes: Mapping[str, Sequence[int]] | None = None,
+    frames: int | None = None,
+    family: str | None = None,
 ) -> Manifest:
-    """Refuses an engine directory that was built for another model, shape, precision or toolchain.
+    """Refuses an engine directory that was built for another model, shape, frame count, precision or toolchain.
 
     Args:
         engine_dir: the engine directory.
@@ -684,6 +727,9 @@ def check_engine_dir(
         full_hash: also hash the graph files (see [`check_graph_files()`][fd_trt.graphs.manifest.check_graph_files]).
         unet_sha256: the UNet's [`unet_weights_sha256()`][fd_trt.graphs.weights.unet_weights_sha256], when the caller already has it.
         added_shapes: the per-row shapes of the added conditioning the caller will feed (SDXL).
+        frames: the frame count the caller will run at (text-to-video; 0 for image latents);
+            not checked when ``None``.
+        family: the model family the caller runs; checked when both it and the manifest name one.
 
     Returns:
         The manifest.
@@ -706,6 +752,9 @@ def check_engine_dir(
         problems.append(f"latent_shape (built for {found.latent_shape[1:]}, asked for {list(latent_size)})")
     if text_shape is not None and list(text_shape) != found.text_shape:
         problems.append(f"text_shape (built for {found.text_shape}, asked for {list(text_shape)})")
+    if frames is not None and int(frames) != found.frames:
+        problems.append(_frames_problem(found.frames, int(frames)))
+    problems += _family_problems(found.family, family)
     if precision is not None and precision != found.precision:
         problems.append(f"precision (built {found.precision}, asked for {precision})")
     if added_shapes is not None:
@@ -714,6 +763,8 @@ def check_engine_dir(
             problems.append(f"added_shapes (built for {found.added_shapes}, asked for {wanted})")
     problems += _version_problems(found.versions, package_versions())
     spec: dict[str, Any] = {"precision": precision}
+    if frames is not None:
+        spec["frames"] = int(frames)
     if latent_size is not None:
         scale = pixels_per_latent(found.unet_config)
         spec.update(height=latent_size[0] * scale, width=latent_size[1] * scale)

@@ -46,7 +46,8 @@ def video_unet_class(unet_or_config: Any) -> str | None:
     name = type(unet_or_config).__name__
     if name in VIDEO_UNET_CLASSES:
         return name
-    config = unet_or_config
+    # A model's own attributes are not its config (diffusers warns on config keys read from the model).
+    config = getattr(unet_or_config, "config", {}) if isinstance(unet_or_config, nn.Module) else unet_or_config
     get = config.get if isinstance(config, Mapping) else (lambda k, d=None: getattr(config, k, d))
     value = get("_class_name", None)
     return value if value in VIDEO_UNET_CLASSES else None
@@ -75,14 +76,17 @@ def check_video_config(cfg: Any) -> None:
 
 
 def to_frames(x: torch.Tensor) -> torch.Tensor:
-    """``[N, C, F, h, w]`` -> ``[N*F, C, h, w]`` (frame-minor rows), as the video UNets run their blocks."""
-    n, c, f = x.shape[:3]
-    return x.permute(0, 2, 1, 3, 4).reshape(n * f, c, *x.shape[3:])
+    """``[N, C, F, h, w]`` -> ``[N*F, C, h, w]`` (frame-minor rows), as the video UNets run their blocks.
+
+    Every dim but the rows is a constant (``int``) of the reshape, so that an exported graph keeps
+    them static: a reshape to traced sizes leaves them unknown to ONNX shape inference.
+    """
+    return x.permute(0, 2, 1, 3, 4).reshape(-1, *(int(d) for d in (x.shape[1], *x.shape[3:])))
 
 
 def from_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
-    """``[N*F, C, h, w]`` -> ``[N, C, F, h, w]``, the inverse of `to_frames()`."""
-    return x.reshape(-1, frames, *x.shape[1:]).permute(0, 2, 1, 3, 4)
+    """``[N*F, C, h, w]`` -> ``[N, C, F, h, w]``, the inverse of `to_frames()` (static dims but the rows, as it)."""
+    return x.reshape(-1, int(frames), *(int(d) for d in x.shape[1:])).permute(0, 2, 1, 3, 4)
 
 
 def _time_embedding(owner: nn.Module, timestep: torch.Tensor, dtype: torch.dtype, frames: int) -> torch.Tensor:

@@ -575,9 +575,10 @@ class FasterDiffusionPipeline(
             ``(final latents, the runner that ran)``.
         """
         latents, text, control = image_run.latents, cond.text, image_run.control
-        shape = (int(latents.shape[2]), int(latents.shape[3])), (int(text.shape[1]), int(text.shape[2]))
+        # (h, w) of image latents, (F, h, w) of video latents: a graph runner per shape.
+        shape = tuple(int(d) for d in latents.shape[2:]), (int(text.shape[1]), int(text.shape[2]))
         if self.token_merging is not None:
-            set_token_merging_size(self.sd.unet, *shape[0])
+            set_token_merging_size(self.sd.unet, *shape[0][-2:])
         with self.pool.using(*shape) as runner:
             if control is not None:
                 control.resolve_runners = functools.partial(self._controlnet_calls, runner)

@@ -2,7 +2,8 @@
 
 A pipeline runs on either one *fixed* runner that serves every shape (torch, or a runner passed in)
 or on graph runners built per latent/text shape (onnxruntime, tensorrt, and ``auto``, which measures
-its candidates per shape). [`RunnerPool`][fd_trt.pipelines.runner_pool.RunnerPool] keeps the latter in a least-recently-used cache of
+its candidates per shape; a latent shape is ``(h, w)``, or ``(F, h, w)`` for a text-to-video model,
+whose graphs fix the frame count F too). [`RunnerPool`][fd_trt.pipelines.runner_pool.RunnerPool] keeps the latter in a least-recently-used cache of
 ``max_cached_runners``, holds a runner in use for the length of a call (eviction then closes it when
 the call ends, never under it), and makes every runner follow a change of the UNet's weights.
 
@@ -32,6 +33,16 @@ from fd_trt.utils.cache import engine_cache_root
 logger = logging.getLogger(__name__)
 
 Shape = tuple[int, int]
+#: The latent dims after the channels a graph runner serves: ``(h, w)``, or ``(F, h, w)`` for video.
+LatentDims = tuple[int, ...]
+
+
+def split_frames(latent_dims: LatentDims) -> tuple[int | None, Shape]:
+    """``(F or None, (h, w))`` of latent dims ``(h, w)`` or ``(F, h, w)``."""
+    dims = tuple(int(d) for d in latent_dims)
+    if len(dims) == 3:
+        return dims[0], (dims[1], dims[2])
+    return None, (dims[0], dims[1])
 
 
 def resolve_backend(
@@ -94,11 +105,14 @@ class RunnerPool:
         self.current: Runner | None = self.fixed
 
     # the per-shape cache ------------------------------------------------------------------------
-    def runner_for(self, latent_hw: Shape, text_shape: Shape, build: bool | None = None, ahead: bool = False) -> Runner:
+    def runner_for(
+        self, latent_hw: LatentDims, text_shape: Shape, build: bool | None = None, ahead: bool = False
+    ) -> Runner:
         """The runner for one latent size and text shape; builds or checks graphs on first use.
 
         Args:
-            latent_hw, text_shape: the shape served.
+            latent_hw, text_shape: the shape served (``latent_hw``: ``(h, w)``, or ``(F, h, w)``
+                for a text-to-video model).
             build: whether a new shape may be built or loaded; the pipeline's ``build_on_demand``
                 when ``None``.
             ahead: the shape is readied ahead of the first call (``prepare``), so a build is what
@@ -118,10 +132,12 @@ class RunnerPool:
                 return self.current
             if not (pipe.build_on_demand if build is None else build):
                 f = pipe.vae_scale_factor
-                ready = ", ".join(f"{k[0] * f}x{k[1] * f}" for k in self._runners) or "none"
+                ready = ", ".join(f"{k[-4] * f}x{k[-3] * f}" for k in self._runners) or "none"
+                frames, (h, w) = split_frames(latent_hw)
+                what = "images" if frames is None else f"videos of {frames} frames"
                 raise NotPreparedError(
-                    f"no {pipe.backend} graphs are loaded for {latent_hw[0] * f}x{latent_hw[1] * f} images "
-                    f"(latents {latent_hw[0]}x{latent_hw[1]}, text {text_shape[0]}x{text_shape[1]}) and building on "
+                    f"no {pipe.backend} graphs are loaded for {h * f}x{w * f} {what} "
+                    f"(latents {h}x{w}, text {text_shape[0]}x{text_shape[1]}) and building on "
                     f"demand is off; sizes ready: {ready}. Prepare the size first (pipe.prepare(height, width), "
                     "fd-trt serve --sizes HxW,...)"
                 )
@@ -133,14 +149,14 @@ class RunnerPool:
                 logger.info(
                     "closing the %s runner of latents %s (least recently used; max_cached_runners=%d)",
                     pipe.backend,
-                    old_key[:2],
+                    old_key[:-2],
                     pipe.max_cached_runners,
                 )
                 self._retire(old)
             return runner
 
     @contextlib.contextmanager
-    def using(self, latent_hw: Shape, text_shape: Shape) -> Iterator[Runner]:
+    def using(self, latent_hw: LatentDims, text_shape: Shape) -> Iterator[Runner]:
         """The runner for a shape, held in use (never closed by eviction) until the block ends."""
         with self.lock:  # one critical section: no eviction between lookup and hold
             runner = self.runner_for(latent_hw, text_shape)
@@ -157,7 +173,7 @@ class RunnerPool:
                         retired.deactivate()
 
     def shapes(self) -> list[tuple[int, ...]]:
-        """``(h, w, L, D)`` of the loaded graph runners, least recently used first."""
+        """``(h, w, L, D)`` (``(F, h, w, L, D)`` for video) of the loaded graph runners, least recently used first."""
         with self.lock:
             return list(self._runners)
 
@@ -180,7 +196,7 @@ class RunnerPool:
         else:
             runner.deactivate()
 
-    def _load(self, latent_hw: Shape, text_shape: Shape, ahead: bool = False) -> Runner:
+    def _load(self, latent_hw: LatentDims, text_shape: Shape, ahead: bool = False) -> Runner:
         pipe = self.pipe
         if pipe.backend == "auto":
             return self._auto_runner(latent_hw, text_shape).activate()
@@ -189,9 +205,13 @@ class RunnerPool:
         return cls(folder, device=pipe.device, dtype=pipe.precision, **pipe.runner_options).activate()
 
     def graph_folder(
-        self, latent_hw: Shape, text_shape: Shape, precision: str, build: bool, asked: bool = False
+        self, latent_hw: LatentDims, text_shape: Shape, precision: str, build: bool, asked: bool = False
     ) -> Path:
         """The engine directory for a shape: ``engines=``, or the cache folder, built there when ``build``.
+
+        ``latent_hw`` is ``(h, w)``, or ``(F, h, w)`` for a text-to-video model: its graphs are
+        built for the frame count, and a directory of another frame count is refused (or, in
+        the cache, lives in a folder of its own).
 
         A build is warned about (a call paid for it, once) unless ``asked``: the caller asked for
         the graphs ahead of time (``prepare``, ``fd-trt build --tune``), and the build is then
@@ -205,6 +225,8 @@ class RunnerPool:
 
         pipe = self.pipe
         unet, added = pipe.sd.unet, pipe.added_shapes()
+        frames, latent_hw = split_frames(latent_hw)
+        model = {"frames": frames or 0, "family": pipe.family.name}
         if pipe.engines is not None:
             check_engine_dir(
                 pipe.engines,
@@ -214,11 +236,13 @@ class RunnerPool:
                 precision=precision,
                 unet_sha256=self.unet_sha256,
                 added_shapes=added,
+                **model,
             )
             return pipe.engines
         digest = self.unet_sha256
         h, w = latent_hw
-        folder = engine_cache_root() / f"{digest[:16]}-{h}x{w}-t{text_shape[0]}x{text_shape[1]}-{precision}"
+        f_part = f"-f{frames}" if frames is not None else ""
+        folder = engine_cache_root() / f"{digest[:16]}{f_part}-{h}x{w}-t{text_shape[0]}x{text_shape[1]}-{precision}"
         if not build:
             if not (folder / "manifest.json").is_file():
                 raise EngineMismatchError(
@@ -232,6 +256,7 @@ class RunnerPool:
                 precision=precision,
                 unet_sha256=digest,
                 added_shapes=added,
+                **model,
             )
             return folder
         res = build_engines(
@@ -244,6 +269,8 @@ class RunnerPool:
             progress=pipe.progress,
             unet_sha256=digest,
             added_shapes=added,
+            frames=frames,
+            family=pipe.family.name,
         )
         if res.built and asked:
             logger.info("built graphs for latents %s into %s (%.1f s)", latent_hw, folder, res.seconds)
@@ -437,7 +464,7 @@ class PreparedSizesMixin:
     def prepared_sizes(self) -> list[tuple[int, int]]:
         """Image sizes ``(height, width)`` with a loaded graph runner, least recently used first."""
         f = self.vae_scale_factor
-        return [(k[0] * f, k[1] * f) for k in self.pool.shapes()]
+        return [(k[-4] * f, k[-3] * f) for k in self.pool.shapes()]
 
 
 __all__ = ["PreparedSizesMixin", "RunnerPool", "resolve_backend"]

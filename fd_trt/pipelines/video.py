@@ -15,9 +15,11 @@ changes what video latents change in the pipeline's stages:
   frames per video), ``"pt"`` or ``"latent"``; [`FasterDiffusionVideoOutput.frames`][fd_trt.pipelines.video.FasterDiffusionVideoOutput.frames] holds it, as
   diffusers' ``.frames``.
 
-It runs on the torch backend: ``backend=None`` and ``"auto"`` pick it, and ``"onnxruntime"`` and
-``"tensorrt"`` are refused (the video UNets are not exported to graphs). ``fd_trt.pipelines``
-registers it for the ``"text-to-video"`` and ``"animatediff"`` families, so
+It runs on the torch backend (what ``backend=None`` and ``"auto"`` pick) and on onnxruntime:
+``backend="onnxruntime"`` exports the encoder and decoder graphs per frame count, latent size and
+text shape on first use (``[rows, 4, F, h, w]`` latents, F fixed per graph; an engine directory
+built for another frame count is refused with its rebuild command). ``"tensorrt"`` is refused.
+``fd_trt.pipelines`` registers it for the ``"text-to-video"`` and ``"animatediff"`` families, so
 ``FasterDiffusionPipeline.from_diffusers(TextToVideoSDPipeline(...))`` returns one.
 """
 
@@ -69,14 +71,16 @@ def _check_frames(num_frames: Any) -> int:
 
 class FasterDiffusionVideoPipeline(FasterDiffusionPipeline):
     """Text-to-video (a diffusers ``TextToVideoSDPipeline`` or ``AnimateDiffPipeline``) with Faster
-    Diffusion's encoder propagation, on the torch backend.
+    Diffusion's encoder propagation, on the torch or onnxruntime backend.
 
     Construct it like [`FasterDiffusionPipeline`][fd_trt.pipelines.pipeline.FasterDiffusionPipeline] (``from_diffusers`` and ``from_pretrained`` on the
     base class return this class for video models); ``backend`` is ``"torch"`` (also what ``None``
-    and ``"auto"`` pick) or a ready [`Runner`][fd_trt.core.runner.Runner].
+    and ``"auto"`` pick: ``auto`` does not measure the graph backends for video models),
+    ``"onnxruntime"`` (graphs per frame count, built on first use or read from ``engines=``, a
+    directory of ``fd-trt build --frames F``) or a ready [`Runner`][fd_trt.core.runner.Runner].
 
     Raises:
-        InputError: for ``backend="onnxruntime"`` or ``"tensorrt"``, ``token_merging`` or a ControlNet.
+        InputError: for ``backend="tensorrt"``, ``token_merging`` or a ControlNet.
     """
 
     #: Why calibration ([`fd_trt.tools.calibrate`][fd_trt.tools.calibrate]) refuses this pipeline.
@@ -90,11 +94,11 @@ class FasterDiffusionVideoPipeline(FasterDiffusionPipeline):
             backend = "torch"
             if kwargs.get("precision") == "auto":
                 kwargs["precision"] = None
-        elif not isinstance(backend, Runner) and backend != "torch":
+        elif backend == "tensorrt":
             raise InputError(
                 f"backend={backend!r} does not run text-to-video models yet: their UNets "
-                f"({type(getattr(sd_pipeline, 'unet', None)).__name__}) are not exported to ONNX or TensorRT graphs. "
-                "Use backend='torch'"
+                f"({type(getattr(sd_pipeline, 'unet', None)).__name__}) have no TensorRT plans. Use "
+                "backend='onnxruntime' (its graphs; GPUs through onnxruntime's execution providers) or backend='torch'"
             )
         if kwargs.get("token_merging") is not None:
             raise InputError(
@@ -111,6 +115,24 @@ class FasterDiffusionVideoPipeline(FasterDiffusionPipeline):
                 f"AnimateDiffPipeline), got a {self.family.name!r} model: use FasterDiffusionPipeline.from_diffusers(pipe)"
             )
         super()._check_model()
+
+    def prepare(self, height: int | None = None, width: int | None = None, num_frames: int = 16) -> Runner:
+        """Builds or loads, and activates, the runner for one video size ahead of the first call
+        (the graph backends build graphs per frame count and frame size).
+
+        Args:
+            height, width: the frame size; the model's default when omitted.
+            num_frames: the frame count F the graphs take.
+
+        Returns:
+            The active runner for that size.
+        """
+        f = self.vae_scale_factor
+        frames = _check_frames(num_frames)
+        height, width = self.default_size(height, width)
+        self.check_inputs("x", None, height, width, 1, 1.0, 1, "latent")
+        self.pool.check_weights()
+        return self.pool.runner_for((frames, height // f, width // f), self.text_shape(), build=True, ahead=True)
 
     # stages -------------------------------------------------------------------------------------
     def check_inputs(
