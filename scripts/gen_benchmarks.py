@@ -142,19 +142,35 @@ RUNS: list[Table] = [
         [
             Run("bench_default_128_decoder_schedules.json", "three timed runs after a warm-up of every row"),
             Run("bench_default_128_decoder_schedules_mid.json", "three timed runs after a warm-up of every row"),
+            Run(
+                "bench_default_128_fast_end.json",
+                "the fast end, torch and onnxruntime: five timed runs after a warm-up of every row; the two "
+                "`combined:...|none|1` rows are the schedules `fd-trt calibrate --decoder --height 128` chose for "
+                "`--max-error 0.11` and `0.09`",
+            ),
         ],
         text="Twice the default model's native size: here a shallow step (the last up layer at full "
         "resolution) costs a larger share of a whole step, and the dense rows gain less over DeepCache than at "
-        "64x64. Single timed runs varied by up to about 20%.",
+        "64x64. Single timed runs varied by up to about 20%. In the fast-end run, the torch rows `power:12` "
+        "(0.103) and `power:10` (0.116) are 1.22x and 1.08x faster than DeepCache's intervals 4 (0.106) and 5 "
+        "(0.131); on onnxruntime 1.60x and 1.44x.",
     ),
     Table(
         "The default model, 256x256: DeepCache-like decoder schedules against DeepCache",
         AMD_AVX2,
-        [Run("bench_default_256_decoder_schedules.json", "two timed runs after a warm-up of every row")],
+        [
+            Run("bench_default_256_decoder_schedules.json", "two timed runs after a warm-up of every row"),
+            Run(
+                "bench_default_256_fast_end.json",
+                "the fast end, torch and onnxruntime: three timed runs after a warm-up of every row",
+            ),
+        ],
         text="Four times the default model's native size (its UNet was trained at 64x64, so these images are "
         "off its training distribution; the rel. L2 still measures how far each method moves the result). "
-        "The dense rows are 1.19x and 1.16x faster than DeepCache's intervals 2 and 3 at lower error, and only "
-        "1.03x and 1.06x at intervals 4 and 5.",
+        "In the first run the dense rows are 1.19x and 1.16x faster than DeepCache's intervals 2 and 3 at lower "
+        "error. In the fast-end run, torch `power:12` (0.206) is 1.12x faster than interval 4 (0.215) and "
+        "`power:10` (0.233) 1.04x faster than interval 5 (0.244); on onnxruntime `power:11` and `power:10` are "
+        "1.66x and 1.32x faster.",
     ),
 ]
 
