@@ -169,30 +169,34 @@ def bench(
         evals = (s.encoder_rows * split + s.decoder_rows * (blocks - split)) / blocks  # full-forward equivalents
         return out.latents, denoise, evals / cfg_rows, s
 
+    def add_row(name: str, schedule: Any, split: int, key_steps: list[int] | None = None, **kw: Any) -> None:
+        """Times ``schedule`` at ``split`` (best of ``repeats``) and appends its row."""
+        best = None
+        for _ in range(repeats):
+            lat, sec, evals, stats = run(schedule, split, **kw)
+            best = sec if best is None else min(best, sec)
+        assert best is not None
+        row = dict(row=name, split=split)
+        if key_steps is not None:
+            row["key_steps"] = key_steps
+        row.update(
+            seconds=round(best, 2),
+            speedup=round(t_ref / best, 2),
+            gflops=_sig(forward_gflops * evals * cfg_rows),
+            rel_l2=round(_rel(lat, ref), 5),
+            encoder_calls=stats.encoder_calls,
+            decoder_calls=stats.decoder_calls,
+        )
+        rows.append(row)
+        if log:
+            log(row)
+
     for split in list(splits) if splits else [fd.split_point]:
         cases: list[tuple[str, str, dict[str, Any]]] = [(f"fd {sc}", sc, {}) for sc in schedules]
         if block_caching:
             cases.append(("block-caching", "uniform:3", {"parallel": False, "noise_injection": False}))
         for name, sched, kw in cases:
-            best = None
-            for _ in range(repeats):
-                lat, sec, evals, stats = run(sched, split, **kw)
-                best = sec if best is None else min(best, sec)
-            assert best is not None
-            rows.append(
-                dict(
-                    row=name,
-                    split=split,
-                    seconds=round(best, 2),
-                    speedup=round(t_ref / best, 2),
-                    gflops=_sig(forward_gflops * evals * cfg_rows),
-                    rel_l2=round(_rel(lat, ref), 5),
-                    encoder_calls=stats.encoder_calls,
-                    decoder_calls=stats.decoder_calls,
-                )
-            )
-            if log:
-                log(rows[-1])
+            add_row(name, sched, split, **kw)
     calibration = None
     if calibrate:
         from fd_trt.tools.calibrate_dit import calibrate_transformer
@@ -208,26 +212,7 @@ def bench(
         )  # fmt: skip
         if log:
             log(dict(calibration=calibration))
-        best = None
-        for _ in range(repeats):
-            lat, sec, evals, stats = run(cal, int(cal.split))  # type: ignore[arg-type]
-            best = sec if best is None else min(best, sec)
-        assert best is not None
-        rows.append(
-            dict(
-                row="fd calibrated",
-                split=int(cal.split),
-                key_steps=list(cal.key_steps),
-                seconds=round(best, 2),
-                speedup=round(t_ref / best, 2),
-                gflops=_sig(forward_gflops * evals * cfg_rows),
-                rel_l2=round(_rel(lat, ref), 5),
-                encoder_calls=stats.encoder_calls,
-                decoder_calls=stats.decoder_calls,
-            )
-        )
-        if log:
-            log(rows[-1])
+        add_row("fd calibrated", cal, int(cal.split), key_steps=list(cal.key_steps))
     return dict(
         calibration=calibration,
         steps=steps,
