@@ -266,3 +266,15 @@ def test_calibrate_runs_sdxl_with_its_added_conditioning():
     assert rel_l2(out.latents, ref) == pytest.approx(cal.error, rel=1e-4)
     fc = feature_changes(xl_pipe, "ddim", 12, PROMPTS[:1], [0])
     assert len(fc["enc_rel"]) == 11 and all(v > 0 for v in fc["enc_rel"])
+    # At another size (fd-trt calibrate --height/--width): SDXL's time ids carry it, as diffusers'
+    # pipeline builds them (original size, crop (0, 0), target size), and the latents follow it.
+    f = xl_pipe.vae_scale_factor
+    h, w = 2 * int(xl.unet.config.sample_size) * f, int(xl.unet.config.sample_size) * f
+    ev2 = Evaluator(xl_pipe, "ddim", 12, PROMPTS, [0, 1], height=h, width=w)
+    assert ev2.added["time_ids"][0].tolist() == [h, w, 0, 0, h, w]
+    assert ev2.latents.shape[-2:] == (h // f, w // f)
+    ref2 = xl(PROMPTS, latents=ev2.latents, num_inference_steps=12, guidance_scale=7.5, height=h, width=w,
+              output_type="latent").images  # fmt: skip
+    assert rel_l2(ev2.reference, ref2) < 1e-5
+    fc2 = feature_changes(xl_pipe, "ddim", 12, PROMPTS[:1], [0], height=h, width=w)
+    assert len(fc2["enc_rel"]) == 11 and fc2["enc_fnorm"] != fc["enc_fnorm"]

@@ -184,13 +184,16 @@ def _run_unet(args: argparse.Namespace, pipe: Any, prompt_list: Sequence[str] | 
     if args.plot:
         from fd_trt.tools.calibrate import feature_changes, plot_feature_changes
 
-        fc = feature_changes(pipe, args.scheduler, args.steps, prompts, cal.seeds, args.guidance)
+        fc = feature_changes(
+            pipe, args.scheduler, args.steps, prompts, cal.seeds, args.guidance, args.height, args.width
+        )
         enc, dec = sum(fc["enc_rel"]) / len(fc["enc_rel"]), sum(fc["dec_rel"]) / len(fc["dec_rel"])
         print(
             f"mean relative change per step: encoder {enc:.4f}, decoder {dec:.4f} "
             f"(Figure 3 {'holds' if enc < dec else 'does not hold'} on this model)"
         )
-        title = f"Figure 3: {args.scheduler}-{args.steps} on {pipe.source}, key steps {cal.key_steps}"
+        at = f" at {cal.image_size[0]}x{cal.image_size[1]}" if cal.image_size else ""
+        title = f"Figure 3: {args.scheduler}-{args.steps} on {pipe.source}{at}, key steps {cal.key_steps}"
         print(f"wrote {plot_feature_changes(fc, args.plot, cal.key_steps, title)}")
     return 0
 
@@ -272,7 +275,9 @@ def _run_transformer(args: argparse.Namespace, pipe: Any, prompt_list: Sequence[
             raise InputError("--save needs a model folder or --engines DIR to save into")
         print(f"saved {cal.save(calibration_file(folder, sched, args.steps))} (schedule='calibrated')")
     if args.plot:
-        change = block_changes(pipe, conds[0], steps=args.steps, seed=cal.seeds[0], guidance_scale=args.guidance)
+        change = block_changes(
+            pipe, conds[0], steps=args.steps, seed=cal.seeds[0], guidance_scale=args.guidance, **size
+        )
         print("mean relative change per block: " + " ".join(f"{v:.4f}" for v in change))
         title = f"block change: {sched}-{args.steps} on {pipe.source}, N={n}"
         print(f"wrote {plot_block_changes(change, args.plot, n, title)}")

@@ -396,13 +396,20 @@ def encoder_feature_changes(ev: Evaluator) -> torch.Tensor:
 
 @torch.no_grad()
 def feature_changes(
-    pipe: Any, scheduler: str, steps: int, prompts: Sequence[str], seeds: Sequence[int], guidance: float = 7.5
+    pipe: Any,
+    scheduler: str,
+    steps: int,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    guidance: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
 ) -> dict[str, list[float]]:
     """The paper's Figure 3 for any model and scheduler: how encoder and decoder features change per step.
 
     Runs every step as a key step with CFG on the split torch UNet, and records for the
     conditional rows the encoder features (mid + all skips) and the decoder features (the last up
-    block's output).
+    block's output), at ``height`` x ``width`` (the model's own size by default).
 
     Returns:
         Per step (``T - 1`` values for the changes): ``enc_mse``, ``dec_mse`` (mean squared change
@@ -423,11 +430,11 @@ def feature_changes(
         sched = make_scheduler(scheduler, sd.scheduler.config)
         sched.set_timesteps(steps)
         b = len(prompts)
-        size = int(sd.unet.config.sample_size)
         f = pipe.vae_scale_factor
-        cond = pipe.encode_prompt(list(prompts), None, 1, True, size * f, size * f)  # SDXL: with its added conditioning
+        h_img, w_img = image_size(height, width, int(sd.unet.config.sample_size) * f, f)
+        cond = pipe.encode_prompt(list(prompts), None, 1, True, h_img, w_img)  # SDXL: with its added conditioning
         text, added = cond.text, cond.added
-        shape = (b, int(sd.unet.config.in_channels), size, size)
+        shape = (b, int(sd.unet.config.in_channels), h_img // f, w_img // f)
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         x = randn_tensor(shape, generator=gens, dtype=torch.float32).to(dev) * sched.init_noise_sigma
         enc, dec = [], []
