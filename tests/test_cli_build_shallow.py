@@ -79,12 +79,20 @@ def test_cli_build_of_a_decoder_schedule_builds_every_plan_a_run_needs(trt, defa
     assert len(fake_tensorrt.Builder.builds) == builds and _stamps(out) == stamps
 
 
-def test_cli_build_of_a_key_step_schedule_builds_no_shallow_plans(trt, tmp_path, capsys):
+def test_cli_build_of_a_key_step_schedule_builds_no_shallow_plans(trt, default_sd, tmp_path, capsys):
+    from fd_trt.errors import EngineMismatchError
+
     out = tmp_path / "eng"
     assert _build("tensorrt", out, "0,3,6") == 0
     manifest = load_manifest(out)
     assert sorted({p.role for p in manifest.plans.values()}) == ["decoder", "encoder"]
     assert not set(SHALLOW_ROLES) & set(manifest.graphs)
+    # A decoder schedule run on it without building is refused, naming the build that fixes it.
+    with pytest.raises(
+        EngineMismatchError,
+        match=r"no TensorRT decoder_capture_d1 plan.*fd-trt build --backend tensorrt --schedule SPEC",
+    ):
+        _run(default_sd, "tensorrt", engines=out, runner_options={"build": False})
 
 
 def test_cli_build_exports_the_shallow_graphs_for_onnxruntime(default_sd, tmp_path, capsys, monkeypatch):
