@@ -132,3 +132,26 @@ def test_cli_build_refuses_a_bad_decoder_schedule(tmp_path, capsys):
 @pytest.fixture
 def trt(monkeypatch):
     return fake_tensorrt.install(monkeypatch)
+
+
+def test_cli_build_exports_the_depths_of_a_decoder_calibration(tmp_path, capsys):
+    from fd_trt.core.calibration import Calibration
+
+    cal = Calibration(
+        key_steps=[0, 3, 6],
+        scheduler="ddim",
+        steps=9,
+        model_sha256="0" * 64,
+        error=0.01,
+        method="grid",
+        prompts=[PROMPT],
+        seeds=[0],
+        depths=[0, 2, 2, 0, 2, 2, 0, 2, 2],
+    ).save(tmp_path / "cal.json")
+    out = tmp_path / "eng"
+    # Its step count, not another one.
+    assert _build("onnxruntime", out, str(cal), "--steps", "20") != 0
+    assert f"--schedule {cal} was calibrated for 9 steps, but --steps is 20: pass --steps 9" in capsys.readouterr().err
+    assert _build("onnxruntime", out, str(cal)) == 0
+    graphs = load_manifest(out).graphs
+    assert {"decoder_capture_d2", "shallow_d2"} <= set(graphs) and not set(SHALLOW_ROLES) & set(graphs)
