@@ -217,6 +217,9 @@ def test_fd_trt_build_frames_and_generate_on_onnxruntime(tmp_path, capsys):
     assert "pass --frames F" in capsys.readouterr().err
     assert main([*build, "--frames", "2", "--backend", "tensorrt"]) == 2
     assert "--backend onnxruntime" in capsys.readouterr().err
+    assert main([*build, "--frames", "2", "--schedule", "deepcache:3"]) == 2
+    assert "--schedule deepcache:3 is a shallow decoder schedule" in capsys.readouterr().err
+    assert not out.exists()
     assert main([*build, "--frames", "2"]) == 0
     assert "latents [4, 8, 8] x 2 frames" in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())

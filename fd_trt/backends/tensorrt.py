@@ -312,7 +312,8 @@ class TrtRunner(Runner):
                     engine_dir=self.engine_dir,
                 )
             build = (
-                f"fd_trt.backends.tensorrt.build_plans({str(self.engine_dir)!r}, roles=({role!r},))"
+                f"fd-trt build --backend tensorrt --schedule SPEC --out {self.engine_dir} (SPEC the decoder "
+                f"schedule you run) or fd_trt.backends.tensorrt.build_plans({str(self.engine_dir)!r}, roles=({role!r},))"
                 if shallow_role_depth(role) is not None
                 else f"fd-trt build --backend tensorrt --out {self.engine_dir}"
             )

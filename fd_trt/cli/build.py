@@ -72,7 +72,9 @@ def add_parser(sub: Any) -> None:
         "--schedule",
         default=None,
         help="schedule whose segments choose the decoder profile's opt rows (default: paper), and that "
-        "--tune tunes for (default: the one fd-trt generate would use)",
+        "--tune tunes for (default: the one fd-trt generate would use); a decoder schedule (deepcache:N, "
+        "combined:..., a calibration JSON with depths) also exports its shallow decoder graphs (onnxruntime "
+        "too) and builds their plans, so that runs of it build nothing",
     )
     trt.add_argument("--steps", type=int, default=None, help="step count the --schedule is read for (default: 50)")
     trt.add_argument(
@@ -133,22 +135,29 @@ def run(args: argparse.Namespace) -> int:
     if args.tune and not args.out:
         # auto looks for graphs in the engine cache: build them there, once.
         return _tune(args)
-    if args.backend == "tensorrt":
-        from fd_trt.core.schedule import parse_schedule
+    # A decoder schedule (deepcache:N, combined:..., a calibration with depths) also needs its
+    # shallow graphs (and, for tensorrt, their plans): built ahead, so that runs build nothing.
+    depths: tuple[int, ...] = ()
+    if args.backend == "tensorrt" or (args.schedule is not None and args.schedule.strip().lower() != "calibrated"):
+        from fd_trt.core.schedule import DecoderSchedule, parse_schedule
 
-        args.schedule = args.schedule or "paper"
-
-        if args.schedule.strip().lower().endswith(".json"):  # a calibration: its key steps set the profiles
+        spec = args.schedule or "paper"
+        if isinstance(spec, str) and spec.strip().lower().endswith(".json"):
+            # a calibration: its key steps set the profiles, its depths (if any) the shallow graphs
             from fd_trt.core.calibration import Calibration
 
-            cal = Calibration.load(args.schedule)
+            cal = Calibration.load(spec)
             if cal.steps != args.steps:
                 raise InputError(
-                    f"--schedule {args.schedule} was calibrated for {cal.steps} steps, but --steps is "
+                    f"--schedule {spec} was calibrated for {cal.steps} steps, but --steps is "
                     f"{args.steps}: pass --steps {cal.steps}"
                 )
-            args.schedule = ",".join(map(str, cal.key_steps))
-        parse_schedule(args.schedule, args.steps)  # a bad --schedule fails now, not after the export
+            spec = cal.schedule() if cal.depths is not None else ",".join(map(str, cal.key_steps))
+        schedule = parse_schedule(spec, args.steps)  # a bad --schedule fails now, not after the export
+        if isinstance(schedule, DecoderSchedule):
+            depths = tuple(sorted({d for d in schedule.depths if d}))
+        if args.backend == "tensorrt":
+            args.schedule = spec
     sd, source = load_diffusers_pipeline(args.model)
     # A pixel-space pipeline (DeepFloyd IF: no VAE) denoises the image itself: factor 1.
     f = int(sd.vae_scale_factor) if getattr(sd, "vae", None) is not None else 1
@@ -166,6 +175,11 @@ def run(args: argparse.Namespace) -> int:
     if video is not None and args.backend == "tensorrt":
         raise InputError(
             "TensorRT does not run text-to-video models yet: build their graphs with --backend onnxruntime"
+        )
+    if video is not None and depths:
+        raise InputError(
+            f"--schedule {args.schedule} is a shallow decoder schedule, which text-to-video models do not run: "
+            "use a key-step schedule (all, paper, uniform:K, a list of steps) or drop --schedule"
         )
     name = Path(str(args.model).rstrip("/")).name or "model"
     f_part = f"-f{args.frames}" if args.frames is not None else ""
@@ -204,8 +218,9 @@ def run(args: argparse.Namespace) -> int:
         + f", text {m.text_shape}, "
         f"decoder rows {m.decoder_rows[0]}..{m.decoder_rows[1]}"
     )
+    shallow_roles = _build_shallow_graphs(sd.unet, out, depths)
     if args.backend == "tensorrt":
-        _build_plans(args, out)
+        _build_plans(args, out, shallow_roles)
     if args.tune:
         return _tune(args, engines=out)
     return 0
@@ -246,8 +261,32 @@ def _tune(args: argparse.Namespace, engines: Path | None = None) -> int:
     return 0
 
 
-def _build_plans(args: argparse.Namespace, out: Path) -> None:
+def _build_shallow_graphs(unet: Any, out: Path, depths: tuple[int, ...]) -> tuple[str, ...]:
+    """Exports the shallow decoder graphs of a decoder schedule's ``depths`` into ``out`` (kept
+    when up to date, [`fd_trt.graphs.shallow.build_shallow_graphs()`][fd_trt.graphs.shallow.build_shallow_graphs]); returns their roles."""
+    if not depths:
+        return ()
+    from fd_trt.graphs.manifest import load_manifest
+    from fd_trt.graphs.shallow import build_shallow_graphs
+
+    roles: list[str] = []
+    for depth in depths:
+        before = load_manifest(out).graphs
+        t0 = time.perf_counter()
+        recs = build_shallow_graphs(unet, out, depth)
+        fresh = any(r not in before or before[r].sha256 != rec.sha256 for r, rec in recs.items())
+        state = f"exported in {time.perf_counter() - t0:.1f} s" if fresh else "up to date"
+        for role, rec in recs.items():
+            print(
+                f"  {role}: {rec.file} {rec.bytes / 1e6:.1f} MB, sha256 {rec.sha256[:12]} (shallow depth {depth}, {state})"
+            )
+        roles.extend(recs)
+    return tuple(roles)
+
+
+def _build_plans(args: argparse.Namespace, out: Path, shallow_roles: tuple[str, ...] = ()) -> None:
     from fd_trt.backends.tensorrt import build_plans, runtime_problem
+    from fd_trt.graphs.contract import ROLES
 
     problem = runtime_problem(args.device)
     if problem is not None:
@@ -264,6 +303,7 @@ def _build_plans(args: argparse.Namespace, out: Path) -> None:
         workspace_bytes=workspace,
         timing_cache=not args.no_timing_cache,
         force=args.force,
+        roles=(*ROLES, *shallow_roles),
     )
     for res in results:
         rec = res.record

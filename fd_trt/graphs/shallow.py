@@ -8,8 +8,8 @@
   skip_<d-1>``, ``timestep`` (``S*N``), the text and added conditioning (the key step's N rows,
   repeated inside the graph as the decoder graph does) -> ``noise_pred``.
 
-Both are exported on first use into a built engine directory and recorded in its manifest's
-``graphs`` under their roles; directories without them stay valid (nothing else reads those
+Both are exported on first use (or ahead, by ``fd-trt build --schedule`` of a decoder schedule)
+into a built engine directory and recorded in its manifest's ``graphs`` under their roles; directories without them stay valid (nothing else reads those
 roles). A rebuild of the UNet's graphs drops the records, and the next run exports them again.
 The onnxruntime runner runs the graphs; the TensorRT runner builds plans of them, recorded in
 the manifest's ``plans`` under the same roles ([`fd_trt.backends.tensorrt`][fd_trt.backends.tensorrt]).
@@ -296,7 +296,10 @@ def shallow_graph_paths(engine_dir: Path, depth: int) -> tuple[Path, Path]:
     if missing:
         raise EngineMismatchError(
             f"{engine_dir} has no shallow decoder graphs of depth {depth} ({', '.join(missing)}): the pipeline "
-            "exports them on first use; or call fd_trt.graphs.shallow.build_shallow_graphs(unet, engine_dir, depth)"
+            "exports them on first use; or build them ahead with fd-trt build --schedule SPEC --out "
+            f"{engine_dir} (SPEC a decoder schedule of depth {depth}: "
+            f"{'deepcache:N or ' if depth == 1 else ''}combined:KEYS|FULL|{depth}), or call "
+            "fd_trt.graphs.shallow.build_shallow_graphs(unet, engine_dir, depth)"
         )
     return engine_dir / manifest.graphs[roles[0]].file, engine_dir / manifest.graphs[roles[1]].file
 
