@@ -163,10 +163,6 @@ def run(args: argparse.Namespace) -> int:
     video = video_unet_class(sd.unet)
     if video is not None and args.frames is None:
         raise InputError(f"the model's UNet is a text-to-video {video}: pass --frames F, the frame count to build for")
-    if video is not None and args.backend == "tensorrt":
-        raise InputError(
-            "TensorRT does not run text-to-video models yet: build their graphs with --backend onnxruntime"
-        )
     name = Path(str(args.model).rstrip("/")).name or "model"
     f_part = f"-f{args.frames}" if args.frames is not None else ""
     out = Path(args.out) if args.out else Path("engines") / f"{name}{f_part}-{height}x{width}-{precision}"
@@ -230,7 +226,7 @@ def _tune(args: argparse.Namespace, engines: Path | None = None) -> int:
     if isinstance(pipe, FasterDiffusionVideoPipeline):
         raise InputError(
             "--tune measures backend='auto', which runs torch for text-to-video models: build their graphs with "
-            "--frames F --out DIR and run them with backend='onnxruntime'"
+            "--frames F --out DIR and run them with backend='onnxruntime' or backend='tensorrt'"
         )
     pipe.auto_build_graphs = True  # ahead of time: building is what the user asked for
     runner = pipe.prepare(args.height, args.width)
