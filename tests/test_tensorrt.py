@@ -177,6 +177,23 @@ def test_check_plan_refuses_foreign_tensorrt_gpu_and_graph(tmp_path):
     assert f"fd-trt build --backend tensorrt --out {tmp_path}" in str(err.value)
 
 
+def test_check_plan_refuses_a_plan_of_another_frame_count(tmp_path):
+    rec = _record()  # an image UNet's plan: frames 0
+    check_plan(rec, tensorrt_version="10.13.0.35", compute_capability=(9, 0), frames=0)
+    with pytest.raises(EngineMismatchError, match=r"built for images \(no frames\), but the graphs take 16 frames"):
+        check_plan(rec, tensorrt_version="10.13.0.35", compute_capability=(9, 0), frames=16, engine_dir=tmp_path)
+    rec.frames = 8
+    with pytest.raises(
+        EngineMismatchError, match=r"built for 8 frames, but the graphs take 16 frames.*--backend tensorrt"
+    ):
+        check_plan(rec, tensorrt_version="10.13.0.35", compute_capability=(9, 0), frames=16, engine_dir=tmp_path)
+    manifest = _manifest(rec)
+    manifest.frames = 16
+    assert find_plan(manifest, rec.role, tensorrt_version="10.13.0.35", compute_capability=(9, 0)) is None
+    manifest.frames = 8
+    assert find_plan(manifest, rec.role, tensorrt_version="10.13.0.35", compute_capability=(9, 0)) is rec
+
+
 def test_find_plan_takes_the_newest_plan_that_runs_here():
     old, new = _record(built_at=1.0, rows=(1, 10, 30)), _record(built_at=2.0)
     foreign = [

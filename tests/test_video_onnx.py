@@ -117,7 +117,6 @@ def test_the_graphs_take_any_rows_and_steps_and_equal_the_torch_split(video_ort,
 
 # engine directories ------------------------------------------------------------------------------
 def test_a_directory_of_another_frame_count_or_family_is_refused_with_the_rebuild_command(video_ort):
-    from fd_trt.backends.tensorrt_build import refuse_video_plans
     from fd_trt.graphs.manifest import check_engine_dir, expected_manifest, load_manifest, stale_fields
 
     name, sd, fd_torch, fd_ort = video_ort
@@ -145,9 +144,6 @@ def test_a_directory_of_another_frame_count_or_family_is_refused_with_the_rebuil
     with pytest.raises(EngineMismatchError, match=r"frames \(built for 3 frames, asked for 2 frames\).*--frames 2"):
         pipe(PROMPT, num_frames=2, **kw)
     pipe.close()
-    # TensorRT does not run video graphs yet: refused naming the backends that do.
-    with pytest.raises(EngineMismatchError, match="text-to-video graphs.*backend='onnxruntime'"):
-        refuse_video_plans(load_manifest(folder), folder)
 
 
 def test_export_needs_the_frame_count_of_a_video_unet_and_refuses_one_for_an_image_unet(video_ort, tiny_sd, tmp_path):
@@ -215,8 +211,6 @@ def test_fd_trt_build_frames_and_generate_on_onnxruntime(tmp_path, capsys):
     build = ["build", "--model", str(folder), "--out", str(out), "--quiet"]
     assert main(build) == 2
     assert "pass --frames F" in capsys.readouterr().err
-    assert main([*build, "--frames", "2", "--backend", "tensorrt"]) == 2
-    assert "--backend onnxruntime" in capsys.readouterr().err
     assert main([*build, "--frames", "2", "--schedule", "deepcache:3"]) == 2
     assert "--schedule deepcache:3 is a shallow decoder schedule" in capsys.readouterr().err
     assert not out.exists()

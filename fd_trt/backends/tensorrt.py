@@ -67,7 +67,6 @@ from fd_trt.backends.tensorrt_build import (
     plan_file_name,
     profile_rows,
     profiles_for_manifest,
-    refuse_video_plans,
     require_cuda,
     require_tensorrt,
     role_rows,
@@ -310,6 +309,7 @@ class TrtRunner(Runner):
                     compute_capability=cc,
                     graph_sha256=graph.sha256 if graph is not None else None,
                     engine_dir=self.engine_dir,
+                    frames=manifest.frames,
                 )
             build = (
                 f"fd-trt build --backend tensorrt --schedule SPEC --out {self.engine_dir} (SPEC the decoder "
@@ -429,6 +429,16 @@ class TrtRunner(Runner):
         fix = "the plans come from another export; rebuild both with fd-trt build --backend tensorrt --force"
         contract.encoder.check(enc.inputs, enc.outputs, enc.path, fix)
         contract.decoder.check(dec.inputs, dec.outputs, dec.path, fix)
+        # The latents' fixed axes (a video's frames, the latent height and width): a plan of
+        # another export's shape is refused here rather than failing on its first call.
+        for e, spec, name in ((enc, contract.encoder, SAMPLE), (dec, contract.decoder, NOISE_PRED)):
+            want = tuple(spec.tensor(name).tail)
+            if all(isinstance(d, int) for d in want) and e.tails[name] != want:
+                frames = f" ({contract.frames} frames)" if contract.frames else ""
+                raise EngineMismatchError(
+                    f"{e.path} takes {name} [rows, {', '.join(map(str, e.tails[name]))}] but the graphs' contract is "
+                    f"[rows, {', '.join(map(str, want))}]{frames}: {fix}"
+                )
         for n in contract.feature_names:
             if enc.tails[n] != dec.tails[n] or enc.buffers[n].dtype != dec.buffers[n].dtype:
                 raise EngineMismatchError(f"{enc.path} and {dec.path} disagree on {n!r}: rebuild both plans")
@@ -456,7 +466,6 @@ class TrtRunner(Runner):
                 f"fd-trt build --backend tensorrt --precision {'fp16' if self.expected_dtype == torch.float16 else 'fp32'}, "
                 "or pass dtype=None"
             )
-        refuse_video_plans(manifest, self.engine_dir)
         profiles = profiles_for_manifest(
             manifest.encoder_rows, manifest.decoder_rows, self.schedule, self.opt_segment_steps
         )

@@ -16,6 +16,12 @@ plan:
 * a decoder schedule's graphs ([`fd_trt.graphs.shallow`][fd_trt.graphs.shallow]): the capture and
   shallow graphs get the decoder's profile, ``input_conv`` the encoder's ([`role_rows()`][fd_trt.backends.tensorrt_build.role_rows]).
 
+Text-to-video graphs (``frames`` in the manifest) get the same profiles over their row axes: the
+latents ``[rows, C, F, h, w]``, features ``[rows, C', F, h', w']`` and ``noise_pred`` keep their
+frame, height and width axes fixed at the export's, as image graphs keep height and width, and a
+row is one video of F frames. Their plans record the frame count (``PlanRecord.frames``), and a
+plan of another frame count is never selected.
+
 In a graph with step rows the key step's inputs (features or skips, text, added conditioning)
 have their own profile, tuned at 2B rows and allowed up to the decoder's maximum.
 
@@ -390,21 +396,6 @@ def plan_file_name(
     )
 
 
-def refuse_video_plans(manifest: Manifest, engine_dir: str | os.PathLike[str] | None = None) -> None:
-    """Refuses TensorRT plans for text-to-video graphs (a manifest with ``frames``): their profiles
-    are not written yet.
-
-    Raises:
-        EngineMismatchError: naming the backends that run them.
-    """
-    frames = int(getattr(manifest, "frames", 0) or 0)
-    if frames:
-        raise EngineMismatchError(
-            f"{engine_dir or 'the engine directory'} holds text-to-video graphs ({frames} frames), which TensorRT does "
-            "not run yet: run them with backend='onnxruntime' (or backend='torch')"
-        )
-
-
 def check_plan_role(role: str) -> None:
     """Refuses a role that no plan of an engine directory's UNet graphs has.
 
@@ -651,6 +642,7 @@ def _build_plan(
         built_at=time.time(),
         build_seconds=seconds,
         refittable=refittable,
+        frames=int(manifest.frames or 0),
     )
 
 
@@ -708,8 +700,6 @@ def build_plans(
 
     def targets(manifest: Manifest) -> list[_PlanTarget]:
         from fd_trt.graphs.shallow import shallow_spec
-
-        refuse_video_plans(manifest, engine_dir)
 
         profiles = profiles_for_manifest(
             manifest.encoder_rows, manifest.decoder_rows, as_schedule(schedule, num_steps), opt_segment_steps
@@ -874,7 +864,6 @@ def external_threshold(manifest: Manifest) -> int:
 
 
 __all__ = [
-    "refuse_video_plans",
     "PLAN_NAME_RE",
     "is_plan_file_name",
     "DEFAULT_OPTIMIZATION_LEVEL",

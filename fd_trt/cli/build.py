@@ -172,10 +172,6 @@ def run(args: argparse.Namespace) -> int:
     video = video_unet_class(sd.unet)
     if video is not None and args.frames is None:
         raise InputError(f"the model's UNet is a text-to-video {video}: pass --frames F, the frame count to build for")
-    if video is not None and args.backend == "tensorrt":
-        raise InputError(
-            "TensorRT does not run text-to-video models yet: build their graphs with --backend onnxruntime"
-        )
     if video is not None and depths:
         raise InputError(
             f"--schedule {args.schedule} is a shallow decoder schedule, which text-to-video models do not run: "
@@ -245,7 +241,7 @@ def _tune(args: argparse.Namespace, engines: Path | None = None) -> int:
     if isinstance(pipe, FasterDiffusionVideoPipeline):
         raise InputError(
             "--tune measures backend='auto', which runs torch for text-to-video models: build their graphs with "
-            "--frames F --out DIR and run them with backend='onnxruntime'"
+            "--frames F --out DIR and run them with backend='onnxruntime' or backend='tensorrt'"
         )
     pipe.auto_build_graphs = True  # ahead of time: building is what the user asked for
     runner = pipe.prepare(args.height, args.width)

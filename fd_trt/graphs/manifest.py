@@ -176,6 +176,9 @@ class PlanRecord:
         refittable: built with ``BuilderFlag.REFIT`` (new weights can be refit in place);
             ``False`` in manifests written before refits existed.
         refitted_at: when new weights were last refit into the plan (0: never).
+        frames: F of the text-to-video graph the plan was built from (its latents
+            ``[rows, C, F, h, w]``); 0 for an image UNet's plan. A plan is only run where the
+            manifest records the same frame count ([`check_plan()`][fd_trt.graphs.manifest.check_plan]).
     """
 
     role: str
@@ -193,6 +196,7 @@ class PlanRecord:
     build_seconds: float = 0.0
     refittable: bool = False
     refitted_at: float = 0.0
+    frames: int = 0
 
 
 @dataclass
@@ -423,7 +427,7 @@ def rebuild_command(engine_dir: str | os.PathLike[str], manifest: Manifest | Non
     height = spec.get("height") or (manifest.latent_shape[1] * scale if manifest else "H")
     width = spec.get("width") or (manifest.latent_shape[2] * scale if manifest else "W")
     frames = spec["frames"] if spec.get("frames") is not None else (manifest.frames if manifest else 0)
-    backend = "tensorrt" if precision == "fp16" and not frames else "onnxruntime"
+    backend = "tensorrt" if precision == "fp16" else "onnxruntime"
     return (
         f"fd-trt build --model {model} --out {engine_dir} --backend {backend} --precision {precision} "
         f"--height {height} --width {width}" + (f" --frames {frames}" if frames else "")
@@ -530,11 +534,12 @@ def _family_problems(built: str, wanted: str | None) -> list[str]:
     return []
 
 
-def _frames_problem(built: int, wanted: int) -> str:
-    def what(f: int) -> str:
-        return f"{f} frames" if f else "images (no frames)"
+def _frames_phrase(frames: int) -> str:
+    return f"{frames} frames" if frames else "images (no frames)"
 
-    return f"frames (built for {what(built)}, asked for {what(wanted)})"
+
+def _frames_problem(built: int, wanted: int) -> str:
+    return f"frames (built for {_frames_phrase(built)}, asked for {_frames_phrase(wanted)})"
 
 
 def check_graph_record(folder: str | os.PathLike[str], role: str, rec: GraphRecord, full_hash: bool, fix: str) -> None:
@@ -805,8 +810,10 @@ def check_plan(
     compute_capability: tuple[int, int] | list[int],
     graph_sha256: str | None = None,
     engine_dir: str | os.PathLike[str] | None = None,
+    frames: int | None = None,
 ) -> None:
-    """Refuses a plan built for another TensorRT version, another GPU generation or another graph.
+    """Refuses a plan built for another TensorRT version, another GPU generation, another graph or
+    another frame count.
 
     Args:
         record: the plan's manifest record.
@@ -814,6 +821,8 @@ def check_plan(
         compute_capability: ``(major, minor)`` of the GPU the plan would run on.
         graph_sha256: the digest of the graph the plan must come from (the manifest's), if known.
         engine_dir: the engine directory, for the rebuild command in the message.
+        frames: the frame count of the graphs the plan must serve (the manifest's ``frames``; 0
+            for an image UNet's), if known.
 
     Raises:
         EngineMismatchError: naming what differs and how to rebuild.
@@ -833,6 +842,8 @@ def check_plan(
         problems.append(f"a GPU of compute capability {have} ({record.gpu_name}), but this GPU has {cc[0]}.{cc[1]}")
     if graph_sha256 is not None and record.graph_sha256 != graph_sha256:
         problems.append("an older version of the graph (its sha256 differs from the manifest's)")
+    if frames is not None and int(record.frames) != int(frames):
+        problems.append(f"{_frames_phrase(int(record.frames))}, but the graphs take {_frames_phrase(int(frames))}")
     if problems:
         raise EngineMismatchError(f"the TensorRT plan {where} was built for {' and '.join(problems)}: {fix}")
 
@@ -871,6 +882,7 @@ def find_plan(
                 tensorrt_version=tensorrt_version,
                 compute_capability=compute_capability,
                 graph_sha256=graph.sha256 if graph is not None else None,
+                frames=manifest.frames,
             )
         except EngineMismatchError:
             continue

@@ -15,10 +15,13 @@ changes what video latents change in the pipeline's stages:
   frames per video), ``"pt"`` or ``"latent"``; [`FasterDiffusionVideoOutput.frames`][fd_trt.pipelines.video.FasterDiffusionVideoOutput.frames] holds it, as
   diffusers' ``.frames``.
 
-It runs on the torch backend (what ``backend=None`` and ``"auto"`` pick) and on onnxruntime:
-``backend="onnxruntime"`` exports the encoder and decoder graphs per frame count, latent size and
-text shape on first use (``[rows, 4, F, h, w]`` latents, F fixed per graph; an engine directory
-built for another frame count is refused with its rebuild command). ``"tensorrt"`` is refused.
+It runs on the torch backend (what ``backend=None`` and ``"auto"`` pick), on onnxruntime and on
+TensorRT: ``backend="onnxruntime"`` and ``"tensorrt"`` export the encoder and decoder graphs per
+frame count, latent size and text shape on first use (``[rows, 4, F, h, w]`` latents, F fixed per
+graph; an engine directory built for another frame count is refused with its rebuild command), and
+the tensorrt runner builds its plans of them (profiles over the row axes only; each plan records
+its frame count and is never run for another). The decoder schedules (``deepcache:N``,
+``combined:...``) are refused on every backend.
 ``fd_trt.pipelines`` registers it for the ``"text-to-video"`` and ``"animatediff"`` families, so
 ``FasterDiffusionPipeline.from_diffusers(TextToVideoSDPipeline(...))`` returns one.
 """
@@ -71,16 +74,18 @@ def _check_frames(num_frames: Any) -> int:
 
 class FasterDiffusionVideoPipeline(FasterDiffusionPipeline):
     """Text-to-video (a diffusers ``TextToVideoSDPipeline`` or ``AnimateDiffPipeline``) with Faster
-    Diffusion's encoder propagation, on the torch or onnxruntime backend.
+    Diffusion's encoder propagation, on the torch, onnxruntime or tensorrt backend.
 
     Construct it like [`FasterDiffusionPipeline`][fd_trt.pipelines.pipeline.FasterDiffusionPipeline] (``from_diffusers`` and ``from_pretrained`` on the
     base class return this class for video models); ``backend`` is ``"torch"`` (also what ``None``
     and ``"auto"`` pick: ``auto`` does not measure the graph backends for video models),
     ``"onnxruntime"`` (graphs per frame count, built on first use or read from ``engines=``, a
-    directory of ``fd-trt build --frames F``) or a ready [`Runner`][fd_trt.core.runner.Runner].
+    directory of ``fd-trt build --frames F``), ``"tensorrt"`` (the same graphs and their plans, built
+    on first use or read from a directory of ``fd-trt build --backend tensorrt --frames F``) or a
+    ready [`Runner`][fd_trt.core.runner.Runner].
 
     Raises:
-        InputError: for ``backend="tensorrt"``, ``token_merging`` or a ControlNet.
+        InputError: for ``token_merging`` or a ControlNet.
     """
 
     #: Why calibration ([`fd_trt.tools.calibrate`][fd_trt.tools.calibrate]) refuses this pipeline.
@@ -94,12 +99,6 @@ class FasterDiffusionVideoPipeline(FasterDiffusionPipeline):
             backend = "torch"
             if kwargs.get("precision") == "auto":
                 kwargs["precision"] = None
-        elif backend == "tensorrt":
-            raise InputError(
-                f"backend={backend!r} does not run text-to-video models yet: their UNets "
-                f"({type(getattr(sd_pipeline, 'unet', None)).__name__}) have no TensorRT plans. Use "
-                "backend='onnxruntime' (its graphs; GPUs through onnxruntime's execution providers) or backend='torch'"
-            )
         if kwargs.get("token_merging") is not None:
             raise InputError(
                 f"token_merging={kwargs['token_merging']!r} is not supported for text-to-video models: leave it unset"
