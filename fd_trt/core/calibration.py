@@ -47,7 +47,8 @@ class Calibration:
             last ``k`` up layers, see [`DecoderSchedule`][fd_trt.core.schedule.DecoderSchedule]); ``None``
             for key steps alone (files written before decoder schedules).
         fresh_input: the decoder schedule's shallow steps read their own latents' ``conv_in``.
-        image_size: ``[height, width]`` it was calibrated at, when not the model's own size.
+        image_size: ``[height, width]`` it was calibrated at, when a size was asked for (``None``: the
+            model's own size).
     """
 
     key_steps: list[int]
@@ -70,7 +71,7 @@ class Calibration:
     split: int | None = None
     depths: list[int] | None = None
     fresh_input: bool = False
-    #: ``[height, width]`` calibrated at, when not the model's own size (``fd-trt calibrate --height``).
+    #: ``[height, width]`` calibrated at, when a size was asked for (``fd-trt calibrate --height``).
     image_size: list[int] | None = None
 
     def to_json(self) -> str:
