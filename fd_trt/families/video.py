@@ -17,7 +17,10 @@ Both condition on one CLIP prompt embedding per video (``StableDiffusionPipeline
 (graphs over ``[rows, 4, F, h, w]`` latents, F fixed per graph: [`fd_trt.graphs.contract`][fd_trt.graphs.contract]).
 
 [`tiny_text_to_video_pipeline()`][fd_trt.families.video.tiny_text_to_video_pipeline] and [`tiny_animatediff_pipeline()`][fd_trt.families.video.tiny_animatediff_pipeline] build both at toy widths
-with seeded random weights (no download), as diffusers' own tests configure them.
+with seeded random weights (no download), as diffusers' own tests configure them;
+[`modelscope_arch_pipeline()`][fd_trt.families.video.modelscope_arch_pipeline] and [`animatediff_arch_pipeline()`][fd_trt.families.video.animatediff_arch_pipeline] build them at the
+real models' layouts (``MODELSCOPE_UNET3D_CONFIG``, SD 1.5's UNet and ``ANIMATEDIFF_MOTION_ADAPTER_CONFIG``),
+random weights again, to measure speed.
 """
 
 from __future__ import annotations
@@ -29,6 +32,38 @@ import torch
 
 from fd_trt.errors import InputError, UnsupportedModelError
 from fd_trt.families.base import ModelFamily, PromptEmbeddings, config_value
+
+#: ModelScope text-to-video's ``UNet3DConditionModel`` configuration (``damo-vilab/text-to-video-ms-1.7b``,
+#: ``unet/config.json``; 1.41 B parameters).
+MODELSCOPE_UNET3D_CONFIG: dict[str, Any] = dict(
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock3D",) * 3 + ("DownBlock3D",),
+    up_block_types=("UpBlock3D",) + ("CrossAttnUpBlock3D",) * 3,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+    act_fn="silu",
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    cross_attention_dim=1024,
+    attention_head_dim=64,
+)
+
+#: AnimateDiff v2's ``MotionAdapter`` configuration for Stable Diffusion 1.5
+#: (``guoyww/animatediff-motion-adapter-v1-5-2``, ``config.json``; 453 M parameters), the keys
+#: diffusers' ``MotionAdapter`` takes.
+ANIMATEDIFF_MOTION_ADAPTER_CONFIG: dict[str, Any] = dict(
+    block_out_channels=(320, 640, 1280, 1280),
+    motion_layers_per_block=2,
+    motion_mid_block_layers_per_block=1,
+    motion_norm_num_groups=32,
+    motion_num_attention_heads=8,
+    motion_max_seq_length=32,
+    use_motion_mid_block=True,
+)
 
 
 class VideoFamily(ModelFamily):
@@ -230,34 +265,18 @@ def _tiny_vae(sample_size: int) -> Any:
     ).eval()
 
 
-def tiny_text_to_video_pipeline(seed: int = 0, *, sample_size: int = 8, text_width: int = 16) -> Any:
-    """A tiny ``TextToVideoSDPipeline`` with seeded random weights, built in code (no download).
-
-    A ``UNet3DConditionModel`` of two blocks (``CrossAttnDownBlock3D``, ``DownBlock3D``), widths
-    16-32, with its temporal transformer and convolutions, a 2-layer CLIP text encoder of
-    ``text_width``, an AutoencoderKL with a downsampling factor of 8 and DDIM. Frames are
-    ``8 * sample_size`` pixels square by default (64x64).
-    """
+def _text_to_video_pipeline(seed: int, unet_config: dict[str, Any], text_width: int, max_length: int) -> Any:
+    """A ``TextToVideoSDPipeline`` of seeded random weights: a ``UNet3DConditionModel`` of
+    ``unet_config``, a 2-layer CLIP text encoder of ``text_width``, the small VAE and DDIM."""
     from diffusers import DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
 
     from fd_trt.families.models import sd_scheduler_config
 
-    tokenizer, text_encoder = _tiny_clip(seed, text_width)
+    tokenizer, text_encoder = _tiny_clip(seed, text_width, max_length)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet3DConditionModel(
-            sample_size=sample_size,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(16, 32),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-            up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-            cross_attention_dim=text_width,
-            attention_head_dim=8,
-            norm_num_groups=4,
-        )
-        vae = _tiny_vae(sample_size)
+        unet = UNet3DConditionModel(**unet_config)
+        vae = _tiny_vae(unet_config["sample_size"])
     pipe = TextToVideoSDPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -269,46 +288,35 @@ def tiny_text_to_video_pipeline(seed: int = 0, *, sample_size: int = 8, text_wid
     return pipe
 
 
-def tiny_animatediff_pipeline(seed: int = 0, *, sample_size: int = 8, text_width: int = 16) -> Any:
-    """A tiny ``AnimateDiffPipeline`` with seeded random weights, built in code (no download).
+def _animatediff_pipeline(
+    seed: int,
+    unet_config: dict[str, Any],
+    adapter_config: dict[str, Any],
+    text_width: int,
+    max_length: int,
+    motion_std: float,
+) -> Any:
+    """An ``AnimateDiffPipeline`` of seeded random weights: a ``UNet2DConditionModel`` of
+    ``unet_config`` and a ``MotionAdapter`` of ``adapter_config`` (fused into a ``UNetMotionModel``),
+    a 2-layer CLIP text encoder of ``text_width``, the small VAE and DDIM.
 
-    A ``UNet2DConditionModel`` of SD 1.x's block types at widths 16-32 and a ``MotionAdapter``
-    (two motion layers per block, 2 heads), which the pipeline fuses into a ``UNetMotionModel``;
-    a 2-layer CLIP text encoder of ``text_width``, an AutoencoderKL with a downsampling factor of
-    8 and DDIM. Frames are ``8 * sample_size`` pixels square by default (64x64).
+    diffusers zero-initialises the motion layers' output projections, which would make the adapter
+    the identity and a test or a timing of the temporal layers vacuous: they are drawn from
+    N(0, ``motion_std``) instead.
     """
     from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter, UNet2DConditionModel
 
     from fd_trt.families.models import sd_scheduler_config
 
-    tokenizer, text_encoder = _tiny_clip(seed, text_width)
+    tokenizer, text_encoder = _tiny_clip(seed, text_width, max_length)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=sample_size,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(16, 32),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=text_width,
-            attention_head_dim=8,
-            norm_num_groups=4,
-        )
-        adapter = MotionAdapter(
-            block_out_channels=(16, 32),
-            motion_layers_per_block=1,
-            motion_norm_num_groups=4,
-            motion_num_attention_heads=2,
-            motion_max_seq_length=32,
-        )
-        # Random motion layers: diffusers zero-initialises their output projections, which would make
-        # the adapter the identity and a test of the temporal layers vacuous.
+        unet = UNet2DConditionModel(**unet_config)
+        adapter = MotionAdapter(**adapter_config)
         for name, param in adapter.named_parameters():
             if "proj_out" in name:
-                torch.nn.init.normal_(param, std=0.2)
-        vae = _tiny_vae(sample_size)
+                torch.nn.init.normal_(param, std=motion_std)
+        vae = _tiny_vae(unet_config["sample_size"])
     pipe = AnimateDiffPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -322,10 +330,112 @@ def tiny_animatediff_pipeline(seed: int = 0, *, sample_size: int = 8, text_width
     return pipe
 
 
+def tiny_text_to_video_pipeline(seed: int = 0, *, sample_size: int = 8, text_width: int = 16) -> Any:
+    """A tiny ``TextToVideoSDPipeline`` with seeded random weights, built in code (no download).
+
+    A ``UNet3DConditionModel`` of two blocks (``CrossAttnDownBlock3D``, ``DownBlock3D``), widths
+    16-32, with its temporal transformer and convolutions, a 2-layer CLIP text encoder of
+    ``text_width``, an AutoencoderKL with a downsampling factor of 8 and DDIM. Frames are
+    ``8 * sample_size`` pixels square by default (64x64).
+    """
+    unet_config = dict(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=text_width,
+        attention_head_dim=8,
+        norm_num_groups=4,
+    )
+    return _text_to_video_pipeline(seed, unet_config, text_width, max_length=16)
+
+
+def tiny_animatediff_pipeline(seed: int = 0, *, sample_size: int = 8, text_width: int = 16) -> Any:
+    """A tiny ``AnimateDiffPipeline`` with seeded random weights, built in code (no download).
+
+    A ``UNet2DConditionModel`` of SD 1.x's block types at widths 16-32 and a ``MotionAdapter``
+    (two motion layers per block, 2 heads), which the pipeline fuses into a ``UNetMotionModel``;
+    a 2-layer CLIP text encoder of ``text_width``, an AutoencoderKL with a downsampling factor of
+    8 and DDIM. Frames are ``8 * sample_size`` pixels square by default (64x64).
+    """
+    unet_config = dict(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=text_width,
+        attention_head_dim=8,
+        norm_num_groups=4,
+    )
+    adapter_config = dict(
+        block_out_channels=(16, 32),
+        motion_layers_per_block=1,
+        motion_norm_num_groups=4,
+        motion_num_attention_heads=2,
+        motion_max_seq_length=32,
+    )
+    return _animatediff_pipeline(seed, unet_config, adapter_config, text_width, max_length=16, motion_std=0.2)
+
+
+def modelscope_arch_pipeline(seed: int = 0, *, sample_size: int = 16) -> Any:
+    """ModelScope text-to-video's UNet (``MODELSCOPE_UNET3D_CONFIG``: block widths
+    320/640/1280/1280, two layers per block, cross-attention width 1024, heads of 64 channels) with
+    seeded random weights, built in code (no download).
+
+    The text encoder is a 2-layer CLIP of the UNet's cross-attention width (1024; the text encoder is
+    not what is measured) over the word tokenizer at 77 tokens; the VAE is small but keeps SD's
+    downsampling factor of 8; DDIM with SD's betas. Use it to measure speed and FLOPs, not videos.
+
+    Args:
+        seed: seeds the weights.
+        sample_size: the latent side (16: frames of 128x128 pixels).
+
+    Returns:
+        A float32 ``diffusers.TextToVideoSDPipeline`` on the CPU.
+    """
+    unet_config = {**MODELSCOPE_UNET3D_CONFIG, "sample_size": sample_size}
+    return _text_to_video_pipeline(seed, unet_config, text_width=1024, max_length=77)
+
+
+def animatediff_arch_pipeline(seed: int = 0, *, sample_size: int = 16) -> Any:
+    """AnimateDiff at its real layout: Stable Diffusion 1.5's UNet (``SD15_UNET_CONFIG``) and the
+    v1-5-2 motion adapter (``ANIMATEDIFF_MOTION_ADAPTER_CONFIG``: two motion layers per block, a
+    motion mid block, 8 heads, 32 positions), with seeded random weights, built in code (no download).
+
+    The motion layers' output projections, zero in diffusers, are drawn with a small deviation
+    (0.002) that keeps the activations finite through the full depth. The text encoder is a 2-layer
+    CLIP of width 768 over the word tokenizer at 77 tokens; the VAE is small but keeps SD's
+    downsampling factor of 8; DDIM with SD's betas. Use it to measure speed and FLOPs, not videos.
+
+    Args:
+        seed: seeds the weights.
+        sample_size: the latent side (16: frames of 128x128 pixels).
+
+    Returns:
+        A float32 ``diffusers.AnimateDiffPipeline`` (its UNet a ``UNetMotionModel``) on the CPU.
+    """
+    from fd_trt.families.models import SD15_UNET_CONFIG
+
+    unet_config = {**SD15_UNET_CONFIG, "sample_size": sample_size}
+    return _animatediff_pipeline(
+        seed, unet_config, ANIMATEDIFF_MOTION_ADAPTER_CONFIG, text_width=768, max_length=77, motion_std=0.002
+    )
+
+
 __all__ = [
+    "ANIMATEDIFF_MOTION_ADAPTER_CONFIG",
+    "MODELSCOPE_UNET3D_CONFIG",
     "AnimateDiffFamily",
     "TextToVideoFamily",
     "VideoFamily",
+    "animatediff_arch_pipeline",
+    "modelscope_arch_pipeline",
     "tiny_animatediff_pipeline",
     "tiny_text_to_video_pipeline",
 ]
