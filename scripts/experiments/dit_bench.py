@@ -1,7 +1,9 @@
 """Benchmark of Faster Diffusion on a diffusion transformer against diffusers and a block-caching
 baseline in ModelOpt's ``cache_diffusion`` style (docs/guides/dit.md).
 
-Rows, all from the same initial latents and prompt embeddings, on the torch backend:
+Rows, all from the same initial latents and prompt embeddings, on the torch backend (and the fd
+rows again on each other backend of ``--backends``, after an untimed first call that exports the
+graphs, its seconds in the JSON's ``warmup_seconds``):
 
 * ``diffusers``: the diffusers pipeline itself (``PixArtAlphaPipeline`` or ``StableDiffusion3Pipeline``
   with precomputed embeddings);
@@ -24,6 +26,7 @@ Models: ``tiny-pixart``, ``pixart-arch`` (PixArt-alpha XL/2's transformer config
 ``sd3-arch`` (SD3-medium's), the -arch ones with random weights and small random text encoders and VAE.
 
     python scripts/experiments/dit_bench.py --model pixart-arch --size 256 --steps 20 --splits 21
+    python scripts/experiments/dit_bench.py --model pixart-arch --size 256 --splits 21 --backends torch,onnxruntime
     python scripts/experiments/dit_bench.py --model sd3-arch --size 256 --steps 28
 """
 
@@ -94,14 +97,19 @@ def bench(
     calibrate: bool = False,
     calibration_tolerance: float = 0.05,
     block_caching: bool = True,
+    backends: Sequence[str] = ("torch",),
 ) -> dict[str, Any]:
     """The rows (module docstring) for a diffusers PixArt or SD3 pipeline; ``splits`` default to the
     family's N, ``guidance`` to the family's CFG scale. ``calibrate`` adds the ``fd calibrated`` row
     (N searched over ``splits``, or a quarter, half and three quarters of the blocks, within
-    ``calibration_tolerance`` rel. L2 of ``all``)."""
+    ``calibration_tolerance`` rel. L2 of ``all``). ``backends`` other than torch repeat the fd rows
+    (not block caching) on that backend."""
     from fd_trt import FasterDiffusionPipeline
 
     fd = FasterDiffusionPipeline.from_diffusers(pipe, backend="torch", progress=False)
+    others = {
+        b: FasterDiffusionPipeline.from_diffusers(pipe, backend=b, progress=False) for b in backends if b != "torch"
+    }
     sd3 = fd.family.name == "sd3"
     guidance = fd.family.default_guidance if guidance is None else float(guidance)
     tr = pipe.transformer
@@ -159,7 +167,7 @@ def bench(
              rel_l2=0.0)
     ]  # fmt: skip
 
-    def run(schedule: Any, split: int, **kw: Any) -> tuple[torch.Tensor, float, float, Any]:
+    def run(schedule: Any, split: int, fd: Any = fd, **kw: Any) -> tuple[torch.Tensor, float, float, Any]:
         out = fd(
             prompt, num_inference_steps=steps, guidance_scale=guidance, latents=latents.clone(),
             output_type="latent", schedule=schedule, split=split, max_sequence_length=max_len, **kw,
@@ -169,14 +177,16 @@ def bench(
         evals = (s.encoder_rows * split + s.decoder_rows * (blocks - split)) / blocks  # full-forward equivalents
         return out.latents, denoise, evals / cfg_rows, s
 
-    def add_row(name: str, schedule: Any, split: int, key_steps: list[int] | None = None, **kw: Any) -> None:
-        """Times ``schedule`` at ``split`` (best of ``repeats``) and appends its row."""
+    def add_row(
+        name: str, schedule: Any, split: int, key_steps: list[int] | None = None, backend: str = "torch", **kw: Any
+    ) -> None:
+        """Times ``schedule`` at ``split`` on ``backend`` (best of ``repeats``) and appends its row."""
         best = None
         for _ in range(repeats):
-            lat, sec, evals, stats = run(schedule, split, **kw)
+            lat, sec, evals, stats = run(schedule, split, fd=others.get(backend, fd), **kw)
             best = sec if best is None else min(best, sec)
         assert best is not None
-        row = dict(row=name, split=split)
+        row = dict(row=name if backend == "torch" else f"{name} ({backend})", backend=backend, split=split)
         if key_steps is not None:
             row["key_steps"] = key_steps
         row.update(
@@ -191,12 +201,20 @@ def bench(
         if log:
             log(row)
 
+    warmup: dict[str, float] = {}
     for split in list(splits) if splits else [fd.split_point]:
+        for backend, other in others.items():  # exports this split's graphs, untimed
+            t0 = time.perf_counter()
+            run("all", split, fd=other)
+            warmup[f"{backend} N={split}"] = round(time.perf_counter() - t0, 1)
         cases: list[tuple[str, str, dict[str, Any]]] = [(f"fd {sc}", sc, {}) for sc in schedules]
         if block_caching:
             cases.append(("block-caching", "uniform:3", {"parallel": False, "noise_injection": False}))
         for name, sched, kw in cases:
             add_row(name, sched, split, **kw)
+        for backend in others:
+            for sc in schedules:
+                add_row(f"fd {sc}", sc, split, backend=backend)
     calibration = None
     if calibrate:
         from fd_trt.tools.calibrate_dit import calibrate_transformer
@@ -213,13 +231,20 @@ def bench(
         if log:
             log(dict(calibration=calibration))
         add_row("fd calibrated", cal, int(cal.split), key_steps=list(cal.key_steps))
+        for backend, other in others.items():
+            if int(cal.split) not in (list(splits) if splits else [fd.split_point]):
+                t0 = time.perf_counter()
+                run("all", int(cal.split), fd=other)
+                warmup[f"{backend} N={cal.split}"] = round(time.perf_counter() - t0, 1)
+            add_row("fd calibrated", cal, int(cal.split), key_steps=list(cal.key_steps), backend=backend)
     return dict(
         calibration=calibration,
         steps=steps,
         guidance=guidance,
         blocks=blocks,
         latent_side=side,
-        backend="torch fp32",
+        backend="torch fp32" + "".join(f", {b} fp32" for b in others),
+        warmup_seconds=warmup,
         scheduler=type(pipe.scheduler).__name__,
         forward_gflops_per_row=_sig(forward_gflops),
         rows=rows,
@@ -241,6 +266,9 @@ def main() -> None:
     p.add_argument("--max-error", type=float, default=0.05, help="the calibration's rel. L2 tolerance against 'all'")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--no-block-caching", action="store_true", help="leave out the block-caching row")
+    p.add_argument(
+        "--backends", default="torch", help="comma-separated: torch and the graph backends to repeat the fd rows on"
+    )
     a = p.parse_args()
 
     torch.manual_seed(0)
@@ -257,6 +285,7 @@ def main() -> None:
         calibrate=a.calibrate,
         calibration_tolerance=a.max_error,
         block_caching=not a.no_block_caching,
+        backends=[b.strip() for b in a.backends.split(",") if b.strip()],
     )
     doc = dict(model=a.model, size=a.size, cpu=_cpu(), threads=torch.get_num_threads(), **res)
     print(json.dumps(doc))
