@@ -469,6 +469,17 @@ def save_onnx(
     return data_path if external else None
 
 
+def _fits_one_message(model: onnx.ModelProto) -> bool:
+    """Whether protobuf can serialise ``model`` as one message (under 2 GiB). Above the limit,
+    protobuf refuses even to size it (``EncodeError``), so the weights are counted first."""
+    if initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
+        return False
+    try:
+        return model.ByteSize() < EXTERNAL_DATA_THRESHOLD
+    except Exception:  # noqa: BLE001 - protobuf's EncodeError: too large to serialise
+        return False
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """ONNX shape inference with data propagation.
 
@@ -478,7 +489,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     rows fixed. Models above protobuf's 2 GB limit go through a temporary file.
     """
     onnx = _require_onnx()
-    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:  # protobuf's limit on one message
+    if _fits_one_message(model):
         return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
     with tempfile.TemporaryDirectory(prefix=temp_prefix("shapes")) as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
