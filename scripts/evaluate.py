@@ -524,8 +524,9 @@ def time_modes(
     modes: Sequence[tuple[str, str, bool | None]],
     repeats: int = 3,
     prompt: str = "a red circle on the left and a blue square on the right",
+    guidance: float = 7.5,
 ) -> dict[str, dict[str, float]]:
-    """Median seconds for one 64x64 image (CFG 7.5, batch 1) per mode, measured side by side.
+    """Median seconds for one 64x64 image (CFG ``guidance``, batch 1) per mode, measured side by side.
 
     The modes run interleaved, one warm-up round then ``repeats`` timed rounds, on the pipeline's
     current scheduler, so that their ratios are not skewed by load that changes over time.
@@ -543,7 +544,7 @@ def time_modes(
             pipe(
                 prompt,
                 num_inference_steps=steps,
-                guidance_scale=7.5,
+                guidance_scale=guidance,
                 generator=torch.Generator().manual_seed(r),
                 output_type="np",
                 schedule=schedule,
@@ -798,6 +799,13 @@ def evaluate_controlnet(args: argparse.Namespace, argv: list[str] | None) -> dic
     return res
 
 
+def _is_transformer(pipe: Any) -> bool:
+    """Whether ``pipe`` runs a diffusion transformer (``--model default-dit``) rather than a UNet."""
+    from fd_trt.pipelines.transformer import FasterDiffusionTransformerPipeline
+
+    return isinstance(pipe, FasterDiffusionTransformerPipeline)
+
+
 def _cpu_name() -> str:
     from fd_trt.tools.bench import _cpu_name as name
 
@@ -846,22 +854,26 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
             f"{_pct(a['single']['both'])}%, two-object {_pct(a['two']['both_objects'])}%.",
         ]
     f3 = res["figure3"]
-    lines += [
-        "",
-        "## Figure 3 (DDIM-50)",
-        "",
-        "| features | mean adjacent-step MSE | mean relative change | mean Frobenius norm |",
-        "|---|---|---|---|",
-        f"| encoder (mid + skips) | {f3['enc_mse_mean']:.4g} | {f3['enc_rel_mean']:.4f} | {f3['enc_fnorm_mean']:.4g} |",
-        f"| decoder (last up block) | {f3['dec_mse_mean']:.4g} | {f3['dec_rel_mean']:.4f} | {f3['dec_fnorm_mean']:.4g} |",
-        "",
-        f"Figure 3 holds (encoder MSE below decoder MSE): **{f3['holds_mse']}**; by relative change: **{f3['holds_rel']}**.",
-    ]
+    lines += (
+        []
+        if not f3
+        else [
+            "",
+            "## Figure 3 (DDIM-50)",
+            "",
+            "| features | mean adjacent-step MSE | mean relative change | mean Frobenius norm |",
+            "|---|---|---|---|",
+            f"| encoder (mid + skips) | {f3['enc_mse_mean']:.4g} | {f3['enc_rel_mean']:.4f} | {f3['enc_fnorm_mean']:.4g} |",
+            f"| decoder (last up block) | {f3['dec_mse_mean']:.4g} | {f3['dec_rel_mean']:.4f} | {f3['dec_fnorm_mean']:.4g} |",
+            "",
+            f"Figure 3 holds (encoder MSE below decoder MSE): **{f3['holds_mse']}**; by relative change: **{f3['holds_rel']}**.",
+        ]
+    )
     if res.get("timing"):
         tm = res["timing"]
         lines += [
             "",
-            f"Speedup: median wall seconds per 64x64 image (CFG 7.5, batch 1, torch, {tm['threads']} threads, "
+            f"Speedup: median wall seconds per 64x64 image (CFG {res['guidance']}, batch 1, torch, {tm['threads']} threads, "
             f"{tm['cpu']}), every mode of a scheduler timed side by side, interleaved, {tm['repeats']} rounds after "
             "one warm-up round; the ratio to `all` of the same scheduler.",
             "",
@@ -880,7 +892,7 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parses the command line (``argv``, or ``sys.argv[1:]`` when ``None``)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default", help="'default' or a local diffusers folder")
+    p.add_argument("--model", default="default", help="'default', 'default-dit' or a local diffusers folder")
     p.add_argument("--num-prompts", type=int, default=128)
     p.add_argument("--out-dir", default=str(REPO / "out" / "eval"))
     p.add_argument("--seed", type=int, default=0, help="seeds prompts and generation")
@@ -1005,22 +1017,29 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         if not args.no_timing:
-            tm = time_modes(pipe, steps, modes, repeats=args.timing_repeats)
+            tm = time_modes(pipe, steps, modes, repeats=args.timing_repeats, guidance=args.guidance)
             for mode, _, _ in modes:
                 res["runs"][f"{sched}/{mode}"]["timing"] = tm[mode]
                 print(
                     f"{sched:>6} {mode:<19} {tm[mode]['wall']:.3f} s/image  speedup vs all {tm[mode]['speedup_vs_all']:.2f}x",
                     flush=True,
                 )
-    pipe.set_scheduler("ddim")
-    n3 = max(1, min(args.fig3_prompts, len(ps.prompts)))
-    pick = np.linspace(0, len(ps.prompts) - 1, n3).round().astype(int)
-    fig3 = figure3(pipe, [ps.prompts[i] for i in pick], [ps.seeds[i] for i in pick], steps=50, guidance=args.guidance)
-    summary = {f"{k}_mean": float(np.mean(v)) for k, v in fig3.items()}
-    summary["holds_mse"] = bool(summary["enc_mse_mean"] < summary["dec_mse_mean"])
-    summary["holds_rel"] = bool(summary["enc_rel_mean"] < summary["dec_rel_mean"])
-    res["figure3"] = {**summary, "per_step": fig3, "num_prompts": int(n3)}
-    plot_figure3(fig3, out_dir / "figure3.png")
+    if _is_transformer(pipe):
+        # Figure 3 is the UNet's encoder against its decoder; a transformer's per-block change is
+        # what `fd-trt calibrate --plot` draws (docs/guides/dit.md).
+        res["figure3"] = None
+    else:
+        pipe.set_scheduler("ddim")
+        n3 = max(1, min(args.fig3_prompts, len(ps.prompts)))
+        pick = np.linspace(0, len(ps.prompts) - 1, n3).round().astype(int)
+        fig3 = figure3(
+            pipe, [ps.prompts[i] for i in pick], [ps.seeds[i] for i in pick], steps=50, guidance=args.guidance
+        )
+        summary = {f"{k}_mean": float(np.mean(v)) for k, v in fig3.items()}
+        summary["holds_mse"] = bool(summary["enc_mse_mean"] < summary["dec_mse_mean"])
+        summary["holds_rel"] = bool(summary["enc_rel_mean"] < summary["dec_rel_mean"])
+        res["figure3"] = {**summary, "per_step": fig3, "num_prompts": int(n3)}
+        plot_figure3(fig3, out_dir / "figure3.png")
     save_samples(sample_rows, real, out_dir / "samples.png")
     if not args.no_timing:
         res["timing"] = {"threads": args.threads, "repeats": args.timing_repeats, "cpu": _cpu_name()}
@@ -1029,7 +1048,8 @@ def main(argv: list[str] | None = None) -> int:
     write_markdown(res, out_dir / "evaluation.md")
     print((out_dir / "evaluation.md").read_text())
     print(
-        f"wrote {out_dir}/evaluation.json, evaluation.md, figure3.png, samples.png in {res['total_seconds']:.0f} s",
+        f"wrote {out_dir}/evaluation.json, evaluation.md, {'figure3.png, ' if res['figure3'] else ''}samples.png "
+        f"in {res['total_seconds']:.0f} s",
         flush=True,
     )
     return 0

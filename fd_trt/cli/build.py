@@ -21,7 +21,7 @@ from fd_trt.errors import InputError
 def add_parser(sub: Any) -> None:
     """Adds ``build`` to the sub-commands."""
     p = sub.add_parser("build", help="export the encoder/decoder graphs (and engines) into an engine directory")
-    p.add_argument("--model", default="default", help="'default' or a local diffusers folder")
+    p.add_argument("--model", default="default", help="'default', 'default-dit' or a local diffusers folder")
     p.add_argument(
         "--out",
         default=None,
@@ -314,7 +314,10 @@ def _build_plans(args: argparse.Namespace, out: Path, shallow_roles: tuple[str, 
 def _is_transformer_folder(model: str) -> bool:
     """Whether ``model`` is a local folder of a diffusion transformer (``transformer/config.json``);
     its family is checked when it loads."""
-    return str(model) != "default" and (Path(model) / "transformer" / "config.json").is_file()
+    from fd_trt.families.models import model_folder
+
+    folder = model_folder(model)
+    return folder is not None and (folder / "transformer" / "config.json").is_file()
 
 
 def _build_transformer(args: argparse.Namespace) -> int:

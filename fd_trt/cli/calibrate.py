@@ -265,6 +265,11 @@ def _run_transformer(args: argparse.Namespace, pipe: Any, prompt_list: Sequence[
     print(f"key steps: {','.join(map(str, cal.key_steps))} (K={len(cal.key_steps)})")
     paper = "n/a" if cal.paper_error is None else f"{cal.paper_error:.4f}"
     print(f"calibration error (rel. L2 vs all): {cal.error:.4f} (tolerance {tolerance}); paper at N={n}: {paper}")
+    if cal.error > tolerance:
+        print(
+            f"warning: no candidate is within --max-error {tolerance}; kept the most accurate one ({cal.error:.4f}). "
+            "Accept it, or pass a larger --max-error for a faster schedule"
+        )
     print(f"estimated transformer speedup over all (block evaluations): {cal.estimated_speedup:.2f}x")
     print(f"took {cal.seconds:.1f} s ({cal.evaluations} sampler runs)")
     if args.out:

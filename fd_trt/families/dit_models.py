@@ -350,3 +350,102 @@ __all__ = [
     "tiny_pixart_pipeline",
     "tiny_sd3_pipeline",
 ]
+
+
+#: The default DiT's transformer (``--model default-dit``): PixArt-alpha's architecture (adaLN-single,
+#: cross-attention to the prompt, patch 2) at width 128 and 8 blocks, on the default model's 4x16x16
+#: latents and width-64 text states; epsilon prediction (no learned variance).
+DEFAULT_DIT_TRANSFORMER = dict(
+    num_attention_heads=4,
+    attention_head_dim=32,
+    in_channels=4,
+    out_channels=4,
+    num_layers=8,
+    cross_attention_dim=128,
+    caption_channels=64,
+    sample_size=16,
+    patch_size=2,
+    activation_fn="gelu-approximate",
+    num_embeds_ada_norm=1000,
+    norm_type="ada_norm_single",
+    norm_elementwise_affine=False,
+    norm_eps=1e-6,
+    attention_bias=True,
+    use_additional_conditions=False,
+)
+
+
+def default_dit_scheduler() -> Any:
+    """DPM-Solver++ (PixArt's sampler) over SD 1.x's noise schedule, on which the default DiT was trained."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from fd_trt.families.models import sd_scheduler_config
+
+    return DPMSolverMultistepScheduler.from_config(sd_scheduler_config(), algorithm_type="dpmsolver++")
+
+
+def default_dit_dir() -> Any:
+    """The shipped default DiT folder (``fd_trt/assets/default_dit``), if this installation has one."""
+    from fd_trt.families.models import ASSETS_DIR
+
+    path = ASSETS_DIR / "default_dit"
+    return path if (path / "model_index.json").is_file() else None
+
+
+def load_default_dit(folder: Any = None) -> Any:
+    """The default DiT as a diffusers ``PixArtAlphaPipeline`` in fp32.
+
+    The folder holds the transformer and the scheduler; the tokenizer, text encoder and VAE are the
+    default model's (``fd_trt/assets/default_model``), so plain diffusers loads it the same way::
+
+        sd = StableDiffusionPipeline.from_pretrained(default_model_dir())
+        PixArtAlphaPipeline.from_pretrained(default_dit_dir(), tokenizer=sd.tokenizer,
+                                            text_encoder=sd.text_encoder, vae=sd.vae)
+
+    Its prompts are at most 32 tokens: call diffusers' pipeline with ``max_sequence_length=32`` and
+    ``use_resolution_binning=False`` (its bins are for 256 px and up).
+
+    Args:
+        folder: the DiT folder; the shipped one when ``None``.
+
+    Raises:
+        InputError: when the default model or the DiT folder is missing.
+    """
+    from diffusers import PixArtAlphaPipeline, StableDiffusionPipeline
+
+    from fd_trt.errors import InputError
+    from fd_trt.families.models import default_model_dir
+
+    folder = default_dit_dir() if folder is None else folder
+    base = default_model_dir()
+    if folder is None or base is None:
+        raise InputError(
+            "the default DiT needs fd_trt/assets/default_dit and fd_trt/assets/default_model; "
+            "reinstall fd_trt, or train it with scripts/train_default_dit.py"
+        )
+    from diffusers.utils import logging as diffusers_logging
+
+    sd = StableDiffusionPipeline.from_pretrained(
+        base,
+        local_files_only=True,
+        use_safetensors=True,
+        safety_checker=None,
+        requires_safety_checker=False,
+        dtype=torch.float32,
+    )
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # "expected T5EncoderModel": the CLIP encoder is intended
+    try:
+        pipe = PixArtAlphaPipeline.from_pretrained(
+            folder,
+            tokenizer=sd.tokenizer,
+            text_encoder=sd.text_encoder,
+            vae=sd.vae,
+            local_files_only=True,
+            use_safetensors=True,
+            dtype=torch.float32,
+        )
+    finally:
+        diffusers_logging.set_verbosity(level)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -269,6 +269,30 @@ def default_model_dir() -> Path | None:
     return path if (path / "model_index.json").is_file() else None
 
 
+#: The shipped models that ``--model`` / ``from_pretrained`` accept by name, besides local folders.
+BUILTIN_MODELS = ("default", "default-dit")
+
+
+def builtin_model_dir(name: str | os.PathLike[str]) -> Path | None:
+    """The folder of a shipped model named in `BUILTIN_MODELS` (``None`` for other names, or when
+    this installation lacks it)."""
+    if str(name) == "default":
+        return default_model_dir()
+    if str(name) == "default-dit":
+        from fd_trt.families.dit_models import default_dit_dir
+
+        return default_dit_dir()
+    return None
+
+
+def model_folder(model: str | os.PathLike[str]) -> Path | None:
+    """The local folder a ``--model`` value names: a shipped model's (`BUILTIN_MODELS`; ``None`` when
+    this installation lacks it), or ``model`` itself."""
+    if str(model) in BUILTIN_MODELS:
+        return builtin_model_dir(model)
+    return Path(model)
+
+
 def default_controlnet_dir() -> Path | None:
     """The shipped ControlNet of the default model (silhouette masks), if this installation has one."""
     path = ASSETS_DIR / "default_controlnet"
@@ -313,8 +337,8 @@ def load_diffusers_pipeline(source: str | os.PathLike[str]) -> tuple[Any, str]:
     ([`load_pipeline()`][fd_trt.families.base.ModelFamily.load_pipeline]).
 
     Args:
-        source: ``"default"`` or the path of a local diffusers folder (``model_index.json``,
-            safetensors weights).
+        source: ``"default"``, ``"default-dit"`` (the shipped models) or the path of a local diffusers
+            folder (``model_index.json``, safetensors weights).
 
     Returns:
         ``(pipeline, description)``.
@@ -329,10 +353,15 @@ def load_diffusers_pipeline(source: str | os.PathLike[str]) -> tuple[Any, str]:
         if shipped is not None:
             return load_diffusers_pipeline(shipped)[0], f"default model ({shipped})"
         return tiny_sd_pipeline(), "default: tiny random-weight SD (no trained default model is installed yet)"
+    if str(source) == "default-dit":
+        from fd_trt.families.dit_models import load_default_dit
+
+        dit = builtin_model_dir(source)
+        return load_default_dit(dit), f"default DiT ({dit})"
     path = Path(source)
     if not path.is_dir():
         raise InputError(
-            f"model {str(source)!r} is not a local folder; fd_trt never downloads. Pass 'default' or the path "
+            f"model {str(source)!r} is not a local folder; fd_trt never downloads. Pass 'default', 'default-dit' or the path "
             "of a diffusers Stable Diffusion folder (with model_index.json)"
         )
     if not (path / "model_index.json").is_file():

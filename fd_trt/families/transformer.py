@@ -147,8 +147,32 @@ class PixArtFamily(TransformerFamily):
     pipeline_classes = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
     default_split_fraction = 0.75
 
+    def load_pipeline(self, folder: Path, unet_config: dict[str, Any]) -> Any:
+        """As the base class; a folder whose index leaves the tokenizer, text encoder and VAE empty
+        (the default DiT's, ``scripts/train_default_dit.py``) borrows them from the default model."""
+        import json
+
+        index = json.loads((Path(folder) / "model_index.json").read_text())
+        if all((index.get(k) or [None])[0] is None for k in ("tokenizer", "text_encoder", "vae")):
+            from fd_trt.families.dit_models import load_default_dit
+
+            return load_default_dit(folder)
+        return super().load_pipeline(folder, unet_config)
+
+    @staticmethod
+    def max_tokens(sd_pipeline: Any) -> int | None:
+        """The most prompt tokens the text encoder takes (a CLIP encoder's positions, as the
+        default DiT's); ``None`` for T5, whose relative positions have no limit."""
+        limit = getattr(getattr(sd_pipeline.text_encoder, "config", None), "max_position_embeddings", None)
+        return int(limit) if limit else None
+
+    def default_length(self, sd_pipeline: Any) -> int:
+        """The default ``max_sequence_length``: diffusers' 120, or the text encoder's limit when smaller."""
+        limit = self.max_tokens(sd_pipeline)
+        return min(120, limit) if limit else 120
+
     def text_shape(self, sd_pipeline: Any) -> tuple[int, int]:
-        return 120, int(sd_pipeline.transformer.config.caption_channels)
+        return self.default_length(sd_pipeline), int(sd_pipeline.transformer.config.caption_channels)
 
     def conditioning(
         self, sd_pipeline: Any, cond: Any, negative: Any, images_per: int, cfg: bool, *, height: int, width: int, **kw
@@ -158,7 +182,13 @@ class PixArtFamily(TransformerFamily):
         prompts = [cond] if isinstance(cond, str) else list(cond)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise InputError(f"prompt must be a string or a list of strings, got {cond!r}")
-        max_len = int(kw.get("max_sequence_length", 120))
+        max_len = int(kw.get("max_sequence_length") or self.default_length(sd_pipeline))
+        limit = self.max_tokens(sd_pipeline)
+        if limit is not None and max_len > limit:
+            raise InputError(
+                f"max_sequence_length={max_len} is more than this text encoder's {limit} positions: "
+                f"pass max_sequence_length={limit} or less"
+            )
         pe, pm, ne, nm = sd_pipeline.encode_prompt(
             prompts,
             cfg,

@@ -9,7 +9,6 @@ pipeline class from a model folder.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,7 +38,7 @@ class LoadingMixin:
         runner_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> FasterDiffusionPipeline:
-        """Loads a local diffusers folder of a registered model family, or ``"default"``.
+        """Loads a local diffusers folder of a registered model family, or a shipped model by name.
 
         The folder's ``unet/config.json`` picks its family ([`fd_trt.families.base.family_for_config()`][fd_trt.families.base.family_for_config])
         and is checked by it before any weights load: a UNet no family recognises, or one its
@@ -49,7 +48,8 @@ class LoadingMixin:
         (``addition_embed_type="text_time"``).
 
         Args:
-            model: a local folder, or ``"default"`` (the shipped model).
+            model: a local folder, ``"default"`` (the shipped model) or ``"default-dit"`` (the
+                shipped diffusion transformer, a PixArt-shaped ``PixArtAlphaPipeline``).
             backend: ``"auto"`` (default), ``"torch"``, ``"onnxruntime"`` or ``"tensorrt"``. ``auto``
                 measures the available backends and decoder call sizes on the first call at each
                 shape, batch and schedule, caches the choice, and never builds graphs by surprise.
@@ -79,9 +79,9 @@ class LoadingMixin:
             owns_pipeline=True,
             **kwargs,
         )
-        from fd_trt.families.models import default_model_dir
+        from fd_trt.families.models import model_folder
 
-        pipe.model_dir = default_model_dir() if str(model) == "default" else Path(model)
+        pipe.model_dir = model_folder(model)
         if scheduler is not None:
             pipe.set_scheduler(scheduler)
         return pipe

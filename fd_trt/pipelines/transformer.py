@@ -18,6 +18,7 @@ onnxruntime on the first call at a shape and keeps the faster), or a ready runne
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import time
 from pathlib import Path
@@ -42,6 +43,8 @@ from fd_trt.graphs.weights import unet_weights_sha256
 from fd_trt.pipelines.pipeline import FasterDiffusionOutput, FasterDiffusionPipeline, PipelineStats
 from fd_trt.pipelines.pipeline import scheduler_step_kwargs as _step_kwargs
 from fd_trt.utils.cache import engine_cache_root
+
+logger = logging.getLogger(__name__)
 
 #: The backends a transformer pipeline runs on.
 TRANSFORMER_BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
@@ -364,6 +367,12 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
         """
         tr = self.transformer
         where = ""
+        if schedule is None:
+            # The default: the calibration saved for this scheduler and step count (as the UNet
+            # families do), when it is for these weights and for the asked N; else the paper's key steps.
+            saved = self._saved_default(num_steps)
+            fits = saved is not None and (split is None or saved.split in (None, split))
+            schedule = saved if fits else "paper"
         if isinstance(schedule, str) and schedule.strip().lower() == "calibrated":
             path = self.saved_calibration(num_steps)
             schedule, where = Calibration.load(path), str(path)
@@ -384,7 +393,26 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
             n = split if split is not None else (n_cal if n_cal is not None else self.split_point)
             return schedule.schedule(), check_split_point(tr, n)
         n = self.split_point if split is None else check_split_point(tr, split)
-        return parse_schedule("paper" if schedule is None else schedule, num_steps), n
+        return parse_schedule(schedule, num_steps), n
+
+    def _saved_default(self, num_steps: int) -> Calibration | None:
+        """The saved calibration for the current scheduler and ``num_steps``, when there is one for
+        these weights (``None`` otherwise: another model's is not used, and is logged)."""
+        from fd_trt.core.calibration import find_calibration
+        from fd_trt.errors import ScheduleError
+        from fd_trt.families.models import scheduler_name
+
+        name = scheduler_name(self.sd.scheduler) or type(self.sd.scheduler).__name__
+        path = find_calibration(self.calibration_folders(), name, num_steps)
+        if path is None:
+            return None
+        cal = Calibration.load(path)
+        try:
+            cal.check(model_sha256=self.unet_sha256, scheduler=name, steps=num_steps)
+        except ScheduleError as exc:
+            logger.info("not using the saved calibration %s: %s", path, exc)
+            return None
+        return cal
 
     def saved_calibration(self, num_steps: int) -> Path:
         """The saved calibration ``schedule="calibrated"`` runs for ``num_steps`` steps of the current
@@ -579,13 +607,14 @@ class FasterDiffusionTransformerPipeline(FasterDiffusionPipeline):
                 (their pipelines').
             **kwargs: ``height``, ``width``, ``num_inference_steps``, ``num_images_per_prompt``,
                 ``eta``, ``generator``, ``latents``, ``output_type`` as in diffusers; ``schedule``
-                (``"paper"`` by default, ``"all"``, ``"uniform:N"``, key steps, a transformer
+                (by default the calibration saved for the scheduler and step count with the model
+                when it is for these weights, else ``"paper"``; ``"all"``, ``"uniform:N"``, key steps, a transformer
                 [`Calibration`][fd_trt.core.calibration.Calibration] or its JSON path, which also gives ``N``, or
                 ``"calibrated"``: the one ``fd-trt calibrate --save`` saved for the scheduler and step
                 count in the engine directory or the model folder),
                 ``split`` (``N`` for this call), ``noise_injection``, ``parallel``, ``max_decoder_rows``;
-                PixArt: ``max_sequence_length`` (120); SD3: ``prompt_2``, ``prompt_3``,
-                ``negative_prompt_2``, ``negative_prompt_3``, ``max_sequence_length`` (256), ``clip_skip``.
+                PixArt: ``max_sequence_length`` (120, or the text encoder's positions when fewer);
+                SD3: ``prompt_2``, ``prompt_3``, ``negative_prompt_2``, ``negative_prompt_3``, ``max_sequence_length`` (256), ``clip_skip``.
         """
         if self.family.takes_prompts:
             if class_labels is not None:

@@ -46,7 +46,7 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 def add_model_options(p: Any) -> None:
     """Adds the model and runner options: ``--model``, ``--backend``, ``--engines``, ``--threads``, ``--device``
     and ``--precision`` (``fd-trt generate``, ``calibrate`` and ``serve`` share them)."""
-    p.add_argument("--model", default="default", help="'default' or a local diffusers folder")
+    p.add_argument("--model", default="default", help="'default', 'default-dit' or a local diffusers folder")
     p.add_argument(
         "--backend",
         default=None,

@@ -460,10 +460,10 @@ def _systems(cfg: BenchConfig, sd: Any, latents: torch.Tensor, tag: str, extra: 
 
 def _model_folder(model: str) -> Path | None:
     """The folder of a benchmark model that may hold saved calibrations (``None`` for the random ones)."""
-    from fd_trt.families.models import default_model_dir
+    from fd_trt.families.models import BUILTIN_MODELS, model_folder
 
-    if model == "default":
-        return default_model_dir()
+    if model in BUILTIN_MODELS:
+        return model_folder(model)
     if model in MODELS:
         return None
     return Path(model)
