@@ -41,11 +41,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from train_default_model import MAX_TOKENS, Clock, encode_latents, folder_mb, lr_at  # noqa: E402
+from train_default_model import GRID_PROMPTS, MAX_TOKENS, Clock, draw_grid, encode_latents, folder_mb, lr_at  # noqa: E402
 
 from fd_trt.families.dit_models import DEFAULT_DIT_TRANSFORMER, default_dit_scheduler, load_default_dit  # noqa: E402
 from fd_trt.families.models import default_model_dir, sd_scheduler_config  # noqa: E402
-from fd_trt.tools.shapes import generate_dataset, pair_prompt, single_prompt  # noqa: E402
+from fd_trt.tools.shapes import generate_dataset  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -215,52 +215,21 @@ def save(out_dir: Path, pipe: Any) -> None:
 
 
 def sample_grid(pipe: Any, path: Path, seed: int) -> None:
-    """DPM-Solver++ 20, CFG 4.5 samples of single objects and pairs, captions under each."""
-    import math
-
-    from PIL import Image, ImageDraw
-
-    prompts = [
-        single_prompt("red", "circle"),
-        single_prompt("orange", "square"),
-        single_prompt("yellow", "triangle"),
-        single_prompt("green", "star"),
-        single_prompt("cyan", "diamond"),
-        single_prompt("blue", "circle", "left"),
-        single_prompt("purple", "square"),
-        single_prompt("magenta", "triangle", "top"),
-        pair_prompt(("red", "circle"), ("blue", "square")),
-        pair_prompt(("yellow", "star"), ("purple", "triangle")),
-        pair_prompt(("green", "diamond"), ("magenta", "circle")),
-        pair_prompt(("cyan", "square"), ("orange", "star")),
-    ]
+    """DPM-Solver++ 20, CFG 4.5 samples of the default model's grid prompts, captions under each."""
     images = []
-    for i, p in enumerate(prompts):
+    for i, p in enumerate(GRID_PROMPTS):
         g = torch.Generator().manual_seed(seed + i)
-        images.append(
-            pipe(
-                p,
-                num_inference_steps=20,
-                guidance_scale=4.5,
-                generator=g,
-                use_resolution_binning=False,
-                clean_caption=False,
-                max_sequence_length=MAX_TOKENS,
-            ).images[0]
+        out = pipe(
+            p,
+            num_inference_steps=20,
+            guidance_scale=4.5,
+            generator=g,
+            use_resolution_binning=False,
+            clean_caption=False,
+            max_sequence_length=MAX_TOKENS,
         )
-    cols, scale, cap_h = 4, 3, 30
-    w = 64 * scale
-    grid = Image.new("RGB", (cols * w, math.ceil(len(images) / cols) * (w + cap_h)), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, (img, p) in enumerate(zip(images, prompts)):
-        x, y = (i % cols) * w, (i // cols) * (w + cap_h)
-        grid.paste(img.resize((w, w), Image.NEAREST), (x, y))
-        words = p.split()
-        lines = [" ".join(words[:6]), " ".join(words[6:])] if len(words) > 6 else [p]
-        for k, line in enumerate(lines):
-            draw.text((x + 3, y + w + 2 + 12 * k), line, fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+        images.append(out.images[0])
+    draw_grid(images, GRID_PROMPTS, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -373,28 +374,27 @@ def load_fp32(path: Path) -> Any:
     return sd
 
 
-def sample_grid(sd: Any, path: Path, seed: int) -> None:
-    """A grid of DDIM-50, CFG 7.5 samples: single objects on top, pairs below, captions under each."""
+#: The prompts of the sample grids: single objects on top, pairs below.
+GRID_PROMPTS = (
+    single_prompt("red", "circle"),
+    single_prompt("orange", "square"),
+    single_prompt("yellow", "triangle"),
+    single_prompt("green", "star"),
+    single_prompt("cyan", "diamond"),
+    single_prompt("blue", "circle", "left"),
+    single_prompt("purple", "square"),
+    single_prompt("magenta", "triangle", "top"),
+    pair_prompt(("red", "circle"), ("blue", "square")),
+    pair_prompt(("yellow", "star"), ("purple", "triangle")),
+    pair_prompt(("green", "diamond"), ("magenta", "circle")),
+    pair_prompt(("cyan", "square"), ("orange", "star")),
+)
+
+
+def draw_grid(images: list[Any], prompts: Sequence[str], path: Path) -> None:
+    """Draws 64x64 PIL ``images`` in a 4-column grid, each caption under its image, to ``path``."""
     from PIL import Image, ImageDraw
 
-    prompts = [
-        single_prompt("red", "circle"),
-        single_prompt("orange", "square"),
-        single_prompt("yellow", "triangle"),
-        single_prompt("green", "star"),
-        single_prompt("cyan", "diamond"),
-        single_prompt("blue", "circle", "left"),
-        single_prompt("purple", "square"),
-        single_prompt("magenta", "triangle", "top"),
-        pair_prompt(("red", "circle"), ("blue", "square")),
-        pair_prompt(("yellow", "star"), ("purple", "triangle")),
-        pair_prompt(("green", "diamond"), ("magenta", "circle")),
-        pair_prompt(("cyan", "square"), ("orange", "star")),
-    ]
-    images = []
-    for i, p in enumerate(prompts):
-        g = torch.Generator().manual_seed(seed + i)
-        images.append(sd(p, num_inference_steps=50, guidance_scale=7.5, generator=g, output_type="pil").images[0])
     cols, scale, cap_h = 4, 3, 30
     w = 64 * scale
     grid = Image.new("RGB", (cols * w, math.ceil(len(images) / cols) * (w + cap_h)), "white")
@@ -408,6 +408,15 @@ def sample_grid(sd: Any, path: Path, seed: int) -> None:
             draw.text((x + 3, y + w + 2 + 12 * k), line, fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
+
+
+def sample_grid(sd: Any, path: Path, seed: int) -> None:
+    """A grid of DDIM-50, CFG 7.5 samples of `GRID_PROMPTS`, captions under each."""
+    images = []
+    for i, p in enumerate(GRID_PROMPTS):
+        g = torch.Generator().manual_seed(seed + i)
+        images.append(sd(p, num_inference_steps=50, guidance_scale=7.5, generator=g, output_type="pil").images[0])
+    draw_grid(images, GRID_PROMPTS, path)
 
 
 def folder_mb(path: Path) -> float:

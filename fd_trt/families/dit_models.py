@@ -356,21 +356,14 @@ __all__ = [
 #: cross-attention to the prompt, patch 2) at width 128 and 8 blocks, on the default model's 4x16x16
 #: latents and width-64 text states; epsilon prediction (no learned variance).
 DEFAULT_DIT_TRANSFORMER = dict(
+    PIXART_ALPHA_TRANSFORMER,
     num_attention_heads=4,
     attention_head_dim=32,
-    in_channels=4,
     out_channels=4,
     num_layers=8,
     cross_attention_dim=128,
     caption_channels=64,
     sample_size=16,
-    patch_size=2,
-    activation_fn="gelu-approximate",
-    num_embeds_ada_norm=1000,
-    norm_type="ada_norm_single",
-    norm_elementwise_affine=False,
-    norm_eps=1e-6,
-    attention_bias=True,
     use_additional_conditions=False,
 )
 
