@@ -33,7 +33,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -41,7 +40,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from train_default_model import GRID_PROMPTS, MAX_TOKENS, Clock, draw_grid, encode_latents, folder_mb, lr_at  # noqa: E402
+from train_default_model import (  # noqa: E402
+    GRID_PROMPTS,
+    MAX_TOKENS,
+    Clock,
+    draw_grid,
+    encode_latents,
+    folder_mb,
+    load_ema,
+    log_losses,
+    lr_at,
+    optimizer_step,
+)
 
 from fd_trt.families.dit_models import DEFAULT_DIT_TRANSFORMER, default_dit_scheduler, load_default_dit  # noqa: E402
 from fd_trt.families.models import default_model_dir, sd_scheduler_config  # noqa: E402
@@ -163,28 +173,11 @@ def train(
             snr = alphas[t] / (1 - alphas[t])
             per_sample = per_sample * snr.clamp(max=args.min_snr) / snr
         loss = per_sample.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        d = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_mul_(ema, d)
-            torch._foreach_add_(ema, [p.detach() for p in params], alpha=1 - d)
+        optimizer_step(loss, opt, params, ema, step, args.ema)
         window.append(float(loss.detach()))
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
-            log["transformer"]["losses"].append(
-                {
-                    "step": step + 1,
-                    "loss": float(np.mean(window)),
-                    "wall_s": round(clock.wall(), 1),
-                    "cpu_s": round(clock.cpu(), 1),
-                }
-            )
-            window = []
-    with torch.no_grad():
-        for p, e in zip(params, ema):
-            p.copy_(e)
+            window = log_losses(log["transformer"]["losses"], window, step + 1, clock)
+    load_ema(params, ema)
     log["transformer"].update(wall_s=round(clock.wall(), 1), cpu_s=round(clock.cpu(), 1))
     return tr.eval()
 

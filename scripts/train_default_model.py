@@ -161,6 +161,36 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * q)))
 
 
+def optimizer_step(
+    loss: torch.Tensor, opt: Any, params: list[torch.Tensor], ema: list[torch.Tensor], step: int, decay: float
+) -> None:
+    """Backward, gradient clip at 1, the optimizer step, then the EMA of ``params`` into ``ema``,
+    with a warm-up so that the early average is not dominated by the random init."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    d = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        torch._foreach_mul_(ema, d)
+        torch._foreach_add_(ema, [p.detach() for p in params], alpha=1 - d)
+
+
+def log_losses(losses: list[dict[str, Any]], window: list[float], step: int, clock: Clock) -> list[float]:
+    """Appends the mean of ``window`` at ``step`` (1-based) with the clock's seconds; returns a new window."""
+    losses.append(
+        {"step": step, "loss": float(np.mean(window)), "wall_s": round(clock.wall(), 1), "cpu_s": round(clock.cpu(), 1)}
+    )
+    return []
+
+
+@torch.no_grad()
+def load_ema(params: list[torch.Tensor], ema: list[torch.Tensor]) -> None:
+    """Copies the EMA weights into the model's parameters."""
+    for p, e in zip(params, ema):
+        p.copy_(e)
+
+
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 [N,H,W,3] -> float [N,3,H,W] in [-1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
@@ -286,29 +316,11 @@ def train_unet(
         text = text_encoder(tok)[0]
         pred = unet(xt, t, encoder_hidden_states=text).sample
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        # EMA with a warm-up, so the early average is not dominated by the random init.
-        d = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_mul_(ema, d)
-            torch._foreach_add_(ema, [p.detach() for p in params], alpha=1 - d)
+        optimizer_step(loss, opt, params, ema, step, args.ema)
         window.append(float(loss.detach()))
         if (step + 1) % args.log_every == 0 or step + 1 == args.unet_steps:
-            log["unet"]["losses"].append(
-                {
-                    "step": step + 1,
-                    "loss": float(np.mean(window)),
-                    "wall_s": round(clock.wall(), 1),
-                    "cpu_s": round(clock.cpu(), 1),
-                }
-            )
-            window = []
-    with torch.no_grad():
-        for p, e in zip(params, ema):
-            p.copy_(e)
+            window = log_losses(log["unet"]["losses"], window, step + 1, clock)
+    load_ema(params, ema)
     log["unet"].update(wall_s=round(clock.wall(), 1), cpu_s=round(clock.cpu(), 1))
     return unet.eval(), text_encoder.eval()
 

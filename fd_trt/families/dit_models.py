@@ -420,6 +420,7 @@ def load_default_dit(folder: Any = None) -> Any:
 
     sd = StableDiffusionPipeline.from_pretrained(
         base,
+        unet=None,  # only its tokenizer, text encoder and VAE are borrowed
         local_files_only=True,
         use_safetensors=True,
         safety_checker=None,
