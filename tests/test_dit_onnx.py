@@ -51,6 +51,35 @@ def test_pixart_onnxruntime_all_and_paper_match(guidance, tmp_path):
     assert (out_o.latents - ref_t.latents).abs().max().item() <= 1e-4 * max(1.0, ref_t.latents.abs().max().item())
 
 
+def test_large_transformer_graphs_keep_their_weights_in_one_data_file(tmp_path, monkeypatch):
+    """Above the threshold (2 GB: protobuf's limit; 0 here) each graph's weights go to one
+    ``<graph>.onnx.data`` next to it, recorded in the manifest; onnxruntime runs them as torch, and
+    a truncated data file has both graphs exported again."""
+    import fd_trt.graphs.export_dit as export_dit
+
+    monkeypatch.setattr(export_dit, "EXTERNAL_DATA_THRESHOLD", 0)
+    pipe = tiny_pixart_pipeline(seed=5)
+    kw = dict(num_inference_steps=4, guidance_scale=4.5, output_type="latent", max_sequence_length=16)
+    engines = tmp_path / "e"
+    fd = FasterDiffusionPipeline.from_diffusers(pipe, backend="onnxruntime", progress=False, engines=engines)
+    out = fd("red circle", generator=torch.Generator().manual_seed(0), schedule=[0, 2], **kw)
+    ref = FasterDiffusionPipeline.from_diffusers(pipe, backend="torch", progress=False)(
+        "red circle", generator=torch.Generator().manual_seed(0), schedule=[0, 2], **kw
+    )
+    assert (out.latents - ref.latents).abs().max().item() <= 1e-4 * max(1.0, ref.latents.abs().max().item())
+    manifest = json.loads((engines / "manifest.json").read_text())
+    for role, rec in manifest["graphs"].items():
+        data = engines / (rec["file"] + ".data")
+        assert rec["data_file"] == data.name and rec["data_bytes"] == data.stat().st_size > 0, role
+    assert not [p.name for p in engines.iterdir() if p.name.startswith(".export-")]  # nothing left behind
+    data = engines / (manifest["graphs"]["encoder"]["file"] + ".data")
+    data.write_bytes(data.read_bytes()[:-4])  # truncated behind the manifest
+    again = FasterDiffusionPipeline.from_diffusers(pipe, backend="onnxruntime", progress=False, engines=engines)
+    out2 = again("red circle", generator=torch.Generator().manual_seed(0), schedule=[0, 2], **kw)
+    assert data.stat().st_size == manifest["graphs"]["encoder"]["data_bytes"]  # exported again
+    assert torch.equal(out2.latents, out.latents)
+
+
 def test_graph_contract_and_dynamic_rows(tmp_path):
     import onnxruntime as ort
 

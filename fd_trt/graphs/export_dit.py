@@ -32,7 +32,7 @@ import torch
 from fd_trt.errors import EngineMismatchError
 from fd_trt.graphs.contract import GraphSpec
 from fd_trt.graphs.contract_dit import INT64, transformer_graphs
-from fd_trt.graphs.export import CorruptGraphError
+from fd_trt.graphs.export import EXTERNAL_DATA_THRESHOLD, CorruptGraphError, save_onnx
 from fd_trt.graphs.manifest import GraphRecord, check_graph_record, engine_dir_lock, graph_record
 from fd_trt.graphs.split_dit import SplitTransformer
 from fd_trt.graphs.weights import unet_weights_sha256
@@ -227,6 +227,7 @@ def export_transformer(
     latent_hw: tuple[int, int],
     text_shape: tuple[int, int] | None = None,
     force: bool = False,
+    external_data_threshold: int | None = None,
 ) -> TransformerManifest:
     """Exports the two graphs of ``split`` into ``folder``, or checks and reuses what is there.
 
@@ -242,6 +243,9 @@ def export_transformer(
         latent_hw: the latent height and width the graphs take.
         text_shape: PixArt's and SD3's ``(L, Dt)``; ``None`` for DiT.
         force: export again whatever the folder holds (``fd-trt build --force``).
+        external_data_threshold: a graph whose weights exceed this many bytes keeps them in one
+            ``<graph>.onnx.data`` file next to it (recorded with the graph; protobuf cannot hold
+            2 GB in one message); ``None``: `fd_trt.graphs.export.EXTERNAL_DATA_THRESHOLD`.
 
     Returns:
         The manifest.
@@ -291,7 +295,12 @@ def export_transformer(
                         do_constant_folding=True,
                     )
                 _declare_output_shapes(tmp / name, spec)
-                (tmp / name).replace(folder / name)
+                # Above 2 GB the exporter leaves one file per weight next to the graph, in tmp: the
+                # graph is saved into the folder with its weights in one ``<graph>.data`` file.
+                import onnx
+
+                threshold = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else external_data_threshold
+                save_onnx(onnx.load(str(tmp / name), load_external_data=True), folder / name, threshold)
             # Each graph's size and sha256, hashed once here, while the file is fresh in the page cache.
             want = replace(want, graphs={role: graph_record(folder, n) for role, n in want.graph_files().items()})
             write_atomic(folder / "manifest.json", json.dumps(asdict(want), indent=1))
