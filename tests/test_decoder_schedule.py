@@ -101,6 +101,30 @@ def test_shallow_end_from_captured_hidden_equals_the_decoder(name, hw):
         assert torch.equal(hidden[n_layers], feats.mid)
 
 
+def test_shallow_end_with_freeu_equals_the_decoder_and_the_unet():
+    """FreeU scales an up layer's input in place in diffusers: a captured hidden state must stay the
+    one that entered the layer, so that the shallow end scales it once."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=16, **CONFIGS["sd_like_2_levels"]).eval()
+    unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    split = split_unet(unet)
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([700.0, 300.0])
+    e = torch.randn(2, 5, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        feats = split.run_encoder(x, t, e)
+        mid = feats.mid.clone()
+        whole = split.run_decoder(feats, t, e)
+        assert torch.equal(feats.mid, mid)  # the propagated features stay as the encoder left them
+        assert rel_l2(whole, unet(x, t, encoder_hidden_states=e).sample) < 1e-5
+        depths = tuple(range(1, split.num_up_layers + 1))
+        noise, hidden = split.run_decoder_capture(feats, t, e, None, depths)
+        assert torch.equal(noise, whole)
+        for d in depths:
+            assert torch.equal(split.run_decoder_shallow(hidden[d], feats.skips[:d], t, e), whole), d
+        unet.disable_freeu()
+        assert rel_l2(split.run_decoder(feats, t, e), whole) > 1e-3  # FreeU was not a no-op
+
+
 def test_shallow_end_applies_ifs_pooled_text_and_projection():
     # IF's UNet adds the pooled prompt to the time embedding and projects the prompt
     # (encoder_hid_proj), both computed once (TextConditioning): the shallow end must take both,

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -450,7 +450,8 @@ class UNetDecoder(nn.Module):
         res_all = tuple(skips)
         forward_upsample_size = any(int(d) % self.up_factor != 0 for d in res_all[0].shape[-2:])
         upsample_size = None
-        sample = mid
+        # FreeU scales the first up block's input in place: the propagated features must not change.
+        sample = mid.clone() if freeu_on(self.up_blocks[0]) else mid
         for i, block in enumerate(self.up_blocks):
             n = len(block.resnets)
             res, res_all = res_all[-n:], res_all[:-n]
@@ -479,14 +480,57 @@ def up_layers(up_blocks: Sequence[nn.Module]) -> list[tuple[int, int]]:
     return [(i, j) for i, block in enumerate(up_blocks) for j in range(len(block.resnets))]
 
 
+def _up_layer(block: nn.Module, j: int, sample: torch.Tensor, emb: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Up layer ``j`` of an image UNet's up block: its resnet, then its attention."""
+    from diffusers.models.attention_processor import Attention  # diffusers is imported lazily
+
+    sample = block.resnets[j](sample, emb)
+    attentions = getattr(block, "attentions", None)
+    if attentions is not None:
+        attention = attentions[j]
+        if isinstance(attention, Attention):  # IF's SimpleCrossAttnUpBlock2D: a bare attention
+            sample = attention(sample, encoder_hidden_states=text)
+        else:  # a Transformer2DModel
+            sample = attention(sample, encoder_hidden_states=text, return_dict=False)[0]
+    return sample
+
+
+#: The up blocks whose forward applies FreeU (``unet.enable_freeu``) to each layer's input and skip.
+FREEU_BLOCKS = (
+    "UpBlock2D",
+    "CrossAttnUpBlock2D",
+    "UpBlock3D",
+    "CrossAttnUpBlock3D",
+    "UpBlockMotion",
+    "CrossAttnUpBlockMotion",
+)
+
+
+def freeu_on(block: nn.Module) -> bool:
+    """Whether the up block's own forward applies FreeU (``unet.enable_freeu``)."""
+    return type(block).__name__ in FREEU_BLOCKS and all(getattr(block, k, None) for k in ("s1", "s2", "b1", "b2"))
+
+
+def _freeu(block: nn.Module, sample: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """diffusers' FreeU on an up layer's input and skip, where the block's own forward applies it
+    ([`freeu_on()`][fd_trt.graphs.split.freeu_on]). ``apply_freeu`` scales its input in place: it gets a copy, so that a
+    captured hidden state (or the propagated mid-block features) stays what entered the layer."""
+    if not freeu_on(block):
+        return sample, skip
+    from diffusers.utils.torch_utils import apply_freeu  # diffusers is imported lazily
+
+    return apply_freeu(block.resolution_idx, sample.clone(), skip, s1=block.s1, s2=block.s2, b1=block.b1, b2=block.b2)
+
+
 def _run_up_layers(
-    dec: UNetDecoder,
+    dec: nn.Module,
     sample: torch.Tensor,
     skips: Sequence[torch.Tensor],
     emb: torch.Tensor,
     text: torch.Tensor,
     start: int,
     capture: Sequence[int] = (),
+    layer: Callable[[nn.Module, int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = _up_layer,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Runs up layers ``start .. L-1`` of [`up_layers()`][fd_trt.graphs.split.up_layers] from ``sample`` (the hidden state that
     enters layer ``start``), then the output norm and ``conv_out``: the arithmetic of
@@ -495,12 +539,13 @@ def _run_up_layers(
     Args:
         skips: ``skip_00 .. skip_{L-1-start}``, the skips those layers read, ``conv_in``'s first.
         capture: layer indices whose entering hidden state is returned too.
+        layer: ``layer(block, j, sample, emb, text)`` runs up layer ``j`` of ``block`` after the
+            skip is concatenated (the video UNets pass theirs, with the temporal layers).
 
     Returns:
         ``(noise_pred, {layer: hidden state entering it})``.
     """
-    from diffusers.models.attention_processor import Attention  # diffusers is imported lazily
-    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.resnet import ResnetBlock2D  # diffusers is imported lazily
 
     layers = up_layers(dec.up_blocks)
     n_layers = len(layers)
@@ -512,15 +557,8 @@ def _run_up_layers(
             caught[f] = sample
         i, j = layers[f]
         block = dec.up_blocks[i]
-        sample = torch.cat([sample, skips[n_layers - 1 - f]], dim=1)
-        sample = block.resnets[j](sample, emb)
-        attentions = getattr(block, "attentions", None)
-        if attentions is not None:
-            attention = attentions[j]
-            if isinstance(attention, Attention):  # IF's SimpleCrossAttnUpBlock2D: a bare attention
-                sample = attention(sample, encoder_hidden_states=text)
-            else:  # a Transformer2DModel
-                sample = attention(sample, encoder_hidden_states=text, return_dict=False)[0]
+        sample, skip = _freeu(block, sample, skips[n_layers - 1 - f])
+        sample = layer(block, j, torch.cat([sample, skip], dim=1), emb, text)
         if j == len(block.resnets) - 1 and block.upsamplers is not None:
             if i < len(dec.up_blocks) - 1 and forward_upsample_size:
                 upsample_size = skips[n_layers - 2 - f].shape[2:]
@@ -655,11 +693,20 @@ class SplitUNet:
                 f"text {tuple(text.shape)}; expand the features with Features.repeat first"
             )
         extra = added_tensors(self.added_names, added, features.rows)
-        emb, text = _time_embedding(self.decoder, timestep, features.mid.dtype, extra, text)
-        noise, caught = _run_up_layers(
-            self.decoder, features.mid, features.skips, emb, text, 0, [n_layers - d for d in depths]
-        )
+        noise, caught = self._decode_capturing(features, timestep, text, extra, [n_layers - d for d in depths])
         return noise, {d: caught[n_layers - d] for d in depths}
+
+    def _decode_capturing(
+        self,
+        features: Features,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        extra: Sequence[torch.Tensor],
+        capture: Sequence[int],
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The whole decoder, layer by layer, with the hidden states entering the layers ``capture``."""
+        emb, text = _time_embedding(self.decoder, timestep, features.mid.dtype, extra, text)
+        return _run_up_layers(self.decoder, features.mid, features.skips, emb, text, 0, capture)
 
     def run_decoder_shallow(
         self,
