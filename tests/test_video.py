@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from fd_trt.core.schedule import parse_schedule
 from fd_trt.errors import BackendUnavailableError, InputError, UnsupportedModelError
 from fd_trt.families import family_for_config, family_for_pipeline
 from fd_trt.families.models import read_unet_config
 from fd_trt.families.video import tiny_animatediff_pipeline, tiny_text_to_video_pipeline
-from fd_trt.graphs.split import split_unet
+from fd_trt.graphs.split import split_unet, up_layers
 from fd_trt.graphs.split_video import VideoSplitUNet
 from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
 from fd_trt.pipelines.video import FasterDiffusionVideoPipeline
@@ -185,37 +186,66 @@ def test_all_equals_diffusers_video_pipeline_on_torch(video_pair, guidance_scale
     assert (out_lat.frames - ref_lat).abs().max().item() < 1e-5
 
 
-def independent_loop(pipe, steps, guidance_scale, seed, key_steps, frames=FRAMES, alpha=0.003):
+def _deep_modules(unet, d):
+    """The modules of the up layers before the decoder's last ``d`` (every up layer for ``d=0``):
+    each layer's resnet with the temporal layers and attentions after it, and the upsamplers."""
+    layers = up_layers(unet.up_blocks)
+    mods = []
+    for i, j in layers[: len(layers) - d]:
+        block = unet.up_blocks[i]
+        for name in ("resnets", "temp_convs", "attentions", "temp_attentions", "motion_modules"):
+            if hasattr(block, name):
+                mods.append(getattr(block, name)[j])
+        if j == len(block.resnets) - 1 and block.upsamplers is not None:
+            mods.extend(block.upsamplers)
+    return mods
+
+
+def independent_loop(
+    pipe, steps, guidance_scale, seed, key_steps, frames=FRAMES, alpha=0.003, depths=None, fresh=False, noise=True
+):
     """Faster Diffusion written over diffusers' own video UNet forward: at a key step the UNet runs
     whole and its conv_in, transformer_in, down-block and mid-block outputs are recorded; at the
     other steps forward hooks replace them with the key step's, so only the time embedding and the
-    up path see the new timestep. One UNet call per step; prior noise injection (alpha x_T for
-    t < 500) in latent space; DDIM on the video latents."""
+    up path see the new timestep. With ``depths`` (one per step), a step of depth ``d > 0`` also
+    replays the up layers before the last ``d`` from the last step of depth 0 (DeepCache's reuse
+    of the deep up path); with ``fresh`` such a step recomputes conv_in and transformer_in from
+    its own latents. One UNet call per step; prior noise injection (alpha x_T for t < 500, when
+    ``noise``) in latent space; DDIM on the video latents."""
     unet, scheduler = pipe.unet, pipe.scheduler
+    depths = depths or [0] * steps
     generator = torch.Generator().manual_seed(seed)
     pos, neg = pipe.encode_prompt(PROMPT, "cpu", 1, True, None)
     text = per_frame_text(unet, torch.cat([neg, pos]), frames)
     scheduler.set_timesteps(steps)
     x = torch.randn(1, 4, frames, 8, 8, generator=generator) * scheduler.init_noise_sigma
     x_T = x.clone()
-    modules = [unet.conv_in, getattr(unet, "transformer_in", None), *unet.down_blocks, unet.mid_block]
-    cache, replay = {}, {"on": False}
+    first = [m for m in (unet.conv_in, getattr(unet, "transformer_in", None)) if m is not None]
+    encoder = [*first, *unet.down_blocks, unet.mid_block]
+    every_deep = _deep_modules(unet, 0)
+    cache, replay, record = {}, set(), set()
 
     def hook(module, args, out):
-        if replay["on"]:
+        if id(module) in replay:
             return cache[id(module)]
-        cache[id(module)] = out
+        if id(module) in record:
+            cache[id(module)] = out
         return out
 
-    handles = [m.register_forward_hook(hook) for m in modules if m is not None]
+    handles = [m.register_forward_hook(hook) for m in encoder + every_deep]
     try:
         for i, t in enumerate(scheduler.timesteps):
-            replay["on"] = i not in key_steps
+            key, depth = i in key_steps, depths[i]
+            replay = set() if key else {id(m) for m in encoder if not (depth and fresh and m in first)}
+            replay |= {id(m) for m in _deep_modules(unet, depth)} if depth else set()
+            record = ({id(m) for m in encoder} if key else set()) | (
+                {id(m) for m in every_deep} if not depth else set()
+            )
             with torch.no_grad():
                 eps = unet(torch.cat([x, x]), t, encoder_hidden_states=text).sample
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + guidance_scale * (eps_c - eps_u)
-            if float(t) < 500:
+            if noise and float(t) < 500:
                 x = x + alpha * x_T
             x = scheduler.step(eps, t, x).prev_sample
     finally:
@@ -252,6 +282,99 @@ def test_key_step_schedules_equal_an_independent_faster_diffusion_loop(video_pai
     # and the propagation is not a no-op: every step's own encoder gives other latents
     full = independent_loop(sd, steps, 7.5, seed=5, key_steps=set(range(steps)))
     assert (full - ref).abs().max().item() > 1e-3
+
+
+def test_the_shallow_end_of_a_video_decoder_from_captured_hidden_equals_the_decoder(video_pair):
+    _, sd, _ = video_pair
+    split = split_unet(sd.unet)
+    g = torch.Generator().manual_seed(8)
+    x, t, text = (
+        torch.randn(2, 4, FRAMES, 8, 8, generator=g),
+        torch.tensor([800.0, 200.0]),
+        torch.randn(2, 16, 16, generator=g),
+    )
+    with torch.no_grad():
+        feats = split.run_encoder(x, t, text)
+        whole = split.run_decoder(feats, t, text)
+        n_layers = split.num_up_layers
+        assert n_layers == len(up_layers(sd.unet.up_blocks)) == split.num_skips
+        noise, hidden = split.run_decoder_capture(feats, t, text, None, tuple(range(1, n_layers + 1)))
+        assert torch.equal(noise, whole)  # the layer-by-layer decoder is the decoder
+        for d in range(1, n_layers + 1):
+            assert hidden[d].shape[:3] == (2, hidden[d].shape[1], FRAMES)  # [N, C, F, h, w]
+            assert torch.equal(split.run_decoder_shallow(hidden[d], feats.skips[:d], t, text), whole), d
+        assert torch.equal(hidden[n_layers], feats.mid)
+        assert torch.equal(split.run_input_conv(x), feats.skips[0])  # conv_in (+ transformer_in)
+
+
+@pytest.mark.parametrize(
+    "spec, noise",
+    [
+        ("deepcache:3", False),  # DeepCache's branch 0: shallow steps one at a time from their own conv_in
+        ("combined:0,4|uniform:2|1", True),  # shallow steps batched, reading the key step's skips
+        ("combined:0,5|none|2", True),
+    ],
+)
+def test_decoder_schedules_on_video_equal_an_independent_loop(video_pair, spec, noise):
+    _, sd, fd = video_pair
+    steps = 9
+    schedule = parse_schedule(spec, steps)
+    out = fd(
+        PROMPT,
+        num_frames=FRAMES,
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(5),
+        output_type="latent",
+        schedule=spec,
+    )
+    assert out.stats.key_steps == list(schedule.key_steps)
+    assert out.stats.shallow_rows == 2 * len(schedule.shallow_steps)  # CFG rows x shallow steps
+    if not schedule.fresh_input:  # one batched shallow call per segment
+        assert out.stats.shallow_calls == len(schedule.key_steps)
+    ref = independent_loop(
+        sd,
+        steps,
+        7.5,
+        seed=5,
+        key_steps=set(schedule.key_steps),
+        depths=list(schedule.depths),
+        fresh=schedule.fresh_input,
+        noise=noise,
+    )
+    assert (out.latents - ref).abs().max().item() < 1e-6 * ref.abs().max().item() * 10
+    # the reuse is not a no-op: encoder propagation alone at the same key steps gives other latents
+    plain = independent_loop(sd, steps, 7.5, seed=5, key_steps=set(schedule.key_steps), noise=noise)
+    assert (plain - ref).abs().max().item() > 1e-3
+
+
+def test_freeu_runs_as_in_diffusers_video_pipelines_also_on_shallow_steps(video_pair):
+    _, sd, fd = video_pair
+    kw = dict(num_frames=FRAMES, num_inference_steps=4, guidance_scale=7.5, output_type="latent")
+    plain = fd(PROMPT, generator=torch.Generator().manual_seed(3), schedule="all", **kw).latents
+    sd.unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    try:
+        ref = sd(PROMPT, generator=torch.Generator().manual_seed(3), **kw).frames
+        out = fd(PROMPT, generator=torch.Generator().manual_seed(3), schedule="all", **kw).latents
+        assert (out - ref).abs().max().item() < 1e-5 * ref.abs().max().item()
+        assert (plain - ref).abs().max().item() > 1e-3  # FreeU changes the result
+        split = split_unet(sd.unet)
+        g = torch.Generator().manual_seed(9)
+        x, t, text = (
+            torch.randn(2, 4, FRAMES, 8, 8, generator=g),
+            torch.tensor([800.0, 200.0]),
+            torch.randn(2, 16, 16, generator=g),
+        )
+        with torch.no_grad():
+            feats = split.run_encoder(x, t, text)
+            whole = split.run_decoder(feats, t, text)
+            depths = tuple(range(1, split.num_up_layers + 1))
+            noise, hidden = split.run_decoder_capture(feats, t, text, None, depths)
+            assert torch.equal(noise, whole)
+            for d in depths:  # FreeU scales the layer's input once, not again on a captured state
+                assert torch.equal(split.run_decoder_shallow(hidden[d], feats.skips[:d], t, text), whole), d
+    finally:
+        sd.unet.disable_freeu()
 
 
 def test_the_decoder_row_cap_counts_frames(video_pair):
@@ -294,8 +417,11 @@ def test_output_types_as_diffusers_video_pipelines(video_pair):
         fd(PROMPT, output_type="gif", **kw)
     with pytest.raises(InputError, match="num_frames must be a positive integer, got 0"):
         fd(PROMPT, **{**kw, "num_frames": 0})
-    with pytest.raises(InputError, match="shallow decoder schedules"):
-        fd(PROMPT, schedule="deepcache:2", **kw)
+    ort = FasterDiffusionPipeline.from_diffusers(sd, backend="onnxruntime", device="cpu", progress=False)
+    with pytest.raises(
+        InputError, match=r"shallow decoder schedules .* run on backend='torch' .* not on 'onnxruntime'"
+    ):
+        ort(PROMPT, schedule="deepcache:2", **kw)
 
 
 # from_pretrained and the command line ------------------------------------------------------------

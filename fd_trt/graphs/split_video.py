@@ -21,20 +21,28 @@ equals the UNet's forward.
 Both modules share the UNet's parameters: nothing is copied. The decoder does not share the
 repeated rows' work (`fd_trt.graphs.split.SplitUNet.skip_rows_repeated()`): a video decoder
 call repeats the same features per step, as the image decoder does, but every row is computed.
-Shallow decoder schedules (``deepcache:N``, ``combined:...``) are not carried.
+
+The decoder runs its up blocks one up layer at a time (`video_up_layer()`: an up-block resnet
+with the temporal layers and attentions that follow it), the arithmetic of the blocks' own
+forward, so that the shallow decoder schedules (``deepcache:N``, ``combined:...``;
+docs/guides/deepcache-front.md) run on video UNets as on image UNets: the hidden state entering
+the last ``k`` up layers is captured at whole-decoder steps (``[N, C, F, h, w]``) and the shallow
+steps recompute only those layers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from fd_trt.core.features import Features
 from fd_trt.errors import UnsupportedModelError
-from fd_trt.graphs.split import Repeats, SplitUNet
+from fd_trt.graphs.split import Repeats, ShallowDecoder, SplitUNet, _run_up_layers
 
 #: The video UNet classes the split carries.
 VIDEO_UNET_CLASSES = ("UNet3DConditionModel", "UNetMotionModel")
@@ -174,35 +182,73 @@ class VideoUNetDecoder(nn.Module):
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
     ) -> torch.Tensor:
-        frames = int(mid.shape[2])
-        emb = _time_embedding(self, timestep, mid.dtype, frames)
-        text = encoder_hidden_states.repeat_interleave(frames, dim=0)
-        res_all = tuple(to_frames(s) for s in skips)
-        forward_upsample_size = any(int(d) % self.up_factor != 0 for d in res_all[0].shape[-2:])
-        upsample_size = None
-        x = to_frames(mid)
-        for i, block in enumerate(self.up_blocks):
-            n = len(block.resnets)
-            res, res_all = res_all[-n:], res_all[:-n]
-            if i < len(self.up_blocks) - 1 and forward_upsample_size:
-                upsample_size = res_all[-1].shape[2:]
-            x = block(
-                hidden_states=x,
-                temb=emb,
-                res_hidden_states_tuple=res,
-                upsample_size=upsample_size,
-                **_block_kwargs(block, text, frames),
-            )
-        if self.conv_norm_out is not None:
-            x = self.conv_act(self.conv_norm_out(x))
-        return from_frames(self.conv_out(x), frames)
+        return run_video_up_layers(self, mid, skips, timestep, encoder_hidden_states, 0)[0]
+
+
+def video_up_layer(
+    block: nn.Module, j: int, sample: torch.Tensor, emb: torch.Tensor, text: torch.Tensor, frames: int
+) -> torch.Tensor:
+    """Up layer ``j`` of a video up block (``UpBlock3D``, ``CrossAttnUpBlock3D``, ``UpBlockMotion``,
+    ``CrossAttnUpBlockMotion``), after its skip is concatenated: the resnet, then what follows it
+    in the block's own forward (temporal convolution, attention, temporal attention; or attention,
+    motion module), on ``[N*F, C, h, w]`` rows.
+
+    FreeU, where enabled, is applied before (`fd_trt.graphs.split._run_up_layers`).
+    """
+    sample = block.resnets[j](sample, emb)
+    if hasattr(block, "temp_convs"):
+        sample = block.temp_convs[j](sample, num_frames=frames)
+    if hasattr(block, "attentions"):
+        sample = block.attentions[j](sample, encoder_hidden_states=text, return_dict=False)[0]
+    if hasattr(block, "temp_attentions"):
+        sample = block.temp_attentions[j](sample, num_frames=frames, return_dict=False)[0]
+    if hasattr(block, "motion_modules"):
+        sample = block.motion_modules[j](sample, num_frames=frames)
+    return sample
+
+
+def run_video_up_layers(
+    decoder: VideoUNetDecoder,
+    hidden: torch.Tensor,
+    skips: Sequence[torch.Tensor],
+    timestep: torch.Tensor,
+    text: torch.Tensor,
+    start: int,
+    capture: Sequence[int] = (),
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Up layers ``start ..`` of a video decoder from ``hidden`` (``[M, C, F, h, w]``, the state
+    entering layer ``start``; the mid block's output for ``start=0``), with the time embedding and
+    the text per frame.
+
+    Returns:
+        ``(noise_pred [M, C, F, h, w], {layer: hidden state entering it, [M, C', F, h', w']})``.
+    """
+    frames = int(hidden.shape[2])
+    emb = _time_embedding(decoder, timestep, hidden.dtype, frames)
+    text = text.repeat_interleave(frames, dim=0)
+    layer = functools.partial(video_up_layer, frames=frames)
+    out, caught = _run_up_layers(
+        decoder, to_frames(hidden), [to_frames(s) for s in skips], emb, text, start, capture, layer=layer
+    )
+    return from_frames(out, frames), {f: from_frames(h, frames) for f, h in caught.items()}
+
+
+class VideoShallowDecoder(ShallowDecoder):
+    """The last ``depth`` up layers of a video decoder ([`ShallowDecoder`][fd_trt.graphs.split.ShallowDecoder]'s interface):
+    ``forward(hidden [M,C,F,h,w], skip_00 .. skip_{depth-1} (M rows each), timestep [M],
+    encoder_hidden_states [M,L,D]) -> [M,C,F,h,w]``."""
+
+    def forward(self, hidden: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        skips, (timestep, text) = args[: self.depth], args[self.depth :]
+        return run_video_up_layers(self.decoder, hidden, skips, timestep, text, self.start)[0]  # type: ignore[arg-type]
 
 
 class VideoSplitUNet(SplitUNet):
     """The two halves of a video UNet ([`SplitUNet`][fd_trt.graphs.split.SplitUNet]'s interface: ``run_encoder``,
-    ``run_decoder``, ``run_decoder_steps``); rows are videos, features ``[N, C, F, h, w]``.
+    ``run_decoder``, ``run_decoder_steps``, and the shallow decoder's ``run_decoder_capture``,
+    ``run_decoder_shallow``, ``run_input_conv``); rows are videos, features ``[N, C, F, h, w]``.
 
-    The row-sharing blocks are no-ops, and the shallow decoder methods refuse.
+    The row-sharing blocks are no-ops.
     """
 
     @contextlib.contextmanager
@@ -213,23 +259,29 @@ class VideoSplitUNet(SplitUNet):
     def skip_rows_repeated(self, repeats: Repeats, skip_channels: Sequence[int]) -> Iterator[None]:
         yield
 
-    def _no_shallow(self) -> UnsupportedModelError:
-        return UnsupportedModelError(
-            "shallow decoder schedules (deepcache:N, combined:...) are not supported for text-to-video UNets: use a "
-            "key-step schedule (all, paper, uniform:K, a list of steps)"
-        )
+    def shallow_decoder(self, depth: int) -> VideoShallowDecoder:
+        """The video decoder's last ``depth`` up layers as a module ([`VideoShallowDecoder`][fd_trt.graphs.split_video.VideoShallowDecoder])."""
+        return VideoShallowDecoder(self.decoder, depth)  # type: ignore[arg-type]
 
-    def shallow_decoder(self, depth: int) -> Any:
-        raise self._no_shallow()
-
-    def run_decoder_capture(self, *args: Any, **kwargs: Any) -> Any:
-        raise self._no_shallow()
-
-    def run_decoder_shallow(self, *args: Any, **kwargs: Any) -> Any:
-        raise self._no_shallow()
+    def _decode_capturing(
+        self,
+        features: Features,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        extra: Sequence[torch.Tensor],
+        capture: Sequence[int],
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        return run_video_up_layers(self.decoder, features.mid, features.skips, timestep, text, 0, capture)  # type: ignore[arg-type]
 
     def run_input_conv(self, sample: torch.Tensor) -> torch.Tensor:
-        raise self._no_shallow()
+        """``conv_in`` (and ``transformer_in``) of the video latents ``[N, C, F, h, w]``: the encoder's first
+        skip, ``skip_00``, as ``[N, C', F, h, w]``."""
+        enc = self.encoder
+        frames = int(sample.shape[2])
+        x = enc.conv_in(to_frames(sample))
+        if enc.transformer_in is not None:
+            x = enc.transformer_in(x, num_frames=frames, return_dict=False)[0]
+        return from_frames(x, frames)
 
 
 def split_video_unet(unet: nn.Module) -> VideoSplitUNet:
@@ -252,12 +304,15 @@ def split_video_unet(unet: nn.Module) -> VideoSplitUNet:
 
 __all__ = [
     "VIDEO_UNET_CLASSES",
+    "VideoShallowDecoder",
     "VideoSplitUNet",
     "VideoUNetDecoder",
     "VideoUNetEncoder",
     "check_video_config",
     "from_frames",
+    "run_video_up_layers",
     "split_video_unet",
     "to_frames",
     "video_unet_class",
+    "video_up_layer",
 ]

@@ -216,7 +216,7 @@ class FasterDiffusionVideoPipeline(FasterDiffusionPipeline):
 
         Raises:
             InputError: for a cap below the frames of one step (videos x CFG x F), or a shallow
-                decoder schedule.
+                decoder schedule on a graph backend (they run on torch).
         """
         cap = options.max_decoder_rows
         if cap is not None:
@@ -229,10 +229,11 @@ class FasterDiffusionVideoPipeline(FasterDiffusionPipeline):
                     f"least {per_step}"
                 )
             options = dataclasses.replace(options, max_decoder_rows=cap // frames)
-        if getattr(key_schedule, "shallow_steps", None):
+        if getattr(key_schedule, "shallow_steps", None) and self.backend != "torch":
             raise InputError(
-                "shallow decoder schedules (deepcache:N, combined:...) are not supported for text-to-video models: use "
-                "a key-step schedule (all, paper, uniform:K, a list of steps)"
+                f"shallow decoder schedules (deepcache:N, combined:...) run on backend='torch' for text-to-video "
+                f"models, not on {self.backend!r}: pass backend='torch', or a key-step schedule (all, paper, "
+                "uniform:K, a list of steps)"
             )
         return super().denoise(scheduler, cond, key_schedule, options, image_run, callback=callback, stats=stats)
 
