@@ -78,7 +78,8 @@ def modes_for(names: Sequence[str], sched: str) -> list[tuple[str, str, bool | N
 
     Besides the named modes, a name may be an explicit ``uniform:N`` or ``power:K``, a decoder
     schedule without commas (``deepcache:N``, which equals the DeepCache package's interval N;
-    ``combined:power:K|none|1|fresh``), ``keys:0;2;5;9`` (a list of key steps), or the path of a calibration
+    ``combined:power:K|none|1|fresh``), ``tgate:G`` (T-GATE, the ``tgate`` package, at gate step G:
+    the peer method, run on the wrapped diffusers pipeline), ``keys:0;2;5;9`` (a list of key steps), or the path of a calibration
     JSON (``fd-trt calibrate --out``): the mode is then called ``cal:<file stem>`` and runs only for
     the scheduler it was calibrated for.
     """
@@ -94,6 +95,10 @@ def modes_for(names: Sequence[str], sched: str) -> list[tuple[str, str, bool | N
             out.append((schedule if name == "uniform" else name, schedule, inj))
         elif name.startswith(("uniform:", "power:", "deepcache:", "combined:")):
             # deepcache:N equals the DeepCache package's interval N (tests/test_decoder_schedule.py)
+            out.append((name, name, None))
+        elif name.startswith("tgate:"):  # T-GATE (the tgate package) at gate step G: a peer, not fd_trt
+            if not name[len("tgate:") :].isdigit():
+                raise SystemExit(f"bad mode {name!r}: tgate:G takes T-GATE's gate step G, e.g. tgate:10")
             out.append((name, name, None))
         elif name.startswith("keys:"):  # keys:0;2;5;9, a list of key steps
             keys = [int(k) for k in name[len("keys:") :].split(";")]
@@ -470,18 +475,45 @@ def generate(
     for i in range(0, len(ps.prompts), batch):
         prompts = ps.prompts[i : i + batch]
         gens = [torch.Generator().manual_seed(s) for s in ps.seeds[i : i + batch]]
-        out = pipe(
+        imgs, lat = run_mode(pipe, prompts, steps, schedule, noise_injection, guidance, gens)
+        images.append(np.asarray(imgs))
+        latents.append(lat.cpu())
+    return np.concatenate(images), torch.cat(latents), time.perf_counter() - t0
+
+
+def run_mode(
+    pipe: Any,
+    prompts: Any,
+    steps: int,
+    schedule: Any,
+    noise_injection: bool | None,
+    guidance: float,
+    generator: Any,
+) -> tuple[Any, torch.Tensor]:
+    """One call of a mode: the fd_trt pipeline with ``schedule``, or for ``tgate:G`` T-GATE over the
+    wrapped diffusers pipeline (same scheduler, seeds and guidance). Returns ``(images as np, latents)``."""
+    if isinstance(schedule, str) and schedule.startswith("tgate:"):
+        from fd_trt.tools.bench import run_tgate
+
+        return run_tgate(
+            pipe.sd,
             prompts,
+            int(schedule[len("tgate:") :]),
             num_inference_steps=steps,
             guidance_scale=guidance,
-            generator=gens,
+            generator=generator,
             output_type="np",
-            schedule=schedule,
-            noise_injection=noise_injection,
         )
-        images.append(np.asarray(out.images))
-        latents.append(out.latents.cpu())
-    return np.concatenate(images), torch.cat(latents), time.perf_counter() - t0
+    out = pipe(
+        prompts,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=generator,
+        output_type="np",
+        schedule=schedule,
+        noise_injection=noise_injection,
+    )
+    return out.images, out.latents
 
 
 def figure3(
@@ -541,15 +573,7 @@ def time_modes(
     for r in range(repeats + 1):
         for mode, schedule, inj in modes:
             t0, c0 = time.perf_counter(), time.process_time()
-            pipe(
-                prompt,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                generator=torch.Generator().manual_seed(r),
-                output_type="np",
-                schedule=schedule,
-                noise_injection=inj,
-            )
+            run_mode(pipe, prompt, steps, schedule, inj, guidance, torch.Generator().manual_seed(r))
             if r:
                 wall[mode].append(time.perf_counter() - t0)
                 cpu[mode].append(time.process_time() - c0)
@@ -906,7 +930,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--modes",
         default="all,paper,paper_no_injection",
         help="comma-separated: all, paper, paper_no_injection, uniform (same K as paper), calibrated, "
-        "uniform:N, power:K, keys:0;2;5;9, a decoder schedule without commas (deepcache:N, "
+        "uniform:N, power:K, keys:0;2;5;9, tgate:G (T-GATE at gate step G), a decoder schedule without commas (deepcache:N, "
         "combined:power:K|none|1|fresh), or a calibration .json",
     )
     p.add_argument("--no-timing", action="store_true", help="skip the seconds-per-image measurement")

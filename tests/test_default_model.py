@@ -191,3 +191,37 @@ def test_evaluate_modes_take_decoder_schedules(evaluate_mod):
     ]
     with pytest.raises(SystemExit, match="unknown mode 'fast'"):
         evaluate_mod.modes_for(["fast"], "ddim")
+
+
+@needs_model
+def test_evaluate_runs_t_gate_as_a_mode(evaluate_mod):
+    """``tgate:G`` drives the tgate package over the wrapped diffusers pipeline with the mode's
+    scheduler, seeds and guidance: its latents equal those of the package called directly on the
+    same pipeline; T-GATE moves them away from ``all``; and the UNet computes as before afterwards."""
+    pytest.importorskip("tgate")
+    import copy
+
+    from tgate import TgateSDLoader
+
+    from fd_trt.pipelines.pipeline import FasterDiffusionPipeline
+
+    assert evaluate_mod.modes_for(["tgate:10"], "ddim") == [("all", "all", None), ("tgate:10", "tgate:10", None)]
+    with pytest.raises(SystemExit, match="tgate:G takes T-GATE's gate step G"):
+        evaluate_mod.modes_for(["tgate:x"], "ddim")
+    pipe = FasterDiffusionPipeline.from_pretrained("default", backend="torch", progress=False)
+    pipe.set_scheduler("ddim")
+    prompts = ["a red circle", "a blue square on the left"]
+
+    def gens():
+        return [torch.Generator().manual_seed(s) for s in (1, 2)]
+
+    _, latents = evaluate_mod.run_mode(pipe, prompts, 6, "all", None, 7.5, gens())
+    images, gated = evaluate_mod.run_mode(pipe, prompts, 6, "tgate:3", None, 7.5, gens())
+    assert gated.shape == (2, 4, 16, 16) and np.asarray(images).shape == (2, 64, 64, 3)
+    # T-GATE's patches are gone after the mode's run: the UNet computes as before
+    assert torch.equal(evaluate_mod.run_mode(pipe, prompts, 6, "all", None, 7.5, gens())[1], latents)
+    direct = TgateSDLoader(copy.copy(pipe.sd)).tgate(
+        prompts, num_inference_steps=6, guidance_scale=7.5, generator=gens(), gate_step=3, output_type="latent"
+    )
+    assert (gated - direct.images).abs().max().item() <= 1e-6 * direct.images.abs().max().item()
+    assert (gated - latents).abs().max().item() > 1e-3

@@ -513,16 +513,49 @@ def _deepcache_system(
     return _System("deepcache", "torch", knob, "fp32", run)
 
 
-def _tgate_system(cfg: BenchConfig, sd: Any, latents: torch.Tensor, common: dict[str, Any], gate_step: int) -> _System:
-    """T-GATE at ``gate_step``: cross-attention cached after the gate step, CFG dropped with it.
+def run_tgate(sd: Any, prompt: Any, gate_step: int, **kwargs: Any) -> tuple[Any, torch.Tensor]:
+    """One T-GATE run (the ``tgate`` package's ``TgateSDLoader``) over the SD 1.x/2.x pipeline
+    ``sd``'s modules and scheduler: cross-attention cached after ``gate_step``, CFG dropped with it.
 
-    T-GATE replaces ``forward`` on every ``Attention`` module of the UNet it is given; the row
-    removes those instance attributes (and the caches) after each run, so the UNet the other rows
-    share computes as before.
+    T-GATE replaces ``forward`` on every ``Attention`` module of the UNet it is given; those
+    instance attributes (and the caches) are removed after the run, so the UNet computes as before.
+
+    Args:
+        sd: a diffusers ``StableDiffusionPipeline``.
+        prompt: the prompt (or list).
+        gate_step: T-GATE's gate step.
+        kwargs: the other arguments of the diffusers call (``num_inference_steps``, ``guidance_scale``,
+            ``generator``, ``latents``, ``output_type``).
+
+    Returns:
+        ``(images as output_type, final latents)``.
+
+    Raises:
+        ImportError: when tgate is not installed (``pip install 'fd_trt[bench]'``).
     """
+    from tgate import TgateSDLoader  # type: ignore[import-not-found]
+
+    last: list[torch.Tensor] = []
+
+    def grab(p: Any, i: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
+        last[:] = [kw["latents"]]
+        return {}
+
+    try:
+        out = TgateSDLoader(copy.copy(sd)).tgate(prompt, callback_on_step_end=grab, gate_step=gate_step, **kwargs)
+    finally:
+        for m in sd.unet.modules():
+            if type(m).__name__ == "Attention":
+                m.__dict__.pop("forward", None)
+                m.__dict__.pop("cache", None)
+    return out.images, last[0]
+
+
+def _tgate_system(cfg: BenchConfig, sd: Any, latents: torch.Tensor, common: dict[str, Any], gate_step: int) -> _System:
+    """T-GATE at ``gate_step`` ([`run_tgate()`][fd_trt.tools.bench.run_tgate])."""
     knob = f"gate_step={gate_step}"
     try:
-        from tgate import TgateSDLoader  # type: ignore[import-not-found]
+        import tgate  # type: ignore[import-not-found]  # noqa: F401
     except Exception as e:  # not installed, or broken against this diffusers
         return _System("tgate", "torch", knob, "fp32", _fail(e), note=f"not run: {type(e).__name__}: {e}")
     from fd_trt.families.sdxl import is_sdxl
@@ -545,36 +578,15 @@ def _tgate_system(cfg: BenchConfig, sd: Any, latents: torch.Tensor, common: dict
             _fail(RuntimeError("gate step")),
             note=f"not run: gate_step {gate_step} is not below the {cfg.steps} steps",
         )
-    tg_pipe = TgateSDLoader(copy.copy(sd))
-
-    def restore() -> None:
-        for m in sd.unet.modules():
-            if type(m).__name__ == "Attention":
-                m.__dict__.pop("forward", None)
-                m.__dict__.pop("cache", None)
 
     def run() -> tuple[torch.Tensor, dict[str, Any]]:
-        last: list[torch.Tensor] = []
-
-        def grab(p: Any, i: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
-            last[:] = [kw["latents"]]
-            return {}
-
         box, remove = _unet_timer(sd.unet)
         try:
-            tg_pipe.tgate(
-                cfg.prompt,
-                latents=latents.clone(),
-                output_type="np",
-                callback_on_step_end=grab,
-                gate_step=gate_step,
-                **common,
-            )
+            _, last = run_tgate(sd, cfg.prompt, gate_step, latents=latents.clone(), output_type="np", **common)
         finally:
             remove()
-            restore()
-        n = len(tg_pipe.scheduler.timesteps)
-        return last[0].float(), {"unet_s": box[0], "encoder_calls": n, "decoder_calls": n}
+        n = len(sd.scheduler.timesteps)
+        return last.float(), {"unet_s": box[0], "encoder_calls": n, "decoder_calls": n}
 
     return _System("tgate", "torch", knob, "fp32", run)
 
