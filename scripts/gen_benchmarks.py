@@ -120,6 +120,14 @@ RUNS: list[Table] = [
         "the other.",
     ),
     Table(
+        "sd15-arch, 256x256: DeepCache-like decoder schedules against DeepCache",
+        AMD_AVX2,
+        [Run("bench_sd15_256_decoder_schedules.json", "one timed run per row, no warm-up")],
+        text="Random weights, as at 128x128. Every DeepCache interval has an fd_trt row on torch that is at "
+        "least 1.1x faster at lower rel. L2: `power:17` against interval 2 (1.43x), `power:13` and `power:10` "
+        "against interval 3 (1.13x, 1.39x), `power:8` against interval 5 (1.15x).",
+    ),
+    Table(
         "sdxl-arch, 256x256",
         AMD_AVX2,
         [Run("bench_sdxl_256_ddim50_idle.json", "no warm-up: a diffusers run takes 7-8 minutes here")],
