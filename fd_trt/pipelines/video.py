@@ -279,8 +279,9 @@ class FasterDiffusionVideoPipeline(FasterDiffusionPipeline):
             output_type: ``"np"``, ``"pil"``, ``"pt"`` or ``"latent"``; ``None``: the wrapped
                 pipeline's default (``np`` for ``TextToVideoSDPipeline``, ``pil`` for AnimateDiff).
             schedule, noise_injection, parallel, callback_on_step_end,
-            callback_on_step_end_tensor_inputs: as [`FasterDiffusionPipeline.__call__()`][fd_trt.pipelines.pipeline.FasterDiffusionPipeline.__call__] (key-step
-                schedules; the callback's ``"latents"`` are the video latents).
+            callback_on_step_end_tensor_inputs: as [`FasterDiffusionPipeline.__call__()`][fd_trt.pipelines.pipeline.FasterDiffusionPipeline.__call__] (decoder
+                schedules such as ``deepcache:N`` on torch only; the callback's ``"latents"`` are the
+                video latents).
             max_decoder_rows: cap on the frames one decoder call decodes (steps x videos x CFG x
                 ``num_frames``); at least one step's.
 
