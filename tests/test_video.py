@@ -284,27 +284,32 @@ def test_key_step_schedules_equal_an_independent_faster_diffusion_loop(video_pai
     assert (full - ref).abs().max().item() > 1e-3
 
 
-def test_the_shallow_end_of_a_video_decoder_from_captured_hidden_equals_the_decoder(video_pair):
-    _, sd, _ = video_pair
-    split = split_unet(sd.unet)
-    g = torch.Generator().manual_seed(8)
-    x, t, text = (
-        torch.randn(2, 4, FRAMES, 8, 8, generator=g),
-        torch.tensor([800.0, 200.0]),
-        torch.randn(2, 16, 16, generator=g),
-    )
+def assert_shallow_ends_equal_the_decoder(unet, seed):
+    """The layer-by-layer decoder with the hidden states captured equals the decoder, and so does the
+    last ``d`` up layers from the captured state, at every depth; ``conv_in`` (+ ``transformer_in``)
+    of the latents is ``skip_00``."""
+    split = split_unet(unet)
+    g = torch.Generator().manual_seed(seed)
+    x, t = torch.randn(2, 4, FRAMES, 8, 8, generator=g), torch.tensor([800.0, 200.0])
+    text = torch.randn(2, 16, 16, generator=g)
     with torch.no_grad():
         feats = split.run_encoder(x, t, text)
+        mid = feats.mid.clone()
         whole = split.run_decoder(feats, t, text)
+        assert torch.equal(feats.mid, mid)  # the propagated features stay as the encoder left them
         n_layers = split.num_up_layers
-        assert n_layers == len(up_layers(sd.unet.up_blocks)) == split.num_skips
+        assert n_layers == len(up_layers(unet.up_blocks)) == split.num_skips
         noise, hidden = split.run_decoder_capture(feats, t, text, None, tuple(range(1, n_layers + 1)))
-        assert torch.equal(noise, whole)  # the layer-by-layer decoder is the decoder
+        assert torch.equal(noise, whole)
         for d in range(1, n_layers + 1):
             assert hidden[d].shape[:3] == (2, hidden[d].shape[1], FRAMES)  # [N, C, F, h, w]
             assert torch.equal(split.run_decoder_shallow(hidden[d], feats.skips[:d], t, text), whole), d
         assert torch.equal(hidden[n_layers], feats.mid)
-        assert torch.equal(split.run_input_conv(x), feats.skips[0])  # conv_in (+ transformer_in)
+        assert torch.equal(split.run_input_conv(x), feats.skips[0])
+
+
+def test_the_shallow_end_of_a_video_decoder_from_captured_hidden_equals_the_decoder(video_pair):
+    assert_shallow_ends_equal_the_decoder(video_pair[1].unet, seed=8)
 
 
 @pytest.mark.parametrize(
@@ -358,21 +363,8 @@ def test_freeu_runs_as_in_diffusers_video_pipelines_also_on_shallow_steps(video_
         out = fd(PROMPT, generator=torch.Generator().manual_seed(3), schedule="all", **kw).latents
         assert (out - ref).abs().max().item() < 1e-5 * ref.abs().max().item()
         assert (plain - ref).abs().max().item() > 1e-3  # FreeU changes the result
-        split = split_unet(sd.unet)
-        g = torch.Generator().manual_seed(9)
-        x, t, text = (
-            torch.randn(2, 4, FRAMES, 8, 8, generator=g),
-            torch.tensor([800.0, 200.0]),
-            torch.randn(2, 16, 16, generator=g),
-        )
-        with torch.no_grad():
-            feats = split.run_encoder(x, t, text)
-            whole = split.run_decoder(feats, t, text)
-            depths = tuple(range(1, split.num_up_layers + 1))
-            noise, hidden = split.run_decoder_capture(feats, t, text, None, depths)
-            assert torch.equal(noise, whole)
-            for d in depths:  # FreeU scales the layer's input once, not again on a captured state
-                assert torch.equal(split.run_decoder_shallow(hidden[d], feats.skips[:d], t, text), whole), d
+        # FreeU scales a layer's input once, not again on a captured state, nor the propagated mid features
+        assert_shallow_ends_equal_the_decoder(sd.unet, seed=9)
     finally:
         sd.unet.disable_freeu()
 
