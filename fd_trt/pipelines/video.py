@@ -91,7 +91,7 @@ class FasterDiffusionVideoPipeline(FasterDiffusionPipeline):
     #: Why calibration ([`fd_trt.tools.calibrate`][fd_trt.tools.calibrate]) refuses this pipeline.
     calibration_refusal = (
         "calibration (fd-trt calibrate) does not run text-to-video models yet: pass schedule='paper', 'uniform:K' "
-        "or a list of key steps"
+        "or a list of key steps, or on torch a decoder schedule such as 'combined:power:10|none|1|fresh'"
     )
 
     def __init__(self, sd_pipeline: Any, backend: str | Runner | None = None, **kwargs: Any) -> None:
