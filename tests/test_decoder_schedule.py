@@ -22,6 +22,16 @@ from fd_trt.graphs.split import split_unet, up_layers
 
 from conftest import rel_l2
 
+
+@pytest.fixture(autouse=True)
+def _shallow_reuse_on_tiny_unets(monkeypatch):
+    """The tiny UNets here are below the size from which a shallow step keeps the hidden half of its
+    first convolutions: turn it on, so that every test below runs it against its reference."""
+    import fd_trt.graphs.split as split_module
+
+    monkeypatch.setattr(split_module, "SHALLOW_REUSE_MIN_MACS", 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # The format
 
@@ -96,8 +106,9 @@ def test_shallow_end_from_captured_hidden_equals_the_decoder(name, hw):
         noise, hidden = split.run_decoder_capture(feats, t, e, None, depths)
         assert torch.equal(noise, whole)  # the layer-by-layer decoder is the decoder
         for d in depths:
+            # the first layer's hidden half is convolved apart from the skip half: another order of one sum
             shallow = split.run_decoder_shallow(hidden[d], feats.skips[:d], t, e)
-            assert torch.equal(shallow, whole), d
+            assert rel_l2(shallow, whole) < 1e-6, d
         assert torch.equal(hidden[n_layers], feats.mid)
 
 
@@ -120,7 +131,7 @@ def test_shallow_end_with_freeu_equals_the_decoder_and_the_unet():
         noise, hidden = split.run_decoder_capture(feats, t, e, None, depths)
         assert torch.equal(noise, whole)
         for d in depths:
-            assert torch.equal(split.run_decoder_shallow(hidden[d], feats.skips[:d], t, e), whole), d
+            assert rel_l2(split.run_decoder_shallow(hidden[d], feats.skips[:d], t, e), whole) < 1e-6, d
         unet.disable_freeu()
         assert rel_l2(split.run_decoder(feats, t, e), whole) > 1e-3  # FreeU was not a no-op
 
@@ -149,7 +160,51 @@ def test_shallow_end_applies_ifs_pooled_text_and_projection():
         assert torch.equal(noise, whole)
         assert rel_l2(whole, reference) < 1e-5
         for d in depths:
-            assert torch.equal(split.run_decoder_shallow(hidden[d], feats.skips[:d], t, e, added), whole), d
+            assert rel_l2(split.run_decoder_shallow(hidden[d], feats.skips[:d], t, e, added), whole) < 1e-6, d
+
+
+def test_shallow_steps_reuse_the_hidden_half_of_the_first_layer_exactly(monkeypatch):
+    """Consecutive shallow steps from one captured hidden state, each with its own skip (``conv_in``
+    of its own latents, the two CFG halves equal): the hidden half of the first layer's convolutions
+    is kept from the first step, and every step still equals the whole decoder run on the same
+    features with that skip. A hidden state changed in place is convolved again."""
+    import contextlib
+
+    import fd_trt.graphs.split as split_module
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=16, **CONFIGS["sd_like_2_levels"]).eval()
+    split = split_unet(unet)
+    t = torch.tensor([500.0, 500.0])
+    e = torch.randn(2, 5, unet.config.cross_attention_dim)
+    resnet = unet.up_blocks[-1].resnets[-1]
+    with torch.inference_mode():
+        x = torch.randn(1, 4, 16, 16).repeat(2, 1, 1, 1)
+        feats = split.run_encoder(x, t, e)
+        _, hs = split.run_decoder_capture(feats, t, e, None, (1,))
+        hidden = hs[1]
+        for k in range(3):
+            xk = torch.randn(1, 4, 16, 16).repeat(2, 1, 1, 1)
+            skip0 = split.run_input_conv(xk)
+            shallow = split.run_decoder_shallow(hidden, (skip0,), t, e)
+            ref = split.run_decoder(Features(feats.mid, (skip0, *feats.skips[1:])), t, e)
+            assert rel_l2(shallow, ref) < 1e-6, k
+            kept = split_module._HIDDEN_PARTS.get(resnet.conv1)
+            assert kept is not None and kept[3].shape[0] == 2  # conv1's hidden half, kept
+            if k == 0:
+                first = kept[3]
+            assert kept[3] is first  # ... and reused by the later steps
+        hidden.mul_(1.5)  # in place: the kept part no longer holds
+        shallow = split.run_decoder_shallow(hidden, (skip0,), t, e)
+        assert split_module._HIDDEN_PARTS[resnet.conv1][3] is not first
+        monkeypatch.setattr(split_module, "reusing_hidden_part", lambda *a: contextlib.nullcontext())
+        plain = split.run_decoder_shallow(hidden, (skip0,), t, e)
+        assert rel_l2(shallow, plain) < 1e-6 and rel_l2(plain, ref) > 1e-3
+        # below SHALLOW_REUSE_MIN_MACS (this UNet at 16x16 without the fixture) nothing is kept
+        monkeypatch.undo()
+        split_module._HIDDEN_PARTS.clear()
+        assert rel_l2(split.run_decoder_shallow(hidden, (skip0,), t, e), plain) < 1e-6
+        assert resnet.conv1 not in split_module._HIDDEN_PARTS
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,16 @@ FRAMES = 3
 BUILDERS = {"text-to-video": tiny_text_to_video_pipeline, "animatediff": tiny_animatediff_pipeline}
 
 
+@pytest.fixture(autouse=True)
+def _shallow_reuse_on_tiny_unets(monkeypatch):
+    """The tiny video UNets are below the size from which a shallow step keeps the hidden half of
+    its first convolutions: turn it on, so that the decoder-schedule tests run it against their
+    references."""
+    import fd_trt.graphs.split as split_module
+
+    monkeypatch.setattr(split_module, "SHALLOW_REUSE_MIN_MACS", 0)
+
+
 @pytest.fixture(scope="module", params=list(BUILDERS))
 def video_pair(request):
     """``(family name, diffusers pipeline, fd_trt pipeline)`` for each video family."""
@@ -303,7 +313,8 @@ def assert_shallow_ends_equal_the_decoder(unet, seed):
         assert torch.equal(noise, whole)
         for d in range(1, n_layers + 1):
             assert hidden[d].shape[:3] == (2, hidden[d].shape[1], FRAMES)  # [N, C, F, h, w]
-            assert torch.equal(split.run_decoder_shallow(hidden[d], feats.skips[:d], t, text), whole), d
+            shallow = split.run_decoder_shallow(hidden[d], feats.skips[:d], t, text)
+            assert float((shallow - whole).norm() / whole.norm()) < 1e-6, d  # the hidden half apart: one sum reordered
         assert torch.equal(hidden[n_layers], feats.mid)
         assert torch.equal(split.run_input_conv(x), feats.skips[0])
 

@@ -286,7 +286,12 @@ class TorchRunner(Runner):
     @torch.inference_mode()
     def input_conv(self, sample: torch.Tensor) -> torch.Tensor:
         self._check_active()
-        return self.split.run_input_conv(self._sample(sample))
+        x = self._sample(sample)
+        m = int(x.shape[0])
+        if m % 2 == 0 and torch.equal(x[: m // 2], x[m // 2 :]):  # CFG's two halves: one latent
+            half = self.split.run_input_conv(x[: m // 2])
+            return half.repeat(2, *([1] * (half.ndim - 1)))
+        return self.split.run_input_conv(x)
 
     def _decode_rows(
         self, feats: Features, t_rows: torch.Tensor, text_rows: torch.Tensor, added_rows: Added = None

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -363,6 +365,159 @@ def _hook_up_resnet(resnet: nn.Module, skip_channels: int) -> None:
         _hook_periodic_conv(shortcut, c0)
 
 
+#: While a shallow decoder call runs on torch: the hidden state it starts from, and for the
+#: convolutions of its first layer's resnet, the input channels that derive from that hidden state
+#: alone (``{id(conv): boundary}``); ``None`` otherwise (per thread and task).
+_SHALLOW_START: contextvars.ContextVar[tuple[torch.Tensor, dict[int, int]] | None] = contextvars.ContextVar(
+    "fd_trt_shallow_start", default=None
+)
+#: Per convolution: ``(weak reference to the hidden state, weight, key, the input channels it
+#: convolved, their part of the output)``. An entry goes with its hidden state: when the sampler
+#: drops that (at the end of its segment), the kept tensors are freed.
+_HIDDEN_PARTS: weakref.WeakKeyDictionary[nn.Module, tuple[Any, ...]] = weakref.WeakKeyDictionary()
+#: The output a shallow-start convolution computed in its pre-hook, handed to its forward hook.
+_SHALLOW_OUT = threading.local()
+
+
+@contextlib.contextmanager
+def _hooks_on(var: contextvars.ContextVar[Any], value: Any, handoff: threading.local) -> Iterator[None]:
+    """Sets ``var`` (what the convolution hooks read) for the block; afterwards drops any output a
+    pre-hook left in ``handoff`` for a forward hook that did not run (an exception in between)."""
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
+        outs = getattr(handoff, "outs", None)
+        if outs:
+            outs.clear()
+
+
+def _forget_hidden_part(conv_ref: weakref.ref[nn.Module], hidden_ref: weakref.ref[torch.Tensor]) -> None:
+    """Drops the part kept for a hidden state that no longer exists."""
+    conv = conv_ref()
+    kept = None if conv is None else _HIDDEN_PARTS.get(conv)
+    if kept is not None and kept[0] is hidden_ref:
+        _HIDDEN_PARTS.pop(conv, None)
+
+
+def _hidden_part(conv: nn.Conv2d, x: torch.Tensor, b: int, hidden: torch.Tensor) -> torch.Tensor:
+    """``conv`` over input channels ``:b`` (no bias), kept from an earlier call whose channels
+    ``:b`` were equal to these (compared exactly) with the same, unchanged weight."""
+    xb, w = x[:, :b], conv.weight
+    if w.is_inference():  # no version counter: nothing tells a weight changed in place
+        return torch.nn.functional.conv2d(xb, w[:, :b], None, conv.stride, conv.padding, conv.dilation)
+    key = (w._version, w.data_ptr(), tuple(xb.shape), xb.dtype, xb.device)
+    kept = _HIDDEN_PARTS.get(conv)
+    if kept is not None and kept[1] is w and kept[2] == key and torch.equal(kept[3], xb):
+        return kept[4]
+    out = torch.nn.functional.conv2d(xb, w[:, :b], None, conv.stride, conv.padding, conv.dilation)
+    ref = weakref.ref(hidden, functools.partial(_forget_hidden_part, weakref.ref(conv)))
+    _HIDDEN_PARTS[conv] = (ref, w, key, xb.clone(), out)
+    return out
+
+
+def _shallow_conv_pre(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """In a shallow decoder call's first layer: ``conv(x)`` as the part over the hidden state's
+    channels, kept from the last call that read the same values there (every shallow step that
+    reuses one cached hidden state), plus the part over the skip's channels, computed on half the
+    rows when the two halves of the rows are equal there (the conditional and unconditional rows of
+    CFG read one ``conv_in`` output). The same sum, added in another order. The module itself runs
+    on zero rows."""
+    ctx = _SHALLOW_START.get()
+    x = args[0]
+    b = None if ctx is None else ctx[1].get(id(module))
+    if ctx is None or b is None or x.ndim != 4 or not 0 < b < x.shape[1]:
+        return None
+    w = module.weight
+    rest = x[:, b:]
+    m = x.shape[0]
+    conv = torch.nn.functional.conv2d
+    if m % 2 == 0 and torch.equal(rest[: m // 2], rest[m // 2 :]):
+        part = conv(rest[: m // 2], w[:, b:], module.bias, module.stride, module.padding, module.dilation)
+        part = part.repeat(2, 1, 1, 1)
+    else:
+        part = conv(rest, w[:, b:], module.bias, module.stride, module.padding, module.dilation)
+    outs = getattr(_SHALLOW_OUT, "outs", None)
+    if outs is None:
+        outs = _SHALLOW_OUT.outs = {}
+    outs[id(module)] = _hidden_part(module, x, b, ctx[0]) + part
+    return (x[:0], *args[1:])
+
+
+def _shallow_conv_post(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor | None:
+    outs = getattr(_SHALLOW_OUT, "outs", None)
+    return None if not outs else outs.pop(id(module), None)
+
+
+def _shallow_start_bounds(resnet: nn.Module, hidden_channels: int) -> dict[int, int]:
+    """``{id(conv): boundary}`` for the convolutions of an up-layer resnet whose leading input
+    channels derive from the hidden state alone (its input is ``cat(hidden, skip)``), hooking them
+    once: ``conv_shortcut`` reads the input raw (``hidden_channels``); ``conv1`` reads
+    ``act(norm1(x))``, and only the GroupNorm groups wholly inside the hidden channels do."""
+    norm, conv1 = getattr(resnet, "norm1", None), getattr(resnet, "conv1", None)
+    if (
+        not isinstance(norm, nn.GroupNorm)
+        or getattr(resnet, "upsample", None) is not None
+        or getattr(resnet, "downsample", None) is not None
+    ):
+        return {}
+    c = int(norm.num_channels)
+    if not 0 < hidden_channels < c or c % norm.num_groups:
+        return {}
+    g = c // int(norm.num_groups)
+    bounds = {}
+    for conv, b in ((conv1, hidden_channels // g * g), (getattr(resnet, "conv_shortcut", None), hidden_channels)):
+        if type(conv) is not nn.Conv2d or conv.groups != 1 or conv.padding_mode != "zeros" or b <= 0:
+            continue  # LoRA wrappers, grouped or padded-mode convolutions compute the ordinary way
+        if not getattr(conv, "_fd_trt_shallow_hooked", False):
+            with _HOOK_LOCK:
+                if not getattr(conv, "_fd_trt_shallow_hooked", False):
+                    conv.register_forward_pre_hook(_shallow_conv_pre)
+                    conv.register_forward_hook(_shallow_conv_post)
+                    conv._fd_trt_shallow_hooked = True
+        bounds[id(conv)] = b
+    return bounds
+
+
+#: A shallow step keeps the hidden half of its first convolutions ([`reusing_hidden_part()`][fd_trt.graphs.split.reusing_hidden_part])
+#: only where that half of ``conv1`` is at least this many multiply-adds per row: below it, the
+#: split's slices, comparisons and adds cost more than they save. Measured on a 2-core AMD EPYC (AVX-512), 2
+#: threads, one shallow call of 2 rows, time without / with (``scripts/experiments/shallow_reuse.py``):
+#: the default model at 64x64 (2.4 M per row) 0.88x, at 128x128 (9.4 M) 0.97x, at 256x256 (38 M)
+#: 1.10-1.20x (two runs); sd15-arch at 256x256 (943 M) 1.32x.
+SHALLOW_REUSE_MIN_MACS = 20_000_000
+
+
+@contextlib.contextmanager
+def reusing_hidden_part(dec: nn.Module, start: int, hidden: torch.Tensor) -> Iterator[None]:
+    """Within the block, a shallow decoder call from ``hidden`` (entering up layer ``start``)
+    convolves the hidden state's half of that layer's resnet input once per hidden state, not once
+    per step. Every shallow step that reuses one cached hidden state concatenates its own skip to
+    the same hidden channels, so ``conv1`` (over the GroupNorm groups wholly inside them) and
+    ``conv_shortcut`` would convolve the same values again at each step. The part is kept while
+    those input values are equal to the last call's (compared exactly, each call), the weight is
+    unchanged and ``hidden`` exists; within a call, the skip's half is convolved once for two equal halves of the rows
+    (CFG). Torch only: while a graph is traced or compiled it does nothing."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        yield
+        return
+    i, j = up_layers(dec.up_blocks)[start]
+    resnet = dec.up_blocks[i].resnets[j]
+    conv1 = getattr(resnet, "conv1", None)
+    kept_macs = (
+        int(hidden.shape[-2] * hidden.shape[-1] * hidden.shape[1] * conv1.out_channels * conv1.weight[0, 0].numel())
+        if isinstance(conv1, nn.Conv2d)
+        else 0
+    )
+    bounds = _shallow_start_bounds(resnet, int(hidden.shape[1])) if kept_macs >= SHALLOW_REUSE_MIN_MACS else {}
+    if not bounds:
+        yield
+        return
+    with _hooks_on(_SHALLOW_START, (hidden, bounds), _SHALLOW_OUT):
+        yield
+
+
 class UNetEncoder(nn.Module):
     """conv_in + time embedding + down blocks + mid block.
 
@@ -596,7 +751,8 @@ class ShallowDecoder(nn.Module):
     def forward(self, hidden: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
         skips, (timestep, text, *added) = args[: self.depth], args[self.depth :]
         emb, text = _time_embedding(self.decoder, timestep, hidden.dtype, added, text)
-        return _run_up_layers(self.decoder, hidden, skips, emb, text, self.start)[0]
+        with reusing_hidden_part(self.decoder, self.start, hidden):
+            return _run_up_layers(self.decoder, hidden, skips, emb, text, self.start)[0]
 
 
 @dataclass
@@ -843,14 +999,10 @@ class SplitUNet:
                     if not left:
                         break
                     _hook_up_resnet(resnet, left.pop())
-        token = _SKIP_ROW_REPEATS.set(repeats if isinstance(repeats, torch.Tensor) else int(repeats))
-        try:
+        with _hooks_on(
+            _SKIP_ROW_REPEATS, repeats if isinstance(repeats, torch.Tensor) else int(repeats), _PERIODIC_OUT
+        ):
             yield
-        finally:
-            _SKIP_ROW_REPEATS.reset(token)
-            outs = getattr(_PERIODIC_OUT, "outs", None)
-            if outs:
-                outs.clear()
 
 
 def feature_bytes_per_row(unet_config: Any, latent_hw: tuple[int, int], itemsize: int) -> int:

@@ -42,7 +42,7 @@ from torch import nn
 
 from fd_trt.core.features import Features
 from fd_trt.errors import UnsupportedModelError
-from fd_trt.graphs.split import Repeats, ShallowDecoder, SplitUNet, _run_up_layers
+from fd_trt.graphs.split import Repeats, ShallowDecoder, SplitUNet, _run_up_layers, reusing_hidden_part
 
 #: The video UNet classes the split carries.
 VIDEO_UNET_CLASSES = ("UNet3DConditionModel", "UNetMotionModel")
@@ -240,7 +240,8 @@ class VideoShallowDecoder(ShallowDecoder):
 
     def forward(self, hidden: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
         skips, (timestep, text) = args[: self.depth], args[self.depth :]
-        return run_video_up_layers(self.decoder, hidden, skips, timestep, text, self.start)[0]  # type: ignore[arg-type]
+        with reusing_hidden_part(self.decoder, self.start, hidden):
+            return run_video_up_layers(self.decoder, hidden, skips, timestep, text, self.start)[0]  # type: ignore[arg-type]
 
 
 class VideoSplitUNet(SplitUNet):

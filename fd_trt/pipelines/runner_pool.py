@@ -354,7 +354,8 @@ class RunnerPool:
                 # 3: the torch decoder convolves repeated skips once per distinct row (faster).
                 # 4: so do the decoder graphs (engine format 2).
                 # 5: ... only for UNets at least 96 channels wide (torch too; fd_trt.graphs.split.decoder_shares_rows).
-                "format": 5,
+                # 6: torch shallow steps keep the hidden half of their first convolutions (faster).
+                "format": 6,
                 "unet_sha256": self.unet_sha256,
                 "device": device_name(pipe.device),
                 "device_type": pipe.device.type,
