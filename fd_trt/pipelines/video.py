@@ -21,7 +21,7 @@ frame count, latent size and text shape on first use (``[rows, 4, F, h, w]`` lat
 graph; an engine directory built for another frame count is refused with its rebuild command), and
 the tensorrt runner builds its plans of them (profiles over the row axes only; each plan records
 its frame count and is never run for another). The decoder schedules (``deepcache:N``,
-``combined:...``) are refused on every backend.
+``combined:...``) run on torch; onnxruntime and TensorRT refuse them, naming ``backend="torch"``.
 ``fd_trt.pipelines`` registers it for the ``"text-to-video"`` and ``"animatediff"`` families, so
 ``FasterDiffusionPipeline.from_diffusers(TextToVideoSDPipeline(...))`` returns one.
 """
