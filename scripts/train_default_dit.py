@@ -124,6 +124,29 @@ def encode_captions(pipe: Any, captions: list[str]) -> tuple[list[str], torch.Te
     return distinct, index, torch.cat(embs), torch.cat(masks)
 
 
+def noisy_prediction(
+    tr: Any,
+    alphas: torch.Tensor,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    embs: torch.Tensor,
+    masks: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_t, the transformer's prediction at x_t)``: ``x0`` noised to steps ``t`` under the DDPM
+    ``alphas`` (cumulative products), conditioned on caption embeddings and masks, one row each."""
+    a = alphas[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    pred = tr(
+        xt,
+        encoder_hidden_states=embs,
+        encoder_attention_mask=masks,
+        timestep=t,
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+    ).sample
+    return xt, pred
+
+
 def train(
     args: argparse.Namespace,
     latents: torch.Tensor,
@@ -159,15 +182,7 @@ def train(
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, len(alphas), (args.batch,), generator=gen)
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        pred = tr(
-            xt,
-            encoder_hidden_states=embs[rows],
-            encoder_attention_mask=masks[rows],
-            timestep=t,
-            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-        ).sample
+        xt, pred = noisy_prediction(tr, alphas, x0, noise, t, embs[rows], masks[rows])
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
         if args.min_snr > 0:
             snr = alphas[t] / (1 - alphas[t])
