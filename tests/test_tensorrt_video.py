@@ -280,3 +280,25 @@ def test_fd_trt_build_backend_tensorrt_frames_and_generate(trt, tmp_path, capsys
     assert main([*gen, "--frames", "3"]) == 2
     err = capsys.readouterr().err
     assert "frames (built for 2 frames, asked for 3 frames)" in err and "--frames 3" in err
+
+
+@pytest.mark.parametrize("schedule", ["deepcache:3", "combined:0,4|uniform:2|1", "combined:0,5|none|2"])
+def test_decoder_schedules_on_tensorrt_equal_the_torch_backend(trt, video, schedule, tmp_path):
+    """Shallow steps on the stand-in: the capture, shallow and (depth 1) ``conv_in`` plans of the
+    5-D graphs, exported and built on first use, recorded with their frame count."""
+    _, sd, fd_torch, graphs = video
+    folder = _copy(graphs, tmp_path / "e")
+    kw = dict(num_frames=FRAMES, num_inference_steps=9, guidance_scale=7.5, output_type="latent", schedule=schedule)
+    pipe = _trt_pipe(sd, folder)
+    out = pipe(PROMPT, generator=torch.Generator().manual_seed(5), **kw)
+    ref = fd_torch(PROMPT, generator=torch.Generator().manual_seed(5), **kw)
+    assert out.stats.backend == "tensorrt" and out.stats.key_steps == ref.stats.key_steps
+    assert out.stats.shallow_rows == ref.stats.shallow_rows > 0
+    depth = 2 if schedule.endswith("|2") else 1
+    plans = {p.role: p for p in load_manifest(folder).plans.values()}
+    roles = {f"decoder_capture_d{depth}", f"shallow_d{depth}"} | ({"input_conv"} if depth == 1 else set())
+    assert roles <= set(plans) and all(plans[r].frames == FRAMES for r in roles)
+    err = rel_max(out.latents, ref.latents)
+    print(f"{video[0]} {schedule}: {err:.1e}")
+    assert err < 1e-4
+    pipe.close()

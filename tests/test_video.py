@@ -420,11 +420,6 @@ def test_output_types_as_diffusers_video_pipelines(video_pair):
         fd(PROMPT, output_type="gif", **kw)
     with pytest.raises(InputError, match="num_frames must be a positive integer, got 0"):
         fd(PROMPT, **{**kw, "num_frames": 0})
-    ort = FasterDiffusionPipeline.from_diffusers(sd, backend="onnxruntime", device="cpu", progress=False)
-    with pytest.raises(
-        InputError, match=r"shallow decoder schedules .* run on backend='torch' .* not on 'onnxruntime'"
-    ):
-        ort(PROMPT, schedule="deepcache:2", **kw)
 
 
 # from_pretrained and the command line ------------------------------------------------------------

@@ -198,6 +198,28 @@ def test_paper_on_onnxruntime_equals_the_torch_backend(video_ort):
     assert max(errors) < 1e-4
 
 
+@pytest.mark.parametrize("schedule", ["deepcache:3", "combined:0,4|uniform:2|1", "combined:0,5|none|2"])
+def test_decoder_schedules_on_onnxruntime_equal_the_torch_backend(video_ort, schedule):
+    """Shallow steps on the 5-D graphs: the capture and shallow graphs of the depth (and ``conv_in``'s
+    at depth 1) are exported into the engine directory on first use, with the video's frames; the
+    torch backend is checked against an independent loop in tests/test_video.py."""
+    from fd_trt.graphs.manifest import load_manifest
+
+    _, _, fd_torch, fd_ort = video_ort
+    kw = dict(num_frames=FRAMES, num_inference_steps=9, guidance_scale=7.5, output_type="latent", schedule=schedule)
+    out = fd_ort(PROMPT, generator=torch.Generator().manual_seed(5), **kw)
+    ref = fd_torch(PROMPT, generator=torch.Generator().manual_seed(5), **kw)
+    assert out.stats.backend == "onnxruntime" and out.stats.key_steps == ref.stats.key_steps
+    assert out.stats.shallow_calls == ref.stats.shallow_calls and out.stats.shallow_rows == ref.stats.shallow_rows > 0
+    depth = 2 if schedule.endswith("|2") else 1
+    graphs = load_manifest(fd_ort.runner.engine_dir).graphs
+    roles = {f"decoder_capture_d{depth}", f"shallow_d{depth}"} | ({"input_conv"} if depth == 1 else set())
+    assert roles <= set(graphs)
+    err = rel_max(out.latents, ref.latents)
+    print(f"{video_ort[0]} {schedule}: {err:.1e}")
+    assert err < 1e-4
+
+
 # the command line --------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_fd_trt_build_frames_and_generate_on_onnxruntime(tmp_path, capsys):
@@ -211,16 +233,16 @@ def test_fd_trt_build_frames_and_generate_on_onnxruntime(tmp_path, capsys):
     build = ["build", "--model", str(folder), "--out", str(out), "--quiet"]
     assert main(build) == 2
     assert "pass --frames F" in capsys.readouterr().err
-    assert main([*build, "--frames", "2", "--schedule", "deepcache:3"]) == 2
-    assert "--schedule deepcache:3 is a shallow decoder schedule" in capsys.readouterr().err
     assert not out.exists()
-    assert main([*build, "--frames", "2"]) == 0
+    # a decoder schedule builds its capture, shallow and conv_in graphs too
+    assert main([*build, "--frames", "2", "--schedule", "deepcache:3"]) == 0
     assert "latents [4, 8, 8] x 2 frames" in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
     assert (manifest["frames"], manifest["family"]) == (2, "text-to-video")
+    assert {"decoder_capture_d1", "shallow_d1", "input_conv"} <= set(manifest["graphs"])
     clip = tmp_path / "clip.gif"
     gen = ["generate", PROMPT, "--model", str(folder), "--backend", "onnxruntime", "--engines", str(out)]
-    gen += ["--steps", "2", "--schedule", "all", "--quiet", "--out", str(clip)]
+    gen += ["--steps", "4", "--schedule", "deepcache:2", "--quiet", "--out", str(clip)]
     assert main([*gen, "--frames", "2"]) == 0
     assert "backend: onnxruntime" in capsys.readouterr().out and clip.is_file()
     assert main([*gen, "--frames", "3"]) == 2

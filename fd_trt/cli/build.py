@@ -172,12 +172,6 @@ def run(args: argparse.Namespace) -> int:
     video = video_unet_class(sd.unet)
     if video is not None and args.frames is None:
         raise InputError(f"the model's UNet is a text-to-video {video}: pass --frames F, the frame count to build for")
-    if video is not None and depths:
-        raise InputError(
-            f"--schedule {args.schedule} is a shallow decoder schedule, which text-to-video models run on torch "
-            "only (nothing to build): use a key-step schedule (all, paper, uniform:K, a list of steps) or drop "
-            "--schedule, and run the decoder schedule with --backend torch"
-        )
     name = Path(str(args.model).rstrip("/")).name or "model"
     f_part = f"-f{args.frames}" if args.frames is not None else ""
     out = Path(args.out) if args.out else Path("engines") / f"{name}{f_part}-{height}x{width}-{precision}"

@@ -167,10 +167,12 @@ def export_shallow_graphs(
     if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= n_layers:
         raise InputError(f"shallow depth {depth!r} is out of range: use an integer in [1, {n_layers}]")
     contract = contract_with_hidden(contract, model.config, depth)
-    latent = tuple(int(d) for d in contract.latent_tail[1:])
+    latent = tuple(int(d) for d in contract.latent_tail[-2:])
     text = tuple(int(d) for d in contract.text_tail)
     added_shapes = contract.added_shapes or None
-    enc_args = example_inputs(model, latent, text, example_rows, _TORCH_DTYPES[precision], added_shapes=added_shapes)
+    enc_args = example_inputs(
+        model, latent, text, example_rows, _TORCH_DTYPES[precision], added_shapes=added_shapes, frames=contract.frames
+    )
     with torch.no_grad():
         feats = split.encoder(*enc_args)
     steps = torch.linspace(900.0, 100.0, 3).repeat_interleave(example_rows).to(enc_args[1])

@@ -21,7 +21,8 @@ frame count, latent size and text shape on first use (``[rows, 4, F, h, w]`` lat
 graph; an engine directory built for another frame count is refused with its rebuild command), and
 the tensorrt runner builds its plans of them (profiles over the row axes only; each plan records
 its frame count and is never run for another). The decoder schedules (``deepcache:N``,
-``combined:...``) run on torch; onnxruntime and TensorRT refuse them, naming ``backend="torch"``.
+``combined:...``) run on every backend: the graph backends export the capture, shallow and
+``conv_in`` graphs of 5-D latents on first use, as for image models.
 ``fd_trt.pipelines`` registers it for the ``"text-to-video"`` and ``"animatediff"`` families, so
 ``FasterDiffusionPipeline.from_diffusers(TextToVideoSDPipeline(...))`` returns one.
 """
@@ -91,7 +92,7 @@ class FasterDiffusionVideoPipeline(FasterDiffusionPipeline):
     #: Why calibration ([`fd_trt.tools.calibrate`][fd_trt.tools.calibrate]) refuses this pipeline.
     calibration_refusal = (
         "calibration (fd-trt calibrate) does not run text-to-video models yet: pass schedule='paper', 'uniform:K' "
-        "or a list of key steps, or on torch a decoder schedule such as 'combined:power:10|none|1|fresh'"
+        "or a list of key steps, or a decoder schedule such as 'combined:power:10|none|1|fresh'"
     )
 
     def __init__(self, sd_pipeline: Any, backend: str | Runner | None = None, **kwargs: Any) -> None:
@@ -215,8 +216,7 @@ class FasterDiffusionVideoPipeline(FasterDiffusionPipeline):
         ``max_decoder_rows // F``.
 
         Raises:
-            InputError: for a cap below the frames of one step (videos x CFG x F), or a shallow
-                decoder schedule on a graph backend (they run on torch).
+            InputError: for a cap below the frames of one step (videos x CFG x F).
         """
         cap = options.max_decoder_rows
         if cap is not None:
@@ -229,12 +229,6 @@ class FasterDiffusionVideoPipeline(FasterDiffusionPipeline):
                     f"least {per_step}"
                 )
             options = dataclasses.replace(options, max_decoder_rows=cap // frames)
-        if getattr(key_schedule, "shallow_steps", None) and self.backend != "torch":
-            raise InputError(
-                f"shallow decoder schedules (deepcache:N, combined:...) run on backend='torch' for text-to-video "
-                f"models, not on {self.backend!r}: pass backend='torch', or a key-step schedule (all, paper, "
-                "uniform:K, a list of steps)"
-            )
         return super().denoise(scheduler, cond, key_schedule, options, image_run, callback=callback, stats=stats)
 
     def decode_latents(self, latents: torch.Tensor, output_type: str) -> Any:
@@ -280,7 +274,7 @@ class FasterDiffusionVideoPipeline(FasterDiffusionPipeline):
                 pipeline's default (``np`` for ``TextToVideoSDPipeline``, ``pil`` for AnimateDiff).
             schedule, noise_injection, parallel, callback_on_step_end,
             callback_on_step_end_tensor_inputs: as [`FasterDiffusionPipeline.__call__()`][fd_trt.pipelines.pipeline.FasterDiffusionPipeline.__call__] (decoder
-                schedules such as ``deepcache:N`` on torch only; the callback's ``"latents"`` are the
+                schedules such as ``deepcache:N`` included; the callback's ``"latents"`` are the
                 video latents).
             max_decoder_rows: cap on the frames one decoder call decodes (steps x videos x CFG x
                 ``num_frames``); at least one step's.
