@@ -288,7 +288,8 @@ class TorchRunner(Runner):
         self._check_active()
         x = self._sample(sample)
         m = int(x.shape[0])
-        if m % 2 == 0 and torch.equal(x[: m // 2], x[m // 2 :]):  # CFG's two halves: one latent
+        # CFG's two halves read one latent (on the CPU: on a GPU the comparison would wait for the device)
+        if x.device.type == "cpu" and m % 2 == 0 and torch.equal(x[: m // 2], x[m // 2 :]):
             half = self.split.run_input_conv(x[: m // 2])
             return half.repeat(2, *([1] * (half.ndim - 1)))
         return self.split.run_input_conv(x)

@@ -498,9 +498,9 @@ def reusing_hidden_part(dec: nn.Module, start: int, hidden: torch.Tensor) -> Ite
     ``conv_shortcut`` would convolve the same values again at each step. The part is kept while
     those input values are equal to the last call's (compared exactly, each call), the weight is
     unchanged and ``hidden`` exists; within a call, the skip's half is convolved once for two equal halves of the rows
-    (CFG). Torch only: while a graph is traced or compiled it does nothing."""
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
-        yield
+    (CFG). Torch on the CPU only: while a graph is traced or compiled, and on a GPU, it does nothing."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or hidden.device.type != "cpu":
+        yield  # on a GPU its exact comparisons would wait for the device at every step (not measured there)
         return
     i, j = up_layers(dec.up_blocks)[start]
     resnet = dec.up_blocks[i].resnets[j]
