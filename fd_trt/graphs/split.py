@@ -505,8 +505,8 @@ def reusing_hidden_part(dec: nn.Module, start: int, hidden: torch.Tensor) -> Ite
     i, j = up_layers(dec.up_blocks)[start]
     resnet = dec.up_blocks[i].resnets[j]
     conv1 = getattr(resnet, "conv1", None)
-    kept_macs = (
-        int(hidden.shape[-2] * hidden.shape[-1] * hidden.shape[1] * conv1.out_channels * conv1.weight[0, 0].numel())
+    kept_macs = (  # per row: a video row's frames included
+        hidden[:1, :1].numel() * int(hidden.shape[1]) * conv1.out_channels * conv1.weight[0, 0].numel()
         if isinstance(conv1, nn.Conv2d)
         else 0
     )
