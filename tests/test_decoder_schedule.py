@@ -190,13 +190,13 @@ def test_shallow_steps_reuse_the_hidden_half_of_the_first_layer_exactly(monkeypa
             ref = split.run_decoder(Features(feats.mid, (skip0, *feats.skips[1:])), t, e)
             assert rel_l2(shallow, ref) < 1e-6, k
             kept = split_module._HIDDEN_PARTS.get(resnet.conv1)
-            assert kept is not None and kept[3].shape[0] == 2  # conv1's hidden half, kept
+            assert kept is not None and kept[4].shape[0] == 2  # conv1's output over the hidden half, kept
             if k == 0:
-                first = kept[3]
-            assert kept[3] is first  # ... and reused by the later steps
+                first = kept[4]
+            assert kept[4] is first  # ... and reused by the later steps
         hidden.mul_(1.5)  # in place: the kept part no longer holds
         shallow = split.run_decoder_shallow(hidden, (skip0,), t, e)
-        assert split_module._HIDDEN_PARTS[resnet.conv1][3] is not first
+        assert split_module._HIDDEN_PARTS[resnet.conv1][4] is not first
         monkeypatch.setattr(split_module, "reusing_hidden_part", lambda *a: contextlib.nullcontext())
         plain = split.run_decoder_shallow(hidden, (skip0,), t, e)
         assert rel_l2(shallow, plain) < 1e-6 and rel_l2(plain, ref) > 1e-3
