@@ -323,17 +323,45 @@ def _periodic_split(conv: nn.Conv2d, x: torch.Tensor, b: int, repeats: Repeats) 
     return var
 
 
+def _splittable_conv(conv: Any) -> bool:
+    """Whether ``conv`` is a plain ``Conv2d`` whose sum over input channels the hooks may split.
+    Other layers (LoRA wrappers, grouped or padded-mode convolutions) compute the ordinary way."""
+    return type(conv) is nn.Conv2d and conv.groups == 1 and conv.padding_mode == "zeros"
+
+
+def _install_hooks(conv: nn.Module, flag: str, pre: Callable[..., Any], post: Callable[..., Any]) -> None:
+    """Registers ``pre`` and ``post`` on ``conv`` once (``flag`` marks it; the callers hold `_HOOK_LOCK`)."""
+    if not getattr(conv, flag, False):
+        conv.register_forward_pre_hook(pre)
+        conv.register_forward_hook(post)
+        setattr(conv, flag, True)
+
+
+def _cat_resnet_group(resnet: nn.Module, boundary: int) -> int | None:
+    """The GroupNorm group size of an up-block resnet whose input is ``cat(h, skip)`` split at
+    channel ``boundary`` (``h`` before it); ``None`` where the hooks do not apply (no GroupNorm
+    ``norm1`` or ``conv1``, an up- or downsampling resnet, a boundary outside the channels)."""
+    norm, conv1 = getattr(resnet, "norm1", None), getattr(resnet, "conv1", None)
+    if (
+        not isinstance(norm, nn.GroupNorm)
+        or conv1 is None
+        or getattr(resnet, "upsample", None) is not None
+        or getattr(resnet, "downsample", None) is not None
+    ):
+        return None
+    c = int(norm.num_channels)
+    if not 0 < boundary < c or c % norm.num_groups:
+        return None
+    return c // int(norm.num_groups)
+
+
 def _hook_periodic_conv(conv: Any, boundary: int) -> None:
     """Marks a plain ``Conv2d`` whose input channels ``boundary:`` carry the (repeated) skip, and
-    installs its hooks once. Other layers (LoRA wrappers, grouped or padded-mode convolutions) are
-    left alone: they compute the ordinary way."""
-    if type(conv) is not nn.Conv2d or conv.groups != 1 or conv.padding_mode != "zeros":
+    installs its hooks once."""
+    if not _splittable_conv(conv):
         return
     conv._fd_trt_periodic_from = int(boundary)
-    if not getattr(conv, "_fd_trt_periodic_hooked", False):
-        conv.register_forward_pre_hook(_periodic_conv_pre)
-        conv.register_forward_hook(_periodic_conv_post)
-        conv._fd_trt_periodic_hooked = True
+    _install_hooks(conv, "_fd_trt_periodic_hooked", _periodic_conv_pre, _periodic_conv_post)
 
 
 def _hook_up_resnet(resnet: nn.Module, skip_channels: int) -> None:
@@ -344,19 +372,12 @@ def _hook_up_resnet(resnet: nn.Module, skip_channels: int) -> None:
     normalizes each row and group on its own, so only the groups that lie wholly inside the skip
     channels repeat; a group straddling the boundary mixes in ``h`` and is computed per row.
     """
-    norm, conv1 = getattr(resnet, "norm1", None), getattr(resnet, "conv1", None)
-    if (
-        not isinstance(norm, nn.GroupNorm)
-        or conv1 is None
-        or getattr(resnet, "upsample", None) is not None
-        or getattr(resnet, "downsample", None) is not None
-    ):
-        return
-    c = int(norm.num_channels)
+    c = int(getattr(getattr(resnet, "norm1", None), "num_channels", 0))
     c0 = c - int(skip_channels)
-    if not 0 < c0 < c or c % norm.num_groups:
+    g = _cat_resnet_group(resnet, c0)
+    if g is None:
         return
-    g = c // int(norm.num_groups)
+    conv1 = resnet.conv1
     first_whole_group = -(-c0 // g) * g
     if first_whole_group < c:
         _hook_periodic_conv(conv1, first_whole_group)
@@ -455,27 +476,17 @@ def _shallow_start_bounds(resnet: nn.Module, hidden_channels: int) -> dict[int, 
     channels derive from the hidden state alone (its input is ``cat(hidden, skip)``), hooking them
     once: ``conv_shortcut`` reads the input raw (``hidden_channels``); ``conv1`` reads
     ``act(norm1(x))``, and only the GroupNorm groups wholly inside the hidden channels do."""
-    norm, conv1 = getattr(resnet, "norm1", None), getattr(resnet, "conv1", None)
-    if (
-        not isinstance(norm, nn.GroupNorm)
-        or getattr(resnet, "upsample", None) is not None
-        or getattr(resnet, "downsample", None) is not None
-    ):
+    g = _cat_resnet_group(resnet, hidden_channels)
+    if g is None:
         return {}
-    c = int(norm.num_channels)
-    if not 0 < hidden_channels < c or c % norm.num_groups:
-        return {}
-    g = c // int(norm.num_groups)
     bounds = {}
-    for conv, b in ((conv1, hidden_channels // g * g), (getattr(resnet, "conv_shortcut", None), hidden_channels)):
-        if type(conv) is not nn.Conv2d or conv.groups != 1 or conv.padding_mode != "zeros" or b <= 0:
-            continue  # LoRA wrappers, grouped or padded-mode convolutions compute the ordinary way
-        if not getattr(conv, "_fd_trt_shallow_hooked", False):
+    convs = ((resnet.conv1, hidden_channels // g * g), (getattr(resnet, "conv_shortcut", None), hidden_channels))
+    for conv, b in convs:
+        if not _splittable_conv(conv) or b <= 0:
+            continue
+        if not getattr(conv, "_fd_trt_shallow_hooked", False):  # every call gets here: no lock once hooked
             with _HOOK_LOCK:
-                if not getattr(conv, "_fd_trt_shallow_hooked", False):
-                    conv.register_forward_pre_hook(_shallow_conv_pre)
-                    conv.register_forward_hook(_shallow_conv_post)
-                    conv._fd_trt_shallow_hooked = True
+                _install_hooks(conv, "_fd_trt_shallow_hooked", _shallow_conv_pre, _shallow_conv_post)
         bounds[id(conv)] = b
     return bounds
 
